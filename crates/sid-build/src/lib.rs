@@ -1,0 +1,19 @@
+//! Build-script helper shared by every crate that links libtorch.
+//!
+//! rustc links with `--as-needed`, so a binary that calls no CUDA symbol directly would drop
+//! `libtorch_cuda.so` and `tch::Cuda::is_available()` would be false on a GPU machine. A
+//! `rustc-link-arg` only applies to the package whose build script emits it, so each package
+//! that builds binaries, tests or examples calls [`link_libtorch`] from its own `build.rs`
+//! (and depends on `torch-sys` directly, the only way to see `DEP_TCH_LIBTORCH_LIB`).
+
+/// Emits the link arguments: `--no-as-needed -ltorch` and an rpath to libtorch's lib folder,
+/// so binaries use CUDA when present and run without `LD_LIBRARY_PATH`.
+pub fn link_libtorch() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-L{dir}");
+        println!("cargo:rustc-link-arg=-ltorch");
+    }
+}

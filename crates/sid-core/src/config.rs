@@ -1,0 +1,156 @@
+//! Model and loss settings shared by SID and its backprop baseline.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{CoreError, Result};
+
+/// Which feature extractor `c(x)` to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExtractorKind {
+    /// The reference SimpleCNN: four 3x3 convolutions, two max-pools, global average pool, linear.
+    Cnn,
+    /// Flatten → linear 512 → ReLU → linear d: fast on a CPU.
+    Mlp,
+}
+
+impl std::str::FromStr for ExtractorKind {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cnn" => Ok(Self::Cnn),
+            "mlp" => Ok(Self::Mlp),
+            other => Err(CoreError::InvalidConfig(format!(
+                "unknown model {other:?} (expected cnn or mlp)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for ExtractorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cnn => "cnn",
+            Self::Mlp => "mlp",
+        })
+    }
+}
+
+/// The training method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Synergistic Information Distillation: local losses, no global backward pass.
+    Sid,
+    /// The identical network trained end to end with cross-entropy on the last module.
+    Bp,
+}
+
+impl std::str::FromStr for Method {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sid" => Ok(Self::Sid),
+            "bp" => Ok(Self::Bp),
+            other => Err(CoreError::InvalidConfig(format!(
+                "unknown method {other:?} (expected sid or bp)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Sid => "sid",
+            Self::Bp => "bp",
+        })
+    }
+}
+
+/// Shape of the network: extractor, feature size, number and width of belief modules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// Feature extractor.
+    pub extractor: ExtractorKind,
+    /// Input channels (1 for MNIST-like data, 3 for CIFAR).
+    pub in_channels: i64,
+    /// Input height and width.
+    pub image_size: i64,
+    /// Number of classes N.
+    pub num_classes: i64,
+    /// Feature dimension d (128 in the reference).
+    pub feature_dim: i64,
+    /// Number of belief modules L (10 in the reference).
+    pub modules: usize,
+    /// Hidden width of each belief module (256 in the reference).
+    pub module_hidden: i64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            extractor: ExtractorKind::Cnn,
+            in_channels: 1,
+            image_size: 28,
+            num_classes: 10,
+            feature_dim: 128,
+            modules: 10,
+            module_hidden: 256,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Checks that every size is positive.
+    pub fn validate(&self) -> Result<()> {
+        let checks = [
+            ("in_channels", self.in_channels),
+            ("image_size", self.image_size),
+            ("num_classes", self.num_classes),
+            ("feature_dim", self.feature_dim),
+            ("modules", self.modules as i64),
+            ("module_hidden", self.module_hidden),
+        ];
+        for (name, v) in checks {
+            if v < 1 {
+                return Err(CoreError::InvalidConfig(format!("{name} must be at least 1, got {v}")));
+            }
+        }
+        if self.num_classes < 2 {
+            return Err(CoreError::InvalidConfig("num_classes must be at least 2".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Settings of the local SID loss.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossConfig {
+    /// Weight α of the label term; 1 − α weighs the consistency term. Reference: 0.5.
+    pub alpha: f64,
+    /// Label smoothing ε of the target p_y (0 = one-hot, the reference).
+    pub label_smoothing: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self { alpha: 0.5, label_smoothing: 0.0 }
+    }
+}
+
+impl LossConfig {
+    /// Checks α ∈ [0, 1] and ε ∈ [0, 1).
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return Err(CoreError::InvalidConfig(format!("alpha must be in [0, 1], got {}", self.alpha)));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(CoreError::InvalidConfig(format!(
+                "label smoothing must be in [0, 1), got {}",
+                self.label_smoothing
+            )));
+        }
+        Ok(())
+    }
+}

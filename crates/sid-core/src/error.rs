@@ -1,0 +1,23 @@
+//! The error type of the method crate.
+
+/// What can go wrong while building, training or restoring a network.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// A configuration value is out of range.
+    #[error("invalid model setting: {0}")]
+    InvalidConfig(String),
+    /// A module's local loss (or the backprop loss) became NaN or infinite.
+    #[error("non-finite loss {value} in {what}")]
+    NonFiniteLoss {
+        /// Which loss: `module 3`, `backprop`.
+        what: String,
+        /// The offending value.
+        value: f64,
+    },
+    /// A checkpoint does not match the network it is loaded into.
+    #[error("checkpoint does not match the model: {0}")]
+    StateMismatch(String),
+    /// An error raised by libtorch.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}

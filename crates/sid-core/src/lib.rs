@@ -1,0 +1,53 @@
+//! The SID method as the paper's reference code does it, on one device.
+//!
+//! Synergistic Information Distillation trains a feature extractor `c` and a cascade of `L`
+//! belief modules `f_i(p_{i-1}, z)` without a global backward pass: each module learns from its
+//! own local loss ([`loss::local_loss`]) against the label and the previous module's belief.
+//!
+//! The pieces are kept separate so that the multi-device runtime can reuse them:
+//! - [`extractor`]: the feature extractors (reference SimpleCNN, small MLP);
+//! - [`belief`]: the belief module (reference two-layer MLP);
+//! - [`loss`]: the local SID loss;
+//! - [`adam`]: Adam with inspectable state (checkpoints need it);
+//! - [`unit`]: a module or extractor together with its own parameters and optimizer, the
+//!   self-contained piece of work that a worker thread runs;
+//! - [`sid`] and [`bp`]: the SID network and its backprop baseline, both implementing
+//!   [`Network`].
+//!
+//! ```no_run
+//! use sid_core::{ModelConfig, Network, SidNetwork, LossConfig};
+//! use tch::{Device, Kind, Tensor};
+//! tch::manual_seed(0);
+//! let cfg = ModelConfig::default(); // SimpleCNN on 28x28 grey images, L = 10
+//! let mut net = SidNetwork::new(&cfg, LossConfig::default(), 1e-3, Device::Cpu).unwrap();
+//! let x = Tensor::randn([8, 1, 28, 28], (Kind::Float, Device::Cpu));
+//! let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7]);
+//! let stats = net.train_step(&x, &y).unwrap();
+//! assert_eq!(stats.module_losses.len(), 10);
+//! let cascade = net.cascade(&x).unwrap();
+//! let prediction = cascade.prediction(); // argmax of the last module's logits
+//! ```
+
+pub mod adam;
+pub mod belief;
+pub mod bp;
+pub mod config;
+pub mod error;
+pub mod extractor;
+pub mod loss;
+pub mod network;
+pub mod sid;
+pub mod unit;
+
+pub use adam::Adam;
+pub use belief::BeliefModule;
+pub use bp::BpNetwork;
+pub use config::{ExtractorKind, LossConfig, Method, ModelConfig};
+pub use error::CoreError;
+pub use extractor::Extractor;
+pub use network::{Cascade, Network, NamedTensors, StepStats};
+pub use sid::SidNetwork;
+pub use unit::{ExtractorUnit, LocalOutput, ModuleUnit};
+
+/// Result alias for this crate.
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;

@@ -1,0 +1,283 @@
+//! SID on one device: the two-phase step of the reference code, module by module.
+
+use tch::{Device, Tensor};
+
+use crate::belief::uniform_belief;
+use crate::config::{LossConfig, Method, ModelConfig};
+use crate::network::{Cascade, NamedTensors, Network, StepStats};
+use crate::unit::{ExtractorUnit, ModuleUnit};
+use crate::Result;
+
+/// The SID network on one device: an extractor and L module units, each with its own Adam.
+#[derive(Debug)]
+pub struct SidNetwork {
+    num_classes: i64,
+    pub(crate) extractor: ExtractorUnit,
+    modules: Vec<ModuleUnit>,
+}
+
+impl SidNetwork {
+    /// Builds the extractor, then modules 1..L, on `device`. Creation order is fixed (the same
+    /// as [`crate::BpNetwork`]), so one `tch::manual_seed` gives both the same initial weights.
+    pub fn new(cfg: &ModelConfig, loss: LossConfig, lr: f64, device: Device) -> Result<Self> {
+        cfg.validate()?;
+        loss.validate()?;
+        let extractor = ExtractorUnit::new(cfg, lr, device);
+        let modules = (0..cfg.modules).map(|i| ModuleUnit::new(i, cfg, loss, lr, device)).collect();
+        Ok(Self { num_classes: cfg.num_classes, extractor, modules })
+    }
+
+    /// The module units, first to last.
+    pub fn modules(&self) -> &[ModuleUnit] {
+        &self.modules
+    }
+}
+
+/// Phase 1: the teacher beliefs `P = [p_0, …, p_{L-1}]` from the detached features `z`,
+/// computed with the parameters as they are before this step's update.
+pub fn teacher_beliefs<'a>(
+    modules: impl Iterator<Item = &'a ModuleUnit>,
+    z: &Tensor,
+    num_classes: i64,
+) -> Vec<Tensor> {
+    let _span = tracing::trace_span!("phase1").entered();
+    let mut p = uniform_belief(z.size()[0], num_classes, z.device());
+    let mut teachers = Vec::new();
+    for m in modules {
+        let next = m.teacher(&p, z);
+        teachers.push(p);
+        p = next;
+    }
+    teachers
+}
+
+/// The forward chain without gradient: every module's logits for features `z`.
+pub fn cascade_from_features<'a>(
+    modules: impl Iterator<Item = &'a crate::BeliefModule>,
+    z: &Tensor,
+    num_classes: i64,
+) -> Cascade {
+    tch::no_grad(|| {
+        let mut p = uniform_belief(z.size()[0], num_classes, z.device());
+        let mut logits = Vec::new();
+        for m in modules {
+            let l = m.forward(&p, z);
+            p = crate::belief::belief(&l);
+            logits.push(l);
+        }
+        Cascade { logits }
+    })
+}
+
+impl Network for SidNetwork {
+    fn method(&self) -> Method {
+        Method::Sid
+    }
+
+    fn input_device(&self) -> Device {
+        self.extractor.device()
+    }
+
+    fn train_step(&mut self, x: &Tensor, y: &Tensor) -> Result<StepStats> {
+        let z = self.extractor.forward(x);
+        let z_detached = z.detach();
+        let teachers = teacher_beliefs(self.modules.iter(), &z_detached, self.num_classes);
+        let mut grad_z = z_detached.zeros_like();
+        let mut module_losses = Vec::with_capacity(self.modules.len());
+        for (m, p_prev) in self.modules.iter_mut().zip(&teachers) {
+            let out = m.local_step(p_prev, &z_detached, y)?;
+            grad_z += out.grad_z;
+            module_losses.push(out.loss);
+        }
+        self.extractor.backward_step(&z, &grad_z)?;
+        Ok(StepStats { loss: module_losses.iter().sum(), module_losses })
+    }
+
+    fn cascade(&mut self, x: &Tensor) -> Result<Cascade> {
+        let z = tch::no_grad(|| self.extractor.forward(x));
+        Ok(cascade_from_features(self.modules.iter().map(|m| m.module()), &z, self.num_classes))
+    }
+
+    fn state(&mut self) -> Result<Vec<(String, Tensor)>> {
+        let mut v = self.extractor.state();
+        for m in &self.modules {
+            v.extend(m.state());
+        }
+        Ok(v)
+    }
+
+    fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
+        self.extractor.load_state(named)?;
+        for m in &mut self.modules {
+            m.load_state(named)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ExtractorKind;
+    use crate::loss::local_loss;
+    use crate::BpNetwork;
+    use tch::nn::Module;
+    use tch::Kind;
+
+    fn small_cfg(extractor: ExtractorKind) -> ModelConfig {
+        ModelConfig {
+            extractor,
+            in_channels: 1,
+            image_size: 8,
+            num_classes: 4,
+            feature_dim: 6,
+            modules: 3,
+            module_hidden: 5,
+        }
+    }
+
+    fn batch() -> (Tensor, Tensor) {
+        tch::manual_seed(42);
+        let x = Tensor::randn([6, 1, 8, 8], (Kind::Float, Device::Cpu));
+        (x, Tensor::from_slice(&[0i64, 1, 2, 3, 1, 2]))
+    }
+
+    fn max_diff(a: &[(String, Tensor)], b: &NamedTensors, filter: &str) -> f64 {
+        a.iter()
+            .filter(|(n, _)| n.starts_with(filter))
+            .map(|(n, t)| (t - b.get(n).unwrap()).abs().max().double_value(&[]))
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn sid_and_bp_share_initial_weights_and_forward() {
+        for kind in [ExtractorKind::Cnn, ExtractorKind::Mlp] {
+            let cfg = small_cfg(kind);
+            tch::manual_seed(7);
+            let mut sid = SidNetwork::new(&cfg, LossConfig::default(), 1e-3, Device::Cpu).unwrap();
+            tch::manual_seed(7);
+            let mut bp = BpNetwork::new(&cfg, 1e-3, Device::Cpu).unwrap();
+            let (x, y) = batch();
+            // Train SID a little so the weights are not the initial ones, then copy them over.
+            for _ in 0..3 {
+                sid.train_step(&x, &y).unwrap();
+            }
+            bp.load_weights(&NamedTensors::from(sid.state().unwrap())).unwrap();
+            let a = sid.cascade(&x).unwrap();
+            let b = bp.cascade(&x).unwrap();
+            assert_eq!(a.logits.len(), 3);
+            for (la, lb) in a.logits.iter().zip(&b.logits) {
+                assert!(la.allclose(lb, 1e-6, 1e-6, false));
+            }
+        }
+    }
+
+    /// The reference computes one backward of Σ L_i through the whole graph with P detached.
+    /// The unit-by-unit step must give the same parameters.
+    #[test]
+    fn unit_step_equals_reference_single_backward_of_summed_losses() {
+        const STEPS: usize = 3;
+        let cfg = small_cfg(ExtractorKind::Cnn);
+        let loss_cfg = LossConfig { alpha: 0.4, label_smoothing: 0.1 };
+        tch::manual_seed(3);
+        let mut sid = SidNetwork::new(&cfg, loss_cfg, 1e-2, Device::Cpu).unwrap();
+        tch::manual_seed(3);
+        let mut reference = BpNetwork::new(&cfg, 1e-2, Device::Cpu).unwrap();
+        let (x, y) = batch();
+        for _ in 0..STEPS {
+            sid.train_step(&x, &y).unwrap();
+            // Reference step: z with grad, P from detached z, Σ L_i, one backward, Adam.
+            reference.opt.zero_grad();
+            let z = reference.extractor.forward(&x);
+            let mut p = uniform_belief(6, 4, Device::Cpu);
+            let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
+            let teachers: Vec<Tensor> = tch::no_grad(|| {
+                let zd = z.detach();
+                reference
+                    .modules
+                    .iter()
+                    .map(|m| {
+                        let prev = p.shallow_clone();
+                        p = crate::belief::belief(&m.forward(&p, &zd));
+                        prev
+                    })
+                    .collect()
+            });
+            for (m, t) in reference.modules.iter().zip(&teachers) {
+                total += local_loss(&m.forward(t, &z), t, &y, &loss_cfg);
+            }
+            total.backward();
+            reference.opt.step();
+        }
+        let ours = sid.state().unwrap();
+        let theirs = NamedTensors::from(reference.state().unwrap());
+        let d_mod = max_diff(&ours, &theirs, "module_");
+        assert!(d_mod < 1e-6, "modules differ by {d_mod}");
+        // The extractor's gradient of the last step (still held by its parameters) must be the
+        // same sum. Its weights are compared on the gradient, not after Adam: Adam's first steps
+        // divide by |g|, which turns float-ordering noise in near-zero gradients into ~lr·1e-2.
+        let ext = sid.extractor.vs.variables();
+        let reference_vars = reference.vs.variables();
+        for (name, var) in ext {
+            let (g, h) = (var.grad(), reference_vars[&name].grad());
+            assert!(g.allclose(&h, 1e-4, 1e-7, false), "{name}: gradients differ");
+        }
+    }
+
+    #[test]
+    fn earlier_modules_do_not_see_later_losses() {
+        // Perturb module 3 only: its loss changes (and module 3's output), yet modules 1 and 2
+        // must update exactly as before: no gradient crosses from module i to module i−1.
+        let cfg = small_cfg(ExtractorKind::Mlp);
+        let build = || {
+            tch::manual_seed(11);
+            SidNetwork::new(&cfg, LossConfig::default(), 1e-2, Device::Cpu).unwrap()
+        };
+        let (x, y) = batch();
+        let mut a = build();
+        let mut b = build();
+        let mut state = b.state().unwrap();
+        for (name, t) in state.iter_mut() {
+            if name.starts_with("module_3.") {
+                *t = &*t + 0.5;
+            }
+        }
+        b.load_state(&NamedTensors::from(state)).unwrap();
+        let la = a.train_step(&x, &y).unwrap();
+        let lb = b.train_step(&x, &y).unwrap();
+        assert_eq!(la.module_losses[..2], lb.module_losses[..2]);
+        assert_ne!(la.module_losses[2], lb.module_losses[2]);
+        let sa = a.state().unwrap();
+        let sb = NamedTensors::from(b.state().unwrap());
+        assert_eq!(max_diff(&sa, &sb, "module_1."), 0.0);
+        assert_eq!(max_diff(&sa, &sb, "module_2."), 0.0);
+        assert!(max_diff(&sa, &sb, "module_3.") > 0.1);
+        assert!(max_diff(&sa, &sb, "extractor.") > 0.0, "the extractor sums every module's gradient");
+    }
+
+    #[test]
+    fn state_round_trip_restores_training_exactly() {
+        let cfg = small_cfg(ExtractorKind::Mlp);
+        let (x, y) = batch();
+        tch::manual_seed(5);
+        let mut a = SidNetwork::new(&cfg, LossConfig::default(), 1e-2, Device::Cpu).unwrap();
+        a.train_step(&x, &y).unwrap();
+        let saved = NamedTensors::from(a.state().unwrap());
+        tch::manual_seed(99);
+        let mut b = SidNetwork::new(&cfg, LossConfig::default(), 1e-2, Device::Cpu).unwrap();
+        b.load_state(&saved).unwrap();
+        let la = a.train_step(&x, &y).unwrap();
+        let lb = b.train_step(&x, &y).unwrap();
+        assert_eq!(la, lb);
+    }
+
+    #[test]
+    fn non_finite_input_is_reported_as_such() {
+        let cfg = small_cfg(ExtractorKind::Mlp);
+        let mut net = SidNetwork::new(&cfg, LossConfig::default(), 1e-2, Device::Cpu).unwrap();
+        let (x, y) = batch();
+        let x = x * f64::NAN;
+        let err = net.train_step(&x, &y).unwrap_err();
+        assert!(matches!(err, crate::CoreError::NonFiniteLoss { ref what, .. } if what == "module 1"), "{err}");
+    }
+}

@@ -1,0 +1,160 @@
+//! Units of work that own their parameters and optimizer: one belief module, or the extractor.
+//!
+//! A [`ModuleUnit`] is the self-contained phase-2 job of SID: given the teacher belief
+//! `P[i-1]` and the features `z`, it computes its local loss, backpropagates it into its own
+//! parameters only, steps its own Adam and returns its loss and the gradient that reached `z`.
+//! It holds no reference to anything else, so a worker thread can own it.
+
+use tch::nn::{Module, VarStore};
+use tch::{Device, Tensor};
+
+use crate::adam::Adam;
+use crate::belief::{belief, BeliefModule};
+use crate::config::{LossConfig, ModelConfig};
+use crate::extractor::Extractor;
+use crate::loss::local_loss;
+use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
+use crate::{CoreError, Result};
+
+/// The variable-path prefix of module `index` (0-based): `module_1` … `module_L`.
+pub fn module_prefix(index: usize) -> String {
+    format!("module_{}", index + 1)
+}
+
+/// Output of one module's phase-2 work.
+#[derive(Debug)]
+pub struct LocalOutput {
+    /// The local loss L_i.
+    pub loss: f64,
+    /// ∂L_i/∂z [B, d], on the unit's device.
+    pub grad_z: Tensor,
+}
+
+/// One belief module with its own VarStore and Adam.
+#[derive(Debug)]
+pub struct ModuleUnit {
+    index: usize,
+    vs: VarStore,
+    net: BeliefModule,
+    opt: Adam,
+    loss: LossConfig,
+}
+
+impl ModuleUnit {
+    /// Builds module `index` (0-based) on `device`; its variables are `module_{index+1}.*`.
+    pub fn new(index: usize, cfg: &ModelConfig, loss: LossConfig, lr: f64, device: Device) -> Self {
+        let vs = VarStore::new(device);
+        let net = BeliefModule::new(
+            &(vs.root() / module_prefix(index)),
+            cfg.num_classes,
+            cfg.feature_dim,
+            cfg.module_hidden,
+        );
+        let opt = Adam::for_var_store(&vs, lr);
+        Self { index, vs, net, opt, loss }
+    }
+
+    /// 0-based position in the cascade.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Where the parameters live.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// The belief module itself.
+    pub fn module(&self) -> &BeliefModule {
+        &self.net
+    }
+
+    /// Phase 1: the teacher belief `p_i = softmax(f_i(p_{i-1}, z))`, without gradient.
+    pub fn teacher(&self, p_prev: &Tensor, z: &Tensor) -> Tensor {
+        tch::no_grad(|| belief(&self.net.forward(p_prev, z)))
+    }
+
+    /// Phase 2: local loss, backward into this module only, Adam step. `p_prev` and `z` must
+    /// be on this unit's device; neither receives gradient. A non-finite loss is reported and
+    /// the parameters are left untouched.
+    pub fn local_step(&mut self, p_prev: &Tensor, z: &Tensor, labels: &Tensor) -> Result<LocalOutput> {
+        let _span = tracing::trace_span!("phase2_module", module = self.index + 1).entered();
+        self.opt.zero_grad();
+        let z_in = z.detach().set_requires_grad(true);
+        let logits = self.net.forward(p_prev, &z_in);
+        let loss = local_loss(&logits, p_prev, labels, &self.loss);
+        let value = loss.f_double_value(&[])?;
+        if !value.is_finite() {
+            return Err(CoreError::NonFiniteLoss { what: format!("module {}", self.index + 1), value });
+        }
+        loss.f_backward()?;
+        let grad_z = z_in.grad().detach();
+        self.opt.step();
+        Ok(LocalOutput { loss: value, grad_z })
+    }
+
+    /// Weights and Adam state as named CPU tensors.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut v = var_store_state(&self.vs);
+        v.extend(to_cpu(self.opt.state(&format!("adam.{}", module_prefix(self.index)))));
+        v
+    }
+
+    /// Restores weights and Adam state saved by [`ModuleUnit::state`].
+    pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
+        load_var_store(&self.vs, named)?;
+        self.opt.load_state(&format!("adam.{}", module_prefix(self.index)), named)
+    }
+}
+
+/// The feature extractor with its own VarStore and Adam.
+#[derive(Debug)]
+pub struct ExtractorUnit {
+    pub(crate) vs: VarStore,
+    net: Extractor,
+    opt: Adam,
+}
+
+impl ExtractorUnit {
+    /// Builds the extractor on `device`; its variables are `extractor.*`.
+    pub fn new(cfg: &ModelConfig, lr: f64, device: Device) -> Self {
+        let vs = VarStore::new(device);
+        let net = Extractor::new(&(vs.root() / "extractor"), cfg);
+        let opt = Adam::for_var_store(&vs, lr);
+        Self { vs, net, opt }
+    }
+
+    /// Where the parameters live.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// `z = c(x)`, with gradient.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let _span = tracing::trace_span!("extractor_forward").entered();
+        self.net.forward(x)
+    }
+
+    /// Backpropagates the summed gradient `grad_z` that the modules sent back through `z`
+    /// (the graph of [`ExtractorUnit::forward`]) and steps the extractor's Adam.
+    pub fn backward_step(&mut self, z: &Tensor, grad_z: &Tensor) -> Result<()> {
+        let _span = tracing::trace_span!("extractor_backward").entered();
+        self.opt.zero_grad();
+        (z * grad_z.detach()).f_sum(tch::Kind::Float)?.f_backward()?;
+        self.opt.step();
+        Ok(())
+    }
+
+    /// Weights and Adam state as named CPU tensors.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut v = var_store_state(&self.vs);
+        v.extend(to_cpu(self.opt.state("adam.extractor")));
+        v
+    }
+
+    /// Restores what [`ExtractorUnit::state`] saved.
+    pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
+        load_var_store(&self.vs, named)?;
+        self.opt.load_state("adam.extractor", named)
+    }
+}
