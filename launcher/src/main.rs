@@ -1,1 +1,107 @@
-fn main(){}
+//! `sid-launch`: train with SID or backprop from the command line.
+
+mod args;
+mod progress;
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use sid_train::devices::device_name;
+use sid_train::{Run, TrainError};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = args::Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(TrainError::Interrupted { .. }) = e.downcast_ref::<TrainError>() {
+                eprintln!("stopped: {e:#}");
+                eprintln!("continue with: sid-launch --resume <run dir>");
+                return ExitCode::from(130);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &args::Cli) -> Result<()> {
+    let plan = cli.plan()?;
+    if let Some(n) = cli.threads {
+        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+        tch::set_num_threads(n);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: stopping after the current step and writing a checkpoint (Ctrl-C again to quit now)");
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let cfg = &plan.config;
+    let mut run = if plan.resume {
+        Run::resume(cfg.clone(), &plan.run_dir)
+    } else {
+        Run::create(cfg.clone(), &plan.run_dir)
+    }
+    .map_err(|e| hint(e, cfg))?;
+    let devices: Vec<String> = run.devices().iter().map(|d| device_name(*d)).collect();
+    eprintln!(
+        "{} on {} with {} extractor, L={} modules, {} epochs, batch {}, lr {}, seed {} on [{}]; run dir {}",
+        cfg.method,
+        cfg.dataset,
+        cfg.model,
+        cfg.modules,
+        cfg.epochs,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.seed,
+        devices.join(", "),
+        run.dir().display()
+    );
+    if run.epochs_done() > 0 || plan.resume {
+        eprintln!("resuming after epoch {}", run.epochs_done());
+    }
+    let mut reporter = progress::Reporter::new(cfg.batch_size);
+    let summary = run.train(&stop, &mut |e| reporter.on_event(e))?;
+    println!(
+        "final-epoch test accuracy: {:.2}% (epoch {}, {})",
+        summary.final_test_acc * 100.0,
+        summary.epochs,
+        summary.method
+    );
+    let chosen = if summary.best_epoch_chosen_by == "validation" {
+        "best epoch by validation accuracy"
+    } else {
+        "best epoch by test accuracy (selection on the test set; for reference only)"
+    };
+    println!("{chosen}: epoch {}, test accuracy {:.2}%", summary.best_epoch, summary.best_epoch_test_acc * 100.0);
+    println!("run directory: {}", run.dir().display());
+    Ok(())
+}
+
+/// Adds the fix to errors a user can act on.
+fn hint(e: TrainError, cfg: &sid_train::RunConfig) -> anyhow::Error {
+    let missing_default = matches!(&e, TrainError::Data(sid_data::DataError::MissingDir(_)))
+        && cfg.data_dir.is_none()
+        && cfg.dataset == sid_data::DatasetKind::FashionMnist;
+    if missing_default {
+        anyhow::anyhow!("{e} (install it with `apt-get install dataset-fashion-mnist`, or pass --data-dir)")
+    } else {
+        e.into()
+    }
+}

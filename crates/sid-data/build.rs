@@ -1,0 +1,3 @@
+fn main() {
+    sid_build::link_libtorch();
+}

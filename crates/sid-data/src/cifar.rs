@@ -1,0 +1,252 @@
+//! Reader for the binary versions of CIFAR-10 and CIFAR-100.
+//!
+//! A file is a plain sequence of fixed-size records: the label byte(s) followed by 3072 pixel
+//! bytes (1024 red, 1024 green, 1024 blue, each a row-major 32x32 plane). That pixel layout
+//! is already channel-major `[3, 32, 32]`, so records are copied without reordering.
+
+use std::path::Path;
+
+use crate::idx::check_labels;
+use crate::raw::RawSplit;
+use crate::{DataError, DatasetKind};
+
+/// Pixel bytes per CIFAR image.
+const PIXELS: usize = 3 * 32 * 32;
+/// Number of CIFAR-100 superclasses (the coarse label), checked as a corruption guard.
+const COARSE_CLASSES: i64 = 20;
+
+/// File names of the training split, in the order they are concatenated.
+fn train_files(kind: DatasetKind) -> &'static [&'static str] {
+    match kind {
+        DatasetKind::Cifar100 => &["train.bin"],
+        _ => &[
+            "data_batch_1.bin",
+            "data_batch_2.bin",
+            "data_batch_3.bin",
+            "data_batch_4.bin",
+            "data_batch_5.bin",
+        ],
+    }
+}
+
+/// File name of the test split.
+fn test_file(kind: DatasetKind) -> &'static str {
+    match kind {
+        DatasetKind::Cifar100 => "test.bin",
+        _ => "test_batch.bin",
+    }
+}
+
+/// Reads the training split (all batches, joined in order).
+pub(crate) fn read_train(dir: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
+    let files = train_files(kind);
+    // Check every batch is there before reading ~150 MB, so a missing last batch fails fast.
+    for name in files {
+        require(&dir.join(name))?;
+    }
+    let mut all = RawSplit::default();
+    for name in files {
+        all.extend(read_file(&dir.join(name), kind)?);
+    }
+    Ok(all)
+}
+
+/// Reads the test split.
+pub(crate) fn read_test(dir: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
+    read_file(&dir.join(test_file(kind)), kind)
+}
+
+fn require(path: &Path) -> Result<(), DataError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(DataError::MissingFile {
+            path: path.to_path_buf(),
+            also_tried: None,
+        })
+    }
+}
+
+/// Reads and checks one batch file.
+fn read_file(path: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
+    require(path)?;
+    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    // CIFAR-100 records carry the coarse label before the fine one; we train on the fine.
+    let label_bytes = if kind == DatasetKind::Cifar100 { 2 } else { 1 };
+    let record = label_bytes + PIXELS;
+    if bytes.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    if bytes.len() % record != 0 {
+        return Err(DataError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!(
+                "{} bytes is not a whole number of {record}-byte records ({} records and {} bytes left over)",
+                bytes.len(),
+                bytes.len() / record,
+                bytes.len() % record
+            ),
+        });
+    }
+    if kind == DatasetKind::Cifar100 {
+        check_labels(path, &bytes, record, 0, COARSE_CLASSES, "coarse label")?;
+    }
+    let fine = label_bytes - 1;
+    check_labels(path, &bytes, record, fine, kind.num_classes(), "label")?;
+
+    let n = bytes.len() / record;
+    let mut raw = RawSplit {
+        pixels: Vec::with_capacity(n * PIXELS),
+        labels: Vec::with_capacity(n),
+    };
+    for rec in bytes.chunks_exact(record) {
+        raw.labels.push(rec[fine]);
+        raw.pixels.extend_from_slice(&rec[label_bytes..]);
+    }
+    Ok(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    /// Writes a full CIFAR-10 directory: five training batches of `per_batch` images and a
+    /// test batch of `n_test`; returns the joined training pixels and labels.
+    fn write_cifar10(dir: &Path, per_batch: usize, n_test: usize) -> (Vec<u8>, Vec<u8>) {
+        let mut all_px = Vec::new();
+        let mut all_lb = Vec::new();
+        for b in 1..=5 {
+            let px = pattern(per_batch * PIXELS, b);
+            let lb: Vec<u8> = (0..per_batch).map(|i| ((i + b) % 10) as u8).collect();
+            std::fs::write(
+                dir.join(format!("data_batch_{b}.bin")),
+                cifar_records(&lb, &px, None),
+            )
+            .unwrap();
+            all_px.extend_from_slice(&px);
+            all_lb.extend_from_slice(&lb);
+        }
+        let px = pattern(n_test * PIXELS, 9);
+        let lb: Vec<u8> = (0..n_test).map(|i| (i % 10) as u8).collect();
+        std::fs::write(dir.join("test_batch.bin"), cifar_records(&lb, &px, None)).unwrap();
+        (all_px, all_lb)
+    }
+
+    #[test]
+    fn cifar10_joins_batches_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (px, lb) = write_cifar10(dir.path(), 2, 3);
+        let train = read_train(dir.path(), DatasetKind::Cifar10).unwrap();
+        assert_eq!(train.len(), 10);
+        assert_eq!(train.labels, lb);
+        assert_eq!(train.pixels, px);
+        let test = read_test(dir.path(), DatasetKind::Cifar10).unwrap();
+        assert_eq!(test.labels, vec![0, 1, 2]);
+        assert_eq!(test.pixels, pattern(3 * PIXELS, 9));
+    }
+
+    #[test]
+    fn cifar100_uses_fine_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let px = pattern(3 * PIXELS, 4);
+        let fine = [99, 0, 57];
+        let coarse = [19, 4, 7];
+        std::fs::write(
+            dir.path().join("train.bin"),
+            cifar_records(&fine, &px, Some(&coarse)),
+        )
+        .unwrap();
+        let raw = read_train(dir.path(), DatasetKind::Cifar100).unwrap();
+        assert_eq!(raw.labels, fine.to_vec());
+        assert_eq!(raw.pixels, px);
+    }
+
+    #[test]
+    fn missing_batch_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cifar10(dir.path(), 1, 1);
+        let path = dir.path().join("data_batch_4.bin");
+        std::fs::remove_file(&path).unwrap();
+        let err = read_train(dir.path(), DatasetKind::Cifar10).unwrap_err();
+        assert_eq!(err.to_string(), format!("missing file {}", path.display()));
+    }
+
+    #[test]
+    fn partial_record_is_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cifar10(dir.path(), 1, 2);
+        let path = dir.path().join("test_batch.bin");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(3073 + 100);
+        std::fs::write(&path, bytes).unwrap();
+        let err = read_test(dir.path(), DatasetKind::Cifar10).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: truncated: 3173 bytes is not a whole number of 3073-byte records (1 records and 100 bytes left over)",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn empty_file_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.bin");
+        std::fs::write(&path, b"").unwrap();
+        let err = read_test(dir.path(), DatasetKind::Cifar100).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{}: empty file, holds no records", path.display())
+        );
+    }
+
+    #[test]
+    fn labels_out_of_range_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test_batch.bin");
+        let px = pattern(3 * PIXELS, 0);
+        std::fs::write(&path, cifar_records(&[1, 2, 10], &px, None)).unwrap();
+        let err = read_test(dir.path(), DatasetKind::Cifar10).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{}: label 10 at index 2 is outside 0..10", path.display())
+        );
+
+        let path = dir.path().join("test.bin");
+        std::fs::write(&path, cifar_records(&[1, 100, 3], &px, Some(&[0, 1, 2]))).unwrap();
+        let err = read_test(dir.path(), DatasetKind::Cifar100).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{}: label 100 at index 1 is outside 0..100", path.display())
+        );
+
+        std::fs::write(&path, cifar_records(&[1, 2, 3], &px, Some(&[0, 1, 20]))).unwrap();
+        let err = read_test(dir.path(), DatasetKind::Cifar100).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: coarse label 20 at index 2 is outside 0..20",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn cifar10_file_read_as_cifar100_is_caught() {
+        // 3073-byte records are not a multiple of 3074 unless the file is huge, so mixing
+        // up the two datasets is reported instead of yielding shifted garbage.
+        let dir = tempfile::tempdir().unwrap();
+        let px = pattern(2 * PIXELS, 0);
+        std::fs::write(
+            dir.path().join("test.bin"),
+            cifar_records(&[1, 2], &px, None),
+        )
+        .unwrap();
+        let err = read_test(dir.path(), DatasetKind::Cifar100).unwrap_err();
+        assert!(matches!(err, DataError::Truncated { .. }), "{err}");
+    }
+}

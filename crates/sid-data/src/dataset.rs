@@ -1,0 +1,508 @@
+//! Loading a whole dataset: files, training limit, validation split, label noise and
+//! normalisation, in that order.
+
+use std::path::Path;
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::{Kind, Tensor};
+
+use crate::idx::{self, IdxSplit};
+use crate::raw::RawSplit;
+use crate::{cifar, DataError, DatasetKind};
+
+/// Mixed into the seed of the label-noise RNG ("NOISE" in ASCII) so the noise draw is
+/// independent of every other stream derived from the same run seed.
+const NOISE_SEED_TAG: u64 = 0x4e_4f49_5345;
+
+/// One split held in memory on the CPU.
+#[derive(Debug)]
+pub struct Split {
+    /// `[N, C, H, W]` float32 images, normalised per channel with [`DatasetKind::mean_std`].
+    pub images: Tensor,
+    /// `[N]` int64 class indices.
+    pub labels: Tensor,
+}
+
+impl Split {
+    /// Number of samples.
+    pub fn len(&self) -> i64 {
+        self.labels.size()[0]
+    }
+
+    /// Whether the split holds no samples.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How [`load`] shapes the training data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadOptions {
+    /// Keep only the first N training samples (file order), for quick runs. More than the
+    /// dataset holds keeps them all.
+    pub limit_train: Option<usize>,
+    /// Fraction of the (limited) training samples held out for validation, taken from the end;
+    /// 0 means no validation split. Must be in `[0, 1)`.
+    pub val_split: f64,
+    /// Fraction of the remaining training labels replaced by a different random class
+    /// (symmetric label noise). Must be in `[0, 1]`.
+    pub label_noise: f64,
+    /// Seed of the label-noise draw.
+    pub seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            limit_train: None,
+            val_split: 0.0,
+            label_noise: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Checks every field is in range, so a typo fails before minutes of loading.
+    pub fn validate(&self) -> Result<(), DataError> {
+        // `contains` is false for NaN, so NaN is rejected as well.
+        if !(0.0..1.0).contains(&self.val_split) {
+            return Err(DataError::InvalidOption(format!(
+                "val_split {} is outside [0, 1)",
+                self.val_split
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.label_noise) {
+            return Err(DataError::InvalidOption(format!(
+                "label_noise {} is outside [0, 1]",
+                self.label_noise
+            )));
+        }
+        if self.limit_train == Some(0) {
+            return Err(DataError::InvalidOption(
+                "limit_train must be at least 1".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A loaded dataset, ready for training.
+#[derive(Debug)]
+pub struct Dataset {
+    /// Which dataset this is.
+    pub kind: DatasetKind,
+    /// Training samples (after limit, validation hold-out and label noise).
+    pub train: Split,
+    /// Held-out validation samples with clean labels, when `val_split > 0`.
+    pub val: Option<Split>,
+    /// The official test split, never altered.
+    pub test: Split,
+    /// How many training labels were flipped by label noise.
+    pub noisy_labels: usize,
+}
+
+/// Loads train and test from `dir`.
+///
+/// Order: read files -> `limit_train` (first N training samples) -> validation split (the
+/// LAST `round(val_split * n)` of the limited training samples are held out, labels clean) ->
+/// symmetric label noise on the remaining training samples only -> normalise.
+pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset, DataError> {
+    opts.validate()?;
+    if !dir.is_dir() {
+        return Err(DataError::MissingDir(dir.to_path_buf()));
+    }
+    let (mut train, test) = match kind {
+        DatasetKind::FashionMnist | DatasetKind::Mnist => (
+            idx::read_split(dir, IdxSplit::Train, kind)?,
+            idx::read_split(dir, IdxSplit::Test, kind)?,
+        ),
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
+            (cifar::read_train(dir, kind)?, cifar::read_test(dir, kind)?)
+        }
+    };
+    let sample_len = (kind.channels() * kind.image_size() * kind.image_size()) as usize;
+
+    if let Some(limit) = opts.limit_train {
+        train.truncate(limit, sample_len);
+    }
+
+    let val = if opts.val_split > 0.0 {
+        let n = train.len();
+        let k = (opts.val_split * n as f64).round() as usize;
+        if k == 0 {
+            return Err(DataError::InvalidOption(format!(
+                "val_split {} of {n} training samples holds out no sample",
+                opts.val_split
+            )));
+        }
+        if k >= n {
+            return Err(DataError::InvalidOption(format!(
+                "val_split {} of {n} training samples leaves no training sample",
+                opts.val_split
+            )));
+        }
+        Some(train.split_off_last(k, sample_len))
+    } else {
+        None
+    };
+
+    let noisy_labels = add_symmetric_noise(
+        &mut train.labels,
+        kind.num_classes(),
+        opts.label_noise,
+        opts.seed,
+    );
+
+    Ok(Dataset {
+        kind,
+        train: to_split(train, kind)?,
+        val: val.map(|v| to_split(v, kind)).transpose()?,
+        test: to_split(test, kind)?,
+        noisy_labels,
+    })
+}
+
+/// Replaces exactly `round(fraction * n)` labels, at distinct indices, each by a uniformly
+/// chosen *different* class; returns how many were replaced. Deterministic in `seed`.
+fn add_symmetric_noise(labels: &mut [u8], num_classes: i64, fraction: f64, seed: u64) -> usize {
+    let k = (fraction * labels.len() as f64).round() as usize;
+    if k == 0 || num_classes < 2 {
+        return 0;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ NOISE_SEED_TAG);
+    let mut order: Vec<usize> = (0..labels.len()).collect();
+    order.shuffle(&mut rng);
+    for &i in &order[..k] {
+        // Draw among the other num_classes - 1 classes by skipping over the true one.
+        let r = rng.gen_range(0..num_classes - 1) as u8;
+        labels[i] = if r >= labels[i] { r + 1 } else { r };
+    }
+    k
+}
+
+/// Builds the normalised float tensors of one split.
+fn to_split(raw: RawSplit, kind: DatasetKind) -> Result<Split, DataError> {
+    let n = raw.len() as i64;
+    let (c, s) = (kind.channels(), kind.image_size());
+    let labels: Vec<i64> = raw.labels.iter().map(|&l| i64::from(l)).collect();
+    let labels = Tensor::f_from_slice(&labels)?;
+    let mut images = Tensor::f_from_slice(&raw.pixels)?
+        .f_reshape([n, c, s, s])?
+        .f_to_kind(Kind::Float)?;
+    drop(raw);
+    let (mean, std) = kind.mean_std();
+    let mean = Tensor::f_from_slice(mean)?
+        .f_to_kind(Kind::Float)?
+        .f_reshape([1, c, 1, 1])?;
+    let std = Tensor::f_from_slice(std)?
+        .f_to_kind(Kind::Float)?
+        .f_reshape([1, c, 1, 1])?;
+    // In place: the CIFAR training tensor is 600 MB, so avoid temporaries. The returned
+    // handles alias `images` and are not needed.
+    let _ = images.f_div_scalar_(255.0)?;
+    let _ = images.f_sub_(&mean)?;
+    let _ = images.f_div_(&std)?;
+    Ok(Split { images, labels })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    fn labels_of(split: &Split) -> Vec<i64> {
+        Vec::<i64>::try_from(&split.labels).unwrap()
+    }
+
+    fn pixels_of(split: &Split) -> Vec<f32> {
+        Vec::<f32>::try_from(&split.images.flatten(0, -1)).unwrap()
+    }
+
+    /// The normalised value the loader must produce for a raw byte in channel `c`.
+    fn expected(kind: DatasetKind, raw: &[u8], sample_len: usize) -> Vec<f32> {
+        let (mean, std) = kind.mean_std();
+        let plane = sample_len / mean.len();
+        raw.iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                let c = (i % sample_len) / plane;
+                ((f64::from(p) / 255.0 - mean[c]) / std[c]) as f32
+            })
+            .collect()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!((g - w).abs() < 1e-5, "pixel {i}: got {g}, want {w}");
+        }
+    }
+
+    #[test]
+    fn loads_mnist_like_normalised_with_shapes_and_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let (train_px, train_lb, test_px, test_lb) = write_idx_dataset(dir.path(), 7, 4);
+        for kind in [DatasetKind::Mnist, DatasetKind::FashionMnist] {
+            let ds = load(kind, dir.path(), &LoadOptions::default()).unwrap();
+            assert_eq!(ds.kind, kind);
+            assert_eq!(ds.train.images.size(), vec![7, 1, 28, 28]);
+            assert_eq!(ds.train.images.kind(), Kind::Float);
+            assert_eq!(ds.train.labels.kind(), Kind::Int64);
+            assert_eq!(ds.test.images.size(), vec![4, 1, 28, 28]);
+            assert_eq!(ds.train.len(), 7);
+            assert!(!ds.train.is_empty());
+            assert!(ds.val.is_none());
+            assert_eq!(ds.noisy_labels, 0);
+            let lb: Vec<i64> = train_lb.iter().map(|&l| l as i64).collect();
+            assert_eq!(labels_of(&ds.train), lb);
+            let lb: Vec<i64> = test_lb.iter().map(|&l| l as i64).collect();
+            assert_eq!(labels_of(&ds.test), lb);
+            assert_close(&pixels_of(&ds.train), &expected(kind, &train_px, 784));
+            assert_close(&pixels_of(&ds.test), &expected(kind, &test_px, 784));
+        }
+    }
+
+    #[test]
+    fn loads_cifar_channel_major_and_normalised() {
+        let dir = tempfile::tempdir().unwrap();
+        let px = pattern(2 * 3072, 5);
+        let test_px = pattern(3072, 6);
+        // Batch 3 holds two images, the others one each (labelled by batch number), to check
+        // the batches are joined in order.
+        for b in 1..=5usize {
+            let bytes = if b == 3 {
+                cifar_records(&[3, 8], &px, None)
+            } else {
+                cifar_records(&[b as u8], &pattern(3072, 10 + b), None)
+            };
+            std::fs::write(dir.path().join(format!("data_batch_{b}.bin")), bytes).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("test_batch.bin"),
+            cifar_records(&[7], &test_px, None),
+        )
+        .unwrap();
+        let kind = DatasetKind::Cifar10;
+        let ds = load(kind, dir.path(), &LoadOptions::default()).unwrap();
+        assert_eq!(ds.train.images.size(), vec![6, 3, 32, 32]);
+        assert_eq!(labels_of(&ds.train), vec![1, 2, 3, 8, 4, 5]);
+        assert_eq!(labels_of(&ds.test), vec![7]);
+        // Samples 2 and 3 come from batch 3; check one pixel per channel by coordinates.
+        let (mean, std) = kind.mean_std();
+        for (c, y, x) in [(0usize, 0usize, 0usize), (1, 5, 17), (2, 31, 31)] {
+            let raw = px[3072 + c * 1024 + y * 32 + x];
+            let want = ((f64::from(raw) / 255.0 - mean[c]) / std[c]) as f32;
+            let got = ds
+                .train
+                .images
+                .double_value(&[3, c as i64, y as i64, x as i64]) as f32;
+            assert!((got - want).abs() < 1e-5, "c{c} y{y} x{x}: {got} vs {want}");
+        }
+        assert_close(&pixels_of(&ds.test), &expected(kind, &test_px, 3072));
+    }
+
+    #[test]
+    fn loads_cifar100_fine_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let px = pattern(2 * 3072, 1);
+        std::fs::write(
+            dir.path().join("train.bin"),
+            cifar_records(&[42, 99], &px, Some(&[3, 19])),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("test.bin"),
+            cifar_records(&[0], &px[..3072], Some(&[0])),
+        )
+        .unwrap();
+        let kind = DatasetKind::Cifar100;
+        let ds = load(kind, dir.path(), &LoadOptions::default()).unwrap();
+        assert_eq!(labels_of(&ds.train), vec![42, 99]);
+        assert_close(&pixels_of(&ds.train), &expected(kind, &px, 3072));
+    }
+
+    #[test]
+    fn limit_then_val_split_takes_the_last_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let (train_px, train_lb, _, _) = write_idx_dataset(dir.path(), 20, 2);
+        let kind = DatasetKind::Mnist;
+        let opts = LoadOptions {
+            limit_train: Some(10),
+            val_split: 0.25, // round(2.5) = 3 of the 10
+            ..Default::default()
+        };
+        let ds = load(kind, dir.path(), &opts).unwrap();
+        let val = ds.val.as_ref().unwrap();
+        assert_eq!(ds.train.len(), 7);
+        assert_eq!(val.len(), 3);
+        let lb: Vec<i64> = train_lb.iter().map(|&l| l as i64).collect();
+        assert_eq!(labels_of(&ds.train), lb[..7]);
+        assert_eq!(labels_of(val), lb[7..10]);
+        assert_close(
+            &pixels_of(&ds.train),
+            &expected(kind, &train_px[..7 * 784], 784),
+        );
+        assert_close(
+            &pixels_of(val),
+            &expected(kind, &train_px[7 * 784..10 * 784], 784),
+        );
+        assert_eq!(ds.test.len(), 2);
+    }
+
+    #[test]
+    fn limit_larger_than_dataset_keeps_all() {
+        let dir = tempfile::tempdir().unwrap();
+        write_idx_dataset(dir.path(), 5, 2);
+        let opts = LoadOptions {
+            limit_train: Some(1000),
+            ..Default::default()
+        };
+        let ds = load(DatasetKind::Mnist, dir.path(), &opts).unwrap();
+        assert_eq!(ds.train.len(), 5);
+    }
+
+    #[test]
+    fn label_noise_flips_exact_count_reproducibly_and_only_train() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, train_lb, _, test_lb) = write_idx_dataset(dir.path(), 50, 10);
+        let opts = LoadOptions {
+            val_split: 0.2, // last 10 held out, 40 left
+            label_noise: 0.3,
+            seed: 7,
+            ..Default::default()
+        };
+        let ds = load(DatasetKind::Mnist, dir.path(), &opts).unwrap();
+        assert_eq!(ds.noisy_labels, 12);
+        let clean: Vec<i64> = train_lb.iter().map(|&l| l as i64).collect();
+        let noisy = labels_of(&ds.train);
+        let changed = noisy.iter().zip(&clean).filter(|(a, b)| a != b).count();
+        assert_eq!(changed, 12, "every chosen label moves to another class");
+        assert!(noisy.iter().all(|&l| (0..10).contains(&l)));
+        assert_eq!(labels_of(ds.val.as_ref().unwrap()), clean[40..]);
+        let test: Vec<i64> = test_lb.iter().map(|&l| l as i64).collect();
+        assert_eq!(labels_of(&ds.test), test);
+
+        let again = load(DatasetKind::Mnist, dir.path(), &opts).unwrap();
+        assert_eq!(labels_of(&again.train), noisy);
+        let other = load(
+            DatasetKind::Mnist,
+            dir.path(),
+            &LoadOptions { seed: 8, ..opts },
+        )
+        .unwrap();
+        assert_ne!(labels_of(&other.train), noisy);
+    }
+
+    #[test]
+    fn full_label_noise_changes_every_label_to_a_valid_other_class() {
+        let mut labels: Vec<u8> = (0..200).map(|i| (i % 100) as u8).collect();
+        let clean = labels.clone();
+        assert_eq!(add_symmetric_noise(&mut labels, 100, 1.0, 3), 200);
+        for (n, c) in labels.iter().zip(&clean) {
+            assert_ne!(n, c);
+            assert!(*n < 100);
+        }
+        // With 2 classes the only other class is forced.
+        let mut labels = vec![0u8, 1, 0, 1];
+        add_symmetric_noise(&mut labels, 2, 1.0, 0);
+        assert_eq!(labels, vec![1, 0, 1, 0]);
+    }
+
+    #[test]
+    fn invalid_options_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        write_idx_dataset(dir.path(), 4, 1);
+        let bad = [
+            LoadOptions {
+                val_split: 1.0,
+                ..Default::default()
+            },
+            LoadOptions {
+                val_split: -0.1,
+                ..Default::default()
+            },
+            LoadOptions {
+                val_split: f64::NAN,
+                ..Default::default()
+            },
+            LoadOptions {
+                label_noise: 1.5,
+                ..Default::default()
+            },
+            LoadOptions {
+                limit_train: Some(0),
+                ..Default::default()
+            },
+            // round(0.9 * 4) = 4 held out leaves nothing to train on.
+            LoadOptions {
+                val_split: 0.9,
+                ..Default::default()
+            },
+            // round(0.1 * 4) = 0 held out.
+            LoadOptions {
+                val_split: 0.1,
+                ..Default::default()
+            },
+        ];
+        for opts in bad {
+            let err = load(DatasetKind::Mnist, dir.path(), &opts).unwrap_err();
+            assert!(
+                matches!(err, DataError::InvalidOption(_)),
+                "{opts:?}: {err}"
+            );
+        }
+        let err = load(
+            DatasetKind::Mnist,
+            dir.path(),
+            &LoadOptions {
+                val_split: 0.9,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid option: val_split 0.9 of 4 training samples leaves no training sample"
+        );
+    }
+
+    #[test]
+    fn missing_directory_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = load(DatasetKind::Cifar10, &missing, &LoadOptions::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("data directory {} does not exist", missing.display())
+        );
+    }
+
+    #[test]
+    fn errors_from_files_propagate_through_load() {
+        let dir = tempfile::tempdir().unwrap();
+        write_idx_dataset(dir.path(), 3, 2);
+        std::fs::remove_file(dir.path().join("t10k-images-idx3-ubyte.gz")).unwrap();
+        let err = load(DatasetKind::Mnist, dir.path(), &LoadOptions::default()).unwrap_err();
+        assert!(matches!(err, DataError::MissingFile { .. }), "{err}");
+    }
+
+    /// Loads the real Fashion-MNIST when installed (`cargo test -p sid-data -- --ignored`):
+    /// the published mean/std must bring the training pixels to about zero mean, unit std.
+    #[test]
+    #[ignore = "needs the real dataset in its default directory"]
+    fn real_fashion_mnist_is_normalised() {
+        let kind = DatasetKind::FashionMnist;
+        let ds = load(kind, &kind.default_dir(), &LoadOptions::default()).unwrap();
+        assert_eq!(ds.train.images.size(), vec![60000, 1, 28, 28]);
+        assert_eq!(ds.test.images.size(), vec![10000, 1, 28, 28]);
+        let mean = ds.train.images.mean(Kind::Float).double_value(&[]);
+        let std = ds.train.images.std(true).double_value(&[]);
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((std - 1.0).abs() < 0.01, "std {std}");
+        let counts = ds.train.labels.bincount::<Tensor>(None, 10);
+        assert_eq!(Vec::<i64>::try_from(&counts).unwrap(), vec![6000; 10]);
+    }
+}

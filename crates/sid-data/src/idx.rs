@@ -1,0 +1,460 @@
+//! Reader for the IDX files of MNIST and Fashion-MNIST, plain or gzip-compressed.
+//!
+//! Format (all integers big-endian): images = magic 0x00000803, count, rows, cols, then
+//! `count * rows * cols` pixel bytes; labels = magic 0x00000801, count, then `count` bytes.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use flate2::bufread::MultiGzDecoder;
+
+use crate::raw::RawSplit;
+use crate::{DataError, DatasetKind};
+
+/// Magic number of an IDX file of unsigned-byte 3-D data (images).
+pub(crate) const IMAGES_MAGIC: u32 = 0x0000_0803;
+/// Magic number of an IDX file of unsigned-byte 1-D data (labels).
+pub(crate) const LABELS_MAGIC: u32 = 0x0000_0801;
+
+/// Which of the two splits to read; the value is the file-name prefix.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum IdxSplit {
+    Train,
+    Test,
+}
+
+impl IdxSplit {
+    fn prefix(self) -> &'static str {
+        match self {
+            IdxSplit::Train => "train",
+            IdxSplit::Test => "t10k",
+        }
+    }
+}
+
+/// Reads one split (images and labels) of an IDX dataset from `dir` and checks it.
+pub(crate) fn read_split(
+    dir: &Path,
+    split: IdxSplit,
+    kind: DatasetKind,
+) -> Result<RawSplit, DataError> {
+    let images_path = resolve(dir, &format!("{}-images-idx3-ubyte", split.prefix()))?;
+    let labels_path = resolve(dir, &format!("{}-labels-idx1-ubyte", split.prefix()))?;
+    let (count, pixels) = read_images(&images_path, kind)?;
+    let labels = read_labels(&labels_path, kind)?;
+    if labels.len() != count {
+        return Err(DataError::CountMismatch {
+            images_path,
+            images: count,
+            labels_path,
+            labels: labels.len(),
+        });
+    }
+    Ok(RawSplit { pixels, labels })
+}
+
+/// Picks `dir/name` or `dir/name.gz`, whichever exists. The plain file wins when both do,
+/// because it needs no decompression.
+fn resolve(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
+    let plain = dir.join(name);
+    let gz = dir.join(format!("{name}.gz"));
+    if plain.is_file() {
+        Ok(plain)
+    } else if gz.is_file() {
+        Ok(gz)
+    } else {
+        Err(DataError::MissingFile {
+            path: plain,
+            also_tried: Some(gz),
+        })
+    }
+}
+
+/// Opens a file for streaming, decompressing it when it starts with the gzip magic `1f 8b`.
+/// The content decides, not the name, because downloads often end up gunzipped but keep
+/// `.gz` (or the reverse).
+fn open(path: &Path) -> Result<Box<dyn Read>, DataError> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let head = reader.fill_buf().map_err(|e| DataError::io(path, e))?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        // Multi-member aware so files written by `pigz` or concatenated gzips also work.
+        Ok(Box::new(MultiGzDecoder::new(reader)))
+    } else {
+        Ok(Box::new(reader))
+    }
+}
+
+/// Reads up to `n` bytes; fewer are returned only at end of data, so the caller can tell
+/// truncation apart from I/O failure and report how much was there.
+fn read_up_to(reader: &mut dyn Read, n: usize, path: &Path) -> Result<Vec<u8>, DataError> {
+    // Cap the up-front allocation: a corrupt header may claim terabytes.
+    let mut buf = Vec::with_capacity(n.min(1 << 26));
+    reader
+        .take(n as u64)
+        .read_to_end(&mut buf)
+        .map_err(|e| DataError::io(path, e))?;
+    Ok(buf)
+}
+
+/// Reads the big-endian `u32` header words, checking the magic number first (so a swapped
+/// file is reported as such even when it is also short) and then the header length.
+fn read_header(
+    reader: &mut dyn Read,
+    path: &Path,
+    words: usize,
+    magic: u32,
+    what: &'static str,
+) -> Result<Vec<u32>, DataError> {
+    let bytes = read_up_to(reader, 4 * words, path)?;
+    let header: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
+        .collect();
+    if let Some(&found) = header.first() {
+        if found != magic {
+            return Err(DataError::BadMagic {
+                path: path.to_path_buf(),
+                found,
+                expected: magic,
+                what,
+            });
+        }
+    }
+    if header.len() < words {
+        return Err(DataError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!(
+                "file holds {} bytes, less than the {}-byte {what} header",
+                bytes.len(),
+                4 * words
+            ),
+        });
+    }
+    Ok(header)
+}
+
+/// Reads an images file; returns the image count and the pixel bytes.
+fn read_images(path: &Path, kind: DatasetKind) -> Result<(usize, Vec<u8>), DataError> {
+    let mut reader = open(path)?;
+    let header = read_header(&mut *reader, path, 4, IMAGES_MAGIC, "IDX images")?;
+    let (count, rows, cols) = (header[1], header[2], header[3]);
+    let side = kind.image_size();
+    if i64::from(rows) != side || i64::from(cols) != side {
+        return Err(DataError::WrongImageSize {
+            path: path.to_path_buf(),
+            rows,
+            cols,
+            expected: side,
+            dataset: kind.name(),
+        });
+    }
+    if count == 0 {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    let expected = count as usize * rows as usize * cols as usize;
+    let pixels = read_up_to(&mut *reader, expected, path)?;
+    if pixels.len() < expected {
+        return Err(DataError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!(
+                "header says {count} images of {rows}x{cols} but file holds {} bytes of pixel data",
+                pixels.len()
+            ),
+        });
+    }
+    Ok((count as usize, pixels))
+}
+
+/// Reads a labels file and checks every label names a class.
+fn read_labels(path: &Path, kind: DatasetKind) -> Result<Vec<u8>, DataError> {
+    let mut reader = open(path)?;
+    let header = read_header(&mut *reader, path, 2, LABELS_MAGIC, "IDX labels")?;
+    let count = header[1];
+    if count == 0 {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
+    }
+    let labels = read_up_to(&mut *reader, count as usize, path)?;
+    if labels.len() < count as usize {
+        return Err(DataError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!(
+                "header says {count} labels but file holds {} bytes of label data",
+                labels.len()
+            ),
+        });
+    }
+    check_labels(path, &labels, 1, 0, kind.num_classes(), "label")?;
+    Ok(labels)
+}
+
+/// Checks the label bytes at `offset`, `offset + stride`, ... are below `num_classes`.
+pub(crate) fn check_labels(
+    path: &Path,
+    bytes: &[u8],
+    stride: usize,
+    offset: usize,
+    num_classes: i64,
+    which: &'static str,
+) -> Result<(), DataError> {
+    let bad = bytes
+        .iter()
+        .skip(offset)
+        .step_by(stride)
+        .enumerate()
+        .find(|(_, &l)| i64::from(l) >= num_classes);
+    match bad {
+        Some((index, &label)) => Err(DataError::LabelOutOfRange {
+            path: path.to_path_buf(),
+            which,
+            label,
+            index,
+            num_classes,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::*;
+
+    const K: DatasetKind = DatasetKind::Mnist;
+
+    fn write_ok(dir: &Path, prefix: &str, n: usize, gz: bool) -> (Vec<u8>, Vec<u8>) {
+        let pixels = pattern(n * 784, 3);
+        let labels: Vec<u8> = (0..n).map(|i| (i * 7 % 10) as u8).collect();
+        let suffix = if gz { ".gz" } else { "" };
+        write_file(
+            &dir.join(format!("{prefix}-images-idx3-ubyte{suffix}")),
+            &idx_images(n as u32, 28, 28, &pixels),
+            gz,
+        );
+        write_file(
+            &dir.join(format!("{prefix}-labels-idx1-ubyte{suffix}")),
+            &idx_labels(n as u32, &labels),
+            gz,
+        );
+        (pixels, labels)
+    }
+
+    #[test]
+    fn reads_plain_and_gz_files() {
+        for gz in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let (pixels, labels) = write_ok(dir.path(), "train", 5, gz);
+            let raw = read_split(dir.path(), IdxSplit::Train, K).unwrap();
+            assert_eq!(raw.pixels, pixels);
+            assert_eq!(raw.labels, labels);
+        }
+    }
+
+    #[test]
+    fn detects_gzip_by_content_not_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let pixels = pattern(2 * 784, 9);
+        // gzip content under the plain name, plain content under the .gz name.
+        write_file(
+            &dir.path().join("t10k-images-idx3-ubyte"),
+            &idx_images(2, 28, 28, &pixels),
+            true,
+        );
+        write_file(
+            &dir.path().join("t10k-labels-idx1-ubyte.gz"),
+            &idx_labels(2, &[4, 9]),
+            false,
+        );
+        let raw = read_split(dir.path(), IdxSplit::Test, K).unwrap();
+        assert_eq!(raw.pixels, pixels);
+        assert_eq!(raw.labels, vec![4, 9]);
+    }
+
+    #[test]
+    fn prefers_plain_file_when_both_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pixels, _) = write_ok(dir.path(), "train", 3, false);
+        // A broken .gz twin must be ignored.
+        std::fs::write(dir.path().join("train-images-idx3-ubyte.gz"), b"junk").unwrap();
+        let raw = read_split(dir.path(), IdxSplit::Train, K).unwrap();
+        assert_eq!(raw.pixels, pixels);
+    }
+
+    #[test]
+    fn missing_file_names_both_candidates() {
+        let dir = tempfile::tempdir().unwrap();
+        write_ok(dir.path(), "train", 3, false);
+        std::fs::remove_file(dir.path().join("train-labels-idx1-ubyte")).unwrap();
+        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        let want = format!(
+            "missing file {} (nor {}.gz)",
+            dir.path().join("train-labels-idx1-ubyte").display(),
+            dir.path().join("train-labels-idx1-ubyte").display()
+        );
+        assert_eq!(err.to_string(), want);
+    }
+
+    #[test]
+    fn wrong_magic_is_reported_with_both_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        write_ok(dir.path(), "train", 3, true);
+        // Labels file where the images file should be: the classic swap.
+        let path = dir.path().join("train-images-idx3-ubyte.gz");
+        write_file(&path, &idx_labels(3, &[1, 2, 3]), true);
+        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: wrong magic number 0x00000801, expected 0x00000803 (IDX images)",
+                path.display()
+            )
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        write_ok(dir.path(), "train", 3, false);
+        let path = dir.path().join("train-labels-idx1-ubyte");
+        let mut bytes = idx_labels(3, &[1, 2, 3]);
+        bytes[3] = 0x03;
+        write_file(&path, &bytes, false);
+        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DataError::BadMagic {
+                    found: 0x803,
+                    expected: 0x801,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("(IDX labels)"), "{err}");
+    }
+
+    #[test]
+    fn truncated_pixel_data_is_reported() {
+        for gz in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            write_ok(dir.path(), "train", 3, gz);
+            let name = if gz {
+                "train-images-idx3-ubyte.gz"
+            } else {
+                "train-images-idx3-ubyte"
+            };
+            let path = dir.path().join(name);
+            let mut bytes = idx_images(3, 28, 28, &pattern(3 * 784, 0));
+            bytes.truncate(16 + 1234);
+            write_file(&path, &bytes, gz);
+            let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{}: truncated: header says 3 images of 28x28 but file holds 1234 bytes of pixel data",
+                    path.display()
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_header_and_labels_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write_ok(dir.path(), "train", 3, false);
+        let path = dir.path().join("train-images-idx3-ubyte");
+        write_file(&path, &idx_images(3, 28, 28, &[])[..10], false);
+        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: truncated: file holds 10 bytes, less than the 16-byte IDX images header",
+                path.display()
+            )
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        write_ok(dir.path(), "train", 3, false);
+        let path = dir.path().join("train-labels-idx1-ubyte");
+        write_file(&path, &idx_labels(3, &[1]), false);
+        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: truncated: header says 3 labels but file holds 1 bytes of label data",
+                path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn corrupt_gzip_is_an_io_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write_ok(dir.path(), "train", 3, false);
+        let path = dir.path().join("train-images-idx3-ubyte");
+        let mut bytes = gzip(&idx_images(3, 28, 28, &pattern(3 * 784, 0)));
+        let mid = bytes.len() / 2;
+        bytes.truncate(mid);
+        std::fs::write(&path, bytes).unwrap();
+        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        assert!(matches!(err, DataError::Io { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: ", path.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn count_mismatch_names_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write_ok(dir.path(), "train", 3, false);
+        let labels_path = dir.path().join("train-labels-idx1-ubyte");
+        write_file(&labels_path, &idx_labels(2, &[1, 2]), false);
+        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: 3 images but 2 labels in {}",
+                dir.path().join("train-images-idx3-ubyte").display(),
+                labels_path.display()
+            )
+        );
+    }
+
+    #[test]
+    fn label_out_of_range_is_reported_with_index() {
+        let dir = tempfile::tempdir().unwrap();
+        write_ok(dir.path(), "train", 6, false);
+        let path = dir.path().join("train-labels-idx1-ubyte");
+        write_file(&path, &idx_labels(6, &[0, 1, 2, 3, 4, 12]), false);
+        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{}: label 12 at index 5 is outside 0..10", path.display())
+        );
+    }
+
+    #[test]
+    fn wrong_image_size_and_empty_file_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write_ok(dir.path(), "train", 1, false);
+        let path = dir.path().join("train-images-idx3-ubyte");
+        write_file(&path, &idx_images(1, 32, 32, &pattern(1024, 0)), false);
+        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: images are 32x32, expected 28x28 for mnist",
+                path.display()
+            )
+        );
+
+        write_file(&path, &idx_images(0, 28, 28, &[]), false);
+        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        assert!(matches!(err, DataError::Empty { .. }), "{err}");
+    }
+}

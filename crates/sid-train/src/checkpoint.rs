@@ -1,0 +1,182 @@
+//! Checkpoints: one safetensors file with weights, optimizer state and the run position.
+//!
+//! The file is written to a temporary name, synced, then renamed over the old one, so a crash
+//! or Ctrl-C while saving never leaves a half-written checkpoint. Random streams (data order,
+//! augmentation) are derived from `(seed, epoch, step)` rather than carried as state, so the
+//! position below is the whole RNG state.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use sid_core::{Method, NamedTensors};
+use tch::{Device, Kind, Tensor};
+
+use crate::{Result, TrainError};
+
+/// File name of the checkpoint inside a run directory.
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+const META_KEY: &str = "sid";
+const FORMAT: &str = "sid-checkpoint/1";
+
+/// Where the run stood when the checkpoint was written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Position {
+    /// Format tag, checked on load.
+    pub format: String,
+    /// Method of the saved network.
+    pub method: Method,
+    /// Seed the random streams derive from.
+    pub seed: u64,
+    /// Epochs fully completed (their metrics are recorded).
+    pub epochs_done: usize,
+    /// Steps of the next epoch already done (non-zero after an interrupted epoch).
+    pub step_in_epoch: usize,
+    /// Training steps done in all.
+    pub global_step: u64,
+    /// Running sums of the interrupted epoch, so its mean loss comes out the same.
+    pub partial: PartialEpoch,
+}
+
+/// Running totals of an epoch in progress.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    /// Sum of step losses.
+    pub loss_sum: f64,
+    /// Per-module sums of local losses.
+    pub module_loss_sums: Vec<f64>,
+    /// Milliseconds of each step so far.
+    pub step_ms: Vec<f64>,
+    /// Seconds of training so far.
+    pub seconds: f64,
+}
+
+impl Position {
+    /// The position at the start of a run.
+    pub fn start(method: Method, seed: u64) -> Self {
+        Self {
+            format: FORMAT.into(),
+            method,
+            seed,
+            epochs_done: 0,
+            step_in_epoch: 0,
+            global_step: 0,
+            partial: PartialEpoch::default(),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically (temporary file in the same folder, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let io = |e| TrainError::io(&tmp, e);
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+fn dtype_of(kind: Kind) -> Option<(Dtype, Kind)> {
+    match kind {
+        Kind::Float => Some((Dtype::F32, Kind::Float)),
+        Kind::Int64 => Some((Dtype::I64, Kind::Int64)),
+        _ => None,
+    }
+}
+
+/// Saves named tensors and the position to `path` atomically.
+pub fn save(path: &Path, tensors: &[(String, Tensor)], position: &Position) -> Result<()> {
+    let _span = tracing::debug_span!("checkpoint_save").entered();
+    let mut buffers = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let (dtype, kind) = dtype_of(t.kind()).unwrap_or((Dtype::F32, Kind::Float));
+        let t = t.to_device(Device::Cpu).to_kind(kind).contiguous();
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut data, numel).map_err(sid_core::CoreError::from)?;
+        let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
+        buffers.push((name.clone(), dtype, shape, data));
+    }
+    let views: Vec<(String, TensorView<'_>)> = buffers
+        .iter()
+        .map(|(n, dt, shape, data)| (n.clone(), TensorView::new(*dt, shape.clone(), data).expect("consistent view")))
+        .collect();
+    let meta = HashMap::from([(META_KEY.to_string(), serde_json::to_string(position).expect("serialise"))]);
+    let bytes = safetensors::serialize(views, &Some(meta))
+        .map_err(|e| TrainError::Checkpoint { path: path.into(), reason: e.to_string() })?;
+    write_atomic(path, &bytes)
+}
+
+/// Loads a checkpoint: its tensors (on the CPU) and its position.
+pub fn load(path: &Path) -> Result<(NamedTensors, Position)> {
+    let bad = |reason: String| TrainError::Checkpoint { path: PathBuf::from(path), reason };
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => bad("file does not exist".into()),
+        _ => TrainError::io(path, e),
+    })?;
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    let position: Position = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .ok_or_else(|| bad("no sid metadata (not written by sid-launch)".into()))
+        .and_then(|s| serde_json::from_str(s).map_err(|e| bad(format!("unreadable metadata: {e}"))))?;
+    if position.format != FORMAT {
+        return Err(bad(format!("format {:?}, expected {FORMAT:?}", position.format)));
+    }
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+    let mut named = HashMap::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            Dtype::F32 => Kind::Float,
+            Dtype::I64 => Kind::Int64,
+            other => return Err(bad(format!("{name}: unsupported dtype {other:?}"))),
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind).map_err(|e| bad(format!("{name}: {e}")))?;
+        named.insert(name, t);
+    }
+    Ok((NamedTensors(named), position))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_atomic_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(CHECKPOINT_FILE);
+        let t = Tensor::from_slice(&[1.5f32, -2.0, 3.25]).view([3, 1]);
+        let mut pos = Position::start(Method::Sid, 9);
+        pos.step_in_epoch = 4;
+        pos.partial.module_loss_sums = vec![1.0, 2.0];
+        save(&p, &[("w".into(), t.shallow_clone()), ("n".into(), Tensor::from(7i64))], &pos).unwrap();
+        let (named, got) = load(&p).unwrap();
+        assert_eq!(got, pos);
+        assert!(named.get("w").unwrap().equal(&t));
+        assert_eq!(named.get("n").unwrap().int64_value(&[]), 7);
+        pos.epochs_done = 1;
+        save(&p, &[("w".into(), t)], &pos).unwrap();
+        assert_eq!(load(&p).unwrap().1.epochs_done, 1);
+        assert!(!p.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn bad_files_are_named_and_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(CHECKPOINT_FILE);
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("does not exist") && e.contains(CHECKPOINT_FILE), "{e}");
+        std::fs::write(&p, b"garbage that is not a checkpoint").unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("not a safetensors file"), "{e}");
+        // A valid safetensors file without our metadata.
+        let bytes = safetensors::serialize(Vec::<(String, TensorView<'_>)>::new(), &None).unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        assert!(load(&p).unwrap_err().to_string().contains("no sid metadata"));
+    }
+}

@@ -1,0 +1,180 @@
+//! The resolved settings of a run, saved as `config.toml` in the run directory.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use sid_core::{ExtractorKind, LossConfig, Method, ModelConfig};
+use sid_data::DatasetKind;
+
+use crate::{Result, TrainError};
+
+/// Everything that defines a run. Defaults are the reference code's settings on Fashion-MNIST.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// `sid` or `bp`.
+    pub method: Method,
+    /// Which data set.
+    pub dataset: DatasetKind,
+    /// Where its files are; `None` uses the data set's default folder.
+    pub data_dir: Option<PathBuf>,
+    /// Devices: `cpu`, `cpu:4`, `0`, `0,1,2,3`, `0,0` …
+    pub gpus: String,
+    /// Feature extractor: `cnn` (reference SimpleCNN) or `mlp`.
+    pub model: ExtractorKind,
+    /// Number of belief modules L.
+    pub modules: usize,
+    /// Feature dimension d.
+    pub feature_dim: i64,
+    /// Hidden width of each belief module.
+    pub module_hidden: i64,
+    /// α of the local loss.
+    pub alpha: f64,
+    /// Label smoothing ε of the SID target (0 = one-hot, as the reference).
+    pub label_smoothing: f64,
+    /// Training epochs.
+    pub epochs: usize,
+    /// Training batch size.
+    pub batch_size: i64,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Seed of initialisation, data order, augmentation and label noise.
+    pub seed: u64,
+    /// Fraction of training labels flipped to another class.
+    pub label_noise: f64,
+    /// Use only the first N training samples.
+    pub limit_train: Option<usize>,
+    /// Fraction of the training set held out for validation.
+    pub val_split: f64,
+    /// Random crop + flip; `None` = the data set's default (on for CIFAR).
+    pub augment: Option<bool>,
+    /// Batch size for evaluation.
+    pub eval_batch_size: i64,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        let model = ModelConfig::default();
+        let loss = LossConfig::default();
+        Self {
+            method: Method::Sid,
+            dataset: DatasetKind::FashionMnist,
+            data_dir: None,
+            gpus: "cpu".into(),
+            model: model.extractor,
+            modules: model.modules,
+            feature_dim: model.feature_dim,
+            module_hidden: model.module_hidden,
+            alpha: loss.alpha,
+            label_smoothing: loss.label_smoothing,
+            epochs: 5,
+            batch_size: 128,
+            lr: 1e-3,
+            seed: 0,
+            label_noise: 0.0,
+            limit_train: None,
+            val_split: 0.0,
+            augment: None,
+            eval_batch_size: 1000,
+        }
+    }
+}
+
+impl RunConfig {
+    /// Parses a TOML document; unknown keys are errors so that typos do not pass silently.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| TrainError::Config(e.message().to_string()))
+    }
+
+    /// The TOML form written to `config.toml`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a RunConfig always serialises")
+    }
+
+    /// The network shape this config asks for.
+    pub fn model_config(&self) -> ModelConfig {
+        ModelConfig {
+            extractor: self.model,
+            in_channels: self.dataset.channels(),
+            image_size: self.dataset.image_size(),
+            num_classes: self.dataset.num_classes(),
+            feature_dim: self.feature_dim,
+            modules: self.modules,
+            module_hidden: self.module_hidden,
+        }
+    }
+
+    /// The local-loss settings.
+    pub fn loss_config(&self) -> LossConfig {
+        LossConfig { alpha: self.alpha, label_smoothing: self.label_smoothing }
+    }
+
+    /// The data folder: the one given, or the data set's default.
+    pub fn resolved_data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| self.dataset.default_dir())
+    }
+
+    /// Whether training batches are augmented.
+    pub fn resolved_augment(&self) -> bool {
+        self.augment.unwrap_or_else(|| self.dataset.augments_by_default())
+    }
+
+    /// Checks every value; the message names the setting.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.epochs == 0 {
+            return bad("epochs must be at least 1".into());
+        }
+        if self.batch_size < 1 || self.eval_batch_size < 1 {
+            return bad("batch sizes must be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("lr must be positive, got {}", self.lr));
+        }
+        if !(0.0..=1.0).contains(&self.label_noise) {
+            return bad(format!("label noise must be in [0, 1], got {}", self.label_noise));
+        }
+        if !(0.0..1.0).contains(&self.val_split) {
+            return bad(format!("val split must be in [0, 1), got {}", self.val_split));
+        }
+        if self.limit_train == Some(0) {
+            return bad("limit-train must be at least 1".into());
+        }
+        self.model_config().validate()?;
+        self.loss_config().validate()?;
+        crate::devices::parse_devices(&self.gpus)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_reference_settings() {
+        let c = RunConfig::default();
+        assert_eq!((c.modules, c.feature_dim, c.module_hidden, c.batch_size), (10, 128, 256, 128));
+        assert_eq!((c.alpha, c.lr, c.method), (0.5, 1e-3, Method::Sid));
+        assert_eq!(c.dataset, DatasetKind::FashionMnist);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn toml_round_trip_and_partial_files() {
+        let c = RunConfig { modules: 5, label_noise: 0.2, limit_train: Some(100), ..Default::default() };
+        assert_eq!(RunConfig::from_toml(&c.to_toml()).unwrap(), c);
+        let partial = RunConfig::from_toml("method = \"bp\"\nmodules = 3\n").unwrap();
+        assert_eq!((partial.method, partial.modules, partial.epochs), (Method::Bp, 3, 5));
+        let err = RunConfig::from_toml("modulez = 3").unwrap_err().to_string();
+        assert!(err.contains("modulez"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let c = RunConfig { alpha: 1.5, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("alpha"));
+        let c = RunConfig { val_split: 1.0, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("val split"));
+    }
+}

@@ -1,0 +1,56 @@
+//! The error type of training runs.
+
+use std::path::PathBuf;
+
+/// What can stop a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A setting is out of range or inconsistent.
+    #[error("invalid setting: {0}")]
+    Config(String),
+    /// The device list names something this machine does not have.
+    #[error("{0}")]
+    Device(String),
+    /// Loading the data failed.
+    #[error(transparent)]
+    Data(#[from] sid_data::DataError),
+    /// The method failed (non-finite loss, libtorch error, shape mismatch).
+    #[error(transparent)]
+    Core(#[from] sid_core::CoreError),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A checkpoint is unreadable or does not belong to this run.
+    #[error("bad checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The run was asked to stop; a checkpoint was written first.
+    #[error("interrupted during epoch {epoch} after step {step}; checkpoint saved to {checkpoint}")]
+    Interrupted {
+        /// 1-based epoch that was running.
+        epoch: usize,
+        /// Steps of that epoch completed.
+        step: usize,
+        /// Where the checkpoint is.
+        checkpoint: PathBuf,
+    },
+}
+
+impl TrainError {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;

@@ -1,0 +1,130 @@
+//! Per-epoch metrics, one JSON record per line in `metrics.jsonl`.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, TrainError};
+
+/// What one epoch measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    /// Mean training loss over the epoch's steps (sum of local losses for SID).
+    pub train_loss: f64,
+    /// Mean local loss of each module over the epoch (SID only).
+    pub module_train_loss: Vec<f64>,
+    /// Test accuracy of the final module, in [0, 1].
+    pub test_acc: f64,
+    /// Test accuracy of every module's belief p_1..p_L.
+    pub module_test_acc: Vec<f64>,
+    /// Validation accuracy of the final module, when a validation split is held out.
+    pub val_acc: Option<f64>,
+    /// Wall-clock seconds of the epoch's training steps (evaluation excluded).
+    pub epoch_seconds: f64,
+    /// Seconds spent evaluating.
+    pub eval_seconds: f64,
+    /// Training throughput.
+    pub samples_per_second: f64,
+    /// Median milliseconds per training step.
+    pub median_step_ms: f64,
+}
+
+/// Appends one record to a metrics file.
+pub fn append(path: &Path, m: &EpochMetrics) -> Result<()> {
+    let line = serde_json::to_string(m).expect("metrics serialise");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| TrainError::io(path, e))?;
+    writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
+}
+
+/// Reads every record of a metrics file (a missing file is empty).
+pub fn read_all(path: &Path) -> Result<Vec<EpochMetrics>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(TrainError::io(path, e)),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| {
+                TrainError::io(path, std::io::Error::other(format!("line {}: {e}", i + 1)))
+            })
+        })
+        .collect()
+}
+
+/// Keeps only the records of epochs `1..=epochs` (a resumed run drops what its checkpoint
+/// does not cover), rewriting the file atomically.
+pub fn truncate_to(path: &Path, epochs: usize) -> Result<Vec<EpochMetrics>> {
+    let kept: Vec<_> = read_all(path)?.into_iter().filter(|m| m.epoch <= epochs).collect();
+    let mut text = String::new();
+    for m in &kept {
+        text.push_str(&serde_json::to_string(m).expect("metrics serialise"));
+        text.push('\n');
+    }
+    crate::checkpoint::write_atomic(path, text.as_bytes())?;
+    Ok(kept)
+}
+
+/// Median of a list (0 when empty).
+pub fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(epoch: usize) -> EpochMetrics {
+        EpochMetrics {
+            epoch,
+            train_loss: 1.0,
+            module_train_loss: vec![0.5, 0.5],
+            test_acc: 0.9,
+            module_test_acc: vec![0.8, 0.9],
+            val_acc: None,
+            epoch_seconds: 1.0,
+            eval_seconds: 0.1,
+            samples_per_second: 100.0,
+            median_step_ms: 3.0,
+        }
+    }
+
+    #[test]
+    fn append_read_truncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        for e in 1..=3 {
+            append(&p, &rec(e)).unwrap();
+        }
+        assert_eq!(read_all(&p).unwrap().len(), 3);
+        let kept = truncate_to(&p, 2).unwrap();
+        assert_eq!(kept, vec![rec(1), rec(2)]);
+        assert_eq!(read_all(&p).unwrap(), kept);
+    }
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
+}

@@ -1,0 +1,325 @@
+//! The epoch loop: data feed, steps, evaluation, metrics, checkpoints, stop requests.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+use sid_core::{BpNetwork, Method, Network, SidNetwork};
+use sid_data::{Dataset, LoadOptions, Split};
+use tch::Device;
+
+use crate::checkpoint::{self, Position, CHECKPOINT_FILE};
+use crate::config::RunConfig;
+use crate::devices::resolve_devices;
+use crate::metrics::{self, EpochMetrics};
+use crate::{Result, TrainError};
+
+/// File names inside a run directory.
+pub const CONFIG_FILE: &str = "config.toml";
+/// Per-epoch records.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// The end-of-run summary.
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// Progress reported to the caller while a run trains; the library itself prints nothing.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Data is loaded.
+    Loaded {
+        /// Training samples.
+        train: i64,
+        /// Validation samples, if held out.
+        val: Option<i64>,
+        /// Test samples.
+        test: i64,
+        /// Training labels flipped by `label_noise`.
+        noisy_labels: usize,
+    },
+    /// An epoch begins (or resumes at `first_step`).
+    EpochStart {
+        /// 1-based epoch.
+        epoch: usize,
+        /// Epochs in the run.
+        epochs: usize,
+        /// Steps in the epoch.
+        steps: usize,
+        /// Steps already done (after a resume).
+        first_step: usize,
+    },
+    /// A training step finished.
+    Step {
+        /// 1-based number of steps done in this epoch.
+        step: usize,
+        /// The step's loss.
+        loss: f64,
+    },
+    /// The epoch's evaluation and metrics are done.
+    EpochEnd(&'a EpochMetrics),
+}
+
+/// The outcome of a finished run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// Method trained.
+    pub method: Method,
+    /// Epochs trained.
+    pub epochs: usize,
+    /// Test accuracy of the final module after the final epoch: the headline result.
+    pub final_test_acc: f64,
+    /// Every module's test accuracy after the final epoch.
+    pub final_module_test_acc: Vec<f64>,
+    /// The best epoch, chosen by validation accuracy when a validation split exists,
+    /// otherwise by test accuracy (then it is selection on the test set: for reference only).
+    pub best_epoch: usize,
+    /// The test accuracy at that epoch.
+    pub best_epoch_test_acc: f64,
+    /// `"validation"` or `"test"`: what chose the best epoch.
+    pub best_epoch_chosen_by: String,
+    /// Mean seconds of training per epoch.
+    pub mean_epoch_seconds: f64,
+}
+
+/// A training run bound to a run directory.
+pub struct Run {
+    cfg: RunConfig,
+    dir: PathBuf,
+    devices: Vec<Device>,
+    data: Dataset,
+    net: Box<dyn Network>,
+    position: Position,
+}
+
+/// Builds the network a config asks for on the given devices, seeded by `cfg.seed`.
+pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Box<dyn Network>> {
+    tch::manual_seed(cfg.seed as i64);
+    let model = cfg.model_config();
+    let first = devices.first().copied().unwrap_or(Device::Cpu);
+    Ok(match cfg.method {
+        Method::Sid => Box::new(SidNetwork::new(&model, cfg.loss_config(), cfg.lr, first)?),
+        Method::Bp => Box::new(BpNetwork::new(&model, cfg.lr, first)?),
+    })
+}
+
+fn load_data(cfg: &RunConfig) -> Result<Dataset> {
+    let opts = LoadOptions {
+        limit_train: cfg.limit_train,
+        val_split: cfg.val_split,
+        label_noise: cfg.label_noise,
+        seed: cfg.seed,
+    };
+    Ok(sid_data::load(cfg.dataset, &cfg.resolved_data_dir(), &opts)?)
+}
+
+impl Run {
+    /// Starts a new run in `dir`, which must not already hold one. Writes `config.toml`.
+    pub fn create(cfg: RunConfig, dir: &Path) -> Result<Self> {
+        cfg.validate()?;
+        if dir.join(CHECKPOINT_FILE).exists() || dir.join(METRICS_FILE).exists() {
+            return Err(TrainError::Config(format!(
+                "run directory {} already holds a run; continue it with --resume {0} or choose another --run-dir",
+                dir.display()
+            )));
+        }
+        let devices = resolve_devices(&cfg.gpus)?;
+        let data = load_data(&cfg)?;
+        let net = build_network(&cfg, &devices)?;
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+        checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
+        let position = Position::start(cfg.method, cfg.seed);
+        Ok(Self { cfg, dir: dir.into(), devices, data, net, position })
+    }
+
+    /// Reads the config saved in a run directory.
+    pub fn saved_config(dir: &Path) -> Result<RunConfig> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+        RunConfig::from_toml(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Continues the run in `dir` from its checkpoint with `cfg` (normally the saved config,
+    /// perhaps with more epochs). Settings that shape the model or the data must not change.
+    pub fn resume(cfg: RunConfig, dir: &Path) -> Result<Self> {
+        cfg.validate()?;
+        let saved = Self::saved_config(dir)?;
+        let same = |a: &RunConfig| {
+            let mut a = a.clone();
+            a.epochs = 0;
+            a.gpus.clear();
+            a.data_dir = None;
+            a.eval_batch_size = 0;
+            a
+        };
+        if same(&saved) != same(&cfg) {
+            return Err(TrainError::Config(format!(
+                "--resume {}: only --epochs, --gpus, --data-dir and the evaluation batch size may differ from the saved config.toml",
+                dir.display()
+            )));
+        }
+        let ckpt_path = dir.join(CHECKPOINT_FILE);
+        let (named, position) = checkpoint::load(&ckpt_path)?;
+        if position.method != cfg.method || position.seed != cfg.seed {
+            return Err(TrainError::Checkpoint {
+                path: ckpt_path,
+                reason: "it was written by a different method or seed than config.toml says".into(),
+            });
+        }
+        let devices = resolve_devices(&cfg.gpus)?;
+        let data = load_data(&cfg)?;
+        let mut net = build_network(&cfg, &devices)?;
+        net.load_state(&named)
+            .map_err(|e| TrainError::Checkpoint { path: ckpt_path.clone(), reason: e.to_string() })?;
+        metrics::truncate_to(&dir.join(METRICS_FILE), position.epochs_done)?;
+        checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
+        Ok(Self { cfg, dir: dir.into(), devices, data, net, position })
+    }
+
+    /// The resolved config.
+    pub fn config(&self) -> &RunConfig {
+        &self.cfg
+    }
+
+    /// The devices in use.
+    pub fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+
+    /// The run directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Epochs already completed (non-zero after a resume).
+    pub fn epochs_done(&self) -> usize {
+        self.position.epochs_done
+    }
+
+    fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let state = self.net.state()?;
+        checkpoint::save(&path, &state, &self.position)?;
+        Ok(path)
+    }
+
+    /// Trains until `cfg.epochs` are done or `stop` is set (then a checkpoint is written and
+    /// [`TrainError::Interrupted`] returned). Every epoch appends to `metrics.jsonl` and
+    /// rewrites the checkpoint.
+    pub fn train(&mut self, stop: &AtomicBool, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Summary> {
+        on_event(Event::Loaded {
+            train: self.data.train.len(),
+            val: self.data.val.as_ref().map(|v| v.len()),
+            test: self.data.test.len(),
+            noisy_labels: self.data.noisy_labels,
+        });
+        let n = self.data.train.len();
+        let steps = sid_data::num_batches(n, self.cfg.batch_size) as usize;
+        let device = self.net.input_device();
+        let augment = self.cfg.resolved_augment();
+        while self.position.epochs_done < self.cfg.epochs {
+            let epoch = self.position.epochs_done + 1;
+            let first_step = self.position.step_in_epoch;
+            on_event(Event::EpochStart { epoch, epochs: self.cfg.epochs, steps, first_step });
+            let perm = sid_data::epoch_permutation(n, self.cfg.seed, epoch as u64);
+            let started = Instant::now();
+            let before = self.position.partial.seconds;
+            for step in first_step..steps {
+                let (x, y) = sid_data::batch(&self.data.train, Some(&perm), self.cfg.batch_size, step as i64);
+                let x = if augment {
+                    sid_data::augment_batch(&x, 4, self.cfg.seed, epoch as u64, step as u64)
+                } else {
+                    x
+                };
+                let t0 = Instant::now();
+                let stats = self.net.train_step(&x.to_device(device), &y.to_device(device))?;
+                let p = &mut self.position.partial;
+                p.step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+                p.loss_sum += stats.loss;
+                if p.module_loss_sums.len() < stats.module_losses.len() {
+                    p.module_loss_sums.resize(stats.module_losses.len(), 0.0);
+                }
+                for (s, l) in p.module_loss_sums.iter_mut().zip(&stats.module_losses) {
+                    *s += l;
+                }
+                p.seconds = before + started.elapsed().as_secs_f64();
+                self.position.step_in_epoch = step + 1;
+                self.position.global_step += 1;
+                on_event(Event::Step { step: step + 1, loss: stats.loss });
+                if stop.load(Ordering::SeqCst) && step + 1 < steps {
+                    let checkpoint = self.save_checkpoint()?;
+                    return Err(TrainError::Interrupted { epoch, step: step + 1, checkpoint });
+                }
+            }
+            let p = std::mem::take(&mut self.position.partial);
+            let eval_start = Instant::now();
+            let (test_acc, module_test_acc) = evaluate(self.net.as_mut(), &self.data.test, self.cfg.eval_batch_size)?;
+            let val_acc = match &self.data.val {
+                Some(v) => Some(evaluate(self.net.as_mut(), v, self.cfg.eval_batch_size)?.0),
+                None => None,
+            };
+            let m = EpochMetrics {
+                epoch,
+                train_loss: p.loss_sum / steps as f64,
+                module_train_loss: p.module_loss_sums.iter().map(|s| s / steps as f64).collect(),
+                test_acc,
+                module_test_acc,
+                val_acc,
+                epoch_seconds: p.seconds,
+                eval_seconds: eval_start.elapsed().as_secs_f64(),
+                samples_per_second: n as f64 / p.seconds.max(1e-9),
+                median_step_ms: metrics::median(&p.step_ms),
+            };
+            metrics::append(&self.dir.join(METRICS_FILE), &m)?;
+            self.position.epochs_done = epoch;
+            self.position.step_in_epoch = 0;
+            self.save_checkpoint()?;
+            on_event(Event::EpochEnd(&m));
+            if stop.load(Ordering::SeqCst) && epoch < self.cfg.epochs {
+                let checkpoint = self.dir.join(CHECKPOINT_FILE);
+                return Err(TrainError::Interrupted { epoch, step: steps, checkpoint });
+            }
+        }
+        let summary = summarize(self.cfg.method, &metrics::read_all(&self.dir.join(METRICS_FILE))?)?;
+        let text = serde_json::to_string_pretty(&summary).expect("summary serialises");
+        checkpoint::write_atomic(&self.dir.join(SUMMARY_FILE), text.as_bytes())?;
+        Ok(summary)
+    }
+}
+
+/// Accuracy of the final module and of every module on a split, in evaluation batches.
+pub fn evaluate(net: &mut dyn Network, split: &Split, batch_size: i64) -> Result<(f64, Vec<f64>)> {
+    let _span = tracing::debug_span!("evaluate").entered();
+    let n = split.len();
+    let device = net.input_device();
+    let mut correct: Vec<i64> = Vec::new();
+    for b in 0..sid_data::num_batches(n, batch_size) {
+        let (x, y) = sid_data::batch(split, None, batch_size, b);
+        let cascade = net.cascade(&x.to_device(device))?;
+        let c = cascade.correct_per_module(&y);
+        if correct.is_empty() {
+            correct = vec![0; c.len()];
+        }
+        for (a, b) in correct.iter_mut().zip(c) {
+            *a += b;
+        }
+    }
+    let per_module: Vec<f64> = correct.iter().map(|&c| c as f64 / n.max(1) as f64).collect();
+    Ok((per_module.last().copied().unwrap_or(0.0), per_module))
+}
+
+/// The end-of-run summary from the metrics of every epoch.
+pub fn summarize(method: Method, all: &[EpochMetrics]) -> Result<Summary> {
+    let last = all.last().ok_or_else(|| TrainError::Config("no epoch was recorded".into()))?;
+    let by_val = all.iter().all(|m| m.val_acc.is_some());
+    let score = |m: &EpochMetrics| if by_val { m.val_acc.unwrap_or(0.0) } else { m.test_acc };
+    let best = all.iter().fold(last, |b, m| if score(m) > score(b) { m } else { b });
+    Ok(Summary {
+        method,
+        epochs: last.epoch,
+        final_test_acc: last.test_acc,
+        final_module_test_acc: last.module_test_acc.clone(),
+        best_epoch: best.epoch,
+        best_epoch_test_acc: best.test_acc,
+        best_epoch_chosen_by: if by_val { "validation" } else { "test" }.into(),
+        mean_epoch_seconds: all.iter().map(|m| m.epoch_seconds).sum::<f64>() / all.len() as f64,
+    })
+}

@@ -1,0 +1,158 @@
+//! Raw command-line flags, and their resolution into a validated [`RunConfig`].
+//!
+//! Precedence: built-in defaults < `--config FILE` < flags. With `--resume DIR` the saved
+//! `DIR/config.toml` takes the place of the defaults and the config file.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use sid_core::{ExtractorKind, Method};
+use sid_data::DatasetKind;
+use sid_train::{Run, RunConfig};
+
+/// Train a network with Synergistic Information Distillation (SID), or its backprop baseline,
+/// on one or more devices.
+#[derive(Debug, Parser)]
+#[command(name = "sid-launch", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Devices: cpu, cpu:4 (4 CPU workers), 0, 0,1,2,3, or 0,0,0,0 (streams on one GPU).
+    #[arg(long)]
+    pub gpus: Option<String>,
+    /// Training method: sid or bp.
+    #[arg(long)]
+    pub method: Option<Method>,
+    /// Data set: fashion-mnist, mnist, cifar10 or cifar100.
+    #[arg(long)]
+    pub dataset: Option<DatasetKind>,
+    /// Folder with the data set's files (default: the data set's usual location).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Feature extractor: cnn (reference SimpleCNN) or mlp.
+    #[arg(long)]
+    pub model: Option<ExtractorKind>,
+    /// Number of belief modules L.
+    #[arg(long)]
+    pub modules: Option<usize>,
+    /// Feature dimension d.
+    #[arg(long)]
+    pub feature_dim: Option<i64>,
+    /// Hidden width of each belief module.
+    #[arg(long)]
+    pub module_hidden: Option<i64>,
+    /// Weight α of the label term of the local loss.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Label smoothing ε of the SID target.
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// Training epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Training batch size.
+    #[arg(long)]
+    pub batch_size: Option<i64>,
+    /// Adam learning rate.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed for initialisation, data order, augmentation and label noise.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Fraction of training labels flipped to another class (symmetric noise).
+    #[arg(long)]
+    pub label_noise: Option<f64>,
+    /// Use only the first N training samples.
+    #[arg(long)]
+    pub limit_train: Option<usize>,
+    /// Fraction of the training set held out for validation.
+    #[arg(long)]
+    pub val_split: Option<f64>,
+    /// Random crop + flip on training batches (default: on for CIFAR only).
+    #[arg(long, overrides_with = "no_augment")]
+    pub augment: bool,
+    /// Turn augmentation off.
+    #[arg(long)]
+    pub no_augment: bool,
+    /// Batch size for evaluation.
+    #[arg(long)]
+    pub eval_batch_size: Option<i64>,
+    /// TOML file with any of the settings above (flags win).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where to write config.toml, metrics.jsonl, the checkpoint and summary.json
+    /// (default: runs/<method>-<dataset>-<time>).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Continue the run in this directory from its checkpoint.
+    #[arg(long, conflicts_with_all = ["run_dir", "config"])]
+    pub resume: Option<PathBuf>,
+    /// libtorch intra-op threads (default: libtorch's choice).
+    #[arg(long)]
+    pub threads: Option<i32>,
+}
+
+const AFTER_HELP: &str = "Outputs in the run directory: config.toml (resolved settings), metrics.jsonl \
+(one record per epoch), checkpoint.safetensors (after every epoch and on Ctrl-C), summary.json.";
+
+/// What to do: a new run or a resumed one.
+pub struct Plan {
+    /// The resolved, validated config.
+    pub config: RunConfig,
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Whether to continue from the checkpoint in `run_dir`.
+    pub resume: bool,
+}
+
+impl Cli {
+    /// Applies the flags that were given on top of `cfg`.
+    fn apply(&self, cfg: &mut RunConfig) {
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { cfg.$field = v; } )* };
+        }
+        set!(gpus, method, dataset, model, modules, feature_dim, module_hidden, alpha, label_smoothing,
+             epochs, batch_size, lr, seed, label_noise, val_split, eval_batch_size);
+        if self.data_dir.is_some() {
+            cfg.data_dir = self.data_dir.clone();
+        }
+        if self.limit_train.is_some() {
+            cfg.limit_train = self.limit_train;
+        }
+        if self.augment {
+            cfg.augment = Some(true);
+        }
+        if self.no_augment {
+            cfg.augment = Some(false);
+        }
+    }
+
+    /// Resolves defaults, config file, saved config and flags into a plan.
+    pub fn plan(&self) -> Result<Plan> {
+        if let Some(dir) = &self.resume {
+            if !dir.is_dir() {
+                bail!("--resume {}: no such run directory", dir.display());
+            }
+            let mut config = Run::saved_config(dir)?;
+            self.apply(&mut config);
+            config.validate()?;
+            return Ok(Plan { config, run_dir: dir.clone(), resume: true });
+        }
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("--config {}: cannot read", path.display()))?;
+                RunConfig::from_toml(&text).with_context(|| format!("--config {}", path.display()))?
+            }
+            None => RunConfig::default(),
+        };
+        self.apply(&mut config);
+        config.validate()?;
+        let run_dir = self.run_dir.clone().unwrap_or_else(|| {
+            let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                .to_string()
+                .replace([':', '-'], "");
+            PathBuf::from("runs").join(format!("{}-{}-{stamp}", config.method, config.dataset))
+        });
+        Ok(Plan { config, run_dir, resume: false })
+    }
+}

@@ -1,0 +1,99 @@
+//! Progress display: a bar on a terminal, plain log lines otherwise.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use sid_train::{EpochMetrics, Event};
+
+/// Turns training events into what the user sees on stderr.
+pub struct Reporter {
+    bar: Option<ProgressBar>,
+    terminal: bool,
+    batch_size: i64,
+    steps: usize,
+    epoch: usize,
+    epochs: usize,
+    started: std::time::Instant,
+    first_step: usize,
+}
+
+impl Reporter {
+    /// A reporter for batches of `batch_size`; a bar only when stderr is a terminal.
+    pub fn new(batch_size: i64) -> Self {
+        Self {
+            bar: None,
+            terminal: std::io::stderr().is_terminal(),
+            batch_size,
+            steps: 0,
+            epoch: 0,
+            epochs: 0,
+            started: std::time::Instant::now(),
+            first_step: 0,
+        }
+    }
+
+    /// Handles one event.
+    pub fn on_event(&mut self, event: Event<'_>) {
+        match event {
+            Event::Loaded { train, val, test, noisy_labels } => {
+                let val = val.map(|v| format!(", {v} validation")).unwrap_or_default();
+                let noise = if noisy_labels > 0 { format!(", {noisy_labels} noisy labels") } else { String::new() };
+                eprintln!("data: {train} training{val}, {test} test samples{noise}");
+            }
+            Event::EpochStart { epoch, epochs, steps, first_step } => {
+                (self.epoch, self.epochs, self.steps, self.first_step) = (epoch, epochs, steps, first_step);
+                self.started = std::time::Instant::now();
+                if first_step > 0 {
+                    eprintln!("epoch {epoch}/{epochs}: resuming at step {first_step}/{steps}");
+                }
+                if self.terminal {
+                    let bar = ProgressBar::new(steps as u64).with_position(first_step as u64);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{prefix} [{bar:30}] {pos}/{len} loss {msg} {per_sec} eta {eta}",
+                        )
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                    );
+                    bar.set_prefix(format!("epoch {epoch}/{epochs}"));
+                    bar.reset_eta();
+                    self.bar = Some(bar);
+                }
+            }
+            Event::Step { step, loss } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(step as u64);
+                    bar.set_message(format!("{loss:.4}"));
+                } else if step == self.steps || (step * 10 / self.steps.max(1)) != ((step - 1) * 10 / self.steps.max(1)) {
+                    let done = (step - self.first_step) as f64 * self.batch_size as f64;
+                    let rate = done / self.started.elapsed().as_secs_f64().max(1e-9);
+                    eprintln!(
+                        "epoch {}/{} step {step}/{} loss {loss:.4} {rate:.0} samples/s",
+                        self.epoch, self.epochs, self.steps
+                    );
+                }
+            }
+            Event::EpochEnd(m) => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
+                }
+                eprintln!("{}", epoch_line(m, self.epochs));
+            }
+        }
+    }
+}
+
+/// One line per epoch: loss, accuracies (final module and the whole cascade), time.
+pub fn epoch_line(m: &EpochMetrics, epochs: usize) -> String {
+    let modules: Vec<String> = m.module_test_acc.iter().map(|a| format!("{:.2}", a * 100.0)).collect();
+    let val = m.val_acc.map(|v| format!(" val_acc {:.2}%", v * 100.0)).unwrap_or_default();
+    format!(
+        "epoch {}/{epochs} train_loss {:.4} test_acc {:.2}%{val} modules [{}] {:.1}s {:.0} samples/s",
+        m.epoch,
+        m.train_loss,
+        m.test_acc * 100.0,
+        modules.join(" "),
+        m.epoch_seconds,
+        m.samples_per_second
+    )
+}
