@@ -14,7 +14,7 @@ use sid_train::{Run, RunConfig};
 /// Train a network with Synergistic Information Distillation (SID), or its backprop baseline,
 /// on one or more devices.
 #[derive(Debug, Parser)]
-#[command(name = "sid-launch", version, about, after_help = AFTER_HELP)]
+#[command(name = "sid-launch", version, about, after_help = AFTER_HELP, args_override_self = true)]
 pub struct Cli {
     /// Devices: cpu, cpu:4 (4 CPU workers), 0, 0,1,2,3, or 0,0,0,0 (streams on one GPU).
     #[arg(long)]
@@ -117,6 +117,9 @@ impl Cli {
         }
         if self.limit_train.is_some() {
             cfg.limit_train = self.limit_train;
+        }
+        if self.threads.is_some() {
+            cfg.threads = self.threads;
         }
         if self.augment {
             cfg.augment = Some(true);

@@ -36,8 +36,7 @@ fn main() -> ExitCode {
 
 fn run(cli: &args::Cli) -> Result<()> {
     let plan = cli.plan()?;
-    if let Some(n) = cli.threads {
-        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+    if let Some(n) = plan.config.threads {
         tch::set_num_threads(n);
     }
     let stop = Arc::new(AtomicBool::new(false));

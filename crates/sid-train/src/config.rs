@@ -50,6 +50,9 @@ pub struct RunConfig {
     pub augment: Option<bool>,
     /// Batch size for evaluation.
     pub eval_batch_size: i64,
+    /// libtorch intra-op threads (`None` = libtorch's choice). Saved so that a resumed run
+    /// computes with the same reduction order.
+    pub threads: Option<i32>,
 }
 
 impl Default for RunConfig {
@@ -76,6 +79,7 @@ impl Default for RunConfig {
             val_split: 0.0,
             augment: None,
             eval_batch_size: 1000,
+            threads: None,
         }
     }
 }
@@ -136,6 +140,9 @@ impl RunConfig {
         }
         if !(0.0..1.0).contains(&self.val_split) {
             return bad(format!("val split must be in [0, 1), got {}", self.val_split));
+        }
+        if matches!(self.threads, Some(n) if n < 1) {
+            return bad("threads must be at least 1".into());
         }
         if self.limit_train == Some(0) {
             return bad("limit-train must be at least 1".into());

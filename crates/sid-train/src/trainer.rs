@@ -148,11 +148,12 @@ impl Run {
             a.gpus.clear();
             a.data_dir = None;
             a.eval_batch_size = 0;
+            a.threads = None;
             a
         };
         if same(&saved) != same(&cfg) {
             return Err(TrainError::Config(format!(
-                "--resume {}: only --epochs, --gpus, --data-dir and the evaluation batch size may differ from the saved config.toml",
+                "--resume {}: only --epochs, --gpus, --data-dir, --threads and the evaluation batch size may differ from the saved config.toml",
                 dir.display()
             )));
         }

@@ -1,0 +1,220 @@
+//! Runs the real `sid-launch` binary on the CPU: bad input, short runs, resume, Ctrl-C.
+//!
+//! Training runs use the real Fashion-MNIST from `/usr/share/datasets/fashion-mnist`
+//! (Debian's `dataset-fashion-mnist`, installed by `scripts/setup.sh` and `.ci/run`).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sid-launch");
+
+fn sid(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("runs sid-launch")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A small, fast run: MLP extractor, 3 modules, 1024 training samples.
+fn quick(run_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--model", "mlp", "--modules", "3", "--limit-train", "1024", "--batch-size", "64",
+        "--eval-batch-size", "2000", "--threads", "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push("--run-dir".into());
+    v.push(run_dir.display().to_string());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn run_ok(args: &[String]) -> Output {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(out.status.success(), "sid-launch {args:?} failed:\n{}", stderr(&out));
+    out
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn one_line_error(o: &Output, needle: &str) {
+    assert!(!o.status.success());
+    let e = stderr(o);
+    let line = e.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line in:\n{e}"));
+    assert!(line.contains(needle), "{line:?} does not mention {needle:?}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn bad_flags_are_rejected() {
+    one_line_error(&sid(&["--method", "sgd"]), "sgd");
+    one_line_error(&sid(&["--dataset", "imagenet"]), "imagenet");
+    one_line_error(&sid(&["--frobnicate"]), "--frobnicate");
+    one_line_error(&sid(&["--alpha", "2", "--run-dir", "/tmp/never"]), "alpha");
+    one_line_error(&sid(&["--gpus", "zero"]), "neither cpu nor a GPU index");
+}
+
+#[test]
+fn nonexistent_gpu_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sid(&["--gpus", "7", "--run-dir", dir.path().to_str().unwrap()]);
+    let e = stderr(&out);
+    assert!(
+        e.contains("CUDA is not available") || e.contains("GPU 7 does not exist"),
+        "{e}"
+    );
+    assert!(!out.status.success());
+    assert!(!dir.path().join("config.toml").exists(), "nothing is written for a bad device");
+}
+
+#[test]
+fn missing_or_corrupt_data_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = sid(&["--data-dir", "/nonexistent/fmnist", "--run-dir", run.to_str().unwrap()]);
+    one_line_error(&out, "/nonexistent/fmnist");
+    // A truncated image file in the real IDX format.
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut images = vec![0, 0, 8, 3, 0, 0, 0, 10, 0, 0, 0, 28, 0, 0, 0, 28];
+    images.extend(vec![0u8; 100]);
+    std::fs::write(data.join("train-images-idx3-ubyte"), images).unwrap();
+    let mut labels = vec![0, 0, 8, 1, 0, 0, 0, 10];
+    labels.extend(0..10u8);
+    std::fs::write(data.join("train-labels-idx1-ubyte"), labels).unwrap();
+    let out = sid(&["--data-dir", data.to_str().unwrap(), "--run-dir", run.to_str().unwrap()]);
+    one_line_error(&out, "train-images-idx3-ubyte");
+    assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
+}
+
+#[test]
+fn short_run_writes_config_metrics_checkpoint_and_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = run_ok(&quick(&run, &["--epochs", "2"]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("final-epoch test accuracy"), "{stdout}");
+    let m = metrics(&run);
+    assert_eq!(m.len(), 2);
+    for key in ["epoch", "train_loss", "test_acc", "module_test_acc", "epoch_seconds", "samples_per_second"] {
+        assert!(m[1].get(key).is_some(), "metrics lack {key}");
+    }
+    assert_eq!(m[1]["module_test_acc"].as_array().unwrap().len(), 3);
+    // Even 1024 samples and 2 epochs beat chance (10%) by far.
+    assert!(m[1]["test_acc"].as_f64().unwrap() > 0.5, "{:?}", m[1]);
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("modules = 3") && config.contains("method = \"sid\""), "{config}");
+    assert!(run.join("checkpoint.safetensors").exists());
+    assert!(run.join("summary.json").exists());
+    // A second start in the same directory refuses to overwrite it.
+    let again = Command::new(BIN).args(quick(&run, &["--epochs", "2"])).output().unwrap();
+    one_line_error(&again, "already holds a run");
+    assert_eq!(metrics(&run).len(), 2);
+}
+
+#[test]
+fn backprop_baseline_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("bp");
+    run_ok(&quick(&run, &["--method", "bp", "--epochs", "1"]));
+    let m = metrics(&run);
+    assert!(m[0]["test_acc"].as_f64().unwrap() > 0.5);
+    assert!(m[0]["module_train_loss"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn resume_gives_the_same_result_as_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    run_ok(&quick(&straight, &["--epochs", "2", "--label-noise", "0.2"]));
+    let split = dir.path().join("split");
+    run_ok(&quick(&split, &["--epochs", "1", "--label-noise", "0.2"]));
+    run_ok(&["--resume".into(), split.display().to_string(), "--epochs".into(), "2".into()]);
+    let (a, b) = (metrics(&straight), metrics(&split));
+    assert_eq!(b.len(), 2);
+    for key in ["train_loss", "test_acc", "module_test_acc", "module_train_loss"] {
+        assert_eq!(a[1][key], b[1][key], "{key} differs after resume");
+    }
+}
+
+#[test]
+fn ctrl_c_checkpoints_mid_epoch_and_resume_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    // Enough steps (batch 8) that the interrupt lands inside the first epoch.
+    let args = |run: &Path| {
+        let mut a = quick(run, &["--epochs", "1", "--limit-train", "8192"]);
+        a.extend(["--batch-size".into(), "8".into()]);
+        a
+    };
+    let straight = dir.path().join("straight");
+    run_ok(&args(&straight));
+
+    let run = dir.path().join("interrupted");
+    let mut child = Command::new(BIN).args(args(&run)).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // Wait for the first progress line, then send SIGINT as Ctrl-C would.
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(" step ") {
+            break;
+        }
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    let all = format!("{seen}{}", rest.join("\n"));
+    assert_eq!(status.code(), Some(130), "{all}");
+    assert!(all.contains("interrupted during epoch 1"), "{all}");
+    assert!(run.join("checkpoint.safetensors").exists());
+    assert!(!run.join("metrics.jsonl").exists(), "no epoch finished");
+
+    let out = run_ok(&["--resume".into(), run.display().to_string()]);
+    assert!(stderr(&out).contains("resuming at step"), "{}", stderr(&out));
+    let (a, b) = (metrics(&straight), metrics(&run));
+    for key in ["train_loss", "test_acc", "module_test_acc"] {
+        assert_eq!(a[0][key], b[0][key], "{key} differs after a mid-epoch resume");
+    }
+}
+
+#[test]
+fn bad_checkpoint_and_bad_config_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    run_ok(&quick(&run, &["--epochs", "1"]));
+    std::fs::write(run.join("checkpoint.safetensors"), b"not a checkpoint").unwrap();
+    let out = sid(&["--resume", run.to_str().unwrap(), "--epochs", "2"]);
+    one_line_error(&out, "checkpoint.safetensors");
+    assert_eq!(metrics(&run).len(), 1, "metrics survive a failed resume");
+
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "modulez = 4\n").unwrap();
+    one_line_error(&sid(&["--config", cfg.to_str().unwrap()]), "modulez");
+    one_line_error(&sid(&["--resume", "/nonexistent/run"]), "no such run directory");
+}
+
+#[test]
+fn config_file_values_are_used_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "modules = 2\nalpha = 0.3\nepochs = 1\n").unwrap();
+    let run = dir.path().join("run");
+    let mut args = quick(&run, &["--alpha", "0.7"]);
+    args.retain(|a| a != "--modules" && a != "3");
+    args.extend(["--config".into(), cfg.display().to_string()]);
+    run_ok(&args);
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("modules = 2") && saved.contains("alpha = 0.7"), "{saved}");
+}
