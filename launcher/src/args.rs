@@ -86,9 +86,23 @@ pub struct Cli {
     /// Continue the run in this directory from its checkpoint.
     #[arg(long, conflicts_with_all = ["run_dir", "config"])]
     pub resume: Option<PathBuf>,
-    /// libtorch intra-op threads (default: libtorch's choice).
+    /// libtorch intra-op threads (default: libtorch's choice; with several CPU workers, the
+    /// cores split among them).
     #[arg(long)]
     pub threads: Option<i32>,
+    /// Module blocks per device: 0:0-1,1:2-4 (device position:first-last module, 0-based).
+    /// Default: contiguous blocks as even as possible.
+    #[arg(long)]
+    pub placement: Option<String>,
+    /// Seconds to wait for any worker before the run fails.
+    #[arg(long)]
+    pub step_timeout: Option<f64>,
+    /// Run every GPU worker on the default CUDA stream instead of its own.
+    #[arg(long)]
+    pub no_streams: bool,
+    /// Inject a fault WORKER:STEP:panic|error|nan|hang (for testing failure handling).
+    #[arg(long, hide = true)]
+    pub inject_fault: Option<String>,
 }
 
 const AFTER_HELP: &str = "Outputs in the run directory: config.toml (resolved settings), metrics.jsonl \
@@ -110,8 +124,21 @@ impl Cli {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { cfg.$field = v; } )* };
         }
+        if self.gpus.is_some() && self.placement.is_none() {
+            // A saved placement belongs to the saved device list.
+            cfg.placement = None;
+        }
         set!(gpus, method, dataset, model, modules, feature_dim, module_hidden, alpha, label_smoothing,
-             epochs, batch_size, lr, seed, label_noise, val_split, eval_batch_size);
+             epochs, batch_size, lr, seed, label_noise, val_split, eval_batch_size, step_timeout);
+        if self.placement.is_some() {
+            cfg.placement = self.placement.clone();
+        }
+        if self.no_streams {
+            cfg.streams = false;
+        }
+        if self.inject_fault.is_some() {
+            cfg.inject_fault = self.inject_fault.clone();
+        }
         if self.data_dir.is_some() {
             cfg.data_dir = self.data_dir.clone();
         }

@@ -72,6 +72,17 @@ fn run(cli: &args::Cli) -> Result<()> {
         devices.join(", "),
         run.dir().display()
     );
+    if run.layout().len() > 1 {
+        let blocks: Vec<String> = run
+            .layout()
+            .iter()
+            .enumerate()
+            .map(|(k, (d, r))| format!("worker {k} on {}: modules {}-{}", device_name(*d), r.start + 1, r.end))
+            .collect();
+        eprintln!("placement: {}", blocks.join("; "));
+    } else if cfg.method == sid_core::Method::Bp && run.devices().len() > 1 {
+        eprintln!("note: backprop trains end to end on the first listed device only");
+    }
     if run.epochs_done() > 0 || plan.resume {
         eprintln!("resuming after epoch {}", run.epochs_done());
     }

@@ -37,6 +37,14 @@ impl Adam {
         Self::new(vs.variables().into_iter().collect(), lr)
     }
 
+    /// Moves the moment estimates to `device`. The parameters are shallow clones of VarStore
+    /// variables, so they follow `VarStore::set_device` on their own.
+    pub fn to_device(&mut self, device: tch::Device) {
+        for t in self.exp_avg.iter_mut().chain(self.exp_avg_sq.iter_mut()) {
+            *t = t.to_device(device);
+        }
+    }
+
     /// Number of updates done so far.
     pub fn steps(&self) -> i64 {
         self.step

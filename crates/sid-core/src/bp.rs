@@ -29,7 +29,8 @@ impl BpNetwork {
     /// [`crate::SidNetwork`].
     pub fn new(cfg: &ModelConfig, lr: f64, device: Device) -> Result<Self> {
         cfg.validate()?;
-        let vs = VarStore::new(device);
+        // Drawn on the CPU, then moved: the same seed gives SID's initial weights on any device.
+        let mut vs = VarStore::new(Device::Cpu);
         let extractor = Extractor::new(&(vs.root() / "extractor"), cfg);
         let modules = (0..cfg.modules)
             .map(|i| {
@@ -37,6 +38,7 @@ impl BpNetwork {
                 BeliefModule::new(&p, cfg.num_classes, cfg.feature_dim, cfg.module_hidden)
             })
             .collect();
+        vs.set_device(device);
         let opt = Adam::for_var_store(&vs, lr);
         Ok(Self { num_classes: cfg.num_classes, vs, extractor, modules, opt })
     }

@@ -17,6 +17,9 @@ pub enum CoreError {
     /// A checkpoint does not match the network it is loaded into.
     #[error("checkpoint does not match the model: {0}")]
     StateMismatch(String),
+    /// A failure in the multi-device runtime (a worker failed, a wait timed out).
+    #[error(transparent)]
+    Runtime(Box<dyn std::error::Error + Send + Sync>),
     /// An error raised by libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -42,16 +42,25 @@ pub struct ModuleUnit {
 
 impl ModuleUnit {
     /// Builds module `index` (0-based) on `device`; its variables are `module_{index+1}.*`.
+    /// Weights are drawn on the CPU and then moved, so a seed gives the same initial weights
+    /// whatever the device.
     pub fn new(index: usize, cfg: &ModelConfig, loss: LossConfig, lr: f64, device: Device) -> Self {
-        let vs = VarStore::new(device);
+        let mut vs = VarStore::new(Device::Cpu);
         let net = BeliefModule::new(
             &(vs.root() / module_prefix(index)),
             cfg.num_classes,
             cfg.feature_dim,
             cfg.module_hidden,
         );
+        vs.set_device(device);
         let opt = Adam::for_var_store(&vs, lr);
         Self { index, vs, net, opt, loss }
+    }
+
+    /// Moves parameters and optimizer state to `device` (a worker does this in its own thread).
+    pub fn to_device(&mut self, device: Device) {
+        self.vs.set_device(device);
+        self.opt.to_device(device);
     }
 
     /// 0-based position in the cascade.
@@ -116,10 +125,12 @@ pub struct ExtractorUnit {
 }
 
 impl ExtractorUnit {
-    /// Builds the extractor on `device`; its variables are `extractor.*`.
+    /// Builds the extractor on `device` (drawn on the CPU, then moved); its variables are
+    /// `extractor.*`.
     pub fn new(cfg: &ModelConfig, lr: f64, device: Device) -> Self {
-        let vs = VarStore::new(device);
+        let mut vs = VarStore::new(Device::Cpu);
         let net = Extractor::new(&(vs.root() / "extractor"), cfg);
+        vs.set_device(device);
         let opt = Adam::for_var_store(&vs, lr);
         Self { vs, net, opt }
     }

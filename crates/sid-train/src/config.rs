@@ -53,6 +53,16 @@ pub struct RunConfig {
     /// libtorch intra-op threads (`None` = libtorch's choice). Saved so that a resumed run
     /// computes with the same reduction order.
     pub threads: Option<i32>,
+    /// Module blocks per device, `0:0-1,1:2-4` (0-based, inclusive); `None` = even blocks.
+    /// With several devices the resolved placement is saved here.
+    pub placement: Option<String>,
+    /// Longest wait, in seconds, for any worker before the run fails.
+    pub step_timeout: f64,
+    /// Give each GPU worker its own CUDA stream.
+    pub streams: bool,
+    /// A fault to inject, `WORKER:STEP:panic|error|nan|hang` (tests; never saved).
+    #[serde(skip)]
+    pub inject_fault: Option<String>,
 }
 
 impl Default for RunConfig {
@@ -80,6 +90,10 @@ impl Default for RunConfig {
             augment: None,
             eval_batch_size: 1000,
             threads: None,
+            placement: None,
+            step_timeout: 300.0,
+            streams: true,
+            inject_fault: None,
         }
     }
 }
@@ -147,9 +161,18 @@ impl RunConfig {
         if self.limit_train == Some(0) {
             return bad("limit-train must be at least 1".into());
         }
+        if !(self.step_timeout > 0.0 && self.step_timeout.is_finite()) {
+            return bad(format!("step timeout must be positive, got {}", self.step_timeout));
+        }
         self.model_config().validate()?;
         self.loss_config().validate()?;
-        crate::devices::parse_devices(&self.gpus)?;
+        let workers = crate::devices::parse_devices(&self.gpus)?.len();
+        if let Some(spec) = &self.placement {
+            sid_runtime::Placement::parse(spec, self.modules, workers).map_err(|e| TrainError::Config(e.to_string()))?;
+        }
+        if let Some(f) = &self.inject_fault {
+            sid_runtime::Fault::parse(f).map_err(|e| TrainError::Config(e.to_string()))?;
+        }
         Ok(())
     }
 }

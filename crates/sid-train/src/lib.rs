@@ -14,4 +14,4 @@ pub mod trainer;
 pub use config::RunConfig;
 pub use error::{Result, TrainError};
 pub use metrics::EpochMetrics;
-pub use trainer::{build_network, evaluate, Event, Run, Summary};
+pub use trainer::{build_network, evaluate, Built, Event, Run, Summary};

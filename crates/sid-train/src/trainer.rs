@@ -87,17 +87,52 @@ pub struct Run {
     devices: Vec<Device>,
     data: Dataset,
     net: Box<dyn Network>,
+    layout: Vec<(Device, std::ops::Range<usize>)>,
     position: Position,
 }
 
-/// Builds the network a config asks for on the given devices, seeded by `cfg.seed`.
-pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Box<dyn Network>> {
+/// A built network and where its modules live.
+pub struct Built {
+    /// The network.
+    pub net: Box<dyn Network>,
+    /// Each device and its 0-based module block, in cascade order.
+    pub layout: Vec<(Device, std::ops::Range<usize>)>,
+    /// The placement in `--placement` syntax when several devices are used.
+    pub placement: Option<String>,
+}
+
+/// Builds the network a config asks for on the given devices, seeded by `cfg.seed`:
+/// SID on one device runs in this thread; SID on several devices runs on the multi-device
+/// runtime; backprop runs on the first device.
+pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
     tch::manual_seed(cfg.seed as i64);
     let model = cfg.model_config();
     let first = devices.first().copied().unwrap_or(Device::Cpu);
+    let whole = vec![(first, 0..model.modules)];
     Ok(match cfg.method {
-        Method::Sid => Box::new(SidNetwork::new(&model, cfg.loss_config(), cfg.lr, first)?),
-        Method::Bp => Box::new(BpNetwork::new(&model, cfg.lr, first)?),
+        Method::Sid if devices.len() > 1 => {
+            let runtime = |e: sid_runtime::RuntimeError| TrainError::Config(e.to_string());
+            let mut pc = sid_runtime::PipelineConfig::new(model.clone(), devices.to_vec());
+            pc.loss = cfg.loss_config();
+            pc.lr = cfg.lr;
+            pc.timeout = std::time::Duration::from_secs_f64(cfg.step_timeout);
+            pc.threads_per_worker = cfg.threads;
+            pc.streams = cfg.streams;
+            pc.placement = match &cfg.placement {
+                Some(spec) => Some(sid_runtime::Placement::parse(spec, model.modules, devices.len()).map_err(runtime)?),
+                None => None,
+            };
+            pc.fault = cfg.inject_fault.as_deref().map(sid_runtime::Fault::parse).transpose().map_err(runtime)?;
+            let pipeline = sid_runtime::Pipeline::new(pc).map_err(runtime)?;
+            let placement = Some(pipeline.placement().to_spec());
+            Built { layout: pipeline.layout(), net: Box::new(pipeline), placement }
+        }
+        Method::Sid => Built {
+            net: Box::new(SidNetwork::new(&model, cfg.loss_config(), cfg.lr, first)?),
+            layout: whole,
+            placement: None,
+        },
+        Method::Bp => Built { net: Box::new(BpNetwork::new(&model, cfg.lr, first)?), layout: whole, placement: None },
     })
 }
 
@@ -113,7 +148,7 @@ fn load_data(cfg: &RunConfig) -> Result<Dataset> {
 
 impl Run {
     /// Starts a new run in `dir`, which must not already hold one. Writes `config.toml`.
-    pub fn create(cfg: RunConfig, dir: &Path) -> Result<Self> {
+    pub fn create(mut cfg: RunConfig, dir: &Path) -> Result<Self> {
         cfg.validate()?;
         if dir.join(CHECKPOINT_FILE).exists() || dir.join(METRICS_FILE).exists() {
             return Err(TrainError::Config(format!(
@@ -123,11 +158,12 @@ impl Run {
         }
         let devices = resolve_devices(&cfg.gpus)?;
         let data = load_data(&cfg)?;
-        let net = build_network(&cfg, &devices)?;
+        let built = build_network(&cfg, &devices)?;
+        cfg.placement = built.placement.clone();
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         let position = Position::start(cfg.method, cfg.seed);
-        Ok(Self { cfg, dir: dir.into(), devices, data, net, position })
+        Ok(Self { cfg, dir: dir.into(), devices, data, net: built.net, layout: built.layout, position })
     }
 
     /// Reads the config saved in a run directory.
@@ -139,7 +175,7 @@ impl Run {
 
     /// Continues the run in `dir` from its checkpoint with `cfg` (normally the saved config,
     /// perhaps with more epochs). Settings that shape the model or the data must not change.
-    pub fn resume(cfg: RunConfig, dir: &Path) -> Result<Self> {
+    pub fn resume(mut cfg: RunConfig, dir: &Path) -> Result<Self> {
         cfg.validate()?;
         let saved = Self::saved_config(dir)?;
         let same = |a: &RunConfig| {
@@ -149,11 +185,15 @@ impl Run {
             a.data_dir = None;
             a.eval_batch_size = 0;
             a.threads = None;
+            a.placement = None;
+            a.step_timeout = 0.0;
+            a.streams = true;
+            a.inject_fault = None;
             a
         };
         if same(&saved) != same(&cfg) {
             return Err(TrainError::Config(format!(
-                "--resume {}: only --epochs, --gpus, --data-dir, --threads and the evaluation batch size may differ from the saved config.toml",
+                "--resume {}: only --epochs, --gpus, --placement, --data-dir, --threads, --step-timeout, --no-streams and the evaluation batch size may differ from the saved config.toml",
                 dir.display()
             )));
         }
@@ -167,12 +207,18 @@ impl Run {
         }
         let devices = resolve_devices(&cfg.gpus)?;
         let data = load_data(&cfg)?;
-        let mut net = build_network(&cfg, &devices)?;
+        let Built { mut net, layout, placement } = build_network(&cfg, &devices)?;
+        cfg.placement = placement;
         net.load_state(&named)
             .map_err(|e| TrainError::Checkpoint { path: ckpt_path.clone(), reason: e.to_string() })?;
         metrics::truncate_to(&dir.join(METRICS_FILE), position.epochs_done)?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
-        Ok(Self { cfg, dir: dir.into(), devices, data, net, position })
+        Ok(Self { cfg, dir: dir.into(), devices, data, net, layout, position })
+    }
+
+    /// Each device and its 0-based module block, in cascade order.
+    pub fn layout(&self) -> &[(Device, std::ops::Range<usize>)] {
+        &self.layout
     }
 
     /// The resolved config.

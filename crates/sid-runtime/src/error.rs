@@ -1,0 +1,54 @@
+//! The error type of the multi-device runtime.
+
+use std::time::Duration;
+
+/// What can stop the multi-device runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// `--placement` or the device list is unusable.
+    #[error("placement: {0}")]
+    Placement(String),
+    /// Another runtime setting is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// A worker reported an error or panicked.
+    #[error("worker {worker} on {device} failed{}: {cause}", module.map(|m| format!(" in module {m}")).unwrap_or_default())]
+    Worker {
+        /// Worker index (position in the device list).
+        worker: usize,
+        /// Its device, e.g. `cuda:1`.
+        device: String,
+        /// 1-based module, when the failure belongs to one.
+        module: Option<usize>,
+        /// What happened.
+        cause: String,
+    },
+    /// A wait ran out of time.
+    #[error("{waiter} waited {} s for {waited_for} and gave up", timeout.as_secs())]
+    Timeout {
+        /// Who waited.
+        waiter: String,
+        /// For whom and what.
+        waited_for: String,
+        /// How long.
+        timeout: Duration,
+    },
+    /// A worker answered out of order (a result of another step, or the wrong kind).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The method itself failed on the coordinator.
+    #[error(transparent)]
+    Core(#[from] sid_core::CoreError),
+}
+
+impl From<RuntimeError> for sid_core::CoreError {
+    fn from(e: RuntimeError) -> Self {
+        match e {
+            RuntimeError::Core(c) => c,
+            other => sid_core::CoreError::Runtime(Box::new(other)),
+        }
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
