@@ -218,3 +218,60 @@ fn config_file_values_are_used_and_flags_win() {
     let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(saved.contains("modules = 2") && saved.contains("alpha = 0.7"), "{saved}");
 }
+
+#[test]
+fn four_cpu_workers_train_to_the_same_result_as_one_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one");
+    let four = dir.path().join("four");
+    run_ok(&quick(&one, &["--epochs", "1", "--modules", "4"]));
+    let out = run_ok(&quick(&four, &["--epochs", "1", "--modules", "4", "--gpus", "cpu:4"]));
+    assert!(stderr(&out).contains("placement: worker 0 on cpu: modules 1-1;"), "{}", stderr(&out));
+    let saved = std::fs::read_to_string(four.join("config.toml")).unwrap();
+    assert!(saved.contains("placement = \"0:0-0,1:1-1,2:2-2,3:3-3\""), "{saved}");
+    let (a, b) = (metrics(&one), metrics(&four));
+    assert_eq!(a[0]["test_acc"], b[0]["test_acc"]);
+    assert_eq!(a[0]["module_test_acc"], b[0]["module_test_acc"]);
+    let (la, lb) = (a[0]["train_loss"].as_f64().unwrap(), b[0]["train_loss"].as_f64().unwrap());
+    assert!((la - lb).abs() < 1e-5, "{la} vs {lb}");
+    // A multi-worker checkpoint resumes on one device (and the other way round).
+    run_ok(&["--resume".into(), four.display().to_string(), "--epochs".into(), "2".into(), "--gpus".into(), "cpu".into()]);
+    assert_eq!(metrics(&four).len(), 2);
+}
+
+#[test]
+fn a_failing_worker_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // 1024 samples / 64 = 16 steps an epoch: the fault strikes in epoch 2.
+    let mut args = quick(&run, &["--epochs", "3", "--modules", "4", "--gpus", "cpu:2"]);
+    args.extend(["--inject-fault".into(), "1:20:nan".into()]);
+    let out = Command::new(BIN).args(&args).output().unwrap();
+    one_line_error(&out, "worker 1 on cpu failed in module 3");
+    assert!(stderr(&out).contains("non-finite loss NaN"), "{}", stderr(&out));
+    assert_eq!(metrics(&run).len(), 1, "epoch 1 stays recorded");
+    // The epoch-1 checkpoint is intact: the run resumes from it.
+    run_ok(&["--resume".into(), run.display().to_string()]);
+    assert_eq!(metrics(&run).len(), 3);
+
+    let hung = dir.path().join("hung");
+    let mut args = quick(&hung, &["--epochs", "1", "--modules", "4", "--gpus", "cpu:2", "--step-timeout", "2"]);
+    args.extend(["--inject-fault".into(), "0:3:hang".into()]);
+    let started = std::time::Instant::now();
+    let out = Command::new(BIN).args(&args).output().unwrap();
+    one_line_error(&out, "coordinator waited 2 s for worker 0 (cpu, modules 1-2)");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
+
+#[test]
+fn bad_placement_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let out = Command::new(BIN)
+        .args(quick(&run, &["--modules", "4", "--gpus", "cpu:2", "--placement", "0:0-1,1:3-3"]))
+        .output()
+        .unwrap();
+    one_line_error(&out, "contiguous");
+    let out = Command::new(BIN).args(quick(&run, &["--modules", "2", "--gpus", "cpu:3"])).output().unwrap();
+    one_line_error(&out, "3 devices but only 2 modules");
+}

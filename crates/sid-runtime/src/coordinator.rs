@@ -15,7 +15,7 @@
 //! The arithmetic is exactly the single-device [`sid_core::SidNetwork`]'s; only the order of
 //! floating-point additions at `z` differs.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use sid_core::belief::uniform_belief;
@@ -29,6 +29,25 @@ use crate::placement::Placement;
 use crate::streams;
 use crate::worker::{self, device_name, Envelope, Reply, Request, WorkerHandle, WorkerSetup};
 use crate::{Result, RuntimeError};
+
+/// Where the time of one training step went, as the coordinator and workers measured it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepTiming {
+    /// The whole step, on the coordinator.
+    pub total: Duration,
+    /// `z = c(x)`.
+    pub extractor_forward: Duration,
+    /// Copying `z` and the labels to every worker.
+    pub broadcast: Duration,
+    /// Time the coordinator spent blocked waiting for workers.
+    pub wait: Duration,
+    /// Summing the gradients at `z`, the extractor's backward and Adam step.
+    pub extractor_backward: Duration,
+    /// Each worker's phase-1 time (its part of the teacher chain).
+    pub phase1: Vec<Duration>,
+    /// Each worker's phase-2 time (local losses, backward, Adam).
+    pub phase2: Vec<Duration>,
+}
 
 /// How to build a [`Pipeline`].
 #[derive(Debug, Clone)]
@@ -98,6 +117,7 @@ pub struct Pipeline {
     placement: Placement,
     timeout: Duration,
     step: u64,
+    last_timing: StepTiming,
 }
 
 impl Pipeline {
@@ -142,7 +162,8 @@ impl Pipeline {
                     index,
                     device,
                     modules: block.clone(),
-                    threads: (device == Device::Cpu && k > 1).then_some(cpu_threads),
+                    threads: (device == Device::Cpu && (k > 1 || cfg.threads_per_worker.is_some()))
+                        .then_some(cpu_threads),
                     own_stream: cfg.streams,
                     fault: cfg.fault,
                 };
@@ -160,7 +181,13 @@ impl Pipeline {
             placement,
             timeout: cfg.timeout,
             step: 0,
+            last_timing: StepTiming::default(),
         })
+    }
+
+    /// Where the time of the last training step went.
+    pub fn last_timing(&self) -> &StepTiming {
+        &self.last_timing
     }
 
     /// Which modules each worker owns.
@@ -240,10 +267,15 @@ impl Pipeline {
     fn step_inner(&mut self, x: &Tensor, y: &Tensor) -> Result<StepStats> {
         self.step += 1;
         let step = self.step;
+        let k = self.workers.len();
+        let mut timing = StepTiming { phase1: vec![Duration::ZERO; k], phase2: vec![Duration::ZERO; k], ..Default::default() };
+        let started = Instant::now();
         let coord = self.extractor.device();
         let z = self.extractor.forward(x);
         let z_detached = z.detach();
         streams::sync_device(coord).map_err(RuntimeError::Config)?;
+        timing.extractor_forward = started.elapsed();
+        let mark = Instant::now();
         {
             let _span = tracing::info_span!("broadcast", step).entered();
             for w in 0..self.workers.len() {
@@ -254,13 +286,15 @@ impl Pipeline {
         }
         let p0 = uniform_belief(x.size()[0], self.num_classes, self.workers[0].device);
         self.send(0, Request::Teacher { step, p_in: p0 })?;
-        let k = self.workers.len();
+        timing.broadcast = mark.elapsed();
         let mut losses: Vec<Option<Vec<f64>>> = vec![None; k];
         let mut grads: Vec<Option<Tensor>> = (0..k).map(|_| None).collect();
         let mut pending: Vec<usize> = (0..k).collect();
         let wait = tracing::info_span!("coordinator_wait", step);
         while !pending.is_empty() {
+            let mark = Instant::now();
             let env = wait.in_scope(|| self.recv(&pending, &format!("results of step {step}")))?;
+            timing.wait += mark.elapsed();
             let w = env.worker;
             match env.reply {
                 Reply::Teacher { step: s, p_out } => {
@@ -276,7 +310,9 @@ impl Pipeline {
                         self.send(next, Request::Teacher { step, p_in })?;
                     }
                 }
-                Reply::Local { step: s, losses: l, grad_z } => {
+                Reply::Local { step: s, losses: l, grad_z, phase1, phase2 } => {
+                    timing.phase1[w] = phase1;
+                    timing.phase2[w] = phase2;
                     if s != step || losses[w].is_some() {
                         return Err(RuntimeError::Protocol(format!(
                             "{} returned phase-2 results of step {s} during step {step}",
@@ -293,12 +329,16 @@ impl Pipeline {
                 _ => return Err(self.wrong(w, "an unexpected reply", "step results")),
             }
         }
+        let mark = Instant::now();
         let mut grad_sum = z_detached.zeros_like();
         for g in grads.into_iter().flatten() {
             grad_sum += g;
         }
         self.extractor.backward_step(&z, &grad_sum)?;
         streams::sync_device(coord).map_err(RuntimeError::Config)?;
+        timing.extractor_backward = mark.elapsed();
+        timing.total = started.elapsed();
+        self.last_timing = timing;
         let module_losses: Vec<f64> = losses.into_iter().flatten().flatten().collect();
         debug_assert_eq!(module_losses.len(), self.modules);
         Ok(StepStats { loss: module_losses.iter().sum(), module_losses })

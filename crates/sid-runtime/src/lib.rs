@@ -18,7 +18,7 @@ pub mod placement;
 pub mod streams;
 pub mod worker;
 
-pub use coordinator::{Pipeline, PipelineConfig};
+pub use coordinator::{Pipeline, PipelineConfig, StepTiming};
 pub use error::{Result, RuntimeError};
 pub use fault::{Fault, FaultKind};
 pub use placement::Placement;

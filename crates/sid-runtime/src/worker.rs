@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use sid_core::{ModuleUnit, NamedTensors};
@@ -34,7 +34,7 @@ pub(crate) enum Reply {
     Teacher { step: u64, p_out: Tensor },
     /// Phase 2 done: local losses of this worker's modules (in order) and the sum of their
     /// gradients at `z`.
-    Local { step: u64, losses: Vec<f64>, grad_z: Tensor },
+    Local { step: u64, losses: Vec<f64>, grad_z: Tensor, phase1: Duration, phase2: Duration },
     /// Inference: logits of this worker's modules and the belief leaving the last one.
     Cascade { logits: Vec<Tensor>, p_out: Tensor },
     /// Weights and optimizer state.
@@ -222,6 +222,7 @@ impl State {
                     }
                 }
                 // Phase 1: the teacher chain through this worker's modules, no gradient.
+                let started = Instant::now();
                 let teachers = {
                     let _p1 = tracing::info_span!("phase1", worker = self.setup.index).entered();
                     let mut p = p_in;
@@ -237,6 +238,8 @@ impl State {
                     }
                     teachers
                 };
+                let phase1 = started.elapsed();
+                let started = Instant::now();
                 // Phase 2 right away: it needs nothing from any other worker.
                 let _p2 = tracing::info_span!("phase2", worker = self.setup.index).entered();
                 let mut losses = Vec::with_capacity(self.units.len());
@@ -254,7 +257,7 @@ impl State {
                 }
                 let grad_z = grad_z.expect("a worker owns at least one module");
                 streams::sync_device(device).map_err(from_stream)?;
-                Ok(send(Reply::Local { step, losses, grad_z }))
+                Ok(send(Reply::Local { step, losses, grad_z, phase1, phase2: started.elapsed() }))
             }
             Request::Cascade { z, p_in } => {
                 let mut p = p_in;

@@ -1,0 +1,1 @@
+fn main() { sid_build::link_libtorch(); }
