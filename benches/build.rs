@@ -1,1 +1,3 @@
-fn main() { sid_build::link_libtorch(); }
+fn main() {
+    sid_build::link_libtorch();
+}

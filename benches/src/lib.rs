@@ -3,13 +3,23 @@
 //! Timing uses random inputs of the real shapes: the cost of a step does not depend on the
 //! pixel values, and the benchmarks then need no data files.
 
+pub mod env_check;
+pub mod step_time;
+pub mod workers;
+
 use std::time::Instant;
 
 use sid_core::Network;
 use tch::{Device, Kind, Tensor};
 
 /// A random batch of `batch` images `channels`×`size`×`size` with labels below `classes`.
-pub fn synthetic_batch(batch: i64, channels: i64, size: i64, classes: i64, device: Device) -> (Tensor, Tensor) {
+pub fn synthetic_batch(
+    batch: i64,
+    channels: i64,
+    size: i64,
+    classes: i64,
+    device: Device,
+) -> (Tensor, Tensor) {
     tch::manual_seed(0);
     let x = Tensor::randn([batch, channels, size, size], (Kind::Float, device));
     let y = Tensor::randint(classes, [batch], (Kind::Int64, device));
@@ -17,7 +27,12 @@ pub fn synthetic_batch(batch: i64, channels: i64, size: i64, classes: i64, devic
 }
 
 /// Runs `steps` training steps and returns each one's milliseconds.
-pub fn time_steps(net: &mut dyn Network, x: &Tensor, y: &Tensor, steps: usize) -> anyhow::Result<Vec<f64>> {
+pub fn time_steps(
+    net: &mut dyn Network,
+    x: &Tensor,
+    y: &Tensor,
+    steps: usize,
+) -> anyhow::Result<Vec<f64>> {
     let mut out = Vec::with_capacity(steps);
     for _ in 0..steps {
         let t = Instant::now();

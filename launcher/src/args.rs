@@ -105,7 +105,8 @@ pub struct Cli {
     pub inject_fault: Option<String>,
 }
 
-const AFTER_HELP: &str = "Outputs in the run directory: config.toml (resolved settings), metrics.jsonl \
+const AFTER_HELP: &str =
+    "Outputs in the run directory: config.toml (resolved settings), metrics.jsonl \
 (one record per epoch), checkpoint.safetensors (after every epoch and on Ctrl-C), summary.json.";
 
 /// What to do: a new run or a resumed one.
@@ -128,8 +129,25 @@ impl Cli {
             // A saved placement belongs to the saved device list.
             cfg.placement = None;
         }
-        set!(gpus, method, dataset, model, modules, feature_dim, module_hidden, alpha, label_smoothing,
-             epochs, batch_size, lr, seed, label_noise, val_split, eval_batch_size, step_timeout);
+        set!(
+            gpus,
+            method,
+            dataset,
+            model,
+            modules,
+            feature_dim,
+            module_hidden,
+            alpha,
+            label_smoothing,
+            epochs,
+            batch_size,
+            lr,
+            seed,
+            label_noise,
+            val_split,
+            eval_batch_size,
+            step_timeout
+        );
         if self.placement.is_some() {
             cfg.placement = self.placement.clone();
         }
@@ -165,13 +183,18 @@ impl Cli {
             let mut config = Run::saved_config(dir)?;
             self.apply(&mut config);
             config.validate()?;
-            return Ok(Plan { config, run_dir: dir.clone(), resume: true });
+            return Ok(Plan {
+                config,
+                run_dir: dir.clone(),
+                resume: true,
+            });
         }
         let mut config = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("--config {}: cannot read", path.display()))?;
-                RunConfig::from_toml(&text).with_context(|| format!("--config {}", path.display()))?
+                RunConfig::from_toml(&text)
+                    .with_context(|| format!("--config {}", path.display()))?
             }
             None => RunConfig::default(),
         };
@@ -183,6 +206,10 @@ impl Cli {
                 .replace([':', '-'], "");
             PathBuf::from("runs").join(format!("{}-{}-{stamp}", config.method, config.dataset))
         });
-        Ok(Plan { config, run_dir, resume: false })
+        Ok(Plan {
+            config,
+            run_dir,
+            resume: false,
+        })
     }
 }

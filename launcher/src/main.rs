@@ -19,6 +19,19 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // A worker's panic is caught and reported by the coordinator as one line naming the worker,
+    // device and cause; the default hook would print it a second time, with a backtrace.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("sid-worker"))
+        {
+            tracing::debug!("worker panic: {info}");
+        } else {
+            default_hook(info);
+        }
+    }));
     let cli = args::Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,7 +90,14 @@ fn run(cli: &args::Cli) -> Result<()> {
             .layout()
             .iter()
             .enumerate()
-            .map(|(k, (d, r))| format!("worker {k} on {}: modules {}-{}", device_name(*d), r.start + 1, r.end))
+            .map(|(k, (d, r))| {
+                format!(
+                    "worker {k} on {}: modules {}-{}",
+                    device_name(*d),
+                    r.start + 1,
+                    r.end
+                )
+            })
             .collect();
         eprintln!("placement: {}", blocks.join("; "));
     } else if cfg.method == sid_core::Method::Bp && run.devices().len() > 1 {
@@ -99,7 +119,11 @@ fn run(cli: &args::Cli) -> Result<()> {
     } else {
         "best epoch by test accuracy (selection on the test set; for reference only)"
     };
-    println!("{chosen}: epoch {}, test accuracy {:.2}%", summary.best_epoch, summary.best_epoch_test_acc * 100.0);
+    println!(
+        "{chosen}: epoch {}, test accuracy {:.2}%",
+        summary.best_epoch,
+        summary.best_epoch_test_acc * 100.0
+    );
     println!("run directory: {}", run.dir().display());
     Ok(())
 }
@@ -110,7 +134,9 @@ fn hint(e: TrainError, cfg: &sid_train::RunConfig) -> anyhow::Error {
         && cfg.data_dir.is_none()
         && cfg.dataset == sid_data::DatasetKind::FashionMnist;
     if missing_default {
-        anyhow::anyhow!("{e} (install it with `apt-get install dataset-fashion-mnist`, or pass --data-dir)")
+        anyhow::anyhow!(
+            "{e} (install it with `apt-get install dataset-fashion-mnist`, or pass --data-dir)"
+        )
     } else {
         e.into()
     }

@@ -35,13 +35,28 @@ impl Reporter {
     /// Handles one event.
     pub fn on_event(&mut self, event: Event<'_>) {
         match event {
-            Event::Loaded { train, val, test, noisy_labels } => {
+            Event::Loaded {
+                train,
+                val,
+                test,
+                noisy_labels,
+            } => {
                 let val = val.map(|v| format!(", {v} validation")).unwrap_or_default();
-                let noise = if noisy_labels > 0 { format!(", {noisy_labels} noisy labels") } else { String::new() };
+                let noise = if noisy_labels > 0 {
+                    format!(", {noisy_labels} noisy labels")
+                } else {
+                    String::new()
+                };
                 eprintln!("data: {train} training{val}, {test} test samples{noise}");
             }
-            Event::EpochStart { epoch, epochs, steps, first_step } => {
-                (self.epoch, self.epochs, self.steps, self.first_step) = (epoch, epochs, steps, first_step);
+            Event::EpochStart {
+                epoch,
+                epochs,
+                steps,
+                first_step,
+            } => {
+                (self.epoch, self.epochs, self.steps, self.first_step) =
+                    (epoch, epochs, steps, first_step);
                 self.started = std::time::Instant::now();
                 if first_step > 0 {
                     eprintln!("epoch {epoch}/{epochs}: resuming at step {first_step}/{steps}");
@@ -64,7 +79,9 @@ impl Reporter {
                 if let Some(bar) = &self.bar {
                     bar.set_position(step as u64);
                     bar.set_message(format!("{loss:.4}"));
-                } else if step == self.steps || (step * 10 / self.steps.max(1)) != ((step - 1) * 10 / self.steps.max(1)) {
+                } else if step == self.steps
+                    || (step * 10 / self.steps.max(1)) != ((step - 1) * 10 / self.steps.max(1))
+                {
                     let done = (step - self.first_step) as f64 * self.batch_size as f64;
                     let rate = done / self.started.elapsed().as_secs_f64().max(1e-9);
                     eprintln!(
@@ -85,8 +102,15 @@ impl Reporter {
 
 /// One line per epoch: loss, accuracies (final module and the whole cascade), time.
 pub fn epoch_line(m: &EpochMetrics, epochs: usize) -> String {
-    let modules: Vec<String> = m.module_test_acc.iter().map(|a| format!("{:.2}", a * 100.0)).collect();
-    let val = m.val_acc.map(|v| format!(" val_acc {:.2}%", v * 100.0)).unwrap_or_default();
+    let modules: Vec<String> = m
+        .module_test_acc
+        .iter()
+        .map(|a| format!("{:.2}", a * 100.0))
+        .collect();
+    let val = m
+        .val_acc
+        .map(|v| format!(" val_acc {:.2}%", v * 100.0))
+        .unwrap_or_default();
     format!(
         "epoch {}/{epochs} train_loss {:.4} test_acc {:.2}%{val} modules [{}] {:.1}s {:.0} samples/s",
         m.epoch,

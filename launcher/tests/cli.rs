@@ -10,7 +10,10 @@ use std::process::{Command, Output, Stdio};
 const BIN: &str = env!("CARGO_BIN_EXE_sid-launch");
 
 fn sid(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("runs sid-launch")
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("runs sid-launch")
 }
 
 fn stderr(o: &Output) -> String {
@@ -20,8 +23,18 @@ fn stderr(o: &Output) -> String {
 /// A small, fast run: MLP extractor, 3 modules, 1024 training samples.
 fn quick(run_dir: &Path, extra: &[&str]) -> Vec<String> {
     let mut v: Vec<String> = [
-        "--model", "mlp", "--modules", "3", "--limit-train", "1024", "--batch-size", "64",
-        "--eval-batch-size", "2000", "--threads", "1",
+        "--model",
+        "mlp",
+        "--modules",
+        "3",
+        "--limit-train",
+        "1024",
+        "--batch-size",
+        "64",
+        "--eval-batch-size",
+        "2000",
+        "--threads",
+        "1",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -34,7 +47,11 @@ fn quick(run_dir: &Path, extra: &[&str]) -> Vec<String> {
 
 fn run_ok(args: &[String]) -> Output {
     let out = Command::new(BIN).args(args).output().unwrap();
-    assert!(out.status.success(), "sid-launch {args:?} failed:\n{}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "sid-launch {args:?} failed:\n{}",
+        stderr(&out)
+    );
     out
 }
 
@@ -49,8 +66,14 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
 fn one_line_error(o: &Output, needle: &str) {
     assert!(!o.status.success());
     let e = stderr(o);
-    let line = e.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no error line in:\n{e}"));
-    assert!(line.contains(needle), "{line:?} does not mention {needle:?}");
+    let line = e
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line in:\n{e}"));
+    assert!(
+        line.contains(needle),
+        "{line:?} does not mention {needle:?}"
+    );
     assert!(!e.contains("panicked"), "{e}");
 }
 
@@ -73,14 +96,22 @@ fn nonexistent_gpu_is_a_clear_error() {
         "{e}"
     );
     assert!(!out.status.success());
-    assert!(!dir.path().join("config.toml").exists(), "nothing is written for a bad device");
+    assert!(
+        !dir.path().join("config.toml").exists(),
+        "nothing is written for a bad device"
+    );
 }
 
 #[test]
 fn missing_or_corrupt_data_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let out = sid(&["--data-dir", "/nonexistent/fmnist", "--run-dir", run.to_str().unwrap()]);
+    let out = sid(&[
+        "--data-dir",
+        "/nonexistent/fmnist",
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
     one_line_error(&out, "/nonexistent/fmnist");
     // A truncated image file in the real IDX format.
     let data = dir.path().join("data");
@@ -91,7 +122,12 @@ fn missing_or_corrupt_data_is_named() {
     let mut labels = vec![0, 0, 8, 1, 0, 0, 0, 10];
     labels.extend(0..10u8);
     std::fs::write(data.join("train-labels-idx1-ubyte"), labels).unwrap();
-    let out = sid(&["--data-dir", data.to_str().unwrap(), "--run-dir", run.to_str().unwrap()]);
+    let out = sid(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
     one_line_error(&out, "train-images-idx3-ubyte");
     assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
 }
@@ -105,18 +141,31 @@ fn short_run_writes_config_metrics_checkpoint_and_summary() {
     assert!(stdout.contains("final-epoch test accuracy"), "{stdout}");
     let m = metrics(&run);
     assert_eq!(m.len(), 2);
-    for key in ["epoch", "train_loss", "test_acc", "module_test_acc", "epoch_seconds", "samples_per_second"] {
+    for key in [
+        "epoch",
+        "train_loss",
+        "test_acc",
+        "module_test_acc",
+        "epoch_seconds",
+        "samples_per_second",
+    ] {
         assert!(m[1].get(key).is_some(), "metrics lack {key}");
     }
     assert_eq!(m[1]["module_test_acc"].as_array().unwrap().len(), 3);
     // Even 1024 samples and 2 epochs beat chance (10%) by far.
     assert!(m[1]["test_acc"].as_f64().unwrap() > 0.5, "{:?}", m[1]);
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
-    assert!(config.contains("modules = 3") && config.contains("method = \"sid\""), "{config}");
+    assert!(
+        config.contains("modules = 3") && config.contains("method = \"sid\""),
+        "{config}"
+    );
     assert!(run.join("checkpoint.safetensors").exists());
     assert!(run.join("summary.json").exists());
     // A second start in the same directory refuses to overwrite it.
-    let again = Command::new(BIN).args(quick(&run, &["--epochs", "2"])).output().unwrap();
+    let again = Command::new(BIN)
+        .args(quick(&run, &["--epochs", "2"]))
+        .output()
+        .unwrap();
     one_line_error(&again, "already holds a run");
     assert_eq!(metrics(&run).len(), 2);
 }
@@ -135,13 +184,26 @@ fn backprop_baseline_runs() {
 fn resume_gives_the_same_result_as_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
-    run_ok(&quick(&straight, &["--epochs", "2", "--label-noise", "0.2"]));
+    run_ok(&quick(
+        &straight,
+        &["--epochs", "2", "--label-noise", "0.2"],
+    ));
     let split = dir.path().join("split");
     run_ok(&quick(&split, &["--epochs", "1", "--label-noise", "0.2"]));
-    run_ok(&["--resume".into(), split.display().to_string(), "--epochs".into(), "2".into()]);
+    run_ok(&[
+        "--resume".into(),
+        split.display().to_string(),
+        "--epochs".into(),
+        "2".into(),
+    ]);
     let (a, b) = (metrics(&straight), metrics(&split));
     assert_eq!(b.len(), 2);
-    for key in ["train_loss", "test_acc", "module_test_acc", "module_train_loss"] {
+    for key in [
+        "train_loss",
+        "test_acc",
+        "module_test_acc",
+        "module_train_loss",
+    ] {
         assert_eq!(a[1][key], b[1][key], "{key} differs after resume");
     }
 }
@@ -159,7 +221,11 @@ fn ctrl_c_checkpoints_mid_epoch_and_resume_matches() {
     run_ok(&args(&straight));
 
     let run = dir.path().join("interrupted");
-    let mut child = Command::new(BIN).args(args(&run)).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(BIN)
+        .args(args(&run))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     // Wait for the first progress line, then send SIGINT as Ctrl-C would.
     let mut seen = String::new();
@@ -172,7 +238,11 @@ fn ctrl_c_checkpoints_mid_epoch_and_resume_matches() {
         }
     }
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
     let status = child.wait().unwrap();
     let all = format!("{seen}{}", rest.join("\n"));
@@ -182,10 +252,17 @@ fn ctrl_c_checkpoints_mid_epoch_and_resume_matches() {
     assert!(!run.join("metrics.jsonl").exists(), "no epoch finished");
 
     let out = run_ok(&["--resume".into(), run.display().to_string()]);
-    assert!(stderr(&out).contains("resuming at step"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("resuming at step"),
+        "{}",
+        stderr(&out)
+    );
     let (a, b) = (metrics(&straight), metrics(&run));
     for key in ["train_loss", "test_acc", "module_test_acc"] {
-        assert_eq!(a[0][key], b[0][key], "{key} differs after a mid-epoch resume");
+        assert_eq!(
+            a[0][key], b[0][key],
+            "{key} differs after a mid-epoch resume"
+        );
     }
 }
 
@@ -202,7 +279,10 @@ fn bad_checkpoint_and_bad_config_are_clear_errors() {
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "modulez = 4\n").unwrap();
     one_line_error(&sid(&["--config", cfg.to_str().unwrap()]), "modulez");
-    one_line_error(&sid(&["--resume", "/nonexistent/run"]), "no such run directory");
+    one_line_error(
+        &sid(&["--resume", "/nonexistent/run"]),
+        "no such run directory",
+    );
 }
 
 #[test]
@@ -216,7 +296,10 @@ fn config_file_values_are_used_and_flags_win() {
     args.extend(["--config".into(), cfg.display().to_string()]);
     run_ok(&args);
     let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
-    assert!(saved.contains("modules = 2") && saved.contains("alpha = 0.7"), "{saved}");
+    assert!(
+        saved.contains("modules = 2") && saved.contains("alpha = 0.7"),
+        "{saved}"
+    );
 }
 
 #[test]
@@ -225,17 +308,37 @@ fn four_cpu_workers_train_to_the_same_result_as_one_device() {
     let one = dir.path().join("one");
     let four = dir.path().join("four");
     run_ok(&quick(&one, &["--epochs", "1", "--modules", "4"]));
-    let out = run_ok(&quick(&four, &["--epochs", "1", "--modules", "4", "--gpus", "cpu:4"]));
-    assert!(stderr(&out).contains("placement: worker 0 on cpu: modules 1-1;"), "{}", stderr(&out));
+    let out = run_ok(&quick(
+        &four,
+        &["--epochs", "1", "--modules", "4", "--gpus", "cpu:4"],
+    ));
+    assert!(
+        stderr(&out).contains("placement: worker 0 on cpu: modules 1-1;"),
+        "{}",
+        stderr(&out)
+    );
     let saved = std::fs::read_to_string(four.join("config.toml")).unwrap();
-    assert!(saved.contains("placement = \"0:0-0,1:1-1,2:2-2,3:3-3\""), "{saved}");
+    assert!(
+        saved.contains("placement = \"0:0-0,1:1-1,2:2-2,3:3-3\""),
+        "{saved}"
+    );
     let (a, b) = (metrics(&one), metrics(&four));
     assert_eq!(a[0]["test_acc"], b[0]["test_acc"]);
     assert_eq!(a[0]["module_test_acc"], b[0]["module_test_acc"]);
-    let (la, lb) = (a[0]["train_loss"].as_f64().unwrap(), b[0]["train_loss"].as_f64().unwrap());
+    let (la, lb) = (
+        a[0]["train_loss"].as_f64().unwrap(),
+        b[0]["train_loss"].as_f64().unwrap(),
+    );
     assert!((la - lb).abs() < 1e-5, "{la} vs {lb}");
     // A multi-worker checkpoint resumes on one device (and the other way round).
-    run_ok(&["--resume".into(), four.display().to_string(), "--epochs".into(), "2".into(), "--gpus".into(), "cpu".into()]);
+    run_ok(&[
+        "--resume".into(),
+        four.display().to_string(),
+        "--epochs".into(),
+        "2".into(),
+        "--gpus".into(),
+        "cpu".into(),
+    ]);
     assert_eq!(metrics(&four).len(), 2);
 }
 
@@ -244,22 +347,44 @@ fn a_failing_worker_stops_the_run_and_keeps_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     // 1024 samples / 64 = 16 steps an epoch: the fault strikes in epoch 2.
-    let mut args = quick(&run, &["--epochs", "3", "--modules", "4", "--gpus", "cpu:2"]);
+    let mut args = quick(
+        &run,
+        &["--epochs", "3", "--modules", "4", "--gpus", "cpu:2"],
+    );
     args.extend(["--inject-fault".into(), "1:20:nan".into()]);
     let out = Command::new(BIN).args(&args).output().unwrap();
     one_line_error(&out, "worker 1 on cpu failed in module 3");
-    assert!(stderr(&out).contains("non-finite loss NaN"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("non-finite loss NaN"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(metrics(&run).len(), 1, "epoch 1 stays recorded");
     // The epoch-1 checkpoint is intact: the run resumes from it.
     run_ok(&["--resume".into(), run.display().to_string()]);
     assert_eq!(metrics(&run).len(), 3);
 
     let hung = dir.path().join("hung");
-    let mut args = quick(&hung, &["--epochs", "1", "--modules", "4", "--gpus", "cpu:2", "--step-timeout", "2"]);
+    let mut args = quick(
+        &hung,
+        &[
+            "--epochs",
+            "1",
+            "--modules",
+            "4",
+            "--gpus",
+            "cpu:2",
+            "--step-timeout",
+            "2",
+        ],
+    );
     args.extend(["--inject-fault".into(), "0:3:hang".into()]);
     let started = std::time::Instant::now();
     let out = Command::new(BIN).args(&args).output().unwrap();
-    one_line_error(&out, "coordinator waited 2 s for worker 0 (cpu, modules 1-2)");
+    one_line_error(
+        &out,
+        "coordinator waited 2 s for worker 0 (cpu, modules 1-2)",
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
 
@@ -268,10 +393,23 @@ fn bad_placement_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let out = Command::new(BIN)
-        .args(quick(&run, &["--modules", "4", "--gpus", "cpu:2", "--placement", "0:0-1,1:3-3"]))
+        .args(quick(
+            &run,
+            &[
+                "--modules",
+                "4",
+                "--gpus",
+                "cpu:2",
+                "--placement",
+                "0:0-1,1:3-3",
+            ],
+        ))
         .output()
         .unwrap();
     one_line_error(&out, "contiguous");
-    let out = Command::new(BIN).args(quick(&run, &["--modules", "2", "--gpus", "cpu:3"])).output().unwrap();
+    let out = Command::new(BIN)
+        .args(quick(&run, &["--modules", "2", "--gpus", "cpu:3"]))
+        .output()
+        .unwrap();
     one_line_error(&out, "3 devices but only 2 modules");
 }

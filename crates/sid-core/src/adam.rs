@@ -29,7 +29,16 @@ impl Adam {
         let zeros = |p: &(String, Tensor)| p.1.zeros_like();
         let exp_avg = params.iter().map(zeros).collect();
         let exp_avg_sq = params.iter().map(zeros).collect();
-        Self { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 0, params, exp_avg, exp_avg_sq }
+        Self {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step: 0,
+            params,
+            exp_avg,
+            exp_avg_sq,
+        }
     }
 
     /// Adam over every variable of a VarStore.
@@ -85,8 +94,14 @@ impl Adam {
     pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
         let mut out = vec![(format!("{prefix}.step"), Tensor::from(self.step))];
         for (i, (name, _)) in self.params.iter().enumerate() {
-            out.push((format!("{prefix}.{name}.exp_avg"), self.exp_avg[i].shallow_clone()));
-            out.push((format!("{prefix}.{name}.exp_avg_sq"), self.exp_avg_sq[i].shallow_clone()));
+            out.push((
+                format!("{prefix}.{name}.exp_avg"),
+                self.exp_avg[i].shallow_clone(),
+            ));
+            out.push((
+                format!("{prefix}.{name}.exp_avg_sq"),
+                self.exp_avg_sq[i].shallow_clone(),
+            ));
         }
         out
     }
@@ -96,7 +111,10 @@ impl Adam {
         let step = named.get(&format!("{prefix}.step"))?;
         self.step = step.int64_value(&[]);
         for (i, (name, _)) in self.params.iter().enumerate() {
-            for (suffix, dst) in [("exp_avg", &mut self.exp_avg[i]), ("exp_avg_sq", &mut self.exp_avg_sq[i])] {
+            for (suffix, dst) in [
+                ("exp_avg", &mut self.exp_avg[i]),
+                ("exp_avg_sq", &mut self.exp_avg_sq[i]),
+            ] {
                 let src = named.get(&format!("{prefix}.{name}.{suffix}"))?;
                 copy_checked(dst, src, &format!("{prefix}.{name}.{suffix}"))?;
             }
@@ -130,11 +148,16 @@ mod tests {
         let mut opt = Adam::new(vec![("w".into(), p.shallow_clone())], 0.1);
         for _ in 0..2 {
             opt.zero_grad();
-            (&p * Tensor::from_slice(&[3.0f32, -0.5])).sum(Kind::Float).backward();
+            (&p * Tensor::from_slice(&[3.0f32, -0.5]))
+                .sum(Kind::Float)
+                .backward();
             opt.step();
         }
         let v: Vec<f32> = Vec::try_from(&p.detach()).unwrap();
-        assert!((v[0] - 0.8).abs() < 1e-5 && (v[1] + 1.8).abs() < 1e-5, "{v:?}");
+        assert!(
+            (v[0] - 0.8).abs() < 1e-5 && (v[1] + 1.8).abs() < 1e-5,
+            "{v:?}"
+        );
     }
 
     #[test]
@@ -172,6 +195,9 @@ mod tests {
         assert_eq!(b.steps(), 1);
         assert!(b.exp_avg[0].allclose(&a.exp_avg[0], 0.0, 0.0, false));
         let bad = crate::NamedTensors::from(vec![("opt.step".to_string(), Tensor::from(1i64))]);
-        assert!(matches!(b.load_state("opt", &bad), Err(CoreError::StateMismatch(_))));
+        assert!(matches!(
+            b.load_state("opt", &bad),
+            Err(CoreError::StateMismatch(_))
+        ));
     }
 }

@@ -8,7 +8,9 @@ use crate::belief::{belief, uniform_belief, BeliefModule};
 use crate::config::{Method, ModelConfig};
 use crate::extractor::Extractor;
 use crate::loss::cross_entropy;
-use crate::network::{load_var_store, to_cpu, var_store_state, Cascade, NamedTensors, Network, StepStats};
+use crate::network::{
+    load_var_store, to_cpu, var_store_state, Cascade, NamedTensors, Network, StepStats,
+};
 use crate::sid::cascade_from_features;
 use crate::unit::module_prefix;
 use crate::{CoreError, Result};
@@ -40,7 +42,13 @@ impl BpNetwork {
             .collect();
         vs.set_device(device);
         let opt = Adam::for_var_store(&vs, lr);
-        Ok(Self { num_classes: cfg.num_classes, vs, extractor, modules, opt })
+        Ok(Self {
+            num_classes: cfg.num_classes,
+            vs,
+            extractor,
+            modules,
+            opt,
+        })
     }
 }
 
@@ -74,16 +82,26 @@ impl Network for BpNetwork {
         let loss = cross_entropy(&logits.expect("at least one module"), y);
         let value = loss.f_double_value(&[])?;
         if !value.is_finite() {
-            return Err(CoreError::NonFiniteLoss { what: "backprop".into(), value });
+            return Err(CoreError::NonFiniteLoss {
+                what: "backprop".into(),
+                value,
+            });
         }
         loss.f_backward()?;
         self.opt.step();
-        Ok(StepStats { loss: value, module_losses: Vec::new() })
+        Ok(StepStats {
+            loss: value,
+            module_losses: Vec::new(),
+        })
     }
 
     fn cascade(&mut self, x: &Tensor) -> Result<Cascade> {
         let z = tch::no_grad(|| self.extractor.forward(x));
-        Ok(cascade_from_features(self.modules.iter(), &z, self.num_classes))
+        Ok(cascade_from_features(
+            self.modules.iter(),
+            &z,
+            self.num_classes,
+        ))
     }
 
     fn state(&mut self) -> Result<Vec<(String, Tensor)>> {

@@ -114,11 +114,15 @@ impl ModelConfig {
         ];
         for (name, v) in checks {
             if v < 1 {
-                return Err(CoreError::InvalidConfig(format!("{name} must be at least 1, got {v}")));
+                return Err(CoreError::InvalidConfig(format!(
+                    "{name} must be at least 1, got {v}"
+                )));
             }
         }
         if self.num_classes < 2 {
-            return Err(CoreError::InvalidConfig("num_classes must be at least 2".into()));
+            return Err(CoreError::InvalidConfig(
+                "num_classes must be at least 2".into(),
+            ));
         }
         Ok(())
     }
@@ -135,7 +139,10 @@ pub struct LossConfig {
 
 impl Default for LossConfig {
     fn default() -> Self {
-        Self { alpha: 0.5, label_smoothing: 0.0 }
+        Self {
+            alpha: 0.5,
+            label_smoothing: 0.0,
+        }
     }
 }
 
@@ -143,7 +150,10 @@ impl LossConfig {
     /// Checks α ∈ [0, 1] and ε ∈ [0, 1).
     pub fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.alpha) {
-            return Err(CoreError::InvalidConfig(format!("alpha must be in [0, 1], got {}", self.alpha)));
+            return Err(CoreError::InvalidConfig(format!(
+                "alpha must be in [0, 1], got {}",
+                self.alpha
+            )));
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(CoreError::InvalidConfig(format!(

@@ -34,7 +34,10 @@ impl Extractor {
         match cfg.extractor {
             ExtractorKind::Cnn => {
                 let conv = |name: &str, i: i64, o: i64| {
-                    let c = nn::ConvConfig { padding: 1, ..Default::default() };
+                    let c = nn::ConvConfig {
+                        padding: 1,
+                        ..Default::default()
+                    };
                     nn::conv2d(p / name, i, o, 3, c)
                 };
                 let convs = [

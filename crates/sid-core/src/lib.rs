@@ -45,7 +45,7 @@ pub use bp::BpNetwork;
 pub use config::{ExtractorKind, LossConfig, Method, ModelConfig};
 pub use error::CoreError;
 pub use extractor::Extractor;
-pub use network::{Cascade, Network, NamedTensors, StepStats};
+pub use network::{Cascade, NamedTensors, Network, StepStats};
 pub use sid::SidNetwork;
 pub use unit::{ExtractorUnit, LocalOutput, ModuleUnit};
 

@@ -62,12 +62,18 @@ mod tests {
         let labels = Tensor::from_slice(&[1i64]);
         // KL(onehot(1) ‖ p) = −ln(1/2) = ln 2.
         // KL(prev ‖ p) = 0.5 ln(0.5/0.25) + 0.25 ln(0.25/0.5) + 0.25 ln(0.25/0.25) = 0.25 ln 2.
-        let cfg = LossConfig { alpha: 0.5, label_smoothing: 0.0 };
+        let cfg = LossConfig {
+            alpha: 0.5,
+            label_smoothing: 0.0,
+        };
         let got = scalar(&local_loss(&logits, &prev, &labels, &cfg));
         let want = 0.5 * 2f64.ln() + 0.5 * 0.25 * 2f64.ln();
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         // α = 0.2 weighs them 0.2 / 0.8.
-        let cfg = LossConfig { alpha: 0.2, label_smoothing: 0.0 };
+        let cfg = LossConfig {
+            alpha: 0.2,
+            label_smoothing: 0.0,
+        };
         let got = scalar(&local_loss(&logits, &prev, &labels, &cfg));
         let want = 0.2 * 2f64.ln() + 0.8 * 0.25 * 2f64.ln();
         assert!((got - want).abs() < 1e-6, "{got} vs {want}");
@@ -101,7 +107,10 @@ mod tests {
         let logits = Tensor::randn([5, 7], (Kind::Float, Device::Cpu));
         let labels = Tensor::from_slice(&[0i64, 6, 3, 3, 1]);
         let prev = logits.softmax(-1, Kind::Float); // consistency term is then zero
-        let cfg = LossConfig { alpha: 1.0, label_smoothing: 0.0 };
+        let cfg = LossConfig {
+            alpha: 1.0,
+            label_smoothing: 0.0,
+        };
         let a = scalar(&local_loss(&logits, &prev, &labels, &cfg));
         let b = scalar(&cross_entropy(&logits, &labels));
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
@@ -113,7 +122,10 @@ mod tests {
         let alpha = 0.3;
         let prev = t2(&[[0.2, 0.5, 0.3]]);
         let labels = Tensor::from_slice(&[0i64]);
-        let cfg = LossConfig { alpha, label_smoothing: 0.0 };
+        let cfg = LossConfig {
+            alpha,
+            label_smoothing: 0.0,
+        };
         let mut logits = Tensor::zeros([1, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         for _ in 0..3000 {
             logits.zero_grad();
@@ -125,7 +137,11 @@ mod tests {
             });
         }
         let p: Vec<f32> = Vec::try_from(logits.softmax(-1, Kind::Float).view([-1])).unwrap();
-        let want = [alpha + (1.0 - alpha) * 0.2, (1.0 - alpha) * 0.5, (1.0 - alpha) * 0.3];
+        let want = [
+            alpha + (1.0 - alpha) * 0.2,
+            (1.0 - alpha) * 0.5,
+            (1.0 - alpha) * 0.3,
+        ];
         for (g, w) in p.iter().zip(want) {
             assert!((*g as f64 - w).abs() < 1e-4, "{p:?} vs {want:?}");
         }

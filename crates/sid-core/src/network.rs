@@ -26,12 +26,18 @@ pub struct Cascade {
 impl Cascade {
     /// The prediction: argmax of the last module's logits [B].
     pub fn prediction(&self) -> Tensor {
-        self.logits.last().expect("a cascade has at least one module").argmax(-1, false)
+        self.logits
+            .last()
+            .expect("a cascade has at least one module")
+            .argmax(-1, false)
     }
 
     /// Every module's belief `p_i = softmax(logits_i)`.
     pub fn beliefs(&self) -> Vec<Tensor> {
-        self.logits.iter().map(|l| l.softmax(-1, Kind::Float)).collect()
+        self.logits
+            .iter()
+            .map(|l| l.softmax(-1, Kind::Float))
+            .collect()
     }
 
     /// Number of correct predictions of each module against `labels`, on the CPU.
@@ -40,7 +46,10 @@ impl Cascade {
             .iter()
             .map(|l| {
                 let labels = labels.to_device(l.device());
-                l.argmax(-1, false).eq_tensor(&labels).sum(Kind::Int64).int64_value(&[])
+                l.argmax(-1, false)
+                    .eq_tensor(&labels)
+                    .sum(Kind::Int64)
+                    .int64_value(&[])
             })
             .collect()
     }
@@ -69,9 +78,9 @@ pub struct NamedTensors(pub HashMap<String, Tensor>);
 impl NamedTensors {
     /// The tensor called `name`, or a [`CoreError::StateMismatch`] naming it.
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.0
-            .get(name)
-            .ok_or_else(|| CoreError::StateMismatch(format!("{name} is missing from the checkpoint")))
+        self.0.get(name).ok_or_else(|| {
+            CoreError::StateMismatch(format!("{name} is missing from the checkpoint"))
+        })
     }
 
     /// Number of tensors.
@@ -101,13 +110,18 @@ pub fn load_var_store(vs: &tch::nn::VarStore, named: &NamedTensors) -> Result<()
 
 /// Every variable of `vs` as named CPU tensors (copies, safe to keep).
 pub fn var_store_state(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> =
-        vs.variables().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu).copy())).collect();
+    let mut v: Vec<_> = vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).copy()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
 
 /// Turns an optimizer state into CPU copies.
 pub fn to_cpu(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
-    v.into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu).copy())).collect()
+    v.into_iter()
+        .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).copy()))
+        .collect()
 }

@@ -23,8 +23,14 @@ impl SidNetwork {
         cfg.validate()?;
         loss.validate()?;
         let extractor = ExtractorUnit::new(cfg, lr, device);
-        let modules = (0..cfg.modules).map(|i| ModuleUnit::new(i, cfg, loss, lr, device)).collect();
-        Ok(Self { num_classes: cfg.num_classes, extractor, modules })
+        let modules = (0..cfg.modules)
+            .map(|i| ModuleUnit::new(i, cfg, loss, lr, device))
+            .collect();
+        Ok(Self {
+            num_classes: cfg.num_classes,
+            extractor,
+            modules,
+        })
     }
 
     /// The module units, first to last.
@@ -90,12 +96,19 @@ impl Network for SidNetwork {
             module_losses.push(out.loss);
         }
         self.extractor.backward_step(&z, &grad_z)?;
-        Ok(StepStats { loss: module_losses.iter().sum(), module_losses })
+        Ok(StepStats {
+            loss: module_losses.iter().sum(),
+            module_losses,
+        })
     }
 
     fn cascade(&mut self, x: &Tensor) -> Result<Cascade> {
         let z = tch::no_grad(|| self.extractor.forward(x));
-        Ok(cascade_from_features(self.modules.iter().map(|m| m.module()), &z, self.num_classes))
+        Ok(cascade_from_features(
+            self.modules.iter().map(|m| m.module()),
+            &z,
+            self.num_classes,
+        ))
     }
 
     fn state(&mut self) -> Result<Vec<(String, Tensor)>> {
@@ -162,7 +175,8 @@ mod tests {
             for _ in 0..3 {
                 sid.train_step(&x, &y).unwrap();
             }
-            bp.load_weights(&NamedTensors::from(sid.state().unwrap())).unwrap();
+            bp.load_weights(&NamedTensors::from(sid.state().unwrap()))
+                .unwrap();
             let a = sid.cascade(&x).unwrap();
             let b = bp.cascade(&x).unwrap();
             assert_eq!(a.logits.len(), 3);
@@ -178,7 +192,10 @@ mod tests {
     fn unit_step_equals_reference_single_backward_of_summed_losses() {
         const STEPS: usize = 3;
         let cfg = small_cfg(ExtractorKind::Cnn);
-        let loss_cfg = LossConfig { alpha: 0.4, label_smoothing: 0.1 };
+        let loss_cfg = LossConfig {
+            alpha: 0.4,
+            label_smoothing: 0.1,
+        };
         tch::manual_seed(3);
         let mut sid = SidNetwork::new(&cfg, loss_cfg, 1e-2, Device::Cpu).unwrap();
         tch::manual_seed(3);
@@ -220,7 +237,10 @@ mod tests {
         let reference_vars = reference.vs.variables();
         for (name, var) in ext {
             let (g, h) = (var.grad(), reference_vars[&name].grad());
-            assert!(g.allclose(&h, 1e-4, 1e-7, false), "{name}: gradients differ");
+            assert!(
+                g.allclose(&h, 1e-4, 1e-7, false),
+                "{name}: gradients differ"
+            );
         }
     }
 
@@ -252,7 +272,10 @@ mod tests {
         assert_eq!(max_diff(&sa, &sb, "module_1."), 0.0);
         assert_eq!(max_diff(&sa, &sb, "module_2."), 0.0);
         assert!(max_diff(&sa, &sb, "module_3.") > 0.1);
-        assert!(max_diff(&sa, &sb, "extractor.") > 0.0, "the extractor sums every module's gradient");
+        assert!(
+            max_diff(&sa, &sb, "extractor.") > 0.0,
+            "the extractor sums every module's gradient"
+        );
     }
 
     #[test]
@@ -278,6 +301,9 @@ mod tests {
         let (x, y) = batch();
         let x = x * f64::NAN;
         let err = net.train_step(&x, &y).unwrap_err();
-        assert!(matches!(err, crate::CoreError::NonFiniteLoss { ref what, .. } if what == "module 1"), "{err}");
+        assert!(
+            matches!(err, crate::CoreError::NonFiniteLoss { ref what, .. } if what == "module 1"),
+            "{err}"
+        );
     }
 }

@@ -54,7 +54,13 @@ impl ModuleUnit {
         );
         vs.set_device(device);
         let opt = Adam::for_var_store(&vs, lr);
-        Self { index, vs, net, opt, loss }
+        Self {
+            index,
+            vs,
+            net,
+            opt,
+            loss,
+        }
     }
 
     /// Moves parameters and optimizer state to `device` (a worker does this in its own thread).
@@ -86,7 +92,12 @@ impl ModuleUnit {
     /// Phase 2: local loss, backward into this module only, Adam step. `p_prev` and `z` must
     /// be on this unit's device; neither receives gradient. A non-finite loss is reported and
     /// the parameters are left untouched.
-    pub fn local_step(&mut self, p_prev: &Tensor, z: &Tensor, labels: &Tensor) -> Result<LocalOutput> {
+    pub fn local_step(
+        &mut self,
+        p_prev: &Tensor,
+        z: &Tensor,
+        labels: &Tensor,
+    ) -> Result<LocalOutput> {
         let _span = tracing::trace_span!("phase2_module", module = self.index + 1).entered();
         self.opt.zero_grad();
         let z_in = z.detach().set_requires_grad(true);
@@ -94,25 +105,35 @@ impl ModuleUnit {
         let loss = local_loss(&logits, p_prev, labels, &self.loss);
         let value = loss.f_double_value(&[])?;
         if !value.is_finite() {
-            return Err(CoreError::NonFiniteLoss { what: format!("module {}", self.index + 1), value });
+            return Err(CoreError::NonFiniteLoss {
+                what: format!("module {}", self.index + 1),
+                value,
+            });
         }
         loss.f_backward()?;
         let grad_z = z_in.grad().detach();
         self.opt.step();
-        Ok(LocalOutput { loss: value, grad_z })
+        Ok(LocalOutput {
+            loss: value,
+            grad_z,
+        })
     }
 
     /// Weights and Adam state as named CPU tensors.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut v = var_store_state(&self.vs);
-        v.extend(to_cpu(self.opt.state(&format!("adam.{}", module_prefix(self.index)))));
+        v.extend(to_cpu(
+            self.opt
+                .state(&format!("adam.{}", module_prefix(self.index))),
+        ));
         v
     }
 
     /// Restores weights and Adam state saved by [`ModuleUnit::state`].
     pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
         load_var_store(&self.vs, named)?;
-        self.opt.load_state(&format!("adam.{}", module_prefix(self.index)), named)
+        self.opt
+            .load_state(&format!("adam.{}", module_prefix(self.index)), named)
     }
 }
 
@@ -151,7 +172,9 @@ impl ExtractorUnit {
     pub fn backward_step(&mut self, z: &Tensor, grad_z: &Tensor) -> Result<()> {
         let _span = tracing::trace_span!("extractor_backward").entered();
         self.opt.zero_grad();
-        (z * grad_z.detach()).f_sum(tch::Kind::Float)?.f_backward()?;
+        (z * grad_z.detach())
+            .f_sum(tch::Kind::Float)?
+            .f_backward()?;
         self.opt.step();
         Ok(())
     }

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use sid_core::belief::uniform_belief;
 use sid_core::{
-    Cascade, ExtractorUnit, LossConfig, Method, ModelConfig, ModuleUnit, NamedTensors, Network, StepStats,
+    Cascade, ExtractorUnit, LossConfig, Method, ModelConfig, ModuleUnit, NamedTensors, Network,
+    StepStats,
 };
 use tch::{Device, Tensor};
 
@@ -130,7 +131,10 @@ impl Pipeline {
         let k = cfg.devices.len();
         let placement = match cfg.placement.clone() {
             Some(p) if p.workers() != k => {
-                return Err(RuntimeError::Placement(format!("{} blocks for {k} devices", p.workers())))
+                return Err(RuntimeError::Placement(format!(
+                    "{} blocks for {k} devices",
+                    p.workers()
+                )))
             }
             Some(p) => p,
             None => Placement::even(cfg.model.modules, k)?,
@@ -145,11 +149,28 @@ impl Pipeline {
         let first = cfg.devices[0];
         let extractor = ExtractorUnit::new(&cfg.model, cfg.lr, first);
         let mut units: Vec<Option<ModuleUnit>> = (0..cfg.model.modules)
-            .map(|i| Some(ModuleUnit::new(i, &cfg.model, cfg.loss, cfg.lr, Device::Cpu)))
+            .map(|i| {
+                Some(ModuleUnit::new(
+                    i,
+                    &cfg.model,
+                    cfg.loss,
+                    cfg.lr,
+                    Device::Cpu,
+                ))
+            })
             .collect();
-        let cpu_workers = cfg.devices.iter().filter(|d| **d == Device::Cpu).count().max(1);
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let cpu_threads = cfg.threads_per_worker.unwrap_or_else(|| (cores / cpu_workers).max(1) as i32);
+        let cpu_workers = cfg
+            .devices
+            .iter()
+            .filter(|d| **d == Device::Cpu)
+            .count()
+            .max(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let cpu_threads = cfg
+            .threads_per_worker
+            .unwrap_or_else(|| (cores / cpu_workers).max(1) as i32);
         let (reply_tx, replies) = crossbeam_channel::bounded(2 * k + 2);
         let workers = cfg
             .devices
@@ -157,7 +178,10 @@ impl Pipeline {
             .zip(placement.blocks())
             .enumerate()
             .map(|(index, (&device, block))| {
-                let mine = block.clone().map(|i| units[i].take().expect("blocks do not overlap")).collect();
+                let mine = block
+                    .clone()
+                    .map(|i| units[i].take().expect("blocks do not overlap"))
+                    .collect();
                 let setup = WorkerSetup {
                     index,
                     device,
@@ -197,12 +221,17 @@ impl Pipeline {
 
     /// Each worker's device and module block (0-based), in order.
     pub fn layout(&self) -> Vec<(Device, std::ops::Range<usize>)> {
-        self.workers.iter().map(|w| (w.device, w.modules.clone())).collect()
+        self.workers
+            .iter()
+            .map(|w| (w.device, w.modules.clone()))
+            .collect()
     }
 
     fn send(&self, worker: usize, request: Request) -> Result<()> {
         let w = &self.workers[worker];
-        let tx = w.tx.as_ref().expect("workers are alive while the pipeline is");
+        let tx =
+            w.tx.as_ref()
+                .expect("workers are alive while the pipeline is");
         tx.send_timeout(request, self.timeout).map_err(|e| match e {
             crossbeam_channel::SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
                 waiter: "coordinator".into(),
@@ -230,18 +259,27 @@ impl Pipeline {
     }
 
     fn failed(&self, worker: usize, module: Option<usize>, cause: String) -> RuntimeError {
-        RuntimeError::Worker { worker, device: device_name(self.workers[worker].device), module, cause }
+        RuntimeError::Worker {
+            worker,
+            device: device_name(self.workers[worker].device),
+            module,
+            cause,
+        }
     }
 
     /// Next reply; `pending` names the workers still owing one, for the timeout message.
     fn recv(&self, pending: &[usize], what: &str) -> Result<Envelope> {
         match self.replies.recv_timeout(self.timeout) {
-            Ok(Envelope { worker, reply: Reply::Failed { module, cause } }) => {
-                Err(self.failed(worker, module, cause))
-            }
+            Ok(Envelope {
+                worker,
+                reply: Reply::Failed { module, cause },
+            }) => Err(self.failed(worker, module, cause)),
             Ok(env) => Ok(env),
             Err(RecvTimeoutError::Timeout) => {
-                let who: Vec<String> = pending.iter().map(|&w| self.workers[w].describe()).collect();
+                let who: Vec<String> = pending
+                    .iter()
+                    .map(|&w| self.workers[w].describe())
+                    .collect();
                 Err(RuntimeError::Timeout {
                     waiter: "coordinator".into(),
                     waited_for: format!("{} to return {what}", who.join(", ")),
@@ -250,7 +288,10 @@ impl Pipeline {
             }
             Err(RecvTimeoutError::Disconnected) => Err(RuntimeError::Worker {
                 worker: pending.first().copied().unwrap_or(0),
-                device: pending.first().map(|&w| device_name(self.workers[w].device)).unwrap_or_default(),
+                device: pending
+                    .first()
+                    .map(|&w| device_name(self.workers[w].device))
+                    .unwrap_or_default(),
                 module: None,
                 cause: "every worker thread has exited".into(),
             }),
@@ -268,7 +309,11 @@ impl Pipeline {
         self.step += 1;
         let step = self.step;
         let k = self.workers.len();
-        let mut timing = StepTiming { phase1: vec![Duration::ZERO; k], phase2: vec![Duration::ZERO; k], ..Default::default() };
+        let mut timing = StepTiming {
+            phase1: vec![Duration::ZERO; k],
+            phase2: vec![Duration::ZERO; k],
+            ..Default::default()
+        };
         let started = Instant::now();
         let coord = self.extractor.device();
         let z = self.extractor.forward(x);
@@ -280,7 +325,11 @@ impl Pipeline {
             let _span = tracing::info_span!("broadcast", step).entered();
             for w in 0..self.workers.len() {
                 let dev = self.workers[w].device;
-                let request = Request::Begin { step, z: z_detached.to_device(dev), labels: y.to_device(dev) };
+                let request = Request::Begin {
+                    step,
+                    z: z_detached.to_device(dev),
+                    labels: y.to_device(dev),
+                };
                 self.send(w, request)?;
             }
         }
@@ -310,7 +359,13 @@ impl Pipeline {
                         self.send(next, Request::Teacher { step, p_in })?;
                     }
                 }
-                Reply::Local { step: s, losses: l, grad_z, phase1, phase2 } => {
+                Reply::Local {
+                    step: s,
+                    losses: l,
+                    grad_z,
+                    phase1,
+                    phase2,
+                } => {
                     timing.phase1[w] = phase1;
                     timing.phase2[w] = phase2;
                     if s != step || losses[w].is_some() {
@@ -341,7 +396,10 @@ impl Pipeline {
         self.last_timing = timing;
         let module_losses: Vec<f64> = losses.into_iter().flatten().flatten().collect();
         debug_assert_eq!(module_losses.len(), self.modules);
-        Ok(StepStats { loss: module_losses.iter().sum(), module_losses })
+        Ok(StepStats {
+            loss: module_losses.iter().sum(),
+            module_losses,
+        })
     }
 
     fn cascade_inner(&mut self, x: &Tensor) -> Result<Cascade> {
@@ -352,13 +410,24 @@ impl Pipeline {
         let mut logits = Vec::with_capacity(self.modules);
         for w in 0..self.workers.len() {
             let dev = self.workers[w].device;
-            self.send(w, Request::Cascade { z: z.to_device(dev), p_in: p.to_device(dev) })?;
+            self.send(
+                w,
+                Request::Cascade {
+                    z: z.to_device(dev),
+                    p_in: p.to_device(dev),
+                },
+            )?;
             match self.recv(&[w], "inference results")? {
-                Envelope { worker, reply: Reply::Cascade { logits: l, p_out } } if worker == w => {
+                Envelope {
+                    worker,
+                    reply: Reply::Cascade { logits: l, p_out },
+                } if worker == w => {
                     logits.extend(l.into_iter().map(|t| t.to_device(coord)));
                     p = p_out;
                 }
-                Envelope { worker, .. } => return Err(self.wrong(worker, "an unexpected reply", "inference results")),
+                Envelope { worker, .. } => {
+                    return Err(self.wrong(worker, "an unexpected reply", "inference results"))
+                }
             }
         }
         Ok(Cascade { logits })
@@ -387,8 +456,15 @@ impl Network for Pipeline {
         for w in 0..self.workers.len() {
             self.send(w, Request::State)?;
             match self.recv(&[w], "its state")? {
-                Envelope { worker, reply: Reply::State(s) } if worker == w => all.extend(s),
-                Envelope { worker, .. } => return Err(self.wrong(worker, "an unexpected reply", "its state").into()),
+                Envelope {
+                    worker,
+                    reply: Reply::State(s),
+                } if worker == w => all.extend(s),
+                Envelope { worker, .. } => {
+                    return Err(self
+                        .wrong(worker, "an unexpected reply", "its state")
+                        .into())
+                }
             }
         }
         Ok(all)
@@ -413,8 +489,13 @@ impl Network for Pipeline {
                 .collect();
             self.send(w, Request::Load(mine))?;
             match self.recv(&[w], "confirmation of a state load")? {
-                Envelope { worker, reply: Reply::Loaded } if worker == w => {}
-                Envelope { worker, .. } => return Err(self.wrong(worker, "an unexpected reply", "Loaded").into()),
+                Envelope {
+                    worker,
+                    reply: Reply::Loaded,
+                } if worker == w => {}
+                Envelope { worker, .. } => {
+                    return Err(self.wrong(worker, "an unexpected reply", "Loaded").into())
+                }
             }
         }
         Ok(())

@@ -30,7 +30,11 @@ pub struct Fault {
 impl Fault {
     /// Parses `WORKER:STEP:KIND`, KIND one of panic, error, nan, hang.
     pub fn parse(spec: &str) -> Result<Self> {
-        let bad = || RuntimeError::Config(format!("fault {spec:?} is not WORKER:STEP:panic|error|nan|hang"));
+        let bad = || {
+            RuntimeError::Config(format!(
+                "fault {spec:?} is not WORKER:STEP:panic|error|nan|hang"
+            ))
+        };
         let mut it = spec.split(':');
         let worker = it.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
         let step = it.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
@@ -54,7 +58,14 @@ mod tests {
 
     #[test]
     fn parses() {
-        assert_eq!(Fault::parse("1:3:nan").unwrap(), Fault { worker: 1, step: 3, kind: FaultKind::Nan });
+        assert_eq!(
+            Fault::parse("1:3:nan").unwrap(),
+            Fault {
+                worker: 1,
+                step: 3,
+                kind: FaultKind::Nan
+            }
+        );
         assert!(Fault::parse("1:3").is_err());
         assert!(Fault::parse("1:x:panic").is_err());
         assert!(Fault::parse("1:3:boom").is_err());

@@ -15,7 +15,9 @@ impl Placement {
     /// `modules` split over `workers` as evenly as possible; earlier workers get the extra ones.
     pub fn even(modules: usize, workers: usize) -> Result<Self> {
         if workers == 0 || modules == 0 {
-            return Err(RuntimeError::Placement("need at least one worker and one module".into()));
+            return Err(RuntimeError::Placement(
+                "need at least one worker and one module".into(),
+            ));
         }
         if workers > modules {
             return Err(RuntimeError::Placement(format!(
@@ -38,14 +40,20 @@ impl Placement {
     /// Parses `0:0-1,1:2-4` (worker:first-last, 0-based, inclusive; `1:5` for one module).
     /// Every worker must get one contiguous block, in worker order, covering all modules.
     pub fn parse(spec: &str, modules: usize, workers: usize) -> Result<Self> {
-        let bad = |why: String| Err(RuntimeError::Placement(format!("--placement {spec:?}: {why}")));
+        let bad = |why: String| {
+            Err(RuntimeError::Placement(format!(
+                "--placement {spec:?}: {why}"
+            )))
+        };
         let mut blocks = Vec::new();
         for (k, part) in spec.split(',').enumerate() {
             let Some((w, range)) = part.trim().split_once(':') else {
                 return bad(format!("{part:?} is not worker:first-last"));
             };
             if w.trim().parse::<usize>().ok() != Some(k) {
-                return bad(format!("entries must name workers 0, 1, 2… in order; entry {k} names {w:?}"));
+                return bad(format!(
+                    "entries must name workers 0, 1, 2… in order; entry {k} names {w:?}"
+                ));
             }
             let (a, b) = range.split_once('-').unwrap_or((range, range));
             let (Ok(a), Ok(b)) = (a.trim().parse::<usize>(), b.trim().parse::<usize>()) else {
@@ -67,7 +75,11 @@ impl Placement {
             next = r.end;
         }
         if next != modules {
-            return bad(format!("blocks cover modules 0-{} but the model has {modules} (0-{})", next - 1, modules - 1));
+            return bad(format!(
+                "blocks cover modules 0-{} but the model has {modules} (0-{})",
+                next - 1,
+                modules - 1
+            ));
         }
         Ok(Self { blocks })
     }
@@ -84,8 +96,12 @@ impl Placement {
 
     /// The same placement in `--placement` syntax.
     pub fn to_spec(&self) -> String {
-        let parts: Vec<String> =
-            self.blocks.iter().enumerate().map(|(k, r)| format!("{k}:{}-{}", r.start, r.end - 1)).collect();
+        let parts: Vec<String> = self
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(k, r)| format!("{k}:{}-{}", r.start, r.end - 1))
+            .collect();
         parts.join(",")
     }
 }
@@ -99,8 +115,14 @@ mod tests {
         let p = Placement::even(10, 4).unwrap();
         assert_eq!(p.blocks(), &[0..3, 3..6, 6..8, 8..10]);
         assert_eq!(p.to_spec(), "0:0-2,1:3-5,2:6-7,3:8-9");
-        assert_eq!(Placement::even(4, 4).unwrap().blocks(), &[0..1, 1..2, 2..3, 3..4]);
-        assert!(Placement::even(2, 3).unwrap_err().to_string().contains("only 2 modules"));
+        assert_eq!(
+            Placement::even(4, 4).unwrap().blocks(),
+            &[0..1, 1..2, 2..3, 3..4]
+        );
+        assert!(Placement::even(2, 3)
+            .unwrap_err()
+            .to_string()
+            .contains("only 2 modules"));
     }
 
     #[test]
@@ -108,7 +130,10 @@ mod tests {
         let p = Placement::parse("0:0-1,1:2-4", 5, 2).unwrap();
         assert_eq!(p.blocks(), &[0..2, 2..5]);
         assert_eq!(Placement::parse(&p.to_spec(), 5, 2).unwrap(), p);
-        assert_eq!(Placement::parse("0:0,1:1", 2, 2).unwrap().blocks(), &[0..1, 1..2]);
+        assert_eq!(
+            Placement::parse("0:0,1:1", 2, 2).unwrap().blocks(),
+            &[0..1, 1..2]
+        );
         for (spec, why) in [
             ("0:0-1", "1 entries for 2 devices"),
             ("0:0-1,1:3-4", "contiguous"),

@@ -33,10 +33,18 @@ fn api() -> Option<&'static Api> {
         // and torch/csrc/stable), which return 0 on success.
         unsafe {
             let api = Api {
-                get_from_pool: *lib.get::<GetFromPool>(b"torch_get_cuda_stream_from_pool\0").ok()?,
-                set_current: *lib.get::<SetCurrent>(b"torch_set_current_cuda_stream\0").ok()?,
-                synchronize: *lib.get::<Synchronize>(b"torch_cuda_stream_synchronize\0").ok()?,
-                get_current: *lib.get::<GetCurrent>(b"aoti_torch_get_current_cuda_stream\0").ok()?,
+                get_from_pool: *lib
+                    .get::<GetFromPool>(b"torch_get_cuda_stream_from_pool\0")
+                    .ok()?,
+                set_current: *lib
+                    .get::<SetCurrent>(b"torch_set_current_cuda_stream\0")
+                    .ok()?,
+                synchronize: *lib
+                    .get::<Synchronize>(b"torch_cuda_stream_synchronize\0")
+                    .ok()?,
+                get_current: *lib
+                    .get::<GetCurrent>(b"aoti_torch_get_current_cuda_stream\0")
+                    .ok()?,
             };
             // Keep the handle (and so the symbols) for the life of the process.
             std::mem::forget(lib);
@@ -58,12 +66,16 @@ pub fn use_pool_stream(device: usize) -> Result<(), String> {
     // SAFETY: valid out-pointer; the stream is owned by libtorch's pool.
     let rc = unsafe { (api.get_from_pool)(false, device as i32, &mut stream) };
     if rc != 0 || stream.is_null() {
-        return Err(format!("torch_get_cuda_stream_from_pool(cuda:{device}) failed ({rc})"));
+        return Err(format!(
+            "torch_get_cuda_stream_from_pool(cuda:{device}) failed ({rc})"
+        ));
     }
     // SAFETY: the stream pointer came from the pool for this device.
     let rc = unsafe { (api.set_current)(stream, device as i32) };
     if rc != 0 {
-        return Err(format!("torch_set_current_cuda_stream(cuda:{device}) failed ({rc})"));
+        return Err(format!(
+            "torch_set_current_cuda_stream(cuda:{device}) failed ({rc})"
+        ));
     }
     Ok(())
 }
@@ -79,12 +91,16 @@ pub fn synchronize_current(device: usize) -> Result<(), String> {
     // SAFETY: valid out-pointer.
     let rc = unsafe { (api.get_current)(device as i32, &mut stream) };
     if rc != 0 {
-        return Err(format!("aoti_torch_get_current_cuda_stream(cuda:{device}) failed ({rc})"));
+        return Err(format!(
+            "aoti_torch_get_current_cuda_stream(cuda:{device}) failed ({rc})"
+        ));
     }
     // SAFETY: the pointer is the current stream libtorch just returned.
     let rc = unsafe { (api.synchronize)(stream, device as i32) };
     if rc != 0 {
-        return Err(format!("torch_cuda_stream_synchronize(cuda:{device}) failed ({rc})"));
+        return Err(format!(
+            "torch_cuda_stream_synchronize(cuda:{device}) failed ({rc})"
+        ));
     }
     Ok(())
 }

@@ -16,7 +16,11 @@ use crate::streams;
 /// What the coordinator asks a worker to do.
 pub(crate) enum Request {
     /// The broadcast of a step: detached features and labels, on this worker's device.
-    Begin { step: u64, z: Tensor, labels: Tensor },
+    Begin {
+        step: u64,
+        z: Tensor,
+        labels: Tensor,
+    },
     /// The belief entering this worker's first module: run the teacher chain through its
     /// modules, answer with the belief leaving the last one, then run phase 2 at once.
     Teacher { step: u64, p_in: Tensor },
@@ -34,7 +38,13 @@ pub(crate) enum Reply {
     Teacher { step: u64, p_out: Tensor },
     /// Phase 2 done: local losses of this worker's modules (in order) and the sum of their
     /// gradients at `z`.
-    Local { step: u64, losses: Vec<f64>, grad_z: Tensor, phase1: Duration, phase2: Duration },
+    Local {
+        step: u64,
+        losses: Vec<f64>,
+        grad_z: Tensor,
+        phase1: Duration,
+        phase2: Duration,
+    },
     /// Inference: logits of this worker's modules and the belief leaving the last one.
     Cascade { logits: Vec<Tensor>, p_out: Tensor },
     /// Weights and optimizer state.
@@ -42,7 +52,10 @@ pub(crate) enum Reply {
     /// `Load` done.
     Loaded,
     /// The worker failed and has stopped.
-    Failed { module: Option<usize>, cause: String },
+    Failed {
+        module: Option<usize>,
+        cause: String,
+    },
 }
 
 /// A reply tagged with the worker that sent it.
@@ -93,7 +106,11 @@ impl WorkerHandle {
                 let _ = t.join();
             }
         } else {
-            tracing::warn!("{} did not stop within {:?}; leaving it", self.describe(), grace);
+            tracing::warn!(
+                "{} did not stop within {:?}; leaving it",
+                self.describe(),
+                grace
+            );
         }
     }
 }
@@ -115,16 +132,26 @@ struct Failure {
 
 impl From<tch::TchError> for Failure {
     fn from(e: tch::TchError) -> Self {
-        Failure { module: None, cause: e.to_string() }
+        Failure {
+            module: None,
+            cause: e.to_string(),
+        }
     }
 }
 
 fn from_stream(cause: String) -> Failure {
-    Failure { module: None, cause }
+    Failure {
+        module: None,
+        cause,
+    }
 }
 
 /// Starts a worker thread that owns `units` (moved to its device inside the thread).
-pub(crate) fn spawn(setup: WorkerSetup, units: Vec<ModuleUnit>, replies: Sender<Envelope>) -> WorkerHandle {
+pub(crate) fn spawn(
+    setup: WorkerSetup,
+    units: Vec<ModuleUnit>,
+    replies: Sender<Envelope>,
+) -> WorkerHandle {
     let (tx, rx) = crossbeam_channel::bounded::<Request>(4);
     let (exit_tx, exited) = crossbeam_channel::bounded::<()>(1);
     let (index, device, modules) = (setup.index, setup.device, setup.modules.clone());
@@ -135,7 +162,14 @@ pub(crate) fn spawn(setup: WorkerSetup, units: Vec<ModuleUnit>, replies: Sender<
             let _ = exit_tx.send(());
         })
         .expect("spawning a worker thread");
-    WorkerHandle { index, device, modules, tx: Some(tx), thread: Some(thread), exited }
+    WorkerHandle {
+        index,
+        device,
+        modules,
+        tx: Some(tx),
+        thread: Some(thread),
+        exited,
+    }
 }
 
 struct State {
@@ -146,9 +180,21 @@ struct State {
     labels: Option<Tensor>,
 }
 
-fn run(setup: WorkerSetup, mut units: Vec<ModuleUnit>, rx: Receiver<Request>, replies: Sender<Envelope>) {
+fn run(
+    setup: WorkerSetup,
+    mut units: Vec<ModuleUnit>,
+    rx: Receiver<Request>,
+    replies: Sender<Envelope>,
+) {
     let index = setup.index;
-    let send = |reply| replies.send(Envelope { worker: index, reply }).is_ok();
+    let send = |reply| {
+        replies
+            .send(Envelope {
+                worker: index,
+                reply,
+            })
+            .is_ok()
+    };
     let init = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), Failure> {
         if let Some(n) = setup.threads {
             // Per thread in libtorch (OpenMP/MKL thread-local settings).
@@ -163,17 +209,29 @@ fn run(setup: WorkerSetup, mut units: Vec<ModuleUnit>, rx: Receiver<Request>, re
         streams::sync_device(setup.device).map_err(from_stream)
     }));
     if let Err(f) = flatten(init) {
-        send(Reply::Failed { module: f.module, cause: f.cause });
+        send(Reply::Failed {
+            module: f.module,
+            cause: f.cause,
+        });
         return;
     }
-    let mut state = State { setup, units, step: 0, z: None, labels: None };
+    let mut state = State {
+        setup,
+        units,
+        step: 0,
+        z: None,
+        labels: None,
+    };
     while let Ok(request) = rx.recv() {
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| state.handle(request, &send)));
         match flatten(outcome) {
             Ok(true) => {}
             Ok(false) => return, // the coordinator is gone
             Err(f) => {
-                send(Reply::Failed { module: f.module, cause: f.cause });
+                send(Reply::Failed {
+                    module: f.module,
+                    cause: f.cause,
+                });
                 return;
             }
         }
@@ -189,7 +247,10 @@ fn flatten<T>(r: std::thread::Result<Result<T, Failure>>) -> Result<T, Failure> 
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(Failure { module: None, cause: format!("panicked: {msg}") })
+            Err(Failure {
+                module: None,
+                cause: format!("panicked: {msg}"),
+            })
         }
     }
 }
@@ -206,17 +267,30 @@ impl State {
                 Ok(true)
             }
             Request::Teacher { step, p_in } => {
-                let _span = tracing::info_span!("worker_step", worker = self.setup.index, step).entered();
+                let _span =
+                    tracing::info_span!("worker_step", worker = self.setup.index, step).entered();
                 if step != self.step {
-                    return Err(from_stream(format!("teacher belief for step {step} arrived during step {}", self.step)));
+                    return Err(from_stream(format!(
+                        "teacher belief for step {step} arrived during step {}",
+                        self.step
+                    )));
                 }
                 let (Some(mut z), Some(labels)) = (self.z.take(), self.labels.take()) else {
-                    return Err(from_stream(format!("step {step}: no broadcast of z before the teacher belief")));
+                    return Err(from_stream(format!(
+                        "step {step}: no broadcast of z before the teacher belief"
+                    )));
                 };
-                if let Some(kind) = self.setup.fault.filter(|f| f.worker == self.setup.index && f.step == step).map(|f| f.kind) {
+                if let Some(kind) = self
+                    .setup
+                    .fault
+                    .filter(|f| f.worker == self.setup.index && f.step == step)
+                    .map(|f| f.kind)
+                {
                     match kind {
                         FaultKind::Panic => panic!("injected fault at step {step}"),
-                        FaultKind::Error => return Err(from_stream(format!("injected error at step {step}"))),
+                        FaultKind::Error => {
+                            return Err(from_stream(format!("injected error at step {step}")))
+                        }
                         FaultKind::Nan => z = &z * f64::NAN,
                         FaultKind::Hang => std::thread::sleep(Duration::from_secs(3600)),
                     }
@@ -246,9 +320,10 @@ impl State {
                 let mut grad_z: Option<Tensor> = None;
                 for (u, p_prev) in self.units.iter_mut().zip(&teachers) {
                     let module = u.index() + 1;
-                    let out = u
-                        .local_step(p_prev, &z, &labels)
-                        .map_err(|e| Failure { module: Some(module), cause: e.to_string() })?;
+                    let out = u.local_step(p_prev, &z, &labels).map_err(|e| Failure {
+                        module: Some(module),
+                        cause: e.to_string(),
+                    })?;
                     losses.push(out.loss);
                     grad_z = Some(match grad_z {
                         None => out.grad_z,
@@ -257,7 +332,13 @@ impl State {
                 }
                 let grad_z = grad_z.expect("a worker owns at least one module");
                 streams::sync_device(device).map_err(from_stream)?;
-                Ok(send(Reply::Local { step, losses, grad_z, phase1, phase2: started.elapsed() }))
+                Ok(send(Reply::Local {
+                    step,
+                    losses,
+                    grad_z,
+                    phase1,
+                    phase2: started.elapsed(),
+                }))
             }
             Request::Cascade { z, p_in } => {
                 let mut p = p_in;
@@ -279,7 +360,10 @@ impl State {
             Request::Load(named) => {
                 let named = NamedTensors::from(named);
                 for u in &mut self.units {
-                    u.load_state(&named).map_err(|e| Failure { module: Some(u.index() + 1), cause: e.to_string() })?;
+                    u.load_state(&named).map_err(|e| Failure {
+                        module: Some(u.index() + 1),
+                        cause: e.to_string(),
+                    })?;
                 }
                 streams::sync_device(device).map_err(from_stream)?;
                 Ok(send(Reply::Loaded))

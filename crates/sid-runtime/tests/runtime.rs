@@ -32,7 +32,10 @@ fn batches(n: usize) -> Vec<(Tensor, Tensor)> {
 
 fn config(modules: usize, workers: usize) -> PipelineConfig {
     let mut cfg = PipelineConfig::new(model(modules), vec![Device::Cpu; workers]);
-    cfg.loss = LossConfig { alpha: 0.5, label_smoothing: 0.0 };
+    cfg.loss = LossConfig {
+        alpha: 0.5,
+        label_smoothing: 0.0,
+    };
     cfg.lr = 1e-3;
     cfg
 }
@@ -40,7 +43,12 @@ fn config(modules: usize, workers: usize) -> PipelineConfig {
 fn max_abs_diff(a: &[(String, Tensor)], b: &NamedTensors) -> f64 {
     assert_eq!(a.len(), b.len(), "same set of tensors");
     a.iter()
-        .map(|(n, t)| (t.to_kind(Kind::Double) - b.get(n).unwrap().to_kind(Kind::Double)).abs().max().double_value(&[]))
+        .map(|(n, t)| {
+            (t.to_kind(Kind::Double) - b.get(n).unwrap().to_kind(Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[])
+        })
         .fold(0.0, f64::max)
 }
 
@@ -52,8 +60,14 @@ fn four_workers_match_the_single_device_trainer_after_20_steps() {
     tch::manual_seed(0);
     let mut pipeline = Pipeline::new(config(4, 4)).unwrap();
     assert_eq!(pipeline.placement().to_spec(), "0:0-0,1:1-1,2:2-2,3:3-3");
-    let before = max_abs_diff(&pipeline.state().unwrap(), &NamedTensors::from(single.state().unwrap()));
-    assert_eq!(before, 0.0, "same seed, same initial weights and optimizer state");
+    let before = max_abs_diff(
+        &pipeline.state().unwrap(),
+        &NamedTensors::from(single.state().unwrap()),
+    );
+    assert_eq!(
+        before, 0.0,
+        "same seed, same initial weights and optimizer state"
+    );
     for (x, y) in &data {
         let a = single.train_step(x, y).unwrap();
         let b = pipeline.train_step(x, y).unwrap();
@@ -61,7 +75,10 @@ fn four_workers_match_the_single_device_trainer_after_20_steps() {
             assert!((la - lb).abs() < 1e-5, "{a:?} vs {b:?}");
         }
     }
-    let diff = max_abs_diff(&pipeline.state().unwrap(), &NamedTensors::from(single.state().unwrap()));
+    let diff = max_abs_diff(
+        &pipeline.state().unwrap(),
+        &NamedTensors::from(single.state().unwrap()),
+    );
     assert!(diff < 1e-5, "parameters differ by {diff} after 20 steps");
     let (x, _) = &data[0];
     let ca = single.cascade(x).unwrap();
@@ -113,7 +130,11 @@ fn state_round_trips_through_the_workers() {
 fn failing_run(kind: FaultKind, timeout: Duration) -> (String, Duration) {
     let data = batches(4);
     let mut cfg = config(4, 2);
-    cfg.fault = Some(Fault { worker: 1, step: 3, kind });
+    cfg.fault = Some(Fault {
+        worker: 1,
+        step: 3,
+        kind,
+    });
     cfg.timeout = timeout;
     let mut pipeline = Pipeline::new(cfg).unwrap();
     let started = Instant::now();
@@ -134,26 +155,39 @@ fn failing_run(kind: FaultKind, timeout: Duration) -> (String, Duration) {
 #[test]
 fn a_panicking_worker_stops_the_step_with_its_name_and_cause() {
     let (msg, _) = failing_run(FaultKind::Panic, Duration::from_secs(30));
-    assert!(msg.contains("worker 1 on cpu failed") && msg.contains("panicked: injected fault at step 3"), "{msg}");
+    assert!(
+        msg.contains("worker 1 on cpu failed")
+            && msg.contains("panicked: injected fault at step 3"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_worker_error_is_reported() {
     let (msg, _) = failing_run(FaultKind::Error, Duration::from_secs(30));
-    assert!(msg.contains("worker 1 on cpu failed") && msg.contains("injected error"), "{msg}");
+    assert!(
+        msg.contains("worker 1 on cpu failed") && msg.contains("injected error"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_nan_loss_is_reported_as_such_with_the_module() {
     let (msg, _) = failing_run(FaultKind::Nan, Duration::from_secs(30));
-    assert!(msg.contains("failed in module 3") && msg.contains("non-finite loss NaN in module 3"), "{msg}");
+    assert!(
+        msg.contains("failed in module 3") && msg.contains("non-finite loss NaN in module 3"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_hung_worker_times_out_naming_who_waited_for_whom() {
     let started = Instant::now();
     let (msg, elapsed) = failing_run(FaultKind::Hang, Duration::from_millis(1500));
-    assert!(msg.contains("coordinator waited") && msg.contains("worker 1 (cpu, modules 3-4)"), "{msg}");
+    assert!(
+        msg.contains("coordinator waited") && msg.contains("worker 1 (cpu, modules 3-4)"),
+        "{msg}"
+    );
     assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
     // Dropping the pipeline does not wait for the hung thread beyond its grace period.
     assert!(started.elapsed() < Duration::from_secs(30));

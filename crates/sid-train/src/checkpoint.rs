@@ -96,36 +96,56 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], position: &Position) -> R
         let t = t.to_device(Device::Cpu).to_kind(kind).contiguous();
         let numel = t.numel();
         let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel).map_err(sid_core::CoreError::from)?;
+        t.f_copy_data_u8(&mut data, numel)
+            .map_err(sid_core::CoreError::from)?;
         let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
         buffers.push((name.clone(), dtype, shape, data));
     }
     let views: Vec<(String, TensorView<'_>)> = buffers
         .iter()
-        .map(|(n, dt, shape, data)| (n.clone(), TensorView::new(*dt, shape.clone(), data).expect("consistent view")))
+        .map(|(n, dt, shape, data)| {
+            (
+                n.clone(),
+                TensorView::new(*dt, shape.clone(), data).expect("consistent view"),
+            )
+        })
         .collect();
-    let meta = HashMap::from([(META_KEY.to_string(), serde_json::to_string(position).expect("serialise"))]);
-    let bytes = safetensors::serialize(views, &Some(meta))
-        .map_err(|e| TrainError::Checkpoint { path: path.into(), reason: e.to_string() })?;
+    let meta = HashMap::from([(
+        META_KEY.to_string(),
+        serde_json::to_string(position).expect("serialise"),
+    )]);
+    let bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| TrainError::Checkpoint {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
     write_atomic(path, &bytes)
 }
 
 /// Loads a checkpoint: its tensors (on the CPU) and its position.
 pub fn load(path: &Path) -> Result<(NamedTensors, Position)> {
-    let bad = |reason: String| TrainError::Checkpoint { path: PathBuf::from(path), reason };
+    let bad = |reason: String| TrainError::Checkpoint {
+        path: PathBuf::from(path),
+        reason,
+    };
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => bad("file does not exist".into()),
         _ => TrainError::io(path, e),
     })?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
     let position: Position = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get(META_KEY))
         .ok_or_else(|| bad("no sid metadata (not written by sid-launch)".into()))
-        .and_then(|s| serde_json::from_str(s).map_err(|e| bad(format!("unreadable metadata: {e}"))))?;
+        .and_then(|s| {
+            serde_json::from_str(s).map_err(|e| bad(format!("unreadable metadata: {e}")))
+        })?;
     if position.format != FORMAT {
-        return Err(bad(format!("format {:?}, expected {FORMAT:?}", position.format)));
+        return Err(bad(format!(
+            "format {:?}, expected {FORMAT:?}",
+            position.format
+        )));
     }
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut named = HashMap::new();
@@ -136,7 +156,8 @@ pub fn load(path: &Path) -> Result<(NamedTensors, Position)> {
             other => return Err(bad(format!("{name}: unsupported dtype {other:?}"))),
         };
         let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind).map_err(|e| bad(format!("{name}: {e}")))?;
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .map_err(|e| bad(format!("{name}: {e}")))?;
         named.insert(name, t);
     }
     Ok((NamedTensors(named), position))
@@ -154,7 +175,15 @@ mod tests {
         let mut pos = Position::start(Method::Sid, 9);
         pos.step_in_epoch = 4;
         pos.partial.module_loss_sums = vec![1.0, 2.0];
-        save(&p, &[("w".into(), t.shallow_clone()), ("n".into(), Tensor::from(7i64))], &pos).unwrap();
+        save(
+            &p,
+            &[
+                ("w".into(), t.shallow_clone()),
+                ("n".into(), Tensor::from(7i64)),
+            ],
+            &pos,
+        )
+        .unwrap();
         let (named, got) = load(&p).unwrap();
         assert_eq!(got, pos);
         assert!(named.get("w").unwrap().equal(&t));
@@ -170,13 +199,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(CHECKPOINT_FILE);
         let e = load(&p).unwrap_err().to_string();
-        assert!(e.contains("does not exist") && e.contains(CHECKPOINT_FILE), "{e}");
+        assert!(
+            e.contains("does not exist") && e.contains(CHECKPOINT_FILE),
+            "{e}"
+        );
         std::fs::write(&p, b"garbage that is not a checkpoint").unwrap();
         let e = load(&p).unwrap_err().to_string();
         assert!(e.contains("not a safetensors file"), "{e}");
         // A valid safetensors file without our metadata.
         let bytes = safetensors::serialize(Vec::<(String, TensorView<'_>)>::new(), &None).unwrap();
         std::fs::write(&p, bytes).unwrap();
-        assert!(load(&p).unwrap_err().to_string().contains("no sid metadata"));
+        assert!(load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("no sid metadata"));
     }
 }

@@ -124,17 +124,23 @@ impl RunConfig {
 
     /// The local-loss settings.
     pub fn loss_config(&self) -> LossConfig {
-        LossConfig { alpha: self.alpha, label_smoothing: self.label_smoothing }
+        LossConfig {
+            alpha: self.alpha,
+            label_smoothing: self.label_smoothing,
+        }
     }
 
     /// The data folder: the one given, or the data set's default.
     pub fn resolved_data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(|| self.dataset.default_dir())
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| self.dataset.default_dir())
     }
 
     /// Whether training batches are augmented.
     pub fn resolved_augment(&self) -> bool {
-        self.augment.unwrap_or_else(|| self.dataset.augments_by_default())
+        self.augment
+            .unwrap_or_else(|| self.dataset.augments_by_default())
     }
 
     /// Checks every value; the message names the setting.
@@ -150,10 +156,16 @@ impl RunConfig {
             return bad(format!("lr must be positive, got {}", self.lr));
         }
         if !(0.0..=1.0).contains(&self.label_noise) {
-            return bad(format!("label noise must be in [0, 1], got {}", self.label_noise));
+            return bad(format!(
+                "label noise must be in [0, 1], got {}",
+                self.label_noise
+            ));
         }
         if !(0.0..1.0).contains(&self.val_split) {
-            return bad(format!("val split must be in [0, 1), got {}", self.val_split));
+            return bad(format!(
+                "val split must be in [0, 1), got {}",
+                self.val_split
+            ));
         }
         if matches!(self.threads, Some(n) if n < 1) {
             return bad("threads must be at least 1".into());
@@ -162,13 +174,17 @@ impl RunConfig {
             return bad("limit-train must be at least 1".into());
         }
         if !(self.step_timeout > 0.0 && self.step_timeout.is_finite()) {
-            return bad(format!("step timeout must be positive, got {}", self.step_timeout));
+            return bad(format!(
+                "step timeout must be positive, got {}",
+                self.step_timeout
+            ));
         }
         self.model_config().validate()?;
         self.loss_config().validate()?;
         let workers = crate::devices::parse_devices(&self.gpus)?.len();
         if let Some(spec) = &self.placement {
-            sid_runtime::Placement::parse(spec, self.modules, workers).map_err(|e| TrainError::Config(e.to_string()))?;
+            sid_runtime::Placement::parse(spec, self.modules, workers)
+                .map_err(|e| TrainError::Config(e.to_string()))?;
         }
         if let Some(f) = &self.inject_fault {
             sid_runtime::Fault::parse(f).map_err(|e| TrainError::Config(e.to_string()))?;
@@ -184,7 +200,10 @@ mod tests {
     #[test]
     fn defaults_are_the_reference_settings() {
         let c = RunConfig::default();
-        assert_eq!((c.modules, c.feature_dim, c.module_hidden, c.batch_size), (10, 128, 256, 128));
+        assert_eq!(
+            (c.modules, c.feature_dim, c.module_hidden, c.batch_size),
+            (10, 128, 256, 128)
+        );
         assert_eq!((c.alpha, c.lr, c.method), (0.5, 1e-3, Method::Sid));
         assert_eq!(c.dataset, DatasetKind::FashionMnist);
         c.validate().unwrap();
@@ -192,19 +211,33 @@ mod tests {
 
     #[test]
     fn toml_round_trip_and_partial_files() {
-        let c = RunConfig { modules: 5, label_noise: 0.2, limit_train: Some(100), ..Default::default() };
+        let c = RunConfig {
+            modules: 5,
+            label_noise: 0.2,
+            limit_train: Some(100),
+            ..Default::default()
+        };
         assert_eq!(RunConfig::from_toml(&c.to_toml()).unwrap(), c);
         let partial = RunConfig::from_toml("method = \"bp\"\nmodules = 3\n").unwrap();
-        assert_eq!((partial.method, partial.modules, partial.epochs), (Method::Bp, 3, 5));
+        assert_eq!(
+            (partial.method, partial.modules, partial.epochs),
+            (Method::Bp, 3, 5)
+        );
         let err = RunConfig::from_toml("modulez = 3").unwrap_err().to_string();
         assert!(err.contains("modulez"), "{err}");
     }
 
     #[test]
     fn validation_names_the_setting() {
-        let c = RunConfig { alpha: 1.5, ..Default::default() };
+        let c = RunConfig {
+            alpha: 1.5,
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("alpha"));
-        let c = RunConfig { val_split: 1.0, ..Default::default() };
+        let c = RunConfig {
+            val_split: 1.0,
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("val split"));
     }
 }

@@ -37,8 +37,16 @@ pub fn parse_devices(spec: &str) -> Result<Vec<Device>> {
 /// Parses a device list and checks that every GPU it names exists on this machine.
 pub fn resolve_devices(spec: &str) -> Result<Vec<Device>> {
     let devices = parse_devices(spec)?;
-    let wanted: Vec<usize> =
-        devices.iter().filter_map(|d| if let Device::Cuda(i) = d { Some(*i) } else { None }).collect();
+    let wanted: Vec<usize> = devices
+        .iter()
+        .filter_map(|d| {
+            if let Device::Cuda(i) = d {
+                Some(*i)
+            } else {
+                None
+            }
+        })
+        .collect();
     if let Some(&max) = wanted.iter().max() {
         if !tch::Cuda::is_available() {
             return Err(TrainError::Device(format!(
@@ -74,13 +82,21 @@ mod tests {
         assert_eq!(parse_devices("cpu").unwrap(), vec![Device::Cpu]);
         assert_eq!(parse_devices("cpu:3").unwrap(), vec![Device::Cpu; 3]);
         assert_eq!(parse_devices("cpu,cpu").unwrap(), vec![Device::Cpu; 2]);
-        assert_eq!(parse_devices("0,1, 3").unwrap(), vec![Device::Cuda(0), Device::Cuda(1), Device::Cuda(3)]);
+        assert_eq!(
+            parse_devices("0,1, 3").unwrap(),
+            vec![Device::Cuda(0), Device::Cuda(1), Device::Cuda(3)]
+        );
         assert_eq!(parse_devices("0,0").unwrap(), vec![Device::Cuda(0); 2]);
     }
 
     #[test]
     fn rejects_nonsense_with_the_reason() {
-        for (spec, why) in [("", "empty"), ("gpu0", "neither"), ("cpu:0", "worker count"), ("cpu,0", "mixing")] {
+        for (spec, why) in [
+            ("", "empty"),
+            ("gpu0", "neither"),
+            ("cpu:0", "worker count"),
+            ("cpu,0", "mixing"),
+        ] {
             let e = parse_devices(spec).unwrap_err().to_string();
             assert!(e.contains(why), "{spec}: {e}");
         }
@@ -90,7 +106,10 @@ mod tests {
     fn a_gpu_on_this_machine_is_checked() {
         if tch::Cuda::is_available() {
             let n = tch::Cuda::device_count();
-            assert!(resolve_devices(&n.to_string()).unwrap_err().to_string().contains("does not exist"));
+            assert!(resolve_devices(&n.to_string())
+                .unwrap_err()
+                .to_string()
+                .contains("does not exist"));
         } else {
             let e = resolve_devices("0").unwrap_err().to_string();
             assert!(e.contains("CUDA is not available"), "{e}");

@@ -34,7 +34,9 @@ pub enum TrainError {
         reason: String,
     },
     /// The run was asked to stop; a checkpoint was written first.
-    #[error("interrupted during epoch {epoch} after step {step}; checkpoint saved to {checkpoint}")]
+    #[error(
+        "interrupted during epoch {epoch} after step {step}; checkpoint saved to {checkpoint}"
+    )]
     Interrupted {
         /// 1-based epoch that was running.
         epoch: usize,
@@ -48,7 +50,10 @@ pub enum TrainError {
 impl TrainError {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -64,7 +64,10 @@ pub fn read_all(path: &Path) -> Result<Vec<EpochMetrics>> {
 /// Keeps only the records of epochs `1..=epochs` (a resumed run drops what its checkpoint
 /// does not cover), rewriting the file atomically.
 pub fn truncate_to(path: &Path, epochs: usize) -> Result<Vec<EpochMetrics>> {
-    let kept: Vec<_> = read_all(path)?.into_iter().filter(|m| m.epoch <= epochs).collect();
+    let kept: Vec<_> = read_all(path)?
+        .into_iter()
+        .filter(|m| m.epoch <= epochs)
+        .collect();
     let mut text = String::new();
     for m in &kept {
         text.push_str(&serde_json::to_string(m).expect("metrics serialise"));

@@ -119,20 +119,36 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
             pc.threads_per_worker = cfg.threads;
             pc.streams = cfg.streams;
             pc.placement = match &cfg.placement {
-                Some(spec) => Some(sid_runtime::Placement::parse(spec, model.modules, devices.len()).map_err(runtime)?),
+                Some(spec) => Some(
+                    sid_runtime::Placement::parse(spec, model.modules, devices.len())
+                        .map_err(runtime)?,
+                ),
                 None => None,
             };
-            pc.fault = cfg.inject_fault.as_deref().map(sid_runtime::Fault::parse).transpose().map_err(runtime)?;
+            pc.fault = cfg
+                .inject_fault
+                .as_deref()
+                .map(sid_runtime::Fault::parse)
+                .transpose()
+                .map_err(runtime)?;
             let pipeline = sid_runtime::Pipeline::new(pc).map_err(runtime)?;
             let placement = Some(pipeline.placement().to_spec());
-            Built { layout: pipeline.layout(), net: Box::new(pipeline), placement }
+            Built {
+                layout: pipeline.layout(),
+                net: Box::new(pipeline),
+                placement,
+            }
         }
         Method::Sid => Built {
             net: Box::new(SidNetwork::new(&model, cfg.loss_config(), cfg.lr, first)?),
             layout: whole,
             placement: None,
         },
-        Method::Bp => Built { net: Box::new(BpNetwork::new(&model, cfg.lr, first)?), layout: whole, placement: None },
+        Method::Bp => Built {
+            net: Box::new(BpNetwork::new(&model, cfg.lr, first)?),
+            layout: whole,
+            placement: None,
+        },
     })
 }
 
@@ -143,7 +159,11 @@ fn load_data(cfg: &RunConfig) -> Result<Dataset> {
         label_noise: cfg.label_noise,
         seed: cfg.seed,
     };
-    Ok(sid_data::load(cfg.dataset, &cfg.resolved_data_dir(), &opts)?)
+    Ok(sid_data::load(
+        cfg.dataset,
+        &cfg.resolved_data_dir(),
+        &opts,
+    )?)
 }
 
 impl Run {
@@ -163,14 +183,23 @@ impl Run {
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         let position = Position::start(cfg.method, cfg.seed);
-        Ok(Self { cfg, dir: dir.into(), devices, data, net: built.net, layout: built.layout, position })
+        Ok(Self {
+            cfg,
+            dir: dir.into(),
+            devices,
+            data,
+            net: built.net,
+            layout: built.layout,
+            position,
+        })
     }
 
     /// Reads the config saved in a run directory.
     pub fn saved_config(dir: &Path) -> Result<RunConfig> {
         let path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
-        RunConfig::from_toml(&text).map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
+        RunConfig::from_toml(&text)
+            .map_err(|e| TrainError::Config(format!("{}: {e}", path.display())))
     }
 
     /// Continues the run in `dir` from its checkpoint with `cfg` (normally the saved config,
@@ -207,13 +236,27 @@ impl Run {
         }
         let devices = resolve_devices(&cfg.gpus)?;
         let data = load_data(&cfg)?;
-        let Built { mut net, layout, placement } = build_network(&cfg, &devices)?;
+        let Built {
+            mut net,
+            layout,
+            placement,
+        } = build_network(&cfg, &devices)?;
         cfg.placement = placement;
-        net.load_state(&named)
-            .map_err(|e| TrainError::Checkpoint { path: ckpt_path.clone(), reason: e.to_string() })?;
+        net.load_state(&named).map_err(|e| TrainError::Checkpoint {
+            path: ckpt_path.clone(),
+            reason: e.to_string(),
+        })?;
         metrics::truncate_to(&dir.join(METRICS_FILE), position.epochs_done)?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
-        Ok(Self { cfg, dir: dir.into(), devices, data, net, layout, position })
+        Ok(Self {
+            cfg,
+            dir: dir.into(),
+            devices,
+            data,
+            net,
+            layout,
+            position,
+        })
     }
 
     /// Each device and its 0-based module block, in cascade order.
@@ -251,7 +294,11 @@ impl Run {
     /// Trains until `cfg.epochs` are done or `stop` is set (then a checkpoint is written and
     /// [`TrainError::Interrupted`] returned). Every epoch appends to `metrics.jsonl` and
     /// rewrites the checkpoint.
-    pub fn train(&mut self, stop: &AtomicBool, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Summary> {
+    pub fn train(
+        &mut self,
+        stop: &AtomicBool,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Summary> {
         on_event(Event::Loaded {
             train: self.data.train.len(),
             val: self.data.val.as_ref().map(|v| v.len()),
@@ -265,19 +312,31 @@ impl Run {
         while self.position.epochs_done < self.cfg.epochs {
             let epoch = self.position.epochs_done + 1;
             let first_step = self.position.step_in_epoch;
-            on_event(Event::EpochStart { epoch, epochs: self.cfg.epochs, steps, first_step });
+            on_event(Event::EpochStart {
+                epoch,
+                epochs: self.cfg.epochs,
+                steps,
+                first_step,
+            });
             let perm = sid_data::epoch_permutation(n, self.cfg.seed, epoch as u64);
             let started = Instant::now();
             let before = self.position.partial.seconds;
             for step in first_step..steps {
-                let (x, y) = sid_data::batch(&self.data.train, Some(&perm), self.cfg.batch_size, step as i64);
+                let (x, y) = sid_data::batch(
+                    &self.data.train,
+                    Some(&perm),
+                    self.cfg.batch_size,
+                    step as i64,
+                );
                 let x = if augment {
                     sid_data::augment_batch(&x, 4, self.cfg.seed, epoch as u64, step as u64)
                 } else {
                     x
                 };
                 let t0 = Instant::now();
-                let stats = self.net.train_step(&x.to_device(device), &y.to_device(device))?;
+                let stats = self
+                    .net
+                    .train_step(&x.to_device(device), &y.to_device(device))?;
                 let p = &mut self.position.partial;
                 p.step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
                 p.loss_sum += stats.loss;
@@ -290,15 +349,23 @@ impl Run {
                 p.seconds = before + started.elapsed().as_secs_f64();
                 self.position.step_in_epoch = step + 1;
                 self.position.global_step += 1;
-                on_event(Event::Step { step: step + 1, loss: stats.loss });
+                on_event(Event::Step {
+                    step: step + 1,
+                    loss: stats.loss,
+                });
                 if stop.load(Ordering::SeqCst) && step + 1 < steps {
                     let checkpoint = self.save_checkpoint()?;
-                    return Err(TrainError::Interrupted { epoch, step: step + 1, checkpoint });
+                    return Err(TrainError::Interrupted {
+                        epoch,
+                        step: step + 1,
+                        checkpoint,
+                    });
                 }
             }
             let p = std::mem::take(&mut self.position.partial);
             let eval_start = Instant::now();
-            let (test_acc, module_test_acc) = evaluate(self.net.as_mut(), &self.data.test, self.cfg.eval_batch_size)?;
+            let (test_acc, module_test_acc) =
+                evaluate(self.net.as_mut(), &self.data.test, self.cfg.eval_batch_size)?;
             let val_acc = match &self.data.val {
                 Some(v) => Some(evaluate(self.net.as_mut(), v, self.cfg.eval_batch_size)?.0),
                 None => None,
@@ -306,7 +373,11 @@ impl Run {
             let m = EpochMetrics {
                 epoch,
                 train_loss: p.loss_sum / steps as f64,
-                module_train_loss: p.module_loss_sums.iter().map(|s| s / steps as f64).collect(),
+                module_train_loss: p
+                    .module_loss_sums
+                    .iter()
+                    .map(|s| s / steps as f64)
+                    .collect(),
                 test_acc,
                 module_test_acc,
                 val_acc,
@@ -322,10 +393,17 @@ impl Run {
             on_event(Event::EpochEnd(&m));
             if stop.load(Ordering::SeqCst) && epoch < self.cfg.epochs {
                 let checkpoint = self.dir.join(CHECKPOINT_FILE);
-                return Err(TrainError::Interrupted { epoch, step: steps, checkpoint });
+                return Err(TrainError::Interrupted {
+                    epoch,
+                    step: steps,
+                    checkpoint,
+                });
             }
         }
-        let summary = summarize(self.cfg.method, &metrics::read_all(&self.dir.join(METRICS_FILE))?)?;
+        let summary = summarize(
+            self.cfg.method,
+            &metrics::read_all(&self.dir.join(METRICS_FILE))?,
+        )?;
         let text = serde_json::to_string_pretty(&summary).expect("summary serialises");
         checkpoint::write_atomic(&self.dir.join(SUMMARY_FILE), text.as_bytes())?;
         Ok(summary)
@@ -349,16 +427,29 @@ pub fn evaluate(net: &mut dyn Network, split: &Split, batch_size: i64) -> Result
             *a += b;
         }
     }
-    let per_module: Vec<f64> = correct.iter().map(|&c| c as f64 / n.max(1) as f64).collect();
+    let per_module: Vec<f64> = correct
+        .iter()
+        .map(|&c| c as f64 / n.max(1) as f64)
+        .collect();
     Ok((per_module.last().copied().unwrap_or(0.0), per_module))
 }
 
 /// The end-of-run summary from the metrics of every epoch.
 pub fn summarize(method: Method, all: &[EpochMetrics]) -> Result<Summary> {
-    let last = all.last().ok_or_else(|| TrainError::Config("no epoch was recorded".into()))?;
+    let last = all
+        .last()
+        .ok_or_else(|| TrainError::Config("no epoch was recorded".into()))?;
     let by_val = all.iter().all(|m| m.val_acc.is_some());
-    let score = |m: &EpochMetrics| if by_val { m.val_acc.unwrap_or(0.0) } else { m.test_acc };
-    let best = all.iter().fold(last, |b, m| if score(m) > score(b) { m } else { b });
+    let score = |m: &EpochMetrics| {
+        if by_val {
+            m.val_acc.unwrap_or(0.0)
+        } else {
+            m.test_acc
+        }
+    };
+    let best = all
+        .iter()
+        .fold(last, |b, m| if score(m) > score(b) { m } else { b });
     Ok(Summary {
         method,
         epochs: last.epoch,

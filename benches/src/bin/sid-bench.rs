@@ -1,0 +1,34 @@
+//! `sid-bench`: the benchmark harness.
+//!
+//! - `sid-bench step-time`: SID vs backprop ms/step on the same model;
+//! - `sid-bench workers`: the same SID model on 1 worker and on K workers (`--gpus`);
+//! - `sid-bench env`: what libtorch sees (CUDA, devices, streams).
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "sid-bench",
+    version,
+    about = "Benchmarks for sid: step time, multi-worker speed-up."
+)]
+enum Cli {
+    /// SID vs backprop milliseconds per step for the same model.
+    StepTime(sid_benches::step_time::Args),
+    /// 1 worker vs K workers on the same SID model, with the step breakdown.
+    Workers(sid_benches::workers::Args),
+    /// What libtorch sees on this machine.
+    Env(sid_benches::env_check::Args),
+}
+
+fn main() {
+    let result = match Cli::parse() {
+        Cli::StepTime(a) => sid_benches::step_time::run(a),
+        Cli::Workers(a) => sid_benches::workers::run(a),
+        Cli::Env(a) => sid_benches::env_check::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

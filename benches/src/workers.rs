@@ -1,0 +1,232 @@
+//! The multi-worker speed-up: the same SID model with 1 worker and with K workers, side by side.
+//!
+//! `cargo bench -p sid-benches --bench workers [-- --workers 2 --modules 7 --module-hidden 2048]`
+//!
+//! Each CPU worker stands for a device and gets one libtorch thread, so "1 worker" is one
+//! device and "K workers" is K devices. For honesty the table also shows one worker using
+//! every core (intra-op parallelism instead of module parallelism) and the single-device
+//! trainer without threads. Then the share of the K-worker step spent in each part.
+
+use std::time::Duration;
+
+use crate::{interleaved, median, synthetic_batch};
+use clap::Parser;
+use sid_core::{ExtractorKind, LossConfig, ModelConfig, Network, SidNetwork};
+use sid_runtime::{Pipeline, PipelineConfig, Placement};
+use tch::Device;
+
+/// Options of this benchmark.
+#[derive(Debug, Parser)]
+pub struct Args {
+    /// Devices of the K-worker run: cpu:2, 0,0,0,0 (streams on one GPU), 0,1 … The baseline is
+    /// one worker on the first of them.
+    #[arg(long, default_value = "cpu:2")]
+    pub gpus: String,
+    /// Belief modules L. With the phase-1 chain, 2 workers balance best at L = 7 (4 + 3).
+    #[arg(long, default_value_t = 7)]
+    pub modules: usize,
+    /// Hidden width of each module: wide, so that module work dominates the step.
+    #[arg(long, default_value_t = 2048)]
+    pub module_hidden: i64,
+    /// Feature extractor (mlp keeps the coordinator's share small).
+    #[arg(long, default_value = "mlp")]
+    pub model: ExtractorKind,
+    /// Batch size.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: i64,
+    /// Put every GPU worker on the default stream instead of its own.
+    #[arg(long)]
+    pub no_streams: bool,
+    /// Explicit placement for the K-worker run.
+    #[arg(long)]
+    pub placement: Option<String>,
+    /// Untimed steps per configuration first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Interleaved rounds.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Timed steps per configuration per round.
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    /// Accepted for `cargo bench` compatibility.
+    #[arg(long, hide = true)]
+    pub bench: bool,
+}
+
+fn pipeline(
+    model: &ModelConfig,
+    devices: Vec<Device>,
+    threads: Option<i32>,
+    placement: Option<Placement>,
+    streams: bool,
+) -> anyhow::Result<Pipeline> {
+    let mut cfg = PipelineConfig::new(model.clone(), devices);
+    cfg.streams = streams;
+    cfg.loss = LossConfig::default();
+    cfg.threads_per_worker = threads;
+    cfg.placement = placement;
+    tch::manual_seed(0);
+    Ok(Pipeline::new(cfg)?)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs the benchmark and prints its table.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let devices = sid_train::devices::resolve_devices(&args.gpus)?;
+    let k = devices.len();
+    let first = devices[0];
+    let on_cpu = first == Device::Cpu;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as i32;
+    let model = ModelConfig {
+        extractor: args.model,
+        modules: args.modules,
+        module_hidden: args.module_hidden,
+        ..ModelConfig::default()
+    };
+    let placement = args
+        .placement
+        .as_deref()
+        .map(|p| Placement::parse(p, args.modules, k))
+        .transpose()?;
+    let (x, y) = synthetic_batch(args.batch_size, 1, 28, 10, first);
+    let dev = sid_train::devices::device_name(first);
+    // On a CPU each worker stands for a device and gets one thread; a GPU worker gets its
+    // device (and its own stream when several share one GPU).
+    let per_worker = on_cpu.then_some(1);
+    let mut one = pipeline(&model, vec![first], per_worker, None, !args.no_streams)?;
+    let mut many = pipeline(
+        &model,
+        devices.clone(),
+        per_worker,
+        placement,
+        !args.no_streams,
+    )?;
+    tch::manual_seed(0);
+    let mut single = SidNetwork::new(&model, LossConfig::default(), 1e-3, first)?;
+    let mut one_all = if on_cpu {
+        Some(pipeline(&model, vec![first], Some(cores), None, true)?)
+    } else {
+        None
+    };
+    let mut nets: Vec<&mut dyn Network> = vec![&mut one, &mut many, &mut single];
+    if let Some(p) = one_all.as_mut() {
+        nets.push(p);
+    }
+    let times = interleaved(&mut nets, &x, &y, args.warmup, args.rounds, args.steps)?;
+    let med: Vec<f64> = times.iter().map(|t| median(t)).collect();
+    println!(
+        "SID multi-worker speed-up ({}): {} extractor, L={}, module hidden {}, batch {}",
+        if on_cpu {
+            format!("cpu, {cores} cores")
+        } else {
+            devices_text(&devices)
+        },
+        args.model,
+        args.modules,
+        args.module_hidden,
+        args.batch_size
+    );
+    println!(
+        "K-worker devices: {}; placement {}",
+        args.gpus,
+        many.placement().to_spec()
+    );
+    println!(
+        "{:<48} {:>10} {:>9}",
+        "configuration", "ms/step", "speed-up"
+    );
+    let mut rows = vec![
+        (
+            if on_cpu {
+                "1 worker x 1 thread (one device)".to_string()
+            } else {
+                format!("1 worker on {dev}")
+            },
+            med[0],
+        ),
+        (
+            format!("single-device trainer on {dev}, no worker threads"),
+            med[2],
+        ),
+        (
+            if on_cpu {
+                format!("{k} workers x 1 thread ({k} devices)")
+            } else {
+                format!("{k} workers on {}", args.gpus)
+            },
+            med[1],
+        ),
+    ];
+    if on_cpu {
+        rows.insert(
+            1,
+            (
+                format!("1 worker x {cores} threads (all cores, intra-op)"),
+                med[3],
+            ),
+        );
+    }
+    for (name, m) in &rows {
+        println!("{name:<48} {m:>10.2} {:>8.2}x", med[0] / m);
+    }
+    println!("speed-up, 1 worker / {k} workers: {:.2}x", med[0] / med[1]);
+    if on_cpu {
+        println!(
+            "speed-up, 1 worker x {cores} threads / {k} workers x 1 thread: {:.2}x",
+            med[3] / med[1]
+        );
+    }
+
+    // Where the K-worker step goes: medians of each part over fresh steps.
+    let mut parts: Vec<Vec<f64>> = vec![Vec::new(); 6];
+    for _ in 0..args.rounds * args.steps {
+        many.train_step(&x, &y)?;
+        let t = many.last_timing();
+        let row = [
+            ms(t.total),
+            ms(t.extractor_forward) + ms(t.extractor_backward),
+            t.phase1.iter().map(|d| ms(*d)).sum(),
+            t.phase2.iter().map(|d| ms(*d)).fold(0.0, f64::max),
+            ms(t.wait),
+            ms(t.broadcast),
+        ];
+        for (p, v) in parts.iter_mut().zip(row) {
+            p.push(v);
+        }
+    }
+    let total = median(&parts[0]);
+    println!(
+        "{k}-worker step breakdown (median ms, share of the step; waiting overlaps the phases):"
+    );
+    for (name, i) in [
+        ("extractor forward + backward (coordinator)", 1),
+        ("phase 1, teacher chain (sum over workers)", 2),
+        ("phase 2, local updates (slowest worker)", 3),
+        ("coordinator waiting for workers", 4),
+        ("broadcast of z and labels", 5),
+    ] {
+        let m = median(&parts[i]);
+        println!("  {name:<46} {m:>8.2} ms {:>5.1}%", 100.0 * m / total);
+    }
+    println!("  {:<46} {total:>8.2} ms", "whole step");
+    println!(
+        "(medians over {} interleaved steps each after {} warm-up steps)",
+        args.rounds * args.steps,
+        args.warmup
+    );
+    Ok(())
+}
+
+fn devices_text(devices: &[Device]) -> String {
+    let names: Vec<String> = devices
+        .iter()
+        .map(|d| sid_train::devices::device_name(*d))
+        .collect();
+    names.join(",")
+}
