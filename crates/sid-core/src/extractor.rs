@@ -14,8 +14,8 @@ pub enum Extractor {
     /// Reference SimpleCNN: conv3x3(in→32) ReLU, conv3x3(32→64) ReLU, maxpool2,
     /// conv3x3(64→128) ReLU, conv3x3(128→128) ReLU, maxpool2, global average pool, linear(128→d).
     Cnn {
-        /// Convolutions in order.
-        convs: [nn::Conv2D; 4],
+        /// Convolutions in order (boxed: the variants differ a lot in size).
+        convs: Box<[nn::Conv2D; 4]>,
         /// Final projection to d.
         fc: nn::Linear,
     },
@@ -40,12 +40,12 @@ impl Extractor {
                     };
                     nn::conv2d(p / name, i, o, 3, c)
                 };
-                let convs = [
+                let convs = Box::new([
                     conv("conv1", cfg.in_channels, 32),
                     conv("conv2", 32, 64),
                     conv("conv3", 64, 128),
                     conv("conv4", 128, 128),
-                ];
+                ]);
                 let fc = nn::linear(p / "fc", 128, cfg.feature_dim, Default::default());
                 Self::Cnn { convs, fc }
             }
