@@ -23,6 +23,10 @@ else
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check torch==2.11.0
   fi
+  # CUDA headers (runtime + crt) for the small C++ shim that reads the CUDA allocator's peaks.
+  if ! ls .venv/lib/python3*/site-packages/nvidia/cu13/include/crt/host_defines.h >/dev/null 2>&1; then
+    .venv/bin/pip install --quiet --disable-pip-version-check "cuda-toolkit[crt]==13.0.2"
+  fi
   # A fixed path for .cargo/config.toml, whatever the venv's Python version.
   ln -sfn "$(.venv/bin/python -c "import os, torch; print(os.path.dirname(torch.__file__))" 2>/dev/null)" .venv/libtorch
 fi

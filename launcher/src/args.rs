@@ -100,6 +100,13 @@ pub struct Cli {
     /// Run every GPU worker on the default CUDA stream instead of its own.
     #[arg(long)]
     pub no_streams: bool,
+    /// Write a Chrome trace (JSON, opens in Perfetto / chrome://tracing) of every step's parts:
+    /// extractor, phase 1, each module's phase 2 on each worker, broadcasts, waits.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Telemetry samples per second into RUN_DIR/telemetry.jsonl (0 = off).
+    #[arg(long, default_value_t = 10.0)]
+    pub telemetry_hz: f64,
     /// Inject a fault WORKER:STEP:panic|error|nan|hang (for testing failure handling).
     #[arg(long, hide = true)]
     pub inject_fault: Option<String>,

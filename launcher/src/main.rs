@@ -12,13 +12,38 @@ use clap::Parser;
 use sid_train::devices::device_name;
 use sid_train::{Run, TrainError};
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+/// Log lines on stderr (`RUST_LOG`, default warn), plus a Chrome trace with `--trace FILE`.
+fn init_tracing(trace: Option<&std::path::Path>) -> Result<Option<tracing_chrome::FlushGuard>> {
+    use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .init();
+        .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()));
+    let (chrome, guard) = match trace {
+        Some(path) => {
+            std::fs::File::create(path)
+                .with_context(|| format!("--trace {}: cannot write", path.display()))?;
+            let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new()
+                .file(path)
+                .include_args(true)
+                .build();
+            let targets = Targets::new()
+                .with_target("sid_core", LevelFilter::TRACE)
+                .with_target("sid_runtime", LevelFilter::TRACE)
+                .with_target("sid_train", LevelFilter::DEBUG);
+            (Some(layer.with_filter(targets)), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(fmt).with(chrome).init();
+    Ok(guard)
+}
+
+fn main() -> ExitCode {
+    // NVML numbers GPUs in PCI order; make CUDA agree before anything touches CUDA.
+    if std::env::var_os("CUDA_DEVICE_ORDER").is_none() {
+        std::env::set_var("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
+    }
     // A worker's panic is caught and reported by the coordinator as one line naming the worker,
     // device and cause; the default hook would print it a second time, with a backtrace.
     let default_hook = std::panic::take_hook();
@@ -33,6 +58,13 @@ fn main() -> ExitCode {
         }
     }));
     let cli = args::Cli::parse();
+    let _trace_guard = match init_tracing(cli.trace.as_deref()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -106,8 +138,22 @@ fn run(cli: &args::Cli) -> Result<()> {
     if run.epochs_done() > 0 || plan.resume {
         eprintln!("resuming after epoch {}", run.epochs_done());
     }
+    let sampler = if cli.telemetry_hz > 0.0 {
+        let path = run.dir().join("telemetry.jsonl");
+        let interval = std::time::Duration::from_secs_f64(1.0 / cli.telemetry_hz);
+        let (sampler, gpu_off) = sid_telemetry::Sampler::start(&path, interval)
+            .with_context(|| format!("starting telemetry into {}", path.display()))?;
+        if let Some(why) = gpu_off {
+            eprintln!("telemetry: GPU telemetry off ({why}); recording RSS and worker CPU time");
+        }
+        Some(sampler)
+    } else {
+        None
+    };
     let mut reporter = progress::Reporter::new(cfg.batch_size);
-    let summary = run.train(&stop, &mut |e| reporter.on_event(e))?;
+    let result = run.train(&stop, &mut |e| reporter.on_event(e));
+    let telemetry = sampler.map(|s| s.stop());
+    let summary = result?;
     println!(
         "final-epoch test accuracy: {:.2}% (epoch {}, {})",
         summary.final_test_acc * 100.0,
@@ -124,6 +170,35 @@ fn run(cli: &args::Cli) -> Result<()> {
         summary.best_epoch,
         summary.best_epoch_test_acc * 100.0
     );
+    let peaks: Vec<String> = summary
+        .peak_memory
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {:.1} MiB ({})",
+                p.device,
+                p.bytes as f64 / (1 << 20) as f64,
+                p.source
+            )
+        })
+        .collect();
+    if !peaks.is_empty() {
+        println!(
+            "peak memory per device during training: {}",
+            peaks.join(", ")
+        );
+    }
+    if let Some(t) = telemetry {
+        let busy: Vec<String> = t
+            .thread_cpu_seconds
+            .iter()
+            .filter(|(n, _)| n.starts_with("sid-worker"))
+            .map(|(n, s)| format!("{n} {s:.1} s"))
+            .collect();
+        if !busy.is_empty() {
+            println!("worker CPU time: {}", busy.join(", "));
+        }
+    }
     println!("run directory: {}", run.dir().display());
     Ok(())
 }

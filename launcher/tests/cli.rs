@@ -413,3 +413,95 @@ fn bad_placement_is_a_clear_error() {
         .unwrap();
     one_line_error(&out, "3 devices but only 2 modules");
 }
+
+/// Intervals `[begin, end)` of the spans called `name`, per thread, from a Chrome trace.
+fn span_intervals(
+    trace: &serde_json::Value,
+    name: &str,
+) -> std::collections::BTreeMap<u64, Vec<(f64, f64)>> {
+    let mut open: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+    let mut out: std::collections::BTreeMap<u64, Vec<(f64, f64)>> = Default::default();
+    for e in trace.as_array().unwrap() {
+        if e["name"] != name {
+            continue;
+        }
+        let tid = e["tid"].as_u64().unwrap();
+        let ts = e["ts"].as_f64().unwrap();
+        match e["ph"].as_str().unwrap() {
+            "B" => open.entry(tid).or_default().push(ts),
+            "E" => {
+                let b = open.get_mut(&tid).unwrap().pop().unwrap();
+                out.entry(tid).or_default().push((b, ts));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn trace_shows_two_workers_overlapping_in_phase_2_and_telemetry_degrades_without_nvml() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let trace = dir.path().join("trace.json");
+    let mut args = quick(
+        &run,
+        &[
+            "--epochs",
+            "1",
+            "--modules",
+            "4",
+            "--module-hidden",
+            "1024",
+            "--gpus",
+            "cpu:2",
+        ],
+    );
+    args.extend(["--trace".into(), trace.display().to_string()]);
+    let out = run_ok(&args);
+    let err = stderr(&out);
+    assert_eq!(
+        err.matches("GPU telemetry off").count(),
+        1,
+        "said once: {err}"
+    );
+    let samples = std::fs::read_to_string(run.join("telemetry.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    assert!(first["rss_bytes"].as_u64().unwrap() > 0);
+    let m = metrics(&run);
+    assert_eq!(m[0]["peak_memory"][0]["device"], "cpu");
+    assert!(m[0]["peak_memory"][0]["bytes"].as_u64().unwrap() > 1 << 20);
+
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let phase2 = span_intervals(&trace, "phase2");
+    assert_eq!(
+        phase2.len(),
+        2,
+        "phase-2 spans on two worker threads: {:?}",
+        phase2.keys()
+    );
+    let threads: Vec<&Vec<(f64, f64)>> = phase2.values().collect();
+    let overlaps = threads[0]
+        .iter()
+        .filter(|a| threads[1].iter().any(|b| a.0 < b.1 && b.0 < a.1))
+        .count();
+    assert!(
+        overlaps * 2 >= threads[0].len(),
+        "workers overlapped in only {overlaps} of {} steps",
+        threads[0].len()
+    );
+    for name in [
+        "extractor_forward",
+        "extractor_backward",
+        "phase1",
+        "phase2_module",
+        "broadcast",
+        "coordinator_wait",
+    ] {
+        assert!(
+            !span_intervals(&trace, name).is_empty(),
+            "no {name} span in the trace"
+        );
+    }
+}

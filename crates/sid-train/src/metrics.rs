@@ -30,6 +30,10 @@ pub struct EpochMetrics {
     pub samples_per_second: f64,
     /// Median milliseconds per training step.
     pub median_step_ms: f64,
+    /// Peak memory of each device during the epoch's training steps (CUDA: the caching
+    /// allocator's tensor bytes; CPU: the process's peak resident set).
+    #[serde(default)]
+    pub peak_memory: Vec<sid_telemetry::DevicePeak>,
 }
 
 /// Appends one record to a metrics file.
@@ -108,6 +112,11 @@ mod tests {
             eval_seconds: 0.1,
             samples_per_second: 100.0,
             median_step_ms: 3.0,
+            peak_memory: vec![sid_telemetry::DevicePeak {
+                device: "cpu".into(),
+                bytes: 1 << 20,
+                source: "process-rss".into(),
+            }],
         }
     }
 

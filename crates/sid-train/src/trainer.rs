@@ -78,6 +78,8 @@ pub struct Summary {
     pub best_epoch_chosen_by: String,
     /// Mean seconds of training per epoch.
     pub mean_epoch_seconds: f64,
+    /// Highest per-epoch peak memory of each device over the run.
+    pub peak_memory: Vec<sid_telemetry::DevicePeak>,
 }
 
 /// A training run bound to a run directory.
@@ -309,6 +311,9 @@ impl Run {
         let steps = sid_data::num_batches(n, self.cfg.batch_size) as usize;
         let device = self.net.input_device();
         let augment = self.cfg.resolved_augment();
+        let mut tracked: Vec<Device> = vec![device];
+        tracked.extend(self.layout.iter().map(|(d, _)| *d));
+        let peaks = sid_telemetry::PeakTracker::new(&tracked);
         while self.position.epochs_done < self.cfg.epochs {
             let epoch = self.position.epochs_done + 1;
             let first_step = self.position.step_in_epoch;
@@ -321,6 +326,7 @@ impl Run {
             let perm = sid_data::epoch_permutation(n, self.cfg.seed, epoch as u64);
             let started = Instant::now();
             let before = self.position.partial.seconds;
+            peaks.start();
             for step in first_step..steps {
                 let (x, y) = sid_data::batch(
                     &self.data.train,
@@ -362,6 +368,7 @@ impl Run {
                     });
                 }
             }
+            let peak_memory = peaks.finish();
             let p = std::mem::take(&mut self.position.partial);
             let eval_start = Instant::now();
             let (test_acc, module_test_acc) =
@@ -385,6 +392,7 @@ impl Run {
                 eval_seconds: eval_start.elapsed().as_secs_f64(),
                 samples_per_second: n as f64 / p.seconds.max(1e-9),
                 median_step_ms: metrics::median(&p.step_ms),
+                peak_memory,
             };
             metrics::append(&self.dir.join(METRICS_FILE), &m)?;
             self.position.epochs_done = epoch;
@@ -459,5 +467,18 @@ pub fn summarize(method: Method, all: &[EpochMetrics]) -> Result<Summary> {
         best_epoch_test_acc: best.test_acc,
         best_epoch_chosen_by: if by_val { "validation" } else { "test" }.into(),
         mean_epoch_seconds: all.iter().map(|m| m.epoch_seconds).sum::<f64>() / all.len() as f64,
+        peak_memory: max_peaks(all),
     })
+}
+
+/// Per device, the highest of the epochs' peaks.
+fn max_peaks(all: &[EpochMetrics]) -> Vec<sid_telemetry::DevicePeak> {
+    let mut out: Vec<sid_telemetry::DevicePeak> = Vec::new();
+    for p in all.iter().flat_map(|m| &m.peak_memory) {
+        match out.iter_mut().find(|o| o.device == p.device) {
+            Some(o) => o.bytes = o.bytes.max(p.bytes),
+            None => out.push(p.clone()),
+        }
+    }
+    out
 }

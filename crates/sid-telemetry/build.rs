@@ -1,0 +1,54 @@
+//! Links libtorch, and compiles a small C++ shim for the CUDA caching allocator's statistics
+//! when the headers it needs are there (libtorch's, and CUDA's from pip's nvidia-cuda-runtime
+//! and nvidia-cuda-crt, which scripts/setup.sh installs). Without them the crate still builds;
+//! GPU peak memory then falls back to NVML's per-process figure.
+
+use std::path::{Path, PathBuf};
+
+fn main() {
+    sid_build::link_libtorch();
+    println!("cargo::rustc-check-cfg=cfg(sid_cuda_stats)");
+    println!("cargo:rerun-if-changed=src/cuda_stats.cpp");
+    println!("cargo:rerun-if-env-changed=SID_CUDA_INCLUDE");
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        return;
+    };
+    // Resolve .venv/libtorch (a link to pip's torch package) so that its siblings are found.
+    let lib = std::fs::canonicalize(&lib).unwrap_or_else(|_| PathBuf::from(lib));
+    let Some(torch) = lib.parent() else {
+        return;
+    };
+    let include = torch.join("include");
+    let cuda_candidates = [
+        std::env::var("SID_CUDA_INCLUDE").ok().map(PathBuf::from),
+        torch.parent().map(|p| p.join("nvidia/cu13/include")),
+        Some(PathBuf::from("/usr/local/cuda/include")),
+    ];
+    let cuda = cuda_candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_defines.h").exists());
+    let have = |p: &Path| p.exists();
+    let (Some(cuda), true, true) = (
+        cuda,
+        have(&include.join("c10/cuda/CUDACachingAllocator.h")),
+        have(&lib.join("libc10_cuda.so")),
+    ) else {
+        println!("cargo:warning=CUDA allocator statistics disabled (CUDA headers or libc10_cuda.so not found)");
+        return;
+    };
+    cc::Build::new()
+        .cpp(true)
+        .file("src/cuda_stats.cpp")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .include(&cuda)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false)
+        .compile("sid_cuda_stats");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=c10_cuda");
+    println!("cargo:rustc-link-lib=c10");
+    println!("cargo:rustc-cfg=sid_cuda_stats");
+}

@@ -1,0 +1,28 @@
+// The CUDA caching allocator's statistics, as plain C functions for Rust.
+// Return 0 on success; any C++ exception (no CUDA, bad device) becomes 1.
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <cstdint>
+
+extern "C" int sid_cuda_memory_stats(int device, int64_t* allocated, int64_t* peak_allocated,
+                                     int64_t* reserved, int64_t* peak_reserved) {
+  try {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated = stats.allocated_bytes[agg].current;
+    *peak_allocated = stats.allocated_bytes[agg].peak;
+    *reserved = stats.reserved_bytes[agg].current;
+    *peak_reserved = stats.reserved_bytes[agg].peak;
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+extern "C" int sid_cuda_reset_peak(int device) {
+  try {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}

@@ -1,0 +1,15 @@
+//! Measurement for sid, so speed and memory claims rest on numbers:
+//! - [`sampler`]: a background thread writing `telemetry.jsonl` (RSS, per-worker CPU time,
+//!   NVML's GPU memory/utilisation/power where NVML loads);
+//! - [`memory`]: exact CUDA allocator peaks (via a small C++ shim) and CPU peak RSS, per period;
+//! - [`nvml`]: the NVML readings.
+//!
+//! Without an NVIDIA driver (as on CPU-only machines) everything still works and reports the
+//! reason GPU telemetry is off.
+
+pub mod memory;
+pub mod nvml;
+pub mod sampler;
+
+pub use memory::{DevicePeak, PeakTracker};
+pub use sampler::{Sample, Sampler, TelemetrySummary};

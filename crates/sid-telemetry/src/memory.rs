@@ -1,0 +1,198 @@
+//! Memory measurements: the CUDA caching allocator's bytes (exact, resettable peak) and the
+//! process's resident set on the CPU (peak resettable through `/proc/self/clear_refs`).
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+/// The CUDA caching allocator's counters for one device, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CudaMemory {
+    /// Bytes held by live tensors.
+    pub allocated: i64,
+    /// Peak of `allocated` since the last reset.
+    pub peak_allocated: i64,
+    /// Bytes reserved from the driver by the allocator.
+    pub reserved: i64,
+    /// Peak of `reserved` since the last reset.
+    pub peak_reserved: i64,
+}
+
+#[cfg(sid_cuda_stats)]
+extern "C" {
+    fn sid_cuda_memory_stats(
+        device: i32,
+        a: *mut i64,
+        pa: *mut i64,
+        r: *mut i64,
+        pr: *mut i64,
+    ) -> i32;
+    fn sid_cuda_reset_peak(device: i32) -> i32;
+}
+
+/// Whether this build can read the CUDA allocator's statistics.
+pub fn cuda_stats_compiled() -> bool {
+    cfg!(sid_cuda_stats)
+}
+
+/// The allocator's counters for CUDA device `index`; `None` without CUDA or without the shim.
+pub fn cuda_memory(index: usize) -> Option<CudaMemory> {
+    #[cfg(sid_cuda_stats)]
+    {
+        if !tch::Cuda::is_available() {
+            return None;
+        }
+        let mut m = CudaMemory {
+            allocated: 0,
+            peak_allocated: 0,
+            reserved: 0,
+            peak_reserved: 0,
+        };
+        // SAFETY: four valid out-pointers; the shim catches every C++ exception.
+        let rc = unsafe {
+            sid_cuda_memory_stats(
+                index as i32,
+                &mut m.allocated,
+                &mut m.peak_allocated,
+                &mut m.reserved,
+                &mut m.peak_reserved,
+            )
+        };
+        (rc == 0).then_some(m)
+    }
+    #[cfg(not(sid_cuda_stats))]
+    {
+        let _ = index;
+        None
+    }
+}
+
+/// Resets the allocator's peak counters of CUDA device `index`; false if that is impossible.
+pub fn reset_cuda_peak(index: usize) -> bool {
+    #[cfg(sid_cuda_stats)]
+    {
+        // SAFETY: plain call; the shim catches every C++ exception.
+        tch::Cuda::is_available() && unsafe { sid_cuda_reset_peak(index as i32) } == 0
+    }
+    #[cfg(not(sid_cuda_stats))]
+    {
+        let _ = index;
+        false
+    }
+}
+
+fn status_kib(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The process's resident set size in bytes (Linux).
+pub fn rss_bytes() -> Option<u64> {
+    status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+/// The process's peak resident set size in bytes since start or the last reset (Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+/// Resets the peak resident set to the current one; false where the kernel does not allow it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// One device's peak memory over a period, and where the number comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DevicePeak {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Peak bytes.
+    pub bytes: u64,
+    /// `cuda-allocator` (tensor bytes, exact), or `process-rss` (the whole process on the CPU).
+    pub source: String,
+}
+
+/// Tracks per-device peak memory over periods (epochs): [`PeakTracker::start`] resets the
+/// peaks, [`PeakTracker::finish`] reads them.
+#[derive(Debug, Clone)]
+pub struct PeakTracker {
+    devices: Vec<Device>,
+}
+
+impl PeakTracker {
+    /// Tracks each distinct device of `devices` (the CPU once: its figure is the process's).
+    pub fn new(devices: &[Device]) -> Self {
+        let mut d: Vec<Device> = Vec::new();
+        for dev in devices {
+            if !d.contains(dev) {
+                d.push(*dev);
+            }
+        }
+        Self { devices: d }
+    }
+
+    /// Starts a period: resets every peak that can be reset.
+    pub fn start(&self) {
+        for d in &self.devices {
+            match d {
+                Device::Cuda(i) => {
+                    reset_cuda_peak(*i);
+                }
+                _ => {
+                    reset_peak_rss();
+                }
+            }
+        }
+    }
+
+    /// The peaks since [`PeakTracker::start`].
+    pub fn finish(&self) -> Vec<DevicePeak> {
+        self.devices
+            .iter()
+            .filter_map(|d| match d {
+                Device::Cuda(i) => cuda_memory(*i).map(|m| DevicePeak {
+                    device: format!("cuda:{i}"),
+                    bytes: m.peak_allocated.max(0) as u64,
+                    source: "cuda-allocator".into(),
+                }),
+                _ => peak_rss_bytes().map(|b| DevicePeak {
+                    device: "cpu".into(),
+                    bytes: b,
+                    source: "process-rss".into(),
+                }),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rss_is_read_and_peak_follows_a_large_allocation() {
+        let before = rss_bytes().expect("Linux /proc");
+        assert!(before > 1 << 20);
+        let tracker = PeakTracker::new(&[Device::Cpu, Device::Cpu]);
+        tracker.start();
+        // Touch 200 MB, free it, and check the peak saw it.
+        let t = tch::Tensor::ones([50_000_000], (tch::Kind::Float, Device::Cpu));
+        assert_eq!(t.sum(tch::Kind::Float).double_value(&[]), 5e7);
+        drop(t);
+        let peaks = tracker.finish();
+        assert_eq!(peaks.len(), 1);
+        assert!(
+            peaks[0].bytes >= before + 150_000_000,
+            "{peaks:?} vs rss {before}"
+        );
+        assert_eq!(peaks[0].source, "process-rss");
+    }
+
+    #[test]
+    fn cuda_figures_are_absent_without_a_gpu() {
+        if !tch::Cuda::is_available() {
+            assert!(cuda_memory(0).is_none());
+            assert!(!reset_cuda_peak(0));
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! GPU figures from NVML: memory, utilisation, power, and this process's memory per device.
+
+use nvml_wrapper::enums::device::UsedGpuMemory;
+use nvml_wrapper::Nvml;
+use serde::{Deserialize, Serialize};
+
+/// One NVML reading of one GPU.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuSample {
+    /// NVML index (PCI order; the binary sets `CUDA_DEVICE_ORDER=PCI_BUS_ID` so CUDA agrees).
+    pub index: u32,
+    /// Device memory in use, all processes, bytes.
+    pub memory_used: u64,
+    /// Device memory in all, bytes.
+    pub memory_total: u64,
+    /// This process's memory on the device, bytes, when NVML reports it.
+    pub process_memory: Option<u64>,
+    /// GPU utilisation over the last sample period, percent.
+    pub gpu_util: Option<u32>,
+    /// Power draw, milliwatts.
+    pub power_mw: Option<u32>,
+}
+
+/// An open NVML session.
+pub struct GpuMonitor {
+    nvml: Nvml,
+    count: u32,
+}
+
+impl GpuMonitor {
+    /// Opens NVML; the error says why it cannot (no driver library, no GPU).
+    pub fn open() -> Result<Self, String> {
+        let nvml = Nvml::init().map_err(|e| format!("NVML unavailable: {e}"))?;
+        let count = nvml
+            .device_count()
+            .map_err(|e| format!("NVML device count: {e}"))?;
+        Ok(Self { nvml, count })
+    }
+
+    /// Number of GPUs NVML sees.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Reads GPU `index`; fields NVML refuses are `None`.
+    pub fn sample(&self, index: u32) -> Result<GpuSample, String> {
+        let d = self
+            .nvml
+            .device_by_index(index)
+            .map_err(|e| format!("NVML device {index}: {e}"))?;
+        let mem = d
+            .memory_info()
+            .map_err(|e| format!("NVML memory of {index}: {e}"))?;
+        let pid = std::process::id();
+        let process_memory = d.running_compute_processes().ok().and_then(|ps| {
+            ps.into_iter()
+                .find(|p| p.pid == pid)
+                .and_then(|p| match p.used_gpu_memory {
+                    UsedGpuMemory::Used(b) => Some(b),
+                    UsedGpuMemory::Unavailable => None,
+                })
+        });
+        Ok(GpuSample {
+            index,
+            memory_used: mem.used,
+            memory_total: mem.total,
+            process_memory,
+            gpu_util: d.utilization_rates().ok().map(|u| u.gpu),
+            power_mw: d.power_usage().ok(),
+        })
+    }
+}

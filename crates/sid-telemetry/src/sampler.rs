@@ -1,0 +1,235 @@
+//! A background thread that samples telemetry at a fixed rate into a JSON-lines file.
+//!
+//! Each line: seconds since start, the process's RSS, each worker thread's CPU time so far
+//! (threads named `sid-worker-N`, read from `/proc/self/task`), and, where NVML loads, every
+//! GPU's memory, utilisation and power.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::memory::rss_bytes;
+use crate::nvml::{GpuMonitor, GpuSample};
+
+/// One telemetry record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Seconds since the sampler started.
+    pub t: f64,
+    /// Process resident set, bytes.
+    pub rss_bytes: Option<u64>,
+    /// CPU seconds used so far by each thread named `sid-worker-N` (and `main`).
+    pub thread_cpu_seconds: BTreeMap<String, f64>,
+    /// One entry per GPU when NVML is available.
+    pub gpus: Vec<GpuSample>,
+}
+
+/// Peaks seen over the whole sampling.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TelemetrySummary {
+    /// Samples written.
+    pub samples: usize,
+    /// Peak RSS seen, bytes.
+    pub peak_rss_bytes: u64,
+    /// Per GPU index: peak device memory used (all processes), bytes.
+    pub peak_gpu_memory_used: BTreeMap<u32, u64>,
+    /// Per GPU index: peak memory of this process, bytes.
+    pub peak_gpu_process_memory: BTreeMap<u32, u64>,
+    /// CPU seconds of each worker thread by the end.
+    pub thread_cpu_seconds: BTreeMap<String, f64>,
+}
+
+/// A running sampler; [`Sampler::stop`] ends it and returns the peaks.
+pub struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<TelemetrySummary>>,
+    path: PathBuf,
+}
+
+/// Why GPU telemetry is off, when it is.
+pub type GpuTelemetryOff = Option<String>;
+
+impl Sampler {
+    /// Starts sampling every `interval` into `path` (created or truncated). Returns the sampler
+    /// and, when NVML cannot be used, the reason (the run goes on with CPU figures only).
+    pub fn start(path: &Path, interval: Duration) -> std::io::Result<(Self, GpuTelemetryOff)> {
+        let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+        let (monitor, off) = match GpuMonitor::open() {
+            Ok(m) if m.count() > 0 => (Some(m), None),
+            Ok(_) => (None, Some("NVML sees no GPU".to_string())),
+            Err(e) => (None, Some(e)),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("sid-telemetry".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let mut summary = TelemetrySummary::default();
+                loop {
+                    let sample = take(&monitor, started);
+                    summary.samples += 1;
+                    summary.peak_rss_bytes =
+                        summary.peak_rss_bytes.max(sample.rss_bytes.unwrap_or(0));
+                    for g in &sample.gpus {
+                        let e = summary.peak_gpu_memory_used.entry(g.index).or_default();
+                        *e = (*e).max(g.memory_used);
+                        if let Some(p) = g.process_memory {
+                            let e = summary.peak_gpu_process_memory.entry(g.index).or_default();
+                            *e = (*e).max(p);
+                        }
+                    }
+                    summary.thread_cpu_seconds = sample.thread_cpu_seconds.clone();
+                    if let Ok(line) = serde_json::to_string(&sample) {
+                        let _ = writeln!(file, "{line}");
+                    }
+                    // Sleep in small slices so that stop() returns promptly.
+                    let until = Instant::now() + interval;
+                    while Instant::now() < until {
+                        if flag.load(Ordering::SeqCst) {
+                            let _ = file.flush();
+                            return summary;
+                        }
+                        std::thread::sleep(Duration::from_millis(5).min(interval));
+                    }
+                }
+            })?;
+        Ok((
+            Self {
+                stop,
+                thread: Some(thread),
+                path: path.to_path_buf(),
+            },
+            off,
+        ))
+    }
+
+    /// Where the samples go.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops sampling (one last sample is written) and returns the peaks.
+    pub fn stop(mut self) -> TelemetrySummary {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn take(monitor: &Option<GpuMonitor>, started: Instant) -> Sample {
+    let gpus = monitor
+        .as_ref()
+        .map(|m| (0..m.count()).filter_map(|i| m.sample(i).ok()).collect())
+        .unwrap_or_default();
+    Sample {
+        t: started.elapsed().as_secs_f64(),
+        rss_bytes: rss_bytes(),
+        thread_cpu_seconds: thread_cpu_seconds(),
+        gpus,
+    }
+}
+
+/// CPU seconds (user + system) of this process's threads named `sid-worker-*` or `main`.
+pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let name = name.trim().to_string();
+        if !(name.starts_with("sid-worker") || name == "main" || name == "sid-launch") {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised name: utime and stime are the 12th and 13th.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if let (Some(u), Some(s)) = (
+            f.get(11).and_then(|v| v.parse::<f64>().ok()),
+            f.get(12).and_then(|v| v.parse::<f64>().ok()),
+        ) {
+            // Clock ticks are 100 per second on Linux (USER_HZ).
+            *out.entry(name).or_insert(0.0) += (u + s) / 100.0;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_cpu_figures_and_degrades_cleanly_without_nvml() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("telemetry.jsonl");
+        let busy = std::thread::Builder::new()
+            .name("sid-worker-0".into())
+            .spawn(|| {
+                let t = Instant::now();
+                let mut x = 0u64;
+                while t.elapsed() < Duration::from_millis(300) {
+                    x = x.wrapping_mul(31).wrapping_add(7);
+                }
+                std::hint::black_box(x);
+                std::thread::sleep(Duration::from_millis(200));
+            })
+            .unwrap();
+        let (sampler, off) = Sampler::start(&path, Duration::from_millis(20)).unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        let summary = sampler.stop();
+        busy.join().unwrap();
+        // This machine has no NVIDIA driver: GPU telemetry says why it is off.
+        if nvml_wrapper::Nvml::init().is_err() {
+            assert!(
+                off.as_deref().unwrap_or("").contains("NVML unavailable"),
+                "{off:?}"
+            );
+        }
+        let lines: Vec<Sample> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(lines.len() >= 5, "{} samples", lines.len());
+        assert_eq!(summary.samples, lines.len());
+        assert!(summary.peak_rss_bytes > 0);
+        let worker = summary
+            .thread_cpu_seconds
+            .get("sid-worker-0")
+            .copied()
+            .unwrap_or(0.0);
+        assert!(
+            worker >= 0.1,
+            "the busy worker's CPU time was seen: {:?}",
+            summary.thread_cpu_seconds
+        );
+        assert!(lines.windows(2).all(|w| w[1].t > w[0].t));
+    }
+}
