@@ -4,6 +4,8 @@
 //! pixel values, and the benchmarks then need no data files.
 
 pub mod env_check;
+pub mod harness;
+pub mod report;
 pub mod step_time;
 pub mod workers;
 

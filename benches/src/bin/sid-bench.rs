@@ -1,5 +1,7 @@
 //! `sid-bench`: the benchmark harness.
 //!
+//! - `sid-bench run [EXPERIMENTS]`: SID vs BP on real data, sweeps (depth, workers, width,
+//!   label noise), the memory check and the speed-up check, into a results folder;
 //! - `sid-bench step-time`: SID vs backprop ms/step on the same model;
 //! - `sid-bench workers`: the same SID model on 1 worker and on K workers (`--gpus`);
 //! - `sid-bench env`: what libtorch sees (CUDA, devices, streams).
@@ -13,6 +15,8 @@ use clap::Parser;
     about = "Benchmarks for sid: step time, multi-worker speed-up."
 )]
 enum Cli {
+    /// SID vs BP side by side, sweeps, memory and speed-up checks → results.csv, report.md, plots.
+    Run(sid_benches::harness::RunArgs),
     /// SID vs backprop milliseconds per step for the same model.
     StepTime(sid_benches::step_time::Args),
     /// 1 worker vs K workers on the same SID model, with the step breakdown.
@@ -23,6 +27,7 @@ enum Cli {
 
 fn main() {
     let result = match Cli::parse() {
+        Cli::Run(a) => sid_benches::harness::run(a),
         Cli::StepTime(a) => sid_benches::step_time::run(a),
         Cli::Workers(a) => sid_benches::workers::run(a),
         Cli::Env(a) => sid_benches::env_check::run(a),
