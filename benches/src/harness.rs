@@ -556,17 +556,17 @@ pub fn write_results(out: &Path, rows: &[Row], header: &str) -> Result<()> {
 pub enum Experiment {
     /// SID vs BP on the same model, data and devices.
     Compare,
-    /// SID and BP at L = 1, 2, 4, 8.
+    /// SID and BP at each depth (`--depths`, default 1,2,4,8).
     Depth,
-    /// SID with K = 1, 2, 4 workers.
+    /// SID with K workers (`--workers`, default 1,2,4).
     Workers,
-    /// SID and BP at module widths 64, 256, 1024.
+    /// SID and BP at each module width (`--widths`, default 64,256,1024).
     Width,
-    /// SID and BP at label noise 0, 0.2, 0.4 (accuracy).
+    /// SID and BP at each label-noise level (`--noise-levels`, default 0,0.2,0.4; accuracy).
     Noise,
-    /// Per-step working memory of SID and BP at L = 1, 2, 4, 8.
+    /// Per-step working memory of SID and BP at each depth.
     Memory,
-    /// Predicted vs measured step time for K = 1, 2, 4 workers.
+    /// Predicted vs measured step time for each worker count (L = 8).
     Speedup,
 }
 
@@ -584,6 +584,18 @@ pub struct RunArgs {
     /// Batch size for the memory and speed-up checks.
     #[arg(long, default_value_t = 256)]
     pub check_batch: i64,
+    /// Depths L of the depth sweep and the memory check.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub depths: Vec<usize>,
+    /// Worker counts K of the workers sweep and the speed-up check.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub workers: Vec<usize>,
+    /// Module widths of the width sweep.
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024")]
+    pub widths: Vec<i64>,
+    /// Label-noise levels of the noise sweep.
+    #[arg(long, value_delimiter = ',', default_value = "0,0.2,0.4")]
+    pub noise_levels: Vec<f64>,
 }
 
 /// Runs the experiments and writes the results folder.

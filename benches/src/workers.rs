@@ -99,6 +99,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // On a CPU each worker stands for a device and gets one thread; a GPU worker gets its
     // device (and its own stream when several share one GPU).
     let per_worker = on_cpu.then_some(1);
+    // The all-cores baselines are measured first, each alone: once several libtorch thread
+    // teams exist in a process, GNU OpenMP throttles its spin-waiting and a multi-threaded
+    // team pays a futex wake-up per op, which would make these baselines look worse than
+    // they are.
+    let mut all_cores = Vec::new();
+    if on_cpu {
+        tch::manual_seed(0);
+        let mut s0 = SidNetwork::new(&model, LossConfig::default(), 1e-3, first)?;
+        all_cores.push(
+            interleaved(&mut [&mut s0], &x, &y, args.warmup, args.rounds, args.steps)?.remove(0),
+        );
+        drop(s0);
+        let mut p0 = pipeline(&model, vec![first], Some(cores), None, true)?;
+        all_cores.push(
+            interleaved(&mut [&mut p0], &x, &y, args.warmup, args.rounds, args.steps)?.remove(0),
+        );
+    }
     let mut one = pipeline(&model, vec![first], per_worker, None, !args.no_streams)?;
     let mut many = pipeline(
         &model,
@@ -107,18 +124,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         placement,
         !args.no_streams,
     )?;
-    tch::manual_seed(0);
-    let mut single = SidNetwork::new(&model, LossConfig::default(), 1e-3, first)?;
-    let mut one_all = if on_cpu {
-        Some(pipeline(&model, vec![first], Some(cores), None, true)?)
-    } else {
-        None
-    };
-    let mut nets: Vec<&mut dyn Network> = vec![&mut one, &mut many, &mut single];
-    if let Some(p) = one_all.as_mut() {
-        nets.push(p);
+    let mut nets: Vec<&mut dyn Network> = vec![&mut one, &mut many];
+    let mut single_gpu = None;
+    if !on_cpu {
+        tch::manual_seed(0);
+        single_gpu = Some(SidNetwork::new(&model, LossConfig::default(), 1e-3, first)?);
     }
-    let times = interleaved(&mut nets, &x, &y, args.warmup, args.rounds, args.steps)?;
+    if let Some(s) = single_gpu.as_mut() {
+        nets.push(s);
+    }
+    let mut times = interleaved(&mut nets, &x, &y, args.warmup, args.rounds, args.steps)?;
+    // Same layout on both kinds of machine: [1 worker, K workers, single-device, 1 worker all cores].
+    if on_cpu {
+        times.extend(all_cores);
+    } else {
+        times.push(Vec::new());
+    }
     let med: Vec<f64> = times.iter().map(|t| median(t)).collect();
     println!(
         "SID multi-worker speed-up ({}): {} extractor, L={}, module hidden {}, batch {}",
@@ -141,45 +162,41 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "{:<48} {:>10} {:>9}",
         "configuration", "ms/step", "speed-up"
     );
-    let mut rows = vec![
-        (
-            if on_cpu {
-                "1 worker x 1 thread (one device)".to_string()
-            } else {
-                format!("1 worker on {dev}")
-            },
-            med[0],
-        ),
-        (
+    let one_name = if on_cpu {
+        "1 worker x 1 thread (one device)".to_string()
+    } else {
+        format!("1 worker on {dev}")
+    };
+    let many_name = if on_cpu {
+        format!("{k} workers x 1 thread ({k} devices)")
+    } else {
+        format!("{k} workers on {}", args.gpus)
+    };
+    let mut rows = vec![(one_name, med[0])];
+    if on_cpu {
+        rows.push((
+            format!("single-device trainer, {cores} threads (measured alone)"),
+            med[2],
+        ));
+        rows.push((
+            format!("1 worker x {cores} threads (measured alone)"),
+            med[3],
+        ));
+    } else {
+        rows.push((
             format!("single-device trainer on {dev}, no worker threads"),
             med[2],
-        ),
-        (
-            if on_cpu {
-                format!("{k} workers x 1 thread ({k} devices)")
-            } else {
-                format!("{k} workers on {}", args.gpus)
-            },
-            med[1],
-        ),
-    ];
-    if on_cpu {
-        rows.insert(
-            1,
-            (
-                format!("1 worker x {cores} threads (all cores, intra-op)"),
-                med[3],
-            ),
-        );
+        ));
     }
+    rows.push((many_name, med[1]));
     for (name, m) in &rows {
         println!("{name:<48} {m:>10.2} {:>8.2}x", med[0] / m);
     }
     println!("speed-up, 1 worker / {k} workers: {:.2}x", med[0] / med[1]);
     if on_cpu {
         println!(
-            "speed-up, 1 worker x {cores} threads / {k} workers x 1 thread: {:.2}x",
-            med[3] / med[1]
+            "speed-up, single-device trainer on all {cores} cores / {k} workers x 1 thread: {:.2}x",
+            med[2] / med[1]
         );
     }
 

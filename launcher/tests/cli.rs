@@ -276,6 +276,9 @@ fn bad_checkpoint_and_bad_config_are_clear_errors() {
     one_line_error(&out, "checkpoint.safetensors");
     assert_eq!(metrics(&run).len(), 1, "metrics survive a failed resume");
 
+    let out = sid(&["--resume", run.to_str().unwrap(), "--alpha", "0.9"]);
+    one_line_error(&out, "alpha differ from the saved config.toml");
+
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "modulez = 4\n").unwrap();
     one_line_error(&sid(&["--config", cfg.to_str().unwrap()]), "modulez");

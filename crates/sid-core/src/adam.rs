@@ -72,6 +72,8 @@ impl Adam {
         let bias1 = 1.0 - self.beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - self.beta2.powi(self.step as i32)).sqrt();
         let step_size = self.lr / bias1;
+        // In-place ops with two temporaries per parameter: a step is memory-bound, and every
+        // extra temporary of a wide layer costs an allocation and a pass over its bytes.
         tch::no_grad(|| {
             for (i, (_, p)) in self.params.iter_mut().enumerate() {
                 let g = p.grad();
@@ -82,9 +84,13 @@ impl Adam {
                 let _ = m.lerp_(&g, 1.0 - self.beta1);
                 let v = &mut self.exp_avg_sq[i];
                 let _ = v.g_mul_scalar_(self.beta2);
-                let _ = v.g_add_(&(&g * &g * (1.0 - self.beta2)));
-                let denom = v.sqrt() / bias2_sqrt + self.eps;
-                let _ = p.g_sub_(&(&*m / denom * step_size));
+                let _ = v.addcmul_(&(&g * (1.0 - self.beta2)), &g);
+                // p += m / (−(sqrt(v)/√bc2 + ε)/step_size) = p − step_size · m / (sqrt(v)/√bc2 + ε)
+                let mut denom = v.sqrt();
+                let _ = denom.g_div_scalar_(bias2_sqrt);
+                let _ = denom.g_add_scalar_(self.eps);
+                let _ = denom.g_mul_scalar_(-1.0 / step_size);
+                let _ = p.addcdiv_(m, &denom);
             }
         });
     }

@@ -171,6 +171,9 @@ impl Pipeline {
         let cpu_threads = cfg
             .threads_per_worker
             .unwrap_or_else(|| (cores / cpu_workers).max(1) as i32);
+        // Fix this thread's libtorch thread count before workers change the process-wide one
+        // (a thread copies it at its first parallel op).
+        let _ = tch::get_num_threads();
         let (reply_tx, replies) = crossbeam_channel::bounded(2 * k + 2);
         let workers = cfg
             .devices

@@ -197,7 +197,10 @@ fn run(
     };
     let init = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), Failure> {
         if let Some(n) = setup.threads {
-            // Per thread in libtorch (OpenMP/MKL thread-local settings).
+            // The thread count is per thread in libtorch (OpenMP/MKL), but a thread's first
+            // parallel op copies the process-wide count, which other workers overwrite. Asking
+            // for the count first does that copy now; then this thread's own setting sticks.
+            let _ = tch::get_num_threads();
             tch::set_num_threads(n);
         }
         if let (Device::Cuda(i), true) = (setup.device, setup.own_stream) {

@@ -143,6 +143,24 @@ impl RunConfig {
             .unwrap_or_else(|| self.dataset.augments_by_default())
     }
 
+    /// Names of the settings whose values differ between `self` and `other`.
+    pub fn changed_from(&self, other: &RunConfig) -> Vec<String> {
+        let table = |c: &RunConfig| match toml::Value::try_from(c) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => toml::map::Map::new(),
+        };
+        let (a, b) = (table(self), table(other));
+        let mut keys: Vec<String> = a
+            .keys()
+            .chain(b.keys())
+            .filter(|k| a.get(*k) != b.get(*k))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
     /// Checks every value; the message names the setting.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::Config(m));
@@ -225,6 +243,21 @@ mod tests {
         );
         let err = RunConfig::from_toml("modulez = 3").unwrap_err().to_string();
         assert!(err.contains("modulez"), "{err}");
+    }
+
+    #[test]
+    fn changed_settings_are_named() {
+        let a = RunConfig::default();
+        let b = RunConfig {
+            alpha: 0.3,
+            limit_train: Some(10),
+            ..RunConfig::default()
+        };
+        assert_eq!(
+            a.changed_from(&b),
+            vec!["alpha".to_string(), "limit_train".to_string()]
+        );
+        assert!(a.changed_from(&a).is_empty());
     }
 
     #[test]

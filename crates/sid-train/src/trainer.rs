@@ -222,10 +222,12 @@ impl Run {
             a.inject_fault = None;
             a
         };
-        if same(&saved) != same(&cfg) {
+        let changed = same(&saved).changed_from(&same(&cfg));
+        if !changed.is_empty() {
             return Err(TrainError::Config(format!(
-                "--resume {}: only --epochs, --gpus, --placement, --data-dir, --threads, --step-timeout, --no-streams and the evaluation batch size may differ from the saved config.toml",
-                dir.display()
+                "--resume {}: {} differ from the saved config.toml; only --epochs, --gpus, --placement, --data-dir, --threads, --step-timeout, --no-streams and --eval-batch-size may change",
+                dir.display(),
+                changed.join(", ")
             )));
         }
         let ckpt_path = dir.join(CHECKPOINT_FILE);
