@@ -229,38 +229,38 @@ pub fn sweep_workers(common: &Common, ks: &[usize]) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Per-step working memory: peak during a step minus what was held before it (CUDA: the
-/// allocator's tensor bytes; CPU: resident set, with glibc's mmap threshold fixed so freed
-/// tensors leave the resident set).
+/// Per-step working memory: the peak during a step minus what was held before it (CUDA: the
+/// allocator's tensor bytes; CPU: live C-heap bytes, sampled from a background thread).
 fn step_memory(
     net: &mut dyn Network,
     device: Device,
     x: &tch::Tensor,
     y: &tch::Tensor,
 ) -> Result<u64> {
+    use sid_telemetry::memory::{cuda_memory, heap_in_use_bytes, reset_cuda_peak, HeapPeak};
     let mut deltas = Vec::new();
     for i in 0..5 {
-        let before = match device {
+        let delta = match device {
             Device::Cuda(d) => {
-                sid_telemetry::memory::reset_cuda_peak(d);
-                sid_telemetry::memory::cuda_memory(d)
+                reset_cuda_peak(d);
+                let before = cuda_memory(d)
                     .map(|m| m.allocated.max(0) as u64)
-                    .unwrap_or(0)
+                    .unwrap_or(0);
+                net.train_step(x, y)?;
+                let peak = cuda_memory(d)
+                    .map(|m| m.peak_allocated.max(0) as u64)
+                    .unwrap_or(0);
+                peak.saturating_sub(before)
             }
             _ => {
-                sid_telemetry::memory::reset_peak_rss();
-                sid_telemetry::memory::rss_bytes().unwrap_or(0)
+                let before = heap_in_use_bytes();
+                let probe = HeapPeak::start();
+                net.train_step(x, y)?;
+                probe.finish().saturating_sub(before)
             }
         };
-        net.train_step(x, y)?;
-        let peak = match device {
-            Device::Cuda(d) => sid_telemetry::memory::cuda_memory(d)
-                .map(|m| m.peak_allocated.max(0) as u64)
-                .unwrap_or(0),
-            _ => sid_telemetry::memory::peak_rss_bytes().unwrap_or(0),
-        };
         if i >= 2 {
-            deltas.push(peak.saturating_sub(before) as f64);
+            deltas.push(delta as f64);
         }
     }
     Ok(median(&deltas) as u64)
@@ -274,9 +274,6 @@ pub fn memory_check(
     batch: i64,
 ) -> Result<Vec<Row>> {
     let device = sid_train::devices::resolve_devices(&common.gpus)?[0];
-    if device == Device::Cpu {
-        fix_malloc_threshold();
-    }
     eprintln!("memory check: per-step working memory vs L (hidden {hidden}, batch {batch})");
     let (x, y) = synthetic_batch(batch, 1, 28, 10, device);
     let mut rows = Vec::new();
@@ -312,19 +309,6 @@ pub fn memory_check(
         }
     }
     Ok(rows)
-}
-
-/// Fixes glibc's mmap threshold at 64 KiB so that freed tensors leave the resident set and
-/// RSS peaks measure live memory (the dynamic threshold would keep them resident).
-fn fix_malloc_threshold() {
-    extern "C" {
-        fn mallopt(param: i32, value: i32) -> i32;
-    }
-    const M_MMAP_THRESHOLD: i32 = -3;
-    // SAFETY: glibc's mallopt with a documented parameter; called before the measurements.
-    unsafe {
-        mallopt(M_MMAP_THRESHOLD, 64 * 1024);
-    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -368,6 +352,9 @@ pub fn speedup_check(
             .collect()
     };
     eprintln!("speed-up check: L={modules}, hidden {hidden}, batch {batch}");
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut one = build(vec![base])?;
     let t1 = timings(&mut one)?;
     let med =
@@ -413,6 +400,12 @@ pub fn speedup_check(
         };
         let paper = modules as f64 * f1
             + blocks.blocks().iter().map(|b| b.len()).max().unwrap_or(1) as f64 * f2;
+        let note_cores = match base {
+            Device::Cpu if k > cores => {
+                format!("; {k} workers share {cores} cores, the prediction assumes one core each")
+            }
+            _ => String::new(),
+        };
         eprintln!("  K={k}: predicted {predicted:.2} ms, measured {measured:.2} ms (paper's model without extractor: {paper:.2} ms)");
         rows.push(Row {
             sweep: "speedup".into(),
@@ -420,7 +413,11 @@ pub fn speedup_check(
             param: "K".into(),
             value: k as f64,
             ms_per_step: Some(measured),
-            note: format!("predicted {predicted:.3} ms; paper model {paper:.3} ms; speed-up measured {:.3}x predicted {:.3}x", measured1 / measured, (ext + overhead + modules as f64 * (f1 + f2)) / predicted),
+            note: format!(
+                "predicted {predicted:.2} ms; paper's model (no extractor) {paper:.2} ms; speed-up measured {:.2}x, predicted {:.2}x{note_cores}",
+                measured1 / measured,
+                (ext + overhead + modules as f64 * (f1 + f2)) / predicted
+            ),
             ..Default::default()
         });
     }
@@ -638,7 +635,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         "Machine: {cores} CPU cores{}. Devices: `{}`. Model: {} extractor, L = {}, module hidden {}, batch {}; \
          Fashion-MNIST, first {} training samples, {} epochs, seed {}. Times are medians of the last epoch's steps; \
          accuracy is the final epoch's test accuracy. Peak memory: CUDA allocator bytes on a GPU, process RSS on the CPU \
-         (the memory check measures per-step working memory instead).\n\nExperiments: {:?}.",
+         (the whole process, data set included); the memory check measures per-step working memory \
+         instead (the peak during a step minus what was held before it: CUDA allocator bytes, or live C-heap bytes on the CPU).\n\nExperiments: {:?}.",
         if tch::Cuda::is_available() { format!(", {} CUDA device(s)", tch::Cuda::device_count()) } else { String::new() },
         c.gpus,
         c.model,

@@ -101,6 +101,67 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
+/// glibc's `struct mallinfo2`.
+#[repr(C)]
+struct Mallinfo2 {
+    arena: usize,
+    ordblks: usize,
+    smblks: usize,
+    hblks: usize,
+    hblkhd: usize,
+    usmblks: usize,
+    fsmblks: usize,
+    uordblks: usize,
+    fordblks: usize,
+    keepcost: usize,
+}
+
+extern "C" {
+    fn mallinfo2() -> Mallinfo2;
+}
+
+/// Bytes the C heap has handed out and not yet taken back (all arenas plus mmapped blocks):
+/// libtorch's CPU tensors live there, so this follows live tensor memory closely, unlike the
+/// resident set, which keeps freed pages.
+pub fn heap_in_use_bytes() -> u64 {
+    // SAFETY: glibc ≥ 2.33; returns a plain struct by value.
+    let m = unsafe { mallinfo2() };
+    (m.uordblks + m.hblkhd) as u64
+}
+
+/// Samples [`heap_in_use_bytes`] from a background thread every few microseconds and keeps the
+/// maximum: the peak of live CPU memory during a piece of work.
+pub struct HeapPeak {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl HeapPeak {
+    /// Starts sampling.
+    pub fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = heap_in_use_bytes();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(heap_in_use_bytes());
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+            peak.max(heap_in_use_bytes())
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling and returns the peak seen, in bytes.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+    }
+}
+
 /// One device's peak memory over a period, and where the number comes from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DevicePeak {
@@ -169,8 +230,12 @@ impl PeakTracker {
 mod tests {
     use super::*;
 
+    /// Memory figures are process-wide: tests that allocate must not overlap.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     #[test]
     fn rss_is_read_and_peak_follows_a_large_allocation() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let before = rss_bytes().expect("Linux /proc");
         assert!(before > 1 << 20);
         let tracker = PeakTracker::new(&[Device::Cpu, Device::Cpu]);
@@ -186,6 +251,21 @@ mod tests {
             "{peaks:?} vs rss {before}"
         );
         assert_eq!(peaks[0].source, "process-rss");
+    }
+
+    #[test]
+    fn heap_peak_sees_a_short_lived_tensor() {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let before = heap_in_use_bytes();
+        let probe = HeapPeak::start();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let t = tch::Tensor::ones([25_000_000], (tch::Kind::Float, Device::Cpu)); // 100 MB
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        drop(t);
+        let after = heap_in_use_bytes();
+        let peak = probe.finish();
+        assert!(peak >= before + 95_000_000, "peak {peak} before {before}");
+        assert!(after < before + 10_000_000, "freed: {after} vs {before}");
     }
 
     #[test]
