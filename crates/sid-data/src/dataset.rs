@@ -489,10 +489,10 @@ mod tests {
         assert!(matches!(err, DataError::MissingFile { .. }), "{err}");
     }
 
-    /// Loads the real Fashion-MNIST when installed (`cargo test -p sid-data -- --ignored`):
-    /// the published mean/std must bring the training pixels to about zero mean, unit std.
+    /// Loads the real Fashion-MNIST (scripts/setup.sh and .ci/run install Debian's
+    /// dataset-fashion-mnist): the published mean/std must bring the training pixels to about
+    /// zero mean, unit std.
     #[test]
-    #[ignore = "needs the real dataset in its default directory"]
     fn real_fashion_mnist_is_normalised() {
         let kind = DatasetKind::FashionMnist;
         let ds = load(kind, &kind.default_dir(), &LoadOptions::default()).unwrap();
