@@ -44,20 +44,7 @@ pub fn time_steps(
     Ok(out)
 }
 
-/// Median of a sample (0 when empty).
-pub fn median(v: &[f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
+pub use sid_train::metrics::median;
 
 /// Measures several networks fairly on a shared, noisy machine: after `warmup` steps each,
 /// `rounds` rounds each run `steps` steps of every network in turn, so that a slow period

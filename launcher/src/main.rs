@@ -68,9 +68,12 @@ fn main() -> ExitCode {
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if let Some(TrainError::Interrupted { .. }) = e.downcast_ref::<TrainError>() {
+            if let Some(TrainError::Interrupted { checkpoint, .. }) = e.downcast_ref::<TrainError>()
+            {
                 eprintln!("stopped: {e:#}");
-                eprintln!("continue with: sid-launch --resume <run dir>");
+                if let Some(dir) = checkpoint.parent() {
+                    eprintln!("continue with: sid-launch --resume {}", dir.display());
+                }
                 return ExitCode::from(130);
             }
             eprintln!("error: {e:#}");

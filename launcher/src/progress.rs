@@ -65,7 +65,7 @@ impl Reporter {
                     let bar = ProgressBar::new(steps as u64).with_position(first_step as u64);
                     bar.set_style(
                         ProgressStyle::with_template(
-                            "{prefix} [{bar:30}] {pos}/{len} loss {msg} {per_sec} eta {eta}",
+                            "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
                         )
                         .expect("valid template")
                         .progress_chars("=> "),
@@ -76,14 +76,14 @@ impl Reporter {
                 }
             }
             Event::Step { step, loss } => {
+                let done = (step - self.first_step) as f64 * self.batch_size as f64;
+                let rate = done / self.started.elapsed().as_secs_f64().max(1e-9);
                 if let Some(bar) = &self.bar {
                     bar.set_position(step as u64);
-                    bar.set_message(format!("{loss:.4}"));
+                    bar.set_message(format!("loss {loss:.4} {rate:.0} samples/s"));
                 } else if step == self.steps
                     || (step * 10 / self.steps.max(1)) != ((step - 1) * 10 / self.steps.max(1))
                 {
-                    let done = (step - self.first_step) as f64 * self.batch_size as f64;
-                    let rate = done / self.started.elapsed().as_secs_f64().max(1e-9);
                     eprintln!(
                         "epoch {}/{} step {step}/{} loss {loss:.4} {rate:.0} samples/s",
                         self.epoch, self.epochs, self.steps
