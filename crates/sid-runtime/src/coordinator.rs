@@ -245,6 +245,19 @@ impl Pipeline {
         })
     }
 
+    /// Copies tensors to a worker's device and waits for the copies: a copy to another GPU is
+    /// queued on that device's stream of this thread, while the worker reads on its own.
+    fn for_worker<const N: usize>(
+        &self,
+        worker: usize,
+        tensors: [&Tensor; N],
+    ) -> Result<[Tensor; N]> {
+        let dev = self.workers[worker].device;
+        let out = tensors.map(|t| t.to_device(dev));
+        streams::sync_device(dev).map_err(RuntimeError::Config)?;
+        Ok(out)
+    }
+
     fn gone(&self, worker: usize) -> RuntimeError {
         let w = &self.workers[worker];
         // A worker that failed sent its reason before stopping: prefer it.
@@ -327,17 +340,13 @@ impl Pipeline {
         {
             let _span = tracing::info_span!("broadcast", step).entered();
             for w in 0..self.workers.len() {
-                let dev = self.workers[w].device;
-                let request = Request::Begin {
-                    step,
-                    z: z_detached.to_device(dev),
-                    labels: y.to_device(dev),
-                };
-                self.send(w, request)?;
+                let [z, labels] = self.for_worker(w, [&z_detached, y])?;
+                self.send(w, Request::Begin { step, z, labels })?;
             }
         }
-        let p0 = uniform_belief(x.size()[0], self.num_classes, self.workers[0].device);
-        self.send(0, Request::Teacher { step, p_in: p0 })?;
+        let p0 = uniform_belief(x.size()[0], self.num_classes, coord);
+        let [p_in] = self.for_worker(0, [&p0])?;
+        self.send(0, Request::Teacher { step, p_in })?;
         timing.broadcast = mark.elapsed();
         let mut losses: Vec<Option<Vec<f64>>> = vec![None; k];
         let mut grads: Vec<Option<Tensor>> = (0..k).map(|_| None).collect();
@@ -358,7 +367,7 @@ impl Pipeline {
                     }
                     if w + 1 < k {
                         let next = w + 1;
-                        let p_in = p_out.to_device(self.workers[next].device);
+                        let [p_in] = self.for_worker(next, [&p_out])?;
                         self.send(next, Request::Teacher { step, p_in })?;
                     }
                 }
@@ -389,11 +398,14 @@ impl Pipeline {
         }
         let mark = Instant::now();
         let mut grad_sum = z_detached.zeros_like();
-        for g in grads.into_iter().flatten() {
+        for g in grads.iter().flatten() {
             grad_sum += g;
         }
         self.extractor.backward_step(&z, &grad_sum)?;
         streams::sync_device(coord).map_err(RuntimeError::Config)?;
+        // Dropped only now: a worker's gradient was allocated on its stream, and the caching
+        // allocator may hand its memory out again as soon as it is freed.
+        drop(grads);
         timing.extractor_backward = mark.elapsed();
         timing.total = started.elapsed();
         self.last_timing = timing;
@@ -409,17 +421,11 @@ impl Pipeline {
         let coord = self.extractor.device();
         let z = tch::no_grad(|| self.extractor.forward(x));
         streams::sync_device(coord).map_err(RuntimeError::Config)?;
-        let mut p = uniform_belief(x.size()[0], self.num_classes, self.workers[0].device);
+        let mut p = uniform_belief(x.size()[0], self.num_classes, coord);
         let mut logits = Vec::with_capacity(self.modules);
         for w in 0..self.workers.len() {
-            let dev = self.workers[w].device;
-            self.send(
-                w,
-                Request::Cascade {
-                    z: z.to_device(dev),
-                    p_in: p.to_device(dev),
-                },
-            )?;
+            let [z, p_in] = self.for_worker(w, [&z, &p])?;
+            self.send(w, Request::Cascade { z, p_in })?;
             match self.recv(&[w], "inference results")? {
                 Envelope {
                     worker,
