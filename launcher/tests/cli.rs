@@ -508,3 +508,72 @@ fn trace_shows_two_workers_overlapping_in_phase_2_and_telemetry_degrades_without
         );
     }
 }
+
+/// Writes a small CIFAR-10 in its real binary format: 5 training batches and a test batch of
+/// `n` records each (label byte + 3072 pixel bytes).
+fn write_cifar10(dir: &Path, n: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let record = |i: usize| {
+        let mut r = vec![(i % 10) as u8];
+        r.extend((0..3072).map(|p| ((p * 7 + i * 13) % 256) as u8));
+        r
+    };
+    let batch = |offset: usize| (0..n).flat_map(|i| record(offset + i)).collect::<Vec<u8>>();
+    for b in 1..=5 {
+        std::fs::write(dir.join(format!("data_batch_{b}.bin")), batch(b * n)).unwrap();
+    }
+    std::fs::write(dir.join("test_batch.bin"), batch(0)).unwrap();
+}
+
+#[test]
+fn cifar10_trains_with_augmentation_on_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cifar-10-batches-bin");
+    write_cifar10(&data, 20);
+    let run = dir.path().join("run");
+    let out = Command::new(BIN)
+        .args([
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--model",
+            "cnn",
+            "--modules",
+            "2",
+        ])
+        .args([
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--threads",
+            "1",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("data: 100 training, 20 test samples"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(metrics(&run).len(), 1);
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("augment = true"), "{saved}");
+    // A truncated batch file is named in a one-line error.
+    let f = data.join("data_batch_3.bin");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 100]).unwrap();
+    let out = sid(&[
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--run-dir",
+        dir.path().join("r2").to_str().unwrap(),
+    ]);
+    one_line_error(&out, "data_batch_3.bin");
+}

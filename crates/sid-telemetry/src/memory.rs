@@ -169,15 +169,17 @@ pub struct DevicePeak {
     pub device: String,
     /// Peak bytes.
     pub bytes: u64,
-    /// `cuda-allocator` (tensor bytes, exact), or `process-rss` (the whole process on the CPU).
+    /// `cuda-allocator` (tensor bytes, exact), `nvml-process-at-end` (NVML's figure for this
+    /// process when the period ends: the fallback), or `process-rss` (the whole process, CPU).
     pub source: String,
 }
 
 /// Tracks per-device peak memory over periods (epochs): [`PeakTracker::start`] resets the
-/// peaks, [`PeakTracker::finish`] reads them.
-#[derive(Debug, Clone)]
+/// peaks, [`PeakTracker::finish`] reads them. On a GPU whose allocator statistics cannot be
+/// read (a build without the C++ shim), NVML's figure for this process is the fallback.
 pub struct PeakTracker {
     devices: Vec<Device>,
+    nvml: Option<crate::nvml::GpuMonitor>,
 }
 
 impl PeakTracker {
@@ -189,7 +191,12 @@ impl PeakTracker {
                 d.push(*dev);
             }
         }
-        Self { devices: d }
+        let nvml = if d.iter().any(|x| x.is_cuda()) && !cuda_stats_compiled() {
+            crate::nvml::GpuMonitor::open().ok()
+        } else {
+            None
+        };
+        Self { devices: d, nvml }
     }
 
     /// Starts a period: resets every peak that can be reset.
@@ -211,11 +218,20 @@ impl PeakTracker {
         self.devices
             .iter()
             .filter_map(|d| match d {
-                Device::Cuda(i) => cuda_memory(*i).map(|m| DevicePeak {
-                    device: format!("cuda:{i}"),
-                    bytes: m.peak_allocated.max(0) as u64,
-                    source: "cuda-allocator".into(),
-                }),
+                Device::Cuda(i) => cuda_memory(*i)
+                    .map(|m| DevicePeak {
+                        device: format!("cuda:{i}"),
+                        bytes: m.peak_allocated.max(0) as u64,
+                        source: "cuda-allocator".into(),
+                    })
+                    .or_else(|| {
+                        let sample = self.nvml.as_ref()?.sample(*i as u32).ok()?;
+                        Some(DevicePeak {
+                            device: format!("cuda:{i}"),
+                            bytes: sample.process_memory?,
+                            source: "nvml-process-at-end".into(),
+                        })
+                    }),
                 _ => peak_rss_bytes().map(|b| DevicePeak {
                     device: "cpu".into(),
                     bytes: b,

@@ -182,6 +182,8 @@ impl Run {
         let data = load_data(&cfg)?;
         let built = build_network(&cfg, &devices)?;
         cfg.placement = built.placement.clone();
+        // Save what was resolved, not what was left to defaults.
+        cfg.augment = Some(cfg.resolved_augment());
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         let position = Position::start(cfg.method, cfg.seed);
