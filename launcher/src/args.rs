@@ -16,55 +16,56 @@ use sid_train::{Run, RunConfig};
 #[derive(Debug, Parser)]
 #[command(name = "sid-launch", version, about, after_help = AFTER_HELP, args_override_self = true)]
 pub struct Cli {
-    /// Devices: cpu, cpu:4 (4 CPU workers), 0, 0,1,2,3, or 0,0,0,0 (streams on one GPU).
+    /// Devices: cpu, cpu:4 (4 CPU workers), 0, 0,1,2,3, or 0,0,0,0 (streams on one GPU)
+    /// [default: cpu].
     #[arg(long)]
     pub gpus: Option<String>,
-    /// Training method: sid or bp.
+    /// Training method: sid or bp [default: sid].
     #[arg(long)]
     pub method: Option<Method>,
-    /// Data set: fashion-mnist, mnist, cifar10 or cifar100.
+    /// Data set: fashion-mnist, mnist, cifar10 or cifar100 [default: fashion-mnist].
     #[arg(long)]
     pub dataset: Option<DatasetKind>,
     /// Folder with the data set's files (default: the data set's usual location).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Feature extractor: cnn (reference SimpleCNN) or mlp.
+    /// Feature extractor: cnn (reference SimpleCNN) or mlp [default: cnn].
     #[arg(long)]
     pub model: Option<ExtractorKind>,
-    /// Number of belief modules L.
+    /// Number of belief modules L [default: 10].
     #[arg(long)]
     pub modules: Option<usize>,
-    /// Feature dimension d.
+    /// Feature dimension d [default: 128].
     #[arg(long)]
     pub feature_dim: Option<i64>,
-    /// Hidden width of each belief module.
+    /// Hidden width of each belief module [default: 256].
     #[arg(long)]
     pub module_hidden: Option<i64>,
-    /// Weight α of the label term of the local loss.
+    /// Weight α of the label term of the local loss [default: 0.5].
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// Label smoothing ε of the SID target.
+    /// Label smoothing ε of the SID target [default: 0].
     #[arg(long)]
     pub label_smoothing: Option<f64>,
-    /// Training epochs.
+    /// Training epochs [default: 5].
     #[arg(long)]
     pub epochs: Option<usize>,
-    /// Training batch size.
+    /// Training batch size [default: 128].
     #[arg(long)]
     pub batch_size: Option<i64>,
-    /// Adam learning rate.
+    /// Adam learning rate [default: 0.001].
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Seed for initialisation, data order, augmentation and label noise.
+    /// Seed for initialisation, data order, augmentation and label noise [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Fraction of training labels flipped to another class (symmetric noise).
+    /// Fraction of training labels flipped to another class (symmetric noise) [default: 0].
     #[arg(long)]
     pub label_noise: Option<f64>,
     /// Use only the first N training samples.
     #[arg(long)]
     pub limit_train: Option<usize>,
-    /// Fraction of the training set held out for validation.
+    /// Fraction of the training set held out for validation [default: 0].
     #[arg(long)]
     pub val_split: Option<f64>,
     /// Random crop + flip on training batches (default: on for CIFAR only).
@@ -73,7 +74,7 @@ pub struct Cli {
     /// Turn augmentation off.
     #[arg(long)]
     pub no_augment: bool,
-    /// Batch size for evaluation.
+    /// Batch size for evaluation [default: 1000].
     #[arg(long)]
     pub eval_batch_size: Option<i64>,
     /// TOML file with any of the settings above (flags win).
@@ -94,7 +95,7 @@ pub struct Cli {
     /// Default: contiguous blocks as even as possible.
     #[arg(long)]
     pub placement: Option<String>,
-    /// Seconds to wait for any worker before the run fails.
+    /// Seconds to wait for any worker before the run fails [default: 300].
     #[arg(long)]
     pub step_timeout: Option<f64>,
     /// Run every GPU worker on the default CUDA stream instead of its own.
@@ -218,5 +219,51 @@ impl Cli {
             run_dir,
             resume: false,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The defaults written in `--help` are RunConfig's.
+    #[test]
+    fn help_defaults_match_run_config() {
+        let d = RunConfig::default();
+        let cmd = Cli::command();
+        let help = |flag: &str| {
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(flag))
+                .unwrap();
+            arg.get_help().unwrap().to_string()
+        };
+        let expect = [
+            ("gpus", d.gpus.clone()),
+            ("method", d.method.to_string()),
+            ("dataset", d.dataset.to_string()),
+            ("model", d.model.to_string()),
+            ("modules", d.modules.to_string()),
+            ("feature-dim", d.feature_dim.to_string()),
+            ("module-hidden", d.module_hidden.to_string()),
+            ("alpha", d.alpha.to_string()),
+            ("label-smoothing", d.label_smoothing.to_string()),
+            ("epochs", d.epochs.to_string()),
+            ("batch-size", d.batch_size.to_string()),
+            ("lr", d.lr.to_string()),
+            ("seed", d.seed.to_string()),
+            ("label-noise", d.label_noise.to_string()),
+            ("val-split", d.val_split.to_string()),
+            ("eval-batch-size", d.eval_batch_size.to_string()),
+            ("step-timeout", d.step_timeout.to_string()),
+        ];
+        for (flag, value) in expect {
+            assert!(
+                help(flag).contains(&format!("[default: {value}]")),
+                "--{flag}: {} vs {value}",
+                help(flag)
+            );
+        }
     }
 }
