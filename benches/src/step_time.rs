@@ -1,4 +1,5 @@
-//! SID vs backprop: milliseconds per training step for the same model, side by side.
+//! SID vs backprop: milliseconds per training step for the same model, side by side, with
+//! SID's reference schedule and its fused one (same result, one forward per module fewer).
 //!
 //! `cargo bench -p sid-benches --bench step_time [-- --model cnn --modules 5 --batch-size 128]`
 //!
@@ -67,8 +68,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tch::get_num_threads()
     );
     println!(
-        "{:<6} {:>12} {:>12} {:>10}",
-        "model", "SID ms/step", "BP ms/step", "SID/BP"
+        "{:<6} {:>12} {:>14} {:>12} {:>8} {:>12}",
+        "model", "SID ms/step", "fused ms/step", "BP ms/step", "SID/BP", "fused/BP"
     );
     for extractor in &args.model {
         let cfg = ModelConfig {
@@ -81,22 +82,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tch::manual_seed(0);
         let mut sid = SidNetwork::new(&cfg, LossConfig::default(), 1e-3, device)?;
         tch::manual_seed(0);
+        let mut fused =
+            SidNetwork::new(&cfg, LossConfig::default(), 1e-3, device)?.with_fused_teacher(true);
+        tch::manual_seed(0);
         let mut bp = BpNetwork::new(&cfg, 1e-3, device)?;
         let times = interleaved(
-            &mut [&mut sid, &mut bp],
+            &mut [&mut sid, &mut fused, &mut bp],
             &x,
             &y,
             args.warmup,
             args.rounds,
             args.steps,
         )?;
-        let (s, b) = (median(&times[0]), median(&times[1]));
+        let (s, f, b) = (median(&times[0]), median(&times[1]), median(&times[2]));
         println!(
-            "{:<6} {:>12.2} {:>12.2} {:>10.3}",
+            "{:<6} {:>12.2} {:>14.2} {:>12.2} {:>8.3} {:>12.3}",
             extractor.to_string(),
             s,
+            f,
             b,
-            s / b
+            s / b,
+            f / b
         );
     }
     println!(

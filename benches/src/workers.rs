@@ -34,6 +34,9 @@ pub struct Args {
     /// Batch size.
     #[arg(long, default_value_t = 128)]
     pub batch_size: i64,
+    /// Use SID's fused schedule (the local steps' forwards are the teacher chain).
+    #[arg(long)]
+    pub fused_teacher: bool,
     /// Put every GPU worker on the default stream instead of its own.
     #[arg(long)]
     pub no_streams: bool,
@@ -60,9 +63,11 @@ fn pipeline(
     threads: Option<i32>,
     placement: Option<Placement>,
     streams: bool,
+    fused: bool,
 ) -> anyhow::Result<Pipeline> {
     let mut cfg = PipelineConfig::new(model.clone(), devices);
     cfg.streams = streams;
+    cfg.fused_teacher = fused;
     cfg.loss = LossConfig::default();
     cfg.threads_per_worker = threads;
     cfg.placement = placement;
@@ -106,29 +111,48 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut all_cores = Vec::new();
     if on_cpu {
         tch::manual_seed(0);
-        let mut s0 = SidNetwork::new(&model, LossConfig::default(), 1e-3, first)?;
+        let mut s0 = SidNetwork::new(&model, LossConfig::default(), 1e-3, first)?
+            .with_fused_teacher(args.fused_teacher);
         all_cores.push(
             interleaved(&mut [&mut s0], &x, &y, args.warmup, args.rounds, args.steps)?.remove(0),
         );
         drop(s0);
-        let mut p0 = pipeline(&model, vec![first], Some(cores), None, true)?;
+        let mut p0 = pipeline(
+            &model,
+            vec![first],
+            Some(cores),
+            None,
+            true,
+            args.fused_teacher,
+        )?;
         all_cores.push(
             interleaved(&mut [&mut p0], &x, &y, args.warmup, args.rounds, args.steps)?.remove(0),
         );
     }
-    let mut one = pipeline(&model, vec![first], per_worker, None, !args.no_streams)?;
+    let mut one = pipeline(
+        &model,
+        vec![first],
+        per_worker,
+        None,
+        !args.no_streams,
+        args.fused_teacher,
+    )?;
     let mut many = pipeline(
         &model,
         devices.clone(),
         per_worker,
         placement,
         !args.no_streams,
+        args.fused_teacher,
     )?;
     let mut nets: Vec<&mut dyn Network> = vec![&mut one, &mut many];
     let mut single_gpu = None;
     if !on_cpu {
         tch::manual_seed(0);
-        single_gpu = Some(SidNetwork::new(&model, LossConfig::default(), 1e-3, first)?);
+        single_gpu = Some(
+            SidNetwork::new(&model, LossConfig::default(), 1e-3, first)?
+                .with_fused_teacher(args.fused_teacher),
+        );
     }
     if let Some(s) = single_gpu.as_mut() {
         nets.push(s);

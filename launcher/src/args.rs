@@ -101,6 +101,10 @@ pub struct Cli {
     /// Run every GPU worker on the default CUDA stream instead of its own.
     #[arg(long)]
     pub no_streams: bool,
+    /// SID's fused schedule: each module's local-step forward, detached, is the next module's
+    /// teacher — the same result as the reference schedule with one forward per module fewer.
+    #[arg(long)]
+    pub fused_teacher: bool,
     /// Write a Chrome trace (JSON, opens in Perfetto / chrome://tracing) of every step's parts:
     /// extractor, phase 1, each module's phase 2 on each worker, broadcasts, waits.
     #[arg(long, value_name = "FILE")]
@@ -161,6 +165,9 @@ impl Cli {
         }
         if self.no_streams {
             cfg.streams = false;
+        }
+        if self.fused_teacher {
+            cfg.fused_teacher = true;
         }
         if self.inject_fault.is_some() {
             cfg.inject_fault = self.inject_fault.clone();

@@ -577,3 +577,29 @@ fn cifar10_trains_with_augmentation_on_by_default() {
     ]);
     one_line_error(&out, "data_batch_3.bin");
 }
+
+#[test]
+fn fused_teacher_schedule_trains_to_the_same_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("reference");
+    let fused = dir.path().join("fused");
+    let fused2 = dir.path().join("fused2");
+    run_ok(&quick(&reference, &["--epochs", "1"]));
+    run_ok(&quick(&fused, &["--epochs", "1", "--fused-teacher"]));
+    run_ok(&quick(
+        &fused2,
+        &["--epochs", "1", "--fused-teacher", "--gpus", "cpu:3"],
+    ));
+    let a = metrics(&reference);
+    for run in [&fused, &fused2] {
+        let b = metrics(run);
+        assert_eq!(a[0]["test_acc"], b[0]["test_acc"]);
+        let (la, lb) = (
+            a[0]["train_loss"].as_f64().unwrap(),
+            b[0]["train_loss"].as_f64().unwrap(),
+        );
+        assert!((la - lb).abs() < 1e-5, "{la} vs {lb}");
+    }
+    let saved = std::fs::read_to_string(fused.join("config.toml")).unwrap();
+    assert!(saved.contains("fused_teacher = true"), "{saved}");
+}

@@ -12,6 +12,7 @@ use crate::Result;
 #[derive(Debug)]
 pub struct SidNetwork {
     num_classes: i64,
+    fused: bool,
     pub(crate) extractor: ExtractorUnit,
     modules: Vec<ModuleUnit>,
 }
@@ -28,9 +29,19 @@ impl SidNetwork {
             .collect();
         Ok(Self {
             num_classes: cfg.num_classes,
+            fused: false,
             extractor,
             modules,
         })
+    }
+
+    /// Chooses the schedule. Reference (`false`, the default): phase 1 computes every teacher
+    /// belief without gradient, then each module runs its local step. Fused (`true`): module
+    /// i's local-step forward, detached, is the teacher of module i+1 — the same values with one
+    /// forward per module instead of two, and still one module's graph at a time.
+    pub fn with_fused_teacher(mut self, fused: bool) -> Self {
+        self.fused = fused;
+        self
     }
 
     /// The module units, first to last.
@@ -87,13 +98,26 @@ impl Network for SidNetwork {
     fn train_step(&mut self, x: &Tensor, y: &Tensor) -> Result<StepStats> {
         let z = self.extractor.forward(x);
         let z_detached = z.detach();
-        let teachers = teacher_beliefs(self.modules.iter(), &z_detached, self.num_classes);
         let mut grad_z = z_detached.zeros_like();
         let mut module_losses = Vec::with_capacity(self.modules.len());
-        for (m, p_prev) in self.modules.iter_mut().zip(&teachers) {
-            let out = m.local_step(p_prev, &z_detached, y)?;
-            grad_z += out.grad_z;
-            module_losses.push(out.loss);
+        if self.fused {
+            let mut p = uniform_belief(z.size()[0], self.num_classes, z.device());
+            for m in self.modules.iter_mut() {
+                // The teacher of the next module comes from this module's parameters before
+                // its update, exactly as in phase 1.
+                let next = m.forward_step(&p, &z_detached);
+                let out = m.finish_step(y)?;
+                grad_z += out.grad_z;
+                module_losses.push(out.loss);
+                p = next;
+            }
+        } else {
+            let teachers = teacher_beliefs(self.modules.iter(), &z_detached, self.num_classes);
+            for (m, p_prev) in self.modules.iter_mut().zip(&teachers) {
+                let out = m.local_step(p_prev, &z_detached, y)?;
+                grad_z += out.grad_z;
+                module_losses.push(out.loss);
+            }
         }
         self.extractor.backward_step(&z, &grad_z)?;
         Ok(StepStats {
@@ -242,6 +266,25 @@ mod tests {
                 "{name}: gradients differ"
             );
         }
+    }
+
+    #[test]
+    fn fused_schedule_gives_the_reference_parameters() {
+        let cfg = small_cfg(ExtractorKind::Cnn);
+        let (x, y) = batch();
+        let build = |fused: bool| {
+            tch::manual_seed(21);
+            SidNetwork::new(&cfg, LossConfig::default(), 1e-2, Device::Cpu)
+                .unwrap()
+                .with_fused_teacher(fused)
+        };
+        let (mut a, mut b) = (build(false), build(true));
+        for _ in 0..4 {
+            let (la, lb) = (a.train_step(&x, &y).unwrap(), b.train_step(&x, &y).unwrap());
+            assert_eq!(la, lb, "same losses step by step");
+        }
+        let sb = NamedTensors::from(b.state().unwrap());
+        assert_eq!(max_diff(&a.state().unwrap(), &sb, ""), 0.0);
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct ModuleUnit {
     net: BeliefModule,
     opt: Adam,
     loss: LossConfig,
+    /// Between [`ModuleUnit::forward_step`] and [`ModuleUnit::finish_step`]: the features
+    /// that receive gradient, the logits with their graph, and the teacher belief.
+    pending: Option<(Tensor, Tensor, Tensor)>,
 }
 
 impl ModuleUnit {
@@ -60,6 +63,7 @@ impl ModuleUnit {
             net,
             opt,
             loss,
+            pending: None,
         }
     }
 
@@ -98,11 +102,34 @@ impl ModuleUnit {
         z: &Tensor,
         labels: &Tensor,
     ) -> Result<LocalOutput> {
-        let _span = tracing::trace_span!("phase2_module", module = self.index + 1).entered();
+        let _ = self.forward_step(p_prev, z);
+        self.finish_step(labels)
+    }
+
+    /// First half of a local step: the forward pass with its graph kept. Returns this
+    /// module's belief, detached: the same values as [`ModuleUnit::teacher`] (same inputs, same
+    /// parameters), so the fused schedule can pass it on as the next module's teacher instead
+    /// of running a separate phase-1 forward.
+    pub fn forward_step(&mut self, p_prev: &Tensor, z: &Tensor) -> Tensor {
+        let _span = tracing::trace_span!("forward_module", module = self.index + 1).entered();
         self.opt.zero_grad();
         let z_in = z.detach().set_requires_grad(true);
         let logits = self.net.forward(p_prev, &z_in);
-        let loss = local_loss(&logits, p_prev, labels, &self.loss);
+        let next = belief(&logits.detach());
+        self.pending = Some((z_in, logits, p_prev.shallow_clone()));
+        next
+    }
+
+    /// Second half of a local step: the loss of the pending forward, backward, Adam step.
+    pub fn finish_step(&mut self, labels: &Tensor) -> Result<LocalOutput> {
+        let _span = tracing::trace_span!("phase2_module", module = self.index + 1).entered();
+        let (z_in, logits, p_prev) = self.pending.take().ok_or_else(|| {
+            CoreError::InvalidConfig(format!(
+                "module {}: finish_step without forward_step",
+                self.index + 1
+            ))
+        })?;
+        let loss = local_loss(&logits, &p_prev, labels, &self.loss);
         let value = loss.f_double_value(&[])?;
         if !value.is_finite() {
             return Err(CoreError::NonFiniteLoss {

@@ -69,6 +69,9 @@ pub struct PipelineConfig {
     pub threads_per_worker: Option<i32>,
     /// Give each GPU worker its own CUDA stream from libtorch's pool.
     pub streams: bool,
+    /// Fused schedule: each module's local-step forward, detached, is the next module's
+    /// teacher (same result as the reference schedule, one forward per module instead of two).
+    pub fused_teacher: bool,
     /// A fault to inject (tests).
     pub fault: Option<Fault>,
 }
@@ -86,6 +89,7 @@ impl PipelineConfig {
             timeout: Duration::from_secs(300),
             threads_per_worker: None,
             streams: true,
+            fused_teacher: false,
             fault: None,
         }
     }
@@ -192,6 +196,7 @@ impl Pipeline {
                     threads: (device == Device::Cpu && (k > 1 || cfg.threads_per_worker.is_some()))
                         .then_some(cpu_threads),
                     own_stream: cfg.streams,
+                    fused: cfg.fused_teacher,
                     fault: cfg.fault,
                 };
                 worker::spawn(setup, mine, reply_tx.clone())

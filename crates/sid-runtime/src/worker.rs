@@ -73,6 +73,8 @@ pub(crate) struct WorkerSetup {
     pub threads: Option<i32>,
     /// Run on a stream of its own from libtorch's pool (CUDA only).
     pub own_stream: bool,
+    /// Fused schedule: the local steps' forwards are the teacher chain.
+    pub fused: bool,
     pub fault: Option<Fault>,
 }
 
@@ -298,14 +300,20 @@ impl State {
                         FaultKind::Hang => std::thread::sleep(Duration::from_secs(3600)),
                     }
                 }
-                // Phase 1: the teacher chain through this worker's modules, no gradient.
+                // Phase 1: the teacher chain through this worker's modules — graph-free
+                // (reference), or the local steps' own forwards, detached (fused).
                 let started = Instant::now();
+                let fused = self.setup.fused;
                 let teachers = {
                     let _p1 = tracing::info_span!("phase1", worker = self.setup.index).entered();
                     let mut p = p_in;
                     let mut teachers = Vec::with_capacity(self.units.len());
-                    for u in &self.units {
-                        let next = u.teacher(&p, &z);
+                    for u in self.units.iter_mut() {
+                        let next = if fused {
+                            u.forward_step(&p, &z)
+                        } else {
+                            u.teacher(&p, &z)
+                        };
                         teachers.push(p);
                         p = next;
                     }
@@ -323,7 +331,12 @@ impl State {
                 let mut grad_z: Option<Tensor> = None;
                 for (u, p_prev) in self.units.iter_mut().zip(&teachers) {
                     let module = u.index() + 1;
-                    let out = u.local_step(p_prev, &z, &labels).map_err(|e| Failure {
+                    let out = if fused {
+                        u.finish_step(&labels)
+                    } else {
+                        u.local_step(p_prev, &z, &labels)
+                    };
+                    let out = out.map_err(|e| Failure {
                         module: Some(module),
                         cause: e.to_string(),
                     })?;

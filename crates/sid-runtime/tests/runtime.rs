@@ -90,6 +90,29 @@ fn four_workers_match_the_single_device_trainer_after_20_steps() {
 }
 
 #[test]
+fn fused_schedule_on_workers_matches_the_reference_single_device_trainer() {
+    let data = batches(10);
+    tch::manual_seed(0);
+    let mut single = SidNetwork::new(&model(5), LossConfig::default(), 1e-3, Device::Cpu).unwrap();
+    tch::manual_seed(0);
+    let mut cfg = config(5, 2);
+    cfg.fused_teacher = true;
+    let mut pipeline = Pipeline::new(cfg).unwrap();
+    for (x, y) in &data {
+        single.train_step(x, y).unwrap();
+        pipeline.train_step(x, y).unwrap();
+    }
+    let diff = max_abs_diff(
+        &pipeline.state().unwrap(),
+        &NamedTensors::from(single.state().unwrap()),
+    );
+    assert!(
+        diff < 1e-5,
+        "parameters differ by {diff} after 10 fused steps"
+    );
+}
+
+#[test]
 fn uneven_and_explicit_placements_give_the_same_result() {
     let data = batches(5);
     let mut finals = Vec::new();

@@ -60,6 +60,10 @@ pub struct RunConfig {
     pub step_timeout: f64,
     /// Give each GPU worker its own CUDA stream.
     pub streams: bool,
+    /// Fused schedule: each module's local-step forward, detached, serves as the next
+    /// module's teacher (same parameters as the reference schedule, one forward per module
+    /// fewer). Off by default: the reference runs a separate graph-free phase 1.
+    pub fused_teacher: bool,
     /// A fault to inject, `WORKER:STEP:panic|error|nan|hang` (tests; never saved).
     #[serde(skip)]
     pub inject_fault: Option<String>,
@@ -93,6 +97,7 @@ impl Default for RunConfig {
             placement: None,
             step_timeout: 300.0,
             streams: true,
+            fused_teacher: false,
             inject_fault: None,
         }
     }

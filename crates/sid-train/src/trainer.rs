@@ -120,6 +120,7 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
             pc.timeout = std::time::Duration::from_secs_f64(cfg.step_timeout);
             pc.threads_per_worker = cfg.threads;
             pc.streams = cfg.streams;
+            pc.fused_teacher = cfg.fused_teacher;
             pc.placement = match &cfg.placement {
                 Some(spec) => Some(
                     sid_runtime::Placement::parse(spec, model.modules, devices.len())
@@ -142,7 +143,10 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
             }
         }
         Method::Sid => Built {
-            net: Box::new(SidNetwork::new(&model, cfg.loss_config(), cfg.lr, first)?),
+            net: Box::new(
+                SidNetwork::new(&model, cfg.loss_config(), cfg.lr, first)?
+                    .with_fused_teacher(cfg.fused_teacher),
+            ),
             layout: whole,
             placement: None,
         },
@@ -221,13 +225,14 @@ impl Run {
             a.placement = None;
             a.step_timeout = 0.0;
             a.streams = true;
+            a.fused_teacher = false;
             a.inject_fault = None;
             a
         };
         let changed = same(&saved).changed_from(&same(&cfg));
         if !changed.is_empty() {
             return Err(TrainError::Config(format!(
-                "--resume {}: {} differ from the saved config.toml; only --epochs, --gpus, --placement, --data-dir, --threads, --step-timeout, --no-streams and --eval-batch-size may change",
+                "--resume {}: {} differ from the saved config.toml; only --epochs, --gpus, --placement, --data-dir, --threads, --step-timeout, --no-streams, --fused-teacher and --eval-batch-size may change",
                 dir.display(),
                 changed.join(", ")
             )));
