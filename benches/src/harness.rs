@@ -131,73 +131,50 @@ pub fn compare(common: &Common) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Depth sweep: SID and BP at each L.
-pub fn sweep_depth(common: &Common, depths: &[usize]) -> Result<Vec<Row>> {
-    eprintln!("sweep: depth L in {depths:?}");
+/// SID and BP trained at each value of one setting: `set` applies a value to a config.
+fn sweep_both(
+    common: &Common,
+    sweep: &str,
+    param: &str,
+    values: &[f64],
+    set: impl Fn(&mut RunConfig, f64),
+) -> Result<Vec<Row>> {
+    eprintln!("sweep: {param} in {values:?}");
     let mut rows = Vec::new();
-    for &l in depths {
+    for &v in values {
         for method in [Method::Sid, Method::Bp] {
-            let cfg = RunConfig {
-                modules: l,
-                ..common.run_config(method)
-            };
+            let mut cfg = common.run_config(method);
+            set(&mut cfg, v);
             rows.push(train(
                 common,
                 cfg,
-                &format!("depth-{method}-L{l}"),
-                "depth",
-                "L",
-                l as f64,
+                &format!("{sweep}-{method}-{param}{v}"),
+                sweep,
+                param,
+                v,
             )?);
         }
     }
     Ok(rows)
+}
+
+/// Depth sweep: SID and BP at each L.
+pub fn sweep_depth(common: &Common, depths: &[usize]) -> Result<Vec<Row>> {
+    let values: Vec<f64> = depths.iter().map(|&l| l as f64).collect();
+    sweep_both(common, "depth", "L", &values, |c, v| c.modules = v as usize)
 }
 
 /// Width sweep: SID and BP at each module hidden width.
 pub fn sweep_width(common: &Common, widths: &[i64]) -> Result<Vec<Row>> {
-    eprintln!("sweep: module width in {widths:?}");
-    let mut rows = Vec::new();
-    for &w in widths {
-        for method in [Method::Sid, Method::Bp] {
-            let cfg = RunConfig {
-                module_hidden: w,
-                ..common.run_config(method)
-            };
-            rows.push(train(
-                common,
-                cfg,
-                &format!("width-{method}-{w}"),
-                "width",
-                "hidden",
-                w as f64,
-            )?);
-        }
-    }
-    Ok(rows)
+    let values: Vec<f64> = widths.iter().map(|&w| w as f64).collect();
+    sweep_both(common, "width", "hidden", &values, |c, v| {
+        c.module_hidden = v as i64
+    })
 }
 
 /// Label-noise sweep (accuracy): SID and BP at each noise level.
 pub fn sweep_noise(common: &Common, levels: &[f64]) -> Result<Vec<Row>> {
-    eprintln!("sweep: label noise in {levels:?}");
-    let mut rows = Vec::new();
-    for &n in levels {
-        for method in [Method::Sid, Method::Bp] {
-            let cfg = RunConfig {
-                label_noise: n,
-                ..common.run_config(method)
-            };
-            rows.push(train(
-                common,
-                cfg,
-                &format!("noise-{method}-{n}"),
-                "noise",
-                "noise",
-                n,
-            )?);
-        }
-    }
-    Ok(rows)
+    sweep_both(common, "noise", "noise", levels, |c, v| c.label_noise = v)
 }
 
 /// Workers sweep: SID with K workers (on the CPU, `cpu:K`; on a GPU, K workers on it).
@@ -616,15 +593,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     for e in &todo {
         rows.extend(match e {
             Experiment::Compare => compare(c)?,
-            Experiment::Depth => sweep_depth(c, &[1, 2, 4, 8])?,
-            Experiment::Workers => sweep_workers(c, &[1, 2, 4])?,
-            Experiment::Width => sweep_width(c, &[64, 256, 1024])?,
-            Experiment::Noise => sweep_noise(c, &[0.0, 0.2, 0.4])?,
+            Experiment::Depth => sweep_depth(c, &args.depths)?,
+            Experiment::Workers => sweep_workers(c, &args.workers)?,
+            Experiment::Width => sweep_width(c, &args.widths)?,
+            Experiment::Noise => sweep_noise(c, &args.noise_levels)?,
             Experiment::Memory => {
-                memory_check(c, &[1, 2, 4, 8], args.check_hidden, args.check_batch)?
+                memory_check(c, &args.depths, args.check_hidden, args.check_batch)?
             }
             Experiment::Speedup => {
-                speedup_check(c, &[1, 2, 4], args.check_hidden, 8, args.check_batch)?
+                speedup_check(c, &args.workers, args.check_hidden, 8, args.check_batch)?
             }
         });
     }
