@@ -49,5 +49,13 @@ pub use network::{Cascade, NamedTensors, Network, StepStats};
 pub use sid::SidNetwork;
 pub use unit::{ExtractorUnit, LocalOutput, ModuleUnit};
 
+/// Serialises tests that use libtorch's global RNG: a seed only fixes what is drawn after it
+/// if no other test thread draws in between.
+#[cfg(test)]
+pub(crate) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Result alias for this crate.
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;

@@ -188,6 +188,7 @@ mod tests {
 
     #[test]
     fn sid_and_bp_share_initial_weights_and_forward() {
+        let _rng = crate::rng_lock();
         for kind in [ExtractorKind::Cnn, ExtractorKind::Mlp] {
             let cfg = small_cfg(kind);
             tch::manual_seed(7);
@@ -214,6 +215,7 @@ mod tests {
     /// The unit-by-unit step must give the same parameters.
     #[test]
     fn unit_step_equals_reference_single_backward_of_summed_losses() {
+        let _rng = crate::rng_lock();
         const STEPS: usize = 3;
         let cfg = small_cfg(ExtractorKind::Cnn);
         let loss_cfg = LossConfig {
@@ -270,6 +272,7 @@ mod tests {
 
     #[test]
     fn fused_schedule_gives_the_reference_parameters() {
+        let _rng = crate::rng_lock();
         let cfg = small_cfg(ExtractorKind::Cnn);
         let (x, y) = batch();
         let build = |fused: bool| {
@@ -289,6 +292,7 @@ mod tests {
 
     #[test]
     fn earlier_modules_do_not_see_later_losses() {
+        let _rng = crate::rng_lock();
         // Perturb module 3 only: its loss changes (and module 3's output), yet modules 1 and 2
         // must update exactly as before: no gradient crosses from module i to module i−1.
         let cfg = small_cfg(ExtractorKind::Mlp);
@@ -323,6 +327,7 @@ mod tests {
 
     #[test]
     fn state_round_trip_restores_training_exactly() {
+        let _rng = crate::rng_lock();
         let cfg = small_cfg(ExtractorKind::Mlp);
         let (x, y) = batch();
         tch::manual_seed(5);
@@ -339,6 +344,7 @@ mod tests {
 
     #[test]
     fn non_finite_input_is_reported_as_such() {
+        let _rng = crate::rng_lock();
         let cfg = small_cfg(ExtractorKind::Mlp);
         let mut net = SidNetwork::new(&cfg, LossConfig::default(), 1e-2, Device::Cpu).unwrap();
         let (x, y) = batch();

@@ -7,6 +7,13 @@ use sid_core::{ExtractorKind, LossConfig, ModelConfig, NamedTensors, Network, Si
 use sid_runtime::{Fault, FaultKind, Pipeline, PipelineConfig, Placement};
 use tch::{Device, Kind, Tensor};
 
+/// Tests seed libtorch's global RNG and build networks from it: one at a time, or another
+/// test's draws could land between a seed and the weights it should fix.
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn model(modules: usize) -> ModelConfig {
     ModelConfig {
         extractor: ExtractorKind::Mlp,
@@ -54,6 +61,7 @@ fn max_abs_diff(a: &[(String, Tensor)], b: &NamedTensors) -> f64 {
 
 #[test]
 fn four_workers_match_the_single_device_trainer_after_20_steps() {
+    let _rng = rng_lock();
     let data = batches(20);
     tch::manual_seed(0);
     let mut single = SidNetwork::new(&model(4), LossConfig::default(), 1e-3, Device::Cpu).unwrap();
@@ -91,6 +99,7 @@ fn four_workers_match_the_single_device_trainer_after_20_steps() {
 
 #[test]
 fn fused_schedule_on_workers_matches_the_reference_single_device_trainer() {
+    let _rng = rng_lock();
     let data = batches(10);
     tch::manual_seed(0);
     let mut single = SidNetwork::new(&model(5), LossConfig::default(), 1e-3, Device::Cpu).unwrap();
@@ -114,6 +123,7 @@ fn fused_schedule_on_workers_matches_the_reference_single_device_trainer() {
 
 #[test]
 fn uneven_and_explicit_placements_give_the_same_result() {
+    let _rng = rng_lock();
     let data = batches(5);
     let mut finals = Vec::new();
     for (workers, placement) in [(1, None), (2, Some("0:0-3,1:4-4")), (3, None)] {
@@ -134,6 +144,7 @@ fn uneven_and_explicit_placements_give_the_same_result() {
 
 #[test]
 fn state_round_trips_through_the_workers() {
+    let _rng = rng_lock();
     let data = batches(3);
     tch::manual_seed(9);
     let mut a = Pipeline::new(config(4, 2)).unwrap();
@@ -177,6 +188,7 @@ fn failing_run(kind: FaultKind, timeout: Duration) -> (String, Duration) {
 
 #[test]
 fn a_panicking_worker_stops_the_step_with_its_name_and_cause() {
+    let _rng = rng_lock();
     let (msg, _) = failing_run(FaultKind::Panic, Duration::from_secs(30));
     assert!(
         msg.contains("worker 1 on cpu failed")
@@ -187,6 +199,7 @@ fn a_panicking_worker_stops_the_step_with_its_name_and_cause() {
 
 #[test]
 fn a_worker_error_is_reported() {
+    let _rng = rng_lock();
     let (msg, _) = failing_run(FaultKind::Error, Duration::from_secs(30));
     assert!(
         msg.contains("worker 1 on cpu failed") && msg.contains("injected error"),
@@ -196,6 +209,7 @@ fn a_worker_error_is_reported() {
 
 #[test]
 fn a_nan_loss_is_reported_as_such_with_the_module() {
+    let _rng = rng_lock();
     let (msg, _) = failing_run(FaultKind::Nan, Duration::from_secs(30));
     assert!(
         msg.contains("failed in module 3") && msg.contains("non-finite loss NaN in module 3"),
@@ -205,6 +219,7 @@ fn a_nan_loss_is_reported_as_such_with_the_module() {
 
 #[test]
 fn a_hung_worker_times_out_naming_who_waited_for_whom() {
+    let _rng = rng_lock();
     let started = Instant::now();
     let (msg, elapsed) = failing_run(FaultKind::Hang, Duration::from_millis(1500));
     assert!(
@@ -218,6 +233,7 @@ fn a_hung_worker_times_out_naming_who_waited_for_whom() {
 
 #[test]
 fn more_devices_than_modules_is_a_clear_error() {
+    let _rng = rng_lock();
     let e = Pipeline::new(config(2, 3)).err().unwrap().to_string();
     assert!(e.contains("3 devices but only 2 modules"), "{e}");
 }
