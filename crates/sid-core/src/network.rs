@@ -110,11 +110,7 @@ pub fn load_var_store(vs: &tch::nn::VarStore, named: &NamedTensors) -> Result<()
 
 /// Every variable of `vs` as named CPU tensors (copies, safe to keep).
 pub fn var_store_state(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = vs
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).copy()))
-        .collect();
+    let mut v = to_cpu(vs.variables().into_iter().collect());
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
