@@ -18,6 +18,19 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         "libtorch stream functions found: {}",
         sid_runtime::streams::available()
     );
+    match sid_telemetry::nvml::GpuMonitor::open() {
+        Ok(m) => {
+            println!(
+                "NVML: driver {}, {} GPU(s)",
+                m.driver_version().unwrap_or_else(|e| e),
+                m.count()
+            );
+            for i in 0..m.count() {
+                println!("NVML gpu {i}: {}", m.name(i).unwrap_or_else(|e| e));
+            }
+        }
+        Err(e) => println!("NVML: {e}"),
+    }
     if cuda {
         for i in 0..tch::Cuda::device_count() as usize {
             let d = Device::Cuda(i);

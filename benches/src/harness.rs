@@ -614,7 +614,7 @@ pub fn run(args: RunArgs) -> Result<()> {
          accuracy is the final epoch's test accuracy. Peak memory: CUDA allocator bytes on a GPU, process RSS on the CPU \
          (the whole process, data set included); the memory check measures per-step working memory \
          instead (the peak during a step minus what was held before it: CUDA allocator bytes, or live C-heap bytes on the CPU).\n\nExperiments: {:?}.",
-        if tch::Cuda::is_available() { format!(", {} CUDA device(s)", tch::Cuda::device_count()) } else { String::new() },
+        gpu_description(),
         c.gpus,
         c.model,
         c.modules,
@@ -634,4 +634,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     );
     print!("{}", std::fs::read_to_string(c.out.join("report.md"))?);
     Ok(())
+}
+
+/// ", N CUDA device(s): NAME, ..." when CUDA is in use, so every report names its GPU.
+fn gpu_description() -> String {
+    if !tch::Cuda::is_available() {
+        return String::new();
+    }
+    let names = sid_telemetry::nvml::gpu_names()
+        .map(|n| n.join(", "))
+        .unwrap_or_else(|e| format!("names unknown ({e})"));
+    format!(", {} CUDA device(s): {names}", tch::Cuda::device_count())
 }

@@ -21,6 +21,16 @@ fn init_tracing(trace: Option<&std::path::Path>) -> Result<Option<tracing_chrome
         .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()));
     let (chrome, guard) = match trace {
         Some(path) => {
+            // A trace inside a run directory that this run is about to create is common.
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| {
+                    format!(
+                        "--trace {}: cannot create {}",
+                        path.display(),
+                        dir.display()
+                    )
+                })?;
+            }
             std::fs::File::create(path)
                 .with_context(|| format!("--trace {}: cannot write", path.display()))?;
             let (layer, guard) = tracing_chrome::ChromeLayerBuilder::new()

@@ -446,7 +446,8 @@ fn span_intervals(
 fn trace_shows_two_workers_overlapping_in_phase_2_and_telemetry_degrades_without_nvml() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let trace = dir.path().join("trace.json");
+    // Inside the run directory, which does not exist yet: the launcher creates it.
+    let trace = run.join("trace.json");
     let mut args = quick(
         &run,
         &[

@@ -42,6 +42,21 @@ impl GpuMonitor {
         self.count
     }
 
+    /// The product name of GPU `index` (e.g. "NVIDIA H200"), so reports name the machine.
+    pub fn name(&self, index: u32) -> Result<String, String> {
+        self.nvml
+            .device_by_index(index)
+            .and_then(|d| d.name())
+            .map_err(|e| format!("NVML name of {index}: {e}"))
+    }
+
+    /// The driver version NVML reports.
+    pub fn driver_version(&self) -> Result<String, String> {
+        self.nvml
+            .sys_driver_version()
+            .map_err(|e| format!("NVML driver version: {e}"))
+    }
+
     /// Reads GPU `index`; fields NVML refuses are `None`.
     pub fn sample(&self, index: u32) -> Result<GpuSample, String> {
         let d = self
@@ -68,5 +83,24 @@ impl GpuMonitor {
             gpu_util: d.utilization_rates().ok().map(|u| u.gpu),
             power_mw: d.power_usage().ok(),
         })
+    }
+}
+
+/// Names of all GPUs NVML sees, in NVML (PCI) order; the error says why NVML cannot tell.
+pub fn gpu_names() -> Result<Vec<String>, String> {
+    let m = GpuMonitor::open()?;
+    (0..m.count()).map(|i| m.name(i)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_names_fails_with_a_reason_or_names_every_gpu() {
+        match gpu_names() {
+            Ok(names) => assert!(names.iter().all(|n| !n.is_empty())),
+            Err(e) => assert!(e.starts_with("NVML"), "{e}"),
+        }
     }
 }
