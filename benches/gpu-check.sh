@@ -7,6 +7,8 @@
 # It proves CUDA is really used, compares --gpus 0 with --gpus 0,0,0,0 (one stream per worker)
 # on a wide-module model, trains Fashion-MNIST briefly on the GPU (with telemetry and a trace),
 # and sweeps SID vs BP ms/step and peak memory at L = 2 and 8 plus the speed-up check.
+# With BEFORE_BENCH=path/to/an/earlier/sid-bench it also runs the step-time and workers benchmarks
+# with that build, on the same machine in the same call, for a before/after comparison.
 # Every step has a timeout; together they stay under 7 minutes.
 # What comes back (the device tool returns at most 8 files): $OUT/gpu-check.txt (everything
 # printed, with excerpts of the run files) and $OUT/gpu-runs.tar.gz (run folders without
@@ -46,6 +48,14 @@ excerpt() { # run folder: what telemetry and metrics recorded
     --warmup 3 --rounds 3 --steps 10 --no-streams
   step "3. SID vs BP step time on the GPU"
   timeout 45 "$bench" step-time --gpus 0 --model mlp,cnn --modules 5
+  if [ -n "${BEFORE_BENCH:-}" ]; then
+    step "3b. the same benchmarks with an earlier build ($BEFORE_BENCH), for a before/after on this GPU"
+    timeout 45 "$BEFORE_BENCH" step-time --gpus 0 --model mlp,cnn --modules 5
+    timeout 90 "$BEFORE_BENCH" workers --gpus 0,0,0,0 --modules 8 --module-hidden 4096 --batch-size 512 \
+      --warmup 5 --rounds 5 --steps 10
+    echo "-- and the current build once more, right after"
+    timeout 45 "$bench" step-time --gpus 0 --model mlp,cnn --modules 5
+  fi
   step "4. Fashion-MNIST on the GPU: SimpleCNN, L=5, 2 epochs on --gpus 0; L=4, 1 epoch on --gpus 0,0,0,0 with a trace"
   timeout 75 "$launch" --gpus 0 --data-dir "$data" --model cnn --modules 5 --epochs 2 \
     --run-dir "$work/fmnist-gpu0"

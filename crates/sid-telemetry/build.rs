@@ -10,12 +10,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(sid_cuda_stats)");
     println!("cargo:rerun-if-changed=src/cuda_stats.cpp");
     println!("cargo:rerun-if-env-changed=SID_CUDA_INCLUDE");
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        return;
-    };
-    // Resolve .venv/libtorch (a link to pip's torch package) so that its siblings are found.
-    let lib = std::fs::canonicalize(&lib).unwrap_or_else(|_| PathBuf::from(lib));
-    let Some(torch) = lib.parent() else {
+    let Some((lib, torch)) = sid_build::libtorch_dirs() else {
         return;
     };
     let include = torch.join("include");

@@ -17,3 +17,13 @@ pub fn link_libtorch() {
         println!("cargo:rustc-link-arg=-ltorch");
     }
 }
+
+/// libtorch's lib folder and the torch package folder above it (whose `include/` holds the
+/// C++ headers), with links resolved so that siblings such as pip's `nvidia/` are found.
+/// `None` when `DEP_TCH_LIBTORCH_LIB` is not visible (see the crate docs).
+pub fn libtorch_dirs() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").ok()?;
+    let lib = std::fs::canonicalize(&lib).unwrap_or_else(|_| lib.into());
+    let torch = lib.parent()?.to_path_buf();
+    Some((lib, torch))
+}

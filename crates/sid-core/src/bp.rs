@@ -80,6 +80,10 @@ impl Network for BpNetwork {
             logits = Some(l);
         }
         let loss = cross_entropy(&logits.expect("at least one module"), y);
+        loss.f_backward()?;
+        self.opt.step();
+        // Read after the update, as SID does, so neither waits for the device mid-step; a
+        // non-finite loss stops training all the same.
         let value = loss.f_double_value(&[])?;
         if !value.is_finite() {
             return Err(CoreError::NonFiniteLoss {
@@ -87,8 +91,6 @@ impl Network for BpNetwork {
                 value,
             });
         }
-        loss.f_backward()?;
-        self.opt.step();
         Ok(StepStats {
             loss: value,
             module_losses: Vec::new(),

@@ -120,6 +120,8 @@ impl Network for SidNetwork {
             }
         }
         self.extractor.backward_step(&z, &grad_z)?;
+        // The step's one wait for the device.
+        let module_losses = crate::unit::read_losses(&module_losses, 0)?;
         Ok(StepStats {
             loss: module_losses.iter().sum(),
             module_losses,

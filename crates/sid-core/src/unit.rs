@@ -24,8 +24,10 @@ pub fn module_prefix(index: usize) -> String {
 /// Output of one module's phase-2 work.
 #[derive(Debug)]
 pub struct LocalOutput {
-    /// The local loss L_i.
-    pub loss: f64,
+    /// The local loss L_i: a detached scalar on the unit's device. It is not read back here:
+    /// reading a GPU value waits for the GPU, and one wait per module would stall the queue
+    /// L times a step. Read a step's losses together with [`read_losses`].
+    pub loss: Tensor,
     /// ∂L_i/∂z [B, d], on the unit's device.
     pub grad_z: Tensor,
 }
@@ -94,8 +96,10 @@ impl ModuleUnit {
     }
 
     /// Phase 2: local loss, backward into this module only, Adam step. `p_prev` and `z` must
-    /// be on this unit's device; neither receives gradient. A non-finite loss is reported and
-    /// the parameters are left untouched.
+    /// be on this unit's device; neither receives gradient. The loss is not checked here (see
+    /// [`LocalOutput::loss`]): [`read_losses`] reports a non-finite one after the step, whose
+    /// update is then already applied, so a caller that gets that error must stop training
+    /// from this state (the trainer keeps its last checkpoint).
     pub fn local_step(
         &mut self,
         p_prev: &Tensor,
@@ -130,18 +134,11 @@ impl ModuleUnit {
             ))
         })?;
         let loss = local_loss(&logits, &p_prev, labels, &self.loss);
-        let value = loss.f_double_value(&[])?;
-        if !value.is_finite() {
-            return Err(CoreError::NonFiniteLoss {
-                what: format!("module {}", self.index + 1),
-                value,
-            });
-        }
         loss.f_backward()?;
         let grad_z = z_in.grad().detach();
         self.opt.step();
         Ok(LocalOutput {
-            loss: value,
+            loss: loss.detach(),
             grad_z,
         })
     }
@@ -162,6 +159,25 @@ impl ModuleUnit {
         self.opt
             .load_state(&format!("adam.{}", module_prefix(self.index)), named)
     }
+}
+
+/// Reads the losses of consecutive modules, the first being module `first_index` (0-based),
+/// in one transfer (one wait for the device), and reports the first non-finite one by name.
+pub fn read_losses(losses: &[Tensor], first_index: usize) -> Result<Vec<f64>> {
+    if losses.is_empty() {
+        return Ok(Vec::new());
+    }
+    let all = Tensor::f_stack(losses, 0)?
+        .f_to_kind(tch::Kind::Double)?
+        .f_to_device(Device::Cpu)?;
+    let values = Vec::<f64>::try_from(&all)?;
+    if let Some((i, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(CoreError::NonFiniteLoss {
+            what: format!("module {}", first_index + i + 1),
+            value,
+        });
+    }
+    Ok(values)
 }
 
 /// The feature extractor with its own VarStore and Adam.

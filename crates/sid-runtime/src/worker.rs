@@ -348,6 +348,20 @@ impl State {
                 }
                 let grad_z = grad_z.expect("a worker owns at least one module");
                 streams::sync_device(device).map_err(from_stream)?;
+                // All of this worker's losses in one read, after its only wait of phase 2.
+                let first = self.units[0].index();
+                let losses = sid_core::unit::read_losses(&losses, first).map_err(|e| {
+                    let module = match &e {
+                        sid_core::CoreError::NonFiniteLoss { what, .. } => what
+                            .strip_prefix("module ")
+                            .and_then(|n| n.parse().ok()),
+                        _ => None,
+                    };
+                    Failure {
+                        module,
+                        cause: e.to_string(),
+                    }
+                })?;
                 Ok(send(Reply::Local {
                     step,
                     losses,
