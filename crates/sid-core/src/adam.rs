@@ -323,7 +323,10 @@ mod tests {
         let w = w.set_requires_grad(true);
         let b = Tensor::from_slice(&[0.1f32, -0.2]).set_requires_grad(true);
         let mut opt = Adam::new(
-            vec![("w".into(), w.shallow_clone()), ("b".into(), b.shallow_clone())],
+            vec![
+                ("w".into(), w.shallow_clone()),
+                ("b".into(), b.shallow_clone()),
+            ],
             0.05,
         );
         opt.set_fused(fused);

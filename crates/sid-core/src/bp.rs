@@ -84,7 +84,10 @@ impl Network for BpNetwork {
         self.opt.step();
         // Read after the update, as SID does, so neither waits for the device mid-step; a
         // non-finite loss stops training all the same.
-        let value = loss.f_double_value(&[])?;
+        let value = {
+            let _s = tracing::trace_span!("read_losses").entered();
+            loss.f_double_value(&[])?
+        };
         if !value.is_finite() {
             return Err(CoreError::NonFiniteLoss {
                 what: "backprop".into(),

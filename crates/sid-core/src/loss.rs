@@ -25,14 +25,56 @@ pub fn label_target(labels: &Tensor, num_classes: i64, label_smoothing: f64) -> 
     }
 }
 
+/// The label side of a step's local losses, the same for every module: built once per step.
+#[derive(Debug)]
+pub struct LabelTarget {
+    /// `p_y` [B, N].
+    p_y: Tensor,
+    /// `Σ_c p_y ln p_y` of one sample (the same for every sample: 0 without smoothing).
+    neg_entropy: f64,
+    alpha: f64,
+}
+
+impl LabelTarget {
+    /// `p_y` for integer `labels` [B] over `num_classes`, with the loss settings of `cfg`.
+    pub fn new(labels: &Tensor, num_classes: i64, cfg: &LossConfig) -> Self {
+        let eps = cfg.label_smoothing;
+        let n = num_classes as f64;
+        let xlnx = |x: f64| if x > 0.0 { x * x.ln() } else { 0.0 };
+        Self {
+            p_y: label_target(labels, num_classes, eps),
+            neg_entropy: xlnx(1.0 - eps + eps / n) + (n - 1.0) * xlnx(eps / n),
+            alpha: cfg.alpha,
+        }
+    }
+}
+
 /// Module i's local loss for its `logits` [B, N], the previous belief `p_prev` [B, N] (treated
 /// as a constant) and integer `labels` [B].
 pub fn local_loss(logits: &Tensor, p_prev: &Tensor, labels: &Tensor, cfg: &LossConfig) -> Tensor {
-    let num_classes = logits.size()[1];
+    local_loss_for(
+        logits,
+        p_prev,
+        &LabelTarget::new(labels, logits.size()[1], cfg),
+    )
+}
+
+/// [`local_loss`] with the label side built once per step. Computed as
+/// `α·KL(p_y‖p) + (1−α)·KL(q‖p) = [α·Σ p_y ln p_y + (1−α)·Σ q ln q − Σ m ln p] / B` with the
+/// mixture `m = α·p_y + (1−α)·q`: the same value and gradient as the two KL terms, in half the
+/// tensor ops and with one term in the backward pass (a step on a GPU is launch-bound).
+pub fn local_loss_for(logits: &Tensor, p_prev: &Tensor, target: &LabelTarget) -> Tensor {
+    let batch = logits.size()[0] as f64;
+    let alpha = target.alpha;
     let log_p = logits.log_softmax(-1, Kind::Float);
-    let target = label_target(labels, num_classes, cfg.label_smoothing);
     let teacher = p_prev.detach();
-    kl_batchmean(&target, &log_p) * cfg.alpha + kl_batchmean(&teacher, &log_p) * (1.0 - cfg.alpha)
+    let mix = teacher.lerp(&target.p_y, alpha);
+    // Mask rather than multiply: 0 · (−∞) would be NaN where a belief underflows.
+    let cross = (&mix * &log_p)
+        .where_scalarother(&mix.gt(0.0), 0.0)
+        .sum(Kind::Float);
+    let teacher_term = teacher.xlogy(&teacher).sum(Kind::Float) * (1.0 - alpha);
+    (teacher_term - cross) / batch + alpha * target.neg_entropy
 }
 
 /// Cross-entropy of `logits` against `labels`, the backprop baseline's loss.
@@ -52,6 +94,45 @@ mod tests {
 
     fn scalar(t: &Tensor) -> f64 {
         t.double_value(&[])
+    }
+
+    /// The loss as the method states it: two batchmean KL terms.
+    fn two_kl_loss(logits: &Tensor, prev: &Tensor, labels: &Tensor, cfg: &LossConfig) -> Tensor {
+        let log_p = logits.log_softmax(-1, Kind::Float);
+        let target = label_target(labels, logits.size()[1], cfg.label_smoothing);
+        kl_batchmean(&target, &log_p) * cfg.alpha
+            + kl_batchmean(&prev.detach(), &log_p) * (1.0 - cfg.alpha)
+    }
+
+    #[test]
+    fn mixture_form_equals_two_kl_terms_in_value_and_gradient() {
+        let _rng = crate::rng_lock();
+        tch::manual_seed(3);
+        let logits =
+            (Tensor::randn([16, 10], (Kind::Float, Device::Cpu)) * 3.0).set_requires_grad(true);
+        let prev =
+            (Tensor::randn([16, 10], (Kind::Float, Device::Cpu)) * 4.0).softmax(-1, Kind::Float);
+        // A teacher with exact zeros, as an underflowing softmax gives.
+        let _ = prev.get(0).fill_(0.0);
+        let _ = prev.get(0).get(3).fill_(1.0);
+        let labels = Tensor::randint(10, [16], (Kind::Int64, Device::Cpu));
+        for (alpha, eps) in [(0.5, 0.0), (0.2, 0.1), (1.0, 0.0), (0.0, 0.05)] {
+            let cfg = LossConfig {
+                alpha,
+                label_smoothing: eps,
+            };
+            let a = local_loss(&logits, &prev, &labels, &cfg);
+            let ga = Tensor::run_backward(&[&a], &[&logits], false, false).remove(0);
+            let b = two_kl_loss(&logits, &prev, &labels, &cfg);
+            let gb = Tensor::run_backward(&[&b], &[&logits], false, false).remove(0);
+            let (va, vb) = (scalar(&a), scalar(&b));
+            assert!(
+                (va - vb).abs() < 1e-5 * vb.abs().max(1.0),
+                "α {alpha} ε {eps}: {va} vs {vb}"
+            );
+            let dg = (&ga - &gb).abs().max().double_value(&[]);
+            assert!(dg < 1e-6, "α {alpha} ε {eps}: gradients differ by {dg}");
+        }
     }
 
     #[test]

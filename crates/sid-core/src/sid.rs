@@ -96,17 +96,19 @@ impl Network for SidNetwork {
     }
 
     fn train_step(&mut self, x: &Tensor, y: &Tensor) -> Result<StepStats> {
+        let _span = tracing::trace_span!("sid_step").entered();
         let z = self.extractor.forward(x);
         let z_detached = z.detach();
         let mut grad_z = z_detached.zeros_like();
         let mut module_losses = Vec::with_capacity(self.modules.len());
+        let target = self.modules[0].label_target(y);
         if self.fused {
             let mut p = uniform_belief(z.size()[0], self.num_classes, z.device());
             for m in self.modules.iter_mut() {
                 // The teacher of the next module comes from this module's parameters before
                 // its update, exactly as in phase 1.
                 let next = m.forward_step(&p, &z_detached);
-                let out = m.finish_step(y)?;
+                let out = m.finish_step(&target)?;
                 grad_z += out.grad_z;
                 module_losses.push(out.loss);
                 p = next;
@@ -114,14 +116,17 @@ impl Network for SidNetwork {
         } else {
             let teachers = teacher_beliefs(self.modules.iter(), &z_detached, self.num_classes);
             for (m, p_prev) in self.modules.iter_mut().zip(&teachers) {
-                let out = m.local_step(p_prev, &z_detached, y)?;
+                let out = m.local_step(p_prev, &z_detached, &target)?;
                 grad_z += out.grad_z;
                 module_losses.push(out.loss);
             }
         }
         self.extractor.backward_step(&z, &grad_z)?;
         // The step's one wait for the device.
-        let module_losses = crate::unit::read_losses(&module_losses, 0)?;
+        let module_losses = {
+            let _s = tracing::trace_span!("read_losses").entered();
+            crate::unit::read_losses(&module_losses, 0)?
+        };
         Ok(StepStats {
             loss: module_losses.iter().sum(),
             module_losses,

@@ -12,7 +12,7 @@ use crate::adam::Adam;
 use crate::belief::{belief, BeliefModule};
 use crate::config::{LossConfig, ModelConfig};
 use crate::extractor::Extractor;
-use crate::loss::local_loss;
+use crate::loss::{local_loss_for, LabelTarget};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::{CoreError, Result};
 
@@ -40,6 +40,7 @@ pub struct ModuleUnit {
     net: BeliefModule,
     opt: Adam,
     loss: LossConfig,
+    num_classes: i64,
     /// Between [`ModuleUnit::forward_step`] and [`ModuleUnit::finish_step`]: the features
     /// that receive gradient, the logits with their graph, and the teacher belief.
     pending: Option<(Tensor, Tensor, Tensor)>,
@@ -65,6 +66,7 @@ impl ModuleUnit {
             net,
             opt,
             loss,
+            num_classes: cfg.num_classes,
             pending: None,
         }
     }
@@ -90,6 +92,12 @@ impl ModuleUnit {
         &self.net
     }
 
+    /// The label side of this step's local losses under this unit's loss settings; the same
+    /// for every module of a step, so build it once and pass it to each module's step.
+    pub fn label_target(&self, labels: &Tensor) -> LabelTarget {
+        LabelTarget::new(labels, self.num_classes, &self.loss)
+    }
+
     /// Phase 1: the teacher belief `p_i = softmax(f_i(p_{i-1}, z))`, without gradient.
     pub fn teacher(&self, p_prev: &Tensor, z: &Tensor) -> Tensor {
         tch::no_grad(|| belief(&self.net.forward(p_prev, z)))
@@ -104,10 +112,10 @@ impl ModuleUnit {
         &mut self,
         p_prev: &Tensor,
         z: &Tensor,
-        labels: &Tensor,
+        target: &LabelTarget,
     ) -> Result<LocalOutput> {
         let _ = self.forward_step(p_prev, z);
-        self.finish_step(labels)
+        self.finish_step(target)
     }
 
     /// First half of a local step: the forward pass with its graph kept. Returns this
@@ -125,7 +133,7 @@ impl ModuleUnit {
     }
 
     /// Second half of a local step: the loss of the pending forward, backward, Adam step.
-    pub fn finish_step(&mut self, labels: &Tensor) -> Result<LocalOutput> {
+    pub fn finish_step(&mut self, target: &LabelTarget) -> Result<LocalOutput> {
         let _span = tracing::trace_span!("phase2_module", module = self.index + 1).entered();
         let (z_in, logits, p_prev) = self.pending.take().ok_or_else(|| {
             CoreError::InvalidConfig(format!(
@@ -133,10 +141,19 @@ impl ModuleUnit {
                 self.index + 1
             ))
         })?;
-        let loss = local_loss(&logits, &p_prev, labels, &self.loss);
-        loss.f_backward()?;
+        let loss = {
+            let _s = tracing::trace_span!("local_loss").entered();
+            local_loss_for(&logits, &p_prev, target)
+        };
+        {
+            let _s = tracing::trace_span!("module_backward").entered();
+            loss.f_backward()?;
+        }
         let grad_z = z_in.grad().detach();
-        self.opt.step();
+        {
+            let _s = tracing::trace_span!("adam").entered();
+            self.opt.step();
+        }
         Ok(LocalOutput {
             loss: loss.detach(),
             grad_z,

@@ -327,14 +327,15 @@ impl State {
                 let started = Instant::now();
                 // Phase 2 right away: it needs nothing from any other worker.
                 let _p2 = tracing::info_span!("phase2", worker = self.setup.index).entered();
+                let target = self.units[0].label_target(&labels);
                 let mut losses = Vec::with_capacity(self.units.len());
                 let mut grad_z: Option<Tensor> = None;
                 for (u, p_prev) in self.units.iter_mut().zip(&teachers) {
                     let module = u.index() + 1;
                     let out = if fused {
-                        u.finish_step(&labels)
+                        u.finish_step(&target)
                     } else {
-                        u.local_step(p_prev, &z, &labels)
+                        u.local_step(p_prev, &z, &target)
                     };
                     let out = out.map_err(|e| Failure {
                         module: Some(module),
@@ -352,9 +353,9 @@ impl State {
                 let first = self.units[0].index();
                 let losses = sid_core::unit::read_losses(&losses, first).map_err(|e| {
                     let module = match &e {
-                        sid_core::CoreError::NonFiniteLoss { what, .. } => what
-                            .strip_prefix("module ")
-                            .and_then(|n| n.parse().ok()),
+                        sid_core::CoreError::NonFiniteLoss { what, .. } => {
+                            what.strip_prefix("module ").and_then(|n| n.parse().ok())
+                        }
                         _ => None,
                     };
                     Failure {

@@ -337,6 +337,7 @@ impl Run {
             let before = self.position.partial.seconds;
             peaks.start();
             for step in first_step..steps {
+                let batch_span = tracing::debug_span!("batch").entered();
                 let (x, y) = sid_data::batch(
                     &self.data.train,
                     Some(&perm),
@@ -348,6 +349,7 @@ impl Run {
                 } else {
                     x
                 };
+                drop(batch_span);
                 let t0 = Instant::now();
                 let stats = self
                     .net

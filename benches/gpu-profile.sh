@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Where a training step's time goes on a GPU: Chrome traces of a short SID run and a short BP
+# run (MLP extractor, L=8, module hidden 2048), for benches/trace-summary.py. Prepare with
+# benches/prepare-gpu-check.sh; run with the device tool (carry as for benches/gpu-check.sh).
+# GPUS=cpu runs it here. Output: $OUT (or gpu-profile-out/): log.txt, sid-trace.json.gz,
+# bp-trace.json.gz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-profile-out}
+gpus=${GPUS:-0}
+mkdir -p "$out"
+work=$(mktemp -d /tmp/sid-gpu-profile.XXXXXX)
+torch_lib=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)/lib
+export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+launch=target/release/sid-launch
+common=(--gpus "$gpus" --data-dir "${SID_DATA:-data/fashion-mnist}" --model mlp --modules 8
+  --module-hidden 2048 --epochs 1 --limit-train "${LIMIT:-12800}")
+{
+  for method in sid bp; do
+    echo "== $method"
+    timeout 120 "$launch" "${common[@]}" --method "$method" --run-dir "$work/$method" \
+      --trace "$work/$method/trace.json"
+    gzip -c "$work/$method/trace.json" >"$out/$method-trace.json.gz"
+  done
+} 2>&1 | tee "$out/log.txt"
