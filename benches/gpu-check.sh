@@ -65,8 +65,8 @@ excerpt() { # run folder: what telemetry and metrics recorded
     --run-dir "$work/fmnist-gpu0x4" --trace "$work/fmnist-gpu0x4/trace.json"
   echo "exit code $?"
   excerpt "$work/fmnist-gpu0x4"
-  step "5. SID vs BP on the GPU at L = 2 and 8, wide modules: ms/step and peak memory; speed-up check"
-  timeout 100 "$bench" run depth memory speedup --gpus 0 --depths 2,8 --workers 1,2,4 \
+  step "5. SID vs BP on the GPU at L = 1, 2, 4, 8, wide modules: ms/step and peak memory; speed-up check"
+  timeout 100 "$bench" run depth memory speedup --gpus 0 --depths 1,2,4,8 --workers 1,2,4 \
     --module-hidden 2048 --check-hidden 4096 \
     --data-dir "$data" --limit-train 12800 --epochs 1 --out "$work/bench-gpu"
   step "6. a GPU that does not exist"

@@ -505,7 +505,8 @@ fn trace_shows_two_workers_overlapping_in_phase_2_and_telemetry_degrades_without
         "extractor_forward",
         "extractor_backward",
         "phase1",
-        "phase2_module",
+        "phase2_modules",
+        "modules_backward",
         "broadcast",
         "coordinator_wait",
     ] {
@@ -590,22 +591,22 @@ fn fused_teacher_schedule_trains_to_the_same_result() {
     let dir = tempfile::tempdir().unwrap();
     let reference = dir.path().join("reference");
     let fused = dir.path().join("fused");
-    let fused2 = dir.path().join("fused2");
+    let reference3 = dir.path().join("reference3");
+    let fused3 = dir.path().join("fused3");
     run_ok(&quick(&reference, &["--epochs", "1"]));
     run_ok(&quick(&fused, &["--epochs", "1", "--fused-teacher"]));
+    run_ok(&quick(&reference3, &["--epochs", "1", "--gpus", "cpu:3"]));
     run_ok(&quick(
-        &fused2,
+        &fused3,
         &["--epochs", "1", "--fused-teacher", "--gpus", "cpu:3"],
     ));
-    let a = metrics(&reference);
-    for run in [&fused, &fused2] {
-        let b = metrics(run);
+    // Same placement, same schedule of float operations: the same numbers exactly. (Across
+    // placements the sum of the modules' ∂L/∂z is associated differently, so a few test
+    // samples can flip; the runtime tests bound that difference.)
+    for (a, b) in [(&reference, &fused), (&reference3, &fused3)] {
+        let (a, b) = (metrics(a), metrics(b));
         assert_eq!(a[0]["test_acc"], b[0]["test_acc"]);
-        let (la, lb) = (
-            a[0]["train_loss"].as_f64().unwrap(),
-            b[0]["train_loss"].as_f64().unwrap(),
-        );
-        assert!((la - lb).abs() < 1e-5, "{la} vs {lb}");
+        assert_eq!(a[0]["train_loss"], b[0]["train_loss"]);
     }
     let saved = std::fs::read_to_string(fused.join("config.toml")).unwrap();
     assert!(saved.contains("fused_teacher = true"), "{saved}");

@@ -99,33 +99,28 @@ impl Network for SidNetwork {
         let _span = tracing::trace_span!("sid_step").entered();
         let z = self.extractor.forward(x);
         let z_detached = z.detach();
-        let mut grad_z = z_detached.zeros_like();
-        let mut module_losses = Vec::with_capacity(self.modules.len());
+        // One leaf for every module: its gradient collects Σ_i ∂L_i/∂z in the one backward pass.
+        let z_in = z_detached.detach().set_requires_grad(true);
         let target = self.modules[0].label_target(y);
         if self.fused {
             let mut p = uniform_belief(z.size()[0], self.num_classes, z.device());
             for m in self.modules.iter_mut() {
                 // The teacher of the next module comes from this module's parameters before
                 // its update, exactly as in phase 1.
-                let next = m.forward_step(&p, &z_detached);
-                let out = m.finish_step(&target)?;
-                grad_z += out.grad_z;
-                module_losses.push(out.loss);
-                p = next;
+                p = m.forward_step_on(&p, &z_in);
             }
         } else {
             let teachers = teacher_beliefs(self.modules.iter(), &z_detached, self.num_classes);
             for (m, p_prev) in self.modules.iter_mut().zip(&teachers) {
-                let out = m.local_step(p_prev, &z_detached, &target)?;
-                grad_z += out.grad_z;
-                module_losses.push(out.loss);
+                let _ = m.forward_step_on(p_prev, &z_in);
             }
         }
+        let (losses, grad_z) = crate::unit::finish_steps(&mut self.modules, &z_in, &target)?;
         self.extractor.backward_step(&z, &grad_z)?;
         // The step's one wait for the device.
         let module_losses = {
             let _s = tracing::trace_span!("read_losses").entered();
-            crate::unit::read_losses(&module_losses, 0)?
+            crate::unit::read_losses(&losses, 0)?
         };
         Ok(StepStats {
             loss: module_losses.iter().sum(),

@@ -304,13 +304,16 @@ impl State {
                 // (reference), or the local steps' own forwards, detached (fused).
                 let started = Instant::now();
                 let fused = self.setup.fused;
+                // One leaf for all of this worker's modules: its gradient collects their
+                // Σ ∂L_i/∂z in one backward pass (sid_core::unit::finish_steps).
+                let z_in = z.detach().set_requires_grad(true);
                 let teachers = {
                     let _p1 = tracing::info_span!("phase1", worker = self.setup.index).entered();
                     let mut p = p_in;
                     let mut teachers = Vec::with_capacity(self.units.len());
                     for u in self.units.iter_mut() {
                         let next = if fused {
-                            u.forward_step(&p, &z)
+                            u.forward_step_on(&p, &z_in)
                         } else {
                             u.teacher(&p, &z)
                         };
@@ -327,31 +330,14 @@ impl State {
                 let started = Instant::now();
                 // Phase 2 right away: it needs nothing from any other worker.
                 let _p2 = tracing::info_span!("phase2", worker = self.setup.index).entered();
-                let target = self.units[0].label_target(&labels);
-                let mut losses = Vec::with_capacity(self.units.len());
-                let mut grad_z: Option<Tensor> = None;
-                for (u, p_prev) in self.units.iter_mut().zip(&teachers) {
-                    let module = u.index() + 1;
-                    let out = if fused {
-                        u.finish_step(&target)
-                    } else {
-                        u.local_step(p_prev, &z, &target)
-                    };
-                    let out = out.map_err(|e| Failure {
-                        module: Some(module),
-                        cause: e.to_string(),
-                    })?;
-                    losses.push(out.loss);
-                    grad_z = Some(match grad_z {
-                        None => out.grad_z,
-                        Some(g) => g + out.grad_z,
-                    });
+                if !fused {
+                    for (u, p_prev) in self.units.iter_mut().zip(&teachers) {
+                        let _ = u.forward_step_on(p_prev, &z_in);
+                    }
                 }
-                let grad_z = grad_z.expect("a worker owns at least one module");
-                streams::sync_device(device).map_err(from_stream)?;
-                // All of this worker's losses in one read, after its only wait of phase 2.
                 let first = self.units[0].index();
-                let losses = sid_core::unit::read_losses(&losses, first).map_err(|e| {
+                let target = self.units[0].label_target(&labels);
+                let failure = |e: sid_core::CoreError| {
                     let module = match &e {
                         sid_core::CoreError::NonFiniteLoss { what, .. } => {
                             what.strip_prefix("module ").and_then(|n| n.parse().ok())
@@ -362,7 +348,13 @@ impl State {
                         module,
                         cause: e.to_string(),
                     }
-                })?;
+                };
+                let (losses, grad_z) =
+                    sid_core::unit::finish_steps(&mut self.units, &z_in, &target)
+                        .map_err(failure)?;
+                streams::sync_device(device).map_err(from_stream)?;
+                // All of this worker's losses in one read, after its only wait of phase 2.
+                let losses = sid_core::unit::read_losses(&losses, first).map_err(failure)?;
                 Ok(send(Reply::Local {
                     step,
                     losses,
