@@ -505,8 +505,7 @@ fn trace_shows_two_workers_overlapping_in_phase_2_and_telemetry_degrades_without
         "extractor_forward",
         "extractor_backward",
         "phase1",
-        "phase2_modules",
-        "modules_backward",
+        "phase2_module",
         "broadcast",
         "coordinator_wait",
     ] {

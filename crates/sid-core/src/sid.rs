@@ -99,23 +99,28 @@ impl Network for SidNetwork {
         let _span = tracing::trace_span!("sid_step").entered();
         let z = self.extractor.forward(x);
         let z_detached = z.detach();
-        // One leaf for every module: its gradient collects Σ_i ∂L_i/∂z in the one backward pass.
-        let z_in = z_detached.detach().set_requires_grad(true);
         let target = self.modules[0].label_target(y);
-        if self.fused {
+        let (losses, grad_z) = if self.fused {
+            // All forwards first (each module's detached belief is the next one's teacher,
+            // from parameters before any update, exactly as in phase 1), then one backward.
             let mut p = uniform_belief(z.size()[0], self.num_classes, z.device());
             for m in self.modules.iter_mut() {
-                // The teacher of the next module comes from this module's parameters before
-                // its update, exactly as in phase 1.
-                p = m.forward_step_on(&p, &z_in);
+                p = m.forward_step(&p, &z_detached);
             }
+            crate::unit::finish_steps(&mut self.modules, &target)?
         } else {
+            // One module's graph at a time: SID's working memory stays flat in L.
             let teachers = teacher_beliefs(self.modules.iter(), &z_detached, self.num_classes);
+            let mut losses = Vec::with_capacity(self.modules.len());
+            let mut grads = Vec::with_capacity(self.modules.len());
             for (m, p_prev) in self.modules.iter_mut().zip(&teachers) {
-                let _ = m.forward_step_on(p_prev, &z_in);
+                let out = m.local_step(p_prev, &z_detached, &target)?;
+                losses.push(out.loss);
+                grads.push(out.grad_z);
             }
-        }
-        let (losses, grad_z) = crate::unit::finish_steps(&mut self.modules, &z_in, &target)?;
+            let grad_z = crate::unit::sum_in_order(grads).expect("at least one module");
+            (Tensor::f_stack(&losses, 0)?, grad_z)
+        };
         self.extractor.backward_step(&z, &grad_z)?;
         // The step's one wait for the device.
         let module_losses = {

@@ -123,17 +123,12 @@ impl ModuleUnit {
     /// parameters), so the fused schedule can pass it on as the next module's teacher instead
     /// of running a separate phase-1 forward.
     pub fn forward_step(&mut self, p_prev: &Tensor, z: &Tensor) -> Tensor {
-        self.forward_step_on(p_prev, &z.detach().set_requires_grad(true))
-    }
-
-    /// [`ModuleUnit::forward_step`] on features `z_in` that the caller made a leaf receiving
-    /// gradient, shared by modules whose steps then finish together in [`finish_steps`].
-    pub fn forward_step_on(&mut self, p_prev: &Tensor, z_in: &Tensor) -> Tensor {
         let _span = tracing::trace_span!("forward_module", module = self.index + 1).entered();
         self.opt.zero_grad();
-        let logits = self.net.forward(p_prev, z_in);
+        let z_in = z.detach().set_requires_grad(true);
+        let logits = self.net.forward(p_prev, &z_in);
         let next = belief(&logits.detach());
-        self.pending = Some((z_in.shallow_clone(), logits, p_prev.shallow_clone()));
+        self.pending = Some((z_in, logits, p_prev.shallow_clone()));
         next
     }
 
@@ -187,31 +182,24 @@ impl ModuleUnit {
     }
 }
 
-/// Finishes the pending steps ([`ModuleUnit::forward_step_on`]) of modules on one device with
+/// Finishes the pending steps ([`ModuleUnit::forward_step`]) of modules on one device with
 /// one backward pass. Each module's loss depends on its own parameters only (its teacher and
-/// the features are constants for it), so the gradient of the summed losses is, for each
-/// module, exactly its own local gradient, and what reaches the shared `z_in` is
-/// `Σ_i ∂L_i/∂z`: the update of finishing them one by one, with one call into the autograd
-/// engine instead of one per module (on a GPU each call costs a hand-off to libtorch's device
-/// thread, which was a third of a step). Returns the losses stacked [n] on the device, for
-/// [`read_losses`], and `Σ_i ∂L_i/∂z`.
-pub fn finish_steps(
-    units: &mut [ModuleUnit],
-    z_in: &Tensor,
-    target: &LabelTarget,
-) -> Result<(Tensor, Tensor)> {
+/// its copy of the features are constants for it), so the gradient of the summed losses is,
+/// for each module, exactly its own local gradient: the update of finishing them one by one,
+/// with one call into the autograd engine instead of one per module (on a GPU each call costs
+/// a hand-off to libtorch's device thread). All their graphs are alive until then, so this
+/// suits the fused schedule, whose forwards all run before any backward anyway. Returns the
+/// losses stacked [n] on the device, for [`read_losses`], and `Σ_i ∂L_i/∂z` summed in module
+/// order, as one-by-one steps sum it (so both give the same bits).
+pub fn finish_steps(units: &mut [ModuleUnit], target: &LabelTarget) -> Result<(Tensor, Tensor)> {
     let _span = tracing::trace_span!("phase2_modules", modules = units.len()).entered();
     let mut losses = Vec::with_capacity(units.len());
+    let mut inputs = Vec::with_capacity(units.len());
     for u in units.iter_mut() {
-        let (own_z, logits, p_prev) = u.take_pending()?;
-        if own_z.data_ptr() != z_in.data_ptr() {
-            return Err(CoreError::InvalidConfig(format!(
-                "module {}: finish_steps needs forward_step_on with the shared features",
-                u.index + 1
-            )));
-        }
+        let (z_in, logits, p_prev) = u.take_pending()?;
         let _s = tracing::trace_span!("local_loss", module = u.index + 1).entered();
         losses.push(local_loss_for(&logits, &p_prev, target));
+        inputs.push(z_in);
     }
     let losses = Tensor::f_stack(&losses, 0)?;
     {
@@ -224,7 +212,14 @@ pub fn finish_steps(
             u.opt.step();
         }
     }
-    Ok((losses.detach(), z_in.grad().detach()))
+    let grad_z = sum_in_order(inputs.iter().map(|z| z.grad().detach()))
+        .ok_or_else(|| CoreError::InvalidConfig("finish_steps without modules".into()))?;
+    Ok((losses.detach(), grad_z))
+}
+
+/// `((g_1 + g_2) + g_3) + …`: the one order every schedule sums module gradients in.
+pub fn sum_in_order(grads: impl IntoIterator<Item = Tensor>) -> Option<Tensor> {
+    grads.into_iter().reduce(|acc, g| acc + g)
 }
 
 /// Reads the losses [n] of consecutive modules, the first being module `first_index`

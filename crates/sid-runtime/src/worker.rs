@@ -304,16 +304,13 @@ impl State {
                 // (reference), or the local steps' own forwards, detached (fused).
                 let started = Instant::now();
                 let fused = self.setup.fused;
-                // One leaf for all of this worker's modules: its gradient collects their
-                // Σ ∂L_i/∂z in one backward pass (sid_core::unit::finish_steps).
-                let z_in = z.detach().set_requires_grad(true);
                 let teachers = {
                     let _p1 = tracing::info_span!("phase1", worker = self.setup.index).entered();
                     let mut p = p_in;
                     let mut teachers = Vec::with_capacity(self.units.len());
                     for u in self.units.iter_mut() {
                         let next = if fused {
-                            u.forward_step_on(&p, &z_in)
+                            u.forward_step(&p, &z)
                         } else {
                             u.teacher(&p, &z)
                         };
@@ -330,11 +327,6 @@ impl State {
                 let started = Instant::now();
                 // Phase 2 right away: it needs nothing from any other worker.
                 let _p2 = tracing::info_span!("phase2", worker = self.setup.index).entered();
-                if !fused {
-                    for (u, p_prev) in self.units.iter_mut().zip(&teachers) {
-                        let _ = u.forward_step_on(p_prev, &z_in);
-                    }
-                }
                 let first = self.units[0].index();
                 let target = self.units[0].label_target(&labels);
                 let failure = |e: sid_core::CoreError| {
@@ -349,9 +341,29 @@ impl State {
                         cause: e.to_string(),
                     }
                 };
-                let (losses, grad_z) =
-                    sid_core::unit::finish_steps(&mut self.units, &z_in, &target)
-                        .map_err(failure)?;
+                let (losses, grad_z) = if fused {
+                    // The forwards ran in phase 1: one backward for all of them.
+                    sid_core::unit::finish_steps(&mut self.units, &target).map_err(failure)?
+                } else {
+                    // One module's graph at a time: working memory flat in the module count.
+                    let mut losses = Vec::with_capacity(self.units.len());
+                    let mut grads = Vec::with_capacity(self.units.len());
+                    for (u, p_prev) in self.units.iter_mut().zip(&teachers) {
+                        let out = u.local_step(p_prev, &z, &target).map_err(|e| Failure {
+                            module: Some(u.index() + 1),
+                            cause: e.to_string(),
+                        })?;
+                        losses.push(out.loss);
+                        grads.push(out.grad_z);
+                    }
+                    let stacked = Tensor::f_stack(&losses, 0).map_err(|e| Failure {
+                        module: None,
+                        cause: e.to_string(),
+                    })?;
+                    let grad_z = sid_core::unit::sum_in_order(grads)
+                        .expect("a worker owns at least one module");
+                    (stacked, grad_z)
+                };
                 streams::sync_device(device).map_err(from_stream)?;
                 // All of this worker's losses in one read, after its only wait of phase 2.
                 let losses = sid_core::unit::read_losses(&losses, first).map_err(failure)?;
