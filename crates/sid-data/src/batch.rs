@@ -47,8 +47,8 @@ pub fn num_batches(n: i64, batch_size: i64) -> i64 {
 }
 
 /// Batch `index` of an epoch: images and labels gathered (`index_select`) by the permutation,
-/// or taken in order when `perm` is `None` (evaluation). Returns CPU tensors that own their
-/// data, so the caller may modify them in place without touching the split.
+/// or taken in order when `perm` is `None` (evaluation). Returns tensors on the split's device
+/// that own their data, so the caller may modify them in place without touching the split.
 ///
 /// # Panics
 /// If `batch_size` is not positive, `index` is outside `0..num_batches(len, batch_size)`, or
@@ -70,7 +70,8 @@ pub fn batch(split: &Split, perm: Option<&[i64]>, batch_size: i64, index: i64) -
                 "permutation has {} entries for {n} samples",
                 perm.len()
             );
-            let idx = Tensor::from_slice(&perm[start as usize..(start + len) as usize]);
+            let idx = Tensor::from_slice(&perm[start as usize..(start + len) as usize])
+                .to_device(split.images.device());
             (
                 split.images.index_select(0, &idx),
                 split.labels.index_select(0, &idx),

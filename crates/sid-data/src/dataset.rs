@@ -26,6 +26,14 @@ pub struct Split {
 }
 
 impl Split {
+    /// The split with its tensors on `device` (the same split when already there).
+    pub fn to_device(&self, device: tch::Device) -> Split {
+        Split {
+            images: self.images.to_device(device),
+            labels: self.labels.to_device(device),
+        }
+    }
+
     /// Number of samples.
     pub fn len(&self) -> i64 {
         self.labels.size()[0]
@@ -102,6 +110,19 @@ pub struct Dataset {
     pub test: Split,
     /// How many training labels were flipped by label noise.
     pub noisy_labels: usize,
+}
+
+impl Dataset {
+    /// The data set with every split on `device`: on a GPU, batches are then gathered there
+    /// and no step waits for a host-to-device copy.
+    pub fn to_device(self, device: tch::Device) -> Dataset {
+        Dataset {
+            train: self.train.to_device(device),
+            val: self.val.map(|v| v.to_device(device)),
+            test: self.test.to_device(device),
+            ..self
+        }
+    }
 }
 
 /// Loads train and test from `dir`.

@@ -158,6 +158,15 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
     })
 }
 
+/// On a GPU the data set lives on the input device (Fashion-MNIST and CIFAR take well under a
+/// GiB): batches are gathered there instead of on the CPU and copied every step.
+fn data_on_input_device(data: Dataset, net: &dyn Network) -> Dataset {
+    match net.input_device() {
+        d @ Device::Cuda(_) => data.to_device(d),
+        _ => data,
+    }
+}
+
 fn load_data(cfg: &RunConfig) -> Result<Dataset> {
     let opts = LoadOptions {
         limit_train: cfg.limit_train,
@@ -185,6 +194,7 @@ impl Run {
         let devices = resolve_devices(&cfg.gpus)?;
         let data = load_data(&cfg)?;
         let built = build_network(&cfg, &devices)?;
+        let data = data_on_input_device(data, built.net.as_ref());
         cfg.placement = built.placement.clone();
         // Save what was resolved, not what was left to defaults.
         cfg.augment = Some(cfg.resolved_augment());
@@ -252,6 +262,7 @@ impl Run {
             layout,
             placement,
         } = build_network(&cfg, &devices)?;
+        let data = data_on_input_device(data, net.as_ref());
         cfg.placement = placement;
         net.load_state(&named).map_err(|e| TrainError::Checkpoint {
             path: ckpt_path.clone(),
