@@ -49,6 +49,10 @@ pub struct Common {
     /// Seed of every run.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Train single-GPU runs through a CUDA graph (sid-launch --cuda-graph); runs on several
+    /// devices (the workers sweep) run as usual.
+    #[arg(long)]
+    pub cuda_graph: bool,
 }
 
 impl Common {
@@ -64,6 +68,7 @@ impl Common {
             batch_size: self.batch_size,
             data_dir: self.data_dir.clone(),
             seed: self.seed,
+            cuda_graph: self.cuda_graph,
             ..RunConfig::default()
         }
     }
@@ -192,6 +197,7 @@ pub fn sweep_workers(common: &Common, ks: &[usize]) -> Result<Vec<Row>> {
             gpus,
             modules,
             threads: (base == Device::Cpu).then_some(1),
+            cuda_graph: common.cuda_graph && k == 1,
             ..common.run_config(Method::Sid)
         };
         rows.push(train(
@@ -613,7 +619,7 @@ pub fn run(args: RunArgs) -> Result<()> {
          Fashion-MNIST, first {} training samples, {} epochs, seed {}. Times are medians of the last epoch's steps; \
          accuracy is the final epoch's test accuracy. Peak memory: CUDA allocator bytes on a GPU, process RSS on the CPU \
          (the whole process, data set included); the memory check measures per-step working memory \
-         instead (the peak during a step minus what was held before it: CUDA allocator bytes, or live C-heap bytes on the CPU).\n\nExperiments: {:?}.",
+         instead (the peak during a step minus what was held before it: CUDA allocator bytes, or live C-heap bytes on the CPU).{}\n\nExperiments: {:?}.",
         gpu_description(),
         c.gpus,
         c.model,
@@ -623,6 +629,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         c.limit_train,
         c.epochs,
         c.seed,
+        if c.cuda_graph {
+            " Single-GPU training steps are replayed from a CUDA graph (`--cuda-graph`)."
+        } else {
+            ""
+        },
         todo
     );
     write_results(&c.out, &rows, &header)?;

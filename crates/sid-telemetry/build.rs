@@ -3,26 +3,17 @@
 //! and nvidia-cuda-crt, which scripts/setup.sh installs). Without them the crate still builds;
 //! GPU peak memory then falls back to NVML's per-process figure.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 fn main() {
     sid_build::link_libtorch();
     println!("cargo::rustc-check-cfg=cfg(sid_cuda_stats)");
     println!("cargo:rerun-if-changed=src/cuda_stats.cpp");
-    println!("cargo:rerun-if-env-changed=SID_CUDA_INCLUDE");
     let Some((lib, torch)) = sid_build::libtorch_dirs() else {
         return;
     };
     let include = torch.join("include");
-    let cuda_candidates = [
-        std::env::var("SID_CUDA_INCLUDE").ok().map(PathBuf::from),
-        torch.parent().map(|p| p.join("nvidia/cu13/include")),
-        Some(PathBuf::from("/usr/local/cuda/include")),
-    ];
-    let cuda = cuda_candidates
-        .into_iter()
-        .flatten()
-        .find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_defines.h").exists());
+    let cuda = sid_build::cuda_include(&torch);
     let have = |p: &Path| p.exists();
     let (Some(cuda), true, true) = (
         cuda,

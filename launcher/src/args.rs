@@ -105,6 +105,10 @@ pub struct Cli {
     /// teacher — the same result as the reference schedule with one forward per module fewer.
     #[arg(long)]
     pub fused_teacher: bool,
+    /// Capture a training step as a CUDA graph after a few warm-up steps and replay it: one
+    /// launch instead of hundreds of small kernels per step. One GPU only (--gpus N).
+    #[arg(long)]
+    pub cuda_graph: bool,
     /// Write a Chrome trace (JSON, opens in Perfetto / chrome://tracing) of every step's parts:
     /// extractor, phase 1, each module's phase 2 on each worker, broadcasts, waits.
     #[arg(long, value_name = "FILE")]
@@ -168,6 +172,9 @@ impl Cli {
         }
         if self.fused_teacher {
             cfg.fused_teacher = true;
+        }
+        if self.cuda_graph {
+            cfg.cuda_graph = true;
         }
         if self.inject_fault.is_some() {
             cfg.inject_fault = self.inject_fault.clone();

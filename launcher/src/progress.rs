@@ -90,6 +90,10 @@ impl Reporter {
                     );
                 }
             }
+            Event::Notice(msg) => match &self.bar {
+                Some(bar) => bar.println(format!("note: {msg}")),
+                None => eprintln!("note: {msg}"),
+            },
             Event::EpochEnd(m) => {
                 if let Some(bar) = self.bar.take() {
                     bar.finish_and_clear();

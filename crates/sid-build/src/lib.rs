@@ -27,3 +27,20 @@ pub fn libtorch_dirs() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
     let torch = lib.parent()?.to_path_buf();
     Some((lib, torch))
 }
+
+/// The CUDA runtime headers next to libtorch (pip's `nvidia/cu13/include`, which
+/// scripts/setup.sh installs), `SID_CUDA_INCLUDE`, or `/usr/local/cuda/include`; `None` when
+/// none has both `cuda_runtime_api.h` and `crt/host_defines.h`.
+pub fn cuda_include(torch: &std::path::Path) -> Option<std::path::PathBuf> {
+    println!("cargo:rerun-if-env-changed=SID_CUDA_INCLUDE");
+    [
+        std::env::var("SID_CUDA_INCLUDE")
+            .ok()
+            .map(std::path::PathBuf::from),
+        torch.parent().map(|p| p.join("nvidia/cu13/include")),
+        Some("/usr/local/cuda/include".into()),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_defines.h").exists())
+}

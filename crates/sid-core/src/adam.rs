@@ -26,7 +26,8 @@ pub struct Adam {
     /// Use the fused kernel (when built in).
     fused: bool,
     /// The step count as a float32 scalar on the parameters' device, which the fused kernel
-    /// reads; made at the first fused step.
+    /// reads; made at the first fused step and from then on the count itself: it is advanced
+    /// on the device, so a replayed CUDA graph of the step counts too.
     step_t: Option<Tensor>,
 }
 
@@ -109,9 +110,12 @@ impl Adam {
         }
     }
 
-    /// Number of updates done so far.
+    /// Number of updates done so far (a read from the device once the fused kernel runs).
     pub fn steps(&self) -> i64 {
-        self.step
+        match &self.step_t {
+            Some(t) => t.double_value(&[]).round() as i64,
+            None => self.step,
+        }
     }
 
     /// Sets every parameter's gradient to zero.
@@ -129,6 +133,7 @@ impl Adam {
                 // Nothing was updated (the kernel checks its inputs first): fall back for good.
                 tracing::warn!("fused Adam unavailable for these tensors ({e}); using tensor ops");
                 self.fused = false;
+                self.step_t = None;
             } else {
                 return;
             }
@@ -160,10 +165,11 @@ impl Adam {
             return Ok(());
         };
         let device = first.device();
+        let done = self.step - 1;
         let step_t = self
             .step_t
-            .get_or_insert_with(|| Tensor::zeros([], (Kind::Float, device)));
-        let _ = step_t.fill_(self.step as f64);
+            .get_or_insert_with(|| Tensor::full([], done as f64, (Kind::Float, device)));
+        let _ = step_t.g_add_scalar_(1.0);
         let ptrs = |ts: &[&Tensor]| ts.iter().map(|t| t.as_ptr()).collect::<Vec<_>>();
         let grad_refs: Vec<&Tensor> = grads.iter().collect();
         let (p, g, m, v) = (ptrs(&params), ptrs(&grad_refs), ptrs(&ms), ptrs(&vs));
@@ -226,7 +232,7 @@ impl Adam {
     /// The optimizer state as named tensors (`{prefix}.{param}.exp_avg`, `.exp_avg_sq`, and
     /// `{prefix}.step`), for a checkpoint.
     pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
-        let mut out = vec![(format!("{prefix}.step"), Tensor::from(self.step))];
+        let mut out = vec![(format!("{prefix}.step"), Tensor::from(self.steps()))];
         for (i, (name, _)) in self.params.iter().enumerate() {
             out.push((
                 format!("{prefix}.{name}.exp_avg"),
@@ -244,6 +250,10 @@ impl Adam {
     pub fn load_state(&mut self, prefix: &str, named: &crate::NamedTensors) -> Result<()> {
         let step = named.get(&format!("{prefix}.step"))?;
         self.step = step.int64_value(&[]);
+        if let Some(t) = &mut self.step_t {
+            // In place: a captured graph holds this tensor.
+            let _ = t.fill_(self.step as f64);
+        }
         for (i, (name, _)) in self.params.iter().enumerate() {
             for (suffix, dst) in [
                 ("exp_avg", &mut self.exp_avg[i]),

@@ -69,6 +69,11 @@ impl Network for BpNetwork {
     }
 
     fn train_step(&mut self, x: &Tensor, y: &Tensor) -> Result<StepStats> {
+        let loss = self.train_step_queued(x, y)?;
+        self.read_step(&loss)
+    }
+
+    fn train_step_queued(&mut self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let _span = tracing::trace_span!("bp_step").entered();
         self.opt.zero_grad();
         let z = self.extractor.forward(x);
@@ -82,12 +87,14 @@ impl Network for BpNetwork {
         let loss = cross_entropy(&logits.expect("at least one module"), y);
         loss.f_backward()?;
         self.opt.step();
+        Ok(loss.detach())
+    }
+
+    fn read_step(&self, loss: &Tensor) -> Result<StepStats> {
         // Read after the update, as SID does, so neither waits for the device mid-step; a
         // non-finite loss stops training all the same.
-        let value = {
-            let _s = tracing::trace_span!("read_losses").entered();
-            loss.f_double_value(&[])?
-        };
+        let _s = tracing::trace_span!("read_losses").entered();
+        let value = loss.f_double_value(&[])?;
         if !value.is_finite() {
             return Err(CoreError::NonFiniteLoss {
                 what: "backprop".into(),

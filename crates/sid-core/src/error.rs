@@ -17,6 +17,9 @@ pub enum CoreError {
     /// A checkpoint does not match the network it is loaded into.
     #[error("checkpoint does not match the model: {0}")]
     StateMismatch(String),
+    /// A CUDA graph could not be captured or replayed.
+    #[error("CUDA graph: {0}")]
+    Graph(String),
     /// A failure in the multi-device runtime (a worker failed, a wait timed out).
     #[error(transparent)]
     Runtime(Box<dyn std::error::Error + Send + Sync>),

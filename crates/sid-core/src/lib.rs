@@ -9,6 +9,7 @@
 //! - [`belief`]: the belief module (reference two-layer MLP);
 //! - [`loss`]: the local SID loss;
 //! - [`adam`]: Adam with inspectable state (checkpoints need it);
+//! - [`graph`]: CUDA graphs of a whole training step;
 //! - [`unit`]: a module or extractor together with its own parameters and optimizer, the
 //!   self-contained piece of work that a worker thread runs;
 //! - [`sid`] and [`bp`]: the SID network and its backprop baseline, both implementing
@@ -34,6 +35,7 @@ pub mod bp;
 pub mod config;
 pub mod error;
 pub mod extractor;
+pub mod graph;
 pub mod loss;
 pub mod network;
 pub mod sid;

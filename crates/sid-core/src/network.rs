@@ -63,6 +63,22 @@ pub trait Network: Send {
     fn input_device(&self) -> Device;
     /// One training step on a batch (`x` [B, C, H, W] float, `y` [B] int64).
     fn train_step(&mut self, x: &Tensor, y: &Tensor) -> Result<StepStats>;
+    /// One training step that leaves its losses on the device, unread: nothing in it waits
+    /// for the device, so a CUDA graph can capture it ([`crate::graph`]). Read the losses with
+    /// [`Network::read_step`]. Networks that cannot run a step this way say so.
+    fn train_step_queued(&mut self, _x: &Tensor, _y: &Tensor) -> Result<Tensor> {
+        Err(crate::CoreError::Graph(format!(
+            "a {} network of this kind cannot queue a whole step on one device",
+            self.method()
+        )))
+    }
+    /// The statistics of a step from the losses [`Network::train_step_queued`] returned (one
+    /// wait for the device); a non-finite loss is an error naming it.
+    fn read_step(&self, _losses: &Tensor) -> Result<StepStats> {
+        Err(crate::CoreError::Graph(
+            "this network cannot queue a step".into(),
+        ))
+    }
     /// The forward chain without gradient: every module's logits.
     fn cascade(&mut self, x: &Tensor) -> Result<Cascade>;
     /// Weights and optimizer state as named CPU tensors, for a checkpoint.

@@ -96,6 +96,21 @@ impl Network for SidNetwork {
     }
 
     fn train_step(&mut self, x: &Tensor, y: &Tensor) -> Result<StepStats> {
+        let losses = self.train_step_queued(x, y)?;
+        self.read_step(&losses)
+    }
+
+    fn read_step(&self, losses: &Tensor) -> Result<StepStats> {
+        // The step's one wait for the device.
+        let _s = tracing::trace_span!("read_losses").entered();
+        let module_losses = crate::unit::read_losses(losses, 0)?;
+        Ok(StepStats {
+            loss: module_losses.iter().sum(),
+            module_losses,
+        })
+    }
+
+    fn train_step_queued(&mut self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let _span = tracing::trace_span!("sid_step").entered();
         let z = self.extractor.forward(x);
         let z_detached = z.detach();
@@ -122,15 +137,7 @@ impl Network for SidNetwork {
             (Tensor::f_stack(&losses, 0)?, grad_z)
         };
         self.extractor.backward_step(&z, &grad_z)?;
-        // The step's one wait for the device.
-        let module_losses = {
-            let _s = tracing::trace_span!("read_losses").entered();
-            crate::unit::read_losses(&losses, 0)?
-        };
-        Ok(StepStats {
-            loss: module_losses.iter().sum(),
-            module_losses,
-        })
+        Ok(losses)
     }
 
     fn cascade(&mut self, x: &Tensor) -> Result<Cascade> {

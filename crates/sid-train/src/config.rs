@@ -64,6 +64,9 @@ pub struct RunConfig {
     /// module's teacher (same parameters as the reference schedule, one forward per module
     /// fewer). Off by default: the reference runs a separate graph-free phase 1.
     pub fused_teacher: bool,
+    /// Capture a training step as a CUDA graph and replay it (one GPU only): the step's many
+    /// small kernels then cost one launch. Same computation; off by default.
+    pub cuda_graph: bool,
     /// A fault to inject, `WORKER:STEP:panic|error|nan|hang` (tests; never saved).
     #[serde(skip)]
     pub inject_fault: Option<String>,
@@ -98,6 +101,7 @@ impl Default for RunConfig {
             step_timeout: 300.0,
             streams: true,
             fused_teacher: false,
+            cuda_graph: false,
             inject_fault: None,
         }
     }
@@ -204,7 +208,17 @@ impl RunConfig {
         }
         self.model_config().validate()?;
         self.loss_config().validate()?;
-        let workers = crate::devices::parse_devices(&self.gpus)?.len();
+        let devices = crate::devices::parse_devices(&self.gpus)?;
+        let workers = devices.len();
+        if self.cuda_graph && !matches!(devices[..], [tch::Device::Cuda(_)]) {
+            return bad(format!(
+                "--cuda-graph needs exactly one GPU (--gpus N), got --gpus {}",
+                self.gpus
+            ));
+        }
+        if self.cuda_graph && !sid_core::graph::CudaGraph::available() {
+            return bad("--cuda-graph: this build has no CUDA graphs (CUDA headers were not found when it was compiled; run scripts/setup.sh and rebuild)".into());
+        }
         if let Some(spec) = &self.placement {
             sid_runtime::Placement::parse(spec, self.modules, workers)
                 .map_err(|e| TrainError::Config(e.to_string()))?;

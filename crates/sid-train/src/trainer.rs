@@ -56,6 +56,8 @@ pub enum Event<'a> {
     },
     /// The epoch's evaluation and metrics are done.
     EpochEnd(&'a EpochMetrics),
+    /// Something the user should know that does not stop the run.
+    Notice(String),
 }
 
 /// The outcome of a finished run.
@@ -236,13 +238,14 @@ impl Run {
             a.step_timeout = 0.0;
             a.streams = true;
             a.fused_teacher = false;
+            a.cuda_graph = false;
             a.inject_fault = None;
             a
         };
         let changed = same(&saved).changed_from(&same(&cfg));
         if !changed.is_empty() {
             return Err(TrainError::Config(format!(
-                "--resume {}: {} differ from the saved config.toml; only --epochs, --gpus, --placement, --data-dir, --threads, --step-timeout, --no-streams, --fused-teacher and --eval-batch-size may change",
+                "--resume {}: {} differ from the saved config.toml; only --epochs, --gpus, --placement, --data-dir, --threads, --step-timeout, --no-streams, --fused-teacher, --cuda-graph and --eval-batch-size may change",
                 dir.display(),
                 changed.join(", ")
             )));
@@ -334,6 +337,7 @@ impl Run {
         let mut tracked: Vec<Device> = vec![device];
         tracked.extend(self.layout.iter().map(|(d, _)| *d));
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
+        let mut stepper = crate::graph_step::GraphStepper::new(device, self.cfg.cuda_graph);
         while self.position.epochs_done < self.cfg.epochs {
             let epoch = self.position.epochs_done + 1;
             let first_step = self.position.step_in_epoch;
@@ -362,9 +366,12 @@ impl Run {
                 };
                 drop(batch_span);
                 let t0 = Instant::now();
-                let stats = self
-                    .net
-                    .train_step(&x.to_device(device), &y.to_device(device))?;
+                let stats = stepper.step(
+                    self.net.as_mut(),
+                    &x.to_device(device),
+                    &y.to_device(device),
+                    &mut |m| on_event(Event::Notice(m)),
+                )?;
                 let p = &mut self.position.partial;
                 p.step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
                 p.loss_sum += stats.loss;

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# CUDA graphs on a GPU: the same runs with and without --cuda-graph, side by side (train loss,
+# test accuracy, median ms/step), then the depth sweep with graphs. Prepare with
+# benches/prepare-gpu-check.sh; run with the device tool (carry as for benches/gpu-check.sh).
+# Output: $OUT/graph-check.txt (or gpu-graph-check-out/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-graph-check-out}
+mkdir -p "$out"
+work=$(mktemp -d /tmp/sid-graph-check.XXXXXX)
+torch_lib=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)/lib
+export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+data=${SID_DATA:-data/fashion-mnist}
+launch=target/release/sid-launch
+bench=target/release/sid-bench
+show() { # run folder: the numbers to compare
+  python3 - "$1/metrics.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    print(f"  epoch {m['epoch']}: train_loss {m['train_loss']:.10f} test_acc {m['test_acc']:.4f} "
+          f"median {m['median_step_ms']:.3f} ms/step {m['samples_per_second']:.0f} samples/s "
+          f"peak {m['peak_memory'][0]['bytes'] / 2**20:.1f} MiB")
+PY
+}
+{
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  for spec in "mlp 8 2048 12800 sid" "mlp 8 2048 12800 bp" "cnn 5 256 60000 sid" "cnn 5 256 60000 bp"; do
+    read -r model modules hidden limit method <<<"$spec"
+    for graph in "" "--cuda-graph"; do
+      dir="$work/$model-$method${graph:+-graph}"
+      echo "== $method $model L=$modules hidden $hidden, $limit samples, 1 epoch ${graph:-(no graph)}"
+      timeout 90 "$launch" --gpus 0 --data-dir "$data" --model "$model" --modules "$modules" \
+        --module-hidden "$hidden" --limit-train "$limit" --epochs 1 --method "$method" $graph \
+        --run-dir "$dir" 2>&1 | grep -E "note:|error|final-epoch"
+      show "$dir"
+    done
+  done
+  echo "== depth sweep with CUDA graphs"
+  timeout 120 "$bench" run depth --gpus 0 --depths 1,2,4,8 --module-hidden 2048 --cuda-graph \
+    --data-dir "$data" --limit-train 12800 --epochs 1 --out "$work/bench-graph" 2>&1 | grep -A8 "## Depth"
+} 2>&1 | tee "$out/graph-check.txt"

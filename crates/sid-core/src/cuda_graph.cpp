@@ -1,0 +1,83 @@
+// libtorch's CUDA graphs (at::cuda::CUDAGraph) as plain C functions for Rust: capture the
+// kernels of one training step on a side stream, then replay them with one launch.
+// Every function returns 0 on success; a C++ exception becomes 1 with its message in `err`.
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cstddef>
+#include <cstring>
+#include <exception>
+#include <optional>
+
+namespace {
+struct SidGraph {
+  at::cuda::CUDAGraph graph;
+  c10::cuda::CUDAStream side;
+  std::optional<c10::cuda::CUDAStream> previous;
+  explicit SidGraph(c10::DeviceIndex device) : side(c10::cuda::getStreamFromPool(false, device)) {}
+};
+
+int fail(const char* what, char* err, size_t err_len) {
+  if (err_len > 0) {
+    std::strncpy(err, what, err_len - 1);
+    err[err_len - 1] = '\0';
+  }
+  return 1;
+}
+
+}  // namespace
+
+#define SID_TRY(body)                        \
+  try {                                      \
+    body;                                    \
+    return 0;                                \
+  } catch (const std::exception& e) {        \
+    return fail(e.what(), err, err_len);     \
+  } catch (...) {                            \
+    return fail("unknown C++ exception", err, err_len); \
+  }
+
+extern "C" int sid_graph_new(int device, void** out, char* err, size_t err_len) {
+  SID_TRY(*out = new SidGraph(static_cast<c10::DeviceIndex>(device)))
+}
+
+extern "C" void sid_graph_free(void* g) { delete static_cast<SidGraph*>(g); }
+
+// Waits for the work already queued on the device, makes the side stream current and starts
+// capturing on it (a capture cannot run on the default stream). Only CUDA functions compiled into
+// libtorch are called, so the binary needs no direct link to libcudart.
+extern "C" int sid_graph_begin(void* g, char* err, size_t err_len) {
+  auto* s = static_cast<SidGraph*>(g);
+  SID_TRY({
+    auto current = c10::cuda::getCurrentCUDAStream(s->side.device_index());
+    const auto before = c10::cuda::ExchangeDevice(s->side.device_index());
+    c10::cuda::device_synchronize();
+    c10::cuda::ExchangeDevice(before);
+    s->previous = current;
+    c10::cuda::setCurrentCUDAStream(s->side);
+    s->graph.capture_begin();
+  })
+}
+
+// Ends the capture (instantiating the graph) and makes the previous stream current again, even
+// when the capture failed.
+extern "C" int sid_graph_end(void* g, char* err, size_t err_len) {
+  auto* s = static_cast<SidGraph*>(g);
+  int rc = 0;
+  try {
+    s->graph.capture_end();
+  } catch (const std::exception& e) {
+    rc = fail(e.what(), err, err_len);
+  }
+  // Nothing ran during the capture, so the streams need no ordering here.
+  if (s->previous) {
+    c10::cuda::setCurrentCUDAStream(*s->previous);
+    s->previous.reset();
+  }
+  return rc;
+}
+
+// Replays the captured kernels on the current stream.
+extern "C" int sid_graph_replay(void* g, char* err, size_t err_len) {
+  SID_TRY(static_cast<SidGraph*>(g)->graph.replay())
+}

@@ -1,0 +1,102 @@
+//! Training steps replayed from a CUDA graph (`--cuda-graph`).
+//!
+//! The first steps run as usual (libtorch initialises lazily: cuBLAS handles, the fused Adam's
+//! step counters, the gradients); then one step is captured with its inputs in fixed tensors,
+//! and every later full-size batch is copied into them and the graph replayed. A batch of
+//! another size (the last, partial one of an epoch) runs as usual. If the capture fails, the
+//! run says why once and goes on without a graph.
+
+use sid_core::graph::CudaGraph;
+use sid_core::{Network, StepStats};
+use tch::{Device, Tensor};
+
+use crate::Result;
+
+/// Steps run normally before the capture.
+const WARMUP_STEPS: usize = 3;
+
+enum State {
+    Warming(usize),
+    Captured {
+        graph: CudaGraph,
+        x: Tensor,
+        y: Tensor,
+        losses: Tensor,
+    },
+    Off,
+}
+
+/// Runs training steps, through a CUDA graph once one is captured.
+pub(crate) struct GraphStepper {
+    device: Device,
+    state: State,
+}
+
+impl GraphStepper {
+    /// A stepper for `device`; `enabled` false runs every step as usual.
+    pub(crate) fn new(device: Device, enabled: bool) -> Self {
+        let state = if enabled {
+            State::Warming(WARMUP_STEPS)
+        } else {
+            State::Off
+        };
+        Self { device, state }
+    }
+
+    /// One training step on `x`, `y` (on the network's input device). `notice` receives a
+    /// message when the graph cannot be used.
+    pub(crate) fn step(
+        &mut self,
+        net: &mut dyn Network,
+        x: &Tensor,
+        y: &Tensor,
+        notice: &mut dyn FnMut(String),
+    ) -> Result<StepStats> {
+        match &mut self.state {
+            State::Off => Ok(net.train_step(x, y)?),
+            State::Warming(n) if *n > 0 => {
+                *n -= 1;
+                Ok(net.train_step(x, y)?)
+            }
+            State::Warming(_) => {
+                // Fixed inputs, allocated outside the graph, that every replay reads.
+                let (sx, sy) = (x.copy(), y.copy());
+                match CudaGraph::capture(self.device, || net.train_step_queued(&sx, &sy)) {
+                    Ok((graph, losses)) => {
+                        // A capture runs nothing: replaying it is this step.
+                        graph.replay()?;
+                        let stats = net.read_step(&losses)?;
+                        self.state = State::Captured {
+                            graph,
+                            x: sx,
+                            y: sy,
+                            losses,
+                        };
+                        notice("CUDA graph captured: later steps replay it".into());
+                        Ok(stats)
+                    }
+                    Err(e) => {
+                        // Nothing ran during the failed capture: train on this batch as usual.
+                        self.state = State::Off;
+                        notice(format!("{e}; training without a CUDA graph"));
+                        Ok(net.train_step(x, y)?)
+                    }
+                }
+            }
+            State::Captured {
+                graph,
+                x: sx,
+                y: sy,
+                losses,
+            } => {
+                if sx.size() != x.size() {
+                    return Ok(net.train_step(x, y)?);
+                }
+                sx.copy_(x);
+                sy.copy_(y);
+                graph.replay()?;
+                Ok(net.read_step(losses)?)
+            }
+        }
+    }
+}
