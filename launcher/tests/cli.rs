@@ -87,6 +87,23 @@ fn bad_flags_are_rejected() {
 }
 
 #[test]
+fn cuda_graph_without_a_single_gpu_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    for gpus in ["cpu", "cpu:2", "0,1"] {
+        let out = sid(&[
+            "--gpus",
+            gpus,
+            "--cuda-graph",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ]);
+        one_line_error(&out, "--cuda-graph needs exactly one GPU");
+        assert!(!run.exists(), "nothing is written for a bad setting");
+    }
+}
+
+#[test]
 fn nonexistent_gpu_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = sid(&["--gpus", "7", "--run-dir", dir.path().to_str().unwrap()]);

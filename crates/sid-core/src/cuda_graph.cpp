@@ -43,6 +43,35 @@ extern "C" int sid_graph_new(int device, void** out, char* err, size_t err_len) 
 
 extern "C" void sid_graph_free(void* g) { delete static_cast<SidGraph*>(g); }
 
+// Waits for the work queued on the device, then makes the side stream current: warm-up steps
+// run there before the capture, as PyTorch recommends (lazy per-stream set-up such as cuBLAS
+// workspaces then happens outside the capture).
+extern "C" int sid_graph_enter_side(void* g, char* err, size_t err_len) {
+  auto* s = static_cast<SidGraph*>(g);
+  SID_TRY({
+    auto current = c10::cuda::getCurrentCUDAStream(s->side.device_index());
+    const auto before = c10::cuda::ExchangeDevice(s->side.device_index());
+    c10::cuda::device_synchronize();
+    c10::cuda::ExchangeDevice(before);
+    s->previous = current;
+    c10::cuda::setCurrentCUDAStream(s->side);
+  })
+}
+
+// Waits for the side stream's work and makes the previous stream current again.
+extern "C" int sid_graph_leave_side(void* g, char* err, size_t err_len) {
+  auto* s = static_cast<SidGraph*>(g);
+  SID_TRY({
+    const auto before = c10::cuda::ExchangeDevice(s->side.device_index());
+    c10::cuda::device_synchronize();
+    c10::cuda::ExchangeDevice(before);
+    if (s->previous) {
+      c10::cuda::setCurrentCUDAStream(*s->previous);
+      s->previous.reset();
+    }
+  })
+}
+
 // Waits for the work already queued on the device, makes the side stream current and starts
 // capturing on it (a capture cannot run on the default stream). Only CUDA functions compiled into
 // libtorch are called, so the binary needs no direct link to libcudart.

@@ -25,6 +25,8 @@ mod ffi {
             n: usize,
         ) -> c_int;
         pub fn sid_graph_free(g: *mut c_void);
+        pub fn sid_graph_enter_side(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
+        pub fn sid_graph_leave_side(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
         pub fn sid_graph_begin(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
         pub fn sid_graph_end(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
         pub fn sid_graph_replay(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
@@ -59,43 +61,80 @@ impl CudaGraph {
         cfg!(sid_cuda_graph)
     }
 
-    /// Captures what `step` queues on `device` into a graph. Nothing runs during a capture:
-    /// replay the graph to run the step. The step must not read device values on the host or
-    /// synchronise. If the capture fails, the error says why and the caller can go on eagerly.
-    pub fn capture<R>(device: Device, step: impl FnOnce() -> Result<R>) -> Result<(Self, R)> {
+    /// A graph-to-be on `device`, with its own side stream; nothing is captured yet.
+    pub fn new(device: Device) -> Result<Self> {
         let Device::Cuda(index) = device else {
             return Err(CoreError::Graph(format!(
                 "CUDA graphs need a CUDA device, not {device:?}"
             )));
         };
-        Self::capture_on(index, step)
+        Self::new_on(index)
     }
 
     #[cfg(sid_cuda_graph)]
-    fn capture_on<R>(index: usize, step: impl FnOnce() -> Result<R>) -> Result<(Self, R)> {
+    fn new_on(index: usize) -> Result<Self> {
         let mut ptr = std::ptr::null_mut();
         // SAFETY: the shim writes a new graph into `ptr` or an error message.
         call(|e, n| unsafe { ffi::sid_graph_new(index as i32, &mut ptr, e, n) })?;
-        let graph = Self { ptr };
-        // SAFETY: `graph.ptr` is live until `graph` drops.
-        call(|e, n| unsafe { ffi::sid_graph_begin(graph.ptr, e, n) })?;
-        // End the capture whatever the step did, so the device is usable afterwards.
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(step));
-        let ended = call(|e, n| unsafe { ffi::sid_graph_end(graph.ptr, e, n) });
-        let out = match out {
-            Ok(r) => r?,
-            Err(panic) => std::panic::resume_unwind(panic),
-        };
-        ended?;
-        Ok((graph, out))
+        Ok(Self { ptr })
     }
 
     #[cfg(not(sid_cuda_graph))]
-    fn capture_on<R>(_index: usize, _step: impl FnOnce() -> Result<R>) -> Result<(Self, R)> {
+    fn new_on(_index: usize) -> Result<Self> {
         Err(CoreError::Graph(
             "this build has no CUDA graphs (CUDA headers were not found when it was compiled)"
                 .into(),
         ))
+    }
+
+    /// Runs `work` with the graph's side stream current (after the device's queued work, and
+    /// waited for at the end): warm-up steps run there before [`CudaGraph::capture`], so lazy
+    /// per-stream set-up happens outside the capture.
+    pub fn on_side_stream<R>(&mut self, work: impl FnOnce() -> Result<R>) -> Result<R> {
+        #[cfg(sid_cuda_graph)]
+        {
+            // SAFETY: `self.ptr` is a live graph.
+            call(|e, n| unsafe { ffi::sid_graph_enter_side(self.ptr, e, n) })?;
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+            let left = call(|e, n| unsafe { ffi::sid_graph_leave_side(self.ptr, e, n) });
+            let out = match out {
+                Ok(r) => r?,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            left?;
+            Ok(out)
+        }
+        #[cfg(not(sid_cuda_graph))]
+        {
+            let _ = work;
+            Err(CoreError::Graph("this build has no CUDA graphs".into()))
+        }
+    }
+
+    /// Captures what `step` queues on the device into this graph. Nothing runs during a
+    /// capture: [`CudaGraph::replay`] runs the step. The step must not read device values on
+    /// the host or synchronise. If the capture fails, the error says why and the caller can go
+    /// on without the graph.
+    pub fn capture<R>(&mut self, step: impl FnOnce() -> Result<R>) -> Result<R> {
+        #[cfg(sid_cuda_graph)]
+        {
+            // SAFETY: `self.ptr` is live until `self` drops.
+            call(|e, n| unsafe { ffi::sid_graph_begin(self.ptr, e, n) })?;
+            // End the capture whatever the step did, so the device is usable afterwards.
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(step));
+            let ended = call(|e, n| unsafe { ffi::sid_graph_end(self.ptr, e, n) });
+            let out = match out {
+                Ok(r) => r?,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            ended?;
+            Ok(out)
+        }
+        #[cfg(not(sid_cuda_graph))]
+        {
+            let _ = step;
+            Err(CoreError::Graph("this build has no CUDA graphs".into()))
+        }
     }
 
     /// Runs the captured kernels again, on the current stream.
@@ -125,8 +164,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn capture_on_the_cpu_is_refused_with_a_reason() {
-        let err = CudaGraph::capture(Device::Cpu, || Ok(())).unwrap_err();
+    fn a_graph_on_the_cpu_is_refused_with_a_reason() {
+        let err = CudaGraph::new(Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("CUDA"), "{err}");
     }
 }

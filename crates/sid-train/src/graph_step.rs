@@ -16,31 +16,33 @@ use crate::Result;
 const WARMUP_STEPS: usize = 3;
 
 enum State {
-    Warming(usize),
+    /// Warm-up steps left, run on the graph's side stream.
+    Warming(usize, CudaGraph),
+    /// Fields drop in order: the tensors from the graph's memory pool before the graph.
     Captured {
-        graph: CudaGraph,
         x: Tensor,
         y: Tensor,
         losses: Tensor,
+        graph: CudaGraph,
     },
     Off,
 }
 
 /// Runs training steps, through a CUDA graph once one is captured.
 pub(crate) struct GraphStepper {
-    device: Device,
     state: State,
 }
 
 impl GraphStepper {
-    /// A stepper for `device`; `enabled` false runs every step as usual.
-    pub(crate) fn new(device: Device, enabled: bool) -> Self {
+    /// A stepper for `device`; `enabled` false runs every step as usual. If no graph can be
+    /// made on `device`, the error says why.
+    pub(crate) fn new(device: Device, enabled: bool) -> Result<Self> {
         let state = if enabled {
-            State::Warming(WARMUP_STEPS)
+            State::Warming(WARMUP_STEPS, CudaGraph::new(device)?)
         } else {
             State::Off
         };
-        Self { device, state }
+        Ok(Self { state })
     }
 
     /// One training step on `x`, `y` (on the network's input device). `notice` receives a
@@ -54,18 +56,23 @@ impl GraphStepper {
     ) -> Result<StepStats> {
         match &mut self.state {
             State::Off => Ok(net.train_step(x, y)?),
-            State::Warming(n) if *n > 0 => {
+            State::Warming(n, graph) if *n > 0 => {
                 *n -= 1;
-                Ok(net.train_step(x, y)?)
+                Ok(graph.on_side_stream(|| net.train_step(x, y))?)
             }
-            State::Warming(_) => {
+            State::Warming(_, graph) => {
                 // Fixed inputs, allocated outside the graph, that every replay reads.
                 let (sx, sy) = (x.copy(), y.copy());
-                match CudaGraph::capture(self.device, || net.train_step_queued(&sx, &sy)) {
-                    Ok((graph, losses)) => {
+                match graph.capture(|| net.train_step_queued(&sx, &sy)) {
+                    Ok(losses) => {
                         // A capture runs nothing: replaying it is this step.
                         graph.replay()?;
                         let stats = net.read_step(&losses)?;
+                        let State::Warming(_, graph) =
+                            std::mem::replace(&mut self.state, State::Off)
+                        else {
+                            unreachable!("matched above")
+                        };
                         self.state = State::Captured {
                             graph,
                             x: sx,

@@ -337,7 +337,7 @@ impl Run {
         let mut tracked: Vec<Device> = vec![device];
         tracked.extend(self.layout.iter().map(|(d, _)| *d));
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
-        let mut stepper = crate::graph_step::GraphStepper::new(device, self.cfg.cuda_graph);
+        let mut stepper = crate::graph_step::GraphStepper::new(device, self.cfg.cuda_graph)?;
         while self.position.epochs_done < self.cfg.epochs {
             let epoch = self.position.epochs_done + 1;
             let first_step = self.position.step_in_epoch;
