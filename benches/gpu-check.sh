@@ -6,7 +6,8 @@
 #   carry:   ["target/release/sid-launch", "target/release/sid-bench", "data/fashion-mnist"]
 # It proves CUDA is really used, compares --gpus 0 with --gpus 0,0,0,0 (one stream per worker)
 # on a wide-module model, trains Fashion-MNIST briefly on the GPU (with telemetry and a trace),
-# and sweeps SID vs BP ms/step and peak memory at L = 2 and 8 plus the speed-up check.
+# and sweeps SID vs BP ms/step and peak memory at L = 1, 2, 4, 8 (steps replayed from CUDA
+# graphs, the default on one GPU, and eagerly) plus the memory and speed-up checks.
 # With BEFORE_BENCH=path/to/an/earlier/sid-bench it also runs the step-time and workers benchmarks
 # with that build, on the same machine in the same call, for a before/after comparison.
 # Every step has a timeout; together they stay under 7 minutes.
@@ -69,6 +70,10 @@ excerpt() { # run folder: what telemetry and metrics recorded
   timeout 100 "$bench" run depth memory speedup --gpus 0 --depths 1,2,4,8 --workers 1,2,4 \
     --module-hidden 2048 --check-hidden 4096 \
     --data-dir "$data" --limit-train 12800 --epochs 1 --out "$work/bench-gpu"
+  step "5b. the depth sweep again with every step run eagerly (--no-cuda-graph)"
+  timeout 90 "$bench" run depth --gpus 0 --depths 1,2,4,8 --module-hidden 2048 --no-cuda-graph \
+    --data-dir "$data" --limit-train 12800 --epochs 1 --out "$work/bench-gpu-eager" 2>&1 |
+    grep -A8 "## Depth"
   step "6. a GPU that does not exist"
   "$launch" --gpus 7 --data-dir "$data" --run-dir "$work/never"; echo "exit code $?"
 } 2>&1 | tee "$out/gpu-check.txt"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# CUDA graphs on a GPU: the same runs with and without --cuda-graph, side by side (train loss,
-# test accuracy, median ms/step), then the depth sweep with graphs. Prepare with
+# CUDA graphs on a GPU: the same runs eagerly (--no-cuda-graph) and through a graph (the default
+# on one GPU), side by side (train loss, test accuracy, median ms/step), then the depth sweep
+# both ways. Prepare with
 # benches/prepare-gpu-check.sh; run with the device tool (carry as for benches/gpu-check.sh).
 # Output: $OUT/graph-check.txt (or gpu-graph-check-out/).
 set -uo pipefail
@@ -27,16 +28,19 @@ PY
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   for spec in "mlp 8 2048 12800 sid" "mlp 8 2048 12800 bp" "cnn 5 256 60000 sid" "cnn 5 256 60000 bp"; do
     read -r model modules hidden limit method <<<"$spec"
-    for graph in "" "--cuda-graph"; do
-      dir="$work/$model-$method${graph:+-graph}"
-      echo "== $method $model L=$modules hidden $hidden, $limit samples, 1 epoch ${graph:-(no graph)}"
+    for graph in --no-cuda-graph --cuda-graph; do
+      dir="$work/$model-$method$graph"
+      echo "== $method $model L=$modules hidden $hidden, $limit samples, 1 epoch $graph"
       timeout 90 "$launch" --gpus 0 --data-dir "$data" --model "$model" --modules "$modules" \
         --module-hidden "$hidden" --limit-train "$limit" --epochs 1 --method "$method" $graph \
         --run-dir "$dir" 2>&1 | grep -E "note:|error|final-epoch"
       show "$dir"
     done
   done
-  echo "== depth sweep with CUDA graphs"
-  timeout 120 "$bench" run depth --gpus 0 --depths 1,2,4,8 --module-hidden 2048 --cuda-graph \
-    --data-dir "$data" --limit-train 12800 --epochs 1 --out "$work/bench-graph" 2>&1 | grep -A8 "## Depth"
+  for graph in --no-cuda-graph ""; do
+    echo "== depth sweep ${graph:-with CUDA graphs}"
+    timeout 120 "$bench" run depth --gpus 0 --depths 1,2,4,8 --module-hidden 2048 $graph \
+      --data-dir "$data" --limit-train 12800 --epochs 1 --out "$work/bench${graph:-graph}" 2>&1 |
+      grep -A8 "## Depth"
+  done
 } 2>&1 | tee "$out/graph-check.txt"

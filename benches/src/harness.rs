@@ -49,10 +49,10 @@ pub struct Common {
     /// Seed of every run.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Train single-GPU runs through a CUDA graph (sid-launch --cuda-graph); runs on several
-    /// devices (the workers sweep) run as usual.
+    /// Train single-GPU runs eagerly (sid-launch --no-cuda-graph) instead of replaying a CUDA
+    /// graph of the step; runs on several devices (the workers sweep) never use graphs.
     #[arg(long)]
-    pub cuda_graph: bool,
+    pub no_cuda_graph: bool,
 }
 
 impl Common {
@@ -68,7 +68,7 @@ impl Common {
             batch_size: self.batch_size,
             data_dir: self.data_dir.clone(),
             seed: self.seed,
-            cuda_graph: self.cuda_graph,
+            cuda_graph: self.no_cuda_graph.then_some(false),
             ..RunConfig::default()
         }
     }
@@ -197,7 +197,6 @@ pub fn sweep_workers(common: &Common, ks: &[usize]) -> Result<Vec<Row>> {
             gpus,
             modules,
             threads: (base == Device::Cpu).then_some(1),
-            cuda_graph: common.cuda_graph && k == 1,
             ..common.run_config(Method::Sid)
         };
         rows.push(train(
@@ -629,8 +628,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         c.limit_train,
         c.epochs,
         c.seed,
-        if c.cuda_graph {
-            " Single-GPU training steps are replayed from a CUDA graph (`--cuda-graph`)."
+        if c.run_config(sid_core::Method::Sid).resolved_cuda_graph() {
+            " Single-GPU training steps are replayed from a CUDA graph (`--no-cuda-graph` runs them eagerly)."
         } else {
             ""
         },

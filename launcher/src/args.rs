@@ -106,9 +106,13 @@ pub struct Cli {
     #[arg(long)]
     pub fused_teacher: bool,
     /// Capture a training step as a CUDA graph after a few warm-up steps and replay it: one
-    /// launch instead of hundreds of small kernels per step. One GPU only (--gpus N).
-    #[arg(long)]
+    /// launch instead of hundreds of small kernels per step, same computation. One GPU only
+    /// [default: on when --gpus names exactly one GPU].
+    #[arg(long, overrides_with = "no_cuda_graph")]
     pub cuda_graph: bool,
+    /// Run every step eagerly, without a CUDA graph.
+    #[arg(long)]
+    pub no_cuda_graph: bool,
     /// Write a Chrome trace (JSON, opens in Perfetto / chrome://tracing) of every step's parts:
     /// extractor, phase 1, each module's phase 2 on each worker, broadcasts, waits.
     #[arg(long, value_name = "FILE")]
@@ -174,7 +178,10 @@ impl Cli {
             cfg.fused_teacher = true;
         }
         if self.cuda_graph {
-            cfg.cuda_graph = true;
+            cfg.cuda_graph = Some(true);
+        }
+        if self.no_cuda_graph {
+            cfg.cuda_graph = Some(false);
         }
         if self.inject_fault.is_some() {
             cfg.inject_fault = self.inject_fault.clone();

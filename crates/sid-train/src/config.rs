@@ -65,8 +65,9 @@ pub struct RunConfig {
     /// fewer). Off by default: the reference runs a separate graph-free phase 1.
     pub fused_teacher: bool,
     /// Capture a training step as a CUDA graph and replay it (one GPU only): the step's many
-    /// small kernels then cost one launch. Same computation; off by default.
-    pub cuda_graph: bool,
+    /// small kernels then cost one launch, same computation. `None` = on whenever the run uses
+    /// exactly one GPU (and the build has CUDA graphs); `Some(false)` turns it off.
+    pub cuda_graph: Option<bool>,
     /// A fault to inject, `WORKER:STEP:panic|error|nan|hang` (tests; never saved).
     #[serde(skip)]
     pub inject_fault: Option<String>,
@@ -101,7 +102,7 @@ impl Default for RunConfig {
             step_timeout: 300.0,
             streams: true,
             fused_teacher: false,
-            cuda_graph: false,
+            cuda_graph: None,
             inject_fault: None,
         }
     }
@@ -150,6 +151,18 @@ impl RunConfig {
     pub fn resolved_augment(&self) -> bool {
         self.augment
             .unwrap_or_else(|| self.dataset.augments_by_default())
+    }
+
+    /// Whether training steps go through a CUDA graph: as set, or (unset) when the run uses
+    /// exactly one GPU and this build has CUDA graphs.
+    pub fn resolved_cuda_graph(&self) -> bool {
+        self.cuda_graph.unwrap_or_else(|| {
+            sid_core::graph::CudaGraph::available()
+                && matches!(
+                    crate::devices::parse_devices(&self.gpus).as_deref(),
+                    Ok([tch::Device::Cuda(_)])
+                )
+        })
     }
 
     /// Names of the settings whose values differ between `self` and `other`.
@@ -210,13 +223,14 @@ impl RunConfig {
         self.loss_config().validate()?;
         let devices = crate::devices::parse_devices(&self.gpus)?;
         let workers = devices.len();
-        if self.cuda_graph && !matches!(devices[..], [tch::Device::Cuda(_)]) {
+        let asked = self.cuda_graph == Some(true);
+        if asked && !matches!(devices[..], [tch::Device::Cuda(_)]) {
             return bad(format!(
                 "--cuda-graph needs exactly one GPU (--gpus N), got --gpus {}",
                 self.gpus
             ));
         }
-        if self.cuda_graph && !sid_core::graph::CudaGraph::available() {
+        if asked && !sid_core::graph::CudaGraph::available() {
             return bad("--cuda-graph: this build has no CUDA graphs (CUDA headers were not found when it was compiled; run scripts/setup.sh and rebuild)".into());
         }
         if let Some(spec) = &self.placement {
@@ -233,6 +247,24 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuda_graph_is_on_by_default_for_exactly_one_gpu() {
+        let with = |gpus: &str, graph: Option<bool>| RunConfig {
+            gpus: gpus.into(),
+            cuda_graph: graph,
+            ..RunConfig::default()
+        };
+        let built_in = sid_core::graph::CudaGraph::available();
+        assert_eq!(with("0", None).resolved_cuda_graph(), built_in);
+        assert_eq!(with("3", None).resolved_cuda_graph(), built_in);
+        assert!(!with("0", Some(false)).resolved_cuda_graph());
+        for gpus in ["cpu", "cpu:2", "0,1", "0,0"] {
+            assert!(!with(gpus, None).resolved_cuda_graph(), "{gpus}");
+            assert!(with(gpus, None).validate().is_ok(), "{gpus}");
+            assert!(with(gpus, Some(true)).validate().is_err(), "{gpus}");
+        }
+    }
 
     #[test]
     fn defaults_are_the_reference_settings() {

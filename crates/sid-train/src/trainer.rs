@@ -238,14 +238,14 @@ impl Run {
             a.step_timeout = 0.0;
             a.streams = true;
             a.fused_teacher = false;
-            a.cuda_graph = false;
+            a.cuda_graph = None;
             a.inject_fault = None;
             a
         };
         let changed = same(&saved).changed_from(&same(&cfg));
         if !changed.is_empty() {
             return Err(TrainError::Config(format!(
-                "--resume {}: {} differ from the saved config.toml; only --epochs, --gpus, --placement, --data-dir, --threads, --step-timeout, --no-streams, --fused-teacher, --cuda-graph and --eval-batch-size may change",
+                "--resume {}: {} differ from the saved config.toml; only --epochs, --gpus, --placement, --data-dir, --threads, --step-timeout, --no-streams, --fused-teacher, --cuda-graph/--no-cuda-graph and --eval-batch-size may change",
                 dir.display(),
                 changed.join(", ")
             )));
@@ -337,7 +337,8 @@ impl Run {
         let mut tracked: Vec<Device> = vec![device];
         tracked.extend(self.layout.iter().map(|(d, _)| *d));
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
-        let mut stepper = crate::graph_step::GraphStepper::new(device, self.cfg.cuda_graph)?;
+        let mut stepper =
+            crate::graph_step::GraphStepper::new(device, self.cfg.resolved_cuda_graph())?;
         while self.position.epochs_done < self.cfg.epochs {
             let epoch = self.position.epochs_done + 1;
             let first_step = self.position.step_in_epoch;
