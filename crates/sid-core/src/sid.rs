@@ -127,13 +127,13 @@ impl Network for SidNetwork {
             // One module's graph at a time: SID's working memory stays flat in L.
             let teachers = teacher_beliefs(self.modules.iter(), &z_detached, self.num_classes);
             let mut losses = Vec::with_capacity(self.modules.len());
-            let mut grads = Vec::with_capacity(self.modules.len());
+            let mut grad_z = None;
             for (m, p_prev) in self.modules.iter_mut().zip(&teachers) {
                 let out = m.local_step(p_prev, &z_detached, &target)?;
                 losses.push(out.loss);
-                grads.push(out.grad_z);
+                grad_z = crate::unit::sum_in_order(grad_z.into_iter().chain([out.grad_z]));
             }
-            let grad_z = crate::unit::sum_in_order(grads).expect("at least one module");
+            let grad_z = grad_z.expect("at least one module");
             (Tensor::f_stack(&losses, 0)?, grad_z)
         };
         self.extractor.backward_step(&z, &grad_z)?;

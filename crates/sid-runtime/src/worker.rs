@@ -347,21 +347,22 @@ impl State {
                 } else {
                     // One module's graph at a time: working memory flat in the module count.
                     let mut losses = Vec::with_capacity(self.units.len());
-                    let mut grads = Vec::with_capacity(self.units.len());
+                    let mut grad_z = None;
                     for (u, p_prev) in self.units.iter_mut().zip(&teachers) {
                         let out = u.local_step(p_prev, &z, &target).map_err(|e| Failure {
                             module: Some(u.index() + 1),
                             cause: e.to_string(),
                         })?;
                         losses.push(out.loss);
-                        grads.push(out.grad_z);
+                        // A running sum: one gradient held at a time, in module order.
+                        grad_z =
+                            sid_core::unit::sum_in_order(grad_z.into_iter().chain([out.grad_z]));
                     }
                     let stacked = Tensor::f_stack(&losses, 0).map_err(|e| Failure {
                         module: None,
                         cause: e.to_string(),
                     })?;
-                    let grad_z = sid_core::unit::sum_in_order(grads)
-                        .expect("a worker owns at least one module");
+                    let grad_z = grad_z.expect("a worker owns at least one module");
                     (stacked, grad_z)
                 };
                 streams::sync_device(device).map_err(from_stream)?;
