@@ -25,6 +25,29 @@ int fail(const char* what, char* err, size_t err_len) {
   return 1;
 }
 
+// Waits for all work queued on the graph's device. Only CUDA functions compiled into libtorch
+// are called here, so the binary needs no direct link to libcudart.
+void sync_device(const SidGraph* s) {
+  const auto before = c10::cuda::ExchangeDevice(s->side.device_index());
+  c10::cuda::device_synchronize();
+  c10::cuda::ExchangeDevice(before);
+}
+
+// After the device's queued work, makes the side stream current (remembering the previous one).
+void enter_side(SidGraph* s) {
+  auto current = c10::cuda::getCurrentCUDAStream(s->side.device_index());
+  sync_device(s);
+  s->previous = current;
+  c10::cuda::setCurrentCUDAStream(s->side);
+}
+
+// Makes the previous stream current again, if the side stream is current.
+void leave_side(SidGraph* s) {
+  if (s->previous) {
+    c10::cuda::setCurrentCUDAStream(*s->previous);
+    s->previous.reset();
+  }
+}
 }  // namespace
 
 #define SID_TRY(body)                        \
@@ -43,47 +66,28 @@ extern "C" int sid_graph_new(int device, void** out, char* err, size_t err_len) 
 
 extern "C" void sid_graph_free(void* g) { delete static_cast<SidGraph*>(g); }
 
-// Waits for the work queued on the device, then makes the side stream current: warm-up steps
-// run there before the capture, as PyTorch recommends (lazy per-stream set-up such as cuBLAS
-// workspaces then happens outside the capture).
+// Makes the side stream current after the device's queued work: warm-up steps run there
+// before the capture, as PyTorch recommends (lazy per-stream set-up such as cuBLAS workspaces
+// then happens outside the capture).
 extern "C" int sid_graph_enter_side(void* g, char* err, size_t err_len) {
-  auto* s = static_cast<SidGraph*>(g);
-  SID_TRY({
-    auto current = c10::cuda::getCurrentCUDAStream(s->side.device_index());
-    const auto before = c10::cuda::ExchangeDevice(s->side.device_index());
-    c10::cuda::device_synchronize();
-    c10::cuda::ExchangeDevice(before);
-    s->previous = current;
-    c10::cuda::setCurrentCUDAStream(s->side);
-  })
+  SID_TRY(enter_side(static_cast<SidGraph*>(g)))
 }
 
 // Waits for the side stream's work and makes the previous stream current again.
 extern "C" int sid_graph_leave_side(void* g, char* err, size_t err_len) {
   auto* s = static_cast<SidGraph*>(g);
   SID_TRY({
-    const auto before = c10::cuda::ExchangeDevice(s->side.device_index());
-    c10::cuda::device_synchronize();
-    c10::cuda::ExchangeDevice(before);
-    if (s->previous) {
-      c10::cuda::setCurrentCUDAStream(*s->previous);
-      s->previous.reset();
-    }
+    sync_device(s);
+    leave_side(s);
   })
 }
 
-// Waits for the work already queued on the device, makes the side stream current and starts
-// capturing on it (a capture cannot run on the default stream). Only CUDA functions compiled into
-// libtorch are called, so the binary needs no direct link to libcudart.
+// Makes the side stream current after the device's queued work and starts capturing on it (a
+// capture cannot run on the default stream).
 extern "C" int sid_graph_begin(void* g, char* err, size_t err_len) {
   auto* s = static_cast<SidGraph*>(g);
   SID_TRY({
-    auto current = c10::cuda::getCurrentCUDAStream(s->side.device_index());
-    const auto before = c10::cuda::ExchangeDevice(s->side.device_index());
-    c10::cuda::device_synchronize();
-    c10::cuda::ExchangeDevice(before);
-    s->previous = current;
-    c10::cuda::setCurrentCUDAStream(s->side);
+    enter_side(s);
     s->graph.capture_begin();
   })
 }
@@ -99,10 +103,7 @@ extern "C" int sid_graph_end(void* g, char* err, size_t err_len) {
     rc = fail(e.what(), err, err_len);
   }
   // Nothing ran during the capture, so the streams need no ordering here.
-  if (s->previous) {
-    c10::cuda::setCurrentCUDAStream(*s->previous);
-    s->previous.reset();
-  }
+  leave_side(s);
   return rc;
 }
 

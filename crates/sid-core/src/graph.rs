@@ -17,6 +17,9 @@ use crate::{CoreError, Result};
 mod ffi {
     use std::os::raw::{c_char, c_int, c_void};
 
+    /// The shape of the shim's begin/end functions.
+    pub type ShimFn = unsafe extern "C" fn(*mut c_void, *mut c_char, usize) -> c_int;
+
     unsafe extern "C" {
         pub fn sid_graph_new(
             device: c_int,
@@ -92,18 +95,7 @@ impl CudaGraph {
     /// per-stream set-up happens outside the capture.
     pub fn on_side_stream<R>(&mut self, work: impl FnOnce() -> Result<R>) -> Result<R> {
         #[cfg(sid_cuda_graph)]
-        {
-            // SAFETY: `self.ptr` is a live graph.
-            call(|e, n| unsafe { ffi::sid_graph_enter_side(self.ptr, e, n) })?;
-            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
-            let left = call(|e, n| unsafe { ffi::sid_graph_leave_side(self.ptr, e, n) });
-            let out = match out {
-                Ok(r) => r?,
-                Err(panic) => std::panic::resume_unwind(panic),
-            };
-            left?;
-            Ok(out)
-        }
+        return self.bracket(ffi::sid_graph_enter_side, ffi::sid_graph_leave_side, work);
         #[cfg(not(sid_cuda_graph))]
         {
             let _ = work;
@@ -117,24 +109,33 @@ impl CudaGraph {
     /// on without the graph.
     pub fn capture<R>(&mut self, step: impl FnOnce() -> Result<R>) -> Result<R> {
         #[cfg(sid_cuda_graph)]
-        {
-            // SAFETY: `self.ptr` is live until `self` drops.
-            call(|e, n| unsafe { ffi::sid_graph_begin(self.ptr, e, n) })?;
-            // End the capture whatever the step did, so the device is usable afterwards.
-            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(step));
-            let ended = call(|e, n| unsafe { ffi::sid_graph_end(self.ptr, e, n) });
-            let out = match out {
-                Ok(r) => r?,
-                Err(panic) => std::panic::resume_unwind(panic),
-            };
-            ended?;
-            Ok(out)
-        }
+        return self.bracket(ffi::sid_graph_begin, ffi::sid_graph_end, step);
         #[cfg(not(sid_cuda_graph))]
         {
             let _ = step;
             Err(CoreError::Graph("this build has no CUDA graphs".into()))
         }
+    }
+
+    /// Runs `work` between the shim's `open` and `close`; `close` runs whatever `work` did
+    /// (error or panic), so the device's current stream is always restored.
+    #[cfg(sid_cuda_graph)]
+    fn bracket<R>(
+        &mut self,
+        open: ffi::ShimFn,
+        close: ffi::ShimFn,
+        work: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
+        // SAFETY: `self.ptr` is live until `self` drops; the shim writes only into `e`.
+        call(|e, n| unsafe { open(self.ptr, e, n) })?;
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+        let closed = call(|e, n| unsafe { close(self.ptr, e, n) });
+        let out = match out {
+            Ok(r) => r?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        closed?;
+        Ok(out)
     }
 
     /// Runs the captured kernels again, on the current stream.
