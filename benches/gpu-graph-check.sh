@@ -26,17 +26,25 @@ PY
 }
 {
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-  for spec in "mlp 8 2048 12800 sid" "mlp 8 2048 12800 bp" "cnn 5 256 60000 sid" "cnn 5 256 60000 bp"; do
-    read -r model modules hidden limit method <<<"$spec"
+  for spec in "mlp 8 2048 12800 sid" "mlp 8 2048 12800 sid --fused-teacher" "mlp 8 2048 12800 bp" \
+    "cnn 5 256 60000 sid" "cnn 5 256 60000 bp"; do
+    read -r model modules hidden limit method extra <<<"$spec"
     for graph in --no-cuda-graph --cuda-graph; do
-      dir="$work/$model-$method$graph"
-      echo "== $method $model L=$modules hidden $hidden, $limit samples, 1 epoch $graph"
+      dir="$work/$model-$method${extra:-}$graph"
+      echo "== $method $model L=$modules hidden $hidden, $limit samples, 1 epoch ${extra:-} $graph"
       timeout 90 "$launch" --gpus 0 --data-dir "$data" --model "$model" --modules "$modules" \
         --module-hidden "$hidden" --limit-train "$limit" --epochs 1 --method "$method" $graph \
-        --run-dir "$dir" 2>&1 | grep -E "note:|error|final-epoch"
+        ${extra:-} --run-dir "$dir" 2>&1 | grep -E "note:|error|final-epoch"
       show "$dir"
     done
   done
+  echo "== resume through a CUDA graph: 2 epochs straight vs 1 epoch, then --resume to 2"
+  resume=(--gpus 0 --data-dir "$data" --model mlp --modules 4 --module-hidden 1024 --limit-train 12800)
+  timeout 60 "$launch" "${resume[@]}" --epochs 2 --run-dir "$work/straight" 2>&1 | grep -E "error|final-epoch"
+  timeout 60 "$launch" "${resume[@]}" --epochs 1 --run-dir "$work/halves" 2>&1 | grep -E "error|final-epoch"
+  timeout 60 "$launch" --resume "$work/halves" --epochs 2 --data-dir "$data" 2>&1 | grep -E "error|note|final-epoch"
+  echo "straight:"; show "$work/straight"
+  echo "1 + resumed 1:"; show "$work/halves"
   for graph in --no-cuda-graph ""; do
     echo "== depth sweep ${graph:-with CUDA graphs}"
     timeout 120 "$bench" run depth --gpus 0 --depths 1,2,4,8 --module-hidden 2048 $graph \

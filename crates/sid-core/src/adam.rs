@@ -371,6 +371,44 @@ mod tests {
     }
 
     #[test]
+    fn step_count_on_the_device_survives_a_round_trip_in_place() {
+        let run = |steps: usize, opt: &mut Adam, p: &Tensor| {
+            for _ in 0..steps {
+                opt.zero_grad();
+                (p * p).sum(Kind::Float).backward();
+                opt.step();
+            }
+        };
+        let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        let mut a = Adam::new(vec![("w".into(), p.shallow_clone())], 0.1);
+        run(3, &mut a, &p);
+        assert_eq!(a.steps(), 3);
+        let named = crate::NamedTensors::from(a.state("opt"));
+        assert_eq!(named.get("opt.step").unwrap().int64_value(&[]), 3);
+        // An optimizer that has stepped already (so a captured graph may hold its counter)
+        // takes the saved count into the same tensor.
+        let q = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        let mut b = Adam::new(vec![("w".into(), q.shallow_clone())], 0.1);
+        run(5, &mut b, &q);
+        let before = b.step_t.as_ref().map(|t| t.data_ptr());
+        load_var_store_like(&q, &p);
+        b.load_state("opt", &named).unwrap();
+        assert_eq!(b.steps(), 3);
+        assert_eq!(b.step_t.as_ref().map(|t| t.data_ptr()), before);
+        // And both continue identically.
+        run(2, &mut a, &p);
+        run(2, &mut b, &q);
+        assert_eq!(a.steps(), 5);
+        assert_eq!(b.steps(), 5);
+        assert!(p.allclose(&q, 0.0, 0.0, false), "{p} vs {q}");
+    }
+
+    /// Copies `src`'s values into the parameter `dst` in place.
+    fn load_var_store_like(dst: &Tensor, src: &Tensor) {
+        tch::no_grad(|| dst.shallow_clone().copy_(src));
+    }
+
+    #[test]
     fn state_round_trip() {
         let p = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let mut a = Adam::new(vec![("w".into(), p.shallow_clone())], 0.1);
