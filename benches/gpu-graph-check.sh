@@ -45,6 +45,14 @@ PY
   timeout 60 "$launch" --resume "$work/halves" --epochs 2 --data-dir "$data" 2>&1 | grep -E "error|note|final-epoch"
   echo "straight:"; show "$work/straight"
   echo "1 + resumed 1:"; show "$work/halves"
+  echo "== Ctrl-C mid-run through a CUDA graph, then --resume: 40 epochs straight vs interrupted"
+  timeout 90 "$launch" "${resume[@]}" --epochs 40 --run-dir "$work/straight40" 2>&1 | grep -E "error|final-epoch"
+  timeout --preserve-status -s INT 5 "$launch" "${resume[@]}" --epochs 40 --run-dir "$work/stopped" 2>&1 |
+    grep -E "error|interrupt|stopp|checkpoint" | head -3
+  echo "exit code ${PIPESTATUS[0]}"
+  timeout 90 "$launch" --resume "$work/stopped" --epochs 40 --data-dir "$data" 2>&1 | grep -E "error|resuming|final-epoch"
+  echo "straight:"; show "$work/straight40" | tail -1
+  echo "interrupted + resumed:"; show "$work/stopped" | tail -1
   for graph in --no-cuda-graph ""; do
     echo "== depth sweep ${graph:-with CUDA graphs}"
     timeout 120 "$bench" run depth --gpus 0 --depths 1,2,4,8 --module-hidden 2048 $graph \
