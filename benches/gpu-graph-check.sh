@@ -3,7 +3,7 @@
 # on one GPU), side by side (train loss, test accuracy, median ms/step), then the depth sweep
 # both ways. Prepare with
 # benches/prepare-gpu-check.sh; run with the device tool (carry as for benches/gpu-check.sh).
-# Output: $OUT/graph-check.txt (or gpu-graph-check-out/).
+# SWEEPS=0 skips the depth sweeps. Output: $OUT/graph-check.txt (or gpu-graph-check-out/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-graph-check-out}
@@ -53,7 +53,7 @@ PY
   timeout 90 "$launch" --resume "$work/stopped" --epochs 40 --data-dir "$data" 2>&1 | grep -E "error|resuming|final-epoch"
   echo "straight:"; show "$work/straight40" | tail -1
   echo "interrupted + resumed:"; show "$work/stopped" | tail -1
-  for graph in --no-cuda-graph ""; do
+  [ "${SWEEPS:-1}" = 1 ] && for graph in --no-cuda-graph ""; do
     echo "== depth sweep ${graph:-with CUDA graphs}"
     timeout 120 "$bench" run depth --gpus 0 --depths 1,2,4,8 --module-hidden 2048 $graph \
       --data-dir "$data" --limit-train 12800 --epochs 1 --out "$work/bench${graph:-graph}" 2>&1 |
