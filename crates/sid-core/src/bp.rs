@@ -98,6 +98,7 @@ impl Network for BpNetwork {
         if !value.is_finite() {
             return Err(CoreError::NonFiniteLoss {
                 what: "backprop".into(),
+                module: None,
                 value,
             });
         }

@@ -11,6 +11,8 @@ pub enum CoreError {
     NonFiniteLoss {
         /// Which loss: `module 3`, `backprop`.
         what: String,
+        /// The module (1-based) when it is a module's local loss.
+        module: Option<usize>,
         /// The offending value.
         value: f64,
     },

@@ -233,6 +233,7 @@ pub fn read_losses(losses: &Tensor, first_index: usize) -> Result<Vec<f64>> {
     if let Some((i, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(CoreError::NonFiniteLoss {
             what: format!("module {}", first_index + i + 1),
+            module: Some(first_index + i + 1),
             value,
         });
     }

@@ -331,9 +331,7 @@ impl State {
                 let target = self.units[0].label_target(&labels);
                 let failure = |e: sid_core::CoreError| {
                     let module = match &e {
-                        sid_core::CoreError::NonFiniteLoss { what, .. } => {
-                            what.strip_prefix("module ").and_then(|n| n.parse().ok())
-                        }
+                        sid_core::CoreError::NonFiniteLoss { module, .. } => *module,
                         _ => None,
                     };
                     Failure {
