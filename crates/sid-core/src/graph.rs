@@ -36,7 +36,8 @@ mod ffi {
     }
 }
 
-/// A captured CUDA graph on one device.
+/// A CUDA graph on one device with its own side stream: made empty ([`CudaGraph::new`]),
+/// captured once ([`CudaGraph::capture`]), then replayed ([`CudaGraph::replay`]).
 #[derive(Debug)]
 pub struct CudaGraph {
     #[cfg(sid_cuda_graph)]
