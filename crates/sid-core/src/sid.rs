@@ -131,7 +131,7 @@ impl Network for SidNetwork {
             for (m, p_prev) in self.modules.iter_mut().zip(&teachers) {
                 let out = m.local_step(p_prev, &z_detached, &target)?;
                 losses.push(out.loss);
-                grad_z = crate::unit::sum_in_order(grad_z.into_iter().chain([out.grad_z]));
+                grad_z = Some(crate::unit::add_next(grad_z, out.grad_z));
             }
             let grad_z = grad_z.expect("at least one module");
             (Tensor::f_stack(&losses, 0)?, grad_z)

@@ -219,7 +219,17 @@ pub fn finish_steps(units: &mut [ModuleUnit], target: &LabelTarget) -> Result<(T
 
 /// `((g_1 + g_2) + g_3) + …`: the one order every schedule sums module gradients in.
 pub fn sum_in_order(grads: impl IntoIterator<Item = Tensor>) -> Option<Tensor> {
-    grads.into_iter().reduce(|acc, g| acc + g)
+    grads
+        .into_iter()
+        .fold(None, |acc, g| Some(add_next(acc, g)))
+}
+
+/// One step of [`sum_in_order`] for a running sum that holds one gradient at a time.
+pub fn add_next(acc: Option<Tensor>, g: Tensor) -> Tensor {
+    match acc {
+        None => g,
+        Some(acc) => acc + g,
+    }
 }
 
 /// Reads the losses [n] of consecutive modules, the first being module `first_index`

@@ -353,8 +353,7 @@ impl State {
                         })?;
                         losses.push(out.loss);
                         // A running sum: one gradient held at a time, in module order.
-                        grad_z =
-                            sid_core::unit::sum_in_order(grad_z.into_iter().chain([out.grad_z]));
+                        grad_z = Some(sid_core::unit::add_next(grad_z, out.grad_z));
                     }
                     let stacked = Tensor::f_stack(&losses, 0).map_err(|e| Failure {
                         module: None,
