@@ -145,7 +145,17 @@ fn run(cli: &args::Cli) -> Result<()> {
         devices.join(", "),
         run.dir().display()
     );
-    if run.layout().len() > 1 {
+    if !run.placement_notes().is_empty() {
+        eprintln!(
+            "staged SID: {} stage(s), {} micro-batch(es) per step; placement {}",
+            cfg.stages,
+            cfg.micro_batches,
+            run.config().placement.as_deref().unwrap_or("-")
+        );
+        for note in run.placement_notes() {
+            eprintln!("  {note}");
+        }
+    } else if run.layout().len() > 1 {
         let blocks: Vec<String> = run
             .layout()
             .iter()
