@@ -292,7 +292,8 @@ fn block_cuts(n: usize, k: usize) -> Vec<Vec<Range<usize>>> {
     // The first range ends at e; the rest is a cut of the remaining blocks into k-1.
     for e in 1..=n - (k - 1) {
         for rest in block_cuts(n - e, k - 1) {
-            let mut cut = vec![0..e];
+            let mut cut: Vec<Range<usize>> = Vec::with_capacity(k);
+            cut.push(0..e);
             cut.extend(rest.into_iter().map(|r| r.start + e..r.end + e));
             out.push(cut);
         }
