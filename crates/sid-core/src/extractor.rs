@@ -89,6 +89,21 @@ impl BlockLayout {
         Self { widths }
     }
 
+    /// Values per sample leaving block `i` (what a stage cut after it sends on), for inputs
+    /// of `cfg`'s size.
+    pub fn output_elems(cfg: &ModelConfig, i: usize) -> i64 {
+        let widths = Self::of(cfg).widths;
+        match cfg.extractor {
+            ExtractorKind::Cnn => {
+                // Max-pools after blocks 2 and 4 halve the side.
+                let pools = [0, 1, 1, 2][i];
+                let side = cfg.image_size >> pools;
+                widths[i] * side * side
+            }
+            ExtractorKind::Mlp => widths[i],
+        }
+    }
+
     /// Number of blocks.
     pub fn len(&self) -> usize {
         self.widths.len()

@@ -15,7 +15,8 @@
 //! - [`sid`] and [`bp`]: the SID network and its backprop baseline, both implementing
 //!   [`Network`];
 //! - [`stage`]: staged SID, the backbone cut into slices trained by their own local losses
-//!   (the arithmetic of one stage; `sid-runtime` runs stages as a pipeline).
+//!   (the arithmetic of one stage; `sid-runtime` runs stages as a pipeline);
+//! - [`bp_stage`]: the BP baseline cut at the same points, for GPipe and 1F1B pipelines.
 //!
 //! ```no_run
 //! use sid_core::{ModelConfig, Network, SidNetwork, LossConfig};
@@ -34,6 +35,7 @@
 pub mod adam;
 pub mod belief;
 pub mod bp;
+pub mod bp_stage;
 pub mod config;
 pub mod error;
 pub mod extractor;

@@ -32,5 +32,6 @@ pub use coordinator::{Pipeline, PipelineConfig, StepTiming};
 pub use error::{Result, RuntimeError};
 pub use fault::{Fault, FaultKind};
 pub use placement::Placement;
-pub use staged::{StagedConfig, StagedPipeline};
+pub use schedule::BpSchedule;
+pub use staged::{PipelineMethod, StageTime, StagedConfig, StagedPipeline};
 pub use transport::Transport;

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use sid_core::bp_stage::build_bp_stages;
 use sid_core::stage::build_stages;
 use sid_core::{
     Cascade, LossConfig, Method, ModelConfig, NamedTensors, Network, StagePlan, StageSpec,
@@ -22,7 +23,7 @@ use sid_core::{
 use tch::{Device, Tensor};
 
 use crate::fault::Fault;
-use crate::schedule::{drive, Failure, StageRunner};
+use crate::schedule::{drive, BpSchedule, Failure, StageRunner, Work};
 use crate::streams;
 use crate::transport::{ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
 use crate::worker::device_name;
@@ -52,6 +53,18 @@ pub struct StagedConfig {
     pub streams: bool,
     /// A fault to inject (tests): `worker` is the 0-based stage.
     pub fault: Option<Fault>,
+    /// What the stages train: staged SID, or the BP baseline cut at the same blocks.
+    pub method: PipelineMethod,
+}
+
+/// What a pipeline trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineMethod {
+    /// Staged SID: no gradient crosses a stage boundary, no flush between steps.
+    Sid,
+    /// The BP baseline cut at the same blocks (its modules on the last stage), pipelined with
+    /// this schedule; every step flushes.
+    Bp(BpSchedule),
 }
 
 impl StagedConfig {
@@ -69,6 +82,7 @@ impl StagedConfig {
             threads_per_stage: None,
             streams: true,
             fault: None,
+            method: PipelineMethod::Sid,
         }
     }
 }
@@ -116,6 +130,7 @@ enum Engine {
 /// ```
 pub struct StagedPipeline {
     engine: Engine,
+    method: PipelineMethod,
     devices: Vec<Device>,
     specs: Vec<StageSpec>,
     plan: StagePlan,
@@ -128,7 +143,18 @@ pub struct StagedPipeline {
     pending: BTreeMap<u64, Vec<Option<Vec<f64>>>>,
     done: VecDeque<StepStats>,
     max_in_flight: usize,
-    busy: Vec<Duration>,
+    busy: Vec<StageTime>,
+}
+
+/// Time a stage spent computing training steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTime {
+    /// Steps counted.
+    pub steps: u64,
+    /// All of it.
+    pub busy: Duration,
+    /// The forward passes (what the next stage waits for).
+    pub forward: Duration,
 }
 
 impl StagedPipeline {
@@ -148,17 +174,30 @@ impl StagedPipeline {
                 "--micro-batches must be at least 1".into(),
             ));
         }
-        let stages = build_stages(&cfg.model, cfg.loss, cfg.lr, &cfg.plan)?;
         let devices: Vec<Device> = (0..k).map(|s| cfg.devices[s % d]).collect();
         let specs = cfg.plan.stages().to_vec();
-        let runners: Vec<StageRunner> = stages
+        let work: Vec<Work> = match cfg.method {
+            PipelineMethod::Sid => build_stages(&cfg.model, cfg.loss, cfg.lr, &cfg.plan)?
+                .into_iter()
+                .map(Work::Sid)
+                .collect(),
+            PipelineMethod::Bp(schedule) => {
+                let blocks: Vec<_> = specs.iter().map(|s| s.blocks.clone()).collect();
+                build_bp_stages(&cfg.model, cfg.lr, &blocks)?
+                    .into_iter()
+                    .map(|s| Work::Bp(s, schedule, k))
+                    .collect()
+            }
+        };
+        let runners: Vec<StageRunner> = work
             .into_iter()
-            .map(|s| StageRunner::new(s, cfg.fault))
+            .map(|w| StageRunner::new(w, cfg.fault).with_timeout(cfg.timeout))
             .collect();
-        let engine = if d == 1 {
+        // Backprop stages wait on each other within a step: they always have a thread each.
+        let engine = if d == 1 && cfg.method == PipelineMethod::Sid {
             let mut runners = runners;
             for r in &mut runners {
-                r.stage_mut().to_device(devices[0]);
+                r.work_mut().to_device(devices[0]);
             }
             Engine::Local {
                 runners,
@@ -170,6 +209,7 @@ impl StagedPipeline {
         };
         Ok(Self {
             engine,
+            method: cfg.method,
             devices,
             specs,
             plan: cfg.plan.clone(),
@@ -182,7 +222,7 @@ impl StagedPipeline {
             pending: BTreeMap::new(),
             done: VecDeque::new(),
             max_in_flight: k + 1,
-            busy: vec![Duration::ZERO; k],
+            busy: vec![StageTime::default(); k],
         })
     }
 
@@ -205,9 +245,9 @@ impl StagedPipeline {
         matches!(self.engine, Engine::Threads { .. })
     }
 
-    /// Time each stage spent computing training steps since the last [`Self::take_busy`].
-    pub fn take_busy(&mut self) -> Vec<Duration> {
-        std::mem::replace(&mut self.busy, vec![Duration::ZERO; self.specs.len()])
+    /// Time each stage spent computing training steps since the last call.
+    pub fn take_stage_times(&mut self) -> Vec<StageTime> {
+        std::mem::replace(&mut self.busy, vec![StageTime::default(); self.specs.len()])
     }
 
     /// `stage 2 (cpu, blocks 3-4, modules 6-10)`, 1-based.
@@ -349,11 +389,15 @@ impl StagedPipeline {
             step,
             losses,
             busy,
+            forward,
         } = r
         else {
             return Ok(Some(r));
         };
-        let expected = self.specs[stage].modules.len();
+        let expected = match self.method {
+            PipelineMethod::Sid => self.specs[stage].modules.len(),
+            PipelineMethod::Bp(_) => usize::from(stage + 1 == self.specs.len()),
+        };
         let bad = RuntimeError::Protocol(format!(
             "{} reported step {step}, which is not in flight (or twice, or with the wrong number of losses)",
             self.describe(stage)
@@ -365,17 +409,24 @@ impl StagedPipeline {
             .filter(|s| s.is_none() && losses.len() == expected)
             .ok_or(bad)?;
         *slot = Some(losses);
-        self.busy[stage] += busy;
+        let t = &mut self.busy[stage];
+        t.steps += 1;
+        t.busy += busy;
+        t.forward += forward;
         // Steps finish in order: the last stage runs them in order.
         while let Some(entry) = self.pending.first_entry() {
             if entry.get().iter().any(|s| s.is_none()) {
                 break;
             }
-            let module_losses: Vec<f64> = entry.remove().into_iter().flatten().flatten().collect();
-            debug_assert_eq!(module_losses.len(), self.modules);
+            let losses: Vec<f64> = entry.remove().into_iter().flatten().flatten().collect();
+            let loss = losses.iter().sum();
             self.done.push_back(StepStats {
-                loss: module_losses.iter().sum(),
-                module_losses,
+                loss,
+                // Backprop has one loss, not one per module.
+                module_losses: match self.method {
+                    PipelineMethod::Sid => losses,
+                    PipelineMethod::Bp(_) => Vec::new(),
+                },
             });
         }
         Ok(None)
@@ -516,9 +567,18 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let (report_tx, reports) = crossbeam_channel::unbounded();
     let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
     let mut threads = Vec::with_capacity(k);
+    let bp = matches!(cfg.method, PipelineMethod::Bp(_));
+    // Backprop: gradients flow back from stage s+1 to stage s.
+    let mut grads_out: Option<Sender<(Tag, Tensor)>> = None;
     for (s, mut runner) in runners.into_iter().enumerate() {
         let (down_tx, down_rx) = if s + 1 < k {
             let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let (grad_tx, grads_in) = if bp && s + 1 < k {
+            let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
             (Some(tx), Some(rx))
         } else {
             (None, None)
@@ -531,7 +591,10 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
             downstream: down_tx,
             reports: report_tx.clone(),
             timeout: cfg.timeout,
+            grads_in,
+            grads_out: grads_out.take(),
         };
+        grads_out = grad_tx;
         let threads_here = (device == Device::Cpu).then_some(cpu_threads);
         let own_stream = cfg.streams;
         let timeout = cfg.timeout;
@@ -550,7 +613,7 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
                     if let (Device::Cuda(i), true) = (device, own_stream) {
                         streams::use_pool_stream(i).map_err(Failure::from_cause)?;
                     }
-                    runner.stage_mut().to_device(device);
+                    runner.work_mut().to_device(device);
                     streams::sync_device(device).map_err(Failure::from_cause)?;
                     drive(&mut runner, &mut transport, timeout, false)
                 }));
@@ -596,7 +659,10 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
 
 impl Network for StagedPipeline {
     fn method(&self) -> Method {
-        Method::Sid
+        match self.method {
+            PipelineMethod::Sid => Method::Sid,
+            PipelineMethod::Bp(_) => Method::Bp,
+        }
     }
 
     fn input_device(&self) -> Device {

@@ -136,6 +136,8 @@ pub enum Report {
         losses: Vec<f64>,
         /// Busy time for this step.
         busy: Duration,
+        /// The part of it spent in forward passes (what the next stage waits for).
+        forward: Duration,
     },
     /// Inference: the stage's modules' logits, on the stage's device.
     Logits {
@@ -187,6 +189,21 @@ pub trait Transport {
     fn send_down(&mut self, msg: Message) -> Result<()>;
     /// Tells the coordinator.
     fn report(&mut self, report: Report) -> Result<()>;
+    /// Backprop pipelines: sends the gradient of this stage's input for micro-batch `tag`
+    /// to the previous stage. Staged SID never calls it.
+    fn send_up(&mut self, tag: Tag, _grad: Tensor) -> Result<()> {
+        Err(RuntimeError::Config(format!(
+            "this transport carries no gradients back (step {})",
+            tag.step
+        )))
+    }
+    /// Backprop pipelines: the next gradient of this stage's output from the next stage,
+    /// waiting at most `timeout`.
+    fn recv_grad(&mut self, _timeout: Duration) -> Result<(Tag, Tensor)> {
+        Err(RuntimeError::Config(
+            "this transport carries no gradients back".into(),
+        ))
+    }
 }
 
 /// Stages run one after another in one thread: each stage's inbox is a queue, and receiving
@@ -238,6 +255,10 @@ pub struct ChannelTransport {
     pub reports: Sender<Report>,
     /// Longest wait for the next stage to take a message.
     pub timeout: Duration,
+    /// Backprop pipelines: gradients from the next stage.
+    pub grads_in: Option<Receiver<(Tag, Tensor)>>,
+    /// Backprop pipelines: gradients to the previous stage.
+    pub grads_out: Option<Sender<(Tag, Tensor)>>,
 }
 
 impl Transport for ChannelTransport {
@@ -281,8 +302,58 @@ impl Transport for ChannelTransport {
     }
 
     fn report(&mut self, report: Report) -> Result<()> {
+        streams::sync_device(self.device).map_err(RuntimeError::Config)?;
         self.reports
             .send(report)
             .map_err(|_| RuntimeError::Protocol("the coordinator is gone".into()))
+    }
+
+    fn send_up(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
+        let Some(tx) = &self.grads_out else {
+            return Ok(());
+        };
+        streams::sync_device(self.device).map_err(RuntimeError::Config)?;
+        tx.send_timeout((tag, grad), self.timeout)
+            .map_err(|e| match e {
+                SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
+                    waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
+                    waited_for: format!(
+                        "stage {} to take the gradient of micro-batch {} of step {}",
+                        self.stage, tag.micro, tag.step
+                    ),
+                    timeout: self.timeout,
+                },
+                SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(format!(
+                    "stage {} has stopped, so stage {} cannot send its gradient of step {}",
+                    self.stage,
+                    self.stage + 1,
+                    tag.step
+                )),
+            })
+    }
+
+    fn recv_grad(&mut self, timeout: Duration) -> Result<(Tag, Tensor)> {
+        let rx = self.grads_in.as_ref().ok_or_else(|| {
+            RuntimeError::Protocol(format!(
+                "stage {} is last and receives no gradients",
+                self.stage + 1
+            ))
+        })?;
+        match rx.recv_timeout(timeout) {
+            Ok((tag, g)) => {
+                let g = g.to_device(self.device);
+                streams::sync_device(self.device).map_err(RuntimeError::Config)?;
+                Ok((tag, g))
+            }
+            Err(RecvTimeoutError::Timeout) => Err(RuntimeError::Timeout {
+                waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
+                waited_for: format!("a gradient from stage {}", self.stage + 2),
+                timeout,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(RuntimeError::Protocol(format!(
+                "stage {} stopped before sending its gradient",
+                self.stage + 2
+            ))),
+        }
     }
 }

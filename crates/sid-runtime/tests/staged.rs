@@ -241,3 +241,106 @@ fn bad_settings_are_refused() {
     cfg.micro_batches = 0;
     assert!(StagedPipeline::new(cfg).is_err());
 }
+
+/// The BP baseline cut at the same blocks and pipelined (GPipe or 1F1B, M micro-batches) gives
+/// the unpipelined BP step's parameters and losses.
+#[test]
+fn backprop_pipelines_equal_the_unpipelined_step() {
+    use sid_core::BpNetwork;
+    use sid_runtime::{BpSchedule, PipelineMethod};
+    let _rng = rng_lock();
+    let data = batches(4);
+    tch::manual_seed(5);
+    let mut bp = BpNetwork::new(&model(), 1e-3, Device::Cpu).unwrap();
+    let expected: Vec<f64> = data
+        .iter()
+        .map(|(x, y)| bp.train_step(x, y).unwrap().loss)
+        .collect();
+    let reference = NamedTensors::from(bp.state().unwrap());
+    for schedule in [BpSchedule::GPipe, BpSchedule::OneFOneB] {
+        for (k, devices, m) in [(2, 2, 1), (2, 2, 4), (4, 4, 4), (2, 1, 4)] {
+            let mm = model();
+            let mut cfg = StagedConfig::new(
+                mm.clone(),
+                vec![Device::Cpu; devices],
+                StagePlan::even(&mm, k).unwrap(),
+            );
+            cfg.method = PipelineMethod::Bp(schedule);
+            cfg.micro_batches = m;
+            cfg.threads_per_stage = Some(1);
+            cfg.timeout = Duration::from_secs(60);
+            tch::manual_seed(5);
+            let mut p = StagedPipeline::new(cfg).unwrap();
+            assert_eq!(p.method(), sid_core::Method::Bp);
+            let mut got = Vec::new();
+            for (x, y) in &data {
+                got.extend(p.submit_step(x, y).unwrap());
+            }
+            got.extend(p.flush().unwrap());
+            assert_eq!(got.len(), data.len());
+            for (s, e) in got.iter().zip(&expected) {
+                assert!(
+                    (s.loss - e).abs() < 1e-5,
+                    "{schedule} K={k} M={m}: loss {} vs {e}",
+                    s.loss
+                );
+                assert!(s.module_losses.is_empty());
+            }
+            // Variable names are BpNetwork's; Adam state is per stage, so compare weights.
+            let state = p.state().unwrap();
+            let d = state
+                .iter()
+                .filter(|(n, _)| !n.starts_with("adam."))
+                .map(|(n, t)| {
+                    (t - reference.get(n).unwrap())
+                        .abs()
+                        .max()
+                        .double_value(&[])
+                })
+                .fold(0.0, f64::max);
+            assert!(d < 1e-5, "{schedule} K={k} M={m}: weights differ by {d}");
+            let c = p.cascade(&data[0].0).unwrap();
+            let r = bp.cascade(&data[0].0).unwrap();
+            assert_eq!(c.logits.len(), r.logits.len());
+        }
+    }
+}
+
+#[test]
+fn one_f_one_b_keeps_few_micro_batches_in_flight() {
+    use sid_runtime::schedule::Op;
+    use sid_runtime::BpSchedule;
+    // Stage 0 of 4 with 8 micro-batches: 3 forwards to fill, then one forward, one backward.
+    let ops = BpSchedule::OneFOneB.ops(4, 0, 8);
+    assert_eq!(
+        &ops[..5],
+        &[
+            Op::Forward(0),
+            Op::Forward(1),
+            Op::Forward(2),
+            Op::Forward(3),
+            Op::Backward(0)
+        ]
+    );
+    let mut live: i32 = 0;
+    let mut most = 0;
+    for op in &ops {
+        live += if matches!(op, Op::Forward(_)) { 1 } else { -1 };
+        most = most.max(live);
+    }
+    assert_eq!(most, 4, "at most K − s micro-batches held");
+    assert_eq!(live, 0);
+    let g = BpSchedule::GPipe.ops(4, 0, 8);
+    assert_eq!(g[7], Op::Forward(7));
+    assert_eq!(g[8], Op::Backward(7));
+    // The last stage alternates from the start.
+    assert_eq!(
+        &BpSchedule::OneFOneB.ops(4, 3, 2),
+        &[
+            Op::Forward(0),
+            Op::Backward(0),
+            Op::Forward(1),
+            Op::Backward(1)
+        ]
+    );
+}
