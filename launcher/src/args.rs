@@ -97,9 +97,14 @@ pub struct Cli {
     #[arg(long)]
     pub stages: Option<usize>,
     /// Micro-batches per step: each stage accumulates their gradients and steps once; stages
-    /// work on different micro-batches at the same time [default: 1].
+    /// work on different micro-batches at the same time (default: 1 for SID; for --method bp
+    /// with --stages K, the largest divisor of the batch up to 2K).
     #[arg(long)]
     pub micro_batches: Option<usize>,
+    /// Schedule of a backprop pipeline (--method bp --stages K): 1f1b or gpipe
+    /// [default: 1f1b].
+    #[arg(long)]
+    pub pipeline_schedule: Option<sid_train::BpSchedule>,
     /// Paper mode (several devices, one stage): module blocks per device, 0:0-1,1:2-4 (device
     /// position:first-last module, 0-based; default: as even as possible). Staged runs: auto
     /// (time each block, balance the slowest stage; the default), even, or
@@ -180,8 +185,11 @@ impl Cli {
             eval_batch_size,
             step_timeout,
             stages,
-            micro_batches
+            pipeline_schedule
         );
+        if self.micro_batches.is_some() {
+            cfg.micro_batches = self.micro_batches;
+        }
         if self.placement.is_some() {
             cfg.placement = self.placement.clone();
         }
@@ -293,7 +301,7 @@ mod tests {
             ("eval-batch-size", d.eval_batch_size.to_string()),
             ("step-timeout", d.step_timeout.to_string()),
             ("stages", d.stages.to_string()),
-            ("micro-batches", d.micro_batches.to_string()),
+            ("pipeline-schedule", d.pipeline_schedule.to_string()),
         ];
         for (flag, value) in expect {
             assert!(

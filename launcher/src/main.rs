@@ -146,10 +146,14 @@ fn run(cli: &args::Cli) -> Result<()> {
         run.dir().display()
     );
     if !run.placement_notes().is_empty() {
+        let what = match cfg.method {
+            sid_core::Method::Sid => "staged SID".to_string(),
+            sid_core::Method::Bp => format!("backprop pipeline ({})", cfg.pipeline_schedule),
+        };
         eprintln!(
-            "staged SID: {} stage(s), {} micro-batch(es) per step; placement {}",
+            "{what}: {} stage(s), {} micro-batch(es) per step; placement {}",
             cfg.stages,
-            cfg.micro_batches,
+            run.config().resolved_micro_batches(),
             run.config().placement.as_deref().unwrap_or("-")
         );
         for note in run.placement_notes() {

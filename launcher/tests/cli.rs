@@ -758,11 +758,67 @@ fn bad_stage_settings_are_clear_errors() {
             ],
             "ranges must be consecutive",
         ),
-        (&["--stages", "2", "--method", "bp"], "pipelined backprop"),
+        (
+            &[
+                "--stages",
+                "2",
+                "--method",
+                "bp",
+                "--pipeline-schedule",
+                "zigzag",
+            ],
+            "unknown pipeline schedule",
+        ),
     ];
     for (args, needle) in cases {
         let mut all = vec!["--run-dir", d];
         all.extend_from_slice(args);
         one_line_error(&sid(&all), needle);
     }
+}
+
+#[test]
+fn backprop_pipeline_trains_like_unpipelined_backprop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, pipe) = (tmp.path().join("one"), tmp.path().join("pipe"));
+    let bp1 = [
+        "--method",
+        "bp",
+        "--stages",
+        "1",
+        "--placement",
+        "0:0-3",
+        "--epochs",
+        "1",
+    ];
+    run_ok(&staged(&one, &bp1));
+    let out = run_ok(&staged(
+        &pipe,
+        &[
+            "--method",
+            "bp",
+            "--gpus",
+            "cpu:2",
+            "--pipeline-schedule",
+            "gpipe",
+            "--epochs",
+            "1",
+        ],
+    ));
+    let e = stderr(&out);
+    assert!(
+        e.contains("backprop pipeline (gpipe): 2 stage(s), 4 micro-batch(es)"),
+        "{e}"
+    );
+    let (a, b) = (metrics(&one), metrics(&pipe));
+    let (u, v) = (
+        a[0]["train_loss"].as_f64().unwrap(),
+        b[0]["train_loss"].as_f64().unwrap(),
+    );
+    assert!((u - v).abs() < 1e-4 * u.abs(), "train loss {u} vs {v}");
+    let saved = std::fs::read_to_string(pipe.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("micro_batches = 4") && saved.contains("pipeline_schedule = \"gpipe\""),
+        "{saved}"
+    );
 }

@@ -23,12 +23,14 @@ use crate::fault::{Fault, FaultKind};
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 
 /// How a backprop pipeline orders a stage's forwards and backwards within a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BpSchedule {
     /// GPipe: every forward, then every backward (last first). Holds M micro-batches.
+    #[serde(rename = "gpipe")]
     GPipe,
     /// 1F1B: K−s−1 forwards to fill, then one forward and one backward in turn, then the
     /// remaining backwards. Holds at most K−s micro-batches.
+    #[serde(rename = "1f1b")]
     OneFOneB,
 }
 

@@ -57,7 +57,12 @@ pub struct RunConfig {
     /// modules' local losses (1 = the paper's SID).
     pub stages: usize,
     /// Micro-batches per step: each stage accumulates their gradients and steps once.
-    pub micro_batches: usize,
+    /// `None` = 1 for SID (staged SID pays its pipeline fill once an epoch); for a backprop
+    /// pipeline the largest divisor of the batch up to 2×stages, to keep every stage busy.
+    pub micro_batches: Option<usize>,
+    /// Order of a backprop pipeline's forwards and backwards: `1f1b` (holds at most K
+    /// micro-batches per stage) or `gpipe` (all forwards, then all backwards).
+    pub pipeline_schedule: sid_runtime::BpSchedule,
     /// Paper mode (one stage, several devices): module blocks per device, `0:0-1,1:2-4`
     /// (0-based, inclusive); `None` = even blocks. Staged runs: `auto` (time each block and
     /// balance), `even`, or `blocks=0-1,2-3;modules=0-4,5-9`; `None` = auto. The resolved
@@ -107,7 +112,8 @@ impl Default for RunConfig {
             eval_batch_size: 1000,
             threads: None,
             stages: 1,
-            micro_batches: 1,
+            micro_batches: None,
+            pipeline_schedule: sid_runtime::BpSchedule::OneFOneB,
             placement: None,
             step_timeout: 300.0,
             streams: true,
@@ -163,9 +169,24 @@ impl RunConfig {
             .unwrap_or_else(|| self.dataset.augments_by_default())
     }
 
-    /// Whether the run goes through the staged pipeline (several stages, or micro-batches).
+    /// Micro-batches per step, as set or by default (see [`RunConfig::micro_batches`]).
+    pub fn resolved_micro_batches(&self) -> usize {
+        match self.micro_batches {
+            Some(m) => m,
+            None if self.method == Method::Bp && self.stages > 1 => {
+                let most = (2 * self.stages as i64).min(self.batch_size.max(1));
+                (1..=most)
+                    .rev()
+                    .find(|m| self.batch_size % m == 0)
+                    .unwrap_or(1) as usize
+            }
+            None => 1,
+        }
+    }
+
+    /// Whether the run goes through the stage pipeline (several stages, or micro-batches).
     pub fn staged(&self) -> bool {
-        self.stages > 1 || self.micro_batches > 1
+        self.stages > 1 || self.resolved_micro_batches() > 1
     }
 
     /// Whether training steps go through a CUDA graph: as set, or (unset) when the run uses
@@ -249,21 +270,17 @@ impl RunConfig {
         if asked && !sid_core::graph::CudaGraph::available() {
             return bad("--cuda-graph: this build has no CUDA graphs (CUDA headers were not found when it was compiled; run scripts/setup.sh and rebuild)".into());
         }
-        if self.stages == 0 || self.micro_batches == 0 {
+        let micro = self.resolved_micro_batches();
+        if self.stages == 0 || micro == 0 {
             return bad("--stages and --micro-batches must be at least 1".into());
         }
-        if self.micro_batches as i64 > self.batch_size
-            || self.batch_size % self.micro_batches as i64 != 0
-        {
+        if micro as i64 > self.batch_size || self.batch_size % micro as i64 != 0 {
             return bad(format!(
-                "--micro-batches {} does not divide --batch-size {} into equal micro-batches",
-                self.micro_batches, self.batch_size
+                "--micro-batches {micro} does not divide --batch-size {} into equal micro-batches",
+                self.batch_size
             ));
         }
         if self.staged() {
-            if self.method == Method::Bp {
-                return bad("--method bp runs on one device without stages: pipelined backprop (--stages/--micro-batches) is not built yet".into());
-            }
             if asked {
                 return bad(
                     "--cuda-graph does not work with --stages or --micro-batches yet; leave it off"

@@ -120,7 +120,7 @@ fn stage_plan(
     Ok(match cfg.placement.as_deref() {
         None | Some("auto") if cfg.stages > 1 => {
             // Profiling draws its layers from the global RNG: it runs before the seed is set.
-            let batch = (cfg.batch_size / cfg.micro_batches as i64).max(1);
+            let batch = (cfg.batch_size / cfg.resolved_micro_batches() as i64).max(1);
             let costs = sid_core::stage::profile_costs(model, batch, device, 3);
             let plan = sid_core::StagePlan::balanced(model, cfg.stages, &costs).map_err(core)?;
             let ms: Vec<String> = plan
@@ -149,9 +149,10 @@ fn stage_plan(
 pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
     let model = cfg.model_config();
     let first = devices.first().copied().unwrap_or(Device::Cpu);
-    let staged_plan = match cfg.method {
-        Method::Sid if cfg.staged() => Some(stage_plan(cfg, &model, first)?),
-        _ => None,
+    let staged_plan = if cfg.staged() {
+        Some(stage_plan(cfg, &model, first)?)
+    } else {
+        None
     };
     tch::manual_seed(cfg.seed as i64);
     let whole = vec![(first, 0..model.modules)];
@@ -160,7 +161,11 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
         let mut sc = sid_runtime::StagedConfig::new(model.clone(), devices.to_vec(), plan);
         sc.loss = cfg.loss_config();
         sc.lr = cfg.lr;
-        sc.micro_batches = cfg.micro_batches;
+        sc.micro_batches = cfg.resolved_micro_batches();
+        if cfg.method == Method::Bp {
+            // Backprop's modules all read the final features: they sit on the last stage.
+            sc.method = sid_runtime::PipelineMethod::Bp(cfg.pipeline_schedule);
+        }
         sc.timeout = std::time::Duration::from_secs_f64(cfg.step_timeout);
         sc.threads_per_stage = cfg.threads;
         sc.streams = cfg.streams;
@@ -272,6 +277,7 @@ impl Run {
         let notes = built.notes;
         // Save what was resolved, not what was left to defaults.
         cfg.augment = Some(cfg.resolved_augment());
+        cfg.micro_batches = Some(cfg.resolved_micro_batches());
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         let position = Position::start(cfg.method, cfg.seed);
@@ -307,7 +313,7 @@ impl Run {
             a.data_dir = None;
             a.eval_batch_size = 0;
             a.threads = None;
-            a.micro_batches = 1;
+            a.micro_batches = None;
             if a.stages <= 1 {
                 // A staged run's cut is part of its model; the paper mode's placement is not.
                 a.placement = None;
