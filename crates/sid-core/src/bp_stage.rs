@@ -66,9 +66,7 @@ pub fn build_bp_stages(
         .map(|i| {
             BeliefModule::new(
                 &(last.root() / module_prefix(i)),
-                cfg.num_classes,
-                cfg.feature_dim,
-                cfg.module_hidden,
+                cfg,
             )
         })
         .collect();
@@ -248,6 +246,7 @@ mod tests {
             feature_dim: 6,
             modules: 3,
             module_hidden: 5,
+            init: crate::Init::default(),
         };
         tch::manual_seed(3);
         let mut bp = BpNetwork::new(&cfg, 1e-3, Device::Cpu).unwrap();

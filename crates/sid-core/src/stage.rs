@@ -324,9 +324,7 @@ pub fn profile_costs(cfg: &ModelConfig, batch: i64, device: Device, reps: usize)
         .collect();
     let module = crate::belief::BeliefModule::new(
         &(vs.root() / "module"),
-        cfg.num_classes,
-        cfg.feature_dim,
-        cfg.module_hidden,
+        cfg,
     );
     let shape = [batch, cfg.in_channels, cfg.image_size, cfg.image_size];
     let numel: i64 = shape.iter().product();
@@ -442,6 +440,7 @@ pub fn build_stages(
                 &(stores[s].root() / format!("neck_{}", s + 1)),
                 width,
                 cfg.feature_dim,
+                cfg.init,
             )
         })
         .collect();
@@ -630,6 +629,7 @@ mod tests {
             feature_dim: 6,
             modules,
             module_hidden: 5,
+        init: crate::Init::default(),
         }
     }
 

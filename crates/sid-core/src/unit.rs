@@ -54,9 +54,7 @@ impl ModuleUnit {
         let mut vs = VarStore::new(Device::Cpu);
         let net = BeliefModule::new(
             &(vs.root() / module_prefix(index)),
-            cfg.num_classes,
-            cfg.feature_dim,
-            cfg.module_hidden,
+            cfg,
         );
         vs.set_device(device);
         let opt = Adam::for_var_store(&vs, lr);
