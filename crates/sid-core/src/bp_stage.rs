@@ -63,12 +63,7 @@ pub fn build_bp_stages(
     let last = &stores[k - 1];
     let head = build_head(&(last.root() / "extractor"), cfg);
     let modules = (0..cfg.modules)
-        .map(|i| {
-            BeliefModule::new(
-                &(last.root() / module_prefix(i)),
-                cfg,
-            )
-        })
+        .map(|i| BeliefModule::new(&(last.root() / module_prefix(i)), cfg))
         .collect();
     let mut head = Some((head, modules));
     Ok(stores

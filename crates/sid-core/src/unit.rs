@@ -52,10 +52,7 @@ impl ModuleUnit {
     /// whatever the device.
     pub fn new(index: usize, cfg: &ModelConfig, loss: LossConfig, lr: f64, device: Device) -> Self {
         let mut vs = VarStore::new(Device::Cpu);
-        let net = BeliefModule::new(
-            &(vs.root() / module_prefix(index)),
-            cfg,
-        );
+        let net = BeliefModule::new(&(vs.root() / module_prefix(index)), cfg);
         vs.set_device(device);
         let opt = Adam::for_var_store(&vs, lr);
         Self {
