@@ -50,6 +50,9 @@ pub(crate) const MAX_IMAGE_SIZE: i64 = 1024;
 /// First bytes of a cache file; the digit is the format version.
 const CACHE_MAGIC: &[u8; 8] = b"SIDIMG01";
 
+/// Bytes of a cache file's fixed header: magic, key, channels, size, two counts.
+const HEADER_LEN: usize = 8 + 8 + 4 + 4 + 8 + 8;
+
 /// Seed of the fixed training order ("ORDER" in ASCII): independent of the run seed so the
 /// cache serves every run.
 const ORDER_SEED: u64 = 0x4f_5244_4552;
@@ -184,7 +187,7 @@ pub(crate) fn read(dir: &Path, size: i64, cache_dir: Option<&Path>) -> Result<Lo
     let (shape, train, test) = decode_all(&listing, size)?;
     let status = match &cache_path {
         Some(path) => {
-            write_cache(path, key, shape, &train, &test)?;
+            write_cache(path, key, &listing.classes, shape, &train, &test)?;
             CacheStatus::Written(path.clone())
         }
         None => CacheStatus::Off,
@@ -555,24 +558,29 @@ fn cache_file_name(dir: &Path, size: i64) -> String {
 }
 
 /// Cache file layout, little-endian: magic, key u64, channels u32, size u32, n_train u64,
-/// n_test u64, train labels, test labels, train pixels, test pixels. The class names are not
-/// stored: they are in the key, and the listing made to compute the key already has them.
+/// n_test u64, the class names (each a u32 length and UTF-8 bytes), train labels, test
+/// labels, train pixels, test pixels.
 fn write_cache(
     path: &Path,
     key: u64,
+    classes: &[String],
     shape: Shape,
     train: &RawSplit,
     test: &RawSplit,
 ) -> Result<(), DataError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-    let mut header = Vec::with_capacity(64);
+    let mut header = Vec::with_capacity(HEADER_LEN);
     header.extend_from_slice(CACHE_MAGIC);
     header.extend_from_slice(&key.to_le_bytes());
     header.extend_from_slice(&(shape.channels as u32).to_le_bytes());
     header.extend_from_slice(&(shape.image_size as u32).to_le_bytes());
     header.extend_from_slice(&(train.len() as u64).to_le_bytes());
     header.extend_from_slice(&(test.len() as u64).to_le_bytes());
+    for class in classes {
+        header.extend_from_slice(&(class.len() as u32).to_le_bytes());
+        header.extend_from_slice(class.as_bytes());
+    }
     // Temp file in the same folder + fsync + rename: a reader sees the old cache or the whole
     // new one, never a partial file; the pid keeps two concurrent runs apart.
     let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -600,37 +608,51 @@ fn write_cache(
 /// Reads the cache at `path` if it exists and carries `key`; anything else (absent, stale,
 /// truncated) is a miss, and the images are decoded again.
 fn read_cache(path: &Path, key: u64, listing: &Listing) -> Option<(Shape, RawSplit, RawSplit)> {
-    let bytes = std::fs::read(path).ok()?;
-    let mut at = 0usize;
-    let mut take = |n: usize| take_bytes(&bytes, &mut at, n);
-    if take(8)? != CACHE_MAGIC {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let file_len = file.metadata().ok()?.len();
+    let mut header = [0u8; HEADER_LEN];
+    file.read_exact(&mut header).ok()?;
+    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
+    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().unwrap_or([0; 4]));
+    if &header[..8] != CACHE_MAGIC || u64_at(8) != key {
         return None;
     }
-    let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
-    let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]));
-    if u64_at(take(8)?) != key {
-        return None;
-    }
-    let channels = i64::from(u32_at(take(4)?));
-    let size = i64::from(u32_at(take(4)?));
-    let n_train = u64_at(take(8)?) as usize;
-    let n_test = u64_at(take(8)?) as usize;
     let shape = Shape {
-        channels,
-        image_size: size,
+        channels: i64::from(u32_at(16)),
+        image_size: i64::from(u32_at(20)),
         num_classes: listing.classes.len() as i64,
     };
-    if !matches!(channels, 1 | 3) || n_train != listing.train.len() || n_test != listing.test.len()
+    let (n_train, n_test) = (u64_at(24) as usize, u64_at(32) as usize);
+    if !matches!(shape.channels, 1 | 3)
+        || n_train != listing.train.len()
+        || n_test != listing.test.len()
     {
         return None;
     }
-    let train_labels = take(n_train)?.to_vec();
-    let test_labels = take(n_test)?.to_vec();
-    let train_pixels = take(n_train * shape.sample_len())?.to_vec();
-    let test_pixels = take(n_test * shape.sample_len())?.to_vec();
-    if at != bytes.len() {
-        return None; // trailing bytes: not a file this code wrote
+    // Straight into the final buffers: a Tiny-ImageNet cache is over a GB, so no copy.
+    let mut read = |n: usize| -> Option<Vec<u8>> {
+        let mut v = vec![0u8; n];
+        file.read_exact(&mut v).ok()?;
+        Some(v)
+    };
+    let mut names_len = 0;
+    for class in &listing.classes {
+        let len = u32::from_le_bytes(read(4)?.try_into().ok()?) as usize;
+        if len != class.len() || read(len)? != class.as_bytes() {
+            return None;
+        }
+        names_len += 4 + len;
     }
+    // A truncated file or trailing bytes: not a file this code wrote for these images.
+    let body = (n_train + n_test) * (1 + shape.sample_len());
+    if file_len != (HEADER_LEN + names_len + body) as u64 {
+        return None;
+    }
+    let train_labels = read(n_train)?;
+    let test_labels = read(n_test)?;
+    let train_pixels = read(n_train * shape.sample_len())?;
+    let test_pixels = read(n_test * shape.sample_len())?;
     Some((
         shape,
         RawSplit {
@@ -642,13 +664,6 @@ fn read_cache(path: &Path, key: u64, listing: &Listing) -> Option<(Shape, RawSpl
             labels: test_labels,
         },
     ))
-}
-
-/// The next `n` bytes of `bytes` from `*at`, advancing `*at`; `None` past the end.
-fn take_bytes<'a>(bytes: &'a [u8], at: &mut usize, n: usize) -> Option<&'a [u8]> {
-    let s = bytes.get(*at..at.checked_add(n)?)?;
-    *at += n;
-    Some(s)
 }
 
 #[cfg(test)]
@@ -846,6 +861,10 @@ mod tests {
             panic!("{info:?}")
         };
         assert!(path.starts_with(&cache) && path.is_file());
+        // The cache holds the class names beside the bytes: 15 labels + 15 * 3 * 64 pixels.
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(bytes.len(), HEADER_LEN + 3 * (4 + 3) + 15 + 15 * 3 * 64);
+        assert!(bytes.windows(3).any(|w| w == b"emu"));
         assert!(info.to_string().contains("decoded 15 images"), "{info}");
         // No temp file is left behind.
         assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
