@@ -23,12 +23,21 @@ pub struct Cli {
     /// Training method: sid or bp [default: sid].
     #[arg(long)]
     pub method: Option<Method>,
-    /// Data set: fashion-mnist, mnist, cifar10 or cifar100 [default: fashion-mnist].
+    /// Data set: fashion-mnist, mnist, cifar10, cifar100, or folder (your own PNG / JPEG
+    /// images in DATA_DIR/train/<class>/ and test/ or val/, or Tiny-ImageNet's layout)
+    /// [default: fashion-mnist].
     #[arg(long)]
     pub dataset: Option<DatasetKind>,
     /// Folder with the data set's files (default: the data set's usual location).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// --dataset folder: side length the images are resized to (default: 32).
+    #[arg(long, value_name = "N")]
+    pub image_size: Option<i64>,
+    /// --dataset folder: where the decoded images are cached, so later runs skip decoding
+    /// (default: image-cache/ beside the run directory).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Feature extractor: cnn (reference SimpleCNN) or mlp [default: cnn].
     #[arg(long)]
     pub model: Option<ExtractorKind>,
@@ -216,6 +225,12 @@ impl Cli {
         if self.data_dir.is_some() {
             cfg.data_dir = self.data_dir.clone();
         }
+        if self.image_size.is_some() {
+            cfg.image_size = self.image_size;
+        }
+        if self.cache_dir.is_some() {
+            cfg.cache_dir = self.cache_dir.clone();
+        }
         if self.limit_train.is_some() {
             cfg.limit_train = self.limit_train;
         }
@@ -262,6 +277,16 @@ impl Cli {
                 .replace([':', '-'], "");
             PathBuf::from("runs").join(format!("{}-{}-{stamp}", config.method, config.dataset))
         });
+        if config.dataset == DatasetKind::Folder {
+            // Saved resolved: beside the run, so the next run in the same folder finds it.
+            config
+                .image_size
+                .get_or_insert(sid_data::DEFAULT_IMAGE_SIZE);
+            let parent = run_dir.parent().unwrap_or(std::path::Path::new(""));
+            config
+                .cache_dir
+                .get_or_insert_with(|| parent.join("image-cache"));
+        }
         Ok(Plan {
             config,
             run_dir,

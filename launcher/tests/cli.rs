@@ -847,3 +847,86 @@ fn backprop_pipeline_trains_like_unpipelined_backprop() {
         "{saved}"
     );
 }
+
+/// Writes an ImageFolder data set of 12x12 PNGs: `per_class` training and 2 test images for
+/// each of 3 classes, each class one colour (a little varied per image).
+fn write_image_folder(dir: &Path, per_class: usize) {
+    let colours = [[220u8, 30, 30], [30, 200, 40], [40, 50, 210]];
+    for (c, colour) in colours.iter().enumerate() {
+        for (split, n) in [("train", per_class), ("test", 2)] {
+            let folder = dir.join(split).join(format!("class{c}"));
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..n {
+                let px = colour.map(|v| v.saturating_add(3 * i as u8));
+                image::RgbImage::from_pixel(12, 12, image::Rgb(px))
+                    .save(folder.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn own_image_folder_trains_and_the_second_run_reuses_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("images");
+    write_image_folder(&data, 8);
+    let runs = dir.path().join("runs");
+    let args = |run: &str| -> Vec<String> {
+        let run = runs.join(run);
+        [
+            "--dataset",
+            "folder",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--image-size",
+            "8",
+            "--model",
+            "mlp",
+            "--modules",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--threads",
+            "1",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let out = run_ok(&args("first"));
+    let e = stderr(&out);
+    assert!(e.contains("data: 24 training, 6 test samples"), "{e}");
+    assert!(e.contains("3 classes, 3x8x8 images"), "{e}");
+    assert!(e.contains("decoded 30 images"), "{e}");
+    assert!(!e.contains("cache hit"), "{e}");
+    assert_eq!(metrics(&runs.join("first")).len(), 1);
+    let saved = std::fs::read_to_string(runs.join("first/config.toml")).unwrap();
+    assert!(saved.contains("dataset = \"folder\""), "{saved}");
+    assert!(saved.contains("image_size = 8"), "{saved}");
+    // The default cache folder is beside the run directory.
+    let cache = runs.join("image-cache");
+    assert!(saved.contains(cache.to_str().unwrap()), "{saved}");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+
+    let out = run_ok(&args("second"));
+    let e = stderr(&out);
+    assert!(e.contains("cache hit: 30 images read from"), "{e}");
+    assert!(!e.contains("decoded 30"), "{e}");
+    // Same data and seed through the cache: the same run.
+    assert_eq!(
+        metrics(&runs.join("first"))[0]["train_loss"],
+        metrics(&runs.join("second"))[0]["train_loss"]
+    );
+
+    // A corrupt image is named in a one-line error (and the changed file makes the cache
+    // stale, so it is decoded).
+    let bad = data.join("train/class1/3.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\n garbage").unwrap();
+    let out = Command::new(BIN).args(args("third")).output().unwrap();
+    one_line_error(&out, bad.to_str().unwrap());
+}

@@ -1,16 +1,17 @@
 //! Loading a whole dataset: files, training limit, validation split, label noise and
 //! normalisation, in that order.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
+use crate::folder::{self, FolderInfo, DEFAULT_IMAGE_SIZE, MAX_IMAGE_SIZE};
 use crate::idx::{self, IdxSplit};
 use crate::raw::RawSplit;
-use crate::{cifar, DataError, DatasetKind};
+use crate::{cifar, DataError, DatasetKind, Shape};
 
 /// Mixed into the seed of the label-noise RNG ("NOISE" in ASCII) so the noise draw is
 /// independent of every other stream derived from the same run seed.
@@ -19,7 +20,8 @@ const NOISE_SEED_TAG: u64 = 0x4e_4f49_5345;
 /// One split held in memory on the CPU.
 #[derive(Debug)]
 pub struct Split {
-    /// `[N, C, H, W]` float32 images, normalised per channel with [`DatasetKind::mean_std`].
+    /// `[N, C, H, W]` float32 images, normalised per channel with [`Dataset::mean`] and
+    /// [`Dataset::std`].
     pub images: Tensor,
     /// `[N]` int64 class indices.
     pub labels: Tensor,
@@ -59,6 +61,12 @@ pub struct LoadOptions {
     pub label_noise: f64,
     /// Seed of the label-noise draw.
     pub seed: u64,
+    /// Side length a folder data set's images are resized to; `None` is
+    /// [`DEFAULT_IMAGE_SIZE`]. The built-in data sets have fixed sizes and reject any other.
+    pub image_size: Option<i64>,
+    /// Folder for a folder data set's decoded-image cache (created when absent); `None`
+    /// decodes every image on every load.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -68,6 +76,8 @@ impl Default for LoadOptions {
             val_split: 0.0,
             label_noise: 0.0,
             seed: 0,
+            image_size: None,
+            cache_dir: None,
         }
     }
 }
@@ -93,6 +103,14 @@ impl LoadOptions {
                 "limit_train must be at least 1".to_string(),
             ));
         }
+        if let Some(s) = self.image_size {
+            // Below 4 the SimpleCNN's two 2x2 poolings leave nothing.
+            if !(4..=MAX_IMAGE_SIZE).contains(&s) {
+                return Err(DataError::InvalidOption(format!(
+                    "image_size {s} is outside 4..={MAX_IMAGE_SIZE}"
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -110,6 +128,18 @@ pub struct Dataset {
     pub test: Split,
     /// How many training labels were flipped by label noise.
     pub noisy_labels: usize,
+    /// Channels, side length and number of classes: what the model is built for.
+    pub shape: Shape,
+    /// Class names by label, for folder data sets (the folder names); empty for the
+    /// built-in ones.
+    pub classes: Vec<String>,
+    /// Per-channel mean of the pixels (scaled to 0..1) that was subtracted: the published
+    /// value for a built-in data set, the training split's own for a folder data set.
+    pub mean: Vec<f64>,
+    /// Per-channel standard deviation the pixels were divided by, as [`Dataset::mean`].
+    pub std: Vec<f64>,
+    /// How a folder data set was loaded (layout, cache hit or not, time); `None` otherwise.
+    pub folder: Option<FolderInfo>,
 }
 
 impl Dataset {
@@ -127,24 +157,51 @@ impl Dataset {
 
 /// Loads train and test from `dir`.
 ///
-/// Order: read files -> `limit_train` (first N training samples) -> validation split (the
-/// LAST `round(val_split * n)` of the limited training samples are held out, labels clean) ->
-/// symmetric label noise on the remaining training samples only -> normalise.
+/// Order: read files (or a folder data set's cache) -> `limit_train` (first N training
+/// samples) -> validation split (the LAST `round(val_split * n)` of the limited training
+/// samples are held out, labels clean) -> symmetric label noise on the remaining training
+/// samples only -> normalise (a folder data set with the mean and std of those remaining
+/// training samples).
 pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset, DataError> {
     opts.validate()?;
     if !dir.is_dir() {
         return Err(DataError::MissingDir(dir.to_path_buf()));
     }
-    let (mut train, test) = match kind {
-        DatasetKind::FashionMnist | DatasetKind::Mnist => (
-            idx::read_split(dir, IdxSplit::Train, kind)?,
-            idx::read_split(dir, IdxSplit::Test, kind)?,
-        ),
-        DatasetKind::Cifar10 | DatasetKind::Cifar100 => {
-            (cifar::read_train(dir, kind)?, cifar::read_test(dir, kind)?)
+    if let (Some(fixed), Some(asked)) = (kind.shape(), opts.image_size) {
+        if fixed.image_size != asked {
+            return Err(DataError::InvalidOption(format!(
+                "image_size {asked}: {kind} images are {0}x{0}; resizing applies to folder data sets only",
+                fixed.image_size
+            )));
+        }
+    }
+    let mut classes = Vec::new();
+    let mut folder_info = None;
+    let (mut train, test, shape) = match (kind, kind.shape()) {
+        (DatasetKind::FashionMnist | DatasetKind::Mnist, Some(shape)) => {
+            // Train and test are separate files: decompress them on two cores.
+            let (train, test) = rayon::join(
+                || idx::read_split(dir, IdxSplit::Train, kind),
+                || idx::read_split(dir, IdxSplit::Test, kind),
+            );
+            (train?, test?, shape)
+        }
+        (DatasetKind::Cifar10 | DatasetKind::Cifar100, Some(shape)) => {
+            let (train, test) = rayon::join(
+                || cifar::read_train(dir, kind),
+                || cifar::read_test(dir, kind),
+            );
+            (train?, test?, shape)
+        }
+        _ => {
+            let size = opts.image_size.unwrap_or(DEFAULT_IMAGE_SIZE);
+            let loaded = folder::read(dir, size, opts.cache_dir.as_deref())?;
+            classes = loaded.classes;
+            folder_info = Some(loaded.info);
+            (loaded.train, loaded.test, loaded.shape)
         }
     };
-    let sample_len = (kind.channels() * kind.image_size() * kind.image_size()) as usize;
+    let sample_len = shape.sample_len();
 
     if let Some(limit) = opts.limit_train {
         train.truncate(limit, sample_len);
@@ -172,18 +229,62 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
 
     let noisy_labels = add_symmetric_noise(
         &mut train.labels,
-        kind.num_classes(),
+        shape.num_classes,
         opts.label_noise,
         opts.seed,
     );
 
+    let (mean, std) = match kind.mean_std() {
+        Some((mean, std)) => (mean.to_vec(), std.to_vec()),
+        None => channel_mean_std(&train.pixels, shape),
+    };
+    let norm = |raw: RawSplit| to_split(raw, shape, &mean, &std);
     Ok(Dataset {
         kind,
-        train: to_split(train, kind)?,
-        val: val.map(|v| to_split(v, kind)).transpose()?,
-        test: to_split(test, kind)?,
+        train: norm(train)?,
+        val: val.map(&norm).transpose()?,
+        test: norm(test)?,
         noisy_labels,
+        shape,
+        classes,
+        mean,
+        std,
+        folder: folder_info,
     })
+}
+
+/// Per-channel mean and standard deviation of `pixels` (channel-major images) scaled to
+/// 0..1. A constant channel gets std 1, so normalising it cannot divide by zero.
+fn channel_mean_std(pixels: &[u8], shape: Shape) -> (Vec<f64>, Vec<f64>) {
+    let c = shape.channels as usize;
+    let plane = (shape.image_size * shape.image_size) as usize;
+    // Exact integer sums: 255² per pixel times billions of pixels still fits a u64.
+    let mut sum = vec![0u64; c];
+    let mut sq = vec![0u64; c];
+    for image in pixels.chunks_exact(c * plane) {
+        for (ch, values) in image.chunks_exact(plane).enumerate() {
+            for &v in values {
+                sum[ch] += u64::from(v);
+                sq[ch] += u64::from(v) * u64::from(v);
+            }
+        }
+    }
+    let count = (pixels.len() / c).max(1) as f64;
+    let mean: Vec<f64> = sum.iter().map(|&s| s as f64 / count / 255.0).collect();
+    let std = sq
+        .iter()
+        .zip(&mean)
+        .map(|(&q, m)| {
+            let var = q as f64 / count / (255.0 * 255.0) - m * m;
+            let sd = var.max(0.0).sqrt();
+            if sd > 1e-6 {
+                sd
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    (mean, std)
 }
 
 /// Replaces exactly `round(fraction * n)` labels, at distinct indices, each by a uniformly
@@ -205,16 +306,15 @@ fn add_symmetric_noise(labels: &mut [u8], num_classes: i64, fraction: f64, seed:
 }
 
 /// Builds the normalised float tensors of one split.
-fn to_split(raw: RawSplit, kind: DatasetKind) -> Result<Split, DataError> {
+fn to_split(raw: RawSplit, shape: Shape, mean: &[f64], std: &[f64]) -> Result<Split, DataError> {
     let n = raw.len() as i64;
-    let (c, s) = (kind.channels(), kind.image_size());
+    let (c, s) = (shape.channels, shape.image_size);
     let labels: Vec<i64> = raw.labels.iter().map(|&l| i64::from(l)).collect();
     let labels = Tensor::f_from_slice(&labels)?;
     let mut images = Tensor::f_from_slice(&raw.pixels)?
         .f_reshape([n, c, s, s])?
         .f_to_kind(Kind::Float)?;
     drop(raw);
-    let (mean, std) = kind.mean_std();
     let mean = Tensor::f_from_slice(mean)?
         .f_to_kind(Kind::Float)?
         .f_reshape([1, c, 1, 1])?;
@@ -244,7 +344,7 @@ mod tests {
 
     /// The normalised value the loader must produce for a raw byte in channel `c`.
     fn expected(kind: DatasetKind, raw: &[u8], sample_len: usize) -> Vec<f32> {
-        let (mean, std) = kind.mean_std();
+        let (mean, std) = kind.mean_std().unwrap();
         let plane = sample_len / mean.len();
         raw.iter()
             .enumerate()
@@ -312,7 +412,7 @@ mod tests {
         assert_eq!(labels_of(&ds.train), vec![1, 2, 3, 8, 4, 5]);
         assert_eq!(labels_of(&ds.test), vec![7]);
         // Samples 2 and 3 come from batch 3; check one pixel per channel by coordinates.
-        let (mean, std) = kind.mean_std();
+        let (mean, std) = kind.mean_std().unwrap();
         for (c, y, x) in [(0usize, 0usize, 0usize), (1, 5, 17), (2, 31, 31)] {
             let raw = px[3072 + c * 1024 + y * 32 + x];
             let want = ((f64::from(raw) / 255.0 - mean[c]) / std[c]) as f32;

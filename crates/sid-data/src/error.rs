@@ -109,8 +109,63 @@ pub enum DataError {
 
     /// A dataset name that is none of [`crate::DatasetKind::ALL`]; the message lists the
     /// valid names so the user can fix the flag or config at once.
-    #[error("unknown dataset {0:?}, expected one of: fashion-mnist, mnist, cifar10, cifar100")]
+    #[error(
+        "unknown dataset {0:?}, expected one of: fashion-mnist, mnist, cifar10, cifar100, folder"
+    )]
     UnknownDataset(String),
+
+    /// An image of a folder data set cannot be read or decoded (corrupt, truncated, or not
+    /// really a PNG / JPEG).
+    #[error("{}: cannot decode image: {reason}", .path.display())]
+    BadImage {
+        /// The image file.
+        path: PathBuf,
+        /// What the decoder said.
+        reason: String,
+    },
+
+    /// A class folder of a folder data set holds no PNG or JPEG file.
+    #[error("class folder {} holds no PNG or JPEG images", .0.display())]
+    EmptyClass(PathBuf),
+
+    /// A test (or validation) image belongs to a class the training split does not have, so
+    /// no label index exists for it.
+    #[error("{}: class {class:?} does not exist in the training split", .path.display())]
+    UnknownClass {
+        /// The test class folder, or the annotation file naming the class.
+        path: PathBuf,
+        /// The class name.
+        class: String,
+    },
+
+    /// A folder data set lacks a split: no `train/`, or neither `test/` nor `val/`.
+    #[error("{}: {what}", .dir.display())]
+    MissingSplit {
+        /// The data directory.
+        dir: PathBuf,
+        /// Which split is missing and the layouts that were looked for.
+        what: &'static str,
+    },
+
+    /// A line of a Tiny-ImageNet annotation or class list cannot be parsed.
+    #[error("{}: line {line}: {detail}", .path.display())]
+    BadAnnotation {
+        /// The annotation file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        detail: String,
+    },
+
+    /// A folder data set has more classes than the one-byte labels can number.
+    #[error("{}: {count} classes, at most 256 are supported", .dir.display())]
+    TooManyClasses {
+        /// The folder holding the class folders.
+        dir: PathBuf,
+        /// How many classes were found.
+        count: usize,
+    },
 
     /// A [`crate::LoadOptions`] value is out of range or leaves an empty split.
     #[error("invalid option: {0}")]

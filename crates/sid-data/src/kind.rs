@@ -8,7 +8,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::DataError;
 
-/// One of the four image-classification datasets sid can train on.
+/// Side length, channels and class count of a data set's samples: what the model's input and
+/// output layers are built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Shape {
+    /// Colour channels per image (1 grey, 3 RGB).
+    pub channels: i64,
+    /// Side length of the square images.
+    pub image_size: i64,
+    /// Number of classes; labels are `0..num_classes`.
+    pub num_classes: i64,
+}
+
+impl Shape {
+    /// Bytes (and floats) per image: `channels * image_size^2`.
+    pub fn sample_len(&self) -> usize {
+        (self.channels * self.image_size * self.image_size) as usize
+    }
+}
+
+/// One of the image-classification datasets sid can train on: four built-in ones with fixed
+/// shapes, and [`DatasetKind::Folder`], the user's own images, whose shape is known only once
+/// loaded.
 ///
 /// Serialised (and displayed) by its kebab-case name, e.g. `"fashion-mnist"`, so configs and
 /// run records stay readable and stable if variants are reordered.
@@ -26,15 +47,20 @@ pub enum DatasetKind {
     /// CIFAR-100: 32x32 RGB, 100 fine classes, binary version.
     #[serde(rename = "cifar100", alias = "cifar-100")]
     Cifar100,
+    /// The user's own PNG / JPEG images in class folders (ImageFolder or Tiny-ImageNet
+    /// layout, see `folder.rs`); classes, channels and size come from the files.
+    #[serde(rename = "folder")]
+    Folder,
 }
 
 impl DatasetKind {
     /// Every dataset, in the order they are listed in help texts.
-    pub const ALL: [DatasetKind; 4] = [
+    pub const ALL: [DatasetKind; 5] = [
         DatasetKind::FashionMnist,
         DatasetKind::Mnist,
         DatasetKind::Cifar10,
         DatasetKind::Cifar100,
+        DatasetKind::Folder,
     ];
 
     /// The canonical kebab-case name, as accepted on the command line and written to configs.
@@ -44,31 +70,24 @@ impl DatasetKind {
             DatasetKind::Mnist => "mnist",
             DatasetKind::Cifar10 => "cifar10",
             DatasetKind::Cifar100 => "cifar100",
+            DatasetKind::Folder => "folder",
         }
     }
 
-    /// Number of classes (CIFAR-100 uses its 100 fine labels).
-    pub fn num_classes(&self) -> i64 {
-        match self {
-            DatasetKind::Cifar100 => 100,
-            _ => 10,
-        }
-    }
-
-    /// Colour channels per image.
-    pub fn channels(&self) -> i64 {
-        match self {
-            DatasetKind::FashionMnist | DatasetKind::Mnist => 1,
-            DatasetKind::Cifar10 | DatasetKind::Cifar100 => 3,
-        }
-    }
-
-    /// Side length of the square images.
-    pub fn image_size(&self) -> i64 {
-        match self {
-            DatasetKind::FashionMnist | DatasetKind::Mnist => 28,
-            DatasetKind::Cifar10 | DatasetKind::Cifar100 => 32,
-        }
+    /// The fixed shape of a built-in data set (CIFAR-100 uses its 100 fine labels); `None`
+    /// for [`DatasetKind::Folder`], whose shape is [`crate::Dataset::shape`] once loaded.
+    pub fn shape(&self) -> Option<Shape> {
+        let (channels, image_size, num_classes) = match self {
+            DatasetKind::FashionMnist | DatasetKind::Mnist => (1, 28, 10),
+            DatasetKind::Cifar10 => (3, 32, 10),
+            DatasetKind::Cifar100 => (3, 32, 100),
+            DatasetKind::Folder => return None,
+        };
+        Some(Shape {
+            channels,
+            image_size,
+            num_classes,
+        })
     }
 
     /// Where the dataset is looked for when no directory is given. The MNIST-likes live in a
@@ -79,23 +98,27 @@ impl DatasetKind {
             DatasetKind::Mnist => "/usr/share/datasets/mnist",
             DatasetKind::Cifar10 => "data/cifar-10-batches-bin",
             DatasetKind::Cifar100 => "data/cifar-100-binary",
+            DatasetKind::Folder => "data/images",
         })
     }
 
     /// Per-channel mean and standard deviation of the training pixels (in 0..1), used to
     /// normalise inputs to roughly zero mean and unit variance. These are the usual published
-    /// values, so results stay comparable with other work.
-    pub fn mean_std(&self) -> (&'static [f64], &'static [f64]) {
-        match self {
+    /// values, so results stay comparable with other work. `None` for
+    /// [`DatasetKind::Folder`]: its statistics are computed from its training images.
+    pub fn mean_std(&self) -> Option<(&'static [f64], &'static [f64])> {
+        Some(match self {
             DatasetKind::FashionMnist => (&[0.2860], &[0.3530]),
             DatasetKind::Mnist => (&[0.1307], &[0.3081]),
             DatasetKind::Cifar10 => (&[0.4914, 0.4822, 0.4465], &[0.2470, 0.2435, 0.2616]),
             DatasetKind::Cifar100 => (&[0.5071, 0.4865, 0.4409], &[0.2673, 0.2564, 0.2762]),
-        }
+            DatasetKind::Folder => return None,
+        })
     }
 
     /// Whether crop+flip augmentation is on unless asked otherwise: it is standard for CIFAR,
-    /// while flipping digits would change their meaning.
+    /// while flipping digits would change their meaning. Off for folder data sets, since
+    /// whether a flip keeps an image's class depends on the images (`--augment` turns it on).
     pub fn augments_by_default(&self) -> bool {
         matches!(self, DatasetKind::Cifar10 | DatasetKind::Cifar100)
     }
@@ -118,6 +141,7 @@ impl FromStr for DatasetKind {
             "mnist" => Ok(DatasetKind::Mnist),
             "cifar10" | "cifar-10" => Ok(DatasetKind::Cifar10),
             "cifar100" | "cifar-100" => Ok(DatasetKind::Cifar100),
+            "folder" => Ok(DatasetKind::Folder),
             _ => Err(DataError::UnknownDataset(s.to_string())),
         }
     }
@@ -183,16 +207,22 @@ mod tests {
             (Cifar100, 100, 3, 32, true),
         ];
         for (kind, classes, channels, size, aug) in rows {
-            assert_eq!(kind.num_classes(), classes);
-            assert_eq!(kind.channels(), channels);
-            assert_eq!(kind.image_size(), size);
+            let shape = kind.shape().unwrap();
+            assert_eq!(shape.num_classes, classes);
+            assert_eq!(shape.channels, channels);
+            assert_eq!(shape.image_size, size);
+            assert_eq!(shape.sample_len() as i64, channels * size * size);
             assert_eq!(kind.augments_by_default(), aug);
-            let (mean, std) = kind.mean_std();
+            let (mean, std) = kind.mean_std().unwrap();
             assert_eq!(mean.len() as i64, channels);
             assert_eq!(std.len() as i64, channels);
         }
-        assert_eq!(Mnist.mean_std().0, &[0.1307]);
-        assert_eq!(Cifar10.mean_std().1, &[0.2470, 0.2435, 0.2616]);
+        // A folder's shape and statistics come from its files.
+        assert_eq!(Folder.shape(), None);
+        assert_eq!(Folder.mean_std(), None);
+        assert!(!Folder.augments_by_default());
+        assert_eq!(Mnist.mean_std().unwrap().0, &[0.1307]);
+        assert_eq!(Cifar10.mean_std().unwrap().1, &[0.2470, 0.2435, 0.2616]);
         assert_eq!(
             FashionMnist.default_dir(),
             PathBuf::from("/usr/share/datasets/fashion-mnist")

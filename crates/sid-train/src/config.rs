@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use sid_core::{ExtractorKind, LossConfig, Method, ModelConfig};
-use sid_data::DatasetKind;
+use sid_data::{DatasetKind, Shape};
 
 use crate::{Result, TrainError};
 
@@ -18,6 +18,15 @@ pub struct RunConfig {
     pub dataset: DatasetKind,
     /// Where its files are; `None` uses the data set's default folder.
     pub data_dir: Option<PathBuf>,
+    /// Side length the images of a `folder` data set are resized to (`None`: 32); the
+    /// built-in data sets have fixed sizes.
+    pub image_size: Option<i64>,
+    /// Where a `folder` data set's decoded images are cached; `None` decodes on every load.
+    pub cache_dir: Option<PathBuf>,
+    /// The shape of the loaded data, which the model is built for; set by the trainer after
+    /// loading (a `folder` data set's shape is known only then), never saved.
+    #[serde(skip)]
+    pub loaded_shape: Option<Shape>,
     /// Devices: `cpu`, `cpu:4`, `0`, `0,1,2,3`, `0,0` …
     pub gpus: String,
     /// Feature extractor: `cnn` (reference SimpleCNN) or `mlp`.
@@ -97,6 +106,9 @@ impl Default for RunConfig {
             method: Method::Sid,
             dataset: DatasetKind::FashionMnist,
             data_dir: None,
+            image_size: None,
+            cache_dir: None,
+            loaded_shape: None,
             gpus: "cpu".into(),
             model: model.extractor,
             modules: model.modules,
@@ -139,13 +151,27 @@ impl RunConfig {
         toml::to_string_pretty(self).expect("a RunConfig always serialises")
     }
 
+    /// The data shape the model is built for: the loaded data's, else the built-in data set's;
+    /// for a `folder` data set not loaded yet, a provisional one (3 channels, the image size,
+    /// 2 classes) against which the other settings can already be checked.
+    pub fn data_shape(&self) -> Shape {
+        self.loaded_shape
+            .or_else(|| self.dataset.shape())
+            .unwrap_or(Shape {
+                channels: 3,
+                image_size: self.image_size.unwrap_or(sid_data::DEFAULT_IMAGE_SIZE),
+                num_classes: 2,
+            })
+    }
+
     /// The network shape this config asks for.
     pub fn model_config(&self) -> ModelConfig {
+        let shape = self.data_shape();
         ModelConfig {
             extractor: self.model,
-            in_channels: self.dataset.channels(),
-            image_size: self.dataset.image_size(),
-            num_classes: self.dataset.num_classes(),
+            in_channels: shape.channels,
+            image_size: shape.image_size,
+            num_classes: shape.num_classes,
             feature_dim: self.feature_dim,
             modules: self.modules,
             module_hidden: self.module_hidden,
@@ -254,6 +280,18 @@ impl RunConfig {
         }
         if self.limit_train == Some(0) {
             return bad("limit-train must be at least 1".into());
+        }
+        match (self.image_size, self.dataset) {
+            (Some(_), kind) if kind != DatasetKind::Folder => {
+                return bad(format!(
+                    "image size applies to --dataset folder only ({kind} images have a fixed size)"
+                ));
+            }
+            // Below 4 the SimpleCNN's two 2x2 poolings leave nothing.
+            (Some(s), _) if !(4..=1024).contains(&s) => {
+                return bad(format!("image size must be in 4..=1024, got {s}"));
+            }
+            _ => {}
         }
         if !(self.step_timeout > 0.0 && self.step_timeout.is_finite()) {
             return bad(format!(
@@ -390,6 +428,51 @@ mod tests {
             vec!["alpha".to_string(), "limit_train".to_string()]
         );
         assert!(a.changed_from(&a).is_empty());
+    }
+
+    #[test]
+    fn folder_image_size_and_shape() {
+        let folder = RunConfig {
+            dataset: DatasetKind::Folder,
+            image_size: Some(16),
+            cache_dir: Some("cache".into()),
+            ..Default::default()
+        };
+        folder.validate().unwrap();
+        // Before loading, a provisional shape; after, the data's.
+        assert_eq!(folder.model_config().image_size, 16);
+        let loaded = RunConfig {
+            loaded_shape: Some(Shape {
+                channels: 1,
+                image_size: 16,
+                num_classes: 7,
+            }),
+            ..folder.clone()
+        };
+        let m = loaded.model_config();
+        assert_eq!((m.in_channels, m.image_size, m.num_classes), (1, 16, 7));
+        // Saved in config.toml, except the loaded shape.
+        let text = loaded.to_toml();
+        assert!(
+            text.contains("image_size = 16") && text.contains("cache_dir"),
+            "{text}"
+        );
+        assert_eq!(RunConfig::from_toml(&text).unwrap(), folder);
+        let m = RunConfig::default().model_config();
+        assert_eq!((m.in_channels, m.image_size, m.num_classes), (1, 28, 10));
+        for bad in [
+            RunConfig {
+                image_size: Some(16),
+                ..Default::default()
+            },
+            RunConfig {
+                image_size: Some(3),
+                ..folder.clone()
+            },
+        ] {
+            let e = bad.validate().unwrap_err().to_string();
+            assert!(e.contains("image size"), "{e}");
+        }
     }
 
     #[test]

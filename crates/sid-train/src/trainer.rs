@@ -251,6 +251,8 @@ fn load_data(cfg: &RunConfig) -> Result<Dataset> {
         val_split: cfg.val_split,
         label_noise: cfg.label_noise,
         seed: cfg.seed,
+        image_size: cfg.image_size,
+        cache_dir: cfg.cache_dir.clone(),
     };
     Ok(sid_data::load(
         cfg.dataset,
@@ -271,6 +273,7 @@ impl Run {
         }
         let devices = resolve_devices(&cfg.gpus)?;
         let data = load_data(&cfg)?;
+        cfg.loaded_shape = Some(data.shape);
         let built = build_network(&cfg, &devices)?;
         let data = data_on_input_device(data, built.net.as_ref());
         cfg.placement = built.placement.clone();
@@ -343,6 +346,7 @@ impl Run {
         }
         let devices = resolve_devices(&cfg.gpus)?;
         let data = load_data(&cfg)?;
+        cfg.loaded_shape = Some(data.shape);
         let Built {
             mut net,
             layout,
@@ -450,6 +454,15 @@ impl Run {
             test: self.data.test.len(),
             noisy_labels: self.data.noisy_labels,
         });
+        if let Some(folder) = &self.data.folder {
+            on_event(Event::Notice(format!(
+                "{} classes, {}x{}x{} images; {folder}",
+                self.data.shape.num_classes,
+                self.data.shape.channels,
+                self.data.shape.image_size,
+                self.data.shape.image_size
+            )));
+        }
         let n = self.data.train.len();
         let steps = sid_data::num_batches(n, self.cfg.batch_size) as usize;
         let device = self.net.input_device();

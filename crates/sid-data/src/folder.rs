@@ -1,0 +1,1021 @@
+//! The user's own images: PNG and JPEG files in class folders.
+//!
+//! Two layouts are recognised, automatically:
+//!
+//! * **ImageFolder**: `DIR/train/<class>/*` and `DIR/test/<class>/*` (or `DIR/val/<class>/*`
+//!   when there is no `test/`). Classes are the training folder names, sorted; a test folder
+//!   may hold fewer classes but none that training lacks.
+//! * **Tiny-ImageNet**: chosen when `DIR/wnids.txt` or `DIR/val/val_annotations.txt` exists.
+//!   Training images are `train/<wnid>/images/*`, classes are the lines of `wnids.txt` (or the
+//!   sorted training folders), and the test split is `val/images/*` labelled by
+//!   `val/val_annotations.txt` (tab-separated: file, wnid, box…). Its unlabelled `test/` is
+//!   not used.
+//!
+//! Only files named `*.png`, `*.jpg` or `*.jpeg` (any case, not hidden) count as images. Every
+//! image is decoded in parallel (rayon), resized to fill `size x size` (shorter side to `size`
+//! with a triangle filter, then centre-cropped; images already that size are kept as they are)
+//! and converted to RGB, or kept grey (one channel) when **every** image of both splits is
+//! stored as greyscale, so a grey data set costs a third of the memory and a colour one never
+//! loses its colour. Alpha is dropped.
+//!
+//! The training images are stored in a fixed shuffled order (not the run seed), so that
+//! `limit_train` and the validation hold-out, which take the first and last samples, draw from
+//! every class. The decoded bytes are cached in one file whose key covers every file's path,
+//! label, size and modification time and the image size: the next load with the same files
+//! reads the cache and decodes nothing; any change to the files rebuilds it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, UNIX_EPOCH};
+
+use image::imageops::FilterType;
+use image::{ColorType, ImageReader};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::raw::RawSplit;
+use crate::{DataError, Shape};
+
+/// Side length folder images are resized to when none is asked for: CIFAR's, so the reference
+/// SimpleCNN costs what it costs on CIFAR. Tiny-ImageNet's full resolution is 64.
+pub const DEFAULT_IMAGE_SIZE: i64 = 32;
+
+/// Largest accepted side length: 1024² RGB bytes per image is already 3 MiB.
+pub(crate) const MAX_IMAGE_SIZE: i64 = 1024;
+
+/// First bytes of a cache file; the digit is the format version.
+const CACHE_MAGIC: &[u8; 8] = b"SIDIMG01";
+
+/// Bytes of a cache file's fixed header: magic, key, channels, size, two counts.
+const HEADER_LEN: usize = 8 + 8 + 4 + 4 + 8 + 8;
+
+/// Seed of the fixed training order ("ORDER" in ASCII): independent of the run seed so the
+/// cache serves every run.
+const ORDER_SEED: u64 = 0x4f_5244_4552;
+
+/// Which on-disk layout a folder data set has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `train/<class>/*`, `test/<class>/*` or `val/<class>/*`.
+    ImageFolder,
+    /// `train/<wnid>/images/*`, `val/images/*` + `val/val_annotations.txt`, `wnids.txt`.
+    TinyImageNet,
+}
+
+impl Layout {
+    fn code(self) -> u8 {
+        match self {
+            Layout::ImageFolder => 0,
+            Layout::TinyImageNet => 1,
+        }
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Layout::ImageFolder => "ImageFolder",
+            Layout::TinyImageNet => "Tiny-ImageNet",
+        })
+    }
+}
+
+/// Where the decoded images came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Read from this cache file; no image was decoded.
+    Hit(PathBuf),
+    /// Decoded, then written to this cache file for the next load.
+    Written(PathBuf),
+    /// Decoded; no cache directory was given.
+    Off,
+}
+
+/// How a folder data set was loaded, for the user to see.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FolderInfo {
+    /// The layout detected.
+    pub layout: Layout,
+    /// Images in the training folder(s), before any limit or hold-out.
+    pub train_images: usize,
+    /// Images in the test (or validation) folder(s).
+    pub test_images: usize,
+    /// Whether the cache was read, written or not used.
+    pub cache: CacheStatus,
+    /// Seconds spent listing, decoding (or reading the cache) and writing the cache.
+    pub seconds: f64,
+}
+
+impl FolderInfo {
+    /// Whether the images came from the cache without decoding.
+    pub fn cache_hit(&self) -> bool {
+        matches!(self.cache, CacheStatus::Hit(_))
+    }
+}
+
+impl fmt::Display for FolderInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.train_images + self.test_images;
+        write!(f, "{} layout, ", self.layout)?;
+        match &self.cache {
+            CacheStatus::Hit(p) => write!(
+                f,
+                "cache hit: {n} images read from {} in {:.2} s, none decoded",
+                p.display(),
+                self.seconds
+            ),
+            CacheStatus::Written(p) => write!(
+                f,
+                "decoded {n} images in {:.2} s, cache written to {}",
+                self.seconds,
+                p.display()
+            ),
+            CacheStatus::Off => write!(f, "decoded {n} images in {:.2} s (no cache)", self.seconds),
+        }
+    }
+}
+
+/// A folder data set as raw bytes, before limits and normalisation.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    pub train: RawSplit,
+    pub test: RawSplit,
+    pub shape: Shape,
+    pub classes: Vec<String>,
+    pub info: FolderInfo,
+}
+
+/// The files of a folder data set and their labels, in storage order.
+#[derive(Debug)]
+struct Listing {
+    layout: Layout,
+    classes: Vec<String>,
+    train: Vec<(PathBuf, u8)>,
+    test: Vec<(PathBuf, u8)>,
+}
+
+/// Loads the folder data set in `dir` at `size x size`, from the cache in `cache_dir` when it
+/// is current, otherwise by decoding (and then writing the cache there).
+pub(crate) fn read(dir: &Path, size: i64, cache_dir: Option<&Path>) -> Result<Loaded, DataError> {
+    let started = Instant::now();
+    let listing = list(dir)?;
+    let key = cache_key(dir, &listing, size)?;
+    let cache_path = cache_dir.map(|d| d.join(cache_file_name(dir, size)));
+    let (train_images, test_images) = (listing.train.len(), listing.test.len());
+    let info = |cache: CacheStatus| FolderInfo {
+        layout: listing.layout,
+        train_images,
+        test_images,
+        cache,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    if let Some(path) = &cache_path {
+        if let Some((shape, train, test)) = read_cache(path, key, &listing) {
+            return Ok(Loaded {
+                train,
+                test,
+                shape,
+                classes: listing.classes.clone(),
+                info: info(CacheStatus::Hit(path.clone())),
+            });
+        }
+    }
+    let (shape, train, test) = decode_all(&listing, size)?;
+    let status = match &cache_path {
+        Some(path) => {
+            write_cache(path, key, &listing.classes, shape, &train, &test)?;
+            CacheStatus::Written(path.clone())
+        }
+        None => CacheStatus::Off,
+    };
+    Ok(Loaded {
+        train,
+        test,
+        shape,
+        info: info(status),
+        classes: listing.classes,
+    })
+}
+
+/// Finds the layout, the classes and every image with its label.
+fn list(dir: &Path) -> Result<Listing, DataError> {
+    if !dir.is_dir() {
+        return Err(DataError::MissingDir(dir.to_path_buf()));
+    }
+    let train_dir = dir.join("train");
+    if !train_dir.is_dir() {
+        return Err(DataError::MissingSplit {
+            dir: dir.to_path_buf(),
+            what: "no train/ folder (expected train/<class>/<images> with test/ or val/ beside it, or Tiny-ImageNet's train/<wnid>/images/)",
+        });
+    }
+    let tiny = dir.join("wnids.txt").is_file() || dir.join("val/val_annotations.txt").is_file();
+    let mut listing = if tiny {
+        list_tiny_imagenet(dir, &train_dir)?
+    } else {
+        list_image_folder(dir, &train_dir)?
+    };
+    // Fixed, class-mixing order: see the module documentation.
+    listing
+        .train
+        .shuffle(&mut ChaCha8Rng::seed_from_u64(ORDER_SEED));
+    Ok(listing)
+}
+
+fn list_image_folder(dir: &Path, train_dir: &Path) -> Result<Listing, DataError> {
+    let classes = subdirs(train_dir)?;
+    if classes.is_empty() {
+        return Err(DataError::MissingSplit {
+            dir: train_dir.to_path_buf(),
+            what: "holds no class folders",
+        });
+    }
+    check_class_count(train_dir, classes.len())?;
+    let mut train = Vec::new();
+    for (label, class) in classes.iter().enumerate() {
+        let folder = train_dir.join(class);
+        train.extend(images_in(&folder)?.into_iter().map(|p| (p, label as u8)));
+    }
+    let test_dir = ["test", "val"]
+        .iter()
+        .map(|s| dir.join(s))
+        .find(|d| d.is_dir())
+        .ok_or_else(|| DataError::MissingSplit {
+            dir: dir.to_path_buf(),
+            what: "no test/ or val/ folder beside train/ (expected test/<class>/<images> or val/<class>/<images>)",
+        })?;
+    let test_classes = subdirs(&test_dir)?;
+    if test_classes.is_empty() {
+        return Err(DataError::MissingSplit {
+            dir: test_dir,
+            what: "holds no class folders",
+        });
+    }
+    let mut test = Vec::new();
+    for class in test_classes {
+        let folder = test_dir.join(&class);
+        let Some(label) = classes.iter().position(|c| *c == class) else {
+            return Err(DataError::UnknownClass {
+                path: folder,
+                class,
+            });
+        };
+        test.extend(images_in(&folder)?.into_iter().map(|p| (p, label as u8)));
+    }
+    Ok(Listing {
+        layout: Layout::ImageFolder,
+        classes,
+        train,
+        test,
+    })
+}
+
+fn list_tiny_imagenet(dir: &Path, train_dir: &Path) -> Result<Listing, DataError> {
+    let wnids_path = dir.join("wnids.txt");
+    let classes: Vec<String> = if wnids_path.is_file() {
+        let text = read_text(&wnids_path)?;
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
+    } else {
+        subdirs(train_dir)?
+    };
+    if classes.is_empty() {
+        return Err(DataError::MissingSplit {
+            dir: train_dir.to_path_buf(),
+            what: "holds no class folders (and wnids.txt names none)",
+        });
+    }
+    check_class_count(train_dir, classes.len())?;
+    let mut train = Vec::new();
+    for (label, wnid) in classes.iter().enumerate() {
+        let folder = train_dir.join(wnid).join("images");
+        if !folder.is_dir() {
+            return Err(DataError::EmptyClass(folder));
+        }
+        train.extend(images_in(&folder)?.into_iter().map(|p| (p, label as u8)));
+    }
+    let ann = dir.join("val").join("val_annotations.txt");
+    if !ann.is_file() {
+        return Err(DataError::MissingSplit {
+            dir: dir.to_path_buf(),
+            what: "Tiny-ImageNet layout (wnids.txt) but no val/val_annotations.txt to label the validation images with",
+        });
+    }
+    let index: HashMap<&str, u8> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), i as u8))
+        .collect();
+    let images = dir.join("val").join("images");
+    let mut test = Vec::new();
+    for (i, line) in read_text(&ann)?.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = line.split('\t');
+        let (Some(file), Some(wnid)) = (fields.next(), fields.next()) else {
+            return Err(DataError::BadAnnotation {
+                path: ann,
+                line: i + 1,
+                detail: "expected FILE<tab>WNID<tab>box…".into(),
+            });
+        };
+        let Some(&label) = index.get(wnid.trim()) else {
+            return Err(DataError::UnknownClass {
+                path: ann,
+                class: wnid.trim().to_string(),
+            });
+        };
+        let path = images.join(file.trim());
+        if !path.is_file() {
+            return Err(DataError::MissingFile {
+                path,
+                also_tried: None,
+            });
+        }
+        test.push((path, label));
+    }
+    if test.is_empty() {
+        return Err(DataError::Empty { path: ann });
+    }
+    Ok(Listing {
+        layout: Layout::TinyImageNet,
+        classes,
+        train,
+        test,
+    })
+}
+
+fn check_class_count(dir: &Path, count: usize) -> Result<(), DataError> {
+    // Labels are stored as one byte, as for the built-in data sets.
+    if count > 256 {
+        return Err(DataError::TooManyClasses {
+            dir: dir.to_path_buf(),
+            count,
+        });
+    }
+    Ok(())
+}
+
+fn read_text(path: &Path) -> Result<String, DataError> {
+    std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))
+}
+
+fn is_hidden(name: &str) -> bool {
+    name.starts_with('.')
+}
+
+/// Names of the non-hidden folders in `dir`, sorted.
+fn subdirs(dir: &Path) -> Result<Vec<String>, DataError> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        let entry = entry.map_err(|e| DataError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !is_hidden(&name) && entry.path().is_dir() {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The PNG and JPEG files in `folder`, sorted by name; an error when there are none.
+fn images_in(folder: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(folder).map_err(|e| DataError::io(folder, e))? {
+        let entry = entry.map_err(|e| DataError::io(folder, e))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().to_ascii_lowercase();
+        let image = [".png", ".jpg", ".jpeg"].iter().any(|e| name.ends_with(e));
+        if image && !is_hidden(&name) && path.is_file() {
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err(DataError::EmptyClass(folder.to_path_buf()));
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// One decoded image: `size * size * 3` RGB bytes (row-major, interleaved) and whether the
+/// file was greyscale.
+struct Decoded {
+    rgb: Vec<u8>,
+    grey: bool,
+}
+
+fn decode(path: &Path, size: u32) -> Result<Decoded, DataError> {
+    let bad = |reason: String| DataError::BadImage {
+        path: path.to_path_buf(),
+        reason,
+    };
+    // The content decides the format (a JPEG named .png still loads); the name is the
+    // fallback.
+    let img = ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| DataError::io(path, e))?
+        .decode()
+        // Some decoder messages span lines; the error must stay one line.
+        .map_err(|e| {
+            bad(e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "))
+        })?;
+    let grey = matches!(
+        img.color(),
+        ColorType::L8 | ColorType::La8 | ColorType::L16 | ColorType::La16
+    );
+    let img = if img.width() == size && img.height() == size {
+        img
+    } else {
+        img.resize_to_fill(size, size, FilterType::Triangle)
+    };
+    Ok(Decoded {
+        rgb: img.to_rgb8().into_raw(),
+        grey,
+    })
+}
+
+/// Decodes every image in parallel and lays them out channel-major, 1 or 3 channels.
+fn decode_all(listing: &Listing, size: i64) -> Result<(Shape, RawSplit, RawSplit), DataError> {
+    let side = size as u32;
+    let decode_split = |files: &[(PathBuf, u8)]| {
+        files
+            .par_iter()
+            .map(|(p, _)| decode(p, side))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let train = decode_split(&listing.train)?;
+    let test = decode_split(&listing.test)?;
+    let grey = train.iter().chain(&test).all(|d| d.grey);
+    let shape = Shape {
+        channels: if grey { 1 } else { 3 },
+        image_size: size,
+        num_classes: listing.classes.len() as i64,
+    };
+    let to_raw = |decoded: Vec<Decoded>, files: &[(PathBuf, u8)]| {
+        let plane = (size * size) as usize;
+        let mut pixels = Vec::with_capacity(decoded.len() * shape.sample_len());
+        for d in decoded {
+            // A grey image converted to RGB has three equal channels: keep the first.
+            for c in 0..shape.channels as usize {
+                pixels.extend((0..plane).map(|i| d.rgb[3 * i + c]));
+            }
+        }
+        RawSplit {
+            pixels,
+            labels: files.iter().map(|(_, l)| *l).collect(),
+        }
+    };
+    let train = to_raw(train, &listing.train);
+    let test = to_raw(test, &listing.test);
+    Ok((shape, train, test))
+}
+
+/// FNV-1a, 64 bit: a stable hash (std's `DefaultHasher` may change between Rust releases,
+/// which would needlessly invalidate caches).
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn bytes(mut self, bytes: &[u8]) -> Self {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self
+    }
+
+    /// Hashes a length-prefixed field, so that ("ab", "c") and ("a", "bc") differ.
+    fn field(self, bytes: &[u8]) -> Self {
+        self.bytes(&(bytes.len() as u64).to_le_bytes()).bytes(bytes)
+    }
+}
+
+/// The key a cache must carry to be used: the format, layout, image size, classes, and every
+/// file's path (relative to `dir`), label, size and modification time.
+fn cache_key(dir: &Path, listing: &Listing, size: i64) -> Result<u64, DataError> {
+    let mut h = Fnv::new()
+        .bytes(CACHE_MAGIC)
+        .bytes(&[listing.layout.code()])
+        .bytes(&size.to_le_bytes());
+    for class in &listing.classes {
+        h = h.field(class.as_bytes());
+    }
+    let files: Vec<&(PathBuf, u8)> = listing.train.iter().chain(&listing.test).collect();
+    // One stat per file; on a network file system these add up, so they run in parallel.
+    let stamps = files
+        .par_iter()
+        .map(|(path, label)| {
+            let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let rel = path.strip_prefix(dir).unwrap_or(path);
+            Ok(Fnv::new()
+                .field(rel.to_string_lossy().as_bytes())
+                .bytes(&[*label])
+                .bytes(&meta.len().to_le_bytes())
+                .bytes(&mtime.to_le_bytes())
+                .0)
+        })
+        .collect::<Result<Vec<u64>, DataError>>()?;
+    for s in stamps {
+        h = h.bytes(&s.to_le_bytes());
+    }
+    Ok(h.0)
+}
+
+/// One cache file per data folder and image size, so several data sets share a cache folder.
+fn cache_file_name(dir: &Path, size: i64) -> String {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let hash = Fnv::new().bytes(dir.to_string_lossy().as_bytes()).0;
+    format!("{name}-{hash:016x}-{size}px.sidcache")
+}
+
+/// Cache file layout, little-endian: magic, key u64, channels u32, size u32, n_train u64,
+/// n_test u64, the class names (each a u32 length and UTF-8 bytes), train labels, test
+/// labels, train pixels, test pixels.
+fn write_cache(
+    path: &Path,
+    key: u64,
+    classes: &[String],
+    shape: Shape,
+    train: &RawSplit,
+    test: &RawSplit,
+) -> Result<(), DataError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(CACHE_MAGIC);
+    header.extend_from_slice(&key.to_le_bytes());
+    header.extend_from_slice(&(shape.channels as u32).to_le_bytes());
+    header.extend_from_slice(&(shape.image_size as u32).to_le_bytes());
+    header.extend_from_slice(&(train.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(test.len() as u64).to_le_bytes());
+    for class in classes {
+        header.extend_from_slice(&(class.len() as u32).to_le_bytes());
+        header.extend_from_slice(class.as_bytes());
+    }
+    // Temp file in the same folder + fsync + rename: a reader sees the old cache or the whole
+    // new one, never a partial file; the pid keeps two concurrent runs apart.
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        for part in [
+            &header[..],
+            &train.labels,
+            &test.labels,
+            &train.pixels,
+            &test.pixels,
+        ] {
+            f.write_all(part)?;
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        DataError::io(path, e)
+    })
+}
+
+/// Reads the cache at `path` if it exists and carries `key`; anything else (absent, stale,
+/// truncated) is a miss, and the images are decoded again.
+fn read_cache(path: &Path, key: u64, listing: &Listing) -> Option<(Shape, RawSplit, RawSplit)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let file_len = file.metadata().ok()?.len();
+    let mut header = [0u8; HEADER_LEN];
+    file.read_exact(&mut header).ok()?;
+    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
+    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().unwrap_or([0; 4]));
+    if &header[..8] != CACHE_MAGIC || u64_at(8) != key {
+        return None;
+    }
+    let shape = Shape {
+        channels: i64::from(u32_at(16)),
+        image_size: i64::from(u32_at(20)),
+        num_classes: listing.classes.len() as i64,
+    };
+    let (n_train, n_test) = (u64_at(24) as usize, u64_at(32) as usize);
+    if !matches!(shape.channels, 1 | 3)
+        || n_train != listing.train.len()
+        || n_test != listing.test.len()
+    {
+        return None;
+    }
+    // Straight into the final buffers: a Tiny-ImageNet cache is over a GB, so no copy.
+    let mut read = |n: usize| -> Option<Vec<u8>> {
+        let mut v = vec![0u8; n];
+        file.read_exact(&mut v).ok()?;
+        Some(v)
+    };
+    let mut names_len = 0;
+    for class in &listing.classes {
+        let len = u32::from_le_bytes(read(4)?.try_into().ok()?) as usize;
+        if len != class.len() || read(len)? != class.as_bytes() {
+            return None;
+        }
+        names_len += 4 + len;
+    }
+    // A truncated file or trailing bytes: not a file this code wrote for these images.
+    let body = (n_train + n_test) * (1 + shape.sample_len());
+    if file_len != (HEADER_LEN + names_len + body) as u64 {
+        return None;
+    }
+    let train_labels = read(n_train)?;
+    let test_labels = read(n_test)?;
+    let train_pixels = read(n_train * shape.sample_len())?;
+    let test_pixels = read(n_test * shape.sample_len())?;
+    Some((
+        shape,
+        RawSplit {
+            pixels: train_pixels,
+            labels: train_labels,
+        },
+        RawSplit {
+            pixels: test_pixels,
+            labels: test_labels,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{load, DatasetKind, LoadOptions};
+    use image::{GrayImage, Luma, Rgb, RgbImage};
+
+    /// Writes a `w x h` image of one colour; the format follows the extension.
+    fn solid(path: &Path, w: u32, h: u32, rgb: [u8; 3]) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        RgbImage::from_pixel(w, h, Rgb(rgb)).save(path).unwrap();
+    }
+
+    fn grey(path: &Path, w: u32, h: u32, v: u8) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        GrayImage::from_pixel(w, h, Luma([v])).save(path).unwrap();
+    }
+
+    /// ImageFolder: `cat` red PNGs, `dog` green JPEGs (not square), `emu` blue PNGs; the test
+    /// split has cat and emu only.
+    fn image_folder(dir: &Path, test: &str) {
+        for i in 0..4 {
+            solid(&dir.join(format!("train/cat/{i}.png")), 12, 12, [250, 0, 0]);
+            solid(&dir.join(format!("train/dog/{i}.JPG")), 10, 14, [0, 200, 0]);
+            solid(&dir.join(format!("train/emu/{i}.png")), 12, 12, [0, 0, 150]);
+        }
+        solid(&dir.join(format!("{test}/cat/t.png")), 12, 12, [250, 0, 0]);
+        solid(&dir.join(format!("{test}/emu/t.png")), 8, 8, [0, 0, 150]);
+        solid(&dir.join(format!("{test}/emu/u.png")), 8, 8, [0, 0, 150]);
+        // Not images: ignored.
+        std::fs::write(dir.join("train/cat/notes.txt"), "x").unwrap();
+        std::fs::write(dir.join("train/cat/.hidden.png"), "x").unwrap();
+    }
+
+    fn opts(size: i64, cache: Option<&Path>) -> LoadOptions {
+        LoadOptions {
+            image_size: Some(size),
+            cache_dir: cache.map(Path::to_path_buf),
+            ..Default::default()
+        }
+    }
+
+    fn labels(t: &tch::Tensor) -> Vec<i64> {
+        Vec::<i64>::try_from(t).unwrap()
+    }
+
+    /// The raw bytes of image `i` of a split, undoing the normalisation.
+    fn raw_pixel(ds: &crate::Dataset, split: &crate::Split, i: i64, c: i64) -> f64 {
+        let v = split.images.double_value(&[i, c, 3, 4]);
+        (v * ds.std[c as usize] + ds.mean[c as usize]) * 255.0
+    }
+
+    #[test]
+    fn image_folder_png_and_jpeg_are_resized_rgb_with_class_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        image_folder(tmp.path(), "test");
+        let ds = load(DatasetKind::Folder, tmp.path(), &opts(8, None)).unwrap();
+        assert_eq!(ds.classes, vec!["cat", "dog", "emu"]);
+        let shape = Shape {
+            channels: 3,
+            image_size: 8,
+            num_classes: 3,
+        };
+        assert_eq!(ds.shape, shape);
+        assert_eq!(ds.train.images.size(), vec![12, 3, 8, 8]);
+        assert_eq!(ds.test.images.size(), vec![3, 3, 8, 8]);
+        assert_eq!(labels(&ds.test.labels), vec![0, 2, 2]);
+        let info = ds.folder.as_ref().unwrap();
+        assert_eq!(info.layout, Layout::ImageFolder);
+        assert_eq!((info.train_images, info.test_images), (12, 3));
+        assert_eq!(info.cache, CacheStatus::Off);
+        // Every class has 4 training images, and each image keeps its colour.
+        let train = labels(&ds.train.labels);
+        for class in 0..3 {
+            assert_eq!(train.iter().filter(|&&l| l == class).count(), 4);
+        }
+        let colours = [[250.0, 0.0, 0.0], [0.0, 200.0, 0.0], [0.0, 0.0, 150.0]];
+        for (i, &l) in train.iter().enumerate() {
+            for c in 0..3 {
+                let got = raw_pixel(&ds, &ds.train, i as i64, c);
+                let want = colours[l as usize][c as usize];
+                // JPEG is lossy; PNG is exact.
+                assert!((got - want).abs() < 4.0, "image {i} class {l} c{c}: {got}");
+            }
+        }
+        // The stored order mixes the classes (the first 4 are not all one class).
+        assert!(train[..4].iter().any(|&l| l != train[0]), "{train:?}");
+    }
+
+    #[test]
+    fn val_folder_is_the_test_split_when_there_is_no_test_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        image_folder(tmp.path(), "val");
+        let ds = load(DatasetKind::Folder, tmp.path(), &opts(6, None)).unwrap();
+        assert_eq!(ds.test.len(), 3);
+        assert_eq!(ds.shape.image_size, 6);
+    }
+
+    #[test]
+    fn all_grey_images_give_one_channel_and_one_colour_image_gives_three() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        for i in 0..3u8 {
+            grey(&d.join(format!("train/a/{i}.png")), 5, 5, 10 + i);
+            grey(&d.join(format!("train/b/{i}.jpeg")), 5, 5, 200);
+        }
+        grey(&d.join("test/b/0.png"), 5, 5, 200);
+        let ds = load(DatasetKind::Folder, d, &opts(5, None)).unwrap();
+        assert_eq!(ds.shape.channels, 1);
+        assert_eq!(ds.train.images.size(), vec![6, 1, 5, 5]);
+        assert_eq!(ds.mean.len(), 1);
+        solid(&d.join("test/b/1.png"), 5, 5, [1, 2, 3]);
+        let ds = load(DatasetKind::Folder, d, &opts(5, None)).unwrap();
+        assert_eq!(ds.shape.channels, 3);
+    }
+
+    #[test]
+    fn folder_statistics_normalise_the_training_split() {
+        let tmp = tempfile::tempdir().unwrap();
+        image_folder(tmp.path(), "test");
+        let o = LoadOptions {
+            val_split: 0.25,
+            ..opts(8, None)
+        };
+        let ds = load(DatasetKind::Folder, tmp.path(), &o).unwrap();
+        assert_eq!((ds.train.len(), ds.val.as_ref().unwrap().len()), (9, 3));
+        for c in 0..3 {
+            let ch = ds.train.images.select(1, c);
+            let mean = ch.mean(tch::Kind::Float).double_value(&[]);
+            let std = ch.std(false).double_value(&[]);
+            assert!(mean.abs() < 1e-4, "channel {c} mean {mean}");
+            assert!((std - 1.0).abs() < 1e-3, "channel {c} std {std}");
+        }
+    }
+
+    /// Tiny-ImageNet: two wnids, 3 training JPEGs each, 4 validation JPEGs in one folder.
+    fn tiny(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("wnids.txt"), "n02\nn01\n").unwrap();
+        for (w, colour) in [("n01", [255, 255, 0]), ("n02", [0, 255, 255])] {
+            for i in 0..3 {
+                solid(
+                    &dir.join(format!("train/{w}/images/{w}_{i}.JPEG")),
+                    16,
+                    16,
+                    colour,
+                );
+            }
+            std::fs::write(dir.join(format!("train/{w}/{w}_boxes.txt")), "").unwrap();
+        }
+        let mut ann = String::new();
+        for (i, w) in ["n01", "n02", "n02", "n01"].iter().enumerate() {
+            let colour = if *w == "n01" {
+                [255, 255, 0]
+            } else {
+                [0, 255, 255]
+            };
+            solid(
+                &dir.join(format!("val/images/val_{i}.JPEG")),
+                16,
+                16,
+                colour,
+            );
+            ann.push_str(&format!("val_{i}.JPEG\t{w}\t0\t0\t15\t15\n"));
+        }
+        std::fs::write(dir.join("val/val_annotations.txt"), ann).unwrap();
+    }
+
+    #[test]
+    fn tiny_imagenet_layout_is_detected_and_labelled_from_the_annotations() {
+        let tmp = tempfile::tempdir().unwrap();
+        tiny(tmp.path());
+        let ds = load(DatasetKind::Folder, tmp.path(), &opts(8, None)).unwrap();
+        assert_eq!(ds.folder.as_ref().unwrap().layout, Layout::TinyImageNet);
+        // Labels follow wnids.txt's order.
+        assert_eq!(ds.classes, vec!["n02", "n01"]);
+        assert_eq!(labels(&ds.test.labels), vec![1, 0, 0, 1]);
+        assert_eq!(ds.train.len(), 6);
+        assert_eq!(ds.shape.channels, 3);
+        // val_0 is n01: yellow, so its blue channel is (about) 0.
+        assert!(raw_pixel(&ds, &ds.test, 0, 2) < 4.0);
+        assert!(raw_pixel(&ds, &ds.test, 1, 2) > 250.0);
+    }
+
+    #[test]
+    fn second_load_hits_the_cache_and_a_changed_file_invalidates_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("pets");
+        let cache = tmp.path().join("cache");
+        image_folder(&data, "test");
+        let first = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
+        let info = first.folder.clone().unwrap();
+        let CacheStatus::Written(path) = &info.cache else {
+            panic!("{info:?}")
+        };
+        assert!(path.starts_with(&cache) && path.is_file());
+        // The cache holds the class names beside the bytes: 15 labels + 15 * 3 * 64 pixels.
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(bytes.len(), HEADER_LEN + 3 * (4 + 3) + 15 + 15 * 3 * 64);
+        assert!(bytes.windows(3).any(|w| w == b"emu"));
+        assert!(info.to_string().contains("decoded 15 images"), "{info}");
+        // No temp file is left behind.
+        assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+
+        let second = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
+        let info2 = second.folder.clone().unwrap();
+        assert!(info2.cache_hit(), "{info2:?}");
+        assert!(info2.to_string().contains("cache hit"), "{info2}");
+        assert_eq!(second.classes, first.classes);
+        assert_eq!(second.shape, first.shape);
+        assert!(second.train.images.equal(&first.train.images));
+        assert!(second.test.labels.equal(&first.test.labels));
+
+        // Another image size is another cache file.
+        let other = load(DatasetKind::Folder, &data, &opts(4, Some(&cache))).unwrap();
+        assert!(!other.folder.unwrap().cache_hit());
+        assert!(load(DatasetKind::Folder, &data, &opts(4, Some(&cache)))
+            .unwrap()
+            .folder
+            .unwrap()
+            .cache_hit());
+
+        // A rewritten image (other size on disk) makes the cache stale: decoded again.
+        solid(&data.join("train/cat/0.png"), 20, 20, [0, 0, 0]);
+        let third = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
+        assert!(
+            matches!(
+                third.folder.as_ref().unwrap().cache,
+                CacheStatus::Written(_)
+            ),
+            "{:?}",
+            third.folder
+        );
+        assert!(!third.train.images.equal(&first.train.images));
+        // A new file invalidates it too.
+        solid(&data.join("train/dog/9.png"), 12, 12, [0, 9, 0]);
+        let fourth = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
+        assert!(!fourth.folder.unwrap().cache_hit());
+        assert_eq!(fourth.train.len(), 13);
+
+        // A damaged cache is a miss, not an error, and is rewritten.
+        let path = cache.join(cache_file_name(&data, 8));
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let fifth = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
+        assert!(!fifth.folder.unwrap().cache_hit());
+        assert!(load(DatasetKind::Folder, &data, &opts(8, Some(&cache)))
+            .unwrap()
+            .folder
+            .unwrap()
+            .cache_hit());
+    }
+
+    fn load_err(dir: &Path) -> DataError {
+        load(DatasetKind::Folder, dir, &opts(8, None)).unwrap_err()
+    }
+
+    #[test]
+    fn a_corrupt_image_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        image_folder(tmp.path(), "test");
+        let bad = tmp.path().join("train/dog/2.JPG");
+        std::fs::write(&bad, b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
+        let err = load_err(tmp.path());
+        assert!(matches!(err, DataError::BadImage { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("{}: cannot decode image: ", bad.display())),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn layout_errors_name_the_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        image_folder(d, "test");
+        // A test class training lacks.
+        solid(&d.join("test/yak/0.png"), 4, 4, [1, 1, 1]);
+        assert_eq!(
+            load_err(d).to_string(),
+            format!(
+                "{}: class \"yak\" does not exist in the training split",
+                d.join("test/yak").display()
+            )
+        );
+        std::fs::remove_dir_all(d.join("test/yak")).unwrap();
+        // An empty class folder.
+        std::fs::create_dir_all(d.join("train/fox")).unwrap();
+        assert_eq!(
+            load_err(d).to_string(),
+            format!(
+                "class folder {} holds no PNG or JPEG images",
+                d.join("train/fox").display()
+            )
+        );
+        std::fs::remove_dir_all(d.join("train/fox")).unwrap();
+        // No test/ nor val/.
+        std::fs::remove_dir_all(d.join("test")).unwrap();
+        let err = load_err(d);
+        assert!(matches!(err, DataError::MissingSplit { .. }), "{err}");
+        assert!(err.to_string().contains("no test/ or val/ folder"), "{err}");
+        // No train/.
+        std::fs::remove_dir_all(d.join("train")).unwrap();
+        let msg = load_err(d).to_string();
+        assert!(
+            msg.starts_with(&format!("{}: no train/ folder", d.display())),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn tiny_imagenet_annotation_errors_name_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        tiny(d);
+        let ann = d.join("val/val_annotations.txt");
+        std::fs::write(&ann, "val_0.JPEG\tn99\t0\t0\t1\t1\n").unwrap();
+        assert_eq!(
+            load_err(d).to_string(),
+            format!(
+                "{}: class \"n99\" does not exist in the training split",
+                ann.display()
+            )
+        );
+        std::fs::write(&ann, "val_0.JPEG\n").unwrap();
+        assert!(matches!(
+            load_err(d),
+            DataError::BadAnnotation { line: 1, .. }
+        ));
+        std::fs::write(&ann, "gone.JPEG\tn01\n").unwrap();
+        assert!(load_err(d).to_string().contains("gone.JPEG"));
+        std::fs::remove_dir_all(d.join("train/n01/images")).unwrap();
+        assert_eq!(
+            load_err(d).to_string(),
+            format!(
+                "class folder {} holds no PNG or JPEG images",
+                d.join("train/n01/images").display()
+            )
+        );
+    }
+
+    #[test]
+    fn image_size_is_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        image_folder(tmp.path(), "test");
+        let err = load(DatasetKind::Folder, tmp.path(), &opts(2, None)).unwrap_err();
+        assert!(matches!(err, DataError::InvalidOption(_)), "{err}");
+        // The built-in data sets have fixed sizes.
+        let err = load(DatasetKind::Mnist, tmp.path(), &opts(8, None)).unwrap_err();
+        assert!(err.to_string().contains("folder data sets only"), "{err}");
+    }
+}
