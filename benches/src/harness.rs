@@ -92,7 +92,11 @@ fn train(
     let mut run = Run::create(cfg, &dir)?;
     let stop = AtomicBool::new(false);
     run.train(&stop, &mut |_| {})?;
-    let m = sid_train::metrics::read_all(&dir.join(sid_train::trainer::METRICS_FILE))?;
+    let read = sid_train::metrics::read_all(&dir.join(sid_train::trainer::METRICS_FILE))?;
+    if let Some(notice) = &read.dropped_last_line {
+        eprintln!("  {name}: warning: {notice}");
+    }
+    let m = read.records;
     let last = m.last().context("no epoch recorded")?;
     eprintln!(
         "  {name}: {:.2} ms/step, test acc {:.2}%",

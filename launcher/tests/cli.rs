@@ -226,6 +226,40 @@ fn resume_gives_the_same_result_as_an_uninterrupted_run() {
 }
 
 #[test]
+fn a_cut_short_last_metrics_line_is_dropped_on_resume_and_a_corrupt_one_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    run_ok(&quick(&run, &["--epochs", "2"]));
+    // What a crash in the middle of appending epoch 2's record leaves behind.
+    let path = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cut = text.len() - text.lines().last().unwrap().len() / 2 - 1;
+    std::fs::write(&path, &text[..cut]).unwrap();
+    let out = run_ok(&[
+        "--resume".into(),
+        run.display().to_string(),
+        "--epochs".into(),
+        "3".into(),
+    ]);
+    let e = stderr(&out);
+    assert!(
+        e.contains("note: ") && e.contains("metrics.jsonl line 2: dropped an incomplete last record"),
+        "{e}"
+    );
+    let epochs: Vec<u64> = metrics(&run)
+        .iter()
+        .map(|m| m["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, vec![1, 3]);
+
+    // A damaged line that is not the last is not a crash's trace: it stops the resume.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("{", "{garbage", 1)).unwrap();
+    let out = sid(&["--resume", run.to_str().unwrap(), "--epochs", "4"]);
+    one_line_error(&out, "metrics.jsonl: line 1:");
+}
+
+#[test]
 fn ctrl_c_checkpoints_mid_epoch_and_resume_matches() {
     let dir = tempfile::tempdir().unwrap();
     // Enough steps (batch 8) that the interrupt lands inside the first epoch.

@@ -73,26 +73,14 @@ impl Sampler {
                 let started = Instant::now();
                 let mut summary = TelemetrySummary::default();
                 loop {
-                    let sample = take(&monitor, started);
-                    summary.samples += 1;
-                    summary.peak_rss_bytes =
-                        summary.peak_rss_bytes.max(sample.rss_bytes.unwrap_or(0));
-                    for g in &sample.gpus {
-                        let e = summary.peak_gpu_memory_used.entry(g.index).or_default();
-                        *e = (*e).max(g.memory_used);
-                        if let Some(p) = g.process_memory {
-                            let e = summary.peak_gpu_process_memory.entry(g.index).or_default();
-                            *e = (*e).max(p);
-                        }
-                    }
-                    summary.thread_cpu_seconds = sample.thread_cpu_seconds.clone();
-                    if let Ok(line) = serde_json::to_string(&sample) {
-                        let _ = writeln!(file, "{line}");
-                    }
+                    record(&mut summary, &mut file, &take(&monitor, started));
                     // Sleep in small slices so that stop() returns promptly.
                     let until = Instant::now() + interval;
                     while Instant::now() < until {
                         if flag.load(Ordering::SeqCst) {
+                            // The final sample covers the time since the last tick, which
+                            // would otherwise be missing from the file and the summary.
+                            record(&mut summary, &mut file, &take(&monitor, started));
                             let _ = file.flush();
                             return summary;
                         }
@@ -131,6 +119,24 @@ impl Drop for Sampler {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Adds a sample to the summary and writes it as one line.
+fn record(summary: &mut TelemetrySummary, file: &mut impl Write, sample: &Sample) {
+    summary.samples += 1;
+    summary.peak_rss_bytes = summary.peak_rss_bytes.max(sample.rss_bytes.unwrap_or(0));
+    for g in &sample.gpus {
+        let e = summary.peak_gpu_memory_used.entry(g.index).or_default();
+        *e = (*e).max(g.memory_used);
+        if let Some(p) = g.process_memory {
+            let e = summary.peak_gpu_process_memory.entry(g.index).or_default();
+            *e = (*e).max(p);
+        }
+    }
+    summary.thread_cpu_seconds = sample.thread_cpu_seconds.clone();
+    if let Ok(line) = serde_json::to_string(sample) {
+        let _ = writeln!(file, "{line}");
     }
 }
 
@@ -231,5 +237,45 @@ mod tests {
             summary.thread_cpu_seconds
         );
         assert!(lines.windows(2).all(|w| w[1].t > w[0].t));
+    }
+
+    #[test]
+    fn stop_writes_a_final_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("telemetry.jsonl");
+        // One tick at the start, then nothing for a minute: only the final sample can see
+        // the work done in between.
+        let (sampler, _) = Sampler::start(&path, Duration::from_secs(60)).unwrap();
+        std::thread::Builder::new()
+            .name("sid-worker-1".into())
+            .spawn(|| {
+                let t = Instant::now();
+                let mut x = 0u64;
+                while t.elapsed() < Duration::from_millis(300) {
+                    x = x.wrapping_mul(31).wrapping_add(7);
+                }
+                std::hint::black_box(x);
+                // Stay alive until the final sample has read this thread's CPU time.
+                std::thread::sleep(Duration::from_millis(500));
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(350));
+        let summary = sampler.stop();
+        let lines: Vec<Sample> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "the first tick and the final sample");
+        assert_eq!(summary.samples, 2);
+        let last = &lines[1];
+        assert!(last.t >= 0.3, "the final sample is taken at stop: t = {}", last.t);
+        let worker = last.thread_cpu_seconds.get("sid-worker-1").copied();
+        assert!(
+            worker.unwrap_or(0.0) >= 0.1,
+            "the final sample sees the worker's CPU time: {:?}",
+            last.thread_cpu_seconds
+        );
+        assert_eq!(summary.thread_cpu_seconds, last.thread_cpu_seconds);
     }
 }

@@ -93,6 +93,8 @@ pub struct Run {
     net: Box<dyn Network>,
     layout: Vec<(Device, std::ops::Range<usize>)>,
     position: Position,
+    /// Notices found while opening the run, handed to the first `train` call's events.
+    notices: Vec<String>,
 }
 
 /// A built network and where its modules live.
@@ -211,6 +213,7 @@ impl Run {
             net: built.net,
             layout: built.layout,
             position,
+            notices: Vec::new(),
         })
     }
 
@@ -271,7 +274,7 @@ impl Run {
             path: ckpt_path.clone(),
             reason: e.to_string(),
         })?;
-        metrics::truncate_to(&dir.join(METRICS_FILE), position.epochs_done)?;
+        let kept = metrics::truncate_to(&dir.join(METRICS_FILE), position.epochs_done)?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         Ok(Self {
             cfg,
@@ -281,6 +284,7 @@ impl Run {
             net,
             layout,
             position,
+            notices: kept.dropped_last_line.into_iter().collect(),
         })
     }
 
@@ -324,6 +328,9 @@ impl Run {
         stop: &AtomicBool,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Summary> {
+        for notice in self.notices.drain(..) {
+            on_event(Event::Notice(notice));
+        }
         on_event(Event::Loaded {
             train: self.data.train.len(),
             val: self.data.val.as_ref().map(|v| v.len()),
@@ -438,10 +445,11 @@ impl Run {
                 });
             }
         }
-        let summary = summarize(
-            self.cfg.method,
-            &metrics::read_all(&self.dir.join(METRICS_FILE))?,
-        )?;
+        let recorded = metrics::read_all(&self.dir.join(METRICS_FILE))?;
+        if let Some(notice) = recorded.dropped_last_line {
+            on_event(Event::Notice(notice));
+        }
+        let summary = summarize(self.cfg.method, &recorded.records)?;
         let text = serde_json::to_string_pretty(&summary).expect("summary serialises");
         checkpoint::write_atomic(&self.dir.join(SUMMARY_FILE), text.as_bytes())?;
         Ok(summary)
