@@ -25,6 +25,7 @@ use sid_core::{
 };
 use tch::{Device, Tensor};
 
+#[cfg(feature = "fault-injection")]
 use crate::fault::Fault;
 use crate::placement::Placement;
 use crate::streams;
@@ -73,6 +74,7 @@ pub struct PipelineConfig {
     /// teacher (same result as the reference schedule, one forward per module instead of two).
     pub fused_teacher: bool,
     /// A fault to inject (tests).
+    #[cfg(feature = "fault-injection")]
     pub fault: Option<Fault>,
 }
 
@@ -90,6 +92,7 @@ impl PipelineConfig {
             threads_per_worker: None,
             streams: true,
             fused_teacher: false,
+            #[cfg(feature = "fault-injection")]
             fault: None,
         }
     }
@@ -197,6 +200,7 @@ impl Pipeline {
                         .then_some(cpu_threads),
                     own_stream: cfg.streams,
                     fused: cfg.fused_teacher,
+                    #[cfg(feature = "fault-injection")]
                     fault: cfg.fault,
                 };
                 worker::spawn(setup, mine, reply_tx.clone())

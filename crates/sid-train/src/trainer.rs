@@ -132,12 +132,15 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
                 ),
                 None => None,
             };
-            pc.fault = cfg
-                .inject_fault
-                .as_deref()
-                .map(sid_runtime::Fault::parse)
-                .transpose()
-                .map_err(runtime)?;
+            #[cfg(feature = "fault-injection")]
+            {
+                pc.fault = cfg
+                    .inject_fault
+                    .as_deref()
+                    .map(sid_runtime::Fault::parse)
+                    .transpose()
+                    .map_err(runtime)?;
+            }
             let pipeline = sid_runtime::Pipeline::new(pc).map_err(runtime)?;
             let placement = Some(pipeline.placement().to_spec());
             Built {
