@@ -80,20 +80,18 @@ pub fn reset_cuda_peak(index: usize) -> bool {
     }
 }
 
-fn status_kib(field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+fn status() -> Option<procfs::process::Status> {
+    procfs::process::Process::myself().ok()?.status().ok()
 }
 
 /// The process's resident set size in bytes (Linux).
 pub fn rss_bytes() -> Option<u64> {
-    status_kib("VmRSS:").map(|k| k * 1024)
+    status()?.vmrss.map(|k| k * 1024)
 }
 
 /// The process's peak resident set size in bytes since start or the last reset (Linux).
 pub fn peak_rss_bytes() -> Option<u64> {
-    status_kib("VmHWM:").map(|k| k * 1024)
+    status()?.vmhwm.map(|k| k * 1024)
 }
 
 /// Resets the peak resident set to the current one; false where the kernel does not allow it.
@@ -101,31 +99,12 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// glibc's `struct mallinfo2`.
-#[repr(C)]
-struct Mallinfo2 {
-    arena: usize,
-    ordblks: usize,
-    smblks: usize,
-    hblks: usize,
-    hblkhd: usize,
-    usmblks: usize,
-    fsmblks: usize,
-    uordblks: usize,
-    fordblks: usize,
-    keepcost: usize,
-}
-
-extern "C" {
-    fn mallinfo2() -> Mallinfo2;
-}
-
 /// Bytes the C heap has handed out and not yet taken back (all arenas plus mmapped blocks):
 /// libtorch's CPU tensors live there, so this follows live tensor memory closely, unlike the
 /// resident set, which keeps freed pages.
 pub fn heap_in_use_bytes() -> u64 {
     // SAFETY: glibc ≥ 2.33; returns a plain struct by value.
-    let m = unsafe { mallinfo2() };
+    let m = unsafe { libc::mallinfo2() };
     (m.uordblks + m.hblkhd) as u64
 }
 

@@ -156,32 +156,15 @@ fn take(monitor: &Option<GpuMonitor>, started: Instant) -> Sample {
 /// CPU seconds (user + system) of this process's threads named `sid-worker-*` or `main`.
 pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+    let Ok(tasks) = procfs::process::Process::myself().and_then(|p| p.tasks()) else {
         return out;
     };
-    for task in tasks.flatten() {
-        let dir = task.path();
-        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        let name = name.trim().to_string();
-        if !(name.starts_with("sid-worker") || name == "main" || name == "sid-launch") {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised name: utime and stime are the 12th and 13th.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if let (Some(u), Some(s)) = (
-            f.get(11).and_then(|v| v.parse::<f64>().ok()),
-            f.get(12).and_then(|v| v.parse::<f64>().ok()),
-        ) {
-            // Clock ticks are 100 per second on Linux (USER_HZ).
-            *out.entry(name).or_insert(0.0) += (u + s) / 100.0;
+    let ticks = procfs::ticks_per_second() as f64;
+    // A thread that ends between listing and reading is skipped.
+    for stat in tasks.flatten().filter_map(|t| t.stat().ok()) {
+        let name = stat.comm;
+        if name.starts_with("sid-worker") || name == "main" || name == "sid-launch" {
+            *out.entry(name).or_insert(0.0) += (stat.utime + stat.stime) as f64 / ticks;
         }
     }
     out
