@@ -228,14 +228,10 @@ fn step_memory(
     for i in 0..5 {
         let delta = match device {
             Device::Cuda(d) => {
-                reset_cuda_peak(d);
-                let before = cuda_memory(d)
-                    .map(|m| m.allocated.max(0) as u64)
-                    .unwrap_or(0);
+                reset_cuda_peak(d)?;
+                let before = cuda_memory(d)?.allocated.max(0) as u64;
                 net.train_step(x, y)?;
-                let peak = cuda_memory(d)
-                    .map(|m| m.peak_allocated.max(0) as u64)
-                    .unwrap_or(0);
+                let peak = cuda_memory(d)?.peak_allocated.max(0) as u64;
                 peak.saturating_sub(before)
             }
             _ => {

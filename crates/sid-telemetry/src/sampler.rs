@@ -63,7 +63,7 @@ impl Sampler {
         let (monitor, off) = match GpuMonitor::open() {
             Ok(m) if m.count() > 0 => (Some(m), None),
             Ok(_) => (None, Some("NVML sees no GPU".to_string())),
-            Err(e) => (None, Some(e)),
+            Err(e) => (None, Some(e.to_string())),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();

@@ -235,12 +235,11 @@ impl RunConfig {
             return bad("--cuda-graph: this build has no CUDA graphs (CUDA headers were not found when it was compiled; run scripts/setup.sh and rebuild)".into());
         }
         if let Some(spec) = &self.placement {
-            sid_runtime::Placement::parse(spec, self.modules, workers)
-                .map_err(|e| TrainError::Config(e.to_string()))?;
+            sid_runtime::Placement::parse(spec, self.modules, workers)?;
         }
         if let Some(f) = &self.inject_fault {
             #[cfg(feature = "fault-injection")]
-            sid_runtime::Fault::parse(f).map_err(|e| TrainError::Config(e.to_string()))?;
+            sid_runtime::Fault::parse(f)?;
             #[cfg(not(feature = "fault-injection"))]
             return bad(format!(
                 "--inject-fault {f}: this build has no fault injection (a test feature; rebuild with --features fault-injection)"

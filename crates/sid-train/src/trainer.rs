@@ -117,7 +117,7 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
     let whole = vec![(first, 0..model.modules)];
     Ok(match cfg.method {
         Method::Sid if devices.len() > 1 => {
-            let runtime = |e: sid_runtime::RuntimeError| TrainError::Config(e.to_string());
+            let runtime = TrainError::Runtime;
             let mut pc = sid_runtime::PipelineConfig::new(model.clone(), devices.to_vec());
             pc.loss = cfg.loss_config();
             pc.lr = cfg.lr;
