@@ -143,6 +143,12 @@ impl From<tch::TchError> for Failure {
     }
 }
 
+impl From<streams::StreamError> for Failure {
+    fn from(e: streams::StreamError) -> Self {
+        from_stream(e.to_string())
+    }
+}
+
 fn from_stream(cause: String) -> Failure {
     Failure {
         module: None,
@@ -208,12 +214,12 @@ fn run(
             tch::set_num_threads(n);
         }
         if let (Device::Cuda(i), true) = (setup.device, setup.own_stream) {
-            streams::use_pool_stream(i).map_err(from_stream)?;
+            streams::use_pool_stream(i)?;
         }
         for u in &mut units {
             u.to_device(setup.device);
         }
-        streams::sync_device(setup.device).map_err(from_stream)
+        streams::sync_device(setup.device).map_err(Failure::from)
     }));
     if let Err(f) = flatten(init) {
         send(Reply::Failed {
@@ -328,7 +334,7 @@ impl State {
                         teachers.push(p);
                         p = next;
                     }
-                    streams::sync_device(device).map_err(from_stream)?;
+                    streams::sync_device(device)?;
                     if !send(Reply::Teacher { step, p_out: p }) {
                         return Ok(false);
                     }
@@ -373,7 +379,7 @@ impl State {
                     let grad_z = grad_z.expect("a worker owns at least one module");
                     (stacked, grad_z)
                 };
-                streams::sync_device(device).map_err(from_stream)?;
+                streams::sync_device(device)?;
                 // All of this worker's losses in one read, after its only wait of phase 2.
                 let losses = sid_core::unit::read_losses(&losses, first).map_err(failure)?;
                 Ok(send(Reply::Local {
@@ -394,7 +400,7 @@ impl State {
                         logits.push(l);
                     }
                 });
-                streams::sync_device(device).map_err(from_stream)?;
+                streams::sync_device(device)?;
                 Ok(send(Reply::Cascade { logits, p_out: p }))
             }
             Request::State => {
@@ -409,7 +415,7 @@ impl State {
                         cause: e.to_string(),
                     })?;
                 }
-                streams::sync_device(device).map_err(from_stream)?;
+                streams::sync_device(device)?;
                 Ok(send(Reply::Loaded))
             }
         }
