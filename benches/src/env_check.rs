@@ -26,7 +26,10 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
                 m.count()
             );
             for i in 0..m.count() {
-                println!("NVML gpu {i}: {}", m.name(i).unwrap_or_else(|e| e.to_string()));
+                println!(
+                    "NVML gpu {i}: {}",
+                    m.name(i).unwrap_or_else(|e| e.to_string())
+                );
             }
         }
         Err(e) => println!("NVML: {e}"),

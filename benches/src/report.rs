@@ -38,7 +38,8 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 
 /// Writes every row to a CSV file.
 pub fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
-    let mut w = csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut w =
+        csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
     w.write_record([
         "sweep",
         "method",

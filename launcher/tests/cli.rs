@@ -243,7 +243,8 @@ fn a_cut_short_last_metrics_line_is_dropped_on_resume_and_a_corrupt_one_is_an_er
     ]);
     let e = stderr(&out);
     assert!(
-        e.contains("note: ") && e.contains("metrics.jsonl line 2: dropped an incomplete last record"),
+        e.contains("note: ")
+            && e.contains("metrics.jsonl line 2: dropped an incomplete last record"),
         "{e}"
     );
     let epochs: Vec<u64> = metrics(&run)

@@ -111,7 +111,11 @@ pub fn use_pool_stream(device: usize) -> StreamResult<()> {
     // SAFETY: valid out-pointer; the stream is owned by libtorch's pool.
     let rc = unsafe { (api.get_from_pool)(false, device as i32, &mut stream) };
     // A null stream with a zero code is a failure all the same.
-    check("torch_get_cuda_stream_from_pool", device, if stream.is_null() && rc == 0 { -1 } else { rc })?;
+    check(
+        "torch_get_cuda_stream_from_pool",
+        device,
+        if stream.is_null() && rc == 0 { -1 } else { rc },
+    )?;
     // SAFETY: the stream pointer came from the pool for this device.
     let rc = unsafe { (api.set_current)(stream, device as i32) };
     check("torch_set_current_cuda_stream", device, rc)
@@ -152,7 +156,10 @@ mod tests {
         if !super::available() {
             // Without the functions a GPU's sync is an error naming what is missing.
             let e = super::synchronize_current(0).unwrap_err().to_string();
-            assert!(e.contains("stream functions are not available") && e.contains("cuda:0"), "{e}");
+            assert!(
+                e.contains("stream functions are not available") && e.contains("cuda:0"),
+                "{e}"
+            );
         }
     }
 

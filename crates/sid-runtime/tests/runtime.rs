@@ -52,10 +52,13 @@ fn max_abs_diff(a: &[(String, Tensor)], b: &NamedTensors) -> f64 {
     a.iter()
         .map(|(n, t)| {
             (t.to_kind(Kind::Double).to_device(Device::Cpu)
-                - b.get(n).unwrap().to_kind(Kind::Double).to_device(Device::Cpu))
-                .abs()
-                .max()
-                .double_value(&[])
+                - b.get(n)
+                    .unwrap()
+                    .to_kind(Kind::Double)
+                    .to_device(Device::Cpu))
+            .abs()
+            .max()
+            .double_value(&[])
         })
         .fold(0.0, f64::max)
 }

@@ -45,7 +45,9 @@ fn call_shim(
     f: impl FnOnce(*mut std::ffi::c_char, usize) -> i32,
 ) -> Result<(), TelemetryError> {
     if !tch::Cuda::is_available() {
-        return Err(TelemetryError::CudaStatsUnavailable("CUDA is not available"));
+        return Err(TelemetryError::CudaStatsUnavailable(
+            "CUDA is not available",
+        ));
     }
     let mut err = [0 as std::ffi::c_char; 512];
     if f(err.as_mut_ptr(), err.len()) == 0 {
@@ -302,10 +304,7 @@ mod tests {
     fn cuda_figures_are_absent_without_a_gpu() {
         if !tch::Cuda::is_available() {
             for e in [cuda_memory(0).unwrap_err(), reset_cuda_peak(0).unwrap_err()] {
-                assert!(
-                    matches!(e, TelemetryError::CudaStatsUnavailable(_)),
-                    "{e}"
-                );
+                assert!(matches!(e, TelemetryError::CudaStatsUnavailable(_)), "{e}");
             }
         }
     }

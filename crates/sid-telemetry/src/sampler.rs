@@ -252,7 +252,11 @@ mod tests {
         assert_eq!(lines.len(), 2, "the first tick and the final sample");
         assert_eq!(summary.samples, 2);
         let last = &lines[1];
-        assert!(last.t >= 0.3, "the final sample is taken at stop: t = {}", last.t);
+        assert!(
+            last.t >= 0.3,
+            "the final sample is taken at stop: t = {}",
+            last.t
+        );
         let worker = last.thread_cpu_seconds.get("sid-worker-1").copied();
         assert!(
             worker.unwrap_or(0.0) >= 0.1,

@@ -78,7 +78,9 @@ mod tests {
 
     #[test]
     fn runtime_errors_stay_typed_and_read_as_before() {
-        let e = TrainError::from(sid_runtime::RuntimeError::Placement("blocks overlap".into()));
+        let e = TrainError::from(sid_runtime::RuntimeError::Placement(
+            "blocks overlap".into(),
+        ));
         assert!(matches!(
             e,
             TrainError::Runtime(sid_runtime::RuntimeError::Placement(_))
