@@ -8,6 +8,9 @@ pub enum TelemetryError {
     /// NVML could not be loaded or initialised (no NVIDIA driver on this machine).
     #[error("NVML unavailable: {0}")]
     NvmlUnavailable(#[source] NvmlError),
+    /// NVML works but sees no GPU.
+    #[error("NVML sees no GPU")]
+    NoGpu,
     /// An NVML query failed.
     #[error("NVML {what}: {source}")]
     Nvml {

@@ -53,7 +53,7 @@ pub struct Sampler {
 }
 
 /// Why GPU telemetry is off, when it is.
-pub type GpuTelemetryOff = Option<String>;
+pub type GpuTelemetryOff = Option<crate::TelemetryError>;
 
 impl Sampler {
     /// Starts sampling every `interval` into `path` (created or truncated). Returns the sampler
@@ -62,8 +62,8 @@ impl Sampler {
         let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
         let (monitor, off) = match GpuMonitor::open() {
             Ok(m) if m.count() > 0 => (Some(m), None),
-            Ok(_) => (None, Some("NVML sees no GPU".to_string())),
-            Err(e) => (None, Some(e.to_string())),
+            Ok(_) => (None, Some(crate::TelemetryError::NoGpu)),
+            Err(e) => (None, Some(e)),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -197,7 +197,7 @@ mod tests {
         // This machine has no NVIDIA driver: GPU telemetry says why it is off.
         if nvml_wrapper::Nvml::init().is_err() {
             assert!(
-                off.as_deref().unwrap_or("").contains("NVML unavailable"),
+                matches!(off, Some(crate::TelemetryError::NvmlUnavailable(_))),
                 "{off:?}"
             );
         }
