@@ -22,6 +22,8 @@ check() {
   shift
   if why=$("$@" 2>&1); then pass "$name"; else fail "$name" "$(tail -n 1 <<<"$why")"; fi
 }
+# has FILE PATTERN: FILE has a line matching PATTERN (grep -E).
+has() { grep -qE "$2" "$1" || echo "no line matching '$2' in $1"; grep -qE "$2" "$1"; }
 # expect_exit NAME CODE NEEDLE CMD...: CMD must exit with CODE and print NEEDLE on an error: line.
 expect_exit() {
   local name=$1 code=$2 needle=$3 out rc
@@ -61,7 +63,7 @@ self_test() {
 }
 
 gpu_checks() {
-  local work launch bench data torch_lib env_out
+  local work launch bench data torch_lib
   work=$(mktemp -d /tmp/sid-acceptance.XXXXXX)
   torch_lib=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)/lib
   export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -69,13 +71,15 @@ gpu_checks() {
   data=${SID_DATA:-data/fashion-mnist}
   launch=target/release/sid-launch
   bench=target/release/sid-bench
-  echo "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | paste -sd ';')"
-  env_out=$(timeout 60 "$bench" env 2>&1)
-  echo "$env_out" | sed 's/^/  env: /'
-  check "CUDA seen" grep -q "^cuda available: true" <<<"$env_out"
-  check "NVML seen" grep -q "^NVML: driver" <<<"$env_out"
+  echo "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null |
+    paste -sd ';' || true)"
+  timeout 60 "$bench" env >"$work/env.txt" 2>&1
+  sed 's/^/  env: /' "$work/env.txt"
+  check "CUDA seen" has "$work/env.txt" "^cuda available: true"
+  check "NVML seen (driver)" has "$work/env.txt" "^NVML: driver"
+  check "NVML names GPU 0" has "$work/env.txt" "^NVML gpu 0: ."
   check "streams: libtorch's pool stream set and synchronised" \
-    grep -q "pool stream set and synchronised" <<<"$env_out"
+    has "$work/env.txt" "pool stream set and synchronised"
   # Short MLP runs: 6400 samples, 1 epoch, the same seed.
   local common=(--data-dir "$data" --model mlp --modules 4 --module-hidden 512 --limit-train 6400
     --epochs 1 --telemetry-hz 0)
