@@ -173,27 +173,54 @@ pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+
+    /// This thread's own CPU time.
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid out-pointer; this clock exists on Linux.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// A thread named `name` that burns `cpu` of its own CPU time (however long that takes on
+    /// a loaded machine), says so on the first channel, and stays alive until the second one
+    /// is closed, so that a sample taken in between sees all of it.
+    fn busy(name: &str, cpu: Duration) -> (mpsc::Receiver<()>, mpsc::Sender<()>, JoinHandle<()>) {
+        let (done_tx, done) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let mut x = 0u64;
+                while thread_cpu() < cpu {
+                    for _ in 0..10_000 {
+                        x = x.wrapping_mul(31).wrapping_add(7);
+                    }
+                }
+                std::hint::black_box(x);
+                let _ = done_tx.send(());
+                let _ = release_rx.recv();
+            })
+            .unwrap();
+        (done, release, handle)
+    }
 
     #[test]
     fn samples_cpu_figures_and_degrades_cleanly_without_nvml() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("telemetry.jsonl");
-        let busy = std::thread::Builder::new()
-            .name("sid-worker-0".into())
-            .spawn(|| {
-                let t = Instant::now();
-                let mut x = 0u64;
-                while t.elapsed() < Duration::from_millis(300) {
-                    x = x.wrapping_mul(31).wrapping_add(7);
-                }
-                std::hint::black_box(x);
-                std::thread::sleep(Duration::from_millis(200));
-            })
-            .unwrap();
         let (sampler, off) = Sampler::start(&path, Duration::from_millis(20)).unwrap();
-        std::thread::sleep(Duration::from_millis(400));
+        let (done, release, worker) = busy("sid-worker-0", Duration::from_millis(300));
+        done.recv().unwrap();
+        // At least one regular tick after the work.
+        std::thread::sleep(Duration::from_millis(50));
         let summary = sampler.stop();
-        busy.join().unwrap();
+        drop(release);
+        worker.join().unwrap();
         // This machine has no NVIDIA driver: GPU telemetry says why it is off.
         if nvml_wrapper::Nvml::init().is_err() {
             assert!(
@@ -215,7 +242,7 @@ mod tests {
             .copied()
             .unwrap_or(0.0);
         assert!(
-            worker >= 0.1,
+            worker >= 0.25,
             "the busy worker's CPU time was seen: {:?}",
             summary.thread_cpu_seconds
         );
@@ -229,21 +256,11 @@ mod tests {
         // One tick at the start, then nothing for a minute: only the final sample can see
         // the work done in between.
         let (sampler, _) = Sampler::start(&path, Duration::from_secs(60)).unwrap();
-        std::thread::Builder::new()
-            .name("sid-worker-1".into())
-            .spawn(|| {
-                let t = Instant::now();
-                let mut x = 0u64;
-                while t.elapsed() < Duration::from_millis(300) {
-                    x = x.wrapping_mul(31).wrapping_add(7);
-                }
-                std::hint::black_box(x);
-                // Stay alive until the final sample has read this thread's CPU time.
-                std::thread::sleep(Duration::from_millis(500));
-            })
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(350));
+        let (done, release, worker) = busy("sid-worker-1", Duration::from_millis(300));
+        done.recv().unwrap();
         let summary = sampler.stop();
+        drop(release);
+        worker.join().unwrap();
         let lines: Vec<Sample> = std::fs::read_to_string(&path)
             .unwrap()
             .lines()
@@ -259,7 +276,7 @@ mod tests {
         );
         let worker = last.thread_cpu_seconds.get("sid-worker-1").copied();
         assert!(
-            worker.unwrap_or(0.0) >= 0.1,
+            worker.unwrap_or(0.0) >= 0.25,
             "the final sample sees the worker's CPU time: {:?}",
             last.thread_cpu_seconds
         );
