@@ -277,9 +277,13 @@ mod tests {
         let reference_vars = reference.vs.variables();
         for (name, var) in ext {
             let (g, h) = (var.grad(), reference_vars[&name].grad());
+            let scale = h.abs().max().double_value(&[]);
+            let d = (&g - &h).abs().max().double_value(&[]);
+            // Relative to the largest entry: near-zero entries carry only summation-order noise
+            // (its size depends on the CPU's kernels).
             assert!(
-                g.allclose(&h, 1e-4, 1e-7, false),
-                "{name}: gradients differ"
+                d <= 1e-5 * scale.max(1e-3),
+                "{name}: gradients differ by {d} (largest {scale})"
             );
         }
     }
