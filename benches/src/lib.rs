@@ -5,6 +5,8 @@
 
 pub mod env_check;
 pub mod harness;
+pub mod pipeline;
+pub mod pipeline_model;
 pub mod report;
 pub mod step_time;
 pub mod workers;

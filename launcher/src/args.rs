@@ -91,8 +91,24 @@ pub struct Cli {
     /// cores split among them).
     #[arg(long)]
     pub threads: Option<i32>,
-    /// Module blocks per device: 0:0-1,1:2-4 (device position:first-last module, 0-based).
-    /// Default: contiguous blocks as even as possible.
+    /// Staged SID: cut the backbone into K consecutive stages, each with a neck and a block of
+    /// modules trained by their own local losses only; one stage per device in --gpus (or all
+    /// on one device). 1 = the paper's SID [default: 1].
+    #[arg(long)]
+    pub stages: Option<usize>,
+    /// Micro-batches per step: each stage accumulates their gradients and steps once; stages
+    /// work on different micro-batches at the same time (default: 1 for SID; for --method bp
+    /// with --stages K, the largest divisor of the batch up to 2K).
+    #[arg(long)]
+    pub micro_batches: Option<usize>,
+    /// Schedule of a backprop pipeline (--method bp --stages K): 1f1b or gpipe
+    /// [default: 1f1b].
+    #[arg(long)]
+    pub pipeline_schedule: Option<sid_train::BpSchedule>,
+    /// Paper mode (several devices, one stage): module blocks per device, 0:0-1,1:2-4 (device
+    /// position:first-last module, 0-based; default: as even as possible). Staged runs: auto
+    /// (time each block, balance the slowest stage; the default), even, or
+    /// blocks=0-1,2-3;modules=0-4,5-9 (0-based ranges, one per stage).
     #[arg(long)]
     pub placement: Option<String>,
     /// Seconds to wait for any worker before the run fails [default: 300].
@@ -146,8 +162,9 @@ impl Cli {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { cfg.$field = v; } )* };
         }
-        if self.gpus.is_some() && self.placement.is_none() {
-            // A saved placement belongs to the saved device list.
+        if self.gpus.is_some() && self.placement.is_none() && cfg.stages <= 1 {
+            // A saved paper-mode placement belongs to the saved device list (a staged run's
+            // cut belongs to its model and stays).
             cfg.placement = None;
         }
         set!(
@@ -167,8 +184,13 @@ impl Cli {
             label_noise,
             val_split,
             eval_batch_size,
-            step_timeout
+            step_timeout,
+            stages,
+            pipeline_schedule
         );
+        if self.micro_batches.is_some() {
+            cfg.micro_batches = self.micro_batches;
+        }
         if self.placement.is_some() {
             cfg.placement = self.placement.clone();
         }
@@ -279,6 +301,8 @@ mod tests {
             ("val-split", d.val_split.to_string()),
             ("eval-batch-size", d.eval_batch_size.to_string()),
             ("step-timeout", d.step_timeout.to_string()),
+            ("stages", d.stages.to_string()),
+            ("pipeline-schedule", d.pipeline_schedule.to_string()),
         ];
         for (flag, value) in expect {
             assert!(

@@ -145,7 +145,21 @@ fn run(cli: &args::Cli) -> Result<()> {
         devices.join(", "),
         run.dir().display()
     );
-    if run.layout().len() > 1 {
+    if !run.placement_notes().is_empty() {
+        let what = match cfg.method {
+            sid_core::Method::Sid => "staged SID".to_string(),
+            sid_core::Method::Bp => format!("backprop pipeline ({})", cfg.pipeline_schedule),
+        };
+        eprintln!(
+            "{what}: {} stage(s), {} micro-batch(es) per step; placement {}",
+            cfg.stages,
+            run.config().resolved_micro_batches(),
+            run.config().placement.as_deref().unwrap_or("-")
+        );
+        for note in run.placement_notes() {
+            eprintln!("  {note}");
+        }
+    } else if run.layout().len() > 1 {
         let blocks: Vec<String> = run
             .layout()
             .iter()

@@ -698,3 +698,194 @@ fn fused_teacher_schedule_trains_to_the_same_result() {
     let saved = std::fs::read_to_string(fused.join("config.toml")).unwrap();
     assert!(saved.contains("fused_teacher = true"), "{saved}");
 }
+
+/// A small staged run: SimpleCNN cut into two stages, four modules, on a small CIFAR-10
+/// written in its real format (320 training, 64 test images) beside the run directory.
+fn staged(run_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let data = run_dir.with_extension("data");
+    if !data.exists() {
+        write_cifar10(&data, 64);
+    }
+    let mut v: Vec<String> = [
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--model",
+        "cnn",
+        "--modules",
+        "4",
+        "--stages",
+        "2",
+        "--placement",
+        "blocks=0-1,2-3;modules=0-1,2-3",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "2",
+        "--telemetry-hz",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.push("--run-dir".into());
+    v.push(run_dir.display().to_string());
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+#[test]
+fn staged_pipeline_on_two_cpu_devices_equals_stages_run_one_after_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (seq, par) = (tmp.path().join("seq"), tmp.path().join("par"));
+    let out = run_ok(&staged(&seq, &["--gpus", "cpu", "--threads", "1"]));
+    assert!(
+        stderr(&out).contains("staged SID: 2 stage(s)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run_ok(&staged(&par, &["--gpus", "cpu:2", "--micro-batches", "4"]));
+    let e = stderr(&out);
+    assert!(e.contains("stage 2 (cpu, blocks 3-4, modules 3-4)"), "{e}");
+    let (a, b) = (metrics(&seq), metrics(&par));
+    assert_eq!(a.len(), 2);
+    for (x, y) in a.iter().zip(&b) {
+        let (u, v) = (
+            x["train_loss"].as_f64().unwrap(),
+            y["train_loss"].as_f64().unwrap(),
+        );
+        assert!((u - v).abs() < 1e-4 * u.abs(), "train loss {u} vs {v}");
+        assert_eq!(x["module_test_acc"].as_array().unwrap().len(), 4);
+    }
+    // The saved cut is the one asked for, and a resume onto another device list keeps it.
+    let saved = std::fs::read_to_string(par.join("config.toml")).unwrap();
+    assert!(saved.contains("blocks=0-1,2-3;modules=0-1,2-3"), "{saved}");
+    let out = run_ok(&[
+        "--resume".into(),
+        par.display().to_string(),
+        "--epochs".into(),
+        "3".into(),
+        "--gpus".into(),
+        "cpu".into(),
+    ]);
+    assert!(stderr(&out).contains("resuming after epoch 2"));
+    assert_eq!(metrics(&par).len(), 3);
+}
+
+#[test]
+fn staged_resume_equals_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    run_ok(&staged(&a, &["--gpus", "cpu:2", "--micro-batches", "2"]));
+    run_ok(&staged(
+        &b,
+        &["--gpus", "cpu:2", "--micro-batches", "2", "--epochs", "1"],
+    ));
+    run_ok(&[
+        "--resume".into(),
+        b.display().to_string(),
+        "--epochs".into(),
+        "2".into(),
+    ]);
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    for key in ["train_loss", "test_acc"] {
+        assert_eq!(ma[1][key], mb[1][key], "{key} differs after resume");
+    }
+}
+
+#[test]
+fn bad_stage_settings_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("r");
+    let d = d.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--model", "cnn", "--stages", "5"],
+            "--stages 5 is more than the 4 block(s) of the cnn backbone",
+        ),
+        (
+            &["--model", "mlp", "--stages", "2"],
+            "--stages 2 is more than the 1 block(s) of the mlp backbone",
+        ),
+        (
+            &["--micro-batches", "3", "--batch-size", "64"],
+            "--micro-batches 3 does not divide --batch-size 64",
+        ),
+        (
+            &["--stages", "2", "--gpus", "cpu:3"],
+            "--stages 2 on 3 devices",
+        ),
+        (
+            &[
+                "--stages",
+                "2",
+                "--placement",
+                "blocks=0-2,2-3;modules=0-4,5-9",
+            ],
+            "ranges must be consecutive",
+        ),
+        (
+            &[
+                "--stages",
+                "2",
+                "--method",
+                "bp",
+                "--pipeline-schedule",
+                "zigzag",
+            ],
+            "unknown pipeline schedule",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut all = vec!["--run-dir", d];
+        all.extend_from_slice(args);
+        one_line_error(&sid(&all), needle);
+    }
+}
+
+#[test]
+fn backprop_pipeline_trains_like_unpipelined_backprop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, pipe) = (tmp.path().join("one"), tmp.path().join("pipe"));
+    let bp1 = [
+        "--method",
+        "bp",
+        "--stages",
+        "1",
+        "--placement",
+        "0:0-3",
+        "--epochs",
+        "1",
+    ];
+    run_ok(&staged(&one, &bp1));
+    let out = run_ok(&staged(
+        &pipe,
+        &[
+            "--method",
+            "bp",
+            "--gpus",
+            "cpu:2",
+            "--pipeline-schedule",
+            "gpipe",
+            "--epochs",
+            "1",
+        ],
+    ));
+    let e = stderr(&out);
+    assert!(
+        e.contains("backprop pipeline (gpipe): 2 stage(s), 4 micro-batch(es)"),
+        "{e}"
+    );
+    let (a, b) = (metrics(&one), metrics(&pipe));
+    let (u, v) = (
+        a[0]["train_loss"].as_f64().unwrap(),
+        b[0]["train_loss"].as_f64().unwrap(),
+    );
+    assert!((u - v).abs() < 1e-4 * u.abs(), "train loss {u} vs {v}");
+    let saved = std::fs::read_to_string(pipe.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("micro_batches = 4") && saved.contains("pipeline_schedule = \"gpipe\""),
+        "{saved}"
+    );
+}

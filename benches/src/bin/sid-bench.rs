@@ -4,6 +4,8 @@
 //!   label noise), the memory check and the speed-up check, into a results folder;
 //! - `sid-bench step-time`: SID vs backprop ms/step on the same model;
 //! - `sid-bench workers`: the same SID model on 1 worker and on K workers (`--gpus`);
+//! - `sid-bench pipeline`: staged SID on K devices vs one device vs the all-cores trainer,
+//!   bubble, and the pipeline model's prediction;
 //! - `sid-bench env`: what libtorch sees (CUDA, devices, streams).
 
 use clap::Parser;
@@ -21,6 +23,8 @@ enum Cli {
     StepTime(sid_benches::step_time::Args),
     /// 1 worker vs K workers on the same SID model, with the step breakdown.
     Workers(sid_benches::workers::Args),
+    /// Staged SID on K devices vs the same stages on one device vs the all-cores trainer.
+    Pipeline(sid_benches::pipeline::Args),
     /// What libtorch sees on this machine.
     Env(sid_benches::env_check::Args),
 }
@@ -30,6 +34,7 @@ fn main() {
         Cli::Run(a) => sid_benches::harness::run(a),
         Cli::StepTime(a) => sid_benches::step_time::run(a),
         Cli::Workers(a) => sid_benches::workers::run(a),
+        Cli::Pipeline(a) => sid_benches::pipeline::run(a),
         Cli::Env(a) => sid_benches::env_check::run(a),
     };
     if let Err(e) = result {

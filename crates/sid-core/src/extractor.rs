@@ -1,4 +1,8 @@
-//! Feature extractors `c(x; θ_c) → z ∈ R^d`.
+//! Feature extractors `c(x; θ_c) → z ∈ R^d`, written as a list of blocks and a head.
+//!
+//! A backbone is a sequence of [`Block`]s followed by a [`Neck`] (global pool + linear to `d`,
+//! the extractor's own head). Staged SID ([`crate::stage`]) cuts the block list into
+//! consecutive slices; every slice but the last gets a neck of its own.
 
 use tch::nn::{self, Module};
 use tch::Tensor;
@@ -8,74 +12,176 @@ use crate::config::{ExtractorKind, ModelConfig};
 /// Width of the hidden layer of the MLP extractor.
 pub const MLP_HIDDEN: i64 = 512;
 
-/// A feature extractor; its variables live under the path it was built on.
+/// One block of a backbone: the unit a stage boundary may fall after.
 #[derive(Debug)]
-pub enum Extractor {
-    /// Reference SimpleCNN: conv3x3(in→32) ReLU, conv3x3(32→64) ReLU, maxpool2,
-    /// conv3x3(64→128) ReLU, conv3x3(128→128) ReLU, maxpool2, global average pool, linear(128→d).
-    Cnn {
-        /// Convolutions in order (boxed: the variants differ a lot in size).
-        convs: Box<[nn::Conv2D; 4]>,
-        /// Final projection to d.
-        fc: nn::Linear,
+pub enum Block {
+    /// conv3x3 (padding 1) → ReLU, then an optional 2×2 max-pool.
+    Conv {
+        /// The convolution.
+        conv: nn::Conv2D,
+        /// Max-pool after the ReLU.
+        pool: bool,
     },
-    /// Flatten → linear(in→512) → ReLU → linear(512→d).
-    Mlp {
-        /// First layer.
-        fc1: nn::Linear,
-        /// Projection to d.
-        fc2: nn::Linear,
+    /// Flatten → linear → ReLU.
+    Dense {
+        /// The layer.
+        fc: nn::Linear,
     },
 }
 
-impl Extractor {
-    /// Creates the extractor's variables under `p`, in a fixed order so that a seed fixes them.
-    pub fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+impl Module for Block {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        match self {
+            Self::Conv { conv, pool } => {
+                let y = xs.apply(conv).relu();
+                if *pool {
+                    y.max_pool2d_default(2)
+                } else {
+                    y
+                }
+            }
+            Self::Dense { fc } => xs.flatten(1, -1).apply(fc).relu(),
+        }
+    }
+}
+
+/// Global average pool (for image-shaped inputs) → linear to `d`: the head of the extractor
+/// and the neck of every stage but the last.
+#[derive(Debug)]
+pub struct Neck {
+    fc: nn::Linear,
+}
+
+impl Neck {
+    /// A neck from `width` channels (or features) to `d`, its linear layer at `p / "fc"`.
+    pub fn new(p: &nn::Path, width: i64, feature_dim: i64) -> Self {
+        Self {
+            fc: nn::linear(p / "fc", width, feature_dim, Default::default()),
+        }
+    }
+}
+
+impl Module for Neck {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        if xs.dim() == 4 {
+            xs.mean_dim([2i64, 3].as_slice(), false, None)
+                .apply(&self.fc)
+        } else {
+            xs.apply(&self.fc)
+        }
+    }
+}
+
+/// What a backbone's blocks are, without building them: their count and output widths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockLayout {
+    /// Channels (or features) leaving each block, first to last.
+    pub widths: Vec<i64>,
+}
+
+impl BlockLayout {
+    /// The layout of `cfg`'s extractor.
+    pub fn of(cfg: &ModelConfig) -> Self {
+        let widths = match cfg.extractor {
+            ExtractorKind::Cnn => vec![32, 64, 128, 128],
+            ExtractorKind::Mlp => vec![MLP_HIDDEN],
+        };
+        Self { widths }
+    }
+
+    /// Values per sample leaving block `i` (what a stage cut after it sends on), for inputs
+    /// of `cfg`'s size.
+    pub fn output_elems(cfg: &ModelConfig, i: usize) -> i64 {
+        let widths = Self::of(cfg).widths;
         match cfg.extractor {
             ExtractorKind::Cnn => {
-                let conv = |name: &str, i: i64, o: i64| {
-                    let c = nn::ConvConfig {
-                        padding: 1,
-                        ..Default::default()
-                    };
-                    nn::conv2d(p / name, i, o, 3, c)
-                };
-                let convs = Box::new([
-                    conv("conv1", cfg.in_channels, 32),
-                    conv("conv2", 32, 64),
-                    conv("conv3", 64, 128),
-                    conv("conv4", 128, 128),
-                ]);
-                let fc = nn::linear(p / "fc", 128, cfg.feature_dim, Default::default());
-                Self::Cnn { convs, fc }
+                // Max-pools after blocks 2 and 4 halve the side.
+                let pools = [0, 1, 1, 2][i];
+                let side = cfg.image_size >> pools;
+                widths[i] * side * side
             }
-            ExtractorKind::Mlp => {
-                let inputs = cfg.in_channels * cfg.image_size * cfg.image_size;
-                let fc1 = nn::linear(p / "fc1", inputs, MLP_HIDDEN, Default::default());
-                let fc2 = nn::linear(p / "fc2", MLP_HIDDEN, cfg.feature_dim, Default::default());
-                Self::Mlp { fc1, fc2 }
+            ExtractorKind::Mlp => widths[i],
+        }
+    }
+
+    /// Number of blocks.
+    pub fn len(&self) -> usize {
+        self.widths.len()
+    }
+
+    /// Whether there are none (never, for the built-in backbones).
+    pub fn is_empty(&self) -> bool {
+        self.widths.is_empty()
+    }
+}
+
+/// Builds block `i` (0-based) of `cfg`'s extractor under `p` (variables `conv{i+1}` for the
+/// CNN, `fc1` for the MLP: the names the whole extractor has always had).
+pub fn build_block(p: &nn::Path, cfg: &ModelConfig, i: usize) -> Block {
+    match cfg.extractor {
+        ExtractorKind::Cnn => {
+            let c = nn::ConvConfig {
+                padding: 1,
+                ..Default::default()
+            };
+            let (inp, out) = [(cfg.in_channels, 32), (32, 64), (64, 128), (128, 128)][i];
+            Block::Conv {
+                conv: nn::conv2d(p / format!("conv{}", i + 1), inp, out, 3, c),
+                pool: i == 1 || i == 3,
+            }
+        }
+        ExtractorKind::Mlp => {
+            let inputs = cfg.in_channels * cfg.image_size * cfg.image_size;
+            Block::Dense {
+                fc: nn::linear(p / "fc1", inputs, MLP_HIDDEN, Default::default()),
             }
         }
     }
 }
 
+/// Builds the extractor's head (its last neck) under `p`: `fc` for the CNN, `fc2` for the MLP.
+pub fn build_head(p: &nn::Path, cfg: &ModelConfig) -> Neck {
+    let width = *BlockLayout::of(cfg)
+        .widths
+        .last()
+        .expect("a backbone has blocks");
+    let name = match cfg.extractor {
+        ExtractorKind::Cnn => "fc",
+        ExtractorKind::Mlp => "fc2",
+    };
+    Neck {
+        fc: nn::linear(p / name, width, cfg.feature_dim, Default::default()),
+    }
+}
+
+/// A whole feature extractor: every block, then the head.
+///
+/// Reference SimpleCNN: conv3x3(in→32) ReLU, conv3x3(32→64) ReLU, maxpool2, conv3x3(64→128)
+/// ReLU, conv3x3(128→128) ReLU, maxpool2, global average pool, linear(128→d) — four blocks.
+/// MLP: flatten → linear(in→512) → ReLU (one block) → linear(512→d).
+#[derive(Debug)]
+pub struct Extractor {
+    blocks: Vec<Block>,
+    head: Neck,
+}
+
+impl Extractor {
+    /// Creates the extractor's variables under `p`, in a fixed order so that a seed fixes them.
+    pub fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
+        let blocks = (0..BlockLayout::of(cfg).len())
+            .map(|i| build_block(p, cfg, i))
+            .collect();
+        let head = build_head(p, cfg);
+        Self { blocks, head }
+    }
+}
+
 impl Module for Extractor {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        match self {
-            Self::Cnn { convs, fc } => xs
-                .apply(&convs[0])
-                .relu()
-                .apply(&convs[1])
-                .relu()
-                .max_pool2d_default(2)
-                .apply(&convs[2])
-                .relu()
-                .apply(&convs[3])
-                .relu()
-                .max_pool2d_default(2)
-                .mean_dim([2i64, 3].as_slice(), false, None)
-                .apply(fc),
-            Self::Mlp { fc1, fc2 } => xs.flatten(1, -1).apply(fc1).relu().apply(fc2),
-        }
+        let h = self
+            .blocks
+            .iter()
+            .fold(xs.shallow_clone(), |h, b| b.forward(&h));
+        self.head.forward(&h)
     }
 }

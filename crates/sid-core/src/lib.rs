@@ -13,7 +13,10 @@
 //! - [`unit`]: a module or extractor together with its own parameters and optimizer, the
 //!   self-contained piece of work that a worker thread runs;
 //! - [`sid`] and [`bp`]: the SID network and its backprop baseline, both implementing
-//!   [`Network`].
+//!   [`Network`];
+//! - [`stage`]: staged SID, the backbone cut into slices trained by their own local losses
+//!   (the arithmetic of one stage; `sid-runtime` runs stages as a pipeline);
+//! - [`bp_stage`]: the BP baseline cut at the same points, for GPipe and 1F1B pipelines.
 //!
 //! ```no_run
 //! use sid_core::{ModelConfig, Network, SidNetwork, LossConfig};
@@ -32,6 +35,7 @@
 pub mod adam;
 pub mod belief;
 pub mod bp;
+pub mod bp_stage;
 pub mod config;
 pub mod error;
 pub mod extractor;
@@ -39,6 +43,7 @@ pub mod graph;
 pub mod loss;
 pub mod network;
 pub mod sid;
+pub mod stage;
 pub mod unit;
 
 pub use adam::Adam;
@@ -49,6 +54,7 @@ pub use error::CoreError;
 pub use extractor::Extractor;
 pub use network::{Cascade, NamedTensors, Network, StepStats};
 pub use sid::SidNetwork;
+pub use stage::{Stage, StageCosts, StagePlan, StageSpec};
 pub use unit::{ExtractorUnit, LocalOutput, ModuleUnit};
 
 /// Serialises tests that use libtorch's global RNG: a seed only fixes what is drawn after it

@@ -79,6 +79,17 @@ pub trait Network: Send {
             "this network cannot queue a step".into(),
         ))
     }
+    /// Hands a training step to a pipelined network and returns the statistics of the steps
+    /// that have finished since the last call, oldest first (perhaps none yet: a pipeline
+    /// keeps several steps in flight). [`Network::flush`] waits for the rest. A network that
+    /// is not pipelined runs the step at once.
+    fn submit_step(&mut self, x: &Tensor, y: &Tensor) -> Result<Vec<StepStats>> {
+        Ok(vec![self.train_step(x, y)?])
+    }
+    /// Waits for every submitted step and returns the statistics not yet returned.
+    fn flush(&mut self) -> Result<Vec<StepStats>> {
+        Ok(Vec::new())
+    }
     /// The forward chain without gradient: every module's logits.
     fn cascade(&mut self, x: &Tensor) -> Result<Cascade>;
     /// Weights and optimizer state as named CPU tensors, for a checkpoint.

@@ -164,6 +164,13 @@ impl ModuleUnit {
         })
     }
 
+    /// One Adam step from the gradients accumulated since the last one (a stage's micro-batches
+    /// add up), then clears them.
+    pub fn apply(&mut self) {
+        self.opt.step();
+        self.opt.zero_grad();
+    }
+
     /// Weights and Adam state as named CPU tensors.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut v = var_store_state(&self.vs);

@@ -23,6 +23,18 @@ pub enum RuntimeError {
         /// What happened.
         cause: String,
     },
+    /// A pipeline stage reported an error or panicked.
+    #[error("stage {stage} on {device} failed{}: {cause}", module.map(|m| format!(" in module {m}")).unwrap_or_default())]
+    Stage {
+        /// 1-based stage.
+        stage: usize,
+        /// Its device, e.g. `cuda:1`.
+        device: String,
+        /// 1-based module, when the failure belongs to one.
+        module: Option<usize>,
+        /// What happened.
+        cause: String,
+    },
     /// A wait ran out of time.
     #[error("{waiter} waited {} s for {waited_for} and gave up", timeout.as_secs())]
     Timeout {

@@ -1,8 +1,15 @@
-//! Multi-device SID: a [`Pipeline`] (the coordinator) places the belief modules on devices,
-//! one worker thread per device owns its modules' parameters and optimizers, and every step
-//! runs the workers' local updates concurrently, with no global backward pass.
+//! Multi-device SID, two ways:
+//! - staged SID as a real pipeline ([`StagedPipeline`]): the backbone cut into stages, one per
+//!   device, each trained by its own local losses; micro-batches flow from stage to stage and
+//!   steps overlap, with no flush between them;
+//! - the paper's SID with its modules spread out ([`Pipeline`]): one worker thread per device
+//!   owns its modules' parameters and optimizers, and every step runs the workers' local
+//!   updates concurrently, with no global backward pass.
 //!
-//! - [`coordinator`]: the step schedule, broadcasts, gradient sum, the extractor;
+//! - [`staged`]: the staged pipeline's coordinator;
+//! - [`schedule`]: what a stage does with each message, written once;
+//! - [`transport`]: how messages move between stages (one thread, or a thread per stage);
+//! - [`coordinator`]: the paper-mode step schedule, broadcasts, gradient sum, the extractor;
 //! - [`worker`]: the per-device thread and its messages;
 //! - [`placement`]: which modules each worker owns;
 //! - [`streams`]: CUDA streams from libtorch's pool, for several workers on one GPU;
@@ -16,7 +23,10 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod placement;
+pub mod schedule;
+pub mod staged;
 pub mod streams;
+pub mod transport;
 pub mod worker;
 
 pub use coordinator::{Pipeline, PipelineConfig, StepTiming};
@@ -24,3 +34,6 @@ pub use error::{Result, RuntimeError};
 #[cfg(feature = "fault-injection")]
 pub use fault::{Fault, FaultKind};
 pub use placement::Placement;
+pub use schedule::BpSchedule;
+pub use staged::{PipelineMethod, StageTime, StagedConfig, StagedPipeline};
+pub use transport::Transport;

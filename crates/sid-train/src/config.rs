@@ -53,8 +53,21 @@ pub struct RunConfig {
     /// libtorch intra-op threads (`None` = libtorch's choice). Saved so that a resumed run
     /// computes with the same reduction order.
     pub threads: Option<i32>,
-    /// Module blocks per device, `0:0-1,1:2-4` (0-based, inclusive); `None` = even blocks.
-    /// With several devices the resolved placement is saved here.
+    /// Stages of staged SID: the backbone cut into this many slices, each trained by its own
+    /// modules' local losses (1 = the paper's SID).
+    pub stages: usize,
+    /// Micro-batches per step: each stage accumulates their gradients and steps once.
+    /// `None` = 1 for SID (staged SID pays its pipeline fill once an epoch); for a backprop
+    /// pipeline the largest divisor of the batch up to 2×stages, to keep every stage busy.
+    pub micro_batches: Option<usize>,
+    /// Order of a backprop pipeline's forwards and backwards: `1f1b` (holds at most K
+    /// micro-batches per stage) or `gpipe` (all forwards, then all backwards).
+    pub pipeline_schedule: sid_runtime::BpSchedule,
+    /// Paper mode (one stage, several devices): module blocks per device, `0:0-1,1:2-4`
+    /// (0-based, inclusive); `None` = even blocks. Staged runs: `auto` (time each block and
+    /// balance), `even`, or `blocks=0-1,2-3;modules=0-4,5-9`; `None` = auto. The resolved
+    /// placement is saved here; a staged run's cut is part of its model and cannot change on
+    /// resume.
     pub placement: Option<String>,
     /// Longest wait, in seconds, for any worker before the run fails.
     pub step_timeout: f64,
@@ -99,6 +112,9 @@ impl Default for RunConfig {
             augment: None,
             eval_batch_size: 1000,
             threads: None,
+            stages: 1,
+            micro_batches: None,
+            pipeline_schedule: sid_runtime::BpSchedule::OneFOneB,
             placement: None,
             step_timeout: 300.0,
             streams: true,
@@ -154,11 +170,32 @@ impl RunConfig {
             .unwrap_or_else(|| self.dataset.augments_by_default())
     }
 
+    /// Micro-batches per step, as set or by default (see [`RunConfig::micro_batches`]).
+    pub fn resolved_micro_batches(&self) -> usize {
+        match self.micro_batches {
+            Some(m) => m,
+            None if self.method == Method::Bp && self.stages > 1 => {
+                let most = (2 * self.stages as i64).min(self.batch_size.max(1));
+                (1..=most)
+                    .rev()
+                    .find(|m| self.batch_size % m == 0)
+                    .unwrap_or(1) as usize
+            }
+            None => 1,
+        }
+    }
+
+    /// Whether the run goes through the stage pipeline (several stages, or micro-batches).
+    pub fn staged(&self) -> bool {
+        self.stages > 1 || self.resolved_micro_batches() > 1
+    }
+
     /// Whether training steps go through a CUDA graph: as set, or (unset) when the run uses
-    /// exactly one GPU and this build has CUDA graphs.
+    /// exactly one GPU, is not staged, and this build has CUDA graphs.
     pub fn resolved_cuda_graph(&self) -> bool {
         self.cuda_graph.unwrap_or_else(|| {
             sid_core::graph::CudaGraph::available()
+                && !self.staged()
                 && matches!(
                     crate::devices::parse_devices(&self.gpus).as_deref(),
                     Ok([tch::Device::Cuda(_)])
@@ -234,7 +271,46 @@ impl RunConfig {
         if asked && !sid_core::graph::CudaGraph::available() {
             return bad("--cuda-graph: this build has no CUDA graphs (CUDA headers were not found when it was compiled; run scripts/setup.sh and rebuild)".into());
         }
-        if let Some(spec) = &self.placement {
+        let micro = self.resolved_micro_batches();
+        if self.stages == 0 || micro == 0 {
+            return bad("--stages and --micro-batches must be at least 1".into());
+        }
+        if micro as i64 > self.batch_size || self.batch_size % micro as i64 != 0 {
+            return bad(format!(
+                "--micro-batches {micro} does not divide --batch-size {} into equal micro-batches",
+                self.batch_size
+            ));
+        }
+        if self.staged() {
+            if asked {
+                return bad(
+                    "--cuda-graph does not work with --stages or --micro-batches yet; leave it off"
+                        .into(),
+                );
+            }
+            let model = self.model_config();
+            let core = |e: sid_core::CoreError| TrainError::Config(e.to_string());
+            sid_core::StagePlan::even(&model, self.stages).map_err(core)?;
+            match self.placement.as_deref() {
+                None | Some("auto") | Some("even") => {}
+                Some(spec) => {
+                    let plan = sid_core::StagePlan::parse(spec, &model).map_err(core)?;
+                    if plan.len() != self.stages {
+                        return bad(format!(
+                            "--placement {spec} has {} stages but --stages is {}",
+                            plan.len(),
+                            self.stages
+                        ));
+                    }
+                }
+            }
+            if workers != 1 && workers != self.stages {
+                return bad(format!(
+                    "--stages {} on {workers} devices (--gpus {}): give one device (the stages then run one after another) or one per stage",
+                    self.stages, self.gpus
+                ));
+            }
+        } else if let Some(spec) = &self.placement {
             sid_runtime::Placement::parse(spec, self.modules, workers)?;
         }
         if let Some(f) = &self.inject_fault {

@@ -45,6 +45,11 @@ impl GraphStepper {
         Ok(Self { state })
     }
 
+    /// Whether every step runs as usual (no graph).
+    pub(crate) fn is_off(&self) -> bool {
+        matches!(self.state, State::Off)
+    }
+
     /// One training step on `x`, `y` (on the network's input device). `notice` receives a
     /// message when the graph cannot be used.
     pub(crate) fn step(

@@ -15,4 +15,5 @@ pub mod trainer;
 pub use config::RunConfig;
 pub use error::{Result, TrainError};
 pub use metrics::EpochMetrics;
+pub use sid_runtime::BpSchedule;
 pub use trainer::{build_network, evaluate, Built, Event, Run, Summary};

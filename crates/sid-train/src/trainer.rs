@@ -92,6 +92,7 @@ pub struct Run {
     data: Dataset,
     net: Box<dyn Network>,
     layout: Vec<(Device, std::ops::Range<usize>)>,
+    notes: Vec<String>,
     position: Position,
     /// Notices found while opening the run, handed to the first `train` call's events.
     notices: Vec<String>,
@@ -103,21 +104,96 @@ pub struct Built {
     pub net: Box<dyn Network>,
     /// Each device and its 0-based module block, in cascade order.
     pub layout: Vec<(Device, std::ops::Range<usize>)>,
-    /// The placement in `--placement` syntax when several devices are used.
+    /// The placement in `--placement` syntax when several devices or stages are used.
     pub placement: Option<String>,
+    /// How the stages were balanced, for the user (staged runs).
+    pub notes: Vec<String>,
+}
+
+/// The stage cut a staged run asks for: `auto` (the default) times each block on the first
+/// device and balances the slowest stage, `even` splits evenly, anything else is an explicit
+/// `blocks=…;modules=…`. Returns the plan and a line on its balance.
+fn stage_plan(
+    cfg: &RunConfig,
+    model: &sid_core::ModelConfig,
+    device: Device,
+) -> Result<(sid_core::StagePlan, Option<String>)> {
+    let core = |e: sid_core::CoreError| TrainError::Config(e.to_string());
+    Ok(match cfg.placement.as_deref() {
+        None | Some("auto") if cfg.stages > 1 => {
+            // Profiling draws its layers from the global RNG: it runs before the seed is set.
+            let batch = (cfg.batch_size / cfg.resolved_micro_batches() as i64).max(1);
+            let costs = sid_core::stage::profile_costs(model, batch, device, 3);
+            let plan = sid_core::StagePlan::balanced(model, cfg.stages, &costs).map_err(core)?;
+            let ms: Vec<String> = plan
+                .predicted(&costs)
+                .iter()
+                .map(|t| format!("{:.1}", t * 1e3))
+                .collect();
+            let note = format!(
+                "auto placement from timing each block on {}: predicted ms per micro-batch of {batch} by stage: {}",
+                crate::devices::device_name(device),
+                ms.join(" | ")
+            );
+            (plan, Some(note))
+        }
+        None | Some("auto") | Some("even") => (
+            sid_core::StagePlan::even(model, cfg.stages).map_err(core)?,
+            None,
+        ),
+        Some(spec) => (sid_core::StagePlan::parse(spec, model).map_err(core)?, None),
+    })
 }
 
 /// Builds the network a config asks for on the given devices, seeded by `cfg.seed`:
 /// SID on one device runs in this thread; SID on several devices runs on the multi-device
 /// runtime; backprop runs on the first device.
 pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
-    tch::manual_seed(cfg.seed as i64);
     let model = cfg.model_config();
     let first = devices.first().copied().unwrap_or(Device::Cpu);
+    let staged_plan = if cfg.staged() {
+        Some(stage_plan(cfg, &model, first)?)
+    } else {
+        None
+    };
+    tch::manual_seed(cfg.seed as i64);
     let whole = vec![(first, 0..model.modules)];
+    let runtime = TrainError::Runtime;
+    if let Some((plan, note)) = staged_plan {
+        let mut sc = sid_runtime::StagedConfig::new(model.clone(), devices.to_vec(), plan);
+        sc.loss = cfg.loss_config();
+        sc.lr = cfg.lr;
+        sc.micro_batches = cfg.resolved_micro_batches();
+        if cfg.method == Method::Bp {
+            // Backprop's modules all read the final features: they sit on the last stage.
+            sc.method = sid_runtime::PipelineMethod::Bp(cfg.pipeline_schedule);
+        }
+        sc.timeout = std::time::Duration::from_secs_f64(cfg.step_timeout);
+        sc.threads_per_stage = cfg.threads;
+        sc.streams = cfg.streams;
+        #[cfg(feature = "fault-injection")]
+        {
+            sc.fault = cfg
+                .inject_fault
+                .as_deref()
+                .map(sid_runtime::Fault::parse)
+                .transpose()
+                .map_err(runtime)?;
+        }
+        let pipeline = sid_runtime::StagedPipeline::new(sc).map_err(runtime)?;
+        let mut notes: Vec<String> = (0..pipeline.plan().len())
+            .map(|s| pipeline.describe(s))
+            .collect();
+        notes.extend(note);
+        return Ok(Built {
+            layout: pipeline.layout(),
+            placement: Some(pipeline.plan().to_spec()),
+            net: Box::new(pipeline),
+            notes,
+        });
+    }
     Ok(match cfg.method {
         Method::Sid if devices.len() > 1 => {
-            let runtime = TrainError::Runtime;
             let mut pc = sid_runtime::PipelineConfig::new(model.clone(), devices.to_vec());
             pc.loss = cfg.loss_config();
             pc.lr = cfg.lr;
@@ -147,6 +223,7 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
                 layout: pipeline.layout(),
                 net: Box::new(pipeline),
                 placement,
+                notes: Vec::new(),
             }
         }
         Method::Sid => Built {
@@ -156,11 +233,13 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
             ),
             layout: whole,
             placement: None,
+            notes: Vec::new(),
         },
         Method::Bp => Built {
             net: Box::new(BpNetwork::new(&model, cfg.lr, first)?),
             layout: whole,
             placement: None,
+            notes: Vec::new(),
         },
     })
 }
@@ -203,8 +282,10 @@ impl Run {
         let built = build_network(&cfg, &devices)?;
         let data = data_on_input_device(data, built.net.as_ref());
         cfg.placement = built.placement.clone();
+        let notes = built.notes;
         // Save what was resolved, not what was left to defaults.
         cfg.augment = Some(cfg.resolved_augment());
+        cfg.micro_batches = Some(cfg.resolved_micro_batches());
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         let position = Position::start(cfg.method, cfg.seed);
@@ -215,6 +296,7 @@ impl Run {
             data,
             net: built.net,
             layout: built.layout,
+            notes,
             position,
             notices: Vec::new(),
         })
@@ -240,7 +322,11 @@ impl Run {
             a.data_dir = None;
             a.eval_batch_size = 0;
             a.threads = None;
-            a.placement = None;
+            a.micro_batches = None;
+            if a.stages <= 1 {
+                // A staged run's cut is part of its model; the paper mode's placement is not.
+                a.placement = None;
+            }
             a.step_timeout = 0.0;
             a.streams = true;
             a.fused_teacher = false;
@@ -251,7 +337,7 @@ impl Run {
         let changed = same(&saved).changed_from(&same(&cfg));
         if !changed.is_empty() {
             return Err(TrainError::Config(format!(
-                "--resume {}: {} differ from the saved config.toml; only --epochs, --gpus, --placement, --data-dir, --threads, --step-timeout, --no-streams, --fused-teacher, --cuda-graph/--no-cuda-graph and --eval-batch-size may change",
+                "--resume {}: {} differ from the saved config.toml; only --epochs, --gpus, --placement (not with --stages), --micro-batches, --data-dir, --threads, --step-timeout, --no-streams, --fused-teacher, --cuda-graph/--no-cuda-graph and --eval-batch-size may change",
                 dir.display(),
                 changed.join(", ")
             )));
@@ -270,6 +356,7 @@ impl Run {
             mut net,
             layout,
             placement,
+            notes,
         } = build_network(&cfg, &devices)?;
         let data = data_on_input_device(data, net.as_ref());
         cfg.placement = placement;
@@ -286,9 +373,16 @@ impl Run {
             data,
             net,
             layout,
+            notes,
             position,
             notices: kept.dropped_last_line.into_iter().collect(),
         })
+    }
+
+    /// What the user should know about how the network was placed (staged runs: each stage
+    /// and, with `--placement auto`, the balance it predicts).
+    pub fn placement_notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// Each device and its 0-based module block, in cascade order.
@@ -314,6 +408,35 @@ impl Run {
     /// Epochs already completed (non-zero after a resume).
     pub fn epochs_done(&self) -> usize {
         self.position.epochs_done
+    }
+
+    /// Books a finished step: its losses, its time (since the previous one finished: with
+    /// steps in flight that is the pipeline's pace), the position.
+    fn record(
+        &mut self,
+        stats: &sid_core::StepStats,
+        before: f64,
+        started: Instant,
+        last_done: &mut Instant,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) {
+        let p = &mut self.position.partial;
+        p.step_ms.push(last_done.elapsed().as_secs_f64() * 1e3);
+        *last_done = Instant::now();
+        p.loss_sum += stats.loss;
+        if p.module_loss_sums.len() < stats.module_losses.len() {
+            p.module_loss_sums.resize(stats.module_losses.len(), 0.0);
+        }
+        for (s, l) in p.module_loss_sums.iter_mut().zip(&stats.module_losses) {
+            *s += l;
+        }
+        p.seconds = before + started.elapsed().as_secs_f64();
+        self.position.step_in_epoch += 1;
+        self.position.global_step += 1;
+        on_event(Event::Step {
+            step: self.position.step_in_epoch,
+            loss: stats.loss,
+        });
     }
 
     fn save_checkpoint(&mut self) -> Result<PathBuf> {
@@ -362,6 +485,7 @@ impl Run {
             let started = Instant::now();
             let before = self.position.partial.seconds;
             peaks.start();
+            let mut last_done = Instant::now();
             for step in first_step..steps {
                 let batch_span = tracing::debug_span!("batch").entered();
                 let (x, y) = sid_data::batch(
@@ -376,30 +500,23 @@ impl Run {
                     x
                 };
                 drop(batch_span);
-                let t0 = Instant::now();
-                let stats = stepper.step(
-                    self.net.as_mut(),
-                    &x.to_device(device),
-                    &y.to_device(device),
-                    &mut |m| on_event(Event::Notice(m)),
-                )?;
-                let p = &mut self.position.partial;
-                p.step_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-                p.loss_sum += stats.loss;
-                if p.module_loss_sums.len() < stats.module_losses.len() {
-                    p.module_loss_sums.resize(stats.module_losses.len(), 0.0);
+                let (x, y) = (x.to_device(device), y.to_device(device));
+                // A pipelined network hands back the steps that have finished, perhaps none
+                // yet; every other network finishes this one.
+                let finished = if stepper.is_off() {
+                    self.net.submit_step(&x, &y)?
+                } else {
+                    vec![stepper.step(self.net.as_mut(), &x, &y, &mut |m| {
+                        on_event(Event::Notice(m))
+                    })?]
+                };
+                for stats in finished {
+                    self.record(&stats, before, started, &mut last_done, on_event);
                 }
-                for (s, l) in p.module_loss_sums.iter_mut().zip(&stats.module_losses) {
-                    *s += l;
-                }
-                p.seconds = before + started.elapsed().as_secs_f64();
-                self.position.step_in_epoch = step + 1;
-                self.position.global_step += 1;
-                on_event(Event::Step {
-                    step: step + 1,
-                    loss: stats.loss,
-                });
                 if stop.load(Ordering::SeqCst) && step + 1 < steps {
+                    for stats in self.net.flush()? {
+                        self.record(&stats, before, started, &mut last_done, on_event);
+                    }
                     let checkpoint = self.save_checkpoint()?;
                     return Err(TrainError::Interrupted {
                         epoch,
@@ -407,6 +524,10 @@ impl Run {
                         checkpoint,
                     });
                 }
+            }
+            // The pipeline's last steps (its fill is paid once an epoch, here).
+            for stats in self.net.flush()? {
+                self.record(&stats, before, started, &mut last_done, on_event);
             }
             let peak_memory = peaks.finish();
             let p = std::mem::take(&mut self.position.partial);

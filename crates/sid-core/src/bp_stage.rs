@@ -1,0 +1,295 @@
+//! Backprop cut into pipeline stages (GPipe, 1F1B): the BP baseline network split at the same
+//! block boundaries as staged SID, so that both methods can be compared on the same devices.
+//!
+//! Stage s owns blocks of the extractor; the last stage also owns the extractor's head and
+//! every belief module (they all read the final features). Unlike staged SID, the gradient
+//! crosses every boundary: a stage's backward of micro-batch j needs the gradient of its
+//! output from the next stage, and sends the gradient of its input back. With the gradients
+//! of M micro-batches accumulated (each loss weighted by its share of the batch), one Adam
+//! step equals [`crate::BpNetwork`]'s step on the whole batch.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use tch::nn::{Module, VarStore};
+use tch::{Device, Tensor};
+
+use crate::adam::Adam;
+use crate::belief::{belief, uniform_belief, BeliefModule};
+use crate::config::ModelConfig;
+use crate::extractor::{build_block, build_head, Block, BlockLayout, Neck};
+use crate::loss::cross_entropy;
+use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
+use crate::unit::module_prefix;
+use crate::{CoreError, Result};
+
+/// One stage of the pipelined BP network.
+#[derive(Debug)]
+pub struct BpStage {
+    index: usize,
+    last: bool,
+    vs: VarStore,
+    blocks: Vec<Block>,
+    head: Option<(Neck, Vec<BeliefModule>)>,
+    opt: Adam,
+    adam_prefix: String,
+    num_classes: i64,
+    /// Micro-batches between forward and backward: the stage's input (a leaf that collects
+    /// its gradient, except on stage 1) and its output (the weighted loss on the last stage).
+    pending: BTreeMap<usize, (Tensor, Tensor)>,
+}
+
+/// Builds the BP stages for `blocks` (one range of blocks per stage) on the CPU, drawing the
+/// weights in [`crate::BpNetwork`]'s order: one seed gives both the same network.
+pub fn build_bp_stages(
+    cfg: &ModelConfig,
+    lr: f64,
+    blocks: &[Range<usize>],
+) -> Result<Vec<BpStage>> {
+    cfg.validate()?;
+    let k = blocks.len();
+    let n = BlockLayout::of(cfg).len();
+    if k == 0 || blocks.iter().any(|r| r.is_empty()) || blocks.last().map(|r| r.end) != Some(n) {
+        return Err(CoreError::InvalidConfig(format!(
+            "backprop stages must cut the {n} blocks into non-empty consecutive ranges"
+        )));
+    }
+    let stores: Vec<VarStore> = (0..k).map(|_| VarStore::new(Device::Cpu)).collect();
+    let mut built: Vec<Vec<Block>> = (0..k).map(|_| Vec::new()).collect();
+    for i in 0..n {
+        let s = blocks.iter().position(|r| r.contains(&i)).expect("covered");
+        built[s].push(build_block(&(stores[s].root() / "extractor"), cfg, i));
+    }
+    let last = &stores[k - 1];
+    let head = build_head(&(last.root() / "extractor"), cfg);
+    let modules = (0..cfg.modules)
+        .map(|i| {
+            BeliefModule::new(
+                &(last.root() / module_prefix(i)),
+                cfg.num_classes,
+                cfg.feature_dim,
+                cfg.module_hidden,
+            )
+        })
+        .collect();
+    let mut head = Some((head, modules));
+    Ok(stores
+        .into_iter()
+        .zip(built)
+        .enumerate()
+        .map(|(index, (vs, blocks))| {
+            let opt = Adam::for_var_store(&vs, lr);
+            BpStage {
+                index,
+                last: index + 1 == k,
+                vs,
+                blocks,
+                head: if index + 1 == k { head.take() } else { None },
+                opt,
+                adam_prefix: if k == 1 {
+                    "adam.all".into()
+                } else {
+                    format!("adam.bp_stage_{}", index + 1)
+                },
+                num_classes: cfg.num_classes,
+                pending: BTreeMap::new(),
+            }
+        })
+        .collect())
+}
+
+impl BpStage {
+    /// 0-based position.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Whether it is the last stage (the one with the loss).
+    pub fn is_last(&self) -> bool {
+        self.last
+    }
+
+    /// Moves parameters and optimiser state to `device`.
+    pub fn to_device(&mut self, device: Device) {
+        self.vs.set_device(device);
+        self.opt.to_device(device);
+    }
+
+    /// Micro-batches whose backward is still to come (what 1F1B keeps small).
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn head_forward(&self, h: &Tensor) -> Vec<Tensor> {
+        let (neck, modules) = self.head.as_ref().expect("the last stage has the head");
+        let z = neck.forward(h);
+        let mut p = uniform_belief(z.size()[0], self.num_classes, z.device());
+        let mut logits = Vec::with_capacity(modules.len());
+        for m in modules {
+            let l = m.forward(&p, &z);
+            p = belief(&l);
+            logits.push(l);
+        }
+        logits
+    }
+
+    /// Forward of micro-batch `micro`: returns the output for the next stage (detached), or
+    /// `None` on the last stage, which keeps `scale ·` its cross-entropy for the backward.
+    pub fn forward_micro(
+        &mut self,
+        micro: usize,
+        input: &Tensor,
+        labels: &Tensor,
+        scale: f64,
+    ) -> Option<Tensor> {
+        let leaf = if self.index == 0 {
+            input.shallow_clone()
+        } else {
+            input.detach().set_requires_grad(true)
+        };
+        let h = self
+            .blocks
+            .iter()
+            .fold(leaf.shallow_clone(), |h, b| b.forward(&h));
+        if self.last {
+            let logits = self.head_forward(&h);
+            let loss = cross_entropy(logits.last().expect("at least one module"), labels);
+            let loss = if scale == 1.0 { loss } else { loss * scale };
+            self.pending.insert(micro, (leaf, loss));
+            None
+        } else {
+            let out = h.detach();
+            self.pending.insert(micro, (leaf, h));
+            Some(out)
+        }
+    }
+
+    /// Backward of micro-batch `micro`, with the gradient of its output (`None` on the last
+    /// stage). Returns the gradient of its input (for the previous stage; `None` on stage 1)
+    /// and, on the last stage, its weighted loss.
+    pub fn backward_micro(
+        &mut self,
+        micro: usize,
+        grad: Option<&Tensor>,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (leaf, out) = self.pending.remove(&micro).ok_or_else(|| {
+            CoreError::InvalidConfig(format!(
+                "backprop stage {}: backward of micro-batch {micro} before its forward",
+                self.index + 1
+            ))
+        })?;
+        let loss = if self.last {
+            out.f_backward()?;
+            Some(out.detach())
+        } else {
+            let g = grad.ok_or_else(|| {
+                CoreError::InvalidConfig(
+                    "a middle stage's backward needs its output's gradient".into(),
+                )
+            })?;
+            (out * g).f_sum(tch::Kind::Float)?.f_backward()?;
+            None
+        };
+        let grad_in = (self.index > 0).then(|| leaf.grad().detach());
+        Ok((grad_in, loss))
+    }
+
+    /// One Adam step from the accumulated gradients, then clears them.
+    pub fn apply(&mut self) {
+        self.opt.step();
+        self.opt.zero_grad();
+    }
+
+    /// Inference: the output for the next stage, or every module's logits on the last.
+    pub fn cascade(&self, input: &Tensor) -> (Option<Tensor>, Vec<Tensor>) {
+        tch::no_grad(|| {
+            let h = self
+                .blocks
+                .iter()
+                .fold(input.shallow_clone(), |h, b| b.forward(&h));
+            if self.last {
+                (None, self.head_forward(&h))
+            } else {
+                (Some(h), Vec::new())
+            }
+        })
+    }
+
+    /// Weights and optimiser state as named CPU tensors.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut v = var_store_state(&self.vs);
+        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
+        v
+    }
+
+    /// Restores this stage's entries of a checkpoint.
+    pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
+        load_var_store(&self.vs, named)?;
+        self.opt.load_state(&self.adam_prefix, named)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ExtractorKind;
+    use crate::{BpNetwork, Network};
+    use tch::Kind;
+
+    /// Two stages, four micro-batches, forwards then backwards: BpNetwork's step.
+    #[test]
+    fn two_stages_with_micro_batches_are_one_bp_step() {
+        let _rng = crate::rng_lock();
+        let cfg = ModelConfig {
+            extractor: ExtractorKind::Cnn,
+            in_channels: 1,
+            image_size: 8,
+            num_classes: 4,
+            feature_dim: 6,
+            modules: 3,
+            module_hidden: 5,
+        };
+        tch::manual_seed(3);
+        let mut bp = BpNetwork::new(&cfg, 1e-3, Device::Cpu).unwrap();
+        tch::manual_seed(3);
+        let mut st = build_bp_stages(&cfg, 1e-3, &[0..2, 2..4]).unwrap();
+        tch::manual_seed(8);
+        let x = Tensor::randn([8, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3, 3, 2, 1, 0]);
+        for _ in 0..3 {
+            let expected = bp.train_step(&x, &y).unwrap().loss;
+            let mut total = 0.0;
+            let outs: Vec<Tensor> = (0..4)
+                .map(|j| {
+                    st[0]
+                        .forward_micro(j, &x.narrow(0, 2 * j as i64, 2), &y, 0.25)
+                        .unwrap()
+                })
+                .collect();
+            for (j, h) in outs.iter().enumerate() {
+                assert!(st[1]
+                    .forward_micro(j, h, &y.narrow(0, 2 * j as i64, 2), 0.25)
+                    .is_none());
+            }
+            for j in (0..4).rev() {
+                let (g, loss) = st[1].backward_micro(j, None).unwrap();
+                total += loss.unwrap().double_value(&[]);
+                let (none, _) = st[0].backward_micro(j, g.as_ref()).unwrap();
+                assert!(none.is_none());
+            }
+            st[0].apply();
+            st[1].apply();
+            assert!((total - expected).abs() < 1e-5, "{total} vs {expected}");
+        }
+        let theirs = NamedTensors::from(bp.state().unwrap());
+        for s in &st {
+            for (name, t) in var_store_state(&s.vs) {
+                let d = (&t - theirs.get(&name).unwrap())
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(d < 1e-5, "{name} differs by {d}");
+            }
+        }
+    }
+}

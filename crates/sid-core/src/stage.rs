@@ -1,0 +1,739 @@
+//! Staged SID: the backbone cut into K consecutive slices, each with a neck and a block of
+//! belief modules, trained by its own local losses only (see `sid-method.md`, "Staged SID").
+//!
+//! A [`Stage`] owns slice `c_s` of the backbone, its neck `n_s` (the extractor's own head on
+//! the last stage) and modules; its one optimiser step is [`Stage::apply`]. Its micro-batch work
+//! is [`Stage::forward_micro`] (returns what the next stage needs, at once) then
+//! [`Stage::backward_micro`] (local losses into the stage's own parameters, gradients
+//! accumulated). No gradient crosses a stage boundary: the next stage reads `sg(z_s)`.
+//! K = 1 is the paper's SID: one slice holding the whole extractor, its head and every module,
+//! trained by one backward of Σ L_i as the reference code does it.
+//!
+//! Where stages run and how tensors move between them is the runtime's business
+//! (`sid-runtime`'s stage schedule); this module is the arithmetic.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use tch::nn::{Module, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::adam::Adam;
+use crate::belief::{belief, uniform_belief};
+use crate::config::{LossConfig, ModelConfig};
+use crate::extractor::{build_block, build_head, Block, BlockLayout, Neck};
+use crate::loss::{local_loss_for, LabelTarget};
+use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
+use crate::unit::ModuleUnit;
+use crate::{CoreError, Result};
+
+/// Which blocks of the backbone and which belief modules (0-based, half-open) one stage owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageSpec {
+    /// Backbone blocks.
+    pub blocks: Range<usize>,
+    /// Belief modules.
+    pub modules: Range<usize>,
+}
+
+/// How the backbone and the modules are cut into stages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagePlan {
+    stages: Vec<StageSpec>,
+}
+
+fn invalid(msg: String) -> CoreError {
+    CoreError::InvalidConfig(msg)
+}
+
+/// `[0, n)` cut into `k` near-equal consecutive ranges.
+fn even_ranges(n: usize, k: usize) -> Vec<Range<usize>> {
+    (0..k).map(|s| s * n / k..(s + 1) * n / k).collect()
+}
+
+fn ranges_from_counts(counts: &[usize]) -> Vec<Range<usize>> {
+    let mut start = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            let r = start..start + c;
+            start += c;
+            r
+        })
+        .collect()
+}
+
+fn range_spec(r: &Range<usize>) -> String {
+    if r.len() == 1 {
+        r.start.to_string()
+    } else {
+        format!("{}-{}", r.start, r.end - 1)
+    }
+}
+
+fn parse_ranges(list: &str, what: &str) -> Result<Vec<Range<usize>>> {
+    list.split(',')
+        .map(|item| {
+            let item = item.trim();
+            let bad = || invalid(format!("{what} range {item:?} is not N or N-M"));
+            let (a, b) = match item.split_once('-') {
+                Some((a, b)) => (a.trim(), b.trim()),
+                None => (item, item),
+            };
+            let a: usize = a.parse().map_err(|_| bad())?;
+            let b: usize = b.parse().map_err(|_| bad())?;
+            if b < a {
+                return Err(bad());
+            }
+            Ok(a..b + 1)
+        })
+        .collect()
+}
+
+impl StagePlan {
+    /// Checks a plan against the model: every block and module in exactly one stage, in order,
+    /// and no stage without a block or a module.
+    pub fn new(stages: Vec<StageSpec>, cfg: &ModelConfig) -> Result<Self> {
+        let blocks = BlockLayout::of(cfg).len();
+        let k = stages.len();
+        if k == 0 {
+            return Err(invalid("a run needs at least one stage".into()));
+        }
+        if k > blocks {
+            return Err(invalid(format!(
+                "--stages {k} is more than the {blocks} block(s) of the {} backbone, which can be cut into at most {blocks} stage(s)",
+                cfg.extractor
+            )));
+        }
+        if k > cfg.modules {
+            return Err(invalid(format!(
+                "--stages {k} is more than the {} belief module(s): every stage needs one",
+                cfg.modules
+            )));
+        }
+        for (what, total, get) in [
+            (
+                "blocks",
+                blocks,
+                (|s: &StageSpec| s.blocks.clone()) as fn(&StageSpec) -> _,
+            ),
+            ("modules", cfg.modules, |s: &StageSpec| s.modules.clone()),
+        ] {
+            let mut next = 0;
+            for (i, s) in stages.iter().enumerate() {
+                let r = get(s);
+                if r.is_empty() {
+                    return Err(invalid(format!("stage {} has no {what}", i + 1)));
+                }
+                if r.start != next {
+                    return Err(invalid(format!(
+                        "stage {} starts at {what} {} but {} is next: ranges must be consecutive from 0",
+                        i + 1,
+                        r.start,
+                        next
+                    )));
+                }
+                next = r.end;
+            }
+            if next != total {
+                return Err(invalid(format!(
+                    "the stages cover {what} 0-{} but there are {total}",
+                    next.saturating_sub(1)
+                )));
+            }
+        }
+        Ok(Self { stages })
+    }
+
+    /// Blocks and modules split as evenly as possible over `k` stages.
+    pub fn even(cfg: &ModelConfig, k: usize) -> Result<Self> {
+        let blocks = BlockLayout::of(cfg).len();
+        if k == 0 || k > blocks || k > cfg.modules {
+            return Self::new(
+                vec![
+                    StageSpec {
+                        blocks: 0..0,
+                        modules: 0..0
+                    };
+                    k
+                ],
+                cfg,
+            );
+        }
+        let stages = even_ranges(blocks, k)
+            .into_iter()
+            .zip(even_ranges(cfg.modules, k))
+            .map(|(blocks, modules)| StageSpec { blocks, modules })
+            .collect();
+        Self::new(stages, cfg)
+    }
+
+    /// Parses `blocks=0-1,2-3;modules=0-4,5-9` (0-based, inclusive ranges, one per stage).
+    pub fn parse(spec: &str, cfg: &ModelConfig) -> Result<Self> {
+        let mut blocks = None;
+        let mut modules = None;
+        for part in spec.split(';') {
+            match part.trim().split_once('=') {
+                Some(("blocks", list)) => blocks = Some(parse_ranges(list, "block")?),
+                Some(("modules", list)) => modules = Some(parse_ranges(list, "module")?),
+                _ => {
+                    return Err(invalid(format!(
+                        "stage placement {spec:?} is not blocks=A-B,...;modules=C-D,... (or auto, or even)"
+                    )))
+                }
+            }
+        }
+        let (Some(blocks), Some(modules)) = (blocks, modules) else {
+            return Err(invalid(format!(
+                "stage placement {spec:?} needs both blocks=... and modules=..."
+            )));
+        };
+        if blocks.len() != modules.len() {
+            return Err(invalid(format!(
+                "stage placement {spec:?} gives {} block ranges but {} module ranges",
+                blocks.len(),
+                modules.len()
+            )));
+        }
+        Self::new(
+            blocks
+                .into_iter()
+                .zip(modules)
+                .map(|(blocks, modules)| StageSpec { blocks, modules })
+                .collect(),
+            cfg,
+        )
+    }
+
+    /// The cut that minimises the slowest stage's time under `costs`: every way of cutting the
+    /// blocks, each with modules added one at a time to the stage that is then the fastest
+    /// (modules all cost the same, so only their count per stage matters).
+    pub fn balanced(cfg: &ModelConfig, k: usize, costs: &StageCosts) -> Result<Self> {
+        let blocks = BlockLayout::of(cfg).len();
+        if k == 0 || k > blocks || k > cfg.modules || costs.blocks.len() != blocks {
+            return Self::even(cfg, k);
+        }
+        let mut best: Option<(f64, Vec<StageSpec>)> = None;
+        for cut in block_cuts(blocks, k) {
+            let mut load: Vec<f64> = cut
+                .iter()
+                .map(|r| costs.blocks[r.clone()].iter().sum::<f64>() + costs.module)
+                .collect();
+            let mut counts = vec![1usize; k];
+            for _ in k..cfg.modules {
+                let s = (0..k)
+                    .min_by(|&a, &b| load[a].total_cmp(&load[b]))
+                    .expect("k >= 1");
+                counts[s] += 1;
+                load[s] += costs.module;
+            }
+            let worst = load.iter().copied().fold(0.0, f64::max);
+            if best.as_ref().is_none_or(|(w, _)| worst < *w) {
+                let stages = cut
+                    .into_iter()
+                    .zip(ranges_from_counts(&counts))
+                    .map(|(blocks, modules)| StageSpec { blocks, modules })
+                    .collect();
+                best = Some((worst, stages));
+            }
+        }
+        Self::new(best.expect("at least one cut").1, cfg)
+    }
+
+    /// Number of stages.
+    pub fn len(&self) -> usize {
+        self.stages.len()
+    }
+
+    /// Whether there are none (never, for a checked plan).
+    pub fn is_empty(&self) -> bool {
+        self.stages.is_empty()
+    }
+
+    /// The stages, first to last.
+    pub fn stages(&self) -> &[StageSpec] {
+        &self.stages
+    }
+
+    /// The plan in `--placement` syntax: `blocks=0-1,2-3;modules=0-4,5-9`.
+    pub fn to_spec(&self) -> String {
+        let list = |f: fn(&StageSpec) -> &Range<usize>| {
+            self.stages
+                .iter()
+                .map(|s| range_spec(f(s)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        format!(
+            "blocks={};modules={}",
+            list(|s| &s.blocks),
+            list(|s| &s.modules)
+        )
+    }
+
+    /// Each stage's predicted time per step under `costs`.
+    pub fn predicted(&self, costs: &StageCosts) -> Vec<f64> {
+        self.stages
+            .iter()
+            .map(|s| {
+                costs.blocks[s.blocks.clone()].iter().sum::<f64>()
+                    + costs.module * s.modules.len() as f64
+            })
+            .collect()
+    }
+}
+
+/// Every way of cutting `n` blocks into `k` non-empty consecutive ranges.
+fn block_cuts(n: usize, k: usize) -> Vec<Vec<Range<usize>>> {
+    if k == 1 {
+        return vec![vec![0..n]];
+    }
+    let mut out = Vec::new();
+    // The first range ends at e; the rest is a cut of the remaining blocks into k-1.
+    for e in 1..=n - (k - 1) {
+        for rest in block_cuts(n - e, k - 1) {
+            let mut cut: Vec<Range<usize>> = Vec::with_capacity(k);
+            cut.push(0..e);
+            cut.extend(rest.into_iter().map(|r| r.start + e..r.end + e));
+            out.push(cut);
+        }
+    }
+    out
+}
+
+/// Measured cost (seconds per step, forward + backward) of each backbone block and of one
+/// belief module with its loss: what [`StagePlan::balanced`] balances.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageCosts {
+    /// Each block, first to last.
+    pub blocks: Vec<f64>,
+    /// One module.
+    pub module: f64,
+}
+
+/// Times each block of `cfg`'s backbone and one module, forward and backward, on a batch of
+/// `batch` inputs on `device` (the median of `reps` runs after one warm-up). Its layers draw
+/// their weights from libtorch's global RNG: profile before seeding, not between a seed and
+/// the network it should fix.
+pub fn profile_costs(cfg: &ModelConfig, batch: i64, device: Device, reps: usize) -> StageCosts {
+    let _span = tracing::info_span!("profile_stages").entered();
+    let vs = VarStore::new(device);
+    let layout = BlockLayout::of(cfg);
+    let blocks: Vec<Block> = (0..layout.len())
+        .map(|i| build_block(&vs.root(), cfg, i))
+        .collect();
+    let module = crate::belief::BeliefModule::new(
+        &(vs.root() / "module"),
+        cfg.num_classes,
+        cfg.feature_dim,
+        cfg.module_hidden,
+    );
+    let shape = [batch, cfg.in_channels, cfg.image_size, cfg.image_size];
+    let numel: i64 = shape.iter().product();
+    let mut x = Tensor::arange(numel, (Kind::Float, device))
+        .sin()
+        .reshape(shape);
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        let mut t: Vec<f64> = (0..reps.max(1))
+            .map(|_| {
+                let s = Instant::now();
+                f();
+                s.elapsed().as_secs_f64()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2]
+    };
+    let mut block_costs = Vec::with_capacity(blocks.len());
+    for b in &blocks {
+        let input = x.detach().set_requires_grad(true);
+        block_costs.push(time(&mut || {
+            let y = b.forward(&input);
+            y.sum(Kind::Float).backward();
+            let _ = sync_value(&y);
+        }));
+        x = tch::no_grad(|| b.forward(&x));
+    }
+    let z = Tensor::ones([batch, cfg.feature_dim], (Kind::Float, device)).set_requires_grad(true);
+    let p = uniform_belief(batch, cfg.num_classes, device);
+    let labels = Tensor::zeros([batch], (Kind::Int64, device));
+    let target = LabelTarget::new(&labels, cfg.num_classes, &LossConfig::default());
+    let module_cost = time(&mut || {
+        let l = local_loss_for(&module.forward(&p, &z), &p, &target);
+        l.backward();
+        let _ = sync_value(&l);
+    });
+    StageCosts {
+        blocks: block_costs,
+        module: module_cost,
+    }
+}
+
+/// Waits for the device by reading one value (timing on a GPU needs it).
+fn sync_value(t: &Tensor) -> f64 {
+    t.flatten(0, -1).get(0).double_value(&[])
+}
+
+/// One stage: a slice of the backbone, its neck, its belief modules and its optimisers.
+#[derive(Debug)]
+pub struct Stage {
+    index: usize,
+    spec: StageSpec,
+    last: bool,
+    vs: VarStore,
+    blocks: Vec<Block>,
+    neck: Neck,
+    opt: Adam,
+    adam_prefix: String,
+    modules: Vec<ModuleUnit>,
+    num_classes: i64,
+    loss: LossConfig,
+    /// Between [`Stage::forward_micro`] and [`Stage::backward_micro`]: the local losses [n]
+    /// with their graph.
+    pending: Option<Tensor>,
+}
+
+/// What a stage passes downstream for one micro-batch.
+#[derive(Debug)]
+pub struct StageOutput {
+    /// `sg(z_s)`, the slice's output before the neck: the next stage's input. `None` on the
+    /// last stage.
+    pub z: Option<Tensor>,
+    /// The belief leaving the stage's last module, detached.
+    pub p: Tensor,
+}
+
+/// Builds the stages of `plan` on the CPU. Weights are drawn in the one fixed order of every
+/// network here (extractor blocks, its head, modules 1..L), then the necks of stages 1..K−1:
+/// a seed gives the same backbone and modules whatever the plan, and K = 1 has exactly
+/// [`crate::SidNetwork`]'s weights.
+pub fn build_stages(
+    cfg: &ModelConfig,
+    loss: LossConfig,
+    lr: f64,
+    plan: &StagePlan,
+) -> Result<Vec<Stage>> {
+    cfg.validate()?;
+    loss.validate()?;
+    let k = plan.len();
+    let stage_of = |pick: fn(&StageSpec) -> &Range<usize>, i: usize| {
+        plan.stages
+            .iter()
+            .position(|s| pick(s).contains(&i))
+            .expect("a checked plan covers everything")
+    };
+    let stores: Vec<VarStore> = (0..k).map(|_| VarStore::new(Device::Cpu)).collect();
+    let layout = BlockLayout::of(cfg);
+    let mut blocks: Vec<Vec<Block>> = (0..k).map(|_| Vec::new()).collect();
+    for i in 0..layout.len() {
+        let s = stage_of(|s| &s.blocks, i);
+        blocks[s].push(build_block(&(stores[s].root() / "extractor"), cfg, i));
+    }
+    let head = build_head(&(stores[k - 1].root() / "extractor"), cfg);
+    let mut modules: Vec<Vec<ModuleUnit>> = (0..k).map(|_| Vec::new()).collect();
+    for i in 0..cfg.modules {
+        modules[stage_of(|s| &s.modules, i)].push(ModuleUnit::new(i, cfg, loss, lr, Device::Cpu));
+    }
+    let mut necks: Vec<Neck> = (0..k - 1)
+        .map(|s| {
+            let width = layout.widths[plan.stages[s].blocks.end - 1];
+            Neck::new(
+                &(stores[s].root() / format!("neck_{}", s + 1)),
+                width,
+                cfg.feature_dim,
+            )
+        })
+        .collect();
+    necks.push(head);
+    Ok(stores
+        .into_iter()
+        .zip(blocks)
+        .zip(necks)
+        .zip(modules)
+        .enumerate()
+        .map(|(index, (((vs, blocks), neck), modules))| {
+            let opt = Adam::for_var_store(&vs, lr);
+            Stage {
+                index,
+                spec: plan.stages[index].clone(),
+                last: index + 1 == k,
+                vs,
+                blocks,
+                neck,
+                opt,
+                // One stage is the paper's extractor: its checkpoint names are SidNetwork's.
+                adam_prefix: if k == 1 {
+                    "adam.extractor".into()
+                } else {
+                    format!("adam.stage_{}", index + 1)
+                },
+                modules,
+                num_classes: cfg.num_classes,
+                loss,
+                pending: None,
+            }
+        })
+        .collect())
+}
+
+impl Stage {
+    /// 0-based position in the pipeline.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Its blocks and modules.
+    pub fn spec(&self) -> &StageSpec {
+        &self.spec
+    }
+
+    /// Whether it is the last stage (it sends no features on).
+    pub fn is_last(&self) -> bool {
+        self.last
+    }
+
+    /// Where its parameters live.
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Moves parameters and optimiser state to `device` (a stage's thread does this itself).
+    pub fn to_device(&mut self, device: Device) {
+        self.vs.set_device(device);
+        self.opt.to_device(device);
+        for m in &mut self.modules {
+            m.to_device(device);
+        }
+    }
+
+    /// The label side of the local losses for `labels`.
+    pub fn label_target(&self, labels: &Tensor) -> LabelTarget {
+        LabelTarget::new(labels, self.num_classes, &self.loss)
+    }
+
+    fn slice_forward(&self, input: &Tensor) -> Tensor {
+        let _span = tracing::trace_span!("slice_forward", stage = self.index + 1).entered();
+        self.blocks
+            .iter()
+            .fold(input.detach(), |h, b| b.forward(&h))
+    }
+
+    /// Forward of one micro-batch: the slice on `sg(input)`, the neck, each module on the
+    /// previous belief (from `p_in` on), the local losses kept with their graph for
+    /// [`Stage::backward_micro`]. Returns at once what the next stage needs.
+    pub fn forward_micro(
+        &mut self,
+        input: &Tensor,
+        p_in: &Tensor,
+        target: &LabelTarget,
+    ) -> StageOutput {
+        let h = self.slice_forward(input);
+        let z = self.neck.forward(&h);
+        let mut p = p_in.detach();
+        let mut losses = Vec::with_capacity(self.modules.len());
+        for m in &self.modules {
+            let logits = m.module().forward(&p, &z);
+            losses.push(local_loss_for(&logits, &p, target));
+            p = belief(&logits.detach());
+        }
+        self.pending = Some(Tensor::stack(&losses, 0));
+        StageOutput {
+            z: (!self.last).then(|| h.detach()),
+            p,
+        }
+    }
+
+    /// Backward of the pending micro-batch: `scale · Σ L_i` into this stage's slice, neck and
+    /// modules (gradients add up over micro-batches until [`Stage::apply`]). `scale` is the
+    /// micro-batch's share of the batch, so M micro-batches give the batch's gradient. Returns
+    /// the scaled losses [n], detached, on the device.
+    pub fn backward_micro(&mut self, scale: f64) -> Result<Tensor> {
+        let _span = tracing::trace_span!("stage_backward", stage = self.index + 1).entered();
+        let losses = self.pending.take().ok_or_else(|| {
+            invalid(format!(
+                "stage {}: backward without a forward",
+                self.index + 1
+            ))
+        })?;
+        let losses = if scale == 1.0 { losses } else { losses * scale };
+        losses.f_sum(Kind::Float)?.f_backward()?;
+        Ok(losses.detach())
+    }
+
+    /// One optimiser step of the slice, the neck and every module, from the gradients
+    /// accumulated since the last one; then clears them.
+    pub fn apply(&mut self) {
+        let _span = tracing::trace_span!("stage_apply", stage = self.index + 1).entered();
+        self.opt.step();
+        self.opt.zero_grad();
+        for m in &mut self.modules {
+            m.apply();
+        }
+    }
+
+    /// Inference through this stage: the slice's output (for the next stage; `None` on the
+    /// last), every module's logits and the belief leaving the last module.
+    pub fn cascade(&self, input: &Tensor, p_in: &Tensor) -> (Option<Tensor>, Vec<Tensor>, Tensor) {
+        tch::no_grad(|| {
+            let h = self.slice_forward(input);
+            let z = self.neck.forward(&h);
+            let mut p = p_in.shallow_clone();
+            let mut logits = Vec::with_capacity(self.modules.len());
+            for m in &self.modules {
+                let l = m.module().forward(&p, &z);
+                p = belief(&l);
+                logits.push(l);
+            }
+            ((!self.last).then_some(h), logits, p)
+        })
+    }
+
+    /// The uniform belief `p_0` for a batch of `batch` samples on this stage's device.
+    pub fn uniform(&self, batch: i64) -> Tensor {
+        uniform_belief(batch, self.num_classes, self.device())
+    }
+
+    /// Weights and optimiser state as named CPU tensors.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut v = var_store_state(&self.vs);
+        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
+        for m in &self.modules {
+            v.extend(m.state());
+        }
+        v
+    }
+
+    /// Restores what [`Stage::state`] saved (the stage's own entries of a whole checkpoint).
+    pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
+        load_var_store(&self.vs, named)?;
+        self.opt.load_state(&self.adam_prefix, named)?;
+        for m in &mut self.modules {
+            m.load_state(named)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ExtractorKind;
+    use crate::{Network, SidNetwork};
+
+    fn cfg(modules: usize) -> ModelConfig {
+        ModelConfig {
+            extractor: ExtractorKind::Cnn,
+            in_channels: 1,
+            image_size: 8,
+            num_classes: 4,
+            feature_dim: 6,
+            modules,
+            module_hidden: 5,
+        }
+    }
+
+    #[test]
+    fn plans_check_their_ranges() {
+        let c = cfg(5);
+        assert_eq!(
+            StagePlan::even(&c, 2).unwrap().to_spec(),
+            "blocks=0-1,2-3;modules=0-1,2-4"
+        );
+        let p = StagePlan::parse("blocks=0,1-3;modules=0-3,4", &c).unwrap();
+        assert_eq!(p.to_spec(), "blocks=0,1-3;modules=0-3,4");
+        let err = |s: &str| StagePlan::parse(s, &c).unwrap_err().to_string();
+        assert!(err("blocks=0-1,3;modules=0-1,2-4").contains("consecutive"));
+        assert!(err("blocks=0-1,2-3;modules=0-1,2-3").contains("cover modules"));
+        assert!(err("blocks=0-1;modules=0-1,2-4").contains("1 block ranges but 2"));
+        assert!(err("blocks=0-3,;modules=0,1-4").contains("not N or N-M"));
+        assert!(err("nonsense").contains("auto"));
+        let e = StagePlan::even(&c, 5).unwrap_err().to_string();
+        assert!(e.contains("--stages 5 is more than the 4 block(s)"), "{e}");
+        let mlp = ModelConfig {
+            extractor: ExtractorKind::Mlp,
+            ..c.clone()
+        };
+        assert!(StagePlan::even(&mlp, 2).is_err());
+        assert!(StagePlan::even(&cfg(1), 2)
+            .unwrap_err()
+            .to_string()
+            .contains("every stage needs one"));
+    }
+
+    #[test]
+    fn balanced_plan_minimises_the_slowest_stage() {
+        let c = cfg(10);
+        // The numbers of the issue: conv1+conv2 ≈ 154 ms, conv3+conv4 ≈ 216 ms.
+        let costs = StageCosts {
+            blocks: vec![0.030, 0.124, 0.100, 0.116],
+            module: 0.002,
+        };
+        let p = StagePlan::balanced(&c, 2, &costs).unwrap();
+        assert_eq!(p.stages()[0].blocks, 0..2);
+        // Modules go where there is slack: the first stage is faster, so it takes all but one.
+        assert_eq!(p.to_spec(), "blocks=0-1,2-3;modules=0-8,9");
+        let t = p.predicted(&costs);
+        assert!((t[1] - 0.218).abs() < 1e-12 && t[0] < t[1], "{t:?}");
+        // A heavy first block stands alone; equal loads then share the modules equally.
+        let costs = StageCosts {
+            blocks: vec![0.3, 0.1, 0.1, 0.1],
+            module: 0.02,
+        };
+        let p = StagePlan::balanced(&c, 2, &costs).unwrap();
+        assert_eq!(p.to_spec(), "blocks=0,1-3;modules=0-4,5-9");
+        let one = StagePlan::balanced(&c, 1, &costs).unwrap();
+        assert_eq!(one.to_spec(), "blocks=0-3;modules=0-9");
+        assert_eq!(block_cuts(4, 2).len(), 3);
+        assert_eq!(block_cuts(4, 4).len(), 1);
+    }
+
+    #[test]
+    fn profiling_times_every_block() {
+        let _rng = crate::rng_lock();
+        let costs = profile_costs(&cfg(2), 4, Device::Cpu, 1);
+        assert_eq!(costs.blocks.len(), 4);
+        assert!(costs.blocks.iter().all(|&t| t > 0.0) && costs.module > 0.0);
+    }
+
+    /// One stage is the paper's SID: the same initial weights and, step after step, the same
+    /// parameters as [`SidNetwork`] (float tolerance: one backward of Σ L_i sums the gradient
+    /// at z in autograd's order).
+    #[test]
+    fn one_stage_is_paper_sid() {
+        let _rng = crate::rng_lock();
+        let c = cfg(3);
+        tch::manual_seed(9);
+        let mut sid = SidNetwork::new(&c, LossConfig::default(), 1e-3, Device::Cpu).unwrap();
+        tch::manual_seed(9);
+        let plan = StagePlan::even(&c, 1).unwrap();
+        let mut stages = build_stages(&c, LossConfig::default(), 1e-3, &plan).unwrap();
+        let st = &mut stages[0];
+        let initial = NamedTensors::from(st.state());
+        for (name, t) in sid.state().unwrap() {
+            assert_eq!(&t, initial.get(&name).unwrap(), "{name}");
+        }
+        tch::manual_seed(1);
+        let x = Tensor::randn([6, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3, 1, 2]);
+        for _ in 0..4 {
+            let a = sid.train_step(&x, &y).unwrap();
+            let target = st.label_target(&y);
+            let out = st.forward_micro(&x, &st.uniform(6), &target);
+            assert!(out.z.is_none());
+            let l = Vec::<f64>::try_from(st.backward_micro(1.0).unwrap()).unwrap();
+            st.apply();
+            for (u, v) in a.module_losses.iter().zip(&l) {
+                assert!((u - v).abs() < 1e-5 * u.abs().max(1.0), "{a:?} vs {l:?}");
+            }
+        }
+        let theirs = NamedTensors::from(sid.state().unwrap());
+        for (name, t) in st.state() {
+            let d = (&t - theirs.get(&name).unwrap())
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(d < 1e-5, "{name} differs by {d}");
+        }
+    }
+}

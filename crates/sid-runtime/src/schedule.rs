@@ -1,0 +1,605 @@
+//! The stage schedule, written once: what a stage does with each message, whatever moves the
+//! messages ([`crate::transport`]).
+//!
+//! A training micro-batch: forward through the stage, **send `(sg(z), p)` downstream at once**,
+//! then the local losses' backward into the stage's own parameters, gradients accumulated; the
+//! step's last micro-batch also steps the optimisers and reports the losses. A stage needs
+//! nothing back from later stages, so stage s works on step t+1 while stage s+1 is still on
+//! step t: no flush between steps, and the result equals running the stages one after another
+//! (each stage's input for a step was computed by the same parameters in both orders).
+//!
+//! A backprop pipeline stage ([`Work::Bp`]) runs a step as a list of forward and backward
+//! operations on its micro-batches ([`BpSchedule`]: GPipe's fill-drain or 1F1B), waiting for
+//! activations from the previous stage and gradients from the next. Inference, checkpoints and
+//! failures are handled the same way for both methods.
+
+use std::time::{Duration, Instant};
+
+use sid_core::bp_stage::BpStage;
+use sid_core::{NamedTensors, Stage};
+use tch::{Kind as TKind, Tensor};
+
+#[cfg(feature = "fault-injection")]
+use crate::fault::{Fault, FaultKind};
+use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
+
+/// How a backprop pipeline orders a stage's forwards and backwards within a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BpSchedule {
+    /// GPipe: every forward, then every backward (last first). Holds M micro-batches.
+    #[serde(rename = "gpipe")]
+    GPipe,
+    /// 1F1B: K−s−1 forwards to fill, then one forward and one backward in turn, then the
+    /// remaining backwards. Holds at most K−s micro-batches.
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+}
+
+/// One operation of a backprop stage's step, on a micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Forward of micro-batch j.
+    Forward(usize),
+    /// Backward of micro-batch j.
+    Backward(usize),
+}
+
+impl BpSchedule {
+    /// Stage `stage` (0-based) of `stages`: its operations for `micro` micro-batches.
+    pub fn ops(self, stages: usize, stage: usize, micro: usize) -> Vec<Op> {
+        match self {
+            Self::GPipe => (0..micro)
+                .map(Op::Forward)
+                .chain((0..micro).rev().map(Op::Backward))
+                .collect(),
+            Self::OneFOneB => {
+                let warm = (stages - stage - 1).min(micro);
+                let mut ops: Vec<Op> = (0..warm).map(Op::Forward).collect();
+                for i in 0..micro - warm {
+                    ops.push(Op::Forward(warm + i));
+                    ops.push(Op::Backward(i));
+                }
+                ops.extend((micro - warm..micro).map(Op::Backward));
+                ops
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for BpSchedule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "gpipe" => Ok(Self::GPipe),
+            "1f1b" => Ok(Self::OneFOneB),
+            other => Err(format!(
+                "unknown pipeline schedule {other:?} (expected gpipe or 1f1b)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BpSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::GPipe => "gpipe",
+            Self::OneFOneB => "1f1b",
+        })
+    }
+}
+
+/// What a stage trains.
+pub enum Work {
+    /// A staged-SID stage.
+    Sid(Stage),
+    /// A stage of the pipelined BP baseline, its schedule and the number of stages.
+    Bp(BpStage, BpSchedule, usize),
+}
+
+impl Work {
+    fn index(&self) -> usize {
+        match self {
+            Self::Sid(s) => s.index(),
+            Self::Bp(s, ..) => s.index(),
+        }
+    }
+
+    /// Moves the stage to `device`.
+    pub fn to_device(&mut self, device: tch::Device) {
+        match self {
+            Self::Sid(s) => s.to_device(device),
+            Self::Bp(s, ..) => s.to_device(device),
+        }
+    }
+}
+
+/// Why a stage stopped.
+#[derive(Debug)]
+pub struct Failure {
+    /// 1-based module, when the failure belongs to one.
+    pub module: Option<usize>,
+    /// What happened.
+    pub cause: String,
+}
+
+impl Failure {
+    /// A failure that belongs to no module.
+    pub fn from_cause(cause: String) -> Self {
+        Self::new(cause)
+    }
+
+    fn new(cause: impl Into<String>) -> Self {
+        Self {
+            module: None,
+            cause: cause.into(),
+        }
+    }
+}
+
+impl From<tch::TchError> for Failure {
+    fn from(e: tch::TchError) -> Self {
+        Self::new(e.to_string())
+    }
+}
+
+impl From<crate::RuntimeError> for Failure {
+    fn from(e: crate::RuntimeError) -> Self {
+        Self::new(e.to_string())
+    }
+}
+
+impl From<sid_core::CoreError> for Failure {
+    fn from(e: sid_core::CoreError) -> Self {
+        let module = match &e {
+            sid_core::CoreError::NonFiniteLoss { module, .. } => *module,
+            _ => None,
+        };
+        Self {
+            module,
+            cause: e.to_string(),
+        }
+    }
+}
+
+/// A stage and where it is in its step.
+pub struct StageRunner {
+    work: Work,
+    /// The step in progress and the next micro-batch expected.
+    step: u64,
+    next_micro: usize,
+    /// This step's losses so far [n], on the device.
+    losses: Option<Tensor>,
+    busy: Duration,
+    forward: Duration,
+    #[cfg(feature = "fault-injection")]
+    fault: Option<Fault>,
+    /// Longest wait inside a backprop step (for activations and gradients).
+    bp_timeout: Duration,
+}
+
+impl StageRunner {
+    /// Wraps a stage.
+    pub fn new(work: Work) -> Self {
+        Self {
+            work,
+            step: 0,
+            next_micro: 0,
+            losses: None,
+            busy: Duration::ZERO,
+            forward: Duration::ZERO,
+            #[cfg(feature = "fault-injection")]
+            fault: None,
+            bp_timeout: Duration::from_secs(300),
+        }
+    }
+
+    /// Sets the fault to inject; it strikes when it names this stage (tests).
+    #[cfg(feature = "fault-injection")]
+    pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
+        self.fault = fault.filter(|f| f.worker == self.work.index());
+        self
+    }
+
+    /// Sets the longest wait inside a backprop step.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.bp_timeout = timeout;
+        self
+    }
+
+    /// The stage's 0-based position.
+    pub fn index(&self) -> usize {
+        self.work.index()
+    }
+
+    /// The stage, to move it to its device.
+    pub fn work_mut(&mut self) -> &mut Work {
+        &mut self.work
+    }
+
+    /// Whether a step is half done (some of its micro-batches still to come).
+    pub fn mid_step(&self) -> bool {
+        self.next_micro != 0
+    }
+
+    fn strike(&self, step: u64, input: Tensor) -> Result<Tensor, Failure> {
+        #[cfg(feature = "fault-injection")]
+        {
+            if let Some(f) = self.fault.filter(|f| f.step == step) {
+                return strike(f.kind, step, input);
+            }
+        }
+        let _ = step;
+        Ok(input)
+    }
+
+    /// Handles one message: the whole schedule of a stage.
+    pub fn handle(&mut self, msg: Message, t: &mut dyn Transport) -> Result<(), Failure> {
+        let index = self.work.index();
+        if let (Message::Train { .. }, Work::Bp(..)) = (&msg, &self.work) {
+            return self.bp_step(msg, t);
+        }
+        match msg {
+            Message::Train {
+                tag,
+                micro_batches,
+                input,
+                p,
+                labels,
+                scale,
+            } => {
+                let expected = if self.next_micro == 0 {
+                    tag.step > self.step && tag.micro == 0
+                } else {
+                    tag.step == self.step && tag.micro == self.next_micro
+                };
+                if !expected {
+                    return Err(Failure::new(format!(
+                        "stage {} got micro-batch {} of step {} while expecting micro-batch {} of step {}",
+                        index + 1,
+                        tag.micro,
+                        tag.step,
+                        self.next_micro,
+                        if self.next_micro == 0 { self.step + 1 } else { self.step }
+                    )));
+                }
+                let _span = tracing::info_span!(
+                    "stage_micro",
+                    stage = index + 1,
+                    step = tag.step,
+                    micro = tag.micro
+                )
+                .entered();
+                let started = Instant::now();
+                if tag.micro == 0 {
+                    self.step = tag.step;
+                    self.busy = Duration::ZERO;
+                    self.forward = Duration::ZERO;
+                }
+                let input = self.strike(tag.step, input)?;
+                let Work::Sid(stage) = &mut self.work else {
+                    unreachable!("backprop steps are handled above")
+                };
+                let target = stage.label_target(&labels);
+                let out = stage.forward_micro(&input, &p, &target);
+                self.forward += started.elapsed();
+                if let Some(z) = out.z {
+                    // Downstream can start on this micro-batch while this stage runs backward.
+                    t.send_down(Message::Train {
+                        tag,
+                        micro_batches,
+                        input: z,
+                        p: out.p,
+                        labels,
+                        scale,
+                    })?;
+                }
+                let l = stage.backward_micro(scale)?;
+                self.losses = Some(match self.losses.take() {
+                    None => l,
+                    Some(acc) => acc + l,
+                });
+                self.next_micro = tag.micro + 1;
+                if self.next_micro == micro_batches {
+                    self.next_micro = 0;
+                    stage.apply();
+                    let losses = self.losses.take().expect("at least one micro-batch");
+                    let first = stage.spec().modules.start;
+                    let losses = sid_core::unit::read_losses(&losses.to_kind(TKind::Float), first)?;
+                    self.busy += started.elapsed();
+                    t.report(Report::Losses {
+                        stage: index,
+                        step: tag.step,
+                        losses,
+                        busy: self.busy,
+                        forward: self.forward,
+                    })?;
+                } else {
+                    self.busy += started.elapsed();
+                }
+                Ok(())
+            }
+            Message::Eval { tag, input, p } => {
+                let (z, logits, p_out) = match &self.work {
+                    Work::Sid(stage) => stage.cascade(&input, &p),
+                    Work::Bp(stage, ..) => {
+                        let (h, logits) = stage.cascade(&input);
+                        (h, logits, p)
+                    }
+                };
+                if let Some(z) = z {
+                    t.send_down(Message::Eval {
+                        tag,
+                        input: z,
+                        p: p_out,
+                    })?;
+                }
+                t.report(Report::Logits {
+                    stage: index,
+                    step: tag.step,
+                    logits,
+                })?;
+                Ok(())
+            }
+            Message::State { tag } => {
+                self.idle("a state request")?;
+                let state = match &self.work {
+                    Work::Sid(stage) => stage.state(),
+                    Work::Bp(stage, ..) => stage.state(),
+                };
+                t.report(Report::State {
+                    stage: index,
+                    state,
+                })?;
+                t.send_down(Message::State { tag })?;
+                Ok(())
+            }
+            Message::Load { tag, named } => {
+                self.idle("a checkpoint")?;
+                let mine = NamedTensors::from(
+                    named
+                        .iter()
+                        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                        .collect::<Vec<_>>(),
+                );
+                match &mut self.work {
+                    Work::Sid(stage) => stage.load_state(&mine)?,
+                    Work::Bp(stage, ..) => stage.load_state(&mine)?,
+                }
+                t.send_down(Message::Load { tag, named })?;
+                t.report(Report::Loaded { stage: index })?;
+                Ok(())
+            }
+        }
+    }
+
+    fn idle(&self, what: &str) -> Result<(), Failure> {
+        if self.mid_step() {
+            return Err(Failure::new(format!(
+                "stage {} got {what} in the middle of step {}",
+                self.work.index() + 1,
+                self.step
+            )));
+        }
+        Ok(())
+    }
+
+    /// A whole backprop step from its first micro-batch: the schedule's operations in order,
+    /// each forward's input from the previous stage (the first is `first`), each backward's
+    /// gradient from the next; then one Adam step and the report.
+    fn bp_step(&mut self, first: Message, t: &mut dyn Transport) -> Result<(), Failure> {
+        let Message::Train {
+            tag, micro_batches, ..
+        } = &first
+        else {
+            unreachable!("called with a training message")
+        };
+        let (step, m) = (tag.step, *micro_batches);
+        let index = self.work.index();
+        if tag.micro != 0 || step <= self.step {
+            return Err(Failure::new(format!(
+                "stage {} got micro-batch {} of step {step} while expecting the start of step {}",
+                index + 1,
+                tag.micro,
+                self.step + 1
+            )));
+        }
+        self.step = step;
+        let timeout = self.bp_timeout;
+        #[cfg(feature = "fault-injection")]
+        let fault = self.fault;
+        let Work::Bp(stage, schedule, stages) = &mut self.work else {
+            unreachable!("a backprop stage")
+        };
+        let ops = schedule.ops(*stages, index, m);
+        let started = Instant::now();
+        let mut forward = Duration::ZERO;
+        let mut waiting = Duration::ZERO;
+        let mut next = Some(first);
+        let mut loss: Option<Tensor> = None;
+        for op in ops {
+            match op {
+                Op::Forward(j) => {
+                    let msg = match next.take() {
+                        Some(m) => m,
+                        None => {
+                            let w = Instant::now();
+                            let got = t.recv(timeout)?;
+                            waiting += w.elapsed();
+                            match got {
+                                Received::Message(m) => m,
+                                _ => {
+                                    return Err(Failure::new(format!(
+                                        "stage {} waited {} s for micro-batch {j} of step {step} from {} and gave up",
+                                        index + 1,
+                                        timeout.as_secs(),
+                                        if index == 0 { "the coordinator".to_string() } else { format!("stage {index}") }
+                                    )))
+                                }
+                            }
+                        }
+                    };
+                    let Message::Train {
+                        tag,
+                        input,
+                        labels,
+                        scale,
+                        ..
+                    } = msg
+                    else {
+                        return Err(Failure::new(format!(
+                            "stage {} got another message in the middle of step {step}",
+                            index + 1
+                        )));
+                    };
+                    if tag.step != step || tag.micro != j {
+                        return Err(Failure::new(format!(
+                            "stage {} got micro-batch {} of step {} while expecting micro-batch {j} of step {step}",
+                            index + 1,
+                            tag.micro,
+                            tag.step
+                        )));
+                    }
+                    #[cfg(feature = "fault-injection")]
+                    let input = match fault.filter(|f| f.step == step) {
+                        Some(f) if j == 0 => strike(f.kind, step, input)?,
+                        _ => input,
+                    };
+                    let f0 = Instant::now();
+                    let out = stage.forward_micro(j, &input, &labels, scale);
+                    forward += f0.elapsed();
+                    if let Some(h) = out {
+                        // Backprop stages pass no belief.
+                        let p = Tensor::zeros([0], (TKind::Float, h.device()));
+                        t.send_down(Message::Train {
+                            tag,
+                            micro_batches: m,
+                            input: h,
+                            p,
+                            labels,
+                            scale,
+                        })?;
+                    }
+                }
+                Op::Backward(j) => {
+                    let grad = if stage.is_last() {
+                        None
+                    } else {
+                        let w = Instant::now();
+                        let (gtag, g) = t.recv_grad(timeout)?;
+                        waiting += w.elapsed();
+                        if gtag.step != step || gtag.micro != j {
+                            return Err(Failure::new(format!(
+                                "stage {} got the gradient of micro-batch {} of step {} while expecting micro-batch {j} of step {step}",
+                                index + 1,
+                                gtag.micro,
+                                gtag.step
+                            )));
+                        }
+                        Some(g)
+                    };
+                    let (g_in, l) = stage.backward_micro(j, grad.as_ref())?;
+                    if let Some(g) = g_in {
+                        t.send_up(
+                            Tag {
+                                step,
+                                micro: j,
+                                kind: Kind::Train,
+                            },
+                            g,
+                        )?;
+                    }
+                    if let Some(l) = l {
+                        loss = Some(match loss {
+                            None => l,
+                            Some(acc) => acc + l,
+                        });
+                    }
+                }
+            }
+        }
+        stage.apply();
+        let losses = match loss {
+            Some(l) => {
+                let v = l.to_kind(TKind::Double).double_value(&[]);
+                if !v.is_finite() {
+                    return Err(Failure::from(sid_core::CoreError::NonFiniteLoss {
+                        what: "backprop".into(),
+                        module: None,
+                        value: v,
+                    }));
+                }
+                vec![v]
+            }
+            None => Vec::new(),
+        };
+        t.report(Report::Losses {
+            stage: index,
+            step,
+            losses,
+            busy: started.elapsed().saturating_sub(waiting),
+            forward,
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+fn strike(kind: FaultKind, step: u64, input: Tensor) -> Result<Tensor, Failure> {
+    match kind {
+        FaultKind::Panic => panic!("injected fault at step {step}"),
+        FaultKind::Error => Err(Failure::new(format!("injected error at step {step}"))),
+        FaultKind::Nan => Ok(input * f64::NAN),
+        FaultKind::Hang => {
+            std::thread::sleep(Duration::from_secs(3600));
+            Ok(input)
+        }
+    }
+}
+
+/// How long a stage that is between steps waits before looking again: it waits for the
+/// coordinator, which has its own timeouts, so an idle stage never gives up.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Runs a stage until its upstream closes (threads) or its inbox is empty (one thread):
+/// receive, handle, repeat. A stage in the middle of a step waits at most `timeout` for the
+/// rest of it, then fails naming the stage it waited for.
+pub fn drive(
+    runner: &mut StageRunner,
+    t: &mut dyn Transport,
+    timeout: Duration,
+    local: bool,
+) -> Result<(), Failure> {
+    let mut waited = Duration::ZERO;
+    loop {
+        let wait = if runner.mid_step() {
+            timeout
+        } else {
+            IDLE_POLL
+        };
+        match t.recv(wait)? {
+            Received::Message(m) => {
+                waited = Duration::ZERO;
+                runner.handle(m, t)?;
+            }
+            Received::Nothing if local => return Ok(()),
+            Received::Nothing if runner.mid_step() => {
+                waited += wait;
+                let index = runner.index();
+                return Err(Failure::new(format!(
+                    "stage {} waited {} s for micro-batch {} of step {} from {} and gave up",
+                    index + 1,
+                    waited.as_secs(),
+                    runner.next_micro,
+                    runner.step,
+                    if index == 0 {
+                        "the coordinator".to_string()
+                    } else {
+                        format!("stage {index}")
+                    }
+                )));
+            }
+            Received::Nothing => {}
+            Received::Closed => return Ok(()),
+        }
+    }
+}

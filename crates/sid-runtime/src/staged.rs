@@ -1,0 +1,780 @@
+//! The staged pipeline's coordinator: builds the stages, places one per device (or runs them
+//! one after another on a single device), feeds micro-batches into stage 1 and collects what
+//! the stages report. Stages talk to each other directly; the schedule each one runs is
+//! [`crate::schedule`], the same whether they share this thread or have one each.
+//!
+//! Steps are pipelined: [`Network::submit_step`] returns before a step has left the last
+//! stage, so stage 1 starts step t+1 while later stages finish step t. Statistics come back
+//! in step order; [`Network::flush`] waits for the rest (the trainer flushes before evaluating
+//! or saving).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use sid_core::bp_stage::build_bp_stages;
+use sid_core::stage::build_stages;
+use sid_core::{
+    Cascade, LossConfig, Method, ModelConfig, NamedTensors, Network, StagePlan, StageSpec,
+    StepStats,
+};
+use tch::{Device, Tensor};
+
+#[cfg(feature = "fault-injection")]
+use crate::fault::Fault;
+use crate::schedule::{drive, BpSchedule, Failure, StageRunner, Work};
+use crate::streams;
+use crate::transport::{ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
+use crate::worker::device_name;
+use crate::{Result, RuntimeError};
+
+/// How to build a [`StagedPipeline`].
+#[derive(Debug, Clone)]
+pub struct StagedConfig {
+    /// Network shape.
+    pub model: ModelConfig,
+    /// Local loss settings.
+    pub loss: LossConfig,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// One device (the stages run one after another in the caller's thread) or one per stage
+    /// (a thread each; a device may be named several times).
+    pub devices: Vec<Device>,
+    /// Which blocks and modules each stage owns.
+    pub plan: StagePlan,
+    /// Micro-batches per step: each stage accumulates their gradients and steps once.
+    pub micro_batches: usize,
+    /// Longest wait for a stage before the step fails.
+    pub timeout: Duration,
+    /// Intra-op threads per CPU stage thread; `None` = the machine's cores split among them.
+    pub threads_per_stage: Option<i32>,
+    /// Give each GPU stage its own CUDA stream from libtorch's pool.
+    pub streams: bool,
+    /// A fault to inject (tests): `worker` is the 0-based stage.
+    #[cfg(feature = "fault-injection")]
+    pub fault: Option<Fault>,
+    /// What the stages train: staged SID, or the BP baseline cut at the same blocks.
+    pub method: PipelineMethod,
+}
+
+/// What a pipeline trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineMethod {
+    /// Staged SID: no gradient crosses a stage boundary, no flush between steps.
+    Sid,
+    /// The BP baseline cut at the same blocks (its modules on the last stage), pipelined with
+    /// this schedule; every step flushes.
+    Bp(BpSchedule),
+}
+
+impl StagedConfig {
+    /// Defaults for everything but the model, the devices and the plan: reference loss,
+    /// lr 1e-3, one micro-batch, 300 s timeout, streams on.
+    pub fn new(model: ModelConfig, devices: Vec<Device>, plan: StagePlan) -> Self {
+        Self {
+            model,
+            loss: LossConfig::default(),
+            lr: 1e-3,
+            devices,
+            plan,
+            micro_batches: 1,
+            timeout: Duration::from_secs(300),
+            threads_per_stage: None,
+            streams: true,
+            #[cfg(feature = "fault-injection")]
+            fault: None,
+            method: PipelineMethod::Sid,
+        }
+    }
+}
+
+struct StageThread {
+    thread: Option<JoinHandle<()>>,
+    exited: Receiver<()>,
+}
+
+enum Engine {
+    /// Every stage in the caller's thread, one after another.
+    Local {
+        runners: Vec<StageRunner>,
+        inboxes: Vec<VecDeque<Message>>,
+        reports: VecDeque<Report>,
+    },
+    /// A thread per stage.
+    Threads {
+        first: Option<Sender<Message>>,
+        reports: Receiver<Report>,
+        threads: Vec<StageThread>,
+    },
+}
+
+/// Staged SID as a pipeline of stages ([`sid_core::stage`]), on one device or one per stage.
+///
+/// ```
+/// use sid_core::{ExtractorKind, ModelConfig, Network, StagePlan};
+/// use sid_runtime::{StagedConfig, StagedPipeline};
+/// use tch::{Device, Kind, Tensor};
+///
+/// let model = ModelConfig { image_size: 8, modules: 4, ..ModelConfig::default() };
+/// let plan = StagePlan::even(&model, 2).unwrap();
+/// tch::manual_seed(0);
+/// let mut cfg = StagedConfig::new(model, vec![Device::Cpu; 2], plan);
+/// cfg.micro_batches = 2;
+/// let mut pipeline = StagedPipeline::new(cfg).unwrap();
+/// let x = Tensor::randn([8, 1, 8, 8], (Kind::Float, Device::Cpu));
+/// let y = Tensor::randint(10, [8], (Kind::Int64, Device::Cpu));
+/// let mut stats = pipeline.submit_step(&x, &y).unwrap(); // perhaps still in flight
+/// stats.extend(pipeline.flush().unwrap());
+/// assert_eq!(stats.len(), 1);
+/// assert_eq!(stats[0].module_losses.len(), 4);
+/// assert_eq!(pipeline.cascade(&x).unwrap().logits.len(), 4);
+/// ```
+pub struct StagedPipeline {
+    engine: Engine,
+    method: PipelineMethod,
+    devices: Vec<Device>,
+    specs: Vec<StageSpec>,
+    plan: StagePlan,
+    micro_batches: usize,
+    num_classes: i64,
+    modules: usize,
+    timeout: Duration,
+    submitted: u64,
+    requests: u64,
+    pending: BTreeMap<u64, Vec<Option<Vec<f64>>>>,
+    done: VecDeque<StepStats>,
+    max_in_flight: usize,
+    busy: Vec<StageTime>,
+}
+
+/// Time a stage spent computing training steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTime {
+    /// Steps counted.
+    pub steps: u64,
+    /// All of it.
+    pub busy: Duration,
+    /// The forward passes (what the next stage waits for).
+    pub forward: Duration,
+}
+
+impl StagedPipeline {
+    /// Builds the stages (weights drawn on the CPU in the fixed order of every network here,
+    /// see [`sid_core::stage::build_stages`]) and starts a thread per stage when there is a
+    /// device per stage.
+    pub fn new(cfg: StagedConfig) -> Result<Self> {
+        let k = cfg.plan.len();
+        let d = cfg.devices.len();
+        if d != 1 && d != k {
+            return Err(RuntimeError::Placement(format!(
+                "{k} stages on {d} devices: give one device (the stages then run one after another) or one per stage"
+            )));
+        }
+        if cfg.micro_batches == 0 {
+            return Err(RuntimeError::Config(
+                "--micro-batches must be at least 1".into(),
+            ));
+        }
+        let devices: Vec<Device> = (0..k).map(|s| cfg.devices[s % d]).collect();
+        let specs = cfg.plan.stages().to_vec();
+        let work: Vec<Work> = match cfg.method {
+            PipelineMethod::Sid => build_stages(&cfg.model, cfg.loss, cfg.lr, &cfg.plan)?
+                .into_iter()
+                .map(Work::Sid)
+                .collect(),
+            PipelineMethod::Bp(schedule) => {
+                let blocks: Vec<_> = specs.iter().map(|s| s.blocks.clone()).collect();
+                build_bp_stages(&cfg.model, cfg.lr, &blocks)?
+                    .into_iter()
+                    .map(|s| Work::Bp(s, schedule, k))
+                    .collect()
+            }
+        };
+        let runners: Vec<StageRunner> = work
+            .into_iter()
+            .map(|w| {
+                let runner = StageRunner::new(w).with_timeout(cfg.timeout);
+                #[cfg(feature = "fault-injection")]
+                let runner = runner.with_fault(cfg.fault);
+                runner
+            })
+            .collect();
+        // Backprop stages wait on each other within a step: they always have a thread each.
+        let engine = if d == 1 && cfg.method == PipelineMethod::Sid {
+            let mut runners = runners;
+            for r in &mut runners {
+                r.work_mut().to_device(devices[0]);
+            }
+            Engine::Local {
+                runners,
+                inboxes: (0..k).map(|_| VecDeque::new()).collect(),
+                reports: VecDeque::new(),
+            }
+        } else {
+            spawn_threads(&cfg, runners, &devices)
+        };
+        Ok(Self {
+            engine,
+            method: cfg.method,
+            devices,
+            specs,
+            plan: cfg.plan.clone(),
+            micro_batches: cfg.micro_batches,
+            num_classes: cfg.model.num_classes,
+            modules: cfg.model.modules,
+            timeout: cfg.timeout,
+            submitted: 0,
+            requests: 0,
+            pending: BTreeMap::new(),
+            done: VecDeque::new(),
+            max_in_flight: k + 1,
+            busy: vec![StageTime::default(); k],
+        })
+    }
+
+    /// The cut of blocks and modules into stages.
+    pub fn plan(&self) -> &StagePlan {
+        &self.plan
+    }
+
+    /// Each stage's device and 0-based module block, in order.
+    pub fn layout(&self) -> Vec<(Device, std::ops::Range<usize>)> {
+        self.devices
+            .iter()
+            .zip(&self.specs)
+            .map(|(d, s)| (*d, s.modules.clone()))
+            .collect()
+    }
+
+    /// Whether the stages run in threads of their own (one device per stage).
+    pub fn threaded(&self) -> bool {
+        matches!(self.engine, Engine::Threads { .. })
+    }
+
+    /// Time each stage spent computing training steps since the last call.
+    pub fn take_stage_times(&mut self) -> Vec<StageTime> {
+        std::mem::replace(&mut self.busy, vec![StageTime::default(); self.specs.len()])
+    }
+
+    /// `stage 2 (cpu, blocks 3-4, modules 6-10)`, 1-based.
+    pub fn describe(&self, stage: usize) -> String {
+        let s = &self.specs[stage];
+        format!(
+            "stage {} ({}, blocks {}-{}, modules {}-{})",
+            stage + 1,
+            device_name(self.devices[stage]),
+            s.blocks.start + 1,
+            s.blocks.end,
+            s.modules.start + 1,
+            s.modules.end
+        )
+    }
+
+    fn failed(&self, stage: usize, module: Option<usize>, cause: String) -> RuntimeError {
+        RuntimeError::Stage {
+            stage: stage + 1,
+            device: device_name(self.devices[stage]),
+            module,
+            cause,
+        }
+    }
+
+    /// A failure reported since, or else that the stages are gone.
+    fn gone(&self, what: &str) -> RuntimeError {
+        if let Engine::Threads { reports, .. } = &self.engine {
+            // A stage that failed reported why before it stopped: prefer that.
+            while let Ok(r) = reports.recv_timeout(Duration::from_millis(200)) {
+                if let Report::Failed {
+                    stage,
+                    module,
+                    cause,
+                } = r
+                {
+                    return self.failed(stage, module, cause);
+                }
+            }
+        }
+        RuntimeError::Protocol(format!("the stages stopped before {what}"))
+    }
+
+    fn feed(&mut self, msg: Message) -> Result<()> {
+        match &mut self.engine {
+            Engine::Local {
+                runners,
+                inboxes,
+                reports,
+            } => {
+                inboxes[0].push_back(msg);
+                for s in 0..runners.len() {
+                    let (head, tail) = inboxes.split_at_mut(s + 1);
+                    let mut t = LocalTransport {
+                        inbox: &mut head[s],
+                        next: tail.first_mut(),
+                        reports,
+                    };
+                    if let Err(f) = drive(&mut runners[s], &mut t, self.timeout, true) {
+                        return Err(RuntimeError::Stage {
+                            stage: s + 1,
+                            device: device_name(self.devices[s]),
+                            module: f.module,
+                            cause: f.cause,
+                        });
+                    }
+                }
+                Ok(())
+            }
+            Engine::Threads { first, .. } => {
+                let tx = first.as_ref().expect("open while the pipeline lives");
+                match tx.send_timeout(msg, self.timeout) {
+                    Ok(()) => Ok(()),
+                    Err(SendTimeoutError::Timeout(_)) => Err(RuntimeError::Timeout {
+                        waiter: "coordinator".into(),
+                        waited_for: format!("{} to take its input", self.describe(0)),
+                        timeout: self.timeout,
+                    }),
+                    Err(SendTimeoutError::Disconnected(_)) => Err(self.gone("taking the input")),
+                }
+            }
+        }
+    }
+
+    /// The next report (`None`: nothing yet, when not blocking); `owing` says who is waited
+    /// for, for the timeout message.
+    fn next_report(
+        &mut self,
+        owing: &dyn Fn(&Self) -> String,
+        block: bool,
+    ) -> Result<Option<Report>> {
+        enum Got {
+            Report(Report),
+            Nothing,
+            Gone,
+        }
+        let timeout = self.timeout;
+        let got = match &mut self.engine {
+            Engine::Local { reports, .. } => reports.pop_front().map_or(Got::Nothing, Got::Report),
+            Engine::Threads { reports, .. } if block => match reports.recv_timeout(timeout) {
+                Ok(r) => Got::Report(r),
+                Err(RecvTimeoutError::Timeout) => Got::Nothing,
+                Err(RecvTimeoutError::Disconnected) => Got::Gone,
+            },
+            Engine::Threads { reports, .. } => match reports.try_recv() {
+                Ok(r) => Got::Report(r),
+                Err(crossbeam_channel::TryRecvError::Empty) => Got::Nothing,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => Got::Gone,
+            },
+        };
+        match got {
+            Got::Report(Report::Failed {
+                stage,
+                module,
+                cause,
+            }) => Err(self.failed(stage, module, cause)),
+            Got::Report(r) => Ok(Some(r)),
+            Got::Nothing if !block => Ok(None),
+            Got::Nothing if self.threaded() => Err(RuntimeError::Timeout {
+                waiter: "coordinator".into(),
+                waited_for: owing(self),
+                timeout,
+            }),
+            Got::Nothing => Err(RuntimeError::Protocol(format!(
+                "the stages ran but {} did not report",
+                owing(self)
+            ))),
+            Got::Gone => Err(RuntimeError::Protocol(format!(
+                "every stage thread has exited while the coordinator waited for {}",
+                owing(self)
+            ))),
+        }
+    }
+
+    /// Files a training report; returns any other kind to the caller.
+    fn file(&mut self, r: Report) -> Result<Option<Report>> {
+        let Report::Losses {
+            stage,
+            step,
+            losses,
+            busy,
+            forward,
+        } = r
+        else {
+            return Ok(Some(r));
+        };
+        let expected = match self.method {
+            PipelineMethod::Sid => self.specs[stage].modules.len(),
+            PipelineMethod::Bp(_) => usize::from(stage + 1 == self.specs.len()),
+        };
+        let bad = RuntimeError::Protocol(format!(
+            "{} reported step {step}, which is not in flight (or twice, or with the wrong number of losses)",
+            self.describe(stage)
+        ));
+        let slot = self
+            .pending
+            .get_mut(&step)
+            .and_then(|v| v.get_mut(stage))
+            .filter(|s| s.is_none() && losses.len() == expected)
+            .ok_or(bad)?;
+        *slot = Some(losses);
+        let t = &mut self.busy[stage];
+        t.steps += 1;
+        t.busy += busy;
+        t.forward += forward;
+        // Steps finish in order: the last stage runs them in order.
+        while let Some(entry) = self.pending.first_entry() {
+            if entry.get().iter().any(|s| s.is_none()) {
+                break;
+            }
+            let losses: Vec<f64> = entry.remove().into_iter().flatten().flatten().collect();
+            let loss = losses.iter().sum();
+            self.done.push_back(StepStats {
+                loss,
+                // Backprop has one loss, not one per module.
+                module_losses: match self.method {
+                    PipelineMethod::Sid => losses,
+                    PipelineMethod::Bp(_) => Vec::new(),
+                },
+            });
+        }
+        Ok(None)
+    }
+
+    fn owing_steps(&self) -> String {
+        let Some((step, slots)) = self.pending.iter().next() else {
+            return "nothing".into();
+        };
+        let who: Vec<String> = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_none())
+            .map(|(i, _)| self.describe(i))
+            .collect();
+        format!("{} to finish step {step}", who.join(", "))
+    }
+
+    fn wait_oldest(&mut self) -> Result<()> {
+        let r = self.next_report(&|p: &Self| p.owing_steps(), true)?;
+        if let Some(other) = self.file(r.expect("blocking"))? {
+            return Err(unexpected(&other, "training results"));
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, x: &Tensor, y: &Tensor) -> Result<()> {
+        let b = x.size()[0];
+        if b == 0 {
+            return Err(RuntimeError::Config("an empty batch".into()));
+        }
+        let m = (self.micro_batches as i64).min(b);
+        self.submitted += 1;
+        let step = self.submitted;
+        self.pending.insert(step, vec![None; self.specs.len()]);
+        let first = self.devices[0];
+        let mut start = 0;
+        for j in 0..m {
+            // Sizes differ by at most one when m does not divide b (a short last batch).
+            let len = b / m + i64::from(j < b % m);
+            let msg = Message::Train {
+                tag: Tag {
+                    step,
+                    micro: j as usize,
+                    kind: Kind::Train,
+                },
+                micro_batches: m as usize,
+                input: x.narrow(0, start, len),
+                p: sid_core::belief::uniform_belief(len, self.num_classes, first),
+                labels: y.narrow(0, start, len),
+                scale: len as f64 / b as f64,
+            };
+            start += len;
+            self.feed(msg)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a request down the chain and collects one report per stage, in stage order.
+    fn request(&mut self, msg: Message, what: &str) -> Result<Vec<Report>> {
+        self.drain()?;
+        self.feed(msg)?;
+        let k = self.specs.len();
+        let mut got: Vec<Option<Report>> = (0..k).map(|_| None).collect();
+        while got.iter().any(|g| g.is_none()) {
+            let owing = |p: &Self| {
+                let who: Vec<String> = got_missing(&got).map(|i| p.describe(i)).collect();
+                format!("{} to return {what}", who.join(", "))
+            };
+            let r = self.next_report(&owing, true)?.expect("blocking");
+            let stage = match &r {
+                Report::Logits { stage, .. }
+                | Report::State { stage, .. }
+                | Report::Loaded { stage } => *stage,
+                other => return Err(unexpected(other, what)),
+            };
+            if got[stage].replace(r).is_some() {
+                return Err(RuntimeError::Protocol(format!(
+                    "{} returned {what} twice",
+                    self.describe(stage)
+                )));
+            }
+        }
+        Ok(got.into_iter().flatten().collect())
+    }
+
+    /// Waits for every step in flight, keeping their statistics for the next caller.
+    fn drain(&mut self) -> Result<()> {
+        while !self.pending.is_empty() {
+            self.wait_oldest()?;
+        }
+        Ok(())
+    }
+
+    fn next_request(&mut self, kind: Kind) -> Tag {
+        self.requests += 1;
+        Tag {
+            step: self.requests,
+            micro: 0,
+            kind,
+        }
+    }
+}
+
+fn got_missing(got: &[Option<Report>]) -> impl Iterator<Item = usize> + '_ {
+    got.iter()
+        .enumerate()
+        .filter(|(_, g)| g.is_none())
+        .map(|(i, _)| i)
+}
+
+fn unexpected(r: &Report, expected: &str) -> RuntimeError {
+    let got = match r {
+        Report::Losses { .. } => "training results",
+        Report::Logits { .. } => "inference results",
+        Report::State { .. } => "its state",
+        Report::Loaded { .. } => "a load confirmation",
+        Report::Failed { .. } => "a failure",
+    };
+    RuntimeError::Protocol(format!(
+        "a stage sent {got} while the coordinator expected {expected}"
+    ))
+}
+
+fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Device]) -> Engine {
+    let k = runners.len();
+    let cpu_stages = devices.iter().filter(|d| **d == Device::Cpu).count().max(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let cpu_threads = cfg
+        .threads_per_stage
+        .unwrap_or_else(|| (cores / cpu_stages).max(1) as i32);
+    // Fix this thread's libtorch thread count before stages change the process-wide one.
+    let _ = tch::get_num_threads();
+    // Room for one step's micro-batches per link: a stage runs at most about a step ahead.
+    let cap = cfg.micro_batches.max(1) + 1;
+    let (report_tx, reports) = crossbeam_channel::unbounded();
+    let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
+    let mut threads = Vec::with_capacity(k);
+    let bp = matches!(cfg.method, PipelineMethod::Bp(_));
+    // Backprop: gradients flow back from stage s+1 to stage s.
+    let mut grads_out: Option<Sender<(Tag, Tensor)>> = None;
+    for (s, mut runner) in runners.into_iter().enumerate() {
+        let (down_tx, down_rx) = if s + 1 < k {
+            let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let (grad_tx, grads_in) = if bp && s + 1 < k {
+            let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let device = devices[s];
+        let mut transport = ChannelTransport {
+            stage: s,
+            device,
+            upstream,
+            downstream: down_tx,
+            reports: report_tx.clone(),
+            timeout: cfg.timeout,
+            grads_in,
+            grads_out: grads_out.take(),
+        };
+        grads_out = grad_tx;
+        let threads_here = (device == Device::Cpu).then_some(cpu_threads);
+        let own_stream = cfg.streams;
+        let timeout = cfg.timeout;
+        let fail_tx = report_tx.clone();
+        let (exit_tx, exited) = crossbeam_channel::bounded::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name(format!("sid-stage-{}", s + 1))
+            .spawn(move || {
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    if let Some(n) = threads_here {
+                        // A thread's first parallel op copies the process-wide count, which
+                        // other stages overwrite: read it first, then set this thread's own.
+                        let _ = tch::get_num_threads();
+                        tch::set_num_threads(n);
+                    }
+                    if let (Device::Cuda(i), true) = (device, own_stream) {
+                        streams::use_pool_stream(i)
+                            .map_err(|e| Failure::from_cause(e.to_string()))?;
+                    }
+                    runner.work_mut().to_device(device);
+                    streams::sync_device(device).map_err(|e| Failure::from_cause(e.to_string()))?;
+                    drive(&mut runner, &mut transport, timeout, false)
+                }));
+                let failure = match outcome {
+                    Ok(Ok(())) => None,
+                    Ok(Err(f)) => Some(f),
+                    Err(panic) => Some(Failure::from_cause(format!(
+                        "panicked: {}",
+                        panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into())
+                    ))),
+                };
+                if let Some(f) = failure {
+                    let _ = fail_tx.send(Report::Failed {
+                        stage: s,
+                        module: f.module,
+                        cause: f.cause,
+                    });
+                }
+                // Dropping the transport closes the link to the next stage, which then stops.
+                drop(transport);
+                let _ = exit_tx.send(());
+            })
+            .expect("spawning a stage thread");
+        threads.push(StageThread {
+            thread: Some(thread),
+            exited,
+        });
+        upstream = match down_rx {
+            Some(rx) => rx,
+            None => crossbeam_channel::never(),
+        };
+    }
+    Engine::Threads {
+        first: Some(first),
+        reports,
+        threads,
+    }
+}
+
+impl Network for StagedPipeline {
+    fn method(&self) -> Method {
+        match self.method {
+            PipelineMethod::Sid => Method::Sid,
+            PipelineMethod::Bp(_) => Method::Bp,
+        }
+    }
+
+    fn input_device(&self) -> Device {
+        self.devices[0]
+    }
+
+    fn train_step(&mut self, x: &Tensor, y: &Tensor) -> sid_core::Result<StepStats> {
+        self.submit(x, y)?;
+        self.drain()?;
+        let mut all: Vec<StepStats> = self.done.drain(..).collect();
+        Ok(all.pop().expect("the step just finished"))
+    }
+
+    fn submit_step(&mut self, x: &Tensor, y: &Tensor) -> sid_core::Result<Vec<StepStats>> {
+        self.submit(x, y)?;
+        // Take what has finished; wait only when too many steps are in flight.
+        while let Some(r) = self.next_report(&|p: &Self| p.owing_steps(), false)? {
+            if let Some(other) = self.file(r)? {
+                return Err(unexpected(&other, "training results").into());
+            }
+        }
+        while self.pending.len() > self.max_in_flight {
+            self.wait_oldest()?;
+        }
+        Ok(self.done.drain(..).collect())
+    }
+
+    fn flush(&mut self) -> sid_core::Result<Vec<StepStats>> {
+        self.drain()?;
+        Ok(self.done.drain(..).collect())
+    }
+
+    fn cascade(&mut self, x: &Tensor) -> sid_core::Result<Cascade> {
+        let tag = self.next_request(Kind::Eval);
+        let p = sid_core::belief::uniform_belief(x.size()[0], self.num_classes, self.devices[0]);
+        let reports = self.request(
+            Message::Eval {
+                tag,
+                input: x.shallow_clone(),
+                p,
+            },
+            "inference results",
+        )?;
+        let first = self.devices[0];
+        let mut logits = Vec::with_capacity(self.modules);
+        for r in reports {
+            if let Report::Logits {
+                step, logits: l, ..
+            } = r
+            {
+                if step != tag.step {
+                    return Err(RuntimeError::Protocol(format!(
+                        "inference results of batch {step} arrived for batch {}",
+                        tag.step
+                    ))
+                    .into());
+                }
+                logits.extend(l.into_iter().map(|t| t.to_device(first)));
+            }
+        }
+        streams::sync_device(first).map_err(RuntimeError::from)?;
+        Ok(Cascade { logits })
+    }
+
+    fn state(&mut self) -> sid_core::Result<Vec<(String, Tensor)>> {
+        let tag = self.next_request(Kind::State);
+        let reports = self.request(Message::State { tag }, "its state")?;
+        Ok(reports
+            .into_iter()
+            .flat_map(|r| match r {
+                Report::State { state, .. } => state,
+                _ => Vec::new(),
+            })
+            .collect())
+    }
+
+    fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
+        let tag = self.next_request(Kind::Load);
+        let named = named
+            .0
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        self.request(Message::Load { tag, named }, "confirmation of a state load")?;
+        Ok(())
+    }
+}
+
+impl Drop for StagedPipeline {
+    fn drop(&mut self) {
+        if let Engine::Threads { first, threads, .. } = &mut self.engine {
+            // Closing stage 1's input stops it, which closes stage 2's, and so on.
+            first.take();
+            let grace = self.timeout.min(Duration::from_secs(10));
+            for (s, t) in threads.iter_mut().enumerate() {
+                if t.exited.recv_timeout(grace).is_ok() {
+                    if let Some(h) = t.thread.take() {
+                        let _ = h.join();
+                    }
+                } else {
+                    tracing::warn!("stage {} did not stop within {grace:?}; leaving it", s + 1);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! How messages move between pipeline stages: the one thing that differs between stages run
+//! one after another in the caller's thread ([`LocalTransport`]) and stages run by threads
+//! ([`ChannelTransport`]). The schedule itself ([`crate::schedule`]) is written once, against
+//! the [`Transport`] trait.
+//!
+//! Every message carries a [`Tag`] (step, micro-batch, kind); stages check that tags arrive in
+//! order. Every wait of the threaded transport has a timeout and names who waited for whom.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use tch::{Device, Tensor};
+
+use crate::streams;
+use crate::worker::device_name;
+use crate::{Result, RuntimeError};
+
+/// What a message is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A training micro-batch.
+    Train,
+    /// An inference batch.
+    Eval,
+    /// A request for weights and optimiser state.
+    State,
+    /// Weights and optimiser state to restore.
+    Load,
+}
+
+/// The label of every message: which step (or inference batch), which micro-batch, what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag {
+    /// Training step (1-based), or the number of an inference batch or state request.
+    pub step: u64,
+    /// Micro-batch within the step (0-based); 0 for everything else.
+    pub micro: usize,
+    /// What it is.
+    pub kind: Kind,
+}
+
+/// What flows down the chain of stages, from the coordinator into stage 1 and on from there.
+/// Control messages (state, load) travel the same way, so each stage handles them after
+/// everything sent before them.
+pub enum Message {
+    /// A training micro-batch: the input of the stage (images for stage 1, `sg(z)` after),
+    /// the belief entering its first module, the labels, and the micro-batch's share of the
+    /// batch (its loss weight).
+    Train {
+        /// Step and micro-batch.
+        tag: Tag,
+        /// Micro-batches in this step.
+        micro_batches: usize,
+        /// Stage input.
+        input: Tensor,
+        /// Belief entering the stage.
+        p: Tensor,
+        /// Labels [b].
+        labels: Tensor,
+        /// `b / B`.
+        scale: f64,
+    },
+    /// Inference on a batch.
+    Eval {
+        /// Which batch.
+        tag: Tag,
+        /// Stage input.
+        input: Tensor,
+        /// Belief entering the stage.
+        p: Tensor,
+    },
+    /// Report weights and optimiser state.
+    State {
+        /// Which request.
+        tag: Tag,
+    },
+    /// Restore weights and optimiser state; each stage takes its own entries.
+    Load {
+        /// Which request.
+        tag: Tag,
+        /// The whole checkpoint (shallow copies).
+        named: Vec<(String, Tensor)>,
+    },
+}
+
+impl Message {
+    /// The message's tag.
+    pub fn tag(&self) -> Tag {
+        match self {
+            Self::Train { tag, .. }
+            | Self::Eval { tag, .. }
+            | Self::State { tag }
+            | Self::Load { tag, .. } => *tag,
+        }
+    }
+
+    /// The same message with its tensors on `device` (a no-op for tensors already there).
+    pub fn to_device(self, device: Device) -> Self {
+        match self {
+            Self::Train {
+                tag,
+                micro_batches,
+                input,
+                p,
+                labels,
+                scale,
+            } => Self::Train {
+                tag,
+                micro_batches,
+                input: input.to_device(device),
+                p: p.to_device(device),
+                labels: labels.to_device(device),
+                scale,
+            },
+            Self::Eval { tag, input, p } => Self::Eval {
+                tag,
+                input: input.to_device(device),
+                p: p.to_device(device),
+            },
+            other => other,
+        }
+    }
+}
+
+/// What a stage tells the coordinator.
+pub enum Report {
+    /// A step is done on this stage: its modules' losses (summed over micro-batches, in
+    /// module order) and the time the stage spent computing it.
+    Losses {
+        /// 0-based stage.
+        stage: usize,
+        /// The step.
+        step: u64,
+        /// Losses of the stage's modules.
+        losses: Vec<f64>,
+        /// Busy time for this step.
+        busy: Duration,
+        /// The part of it spent in forward passes (what the next stage waits for).
+        forward: Duration,
+    },
+    /// Inference: the stage's modules' logits, on the stage's device.
+    Logits {
+        /// 0-based stage.
+        stage: usize,
+        /// The batch.
+        step: u64,
+        /// One per module.
+        logits: Vec<Tensor>,
+    },
+    /// Weights and optimiser state, as CPU tensors.
+    State {
+        /// 0-based stage.
+        stage: usize,
+        /// Named tensors.
+        state: Vec<(String, Tensor)>,
+    },
+    /// A load is done.
+    Loaded {
+        /// 0-based stage.
+        stage: usize,
+    },
+    /// The stage failed and has stopped.
+    Failed {
+        /// 0-based stage.
+        stage: usize,
+        /// 1-based module, when the failure belongs to one.
+        module: Option<usize>,
+        /// What happened.
+        cause: String,
+    },
+}
+
+/// What a receive found.
+pub enum Received {
+    /// A message.
+    Message(Message),
+    /// Nothing within the wait (a local queue: nothing queued).
+    Nothing,
+    /// The sender is gone: the pipeline is shutting down.
+    Closed,
+}
+
+/// Moves messages for one stage.
+pub trait Transport {
+    /// The next message for this stage, waiting at most `timeout`.
+    fn recv(&mut self, timeout: Duration) -> Result<Received>;
+    /// Passes a message to the next stage; the last stage has none, and drops it.
+    fn send_down(&mut self, msg: Message) -> Result<()>;
+    /// Tells the coordinator.
+    fn report(&mut self, report: Report) -> Result<()>;
+    /// Backprop pipelines: sends the gradient of this stage's input for micro-batch `tag`
+    /// to the previous stage. Staged SID never calls it.
+    fn send_up(&mut self, tag: Tag, _grad: Tensor) -> Result<()> {
+        Err(RuntimeError::Config(format!(
+            "this transport carries no gradients back (step {})",
+            tag.step
+        )))
+    }
+    /// Backprop pipelines: the next gradient of this stage's output from the next stage,
+    /// waiting at most `timeout`.
+    fn recv_grad(&mut self, _timeout: Duration) -> Result<(Tag, Tensor)> {
+        Err(RuntimeError::Config(
+            "this transport carries no gradients back".into(),
+        ))
+    }
+}
+
+/// Stages run one after another in one thread: each stage's inbox is a queue, and receiving
+/// never waits.
+pub struct LocalTransport<'a> {
+    /// This stage's inbox.
+    pub inbox: &'a mut VecDeque<Message>,
+    /// The next stage's inbox, if any.
+    pub next: Option<&'a mut VecDeque<Message>>,
+    /// The coordinator's reports.
+    pub reports: &'a mut VecDeque<Report>,
+}
+
+impl Transport for LocalTransport<'_> {
+    fn recv(&mut self, _timeout: Duration) -> Result<Received> {
+        Ok(match self.inbox.pop_front() {
+            Some(m) => Received::Message(m),
+            None => Received::Nothing,
+        })
+    }
+
+    fn send_down(&mut self, msg: Message) -> Result<()> {
+        if let Some(next) = self.next.as_deref_mut() {
+            next.push_back(msg);
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, report: Report) -> Result<()> {
+        self.reports.push_back(report);
+        Ok(())
+    }
+}
+
+/// A stage run by its own thread: bounded crossbeam channels to the next stage and to the
+/// coordinator. Before a message leaves, the stage's CUDA stream is synchronised (tensors
+/// cross threads only once computed); a received message is moved to the stage's device and
+/// that copy waited for before the original may be dropped (ARCHITECTURE.md rule 4).
+pub struct ChannelTransport {
+    /// 0-based stage.
+    pub stage: usize,
+    /// The stage's device.
+    pub device: Device,
+    /// From the previous stage (or the coordinator).
+    pub upstream: Receiver<Message>,
+    /// To the next stage; `None` on the last.
+    pub downstream: Option<Sender<Message>>,
+    /// To the coordinator.
+    pub reports: Sender<Report>,
+    /// Longest wait for the next stage to take a message.
+    pub timeout: Duration,
+    /// Backprop pipelines: gradients from the next stage.
+    pub grads_in: Option<Receiver<(Tag, Tensor)>>,
+    /// Backprop pipelines: gradients to the previous stage.
+    pub grads_out: Option<Sender<(Tag, Tensor)>>,
+}
+
+impl Transport for ChannelTransport {
+    fn recv(&mut self, timeout: Duration) -> Result<Received> {
+        match self.upstream.recv_timeout(timeout) {
+            Ok(m) => {
+                let m = m.to_device(self.device);
+                streams::sync_device(self.device)?;
+                Ok(Received::Message(m))
+            }
+            Err(RecvTimeoutError::Timeout) => Ok(Received::Nothing),
+            Err(RecvTimeoutError::Disconnected) => Ok(Received::Closed),
+        }
+    }
+
+    fn send_down(&mut self, msg: Message) -> Result<()> {
+        let Some(tx) = &self.downstream else {
+            return Ok(());
+        };
+        streams::sync_device(self.device)?;
+        let tag = msg.tag();
+        tx.send_timeout(msg, self.timeout).map_err(|e| match e {
+            SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
+                waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
+                waited_for: format!(
+                    "stage {} to take {:?} micro-batch {} of step {}",
+                    self.stage + 2,
+                    tag.kind,
+                    tag.micro,
+                    tag.step
+                ),
+                timeout: self.timeout,
+            },
+            SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(format!(
+                "stage {} has stopped, so stage {} cannot pass on step {}",
+                self.stage + 2,
+                self.stage + 1,
+                tag.step
+            )),
+        })
+    }
+
+    fn report(&mut self, report: Report) -> Result<()> {
+        streams::sync_device(self.device)?;
+        self.reports
+            .send(report)
+            .map_err(|_| RuntimeError::Protocol("the coordinator is gone".into()))
+    }
+
+    fn send_up(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
+        let Some(tx) = &self.grads_out else {
+            return Ok(());
+        };
+        streams::sync_device(self.device)?;
+        tx.send_timeout((tag, grad), self.timeout)
+            .map_err(|e| match e {
+                SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
+                    waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
+                    waited_for: format!(
+                        "stage {} to take the gradient of micro-batch {} of step {}",
+                        self.stage, tag.micro, tag.step
+                    ),
+                    timeout: self.timeout,
+                },
+                SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(format!(
+                    "stage {} has stopped, so stage {} cannot send its gradient of step {}",
+                    self.stage,
+                    self.stage + 1,
+                    tag.step
+                )),
+            })
+    }
+
+    fn recv_grad(&mut self, timeout: Duration) -> Result<(Tag, Tensor)> {
+        let rx = self.grads_in.as_ref().ok_or_else(|| {
+            RuntimeError::Protocol(format!(
+                "stage {} is last and receives no gradients",
+                self.stage + 1
+            ))
+        })?;
+        match rx.recv_timeout(timeout) {
+            Ok((tag, g)) => {
+                let g = g.to_device(self.device);
+                streams::sync_device(self.device)?;
+                Ok((tag, g))
+            }
+            Err(RecvTimeoutError::Timeout) => Err(RuntimeError::Timeout {
+                waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
+                waited_for: format!("a gradient from stage {}", self.stage + 2),
+                timeout,
+            }),
+            Err(RecvTimeoutError::Disconnected) => Err(RuntimeError::Protocol(format!(
+                "stage {} stopped before sending its gradient",
+                self.stage + 2
+            ))),
+        }
+    }
+}
