@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use clap::Parser;
 use sid_core::extractor::BlockLayout;
-use sid_core::{ExtractorKind, LossConfig, ModelConfig, Network, SidNetwork, StagePlan};
-use sid_runtime::{StageTime, StagedConfig, StagedPipeline};
+use sid_core::{BpNetwork, ExtractorKind, LossConfig, ModelConfig, Network, SidNetwork, StagePlan};
+use sid_runtime::{BpSchedule, PipelineMethod, StageTime, StagedConfig, StagedPipeline};
 use tch::Device;
 
 use crate::pipeline_model::{staged_step_time, Link, StageCost};
@@ -81,8 +81,19 @@ fn staged(
     devices: Vec<Device>,
     micro: usize,
 ) -> anyhow::Result<StagedPipeline> {
+    pipelined(model, plan, devices, micro, PipelineMethod::Sid)
+}
+
+fn pipelined(
+    model: &ModelConfig,
+    plan: &StagePlan,
+    devices: Vec<Device>,
+    micro: usize,
+    method: PipelineMethod,
+) -> anyhow::Result<StagedPipeline> {
     let mut cfg = StagedConfig::new(model.clone(), devices, plan.clone());
     cfg.micro_batches = micro;
+    cfg.method = method;
     cfg.threads_per_stage = Some(1);
     tch::manual_seed(0);
     Ok(StagedPipeline::new(cfg)?)
@@ -276,6 +287,53 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "prediction for {k} devices like {dev} joined by {} (not measured): {predicted:.2} ms/step, {:.2}x over one",
             args.link,
             t_one / predicted
+        );
+        drop(many);
+        drop(one);
+        drop(paper);
+
+        // The honest alternative on the same devices: backprop, pipelined (flushes every step).
+        let bp_m = {
+            let most = (2 * k as i64).min(args.batch_size);
+            (1..=most)
+                .rev()
+                .find(|m| args.batch_size % m == 0)
+                .unwrap_or(1) as usize
+        };
+        tch::manual_seed(0);
+        let mut bp_one = BpNetwork::new(&model, 1e-3, device)?;
+        let bp =
+            |s: BpSchedule| pipelined(&model, &plan, vec![device; k], bp_m, PipelineMethod::Bp(s));
+        let (mut gpipe, mut ofob) = (bp(BpSchedule::GPipe)?, bp(BpSchedule::OneFOneB)?);
+        let med = rounds(&mut [&mut bp_one, &mut gpipe, &mut ofob])?;
+        println!(
+            "backprop on the same devices, {bp_m} micro-batches (every step flushes; expected bubble (K-1)/(M+K-1) = {:.0}%):",
+            100.0 * (k as f64 - 1.0) / (bp_m as f64 + k as f64 - 1.0)
+        );
+        let bubble = |p: &mut StagedPipeline, t: f64| -> String {
+            let b: Vec<String> = per_step(&p.take_stage_times())
+                .iter()
+                .map(|(busy, _)| format!("{:.0}%", 100.0 * (1.0 - busy * 1e3 / t).max(0.0)))
+                .collect();
+            format!("   bubble by stage {}", b.join(" | "))
+        };
+        println!("{:<52} {:>10.2}", format!("BP, one device, {res}"), med[0]);
+        let b = bubble(&mut gpipe, med[1]);
+        println!(
+            "{:<52} {:>10.2}{b}",
+            format!("BP GPipe, {k} devices"),
+            med[1]
+        );
+        let b = bubble(&mut ofob, med[2]);
+        println!(
+            "{:<52} {:>10.2}{b}",
+            format!("BP 1F1B, {k} devices"),
+            med[2]
+        );
+        println!(
+            "speed-up of BP pipelined over BP on one device: {:.2}x; staged SID on {k} devices over the faster BP pipeline: {:.2}x",
+            med[0] / med[1].min(med[2]),
+            med[1].min(med[2]) / t_many
         );
     }
     Ok(())

@@ -41,6 +41,10 @@ pub struct Cli {
     /// Hidden width of each belief module [default: 256].
     #[arg(long)]
     pub module_hidden: Option<i64>,
+    /// Weight initialisation: pytorch (the reference's nn.Linear/nn.Conv2d defaults) or
+    /// kaiming (tch's default, weights ≈ 2.45× larger) [default: pytorch].
+    #[arg(long)]
+    pub init: Option<sid_core::Init>,
     /// Weight α of the label term of the local loss [default: 0.5].
     #[arg(long)]
     pub alpha: Option<f64>,
@@ -175,6 +179,7 @@ impl Cli {
             modules,
             feature_dim,
             module_hidden,
+            init,
             alpha,
             label_smoothing,
             epochs,
@@ -291,6 +296,7 @@ mod tests {
             ("modules", d.modules.to_string()),
             ("feature-dim", d.feature_dim.to_string()),
             ("module-hidden", d.module_hidden.to_string()),
+            ("init", d.init.to_string()),
             ("alpha", d.alpha.to_string()),
             ("label-smoothing", d.label_smoothing.to_string()),
             ("epochs", d.epochs.to_string()),

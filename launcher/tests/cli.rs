@@ -296,15 +296,40 @@ fn gpu_acceptance_script_fails_on_a_forced_mismatch() {
 fn ctrl_c_checkpoints_mid_epoch_and_resume_matches() {
     let dir = tempfile::tempdir().unwrap();
     // Enough steps (batch 8) that the interrupt lands inside the first epoch.
-    let args = |run: &Path| {
+    ctrl_c_and_resume(dir.path(), &|run: &Path| {
         let mut a = quick(run, &["--epochs", "1", "--limit-train", "8192"]);
         a.extend(["--batch-size".into(), "8".into()]);
         a
-    };
-    let straight = dir.path().join("straight");
+    });
+}
+
+/// The staged pipeline has steps in flight when Ctrl-C comes: they finish, then the
+/// checkpoint; the resumed run equals an uninterrupted one.
+#[test]
+fn ctrl_c_in_a_staged_pipeline_checkpoints_and_resume_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cifar");
+    write_cifar10(&data, 256);
+    ctrl_c_and_resume(dir.path(), &|run: &Path| {
+        let mut a = staged(
+            run,
+            &["--gpus", "cpu:2", "--epochs", "1", "--micro-batches", "2"],
+        );
+        a.extend([
+            "--batch-size".into(),
+            "8".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+        ]);
+        a
+    });
+}
+
+fn ctrl_c_and_resume(dir: &Path, args: &dyn Fn(&Path) -> Vec<String>) {
+    let straight = dir.join("straight");
     run_ok(&args(&straight));
 
-    let run = dir.path().join("interrupted");
+    let run = dir.join("interrupted");
     let mut child = Command::new(BIN)
         .args(args(&run))
         .stderr(Stdio::piped())

@@ -12,15 +12,11 @@ pub struct BeliefModule {
 }
 
 impl BeliefModule {
-    /// Creates the module's variables under `p`.
-    pub fn new(p: &nn::Path, num_classes: i64, feature_dim: i64, hidden: i64) -> Self {
-        let fc1 = nn::linear(
-            p / "fc1",
-            num_classes + feature_dim,
-            hidden,
-            Default::default(),
-        );
-        let fc2 = nn::linear(p / "fc2", hidden, num_classes, Default::default());
+    /// Creates the module's variables under `p`, with the shape and initialisation of `cfg`.
+    pub fn new(p: &nn::Path, cfg: &crate::ModelConfig) -> Self {
+        let (n, d, h) = (cfg.num_classes, cfg.feature_dim, cfg.module_hidden);
+        let fc1 = crate::init::linear(p / "fc1", n + d, h, cfg.init);
+        let fc2 = crate::init::linear(p / "fc2", h, n, cfg.init);
         Self { fc1, fc2 }
     }
 

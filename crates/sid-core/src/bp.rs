@@ -37,7 +37,7 @@ impl BpNetwork {
         let modules = (0..cfg.modules)
             .map(|i| {
                 let p = vs.root() / module_prefix(i);
-                BeliefModule::new(&p, cfg.num_classes, cfg.feature_dim, cfg.module_hidden)
+                BeliefModule::new(&p, cfg)
             })
             .collect();
         vs.set_device(device);

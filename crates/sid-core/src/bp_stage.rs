@@ -63,14 +63,7 @@ pub fn build_bp_stages(
     let last = &stores[k - 1];
     let head = build_head(&(last.root() / "extractor"), cfg);
     let modules = (0..cfg.modules)
-        .map(|i| {
-            BeliefModule::new(
-                &(last.root() / module_prefix(i)),
-                cfg.num_classes,
-                cfg.feature_dim,
-                cfg.module_hidden,
-            )
-        })
+        .map(|i| BeliefModule::new(&(last.root() / module_prefix(i)), cfg))
         .collect();
     let mut head = Some((head, modules));
     Ok(stores
@@ -248,6 +241,7 @@ mod tests {
             feature_dim: 6,
             modules: 3,
             module_hidden: 5,
+            init: crate::Init::default(),
         };
         tch::manual_seed(3);
         let mut bp = BpNetwork::new(&cfg, 1e-3, Device::Cpu).unwrap();

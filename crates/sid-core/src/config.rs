@@ -85,6 +85,9 @@ pub struct ModelConfig {
     pub modules: usize,
     /// Hidden width of each belief module (256 in the reference).
     pub module_hidden: i64,
+    /// How every layer's weights start (PyTorch's defaults, as the reference).
+    #[serde(default)]
+    pub init: crate::init::Init,
 }
 
 impl Default for ModelConfig {
@@ -97,6 +100,7 @@ impl Default for ModelConfig {
             feature_dim: 128,
             modules: 10,
             module_hidden: 256,
+            init: crate::init::Init::Pytorch,
         }
     }
 }

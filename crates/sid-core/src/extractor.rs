@@ -8,6 +8,7 @@ use tch::nn::{self, Module};
 use tch::Tensor;
 
 use crate::config::{ExtractorKind, ModelConfig};
+use crate::init::Init;
 
 /// Width of the hidden layer of the MLP extractor.
 pub const MLP_HIDDEN: i64 = 512;
@@ -54,9 +55,9 @@ pub struct Neck {
 
 impl Neck {
     /// A neck from `width` channels (or features) to `d`, its linear layer at `p / "fc"`.
-    pub fn new(p: &nn::Path, width: i64, feature_dim: i64) -> Self {
+    pub fn new(p: &nn::Path, width: i64, feature_dim: i64, init: Init) -> Self {
         Self {
-            fc: nn::linear(p / "fc", width, feature_dim, Default::default()),
+            fc: crate::init::linear(p / "fc", width, feature_dim, init),
         }
     }
 }
@@ -120,20 +121,16 @@ impl BlockLayout {
 pub fn build_block(p: &nn::Path, cfg: &ModelConfig, i: usize) -> Block {
     match cfg.extractor {
         ExtractorKind::Cnn => {
-            let c = nn::ConvConfig {
-                padding: 1,
-                ..Default::default()
-            };
             let (inp, out) = [(cfg.in_channels, 32), (32, 64), (64, 128), (128, 128)][i];
             Block::Conv {
-                conv: nn::conv2d(p / format!("conv{}", i + 1), inp, out, 3, c),
+                conv: crate::init::conv3x3(p / format!("conv{}", i + 1), inp, out, cfg.init),
                 pool: i == 1 || i == 3,
             }
         }
         ExtractorKind::Mlp => {
             let inputs = cfg.in_channels * cfg.image_size * cfg.image_size;
             Block::Dense {
-                fc: nn::linear(p / "fc1", inputs, MLP_HIDDEN, Default::default()),
+                fc: crate::init::linear(p / "fc1", inputs, MLP_HIDDEN, cfg.init),
             }
         }
     }
@@ -150,7 +147,7 @@ pub fn build_head(p: &nn::Path, cfg: &ModelConfig) -> Neck {
         ExtractorKind::Mlp => "fc2",
     };
     Neck {
-        fc: nn::linear(p / name, width, cfg.feature_dim, Default::default()),
+        fc: crate::init::linear(p / name, width, cfg.feature_dim, cfg.init),
     }
 }
 

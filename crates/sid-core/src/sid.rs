@@ -184,6 +184,7 @@ mod tests {
             feature_dim: 6,
             modules: 3,
             module_hidden: 5,
+            init: crate::Init::default(),
         }
     }
 

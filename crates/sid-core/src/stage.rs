@@ -322,12 +322,7 @@ pub fn profile_costs(cfg: &ModelConfig, batch: i64, device: Device, reps: usize)
     let blocks: Vec<Block> = (0..layout.len())
         .map(|i| build_block(&vs.root(), cfg, i))
         .collect();
-    let module = crate::belief::BeliefModule::new(
-        &(vs.root() / "module"),
-        cfg.num_classes,
-        cfg.feature_dim,
-        cfg.module_hidden,
-    );
+    let module = crate::belief::BeliefModule::new(&(vs.root() / "module"), cfg);
     let shape = [batch, cfg.in_channels, cfg.image_size, cfg.image_size];
     let numel: i64 = shape.iter().product();
     let mut x = Tensor::arange(numel, (Kind::Float, device))
@@ -442,6 +437,7 @@ pub fn build_stages(
                 &(stores[s].root() / format!("neck_{}", s + 1)),
                 width,
                 cfg.feature_dim,
+                cfg.init,
             )
         })
         .collect();
@@ -630,6 +626,7 @@ mod tests {
             feature_dim: 6,
             modules,
             module_hidden: 5,
+            init: crate::Init::default(),
         }
     }
 

@@ -52,12 +52,7 @@ impl ModuleUnit {
     /// whatever the device.
     pub fn new(index: usize, cfg: &ModelConfig, loss: LossConfig, lr: f64, device: Device) -> Self {
         let mut vs = VarStore::new(Device::Cpu);
-        let net = BeliefModule::new(
-            &(vs.root() / module_prefix(index)),
-            cfg.num_classes,
-            cfg.feature_dim,
-            cfg.module_hidden,
-        );
+        let net = BeliefModule::new(&(vs.root() / module_prefix(index)), cfg);
         vs.set_device(device);
         let opt = Adam::for_var_store(&vs, lr);
         Self {

@@ -23,6 +23,7 @@ fn model(modules: usize) -> ModelConfig {
         feature_dim: 16,
         modules,
         module_hidden: 32,
+        init: sid_core::Init::default(),
     }
 }
 

@@ -22,6 +22,7 @@ fn model() -> ModelConfig {
         feature_dim: 12,
         modules: 4,
         module_hidden: 16,
+        init: sid_core::Init::default(),
     }
 }
 

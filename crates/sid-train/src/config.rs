@@ -28,6 +28,9 @@ pub struct RunConfig {
     pub feature_dim: i64,
     /// Hidden width of each belief module.
     pub module_hidden: i64,
+    /// Weight initialisation: `pytorch` (the reference's: ±1/√fan_in) or `kaiming` (tch's
+    /// default, ±√(6/fan_in)).
+    pub init: sid_core::Init,
     /// α of the local loss.
     pub alpha: f64,
     /// Label smoothing ε of the SID target (0 = one-hot, as the reference).
@@ -100,6 +103,7 @@ impl Default for RunConfig {
             modules: model.modules,
             feature_dim: model.feature_dim,
             module_hidden: model.module_hidden,
+            init: model.init,
             alpha: loss.alpha,
             label_smoothing: loss.label_smoothing,
             epochs: 5,
@@ -146,6 +150,7 @@ impl RunConfig {
             feature_dim: self.feature_dim,
             modules: self.modules,
             module_hidden: self.module_hidden,
+            init: self.init,
         }
     }
 
