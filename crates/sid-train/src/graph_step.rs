@@ -125,12 +125,12 @@ mod tests {
         let gpu = Device::Cuda(0);
         let model = ModelConfig {
             extractor: ExtractorKind::Mlp,
-            in_channels: 1,
             image_size: 12,
             num_classes: 5,
             feature_dim: 16,
             modules: 3,
             module_hidden: 32,
+            ..ModelConfig::default()
         };
         tch::manual_seed(0);
         let mut net = SidNetwork::new(&model, LossConfig::default(), 1e-3, gpu).unwrap();
