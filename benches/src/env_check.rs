@@ -22,11 +22,14 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         Ok(m) => {
             println!(
                 "NVML: driver {}, {} GPU(s)",
-                m.driver_version().unwrap_or_else(|e| e),
+                m.driver_version().unwrap_or_else(|e| e.to_string()),
                 m.count()
             );
             for i in 0..m.count() {
-                println!("NVML gpu {i}: {}", m.name(i).unwrap_or_else(|e| e));
+                println!(
+                    "NVML gpu {i}: {}",
+                    m.name(i).unwrap_or_else(|e| e.to_string())
+                );
             }
         }
         Err(e) => println!("NVML: {e}"),
@@ -38,9 +41,9 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
             let t = std::time::Instant::now();
             let s = a.matmul(&a).sum(Kind::Float).double_value(&[]);
             println!("cuda:{i}: 2048x2048 matmul ran on the GPU ({:.1} ms incl. launch), checksum finite: {}", t.elapsed().as_secs_f64() * 1e3, s.is_finite());
-            sid_runtime::streams::use_pool_stream(i).map_err(anyhow::Error::msg)?;
+            sid_runtime::streams::use_pool_stream(i)?;
             let b = a.matmul(&a);
-            sid_runtime::streams::synchronize_current(i).map_err(anyhow::Error::msg)?;
+            sid_runtime::streams::synchronize_current(i)?;
             println!(
                 "cuda:{i}: pool stream set and synchronised; result on {:?}",
                 b.device()

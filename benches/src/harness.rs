@@ -92,7 +92,11 @@ fn train(
     let mut run = Run::create(cfg, &dir)?;
     let stop = AtomicBool::new(false);
     run.train(&stop, &mut |_| {})?;
-    let m = sid_train::metrics::read_all(&dir.join(sid_train::trainer::METRICS_FILE))?;
+    let read = sid_train::metrics::read_all(&dir.join(sid_train::trainer::METRICS_FILE))?;
+    if let Some(notice) = &read.dropped_last_line {
+        eprintln!("  {name}: warning: {notice}");
+    }
+    let m = read.records;
     let last = m.last().context("no epoch recorded")?;
     eprintln!(
         "  {name}: {:.2} ms/step, test acc {:.2}%",
@@ -224,14 +228,10 @@ fn step_memory(
     for i in 0..5 {
         let delta = match device {
             Device::Cuda(d) => {
-                reset_cuda_peak(d);
-                let before = cuda_memory(d)
-                    .map(|m| m.allocated.max(0) as u64)
-                    .unwrap_or(0);
+                reset_cuda_peak(d)?;
+                let before = cuda_memory(d)?.allocated.max(0) as u64;
                 net.train_step(x, y)?;
-                let peak = cuda_memory(d)
-                    .map(|m| m.peak_allocated.max(0) as u64)
-                    .unwrap_or(0);
+                let peak = cuda_memory(d)?.peak_allocated.max(0) as u64;
                 peak.saturating_sub(before)
             }
             _ => {

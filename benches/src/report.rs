@@ -38,25 +38,34 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 
 /// Writes every row to a CSV file.
 pub fn write_csv(path: &Path, rows: &[Row]) -> Result<()> {
-    let mut s = String::from(
-        "sweep,method,param,value,ms_per_step,samples_per_s,peak_bytes,test_acc,note\n",
-    );
+    let mut w =
+        csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
+    w.write_record([
+        "sweep",
+        "method",
+        "param",
+        "value",
+        "ms_per_step",
+        "samples_per_s",
+        "peak_bytes",
+        "test_acc",
+        "note",
+    ])?;
     for r in rows {
-        let _ = writeln!(
-            s,
-            "{},{},{},{},{},{},{},{},\"{}\"",
-            r.sweep,
-            r.method,
-            r.param,
-            r.value,
+        w.write_record([
+            r.sweep.clone(),
+            r.method.clone(),
+            r.param.clone(),
+            r.value.to_string(),
             opt(&r.ms_per_step.map(|v| format!("{v:.3}"))),
             opt(&r.samples_per_s.map(|v| format!("{v:.1}"))),
             opt(&r.peak_bytes),
             opt(&r.test_acc.map(|v| format!("{v:.4}"))),
-            r.note.replace('"', "'")
-        );
+            r.note.clone(),
+        ])?;
     }
-    std::fs::write(path, s).with_context(|| format!("writing {}", path.display()))
+    w.flush()
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A markdown table of SID and BP side by side for each value of the swept parameter, with
@@ -234,6 +243,14 @@ mod tests {
         write_csv(&dir.path().join("r.csv"), &rows).unwrap();
         let csv = std::fs::read_to_string(dir.path().join("r.csv")).unwrap();
         assert_eq!(csv.lines().count(), 5);
+        // A note with a comma and quotes survives a round trip as one field.
+        let mut noted = rows[0].clone();
+        noted.note = "devices 0,1; \"peak\" = cuda-allocator".into();
+        write_csv(&dir.path().join("n.csv"), &[noted.clone()]).unwrap();
+        let mut r = csv::Reader::from_path(dir.path().join("n.csv")).unwrap();
+        let rec = r.records().next().unwrap().unwrap();
+        assert_eq!(rec.len(), 9);
+        assert_eq!(&rec[8], noted.note);
         let svg = dir.path().join("p.svg");
         let s = vec![(
             "sid".to_string(),

@@ -149,7 +149,8 @@ pub struct Cli {
     /// Telemetry samples per second into RUN_DIR/telemetry.jsonl (0 = off).
     #[arg(long, default_value_t = 10.0)]
     pub telemetry_hz: f64,
-    /// Inject a fault WORKER:STEP:panic|error|nan|hang (for testing failure handling).
+    /// Inject a fault WORKER:STEP:panic|error|nan|hang (for testing failure handling; only
+    /// builds with the fault-injection feature accept it).
     #[arg(long, hide = true)]
     pub inject_fault: Option<String>,
 }

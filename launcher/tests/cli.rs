@@ -226,6 +226,73 @@ fn resume_gives_the_same_result_as_an_uninterrupted_run() {
 }
 
 #[test]
+fn a_cut_short_last_metrics_line_is_dropped_on_resume_and_a_corrupt_one_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    run_ok(&quick(&run, &["--epochs", "2"]));
+    // What a crash in the middle of appending epoch 2's record leaves behind.
+    let path = run.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cut = text.len() - text.lines().last().unwrap().len() / 2 - 1;
+    std::fs::write(&path, &text[..cut]).unwrap();
+    let out = run_ok(&[
+        "--resume".into(),
+        run.display().to_string(),
+        "--epochs".into(),
+        "3".into(),
+    ]);
+    let e = stderr(&out);
+    assert!(
+        e.contains("note: ")
+            && e.contains("metrics.jsonl line 2: dropped an incomplete last record"),
+        "{e}"
+    );
+    let epochs: Vec<u64> = metrics(&run)
+        .iter()
+        .map(|m| m["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, vec![1, 3]);
+
+    // A damaged line that is not the last is not a crash's trace: it stops the resume.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("{", "{garbage", 1)).unwrap();
+    let out = sid(&["--resume", run.to_str().unwrap(), "--epochs", "4"]);
+    one_line_error(&out, "metrics.jsonl: line 1:");
+}
+
+/// The GPU acceptance script's checks can fail: its self-test feeds them made-up run folders,
+/// and the forced mismatches must print FAIL and make the script exit 1.
+#[test]
+fn gpu_acceptance_script_fails_on_a_forced_mismatch() {
+    let out_dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benches/gpu-acceptance.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--self-test")
+        .env("OUT", out_dir.path())
+        .output()
+        .expect("runs bash");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}{}", stderr(&out));
+    for line in [
+        "PASS self-test: equal losses",
+        "PASS self-test: close losses",
+        "PASS self-test: allocator peaks",
+        "FAIL self-test: forced loss mismatch: final train_loss differs",
+        "FAIL self-test: forced peak-source mismatch: epoch 1: cuda:0 peak",
+        "FAIL self-test: forced exit-code mismatch: exit code 0, expected 1",
+        "3 check(s) failed",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(line)),
+            "no line {line:?} in:\n{text}"
+        );
+    }
+    let saved = std::fs::read_to_string(out_dir.path().join("acceptance.txt")).unwrap();
+    assert_eq!(saved, text, "the output is saved under $OUT");
+}
+
+#[test]
 fn ctrl_c_checkpoints_mid_epoch_and_resume_matches() {
     let dir = tempfile::tempdir().unwrap();
     // Enough steps (batch 8) that the interrupt lands inside the first epoch.

@@ -25,6 +25,7 @@ use sid_core::{
 };
 use tch::{Device, Tensor};
 
+#[cfg(feature = "fault-injection")]
 use crate::fault::Fault;
 use crate::placement::Placement;
 use crate::streams;
@@ -73,6 +74,7 @@ pub struct PipelineConfig {
     /// teacher (same result as the reference schedule, one forward per module instead of two).
     pub fused_teacher: bool,
     /// A fault to inject (tests).
+    #[cfg(feature = "fault-injection")]
     pub fault: Option<Fault>,
 }
 
@@ -90,6 +92,7 @@ impl PipelineConfig {
             threads_per_worker: None,
             streams: true,
             fused_teacher: false,
+            #[cfg(feature = "fault-injection")]
             fault: None,
         }
     }
@@ -197,6 +200,7 @@ impl Pipeline {
                         .then_some(cpu_threads),
                     own_stream: cfg.streams,
                     fused: cfg.fused_teacher,
+                    #[cfg(feature = "fault-injection")]
                     fault: cfg.fault,
                 };
                 worker::spawn(setup, mine, reply_tx.clone())
@@ -259,7 +263,7 @@ impl Pipeline {
     ) -> Result<[Tensor; N]> {
         let dev = self.workers[worker].device;
         let out = tensors.map(|t| t.to_device(dev));
-        streams::sync_device(dev).map_err(RuntimeError::Config)?;
+        streams::sync_device(dev)?;
         Ok(out)
     }
 
@@ -339,7 +343,7 @@ impl Pipeline {
         let coord = self.extractor.device();
         let z = self.extractor.forward(x);
         let z_detached = z.detach();
-        streams::sync_device(coord).map_err(RuntimeError::Config)?;
+        streams::sync_device(coord)?;
         timing.extractor_forward = started.elapsed();
         let mark = Instant::now();
         {
@@ -355,6 +359,8 @@ impl Pipeline {
         timing.broadcast = mark.elapsed();
         let mut losses: Vec<Option<Vec<f64>>> = vec![None; k];
         let mut grads: Vec<Option<Tensor>> = (0..k).map(|_| None).collect();
+        // The workers' own gradients, kept until the copies read from them are done (rule 4).
+        let mut received: Vec<Tensor> = Vec::with_capacity(k);
         let mut pending: Vec<usize> = (0..k).collect();
         let wait = tracing::info_span!("coordinator_wait", step);
         while !pending.is_empty() {
@@ -396,6 +402,7 @@ impl Pipeline {
                     }
                     losses[w] = Some(l);
                     grads[w] = Some(grad_z.to_device(coord));
+                    received.push(grad_z);
                     pending.retain(|&p| p != w);
                 }
                 _ => return Err(self.wrong(w, "an unexpected reply", "step results")),
@@ -407,10 +414,17 @@ impl Pipeline {
             grad_sum += g;
         }
         self.extractor.backward_step(&z, &grad_sum)?;
-        streams::sync_device(coord).map_err(RuntimeError::Config)?;
+        streams::sync_device(coord)?;
+        // A copy from another GPU also runs on this thread's stream of the source device.
+        for g in &received {
+            if g.device() != coord {
+                streams::sync_device(g.device())?;
+            }
+        }
         // Dropped only now: a worker's gradient was allocated on its stream, and the caching
         // allocator may hand its memory out again as soon as it is freed.
         drop(grads);
+        drop(received);
         timing.extractor_backward = mark.elapsed();
         timing.total = started.elapsed();
         self.last_timing = timing;
@@ -425,7 +439,7 @@ impl Pipeline {
     fn cascade_inner(&mut self, x: &Tensor) -> Result<Cascade> {
         let coord = self.extractor.device();
         let z = tch::no_grad(|| self.extractor.forward(x));
-        streams::sync_device(coord).map_err(RuntimeError::Config)?;
+        streams::sync_device(coord)?;
         let mut p = uniform_belief(x.size()[0], self.num_classes, coord);
         let mut logits = Vec::with_capacity(self.modules);
         for w in 0..self.workers.len() {

@@ -48,6 +48,9 @@ pub enum RuntimeError {
     /// A worker answered out of order (a result of another step, or the wrong kind).
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A CUDA stream could not be used or synchronised.
+    #[error(transparent)]
+    Stream(#[from] crate::streams::StreamError),
     /// The method itself failed on the coordinator.
     #[error(transparent)]
     Core(#[from] sid_core::CoreError),

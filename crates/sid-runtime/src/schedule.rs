@@ -19,6 +19,7 @@ use sid_core::bp_stage::BpStage;
 use sid_core::{NamedTensors, Stage};
 use tch::{Kind as TKind, Tensor};
 
+#[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 
@@ -170,15 +171,15 @@ pub struct StageRunner {
     losses: Option<Tensor>,
     busy: Duration,
     forward: Duration,
+    #[cfg(feature = "fault-injection")]
     fault: Option<Fault>,
     /// Longest wait inside a backprop step (for activations and gradients).
     bp_timeout: Duration,
 }
 
 impl StageRunner {
-    /// Wraps a stage; `fault` strikes when it names this stage (tests).
-    pub fn new(work: Work, fault: Option<Fault>) -> Self {
-        let fault = fault.filter(|f| f.worker == work.index());
+    /// Wraps a stage.
+    pub fn new(work: Work) -> Self {
         Self {
             work,
             step: 0,
@@ -186,9 +187,17 @@ impl StageRunner {
             losses: None,
             busy: Duration::ZERO,
             forward: Duration::ZERO,
-            fault,
+            #[cfg(feature = "fault-injection")]
+            fault: None,
             bp_timeout: Duration::from_secs(300),
         }
+    }
+
+    /// Sets the fault to inject; it strikes when it names this stage (tests).
+    #[cfg(feature = "fault-injection")]
+    pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
+        self.fault = fault.filter(|f| f.worker == self.work.index());
+        self
     }
 
     /// Sets the longest wait inside a backprop step.
@@ -213,10 +222,14 @@ impl StageRunner {
     }
 
     fn strike(&self, step: u64, input: Tensor) -> Result<Tensor, Failure> {
-        match self.fault.filter(|f| f.step == step) {
-            Some(f) => strike(f.kind, step, input),
-            None => Ok(input),
+        #[cfg(feature = "fault-injection")]
+        {
+            if let Some(f) = self.fault.filter(|f| f.step == step) {
+                return strike(f.kind, step, input);
+            }
         }
+        let _ = step;
+        Ok(input)
     }
 
     /// Handles one message: the whole schedule of a stage.
@@ -392,6 +405,7 @@ impl StageRunner {
         }
         self.step = step;
         let timeout = self.bp_timeout;
+        #[cfg(feature = "fault-injection")]
         let fault = self.fault;
         let Work::Bp(stage, schedule, stages) = &mut self.work else {
             unreachable!("a backprop stage")
@@ -445,6 +459,7 @@ impl StageRunner {
                             tag.step
                         )));
                     }
+                    #[cfg(feature = "fault-injection")]
                     let input = match fault.filter(|f| f.step == step) {
                         Some(f) if j == 0 => strike(f.kind, step, input)?,
                         _ => input,
@@ -528,6 +543,7 @@ impl StageRunner {
     }
 }
 
+#[cfg(feature = "fault-injection")]
 fn strike(kind: FaultKind, step: u64, input: Tensor) -> Result<Tensor, Failure> {
     match kind {
         FaultKind::Panic => panic!("injected fault at step {step}"),

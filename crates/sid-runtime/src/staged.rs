@@ -22,6 +22,7 @@ use sid_core::{
 };
 use tch::{Device, Tensor};
 
+#[cfg(feature = "fault-injection")]
 use crate::fault::Fault;
 use crate::schedule::{drive, BpSchedule, Failure, StageRunner, Work};
 use crate::streams;
@@ -52,6 +53,7 @@ pub struct StagedConfig {
     /// Give each GPU stage its own CUDA stream from libtorch's pool.
     pub streams: bool,
     /// A fault to inject (tests): `worker` is the 0-based stage.
+    #[cfg(feature = "fault-injection")]
     pub fault: Option<Fault>,
     /// What the stages train: staged SID, or the BP baseline cut at the same blocks.
     pub method: PipelineMethod,
@@ -81,6 +83,7 @@ impl StagedConfig {
             timeout: Duration::from_secs(300),
             threads_per_stage: None,
             streams: true,
+            #[cfg(feature = "fault-injection")]
             fault: None,
             method: PipelineMethod::Sid,
         }
@@ -191,7 +194,12 @@ impl StagedPipeline {
         };
         let runners: Vec<StageRunner> = work
             .into_iter()
-            .map(|w| StageRunner::new(w, cfg.fault).with_timeout(cfg.timeout))
+            .map(|w| {
+                let runner = StageRunner::new(w).with_timeout(cfg.timeout);
+                #[cfg(feature = "fault-injection")]
+                let runner = runner.with_fault(cfg.fault);
+                runner
+            })
             .collect();
         // Backprop stages wait on each other within a step: they always have a thread each.
         let engine = if d == 1 && cfg.method == PipelineMethod::Sid {
@@ -611,10 +619,11 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
                         tch::set_num_threads(n);
                     }
                     if let (Device::Cuda(i), true) = (device, own_stream) {
-                        streams::use_pool_stream(i).map_err(Failure::from_cause)?;
+                        streams::use_pool_stream(i)
+                            .map_err(|e| Failure::from_cause(e.to_string()))?;
                     }
                     runner.work_mut().to_device(device);
-                    streams::sync_device(device).map_err(Failure::from_cause)?;
+                    streams::sync_device(device).map_err(|e| Failure::from_cause(e.to_string()))?;
                     drive(&mut runner, &mut transport, timeout, false)
                 }));
                 let failure = match outcome {
@@ -723,7 +732,7 @@ impl Network for StagedPipeline {
                 logits.extend(l.into_iter().map(|t| t.to_device(first)));
             }
         }
-        streams::sync_device(first).map_err(RuntimeError::Config)?;
+        streams::sync_device(first).map_err(RuntimeError::from)?;
         Ok(Cascade { logits })
     }
 

@@ -266,7 +266,7 @@ impl Transport for ChannelTransport {
         match self.upstream.recv_timeout(timeout) {
             Ok(m) => {
                 let m = m.to_device(self.device);
-                streams::sync_device(self.device).map_err(RuntimeError::Config)?;
+                streams::sync_device(self.device)?;
                 Ok(Received::Message(m))
             }
             Err(RecvTimeoutError::Timeout) => Ok(Received::Nothing),
@@ -278,7 +278,7 @@ impl Transport for ChannelTransport {
         let Some(tx) = &self.downstream else {
             return Ok(());
         };
-        streams::sync_device(self.device).map_err(RuntimeError::Config)?;
+        streams::sync_device(self.device)?;
         let tag = msg.tag();
         tx.send_timeout(msg, self.timeout).map_err(|e| match e {
             SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
@@ -302,7 +302,7 @@ impl Transport for ChannelTransport {
     }
 
     fn report(&mut self, report: Report) -> Result<()> {
-        streams::sync_device(self.device).map_err(RuntimeError::Config)?;
+        streams::sync_device(self.device)?;
         self.reports
             .send(report)
             .map_err(|_| RuntimeError::Protocol("the coordinator is gone".into()))
@@ -312,7 +312,7 @@ impl Transport for ChannelTransport {
         let Some(tx) = &self.grads_out else {
             return Ok(());
         };
-        streams::sync_device(self.device).map_err(RuntimeError::Config)?;
+        streams::sync_device(self.device)?;
         tx.send_timeout((tag, grad), self.timeout)
             .map_err(|e| match e {
                 SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
@@ -342,7 +342,7 @@ impl Transport for ChannelTransport {
         match rx.recv_timeout(timeout) {
             Ok((tag, g)) => {
                 let g = g.to_device(self.device);
-                streams::sync_device(self.device).map_err(RuntimeError::Config)?;
+                streams::sync_device(self.device)?;
                 Ok((tag, g))
             }
             Err(RecvTimeoutError::Timeout) => Err(RuntimeError::Timeout {

@@ -10,6 +10,7 @@ use crossbeam_channel::{Receiver, Sender};
 use sid_core::{ModuleUnit, NamedTensors};
 use tch::{Device, Tensor};
 
+#[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
 use crate::streams;
 
@@ -75,6 +76,7 @@ pub(crate) struct WorkerSetup {
     pub own_stream: bool,
     /// Fused schedule: the local steps' forwards are the teacher chain.
     pub fused: bool,
+    #[cfg(feature = "fault-injection")]
     pub fault: Option<Fault>,
 }
 
@@ -138,6 +140,12 @@ impl From<tch::TchError> for Failure {
             module: None,
             cause: e.to_string(),
         }
+    }
+}
+
+impl From<streams::StreamError> for Failure {
+    fn from(e: streams::StreamError) -> Self {
+        from_stream(e.to_string())
     }
 }
 
@@ -206,12 +214,12 @@ fn run(
             tch::set_num_threads(n);
         }
         if let (Device::Cuda(i), true) = (setup.device, setup.own_stream) {
-            streams::use_pool_stream(i).map_err(from_stream)?;
+            streams::use_pool_stream(i)?;
         }
         for u in &mut units {
             u.to_device(setup.device);
         }
-        streams::sync_device(setup.device).map_err(from_stream)
+        streams::sync_device(setup.device).map_err(Failure::from)
     }));
     if let Err(f) = flatten(init) {
         send(Reply::Failed {
@@ -261,6 +269,28 @@ fn flatten<T>(r: std::thread::Result<Result<T, Failure>>) -> Result<T, Failure> 
 }
 
 impl State {
+    /// Applies the injected fault when it is this worker's and this step's.
+    #[cfg(feature = "fault-injection")]
+    fn inject_fault(&self, step: u64, z: Tensor) -> Result<Tensor, Failure> {
+        let Some(kind) = self
+            .setup
+            .fault
+            .filter(|f| f.worker == self.setup.index && f.step == step)
+            .map(|f| f.kind)
+        else {
+            return Ok(z);
+        };
+        match kind {
+            FaultKind::Panic => panic!("injected fault at step {step}"),
+            FaultKind::Error => Err(from_stream(format!("injected error at step {step}"))),
+            FaultKind::Nan => Ok(&z * f64::NAN),
+            FaultKind::Hang => {
+                std::thread::sleep(Duration::from_secs(3600));
+                Ok(z)
+            }
+        }
+    }
+
     /// Handles one request; `Ok(false)` when replies can no longer be sent.
     fn handle(&mut self, request: Request, send: &dyn Fn(Reply) -> bool) -> Result<bool, Failure> {
         let device = self.setup.device;
@@ -280,26 +310,13 @@ impl State {
                         self.step
                     )));
                 }
-                let (Some(mut z), Some(labels)) = (self.z.take(), self.labels.take()) else {
+                let (Some(z), Some(labels)) = (self.z.take(), self.labels.take()) else {
                     return Err(from_stream(format!(
                         "step {step}: no broadcast of z before the teacher belief"
                     )));
                 };
-                if let Some(kind) = self
-                    .setup
-                    .fault
-                    .filter(|f| f.worker == self.setup.index && f.step == step)
-                    .map(|f| f.kind)
-                {
-                    match kind {
-                        FaultKind::Panic => panic!("injected fault at step {step}"),
-                        FaultKind::Error => {
-                            return Err(from_stream(format!("injected error at step {step}")))
-                        }
-                        FaultKind::Nan => z = &z * f64::NAN,
-                        FaultKind::Hang => std::thread::sleep(Duration::from_secs(3600)),
-                    }
-                }
+                #[cfg(feature = "fault-injection")]
+                let z = self.inject_fault(step, z)?;
                 // Phase 1: the teacher chain through this worker's modules — graph-free
                 // (reference), or the local steps' own forwards, detached (fused).
                 let started = Instant::now();
@@ -317,7 +334,7 @@ impl State {
                         teachers.push(p);
                         p = next;
                     }
-                    streams::sync_device(device).map_err(from_stream)?;
+                    streams::sync_device(device)?;
                     if !send(Reply::Teacher { step, p_out: p }) {
                         return Ok(false);
                     }
@@ -362,7 +379,7 @@ impl State {
                     let grad_z = grad_z.expect("a worker owns at least one module");
                     (stacked, grad_z)
                 };
-                streams::sync_device(device).map_err(from_stream)?;
+                streams::sync_device(device)?;
                 // All of this worker's losses in one read, after its only wait of phase 2.
                 let losses = sid_core::unit::read_losses(&losses, first).map_err(failure)?;
                 Ok(send(Reply::Local {
@@ -383,7 +400,7 @@ impl State {
                         logits.push(l);
                     }
                 });
-                streams::sync_device(device).map_err(from_stream)?;
+                streams::sync_device(device)?;
                 Ok(send(Reply::Cascade { logits, p_out: p }))
             }
             Request::State => {
@@ -398,7 +415,7 @@ impl State {
                         cause: e.to_string(),
                     })?;
                 }
-                streams::sync_device(device).map_err(from_stream)?;
+                streams::sync_device(device)?;
                 Ok(send(Reply::Loaded))
             }
         }

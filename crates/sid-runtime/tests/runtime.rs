@@ -52,10 +52,14 @@ fn max_abs_diff(a: &[(String, Tensor)], b: &NamedTensors) -> f64 {
     assert_eq!(a.len(), b.len(), "same set of tensors");
     a.iter()
         .map(|(n, t)| {
-            (t.to_kind(Kind::Double) - b.get(n).unwrap().to_kind(Kind::Double))
-                .abs()
-                .max()
-                .double_value(&[])
+            (t.to_kind(Kind::Double).to_device(Device::Cpu)
+                - b.get(n)
+                    .unwrap()
+                    .to_kind(Kind::Double)
+                    .to_device(Device::Cpu))
+            .abs()
+            .max()
+            .double_value(&[])
         })
         .fold(0.0, f64::max)
 }
@@ -237,4 +241,36 @@ fn more_devices_than_modules_is_a_clear_error() {
     let _rng = rng_lock();
     let e = Pipeline::new(config(2, 3)).err().unwrap().to_string();
     assert!(e.contains("3 devices but only 2 modules"), "{e}");
+}
+
+/// On a GPU: two workers sharing cuda:0 (each on its own stream) train like the single-device
+/// network on cuda:0. Skipped, saying so, where CUDA is not available.
+#[test]
+fn two_workers_on_one_gpu_match_the_single_device_trainer() {
+    if !tch::Cuda::is_available() {
+        println!("skipped: CUDA is not available on this machine");
+        return;
+    }
+    let _rng = rng_lock();
+    let gpu = Device::Cuda(0);
+    let data = batches(10);
+    tch::manual_seed(0);
+    let mut single = SidNetwork::new(&model(4), LossConfig::default(), 1e-3, gpu).unwrap();
+    tch::manual_seed(0);
+    let mut cfg = config(4, 2);
+    cfg.devices = vec![gpu, gpu];
+    let mut pipeline = Pipeline::new(cfg).unwrap();
+    for (x, y) in &data {
+        let (x, y) = (x.to_device(gpu), y.to_device(gpu));
+        let a = single.train_step(&x, &y).unwrap();
+        let b = pipeline.train_step(&x, &y).unwrap();
+        for (la, lb) in a.module_losses.iter().zip(&b.module_losses) {
+            assert!((la - lb).abs() < 1e-4, "{a:?} vs {b:?}");
+        }
+    }
+    let diff = max_abs_diff(
+        &pipeline.state().unwrap(),
+        &NamedTensors::from(single.state().unwrap()),
+    );
+    assert!(diff < 1e-4, "parameters differ by {diff} after 10 steps");
 }

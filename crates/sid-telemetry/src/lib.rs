@@ -7,9 +7,11 @@
 //! Without an NVIDIA driver (as on CPU-only machines) everything still works and reports the
 //! reason GPU telemetry is off.
 
+pub mod error;
 pub mod memory;
 pub mod nvml;
 pub mod sampler;
 
+pub use error::{Result, TelemetryError};
 pub use memory::{DevicePeak, PeakTracker};
 pub use sampler::{Sample, Sampler, TelemetrySummary};

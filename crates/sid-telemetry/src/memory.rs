@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
+use crate::TelemetryError;
+
 /// The CUDA caching allocator's counters for one device, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CudaMemory {
@@ -25,8 +27,10 @@ extern "C" {
         pa: *mut i64,
         r: *mut i64,
         pr: *mut i64,
+        err: *mut std::ffi::c_char,
+        err_len: usize,
     ) -> i32;
-    fn sid_cuda_reset_peak(device: i32) -> i32;
+    fn sid_cuda_reset_peak(device: i32, err: *mut std::ffi::c_char, err_len: usize) -> i32;
 }
 
 /// Whether this build can read the CUDA allocator's statistics.
@@ -34,66 +38,95 @@ pub fn cuda_stats_compiled() -> bool {
     cfg!(sid_cuda_stats)
 }
 
-/// The allocator's counters for CUDA device `index`; `None` without CUDA or without the shim.
-pub fn cuda_memory(index: usize) -> Option<CudaMemory> {
+/// Calls a shim function with a message buffer; a non-zero code becomes the C++ message.
+#[cfg(sid_cuda_stats)]
+fn call_shim(
+    device: usize,
+    f: impl FnOnce(*mut std::ffi::c_char, usize) -> i32,
+) -> Result<(), TelemetryError> {
+    if !tch::Cuda::is_available() {
+        return Err(TelemetryError::CudaStatsUnavailable(
+            "CUDA is not available",
+        ));
+    }
+    let mut err = [0 as std::ffi::c_char; 512];
+    if f(err.as_mut_ptr(), err.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim NUL-terminates what it writes; the buffer starts zeroed.
+    let message = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    Err(TelemetryError::CudaStats { device, message })
+}
+
+/// The allocator's counters for CUDA device `index`; an error without CUDA, without the shim,
+/// or with the C++ exception's message when libtorch refuses.
+pub fn cuda_memory(index: usize) -> Result<CudaMemory, TelemetryError> {
     #[cfg(sid_cuda_stats)]
     {
-        if !tch::Cuda::is_available() {
-            return None;
-        }
         let mut m = CudaMemory {
             allocated: 0,
             peak_allocated: 0,
             reserved: 0,
             peak_reserved: 0,
         };
-        // SAFETY: four valid out-pointers; the shim catches every C++ exception.
-        let rc = unsafe {
-            sid_cuda_memory_stats(
-                index as i32,
-                &mut m.allocated,
-                &mut m.peak_allocated,
-                &mut m.reserved,
-                &mut m.peak_reserved,
-            )
-        };
-        (rc == 0).then_some(m)
+        call_shim(index, |err, len| {
+            // SAFETY: four valid out-pointers and a buffer of `len` bytes; the shim catches
+            // every C++ exception.
+            unsafe {
+                sid_cuda_memory_stats(
+                    index as i32,
+                    &mut m.allocated,
+                    &mut m.peak_allocated,
+                    &mut m.reserved,
+                    &mut m.peak_reserved,
+                    err,
+                    len,
+                )
+            }
+        })?;
+        Ok(m)
     }
     #[cfg(not(sid_cuda_stats))]
     {
         let _ = index;
-        None
+        Err(TelemetryError::CudaStatsUnavailable(
+            "this build has no allocator shim (CUDA headers were not found)",
+        ))
     }
 }
 
-/// Resets the allocator's peak counters of CUDA device `index`; false if that is impossible.
-pub fn reset_cuda_peak(index: usize) -> bool {
+/// Resets the allocator's peak counters of CUDA device `index`.
+pub fn reset_cuda_peak(index: usize) -> Result<(), TelemetryError> {
     #[cfg(sid_cuda_stats)]
     {
-        // SAFETY: plain call; the shim catches every C++ exception.
-        tch::Cuda::is_available() && unsafe { sid_cuda_reset_peak(index as i32) } == 0
+        // SAFETY: a buffer of `len` bytes; the shim catches every C++ exception.
+        call_shim(index, |err, len| unsafe {
+            sid_cuda_reset_peak(index as i32, err, len)
+        })
     }
     #[cfg(not(sid_cuda_stats))]
     {
         let _ = index;
-        false
+        Err(TelemetryError::CudaStatsUnavailable(
+            "this build has no allocator shim (CUDA headers were not found)",
+        ))
     }
 }
 
-fn status_kib(field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with(field))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+fn status() -> Option<procfs::process::Status> {
+    procfs::process::Process::myself().ok()?.status().ok()
 }
 
 /// The process's resident set size in bytes (Linux).
 pub fn rss_bytes() -> Option<u64> {
-    status_kib("VmRSS:").map(|k| k * 1024)
+    status()?.vmrss.map(|k| k * 1024)
 }
 
 /// The process's peak resident set size in bytes since start or the last reset (Linux).
 pub fn peak_rss_bytes() -> Option<u64> {
-    status_kib("VmHWM:").map(|k| k * 1024)
+    status()?.vmhwm.map(|k| k * 1024)
 }
 
 /// Resets the peak resident set to the current one; false where the kernel does not allow it.
@@ -101,31 +134,12 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// glibc's `struct mallinfo2`.
-#[repr(C)]
-struct Mallinfo2 {
-    arena: usize,
-    ordblks: usize,
-    smblks: usize,
-    hblks: usize,
-    hblkhd: usize,
-    usmblks: usize,
-    fsmblks: usize,
-    uordblks: usize,
-    fordblks: usize,
-    keepcost: usize,
-}
-
-extern "C" {
-    fn mallinfo2() -> Mallinfo2;
-}
-
 /// Bytes the C heap has handed out and not yet taken back (all arenas plus mmapped blocks):
 /// libtorch's CPU tensors live there, so this follows live tensor memory closely, unlike the
 /// resident set, which keeps freed pages.
 pub fn heap_in_use_bytes() -> u64 {
     // SAFETY: glibc ≥ 2.33; returns a plain struct by value.
-    let m = unsafe { mallinfo2() };
+    let m = unsafe { libc::mallinfo2() };
     (m.uordblks + m.hblkhd) as u64
 }
 
@@ -204,7 +218,8 @@ impl PeakTracker {
         for d in &self.devices {
             match d {
                 Device::Cuda(i) => {
-                    reset_cuda_peak(*i);
+                    // Unreadable statistics fall back to NVML in `finish`.
+                    let _ = reset_cuda_peak(*i);
                 }
                 _ => {
                     reset_peak_rss();
@@ -219,6 +234,7 @@ impl PeakTracker {
             .iter()
             .filter_map(|d| match d {
                 Device::Cuda(i) => cuda_memory(*i)
+                    .ok()
                     .map(|m| DevicePeak {
                         device: format!("cuda:{i}"),
                         bytes: m.peak_allocated.max(0) as u64,
@@ -287,8 +303,28 @@ mod tests {
     #[test]
     fn cuda_figures_are_absent_without_a_gpu() {
         if !tch::Cuda::is_available() {
-            assert!(cuda_memory(0).is_none());
-            assert!(!reset_cuda_peak(0));
+            for e in [cuda_memory(0).unwrap_err(), reset_cuda_peak(0).unwrap_err()] {
+                assert!(matches!(e, TelemetryError::CudaStatsUnavailable(_)), "{e}");
+            }
+        }
+    }
+
+    /// The shim carries a C++ exception's message back: a device that does not exist makes
+    /// libtorch throw (on a GPU machine; without CUDA the call is refused before the shim).
+    #[test]
+    fn a_cpp_exception_message_comes_back() {
+        if tch::Cuda::is_available() && cuda_stats_compiled() {
+            let e = cuda_memory(100).unwrap_err();
+            match &e {
+                TelemetryError::CudaStats { device, message } => {
+                    assert_eq!(*device, 100);
+                    assert!(!message.is_empty(), "{e}");
+                }
+                other => panic!("expected the shim's message, got {other}"),
+            }
+            assert!(reset_cuda_peak(100).is_err());
+        } else {
+            println!("skipped: needs a GPU and the allocator shim");
         }
     }
 }

@@ -4,6 +4,8 @@ use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::Nvml;
 use serde::{Deserialize, Serialize};
 
+use crate::{Result, TelemetryError};
+
 /// One NVML reading of one GPU.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GpuSample {
@@ -29,11 +31,11 @@ pub struct GpuMonitor {
 
 impl GpuMonitor {
     /// Opens NVML; the error says why it cannot (no driver library, no GPU).
-    pub fn open() -> Result<Self, String> {
-        let nvml = Nvml::init().map_err(|e| format!("NVML unavailable: {e}"))?;
+    pub fn open() -> Result<Self> {
+        let nvml = Nvml::init().map_err(TelemetryError::NvmlUnavailable)?;
         let count = nvml
             .device_count()
-            .map_err(|e| format!("NVML device count: {e}"))?;
+            .map_err(TelemetryError::nvml("device count"))?;
         Ok(Self { nvml, count })
     }
 
@@ -43,29 +45,29 @@ impl GpuMonitor {
     }
 
     /// The product name of GPU `index` (e.g. "NVIDIA H200"), so reports name the machine.
-    pub fn name(&self, index: u32) -> Result<String, String> {
+    pub fn name(&self, index: u32) -> Result<String> {
         self.nvml
             .device_by_index(index)
             .and_then(|d| d.name())
-            .map_err(|e| format!("NVML name of {index}: {e}"))
+            .map_err(TelemetryError::nvml(format!("name of {index}")))
     }
 
     /// The driver version NVML reports.
-    pub fn driver_version(&self) -> Result<String, String> {
+    pub fn driver_version(&self) -> Result<String> {
         self.nvml
             .sys_driver_version()
-            .map_err(|e| format!("NVML driver version: {e}"))
+            .map_err(TelemetryError::nvml("driver version"))
     }
 
     /// Reads GPU `index`; fields NVML refuses are `None`.
-    pub fn sample(&self, index: u32) -> Result<GpuSample, String> {
+    pub fn sample(&self, index: u32) -> Result<GpuSample> {
         let d = self
             .nvml
             .device_by_index(index)
-            .map_err(|e| format!("NVML device {index}: {e}"))?;
+            .map_err(TelemetryError::nvml(format!("device {index}")))?;
         let mem = d
             .memory_info()
-            .map_err(|e| format!("NVML memory of {index}: {e}"))?;
+            .map_err(TelemetryError::nvml(format!("memory of {index}")))?;
         let pid = std::process::id();
         let process_memory = d.running_compute_processes().ok().and_then(|ps| {
             ps.into_iter()
@@ -87,7 +89,7 @@ impl GpuMonitor {
 }
 
 /// Names of all GPUs NVML sees, in NVML (PCI) order; the error says why NVML cannot tell.
-pub fn gpu_names() -> Result<Vec<String>, String> {
+pub fn gpu_names() -> Result<Vec<String>> {
     let m = GpuMonitor::open()?;
     (0..m.count()).map(|i| m.name(i)).collect()
 }
@@ -100,7 +102,7 @@ mod tests {
     fn gpu_names_fails_with_a_reason_or_names_every_gpu() {
         match gpu_names() {
             Ok(names) => assert!(names.iter().all(|n| !n.is_empty())),
-            Err(e) => assert!(e.starts_with("NVML"), "{e}"),
+            Err(e) => assert!(e.to_string().starts_with("NVML"), "{e}"),
         }
     }
 }

@@ -53,7 +53,7 @@ pub struct Sampler {
 }
 
 /// Why GPU telemetry is off, when it is.
-pub type GpuTelemetryOff = Option<String>;
+pub type GpuTelemetryOff = Option<crate::TelemetryError>;
 
 impl Sampler {
     /// Starts sampling every `interval` into `path` (created or truncated). Returns the sampler
@@ -62,7 +62,7 @@ impl Sampler {
         let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
         let (monitor, off) = match GpuMonitor::open() {
             Ok(m) if m.count() > 0 => (Some(m), None),
-            Ok(_) => (None, Some("NVML sees no GPU".to_string())),
+            Ok(_) => (None, Some(crate::TelemetryError::NoGpu)),
             Err(e) => (None, Some(e)),
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -73,26 +73,14 @@ impl Sampler {
                 let started = Instant::now();
                 let mut summary = TelemetrySummary::default();
                 loop {
-                    let sample = take(&monitor, started);
-                    summary.samples += 1;
-                    summary.peak_rss_bytes =
-                        summary.peak_rss_bytes.max(sample.rss_bytes.unwrap_or(0));
-                    for g in &sample.gpus {
-                        let e = summary.peak_gpu_memory_used.entry(g.index).or_default();
-                        *e = (*e).max(g.memory_used);
-                        if let Some(p) = g.process_memory {
-                            let e = summary.peak_gpu_process_memory.entry(g.index).or_default();
-                            *e = (*e).max(p);
-                        }
-                    }
-                    summary.thread_cpu_seconds = sample.thread_cpu_seconds.clone();
-                    if let Ok(line) = serde_json::to_string(&sample) {
-                        let _ = writeln!(file, "{line}");
-                    }
+                    record(&mut summary, &mut file, &take(&monitor, started));
                     // Sleep in small slices so that stop() returns promptly.
                     let until = Instant::now() + interval;
                     while Instant::now() < until {
                         if flag.load(Ordering::SeqCst) {
+                            // The final sample covers the time since the last tick, which
+                            // would otherwise be missing from the file and the summary.
+                            record(&mut summary, &mut file, &take(&monitor, started));
                             let _ = file.flush();
                             return summary;
                         }
@@ -134,6 +122,24 @@ impl Drop for Sampler {
     }
 }
 
+/// Adds a sample to the summary and writes it as one line.
+fn record(summary: &mut TelemetrySummary, file: &mut impl Write, sample: &Sample) {
+    summary.samples += 1;
+    summary.peak_rss_bytes = summary.peak_rss_bytes.max(sample.rss_bytes.unwrap_or(0));
+    for g in &sample.gpus {
+        let e = summary.peak_gpu_memory_used.entry(g.index).or_default();
+        *e = (*e).max(g.memory_used);
+        if let Some(p) = g.process_memory {
+            let e = summary.peak_gpu_process_memory.entry(g.index).or_default();
+            *e = (*e).max(p);
+        }
+    }
+    summary.thread_cpu_seconds = sample.thread_cpu_seconds.clone();
+    if let Ok(line) = serde_json::to_string(sample) {
+        let _ = writeln!(file, "{line}");
+    }
+}
+
 fn take(monitor: &Option<GpuMonitor>, started: Instant) -> Sample {
     let gpus = monitor
         .as_ref()
@@ -150,32 +156,15 @@ fn take(monitor: &Option<GpuMonitor>, started: Instant) -> Sample {
 /// CPU seconds (user + system) of this process's threads named `sid-worker-*` or `main`.
 pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+    let Ok(tasks) = procfs::process::Process::myself().and_then(|p| p.tasks()) else {
         return out;
     };
-    for task in tasks.flatten() {
-        let dir = task.path();
-        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        let name = name.trim().to_string();
-        if !(name.starts_with("sid-worker") || name == "main" || name == "sid-launch") {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised name: utime and stime are the 12th and 13th.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        if let (Some(u), Some(s)) = (
-            f.get(11).and_then(|v| v.parse::<f64>().ok()),
-            f.get(12).and_then(|v| v.parse::<f64>().ok()),
-        ) {
-            // Clock ticks are 100 per second on Linux (USER_HZ).
-            *out.entry(name).or_insert(0.0) += (u + s) / 100.0;
+    let ticks = procfs::ticks_per_second() as f64;
+    // A thread that ends between listing and reading is skipped.
+    for stat in tasks.flatten().filter_map(|t| t.stat().ok()) {
+        let name = stat.comm;
+        if name.starts_with("sid-worker") || name == "main" || name == "sid-launch" {
+            *out.entry(name).or_insert(0.0) += (stat.utime + stat.stime) as f64 / ticks;
         }
     }
     out
@@ -184,31 +173,58 @@ pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::mpsc;
+
+    /// This thread's own CPU time.
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid out-pointer; this clock exists on Linux.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// A thread named `name` that burns `cpu` of its own CPU time (however long that takes on
+    /// a loaded machine), says so on the first channel, and stays alive until the second one
+    /// is closed, so that a sample taken in between sees all of it.
+    fn busy(name: &str, cpu: Duration) -> (mpsc::Receiver<()>, mpsc::Sender<()>, JoinHandle<()>) {
+        let (done_tx, done) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel::<()>();
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let mut x = 0u64;
+                while thread_cpu() < cpu {
+                    for _ in 0..10_000 {
+                        x = x.wrapping_mul(31).wrapping_add(7);
+                    }
+                }
+                std::hint::black_box(x);
+                let _ = done_tx.send(());
+                let _ = release_rx.recv();
+            })
+            .unwrap();
+        (done, release, handle)
+    }
 
     #[test]
     fn samples_cpu_figures_and_degrades_cleanly_without_nvml() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("telemetry.jsonl");
-        let busy = std::thread::Builder::new()
-            .name("sid-worker-0".into())
-            .spawn(|| {
-                let t = Instant::now();
-                let mut x = 0u64;
-                while t.elapsed() < Duration::from_millis(300) {
-                    x = x.wrapping_mul(31).wrapping_add(7);
-                }
-                std::hint::black_box(x);
-                std::thread::sleep(Duration::from_millis(200));
-            })
-            .unwrap();
         let (sampler, off) = Sampler::start(&path, Duration::from_millis(20)).unwrap();
-        std::thread::sleep(Duration::from_millis(400));
+        let (done, release, worker) = busy("sid-worker-0", Duration::from_millis(300));
+        done.recv().unwrap();
+        // At least one regular tick after the work.
+        std::thread::sleep(Duration::from_millis(50));
         let summary = sampler.stop();
-        busy.join().unwrap();
+        drop(release);
+        worker.join().unwrap();
         // This machine has no NVIDIA driver: GPU telemetry says why it is off.
         if nvml_wrapper::Nvml::init().is_err() {
             assert!(
-                off.as_deref().unwrap_or("").contains("NVML unavailable"),
+                matches!(off, Some(crate::TelemetryError::NvmlUnavailable(_))),
                 "{off:?}"
             );
         }
@@ -226,10 +242,44 @@ mod tests {
             .copied()
             .unwrap_or(0.0);
         assert!(
-            worker >= 0.1,
+            worker >= 0.25,
             "the busy worker's CPU time was seen: {:?}",
             summary.thread_cpu_seconds
         );
         assert!(lines.windows(2).all(|w| w[1].t > w[0].t));
+    }
+
+    #[test]
+    fn stop_writes_a_final_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("telemetry.jsonl");
+        // One tick at the start, then nothing for a minute: only the final sample can see
+        // the work done in between.
+        let (sampler, _) = Sampler::start(&path, Duration::from_secs(60)).unwrap();
+        let (done, release, worker) = busy("sid-worker-1", Duration::from_millis(300));
+        done.recv().unwrap();
+        let summary = sampler.stop();
+        drop(release);
+        worker.join().unwrap();
+        let lines: Vec<Sample> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "the first tick and the final sample");
+        assert_eq!(summary.samples, 2);
+        let last = &lines[1];
+        assert!(
+            last.t >= 0.3,
+            "the final sample is taken at stop: t = {}",
+            last.t
+        );
+        let worker = last.thread_cpu_seconds.get("sid-worker-1").copied();
+        assert!(
+            worker.unwrap_or(0.0) >= 0.25,
+            "the final sample sees the worker's CPU time: {:?}",
+            last.thread_cpu_seconds
+        );
+        assert_eq!(summary.thread_cpu_seconds, last.thread_cpu_seconds);
     }
 }

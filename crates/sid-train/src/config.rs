@@ -93,7 +93,8 @@ pub struct RunConfig {
     /// small kernels then cost one launch, same computation. `None` = on whenever the run uses
     /// exactly one GPU (and the build has CUDA graphs); `Some(false)` turns it off.
     pub cuda_graph: Option<bool>,
-    /// A fault to inject, `WORKER:STEP:panic|error|nan|hang` (tests; never saved).
+    /// A fault to inject, `WORKER:STEP:panic|error|nan|hang` (tests; never saved). Only builds
+    /// with the `fault-injection` feature accept one; others refuse it in `validate`.
     #[serde(skip)]
     pub inject_fault: Option<String>,
 }
@@ -353,11 +354,15 @@ impl RunConfig {
                 ));
             }
         } else if let Some(spec) = &self.placement {
-            sid_runtime::Placement::parse(spec, self.modules, workers)
-                .map_err(|e| TrainError::Config(e.to_string()))?;
+            sid_runtime::Placement::parse(spec, self.modules, workers)?;
         }
         if let Some(f) = &self.inject_fault {
-            sid_runtime::Fault::parse(f).map_err(|e| TrainError::Config(e.to_string()))?;
+            #[cfg(feature = "fault-injection")]
+            sid_runtime::Fault::parse(f)?;
+            #[cfg(not(feature = "fault-injection"))]
+            return bad(format!(
+                "--inject-fault {f}: this build has no fault injection (a test feature; rebuild with --features fault-injection)"
+            ));
         }
         Ok(())
     }
@@ -428,6 +433,24 @@ mod tests {
             vec!["alpha".to_string(), "limit_train".to_string()]
         );
         assert!(a.changed_from(&a).is_empty());
+    }
+
+    /// Run by `cargo test -p sid-train` (feature off: refused) and by the workspace tests
+    /// (the launcher's tests turn the feature on: accepted, and a bad spec still refused).
+    #[test]
+    fn inject_fault_needs_the_fault_injection_feature() {
+        let with = |spec: &str| RunConfig {
+            inject_fault: Some(spec.into()),
+            ..Default::default()
+        };
+        let r = with("0:3:nan").validate();
+        if cfg!(feature = "fault-injection") {
+            r.unwrap();
+            assert!(with("0:3:boom").validate().is_err());
+        } else {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("this build has no fault injection"), "{e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub enum TrainError {
     /// The method failed (non-finite loss, libtorch error, shape mismatch).
     #[error(transparent)]
     Core(#[from] sid_core::CoreError),
+    /// The multi-device runtime refused its settings or failed to start. Its setting errors
+    /// read as the other settings' do (`invalid setting: ...`).
+    #[error("{}", runtime_message(.0))]
+    Runtime(#[from] sid_runtime::RuntimeError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -57,5 +61,32 @@ impl TrainError {
     }
 }
 
+fn runtime_message(e: &sid_runtime::RuntimeError) -> String {
+    use sid_runtime::RuntimeError::{Config, Placement};
+    match e {
+        Placement(_) | Config(_) => format!("invalid setting: {e}"),
+        other => other.to_string(),
+    }
+}
+
 /// Result alias for this crate.
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_errors_stay_typed_and_read_as_before() {
+        let e = TrainError::from(sid_runtime::RuntimeError::Placement(
+            "blocks overlap".into(),
+        ));
+        assert!(matches!(
+            e,
+            TrainError::Runtime(sid_runtime::RuntimeError::Placement(_))
+        ));
+        assert_eq!(e.to_string(), "invalid setting: placement: blocks overlap");
+        let e = TrainError::from(sid_runtime::RuntimeError::Protocol("late reply".into()));
+        assert_eq!(e.to_string(), "protocol error: late reply");
+    }
+}

@@ -47,38 +47,67 @@ pub fn append(path: &Path, m: &EpochMetrics) -> Result<()> {
     writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
 }
 
-/// Reads every record of a metrics file (a missing file is empty).
-pub fn read_all(path: &Path) -> Result<Vec<EpochMetrics>> {
+/// The records of a metrics file and what had to be dropped to read them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MetricsFile {
+    /// Every complete record, in file order.
+    pub records: Vec<EpochMetrics>,
+    /// Set when the last line was cut short (a crash while it was being appended) and was
+    /// dropped: says which file and line, for the caller to show.
+    pub dropped_last_line: Option<String>,
+}
+
+/// Reads every record of a metrics file (a missing file is empty). An unparseable last line
+/// is what a crash during [`append`] leaves behind: it is dropped and named in
+/// [`MetricsFile::dropped_last_line`]. An unparseable line before the last is corruption,
+/// not a crash, and is an error naming the file and line.
+pub fn read_all(path: &Path) -> Result<MetricsFile> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(MetricsFile::default()),
         Err(e) => return Err(TrainError::io(path, e)),
     };
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
+    let lines: Vec<(usize, &str)> = text
+        .lines()
         .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| {
-                TrainError::io(path, std::io::Error::other(format!("line {}: {e}", i + 1)))
-            })
-        })
-        .collect()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect();
+    let mut out = MetricsFile::default();
+    for (k, &(i, line)) in lines.iter().enumerate() {
+        match serde_json::from_str(line) {
+            Ok(m) => out.records.push(m),
+            Err(e) if k + 1 == lines.len() => {
+                let notice = format!(
+                    "{} line {}: dropped an incomplete last record ({e}); the run was probably stopped while writing it",
+                    path.display(),
+                    i + 1
+                );
+                out.dropped_last_line = Some(notice);
+            }
+            Err(e) => {
+                return Err(TrainError::io(
+                    path,
+                    std::io::Error::other(format!("line {}: {e}", i + 1)),
+                ))
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Keeps only the records of epochs `1..=epochs` (a resumed run drops what its checkpoint
-/// does not cover), rewriting the file atomically.
-pub fn truncate_to(path: &Path, epochs: usize) -> Result<Vec<EpochMetrics>> {
-    let kept: Vec<_> = read_all(path)?
-        .into_iter()
-        .filter(|m| m.epoch <= epochs)
-        .collect();
+/// does not cover), rewriting the file atomically. A cut-short last line is dropped too; the
+/// returned [`MetricsFile`] says so.
+pub fn truncate_to(path: &Path, epochs: usize) -> Result<MetricsFile> {
+    let mut file = read_all(path)?;
+    file.records.retain(|m| m.epoch <= epochs);
     let mut text = String::new();
-    for m in &kept {
+    for m in &file.records {
         text.push_str(&serde_json::to_string(m).expect("metrics serialise"));
         text.push('\n');
     }
     crate::checkpoint::write_atomic(path, text.as_bytes())?;
-    Ok(kept)
+    Ok(file)
 }
 
 /// Median of a list (0 when empty).
@@ -127,10 +156,51 @@ mod tests {
         for e in 1..=3 {
             append(&p, &rec(e)).unwrap();
         }
-        assert_eq!(read_all(&p).unwrap().len(), 3);
+        assert_eq!(read_all(&p).unwrap().records.len(), 3);
         let kept = truncate_to(&p, 2).unwrap();
-        assert_eq!(kept, vec![rec(1), rec(2)]);
+        assert_eq!(kept.records, vec![rec(1), rec(2)]);
+        assert_eq!(kept.dropped_last_line, None);
         assert_eq!(read_all(&p).unwrap(), kept);
+    }
+
+    #[test]
+    fn a_cut_short_last_line_is_dropped_with_a_notice() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        for e in 1..=3 {
+            append(&p, &rec(e)).unwrap();
+        }
+        // What a crash in the middle of the third append leaves.
+        let text = std::fs::read_to_string(&p).unwrap();
+        let cut = text.len() - text.lines().last().unwrap().len() / 2 - 1;
+        std::fs::write(&p, &text[..cut]).unwrap();
+        let read = read_all(&p).unwrap();
+        assert_eq!(read.records, vec![rec(1), rec(2)]);
+        let notice = read.dropped_last_line.expect("a notice");
+        assert!(notice.contains("metrics.jsonl line 3"), "{notice}");
+        // A resume rewrites the file without the cut line; reading it again is clean.
+        let kept = truncate_to(&p, 5).unwrap();
+        assert_eq!(kept.records, vec![rec(1), rec(2)]);
+        assert!(kept.dropped_last_line.is_some());
+        assert_eq!(read_all(&p).unwrap().dropped_last_line, None);
+        append(&p, &rec(3)).unwrap();
+        assert_eq!(read_all(&p).unwrap().records.len(), 3);
+    }
+
+    #[test]
+    fn a_corrupt_line_before_the_last_is_an_error_naming_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("metrics.jsonl");
+        for e in 1..=3 {
+            append(&p, &rec(e)).unwrap();
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines[1] = "{\"epoch\": 2, garbage";
+        std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+        let e = read_all(&p).unwrap_err().to_string();
+        assert!(e.contains("metrics.jsonl") && e.contains("line 2"), "{e}");
+        assert!(truncate_to(&p, 3).is_err());
     }
 
     #[test]

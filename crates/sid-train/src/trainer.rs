@@ -94,6 +94,8 @@ pub struct Run {
     layout: Vec<(Device, std::ops::Range<usize>)>,
     notes: Vec<String>,
     position: Position,
+    /// Notices found while opening the run, handed to the first `train` call's events.
+    notices: Vec<String>,
 }
 
 /// A built network and where its modules live.
@@ -156,7 +158,7 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
     };
     tch::manual_seed(cfg.seed as i64);
     let whole = vec![(first, 0..model.modules)];
-    let runtime = |e: sid_runtime::RuntimeError| TrainError::Config(e.to_string());
+    let runtime = TrainError::Runtime;
     if let Some((plan, note)) = staged_plan {
         let mut sc = sid_runtime::StagedConfig::new(model.clone(), devices.to_vec(), plan);
         sc.loss = cfg.loss_config();
@@ -169,12 +171,15 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
         sc.timeout = std::time::Duration::from_secs_f64(cfg.step_timeout);
         sc.threads_per_stage = cfg.threads;
         sc.streams = cfg.streams;
-        sc.fault = cfg
-            .inject_fault
-            .as_deref()
-            .map(sid_runtime::Fault::parse)
-            .transpose()
-            .map_err(runtime)?;
+        #[cfg(feature = "fault-injection")]
+        {
+            sc.fault = cfg
+                .inject_fault
+                .as_deref()
+                .map(sid_runtime::Fault::parse)
+                .transpose()
+                .map_err(runtime)?;
+        }
         let pipeline = sid_runtime::StagedPipeline::new(sc).map_err(runtime)?;
         let mut notes: Vec<String> = (0..pipeline.plan().len())
             .map(|s| pipeline.describe(s))
@@ -203,12 +208,15 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
                 ),
                 None => None,
             };
-            pc.fault = cfg
-                .inject_fault
-                .as_deref()
-                .map(sid_runtime::Fault::parse)
-                .transpose()
-                .map_err(runtime)?;
+            #[cfg(feature = "fault-injection")]
+            {
+                pc.fault = cfg
+                    .inject_fault
+                    .as_deref()
+                    .map(sid_runtime::Fault::parse)
+                    .transpose()
+                    .map_err(runtime)?;
+            }
             let pipeline = sid_runtime::Pipeline::new(pc).map_err(runtime)?;
             let placement = Some(pipeline.placement().to_spec());
             Built {
@@ -293,6 +301,7 @@ impl Run {
             layout: built.layout,
             notes,
             position,
+            notices: Vec::new(),
         })
     }
 
@@ -359,7 +368,7 @@ impl Run {
             path: ckpt_path.clone(),
             reason: e.to_string(),
         })?;
-        metrics::truncate_to(&dir.join(METRICS_FILE), position.epochs_done)?;
+        let kept = metrics::truncate_to(&dir.join(METRICS_FILE), position.epochs_done)?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         Ok(Self {
             cfg,
@@ -370,6 +379,7 @@ impl Run {
             layout,
             notes,
             position,
+            notices: kept.dropped_last_line.into_iter().collect(),
         })
     }
 
@@ -448,6 +458,9 @@ impl Run {
         stop: &AtomicBool,
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<Summary> {
+        for notice in self.notices.drain(..) {
+            on_event(Event::Notice(notice));
+        }
         on_event(Event::Loaded {
             train: self.data.train.len(),
             val: self.data.val.as_ref().map(|v| v.len()),
@@ -569,10 +582,11 @@ impl Run {
                 });
             }
         }
-        let summary = summarize(
-            self.cfg.method,
-            &metrics::read_all(&self.dir.join(METRICS_FILE))?,
-        )?;
+        let recorded = metrics::read_all(&self.dir.join(METRICS_FILE))?;
+        if let Some(notice) = recorded.dropped_last_line {
+            on_event(Event::Notice(notice));
+        }
+        let summary = summarize(self.cfg.method, &recorded.records)?;
         let text = serde_json::to_string_pretty(&summary).expect("summary serialises");
         checkpoint::write_atomic(&self.dir.join(SUMMARY_FILE), text.as_bytes())?;
         Ok(summary)
