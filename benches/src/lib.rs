@@ -16,6 +16,13 @@ use std::time::Instant;
 use sid_core::Network;
 use tch::{Device, Kind, Tensor};
 
+/// Cores this process may use: what "all cores" means in the baselines.
+pub fn cores() -> i32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as i32
+}
+
 /// A random batch of `batch` images `channels`×`size`×`size` with labels below `classes`.
 pub fn synthetic_batch(
     batch: i64,

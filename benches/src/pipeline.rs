@@ -123,9 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let device = base[0];
     let on_cpu = device == Device::Cpu;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1) as i32;
+    let cores = crate::cores();
     let model = ModelConfig {
         extractor: args.model,
         modules: args.modules,

@@ -85,9 +85,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let k = devices.len();
     let first = devices[0];
     let on_cpu = first == Device::Cpu;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1) as i32;
+    let cores = crate::cores();
     let model = ModelConfig {
         extractor: args.model,
         modules: args.modules,

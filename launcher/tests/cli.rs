@@ -22,23 +22,29 @@ fn stderr(o: &Output) -> String {
 
 /// A small, fast run: MLP extractor, 3 modules, 1024 training samples.
 fn quick(run_dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "--model",
-        "mlp",
-        "--modules",
-        "3",
-        "--limit-train",
-        "1024",
-        "--batch-size",
-        "64",
-        "--eval-batch-size",
-        "2000",
-        "--threads",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    with_run_dir(
+        &[
+            "--model",
+            "mlp",
+            "--modules",
+            "3",
+            "--limit-train",
+            "1024",
+            "--batch-size",
+            "64",
+            "--eval-batch-size",
+            "2000",
+            "--threads",
+            "1",
+        ],
+        run_dir,
+        extra,
+    )
+}
+
+/// `base`, then `--run-dir run_dir`, then `extra` (later flags win).
+fn with_run_dir(base: &[&str], run_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = base.iter().map(|s| s.to_string()).collect();
     v.push("--run-dir".into());
     v.push(run_dir.display().to_string());
     v.extend(extra.iter().map(|s| s.to_string()));
@@ -731,33 +737,30 @@ fn staged(run_dir: &Path, extra: &[&str]) -> Vec<String> {
     if !data.exists() {
         write_cifar10(&data, 64);
     }
-    let mut v: Vec<String> = [
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--model",
-        "cnn",
-        "--modules",
-        "4",
-        "--stages",
-        "2",
-        "--placement",
-        "blocks=0-1,2-3;modules=0-1,2-3",
-        "--batch-size",
-        "64",
-        "--epochs",
-        "2",
-        "--telemetry-hz",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.push("--run-dir".into());
-    v.push(run_dir.display().to_string());
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+    with_run_dir(
+        &[
+            "--dataset",
+            "cifar10",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--model",
+            "cnn",
+            "--modules",
+            "4",
+            "--stages",
+            "2",
+            "--placement",
+            "blocks=0-1,2-3;modules=0-1,2-3",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "2",
+            "--telemetry-hz",
+            "0",
+        ],
+        run_dir,
+        extra,
+    )
 }
 
 #[test]

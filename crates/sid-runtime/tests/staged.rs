@@ -140,6 +140,23 @@ fn inference_state_and_resume_across_placements() {
     );
 }
 
+/// Two stages on two CPU threads, stage 2 struck by `kind` at `step`.
+fn faulty(step: u64, kind: FaultKind, timeout: Duration) -> StagedPipeline {
+    let m = model();
+    let mut cfg = StagedConfig::new(
+        m.clone(),
+        vec![Device::Cpu; 2],
+        StagePlan::even(&m, 2).unwrap(),
+    );
+    cfg.fault = Some(Fault {
+        worker: 1,
+        step,
+        kind,
+    });
+    cfg.timeout = timeout;
+    StagedPipeline::new(cfg).unwrap()
+}
+
 #[test]
 fn a_failing_stage_stops_the_run_naming_it() {
     let _rng = rng_lock();
@@ -158,19 +175,7 @@ fn a_failing_stage_stops_the_run_naming_it() {
             "stage 2 on cpu failed in module 3: non-finite loss",
         ),
     ] {
-        let m = model();
-        let mut cfg = StagedConfig::new(
-            m.clone(),
-            vec![Device::Cpu; 2],
-            StagePlan::even(&m, 2).unwrap(),
-        );
-        cfg.fault = Some(Fault {
-            worker: 1,
-            step: 2,
-            kind,
-        });
-        cfg.timeout = Duration::from_secs(20);
-        let mut p = StagedPipeline::new(cfg).unwrap();
+        let mut p = faulty(2, kind, Duration::from_secs(20));
         let mut err = None;
         for (x, y) in &data {
             if let Err(e) = p.submit_step(x, y) {
@@ -190,19 +195,7 @@ fn a_failing_stage_stops_the_run_naming_it() {
 fn a_hanging_stage_times_out_naming_who_was_waited_for() {
     let _rng = rng_lock();
     let data = batches(3);
-    let m = model();
-    let mut cfg = StagedConfig::new(
-        m.clone(),
-        vec![Device::Cpu; 2],
-        StagePlan::even(&m, 2).unwrap(),
-    );
-    cfg.fault = Some(Fault {
-        worker: 1,
-        step: 1,
-        kind: FaultKind::Hang,
-    });
-    cfg.timeout = Duration::from_secs(2);
-    let mut p = StagedPipeline::new(cfg).unwrap();
+    let mut p = faulty(1, FaultKind::Hang, Duration::from_secs(2));
     let started = Instant::now();
     let mut result = Ok(Vec::new());
     for (x, y) in &data {
