@@ -170,6 +170,20 @@ pub struct Plan {
 }
 
 impl Cli {
+    /// Parses the command line; `--resume`'s help lists what a resume may change, from the
+    /// one list the resume check reads.
+    pub fn parse_with_resume_help() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let help = format!(
+            "Continue the run in this directory from its checkpoint. Only {} may differ from its saved config.toml.",
+            sid_train::config::resume_may_change_flags()
+        );
+        let matches = Self::command()
+            .mut_arg("resume", |a| a.help(help))
+            .get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
     /// Applies the flags that were given on top of `cfg`.
     fn apply(&self, cfg: &mut RunConfig) {
         macro_rules! set {

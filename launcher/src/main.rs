@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::Parser;
 use sid_train::devices::device_name;
 use sid_train::{Run, TrainError};
 
@@ -67,7 +66,7 @@ fn main() -> ExitCode {
             default_hook(info);
         }
     }));
-    let cli = args::Cli::parse();
+    let cli = args::Cli::parse_with_resume_help();
     let _trace_guard = match init_tracing(cli.trace.as_deref()) {
         Ok(g) => g,
         Err(e) => {

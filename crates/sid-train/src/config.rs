@@ -141,6 +141,32 @@ impl Default for RunConfig {
     }
 }
 
+/// The settings a resumed run may change, as (key in `config.toml`, the flag that sets it): one
+/// list that the resume check, its message and the launcher's help all read. Everything else
+/// shapes the model, the data or the arithmetic, and must stay as saved. `placement` may change
+/// only in the paper mode: a staged run's cut decides where its necks are.
+pub const RESUME_MAY_CHANGE: &[(&str, &str)] = &[
+    ("epochs", "--epochs"),
+    ("gpus", "--gpus"),
+    ("placement", "--placement (paper mode only)"),
+    ("micro_batches", "--micro-batches"),
+    ("data_dir", "--data-dir"),
+    ("cache_dir", "--cache-dir"),
+    ("threads", "--threads"),
+    ("step_timeout", "--step-timeout"),
+    ("streams", "--no-streams"),
+    ("fused_teacher", "--fused-teacher"),
+    ("cuda_graph", "--cuda-graph/--no-cuda-graph"),
+    ("eval_batch_size", "--eval-batch-size"),
+];
+
+/// The flags of [`RESUME_MAY_CHANGE`], as a sentence's list.
+pub fn resume_may_change_flags() -> String {
+    let flags: Vec<&str> = RESUME_MAY_CHANGE.iter().map(|(_, f)| *f).collect();
+    let (last, rest) = flags.split_last().expect("a non-empty list");
+    format!("{} and {last}", rest.join(", "))
+}
+
 impl RunConfig {
     /// Parses a TOML document; unknown keys are errors so that typos do not pass silently.
     pub fn from_toml(text: &str) -> Result<Self> {
@@ -232,6 +258,19 @@ impl RunConfig {
                     Ok([tch::Device::Cuda(_)])
                 )
         })
+    }
+
+    /// The settings that differ from `saved` and may not change on a resume.
+    pub fn resume_conflicts(&self, saved: &RunConfig) -> Vec<String> {
+        let staged = saved.stages > 1;
+        self.changed_from(saved)
+            .into_iter()
+            .filter(|k| {
+                !RESUME_MAY_CHANGE
+                    .iter()
+                    .any(|(key, _)| key == k && !(staged && *key == "placement"))
+            })
+            .collect()
     }
 
     /// Names of the settings whose values differ between `self` and `other`.
@@ -371,6 +410,42 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resume_may_change_only_the_listed_settings() {
+        let saved = RunConfig::default();
+        let with = |f: &dyn Fn(&mut RunConfig)| {
+            let mut c = saved.clone();
+            f(&mut c);
+            c
+        };
+        assert!(with(&|c| c.epochs = 9).resume_conflicts(&saved).is_empty());
+        assert!(with(&|c| c.gpus = "cpu:2".into())
+            .resume_conflicts(&saved)
+            .is_empty());
+        assert!(with(&|c| c.placement = Some("0:0-9".into()))
+            .resume_conflicts(&saved)
+            .is_empty());
+        assert_eq!(
+            with(&|c| c.modules = 3).resume_conflicts(&saved),
+            ["modules"]
+        );
+        assert_eq!(
+            with(&|c| c.init = sid_core::Init::Kaiming).resume_conflicts(&saved),
+            ["init"]
+        );
+        // A staged run's cut is part of its model.
+        let staged = with(&|c| {
+            c.stages = 2;
+            c.placement = Some("blocks=0-1,2-3;modules=0-4,5-9".into());
+        });
+        let moved = RunConfig {
+            placement: Some("blocks=0,1-3;modules=0-4,5-9".into()),
+            ..staged.clone()
+        };
+        assert_eq!(moved.resume_conflicts(&staged), ["placement"]);
+        assert!(resume_may_change_flags().ends_with("and --eval-batch-size"));
+    }
 
     #[test]
     fn cuda_graph_is_on_by_default_for_exactly_one_gpu() {

@@ -318,31 +318,13 @@ impl Run {
     pub fn resume(mut cfg: RunConfig, dir: &Path) -> Result<Self> {
         cfg.validate()?;
         let saved = Self::saved_config(dir)?;
-        let same = |a: &RunConfig| {
-            let mut a = a.clone();
-            a.epochs = 0;
-            a.gpus.clear();
-            a.data_dir = None;
-            a.eval_batch_size = 0;
-            a.threads = None;
-            a.micro_batches = None;
-            if a.stages <= 1 {
-                // A staged run's cut is part of its model; the paper mode's placement is not.
-                a.placement = None;
-            }
-            a.step_timeout = 0.0;
-            a.streams = true;
-            a.fused_teacher = false;
-            a.cuda_graph = None;
-            a.inject_fault = None;
-            a
-        };
-        let changed = same(&saved).changed_from(&same(&cfg));
+        let changed = cfg.resume_conflicts(&saved);
         if !changed.is_empty() {
             return Err(TrainError::Config(format!(
-                "--resume {}: {} differ from the saved config.toml; only --epochs, --gpus, --placement (not with --stages), --micro-batches, --data-dir, --threads, --step-timeout, --no-streams, --fused-teacher, --cuda-graph/--no-cuda-graph and --eval-batch-size may change",
+                "--resume {}: {} differ from the saved config.toml; only {} may change",
                 dir.display(),
-                changed.join(", ")
+                changed.join(", "),
+                crate::config::resume_may_change_flags()
             )));
         }
         let ckpt_path = dir.join(CHECKPOINT_FILE);
