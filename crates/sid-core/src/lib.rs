@@ -54,7 +54,7 @@ pub use config::{ExtractorKind, LossConfig, Method, ModelConfig};
 pub use error::CoreError;
 pub use extractor::Extractor;
 pub use init::Init;
-pub use network::{Cascade, NamedTensors, Network, StepStats};
+pub use network::{early_exit, Cascade, EarlyExit, ExitTracker, NamedTensors, Network, StepStats};
 pub use sid::SidNetwork;
 pub use stage::{Stage, StageCosts, StagePlan, StageSpec};
 pub use unit::{ExtractorUnit, LocalOutput, ModuleUnit};

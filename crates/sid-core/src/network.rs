@@ -92,6 +92,12 @@ pub trait Network: Send {
     }
     /// The forward chain without gradient: every module's logits.
     fn cascade(&mut self, x: &Tensor) -> Result<Cascade>;
+    /// Early-exit inference: each sample stops at the first module whose belief's top
+    /// probability reaches `tau`. Networks that can skip the work after a sample's exit do;
+    /// this default computes the whole cascade and picks the exits from it.
+    fn cascade_exit(&mut self, x: &Tensor, tau: f64) -> Result<EarlyExit> {
+        Ok(early_exit(&self.cascade(x)?.logits, tau))
+    }
     /// Weights and optimizer state as named CPU tensors, for a checkpoint.
     fn state(&mut self) -> Result<Vec<(String, Tensor)>>;
     /// Restores what [`Network::state`] returned.
@@ -147,4 +153,125 @@ pub fn to_cpu(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
     v.into_iter()
         .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).copy()))
         .collect()
+}
+
+/// Where each sample of a batch left the belief cascade (early exit).
+#[derive(Debug)]
+pub struct EarlyExit {
+    /// The class predicted by the module each sample left at [B].
+    pub prediction: Tensor,
+    /// That module, 1-based [B].
+    pub exit_module: Tensor,
+}
+
+/// Early exit over a cascade computed part by part: records, for the samples still in it, the
+/// first module whose belief's top probability reaches `tau` (the last module takes the rest),
+/// and says which samples go on, so that the caller computes later parts for them only.
+#[derive(Debug)]
+pub struct ExitTracker {
+    tau: f64,
+    modules: usize,
+    /// Original positions of the samples still in the cascade.
+    remaining: Tensor,
+    prediction: Tensor,
+    exit_module: Tensor,
+}
+
+impl ExitTracker {
+    /// A tracker for a batch of `batch` samples through `modules` modules, on `device`.
+    pub fn new(batch: i64, modules: usize, tau: f64, device: Device) -> Self {
+        let opts = (Kind::Int64, device);
+        Self {
+            tau,
+            modules,
+            remaining: Tensor::arange(batch, opts),
+            prediction: Tensor::zeros([batch], opts),
+            exit_module: Tensor::full([batch], modules as i64, opts),
+        }
+    }
+
+    /// Takes the logits of consecutive modules (the first is module `first`, 0-based) for the
+    /// samples still in the cascade. Returns which of them go on ([n] bool), or `None` when no
+    /// sample is left.
+    pub fn update(&mut self, logits: &[Tensor], first: usize) -> Option<Tensor> {
+        let n = self.remaining.size()[0];
+        let device = self.remaining.device();
+        let mut going_on = Tensor::ones([n], (Kind::Bool, device));
+        for (k, l) in logits.iter().enumerate() {
+            let module = first + k;
+            let (conf, class) = l.softmax(-1, Kind::Float).max_dim(-1, false);
+            let leaves = if module + 1 == self.modules {
+                going_on.shallow_clone()
+            } else {
+                conf.ge(self.tau).logical_and(&going_on)
+            };
+            let at = self.remaining.masked_select(&leaves);
+            let _ = self
+                .prediction
+                .index_put_(&[Some(&at)], &class.masked_select(&leaves), false);
+            let _ = self.exit_module.index_put_(
+                &[Some(&at)],
+                &Tensor::full_like(&at, module as i64 + 1),
+                false,
+            );
+            going_on = going_on.logical_and(&leaves.logical_not());
+        }
+        self.remaining = self.remaining.masked_select(&going_on);
+        (self.remaining.size()[0] > 0).then_some(going_on)
+    }
+
+    /// The result.
+    pub fn finish(self) -> EarlyExit {
+        EarlyExit {
+            prediction: self.prediction,
+            exit_module: self.exit_module,
+        }
+    }
+}
+
+/// Early exit from a whole cascade's logits (every module computed for every sample).
+pub fn early_exit(logits: &[Tensor], tau: f64) -> EarlyExit {
+    let b = logits.first().map(|l| l.size()[0]).unwrap_or(0);
+    let device = logits.first().map(|l| l.device()).unwrap_or(Device::Cpu);
+    let mut t = ExitTracker::new(b, logits.len(), tau, device);
+    t.update(logits, 0);
+    t.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_sample_leaves_at_its_first_confident_module() {
+        // Three samples, three modules, two classes; confidences by hand.
+        let logit = |p: f64| (p / (1.0 - p)).ln(); // softmax([x, 0]) gives p for class 0
+        let m = |ps: [f64; 3]| {
+            Tensor::from_slice(&ps.map(|p| [logit(p) as f32, 0.0]).concat()).reshape([3, 2])
+        };
+        let logits = [
+            m([0.95, 0.6, 0.3]),
+            m([0.99, 0.97, 0.2]),
+            m([0.5, 0.5, 0.6]),
+        ];
+        let e = early_exit(&logits, 0.9);
+        assert_eq!(Vec::<i64>::try_from(&e.exit_module).unwrap(), [1, 2, 3]);
+        // Sample 3 reaches no confidence of 0.9: the last module's class (0 at 0.6).
+        assert_eq!(Vec::<i64>::try_from(&e.prediction).unwrap(), [0, 0, 0]);
+        let all = early_exit(&logits, 1.1);
+        assert_eq!(Vec::<i64>::try_from(&all.exit_module).unwrap(), [3, 3, 3]);
+        // Part by part gives the same as the whole.
+        let mut t = ExitTracker::new(3, 3, 0.9, Device::Cpu);
+        let on = t.update(&logits[..1], 0).unwrap();
+        assert_eq!(Vec::<bool>::try_from(&on).unwrap(), [false, true, true]);
+        let rest: Vec<Tensor> = logits[1..]
+            .iter()
+            .map(|l| l.index_select(0, &Tensor::from_slice(&[1i64, 2])))
+            .collect();
+        assert!(t.update(&rest, 1).is_none());
+        assert_eq!(
+            Vec::<i64>::try_from(&t.finish().exit_module).unwrap(),
+            [1, 2, 3]
+        );
+    }
 }

@@ -149,6 +149,26 @@ impl Network for SidNetwork {
         ))
     }
 
+    fn cascade_exit(&mut self, x: &Tensor, tau: f64) -> Result<crate::EarlyExit> {
+        tch::no_grad(|| {
+            let mut z = self.extractor.forward(x);
+            let b = z.size()[0];
+            let mut exits = crate::ExitTracker::new(b, self.modules.len(), tau, z.device());
+            let mut p = uniform_belief(b, self.num_classes, z.device());
+            for (i, m) in self.modules.iter().enumerate() {
+                let l = m.module().forward(&p, &z);
+                // Later modules run for the samples still in the cascade only.
+                let Some(on) = exits.update(std::slice::from_ref(&l), i) else {
+                    break;
+                };
+                let keep = on.nonzero().squeeze_dim(1);
+                z = z.index_select(0, &keep);
+                p = crate::belief::belief(&l).index_select(0, &keep);
+            }
+            Ok(exits.finish())
+        })
+    }
+
     fn state(&mut self) -> Result<Vec<(String, Tensor)>> {
         let mut v = self.extractor.state();
         for m in &self.modules {
@@ -359,6 +379,31 @@ mod tests {
         let la = a.train_step(&x, &y).unwrap();
         let lb = b.train_step(&x, &y).unwrap();
         assert_eq!(la, lb);
+    }
+
+    /// Skipping the modules after a sample's exit gives the exits and predictions read off
+    /// the whole cascade.
+    #[test]
+    fn early_exit_skipping_work_equals_exits_from_the_whole_cascade() {
+        let _rng = crate::rng_lock();
+        let cfg = small_cfg(ExtractorKind::Mlp);
+        tch::manual_seed(2);
+        let mut net = SidNetwork::new(&cfg, LossConfig::default(), 3e-2, Device::Cpu).unwrap();
+        let (x, y) = batch();
+        for _ in 0..30 {
+            net.train_step(&x, &y).unwrap();
+        }
+        for tau in [0.3, 0.5, 0.8, 1.1] {
+            let fast = net.cascade_exit(&x, tau).unwrap();
+            let whole = crate::early_exit(&net.cascade(&x).unwrap().logits, tau);
+            assert_eq!(fast.exit_module, whole.exit_module, "tau {tau}");
+            assert_eq!(fast.prediction, whole.prediction, "tau {tau}");
+        }
+        let some = net.cascade_exit(&x, 0.3).unwrap().exit_module;
+        assert!(
+            some.min().int64_value(&[]) < 3,
+            "confident samples leave early"
+        );
     }
 
     #[test]

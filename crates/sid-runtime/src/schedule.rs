@@ -211,6 +211,11 @@ impl StageRunner {
         self.work.index()
     }
 
+    /// The stage.
+    pub fn work(&self) -> &Work {
+        &self.work
+    }
+
     /// The stage, to move it to its device.
     pub fn work_mut(&mut self) -> &mut Work {
         &mut self.work

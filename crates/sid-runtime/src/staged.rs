@@ -17,8 +17,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use sid_core::bp_stage::build_bp_stages;
 use sid_core::stage::build_stages;
 use sid_core::{
-    Cascade, LossConfig, Method, ModelConfig, NamedTensors, Network, StagePlan, StageSpec,
-    StepStats,
+    Cascade, EarlyExit, ExitTracker, LossConfig, Method, ModelConfig, NamedTensors, Network,
+    StagePlan, StageSpec, StepStats,
 };
 use tch::{Device, Tensor};
 
@@ -734,6 +734,37 @@ impl Network for StagedPipeline {
         }
         streams::sync_device(first).map_err(RuntimeError::from)?;
         Ok(Cascade { logits })
+    }
+
+    fn cascade_exit(&mut self, x: &Tensor, tau: f64) -> sid_core::Result<EarlyExit> {
+        if self.threaded() {
+            // Stage threads run whole batches: the default picks exits from the full cascade.
+            return Ok(sid_core::early_exit(&self.cascade(x)?.logits, tau));
+        }
+        self.drain()?;
+        let Engine::Local { runners, .. } = &self.engine else {
+            unreachable!("not threaded")
+        };
+        let b = x.size()[0];
+        let first = self.devices[0];
+        let mut exits = ExitTracker::new(b, self.modules, tau, first);
+        let mut input = x.shallow_clone();
+        let mut p = sid_core::belief::uniform_belief(b, self.num_classes, first);
+        for r in runners {
+            let Work::Sid(stage) = r.work() else {
+                unreachable!("backprop stages always run in threads")
+            };
+            let (z, logits, p_out) = stage.cascade(&input, &p);
+            // Later stages run for the samples still in the cascade only: their backbone
+            // slices are skipped for the rest.
+            let (Some(on), Some(z)) = (exits.update(&logits, stage.spec().modules.start), z) else {
+                break;
+            };
+            let keep = on.nonzero().squeeze_dim(1);
+            input = z.index_select(0, &keep);
+            p = p_out.index_select(0, &keep);
+        }
+        Ok(exits.finish())
     }
 
     fn state(&mut self) -> sid_core::Result<Vec<(String, Tensor)>> {

@@ -126,6 +126,16 @@ fn inference_state_and_resume_across_placements() {
     for (u, v) in la.module_losses.iter().zip(&lb.module_losses) {
         assert!((u - v).abs() < 1e-4, "{la:?} vs {lb:?}");
     }
+    // Early exit that skips later stages picks the exits the whole cascade gives.
+    for tau in [0.25, 0.5, 1.1] {
+        let fast = one.cascade_exit(x, tau).unwrap();
+        let whole = sid_core::early_exit(&one.cascade(x).unwrap().logits, tau);
+        assert_eq!(fast.exit_module, whole.exit_module);
+        assert_eq!(fast.prediction, whole.prediction);
+        let threaded = threads.cascade_exit(x, tau).unwrap();
+        let whole = sid_core::early_exit(&threads.cascade(x).unwrap().logits, tau);
+        assert_eq!(threaded.exit_module, whole.exit_module);
+    }
     // A checkpoint of another cut does not load: stage 1's neck reads other features.
     let mut four = build(4, 1, 1);
     let err = four
