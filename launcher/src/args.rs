@@ -14,8 +14,12 @@ use sid_train::{Run, RunConfig};
 /// Train a network with Synergistic Information Distillation (SID), or its backprop baseline,
 /// on one or more devices.
 #[derive(Debug, Parser)]
-#[command(name = "sid-launch", version, about, after_help = AFTER_HELP, args_override_self = true)]
+#[command(name = "sid-launch", version, about, after_help = AFTER_HELP, args_override_self = true,
+    args_conflicts_with_subcommands = true)]
 pub struct Cli {
+    /// Something other than training.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Devices: cpu, cpu:4 (4 CPU workers), 0, 0,1,2,3, or 0,0,0,0 (streams on one GPU)
     /// [default: cpu].
     #[arg(long)]
@@ -153,6 +157,31 @@ pub struct Cli {
     /// builds with the fault-injection feature accept it).
     #[arg(long, hide = true)]
     pub inject_fault: Option<String>,
+}
+
+/// What `sid-launch` can do besides training.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Evaluate a saved run on its test set with early exit: each sample stops at the first
+    /// module whose belief's top probability reaches τ; prints accuracy, mean modules used and
+    /// time per sample for each τ, next to the full cascade.
+    Eval(EvalArgs),
+}
+
+/// Flags of `sid-launch eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// The run directory (its config.toml and checkpoint.safetensors).
+    pub run_dir: PathBuf,
+    /// Confidence thresholds τ in (0, 1], comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.8,0.9,0.95,0.99")]
+    pub exit_confidence: Vec<f64>,
+    /// Devices to evaluate on (default: the run's saved --gpus).
+    #[arg(long)]
+    pub gpus: Option<String>,
+    /// Evaluation batch size (default: the run's).
+    #[arg(long)]
+    pub eval_batch_size: Option<i64>,
 }
 
 const AFTER_HELP: &str =

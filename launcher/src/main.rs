@@ -91,7 +91,51 @@ fn main() -> ExitCode {
     }
 }
 
+/// `sid-launch eval RUN_DIR`: the early-exit table of a saved run.
+fn eval(a: &args::EvalArgs) -> Result<()> {
+    if let Some(bad) = a
+        .exit_confidence
+        .iter()
+        .find(|t| !(**t > 0.0 && **t <= 1.0))
+    {
+        anyhow::bail!("--exit-confidence {bad}: a threshold must be in (0, 1]");
+    }
+    let dir = &a.run_dir;
+    let cfg = Run::saved_config(dir).with_context(|| format!("eval {}", dir.display()))?;
+    let mut saved = sid_train::eval::open(dir, a.gpus.as_deref())
+        .with_context(|| format!("eval {}", dir.display()))?;
+    let samples = saved.data.test.len();
+    let batch = a.eval_batch_size.unwrap_or(cfg.eval_batch_size);
+    anyhow::ensure!(batch >= 1, "--eval-batch-size must be at least 1");
+    eprintln!(
+        "early exit on the test set of {} ({} samples, {} with L={} on {})",
+        dir.display(),
+        samples,
+        cfg.method,
+        saved.modules,
+        device_name(saved.net.input_device())
+    );
+    let rows = sid_train::eval::exit_table(&mut saved, batch, &a.exit_confidence)?;
+    println!(
+        "{:<8} {:>9} {:>13} {:>10}",
+        "τ", "accuracy", "mean modules", "ms/sample"
+    );
+    for r in rows {
+        let tau = r.tau.map_or("full".to_string(), |t| format!("{t}"));
+        println!(
+            "{tau:<8} {:>8.2}% {:>13.2} {:>10.4}",
+            r.accuracy * 100.0,
+            r.mean_modules,
+            r.ms_per_sample
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: &args::Cli) -> Result<()> {
+    if let Some(args::Command::Eval(a)) = &cli.command {
+        return eval(a);
+    }
     let plan = cli.plan()?;
     if let Some(n) = plan.config.threads {
         tch::set_num_threads(n);

@@ -1000,3 +1000,44 @@ fn own_image_folder_trains_and_the_second_run_reuses_the_cache() {
     let out = Command::new(BIN).args(args("third")).output().unwrap();
     one_line_error(&out, bad.to_str().unwrap());
 }
+
+#[test]
+fn eval_prints_the_early_exit_table_of_a_multi_stage_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    run_ok(&staged(&run, &["--gpus", "cpu:2", "--epochs", "1"]));
+    let acc = metrics(&run)[0]["test_acc"].as_f64().unwrap();
+    for gpus in ["cpu:2", "cpu"] {
+        let out = sid(&[
+            "eval",
+            run.to_str().unwrap(),
+            "--exit-confidence",
+            "0.1,0.99",
+            "--gpus",
+            gpus,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(rows.len(), 3, "{text}");
+        assert_eq!(rows[0][0], "full");
+        // The full cascade is the run's own final evaluation.
+        let full: f64 = rows[0][1].trim_end_matches('%').parse().unwrap();
+        assert!((full - acc * 100.0).abs() < 0.01, "{full} vs {acc}");
+        assert_eq!(rows[0][2], "4.00");
+        // The top probability over 10 classes is at least 0.1: every sample leaves at once.
+        assert_eq!(rows[1][..3], ["0.1", rows[1][1], "1.00"], "{text}");
+    }
+    one_line_error(
+        &sid(&["eval", tmp.path().join("none").to_str().unwrap()]),
+        "none",
+    );
+    one_line_error(
+        &sid(&["eval", run.to_str().unwrap(), "--exit-confidence", "1.5"]),
+        "must be in (0, 1]",
+    );
+}

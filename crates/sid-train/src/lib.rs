@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod devices;
 pub mod error;
+pub mod eval;
 mod graph_step;
 pub mod metrics;
 pub mod trainer;

@@ -253,7 +253,7 @@ fn data_on_input_device(data: Dataset, net: &dyn Network) -> Dataset {
     }
 }
 
-fn load_data(cfg: &RunConfig) -> Result<Dataset> {
+pub(crate) fn load_data(cfg: &RunConfig) -> Result<Dataset> {
     let opts = LoadOptions {
         limit_train: cfg.limit_train,
         val_split: cfg.val_split,

@@ -1,0 +1,114 @@
+//! Early-exit evaluation of a saved run: each test sample stops at the first module whose
+//! belief is confident enough, and the accuracy, the modules used and the time per sample are
+//! measured for each confidence threshold, next to the full cascade.
+
+use std::path::Path;
+use std::time::Instant;
+
+use sid_core::Network;
+use sid_data::Split;
+use tch::Kind;
+
+use crate::checkpoint::{self, CHECKPOINT_FILE};
+use crate::{Result, Run, TrainError};
+
+/// One row of the early-exit table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExitRow {
+    /// The threshold; `None` for the full cascade (every sample through every module).
+    pub tau: Option<f64>,
+    /// Test accuracy of the predictions made where samples left.
+    pub accuracy: f64,
+    /// Mean number of modules a sample passed through (1-based exit module).
+    pub mean_modules: f64,
+    /// Wall-clock milliseconds per sample of the inference that produced them.
+    pub ms_per_sample: f64,
+}
+
+/// A saved run, ready to evaluate: its network with the checkpoint loaded, and its data.
+pub struct Saved {
+    /// The network.
+    pub net: Box<dyn Network>,
+    /// The run's test split (and the rest of its data set).
+    pub data: sid_data::Dataset,
+    /// Modules in the cascade.
+    pub modules: usize,
+}
+
+/// Opens the run in `dir` (its `config.toml` and checkpoint), on `gpus` if given (else the
+/// saved device list).
+pub fn open(dir: &Path, gpus: Option<&str>) -> Result<Saved> {
+    let mut cfg = Run::saved_config(dir)?;
+    if let Some(g) = gpus {
+        cfg.gpus = g.to_string();
+        if cfg.stages <= 1 {
+            // A paper-mode placement belongs to the saved device list.
+            cfg.placement = None;
+        }
+    }
+    cfg.inject_fault = None;
+    let devices = crate::devices::resolve_devices(&cfg.gpus)?;
+    let mut data = crate::trainer::load_data(&cfg)?;
+    cfg.loaded_shape = Some(data.shape);
+    let built = crate::trainer::build_network(&cfg, &devices)?;
+    let path = dir.join(CHECKPOINT_FILE);
+    let (named, _) = checkpoint::load(&path)?;
+    let mut net = built.net;
+    net.load_state(&named).map_err(|e| TrainError::Checkpoint {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    if let tch::Device::Cuda(_) = net.input_device() {
+        data = data.to_device(net.input_device());
+    }
+    Ok(Saved {
+        net,
+        data,
+        modules: cfg.modules,
+    })
+}
+
+/// The full cascade, then early exit at each threshold in `taus`, on the run's test split.
+pub fn exit_table(saved: &mut Saved, batch_size: i64, taus: &[f64]) -> Result<Vec<ExitRow>> {
+    let Saved { net, data, .. } = saved;
+    let split: &Split = &data.test;
+    let n = split.len();
+    let device = net.input_device();
+    let batches = sid_data::num_batches(n, batch_size);
+    let mut rows = Vec::with_capacity(taus.len() + 1);
+    for tau in std::iter::once(None).chain(taus.iter().copied().map(Some)) {
+        let (mut correct, mut modules) = (0i64, 0i64);
+        let started = Instant::now();
+        for b in 0..batches {
+            let (x, y) = sid_data::batch(split, None, batch_size, b);
+            let x = x.to_device(device);
+            let (pred, used) = match tau {
+                None => {
+                    let c = net.cascade(&x)?;
+                    let used = c.logits.len() as i64 * x.size()[0];
+                    (c.prediction(), used)
+                }
+                Some(t) => {
+                    let e = net.cascade_exit(&x, t)?;
+                    (
+                        e.prediction,
+                        e.exit_module.sum(Kind::Int64).int64_value(&[]),
+                    )
+                }
+            };
+            correct += pred
+                .eq_tensor(&y.to_device(pred.device()))
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            modules += used;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        rows.push(ExitRow {
+            tau,
+            accuracy: correct as f64 / n.max(1) as f64,
+            mean_modules: modules as f64 / n.max(1) as f64,
+            ms_per_sample: seconds * 1e3 / n.max(1) as f64,
+        });
+    }
+    Ok(rows)
+}
