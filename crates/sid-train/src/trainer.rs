@@ -117,13 +117,22 @@ fn stage_plan(
     cfg: &RunConfig,
     model: &sid_core::ModelConfig,
     device: Device,
+    devices: usize,
 ) -> Result<(sid_core::StagePlan, Option<String>)> {
     let core = |e: sid_core::CoreError| TrainError::Config(e.to_string());
     Ok(match cfg.placement.as_deref() {
         None | Some("auto") if cfg.stages > 1 => {
             // Profiling draws its layers from the global RNG: it runs before the seed is set.
             let batch = (cfg.batch_size / cfg.resolved_micro_batches() as i64).max(1);
+            // Time blocks with the threads a stage will have: CPU stages in threads of their
+            // own split the cores, and relative costs change with the thread count.
+            let before = tch::get_num_threads();
+            if device == Device::Cpu && devices > 1 {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                tch::set_num_threads(cfg.threads.unwrap_or((cores / devices).max(1) as i32));
+            }
             let costs = sid_core::stage::profile_costs(model, batch, device, 3);
+            tch::set_num_threads(before);
             let plan = sid_core::StagePlan::balanced(model, cfg.stages, &costs).map_err(core)?;
             let ms: Vec<String> = plan
                 .predicted(&costs)
@@ -152,7 +161,7 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
     let model = cfg.model_config();
     let first = devices.first().copied().unwrap_or(Device::Cpu);
     let staged_plan = if cfg.staged() {
-        Some(stage_plan(cfg, &model, first)?)
+        Some(stage_plan(cfg, &model, first, devices.len())?)
     } else {
         None
     };
