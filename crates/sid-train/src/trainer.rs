@@ -182,12 +182,7 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
         sc.streams = cfg.streams;
         #[cfg(feature = "fault-injection")]
         {
-            sc.fault = cfg
-                .inject_fault
-                .as_deref()
-                .map(sid_runtime::Fault::parse)
-                .transpose()
-                .map_err(runtime)?;
+            sc.fault = injected_fault(cfg)?;
         }
         let pipeline = sid_runtime::StagedPipeline::new(sc).map_err(runtime)?;
         let mut notes: Vec<String> = (0..pipeline.plan().len())
@@ -219,12 +214,7 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
             };
             #[cfg(feature = "fault-injection")]
             {
-                pc.fault = cfg
-                    .inject_fault
-                    .as_deref()
-                    .map(sid_runtime::Fault::parse)
-                    .transpose()
-                    .map_err(runtime)?;
+                pc.fault = injected_fault(cfg)?;
             }
             let pipeline = sid_runtime::Pipeline::new(pc).map_err(runtime)?;
             let placement = Some(pipeline.placement().to_spec());
@@ -251,6 +241,16 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
             notes: Vec::new(),
         },
     })
+}
+
+/// The fault `--inject-fault` asks for (tests), for either runtime.
+#[cfg(feature = "fault-injection")]
+fn injected_fault(cfg: &RunConfig) -> Result<Option<sid_runtime::Fault>> {
+    cfg.inject_fault
+        .as_deref()
+        .map(sid_runtime::Fault::parse)
+        .transpose()
+        .map_err(|e| TrainError::Config(e.to_string()))
 }
 
 /// On a GPU the data set lives on the input device (Fashion-MNIST and CIFAR take well under a
