@@ -629,13 +629,8 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
                 let failure = match outcome {
                     Ok(Ok(())) => None,
                     Ok(Err(f)) => Some(f),
-                    Err(panic) => Some(Failure::from_cause(format!(
-                        "panicked: {}",
-                        panic
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "unknown panic".into())
+                    Err(panic) => Some(Failure::from_cause(crate::worker::panic_cause(
+                        panic.as_ref(),
                     ))),
                 };
                 if let Some(f) = failure {

@@ -251,20 +251,23 @@ fn run(
     }
 }
 
+/// `panicked: MESSAGE` for a caught panic's payload (worker and stage threads alike).
+pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
+    let msg = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("panicked: {msg}")
+}
+
 fn flatten<T>(r: std::thread::Result<Result<T, Failure>>) -> Result<T, Failure> {
     match r {
         Ok(inner) => inner,
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(Failure {
-                module: None,
-                cause: format!("panicked: {msg}"),
-            })
-        }
+        Err(panic) => Err(Failure {
+            module: None,
+            cause: panic_cause(panic.as_ref()),
+        }),
     }
 }
 
