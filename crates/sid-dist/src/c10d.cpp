@@ -1,0 +1,211 @@
+// torch.distributed's c10d as plain C functions for Rust: a TCPStore, and process groups
+// (Gloo for CPU tensors; NCCL for CUDA tensors when built with USE_C10D_NCCL) over it.
+// Every function returns 0 on success; a C++ exception becomes 1 with its message in `err`
+// (at most err_len bytes, NUL-terminated), so Rust can name the rank, peer and operation.
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+void copy_message(const char* what, char* err, size_t err_len) {
+  if (err_len > 0) {
+    std::strncpy(err, what, err_len - 1);
+    err[err_len - 1] = '\0';
+  }
+}
+
+template <typename F>
+int guarded(char* err, size_t err_len, F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    copy_message(e.what(), err, err_len);
+    return 1;
+  } catch (...) {
+    copy_message("unknown C++ exception", err, err_len);
+    return 1;
+  }
+}
+
+std::chrono::milliseconds ms(int64_t v) { return std::chrono::milliseconds(v); }
+
+}  // namespace
+
+struct SidStore {
+  c10::intrusive_ptr<c10d::Store> store;
+};
+
+struct SidGroup {
+  c10::intrusive_ptr<c10d::Backend> backend;
+  int64_t timeout_ms;
+};
+
+extern "C" {
+
+// 1 when this shim was built with NCCL.
+int sid_c10d_has_nccl() {
+#ifdef USE_C10D_NCCL
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+int sid_store_new(const char* host, int port, int is_server, int world, int64_t timeout_ms,
+                  SidStore** out, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = is_server != 0;
+    if (world > 0) {
+      opts.numWorkers = static_cast<std::size_t>(world);
+    }
+    // Rendezvous is done by the caller's own keys, so a missing rank is reported by name.
+    opts.waitWorkers = false;
+    opts.timeout = ms(timeout_ms);
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    *out = new SidStore{store};
+  });
+}
+
+void sid_store_free(SidStore* s) { delete s; }
+
+int sid_store_set(SidStore* s, const char* key, const uint8_t* data, size_t len, char* err,
+                  size_t err_len) {
+  return guarded(err, err_len, [&] {
+    std::vector<uint8_t> v(data, data + len);
+    s->store->set(std::string(key), v);
+  });
+}
+
+// Waits up to timeout_ms for the key; *out is malloc'ed (free with sid_bytes_free).
+int sid_store_get(SidStore* s, const char* key, int64_t timeout_ms, uint8_t** out,
+                  size_t* out_len, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    std::string k(key);
+    s->store->wait({k}, ms(timeout_ms));
+    auto v = s->store->get(k);
+    *out_len = v.size();
+    *out = static_cast<uint8_t*>(std::malloc(v.size() > 0 ? v.size() : 1));
+    if (!v.empty()) std::memcpy(*out, v.data(), v.size());
+  });
+}
+
+int sid_store_add(SidStore* s, const char* key, int64_t value, int64_t* out, char* err,
+                  size_t err_len) {
+  return guarded(err, err_len, [&] { *out = s->store->add(std::string(key), value); });
+}
+
+int sid_store_check(SidStore* s, const char* key, int* out, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] { *out = s->store->check({std::string(key)}) ? 1 : 0; });
+}
+
+void sid_bytes_free(uint8_t* p) { std::free(p); }
+
+// A process group of `world` ranks over the store, its keys under `prefix` (so several groups
+// can share one store). backend: 0 = Gloo, 1 = NCCL.
+int sid_group_new(SidStore* s, const char* prefix, int rank, int world, int backend,
+                  const char* hostname, int64_t timeout_ms, SidGroup** out, char* err,
+                  size_t err_len) {
+  return guarded(err, err_len, [&] {
+    auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), s->store);
+    c10::intrusive_ptr<c10d::Backend> pg;
+    if (backend == 0) {
+      auto opts = c10d::ProcessGroupGloo::Options::create(ms(timeout_ms));
+      std::string host(hostname);
+      opts->devices.push_back(host.empty()
+                                  ? c10d::ProcessGroupGloo::createDefaultDevice()
+                                  : c10d::ProcessGroupGloo::createDeviceForHostname(host));
+      pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+    } else {
+#ifdef USE_C10D_NCCL
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = ms(timeout_ms);
+      pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
+#else
+      throw std::runtime_error("this build of sid has no NCCL (its headers were not found at build time)");
+#endif
+    }
+    *out = new SidGroup{pg, timeout_ms};
+  });
+}
+
+void sid_group_free(SidGroup* g) { delete g; }
+
+int sid_group_send(SidGroup* g, at::Tensor* t, int dst, int tag, int64_t timeout_ms, char* err,
+                   size_t err_len) {
+  return guarded(err, err_len, [&] {
+    std::vector<at::Tensor> v{*t};
+    g->backend->send(v, dst, tag)->wait(ms(timeout_ms));
+  });
+}
+
+int sid_group_recv(SidGroup* g, at::Tensor* t, int src, int tag, int64_t timeout_ms, char* err,
+                   size_t err_len) {
+  return guarded(err, err_len, [&] {
+    std::vector<at::Tensor> v{*t};
+    g->backend->recv(v, src, tag)->wait(ms(timeout_ms));
+  });
+}
+
+int sid_group_allreduce_sum(SidGroup* g, at::Tensor* t, int64_t timeout_ms, char* err,
+                            size_t err_len) {
+  return guarded(err, err_len, [&] {
+    std::vector<at::Tensor> v{*t};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    opts.timeout = ms(timeout_ms);
+    g->backend->allreduce(v, opts)->wait(ms(timeout_ms));
+  });
+}
+
+int sid_group_broadcast(SidGroup* g, at::Tensor* t, int root, int64_t timeout_ms, char* err,
+                        size_t err_len) {
+  return guarded(err, err_len, [&] {
+    std::vector<at::Tensor> v{*t};
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    opts.timeout = ms(timeout_ms);
+    g->backend->broadcast(v, opts)->wait(ms(timeout_ms));
+  });
+}
+
+// Gathers equal-shaped tensors from every rank into `outs` (world tensors) on `root`; other
+// ranks pass n_outs = 0.
+int sid_group_gather(SidGroup* g, at::Tensor* t, at::Tensor** outs, int n_outs, int root,
+                     int64_t timeout_ms, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    std::vector<at::Tensor> in{*t};
+    std::vector<std::vector<at::Tensor>> out;
+    if (n_outs > 0) {
+      out.emplace_back();
+      for (int i = 0; i < n_outs; ++i) out[0].push_back(*outs[i]);
+    }
+    c10d::GatherOptions opts;
+    opts.rootRank = root;
+    opts.timeout = ms(timeout_ms);
+    g->backend->gather(out, in, opts)->wait(ms(timeout_ms));
+  });
+}
+
+int sid_group_barrier(SidGroup* g, int64_t timeout_ms, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    c10d::BarrierOptions opts;
+    opts.timeout = ms(timeout_ms);
+    g->backend->barrier(opts)->wait(ms(timeout_ms));
+  });
+}
+
+}  // extern "C"
