@@ -118,6 +118,30 @@ pub struct Cli {
     /// with --stages K, the largest divisor of the batch up to 2K).
     #[arg(long)]
     pub micro_batches: Option<usize>,
+    /// Data-parallel replicas R of the pipeline, one process per replica and stage (world =
+    /// R × stages; launch with --nproc-per-node or torchrun): each takes a disjoint shard of
+    /// every batch; each stage's gradients are summed over its replicas [default: 1].
+    #[arg(long, value_name = "R")]
+    pub data_parallel: Option<usize>,
+    /// Start N processes (ranks) on this node, like torchrun: each takes one stage (or
+    /// replica), the local rank's entry of --gpus or a share of the CPU cores. Rank 0 writes
+    /// the run; the others serve their stages over torch.distributed (Gloo, or NCCL for the
+    /// replicas' all-reduce on GPUs).
+    #[arg(long, value_name = "N")]
+    pub nproc_per_node: Option<usize>,
+    /// Nodes in a multi-node job (with --nproc-per-node) [default: 1].
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub nnodes: usize,
+    /// This node's place in a multi-node job, 0-based [default: 0].
+    #[arg(long, value_name = "I", default_value_t = 0)]
+    pub node_rank: usize,
+    /// Address of node 0, where rank 0 serves the rendezvous store [default: 127.0.0.1].
+    #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Port of the rendezvous store on node 0 (Gloo's own connections take other ports)
+    /// [default: 29500].
+    #[arg(long, value_name = "PORT", default_value_t = 29500)]
+    pub master_port: u16,
     /// Schedule of a backprop pipeline (--method bp --stages K): 1f1b or gpipe
     /// [default: 1f1b].
     #[arg(long)]
@@ -243,6 +267,7 @@ impl Cli {
             eval_batch_size,
             step_timeout,
             stages,
+            data_parallel,
             pipeline_schedule
         );
         if self.micro_batches.is_some() {
@@ -376,6 +401,7 @@ mod tests {
             ("eval-batch-size", d.eval_batch_size.to_string()),
             ("step-timeout", d.step_timeout.to_string()),
             ("stages", d.stages.to_string()),
+            ("data-parallel", d.data_parallel.to_string()),
             ("pipeline-schedule", d.pipeline_schedule.to_string()),
         ];
         for (flag, value) in expect {

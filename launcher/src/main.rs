@@ -1,6 +1,7 @@
 //! `sid-launch`: train with SID or backprop from the command line.
 
 mod args;
+mod launch;
 mod progress;
 
 use std::process::ExitCode;
@@ -85,6 +86,10 @@ fn main() -> ExitCode {
                 }
                 return ExitCode::from(130);
             }
+            if e.downcast_ref::<RanksInterrupted>().is_some() {
+                eprintln!("stopped: {e:#}");
+                return ExitCode::from(130);
+            }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
@@ -132,13 +137,55 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// The ranks were interrupted and rank 0 saved a checkpoint (exit 130, like a one-process
+/// run).
+#[derive(Debug)]
+struct RanksInterrupted;
+
+impl std::fmt::Display for RanksInterrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted: rank 0 stopped after the current step and wrote a checkpoint")
+    }
+}
+
+impl std::error::Error for RanksInterrupted {}
+
 fn run(cli: &args::Cli) -> Result<()> {
     if let Some(args::Command::Eval(a)) = &cli.command {
         return eval(a);
     }
+    let dist_env = sid_dist::DistEnv::from_env()?;
+    if let (Some(n), None) = (cli.nproc_per_node, &dist_env) {
+        return match launch::run(cli, n)? {
+            launch::Outcome::Done => Ok(()),
+            launch::Outcome::Interrupted => Err(RanksInterrupted.into()),
+        };
+    }
     let plan = cli.plan()?;
     if let Some(n) = plan.config.threads {
         tch::set_num_threads(n);
+    }
+    let rdv = match dist_env {
+        Some(env) => {
+            let rank = env.rank;
+            Some(
+                sid_train::distributed::Rendezvous::join(env, &plan.config)
+                    .with_context(|| format!("rank {rank}: rendezvous"))?,
+            )
+        }
+        None => None,
+    };
+    if let Some(r) = rdv.as_ref().filter(|r| r.rank() != 0) {
+        // Rank 0 decides when to stop (after the current step, with a checkpoint) and
+        // closes the pipeline; an interrupt here would only cut that short.
+        ctrlc::set_handler(|| {}).context("installing the Ctrl-C handler")?;
+        eprintln!(
+            "rank {} of {} on {}: serving its stage for rank 0",
+            r.rank(),
+            r.world(),
+            device_name(r.device())
+        );
+        return sid_train::distributed::serve(r).with_context(|| format!("rank {}", r.rank()));
     }
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -169,9 +216,9 @@ fn run(cli: &args::Cli) -> Result<()> {
     }
     let cfg = &plan.config;
     let mut run = if plan.resume {
-        Run::resume(cfg.clone(), &plan.run_dir)
+        Run::resume_on(cfg.clone(), &plan.run_dir, rdv.as_ref())
     } else {
-        Run::create(cfg.clone(), &plan.run_dir)
+        Run::create_on(cfg.clone(), &plan.run_dir, rdv.as_ref())
     }
     .map_err(|e| hint(e, cfg))?;
     let devices: Vec<String> = run.devices().iter().map(|d| device_name(*d)).collect();

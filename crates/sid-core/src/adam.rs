@@ -118,6 +118,12 @@ impl Adam {
         }
     }
 
+    /// The parameters' gradients (shallow copies, in the state's order; undefined where a
+    /// parameter got none), e.g. to sum them over data-parallel replicas before a step.
+    pub fn gradients(&self) -> Vec<Tensor> {
+        self.params.iter().map(|(_, p)| p.grad()).collect()
+    }
+
     /// Sets every parameter's gradient to zero.
     pub fn zero_grad(&mut self) {
         for (_, p) in self.params.iter_mut() {

@@ -193,6 +193,11 @@ impl BpStage {
         self.opt.zero_grad();
     }
 
+    /// The gradients [`BpStage::apply`] would use.
+    pub fn gradients(&self) -> Vec<Tensor> {
+        self.opt.gradients()
+    }
+
     /// Inference: the output for the next stage, or every module's logits on the last.
     pub fn cascade(&self, input: &Tensor) -> (Option<Tensor>, Vec<Tensor>) {
         tch::no_grad(|| {

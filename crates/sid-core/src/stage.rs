@@ -568,6 +568,15 @@ impl Stage {
         }
     }
 
+    /// The gradients [`Stage::apply`] would use: the slice's and neck's, then each module's.
+    pub fn gradients(&self) -> Vec<Tensor> {
+        let mut g = self.opt.gradients();
+        for m in &self.modules {
+            g.extend(m.gradients());
+        }
+        g
+    }
+
     /// Inference through this stage: the slice's output (for the next stage; `None` on the
     /// last), every module's logits and the belief leaving the last module.
     pub fn cascade(&self, input: &Tensor, p_in: &Tensor) -> (Option<Tensor>, Vec<Tensor>, Tensor) {

@@ -166,6 +166,11 @@ impl ModuleUnit {
         self.opt.zero_grad();
     }
 
+    /// The gradients [`ModuleUnit::apply`] would use (see [`crate::Adam::gradients`]).
+    pub fn gradients(&self) -> Vec<Tensor> {
+        self.opt.gradients()
+    }
+
     /// Weights and Adam state as named CPU tensors.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut v = var_store_state(&self.vs);

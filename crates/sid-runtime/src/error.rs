@@ -48,6 +48,12 @@ pub enum RuntimeError {
     /// A worker answered out of order (a result of another step, or the wrong kind).
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// A link to another process (rank) failed: it died, hung up or sent garbage.
+    #[error("{0}")]
+    Link(String),
+    /// c10d itself failed (rendezvous, a collective).
+    #[error(transparent)]
+    Dist(#[from] sid_dist::DistError),
     /// A CUDA stream could not be used or synchronised.
     #[error(transparent)]
     Stream(#[from] crate::streams::StreamError),

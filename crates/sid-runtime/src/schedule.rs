@@ -306,6 +306,7 @@ impl StageRunner {
                 self.next_micro = tag.micro + 1;
                 if self.next_micro == micro_batches {
                     self.next_micro = 0;
+                    t.reduce_gradients(&stage.gradients())?;
                     stage.apply();
                     let losses = self.losses.take().expect("at least one micro-batch");
                     let first = stage.spec().modules.start;
@@ -522,6 +523,7 @@ impl StageRunner {
                 }
             }
         }
+        t.reduce_gradients(&stage.gradients())?;
         stage.apply();
         let losses = match loss {
             Some(l) => {

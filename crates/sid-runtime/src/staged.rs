@@ -28,6 +28,7 @@ use crate::schedule::{drive, BpSchedule, Failure, StageRunner, Work};
 use crate::streams;
 use crate::transport::{ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
 use crate::worker::device_name;
+use crate::ranks::Ranks;
 use crate::{Result, RuntimeError};
 
 /// How to build a [`StagedPipeline`].
@@ -57,6 +58,9 @@ pub struct StagedConfig {
     pub fault: Option<Fault>,
     /// What the stages train: staged SID, or the BP baseline cut at the same blocks.
     pub method: PipelineMethod,
+    /// Stages (and data-parallel replicas) in other processes, linked by c10d: this process
+    /// is rank 0 and runs stage 1 of replica 1 itself; `devices` then names its device only.
+    pub ranks: Option<Ranks>,
 }
 
 /// What a pipeline trains.
@@ -86,25 +90,29 @@ impl StagedConfig {
             #[cfg(feature = "fault-injection")]
             fault: None,
             method: PipelineMethod::Sid,
+            ranks: None,
         }
     }
 }
 
-struct StageThread {
-    thread: Option<JoinHandle<()>>,
-    exited: Receiver<()>,
+/// A thread of the pipeline (a stage, or a link to another process) and the way to learn
+/// that it has ended: `Some(cause)` when it failed.
+pub(crate) struct StageThread {
+    pub(crate) thread: Option<JoinHandle<()>>,
+    pub(crate) exited: Receiver<Option<String>>,
 }
 
-enum Engine {
+pub(crate) enum Engine {
     /// Every stage in the caller's thread, one after another.
     Local {
         runners: Vec<StageRunner>,
         inboxes: Vec<VecDeque<Message>>,
         reports: VecDeque<Report>,
     },
-    /// A thread per stage.
+    /// A thread per stage (or per stage of this process, the others linked by c10d).
     Threads {
-        first: Option<Sender<Message>>,
+        /// Stage 1 of each replica.
+        firsts: Vec<Sender<Message>>,
         reports: Receiver<Report>,
         threads: Vec<StageThread>,
     },
@@ -135,6 +143,10 @@ pub struct StagedPipeline {
     engine: Engine,
     method: PipelineMethod,
     devices: Vec<Device>,
+    /// Who computes each slot (replica r's stage s is slot r·K + s, its rank in a
+    /// multi-process run), for messages.
+    names: Vec<String>,
+    replicas: usize,
     specs: Vec<StageSpec>,
     plan: StagePlan,
     micro_batches: usize,
@@ -179,30 +191,15 @@ impl StagedPipeline {
         }
         let devices: Vec<Device> = (0..k).map(|s| cfg.devices[s % d]).collect();
         let specs = cfg.plan.stages().to_vec();
-        let work: Vec<Work> = match cfg.method {
-            PipelineMethod::Sid => build_stages(&cfg.model, cfg.loss, cfg.lr, &cfg.plan)?
-                .into_iter()
-                .map(Work::Sid)
-                .collect(),
-            PipelineMethod::Bp(schedule) => {
-                let blocks: Vec<_> = specs.iter().map(|s| s.blocks.clone()).collect();
-                build_bp_stages(&cfg.model, cfg.lr, &blocks)?
-                    .into_iter()
-                    .map(|s| Work::Bp(s, schedule, k))
-                    .collect()
-            }
-        };
-        let runners: Vec<StageRunner> = work
-            .into_iter()
-            .map(|w| {
-                let runner = StageRunner::new(w).with_timeout(cfg.timeout);
-                #[cfg(feature = "fault-injection")]
-                let runner = runner.with_fault(cfg.fault);
-                runner
-            })
-            .collect();
+        let runners = build_runners(&cfg)?;
+        let mut names: Vec<String> = devices.iter().map(|d| device_name(*d)).collect();
+        let mut replicas = 1;
         // Backprop stages wait on each other within a step: they always have a thread each.
-        let engine = if d == 1 && cfg.method == PipelineMethod::Sid {
+        let engine = if let Some(ranks) = &cfg.ranks {
+            replicas = ranks.replicas;
+            names = ranks.names.clone();
+            crate::ranks::spawn_coordinator_links(&cfg, ranks, runners)?
+        } else if d == 1 && cfg.method == PipelineMethod::Sid {
             let mut runners = runners;
             for r in &mut runners {
                 r.work_mut().to_device(devices[0]);
@@ -219,6 +216,8 @@ impl StagedPipeline {
             engine,
             method: cfg.method,
             devices,
+            names,
+            replicas,
             specs,
             plan: cfg.plan.clone(),
             micro_batches: cfg.micro_batches,
@@ -233,7 +232,38 @@ impl StagedPipeline {
             busy: vec![StageTime::default(); k],
         })
     }
+}
 
+/// Every stage's runner (weights drawn on the CPU in the fixed order of every network here,
+/// whichever stages this process keeps).
+pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
+    let k = cfg.plan.len();
+    let specs = cfg.plan.stages();
+    let work: Vec<Work> = match cfg.method {
+            PipelineMethod::Sid => build_stages(&cfg.model, cfg.loss, cfg.lr, &cfg.plan)?
+                .into_iter()
+                .map(Work::Sid)
+                .collect(),
+            PipelineMethod::Bp(schedule) => {
+                let blocks: Vec<_> = specs.iter().map(|s| s.blocks.clone()).collect();
+                build_bp_stages(&cfg.model, cfg.lr, &blocks)?
+                    .into_iter()
+                    .map(|s| Work::Bp(s, schedule, k))
+                    .collect()
+            }
+        };
+    Ok(work
+        .into_iter()
+        .map(|w| {
+            let runner = StageRunner::new(w).with_timeout(cfg.timeout);
+            #[cfg(feature = "fault-injection")]
+            let runner = runner.with_fault(cfg.fault);
+            runner
+        })
+        .collect())
+}
+
+impl StagedPipeline {
     /// The cut of blocks and modules into stages.
     pub fn plan(&self) -> &StagePlan {
         &self.plan
@@ -258,13 +288,20 @@ impl StagedPipeline {
         std::mem::replace(&mut self.busy, vec![StageTime::default(); self.specs.len()])
     }
 
-    /// `stage 2 (cpu, blocks 3-4, modules 6-10)`, 1-based.
-    pub fn describe(&self, stage: usize) -> String {
-        let s = &self.specs[stage];
+    /// `stage 2 (cpu, blocks 3-4, modules 6-10)`, 1-based; `slot` is replica r's stage s as
+    /// r·K + s (in a multi-process run, its rank).
+    pub fn describe(&self, slot: usize) -> String {
+        let k = self.specs.len();
+        let s = &self.specs[slot % k];
+        let replica = if self.replicas > 1 {
+            format!(" of replica {}", slot / k + 1)
+        } else {
+            String::new()
+        };
         format!(
-            "stage {} ({}, blocks {}-{}, modules {}-{})",
-            stage + 1,
-            device_name(self.devices[stage]),
+            "stage {}{replica} ({}, blocks {}-{}, modules {}-{})",
+            slot % k + 1,
+            self.names[slot],
             s.blocks.start + 1,
             s.blocks.end,
             s.modules.start + 1,
@@ -272,13 +309,18 @@ impl StagedPipeline {
         )
     }
 
-    fn failed(&self, stage: usize, module: Option<usize>, cause: String) -> RuntimeError {
+    fn failed(&self, slot: usize, module: Option<usize>, cause: String) -> RuntimeError {
         RuntimeError::Stage {
-            stage: stage + 1,
-            device: device_name(self.devices[stage]),
+            stage: slot % self.specs.len() + 1,
+            device: self.names[slot].clone(),
             module,
             cause,
         }
+    }
+
+    /// Replica r's stage s for every r and s.
+    fn slots(&self) -> usize {
+        self.specs.len() * self.replicas
     }
 
     /// A failure reported since, or else that the stages are gone.
@@ -300,6 +342,11 @@ impl StagedPipeline {
     }
 
     fn feed(&mut self, msg: Message) -> Result<()> {
+        self.feed_replica(0, msg)
+    }
+
+    /// Passes `msg` to stage 1 of `replica`.
+    fn feed_replica(&mut self, replica: usize, msg: Message) -> Result<()> {
         match &mut self.engine {
             Engine::Local {
                 runners,
@@ -325,13 +372,16 @@ impl StagedPipeline {
                 }
                 Ok(())
             }
-            Engine::Threads { first, .. } => {
-                let tx = first.as_ref().expect("open while the pipeline lives");
+            Engine::Threads { firsts, .. } => {
+                let tx = &firsts[replica];
                 match tx.send_timeout(msg, self.timeout) {
                     Ok(()) => Ok(()),
                     Err(SendTimeoutError::Timeout(_)) => Err(RuntimeError::Timeout {
                         waiter: "coordinator".into(),
-                        waited_for: format!("{} to take its input", self.describe(0)),
+                        waited_for: format!(
+                            "{} to take its input",
+                            self.describe(replica * self.specs.len())
+                        ),
                         timeout: self.timeout,
                     }),
                     Err(SendTimeoutError::Disconnected(_)) => Err(self.gone("taking the input")),
@@ -402,9 +452,10 @@ impl StagedPipeline {
         else {
             return Ok(Some(r));
         };
+        let k = self.specs.len();
         let expected = match self.method {
-            PipelineMethod::Sid => self.specs[stage].modules.len(),
-            PipelineMethod::Bp(_) => usize::from(stage + 1 == self.specs.len()),
+            PipelineMethod::Sid => self.specs[stage % k].modules.len(),
+            PipelineMethod::Bp(_) => usize::from(stage % k + 1 == k),
         };
         let bad = RuntimeError::Protocol(format!(
             "{} reported step {step}, which is not in flight (or twice, or with the wrong number of losses)",
@@ -417,16 +468,32 @@ impl StagedPipeline {
             .filter(|s| s.is_none() && losses.len() == expected)
             .ok_or(bad)?;
         *slot = Some(losses);
-        let t = &mut self.busy[stage];
-        t.steps += 1;
-        t.busy += busy;
-        t.forward += forward;
+        if stage < k {
+            // Replica 1 stands for the others, which run the same shapes.
+            let t = &mut self.busy[stage];
+            t.steps += 1;
+            t.busy += busy;
+            t.forward += forward;
+        }
         // Steps finish in order: the last stage runs them in order.
         while let Some(entry) = self.pending.first_entry() {
             if entry.get().iter().any(|s| s.is_none()) {
                 break;
             }
-            let losses: Vec<f64> = entry.remove().into_iter().flatten().flatten().collect();
+            let slots = entry.remove();
+            // Each replica's losses are already weighted by its share of the batch: sum
+            // them per stage, then list the stages in order.
+            let losses: Vec<f64> = (0..k)
+                .flat_map(|s| {
+                    let mut sum = slots[s].clone().unwrap_or_default();
+                    for r in 1..self.replicas {
+                        for (a, b) in sum.iter_mut().zip(slots[r * k + s].iter().flatten()) {
+                            *a += b;
+                        }
+                    }
+                    sum
+                })
+                .collect();
             let loss = losses.iter().sum();
             self.done.push_back(StepStats {
                 loss,
@@ -466,38 +533,69 @@ impl StagedPipeline {
         if b == 0 {
             return Err(RuntimeError::Config("an empty batch".into()));
         }
-        let m = (self.micro_batches as i64).min(b);
+        let r = self.replicas as i64;
+        if b < r {
+            return Err(RuntimeError::Config(format!(
+                "a batch of {b} cannot be shared by {r} data-parallel replicas"
+            )));
+        }
         self.submitted += 1;
         let step = self.submitted;
-        self.pending.insert(step, vec![None; self.specs.len()]);
+        self.pending.insert(step, vec![None; self.slots()]);
         let first = self.devices[0];
         let mut start = 0;
-        for j in 0..m {
-            // Sizes differ by at most one when m does not divide b (a short last batch).
-            let len = b / m + i64::from(j < b % m);
-            let msg = Message::Train {
-                tag: Tag {
-                    step,
-                    micro: j as usize,
-                    kind: Kind::Train,
-                },
-                micro_batches: m as usize,
-                input: x.narrow(0, start, len),
-                p: sid_core::belief::uniform_belief(len, self.num_classes, first),
-                labels: y.narrow(0, start, len),
-                scale: len as f64 / b as f64,
-            };
-            start += len;
-            self.feed(msg)?;
+        for replica in 0..r {
+            // Each replica takes a disjoint shard; sizes differ by at most one.
+            let shard = b / r + i64::from(replica < b % r);
+            let m = (self.micro_batches as i64).min(shard);
+            for j in 0..m {
+                // Sizes differ by at most one when m does not divide the shard.
+                let len = shard / m + i64::from(j < shard % m);
+                let msg = Message::Train {
+                    tag: Tag {
+                        step,
+                        micro: j as usize,
+                        kind: Kind::Train,
+                    },
+                    micro_batches: m as usize,
+                    input: x.narrow(0, start, len),
+                    p: sid_core::belief::uniform_belief(len, self.num_classes, first),
+                    labels: y.narrow(0, start, len),
+                    // The share of the whole batch: summed over replicas, the gradients and
+                    // losses are those of one replica on the whole batch.
+                    scale: len as f64 / b as f64,
+                };
+                start += len;
+                self.feed_replica(replica as usize, msg)?;
+            }
         }
         Ok(())
     }
 
-    /// Sends a request down the chain and collects one report per stage, in stage order.
-    fn request(&mut self, msg: Message, what: &str) -> Result<Vec<Report>> {
+    /// Sends a request down the chain and collects one report per stage, in stage order;
+    /// with `all_replicas`, down every replica's chain (one report per slot).
+    fn request(&mut self, msg: Message, what: &str, all_replicas: bool) -> Result<Vec<Report>> {
         self.drain()?;
+        let k = if all_replicas {
+            for r in 1..self.replicas {
+                let copy = match &msg {
+                    Message::Load { tag, named } => Message::Load {
+                        tag: *tag,
+                        named: named
+                            .iter()
+                            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                            .collect(),
+                    },
+                    Message::State { tag } => Message::State { tag: *tag },
+                    _ => unreachable!("only control messages go to every replica"),
+                };
+                self.feed_replica(r, copy)?;
+            }
+            self.slots()
+        } else {
+            self.specs.len()
+        };
         self.feed(msg)?;
-        let k = self.specs.len();
         let mut got: Vec<Option<Report>> = (0..k).map(|_| None).collect();
         while got.iter().any(|g| g.is_none()) {
             let owing = |p: &Self| {
@@ -511,7 +609,13 @@ impl StagedPipeline {
                 | Report::Loaded { stage } => *stage,
                 other => return Err(unexpected(other, what)),
             };
-            if got[stage].replace(r).is_some() {
+            let Some(entry) = got.get_mut(stage) else {
+                return Err(RuntimeError::Protocol(format!(
+                    "{} returned {what}, which was not asked of it",
+                    self.describe(stage)
+                )));
+            };
+            if entry.replace(r).is_some() {
                 return Err(RuntimeError::Protocol(format!(
                     "{} returned {what} twice",
                     self.describe(stage)
@@ -561,13 +665,8 @@ fn unexpected(r: &Report, expected: &str) -> RuntimeError {
 
 fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Device]) -> Engine {
     let k = runners.len();
-    let cpu_stages = devices.iter().filter(|d| **d == Device::Cpu).count().max(1);
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let cpu_threads = cfg
-        .threads_per_stage
-        .unwrap_or_else(|| (cores / cpu_stages).max(1) as i32);
+    let cpu_stages = devices.iter().filter(|d| **d == Device::Cpu).count();
+    let cpu_threads = cpu_threads_per_stage(cfg, cpu_stages);
     // Fix this thread's libtorch thread count before stages change the process-wide one.
     let _ = tch::get_num_threads();
     // Room for one step's micro-batches per link: a stage runs at most about a step ahead.
@@ -578,7 +677,7 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let bp = matches!(cfg.method, PipelineMethod::Bp(_));
     // Backprop: gradients flow back from stage s+1 to stage s.
     let mut grads_out: Option<Sender<(Tag, Tensor)>> = None;
-    for (s, mut runner) in runners.into_iter().enumerate() {
+    for (s, runner) in runners.into_iter().enumerate() {
         let (down_tx, down_rx) = if s + 1 < k {
             let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
             (Some(tx), Some(rx))
@@ -592,7 +691,7 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
             (None, None)
         };
         let device = devices[s];
-        let mut transport = ChannelTransport {
+        let transport = ChannelTransport {
             stage: s,
             device,
             upstream,
@@ -601,63 +700,94 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
             timeout: cfg.timeout,
             grads_in,
             grads_out: grads_out.take(),
+            replicas: None,
         };
         grads_out = grad_tx;
         let threads_here = (device == Device::Cpu).then_some(cpu_threads);
-        let own_stream = cfg.streams;
-        let timeout = cfg.timeout;
-        let fail_tx = report_tx.clone();
-        let (exit_tx, exited) = crossbeam_channel::bounded::<()>(1);
-        let thread = std::thread::Builder::new()
-            .name(format!("sid-stage-{}", s + 1))
-            .spawn(move || {
-                let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    if let Some(n) = threads_here {
-                        // A thread's first parallel op copies the process-wide count, which
-                        // other stages overwrite: read it first, then set this thread's own.
-                        let _ = tch::get_num_threads();
-                        tch::set_num_threads(n);
-                    }
-                    if let (Device::Cuda(i), true) = (device, own_stream) {
-                        streams::use_pool_stream(i)
-                            .map_err(|e| Failure::from_cause(e.to_string()))?;
-                    }
-                    runner.work_mut().to_device(device);
-                    streams::sync_device(device).map_err(|e| Failure::from_cause(e.to_string()))?;
-                    drive(&mut runner, &mut transport, timeout, false)
-                }));
-                let failure = match outcome {
-                    Ok(Ok(())) => None,
-                    Ok(Err(f)) => Some(f),
-                    Err(panic) => Some(Failure::from_cause(crate::worker::panic_cause(
-                        panic.as_ref(),
-                    ))),
-                };
-                if let Some(f) = failure {
-                    let _ = fail_tx.send(Report::Failed {
-                        stage: s,
-                        module: f.module,
-                        cause: f.cause,
-                    });
-                }
-                // Dropping the transport closes the link to the next stage, which then stops.
-                drop(transport);
-                let _ = exit_tx.send(());
-            })
-            .expect("spawning a stage thread");
-        threads.push(StageThread {
-            thread: Some(thread),
-            exited,
-        });
+        threads.push(spawn_stage(
+            runner,
+            transport,
+            threads_here,
+            cfg.streams,
+            cfg.timeout,
+        ));
         upstream = match down_rx {
             Some(rx) => rx,
             None => crossbeam_channel::never(),
         };
     }
     Engine::Threads {
-        first: Some(first),
+        firsts: vec![first],
         reports,
         threads,
+    }
+}
+
+/// Intra-op threads for each CPU stage of this process: `threads_per_stage`, or the cores
+/// shared among them.
+pub(crate) fn cpu_threads_per_stage(cfg: &StagedConfig, cpu_stages: usize) -> i32 {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    cfg.threads_per_stage
+        .unwrap_or_else(|| (cores / cpu_stages.max(1)).max(1) as i32)
+}
+
+/// Starts the thread that runs one stage over `transport` until its input closes. A failure
+/// (error or panic) is reported to the coordinator through the transport's report channel
+/// and returned through [`StageThread::exited`].
+pub(crate) fn spawn_stage(
+    mut runner: StageRunner,
+    mut transport: ChannelTransport,
+    threads_here: Option<i32>,
+    own_stream: bool,
+    timeout: Duration,
+) -> StageThread {
+    let s = transport.stage;
+    let device = transport.device;
+    let fail_tx = transport.reports.clone();
+    let (exit_tx, exited) = crossbeam_channel::bounded::<Option<String>>(1);
+    let thread = std::thread::Builder::new()
+        .name(format!("sid-stage-{}", s + 1))
+        .spawn(move || {
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                if let Some(n) = threads_here {
+                    // A thread's first parallel op copies the process-wide count, which
+                    // other stages overwrite: read it first, then set this thread's own.
+                    let _ = tch::get_num_threads();
+                    tch::set_num_threads(n);
+                }
+                if let (Device::Cuda(i), true) = (device, own_stream) {
+                    streams::use_pool_stream(i).map_err(|e| Failure::from_cause(e.to_string()))?;
+                }
+                runner.work_mut().to_device(device);
+                streams::sync_device(device).map_err(|e| Failure::from_cause(e.to_string()))?;
+                drive(&mut runner, &mut transport, timeout, false)
+            }));
+            let failure = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(f)) => Some(f),
+                Err(panic) => Some(Failure::from_cause(crate::worker::panic_cause(
+                    panic.as_ref(),
+                ))),
+            };
+            let cause = failure.as_ref().map(|f| f.cause.clone());
+            if let Some(f) = failure {
+                let _ = fail_tx.send(Report::Failed {
+                    stage: s,
+                    module: f.module,
+                    cause: f.cause,
+                });
+            }
+            // Dropping the transport closes the link to the next stage, which then stops.
+            drop(transport);
+            drop(fail_tx);
+            let _ = exit_tx.send(cause);
+        })
+        .expect("spawning a stage thread");
+    StageThread {
+        thread: Some(thread),
+        exited,
     }
 }
 
@@ -709,6 +839,7 @@ impl Network for StagedPipeline {
                 p,
             },
             "inference results",
+            false,
         )?;
         let first = self.devices[0];
         let mut logits = Vec::with_capacity(self.modules);
@@ -764,7 +895,7 @@ impl Network for StagedPipeline {
 
     fn state(&mut self) -> sid_core::Result<Vec<(String, Tensor)>> {
         let tag = self.next_request(Kind::State);
-        let reports = self.request(Message::State { tag }, "its state")?;
+        let reports = self.request(Message::State { tag }, "its state", false)?;
         Ok(reports
             .into_iter()
             .flat_map(|r| match r {
@@ -781,16 +912,23 @@ impl Network for StagedPipeline {
             .iter()
             .map(|(n, t)| (n.clone(), t.shallow_clone()))
             .collect();
-        self.request(Message::Load { tag, named }, "confirmation of a state load")?;
+        self.request(
+            Message::Load { tag, named },
+            "confirmation of a state load",
+            true,
+        )?;
         Ok(())
     }
 }
 
 impl Drop for StagedPipeline {
     fn drop(&mut self) {
-        if let Engine::Threads { first, threads, .. } = &mut self.engine {
+        if let Engine::Threads {
+            firsts, threads, ..
+        } = &mut self.engine
+        {
             // Closing stage 1's input stops it, which closes stage 2's, and so on.
-            first.take();
+            firsts.clear();
             let grace = self.timeout.min(Duration::from_secs(10));
             for (s, t) in threads.iter_mut().enumerate() {
                 if t.exited.recv_timeout(grace).is_ok() {

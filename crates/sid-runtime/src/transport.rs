@@ -197,6 +197,11 @@ pub trait Transport {
             tag.step
         )))
     }
+    /// Data-parallel replicas: sums this stage's gradients over the stage's replicas, in
+    /// place, before its optimiser step. One replica (the default): nothing to do.
+    fn reduce_gradients(&mut self, _grads: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
     /// Backprop pipelines: the next gradient of this stage's output from the next stage,
     /// waiting at most `timeout`.
     fn recv_grad(&mut self, _timeout: Duration) -> Result<(Tag, Tensor)> {
@@ -204,6 +209,13 @@ pub trait Transport {
             "this transport carries no gradients back".into(),
         ))
     }
+}
+
+/// Sums a stage's gradients over its data-parallel replicas (an all-reduce among the ranks
+/// that hold the same stage).
+pub trait GradReducer: Send {
+    /// Sums `grads` in place over every replica.
+    fn all_reduce(&mut self, grads: &[Tensor]) -> Result<()>;
 }
 
 /// Stages run one after another in one thread: each stage's inbox is a queue, and receiving
@@ -259,6 +271,8 @@ pub struct ChannelTransport {
     pub grads_in: Option<Receiver<(Tag, Tensor)>>,
     /// Backprop pipelines: gradients to the previous stage.
     pub grads_out: Option<Sender<(Tag, Tensor)>>,
+    /// Data-parallel replicas of this stage in other processes, if any.
+    pub replicas: Option<Box<dyn GradReducer>>,
 }
 
 impl Transport for ChannelTransport {
@@ -306,6 +320,13 @@ impl Transport for ChannelTransport {
         self.reports
             .send(report)
             .map_err(|_| RuntimeError::Protocol("the coordinator is gone".into()))
+    }
+
+    fn reduce_gradients(&mut self, grads: &[Tensor]) -> Result<()> {
+        match &mut self.replicas {
+            Some(r) => r.all_reduce(grads),
+            None => Ok(()),
+        }
     }
 
     fn send_up(&mut self, tag: Tag, grad: Tensor) -> Result<()> {

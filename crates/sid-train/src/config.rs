@@ -68,6 +68,11 @@ pub struct RunConfig {
     /// Stages of staged SID: the backbone cut into this many slices, each trained by its own
     /// modules' local losses (1 = the paper's SID).
     pub stages: usize,
+    /// Data-parallel replicas of the pipeline in a multi-process run (world = stages ×
+    /// replicas): each takes a disjoint shard of every batch, and each stage's gradients are
+    /// summed over its replicas before its optimiser step.
+    #[serde(default = "one")]
+    pub data_parallel: usize,
     /// Micro-batches per step: each stage accumulates their gradients and steps once.
     /// `None` = 1 for SID (staged SID pays its pipeline fill once an epoch); for a backprop
     /// pipeline the largest divisor of the batch up to 2×stages, to keep every stage busy.
@@ -129,6 +134,7 @@ impl Default for RunConfig {
             eval_batch_size: 1000,
             threads: None,
             stages: 1,
+            data_parallel: 1,
             micro_batches: None,
             pipeline_schedule: sid_runtime::BpSchedule::OneFOneB,
             placement: None,
@@ -141,6 +147,10 @@ impl Default for RunConfig {
     }
 }
 
+fn one() -> usize {
+    1
+}
+
 /// The settings a resumed run may change, as (key in `config.toml`, the flag that sets it): one
 /// list that the resume check, its message and the launcher's help all read. Everything else
 /// shapes the model, the data or the arithmetic, and must stay as saved. `placement` may change
@@ -150,6 +160,7 @@ pub const RESUME_MAY_CHANGE: &[(&str, &str)] = &[
     ("gpus", "--gpus"),
     ("placement", "--placement (paper mode only)"),
     ("micro_batches", "--micro-batches"),
+    ("data_parallel", "--data-parallel"),
     ("data_dir", "--data-dir"),
     ("cache_dir", "--cache-dir"),
     ("threads", "--threads"),
@@ -354,8 +365,16 @@ impl RunConfig {
             return bad("--cuda-graph: this build has no CUDA graphs (CUDA headers were not found when it was compiled; run scripts/setup.sh and rebuild)".into());
         }
         let micro = self.resolved_micro_batches();
-        if self.stages == 0 || micro == 0 {
-            return bad("--stages and --micro-batches must be at least 1".into());
+        if self.stages == 0 || micro == 0 || self.data_parallel == 0 {
+            return bad("--stages, --micro-batches and --data-parallel must be at least 1".into());
+        }
+        if self.batch_size % self.data_parallel as i64 != 0
+            || (self.batch_size / self.data_parallel as i64) % micro as i64 != 0
+        {
+            return bad(format!(
+                "--batch-size {} does not split into {} equal replica shards of {micro} equal micro-batches",
+                self.batch_size, self.data_parallel
+            ));
         }
         if micro as i64 > self.batch_size || self.batch_size % micro as i64 != 0 {
             return bad(format!(

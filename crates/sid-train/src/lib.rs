@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod devices;
+pub mod distributed;
 pub mod error;
 pub mod eval;
 mod graph_step;
@@ -17,4 +18,4 @@ pub use config::RunConfig;
 pub use error::{Result, TrainError};
 pub use metrics::EpochMetrics;
 pub use sid_runtime::BpSchedule;
-pub use trainer::{build_network, evaluate, Built, Event, Run, Summary};
+pub use trainer::{build_network, build_network_on, evaluate, Built, Event, Run, Summary};

@@ -158,10 +158,53 @@ fn stage_plan(
 /// SID on one device runs in this thread; SID on several devices runs on the multi-device
 /// runtime; backprop runs on the first device.
 pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
+    build_network_on(cfg, devices, None)
+}
+
+/// The stage pipeline's settings for a run (the same on every rank of a multi-process run).
+pub(crate) fn staged_config(
+    cfg: &RunConfig,
+    devices: Vec<Device>,
+    plan: sid_core::StagePlan,
+) -> sid_runtime::StagedConfig {
+    let mut sc = sid_runtime::StagedConfig::new(cfg.model_config(), devices, plan);
+    sc.loss = cfg.loss_config();
+    sc.lr = cfg.lr;
+    sc.micro_batches = cfg.resolved_micro_batches();
+    if cfg.method == Method::Bp {
+        // Backprop's modules all read the final features: they sit on the last stage.
+        sc.method = sid_runtime::PipelineMethod::Bp(cfg.pipeline_schedule);
+    }
+    sc.timeout = std::time::Duration::from_secs_f64(cfg.step_timeout);
+    sc.threads_per_stage = cfg.threads;
+    sc.streams = cfg.streams;
+    sc
+}
+
+/// [`build_network`], as rank 0 of a multi-process run when `rdv` is given: the stage
+/// pipeline then links to the other ranks, which serve the other stages and replicas.
+pub fn build_network_on(
+    cfg: &RunConfig,
+    devices: &[Device],
+    rdv: Option<&crate::distributed::Rendezvous>,
+) -> Result<Built> {
     let model = cfg.model_config();
+    let devices: Vec<Device> = match rdv {
+        Some(r) => vec![r.device()],
+        None => devices.to_vec(),
+    };
+    let devices = devices.as_slice();
     let first = devices.first().copied().unwrap_or(Device::Cpu);
-    let staged_plan = if cfg.staged() {
-        Some(stage_plan(cfg, &model, first, devices.len())?)
+    if cfg.data_parallel > 1 && rdv.is_none() {
+        return Err(TrainError::Config(format!(
+            "--data-parallel {} needs one process per replica and stage: add --nproc-per-node {} (or run under torchrun)",
+            cfg.data_parallel,
+            cfg.data_parallel * cfg.stages
+        )));
+    }
+    let staged_plan = if cfg.staged() || rdv.is_some() {
+        // Ranks each hold one stage: time the blocks with the threads one rank will have.
+        Some(stage_plan(cfg, &model, first, devices.len().max(cfg.stages))?)
     } else {
         None
     };
@@ -169,29 +212,33 @@ pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
     let whole = vec![(first, 0..model.modules)];
     let runtime = TrainError::Runtime;
     if let Some((plan, note)) = staged_plan {
-        let mut sc = sid_runtime::StagedConfig::new(model.clone(), devices.to_vec(), plan);
-        sc.loss = cfg.loss_config();
-        sc.lr = cfg.lr;
-        sc.micro_batches = cfg.resolved_micro_batches();
-        if cfg.method == Method::Bp {
-            // Backprop's modules all read the final features: they sit on the last stage.
-            sc.method = sid_runtime::PipelineMethod::Bp(cfg.pipeline_schedule);
-        }
-        sc.timeout = std::time::Duration::from_secs_f64(cfg.step_timeout);
-        sc.threads_per_stage = cfg.threads;
-        sc.streams = cfg.streams;
+        let mut sc = staged_config(cfg, devices.to_vec(), plan.clone());
         #[cfg(feature = "fault-injection")]
         {
             sc.fault = injected_fault(cfg)?;
         }
+        if let Some(rdv) = rdv {
+            let mut shared = cfg.clone();
+            shared.placement = Some(plan.to_spec());
+            rdv.publish_config(&shared)?;
+            let ranks = rdv.groups(plan.len(), cfg.data_parallel)?;
+            if sc.threads_per_stage.is_none() {
+                sc.threads_per_stage = Some(rdv.cpu_threads());
+            }
+            sc.ranks = Some(ranks);
+            // The weights must be drawn exactly as on the other ranks: reseed after the
+            // timing above.
+            tch::manual_seed(cfg.seed as i64);
+        }
         let pipeline = sid_runtime::StagedPipeline::new(sc).map_err(runtime)?;
-        let mut notes: Vec<String> = (0..pipeline.plan().len())
-            .map(|s| pipeline.describe(s))
-            .collect();
+        let slots = pipeline.plan().len() * cfg.data_parallel.max(1);
+        let slots = if rdv.is_some() { slots } else { pipeline.plan().len() };
+        let mut notes: Vec<String> = (0..slots).map(|s| pipeline.describe(s)).collect();
         notes.extend(note);
         return Ok(Built {
             layout: pipeline.layout(),
-            placement: Some(pipeline.plan().to_spec()),
+            // One stage (paper SID, replicated over ranks) has no cut to keep.
+            placement: (pipeline.plan().len() > 1).then(|| pipeline.plan().to_spec()),
             net: Box::new(pipeline),
             notes,
         });
@@ -280,7 +327,16 @@ pub(crate) fn load_data(cfg: &RunConfig) -> Result<Dataset> {
 
 impl Run {
     /// Starts a new run in `dir`, which must not already hold one. Writes `config.toml`.
-    pub fn create(mut cfg: RunConfig, dir: &Path) -> Result<Self> {
+    pub fn create(cfg: RunConfig, dir: &Path) -> Result<Self> {
+        Self::create_on(cfg, dir, None)
+    }
+
+    /// [`Run::create`] as rank 0 of a multi-process run (see [`crate::distributed`]).
+    pub fn create_on(
+        mut cfg: RunConfig,
+        dir: &Path,
+        rdv: Option<&crate::distributed::Rendezvous>,
+    ) -> Result<Self> {
         cfg.validate()?;
         if dir.join(CHECKPOINT_FILE).exists() || dir.join(METRICS_FILE).exists() {
             return Err(TrainError::Config(format!(
@@ -291,7 +347,7 @@ impl Run {
         let devices = resolve_devices(&cfg.gpus)?;
         let data = load_data(&cfg)?;
         cfg.loaded_shape = Some(data.shape);
-        let built = build_network(&cfg, &devices)?;
+        let built = build_network_on(&cfg, &devices, rdv)?;
         let data = data_on_input_device(data, built.net.as_ref());
         cfg.placement = built.placement.clone();
         let notes = built.notes;
@@ -324,7 +380,17 @@ impl Run {
 
     /// Continues the run in `dir` from its checkpoint with `cfg` (normally the saved config,
     /// perhaps with more epochs). Settings that shape the model or the data must not change.
-    pub fn resume(mut cfg: RunConfig, dir: &Path) -> Result<Self> {
+    pub fn resume(cfg: RunConfig, dir: &Path) -> Result<Self> {
+        Self::resume_on(cfg, dir, None)
+    }
+
+    /// [`Run::resume`] as rank 0 of a multi-process run (see [`crate::distributed`]); the
+    /// checkpoint may come from a run with any other number of ranks.
+    pub fn resume_on(
+        mut cfg: RunConfig,
+        dir: &Path,
+        rdv: Option<&crate::distributed::Rendezvous>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let saved = Self::saved_config(dir)?;
         let changed = cfg.resume_conflicts(&saved);
@@ -352,7 +418,7 @@ impl Run {
             layout,
             placement,
             notes,
-        } = build_network(&cfg, &devices)?;
+        } = build_network_on(&cfg, &devices, rdv)?;
         let data = data_on_input_device(data, net.as_ref());
         cfg.placement = placement;
         net.load_state(&named).map_err(|e| TrainError::Checkpoint {

@@ -1,0 +1,318 @@
+//! One rank of a multi-process run (the variables torchrun sets: `RANK`, `WORLD_SIZE`, …):
+//! the rendezvous through c10d's TCPStore, the checks every rank makes there, and the
+//! process groups the stage pipeline links over ([`sid_runtime::ranks`]).
+//!
+//! Rank 0 is the coordinator: it loads the data, resolves the config (the stage cut
+//! included), publishes it in the store, runs stage 1 of replica 1 and writes every output.
+//! Every other rank reads that config, builds the same stages from the same seed, keeps its
+//! own (replica r's stage s is rank r·K + s) and serves it until rank 0 closes the pipeline.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sid_dist::{Backend, DistEnv, Group, Store};
+use tch::Device;
+
+use crate::{Result, RunConfig, TrainError};
+
+/// This process's rendezvous with the other ranks.
+pub struct Rendezvous {
+    env: DistEnv,
+    store: Store,
+    device: Device,
+    timeout: Duration,
+}
+
+fn dist(e: sid_dist::DistError) -> TrainError {
+    TrainError::Runtime(sid_runtime::RuntimeError::Dist(e))
+}
+
+/// What every rank must agree on: the program and the settings that shape the computation.
+fn fingerprint(cfg: &RunConfig, world: usize) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut shared = cfg.clone();
+    // Where a rank finds its data or writes caches may differ between nodes.
+    shared.data_dir = None;
+    shared.cache_dir = None;
+    shared.to_toml().hash(&mut h);
+    format!(
+        "sid {} world {world} config {:016x}",
+        env!("CARGO_PKG_VERSION"),
+        h.finish()
+    )
+}
+
+/// The device of this rank: the `LOCAL_RANK`-th GPU of `--gpus`, or the CPU.
+fn rank_device(cfg: &RunConfig, env: &DistEnv) -> Result<Device> {
+    let listed = crate::devices::parse_devices(&cfg.gpus)?;
+    if listed.iter().all(|d| *d == Device::Cpu) {
+        return Ok(Device::Cpu);
+    }
+    let Some(Device::Cuda(i)) = listed.get(env.local_rank).copied() else {
+        return Err(TrainError::Device(format!(
+            "--gpus {}: local rank {} has no GPU in the list ({} listed; give one per process on the node)",
+            cfg.gpus,
+            env.local_rank,
+            listed.len()
+        )));
+    };
+    crate::devices::resolve_devices(&i.to_string())?;
+    Ok(Device::Cuda(i))
+}
+
+impl Rendezvous {
+    /// Serves (rank 0) or reaches the store at `MASTER_ADDR:MASTER_PORT` and checks that
+    /// every rank runs the same program with the same settings; waits at most the step
+    /// timeout for the others, then names the ranks that did not come.
+    pub fn join(env: DistEnv, cfg: &RunConfig) -> Result<Self> {
+        let device = rank_device(cfg, &env)?;
+        let timeout = Duration::from_secs_f64(cfg.step_timeout);
+        let world = env.world_size;
+        let store = Store::connect(
+            &env.master_addr,
+            env.master_port,
+            env.serves_store(),
+            world,
+            timeout,
+        )
+        .map_err(dist)?;
+        let mine = fingerprint(cfg, world);
+        let rank = env.rank;
+        store
+            .set(&format!("sid/fingerprint/{rank}"), mine.as_bytes())
+            .map_err(dist)?;
+        let late = |r: usize| {
+            TrainError::Config(format!(
+                "rank {r} did not join within {} s (WORLD_SIZE={world}, store {}:{}): are all {world} ranks started with the same WORLD_SIZE?",
+                timeout.as_secs(),
+                env.master_addr,
+                env.master_port
+            ))
+        };
+        let differ = |r: usize, theirs: &str| {
+            TrainError::Config(format!(
+                "rank {r} runs another program or other settings than rank {rank} ({theirs} vs {mine}); start every rank with the same sid-launch and flags"
+            ))
+        };
+        if rank == 0 {
+            for r in 1..world {
+                let theirs = store
+                    .get(&format!("sid/fingerprint/{r}"), timeout)
+                    .map_err(|_| late(r))?;
+                let theirs = String::from_utf8_lossy(&theirs).into_owned();
+                if theirs != mine {
+                    store.set("sid/verdict", b"mismatch").map_err(dist)?;
+                    return Err(differ(r, &theirs));
+                }
+            }
+            store.set("sid/verdict", b"ok").map_err(dist)?;
+        } else {
+            let theirs = store
+                .get("sid/fingerprint/0", timeout)
+                .map_err(|_| late(0))?;
+            let theirs = String::from_utf8_lossy(&theirs).into_owned();
+            if theirs != mine {
+                return Err(differ(0, &theirs));
+            }
+            let verdict = store.get("sid/verdict", timeout).map_err(|_| late(0))?;
+            if verdict != b"ok" {
+                return Err(TrainError::Config(
+                    "rank 0 found a rank with other settings; see its message".into(),
+                ));
+            }
+        }
+        Ok(Self {
+            env,
+            store,
+            device,
+            timeout,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.env.rank
+    }
+
+    /// Ranks in the job.
+    pub fn world(&self) -> usize {
+        self.env.world_size
+    }
+
+    /// This rank's device.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Intra-op threads for a CPU rank: the node's cores shared by its ranks.
+    pub fn cpu_threads(&self) -> i32 {
+        let local: usize = std::env::var("LOCAL_WORLD_SIZE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / local.max(1)).max(1) as i32
+    }
+
+    /// Rank 0: hands the resolved config (stage cut and data shape included) to the others.
+    pub fn publish_config(&self, cfg: &RunConfig) -> Result<()> {
+        let mut text = cfg.to_toml();
+        // The data shape is resolved from the data, which only rank 0 loads.
+        if let Some(s) = cfg.loaded_shape {
+            text.push_str(&format!(
+                "\n#sid-shape {} {} {}\n",
+                s.channels, s.image_size, s.num_classes
+            ));
+        }
+        self.store
+            .set("sid/config", text.as_bytes())
+            .map_err(dist)
+    }
+
+    /// Every other rank: the config rank 0 resolved. Rank 0 may take long (loading data,
+    /// timing blocks); if it fails first, its store goes away and this returns at once.
+    pub fn wait_config(&self) -> Result<RunConfig> {
+        let wait = self.timeout.max(Duration::from_secs(600));
+        let bytes = self.store.get("sid/config", wait).map_err(|e| {
+            TrainError::Config(format!(
+                "rank {}: rank 0 did not publish the run's config ({e})",
+                self.rank()
+            ))
+        })?;
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let mut cfg = RunConfig::from_toml(&text)?;
+        if let Some(line) = text.lines().find_map(|l| l.strip_prefix("#sid-shape ")) {
+            let v: Vec<i64> = line
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            if let [channels, image_size, num_classes] = v[..] {
+                cfg.loaded_shape = Some(sid_data::Shape {
+                    channels,
+                    image_size,
+                    num_classes,
+                });
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Joins the process groups of a pipeline of `stages` stages × `replicas` replicas:
+    /// every rank (Gloo), and the replicas of this rank's stage (NCCL for CUDA when built in,
+    /// else Gloo).
+    pub fn groups(&self, stages: usize, replicas: usize) -> Result<sid_runtime::Ranks> {
+        let world = self.world();
+        if stages * replicas != world {
+            return Err(TrainError::Config(format!(
+                "--stages {stages} × --data-parallel {replicas} = {} ranks, but WORLD_SIZE is {world}",
+                stages * replicas
+            )));
+        }
+        let rank = self.rank();
+        let host = std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| {
+            let m = self.env.master_addr.as_str();
+            if m == "127.0.0.1" || m == "localhost" {
+                "127.0.0.1".into()
+            } else {
+                String::new()
+            }
+        });
+        let name = format!(
+            "rank {rank}, {}{}",
+            crate::devices::device_name(self.device),
+            hostname().map(|h| format!(" on {h}")).unwrap_or_default()
+        );
+        self.store
+            .set(&format!("sid/name/{rank}"), name.as_bytes())
+            .map_err(dist)?;
+        let world_group = Group::new(
+            &self.store,
+            "sid/world",
+            rank,
+            world,
+            Backend::Gloo,
+            &host,
+            self.timeout,
+        )
+        .map_err(dist)?;
+        let mut names = Vec::with_capacity(world);
+        for r in 0..world {
+            let n = self
+                .store
+                .get(&format!("sid/name/{r}"), self.timeout)
+                .map_err(dist)?;
+            names.push(String::from_utf8_lossy(&n).into_owned());
+        }
+        let replica_group = if replicas > 1 {
+            let backend = if self.device.is_cuda() && sid_dist::available().1 {
+                Backend::Nccl
+            } else {
+                Backend::Gloo
+            };
+            let stage = rank % stages;
+            Some(Arc::new(
+                Group::new(
+                    &self.store,
+                    &format!("sid/replicas-of-stage-{stage}"),
+                    rank / stages,
+                    replicas,
+                    backend,
+                    &host,
+                    self.timeout,
+                )
+                .map_err(dist)?,
+            ))
+        } else {
+            None
+        };
+        Ok(sid_runtime::Ranks {
+            world: Arc::new(world_group),
+            replicas,
+            replica_group,
+            names,
+        })
+    }
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Every rank but 0: builds this rank's stage from the config rank 0 published and serves
+/// it until rank 0 closes the pipeline.
+pub fn serve(rdv: &Rendezvous) -> Result<()> {
+    let cfg = rdv.wait_config()?;
+    let model = cfg.model_config();
+    let spec = cfg.placement.as_deref().ok_or_else(|| {
+        TrainError::Config("rank 0 published a config without its stage cut".into())
+    })?;
+    let plan = sid_core::StagePlan::parse(spec, &model)?;
+    let ranks = rdv.groups(plan.len(), cfg.data_parallel)?;
+    tch::manual_seed(cfg.seed as i64);
+    let mut sc = crate::trainer::staged_config(&cfg, vec![rdv.device()], plan);
+    if sc.threads_per_stage.is_none() {
+        sc.threads_per_stage = Some(rdv.cpu_threads());
+    }
+    sc.ranks = Some(ranks.clone());
+    sid_runtime::serve(&sc, &ranks).map_err(TrainError::Runtime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_ignore_paths_but_not_settings() {
+        let a = RunConfig::default();
+        let mut b = a.clone();
+        b.data_dir = Some("/elsewhere".into());
+        assert_eq!(fingerprint(&a, 2), fingerprint(&b, 2));
+        b.lr *= 2.0;
+        assert_ne!(fingerprint(&a, 2), fingerprint(&b, 2));
+        assert_ne!(fingerprint(&a, 2), fingerprint(&a, 3));
+    }
+}
