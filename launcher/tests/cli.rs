@@ -1041,3 +1041,243 @@ fn eval_prints_the_early_exit_table_of_a_multi_stage_run() {
         "must be in (0, 1]",
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Several processes (ranks) over torch.distributed's c10d (Gloo on 127.0.0.1).
+
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string()
+}
+
+/// The small CIFAR-10 run of [`staged`] as paper SID (one stage): for data-parallel runs.
+fn paper(run_dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v = staged(run_dir, &[]);
+    let stages = v.iter().position(|a| a == "--stages").unwrap();
+    v.drain(stages..stages + 4); // --stages 2 --placement …
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn assert_same_training(a: &Path, b: &Path) {
+    let (ma, mb) = (metrics(a), metrics(b));
+    assert_eq!(ma.len(), mb.len());
+    for (x, y) in ma.iter().zip(&mb) {
+        let (u, v) = (
+            x["train_loss"].as_f64().unwrap(),
+            y["train_loss"].as_f64().unwrap(),
+        );
+        assert!((u - v).abs() < 1e-4 * u.abs(), "train loss {u} vs {v}");
+        let (p, q) = (
+            x["test_acc"].as_f64().unwrap(),
+            y["test_acc"].as_f64().unwrap(),
+        );
+        assert!((p - q).abs() <= 1.0 / 64.0 + 1e-9, "test accuracy {p} vs {q}");
+    }
+}
+
+#[test]
+fn two_ranks_train_the_stages_like_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    run_ok(&staged(&one, &["--gpus", "cpu", "--threads", "1"]));
+    let port = free_port();
+    let out = run_ok(&staged(
+        &two,
+        &[
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            &port,
+            "--threads",
+            "1",
+        ],
+    ));
+    let e = stderr(&out);
+    assert!(e.contains("launched ranks 0-1 of 2"), "{e}");
+    assert!(e.contains("stage 2 (rank 1, cpu"), "{e}");
+    assert_same_training(&one, &two);
+    // Rank 0 alone wrote the run.
+    assert!(two.join("checkpoint.safetensors").exists());
+}
+
+#[test]
+fn two_replicas_equal_one_replica_on_the_whole_batch_and_checkpoints_move_between_world_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = |n: &str| tmp.path().join(n);
+    let replicas = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec![
+            "--data-parallel".to_string(),
+            "2".into(),
+            "--nproc-per-node".into(),
+            "2".into(),
+            "--master-port".into(),
+            free_port(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let strs = |v: &[String]| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\u{1}");
+    let args = |dir: &Path, extra: &[String]| {
+        let e = strs(extra);
+        let e: Vec<&str> = if e.is_empty() { vec![] } else { e.split('\u{1}').collect() };
+        paper(dir, &[&["--threads", "1"], e.as_slice()].concat())
+    };
+    // Straight: one process, 2 epochs; and 2 replicas, 2 epochs.
+    run_ok(&args(&d("one"), &[]));
+    let out = run_ok(&args(&d("rep"), &replicas(&[])));
+    assert!(stderr(&out).contains("stage 1 of replica 2 (rank 1"), "{}", stderr(&out));
+    assert_same_training(&d("one"), &d("rep"));
+    // Saved by 2 ranks, resumed by 1; and saved by 1, resumed by 2.
+    run_ok(&args(&d("a"), &replicas(&["--epochs", "1"])));
+    run_ok(&[
+        "--resume".into(),
+        d("a").display().to_string(),
+        "--epochs".into(),
+        "2".into(),
+        "--data-parallel".into(),
+        "1".into(),
+    ]);
+    assert_same_training(&d("one"), &d("a"));
+    run_ok(&args(&d("b"), &["--epochs".into(), "1".into()]));
+    let mut resume = vec![
+        "--resume".to_string(),
+        d("b").display().to_string(),
+        "--epochs".into(),
+        "2".into(),
+    ];
+    resume.extend(replicas(&[]));
+    let out = run_ok(&resume);
+    assert!(stderr(&out).contains("resuming after epoch 1"));
+    assert_same_training(&d("one"), &d("b"));
+}
+
+/// A rank started by hand, as torchrun would: the variables, and the same flags.
+fn rank(r: usize, world: usize, port: &str, args: &[String]) -> std::process::Child {
+    Command::new(BIN)
+        .args(args)
+        .env("RANK", r.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", r.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for(child: &mut std::process::Child, limit: std::time::Duration) -> Output {
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.wait_with_output_ref()
+}
+
+trait WaitOutput {
+    fn wait_with_output_ref(&mut self) -> Output;
+}
+
+impl WaitOutput for std::process::Child {
+    fn wait_with_output_ref(&mut self) -> Output {
+        let status = self.wait().unwrap();
+        let mut stderr = Vec::new();
+        if let Some(mut e) = self.stderr.take() {
+            std::io::Read::read_to_end(&mut e, &mut stderr).unwrap();
+        }
+        Output {
+            status,
+            stdout: Vec::new(),
+            stderr,
+        }
+    }
+}
+
+#[test]
+fn a_killed_rank_ends_the_run_with_a_clear_error_and_the_checkpoint_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let args = staged(&dir, &["--epochs", "200", "--threads", "1"]);
+    let port = free_port();
+    let mut r0 = rank(0, 2, &port, &args);
+    let mut r1 = rank(1, 2, &port, &args);
+    // Wait for the first checkpoint (end of epoch 1), then kill rank 1 outright.
+    let start = std::time::Instant::now();
+    let ckpt = || {
+        std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("checkpoint"))
+            })
+            .unwrap_or(false)
+    };
+    while !ckpt() {
+        assert!(start.elapsed().as_secs() < 120, "no checkpoint after 120 s");
+        assert!(r0.try_wait().unwrap().is_none(), "rank 0 ended early");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    r1.kill().unwrap();
+    let _ = r1.wait();
+    let killed = std::time::Instant::now();
+    let out = wait_for(&mut r0, std::time::Duration::from_secs(60));
+    assert!(killed.elapsed().as_secs() < 60);
+    let e = stderr(&out);
+    assert!(!out.status.success(), "{e}");
+    let line = e.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{e}"));
+    assert!(line.contains("rank 1"), "{line}");
+    // The last checkpoint still loads.
+    let out = sid(&["eval", dir.to_str().unwrap(), "--exit-confidence", "0.9"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn rendezvous_problems_are_one_line_errors_without_a_hang() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = |n: &str| tmp.path().join(n);
+    let quick_ranks = |d: &Path, extra: &[&str]| {
+        paper(d, &[&["--step-timeout", "3", "--epochs", "1"], extra].concat())
+    };
+    // Launcher: the world does not fit the stages.
+    let out = Command::new(BIN)
+        .args(staged(&dir("a"), &["--nproc-per-node", "3"]))
+        .output()
+        .unwrap();
+    one_line_error(&out, "= 2 ranks, but --nproc-per-node 3");
+    // Replicas without processes.
+    let out = Command::new(BIN)
+        .args(paper(&dir("b"), &["--data-parallel", "2"]))
+        .output()
+        .unwrap();
+    one_line_error(&out, "--nproc-per-node 2");
+    let started = std::time::Instant::now();
+    // A rank that never comes (wrong WORLD_SIZE).
+    let port = free_port();
+    let mut r0 = rank(0, 2, &port, &quick_ranks(&dir("c"), &[]));
+    one_line_error(&wait_for(&mut r0, std::time::Duration::from_secs(60)), "rank 1 did not join");
+    // A port already in use.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let mut r0 = rank(0, 1, &port, &quick_ranks(&dir("d"), &[]));
+    one_line_error(&wait_for(&mut r0, std::time::Duration::from_secs(60)), "serving the store");
+    // A master nobody serves.
+    let port = free_port();
+    let mut r1 = rank(1, 2, &port, &quick_ranks(&dir("e"), &[]));
+    one_line_error(&wait_for(&mut r1, std::time::Duration::from_secs(60)), "connecting to the store");
+    // Ranks with other settings.
+    let port = free_port();
+    let mut r0 = rank(0, 2, &port, &quick_ranks(&dir("f"), &["--data-parallel", "2"]));
+    let mut r1 = rank(1, 2, &port, &quick_ranks(&dir("f"), &["--data-parallel", "2", "--lr", "0.01"]));
+    one_line_error(&wait_for(&mut r0, std::time::Duration::from_secs(60)), "other settings");
+    let out = wait_for(&mut r1, std::time::Duration::from_secs(60));
+    assert!(!out.status.success());
+    assert!(started.elapsed().as_secs() < 120);
+}
