@@ -27,7 +27,9 @@ fn main() {
         gloo,
         have(&include.join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp")),
     ) else {
-        println!("cargo:warning=c10d disabled: Gloo's headers not found (apt-get install libgloo-dev)");
+        println!(
+            "cargo:warning=c10d disabled: Gloo's headers not found (apt-get install libgloo-dev)"
+        );
         return;
     };
     let mut build = cc::Build::new();

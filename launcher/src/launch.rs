@@ -132,12 +132,7 @@ pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
         .iter()
         .zip(&statuses)
         .filter(|(_, s)| !s.is_some_and(|s| s.success()))
-        .map(|((rank, _), s)| {
-            format!(
-                "rank {rank} ({})",
-                s.map_or("no status".into(), describe)
-            )
-        })
+        .map(|((rank, _), s)| format!("rank {rank} ({})", s.map_or("no status".into(), describe)))
         .collect();
     if failed.is_empty() {
         return Ok(Outcome::Done);
@@ -146,5 +141,9 @@ pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
     if rank0_interrupted && failed.len() == 1 {
         return Ok(Outcome::Interrupted);
     }
-    bail!("{} of {n} ranks on this node failed: {}", failed.len(), failed.join(", "))
+    bail!(
+        "{} of {n} ranks on this node failed: {}",
+        failed.len(),
+        failed.join(", ")
+    )
 }

@@ -1076,7 +1076,10 @@ fn assert_same_training(a: &Path, b: &Path) {
             x["test_acc"].as_f64().unwrap(),
             y["test_acc"].as_f64().unwrap(),
         );
-        assert!((p - q).abs() <= 1.0 / 64.0 + 1e-9, "test accuracy {p} vs {q}");
+        assert!(
+            (p - q).abs() <= 1.0 / 64.0 + 1e-9,
+            "test accuracy {p} vs {q}"
+        );
     }
 }
 
@@ -1121,16 +1124,29 @@ fn two_replicas_equal_one_replica_on_the_whole_batch_and_checkpoints_move_betwee
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
-    let strs = |v: &[String]| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\u{1}");
+    let strs = |v: &[String]| {
+        v.iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\u{1}")
+    };
     let args = |dir: &Path, extra: &[String]| {
         let e = strs(extra);
-        let e: Vec<&str> = if e.is_empty() { vec![] } else { e.split('\u{1}').collect() };
+        let e: Vec<&str> = if e.is_empty() {
+            vec![]
+        } else {
+            e.split('\u{1}').collect()
+        };
         paper(dir, &[&["--threads", "1"], e.as_slice()].concat())
     };
     // Straight: one process, 2 epochs; and 2 replicas, 2 epochs.
     run_ok(&args(&d("one"), &[]));
     let out = run_ok(&args(&d("rep"), &replicas(&[])));
-    assert!(stderr(&out).contains("stage 1 of replica 2 (rank 1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("stage 1 of replica 2 (rank 1"),
+        "{}",
+        stderr(&out)
+    );
     assert_same_training(&d("one"), &d("rep"));
     // Saved by 2 ranks, resumed by 1; and saved by 1, resumed by 2.
     run_ok(&args(&d("a"), &replicas(&["--epochs", "1"])));
@@ -1232,7 +1248,10 @@ fn a_killed_rank_ends_the_run_with_a_clear_error_and_the_checkpoint_intact() {
     assert!(killed.elapsed().as_secs() < 60);
     let e = stderr(&out);
     assert!(!out.status.success(), "{e}");
-    let line = e.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("{e}"));
+    let line = e
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("{e}"));
     assert!(line.contains("rank 1"), "{line}");
     // The last checkpoint still loads.
     let out = sid(&["eval", dir.to_str().unwrap(), "--exit-confidence", "0.9"]);
@@ -1244,7 +1263,10 @@ fn rendezvous_problems_are_one_line_errors_without_a_hang() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = |n: &str| tmp.path().join(n);
     let quick_ranks = |d: &Path, extra: &[&str]| {
-        paper(d, &[&["--step-timeout", "3", "--epochs", "1"], extra].concat())
+        paper(
+            d,
+            &[&["--step-timeout", "3", "--epochs", "1"], extra].concat(),
+        )
     };
     // Launcher: the world does not fit the stages.
     let out = Command::new(BIN)
@@ -1262,21 +1284,43 @@ fn rendezvous_problems_are_one_line_errors_without_a_hang() {
     // A rank that never comes (wrong WORLD_SIZE).
     let port = free_port();
     let mut r0 = rank(0, 2, &port, &quick_ranks(&dir("c"), &[]));
-    one_line_error(&wait_for(&mut r0, std::time::Duration::from_secs(60)), "rank 1 did not join");
+    one_line_error(
+        &wait_for(&mut r0, std::time::Duration::from_secs(60)),
+        "rank 1 did not join",
+    );
     // A port already in use.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port().to_string();
     let mut r0 = rank(0, 1, &port, &quick_ranks(&dir("d"), &[]));
-    one_line_error(&wait_for(&mut r0, std::time::Duration::from_secs(60)), "serving the store");
+    one_line_error(
+        &wait_for(&mut r0, std::time::Duration::from_secs(60)),
+        "serving the store",
+    );
     // A master nobody serves.
     let port = free_port();
     let mut r1 = rank(1, 2, &port, &quick_ranks(&dir("e"), &[]));
-    one_line_error(&wait_for(&mut r1, std::time::Duration::from_secs(60)), "connecting to the store");
+    one_line_error(
+        &wait_for(&mut r1, std::time::Duration::from_secs(60)),
+        "connecting to the store",
+    );
     // Ranks with other settings.
     let port = free_port();
-    let mut r0 = rank(0, 2, &port, &quick_ranks(&dir("f"), &["--data-parallel", "2"]));
-    let mut r1 = rank(1, 2, &port, &quick_ranks(&dir("f"), &["--data-parallel", "2", "--lr", "0.01"]));
-    one_line_error(&wait_for(&mut r0, std::time::Duration::from_secs(60)), "other settings");
+    let mut r0 = rank(
+        0,
+        2,
+        &port,
+        &quick_ranks(&dir("f"), &["--data-parallel", "2"]),
+    );
+    let mut r1 = rank(
+        1,
+        2,
+        &port,
+        &quick_ranks(&dir("f"), &["--data-parallel", "2", "--lr", "0.01"]),
+    );
+    one_line_error(
+        &wait_for(&mut r0, std::time::Duration::from_secs(60)),
+        "other settings",
+    );
     let out = wait_for(&mut r1, std::time::Duration::from_secs(60));
     assert!(!out.status.success());
     assert!(started.elapsed().as_secs() < 120);

@@ -27,8 +27,12 @@ impl DistEnv {
         let (rank, world) = match (get("RANK"), get("WORLD_SIZE")) {
             (None, None) => return Ok(None),
             (Some(r), Some(w)) => (r, w),
-            (Some(_), None) => return Err(DistError::Env("RANK is set but WORLD_SIZE is not".into())),
-            (None, Some(_)) => return Err(DistError::Env("WORLD_SIZE is set but RANK is not".into())),
+            (Some(_), None) => {
+                return Err(DistError::Env("RANK is set but WORLD_SIZE is not".into()))
+            }
+            (None, Some(_)) => {
+                return Err(DistError::Env("WORLD_SIZE is set but RANK is not".into()))
+            }
         };
         let num = |name: &str, v: &str| -> Result<usize> {
             v.trim()
@@ -119,7 +123,9 @@ mod tests {
         assert!(msg(&[("RANK", "2"), ("WORLD_SIZE", "2")]).contains("RANK=2"));
         assert!(msg(&[("RANK", "x"), ("WORLD_SIZE", "2")]).contains("RANK=\"x\""));
         assert!(msg(&[("RANK", "0")]).contains("WORLD_SIZE is not"));
-        assert!(msg(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_PORT", "99999")])
-            .contains("MASTER_PORT"));
+        assert!(
+            msg(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_PORT", "99999")])
+                .contains("MASTER_PORT")
+        );
     }
 }

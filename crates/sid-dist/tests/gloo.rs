@@ -57,7 +57,10 @@ fn collectives_and_point_to_point() {
         } else {
             let mut r = Tensor::zeros([6], (Kind::Int64, Device::Cpu));
             g.recv(&mut r, 0, 7, T).unwrap();
-            assert_eq!(Vec::<i64>::try_from(&r).unwrap(), (0..6).collect::<Vec<_>>());
+            assert_eq!(
+                Vec::<i64>::try_from(&r).unwrap(),
+                (0..6).collect::<Vec<_>>()
+            );
         }
 
         let outs = g
@@ -84,7 +87,10 @@ fn a_silent_peer_times_out_naming_it() {
                 .unwrap_err()
                 .to_string();
             assert!(started.elapsed() < Duration::from_secs(10));
-            assert!(e.contains("rank 1") && e.contains("recv from rank 0 (tag 3)"), "{e}");
+            assert!(
+                e.contains("rank 1") && e.contains("recv from rank 0 (tag 3)"),
+                "{e}"
+            );
         } else {
             // Stay connected past rank 1's timeout (Gloo closes the pair when a wait times
             // out, so the group is not used again).

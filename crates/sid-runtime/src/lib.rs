@@ -23,8 +23,8 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod placement;
-pub mod schedule;
 pub mod ranks;
+pub mod schedule;
 pub mod staged;
 pub mod streams;
 pub mod transport;
@@ -35,7 +35,7 @@ pub use error::{Result, RuntimeError};
 #[cfg(feature = "fault-injection")]
 pub use fault::{Fault, FaultKind};
 pub use placement::Placement;
-pub use schedule::BpSchedule;
 pub use ranks::{serve, Ranks};
+pub use schedule::BpSchedule;
 pub use staged::{PipelineMethod, StageTime, StagedConfig, StagedPipeline};
 pub use transport::Transport;

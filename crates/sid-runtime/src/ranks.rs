@@ -844,7 +844,10 @@ mod tests {
         else {
             panic!("not a training message")
         };
-        assert_eq!((tag.step, tag.micro, micro_batches, scale), (7, 1, 2, 0.375));
+        assert_eq!(
+            (tag.step, tag.micro, micro_batches, scale),
+            (7, 1, 2, 0.375)
+        );
         assert!(input.equal(&x) && labels.equal(&y));
 
         let named = vec![("a.w".to_string(), x.shallow_clone())];

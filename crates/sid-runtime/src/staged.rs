@@ -24,11 +24,11 @@ use tch::{Device, Tensor};
 
 #[cfg(feature = "fault-injection")]
 use crate::fault::Fault;
+use crate::ranks::Ranks;
 use crate::schedule::{drive, BpSchedule, Failure, StageRunner, Work};
 use crate::streams;
 use crate::transport::{ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
 use crate::worker::device_name;
-use crate::ranks::Ranks;
 use crate::{Result, RuntimeError};
 
 /// How to build a [`StagedPipeline`].
@@ -240,18 +240,18 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
     let k = cfg.plan.len();
     let specs = cfg.plan.stages();
     let work: Vec<Work> = match cfg.method {
-            PipelineMethod::Sid => build_stages(&cfg.model, cfg.loss, cfg.lr, &cfg.plan)?
+        PipelineMethod::Sid => build_stages(&cfg.model, cfg.loss, cfg.lr, &cfg.plan)?
+            .into_iter()
+            .map(Work::Sid)
+            .collect(),
+        PipelineMethod::Bp(schedule) => {
+            let blocks: Vec<_> = specs.iter().map(|s| s.blocks.clone()).collect();
+            build_bp_stages(&cfg.model, cfg.lr, &blocks)?
                 .into_iter()
-                .map(Work::Sid)
-                .collect(),
-            PipelineMethod::Bp(schedule) => {
-                let blocks: Vec<_> = specs.iter().map(|s| s.blocks.clone()).collect();
-                build_bp_stages(&cfg.model, cfg.lr, &blocks)?
-                    .into_iter()
-                    .map(|s| Work::Bp(s, schedule, k))
-                    .collect()
-            }
-        };
+                .map(|s| Work::Bp(s, schedule, k))
+                .collect()
+        }
+    };
     Ok(work
         .into_iter()
         .map(|w| {

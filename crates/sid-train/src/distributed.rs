@@ -165,9 +165,7 @@ impl Rendezvous {
                 s.channels, s.image_size, s.num_classes
             ));
         }
-        self.store
-            .set("sid/config", text.as_bytes())
-            .map_err(dist)
+        self.store.set("sid/config", text.as_bytes()).map_err(dist)
     }
 
     /// Every other rank: the config rank 0 resolved. Rank 0 may take long (loading data,

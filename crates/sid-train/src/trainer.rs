@@ -204,7 +204,12 @@ pub fn build_network_on(
     }
     let staged_plan = if cfg.staged() || rdv.is_some() {
         // Ranks each hold one stage: time the blocks with the threads one rank will have.
-        Some(stage_plan(cfg, &model, first, devices.len().max(cfg.stages))?)
+        Some(stage_plan(
+            cfg,
+            &model,
+            first,
+            devices.len().max(cfg.stages),
+        )?)
     } else {
         None
     };
@@ -232,7 +237,11 @@ pub fn build_network_on(
         }
         let pipeline = sid_runtime::StagedPipeline::new(sc).map_err(runtime)?;
         let slots = pipeline.plan().len() * cfg.data_parallel.max(1);
-        let slots = if rdv.is_some() { slots } else { pipeline.plan().len() };
+        let slots = if rdv.is_some() {
+            slots
+        } else {
+            pipeline.plan().len()
+        };
         let mut notes: Vec<String> = (0..slots).map(|s| pipeline.describe(s)).collect();
         notes.extend(note);
         return Ok(Built {
