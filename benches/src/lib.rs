@@ -7,6 +7,7 @@ pub mod env_check;
 pub mod harness;
 pub mod pipeline;
 pub mod pipeline_model;
+pub mod ranks;
 pub mod report;
 pub mod step_time;
 pub mod workers;

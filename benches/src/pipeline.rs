@@ -58,7 +58,7 @@ pub struct Args {
 
 /// Times `steps` steps with the pipeline full: submits until the first step finishes (the
 /// fill, untimed), then times until `steps` more have finished, then drains (untimed).
-fn timed_round(
+pub(crate) fn timed_round(
     net: &mut dyn Network,
     x: &tch::Tensor,
     y: &tch::Tensor,

@@ -185,7 +185,26 @@ fn run(cli: &args::Cli) -> Result<()> {
             r.world(),
             device_name(r.device())
         );
-        return sid_train::distributed::serve(r).with_context(|| format!("rank {}", r.rank()));
+        let rank = r.rank();
+        // Every rank's telemetry beside rank 0's, each sample naming its rank.
+        let sampler = if cli.telemetry_hz > 0.0 {
+            let dir = r.wait_run_dir()?;
+            let path = dir.join(format!("telemetry-rank{rank}.jsonl"));
+            let interval = std::time::Duration::from_secs_f64(1.0 / cli.telemetry_hz);
+            let (s, _) = sid_telemetry::Sampler::start_for_rank(&path, interval, Some(rank))
+                .with_context(|| format!("starting telemetry into {}", path.display()))?;
+            Some(s)
+        } else {
+            None
+        };
+        let served = sid_train::distributed::serve(r, &plan.config);
+        if let Some(s) = sampler {
+            s.stop();
+        }
+        return served.with_context(|| format!("rank {rank}"));
+    }
+    if let Some(r) = &rdv {
+        r.publish_run_dir(&plan.run_dir)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -273,7 +292,8 @@ fn run(cli: &args::Cli) -> Result<()> {
     let sampler = if cli.telemetry_hz > 0.0 {
         let path = run.dir().join("telemetry.jsonl");
         let interval = std::time::Duration::from_secs_f64(1.0 / cli.telemetry_hz);
-        let (sampler, gpu_off) = sid_telemetry::Sampler::start(&path, interval)
+        let rank = rdv.as_ref().map(|r| r.rank());
+        let (sampler, gpu_off) = sid_telemetry::Sampler::start_for_rank(&path, interval, rank)
             .with_context(|| format!("starting telemetry into {}", path.display()))?;
         if let Some(why) = gpu_off {
             eprintln!("telemetry: GPU telemetry off ({why}); recording RSS and worker CPU time");

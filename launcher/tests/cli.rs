@@ -332,6 +332,15 @@ fn ctrl_c_in_a_staged_pipeline_checkpoints_and_resume_matches() {
 }
 
 fn ctrl_c_and_resume(dir: &Path, args: &dyn Fn(&Path) -> Vec<String>) {
+    ctrl_c_and_resume_with(dir, args, &Vec::new)
+}
+
+/// [`ctrl_c_and_resume`], resuming with `resume_extra` flags.
+fn ctrl_c_and_resume_with(
+    dir: &Path,
+    args: &dyn Fn(&Path) -> Vec<String>,
+    resume_extra: &dyn Fn() -> Vec<String>,
+) {
     let straight = dir.join("straight");
     run_ok(&args(&straight));
 
@@ -370,7 +379,9 @@ fn ctrl_c_and_resume(dir: &Path, args: &dyn Fn(&Path) -> Vec<String>) {
     assert!(run.join("checkpoint.safetensors").exists());
     assert!(!run.join("metrics.jsonl").exists(), "no epoch finished");
 
-    let out = run_ok(&["--resume".into(), run.display().to_string()]);
+    let mut resume = vec!["--resume".to_string(), run.display().to_string()];
+    resume.extend(resume_extra());
+    let out = run_ok(&resume);
     assert!(
         stderr(&out).contains("resuming at step"),
         "{}",
@@ -1098,14 +1109,21 @@ fn two_ranks_train_the_stages_like_one_process() {
             &port,
             "--threads",
             "1",
+            "--telemetry-hz",
+            "20",
         ],
     ));
     let e = stderr(&out);
     assert!(e.contains("launched ranks 0-1 of 2"), "{e}");
     assert!(e.contains("stage 2 (rank 1, cpu"), "{e}");
     assert_same_training(&one, &two);
-    // Rank 0 alone wrote the run.
+    // Rank 0 alone wrote the run; every rank its telemetry, each sample naming the rank.
     assert!(two.join("checkpoint.safetensors").exists());
+    for (file, rank) in [("telemetry.jsonl", 0), ("telemetry-rank1.jsonl", 1)] {
+        let text = std::fs::read_to_string(two.join(file)).unwrap();
+        let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(first["rank"], rank, "{file}");
+    }
 }
 
 #[test]
@@ -1324,4 +1342,65 @@ fn rendezvous_problems_are_one_line_errors_without_a_hang() {
     let out = wait_for(&mut r1, std::time::Duration::from_secs(60));
     assert!(!out.status.success());
     assert!(started.elapsed().as_secs() < 120);
+}
+
+#[test]
+fn a_hung_rank_ends_the_run_within_the_step_timeout_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let args = staged(
+        &dir,
+        &[
+            "--batch-size",
+            "16",
+            "--threads",
+            "1",
+            "--step-timeout",
+            "5",
+            "--inject-fault",
+            "1:3:hang",
+        ],
+    );
+    let port = free_port();
+    let mut r0 = rank(0, 2, &port, &args);
+    let mut r1 = rank(1, 2, &port, &args);
+    let out = wait_for(&mut r0, std::time::Duration::from_secs(60));
+    one_line_error(&out, "stage 2 (rank 1");
+    assert!(stderr(&out).contains("step 3"), "{}", stderr(&out));
+    // The hung rank loses rank 0 and stops too.
+    let out = wait_for(&mut r1, std::time::Duration::from_secs(60));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("lost rank 0"), "{}", stderr(&out));
+}
+
+/// Ctrl-C on the launcher: rank 0 stops after the current step with a checkpoint, the
+/// others follow, the launcher exits 130; two ranks resume it to what a straight run gives.
+#[test]
+fn ctrl_c_on_the_launcher_stops_every_rank_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cifar");
+    write_cifar10(&data, 256);
+    let ranks = || {
+        vec![
+            "--nproc-per-node".to_string(),
+            "2".into(),
+            "--master-port".into(),
+            free_port(),
+        ]
+    };
+    ctrl_c_and_resume_with(
+        dir.path(),
+        &|run: &Path| {
+            let mut a = staged(run, &["--epochs", "1", "--threads", "1"]);
+            a.extend([
+                "--batch-size".into(),
+                "8".into(),
+                "--data-dir".into(),
+                data.display().to_string(),
+            ]);
+            a.extend(ranks());
+            a
+        },
+        &ranks,
+    );
 }

@@ -6,6 +6,7 @@
 //! - `sid-bench workers`: the same SID model on 1 worker and on K workers (`--gpus`);
 //! - `sid-bench pipeline`: staged SID on K devices vs one device vs the all-cores trainer,
 //!   bubble, and the pipeline model's prediction;
+//! - `sid-bench ranks`: staged SID in K processes (c10d) vs K threads vs one device;
 //! - `sid-bench env`: what libtorch sees (CUDA, devices, streams).
 
 use clap::Parser;
@@ -25,6 +26,8 @@ enum Cli {
     Workers(sid_benches::workers::Args),
     /// Staged SID on K devices vs the same stages on one device vs the all-cores trainer.
     Pipeline(sid_benches::pipeline::Args),
+    /// Staged SID in K processes (c10d, Gloo) vs K threads vs one device.
+    Ranks(sid_benches::ranks::Args),
     /// What libtorch sees on this machine.
     Env(sid_benches::env_check::Args),
 }
@@ -35,6 +38,7 @@ fn main() {
         Cli::StepTime(a) => sid_benches::step_time::run(a),
         Cli::Workers(a) => sid_benches::workers::run(a),
         Cli::Pipeline(a) => sid_benches::pipeline::run(a),
+        Cli::Ranks(a) => sid_benches::ranks::run(a),
         Cli::Env(a) => sid_benches::env_check::run(a),
     };
     if let Err(e) = result {

@@ -45,6 +45,10 @@ pub const GRADS: u32 = 3;
 /// step timeout of whoever waits for its results.
 const LINK_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// Whether rank 0 is still there: `Err` says why not. A served rank asks every second, so
+/// that it stops when rank 0 dies even while its own links are idle or its stage is stuck.
+pub type Liveness = Arc<dyn Fn() -> std::result::Result<(), String> + Send + Sync>;
+
 /// This process's place among the ranks of a multi-process pipeline.
 #[derive(Clone)]
 pub struct Ranks {
@@ -56,6 +60,8 @@ pub struct Ranks {
     pub replica_group: Option<Arc<Group>>,
     /// How each rank names itself in messages, e.g. `rank 1, cuda:0 on node-b`.
     pub names: Vec<String>,
+    /// Served ranks: how to tell that rank 0 is still there (`None`: links only).
+    pub liveness: Option<Liveness>,
 }
 
 impl std::fmt::Debug for Ranks {
@@ -774,15 +780,23 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
     let stage = spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout);
     tracing::info!(rank = me, replica, stage = s + 1, "serving");
-    // Whichever ends first: the stage (normally, when the coordinator closes the chain) or a
-    // link (a peer died: stop now, even if the stage is stuck waiting).
-    let cause = crossbeam_channel::select! {
-        recv(stage.exited) -> cause => cause.unwrap_or(None),
-        recv(fail_rx) -> link => match link {
-            Ok(e) => return Err(RuntimeError::Link(e)),
-            // Every link ended cleanly; the stage follows.
-            Err(_) => stage.exited.recv().unwrap_or(None),
-        },
+    // Whichever ends first: the stage (normally, when the coordinator closes the chain), a
+    // link (a peer died), or rank 0 (gone while this rank's links wait on channels): stop
+    // now, even if the stage is stuck.
+    let cause = loop {
+        crossbeam_channel::select! {
+            recv(stage.exited) -> cause => break cause.unwrap_or(None),
+            recv(fail_rx) -> link => match link {
+                Ok(e) => return Err(RuntimeError::Link(e)),
+                // Every link ended cleanly; the stage follows.
+                Err(_) => break stage.exited.recv().unwrap_or(None),
+            },
+            default(Duration::from_secs(1)) => {
+                if let Some(alive) = &ranks.liveness {
+                    alive().map_err(|e| RuntimeError::Link(format!("rank {me}: {e}")))?;
+                }
+            }
+        }
     };
     if let Some(cause) = cause {
         return Err(RuntimeError::Stage {

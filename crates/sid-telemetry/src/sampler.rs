@@ -20,6 +20,9 @@ use crate::nvml::{GpuMonitor, GpuSample};
 /// One telemetry record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
+    /// The rank that took it, in a multi-process run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<usize>,
     /// Seconds since the sampler started.
     pub t: f64,
     /// Process resident set, bytes.
@@ -59,6 +62,15 @@ impl Sampler {
     /// Starts sampling every `interval` into `path` (created or truncated). Returns the sampler
     /// and, when NVML cannot be used, the reason (the run goes on with CPU figures only).
     pub fn start(path: &Path, interval: Duration) -> std::io::Result<(Self, GpuTelemetryOff)> {
+        Self::start_for_rank(path, interval, None)
+    }
+
+    /// [`Sampler::start`] for one rank of a multi-process run: every sample names `rank`.
+    pub fn start_for_rank(
+        path: &Path,
+        interval: Duration,
+        rank: Option<usize>,
+    ) -> std::io::Result<(Self, GpuTelemetryOff)> {
         let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
         let (monitor, off) = match GpuMonitor::open() {
             Ok(m) if m.count() > 0 => (Some(m), None),
@@ -73,14 +85,14 @@ impl Sampler {
                 let started = Instant::now();
                 let mut summary = TelemetrySummary::default();
                 loop {
-                    record(&mut summary, &mut file, &take(&monitor, started));
+                    record(&mut summary, &mut file, &take(&monitor, started, rank));
                     // Sleep in small slices so that stop() returns promptly.
                     let until = Instant::now() + interval;
                     while Instant::now() < until {
                         if flag.load(Ordering::SeqCst) {
                             // The final sample covers the time since the last tick, which
                             // would otherwise be missing from the file and the summary.
-                            record(&mut summary, &mut file, &take(&monitor, started));
+                            record(&mut summary, &mut file, &take(&monitor, started, rank));
                             let _ = file.flush();
                             return summary;
                         }
@@ -140,12 +152,13 @@ fn record(summary: &mut TelemetrySummary, file: &mut impl Write, sample: &Sample
     }
 }
 
-fn take(monitor: &Option<GpuMonitor>, started: Instant) -> Sample {
+fn take(monitor: &Option<GpuMonitor>, started: Instant, rank: Option<usize>) -> Sample {
     let gpus = monitor
         .as_ref()
         .map(|m| (0..m.count()).filter_map(|i| m.sample(i).ok()).collect())
         .unwrap_or_default();
     Sample {
+        rank,
         t: started.elapsed().as_secs_f64(),
         rss_bytes: rss_bytes(),
         thread_cpu_seconds: thread_cpu_seconds(),
@@ -153,7 +166,8 @@ fn take(monitor: &Option<GpuMonitor>, started: Instant) -> Sample {
     }
 }
 
-/// CPU seconds (user + system) of this process's threads named `sid-worker-*` or `main`.
+/// CPU seconds (user + system) of this process's threads named `sid-worker-*`,
+/// `sid-stage-*` or `main`.
 pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     let Ok(tasks) = procfs::process::Process::myself().and_then(|p| p.tasks()) else {
@@ -163,7 +177,11 @@ pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
     // A thread that ends between listing and reading is skipped.
     for stat in tasks.flatten().filter_map(|t| t.stat().ok()) {
         let name = stat.comm;
-        if name.starts_with("sid-worker") || name == "main" || name == "sid-launch" {
+        if name.starts_with("sid-worker")
+            || name.starts_with("sid-stage")
+            || name == "main"
+            || name == "sid-launch"
+        {
             *out.entry(name).or_insert(0.0) += (stat.utime + stat.stime) as f64 / ticks;
         }
     }

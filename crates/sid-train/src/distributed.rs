@@ -19,7 +19,7 @@ use crate::{Result, RunConfig, TrainError};
 /// This process's rendezvous with the other ranks.
 pub struct Rendezvous {
     env: DistEnv,
-    store: Store,
+    store: Arc<Store>,
     device: Device,
     timeout: Duration,
 }
@@ -124,7 +124,7 @@ impl Rendezvous {
         }
         Ok(Self {
             env,
-            store,
+            store: Arc::new(store),
             device,
             timeout,
         })
@@ -166,6 +166,23 @@ impl Rendezvous {
             ));
         }
         self.store.set("sid/config", text.as_bytes()).map_err(dist)
+    }
+
+    /// Rank 0: tells the others where the run lives (they write their telemetry there).
+    pub fn publish_run_dir(&self, dir: &std::path::Path) -> Result<()> {
+        self.store
+            .set("sid/run-dir", dir.to_string_lossy().as_bytes())
+            .map_err(dist)
+    }
+
+    /// Every other rank: the run directory rank 0 writes (created here if this node has not
+    /// got it, e.g. another machine).
+    pub fn wait_run_dir(&self) -> Result<std::path::PathBuf> {
+        let wait = self.timeout.max(Duration::from_secs(600));
+        let b = self.store.get("sid/run-dir", wait).map_err(dist)?;
+        let dir = std::path::PathBuf::from(String::from_utf8_lossy(&b).into_owned());
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        Ok(dir)
     }
 
     /// Every other rank: the config rank 0 resolved. Rank 0 may take long (loading data,
@@ -269,6 +286,44 @@ impl Rendezvous {
             replicas,
             replica_group,
             names,
+            liveness: Some(self.heartbeat()),
+        })
+    }
+
+    /// Rank 0 beats (a counter in the store, every second, while this process lives); the
+    /// others get a check that fails once the store is gone (rank 0 serves it) or the beat
+    /// has stopped for the step timeout (a store torchrun's agent serves outlives rank 0).
+    fn heartbeat(&self) -> sid_runtime::ranks::Liveness {
+        const KEY: &str = "sid/heartbeat";
+        if self.rank() == 0 {
+            let store = self.store.clone();
+            std::thread::Builder::new()
+                .name("sid-heartbeat".into())
+                .spawn(move || {
+                    while store.add(KEY, 1).is_ok() {
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                })
+                .expect("spawning the heartbeat thread");
+            return Arc::new(|| Ok(()));
+        }
+        let store = self.store.clone();
+        let limit = self.timeout;
+        let last = std::sync::Mutex::new((-1i64, std::time::Instant::now()));
+        Arc::new(move || {
+            let beat = store
+                .add(KEY, 0)
+                .map_err(|e| format!("lost rank 0: the rendezvous store is gone ({e})"))?;
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            if beat != last.0 {
+                *last = (beat, std::time::Instant::now());
+            } else if last.1.elapsed() > limit {
+                return Err(format!(
+                    "lost rank 0: no heartbeat for {} s",
+                    limit.as_secs()
+                ));
+            }
+            Ok(())
         })
     }
 }
@@ -281,9 +336,11 @@ fn hostname() -> Option<String> {
 }
 
 /// Every rank but 0: builds this rank's stage from the config rank 0 published and serves
-/// it until rank 0 closes the pipeline.
-pub fn serve(rdv: &Rendezvous) -> Result<()> {
-    let cfg = rdv.wait_config()?;
+/// it until rank 0 closes the pipeline. `own` is this rank's own settings, for what is never
+/// published (a fault to inject, in tests).
+pub fn serve(rdv: &Rendezvous, own: &RunConfig) -> Result<()> {
+    let mut cfg = rdv.wait_config()?;
+    cfg.inject_fault = own.inject_fault.clone();
     let model = cfg.model_config();
     let spec = cfg.placement.as_deref().ok_or_else(|| {
         TrainError::Config("rank 0 published a config without its stage cut".into())
@@ -296,6 +353,10 @@ pub fn serve(rdv: &Rendezvous) -> Result<()> {
         sc.threads_per_stage = Some(rdv.cpu_threads());
     }
     sc.ranks = Some(ranks.clone());
+    #[cfg(feature = "fault-injection")]
+    {
+        sc.fault = crate::trainer::injected_fault(&cfg)?;
+    }
     sid_runtime::serve(&sc, &ranks).map_err(TrainError::Runtime)
 }
 

@@ -301,7 +301,7 @@ pub fn build_network_on(
 
 /// The fault `--inject-fault` asks for (tests), for either runtime.
 #[cfg(feature = "fault-injection")]
-fn injected_fault(cfg: &RunConfig) -> Result<Option<sid_runtime::Fault>> {
+pub(crate) fn injected_fault(cfg: &RunConfig) -> Result<Option<sid_runtime::Fault>> {
     cfg.inject_fault
         .as_deref()
         .map(sid_runtime::Fault::parse)
