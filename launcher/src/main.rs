@@ -1,6 +1,7 @@
 //! `sid-launch`: train with SID or backprop from the command line.
 
 mod args;
+mod predict;
 mod progress;
 
 use std::process::ExitCode;
@@ -133,8 +134,10 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
 }
 
 fn run(cli: &args::Cli) -> Result<()> {
-    if let Some(args::Command::Eval(a)) = &cli.command {
-        return eval(a);
+    match &cli.command {
+        Some(args::Command::Eval(a)) => return eval(a),
+        Some(args::Command::Predict(a)) => return predict::run(a),
+        None => {}
     }
     let plan = cli.plan()?;
     if let Some(n) = plan.config.threads {

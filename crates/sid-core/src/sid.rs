@@ -398,6 +398,9 @@ mod tests {
             let whole = crate::early_exit(&net.cascade(&x).unwrap().logits, tau);
             assert_eq!(fast.exit_module, whole.exit_module, "tau {tau}");
             assert_eq!(fast.prediction, whole.prediction, "tau {tau}");
+            assert!(fast
+                .confidence
+                .allclose(&whole.confidence, 1e-6, 1e-6, false));
         }
         let some = net.cascade_exit(&x, 0.3).unwrap().exit_module;
         assert!(
