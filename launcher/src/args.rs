@@ -58,6 +58,10 @@ pub struct Cli {
     /// kaiming (tch's default, weights ≈ 2.45× larger) [default: pytorch].
     #[arg(long)]
     pub init: Option<sid_core::Init>,
+    /// Arithmetic of the forward passes: fp32, or bf16 (bfloat16 autocast; weights, Adam state
+    /// and losses stay fp32; CUDA devices only) [default: fp32].
+    #[arg(long)]
+    pub precision: Option<sid_core::Precision>,
     /// Weight α of the label term of the local loss [default: 0.5].
     #[arg(long)]
     pub alpha: Option<f64>,
@@ -280,6 +284,7 @@ impl Cli {
             feature_dim,
             module_hidden,
             init,
+            precision,
             alpha,
             label_smoothing,
             epochs,
@@ -426,6 +431,7 @@ mod tests {
             ("feature-dim", d.feature_dim.to_string()),
             ("module-hidden", d.module_hidden.to_string()),
             ("init", d.init.to_string()),
+            ("precision", d.precision.to_string()),
             ("alpha", d.alpha.to_string()),
             ("label-smoothing", d.label_smoothing.to_string()),
             ("epochs", d.epochs.to_string()),

@@ -110,6 +110,25 @@ fn cuda_graph_without_a_single_gpu_is_a_clear_error() {
 }
 
 #[test]
+fn bf16_on_the_cpu_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    for gpus in ["cpu", "cpu:2"] {
+        let out = sid(&[
+            "--precision",
+            "bf16",
+            "--gpus",
+            gpus,
+            "--run-dir",
+            run.to_str().unwrap(),
+        ]);
+        one_line_error(&out, "--precision bf16 needs a CUDA device");
+        assert!(!run.exists(), "nothing is written for a bad setting");
+    }
+    one_line_error(&sid(&["--precision", "fp16"]), "fp16");
+}
+
+#[test]
 fn nonexistent_gpu_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = sid(&["--gpus", "7", "--run-dir", dir.path().to_str().unwrap()]);
