@@ -1001,6 +1001,26 @@ fn own_image_folder_trains_and_the_second_run_reuses_the_cache() {
     let cache = runs.join("image-cache");
     assert!(saved.contains(cache.to_str().unwrap()), "{saved}");
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+    // predict names the class folders and reads input.json, not the data set; a run without
+    // input.json (older) loads the data set for its statistics and gives the same answers.
+    let files: Vec<String> = (0..3)
+        .map(|c| format!("{}/test/class{c}/1.png", data.display()))
+        .collect();
+    let first = runs.join("first");
+    let lines = predict(&first, &files, &["--exit-confidence", "full"]);
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        assert!(
+            ["class0", "class1", "class2"].contains(&l[1].as_str()),
+            "{l:?}"
+        );
+        assert_eq!(l[3], "2", "{l:?}");
+    }
+    std::fs::remove_file(first.join("input.json")).unwrap();
+    assert_eq!(
+        predict(&first, &files, &["--exit-confidence", "full"]),
+        lines
+    );
 
     let out = run_ok(&args("second"));
     let e = stderr(&out);
