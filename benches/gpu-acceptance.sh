@@ -93,6 +93,8 @@ gpu_checks() {
   run eager --gpus 0 --no-cuda-graph
   run graph --gpus 0 --cuda-graph
   run two --gpus 0,0
+  run bf16 --gpus 0 --precision bf16
+  run bf16-eager --gpus 0 --precision bf16 --no-cuda-graph
   check "graph replay equals eager (bit-identical final train loss)" \
     python3 "$checker" same-final-loss "$work/eager" "$work/graph"
   check "two workers on cuda:0 equal one device (within 1e-4 / 0.005)" \
@@ -101,6 +103,13 @@ gpu_checks() {
     python3 "$checker" peak-source "$work/graph" cuda:0 cuda-allocator
   check "allocator peaks recorded (two workers)" \
     python3 "$checker" peak-source "$work/two" cuda:0 cuda-allocator
+  # bf16 autocast: a finite loss near fp32's (a NaN fails `close`), the graph as eager.
+  check "bf16 (CUDA graph) trains like fp32 (loss within 5%, accuracy within 0.03)" \
+    python3 "$checker" close "$work/eager" "$work/bf16" 0.05 0.03
+  check "bf16 graph replay equals bf16 eager (within 1e-4 / 0.005)" \
+    python3 "$checker" close "$work/bf16-eager" "$work/bf16" 1e-4 0.005
+  expect_exit "bf16 on the CPU refused with exit 1" 1 "needs a CUDA device" \
+    timeout 60 "$launch" --gpus cpu --precision bf16 --run-dir "$work/bad-bf16"
   expect_exit "bad --gpus 7 refused with exit 1" 1 "GPU 7" \
     timeout 60 "$launch" --gpus 7 --run-dir "$work/bad"
   tar -C "$work" --exclude='*.safetensors' -czf "$out_dir/acceptance-runs.tar.gz" . 2>/dev/null

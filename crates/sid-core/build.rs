@@ -1,6 +1,8 @@
-//! Links libtorch and compiles two small C++ shims when their headers are there:
+//! Links libtorch and compiles three small C++ shims when their headers are there:
 //! - `src/fused_adam.cpp`, libtorch's fused Adam kernel (needs libtorch's C++ headers; without
 //!   them Adam runs as separate tensor ops: same update, more kernel launches);
+//! - `src/autocast.cpp`, bfloat16 autocast for `--precision bf16` (libtorch's C++ headers;
+//!   without them bf16 is refused);
 //! - `src/cuda_graph.cpp`, libtorch's CUDA graphs (needs CUDA's runtime headers too, from pip's
 //!   nvidia packages, which scripts/setup.sh installs; without them `--cuda-graph` reports that
 //!   this build has no CUDA graphs).
@@ -9,7 +11,9 @@ fn main() {
     sid_build::link_libtorch();
     println!("cargo::rustc-check-cfg=cfg(sid_fused_adam)");
     println!("cargo::rustc-check-cfg=cfg(sid_cuda_graph)");
+    println!("cargo::rustc-check-cfg=cfg(sid_autocast)");
     println!("cargo:rerun-if-changed=src/fused_adam.cpp");
+    println!("cargo:rerun-if-changed=src/autocast.cpp");
     println!("cargo:rerun-if-changed=src/cuda_graph.cpp");
     let Some((lib, torch)) = sid_build::libtorch_dirs() else {
         return;
@@ -34,10 +38,12 @@ fn main() {
         b
     };
     build("src/fused_adam.cpp").compile("sid_fused_adam");
+    build("src/autocast.cpp").compile("sid_autocast");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=torch_cpu");
     println!("cargo:rustc-link-lib=c10");
     println!("cargo:rustc-cfg=sid_fused_adam");
+    println!("cargo:rustc-cfg=sid_autocast");
     match sid_build::cuda_include(&torch) {
         Some(cuda) if lib.join("libtorch_cuda.so").exists() => {
             build("src/cuda_graph.cpp")

@@ -58,6 +58,10 @@ pub struct Cli {
     /// kaiming (tch's default, weights ≈ 2.45× larger) [default: pytorch].
     #[arg(long)]
     pub init: Option<sid_core::Init>,
+    /// Arithmetic of the forward passes: fp32, or bf16 (bfloat16 autocast; weights, Adam state
+    /// and losses stay fp32; CUDA devices only) [default: fp32].
+    #[arg(long)]
+    pub precision: Option<sid_core::Precision>,
     /// Weight α of the label term of the local loss [default: 0.5].
     #[arg(long)]
     pub alpha: Option<f64>,
@@ -190,6 +194,54 @@ pub enum Command {
     /// module whose belief's top probability reaches τ; prints accuracy, mean modules used and
     /// time per sample for each τ, next to the full cascade.
     Eval(EvalArgs),
+    /// Classify image files (PNG / JPEG) with a saved run: prints, per file, the predicted
+    /// class, its probability and the module of the cascade the image left at.
+    Predict(PredictArgs),
+}
+
+/// Flags of `sid-launch predict`.
+#[derive(Debug, clap::Args)]
+pub struct PredictArgs {
+    /// The run directory (its config.toml, input.json and checkpoint.safetensors).
+    pub run_dir: PathBuf,
+    /// Image files: converted to the run's channels, resized to its image size and
+    /// normalised as its training data were.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Early exit: an image leaves at the first module whose belief's top probability
+    /// reaches τ in (0, 1]; `full` runs the whole cascade. Backprop runs always answer from
+    /// the last module.
+    #[arg(long, value_name = "τ|full", default_value = DEFAULT_EXIT_CONFIDENCE,
+        value_parser = parse_exit)]
+    pub exit_confidence: sid_train::predict::ExitAt,
+    /// One JSON object per line (path, label, class, confidence, exit_module, modules)
+    /// instead of tab-separated columns.
+    #[arg(long)]
+    pub json: bool,
+    /// Devices to run on (default: the run's saved --gpus).
+    #[arg(long)]
+    pub gpus: Option<String>,
+    /// Images per forward pass (default: the run's evaluation batch size).
+    #[arg(long)]
+    pub eval_batch_size: Option<i64>,
+}
+
+/// `eval`'s thresholds.
+const EVAL_EXIT_CONFIDENCES: &str = "0.5,0.8,0.9,0.95,0.99";
+
+/// `predict`'s threshold: the middle of `eval`'s default list, whose table shows what each
+/// costs and gains.
+const DEFAULT_EXIT_CONFIDENCE: &str = "0.9";
+
+/// `full`, or a threshold in (0, 1].
+fn parse_exit(s: &str) -> Result<sid_train::predict::ExitAt, String> {
+    if s.eq_ignore_ascii_case("full") {
+        return Ok(sid_train::predict::ExitAt::Last);
+    }
+    match s.parse::<f64>() {
+        Ok(t) if t > 0.0 && t <= 1.0 => Ok(sid_train::predict::ExitAt::Confidence(t)),
+        _ => Err("expected a threshold in (0, 1] or `full`".into()),
+    }
 }
 
 /// Flags of `sid-launch eval`.
@@ -198,7 +250,7 @@ pub struct EvalArgs {
     /// The run directory (its config.toml and checkpoint.safetensors).
     pub run_dir: PathBuf,
     /// Confidence thresholds τ in (0, 1], comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "0.5,0.8,0.9,0.95,0.99")]
+    #[arg(long, value_delimiter = ',', default_value = EVAL_EXIT_CONFIDENCES)]
     pub exit_confidence: Vec<f64>,
     /// Devices to evaluate on (default: the run's saved --gpus).
     #[arg(long)]
@@ -256,6 +308,7 @@ impl Cli {
             feature_dim,
             module_hidden,
             init,
+            precision,
             alpha,
             label_smoothing,
             epochs,
@@ -369,6 +422,19 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
+    #[test]
+    fn predict_exit_threshold_is_one_of_evals_and_full_is_the_cascade() {
+        assert!(EVAL_EXIT_CONFIDENCES
+            .split(',')
+            .any(|t| t == DEFAULT_EXIT_CONFIDENCE));
+        use sid_train::predict::ExitAt;
+        assert_eq!(parse_exit("full"), Ok(ExitAt::Last));
+        assert_eq!(parse_exit("0.75"), Ok(ExitAt::Confidence(0.75)));
+        for bad in ["0", "1.5", "nan", "x"] {
+            assert!(parse_exit(bad).is_err(), "{bad}");
+        }
+    }
+
     /// The defaults written in `--help` are RunConfig's.
     #[test]
     fn help_defaults_match_run_config() {
@@ -390,6 +456,7 @@ mod tests {
             ("feature-dim", d.feature_dim.to_string()),
             ("module-hidden", d.module_hidden.to_string()),
             ("init", d.init.to_string()),
+            ("precision", d.precision.to_string()),
             ("alpha", d.alpha.to_string()),
             ("label-smoothing", d.label_smoothing.to_string()),
             ("epochs", d.epochs.to_string()),

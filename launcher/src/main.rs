@@ -2,6 +2,7 @@
 
 mod args;
 mod launch;
+mod predict;
 mod progress;
 
 use std::process::ExitCode;
@@ -151,8 +152,10 @@ impl std::fmt::Display for RanksInterrupted {
 impl std::error::Error for RanksInterrupted {}
 
 fn run(cli: &args::Cli) -> Result<()> {
-    if let Some(args::Command::Eval(a)) = &cli.command {
-        return eval(a);
+    match &cli.command {
+        Some(args::Command::Eval(a)) => return eval(a),
+        Some(args::Command::Predict(a)) => return predict::run(a),
+        None => {}
     }
     let dist_env = sid_dist::DistEnv::from_env()?;
     if let (Some(n), None) = (cli.nproc_per_node, &dist_env) {

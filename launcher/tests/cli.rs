@@ -110,6 +110,25 @@ fn cuda_graph_without_a_single_gpu_is_a_clear_error() {
 }
 
 #[test]
+fn bf16_on_the_cpu_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    for gpus in ["cpu", "cpu:2"] {
+        let out = sid(&[
+            "--precision",
+            "bf16",
+            "--gpus",
+            gpus,
+            "--run-dir",
+            run.to_str().unwrap(),
+        ]);
+        one_line_error(&out, "--precision bf16 needs a CUDA device");
+        assert!(!run.exists(), "nothing is written for a bad setting");
+    }
+    one_line_error(&sid(&["--precision", "fp16"]), "fp16");
+}
+
+#[test]
 fn nonexistent_gpu_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = sid(&["--gpus", "7", "--run-dir", dir.path().to_str().unwrap()]);
@@ -993,6 +1012,26 @@ fn own_image_folder_trains_and_the_second_run_reuses_the_cache() {
     let cache = runs.join("image-cache");
     assert!(saved.contains(cache.to_str().unwrap()), "{saved}");
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
+    // predict names the class folders and reads input.json, not the data set; a run without
+    // input.json (older) loads the data set for its statistics and gives the same answers.
+    let files: Vec<String> = (0..3)
+        .map(|c| format!("{}/test/class{c}/1.png", data.display()))
+        .collect();
+    let first = runs.join("first");
+    let lines = predict(&first, &files, &["--exit-confidence", "full"]);
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        assert!(
+            ["class0", "class1", "class2"].contains(&l[1].as_str()),
+            "{l:?}"
+        );
+        assert_eq!(l[3], "2", "{l:?}");
+    }
+    std::fs::remove_file(first.join("input.json")).unwrap();
+    assert_eq!(
+        predict(&first, &files, &["--exit-confidence", "full"]),
+        lines
+    );
 
     let out = run_ok(&args("second"));
     let e = stderr(&out);
@@ -1403,4 +1442,211 @@ fn ctrl_c_on_the_launcher_stops_every_rank_with_a_checkpoint() {
         },
         &ranks,
     );
+}
+
+/// Writes the first `n` images of `split` as PNG files (undoing the normalisation: the bytes
+/// the data set holds), grey or RGB as the data are.
+fn write_pngs(
+    data: &sid_data::Dataset,
+    split: &sid_data::Split,
+    n: i64,
+    dir: &Path,
+) -> Vec<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let c = data.shape.channels;
+    let mean = tch::Tensor::from_slice(&data.mean).reshape([c, 1, 1]);
+    let std = tch::Tensor::from_slice(&data.std).reshape([c, 1, 1]);
+    (0..n)
+        .map(|i| {
+            let x = split.images.get(i).to_kind(tch::Kind::Double);
+            let bytes = ((x * &std + &mean) * 255.0)
+                .round()
+                .clamp(0.0, 255.0)
+                .to_kind(tch::Kind::Uint8)
+                .permute([1, 2, 0])
+                .contiguous();
+            let side = data.shape.image_size as u32;
+            let raw = Vec::<u8>::try_from(&bytes.flatten(0, -1)).unwrap();
+            let path = dir.join(format!("{i}.png"));
+            if c == 1 {
+                image::GrayImage::from_raw(side, side, raw)
+                    .unwrap()
+                    .save(&path)
+                    .unwrap();
+            } else {
+                image::RgbImage::from_raw(side, side, raw)
+                    .unwrap()
+                    .save(&path)
+                    .unwrap();
+            }
+            path.to_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// `sid-launch predict RUN files… extra…`: its stdout lines split at tabs.
+fn predict(run: &Path, files: &[String], extra: &[&str]) -> Vec<Vec<String>> {
+    let mut args = vec!["predict".to_string(), run.display().to_string()];
+    args.extend(files.iter().cloned());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = run_ok(&args);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').map(String::from).collect())
+        .collect()
+}
+
+/// Each printed line against the library's prediction for the same image's tensor.
+fn assert_lines_match(
+    lines: &[Vec<String>],
+    files: &[String],
+    want: &[sid_train::predict::Prediction],
+) {
+    assert_eq!(lines.len(), want.len());
+    for ((line, file), w) in lines.iter().zip(files).zip(want) {
+        assert_eq!(line.len(), 4, "{line:?}");
+        assert_eq!(&line[0], file);
+        assert_eq!(line[1], w.class.clone().unwrap(), "{line:?}");
+        let conf: f64 = line[2].parse().unwrap();
+        assert!((conf - w.confidence).abs() < 2e-4, "{line:?} vs {w:?}");
+        assert_eq!(line[3], w.exit_module.to_string(), "{line:?}");
+    }
+}
+
+#[test]
+fn predict_classifies_image_files_as_the_model_does_their_tensors() {
+    use sid_train::predict::{ExitAt, Predictor};
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    run_ok(&quick(&run, &["--epochs", "1", "--telemetry-hz", "0"]));
+    let data = sid_data::load(
+        sid_data::DatasetKind::FashionMnist,
+        Path::new("/usr/share/datasets/fashion-mnist"),
+        &sid_data::LoadOptions::default(),
+    )
+    .unwrap();
+    let n = 40;
+    let files = write_pngs(&data, &data.test, n, &tmp.path().join("png"));
+    let mut lib = Predictor::open(&run, None).unwrap();
+    // The file goes through the training data's decode and normalisation: the same tensor.
+    let x = data.test.images.narrow(0, 0, n);
+    let from_file = lib.spec().image(Path::new(&files[3])).unwrap();
+    assert!(from_file.allclose(&x.narrow(0, 3, 1), 1e-5, 1e-5, false));
+    for (flag, exit) in [("0.9", ExitAt::Confidence(0.9)), ("full", ExitAt::Last)] {
+        let lines = predict(&run, &files, &["--exit-confidence", flag]);
+        assert_lines_match(&lines, &files, &lib.predict(&x, exit).unwrap());
+    }
+    // The default is τ = 0.9; the names are Fashion-MNIST's.
+    let lines = predict(&run, &files, &[]);
+    assert_lines_match(
+        &lines,
+        &files,
+        &lib.predict(&x, ExitAt::Confidence(0.9)).unwrap(),
+    );
+    let names = sid_data::DatasetKind::FashionMnist.class_names();
+    let labels = Vec::<i64>::try_from(&data.test.labels.narrow(0, 0, n)).unwrap();
+    let correct = lines
+        .iter()
+        .zip(&labels)
+        .filter(|(l, &y)| l[1] == names[y as usize])
+        .count();
+    let acc = metrics(&run)[0]["test_acc"].as_f64().unwrap();
+    assert!(
+        correct as f64 / n as f64 > acc - 0.2,
+        "{correct}/{n} vs {acc}"
+    );
+    // --json: one object per line.
+    let out = run_ok(&[
+        "predict".into(),
+        run.display().to_string(),
+        files[0].clone(),
+        "--json".into(),
+        "--exit-confidence".into(),
+        "full".into(),
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(v["path"], files[0].as_str());
+    assert_eq!(v["exit_module"], 3);
+    assert_eq!(v["modules"], 3);
+    assert_eq!(v["class"], names[v["label"].as_u64().unwrap() as usize]);
+}
+
+#[test]
+fn predict_works_for_staged_and_backprop_runs_and_names_bad_files() {
+    use sid_train::predict::{ExitAt, Predictor};
+    let tmp = tempfile::tempdir().unwrap();
+    let (sid_run, bp_run) = (tmp.path().join("sid"), tmp.path().join("bp"));
+    run_ok(&staged(&sid_run, &["--epochs", "1"]));
+    run_ok(&staged(&bp_run, &["--epochs", "1", "--method", "bp"]));
+    let data = sid_data::load(
+        sid_data::DatasetKind::Cifar10,
+        &sid_run.with_extension("data"),
+        &sid_data::LoadOptions::default(),
+    )
+    .unwrap();
+    let n = 16;
+    let files = write_pngs(&data, &data.test, n, &tmp.path().join("png"));
+    let x = data.test.images.narrow(0, 0, n);
+    for (run, flag, exit) in [
+        (&sid_run, "0.2", ExitAt::Confidence(0.2)),
+        (&sid_run, "full", ExitAt::Last),
+        (&bp_run, "0.2", ExitAt::Confidence(0.2)),
+    ] {
+        let mut lib = Predictor::open(run, None).unwrap();
+        let want = lib.predict(&x, exit).unwrap();
+        let lines = predict(run, &files, &["--exit-confidence", flag]);
+        assert_lines_match(&lines, &files, &want);
+        if run == &bp_run {
+            // Backprop answers from its last module, whatever τ.
+            assert!(lines.iter().all(|l| l[3] == "4"), "{lines:?}");
+        }
+    }
+    // Over 10 classes every belief's top probability is at least 0.1: all leave at module 1.
+    let lines = predict(&sid_run, &files, &["--exit-confidence", "0.1"]);
+    assert!(lines.iter().all(|l| l[3] == "1"), "{lines:?}");
+
+    // Bad input: one line naming the file, nothing printed for the good ones.
+    let with = |bad: &str| -> Output {
+        Command::new(BIN)
+            .args(["predict", sid_run.to_str().unwrap(), &files[0], bad])
+            .output()
+            .unwrap()
+    };
+    let missing = tmp.path().join("missing.png");
+    let out = with(missing.to_str().unwrap());
+    one_line_error(&out, missing.to_str().unwrap());
+    assert!(out.stdout.is_empty());
+    let text = tmp.path().join("notes.png");
+    std::fs::write(&text, "not an image").unwrap();
+    one_line_error(&with(text.to_str().unwrap()), text.to_str().unwrap());
+    one_line_error(
+        &with(tmp.path().to_str().unwrap()),
+        tmp.path().to_str().unwrap(),
+    );
+    // A run directory without a checkpoint, and none at all.
+    std::fs::remove_file(bp_run.join("checkpoint.safetensors")).unwrap();
+    one_line_error(
+        &sid(&["predict", bp_run.to_str().unwrap(), &files[0]]),
+        "checkpoint.safetensors",
+    );
+    let none = tmp.path().join("none");
+    one_line_error(
+        &sid(&["predict", none.to_str().unwrap(), &files[0]]),
+        "none",
+    );
+    one_line_error(
+        &sid(&[
+            "predict",
+            sid_run.to_str().unwrap(),
+            &files[0],
+            "--exit-confidence",
+            "2",
+        ]),
+        "(0, 1]",
+    );
+    // No file at all is a usage error.
+    assert!(!sid(&["predict", sid_run.to_str().unwrap()])
+        .status
+        .success());
 }

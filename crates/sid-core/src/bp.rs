@@ -11,6 +11,7 @@ use crate::loss::cross_entropy;
 use crate::network::{
     load_var_store, to_cpu, var_store_state, Cascade, NamedTensors, Network, StepStats,
 };
+use crate::precision::forward_f32;
 use crate::sid::cascade_from_features;
 use crate::unit::module_prefix;
 use crate::{CoreError, Result};
@@ -20,6 +21,7 @@ use crate::{CoreError, Result};
 #[derive(Debug)]
 pub struct BpNetwork {
     num_classes: i64,
+    precision: crate::Precision,
     pub(crate) vs: VarStore,
     pub(crate) extractor: Extractor,
     pub(crate) modules: Vec<BeliefModule>,
@@ -31,6 +33,7 @@ impl BpNetwork {
     /// [`crate::SidNetwork`].
     pub fn new(cfg: &ModelConfig, lr: f64, device: Device) -> Result<Self> {
         cfg.validate()?;
+        cfg.precision.check(device)?;
         // Drawn on the CPU, then moved: the same seed gives SID's initial weights on any device.
         let mut vs = VarStore::new(Device::Cpu);
         let extractor = Extractor::new(&(vs.root() / "extractor"), cfg);
@@ -44,6 +47,7 @@ impl BpNetwork {
         let opt = Adam::for_var_store(&vs, lr);
         Ok(Self {
             num_classes: cfg.num_classes,
+            precision: cfg.precision,
             vs,
             extractor,
             modules,
@@ -76,15 +80,19 @@ impl Network for BpNetwork {
     fn train_step_queued(&mut self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let _span = tracing::trace_span!("bp_step").entered();
         self.opt.zero_grad();
-        let z = self.extractor.forward(x);
-        let mut p = uniform_belief(z.size()[0], self.num_classes, z.device());
-        let mut logits = None;
-        for m in &self.modules {
-            let l = m.forward(&p, &z);
-            p = belief(&l);
-            logits = Some(l);
-        }
-        let loss = cross_entropy(&logits.expect("at least one module"), y);
+        // The whole forward is one pass at the network's precision; the loss is float32.
+        let logits = forward_f32(self.precision, self.vs.device(), || {
+            let z = self.extractor.forward(x);
+            let mut p = uniform_belief(z.size()[0], self.num_classes, z.device());
+            let mut logits = None;
+            for m in &self.modules {
+                let l = m.forward(&p, &z);
+                p = belief(&l);
+                logits = Some(l);
+            }
+            logits.expect("at least one module")
+        });
+        let loss = cross_entropy(&logits, y);
         loss.f_backward()?;
         self.opt.step();
         Ok(loss.detach())
@@ -109,11 +117,16 @@ impl Network for BpNetwork {
     }
 
     fn cascade(&mut self, x: &Tensor) -> Result<Cascade> {
-        let z = tch::no_grad(|| self.extractor.forward(x));
+        let z = tch::no_grad(|| {
+            forward_f32(self.precision, self.vs.device(), || {
+                self.extractor.forward(x)
+            })
+        });
         Ok(cascade_from_features(
             self.modules.iter(),
             &z,
             self.num_classes,
+            self.precision,
         ))
     }
 

@@ -20,6 +20,7 @@ use crate::config::ModelConfig;
 use crate::extractor::{build_block, build_head, Block, BlockLayout, Neck};
 use crate::loss::cross_entropy;
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
+use crate::precision::{forward_all_f32, forward_f32};
 use crate::unit::module_prefix;
 use crate::{CoreError, Result};
 
@@ -34,6 +35,7 @@ pub struct BpStage {
     opt: Adam,
     adam_prefix: String,
     num_classes: i64,
+    precision: crate::Precision,
     /// Micro-batches between forward and backward: the stage's input (a leaf that collects
     /// its gradient, except on stage 1) and its output (the weighted loss on the last stage).
     pending: BTreeMap<usize, (Tensor, Tensor)>,
@@ -47,6 +49,7 @@ pub fn build_bp_stages(
     blocks: &[Range<usize>],
 ) -> Result<Vec<BpStage>> {
     cfg.validate()?;
+    cfg.precision.check(Device::Cpu)?;
     let k = blocks.len();
     let n = BlockLayout::of(cfg).len();
     if k == 0 || blocks.iter().any(|r| r.is_empty()) || blocks.last().map(|r| r.end) != Some(n) {
@@ -85,6 +88,7 @@ pub fn build_bp_stages(
                     format!("adam.bp_stage_{}", index + 1)
                 },
                 num_classes: cfg.num_classes,
+                precision: cfg.precision,
                 pending: BTreeMap::new(),
             }
         })
@@ -113,17 +117,30 @@ impl BpStage {
         self.pending.len()
     }
 
+    /// Every module's logits from the slice's output, float32, computed at the stage's
+    /// precision.
     fn head_forward(&self, h: &Tensor) -> Vec<Tensor> {
         let (neck, modules) = self.head.as_ref().expect("the last stage has the head");
-        let z = neck.forward(h);
-        let mut p = uniform_belief(z.size()[0], self.num_classes, z.device());
-        let mut logits = Vec::with_capacity(modules.len());
-        for m in modules {
-            let l = m.forward(&p, &z);
-            p = belief(&l);
-            logits.push(l);
-        }
-        logits
+        forward_all_f32(self.precision, h.device(), || {
+            let z = neck.forward(h);
+            let mut p = uniform_belief(z.size()[0], self.num_classes, z.device());
+            let mut logits = Vec::with_capacity(modules.len());
+            for m in modules {
+                let l = m.forward(&p, &z);
+                p = belief(&l);
+                logits.push(l);
+            }
+            logits
+        })
+    }
+
+    /// The stage's blocks on `input`, float32, computed at the stage's precision.
+    fn slice(&self, input: &Tensor) -> Tensor {
+        forward_f32(self.precision, input.device(), || {
+            self.blocks
+                .iter()
+                .fold(input.shallow_clone(), |h, b| b.forward(&h))
+        })
     }
 
     /// Forward of micro-batch `micro`: returns the output for the next stage (detached), or
@@ -140,10 +157,7 @@ impl BpStage {
         } else {
             input.detach().set_requires_grad(true)
         };
-        let h = self
-            .blocks
-            .iter()
-            .fold(leaf.shallow_clone(), |h, b| b.forward(&h));
+        let h = self.slice(&leaf);
         if self.last {
             let logits = self.head_forward(&h);
             let loss = cross_entropy(logits.last().expect("at least one module"), labels);
@@ -201,10 +215,7 @@ impl BpStage {
     /// Inference: the output for the next stage, or every module's logits on the last.
     pub fn cascade(&self, input: &Tensor) -> (Option<Tensor>, Vec<Tensor>) {
         tch::no_grad(|| {
-            let h = self
-                .blocks
-                .iter()
-                .fold(input.shallow_clone(), |h, b| b.forward(&h));
+            let h = self.slice(input);
             if self.last {
                 (None, self.head_forward(&h))
             } else {
@@ -247,6 +258,7 @@ mod tests {
             modules: 3,
             module_hidden: 5,
             init: crate::Init::default(),
+            precision: crate::Precision::Fp32,
         };
         tch::manual_seed(3);
         let mut bp = BpNetwork::new(&cfg, 1e-3, Device::Cpu).unwrap();

@@ -88,6 +88,10 @@ pub struct ModelConfig {
     /// How every layer's weights start (PyTorch's defaults, as the reference).
     #[serde(default)]
     pub init: crate::init::Init,
+    /// Arithmetic of the forward passes: float32, or bfloat16 autocast with float32 weights,
+    /// optimizer state and losses ([`crate::precision`]).
+    #[serde(default)]
+    pub precision: crate::precision::Precision,
 }
 
 impl Default for ModelConfig {
@@ -101,6 +105,7 @@ impl Default for ModelConfig {
             modules: 10,
             module_hidden: 256,
             init: crate::init::Init::Pytorch,
+            precision: crate::precision::Precision::Fp32,
         }
     }
 }

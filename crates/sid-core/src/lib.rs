@@ -16,7 +16,8 @@
 //!   [`Network`];
 //! - [`stage`]: staged SID, the backbone cut into slices trained by their own local losses
 //!   (the arithmetic of one stage; `sid-runtime` runs stages as a pipeline);
-//! - [`bp_stage`]: the BP baseline cut at the same points, for GPipe and 1F1B pipelines.
+//! - [`bp_stage`]: the BP baseline cut at the same points, for GPipe and 1F1B pipelines;
+//! - [`precision`]: float32 or bfloat16-autocast forward passes.
 //!
 //! ```no_run
 //! use sid_core::{ModelConfig, Network, SidNetwork, LossConfig};
@@ -43,6 +44,7 @@ pub mod graph;
 pub mod init;
 pub mod loss;
 pub mod network;
+pub mod precision;
 pub mod sid;
 pub mod stage;
 pub mod unit;
@@ -55,6 +57,7 @@ pub use error::CoreError;
 pub use extractor::Extractor;
 pub use init::Init;
 pub use network::{early_exit, Cascade, EarlyExit, ExitTracker, NamedTensors, Network, StepStats};
+pub use precision::Precision;
 pub use sid::SidNetwork;
 pub use stage::{Stage, StageCosts, StagePlan, StageSpec};
 pub use unit::{ExtractorUnit, LocalOutput, ModuleUnit};

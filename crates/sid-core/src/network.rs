@@ -162,6 +162,9 @@ pub struct EarlyExit {
     pub prediction: Tensor,
     /// That module, 1-based [B].
     pub exit_module: Tensor,
+    /// The top probability of that module's belief [B] (float): the confidence of the
+    /// prediction.
+    pub confidence: Tensor,
 }
 
 /// Early exit over a cascade computed part by part: records, for the samples still in it, the
@@ -175,6 +178,7 @@ pub struct ExitTracker {
     remaining: Tensor,
     prediction: Tensor,
     exit_module: Tensor,
+    confidence: Tensor,
 }
 
 impl ExitTracker {
@@ -187,6 +191,7 @@ impl ExitTracker {
             remaining: Tensor::arange(batch, opts),
             prediction: Tensor::zeros([batch], opts),
             exit_module: Tensor::full([batch], modules as i64, opts),
+            confidence: Tensor::zeros([batch], (Kind::Float, device)),
         }
     }
 
@@ -214,6 +219,11 @@ impl ExitTracker {
                 &Tensor::full_like(&at, module as i64 + 1),
                 false,
             );
+            let _ = self.confidence.index_put_(
+                &[Some(&at)],
+                &conf.masked_select(&leaves).to_kind(Kind::Float),
+                false,
+            );
             going_on = going_on.logical_and(&leaves.logical_not());
         }
         self.remaining = self.remaining.masked_select(&going_on);
@@ -225,6 +235,7 @@ impl ExitTracker {
         EarlyExit {
             prediction: self.prediction,
             exit_module: self.exit_module,
+            confidence: self.confidence,
         }
     }
 }
@@ -258,6 +269,10 @@ mod tests {
         assert_eq!(Vec::<i64>::try_from(&e.exit_module).unwrap(), [1, 2, 3]);
         // Sample 3 reaches no confidence of 0.9: the last module's class (0 at 0.6).
         assert_eq!(Vec::<i64>::try_from(&e.prediction).unwrap(), [0, 0, 0]);
+        let conf = Vec::<f32>::try_from(&e.confidence).unwrap();
+        for (c, want) in conf.iter().zip([0.95, 0.97, 0.6]) {
+            assert!((f64::from(*c) - want).abs() < 1e-6, "{conf:?}");
+        }
         let all = early_exit(&logits, 1.1);
         assert_eq!(Vec::<i64>::try_from(&all.exit_module).unwrap(), [3, 3, 3]);
         // Part by part gives the same as the whole.

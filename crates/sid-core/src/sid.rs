@@ -12,6 +12,7 @@ use crate::Result;
 #[derive(Debug)]
 pub struct SidNetwork {
     num_classes: i64,
+    precision: crate::Precision,
     fused: bool,
     pub(crate) extractor: ExtractorUnit,
     modules: Vec<ModuleUnit>,
@@ -23,12 +24,14 @@ impl SidNetwork {
     pub fn new(cfg: &ModelConfig, loss: LossConfig, lr: f64, device: Device) -> Result<Self> {
         cfg.validate()?;
         loss.validate()?;
+        cfg.precision.check(device)?;
         let extractor = ExtractorUnit::new(cfg, lr, device);
         let modules = (0..cfg.modules)
             .map(|i| ModuleUnit::new(i, cfg, loss, lr, device))
             .collect();
         Ok(Self {
             num_classes: cfg.num_classes,
+            precision: cfg.precision,
             fused: false,
             extractor,
             modules,
@@ -68,20 +71,25 @@ pub fn teacher_beliefs<'a>(
     teachers
 }
 
-/// The forward chain without gradient: every module's logits for features `z`.
+/// The forward chain without gradient: every module's logits for features `z`, computed at
+/// `precision`, float32.
 pub fn cascade_from_features<'a>(
     modules: impl Iterator<Item = &'a crate::BeliefModule>,
     z: &Tensor,
     num_classes: i64,
+    precision: crate::Precision,
 ) -> Cascade {
     tch::no_grad(|| {
-        let mut p = uniform_belief(z.size()[0], num_classes, z.device());
-        let mut logits = Vec::new();
-        for m in modules {
-            let l = m.forward(&p, z);
-            p = crate::belief::belief(&l);
-            logits.push(l);
-        }
+        let logits = crate::precision::forward_all_f32(precision, z.device(), || {
+            let mut p = uniform_belief(z.size()[0], num_classes, z.device());
+            let mut logits = Vec::new();
+            for m in modules {
+                let l = m.forward(&p, z);
+                p = crate::belief::belief(&l);
+                logits.push(l);
+            }
+            logits
+        });
         Cascade { logits }
     })
 }
@@ -146,6 +154,7 @@ impl Network for SidNetwork {
             self.modules.iter().map(|m| m.module()),
             &z,
             self.num_classes,
+            self.precision,
         ))
     }
 
@@ -156,7 +165,7 @@ impl Network for SidNetwork {
             let mut exits = crate::ExitTracker::new(b, self.modules.len(), tau, z.device());
             let mut p = uniform_belief(b, self.num_classes, z.device());
             for (i, m) in self.modules.iter().enumerate() {
-                let l = m.module().forward(&p, &z);
+                let l = m.logits(&p, &z);
                 // Later modules run for the samples still in the cascade only.
                 let Some(on) = exits.update(std::slice::from_ref(&l), i) else {
                     break;
@@ -205,6 +214,7 @@ mod tests {
             modules: 3,
             module_hidden: 5,
             init: crate::Init::default(),
+            precision: crate::Precision::Fp32,
         }
     }
 
@@ -398,6 +408,9 @@ mod tests {
             let whole = crate::early_exit(&net.cascade(&x).unwrap().logits, tau);
             assert_eq!(fast.exit_module, whole.exit_module, "tau {tau}");
             assert_eq!(fast.prediction, whole.prediction, "tau {tau}");
+            assert!(fast
+                .confidence
+                .allclose(&whole.confidence, 1e-6, 1e-6, false));
         }
         let some = net.cascade_exit(&x, 0.3).unwrap().exit_module;
         assert!(

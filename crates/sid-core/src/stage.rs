@@ -24,6 +24,7 @@ use crate::config::{LossConfig, ModelConfig};
 use crate::extractor::{build_block, build_head, Block, BlockLayout, Neck};
 use crate::loss::{local_loss_for, LabelTarget};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
+use crate::precision::forward_f32;
 use crate::unit::ModuleUnit;
 use crate::{CoreError, Result};
 
@@ -384,6 +385,7 @@ pub struct Stage {
     modules: Vec<ModuleUnit>,
     num_classes: i64,
     loss: LossConfig,
+    precision: crate::Precision,
     /// Between [`Stage::forward_micro`] and [`Stage::backward_micro`]: the local losses [n]
     /// with their graph.
     pending: Option<Tensor>,
@@ -411,6 +413,7 @@ pub fn build_stages(
 ) -> Result<Vec<Stage>> {
     cfg.validate()?;
     loss.validate()?;
+    cfg.precision.check(Device::Cpu)?;
     let k = plan.len();
     let stage_of = |pick: fn(&StageSpec) -> &Range<usize>, i: usize| {
         plan.stages
@@ -467,6 +470,7 @@ pub fn build_stages(
                 modules,
                 num_classes: cfg.num_classes,
                 loss,
+                precision: cfg.precision,
                 pending: None,
             }
         })
@@ -508,11 +512,18 @@ impl Stage {
         LabelTarget::new(labels, self.num_classes, &self.loss)
     }
 
-    fn slice_forward(&self, input: &Tensor) -> Tensor {
+    /// The slice's output `h` and the neck's features `z`, float32, each computed at the
+    /// stage's precision.
+    fn features(&self, input: &Tensor) -> (Tensor, Tensor) {
         let _span = tracing::trace_span!("slice_forward", stage = self.index + 1).entered();
-        self.blocks
-            .iter()
-            .fold(input.detach(), |h, b| b.forward(&h))
+        let (precision, device) = (self.precision, self.device());
+        let h = forward_f32(precision, device, || {
+            self.blocks
+                .iter()
+                .fold(input.detach(), |h, b| b.forward(&h))
+        });
+        let z = forward_f32(precision, device, || self.neck.forward(&h));
+        (h, z)
     }
 
     /// Forward of one micro-batch: the slice on `sg(input)`, the neck, each module on the
@@ -524,12 +535,11 @@ impl Stage {
         p_in: &Tensor,
         target: &LabelTarget,
     ) -> StageOutput {
-        let h = self.slice_forward(input);
-        let z = self.neck.forward(&h);
+        let (h, z) = self.features(input);
         let mut p = p_in.detach();
         let mut losses = Vec::with_capacity(self.modules.len());
         for m in &self.modules {
-            let logits = m.module().forward(&p, &z);
+            let logits = m.logits(&p, &z);
             losses.push(local_loss_for(&logits, &p, target));
             p = belief(&logits.detach());
         }
@@ -581,12 +591,11 @@ impl Stage {
     /// last), every module's logits and the belief leaving the last module.
     pub fn cascade(&self, input: &Tensor, p_in: &Tensor) -> (Option<Tensor>, Vec<Tensor>, Tensor) {
         tch::no_grad(|| {
-            let h = self.slice_forward(input);
-            let z = self.neck.forward(&h);
+            let (h, z) = self.features(input);
             let mut p = p_in.shallow_clone();
             let mut logits = Vec::with_capacity(self.modules.len());
             for m in &self.modules {
-                let l = m.module().forward(&p, &z);
+                let l = m.logits(&p, &z);
                 p = belief(&l);
                 logits.push(l);
             }
@@ -636,6 +645,7 @@ mod tests {
             modules,
             module_hidden: 5,
             init: crate::Init::default(),
+            precision: crate::Precision::Fp32,
         }
     }
 

@@ -14,6 +14,7 @@ use crate::config::{LossConfig, ModelConfig};
 use crate::extractor::Extractor;
 use crate::loss::{local_loss_for, LabelTarget};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
+use crate::precision::{forward_f32, Precision};
 use crate::{CoreError, Result};
 
 /// The variable-path prefix of module `index` (0-based): `module_1` … `module_L`.
@@ -41,6 +42,7 @@ pub struct ModuleUnit {
     opt: Adam,
     loss: LossConfig,
     num_classes: i64,
+    precision: Precision,
     /// Between [`ModuleUnit::forward_step`] and [`ModuleUnit::finish_step`]: the features
     /// that receive gradient, the logits with their graph, and the teacher belief.
     pending: Option<(Tensor, Tensor, Tensor)>,
@@ -62,6 +64,7 @@ impl ModuleUnit {
             opt,
             loss,
             num_classes: cfg.num_classes,
+            precision: cfg.precision,
             pending: None,
         }
     }
@@ -87,6 +90,14 @@ impl ModuleUnit {
         &self.net
     }
 
+    /// The module's logits for `p_prev` and `z`, float32, computed at the unit's precision:
+    /// every forward of the module goes through here.
+    pub fn logits(&self, p_prev: &Tensor, z: &Tensor) -> Tensor {
+        forward_f32(self.precision, self.device(), || {
+            self.net.forward(p_prev, z)
+        })
+    }
+
     /// The label side of this step's local losses under this unit's loss settings; the same
     /// for every module of a step, so build it once and pass it to each module's step.
     pub fn label_target(&self, labels: &Tensor) -> LabelTarget {
@@ -95,7 +106,7 @@ impl ModuleUnit {
 
     /// Phase 1: the teacher belief `p_i = softmax(f_i(p_{i-1}, z))`, without gradient.
     pub fn teacher(&self, p_prev: &Tensor, z: &Tensor) -> Tensor {
-        tch::no_grad(|| belief(&self.net.forward(p_prev, z)))
+        tch::no_grad(|| belief(&self.logits(p_prev, z)))
     }
 
     /// Phase 2: local loss, backward into this module only, Adam step. `p_prev` and `z` must
@@ -121,7 +132,7 @@ impl ModuleUnit {
         let _span = tracing::trace_span!("forward_module", module = self.index + 1).entered();
         self.opt.zero_grad();
         let z_in = z.detach().set_requires_grad(true);
-        let logits = self.net.forward(p_prev, &z_in);
+        let logits = self.logits(p_prev, &z_in);
         let next = belief(&logits.detach());
         self.pending = Some((z_in, logits, p_prev.shallow_clone()));
         next
@@ -263,6 +274,7 @@ pub struct ExtractorUnit {
     pub(crate) vs: VarStore,
     net: Extractor,
     opt: Adam,
+    precision: Precision,
 }
 
 impl ExtractorUnit {
@@ -273,7 +285,12 @@ impl ExtractorUnit {
         let net = Extractor::new(&(vs.root() / "extractor"), cfg);
         vs.set_device(device);
         let opt = Adam::for_var_store(&vs, lr);
-        Self { vs, net, opt }
+        Self {
+            vs,
+            net,
+            opt,
+            precision: cfg.precision,
+        }
     }
 
     /// Where the parameters live.
@@ -281,10 +298,10 @@ impl ExtractorUnit {
         self.vs.device()
     }
 
-    /// `z = c(x)`, with gradient.
+    /// `z = c(x)`, with gradient, float32 (computed at the unit's precision).
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let _span = tracing::trace_span!("extractor_forward").entered();
-        self.net.forward(x)
+        forward_f32(self.precision, self.device(), || self.net.forward(x))
     }
 
     /// Backpropagates the summed gradient `grad_z` that the modules sent back through `z`

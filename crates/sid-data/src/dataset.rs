@@ -130,8 +130,8 @@ pub struct Dataset {
     pub noisy_labels: usize,
     /// Channels, side length and number of classes: what the model is built for.
     pub shape: Shape,
-    /// Class names by label, for folder data sets (the folder names); empty for the
-    /// built-in ones.
+    /// Class names by label: a folder data set's folder names (or `wnids.txt`'s), a built-in
+    /// data set's published names ([`DatasetKind::class_names`]).
     pub classes: Vec<String>,
     /// Per-channel mean of the pixels (scaled to 0..1) that was subtracted: the published
     /// value for a built-in data set, the training split's own for a folder data set.
@@ -175,7 +175,7 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
             )));
         }
     }
-    let mut classes = Vec::new();
+    let mut classes: Vec<String> = kind.class_names().iter().map(|c| c.to_string()).collect();
     let mut folder_info = None;
     let (mut train, test, shape) = match (kind, kind.shape()) {
         (DatasetKind::FashionMnist | DatasetKind::Mnist, Some(shape)) => {
@@ -308,13 +308,26 @@ fn add_symmetric_noise(labels: &mut [u8], num_classes: i64, fraction: f64, seed:
 /// Builds the normalised float tensors of one split.
 fn to_split(raw: RawSplit, shape: Shape, mean: &[f64], std: &[f64]) -> Result<Split, DataError> {
     let n = raw.len() as i64;
-    let (c, s) = (shape.channels, shape.image_size);
     let labels: Vec<i64> = raw.labels.iter().map(|&l| i64::from(l)).collect();
     let labels = Tensor::f_from_slice(&labels)?;
-    let mut images = Tensor::f_from_slice(&raw.pixels)?
+    let images = normalise(&raw.pixels, n, shape, mean, std)?;
+    drop(raw);
+    Ok(Split { images, labels })
+}
+
+/// `n` channel-major images of `shape` as bytes → `[n, C, H, W]` float32, scaled to 0..1 and
+/// normalised per channel: the one normalisation of training, evaluation and prediction.
+fn normalise(
+    pixels: &[u8],
+    n: i64,
+    shape: Shape,
+    mean: &[f64],
+    std: &[f64],
+) -> Result<Tensor, DataError> {
+    let (c, s) = (shape.channels, shape.image_size);
+    let mut images = Tensor::f_from_slice(pixels)?
         .f_reshape([n, c, s, s])?
         .f_to_kind(Kind::Float)?;
-    drop(raw);
     let mean = Tensor::f_from_slice(mean)?
         .f_to_kind(Kind::Float)?
         .f_reshape([1, c, 1, 1])?;
@@ -326,7 +339,51 @@ fn to_split(raw: RawSplit, shape: Shape, mean: &[f64], std: &[f64]) -> Result<Sp
     let _ = images.f_div_scalar_(255.0)?;
     let _ = images.f_sub_(&mean)?;
     let _ = images.f_div_(&std)?;
-    Ok(Split { images, labels })
+    Ok(images)
+}
+
+/// What a model trained on a data set expects of one input image (its shape and the
+/// normalisation its training used) and what its outputs name (the classes). Saved with a
+/// run, so that an image file can be fed to the saved model without loading the data set
+/// ([`InputSpec::image`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InputSpec {
+    /// Channels, side length and number of classes.
+    pub shape: Shape,
+    /// Per-channel mean subtracted (pixels scaled to 0..1).
+    pub mean: Vec<f64>,
+    /// Per-channel standard deviation divided by.
+    pub std: Vec<f64>,
+    /// Class names by label (see [`Dataset::classes`]).
+    pub classes: Vec<String>,
+}
+
+impl InputSpec {
+    /// That of a loaded data set.
+    pub fn of(data: &Dataset) -> Self {
+        Self {
+            shape: data.shape,
+            mean: data.mean.clone(),
+            std: data.std.clone(),
+            classes: data.classes.clone(),
+        }
+    }
+
+    /// The PNG or JPEG file at `path` as a `[1, C, H, W]` float32 input: decoded, resized to
+    /// fill the image size (centre crop), converted to the data set's channels (luma for grey)
+    /// and normalised, by the same code that prepares a folder data set's images.
+    pub fn image(&self, path: &Path) -> Result<Tensor, DataError> {
+        let c = self.shape.channels as usize;
+        if !matches!(c, 1 | 3) || self.mean.len() != c || self.std.len() != c {
+            return Err(DataError::InvalidOption(format!(
+                "{c} channels with {} means and {} standard deviations: images have 1 or 3 channels, one statistic each",
+                self.mean.len(),
+                self.std.len()
+            )));
+        }
+        let pixels = folder::decode_file(path, self.shape)?;
+        normalise(&pixels, 1, self.shape, &self.mean, &self.std)
+    }
 }
 
 #[cfg(test)]

@@ -412,6 +412,33 @@ struct Decoded {
     grey: bool,
 }
 
+/// One image file as `shape.channels` channel-major planes of `shape.image_size`² bytes,
+/// decoded, resized and converted exactly as the training images of a folder data set are:
+/// what a saved model is fed for a single image (`sid-launch predict`).
+pub(crate) fn decode_file(path: &Path, shape: Shape) -> Result<Vec<u8>, DataError> {
+    let decoded = decode(path, shape.image_size as u32)?;
+    let mut pixels = Vec::with_capacity(shape.sample_len());
+    push_channels(&decoded.rgb, shape.channels, &mut pixels);
+    Ok(pixels)
+}
+
+/// Appends interleaved RGB bytes as channel-major planes: three, or one grey plane. Grey is
+/// the luma of the three channels, which for a greyscale file (three equal channels, as
+/// every image of a grey folder data set is) is its own value, bit for bit.
+fn push_channels(rgb: &[u8], channels: i64, out: &mut Vec<u8>) {
+    if channels == 1 {
+        // The `image` crate's Rec. 709 integer luma; the weights sum to 10000.
+        out.extend(rgb.chunks_exact(3).map(|p| {
+            let y = 2126 * u32::from(p[0]) + 7152 * u32::from(p[1]) + 722 * u32::from(p[2]);
+            (y / 10000) as u8
+        }));
+    } else {
+        for c in 0..3 {
+            out.extend(rgb.chunks_exact(3).map(|p| p[c]));
+        }
+    }
+}
+
 fn decode(path: &Path, size: u32) -> Result<Decoded, DataError> {
     let bad = |reason: String| DataError::BadImage {
         path: path.to_path_buf(),
@@ -464,13 +491,9 @@ fn decode_all(listing: &Listing, size: i64) -> Result<(Shape, RawSplit, RawSplit
         num_classes: listing.classes.len() as i64,
     };
     let to_raw = |decoded: Vec<Decoded>, files: &[(PathBuf, u8)]| {
-        let plane = (size * size) as usize;
         let mut pixels = Vec::with_capacity(decoded.len() * shape.sample_len());
         for d in decoded {
-            // A grey image converted to RGB has three equal channels: keep the first.
-            for c in 0..shape.channels as usize {
-                pixels.extend((0..plane).map(|i| d.rgb[3 * i + c]));
-            }
+            push_channels(&d.rgb, shape.channels, &mut pixels);
         }
         RawSplit {
             pixels,
@@ -752,6 +775,35 @@ mod tests {
         }
         // The stored order mixes the classes (the first 4 are not all one class).
         assert!(train[..4].iter().any(|&l| l != train[0]), "{train:?}");
+        // One file through the saved run's spec is the same input as in the loaded split.
+        let spec = crate::InputSpec::of(&ds);
+        assert_eq!(spec.classes, ds.classes);
+        let one = spec.image(&tmp.path().join("test/emu/u.png")).unwrap();
+        assert_eq!(one.size(), vec![1, 3, 8, 8]);
+        assert!(one.equal(&ds.test.images.narrow(0, 2, 1)));
+        // The same file into a grey model: one plane, the luma.
+        let grey = crate::InputSpec {
+            shape: Shape {
+                channels: 1,
+                ..shape
+            },
+            mean: vec![0.0],
+            std: vec![1.0],
+            classes: Vec::new(),
+        };
+        let g = grey.image(&tmp.path().join("test/emu/u.png")).unwrap();
+        assert_eq!(g.size(), vec![1, 1, 8, 8]);
+        let want = f64::from(722 * 150 / 10000) / 255.0;
+        assert!((g.double_value(&[0, 0, 3, 4]) - want).abs() < 1e-6);
+        // A file that is not an image is named.
+        let text = tmp.path().join("train/cat/notes.txt");
+        let e = spec.image(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("notes.txt") && e.contains("cannot decode"),
+            "{e}"
+        );
+        let e = spec.image(&tmp.path().join("nope.png")).unwrap_err();
+        assert!(e.to_string().contains("nope.png"), "{e}");
     }
 
     #[test]

@@ -116,6 +116,18 @@ impl DatasetKind {
         })
     }
 
+    /// The published class names by label; empty for [`DatasetKind::Folder`], whose names
+    /// are its class folders ([`crate::Dataset::classes`]).
+    pub fn class_names(&self) -> &'static [&'static str] {
+        match self {
+            DatasetKind::FashionMnist => &FASHION_MNIST_CLASSES,
+            DatasetKind::Mnist => &["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+            DatasetKind::Cifar10 => &CIFAR10_CLASSES,
+            DatasetKind::Cifar100 => &CIFAR100_CLASSES,
+            DatasetKind::Folder => &[],
+        }
+    }
+
     /// Whether crop+flip augmentation is on unless asked otherwise: it is standard for CIFAR,
     /// while flipping digits would change their meaning. Off for folder data sets, since
     /// whether a flip keeps an image's class depends on the images (`--augment` turns it on).
@@ -123,6 +135,138 @@ impl DatasetKind {
         matches!(self, DatasetKind::Cifar10 | DatasetKind::Cifar100)
     }
 }
+
+/// Zalando's names, by label.
+const FASHION_MNIST_CLASSES: [&str; 10] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+];
+
+/// `batches.meta.txt` of the binary version, by label.
+const CIFAR10_CLASSES: [&str; 10] = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+];
+
+/// `fine_label_names.txt` of the binary version, by label.
+const CIFAR100_CLASSES: [&str; 100] = [
+    "apple",
+    "aquarium_fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn_mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple_tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak_tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm_tree",
+    "pear",
+    "pickup_truck",
+    "pine_tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet_pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow_tree",
+    "wolf",
+    "woman",
+    "worm",
+];
 
 impl fmt::Display for DatasetKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -213,6 +357,7 @@ mod tests {
             assert_eq!(shape.image_size, size);
             assert_eq!(shape.sample_len() as i64, channels * size * size);
             assert_eq!(kind.augments_by_default(), aug);
+            assert_eq!(kind.class_names().len() as i64, classes);
             let (mean, std) = kind.mean_std().unwrap();
             assert_eq!(mean.len() as i64, channels);
             assert_eq!(std.len() as i64, channels);

@@ -25,7 +25,7 @@ mod raw;
 mod testutil;
 
 pub use batch::{augment_batch, augment_params, batch, epoch_permutation, num_batches, CropFlip};
-pub use dataset::{load, Dataset, LoadOptions, Split};
+pub use dataset::{load, Dataset, InputSpec, LoadOptions, Split};
 pub use error::DataError;
 pub use folder::{CacheStatus, FolderInfo, Layout, DEFAULT_IMAGE_SIZE};
 pub use kind::{DatasetKind, Shape};

@@ -398,7 +398,7 @@ impl State {
                 let mut logits = Vec::with_capacity(self.units.len());
                 tch::no_grad(|| {
                     for u in &self.units {
-                        let l = u.module().forward(&p, &z);
+                        let l = u.logits(&p, &z);
                         p = sid_core::belief::belief(&l);
                         logits.push(l);
                     }

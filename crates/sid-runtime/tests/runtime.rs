@@ -24,6 +24,7 @@ fn model(modules: usize) -> ModelConfig {
         modules,
         module_hidden: 32,
         init: sid_core::Init::default(),
+        precision: sid_core::Precision::Fp32,
     }
 }
 

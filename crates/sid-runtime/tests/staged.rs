@@ -23,6 +23,7 @@ fn model() -> ModelConfig {
         modules: 4,
         module_hidden: 16,
         init: sid_core::Init::default(),
+        precision: sid_core::Precision::Fp32,
     }
 }
 

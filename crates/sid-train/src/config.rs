@@ -40,6 +40,9 @@ pub struct RunConfig {
     /// Weight initialisation: `pytorch` (the reference's: ±1/√fan_in) or `kaiming` (tch's
     /// default, ±√(6/fan_in)).
     pub init: sid_core::Init,
+    /// Arithmetic of the forward passes: `fp32`, or `bf16` (autocast; weights, Adam state and
+    /// losses stay float32). bf16 runs on CUDA devices only.
+    pub precision: sid_core::Precision,
     /// α of the local loss.
     pub alpha: f64,
     /// Label smoothing ε of the SID target (0 = one-hot, as the reference).
@@ -121,6 +124,7 @@ impl Default for RunConfig {
             feature_dim: model.feature_dim,
             module_hidden: model.module_hidden,
             init: model.init,
+            precision: model.precision,
             alpha: loss.alpha,
             label_smoothing: loss.label_smoothing,
             epochs: 5,
@@ -214,6 +218,7 @@ impl RunConfig {
             modules: self.modules,
             module_hidden: self.module_hidden,
             init: self.init,
+            precision: self.precision,
         }
     }
 
@@ -354,6 +359,18 @@ impl RunConfig {
         self.loss_config().validate()?;
         let devices = crate::devices::parse_devices(&self.gpus)?;
         let workers = devices.len();
+        if self.precision == sid_core::Precision::Bf16 {
+            if let Some(d) = devices.iter().find(|d| !matches!(d, tch::Device::Cuda(_))) {
+                return bad(format!(
+                    "--precision bf16 needs a CUDA device; --gpus {} puts a worker on {} (train there with --precision fp32)",
+                    self.gpus,
+                    crate::devices::device_name(*d)
+                ));
+            }
+            if !self.precision.available() {
+                return bad("--precision bf16: this build has no autocast (libtorch's C++ headers were not found when it was compiled; run scripts/setup.sh and rebuild)".into());
+            }
+        }
         let asked = self.cuda_graph == Some(true);
         if asked && !matches!(devices[..], [tch::Device::Cuda(_)]) {
             return bad(format!(
@@ -590,6 +607,28 @@ mod tests {
             let e = bad.validate().unwrap_err().to_string();
             assert!(e.contains("image size"), "{e}");
         }
+    }
+
+    #[test]
+    fn bf16_needs_cuda_devices_and_is_saved() {
+        let bf16 = |gpus: &str| RunConfig {
+            gpus: gpus.into(),
+            precision: sid_core::Precision::Bf16,
+            ..Default::default()
+        };
+        for gpus in ["cpu", "cpu:2"] {
+            let e = bf16(gpus).validate().unwrap_err().to_string();
+            assert!(e.contains("--precision bf16 needs a CUDA device"), "{e}");
+        }
+        let c = bf16("0");
+        assert_eq!(c.model_config().precision, sid_core::Precision::Bf16);
+        assert!(c.to_toml().contains("precision = \"bf16\""));
+        assert_eq!(RunConfig::from_toml(&c.to_toml()).unwrap(), c);
+        assert!(RunConfig::default()
+            .to_toml()
+            .contains("precision = \"fp32\""));
+        // The arithmetic of a run stays as saved.
+        assert_eq!(c.resume_conflicts(&RunConfig::default()), ["precision"]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use sid_data::Split;
 use tch::Kind;
 
 use crate::checkpoint::{self, CHECKPOINT_FILE};
-use crate::{Result, Run, TrainError};
+use crate::{Result, Run, RunConfig, TrainError};
 
 /// One row of the early-exit table.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +38,21 @@ pub struct Saved {
 /// Opens the run in `dir` (its `config.toml` and checkpoint), on `gpus` if given (else the
 /// saved device list).
 pub fn open(dir: &Path, gpus: Option<&str>) -> Result<Saved> {
+    let cfg = saved_config_on(dir, gpus)?;
+    let mut data = crate::trainer::load_data(&cfg)?;
+    let net = load_network(dir, &cfg, data.shape)?;
+    if let tch::Device::Cuda(_) = net.input_device() {
+        data = data.to_device(net.input_device());
+    }
+    Ok(Saved {
+        net,
+        data,
+        modules: cfg.modules,
+    })
+}
+
+/// The saved config of the run in `dir`, moved onto `gpus` if given.
+pub(crate) fn saved_config_on(dir: &Path, gpus: Option<&str>) -> Result<RunConfig> {
     let mut cfg = Run::saved_config(dir)?;
     if let Some(g) = gpus {
         cfg.gpus = g.to_string();
@@ -47,25 +62,29 @@ pub fn open(dir: &Path, gpus: Option<&str>) -> Result<Saved> {
         }
     }
     cfg.inject_fault = None;
-    let devices = crate::devices::resolve_devices(&cfg.gpus)?;
-    let mut data = crate::trainer::load_data(&cfg)?;
-    cfg.loaded_shape = Some(data.shape);
-    let built = crate::trainer::build_network(&cfg, &devices)?;
+    Ok(cfg)
+}
+
+/// The network of `cfg` for data of `shape`, with the checkpoint in `dir` loaded. A missing
+/// checkpoint is named before anything is built.
+pub(crate) fn load_network(
+    dir: &Path,
+    cfg: &RunConfig,
+    shape: sid_data::Shape,
+) -> Result<Box<dyn Network>> {
     let path = dir.join(CHECKPOINT_FILE);
     let (named, _) = checkpoint::load(&path)?;
-    let mut net = built.net;
+    let devices = crate::devices::resolve_devices(&cfg.gpus)?;
+    let cfg = RunConfig {
+        loaded_shape: Some(shape),
+        ..cfg.clone()
+    };
+    let mut net = crate::trainer::build_network(&cfg, &devices)?.net;
     net.load_state(&named).map_err(|e| TrainError::Checkpoint {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    if let tch::Device::Cuda(_) = net.input_device() {
-        data = data.to_device(net.input_device());
-    }
-    Ok(Saved {
-        net,
-        data,
-        modules: cfg.modules,
-    })
+    Ok(net)
 }
 
 /// The full cascade, then early exit at each threshold in `taus`, on the run's test split.

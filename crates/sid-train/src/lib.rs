@@ -12,6 +12,7 @@ pub mod error;
 pub mod eval;
 mod graph_step;
 pub mod metrics;
+pub mod predict;
 pub mod trainer;
 
 pub use config::RunConfig;

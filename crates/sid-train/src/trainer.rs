@@ -21,6 +21,16 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// The end-of-run summary.
 pub const SUMMARY_FILE: &str = "summary.json";
+/// What an input image must be made into for the saved model, and the class names
+/// ([`sid_data::InputSpec`]): what `sid-launch predict` reads instead of the data set.
+pub const INPUT_FILE: &str = "input.json";
+
+/// Writes the data's [`sid_data::InputSpec`] into the run directory.
+fn write_input_spec(dir: &Path, data: &Dataset) -> Result<()> {
+    let spec = sid_data::InputSpec::of(data);
+    let text = serde_json::to_string_pretty(&spec).expect("an input spec serialises");
+    checkpoint::write_atomic(&dir.join(INPUT_FILE), text.as_bytes())
+}
 
 /// Progress reported to the caller while a run trains; the library itself prints nothing.
 #[derive(Debug)]
@@ -365,6 +375,7 @@ impl Run {
         cfg.micro_batches = Some(cfg.resolved_micro_batches());
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
+        write_input_spec(dir, &data)?;
         let position = Position::start(cfg.method, cfg.seed);
         Ok(Self {
             cfg,
@@ -436,6 +447,8 @@ impl Run {
         })?;
         let kept = metrics::truncate_to(&dir.join(METRICS_FILE), position.epochs_done)?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
+        // Runs from before input.json get one.
+        write_input_spec(dir, &data)?;
         Ok(Self {
             cfg,
             dir: dir.into(),

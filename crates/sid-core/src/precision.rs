@@ -1,0 +1,288 @@
+//! Arithmetic of the forward passes: float32, or bfloat16 autocast (`--precision bf16`).
+//!
+//! With bf16, each forward pass runs under libtorch's autocast at bfloat16 (convolutions and
+//! matrix products in bf16, reductions and softmax in float32) and its output is cast back
+//! to float32 at once. Everything else stays float32: the parameters (master weights), Adam's
+//! state, the beliefs and features passed between modules and stages, the losses and the
+//! gradients that cross a module boundary. Backward passes run outside autocast, in the types
+//! the forward used, as PyTorch advises. libtorch's autocast is switched per thread, so each
+//! worker or stage thread sets it around its own forward passes ([`forward_f32`]).
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::{CoreError, Result};
+
+/// The arithmetic of the forward passes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// Float32 throughout (the reference).
+    #[default]
+    Fp32,
+    /// Forward passes under bfloat16 autocast; weights, optimizer state and losses float32.
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp32" => Ok(Self::Fp32),
+            "bf16" => Ok(Self::Bf16),
+            other => Err(CoreError::InvalidConfig(format!(
+                "unknown precision {other:?} (expected fp32 or bf16)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Fp32 => "fp32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+#[cfg(sid_autocast)]
+mod ffi {
+    use std::os::raw::{c_char, c_int};
+
+    unsafe extern "C" {
+        pub fn sid_autocast_enter(
+            cuda: c_int,
+            prev: *mut c_int,
+            err: *mut c_char,
+            n: usize,
+        ) -> c_int;
+        pub fn sid_autocast_leave(
+            cuda: c_int,
+            prev: *const c_int,
+            err: *mut c_char,
+            n: usize,
+        ) -> c_int;
+    }
+}
+
+impl Precision {
+    /// Whether this build can run `self` (bf16 needs the autocast shim, compiled when
+    /// libtorch's C++ headers were found).
+    pub fn available(self) -> bool {
+        self == Self::Fp32 || cfg!(sid_autocast)
+    }
+
+    /// Runs `f` with autocast at this precision for `device`'s kind of device: nothing
+    /// changes for fp32. Fails only if this build has no autocast or libtorch refuses it; a
+    /// network checks that once when it is built ([`Precision::check`]).
+    pub fn autocast<R>(self, device: Device, f: impl FnOnce() -> R) -> Result<R> {
+        if self == Self::Fp32 {
+            return Ok(f());
+        }
+        self.bf16_region(device, f)
+    }
+
+    #[cfg(sid_autocast)]
+    fn bf16_region<R>(self, device: Device, f: impl FnOnce() -> R) -> Result<R> {
+        use std::os::raw::{c_char, c_int};
+        let cuda = c_int::from(matches!(device, Device::Cuda(_)));
+        let call = |g: &dyn Fn(*mut c_char, usize) -> c_int| -> Result<()> {
+            let mut err = [0 as c_char; 512];
+            if g(err.as_mut_ptr(), err.len()) == 0 {
+                return Ok(());
+            }
+            // SAFETY: the shim wrote a NUL-terminated message.
+            let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+            Err(CoreError::InvalidConfig(format!(
+                "bf16 autocast: {}",
+                msg.to_string_lossy()
+            )))
+        };
+        let mut prev = [0 as c_int; 3];
+        let slots = prev.as_mut_ptr();
+        // SAFETY: `slots` has the three slots the shim writes; `e` is `n` bytes.
+        call(&|e, n| unsafe { ffi::sid_autocast_enter(cuda, slots, e, n) })?;
+        // The previous state comes back even if `f` panics (a stage thread's panic is caught
+        // and reported; the thread's autocast state must not leak into what it runs next).
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        // SAFETY: as above; `prev` is what enter wrote.
+        let left = call(&|e, n| unsafe { ffi::sid_autocast_leave(cuda, prev.as_ptr(), e, n) });
+        let out = out.unwrap_or_else(|p| std::panic::resume_unwind(p));
+        left?;
+        Ok(out)
+    }
+
+    #[cfg(not(sid_autocast))]
+    fn bf16_region<R>(self, _device: Device, _f: impl FnOnce() -> R) -> Result<R> {
+        Err(CoreError::InvalidConfig(
+            "--precision bf16: this build has no autocast (libtorch's C++ headers were not found when it was compiled)".into(),
+        ))
+    }
+
+    /// Checks that a network at this precision can run its forward passes on `device`.
+    pub fn check(self, device: Device) -> Result<()> {
+        self.autocast(device, || ())
+    }
+}
+
+/// A forward pass `f` at `precision` on `device`, its output as float32 (a cast autograd
+/// follows): the one wrapper every network puts around each of its forward passes, so
+/// that what leaves a forward (logits, features, beliefs) is float32 whatever the precision.
+///
+/// # Panics
+/// If autocast fails, which [`Precision::check`] (called when a network is built) rules out.
+pub fn forward_f32(precision: Precision, device: Device, f: impl FnOnce() -> Tensor) -> Tensor {
+    match precision {
+        Precision::Fp32 => f(),
+        Precision::Bf16 => precision
+            .autocast(device, f)
+            .expect("autocast was checked when the network was built")
+            .to_kind(Kind::Float),
+    }
+}
+
+/// [`forward_f32`] for a forward pass with several outputs (every module's logits).
+pub fn forward_all_f32(
+    precision: Precision,
+    device: Device,
+    f: impl FnOnce() -> Vec<Tensor>,
+) -> Vec<Tensor> {
+    match precision {
+        Precision::Fp32 => f(),
+        Precision::Bf16 => precision
+            .autocast(device, f)
+            .expect("autocast was checked when the network was built")
+            .into_iter()
+            .map(|t| t.to_kind(Kind::Float))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::{self, Module};
+
+    #[test]
+    fn names_round_trip_and_fp32_changes_nothing() {
+        for p in [Precision::Fp32, Precision::Bf16] {
+            assert_eq!(p.to_string().parse::<Precision>().unwrap(), p);
+        }
+        assert!("fp16".parse::<Precision>().is_err());
+        let _rng = crate::rng_lock();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let lin = nn::linear(vs.root(), 4, 3, Default::default());
+        let x = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+        let a = forward_f32(Precision::Fp32, Device::Cpu, || lin.forward(&x));
+        assert!(a.equal(&lin.forward(&x)));
+    }
+
+    /// The shim's autocast on the CPU (the same calls as on a GPU, another device type):
+    /// matrix products run in bf16 inside, the output is float32 and close to fp32's, the
+    /// gradient reaches the float32 weights, and the state is restored afterwards.
+    #[test]
+    fn bf16_region_computes_in_bf16_and_restores_the_state() {
+        if !Precision::Bf16.available() {
+            println!("skipped: this build has no autocast shim");
+            return;
+        }
+        let _rng = crate::rng_lock();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let lin = nn::linear(vs.root(), 64, 8, Default::default());
+        let x = Tensor::randn([16, 64], (Kind::Float, Device::Cpu));
+        let inner = Precision::Bf16
+            .autocast(Device::Cpu, || lin.forward(&x))
+            .unwrap();
+        assert_eq!(inner.kind(), Kind::BFloat16);
+        let out = forward_f32(Precision::Bf16, Device::Cpu, || lin.forward(&x));
+        assert_eq!(out.kind(), Kind::Float);
+        let want = lin.forward(&x);
+        assert!(out.allclose(&want, 5e-2, 5e-2, false));
+        assert!(!out.equal(&want), "bf16 rounding shows");
+        out.sum(Kind::Float).backward();
+        let w = &vs.trainable_variables()[0];
+        assert_eq!(w.grad().kind(), Kind::Float);
+        // Outside the region: float32 again.
+        assert_eq!(lin.forward(&x).kind(), Kind::Float);
+    }
+
+    /// Losses of `steps` training steps of SID, BP and two SID stages at `precision`.
+    fn losses(precision: Precision, device: Device, steps: usize) -> Vec<f64> {
+        use crate::{BpNetwork, ExtractorKind, LossConfig, ModelConfig, Network, SidNetwork};
+        let cfg = ModelConfig {
+            extractor: ExtractorKind::Cnn,
+            in_channels: 1,
+            image_size: 8,
+            num_classes: 4,
+            feature_dim: 16,
+            modules: 3,
+            module_hidden: 32,
+            precision,
+            ..ModelConfig::default()
+        };
+        tch::manual_seed(11);
+        let x = Tensor::randn([16, 1, 8, 8], (Kind::Float, device));
+        let y = Tensor::randint(4, [16], (Kind::Int64, device));
+        let mut out = Vec::new();
+        tch::manual_seed(5);
+        let mut sid = SidNetwork::new(&cfg, LossConfig::default(), 1e-2, device).unwrap();
+        tch::manual_seed(5);
+        let mut bp = BpNetwork::new(&cfg, 1e-2, device).unwrap();
+        tch::manual_seed(5);
+        let plan = crate::StagePlan::even(&cfg, 2).unwrap();
+        let mut stages =
+            crate::stage::build_stages(&cfg, LossConfig::default(), 1e-2, &plan).unwrap();
+        for st in &mut stages {
+            st.to_device(device);
+        }
+        for _ in 0..steps {
+            out.push(sid.train_step(&x, &y).unwrap().loss);
+            out.push(bp.train_step(&x, &y).unwrap().loss);
+            let (mut input, mut p) = (x.shallow_clone(), stages[0].uniform(16));
+            for st in &mut stages {
+                let target = st.label_target(&y);
+                let o = st.forward_micro(&input, &p, &target);
+                out.push(
+                    st.backward_micro(1.0)
+                        .unwrap()
+                        .sum(Kind::Double)
+                        .double_value(&[]),
+                );
+                st.apply();
+                (input, p) = (o.z.unwrap_or_else(|| x.shallow_clone()), o.p);
+            }
+        }
+        out
+    }
+
+    /// A few bf16 steps track fp32's losses within a loose tolerance (and differ from them:
+    /// bf16 was on) for SID, BP and staged SID: on the CPU, which checks the wiring through the
+    /// shim, and on a GPU when there is one.
+    #[test]
+    fn bf16_steps_track_fp32_steps() {
+        if !Precision::Bf16.available() {
+            println!("skipped: this build has no autocast shim");
+            return;
+        }
+        let _rng = crate::rng_lock();
+        let mut devices = vec![Device::Cpu];
+        if tch::Cuda::is_available() {
+            devices.push(Device::Cuda(0));
+        } else {
+            println!("GPU part skipped: CUDA is not available");
+        }
+        for device in devices {
+            let fp32 = losses(Precision::Fp32, device, 4);
+            let bf16 = losses(Precision::Bf16, device, 4);
+            assert_ne!(fp32, bf16, "{device:?}: bf16 changed nothing");
+            for (a, b) in fp32.iter().zip(&bf16) {
+                assert!(b.is_finite(), "{device:?}: {bf16:?}");
+                assert!(
+                    (a - b).abs() <= 0.05 * a.abs() + 0.02,
+                    "{device:?}: fp32 {fp32:?} vs bf16 {bf16:?}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! `sid-launch predict RUN_DIR FILES…`: a saved run's class for each image file.
+
+use anyhow::{Context, Result};
+use sid_train::devices::device_name;
+use sid_train::predict::{ExitAt, Predictor};
+
+use crate::args::PredictArgs;
+
+/// Prints one line per file: path, class (its name when the data set has names, else the
+/// label), confidence, exit module; or, with `--json`, one JSON object per line.
+pub fn run(a: &PredictArgs) -> Result<()> {
+    let dir = &a.run_dir;
+    let cfg =
+        sid_train::Run::saved_config(dir).with_context(|| format!("predict {}", dir.display()))?;
+    let batch = a.eval_batch_size.unwrap_or(cfg.eval_batch_size);
+    anyhow::ensure!(batch >= 1, "--eval-batch-size must be at least 1");
+    let mut p = Predictor::open(dir, a.gpus.as_deref())
+        .with_context(|| format!("predict {}", dir.display()))?;
+    let exit = match (p.method(), a.exit_confidence) {
+        (sid_core::Method::Sid, ExitAt::Confidence(t)) => format!("early exit at τ = {t}"),
+        (sid_core::Method::Sid, ExitAt::Last) => "full cascade".to_string(),
+        (sid_core::Method::Bp, _) => "backprop: last module".to_string(),
+    };
+    eprintln!(
+        "predicting {} file(s) with {} ({} with L={} on {}; {exit})",
+        a.files.len(),
+        dir.display(),
+        p.method(),
+        p.modules(),
+        device_name(p.device())
+    );
+    let predictions = p.predict_files(&a.files, a.exit_confidence, batch as usize)?;
+    let modules = p.modules();
+    for (file, pr) in a.files.iter().zip(predictions) {
+        if a.json {
+            let line = serde_json::json!({
+                "path": file.display().to_string(),
+                "label": pr.label,
+                "class": pr.class,
+                "confidence": pr.confidence,
+                "exit_module": pr.exit_module,
+                "modules": modules,
+            });
+            println!("{line}");
+        } else {
+            // Tabs: class names may hold spaces ("Ankle boot").
+            let class = pr.class.unwrap_or_else(|| pr.label.to_string());
+            println!(
+                "{}\t{class}\t{:.4}\t{}",
+                file.display(),
+                pr.confidence,
+                pr.exit_module
+            );
+        }
+    }
+    Ok(())
+}
