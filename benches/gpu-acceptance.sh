@@ -80,6 +80,8 @@ gpu_checks() {
   check "NVML names GPU 0" has "$work/env.txt" "^NVML gpu 0: ."
   check "streams: libtorch's pool stream set and synchronised" \
     has "$work/env.txt" "pool stream set and synchronised"
+  check "c10d: NCCL built in; all-reduce at world size 1 through sid's shim keeps its values" \
+    has "$work/env.txt" "values kept: true"
   # Short MLP runs: 6400 samples, 1 epoch, the same seed.
   local common=(--data-dir "$data" --model mlp --modules 4 --module-hidden 512 --limit-train 6400
     --epochs 1 --telemetry-hz 0)
@@ -93,12 +95,16 @@ gpu_checks() {
   run eager --gpus 0 --no-cuda-graph
   run graph --gpus 0 --cuda-graph
   run two --gpus 0,0
+  # Two processes on cuda:0 (replicas summing over Gloo: NCCL refuses two ranks on one GPU).
+  run replicas --gpus 0,0 --data-parallel 2 --nproc-per-node 2 --master-port 29731
   run bf16 --gpus 0 --precision bf16
   run bf16-eager --gpus 0 --precision bf16 --no-cuda-graph
   check "graph replay equals eager (bit-identical final train loss)" \
     python3 "$checker" same-final-loss "$work/eager" "$work/graph"
   check "two workers on cuda:0 equal one device (within 1e-4 / 0.005)" \
     python3 "$checker" close "$work/eager" "$work/two" 1e-4 0.005
+  check "2 data-parallel ranks on cuda:0 equal one device (within 1e-4 / 0.005)" \
+    python3 "$checker" close "$work/eager" "$work/replicas" 1e-4 0.005
   check "allocator peaks recorded (one device, graph)" \
     python3 "$checker" peak-source "$work/graph" cuda:0 cuda-allocator
   check "allocator peaks recorded (two workers)" \

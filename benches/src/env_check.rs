@@ -1,4 +1,5 @@
-//! What libtorch sees on this machine: CUDA, devices, cuDNN, streams; and a real kernel run.
+//! What libtorch sees on this machine: CUDA, devices, cuDNN, streams, c10d's backends; and
+//! real runs: a kernel on every GPU, and NCCL at world size 1 on the first.
 
 use clap::Parser;
 use tch::{Device, Kind, Tensor};
@@ -34,6 +35,11 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
         }
         Err(e) => println!("NVML: {e}"),
     }
+    let (gloo, nccl) = sid_dist::available();
+    println!("c10d: gloo {gloo}, nccl {nccl}");
+    if cuda && nccl {
+        nccl_world_of_one()?;
+    }
     if cuda {
         for i in 0..tch::Cuda::device_count() as usize {
             let d = Device::Cuda(i);
@@ -50,5 +56,42 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// NCCL through sid's own c10d path at world size 1 (one GPU cannot hold two NCCL ranks): a
+/// store, a process group, an all-reduce of a CUDA tensor (must keep its values) and its time.
+fn nccl_world_of_one() -> anyhow::Result<()> {
+    use std::time::Duration;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let timeout = Duration::from_secs(60);
+    let store = sid_dist::Store::connect("127.0.0.1", port, true, 1, timeout)?;
+    let g = sid_dist::Group::new(
+        &store,
+        "env-check",
+        0,
+        1,
+        sid_dist::Backend::Nccl,
+        "127.0.0.1",
+        timeout,
+    )?;
+    let d = Device::Cuda(0);
+    let mut t = Tensor::arange(1 << 20, (Kind::Float, d));
+    let want = t.copy();
+    g.all_reduce_sum(&mut t)?; // first call builds the communicator
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        tch::Cuda::synchronize(0);
+        let s = std::time::Instant::now();
+        g.all_reduce_sum(&mut t)?;
+        tch::Cuda::synchronize(0);
+        times.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    let same = t.equal(&want);
+    println!(
+        "nccl world of 1 on cuda:0: all-reduce of 4 MiB, median {:.3} ms, values kept: {same}",
+        crate::median(&times)
+    );
+    anyhow::ensure!(same, "NCCL all-reduce at world size 1 changed the tensor");
     Ok(())
 }

@@ -241,6 +241,15 @@ impl Rendezvous {
         self.store
             .set(&format!("sid/name/{rank}"), name.as_bytes())
             .map_err(dist)?;
+        let place = |r: usize| format!("sid/device/{r}");
+        let mine = format!(
+            "{}@{}",
+            crate::devices::device_name(self.device),
+            hostname().unwrap_or_default()
+        );
+        self.store
+            .set(&place(rank), mine.as_bytes())
+            .map_err(dist)?;
         let world_group = Group::new(
             &self.store,
             "sid/world",
@@ -260,12 +269,19 @@ impl Rendezvous {
             names.push(String::from_utf8_lossy(&n).into_owned());
         }
         let replica_group = if replicas > 1 {
-            let backend = if self.device.is_cuda() && sid_dist::available().1 {
+            let stage = rank % stages;
+            // NCCL refuses two ranks on one GPU: replicas sharing a GPU sum over Gloo.
+            let mut shared_gpu = false;
+            let mut seen = std::collections::HashSet::new();
+            for r in (0..replicas).map(|i| i * stages + stage) {
+                let p = self.store.get(&place(r), self.timeout).map_err(dist)?;
+                shared_gpu |= !seen.insert(p);
+            }
+            let backend = if self.device.is_cuda() && sid_dist::available().1 && !shared_gpu {
                 Backend::Nccl
             } else {
                 Backend::Gloo
             };
-            let stage = rank % stages;
             Some(Arc::new(
                 Group::new(
                     &self.store,
