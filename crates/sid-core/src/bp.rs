@@ -1,6 +1,6 @@
 //! The backprop baseline: the identical network trained end to end.
 
-use tch::nn::{Module, VarStore};
+use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Tensor};
 
 use crate::adam::Adam;
@@ -76,7 +76,7 @@ impl Network for BpNetwork {
     fn train_step_queued(&mut self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let _span = tracing::trace_span!("bp_step").entered();
         self.opt.zero_grad();
-        let z = self.extractor.forward(x);
+        let z = self.extractor.forward_t(x, true);
         let mut p = uniform_belief(z.size()[0], self.num_classes, z.device());
         let mut logits = None;
         for m in &self.modules {
@@ -109,7 +109,7 @@ impl Network for BpNetwork {
     }
 
     fn cascade(&mut self, x: &Tensor) -> Result<Cascade> {
-        let z = tch::no_grad(|| self.extractor.forward(x));
+        let z = tch::no_grad(|| self.extractor.forward_t(x, false));
         Ok(cascade_from_features(
             self.modules.iter(),
             &z,

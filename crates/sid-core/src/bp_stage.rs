@@ -17,7 +17,7 @@ use tch::{Device, Tensor};
 use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief, BeliefModule};
 use crate::config::ModelConfig;
-use crate::extractor::{build_block, build_head, Block, BlockLayout, Neck};
+use crate::extractor::{build_block, build_head, forward_blocks, Block, BlockLayout, Neck};
 use crate::loss::cross_entropy;
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::unit::module_prefix;
@@ -140,10 +140,7 @@ impl BpStage {
         } else {
             input.detach().set_requires_grad(true)
         };
-        let h = self
-            .blocks
-            .iter()
-            .fold(leaf.shallow_clone(), |h, b| b.forward(&h));
+        let h = forward_blocks(&self.blocks, &leaf, true);
         if self.last {
             let logits = self.head_forward(&h);
             let loss = cross_entropy(logits.last().expect("at least one module"), labels);
@@ -196,10 +193,7 @@ impl BpStage {
     /// Inference: the output for the next stage, or every module's logits on the last.
     pub fn cascade(&self, input: &Tensor) -> (Option<Tensor>, Vec<Tensor>) {
         tch::no_grad(|| {
-            let h = self
-                .blocks
-                .iter()
-                .fold(input.shallow_clone(), |h, b| b.forward(&h));
+            let h = forward_blocks(&self.blocks, input, false);
             if self.last {
                 (None, self.head_forward(&h))
             } else {

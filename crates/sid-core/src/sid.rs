@@ -141,7 +141,7 @@ impl Network for SidNetwork {
     }
 
     fn cascade(&mut self, x: &Tensor) -> Result<Cascade> {
-        let z = tch::no_grad(|| self.extractor.forward(x));
+        let z = self.extractor.infer(x);
         Ok(cascade_from_features(
             self.modules.iter().map(|m| m.module()),
             &z,
@@ -151,7 +151,7 @@ impl Network for SidNetwork {
 
     fn cascade_exit(&mut self, x: &Tensor, tau: f64) -> Result<crate::EarlyExit> {
         tch::no_grad(|| {
-            let mut z = self.extractor.forward(x);
+            let mut z = self.extractor.infer(x);
             let b = z.size()[0];
             let mut exits = crate::ExitTracker::new(b, self.modules.len(), tau, z.device());
             let mut p = uniform_belief(b, self.num_classes, z.device());
@@ -192,7 +192,7 @@ mod tests {
     use crate::config::ExtractorKind;
     use crate::loss::local_loss;
     use crate::BpNetwork;
-    use tch::nn::Module;
+    use tch::nn::ModuleT;
     use tch::Kind;
 
     fn small_cfg(extractor: ExtractorKind) -> ModelConfig {
@@ -266,7 +266,7 @@ mod tests {
             sid.train_step(&x, &y).unwrap();
             // Reference step: z with grad, P from detached z, Σ L_i, one backward, Adam.
             reference.opt.zero_grad();
-            let z = reference.extractor.forward(&x);
+            let z = reference.extractor.forward_t(&x, true);
             let mut p = uniform_belief(6, 4, Device::Cpu);
             let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
             let teachers: Vec<Tensor> = tch::no_grad(|| {

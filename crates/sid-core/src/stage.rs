@@ -15,13 +15,13 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use tch::nn::{Module, VarStore};
+use tch::nn::{Module, ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief};
 use crate::config::{LossConfig, ModelConfig};
-use crate::extractor::{build_block, build_head, Block, BlockLayout, Neck};
+use crate::extractor::{build_block, build_head, forward_blocks, Block, BlockLayout, Neck};
 use crate::loss::{local_loss_for, LabelTarget};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::unit::ModuleUnit;
@@ -344,11 +344,11 @@ pub fn profile_costs(cfg: &ModelConfig, batch: i64, device: Device, reps: usize)
     for b in &blocks {
         let input = x.detach().set_requires_grad(true);
         block_costs.push(time(&mut || {
-            let y = b.forward(&input);
+            let y = b.forward_t(&input, true);
             y.sum(Kind::Float).backward();
             let _ = sync_value(&y);
         }));
-        x = tch::no_grad(|| b.forward(&x));
+        x = tch::no_grad(|| b.forward_t(&x, true));
     }
     let z = Tensor::ones([batch, cfg.feature_dim], (Kind::Float, device)).set_requires_grad(true);
     let p = uniform_belief(batch, cfg.num_classes, device);
@@ -432,10 +432,9 @@ pub fn build_stages(
     }
     let mut necks: Vec<Neck> = (0..k - 1)
         .map(|s| {
-            let width = layout.widths[plan.stages[s].blocks.end - 1];
             Neck::new(
                 &(stores[s].root() / format!("neck_{}", s + 1)),
-                width,
+                &layout.shapes[plan.stages[s].blocks.end - 1],
                 cfg.feature_dim,
                 cfg.init,
             )
@@ -508,11 +507,10 @@ impl Stage {
         LabelTarget::new(labels, self.num_classes, &self.loss)
     }
 
-    fn slice_forward(&self, input: &Tensor) -> Tensor {
+    /// The slice on `sg(input)`; `train` as in [`ModuleT::forward_t`] (BatchNorm's mode).
+    fn slice_forward(&self, input: &Tensor, train: bool) -> Tensor {
         let _span = tracing::trace_span!("slice_forward", stage = self.index + 1).entered();
-        self.blocks
-            .iter()
-            .fold(input.detach(), |h, b| b.forward(&h))
+        forward_blocks(&self.blocks, &input.detach(), train)
     }
 
     /// Forward of one micro-batch: the slice on `sg(input)`, the neck, each module on the
@@ -524,7 +522,7 @@ impl Stage {
         p_in: &Tensor,
         target: &LabelTarget,
     ) -> StageOutput {
-        let h = self.slice_forward(input);
+        let h = self.slice_forward(input, true);
         let z = self.neck.forward(&h);
         let mut p = p_in.detach();
         let mut losses = Vec::with_capacity(self.modules.len());
@@ -572,7 +570,7 @@ impl Stage {
     /// last), every module's logits and the belief leaving the last module.
     pub fn cascade(&self, input: &Tensor, p_in: &Tensor) -> (Option<Tensor>, Vec<Tensor>, Tensor) {
         tch::no_grad(|| {
-            let h = self.slice_forward(input);
+            let h = self.slice_forward(input, false);
             let z = self.neck.forward(&h);
             let mut p = p_in.shallow_clone();
             let mut logits = Vec::with_capacity(self.modules.len());

@@ -5,7 +5,7 @@
 //! parameters only, steps its own Adam and returns its loss and the gradient that reached `z`.
 //! It holds no reference to anything else, so a worker thread can own it.
 
-use tch::nn::{Module, VarStore};
+use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Tensor};
 
 use crate::adam::Adam;
@@ -276,10 +276,17 @@ impl ExtractorUnit {
         self.vs.device()
     }
 
-    /// `z = c(x)`, with gradient.
+    /// `z = c(x)` for a training step, with gradient; BatchNorm normalises with the batch's
+    /// statistics and updates its running ones.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let _span = tracing::trace_span!("extractor_forward").entered();
-        self.net.forward(x)
+        self.net.forward_t(x, true)
+    }
+
+    /// `z = c(x)` for inference: no gradient, BatchNorm on its running statistics.
+    pub fn infer(&self, x: &Tensor) -> Tensor {
+        let _span = tracing::trace_span!("extractor_infer").entered();
+        tch::no_grad(|| self.net.forward_t(x, false))
     }
 
     /// Backpropagates the summed gradient `grad_z` that the modules sent back through `z`
