@@ -691,6 +691,62 @@ mod tests {
         assert!(costs.blocks.iter().all(|&t| t > 0.0) && costs.module > 0.0);
     }
 
+    /// Every new backbone cuts into two stages whose necks read its block outputs (image
+    /// maps, or ViT's token sequence through its class token); one step trains, evaluation
+    /// runs on BatchNorm's running statistics, and the state restores the same cascade.
+    #[test]
+    fn new_backbones_train_in_two_stages() {
+        let _rng = crate::rng_lock();
+        for kind in [
+            ExtractorKind::Vgg11,
+            ExtractorKind::Resnet18,
+            ExtractorKind::VitTiny,
+        ] {
+            let c = ModelConfig {
+                extractor: kind,
+                in_channels: 3,
+                ..cfg(2)
+            };
+            tch::manual_seed(5);
+            let plan = StagePlan::even(&c, 2).unwrap();
+            let mut stages = build_stages(&c, LossConfig::default(), 1e-3, &plan).unwrap();
+            let x = Tensor::randn([4, 3, 8, 8], (Kind::Float, Device::Cpu));
+            let y = Tensor::from_slice(&[0i64, 1, 2, 3]);
+            let (first, rest) = stages.split_at_mut(1);
+            let (s1, s2) = (&mut first[0], &mut rest[0]);
+            let out = s1.forward_micro(&x, &s1.uniform(4), &s1.label_target(&y));
+            let z = out.z.expect("stage 1 sends features");
+            let layout = BlockLayout::of(&c);
+            assert_eq!(
+                z.size()[1..],
+                layout.shapes[plan.stages()[0].blocks.end - 1][..]
+            );
+            s2.forward_micro(&z, &out.p, &s2.label_target(&y));
+            for s in [&mut *s1, &mut *s2] {
+                let l = Vec::<f64>::try_from(s.backward_micro(1.0).unwrap()).unwrap();
+                assert!(l.iter().all(|v| v.is_finite()), "{kind}: {l:?}");
+                s.apply();
+            }
+            let cascade = |s1: &Stage, s2: &Stage| {
+                let (h, _, p) = s1.cascade(&x, &s1.uniform(4));
+                s2.cascade(&h.unwrap(), &p).1.pop().unwrap()
+            };
+            let logits = cascade(s1, s2);
+            assert_eq!(logits.size(), [4, 4]);
+            // Restored stages: the same cascade, running statistics included.
+            let saved: Vec<NamedTensors> = [&*s1, &*s2]
+                .iter()
+                .map(|s| NamedTensors::from(s.state()))
+                .collect();
+            tch::manual_seed(6);
+            let mut fresh = build_stages(&c, LossConfig::default(), 1e-3, &plan).unwrap();
+            for (s, named) in fresh.iter_mut().zip(&saved) {
+                s.load_state(named).unwrap();
+            }
+            assert!(cascade(&fresh[0], &fresh[1]).equal(&logits), "{kind}");
+        }
+    }
+
     /// One stage is the paper's SID: the same initial weights and, step after step, the same
     /// parameters as [`SidNetwork`] (float tolerance: one backward of Σ L_i sums the gradient
     /// at z in autograd's order).
