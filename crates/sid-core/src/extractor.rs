@@ -126,6 +126,16 @@ impl EncoderBlock {
     }
 }
 
+/// BatchNorm of `xs` [b, c, h, w]: on the batch's statistics (updating the running ones) when
+/// `train`, else on the running ones. A training batch with one value per channel (one
+/// sample of a 1×1 map: a last partial batch or micro-batch) has no variance to normalise by
+/// (PyTorch refuses it); it is normalised with the running statistics and leaves them alone.
+fn batch_norm(bn: &nn::BatchNorm, xs: &Tensor, train: bool) -> Tensor {
+    let size = xs.size();
+    let per_channel: i64 = size[0] * size[2..].iter().product::<i64>();
+    xs.apply_t(bn, train && per_channel > 1)
+}
+
 /// One block of a backbone: the unit a stage boundary may fall after.
 #[derive(Debug)]
 pub enum Block {
@@ -173,21 +183,19 @@ impl ModuleT for Block {
             }
             Self::Dense { fc } => xs.flatten(1, -1).apply(fc).relu(),
             Self::ConvBn { conv, bn, pool } => {
-                let y = xs.apply(conv).apply_t(bn, train).relu();
+                let y = batch_norm(bn, &xs.apply(conv), train).relu();
                 match pool {
                     Some(pool) => pool.apply(&y),
                     None => y,
                 }
             }
             Self::Basic(b) => {
-                let y = xs
-                    .apply(&b.conv1)
-                    .apply_t(&b.bn1, train)
+                let y = batch_norm(&b.bn1, &xs.apply(&b.conv1), train)
                     .relu()
-                    .apply(&b.conv2)
-                    .apply_t(&b.bn2, train);
+                    .apply(&b.conv2);
+                let y = batch_norm(&b.bn2, &y, train);
                 let shortcut = match &b.down {
-                    Some((conv, bn)) => xs.apply(conv).apply_t(bn, train),
+                    Some((conv, bn)) => batch_norm(bn, &xs.apply(conv), train),
                     None => xs.shallow_clone(),
                 };
                 (y + shortcut).relu()
@@ -867,5 +875,15 @@ mod tests {
         let t_alone = ext.forward_t(&x.narrow(0, 0, 2), true).narrow(0, 0, 1);
         let t_together = ext.forward_t(&x, true).narrow(0, 0, 1);
         assert!(!t_alone.allclose(&t_together, 1e-4, 1e-4, false));
+        // One sample whose last maps are 1×1 (a last partial batch): trains on the running
+        // statistics instead of failing, and leaves them alone where it cannot use its own.
+        let vgg = cfg(ExtractorKind::Vgg11, 3, 8, 6);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let ext = Extractor::new(&(vs.root() / "extractor"), &vgg);
+        let last = || vs.variables()["extractor.block8.bn.running_mean"].copy();
+        let before = last();
+        let z = ext.forward_t(&x.narrow(0, 0, 1), true);
+        assert_eq!(z.size(), [1, 6]);
+        assert_eq!(last(), before);
     }
 }
