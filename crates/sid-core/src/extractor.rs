@@ -850,6 +850,43 @@ mod tests {
         assert_eq!(big.shapes[8], vec![512, 3, 3]);
     }
 
+    /// The attention written out equals libtorch's fused scaled-dot-product attention on
+    /// the same q, k, v; the block is pre-norm with residuals around both halves.
+    #[test]
+    fn attention_matches_libtorch_and_the_block_is_pre_norm() {
+        let _rng = crate::rng_lock();
+        tch::manual_seed(2);
+        let m = cfg(ExtractorKind::VitTiny, 3, 8, 6);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let Block::Encoder(e) = build_block(&vs.root(), &m, 1) else {
+            panic!("block 1 of ViT is an encoder block")
+        };
+        let x = Tensor::randn([2, 5, VIT_WIDTH], (Kind::Float, Device::Cpu));
+        let ours = e.attention(&x);
+        let qkv = x
+            .apply(&e.qkv)
+            .reshape([2, 5, 3, VIT_HEADS, VIT_WIDTH / VIT_HEADS])
+            .permute([2, 0, 3, 1, 4]);
+        let fused = Tensor::scaled_dot_product_attention(
+            &qkv.get(0),
+            &qkv.get(1),
+            &qkv.get(2),
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        )
+        .transpose(1, 2)
+        .reshape([2, 5, VIT_WIDTH])
+        .apply(&e.proj);
+        assert!(ours.allclose(&fused, 1e-5, 1e-5, false));
+        let h = &x + e.attention(&x.apply(&e.norm1));
+        let want = &h + h.apply(&e.norm2).apply(&e.fc1).gelu("none").apply(&e.fc2);
+        let block = Block::Encoder(e);
+        assert!(block.forward_t(&x, true).allclose(&want, 1e-6, 1e-6, false));
+    }
+
     /// Training forwards normalise with the batch's statistics and move the running ones;
     /// evaluation uses the running ones, so a sample's output does not depend on its batch.
     #[test]
