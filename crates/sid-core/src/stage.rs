@@ -702,15 +702,17 @@ mod tests {
             ExtractorKind::Resnet18,
             ExtractorKind::VitTiny,
         ] {
+            // 4 px keeps ViT's sequence short (patch 1: 16 patches and the class token).
             let c = ModelConfig {
                 extractor: kind,
                 in_channels: 3,
+                image_size: 4,
                 ..cfg(2)
             };
             tch::manual_seed(5);
             let plan = StagePlan::even(&c, 2).unwrap();
             let mut stages = build_stages(&c, LossConfig::default(), 1e-3, &plan).unwrap();
-            let x = Tensor::randn([4, 3, 8, 8], (Kind::Float, Device::Cpu));
+            let x = Tensor::randn([4, 3, 4, 4], (Kind::Float, Device::Cpu));
             let y = Tensor::from_slice(&[0i64, 1, 2, 3]);
             let (first, rest) = stages.split_at_mut(1);
             let (s1, s2) = (&mut first[0], &mut rest[0]);
