@@ -30,11 +30,6 @@ impl ExtractorKind {
         Self::Resnet18,
         Self::VitTiny,
     ];
-
-    /// Whether it has BatchNorm layers (whose running statistics are saved with the weights).
-    pub fn has_batch_norm(&self) -> bool {
-        matches!(self, Self::Vgg11 | Self::Resnet18)
-    }
 }
 
 impl std::str::FromStr for ExtractorKind {

@@ -894,11 +894,11 @@ mod tests {
     fn batch_norm_follows_train_and_eval_mode() {
         let _rng = crate::rng_lock();
         tch::manual_seed(1);
-        let m = cfg(ExtractorKind::Resnet18, 3, 8, 6);
+        let m = cfg(ExtractorKind::Resnet18, 3, 4, 6);
         let vs = nn::VarStore::new(Device::Cpu);
         let ext = Extractor::new(&(vs.root() / "extractor"), &m);
         let mean = || vs.variables()["extractor.stem.bn.running_mean"].copy();
-        let x = Tensor::randn([4, 3, 8, 8], (Kind::Float, Device::Cpu)) * 3.0 + 1.0;
+        let x = Tensor::randn([4, 3, 4, 4], (Kind::Float, Device::Cpu)) * 3.0 + 1.0;
         let before = mean();
         let _ = tch::no_grad(|| ext.forward_t(&x, false));
         assert_eq!(mean(), before, "evaluation leaves the running statistics");
@@ -915,7 +915,7 @@ mod tests {
         assert!(!t_alone.allclose(&t_together, 1e-4, 1e-4, false));
         // One sample whose last maps are 1×1 (a last partial batch): trains on the running
         // statistics instead of failing, and leaves them alone where it cannot use its own.
-        let vgg = cfg(ExtractorKind::Vgg11, 3, 8, 6);
+        let vgg = cfg(ExtractorKind::Vgg11, 3, 4, 6);
         let vs = nn::VarStore::new(Device::Cpu);
         let ext = Extractor::new(&(vs.root() / "extractor"), &vgg);
         let last = || vs.variables()["extractor.block8.bn.running_mean"].copy();
