@@ -27,7 +27,7 @@ PY
 {
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   for spec in "mlp 8 2048 12800 sid" "mlp 8 2048 12800 sid --fused-teacher" "mlp 8 2048 12800 bp" \
-    "cnn 5 256 60000 sid" "cnn 5 256 60000 bp"; do
+    "cnn 5 256 60000 sid" "cnn 5 256 60000 bp" "vgg11 5 256 6400 sid" "resnet18 5 256 6400 bp"; do
     read -r model modules hidden limit method extra <<<"$spec"
     for graph in --no-cuda-graph --cuda-graph; do
       dir="$work/$model-$method${extra:-}$graph"

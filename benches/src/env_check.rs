@@ -63,7 +63,9 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
 /// store, a process group, an all-reduce of a CUDA tensor (must keep its values) and its time.
 fn nccl_world_of_one() -> anyhow::Result<()> {
     use std::time::Duration;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let timeout = Duration::from_secs(60);
     let store = sid_dist::Store::connect("127.0.0.1", port, true, 1, timeout)?;
     let g = sid_dist::Group::new(

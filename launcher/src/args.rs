@@ -42,7 +42,8 @@ pub struct Cli {
     /// (default: image-cache/ beside the run directory).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Feature extractor: cnn (reference SimpleCNN) or mlp [default: cnn].
+    /// Feature extractor: cnn (reference SimpleCNN), mlp, vgg11 (VGG-11 with BatchNorm),
+    /// resnet18 or vit-tiny [default: cnn].
     #[arg(long)]
     pub model: Option<ExtractorKind>,
     /// Number of belief modules L [default: 10].

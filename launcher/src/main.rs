@@ -257,6 +257,7 @@ fn run(cli: &args::Cli) -> Result<()> {
         devices.join(", "),
         run.dir().display()
     );
+    eprintln!("{}", progress::params_line(&run.config().model_config()));
     if !run.placement_notes().is_empty() {
         let what = match cfg.method {
             sid_core::Method::Sid => "staged SID".to_string(),

@@ -125,3 +125,43 @@ pub fn epoch_line(m: &EpochMetrics, epochs: usize) -> String {
         m.samples_per_second
     )
 }
+
+/// `n` with thousands separators: 11,689,512.
+fn grouped(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+/// The model's trainable parameter counts, printed at start.
+pub fn params_line(model: &sid_core::ModelConfig) -> String {
+    let c = sid_core::extractor::ParamCounts::of(model);
+    format!(
+        "parameters: {} in the {} extractor, {} in {} belief modules, {} in all",
+        grouped(c.extractor),
+        model.extractor,
+        grouped(c.modules),
+        model.modules,
+        grouped(c.total())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_are_grouped_by_thousands() {
+        assert_eq!(super::grouped(11_689_512), "11,689,512");
+        assert_eq!(super::grouped(512), "512");
+        assert_eq!(super::grouped(1000), "1,000");
+    }
+}

@@ -1650,3 +1650,140 @@ fn predict_works_for_staged_and_backprop_runs_and_names_bad_files() {
         .status
         .success());
 }
+
+/// A short run of `model` on 8×8 colour images (3 classes, 12 training and 6 test samples,
+/// batch 8: a full and a partial step per epoch), with `extra` flags.
+fn backbone_run(data: &Path, run: &Path, model: &str, extra: &[&str]) -> Output {
+    let mut args: Vec<String> = [
+        "--dataset",
+        "folder",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--image-size",
+        "8",
+        "--model",
+        model,
+        "--modules",
+        "2",
+        "--feature-dim",
+        "16",
+        "--module-hidden",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--telemetry-hz",
+        "0",
+        "--cache-dir",
+        data.with_extension("cache").to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(with_run_dir(&[], run, extra));
+    run_ok(&args)
+}
+
+/// `sid-launch eval`'s full-cascade accuracy of a run, in percent.
+fn eval_full_accuracy(run: &Path) -> f64 {
+    let out = sid(&["eval", run.to_str().unwrap(), "--exit-confidence", "0.5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let full = text
+        .lines()
+        .find(|l| l.starts_with("full"))
+        .unwrap_or_else(|| panic!("no full row in:\n{text}"));
+    let acc = full.split_whitespace().nth(1).unwrap();
+    acc.trim_end_matches('%').parse().unwrap()
+}
+
+/// `model` trains a few steps and evaluates, with SID and with BP; the start prints its
+/// parameter count (`extractor`); `sid-launch eval` of the saved run (BatchNorm's running
+/// statistics included) gives the run's own final accuracy.
+fn backbone_trains_and_evaluates(model: &str, extractor: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("images");
+    write_image_folder(&data, 4);
+    for method in ["sid", "bp"] {
+        let run = tmp.path().join(method);
+        let out = backbone_run(&data, &run, model, &["--method", method]);
+        let e = stderr(&out);
+        let line = format!("parameters: {extractor} in the {model} extractor");
+        assert!(e.contains(&line), "{line:?} not in:\n{e}");
+        let m = metrics(&run);
+        assert_eq!(m.len(), 1);
+        let acc = m[0]["test_acc"].as_f64().unwrap();
+        assert!(m[0]["train_loss"].as_f64().unwrap().is_finite());
+        assert!(
+            (eval_full_accuracy(&run) - acc * 100.0).abs() < 0.01,
+            "{model} {method}: eval differs from the run's {acc}"
+        );
+    }
+}
+
+// Extractor parameters for 3 input channels, 8 px (ViT patch 1) and d = 16, by the formulas
+// of sid-core's `parameter_counts_match_hand_computed_figures`.
+
+#[test]
+fn vgg11_trains_and_evaluates_with_sid_and_bp() {
+    backbone_trains_and_evaluates("vgg11", "9,234,192");
+}
+
+#[test]
+fn resnet18_trains_and_evaluates_with_sid_and_bp() {
+    backbone_trains_and_evaluates("resnet18", "11,177,040");
+}
+
+#[test]
+fn vit_tiny_trains_and_evaluates_with_sid_and_bp() {
+    backbone_trains_and_evaluates("vit-tiny", "5,355,280");
+}
+
+/// VGG-11 cut into two stages, staged SID and a BP pipeline, trains and evaluates; a staged
+/// run resumed after its first epoch equals an uninterrupted one (BatchNorm's running
+/// statistics travel in the checkpoint).
+#[test]
+fn vgg11_in_two_stages_trains_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("images");
+    write_image_folder(&data, 4);
+    let two = ["--stages", "2", "--placement", "even", "--gpus", "cpu"];
+    let straight = tmp.path().join("straight");
+    let out = backbone_run(
+        &data,
+        &straight,
+        "vgg11",
+        &[&two[..], &["--epochs", "2"]].concat(),
+    );
+    assert!(stderr(&out).contains("2 stage(s)"), "{}", stderr(&out));
+    let split = tmp.path().join("split");
+    backbone_run(&data, &split, "vgg11", &two);
+    run_ok(&[
+        "--resume".into(),
+        split.display().to_string(),
+        "--epochs".into(),
+        "2".into(),
+    ]);
+    let (a, b) = (metrics(&straight), metrics(&split));
+    for key in ["train_loss", "test_acc", "module_test_acc"] {
+        assert_eq!(a[1][key], b[1][key], "{key} differs after resume");
+    }
+    let acc = a[1]["test_acc"].as_f64().unwrap();
+    assert!((eval_full_accuracy(&straight) - acc * 100.0).abs() < 0.01);
+    let bp = tmp.path().join("bp");
+    let out = backbone_run(
+        &data,
+        &bp,
+        "resnet18",
+        &["--method", "bp", "--stages", "2", "--gpus", "cpu"],
+    );
+    assert!(
+        stderr(&out).contains("backprop pipeline"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(metrics(&bp)[0]["train_loss"].as_f64().unwrap().is_finite());
+}

@@ -92,9 +92,16 @@ impl Adam {
         self.fused
     }
 
-    /// Adam over every variable of a VarStore.
+    /// Adam over every trainable variable of a VarStore (not BatchNorm's running
+    /// statistics, which are saved with the weights but never receive a gradient).
     pub fn for_var_store(vs: &tch::nn::VarStore, lr: f64) -> Self {
-        Self::new(vs.variables().into_iter().collect(), lr)
+        Self::new(
+            vs.variables()
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+                .collect(),
+            lr,
+        )
     }
 
     /// Moves the moment estimates to `device`. The parameters are shallow clones of VarStore

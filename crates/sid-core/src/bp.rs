@@ -1,6 +1,6 @@
 //! The backprop baseline: the identical network trained end to end.
 
-use tch::nn::{Module, VarStore};
+use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Tensor};
 
 use crate::adam::Adam;
@@ -82,7 +82,7 @@ impl Network for BpNetwork {
         self.opt.zero_grad();
         // The whole forward is one pass at the network's precision; the loss is float32.
         let logits = forward_f32(self.precision, self.vs.device(), || {
-            let z = self.extractor.forward(x);
+            let z = self.extractor.forward_t(x, true);
             let mut p = uniform_belief(z.size()[0], self.num_classes, z.device());
             let mut logits = None;
             for m in &self.modules {
@@ -119,7 +119,7 @@ impl Network for BpNetwork {
     fn cascade(&mut self, x: &Tensor) -> Result<Cascade> {
         let z = tch::no_grad(|| {
             forward_f32(self.precision, self.vs.device(), || {
-                self.extractor.forward(x)
+                self.extractor.forward_t(x, false)
             })
         });
         Ok(cascade_from_features(

@@ -17,7 +17,7 @@ use tch::{Device, Tensor};
 use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief, BeliefModule};
 use crate::config::ModelConfig;
-use crate::extractor::{build_block, build_head, Block, BlockLayout, Neck};
+use crate::extractor::{build_block, build_head, forward_blocks, Block, BlockLayout, Neck};
 use crate::loss::cross_entropy;
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::{forward_all_f32, forward_f32};
@@ -135,11 +135,9 @@ impl BpStage {
     }
 
     /// The stage's blocks on `input`, float32, computed at the stage's precision.
-    fn slice(&self, input: &Tensor) -> Tensor {
+    fn slice(&self, input: &Tensor, train: bool) -> Tensor {
         forward_f32(self.precision, input.device(), || {
-            self.blocks
-                .iter()
-                .fold(input.shallow_clone(), |h, b| b.forward(&h))
+            forward_blocks(&self.blocks, input, train)
         })
     }
 
@@ -157,7 +155,7 @@ impl BpStage {
         } else {
             input.detach().set_requires_grad(true)
         };
-        let h = self.slice(&leaf);
+        let h = self.slice(&leaf, true);
         if self.last {
             let logits = self.head_forward(&h);
             let loss = cross_entropy(logits.last().expect("at least one module"), labels);
@@ -215,7 +213,7 @@ impl BpStage {
     /// Inference: the output for the next stage, or every module's logits on the last.
     pub fn cascade(&self, input: &Tensor) -> (Option<Tensor>, Vec<Tensor>) {
         tch::no_grad(|| {
-            let h = self.slice(input);
+            let h = self.slice(input, false);
             if self.last {
                 (None, self.head_forward(&h))
             } else {
@@ -245,12 +243,9 @@ mod tests {
     use crate::{BpNetwork, Network};
     use tch::Kind;
 
-    /// Two stages, four micro-batches, forwards then backwards: BpNetwork's step.
-    #[test]
-    fn two_stages_with_micro_batches_are_one_bp_step() {
-        let _rng = crate::rng_lock();
-        let cfg = ModelConfig {
-            extractor: ExtractorKind::Cnn,
+    fn cfg(extractor: ExtractorKind) -> ModelConfig {
+        ModelConfig {
+            extractor,
             in_channels: 1,
             image_size: 8,
             num_classes: 4,
@@ -259,7 +254,55 @@ mod tests {
             module_hidden: 5,
             init: crate::Init::default(),
             precision: crate::Precision::Fp32,
-        };
+        }
+    }
+
+    /// With BatchNorm, one micro-batch per step (batch statistics over the whole batch):
+    /// two stages of ResNet-18 are BpNetwork's step, running statistics included, and
+    /// evaluate alike.
+    #[test]
+    fn batch_norm_stages_are_one_bp_step() {
+        let _rng = crate::rng_lock();
+        let cfg = cfg(ExtractorKind::Resnet18);
+        tch::manual_seed(3);
+        let mut bp = BpNetwork::new(&cfg, 1e-3, Device::Cpu).unwrap();
+        tch::manual_seed(3);
+        let mut st = build_bp_stages(&cfg, 1e-3, &[0..4, 4..9]).unwrap();
+        tch::manual_seed(8);
+        let x = Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3]);
+        for _ in 0..2 {
+            let expected = bp.train_step(&x, &y).unwrap().loss;
+            let h = st[0].forward_micro(0, &x, &y, 1.0).unwrap();
+            assert!(st[1].forward_micro(0, &h, &y, 1.0).is_none());
+            let (g, loss) = st[1].backward_micro(0, None).unwrap();
+            st[0].backward_micro(0, g.as_ref()).unwrap();
+            st[0].apply();
+            st[1].apply();
+            let loss = loss.unwrap().double_value(&[]);
+            assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
+        }
+        let theirs = NamedTensors::from(bp.state().unwrap());
+        for s in &st {
+            for (name, t) in var_store_state(&s.vs) {
+                let d = (&t - theirs.get(&name).unwrap())
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(d < 1e-4, "{name} differs by {d}");
+            }
+        }
+        let (h, _) = st[0].cascade(&x);
+        let ours = st[1].cascade(&h.unwrap()).1.pop().unwrap();
+        let want = bp.cascade(&x).unwrap().logits.pop().unwrap();
+        assert!(ours.allclose(&want, 1e-4, 1e-4, false));
+    }
+
+    /// Two stages, four micro-batches, forwards then backwards: BpNetwork's step.
+    #[test]
+    fn two_stages_with_micro_batches_are_one_bp_step() {
+        let _rng = crate::rng_lock();
+        let cfg = cfg(ExtractorKind::Cnn);
         tch::manual_seed(3);
         let mut bp = BpNetwork::new(&cfg, 1e-3, Device::Cpu).unwrap();
         tch::manual_seed(3);

@@ -12,18 +12,37 @@ pub enum ExtractorKind {
     Cnn,
     /// Flatten → linear 512 → ReLU → linear d: fast on a CPU.
     Mlp,
+    /// VGG-11 with BatchNorm (eight conv3x3-BN-ReLU blocks), global average pool, linear.
+    Vgg11,
+    /// ResNet-18 (a stem and eight BasicBlocks), global average pool, linear.
+    Resnet18,
+    /// ViT-Tiny (patch embedding, twelve pre-norm encoder blocks of width 192, 3 heads),
+    /// LayerNorm of the class token, linear.
+    VitTiny,
+}
+
+impl ExtractorKind {
+    /// Every backbone, in the order the help lists them.
+    pub const ALL: [Self; 5] = [
+        Self::Cnn,
+        Self::Mlp,
+        Self::Vgg11,
+        Self::Resnet18,
+        Self::VitTiny,
+    ];
 }
 
 impl std::str::FromStr for ExtractorKind {
     type Err = CoreError;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cnn" => Ok(Self::Cnn),
-            "mlp" => Ok(Self::Mlp),
-            other => Err(CoreError::InvalidConfig(format!(
-                "unknown model {other:?} (expected cnn or mlp)"
-            ))),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|k| k.to_string() == s)
+            .ok_or_else(|| {
+                CoreError::InvalidConfig(format!(
+                    "unknown model {s:?} (expected cnn, mlp, vgg11, resnet18 or vit-tiny)"
+                ))
+            })
     }
 }
 
@@ -32,6 +51,9 @@ impl std::fmt::Display for ExtractorKind {
         f.write_str(match self {
             Self::Cnn => "cnn",
             Self::Mlp => "mlp",
+            Self::Vgg11 => "vgg11",
+            Self::Resnet18 => "resnet18",
+            Self::VitTiny => "vit-tiny",
         })
     }
 }

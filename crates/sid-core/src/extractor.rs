@@ -4,19 +4,142 @@
 //! the extractor's own head). Staged SID ([`crate::stage`]) cuts the block list into
 //! consecutive slices; every slice but the last gets a neck of its own.
 
-use tch::nn::{self, Module};
-use tch::Tensor;
+use tch::nn::{self, Module, ModuleT};
+use tch::{Kind, Tensor};
 
 use crate::config::{ExtractorKind, ModelConfig};
-use crate::init::Init;
+use crate::init::{ConvShape, Init};
 
 /// Width of the hidden layer of the MLP extractor.
 pub const MLP_HIDDEN: i64 = 512;
 
+/// VGG-11's configuration "A": output channels of each conv, `true` where a 2×2 max-pool
+/// follows it.
+const VGG11: [(i64, bool); 8] = [
+    (64, true),
+    (128, true),
+    (256, false),
+    (256, true),
+    (512, false),
+    (512, true),
+    (512, false),
+    (512, true),
+];
+
+/// ResNet-18's stages: width and number of BasicBlocks.
+const RESNET18: [(i64, usize); 4] = [(64, 2), (128, 2), (256, 2), (512, 2)];
+
+/// ViT-Tiny's width, depth, heads and MLP ratio.
+pub const VIT_WIDTH: i64 = 192;
+const VIT_DEPTH: usize = 12;
+const VIT_HEADS: i64 = 3;
+const VIT_MLP_RATIO: i64 = 4;
+
+/// Inputs up to this side get ResNet's CIFAR stem (3×3, stride 1, no max-pool); larger ones
+/// the ImageNet stem (7×7 stride 2, then a 3×3 stride-2 max-pool).
+pub const RESNET_SMALL_INPUT: i64 = 64;
+
+/// The ViT patch side for `image_size`: the divisor of the side nearest to side/8 (an 8×8
+/// grid, as patch 4 gives at 32 px), at most 16 (ViT's own patch at 224 px); ties go to the
+/// larger patch. 4 for 28 and 32 px, 8 for 64 px, 16 for 224 px.
+pub fn vit_patch(image_size: i64) -> i64 {
+    let target = (image_size as f64 / 8.0).min(16.0);
+    (1..=image_size)
+        .filter(|p| image_size % p == 0)
+        .min_by(|a, b| {
+            let (da, db) = ((*a as f64 - target).abs(), (*b as f64 - target).abs());
+            da.total_cmp(&db).then(b.cmp(a))
+        })
+        .unwrap_or(1)
+}
+
+/// A max-pool after a convolution: 2×2 stride 2 (VGG, SimpleCNN), or ResNet's 3×3 stride 2
+/// with padding 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxPool(ConvShape);
+
+impl MaxPool {
+    const TWO: Self = Self(ConvShape::new(2, 2, 0));
+    const RESNET: Self = Self(ConvShape::new(3, 2, 1));
+
+    fn apply(&self, xs: &Tensor) -> Tensor {
+        let s = self.0;
+        xs.max_pool2d(
+            [s.kernel, s.kernel],
+            [s.stride, s.stride],
+            [s.padding, s.padding],
+            [1, 1],
+            false,
+        )
+    }
+}
+
+/// A ResNet BasicBlock: conv3x3(stride)-BN-ReLU, conv3x3-BN, plus the shortcut (1×1 conv-BN
+/// where the shape changes), then ReLU.
+#[derive(Debug)]
+pub struct BasicBlock {
+    conv1: nn::Conv2D,
+    bn1: nn::BatchNorm,
+    conv2: nn::Conv2D,
+    bn2: nn::BatchNorm,
+    down: Option<(nn::Conv2D, nn::BatchNorm)>,
+}
+
+/// ViT's patch embedding: a patch×patch convolution of stride patch, the class token in
+/// front, learned position embeddings added.
+#[derive(Debug)]
+pub struct PatchEmbed {
+    proj: nn::Conv2D,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+}
+
+/// A pre-norm transformer encoder block: x + MHSA(LN(x)), then x + MLP(LN(x)) (GELU).
+#[derive(Debug)]
+pub struct EncoderBlock {
+    norm1: nn::LayerNorm,
+    qkv: nn::Linear,
+    proj: nn::Linear,
+    norm2: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    heads: i64,
+}
+
+impl EncoderBlock {
+    /// Multi-head self-attention of `xs` [b, n, c], written out: softmax(q kᵀ/√d_h) v per head.
+    fn attention(&self, xs: &Tensor) -> Tensor {
+        let (b, n, c) = xs.size3().expect("tokens are [batch, n, width]");
+        let dh = c / self.heads;
+        // [b, n, 3c] → [3, b, heads, n, d_h]
+        let qkv = xs
+            .apply(&self.qkv)
+            .reshape([b, n, 3, self.heads, dh])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let attn =
+            (q.matmul(&k.transpose(-2, -1)) * (dh as f64).powf(-0.5)).softmax(-1, Kind::Float);
+        attn.matmul(&v)
+            .transpose(1, 2)
+            .reshape([b, n, c])
+            .apply(&self.proj)
+    }
+}
+
+/// BatchNorm of `xs` [b, c, h, w]: on the batch's statistics (updating the running ones) when
+/// `train`, else on the running ones. A training batch with one value per channel (one
+/// sample of a 1×1 map: a last partial batch or micro-batch) has no variance to normalise by
+/// (PyTorch refuses it); it is normalised with the running statistics and leaves them alone.
+fn batch_norm(bn: &nn::BatchNorm, xs: &Tensor, train: bool) -> Tensor {
+    let size = xs.size();
+    let per_channel: i64 = size[0] * size[2..].iter().product::<i64>();
+    xs.apply_t(bn, train && per_channel > 1)
+}
+
 /// One block of a backbone: the unit a stage boundary may fall after.
 #[derive(Debug)]
 pub enum Block {
-    /// conv3x3 (padding 1) → ReLU, then an optional 2×2 max-pool.
+    /// conv3x3 (padding 1) → ReLU, then an optional 2×2 max-pool (SimpleCNN).
     Conv {
         /// The convolution.
         conv: nn::Conv2D,
@@ -28,10 +151,27 @@ pub enum Block {
         /// The layer.
         fc: nn::Linear,
     },
+    /// conv → BatchNorm → ReLU, then an optional max-pool: a VGG-11-BN layer or ResNet's stem.
+    ConvBn {
+        /// The convolution.
+        conv: nn::Conv2D,
+        /// Its BatchNorm.
+        bn: nn::BatchNorm,
+        /// Max-pool after the ReLU.
+        pool: Option<MaxPool>,
+    },
+    /// A ResNet BasicBlock.
+    Basic(Box<BasicBlock>),
+    /// ViT's patch embedding (image → tokens [b, n+1, width]).
+    Patch(Box<PatchEmbed>),
+    /// A transformer encoder block (tokens → tokens).
+    Encoder(Box<EncoderBlock>),
 }
 
-impl Module for Block {
-    fn forward(&self, xs: &Tensor) -> Tensor {
+impl ModuleT for Block {
+    /// `train` picks BatchNorm's batch statistics (and updates its running ones) over its
+    /// running statistics; the blocks without BatchNorm ignore it.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         match self {
             Self::Conv { conv, pool } => {
                 let y = xs.apply(conv).relu();
@@ -42,67 +182,296 @@ impl Module for Block {
                 }
             }
             Self::Dense { fc } => xs.flatten(1, -1).apply(fc).relu(),
+            Self::ConvBn { conv, bn, pool } => {
+                let y = batch_norm(bn, &xs.apply(conv), train).relu();
+                match pool {
+                    Some(pool) => pool.apply(&y),
+                    None => y,
+                }
+            }
+            Self::Basic(b) => {
+                let y = batch_norm(&b.bn1, &xs.apply(&b.conv1), train)
+                    .relu()
+                    .apply(&b.conv2);
+                let y = batch_norm(&b.bn2, &y, train);
+                let shortcut = match &b.down {
+                    Some((conv, bn)) => batch_norm(bn, &xs.apply(conv), train),
+                    None => xs.shallow_clone(),
+                };
+                (y + shortcut).relu()
+            }
+            Self::Patch(e) => {
+                // [b, width, h/p, w/p] → [b, n, width], the class token first.
+                let t = xs.apply(&e.proj).flatten(2, -1).transpose(1, 2);
+                let b = t.size()[0];
+                let cls = e.cls_token.expand([b, 1, -1], false);
+                Tensor::cat(&[cls, t], 1) + &e.pos_embed
+            }
+            Self::Encoder(e) => {
+                let h = xs + e.attention(&xs.apply(&e.norm1));
+                let m = h.apply(&e.norm2).apply(&e.fc1).gelu("none").apply(&e.fc2);
+                h + m
+            }
         }
     }
 }
 
-/// Global average pool (for image-shaped inputs) → linear to `d`: the head of the extractor
-/// and the neck of every stage but the last.
+/// Pool → linear to `d`: the head of the extractor and the neck of every stage but the last.
+/// Images [b, c, h, w] are averaged over space; token sequences [b, n, c] give their class
+/// token, layer-normalised (ViT's final LayerNorm); flat features go straight in.
 #[derive(Debug)]
 pub struct Neck {
+    norm: Option<nn::LayerNorm>,
     fc: nn::Linear,
 }
 
 impl Neck {
-    /// A neck from `width` channels (or features) to `d`, its linear layer at `p / "fc"`.
-    pub fn new(p: &nn::Path, width: i64, feature_dim: i64, init: Init) -> Self {
+    /// A neck for block outputs of per-sample shape `shape` (see [`BlockLayout::shapes`]) to
+    /// `d`: its linear layer at `p / "fc"` and, for token sequences, its LayerNorm at
+    /// `p / "norm"`.
+    pub fn new(p: &nn::Path, shape: &[i64], feature_dim: i64, init: Init) -> Self {
+        Self::named(p, "fc", shape, feature_dim, init)
+    }
+
+    fn named(p: &nn::Path, fc: &str, shape: &[i64], feature_dim: i64, init: Init) -> Self {
+        let tokens = shape.len() == 2;
+        let width = if tokens { shape[1] } else { shape[0] };
         Self {
-            fc: crate::init::linear(p / "fc", width, feature_dim, init),
+            norm: tokens.then(|| crate::init::layer_norm(p / "norm", width)),
+            fc: crate::init::linear(p / fc, width, feature_dim, init),
         }
     }
 }
 
 impl Module for Neck {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        if xs.dim() == 4 {
-            xs.mean_dim([2i64, 3].as_slice(), false, None)
-                .apply(&self.fc)
-        } else {
-            xs.apply(&self.fc)
+        let pooled = match xs.dim() {
+            4 => xs.mean_dim([2i64, 3].as_slice(), false, None),
+            3 => xs.select(1, 0),
+            _ => xs.shallow_clone(),
+        };
+        match &self.norm {
+            Some(norm) => pooled.apply(norm).apply(&self.fc),
+            None => pooled.apply(&self.fc),
         }
     }
 }
 
-/// What a backbone's blocks are, without building them: their count and output widths.
+/// What one block is, before it is built: the layer sizes its parameters follow from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spec {
+    Conv {
+        cin: i64,
+        cout: i64,
+        pool: bool,
+    },
+    Dense {
+        inputs: i64,
+        outputs: i64,
+    },
+    ConvBn {
+        cin: i64,
+        cout: i64,
+        conv: ConvShape,
+        bias: bool,
+        pool: Option<MaxPool>,
+    },
+    Basic {
+        cin: i64,
+        cout: i64,
+        stride: i64,
+    },
+    Patch {
+        cin: i64,
+        patch: i64,
+        tokens: i64,
+    },
+    Encoder,
+}
+
+impl Spec {
+    /// Trainable parameters (BatchNorm's running statistics are buffers, not counted).
+    fn params(&self) -> i64 {
+        let conv = |cin: i64, cout: i64, k: i64, bias: bool| {
+            cin * cout * k * k + if bias { cout } else { 0 }
+        };
+        let bn = |c: i64| 2 * c;
+        let linear = |i: i64, o: i64| i * o + o;
+        match *self {
+            Self::Conv { cin, cout, .. } => conv(cin, cout, 3, true),
+            Self::Dense { inputs, outputs } => linear(inputs, outputs),
+            Self::ConvBn {
+                cin,
+                cout,
+                conv: c,
+                bias,
+                ..
+            } => conv(cin, cout, c.kernel, bias) + bn(cout),
+            Self::Basic { cin, cout, stride } => {
+                let down = if stride != 1 || cin != cout {
+                    conv(cin, cout, 1, false) + bn(cout)
+                } else {
+                    0
+                };
+                conv(cin, cout, 3, false) + bn(cout) + conv(cout, cout, 3, false) + bn(cout) + down
+            }
+            Self::Patch { cin, patch, tokens } => {
+                conv(cin, VIT_WIDTH, patch, true) + VIT_WIDTH + (tokens + 1) * VIT_WIDTH
+            }
+            Self::Encoder => {
+                let w = VIT_WIDTH;
+                let hidden = w * VIT_MLP_RATIO;
+                2 * w
+                    + linear(w, 3 * w)
+                    + linear(w, w)
+                    + 2 * w
+                    + linear(w, hidden)
+                    + linear(hidden, w)
+            }
+        }
+    }
+}
+
+/// Every block of `cfg`'s backbone with its variable path and per-sample output shape.
+fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
+    let mut out = Vec::new();
+    let side = cfg.image_size;
+    match cfg.extractor {
+        ExtractorKind::Cnn => {
+            let mut side = side;
+            for (i, (cin, cout)) in [(cfg.in_channels, 32), (32, 64), (64, 128), (128, 128)]
+                .into_iter()
+                .enumerate()
+            {
+                let pool = i == 1 || i == 3;
+                if pool {
+                    side /= 2;
+                }
+                out.push((
+                    format!("conv{}", i + 1),
+                    Spec::Conv { cin, cout, pool },
+                    vec![cout, side, side],
+                ));
+            }
+        }
+        ExtractorKind::Mlp => {
+            let inputs = cfg.in_channels * side * side;
+            out.push((
+                "fc1".into(),
+                Spec::Dense {
+                    inputs,
+                    outputs: MLP_HIDDEN,
+                },
+                vec![MLP_HIDDEN],
+            ));
+        }
+        ExtractorKind::Vgg11 => {
+            let (mut cin, mut side) = (cfg.in_channels, side);
+            for (i, (cout, pooled)) in VGG11.into_iter().enumerate() {
+                // A pool that would leave less than 1×1 is skipped (28 px inputs have 4 pools).
+                let pool = (pooled && side >= 2).then_some(MaxPool::TWO);
+                if let Some(p) = pool {
+                    side = p.0.out_side(side);
+                }
+                let conv = ConvShape::new(3, 1, 1);
+                out.push((
+                    format!("block{}", i + 1),
+                    Spec::ConvBn {
+                        cin,
+                        cout,
+                        conv,
+                        bias: true,
+                        pool,
+                    },
+                    vec![cout, side, side],
+                ));
+                cin = cout;
+            }
+        }
+        ExtractorKind::Resnet18 => {
+            let (conv, pool) = if side <= RESNET_SMALL_INPUT {
+                (ConvShape::new(3, 1, 1), None)
+            } else {
+                (ConvShape::new(7, 2, 3), Some(MaxPool::RESNET))
+            };
+            let mut side = conv.out_side(side);
+            if let Some(p) = pool {
+                side = p.0.out_side(side);
+            }
+            out.push((
+                "stem".into(),
+                Spec::ConvBn {
+                    cin: cfg.in_channels,
+                    cout: 64,
+                    conv,
+                    bias: false,
+                    pool,
+                },
+                vec![64, side, side],
+            ));
+            let mut cin = 64;
+            for (l, (cout, n)) in RESNET18.into_iter().enumerate() {
+                for b in 0..n {
+                    let stride = if l > 0 && b == 0 { 2 } else { 1 };
+                    side = ConvShape::new(3, stride, 1).out_side(side);
+                    out.push((
+                        format!("layer{}_{}", l + 1, b + 1),
+                        Spec::Basic { cin, cout, stride },
+                        vec![cout, side, side],
+                    ));
+                    cin = cout;
+                }
+            }
+        }
+        ExtractorKind::VitTiny => {
+            let patch = vit_patch(side);
+            let tokens = (side / patch) * (side / patch);
+            out.push((
+                "patch_embed".into(),
+                Spec::Patch {
+                    cin: cfg.in_channels,
+                    patch,
+                    tokens,
+                },
+                vec![tokens + 1, VIT_WIDTH],
+            ));
+            for j in 0..VIT_DEPTH {
+                out.push((
+                    format!("block{}", j + 1),
+                    Spec::Encoder,
+                    vec![tokens + 1, VIT_WIDTH],
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// What a backbone's blocks are, without building them: their count and output shapes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockLayout {
-    /// Channels (or features) leaving each block, first to last.
+    /// Channels (or features, or token width) leaving each block, first to last.
     pub widths: Vec<i64>,
+    /// Per-sample shape leaving each block: `[c, h, w]` for images, `[n, width]` for token
+    /// sequences (class token first), `[features]` for flat features.
+    pub shapes: Vec<Vec<i64>>,
 }
 
 impl BlockLayout {
     /// The layout of `cfg`'s extractor.
     pub fn of(cfg: &ModelConfig) -> Self {
-        let widths = match cfg.extractor {
-            ExtractorKind::Cnn => vec![32, 64, 128, 128],
-            ExtractorKind::Mlp => vec![MLP_HIDDEN],
-        };
-        Self { widths }
+        let shapes: Vec<Vec<i64>> = specs(cfg).into_iter().map(|(_, _, s)| s).collect();
+        let widths = shapes
+            .iter()
+            .map(|s| if s.len() == 2 { s[1] } else { s[0] })
+            .collect();
+        Self { widths, shapes }
     }
 
     /// Values per sample leaving block `i` (what a stage cut after it sends on), for inputs
     /// of `cfg`'s size.
     pub fn output_elems(cfg: &ModelConfig, i: usize) -> i64 {
-        let widths = Self::of(cfg).widths;
-        match cfg.extractor {
-            ExtractorKind::Cnn => {
-                // Max-pools after blocks 2 and 4 halve the side.
-                let pools = [0, 1, 1, 2][i];
-                let side = cfg.image_size >> pools;
-                widths[i] * side * side
-            }
-            ExtractorKind::Mlp => widths[i],
-        }
+        Self::of(cfg).shapes[i].iter().product()
     }
 
     /// Number of blocks.
@@ -116,38 +485,135 @@ impl BlockLayout {
     }
 }
 
-/// Builds block `i` (0-based) of `cfg`'s extractor under `p` (variables `conv{i+1}` for the
-/// CNN, `fc1` for the MLP: the names the whole extractor has always had).
-pub fn build_block(p: &nn::Path, cfg: &ModelConfig, i: usize) -> Block {
-    match cfg.extractor {
-        ExtractorKind::Cnn => {
-            let (inp, out) = [(cfg.in_channels, 32), (32, 64), (64, 128), (128, 128)][i];
-            Block::Conv {
-                conv: crate::init::conv3x3(p / format!("conv{}", i + 1), inp, out, cfg.init),
-                pool: i == 1 || i == 3,
-            }
+/// Trainable parameters of a network, by part (BatchNorm's running statistics, which are
+/// saved but not trained, are not counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamCounts {
+    /// The extractor: every block and its head.
+    pub extractor: i64,
+    /// All L belief modules together.
+    pub modules: i64,
+}
+
+impl ParamCounts {
+    /// The counts of `cfg`'s network (without the extra necks of a staged run).
+    pub fn of(cfg: &ModelConfig) -> Self {
+        let specs = specs(cfg);
+        let last = &specs.last().expect("a backbone has blocks").2;
+        let width = if last.len() == 2 { last[1] } else { last[0] };
+        let norm = if last.len() == 2 { 2 * width } else { 0 };
+        let head = norm + width * cfg.feature_dim + cfg.feature_dim;
+        let (n, d, h) = (cfg.num_classes, cfg.feature_dim, cfg.module_hidden);
+        let module = (n + d) * h + h + h * n + n;
+        Self {
+            extractor: specs.iter().map(|(_, s, _)| s.params()).sum::<i64>() + head,
+            modules: module * cfg.modules as i64,
         }
-        ExtractorKind::Mlp => {
-            let inputs = cfg.in_channels * cfg.image_size * cfg.image_size;
-            Block::Dense {
-                fc: crate::init::linear(p / "fc1", inputs, MLP_HIDDEN, cfg.init),
-            }
+    }
+
+    /// Extractor and modules together.
+    pub fn total(&self) -> i64 {
+        self.extractor + self.modules
+    }
+}
+
+/// Builds block `i` (0-based) of `cfg`'s extractor under `p`. Variables: `conv{i+1}` for the
+/// CNN and `fc1` for the MLP (the names the whole extractor has always had); `block{i+1}.conv`
+/// and `.bn` for VGG-11; `stem` and `layer{l}_{b}` for ResNet-18; `patch_embed` and
+/// `block{j}` for ViT-Tiny.
+pub fn build_block(p: &nn::Path, cfg: &ModelConfig, i: usize) -> Block {
+    let (name, spec, _) = specs(cfg).swap_remove(i);
+    let p = p / name;
+    let init = cfg.init;
+    match spec {
+        Spec::Conv { cin, cout, pool } => Block::Conv {
+            conv: crate::init::conv3x3(p, cin, cout, init),
+            pool,
+        },
+        Spec::Dense { inputs, outputs } => Block::Dense {
+            fc: crate::init::linear(p, inputs, outputs, init),
+        },
+        Spec::ConvBn {
+            cin,
+            cout,
+            conv,
+            bias,
+            pool,
+        } => Block::ConvBn {
+            conv: crate::init::conv(&p / "conv", cin, cout, conv, bias, init),
+            bn: crate::init::batch_norm2d(&p / "bn", cout),
+            pool,
+        },
+        Spec::Basic { cin, cout, stride } => {
+            let c3 = |s| ConvShape::new(3, s, 1);
+            Block::Basic(Box::new(BasicBlock {
+                conv1: crate::init::conv(&p / "conv1", cin, cout, c3(stride), false, init),
+                bn1: crate::init::batch_norm2d(&p / "bn1", cout),
+                conv2: crate::init::conv(&p / "conv2", cout, cout, c3(1), false, init),
+                bn2: crate::init::batch_norm2d(&p / "bn2", cout),
+                down: (stride != 1 || cin != cout).then(|| {
+                    (
+                        crate::init::conv(
+                            &p / "down_conv",
+                            cin,
+                            cout,
+                            ConvShape::new(1, stride, 0),
+                            false,
+                            init,
+                        ),
+                        crate::init::batch_norm2d(&p / "down_bn", cout),
+                    )
+                }),
+            }))
+        }
+        Spec::Patch { cin, patch, tokens } => Block::Patch(Box::new(PatchEmbed {
+            proj: crate::init::conv(
+                &p / "proj",
+                cin,
+                VIT_WIDTH,
+                ConvShape::new(patch, patch, 0),
+                true,
+                init,
+            ),
+            // torchvision's VisionTransformer: class token zeros, positions N(0, 0.02²).
+            cls_token: p.zeros("cls_token", &[1, 1, VIT_WIDTH]),
+            pos_embed: p.var(
+                "pos_embed",
+                &[1, tokens + 1, VIT_WIDTH],
+                nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            ),
+        })),
+        Spec::Encoder => {
+            let w = VIT_WIDTH;
+            let hidden = w * VIT_MLP_RATIO;
+            Block::Encoder(Box::new(EncoderBlock {
+                norm1: crate::init::layer_norm(&p / "norm1", w),
+                qkv: crate::init::linear(&p / "qkv", w, 3 * w, init),
+                proj: crate::init::linear(&p / "proj", w, w, init),
+                norm2: crate::init::layer_norm(&p / "norm2", w),
+                fc1: crate::init::linear(&p / "fc1", w, hidden, init),
+                fc2: crate::init::linear(&p / "fc2", hidden, w, init),
+                heads: VIT_HEADS,
+            }))
         }
     }
 }
 
-/// Builds the extractor's head (its last neck) under `p`: `fc` for the CNN, `fc2` for the MLP.
+/// Builds the extractor's head (its last neck) under `p`: `fc` for the CNN, VGG-11 and
+/// ResNet-18, `fc2` for the MLP, `head.norm` and `head.fc` for ViT-Tiny.
 pub fn build_head(p: &nn::Path, cfg: &ModelConfig) -> Neck {
-    let width = *BlockLayout::of(cfg)
-        .widths
-        .last()
-        .expect("a backbone has blocks");
-    let name = match cfg.extractor {
-        ExtractorKind::Cnn => "fc",
-        ExtractorKind::Mlp => "fc2",
-    };
-    Neck {
-        fc: crate::init::linear(p / name, width, cfg.feature_dim, cfg.init),
+    let layout = BlockLayout::of(cfg);
+    let shape = layout.shapes.last().expect("a backbone has blocks");
+    let d = cfg.feature_dim;
+    match cfg.extractor {
+        ExtractorKind::Mlp => Neck::named(p, "fc2", shape, d, cfg.init),
+        ExtractorKind::VitTiny => Neck::named(&(p / "head"), "fc", shape, d, cfg.init),
+        ExtractorKind::Cnn | ExtractorKind::Vgg11 | ExtractorKind::Resnet18 => {
+            Neck::named(p, "fc", shape, d, cfg.init)
+        }
     }
 }
 
@@ -156,6 +622,11 @@ pub fn build_head(p: &nn::Path, cfg: &ModelConfig) -> Neck {
 /// Reference SimpleCNN: conv3x3(in→32) ReLU, conv3x3(32→64) ReLU, maxpool2, conv3x3(64→128)
 /// ReLU, conv3x3(128→128) ReLU, maxpool2, global average pool, linear(128→d) — four blocks.
 /// MLP: flatten → linear(in→512) → ReLU (one block) → linear(512→d).
+/// VGG-11-BN: eight conv3x3-BN-ReLU blocks (64, 128, 256, 256, 512, 512, 512, 512 channels,
+/// max-pools after the 1st, 2nd, 4th, 6th and 8th unless the map is already 1×1), global
+/// average pool, linear(512→d). ResNet-18: a stem and eight BasicBlocks (64..512 channels),
+/// global average pool, linear(512→d). ViT-Tiny: patch embedding and twelve encoder blocks
+/// (width 192, 3 heads), LayerNorm of the class token, linear(192→d).
 #[derive(Debug)]
 pub struct Extractor {
     blocks: Vec<Block>,
@@ -173,12 +644,285 @@ impl Extractor {
     }
 }
 
-impl Module for Extractor {
-    fn forward(&self, xs: &Tensor) -> Tensor {
-        let h = self
-            .blocks
-            .iter()
-            .fold(xs.shallow_clone(), |h, b| b.forward(&h));
+impl ModuleT for Extractor {
+    /// `train`: BatchNorm on batch statistics (updating its running ones), else on its
+    /// running statistics.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let h = forward_blocks(&self.blocks, xs, train);
         self.head.forward(&h)
+    }
+}
+
+/// `xs` through `blocks`, first to last.
+pub fn forward_blocks(blocks: &[Block], xs: &Tensor, train: bool) -> Tensor {
+    blocks
+        .iter()
+        .fold(xs.shallow_clone(), |h, b| b.forward_t(&h, train))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn cfg(extractor: ExtractorKind, in_channels: i64, image_size: i64, d: i64) -> ModelConfig {
+        ModelConfig {
+            extractor,
+            in_channels,
+            image_size,
+            num_classes: 10,
+            feature_dim: d,
+            modules: 2,
+            module_hidden: 16,
+            init: Init::default(),
+            precision: crate::Precision::Fp32,
+        }
+    }
+
+    /// Trainable and buffer values of `cfg`'s extractor, built for real.
+    fn built_counts(cfg: &ModelConfig) -> (i64, i64) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = Extractor::new(&(vs.root() / "extractor"), cfg);
+        let (mut trained, mut buffers) = (0, 0);
+        for t in vs.variables().values() {
+            if t.requires_grad() {
+                trained += t.numel() as i64;
+            } else {
+                buffers += t.numel() as i64;
+            }
+        }
+        (trained, buffers)
+    }
+
+    /// The counts written out by hand, layer by layer, checked against the layout's count and
+    /// the built variables; and the published totals of the standard models.
+    #[test]
+    fn parameter_counts_match_hand_computed_figures() {
+        let _rng = crate::rng_lock();
+        let conv = |cin: i64, cout: i64, k: i64| k * k * cin * cout;
+        for c in [1i64, 3] {
+            let d = 128;
+            // VGG-11-BN: convs with bias, BN weight + bias, head linear(512 → d).
+            let vgg_convs = conv(c, 64, 3)
+                + 64
+                + conv(64, 128, 3)
+                + 128
+                + conv(128, 256, 3)
+                + 256
+                + conv(256, 256, 3)
+                + 256
+                + conv(256, 512, 3)
+                + 512
+                + 3 * (conv(512, 512, 3) + 512);
+            let vgg_bn = 2 * (64 + 128 + 256 + 256 + 4 * 512);
+            let vgg = vgg_convs + vgg_bn + 512 * d + d;
+            // ResNet-18, 3×3 stem: convs without bias, BN 2c each, 1×1 shortcuts when the
+            // width changes.
+            let basic = |cin: i64, cout: i64| {
+                let down = if cin != cout {
+                    conv(cin, cout, 1) + 2 * cout
+                } else {
+                    0
+                };
+                conv(cin, cout, 3) + conv(cout, cout, 3) + 4 * cout + down
+            };
+            let body = basic(64, 64) * 2
+                + basic(64, 128)
+                + basic(128, 128)
+                + basic(128, 256)
+                + basic(256, 256)
+                + basic(256, 512)
+                + basic(512, 512);
+            let resnet = conv(c, 64, 3) + 2 * 64 + body + 512 * d + d;
+            // ViT-Tiny at 32 px: patch 4, 64 patches + the class token.
+            let w = 192;
+            let block = 2 * w
+                + (w * 3 * w + 3 * w)
+                + (w * w + w)
+                + 2 * w
+                + (w * 4 * w + 4 * w)
+                + (4 * w * w + w);
+            let vit = (conv(c, w, 4) + w) + w + 65 * w + 12 * block + 2 * w + (w * d + d);
+            for (kind, expected, bn_channels) in [
+                (ExtractorKind::Vgg11, vgg, 64 + 128 + 256 + 256 + 4 * 512),
+                (
+                    ExtractorKind::Resnet18,
+                    resnet,
+                    64 + 2 * 64 * 2 + 128 * 5 + 256 * 5 + 512 * 5,
+                ),
+                (ExtractorKind::VitTiny, vit, 0),
+            ] {
+                let m = cfg(kind, c, 32, d);
+                assert_eq!(ParamCounts::of(&m).extractor, expected, "{kind} c={c}");
+                // Running mean and variance: two buffers per BatchNorm channel.
+                assert_eq!(
+                    built_counts(&m),
+                    (expected, 2 * bn_channels),
+                    "{kind} c={c}"
+                );
+                // Belief modules: linear(N+d → h) and linear(h → N), L of them.
+                assert_eq!(
+                    ParamCounts::of(&m).modules,
+                    2 * ((10 + d) * 16 + 16 + 16 * 10 + 10)
+                );
+            }
+        }
+        // Published totals: torchvision's resnet18 (ImageNet stem, 1000 classes) and timm's
+        // vit_tiny_patch16_224, with the head as the linear to d = 1000.
+        let imagenet = |kind| ParamCounts::of(&cfg(kind, 3, 224, 1000)).extractor;
+        assert_eq!(imagenet(ExtractorKind::Resnet18), 11_689_512);
+        assert_eq!(imagenet(ExtractorKind::VitTiny), 5_717_416);
+        assert_eq!(
+            built_counts(&cfg(ExtractorKind::VitTiny, 3, 224, 1000)).0,
+            5_717_416
+        );
+        // The existing backbones count right too.
+        let simple = cfg(ExtractorKind::Cnn, 1, 28, 128);
+        assert_eq!(ParamCounts::of(&simple).extractor, built_counts(&simple).0);
+        let mlp = cfg(ExtractorKind::Mlp, 3, 8, 128);
+        assert_eq!(
+            ParamCounts::of(&mlp).extractor,
+            (192 * 512 + 512) + (512 * 128 + 128)
+        );
+    }
+
+    #[test]
+    fn patch_sizes_divide_the_image() {
+        for (side, patch) in [
+            (28, 4),
+            (32, 4),
+            (64, 8),
+            (224, 16),
+            (8, 1),
+            (12, 2),
+            (96, 12),
+        ] {
+            assert_eq!(vit_patch(side), patch, "{side}");
+        }
+    }
+
+    /// Grey 28 px and colour 32 px inputs (and a tiny 8 px one) through every backbone: each
+    /// block's output has the layout's shape and the extractor gives [b, d].
+    #[test]
+    fn every_backbone_takes_grey_and_colour_inputs_of_any_size() {
+        let _rng = crate::rng_lock();
+        tch::manual_seed(0);
+        for kind in [
+            ExtractorKind::Vgg11,
+            ExtractorKind::Resnet18,
+            ExtractorKind::VitTiny,
+            ExtractorKind::Cnn,
+        ] {
+            for (c, side) in [(1, 28), (3, 32), (3, 8)] {
+                let m = cfg(kind, c, side, 6);
+                let vs = nn::VarStore::new(Device::Cpu);
+                let layout = BlockLayout::of(&m);
+                let blocks: Vec<Block> = (0..layout.len())
+                    .map(|i| build_block(&vs.root(), &m, i))
+                    .collect();
+                let head = build_head(&vs.root(), &m);
+                let mut h = Tensor::randn([2, c, side, side], (Kind::Float, Device::Cpu));
+                for (i, b) in blocks.iter().enumerate() {
+                    // Shapes only: no graph needed.
+                    h = tch::no_grad(|| b.forward_t(&h, true));
+                    assert_eq!(
+                        h.size()[1..],
+                        layout.shapes[i][..],
+                        "{kind} {c}x{side} block {i}"
+                    );
+                }
+                assert_eq!(head.forward(&h).size(), [2, 6], "{kind}");
+            }
+        }
+        // VGG-11 at 28 px: the fifth pool would leave 0×0, so it is skipped.
+        let vgg = BlockLayout::of(&cfg(ExtractorKind::Vgg11, 1, 28, 6));
+        assert_eq!(vgg.shapes.last().unwrap(), &vec![512, 1, 1]);
+        assert_eq!(vgg.len(), 8);
+        assert_eq!(
+            BlockLayout::of(&cfg(ExtractorKind::Resnet18, 3, 32, 6)).len(),
+            9
+        );
+        assert_eq!(
+            BlockLayout::of(&cfg(ExtractorKind::VitTiny, 3, 32, 6)).len(),
+            13
+        );
+        // Above 64 px ResNet starts with the ImageNet stem: 7×7/2 and a max-pool.
+        let big = BlockLayout::of(&cfg(ExtractorKind::Resnet18, 3, 96, 6));
+        assert_eq!(big.shapes[0], vec![64, 24, 24]);
+        assert_eq!(big.shapes[8], vec![512, 3, 3]);
+    }
+
+    /// The attention written out equals libtorch's fused scaled-dot-product attention on
+    /// the same q, k, v; the block is pre-norm with residuals around both halves.
+    #[test]
+    fn attention_matches_libtorch_and_the_block_is_pre_norm() {
+        let _rng = crate::rng_lock();
+        tch::manual_seed(2);
+        let m = cfg(ExtractorKind::VitTiny, 3, 8, 6);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let Block::Encoder(e) = build_block(&vs.root(), &m, 1) else {
+            panic!("block 1 of ViT is an encoder block")
+        };
+        let x = Tensor::randn([2, 5, VIT_WIDTH], (Kind::Float, Device::Cpu));
+        let ours = e.attention(&x);
+        let qkv = x
+            .apply(&e.qkv)
+            .reshape([2, 5, 3, VIT_HEADS, VIT_WIDTH / VIT_HEADS])
+            .permute([2, 0, 3, 1, 4]);
+        let fused = Tensor::scaled_dot_product_attention(
+            &qkv.get(0),
+            &qkv.get(1),
+            &qkv.get(2),
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        )
+        .transpose(1, 2)
+        .reshape([2, 5, VIT_WIDTH])
+        .apply(&e.proj);
+        assert!(ours.allclose(&fused, 1e-5, 1e-5, false));
+        let h = &x + e.attention(&x.apply(&e.norm1));
+        let want = &h + h.apply(&e.norm2).apply(&e.fc1).gelu("none").apply(&e.fc2);
+        let block = Block::Encoder(e);
+        assert!(block.forward_t(&x, true).allclose(&want, 1e-6, 1e-6, false));
+    }
+
+    /// Training forwards normalise with the batch's statistics and move the running ones;
+    /// evaluation uses the running ones, so a sample's output does not depend on its batch.
+    #[test]
+    fn batch_norm_follows_train_and_eval_mode() {
+        let _rng = crate::rng_lock();
+        tch::manual_seed(1);
+        let m = cfg(ExtractorKind::Resnet18, 3, 4, 6);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let ext = Extractor::new(&(vs.root() / "extractor"), &m);
+        let mean = || vs.variables()["extractor.stem.bn.running_mean"].copy();
+        let x = Tensor::randn([4, 3, 4, 4], (Kind::Float, Device::Cpu)) * 3.0 + 1.0;
+        let before = mean();
+        let _ = tch::no_grad(|| ext.forward_t(&x, false));
+        assert_eq!(mean(), before, "evaluation leaves the running statistics");
+        let _ = ext.forward_t(&x, true);
+        assert!(mean().ne_tensor(&before).any().int64_value(&[]) == 1);
+        let moved = mean();
+        let alone = tch::no_grad(|| ext.forward_t(&x.narrow(0, 0, 1), false));
+        let together = tch::no_grad(|| ext.forward_t(&x, false)).narrow(0, 0, 1);
+        assert!(alone.allclose(&together, 1e-5, 1e-5, false));
+        assert_eq!(mean(), moved);
+        // In training mode the same sample's output depends on the rest of its batch.
+        let t_alone = ext.forward_t(&x.narrow(0, 0, 2), true).narrow(0, 0, 1);
+        let t_together = ext.forward_t(&x, true).narrow(0, 0, 1);
+        assert!(!t_alone.allclose(&t_together, 1e-4, 1e-4, false));
+        // One sample whose last maps are 1×1 (a last partial batch): trains on the running
+        // statistics instead of failing, and leaves them alone where it cannot use its own.
+        let vgg = cfg(ExtractorKind::Vgg11, 3, 4, 6);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let ext = Extractor::new(&(vs.root() / "extractor"), &vgg);
+        let last = || vs.variables()["extractor.block8.bn.running_mean"].copy();
+        let before = last();
+        let z = ext.forward_t(&x.narrow(0, 0, 1), true);
+        assert_eq!(z.size(), [1, 6]);
+        assert_eq!(last(), before);
     }
 }

@@ -61,15 +61,75 @@ pub fn linear(p: nn::Path, inputs: i64, outputs: i64, init: Init) -> nn::Linear 
 
 /// A 3×3 convolution `in → out` with padding 1 under `p`, initialised by `init`.
 pub fn conv3x3(p: nn::Path, inputs: i64, outputs: i64, init: Init) -> nn::Conv2D {
+    conv(p, inputs, outputs, ConvShape::new(3, 1, 1), true, init)
+}
+
+/// Kernel side, stride and padding of a square convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Kernel side.
+    pub kernel: i64,
+    /// Stride.
+    pub stride: i64,
+    /// Zero padding on each side.
+    pub padding: i64,
+}
+
+impl ConvShape {
+    /// A `kernel`×`kernel` convolution with `stride` and `padding`.
+    pub const fn new(kernel: i64, stride: i64, padding: i64) -> Self {
+        Self {
+            kernel,
+            stride,
+            padding,
+        }
+    }
+
+    /// The output side for an input side `side` (PyTorch's floor formula).
+    pub fn out_side(&self, side: i64) -> i64 {
+        (side + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+}
+
+/// A square convolution `in → out` under `p` (`p/weight`, and `p/bias` when `bias`),
+/// initialised by `init` (PyTorch's `nn.Conv2d` bound is over fan-in = in·k·k).
+pub fn conv(
+    p: nn::Path,
+    inputs: i64,
+    outputs: i64,
+    shape: ConvShape,
+    bias: bool,
+    init: Init,
+) -> nn::Conv2D {
     let mut c = nn::ConvConfig {
-        padding: 1,
+        stride: shape.stride,
+        padding: shape.padding,
+        bias,
         ..Default::default()
     };
     if init == Init::Pytorch {
-        c.ws_init = pytorch_bound(inputs * 9);
-        c.bs_init = pytorch_bound(inputs * 9);
+        let fan_in = inputs * shape.kernel * shape.kernel;
+        c.ws_init = pytorch_bound(fan_in);
+        c.bs_init = pytorch_bound(fan_in);
     }
-    nn::conv2d(p, inputs, outputs, 3, c)
+    nn::conv2d(p, inputs, outputs, shape.kernel, c)
+}
+
+/// PyTorch's `nn.BatchNorm2d(c)` under `p`: weight 1, bias 0, running mean 0 and variance 1
+/// (buffers: saved, not trained), ε = 1e-5, momentum 0.1. The same for both `Init`s: tch's
+/// own default draws the weight uniform in [0, 1), which no reference uses.
+pub fn batch_norm2d(p: nn::Path, channels: i64) -> nn::BatchNorm {
+    let c = nn::BatchNormConfig {
+        ws_init: nn::Init::Const(1.0),
+        bs_init: nn::Init::Const(0.0),
+        ..Default::default()
+    };
+    nn::batch_norm2d(p, channels, c)
+}
+
+/// PyTorch's `nn.LayerNorm(width)` under `p`: weight 1, bias 0, ε = 1e-5.
+pub fn layer_norm(p: nn::Path, width: i64) -> nn::LayerNorm {
+    nn::layer_norm(p, vec![width], Default::default())
 }
 
 #[cfg(test)]

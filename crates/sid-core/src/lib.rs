@@ -5,7 +5,8 @@
 //! own local loss ([`loss::local_loss`]) against the label and the previous module's belief.
 //!
 //! The pieces are kept separate so that the multi-device runtime can reuse them:
-//! - [`extractor`]: the feature extractors (reference SimpleCNN, small MLP);
+//! - [`extractor`]: the feature extractors (reference SimpleCNN, small MLP, and the paper's
+//!   VGG-11-BN, ResNet-18 and ViT-Tiny), each a list of blocks and a head;
 //! - [`belief`]: the belief module (reference two-layer MLP);
 //! - [`loss`]: the local SID loss;
 //! - [`adam`]: Adam with inspectable state (checkpoints need it);

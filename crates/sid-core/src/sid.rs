@@ -149,7 +149,7 @@ impl Network for SidNetwork {
     }
 
     fn cascade(&mut self, x: &Tensor) -> Result<Cascade> {
-        let z = tch::no_grad(|| self.extractor.forward(x));
+        let z = self.extractor.infer(x);
         Ok(cascade_from_features(
             self.modules.iter().map(|m| m.module()),
             &z,
@@ -160,7 +160,7 @@ impl Network for SidNetwork {
 
     fn cascade_exit(&mut self, x: &Tensor, tau: f64) -> Result<crate::EarlyExit> {
         tch::no_grad(|| {
-            let mut z = self.extractor.forward(x);
+            let mut z = self.extractor.infer(x);
             let b = z.size()[0];
             let mut exits = crate::ExitTracker::new(b, self.modules.len(), tau, z.device());
             let mut p = uniform_belief(b, self.num_classes, z.device());
@@ -201,7 +201,7 @@ mod tests {
     use crate::config::ExtractorKind;
     use crate::loss::local_loss;
     use crate::BpNetwork;
-    use tch::nn::Module;
+    use tch::nn::ModuleT;
     use tch::Kind;
 
     fn small_cfg(extractor: ExtractorKind) -> ModelConfig {
@@ -276,7 +276,7 @@ mod tests {
             sid.train_step(&x, &y).unwrap();
             // Reference step: z with grad, P from detached z, Σ L_i, one backward, Adam.
             reference.opt.zero_grad();
-            let z = reference.extractor.forward(&x);
+            let z = reference.extractor.forward_t(&x, true);
             let mut p = uniform_belief(6, 4, Device::Cpu);
             let mut total = Tensor::zeros([], (Kind::Float, Device::Cpu));
             let teachers: Vec<Tensor> = tch::no_grad(|| {
@@ -389,6 +389,60 @@ mod tests {
         let la = a.train_step(&x, &y).unwrap();
         let lb = b.train_step(&x, &y).unwrap();
         assert_eq!(la, lb);
+    }
+
+    /// BatchNorm's running statistics are part of the state: a network restored from it
+    /// evaluates exactly as the saved one, and SID and BP both save them.
+    #[test]
+    fn batch_norm_statistics_are_saved_and_restored() {
+        let _rng = crate::rng_lock();
+        let cfg = ModelConfig {
+            image_size: 8,
+            ..small_cfg(ExtractorKind::Vgg11)
+        };
+        let (x, y) = batch();
+        tch::manual_seed(4);
+        let mut a = SidNetwork::new(&cfg, LossConfig::default(), 1e-2, Device::Cpu).unwrap();
+        for _ in 0..2 {
+            a.train_step(&x, &y).unwrap();
+        }
+        let saved = a.state().unwrap();
+        let names: Vec<&str> = saved.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            names.contains(&"extractor.block1.bn.running_mean"),
+            "{names:?}"
+        );
+        assert!(names.contains(&"extractor.block8.bn.running_var"));
+        // Buffers get no Adam moments.
+        assert!(!names
+            .iter()
+            .any(|n| n.starts_with("adam.") && n.contains("running")));
+        let saved = NamedTensors::from(saved);
+        let mean = saved.get("extractor.block1.bn.running_mean").unwrap();
+        assert!(
+            mean.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+            "training moved it"
+        );
+        tch::manual_seed(99);
+        let mut b = SidNetwork::new(&cfg, LossConfig::default(), 1e-2, Device::Cpu).unwrap();
+        b.load_state(&saved).unwrap();
+        let (la, lb) = (a.cascade(&x).unwrap(), b.cascade(&x).unwrap());
+        assert!(la.logits[2].equal(&lb.logits[2]));
+        assert_eq!(a.train_step(&x, &y).unwrap(), b.train_step(&x, &y).unwrap());
+        // BP on the identical network carries the same buffers.
+        let mut bp = BpNetwork::new(&cfg, 1e-2, Device::Cpu).unwrap();
+        bp.load_weights(&NamedTensors::from(b.state().unwrap()))
+            .unwrap();
+        let bp_state = NamedTensors::from(bp.state().unwrap());
+        let theirs = NamedTensors::from(b.state().unwrap());
+        let name = "extractor.block4.bn.running_var";
+        assert!(bp_state.get(name).unwrap().equal(theirs.get(name).unwrap()));
+        assert!(bp.cascade(&x).unwrap().logits[2].allclose(
+            &b.cascade(&x).unwrap().logits[2],
+            1e-6,
+            1e-6,
+            false
+        ));
     }
 
     /// Skipping the modules after a sample's exit gives the exits and predictions read off

@@ -15,13 +15,13 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use tch::nn::{Module, VarStore};
+use tch::nn::{Module, ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief};
 use crate::config::{LossConfig, ModelConfig};
-use crate::extractor::{build_block, build_head, Block, BlockLayout, Neck};
+use crate::extractor::{build_block, build_head, forward_blocks, Block, BlockLayout, Neck};
 use crate::loss::{local_loss_for, LabelTarget};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::forward_f32;
@@ -345,11 +345,11 @@ pub fn profile_costs(cfg: &ModelConfig, batch: i64, device: Device, reps: usize)
     for b in &blocks {
         let input = x.detach().set_requires_grad(true);
         block_costs.push(time(&mut || {
-            let y = b.forward(&input);
+            let y = b.forward_t(&input, true);
             y.sum(Kind::Float).backward();
             let _ = sync_value(&y);
         }));
-        x = tch::no_grad(|| b.forward(&x));
+        x = tch::no_grad(|| b.forward_t(&x, true));
     }
     let z = Tensor::ones([batch, cfg.feature_dim], (Kind::Float, device)).set_requires_grad(true);
     let p = uniform_belief(batch, cfg.num_classes, device);
@@ -435,10 +435,9 @@ pub fn build_stages(
     }
     let mut necks: Vec<Neck> = (0..k - 1)
         .map(|s| {
-            let width = layout.widths[plan.stages[s].blocks.end - 1];
             Neck::new(
                 &(stores[s].root() / format!("neck_{}", s + 1)),
-                width,
+                &layout.shapes[plan.stages[s].blocks.end - 1],
                 cfg.feature_dim,
                 cfg.init,
             )
@@ -512,15 +511,13 @@ impl Stage {
         LabelTarget::new(labels, self.num_classes, &self.loss)
     }
 
-    /// The slice's output `h` and the neck's features `z`, float32, each computed at the
-    /// stage's precision.
-    fn features(&self, input: &Tensor) -> (Tensor, Tensor) {
+    /// The slice's output `h` on `sg(input)` and the neck's features `z`, float32, each
+    /// computed at the stage's precision; `train` is BatchNorm's mode.
+    fn features(&self, input: &Tensor, train: bool) -> (Tensor, Tensor) {
         let _span = tracing::trace_span!("slice_forward", stage = self.index + 1).entered();
         let (precision, device) = (self.precision, self.device());
         let h = forward_f32(precision, device, || {
-            self.blocks
-                .iter()
-                .fold(input.detach(), |h, b| b.forward(&h))
+            forward_blocks(&self.blocks, &input.detach(), train)
         });
         let z = forward_f32(precision, device, || self.neck.forward(&h));
         (h, z)
@@ -535,7 +532,7 @@ impl Stage {
         p_in: &Tensor,
         target: &LabelTarget,
     ) -> StageOutput {
-        let (h, z) = self.features(input);
+        let (h, z) = self.features(input, true);
         let mut p = p_in.detach();
         let mut losses = Vec::with_capacity(self.modules.len());
         for m in &self.modules {
@@ -591,7 +588,7 @@ impl Stage {
     /// last), every module's logits and the belief leaving the last module.
     pub fn cascade(&self, input: &Tensor, p_in: &Tensor) -> (Option<Tensor>, Vec<Tensor>, Tensor) {
         tch::no_grad(|| {
-            let (h, z) = self.features(input);
+            let (h, z) = self.features(input, false);
             let mut p = p_in.shallow_clone();
             let mut logits = Vec::with_capacity(self.modules.len());
             for m in &self.modules {
@@ -710,6 +707,64 @@ mod tests {
         let costs = profile_costs(&cfg(2), 4, Device::Cpu, 1);
         assert_eq!(costs.blocks.len(), 4);
         assert!(costs.blocks.iter().all(|&t| t > 0.0) && costs.module > 0.0);
+    }
+
+    /// Every new backbone cuts into two stages whose necks read its block outputs (image
+    /// maps, or ViT's token sequence through its class token); one step trains, evaluation
+    /// runs on BatchNorm's running statistics, and the state restores the same cascade.
+    #[test]
+    fn new_backbones_train_in_two_stages() {
+        let _rng = crate::rng_lock();
+        for kind in [
+            ExtractorKind::Vgg11,
+            ExtractorKind::Resnet18,
+            ExtractorKind::VitTiny,
+        ] {
+            // 4 px keeps ViT's sequence short (patch 1: 16 patches and the class token).
+            let c = ModelConfig {
+                extractor: kind,
+                in_channels: 3,
+                image_size: 4,
+                ..cfg(2)
+            };
+            tch::manual_seed(5);
+            let plan = StagePlan::even(&c, 2).unwrap();
+            let mut stages = build_stages(&c, LossConfig::default(), 1e-3, &plan).unwrap();
+            let x = Tensor::randn([4, 3, 4, 4], (Kind::Float, Device::Cpu));
+            let y = Tensor::from_slice(&[0i64, 1, 2, 3]);
+            let (first, rest) = stages.split_at_mut(1);
+            let (s1, s2) = (&mut first[0], &mut rest[0]);
+            let out = s1.forward_micro(&x, &s1.uniform(4), &s1.label_target(&y));
+            let z = out.z.expect("stage 1 sends features");
+            let layout = BlockLayout::of(&c);
+            assert_eq!(
+                z.size()[1..],
+                layout.shapes[plan.stages()[0].blocks.end - 1][..]
+            );
+            s2.forward_micro(&z, &out.p, &s2.label_target(&y));
+            for s in [&mut *s1, &mut *s2] {
+                let l = Vec::<f64>::try_from(s.backward_micro(1.0).unwrap()).unwrap();
+                assert!(l.iter().all(|v| v.is_finite()), "{kind}: {l:?}");
+                s.apply();
+            }
+            let cascade = |s1: &Stage, s2: &Stage| {
+                let (h, _, p) = s1.cascade(&x, &s1.uniform(4));
+                s2.cascade(&h.unwrap(), &p).1.pop().unwrap()
+            };
+            let logits = cascade(s1, s2);
+            assert_eq!(logits.size(), [4, 4]);
+            // Restored stages: the same cascade, running statistics included.
+            let saved: Vec<NamedTensors> = [&*s1, &*s2]
+                .iter()
+                .map(|s| NamedTensors::from(s.state()))
+                .collect();
+            tch::manual_seed(6);
+            let mut fresh = build_stages(&c, LossConfig::default(), 1e-3, &plan).unwrap();
+            for (s, named) in fresh.iter_mut().zip(&saved) {
+                s.load_state(named).unwrap();
+            }
+            assert!(cascade(&fresh[0], &fresh[1]).equal(&logits), "{kind}");
+        }
     }
 
     /// One stage is the paper's SID: the same initial weights and, step after step, the same

@@ -5,7 +5,7 @@
 //! parameters only, steps its own Adam and returns its loss and the gradient that reached `z`.
 //! It holds no reference to anything else, so a worker thread can own it.
 
-use tch::nn::{Module, VarStore};
+use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Tensor};
 
 use crate::adam::Adam;
@@ -298,10 +298,24 @@ impl ExtractorUnit {
         self.vs.device()
     }
 
-    /// `z = c(x)`, with gradient, float32 (computed at the unit's precision).
+    /// `z = c(x)` for a training step, with gradient, float32 (computed at the unit's
+    /// precision); BatchNorm normalises with the batch's statistics and updates its running
+    /// ones.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let _span = tracing::trace_span!("extractor_forward").entered();
-        forward_f32(self.precision, self.device(), || self.net.forward(x))
+        forward_f32(self.precision, self.device(), || {
+            self.net.forward_t(x, true)
+        })
+    }
+
+    /// `z = c(x)` for inference: no gradient, BatchNorm on its running statistics.
+    pub fn infer(&self, x: &Tensor) -> Tensor {
+        let _span = tracing::trace_span!("extractor_infer").entered();
+        tch::no_grad(|| {
+            forward_f32(self.precision, self.device(), || {
+                self.net.forward_t(x, false)
+            })
+        })
     }
 
     /// Backpropagates the summed gradient `grad_z` that the modules sent back through `z`

@@ -438,7 +438,7 @@ impl Pipeline {
 
     fn cascade_inner(&mut self, x: &Tensor) -> Result<Cascade> {
         let coord = self.extractor.device();
-        let z = tch::no_grad(|| self.extractor.forward(x));
+        let z = self.extractor.infer(x);
         streams::sync_device(coord)?;
         let mut p = uniform_belief(x.size()[0], self.num_classes, coord);
         let mut logits = Vec::with_capacity(self.modules);

@@ -29,7 +29,8 @@ pub struct RunConfig {
     pub loaded_shape: Option<Shape>,
     /// Devices: `cpu`, `cpu:4`, `0`, `0,1,2,3`, `0,0` …
     pub gpus: String,
-    /// Feature extractor: `cnn` (reference SimpleCNN) or `mlp`.
+    /// Feature extractor: `cnn` (reference SimpleCNN), `mlp`, `vgg11`, `resnet18` or
+    /// `vit-tiny`.
     pub model: ExtractorKind,
     /// Number of belief modules L.
     pub modules: usize,
