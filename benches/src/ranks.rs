@@ -86,6 +86,7 @@ fn join(rank: usize, world: usize, port: u16) -> anyhow::Result<Ranks> {
         replica_group: None,
         names: (0..world).map(|r| format!("rank {r}, cpu")).collect(),
         liveness: None,
+        direct: Default::default(),
     })
 }
 

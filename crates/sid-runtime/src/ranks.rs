@@ -12,11 +12,16 @@
 //! Replica r's stage s is rank r·K + s, so a replica's stages are consecutive ranks (on one
 //! node when they fit). Each item travels as a frame: an int64 header naming what it is and
 //! the shapes of up to four tensors, then those tensors, contiguous on the CPU (Gloo carries
-//! CPU tensors). A link that ends normally sends a stop frame; one that breaks (the peer died)
+//! CPU tensors) — or, between two GPUs when NCCL is built in, the header over Gloo and the
+//! tensors GPU to GPU over a two-rank NCCL group of the link's own (one group per link and
+//! direction, so that each communicator sees its operations in one order on both sides;
+//! built, not yet run: no session has had two GPUs). A link that ends normally sends a stop
+//! frame; one that breaks (the peer died)
 //! is reported naming the ranks and the operation, and stops the run. Data-parallel replicas
 //! sum each stage's gradients with an all-reduce in the stage's replica group (NCCL for CUDA
 //! stages when built in, else Gloo) before the stage's optimiser step.
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
@@ -62,6 +67,10 @@ pub struct Ranks {
     pub names: Vec<String>,
     /// Served ranks: how to tell that rank 0 is still there (`None`: links only).
     pub liveness: Option<Liveness>,
+    /// Links whose tensors go GPU to GPU: (from rank, to rank, tag) → a two-rank NCCL group
+    /// in which the sender is rank 0. Other links carry their tensors in host memory over
+    /// `world`.
+    pub direct: BTreeMap<(usize, usize, u32), Arc<Group>>,
 }
 
 impl std::fmt::Debug for Ranks {
@@ -78,6 +87,10 @@ impl Ranks {
     /// This rank.
     pub fn rank(&self) -> usize {
         self.world.rank()
+    }
+
+    fn direct(&self, from: usize, to: usize, tag: u32) -> Option<Arc<Group>> {
+        self.direct.get(&(from, to, tag)).cloned()
     }
 
     fn check(&self, stages: usize) -> Result<()> {
@@ -139,6 +152,9 @@ const MAX_TENSORS: usize = 4;
 const MAX_DIMS: usize = 7;
 const FIXED: usize = 10;
 
+/// Added to a tensor's kind code in the header: the tensor follows over the link's NCCL group.
+const DIRECT: i64 = 1000;
+
 const STOP: i64 = 0;
 const TRAIN: i64 = 1;
 const EVAL: i64 = 2;
@@ -196,7 +212,15 @@ fn code_kind(c: i64) -> std::result::Result<TKind, String> {
     })
 }
 
-fn send_frame(g: &Group, dst: usize, tag: u32, f: Frame) -> std::result::Result<(), String> {
+/// Sends a frame: the header over `g`, then each tensor over `g` from host memory, or — CUDA
+/// tensors on a link with a `direct` group — GPU to GPU over that group.
+fn send_frame(
+    g: &Group,
+    dst: usize,
+    tag: u32,
+    f: Frame,
+    direct: Option<&Group>,
+) -> std::result::Result<(), String> {
     if f.tensors.len() > MAX_TENSORS {
         return Err(format!("a frame holds at most {MAX_TENSORS} tensors"));
     }
@@ -218,21 +242,39 @@ fn send_frame(g: &Group, dst: usize, tag: u32, f: Frame) -> std::result::Result<
             return Err(format!("cannot send a tensor of {} dimensions", size.len()));
         }
         let at = FIXED + i * (2 + MAX_DIMS);
-        h[at] = kind_code(t.kind())?;
+        let gpu = direct.is_some() && t.device().is_cuda();
+        h[at] = kind_code(t.kind())? + if gpu { DIRECT } else { 0 };
         h[at + 1] = size.len() as i64;
         h[at + 2..at + 2 + size.len()].copy_from_slice(&size);
-        payload.push(t.to_device(Device::Cpu).contiguous());
+        payload.push(if gpu {
+            t.contiguous()
+        } else {
+            t.to_device(Device::Cpu).contiguous()
+        });
     }
     let header = Tensor::from_slice(&h);
     g.send(&header, dst, tag, LINK_WAIT)
         .map_err(|e| e.to_string())?;
     for t in payload.iter().filter(|t| t.numel() > 0) {
-        g.send(t, dst, tag, LINK_WAIT).map_err(|e| e.to_string())?;
+        match (direct, t.device()) {
+            (Some(ng), Device::Cuda(i)) => {
+                ng.send(t, 1, 0, LINK_WAIT).map_err(|e| e.to_string())?;
+                // NCCL's wait only orders this thread's stream after the transfer.
+                crate::streams::synchronize_current(i).map_err(|e| e.to_string())?;
+            }
+            _ => g.send(t, dst, tag, LINK_WAIT).map_err(|e| e.to_string())?,
+        }
     }
     Ok(())
 }
 
-fn recv_frame(g: &Group, src: usize, tag: u32) -> std::result::Result<Frame, String> {
+/// Receives a frame sent by [`send_frame`]; direct tensors land on `direct`'s device.
+fn recv_frame(
+    g: &Group,
+    src: usize,
+    tag: u32,
+    direct: Option<(&Group, Device)>,
+) -> std::result::Result<Frame, String> {
     let mut header = Tensor::zeros([HEADER as i64], (TKind::Int64, Device::Cpu));
     g.recv(&mut header, src, tag, LINK_WAIT)
         .map_err(|e| e.to_string())?;
@@ -244,17 +286,37 @@ fn recv_frame(g: &Group, src: usize, tag: u32) -> std::result::Result<Frame, Str
     let mut tensors = Vec::with_capacity(n);
     for i in 0..n {
         let at = FIXED + i * (2 + MAX_DIMS);
-        let kind = code_kind(h[at])?;
+        let gpu = h[at] >= DIRECT;
+        let kind = code_kind(h[at] % DIRECT)?;
         let dims = h[at + 1] as usize;
         if dims > MAX_DIMS {
             return Err(format!("a frame from rank {src} claims {dims} dimensions"));
         }
         let size = &h[at + 2..at + 2 + dims];
-        let mut t = Tensor::empty(size, (kind, Device::Cpu));
-        if t.numel() > 0 {
-            g.recv(&mut t, src, tag, LINK_WAIT)
-                .map_err(|e| e.to_string())?;
-        }
+        let t = match (gpu, direct) {
+            (true, Some((ng, device @ Device::Cuda(d)))) => {
+                let mut t = Tensor::empty(size, (kind, device));
+                if t.numel() > 0 {
+                    ng.recv(&mut t, 0, 0, LINK_WAIT)
+                        .map_err(|e| e.to_string())?;
+                    crate::streams::synchronize_current(d).map_err(|e| e.to_string())?;
+                }
+                t
+            }
+            (true, _) => {
+                return Err(format!(
+                    "rank {src} sent a GPU tensor directly, but this link has no NCCL group"
+                ))
+            }
+            (false, _) => {
+                let mut t = Tensor::empty(size, (kind, Device::Cpu));
+                if t.numel() > 0 {
+                    g.recv(&mut t, src, tag, LINK_WAIT)
+                        .map_err(|e| e.to_string())?;
+                }
+                t
+            }
+        };
         tensors.push(t);
     }
     Ok(Frame {
@@ -515,20 +577,22 @@ fn spawn_link(
 /// Sends what arrives on `rx` to rank `dst` until `rx` closes, then a stop frame. On failure
 /// the channel is dropped (so the stage sending into it stops) after `on_fail` has run.
 fn out_link<T: Send + 'static>(
-    g: Arc<Group>,
+    ranks: &Ranks,
     dst: usize,
     tag: u32,
     rx: Receiver<T>,
     encode: fn(T) -> std::result::Result<Frame, String>,
     on_fail: impl FnOnce(String) + Send + 'static,
 ) -> StageThread {
+    let g = ranks.world.clone();
     let me = g.rank();
+    let direct = ranks.direct(me, dst, tag);
     spawn_link(format!("sid-link-{me}-to-{dst}"), move || {
         let result = (|| {
             while let Ok(item) = rx.recv() {
-                send_frame(&g, dst, tag, encode(item)?)?;
+                send_frame(&g, dst, tag, encode(item)?, direct.as_deref())?;
             }
-            send_frame(&g, dst, tag, Frame::default())
+            send_frame(&g, dst, tag, Frame::default(), None)
         })();
         if let Err(e) = &result {
             on_fail(format!("the link from rank {me} to rank {dst} failed: {e}"));
@@ -541,17 +605,20 @@ fn out_link<T: Send + 'static>(
 /// Receives from rank `src` into `tx` until a stop frame (then `tx` closes, so the stage
 /// reading it ends normally) or a failure (`on_fail` runs first).
 fn in_link<T: Send + 'static>(
-    g: Arc<Group>,
+    ranks: &Ranks,
+    device: Device,
     src: usize,
     tag: u32,
     tx: Sender<T>,
     decode: impl Fn(Frame) -> std::result::Result<T, String> + Send + 'static,
     on_fail: impl FnOnce(String) + Send + 'static,
 ) -> StageThread {
+    let g = ranks.world.clone();
     let me = g.rank();
+    let direct = ranks.direct(src, me, tag);
     spawn_link(format!("sid-link-{me}-from-{src}"), move || {
         let result = (|| loop {
-            let f = recv_frame(&g, src, tag)?;
+            let f = recv_frame(&g, src, tag, direct.as_deref().map(|ng| (ng, device)))?;
             if f.kind == STOP {
                 return Ok(());
             }
@@ -590,8 +657,7 @@ pub(crate) fn spawn_coordinator_links(
             ranks.rank()
         )));
     }
-    let world = ranks.world.clone();
-    let n = world.world();
+    let n = ranks.world.world();
     let bp = matches!(cfg.method, PipelineMethod::Bp(_));
     let cap = cfg.micro_batches.max(1) + 1;
     let device = cfg.devices[0];
@@ -610,20 +676,14 @@ pub(crate) fn spawn_coordinator_links(
     let (first, upstream) = crossbeam_channel::bounded::<Message>(cap);
     let downstream = (k > 1).then(|| {
         let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
-        threads.push(out_link(
-            world.clone(),
-            1,
-            DOWN,
-            rx,
-            message_frame,
-            failed_link(1),
-        ));
+        threads.push(out_link(ranks, 1, DOWN, rx, message_frame, failed_link(1)));
         tx
     });
     let grads_in = (bp && k > 1).then(|| {
         let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
         threads.push(in_link(
-            world.clone(),
+            ranks,
+            device,
             1,
             GRADS,
             tx,
@@ -654,7 +714,7 @@ pub(crate) fn spawn_coordinator_links(
         let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
         let dst = rank_of(r, 0, k);
         threads.push(out_link(
-            world.clone(),
+            ranks,
             dst,
             DOWN,
             rx,
@@ -665,7 +725,8 @@ pub(crate) fn spawn_coordinator_links(
     }
     for src in 1..n {
         threads.push(in_link(
-            world.clone(),
+            ranks,
+            device,
             src,
             REPORTS,
             report_tx.clone(),
@@ -693,7 +754,6 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         ));
     }
     let (replica, s) = (me / k, me % k);
-    let world = ranks.world.clone();
     let bp = matches!(cfg.method, PipelineMethod::Bp(_));
     let cap = cfg.micro_batches.max(1) + 1;
     let device = cfg.devices[0];
@@ -713,7 +773,8 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     let src = if s == 0 { 0 } else { me - 1 };
     let (up_tx, upstream) = crossbeam_channel::bounded::<Message>(cap);
     ins.push(in_link(
-        world.clone(),
+        ranks,
+        device,
         src,
         DOWN,
         up_tx,
@@ -722,19 +783,12 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     ));
     let downstream = (s + 1 < k).then(|| {
         let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
-        outs.push(out_link(
-            world.clone(),
-            me + 1,
-            DOWN,
-            rx,
-            message_frame,
-            on_fail(),
-        ));
+        outs.push(out_link(ranks, me + 1, DOWN, rx, message_frame, on_fail()));
         tx
     });
     let (report_tx, report_rx) = crossbeam_channel::unbounded::<Report>();
     outs.push(out_link(
-        world.clone(),
+        ranks,
         0,
         REPORTS,
         report_rx,
@@ -744,7 +798,8 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     let grads_in = (bp && s + 1 < k).then(|| {
         let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
         ins.push(in_link(
-            world.clone(),
+            ranks,
+            device,
             me + 1,
             GRADS,
             tx,
@@ -755,14 +810,7 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     });
     let grads_out = (bp && s > 0).then(|| {
         let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
-        outs.push(out_link(
-            world.clone(),
-            me - 1,
-            GRADS,
-            rx,
-            grad_frame,
-            on_fail(),
-        ));
+        outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, on_fail()));
         tx
     });
     drop(fail_tx);

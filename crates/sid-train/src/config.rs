@@ -386,8 +386,10 @@ impl RunConfig {
         if self.stages == 0 || micro == 0 || self.data_parallel == 0 {
             return bad("--stages, --micro-batches and --data-parallel must be at least 1".into());
         }
-        if self.batch_size % self.data_parallel as i64 != 0
-            || (self.batch_size / self.data_parallel as i64) % micro as i64 != 0
+        // (One replica: the micro-batch check below says it better.)
+        if self.data_parallel > 1
+            && (self.batch_size % self.data_parallel as i64 != 0
+                || (self.batch_size / self.data_parallel as i64) % micro as i64 != 0)
         {
             return bad(format!(
                 "--batch-size {} does not split into {} equal replica shards of {micro} equal micro-batches",

@@ -216,7 +216,12 @@ impl Rendezvous {
     /// Joins the process groups of a pipeline of `stages` stages × `replicas` replicas:
     /// every rank (Gloo), and the replicas of this rank's stage (NCCL for CUDA when built in,
     /// else Gloo).
-    pub fn groups(&self, stages: usize, replicas: usize) -> Result<sid_runtime::Ranks> {
+    pub fn groups(
+        &self,
+        stages: usize,
+        replicas: usize,
+        backprop: bool,
+    ) -> Result<sid_runtime::Ranks> {
         let world = self.world();
         if stages * replicas != world {
             return Err(TrainError::Config(format!(
@@ -297,13 +302,70 @@ impl Rendezvous {
         } else {
             None
         };
+        let mut places = Vec::with_capacity(world);
+        for r in 0..world {
+            let p = self.store.get(&place(r), self.timeout).map_err(dist)?;
+            places.push(String::from_utf8_lossy(&p).into_owned());
+        }
+        let direct = self.direct_links(stages, replicas, backprop, &places)?;
         Ok(sid_runtime::Ranks {
             world: Arc::new(world_group),
             replicas,
             replica_group,
             names,
             liveness: Some(self.heartbeat()),
+            direct,
         })
+    }
+
+    /// The links of this rank whose tensors can go GPU to GPU (both ends on CUDA, on
+    /// different GPUs, NCCL built in, `SID_LINKS` not `gloo`): a two-rank NCCL group each,
+    /// the sender its rank 0. Every rank walks the links in the same order.
+    fn direct_links(
+        &self,
+        stages: usize,
+        replicas: usize,
+        backprop: bool,
+        places: &[String],
+    ) -> Result<std::collections::BTreeMap<(usize, usize, u32), Arc<Group>>> {
+        use sid_runtime::ranks::{rank_of, DOWN, GRADS};
+        let mut out = std::collections::BTreeMap::new();
+        let wanted = std::env::var("SID_LINKS").map_or(true, |v| v != "gloo");
+        if !(wanted && self.device.is_cuda() && sid_dist::available().1) {
+            return Ok(out);
+        }
+        let mut links = Vec::new();
+        for r in 0..replicas {
+            if r > 0 {
+                links.push((0, rank_of(r, 0, stages), DOWN));
+            }
+            for s in 0..stages.saturating_sub(1) {
+                let (a, b) = (rank_of(r, s, stages), rank_of(r, s + 1, stages));
+                links.push((a, b, DOWN));
+                if backprop {
+                    links.push((b, a, GRADS));
+                }
+            }
+        }
+        let cuda = |r: usize| places[r].starts_with("cuda");
+        let me = self.rank();
+        for (from, to, tag) in links {
+            if (from != me && to != me) || !cuda(from) || !cuda(to) || places[from] == places[to] {
+                continue;
+            }
+            let g = Group::new(
+                &self.store,
+                &format!("sid/link-{from}-{to}-{tag}"),
+                usize::from(me == to),
+                2,
+                Backend::Nccl,
+                "",
+                self.timeout,
+            )
+            .map_err(dist)?;
+            out.insert((from, to, tag), Arc::new(g));
+        }
+        Ok(out)
     }
 
     /// Rank 0 beats (a counter in the store, every second, while this process lives); the
@@ -362,7 +424,11 @@ pub fn serve(rdv: &Rendezvous, own: &RunConfig) -> Result<()> {
         TrainError::Config("rank 0 published a config without its stage cut".into())
     })?;
     let plan = sid_core::StagePlan::parse(spec, &model)?;
-    let ranks = rdv.groups(plan.len(), cfg.data_parallel)?;
+    let ranks = rdv.groups(
+        plan.len(),
+        cfg.data_parallel,
+        cfg.method == sid_core::Method::Bp,
+    )?;
     tch::manual_seed(cfg.seed as i64);
     let mut sc = crate::trainer::staged_config(&cfg, vec![rdv.device()], plan);
     if sc.threads_per_stage.is_none() {

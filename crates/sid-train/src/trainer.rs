@@ -236,7 +236,7 @@ pub fn build_network_on(
             let mut shared = cfg.clone();
             shared.placement = Some(plan.to_spec());
             rdv.publish_config(&shared)?;
-            let ranks = rdv.groups(plan.len(), cfg.data_parallel)?;
+            let ranks = rdv.groups(plan.len(), cfg.data_parallel, cfg.method == Method::Bp)?;
             if sc.threads_per_stage.is_none() {
                 sc.threads_per_stage = Some(rdv.cpu_threads());
             }
