@@ -9,6 +9,7 @@
 //! - [`staged`]: the staged pipeline's coordinator;
 //! - [`schedule`]: what a stage does with each message, written once;
 //! - [`transport`]: how messages move between stages (one thread, or a thread per stage);
+//! - [`ranks`] and [`links`]: stages and replicas in other processes, over c10d;
 //! - [`coordinator`]: the paper-mode step schedule, broadcasts, gradient sum, the extractor;
 //! - [`worker`]: the per-device thread and its messages;
 //! - [`placement`]: which modules each worker owns;
@@ -22,9 +23,11 @@ pub mod coordinator;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+pub mod links;
 pub mod placement;
 pub mod ranks;
 pub mod schedule;
+mod setup;
 pub mod staged;
 pub mod streams;
 pub mod transport;
@@ -34,8 +37,10 @@ pub use coordinator::{Pipeline, PipelineConfig, StepTiming};
 pub use error::{Result, RuntimeError};
 #[cfg(feature = "fault-injection")]
 pub use fault::{Fault, FaultKind};
+pub use links::serve;
 pub use placement::Placement;
-pub use ranks::{serve, Ranks};
+pub use ranks::Ranks;
 pub use schedule::BpSchedule;
-pub use staged::{PipelineMethod, StageTime, StagedConfig, StagedPipeline};
+pub use setup::{PipelineMethod, StagedConfig};
+pub use staged::{StageTime, StagedPipeline};
 pub use transport::Transport;

@@ -9,100 +9,24 @@
 //! or saving).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::panic::AssertUnwindSafe;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
-use sid_core::bp_stage::build_bp_stages;
-use sid_core::stage::build_stages;
 use sid_core::{
-    Cascade, EarlyExit, ExitTracker, LossConfig, Method, ModelConfig, NamedTensors, Network,
-    StagePlan, StageSpec, StepStats,
+    Cascade, EarlyExit, ExitTracker, Method, NamedTensors, Network, StagePlan, StageSpec, StepStats,
 };
 use tch::{Device, Tensor};
 
-#[cfg(feature = "fault-injection")]
-use crate::fault::Fault;
-use crate::ranks::Ranks;
-use crate::schedule::{drive, BpSchedule, Failure, StageRunner, Work};
+use crate::schedule::{drive, StageRunner, Work};
+use crate::setup::{
+    build_runners, cpu_threads_per_stage, spawn_stage, PipelineMethod, StageThread, StagedConfig,
+};
 use crate::streams;
 use crate::transport::{ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
 use crate::worker::device_name;
 use crate::{Result, RuntimeError};
 
-/// How to build a [`StagedPipeline`].
-#[derive(Debug, Clone)]
-pub struct StagedConfig {
-    /// Network shape.
-    pub model: ModelConfig,
-    /// Local loss settings.
-    pub loss: LossConfig,
-    /// Adam learning rate.
-    pub lr: f64,
-    /// One device (the stages run one after another in the caller's thread) or one per stage
-    /// (a thread each; a device may be named several times).
-    pub devices: Vec<Device>,
-    /// Which blocks and modules each stage owns.
-    pub plan: StagePlan,
-    /// Micro-batches per step: each stage accumulates their gradients and steps once.
-    pub micro_batches: usize,
-    /// Longest wait for a stage before the step fails.
-    pub timeout: Duration,
-    /// Intra-op threads per CPU stage thread; `None` = the machine's cores split among them.
-    pub threads_per_stage: Option<i32>,
-    /// Give each GPU stage its own CUDA stream from libtorch's pool.
-    pub streams: bool,
-    /// A fault to inject (tests): `worker` is the 0-based stage.
-    #[cfg(feature = "fault-injection")]
-    pub fault: Option<Fault>,
-    /// What the stages train: staged SID, or the BP baseline cut at the same blocks.
-    pub method: PipelineMethod,
-    /// Stages (and data-parallel replicas) in other processes, linked by c10d: this process
-    /// is rank 0 and runs stage 1 of replica 1 itself; `devices` then names its device only.
-    pub ranks: Option<Ranks>,
-}
-
-/// What a pipeline trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PipelineMethod {
-    /// Staged SID: no gradient crosses a stage boundary, no flush between steps.
-    Sid,
-    /// The BP baseline cut at the same blocks (its modules on the last stage), pipelined with
-    /// this schedule; every step flushes.
-    Bp(BpSchedule),
-}
-
-impl StagedConfig {
-    /// Defaults for everything but the model, the devices and the plan: reference loss,
-    /// lr 1e-3, one micro-batch, 300 s timeout, streams on.
-    pub fn new(model: ModelConfig, devices: Vec<Device>, plan: StagePlan) -> Self {
-        Self {
-            model,
-            loss: LossConfig::default(),
-            lr: 1e-3,
-            devices,
-            plan,
-            micro_batches: 1,
-            timeout: Duration::from_secs(300),
-            threads_per_stage: None,
-            streams: true,
-            #[cfg(feature = "fault-injection")]
-            fault: None,
-            method: PipelineMethod::Sid,
-            ranks: None,
-        }
-    }
-}
-
-/// A thread of the pipeline (a stage, or a link to another process) and the way to learn
-/// that it has ended: `Some(cause)` when it failed.
-pub(crate) struct StageThread {
-    pub(crate) thread: Option<JoinHandle<()>>,
-    pub(crate) exited: Receiver<Option<String>>,
-}
-
-pub(crate) enum Engine {
+enum Engine {
     /// Every stage in the caller's thread, one after another.
     Local {
         runners: Vec<StageRunner>,
@@ -198,7 +122,12 @@ impl StagedPipeline {
         let engine = if let Some(ranks) = &cfg.ranks {
             replicas = ranks.replicas;
             names = ranks.names.clone();
-            crate::ranks::spawn_coordinator_links(&cfg, ranks, runners)?
+            let l = crate::links::spawn_coordinator_links(&cfg, ranks, runners)?;
+            Engine::Threads {
+                firsts: l.firsts,
+                reports: l.reports,
+                threads: l.threads,
+            }
         } else if d == 1 && cfg.method == PipelineMethod::Sid {
             let mut runners = runners;
             for r in &mut runners {
@@ -232,35 +161,6 @@ impl StagedPipeline {
             busy: vec![StageTime::default(); k],
         })
     }
-}
-
-/// Every stage's runner (weights drawn on the CPU in the fixed order of every network here,
-/// whichever stages this process keeps).
-pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
-    let k = cfg.plan.len();
-    let specs = cfg.plan.stages();
-    let work: Vec<Work> = match cfg.method {
-        PipelineMethod::Sid => build_stages(&cfg.model, cfg.loss, cfg.lr, &cfg.plan)?
-            .into_iter()
-            .map(Work::Sid)
-            .collect(),
-        PipelineMethod::Bp(schedule) => {
-            let blocks: Vec<_> = specs.iter().map(|s| s.blocks.clone()).collect();
-            build_bp_stages(&cfg.model, cfg.lr, &blocks)?
-                .into_iter()
-                .map(|s| Work::Bp(s, schedule, k))
-                .collect()
-        }
-    };
-    Ok(work
-        .into_iter()
-        .map(|w| {
-            let runner = StageRunner::new(w).with_timeout(cfg.timeout);
-            #[cfg(feature = "fault-injection")]
-            let runner = runner.with_fault(cfg.fault);
-            runner
-        })
-        .collect())
 }
 
 impl StagedPipeline {
@@ -720,74 +620,6 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
         firsts: vec![first],
         reports,
         threads,
-    }
-}
-
-/// Intra-op threads for each CPU stage of this process: `threads_per_stage`, or the cores
-/// shared among them.
-pub(crate) fn cpu_threads_per_stage(cfg: &StagedConfig, cpu_stages: usize) -> i32 {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    cfg.threads_per_stage
-        .unwrap_or_else(|| (cores / cpu_stages.max(1)).max(1) as i32)
-}
-
-/// Starts the thread that runs one stage over `transport` until its input closes. A failure
-/// (error or panic) is reported to the coordinator through the transport's report channel
-/// and returned through [`StageThread::exited`].
-pub(crate) fn spawn_stage(
-    mut runner: StageRunner,
-    mut transport: ChannelTransport,
-    threads_here: Option<i32>,
-    own_stream: bool,
-    timeout: Duration,
-) -> StageThread {
-    let s = transport.stage;
-    let device = transport.device;
-    let fail_tx = transport.reports.clone();
-    let (exit_tx, exited) = crossbeam_channel::bounded::<Option<String>>(1);
-    let thread = std::thread::Builder::new()
-        .name(format!("sid-stage-{}", s + 1))
-        .spawn(move || {
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                if let Some(n) = threads_here {
-                    // A thread's first parallel op copies the process-wide count, which
-                    // other stages overwrite: read it first, then set this thread's own.
-                    let _ = tch::get_num_threads();
-                    tch::set_num_threads(n);
-                }
-                if let (Device::Cuda(i), true) = (device, own_stream) {
-                    streams::use_pool_stream(i).map_err(|e| Failure::from_cause(e.to_string()))?;
-                }
-                runner.work_mut().to_device(device);
-                streams::sync_device(device).map_err(|e| Failure::from_cause(e.to_string()))?;
-                drive(&mut runner, &mut transport, timeout, false)
-            }));
-            let failure = match outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(f)) => Some(f),
-                Err(panic) => Some(Failure::from_cause(crate::worker::panic_cause(
-                    panic.as_ref(),
-                ))),
-            };
-            let cause = failure.as_ref().map(|f| f.cause.clone());
-            if let Some(f) = failure {
-                let _ = fail_tx.send(Report::Failed {
-                    stage: s,
-                    module: f.module,
-                    cause: f.cause,
-                });
-            }
-            // Dropping the transport closes the link to the next stage, which then stops.
-            drop(transport);
-            drop(fail_tx);
-            let _ = exit_tx.send(cause);
-        })
-        .expect("spawning a stage thread");
-    StageThread {
-        thread: Some(thread),
-        exited,
     }
 }
 

@@ -1,0 +1,832 @@
+//! Stages in other processes: the transport between ranks.
+//!
+//! Nothing here schedules anything. Each process runs its stage with the same
+//! [`ChannelTransport`] and [`crate::schedule`] as a stage thread; *links* — one thread per
+//! direction and peer — move what enters and leaves those channels to and from other ranks
+//! ([`crate::ranks`] says which rank holds what):
+//! - messages down the chain (tag [`DOWN`]): rank n → rank n+1, and the coordinator (rank 0)
+//!   → stage 1 of every other replica;
+//! - reports to the coordinator (tag [`REPORTS`]): every rank → rank 0;
+//! - gradients up the chain (tag [`GRADS`], backprop pipelines only): rank n+1 → rank n.
+//!
+//! Each item travels as a frame: an int64 header naming what it is and the shapes of up to
+//! four tensors, then those tensors, contiguous on the CPU (Gloo carries CPU tensors) — or,
+//! between two GPUs when NCCL is built in, the header over Gloo and the tensors GPU to GPU over
+//! a two-rank NCCL group of the link's own (one group per link and direction, so that each
+//! communicator sees its operations in one order on both sides; built, not yet run: no session
+//! has had two GPUs). A link that ends normally sends a stop frame; one that breaks (the peer
+//! died) is reported naming the ranks and the operation, and stops the run.
+
+use std::io::Cursor;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use sid_dist::Group;
+use tch::{Device, Kind as TKind, Tensor};
+
+use crate::ranks::{rank_of, replica_reducer, Ranks, DOWN, GRADS, REPORTS};
+use crate::schedule::StageRunner;
+use crate::setup::{
+    build_runners, cpu_threads_per_stage, spawn_stage, PipelineMethod, StageThread, StagedConfig,
+};
+use crate::transport::{ChannelTransport, Kind, Message, Report, Tag};
+use crate::{Result, RuntimeError};
+
+/// A link's wait for its peer: links wait as long as the run lasts (a stage may idle while
+/// the coordinator evaluates); a dead peer ends the wait at once, a hung one is caught by the
+/// step timeout of whoever waits for its results.
+const LINK_WAIT: Duration = Duration::from_secs(30 * 24 * 3600);
+
+// ---------------------------------------------------------------------------------------------
+// Frames
+
+const HEADER: usize = 48;
+const MAX_TENSORS: usize = 4;
+const MAX_DIMS: usize = 7;
+const FIXED: usize = 10;
+
+/// Added to a tensor's kind code in the header: the tensor follows over the link's NCCL group.
+const DIRECT: i64 = 1000;
+
+const STOP: i64 = 0;
+const TRAIN: i64 = 1;
+const EVAL: i64 = 2;
+const STATE: i64 = 3;
+const LOAD: i64 = 4;
+const LOSSES: i64 = 11;
+const LOGITS: i64 = 12;
+const STATE_REPORT: i64 = 13;
+const LOADED: i64 = 14;
+const FAILED: i64 = 15;
+const GRAD: i64 = 21;
+
+/// One item on a link, flattened: numbers in the header, then tensors.
+#[derive(Default)]
+struct Frame {
+    kind: i64,
+    step: u64,
+    micro: usize,
+    count: usize,
+    scale: f64,
+    stage: usize,
+    aux: i64,
+    busy: Duration,
+    forward: Duration,
+    tensors: Vec<Tensor>,
+}
+
+fn kind_code(k: TKind) -> std::result::Result<i64, String> {
+    Ok(match k {
+        TKind::Uint8 => 0,
+        TKind::Int8 => 1,
+        TKind::Int => 3,
+        TKind::Int64 => 4,
+        TKind::Half => 5,
+        TKind::Float => 6,
+        TKind::Double => 7,
+        TKind::Bool => 11,
+        TKind::BFloat16 => 15,
+        other => return Err(format!("cannot send tensors of kind {other:?}")),
+    })
+}
+
+fn code_kind(c: i64) -> std::result::Result<TKind, String> {
+    Ok(match c {
+        0 => TKind::Uint8,
+        1 => TKind::Int8,
+        3 => TKind::Int,
+        4 => TKind::Int64,
+        5 => TKind::Half,
+        6 => TKind::Float,
+        7 => TKind::Double,
+        11 => TKind::Bool,
+        15 => TKind::BFloat16,
+        other => return Err(format!("a frame names an unknown tensor kind {other}")),
+    })
+}
+
+/// Sends a frame: the header over `g`, then each tensor over `g` from host memory, or — CUDA
+/// tensors on a link with a `direct` group — GPU to GPU over that group.
+fn send_frame(
+    g: &Group,
+    dst: usize,
+    tag: u32,
+    f: Frame,
+    direct: Option<&Group>,
+) -> std::result::Result<(), String> {
+    if f.tensors.len() > MAX_TENSORS {
+        return Err(format!("a frame holds at most {MAX_TENSORS} tensors"));
+    }
+    let mut h = [0i64; HEADER];
+    h[0] = f.kind;
+    h[1] = f.step as i64;
+    h[2] = f.micro as i64;
+    h[3] = f.count as i64;
+    h[4] = f.scale.to_bits() as i64;
+    h[5] = f.stage as i64;
+    h[6] = f.aux;
+    h[7] = f.busy.as_nanos() as i64;
+    h[8] = f.forward.as_nanos() as i64;
+    h[9] = f.tensors.len() as i64;
+    let mut payload = Vec::with_capacity(f.tensors.len());
+    for (i, t) in f.tensors.iter().enumerate() {
+        let size = t.size();
+        if size.len() > MAX_DIMS {
+            return Err(format!("cannot send a tensor of {} dimensions", size.len()));
+        }
+        let at = FIXED + i * (2 + MAX_DIMS);
+        let gpu = direct.is_some() && t.device().is_cuda();
+        h[at] = kind_code(t.kind())? + if gpu { DIRECT } else { 0 };
+        h[at + 1] = size.len() as i64;
+        h[at + 2..at + 2 + size.len()].copy_from_slice(&size);
+        payload.push(if gpu {
+            t.contiguous()
+        } else {
+            t.to_device(Device::Cpu).contiguous()
+        });
+    }
+    let header = Tensor::from_slice(&h);
+    g.send(&header, dst, tag, LINK_WAIT)
+        .map_err(|e| e.to_string())?;
+    for t in payload.iter().filter(|t| t.numel() > 0) {
+        match (direct, t.device()) {
+            (Some(ng), Device::Cuda(i)) => {
+                ng.send(t, 1, 0, LINK_WAIT).map_err(|e| e.to_string())?;
+                // NCCL's wait only orders this thread's stream after the transfer.
+                crate::streams::synchronize_current(i).map_err(|e| e.to_string())?;
+            }
+            _ => g.send(t, dst, tag, LINK_WAIT).map_err(|e| e.to_string())?,
+        }
+    }
+    Ok(())
+}
+
+/// Receives a frame sent by [`send_frame`]; direct tensors land on `direct`'s device.
+fn recv_frame(
+    g: &Group,
+    src: usize,
+    tag: u32,
+    direct: Option<(&Group, Device)>,
+) -> std::result::Result<Frame, String> {
+    let mut header = Tensor::zeros([HEADER as i64], (TKind::Int64, Device::Cpu));
+    g.recv(&mut header, src, tag, LINK_WAIT)
+        .map_err(|e| e.to_string())?;
+    let h = Vec::<i64>::try_from(&header).map_err(|e| e.to_string())?;
+    let n = h[9] as usize;
+    if n > MAX_TENSORS {
+        return Err(format!("a frame from rank {src} claims {n} tensors"));
+    }
+    let mut tensors = Vec::with_capacity(n);
+    for i in 0..n {
+        let at = FIXED + i * (2 + MAX_DIMS);
+        let gpu = h[at] >= DIRECT;
+        let kind = code_kind(h[at] % DIRECT)?;
+        let dims = h[at + 1] as usize;
+        if dims > MAX_DIMS {
+            return Err(format!("a frame from rank {src} claims {dims} dimensions"));
+        }
+        let size = &h[at + 2..at + 2 + dims];
+        let t = match (gpu, direct) {
+            (true, Some((ng, device @ Device::Cuda(d)))) => {
+                let mut t = Tensor::empty(size, (kind, device));
+                if t.numel() > 0 {
+                    ng.recv(&mut t, 0, 0, LINK_WAIT)
+                        .map_err(|e| e.to_string())?;
+                    crate::streams::synchronize_current(d).map_err(|e| e.to_string())?;
+                }
+                t
+            }
+            (true, _) => {
+                return Err(format!(
+                    "rank {src} sent a GPU tensor directly, but this link has no NCCL group"
+                ))
+            }
+            (false, _) => {
+                let mut t = Tensor::empty(size, (kind, Device::Cpu));
+                if t.numel() > 0 {
+                    g.recv(&mut t, src, tag, LINK_WAIT)
+                        .map_err(|e| e.to_string())?;
+                }
+                t
+            }
+        };
+        tensors.push(t);
+    }
+    Ok(Frame {
+        kind: h[0],
+        step: h[1] as u64,
+        micro: h[2] as usize,
+        count: h[3] as usize,
+        scale: f64::from_bits(h[4] as u64),
+        stage: h[5] as usize,
+        aux: h[6],
+        busy: Duration::from_nanos(h[7].max(0) as u64),
+        forward: Duration::from_nanos(h[8].max(0) as u64),
+        tensors,
+    })
+}
+
+fn bytes(b: &[u8]) -> Tensor {
+    Tensor::from_slice(b)
+}
+
+fn named_to_bytes(named: &[(String, Tensor)]) -> std::result::Result<Tensor, String> {
+    let mut buf = Vec::new();
+    let cpu: Vec<(String, Tensor)> = named
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu)))
+        .collect();
+    Tensor::save_multi_to_stream(&cpu, &mut buf).map_err(|e| e.to_string())?;
+    Ok(bytes(&buf))
+}
+
+fn bytes_to_named(t: &Tensor) -> std::result::Result<Vec<(String, Tensor)>, String> {
+    let b = Vec::<u8>::try_from(t).map_err(|e| e.to_string())?;
+    Tensor::load_multi_from_stream(Cursor::new(b)).map_err(|e| e.to_string())
+}
+
+fn take(tensors: &mut Vec<Tensor>, what: &str) -> std::result::Result<Tensor, String> {
+    if tensors.is_empty() {
+        return Err(format!("a {what} frame is missing a tensor"));
+    }
+    Ok(tensors.remove(0))
+}
+
+fn message_frame(m: Message) -> std::result::Result<Frame, String> {
+    Ok(match m {
+        Message::Train {
+            tag,
+            micro_batches,
+            input,
+            p,
+            labels,
+            scale,
+        } => Frame {
+            kind: TRAIN,
+            step: tag.step,
+            micro: tag.micro,
+            count: micro_batches,
+            scale,
+            tensors: vec![input, p, labels],
+            ..Frame::default()
+        },
+        Message::Eval { tag, input, p } => Frame {
+            kind: EVAL,
+            step: tag.step,
+            tensors: vec![input, p],
+            ..Frame::default()
+        },
+        Message::State { tag } => Frame {
+            kind: STATE,
+            step: tag.step,
+            ..Frame::default()
+        },
+        Message::Load { tag, named } => Frame {
+            kind: LOAD,
+            step: tag.step,
+            tensors: vec![named_to_bytes(&named)?],
+            ..Frame::default()
+        },
+    })
+}
+
+fn frame_message(mut f: Frame) -> std::result::Result<Message, String> {
+    let tag = |kind| Tag {
+        step: f.step,
+        micro: f.micro,
+        kind,
+    };
+    Ok(match f.kind {
+        TRAIN => {
+            let t = tag(Kind::Train);
+            let input = take(&mut f.tensors, "training")?;
+            let p = take(&mut f.tensors, "training")?;
+            let labels = take(&mut f.tensors, "training")?;
+            Message::Train {
+                tag: t,
+                micro_batches: f.count,
+                input,
+                p,
+                labels,
+                scale: f.scale,
+            }
+        }
+        EVAL => {
+            let t = tag(Kind::Eval);
+            let input = take(&mut f.tensors, "inference")?;
+            let p = take(&mut f.tensors, "inference")?;
+            Message::Eval { tag: t, input, p }
+        }
+        STATE => Message::State {
+            tag: tag(Kind::State),
+        },
+        LOAD => {
+            let t = tag(Kind::Load);
+            let named = bytes_to_named(&take(&mut f.tensors, "checkpoint")?)?;
+            Message::Load { tag: t, named }
+        }
+        other => return Err(format!("a message frame of unknown kind {other}")),
+    })
+}
+
+fn report_frame(r: Report) -> std::result::Result<Frame, String> {
+    Ok(match r {
+        Report::Losses {
+            stage,
+            step,
+            losses,
+            busy,
+            forward,
+        } => Frame {
+            kind: LOSSES,
+            stage,
+            step,
+            busy,
+            forward,
+            tensors: vec![Tensor::from_slice(&losses)],
+            ..Frame::default()
+        },
+        Report::Logits {
+            stage,
+            step,
+            logits,
+        } => Frame {
+            kind: LOGITS,
+            stage,
+            step,
+            count: logits.len(),
+            tensors: if logits.is_empty() {
+                Vec::new()
+            } else {
+                vec![Tensor::stack(&logits, 0)]
+            },
+            ..Frame::default()
+        },
+        Report::State { stage, state } => Frame {
+            kind: STATE_REPORT,
+            stage,
+            tensors: vec![named_to_bytes(&state)?],
+            ..Frame::default()
+        },
+        Report::Loaded { stage } => Frame {
+            kind: LOADED,
+            stage,
+            ..Frame::default()
+        },
+        Report::Failed {
+            stage,
+            module,
+            cause,
+        } => Frame {
+            kind: FAILED,
+            stage,
+            aux: module.map_or(0, |m| m as i64),
+            tensors: vec![bytes(cause.as_bytes())],
+            ..Frame::default()
+        },
+    })
+}
+
+/// A report from rank `slot`; its stage becomes that slot (the coordinator's numbering).
+fn frame_report(mut f: Frame, slot: usize) -> std::result::Result<Report, String> {
+    Ok(match f.kind {
+        LOSSES => Report::Losses {
+            stage: slot,
+            step: f.step,
+            losses: Vec::<f64>::try_from(&take(&mut f.tensors, "losses")?)
+                .map_err(|e| e.to_string())?,
+            busy: f.busy,
+            forward: f.forward,
+        },
+        LOGITS => Report::Logits {
+            stage: slot,
+            step: f.step,
+            logits: if f.count == 0 {
+                Vec::new()
+            } else {
+                take(&mut f.tensors, "logits")?.unbind(0)
+            },
+        },
+        STATE_REPORT => Report::State {
+            stage: slot,
+            state: bytes_to_named(&take(&mut f.tensors, "state")?)?,
+        },
+        LOADED => Report::Loaded { stage: slot },
+        FAILED => Report::Failed {
+            stage: slot,
+            module: (f.aux > 0).then_some(f.aux as usize),
+            cause: String::from_utf8_lossy(
+                &Vec::<u8>::try_from(&take(&mut f.tensors, "failure")?).unwrap_or_default(),
+            )
+            .into_owned(),
+        },
+        other => return Err(format!("a report frame of unknown kind {other}")),
+    })
+}
+
+fn grad_frame((tag, g): (Tag, Tensor)) -> std::result::Result<Frame, String> {
+    Ok(Frame {
+        kind: GRAD,
+        step: tag.step,
+        micro: tag.micro,
+        tensors: vec![g],
+        ..Frame::default()
+    })
+}
+
+fn frame_grad(mut f: Frame) -> std::result::Result<(Tag, Tensor), String> {
+    if f.kind != GRAD {
+        return Err(format!("a gradient frame of unknown kind {}", f.kind));
+    }
+    let tag = Tag {
+        step: f.step,
+        micro: f.micro,
+        kind: Kind::Train,
+    };
+    Ok((tag, take(&mut f.tensors, "gradient")?))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Links
+
+/// A thread that runs `body`; a failure is returned through [`StageThread::exited`].
+fn spawn_link(
+    name: String,
+    body: impl FnOnce() -> std::result::Result<(), String> + Send + 'static,
+) -> StageThread {
+    let (exit_tx, exited) = crossbeam_channel::bounded(1);
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let _ = exit_tx.send(body().err());
+        })
+        .expect("spawning a link thread");
+    StageThread {
+        thread: Some(thread),
+        exited,
+    }
+}
+
+/// Sends what arrives on `rx` to rank `dst` until `rx` closes, then a stop frame. On failure
+/// the channel is dropped (so the stage sending into it stops) after `on_fail` has run.
+fn out_link<T: Send + 'static>(
+    ranks: &Ranks,
+    dst: usize,
+    tag: u32,
+    rx: Receiver<T>,
+    encode: fn(T) -> std::result::Result<Frame, String>,
+    on_fail: impl FnOnce(String) + Send + 'static,
+) -> StageThread {
+    let g = ranks.world.clone();
+    let me = g.rank();
+    let direct = ranks.direct(me, dst, tag);
+    spawn_link(format!("sid-link-{me}-to-{dst}"), move || {
+        let result = (|| {
+            while let Ok(item) = rx.recv() {
+                send_frame(&g, dst, tag, encode(item)?, direct.as_deref())?;
+            }
+            send_frame(&g, dst, tag, Frame::default(), None)
+        })();
+        if let Err(e) = &result {
+            on_fail(format!("the link from rank {me} to rank {dst} failed: {e}"));
+        }
+        drop(rx);
+        result
+    })
+}
+
+/// Receives from rank `src` into `tx` until a stop frame (then `tx` closes, so the stage
+/// reading it ends normally) or a failure (`on_fail` runs first).
+fn in_link<T: Send + 'static>(
+    ranks: &Ranks,
+    device: Device,
+    src: usize,
+    tag: u32,
+    tx: Sender<T>,
+    decode: impl Fn(Frame) -> std::result::Result<T, String> + Send + 'static,
+    on_fail: impl FnOnce(String) + Send + 'static,
+) -> StageThread {
+    let g = ranks.world.clone();
+    let me = g.rank();
+    let direct = ranks.direct(src, me, tag);
+    spawn_link(format!("sid-link-{me}-from-{src}"), move || {
+        let result = (|| loop {
+            let f = recv_frame(&g, src, tag, direct.as_deref().map(|ng| (ng, device)))?;
+            if f.kind == STOP {
+                return Ok(());
+            }
+            if tx.send(decode(f)?).is_err() {
+                // The stage has stopped; its own failure says why.
+                return Ok(());
+            }
+        })();
+        if let Err(e) = &result {
+            on_fail(format!("rank {me} lost rank {src}: {e}"));
+        }
+        drop(tx);
+        result
+    })
+}
+
+/// Rank 0: runs stage 1 of replica 1 in a thread as the coordinator's first stage and links
+/// the coordinator to the other ranks: inputs to every replica, reports from every rank.
+/// What rank 0's coordinator gets from [`spawn_coordinator_links`]: stage 1's input of each
+/// replica, every rank's reports, and the threads to wait for when it closes.
+pub(crate) struct Linked {
+    pub(crate) firsts: Vec<Sender<Message>>,
+    pub(crate) reports: Receiver<Report>,
+    pub(crate) threads: Vec<StageThread>,
+}
+
+pub(crate) fn spawn_coordinator_links(
+    cfg: &StagedConfig,
+    ranks: &Ranks,
+    runners: Vec<StageRunner>,
+) -> Result<Linked> {
+    let k = runners.len();
+    ranks.check(k)?;
+    if ranks.rank() != 0 {
+        return Err(RuntimeError::Config(format!(
+            "rank {} runs a stage (serve), not the coordinator",
+            ranks.rank()
+        )));
+    }
+    let n = ranks.world.world();
+    let bp = matches!(cfg.method, PipelineMethod::Bp(_));
+    let cap = cfg.micro_batches.max(1) + 1;
+    let device = cfg.devices[0];
+    let (report_tx, reports) = crossbeam_channel::unbounded::<Report>();
+    let mut threads = Vec::new();
+    let failed_link = |slot: usize| {
+        let tx = report_tx.clone();
+        move |cause: String| {
+            let _ = tx.send(Report::Failed {
+                stage: slot,
+                module: None,
+                cause,
+            });
+        }
+    };
+    let (first, upstream) = crossbeam_channel::bounded::<Message>(cap);
+    let downstream = (k > 1).then(|| {
+        let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
+        threads.push(out_link(ranks, 1, DOWN, rx, message_frame, failed_link(1)));
+        tx
+    });
+    let grads_in = (bp && k > 1).then(|| {
+        let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
+        threads.push(in_link(
+            ranks,
+            device,
+            1,
+            GRADS,
+            tx,
+            frame_grad,
+            failed_link(1),
+        ));
+        rx
+    });
+    let runner = runners.into_iter().next().expect("at least one stage");
+    let transport = ChannelTransport {
+        stage: 0,
+        device,
+        upstream,
+        downstream,
+        reports: report_tx.clone(),
+        timeout: cfg.timeout,
+        grads_in,
+        grads_out: None,
+        replicas: replica_reducer(ranks),
+    };
+    let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
+    threads.insert(
+        0,
+        spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout),
+    );
+    let mut firsts = vec![first];
+    for r in 1..ranks.replicas {
+        let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
+        let dst = rank_of(r, 0, k);
+        threads.push(out_link(
+            ranks,
+            dst,
+            DOWN,
+            rx,
+            message_frame,
+            failed_link(dst),
+        ));
+        firsts.push(tx);
+    }
+    for src in 1..n {
+        threads.push(in_link(
+            ranks,
+            device,
+            src,
+            REPORTS,
+            report_tx.clone(),
+            move |f| frame_report(f, src),
+            failed_link(src),
+        ));
+    }
+    Ok(Linked {
+        firsts,
+        reports,
+        threads,
+    })
+}
+
+/// Every rank but 0: builds the pipeline's stages as rank 0 does, keeps its own (replica
+/// r's stage s for rank r·K + s) and runs it until the coordinator closes the chain. Returns
+/// an error naming the rank and the operation when a link breaks or the stage fails.
+pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
+    let k = cfg.plan.len();
+    ranks.check(k)?;
+    let me = ranks.rank();
+    if me == 0 {
+        return Err(RuntimeError::Config(
+            "rank 0 is the coordinator; it does not serve a stage".into(),
+        ));
+    }
+    let (replica, s) = (me / k, me % k);
+    let bp = matches!(cfg.method, PipelineMethod::Bp(_));
+    let cap = cfg.micro_batches.max(1) + 1;
+    let device = cfg.devices[0];
+    let runner = build_runners(cfg)?
+        .into_iter()
+        .nth(s)
+        .expect("one runner per stage");
+    let (fail_tx, fail_rx) = crossbeam_channel::unbounded::<String>();
+    let on_fail = || {
+        let tx = fail_tx.clone();
+        move |cause: String| {
+            let _ = tx.send(cause);
+        }
+    };
+    let mut outs = Vec::new();
+    let mut ins = Vec::new();
+    let src = if s == 0 { 0 } else { me - 1 };
+    let (up_tx, upstream) = crossbeam_channel::bounded::<Message>(cap);
+    ins.push(in_link(
+        ranks,
+        device,
+        src,
+        DOWN,
+        up_tx,
+        frame_message,
+        on_fail(),
+    ));
+    let downstream = (s + 1 < k).then(|| {
+        let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
+        outs.push(out_link(ranks, me + 1, DOWN, rx, message_frame, on_fail()));
+        tx
+    });
+    let (report_tx, report_rx) = crossbeam_channel::unbounded::<Report>();
+    outs.push(out_link(
+        ranks,
+        0,
+        REPORTS,
+        report_rx,
+        report_frame,
+        on_fail(),
+    ));
+    let grads_in = (bp && s + 1 < k).then(|| {
+        let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
+        ins.push(in_link(
+            ranks,
+            device,
+            me + 1,
+            GRADS,
+            tx,
+            frame_grad,
+            on_fail(),
+        ));
+        rx
+    });
+    let grads_out = (bp && s > 0).then(|| {
+        let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
+        outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, on_fail()));
+        tx
+    });
+    drop(fail_tx);
+    let transport = ChannelTransport {
+        stage: s,
+        device,
+        upstream,
+        downstream,
+        reports: report_tx,
+        timeout: cfg.timeout,
+        grads_in,
+        grads_out,
+        replicas: replica_reducer(ranks),
+    };
+    let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
+    let stage = spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout);
+    tracing::info!(rank = me, replica, stage = s + 1, "serving");
+    // Whichever ends first: the stage (normally, when the coordinator closes the chain), a
+    // link (a peer died), or rank 0 (gone while this rank's links wait on channels): stop
+    // now, even if the stage is stuck.
+    let cause = loop {
+        crossbeam_channel::select! {
+            recv(stage.exited) -> cause => break cause.unwrap_or(None),
+            recv(fail_rx) -> link => match link {
+                Ok(e) => return Err(RuntimeError::Link(e)),
+                // Every link ended cleanly; the stage follows.
+                Err(_) => break stage.exited.recv().unwrap_or(None),
+            },
+            default(Duration::from_secs(1)) => {
+                if let Some(alive) = &ranks.liveness {
+                    alive().map_err(|e| RuntimeError::Link(format!("rank {me}: {e}")))?;
+                }
+            }
+        }
+    };
+    if let Some(cause) = cause {
+        return Err(RuntimeError::Stage {
+            stage: s + 1,
+            device: ranks
+                .names
+                .get(me)
+                .cloned()
+                .unwrap_or_else(|| format!("rank {me}")),
+            module: None,
+            cause,
+        });
+    }
+    // The stage closed its outputs: let the links send their stop frames.
+    for mut t in outs {
+        if let Some(h) = t.thread.take() {
+            let _ = h.join();
+        }
+    }
+    drop(ins);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip_message(m: Message) -> Message {
+        let f = message_frame(m).unwrap();
+        // What the wire keeps: header numbers and CPU tensors.
+        frame_message(f).unwrap()
+    }
+
+    #[test]
+    fn frames_keep_messages_and_reports() {
+        let x = Tensor::randn([3, 2, 4], (TKind::Float, Device::Cpu));
+        let p = Tensor::rand([3, 10], (TKind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[1i64, 2, 3]);
+        let m = round_trip_message(Message::Train {
+            tag: Tag {
+                step: 7,
+                micro: 1,
+                kind: Kind::Train,
+            },
+            micro_batches: 2,
+            input: x.shallow_clone(),
+            p: p.shallow_clone(),
+            labels: y.shallow_clone(),
+            scale: 0.375,
+        });
+        let Message::Train {
+            tag,
+            micro_batches,
+            input,
+            labels,
+            scale,
+            ..
+        } = m
+        else {
+            panic!("not a training message")
+        };
+        assert_eq!(
+            (tag.step, tag.micro, micro_batches, scale),
+            (7, 1, 2, 0.375)
+        );
+        assert!(input.equal(&x) && labels.equal(&y));
+
+        let named = vec![("a.w".to_string(), x.shallow_clone())];
+        let f = report_frame(Report::State {
+            stage: 0,
+            state: named,
+        })
+        .unwrap();
+        let Report::State { stage, state } = frame_report(f, 3).unwrap() else {
+            panic!("not a state report")
+        };
+        assert_eq!((stage, state[0].0.as_str()), (3, "a.w"));
+        assert!(state[0].1.equal(&x));
+
+        let f = report_frame(Report::Failed {
+            stage: 1,
+            module: Some(4),
+            cause: "boom".into(),
+        })
+        .unwrap();
+        let Report::Failed { module, cause, .. } = frame_report(f, 1).unwrap() else {
+            panic!("not a failure")
+        };
+        assert_eq!((module, cause.as_str()), (Some(4), "boom"));
+    }
+}
