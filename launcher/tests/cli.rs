@@ -1787,3 +1787,44 @@ fn vgg11_in_two_stages_trains_and_resumes_exactly() {
     );
     assert!(metrics(&bp)[0]["train_loss"].as_f64().unwrap().is_finite());
 }
+
+/// Two "nodes" (two launchers on this machine, one rank each, joined through
+/// --master-addr/--master-port) train the stages as one process does.
+#[test]
+fn two_nodes_of_one_rank_each_train_like_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    run_ok(&staged(&one, &["--gpus", "cpu", "--threads", "1"]));
+    let port = free_port();
+    let node = |rank: &str| {
+        Command::new(BIN)
+            .args(staged(
+                &two,
+                &[
+                    "--threads",
+                    "1",
+                    "--nproc-per-node",
+                    "1",
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    rank,
+                    "--master-addr",
+                    "127.0.0.1",
+                    "--master-port",
+                    &port,
+                ],
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (mut n0, mut n1) = (node("0"), node("1"));
+    let out1 = wait_for(&mut n1, std::time::Duration::from_secs(120));
+    let out0 = wait_for(&mut n0, std::time::Duration::from_secs(120));
+    assert!(out0.status.success(), "{}", stderr(&out0));
+    assert!(out1.status.success(), "{}", stderr(&out1));
+    assert!(stderr(&out1).contains("launched ranks 1-1 of 2 on this node (node 1 of 2)"));
+    assert_same_training(&one, &two);
+}
