@@ -528,8 +528,6 @@ fn in_link<T: Send + 'static>(
     })
 }
 
-/// Rank 0: runs stage 1 of replica 1 in a thread as the coordinator's first stage and links
-/// the coordinator to the other ranks: inputs to every replica, reports from every rank.
 /// What rank 0's coordinator gets from [`spawn_coordinator_links`]: stage 1's input of each
 /// replica, every rank's reports, and the threads to wait for when it closes.
 pub(crate) struct Linked {
@@ -538,6 +536,8 @@ pub(crate) struct Linked {
     pub(crate) threads: Vec<StageThread>,
 }
 
+/// Rank 0: runs stage 1 of replica 1 in a thread as the coordinator's first stage and links
+/// the coordinator to the other ranks: inputs to every replica, reports from every rank.
 pub(crate) fn spawn_coordinator_links(
     cfg: &StagedConfig,
     ranks: &Ranks,
