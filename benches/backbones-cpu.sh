@@ -26,7 +26,7 @@ done
 python3 - "$out" "${models[@]}" <<'PY'
 import json, sys, re
 out, models = sys.argv[1], sys.argv[2:]
-print("| backbone | parameters | SID ms/step | BP ms/step | SID acc | BP acc | SID peak RSS | BP peak RSS |")
+print("| backbone | extractor parameters | SID ms/step | BP ms/step | SID acc | BP acc | SID peak RSS | BP peak RSS |")
 print("|---|---|---|---|---|---|---|---|")
 for m in models:
     row = {}
