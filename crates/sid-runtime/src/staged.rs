@@ -198,14 +198,18 @@ impl StagedPipeline {
         } else {
             String::new()
         };
+        let modules = match self.method {
+            PipelineMethod::Sid => format!(", modules {}-{}", s.modules.start + 1, s.modules.end),
+            // Backprop's modules all read the final features: they sit on the last stage.
+            PipelineMethod::Bp(_) if slot % k + 1 == k => format!(", modules 1-{}", self.modules),
+            PipelineMethod::Bp(_) => String::new(),
+        };
         format!(
-            "stage {}{replica} ({}, blocks {}-{}, modules {}-{})",
+            "stage {}{replica} ({}, blocks {}-{}{modules})",
             slot % k + 1,
             self.names[slot],
             s.blocks.start + 1,
             s.blocks.end,
-            s.modules.start + 1,
-            s.modules.end
         )
     }
 
