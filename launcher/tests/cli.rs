@@ -1828,3 +1828,24 @@ fn two_nodes_of_one_rank_each_train_like_one_process() {
     assert!(stderr(&out1).contains("launched ranks 1-1 of 2 on this node (node 1 of 2)"));
     assert_same_training(&one, &two);
 }
+
+/// The BP pipeline across two ranks (activations down, gradients back over the links) trains
+/// as the same pipeline in one process.
+#[test]
+fn a_backprop_pipeline_across_two_ranks_trains_like_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    let bp = ["--method", "bp", "--threads", "1", "--epochs", "1"];
+    run_ok(&staged(&one, &[&bp[..], &["--gpus", "cpu"]].concat()));
+    let port = free_port();
+    let out = run_ok(&staged(
+        &two,
+        &[&bp[..], &["--nproc-per-node", "2", "--master-port", &port]].concat(),
+    ));
+    assert!(
+        stderr(&out).contains("stage 2 (rank 1, cpu"),
+        "{}",
+        stderr(&out)
+    );
+    assert_same_training(&one, &two);
+}
