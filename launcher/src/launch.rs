@@ -135,6 +135,7 @@ pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
         .map(|((rank, _), s)| format!("rank {rank} ({})", s.map_or("no status".into(), describe)))
         .collect();
     if failed.is_empty() {
+        eprintln!("all {n} ranks on this node finished");
         return Ok(Outcome::Done);
     }
     let rank0_interrupted = cli.node_rank == 0 && statuses[0].and_then(|s| s.code()) == Some(130);
