@@ -2,8 +2,10 @@
 //! Gloo over 127.0.0.1) against the same stages in K threads of one process and the same
 //! stages one after another on one device, side by side in one run.
 //!
-//! Each stage gets one libtorch thread in every configuration, so the ranks-vs-threads ratio
-//! is the cost of going through processes: frames through Gloo's TCP instead of channels.
+//! Each stage gets one libtorch thread in these three, so the ranks-vs-threads ratio is the
+//! cost of going through processes: frames through Gloo's TCP instead of channels. The fair
+//! baselines run first, alone: the single-device trainer and the same stages in turn, each on
+//! every core.
 //! This process is rank 0; it starts ranks 1..K-1 as copies of itself (`--serve-rank`).
 //! Times are medians over interleaved rounds with the pipeline full (as in `pipeline`).
 
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use sid_core::{ExtractorKind, ModelConfig, Network, StagePlan};
+use sid_core::{ExtractorKind, LossConfig, ModelConfig, Network, SidNetwork, StagePlan};
 use sid_dist::{Backend, Group, Store};
 use sid_runtime::{Ranks, StagedConfig, StagedPipeline};
 use tch::Device;
@@ -112,6 +114,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "even" => StagePlan::even(&model, args.stages)?,
         spec => StagePlan::parse(spec, &model)?,
     };
+    // The fair baselines first, alone (no other process running): what a user with this
+    // machine would run instead — the single-device trainer and the same stages in turn, each
+    // on every core.
+    let (x, y) = synthetic_batch(args.batch_size, 1, 28, 10, Device::Cpu);
+    let cores = crate::cores();
+    tch::set_num_threads(cores);
+    tch::manual_seed(0);
+    let mut single = SidNetwork::new(&model, LossConfig::default(), 1e-3, Device::Cpu)?;
+    let mut all_cores = StagedPipeline::new(config(&model, &plan, vec![Device::Cpu]))?;
+    let base = rounds(&mut [&mut single, &mut all_cores], &x, &y, &args)?;
+    drop((single, all_cores));
+    tch::set_num_threads(1);
     let port = if args.port == 0 {
         std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -134,7 +148,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .collect::<std::io::Result<_>>()?;
     let ranks = join(0, args.stages, port)?;
     let k = args.stages;
-    let (x, y) = synthetic_batch(args.batch_size, 1, 28, 10, Device::Cpu);
     tch::manual_seed(0);
     let mut one = StagedPipeline::new(config(&model, &plan, vec![Device::Cpu]))?;
     tch::manual_seed(0);
@@ -143,17 +156,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.ranks = Some(ranks);
     tch::manual_seed(0);
     let mut procs = StagedPipeline::new(cfg)?;
-    let mut nets: [&mut dyn Network; 3] = [&mut one, &mut threads, &mut procs];
-    let mut t = vec![Vec::new(); nets.len()];
-    for n in nets.iter_mut() {
-        timed_round(*n, &x, &y, 1)?; // warm-up
-    }
-    for _ in 0..args.rounds {
-        for (i, n) in nets.iter_mut().enumerate() {
-            t[i].push(timed_round(*n, &x, &y, args.steps)?);
-        }
-    }
-    let med: Vec<f64> = t.iter().map(|v| median(v)).collect();
+    let med = rounds(&mut [&mut one, &mut threads, &mut procs], &x, &y, &args)?;
     drop(procs);
     for mut c in children {
         let _ = c.wait();
@@ -168,6 +171,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.steps
     );
     println!("{:<52} {:>10}", "configuration", "ms/step");
+    println!(
+        "{:<52} {:>10.2}",
+        format!("single-device trainer (paper SID), {cores} threads"),
+        base[0]
+    );
+    println!(
+        "{:<52} {:>10.2}",
+        format!("K={k} stages, one device, {cores} threads"),
+        base[1]
+    );
     let rows = [
         format!("K={k} stages, one device, one after another"),
         format!("K={k} stages, {k} threads (channels)"),
@@ -182,5 +195,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         med[0] / med[2],
         med[2] / med[1]
     );
+    println!(
+        "ranks over the single-device trainer on {cores} threads: {:.2}x; over the same stages on {cores} threads: {:.2}x",
+        base[0] / med[2],
+        base[1] / med[2]
+    );
     Ok(())
+}
+
+/// Medians over interleaved rounds, after one warm-up round each.
+fn rounds(
+    nets: &mut [&mut dyn Network],
+    x: &tch::Tensor,
+    y: &tch::Tensor,
+    args: &Args,
+) -> anyhow::Result<Vec<f64>> {
+    let mut t = vec![Vec::new(); nets.len()];
+    for n in nets.iter_mut() {
+        timed_round(*n, x, y, 1)?;
+    }
+    for _ in 0..args.rounds {
+        for (i, n) in nets.iter_mut().enumerate() {
+            t[i].push(timed_round(*n, x, y, args.steps)?);
+        }
+    }
+    Ok(t.iter().map(|v| median(v)).collect())
 }
