@@ -99,7 +99,8 @@ pub struct Cli {
     /// Batch size for evaluation [default: 1000].
     #[arg(long)]
     pub eval_batch_size: Option<i64>,
-    /// TOML file with any of the settings above (flags win).
+    /// TOML file with any of the settings above (flags win): sectioned as a run's config.toml
+    /// ([model], [data], [optim], [runtime]), or flat as earlier versions wrote it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Where to write config.toml, metrics.jsonl, the checkpoint and summary.json
@@ -434,6 +435,32 @@ mod tests {
         assert_eq!(parse_exit("0.75"), Ok(ExitAt::Confidence(0.75)));
         for bad in ["0", "1.5", "nan", "x"] {
             assert!(parse_exit(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Every saved setting reads, in messages, as a flag that exists.
+    #[test]
+    fn every_config_key_names_a_real_flag() {
+        let mut all = RunConfig::default();
+        all.data.data_dir = Some("d".into());
+        all.data.image_size = Some(8);
+        all.data.cache_dir = Some("c".into());
+        all.data.limit_train = Some(1);
+        all.data.augment = Some(true);
+        all.runtime.threads = Some(1);
+        all.runtime.micro_batches = Some(1);
+        all.runtime.placement = Some("p".into());
+        all.runtime.cuda_graph = Some(true);
+        let cmd = Cli::command();
+        let keys = all.keys();
+        assert!(keys.len() >= 32, "{keys:?}");
+        for key in keys {
+            let flag = sid_train::config::flag_of(&key);
+            assert!(
+                cmd.get_arguments()
+                    .any(|a| a.get_long().map(|l| format!("--{l}")) == Some(flag.clone())),
+                "{key}: {flag} is not a flag"
+            );
         }
     }
 
