@@ -573,18 +573,20 @@ impl RunConfig {
         if self.model.stages == 0 || micro == 0 || self.runtime.data_parallel == 0 {
             return bad("--stages, --micro-batches and --data-parallel must be at least 1".into());
         }
+        // The micro-batch check first: with one replica it is the whole story, and its message
+        // names the flag at fault.
+        if micro as i64 > self.optim.batch_size || self.optim.batch_size % micro as i64 != 0 {
+            return bad(format!(
+                "--micro-batches {micro} does not divide --batch-size {} into equal micro-batches",
+                self.optim.batch_size
+            ));
+        }
         if self.optim.batch_size % self.runtime.data_parallel as i64 != 0
             || (self.optim.batch_size / self.runtime.data_parallel as i64) % micro as i64 != 0
         {
             return bad(format!(
                 "--batch-size {} does not split into {} equal replica shards of {micro} equal micro-batches",
                 self.optim.batch_size, self.runtime.data_parallel
-            ));
-        }
-        if micro as i64 > self.optim.batch_size || self.optim.batch_size % micro as i64 != 0 {
-            return bad(format!(
-                "--micro-batches {micro} does not divide --batch-size {} into equal micro-batches",
-                self.optim.batch_size
             ));
         }
         if self.staged() {
@@ -966,6 +968,26 @@ cuda_graph = false
             c.resume_conflicts(&RunConfig::default()),
             ["model.precision"]
         );
+    }
+
+    #[test]
+    fn micro_batches_that_do_not_divide_the_batch_name_the_flag() {
+        let c = with(|c| {
+            c.runtime.micro_batches = Some(3);
+            c.optim.batch_size = 64;
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--micro-batches 3 does not divide --batch-size 64"),
+            "{e}"
+        );
+        let c = with(|c| {
+            c.runtime.micro_batches = Some(4);
+            c.runtime.data_parallel = 3;
+            c.optim.batch_size = 64;
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("3 equal replica shards"), "{e}");
     }
 
     #[test]
