@@ -56,21 +56,20 @@ pub struct Common {
 }
 
 impl Common {
-    fn run_config(&self, method: Method) -> RunConfig {
-        RunConfig {
-            method,
-            gpus: self.gpus.clone(),
-            model: self.model,
-            modules: self.modules,
-            module_hidden: self.module_hidden,
-            limit_train: Some(self.limit_train),
-            epochs: self.epochs,
-            batch_size: self.batch_size,
-            data_dir: self.data_dir.clone(),
-            seed: self.seed,
-            cuda_graph: self.no_cuda_graph.then_some(false),
-            ..RunConfig::default()
-        }
+    fn run_config(&self, method: Method) -> Result<RunConfig> {
+        let mut c = RunConfig::default();
+        c.optim.method = method;
+        c.runtime.gpus = self.gpus.parse()?;
+        c.model.extractor = self.model;
+        c.model.modules = self.modules;
+        c.model.module_hidden = self.module_hidden;
+        c.data.limit_train = Some(self.limit_train);
+        c.optim.epochs = self.epochs;
+        c.optim.batch_size = self.batch_size;
+        c.data.data_dir = self.data_dir.clone();
+        c.optim.seed = self.seed;
+        c.runtime.cuda_graph = self.no_cuda_graph.then_some(false);
+        Ok(c)
     }
 }
 
@@ -87,8 +86,8 @@ fn train(
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
-    let method = cfg.method;
-    let gpus = cfg.gpus.clone();
+    let method = cfg.optim.method;
+    let gpus = cfg.runtime.gpus.clone();
     let mut run = Run::create(cfg, &dir)?;
     let stop = AtomicBool::new(false);
     run.train(&stop, &mut |_| {})?;
@@ -130,7 +129,7 @@ pub fn compare(common: &Common) -> Result<Vec<Row>> {
     for method in [Method::Sid, Method::Bp] {
         rows.push(train(
             common,
-            common.run_config(method),
+            common.run_config(method)?,
             &format!("compare-{method}"),
             "compare",
             "L",
@@ -152,7 +151,7 @@ fn sweep_both(
     let mut rows = Vec::new();
     for &v in values {
         for method in [Method::Sid, Method::Bp] {
-            let mut cfg = common.run_config(method);
+            let mut cfg = common.run_config(method)?;
             set(&mut cfg, v);
             rows.push(train(
                 common,
@@ -170,20 +169,24 @@ fn sweep_both(
 /// Depth sweep: SID and BP at each L.
 pub fn sweep_depth(common: &Common, depths: &[usize]) -> Result<Vec<Row>> {
     let values: Vec<f64> = depths.iter().map(|&l| l as f64).collect();
-    sweep_both(common, "depth", "L", &values, |c, v| c.modules = v as usize)
+    sweep_both(common, "depth", "L", &values, |c, v| {
+        c.model.modules = v as usize
+    })
 }
 
 /// Width sweep: SID and BP at each module hidden width.
 pub fn sweep_width(common: &Common, widths: &[i64]) -> Result<Vec<Row>> {
     let values: Vec<f64> = widths.iter().map(|&w| w as f64).collect();
     sweep_both(common, "width", "hidden", &values, |c, v| {
-        c.module_hidden = v as i64
+        c.model.module_hidden = v as i64
     })
 }
 
 /// Label-noise sweep (accuracy): SID and BP at each noise level.
 pub fn sweep_noise(common: &Common, levels: &[f64]) -> Result<Vec<Row>> {
-    sweep_both(common, "noise", "noise", levels, |c, v| c.label_noise = v)
+    sweep_both(common, "noise", "noise", levels, |c, v| {
+        c.data.label_noise = v
+    })
 }
 
 /// Workers sweep: SID with K workers (on the CPU, `cpu:K`; on a GPU, K workers on it).
@@ -197,12 +200,10 @@ pub fn sweep_workers(common: &Common, ks: &[usize]) -> Result<Vec<Row>> {
             _ => format!("cpu:{k}"),
         };
         let modules = common.modules.max(k);
-        let cfg = RunConfig {
-            gpus,
-            modules,
-            threads: (base == Device::Cpu).then_some(1),
-            ..common.run_config(Method::Sid)
-        };
+        let mut cfg = common.run_config(Method::Sid)?;
+        cfg.runtime.gpus = gpus.parse()?;
+        cfg.model.modules = modules;
+        cfg.runtime.threads = (base == Device::Cpu).then_some(1);
         rows.push(train(
             common,
             cfg,
@@ -628,7 +629,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         c.limit_train,
         c.epochs,
         c.seed,
-        if c.run_config(sid_core::Method::Sid).resolved_cuda_graph() {
+        if c.run_config(sid_core::Method::Sid)?.resolved_cuda_graph() {
             " Single-GPU training steps are replayed from a CUDA graph (`--no-cuda-graph` runs them eagerly)."
         } else {
             ""

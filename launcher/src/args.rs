@@ -99,7 +99,8 @@ pub struct Cli {
     /// Batch size for evaluation [default: 1000].
     #[arg(long)]
     pub eval_batch_size: Option<i64>,
-    /// TOML file with any of the settings above (flags win).
+    /// TOML file with any of the settings above (flags win): sectioned as a run's config.toml
+    /// ([model], [data], [optim], [runtime]), or flat as earlier versions wrote it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Where to write config.toml, metrics.jsonl, the checkpoint and summary.json
@@ -290,82 +291,78 @@ impl Cli {
         Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
     }
 
-    /// Applies the flags that were given on top of `cfg`.
-    fn apply(&self, cfg: &mut RunConfig) {
+    /// Applies the flags that were given on top of `cfg`; `--gpus` is parsed here, once.
+    fn apply(&self, cfg: &mut RunConfig) -> Result<()> {
         macro_rules! set {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field.clone() { cfg.$field = v; } )* };
+            ($($section:ident . $field:ident = $flag:ident),* $(,)?) => {
+                $( if let Some(v) = self.$flag.clone() { cfg.$section.$field = v; } )*
+            };
         }
-        if self.gpus.is_some() && self.placement.is_none() && cfg.stages <= 1 {
-            // A saved paper-mode placement belongs to the saved device list (a staged run's
-            // cut belongs to its model and stays).
-            cfg.placement = None;
+        macro_rules! set_some {
+            ($($section:ident . $field:ident),* $(,)?) => {
+                $( if self.$field.is_some() { cfg.$section.$field = self.$field.clone(); } )*
+            };
+        }
+        if let Some(spec) = &self.gpus {
+            if self.placement.is_none() && cfg.model.stages <= 1 {
+                // A saved paper-mode placement belongs to the saved device list (a staged
+                // run's cut belongs to its model and stays).
+                cfg.runtime.placement = None;
+            }
+            cfg.runtime.gpus = spec.parse()?;
         }
         set!(
-            gpus,
-            method,
-            dataset,
-            model,
-            modules,
-            feature_dim,
-            module_hidden,
-            init,
-            precision,
-            alpha,
-            label_smoothing,
-            epochs,
-            batch_size,
-            lr,
-            seed,
-            label_noise,
-            val_split,
-            eval_batch_size,
-            step_timeout,
-            stages,
-            data_parallel,
-            pipeline_schedule
+            optim.method = method,
+            data.dataset = dataset,
+            model.extractor = model,
+            model.modules = modules,
+            model.feature_dim = feature_dim,
+            model.module_hidden = module_hidden,
+            model.init = init,
+            model.precision = precision,
+            optim.alpha = alpha,
+            optim.label_smoothing = label_smoothing,
+            optim.epochs = epochs,
+            optim.batch_size = batch_size,
+            optim.lr = lr,
+            optim.seed = seed,
+            data.label_noise = label_noise,
+            data.val_split = val_split,
+            runtime.eval_batch_size = eval_batch_size,
+            runtime.step_timeout = step_timeout,
+            model.stages = stages,
+            runtime.data_parallel = data_parallel,
+            runtime.pipeline_schedule = pipeline_schedule,
         );
-        if self.micro_batches.is_some() {
-            cfg.micro_batches = self.micro_batches;
-        }
-        if self.placement.is_some() {
-            cfg.placement = self.placement.clone();
-        }
+        set_some!(
+            runtime.micro_batches,
+            runtime.placement,
+            runtime.inject_fault,
+            runtime.threads,
+            data.data_dir,
+            data.image_size,
+            data.cache_dir,
+            data.limit_train,
+        );
         if self.no_streams {
-            cfg.streams = false;
+            cfg.runtime.streams = false;
         }
         if self.fused_teacher {
-            cfg.fused_teacher = true;
+            cfg.runtime.fused_teacher = true;
         }
         if self.cuda_graph {
-            cfg.cuda_graph = Some(true);
+            cfg.runtime.cuda_graph = Some(true);
         }
         if self.no_cuda_graph {
-            cfg.cuda_graph = Some(false);
-        }
-        if self.inject_fault.is_some() {
-            cfg.inject_fault = self.inject_fault.clone();
-        }
-        if self.data_dir.is_some() {
-            cfg.data_dir = self.data_dir.clone();
-        }
-        if self.image_size.is_some() {
-            cfg.image_size = self.image_size;
-        }
-        if self.cache_dir.is_some() {
-            cfg.cache_dir = self.cache_dir.clone();
-        }
-        if self.limit_train.is_some() {
-            cfg.limit_train = self.limit_train;
-        }
-        if self.threads.is_some() {
-            cfg.threads = self.threads;
+            cfg.runtime.cuda_graph = Some(false);
         }
         if self.augment {
-            cfg.augment = Some(true);
+            cfg.data.augment = Some(true);
         }
         if self.no_augment {
-            cfg.augment = Some(false);
+            cfg.data.augment = Some(false);
         }
+        Ok(())
     }
 
     /// Resolves defaults, config file, saved config and flags into a plan.
@@ -375,7 +372,7 @@ impl Cli {
                 bail!("--resume {}: no such run directory", dir.display());
             }
             let mut config = Run::saved_config(dir)?;
-            self.apply(&mut config);
+            self.apply(&mut config)?;
             config.validate()?;
             return Ok(Plan {
                 config,
@@ -392,21 +389,26 @@ impl Cli {
             }
             None => RunConfig::default(),
         };
-        self.apply(&mut config);
+        self.apply(&mut config)?;
         config.validate()?;
         let run_dir = self.run_dir.clone().unwrap_or_else(|| {
             let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                 .to_string()
                 .replace([':', '-'], "");
-            PathBuf::from("runs").join(format!("{}-{}-{stamp}", config.method, config.dataset))
+            PathBuf::from("runs").join(format!(
+                "{}-{}-{stamp}",
+                config.optim.method, config.data.dataset
+            ))
         });
-        if config.dataset == DatasetKind::Folder {
+        if config.data.dataset == DatasetKind::Folder {
             // Saved resolved: beside the run, so the next run in the same folder finds it.
             config
+                .data
                 .image_size
                 .get_or_insert(sid_data::DEFAULT_IMAGE_SIZE);
             let parent = run_dir.parent().unwrap_or(std::path::Path::new(""));
             config
+                .data
                 .cache_dir
                 .get_or_insert_with(|| parent.join("image-cache"));
         }
@@ -436,6 +438,32 @@ mod tests {
         }
     }
 
+    /// Every saved setting reads, in messages, as a flag that exists.
+    #[test]
+    fn every_config_key_names_a_real_flag() {
+        let mut all = RunConfig::default();
+        all.data.data_dir = Some("d".into());
+        all.data.image_size = Some(8);
+        all.data.cache_dir = Some("c".into());
+        all.data.limit_train = Some(1);
+        all.data.augment = Some(true);
+        all.runtime.threads = Some(1);
+        all.runtime.micro_batches = Some(1);
+        all.runtime.placement = Some("p".into());
+        all.runtime.cuda_graph = Some(true);
+        let cmd = Cli::command();
+        let keys = all.keys();
+        assert!(keys.len() >= 32, "{keys:?}");
+        for key in keys {
+            let flag = sid_train::config::flag_of(&key);
+            assert!(
+                cmd.get_arguments()
+                    .any(|a| a.get_long().map(|l| format!("--{l}")) == Some(flag.clone())),
+                "{key}: {flag} is not a flag"
+            );
+        }
+    }
+
     /// The defaults written in `--help` are RunConfig's.
     #[test]
     fn help_defaults_match_run_config() {
@@ -449,28 +477,28 @@ mod tests {
             arg.get_help().unwrap().to_string()
         };
         let expect = [
-            ("gpus", d.gpus.clone()),
-            ("method", d.method.to_string()),
-            ("dataset", d.dataset.to_string()),
-            ("model", d.model.to_string()),
-            ("modules", d.modules.to_string()),
-            ("feature-dim", d.feature_dim.to_string()),
-            ("module-hidden", d.module_hidden.to_string()),
-            ("init", d.init.to_string()),
-            ("precision", d.precision.to_string()),
-            ("alpha", d.alpha.to_string()),
-            ("label-smoothing", d.label_smoothing.to_string()),
-            ("epochs", d.epochs.to_string()),
-            ("batch-size", d.batch_size.to_string()),
-            ("lr", d.lr.to_string()),
-            ("seed", d.seed.to_string()),
-            ("label-noise", d.label_noise.to_string()),
-            ("val-split", d.val_split.to_string()),
-            ("eval-batch-size", d.eval_batch_size.to_string()),
-            ("step-timeout", d.step_timeout.to_string()),
-            ("stages", d.stages.to_string()),
-            ("data-parallel", d.data_parallel.to_string()),
-            ("pipeline-schedule", d.pipeline_schedule.to_string()),
+            ("gpus", d.runtime.gpus.to_string()),
+            ("method", d.optim.method.to_string()),
+            ("dataset", d.data.dataset.to_string()),
+            ("model", d.model.extractor.to_string()),
+            ("modules", d.model.modules.to_string()),
+            ("feature-dim", d.model.feature_dim.to_string()),
+            ("module-hidden", d.model.module_hidden.to_string()),
+            ("init", d.model.init.to_string()),
+            ("precision", d.model.precision.to_string()),
+            ("alpha", d.optim.alpha.to_string()),
+            ("label-smoothing", d.optim.label_smoothing.to_string()),
+            ("epochs", d.optim.epochs.to_string()),
+            ("batch-size", d.optim.batch_size.to_string()),
+            ("lr", d.optim.lr.to_string()),
+            ("seed", d.optim.seed.to_string()),
+            ("label-noise", d.data.label_noise.to_string()),
+            ("val-split", d.data.val_split.to_string()),
+            ("eval-batch-size", d.runtime.eval_batch_size.to_string()),
+            ("step-timeout", d.runtime.step_timeout.to_string()),
+            ("stages", d.model.stages.to_string()),
+            ("data-parallel", d.runtime.data_parallel.to_string()),
+            ("pipeline-schedule", d.runtime.pipeline_schedule.to_string()),
         ];
         for (flag, value) in expect {
             assert!(

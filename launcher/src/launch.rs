@@ -46,12 +46,12 @@ pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
     // Refuse bad settings once, here, rather than in every rank.
     let plan = cli.plan()?;
     let world = n * cli.nnodes;
-    let k = plan.config.stages * plan.config.data_parallel;
+    let k = plan.config.model.stages * plan.config.runtime.data_parallel;
     if k != world {
         bail!(
             "--stages {} × --data-parallel {} = {k} ranks, but --nproc-per-node {n} × --nnodes {} = {world}",
-            plan.config.stages,
-            plan.config.data_parallel,
+            plan.config.model.stages,
+            plan.config.runtime.data_parallel,
             cli.nnodes
         );
     }
@@ -90,7 +90,7 @@ pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
     );
     // After a rank fails, the others stop on their own once their links break or their step
     // timeout passes; past that (and a margin) they are killed.
-    let grace = Duration::from_secs_f64(plan.config.step_timeout) + Duration::from_secs(30);
+    let grace = Duration::from_secs_f64(plan.config.runtime.step_timeout) + Duration::from_secs(30);
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; n];
     let mut first_failure: Option<Instant> = None;
     let mut forwarded = false;

@@ -111,13 +111,13 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
     let mut saved = sid_train::eval::open(dir, a.gpus.as_deref())
         .with_context(|| format!("eval {}", dir.display()))?;
     let samples = saved.data.test.len();
-    let batch = a.eval_batch_size.unwrap_or(cfg.eval_batch_size);
+    let batch = a.eval_batch_size.unwrap_or(cfg.runtime.eval_batch_size);
     anyhow::ensure!(batch >= 1, "--eval-batch-size must be at least 1");
     eprintln!(
         "early exit on the test set of {} ({} samples, {} with L={} on {})",
         dir.display(),
         samples,
-        cfg.method,
+        cfg.optim.method,
         saved.modules,
         device_name(saved.net.input_device())
     );
@@ -165,7 +165,7 @@ fn run(cli: &args::Cli) -> Result<()> {
         };
     }
     let plan = cli.plan()?;
-    if let Some(n) = plan.config.threads {
+    if let Some(n) = plan.config.runtime.threads {
         tch::set_num_threads(n);
     }
     let rdv = match dist_env {
@@ -246,28 +246,30 @@ fn run(cli: &args::Cli) -> Result<()> {
     let devices: Vec<String> = run.devices().iter().map(|d| device_name(*d)).collect();
     eprintln!(
         "{} on {} with {} extractor, L={} modules, {} epochs, batch {}, lr {}, seed {} on [{}]; run dir {}",
-        cfg.method,
-        cfg.dataset,
-        cfg.model,
-        cfg.modules,
-        cfg.epochs,
-        cfg.batch_size,
-        cfg.lr,
-        cfg.seed,
+        cfg.optim.method,
+        cfg.data.dataset,
+        cfg.model.extractor,
+        cfg.model.modules,
+        cfg.optim.epochs,
+        cfg.optim.batch_size,
+        cfg.optim.lr,
+        cfg.optim.seed,
         devices.join(", "),
         run.dir().display()
     );
     eprintln!("{}", progress::params_line(&run.config().model_config()));
     if !run.placement_notes().is_empty() {
-        let what = match cfg.method {
+        let what = match cfg.optim.method {
             sid_core::Method::Sid => "staged SID".to_string(),
-            sid_core::Method::Bp => format!("backprop pipeline ({})", cfg.pipeline_schedule),
+            sid_core::Method::Bp => {
+                format!("backprop pipeline ({})", cfg.runtime.pipeline_schedule)
+            }
         };
         eprintln!(
             "{what}: {} stage(s), {} micro-batch(es) per step; placement {}",
-            cfg.stages,
+            cfg.model.stages,
             run.config().resolved_micro_batches(),
-            run.config().placement.as_deref().unwrap_or("-")
+            run.config().runtime.placement.as_deref().unwrap_or("-")
         );
         for note in run.placement_notes() {
             eprintln!("  {note}");
@@ -287,7 +289,7 @@ fn run(cli: &args::Cli) -> Result<()> {
             })
             .collect();
         eprintln!("placement: {}", blocks.join("; "));
-    } else if cfg.method == sid_core::Method::Bp && run.devices().len() > 1 {
+    } else if cfg.optim.method == sid_core::Method::Bp && run.devices().len() > 1 {
         eprintln!("note: backprop trains end to end on the first listed device only");
     }
     if run.epochs_done() > 0 || plan.resume {
@@ -306,7 +308,7 @@ fn run(cli: &args::Cli) -> Result<()> {
     } else {
         None
     };
-    let mut reporter = progress::Reporter::new(cfg.batch_size);
+    let mut reporter = progress::Reporter::new(cfg.optim.batch_size);
     let result = run.train(&stop, &mut |e| reporter.on_event(e));
     let telemetry = sampler.map(|s| s.stop());
     let summary = result?;
@@ -362,8 +364,8 @@ fn run(cli: &args::Cli) -> Result<()> {
 /// Adds the fix to errors a user can act on.
 fn hint(e: TrainError, cfg: &sid_train::RunConfig) -> anyhow::Error {
     let missing_default = matches!(&e, TrainError::Data(sid_data::DataError::MissingDir(_)))
-        && cfg.data_dir.is_none()
-        && cfg.dataset == sid_data::DatasetKind::FashionMnist;
+        && cfg.data.data_dir.is_none()
+        && cfg.data.dataset == sid_data::DatasetKind::FashionMnist;
     if missing_default {
         anyhow::anyhow!(
             "{e} (install it with `apt-get install dataset-fashion-mnist`, or pass --data-dir)"

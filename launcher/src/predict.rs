@@ -12,7 +12,7 @@ pub fn run(a: &PredictArgs) -> Result<()> {
     let dir = &a.run_dir;
     let cfg =
         sid_train::Run::saved_config(dir).with_context(|| format!("predict {}", dir.display()))?;
-    let batch = a.eval_batch_size.unwrap_or(cfg.eval_batch_size);
+    let batch = a.eval_batch_size.unwrap_or(cfg.runtime.eval_batch_size);
     anyhow::ensure!(batch >= 1, "--eval-batch-size must be at least 1");
     let mut p = Predictor::open(dir, a.gpus.as_deref())
         .with_context(|| format!("predict {}", dir.display()))?;

@@ -250,6 +250,42 @@ fn resume_gives_the_same_result_as_an_uninterrupted_run() {
     }
 }
 
+/// A run directory whose `config.toml` has the flat layout of earlier versions (every key at
+/// the top, the backbone under `model`) resumes as one saved now does, and is saved again in
+/// sections.
+#[test]
+fn a_run_saved_with_the_flat_config_layout_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    run_ok(&quick(&straight, &["--epochs", "2"]));
+    let old = dir.path().join("old");
+    run_ok(&quick(&old, &["--epochs", "1"]));
+    let sectioned = std::fs::read_to_string(old.join("config.toml")).unwrap();
+    assert!(sectioned.contains("[model]"), "{sectioned}");
+    let flat: String = sectioned
+        .lines()
+        .filter(|l| !l.starts_with('['))
+        .map(|l| l.replacen("extractor = ", "model = ", 1) + "\n")
+        .collect();
+    std::fs::write(old.join("config.toml"), &flat).unwrap();
+    run_ok(&[
+        "--resume".into(),
+        old.display().to_string(),
+        "--epochs".into(),
+        "2".into(),
+    ]);
+    let (a, b) = (metrics(&straight), metrics(&old));
+    assert_eq!(b.len(), 2);
+    for key in ["train_loss", "test_acc", "module_test_acc"] {
+        assert_eq!(a[1][key], b[1][key], "{key} differs after resume");
+    }
+    let saved = std::fs::read_to_string(old.join("config.toml")).unwrap();
+    assert!(
+        saved.contains("[optim]") && saved.contains("extractor = \"mlp\""),
+        "{saved}"
+    );
+}
+
 #[test]
 fn a_cut_short_last_metrics_line_is_dropped_on_resume_and_a_corrupt_one_is_an_error() {
     let dir = tempfile::tempdir().unwrap();

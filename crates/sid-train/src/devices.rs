@@ -1,5 +1,8 @@
 //! The `--gpus` device list: `cpu`, `cpu:4`, `cpu,cpu`, `0`, `0,1,2,3`, `0,0,0,0`.
 
+use std::fmt;
+use std::str::FromStr;
+
 use tch::Device;
 
 use crate::{Result, TrainError};
@@ -37,17 +40,17 @@ pub fn parse_devices(spec: &str) -> Result<Vec<Device>> {
 /// Parses a device list and checks that every GPU it names exists on this machine.
 pub fn resolve_devices(spec: &str) -> Result<Vec<Device>> {
     let devices = parse_devices(spec)?;
-    let wanted: Vec<usize> = devices
-        .iter()
-        .filter_map(|d| {
-            if let Device::Cuda(i) = d {
-                Some(*i)
-            } else {
-                None
-            }
-        })
-        .collect();
-    if let Some(&max) = wanted.iter().max() {
+    check_present(spec, &devices)?;
+    Ok(devices)
+}
+
+/// Checks that every GPU in `devices` (parsed from `spec`, which the message names) exists.
+fn check_present(spec: &str, devices: &[Device]) -> Result<()> {
+    let wanted = devices.iter().filter_map(|d| match d {
+        Device::Cuda(i) => Some(*i),
+        _ => None,
+    });
+    if let Some(max) = wanted.max() {
         if !tch::Cuda::is_available() {
             return Err(TrainError::Device(format!(
                 "--gpus {spec}: GPU {max} requested but CUDA is not available on this machine (use --gpus cpu)"
@@ -61,7 +64,92 @@ pub fn resolve_devices(spec: &str) -> Result<Vec<Device>> {
             )));
         }
     }
-    Ok(devices)
+    Ok(())
+}
+
+/// A parsed `--gpus` list: parsed once, where the setting enters (flag, `config.toml`), and
+/// read as devices everywhere else. It keeps the text it was given, which is what it shows
+/// and saves, so messages and `config.toml` read as the user wrote it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceList {
+    spec: String,
+    devices: Vec<Device>,
+}
+
+impl DeviceList {
+    /// One CPU worker, the default.
+    pub fn cpu() -> Self {
+        Self {
+            spec: "cpu".into(),
+            devices: vec![Device::Cpu],
+        }
+    }
+
+    /// The devices, one per worker (at least one).
+    pub fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+
+    /// The list as written (`cpu:4`, `0,1`).
+    pub fn as_str(&self) -> &str {
+        &self.spec
+    }
+
+    /// The devices, after checking that every GPU they name exists on this machine.
+    pub fn resolve(&self) -> Result<Vec<Device>> {
+        check_present(&self.spec, &self.devices)?;
+        Ok(self.devices.clone())
+    }
+
+    /// Whether the list is exactly one GPU.
+    pub fn is_single_gpu(&self) -> bool {
+        matches!(self.devices[..], [Device::Cuda(_)])
+    }
+}
+
+impl Default for DeviceList {
+    fn default() -> Self {
+        Self::cpu()
+    }
+}
+
+impl FromStr for DeviceList {
+    type Err = TrainError;
+
+    fn from_str(spec: &str) -> Result<Self> {
+        Ok(Self {
+            devices: parse_devices(spec)?,
+            spec: spec.trim().to_string(),
+        })
+    }
+}
+
+impl fmt::Display for DeviceList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spec)
+    }
+}
+
+impl std::ops::Deref for DeviceList {
+    type Target = [Device];
+
+    fn deref(&self) -> &[Device] {
+        &self.devices
+    }
+}
+
+// Saved as the same string as the flag, so `config.toml` keeps its `gpus = "0,1"` line.
+impl serde::Serialize for DeviceList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.spec)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let spec = String::deserialize(d)?;
+        spec.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// A short human name: `cpu` or `cuda:1`.
@@ -115,5 +203,18 @@ mod tests {
             assert!(e.contains("CUDA is not available"), "{e}");
         }
         assert_eq!(resolve_devices("cpu").unwrap(), vec![Device::Cpu]);
+        assert_eq!(DeviceList::cpu().resolve().unwrap(), vec![Device::Cpu]);
+    }
+
+    #[test]
+    fn a_device_list_keeps_its_text_and_parses_once() {
+        let l: DeviceList = " 0, 1".parse().unwrap();
+        assert_eq!(l.devices(), [Device::Cuda(0), Device::Cuda(1)]);
+        assert_eq!(l.to_string(), "0, 1");
+        assert!(!l.is_single_gpu());
+        assert!("3".parse::<DeviceList>().unwrap().is_single_gpu());
+        assert_eq!(DeviceList::default(), "cpu".parse().unwrap());
+        let e = "gpu0".parse::<DeviceList>().unwrap_err().to_string();
+        assert!(e.contains("neither cpu nor a GPU index"), "{e}");
     }
 }

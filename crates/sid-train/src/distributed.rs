@@ -33,8 +33,8 @@ fn fingerprint(cfg: &RunConfig, world: usize) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let mut shared = cfg.clone();
     // Where a rank finds its data or writes caches may differ between nodes.
-    shared.data_dir = None;
-    shared.cache_dir = None;
+    shared.data.data_dir = None;
+    shared.data.cache_dir = None;
     shared.to_toml().hash(&mut h);
     format!(
         "sid {} world {world} config {:016x}",
@@ -45,14 +45,14 @@ fn fingerprint(cfg: &RunConfig, world: usize) -> String {
 
 /// The device of this rank: the `LOCAL_RANK`-th GPU of `--gpus`, or the CPU.
 fn rank_device(cfg: &RunConfig, env: &DistEnv) -> Result<Device> {
-    let listed = crate::devices::parse_devices(&cfg.gpus)?;
+    let listed = cfg.runtime.gpus.devices();
     if listed.iter().all(|d| *d == Device::Cpu) {
         return Ok(Device::Cpu);
     }
     let Some(Device::Cuda(i)) = listed.get(env.local_rank).copied() else {
         return Err(TrainError::Device(format!(
             "--gpus {}: local rank {} has no GPU in the list ({} listed; give one per process on the node)",
-            cfg.gpus,
+            cfg.runtime.gpus,
             env.local_rank,
             listed.len()
         )));
@@ -67,7 +67,7 @@ impl Rendezvous {
     /// timeout for the others, then names the ranks that did not come.
     pub fn join(env: DistEnv, cfg: &RunConfig) -> Result<Self> {
         let device = rank_device(cfg, &env)?;
-        let timeout = Duration::from_secs_f64(cfg.step_timeout);
+        let timeout = Duration::from_secs_f64(cfg.runtime.step_timeout);
         let world = env.world_size;
         let store = Store::connect(
             &env.master_addr,
@@ -159,7 +159,7 @@ impl Rendezvous {
     pub fn publish_config(&self, cfg: &RunConfig) -> Result<()> {
         let mut text = cfg.to_toml();
         // The data shape is resolved from the data, which only rank 0 loads.
-        if let Some(s) = cfg.loaded_shape {
+        if let Some(s) = cfg.data.loaded_shape {
             text.push_str(&format!(
                 "\n#sid-shape {} {} {}\n",
                 s.channels, s.image_size, s.num_classes
@@ -203,7 +203,7 @@ impl Rendezvous {
                 .filter_map(|x| x.parse().ok())
                 .collect();
             if let [channels, image_size, num_classes] = v[..] {
-                cfg.loaded_shape = Some(sid_data::Shape {
+                cfg.data.loaded_shape = Some(sid_data::Shape {
                     channels,
                     image_size,
                     num_classes,
@@ -418,18 +418,18 @@ fn hostname() -> Option<String> {
 /// published (a fault to inject, in tests).
 pub fn serve(rdv: &Rendezvous, own: &RunConfig) -> Result<()> {
     let mut cfg = rdv.wait_config()?;
-    cfg.inject_fault = own.inject_fault.clone();
+    cfg.runtime.inject_fault = own.runtime.inject_fault.clone();
     let model = cfg.model_config();
-    let spec = cfg.placement.as_deref().ok_or_else(|| {
+    let spec = cfg.runtime.placement.as_deref().ok_or_else(|| {
         TrainError::Config("rank 0 published a config without its stage cut".into())
     })?;
     let plan = sid_core::StagePlan::parse(spec, &model)?;
     let ranks = rdv.groups(
         plan.len(),
-        cfg.data_parallel,
-        cfg.method == sid_core::Method::Bp,
+        cfg.runtime.data_parallel,
+        cfg.optim.method == sid_core::Method::Bp,
     )?;
-    tch::manual_seed(cfg.seed as i64);
+    tch::manual_seed(cfg.optim.seed as i64);
     let mut sc = crate::trainer::staged_config(&cfg, vec![rdv.device()], plan);
     if sc.threads_per_stage.is_none() {
         sc.threads_per_stage = Some(rdv.cpu_threads());
@@ -450,9 +450,9 @@ mod tests {
     fn fingerprints_ignore_paths_but_not_settings() {
         let a = RunConfig::default();
         let mut b = a.clone();
-        b.data_dir = Some("/elsewhere".into());
+        b.data.data_dir = Some("/elsewhere".into());
         assert_eq!(fingerprint(&a, 2), fingerprint(&b, 2));
-        b.lr *= 2.0;
+        b.optim.lr *= 2.0;
         assert_ne!(fingerprint(&a, 2), fingerprint(&b, 2));
         assert_ne!(fingerprint(&a, 2), fingerprint(&a, 3));
     }

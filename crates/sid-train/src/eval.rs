@@ -47,7 +47,7 @@ pub fn open(dir: &Path, gpus: Option<&str>) -> Result<Saved> {
     Ok(Saved {
         net,
         data,
-        modules: cfg.modules,
+        modules: cfg.model.modules,
     })
 }
 
@@ -55,13 +55,13 @@ pub fn open(dir: &Path, gpus: Option<&str>) -> Result<Saved> {
 pub(crate) fn saved_config_on(dir: &Path, gpus: Option<&str>) -> Result<RunConfig> {
     let mut cfg = Run::saved_config(dir)?;
     if let Some(g) = gpus {
-        cfg.gpus = g.to_string();
-        if cfg.stages <= 1 {
+        cfg.runtime.gpus = g.parse()?;
+        if cfg.model.stages <= 1 {
             // A paper-mode placement belongs to the saved device list.
-            cfg.placement = None;
+            cfg.runtime.placement = None;
         }
     }
-    cfg.inject_fault = None;
+    cfg.runtime.inject_fault = None;
     Ok(cfg)
 }
 
@@ -74,11 +74,9 @@ pub(crate) fn load_network(
 ) -> Result<Box<dyn Network>> {
     let path = dir.join(CHECKPOINT_FILE);
     let (named, _) = checkpoint::load(&path)?;
-    let devices = crate::devices::resolve_devices(&cfg.gpus)?;
-    let cfg = RunConfig {
-        loaded_shape: Some(shape),
-        ..cfg.clone()
-    };
+    let devices = cfg.runtime.gpus.resolve()?;
+    let mut cfg = cfg.clone();
+    cfg.data.loaded_shape = Some(shape);
     let mut net = crate::trainer::build_network(&cfg, &devices)?.net;
     net.load_state(&named).map_err(|e| TrainError::Checkpoint {
         path: path.clone(),

@@ -55,8 +55,8 @@ impl Predictor {
         Ok(Self {
             net,
             spec,
-            method: cfg.method,
-            modules: cfg.modules,
+            method: cfg.optim.method,
+            modules: cfg.model.modules,
         })
     }
 
@@ -141,13 +141,14 @@ fn input_spec(dir: &Path, cfg: &RunConfig) -> Result<InputSpec> {
         Ok(text) => serde_json::from_str(&text)
             .map_err(|e| TrainError::Config(format!("{}: unreadable ({e})", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            match (cfg.dataset.shape(), cfg.dataset.mean_std()) {
-                (Some(shape), Some((mean, std))) if cfg.dataset != DatasetKind::Folder => {
+            match (cfg.data.dataset.shape(), cfg.data.dataset.mean_std()) {
+                (Some(shape), Some((mean, std))) if cfg.data.dataset != DatasetKind::Folder => {
                     Ok(InputSpec {
                         shape,
                         mean: mean.to_vec(),
                         std: std.to_vec(),
                         classes: cfg
+                            .data
                             .dataset
                             .class_names()
                             .iter()

@@ -11,7 +11,6 @@ use tch::Device;
 
 use crate::checkpoint::{self, Position, CHECKPOINT_FILE};
 use crate::config::RunConfig;
-use crate::devices::resolve_devices;
 use crate::metrics::{self, EpochMetrics};
 use crate::{Result, TrainError};
 
@@ -130,20 +129,25 @@ fn stage_plan(
     devices: usize,
 ) -> Result<(sid_core::StagePlan, Option<String>)> {
     let core = |e: sid_core::CoreError| TrainError::Config(e.to_string());
-    Ok(match cfg.placement.as_deref() {
-        None | Some("auto") if cfg.stages > 1 => {
+    Ok(match cfg.runtime.placement.as_deref() {
+        None | Some("auto") if cfg.model.stages > 1 => {
             // Profiling draws its layers from the global RNG: it runs before the seed is set.
-            let batch = (cfg.batch_size / cfg.resolved_micro_batches() as i64).max(1);
+            let batch = (cfg.optim.batch_size / cfg.resolved_micro_batches() as i64).max(1);
             // Time blocks with the threads a stage will have: CPU stages in threads of their
             // own split the cores, and relative costs change with the thread count.
             let before = tch::get_num_threads();
             if device == Device::Cpu && devices > 1 {
                 let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                tch::set_num_threads(cfg.threads.unwrap_or((cores / devices).max(1) as i32));
+                tch::set_num_threads(
+                    cfg.runtime
+                        .threads
+                        .unwrap_or((cores / devices).max(1) as i32),
+                );
             }
             let costs = sid_core::stage::profile_costs(model, batch, device, 3);
             tch::set_num_threads(before);
-            let plan = sid_core::StagePlan::balanced(model, cfg.stages, &costs).map_err(core)?;
+            let plan =
+                sid_core::StagePlan::balanced(model, cfg.model.stages, &costs).map_err(core)?;
             let ms: Vec<String> = plan
                 .predicted(&costs)
                 .iter()
@@ -157,14 +161,14 @@ fn stage_plan(
             (plan, Some(note))
         }
         None | Some("auto") | Some("even") => (
-            sid_core::StagePlan::even(model, cfg.stages).map_err(core)?,
+            sid_core::StagePlan::even(model, cfg.model.stages).map_err(core)?,
             None,
         ),
         Some(spec) => (sid_core::StagePlan::parse(spec, model).map_err(core)?, None),
     })
 }
 
-/// Builds the network a config asks for on the given devices, seeded by `cfg.seed`:
+/// Builds the network a config asks for on the given devices, seeded by `cfg.optim.seed`:
 /// SID on one device runs in this thread; SID on several devices runs on the multi-device
 /// runtime; backprop runs on the first device.
 pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
@@ -179,15 +183,15 @@ pub(crate) fn staged_config(
 ) -> sid_runtime::StagedConfig {
     let mut sc = sid_runtime::StagedConfig::new(cfg.model_config(), devices, plan);
     sc.loss = cfg.loss_config();
-    sc.lr = cfg.lr;
+    sc.lr = cfg.optim.lr;
     sc.micro_batches = cfg.resolved_micro_batches();
-    if cfg.method == Method::Bp {
+    if cfg.optim.method == Method::Bp {
         // Backprop's modules all read the final features: they sit on the last stage.
-        sc.method = sid_runtime::PipelineMethod::Bp(cfg.pipeline_schedule);
+        sc.method = sid_runtime::PipelineMethod::Bp(cfg.runtime.pipeline_schedule);
     }
-    sc.timeout = std::time::Duration::from_secs_f64(cfg.step_timeout);
-    sc.threads_per_stage = cfg.threads;
-    sc.streams = cfg.streams;
+    sc.timeout = std::time::Duration::from_secs_f64(cfg.runtime.step_timeout);
+    sc.threads_per_stage = cfg.runtime.threads;
+    sc.streams = cfg.runtime.streams;
     sc
 }
 
@@ -205,11 +209,11 @@ pub fn build_network_on(
     };
     let devices = devices.as_slice();
     let first = devices.first().copied().unwrap_or(Device::Cpu);
-    if cfg.data_parallel > 1 && rdv.is_none() {
+    if cfg.runtime.data_parallel > 1 && rdv.is_none() {
         return Err(TrainError::Config(format!(
             "--data-parallel {} needs one process per replica and stage: add --nproc-per-node {} (or run under torchrun)",
-            cfg.data_parallel,
-            cfg.data_parallel * cfg.stages
+            cfg.runtime.data_parallel,
+            cfg.runtime.data_parallel * cfg.model.stages
         )));
     }
     let staged_plan = if cfg.staged() || rdv.is_some() {
@@ -218,12 +222,12 @@ pub fn build_network_on(
             cfg,
             &model,
             first,
-            devices.len().max(cfg.stages),
+            devices.len().max(cfg.model.stages),
         )?)
     } else {
         None
     };
-    tch::manual_seed(cfg.seed as i64);
+    tch::manual_seed(cfg.optim.seed as i64);
     let whole = vec![(first, 0..model.modules)];
     let runtime = TrainError::Runtime;
     if let Some((plan, note)) = staged_plan {
@@ -234,19 +238,23 @@ pub fn build_network_on(
         }
         if let Some(rdv) = rdv {
             let mut shared = cfg.clone();
-            shared.placement = Some(plan.to_spec());
+            shared.runtime.placement = Some(plan.to_spec());
             rdv.publish_config(&shared)?;
-            let ranks = rdv.groups(plan.len(), cfg.data_parallel, cfg.method == Method::Bp)?;
+            let ranks = rdv.groups(
+                plan.len(),
+                cfg.runtime.data_parallel,
+                cfg.optim.method == Method::Bp,
+            )?;
             if sc.threads_per_stage.is_none() {
                 sc.threads_per_stage = Some(rdv.cpu_threads());
             }
             sc.ranks = Some(ranks);
             // The weights must be drawn exactly as on the other ranks: reseed after the
             // timing above.
-            tch::manual_seed(cfg.seed as i64);
+            tch::manual_seed(cfg.optim.seed as i64);
         }
         let pipeline = sid_runtime::StagedPipeline::new(sc).map_err(runtime)?;
-        let slots = pipeline.plan().len() * cfg.data_parallel.max(1);
+        let slots = pipeline.plan().len() * cfg.runtime.data_parallel.max(1);
         let slots = if rdv.is_some() {
             slots
         } else {
@@ -262,16 +270,16 @@ pub fn build_network_on(
             notes,
         });
     }
-    Ok(match cfg.method {
+    Ok(match cfg.optim.method {
         Method::Sid if devices.len() > 1 => {
             let mut pc = sid_runtime::PipelineConfig::new(model.clone(), devices.to_vec());
             pc.loss = cfg.loss_config();
-            pc.lr = cfg.lr;
-            pc.timeout = std::time::Duration::from_secs_f64(cfg.step_timeout);
-            pc.threads_per_worker = cfg.threads;
-            pc.streams = cfg.streams;
-            pc.fused_teacher = cfg.fused_teacher;
-            pc.placement = match &cfg.placement {
+            pc.lr = cfg.optim.lr;
+            pc.timeout = std::time::Duration::from_secs_f64(cfg.runtime.step_timeout);
+            pc.threads_per_worker = cfg.runtime.threads;
+            pc.streams = cfg.runtime.streams;
+            pc.fused_teacher = cfg.runtime.fused_teacher;
+            pc.placement = match &cfg.runtime.placement {
                 Some(spec) => Some(
                     sid_runtime::Placement::parse(spec, model.modules, devices.len())
                         .map_err(runtime)?,
@@ -293,15 +301,15 @@ pub fn build_network_on(
         }
         Method::Sid => Built {
             net: Box::new(
-                SidNetwork::new(&model, cfg.loss_config(), cfg.lr, first)?
-                    .with_fused_teacher(cfg.fused_teacher),
+                SidNetwork::new(&model, cfg.loss_config(), cfg.optim.lr, first)?
+                    .with_fused_teacher(cfg.runtime.fused_teacher),
             ),
             layout: whole,
             placement: None,
             notes: Vec::new(),
         },
         Method::Bp => Built {
-            net: Box::new(BpNetwork::new(&model, cfg.lr, first)?),
+            net: Box::new(BpNetwork::new(&model, cfg.optim.lr, first)?),
             layout: whole,
             placement: None,
             notes: Vec::new(),
@@ -312,7 +320,8 @@ pub fn build_network_on(
 /// The fault `--inject-fault` asks for (tests), for either runtime.
 #[cfg(feature = "fault-injection")]
 pub(crate) fn injected_fault(cfg: &RunConfig) -> Result<Option<sid_runtime::Fault>> {
-    cfg.inject_fault
+    cfg.runtime
+        .inject_fault
         .as_deref()
         .map(sid_runtime::Fault::parse)
         .transpose()
@@ -330,15 +339,15 @@ fn data_on_input_device(data: Dataset, net: &dyn Network) -> Dataset {
 
 pub(crate) fn load_data(cfg: &RunConfig) -> Result<Dataset> {
     let opts = LoadOptions {
-        limit_train: cfg.limit_train,
-        val_split: cfg.val_split,
-        label_noise: cfg.label_noise,
-        seed: cfg.seed,
-        image_size: cfg.image_size,
-        cache_dir: cfg.cache_dir.clone(),
+        limit_train: cfg.data.limit_train,
+        val_split: cfg.data.val_split,
+        label_noise: cfg.data.label_noise,
+        seed: cfg.optim.seed,
+        image_size: cfg.data.image_size,
+        cache_dir: cfg.data.cache_dir.clone(),
     };
     Ok(sid_data::load(
-        cfg.dataset,
+        cfg.data.dataset,
         &cfg.resolved_data_dir(),
         &opts,
     )?)
@@ -363,20 +372,20 @@ impl Run {
                 dir.display()
             )));
         }
-        let devices = resolve_devices(&cfg.gpus)?;
+        let devices = cfg.runtime.gpus.resolve()?;
         let data = load_data(&cfg)?;
-        cfg.loaded_shape = Some(data.shape);
+        cfg.data.loaded_shape = Some(data.shape);
         let built = build_network_on(&cfg, &devices, rdv)?;
         let data = data_on_input_device(data, built.net.as_ref());
-        cfg.placement = built.placement.clone();
+        cfg.runtime.placement = built.placement.clone();
         let notes = built.notes;
         // Save what was resolved, not what was left to defaults.
-        cfg.augment = Some(cfg.resolved_augment());
-        cfg.micro_batches = Some(cfg.resolved_micro_batches());
+        cfg.data.augment = Some(cfg.resolved_augment());
+        cfg.runtime.micro_batches = Some(cfg.resolved_micro_batches());
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         write_input_spec(dir, &data)?;
-        let position = Position::start(cfg.method, cfg.seed);
+        let position = Position::start(cfg.optim.method, cfg.optim.seed);
         Ok(Self {
             cfg,
             dir: dir.into(),
@@ -413,7 +422,11 @@ impl Run {
     ) -> Result<Self> {
         cfg.validate()?;
         let saved = Self::saved_config(dir)?;
-        let changed = cfg.resume_conflicts(&saved);
+        let changed: Vec<String> = cfg
+            .resume_conflicts(&saved)
+            .iter()
+            .map(|k| crate::config::flag_of(k))
+            .collect();
         if !changed.is_empty() {
             return Err(TrainError::Config(format!(
                 "--resume {}: {} differ from the saved config.toml; only {} may change",
@@ -424,15 +437,15 @@ impl Run {
         }
         let ckpt_path = dir.join(CHECKPOINT_FILE);
         let (named, position) = checkpoint::load(&ckpt_path)?;
-        if position.method != cfg.method || position.seed != cfg.seed {
+        if position.method != cfg.optim.method || position.seed != cfg.optim.seed {
             return Err(TrainError::Checkpoint {
                 path: ckpt_path,
                 reason: "it was written by a different method or seed than config.toml says".into(),
             });
         }
-        let devices = resolve_devices(&cfg.gpus)?;
+        let devices = cfg.runtime.gpus.resolve()?;
         let data = load_data(&cfg)?;
-        cfg.loaded_shape = Some(data.shape);
+        cfg.data.loaded_shape = Some(data.shape);
         let Built {
             mut net,
             layout,
@@ -440,7 +453,7 @@ impl Run {
             notes,
         } = build_network_on(&cfg, &devices, rdv)?;
         let data = data_on_input_device(data, net.as_ref());
-        cfg.placement = placement;
+        cfg.runtime.placement = placement;
         net.load_state(&named).map_err(|e| TrainError::Checkpoint {
             path: ckpt_path.clone(),
             reason: e.to_string(),
@@ -529,7 +542,7 @@ impl Run {
         Ok(path)
     }
 
-    /// Trains until `cfg.epochs` are done or `stop` is set (then a checkpoint is written and
+    /// Trains until `cfg.optim.epochs` are done or `stop` is set (then a checkpoint is written and
     /// [`TrainError::Interrupted`] returned). Every epoch appends to `metrics.jsonl` and
     /// rewrites the checkpoint.
     pub fn train(
@@ -556,7 +569,7 @@ impl Run {
             )));
         }
         let n = self.data.train.len();
-        let steps = sid_data::num_batches(n, self.cfg.batch_size) as usize;
+        let steps = sid_data::num_batches(n, self.cfg.optim.batch_size) as usize;
         let device = self.net.input_device();
         let augment = self.cfg.resolved_augment();
         let mut tracked: Vec<Device> = vec![device];
@@ -564,16 +577,16 @@ impl Run {
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
         let mut stepper =
             crate::graph_step::GraphStepper::new(device, self.cfg.resolved_cuda_graph())?;
-        while self.position.epochs_done < self.cfg.epochs {
+        while self.position.epochs_done < self.cfg.optim.epochs {
             let epoch = self.position.epochs_done + 1;
             let first_step = self.position.step_in_epoch;
             on_event(Event::EpochStart {
                 epoch,
-                epochs: self.cfg.epochs,
+                epochs: self.cfg.optim.epochs,
                 steps,
                 first_step,
             });
-            let perm = sid_data::epoch_permutation(n, self.cfg.seed, epoch as u64);
+            let perm = sid_data::epoch_permutation(n, self.cfg.optim.seed, epoch as u64);
             let started = Instant::now();
             let before = self.position.partial.seconds;
             peaks.start();
@@ -583,11 +596,11 @@ impl Run {
                 let (x, y) = sid_data::batch(
                     &self.data.train,
                     Some(&perm),
-                    self.cfg.batch_size,
+                    self.cfg.optim.batch_size,
                     step as i64,
                 );
                 let x = if augment {
-                    sid_data::augment_batch(&x, 4, self.cfg.seed, epoch as u64, step as u64)
+                    sid_data::augment_batch(&x, 4, self.cfg.optim.seed, epoch as u64, step as u64)
                 } else {
                     x
                 };
@@ -624,10 +637,15 @@ impl Run {
             let peak_memory = peaks.finish();
             let p = std::mem::take(&mut self.position.partial);
             let eval_start = Instant::now();
-            let (test_acc, module_test_acc) =
-                evaluate(self.net.as_mut(), &self.data.test, self.cfg.eval_batch_size)?;
+            let (test_acc, module_test_acc) = evaluate(
+                self.net.as_mut(),
+                &self.data.test,
+                self.cfg.runtime.eval_batch_size,
+            )?;
             let val_acc = match &self.data.val {
-                Some(v) => Some(evaluate(self.net.as_mut(), v, self.cfg.eval_batch_size)?.0),
+                Some(v) => {
+                    Some(evaluate(self.net.as_mut(), v, self.cfg.runtime.eval_batch_size)?.0)
+                }
                 None => None,
             };
             let m = EpochMetrics {
@@ -652,7 +670,7 @@ impl Run {
             self.position.step_in_epoch = 0;
             self.save_checkpoint()?;
             on_event(Event::EpochEnd(&m));
-            if stop.load(Ordering::SeqCst) && epoch < self.cfg.epochs {
+            if stop.load(Ordering::SeqCst) && epoch < self.cfg.optim.epochs {
                 let checkpoint = self.dir.join(CHECKPOINT_FILE);
                 return Err(TrainError::Interrupted {
                     epoch,
@@ -665,7 +683,7 @@ impl Run {
         if let Some(notice) = recorded.dropped_last_line {
             on_event(Event::Notice(notice));
         }
-        let summary = summarize(self.cfg.method, &recorded.records)?;
+        let summary = summarize(self.cfg.optim.method, &recorded.records)?;
         let text = serde_json::to_string_pretty(&summary).expect("summary serialises");
         checkpoint::write_atomic(&self.dir.join(SUMMARY_FILE), text.as_bytes())?;
         Ok(summary)
