@@ -24,6 +24,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod links;
+pub mod paper;
 pub mod placement;
 pub mod ranks;
 pub mod schedule;
