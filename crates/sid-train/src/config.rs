@@ -402,7 +402,12 @@ impl RunConfig {
                 self.batch_size
             ));
         }
-        if self.staged() {
+        // The paper's SID on several devices takes micro-batches too, with its own placement.
+        let paper = self.method == Method::Sid
+            && self.stages == 1
+            && self.data_parallel == 1
+            && workers > 1;
+        if self.staged() && !paper {
             if asked {
                 return bad(
                     "--cuda-graph does not work with --stages or --micro-batches yet; leave it off"
