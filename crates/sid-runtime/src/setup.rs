@@ -32,7 +32,8 @@ pub struct StagedConfig {
     /// Adam learning rate.
     pub lr: f64,
     /// One device (the stages run one after another in the caller's thread) or one per stage
-    /// (a thread each; a device may be named several times).
+    /// (a thread each; a device may be named several times). [`PipelineMethod::Paper`]: one
+    /// per module block, the extractor on the first.
     pub devices: Vec<Device>,
     /// Which blocks and modules each stage owns.
     pub plan: StagePlan,

@@ -43,7 +43,9 @@ enum Engine {
     },
 }
 
-/// Staged SID as a pipeline of stages ([`sid_core::stage`]), on one device or one per stage.
+/// Staged SID as a pipeline of stages ([`sid_core::stage`]), on one device or one per stage;
+/// also the BP baseline cut at the same blocks, and the paper's SID with its modules spread
+/// over devices ([`PipelineMethod::Paper`]: the extractor as stage 1, see [`crate::paper`]).
 ///
 /// ```
 /// use sid_core::{ExtractorKind, ModelConfig, Network, StagePlan};
