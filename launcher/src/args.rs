@@ -121,7 +121,9 @@ pub struct Cli {
     pub stages: Option<usize>,
     /// Micro-batches per step: each stage accumulates their gradients and steps once; stages
     /// work on different micro-batches at the same time (default: 1 for SID; for --method bp
-    /// with --stages K, the largest divisor of the batch up to 2K).
+    /// with --stages K, the largest divisor of the batch up to 2K). The paper mode (--stages 1,
+    /// several devices) with M > 1 runs its extractor as a stage that forwards micro-batch j+1
+    /// while the modules work on j.
     #[arg(long)]
     pub micro_batches: Option<usize>,
     /// Data-parallel replicas R of the pipeline, one process per replica and stage (world =

@@ -531,6 +531,50 @@ fn four_cpu_workers_train_to_the_same_result_as_one_device() {
 }
 
 #[test]
+fn paper_mode_with_micro_batches_trains_like_one_device() {
+    // The paper's SID on two CPU workers with two micro-batches per step runs as a stage
+    // pipeline (the extractor, then the module blocks): the same training as one device.
+    let dir = tempfile::tempdir().unwrap();
+    let one = dir.path().join("one");
+    let two = dir.path().join("two");
+    run_ok(&quick(&one, &["--epochs", "1", "--modules", "4"]));
+    let out = run_ok(&quick(
+        &two,
+        &[
+            "--epochs",
+            "1",
+            "--modules",
+            "4",
+            "--gpus",
+            "cpu:2",
+            "--micro-batches",
+            "2",
+        ],
+    ));
+    assert!(
+        stderr(&out).contains("placement: worker 0 on cpu: modules 1-2;"),
+        "{}",
+        stderr(&out)
+    );
+    let (a, b) = (metrics(&one), metrics(&two));
+    let (la, lb) = (
+        a[0]["train_loss"].as_f64().unwrap(),
+        b[0]["train_loss"].as_f64().unwrap(),
+    );
+    assert!((la - lb).abs() <= 1e-4 * la.abs(), "{la} vs {lb}");
+    // Its checkpoint has the single-device names: it resumes on one device.
+    run_ok(&[
+        "--resume".into(),
+        two.display().to_string(),
+        "--epochs".into(),
+        "2".into(),
+        "--gpus".into(),
+        "cpu".into(),
+    ]);
+    assert_eq!(metrics(&two).len(), 2);
+}
+
+#[test]
 fn a_failing_worker_stops_the_run_and_keeps_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");

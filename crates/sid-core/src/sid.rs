@@ -60,15 +60,27 @@ pub fn teacher_beliefs<'a>(
     z: &Tensor,
     num_classes: i64,
 ) -> Vec<Tensor> {
+    let p0 = uniform_belief(z.size()[0], num_classes, z.device());
+    teacher_chain(modules, p0, z).0
+}
+
+/// Phase 1 for consecutive modules whose first one's teacher is `p_in` (the uniform `p_0`,
+/// or the belief leaving the modules before them): each module's teacher belief, and the
+/// belief leaving the last one.
+pub fn teacher_chain<'a>(
+    modules: impl Iterator<Item = &'a ModuleUnit>,
+    p_in: Tensor,
+    z: &Tensor,
+) -> (Vec<Tensor>, Tensor) {
     let _span = tracing::trace_span!("phase1").entered();
-    let mut p = uniform_belief(z.size()[0], num_classes, z.device());
+    let mut p = p_in;
     let mut teachers = Vec::new();
     for m in modules {
         let next = m.teacher(&p, z);
         teachers.push(p);
         p = next;
     }
-    teachers
+    (teachers, p)
 }
 
 /// The forward chain without gradient: every module's logits for features `z`, computed at

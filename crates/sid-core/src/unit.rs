@@ -129,8 +129,13 @@ impl ModuleUnit {
     /// parameters), so the fused schedule can pass it on as the next module's teacher instead
     /// of running a separate phase-1 forward.
     pub fn forward_step(&mut self, p_prev: &Tensor, z: &Tensor) -> Tensor {
-        let _span = tracing::trace_span!("forward_module", module = self.index + 1).entered();
         self.opt.zero_grad();
+        self.forward_keep(p_prev, z)
+    }
+
+    /// The forward of a local step with its graph kept in `pending`; gradients are not cleared.
+    fn forward_keep(&mut self, p_prev: &Tensor, z: &Tensor) -> Tensor {
+        let _span = tracing::trace_span!("forward_module", module = self.index + 1).entered();
         let z_in = z.detach().set_requires_grad(true);
         let logits = self.logits(p_prev, &z_in);
         let next = belief(&logits.detach());
@@ -150,20 +155,47 @@ impl ModuleUnit {
     /// Second half of a local step: the loss of the pending forward, backward, Adam step.
     pub fn finish_step(&mut self, target: &LabelTarget) -> Result<LocalOutput> {
         let _span = tracing::trace_span!("phase2_module", module = self.index + 1).entered();
+        let out = self.backward_pending(target, 1.0)?;
+        {
+            let _s = tracing::trace_span!("adam").entered();
+            self.opt.step();
+        }
+        Ok(out)
+    }
+
+    /// A local step on one micro-batch of a step: forward, backward of `scale · L_i` into this
+    /// module's gradients, which add up over the step's micro-batches until
+    /// [`ModuleUnit::apply`]. `scale` is the micro-batch's share of the batch, so the returned
+    /// loss and `∂(scale·L_i)/∂z` sum over micro-batches to the batch's.
+    pub fn accumulate_step(
+        &mut self,
+        p_prev: &Tensor,
+        z: &Tensor,
+        target: &LabelTarget,
+        scale: f64,
+    ) -> Result<LocalOutput> {
+        let _ = self.forward_keep(p_prev, z);
+        self.backward_pending(target, scale)
+    }
+
+    /// The loss of the pending forward, scaled, and its backward (no optimiser step).
+    fn backward_pending(&mut self, target: &LabelTarget, scale: f64) -> Result<LocalOutput> {
         let (z_in, logits, p_prev) = self.take_pending()?;
         let loss = {
             let _s = tracing::trace_span!("local_loss").entered();
-            local_loss_for(&logits, &p_prev, target)
+            let l = local_loss_for(&logits, &p_prev, target);
+            // Multiplying by 1 would still be exact, but skip it: one kernel less.
+            if scale == 1.0 {
+                l
+            } else {
+                l * scale
+            }
         };
         {
             let _s = tracing::trace_span!("module_backward").entered();
             loss.f_backward()?;
         }
         let grad_z = z_in.grad().detach();
-        {
-            let _s = tracing::trace_span!("adam").entered();
-            self.opt.step();
-        }
         Ok(LocalOutput {
             loss: loss.detach(),
             grad_z,
@@ -298,6 +330,12 @@ impl ExtractorUnit {
         self.vs.device()
     }
 
+    /// Moves parameters and optimizer state to `device` (a stage does this in its own thread).
+    pub fn to_device(&mut self, device: Device) {
+        self.vs.set_device(device);
+        self.opt.to_device(device);
+    }
+
     /// `z = c(x)` for a training step, with gradient, float32 (computed at the unit's
     /// precision); BatchNorm normalises with the batch's statistics and updates its running
     /// ones.
@@ -321,13 +359,27 @@ impl ExtractorUnit {
     /// Backpropagates the summed gradient `grad_z` that the modules sent back through `z`
     /// (the graph of [`ExtractorUnit::forward`]) and steps the extractor's Adam.
     pub fn backward_step(&mut self, z: &Tensor, grad_z: &Tensor) -> Result<()> {
-        let _span = tracing::trace_span!("extractor_backward").entered();
         self.opt.zero_grad();
+        self.accumulate_backward(z, grad_z)?;
+        self.opt.step();
+        Ok(())
+    }
+
+    /// Backpropagates `grad_z` through `z` (the graph of [`ExtractorUnit::forward`]) into the
+    /// extractor's gradients, which add up over a step's micro-batches until
+    /// [`ExtractorUnit::apply`].
+    pub fn accumulate_backward(&mut self, z: &Tensor, grad_z: &Tensor) -> Result<()> {
+        let _span = tracing::trace_span!("extractor_backward").entered();
         (z * grad_z.detach())
             .f_sum(tch::Kind::Float)?
             .f_backward()?;
-        self.opt.step();
         Ok(())
+    }
+
+    /// One Adam step from the accumulated gradients, then clears them.
+    pub fn apply(&mut self) {
+        self.opt.step();
+        self.opt.zero_grad();
     }
 
     /// Weights and Adam state as named CPU tensors.

@@ -10,6 +10,8 @@
 //! - [`schedule`]: what a stage does with each message, written once;
 //! - [`transport`]: how messages move between stages (one thread, or a thread per stage);
 //! - [`ranks`] and [`links`]: stages and replicas in other processes, over c10d;
+//! - [`paper`]: the paper's SID on the stage pipeline (the extractor as stage 1, module
+//!   blocks after it), used with micro-batches;
 //! - [`coordinator`]: the paper-mode step schedule, broadcasts, gradient sum, the extractor;
 //! - [`worker`]: the per-device thread and its messages;
 //! - [`placement`]: which modules each worker owns;
@@ -24,6 +26,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod links;
+pub mod paper;
 pub mod placement;
 pub mod ranks;
 pub mod schedule;

@@ -597,6 +597,9 @@ pub(crate) fn spawn_coordinator_links(
         grads_in,
         grads_out: None,
         replicas: replica_reducer(ranks),
+        grads_to_first: None,
+        grads_from_modules: Vec::new(),
+        next_grad_from: 0,
     };
     let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
     threads.insert(
@@ -718,6 +721,9 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         grads_in,
         grads_out,
         replicas: replica_reducer(ranks),
+        grads_to_first: None,
+        grads_from_modules: Vec::new(),
+        next_grad_from: 0,
     };
     let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
     let stage = spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout);

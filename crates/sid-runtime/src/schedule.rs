@@ -16,11 +16,12 @@
 use std::time::{Duration, Instant};
 
 use sid_core::bp_stage::BpStage;
-use sid_core::{NamedTensors, Stage};
+use sid_core::{ExtractorUnit, NamedTensors, Stage};
 use tch::{Kind as TKind, Tensor};
 
 #[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
+use crate::paper::{extractor_ops, ModuleBlock};
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 
 /// How a backprop pipeline orders a stage's forwards and backwards within a step.
@@ -94,6 +95,11 @@ pub enum Work {
     Sid(Stage),
     /// A stage of the pipelined BP baseline, its schedule and the number of stages.
     Bp(BpStage, BpSchedule, usize),
+    /// The paper's SID, stage 1: the extractor alone, and the number of module stages whose
+    /// gradients it sums.
+    Extractor(ExtractorUnit, usize),
+    /// The paper's SID, a later stage: a block of belief modules.
+    Modules(ModuleBlock),
 }
 
 impl Work {
@@ -101,6 +107,8 @@ impl Work {
         match self {
             Self::Sid(s) => s.index(),
             Self::Bp(s, ..) => s.index(),
+            Self::Extractor(..) => 0,
+            Self::Modules(b) => b.index(),
         }
     }
 
@@ -109,6 +117,8 @@ impl Work {
         match self {
             Self::Sid(s) => s.to_device(device),
             Self::Bp(s, ..) => s.to_device(device),
+            Self::Extractor(e, _) => e.to_device(device),
+            Self::Modules(b) => b.to_device(device),
         }
     }
 }
@@ -240,8 +250,10 @@ impl StageRunner {
     /// Handles one message: the whole schedule of a stage.
     pub fn handle(&mut self, msg: Message, t: &mut dyn Transport) -> Result<(), Failure> {
         let index = self.work.index();
-        if let (Message::Train { .. }, Work::Bp(..)) = (&msg, &self.work) {
-            return self.bp_step(msg, t);
+        match (&msg, &self.work) {
+            (Message::Train { .. }, Work::Bp(..)) => return self.bp_step(msg, t),
+            (Message::Train { .. }, Work::Extractor(..)) => return self.extractor_step(msg, t),
+            _ => {}
         }
         match msg {
             Message::Train {
@@ -281,24 +293,46 @@ impl StageRunner {
                     self.forward = Duration::ZERO;
                 }
                 let input = self.strike(tag.step, input)?;
-                let Work::Sid(stage) = &mut self.work else {
-                    unreachable!("backprop steps are handled above")
+                let l = match &mut self.work {
+                    Work::Sid(stage) => {
+                        let target = stage.label_target(&labels);
+                        let out = stage.forward_micro(&input, &p, &target);
+                        self.forward += started.elapsed();
+                        if let Some(z) = out.z {
+                            // Downstream can start on this micro-batch while this stage runs
+                            // backward.
+                            t.send_down(Message::Train {
+                                tag,
+                                micro_batches,
+                                input: z,
+                                p: out.p,
+                                labels,
+                                scale,
+                            })?;
+                        }
+                        stage.backward_micro(scale)?
+                    }
+                    Work::Modules(block) => {
+                        // Phase 1 (graph-free), passed on at once; then phase 2, whose
+                        // gradient at z goes straight to the extractor.
+                        let p_out = block.forward_micro(&input, &p, &labels);
+                        self.forward += started.elapsed();
+                        t.send_down(Message::Train {
+                            tag,
+                            micro_batches,
+                            input: input.shallow_clone(),
+                            p: p_out,
+                            labels,
+                            scale,
+                        })?;
+                        let (l, grad_z) = block.backward_micro(scale)?;
+                        t.send_grad_to_first(tag, grad_z)?;
+                        l
+                    }
+                    Work::Bp(..) | Work::Extractor(..) => {
+                        unreachable!("whole steps are handled above")
+                    }
                 };
-                let target = stage.label_target(&labels);
-                let out = stage.forward_micro(&input, &p, &target);
-                self.forward += started.elapsed();
-                if let Some(z) = out.z {
-                    // Downstream can start on this micro-batch while this stage runs backward.
-                    t.send_down(Message::Train {
-                        tag,
-                        micro_batches,
-                        input: z,
-                        p: out.p,
-                        labels,
-                        scale,
-                    })?;
-                }
-                let l = stage.backward_micro(scale)?;
                 self.losses = Some(match self.losses.take() {
                     None => l,
                     Some(acc) => acc + l,
@@ -306,10 +340,21 @@ impl StageRunner {
                 self.next_micro = tag.micro + 1;
                 if self.next_micro == micro_batches {
                     self.next_micro = 0;
-                    t.reduce_gradients(&stage.gradients())?;
-                    stage.apply();
+                    let first = match &mut self.work {
+                        Work::Sid(stage) => {
+                            t.reduce_gradients(&stage.gradients())?;
+                            stage.apply();
+                            stage.spec().modules.start
+                        }
+                        Work::Modules(block) => {
+                            block.apply();
+                            block.range().start
+                        }
+                        Work::Bp(..) | Work::Extractor(..) => {
+                            unreachable!("whole steps are handled above")
+                        }
+                    };
                     let losses = self.losses.take().expect("at least one micro-batch");
-                    let first = stage.spec().modules.start;
                     let losses = sid_core::unit::read_losses(&losses.to_kind(TKind::Float), first)?;
                     self.busy += started.elapsed();
                     t.report(Report::Losses {
@@ -331,6 +376,11 @@ impl StageRunner {
                         let (h, logits) = stage.cascade(&input);
                         (h, logits, p)
                     }
+                    Work::Extractor(e, _) => (Some(e.infer(&input)), Vec::new(), p),
+                    Work::Modules(block) => {
+                        let (logits, p_out) = block.cascade(&input, &p);
+                        (Some(input), logits, p_out)
+                    }
                 };
                 if let Some(z) = z {
                     t.send_down(Message::Eval {
@@ -351,6 +401,8 @@ impl StageRunner {
                 let state = match &self.work {
                     Work::Sid(stage) => stage.state(),
                     Work::Bp(stage, ..) => stage.state(),
+                    Work::Extractor(e, _) => e.state(),
+                    Work::Modules(block) => block.state(),
                 };
                 t.report(Report::State {
                     stage: index,
@@ -370,6 +422,8 @@ impl StageRunner {
                 match &mut self.work {
                     Work::Sid(stage) => stage.load_state(&mine)?,
                     Work::Bp(stage, ..) => stage.load_state(&mine)?,
+                    Work::Extractor(e, _) => e.load_state(&mine)?,
+                    Work::Modules(block) => block.load_state(&mine)?,
                 }
                 t.send_down(Message::Load { tag, named })?;
                 t.report(Report::Loaded { stage: index })?;
@@ -543,6 +597,129 @@ impl StageRunner {
             stage: index,
             step,
             losses,
+            busy: started.elapsed().saturating_sub(waiting),
+            forward,
+        })?;
+        Ok(())
+    }
+    /// The paper's SID, stage 1: a whole step from its first micro-batch, in the order of
+    /// [`extractor_ops`]. A forward sends `(sg(z), p_0)` down and keeps `z`'s graph; a
+    /// backward waits for every module stage's gradient of that micro-batch, sums them in
+    /// stage order and backpropagates the sum through `z`. Then one Adam step and the report.
+    fn extractor_step(&mut self, first: Message, t: &mut dyn Transport) -> Result<(), Failure> {
+        let Message::Train {
+            tag, micro_batches, ..
+        } = &first
+        else {
+            unreachable!("called with a training message")
+        };
+        let (step, m) = (tag.step, *micro_batches);
+        if tag.micro != 0 || step <= self.step {
+            return Err(Failure::new(format!(
+                "stage 1 got micro-batch {} of step {step} while expecting the start of step {}",
+                tag.micro,
+                self.step + 1
+            )));
+        }
+        self.step = step;
+        let timeout = self.bp_timeout;
+        #[cfg(feature = "fault-injection")]
+        let fault = self.fault;
+        let Work::Extractor(extractor, module_stages) = &mut self.work else {
+            unreachable!("the extractor stage")
+        };
+        let started = Instant::now();
+        let mut forward = Duration::ZERO;
+        let mut waiting = Duration::ZERO;
+        let mut next = Some(first);
+        // Each micro-batch's features keep their graph until its backward.
+        let mut zs: Vec<Option<Tensor>> = (0..m).map(|_| None).collect();
+        for op in extractor_ops(m) {
+            match op {
+                Op::Forward(j) => {
+                    let msg = match next.take() {
+                        Some(msg) => msg,
+                        None => {
+                            let w = Instant::now();
+                            let got = t.recv(timeout)?;
+                            waiting += w.elapsed();
+                            match got {
+                                Received::Message(msg) => msg,
+                                _ => {
+                                    return Err(Failure::new(format!(
+                                        "stage 1 waited {} s for micro-batch {j} of step {step} from the coordinator and gave up",
+                                        timeout.as_secs()
+                                    )))
+                                }
+                            }
+                        }
+                    };
+                    let Message::Train {
+                        tag,
+                        input,
+                        p,
+                        labels,
+                        scale,
+                        ..
+                    } = msg
+                    else {
+                        return Err(Failure::new(format!(
+                            "stage 1 got another message in the middle of step {step}"
+                        )));
+                    };
+                    if tag.step != step || tag.micro != j {
+                        return Err(Failure::new(format!(
+                            "stage 1 got micro-batch {} of step {} while expecting micro-batch {j} of step {step}",
+                            tag.micro, tag.step
+                        )));
+                    }
+                    #[cfg(feature = "fault-injection")]
+                    let input = match fault.filter(|f| f.step == step) {
+                        Some(f) if j == 0 => strike(f.kind, step, input)?,
+                        _ => input,
+                    };
+                    let f0 = Instant::now();
+                    let z = extractor.forward(&input);
+                    forward += f0.elapsed();
+                    t.send_down(Message::Train {
+                        tag,
+                        micro_batches: m,
+                        input: z.detach(),
+                        p,
+                        labels,
+                        scale,
+                    })?;
+                    zs[j] = Some(z);
+                }
+                Op::Backward(j) => {
+                    let mut grad_z = None;
+                    for w in 0..*module_stages {
+                        let wait = Instant::now();
+                        let (gtag, g) = t.recv_grad(timeout)?;
+                        waiting += wait.elapsed();
+                        if gtag.step != step || gtag.micro != j {
+                            return Err(Failure::new(format!(
+                                "stage 1 got stage {}'s gradient of micro-batch {} of step {} while expecting micro-batch {j} of step {step}",
+                                w + 2,
+                                gtag.micro,
+                                gtag.step
+                            )));
+                        }
+                        grad_z = Some(sid_core::unit::add_next(grad_z, g));
+                    }
+                    let z = zs[j].take().expect("a forward precedes its backward");
+                    let grad_z = grad_z.ok_or_else(|| {
+                        Failure::new("the extractor has no module stages to wait for")
+                    })?;
+                    extractor.accumulate_backward(&z, &grad_z)?;
+                }
+            }
+        }
+        extractor.apply();
+        t.report(Report::Losses {
+            stage: 0,
+            step,
+            losses: Vec::new(),
             busy: started.elapsed().saturating_sub(waiting),
             forward,
         })?;

@@ -15,6 +15,7 @@ use tch::Device;
 
 #[cfg(feature = "fault-injection")]
 use crate::fault::Fault;
+use crate::placement::Placement;
 use crate::ranks::Ranks;
 use crate::schedule::{drive, BpSchedule, Failure, StageRunner, Work};
 use crate::streams;
@@ -31,7 +32,8 @@ pub struct StagedConfig {
     /// Adam learning rate.
     pub lr: f64,
     /// One device (the stages run one after another in the caller's thread) or one per stage
-    /// (a thread each; a device may be named several times).
+    /// (a thread each; a device may be named several times). [`PipelineMethod::Paper`]: one
+    /// per module block, the extractor on the first.
     pub devices: Vec<Device>,
     /// Which blocks and modules each stage owns.
     pub plan: StagePlan,
@@ -48,6 +50,9 @@ pub struct StagedConfig {
     pub fault: Option<Fault>,
     /// What the stages train: staged SID, or the BP baseline cut at the same blocks.
     pub method: PipelineMethod,
+    /// The paper's SID ([`PipelineMethod::Paper`]): which modules each device of `devices`
+    /// owns; `None` = as even as possible.
+    pub placement: Option<Placement>,
     /// Stages (and data-parallel replicas) in other processes, linked by c10d: this process
     /// is rank 0 and runs stage 1 of replica 1 itself; `devices` then names its device only.
     pub ranks: Option<Ranks>,
@@ -61,6 +66,10 @@ pub enum PipelineMethod {
     /// The BP baseline cut at the same blocks (its modules on the last stage), pipelined with
     /// this schedule; every step flushes.
     Bp(BpSchedule),
+    /// The paper's SID (`--stages 1`, modules on several devices): stage 1 is the extractor
+    /// (on the first device), then one stage per device of `devices` with its block of
+    /// modules, which sends its gradient at `z` back to stage 1; every step flushes.
+    Paper,
 }
 
 impl StagedConfig {
@@ -80,6 +89,7 @@ impl StagedConfig {
             #[cfg(feature = "fault-injection")]
             fault: None,
             method: PipelineMethod::Sid,
+            placement: None,
             ranks: None,
         }
     }
@@ -109,6 +119,14 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
                 .map(|s| Work::Bp(s, schedule, k))
                 .collect()
         }
+        PipelineMethod::Paper => {
+            let placement = paper_placement(cfg)?;
+            let (extractor, blocks) =
+                crate::paper::build_paper(&cfg.model, cfg.loss, cfg.lr, placement.blocks())?;
+            std::iter::once(Work::Extractor(extractor, blocks.len()))
+                .chain(blocks.into_iter().map(Work::Modules))
+                .collect()
+        }
     };
     Ok(work
         .into_iter()
@@ -119,6 +137,29 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
             runner
         })
         .collect())
+}
+
+/// The paper's SID: the module blocks of `cfg.devices`, checked against the model.
+pub(crate) fn paper_placement(cfg: &StagedConfig) -> Result<Placement> {
+    let workers = cfg.devices.len();
+    let placement = match cfg.placement.clone() {
+        Some(p) if p.workers() != workers => {
+            return Err(crate::RuntimeError::Placement(format!(
+                "{} blocks for {workers} devices",
+                p.workers()
+            )))
+        }
+        Some(p) => p,
+        None => Placement::even(cfg.model.modules, workers)?,
+    };
+    if placement.blocks().last().map(|b| b.end) != Some(cfg.model.modules) {
+        return Err(crate::RuntimeError::Placement(format!(
+            "placement {} does not cover {} modules",
+            placement.to_spec(),
+            cfg.model.modules
+        )));
+    }
+    Ok(placement)
 }
 
 /// Intra-op threads for each CPU stage of this process: `threads_per_stage`, or the cores

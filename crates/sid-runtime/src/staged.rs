@@ -19,7 +19,8 @@ use tch::{Device, Tensor};
 
 use crate::schedule::{drive, StageRunner, Work};
 use crate::setup::{
-    build_runners, cpu_threads_per_stage, spawn_stage, PipelineMethod, StageThread, StagedConfig,
+    build_runners, cpu_threads_per_stage, paper_placement, spawn_stage, PipelineMethod,
+    StageThread, StagedConfig,
 };
 use crate::streams;
 use crate::transport::{ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
@@ -42,7 +43,9 @@ enum Engine {
     },
 }
 
-/// Staged SID as a pipeline of stages ([`sid_core::stage`]), on one device or one per stage.
+/// Staged SID as a pipeline of stages ([`sid_core::stage`]), on one device or one per stage;
+/// also the BP baseline cut at the same blocks, and the paper's SID with its modules spread
+/// over devices ([`PipelineMethod::Paper`]: the extractor as stage 1, see [`crate::paper`]).
 ///
 /// ```
 /// use sid_core::{ExtractorKind, ModelConfig, Network, StagePlan};
@@ -101,9 +104,19 @@ impl StagedPipeline {
     /// see [`sid_core::stage::build_stages`]) and starts a thread per stage when there is a
     /// device per stage.
     pub fn new(cfg: StagedConfig) -> Result<Self> {
-        let k = cfg.plan.len();
+        let paper = cfg.method == PipelineMethod::Paper;
+        let k = if paper {
+            cfg.devices.len() + 1
+        } else {
+            cfg.plan.len()
+        };
         let d = cfg.devices.len();
-        if d != 1 && d != k {
+        if paper && (cfg.plan.len() != 1 || cfg.ranks.is_some() || d == 0) {
+            return Err(RuntimeError::Config(
+                "the paper's SID pipeline takes a one-stage plan, at least one device and no other ranks".into(),
+            ));
+        }
+        if !paper && d != 1 && d != k {
             return Err(RuntimeError::Placement(format!(
                 "{k} stages on {d} devices: give one device (the stages then run one after another) or one per stage"
             )));
@@ -113,8 +126,32 @@ impl StagedPipeline {
                 "--micro-batches must be at least 1".into(),
             ));
         }
-        let devices: Vec<Device> = (0..k).map(|s| cfg.devices[s % d]).collect();
-        let specs = cfg.plan.stages().to_vec();
+        let (devices, specs): (Vec<Device>, Vec<StageSpec>) = if paper {
+            // The extractor shares the first device with the first module block.
+            let blocks = cfg.plan.stages()[0].blocks.clone();
+            let after = blocks.end..blocks.end;
+            let placement = paper_placement(&cfg)?;
+            let specs = std::iter::once(StageSpec {
+                blocks,
+                modules: 0..0,
+            })
+            .chain(placement.blocks().iter().map(|m| StageSpec {
+                blocks: after.clone(),
+                modules: m.clone(),
+            }))
+            .collect();
+            (
+                std::iter::once(cfg.devices[0])
+                    .chain(cfg.devices.iter().copied())
+                    .collect(),
+                specs,
+            )
+        } else {
+            (
+                (0..k).map(|s| cfg.devices[s % d]).collect(),
+                cfg.plan.stages().to_vec(),
+            )
+        };
         let runners = build_runners(&cfg)?;
         let mut names: Vec<String> = devices.iter().map(|d| device_name(*d)).collect();
         let mut replicas = 1;
@@ -128,7 +165,7 @@ impl StagedPipeline {
                 reports: l.reports,
                 threads: l.threads,
             }
-        } else if d == 1 && cfg.method == PipelineMethod::Sid {
+        } else if d == 1 && k == cfg.plan.len() && cfg.method == PipelineMethod::Sid {
             let mut runners = runners;
             for r in &mut runners {
                 r.work_mut().to_device(devices[0]);
@@ -174,6 +211,8 @@ impl StagedPipeline {
         self.devices
             .iter()
             .zip(&self.specs)
+            // The paper's extractor stage owns no module.
+            .filter(|(_, s)| !s.modules.is_empty())
             .map(|(d, s)| (*d, s.modules.clone()))
             .collect()
     }
@@ -193,6 +232,14 @@ impl StagedPipeline {
     pub fn describe(&self, slot: usize) -> String {
         let k = self.specs.len();
         let s = &self.specs[slot % k];
+        if self.method == PipelineMethod::Paper {
+            let what = if s.modules.is_empty() {
+                "the extractor".to_string()
+            } else {
+                format!("modules {}-{}", s.modules.start + 1, s.modules.end)
+            };
+            return format!("stage {} ({}, {what})", slot + 1, self.names[slot]);
+        }
         let replica = if self.replicas > 1 {
             format!(" of replica {}", slot / k + 1)
         } else {
@@ -202,7 +249,7 @@ impl StagedPipeline {
             PipelineMethod::Sid => format!(", modules {}-{}", s.modules.start + 1, s.modules.end),
             // Backprop's modules all read the final features: they sit on the last stage.
             PipelineMethod::Bp(_) if slot % k + 1 == k => format!(", modules 1-{}", self.modules),
-            PipelineMethod::Bp(_) => String::new(),
+            PipelineMethod::Bp(_) | PipelineMethod::Paper => String::new(),
         };
         format!(
             "stage {}{replica} ({}, blocks {}-{}{modules})",
@@ -358,7 +405,7 @@ impl StagedPipeline {
         };
         let k = self.specs.len();
         let expected = match self.method {
-            PipelineMethod::Sid => self.specs[stage % k].modules.len(),
+            PipelineMethod::Sid | PipelineMethod::Paper => self.specs[stage % k].modules.len(),
             PipelineMethod::Bp(_) => usize::from(stage % k + 1 == k),
         };
         let bad = RuntimeError::Protocol(format!(
@@ -403,7 +450,7 @@ impl StagedPipeline {
                 loss,
                 // Backprop has one loss, not one per module.
                 module_losses: match self.method {
-                    PipelineMethod::Sid => losses,
+                    PipelineMethod::Sid | PipelineMethod::Paper => losses,
                     PipelineMethod::Bp(_) => Vec::new(),
                 },
             });
@@ -581,6 +628,18 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let bp = matches!(cfg.method, PipelineMethod::Bp(_));
     // Backprop: gradients flow back from stage s+1 to stage s.
     let mut grads_out: Option<Sender<(Tag, Tensor)>> = None;
+    // The paper's SID: a gradient channel from each module stage straight to stage 1.
+    let paper = cfg.method == PipelineMethod::Paper;
+    let (mut to_first, mut from_modules): (Vec<_>, Vec<_>) = if paper {
+        (1..k)
+            .map(|_| {
+                let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
+                (Some(tx), rx)
+            })
+            .unzip()
+    } else {
+        (Vec::new(), Vec::new())
+    };
     for (s, runner) in runners.into_iter().enumerate() {
         let (down_tx, down_rx) = if s + 1 < k {
             let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
@@ -605,6 +664,17 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
             grads_in,
             grads_out: grads_out.take(),
             replicas: None,
+            grads_to_first: if s > 0 {
+                to_first.get_mut(s - 1).and_then(Option::take)
+            } else {
+                None
+            },
+            grads_from_modules: if s == 0 {
+                std::mem::take(&mut from_modules)
+            } else {
+                Vec::new()
+            },
+            next_grad_from: 0,
         };
         grads_out = grad_tx;
         let threads_here = (device == Device::Cpu).then_some(cpu_threads);
@@ -630,7 +700,7 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
 impl Network for StagedPipeline {
     fn method(&self) -> Method {
         match self.method {
-            PipelineMethod::Sid => Method::Sid,
+            PipelineMethod::Sid | PipelineMethod::Paper => Method::Sid,
             PipelineMethod::Bp(_) => Method::Bp,
         }
     }

@@ -197,13 +197,24 @@ pub trait Transport {
             tag.step
         )))
     }
+    /// The paper's SID: sends the sum of this module stage's `∂L/∂z` for micro-batch `tag`
+    /// straight to stage 1, the extractor (not to the previous stage). Stage 1 receives these
+    /// with [`Transport::recv_grad`], from module stages 2, 3, … in turn.
+    fn send_grad_to_first(&mut self, tag: Tag, _grad: Tensor) -> Result<()> {
+        Err(RuntimeError::Config(format!(
+            "this transport carries no gradients to the extractor (step {})",
+            tag.step
+        )))
+    }
     /// Data-parallel replicas: sums this stage's gradients over the stage's replicas, in
     /// place, before its optimiser step. One replica (the default): nothing to do.
     fn reduce_gradients(&mut self, _grads: &[Tensor]) -> Result<()> {
         Ok(())
     }
-    /// Backprop pipelines: the next gradient of this stage's output from the next stage,
-    /// waiting at most `timeout`.
+    /// Backprop pipelines: the next gradient of this stage's output from the next stage; the
+    /// paper's SID, on stage 1: the next module stage's gradient at `z`, from stages 2, 3, …
+    /// in turn (so one micro-batch's gradients arrive together, in stage order). Waits at most
+    /// `timeout`.
     fn recv_grad(&mut self, _timeout: Duration) -> Result<(Tag, Tensor)> {
         Err(RuntimeError::Config(
             "this transport carries no gradients back".into(),
@@ -273,6 +284,13 @@ pub struct ChannelTransport {
     pub grads_out: Option<Sender<(Tag, Tensor)>>,
     /// Data-parallel replicas of this stage in other processes, if any.
     pub replicas: Option<Box<dyn GradReducer>>,
+    /// The paper's SID, on a module stage: its gradients at `z` to stage 1.
+    pub grads_to_first: Option<Sender<(Tag, Tensor)>>,
+    /// The paper's SID, on stage 1: one channel from each module stage, in stage order.
+    pub grads_from_modules: Vec<Receiver<(Tag, Tensor)>>,
+    /// The module stage whose gradient [`Transport::recv_grad`] takes next (an index into
+    /// `grads_from_modules`).
+    pub next_grad_from: usize,
 }
 
 impl Transport for ChannelTransport {
@@ -353,8 +371,42 @@ impl Transport for ChannelTransport {
             })
     }
 
+    fn send_grad_to_first(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
+        let Some(tx) = &self.grads_to_first else {
+            return Err(RuntimeError::Protocol(format!(
+                "stage {} has no gradient channel to the extractor",
+                self.stage + 1
+            )));
+        };
+        streams::sync_device(self.device)?;
+        tx.send_timeout((tag, grad), self.timeout)
+            .map_err(|e| match e {
+                SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
+                    waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
+                    waited_for: format!(
+                        "stage 1 (the extractor) to take the gradient of micro-batch {} of step {}",
+                        tag.micro, tag.step
+                    ),
+                    timeout: self.timeout,
+                },
+                SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(format!(
+                    "stage 1 (the extractor) has stopped, so stage {} cannot send its gradient of step {}",
+                    self.stage + 1,
+                    tag.step
+                )),
+            })
+    }
+
     fn recv_grad(&mut self, timeout: Duration) -> Result<(Tag, Tensor)> {
-        let rx = self.grads_in.as_ref().ok_or_else(|| {
+        // The paper's SID: stage 1 takes one gradient from each module stage in turn.
+        let (rx, from) = if self.grads_from_modules.is_empty() {
+            (self.grads_in.as_ref(), self.stage + 2)
+        } else {
+            let w = self.next_grad_from;
+            self.next_grad_from = (w + 1) % self.grads_from_modules.len();
+            (self.grads_from_modules.get(w), w + 2)
+        };
+        let rx = rx.ok_or_else(|| {
             RuntimeError::Protocol(format!(
                 "stage {} is last and receives no gradients",
                 self.stage + 1
@@ -368,12 +420,11 @@ impl Transport for ChannelTransport {
             }
             Err(RecvTimeoutError::Timeout) => Err(RuntimeError::Timeout {
                 waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
-                waited_for: format!("a gradient from stage {}", self.stage + 2),
+                waited_for: format!("a gradient from stage {from}"),
                 timeout,
             }),
             Err(RecvTimeoutError::Disconnected) => Err(RuntimeError::Protocol(format!(
-                "stage {} stopped before sending its gradient",
-                self.stage + 2
+                "stage {from} stopped before sending its gradient"
             ))),
         }
     }

@@ -589,7 +589,12 @@ impl RunConfig {
                 self.optim.batch_size, self.runtime.data_parallel
             ));
         }
-        if self.staged() {
+        // The paper's SID on several devices takes micro-batches too, with its own placement.
+        let paper = self.optim.method == Method::Sid
+            && self.model.stages == 1
+            && self.runtime.data_parallel == 1
+            && workers > 1;
+        if self.staged() && !paper {
             if asked {
                 return bad(
                     "--cuda-graph does not work with --stages or --micro-batches yet; leave it off"

@@ -216,7 +216,9 @@ pub fn build_network_on(
             cfg.runtime.data_parallel * cfg.model.stages
         )));
     }
-    let staged_plan = if cfg.staged() || rdv.is_some() {
+    // The paper's SID on several devices: modules spread out, whatever the micro-batches.
+    let paper = cfg.optim.method == Method::Sid && cfg.model.stages == 1 && devices.len() > 1;
+    let staged_plan = if (cfg.staged() && !paper) || rdv.is_some() {
         // Ranks each hold one stage: time the blocks with the threads one rank will have.
         Some(stage_plan(
             cfg,
@@ -271,6 +273,34 @@ pub fn build_network_on(
         });
     }
     Ok(match cfg.optim.method {
+        Method::Sid if devices.len() > 1 && cfg.resolved_micro_batches() > 1 => {
+            // Micro-batches: the extractor as stage 1 of a stage pipeline, forwarding
+            // micro-batch j+1 while the module stages work on j.
+            let placement = match &cfg.runtime.placement {
+                Some(spec) => sid_runtime::Placement::parse(spec, model.modules, devices.len()),
+                None => sid_runtime::Placement::even(model.modules, devices.len()),
+            }
+            .map_err(runtime)?;
+            let plan = sid_core::StagePlan::even(&model, 1).map_err(TrainError::Core)?;
+            let mut sc = staged_config(cfg, devices.to_vec(), plan);
+            sc.method = sid_runtime::PipelineMethod::Paper;
+            sc.placement = Some(placement.clone());
+            #[cfg(feature = "fault-injection")]
+            {
+                // Worker k's modules are stage k+1 (stage 0 is the extractor).
+                sc.fault = injected_fault(cfg)?.map(|f| sid_runtime::Fault {
+                    worker: f.worker + 1,
+                    ..f
+                });
+            }
+            let pipeline = sid_runtime::StagedPipeline::new(sc).map_err(runtime)?;
+            Built {
+                layout: pipeline.layout(),
+                net: Box::new(pipeline),
+                placement: Some(placement.to_spec()),
+                notes: Vec::new(),
+            }
+        }
         Method::Sid if devices.len() > 1 => {
             let mut pc = sid_runtime::PipelineConfig::new(model.clone(), devices.to_vec());
             pc.loss = cfg.loss_config();

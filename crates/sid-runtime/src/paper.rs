@@ -1,0 +1,177 @@
+//! The paper's SID (one extractor, its modules spread over devices) as a stage pipeline:
+//! stage 1 is the extractor alone, stages 2..W+1 are the module blocks of a [`Placement`].
+//! The schedule itself is [`crate::schedule`]; this file holds what it runs on a module stage
+//! ([`ModuleBlock`]) and the extractor stage's operation order ([`extractor_ops`]).
+//!
+//! Unlike staged SID, the extractor needs every module's `∂L/∂z` for a micro-batch before its
+//! backward: module stages send their summed gradient straight to stage 1
+//! ([`crate::Transport::send_grad_to_first`]), and stage 1 forwards micro-batch j+1 before it
+//! waits for micro-batch j's gradients, so its forward overlaps the modules' work. A step still
+//! flushes: the extractor steps its optimiser only after the last micro-batch's backward.
+
+use std::ops::Range;
+
+use sid_core::loss::LabelTarget;
+use sid_core::sid::teacher_chain;
+use sid_core::{ExtractorUnit, LossConfig, ModelConfig, ModuleUnit, NamedTensors};
+use tch::{Device, Tensor};
+
+use crate::schedule::Op;
+use crate::Result;
+
+/// The extractor stage's operations for `micro` micro-batches: forward 0, then forward j+1
+/// before backward j, then the last backward — `F0 F1 B0 F2 B1 … B(M−1)`.
+pub fn extractor_ops(micro: usize) -> Vec<Op> {
+    let mut ops = Vec::with_capacity(2 * micro);
+    for j in 0..micro {
+        ops.push(Op::Forward(j));
+        if j > 0 {
+            ops.push(Op::Backward(j - 1));
+        }
+    }
+    if micro > 0 {
+        ops.push(Op::Backward(micro - 1));
+    }
+    ops
+}
+
+/// A block of consecutive belief modules on one stage of the paper-mode pipeline.
+#[derive(Debug)]
+pub struct ModuleBlock {
+    stage: usize,
+    modules: Vec<ModuleUnit>,
+    /// Between [`ModuleBlock::forward_micro`] and [`ModuleBlock::backward_micro`]: the
+    /// features, each module's teacher belief and the label target.
+    pending: Option<(Tensor, Vec<Tensor>, LabelTarget)>,
+}
+
+impl ModuleBlock {
+    /// Stage `stage` (0-based; the extractor is stage 0) owning `modules`, in cascade order.
+    pub fn new(stage: usize, modules: Vec<ModuleUnit>) -> Self {
+        Self {
+            stage,
+            modules,
+            pending: None,
+        }
+    }
+
+    /// 0-based stage.
+    pub fn index(&self) -> usize {
+        self.stage
+    }
+
+    /// 0-based modules it owns.
+    pub fn range(&self) -> Range<usize> {
+        let start = self.modules.first().map_or(0, |m| m.index());
+        start..start + self.modules.len()
+    }
+
+    /// Moves every module to `device`.
+    pub fn to_device(&mut self, device: Device) {
+        for m in &mut self.modules {
+            m.to_device(device);
+        }
+    }
+
+    /// Phase 1 of one micro-batch on `z` (detached features): the block's teacher chain from
+    /// `p_in`, kept for [`ModuleBlock::backward_micro`]. Returns the belief leaving the block,
+    /// which the next block needs at once.
+    pub fn forward_micro(&mut self, z: &Tensor, p_in: &Tensor, labels: &Tensor) -> Tensor {
+        let (teachers, p_out) = teacher_chain(self.modules.iter(), p_in.detach(), z);
+        let target = self.modules[0].label_target(labels);
+        self.pending = Some((z.shallow_clone(), teachers, target));
+        p_out
+    }
+
+    /// Phase 2 of the pending micro-batch: every module's local step, its gradient scaled by
+    /// `scale` and added to the module's until [`ModuleBlock::apply`]. Returns the scaled
+    /// losses [n] and `Σ ∂L_i/∂z` over the block, summed in module order.
+    pub fn backward_micro(&mut self, scale: f64) -> sid_core::Result<(Tensor, Tensor)> {
+        let (z, teachers, target) = self.pending.take().ok_or_else(|| {
+            sid_core::CoreError::InvalidConfig(format!(
+                "stage {}: backward without a forward",
+                self.stage + 1
+            ))
+        })?;
+        let mut losses = Vec::with_capacity(self.modules.len());
+        let mut grad_z = None;
+        for (m, p_prev) in self.modules.iter_mut().zip(&teachers) {
+            let out = m.accumulate_step(p_prev, &z, &target, scale)?;
+            losses.push(out.loss);
+            grad_z = Some(sid_core::unit::add_next(grad_z, out.grad_z));
+        }
+        let grad_z = grad_z.expect("a block has at least one module");
+        Ok((Tensor::f_stack(&losses, 0)?, grad_z))
+    }
+
+    /// Every module's optimiser step from its accumulated gradients.
+    pub fn apply(&mut self) {
+        for m in &mut self.modules {
+            m.apply();
+        }
+    }
+
+    /// Inference: every module's logits on `z` from `p_in`, and the belief leaving the block.
+    pub fn cascade(&self, z: &Tensor, p_in: &Tensor) -> (Vec<Tensor>, Tensor) {
+        tch::no_grad(|| {
+            let mut p = p_in.shallow_clone();
+            let mut logits = Vec::with_capacity(self.modules.len());
+            for m in &self.modules {
+                let l = m.logits(&p, z);
+                p = sid_core::belief::belief(&l);
+                logits.push(l);
+            }
+            (logits, p)
+        })
+    }
+
+    /// Weights and optimiser state of every module (the names [`sid_core::SidNetwork`] uses).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.modules.iter().flat_map(|m| m.state()).collect()
+    }
+
+    /// Restores the block's entries of a whole checkpoint.
+    pub fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
+        for m in &mut self.modules {
+            m.load_state(named)?;
+        }
+        Ok(())
+    }
+}
+
+/// The extractor and the module blocks of `blocks`, drawn on the CPU in the order of
+/// [`sid_core::SidNetwork`] (extractor, then modules 1..L), so one seed gives both the same
+/// weights.
+pub(crate) fn build_paper(
+    model: &ModelConfig,
+    loss: LossConfig,
+    lr: f64,
+    blocks: &[Range<usize>],
+) -> Result<(ExtractorUnit, Vec<ModuleBlock>)> {
+    model.validate()?;
+    loss.validate()?;
+    model.precision.check(Device::Cpu)?;
+    let extractor = ExtractorUnit::new(model, lr, Device::Cpu);
+    let mut units = (0..model.modules)
+        .map(|i| ModuleUnit::new(i, model, loss, lr, Device::Cpu))
+        .collect::<Vec<_>>()
+        .into_iter();
+    let blocks = blocks
+        .iter()
+        .enumerate()
+        .map(|(w, r)| ModuleBlock::new(w + 1, units.by_ref().take(r.len()).collect()))
+        .collect();
+    Ok((extractor, blocks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extractor_forwards_the_next_micro_batch_before_each_backward() {
+        use Op::{Backward as B, Forward as F};
+        assert_eq!(extractor_ops(1), vec![F(0), B(0)]);
+        assert_eq!(extractor_ops(3), vec![F(0), F(1), B(0), F(2), B(1), B(2)]);
+    }
+}
