@@ -200,7 +200,7 @@ fn run(cli: &args::Cli) -> Result<()> {
         } else {
             None
         };
-        let served = sid_train::distributed::serve(r, &plan.config);
+        let served = sid_train::network::serve(r, &plan.config);
         if let Some(s) = sampler {
             s.stop();
         }

@@ -413,35 +413,6 @@ fn hostname() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-/// Every rank but 0: builds this rank's stage from the config rank 0 published and serves
-/// it until rank 0 closes the pipeline. `own` is this rank's own settings, for what is never
-/// published (a fault to inject, in tests).
-pub fn serve(rdv: &Rendezvous, own: &RunConfig) -> Result<()> {
-    let mut cfg = rdv.wait_config()?;
-    cfg.runtime.inject_fault = own.runtime.inject_fault.clone();
-    let model = cfg.model_config();
-    let spec = cfg.runtime.placement.as_deref().ok_or_else(|| {
-        TrainError::Config("rank 0 published a config without its stage cut".into())
-    })?;
-    let plan = sid_core::StagePlan::parse(spec, &model)?;
-    let ranks = rdv.groups(
-        plan.len(),
-        cfg.runtime.data_parallel,
-        cfg.optim.method == sid_core::Method::Bp,
-    )?;
-    tch::manual_seed(cfg.optim.seed as i64);
-    let mut sc = crate::trainer::staged_config(&cfg, vec![rdv.device()], plan);
-    if sc.threads_per_stage.is_none() {
-        sc.threads_per_stage = Some(rdv.cpu_threads());
-    }
-    sc.ranks = Some(ranks.clone());
-    #[cfg(feature = "fault-injection")]
-    {
-        sc.fault = crate::trainer::injected_fault(&cfg)?;
-    }
-    sid_runtime::serve(&sc, &ranks).map_err(TrainError::Runtime)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

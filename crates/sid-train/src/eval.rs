@@ -77,7 +77,7 @@ pub(crate) fn load_network(
     let devices = cfg.runtime.gpus.resolve()?;
     let mut cfg = cfg.clone();
     cfg.data.loaded_shape = Some(shape);
-    let mut net = crate::trainer::build_network(&cfg, &devices)?.net;
+    let mut net = crate::network::build_network(&cfg, &devices)?.net;
     net.load_state(&named).map_err(|e| TrainError::Checkpoint {
         path: path.clone(),
         reason: e.to_string(),

@@ -12,11 +12,13 @@ pub mod error;
 pub mod eval;
 mod graph_step;
 pub mod metrics;
+pub mod network;
 pub mod predict;
 pub mod trainer;
 
 pub use config::RunConfig;
 pub use error::{Result, TrainError};
 pub use metrics::EpochMetrics;
+pub use network::{build_network, build_network_on, Built};
 pub use sid_runtime::BpSchedule;
-pub use trainer::{build_network, build_network_on, evaluate, Built, Event, Run, Summary};
+pub use trainer::{evaluate, Event, Run, Summary};

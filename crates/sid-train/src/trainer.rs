@@ -5,13 +5,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use serde::Serialize;
-use sid_core::{BpNetwork, Method, Network, SidNetwork};
+use sid_core::{Method, Network};
 use sid_data::{Dataset, LoadOptions, Split};
 use tch::Device;
 
 use crate::checkpoint::{self, Position, CHECKPOINT_FILE};
 use crate::config::RunConfig;
 use crate::metrics::{self, EpochMetrics};
+use crate::network::{build_network_on, Built};
 use crate::{Result, TrainError};
 
 /// File names inside a run directory.
@@ -105,257 +106,9 @@ pub struct Run {
     position: Position,
     /// Notices found while opening the run, handed to the first `train` call's events.
     notices: Vec<String>,
-}
-
-/// A built network and where its modules live.
-pub struct Built {
-    /// The network.
-    pub net: Box<dyn Network>,
-    /// Each device and its 0-based module block, in cascade order.
-    pub layout: Vec<(Device, std::ops::Range<usize>)>,
-    /// The placement in `--placement` syntax when several devices or stages are used.
-    pub placement: Option<String>,
-    /// How the stages were balanced, for the user (staged runs).
-    pub notes: Vec<String>,
-}
-
-/// The stage cut a staged run asks for: `auto` (the default) times each block on the first
-/// device and balances the slowest stage, `even` splits evenly, anything else is an explicit
-/// `blocks=…;modules=…`. Returns the plan and a line on its balance.
-fn stage_plan(
-    cfg: &RunConfig,
-    model: &sid_core::ModelConfig,
-    device: Device,
-    devices: usize,
-) -> Result<(sid_core::StagePlan, Option<String>)> {
-    let core = |e: sid_core::CoreError| TrainError::Config(e.to_string());
-    Ok(match cfg.runtime.placement.as_deref() {
-        None | Some("auto") if cfg.model.stages > 1 => {
-            // Profiling draws its layers from the global RNG: it runs before the seed is set.
-            let batch = (cfg.optim.batch_size / cfg.resolved_micro_batches() as i64).max(1);
-            // Time blocks with the threads a stage will have: CPU stages in threads of their
-            // own split the cores, and relative costs change with the thread count.
-            let before = tch::get_num_threads();
-            if device == Device::Cpu && devices > 1 {
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                tch::set_num_threads(
-                    cfg.runtime
-                        .threads
-                        .unwrap_or((cores / devices).max(1) as i32),
-                );
-            }
-            let costs = sid_core::stage::profile_costs(model, batch, device, 3);
-            tch::set_num_threads(before);
-            let plan =
-                sid_core::StagePlan::balanced(model, cfg.model.stages, &costs).map_err(core)?;
-            let ms: Vec<String> = plan
-                .predicted(&costs)
-                .iter()
-                .map(|t| format!("{:.1}", t * 1e3))
-                .collect();
-            let note = format!(
-                "auto placement from timing each block on {}: predicted ms per micro-batch of {batch} by stage: {}",
-                crate::devices::device_name(device),
-                ms.join(" | ")
-            );
-            (plan, Some(note))
-        }
-        None | Some("auto") | Some("even") => (
-            sid_core::StagePlan::even(model, cfg.model.stages).map_err(core)?,
-            None,
-        ),
-        Some(spec) => (sid_core::StagePlan::parse(spec, model).map_err(core)?, None),
-    })
-}
-
-/// Builds the network a config asks for on the given devices, seeded by `cfg.optim.seed`:
-/// SID on one device runs in this thread; SID on several devices runs on the multi-device
-/// runtime; backprop runs on the first device.
-pub fn build_network(cfg: &RunConfig, devices: &[Device]) -> Result<Built> {
-    build_network_on(cfg, devices, None)
-}
-
-/// The stage pipeline's settings for a run (the same on every rank of a multi-process run).
-pub(crate) fn staged_config(
-    cfg: &RunConfig,
-    devices: Vec<Device>,
-    plan: sid_core::StagePlan,
-) -> sid_runtime::StagedConfig {
-    let mut sc = sid_runtime::StagedConfig::new(cfg.model_config(), devices, plan);
-    sc.loss = cfg.loss_config();
-    sc.lr = cfg.optim.lr;
-    sc.micro_batches = cfg.resolved_micro_batches();
-    if cfg.optim.method == Method::Bp {
-        // Backprop's modules all read the final features: they sit on the last stage.
-        sc.method = sid_runtime::PipelineMethod::Bp(cfg.runtime.pipeline_schedule);
-    }
-    sc.timeout = std::time::Duration::from_secs_f64(cfg.runtime.step_timeout);
-    sc.threads_per_stage = cfg.runtime.threads;
-    sc.streams = cfg.runtime.streams;
-    sc
-}
-
-/// [`build_network`], as rank 0 of a multi-process run when `rdv` is given: the stage
-/// pipeline then links to the other ranks, which serve the other stages and replicas.
-pub fn build_network_on(
-    cfg: &RunConfig,
-    devices: &[Device],
-    rdv: Option<&crate::distributed::Rendezvous>,
-) -> Result<Built> {
-    let model = cfg.model_config();
-    let devices: Vec<Device> = match rdv {
-        Some(r) => vec![r.device()],
-        None => devices.to_vec(),
-    };
-    let devices = devices.as_slice();
-    let first = devices.first().copied().unwrap_or(Device::Cpu);
-    if cfg.runtime.data_parallel > 1 && rdv.is_none() {
-        return Err(TrainError::Config(format!(
-            "--data-parallel {} needs one process per replica and stage: add --nproc-per-node {} (or run under torchrun)",
-            cfg.runtime.data_parallel,
-            cfg.runtime.data_parallel * cfg.model.stages
-        )));
-    }
-    // The paper's SID on several devices: modules spread out, whatever the micro-batches.
-    let paper = cfg.optim.method == Method::Sid && cfg.model.stages == 1 && devices.len() > 1;
-    let staged_plan = if (cfg.staged() && !paper) || rdv.is_some() {
-        // Ranks each hold one stage: time the blocks with the threads one rank will have.
-        Some(stage_plan(
-            cfg,
-            &model,
-            first,
-            devices.len().max(cfg.model.stages),
-        )?)
-    } else {
-        None
-    };
-    tch::manual_seed(cfg.optim.seed as i64);
-    let whole = vec![(first, 0..model.modules)];
-    let runtime = TrainError::Runtime;
-    if let Some((plan, note)) = staged_plan {
-        let mut sc = staged_config(cfg, devices.to_vec(), plan.clone());
-        #[cfg(feature = "fault-injection")]
-        {
-            sc.fault = injected_fault(cfg)?;
-        }
-        if let Some(rdv) = rdv {
-            let mut shared = cfg.clone();
-            shared.runtime.placement = Some(plan.to_spec());
-            rdv.publish_config(&shared)?;
-            let ranks = rdv.groups(
-                plan.len(),
-                cfg.runtime.data_parallel,
-                cfg.optim.method == Method::Bp,
-            )?;
-            if sc.threads_per_stage.is_none() {
-                sc.threads_per_stage = Some(rdv.cpu_threads());
-            }
-            sc.ranks = Some(ranks);
-            // The weights must be drawn exactly as on the other ranks: reseed after the
-            // timing above.
-            tch::manual_seed(cfg.optim.seed as i64);
-        }
-        let pipeline = sid_runtime::StagedPipeline::new(sc).map_err(runtime)?;
-        let slots = pipeline.plan().len() * cfg.runtime.data_parallel.max(1);
-        let slots = if rdv.is_some() {
-            slots
-        } else {
-            pipeline.plan().len()
-        };
-        let mut notes: Vec<String> = (0..slots).map(|s| pipeline.describe(s)).collect();
-        notes.extend(note);
-        return Ok(Built {
-            layout: pipeline.layout(),
-            // One stage (paper SID, replicated over ranks) has no cut to keep.
-            placement: (pipeline.plan().len() > 1).then(|| pipeline.plan().to_spec()),
-            net: Box::new(pipeline),
-            notes,
-        });
-    }
-    Ok(match cfg.optim.method {
-        Method::Sid if devices.len() > 1 && cfg.resolved_micro_batches() > 1 => {
-            // Micro-batches: the extractor as stage 1 of a stage pipeline, forwarding
-            // micro-batch j+1 while the module stages work on j.
-            let placement = match &cfg.runtime.placement {
-                Some(spec) => sid_runtime::Placement::parse(spec, model.modules, devices.len()),
-                None => sid_runtime::Placement::even(model.modules, devices.len()),
-            }
-            .map_err(runtime)?;
-            let plan = sid_core::StagePlan::even(&model, 1).map_err(TrainError::Core)?;
-            let mut sc = staged_config(cfg, devices.to_vec(), plan);
-            sc.method = sid_runtime::PipelineMethod::Paper;
-            sc.placement = Some(placement.clone());
-            #[cfg(feature = "fault-injection")]
-            {
-                // Worker k's modules are stage k+1 (stage 0 is the extractor).
-                sc.fault = injected_fault(cfg)?.map(|f| sid_runtime::Fault {
-                    worker: f.worker + 1,
-                    ..f
-                });
-            }
-            let pipeline = sid_runtime::StagedPipeline::new(sc).map_err(runtime)?;
-            Built {
-                layout: pipeline.layout(),
-                net: Box::new(pipeline),
-                placement: Some(placement.to_spec()),
-                notes: Vec::new(),
-            }
-        }
-        Method::Sid if devices.len() > 1 => {
-            let mut pc = sid_runtime::PipelineConfig::new(model.clone(), devices.to_vec());
-            pc.loss = cfg.loss_config();
-            pc.lr = cfg.optim.lr;
-            pc.timeout = std::time::Duration::from_secs_f64(cfg.runtime.step_timeout);
-            pc.threads_per_worker = cfg.runtime.threads;
-            pc.streams = cfg.runtime.streams;
-            pc.fused_teacher = cfg.runtime.fused_teacher;
-            pc.placement = match &cfg.runtime.placement {
-                Some(spec) => Some(
-                    sid_runtime::Placement::parse(spec, model.modules, devices.len())
-                        .map_err(runtime)?,
-                ),
-                None => None,
-            };
-            #[cfg(feature = "fault-injection")]
-            {
-                pc.fault = injected_fault(cfg)?;
-            }
-            let pipeline = sid_runtime::Pipeline::new(pc).map_err(runtime)?;
-            let placement = Some(pipeline.placement().to_spec());
-            Built {
-                layout: pipeline.layout(),
-                net: Box::new(pipeline),
-                placement,
-                notes: Vec::new(),
-            }
-        }
-        Method::Sid => Built {
-            net: Box::new(
-                SidNetwork::new(&model, cfg.loss_config(), cfg.optim.lr, first)?
-                    .with_fused_teacher(cfg.runtime.fused_teacher),
-            ),
-            layout: whole,
-            placement: None,
-            notes: Vec::new(),
-        },
-        Method::Bp => Built {
-            net: Box::new(BpNetwork::new(&model, cfg.optim.lr, first)?),
-            layout: whole,
-            placement: None,
-            notes: Vec::new(),
-        },
-    })
-}
-
-/// The fault `--inject-fault` asks for (tests), for either runtime.
-#[cfg(feature = "fault-injection")]
-pub(crate) fn injected_fault(cfg: &RunConfig) -> Result<Option<sid_runtime::Fault>> {
-    cfg.runtime
-        .inject_fault
-        .as_deref()
-        .map(sid_runtime::Fault::parse)
-        .transpose()
-        .map_err(|e| TrainError::Config(e.to_string()))
+    /// Rank 0 of a multi-process run: the network is linked to other processes, which a CUDA
+    /// graph cannot capture.
+    ranks: bool,
 }
 
 /// On a GPU the data set lives on the input device (Fashion-MNIST and CIFAR take well under a
@@ -426,6 +179,7 @@ impl Run {
             notes,
             position,
             notices: Vec::new(),
+            ranks: rdv.is_some(),
         })
     }
 
@@ -502,6 +256,7 @@ impl Run {
             notes,
             position,
             notices: kept.dropped_last_line.into_iter().collect(),
+            ranks: rdv.is_some(),
         })
     }
 
@@ -605,8 +360,8 @@ impl Run {
         let mut tracked: Vec<Device> = vec![device];
         tracked.extend(self.layout.iter().map(|(d, _)| *d));
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
-        let mut stepper =
-            crate::graph_step::GraphStepper::new(device, self.cfg.resolved_cuda_graph())?;
+        let graph = self.cfg.resolved_cuda_graph() && !self.ranks;
+        let mut stepper = crate::graph_step::GraphStepper::new(device, graph)?;
         while self.position.epochs_done < self.cfg.optim.epochs {
             let epoch = self.position.epochs_done + 1;
             let first_step = self.position.step_in_epoch;
