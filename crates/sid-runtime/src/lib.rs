@@ -26,6 +26,7 @@ pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
 pub mod links;
+pub mod ops;
 pub mod paper;
 pub mod placement;
 pub mod ranks;
@@ -41,9 +42,9 @@ pub use error::{Result, RuntimeError};
 #[cfg(feature = "fault-injection")]
 pub use fault::{Fault, FaultKind};
 pub use links::serve;
+pub use ops::BpSchedule;
 pub use placement::Placement;
 pub use ranks::Ranks;
-pub use schedule::BpSchedule;
 pub use setup::{PipelineMethod, StagedConfig};
 pub use staged::{StageTime, StagedPipeline};
 pub use transport::Transport;

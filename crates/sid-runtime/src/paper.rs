@@ -1,7 +1,7 @@
 //! The paper's SID (one extractor, its modules spread over devices) as a stage pipeline:
 //! stage 1 is the extractor alone, stages 2..W+1 are the module blocks of a [`Placement`].
 //! The schedule itself is [`crate::schedule`]; this file holds what it runs on a module stage
-//! ([`ModuleBlock`]) and the extractor stage's operation order ([`extractor_ops`]).
+//! ([`ModuleBlock`]) and its construction; the extractor stage's operation order is [`crate::ops::extractor_ops`].
 //!
 //! Unlike staged SID, the extractor needs every module's `∂L/∂z` for a micro-batch before its
 //! backward: module stages send their summed gradient straight to stage 1
@@ -16,24 +16,7 @@ use sid_core::sid::teacher_chain;
 use sid_core::{ExtractorUnit, LossConfig, ModelConfig, ModuleUnit, NamedTensors};
 use tch::{Device, Tensor};
 
-use crate::schedule::Op;
 use crate::Result;
-
-/// The extractor stage's operations for `micro` micro-batches: forward 0, then forward j+1
-/// before backward j, then the last backward — `F0 F1 B0 F2 B1 … B(M−1)`.
-pub fn extractor_ops(micro: usize) -> Vec<Op> {
-    let mut ops = Vec::with_capacity(2 * micro);
-    for j in 0..micro {
-        ops.push(Op::Forward(j));
-        if j > 0 {
-            ops.push(Op::Backward(j - 1));
-        }
-    }
-    if micro > 0 {
-        ops.push(Op::Backward(micro - 1));
-    }
-    ops
-}
 
 /// A block of consecutive belief modules on one stage of the paper-mode pipeline.
 #[derive(Debug)]
@@ -162,16 +145,4 @@ pub(crate) fn build_paper(
         .map(|(w, r)| ModuleBlock::new(w + 1, units.by_ref().take(r.len()).collect()))
         .collect();
     Ok((extractor, blocks))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn extractor_forwards_the_next_micro_batch_before_each_backward() {
-        use Op::{Backward as B, Forward as F};
-        assert_eq!(extractor_ops(1), vec![F(0), B(0)]);
-        assert_eq!(extractor_ops(3), vec![F(0), F(1), B(0), F(2), B(1), B(2)]);
-    }
 }

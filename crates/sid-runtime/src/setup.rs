@@ -15,9 +15,10 @@ use tch::Device;
 
 #[cfg(feature = "fault-injection")]
 use crate::fault::Fault;
+use crate::ops::BpSchedule;
 use crate::placement::Placement;
 use crate::ranks::Ranks;
-use crate::schedule::{drive, BpSchedule, Failure, StageRunner, Work};
+use crate::schedule::{drive, Failure, StageRunner, Work};
 use crate::streams;
 use crate::transport::{ChannelTransport, Report};
 use crate::Result;

@@ -313,7 +313,7 @@ fn backprop_pipelines_equal_the_unpipelined_step() {
 
 #[test]
 fn one_f_one_b_keeps_few_micro_batches_in_flight() {
-    use sid_runtime::schedule::Op;
+    use sid_runtime::ops::Op;
     use sid_runtime::BpSchedule;
     // Stage 0 of 4 with 8 micro-batches: 3 forwards to fill, then one forward, one backward.
     let ops = BpSchedule::OneFOneB.ops(4, 0, 8);
