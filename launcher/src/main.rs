@@ -55,6 +55,11 @@ fn main() -> ExitCode {
     if std::env::var_os("CUDA_DEVICE_ORDER").is_none() {
         std::env::set_var("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
     }
+    // libtorch's c10d logs every retry to reach the rendezvous store with a stack trace; our
+    // own one-line errors say what failed (TORCH_CPP_LOG_LEVEL=INFO shows libtorch's view).
+    if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_none() {
+        std::env::set_var("TORCH_CPP_LOG_LEVEL", "FATAL");
+    }
     // A worker's panic is caught and reported by the coordinator as one line naming the worker,
     // device and cause; the default hook would print it a second time, with a backtrace.
     let default_hook = std::panic::take_hook();
@@ -173,7 +178,7 @@ fn run(cli: &args::Cli) -> Result<()> {
             let rank = env.rank;
             Some(
                 sid_train::distributed::Rendezvous::join(env, &plan.config)
-                    .with_context(|| format!("rank {rank}: rendezvous"))?,
+                    .with_context(|| format!("rank {rank}"))?,
             )
         }
         None => None,

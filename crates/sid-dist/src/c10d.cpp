@@ -9,6 +9,9 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <c10/util/Exception.h>
+#include <c10/util/Logging.h>
+
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -30,6 +33,10 @@ int guarded(char* err, size_t err_len, F&& f) {
   try {
     f();
     return 0;
+  } catch (const c10::Error& e) {
+    // The message alone: what() appends libtorch's C++ stack trace.
+    copy_message(e.what_without_backtrace(), err, err_len);
+    return 1;
   } catch (const std::exception& e) {
     copy_message(e.what(), err, err_len);
     return 1;
@@ -53,6 +60,10 @@ struct SidGroup {
 };
 
 extern "C" {
+
+// Applies TORCH_CPP_LOG_LEVEL to libtorch's own log (c10d logs every retry, with a stack trace,
+// at WARNING); plain libtorch never reads it unless asked.
+void sid_c10d_init_logging() { c10::initLogging(); }
 
 // 1 when this shim was built with NCCL.
 int sid_c10d_has_nccl() {

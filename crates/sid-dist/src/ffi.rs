@@ -27,6 +27,7 @@ mod real {
 
     extern "C" {
         fn sid_c10d_has_nccl() -> c_int;
+        fn sid_c10d_init_logging();
         fn sid_store_new(
             host: *const c_char,
             port: c_int,
@@ -158,6 +159,11 @@ mod real {
     pub fn available() -> (bool, bool) {
         // SAFETY: no arguments.
         (true, unsafe { sid_c10d_has_nccl() } == 1)
+    }
+
+    pub fn init_logging() {
+        // SAFETY: no arguments; reads an environment variable.
+        unsafe { sid_c10d_init_logging() }
     }
 
     pub fn store_new(
@@ -326,6 +332,7 @@ mod real {
     pub fn available() -> (bool, bool) {
         (false, false)
     }
+    pub fn init_logging() {}
     pub fn store_new(_: &CStr, _: u16, _: bool, _: usize, _: i64) -> Res<StorePtr> {
         Err(MISSING.into())
     }

@@ -59,6 +59,13 @@ pub fn available() -> (bool, bool) {
     ffi::available()
 }
 
+/// Applies `TORCH_CPP_LOG_LEVEL` to libtorch's log, once, before the first c10d call (c10d
+/// logs every retry to reach the store at WARNING, with a stack trace; `FATAL` keeps it quiet).
+fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(ffi::init_logging);
+}
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -91,6 +98,7 @@ impl Store {
             format!("connecting to the store at {addr}")
         };
         let c_host = cstring(host)?;
+        init_logging();
         let ptr = ffi::store_new(&c_host, port, serve, world, millis(timeout))
             .map_err(|cause| DistError::Rendezvous { what, cause })?;
         Ok(Self { ptr, addr })

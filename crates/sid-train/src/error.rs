@@ -20,7 +20,9 @@ pub enum TrainError {
     /// The multi-device runtime refused its settings or failed to start. Its setting errors
     /// read as the other settings' do (`invalid setting: ...`).
     #[error("{}", runtime_message(.0))]
-    Runtime(#[from] sid_runtime::RuntimeError),
+    // Not a `source`: the message above already is the runtime's, and error chains would
+    // print it twice.
+    Runtime(sid_runtime::RuntimeError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -58,6 +60,12 @@ impl TrainError {
             path: path.into(),
             source,
         }
+    }
+}
+
+impl From<sid_runtime::RuntimeError> for TrainError {
+    fn from(e: sid_runtime::RuntimeError) -> Self {
+        Self::Runtime(e)
     }
 }
 
