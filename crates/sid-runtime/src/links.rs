@@ -452,6 +452,7 @@ fn frame_grad(mut f: Frame) -> std::result::Result<(Tag, Tensor), String> {
 /// A thread that runs `body`; a failure is returned through [`StageThread::exited`].
 fn spawn_link(
     name: String,
+    what: String,
     body: impl FnOnce() -> std::result::Result<(), String> + Send + 'static,
 ) -> StageThread {
     let (exit_tx, exited) = crossbeam_channel::bounded(1);
@@ -462,6 +463,7 @@ fn spawn_link(
         })
         .expect("spawning a link thread");
     StageThread {
+        name: what,
         thread: Some(thread),
         exited,
     }
@@ -480,7 +482,8 @@ fn out_link<T: Send + 'static>(
     let g = ranks.world.clone();
     let me = g.rank();
     let direct = ranks.direct(me, dst, tag);
-    spawn_link(format!("sid-link-{me}-to-{dst}"), move || {
+    let what = format!("the link from rank {me} to rank {dst}");
+    spawn_link(format!("sid-link-{me}-to-{dst}"), what, move || {
         let result = (|| {
             while let Ok(item) = rx.recv() {
                 send_frame(&g, dst, tag, encode(item)?, direct.as_deref())?;
@@ -509,7 +512,8 @@ fn in_link<T: Send + 'static>(
     let g = ranks.world.clone();
     let me = g.rank();
     let direct = ranks.direct(src, me, tag);
-    spawn_link(format!("sid-link-{me}-from-{src}"), move || {
+    let what = format!("the link from rank {src} to rank {me}");
+    spawn_link(format!("sid-link-{me}-from-{src}"), what, move || {
         let result = (|| loop {
             let f = recv_frame(&g, src, tag, direct.as_deref().map(|ng| (ng, device)))?;
             if f.kind == STOP {
@@ -741,7 +745,7 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
             },
             default(Duration::from_secs(1)) => {
                 if let Some(alive) = &ranks.liveness {
-                    alive().map_err(|e| RuntimeError::Link(format!("rank {me}: {e}")))?;
+                    alive().map_err(RuntimeError::Link)?;
                 }
             }
         }

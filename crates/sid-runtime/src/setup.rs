@@ -99,6 +99,8 @@ impl StagedConfig {
 /// A thread of the pipeline (a stage, or a link to another process) and the way to learn
 /// that it has ended: `Some(cause)` when it failed.
 pub(crate) struct StageThread {
+    /// For messages: `stage 2`, `the link from rank 0 to rank 1`.
+    pub(crate) name: String,
     pub(crate) thread: Option<JoinHandle<()>>,
     pub(crate) exited: Receiver<Option<String>>,
 }
@@ -226,6 +228,7 @@ pub(crate) fn spawn_stage(
         })
         .expect("spawning a stage thread");
     StageThread {
+        name: format!("stage {}", s + 1),
         thread: Some(thread),
         exited,
     }

@@ -835,14 +835,17 @@ impl Drop for StagedPipeline {
         {
             // Closing stage 1's input stops it, which closes stage 2's, and so on.
             firsts.clear();
+            // One grace period for all of them: a thread stuck on a peer that hangs (another
+            // process, say) is left behind, not waited for one after another.
             let grace = self.timeout.min(Duration::from_secs(10));
-            for (s, t) in threads.iter_mut().enumerate() {
-                if t.exited.recv_timeout(grace).is_ok() {
+            let deadline = std::time::Instant::now() + grace;
+            for t in threads.iter_mut() {
+                if t.exited.recv_deadline(deadline).is_ok() {
                     if let Some(h) = t.thread.take() {
                         let _ = h.join();
                     }
                 } else {
-                    tracing::warn!("stage {} did not stop within {grace:?}; leaving it", s + 1);
+                    tracing::warn!("{} did not stop within {grace:?}; leaving it", t.name);
                 }
             }
         }
