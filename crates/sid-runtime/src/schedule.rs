@@ -415,25 +415,8 @@ impl StageRunner {
         for op in ops {
             match op {
                 Op::Forward(j) => {
-                    let msg = match next.take() {
-                        Some(m) => m,
-                        None => {
-                            let w = Instant::now();
-                            let got = t.recv(timeout)?;
-                            waiting += w.elapsed();
-                            match got {
-                                Received::Message(m) => m,
-                                _ => {
-                                    return Err(Failure::new(format!(
-                                        "stage {} waited {} s for micro-batch {j} of step {step} from {} and gave up",
-                                        index + 1,
-                                        timeout.as_secs(),
-                                        if index == 0 { "the coordinator".to_string() } else { format!("stage {index}") }
-                                    )))
-                                }
-                            }
-                        }
-                    };
+                    let msg =
+                        next_micro_batch(&mut next, t, timeout, &mut waiting, index, step, j)?;
                     let Message::Train {
                         tag,
                         input,
@@ -442,19 +425,8 @@ impl StageRunner {
                         ..
                     } = msg
                     else {
-                        return Err(Failure::new(format!(
-                            "stage {} got another message in the middle of step {step}",
-                            index + 1
-                        )));
+                        unreachable!("next_micro_batch returns training messages")
                     };
-                    if tag.step != step || tag.micro != j {
-                        return Err(Failure::new(format!(
-                            "stage {} got micro-batch {} of step {} while expecting micro-batch {j} of step {step}",
-                            index + 1,
-                            tag.micro,
-                            tag.step
-                        )));
-                    }
                     #[cfg(feature = "fault-injection")]
                     let input = match fault.filter(|f| f.step == step) {
                         Some(f) if j == 0 => strike(f.kind, step, input)?,
@@ -573,23 +545,7 @@ impl StageRunner {
         for op in extractor_ops(m) {
             match op {
                 Op::Forward(j) => {
-                    let msg = match next.take() {
-                        Some(msg) => msg,
-                        None => {
-                            let w = Instant::now();
-                            let got = t.recv(timeout)?;
-                            waiting += w.elapsed();
-                            match got {
-                                Received::Message(msg) => msg,
-                                _ => {
-                                    return Err(Failure::new(format!(
-                                        "stage 1 waited {} s for micro-batch {j} of step {step} from the coordinator and gave up",
-                                        timeout.as_secs()
-                                    )))
-                                }
-                            }
-                        }
-                    };
+                    let msg = next_micro_batch(&mut next, t, timeout, &mut waiting, 0, step, j)?;
                     let Message::Train {
                         tag,
                         input,
@@ -599,16 +555,8 @@ impl StageRunner {
                         ..
                     } = msg
                     else {
-                        return Err(Failure::new(format!(
-                            "stage 1 got another message in the middle of step {step}"
-                        )));
+                        unreachable!("next_micro_batch returns training messages")
                     };
-                    if tag.step != step || tag.micro != j {
-                        return Err(Failure::new(format!(
-                            "stage 1 got micro-batch {} of step {} while expecting micro-batch {j} of step {step}",
-                            tag.micro, tag.step
-                        )));
-                    }
                     #[cfg(feature = "fault-injection")]
                     let input = match fault.filter(|f| f.step == step) {
                         Some(f) if j == 0 => strike(f.kind, step, input)?,
@@ -661,6 +609,61 @@ impl StageRunner {
         })?;
         Ok(())
     }
+}
+
+/// Micro-batch `j` of `step` for stage `index` (0-based) inside a flushing step: `next` when
+/// one is in hand (the step's first), else the next message from upstream, waited for at most
+/// `timeout` (added to `waiting`). Anything but that training micro-batch is a failure.
+fn next_micro_batch(
+    next: &mut Option<Message>,
+    t: &mut dyn Transport,
+    timeout: Duration,
+    waiting: &mut Duration,
+    index: usize,
+    step: u64,
+    j: usize,
+) -> Result<Message, Failure> {
+    let msg = match next.take() {
+        Some(m) => m,
+        None => {
+            let w = Instant::now();
+            let got = t.recv(timeout)?;
+            *waiting += w.elapsed();
+            match got {
+                Received::Message(m) => m,
+                _ => {
+                    let from = if index == 0 {
+                        "the coordinator".to_string()
+                    } else {
+                        format!("stage {index}")
+                    };
+                    return Err(Failure::new(format!(
+                        "stage {} waited {} s for micro-batch {j} of step {step} from {from} and gave up",
+                        index + 1,
+                        timeout.as_secs(),
+                    )));
+                }
+            }
+        }
+    };
+    let tag = match &msg {
+        Message::Train { tag, .. } => *tag,
+        _ => {
+            return Err(Failure::new(format!(
+                "stage {} got another message in the middle of step {step}",
+                index + 1
+            )))
+        }
+    };
+    if tag.step != step || tag.micro != j {
+        return Err(Failure::new(format!(
+            "stage {} got micro-batch {} of step {} while expecting micro-batch {j} of step {step}",
+            index + 1,
+            tag.micro,
+            tag.step
+        )));
+    }
+    Ok(msg)
 }
 
 #[cfg(feature = "fault-injection")]
