@@ -5,40 +5,12 @@
 
 use std::time::Duration;
 
-use sid_core::{ExtractorKind, LossConfig, ModelConfig, NamedTensors, Network, SidNetwork};
+use sid_core::{LossConfig, NamedTensors, Network, SidNetwork};
 use sid_runtime::{Fault, FaultKind, PipelineMethod, StagedConfig, StagedPipeline};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn model() -> ModelConfig {
-    ModelConfig {
-        extractor: ExtractorKind::Cnn,
-        in_channels: 1,
-        image_size: 8,
-        num_classes: 5,
-        feature_dim: 12,
-        modules: 4,
-        module_hidden: 16,
-        init: sid_core::Init::default(),
-        precision: sid_core::Precision::Fp32,
-    }
-}
-
-fn batches(n: usize) -> Vec<(Tensor, Tensor)> {
-    tch::manual_seed(77);
-    (0..n)
-        .map(|_| {
-            (
-                Tensor::randn([16, 1, 8, 8], (Kind::Float, Device::Cpu)),
-                Tensor::randint(5, [16], (Kind::Int64, Device::Cpu)),
-            )
-        })
-        .collect()
-}
+mod common;
+use common::{batches, model, rng_lock};
 
 fn config(workers: usize, micro_batches: usize) -> StagedConfig {
     let m = model();
