@@ -351,24 +351,7 @@ impl Transport for ChannelTransport {
         let Some(tx) = &self.grads_out else {
             return Ok(());
         };
-        streams::sync_device(self.device)?;
-        tx.send_timeout((tag, grad), self.timeout)
-            .map_err(|e| match e {
-                SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
-                    waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
-                    waited_for: format!(
-                        "stage {} to take the gradient of micro-batch {} of step {}",
-                        self.stage, tag.micro, tag.step
-                    ),
-                    timeout: self.timeout,
-                },
-                SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(format!(
-                    "stage {} has stopped, so stage {} cannot send its gradient of step {}",
-                    self.stage,
-                    self.stage + 1,
-                    tag.step
-                )),
-            })
+        self.send_gradient(tx, tag, grad, &format!("stage {}", self.stage))
     }
 
     fn send_grad_to_first(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
@@ -378,23 +361,7 @@ impl Transport for ChannelTransport {
                 self.stage + 1
             )));
         };
-        streams::sync_device(self.device)?;
-        tx.send_timeout((tag, grad), self.timeout)
-            .map_err(|e| match e {
-                SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
-                    waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
-                    waited_for: format!(
-                        "stage 1 (the extractor) to take the gradient of micro-batch {} of step {}",
-                        tag.micro, tag.step
-                    ),
-                    timeout: self.timeout,
-                },
-                SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(format!(
-                    "stage 1 (the extractor) has stopped, so stage {} cannot send its gradient of step {}",
-                    self.stage + 1,
-                    tag.step
-                )),
-            })
+        self.send_gradient(tx, tag, grad, "stage 1 (the extractor)")
     }
 
     fn recv_grad(&mut self, timeout: Duration) -> Result<(Tag, Tensor)> {
@@ -427,5 +394,36 @@ impl Transport for ChannelTransport {
                 "stage {from} stopped before sending its gradient"
             ))),
         }
+    }
+}
+
+impl ChannelTransport {
+    /// Sends the gradient of micro-batch `tag` to the stage `to` names, once this stage's
+    /// stream has computed it; a full channel past the timeout, or a stopped receiver, is an
+    /// error naming both.
+    fn send_gradient(
+        &self,
+        tx: &Sender<(Tag, Tensor)>,
+        tag: Tag,
+        grad: Tensor,
+        to: &str,
+    ) -> Result<()> {
+        streams::sync_device(self.device)?;
+        tx.send_timeout((tag, grad), self.timeout)
+            .map_err(|e| match e {
+                SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
+                    waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
+                    waited_for: format!(
+                        "{to} to take the gradient of micro-batch {} of step {}",
+                        tag.micro, tag.step
+                    ),
+                    timeout: self.timeout,
+                },
+                SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(format!(
+                    "{to} has stopped, so stage {} cannot send its gradient of step {}",
+                    self.stage + 1,
+                    tag.step
+                )),
+            })
     }
 }

@@ -45,7 +45,7 @@ pub fn resolve_devices(spec: &str) -> Result<Vec<Device>> {
 }
 
 /// Checks that every GPU in `devices` (parsed from `spec`, which the message names) exists.
-fn check_present(spec: &str, devices: &[Device]) -> Result<()> {
+pub(crate) fn check_present(spec: &str, devices: &[Device]) -> Result<()> {
     let wanted = devices.iter().filter_map(|d| match d {
         Device::Cuda(i) => Some(*i),
         _ => None,

@@ -57,7 +57,7 @@ fn rank_device(cfg: &RunConfig, env: &DistEnv) -> Result<Device> {
             listed.len()
         )));
     };
-    crate::devices::resolve_devices(&i.to_string())?;
+    crate::devices::check_present(cfg.runtime.gpus.as_str(), &[Device::Cuda(i)])?;
     Ok(Device::Cuda(i))
 }
 
