@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Staged SID's accuracy next to the paper's SID: Fashion-MNIST, SimpleCNN, L=5, batch 128,
-# 5 epochs, no augmentation, on the CPU, for each seed given (default 0). Paper SID and BP come
-# from benches/fashion-mnist-accuracy.sh with the same settings.
+# Staged SID's accuracy next to the paper's SID and BP: Fashion-MNIST, SimpleCNN, L=5, batch 128,
+# 5 epochs, no augmentation, on the CPU, for each seed given (default 0): paper SID and BP on
+# one device (all cores), staged SID K=2 and K=4 (`--placement even`, one CPU device per stage).
+# A run whose summary.json exists is kept, so the script resumes where it stopped; the table
+# at the end gives each method's final accuracy per seed, the mean and the spread.
 # Usage: benches/staged-accuracy.sh [OUT_DIR] [SEEDS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,12 +13,30 @@ seeds=("${@:-0}")
 bin=target/release/sid-launch
 [ -x "$bin" ] || cargo build --release -p sid-launch
 mkdir -p "$out"
+run() { # NAME ARGS...
+  local name=$1; shift
+  [ -f "$out/$name/summary.json" ] && { echo "== $name: done before"; return; }
+  rm -rf "${out:?}/$name"
+  "$bin" "${common[@]}" "$@" --run-dir "$out/$name" 2>&1 | tee "$out/$name.log"
+}
 for seed in "${seeds[@]}"; do
   common=(--dataset fashion-mnist --model cnn --modules 5 --batch-size 128 --epochs 5 --seed "$seed" --no-augment --telemetry-hz 0)
+  run "sid-seed$seed" --method sid --gpus cpu
+  run "bp-seed$seed" --method bp --gpus cpu
   for k in 2 4; do
-    "$bin" "${common[@]}" --stages "$k" --gpus "cpu:$k" --placement even --run-dir "$out/staged$k-seed$seed" 2>&1 | tee "$out/staged$k-seed$seed.log"
+    run "staged$k-seed$seed" --stages "$k" --gpus "cpu:$k" --placement even
   done
 done
-for f in "$out"/*/metrics.jsonl; do
-  echo "== $f"; python3 -c "import json,sys; [print(m['epoch'], round(m['test_acc']*100,2), round(m['train_loss'],4), [round(a*100,1) for a in m['module_test_acc']]) for m in map(json.loads, open(sys.argv[1]))]" "$f"
-done
+python3 - "$out" <<'PY'
+import json, pathlib, statistics, sys
+out = pathlib.Path(sys.argv[1])
+rows = {}
+for s in sorted(out.glob("*-seed*/summary.json")):
+    name, seed = s.parent.name.rsplit("-seed", 1)
+    rows.setdefault(name, {})[int(seed)] = json.load(open(s))["final_test_acc"] * 100
+print("method | " + " | ".join(f"seed {k}" for k in range(3)) + " | mean | spread (max-min)")
+for name, accs in rows.items():
+    vals = list(accs.values())
+    cells = [f"{accs[k]:.2f}" if k in accs else "-" for k in range(3)]
+    print(f"{name} | " + " | ".join(cells) + f" | {statistics.mean(vals):.2f} | {max(vals) - min(vals):.2f}")
+PY

@@ -4,12 +4,12 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use sid_core::{BpNetwork, ExtractorKind, LossConfig, Method, ModelConfig, Network, SidNetwork};
-use sid_runtime::{Pipeline, PipelineConfig, Placement};
+use sid_runtime::Placement;
 use sid_train::{Run, RunConfig};
 use tch::Device;
 
@@ -317,42 +317,45 @@ pub fn speedup_check(
     };
     let (x, y) = synthetic_batch(batch, 1, 28, 10, base);
     let threads = (base == Device::Cpu).then_some(1);
-    let build = |devices: Vec<Device>| -> Result<Pipeline> {
-        let mut pc = PipelineConfig::new(cfg.clone(), devices);
-        pc.threads_per_worker = threads;
-        tch::manual_seed(0);
-        Ok(Pipeline::new(pc)?)
-    };
-    let timings = |p: &mut Pipeline| -> Result<Vec<sid_runtime::StepTiming>> {
+    let build =
+        |devices: Vec<Device>| crate::workers::pipeline(&cfg, devices, threads, None, true, false);
+    // Each step's total, and each stage's busy and forward time per step (stage 1 is the
+    // extractor, then the module stages).
+    type Timings = (Vec<f64>, Vec<(f64, f64)>);
+    let timings = |p: &mut sid_runtime::StagedPipeline| -> Result<Timings> {
         for _ in 0..3 {
             p.train_step(&x, &y)?;
         }
-        (0..15)
-            .map(|_| -> Result<_> {
+        let _ = p.take_stage_times();
+        let totals = (0..15)
+            .map(|_| -> Result<f64> {
+                let t = Instant::now();
                 p.train_step(&x, &y)?;
-                Ok(p.last_timing().clone())
+                Ok(ms(t.elapsed()))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let stages = p
+            .take_stage_times()
+            .iter()
+            .map(|s| {
+                let n = s.steps.max(1) as f64;
+                (ms(s.busy) / n, ms(s.forward) / n)
+            })
+            .collect();
+        Ok((totals, stages))
     };
     eprintln!("speed-up check: L={modules}, hidden {hidden}, batch {batch}");
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let mut one = build(vec![base])?;
-    let t1 = timings(&mut one)?;
-    let med =
-        |f: &dyn Fn(&sid_runtime::StepTiming) -> f64| median(&t1.iter().map(f).collect::<Vec<_>>());
-    let ext = med(&|t| ms(t.extractor_forward) + ms(t.extractor_backward));
-    let f1 = med(&|t| ms(t.phase1[0])) / modules as f64;
-    let f2 = med(&|t| ms(t.phase2[0])) / modules as f64;
-    let overhead = med(&|t| {
-        ms(t.total)
-            - ms(t.extractor_forward)
-            - ms(t.extractor_backward)
-            - ms(t.phase1[0])
-            - ms(t.phase2[0])
-    });
-    let measured1 = med(&|t| ms(t.total));
+    let (totals1, stages1) = timings(&mut one)?;
+    let measured1 = median(&totals1);
+    let ext = stages1[0].0;
+    let (module_busy, module_forward) = stages1[1];
+    let f1 = module_forward / modules as f64;
+    let f2 = (module_busy - module_forward) / modules as f64;
+    let overhead = measured1 - ext - module_busy;
     let mut rows = Vec::new();
     eprintln!("  one worker: extractor {ext:.2} ms, per module phase 1 {f1:.2} ms, phase 2 {f2:.2} ms, other {overhead:.2} ms");
     for &k in ks {
@@ -374,12 +377,7 @@ pub fn speedup_check(
             measured1
         } else {
             let mut p = build(devices)?;
-            median(
-                &timings(&mut p)?
-                    .iter()
-                    .map(|t| ms(t.total))
-                    .collect::<Vec<_>>(),
-            )
+            median(&timings(&mut p)?.0)
         };
         let paper = modules as f64 * f1
             + blocks.blocks().iter().map(|b| b.len()).max().unwrap_or(1) as f64 * f2;

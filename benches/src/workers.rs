@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::{interleaved, median, synthetic_batch};
 use clap::Parser;
 use sid_core::{ExtractorKind, LossConfig, ModelConfig, Network, SidNetwork};
-use sid_runtime::{Pipeline, PipelineConfig, Placement};
+use sid_runtime::{PipelineMethod, Placement, StagedConfig, StagedPipeline};
 use tch::Device;
 
 /// Options of this benchmark.
@@ -57,22 +57,27 @@ pub struct Args {
     pub bench: bool,
 }
 
-fn pipeline(
+/// The paper's SID on the stage pipeline: the extractor as stage 1 on the first device, then
+/// one module stage per device. `threads`: intra-op threads per CPU stage (`None`: the module
+/// stages share the cores, the extractor takes all of them).
+pub(crate) fn pipeline(
     model: &ModelConfig,
     devices: Vec<Device>,
     threads: Option<i32>,
     placement: Option<Placement>,
     streams: bool,
     fused: bool,
-) -> anyhow::Result<Pipeline> {
-    let mut cfg = PipelineConfig::new(model.clone(), devices);
+) -> anyhow::Result<StagedPipeline> {
+    let plan = sid_core::StagePlan::even(model, 1)?;
+    let mut cfg = StagedConfig::new(model.clone(), devices, plan);
+    cfg.method = PipelineMethod::Paper;
     cfg.streams = streams;
     cfg.fused_teacher = fused;
     cfg.loss = LossConfig::default();
-    cfg.threads_per_worker = threads;
+    cfg.threads_per_stage = threads;
     cfg.placement = placement;
     tch::manual_seed(0);
-    Ok(Pipeline::new(cfg)?)
+    Ok(StagedPipeline::new(cfg)?)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -178,7 +183,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "K-worker devices: {}; placement {}",
         args.gpus,
-        many.placement().to_spec()
+        placement_spec(&many)
     );
     println!(
         "{:<48} {:>10} {:>9}",
@@ -222,44 +227,43 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    // Where the K-worker step goes: medians of each part over fresh steps.
-    let mut parts: Vec<Vec<f64>> = vec![Vec::new(); 6];
-    for _ in 0..args.rounds * args.steps {
+    // Where the K-worker step goes: each stage's busy time per step over fresh steps (the
+    // extractor is stage 1, the module blocks follow).
+    let _ = many.take_stage_times();
+    let started = std::time::Instant::now();
+    let n = args.rounds * args.steps;
+    for _ in 0..n {
         many.train_step(&x, &y)?;
-        let t = many.last_timing();
-        let row = [
-            ms(t.total),
-            ms(t.extractor_forward) + ms(t.extractor_backward),
-            t.phase1.iter().map(|d| ms(*d)).sum(),
-            t.phase2.iter().map(|d| ms(*d)).fold(0.0, f64::max),
-            ms(t.wait),
-            ms(t.broadcast),
-        ];
-        for (p, v) in parts.iter_mut().zip(row) {
-            p.push(v);
-        }
     }
-    let total = median(&parts[0]);
-    println!(
-        "{k}-worker step breakdown (median ms, share of the step; waiting overlaps the phases):"
-    );
-    for (name, i) in [
-        ("extractor forward + backward (coordinator)", 1),
-        ("phase 1, teacher chain (sum over workers)", 2),
-        ("phase 2, local updates (slowest worker)", 3),
-        ("coordinator waiting for workers", 4),
-        ("broadcast of z and labels", 5),
-    ] {
-        let m = median(&parts[i]);
-        println!("  {name:<46} {m:>8.2} ms {:>5.1}%", 100.0 * m / total);
+    let total = ms(started.elapsed()) / n as f64;
+    println!("{k}-worker step by stage (mean ms per step, share of the step busy):");
+    for (s, t) in many.take_stage_times().iter().enumerate() {
+        let busy = ms(t.busy) / t.steps.max(1) as f64;
+        let forward = ms(t.forward) / t.steps.max(1) as f64;
+        println!(
+            "  {:<46} {busy:>8.2} ms {:>5.1}%   (forward {forward:.2} ms)",
+            many.describe(s),
+            100.0 * busy / total
+        );
     }
     println!("  {:<46} {total:>8.2} ms", "whole step");
     println!(
-        "(medians over {} interleaved steps each after {} warm-up steps)",
+        "(medians over {} interleaved steps each after {} warm-up steps; stage times: {n} more steps)",
         args.rounds * args.steps,
         args.warmup
     );
     Ok(())
+}
+
+/// The module placement in `--placement` syntax.
+fn placement_spec(p: &StagedPipeline) -> String {
+    let blocks: Vec<String> = p
+        .layout()
+        .iter()
+        .enumerate()
+        .map(|(w, (_, r))| format!("{w}:{}-{}", r.start, r.end - 1))
+        .collect();
+    blocks.join(",")
 }
 
 fn devices_text(devices: &[Device]) -> String {

@@ -575,7 +575,7 @@ fn paper_mode_with_micro_batches_trains_like_one_device() {
 }
 
 #[test]
-fn a_failing_worker_stops_the_run_and_keeps_the_last_checkpoint() {
+fn a_failing_module_stage_stops_the_run_and_keeps_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     // 1024 samples / 64 = 16 steps an epoch: the fault strikes in epoch 2.
@@ -585,7 +585,8 @@ fn a_failing_worker_stops_the_run_and_keeps_the_last_checkpoint() {
     );
     args.extend(["--inject-fault".into(), "1:20:nan".into()]);
     let out = Command::new(BIN).args(&args).output().unwrap();
-    one_line_error(&out, "worker 1 on cpu failed in module 3");
+    // Worker 1's modules are stage 3 (stage 1 is the extractor).
+    one_line_error(&out, "stage 3 on cpu failed in module 3");
     assert!(
         stderr(&out).contains("non-finite loss NaN"),
         "{}",
@@ -613,10 +614,8 @@ fn a_failing_worker_stops_the_run_and_keeps_the_last_checkpoint() {
     args.extend(["--inject-fault".into(), "0:3:hang".into()]);
     let started = std::time::Instant::now();
     let out = Command::new(BIN).args(&args).output().unwrap();
-    one_line_error(
-        &out,
-        "coordinator waited 2 s for worker 0 (cpu, modules 1-2)",
-    );
+    // Stage 2 (worker 0's modules) hangs; the extractor, waiting for its gradient, names it.
+    one_line_error(&out, "waited 2 s for a gradient from stage 2");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
 
@@ -672,7 +671,7 @@ fn span_intervals(
 }
 
 #[test]
-fn trace_shows_two_workers_overlapping_in_phase_2_and_telemetry_degrades_without_nvml() {
+fn trace_shows_two_module_stages_overlapping_in_phase_2_and_telemetry_degrades_without_nvml() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     // Inside the run directory, which does not exist yet: the launcher creates it.
@@ -690,8 +689,8 @@ fn trace_shows_two_workers_overlapping_in_phase_2_and_telemetry_degrades_without
             "128",
             "--gpus",
             "cpu:2",
-            // Worker 0's phase 2 (three modules) is long next to worker 1's wait for the chain
-            // (three cheap teacher forwards), so they overlap even on a loaded machine.
+            // Module stage 1's phase 2 (three modules) is long next to module stage 2's wait for
+            // the chain (three cheap teacher forwards), so they overlap even on a loaded machine.
             "--placement",
             "0:0-2,1:3-3",
         ],
@@ -717,7 +716,7 @@ fn trace_shows_two_workers_overlapping_in_phase_2_and_telemetry_degrades_without
     assert_eq!(
         phase2.len(),
         2,
-        "phase-2 spans on two worker threads: {:?}",
+        "phase-2 spans on two module-stage threads: {:?}",
         phase2.keys()
     );
     let threads: Vec<&Vec<(f64, f64)>> = phase2.values().collect();
@@ -727,16 +726,16 @@ fn trace_shows_two_workers_overlapping_in_phase_2_and_telemetry_degrades_without
         .count();
     assert!(
         overlaps * 4 >= threads[0].len(),
-        "workers overlapped in only {overlaps} of {} steps",
+        "module stages overlapped in only {overlaps} of {} steps",
         threads[0].len()
     );
     for name in [
         "extractor_forward",
         "extractor_backward",
         "phase1",
-        "phase2_module",
-        "broadcast",
-        "coordinator_wait",
+        "forward_module",
+        "module_backward",
+        "stage_micro",
     ] {
         assert!(
             !span_intervals(&trace, name).is_empty(),

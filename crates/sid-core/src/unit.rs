@@ -178,6 +178,19 @@ impl ModuleUnit {
         self.backward_pending(target, scale)
     }
 
+    /// [`ModuleUnit::accumulate_step`] in two halves, for the fused schedule on a pipeline
+    /// stage: the forward with its graph kept, returning this module's belief, detached (the
+    /// next module's teacher, as in [`ModuleUnit::forward_step`]); gradients are not cleared.
+    pub fn accumulate_forward(&mut self, p_prev: &Tensor, z: &Tensor) -> Tensor {
+        self.forward_keep(p_prev, z)
+    }
+
+    /// The second half of [`ModuleUnit::accumulate_step`]: the pending forward's loss scaled by
+    /// `scale`, backward into this module's gradients (no optimiser step).
+    pub fn accumulate_backward(&mut self, target: &LabelTarget, scale: f64) -> Result<LocalOutput> {
+        self.backward_pending(target, scale)
+    }
+
     /// The loss of the pending forward, scaled, and its backward (no optimiser step).
     fn backward_pending(&mut self, target: &LabelTarget, scale: f64) -> Result<LocalOutput> {
         let (z_in, logits, p_prev) = self.take_pending()?;

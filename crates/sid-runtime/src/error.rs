@@ -11,18 +11,6 @@ pub enum RuntimeError {
     /// Another runtime setting is unusable.
     #[error("{0}")]
     Config(String),
-    /// A worker reported an error or panicked.
-    #[error("worker {worker} on {device} failed{}: {cause}", module.map(|m| format!(" in module {m}")).unwrap_or_default())]
-    Worker {
-        /// Worker index (position in the device list).
-        worker: usize,
-        /// Its device, e.g. `cuda:1`.
-        device: String,
-        /// 1-based module, when the failure belongs to one.
-        module: Option<usize>,
-        /// What happened.
-        cause: String,
-    },
     /// A pipeline stage reported an error or panicked.
     #[error("stage {stage} on {device} failed{}: {cause}", module.map(|m| format!(" in module {m}")).unwrap_or_default())]
     Stage {
@@ -45,7 +33,7 @@ pub enum RuntimeError {
         /// How long.
         timeout: Duration,
     },
-    /// A worker answered out of order (a result of another step, or the wrong kind).
+    /// A stage answered out of order (a result of another step, or the wrong kind).
     #[error("protocol error: {0}")]
     Protocol(String),
     /// A link to another process (rank) failed: it died, hung up or sent garbage.

@@ -1,27 +1,28 @@
-//! Multi-device SID, two ways:
-//! - staged SID as a real pipeline ([`StagedPipeline`]): the backbone cut into stages, one per
-//!   device, each trained by its own local losses; micro-batches flow from stage to stage and
-//!   steps overlap, with no flush between them;
-//! - the paper's SID with its modules spread out ([`Pipeline`]): one worker thread per device
-//!   owns its modules' parameters and optimizers, and every step runs the workers' local
-//!   updates concurrently, with no global backward pass.
+//! Multi-device SID on one stage pipeline ([`StagedPipeline`]): a thread per stage (or the
+//! stages one after another in the caller's thread), and stages in other processes over c10d.
+//! It trains three things, with one schedule:
+//! - staged SID: the backbone cut into stages, one per device, each trained by its own local
+//!   losses; micro-batches flow from stage to stage and steps overlap, with no flush between
+//!   them;
+//! - the paper's SID with its modules spread out: the extractor as stage 1, then one stage per
+//!   device owning a block of modules; every module stage runs its local updates as soon as
+//!   its inputs arrive, with no global backward pass, and sends its gradient at `z` straight
+//!   back to the extractor;
+//! - the BP baseline cut at the same blocks, as a GPipe or 1F1B pipeline.
 //!
-//! - [`staged`]: the staged pipeline's coordinator;
+//! - [`staged`]: the pipeline's coordinator (feeds micro-batches, collects reports);
 //! - [`schedule`]: what a stage does with each message, written once;
 //! - [`transport`]: how messages move between stages (one thread, or a thread per stage);
 //! - [`ranks`] and [`links`]: stages and replicas in other processes, over c10d;
-//! - [`paper`]: the paper's SID on the stage pipeline (the extractor as stage 1, module
-//!   blocks after it), used with micro-batches;
-//! - [`coordinator`]: the paper-mode step schedule, broadcasts, gradient sum, the extractor;
-//! - [`worker`]: the per-device thread and its messages;
-//! - [`placement`]: which modules each worker owns;
-//! - [`streams`]: CUDA streams from libtorch's pool, for several workers on one GPU;
+//! - [`paper`]: the paper's module blocks;
+//! - [`ops`]: the order of a flushing stage's forwards and backwards (schedules as data);
+//! - [`placement`]: which modules each device owns in the paper's SID;
+//! - [`streams`]: CUDA streams from libtorch's pool, for several stages on one GPU;
 //! - `fault`: injected faults for tests (cargo feature `fault-injection`).
 //!
 //! The pipeline implements [`sid_core::Network`], so the trainer drives it exactly like the
 //! single-device network.
 
-pub mod coordinator;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
@@ -35,9 +36,7 @@ mod setup;
 pub mod staged;
 pub mod streams;
 pub mod transport;
-pub mod worker;
 
-pub use coordinator::{Pipeline, PipelineConfig, StepTiming};
 pub use error::{Result, RuntimeError};
 #[cfg(feature = "fault-injection")]
 pub use fault::{Fault, FaultKind};
@@ -47,4 +46,4 @@ pub use placement::Placement;
 pub use ranks::Ranks;
 pub use setup::{PipelineMethod, StagedConfig};
 pub use staged::{StageTime, StagedPipeline};
-pub use transport::Transport;
+pub use transport::{device_name, Transport};

@@ -23,9 +23,13 @@ use crate::Result;
 pub struct ModuleBlock {
     stage: usize,
     modules: Vec<ModuleUnit>,
+    /// The fused schedule: each module's local-step forward, detached, is the next module's
+    /// teacher (one forward per module instead of two; the same values).
+    fused: bool,
     /// Between [`ModuleBlock::forward_micro`] and [`ModuleBlock::backward_micro`]: the
-    /// features, each module's teacher belief and the label target.
-    pending: Option<(Tensor, Vec<Tensor>, LabelTarget)>,
+    /// features, each module's teacher belief (the reference schedule; the fused one keeps
+    /// its forwards in the modules instead) and the label target.
+    pending: Option<(Tensor, Option<Vec<Tensor>>, LabelTarget)>,
 }
 
 impl ModuleBlock {
@@ -34,8 +38,15 @@ impl ModuleBlock {
         Self {
             stage,
             modules,
+            fused: false,
             pending: None,
         }
+    }
+
+    /// Runs the fused schedule (see [`sid_core::SidNetwork::with_fused_teacher`]).
+    pub fn with_fused_teacher(mut self, fused: bool) -> Self {
+        self.fused = fused;
+        self
     }
 
     /// 0-based stage.
@@ -57,12 +68,22 @@ impl ModuleBlock {
     }
 
     /// Phase 1 of one micro-batch on `z` (detached features): the block's teacher chain from
-    /// `p_in`, kept for [`ModuleBlock::backward_micro`]. Returns the belief leaving the block,
-    /// which the next block needs at once.
+    /// `p_in`, kept for [`ModuleBlock::backward_micro`] (fused: the local steps' forwards,
+    /// their graphs kept). Returns the belief leaving the block, which the next block needs at
+    /// once.
     pub fn forward_micro(&mut self, z: &Tensor, p_in: &Tensor, labels: &Tensor) -> Tensor {
-        let (teachers, p_out) = teacher_chain(self.modules.iter(), p_in.detach(), z);
+        let _span = tracing::trace_span!("phase1", stage = self.stage + 1).entered();
         let target = self.modules[0].label_target(labels);
-        self.pending = Some((z.shallow_clone(), teachers, target));
+        if self.fused {
+            let mut p = p_in.detach();
+            for m in &mut self.modules {
+                p = m.accumulate_forward(&p, z);
+            }
+            self.pending = Some((z.shallow_clone(), None, target));
+            return p;
+        }
+        let (teachers, p_out) = teacher_chain(self.modules.iter(), p_in.detach(), z);
+        self.pending = Some((z.shallow_clone(), Some(teachers), target));
         p_out
     }
 
@@ -70,6 +91,7 @@ impl ModuleBlock {
     /// `scale` and added to the module's until [`ModuleBlock::apply`]. Returns the scaled
     /// losses [n] and `Σ ∂L_i/∂z` over the block, summed in module order.
     pub fn backward_micro(&mut self, scale: f64) -> sid_core::Result<(Tensor, Tensor)> {
+        let _span = tracing::trace_span!("phase2", stage = self.stage + 1).entered();
         let (z, teachers, target) = self.pending.take().ok_or_else(|| {
             sid_core::CoreError::InvalidConfig(format!(
                 "stage {}: backward without a forward",
@@ -78,8 +100,11 @@ impl ModuleBlock {
         })?;
         let mut losses = Vec::with_capacity(self.modules.len());
         let mut grad_z = None;
-        for (m, p_prev) in self.modules.iter_mut().zip(&teachers) {
-            let out = m.accumulate_step(p_prev, &z, &target, scale)?;
+        for (i, m) in self.modules.iter_mut().enumerate() {
+            let out = match &teachers {
+                Some(t) => m.accumulate_step(&t[i], &z, &target, scale)?,
+                None => m.accumulate_backward(&target, scale)?,
+            };
             losses.push(out.loss);
             grad_z = Some(sid_core::unit::add_next(grad_z, out.grad_z));
         }
@@ -130,6 +155,7 @@ pub(crate) fn build_paper(
     loss: LossConfig,
     lr: f64,
     blocks: &[Range<usize>],
+    fused: bool,
 ) -> Result<(ExtractorUnit, Vec<ModuleBlock>)> {
     model.validate()?;
     loss.validate()?;
@@ -142,7 +168,10 @@ pub(crate) fn build_paper(
     let blocks = blocks
         .iter()
         .enumerate()
-        .map(|(w, r)| ModuleBlock::new(w + 1, units.by_ref().take(r.len()).collect()))
+        .map(|(w, r)| {
+            ModuleBlock::new(w + 1, units.by_ref().take(r.len()).collect())
+                .with_fused_teacher(fused)
+        })
         .collect();
     Ok((extractor, blocks))
 }

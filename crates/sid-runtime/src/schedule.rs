@@ -82,6 +82,16 @@ impl Failure {
     }
 }
 
+/// What a caught panic said, for the error that names the stage.
+pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
+    let msg = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("panicked: {msg}")
+}
+
 impl From<tch::TchError> for Failure {
     fn from(e: tch::TchError) -> Self {
         Self::new(e.to_string())

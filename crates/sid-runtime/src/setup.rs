@@ -54,6 +54,9 @@ pub struct StagedConfig {
     /// The paper's SID ([`PipelineMethod::Paper`]): which modules each device of `devices`
     /// owns; `None` = as even as possible.
     pub placement: Option<Placement>,
+    /// The paper's SID: the fused schedule on the module stages (each module's local-step
+    /// forward, detached, is the next one's teacher; the same values, one forward less).
+    pub fused_teacher: bool,
     /// Stages (and data-parallel replicas) in other processes, linked by c10d: this process
     /// is rank 0 and runs stage 1 of replica 1 itself; `devices` then names its device only.
     pub ranks: Option<Ranks>,
@@ -91,6 +94,7 @@ impl StagedConfig {
             fault: None,
             method: PipelineMethod::Sid,
             placement: None,
+            fused_teacher: false,
             ranks: None,
         }
     }
@@ -124,8 +128,13 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
         }
         PipelineMethod::Paper => {
             let placement = paper_placement(cfg)?;
-            let (extractor, blocks) =
-                crate::paper::build_paper(&cfg.model, cfg.loss, cfg.lr, placement.blocks())?;
+            let (extractor, blocks) = crate::paper::build_paper(
+                &cfg.model,
+                cfg.loss,
+                cfg.lr,
+                placement.blocks(),
+                cfg.fused_teacher,
+            )?;
             std::iter::once(Work::Extractor(extractor, blocks.len()))
                 .chain(blocks.into_iter().map(Work::Modules))
                 .collect()
@@ -209,7 +218,7 @@ pub(crate) fn spawn_stage(
             let failure = match outcome {
                 Ok(Ok(())) => None,
                 Ok(Err(f)) => Some(f),
-                Err(panic) => Some(Failure::from_cause(crate::worker::panic_cause(
+                Err(panic) => Some(Failure::from_cause(crate::schedule::panic_cause(
                     panic.as_ref(),
                 ))),
             };

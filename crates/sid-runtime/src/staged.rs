@@ -23,8 +23,8 @@ use crate::setup::{
     StageThread, StagedConfig,
 };
 use crate::streams;
+use crate::transport::device_name;
 use crate::transport::{ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
-use crate::worker::device_name;
 use crate::{Result, RuntimeError};
 
 enum Engine {
@@ -292,6 +292,26 @@ impl StagedPipeline {
         RuntimeError::Protocol(format!("the stages stopped before {what}"))
     }
 
+    /// The first failure a stage reports within `grace` (other reports are dropped: the run is
+    /// ending).
+    fn reported_failure(&self, grace: Duration) -> Option<RuntimeError> {
+        let Engine::Threads { reports, .. } = &self.engine else {
+            return None;
+        };
+        let until = std::time::Instant::now() + grace;
+        while let Ok(r) = reports.recv_deadline(until) {
+            if let Report::Failed {
+                stage,
+                module,
+                cause,
+            } = r
+            {
+                return Some(self.failed(stage, module, cause));
+            }
+        }
+        None
+    }
+
     fn feed(&mut self, msg: Message) -> Result<()> {
         self.feed_replica(0, msg)
     }
@@ -327,14 +347,18 @@ impl StagedPipeline {
                 let tx = &firsts[replica];
                 match tx.send_timeout(msg, self.timeout) {
                     Ok(()) => Ok(()),
-                    Err(SendTimeoutError::Timeout(_)) => Err(RuntimeError::Timeout {
-                        waiter: "coordinator".into(),
-                        waited_for: format!(
-                            "{} to take its input",
-                            self.describe(replica * self.specs.len())
-                        ),
-                        timeout: self.timeout,
-                    }),
+                    Err(SendTimeoutError::Timeout(_)) => Err(self
+                        // Stage 1 is stuck because it waits for another stage, which it will
+                        // name when its own wait (begun a little earlier) runs out: prefer that.
+                        .reported_failure(self.timeout.min(Duration::from_secs(3)))
+                        .unwrap_or_else(|| RuntimeError::Timeout {
+                            waiter: "coordinator".into(),
+                            waited_for: format!(
+                                "{} to take its input",
+                                self.describe(replica * self.specs.len())
+                            ),
+                            timeout: self.timeout,
+                        })),
                     Err(SendTimeoutError::Disconnected(_)) => Err(self.gone("taking the input")),
                 }
             }
@@ -616,8 +640,16 @@ fn unexpected(r: &Report, expected: &str) -> RuntimeError {
 
 fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Device]) -> Engine {
     let k = runners.len();
-    let cpu_stages = devices.iter().filter(|d| **d == Device::Cpu).count();
+    let paper = cfg.method == PipelineMethod::Paper;
+    // The paper's extractor is nearly all of a step and the module stages wait for it (and it
+    // for them): it gets every core, the module stages share them.
+    let skip = usize::from(paper);
+    let cpu_stages = devices[skip..]
+        .iter()
+        .filter(|d| **d == Device::Cpu)
+        .count();
     let cpu_threads = cpu_threads_per_stage(cfg, cpu_stages);
+    let extractor_threads = cpu_threads_per_stage(cfg, 1);
     // Fix this thread's libtorch thread count before stages change the process-wide one.
     let _ = tch::get_num_threads();
     // Room for one step's micro-batches per link: a stage runs at most about a step ahead.
@@ -629,7 +661,6 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     // Backprop: gradients flow back from stage s+1 to stage s.
     let mut grads_out: Option<Sender<(Tag, Tensor)>> = None;
     // The paper's SID: a gradient channel from each module stage straight to stage 1.
-    let paper = cfg.method == PipelineMethod::Paper;
     let (mut to_first, mut from_modules): (Vec<_>, Vec<_>) = if paper {
         (1..k)
             .map(|_| {
@@ -677,7 +708,11 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
             next_grad_from: 0,
         };
         grads_out = grad_tx;
-        let threads_here = (device == Device::Cpu).then_some(cpu_threads);
+        let threads_here = (device == Device::Cpu).then_some(if paper && s == 0 {
+            extractor_threads
+        } else {
+            cpu_threads
+        });
         threads.push(spawn_stage(
             runner,
             transport,

@@ -13,7 +13,6 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use tch::{Device, Tensor};
 
 use crate::streams;
-use crate::worker::device_name;
 use crate::{Result, RuntimeError};
 
 /// What a message is about.
@@ -425,5 +424,14 @@ impl ChannelTransport {
                     tag.step
                 )),
             })
+    }
+}
+
+/// A short human name for messages: `cpu` or `cuda:1`.
+pub fn device_name(d: Device) -> String {
+    match d {
+        Device::Cuda(i) => format!("cuda:{i}"),
+        Device::Cpu => "cpu".into(),
+        other => format!("{other:?}").to_lowercase(),
     }
 }

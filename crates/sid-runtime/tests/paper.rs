@@ -1,12 +1,13 @@
 //! The paper's SID as a stage pipeline (the extractor alone on stage 1, module blocks after
 //! it, gradients at z sent back to stage 1) is transparent: with W module stages and M
 //! micro-batches it gives the single-device `SidNetwork`'s losses and parameters, and the two
-//! read each other's checkpoints.
+//! read each other's checkpoints. Also: the fused schedule, placements, faults (a module stage
+//! that panics, errs, produces NaN or hangs) and module stages sharing one GPU.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sid_core::{LossConfig, NamedTensors, Network, SidNetwork};
-use sid_runtime::{Fault, FaultKind, PipelineMethod, StagedConfig, StagedPipeline};
+use sid_runtime::{Fault, FaultKind, PipelineMethod, Placement, StagedConfig, StagedPipeline};
 use tch::{Device, Tensor};
 
 mod common;
@@ -149,4 +150,154 @@ fn a_failing_module_stage_stops_the_run_naming_it() {
     let text = err.to_string();
     assert!(text.contains("injected error"), "{text}");
     assert!(text.contains("stage 3"), "{text}");
+}
+
+#[test]
+fn the_fused_schedule_on_module_stages_matches_the_reference_single_device_trainer() {
+    let _rng = rng_lock();
+    let data = batches(6);
+    for micro in [1, 2] {
+        let mut reference = single();
+        let mut cfg = config(2, micro);
+        cfg.fused_teacher = true;
+        tch::manual_seed(5);
+        let mut pipeline = StagedPipeline::new(cfg).unwrap();
+        for (x, y) in &data {
+            let a = reference.train_step(x, y).unwrap();
+            let b = pipeline.train_step(x, y).unwrap();
+            for (la, lb) in a.module_losses.iter().zip(&b.module_losses) {
+                assert!((la - lb).abs() < 1e-5 * la.abs().max(1.0), "{a:?} vs {b:?}");
+            }
+        }
+        let diff = max_abs_diff(
+            &pipeline.state().unwrap(),
+            &NamedTensors::from(reference.state().unwrap()),
+        );
+        assert!(
+            diff < 2e-5,
+            "{micro} micro-batch(es): parameters differ by {diff} after 6 fused steps"
+        );
+    }
+}
+
+#[test]
+fn uneven_and_explicit_placements_give_the_same_result() {
+    let _rng = rng_lock();
+    let data = batches(4);
+    let mut finals = Vec::new();
+    for (workers, placement) in [(1, None), (2, Some("0:0-2,1:3-3")), (3, None)] {
+        let mut cfg = config(workers, 1);
+        cfg.placement = placement.map(|p| Placement::parse(p, 4, workers).unwrap());
+        tch::manual_seed(5);
+        let mut pipeline = StagedPipeline::new(cfg).unwrap();
+        if let Some(p) = placement {
+            assert_eq!(pipeline.layout()[1].1, 3..4, "{p}");
+        }
+        for (x, y) in &data {
+            pipeline.train_step(x, y).unwrap();
+        }
+        finals.push(pipeline.state().unwrap());
+    }
+    let reference = NamedTensors::from(finals.remove(0));
+    for f in finals {
+        let diff = max_abs_diff(&f, &reference);
+        assert!(diff < 1e-5, "parameters differ by {diff}");
+    }
+}
+
+/// Module stage 2 (modules 3-4 of 4, on 2 devices) fails at step 3.
+fn failing_run(kind: FaultKind, timeout: Duration) -> (String, Duration) {
+    let data = batches(4);
+    let mut cfg = config(2, 1);
+    cfg.fault = Some(Fault {
+        worker: 2,
+        step: 3,
+        kind,
+    });
+    cfg.timeout = timeout;
+    tch::manual_seed(5);
+    let mut pipeline = StagedPipeline::new(cfg).unwrap();
+    let started = Instant::now();
+    for (i, (x, y)) in data.iter().enumerate() {
+        match pipeline.train_step(x, y) {
+            Ok(_) => assert!(i < 2, "step {} should have failed", i + 1),
+            Err(e) => {
+                assert_eq!(i, 2, "the fault strikes at step 3");
+                let elapsed = started.elapsed();
+                drop(pipeline);
+                return (e.to_string(), elapsed);
+            }
+        }
+    }
+    panic!("no failure");
+}
+
+#[test]
+fn a_panicking_module_stage_stops_the_step_with_its_name_and_cause() {
+    let _rng = rng_lock();
+    let (msg, _) = failing_run(FaultKind::Panic, Duration::from_secs(30));
+    assert!(
+        msg.contains("stage 3") && msg.contains("panicked: injected fault at step 3"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_nan_loss_is_reported_as_such_with_the_module() {
+    let _rng = rng_lock();
+    let (msg, _) = failing_run(FaultKind::Nan, Duration::from_secs(30));
+    assert!(msg.contains("non-finite loss NaN in module 3"), "{msg}");
+}
+
+#[test]
+fn a_hung_module_stage_times_out_naming_who_waited_for_whom() {
+    let _rng = rng_lock();
+    let started = Instant::now();
+    let (msg, elapsed) = failing_run(FaultKind::Hang, Duration::from_millis(1500));
+    assert!(
+        msg.contains("waited") && msg.contains("stage 3 (cpu, modules 3-4)"),
+        "{msg}"
+    );
+    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+    // Dropping the pipeline does not wait for the hung thread beyond its grace period.
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn more_devices_than_modules_is_a_clear_error() {
+    let _rng = rng_lock();
+    let e = StagedPipeline::new(config(5, 1)).err().unwrap().to_string();
+    assert!(e.contains("5 devices but only 4 modules"), "{e}");
+}
+
+/// On a GPU: two module stages sharing cuda:0 (each on its own stream) train like the
+/// single-device network on cuda:0. Skipped, saying so, where CUDA is not available.
+#[test]
+fn two_module_stages_on_one_gpu_match_the_single_device_trainer() {
+    if !tch::Cuda::is_available() {
+        println!("skipped: CUDA is not available on this machine");
+        return;
+    }
+    let _rng = rng_lock();
+    let gpu = Device::Cuda(0);
+    let data = batches(10);
+    tch::manual_seed(5);
+    let mut reference = SidNetwork::new(&model(), LossConfig::default(), 1e-3, gpu).unwrap();
+    let mut cfg = config(2, 1);
+    cfg.devices = vec![gpu, gpu];
+    tch::manual_seed(5);
+    let mut pipeline = StagedPipeline::new(cfg).unwrap();
+    for (x, y) in &data {
+        let (x, y) = (x.to_device(gpu), y.to_device(gpu));
+        let a = reference.train_step(&x, &y).unwrap();
+        let b = pipeline.train_step(&x, &y).unwrap();
+        for (la, lb) in a.module_losses.iter().zip(&b.module_losses) {
+            assert!((la - lb).abs() < 1e-4, "{a:?} vs {b:?}");
+        }
+    }
+    let diff = max_abs_diff(
+        &pipeline.state().unwrap(),
+        &NamedTensors::from(reference.state().unwrap()),
+    );
+    assert!(diff < 1e-4, "parameters differ by {diff} after 10 steps");
 }

@@ -1,12 +1,13 @@
-//! Embedding sid in another Rust program, without the CLI: load Fashion-MNIST, build a SID
-//! pipeline over two CPU workers (or GPUs: `embed 0,1`), train a few hundred steps, and run
-//! inference with every module's belief.
+//! Embedding sid in another Rust program, without the CLI: load Fashion-MNIST, build the
+//! paper's SID with its modules on two CPU devices (or GPUs: `embed 0,1`), train a few hundred
+//! steps, and run inference with every module's belief.
 //!
 //! `cargo run --release -p sid-train --example embed [DEVICES]`
 
+use sid_core::StagePlan;
 use sid_core::{ExtractorKind, LossConfig, ModelConfig, Network};
 use sid_data::{DatasetKind, LoadOptions};
-use sid_runtime::{Pipeline, PipelineConfig};
+use sid_runtime::{PipelineMethod, StagedConfig, StagedPipeline};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let spec = std::env::args().nth(1).unwrap_or_else(|| "cpu:2".into());
@@ -24,15 +25,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         modules: 4,
         ..ModelConfig::default()
     };
-    let mut cfg = PipelineConfig::new(model, devices);
+    // One stage (the whole extractor), its modules spread over the devices.
+    let plan = StagePlan::even(&model, 1)?;
+    let mut cfg = StagedConfig::new(model, devices, plan);
+    cfg.method = PipelineMethod::Paper;
     cfg.loss = LossConfig {
         alpha: 0.5,
         label_smoothing: 0.0,
     };
     cfg.lr = 1e-3;
     tch::manual_seed(0);
-    let mut pipeline = Pipeline::new(cfg)?;
-    println!("placement: {}", pipeline.placement().to_spec());
+    let mut pipeline = StagedPipeline::new(cfg)?;
+    for (device, modules) in pipeline.layout() {
+        println!("{}: modules {modules:?}", sid_runtime::device_name(device));
+    }
 
     let device = pipeline.input_device();
     let batch = 128;

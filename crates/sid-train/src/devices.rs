@@ -153,13 +153,7 @@ impl<'de> serde::Deserialize<'de> for DeviceList {
 }
 
 /// A short human name: `cpu` or `cuda:1`.
-pub fn device_name(d: Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(i) => format!("cuda:{i}"),
-        other => format!("{other:?}").to_lowercase(),
-    }
-}
+pub use sid_runtime::transport::device_name;
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,6 @@
-//! The network a run trains, built from its config: the single-device trainer, the paper mode's
-//! workers, the stage pipeline on one device or a thread per device — or, as one rank of a
+//! The network a run trains, built from its config: the single-device trainer, or the stage
+//! pipeline (staged SID, BP, or the paper's SID with its modules spread out) on one device or
+//! a thread per device — or, as one rank of a
 //! multi-process run ([`crate::distributed`]), the pipeline linked to the other ranks
 //! (rank 0 builds it with [`build_network_on`]; every other rank builds its own stage and
 //! serves it with [`serve`]).
@@ -182,9 +183,10 @@ pub fn build_network_on(
         });
     }
     Ok(match cfg.optim.method {
-        Method::Sid if devices.len() > 1 && cfg.resolved_micro_batches() > 1 => {
-            // Micro-batches: the extractor as stage 1 of a stage pipeline, forwarding
-            // micro-batch j+1 while the module stages work on j.
+        Method::Sid if devices.len() > 1 => {
+            // The paper's SID on several devices: the extractor as stage 1 of a stage
+            // pipeline, the module blocks after it; with micro-batches it forwards micro-batch
+            // j+1 while the module stages work on j.
             let placement = match &cfg.runtime.placement {
                 Some(spec) => sid_runtime::Placement::parse(spec, model.modules, devices.len()),
                 None => sid_runtime::Placement::even(model.modules, devices.len()),
@@ -194,6 +196,7 @@ pub fn build_network_on(
             let mut sc = staged_config(cfg, devices.to_vec(), plan);
             sc.method = sid_runtime::PipelineMethod::Paper;
             sc.placement = Some(placement.clone());
+            sc.fused_teacher = cfg.runtime.fused_teacher;
             #[cfg(feature = "fault-injection")]
             {
                 // Worker k's modules are stage k+1 (stage 0 is the extractor).
@@ -207,34 +210,6 @@ pub fn build_network_on(
                 layout: pipeline.layout(),
                 net: Box::new(pipeline),
                 placement: Some(placement.to_spec()),
-                notes: Vec::new(),
-            }
-        }
-        Method::Sid if devices.len() > 1 => {
-            let mut pc = sid_runtime::PipelineConfig::new(model.clone(), devices.to_vec());
-            pc.loss = cfg.loss_config();
-            pc.lr = cfg.optim.lr;
-            pc.timeout = std::time::Duration::from_secs_f64(cfg.runtime.step_timeout);
-            pc.threads_per_worker = cfg.runtime.threads;
-            pc.streams = cfg.runtime.streams;
-            pc.fused_teacher = cfg.runtime.fused_teacher;
-            pc.placement = match &cfg.runtime.placement {
-                Some(spec) => Some(
-                    sid_runtime::Placement::parse(spec, model.modules, devices.len())
-                        .map_err(runtime)?,
-                ),
-                None => None,
-            };
-            #[cfg(feature = "fault-injection")]
-            {
-                pc.fault = injected_fault(cfg)?;
-            }
-            let pipeline = sid_runtime::Pipeline::new(pc).map_err(runtime)?;
-            let placement = Some(pipeline.placement().to_spec());
-            Built {
-                layout: pipeline.layout(),
-                net: Box::new(pipeline),
-                placement,
                 notes: Vec::new(),
             }
         }
