@@ -17,7 +17,7 @@ use sid_core::{BpNetwork, ExtractorKind, LossConfig, ModelConfig, Network, SidNe
 use sid_runtime::{BpSchedule, PipelineMethod, StageTime, StagedConfig, StagedPipeline};
 use tch::Device;
 
-use crate::pipeline_model::{staged_step_time, Link, StageCost};
+use crate::pipeline_model::{flushing_step, staged_step_time, Link, StageCost};
 use crate::{median, synthetic_batch};
 
 /// Options of this benchmark.
@@ -252,6 +252,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             show(&alone),
             show(&together)
         );
+        // No pipeline beats its slowest stage: at this cut the speed-up over the stages in
+        // turn is at most their sum over the slowest (blocks are the unit of the cut).
+        let sum: f64 = alone.iter().map(|(b, _)| b).sum();
+        let slowest = alone.iter().map(|(b, _)| *b).fold(0.0, f64::max);
+        println!(
+            "ceiling at this cut (sum of the stages alone / the slowest): {:.2}x; reached {:.0}% of it",
+            sum / slowest,
+            100.0 * (t_one / t_many) / (sum / slowest)
+        );
         // The model: fed with times measured alone, checked against the pipeline run.
         let m = args.micro_batches.max(1) as f64;
         let mb = (args.batch_size as f64 / m).max(1.0);
@@ -308,21 +317,41 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "backprop on the same devices, {bp_m} micro-batches (every step flushes; expected bubble (K-1)/(M+K-1) = {:.0}%):",
             100.0 * (k as f64 - 1.0) / (bp_m as f64 + k as f64 - 1.0)
         );
-        let bubble = |p: &mut StagedPipeline, t: f64| -> String {
-            let b: Vec<String> = per_step(&p.take_stage_times())
+        // Measured idle share by stage, and what the schedule itself implies for these
+        // stages' own (possibly unequal) times: the textbook (K−1)/(M+K−1) holds for equal
+        // stages only.
+        let bubble = |p: &mut StagedPipeline, t: f64, schedule: BpSchedule| -> String {
+            let times = per_step(&p.take_stage_times());
+            let pct = |v: f64| format!("{:.0}%", 100.0 * v.max(0.0));
+            let measured: Vec<String> = times
                 .iter()
-                .map(|(busy, _)| format!("{:.0}%", 100.0 * (1.0 - busy * 1e3 / t).max(0.0)))
+                .map(|(busy, _)| pct(1.0 - busy * 1e3 / t))
                 .collect();
-            format!("   bubble by stage {}", b.join(" | "))
+            let costs: Vec<StageCost> = times
+                .iter()
+                .map(|(busy, fwd)| StageCost {
+                    forward: fwd / bp_m as f64,
+                    backward: (busy - fwd).max(0.0) / bp_m as f64,
+                    out_bytes: 0.0,
+                })
+                .collect();
+            let memory = Link::parse("memory").expect("named link");
+            let (_, idle) = flushing_step(&costs, bp_m, |s| schedule.ops(k, s, bp_m), memory);
+            let modelled: Vec<String> = idle.into_iter().map(pct).collect();
+            format!(
+                "   bubble by stage {} (schedule with these stage times: {})",
+                measured.join(" | "),
+                modelled.join(" | ")
+            )
         };
         println!("{:<52} {:>10.2}", format!("BP, one device, {res}"), med[0]);
-        let b = bubble(&mut gpipe, med[1]);
+        let b = bubble(&mut gpipe, med[1], BpSchedule::GPipe);
         println!(
             "{:<52} {:>10.2}{b}",
             format!("BP GPipe, {k} devices"),
             med[1]
         );
-        let b = bubble(&mut ofob, med[2]);
+        let b = bubble(&mut ofob, med[2], BpSchedule::OneFOneB);
         println!(
             "{:<52} {:>10.2}{b}",
             format!("BP 1F1B, {k} devices"),

@@ -2,7 +2,11 @@
 //! over links of a given bandwidth; each stage sends its output on as soon as its forward is
 //! done and then runs its backward. Fed with per-stage times measured on one device, it
 //! predicts the step time on K devices; fed with the times of the `cpu:K` run it can be
-//! checked against that run.
+//! checked against that run. The flushing schedules (BP's GPipe and 1F1B) are modelled from
+//! the same operation lists the stages run ([`sid_runtime::BpSchedule::ops`]), so the
+//! bubble they predict for unequal stages can be set beside the measured one.
+
+use sid_runtime::ops::Op;
 
 /// One stage's cost per micro-batch, and what it sends on.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,6 +75,65 @@ pub fn staged_step_time(stages: &[StageCost], micro: usize, link: Link) -> f64 {
     (step_done[steps - 1] - step_done[h - 1]) / (steps - h) as f64
 }
 
+/// One step of a flushing schedule: stage `s` runs `ops(s)` in order, a forward of
+/// micro-batch j waiting for stage s−1's forward of j, a backward for stage s+1's backward of j
+/// (gradients are as large as the activations they answer). `stages[s]` holds stage s's cost
+/// per micro-batch. Returns the step time and each stage's idle share of it.
+pub fn flushing_step(
+    stages: &[StageCost],
+    micro: usize,
+    ops: impl Fn(usize) -> Vec<Op>,
+    link: Link,
+) -> (f64, Vec<f64>) {
+    let k = stages.len();
+    let lists: Vec<Vec<Op>> = (0..k).map(&ops).collect();
+    let mut next = vec![0usize; k];
+    let mut free = vec![0.0f64; k];
+    let mut fwd_done = vec![vec![None::<f64>; micro]; k];
+    let mut bwd_done = vec![vec![None::<f64>; micro]; k];
+    let hop = |s: usize| stages[s].out_bytes / link.bandwidth + link.latency;
+    loop {
+        let mut progressed = false;
+        for s in 0..k {
+            while let Some(&op) = lists[s].get(next[s]) {
+                let ready = match op {
+                    Op::Forward(j) if s > 0 => fwd_done[s - 1][j].map(|t| t + hop(s - 1)),
+                    Op::Forward(_) => Some(0.0),
+                    Op::Backward(j) if s + 1 < k => bwd_done[s + 1][j].map(|t| t + hop(s)),
+                    Op::Backward(j) => fwd_done[s][j],
+                };
+                let Some(ready) = ready else { break };
+                let start = free[s].max(ready);
+                match op {
+                    Op::Forward(j) => {
+                        free[s] = start + stages[s].forward;
+                        fwd_done[s][j] = Some(free[s]);
+                    }
+                    Op::Backward(j) => {
+                        free[s] = start + stages[s].backward;
+                        bwd_done[s][j] = Some(free[s]);
+                    }
+                }
+                next[s] += 1;
+                progressed = true;
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+    assert!(
+        next.iter().zip(&lists).all(|(n, l)| *n == l.len()),
+        "the schedule deadlocks"
+    );
+    let step = free.iter().copied().fold(0.0, f64::max);
+    let idle = stages
+        .iter()
+        .map(|c| 1.0 - micro as f64 * (c.forward + c.backward) / step)
+        .collect();
+    (step, idle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +168,25 @@ mod tests {
         assert!((staged_step_time(&s, 1, slow) - 5.0).abs() < 1e-9);
         assert!(Link::parse("12.5").unwrap().bandwidth == 12.5e9);
         assert!(Link::parse("fast").is_none());
+    }
+
+    #[test]
+    fn equal_flushing_stages_idle_as_the_textbook_says() {
+        use sid_runtime::BpSchedule;
+        let free = Link::parse("memory").unwrap();
+        let (k, m) = (4, 8);
+        let s = vec![cost(1.0, 2.0, 0.0); k];
+        for schedule in [BpSchedule::GPipe, BpSchedule::OneFOneB] {
+            let (step, idle) = flushing_step(&s, m, |st| schedule.ops(k, st, m), free);
+            // (M + K − 1) slots of forward + backward: idle (K−1)/(M+K−1) on every stage.
+            assert!((step - (m + k - 1) as f64 * 3.0).abs() < 1e-9, "{schedule}: {step}");
+            for i in idle {
+                assert!((i - 3.0 / 11.0).abs() < 1e-9, "{schedule}: {i}");
+            }
+        }
+        // A slow last stage: the others wait for it.
+        let s = [cost(1.0, 2.0, 0.0), cost(2.0, 4.0, 0.0)];
+        let (_, idle) = flushing_step(&s, 4, |st| BpSchedule::GPipe.ops(2, st, 4), free);
+        assert!(idle[0] > idle[1]);
     }
 }
