@@ -4,7 +4,7 @@
 # one device (all cores), staged SID K=2 and K=4 (`--placement even`, one CPU device per stage).
 # A run whose summary.json exists is kept, so the script resumes where it stopped; the table
 # at the end gives each method's final accuracy per seed, the mean and the spread.
-# Usage: benches/staged-accuracy.sh [OUT_DIR] [SEEDS...]
+# Usage: [METHODS="sid staged2"] benches/staged-accuracy.sh [OUT_DIR] [SEEDS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/staged-accuracy}
@@ -19,12 +19,16 @@ run() { # NAME ARGS...
   rm -rf "${out:?}/$name"
   "$bin" "${common[@]}" "$@" --run-dir "$out/$name" 2>&1 | tee "$out/$name.log"
 }
+# METHODS picks which runs and in which order (all four by default).
+read -r -a methods <<< "${METHODS:-sid bp staged2 staged4}"
 for seed in "${seeds[@]}"; do
   common=(--dataset fashion-mnist --model cnn --modules 5 --batch-size 128 --epochs 5 --seed "$seed" --no-augment --telemetry-hz 0)
-  run "sid-seed$seed" --method sid --gpus cpu
-  run "bp-seed$seed" --method bp --gpus cpu
-  for k in 2 4; do
-    run "staged$k-seed$seed" --stages "$k" --gpus "cpu:$k" --placement even
+  for m in "${methods[@]}"; do
+    case $m in
+      sid | bp) run "$m-seed$seed" --method "$m" --gpus cpu ;;
+      staged2 | staged4) k=${m#staged}; run "$m-seed$seed" --stages "$k" --gpus "cpu:$k" --placement even ;;
+      *) echo "unknown method $m (sid, bp, staged2, staged4)"; exit 2 ;;
+    esac
   done
 done
 python3 - "$out" <<'PY'

@@ -179,7 +179,10 @@ mod tests {
         for schedule in [BpSchedule::GPipe, BpSchedule::OneFOneB] {
             let (step, idle) = flushing_step(&s, m, |st| schedule.ops(k, st, m), free);
             // (M + K − 1) slots of forward + backward: idle (K−1)/(M+K−1) on every stage.
-            assert!((step - (m + k - 1) as f64 * 3.0).abs() < 1e-9, "{schedule}: {step}");
+            assert!(
+                (step - (m + k - 1) as f64 * 3.0).abs() < 1e-9,
+                "{schedule}: {step}"
+            );
             for i in idle {
                 assert!((i - 3.0 / 11.0).abs() < 1e-9, "{schedule}: {i}");
             }

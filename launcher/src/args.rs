@@ -171,8 +171,9 @@ pub struct Cli {
     #[arg(long)]
     pub fused_teacher: bool,
     /// Capture a training step as a CUDA graph after a few warm-up steps and replay it: one
-    /// launch instead of hundreds of small kernels per step, same computation. One GPU only
-    /// [default: on when --gpus names exactly one GPU].
+    /// launch instead of hundreds of small kernels per step, same computation. One GPU, or
+    /// staged SID with a GPU per stage and one micro-batch (each stage its own graph; not yet
+    /// run on a GPU) [default: on when --gpus names exactly one GPU].
     #[arg(long, overrides_with = "no_cuda_graph")]
     pub cuda_graph: bool,
     /// Run every step eagerly, without a CUDA graph.

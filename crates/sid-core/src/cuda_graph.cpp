@@ -14,7 +14,12 @@ struct SidGraph {
   at::cuda::CUDAGraph graph;
   c10::cuda::CUDAStream side;
   std::optional<c10::cuda::CUDAStream> previous;
-  explicit SidGraph(c10::DeviceIndex device) : side(c10::cuda::getStreamFromPool(false, device)) {}
+  // Other threads keep launching work on this device (pipeline stages): capture in
+  // thread-local mode, so their calls neither fail nor break this capture, and wait for this
+  // thread's streams only, never for the whole device.
+  bool local;
+  SidGraph(c10::DeviceIndex device, bool local)
+      : side(c10::cuda::getStreamFromPool(false, device)), local(local) {}
 };
 
 int fail(const char* what, char* err, size_t err_len) {
@@ -33,10 +38,21 @@ void sync_device(const SidGraph* s) {
   c10::cuda::ExchangeDevice(before);
 }
 
+// Waits for what this graph's work depends on: the whole device, or (local) this thread's
+// current stream and the side stream.
+void sync_before(SidGraph* s) {
+  if (s->local) {
+    c10::cuda::getCurrentCUDAStream(s->side.device_index()).synchronize();
+    s->side.synchronize();
+  } else {
+    sync_device(s);
+  }
+}
+
 // After the device's queued work, makes the side stream current (remembering the previous one).
 void enter_side(SidGraph* s) {
   auto current = c10::cuda::getCurrentCUDAStream(s->side.device_index());
-  sync_device(s);
+  sync_before(s);
   s->previous = current;
   c10::cuda::setCurrentCUDAStream(s->side);
 }
@@ -61,7 +77,12 @@ void leave_side(SidGraph* s) {
   }
 
 extern "C" int sid_graph_new(int device, void** out, char* err, size_t err_len) {
-  SID_TRY(*out = new SidGraph(static_cast<c10::DeviceIndex>(device)))
+  SID_TRY(*out = new SidGraph(static_cast<c10::DeviceIndex>(device), false))
+}
+
+// A graph for one thread among several that share the device (see SidGraph::local).
+extern "C" int sid_graph_new_local(int device, void** out, char* err, size_t err_len) {
+  SID_TRY(*out = new SidGraph(static_cast<c10::DeviceIndex>(device), true))
 }
 
 extern "C" void sid_graph_free(void* g) { delete static_cast<SidGraph*>(g); }
@@ -77,7 +98,11 @@ extern "C" int sid_graph_enter_side(void* g, char* err, size_t err_len) {
 extern "C" int sid_graph_leave_side(void* g, char* err, size_t err_len) {
   auto* s = static_cast<SidGraph*>(g);
   SID_TRY({
-    sync_device(s);
+    if (s->local) {
+      s->side.synchronize();
+    } else {
+      sync_device(s);
+    }
     leave_side(s);
   })
 }
@@ -88,7 +113,8 @@ extern "C" int sid_graph_begin(void* g, char* err, size_t err_len) {
   auto* s = static_cast<SidGraph*>(g);
   SID_TRY({
     enter_side(s);
-    s->graph.capture_begin();
+    s->graph.capture_begin({0, 0}, s->local ? cudaStreamCaptureModeThreadLocal
+                                             : cudaStreamCaptureModeGlobal);
   })
 }
 

@@ -27,6 +27,12 @@ mod ffi {
             err: *mut c_char,
             n: usize,
         ) -> c_int;
+        pub fn sid_graph_new_local(
+            device: c_int,
+            out: *mut *mut c_void,
+            err: *mut c_char,
+            n: usize,
+        ) -> c_int;
         pub fn sid_graph_free(g: *mut c_void);
         pub fn sid_graph_enter_side(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
         pub fn sid_graph_leave_side(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
@@ -59,6 +65,16 @@ fn call(f: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_int)
     Err(CoreError::Graph(msg.to_string_lossy().into_owned()))
 }
 
+/// The index of a CUDA device, or why a graph cannot live on `device`.
+fn cuda_index(device: Device) -> Result<usize> {
+    match device {
+        Device::Cuda(index) => Ok(index),
+        other => Err(CoreError::Graph(format!(
+            "CUDA graphs need a CUDA device, not {other:?}"
+        ))),
+    }
+}
+
 impl CudaGraph {
     /// Whether this build has CUDA graphs (it needs CUDA's headers at build time).
     pub fn available() -> bool {
@@ -67,24 +83,32 @@ impl CudaGraph {
 
     /// A graph-to-be on `device`, with its own side stream; nothing is captured yet.
     pub fn new(device: Device) -> Result<Self> {
-        let Device::Cuda(index) = device else {
-            return Err(CoreError::Graph(format!(
-                "CUDA graphs need a CUDA device, not {device:?}"
-            )));
-        };
-        Self::new_on(index)
+        Self::new_on(cuda_index(device)?, false)
+    }
+
+    /// A graph-to-be for one thread among several that launch work on the same device (the
+    /// stages of a pipeline): it captures in CUDA's thread-local mode, so the other threads'
+    /// work neither fails nor breaks the capture, and its warm-up and capture wait for this
+    /// thread's stream only, never for the whole device.
+    pub fn new_thread_local(device: Device) -> Result<Self> {
+        Self::new_on(cuda_index(device)?, true)
     }
 
     #[cfg(sid_cuda_graph)]
-    fn new_on(index: usize) -> Result<Self> {
+    fn new_on(index: usize, local: bool) -> Result<Self> {
         let mut ptr = std::ptr::null_mut();
+        let make = if local {
+            ffi::sid_graph_new_local
+        } else {
+            ffi::sid_graph_new
+        };
         // SAFETY: the shim writes a new graph into `ptr` or an error message.
-        call(|e, n| unsafe { ffi::sid_graph_new(index as i32, &mut ptr, e, n) })?;
+        call(|e, n| unsafe { make(index as i32, &mut ptr, e, n) })?;
         Ok(Self { ptr })
     }
 
     #[cfg(not(sid_cuda_graph))]
-    fn new_on(_index: usize) -> Result<Self> {
+    fn new_on(_index: usize, _local: bool) -> Result<Self> {
         Err(CoreError::Graph(
             "this build has no CUDA graphs (CUDA headers were not found when it was compiled)"
                 .into(),

@@ -564,6 +564,21 @@ impl Stage {
         Ok(losses.detach())
     }
 
+    /// A whole step on one micro-batch — [`Stage::forward_micro`], [`Stage::backward_micro`]
+    /// and [`Stage::apply`] — without reading anything back to the host: what a CUDA graph of
+    /// the stage captures. Returns what the next stage needs and the losses [n] on the device.
+    pub fn train_step_queued(
+        &mut self,
+        input: &Tensor,
+        p_in: &Tensor,
+        target: &LabelTarget,
+    ) -> Result<(StageOutput, Tensor)> {
+        let out = self.forward_micro(input, p_in, target);
+        let losses = self.backward_micro(1.0)?;
+        self.apply();
+        Ok((out, losses))
+    }
+
     /// One optimiser step of the slice, the neck and every module, from the gradients
     /// accumulated since the last one; then clears them.
     pub fn apply(&mut self) {

@@ -23,6 +23,7 @@ use tch::{Kind as TKind, Tensor};
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{extractor_ops, BpSchedule, Op};
 use crate::paper::ModuleBlock;
+use crate::stage_graph::StageGraph;
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 
 /// What a stage trains.
@@ -82,6 +83,35 @@ impl Failure {
     }
 }
 
+/// Whether this step of stage `index` (0-based) runs from a CUDA graph: one is wanted and
+/// `input` is on a GPU; the graph is made on the first call (a failure is logged once and the
+/// stage stays eager).
+fn graph_for(
+    slot: &mut Option<std::result::Result<StageGraph, ()>>,
+    input: &Tensor,
+    index: usize,
+) -> bool {
+    let device = input.device();
+    match slot {
+        None => false,
+        Some(Ok(_)) => true,
+        Some(Err(())) if matches!(device, tch::Device::Cuda(_)) => {
+            match StageGraph::new(device, index + 1) {
+                Ok(g) => {
+                    *slot = Some(Ok(g));
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!("stage {}: {e}; training without a CUDA graph", index + 1);
+                    *slot = None;
+                    false
+                }
+            }
+        }
+        Some(Err(())) => false,
+    }
+}
+
 /// What a caught panic said, for the error that names the stage.
 pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
     let msg = panic
@@ -131,6 +161,10 @@ pub struct StageRunner {
     fault: Option<Fault>,
     /// Longest wait inside a backprop step (for activations and gradients).
     bp_timeout: Duration,
+    /// Staged SID on a GPU with one micro-batch: replay each step from a CUDA graph
+    /// ([`crate::stage_graph`]). `Some(Err(()))`: wanted, made at the first such step;
+    /// `None`: not wanted, or it could not be made.
+    cuda_graph: Option<std::result::Result<StageGraph, ()>>,
 }
 
 impl StageRunner {
@@ -146,7 +180,15 @@ impl StageRunner {
             #[cfg(feature = "fault-injection")]
             fault: None,
             bp_timeout: Duration::from_secs(300),
+            cuda_graph: None,
         }
+    }
+
+    /// Replays each training step of a staged-SID stage on a GPU from a CUDA graph, when a
+    /// step is one micro-batch (see [`crate::stage_graph`]); nothing changes on a CPU.
+    pub fn with_cuda_graph(mut self, on: bool) -> Self {
+        self.cuda_graph = (on && matches!(self.work, Work::Sid(_))).then_some(Err(()));
+        self
     }
 
     /// Sets the fault to inject; it strikes when it names this stage (tests).
@@ -239,7 +281,31 @@ impl StageRunner {
                     self.forward = Duration::ZERO;
                 }
                 let input = self.strike(tag.step, input)?;
+                // The step's optimiser update already ran (inside a CUDA graph's replay).
+                let mut applied = false;
                 let l = match &mut self.work {
+                    Work::Sid(stage)
+                        if micro_batches == 1 && graph_for(&mut self.cuda_graph, &input, index) =>
+                    {
+                        let Some(Ok(graph)) = self.cuda_graph.as_mut() else {
+                            unreachable!("graph_for made it")
+                        };
+                        // The whole step at once: forward, backward, optimiser step.
+                        let (out, l) = graph.step(stage, &input, &p, &labels)?;
+                        self.forward += started.elapsed();
+                        applied = true;
+                        if let Some(z) = out.z {
+                            t.send_down(Message::Train {
+                                tag,
+                                micro_batches,
+                                input: z,
+                                p: out.p,
+                                labels,
+                                scale,
+                            })?;
+                        }
+                        l
+                    }
                     Work::Sid(stage) => {
                         let target = stage.label_target(&labels);
                         let out = stage.forward_micro(&input, &p, &target);
@@ -288,8 +354,10 @@ impl StageRunner {
                     self.next_micro = 0;
                     let first = match &mut self.work {
                         Work::Sid(stage) => {
-                            t.reduce_gradients(&stage.gradients())?;
-                            stage.apply();
+                            if !applied {
+                                t.reduce_gradients(&stage.gradients())?;
+                                stage.apply();
+                            }
                             stage.spec().modules.start
                         }
                         Work::Modules(block) => {
@@ -365,6 +433,11 @@ impl StageRunner {
                         .map(|(n, t)| (n.clone(), t.shallow_clone()))
                         .collect::<Vec<_>>(),
                 );
+                if let Some(Ok(graph)) = &mut self.cuda_graph {
+                    // Loading replaces no tensor, but start afresh anyway: the captured step
+                    // was made from the state before.
+                    graph.reset();
+                }
                 match &mut self.work {
                     Work::Sid(stage) => stage.load_state(&mine)?,
                     Work::Bp(stage, ..) => stage.load_state(&mine)?,

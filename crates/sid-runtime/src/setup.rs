@@ -54,6 +54,10 @@ pub struct StagedConfig {
     /// The paper's SID ([`PipelineMethod::Paper`]): which modules each device of `devices`
     /// owns; `None` = as even as possible.
     pub placement: Option<Placement>,
+    /// Staged SID with one micro-batch: each GPU stage replays its steps from a CUDA graph of
+    /// its own (see `stage_graph.rs`; no effect on CPU stages, other methods, or stages in
+    /// other processes).
+    pub cuda_graph: bool,
     /// The paper's SID: the fused schedule on the module stages (each module's local-step
     /// forward, detached, is the next one's teacher; the same values, one forward less).
     pub fused_teacher: bool,
@@ -95,6 +99,7 @@ impl StagedConfig {
             method: PipelineMethod::Sid,
             placement: None,
             fused_teacher: false,
+            cuda_graph: false,
             ranks: None,
         }
     }
@@ -143,7 +148,9 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
     Ok(work
         .into_iter()
         .map(|w| {
-            let runner = StageRunner::new(w).with_timeout(cfg.timeout);
+            let runner = StageRunner::new(w)
+                .with_timeout(cfg.timeout)
+                .with_cuda_graph(cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none());
             #[cfg(feature = "fault-injection")]
             let runner = runner.with_fault(cfg.fault);
             runner

@@ -321,3 +321,49 @@ fn one_f_one_b_keeps_few_micro_batches_in_flight() {
         ]
     );
 }
+
+/// On a GPU: two stages on cuda:0, each replaying its steps from a CUDA graph of its own
+/// (`cuda_graph`), train like the same stages without graphs — through the capture, the
+/// replays, a batch of another size (run eagerly) and a checkpoint load (captured again).
+/// Skipped, saying so, without CUDA.
+#[test]
+fn stage_cuda_graphs_train_like_eager_stages() {
+    if !tch::Cuda::is_available() || !sid_core::graph::CudaGraph::available() {
+        println!("skipped: needs CUDA and a build with CUDA graphs");
+        return;
+    }
+    let _rng = rng_lock();
+    let gpu = Device::Cuda(0);
+    let mut data: Vec<(Tensor, Tensor)> = batches(10)
+        .into_iter()
+        .map(|(x, y)| (x.to_device(gpu), y.to_device(gpu)))
+        .collect();
+    // A partial batch, then full ones again (replays after an eager step).
+    let (x, y) = &data[0];
+    data.insert(7, (x.narrow(0, 0, 10), y.narrow(0, 0, 10)));
+    let run = |graph: bool| {
+        let m = model();
+        let plan = StagePlan::even(&m, 2).unwrap();
+        let mut cfg = StagedConfig::new(m, vec![gpu, gpu], plan);
+        cfg.cuda_graph = graph;
+        cfg.timeout = Duration::from_secs(60);
+        tch::manual_seed(5);
+        let mut p = StagedPipeline::new(cfg).unwrap();
+        let mut losses = train(&mut p, &data[..8]);
+        // A load (of its own state) in the middle: the graphs are made again.
+        let saved = NamedTensors::from(p.state().unwrap());
+        p.load_state(&saved).unwrap();
+        losses.extend(train(&mut p, &data[8..]));
+        (losses, p.state().unwrap())
+    };
+    let (eager, eager_state) = run(false);
+    let (graphed, graphed_state) = run(true);
+    assert_eq!(eager.len(), graphed.len());
+    for (a, b) in eager.iter().zip(&graphed) {
+        for (la, lb) in a.iter().zip(b) {
+            assert!((la - lb).abs() < 1e-5 * la.abs().max(1.0), "{a:?} vs {b:?}");
+        }
+    }
+    let d = max_abs_diff(&graphed_state, &NamedTensors::from(eager_state));
+    assert!(d < 1e-5, "parameters differ by {d}");
+}

@@ -432,14 +432,29 @@ impl RunConfig {
         self.model.stages > 1 || self.resolved_micro_batches() > 1
     }
 
-    /// Whether training steps go through a CUDA graph: as set, or (unset) when the run uses
-    /// exactly one GPU, is not staged, and this build has CUDA graphs.
+    /// Whether the trainer replays whole training steps from a CUDA graph: as set, or (unset)
+    /// when the run uses exactly one GPU, is not staged, and this build has CUDA graphs. (A
+    /// staged run on several GPU stages graphs each stage instead: [`Self::stage_cuda_graphs`].)
     pub fn resolved_cuda_graph(&self) -> bool {
-        self.runtime.cuda_graph.unwrap_or_else(|| {
-            sid_core::graph::CudaGraph::available()
-                && !self.staged()
-                && self.runtime.gpus.is_single_gpu()
-        })
+        !self.stage_cuda_graphs()
+            && self.runtime.cuda_graph.unwrap_or_else(|| {
+                sid_core::graph::CudaGraph::available()
+                    && !self.staged()
+                    && self.runtime.gpus.is_single_gpu()
+            })
+    }
+
+    /// Whether each stage of a staged SID run replays its steps from a CUDA graph of its own:
+    /// asked for (`--cuda-graph`; off by default until measured on GPUs), SID with several
+    /// stages, a GPU per stage (a GPU may repeat: streams), one micro-batch per step.
+    pub fn stage_cuda_graphs(&self) -> bool {
+        let devices = self.runtime.gpus.devices();
+        self.runtime.cuda_graph == Some(true)
+            && self.optim.method == Method::Sid
+            && self.model.stages > 1
+            && devices.len() == self.model.stages
+            && devices.iter().all(|d| matches!(d, tch::Device::Cuda(_)))
+            && self.resolved_micro_batches() == 1
     }
 
     /// The settings (`section.key`) that differ from `saved` and may not change on a resume.
@@ -560,9 +575,9 @@ impl RunConfig {
             }
         }
         let asked = self.runtime.cuda_graph == Some(true);
-        if asked && !matches!(devices[..], [tch::Device::Cuda(_)]) {
+        if asked && !matches!(devices[..], [tch::Device::Cuda(_)]) && !self.stage_cuda_graphs() {
             return bad(format!(
-                "--cuda-graph needs exactly one GPU (--gpus N), got --gpus {}",
+                "--cuda-graph needs exactly one GPU (--gpus N), or staged SID with a GPU per stage and one micro-batch (--stages K --gpus 0,1,..); got --gpus {}",
                 self.runtime.gpus
             ));
         }
@@ -595,9 +610,9 @@ impl RunConfig {
             && self.runtime.data_parallel == 1
             && workers > 1;
         if self.staged() && !paper {
-            if asked {
+            if asked && !self.stage_cuda_graphs() {
                 return bad(
-                    "--cuda-graph does not work with --stages or --micro-batches yet; leave it off"
+                    "--cuda-graph with --stages needs staged SID, a GPU per stage (--gpus 0,1 or 0,0) and one micro-batch per step; leave it off otherwise"
                         .into(),
                 );
             }
@@ -722,6 +737,25 @@ mod tests {
             assert!(on(spec, None).validate().is_ok(), "{spec}");
             assert!(on(spec, Some(true)).validate().is_err(), "{spec}");
         }
+        // Staged SID with a GPU per stage graphs each stage instead, when asked.
+        let staged = |spec: &str, micro: usize| {
+            with(|c| {
+                c.runtime.gpus = gpus(spec);
+                c.runtime.cuda_graph = Some(true);
+                c.model.stages = 2;
+                c.runtime.micro_batches = Some(micro);
+            })
+        };
+        for spec in ["0,0", "0,1"] {
+            let c = staged(spec, 1);
+            assert!(c.stage_cuda_graphs() && !c.resolved_cuda_graph(), "{spec}");
+            if built_in {
+                assert!(c.validate().is_ok(), "{spec}");
+            }
+        }
+        assert!(!staged("0,1", 2).stage_cuda_graphs());
+        assert!(!staged("cpu:2", 1).stage_cuda_graphs());
+        assert!(staged("cpu:2", 1).validate().is_err());
     }
 
     #[test]

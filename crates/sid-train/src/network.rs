@@ -97,6 +97,7 @@ pub(crate) fn staged_config(
     sc.timeout = std::time::Duration::from_secs_f64(cfg.runtime.step_timeout);
     sc.threads_per_stage = cfg.runtime.threads;
     sc.streams = cfg.runtime.streams;
+    sc.cuda_graph = cfg.stage_cuda_graphs();
     sc
 }
 
