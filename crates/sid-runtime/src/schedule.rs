@@ -284,35 +284,24 @@ impl StageRunner {
                 // The step's optimiser update already ran (inside a CUDA graph's replay).
                 let mut applied = false;
                 let l = match &mut self.work {
-                    Work::Sid(stage)
-                        if micro_batches == 1 && graph_for(&mut self.cuda_graph, &input, index) =>
-                    {
-                        let Some(Ok(graph)) = self.cuda_graph.as_mut() else {
-                            unreachable!("graph_for made it")
-                        };
-                        // The whole step at once: forward, backward, optimiser step.
-                        let (out, l) = graph.step(stage, &input, &p, &labels)?;
-                        self.forward += started.elapsed();
-                        applied = true;
-                        if let Some(z) = out.z {
-                            t.send_down(Message::Train {
-                                tag,
-                                micro_batches,
-                                input: z,
-                                p: out.p,
-                                labels,
-                                scale,
-                            })?;
-                        }
-                        l
-                    }
                     Work::Sid(stage) => {
-                        let target = stage.label_target(&labels);
-                        let out = stage.forward_micro(&input, &p, &target);
+                        let graphed =
+                            micro_batches == 1 && graph_for(&mut self.cuda_graph, &input, index);
+                        let (out, whole_step) = if graphed {
+                            let Some(Ok(graph)) = self.cuda_graph.as_mut() else {
+                                unreachable!("graph_for made it")
+                            };
+                            // The whole step at once: forward, backward, optimiser step.
+                            let (out, l) = graph.step(stage, &input, &p, &labels)?;
+                            (out, Some(l))
+                        } else {
+                            let target = stage.label_target(&labels);
+                            (stage.forward_micro(&input, &p, &target), None)
+                        };
                         self.forward += started.elapsed();
                         if let Some(z) = out.z {
                             // Downstream can start on this micro-batch while this stage runs
-                            // backward.
+                            // backward (eagerly; a graphed step has run it already).
                             t.send_down(Message::Train {
                                 tag,
                                 micro_batches,
@@ -322,7 +311,13 @@ impl StageRunner {
                                 scale,
                             })?;
                         }
-                        stage.backward_micro(scale)?
+                        match whole_step {
+                            Some(l) => {
+                                applied = true;
+                                l
+                            }
+                            None => stage.backward_micro(scale)?,
+                        }
                     }
                     Work::Modules(block) => {
                         // Phase 1 (graph-free), passed on at once; then phase 2, whose
