@@ -299,6 +299,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         drop(one);
         drop(paper);
 
+        // The paper's SID on the same devices: its modules spread out, the extractor (nearly
+        // all of a step) alone on stage 1 of the first device; every step flushes.
+        let one_stage = StagePlan::even(&model, 1)?;
+        let mut paper_k = pipelined(
+            &model,
+            &one_stage,
+            vec![device; k],
+            args.micro_batches,
+            PipelineMethod::Paper,
+        )?;
+        tch::manual_seed(0);
+        let mut paper_1 = SidNetwork::new(&model, LossConfig::default(), 1e-3, device)?;
+        let med = rounds(&mut [&mut paper_1, &mut paper_k])?;
+        let idle: Vec<String> = per_step(&paper_k.take_stage_times())
+            .iter()
+            .map(|(busy, _)| format!("{:.0}%", 100.0 * (1.0 - busy * 1e3 / med[1]).max(0.0)))
+            .collect();
+        println!("paper SID on the same devices (modules spread, the extractor first; every step flushes):");
+        println!("{:<52} {:>10.2}", format!("paper SID, one device, {res}"), med[0]);
+        println!(
+            "{:<52} {:>10.2}   idle by stage (extractor first) {}",
+            format!("paper SID, {k} devices"),
+            med[1],
+            idle.join(" | ")
+        );
+        println!(
+            "speed-up of paper SID on {k} devices over one device: {:.2}x; staged SID on {k} devices over it: {:.2}x",
+            med[0] / med[1],
+            med[1] / t_many
+        );
+        drop(paper_k);
+        drop(paper_1);
+
         // The honest alternative on the same devices: backprop, pipelined (flushes every step).
         let bp_m = {
             let most = (2 * k as i64).min(args.batch_size);
