@@ -317,7 +317,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|(busy, _)| format!("{:.0}%", 100.0 * (1.0 - busy * 1e3 / med[1]).max(0.0)))
             .collect();
         println!("paper SID on the same devices (modules spread, the extractor first; every step flushes):");
-        println!("{:<52} {:>10.2}", format!("paper SID, one device, {res}"), med[0]);
+        println!(
+            "{:<52} {:>10.2}",
+            format!("paper SID, one device, {res}"),
+            med[0]
+        );
         println!(
             "{:<52} {:>10.2}   idle by stage (extractor first) {}",
             format!("paper SID, {k} devices"),

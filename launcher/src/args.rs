@@ -277,6 +277,10 @@ pub struct Plan {
     pub run_dir: PathBuf,
     /// Whether to continue from the checkpoint in `run_dir`.
     pub resume: bool,
+    /// A rank other than 0 resuming on a machine without the run directory: it takes every
+    /// setting from rank 0 at the rendezvous (its own flags only place it: `--gpus`,
+    /// `--threads`, `--step-timeout`).
+    pub follows_rank0: bool,
 }
 
 impl Cli {
@@ -368,9 +372,22 @@ impl Cli {
         Ok(())
     }
 
-    /// Resolves defaults, config file, saved config and flags into a plan.
-    pub fn plan(&self) -> Result<Plan> {
+    /// Resolves defaults, config file, saved config and flags into a plan. `not_rank0`: this
+    /// process holds no rank 0 (a rank above 0, or a launcher for a node other than node 0);
+    /// resuming, it may then lack the run directory, which only rank 0 writes and reads, and
+    /// follows rank 0's settings.
+    pub fn plan_as(&self, not_rank0: bool) -> Result<Plan> {
         if let Some(dir) = &self.resume {
+            if not_rank0 && !dir.join("config.toml").is_file() {
+                let mut config = RunConfig::default();
+                self.apply(&mut config)?;
+                return Ok(Plan {
+                    config,
+                    run_dir: dir.clone(),
+                    resume: true,
+                    follows_rank0: true,
+                });
+            }
             if !dir.is_dir() {
                 bail!("--resume {}: no such run directory", dir.display());
             }
@@ -381,6 +398,7 @@ impl Cli {
                 config,
                 run_dir: dir.clone(),
                 resume: true,
+                follows_rank0: false,
             });
         }
         let mut config = match &self.config {
@@ -419,6 +437,7 @@ impl Cli {
             config,
             run_dir,
             resume: false,
+            follows_rank0: false,
         })
     }
 }

@@ -43,11 +43,12 @@ pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
             cli.nnodes.saturating_sub(1)
         );
     }
-    // Refuse bad settings once, here, rather than in every rank.
-    let plan = cli.plan()?;
+    // Refuse bad settings once, here, rather than in every rank (a node that resumes without
+    // the run directory learns the settings from rank 0, whose node checks them).
+    let plan = cli.plan_as(cli.node_rank > 0)?;
     let world = n * cli.nnodes;
     let k = plan.config.model.stages * plan.config.runtime.data_parallel;
-    if k != world {
+    if k != world && !plan.follows_rank0 {
         bail!(
             "--stages {} × --data-parallel {} = {k} ranks, but --nproc-per-node {n} × --nnodes {} = {world}",
             plan.config.model.stages,

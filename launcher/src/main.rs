@@ -169,7 +169,7 @@ fn run(cli: &args::Cli) -> Result<()> {
             launch::Outcome::Interrupted => Err(RanksInterrupted.into()),
         };
     }
-    let plan = cli.plan()?;
+    let plan = cli.plan_as(dist_env.as_ref().is_some_and(|e| e.rank > 0))?;
     if let Some(n) = plan.config.runtime.threads {
         tch::set_num_threads(n);
     }
@@ -177,7 +177,7 @@ fn run(cli: &args::Cli) -> Result<()> {
         Some(env) => {
             let rank = env.rank;
             Some(
-                sid_train::distributed::Rendezvous::join(env, &plan.config)
+                sid_train::distributed::Rendezvous::join(env, &plan.config, plan.follows_rank0)
                     .with_context(|| format!("rank {rank}"))?,
             )
         }

@@ -1908,6 +1908,70 @@ fn two_nodes_of_one_rank_each_train_like_one_process() {
     assert_same_training(&one, &two);
 }
 
+/// Two nodes resume a run whose directory only node 0 has (as on two machines without a
+/// shared filesystem): node 1 takes the settings from rank 0, and the resumed run equals an
+/// uninterrupted one.
+#[test]
+fn a_node_without_the_run_directory_resumes_by_following_rank_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+    run_ok(&staged(&one, &["--gpus", "cpu", "--threads", "1"]));
+    let nodes = |args: &dyn Fn(&str) -> Vec<String>| {
+        let port = free_port();
+        let node = |rank: &str| {
+            let mut a = args(rank);
+            a.extend(
+                [
+                    "--threads",
+                    "1",
+                    "--nproc-per-node",
+                    "1",
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    rank,
+                    "--master-addr",
+                    "127.0.0.1",
+                    "--master-port",
+                    &port,
+                ]
+                .map(String::from),
+            );
+            Command::new(BIN)
+                .args(a)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (mut n0, mut n1) = (node("0"), node("1"));
+        let out1 = wait_for(&mut n1, std::time::Duration::from_secs(120));
+        let out0 = wait_for(&mut n0, std::time::Duration::from_secs(120));
+        assert!(out0.status.success(), "{}", stderr(&out0));
+        assert!(out1.status.success(), "{}", stderr(&out1));
+    };
+    // Epoch 1 on two nodes...
+    nodes(&|_| {
+        let mut a = staged(&two, &[]);
+        let e = a.iter().position(|x| x == "--epochs").unwrap();
+        a[e + 1] = "1".into();
+        a
+    });
+    assert_eq!(metrics(&two).len(), 1);
+    // ...then epoch 2: node 1 names a directory its machine does not have.
+    let elsewhere = tmp.path().join("node1").join("two");
+    nodes(&|rank| {
+        let dir = if rank == "0" { &two } else { &elsewhere };
+        vec![
+            "--resume".into(),
+            dir.display().to_string(),
+            "--epochs".into(),
+            "2".into(),
+        ]
+    });
+    assert_same_training(&one, &two);
+}
+
 /// The BP pipeline across two ranks (activations down, gradients back over the links) trains
 /// as the same pipeline in one process.
 #[test]

@@ -29,6 +29,17 @@ fn dist(e: sid_dist::DistError) -> TrainError {
 }
 
 /// What every rank must agree on: the program and the settings that shape the computation.
+/// What every rank must share whatever its settings: the program and the world size.
+fn program(world: usize) -> String {
+    format!("sid {} world {world}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The fingerprint of a rank that takes every setting from rank 0 (resuming on a machine
+/// without the run directory).
+fn follower(world: usize) -> String {
+    format!("{} follows rank 0", program(world))
+}
+
 fn fingerprint(cfg: &RunConfig, world: usize) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let mut shared = cfg.clone();
@@ -36,11 +47,7 @@ fn fingerprint(cfg: &RunConfig, world: usize) -> String {
     shared.data.data_dir = None;
     shared.data.cache_dir = None;
     shared.to_toml().hash(&mut h);
-    format!(
-        "sid {} world {world} config {:016x}",
-        env!("CARGO_PKG_VERSION"),
-        h.finish()
-    )
+    format!("{} config {:016x}", program(world), h.finish())
 }
 
 /// The device of this rank: the `LOCAL_RANK`-th GPU of `--gpus`, or the CPU.
@@ -64,8 +71,11 @@ fn rank_device(cfg: &RunConfig, env: &DistEnv) -> Result<Device> {
 impl Rendezvous {
     /// Serves (rank 0) or reaches the store at `MASTER_ADDR:MASTER_PORT` and checks that
     /// every rank runs the same program with the same settings; waits at most the step
-    /// timeout for the others, then names the ranks that did not come.
-    pub fn join(env: DistEnv, cfg: &RunConfig) -> Result<Self> {
+    /// timeout for the others, then names the ranks that did not come. `follows_rank0`: this
+    /// rank (not rank 0) has no settings of its own to compare — it resumes on a machine
+    /// without the run directory — and takes rank 0's (only the program and world size must
+    /// match).
+    pub fn join(env: DistEnv, cfg: &RunConfig, follows_rank0: bool) -> Result<Self> {
         let device = rank_device(cfg, &env)?;
         let timeout = Duration::from_secs_f64(cfg.runtime.step_timeout);
         let world = env.world_size;
@@ -77,7 +87,11 @@ impl Rendezvous {
             timeout,
         )
         .map_err(dist)?;
-        let mine = fingerprint(cfg, world);
+        let mine = if follows_rank0 {
+            follower(world)
+        } else {
+            fingerprint(cfg, world)
+        };
         let rank = env.rank;
         store
             .set(&format!("sid/fingerprint/{rank}"), mine.as_bytes())
@@ -101,7 +115,7 @@ impl Rendezvous {
                     .get(&format!("sid/fingerprint/{r}"), timeout)
                     .map_err(|_| late(r))?;
                 let theirs = String::from_utf8_lossy(&theirs).into_owned();
-                if theirs != mine {
+                if theirs != mine && theirs != follower(world) {
                     store.set("sid/verdict", b"mismatch").map_err(dist)?;
                     return Err(differ(r, &theirs));
                 }
@@ -112,7 +126,13 @@ impl Rendezvous {
                 .get("sid/fingerprint/0", timeout)
                 .map_err(|_| late(0))?;
             let theirs = String::from_utf8_lossy(&theirs).into_owned();
-            if theirs != mine {
+            // A follower checks the program and world only: it takes rank 0's settings.
+            let same = if follows_rank0 {
+                theirs.starts_with(&format!("{} config ", program(world)))
+            } else {
+                theirs == mine
+            };
+            if !same {
                 return Err(differ(0, &theirs));
             }
             let verdict = store.get("sid/verdict", timeout).map_err(|_| late(0))?;
