@@ -23,8 +23,7 @@ use crate::setup::{
     StageThread, StagedConfig,
 };
 use crate::streams;
-use crate::transport::device_name;
-use crate::transport::{ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
+use crate::transport::{device_name, ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
 use crate::{Result, RuntimeError};
 
 enum Engine {
