@@ -1874,26 +1874,36 @@ fn two_nodes_of_one_rank_each_train_like_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     run_ok(&staged(&one, &["--gpus", "cpu", "--threads", "1"]));
+    let (_, out1) = two_nodes(&|_| staged(&two, &[]));
+    assert!(stderr(&out1).contains("launched ranks 1-1 of 2 on this node (node 1 of 2)"));
+    assert_same_training(&one, &two);
+}
+
+/// Runs two launchers as nodes 0 and 1 of a two-node job (one rank each, one thread, on
+/// 127.0.0.1), each with `args(node)` first; both must succeed. Returns their outputs.
+fn two_nodes(args: &dyn Fn(&str) -> Vec<String>) -> (Output, Output) {
     let port = free_port();
     let node = |rank: &str| {
+        let mut a = args(rank);
+        a.extend(
+            [
+                "--threads",
+                "1",
+                "--nproc-per-node",
+                "1",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                rank,
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                &port,
+            ]
+            .map(String::from),
+        );
         Command::new(BIN)
-            .args(staged(
-                &two,
-                &[
-                    "--threads",
-                    "1",
-                    "--nproc-per-node",
-                    "1",
-                    "--nnodes",
-                    "2",
-                    "--node-rank",
-                    rank,
-                    "--master-addr",
-                    "127.0.0.1",
-                    "--master-port",
-                    &port,
-                ],
-            ))
+            .args(a)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -1904,8 +1914,7 @@ fn two_nodes_of_one_rank_each_train_like_one_process() {
     let out0 = wait_for(&mut n0, std::time::Duration::from_secs(120));
     assert!(out0.status.success(), "{}", stderr(&out0));
     assert!(out1.status.success(), "{}", stderr(&out1));
-    assert!(stderr(&out1).contains("launched ranks 1-1 of 2 on this node (node 1 of 2)"));
-    assert_same_training(&one, &two);
+    (out0, out1)
 }
 
 /// Two nodes resume a run whose directory only node 0 has (as on two machines without a
@@ -1916,42 +1925,8 @@ fn a_node_without_the_run_directory_resumes_by_following_rank_0() {
     let tmp = tempfile::tempdir().unwrap();
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     run_ok(&staged(&one, &["--gpus", "cpu", "--threads", "1"]));
-    let nodes = |args: &dyn Fn(&str) -> Vec<String>| {
-        let port = free_port();
-        let node = |rank: &str| {
-            let mut a = args(rank);
-            a.extend(
-                [
-                    "--threads",
-                    "1",
-                    "--nproc-per-node",
-                    "1",
-                    "--nnodes",
-                    "2",
-                    "--node-rank",
-                    rank,
-                    "--master-addr",
-                    "127.0.0.1",
-                    "--master-port",
-                    &port,
-                ]
-                .map(String::from),
-            );
-            Command::new(BIN)
-                .args(a)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        };
-        let (mut n0, mut n1) = (node("0"), node("1"));
-        let out1 = wait_for(&mut n1, std::time::Duration::from_secs(120));
-        let out0 = wait_for(&mut n0, std::time::Duration::from_secs(120));
-        assert!(out0.status.success(), "{}", stderr(&out0));
-        assert!(out1.status.success(), "{}", stderr(&out1));
-    };
     // Epoch 1 on two nodes...
-    nodes(&|_| {
+    two_nodes(&|_| {
         let mut a = staged(&two, &[]);
         let e = a.iter().position(|x| x == "--epochs").unwrap();
         a[e + 1] = "1".into();
@@ -1960,7 +1935,7 @@ fn a_node_without_the_run_directory_resumes_by_following_rank_0() {
     assert_eq!(metrics(&two).len(), 1);
     // ...then epoch 2: node 1 names a directory its machine does not have.
     let elsewhere = tmp.path().join("node1").join("two");
-    nodes(&|rank| {
+    two_nodes(&|rank| {
         let dir = if rank == "0" { &two } else { &elsewhere };
         vec![
             "--resume".into(),

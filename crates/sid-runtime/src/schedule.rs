@@ -457,10 +457,9 @@ impl StageRunner {
         Ok(())
     }
 
-    /// A whole backprop step from its first micro-batch: the schedule's operations in order,
-    /// each forward's input from the previous stage (the first is `first`), each backward's
-    /// gradient from the next; then one Adam step and the report.
-    fn bp_step(&mut self, first: Message, t: &mut dyn Transport) -> Result<(), Failure> {
+    /// Starts a flushing step (a backprop stage's, or the paper's extractor's) from its first
+    /// micro-batch, which must begin a new step.
+    fn begin_flush(&mut self, first: Message) -> Result<Flush, Failure> {
         let Message::Train {
             tag, micro_batches, ..
         } = &first
@@ -478,41 +477,35 @@ impl StageRunner {
             )));
         }
         self.step = step;
-        let timeout = self.bp_timeout;
-        #[cfg(feature = "fault-injection")]
-        let fault = self.fault;
+        Ok(Flush {
+            index,
+            step,
+            micro_batches: m,
+            timeout: self.bp_timeout,
+            #[cfg(feature = "fault-injection")]
+            fault: self.fault.filter(|f| f.step == step),
+            started: Instant::now(),
+            forward: Duration::ZERO,
+            waiting: Duration::ZERO,
+            next: Some(first),
+        })
+    }
+
+    /// A whole backprop step from its first micro-batch: the schedule's operations in order,
+    /// each forward's input from the previous stage (the first is `first`), each backward's
+    /// gradient from the next; then one Adam step and the report.
+    fn bp_step(&mut self, first: Message, t: &mut dyn Transport) -> Result<(), Failure> {
+        let mut f = self.begin_flush(first)?;
+        let (index, step, m) = (f.index, f.step, f.micro_batches);
         let Work::Bp(stage, schedule, stages) = &mut self.work else {
             unreachable!("a backprop stage")
         };
-        let ops = schedule.ops(*stages, index, m);
-        let started = Instant::now();
-        let mut forward = Duration::ZERO;
-        let mut waiting = Duration::ZERO;
-        let mut next = Some(first);
         let mut loss: Option<Tensor> = None;
-        for op in ops {
+        for op in schedule.ops(*stages, index, m) {
             match op {
                 Op::Forward(j) => {
-                    let msg =
-                        next_micro_batch(&mut next, t, timeout, &mut waiting, index, step, j)?;
-                    let Message::Train {
-                        tag,
-                        input,
-                        labels,
-                        scale,
-                        ..
-                    } = msg
-                    else {
-                        unreachable!("next_micro_batch returns training messages")
-                    };
-                    #[cfg(feature = "fault-injection")]
-                    let input = match fault.filter(|f| f.step == step) {
-                        Some(f) if j == 0 => strike(f.kind, step, input)?,
-                        _ => input,
-                    };
-                    let f0 = Instant::now();
-                    let out = stage.forward_micro(j, &input, &labels, scale);
-                    forward += f0.elapsed();
+                    let (tag, input, _, labels, scale) = f.micro_batch(t, j)?;
+                    let out = f.forward(|| stage.forward_micro(j, &input, &labels, scale));
                     if let Some(h) = out {
                         // Backprop stages pass no belief.
                         let p = Tensor::zeros([0], (TKind::Float, h.device()));
@@ -530,18 +523,7 @@ impl StageRunner {
                     let grad = if stage.is_last() {
                         None
                     } else {
-                        let w = Instant::now();
-                        let (gtag, g) = t.recv_grad(timeout)?;
-                        waiting += w.elapsed();
-                        if gtag.step != step || gtag.micro != j {
-                            return Err(Failure::new(format!(
-                                "stage {} got the gradient of micro-batch {} of step {} while expecting micro-batch {j} of step {step}",
-                                index + 1,
-                                gtag.micro,
-                                gtag.step
-                            )));
-                        }
-                        Some(g)
+                        Some(f.gradient(t, j, &format!("stage {}", index + 2))?)
                     };
                     let (g_in, l) = stage.backward_micro(j, grad.as_ref())?;
                     if let Some(g) = g_in {
@@ -579,70 +561,26 @@ impl StageRunner {
             }
             None => Vec::new(),
         };
-        t.report(Report::Losses {
-            stage: index,
-            step,
-            losses,
-            busy: started.elapsed().saturating_sub(waiting),
-            forward,
-        })?;
-        Ok(())
+        f.report(t, losses)
     }
+
     /// The paper's SID, stage 1: a whole step from its first micro-batch, in the order of
     /// [`extractor_ops`]. A forward sends `(sg(z), p_0)` down and keeps `z`'s graph; a
     /// backward waits for every module stage's gradient of that micro-batch, sums them in
     /// stage order and backpropagates the sum through `z`. Then one Adam step and the report.
     fn extractor_step(&mut self, first: Message, t: &mut dyn Transport) -> Result<(), Failure> {
-        let Message::Train {
-            tag, micro_batches, ..
-        } = &first
-        else {
-            unreachable!("called with a training message")
-        };
-        let (step, m) = (tag.step, *micro_batches);
-        if tag.micro != 0 || step <= self.step {
-            return Err(Failure::new(format!(
-                "stage 1 got micro-batch {} of step {step} while expecting the start of step {}",
-                tag.micro,
-                self.step + 1
-            )));
-        }
-        self.step = step;
-        let timeout = self.bp_timeout;
-        #[cfg(feature = "fault-injection")]
-        let fault = self.fault;
+        let mut f = self.begin_flush(first)?;
+        let m = f.micro_batches;
         let Work::Extractor(extractor, module_stages) = &mut self.work else {
             unreachable!("the extractor stage")
         };
-        let started = Instant::now();
-        let mut forward = Duration::ZERO;
-        let mut waiting = Duration::ZERO;
-        let mut next = Some(first);
         // Each micro-batch's features keep their graph until its backward.
         let mut zs: Vec<Option<Tensor>> = (0..m).map(|_| None).collect();
         for op in extractor_ops(m) {
             match op {
                 Op::Forward(j) => {
-                    let msg = next_micro_batch(&mut next, t, timeout, &mut waiting, 0, step, j)?;
-                    let Message::Train {
-                        tag,
-                        input,
-                        p,
-                        labels,
-                        scale,
-                        ..
-                    } = msg
-                    else {
-                        unreachable!("next_micro_batch returns training messages")
-                    };
-                    #[cfg(feature = "fault-injection")]
-                    let input = match fault.filter(|f| f.step == step) {
-                        Some(f) if j == 0 => strike(f.kind, step, input)?,
-                        _ => input,
-                    };
-                    let f0 = Instant::now();
-                    let z = extractor.forward(&input);
-                    forward += f0.elapsed();
+                    let (tag, input, p, labels, scale) = f.micro_batch(t, j)?;
+                    let z = f.forward(|| extractor.forward(&input));
                     t.send_down(Message::Train {
                         tag,
                         micro_batches: m,
@@ -656,17 +594,7 @@ impl StageRunner {
                 Op::Backward(j) => {
                     let mut grad_z = None;
                     for w in 0..*module_stages {
-                        let wait = Instant::now();
-                        let (gtag, g) = t.recv_grad(timeout)?;
-                        waiting += wait.elapsed();
-                        if gtag.step != step || gtag.micro != j {
-                            return Err(Failure::new(format!(
-                                "stage 1 got stage {}'s gradient of micro-batch {} of step {} while expecting micro-batch {j} of step {step}",
-                                w + 2,
-                                gtag.micro,
-                                gtag.step
-                            )));
-                        }
+                        let g = f.gradient(t, j, &format!("stage {}", w + 2))?;
                         grad_z = Some(sid_core::unit::add_next(grad_z, g));
                     }
                     let z = zs[j].take().expect("a forward precedes its backward");
@@ -678,12 +606,97 @@ impl StageRunner {
             }
         }
         extractor.apply();
+        f.report(t, Vec::new())
+    }
+}
+
+/// Where a flushing step (a backprop stage's, the paper extractor's) is: its micro-batches
+/// taken from upstream one by one, the time spent computing forwards and waiting.
+struct Flush {
+    /// 0-based stage.
+    index: usize,
+    step: u64,
+    micro_batches: usize,
+    /// Longest wait for a micro-batch or a gradient.
+    timeout: Duration,
+    /// The fault to inject in this step (tests).
+    #[cfg(feature = "fault-injection")]
+    fault: Option<Fault>,
+    started: Instant,
+    forward: Duration,
+    waiting: Duration,
+    /// The step's first micro-batch, until taken.
+    next: Option<Message>,
+}
+
+impl Flush {
+    /// Micro-batch `j`'s tag, input, belief, labels and share of the batch.
+    fn micro_batch(
+        &mut self,
+        t: &mut dyn Transport,
+        j: usize,
+    ) -> Result<(Tag, Tensor, Tensor, Tensor, f64), Failure> {
+        let msg = next_micro_batch(
+            &mut self.next,
+            t,
+            self.timeout,
+            &mut self.waiting,
+            self.index,
+            self.step,
+            j,
+        )?;
+        let Message::Train {
+            tag,
+            input,
+            p,
+            labels,
+            scale,
+            ..
+        } = msg
+        else {
+            unreachable!("next_micro_batch returns training messages")
+        };
+        #[cfg(feature = "fault-injection")]
+        let input = match self.fault {
+            Some(f) if j == 0 => strike(f.kind, self.step, input)?,
+            _ => input,
+        };
+        Ok((tag, input, p, labels, scale))
+    }
+
+    /// Runs a forward pass, timing it.
+    fn forward<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let started = Instant::now();
+        let out = f();
+        self.forward += started.elapsed();
+        out
+    }
+
+    /// The gradient of micro-batch `j` from `from` (for messages), waiting at most the timeout.
+    fn gradient(&mut self, t: &mut dyn Transport, j: usize, from: &str) -> Result<Tensor, Failure> {
+        let wait = Instant::now();
+        let (gtag, g) = t.recv_grad(self.timeout)?;
+        self.waiting += wait.elapsed();
+        if gtag.step != self.step || gtag.micro != j {
+            return Err(Failure::new(format!(
+                "stage {} got {from}'s gradient of micro-batch {} of step {} while expecting micro-batch {j} of step {}",
+                self.index + 1,
+                gtag.micro,
+                gtag.step,
+                self.step
+            )));
+        }
+        Ok(g)
+    }
+
+    /// Reports the step's losses and where its time went.
+    fn report(self, t: &mut dyn Transport, losses: Vec<f64>) -> Result<(), Failure> {
         t.report(Report::Losses {
-            stage: 0,
-            step,
-            losses: Vec::new(),
-            busy: started.elapsed().saturating_sub(waiting),
-            forward,
+            stage: self.index,
+            step: self.step,
+            losses,
+            busy: self.started.elapsed().saturating_sub(self.waiting),
+            forward: self.forward,
         })?;
         Ok(())
     }
