@@ -23,7 +23,7 @@ use tch::{Kind as TKind, Tensor};
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{extractor_ops, BpSchedule, Op};
 use crate::paper::ModuleBlock;
-use crate::stage_graph::StageGraph;
+use crate::stage_graph::GraphSlot;
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 
 /// What a stage trains.
@@ -83,35 +83,6 @@ impl Failure {
     }
 }
 
-/// Whether this step of stage `index` (0-based) runs from a CUDA graph: one is wanted and
-/// `input` is on a GPU; the graph is made on the first call (a failure is logged once and the
-/// stage stays eager).
-fn graph_for(
-    slot: &mut Option<std::result::Result<StageGraph, ()>>,
-    input: &Tensor,
-    index: usize,
-) -> bool {
-    let device = input.device();
-    match slot {
-        None => false,
-        Some(Ok(_)) => true,
-        Some(Err(())) if matches!(device, tch::Device::Cuda(_)) => {
-            match StageGraph::new(device, index + 1) {
-                Ok(g) => {
-                    *slot = Some(Ok(g));
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!("stage {}: {e}; training without a CUDA graph", index + 1);
-                    *slot = None;
-                    false
-                }
-            }
-        }
-        Some(Err(())) => false,
-    }
-}
-
 /// What a caught panic said, for the error that names the stage.
 pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
     let msg = panic
@@ -162,9 +133,8 @@ pub struct StageRunner {
     /// Longest wait inside a backprop step (for activations and gradients).
     bp_timeout: Duration,
     /// Staged SID on a GPU with one micro-batch: replay each step from a CUDA graph
-    /// ([`crate::stage_graph`]). `Some(Err(()))`: wanted, made at the first such step;
-    /// `None`: not wanted, or it could not be made.
-    cuda_graph: Option<std::result::Result<StageGraph, ()>>,
+    /// ([`crate::stage_graph`]).
+    cuda_graph: GraphSlot,
 }
 
 impl StageRunner {
@@ -180,14 +150,18 @@ impl StageRunner {
             #[cfg(feature = "fault-injection")]
             fault: None,
             bp_timeout: Duration::from_secs(300),
-            cuda_graph: None,
+            cuda_graph: GraphSlot::Off,
         }
     }
 
     /// Replays each training step of a staged-SID stage on a GPU from a CUDA graph, when a
     /// step is one micro-batch (see [`crate::stage_graph`]); nothing changes on a CPU.
     pub fn with_cuda_graph(mut self, on: bool) -> Self {
-        self.cuda_graph = (on && matches!(self.work, Work::Sid(_))).then_some(Err(()));
+        self.cuda_graph = if on && matches!(self.work, Work::Sid(_)) {
+            GraphSlot::Wanted
+        } else {
+            GraphSlot::Off
+        };
         self
     }
 
@@ -285,18 +259,20 @@ impl StageRunner {
                 let mut applied = false;
                 let l = match &mut self.work {
                     Work::Sid(stage) => {
-                        let graphed =
-                            micro_batches == 1 && graph_for(&mut self.cuda_graph, &input, index);
-                        let (out, whole_step) = if graphed {
-                            let Some(Ok(graph)) = self.cuda_graph.as_mut() else {
-                                unreachable!("graph_for made it")
-                            };
-                            // The whole step at once: forward, backward, optimiser step.
-                            let (out, l) = graph.step(stage, &input, &p, &labels)?;
-                            (out, Some(l))
-                        } else {
-                            let target = stage.label_target(&labels);
-                            (stage.forward_micro(&input, &p, &target), None)
+                        let graph = match micro_batches {
+                            1 => self.cuda_graph.for_input(&input, index),
+                            _ => None,
+                        };
+                        let (out, whole_step) = match graph {
+                            Some(graph) => {
+                                // The whole step at once: forward, backward, optimiser step.
+                                let (out, l) = graph.step(stage, &input, &p, &labels)?;
+                                (out, Some(l))
+                            }
+                            None => {
+                                let target = stage.label_target(&labels);
+                                (stage.forward_micro(&input, &p, &target), None)
+                            }
                         };
                         self.forward += started.elapsed();
                         if let Some(z) = out.z {
@@ -428,7 +404,7 @@ impl StageRunner {
                         .map(|(n, t)| (n.clone(), t.shallow_clone()))
                         .collect::<Vec<_>>(),
                 );
-                if let Some(Ok(graph)) = &mut self.cuda_graph {
+                if let GraphSlot::Made(graph) = &mut self.cuda_graph {
                     // Loading replaces no tensor, but start afresh anyway: the captured step
                     // was made from the state before.
                     graph.reset();

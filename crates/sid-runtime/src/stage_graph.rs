@@ -43,6 +43,38 @@ enum State {
     Off,
 }
 
+/// A stage's CUDA graph, from asked for to made.
+pub(crate) enum GraphSlot {
+    /// Not asked for, or it could not be made.
+    Off,
+    /// Asked for: made at the first step whose input is on a GPU.
+    Wanted,
+    /// Made.
+    Made(StageGraph),
+}
+
+impl GraphSlot {
+    /// The graph for a step of stage `index` (0-based) on `input`, made at the first step on a
+    /// GPU; `None` when there is none (a failure to make it is logged once, and the stage stays
+    /// eager).
+    pub(crate) fn for_input(&mut self, input: &Tensor, index: usize) -> Option<&mut StageGraph> {
+        let device = input.device();
+        if let (Self::Wanted, Device::Cuda(_)) = (&*self, device) {
+            *self = match StageGraph::new(device, index + 1) {
+                Ok(g) => Self::Made(g),
+                Err(e) => {
+                    tracing::warn!("stage {}: {e}; training without a CUDA graph", index + 1);
+                    Self::Off
+                }
+            };
+        }
+        match self {
+            Self::Made(g) => Some(g),
+            _ => None,
+        }
+    }
+}
+
 /// A stage's training steps, through a CUDA graph once one is captured.
 pub(crate) struct StageGraph {
     device: Device,
