@@ -99,6 +99,15 @@ fn pipelined(
     Ok(StagedPipeline::new(cfg)?)
 }
 
+/// Each stage's idle share of a step of `step_ms`, from its busy seconds per step: `3% | 40%`.
+fn idle_shares(times: &[(f64, f64)], step_ms: f64) -> String {
+    let shares: Vec<String> = times
+        .iter()
+        .map(|(busy, _)| format!("{:.0}%", 100.0 * (1.0 - busy * 1e3 / step_ms).max(0.0)))
+        .collect();
+    shares.join(" | ")
+}
+
 fn per_step(t: &[StageTime]) -> Vec<(f64, f64)> {
     t.iter()
         .map(|s| {
@@ -233,13 +242,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
         // Bubble: the share of each pipelined step a stage was not computing.
-        let bubble: Vec<String> = together
-            .iter()
-            .map(|(busy, _)| format!("{:.0}%", 100.0 * (1.0 - busy * 1e3 / t_many).max(0.0)))
-            .collect();
         println!(
             "bubble by stage (idle share of a step, from the stages' busy times): {}",
-            bubble.join(" | ")
+            idle_shares(&together, t_many)
         );
         let show = |v: &[(f64, f64)]| -> String {
             v.iter()
@@ -312,10 +317,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tch::manual_seed(0);
         let mut paper_1 = SidNetwork::new(&model, LossConfig::default(), 1e-3, device)?;
         let med = rounds(&mut [&mut paper_1, &mut paper_k])?;
-        let idle: Vec<String> = per_step(&paper_k.take_stage_times())
-            .iter()
-            .map(|(busy, _)| format!("{:.0}%", 100.0 * (1.0 - busy * 1e3 / med[1]).max(0.0)))
-            .collect();
+        let idle = idle_shares(&per_step(&paper_k.take_stage_times()), med[1]);
         println!("paper SID on the same devices (modules spread, the extractor first; every step flushes):");
         println!(
             "{:<52} {:>10.2}",
@@ -326,7 +328,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "{:<52} {:>10.2}   idle by stage (extractor first) {}",
             format!("paper SID, {k} devices"),
             med[1],
-            idle.join(" | ")
+            idle
         );
         println!(
             "speed-up of paper SID on {k} devices over one device: {:.2}x; staged SID on {k} devices over it: {:.2}x",
@@ -359,11 +361,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // stages only.
         let bubble = |p: &mut StagedPipeline, t: f64, schedule: BpSchedule| -> String {
             let times = per_step(&p.take_stage_times());
-            let pct = |v: f64| format!("{:.0}%", 100.0 * v.max(0.0));
-            let measured: Vec<String> = times
-                .iter()
-                .map(|(busy, _)| pct(1.0 - busy * 1e3 / t))
-                .collect();
             let costs: Vec<StageCost> = times
                 .iter()
                 .map(|(busy, fwd)| StageCost {
@@ -374,10 +371,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .collect();
             let memory = Link::parse("memory").expect("named link");
             let (_, idle) = flushing_step(&costs, bp_m, |s| schedule.ops(k, s, bp_m), memory);
-            let modelled: Vec<String> = idle.into_iter().map(pct).collect();
+            let modelled: Vec<String> = idle
+                .into_iter()
+                .map(|v| format!("{:.0}%", 100.0 * v.max(0.0)))
+                .collect();
             format!(
                 "   bubble by stage {} (schedule with these stage times: {})",
-                measured.join(" | "),
+                idle_shares(&times, t),
                 modelled.join(" | ")
             )
         };

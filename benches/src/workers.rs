@@ -97,11 +97,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         module_hidden: args.module_hidden,
         ..ModelConfig::default()
     };
-    let placement = args
-        .placement
-        .as_deref()
-        .map(|p| Placement::parse(p, args.modules, k))
-        .transpose()?;
+    let placement = match args.placement.as_deref() {
+        Some(p) => Placement::parse(p, args.modules, k)?,
+        None => Placement::even(args.modules, k)?,
+    };
     let (x, y) = synthetic_batch(args.batch_size, 1, 28, 10, first);
     let dev = sid_train::devices::device_name(first);
     // On a CPU each worker stands for a device and gets one thread; a GPU worker gets its
@@ -144,7 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &model,
         devices.clone(),
         per_worker,
-        placement,
+        Some(placement.clone()),
         !args.no_streams,
         args.fused_teacher,
     )?;
@@ -183,7 +182,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "K-worker devices: {}; placement {}",
         args.gpus,
-        placement_spec(&many)
+        placement.to_spec()
     );
     println!(
         "{:<48} {:>10} {:>9}",
@@ -253,17 +252,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.warmup
     );
     Ok(())
-}
-
-/// The module placement in `--placement` syntax.
-fn placement_spec(p: &StagedPipeline) -> String {
-    let blocks: Vec<String> = p
-        .layout()
-        .iter()
-        .enumerate()
-        .map(|(w, (_, r))| format!("{w}:{}-{}", r.start, r.end - 1))
-        .collect();
-    blocks.join(",")
 }
 
 fn devices_text(devices: &[Device]) -> String {

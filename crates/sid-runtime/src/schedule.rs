@@ -404,11 +404,6 @@ impl StageRunner {
                         .map(|(n, t)| (n.clone(), t.shallow_clone()))
                         .collect::<Vec<_>>(),
                 );
-                if let GraphSlot::Made(graph) = &mut self.cuda_graph {
-                    // Loading replaces no tensor, but start afresh anyway: the captured step
-                    // was made from the state before.
-                    graph.reset();
-                }
                 match &mut self.work {
                     Work::Sid(stage) => stage.load_state(&mine)?,
                     Work::Bp(stage, ..) => stage.load_state(&mine)?,

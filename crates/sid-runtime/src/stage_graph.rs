@@ -12,7 +12,8 @@
 //! into them and replayed. The graph is made with [`CudaGraph::new_thread_local`]: the other
 //! stages keep launching work on the same device while this one captures. A step of another
 //! size (an epoch's last, partial batch) runs eagerly; a capture that fails is said once and the
-//! stage goes on eagerly. The step is the same arithmetic either way; only the send moves: the
+//! stage goes on eagerly. Loading a checkpoint copies into the stage's tensors in place (see
+//! `Adam::load_state`), so the captured step stays valid. The step is the same arithmetic either way; only the send moves: the
 //! next stage gets this stage's output after its whole step instead of after its forward,
 //! which staged SID's pipeline (no gradient crosses a stage, no flush between steps) does not
 //! need for its steady-state rate.
@@ -77,35 +78,18 @@ impl GraphSlot {
 
 /// A stage's training steps, through a CUDA graph once one is captured.
 pub(crate) struct StageGraph {
-    device: Device,
     /// 1-based stage, for the log.
     stage: usize,
     state: State,
-    /// The capture failed: the stage stays eager.
-    failed: bool,
 }
 
 impl StageGraph {
     /// A graph for stage `stage` (1-based) on `device` (a GPU), or why there cannot be one.
     pub(crate) fn new(device: Device, stage: usize) -> sid_core::Result<Self> {
         Ok(Self {
-            device,
             stage,
             state: State::Warming(WARMUP_STEPS, CudaGraph::new_thread_local(device)?),
-            failed: false,
         })
-    }
-
-    /// Forgets the captured step (the stage's tensors were replaced, e.g. by loading a
-    /// checkpoint): the next steps warm up and capture again.
-    pub(crate) fn reset(&mut self) {
-        if self.failed {
-            return;
-        }
-        self.state = match CudaGraph::new_thread_local(self.device) {
-            Ok(g) => State::Warming(WARMUP_STEPS, g),
-            Err(_) => State::Off,
-        };
     }
 
     /// One whole training step of `stage` on a batch: its output for the next stage (copies,
@@ -142,13 +126,7 @@ impl StageGraph {
                     Ok((out, losses)) => {
                         // A capture runs nothing: replaying it is this step.
                         graph.replay()?;
-                        let result = (
-                            StageOutput {
-                                z: out.z.as_ref().map(Tensor::copy),
-                                p: out.p.copy(),
-                            },
-                            losses.copy(),
-                        );
+                        let result = copies(&out.z, &out.p, &losses);
                         self.state = State::Captured {
                             input: si,
                             p: sp,
@@ -166,7 +144,6 @@ impl StageGraph {
                     }
                     Err(e) => {
                         // Nothing ran during the failed capture: this batch trains eagerly.
-                        self.failed = true;
                         tracing::warn!("stage {}: {e}; training without a CUDA graph", self.stage);
                         eager(stage)
                     }
@@ -188,14 +165,17 @@ impl StageGraph {
                 sp.copy_(p);
                 sl.copy_(labels);
                 graph.replay()?;
-                Ok((
-                    StageOutput {
-                        z: z.as_ref().map(Tensor::copy),
-                        p: p_out.copy(),
-                    },
-                    losses.copy(),
-                ))
+                Ok(copies(z, p_out, losses))
             }
         }
     }
+}
+
+/// Copies of a replay's outputs, which the next replay does not overwrite.
+fn copies(z: &Option<Tensor>, p: &Tensor, losses: &Tensor) -> (StageOutput, Tensor) {
+    let out = StageOutput {
+        z: z.as_ref().map(Tensor::copy),
+        p: p.copy(),
+    };
+    (out, losses.copy())
 }

@@ -324,7 +324,8 @@ fn one_f_one_b_keeps_few_micro_batches_in_flight() {
 
 /// On a GPU: two stages on cuda:0, each replaying its steps from a CUDA graph of its own
 /// (`cuda_graph`), train like the same stages without graphs — through the capture, the
-/// replays, a batch of another size (run eagerly) and a checkpoint load (captured again).
+/// replays, a batch of another size (run eagerly) and a checkpoint load (in place: the
+/// captured steps go on).
 /// Skipped, saying so, without CUDA.
 #[test]
 fn stage_cuda_graphs_train_like_eager_stages() {
@@ -350,7 +351,7 @@ fn stage_cuda_graphs_train_like_eager_stages() {
         tch::manual_seed(5);
         let mut p = StagedPipeline::new(cfg).unwrap();
         let mut losses = train(&mut p, &data[..8]);
-        // A load (of its own state) in the middle: the graphs are made again.
+        // A load (of its own state) in the middle: the replays read the loaded values.
         let saved = NamedTensors::from(p.state().unwrap());
         p.load_state(&saved).unwrap();
         losses.extend(train(&mut p, &data[8..]));

@@ -98,6 +98,7 @@ pub(crate) fn staged_config(
     sc.threads_per_stage = cfg.runtime.threads;
     sc.streams = cfg.runtime.streams;
     sc.cuda_graph = cfg.stage_cuda_graphs();
+    sc.fused_teacher = cfg.runtime.fused_teacher;
     sc
 }
 
@@ -197,7 +198,6 @@ pub fn build_network_on(
             let mut sc = staged_config(cfg, devices.to_vec(), plan);
             sc.method = sid_runtime::PipelineMethod::Paper;
             sc.placement = Some(placement.clone());
-            sc.fused_teacher = cfg.runtime.fused_teacher;
             #[cfg(feature = "fault-injection")]
             {
                 // Worker k's modules are stage k+1 (stage 0 is the extractor).
