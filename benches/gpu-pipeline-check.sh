@@ -5,7 +5,8 @@
 # stage pipeline is not faster than the same stages on one stream, or the per-stage graphs do
 # not train like the eager stages (PASS/FAIL lines). Prepare with benches/prepare-gpu-check.sh; run with the device tool
 # (carry target/release/sid-launch, target/release/sid-bench, data/fashion-mnist).
-# Output: $OUT/pipeline-check.txt (or gpu-pipeline-check-out/).
+# Output: $OUT/pipeline-check.txt and $OUT/pipeline/ (the benchmark's CSV and plots, per-stage
+# memory from the CUDA allocator), or the same under gpu-pipeline-check-out/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-pipeline-check-out}
@@ -21,7 +22,7 @@ median() { python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).readl
 {
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   echo "== sid-bench pipeline, SimpleCNN L=10, batch 128"
-  timeout 240 "$bench" pipeline --gpus 0 --stages 2,4 --rounds 5 --steps 8 --link nvlink || fail=1
+  timeout 240 "$bench" pipeline --gpus 0 --stages 2,4 --rounds 5 --steps 8 --link nvlink --out "$out/pipeline" || fail=1
   echo "== one epoch each (60,000 samples): graphed single GPU, staged K=2 on one stream, K=2 on two streams (eager; graphed)"
   for spec in "graph:--gpus 0" "one:--gpus 0 --stages 2 --placement auto" "two:--gpus 0,0 --stages 2 --placement auto" \
       "twograph:--gpus 0,0 --stages 2 --placement auto --cuda-graph" \

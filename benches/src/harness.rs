@@ -326,7 +326,7 @@ pub fn speedup_check(
         for _ in 0..3 {
             p.train_step(&x, &y)?;
         }
-        let _ = p.take_stage_times();
+        let _ = p.take_stage_stats();
         let totals = (0..15)
             .map(|_| -> Result<f64> {
                 let t = Instant::now();
@@ -335,7 +335,7 @@ pub fn speedup_check(
             })
             .collect::<Result<Vec<_>>>()?;
         let stages = p
-            .take_stage_times()
+            .take_stage_stats()
             .iter()
             .map(|s| {
                 let n = s.steps.max(1) as f64;

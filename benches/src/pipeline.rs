@@ -8,14 +8,23 @@
 //! an epoch). Bubble: the share of the step a stage is idle, from the stages' own busy times.
 //! The model ([`crate::pipeline_model`]) is fed with the per-stage times of the one-device
 //! run and checked against the K-device run; then it predicts K devices joined by `--link`.
+//!
+//! Memory: each stage's weights and optimiser state, and the most it held of what it allocated
+//! itself ([`sid_runtime::StageMemory`], measured per stage even where stages share one
+//! process or GPU), from a separate untimed pass; beside it the same figure for the whole
+//! network on one device. `--out DIR` writes the figures as CSV and SVG plots.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Parser;
 use sid_core::extractor::BlockLayout;
 use sid_core::{BpNetwork, ExtractorKind, LossConfig, ModelConfig, Network, SidNetwork, StagePlan};
-use sid_runtime::{BpSchedule, PipelineMethod, StageTime, StagedConfig, StagedPipeline};
-use tch::Device;
+use sid_runtime::{
+    BpSchedule, PipelineMethod, StageMemory, StageStats, StagedConfig, StagedPipeline,
+};
+use sid_telemetry::AllocOwner;
+use tch::{Device, Tensor};
 
 use crate::pipeline_model::{flushing_step, staged_step_time, Link, StageCost};
 use crate::{median, synthetic_batch};
@@ -54,6 +63,153 @@ pub struct Args {
     /// Timed steps per configuration per round.
     #[arg(long, default_value_t = 4)]
     pub steps: usize,
+    /// Also write `pipeline-times.csv`, `pipeline-memory.csv` and SVG plots of both here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// What the run measured, for `--out`.
+#[derive(Default)]
+struct Figures {
+    /// (K, configuration, ms/step).
+    times: Vec<(usize, String, f64)>,
+    /// (K, configuration, each stage's memory).
+    memory: Vec<(usize, String, Vec<StageMemory>)>,
+}
+
+impl Figures {
+    /// Prints a row of the timing table and keeps it.
+    fn row(&mut self, k: usize, name: String, ms: f64, extra: &str) {
+        println!("{name:<52} {ms:>10.2}{extra}");
+        self.times.push((k, name, ms));
+    }
+
+    fn write(&self, dir: &Path, title: &str) -> anyhow::Result<()> {
+        use anyhow::Context;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let csv_path = dir.join("pipeline-times.csv");
+        let mut w = csv::Writer::from_path(&csv_path)
+            .with_context(|| format!("writing {}", csv_path.display()))?;
+        w.write_record(["K", "configuration", "ms_per_step"])?;
+        for (k, name, ms) in &self.times {
+            w.write_record([k.to_string(), name.clone(), format!("{ms:.3}")])?;
+        }
+        w.flush()?;
+        let csv_path = dir.join("pipeline-memory.csv");
+        let mut w = csv::Writer::from_path(&csv_path)
+            .with_context(|| format!("writing {}", csv_path.display()))?;
+        w.write_record([
+            "K",
+            "configuration",
+            "stage",
+            "state_bytes",
+            "working_bytes",
+        ])?;
+        for (k, name, stages) in &self.memory {
+            for (s, m) in stages.iter().enumerate() {
+                w.write_record([
+                    k.to_string(),
+                    name.clone(),
+                    (s + 1).to_string(),
+                    m.state.to_string(),
+                    m.working.to_string(),
+                ])?;
+            }
+        }
+        w.flush()?;
+        let ks: Vec<usize> = {
+            let mut v: Vec<usize> = self.times.iter().map(|t| t.0).collect();
+            v.dedup();
+            v
+        };
+        for k in ks {
+            let bars: Vec<(String, Vec<f64>)> = self
+                .times
+                .iter()
+                .filter(|t| t.0 == k)
+                .map(|(_, name, ms)| (name.clone(), vec![*ms]))
+                .collect();
+            crate::report::bar_plot(
+                &dir.join(format!("pipeline-K{k}-ms.svg")),
+                &format!("{title}: ms/step, K = {k} (medians)"),
+                "ms per step",
+                &["ms/step"],
+                &bars,
+            )?;
+            let bars: Vec<(String, Vec<f64>)> = self
+                .memory
+                .iter()
+                .filter(|m| m.0 == k)
+                .flat_map(|(_, name, stages)| {
+                    let many = stages.len() > 1;
+                    stages.iter().enumerate().map(move |(s, m)| {
+                        let label = match many {
+                            true => format!("{name}: stage {}", s + 1),
+                            false => name.clone(),
+                        };
+                        (label, vec![mb(m.state), mb(m.working)])
+                    })
+                })
+                .collect();
+            crate::report::bar_plot(
+                &dir.join(format!("pipeline-K{k}-memory.svg")),
+                &format!("{title}: peak memory by stage, K = {k}"),
+                "MB",
+                &["weights + Adam state", "working set (measured)"],
+                &bars,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+/// Each stage's memory over a few steps with the pipeline full (a fresh period: the most each
+/// stage held of its own allocations, beside its weights and optimiser state).
+fn stage_memory(
+    p: &mut StagedPipeline,
+    x: &Tensor,
+    y: &Tensor,
+) -> anyhow::Result<Vec<StageMemory>> {
+    let _ = p.take_stage_stats();
+    timed_round(p, x, y, 2)?;
+    Ok(p.take_stage_stats()
+        .iter()
+        .map(|s| s.memory.unwrap_or_default())
+        .collect())
+}
+
+/// The same figure for a whole network on one device: built fresh, so that its gradients too
+/// are allocated while measured.
+fn network_memory(net: &mut dyn Network, x: &Tensor, y: &Tensor) -> anyhow::Result<StageMemory> {
+    let state = net
+        .state()?
+        .iter()
+        .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        .sum();
+    let owner = AllocOwner::new()?;
+    {
+        let _charged = owner.enter()?;
+        for _ in 0..3 {
+            net.train_step(x, y)?;
+        }
+    }
+    Ok(StageMemory {
+        state,
+        working: owner.counts().peak,
+    })
+}
+
+/// `0.2+40.1 | 5.2+10.0` (MB: state + working, by stage).
+fn show_memory(stages: &[StageMemory]) -> String {
+    stages
+        .iter()
+        .map(|m| format!("{:.1}+{:.1}", mb(m.state), mb(m.working)))
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// Times `steps` steps with the pipeline full: submits until the first step finishes (the
@@ -81,7 +237,7 @@ fn staged(
     devices: Vec<Device>,
     micro: usize,
 ) -> anyhow::Result<StagedPipeline> {
-    pipelined(model, plan, devices, micro, PipelineMethod::Sid)
+    pipelined(model, plan, devices, micro, PipelineMethod::Sid, false)
 }
 
 fn pipelined(
@@ -90,11 +246,13 @@ fn pipelined(
     devices: Vec<Device>,
     micro: usize,
     method: PipelineMethod,
+    track_memory: bool,
 ) -> anyhow::Result<StagedPipeline> {
     let mut cfg = StagedConfig::new(model.clone(), devices, plan.clone());
     cfg.micro_batches = micro;
     cfg.method = method;
     cfg.threads_per_stage = Some(1);
+    cfg.track_memory = track_memory;
     tch::manual_seed(0);
     Ok(StagedPipeline::new(cfg)?)
 }
@@ -108,7 +266,7 @@ fn idle_shares(times: &[(f64, f64)], step_ms: f64) -> String {
     shares.join(" | ")
 }
 
-fn per_step(t: &[StageTime]) -> Vec<(f64, f64)> {
+fn per_step(t: &[StageStats]) -> Vec<(f64, f64)> {
     t.iter()
         .map(|s| {
             let n = s.steps.max(1) as f64;
@@ -152,6 +310,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Ok(t.iter().map(|v| median(v)).collect())
     };
+    let mut fig = Figures::default();
     println!(
         "staged SID pipeline ({}): {} backbone, L={}, batch {}, {} micro-batch(es); medians of {} rounds x {} steps",
         if on_cpu { format!("cpu, {cores} cores") } else { dev.clone() },
@@ -201,36 +360,36 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let med = rounds(&mut [&mut paper, &mut one, &mut many])?;
         let (t_paper, t_one, t_many) = (med[0], med[1], med[2]);
         // Per-stage times: alone (one device, stages one after another) and in the pipeline.
-        let alone = per_step(&one.take_stage_times());
-        let together = per_step(&many.take_stage_times());
+        let alone = per_step(&one.take_stage_stats());
+        let together = per_step(&many.take_stage_stats());
         let res = if on_cpu {
             "1 thread".to_string()
         } else {
             dev.clone()
         };
-        let mut rows: Vec<(String, f64)> = Vec::new();
-        if on_cpu {
-            rows.push((
-                format!("single-device trainer (paper SID), {cores} threads"),
-                all_cores[0],
-            ));
-            rows.push((
-                format!("staged K={k}, one device, {cores} threads"),
-                all_cores[1],
-            ));
-        }
-        rows.push((format!("paper SID, one device, {res}"), t_paper));
-        rows.push((format!("staged K={k}, one device, {res}"), t_one));
         let many_name = if on_cpu {
             format!("staged K={k}, cpu:{k} (a thread each)")
         } else {
             format!("staged K={k}, {k} streams on {dev}")
         };
-        rows.push((many_name.clone(), t_many));
         println!("{:<52} {:>10}", "configuration", "ms/step");
-        for (name, m) in &rows {
-            println!("{name:<52} {m:>10.2}");
+        if on_cpu {
+            fig.row(
+                k,
+                format!("single-device trainer (paper SID), {cores} threads"),
+                all_cores[0],
+                "",
+            );
+            fig.row(
+                k,
+                format!("staged K={k}, one device, {cores} threads"),
+                all_cores[1],
+                "",
+            );
         }
+        fig.row(k, format!("paper SID, one device, {res}"), t_paper, "");
+        fig.row(k, format!("staged K={k}, one device, {res}"), t_one, "");
+        fig.row(k, many_name.clone(), t_many, "");
         println!(
             "speed-up of {many_name} over the same stages on one device ({res}): {:.2}x",
             t_one / t_many
@@ -313,22 +472,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             vec![device; k],
             args.micro_batches,
             PipelineMethod::Paper,
+            false,
         )?;
         tch::manual_seed(0);
         let mut paper_1 = SidNetwork::new(&model, LossConfig::default(), 1e-3, device)?;
         let med = rounds(&mut [&mut paper_1, &mut paper_k])?;
-        let idle = idle_shares(&per_step(&paper_k.take_stage_times()), med[1]);
+        let idle = idle_shares(&per_step(&paper_k.take_stage_stats()), med[1]);
         println!("paper SID on the same devices (modules spread, the extractor first; every step flushes):");
         println!(
             "{:<52} {:>10.2}",
             format!("paper SID, one device, {res}"),
             med[0]
         );
-        println!(
-            "{:<52} {:>10.2}   idle by stage (extractor first) {}",
+        fig.row(
+            k,
             format!("paper SID, {k} devices"),
             med[1],
-            idle
+            &format!("   idle by stage (extractor first) {idle}"),
         );
         println!(
             "speed-up of paper SID on {k} devices over one device: {:.2}x; staged SID on {k} devices over it: {:.2}x",
@@ -348,9 +508,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         tch::manual_seed(0);
         let mut bp_one = BpNetwork::new(&model, 1e-3, device)?;
-        let bp =
-            |s: BpSchedule| pipelined(&model, &plan, vec![device; k], bp_m, PipelineMethod::Bp(s));
-        let (mut gpipe, mut ofob) = (bp(BpSchedule::GPipe)?, bp(BpSchedule::OneFOneB)?);
+        let bp = |s: BpSchedule, track: bool| {
+            pipelined(
+                &model,
+                &plan,
+                vec![device; k],
+                bp_m,
+                PipelineMethod::Bp(s),
+                track,
+            )
+        };
+        let (mut gpipe, mut ofob) = (
+            bp(BpSchedule::GPipe, false)?,
+            bp(BpSchedule::OneFOneB, false)?,
+        );
         let med = rounds(&mut [&mut bp_one, &mut gpipe, &mut ofob])?;
         println!(
             "backprop on the same devices, {bp_m} micro-batches (every step flushes; expected bubble (K-1)/(M+K-1) = {:.0}%):",
@@ -360,7 +531,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // stages' own (possibly unequal) times: the textbook (K−1)/(M+K−1) holds for equal
         // stages only.
         let bubble = |p: &mut StagedPipeline, t: f64, schedule: BpSchedule| -> String {
-            let times = per_step(&p.take_stage_times());
+            let times = per_step(&p.take_stage_stats());
             let costs: Vec<StageCost> = times
                 .iter()
                 .map(|(busy, fwd)| StageCost {
@@ -381,23 +552,99 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 modelled.join(" | ")
             )
         };
-        println!("{:<52} {:>10.2}", format!("BP, one device, {res}"), med[0]);
+        fig.row(k, format!("BP, one device, {res}"), med[0], "");
         let b = bubble(&mut gpipe, med[1], BpSchedule::GPipe);
-        println!(
-            "{:<52} {:>10.2}{b}",
-            format!("BP GPipe, {k} devices"),
-            med[1]
-        );
+        fig.row(k, format!("BP GPipe, {k} devices"), med[1], &b);
         let b = bubble(&mut ofob, med[2], BpSchedule::OneFOneB);
-        println!(
-            "{:<52} {:>10.2}{b}",
-            format!("BP 1F1B, {k} devices"),
-            med[2]
-        );
+        fig.row(k, format!("BP 1F1B, {k} devices"), med[2], &b);
         println!(
             "speed-up of BP pipelined over BP on one device: {:.2}x; staged SID on {k} devices over the faster BP pipeline: {:.2}x",
             med[0] / med[1].min(med[2]),
             med[1].min(med[2]) / t_many
+        );
+        drop((bp_one, gpipe, ofob));
+
+        // Memory, untimed (charging allocations to stages takes a lock on each): every stage
+        // of each pipeline, and the whole network on one device, each built fresh.
+        tch::manual_seed(0);
+        let sid_one = network_memory(
+            &mut SidNetwork::new(&model, LossConfig::default(), 1e-3, device)?,
+            &x,
+            &y,
+        )?;
+        let bp_one = network_memory(&mut BpNetwork::new(&model, 1e-3, device)?, &x, &y)?;
+        let sid_k =
+            |method: PipelineMethod, plan: &StagePlan| -> anyhow::Result<Vec<StageMemory>> {
+                let mut p = pipelined(
+                    &model,
+                    plan,
+                    vec![device; k],
+                    args.micro_batches,
+                    method,
+                    true,
+                )?;
+                stage_memory(&mut p, &x, &y)
+            };
+        let measured = [
+            (
+                many_name.clone(),
+                sid_k(PipelineMethod::Sid, &plan)?,
+                sid_one,
+            ),
+            (
+                format!("paper SID, {k} devices"),
+                sid_k(PipelineMethod::Paper, &one_stage)?,
+                sid_one,
+            ),
+            (
+                format!("BP GPipe, {k} devices"),
+                stage_memory(&mut bp(BpSchedule::GPipe, true)?, &x, &y)?,
+                bp_one,
+            ),
+            (
+                format!("BP 1F1B, {k} devices"),
+                stage_memory(&mut bp(BpSchedule::OneFOneB, true)?, &x, &y)?,
+                bp_one,
+            ),
+        ];
+        println!(
+            "peak memory by stage, MB (weights and Adam state + the most the stage held of its own allocations; the stage's device needs their sum):"
+        );
+        println!(
+            "{:<52} {}",
+            format!("paper SID, one device, {res}"),
+            show_memory(&[sid_one])
+        );
+        println!(
+            "{:<52} {}",
+            format!("BP, one device, {res}"),
+            show_memory(&[bp_one])
+        );
+        fig.memory
+            .push((k, format!("paper SID, one device, {res}"), vec![sid_one]));
+        fig.memory
+            .push((k, format!("BP, one device, {res}"), vec![bp_one]));
+        for (name, stages, one) in measured {
+            let largest = stages.iter().map(StageMemory::peak).max().unwrap_or(0);
+            println!(
+                "{name:<52} {}   largest stage {:.2}x of one device",
+                show_memory(&stages),
+                largest as f64 / one.peak().max(1) as f64
+            );
+            fig.memory.push((k, name, stages));
+        }
+    }
+    if let Some(dir) = &args.out {
+        fig.write(
+            dir,
+            &format!(
+                "{} backbone, L={}, batch {}",
+                args.model, args.modules, args.batch_size
+            ),
+        )?;
+        println!(
+            "\nwrote pipeline-times.csv, pipeline-memory.csv and plots to {}",
+            dir.display()
         );
     }
     Ok(())

@@ -1,5 +1,5 @@
 //! Results of the harness: one row per measurement, written as `results.csv`, markdown tables
-//! for `report.md`, and SVG line plots.
+//! for `report.md`, and SVG plots (lines, and stacked horizontal bars).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -195,6 +195,89 @@ pub fn line_plot(
     Ok(())
 }
 
+/// Horizontal bars, one per `(label, parts)` from the top, each stacked from its parts (named
+/// by `parts`, one colour each), saved as SVG.
+pub fn bar_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    parts: &[&str],
+    bars: &[(String, Vec<f64>)],
+) -> Result<()> {
+    if bars.is_empty() {
+        return Ok(());
+    }
+    let most = bars
+        .iter()
+        .map(|(_, v)| v.iter().sum::<f64>())
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    let n = bars.len();
+    let label_width = bars.iter().map(|(l, _)| l.len()).max().unwrap_or(0) as u32;
+    let root = SVGBackend::new(path, (880, 90 + 28 * n as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size((7 * label_width).clamp(80, 420))
+        // Room on the right for the legend, clear of every bar.
+        .build_cartesian_2d(
+            0.0..most * if parts.len() > 1 { 1.45 } else { 1.08 },
+            (0..n as i32).into_segmented(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Bar i is drawn in segment n−1−i, so the first is at the top.
+    let label = |v: &SegmentValue<i32>| match v {
+        SegmentValue::CenterOf(y) | SegmentValue::Exact(y) => bars
+            .get(n.wrapping_sub(*y as usize + 1))
+            .map_or(String::new(), |b| b.0.clone()),
+        SegmentValue::Last => String::new(),
+    };
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(n + 1)
+        .y_label_formatter(&label)
+        .x_desc(x_label)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (p, name) in parts.iter().enumerate() {
+        let color = Palette99::pick(p).to_rgba();
+        let rects = bars.iter().enumerate().filter_map(|(i, (_, v))| {
+            let from: f64 = v.iter().take(p).sum();
+            let y = (n - i - 1) as i32;
+            v.get(p).map(|w| {
+                let mut r = Rectangle::new(
+                    [
+                        (from, SegmentValue::Exact(y)),
+                        (from + w, SegmentValue::Exact(y + 1)),
+                    ],
+                    color.filled(),
+                );
+                r.set_margin(4, 4, 0, 0);
+                r
+            })
+        });
+        chart
+            .draw_series(rects)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(name.to_string())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    if parts.len() > 1 {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
 /// Points (value, f(row)) of one method in one sweep, sorted by value.
 pub fn series(
     rows: &[Row],
@@ -259,5 +342,17 @@ mod tests {
         line_plot(&svg, "ms/step vs L", "L", "ms", &s).unwrap();
         let text = std::fs::read_to_string(&svg).unwrap();
         assert!(text.starts_with("<svg") && text.contains("ms/step vs L"));
+        let bars = dir.path().join("b.svg");
+        let rows = vec![
+            ("stage 1".to_string(), vec![2.0, 30.0]),
+            ("stage 2".to_string(), vec![8.0, 12.0]),
+        ];
+        bar_plot(&bars, "peak memory", "MB", &["state", "working"], &rows).unwrap();
+        let text = std::fs::read_to_string(&bars).unwrap();
+        assert!(text.contains("stage 1") && text.contains("stage 2") && text.contains("working"));
+        assert!(
+            text.matches("<rect").count() >= 4 + 2,
+            "four bars and two legend marks"
+        );
     }
 }

@@ -228,7 +228,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     // Where the K-worker step goes: each stage's busy time per step over fresh steps (the
     // extractor is stage 1, the module blocks follow).
-    let _ = many.take_stage_times();
+    let _ = many.take_stage_stats();
     let started = std::time::Instant::now();
     let n = args.rounds * args.steps;
     for _ in 0..n {
@@ -236,7 +236,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let total = ms(started.elapsed()) / n as f64;
     println!("{k}-worker step by stage (mean ms per step, share of the step busy):");
-    for (s, t) in many.take_stage_times().iter().enumerate() {
+    for (s, t) in many.take_stage_stats().iter().enumerate() {
         let busy = ms(t.busy) / t.steps.max(1) as f64;
         let forward = ms(t.forward) / t.steps.max(1) as f64;
         println!(

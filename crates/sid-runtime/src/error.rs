@@ -45,6 +45,9 @@ pub enum RuntimeError {
     /// A CUDA stream could not be used or synchronised.
     #[error(transparent)]
     Stream(#[from] crate::streams::StreamError),
+    /// Per-stage memory accounting could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] sid_telemetry::TelemetryError),
     /// The method itself failed on the coordinator.
     #[error(transparent)]
     Core(#[from] sid_core::CoreError),

@@ -47,5 +47,5 @@ pub use ops::BpSchedule;
 pub use placement::Placement;
 pub use ranks::Ranks;
 pub use setup::{PipelineMethod, StagedConfig};
-pub use staged::{StageTime, StagedPipeline};
+pub use staged::{StageMemory, StageStats, StagedPipeline};
 pub use transport::{device_name, Transport};

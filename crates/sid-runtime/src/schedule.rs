@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use sid_core::bp_stage::BpStage;
 use sid_core::{ExtractorUnit, NamedTensors, Stage};
+use sid_telemetry::AllocOwner;
 use tch::{Kind as TKind, Tensor};
 
 #[cfg(feature = "fault-injection")]
@@ -56,6 +57,16 @@ impl Work {
             Self::Bp(s, ..) => s.to_device(device),
             Self::Extractor(e, _) => e.to_device(device),
             Self::Modules(b) => b.to_device(device),
+        }
+    }
+
+    /// Weights and optimiser state, named as in checkpoints.
+    fn state(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Self::Sid(stage) => stage.state(),
+            Self::Bp(stage, ..) => stage.state(),
+            Self::Extractor(e, _) => e.state(),
+            Self::Modules(block) => block.state(),
         }
     }
 }
@@ -135,6 +146,8 @@ pub struct StageRunner {
     /// Staged SID on a GPU with one micro-batch: replay each step from a CUDA graph
     /// ([`crate::stage_graph`]).
     cuda_graph: GraphSlot,
+    /// Who this stage's allocations are charged to, when measured.
+    memory: Option<AllocOwner>,
 }
 
 impl StageRunner {
@@ -151,7 +164,29 @@ impl StageRunner {
             fault: None,
             bp_timeout: Duration::from_secs(300),
             cuda_graph: GraphSlot::Off,
+            memory: None,
         }
+    }
+
+    /// Charges what the stage allocates while handling messages to `owner` (weights and
+    /// optimiser state, made before, are counted by [`StageRunner::state_bytes`]).
+    pub fn with_memory(mut self, owner: Option<AllocOwner>) -> Self {
+        self.memory = owner;
+        self
+    }
+
+    /// Who the stage's allocations are charged to, when measured.
+    pub fn memory(&self) -> Option<&AllocOwner> {
+        self.memory.as_ref()
+    }
+
+    /// Bytes of the stage's weights and optimiser state.
+    pub fn state_bytes(&self) -> u64 {
+        self.work
+            .state()
+            .iter()
+            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
     }
 
     /// Replays each training step of a staged-SID stage on a GPU from a CUDA graph, when a
@@ -212,6 +247,10 @@ impl StageRunner {
     /// Handles one message: the whole schedule of a stage.
     pub fn handle(&mut self, msg: Message, t: &mut dyn Transport) -> Result<(), Failure> {
         let index = self.work.index();
+        let _charged = match &self.memory {
+            Some(owner) => Some(owner.enter().map_err(|e| Failure::new(e.to_string()))?),
+            None => None,
+        };
         match (&msg, &self.work) {
             (Message::Train { .. }, Work::Bp(..)) => return self.bp_step(msg, t),
             (Message::Train { .. }, Work::Extractor(..)) => return self.extractor_step(msg, t),
@@ -383,12 +422,7 @@ impl StageRunner {
             }
             Message::State { tag } => {
                 self.idle("a state request")?;
-                let state = match &self.work {
-                    Work::Sid(stage) => stage.state(),
-                    Work::Bp(stage, ..) => stage.state(),
-                    Work::Extractor(e, _) => e.state(),
-                    Work::Modules(block) => block.state(),
-                };
+                let state = self.work.state();
                 t.report(Report::State {
                     stage: index,
                     state,

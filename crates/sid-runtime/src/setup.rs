@@ -61,6 +61,11 @@ pub struct StagedConfig {
     /// The paper's SID: the fused schedule on the module stages (each module's local-step
     /// forward, detached, is the next one's teacher; the same values, one forward less).
     pub fused_teacher: bool,
+    /// Charge each stage's libtorch allocations to it ([`sid_telemetry::allocations`]), so
+    /// [`crate::StagedPipeline::take_stage_stats`] reports each stage's peak memory even when
+    /// stages share a device (benchmarks; every allocation then takes a lock). Stages in
+    /// other processes are not measured.
+    pub track_memory: bool,
     /// Stages (and data-parallel replicas) in other processes, linked by c10d: this process
     /// is rank 0 and runs stage 1 of replica 1 itself; `devices` then names its device only.
     pub ranks: Option<Ranks>,
@@ -100,6 +105,7 @@ impl StagedConfig {
             placement: None,
             fused_teacher: false,
             cuda_graph: false,
+            track_memory: false,
             ranks: None,
         }
     }
@@ -145,17 +151,21 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
                 .collect()
         }
     };
-    Ok(work
-        .into_iter()
+    work.into_iter()
         .map(|w| {
+            let owner = match cfg.track_memory && cfg.ranks.is_none() {
+                true => Some(sid_telemetry::AllocOwner::new()?),
+                false => None,
+            };
             let runner = StageRunner::new(w)
                 .with_timeout(cfg.timeout)
-                .with_cuda_graph(cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none());
+                .with_cuda_graph(cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none())
+                .with_memory(owner);
             #[cfg(feature = "fault-injection")]
             let runner = runner.with_fault(cfg.fault);
-            runner
+            Ok(runner)
         })
-        .collect())
+        .collect()
 }
 
 /// The paper's SID: the module blocks of `cfg.devices`, checked against the model.

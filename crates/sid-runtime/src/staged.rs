@@ -25,6 +25,7 @@ use crate::setup::{
 use crate::streams;
 use crate::transport::{device_name, ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
 use crate::{Result, RuntimeError};
+use sid_telemetry::AllocOwner;
 
 enum Engine {
     /// Every stage in the caller's thread, one after another.
@@ -84,18 +85,41 @@ pub struct StagedPipeline {
     pending: BTreeMap<u64, Vec<Option<Vec<f64>>>>,
     done: VecDeque<StepStats>,
     max_in_flight: usize,
-    busy: Vec<StageTime>,
+    busy: Vec<StageStats>,
+    /// Per stage, when measured ([`StagedConfig::track_memory`]): who its allocations are
+    /// charged to, and the bytes of its weights and optimiser state.
+    memory: Vec<Option<(AllocOwner, u64)>>,
 }
 
-/// Time a stage spent computing training steps.
+/// What a stage spent on training steps over a period: time, and memory when measured.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct StageTime {
+pub struct StageStats {
     /// Steps counted.
     pub steps: u64,
     /// All of it.
     pub busy: Duration,
     /// The forward passes (what the next stage waits for).
     pub forward: Duration,
+    /// The stage's memory, when measured.
+    pub memory: Option<StageMemory>,
+}
+
+/// A stage's memory over a period, in bytes, wherever its device is shared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageMemory {
+    /// Weights and optimiser state (counted from the tensors).
+    pub state: u64,
+    /// The most the stage held of what it allocated itself, at any moment of the period:
+    /// gradients, activations kept for backward, messages on their way to the next stage,
+    /// temporaries (measured; see [`sid_telemetry::allocations`]).
+    pub working: u64,
+}
+
+impl StageMemory {
+    /// Everything the stage needed at its peak: `state + working`.
+    pub fn peak(&self) -> u64 {
+        self.state + self.working
+    }
 }
 
 impl StagedPipeline {
@@ -152,6 +176,10 @@ impl StagedPipeline {
             )
         };
         let runners = build_runners(&cfg)?;
+        let memory = runners
+            .iter()
+            .map(|r| r.memory().map(|o| (o.clone(), r.state_bytes())))
+            .collect();
         let mut names: Vec<String> = devices.iter().map(|d| device_name(*d)).collect();
         let mut replicas = 1;
         // Backprop stages wait on each other within a step: they always have a thread each.
@@ -194,7 +222,8 @@ impl StagedPipeline {
             pending: BTreeMap::new(),
             done: VecDeque::new(),
             max_in_flight: k + 1,
-            busy: vec![StageTime::default(); k],
+            busy: vec![StageStats::default(); k],
+            memory,
         })
     }
 }
@@ -221,9 +250,23 @@ impl StagedPipeline {
         matches!(self.engine, Engine::Threads { .. })
     }
 
-    /// Time each stage spent computing training steps since the last call.
-    pub fn take_stage_times(&mut self) -> Vec<StageTime> {
-        std::mem::replace(&mut self.busy, vec![StageTime::default(); self.specs.len()])
+    /// Time each stage spent computing training steps since the last call, and its memory at
+    /// its peak since then (when measured; a new period starts).
+    pub fn take_stage_stats(&mut self) -> Vec<StageStats> {
+        let mut stats = std::mem::replace(
+            &mut self.busy,
+            vec![StageStats::default(); self.specs.len()],
+        );
+        for (s, m) in stats.iter_mut().zip(&self.memory) {
+            if let Some((owner, state)) = m {
+                s.memory = Some(StageMemory {
+                    state: *state,
+                    working: owner.counts().peak,
+                });
+                owner.reset_peak();
+            }
+        }
+        stats
     }
 
     /// `stage 2 (cpu, blocks 3-4, modules 6-10)`, 1-based; `slot` is replica r's stage s as

@@ -368,3 +368,75 @@ fn stage_cuda_graphs_train_like_eager_stages() {
     let d = max_abs_diff(&graphed_state, &NamedTensors::from(eager_state));
     assert!(d < 1e-5, "parameters differ by {d}");
 }
+
+/// Per-stage memory: each stage's weights and optimiser state are counted from its tensors
+/// (together, three times the network's weights: value, Adam's two moments), and what it
+/// allocates is charged to it — so GPipe's first stage, holding all 8 micro-batches'
+/// activations until the drain, needs far more than 1F1B's, which holds at most K = 2.
+#[test]
+fn stage_memory_is_measured_per_stage() {
+    use sid_core::{BpNetwork, ExtractorKind, ModelConfig};
+    use sid_runtime::{BpSchedule, PipelineMethod};
+    let _rng = rng_lock();
+    let m = ModelConfig {
+        extractor: ExtractorKind::Cnn,
+        image_size: 16,
+        ..model()
+    };
+    tch::manual_seed(3);
+    let x = Tensor::randn([64, 1, 16, 16], (tch::Kind::Float, Device::Cpu));
+    let y = Tensor::randint(5, [64], (tch::Kind::Int64, Device::Cpu));
+    let weights: u64 = BpNetwork::new(&m, 1e-3, Device::Cpu)
+        .unwrap()
+        .state()
+        .unwrap()
+        .iter()
+        .filter(|(n, _)| !n.starts_with("adam."))
+        .map(|(_, t)| t.numel() as u64 * 4)
+        .sum();
+    let run = |schedule: BpSchedule, track: bool| {
+        let mut cfg = StagedConfig::new(
+            m.clone(),
+            vec![Device::Cpu; 2],
+            StagePlan::even(&m, 2).unwrap(),
+        );
+        cfg.method = PipelineMethod::Bp(schedule);
+        cfg.micro_batches = 8;
+        cfg.threads_per_stage = Some(1);
+        cfg.track_memory = track;
+        tch::manual_seed(5);
+        let mut p = StagedPipeline::new(cfg).unwrap();
+        for _ in 0..2 {
+            p.train_step(&x, &y).unwrap();
+        }
+        let stats = p.take_stage_stats();
+        // A new period starts: its peak is what the stage holds between steps.
+        let idle = p.take_stage_stats();
+        (stats, idle)
+    };
+    let (plain, _) = run(BpSchedule::GPipe, false);
+    assert!(plain.iter().all(|s| s.memory.is_none()));
+    let (gpipe, idle) = run(BpSchedule::GPipe, true);
+    let (ofob, _) = run(BpSchedule::OneFOneB, true);
+    let mem = |s: &[sid_runtime::StageStats]| -> Vec<sid_runtime::StageMemory> {
+        s.iter().map(|s| s.memory.expect("measured")).collect()
+    };
+    let (g, o, i) = (mem(&gpipe), mem(&ofob), mem(&idle));
+    let state: u64 = g.iter().map(|s| s.state).sum();
+    // Adam's per-stage step counters are the only extra (a few bytes each).
+    assert!(
+        state >= 3 * weights && state < 3 * weights + 64,
+        "state {state} vs 3 x {weights}"
+    );
+    assert_eq!(g[0].state, o[0].state);
+    assert!(
+        g[0].working > 2 * o[0].working,
+        "GPipe stage 1 {} vs 1F1B {}",
+        g[0].working,
+        o[0].working
+    );
+    for s in 0..2 {
+        assert!(i[s].working < g[s].working, "stage {s}: {i:?} vs {g:?}");
+        assert_eq!(i[s].state, g[s].state);
+    }
+}

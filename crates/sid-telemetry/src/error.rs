@@ -31,6 +31,10 @@ pub enum TelemetryError {
         /// The exception's `what()`.
         message: String,
     },
+    /// Allocations cannot be charged to owners: a build without the shim, or the C++
+    /// exception's message.
+    #[error("per-owner memory accounting: {0}")]
+    AllocTracking(String),
 }
 
 impl TelemetryError {

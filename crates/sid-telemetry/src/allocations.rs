@@ -1,0 +1,219 @@
+//! Who holds which memory: libtorch's allocations charged to owners (pipeline stages), each
+//! with the bytes it holds now and its peak, on the CPU and on CUDA alike.
+//!
+//! A process-wide figure (RSS, or the CUDA allocator's peak of a device) cannot tell stages
+//! that share a process or a GPU apart. libtorch's allocators report every allocation and
+//! free to a thread-local reporter when one is installed (how `torch.profiler` measures
+//! memory); [`AllocOwner::enter`] installs one that charges the thread's allocations to the
+//! owner until the scope ends (autograd's device threads inherit it). A block is returned to
+//! the owner that allocated it whichever thread frees it, as long as that thread is inside
+//! some owner's scope; a block freed elsewhere stops counting when its address is handed out
+//! again. Tensors made before an owner was entered (weights built on another thread) are not
+//! charged to it: count them from the tensors themselves.
+//!
+//! ```
+//! use sid_telemetry::allocations::AllocOwner;
+//! use tch::{Device, Kind, Tensor};
+//!
+//! let stage = AllocOwner::new().unwrap();
+//! {
+//!     let _scope = stage.enter().unwrap();
+//!     let t = Tensor::zeros([1 << 20], (Kind::Float, Device::Cpu)); // 4 MiB
+//!     assert!(stage.counts().held >= 4 << 20);
+//!     drop(t);
+//! }
+//! let c = stage.counts();
+//! assert!(c.held < 1 << 20 && c.peak >= 4 << 20);
+//! ```
+
+use std::ffi::c_char;
+use std::marker::PhantomData;
+
+use crate::TelemetryError;
+
+#[cfg(sid_alloc_owner)]
+extern "C" {
+    fn sid_alloc_owner_new(id: *mut u32, err: *mut c_char, err_len: usize) -> i32;
+    fn sid_alloc_enter(id: u32, err: *mut c_char, err_len: usize) -> i32;
+    fn sid_alloc_leave(err: *mut c_char, err_len: usize) -> i32;
+    fn sid_alloc_counts(id: u32, held: *mut i64, peak: *mut i64);
+    fn sid_alloc_reset_peak(id: u32);
+}
+
+/// Bytes an owner holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AllocCounts {
+    /// Allocated by the owner and not yet freed.
+    pub held: u64,
+    /// The most it held since it was made or since [`AllocOwner::reset_peak`].
+    pub peak: u64,
+}
+
+/// Something allocations are charged to; `Send`, so a stage thread can own it, and `Clone`: a
+/// clone names the same owner (a coordinator keeps one to read a stage's figures).
+#[derive(Debug, Clone)]
+pub struct AllocOwner {
+    #[cfg_attr(not(sid_alloc_owner), allow(dead_code))]
+    id: u32,
+}
+
+/// While alive, the thread's libtorch allocations are charged to one owner. Not `Send`: it
+/// must end on the thread that began it.
+#[must_use = "allocations are charged only while the scope lives"]
+pub struct OwnerScope {
+    _thread: PhantomData<*const ()>,
+}
+
+/// Calls a shim function with a message buffer; a non-zero code becomes the C++ message.
+#[cfg(sid_alloc_owner)]
+fn call(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), TelemetryError> {
+    let mut err = [0 as c_char; 512];
+    if f(err.as_mut_ptr(), err.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim NUL-terminates what it writes; the buffer starts zeroed.
+    let message = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    Err(TelemetryError::AllocTracking(message))
+}
+
+#[cfg(not(sid_alloc_owner))]
+fn call(_: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), TelemetryError> {
+    Err(TelemetryError::AllocTracking(
+        "this build has no allocation shim (libtorch's headers were not found)".into(),
+    ))
+}
+
+impl AllocOwner {
+    /// A new owner, holding nothing.
+    pub fn new() -> Result<Self, TelemetryError> {
+        let mut id = 0u32;
+        #[cfg(sid_alloc_owner)]
+        // SAFETY: a valid out-pointer and a buffer of `len` bytes; the shim catches every C++
+        // exception.
+        call(|err, len| unsafe { sid_alloc_owner_new(&mut id, err, len) })?;
+        #[cfg(not(sid_alloc_owner))]
+        call(|_, _| 1)?;
+        Ok(Self { id })
+    }
+
+    /// Charges this thread's allocations to this owner until the scope is dropped (scopes
+    /// nest: the innermost wins).
+    pub fn enter(&self) -> Result<OwnerScope, TelemetryError> {
+        #[cfg(sid_alloc_owner)]
+        // SAFETY: a buffer of `len` bytes; the shim catches every C++ exception.
+        call(|err, len| unsafe { sid_alloc_enter(self.id, err, len) })?;
+        #[cfg(not(sid_alloc_owner))]
+        call(|_, _| 1)?;
+        Ok(OwnerScope {
+            _thread: PhantomData,
+        })
+    }
+
+    /// What the owner holds now and at its peak.
+    pub fn counts(&self) -> AllocCounts {
+        #[cfg(sid_alloc_owner)]
+        {
+            let (mut held, mut peak) = (0i64, 0i64);
+            // SAFETY: two valid out-pointers; the shim takes its lock and cannot throw.
+            unsafe { sid_alloc_counts(self.id, &mut held, &mut peak) };
+            AllocCounts {
+                held: held.max(0) as u64,
+                peak: peak.max(0) as u64,
+            }
+        }
+        #[cfg(not(sid_alloc_owner))]
+        AllocCounts::default()
+    }
+
+    /// Starts a new peak from what the owner holds now.
+    pub fn reset_peak(&self) {
+        // SAFETY: plain integer argument; unknown ids are ignored by the shim.
+        #[cfg(sid_alloc_owner)]
+        unsafe {
+            sid_alloc_reset_peak(self.id)
+        };
+    }
+}
+
+impl Drop for OwnerScope {
+    fn drop(&mut self) {
+        #[cfg(sid_alloc_owner)]
+        // SAFETY: this scope pushed the reporter this pops, on this thread (not `Send`).
+        let _ = call(|err, len| unsafe { sid_alloc_leave(err, len) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind, Tensor};
+
+    const MB: u64 = 1 << 20;
+
+    #[test]
+    fn allocations_in_a_scope_are_charged_to_its_owner_only() {
+        let (a, b) = (AllocOwner::new().unwrap(), AllocOwner::new().unwrap());
+        let outside = Tensor::zeros([MB as i64], (Kind::Float, Device::Cpu));
+        let t = {
+            let _s = a.enter().unwrap();
+            let t = Tensor::ones([MB as i64], (Kind::Float, Device::Cpu)); // 4 MiB
+            {
+                // Nested: b's scope wins while it lasts.
+                let _s = b.enter().unwrap();
+                let u = Tensor::ones([2 * MB as i64], (Kind::Float, Device::Cpu));
+                assert!(b.counts().held >= 8 * MB);
+                drop(u);
+            }
+            let c = a.counts();
+            assert!(c.held >= 4 * MB && c.held < 5 * MB, "{c:?}");
+            t
+        };
+        let c = b.counts();
+        assert!(c.held < MB && c.peak >= 8 * MB, "{c:?}");
+        drop(t);
+        // A block made outside every scope and freed inside one is nobody's.
+        {
+            let _s = b.enter().unwrap();
+            drop(outside);
+        }
+        assert!(b.counts().held < MB);
+    }
+
+    #[test]
+    fn a_block_freed_on_another_owners_thread_returns_to_its_allocator() {
+        let (a, b) = (AllocOwner::new().unwrap(), AllocOwner::new().unwrap());
+        let t = {
+            let _s = a.enter().unwrap();
+            Tensor::ones([MB as i64], (Kind::Float, Device::Cpu))
+        };
+        assert!(a.counts().held >= 4 * MB);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _s = b.enter().unwrap();
+                drop(t);
+            });
+        });
+        assert!(a.counts().held < MB, "{:?}", a.counts());
+        assert_eq!(b.counts().held, 0);
+        a.reset_peak();
+        assert!(a.counts().peak < MB);
+    }
+
+    #[test]
+    fn a_backward_pass_is_charged_to_the_scope_it_runs_in() {
+        let owner = AllocOwner::new().unwrap();
+        let w = Tensor::randn([512, 512], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let x = Tensor::randn([256, 512], (Kind::Float, Device::Cpu));
+        {
+            let _s = owner.enter().unwrap();
+            let loss = x.matmul(&w).relu().sum(Kind::Float);
+            loss.backward();
+        }
+        // The gradient (1 MiB) stays with the owner; the activations (0.5 MiB each) came and went.
+        let c = owner.counts();
+        assert!(c.held >= MB && c.held < 2 * MB, "{c:?}");
+        assert!(c.peak >= c.held + MB / 2, "{c:?}");
+    }
+}
