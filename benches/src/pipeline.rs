@@ -23,6 +23,7 @@ use sid_core::{BpNetwork, ExtractorKind, LossConfig, ModelConfig, Network, SidNe
 use sid_runtime::{
     BpSchedule, PipelineMethod, StageMemory, StageStats, StagedConfig, StagedPipeline,
 };
+use sid_telemetry::allocations::tensor_bytes;
 use sid_telemetry::AllocOwner;
 use tch::{Device, Tensor};
 
@@ -185,11 +186,7 @@ fn stage_memory(
 /// The same figure for a whole network on one device: built fresh, so that its gradients too
 /// are allocated while measured.
 fn network_memory(net: &mut dyn Network, x: &Tensor, y: &Tensor) -> anyhow::Result<StageMemory> {
-    let state = net
-        .state()?
-        .iter()
-        .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-        .sum();
+    let state = tensor_bytes(net.state()?.iter().map(|(_, t)| t));
     let owner = AllocOwner::new()?;
     {
         let _charged = owner.enter()?;
@@ -608,7 +605,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ),
         ];
         println!(
-            "peak memory by stage, MB (weights and Adam state + the most the stage held of its own allocations; the stage's device needs their sum):"
+            "peak memory by stage, MB (weights and Adam state + the most the stage held of its own allocations; the stage's device needs their sum; one device: the single-device network, whole batches):"
         );
         println!(
             "{:<52} {}",
@@ -627,7 +624,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for (name, stages, one) in measured {
             let largest = stages.iter().map(StageMemory::peak).max().unwrap_or(0);
             println!(
-                "{name:<52} {}   largest stage {:.2}x of one device",
+                "{name:<52} {}   largest stage {:.2}x the method on one device",
                 show_memory(&stages),
                 largest as f64 / one.peak().max(1) as f64
             );
@@ -638,8 +635,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fig.write(
             dir,
             &format!(
-                "{} backbone, L={}, batch {}",
-                args.model, args.modules, args.batch_size
+                "{} backbone, L={}, batch {}, {} micro-batch(es)",
+                args.model, args.modules, args.batch_size, args.micro_batches
             ),
         )?;
         println!(

@@ -223,7 +223,7 @@ pub fn bar_plot(
         .y_label_area_size((7 * label_width).clamp(80, 420))
         // Room on the right for the legend, clear of every bar.
         .build_cartesian_2d(
-            0.0..most * if parts.len() > 1 { 1.45 } else { 1.08 },
+            0.0..most * if parts.len() > 1 { 1.75 } else { 1.08 },
             (0..n as i32).into_segmented(),
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -45,10 +45,7 @@ fn pipeline_bench_measures_stage_memory_and_writes_its_figures() {
             .unwrap()
     };
     // Four micro-batches in flight on GPipe's first stage, at most two on 1F1B's.
-    assert!(
-        working("BP GPipe", "1") > working("BP 1F1B", "1"),
-        "{csv}"
-    );
+    assert!(working("BP GPipe", "1") > working("BP 1F1B", "1"), "{csv}");
     // The paper's module stages hold far less than its extractor stage.
     assert!(working("paper SID, 2 devices", "2") < working("paper SID, 2 devices", "1"));
     let times = std::fs::read_to_string(dir.path().join("pipeline-times.csv")).unwrap();

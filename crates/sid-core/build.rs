@@ -31,6 +31,7 @@ fn main() {
             .file(file)
             .include(&include)
             .include(include.join("torch/csrc/api/include"))
+            .include(sid_build::shim_include())
             .flag("-std=c++17")
             .define("_GLIBCXX_USE_CXX11_ABI", "1")
             .opt_level(2)

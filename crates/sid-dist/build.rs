@@ -39,6 +39,7 @@ fn main() {
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .include(&gloo)
+        .include(sid_build::shim_include())
         .flag("-std=c++17")
         .define("USE_C10D_GLOO", None)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")

@@ -44,3 +44,15 @@ pub fn cuda_include(torch: &std::path::Path) -> Option<std::path::PathBuf> {
     .flatten()
     .find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_defines.h").exists())
 }
+
+/// The folder of `sid_shim.h`, which every C++ shim includes (`sid::guarded`: a C++ exception
+/// becomes an error code and its message, never an unwinding into Rust); also tells cargo to
+/// rebuild when the header changes.
+pub fn shim_include() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
+    println!(
+        "cargo:rerun-if-changed={}",
+        dir.join("sid_shim.h").display()
+    );
+    dir
+}

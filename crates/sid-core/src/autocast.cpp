@@ -6,23 +6,13 @@
 // torch.cuda.graphs advises, autocast(cache_enabled=False)). Returns 0 on success; a C++
 // exception becomes 1 with its message in `err`.
 #include <ATen/autocast_mode.h>
-#include <cstddef>
-#include <cstring>
-#include <exception>
+#include <sid_shim.h>
 
-namespace {
-int fail(const std::exception& e, char* err, size_t err_len) {
-  if (err_len > 0) {
-    std::strncpy(err, e.what(), err_len - 1);
-    err[err_len - 1] = '\0';
-  }
-  return 1;
-}
-}  // namespace
+#include <cstddef>
 
 // prev: enabled, dtype, cache enabled.
 extern "C" int sid_autocast_enter(int cuda, int* prev, char* err, size_t err_len) {
-  try {
+  return sid::guarded(err, err_len, [&] {
     const auto dev = cuda ? at::kCUDA : at::kCPU;
     prev[0] = at::autocast::is_autocast_enabled(dev) ? 1 : 0;
     prev[1] = static_cast<int>(at::autocast::get_autocast_dtype(dev));
@@ -31,14 +21,11 @@ extern "C" int sid_autocast_enter(int cuda, int* prev, char* err, size_t err_len
     at::autocast::set_autocast_enabled(dev, true);
     at::autocast::set_autocast_cache_enabled(false);
     at::autocast::increment_nesting();
-    return 0;
-  } catch (const std::exception& e) {
-    return fail(e, err, err_len);
-  }
+  });
 }
 
 extern "C" int sid_autocast_leave(int cuda, const int* prev, char* err, size_t err_len) {
-  try {
+  return sid::guarded(err, err_len, [&] {
     const auto dev = cuda ? at::kCUDA : at::kCPU;
     if (at::autocast::decrement_nesting() == 0) {
       at::autocast::clear_cache();
@@ -46,8 +33,5 @@ extern "C" int sid_autocast_leave(int cuda, const int* prev, char* err, size_t e
     at::autocast::set_autocast_enabled(dev, prev[0] != 0);
     at::autocast::set_autocast_dtype(dev, static_cast<at::ScalarType>(prev[1]));
     at::autocast::set_autocast_cache_enabled(prev[2] != 0);
-    return 0;
-  } catch (const std::exception& e) {
-    return fail(e, err, err_len);
-  }
+  });
 }

@@ -4,8 +4,9 @@
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
+#include <sid_shim.h>
+
 #include <cstddef>
-#include <cstring>
 #include <exception>
 #include <optional>
 
@@ -21,14 +22,6 @@ struct SidGraph {
   SidGraph(c10::DeviceIndex device, bool local)
       : side(c10::cuda::getStreamFromPool(false, device)), local(local) {}
 };
-
-int fail(const char* what, char* err, size_t err_len) {
-  if (err_len > 0) {
-    std::strncpy(err, what, err_len - 1);
-    err[err_len - 1] = '\0';
-  }
-  return 1;
-}
 
 // Waits for all work queued on the graph's device. Only CUDA functions compiled into libtorch
 // are called here, so the binary needs no direct link to libcudart.
@@ -66,23 +59,15 @@ void leave_side(SidGraph* s) {
 }
 }  // namespace
 
-#define SID_TRY(body)                        \
-  try {                                      \
-    body;                                    \
-    return 0;                                \
-  } catch (const std::exception& e) {        \
-    return fail(e.what(), err, err_len);     \
-  } catch (...) {                            \
-    return fail("unknown C++ exception", err, err_len); \
-  }
-
 extern "C" int sid_graph_new(int device, void** out, char* err, size_t err_len) {
-  SID_TRY(*out = new SidGraph(static_cast<c10::DeviceIndex>(device), false))
+  return sid::guarded(err, err_len,
+                      [&] { *out = new SidGraph(static_cast<c10::DeviceIndex>(device), false); });
 }
 
 // A graph for one thread among several that share the device (see SidGraph::local).
 extern "C" int sid_graph_new_local(int device, void** out, char* err, size_t err_len) {
-  SID_TRY(*out = new SidGraph(static_cast<c10::DeviceIndex>(device), true))
+  return sid::guarded(err, err_len,
+                      [&] { *out = new SidGraph(static_cast<c10::DeviceIndex>(device), true); });
 }
 
 extern "C" void sid_graph_free(void* g) { delete static_cast<SidGraph*>(g); }
@@ -91,43 +76,38 @@ extern "C" void sid_graph_free(void* g) { delete static_cast<SidGraph*>(g); }
 // before the capture, as PyTorch recommends (lazy per-stream set-up such as cuBLAS workspaces
 // then happens outside the capture).
 extern "C" int sid_graph_enter_side(void* g, char* err, size_t err_len) {
-  SID_TRY(enter_side(static_cast<SidGraph*>(g)))
+  return sid::guarded(err, err_len, [&] { enter_side(static_cast<SidGraph*>(g)); });
 }
 
 // Waits for the side stream's work and makes the previous stream current again.
 extern "C" int sid_graph_leave_side(void* g, char* err, size_t err_len) {
   auto* s = static_cast<SidGraph*>(g);
-  SID_TRY({
+  return sid::guarded(err, err_len, [&] {
     if (s->local) {
       s->side.synchronize();
     } else {
       sync_device(s);
     }
     leave_side(s);
-  })
+  });
 }
 
 // Makes the side stream current after the device's queued work and starts capturing on it (a
 // capture cannot run on the default stream).
 extern "C" int sid_graph_begin(void* g, char* err, size_t err_len) {
   auto* s = static_cast<SidGraph*>(g);
-  SID_TRY({
+  return sid::guarded(err, err_len, [&] {
     enter_side(s);
     s->graph.capture_begin({0, 0}, s->local ? cudaStreamCaptureModeThreadLocal
                                              : cudaStreamCaptureModeGlobal);
-  })
+  });
 }
 
 // Ends the capture (instantiating the graph) and makes the previous stream current again, even
 // when the capture failed.
 extern "C" int sid_graph_end(void* g, char* err, size_t err_len) {
   auto* s = static_cast<SidGraph*>(g);
-  int rc = 0;
-  try {
-    s->graph.capture_end();
-  } catch (const std::exception& e) {
-    rc = fail(e.what(), err, err_len);
-  }
+  const int rc = sid::guarded(err, err_len, [&] { s->graph.capture_end(); });
   // Nothing ran during the capture, so the streams need no ordering here.
   leave_side(s);
   return rc;
@@ -135,5 +115,5 @@ extern "C" int sid_graph_end(void* g, char* err, size_t err_len) {
 
 // Replays the captured kernels on the current stream.
 extern "C" int sid_graph_replay(void* g, char* err, size_t err_len) {
-  SID_TRY(static_cast<SidGraph*>(g)->graph.replay())
+  return sid::guarded(err, err_len, [&] { static_cast<SidGraph*>(g)->graph.replay(); });
 }

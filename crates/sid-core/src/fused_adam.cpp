@@ -4,9 +4,9 @@
 // Returns 0 on success; a C++ exception becomes 1 with its message in `err`.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adam.h>
+#include <sid_shim.h>
+
 #include <cstddef>
-#include <cstring>
-#include <exception>
 #include <vector>
 
 extern "C" int sid_fused_adam(const at::Tensor* const* params, const at::Tensor* const* grads,
@@ -14,7 +14,7 @@ extern "C" int sid_fused_adam(const at::Tensor* const* params, const at::Tensor*
                               const at::Tensor* const* exp_avg_sqs, const at::Tensor* step,
                               size_t n, double lr, double beta1, double beta2, double eps,
                               char* err, size_t err_len) {
-  try {
+  return sid::guarded(err, err_len, [&] {
     std::vector<at::Tensor> p, g, m, v, s;
     p.reserve(n);
     g.reserve(n);
@@ -30,12 +30,5 @@ extern "C" int sid_fused_adam(const at::Tensor* const* params, const at::Tensor*
     }
     at::_fused_adam_(p, g, m, v, {}, s, lr, beta1, beta2, /*weight_decay=*/0.0, eps,
                      /*amsgrad=*/false, /*maximize=*/false);
-    return 0;
-  } catch (const std::exception& e) {
-    if (err_len > 0) {
-      std::strncpy(err, e.what(), err_len - 1);
-      err[err_len - 1] = '\0';
-    }
-    return 1;
-  }
+  });
 }

@@ -1,7 +1,7 @@
 // torch.distributed's c10d as plain C functions for Rust: a TCPStore, and process groups
 // (Gloo for CPU tensors; NCCL for CUDA tensors when built with USE_C10D_NCCL) over it.
 // Every function returns 0 on success; a C++ exception becomes 1 with its message in `err`
-// (at most err_len bytes, NUL-terminated), so Rust can name the rank, peer and operation.
+// (`sid::guarded`), so Rust can name the rank, peer and operation.
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -9,42 +9,16 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
-#include <c10/util/Exception.h>
 #include <c10/util/Logging.h>
+#include <sid_shim.h>
 
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <exception>
 #include <string>
 #include <vector>
 
 namespace {
-
-void copy_message(const char* what, char* err, size_t err_len) {
-  if (err_len > 0) {
-    std::strncpy(err, what, err_len - 1);
-    err[err_len - 1] = '\0';
-  }
-}
-
-template <typename F>
-int guarded(char* err, size_t err_len, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const c10::Error& e) {
-    // The message alone: what() appends libtorch's C++ stack trace.
-    copy_message(e.what_without_backtrace(), err, err_len);
-    return 1;
-  } catch (const std::exception& e) {
-    copy_message(e.what(), err, err_len);
-    return 1;
-  } catch (...) {
-    copy_message("unknown C++ exception", err, err_len);
-    return 1;
-  }
-}
 
 std::chrono::milliseconds ms(int64_t v) { return std::chrono::milliseconds(v); }
 
@@ -76,7 +50,7 @@ int sid_c10d_has_nccl() {
 
 int sid_store_new(const char* host, int port, int is_server, int world, int64_t timeout_ms,
                   SidStore** out, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<std::uint16_t>(port);
     opts.isServer = is_server != 0;
@@ -95,7 +69,7 @@ void sid_store_free(SidStore* s) { delete s; }
 
 int sid_store_set(SidStore* s, const char* key, const uint8_t* data, size_t len, char* err,
                   size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     std::vector<uint8_t> v(data, data + len);
     s->store->set(std::string(key), v);
   });
@@ -104,7 +78,7 @@ int sid_store_set(SidStore* s, const char* key, const uint8_t* data, size_t len,
 // Waits up to timeout_ms for the key; *out is malloc'ed (free with sid_bytes_free).
 int sid_store_get(SidStore* s, const char* key, int64_t timeout_ms, uint8_t** out,
                   size_t* out_len, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     std::string k(key);
     s->store->wait({k}, ms(timeout_ms));
     auto v = s->store->get(k);
@@ -116,11 +90,11 @@ int sid_store_get(SidStore* s, const char* key, int64_t timeout_ms, uint8_t** ou
 
 int sid_store_add(SidStore* s, const char* key, int64_t value, int64_t* out, char* err,
                   size_t err_len) {
-  return guarded(err, err_len, [&] { *out = s->store->add(std::string(key), value); });
+  return sid::guarded(err, err_len, [&] { *out = s->store->add(std::string(key), value); });
 }
 
 int sid_store_check(SidStore* s, const char* key, int* out, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] { *out = s->store->check({std::string(key)}) ? 1 : 0; });
+  return sid::guarded(err, err_len, [&] { *out = s->store->check({std::string(key)}) ? 1 : 0; });
 }
 
 void sid_bytes_free(uint8_t* p) { std::free(p); }
@@ -130,7 +104,7 @@ void sid_bytes_free(uint8_t* p) { std::free(p); }
 int sid_group_new(SidStore* s, const char* prefix, int rank, int world, int backend,
                   const char* hostname, int64_t timeout_ms, SidGroup** out, char* err,
                   size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), s->store);
     c10::intrusive_ptr<c10d::Backend> pg;
     if (backend == 0) {
@@ -157,7 +131,7 @@ void sid_group_free(SidGroup* g) { delete g; }
 
 int sid_group_send(SidGroup* g, at::Tensor* t, int dst, int tag, int64_t timeout_ms, char* err,
                    size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     std::vector<at::Tensor> v{*t};
     g->backend->send(v, dst, tag)->wait(ms(timeout_ms));
   });
@@ -165,7 +139,7 @@ int sid_group_send(SidGroup* g, at::Tensor* t, int dst, int tag, int64_t timeout
 
 int sid_group_recv(SidGroup* g, at::Tensor* t, int src, int tag, int64_t timeout_ms, char* err,
                    size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     std::vector<at::Tensor> v{*t};
     g->backend->recv(v, src, tag)->wait(ms(timeout_ms));
   });
@@ -173,7 +147,7 @@ int sid_group_recv(SidGroup* g, at::Tensor* t, int src, int tag, int64_t timeout
 
 int sid_group_allreduce_sum(SidGroup* g, at::Tensor* t, int64_t timeout_ms, char* err,
                             size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     std::vector<at::Tensor> v{*t};
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
@@ -184,7 +158,7 @@ int sid_group_allreduce_sum(SidGroup* g, at::Tensor* t, int64_t timeout_ms, char
 
 int sid_group_broadcast(SidGroup* g, at::Tensor* t, int root, int64_t timeout_ms, char* err,
                         size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     std::vector<at::Tensor> v{*t};
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
@@ -197,7 +171,7 @@ int sid_group_broadcast(SidGroup* g, at::Tensor* t, int root, int64_t timeout_ms
 // ranks pass n_outs = 0.
 int sid_group_gather(SidGroup* g, at::Tensor* t, at::Tensor** outs, int n_outs, int root,
                      int64_t timeout_ms, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     std::vector<at::Tensor> in{*t};
     std::vector<std::vector<at::Tensor>> out;
     if (n_outs > 0) {
@@ -212,7 +186,7 @@ int sid_group_gather(SidGroup* g, at::Tensor* t, at::Tensor** outs, int n_outs, 
 }
 
 int sid_group_barrier(SidGroup* g, int64_t timeout_ms, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     c10d::BarrierOptions opts;
     opts.timeout = ms(timeout_ms);
     g->backend->barrier(opts)->wait(ms(timeout_ms));

@@ -168,7 +168,7 @@ impl StageRunner {
         }
     }
 
-    /// Charges what the stage allocates while handling messages to `owner` (weights and
+    /// Charges what the stage allocates while it runs ([`drive`]) to `owner` (weights and
     /// optimiser state, made before, are counted by [`StageRunner::state_bytes`]).
     pub fn with_memory(mut self, owner: Option<AllocOwner>) -> Self {
         self.memory = owner;
@@ -182,11 +182,7 @@ impl StageRunner {
 
     /// Bytes of the stage's weights and optimiser state.
     pub fn state_bytes(&self) -> u64 {
-        self.work
-            .state()
-            .iter()
-            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-            .sum()
+        sid_telemetry::allocations::tensor_bytes(self.work.state().iter().map(|(_, t)| t))
     }
 
     /// Replays each training step of a staged-SID stage on a GPU from a CUDA graph, when a
@@ -247,10 +243,6 @@ impl StageRunner {
     /// Handles one message: the whole schedule of a stage.
     pub fn handle(&mut self, msg: Message, t: &mut dyn Transport) -> Result<(), Failure> {
         let index = self.work.index();
-        let _charged = match &self.memory {
-            Some(owner) => Some(owner.enter().map_err(|e| Failure::new(e.to_string()))?),
-            None => None,
-        };
         match (&msg, &self.work) {
             (Message::Train { .. }, Work::Bp(..)) => return self.bp_step(msg, t),
             (Message::Train { .. }, Work::Extractor(..)) => return self.extractor_step(msg, t),
@@ -788,6 +780,11 @@ pub fn drive(
     timeout: Duration,
     local: bool,
 ) -> Result<(), Failure> {
+    // What the stage allocates from here on is its own, inputs copied to its device included.
+    let _charged = match &runner.memory {
+        Some(owner) => Some(owner.enter().map_err(|e| Failure::new(e.to_string()))?),
+        None => None,
+    };
     let mut waited = Duration::ZERO;
     loop {
         let wait = if runner.mid_step() {

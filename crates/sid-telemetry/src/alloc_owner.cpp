@@ -13,16 +13,14 @@
 // a block allocated before tracking began (the coordinator's input, weights built elsewhere)
 // makes libtorch's CPU allocator warn, which is expected here and would only be noise.
 //
-// Return 0 on success; a C++ exception becomes 1 with its message in `err` (at most err_len
-// bytes, NUL-terminated).
+// Return 0 on success; a C++ exception becomes 1 with its message in `err` (`sid::guarded`).
 #include <c10/core/Allocator.h>
 #include <c10/util/Logging.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
+#include <sid_shim.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <exception>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -91,31 +89,10 @@ struct Reporter final : c10::MemoryReportingInfoBase {
   uint32_t owner;
 };
 
-void copy_message(const char* what, char* err, size_t err_len) {
-  if (err_len > 0) {
-    std::strncpy(err, what, err_len - 1);
-    err[err_len - 1] = '\0';
-  }
-}
-
-template <typename F>
-int guarded(char* err, size_t err_len, F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    copy_message(e.what(), err, err_len);
-    return 1;
-  } catch (...) {
-    copy_message("unknown C++ exception", err, err_len);
-    return 1;
-  }
-}
-
 }  // namespace
 
 extern "C" int sid_alloc_owner_new(uint32_t* id, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     std::lock_guard<std::mutex> guard(mu);
     *id = static_cast<uint32_t>(owners.size());
     owners.emplace_back();
@@ -123,7 +100,7 @@ extern "C" int sid_alloc_owner_new(uint32_t* id, char* err, size_t err_len) {
 }
 
 extern "C" int sid_alloc_enter(uint32_t id, char* err, size_t err_len) {
-  return guarded(err, err_len, [&] {
+  return sid::guarded(err, err_len, [&] {
     c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE,
                                      std::make_shared<Reporter>(id));
     scope_began();
@@ -131,7 +108,7 @@ extern "C" int sid_alloc_enter(uint32_t id, char* err, size_t err_len) {
 }
 
 extern "C" int sid_alloc_leave(char* err, size_t err_len) {
-  return guarded(err, err_len, [] {
+  return sid::guarded(err, err_len, [] {
     c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE);
     scope_ended();
   });

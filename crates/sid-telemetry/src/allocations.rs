@@ -137,6 +137,15 @@ impl AllocOwner {
     }
 }
 
+/// Bytes of `tensors`' elements: what an owner holds that it did not allocate itself (weights
+/// built elsewhere and moved in).
+pub fn tensor_bytes<'a>(tensors: impl IntoIterator<Item = &'a tch::Tensor>) -> u64 {
+    tensors
+        .into_iter()
+        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        .sum()
+}
+
 impl Drop for OwnerScope {
     fn drop(&mut self) {
         #[cfg(sid_alloc_owner)]
@@ -156,6 +165,8 @@ mod tests {
     fn allocations_in_a_scope_are_charged_to_its_owner_only() {
         let (a, b) = (AllocOwner::new().unwrap(), AllocOwner::new().unwrap());
         let outside = Tensor::zeros([MB as i64], (Kind::Float, Device::Cpu));
+        let half = Tensor::zeros([3], (Kind::Half, Device::Cpu));
+        assert_eq!(tensor_bytes([&outside, &half]), 4 * MB + 6);
         let t = {
             let _s = a.enter().unwrap();
             let t = Tensor::ones([MB as i64], (Kind::Float, Device::Cpu)); // 4 MiB
