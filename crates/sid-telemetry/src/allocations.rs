@@ -9,7 +9,9 @@
 //! the owner that allocated it whichever thread frees it, as long as that thread is inside
 //! some owner's scope; a block freed elsewhere stops counting when its address is handed out
 //! again. Tensors made before an owner was entered (weights built on another thread) are not
-//! charged to it: count them from the tensors themselves.
+//! charged to it: count them from the tensors themselves ([`tensor_bytes`]). While any owner
+//! is entered, libtorch logs errors only: its CPU allocator warns when a tracked thread frees a
+//! block made before tracking began, which is expected here.
 //!
 //! ```
 //! use sid_telemetry::allocations::AllocOwner;
