@@ -781,10 +781,12 @@ pub fn drive(
     local: bool,
 ) -> Result<(), Failure> {
     // What the stage allocates from here on is its own, inputs copied to its device included.
-    let _charged = match &runner.memory {
-        Some(owner) => Some(owner.enter().map_err(|e| Failure::new(e.to_string()))?),
-        None => None,
-    };
+    let _charged = runner
+        .memory
+        .as_ref()
+        .map(AllocOwner::enter)
+        .transpose()
+        .map_err(|e| Failure::new(e.to_string()))?;
     let mut waited = Duration::ZERO;
     loop {
         let wait = if runner.mid_step() {

@@ -153,10 +153,9 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
     };
     work.into_iter()
         .map(|w| {
-            let owner = match cfg.track_memory && cfg.ranks.is_none() {
-                true => Some(sid_telemetry::AllocOwner::new()?),
-                false => None,
-            };
+            let owner = (cfg.track_memory && cfg.ranks.is_none())
+                .then(sid_telemetry::AllocOwner::new)
+                .transpose()?;
             let runner = StageRunner::new(w)
                 .with_timeout(cfg.timeout)
                 .with_cuda_graph(cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none())

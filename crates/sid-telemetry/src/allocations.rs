@@ -66,18 +66,10 @@ pub struct OwnerScope {
     _thread: PhantomData<*const ()>,
 }
 
-/// Calls a shim function with a message buffer; a non-zero code becomes the C++ message.
+/// Calls a shim function; a non-zero code becomes the C++ message.
 #[cfg(sid_alloc_owner)]
 fn call(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), TelemetryError> {
-    let mut err = [0 as c_char; 512];
-    if f(err.as_mut_ptr(), err.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim NUL-terminates what it writes; the buffer starts zeroed.
-    let message = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
-        .to_string_lossy()
-        .into_owned();
-    Err(TelemetryError::AllocTracking(message))
+    crate::error::call_shim(f).map_err(TelemetryError::AllocTracking)
 }
 
 #[cfg(not(sid_alloc_owner))]

@@ -45,5 +45,20 @@ impl TelemetryError {
     }
 }
 
+/// Calls a C++ shim function with a message buffer (`sid_shim.h`'s convention): 0 is success,
+/// anything else comes back as the exception's message.
+#[cfg(any(sid_cuda_stats, sid_alloc_owner))]
+pub(crate) fn call_shim(
+    f: impl FnOnce(*mut std::ffi::c_char, usize) -> i32,
+) -> std::result::Result<(), String> {
+    let mut err = [0 as std::ffi::c_char; 512];
+    if f(err.as_mut_ptr(), err.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim NUL-terminates what it writes; the buffer starts zeroed.
+    let message = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+    Err(message.to_string_lossy().into_owned())
+}
+
 /// Result alias for this crate.
 pub type Result<T, E = TelemetryError> = std::result::Result<T, E>;

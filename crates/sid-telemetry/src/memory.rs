@@ -38,7 +38,7 @@ pub fn cuda_stats_compiled() -> bool {
     cfg!(sid_cuda_stats)
 }
 
-/// Calls a shim function with a message buffer; a non-zero code becomes the C++ message.
+/// Calls an allocator shim function on `device`; a non-zero code becomes the C++ message.
 #[cfg(sid_cuda_stats)]
 fn call_shim(
     device: usize,
@@ -49,15 +49,7 @@ fn call_shim(
             "CUDA is not available",
         ));
     }
-    let mut err = [0 as std::ffi::c_char; 512];
-    if f(err.as_mut_ptr(), err.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim NUL-terminates what it writes; the buffer starts zeroed.
-    let message = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
-        .to_string_lossy()
-        .into_owned();
-    Err(TelemetryError::CudaStats { device, message })
+    crate::error::call_shim(f).map_err(|message| TelemetryError::CudaStats { device, message })
 }
 
 /// The allocator's counters for CUDA device `index`; an error without CUDA, without the shim,
