@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU claim checked by something that can fail, in one command for a machine lent by the
-# device tool. Prepare here with benches/prepare-gpu-check.sh, then run there:
+# device tool (benches/gpu-all.sh runs it with the other GPU checks). Prepare here with
+# benches/prepare-gpu-check.sh, then run there:
 #   command: bash benches/gpu-acceptance.sh
 #   carry:   ["target/release/sid-launch", "target/release/sid-bench", "data/fashion-mnist"]
 # Prints the device, then one `PASS name` or `FAIL name: why` per check, and exits 1 if any
-# check failed (0 only when all passed). Output also goes to $OUT/acceptance.txt.
+# check failed (0 only when all passed), 2 if libtorch cannot be found. Output also goes to
+# $OUT/acceptance.txt. Worst case, every step at its timeout: 25 + 6 × 18 + 2 × 10 = 153 s.
 #
 #   bash benches/gpu-acceptance.sh --self-test
 # runs anywhere, without a GPU: it feeds the same check helpers made-up run folders, two that
@@ -12,6 +14,7 @@
 # others and exit 1 (launcher/tests/cli.rs runs it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+. benches/gpu-common.sh
 checker=benches/acceptance_check.py
 failures=0
 pass() { echo "PASS $1"; }
@@ -63,21 +66,24 @@ self_test() {
 }
 
 gpu_checks() {
-  local work launch bench data torch_lib
+  local work launch bench data gpu0
   work=$(mktemp -d /tmp/sid-acceptance.XXXXXX)
-  torch_lib=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)/lib
-  export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export CUDA_DEVICE_ORDER=PCI_BUS_ID
+  gpu_env
   data=${SID_DATA:-data/fashion-mnist}
   launch=target/release/sid-launch
   bench=target/release/sid-bench
-  echo "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null |
+  echo "device: $(timeout 10 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null |
     paste -sd ';' || true)"
-  timeout 60 "$bench" env >"$work/env.txt" 2>&1
+  # GPU 0's name as the driver's own tool reports it: NVML through sid must give the same.
+  gpu0=$(timeout 10 nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null | head -n 1)
+  timeout 25 "$bench" env >"$work/env.txt" 2>&1
   sed 's/^/  env: /' "$work/env.txt"
   check "CUDA seen" has "$work/env.txt" "^cuda available: true"
-  check "NVML seen (driver)" has "$work/env.txt" "^NVML: driver"
-  check "NVML names GPU 0" has "$work/env.txt" "^NVML gpu 0: ."
+  check "a matrix product ran on cuda:0 with a finite result" \
+    has "$work/env.txt" "^cuda:0: .*ran on the GPU.*checksum finite: true"
+  check "NVML seen (driver)" has "$work/env.txt" "^NVML: driver [0-9]"
+  check "NVML names GPU 0 as nvidia-smi does (${gpu0:-nvidia-smi gave no name})" \
+    nvml_names_gpu0 "$work/env.txt" "$gpu0"
   check "streams: libtorch's pool stream set and synchronised" \
     has "$work/env.txt" "pool stream set and synchronised"
   check "c10d: NCCL built in; all-reduce at world size 1 through sid's shim keeps its values" \
@@ -88,7 +94,7 @@ gpu_checks() {
   run() { # NAME ARGS...: a run folder in $work, its last lines on failure
     local name=$1 out
     shift
-    out=$(timeout 120 "$launch" "${common[@]}" "$@" --run-dir "$work/$name" 2>&1) ||
+    out=$(timeout 18 "$launch" "${common[@]}" "$@" --run-dir "$work/$name" 2>&1) ||
       echo "  $name failed: $(tail -n 2 <<<"$out" | paste -sd ' ')"
     grep -E "^note:" <<<"$out" | sed "s/^/  $name: /"
   }
@@ -115,9 +121,9 @@ gpu_checks() {
   check "bf16 graph replay equals bf16 eager (within 1e-4 / 0.005)" \
     python3 "$checker" close "$work/bf16-eager" "$work/bf16" 1e-4 0.005
   expect_exit "bf16 on the CPU refused with exit 1" 1 "needs a CUDA device" \
-    timeout 60 "$launch" --gpus cpu --precision bf16 --run-dir "$work/bad-bf16"
+    timeout 10 "$launch" --gpus cpu --precision bf16 --run-dir "$work/bad-bf16"
   expect_exit "bad --gpus 7 refused with exit 1" 1 "GPU 7" \
-    timeout 60 "$launch" --gpus 7 --run-dir "$work/bad"
+    timeout 10 "$launch" --gpus 7 --run-dir "$work/bad"
   tar -C "$work" --exclude='*.safetensors' -czf "$out_dir/acceptance-runs.tar.gz" . 2>/dev/null
 }
 

@@ -3,15 +3,15 @@
 # run (MLP extractor, L=8, module hidden 2048), for benches/trace-summary.py. Prepare with
 # benches/prepare-gpu-check.sh; run with the device tool (carry as for benches/gpu-check.sh).
 # GPUS=cpu runs it here. Output: $OUT (or gpu-profile-out/): log.txt, sid-trace.json.gz,
-# bp-trace.json.gz.
+# bp-trace.json.gz. Worst case, both runs at their timeouts: 240 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+. benches/gpu-common.sh
 out=${OUT:-gpu-profile-out}
 gpus=${GPUS:-0}
 mkdir -p "$out"
 work=$(mktemp -d /tmp/sid-gpu-profile.XXXXXX)
-torch_lib=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)/lib
-export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+gpu_env
 launch=target/release/sid-launch
 common=(--gpus "$gpus" --data-dir "${SID_DATA:-data/fashion-mnist}" --model mlp --modules 8
   --module-hidden 2048 --epochs 1 --limit-train "${LIMIT:-12800}")

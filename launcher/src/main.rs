@@ -4,6 +4,8 @@ mod args;
 mod launch;
 mod predict;
 mod progress;
+#[cfg(test)]
+mod usage;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,7 +79,7 @@ fn main() -> ExitCode {
     let _trace_guard = match init_tracing(cli.trace.as_deref()) {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -86,20 +88,38 @@ fn main() -> ExitCode {
         Err(e) => {
             if let Some(TrainError::Interrupted { checkpoint, .. }) = e.downcast_ref::<TrainError>()
             {
-                eprintln!("stopped: {e:#}");
+                eprintln!("stopped: {}", one_line(&e));
                 if let Some(dir) = checkpoint.parent() {
                     eprintln!("continue with: sid-launch --resume {}", dir.display());
                 }
                 return ExitCode::from(130);
             }
             if e.downcast_ref::<RanksInterrupted>().is_some() {
-                eprintln!("stopped: {e:#}");
+                eprintln!("stopped: {}", one_line(&e));
                 return ExitCode::from(130);
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, `context: cause: cause`, each cause once: a cause
+/// whose text its message already holds (`path: No such file or directory (os error 2)`
+/// over the I/O error itself) is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// `sid-launch eval RUN_DIR`: the early-exit table of a saved run.

@@ -6,8 +6,12 @@ use sid_train::predict::{ExitAt, Predictor};
 
 use crate::args::PredictArgs;
 
-/// Prints one line per file: path, class (its name when the data set has names, else the
-/// label), confidence, exit module; or, with `--json`, one JSON object per line.
+/// The tab-separated columns' header line.
+const HEADER: &str = "file\tclass\tconfidence\texit module";
+
+/// Prints a header line, then one line per file: path, class (its name when the data set has
+/// names, else the label), confidence, exit module; or, with `--json`, one JSON object per
+/// line and no header. Nothing is printed unless every file could be read.
 pub fn run(a: &PredictArgs) -> Result<()> {
     let dir = &a.run_dir;
     let cfg =
@@ -31,6 +35,9 @@ pub fn run(a: &PredictArgs) -> Result<()> {
     );
     let predictions = p.predict_files(&a.files, a.exit_confidence, batch as usize)?;
     let modules = p.modules();
+    if !a.json {
+        println!("{HEADER}");
+    }
     for (file, pr) in a.files.iter().zip(predictions) {
         if a.json {
             let line = serde_json::json!({

@@ -1575,8 +1575,15 @@ fn predict(run: &Path, files: &[String], extra: &[&str]) -> Vec<Vec<String>> {
     args.extend(files.iter().cloned());
     args.extend(extra.iter().map(|s| s.to_string()));
     let out = run_ok(&args);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    // A header line over the columns.
+    assert_eq!(
+        lines.next(),
+        Some("file\tclass\tconfidence\texit module"),
+        "{text}"
+    );
+    lines
         .map(|l| l.split('\t').map(String::from).collect())
         .collect()
 }
@@ -1702,6 +1709,13 @@ fn predict_works_for_staged_and_backprop_runs_and_names_bad_files() {
     let out = with(missing.to_str().unwrap());
     one_line_error(&out, missing.to_str().unwrap());
     assert!(out.stdout.is_empty());
+    // The cause is named once.
+    assert_eq!(
+        stderr(&out).matches("os error 2").count(),
+        1,
+        "{}",
+        stderr(&out)
+    );
     let text = tmp.path().join("notes.png");
     std::fs::write(&text, "not an image").unwrap();
     one_line_error(&with(text.to_str().unwrap()), text.to_str().unwrap());
