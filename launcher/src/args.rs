@@ -183,6 +183,10 @@ pub struct Cli {
     /// extractor, phase 1, each module's phase 2 on each worker, broadcasts, waits.
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
+    /// Append every training step's loss to RUN_DIR/steps.jsonl (`{"epoch", "step", "loss"}`
+    /// per line, the loss at full precision): a finer curve than metrics.jsonl's epochs.
+    #[arg(long)]
+    pub log_steps: bool,
     /// Telemetry samples per second into RUN_DIR/telemetry.jsonl (0 = off).
     #[arg(long, default_value_t = 10.0)]
     pub telemetry_hz: f64,

@@ -334,6 +334,12 @@ fn run(cli: &args::Cli) -> Result<()> {
         None
     };
     let mut reporter = progress::Reporter::new(cfg.optim.batch_size);
+    if cli.log_steps {
+        let path = run.dir().join("steps.jsonl");
+        reporter = reporter
+            .with_step_log(&path)
+            .with_context(|| format!("--log-steps: cannot write {}", path.display()))?;
+    }
     let result = run.train(&stop, &mut |e| reporter.on_event(e));
     let telemetry = sampler.map(|s| s.stop());
     let summary = result?;

@@ -15,6 +15,8 @@ pub struct Reporter {
     epochs: usize,
     started: std::time::Instant,
     first_step: usize,
+    /// `--log-steps`: each step's loss, one JSON line, appended.
+    step_log: Option<std::fs::File>,
 }
 
 impl Reporter {
@@ -29,7 +31,18 @@ impl Reporter {
             epochs: 0,
             started: std::time::Instant::now(),
             first_step: 0,
+            step_log: None,
         }
+    }
+
+    /// Also appends each step's loss to `path` (`--log-steps`).
+    pub fn with_step_log(mut self, path: &std::path::Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        self.step_log = Some(file);
+        Ok(self)
     }
 
     /// Handles one event.
@@ -76,6 +89,12 @@ impl Reporter {
                 }
             }
             Event::Step { step, loss } => {
+                if let Some(f) = &mut self.step_log {
+                    use std::io::Write;
+                    let line = serde_json::json!({"epoch": self.epoch, "step": step, "loss": loss});
+                    // A lost line of a log must not stop training; the next step tries again.
+                    let _ = writeln!(f, "{line}");
+                }
                 let done = (step - self.first_step) as f64 * self.batch_size as f64;
                 let rate = done / self.started.elapsed().as_secs_f64().max(1e-9);
                 if let Some(bar) = &self.bar {
