@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The backbone table of docs/results.md: each backbone, SID and BP on the identical network, a
+# The backbone tables of docs/accuracy.md and docs/memory.md: each backbone, SID and BP on the identical network, a
 # short Fashion-MNIST run on the CPU (2048 training samples, 1 epoch, batch 64, L = 10, seed 0,
 # the full 10,000-sample test set), then ms/step (median), final-epoch test accuracy and peak
 # memory from each run's metrics.jsonl and summary.json.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduces the Fashion-MNIST accuracy table in docs/results.md: SID and BP on the reference
+# Reproduces the Fashion-MNIST accuracy tables of docs/accuracy.md: SID and BP on the reference
 # SimpleCNN (L=5, batch 128, 5 epochs, seed 0, no augmentation) and on the MLP extractor
 # (L=5, 2 epochs), on the CPU. Usage: benches/fashion-mnist-accuracy.sh [OUT_DIR]
 set -euo pipefail

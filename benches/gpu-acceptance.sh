@@ -6,7 +6,7 @@
 #   carry:   ["target/release/sid-launch", "target/release/sid-bench", "data/fashion-mnist"]
 # Prints the device, then one `PASS name` or `FAIL name: why` per check, and exits 1 if any
 # check failed (0 only when all passed), 2 if libtorch cannot be found. Output also goes to
-# $OUT/acceptance.txt. Worst case, every step at its timeout: 25 + 6 × 18 + 2 × 10 = 153 s.
+# $OUT/acceptance.txt. Worst case, every step at its timeout: 2 × 5 + 23 + 6 × 17 + 2 × 10 = 155 s.
 #
 #   bash benches/gpu-acceptance.sh --self-test
 # runs anywhere, without a GPU: it feeds the same check helpers made-up run folders, two that
@@ -72,11 +72,11 @@ gpu_checks() {
   data=${SID_DATA:-data/fashion-mnist}
   launch=target/release/sid-launch
   bench=target/release/sid-bench
-  echo "device: $(timeout 10 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null |
+  echo "device: $(timeout 5 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null |
     paste -sd ';' || true)"
   # GPU 0's name as the driver's own tool reports it: NVML through sid must give the same.
-  gpu0=$(timeout 10 nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null | head -n 1)
-  timeout 25 "$bench" env >"$work/env.txt" 2>&1
+  gpu0=$(timeout 5 nvidia-smi --query-gpu=name --format=csv,noheader -i 0 2>/dev/null | head -n 1)
+  timeout 23 "$bench" env >"$work/env.txt" 2>&1
   sed 's/^/  env: /' "$work/env.txt"
   check "CUDA seen" has "$work/env.txt" "^cuda available: true"
   check "a matrix product ran on cuda:0 with a finite result" \
@@ -94,7 +94,7 @@ gpu_checks() {
   run() { # NAME ARGS...: a run folder in $work, its last lines on failure
     local name=$1 out
     shift
-    out=$(timeout 18 "$launch" "${common[@]}" "$@" --run-dir "$work/$name" 2>&1) ||
+    out=$(timeout 17 "$launch" "${common[@]}" "$@" --run-dir "$work/$name" 2>&1) ||
       echo "  $name failed: $(tail -n 2 <<<"$out" | paste -sd ' ')"
     grep -E "^note:" <<<"$out" | sed "s/^/  $name: /"
   }

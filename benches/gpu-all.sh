@@ -11,7 +11,9 @@
 #   pipeline   125  benches/gpu-pipeline-check.sh: staged SID on two streams, per-stage graphs
 #   graphs     155  benches/gpu-graph-check.sh: graph replay against eager, resume
 #   bench       70  QUICK=1 benches/gpu-check.sh: Fashion-MNIST on --gpus 0 and --gpus 0,0,0,0
-# plus 30 s for the checks before them: 540 s. Prints one `PASS name` / `FAIL name: why` line
+# plus 30 s for the checks before them (nvidia-smi twice, 5 s each; libtorch through python3,
+# 20 s): 540 s. A check's own timeouts fit in its budget less 5 s, the grace `timeout -k`
+# leaves before it kills. Prints one `PASS name` / `FAIL name: why` line
 # per check (each FAIL line of a check's own output follows, indented), then a summary, and
 # exits 1 if any check failed. Each check's whole output is in $OUT/<name>/ (or runs/gpu-all/).
 #
@@ -94,7 +96,7 @@ gpu_checks() {
   # Before anything slow: a GPU, libtorch, the carried files.
   command -v "$nvidia_smi" >/dev/null 2>&1 || refuse "no GPU: $nvidia_smi not found (no NVIDIA driver)"
   local gpus
-  gpus=$(timeout 10 "$nvidia_smi" -L 2>/dev/null | grep -c "^GPU ")
+  gpus=$(timeout 5 "$nvidia_smi" -L 2>/dev/null | grep -c "^GPU ")
   [ "${gpus:-0}" -gt 0 ] || refuse "no GPU: $nvidia_smi -L lists none"
   local lib
   lib=$(torch_libdir 2>&1) || refuse "$lib"

@@ -10,10 +10,10 @@
 # memory and speed-up checks. Each step prints `PASS name` when it exits 0 and `FAIL name: why`
 # otherwise; the script exits 1 if any step failed, 2 if libtorch cannot be found. The figures
 # are measurements, printed, not asserted (benches/gpu-acceptance.sh asserts).
-# QUICK=1 (what benches/gpu-all.sh runs): only the two Fashion-MNIST runs, worst case 65 s.
+# QUICK=1 (what benches/gpu-all.sh runs): only the two Fashion-MNIST runs, worst case 61 s.
 # With BEFORE_BENCH=path/to/an/earlier/sid-bench it also runs the step-time and workers
 # benchmarks with that build, in the same call, for a before/after comparison.
-# Worst case, every step at its timeout: 400 s; with BEFORE_BENCH 500 s.
+# Worst case, every step at its timeout: 396 s; with BEFORE_BENCH 496 s.
 # What comes back: $OUT/gpu-check.txt (everything printed, with excerpts of the run files) and
 # $OUT/gpu-runs.tar.gz (run folders without checkpoints, the trace, the benchmark report, CSV
 # and plots).
@@ -90,11 +90,11 @@ expect_gpu7() {
         "$bench" step-time --gpus 0 --model mlp,cnn --modules 5
     fi
   fi
-  step 30 "Fashion-MNIST on --gpus 0: SimpleCNN, L=5, 2 epochs" \
+  step 28 "Fashion-MNIST on --gpus 0: SimpleCNN, L=5, 2 epochs" \
     "$launch" --gpus 0 --data-dir "$data" --model cnn --modules 5 --epochs 2 \
     --run-dir "$work/fmnist-gpu0"
   excerpt "$work/fmnist-gpu0"
-  step 30 "Fashion-MNIST on --gpus 0,0,0,0 (four module stages on one GPU): L=4, 1 epoch, traced" \
+  step 28 "Fashion-MNIST on --gpus 0,0,0,0 (four module stages on one GPU): L=4, 1 epoch, traced" \
     "$launch" --gpus 0,0,0,0 --data-dir "$data" --model cnn --modules 4 --epochs 1 \
     --run-dir "$work/fmnist-gpu0x4" --trace "$work/fmnist-gpu0x4/trace.json"
   excerpt "$work/fmnist-gpu0x4"

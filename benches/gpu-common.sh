@@ -15,7 +15,10 @@ torch_libdir() {
     d=$(timeout 20 python3 -W ignore -c \
       'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null) || d=""
   fi
-  if [ -z "$d" ] || [ ! -f "$d/libtorch_cpu.so" ]; then
+  if [ -n "${LIBTORCH:-}" ] && [ ! -f "$d/libtorch_cpu.so" ]; then
+    echo "libtorch not found: LIBTORCH=$LIBTORCH has no lib/libtorch_cpu.so" >&2
+    return 1
+  elif [ -z "$d" ] || [ ! -f "$d/libtorch_cpu.so" ]; then
     echo "libtorch not found (LIBTORCH unset, no .venv/libtorch, python3 cannot import torch):" \
       "set LIBTORCH to a libtorch 2.11.0, or pip install torch==2.11.0" >&2
     return 1
