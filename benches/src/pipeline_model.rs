@@ -75,10 +75,17 @@ pub fn staged_step_time(stages: &[StageCost], micro: usize, link: Link) -> f64 {
     (step_done[steps - 1] - step_done[h - 1]) / (steps - h) as f64
 }
 
+/// The part of a backward that computes weight gradients, in the model of a split backward
+/// (zero bubble): an assumption (half), as in the ZB-H1 paper's F = B = W analysis, not a
+/// measurement.
+pub const WEIGHT_SHARE: f64 = 0.5;
+
 /// One step of a flushing schedule: stage `s` runs `ops(s)` in order, a forward of
-/// micro-batch j waiting for stage s−1's forward of j, a backward for stage s+1's backward of j
-/// (gradients are as large as the activations they answer). `stages[s]` holds stage s's cost
-/// per micro-batch. Returns the step time and each stage's idle share of it.
+/// micro-batch j waiting for stage s−1's forward of j, a backward (or its input half) for stage
+/// s+1's backward (or input half) of j (gradients are as large as the activations they answer).
+/// `stages[s]` holds stage s's cost per micro-batch; a split backward's halves are taken to
+/// cost half of it each ([`WEIGHT_SHARE`]). Returns the step time and each stage's idle share
+/// of it.
 pub fn flushing_step(
     stages: &[StageCost],
     micro: usize,
@@ -99,8 +106,11 @@ pub fn flushing_step(
                 let ready = match op {
                     Op::Forward(j) if s > 0 => fwd_done[s - 1][j].map(|t| t + hop(s - 1)),
                     Op::Forward(_) => Some(0.0),
-                    Op::Backward(j) if s + 1 < k => bwd_done[s + 1][j].map(|t| t + hop(s)),
-                    Op::Backward(j) => fwd_done[s][j],
+                    Op::Backward(j) | Op::BackwardInput(j) if s + 1 < k => {
+                        bwd_done[s + 1][j].map(|t| t + hop(s))
+                    }
+                    Op::Backward(j) | Op::BackwardInput(j) => fwd_done[s][j],
+                    Op::BackwardWeight(j) => bwd_done[s][j],
                 };
                 let Some(ready) = ready else { break };
                 let start = free[s].max(ready);
@@ -113,6 +123,11 @@ pub fn flushing_step(
                         free[s] = start + stages[s].backward;
                         bwd_done[s][j] = Some(free[s]);
                     }
+                    Op::BackwardInput(j) => {
+                        free[s] = start + stages[s].backward * (1.0 - WEIGHT_SHARE);
+                        bwd_done[s][j] = Some(free[s]);
+                    }
+                    Op::BackwardWeight(_) => free[s] = start + stages[s].backward * WEIGHT_SHARE,
                 }
                 next[s] += 1;
                 progressed = true;
@@ -185,6 +200,20 @@ mod tests {
             );
             for i in idle {
                 assert!((i - 3.0 / 11.0).abs() < 1e-9, "{schedule}: {i}");
+            }
+        }
+        // Zero bubble with F = I = W: the paper's bubble (K−1)(F+B−W) = K−1 instead of
+        // 1F1B's (K−1)(F+B) = 3(K−1).
+        let s = vec![cost(1.0, 2.0, 0.0); k];
+        let (step, _) = flushing_step(&s, m, |st| BpSchedule::ZeroBubble.ops(k, st, m), free);
+        assert!((step - (3 * m + k - 1) as f64).abs() < 1e-9, "zb1: {step}");
+        // Never slower than 1F1B, whatever the stages' costs.
+        for (k, m) in [(2, 1), (2, 4), (3, 2), (6, 8)] {
+            for (f, b) in [(1.0, 2.0), (2.0, 1.0), (1.0, 4.0)] {
+                let s = vec![cost(f, b, 0.0); k];
+                let (zb, _) = flushing_step(&s, m, |st| BpSchedule::ZeroBubble.ops(k, st, m), free);
+                let (ofob, _) = flushing_step(&s, m, |st| BpSchedule::OneFOneB.ops(k, st, m), free);
+                assert!(zb <= ofob + 1e-9, "K={k} M={m} F={f} B={b}: {zb} vs {ofob}");
             }
         }
         // A slow last stage: the others wait for it.

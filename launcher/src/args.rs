@@ -150,8 +150,9 @@ pub struct Cli {
     /// [default: 29500].
     #[arg(long, value_name = "PORT", default_value_t = 29500)]
     pub master_port: u16,
-    /// Schedule of a backprop pipeline (--method bp --stages K): 1f1b or gpipe
-    /// [default: 1f1b].
+    /// Schedule of a backprop pipeline (--method bp --stages K): 1f1b, gpipe, or zb1 (zero
+    /// bubble ZB-H1: each backward split into its input and weight halves, the weight halves
+    /// postponed into 1F1B's bubble) [default: 1f1b].
     #[arg(long)]
     pub pipeline_schedule: Option<sid_train::BpSchedule>,
     /// Paper mode (several devices, one stage): module blocks per device, 0:0-1,1:2-4 (device

@@ -62,15 +62,15 @@ fn main() -> ExitCode {
     if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_none() {
         std::env::set_var("TORCH_CPP_LOG_LEVEL", "FATAL");
     }
-    // A worker's panic is caught and reported by the coordinator as one line naming the worker,
+    // A stage's panic is caught and reported by the coordinator as one line naming the stage,
     // device and cause; the default hook would print it a second time, with a backtrace.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if std::thread::current()
             .name()
-            .is_some_and(|n| n.starts_with("sid-worker"))
+            .is_some_and(|n| n.starts_with("sid-stage"))
         {
-            tracing::debug!("worker panic: {info}");
+            tracing::debug!("stage panic: {info}");
         } else {
             default_hook(info);
         }
@@ -327,7 +327,7 @@ fn run(cli: &args::Cli) -> Result<()> {
         let (sampler, gpu_off) = sid_telemetry::Sampler::start_for_rank(&path, interval, rank)
             .with_context(|| format!("starting telemetry into {}", path.display()))?;
         if let Some(why) = gpu_off {
-            eprintln!("telemetry: GPU telemetry off ({why}); recording RSS and worker CPU time");
+            eprintln!("telemetry: GPU telemetry off ({why}); recording RSS and stage CPU time");
         }
         Some(sampler)
     } else {
@@ -381,11 +381,11 @@ fn run(cli: &args::Cli) -> Result<()> {
         let busy: Vec<String> = t
             .thread_cpu_seconds
             .iter()
-            .filter(|(n, _)| n.starts_with("sid-worker"))
+            .filter(|(n, _)| n.starts_with("sid-stage"))
             .map(|(n, s)| format!("{n} {s:.1} s"))
             .collect();
         if !busy.is_empty() {
-            println!("worker CPU time: {}", busy.join(", "));
+            println!("stage CPU time: {}", busy.join(", "));
         }
     }
     println!("run directory: {}", run.dir().display());

@@ -937,6 +937,32 @@ fn staged_resume_equals_an_uninterrupted_run() {
     }
 }
 
+/// A stage that panics stops the run with the one line any stage failure gives: no Rust panic
+/// message, no backtrace.
+#[test]
+fn a_panicking_stage_is_one_line_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let mut args = staged(&run, &["--gpus", "cpu:2", "--epochs", "1"]);
+    args.extend(["--inject-fault".into(), "1:2:panic".into()]);
+    let out = Command::new(BIN)
+        .args(&args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{e}");
+    assert!(
+        errors[0].contains("stage 2") && errors[0].contains("injected fault at step 2"),
+        "{e}"
+    );
+    for noise in ["panicked at", "stack backtrace", "RUST_BACKTRACE"] {
+        assert!(!e.contains(noise), "{noise:?} in:\n{e}");
+    }
+}
+
 #[test]
 fn bad_stage_settings_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();

@@ -219,7 +219,12 @@ fn every_mode_reproduces_its_recorded_losses() {
     let port = free_port();
     let got: BTreeMap<String, Recorded> = modes(&port)
         .into_iter()
-        .map(|(name, extra)| (name.to_string(), record(&data, &tmp.path().join(name), &extra)))
+        .map(|(name, extra)| {
+            (
+                name.to_string(),
+                record(&data, &tmp.path().join(name), &extra),
+            )
+        })
         .collect();
     for (name, r) in &got {
         assert_eq!(r.losses.len(), 20, "{name}: {:?}", r.losses);
@@ -252,8 +257,14 @@ fn every_mode_reproduces_its_recorded_losses() {
         if w.checkpoint != g.checkpoint {
             bad.push(format!(
                 "{name}: the checkpoint's tensors changed: {:?} were recorded, {:?} are written",
-                w.checkpoint.iter().filter(|t| !g.checkpoint.contains(t)).collect::<Vec<_>>(),
-                g.checkpoint.iter().filter(|t| !w.checkpoint.contains(t)).collect::<Vec<_>>()
+                w.checkpoint
+                    .iter()
+                    .filter(|t| !g.checkpoint.contains(t))
+                    .collect::<Vec<_>>(),
+                g.checkpoint
+                    .iter()
+                    .filter(|t| !w.checkpoint.contains(t))
+                    .collect::<Vec<_>>()
             ));
         }
     }
@@ -272,7 +283,13 @@ fn every_mode_reproduces_its_recorded_losses() {
             .collect();
         std::fs::write(run.join("config.toml"), config.join("\n") + "\n").unwrap();
         let out = Command::new(BIN)
-            .args(["--resume", run.to_str().unwrap(), "--epochs", "2", "--log-steps"])
+            .args([
+                "--resume",
+                run.to_str().unwrap(),
+                "--epochs",
+                "2",
+                "--log-steps",
+            ])
             .output()
             .unwrap();
         assert!(
@@ -281,7 +298,10 @@ fn every_mode_reproduces_its_recorded_losses() {
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(
-            std::fs::read_to_string(run.join("steps.jsonl")).unwrap().lines().count(),
+            std::fs::read_to_string(run.join("steps.jsonl"))
+                .unwrap()
+                .lines()
+                .count(),
             40,
             "{name}"
         );

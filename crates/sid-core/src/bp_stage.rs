@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use tch::nn::{Module, VarStore};
-use tch::{Device, Tensor};
+use tch::nn::{Module, ModuleT, VarStore};
+use tch::{Device, Kind, Tensor};
 
 use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief, BeliefModule};
@@ -21,7 +21,7 @@ use crate::extractor::{build_block, build_head, forward_blocks, Block, BlockLayo
 use crate::loss::cross_entropy;
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::{forward_all_f32, forward_f32};
-use crate::unit::module_prefix;
+use crate::unit::{module_prefix, Backward, Inferred, MicroBatch, Passed, Unit};
 use crate::{CoreError, Result};
 
 /// One stage of the pipelined BP network.
@@ -36,9 +36,55 @@ pub struct BpStage {
     adam_prefix: String,
     num_classes: i64,
     precision: crate::Precision,
-    /// Micro-batches between forward and backward: the stage's input (a leaf that collects
-    /// its gradient, except on stage 1) and its output (the weighted loss on the last stage).
-    pending: BTreeMap<usize, (Tensor, Tensor)>,
+    /// Each block's trainable parameters, then (last stage) the head's and modules': the
+    /// groups a split backward's weight half computes one by one.
+    groups: Vec<Vec<Tensor>>,
+    /// Micro-batches between forward and backward.
+    pending: BTreeMap<usize, Pending>,
+}
+
+/// A micro-batch between its forward and its backward.
+#[derive(Debug)]
+struct Pending {
+    /// The stage's input: a leaf that collects its gradient, except on stage 1.
+    leaf: Tensor,
+    /// Each block's output, with its graph.
+    outs: Vec<Tensor>,
+    /// The stage's output (the weighted loss on the last stage).
+    out: Tensor,
+    /// After the input half of a split backward: the gradient at each group's output.
+    grads: Option<Vec<Tensor>>,
+}
+
+fn missing(index: usize, micro: usize) -> CoreError {
+    CoreError::InvalidConfig(format!(
+        "backprop stage {}: backward of micro-batch {micro} before its forward",
+        index + 1
+    ))
+}
+
+/// Adds `grads` to the parameters' gradients.
+fn accumulate(params: &[Tensor], grads: &[Tensor]) -> Result<()> {
+    if params.iter().all(|p| p.grad().defined()) {
+        for (p, g) in params.iter().zip(grads) {
+            let mut acc = p.grad();
+            let _ = acc.f_add_(g)?;
+        }
+        return Ok(());
+    }
+    // The first gradients ever: autograd creates them (∂/∂p Σ p·g = g, exactly).
+    let mut sum: Option<Tensor> = None;
+    for (p, g) in params.iter().zip(grads) {
+        let t = (p * g).f_sum(Kind::Float)?;
+        sum = Some(match sum {
+            None => t,
+            Some(s) => s + t,
+        });
+    }
+    match sum {
+        Some(s) => Ok(s.f_backward()?),
+        None => Ok(()),
+    }
 }
 
 /// Builds the BP stages for `blocks` (one range of blocks per stage) on the CPU, drawing the
@@ -69,17 +115,42 @@ pub fn build_bp_stages(
         .map(|i| BeliefModule::new(&(last.root() / module_prefix(i)), cfg))
         .collect();
     let mut head = Some((head, modules));
+    let names = crate::extractor::block_names(cfg);
     Ok(stores
         .into_iter()
         .zip(built)
         .enumerate()
-        .map(|(index, (vs, blocks))| {
+        .map(|(index, (vs, built))| {
             let opt = Adam::for_var_store(&vs, lr);
+            let trainable = |v: &Tensor| v.requires_grad();
+            let vars = vs.variables();
+            let mut taken = std::collections::BTreeSet::new();
+            let mut groups: Vec<Vec<Tensor>> = names[blocks[index].clone()]
+                .iter()
+                .map(|name| {
+                    let prefix = format!("extractor.{name}.");
+                    let mut g: Vec<(&String, &Tensor)> = vars
+                        .iter()
+                        .filter(|(n, v)| n.starts_with(&prefix) && trainable(v))
+                        .collect();
+                    g.sort_by(|a, b| a.0.cmp(b.0));
+                    taken.extend(g.iter().map(|(n, _)| (*n).clone()));
+                    g.into_iter().map(|(_, v)| v.shallow_clone()).collect()
+                })
+                .collect();
+            let mut rest: Vec<(&String, &Tensor)> = vars
+                .iter()
+                .filter(|(n, v)| !taken.contains(*n) && trainable(v))
+                .collect();
+            rest.sort_by(|a, b| a.0.cmp(b.0));
+            if !rest.is_empty() {
+                groups.push(rest.into_iter().map(|(_, v)| v.shallow_clone()).collect());
+            }
             BpStage {
                 index,
                 last: index + 1 == k,
                 vs,
-                blocks,
+                blocks: built,
                 head: if index + 1 == k { head.take() } else { None },
                 opt,
                 adam_prefix: if k == 1 {
@@ -89,6 +160,7 @@ pub fn build_bp_stages(
                 },
                 num_classes: cfg.num_classes,
                 precision: cfg.precision,
+                groups,
                 pending: BTreeMap::new(),
             }
         })
@@ -155,18 +227,39 @@ impl BpStage {
         } else {
             input.detach().set_requires_grad(true)
         };
-        let h = self.slice(&leaf, true);
-        if self.last {
+        // Each block's output is kept for a split backward's weight half; the arithmetic is
+        // the slice's.
+        let mut outs = Vec::with_capacity(self.blocks.len());
+        let h = forward_f32(self.precision, leaf.device(), || {
+            self.blocks.iter().fold(leaf.shallow_clone(), |h, b| {
+                let o = b.forward_t(&h, true);
+                outs.push(o.shallow_clone());
+                o
+            })
+        });
+        // The slice's output as the next stage or the head sees it (float32).
+        if let Some(last) = outs.last_mut() {
+            *last = h.shallow_clone();
+        }
+        let (out, next) = if self.last {
             let logits = self.head_forward(&h);
             let loss = cross_entropy(logits.last().expect("at least one module"), labels);
             let loss = if scale == 1.0 { loss } else { loss * scale };
-            self.pending.insert(micro, (leaf, loss));
-            None
+            (loss, None)
         } else {
-            let out = h.detach();
-            self.pending.insert(micro, (leaf, h));
-            Some(out)
-        }
+            let next = h.detach();
+            (h, Some(next))
+        };
+        self.pending.insert(
+            micro,
+            Pending {
+                leaf,
+                outs,
+                out,
+                grads: None,
+            },
+        );
+        next
     }
 
     /// Backward of micro-batch `micro`, with the gradient of its output (`None` on the last
@@ -177,26 +270,101 @@ impl BpStage {
         micro: usize,
         grad: Option<&Tensor>,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (leaf, out) = self.pending.remove(&micro).ok_or_else(|| {
-            CoreError::InvalidConfig(format!(
-                "backprop stage {}: backward of micro-batch {micro} before its forward",
-                self.index + 1
-            ))
-        })?;
+        let Pending { leaf, out, .. } = self.take(micro)?;
         let loss = if self.last {
             out.f_backward()?;
             Some(out.detach())
         } else {
-            let g = grad.ok_or_else(|| {
-                CoreError::InvalidConfig(
-                    "a middle stage's backward needs its output's gradient".into(),
-                )
-            })?;
-            (out * g).f_sum(tch::Kind::Float)?.f_backward()?;
+            (out * self.output_grad(grad)?)
+                .f_sum(Kind::Float)?
+                .f_backward()?;
             None
         };
         let grad_in = (self.index > 0).then(|| leaf.grad().detach());
         Ok((grad_in, loss))
+    }
+
+    /// The input half of a split backward (zero bubble): the gradient of the stage's input
+    /// (for the previous stage; `None` on stage 1) and of each block's output, which
+    /// [`BpStage::backward_weight`] needs, but no weight gradient. Returns what
+    /// [`BpStage::backward_micro`] returns.
+    pub fn backward_input(
+        &mut self,
+        micro: usize,
+        grad: Option<&Tensor>,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = if self.last {
+            None
+        } else {
+            Some(self.output_grad(grad)?.shallow_clone())
+        };
+        let first = self.index == 0;
+        let p = self
+            .pending
+            .get_mut(&micro)
+            .ok_or_else(|| missing(self.index, micro))?;
+        let root = match &g {
+            None => p.out.shallow_clone(),
+            Some(g) => (&p.out * g).f_sum(Kind::Float)?,
+        };
+        // The last block's output gradient is the one received, except before the head.
+        let outs = if g.is_some() {
+            &p.outs[..p.outs.len() - 1]
+        } else {
+            &p.outs[..]
+        };
+        let inputs: Vec<&Tensor> = (!first)
+            .then_some(&p.leaf)
+            .into_iter()
+            .chain(outs)
+            .collect();
+        let mut grads = if inputs.is_empty() {
+            Vec::new()
+        } else {
+            Tensor::f_run_backward(&[root], &inputs, true, false)?
+        };
+        let grad_in = (!first).then(|| grads.remove(0));
+        grads.extend(g);
+        p.grads = Some(grads);
+        Ok((grad_in, self.last.then(|| p.out.detach())))
+    }
+
+    /// The weight half of a split backward, after [`BpStage::backward_input`]: each block's
+    /// (and the head's) weight gradients from its output's gradient, added to the stage's
+    /// until [`BpStage::apply`].
+    pub fn backward_weight(&mut self, micro: usize) -> Result<()> {
+        let p = self.take(micro)?;
+        let grads = p.grads.ok_or_else(|| {
+            CoreError::InvalidConfig(format!(
+                "backprop stage {}: weight half of micro-batch {micro} before its input half",
+                self.index + 1
+            ))
+        })?;
+        for (k, params) in self.groups.iter().enumerate() {
+            if params.is_empty() {
+                continue;
+            }
+            let root = match (p.outs.get(k), grads.get(k)) {
+                (Some(o), Some(g)) => (o * g).f_sum(Kind::Float)?,
+                // The head's group: its modules end in the loss itself.
+                _ => p.out.shallow_clone(),
+            };
+            let g = Tensor::f_run_backward(&[root], params, false, false)?;
+            accumulate(params, &g)?;
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, micro: usize) -> Result<Pending> {
+        self.pending
+            .remove(&micro)
+            .ok_or_else(|| missing(self.index, micro))
+    }
+
+    fn output_grad<'g>(&self, grad: Option<&'g Tensor>) -> Result<&'g Tensor> {
+        grad.ok_or_else(|| {
+            CoreError::InvalidConfig("a middle stage's backward needs its output's gradient".into())
+        })
     }
 
     /// One Adam step from the accumulated gradients, then clears them.
@@ -233,6 +401,85 @@ impl BpStage {
     pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
         load_var_store(&self.vs, named)?;
         self.opt.load_state(&self.adam_prefix, named)
+    }
+}
+
+impl Unit for BpStage {
+    fn stage(&self) -> usize {
+        self.index
+    }
+
+    fn modules(&self) -> Range<usize> {
+        0..self.head.as_ref().map_or(0, |(_, m)| m.len())
+    }
+
+    fn grads_needed(&self) -> usize {
+        usize::from(!self.last)
+    }
+
+    fn forward(&mut self, micro: usize, mb: MicroBatch<'_>) -> Result<Option<Passed>> {
+        Ok(self
+            .forward_micro(micro, mb.input, mb.labels, mb.scale)
+            .map(|h| {
+                // Backprop stages pass no belief.
+                let p = Tensor::zeros([0], (Kind::Float, h.device()));
+                Passed { input: h, p }
+            }))
+    }
+
+    fn backward(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
+        let (grad, losses) = self.backward_micro(micro, grad)?;
+        Ok(Backward { grad, losses })
+    }
+
+    fn backward_input(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
+        let (grad, losses) = BpStage::backward_input(self, micro, grad)?;
+        Ok(Backward { grad, losses })
+    }
+
+    fn backward_weight(&mut self, micro: usize) -> Result<()> {
+        BpStage::backward_weight(self, micro)
+    }
+
+    fn apply(&mut self) {
+        BpStage::apply(self)
+    }
+
+    fn gradients(&self) -> Vec<Tensor> {
+        BpStage::gradients(self)
+    }
+
+    fn read_losses(&self, losses: &Tensor) -> Result<Vec<f64>> {
+        let v = losses.f_to_kind(Kind::Double)?.f_double_value(&[])?;
+        if !v.is_finite() {
+            return Err(CoreError::NonFiniteLoss {
+                what: "backprop".into(),
+                module: None,
+                value: v,
+            });
+        }
+        Ok(vec![v])
+    }
+
+    fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
+        let (next, logits) = self.cascade(input);
+        Inferred {
+            next,
+            logits,
+            p: p.shallow_clone(),
+        }
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        BpStage::state(self)
+    }
+
+    fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
+        BpStage::load_state(self, named)
+    }
+
+    fn to_device(&mut self, device: Device) {
+        BpStage::to_device(self, device)
     }
 }
 

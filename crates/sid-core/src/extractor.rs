@@ -517,6 +517,11 @@ impl ParamCounts {
     }
 }
 
+/// Each block's name, first to last: its variables are `extractor.<name>.*`.
+pub fn block_names(cfg: &ModelConfig) -> Vec<String> {
+    specs(cfg).into_iter().map(|(name, _, _)| name).collect()
+}
+
 /// Builds block `i` (0-based) of `cfg`'s extractor under `p`. Variables: `conv{i+1}` for the
 /// CNN and `fc1` for the MLP (the names the whole extractor has always had); `block{i+1}.conv`
 /// and `.bn` for VGG-11; `stem` and `layer{l}_{b}` for ResNet-18; `patch_embed` and

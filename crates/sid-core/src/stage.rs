@@ -25,7 +25,7 @@ use crate::extractor::{build_block, build_head, forward_blocks, Block, BlockLayo
 use crate::loss::{local_loss_for, LabelTarget};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::forward_f32;
-use crate::unit::ModuleUnit;
+use crate::unit::{Backward, Inferred, MicroBatch, ModuleUnit, Passed, Unit};
 use crate::{CoreError, Result};
 
 /// Which blocks of the backbone and which belief modules (0-based, half-open) one stage owns.
@@ -389,6 +389,9 @@ pub struct Stage {
     /// Between [`Stage::forward_micro`] and [`Stage::backward_micro`]: the local losses [n]
     /// with their graph.
     pending: Option<Tensor>,
+    /// The pending micro-batch's share of the batch (its losses' weight), when run as a
+    /// [`Unit`].
+    scale: f64,
 }
 
 /// What a stage passes downstream for one micro-batch.
@@ -471,6 +474,7 @@ pub fn build_stages(
                 loss,
                 precision: cfg.precision,
                 pending: None,
+                scale: 1.0,
             }
         })
         .collect())
@@ -638,6 +642,59 @@ impl Stage {
             m.load_state(named)?;
         }
         Ok(())
+    }
+}
+
+impl Unit for Stage {
+    fn stage(&self) -> usize {
+        self.index
+    }
+
+    fn modules(&self) -> Range<usize> {
+        self.spec.modules.clone()
+    }
+
+    fn forward(&mut self, _micro: usize, mb: MicroBatch<'_>) -> Result<Option<Passed>> {
+        let target = self.label_target(mb.labels);
+        self.scale = mb.scale;
+        let out = self.forward_micro(mb.input, mb.p, &target);
+        Ok(out.z.map(|z| Passed { input: z, p: out.p }))
+    }
+
+    fn backward(&mut self, _micro: usize, _grad: Option<&Tensor>) -> Result<Backward> {
+        Ok(Backward {
+            grad: None,
+            losses: Some(self.backward_micro(self.scale)?),
+        })
+    }
+
+    fn apply(&mut self) {
+        Stage::apply(self)
+    }
+
+    fn gradients(&self) -> Vec<Tensor> {
+        Stage::gradients(self)
+    }
+
+    fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
+        let (next, logits, p) = self.cascade(input, p);
+        Inferred { next, logits, p }
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        Stage::state(self)
+    }
+
+    fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
+        Stage::load_state(self, named)
+    }
+
+    fn to_device(&mut self, device: Device) {
+        Stage::to_device(self, device)
+    }
+
+    fn as_stage_mut(&mut self) -> Option<&mut Stage> {
+        Some(self)
     }
 }
 

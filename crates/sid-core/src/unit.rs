@@ -5,6 +5,8 @@
 //! parameters only, steps its own Adam and returns its loss and the gradient that reached `z`.
 //! It holds no reference to anything else, so a worker thread can own it.
 
+use std::ops::Range;
+
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Tensor};
 
@@ -395,6 +397,11 @@ impl ExtractorUnit {
         self.opt.zero_grad();
     }
 
+    /// The gradients [`ExtractorUnit::apply`] would use.
+    pub fn gradients(&self) -> Vec<Tensor> {
+        self.opt.gradients()
+    }
+
     /// Weights and Adam state as named CPU tensors.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut v = var_store_state(&self.vs);
@@ -406,5 +413,105 @@ impl ExtractorUnit {
     pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
         load_var_store(&self.vs, named)?;
         self.opt.load_state("adam.extractor", named)
+    }
+}
+
+/// One micro-batch as a pipeline unit receives it.
+#[derive(Debug)]
+pub struct MicroBatch<'a> {
+    /// The unit's input: images on the first stage, the previous stage's output after.
+    pub input: &'a Tensor,
+    /// The belief entering the unit's first module (unused by backprop units).
+    pub p: &'a Tensor,
+    /// Labels [b].
+    pub labels: &'a Tensor,
+    /// The micro-batch's share of the batch: its losses' weight, so that M micro-batches
+    /// accumulate the batch's gradient.
+    pub scale: f64,
+}
+
+/// What a unit's forward passes to the next stage.
+#[derive(Debug)]
+pub struct Passed {
+    /// The next stage's input, detached.
+    pub input: Tensor,
+    /// The belief entering the next stage's first module.
+    pub p: Tensor,
+}
+
+/// What a backward (or its input half) produced.
+#[derive(Debug, Default)]
+pub struct Backward {
+    /// The gradient an earlier stage waits for: a backprop stage's input gradient, or a paper
+    /// module stage's `Σ ∂L_i/∂z` for the extractor.
+    pub grad: Option<Tensor>,
+    /// The micro-batch's losses (weighted by its share), on the device: summed over the step.
+    pub losses: Option<Tensor>,
+}
+
+/// Inference through a unit.
+#[derive(Debug)]
+pub struct Inferred {
+    /// The next stage's input (`None` when nothing comes after).
+    pub next: Option<Tensor>,
+    /// Its modules' logits, first to last.
+    pub logits: Vec<Tensor>,
+    /// The belief leaving its last module.
+    pub p: Tensor,
+}
+
+/// The one interface every pipeline unit offers the step interpreter (`sid-runtime`'s
+/// schedule): a staged-SID stage, a backprop stage, the paper mode's extractor and its module
+/// blocks. A unit computes; where its inputs come from and where its outputs go is the
+/// interpreter's and the transport's business.
+pub trait Unit: Send {
+    /// 0-based stage.
+    fn stage(&self) -> usize;
+    /// The belief modules it owns (0-based), for reports and early exit.
+    fn modules(&self) -> Range<usize>;
+    /// Gradients its backward waits for per micro-batch: one from the next stage (backprop),
+    /// one from each module stage (the paper's extractor), or none (SID's local losses).
+    fn grads_needed(&self) -> usize {
+        0
+    }
+    /// Forward of micro-batch `micro`, keeping what its backward needs; returns what the
+    /// next stage gets, if anything.
+    fn forward(&mut self, micro: usize, mb: MicroBatch<'_>) -> Result<Option<Passed>>;
+    /// The whole backward of micro-batch `micro` with the gradient from later stages (the sum
+    /// of [`Unit::grads_needed`] of them, in stage order), accumulated until [`Unit::apply`].
+    fn backward(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward>;
+    /// The input-gradient half of [`Unit::backward`] (zero-bubble schedules).
+    fn backward_input(&mut self, micro: usize, _grad: Option<&Tensor>) -> Result<Backward> {
+        Err(CoreError::InvalidConfig(format!(
+            "stage {} cannot split the backward of micro-batch {micro}",
+            self.stage() + 1
+        )))
+    }
+    /// The weight-gradient half of [`Unit::backward`], after [`Unit::backward_input`].
+    fn backward_weight(&mut self, micro: usize) -> Result<()> {
+        Err(CoreError::InvalidConfig(format!(
+            "stage {} cannot split the backward of micro-batch {micro}",
+            self.stage() + 1
+        )))
+    }
+    /// One optimiser step from the accumulated gradients, which it then clears.
+    fn apply(&mut self);
+    /// The gradients [`Unit::apply`] would use (data-parallel replicas sum them first).
+    fn gradients(&self) -> Vec<Tensor>;
+    /// A step's summed losses read to the host (one wait), a non-finite one an error naming it.
+    fn read_losses(&self, losses: &Tensor) -> Result<Vec<f64>> {
+        read_losses(losses, self.modules().start)
+    }
+    /// Inference (no gradient, BatchNorm on its running statistics).
+    fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred;
+    /// Weights and optimiser state as named CPU tensors.
+    fn state(&self) -> Vec<(String, Tensor)>;
+    /// Restores the unit's entries of a whole checkpoint.
+    fn load_state(&mut self, named: &NamedTensors) -> Result<()>;
+    /// Moves parameters and optimiser state to `device` (a stage's thread does this itself).
+    fn to_device(&mut self, device: Device);
+    /// The staged-SID stage inside, which a CUDA graph can capture whole.
+    fn as_stage_mut(&mut self) -> Option<&mut crate::Stage> {
+        None
     }
 }

@@ -1,19 +1,22 @@
 //! The paper's SID (one extractor, its modules spread over devices) as a stage pipeline:
 //! stage 1 is the extractor alone, stages 2..W+1 are the module blocks of a [`Placement`].
-//! The schedule itself is [`crate::schedule`]; this file holds what it runs on a module stage
-//! ([`ModuleBlock`]) and its construction; the extractor stage's operation order is [`crate::ops::extractor_ops`].
+//! The interpreter is [`crate::schedule`]; this file holds the units it runs here — the
+//! extractor stage ([`PaperExtractor`], in the order of [`crate::ops::extractor_ops`]) and a
+//! module stage ([`ModuleBlock`]) — and their construction.
 //!
 //! Unlike staged SID, the extractor needs every module's `∂L/∂z` for a micro-batch before its
 //! backward: module stages send their summed gradient straight to stage 1
-//! ([`crate::Transport::send_grad_to_first`]), and stage 1 forwards micro-batch j+1 before it
+//! ([`crate::Transport::send_grad`]), and stage 1 forwards micro-batch j+1 before it
 //! waits for micro-batch j's gradients, so its forward overlaps the modules' work. A step still
 //! flushes: the extractor steps its optimiser only after the last micro-batch's backward.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use sid_core::loss::LabelTarget;
 use sid_core::sid::teacher_chain;
-use sid_core::{ExtractorUnit, LossConfig, ModelConfig, ModuleUnit, NamedTensors};
+use sid_core::unit::{Backward, Inferred, MicroBatch, Passed, Unit};
+use sid_core::{CoreError, ExtractorUnit, LossConfig, ModelConfig, ModuleUnit, NamedTensors};
 use tch::{Device, Tensor};
 
 use crate::Result;
@@ -30,6 +33,8 @@ pub struct ModuleBlock {
     /// features, each module's teacher belief (the reference schedule; the fused one keeps
     /// its forwards in the modules instead) and the label target.
     pending: Option<(Tensor, Option<Vec<Tensor>>, LabelTarget)>,
+    /// The pending micro-batch's share of the batch, when run as a [`Unit`].
+    scale: f64,
 }
 
 impl ModuleBlock {
@@ -40,6 +45,7 @@ impl ModuleBlock {
             modules,
             fused: false,
             pending: None,
+            scale: 1.0,
         }
     }
 
@@ -147,6 +153,140 @@ impl ModuleBlock {
     }
 }
 
+impl Unit for ModuleBlock {
+    fn stage(&self) -> usize {
+        self.stage
+    }
+
+    fn modules(&self) -> Range<usize> {
+        self.range()
+    }
+
+    /// Phase 1 (graph-free) passed on at once: the features unchanged, the block's last belief.
+    fn forward(&mut self, _micro: usize, mb: MicroBatch<'_>) -> sid_core::Result<Option<Passed>> {
+        self.scale = mb.scale;
+        let p = self.forward_micro(mb.input, mb.p, mb.labels);
+        Ok(Some(Passed {
+            input: mb.input.shallow_clone(),
+            p,
+        }))
+    }
+
+    /// Phase 2, whose gradient at `z` goes straight to the extractor.
+    fn backward(&mut self, _micro: usize, _grad: Option<&Tensor>) -> sid_core::Result<Backward> {
+        let (losses, grad_z) = self.backward_micro(self.scale)?;
+        Ok(Backward {
+            grad: Some(grad_z),
+            losses: Some(losses),
+        })
+    }
+
+    fn apply(&mut self) {
+        ModuleBlock::apply(self)
+    }
+
+    fn gradients(&self) -> Vec<Tensor> {
+        self.modules.iter().flat_map(|m| m.gradients()).collect()
+    }
+
+    fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
+        let (logits, p) = self.cascade(input, p);
+        Inferred {
+            next: Some(input.shallow_clone()),
+            logits,
+            p,
+        }
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        ModuleBlock::state(self)
+    }
+
+    fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
+        ModuleBlock::load_state(self, named)
+    }
+
+    fn to_device(&mut self, device: Device) {
+        ModuleBlock::to_device(self, device)
+    }
+}
+
+/// The paper mode's stage 1: the extractor alone. A forward sends `(sg(z), p_0)` down and
+/// keeps `z`'s graph; a backward takes the module stages' gradients at `z`, summed in stage
+/// order, through it.
+#[derive(Debug)]
+pub struct PaperExtractor {
+    unit: ExtractorUnit,
+    module_stages: usize,
+    /// Each micro-batch's features, with their graph, until its backward.
+    pending: BTreeMap<usize, Tensor>,
+}
+
+impl Unit for PaperExtractor {
+    fn stage(&self) -> usize {
+        0
+    }
+
+    fn modules(&self) -> Range<usize> {
+        0..0
+    }
+
+    fn grads_needed(&self) -> usize {
+        self.module_stages
+    }
+
+    fn forward(&mut self, micro: usize, mb: MicroBatch<'_>) -> sid_core::Result<Option<Passed>> {
+        let z = self.unit.forward(mb.input);
+        let passed = Passed {
+            input: z.detach(),
+            p: mb.p.shallow_clone(),
+        };
+        self.pending.insert(micro, z);
+        Ok(Some(passed))
+    }
+
+    fn backward(&mut self, micro: usize, grad: Option<&Tensor>) -> sid_core::Result<Backward> {
+        let z = self.pending.remove(&micro).ok_or_else(|| {
+            CoreError::InvalidConfig(format!(
+                "the extractor's backward of micro-batch {micro} before its forward"
+            ))
+        })?;
+        let grad = grad.ok_or_else(|| {
+            CoreError::InvalidConfig("the extractor has no module stages to wait for".into())
+        })?;
+        self.unit.accumulate_backward(&z, grad)?;
+        Ok(Backward::default())
+    }
+
+    fn apply(&mut self) {
+        self.unit.apply()
+    }
+
+    fn gradients(&self) -> Vec<Tensor> {
+        self.unit.gradients()
+    }
+
+    fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
+        Inferred {
+            next: Some(self.unit.infer(input)),
+            logits: Vec::new(),
+            p: p.shallow_clone(),
+        }
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        self.unit.state()
+    }
+
+    fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
+        self.unit.load_state(named)
+    }
+
+    fn to_device(&mut self, device: Device) {
+        self.unit.to_device(device)
+    }
+}
+
 /// The extractor and the module blocks of `blocks`, drawn on the CPU in the order of
 /// [`sid_core::SidNetwork`] (extractor, then modules 1..L), so one seed gives both the same
 /// weights.
@@ -156,7 +296,7 @@ pub(crate) fn build_paper(
     lr: f64,
     blocks: &[Range<usize>],
     fused: bool,
-) -> Result<(ExtractorUnit, Vec<ModuleBlock>)> {
+) -> Result<(PaperExtractor, Vec<ModuleBlock>)> {
     model.validate()?;
     loss.validate()?;
     model.precision.check(Device::Cpu)?;
@@ -165,7 +305,7 @@ pub(crate) fn build_paper(
         .map(|i| ModuleUnit::new(i, model, loss, lr, Device::Cpu))
         .collect::<Vec<_>>()
         .into_iter();
-    let blocks = blocks
+    let blocks: Vec<ModuleBlock> = blocks
         .iter()
         .enumerate()
         .map(|(w, r)| {
@@ -173,5 +313,10 @@ pub(crate) fn build_paper(
                 .with_fused_teacher(fused)
         })
         .collect();
+    let extractor = PaperExtractor {
+        unit: extractor,
+        module_stages: blocks.len(),
+        pending: BTreeMap::new(),
+    };
     Ok((extractor, blocks))
 }

@@ -10,15 +10,17 @@ use std::time::Duration;
 use crossbeam_channel::Receiver;
 use sid_core::bp_stage::build_bp_stages;
 use sid_core::stage::build_stages;
+use sid_core::unit::Unit;
 use sid_core::{LossConfig, ModelConfig, StagePlan};
 use tch::Device;
 
 #[cfg(feature = "fault-injection")]
 use crate::fault::Fault;
 use crate::ops::BpSchedule;
+use crate::ops::Schedule;
 use crate::placement::Placement;
 use crate::ranks::Ranks;
-use crate::schedule::{drive, Failure, StageRunner, Work};
+use crate::schedule::{drive, Failure, StageRunner};
 use crate::streams;
 use crate::transport::{ChannelTransport, Report};
 use crate::Result;
@@ -123,18 +125,17 @@ pub(crate) struct StageThread {
 /// Every stage's runner (weights drawn on the CPU in the fixed order of every network here,
 /// whichever stages this process keeps).
 pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
-    let k = cfg.plan.len();
     let specs = cfg.plan.stages();
-    let work: Vec<Work> = match cfg.method {
+    let units: Vec<(Box<dyn Unit>, Schedule)> = match cfg.method {
         PipelineMethod::Sid => build_stages(&cfg.model, cfg.loss, cfg.lr, &cfg.plan)?
             .into_iter()
-            .map(Work::Sid)
+            .map(|s| (Box::new(s) as Box<dyn Unit>, Schedule::LocalLoss))
             .collect(),
         PipelineMethod::Bp(schedule) => {
             let blocks: Vec<_> = specs.iter().map(|s| s.blocks.clone()).collect();
             build_bp_stages(&cfg.model, cfg.lr, &blocks)?
                 .into_iter()
-                .map(|s| Work::Bp(s, schedule, k))
+                .map(|s| (Box::new(s) as Box<dyn Unit>, Schedule::Bp(schedule)))
                 .collect()
         }
         PipelineMethod::Paper => {
@@ -146,17 +147,23 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
                 placement.blocks(),
                 cfg.fused_teacher,
             )?;
-            std::iter::once(Work::Extractor(extractor, blocks.len()))
-                .chain(blocks.into_iter().map(Work::Modules))
+            std::iter::once((Box::new(extractor) as Box<dyn Unit>, Schedule::Extractor))
+                .chain(
+                    blocks
+                        .into_iter()
+                        .map(|b| (Box::new(b) as Box<dyn Unit>, Schedule::LocalLoss)),
+                )
                 .collect()
         }
     };
-    work.into_iter()
-        .map(|w| {
+    let stages = units.len();
+    units
+        .into_iter()
+        .map(|(unit, schedule)| {
             let owner = (cfg.track_memory && cfg.ranks.is_none())
                 .then(sid_telemetry::AllocOwner::new)
                 .transpose()?;
-            let runner = StageRunner::new(w)
+            let runner = StageRunner::new(unit, schedule, stages)
                 .with_timeout(cfg.timeout)
                 .with_cuda_graph(cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none())
                 .with_memory(owner);
@@ -227,7 +234,7 @@ pub(crate) fn spawn_stage(
                 if let (Device::Cuda(i), true) = (device, own_stream) {
                     streams::use_pool_stream(i).map_err(|e| Failure::from_cause(e.to_string()))?;
                 }
-                runner.work_mut().to_device(device);
+                runner.unit_mut().to_device(device);
                 streams::sync_device(device).map_err(|e| Failure::from_cause(e.to_string()))?;
                 drive(&mut runner, &mut transport, timeout, false)
             }));

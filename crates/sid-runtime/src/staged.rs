@@ -17,7 +17,7 @@ use sid_core::{
 };
 use tch::{Device, Tensor};
 
-use crate::schedule::{drive, StageRunner, Work};
+use crate::schedule::{drive, StageRunner};
 use crate::setup::{
     build_runners, cpu_threads_per_stage, paper_placement, spawn_stage, PipelineMethod,
     StageThread, StagedConfig,
@@ -195,7 +195,7 @@ impl StagedPipeline {
         } else if d == 1 && k == cfg.plan.len() && cfg.method == PipelineMethod::Sid {
             let mut runners = runners;
             for r in &mut runners {
-                r.work_mut().to_device(devices[0]);
+                r.unit_mut().to_device(devices[0]);
             }
             Engine::Local {
                 runners,
@@ -860,18 +860,17 @@ impl Network for StagedPipeline {
         let mut input = x.shallow_clone();
         let mut p = sid_core::belief::uniform_belief(b, self.num_classes, first);
         for r in runners {
-            let Work::Sid(stage) = r.work() else {
-                unreachable!("backprop stages always run in threads")
-            };
-            let (z, logits, p_out) = stage.cascade(&input, &p);
+            let unit = r.unit();
+            let out = unit.infer(&input, &p);
             // Later stages run for the samples still in the cascade only: their backbone
             // slices are skipped for the rest.
-            let (Some(on), Some(z)) = (exits.update(&logits, stage.spec().modules.start), z) else {
+            let (Some(on), Some(z)) = (exits.update(&out.logits, unit.modules().start), out.next)
+            else {
                 break;
             };
             let keep = on.nonzero().squeeze_dim(1);
             input = z.index_select(0, &keep);
-            p = p_out.index_select(0, &keep);
+            p = out.p.index_select(0, &keep);
         }
         Ok(exits.finish())
     }

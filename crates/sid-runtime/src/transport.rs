@@ -188,20 +188,13 @@ pub trait Transport {
     fn send_down(&mut self, msg: Message) -> Result<()>;
     /// Tells the coordinator.
     fn report(&mut self, report: Report) -> Result<()>;
-    /// Backprop pipelines: sends the gradient of this stage's input for micro-batch `tag`
-    /// to the previous stage. Staged SID never calls it.
-    fn send_up(&mut self, tag: Tag, _grad: Tensor) -> Result<()> {
+    /// Sends a gradient of micro-batch `tag` back to the stage that waits for it: a backprop
+    /// stage's input gradient to the previous stage, a paper module stage's `Σ ∂L/∂z` straight
+    /// to stage 1, the extractor (which receives these with [`Transport::recv_grad`], from
+    /// module stages 2, 3, … in turn). Staged SID never calls it.
+    fn send_grad(&mut self, tag: Tag, _grad: Tensor) -> Result<()> {
         Err(RuntimeError::Config(format!(
             "this transport carries no gradients back (step {})",
-            tag.step
-        )))
-    }
-    /// The paper's SID: sends the sum of this module stage's `∂L/∂z` for micro-batch `tag`
-    /// straight to stage 1, the extractor (not to the previous stage). Stage 1 receives these
-    /// with [`Transport::recv_grad`], from module stages 2, 3, … in turn.
-    fn send_grad_to_first(&mut self, tag: Tag, _grad: Tensor) -> Result<()> {
-        Err(RuntimeError::Config(format!(
-            "this transport carries no gradients to the extractor (step {})",
             tag.step
         )))
     }
@@ -346,21 +339,15 @@ impl Transport for ChannelTransport {
         }
     }
 
-    fn send_up(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
-        let Some(tx) = &self.grads_out else {
-            return Ok(());
-        };
-        self.send_gradient(tx, tag, grad, &format!("stage {}", self.stage))
-    }
-
-    fn send_grad_to_first(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
-        let Some(tx) = &self.grads_to_first else {
-            return Err(RuntimeError::Protocol(format!(
-                "stage {} has no gradient channel to the extractor",
+    fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
+        match (&self.grads_out, &self.grads_to_first) {
+            (Some(tx), _) => self.send_gradient(tx, tag, grad, &format!("stage {}", self.stage)),
+            (None, Some(tx)) => self.send_gradient(tx, tag, grad, "stage 1 (the extractor)"),
+            (None, None) => Err(RuntimeError::Protocol(format!(
+                "stage {} has no stage to send its gradient to",
                 self.stage + 1
-            )));
-        };
-        self.send_gradient(tx, tag, grad, "stage 1 (the extractor)")
+            ))),
+        }
     }
 
     fn recv_grad(&mut self, timeout: Duration) -> Result<(Tag, Tensor)> {

@@ -219,7 +219,7 @@ fn bad_settings_are_refused() {
     assert!(StagedPipeline::new(cfg).is_err());
 }
 
-/// The BP baseline cut at the same blocks and pipelined (GPipe or 1F1B, M micro-batches) gives
+/// The BP baseline cut at the same blocks and pipelined (GPipe, 1F1B or ZB-H1, M micro-batches) gives
 /// the unpipelined BP step's parameters and losses.
 #[test]
 fn backprop_pipelines_equal_the_unpipelined_step() {
@@ -234,7 +234,11 @@ fn backprop_pipelines_equal_the_unpipelined_step() {
         .map(|(x, y)| bp.train_step(x, y).unwrap().loss)
         .collect();
     let reference = NamedTensors::from(bp.state().unwrap());
-    for schedule in [BpSchedule::GPipe, BpSchedule::OneFOneB] {
+    for schedule in [
+        BpSchedule::GPipe,
+        BpSchedule::OneFOneB,
+        BpSchedule::ZeroBubble,
+    ] {
         for (k, devices, m) in [(2, 2, 1), (2, 2, 4), (4, 4, 4), (2, 1, 4)] {
             let mm = model();
             let mut cfg = StagedConfig::new(

@@ -1,5 +1,5 @@
 //! Measurement for sid, so speed and memory claims rest on numbers:
-//! - [`sampler`]: a background thread writing `telemetry.jsonl` (RSS, per-worker CPU time,
+//! - [`sampler`]: a background thread writing `telemetry.jsonl` (RSS, per-stage CPU time,
 //!   NVML's GPU memory/utilisation/power where NVML loads);
 //! - [`memory`]: exact CUDA allocator peaks (via a small C++ shim) and CPU peak RSS, per period;
 //! - [`allocations`]: libtorch's allocations charged to owners (pipeline stages sharing a

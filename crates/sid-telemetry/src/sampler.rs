@@ -1,7 +1,7 @@
 //! A background thread that samples telemetry at a fixed rate into a JSON-lines file.
 //!
-//! Each line: seconds since start, the process's RSS, each worker thread's CPU time so far
-//! (threads named `sid-worker-N`, read from `/proc/self/task`), and, where NVML loads, every
+//! Each line: seconds since start, the process's RSS, each stage thread's CPU time so far
+//! (threads named `sid-stage-N`, read from `/proc/self/task`), and, where NVML loads, every
 //! GPU's memory, utilisation and power.
 
 use std::collections::BTreeMap;
@@ -27,7 +27,7 @@ pub struct Sample {
     pub t: f64,
     /// Process resident set, bytes.
     pub rss_bytes: Option<u64>,
-    /// CPU seconds used so far by each thread named `sid-worker-N` (and `main`).
+    /// CPU seconds used so far by each thread named `sid-stage-N` (and `main`).
     pub thread_cpu_seconds: BTreeMap<String, f64>,
     /// One entry per GPU when NVML is available.
     pub gpus: Vec<GpuSample>,
@@ -44,7 +44,7 @@ pub struct TelemetrySummary {
     pub peak_gpu_memory_used: BTreeMap<u32, u64>,
     /// Per GPU index: peak memory of this process, bytes.
     pub peak_gpu_process_memory: BTreeMap<u32, u64>,
-    /// CPU seconds of each worker thread by the end.
+    /// CPU seconds of each stage thread by the end.
     pub thread_cpu_seconds: BTreeMap<String, f64>,
 }
 
@@ -166,7 +166,7 @@ fn take(monitor: &Option<GpuMonitor>, started: Instant, rank: Option<usize>) -> 
     }
 }
 
-/// CPU seconds (user + system) of this process's threads named `sid-worker-*`,
+/// CPU seconds (user + system) of this process's threads named `sid-stage-*`,
 /// `sid-stage-*` or `main`.
 pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
@@ -177,7 +177,7 @@ pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
     // A thread that ends between listing and reading is skipped.
     for stat in tasks.flatten().filter_map(|t| t.stat().ok()) {
         let name = stat.comm;
-        if name.starts_with("sid-worker")
+        if name.starts_with("sid-stage")
             || name.starts_with("sid-stage")
             || name == "main"
             || name == "sid-launch"
@@ -232,7 +232,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("telemetry.jsonl");
         let (sampler, off) = Sampler::start(&path, Duration::from_millis(20)).unwrap();
-        let (done, release, worker) = busy("sid-worker-0", Duration::from_millis(300));
+        let (done, release, worker) = busy("sid-stage-1", Duration::from_millis(300));
         done.recv().unwrap();
         // At least one regular tick after the work.
         std::thread::sleep(Duration::from_millis(50));
@@ -256,7 +256,7 @@ mod tests {
         assert!(summary.peak_rss_bytes > 0);
         let worker = summary
             .thread_cpu_seconds
-            .get("sid-worker-0")
+            .get("sid-stage-1")
             .copied()
             .unwrap_or(0.0);
         assert!(
@@ -274,7 +274,7 @@ mod tests {
         // One tick at the start, then nothing for a minute: only the final sample can see
         // the work done in between.
         let (sampler, _) = Sampler::start(&path, Duration::from_secs(60)).unwrap();
-        let (done, release, worker) = busy("sid-worker-1", Duration::from_millis(300));
+        let (done, release, worker) = busy("sid-stage-2", Duration::from_millis(300));
         done.recv().unwrap();
         let summary = sampler.stop();
         drop(release);
@@ -292,7 +292,7 @@ mod tests {
             "the final sample is taken at stop: t = {}",
             last.t
         );
-        let worker = last.thread_cpu_seconds.get("sid-worker-1").copied();
+        let worker = last.thread_cpu_seconds.get("sid-stage-2").copied();
         assert!(
             worker.unwrap_or(0.0) >= 0.25,
             "the final sample sees the worker's CPU time: {:?}",

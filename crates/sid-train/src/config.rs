@@ -163,7 +163,8 @@ pub struct RuntimeSection {
     /// pipeline the largest divisor of the batch up to 2×stages, to keep every stage busy.
     pub micro_batches: Option<usize>,
     /// Order of a backprop pipeline's forwards and backwards: `1f1b` (holds at most K
-    /// micro-batches per stage) or `gpipe` (all forwards, then all backwards).
+    /// micro-batches per stage), `gpipe` (all forwards, then all backwards) or `zb1` (1F1B
+    /// with each backward split, the weight halves postponed into the bubble).
     pub pipeline_schedule: sid_runtime::BpSchedule,
     /// Paper mode (one stage, several devices): module blocks per device, `0:0-1,1:2-4`
     /// (0-based, inclusive); `None` = even blocks. Staged runs: `auto` (time each block and

@@ -192,13 +192,9 @@ impl Run {
     }
 
     /// Continues the run in `dir` from its checkpoint with `cfg` (normally the saved config,
-    /// perhaps with more epochs). Settings that shape the model or the data must not change.
-    pub fn resume(cfg: RunConfig, dir: &Path) -> Result<Self> {
-        Self::resume_on(cfg, dir, None)
-    }
-
-    /// [`Run::resume`] as rank 0 of a multi-process run (see [`crate::distributed`]); the
-    /// checkpoint may come from a run with any other number of ranks.
+    /// perhaps with more epochs); settings that shape the model or the data must not change.
+    /// `rdv`: this process is rank 0 of a multi-process run (see [`crate::distributed`]), and
+    /// the checkpoint may come from a run with any other number of ranks.
     pub fn resume_on(
         mut cfg: RunConfig,
         dir: &Path,
