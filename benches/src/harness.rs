@@ -627,7 +627,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         c.limit_train,
         c.epochs,
         c.seed,
-        if c.run_config(sid_core::Method::Sid)?.resolved_cuda_graph() {
+        if graphed(&c.run_config(sid_core::Method::Sid)?)? {
             " Single-GPU training steps are replayed from a CUDA graph (`--no-cuda-graph` runs them eagerly)."
         } else {
             ""
@@ -654,4 +654,10 @@ fn gpu_description() -> String {
         .map(|n| n.join(", "))
         .unwrap_or_else(|e| format!("names unknown ({e})"));
     format!(", {} CUDA device(s): {names}", tch::Cuda::device_count())
+}
+
+/// Whether the single-device trainer of `cfg` replays its steps from a CUDA graph.
+fn graphed(cfg: &sid_train::RunConfig) -> anyhow::Result<bool> {
+    let plan = sid_train::Plan::resolve(cfg, cfg.runtime.gpus.devices(), false, false)?;
+    Ok(plan.graphs == sid_train::Graphs::WholeStep)
 }

@@ -78,3 +78,34 @@ pub fn interleaved(
     }
     Ok(all)
 }
+
+/// The stage cut a user's run of a `(backbone, modules, stages)` network with these settings
+/// gets on as many devices like `device` as stages: sid-train's plan, so `auto` is what
+/// `sid-launch` would choose. CPU stages are timed with one thread each, as the benchmarks
+/// run them.
+pub(crate) fn user_cut(
+    (model, modules, stages): (sid_core::ExtractorKind, usize, usize),
+    batch_size: i64,
+    micro_batches: usize,
+    placement: &str,
+    device: tch::Device,
+) -> anyhow::Result<sid_core::StagePlan> {
+    let mut cfg = sid_train::RunConfig::default();
+    cfg.model.extractor = model;
+    cfg.model.modules = modules;
+    cfg.model.stages = stages;
+    cfg.optim.batch_size = batch_size;
+    cfg.runtime.micro_batches = Some(micro_batches);
+    cfg.runtime.placement = Some(placement.to_string());
+    if device == tch::Device::Cpu {
+        cfg.runtime.threads = Some(1);
+    }
+    let plan = sid_train::Plan::resolve(&cfg, &vec![device; stages], false, true)?;
+    for note in &plan.notes {
+        println!("{note}");
+    }
+    match plan.layout {
+        sid_train::Layout::Stages { cut, .. } => Ok(cut),
+        _ => Ok(sid_core::StagePlan::even(&cfg.model_config(), 1)?),
+    }
+}

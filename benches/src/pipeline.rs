@@ -319,22 +319,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.steps
     );
     for &k in &args.stages {
-        let plan = match args.placement.as_str() {
-            "auto" => {
-                if on_cpu {
-                    tch::set_num_threads(1);
-                }
-                let costs = sid_core::stage::profile_costs(
-                    &model,
-                    args.batch_size / args.micro_batches as i64,
-                    device,
-                    3,
-                );
-                StagePlan::balanced(&model, k, &costs)?
-            }
-            "even" => StagePlan::even(&model, k)?,
-            spec => StagePlan::parse(spec, &model)?,
-        };
+        let plan = crate::user_cut(
+            (args.model, args.modules, k),
+            args.batch_size,
+            args.micro_batches,
+            &args.placement,
+            device,
+        )?;
         let k_devices: Vec<Device> = vec![device; k];
         println!("\nK = {k}: placement {}", plan.to_spec());
         // All-cores baselines first, each alone (see workers.rs: several OpenMP thread teams

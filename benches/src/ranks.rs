@@ -106,14 +106,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         sid_runtime::serve(&cfg, &ranks)?;
         return Ok(());
     }
-    let plan = match args.placement.as_str() {
-        "auto" => {
-            let costs = sid_core::stage::profile_costs(&model, args.batch_size, Device::Cpu, 3);
-            StagePlan::balanced(&model, args.stages, &costs)?
-        }
-        "even" => StagePlan::even(&model, args.stages)?,
-        spec => StagePlan::parse(spec, &model)?,
-    };
+    let plan = crate::user_cut(
+        (args.model, args.modules, args.stages),
+        args.batch_size,
+        1,
+        &args.placement,
+        Device::Cpu,
+    )?;
     // The fair baselines first, alone (no other process running): what a user with this
     // machine would run instead — the single-device trainer and the same stages in turn, each
     // on every core.

@@ -283,38 +283,25 @@ fn run(cli: &args::Cli) -> Result<()> {
         run.dir().display()
     );
     eprintln!("{}", progress::params_line(&run.config().model_config()));
-    if !run.placement_notes().is_empty() {
-        let what = match cfg.optim.method {
-            sid_core::Method::Sid => "staged SID".to_string(),
-            sid_core::Method::Bp => {
-                format!("backprop pipeline ({})", cfg.runtime.pipeline_schedule)
-            }
-        };
-        eprintln!(
-            "{what}: {} stage(s), {} micro-batch(es) per step; placement {}",
-            cfg.model.stages,
-            run.config().resolved_micro_batches(),
-            run.config().runtime.placement.as_deref().unwrap_or("-")
-        );
-        for note in run.placement_notes() {
-            eprintln!("  {note}");
+    eprintln!("{}", run.plan());
+    for note in run.stage_notes().iter().chain(&run.plan().notes) {
+        eprintln!("  {note}");
+    }
+    if let sid_train::Layout::Paper { devices, placement } = &run.plan().layout {
+        for (k, (d, r)) in devices.iter().zip(placement.blocks()).enumerate() {
+            eprintln!(
+                "  stage {} ({}): modules {}-{}",
+                k + 2,
+                device_name(*d),
+                r.start + 1,
+                r.end
+            );
         }
-    } else if run.layout().len() > 1 {
-        let blocks: Vec<String> = run
-            .layout()
-            .iter()
-            .enumerate()
-            .map(|(k, (d, r))| {
-                format!(
-                    "worker {k} on {}: modules {}-{}",
-                    device_name(*d),
-                    r.start + 1,
-                    r.end
-                )
-            })
-            .collect();
-        eprintln!("placement: {}", blocks.join("; "));
-    } else if cfg.optim.method == sid_core::Method::Bp && run.devices().len() > 1 {
+    }
+    if cfg.optim.method == sid_core::Method::Bp
+        && run.devices().len() > 1
+        && matches!(run.plan().layout, sid_train::Layout::Whole(_))
+    {
         eprintln!("note: backprop trains end to end on the first listed device only");
     }
     if run.epochs_done() > 0 || plan.resume {

@@ -60,7 +60,16 @@ fn modes(port: &str) -> Vec<(&'static str, Vec<String>)> {
         ("paper-cpu2", v(&["--gpus", "cpu:2"])),
         (
             "staged-k2-m1",
-            v(&["--gpus", "cpu:2", "--stages", "2", "--placement", CUT]),
+            v(&[
+                "--gpus",
+                "cpu:2",
+                "--stages",
+                "2",
+                "--placement",
+                CUT,
+                "--micro-batches",
+                "1",
+            ]),
         ),
         (
             "staged-k2-m4",

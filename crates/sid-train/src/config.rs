@@ -413,51 +413,6 @@ impl RunConfig {
             .unwrap_or_else(|| self.data.dataset.augments_by_default())
     }
 
-    /// Micro-batches per step, as set or by default (see [`RunConfig::micro_batches`]).
-    pub fn resolved_micro_batches(&self) -> usize {
-        match self.runtime.micro_batches {
-            Some(m) => m,
-            None if self.optim.method == Method::Bp && self.model.stages > 1 => {
-                let most = (2 * self.model.stages as i64).min(self.optim.batch_size.max(1));
-                (1..=most)
-                    .rev()
-                    .find(|m| self.optim.batch_size % m == 0)
-                    .unwrap_or(1) as usize
-            }
-            None => 1,
-        }
-    }
-
-    /// Whether the run goes through the stage pipeline (several stages, or micro-batches).
-    pub fn staged(&self) -> bool {
-        self.model.stages > 1 || self.resolved_micro_batches() > 1
-    }
-
-    /// Whether the trainer replays whole training steps from a CUDA graph: as set, or (unset)
-    /// when the run uses exactly one GPU, is not staged, and this build has CUDA graphs. (A
-    /// staged run on several GPU stages graphs each stage instead: [`Self::stage_cuda_graphs`].)
-    pub fn resolved_cuda_graph(&self) -> bool {
-        !self.stage_cuda_graphs()
-            && self.runtime.cuda_graph.unwrap_or_else(|| {
-                sid_core::graph::CudaGraph::available()
-                    && !self.staged()
-                    && self.runtime.gpus.is_single_gpu()
-            })
-    }
-
-    /// Whether each stage of a staged SID run replays its steps from a CUDA graph of its own:
-    /// asked for (`--cuda-graph`; off by default until measured on GPUs), SID with several
-    /// stages, a GPU per stage (a GPU may repeat: streams), one micro-batch per step.
-    pub fn stage_cuda_graphs(&self) -> bool {
-        let devices = self.runtime.gpus.devices();
-        self.runtime.cuda_graph == Some(true)
-            && self.optim.method == Method::Sid
-            && self.model.stages > 1
-            && devices.len() == self.model.stages
-            && devices.iter().all(|d| matches!(d, tch::Device::Cuda(_)))
-            && self.resolved_micro_batches() == 1
-    }
-
     /// The settings (`section.key`) that differ from `saved` and may not change on a resume.
     pub fn resume_conflicts(&self, saved: &RunConfig) -> Vec<String> {
         let staged = saved.model.stages > 1;
@@ -561,87 +516,7 @@ impl RunConfig {
         }
         self.model_config().validate()?;
         self.loss_config().validate()?;
-        let devices = self.runtime.gpus.devices();
-        let workers = devices.len();
-        if self.model.precision == sid_core::Precision::Bf16 {
-            if let Some(d) = devices.iter().find(|d| !matches!(d, tch::Device::Cuda(_))) {
-                return bad(format!(
-                    "--precision bf16 needs a CUDA device; --gpus {} puts a worker on {} (train there with --precision fp32)",
-                    self.runtime.gpus,
-                    crate::devices::device_name(*d)
-                ));
-            }
-            if !self.model.precision.available() {
-                return bad("--precision bf16: this build has no autocast (libtorch's C++ headers were not found when it was compiled; run scripts/setup.sh and rebuild)".into());
-            }
-        }
-        let asked = self.runtime.cuda_graph == Some(true);
-        if asked && !matches!(devices[..], [tch::Device::Cuda(_)]) && !self.stage_cuda_graphs() {
-            return bad(format!(
-                "--cuda-graph needs exactly one GPU (--gpus N), or staged SID with a GPU per stage and one micro-batch (--stages K --gpus 0,1,..); got --gpus {}",
-                self.runtime.gpus
-            ));
-        }
-        if asked && !sid_core::graph::CudaGraph::available() {
-            return bad("--cuda-graph: this build has no CUDA graphs (CUDA headers were not found when it was compiled; run scripts/setup.sh and rebuild)".into());
-        }
-        let micro = self.resolved_micro_batches();
-        if self.model.stages == 0 || micro == 0 || self.runtime.data_parallel == 0 {
-            return bad("--stages, --micro-batches and --data-parallel must be at least 1".into());
-        }
-        // The micro-batch check first: with one replica it is the whole story, and its message
-        // names the flag at fault.
-        if micro as i64 > self.optim.batch_size || self.optim.batch_size % micro as i64 != 0 {
-            return bad(format!(
-                "--micro-batches {micro} does not divide --batch-size {} into equal micro-batches",
-                self.optim.batch_size
-            ));
-        }
-        if self.optim.batch_size % self.runtime.data_parallel as i64 != 0
-            || (self.optim.batch_size / self.runtime.data_parallel as i64) % micro as i64 != 0
-        {
-            return bad(format!(
-                "--batch-size {} does not split into {} equal replica shards of {micro} equal micro-batches",
-                self.optim.batch_size, self.runtime.data_parallel
-            ));
-        }
-        // The paper's SID on several devices takes micro-batches too, with its own placement.
-        let paper = self.optim.method == Method::Sid
-            && self.model.stages == 1
-            && self.runtime.data_parallel == 1
-            && workers > 1;
-        if self.staged() && !paper {
-            if asked && !self.stage_cuda_graphs() {
-                return bad(
-                    "--cuda-graph with --stages needs staged SID, a GPU per stage (--gpus 0,1 or 0,0) and one micro-batch per step; leave it off otherwise"
-                        .into(),
-                );
-            }
-            let model = self.model_config();
-            let core = |e: sid_core::CoreError| TrainError::Config(e.to_string());
-            sid_core::StagePlan::even(&model, self.model.stages).map_err(core)?;
-            match self.runtime.placement.as_deref() {
-                None | Some("auto") | Some("even") => {}
-                Some(spec) => {
-                    let plan = sid_core::StagePlan::parse(spec, &model).map_err(core)?;
-                    if plan.len() != self.model.stages {
-                        return bad(format!(
-                            "--placement {spec} has {} stages but --stages is {}",
-                            plan.len(),
-                            self.model.stages
-                        ));
-                    }
-                }
-            }
-            if workers != 1 && workers != self.model.stages {
-                return bad(format!(
-                    "--stages {} on {workers} devices (--gpus {}): give one device (the stages then run one after another) or one per stage",
-                    self.model.stages, self.runtime.gpus
-                ));
-            }
-        } else if let Some(spec) = &self.runtime.placement {
-            sid_runtime::Placement::parse(spec, self.model.modules, workers)?;
-        }
+        crate::plan::Plan::check(self)?;
         if let Some(f) = &self.runtime.inject_fault {
             #[cfg(feature = "fault-injection")]
             sid_runtime::Fault::parse(f)?;
@@ -719,44 +594,6 @@ mod tests {
         assert_eq!(flag_of("optim.alpha"), "--alpha");
         assert_eq!(flag_of("model.extractor"), "--model");
         assert_eq!(flag_of("data.label_noise"), "--label-noise");
-    }
-
-    #[test]
-    fn cuda_graph_is_on_by_default_for_exactly_one_gpu() {
-        let on = |spec: &str, graph: Option<bool>| {
-            with(|c| {
-                c.runtime.gpus = gpus(spec);
-                c.runtime.cuda_graph = graph;
-            })
-        };
-        let built_in = sid_core::graph::CudaGraph::available();
-        assert_eq!(on("0", None).resolved_cuda_graph(), built_in);
-        assert_eq!(on("3", None).resolved_cuda_graph(), built_in);
-        assert!(!on("0", Some(false)).resolved_cuda_graph());
-        for spec in ["cpu", "cpu:2", "0,1", "0,0"] {
-            assert!(!on(spec, None).resolved_cuda_graph(), "{spec}");
-            assert!(on(spec, None).validate().is_ok(), "{spec}");
-            assert!(on(spec, Some(true)).validate().is_err(), "{spec}");
-        }
-        // Staged SID with a GPU per stage graphs each stage instead, when asked.
-        let staged = |spec: &str, micro: usize| {
-            with(|c| {
-                c.runtime.gpus = gpus(spec);
-                c.runtime.cuda_graph = Some(true);
-                c.model.stages = 2;
-                c.runtime.micro_batches = Some(micro);
-            })
-        };
-        for spec in ["0,0", "0,1"] {
-            let c = staged(spec, 1);
-            assert!(c.stage_cuda_graphs() && !c.resolved_cuda_graph(), "{spec}");
-            if built_in {
-                assert!(c.validate().is_ok(), "{spec}");
-            }
-        }
-        assert!(!staged("0,1", 2).stage_cuda_graphs());
-        assert!(!staged("cpu:2", 1).stage_cuda_graphs());
-        assert!(staged("cpu:2", 1).validate().is_err());
     }
 
     #[test]

@@ -62,6 +62,8 @@ pub(crate) fn saved_config_on(dir: &Path, gpus: Option<&str>) -> Result<RunConfi
         }
     }
     cfg.runtime.inject_fault = None;
+    // A checkpoint moves between world sizes: one process evaluates what replicas trained.
+    cfg.runtime.data_parallel = 1;
     Ok(cfg)
 }
 
@@ -77,7 +79,8 @@ pub(crate) fn load_network(
     let devices = cfg.runtime.gpus.resolve()?;
     let mut cfg = cfg.clone();
     cfg.data.loaded_shape = Some(shape);
-    let mut net = crate::network::build_network(&cfg, &devices)?.net;
+    let plan = crate::plan::Plan::resolve(&cfg, &devices, false, false)?;
+    let mut net = crate::network::build_network(&cfg, &plan, None)?.net;
     net.load_state(&named).map_err(|e| TrainError::Checkpoint {
         path: path.clone(),
         reason: e.to_string(),

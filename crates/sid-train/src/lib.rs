@@ -13,12 +13,14 @@ pub mod eval;
 mod graph_step;
 pub mod metrics;
 pub mod network;
+pub mod plan;
 pub mod predict;
 pub mod trainer;
 
 pub use config::RunConfig;
 pub use error::{Result, TrainError};
 pub use metrics::EpochMetrics;
-pub use network::{build_network, build_network_on, Built};
+pub use network::{build_network, Built};
+pub use plan::{Graphs, Layout, Plan};
 pub use sid_runtime::BpSchedule;
 pub use trainer::{evaluate, Event, Run, Summary};

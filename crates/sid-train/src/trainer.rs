@@ -12,7 +12,8 @@ use tch::Device;
 use crate::checkpoint::{self, Position, CHECKPOINT_FILE};
 use crate::config::RunConfig;
 use crate::metrics::{self, EpochMetrics};
-use crate::network::{build_network_on, Built};
+use crate::network::{build_network, Built};
+use crate::plan::{Graphs, Plan};
 use crate::{Result, TrainError};
 
 /// File names inside a run directory.
@@ -24,6 +25,9 @@ pub const SUMMARY_FILE: &str = "summary.json";
 /// What an input image must be made into for the saved model, and the class names
 /// ([`sid_data::InputSpec`]): what `sid-launch predict` reads instead of the data set.
 pub const INPUT_FILE: &str = "input.json";
+
+/// The resolved plan, beside the config (see [`crate::plan`]).
+pub const PLAN_FILE: &str = "plan.toml";
 
 /// Writes the data's [`sid_data::InputSpec`] into the run directory.
 fn write_input_spec(dir: &Path, data: &Dataset) -> Result<()> {
@@ -103,12 +107,23 @@ pub struct Run {
     net: Box<dyn Network>,
     layout: Vec<(Device, std::ops::Range<usize>)>,
     notes: Vec<String>,
+    plan: Plan,
     position: Position,
     /// Notices found while opening the run, handed to the first `train` call's events.
     notices: Vec<String>,
-    /// Rank 0 of a multi-process run: the network is linked to other processes, which a CUDA
-    /// graph cannot capture.
-    ranks: bool,
+}
+
+/// The plan of a run on `devices` (`--gpus`), or on this rank's device when `rdv` links it to
+/// other ranks.
+fn resolve_plan(
+    cfg: &RunConfig,
+    devices: &[Device],
+    rdv: Option<&crate::distributed::Rendezvous>,
+) -> Result<Plan> {
+    match rdv {
+        Some(r) => Plan::resolve(cfg, &[r.device()], true, true),
+        None => Plan::resolve(cfg, devices, false, true),
+    }
 }
 
 /// On a GPU the data set lives on the input device (Fashion-MNIST and CIFAR take well under a
@@ -158,15 +173,16 @@ impl Run {
         let devices = cfg.runtime.gpus.resolve()?;
         let data = load_data(&cfg)?;
         cfg.data.loaded_shape = Some(data.shape);
-        let built = build_network_on(&cfg, &devices, rdv)?;
+        let plan = resolve_plan(&cfg, &devices, rdv)?;
+        let built = build_network(&cfg, &plan, rdv)?;
         let data = data_on_input_device(data, built.net.as_ref());
-        cfg.runtime.placement = built.placement.clone();
-        let notes = built.notes;
         // Save what was resolved, not what was left to defaults.
+        cfg.runtime.placement = plan.placement();
+        cfg.runtime.micro_batches = Some(plan.micro_batches);
         cfg.data.augment = Some(cfg.resolved_augment());
-        cfg.runtime.micro_batches = Some(cfg.resolved_micro_batches());
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
+        checkpoint::write_atomic(&dir.join(PLAN_FILE), plan.to_toml().as_bytes())?;
         write_input_spec(dir, &data)?;
         let position = Position::start(cfg.optim.method, cfg.optim.seed);
         Ok(Self {
@@ -176,10 +192,10 @@ impl Run {
             data,
             net: built.net,
             layout: built.layout,
-            notes,
+            notes: built.notes,
+            plan,
             position,
             notices: Vec::new(),
-            ranks: rdv.is_some(),
         })
     }
 
@@ -226,20 +242,22 @@ impl Run {
         let devices = cfg.runtime.gpus.resolve()?;
         let data = load_data(&cfg)?;
         cfg.data.loaded_shape = Some(data.shape);
+        let plan = resolve_plan(&cfg, &devices, rdv)?;
         let Built {
             mut net,
             layout,
-            placement,
             notes,
-        } = build_network_on(&cfg, &devices, rdv)?;
+        } = build_network(&cfg, &plan, rdv)?;
         let data = data_on_input_device(data, net.as_ref());
-        cfg.runtime.placement = placement;
+        cfg.runtime.placement = plan.placement();
+        cfg.runtime.micro_batches = Some(plan.micro_batches);
         net.load_state(&named).map_err(|e| TrainError::Checkpoint {
             path: ckpt_path.clone(),
             reason: e.to_string(),
         })?;
         let kept = metrics::truncate_to(&dir.join(METRICS_FILE), position.epochs_done)?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
+        checkpoint::write_atomic(&dir.join(PLAN_FILE), plan.to_toml().as_bytes())?;
         // Runs from before input.json get one.
         write_input_spec(dir, &data)?;
         Ok(Self {
@@ -250,16 +268,20 @@ impl Run {
             net,
             layout,
             notes,
+            plan,
             position,
             notices: kept.dropped_last_line.into_iter().collect(),
-            ranks: rdv.is_some(),
         })
     }
 
-    /// What the user should know about how the network was placed (staged runs: each stage
-    /// and, with `--placement auto`, the balance it predicts).
-    pub fn placement_notes(&self) -> &[String] {
+    /// Each stage (and replica) of a pipeline, described for the user.
+    pub fn stage_notes(&self) -> &[String] {
         &self.notes
+    }
+
+    /// The run's resolved plan.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
     }
 
     /// Each device and its 0-based module block, in cascade order.
@@ -356,7 +378,7 @@ impl Run {
         let mut tracked: Vec<Device> = vec![device];
         tracked.extend(self.layout.iter().map(|(d, _)| *d));
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
-        let graph = self.cfg.resolved_cuda_graph() && !self.ranks;
+        let graph = self.plan.graphs == Graphs::WholeStep;
         let mut stepper = crate::graph_step::GraphStepper::new(device, graph)?;
         while self.position.epochs_done < self.cfg.optim.epochs {
             let epoch = self.position.epochs_done + 1;
