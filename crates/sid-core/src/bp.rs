@@ -36,7 +36,7 @@ impl BpNetwork {
         cfg.precision.check(device)?;
         // Drawn on the CPU, then moved: the same seed gives SID's initial weights on any device.
         let mut vs = VarStore::new(Device::Cpu);
-        let extractor = Extractor::new(&(vs.root() / "extractor"), cfg);
+        let extractor = Extractor::new(&(vs.root() / "extractor"), cfg)?;
         let modules = (0..cfg.modules)
             .map(|i| {
                 let p = vs.root() / module_prefix(i);

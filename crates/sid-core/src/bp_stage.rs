@@ -11,13 +11,12 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use tch::nn::{Module, ModuleT, VarStore};
+use tch::nn::{Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief, BeliefModule};
-use crate::config::ModelConfig;
-use crate::extractor::{build_block, build_head, forward_blocks, Block, BlockLayout, Neck};
+use crate::extractor::{forward_blocks, Block, Net};
 use crate::loss::cross_entropy;
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::{forward_all_f32, forward_f32};
@@ -30,8 +29,8 @@ pub struct BpStage {
     index: usize,
     last: bool,
     vs: VarStore,
-    blocks: Vec<Block>,
-    head: Option<(Neck, Vec<BeliefModule>)>,
+    blocks: Vec<Box<dyn Block>>,
+    head: Option<(Box<dyn Module>, Vec<BeliefModule>)>,
     opt: Adam,
     adam_prefix: String,
     num_classes: i64,
@@ -89,33 +88,24 @@ fn accumulate(params: &[Tensor], grads: &[Tensor]) -> Result<()> {
 
 /// Builds the BP stages for `blocks` (one range of blocks per stage) on the CPU, drawing the
 /// weights in [`crate::BpNetwork`]'s order: one seed gives both the same network.
-pub fn build_bp_stages(
-    cfg: &ModelConfig,
+pub fn build_bp_stages<'a>(
+    net: impl Into<Net<'a>>,
     lr: f64,
     blocks: &[Range<usize>],
 ) -> Result<Vec<BpStage>> {
+    let net = net.into();
+    let cfg = net.model;
     cfg.validate()?;
     cfg.precision.check(Device::Cpu)?;
     let k = blocks.len();
-    let n = BlockLayout::of(cfg).len();
-    if k == 0 || blocks.iter().any(|r| r.is_empty()) || blocks.last().map(|r| r.end) != Some(n) {
-        return Err(CoreError::InvalidConfig(format!(
-            "backprop stages must cut the {n} blocks into non-empty consecutive ranges"
-        )));
-    }
     let stores: Vec<VarStore> = (0..k).map(|_| VarStore::new(Device::Cpu)).collect();
-    let mut built: Vec<Vec<Block>> = (0..k).map(|_| Vec::new()).collect();
-    for i in 0..n {
-        let s = blocks.iter().position(|r| r.contains(&i)).expect("covered");
-        built[s].push(build_block(&(stores[s].root() / "extractor"), cfg, i));
-    }
+    let (built, head) = net.build_cut(&stores, blocks)?;
     let last = &stores[k - 1];
-    let head = build_head(&(last.root() / "extractor"), cfg);
     let modules = (0..cfg.modules)
         .map(|i| BeliefModule::new(&(last.root() / module_prefix(i)), cfg))
         .collect();
     let mut head = Some((head, modules));
-    let names = crate::extractor::block_names(cfg);
+    let names = net.backbone.block_names();
     Ok(stores
         .into_iter()
         .zip(built)
@@ -486,7 +476,7 @@ impl Unit for BpStage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ExtractorKind;
+    use crate::config::{ExtractorKind, ModelConfig};
     use crate::{BpNetwork, Network};
     use tch::Kind;
 

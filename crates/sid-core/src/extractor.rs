@@ -1,14 +1,191 @@
 //! Feature extractors `c(x; θ_c) → z ∈ R^d`, written as a list of blocks and a head.
 //!
-//! A backbone is a sequence of [`Block`]s followed by a [`Neck`] (global pool + linear to `d`,
-//! the extractor's own head). Staged SID ([`crate::stage`]) cuts the block list into
-//! consecutive slices; every slice but the last gets a neck of its own.
+//! A backbone ([`Backbone`]) is a sequence of [`Block`]s followed by a head (by default a
+//! [`Neck`]: global pool + linear to `d`). Staged SID ([`crate::stage`]) cuts the block list
+//! into consecutive slices; every slice but the last gets a neck of its own. The built-in
+//! backbones ([`ExtractorKind`]) are the [`Backbone`] of a [`ModelConfig`]; a program can hand
+//! in its own through [`Net`].
 
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
 use crate::config::{ExtractorKind, ModelConfig};
 use crate::init::{ConvShape, Init};
+use crate::{CoreError, Result};
+
+/// One block of a backbone: the unit a stage boundary may fall after. Implement it for your
+/// own layers (see [`Backbone`]).
+pub trait Block: std::fmt::Debug + Send {
+    /// The block on `xs`. `train` is BatchNorm's (or dropout's) mode: `true` in training
+    /// steps, `false` for inference; blocks without such layers ignore it.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor;
+
+    /// The per-sample shape of its output (`[c, h, w]` for images, `[n, width]` for token
+    /// sequences, `[features]` for flat features): what a stage's neck reads.
+    fn output_shape(&self) -> Vec<i64>;
+
+    /// Its trainable parameters (buffers such as running statistics not counted).
+    fn param_count(&self) -> i64;
+}
+
+/// A whole backbone: its blocks, built one by one under paths the library gives, and the head
+/// that maps the last block's output to the features `z ∈ R^d`.
+///
+/// Block `i` is built under `extractor.<block_names()[i]>`, in a variable store that the
+/// library chooses (a stage's, or the whole network's): its variables' names say which block
+/// they belong to, which the BP pipeline's split backward and checkpoints rely on. Blocks are
+/// built first to last, then the head, so one seed fixes the weights whatever the cut.
+///
+/// ```
+/// use sid_core::extractor::{Backbone, Block};
+/// use sid_core::stage::build_stages;
+/// use sid_core::{LossConfig, ModelConfig, Net, StagePlan};
+/// use tch::{nn, Device, Kind, Tensor};
+///
+/// /// conv3x3 → ReLU → 2×2 max-pool.
+/// #[derive(Debug)]
+/// struct ConvPool { conv: nn::Conv2D, shape: Vec<i64> }
+///
+/// impl Block for ConvPool {
+///     fn forward_t(&self, xs: &Tensor, _train: bool) -> Tensor {
+///         xs.apply(&self.conv).relu().max_pool2d_default(2)
+///     }
+///     fn output_shape(&self) -> Vec<i64> { self.shape.clone() }
+///     fn param_count(&self) -> i64 { self.conv.ws.numel() as i64 + self.shape[0] }
+/// }
+///
+/// /// Two ConvPool blocks on 1×8×8 images.
+/// #[derive(Debug)]
+/// struct Tiny;
+///
+/// impl Backbone for Tiny {
+///     fn block_names(&self) -> Vec<String> { vec!["a".into(), "b".into()] }
+///     fn build_block(&self, p: &nn::Path, i: usize) -> Box<dyn Block> {
+///         let (cin, cout, side) = [(1, 4, 4), (4, 8, 2)][i];
+///         let conv = nn::conv2d(p / "conv", cin, cout, 3, nn::ConvConfig { padding: 1, ..Default::default() });
+///         Box::new(ConvPool { conv, shape: vec![cout, side, side] })
+///     }
+/// }
+///
+/// let model = ModelConfig { image_size: 8, modules: 2, feature_dim: 16, ..ModelConfig::default() };
+/// let net = Net::new(&model, &Tiny);
+/// let plan = StagePlan::even(net, 2).unwrap(); // a block and a module per stage
+/// let stages = build_stages(net, LossConfig::default(), 1e-3, &plan).unwrap();
+/// assert_eq!(stages.len(), 2);
+/// ```
+pub trait Backbone: std::fmt::Debug + Send + Sync {
+    /// What messages call it.
+    fn name(&self) -> String {
+        "custom".into()
+    }
+
+    /// Each block's name, first to last (distinct, no dots): block `i`'s variables live under
+    /// `extractor.<name>.`.
+    fn block_names(&self) -> Vec<String>;
+
+    /// Builds block `i` (0-based) with its variables under `p` (`extractor.<name>`).
+    fn build_block(&self, p: &nn::Path, i: usize) -> Box<dyn Block>;
+
+    /// Builds the head under `p` (`extractor`): the last block's output, of per-sample shape
+    /// `last`, to `model.feature_dim` features. By default a [`Neck`] (`extractor.fc`).
+    fn build_head(&self, p: &nn::Path, last: &[i64], model: &ModelConfig) -> Box<dyn Module> {
+        Box::new(Neck::new(p, last, model.feature_dim, model.init))
+    }
+}
+
+/// Blocks of a backbone (all, or a stage's), first to last.
+pub(crate) type Blocks = Vec<Box<dyn Block>>;
+
+/// A network's sizes ([`ModelConfig`]: classes, `d`, modules, precision) with the backbone it
+/// runs: the built-in one `model.extractor` names (`Net::from(&model)`), or your own.
+#[derive(Debug, Clone, Copy)]
+pub struct Net<'a> {
+    /// Sizes of the features and modules.
+    pub model: &'a ModelConfig,
+    /// The blocks and the head.
+    pub backbone: &'a dyn Backbone,
+}
+
+impl<'a> From<&'a ModelConfig> for Net<'a> {
+    fn from(model: &'a ModelConfig) -> Self {
+        Self {
+            model,
+            backbone: model,
+        }
+    }
+}
+
+impl<'a> Net<'a> {
+    /// `model`'s sizes with `backbone`.
+    pub fn new(model: &'a ModelConfig, backbone: &'a dyn Backbone) -> Self {
+        Self { model, backbone }
+    }
+
+    /// Number of backbone blocks.
+    pub fn blocks(&self) -> usize {
+        self.backbone.block_names().len()
+    }
+
+    /// Builds every block, first to last, block `i` under `path(i) / <its name>`.
+    pub(crate) fn build_blocks<'p>(
+        &self,
+        mut path: impl FnMut(usize) -> nn::Path<'p>,
+    ) -> Result<Vec<Box<dyn Block>>> {
+        let names = self.backbone.block_names();
+        if names.is_empty() {
+            return Err(CoreError::InvalidConfig(format!(
+                "the {} backbone has no blocks",
+                self.backbone.name()
+            )));
+        }
+        Ok(names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| self.backbone.build_block(&(path(i) / name.as_str()), i))
+            .collect())
+    }
+
+    /// Builds every block into `stores[s]` (under `extractor`) for the stage `s` whose range
+    /// of `cuts` holds it, first to last, then the head into the last store: the blocks of
+    /// each stage and the head.
+    pub(crate) fn build_cut(
+        &self,
+        stores: &[nn::VarStore],
+        cuts: &[std::ops::Range<usize>],
+    ) -> Result<(Vec<Blocks>, Box<dyn Module>)> {
+        let n = self.blocks();
+        let mut next = 0;
+        let consecutive = cuts.iter().all(|r| {
+            let ok = r.start == next && r.end > r.start;
+            next = r.end;
+            ok
+        });
+        if cuts.is_empty() || !consecutive || next != n {
+            return Err(CoreError::InvalidConfig(format!(
+                "stages must cut the {n} blocks of the {} backbone into non-empty consecutive ranges",
+                self.backbone.name()
+            )));
+        }
+        let stage = |i: usize| cuts.iter().position(|r| r.contains(&i)).expect("covered");
+        let mut blocks = self
+            .build_blocks(|i| stores[stage(i)].root() / "extractor")?
+            .into_iter();
+        let head_path = stores[cuts.len() - 1].root() / "extractor";
+        let cut: Vec<Blocks> = cuts
+            .iter()
+            .map(|r| blocks.by_ref().take(r.len()).collect())
+            .collect();
+        let head = self.build_head(&head_path, &cut[cut.len() - 1]);
+        Ok((cut, head))
+    }
+
+    /// Builds the head under `p`, after `blocks` (all of them, or a stage's last ones).
+    pub(crate) fn build_head(&self, p: &nn::Path, blocks: &[Box<dyn Block>]) -> Box<dyn Module> {
+        let last = blocks.last().expect("built backbones have blocks");
+        self.backbone
+            .build_head(p, &last.output_shape(), self.model)
+    }
+}
 
 /// Width of the hidden layer of the MLP extractor.
 pub const MLP_HIDDEN: i64 = 512;
@@ -56,7 +233,7 @@ pub fn vit_patch(image_size: i64) -> i64 {
 /// A max-pool after a convolution: 2×2 stride 2 (VGG, SimpleCNN), or ResNet's 3×3 stride 2
 /// with padding 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MaxPool(ConvShape);
+struct MaxPool(ConvShape);
 
 impl MaxPool {
     const TWO: Self = Self(ConvShape::new(2, 2, 0));
@@ -77,7 +254,7 @@ impl MaxPool {
 /// A ResNet BasicBlock: conv3x3(stride)-BN-ReLU, conv3x3-BN, plus the shortcut (1×1 conv-BN
 /// where the shape changes), then ReLU.
 #[derive(Debug)]
-pub struct BasicBlock {
+struct BasicBlock {
     conv1: nn::Conv2D,
     bn1: nn::BatchNorm,
     conv2: nn::Conv2D,
@@ -88,7 +265,7 @@ pub struct BasicBlock {
 /// ViT's patch embedding: a patch×patch convolution of stride patch, the class token in
 /// front, learned position embeddings added.
 #[derive(Debug)]
-pub struct PatchEmbed {
+struct PatchEmbed {
     proj: nn::Conv2D,
     cls_token: Tensor,
     pos_embed: Tensor,
@@ -96,7 +273,7 @@ pub struct PatchEmbed {
 
 /// A pre-norm transformer encoder block: x + MHSA(LN(x)), then x + MLP(LN(x)) (GELU).
 #[derive(Debug)]
-pub struct EncoderBlock {
+struct EncoderBlock {
     norm1: nn::LayerNorm,
     qkv: nn::Linear,
     proj: nn::Linear,
@@ -136,9 +313,9 @@ fn batch_norm(bn: &nn::BatchNorm, xs: &Tensor, train: bool) -> Tensor {
     xs.apply_t(bn, train && per_channel > 1)
 }
 
-/// One block of a backbone: the unit a stage boundary may fall after.
+/// A layer of the built-in backbones.
 #[derive(Debug)]
-pub enum Block {
+enum Layer {
     /// conv3x3 (padding 1) → ReLU, then an optional 2×2 max-pool (SimpleCNN).
     Conv {
         /// The convolution.
@@ -168,9 +345,9 @@ pub enum Block {
     Encoder(Box<EncoderBlock>),
 }
 
-impl ModuleT for Block {
+impl Layer {
     /// `train` picks BatchNorm's batch statistics (and updates its running ones) over its
-    /// running statistics; the blocks without BatchNorm ignore it.
+    /// running statistics; the layers without BatchNorm ignore it.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         match self {
             Self::Conv { conv, pool } => {
@@ -213,6 +390,28 @@ impl ModuleT for Block {
                 h + m
             }
         }
+    }
+}
+
+/// A block of a built-in backbone: its layer, output shape and parameter count.
+#[derive(Debug)]
+struct Builtin {
+    layer: Layer,
+    shape: Vec<i64>,
+    params: i64,
+}
+
+impl Block for Builtin {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.layer.forward_t(xs, train)
+    }
+
+    fn output_shape(&self) -> Vec<i64> {
+        self.shape.clone()
+    }
+
+    fn param_count(&self) -> i64 {
+        self.params
     }
 }
 
@@ -517,25 +716,50 @@ impl ParamCounts {
     }
 }
 
-/// Each block's name, first to last: its variables are `extractor.<name>.*`.
-pub fn block_names(cfg: &ModelConfig) -> Vec<String> {
-    specs(cfg).into_iter().map(|(name, _, _)| name).collect()
+/// The built-in backbone `extractor` names, for inputs of `in_channels` × `image_size`², its
+/// layers initialised by `init`. Variables: `conv{i+1}` for the CNN and `fc1` for the MLP (the
+/// names the whole extractor has always had); `block{i+1}.conv` and `.bn` for VGG-11; `stem`
+/// and `layer{l}_{b}` for ResNet-18; `patch_embed` and `block{j}` for ViT-Tiny. Heads: `fc` for
+/// the CNN, VGG-11 and ResNet-18, `fc2` for the MLP, `head.norm` and `head.fc` for ViT-Tiny.
+impl Backbone for ModelConfig {
+    fn name(&self) -> String {
+        self.extractor.to_string()
+    }
+
+    fn block_names(&self) -> Vec<String> {
+        specs(self).into_iter().map(|(name, _, _)| name).collect()
+    }
+
+    fn build_block(&self, p: &nn::Path, i: usize) -> Box<dyn Block> {
+        let (_, spec, shape) = specs(self).swap_remove(i);
+        Box::new(Builtin {
+            layer: build_layer(p, spec, self.init),
+            shape,
+            params: spec.params(),
+        })
+    }
+
+    fn build_head(&self, p: &nn::Path, last: &[i64], model: &ModelConfig) -> Box<dyn Module> {
+        let (d, init) = (model.feature_dim, model.init);
+        Box::new(match self.extractor {
+            ExtractorKind::Mlp => Neck::named(p, "fc2", last, d, init),
+            ExtractorKind::VitTiny => Neck::named(&(p / "head"), "fc", last, d, init),
+            ExtractorKind::Cnn | ExtractorKind::Vgg11 | ExtractorKind::Resnet18 => {
+                Neck::named(p, "fc", last, d, init)
+            }
+        })
+    }
 }
 
-/// Builds block `i` (0-based) of `cfg`'s extractor under `p`. Variables: `conv{i+1}` for the
-/// CNN and `fc1` for the MLP (the names the whole extractor has always had); `block{i+1}.conv`
-/// and `.bn` for VGG-11; `stem` and `layer{l}_{b}` for ResNet-18; `patch_embed` and
-/// `block{j}` for ViT-Tiny.
-pub fn build_block(p: &nn::Path, cfg: &ModelConfig, i: usize) -> Block {
-    let (name, spec, _) = specs(cfg).swap_remove(i);
-    let p = p / name;
-    let init = cfg.init;
+/// Builds the layer `spec` describes under `p`.
+fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
+    let p = p.clone();
     match spec {
-        Spec::Conv { cin, cout, pool } => Block::Conv {
+        Spec::Conv { cin, cout, pool } => Layer::Conv {
             conv: crate::init::conv3x3(p, cin, cout, init),
             pool,
         },
-        Spec::Dense { inputs, outputs } => Block::Dense {
+        Spec::Dense { inputs, outputs } => Layer::Dense {
             fc: crate::init::linear(p, inputs, outputs, init),
         },
         Spec::ConvBn {
@@ -544,14 +768,14 @@ pub fn build_block(p: &nn::Path, cfg: &ModelConfig, i: usize) -> Block {
             conv,
             bias,
             pool,
-        } => Block::ConvBn {
+        } => Layer::ConvBn {
             conv: crate::init::conv(&p / "conv", cin, cout, conv, bias, init),
             bn: crate::init::batch_norm2d(&p / "bn", cout),
             pool,
         },
         Spec::Basic { cin, cout, stride } => {
             let c3 = |s| ConvShape::new(3, s, 1);
-            Block::Basic(Box::new(BasicBlock {
+            Layer::Basic(Box::new(BasicBlock {
                 conv1: crate::init::conv(&p / "conv1", cin, cout, c3(stride), false, init),
                 bn1: crate::init::batch_norm2d(&p / "bn1", cout),
                 conv2: crate::init::conv(&p / "conv2", cout, cout, c3(1), false, init),
@@ -571,7 +795,7 @@ pub fn build_block(p: &nn::Path, cfg: &ModelConfig, i: usize) -> Block {
                 }),
             }))
         }
-        Spec::Patch { cin, patch, tokens } => Block::Patch(Box::new(PatchEmbed {
+        Spec::Patch { cin, patch, tokens } => Layer::Patch(Box::new(PatchEmbed {
             proj: crate::init::conv(
                 &p / "proj",
                 cin,
@@ -594,7 +818,7 @@ pub fn build_block(p: &nn::Path, cfg: &ModelConfig, i: usize) -> Block {
         Spec::Encoder => {
             let w = VIT_WIDTH;
             let hidden = w * VIT_MLP_RATIO;
-            Block::Encoder(Box::new(EncoderBlock {
+            Layer::Encoder(Box::new(EncoderBlock {
                 norm1: crate::init::layer_norm(&p / "norm1", w),
                 qkv: crate::init::linear(&p / "qkv", w, 3 * w, init),
                 proj: crate::init::linear(&p / "proj", w, w, init),
@@ -603,21 +827,6 @@ pub fn build_block(p: &nn::Path, cfg: &ModelConfig, i: usize) -> Block {
                 fc2: crate::init::linear(&p / "fc2", hidden, w, init),
                 heads: VIT_HEADS,
             }))
-        }
-    }
-}
-
-/// Builds the extractor's head (its last neck) under `p`: `fc` for the CNN, VGG-11 and
-/// ResNet-18, `fc2` for the MLP, `head.norm` and `head.fc` for ViT-Tiny.
-pub fn build_head(p: &nn::Path, cfg: &ModelConfig) -> Neck {
-    let layout = BlockLayout::of(cfg);
-    let shape = layout.shapes.last().expect("a backbone has blocks");
-    let d = cfg.feature_dim;
-    match cfg.extractor {
-        ExtractorKind::Mlp => Neck::named(p, "fc2", shape, d, cfg.init),
-        ExtractorKind::VitTiny => Neck::named(&(p / "head"), "fc", shape, d, cfg.init),
-        ExtractorKind::Cnn | ExtractorKind::Vgg11 | ExtractorKind::Resnet18 => {
-            Neck::named(p, "fc", shape, d, cfg.init)
         }
     }
 }
@@ -634,18 +843,18 @@ pub fn build_head(p: &nn::Path, cfg: &ModelConfig) -> Neck {
 /// (width 192, 3 heads), LayerNorm of the class token, linear(192→d).
 #[derive(Debug)]
 pub struct Extractor {
-    blocks: Vec<Block>,
-    head: Neck,
+    blocks: Vec<Box<dyn Block>>,
+    head: Box<dyn Module>,
 }
 
 impl Extractor {
-    /// Creates the extractor's variables under `p`, in a fixed order so that a seed fixes them.
-    pub fn new(p: &nn::Path, cfg: &ModelConfig) -> Self {
-        let blocks = (0..BlockLayout::of(cfg).len())
-            .map(|i| build_block(p, cfg, i))
-            .collect();
-        let head = build_head(p, cfg);
-        Self { blocks, head }
+    /// Creates the extractor's variables under `p`, in a fixed order so that a seed fixes them:
+    /// the built-in backbone of a [`ModelConfig`], or any [`Net`].
+    pub fn new<'a>(p: &nn::Path, net: impl Into<Net<'a>>) -> Result<Self> {
+        let net = net.into();
+        let blocks = net.build_blocks(|_| p.clone())?;
+        let head = net.build_head(p, &blocks);
+        Ok(Self { blocks, head })
     }
 }
 
@@ -659,7 +868,7 @@ impl ModuleT for Extractor {
 }
 
 /// `xs` through `blocks`, first to last.
-pub fn forward_blocks(blocks: &[Block], xs: &Tensor, train: bool) -> Tensor {
+pub fn forward_blocks(blocks: &[Box<dyn Block>], xs: &Tensor, train: bool) -> Tensor {
     blocks
         .iter()
         .fold(xs.shallow_clone(), |h, b| b.forward_t(&h, train))
@@ -687,7 +896,7 @@ mod tests {
     /// Trainable and buffer values of `cfg`'s extractor, built for real.
     fn built_counts(cfg: &ModelConfig) -> (i64, i64) {
         let vs = nn::VarStore::new(Device::Cpu);
-        let _ = Extractor::new(&(vs.root() / "extractor"), cfg);
+        let _ = Extractor::new(&(vs.root() / "extractor"), cfg).unwrap();
         let (mut trained, mut buffers) = (0, 0);
         for t in vs.variables().values() {
             if t.requires_grad() {
@@ -822,10 +1031,16 @@ mod tests {
                 let m = cfg(kind, c, side, 6);
                 let vs = nn::VarStore::new(Device::Cpu);
                 let layout = BlockLayout::of(&m);
-                let blocks: Vec<Block> = (0..layout.len())
-                    .map(|i| build_block(&vs.root(), &m, i))
-                    .collect();
-                let head = build_head(&vs.root(), &m);
+                let net = Net::from(&m);
+                let blocks = net.build_blocks(|_| vs.root()).unwrap();
+                let trained: i64 = vs
+                    .trainable_variables()
+                    .iter()
+                    .map(|t| t.numel() as i64)
+                    .sum();
+                let counted: i64 = blocks.iter().map(|b| b.param_count()).sum();
+                assert_eq!(counted, trained, "{kind} {c}x{side}");
+                let head = net.build_head(&vs.root(), &blocks);
                 let mut h = Tensor::randn([2, c, side, side], (Kind::Float, Device::Cpu));
                 for (i, b) in blocks.iter().enumerate() {
                     // Shapes only: no graph needed.
@@ -835,6 +1050,7 @@ mod tests {
                         layout.shapes[i][..],
                         "{kind} {c}x{side} block {i}"
                     );
+                    assert_eq!(b.output_shape(), layout.shapes[i]);
                 }
                 assert_eq!(head.forward(&h).size(), [2, 6], "{kind}");
             }
@@ -865,8 +1081,8 @@ mod tests {
         tch::manual_seed(2);
         let m = cfg(ExtractorKind::VitTiny, 3, 8, 6);
         let vs = nn::VarStore::new(Device::Cpu);
-        let Block::Encoder(e) = build_block(&vs.root(), &m, 1) else {
-            panic!("block 1 of ViT is an encoder block")
+        let Layer::Encoder(e) = build_layer(&vs.root(), Spec::Encoder, m.init) else {
+            panic!("an encoder block")
         };
         let x = Tensor::randn([2, 5, VIT_WIDTH], (Kind::Float, Device::Cpu));
         let ours = e.attention(&x);
@@ -890,7 +1106,7 @@ mod tests {
         assert!(ours.allclose(&fused, 1e-5, 1e-5, false));
         let h = &x + e.attention(&x.apply(&e.norm1));
         let want = &h + h.apply(&e.norm2).apply(&e.fc1).gelu("none").apply(&e.fc2);
-        let block = Block::Encoder(e);
+        let block = Layer::Encoder(e);
         assert!(block.forward_t(&x, true).allclose(&want, 1e-6, 1e-6, false));
     }
 
@@ -902,7 +1118,7 @@ mod tests {
         tch::manual_seed(1);
         let m = cfg(ExtractorKind::Resnet18, 3, 4, 6);
         let vs = nn::VarStore::new(Device::Cpu);
-        let ext = Extractor::new(&(vs.root() / "extractor"), &m);
+        let ext = Extractor::new(&(vs.root() / "extractor"), &m).unwrap();
         let mean = || vs.variables()["extractor.stem.bn.running_mean"].copy();
         let x = Tensor::randn([4, 3, 4, 4], (Kind::Float, Device::Cpu)) * 3.0 + 1.0;
         let before = mean();
@@ -923,7 +1139,7 @@ mod tests {
         // statistics instead of failing, and leaves them alone where it cannot use its own.
         let vgg = cfg(ExtractorKind::Vgg11, 3, 4, 6);
         let vs = nn::VarStore::new(Device::Cpu);
-        let ext = Extractor::new(&(vs.root() / "extractor"), &vgg);
+        let ext = Extractor::new(&(vs.root() / "extractor"), &vgg).unwrap();
         let last = || vs.variables()["extractor.block8.bn.running_mean"].copy();
         let before = last();
         let z = ext.forward_t(&x.narrow(0, 0, 1), true);

@@ -6,7 +6,8 @@
 //!
 //! The pieces are kept separate so that the multi-device runtime can reuse them:
 //! - [`extractor`]: the feature extractors (reference SimpleCNN, small MLP, and the paper's
-//!   VGG-11-BN, ResNet-18 and ViT-Tiny), each a list of blocks and a head;
+//!   VGG-11-BN, ResNet-18 and ViT-Tiny), each a list of blocks and a head; your own through
+//!   the [`Backbone`] and [`Block`] traits, handed in as a [`Net`];
 //! - [`belief`]: the belief module (reference two-layer MLP);
 //! - [`loss`]: the local SID loss;
 //! - [`adam`]: Adam with inspectable state (checkpoints need it);
@@ -55,7 +56,7 @@ pub use belief::BeliefModule;
 pub use bp::BpNetwork;
 pub use config::{ExtractorKind, LossConfig, Method, ModelConfig};
 pub use error::CoreError;
-pub use extractor::Extractor;
+pub use extractor::{Backbone, Block, Extractor, Net};
 pub use init::Init;
 pub use network::{early_exit, Cascade, EarlyExit, ExitTracker, NamedTensors, Network, StepStats};
 pub use precision::Precision;

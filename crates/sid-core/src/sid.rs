@@ -25,7 +25,7 @@ impl SidNetwork {
         cfg.validate()?;
         loss.validate()?;
         cfg.precision.check(device)?;
-        let extractor = ExtractorUnit::new(cfg, lr, device);
+        let extractor = ExtractorUnit::new(cfg, lr, device)?;
         let modules = (0..cfg.modules)
             .map(|i| ModuleUnit::new(i, cfg, loss, lr, device))
             .collect();

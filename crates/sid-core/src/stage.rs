@@ -15,13 +15,13 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use tch::nn::{Module, ModuleT, VarStore};
+use tch::nn::{Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief};
-use crate::config::{LossConfig, ModelConfig};
-use crate::extractor::{build_block, build_head, forward_blocks, Block, BlockLayout, Neck};
+use crate::config::LossConfig;
+use crate::extractor::{forward_blocks, Block, Neck, Net};
 use crate::loss::{local_loss_for, LabelTarget};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::forward_f32;
@@ -92,10 +92,12 @@ fn parse_ranges(list: &str, what: &str) -> Result<Vec<Range<usize>>> {
 }
 
 impl StagePlan {
-    /// Checks a plan against the model: every block and module in exactly one stage, in order,
-    /// and no stage without a block or a module.
-    pub fn new(stages: Vec<StageSpec>, cfg: &ModelConfig) -> Result<Self> {
-        let blocks = BlockLayout::of(cfg).len();
+    /// Checks a plan against the network (a [`crate::ModelConfig`]'s built-in backbone, or a [`Net`]):
+    /// every block and module in exactly one stage, in order, and no stage without a block or a
+    /// module.
+    pub fn new<'a>(stages: Vec<StageSpec>, net: impl Into<Net<'a>>) -> Result<Self> {
+        let net = net.into();
+        let (blocks, cfg) = (net.blocks(), net.model);
         let k = stages.len();
         if k == 0 {
             return Err(invalid("a run needs at least one stage".into()));
@@ -103,7 +105,7 @@ impl StagePlan {
         if k > blocks {
             return Err(invalid(format!(
                 "--stages {k} is more than the {blocks} block(s) of the {} backbone, which can be cut into at most {blocks} stage(s)",
-                cfg.extractor
+                net.backbone.name()
             )));
         }
         if k > cfg.modules {
@@ -147,8 +149,9 @@ impl StagePlan {
     }
 
     /// Blocks and modules split as evenly as possible over `k` stages.
-    pub fn even(cfg: &ModelConfig, k: usize) -> Result<Self> {
-        let blocks = BlockLayout::of(cfg).len();
+    pub fn even<'a>(net: impl Into<Net<'a>>, k: usize) -> Result<Self> {
+        let net = net.into();
+        let (blocks, cfg) = (net.blocks(), net.model);
         if k == 0 || k > blocks || k > cfg.modules {
             return Self::new(
                 vec![
@@ -166,11 +169,11 @@ impl StagePlan {
             .zip(even_ranges(cfg.modules, k))
             .map(|(blocks, modules)| StageSpec { blocks, modules })
             .collect();
-        Self::new(stages, cfg)
+        Self::new(stages, net)
     }
 
     /// Parses `blocks=0-1,2-3;modules=0-4,5-9` (0-based, inclusive ranges, one per stage).
-    pub fn parse(spec: &str, cfg: &ModelConfig) -> Result<Self> {
+    pub fn parse<'a>(spec: &str, net: impl Into<Net<'a>>) -> Result<Self> {
         let mut blocks = None;
         let mut modules = None;
         for part in spec.split(';') {
@@ -202,17 +205,18 @@ impl StagePlan {
                 .zip(modules)
                 .map(|(blocks, modules)| StageSpec { blocks, modules })
                 .collect(),
-            cfg,
+            net,
         )
     }
 
     /// The cut that minimises the slowest stage's time under `costs`: every way of cutting the
     /// blocks, each with modules added one at a time to the stage that is then the fastest
     /// (modules all cost the same, so only their count per stage matters).
-    pub fn balanced(cfg: &ModelConfig, k: usize, costs: &StageCosts) -> Result<Self> {
-        let blocks = BlockLayout::of(cfg).len();
+    pub fn balanced<'a>(net: impl Into<Net<'a>>, k: usize, costs: &StageCosts) -> Result<Self> {
+        let net = net.into();
+        let (blocks, cfg) = (net.blocks(), net.model);
         if k == 0 || k > blocks || k > cfg.modules || costs.blocks.len() != blocks {
-            return Self::even(cfg, k);
+            return Self::even(net, k);
         }
         let mut best: Option<(f64, Vec<StageSpec>)> = None;
         for cut in block_cuts(blocks, k) {
@@ -238,7 +242,7 @@ impl StagePlan {
                 best = Some((worst, stages));
             }
         }
-        Self::new(best.expect("at least one cut").1, cfg)
+        Self::new(best.expect("at least one cut").1, net)
     }
 
     /// Number of stages.
@@ -312,17 +316,22 @@ pub struct StageCosts {
     pub module: f64,
 }
 
-/// Times each block of `cfg`'s backbone and one module, forward and backward, on a batch of
-/// `batch` inputs on `device` (the median of `reps` runs after one warm-up). Its layers draw
-/// their weights from libtorch's global RNG: profile before seeding, not between a seed and
-/// the network it should fix.
-pub fn profile_costs(cfg: &ModelConfig, batch: i64, device: Device, reps: usize) -> StageCosts {
+/// Times each block of the backbone and one module, forward and backward, on a batch of
+/// `batch` inputs of the model's size (`in_channels` × `image_size`²) on `device` (the median
+/// of `reps` runs after one warm-up). Its layers draw their weights from libtorch's global RNG:
+/// profile before seeding, not between a seed and the network it should fix.
+pub fn profile_costs<'a>(
+    net: impl Into<Net<'a>>,
+    batch: i64,
+    device: Device,
+    reps: usize,
+) -> StageCosts {
     let _span = tracing::info_span!("profile_stages").entered();
+    let net = net.into();
+    let cfg = net.model;
     let vs = VarStore::new(device);
-    let layout = BlockLayout::of(cfg);
-    let blocks: Vec<Block> = (0..layout.len())
-        .map(|i| build_block(&vs.root(), cfg, i))
-        .collect();
+    // A backbone without blocks has no costs; a plan for it fails on its own.
+    let blocks = net.build_blocks(|_| vs.root()).unwrap_or_default();
     let module = crate::belief::BeliefModule::new(&(vs.root() / "module"), cfg);
     let shape = [batch, cfg.in_channels, cfg.image_size, cfg.image_size];
     let numel: i64 = shape.iter().product();
@@ -378,8 +387,8 @@ pub struct Stage {
     spec: StageSpec,
     last: bool,
     vs: VarStore,
-    blocks: Vec<Block>,
-    neck: Neck,
+    blocks: Vec<Box<dyn Block>>,
+    neck: Box<dyn Module>,
     opt: Adam,
     adam_prefix: String,
     modules: Vec<ModuleUnit>,
@@ -408,12 +417,14 @@ pub struct StageOutput {
 /// network here (extractor blocks, its head, modules 1..L), then the necks of stages 1..K−1:
 /// a seed gives the same backbone and modules whatever the plan, and K = 1 has exactly
 /// [`crate::SidNetwork`]'s weights.
-pub fn build_stages(
-    cfg: &ModelConfig,
+pub fn build_stages<'a>(
+    net: impl Into<Net<'a>>,
     loss: LossConfig,
     lr: f64,
     plan: &StagePlan,
 ) -> Result<Vec<Stage>> {
+    let net = net.into();
+    let cfg = net.model;
     cfg.validate()?;
     loss.validate()?;
     cfg.precision.check(Device::Cpu)?;
@@ -425,25 +436,17 @@ pub fn build_stages(
             .expect("a checked plan covers everything")
     };
     let stores: Vec<VarStore> = (0..k).map(|_| VarStore::new(Device::Cpu)).collect();
-    let layout = BlockLayout::of(cfg);
-    let mut blocks: Vec<Vec<Block>> = (0..k).map(|_| Vec::new()).collect();
-    for i in 0..layout.len() {
-        let s = stage_of(|s| &s.blocks, i);
-        blocks[s].push(build_block(&(stores[s].root() / "extractor"), cfg, i));
-    }
-    let head = build_head(&(stores[k - 1].root() / "extractor"), cfg);
+    let cuts: Vec<Range<usize>> = plan.stages.iter().map(|s| s.blocks.clone()).collect();
+    let (blocks, head) = net.build_cut(&stores, &cuts)?;
     let mut modules: Vec<Vec<ModuleUnit>> = (0..k).map(|_| Vec::new()).collect();
     for i in 0..cfg.modules {
         modules[stage_of(|s| &s.modules, i)].push(ModuleUnit::new(i, cfg, loss, lr, Device::Cpu));
     }
-    let mut necks: Vec<Neck> = (0..k - 1)
+    let mut necks: Vec<Box<dyn Module>> = (0..k - 1)
         .map(|s| {
-            Neck::new(
-                &(stores[s].root() / format!("neck_{}", s + 1)),
-                &layout.shapes[plan.stages[s].blocks.end - 1],
-                cfg.feature_dim,
-                cfg.init,
-            )
+            let last = blocks[s].last().expect("a stage has blocks").output_shape();
+            let p = stores[s].root() / format!("neck_{}", s + 1);
+            Box::new(Neck::new(&p, &last, cfg.feature_dim, cfg.init)) as Box<dyn Module>
         })
         .collect();
     necks.push(head);
@@ -701,7 +704,7 @@ impl Unit for Stage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ExtractorKind;
+    use crate::config::{ExtractorKind, ModelConfig};
     use crate::{Network, SidNetwork};
 
     fn cfg(modules: usize) -> ModelConfig {
@@ -808,7 +811,7 @@ mod tests {
             let (s1, s2) = (&mut first[0], &mut rest[0]);
             let out = s1.forward_micro(&x, &s1.uniform(4), &s1.label_target(&y));
             let z = out.z.expect("stage 1 sends features");
-            let layout = BlockLayout::of(&c);
+            let layout = crate::extractor::BlockLayout::of(&c);
             assert_eq!(
                 z.size()[1..],
                 layout.shapes[plan.stages()[0].blocks.end - 1][..]

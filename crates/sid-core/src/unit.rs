@@ -325,19 +325,21 @@ pub struct ExtractorUnit {
 }
 
 impl ExtractorUnit {
-    /// Builds the extractor on `device` (drawn on the CPU, then moved); its variables are
+    /// Builds the extractor (a [`ModelConfig`]'s built-in backbone, or any
+    /// [`crate::Net`]) on `device` (drawn on the CPU, then moved); its variables are
     /// `extractor.*`.
-    pub fn new(cfg: &ModelConfig, lr: f64, device: Device) -> Self {
+    pub fn new<'a>(net: impl Into<crate::Net<'a>>, lr: f64, device: Device) -> Result<Self> {
+        let net = net.into();
         let mut vs = VarStore::new(Device::Cpu);
-        let net = Extractor::new(&(vs.root() / "extractor"), cfg);
+        let extractor = Extractor::new(&(vs.root() / "extractor"), net)?;
         vs.set_device(device);
         let opt = Adam::for_var_store(&vs, lr);
-        Self {
+        Ok(Self {
             vs,
-            net,
+            net: extractor,
             opt,
-            precision: cfg.precision,
-        }
+            precision: net.model.precision,
+        })
     }
 
     /// Where the parameters live.

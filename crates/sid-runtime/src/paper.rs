@@ -16,7 +16,7 @@ use std::ops::Range;
 use sid_core::loss::LabelTarget;
 use sid_core::sid::teacher_chain;
 use sid_core::unit::{Backward, Inferred, MicroBatch, Passed, Unit};
-use sid_core::{CoreError, ExtractorUnit, LossConfig, ModelConfig, ModuleUnit, NamedTensors};
+use sid_core::{CoreError, ExtractorUnit, LossConfig, ModuleUnit, NamedTensors, Net};
 use tch::{Device, Tensor};
 
 use crate::Result;
@@ -291,16 +291,17 @@ impl Unit for PaperExtractor {
 /// [`sid_core::SidNetwork`] (extractor, then modules 1..L), so one seed gives both the same
 /// weights.
 pub(crate) fn build_paper(
-    model: &ModelConfig,
+    net: Net<'_>,
     loss: LossConfig,
     lr: f64,
     blocks: &[Range<usize>],
     fused: bool,
 ) -> Result<(PaperExtractor, Vec<ModuleBlock>)> {
+    let model = net.model;
     model.validate()?;
     loss.validate()?;
     model.precision.check(Device::Cpu)?;
-    let extractor = ExtractorUnit::new(model, lr, Device::Cpu);
+    let extractor = ExtractorUnit::new(net, lr, Device::Cpu)?;
     let mut units = (0..model.modules)
         .map(|i| ModuleUnit::new(i, model, loss, lr, Device::Cpu))
         .collect::<Vec<_>>()

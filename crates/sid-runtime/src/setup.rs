@@ -4,6 +4,7 @@
 //! ([`crate::ranks`]).
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use crossbeam_channel::Receiver;
 use sid_core::bp_stage::build_bp_stages;
 use sid_core::stage::build_stages;
 use sid_core::unit::Unit;
-use sid_core::{LossConfig, ModelConfig, StagePlan};
+use sid_core::{Backbone, LossConfig, ModelConfig, Net, StagePlan};
 use tch::Device;
 
 #[cfg(feature = "fault-injection")]
@@ -30,6 +31,10 @@ use crate::Result;
 pub struct StagedConfig {
     /// Network shape.
     pub model: ModelConfig,
+    /// Your own backbone ([`sid_core::Backbone`]) in place of the built-in one that
+    /// `model.extractor` names; `model` still gives the features' size, the modules and the
+    /// input size. Not with stages in other processes ([`StagedConfig::ranks`]).
+    pub backbone: Option<Arc<dyn Backbone>>,
     /// Local loss settings.
     pub loss: LossConfig,
     /// Adam learning rate.
@@ -93,6 +98,7 @@ impl StagedConfig {
     pub fn new(model: ModelConfig, devices: Vec<Device>, plan: StagePlan) -> Self {
         Self {
             model,
+            backbone: None,
             loss: LossConfig::default(),
             lr: 1e-3,
             devices,
@@ -111,6 +117,15 @@ impl StagedConfig {
             ranks: None,
         }
     }
+
+    /// The model with the backbone the stages build: [`StagedConfig::backbone`], or the
+    /// built-in one.
+    pub fn net(&self) -> Net<'_> {
+        match &self.backbone {
+            Some(b) => Net::new(&self.model, b.as_ref()),
+            None => Net::from(&self.model),
+        }
+    }
 }
 
 /// A thread of the pipeline (a stage, or a link to another process) and the way to learn
@@ -126,14 +141,21 @@ pub(crate) struct StageThread {
 /// whichever stages this process keeps).
 pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
     let specs = cfg.plan.stages();
+    if cfg.backbone.is_some() && cfg.ranks.is_some() {
+        // Other processes learn the run from a published config, which cannot carry code.
+        return Err(crate::RuntimeError::Config(
+            "your own backbone runs in this process only: no stages in other ranks".into(),
+        ));
+    }
+    let net = cfg.net();
     let units: Vec<(Box<dyn Unit>, Schedule)> = match cfg.method {
-        PipelineMethod::Sid => build_stages(&cfg.model, cfg.loss, cfg.lr, &cfg.plan)?
+        PipelineMethod::Sid => build_stages(net, cfg.loss, cfg.lr, &cfg.plan)?
             .into_iter()
             .map(|s| (Box::new(s) as Box<dyn Unit>, Schedule::LocalLoss))
             .collect(),
         PipelineMethod::Bp(schedule) => {
             let blocks: Vec<_> = specs.iter().map(|s| s.blocks.clone()).collect();
-            build_bp_stages(&cfg.model, cfg.lr, &blocks)?
+            build_bp_stages(net, cfg.lr, &blocks)?
                 .into_iter()
                 .map(|s| (Box::new(s) as Box<dyn Unit>, Schedule::Bp(schedule)))
                 .collect()
@@ -141,7 +163,7 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
         PipelineMethod::Paper => {
             let placement = paper_placement(cfg)?;
             let (extractor, blocks) = crate::paper::build_paper(
-                &cfg.model,
+                net,
                 cfg.loss,
                 cfg.lr,
                 placement.blocks(),
