@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use sid_core::{ExtractorKind, Method};
 use sid_data::DatasetKind;
 use sid_train::{Run, RunConfig};
 
@@ -20,85 +19,16 @@ pub struct Cli {
     /// Something other than training.
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Devices: cpu, cpu:4 (4 CPU workers), 0, 0,1,2,3, or 0,0,0,0 (streams on one GPU)
-    /// [default: cpu].
-    #[arg(long)]
-    pub gpus: Option<String>,
-    /// Training method: sid or bp [default: sid].
-    #[arg(long)]
-    pub method: Option<Method>,
-    /// Data set: fashion-mnist, mnist, cifar10, cifar100, or folder (your own PNG / JPEG
-    /// images in DATA_DIR/train/<class>/ and test/ or val/, or Tiny-ImageNet's layout)
-    /// [default: fashion-mnist].
-    #[arg(long)]
-    pub dataset: Option<DatasetKind>,
-    /// Folder with the data set's files (default: the data set's usual location).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// --dataset folder: side length the images are resized to (default: 32).
-    #[arg(long, value_name = "N")]
-    pub image_size: Option<i64>,
-    /// --dataset folder: where the decoded images are cached, so later runs skip decoding
-    /// (default: image-cache/ beside the run directory).
-    #[arg(long, value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
-    /// Feature extractor: cnn (reference SimpleCNN), mlp, vgg11 (VGG-11 with BatchNorm),
-    /// resnet18 or vit-tiny [default: cnn].
-    #[arg(long)]
-    pub model: Option<ExtractorKind>,
-    /// Number of belief modules L [default: 10].
-    #[arg(long)]
-    pub modules: Option<usize>,
-    /// Feature dimension d [default: 128].
-    #[arg(long)]
-    pub feature_dim: Option<i64>,
-    /// Hidden width of each belief module [default: 256].
-    #[arg(long)]
-    pub module_hidden: Option<i64>,
-    /// Weight initialisation: pytorch (the reference's nn.Linear/nn.Conv2d defaults) or
-    /// kaiming (tch's default, weights ≈ 2.45× larger) [default: pytorch].
-    #[arg(long)]
-    pub init: Option<sid_core::Init>,
-    /// Arithmetic of the forward passes: fp32, or bf16 (bfloat16 autocast; weights, Adam state
-    /// and losses stay fp32; CUDA devices only) [default: fp32].
-    #[arg(long)]
-    pub precision: Option<sid_core::Precision>,
-    /// Weight α of the label term of the local loss [default: 0.5].
-    #[arg(long)]
-    pub alpha: Option<f64>,
-    /// Label smoothing ε of the SID target [default: 0].
-    #[arg(long)]
-    pub label_smoothing: Option<f64>,
-    /// Training epochs [default: 5].
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Training batch size [default: 128].
-    #[arg(long)]
-    pub batch_size: Option<i64>,
-    /// Adam learning rate [default: 0.001].
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Seed for initialisation, data order, augmentation and label noise [default: 0].
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Fraction of training labels flipped to another class (symmetric noise) [default: 0].
-    #[arg(long)]
-    pub label_noise: Option<f64>,
-    /// Use only the first N training samples.
-    #[arg(long)]
-    pub limit_train: Option<usize>,
-    /// Fraction of the training set held out for validation [default: 0].
-    #[arg(long)]
-    pub val_split: Option<f64>,
-    /// Random crop + flip on training batches (default: on for CIFAR only).
-    #[arg(long, overrides_with = "no_augment")]
-    pub augment: bool,
+    /// The run's settings: every one a flag and a key of config.toml, declared once in
+    /// sid-train's config.
+    #[command(flatten)]
+    pub settings: RunConfig,
     /// Turn augmentation off.
-    #[arg(long)]
+    #[arg(long, overrides_with = "augment")]
     pub no_augment: bool,
-    /// Batch size for evaluation [default: 1000].
-    #[arg(long)]
-    pub eval_batch_size: Option<i64>,
+    /// Run every step eagerly, without a CUDA graph.
+    #[arg(long, overrides_with = "cuda_graph", help_heading = sid_train::config::RESUMABLE)]
+    pub no_cuda_graph: bool,
     /// TOML file with any of the settings above (flags win): sectioned as a run's config.toml
     /// ([model], [data], [optim], [runtime]), or flat as earlier versions wrote it.
     #[arg(long)]
@@ -110,78 +40,26 @@ pub struct Cli {
     /// Continue the run in this directory from its checkpoint.
     #[arg(long, conflicts_with_all = ["run_dir", "config"])]
     pub resume: Option<PathBuf>,
-    /// libtorch intra-op threads (default: libtorch's choice; with several CPU workers, the
-    /// cores split among them).
-    #[arg(long)]
-    pub threads: Option<i32>,
-    /// Staged SID: cut the backbone into K consecutive stages, each with a neck and a block of
-    /// modules trained by their own local losses only; one stage per device in --gpus (or all
-    /// on one device). 1 = the paper's SID [default: 1].
-    #[arg(long)]
-    pub stages: Option<usize>,
-    /// Micro-batches per step: each stage accumulates their gradients and steps once; stages
-    /// work on different micro-batches at the same time (default: 1 for SID; for --method bp
-    /// with --stages K, the largest divisor of the batch up to 2K). The paper mode (--stages 1,
-    /// several devices) with M > 1 runs its extractor as a stage that forwards micro-batch j+1
-    /// while the modules work on j.
-    #[arg(long)]
-    pub micro_batches: Option<usize>,
-    /// Data-parallel replicas R of the pipeline, one process per replica and stage (world =
-    /// R × stages; launch with --nproc-per-node or torchrun): each takes a disjoint shard of
-    /// every batch; each stage's gradients are summed over its replicas [default: 1].
-    #[arg(long, value_name = "R")]
-    pub data_parallel: Option<usize>,
     /// Start N processes (ranks) on this node, like torchrun: each takes one stage (or
     /// replica), the local rank's entry of --gpus or a share of the CPU cores. Rank 0 writes
     /// the run; the others serve their stages over torch.distributed (Gloo, or NCCL for the
     /// replicas' all-reduce on GPUs).
     #[arg(long, value_name = "N")]
     pub nproc_per_node: Option<usize>,
-    /// Nodes in a multi-node job (with --nproc-per-node) [default: 1].
+    /// Nodes in a multi-node job (with --nproc-per-node).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub nnodes: usize,
-    /// This node's place in a multi-node job, 0-based [default: 0].
+    /// This node's place in a multi-node job, 0-based.
     #[arg(long, value_name = "I", default_value_t = 0)]
     pub node_rank: usize,
-    /// Address of node 0, where rank 0 serves the rendezvous store [default: 127.0.0.1].
+    /// Address of node 0, where rank 0 serves the rendezvous store.
     #[arg(long, value_name = "HOST", default_value = "127.0.0.1")]
     pub master_addr: String,
-    /// Port of the rendezvous store on node 0 (Gloo's own connections take other ports)
-    /// [default: 29500].
+    /// Port of the rendezvous store on node 0 (Gloo's own connections take other ports).
     #[arg(long, value_name = "PORT", default_value_t = 29500)]
     pub master_port: u16,
-    /// Schedule of a backprop pipeline (--method bp --stages K): 1f1b, gpipe, or zb1 (zero
-    /// bubble ZB-H1: each backward split into its input and weight halves, the weight halves
-    /// postponed into 1F1B's bubble) [default: 1f1b].
-    #[arg(long)]
-    pub pipeline_schedule: Option<sid_train::BpSchedule>,
-    /// Paper mode (several devices, one stage): module blocks per device, 0:0-1,1:2-4 (device
-    /// position:first-last module, 0-based; default: as even as possible). Staged runs: auto
-    /// (time each block, balance the slowest stage; the default), even, or
-    /// blocks=0-1,2-3;modules=0-4,5-9 (0-based ranges, one per stage).
-    #[arg(long)]
-    pub placement: Option<String>,
-    /// Seconds to wait for any worker before the run fails [default: 300].
-    #[arg(long)]
-    pub step_timeout: Option<f64>,
-    /// Run every GPU worker on the default CUDA stream instead of its own.
-    #[arg(long)]
-    pub no_streams: bool,
-    /// SID's fused schedule: each module's local-step forward, detached, is the next module's
-    /// teacher — the same result as the reference schedule with one forward per module fewer.
-    #[arg(long)]
-    pub fused_teacher: bool,
-    /// Capture a training step as a CUDA graph after a few warm-up steps and replay it: one
-    /// launch instead of hundreds of small kernels per step, same computation. One GPU, or
-    /// staged SID with a GPU per stage and one micro-batch (each stage its own graph; not yet
-    /// run on a GPU) [default: on when --gpus names exactly one GPU].
-    #[arg(long, overrides_with = "no_cuda_graph")]
-    pub cuda_graph: bool,
-    /// Run every step eagerly, without a CUDA graph.
-    #[arg(long)]
-    pub no_cuda_graph: bool,
     /// Write a Chrome trace (JSON, opens in Perfetto / chrome://tracing) of every step's parts:
-    /// extractor, phase 1, each module's phase 2 on each worker, broadcasts, waits.
+    /// each stage's micro-batches, the extractor, phase 1, each module's phase 2, waits.
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// Append every training step's loss to RUN_DIR/steps.jsonl (`{"epoch", "step", "loss"}`
@@ -191,10 +69,10 @@ pub struct Cli {
     /// Telemetry samples per second into RUN_DIR/telemetry.jsonl (0 = off).
     #[arg(long, default_value_t = 10.0)]
     pub telemetry_hz: f64,
-    /// Inject a fault WORKER:STEP:panic|error|nan|hang (for testing failure handling; only
-    /// builds with the fault-injection feature accept it).
-    #[arg(long, hide = true)]
-    pub inject_fault: Option<String>,
+    /// Setting flags typed on the command line (their ids): they win over a config file or a
+    /// saved run.
+    #[arg(skip)]
+    pub given: Vec<String>,
 }
 
 /// What `sid-launch` can do besides training.
@@ -300,79 +178,31 @@ impl Cli {
         let matches = Self::command()
             .mut_arg("resume", |a| a.help(help))
             .get_matches();
-        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+        let mut cli = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        cli.given = matches
+            .ids()
+            .filter(|id| {
+                matches.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.to_string())
+            .collect();
+        cli
     }
 
-    /// Applies the flags that were given on top of `cfg`; `--gpus` is parsed here, once.
+    /// Applies the flags that were given on top of `cfg`.
     fn apply(&self, cfg: &mut RunConfig) -> Result<()> {
-        macro_rules! set {
-            ($($section:ident . $field:ident = $flag:ident),* $(,)?) => {
-                $( if let Some(v) = self.$flag.clone() { cfg.$section.$field = v; } )*
-            };
+        let given = |id: &str| self.given.iter().any(|g| g == id);
+        if given("gpus") && !given("placement") && cfg.model.stages <= 1 {
+            // A saved paper-mode placement belongs to the saved device list (a staged run's
+            // cut belongs to its model and stays).
+            cfg.runtime.placement = None;
         }
-        macro_rules! set_some {
-            ($($section:ident . $field:ident),* $(,)?) => {
-                $( if self.$field.is_some() { cfg.$section.$field = self.$field.clone(); } )*
-            };
-        }
-        if let Some(spec) = &self.gpus {
-            if self.placement.is_none() && cfg.model.stages <= 1 {
-                // A saved paper-mode placement belongs to the saved device list (a staged
-                // run's cut belongs to its model and stays).
-                cfg.runtime.placement = None;
-            }
-            cfg.runtime.gpus = spec.parse()?;
-        }
-        set!(
-            optim.method = method,
-            data.dataset = dataset,
-            model.extractor = model,
-            model.modules = modules,
-            model.feature_dim = feature_dim,
-            model.module_hidden = module_hidden,
-            model.init = init,
-            model.precision = precision,
-            optim.alpha = alpha,
-            optim.label_smoothing = label_smoothing,
-            optim.epochs = epochs,
-            optim.batch_size = batch_size,
-            optim.lr = lr,
-            optim.seed = seed,
-            data.label_noise = label_noise,
-            data.val_split = val_split,
-            runtime.eval_batch_size = eval_batch_size,
-            runtime.step_timeout = step_timeout,
-            model.stages = stages,
-            runtime.data_parallel = data_parallel,
-            runtime.pipeline_schedule = pipeline_schedule,
-        );
-        set_some!(
-            runtime.micro_batches,
-            runtime.placement,
-            runtime.inject_fault,
-            runtime.threads,
-            data.data_dir,
-            data.image_size,
-            data.cache_dir,
-            data.limit_train,
-        );
-        if self.no_streams {
-            cfg.runtime.streams = false;
-        }
-        if self.fused_teacher {
-            cfg.runtime.fused_teacher = true;
-        }
-        if self.cuda_graph {
-            cfg.runtime.cuda_graph = Some(true);
+        cfg.take_given(&self.settings, &self.given)?;
+        if self.no_augment {
+            cfg.data.augment = Some(false);
         }
         if self.no_cuda_graph {
             cfg.runtime.cuda_graph = Some(false);
-        }
-        if self.augment {
-            cfg.data.augment = Some(true);
-        }
-        if self.no_augment {
-            cfg.data.augment = Some(false);
         }
         Ok(())
     }
@@ -487,51 +317,6 @@ mod tests {
                 cmd.get_arguments()
                     .any(|a| a.get_long().map(|l| format!("--{l}")) == Some(flag.clone())),
                 "{key}: {flag} is not a flag"
-            );
-        }
-    }
-
-    /// The defaults written in `--help` are RunConfig's.
-    #[test]
-    fn help_defaults_match_run_config() {
-        let d = RunConfig::default();
-        let cmd = Cli::command();
-        let help = |flag: &str| {
-            let arg = cmd
-                .get_arguments()
-                .find(|a| a.get_long() == Some(flag))
-                .unwrap();
-            arg.get_help().unwrap().to_string()
-        };
-        let expect = [
-            ("gpus", d.runtime.gpus.to_string()),
-            ("method", d.optim.method.to_string()),
-            ("dataset", d.data.dataset.to_string()),
-            ("model", d.model.extractor.to_string()),
-            ("modules", d.model.modules.to_string()),
-            ("feature-dim", d.model.feature_dim.to_string()),
-            ("module-hidden", d.model.module_hidden.to_string()),
-            ("init", d.model.init.to_string()),
-            ("precision", d.model.precision.to_string()),
-            ("alpha", d.optim.alpha.to_string()),
-            ("label-smoothing", d.optim.label_smoothing.to_string()),
-            ("epochs", d.optim.epochs.to_string()),
-            ("batch-size", d.optim.batch_size.to_string()),
-            ("lr", d.optim.lr.to_string()),
-            ("seed", d.optim.seed.to_string()),
-            ("label-noise", d.data.label_noise.to_string()),
-            ("val-split", d.data.val_split.to_string()),
-            ("eval-batch-size", d.runtime.eval_batch_size.to_string()),
-            ("step-timeout", d.runtime.step_timeout.to_string()),
-            ("stages", d.model.stages.to_string()),
-            ("data-parallel", d.runtime.data_parallel.to_string()),
-            ("pipeline-schedule", d.runtime.pipeline_schedule.to_string()),
-        ];
-        for (flag, value) in expect {
-            assert!(
-                help(flag).contains(&format!("[default: {value}]")),
-                "--{flag}: {} vs {value}",
-                help(flag)
             );
         }
     }

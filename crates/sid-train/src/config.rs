@@ -9,338 +9,343 @@ use sid_data::{DatasetKind, Shape};
 use crate::devices::DeviceList;
 use crate::{Result, TrainError};
 
-/// Everything that defines a run, in sections that `config.toml` writes as tables (`[model]`,
-/// `[data]`, `[optim]`, `[runtime]`). Defaults are the reference code's settings on
-/// Fashion-MNIST. Files of the older flat layout (every key at the top) still load.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// The `--help` heading of the settings a resumed run may change: the one declaration of
+/// which they are (the resume check, its message and the help all read it). Everything else
+/// shapes the model, the data or the arithmetic, and must stay as saved. A staged run's
+/// placement is its cut, part of its model: it may change only in the paper mode.
+pub const RESUMABLE: &str = "Settings a resume may change";
+
+/// Everything that defines a run, declared once: each field is a `sid-launch` flag (its doc
+/// comment the flag's help, its default the flag's default) and a key of `config.toml`, whose
+/// sections are tables (`[model]`, `[data]`, `[optim]`, `[runtime]`). Defaults are the
+/// reference code's settings on Fashion-MNIST. Files of the older flat layout (every key at the
+/// top) still load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     /// The network: backbone, belief modules, stages, arithmetic.
+    #[command(flatten)]
     pub model: ModelSection,
     /// The data set and what is done to it before training.
+    #[command(flatten)]
     pub data: DataSection,
     /// The objective and the optimiser: method, loss, epochs, batches, learning rate, seed.
+    #[command(flatten)]
     pub optim: OptimSection,
-    /// How the run executes: devices, pipeline, schedules and timeouts. Most of these may
-    /// change on resume (see [`RESUME_MAY_CHANGE`]).
+    /// How the run executes: devices, pipeline, schedules and timeouts.
+    #[command(flatten)]
     pub runtime: RuntimeSection,
 }
 
 /// `[model]`: the network's shape. None of it may change on resume.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
-    /// Feature extractor (`--model`): `cnn` (reference SimpleCNN), `mlp`, `vgg11`,
-    /// `resnet18` or `vit-tiny`.
+    /// Feature extractor: cnn (reference SimpleCNN), mlp, vgg11 (VGG-11 with BatchNorm),
+    /// resnet18 or vit-tiny.
+    #[arg(long = "model", default_value_t = ModelConfig::default().extractor)]
     pub extractor: ExtractorKind,
     /// Number of belief modules L.
+    #[arg(long, default_value_t = ModelConfig::default().modules)]
     pub modules: usize,
     /// Feature dimension d.
+    #[arg(long, default_value_t = ModelConfig::default().feature_dim)]
     pub feature_dim: i64,
     /// Hidden width of each belief module.
+    #[arg(long, default_value_t = ModelConfig::default().module_hidden)]
     pub module_hidden: i64,
-    /// Weight initialisation: `pytorch` (the reference's: ±1/√fan_in) or `kaiming` (tch's
-    /// default, ±√(6/fan_in)).
+    /// Weight initialisation: pytorch (the reference's nn.Linear/nn.Conv2d defaults) or
+    /// kaiming (tch's default, weights ≈ 2.45× larger).
+    #[arg(long, default_value_t = ModelConfig::default().init)]
     pub init: sid_core::Init,
-    /// Arithmetic of the forward passes: `fp32`, or `bf16` (autocast; weights, Adam state and
-    /// losses stay float32). bf16 runs on CUDA devices only.
+    /// Arithmetic of the forward passes: fp32, or bf16 (bfloat16 autocast; weights, Adam state
+    /// and losses stay fp32; CUDA devices only).
+    #[arg(long, default_value_t = ModelConfig::default().precision)]
     pub precision: sid_core::Precision,
-    /// Stages of staged SID: the backbone cut into this many slices, each trained by its own
-    /// modules' local losses (1 = the paper's SID). Each stage has its own neck, so this is
-    /// part of the model.
+    /// Staged SID: cut the backbone into K consecutive stages, each with a neck and a block of
+    /// modules trained by their own local losses only; one stage per device in --gpus (or all
+    /// on one device). 1 = the paper's SID.
+    #[arg(long, default_value_t = 1)]
     pub stages: usize,
 }
 
-impl Default for ModelSection {
-    fn default() -> Self {
-        let model = ModelConfig::default();
-        Self {
-            extractor: model.extractor,
-            modules: model.modules,
-            feature_dim: model.feature_dim,
-            module_hidden: model.module_hidden,
-            init: model.init,
-            precision: model.precision,
-            stages: 1,
-        }
-    }
-}
-
 /// `[data]`: which data, where it is, and how the training set is cut and changed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataSection {
-    /// Which data set.
+    /// Data set: fashion-mnist, mnist, cifar10, cifar100, or folder (your own PNG / JPEG
+    /// images in DATA_DIR/train/<class>/ and test/ or val/, or Tiny-ImageNet's layout).
+    #[arg(long, default_value_t = DatasetKind::FashionMnist)]
     pub dataset: DatasetKind,
-    /// Where its files are; `None` uses the data set's default folder.
+    /// Folder with the data set's files (default: the data set's usual location).
+    #[arg(long, help_heading = RESUMABLE)]
     pub data_dir: Option<PathBuf>,
-    /// Side length the images of a `folder` data set are resized to (`None`: 32); the
-    /// built-in data sets have fixed sizes.
+    /// --dataset folder: side length the images are resized to (default: 32).
+    #[arg(long, value_name = "N")]
     pub image_size: Option<i64>,
-    /// Where a `folder` data set's decoded images are cached; `None` decodes on every load.
+    /// --dataset folder: where the decoded images are cached, so later runs skip decoding
+    /// (default: image-cache/ beside the run directory).
+    #[arg(long, value_name = "DIR", help_heading = RESUMABLE)]
     pub cache_dir: Option<PathBuf>,
     /// The shape of the loaded data, which the model is built for; set by the trainer after
     /// loading (a `folder` data set's shape is known only then), never saved.
     #[serde(skip)]
+    #[arg(skip)]
     pub loaded_shape: Option<Shape>,
-    /// Fraction of training labels flipped to another class.
+    /// Fraction of training labels flipped to another class (symmetric noise).
+    #[arg(long, default_value_t = 0.0)]
     pub label_noise: f64,
     /// Use only the first N training samples.
+    #[arg(long)]
     pub limit_train: Option<usize>,
     /// Fraction of the training set held out for validation.
+    #[arg(long, default_value_t = 0.0)]
     pub val_split: f64,
-    /// Random crop + flip; `None` = the data set's default (on for CIFAR).
+    /// Random crop + flip on training batches (default: on for CIFAR only; --no-augment
+    /// turns it off).
+    #[arg(long, num_args = 0, default_missing_value = "true")]
     pub augment: Option<bool>,
 }
 
-impl Default for DataSection {
-    fn default() -> Self {
-        Self {
-            dataset: DatasetKind::FashionMnist,
-            data_dir: None,
-            image_size: None,
-            cache_dir: None,
-            loaded_shape: None,
-            label_noise: 0.0,
-            limit_train: None,
-            val_split: 0.0,
-            augment: None,
-        }
-    }
-}
-
 /// `[optim]`: what is minimised and how.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimSection {
-    /// `sid` or `bp`.
+    /// Training method: sid or bp.
+    #[arg(long, default_value_t = Method::Sid)]
     pub method: Method,
-    /// α of the local loss.
+    /// Weight α of the label term of the local loss.
+    #[arg(long, default_value_t = LossConfig::default().alpha)]
     pub alpha: f64,
-    /// Label smoothing ε of the SID target (0 = one-hot, as the reference).
+    /// Label smoothing ε of the SID target.
+    #[arg(long, default_value_t = LossConfig::default().label_smoothing)]
     pub label_smoothing: f64,
     /// Training epochs.
+    #[arg(long, default_value_t = 5, help_heading = RESUMABLE)]
     pub epochs: usize,
     /// Training batch size.
+    #[arg(long, default_value_t = 128)]
     pub batch_size: i64,
     /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
-    /// Seed of initialisation, data order, augmentation and label noise.
+    /// Seed for initialisation, data order, augmentation and label noise.
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-}
-
-impl Default for OptimSection {
-    fn default() -> Self {
-        let loss = LossConfig::default();
-        Self {
-            method: Method::Sid,
-            alpha: loss.alpha,
-            label_smoothing: loss.label_smoothing,
-            epochs: 5,
-            batch_size: 128,
-            lr: 1e-3,
-            seed: 0,
-        }
-    }
 }
 
 /// `[runtime]`: where and how the steps run. These settings give the same training up to
 /// float rounding, which is why most of them may change on resume.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeSection {
-    /// Devices (`--gpus`): `cpu`, `cpu:4`, `0`, `0,1,2,3`, `0,0` …, parsed once.
+    /// Devices: cpu, cpu:4 (4 CPU devices), 0, 0,1,2,3, or 0,0,0,0 (streams on one GPU).
+    #[arg(long, default_value_t = DeviceList::cpu(), help_heading = RESUMABLE)]
     pub gpus: DeviceList,
-    /// libtorch intra-op threads (`None` = libtorch's choice). Saved so that a resumed run
-    /// computes with the same reduction order.
+    /// libtorch intra-op threads (default: libtorch's choice; with several CPU stages, the
+    /// cores split among them). Saved, so that a resumed run reduces in the same order.
+    #[arg(long, help_heading = RESUMABLE)]
     pub threads: Option<i32>,
-    /// Data-parallel replicas of the pipeline in a multi-process run (world = stages ×
-    /// replicas): each takes a disjoint shard of every batch, and each stage's gradients are
-    /// summed over its replicas before its optimiser step.
+    /// Data-parallel replicas R of the pipeline, one process per replica and stage (world =
+    /// R × stages; launch with --nproc-per-node or torchrun): each takes a disjoint shard of
+    /// every batch; each stage's gradients are summed over its replicas.
+    #[arg(long, value_name = "R", default_value_t = 1, help_heading = RESUMABLE)]
     pub data_parallel: usize,
-    /// Micro-batches per step: each stage accumulates their gradients and steps once.
-    /// `None` = 1 for SID (staged SID pays its pipeline fill once an epoch); for a backprop
-    /// pipeline the largest divisor of the batch up to 2×stages, to keep every stage busy.
+    /// Micro-batches per step: each stage accumulates their gradients and steps once; stages
+    /// work on different micro-batches at the same time (default: 4 for staged SID on CPU
+    /// stages without BatchNorm, else 1; for --method bp with --stages K, the largest divisor
+    /// of the batch up to 2K). The paper mode (--stages 1, several devices) with M > 1 runs
+    /// its extractor as a stage that forwards micro-batch j+1 while the modules work on j.
+    #[arg(long, help_heading = RESUMABLE)]
     pub micro_batches: Option<usize>,
-    /// Order of a backprop pipeline's forwards and backwards: `1f1b` (holds at most K
-    /// micro-batches per stage), `gpipe` (all forwards, then all backwards) or `zb1` (1F1B
-    /// with each backward split, the weight halves postponed into the bubble).
+    /// Schedule of a backprop pipeline (--method bp --stages K): 1f1b, gpipe, or zb1 (zero
+    /// bubble ZB-H1: each backward split into its input and weight halves, the weight halves
+    /// postponed into 1F1B's bubble).
+    #[arg(long, default_value_t = sid_runtime::BpSchedule::OneFOneB)]
     pub pipeline_schedule: sid_runtime::BpSchedule,
-    /// Paper mode (one stage, several devices): module blocks per device, `0:0-1,1:2-4`
-    /// (0-based, inclusive); `None` = even blocks. Staged runs: `auto` (time each block and
-    /// balance), `even`, or `blocks=0-1,2-3;modules=0-4,5-9`; `None` = auto. The resolved
-    /// placement is saved here; a staged run's cut is part of its model and cannot change on
-    /// resume.
+    /// Paper mode (several devices, one stage): module blocks per device, 0:0-1,1:2-4 (device
+    /// position:first-last module, 0-based; default: as even as possible). Staged runs: auto
+    /// (the even cut unless timing each block finds one 20% faster; the default), even, or
+    /// blocks=0-1,2-3;modules=0-4,5-9 (0-based ranges, one per stage). A staged run's cut is
+    /// part of its model.
+    #[arg(long, help_heading = RESUMABLE)]
     pub placement: Option<String>,
-    /// Longest wait, in seconds, for any worker before the run fails.
+    /// Seconds to wait for any stage before the run fails.
+    #[arg(long, default_value_t = 300.0, help_heading = RESUMABLE)]
     pub step_timeout: f64,
-    /// Give each GPU worker its own CUDA stream.
+    /// Run every GPU stage on the default CUDA stream instead of its own.
+    #[arg(long = "no-streams", action = clap::ArgAction::SetFalse, help_heading = RESUMABLE)]
     pub streams: bool,
-    /// Fused schedule: each module's local-step forward, detached, serves as the next
-    /// module's teacher (same parameters as the reference schedule, one forward per module
-    /// fewer). Off by default: the reference runs a separate graph-free phase 1.
+    /// SID's fused schedule: each module's local-step forward, detached, is the next module's
+    /// teacher — the same result as the reference schedule with one forward per module fewer.
+    #[arg(long, help_heading = RESUMABLE)]
     pub fused_teacher: bool,
-    /// Capture a training step as a CUDA graph and replay it (one GPU only): the step's many
-    /// small kernels then cost one launch, same computation. `None` = on whenever the run uses
-    /// exactly one GPU (and the build has CUDA graphs); `Some(false)` turns it off.
+    /// Capture a training step as a CUDA graph after a few warm-up steps and replay it: one
+    /// launch instead of hundreds of small kernels per step, same computation. One GPU, or
+    /// staged SID with a GPU per stage and one micro-batch (each stage its own graph; not yet
+    /// run on a GPU) (default: on when --gpus names exactly one GPU; --no-cuda-graph turns it
+    /// off).
+    #[arg(long, num_args = 0, default_missing_value = "true",
+        help_heading = RESUMABLE)]
     pub cuda_graph: Option<bool>,
     /// Batch size for evaluation.
+    #[arg(long, default_value_t = 1000, help_heading = RESUMABLE)]
     pub eval_batch_size: i64,
-    /// A fault to inject, `WORKER:STEP:panic|error|nan|hang` (tests; never saved). Only builds
-    /// with the `fault-injection` feature accept one; others refuse it in `validate`.
+    /// Inject a fault WORKER:STEP:panic|error|nan|hang (for testing failure handling; only
+    /// builds with the fault-injection feature accept it). Never saved.
     #[serde(skip)]
+    #[arg(long, hide = true)]
     pub inject_fault: Option<String>,
 }
 
-impl Default for RuntimeSection {
-    fn default() -> Self {
-        Self {
-            gpus: DeviceList::cpu(),
-            threads: None,
-            data_parallel: 1,
-            micro_batches: None,
-            pipeline_schedule: sid_runtime::BpSchedule::OneFOneB,
-            placement: None,
-            step_timeout: 300.0,
-            streams: true,
-            fused_teacher: false,
-            cuda_graph: None,
-            eval_batch_size: 1000,
-            inject_fault: None,
-        }
-    }
+/// A section's defaults: its flags parsed from an empty command line.
+fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let cmd = T::augment_args(clap::Command::new("sid").no_binary_name(true));
+    T::from_arg_matches(&cmd.get_matches_from(std::iter::empty::<String>()))
+        .expect("every setting has a default")
 }
 
-/// The flat layout that `config.toml` had before the sections: every setting a top-level key.
-/// Only read, so that runs saved then still resume; absent keys keep [`RunConfig`]'s defaults.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-struct FlatConfig {
-    method: Option<Method>,
-    dataset: Option<DatasetKind>,
-    data_dir: Option<PathBuf>,
-    image_size: Option<i64>,
-    cache_dir: Option<PathBuf>,
-    gpus: Option<DeviceList>,
-    model: Option<ExtractorKind>,
-    modules: Option<usize>,
-    feature_dim: Option<i64>,
-    module_hidden: Option<i64>,
-    init: Option<sid_core::Init>,
-    precision: Option<sid_core::Precision>,
-    alpha: Option<f64>,
-    label_smoothing: Option<f64>,
-    epochs: Option<usize>,
-    batch_size: Option<i64>,
-    lr: Option<f64>,
-    seed: Option<u64>,
-    label_noise: Option<f64>,
-    limit_train: Option<usize>,
-    val_split: Option<f64>,
-    augment: Option<bool>,
-    eval_batch_size: Option<i64>,
-    threads: Option<i32>,
-    stages: Option<usize>,
-    data_parallel: Option<usize>,
-    micro_batches: Option<usize>,
-    pipeline_schedule: Option<sid_runtime::BpSchedule>,
-    placement: Option<String>,
-    step_timeout: Option<f64>,
-    streams: Option<bool>,
-    fused_teacher: Option<bool>,
-    cuda_graph: Option<bool>,
+macro_rules! default_from_flags {
+    ($($t:ty),*) => {
+        $(impl Default for $t {
+            fn default() -> Self {
+                defaults()
+            }
+        })*
+    };
+}
+default_from_flags!(
+    RunConfig,
+    ModelSection,
+    DataSection,
+    OptimSection,
+    RuntimeSection
+);
+
+/// Each section of `config.toml` and its settings' flags.
+fn sections() -> [(&'static str, clap::Command); 4] {
+    let cmd = || clap::Command::new("sid");
+    [
+        ("model", <ModelSection as clap::Args>::augment_args(cmd())),
+        ("data", <DataSection as clap::Args>::augment_args(cmd())),
+        ("optim", <OptimSection as clap::Args>::augment_args(cmd())),
+        (
+            "runtime",
+            <RuntimeSection as clap::Args>::augment_args(cmd()),
+        ),
+    ]
 }
 
-impl From<FlatConfig> for RunConfig {
-    fn from(f: FlatConfig) -> Self {
-        let mut c = RunConfig::default();
-        macro_rules! take {
-            ($($section:ident . $field:ident = $flat:ident),* $(,)?) => {
-                $( if let Some(v) = f.$flat { c.$section.$field = v; } )*
-            };
-        }
-        take!(
-            optim.method = method,
-            data.dataset = dataset,
-            runtime.gpus = gpus,
-            model.extractor = model,
-            model.modules = modules,
-            model.feature_dim = feature_dim,
-            model.module_hidden = module_hidden,
-            model.init = init,
-            model.precision = precision,
-            optim.alpha = alpha,
-            optim.label_smoothing = label_smoothing,
-            optim.epochs = epochs,
-            optim.batch_size = batch_size,
-            optim.lr = lr,
-            optim.seed = seed,
-            data.label_noise = label_noise,
-            data.val_split = val_split,
-            runtime.eval_batch_size = eval_batch_size,
-            model.stages = stages,
-            runtime.data_parallel = data_parallel,
-            runtime.pipeline_schedule = pipeline_schedule,
-            runtime.step_timeout = step_timeout,
-            runtime.streams = streams,
-            runtime.fused_teacher = fused_teacher,
-        );
-        // Optional settings: absent is their default.
-        c.data.data_dir = f.data_dir;
-        c.data.image_size = f.image_size;
-        c.data.cache_dir = f.cache_dir;
-        c.data.limit_train = f.limit_train;
-        c.data.augment = f.augment;
-        c.runtime.threads = f.threads;
-        c.runtime.micro_batches = f.micro_batches;
-        c.runtime.placement = f.placement;
-        c.runtime.cuda_graph = f.cuda_graph;
-        c
-    }
+/// The `section.key` of the setting whose flag has id `id` (the field's name).
+fn key_of(id: &str) -> Option<String> {
+    sections().into_iter().find_map(|(section, cmd)| {
+        cmd.get_arguments()
+            .any(|a| a.get_id() == id)
+            .then(|| format!("{section}.{id}"))
+    })
 }
 
-/// The settings a resumed run may change, as (key in `config.toml`, `section.key`; the flag
-/// that sets it): one list that the resume check, its message and the launcher's help all
-/// read. Everything else shapes the model, the data or the arithmetic, and must stay as saved.
-/// `placement` may change only in the paper mode: a staged run's cut decides where its necks
-/// are.
-pub const RESUME_MAY_CHANGE: &[(&str, &str)] = &[
-    ("optim.epochs", "--epochs"),
-    ("runtime.gpus", "--gpus"),
-    ("runtime.placement", "--placement (paper mode only)"),
-    ("runtime.micro_batches", "--micro-batches"),
-    ("runtime.data_parallel", "--data-parallel"),
-    ("data.data_dir", "--data-dir"),
-    ("data.cache_dir", "--cache-dir"),
-    ("runtime.threads", "--threads"),
-    ("runtime.step_timeout", "--step-timeout"),
-    ("runtime.streams", "--no-streams"),
-    ("runtime.fused_teacher", "--fused-teacher"),
-    ("runtime.cuda_graph", "--cuda-graph/--no-cuda-graph"),
-    ("runtime.eval_batch_size", "--eval-batch-size"),
-];
+/// The settings (`section.key`) a resumed run may change: those under [`RESUMABLE`].
+pub fn resume_may_change() -> Vec<String> {
+    sections()
+        .into_iter()
+        .flat_map(|(section, cmd)| {
+            cmd.get_arguments()
+                .filter(|a| a.get_help_heading() == Some(RESUMABLE))
+                .map(|a| format!("{section}.{}", a.get_id()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
 
-/// The flags of [`RESUME_MAY_CHANGE`], as a sentence's list.
+/// The flags of [`resume_may_change`], as a sentence's list.
 pub fn resume_may_change_flags() -> String {
-    let flags: Vec<&str> = RESUME_MAY_CHANGE.iter().map(|(_, f)| *f).collect();
+    let flags: Vec<String> = resume_may_change()
+        .iter()
+        .map(|k| match k.as_str() {
+            "runtime.placement" => "--placement (paper mode only)".to_string(),
+            "runtime.cuda_graph" => "--cuda-graph/--no-cuda-graph".to_string(),
+            _ => flag_of(k),
+        })
+        .collect();
     let (last, rest) = flags.split_last().expect("a non-empty list");
     format!("{} and {last}", rest.join(", "))
 }
 
-/// The flag that sets a `config.toml` key (`section.key`): `--key` with dashes, except the
-/// backbone (key `model.extractor`, flag `--model`) and the streams (on unless `--no-streams`).
+/// The flag that sets a `config.toml` key (`section.key`), from its declaration.
 pub fn flag_of(key: &str) -> String {
-    match key {
-        "model.extractor" => "--model".into(),
-        "runtime.streams" => "--no-streams".into(),
-        _ => {
-            let leaf = key.rsplit('.').next().unwrap_or(key);
-            format!("--{}", leaf.replace('_', "-"))
-        }
+    let (section, id) = key.split_once('.').unwrap_or(("", key));
+    sections()
+        .into_iter()
+        .filter(|(s, _)| *s == section)
+        .find_map(|(_, cmd)| {
+            cmd.get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_long().map(|l| format!("--{l}")))
+        })
+        .unwrap_or_else(|| format!("--{}", id.replace('_', "-")))
+}
+
+/// A document of the flat layout `config.toml` had before the sections (every setting a
+/// top-level key, the backbone as `model`), sorted into its sections.
+fn from_flat(doc: toml::Table) -> Result<RunConfig> {
+    let mut sectioned = toml::Table::new();
+    for (key, value) in doc {
+        let id = if key == "model" { "extractor" } else { &key };
+        let path =
+            key_of(id).ok_or_else(|| TrainError::Config(format!("unknown field `{key}`")))?;
+        let (section, id) = path.split_once('.').expect("section.key");
+        sectioned
+            .entry(section)
+            .or_insert_with(|| toml::Table::new().into())
+            .as_table_mut()
+            .expect("a section is a table")
+            .insert(id.to_string(), value);
     }
+    toml::Value::Table(sectioned)
+        .try_into()
+        .map_err(|e: toml::de::Error| TrainError::Config(e.message().to_string()))
 }
 
 impl RunConfig {
+    /// Takes the settings whose flag ids are `given` (flags typed on the command line) from
+    /// `flags` (all flags parsed, defaults where absent), over what `self` holds: defaults <
+    /// a config file or a saved run < flags.
+    pub fn take_given(&mut self, flags: &RunConfig, given: &[String]) -> Result<()> {
+        let err = |e: toml::ser::Error| TrainError::Config(e.to_string());
+        let (toml::Value::Table(mut base), toml::Value::Table(theirs)) = (
+            toml::Value::try_from(&*self).map_err(err)?,
+            toml::Value::try_from(flags).map_err(err)?,
+        ) else {
+            unreachable!("a RunConfig is a table")
+        };
+        for key in given.iter().filter_map(|id| key_of(id)) {
+            let (section, id) = key.split_once('.').expect("section.key");
+            let value = theirs.get(section).and_then(|t| t.get(id)).cloned();
+            let table = base
+                .entry(section)
+                .or_insert_with(|| toml::Table::new().into())
+                .as_table_mut()
+                .expect("a section is a table");
+            match value {
+                Some(v) => table.insert(id.to_string(), v),
+                None => table.remove(id),
+            };
+        }
+        let mut merged: RunConfig = toml::Value::Table(base)
+            .try_into()
+            .map_err(|e: toml::de::Error| TrainError::Config(e.message().to_string()))?;
+        // Never saved, so not in the tables.
+        merged.data.loaded_shape = self.data.loaded_shape;
+        merged.runtime.inject_fault = if given.iter().any(|g| g == "inject_fault") {
+            flags.runtime.inject_fault.clone()
+        } else {
+            self.runtime.inject_fault.clone()
+        };
+        *self = merged;
+        Ok(())
+    }
+
     /// Parses a TOML document, sectioned or in the older flat layout (a document with no
     /// table is flat); unknown keys are errors so that typos do not pass silently.
     pub fn from_toml(text: &str) -> Result<Self> {
@@ -349,9 +354,7 @@ impl RunConfig {
         if doc.values().any(toml::Value::is_table) {
             toml::from_str(text).map_err(err)
         } else {
-            toml::from_str::<FlatConfig>(text)
-                .map(RunConfig::from)
-                .map_err(err)
+            from_flat(doc)
         }
     }
 
@@ -416,13 +419,10 @@ impl RunConfig {
     /// The settings (`section.key`) that differ from `saved` and may not change on a resume.
     pub fn resume_conflicts(&self, saved: &RunConfig) -> Vec<String> {
         let staged = saved.model.stages > 1;
+        let may = resume_may_change();
         self.changed_from(saved)
             .into_iter()
-            .filter(|k| {
-                !RESUME_MAY_CHANGE
-                    .iter()
-                    .any(|(key, _)| key == k && !(staged && *key == "runtime.placement"))
-            })
+            .filter(|k| !may.contains(k) || (staged && k == "runtime.placement"))
             .collect()
     }
 
@@ -588,8 +588,8 @@ mod tests {
             c.runtime.cuda_graph = Some(false);
         });
         let keys = all.keys();
-        for (key, _) in RESUME_MAY_CHANGE {
-            assert!(keys.contains(&key.to_string()), "{key} not in {keys:?}");
+        for key in resume_may_change() {
+            assert!(keys.contains(&key), "{key} not in {keys:?}");
         }
         assert_eq!(flag_of("optim.alpha"), "--alpha");
         assert_eq!(flag_of("model.extractor"), "--model");
