@@ -148,9 +148,10 @@ pub struct EvalArgs {
     pub eval_batch_size: Option<i64>,
 }
 
-const AFTER_HELP: &str =
-    "Outputs in the run directory: config.toml (resolved settings), metrics.jsonl \
-(one record per epoch), checkpoint.safetensors (after every epoch and on Ctrl-C), summary.json.";
+const AFTER_HELP: &str = "Outputs in the run directory: config.toml (the resolved settings), \
+plan.toml (the resolved plan: layout, cut, micro-batches), input.json (what predict needs), \
+metrics.jsonl (one record per epoch), checkpoint.safetensors (after every epoch and on Ctrl-C), \
+summary.json, telemetry.jsonl (unless --telemetry-hz 0), steps.jsonl (with --log-steps).";
 
 /// What to do: a new run or a resumed one.
 pub struct Plan {
@@ -167,17 +168,22 @@ pub struct Plan {
 }
 
 impl Cli {
-    /// Parses the command line; `--resume`'s help lists what a resume may change, from the
-    /// one list the resume check reads.
-    pub fn parse_with_resume_help() -> Self {
-        use clap::{CommandFactory, FromArgMatches};
+    /// The command line's definition, `--resume`'s help listing what a resume may change (from
+    /// the settings' declarations).
+    pub fn command_with_resume_help() -> clap::Command {
+        use clap::CommandFactory;
         let help = format!(
             "Continue the run in this directory from its checkpoint. Only {} may differ from its saved config.toml.",
             sid_train::config::resume_may_change_flags()
         );
-        let matches = Self::command()
-            .mut_arg("resume", |a| a.help(help))
-            .get_matches();
+        Self::command().mut_arg("resume", |a| a.help(help))
+    }
+
+    /// Parses the command line; `--resume`'s help lists what a resume may change, from the
+    /// one list the resume check reads.
+    pub fn parse_with_resume_help() -> Self {
+        use clap::FromArgMatches;
+        let matches = Self::command_with_resume_help().get_matches();
         let mut cli = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         cli.given = matches
             .ids()

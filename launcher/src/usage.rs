@@ -4,16 +4,9 @@
 
 use std::path::PathBuf;
 
-use clap::CommandFactory;
-
-/// The command line as `sid-launch` builds it (`Cli::parse_with_resume_help`): `--resume`'s
-/// help names what a resume may change.
+/// The command line as `sid-launch` builds it.
 fn command() -> clap::Command {
-    let help = format!(
-        "Continue the run in this directory from its checkpoint. Only {} may differ from its saved config.toml.",
-        sid_train::config::resume_may_change_flags()
-    );
-    crate::args::Cli::command().mut_arg("resume", |a| a.help(help))
+    crate::args::Cli::command_with_resume_help()
 }
 
 /// The whole of `docs/usage.md`.
