@@ -153,8 +153,8 @@ plan.toml (the resolved plan: layout, cut, micro-batches), input.json (what pred
 metrics.jsonl (one record per epoch), checkpoint.safetensors (after every epoch and on Ctrl-C), \
 summary.json, telemetry.jsonl (unless --telemetry-hz 0), steps.jsonl (with --log-steps).";
 
-/// What to do: a new run or a resumed one.
-pub struct Plan {
+/// What this invocation does: a new run or a resumed one, with its settings.
+pub struct Invocation {
     /// The resolved, validated config.
     pub config: RunConfig,
     /// The run directory.
@@ -213,16 +213,16 @@ impl Cli {
         Ok(())
     }
 
-    /// Resolves defaults, config file, saved config and flags into a plan. `not_rank0`: this
+    /// Resolves defaults, config file, saved config and flags into what to do. `not_rank0`: this
     /// process holds no rank 0 (a rank above 0, or a launcher for a node other than node 0);
     /// resuming, it may then lack the run directory, which only rank 0 writes and reads, and
     /// follows rank 0's settings.
-    pub fn plan_as(&self, not_rank0: bool) -> Result<Plan> {
+    pub fn invocation(&self, not_rank0: bool) -> Result<Invocation> {
         if let Some(dir) = &self.resume {
             if not_rank0 && !dir.join("config.toml").is_file() {
                 let mut config = RunConfig::default();
                 self.apply(&mut config)?;
-                return Ok(Plan {
+                return Ok(Invocation {
                     config,
                     run_dir: dir.clone(),
                     resume: true,
@@ -235,7 +235,7 @@ impl Cli {
             let mut config = Run::saved_config(dir)?;
             self.apply(&mut config)?;
             config.validate()?;
-            return Ok(Plan {
+            return Ok(Invocation {
                 config,
                 run_dir: dir.clone(),
                 resume: true,
@@ -274,7 +274,7 @@ impl Cli {
                 .cache_dir
                 .get_or_insert_with(|| parent.join("image-cache"));
         }
-        Ok(Plan {
+        Ok(Invocation {
             config,
             run_dir,
             resume: false,

@@ -45,14 +45,14 @@ pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
     }
     // Refuse bad settings once, here, rather than in every rank (a node that resumes without
     // the run directory learns the settings from rank 0, whose node checks them).
-    let plan = cli.plan_as(cli.node_rank > 0)?;
+    let inv = cli.invocation(cli.node_rank > 0)?;
     let world = n * cli.nnodes;
-    let k = plan.config.model.stages * plan.config.runtime.data_parallel;
-    if k != world && !plan.follows_rank0 {
+    let k = inv.config.model.stages * inv.config.runtime.data_parallel;
+    if k != world && !inv.follows_rank0 {
         bail!(
             "--stages {} × --data-parallel {} = {k} ranks, but --nproc-per-node {n} × --nnodes {} = {world}",
-            plan.config.model.stages,
-            plan.config.runtime.data_parallel,
+            inv.config.model.stages,
+            inv.config.runtime.data_parallel,
             cli.nnodes
         );
     }
@@ -91,7 +91,7 @@ pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
     );
     // After a rank fails, the others stop on their own once their links break or their step
     // timeout passes; past that (and a margin) they are killed.
-    let grace = Duration::from_secs_f64(plan.config.runtime.step_timeout) + Duration::from_secs(30);
+    let grace = Duration::from_secs_f64(inv.config.runtime.step_timeout) + Duration::from_secs(30);
     let mut statuses: Vec<Option<ExitStatus>> = vec![None; n];
     let mut first_failure: Option<Instant> = None;
     let mut forwarded = false;

@@ -189,15 +189,15 @@ fn run(cli: &args::Cli) -> Result<()> {
             launch::Outcome::Interrupted => Err(RanksInterrupted.into()),
         };
     }
-    let plan = cli.plan_as(dist_env.as_ref().is_some_and(|e| e.rank > 0))?;
-    if let Some(n) = plan.config.runtime.threads {
+    let inv = cli.invocation(dist_env.as_ref().is_some_and(|e| e.rank > 0))?;
+    if let Some(n) = inv.config.runtime.threads {
         tch::set_num_threads(n);
     }
     let rdv = match dist_env {
         Some(env) => {
             let rank = env.rank;
             Some(
-                sid_train::distributed::Rendezvous::join(env, &plan.config, plan.follows_rank0)
+                sid_train::distributed::Rendezvous::join(env, &inv.config, inv.follows_rank0)
                     .with_context(|| format!("rank {rank}"))?,
             )
         }
@@ -225,14 +225,14 @@ fn run(cli: &args::Cli) -> Result<()> {
         } else {
             None
         };
-        let served = sid_train::network::serve(r, &plan.config);
+        let served = sid_train::network::serve(r, &inv.config);
         if let Some(s) = sampler {
             s.stop();
         }
         return served.with_context(|| format!("rank {rank}"));
     }
     if let Some(r) = &rdv {
-        r.publish_run_dir(&plan.run_dir)?;
+        r.publish_run_dir(&inv.run_dir)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -261,11 +261,11 @@ fn run(cli: &args::Cli) -> Result<()> {
         })
         .context("installing the Ctrl-C handler")?;
     }
-    let cfg = &plan.config;
-    let mut run = if plan.resume {
-        Run::resume_on(cfg.clone(), &plan.run_dir, rdv.as_ref())
+    let cfg = &inv.config;
+    let mut run = if inv.resume {
+        Run::resume_on(cfg.clone(), &inv.run_dir, rdv.as_ref())
     } else {
-        Run::create_on(cfg.clone(), &plan.run_dir, rdv.as_ref())
+        Run::create_on(cfg.clone(), &inv.run_dir, rdv.as_ref())
     }
     .map_err(|e| hint(e, cfg))?;
     let devices: Vec<String> = run.devices().iter().map(|d| device_name(*d)).collect();
@@ -304,7 +304,7 @@ fn run(cli: &args::Cli) -> Result<()> {
     {
         eprintln!("note: backprop trains end to end on the first listed device only");
     }
-    if run.epochs_done() > 0 || plan.resume {
+    if run.epochs_done() > 0 || inv.resume {
         eprintln!("resuming after epoch {}", run.epochs_done());
     }
     let sampler = if cli.telemetry_hz > 0.0 {
