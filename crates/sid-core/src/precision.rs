@@ -182,11 +182,15 @@ mod tests {
     /// matrix products run in bf16 inside, the output is float32 and close to fp32's, the
     /// gradient reaches the float32 weights, and the state is restored afterwards.
     #[test]
+    #[cfg_attr(
+        not(sid_autocast),
+        ignore = "needs the autocast shim (a build with it)"
+    )]
     fn bf16_region_computes_in_bf16_and_restores_the_state() {
-        if !Precision::Bf16.available() {
-            println!("skipped: this build has no autocast shim");
-            return;
-        }
+        assert!(
+            Precision::Bf16.available(),
+            "this build has no autocast shim"
+        );
         let _rng = crate::rng_lock();
         let vs = nn::VarStore::new(Device::Cpu);
         let lin = nn::linear(vs.root(), 64, 8, Default::default());
@@ -257,32 +261,45 @@ mod tests {
     }
 
     /// A few bf16 steps track fp32's losses within a loose tolerance (and differ from them:
-    /// bf16 was on) for SID, BP and staged SID: on the CPU, which checks the wiring through the
-    /// shim, and on a GPU when there is one.
+    /// bf16 was on) for SID, BP and staged SID on `device`.
+    fn bf16_tracks_fp32(device: Device) {
+        let fp32 = losses(Precision::Fp32, device, 4);
+        let bf16 = losses(Precision::Bf16, device, 4);
+        assert_ne!(fp32, bf16, "{device:?}: bf16 changed nothing");
+        for (a, b) in fp32.iter().zip(&bf16) {
+            assert!(b.is_finite(), "{device:?}: {bf16:?}");
+            assert!(
+                (a - b).abs() <= 0.05 * a.abs() + 0.02,
+                "{device:?}: fp32 {fp32:?} vs bf16 {bf16:?}"
+            );
+        }
+    }
+
+    /// On the CPU, which checks the wiring through the shim.
     #[test]
+    #[cfg_attr(
+        not(sid_autocast),
+        ignore = "needs the autocast shim (a build with it)"
+    )]
     fn bf16_steps_track_fp32_steps() {
-        if !Precision::Bf16.available() {
-            println!("skipped: this build has no autocast shim");
-            return;
-        }
+        assert!(
+            Precision::Bf16.available(),
+            "this build has no autocast shim"
+        );
         let _rng = crate::rng_lock();
-        let mut devices = vec![Device::Cpu];
-        if tch::Cuda::is_available() {
-            devices.push(Device::Cuda(0));
-        } else {
-            println!("GPU part skipped: CUDA is not available");
-        }
-        for device in devices {
-            let fp32 = losses(Precision::Fp32, device, 4);
-            let bf16 = losses(Precision::Bf16, device, 4);
-            assert_ne!(fp32, bf16, "{device:?}: bf16 changed nothing");
-            for (a, b) in fp32.iter().zip(&bf16) {
-                assert!(b.is_finite(), "{device:?}: {bf16:?}");
-                assert!(
-                    (a - b).abs() <= 0.05 * a.abs() + 0.02,
-                    "{device:?}: fp32 {fp32:?} vs bf16 {bf16:?}"
-                );
-            }
-        }
+        bf16_tracks_fp32(Device::Cpu);
+    }
+
+    /// On a GPU. Ignored by default; `--include-ignored` without CUDA fails.
+    #[test]
+    #[ignore = "needs CUDA (run on a GPU machine with --include-ignored)"]
+    fn bf16_steps_track_fp32_steps_on_a_gpu() {
+        assert!(tch::Cuda::is_available(), "needs CUDA: not available here");
+        assert!(
+            Precision::Bf16.available(),
+            "this build has no autocast shim"
+        );
+        let _rng = crate::rng_lock();
+        bf16_tracks_fp32(Device::Cuda(0));
     }
 }

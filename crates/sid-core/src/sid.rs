@@ -349,6 +349,19 @@ mod tests {
         }
         let sb = NamedTensors::from(b.state().unwrap());
         assert_eq!(max_diff(&a.state().unwrap(), &sb, ""), 0.0);
+        // The fused path ran: one forward per module per step fewer (4 steps).
+        for (ma, mb) in a.modules().iter().zip(b.modules()) {
+            assert_eq!(
+                ma.forward_count(),
+                2 * 4,
+                "reference: teacher and local step"
+            );
+            assert_eq!(
+                mb.forward_count(),
+                4,
+                "fused: the local step's forward only"
+            );
+        }
     }
 
     #[test]

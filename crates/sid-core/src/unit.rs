@@ -6,6 +6,7 @@
 //! It holds no reference to anything else, so a worker thread can own it.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Tensor};
@@ -48,6 +49,9 @@ pub struct ModuleUnit {
     /// Between [`ModuleUnit::forward_step`] and [`ModuleUnit::finish_step`]: the features
     /// that receive gradient, the logits with their graph, and the teacher belief.
     pending: Option<(Tensor, Tensor, Tensor)>,
+    /// Forwards run so far (see [`ModuleUnit::forward_count`]); atomic only because
+    /// [`ModuleUnit::logits`] takes `&self`.
+    forwards: AtomicUsize,
 }
 
 impl ModuleUnit {
@@ -68,6 +72,7 @@ impl ModuleUnit {
             num_classes: cfg.num_classes,
             precision: cfg.precision,
             pending: None,
+            forwards: AtomicUsize::new(0),
         }
     }
 
@@ -95,9 +100,16 @@ impl ModuleUnit {
     /// The module's logits for `p_prev` and `z`, float32, computed at the unit's precision:
     /// every forward of the module goes through here.
     pub fn logits(&self, p_prev: &Tensor, z: &Tensor) -> Tensor {
+        self.forwards.fetch_add(1, Ordering::Relaxed);
         forward_f32(self.precision, self.device(), || {
             self.net.forward(p_prev, z)
         })
+    }
+
+    /// How many forwards of the module have run (training and inference), so a test can
+    /// tell which schedule ran: the fused teacher saves one per module per step.
+    pub fn forward_count(&self) -> usize {
+        self.forwards.load(Ordering::Relaxed)
     }
 
     /// The label side of this step's local losses under this unit's loss settings; the same

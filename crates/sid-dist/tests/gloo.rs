@@ -20,10 +20,11 @@ fn two_ranks<F>(f: F)
 where
     F: Fn(usize, &Group) + Send + Sync + Copy + 'static,
 {
-    if !sid_dist::available().0 {
-        eprintln!("skipped: this build has no c10d (libgloo-dev missing)");
-        return;
-    }
+    // Ignored (visibly) in a build without c10d; run with --include-ignored there, it fails.
+    assert!(
+        sid_dist::available().0,
+        "this build has no c10d (libgloo-dev missing)"
+    );
     let port = free_port();
     let handles: Vec<_> = (0..2)
         .map(|rank| {
@@ -40,6 +41,10 @@ where
 }
 
 #[test]
+#[cfg_attr(
+    not(sid_c10d),
+    ignore = "needs c10d (a build with the Gloo headers, libgloo-dev)"
+)]
 fn collectives_and_point_to_point() {
     two_ranks(|rank, g| {
         assert_eq!((g.rank(), g.world()), (rank, 2));
@@ -77,6 +82,10 @@ fn collectives_and_point_to_point() {
 }
 
 #[test]
+#[cfg_attr(
+    not(sid_c10d),
+    ignore = "needs c10d (a build with the Gloo headers, libgloo-dev)"
+)]
 fn a_silent_peer_times_out_naming_it() {
     two_ranks(|rank, g| {
         if rank == 1 {
@@ -100,11 +109,16 @@ fn a_silent_peer_times_out_naming_it() {
 }
 
 #[test]
+#[cfg_attr(
+    not(sid_c10d),
+    ignore = "needs c10d (a build with the Gloo headers, libgloo-dev)"
+)]
 fn store_errors_are_one_line() {
-    if !sid_dist::available().0 {
-        eprintln!("skipped: this build has no c10d (libgloo-dev missing)");
-        return;
-    }
+    // Ignored (visibly) in a build without c10d; run with --include-ignored there, it fails.
+    assert!(
+        sid_dist::available().0,
+        "this build has no c10d (libgloo-dev missing)"
+    );
     // Nobody serves this port: connecting gives up after the timeout, naming the address.
     let port = free_port();
     let started = Instant::now();

@@ -321,3 +321,54 @@ pub(crate) fn build_paper(
     };
     Ok((extractor, blocks))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sid_core::{ExtractorKind, ModelConfig};
+    use tch::Kind;
+
+    /// The fused schedule of the module stages ran: one module forward per micro-batch fewer
+    /// than the reference schedule's two (teacher, then local step), on every module.
+    #[test]
+    fn fused_module_stages_run_one_forward_per_module_fewer() {
+        let model = ModelConfig {
+            extractor: ExtractorKind::Mlp,
+            in_channels: 1,
+            image_size: 4,
+            num_classes: 3,
+            feature_dim: 6,
+            modules: 4,
+            module_hidden: 8,
+            init: sid_core::Init::default(),
+            precision: sid_core::Precision::Fp32,
+        };
+        let (steps, micro) = (3, 2);
+        let counts = |fused: bool| {
+            let (_, mut blocks) = build_paper(
+                Net::from(&model),
+                LossConfig::default(),
+                1e-3,
+                &[0..1, 1..4],
+                fused,
+            )
+            .unwrap();
+            for _ in 0..steps * micro {
+                let z = Tensor::randn([5, 6], (Kind::Float, Device::Cpu));
+                let y = Tensor::randint(3, [5], (Kind::Int64, Device::Cpu));
+                let mut p = sid_core::belief::uniform_belief(5, 3, Device::Cpu);
+                for b in &mut blocks {
+                    p = b.forward_micro(&z, &p, &y);
+                    let _ = b.backward_micro(1.0 / micro as f64).unwrap();
+                }
+            }
+            blocks.iter_mut().for_each(ModuleBlock::apply);
+            blocks
+                .iter()
+                .flat_map(|b| b.modules.iter().map(ModuleUnit::forward_count))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(counts(false), vec![2 * steps * micro; 4], "reference");
+        assert_eq!(counts(true), vec![steps * micro; 4], "fused");
+    }
+}

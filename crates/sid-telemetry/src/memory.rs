@@ -139,26 +139,36 @@ pub fn heap_in_use_bytes() -> u64 {
 /// maximum: the peak of live CPU memory during a piece of work.
 pub struct HeapPeak {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    // The running peak, shared so a caller can wait until a sample has seen its work.
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<u64>>,
 }
 
 impl HeapPeak {
     /// Starts sampling.
     pub fn start() -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(heap_in_use_bytes()));
+        let (flag, seen) = (stop.clone(), peak.clone());
         let thread = std::thread::spawn(move || {
-            let mut peak = heap_in_use_bytes();
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                peak = peak.max(heap_in_use_bytes());
+            while !flag.load(Relaxed) {
+                seen.fetch_max(heap_in_use_bytes(), Relaxed);
                 std::thread::sleep(std::time::Duration::from_micros(20));
             }
-            peak.max(heap_in_use_bytes())
+            seen.fetch_max(heap_in_use_bytes(), Relaxed);
+            seen.load(Relaxed)
         });
         Self {
             stop,
+            peak,
             thread: Some(thread),
         }
+    }
+
+    /// The peak seen so far, in bytes (sampling goes on).
+    pub fn peak_so_far(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops sampling and returns the peak seen, in bytes.
@@ -277,24 +287,43 @@ mod tests {
         assert_eq!(peaks[0].source, "process-rss");
     }
 
+    /// The sampler sees a 100 MB tensor while it lives. The tensor is kept until a sample has
+    /// seen it (at most 20 s), not for a fixed window a loaded machine may not schedule the
+    /// sampler in; a sampler that never samples still fails, at the deadline.
     #[test]
     fn heap_peak_sees_a_short_lived_tensor() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let before = heap_in_use_bytes();
         let probe = HeapPeak::start();
-        std::thread::sleep(std::time::Duration::from_millis(5));
         let t = tch::Tensor::ones([25_000_000], (tch::Kind::Float, Device::Cpu)); // 100 MB
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while probe.peak_so_far() < before + 95_000_000 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         drop(t);
         let after = heap_in_use_bytes();
         let peak = probe.finish();
         assert!(peak >= before + 95_000_000, "peak {peak} before {before}");
-        assert!(after < before + 10_000_000, "freed: {after} vs {before}");
+        // Against the peak, not `before`: other tests in this process may allocate meanwhile.
+        assert!(after + 90_000_000 <= peak, "freed: {after} vs peak {peak}");
     }
 
+    /// The allocator's figures exist exactly where CUDA and the shim do, and then they count a
+    /// live tensor; elsewhere both calls say why not.
     #[test]
-    fn cuda_figures_are_absent_without_a_gpu() {
-        if !tch::Cuda::is_available() {
+    fn cuda_figures_exist_exactly_with_cuda_and_the_shim() {
+        if tch::Cuda::is_available() && cuda_stats_compiled() {
+            let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+            let t = tch::Tensor::ones([1 << 20], (tch::Kind::Float, Device::Cuda(0))); // 4 MiB
+            reset_cuda_peak(0).unwrap();
+            let m = cuda_memory(0).unwrap();
+            assert!(m.allocated >= 4 << 20, "{m:?}");
+            assert!(
+                m.peak_allocated >= m.allocated && m.reserved >= m.allocated,
+                "{m:?}"
+            );
+            drop(t);
+        } else {
             for e in [cuda_memory(0).unwrap_err(), reset_cuda_peak(0).unwrap_err()] {
                 assert!(matches!(e, TelemetryError::CudaStatsUnavailable(_)), "{e}");
             }
@@ -303,9 +332,13 @@ mod tests {
 
     /// The shim carries a C++ exception's message back: a device that does not exist makes
     /// libtorch throw (on a GPU machine; without CUDA the call is refused before the shim).
+    /// Ignored by default; `--include-ignored` without CUDA or the shim fails.
     #[test]
+    #[ignore = "needs CUDA and the allocator shim (run on a GPU machine with --include-ignored)"]
     fn a_cpp_exception_message_comes_back() {
-        if tch::Cuda::is_available() && cuda_stats_compiled() {
+        assert!(tch::Cuda::is_available(), "needs CUDA: not available here");
+        assert!(cuda_stats_compiled(), "this build has no allocator shim");
+        {
             let e = cuda_memory(100).unwrap_err();
             match &e {
                 TelemetryError::CudaStats { device, message } => {
@@ -315,8 +348,6 @@ mod tests {
                 other => panic!("expected the shim's message, got {other}"),
             }
             assert!(reset_cuda_peak(100).is_err());
-        } else {
-            println!("skipped: needs a GPU and the allocator shim");
         }
     }
 }

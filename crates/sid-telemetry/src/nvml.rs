@@ -98,11 +98,34 @@ pub fn gpu_names() -> Result<Vec<String>> {
 mod tests {
     use super::*;
 
+    /// Where CUDA works the driver is there, so NVML must open, see every CUDA device and
+    /// read the first; where NVML fails, CUDA must not work either and the error says NVML.
     #[test]
-    fn gpu_names_fails_with_a_reason_or_names_every_gpu() {
-        match gpu_names() {
-            Ok(names) => assert!(names.iter().all(|n| !n.is_empty())),
-            Err(e) => assert!(e.to_string().starts_with("NVML"), "{e}"),
+    fn nvml_opens_exactly_where_a_gpu_driver_is() {
+        let cuda = tch::Cuda::device_count();
+        match GpuMonitor::open() {
+            Ok(m) => {
+                assert!(
+                    i64::from(m.count()) >= cuda,
+                    "NVML {} < CUDA {cuda}",
+                    m.count()
+                );
+                for i in 0..m.count() {
+                    assert!(!m.name(i).unwrap().is_empty());
+                }
+                if m.count() > 0 {
+                    let s = m.sample(0).unwrap();
+                    assert!(
+                        s.memory_total > 0 && s.memory_used <= s.memory_total,
+                        "{s:?}"
+                    );
+                }
+            }
+            Err(e) => {
+                assert_eq!(cuda, 0, "CUDA sees {cuda} GPUs but NVML failed: {e}");
+                assert!(e.to_string().starts_with("NVML"), "{e}");
+                assert!(gpu_names().is_err());
+            }
         }
     }
 }
