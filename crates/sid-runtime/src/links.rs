@@ -591,20 +591,18 @@ pub(crate) fn spawn_coordinator_links(
         rx
     });
     let runner = runners.into_iter().next().expect("at least one stage");
-    let transport = ChannelTransport {
-        stage: 0,
+    let mut transport = ChannelTransport::new(
+        0,
         device,
         upstream,
         downstream,
-        reports: report_tx.clone(),
-        timeout: cfg.timeout,
-        grads_in,
-        grads_out: None,
-        replicas: replica_reducer(ranks),
-        grads_to_first: None,
-        grads_from_modules: Vec::new(),
-        next_grad_from: 0,
-    };
+        report_tx.clone(),
+        cfg.timeout,
+    )
+    .with_replicas(replica_reducer(ranks));
+    if let Some(rx) = grads_in {
+        transport = transport.with_grad_in(1, rx);
+    }
     let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
     threads.insert(
         0,
@@ -715,20 +713,15 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         tx
     });
     drop(fail_tx);
-    let transport = ChannelTransport {
-        stage: s,
-        device,
-        upstream,
-        downstream,
-        reports: report_tx,
-        timeout: cfg.timeout,
-        grads_in,
-        grads_out,
-        replicas: replica_reducer(ranks),
-        grads_to_first: None,
-        grads_from_modules: Vec::new(),
-        next_grad_from: 0,
-    };
+    let mut transport =
+        ChannelTransport::new(s, device, upstream, downstream, report_tx, cfg.timeout)
+            .with_replicas(replica_reducer(ranks));
+    if let Some(rx) = grads_in {
+        transport = transport.with_grad_in(s + 1, rx);
+    }
+    if let Some(tx) = grads_out {
+        transport = transport.with_grad_out(s - 1, tx);
+    }
     let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
     let stage = spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout);
     tracing::info!(rank = me, replica, stage = s + 1, "serving");

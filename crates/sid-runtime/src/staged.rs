@@ -700,19 +700,17 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
     let mut threads = Vec::with_capacity(k);
     let bp = matches!(cfg.method, PipelineMethod::Bp(_));
+    let grad_channel = || crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
     // Backprop: gradients flow back from stage s+1 to stage s.
-    let mut grads_out: Option<Sender<(Tag, Tensor)>> = None;
+    let mut grad_to_previous: Option<Sender<(Tag, Tensor)>> = None;
     // The paper's SID: a gradient channel from each module stage straight to stage 1.
-    let (mut to_first, mut from_modules): (Vec<_>, Vec<_>) = if paper {
-        (1..k)
-            .map(|_| {
-                let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
-                (Some(tx), rx)
-            })
-            .unzip()
+    let (mut to_first, from_modules): (Vec<_>, Vec<_>) = if paper {
+        (1..k).map(|_| grad_channel()).unzip()
     } else {
         (Vec::new(), Vec::new())
     };
+    let mut from_modules = Some(from_modules);
+    let mut to_first = to_first.drain(..);
     for (s, runner) in runners.into_iter().enumerate() {
         let (down_tx, down_rx) = if s + 1 < k {
             let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
@@ -720,36 +718,26 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
         } else {
             (None, None)
         };
-        let (grad_tx, grads_in) = if bp && s + 1 < k {
-            let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
         let device = devices[s];
-        let transport = ChannelTransport {
-            stage: s,
-            device,
-            upstream,
-            downstream: down_tx,
-            reports: report_tx.clone(),
-            timeout: cfg.timeout,
-            grads_in,
-            grads_out: grads_out.take(),
-            replicas: None,
-            grads_to_first: if s > 0 {
-                to_first.get_mut(s - 1).and_then(Option::take)
-            } else {
-                None
-            },
-            grads_from_modules: if s == 0 {
-                std::mem::take(&mut from_modules)
-            } else {
-                Vec::new()
-            },
-            next_grad_from: 0,
-        };
-        grads_out = grad_tx;
+        let mut transport =
+            ChannelTransport::new(s, device, upstream, down_tx, report_tx.clone(), cfg.timeout);
+        if let Some(tx) = grad_to_previous.take() {
+            transport = transport.with_grad_out(s - 1, tx);
+        }
+        if bp && s + 1 < k {
+            let (tx, rx) = grad_channel();
+            transport = transport.with_grad_in(s + 1, rx);
+            grad_to_previous = Some(tx);
+        }
+        if paper && s == 0 {
+            for (w, rx) in from_modules.take().into_iter().flatten().enumerate() {
+                transport = transport.with_grad_in(w + 1, rx);
+            }
+        } else if paper {
+            if let Some(tx) = to_first.next() {
+                transport = transport.with_grad_out(0, tx);
+            }
+        }
         let threads_here = (device == Device::Cpu).then_some(if paper && s == 0 {
             extractor_threads
         } else {

@@ -254,9 +254,12 @@ impl Transport for LocalTransport<'_> {
 }
 
 /// A stage run by its own thread: bounded crossbeam channels to the next stage and to the
-/// coordinator. Before a message leaves, the stage's CUDA stream is synchronised (tensors
-/// cross threads only once computed); a received message is moved to the stage's device and
-/// that copy waited for before the original may be dropped (ARCHITECTURE.md rule 4).
+/// coordinator, and gradient channels where the method sends gradients back (a backprop
+/// stage's to the previous stage; the paper's module stages' to the extractor). Before a
+/// message leaves, the stage's CUDA stream is synchronised (tensors cross threads only once
+/// computed); a received message is moved to the stage's device and that copy waited for
+/// before the original may be dropped (ARCHITECTURE.md rule 4). Whether the channels join two
+/// threads or are carried between processes by `links.rs` is invisible here.
 pub struct ChannelTransport {
     /// 0-based stage.
     pub stage: usize,
@@ -270,19 +273,59 @@ pub struct ChannelTransport {
     pub reports: Sender<Report>,
     /// Longest wait for the next stage to take a message.
     pub timeout: Duration,
-    /// Backprop pipelines: gradients from the next stage.
-    pub grads_in: Option<Receiver<(Tag, Tensor)>>,
-    /// Backprop pipelines: gradients to the previous stage.
-    pub grads_out: Option<Sender<(Tag, Tensor)>>,
+    /// The gradients this stage's backward waits for, each from a later stage (0-based), in
+    /// the order [`Transport::recv_grad`] takes them in turn.
+    grads_in: Vec<(usize, Receiver<(Tag, Tensor)>)>,
+    /// Where this stage's backward sends its gradient: the receiving stage (0-based).
+    grad_out: Option<(usize, Sender<(Tag, Tensor)>)>,
+    /// The entry of `grads_in` taken next.
+    next_grad_from: usize,
     /// Data-parallel replicas of this stage in other processes, if any.
-    pub replicas: Option<Box<dyn GradReducer>>,
-    /// The paper's SID, on a module stage: its gradients at `z` to stage 1.
-    pub grads_to_first: Option<Sender<(Tag, Tensor)>>,
-    /// The paper's SID, on stage 1: one channel from each module stage, in stage order.
-    pub grads_from_modules: Vec<Receiver<(Tag, Tensor)>>,
-    /// The module stage whose gradient [`Transport::recv_grad`] takes next (an index into
-    /// `grads_from_modules`).
-    pub next_grad_from: usize,
+    replicas: Option<Box<dyn GradReducer>>,
+}
+
+impl ChannelTransport {
+    /// Stage `stage` on `device` between `upstream` and `downstream`, reporting to `reports`;
+    /// no gradient channels and no replicas until added.
+    pub fn new(
+        stage: usize,
+        device: Device,
+        upstream: Receiver<Message>,
+        downstream: Option<Sender<Message>>,
+        reports: Sender<Report>,
+        timeout: Duration,
+    ) -> Self {
+        Self {
+            stage,
+            device,
+            upstream,
+            downstream,
+            reports,
+            timeout,
+            grads_in: Vec::new(),
+            grad_out: None,
+            next_grad_from: 0,
+            replicas: None,
+        }
+    }
+
+    /// Also receives gradients from stage `from` (0-based) over `rx`.
+    pub fn with_grad_in(mut self, from: usize, rx: Receiver<(Tag, Tensor)>) -> Self {
+        self.grads_in.push((from, rx));
+        self
+    }
+
+    /// Sends this stage's backward's gradient to stage `to` (0-based) over `tx`.
+    pub fn with_grad_out(mut self, to: usize, tx: Sender<(Tag, Tensor)>) -> Self {
+        self.grad_out = Some((to, tx));
+        self
+    }
+
+    /// Sums this stage's gradients with its replicas' before each optimiser step.
+    pub fn with_replicas(mut self, replicas: Option<Box<dyn GradReducer>>) -> Self {
+        self.replicas = replicas;
+        self
+    }
 }
 
 impl Transport for ChannelTransport {
@@ -340,31 +383,29 @@ impl Transport for ChannelTransport {
     }
 
     fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
-        match (&self.grads_out, &self.grads_to_first) {
-            (Some(tx), _) => self.send_gradient(tx, tag, grad, &format!("stage {}", self.stage)),
-            (None, Some(tx)) => self.send_gradient(tx, tag, grad, "stage 1 (the extractor)"),
-            (None, None) => Err(RuntimeError::Protocol(format!(
+        let Some((to, tx)) = &self.grad_out else {
+            return Err(RuntimeError::Protocol(format!(
                 "stage {} has no stage to send its gradient to",
                 self.stage + 1
-            ))),
-        }
+            )));
+        };
+        let to = match to {
+            0 => "stage 1 (the extractor)".to_string(),
+            s => format!("stage {}", s + 1),
+        };
+        self.send_gradient(tx, tag, grad, &to)
     }
 
     fn recv_grad(&mut self, timeout: Duration) -> Result<(Tag, Tensor)> {
-        // The paper's SID: stage 1 takes one gradient from each module stage in turn.
-        let (rx, from) = if self.grads_from_modules.is_empty() {
-            (self.grads_in.as_ref(), self.stage + 2)
-        } else {
-            let w = self.next_grad_from;
-            self.next_grad_from = (w + 1) % self.grads_from_modules.len();
-            (self.grads_from_modules.get(w), w + 2)
-        };
-        let rx = rx.ok_or_else(|| {
-            RuntimeError::Protocol(format!(
-                "stage {} is last and receives no gradients",
+        // Several senders (the paper's module stages): one gradient from each in turn.
+        let Some((from, rx)) = self.grads_in.get(self.next_grad_from) else {
+            return Err(RuntimeError::Protocol(format!(
+                "stage {} receives no gradients",
                 self.stage + 1
-            ))
-        })?;
+            )));
+        };
+        let from = from + 1;
+        self.next_grad_from = (self.next_grad_from + 1) % self.grads_in.len();
         match rx.recv_timeout(timeout) {
             Ok((tag, g)) => {
                 let g = g.to_device(self.device);
