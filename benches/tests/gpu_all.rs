@@ -115,3 +115,58 @@ fn without_libtorch_or_the_carried_files_gpu_all_refuses_to_start() {
         );
     }
 }
+
+/// `benches/gpu-tests.sh` (the whole suite with `--include-ignored`) on stand-ins for
+/// nvidia-smi, libtorch and cargo: `cargo`'s result lines decide, and a result line that
+/// still reports an ignored test fails it (a GPU test did not run).
+#[test]
+fn gpu_tests_fail_on_a_failure_or_a_test_left_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let smi = fake_nvidia_smi(dir.path());
+    let lib = dir.path().join("libtorch/lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    for f in ["libtorch_cpu.so", "libtorch_cuda.so"] {
+        std::fs::write(lib.join(f), "").unwrap();
+    }
+    let cargo = dir.path().join("cargo");
+    std::fs::write(
+        &cargo,
+        "#!/bin/sh\ncase \"$*\" in *--no-run*) exit 0;; esac\nprintf '%s\\n' \"$FAKE_TESTS\"\nexit \"$FAKE_RC\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cargo, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("gpu-tests.sh");
+    let run = |tests: &str, rc: &str| {
+        let out = Command::new("bash")
+            .arg(&script)
+            .env("OUT", dir.path().join("out"))
+            .env("NVIDIA_SMI", &smi)
+            .env("LIBTORCH", dir.path().join("libtorch"))
+            .env("CARGO", &cargo)
+            .env("FAKE_TESTS", tests)
+            .env("FAKE_RC", rc)
+            .output()
+            .expect("runs bash");
+        (out.status.code(), text(&out))
+    };
+    let ok = "test result: ok. 5 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out";
+    let (code, t) = run(ok, "0");
+    assert_eq!(code, Some(0), "{t}");
+    assert!(t.lines().any(|l| l.starts_with("PASS tests")), "{t}");
+    let left = "test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out";
+    let (code, t) = run(left, "0");
+    assert_eq!(code, Some(1), "{t}");
+    assert!(t.contains("FAIL tests: a test was still ignored"), "{t}");
+    let (code, t) = run("test a ... FAILED", "101");
+    assert_eq!(code, Some(1), "{t}");
+    assert!(t.contains("FAIL tests: exit code 101"), "{t}");
+    // Without a GPU it refuses at once.
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("NVIDIA_SMI", "/nonexistent/nvidia-smi")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).starts_with("gpu-tests: refusing to start: no GPU"));
+}
