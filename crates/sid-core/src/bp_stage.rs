@@ -583,4 +583,62 @@ mod tests {
             }
         }
     }
+
+    /// Two BP stages' gradients, before any optimiser step, after a step on `x` in `micro`
+    /// micro-batches, each weighted by `share / micro` (`share`: the batch's part `x` is).
+    fn bp_gradients(
+        cfg: &ModelConfig,
+        x: &Tensor,
+        y: &Tensor,
+        micro: i64,
+        share: f64,
+    ) -> Vec<Tensor> {
+        tch::manual_seed(3);
+        let mut st = build_bp_stages(cfg, 1e-3, &[0..2, 2..4]).unwrap();
+        let n = x.size()[0] / micro;
+        for j in 0..micro {
+            let (xj, yj) = (x.narrow(0, j * n, n), y.narrow(0, j * n, n));
+            let w = share / micro as f64;
+            let h = st[0].forward_micro(j as usize, &xj, &yj, w).unwrap();
+            assert!(st[1].forward_micro(j as usize, &h, &yj, w).is_none());
+        }
+        for j in (0..micro as usize).rev() {
+            let (g, _) = st[1].backward_micro(j, None).unwrap();
+            st[0].backward_micro(j, g.as_ref()).unwrap();
+        }
+        st.iter().flat_map(BpStage::gradients).collect()
+    }
+
+    /// Gradients, not parameters after Adam (which normalises their scale away): four
+    /// micro-batches add up to the whole batch's, and so do two half-batch shards summed (what
+    /// the replicas' all-reduce computes), on every parameter of both stages.
+    #[test]
+    fn micro_batch_and_shard_gradients_add_up_to_the_batch_gradient() {
+        let _rng = crate::rng_lock();
+        let cfg = cfg(ExtractorKind::Cnn);
+        tch::manual_seed(8);
+        let x = Tensor::randn([8, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3, 3, 2, 1, 0]);
+        let whole = bp_gradients(&cfg, &x, &y, 1, 1.0);
+        let micro = bp_gradients(&cfg, &x, &y, 4, 1.0);
+        let shards: Vec<Vec<Tensor>> = (0..2)
+            .map(|r| bp_gradients(&cfg, &x.narrow(0, 4 * r, 4), &y.narrow(0, 4 * r, 4), 1, 0.5))
+            .collect();
+        assert_eq!(whole.len(), micro.len());
+        for (i, w) in whole.iter().enumerate() {
+            let scale = w.abs().max().double_value(&[]);
+            assert!(
+                scale > 0.0,
+                "gradient {i} is zero: the comparison would prove nothing"
+            );
+            let summed = &shards[0][i] + &shards[1][i];
+            for (what, g) in [("4 micro-batches", &micro[i]), ("2 shards summed", &summed)] {
+                let d = (g - w).abs().max().double_value(&[]);
+                assert!(
+                    d <= 1e-5 * scale.max(1e-3),
+                    "{what}: gradient {i} differs by {d} (largest {scale})"
+                );
+            }
+        }
+    }
 }

@@ -882,4 +882,63 @@ mod tests {
             assert!(d < 1e-5, "{name} differs by {d}");
         }
     }
+
+    /// Two stages' gradients, before any optimiser step, after a step on `x` in `micro`
+    /// micro-batches, each weighted by `share / micro` (`share`: the batch's part `x` is).
+    fn staged_gradients(
+        c: &ModelConfig,
+        x: &Tensor,
+        y: &Tensor,
+        micro: i64,
+        share: f64,
+    ) -> Vec<Tensor> {
+        tch::manual_seed(9);
+        let plan = StagePlan::even(c, 2).unwrap();
+        let mut st = build_stages(c, LossConfig::default(), 1e-3, &plan).unwrap();
+        let n = x.size()[0] / micro;
+        for j in 0..micro {
+            let (xj, yj) = (x.narrow(0, j * n, n), y.narrow(0, j * n, n));
+            let target = st[0].label_target(&yj);
+            let p0 = st[0].uniform(n);
+            let out = st[0].forward_micro(&xj, &p0, &target);
+            st[1].forward_micro(&out.z.unwrap(), &out.p, &target);
+            for s in &mut st {
+                let _ = s.backward_micro(share / micro as f64).unwrap();
+            }
+        }
+        st.iter().flat_map(Stage::gradients).collect()
+    }
+
+    /// Gradients, not parameters after Adam (which normalises their scale away): four
+    /// micro-batches add up to the whole batch's, and so do two half-batch shards summed (what
+    /// the replicas' all-reduce computes), on every parameter of both stages.
+    #[test]
+    fn micro_batch_and_shard_gradients_add_up_to_the_batch_gradient() {
+        let _rng = crate::rng_lock();
+        let c = cfg(3);
+        tch::manual_seed(1);
+        let x = Tensor::randn([8, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3, 3, 2, 1, 0]);
+        let whole = staged_gradients(&c, &x, &y, 1, 1.0);
+        let micro = staged_gradients(&c, &x, &y, 4, 1.0);
+        let shards: Vec<Vec<Tensor>> = (0..2)
+            .map(|r| staged_gradients(&c, &x.narrow(0, 4 * r, 4), &y.narrow(0, 4 * r, 4), 1, 0.5))
+            .collect();
+        assert_eq!(whole.len(), micro.len());
+        for (i, w) in whole.iter().enumerate() {
+            let scale = w.abs().max().double_value(&[]);
+            assert!(
+                scale > 0.0,
+                "gradient {i} is zero: the comparison would prove nothing"
+            );
+            let summed = &shards[0][i] + &shards[1][i];
+            for (what, g) in [("4 micro-batches", &micro[i]), ("2 shards summed", &summed)] {
+                let d = (g - w).abs().max().double_value(&[]);
+                assert!(
+                    d <= 1e-5 * scale.max(1e-3),
+                    "{what}: gradient {i} differs by {d} (largest {scale})"
+                );
+            }
+        }
+    }
 }

@@ -124,3 +124,98 @@ pub(crate) fn replica_reducer(ranks: &Ranks) -> Option<Box<dyn GradReducer>> {
         .as_ref()
         .map(|g| Box::new(ReplicaSum { group: g.clone() }) as Box<dyn GradReducer>)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sid_core::stage::{build_stages, Stage};
+    use sid_core::{ExtractorKind, LossConfig, ModelConfig, NamedTensors, StagePlan};
+    use std::time::Duration;
+    use tch::Kind;
+
+    /// The replicas' real gradient sum ([`ReplicaSum`] over Gloo, two ranks as two threads of
+    /// this test), before any optimiser step: each replica's stage gradient on its half of the
+    /// batch, weighted by its share (½), summed by the all-reduce, is the whole batch's.
+    #[test]
+    fn replica_all_reduce_gives_the_whole_batch_gradient() {
+        assert!(
+            sid_dist::available().0,
+            "needs c10d: a build with the Gloo headers (libgloo-dev; scripts/setup.sh)"
+        );
+        let model = ModelConfig {
+            extractor: ExtractorKind::Cnn,
+            in_channels: 1,
+            image_size: 8,
+            num_classes: 4,
+            feature_dim: 6,
+            modules: 2,
+            module_hidden: 5,
+            init: sid_core::Init::default(),
+            precision: sid_core::Precision::Fp32,
+        };
+        let plan = StagePlan::even(&model, 1).unwrap();
+        let build = || {
+            build_stages(&model, LossConfig::default(), 1e-3, &plan)
+                .unwrap()
+                .remove(0)
+        };
+        // One set of weights for all three (no seed: other tests draw from the same RNG).
+        let mut whole = build();
+        let weights = NamedTensors::from(whole.state());
+        // Inputs without the RNG, for the same reason.
+        let x = (Tensor::arange(8 * 64, (Kind::Float, Device::Cpu)) * 0.37)
+            .sin()
+            .view([8, 1, 8, 8]);
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3, 3, 2, 1, 0]);
+        let step = |st: &mut Stage, x: &Tensor, y: &Tensor, share: f64| {
+            let target = st.label_target(y);
+            let p0 = st.uniform(x.size()[0]);
+            st.forward_micro(x, &p0, &target);
+            let _ = st.backward_micro(share).unwrap();
+        };
+        step(&mut whole, &x, &y, 1.0);
+        let want = whole.gradients();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let t = Duration::from_secs(60);
+        let handles: Vec<_> = (0..2usize)
+            .map(|rank| {
+                let mut st = build();
+                st.load_state(&weights).unwrap();
+                let (xr, yr) = (
+                    x.narrow(0, 4 * rank as i64, 4),
+                    y.narrow(0, 4 * rank as i64, 4),
+                );
+                std::thread::spawn(move || {
+                    let store =
+                        sid_dist::Store::connect("127.0.0.1", port, rank == 0, 2, t).unwrap();
+                    let g = Group::new(&store, "replicas", rank, 2, Backend::Gloo, "127.0.0.1", t)
+                        .unwrap();
+                    step(&mut st, &xr, &yr, 0.5);
+                    let mut sum = ReplicaSum { group: Arc::new(g) };
+                    sum.all_reduce(&st.gradients()).unwrap();
+                    st.gradients()
+                })
+            })
+            .collect();
+        for (rank, h) in handles.into_iter().enumerate() {
+            let got = h.join().unwrap();
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let scale = w.abs().max().double_value(&[]);
+                assert!(
+                    scale > 0.0,
+                    "gradient {i} is zero: the comparison would prove nothing"
+                );
+                let d = (g - w).abs().max().double_value(&[]);
+                assert!(
+                    d <= 1e-5 * scale.max(1e-3),
+                    "rank {rank}: gradient {i} differs by {d} (largest {scale})"
+                );
+            }
+        }
+    }
+}
