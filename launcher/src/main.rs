@@ -160,6 +160,26 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
             r.ms_per_sample
         );
     }
+    let health = sid_train::trainer::cascade_health(saved.net.as_mut(), &saved.data.test, batch)?;
+    println!(
+        "\n{:<8} {:>9} {:>12} {:>16}",
+        "module", "accuracy", "KL(p_y‖p)", "KL(p_prev‖p)"
+    );
+    let (acc, label, teacher) = (
+        health.accuracy(),
+        health.mean_label_kl(),
+        health.mean_teacher_kl(),
+    );
+    for i in 0..acc.len() {
+        println!(
+            "{:<8} {:>8.2}% {:>12.4} {:>16.4}",
+            i + 1,
+            acc[i] * 100.0,
+            label[i],
+            teacher[i]
+        );
+    }
+    println!("{}", progress::cascade_verdict(&label).trim_start());
     Ok(())
 }
 

@@ -135,14 +135,30 @@ pub fn epoch_line(m: &EpochMetrics, epochs: usize) -> String {
         .map(|v| format!(" val_acc {:.2}%", v * 100.0))
         .unwrap_or_default();
     format!(
-        "epoch {}/{epochs} train_loss {:.4} test_acc {:.2}%{val} modules [{}] {:.1}s {:.0} samples/s",
+        "epoch {}/{epochs} train_loss {:.4} test_acc {:.2}%{val} modules [{}] {:.1}s {:.0} samples/s{}",
         m.epoch,
         m.train_loss,
         m.test_acc * 100.0,
         modules.join(" "),
         m.epoch_seconds,
-        m.samples_per_second
+        m.samples_per_second,
+        cascade_verdict(&m.module_test_label_kl)
     )
+}
+
+/// Whether each module does no worse than the one before it on `KL(p_y‖p)` (test set): the
+/// paper's monotone descent, checked live.
+pub fn cascade_verdict(label_kl: &[f64]) -> String {
+    match sid_core::network::first_worse(label_kl) {
+        _ if label_kl.len() < 2 => String::new(),
+        None => " cascade monotone ✓".into(),
+        Some(i) => format!(
+            " cascade: module {i} worse than {} on KL(p_y‖p) ({:.3} > {:.3})",
+            i - 1,
+            label_kl[i - 1],
+            label_kl[i - 2]
+        ),
+    }
 }
 
 /// `n` with thousands separators: 11,689,512.

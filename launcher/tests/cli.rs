@@ -204,11 +204,15 @@ fn short_run_writes_config_metrics_checkpoint_and_summary() {
         "train_loss",
         "test_acc",
         "module_test_acc",
+        "module_test_label_kl",
+        "module_test_teacher_kl",
         "epoch_seconds",
         "samples_per_second",
     ] {
         assert!(m[1].get(key).is_some(), "metrics lack {key}");
     }
+    // The epoch line says whether the cascade descends (the paper's monotone proposition).
+    assert!(stderr(&out).contains(" cascade "), "{}", stderr(&out));
     assert_eq!(m[1]["module_test_acc"].as_array().unwrap().len(), 3);
     // Even 1024 samples and 2 epochs beat chance (10%) by far.
     assert!(m[1]["test_acc"].as_f64().unwrap() > 0.5, "{:?}", m[1]);
@@ -1200,12 +1204,31 @@ fn eval_prints_the_early_exit_table_of_a_multi_stage_run() {
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let rows: Vec<Vec<&str>> = text
+        let (exits, cascade) = text.split_once("\n\n").expect("two tables");
+        let rows: Vec<Vec<&str>> = exits
             .lines()
             .skip(1)
             .map(|l| l.split_whitespace().collect())
             .collect();
         assert_eq!(rows.len(), 3, "{text}");
+        // The cascade's health: every module's accuracy and local-loss terms, as the run's
+        // last evaluation recorded them, and the verdict.
+        let modules: Vec<Vec<&str>> = cascade
+            .lines()
+            .skip(1)
+            .take(4)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let last = metrics(&run).pop().unwrap();
+        for (i, row) in modules.iter().enumerate() {
+            let kl: f64 = row[2].parse().unwrap();
+            let want = last["module_test_label_kl"][i].as_f64().unwrap();
+            assert!((kl - want).abs() < 1e-3, "module {}: {kl} vs {want}", i + 1);
+        }
+        assert!(
+            cascade.lines().last().unwrap().starts_with("cascade"),
+            "{text}"
+        );
         assert_eq!(rows[0][0], "full");
         // The full cascade is the run's own final evaluation.
         let full: f64 = rows[0][1].trim_end_matches('%').parse().unwrap();

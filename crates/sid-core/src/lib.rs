@@ -58,7 +58,9 @@ pub use config::{ExtractorKind, LossConfig, Method, ModelConfig};
 pub use error::CoreError;
 pub use extractor::{Backbone, Block, Extractor, Net};
 pub use init::Init;
-pub use network::{early_exit, Cascade, EarlyExit, ExitTracker, NamedTensors, Network, StepStats};
+pub use network::{
+    early_exit, Cascade, CascadeHealth, EarlyExit, ExitTracker, NamedTensors, Network, StepStats,
+};
 pub use precision::Precision;
 pub use sid::SidNetwork;
 pub use stage::{Stage, StageCosts, StagePlan, StageSpec};

@@ -40,6 +40,41 @@ impl Cascade {
             .collect()
     }
 
+    /// The cascade's health on a batch with `labels` ([`CascadeHealth`]): one read from the
+    /// device for every module's sums.
+    pub fn health(&self, labels: &Tensor) -> crate::Result<CascadeHealth> {
+        let Some(first) = self.logits.first() else {
+            return Ok(CascadeHealth::default());
+        };
+        let device = first.device();
+        let labels = labels.to_device(device);
+        let (b, n) = (first.size()[0], first.size()[1]);
+        let mut log_prev = Tensor::full([b, n], -(n as f64).ln(), (Kind::Float, device));
+        let mut rows = Vec::with_capacity(self.logits.len());
+        for l in &self.logits {
+            let log_p = l.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+            let label_kl = -log_p
+                .gather(1, &labels.unsqueeze(1), false)
+                .sum(Kind::Float);
+            let teacher_kl = (log_prev.exp() * (&log_prev - &log_p)).sum(Kind::Float);
+            // On the logits, as `correct_per_module` and early exit compare them.
+            let correct = l.argmax(-1, false).eq_tensor(&labels).sum(Kind::Float);
+            rows.push(Tensor::stack(&[correct, label_kl, teacher_kl], 0));
+            log_prev = log_p;
+        }
+        let all = Tensor::stack(&rows, 0)
+            .f_to_kind(Kind::Double)?
+            .f_to_device(Device::Cpu)?;
+        let v = Vec::<f64>::try_from(all.flatten(0, -1))?;
+        let col = |k: usize| v.chunks(3).map(|r| r[k]).collect::<Vec<f64>>();
+        Ok(CascadeHealth {
+            samples: b,
+            correct: col(0).into_iter().map(|c| c as i64).collect(),
+            label_kl: col(1),
+            teacher_kl: col(2),
+        })
+    }
+
     /// Number of correct predictions of each module against `labels`, on the CPU.
     pub fn correct_per_module(&self, labels: &Tensor) -> Vec<i64> {
         self.logits
@@ -53,6 +88,73 @@ impl Cascade {
             })
             .collect()
     }
+}
+
+/// Whether a cascade behaves as SID says it should, summed over the samples seen: per module,
+/// the correct predictions and the two terms of the local loss, `KL(p_y‖p_i)` (with a one-hot
+/// `p_y`: the cross-entropy) and `KL(p_{i−1}‖p_i)` (`p_0` uniform). The paper's monotone-descent
+/// proposition says module i should do no worse than module i−1 on `KL(p_y‖p)`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CascadeHealth {
+    /// Samples summed over.
+    pub samples: i64,
+    /// Correct predictions of each module.
+    pub correct: Vec<i64>,
+    /// Σ over samples of `KL(p_y‖p_i)`, each module.
+    pub label_kl: Vec<f64>,
+    /// Σ over samples of `KL(p_{i−1}‖p_i)`, each module.
+    pub teacher_kl: Vec<f64>,
+}
+
+impl CascadeHealth {
+    /// Adds another batch's sums.
+    pub fn add(&mut self, other: &CascadeHealth) {
+        if self.correct.is_empty() {
+            *self = other.clone();
+            return;
+        }
+        self.samples += other.samples;
+        let add = |a: &mut [f64], b: &[f64]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        add(&mut self.label_kl, &other.label_kl);
+        add(&mut self.teacher_kl, &other.teacher_kl);
+        for (x, y) in self.correct.iter_mut().zip(&other.correct) {
+            *x += y;
+        }
+    }
+
+    /// Each module's accuracy.
+    pub fn accuracy(&self) -> Vec<f64> {
+        self.mean(&self.correct.iter().map(|&c| c as f64).collect::<Vec<_>>())
+    }
+
+    /// Each module's mean `KL(p_y‖p_i)`.
+    pub fn mean_label_kl(&self) -> Vec<f64> {
+        self.mean(&self.label_kl)
+    }
+
+    /// Each module's mean `KL(p_{i−1}‖p_i)`.
+    pub fn mean_teacher_kl(&self) -> Vec<f64> {
+        self.mean(&self.teacher_kl)
+    }
+
+    fn mean(&self, sums: &[f64]) -> Vec<f64> {
+        let n = self.samples.max(1) as f64;
+        sums.iter().map(|s| s / n).collect()
+    }
+
+    /// The first module (1-based) whose mean `KL(p_y‖p)` is higher than the module before it;
+    /// `None`: the cascade is monotone.
+    pub fn first_worse(&self) -> Option<usize> {
+        first_worse(&self.mean_label_kl())
+    }
+}
+
+/// The first module (1-based) whose `KL(p_y‖p)` in `label_kl` (each module's, in order) is
+/// higher than the module before it; `None`: monotone.
+pub fn first_worse(label_kl: &[f64]) -> Option<usize> {
+    (1..label_kl.len())
+        .find(|&i| label_kl[i] > label_kl[i - 1])
+        .map(|i| i + 1)
 }
 
 /// A network the trainer can drive: SID on one device, SID across devices, or backprop.
@@ -252,6 +354,37 @@ pub fn early_exit(logits: &[Tensor], tau: f64) -> EarlyExit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cascade_health_is_the_local_loss_terms_by_hand() {
+        // One sample of class 0; module 1 believes [0.5, 0.5], module 2 [0.75, 0.25].
+        let l1 = Tensor::from_slice(&[0.0f32, 0.0]).reshape([1, 2]);
+        let l2 = Tensor::from_slice(&[3f32.ln(), 0.0]).reshape([1, 2]);
+        let y = Tensor::from_slice(&[0i64]);
+        let h = Cascade {
+            logits: vec![l1.shallow_clone(), l2.shallow_clone()],
+        }
+        .health(&y)
+        .unwrap();
+        let want_label = [2f64.ln(), -(0.75f64.ln())];
+        let want_teacher = [0.0, 0.5 * (4.0f64 / 3.0).ln()];
+        for i in 0..2 {
+            assert!((h.label_kl[i] - want_label[i]).abs() < 1e-6, "{h:?}");
+            assert!((h.teacher_kl[i] - want_teacher[i]).abs() < 1e-6, "{h:?}");
+        }
+        assert_eq!((h.samples, h.correct.clone()), (1, vec![1, 1]));
+        assert_eq!(h.first_worse(), None);
+        // The other order gets worse at module 2; sums add up over batches.
+        let mut worse = Cascade {
+            logits: vec![l2, l1],
+        }
+        .health(&y)
+        .unwrap();
+        assert_eq!(worse.first_worse(), Some(2));
+        worse.add(&worse.clone());
+        assert_eq!(worse.samples, 2);
+        assert!((worse.mean_label_kl()[1] - 2f64.ln()).abs() < 1e-6);
+    }
 
     #[test]
     fn each_sample_leaves_at_its_first_confident_module() {

@@ -20,6 +20,12 @@ pub struct EpochMetrics {
     pub test_acc: f64,
     /// Test accuracy of every module's belief p_1..p_L.
     pub module_test_acc: Vec<f64>,
+    /// Every module's mean `KL(p_y‖p_i)` on the test set (the label term of its local loss).
+    #[serde(default)]
+    pub module_test_label_kl: Vec<f64>,
+    /// Every module's mean `KL(p_{i−1}‖p_i)` on the test set (the teacher term).
+    #[serde(default)]
+    pub module_test_teacher_kl: Vec<f64>,
     /// Validation accuracy of the final module, when a validation split is held out.
     pub val_acc: Option<f64>,
     /// Wall-clock seconds of the epoch's training steps (evaluation excluded).
@@ -136,6 +142,8 @@ mod tests {
             module_train_loss: vec![0.5, 0.5],
             test_acc: 0.9,
             module_test_acc: vec![0.8, 0.9],
+            module_test_label_kl: vec![0.6, 0.4],
+            module_test_teacher_kl: vec![0.3, 0.1],
             val_acc: None,
             epoch_seconds: 1.0,
             eval_seconds: 0.1,

@@ -440,11 +440,12 @@ impl Run {
             let peak_memory = peaks.finish();
             let p = std::mem::take(&mut self.position.partial);
             let eval_start = Instant::now();
-            let (test_acc, module_test_acc) = evaluate(
+            let health = cascade_health(
                 self.net.as_mut(),
                 &self.data.test,
                 self.cfg.runtime.eval_batch_size,
             )?;
+            let module_test_acc = health.accuracy();
             let val_acc = match &self.data.val {
                 Some(v) => {
                     Some(evaluate(self.net.as_mut(), v, self.cfg.runtime.eval_batch_size)?.0)
@@ -459,8 +460,10 @@ impl Run {
                     .iter()
                     .map(|s| s / steps as f64)
                     .collect(),
-                test_acc,
+                test_acc: module_test_acc.last().copied().unwrap_or(0.0),
                 module_test_acc,
+                module_test_label_kl: health.mean_label_kl(),
+                module_test_teacher_kl: health.mean_teacher_kl(),
                 val_acc,
                 epoch_seconds: p.seconds,
                 eval_seconds: eval_start.elapsed().as_secs_f64(),
@@ -495,26 +498,25 @@ impl Run {
 
 /// Accuracy of the final module and of every module on a split, in evaluation batches.
 pub fn evaluate(net: &mut dyn Network, split: &Split, batch_size: i64) -> Result<(f64, Vec<f64>)> {
-    let _span = tracing::debug_span!("evaluate").entered();
-    let n = split.len();
-    let device = net.input_device();
-    let mut correct: Vec<i64> = Vec::new();
-    for b in 0..sid_data::num_batches(n, batch_size) {
-        let (x, y) = sid_data::batch(split, None, batch_size, b);
-        let cascade = net.cascade(&x.to_device(device))?;
-        let c = cascade.correct_per_module(&y);
-        if correct.is_empty() {
-            correct = vec![0; c.len()];
-        }
-        for (a, b) in correct.iter_mut().zip(c) {
-            *a += b;
-        }
-    }
-    let per_module: Vec<f64> = correct
-        .iter()
-        .map(|&c| c as f64 / n.max(1) as f64)
-        .collect();
+    let per_module = cascade_health(net, split, batch_size)?.accuracy();
     Ok((per_module.last().copied().unwrap_or(0.0), per_module))
+}
+
+/// The cascade's health on `split` ([`sid_core::CascadeHealth`]: every module's accuracy and
+/// both terms of its local loss), from one inference pass.
+pub fn cascade_health(
+    net: &mut dyn Network,
+    split: &Split,
+    batch_size: i64,
+) -> Result<sid_core::CascadeHealth> {
+    let _span = tracing::debug_span!("evaluate").entered();
+    let device = net.input_device();
+    let mut health = sid_core::CascadeHealth::default();
+    for b in 0..sid_data::num_batches(split.len(), batch_size) {
+        let (x, y) = sid_data::batch(split, None, batch_size, b);
+        health.add(&net.cascade(&x.to_device(device))?.health(&y)?);
+    }
+    Ok(health)
 }
 
 /// The end-of-run summary from the metrics of every epoch.
