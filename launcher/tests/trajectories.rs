@@ -50,88 +50,27 @@ const BASE: &[&str] = &[
 /// The fixed two-stage cut (an `auto` cut is timed, so it could differ between runs).
 const CUT: &str = "blocks=0-1,2-3;modules=0-1,2-3";
 
-/// Each mode's flags on top of [`BASE`].
+/// Each mode's flags on top of [`BASE`] (one string, split at spaces).
 fn modes(port: &str) -> Vec<(&'static str, Vec<String>)> {
-    let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    vec![
-        ("sid", v(&["--gpus", "cpu"])),
-        ("sid-fused", v(&["--gpus", "cpu", "--fused-teacher"])),
-        ("bp", v(&["--gpus", "cpu", "--method", "bp"])),
-        ("paper-cpu2", v(&["--gpus", "cpu:2"])),
-        (
-            "staged-k2-m1",
-            v(&[
-                "--gpus",
-                "cpu:2",
-                "--stages",
-                "2",
-                "--placement",
-                CUT,
-                "--micro-batches",
-                "1",
-            ]),
-        ),
-        (
-            "staged-k2-m4",
-            v(&[
-                "--gpus",
-                "cpu:2",
-                "--stages",
-                "2",
-                "--placement",
-                CUT,
-                "--micro-batches",
-                "4",
-            ]),
-        ),
-        (
-            "bp-gpipe",
-            v(&[
-                "--gpus",
-                "cpu:2",
-                "--method",
-                "bp",
-                "--stages",
-                "2",
-                "--placement",
-                CUT,
-                "--micro-batches",
-                "4",
-                "--pipeline-schedule",
-                "gpipe",
-            ]),
-        ),
-        (
-            "bp-1f1b",
-            v(&[
-                "--gpus",
-                "cpu:2",
-                "--method",
-                "bp",
-                "--stages",
-                "2",
-                "--placement",
-                CUT,
-                "--micro-batches",
-                "4",
-                "--pipeline-schedule",
-                "1f1b",
-            ]),
-        ),
+    let staged = format!("--gpus cpu:2 --stages 2 --placement {CUT}");
+    let bp = format!("{staged} --method bp --micro-batches 4 --pipeline-schedule");
+    [
+        ("sid", "--gpus cpu".to_string()),
+        ("sid-fused", "--gpus cpu --fused-teacher".into()),
+        ("bp", "--gpus cpu --method bp".into()),
+        ("paper-cpu2", "--gpus cpu:2".into()),
+        ("staged-k2-m1", format!("{staged} --micro-batches 1")),
+        ("staged-k2-m4", format!("{staged} --micro-batches 4")),
+        ("bp-gpipe", format!("{bp} gpipe")),
+        ("bp-1f1b", format!("{bp} 1f1b")),
         (
             "staged-2-ranks-gloo",
-            v(&[
-                "--stages",
-                "2",
-                "--placement",
-                CUT,
-                "--nproc-per-node",
-                "2",
-                "--master-port",
-                port,
-            ]),
+            format!("--stages 2 --placement {CUT} --nproc-per-node 2 --master-port {port}"),
         ),
     ]
+    .into_iter()
+    .map(|(name, flags)| (name, flags.split(' ').map(String::from).collect()))
+    .collect()
 }
 
 /// A small CIFAR-10 in its real binary format: 64 images in each of the five training files
