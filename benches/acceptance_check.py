@@ -6,6 +6,8 @@ why. Standard library only: the GPU machine has python3 but nothing installed fo
 
   same-final-loss A B          final epoch's train_loss bit-identical in A and B
   close A B RTOL ACC_TOL       final train_loss within RTOL (relative), test_acc within ACC_TOL
+  differ A B MIN_RTOL          final train_loss differs by more than MIN_RTOL (relative): a
+                               feature that was on (bf16) changed the numbers beyond fp32 noise
   peak-source A DEVICE SOURCE  every epoch recorded DEVICE's peak memory from SOURCE
 """
 import json
@@ -43,6 +45,16 @@ def close(a, b, rtol, acc_tol):
     return None
 
 
+def differ(a, b, min_rtol):
+    la, lb = records(a)[-1]["train_loss"], records(b)[-1]["train_loss"]
+    if not (math.isfinite(la) and math.isfinite(lb)):
+        return f"final train_loss {la!r} vs {lb!r}: not finite"
+    if abs(la - lb) <= float(min_rtol) * max(abs(la), abs(lb)):
+        return f"final train_loss {la!r} vs {lb!r} within relative {min_rtol}: no effect"
+    print(f"train_loss {la!r} vs {lb!r}: differ beyond relative {min_rtol}")
+    return None
+
+
 def peak_source(a, device, source):
     for m in records(a):
         peaks = {p["device"]: p for p in m.get("peak_memory", [])}
@@ -55,7 +67,12 @@ def peak_source(a, device, source):
     return None
 
 
-CHECKS = {"same-final-loss": same_final_loss, "close": close, "peak-source": peak_source}
+CHECKS = {
+    "same-final-loss": same_final_loss,
+    "close": close,
+    "differ": differ,
+    "peak-source": peak_source,
+}
 
 
 def main(argv):

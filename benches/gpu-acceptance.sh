@@ -27,6 +27,10 @@ check() {
 }
 # has FILE PATTERN: FILE has a line matching PATTERN (grep -E).
 has() { grep -qE "$2" "$1" || echo "no line matching '$2' in $1"; grep -qE "$2" "$1"; }
+# captured LOG: sid-launch's output LOG says a CUDA graph was captured and replayed (a failed
+# capture falls back to eager steps, which the loss comparisons alone cannot tell apart;
+# SID_NO_CUDA_GRAPH=1 forces that and must make this FAIL).
+captured() { has "$1" "^CUDA graph: [1-9][0-9]* captured, [1-9][0-9]* replays"; }
 # expect_exit NAME CODE NEEDLE CMD...: CMD must exit with CODE and print NEEDLE on an error: line.
 expect_exit() {
   local name=$1 code=$2 needle=$3 out rc
@@ -58,7 +62,13 @@ self_test() {
   check "self-test: equal losses" python3 "$checker" same-final-loss "$t/eager" "$t/graph"
   check "self-test: close losses" python3 "$checker" close "$t/eager" "$t/off" 1e-6 0.005
   check "self-test: allocator peaks" python3 "$checker" peak-source "$t/graph" cuda:0 cuda-allocator
+  echo "CUDA graph: 1 captured, 9 replays" >"$t/graph.log"
+  echo "no CUDA graph: every step ran eagerly" >"$t/eager.log"
+  check "self-test: graph captured" captured "$t/graph.log"
+  check "self-test: losses differ" python3 "$checker" differ "$t/eager" "$t/off" 1e-14
   # Forced mismatches: these must FAIL.
+  check "self-test: forced capture mismatch" captured "$t/eager.log"
+  check "self-test: forced no-effect mismatch" python3 "$checker" differ "$t/eager" "$t/graph" 1e-5
   check "self-test: forced loss mismatch" python3 "$checker" same-final-loss "$t/eager" "$t/off"
   check "self-test: forced peak-source mismatch" python3 "$checker" peak-source "$t/off" cuda:0 cuda-allocator
   expect_exit "self-test: forced exit-code mismatch" 1 "GPU 7" true
@@ -96,6 +106,7 @@ gpu_checks() {
     shift
     out=$(timeout 17 "$launch" "${common[@]}" "$@" --run-dir "$work/$name" 2>&1) ||
       echo "  $name failed: $(tail -n 2 <<<"$out" | paste -sd ' ')"
+    printf '%s\n' "$out" >"$work/$name.log"
     grep -E "^note:" <<<"$out" | sed "s/^/  $name: /"
   }
   run eager --gpus 0 --no-cuda-graph
@@ -105,6 +116,7 @@ gpu_checks() {
   run replicas --gpus 0,0 --data-parallel 2 --nproc-per-node 2 --master-port 29731
   run bf16 --gpus 0 --precision bf16
   run bf16-eager --gpus 0 --precision bf16 --no-cuda-graph
+  check "a CUDA graph was captured and replayed (one GPU)" captured "$work/graph.log"
   check "graph replay equals eager (bit-identical final train loss)" \
     python3 "$checker" same-final-loss "$work/eager" "$work/graph"
   check "two workers on cuda:0 equal one device (within 1e-4 / 0.005)" \
@@ -116,6 +128,9 @@ gpu_checks() {
   check "allocator peaks recorded (two workers)" \
     python3 "$checker" peak-source "$work/two" cuda:0 cuda-allocator
   # bf16 autocast: a finite loss near fp32's (a NaN fails `close`), the graph as eager.
+  check "a CUDA graph was captured and replayed (bf16)" captured "$work/bf16.log"
+  check "bf16 was in effect (final loss differs from fp32's by more than 1e-5 relative)" \
+    python3 "$checker" differ "$work/eager" "$work/bf16" 1e-5
   check "bf16 (CUDA graph) trains like fp32 (loss within 5%, accuracy within 0.03)" \
     python3 "$checker" close "$work/eager" "$work/bf16" 0.05 0.03
   check "bf16 graph replay equals bf16 eager (within 1e-4 / 0.005)" \

@@ -43,10 +43,17 @@ train() {
   echo "== ${dir##*/}: $*"
   local rc
   timeout "$limit" "$launch" --gpus 0 --data-dir "$data" "$@" --run-dir "$dir" 2>&1 |
-    grep -E "note:|error|final-epoch"
+    tee "$dir.log" | grep -E "note:|error|final-epoch|CUDA graph"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || echo "  exit code $rc$([ "$rc" = 124 ] && echo ", timed out after $limit s")"
   show "$dir"
+}
+# captured DIR: the run's output says a CUDA graph was captured and replayed (a failed capture
+# falls back to eager steps, which the comparisons cannot tell apart; SID_NO_CUDA_GRAPH=1
+# forces that and must make this FAIL).
+captured() {
+  grep -qE "^CUDA graph: [1-9][0-9]* captured, [1-9][0-9]* replays" "$1.log" ||
+    { echo "no 'CUDA graph: N captured' line in $1.log"; return 1; }
 }
 # check NAME CMD...: PASS when CMD exits 0, else FAIL with the last line it printed.
 check() {
@@ -64,6 +71,7 @@ check() {
   mlp=(--model mlp --modules 8 --module-hidden 2048 --limit-train 12800)
   train 12 "$work/sid-mlp-eager" "${mlp[@]}" --epochs 2 --no-cuda-graph
   train 12 "$work/sid-mlp-graph" "${mlp[@]}" --epochs 2 --cuda-graph
+  check "SID, MLP: a CUDA graph was captured and replayed" captured "$work/sid-mlp-graph"
   check "SID, MLP: graph replay equals eager (bit-identical train loss)" \
     python3 "$checker" same-final-loss "$work/sid-mlp-eager" "$work/sid-mlp-graph"
   train 10 "$work/sid-mlp-fused-graph" "${mlp[@]}" --epochs 2 --fused-teacher --cuda-graph
@@ -71,6 +79,7 @@ check() {
     python3 "$checker" same-final-loss "$work/sid-mlp-eager" "$work/sid-mlp-fused-graph"
   train 10 "$work/bp-mlp-eager" "${mlp[@]}" --epochs 1 --method bp --no-cuda-graph
   train 10 "$work/bp-mlp-graph" "${mlp[@]}" --epochs 1 --method bp --cuda-graph
+  check "BP, MLP: a CUDA graph was captured and replayed" captured "$work/bp-mlp-graph"
   check "BP, MLP: graph replay equals eager (bit-identical train loss)" \
     python3 "$checker" same-final-loss "$work/bp-mlp-eager" "$work/bp-mlp-graph"
   for spec in "cnn sid 10" "vgg11 sid 12" "resnet18 bp 12"; do
@@ -78,6 +87,8 @@ check() {
     conv=(--model "$model" --method "$method" --modules 5 --limit-train 1280 --epochs 1)
     train "$limit" "$work/$method-$model-eager" "${conv[@]}" --no-cuda-graph
     train "$limit" "$work/$method-$model-graph" "${conv[@]}" --cuda-graph
+    check "$method, $model: a CUDA graph was captured and replayed" \
+      captured "$work/$method-$model-graph"
     check "$method, $model, 10 steps: graph replay trains like eager (1e-3 / 0.01)" \
       python3 "$checker" close "$work/$method-$model-eager" "$work/$method-$model-graph" 1e-3 0.01
   done

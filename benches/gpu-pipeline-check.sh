@@ -5,7 +5,8 @@
 # benches/prepare-gpu-check.sh; run with the device tool (carry target/release/sid-launch,
 # target/release/sid-bench, data/fashion-mnist); benches/gpu-all.sh runs it.
 # Checks (one `PASS name` or `FAIL name: why` line each; exit 1 if any failed, 2 if libtorch
-# cannot be found): the benchmark and every run finish; per-stage CUDA graphs train like the
+# cannot be found): the benchmark and every run finish; the graphs were captured and replayed
+# (sid-launch's "CUDA graph: N captured" line); per-stage CUDA graphs train like the
 # eager stages. The graphed and eager stages differ only by cuDNN's convolution backward, whose
 # atomics give other last bits on every run; so two eager runs of the same settings are
 # compared too, and the graphed run must stay within 4× their difference (or 1e-5 relative
@@ -52,6 +53,13 @@ result() {
     grep -E "staged|backprop pipeline|placement|graph|final-epoch|error" "$work/$name.log" | sed "s/^/  $name: /"
     result "run $name (${spec#*:})" "$rc"
   done
+  # The graphs were in effect, not replaced by eager steps after a failed capture (which the
+  # loss comparison below cannot tell apart; SID_NO_CUDA_GRAPH=1 forces that and fails here):
+  # the single-GPU trainer's one graph, and one per stage.
+  grep -qE "^CUDA graph: [1-9][0-9]* captured, [1-9][0-9]* replays" "$work/graph.log"
+  result "a CUDA graph was captured and replayed (graph)" $?
+  grep -qE "^CUDA graph: 2 captured, [1-9][0-9]* replays" "$work/twograph.log"
+  result "each stage captured its CUDA graph and replayed it (twograph)" $?
   python3 - "$work" <<'PY' || failed=$((failed + 1))
 import json, os, sys
 w = sys.argv[1]

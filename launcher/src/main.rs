@@ -395,6 +395,15 @@ fn run(cli: &args::Cli) -> Result<()> {
             println!("stage CPU time: {}", busy.join(", "));
         }
     }
+    if run.plan().graphs != sid_train::Graphs::Off {
+        // Whether the graphs were in effect: a failed capture falls back to eager steps.
+        let g = sid_core::graph::counts();
+        if g.captured > 0 {
+            println!("CUDA graph: {} captured, {} replays", g.captured, g.replays);
+        } else {
+            println!("no CUDA graph: every step ran eagerly");
+        }
+    }
     println!("run directory: {}", run.dir().display());
     Ok(())
 }

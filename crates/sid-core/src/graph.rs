@@ -9,9 +9,43 @@
 //! on the device. libtorch's `at::cuda::CUDAGraph` through a C++ shim (`src/cuda_graph.cpp`);
 //! builds without CUDA headers have [`CudaGraph::available`] false.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use tch::Device;
 
 use crate::{CoreError, Result};
+
+/// Set (to anything but empty or `0`), every capture fails at once, saying so: runs go on
+/// eagerly, and the checks that a graph was captured fail. This is how those checks (the GPU
+/// scripts', the GPU tests') are shown to fail when the feature is forced off.
+pub const DISABLE_VAR: &str = "SID_NO_CUDA_GRAPH";
+
+// Process-wide, so a run's binary reads them without plumbing from every stage's thread.
+static CAPTURED: AtomicUsize = AtomicUsize::new(0);
+static REPLAYS: AtomicUsize = AtomicUsize::new(0);
+
+/// CUDA graphs captured and replays run in this process so far, by every thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphCounts {
+    /// Successful captures.
+    pub captured: usize,
+    /// Successful replays (a captured step runs as a replay too).
+    pub replays: usize,
+}
+
+/// The process's [`GraphCounts`]: whether a graph was in effect, not silently replaced by
+/// eager steps after a failed capture.
+pub fn counts() -> GraphCounts {
+    GraphCounts {
+        captured: CAPTURED.load(Ordering::Relaxed),
+        replays: REPLAYS.load(Ordering::Relaxed),
+    }
+}
+
+/// Whether [`DISABLE_VAR`] disables capture.
+fn capture_disabled() -> bool {
+    std::env::var(DISABLE_VAR).is_ok_and(|v| !v.is_empty() && v != "0")
+}
 
 #[cfg(sid_cuda_graph)]
 mod ffi {
@@ -133,8 +167,17 @@ impl CudaGraph {
     /// the host or synchronise. If the capture fails, the error says why and the caller can go
     /// on without the graph.
     pub fn capture<R>(&mut self, step: impl FnOnce() -> Result<R>) -> Result<R> {
+        if capture_disabled() {
+            return Err(CoreError::Graph(format!(
+                "CUDA graph capture disabled by {DISABLE_VAR}"
+            )));
+        }
         #[cfg(sid_cuda_graph)]
-        return self.bracket(ffi::sid_graph_begin, ffi::sid_graph_end, step);
+        {
+            let out = self.bracket(ffi::sid_graph_begin, ffi::sid_graph_end, step)?;
+            CAPTURED.fetch_add(1, Ordering::Relaxed);
+            Ok(out)
+        }
         #[cfg(not(sid_cuda_graph))]
         {
             let _ = step;
@@ -168,7 +211,9 @@ impl CudaGraph {
         #[cfg(sid_cuda_graph)]
         {
             // SAFETY: `self.ptr` is a live graph.
-            call(|e, n| unsafe { ffi::sid_graph_replay(self.ptr, e, n) })
+            call(|e, n| unsafe { ffi::sid_graph_replay(self.ptr, e, n) })?;
+            REPLAYS.fetch_add(1, Ordering::Relaxed);
+            Ok(())
         }
         #[cfg(not(sid_cuda_graph))]
         Err(CoreError::Graph("this build has no CUDA graphs".into()))

@@ -364,7 +364,18 @@ fn stage_cuda_graphs_train_like_eager_stages() {
         (losses, p.state().unwrap())
     };
     let (eager, eager_state) = run(false);
+    let before = sid_core::graph::counts();
     let (graphed, graphed_state) = run(true);
+    // The graphs were in effect (a failed capture falls back to eager steps and would pass
+    // the comparison below): one capture per stage, then replays (each stage: 3 warm-up steps,
+    // the capture, 7 replays of its 11 steps, one partial batch eager). SID_NO_CUDA_GRAPH=1
+    // makes this fail.
+    let after = sid_core::graph::counts();
+    assert_eq!(after.captured - before.captured, 2, "one capture per stage");
+    assert!(
+        after.replays - before.replays >= 12,
+        "replays: {before:?} → {after:?}"
+    );
     assert_eq!(eager.len(), graphed.len());
     for (a, b) in eager.iter().zip(&graphed) {
         for (la, lb) in a.iter().zip(b) {

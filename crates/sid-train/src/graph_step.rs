@@ -163,7 +163,13 @@ mod tests {
         assert!(tch::Cuda::is_available(), "needs CUDA: not available here");
         assert!(CudaGraph::available(), "needs a build with CUDA graphs");
         let (eager, eager_state) = train(false, 12);
+        let before = sid_core::graph::counts();
         let (graph, graph_state) = train(true, 12);
+        // The graph was in effect: captured once, then every step after the warm-up (the
+        // captured one included) replayed. SID_NO_CUDA_GRAPH=1 makes this fail.
+        let after = sid_core::graph::counts();
+        assert_eq!(after.captured - before.captured, 1, "captures");
+        assert_eq!(after.replays - before.replays, 12 - WARMUP_STEPS, "replays");
         assert_eq!(eager, graph, "per-step losses");
         for ((n, a), (_, b)) in eager_state.iter().zip(&graph_state) {
             assert!(a.equal(b), "{n} differs");
