@@ -273,6 +273,66 @@ fn resume_gives_the_same_result_as_an_uninterrupted_run() {
 /// A run directory whose `config.toml` has the flat layout of earlier versions (every key at
 /// the top, the backbone under `model`) resumes as one saved now does, and is saved again in
 /// sections.
+/// `--checkpoint-every N` writes the checkpoint inside epochs too, `--keep-checkpoints K` keeps
+/// the older ones under their positions' names, and a run resumed from one of them mid-epoch
+/// (as after a crash) ends exactly where the uninterrupted run ends.
+#[test]
+fn step_checkpoints_are_kept_and_a_run_resumes_from_one_mid_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // 1024 samples / 64 = 16 steps an epoch: checkpoints after steps 6 and 12, and at its end.
+    let flags = [
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "6",
+        "--keep-checkpoints",
+        "4",
+    ];
+    run_ok(&quick(&run, &flags));
+    let mut kept: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint"))
+        .collect();
+    kept.sort();
+    // The newest, and the three before it, named by epochs done and step.
+    assert_eq!(
+        kept,
+        [
+            "checkpoint-E1-S0.safetensors",
+            "checkpoint-E1-S12.safetensors",
+            "checkpoint-E1-S6.safetensors",
+            "checkpoint.safetensors"
+        ]
+    );
+    // As if the run had died after step 6 of epoch 2.
+    let crashed = dir.path().join("crashed");
+    std::fs::create_dir(&crashed).unwrap();
+    for f in ["config.toml", "input.json", "metrics.jsonl"] {
+        std::fs::copy(run.join(f), crashed.join(f)).unwrap();
+    }
+    std::fs::copy(
+        run.join("checkpoint-E1-S6.safetensors"),
+        crashed.join("checkpoint.safetensors"),
+    )
+    .unwrap();
+    let out = run_ok(&["--resume".into(), crashed.display().to_string()]);
+    assert!(
+        stderr(&out).contains("resuming at step 6/16"),
+        "{}",
+        stderr(&out)
+    );
+    let (a, b) = (metrics(&run), metrics(&crashed));
+    assert_eq!(a.len(), 2);
+    for key in ["train_loss", "test_acc", "module_test_acc"] {
+        assert_eq!(
+            a[1][key], b[1][key],
+            "{key} differs after resuming mid-epoch"
+        );
+    }
+}
+
 #[test]
 fn a_run_saved_with_the_flat_config_layout_resumes() {
     let dir = tempfile::tempdir().unwrap();

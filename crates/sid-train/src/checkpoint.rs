@@ -87,6 +87,38 @@ fn dtype_of(kind: Kind) -> Option<(Dtype, Kind)> {
     }
 }
 
+/// Keeps the checkpoint in `dir` that the next save replaces under its position's name
+/// (`checkpoint-E<epoch>-S<step>.safetensors`, a hard link: no copy) and removes all but the
+/// `older` newest of those.
+pub fn keep_previous(dir: &Path, older: usize) -> Result<()> {
+    let current = dir.join(CHECKPOINT_FILE);
+    if current.exists() {
+        let (_, position) = load(&current)?;
+        let name = format!(
+            "checkpoint-E{}-S{}.safetensors",
+            position.epochs_done, position.step_in_epoch
+        );
+        let kept = dir.join(name);
+        let _ = std::fs::remove_file(&kept);
+        std::fs::hard_link(&current, &kept).map_err(|e| TrainError::io(&kept, e))?;
+    }
+    let mut old: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|e| TrainError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("checkpoint-E") && n.ends_with(".safetensors"))
+        })
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    old.sort();
+    for (_, p) in old.iter().rev().skip(older) {
+        std::fs::remove_file(p).map_err(|e| TrainError::io(p, e))?;
+    }
+    Ok(())
+}
+
 /// Saves named tensors and the position to `path` atomically.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], position: &Position) -> Result<()> {
     let _span = tracing::debug_span!("checkpoint_save").entered();

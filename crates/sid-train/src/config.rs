@@ -191,6 +191,14 @@ pub struct RuntimeSection {
     /// Batch size for evaluation.
     #[arg(long, default_value_t = 1000, help_heading = RESUMABLE)]
     pub eval_batch_size: i64,
+    /// Also write the checkpoint every N training steps (with the position inside the epoch,
+    /// so a resume from it equals the uninterrupted run), not only at the end of each epoch.
+    #[arg(long, value_name = "N", help_heading = RESUMABLE)]
+    pub checkpoint_every: Option<usize>,
+    /// Keep the last K checkpoints: `checkpoint.safetensors` is the newest, the older ones
+    /// `checkpoint-E<epoch>-S<step>.safetensors`.
+    #[arg(long, value_name = "K", default_value_t = 1, help_heading = RESUMABLE)]
+    pub keep_checkpoints: usize,
     /// Inject a fault WORKER:STEP:panic|error|nan|hang (for testing failure handling; only
     /// builds with the fault-injection feature accept it). Never saved.
     #[serde(skip)]
@@ -507,6 +515,9 @@ impl RunConfig {
                 return bad(format!("image size must be in 4..=1024, got {s}"));
             }
             _ => {}
+        }
+        if self.runtime.checkpoint_every == Some(0) || self.runtime.keep_checkpoints == 0 {
+            return bad("--checkpoint-every and --keep-checkpoints must be at least 1".into());
         }
         if !(self.runtime.step_timeout > 0.0 && self.runtime.step_timeout.is_finite()) {
             return bad(format!(

@@ -338,9 +338,15 @@ impl Run {
         });
     }
 
+    /// Writes the checkpoint (atomically); with `--keep-checkpoints K` the one it replaces
+    /// stays under its position's name and only the K − 1 newest such stay.
     fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let path = self.dir.join(CHECKPOINT_FILE);
         let state = self.net.state()?;
+        let keep = self.cfg.runtime.keep_checkpoints;
+        if keep > 1 {
+            checkpoint::keep_previous(&self.dir, keep - 1)?;
+        }
         checkpoint::save(&path, &state, &self.position)?;
         Ok(path)
     }
@@ -421,16 +427,24 @@ impl Run {
                 for stats in finished {
                     self.record(&stats, before, started, &mut last_done, on_event);
                 }
-                if stop.load(Ordering::SeqCst) && step + 1 < steps {
+                let stopping = stop.load(Ordering::SeqCst);
+                let due = self
+                    .cfg
+                    .runtime
+                    .checkpoint_every
+                    .is_some_and(|n| (step + 1) % n == 0);
+                if (stopping || due) && step + 1 < steps {
                     for stats in self.net.flush()? {
                         self.record(&stats, before, started, &mut last_done, on_event);
                     }
                     let checkpoint = self.save_checkpoint()?;
-                    return Err(TrainError::Interrupted {
-                        epoch,
-                        step: step + 1,
-                        checkpoint,
-                    });
+                    if stopping {
+                        return Err(TrainError::Interrupted {
+                            epoch,
+                            step: step + 1,
+                            checkpoint,
+                        });
+                    }
                 }
             }
             // The pipeline's last steps (its fill is paid once an epoch, here).
