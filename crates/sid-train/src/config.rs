@@ -583,7 +583,7 @@ mod tests {
         let mut moved = staged.clone();
         moved.runtime.placement = Some("blocks=0,1-3;modules=0-4,5-9".into());
         assert_eq!(moved.resume_conflicts(&staged), ["runtime.placement"]);
-        assert!(resume_may_change_flags().ends_with("and --eval-batch-size"));
+        assert!(resume_may_change_flags().ends_with("and --keep-checkpoints"));
     }
 
     /// Every key of the list is a real `section.key` of `config.toml`, and each conflict
@@ -597,6 +597,7 @@ mod tests {
             c.runtime.micro_batches = Some(1);
             c.runtime.placement = Some("p".into());
             c.runtime.cuda_graph = Some(false);
+            c.runtime.checkpoint_every = Some(5);
         });
         let keys = all.keys();
         for key in resume_may_change() {
