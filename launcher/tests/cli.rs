@@ -693,8 +693,10 @@ fn a_failing_module_stage_stops_the_run_and_keeps_the_last_checkpoint() {
             "4",
             "--gpus",
             "cpu:2",
+            // The hang comes at a known step; 6 s also leaves the healthy steps before it
+            // (milliseconds each) room on a loaded machine.
             "--step-timeout",
-            "2",
+            "6",
         ],
     );
     args.extend(["--inject-fault".into(), "0:3:hang".into()]);
@@ -702,13 +704,13 @@ fn a_failing_module_stage_stops_the_run_and_keeps_the_last_checkpoint() {
     let out = Command::new(BIN).args(&args).output().unwrap();
     // Stage 2 (worker 0's modules) hangs; whichever wait runs out first names it: the
     // extractor's for its gradient, or the coordinator's for its report.
-    one_line_error(&out, "waited 2 s");
+    one_line_error(&out, "waited 6 s");
     let line = stderr(&out);
     assert!(
         line.contains("for a gradient from stage 2") || line.contains("for stage 2 (cpu"),
         "{line}"
     );
-    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
 }
 
 #[test]
@@ -1538,10 +1540,18 @@ fn a_killed_rank_ends_the_run_with_a_clear_error_and_the_checkpoint_intact() {
 fn rendezvous_problems_are_one_line_errors_without_a_hang() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = |n: &str| tmp.path().join(n);
+    // A 3 s step timeout where a rank is missing (the timeout is what is tested); 60 s where
+    // both ranks come (a slow start on a loaded machine must not end their rendezvous).
     let quick_ranks = |d: &Path, extra: &[&str]| {
         paper(
             d,
             &[&["--step-timeout", "3", "--epochs", "1"], extra].concat(),
+        )
+    };
+    let healthy_ranks = |d: &Path, extra: &[&str]| {
+        paper(
+            d,
+            &[&["--step-timeout", "60", "--epochs", "1"], extra].concat(),
         )
     };
     // Launcher: the world does not fit the stages.
@@ -1585,13 +1595,13 @@ fn rendezvous_problems_are_one_line_errors_without_a_hang() {
         0,
         2,
         &port,
-        &quick_ranks(&dir("f"), &["--data-parallel", "2"]),
+        &healthy_ranks(&dir("f"), &["--data-parallel", "2"]),
     );
     let mut r1 = rank(
         1,
         2,
         &port,
-        &quick_ranks(&dir("f"), &["--data-parallel", "2", "--lr", "0.01"]),
+        &healthy_ranks(&dir("f"), &["--data-parallel", "2", "--lr", "0.01"]),
     );
     one_line_error(
         &wait_for(&mut r0, std::time::Duration::from_secs(60)),
@@ -1613,8 +1623,10 @@ fn a_hung_rank_ends_the_run_within_the_step_timeout_naming_it() {
             "16",
             "--threads",
             "1",
+            // The hang comes at step 3; 12 s also leaves the rendezvous and the healthy steps
+            // before it (two processes on a loaded machine) room.
             "--step-timeout",
-            "5",
+            "12",
             "--inject-fault",
             "1:3:hang",
         ],

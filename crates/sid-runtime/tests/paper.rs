@@ -253,7 +253,9 @@ fn a_nan_loss_is_reported_as_such_with_the_module() {
 fn a_hung_module_stage_times_out_naming_who_waited_for_whom() {
     let _rng = rng_lock();
     let started = Instant::now();
-    let (msg, elapsed) = failing_run(FaultKind::Hang, Duration::from_millis(1500));
+    // The hang comes at a known step; the timeout is generous enough for the two healthy
+    // steps before it on a loaded machine (they take milliseconds), which it bounds as well.
+    let (msg, elapsed) = failing_run(FaultKind::Hang, Duration::from_secs(5));
     // Whichever wait runs out first names the hung stage: the coordinator's for stage 3's
     // report, or the extractor's (stage 1) for stage 3's gradient.
     assert!(
@@ -262,9 +264,9 @@ fn a_hung_module_stage_times_out_naming_who_waited_for_whom() {
                 || msg.contains("for a gradient from stage 3")),
         "{msg}"
     );
-    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
     // Dropping the pipeline does not wait for the hung thread beyond its grace period.
-    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(started.elapsed() < Duration::from_secs(60));
 }
 
 #[test]

@@ -178,7 +178,9 @@ fn a_failing_stage_stops_the_run_naming_it() {
 fn a_hanging_stage_times_out_naming_who_was_waited_for() {
     let _rng = rng_lock();
     let data = batches(3);
-    let mut p = faulty(1, FaultKind::Hang, Duration::from_secs(2));
+    // The hang comes at a known step; the timeout is generous enough for the healthy steps
+    // before it on a loaded machine (they take milliseconds), which it bounds as well.
+    let mut p = faulty(1, FaultKind::Hang, Duration::from_secs(5));
     let started = Instant::now();
     let mut result = Ok(Vec::new());
     for (x, y) in &data {
@@ -196,7 +198,7 @@ fn a_hanging_stage_times_out_naming_who_was_waited_for() {
         msg.contains("stage 2 (cpu, blocks 3-4, modules 3-4)") && msg.contains("gave up"),
         "{msg}"
     );
-    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(started.elapsed() < Duration::from_secs(60));
     // The hung thread is left behind by Drop after its grace period.
     std::mem::forget(p);
 }
