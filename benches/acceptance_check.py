@@ -25,8 +25,16 @@ def records(run):
     return records
 
 
+def final_loss(run):
+    """The final epoch's train_loss, a finite number (two missing or NaN losses are not equal)."""
+    loss = records(run)[-1].get("train_loss")
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        raise ValueError(f"{run}: final train_loss is {loss!r}, not a finite number")
+    return loss
+
+
 def same_final_loss(a, b):
-    la, lb = records(a)[-1]["train_loss"], records(b)[-1]["train_loss"]
+    la, lb = final_loss(a), final_loss(b)
     if la != lb:
         return f"final train_loss differs: {la!r} vs {lb!r}"
     print(f"final train_loss {la!r} in both")
@@ -35,7 +43,7 @@ def same_final_loss(a, b):
 
 def close(a, b, rtol, acc_tol):
     ma, mb = records(a)[-1], records(b)[-1]
-    la, lb = ma["train_loss"], mb["train_loss"]
+    la, lb = final_loss(a), final_loss(b)
     if not math.isclose(la, lb, rel_tol=float(rtol), abs_tol=0.0):
         return f"final train_loss {la!r} vs {lb!r} beyond relative {rtol}"
     da = abs(ma["test_acc"] - mb["test_acc"])
@@ -46,9 +54,7 @@ def close(a, b, rtol, acc_tol):
 
 
 def differ(a, b, min_rtol):
-    la, lb = records(a)[-1]["train_loss"], records(b)[-1]["train_loss"]
-    if not (math.isfinite(la) and math.isfinite(lb)):
-        return f"final train_loss {la!r} vs {lb!r}: not finite"
+    la, lb = final_loss(a), final_loss(b)
     if abs(la - lb) <= float(min_rtol) * max(abs(la), abs(lb)):
         return f"final train_loss {la!r} vs {lb!r} within relative {min_rtol}: no effect"
     print(f"train_loss {la!r} vs {lb!r}: differ beyond relative {min_rtol}")

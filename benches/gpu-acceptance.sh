@@ -58,6 +58,7 @@ self_test() {
   fake "$t/eager" 0.8123456789012 0.81 cuda-allocator
   fake "$t/graph" 0.8123456789012 0.81 cuda-allocator
   fake "$t/off" 0.8123456789013 0.81 process-rss
+  fake "$t/no-loss" null 0.81 cuda-allocator
   echo "device: none (self-test: made-up run folders)"
   check "self-test: equal losses" python3 "$checker" same-final-loss "$t/eager" "$t/graph"
   check "self-test: close losses" python3 "$checker" close "$t/eager" "$t/off" 1e-6 0.005
@@ -69,6 +70,7 @@ self_test() {
   # Forced mismatches: these must FAIL.
   check "self-test: forced capture mismatch" captured "$t/eager.log"
   check "self-test: forced no-effect mismatch" python3 "$checker" differ "$t/eager" "$t/graph" 1e-5
+  check "self-test: forced missing losses" python3 "$checker" same-final-loss "$t/no-loss" "$t/no-loss"
   check "self-test: forced loss mismatch" python3 "$checker" same-final-loss "$t/eager" "$t/off"
   check "self-test: forced peak-source mismatch" python3 "$checker" peak-source "$t/off" cuda:0 cuda-allocator
   expect_exit "self-test: forced exit-code mismatch" 1 "GPU 7" true

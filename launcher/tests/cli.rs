@@ -423,10 +423,11 @@ fn gpu_acceptance_script_fails_on_a_forced_mismatch() {
         "PASS self-test: losses differ",
         "FAIL self-test: forced capture mismatch: no line matching",
         "FAIL self-test: forced no-effect mismatch: final train_loss",
+        "FAIL self-test: forced missing losses: ValueError:",
         "FAIL self-test: forced loss mismatch: final train_loss differs",
         "FAIL self-test: forced peak-source mismatch: epoch 1: cuda:0 peak",
         "FAIL self-test: forced exit-code mismatch: exit code 0, expected 1",
-        "5 check(s) failed",
+        "6 check(s) failed",
     ] {
         assert!(
             text.lines().any(|l| l.starts_with(line)),
