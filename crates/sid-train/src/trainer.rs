@@ -111,6 +111,8 @@ pub struct Run {
     position: Position,
     /// Notices found while opening the run, handed to the first `train` call's events.
     notices: Vec<String>,
+    /// The checkpoint being written in the background, if one is.
+    saving: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 /// The plan of a run on `devices` (`--gpus`), or on this rank's device when `rdv` links it to
@@ -196,6 +198,7 @@ impl Run {
             plan,
             position,
             notices: Vec::new(),
+            saving: None,
         })
     }
 
@@ -271,6 +274,7 @@ impl Run {
             plan,
             position,
             notices: kept.dropped_last_line.into_iter().collect(),
+            saving: None,
         })
     }
 
@@ -338,23 +342,60 @@ impl Run {
         });
     }
 
-    /// Writes the checkpoint (atomically); with `--keep-checkpoints K` the one it replaces
-    /// stays under its position's name and only the K − 1 newest such stay.
+    /// Starts writing the checkpoint: the state is copied to host memory here, at the step
+    /// boundary, and a thread of its own writes it (atomically) while training goes on. A save
+    /// still writing is waited for first, never overlapped; with `--keep-checkpoints K` the
+    /// checkpoint it replaces stays under its position's name and only the K − 1 newest stay.
     fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        self.wait_for_save()?;
         let path = self.dir.join(CHECKPOINT_FILE);
         let state = self.net.state()?;
-        let keep = self.cfg.runtime.keep_checkpoints;
-        if keep > 1 {
-            checkpoint::keep_previous(&self.dir, keep - 1)?;
-        }
-        checkpoint::save(&path, &state, &self.position)?;
+        let (dir, position, keep) = (
+            self.dir.clone(),
+            self.position.clone(),
+            self.cfg.runtime.keep_checkpoints,
+        );
+        let target = path.clone();
+        let writer = std::thread::Builder::new()
+            .name("sid-checkpoint".into())
+            .spawn(move || {
+                if keep > 1 {
+                    checkpoint::keep_previous(&dir, keep - 1)?;
+                }
+                checkpoint::save(&target, &state, &position)
+            })
+            .map_err(|e| TrainError::io(&path, e))?;
+        self.saving = Some(writer);
         Ok(path)
+    }
+
+    /// Waits for the checkpoint being written, if any, and returns its outcome.
+    fn wait_for_save(&mut self) -> Result<()> {
+        match self.saving.take() {
+            Some(writer) => writer.join().unwrap_or_else(|_| {
+                Err(TrainError::Config("the checkpoint writer panicked".into()))
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Trains until `cfg.optim.epochs` are done or `stop` is set (then a checkpoint is written and
     /// [`TrainError::Interrupted`] returned). Every epoch appends to `metrics.jsonl` and
     /// rewrites the checkpoint.
     pub fn train(
+        &mut self,
+        stop: &AtomicBool,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) -> Result<Summary> {
+        let trained = self.train_epochs(stop, on_event);
+        // Whatever ended the run, the checkpoint being written is complete before it returns.
+        let saved = self.wait_for_save();
+        let summary = trained?;
+        saved?;
+        Ok(summary)
+    }
+
+    fn train_epochs(
         &mut self,
         stop: &AtomicBool,
         on_event: &mut dyn FnMut(Event<'_>),
