@@ -597,8 +597,19 @@ fn four_cpu_workers_train_to_the_same_result_as_one_device() {
         "{saved}"
     );
     let (a, b) = (metrics(&one), metrics(&four));
-    assert_eq!(a[0]["test_acc"], b[0]["test_acc"]);
-    assert_eq!(a[0]["module_test_acc"], b[0]["module_test_acc"]);
+    // Across placements the modules' ∂L/∂z is summed in another order, so a few test samples
+    // may flip (the runtime tests bound the parameters' difference): at most 0.5% of them.
+    let accs = |m: &serde_json::Value| -> Vec<f64> {
+        let modules = m["module_test_acc"].as_array().unwrap().iter();
+        let mut v: Vec<f64> = modules.map(|x| x.as_f64().unwrap()).collect();
+        v.push(m["test_acc"].as_f64().unwrap());
+        v
+    };
+    let (acc_a, acc_b) = (accs(&a[0]), accs(&b[0]));
+    assert_eq!(acc_a.len(), acc_b.len());
+    for (x, y) in acc_a.iter().zip(&acc_b) {
+        assert!((x - y).abs() <= 0.005, "{acc_a:?} vs {acc_b:?}");
+    }
     let (la, lb) = (
         a[0]["train_loss"].as_f64().unwrap(),
         b[0]["train_loss"].as_f64().unwrap(),
