@@ -13,7 +13,9 @@
 #   bench       70  QUICK=1 benches/gpu-check.sh: Fashion-MNIST on --gpus 0 and --gpus 0,0,0,0
 # plus 30 s for the checks before them (nvidia-smi twice, 5 s each; libtorch through python3,
 # 20 s): 540 s. A check's own timeouts fit in its budget less 5 s, the grace `timeout -k`
-# leaves before it kills. Prints one `PASS name` / `FAIL name: why` line
+# leaves before it kills. The test suite with its GPU tests (cargo test --workspace --
+# --include-ignored) does not fit these 540 s and needs a toolchain on the GPU machine: it is
+# benches/gpu-tests.sh, a command of its own. Prints one `PASS name` / `FAIL name: why` line
 # per check (each FAIL line of a check's own output follows, indented), then a summary, and
 # exits 1 if any check failed. Each check's whole output is in $OUT/<name>/ (or runs/gpu-all/).
 #
