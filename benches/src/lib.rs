@@ -3,6 +3,7 @@
 //! Timing uses random inputs of the real shapes: the cost of a step does not depend on the
 //! pixel values, and the benchmarks then need no data files.
 
+pub mod checkpoint_cost;
 pub mod env_check;
 pub mod harness;
 pub mod pipeline;

@@ -7,6 +7,7 @@
 //! - `sid-bench pipeline`: staged SID on K devices vs one device vs the all-cores trainer,
 //!   bubble, and the pipeline model's prediction;
 //! - `sid-bench ranks`: staged SID in K processes (c10d) vs K threads vs one device;
+//! - `sid-bench checkpoint`: a training step's time without and with a checkpoint every step;
 //! - `sid-bench env`: what libtorch sees (CUDA, devices, streams).
 
 use clap::Parser;
@@ -28,6 +29,8 @@ enum Cli {
     Pipeline(sid_benches::pipeline::Args),
     /// Staged SID in K processes (c10d, Gloo) vs K threads vs one device.
     Ranks(sid_benches::ranks::Args),
+    /// A training step's time without and with a checkpoint every step.
+    Checkpoint(sid_benches::checkpoint_cost::Args),
     /// What libtorch sees on this machine.
     Env(sid_benches::env_check::Args),
 }
@@ -39,6 +42,7 @@ fn main() {
         Cli::Workers(a) => sid_benches::workers::run(a),
         Cli::Pipeline(a) => sid_benches::pipeline::run(a),
         Cli::Ranks(a) => sid_benches::ranks::run(a),
+        Cli::Checkpoint(a) => sid_benches::checkpoint_cost::run(a),
         Cli::Env(a) => sid_benches::env_check::run(a),
     };
     if let Err(e) = result {
