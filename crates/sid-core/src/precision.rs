@@ -265,7 +265,14 @@ mod tests {
     fn bf16_tracks_fp32(device: Device) {
         let fp32 = losses(Precision::Fp32, device, 4);
         let bf16 = losses(Precision::Bf16, device, 4);
-        assert_ne!(fp32, bf16, "{device:?}: bf16 changed nothing");
+        // bf16 was in effect: it moves some loss by more than float32's rounding could
+        // (relative 1e-7 per operation; 1e-5 leaves room for a few steps of it).
+        let moved = fp32
+            .iter()
+            .zip(&bf16)
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1e-3))
+            .fold(0.0, f64::max);
+        assert!(moved > 1e-5, "{device:?}: bf16 changed the losses by {moved:e} only");
         for (a, b) in fp32.iter().zip(&bf16) {
             assert!(b.is_finite(), "{device:?}: {bf16:?}");
             assert!(
