@@ -272,7 +272,10 @@ mod tests {
             .zip(&bf16)
             .map(|(a, b)| (a - b).abs() / a.abs().max(1e-3))
             .fold(0.0, f64::max);
-        assert!(moved > 1e-5, "{device:?}: bf16 changed the losses by {moved:e} only");
+        assert!(
+            moved > 1e-5,
+            "{device:?}: bf16 changed the losses by {moved:e} only"
+        );
         for (a, b) in fp32.iter().zip(&bf16) {
             assert!(b.is_finite(), "{device:?}: {bf16:?}");
             assert!(
