@@ -72,7 +72,7 @@ pub struct Plan {
 const TIMED_MARGIN: f64 = 0.2;
 
 /// Micro-batches a staged-SID run on CPU stages uses unless told otherwise: on `cpu:2`,
-/// SimpleCNN K = 2 ran at 0.92x the all-cores trainer with one and 1.00x with four (see
+/// SimpleCNN K = 2 ran at 0.93-0.96x the all-cores trainer with one and 1.00x with four (see
 /// docs/speed-cpu.md); each micro-batch's working set then fits the caches.
 const CPU_STAGED_MICRO_BATCHES: usize = 4;
 
