@@ -234,7 +234,7 @@ impl Cli {
             }
             let mut config = Run::saved_config(dir)?;
             self.apply(&mut config)?;
-            config.validate()?;
+            sid_train::Plan::check(&config)?;
             return Ok(Invocation {
                 config,
                 run_dir: dir.clone(),
@@ -252,7 +252,7 @@ impl Cli {
             None => RunConfig::default(),
         };
         self.apply(&mut config)?;
-        config.validate()?;
+        sid_train::Plan::check(&config)?;
         let run_dir = self.run_dir.clone().unwrap_or_else(|| {
             let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
                 .to_string()

@@ -527,7 +527,6 @@ impl RunConfig {
         }
         self.model_config().validate()?;
         self.loss_config().validate()?;
-        crate::plan::Plan::check(self)?;
         if let Some(f) = &self.runtime.inject_fault {
             #[cfg(feature = "fault-injection")]
             sid_runtime::Fault::parse(f)?;
@@ -834,17 +833,13 @@ cuda_graph = false
     }
 
     #[test]
-    fn bf16_needs_cuda_devices_and_is_saved() {
+    fn bf16_is_saved_and_may_not_change_on_resume() {
         let bf16 = |spec: &str| {
             with(|c| {
                 c.runtime.gpus = gpus(spec);
                 c.model.precision = sid_core::Precision::Bf16;
             })
         };
-        for spec in ["cpu", "cpu:2"] {
-            let e = bf16(spec).validate().unwrap_err().to_string();
-            assert!(e.contains("--precision bf16 needs a CUDA device"), "{e}");
-        }
         let c = bf16("0");
         assert_eq!(c.model_config().precision, sid_core::Precision::Bf16);
         assert!(c.to_toml().contains("precision = \"bf16\""));
@@ -857,26 +852,6 @@ cuda_graph = false
             c.resume_conflicts(&RunConfig::default()),
             ["model.precision"]
         );
-    }
-
-    #[test]
-    fn micro_batches_that_do_not_divide_the_batch_name_the_flag() {
-        let c = with(|c| {
-            c.runtime.micro_batches = Some(3);
-            c.optim.batch_size = 64;
-        });
-        let e = c.validate().unwrap_err().to_string();
-        assert!(
-            e.contains("--micro-batches 3 does not divide --batch-size 64"),
-            "{e}"
-        );
-        let c = with(|c| {
-            c.runtime.micro_batches = Some(4);
-            c.runtime.data_parallel = 3;
-            c.optim.batch_size = 64;
-        });
-        let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("3 equal replica shards"), "{e}");
     }
 
     #[test]

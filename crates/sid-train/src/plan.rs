@@ -206,9 +206,11 @@ impl Plan {
         })
     }
 
-    /// Checks `cfg` as [`Plan::resolve`] would on its `--gpus`, without timing anything: a
-    /// run with replicas is taken to have its ranks.
+    /// Checks every setting of `cfg` ([`RunConfig::validate`]) and their combination, as
+    /// [`Plan::resolve`] would on its `--gpus`, without timing anything: a run with replicas is
+    /// taken to have its ranks.
     pub fn check(cfg: &RunConfig) -> Result<()> {
+        cfg.validate()?;
         let ranked = cfg.runtime.data_parallel > 1;
         Self::resolve(cfg, cfg.runtime.gpus.devices(), ranked, false).map(|_| ())
     }
@@ -426,7 +428,7 @@ mod tests {
         assert!(!whole(&on("0", Some(false))));
         for spec in ["cpu", "cpu:2", "0,1", "0,0"] {
             assert!(!whole(&on(spec, None)), "{spec}");
-            assert!(on(spec, Some(true)).validate().is_err(), "{spec}");
+            assert!(Plan::check(&on(spec, Some(true))).is_err(), "{spec}");
         }
         // Staged SID with a GPU per stage graphs each stage instead, when asked.
         let staged = |spec: &str, micro: usize| {
@@ -486,6 +488,38 @@ mod tests {
             plan(&RunConfig::default()).unwrap().layout,
             Layout::Whole(Device::Cpu)
         ));
+    }
+
+    #[test]
+    fn micro_batches_that_do_not_divide_the_batch_name_the_flag() {
+        let c = with(|c| {
+            c.runtime.micro_batches = Some(3);
+            c.optim.batch_size = 64;
+        });
+        let e = Plan::check(&c).unwrap_err().to_string();
+        assert!(
+            e.contains("--micro-batches 3 does not divide --batch-size 64"),
+            "{e}"
+        );
+        let c = with(|c| {
+            c.runtime.micro_batches = Some(4);
+            c.runtime.data_parallel = 3;
+            c.optim.batch_size = 64;
+        });
+        let e = Plan::check(&c).unwrap_err().to_string();
+        assert!(e.contains("3 equal replica shards"), "{e}");
+    }
+
+    #[test]
+    fn bf16_needs_cuda_devices() {
+        for spec in ["cpu", "cpu:2"] {
+            let c = with(|c| {
+                c.runtime.gpus = spec.parse().unwrap();
+                c.model.precision = sid_core::Precision::Bf16;
+            });
+            let e = Plan::check(&c).unwrap_err().to_string();
+            assert!(e.contains("--precision bf16 needs a CUDA device"), "{e}");
+        }
     }
 
     #[test]
