@@ -7,6 +7,9 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
+mod common;
+use common::{free_port, write_cifar10};
+
 const BIN: &str = env!("CARGO_BIN_EXE_sid-launch");
 
 fn sid(args: &[&str]) -> Output {
@@ -852,22 +855,6 @@ fn trace_shows_two_module_stages_overlapping_in_phase_2_and_telemetry_degrades_w
     }
 }
 
-/// Writes a small CIFAR-10 in its real binary format: 5 training batches and a test batch of
-/// `n` records each (label byte + 3072 pixel bytes).
-fn write_cifar10(dir: &Path, n: usize) {
-    std::fs::create_dir_all(dir).unwrap();
-    let record = |i: usize| {
-        let mut r = vec![(i % 10) as u8];
-        r.extend((0..3072).map(|p| ((p * 7 + i * 13) % 256) as u8));
-        r
-    };
-    let batch = |offset: usize| (0..n).flat_map(|i| record(offset + i)).collect::<Vec<u8>>();
-    for b in 1..=5 {
-        std::fs::write(dir.join(format!("data_batch_{b}.bin")), batch(b * n)).unwrap();
-    }
-    std::fs::write(dir.join("test_batch.bin"), batch(0)).unwrap();
-}
-
 #[test]
 fn cifar10_trains_with_augmentation_on_by_default() {
     let dir = tempfile::tempdir().unwrap();
@@ -1327,15 +1314,6 @@ fn eval_prints_the_early_exit_table_of_a_multi_stage_run() {
 
 // ---------------------------------------------------------------------------------------------
 // Several processes (ranks) over torch.distributed's c10d (Gloo on 127.0.0.1).
-
-fn free_port() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string()
-}
 
 /// The small CIFAR-10 run of [`staged`] as paper SID (one stage): for data-parallel runs.
 fn paper(run_dir: &Path, extra: &[&str]) -> Vec<String> {

@@ -6,16 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::free_port;
+
 const BIN: &str = env!("CARGO_BIN_EXE_sid-launch");
 
 fn torchrun() -> Option<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/torchrun");
     path.exists().then_some(path)
-}
-
-fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port().to_string()
 }
 
 /// A short run: MLP, 3 modules, the first 1024 samples, one epoch, one thread per rank.

@@ -13,6 +13,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::{free_port, write_cifar10};
+
 const BIN: &str = env!("CARGO_BIN_EXE_sid-launch");
 
 fn fixture(name: &str) -> PathBuf {
@@ -21,8 +24,8 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// SimpleCNN with four small modules on the 320 training images of [`write_cifar10`]: 20
-/// steps of 16.
+/// SimpleCNN with four small modules on the 320 training images of a small CIFAR-10
+/// (`write_cifar10(dir, 64)`): 20 steps of 16.
 const BASE: &[&str] = &[
     "--dataset",
     "cifar10",
@@ -71,32 +74,6 @@ fn modes(port: &str) -> Vec<(&'static str, Vec<String>)> {
     .into_iter()
     .map(|(name, flags)| (name, flags.split(' ').map(String::from).collect()))
     .collect()
-}
-
-/// A small CIFAR-10 in its real binary format: 64 images in each of the five training files
-/// (320 in all) and 64 test images, each a fixed pattern of its index.
-fn write_cifar10(dir: &Path) {
-    let n = 64;
-    std::fs::create_dir_all(dir).unwrap();
-    let record = |i: usize| {
-        let mut r = vec![(i % 10) as u8];
-        r.extend((0..3072).map(|p| ((p * 7 + i * 13) % 256) as u8));
-        r
-    };
-    let batch = |offset: usize| (0..n).flat_map(|i| record(offset + i)).collect::<Vec<u8>>();
-    for b in 1..=5 {
-        std::fs::write(dir.join(format!("data_batch_{b}.bin")), batch(b * n)).unwrap();
-    }
-    std::fs::write(dir.join("test_batch.bin"), batch(0)).unwrap();
-}
-
-fn free_port() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string()
 }
 
 /// What one mode's run left: its per-step losses, its checkpoint's layout, its config.
@@ -163,7 +140,7 @@ fn losses(data: &Path, run: &Path, extra: &[String]) -> Vec<f64> {
 fn every_mode_reproduces_its_recorded_losses() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("cifar10");
-    write_cifar10(&data);
+    write_cifar10(&data, 64);
     let port = free_port();
     let got: BTreeMap<String, Recorded> = modes(&port)
         .into_iter()
