@@ -624,21 +624,6 @@ mod tests {
         let shards: Vec<Vec<Tensor>> = (0..2)
             .map(|r| bp_gradients(&cfg, &x.narrow(0, 4 * r, 4), &y.narrow(0, 4 * r, 4), 1, 0.5))
             .collect();
-        assert_eq!(whole.len(), micro.len());
-        for (i, w) in whole.iter().enumerate() {
-            let scale = w.abs().max().double_value(&[]);
-            assert!(
-                scale > 0.0,
-                "gradient {i} is zero: the comparison would prove nothing"
-            );
-            let summed = &shards[0][i] + &shards[1][i];
-            for (what, g) in [("4 micro-batches", &micro[i]), ("2 shards summed", &summed)] {
-                let d = (g - w).abs().max().double_value(&[]);
-                assert!(
-                    d <= 1e-5 * scale.max(1e-3),
-                    "{what}: gradient {i} differs by {d} (largest {scale})"
-                );
-            }
-        }
+        crate::assert_gradients_add_up(&whole, &micro, &shards);
     }
 }

@@ -74,5 +74,32 @@ pub(crate) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Checks that the gradients of `micro` (M micro-batches) and of two `shards` summed (what the
+/// replicas' all-reduce computes) equal the whole batch's, each of which must be non-zero (a
+/// zero gradient would make the comparison prove nothing).
+#[cfg(test)]
+pub(crate) fn assert_gradients_add_up(
+    whole: &[tch::Tensor],
+    micro: &[tch::Tensor],
+    shards: &[Vec<tch::Tensor>],
+) {
+    assert_eq!(whole.len(), micro.len());
+    for (i, w) in whole.iter().enumerate() {
+        let scale = w.abs().max().double_value(&[]);
+        assert!(
+            scale > 0.0,
+            "gradient {i} is zero: the comparison would prove nothing"
+        );
+        let summed = &shards[0][i] + &shards[1][i];
+        for (what, g) in [("micro-batches", &micro[i]), ("2 shards summed", &summed)] {
+            let d = (g - w).abs().max().double_value(&[]);
+            assert!(
+                d <= 1e-5 * scale.max(1e-3),
+                "{what}: gradient {i} differs by {d} (largest {scale})"
+            );
+        }
+    }
+}
+
 /// Result alias for this crate.
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;
