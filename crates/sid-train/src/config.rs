@@ -74,7 +74,7 @@ pub struct ModelSection {
 #[serde(default, deny_unknown_fields)]
 pub struct DataSection {
     /// Data set: fashion-mnist, mnist, cifar10, cifar100, or folder (your own PNG / JPEG
-    /// images in DATA_DIR/train/<class>/ and test/ or val/, or Tiny-ImageNet's layout).
+    /// images in DATA_DIR/train/CLASS/ and test/ or val/, or Tiny-ImageNet's layout).
     #[arg(long, default_value_t = DatasetKind::FashionMnist)]
     pub dataset: DatasetKind,
     /// Folder with the data set's files (default: the data set's usual location).
