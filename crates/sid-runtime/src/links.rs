@@ -13,8 +13,8 @@
 //! four tensors, then those tensors, contiguous on the CPU (Gloo carries CPU tensors) — or,
 //! between two GPUs when NCCL is built in, the header over Gloo and the tensors GPU to GPU over
 //! a two-rank NCCL group of the link's own (one group per link and direction, so that each
-//! communicator sees its operations in one order on both sides; built, not yet run: no session
-//! has had two GPUs). A link that ends normally sends a stop frame; one that breaks (the peer
+//! communicator sees its operations in one order on both sides; built, never run: it needs two
+//! GPUs). A link that ends normally sends a stop frame; one that breaks (the peer
 //! died) is reported naming the ranks and the operation, and stops the run.
 
 use std::io::Cursor;
