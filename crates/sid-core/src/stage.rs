@@ -752,7 +752,7 @@ mod tests {
     #[test]
     fn balanced_plan_minimises_the_slowest_stage() {
         let c = cfg(10);
-        // The numbers of the issue: conv1+conv2 ≈ 154 ms, conv3+conv4 ≈ 216 ms.
+        // Block costs like SimpleCNN's as once estimated: conv1+conv2 ≈ 154 ms, conv3+conv4 ≈ 216 ms.
         let costs = StageCosts {
             blocks: vec![0.030, 0.124, 0.100, 0.116],
             module: 0.002,
