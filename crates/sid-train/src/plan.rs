@@ -382,6 +382,7 @@ fn stage_cut(
     let costs = sid_core::stage::profile_costs(model, batch, device, 3);
     tch::set_num_threads(before);
     let timed = StagePlan::balanced(model, stages, &costs).map_err(core)?;
+    let timed_spec = timed.to_spec();
     let slowest = |p: &StagePlan| p.predicted(&costs).into_iter().fold(0.0, f64::max);
     let (even_ms, timed_ms) = (slowest(&even) * 1e3, slowest(&timed) * 1e3);
     let (cut, how) = if timed_ms < (1.0 - TIMED_MARGIN) * even_ms {
@@ -392,7 +393,7 @@ fn stage_cut(
     let note = format!(
         "auto placement: {how} (slowest stage per micro-batch of {batch} on {}: even {even_ms:.1} ms, timed {} {timed_ms:.1} ms; the timed cut is taken only when {:.0}% faster)",
         device_name(device),
-        StagePlan::balanced(model, stages, &costs).map_err(core)?.to_spec(),
+        timed_spec,
         TIMED_MARGIN * 100.0
     );
     Ok((cut, Some(note)))
