@@ -110,6 +110,12 @@ struct Step {
     forward: Duration,
     /// A CUDA graph's replay ran the whole step, optimiser step included.
     applied: bool,
+    /// The gradients of the backward in progress received so far, summed, and their count
+    /// (stages in one thread: the senders may not have run yet).
+    grad_sum: Option<Tensor>,
+    grads_got: usize,
+    /// A micro-batch that arrived while the step waited for a gradient.
+    early: Option<Arrived>,
 }
 
 /// A stage: its unit, its schedule and where it is in its step.
@@ -130,6 +136,10 @@ pub struct StageRunner {
     cuda_graph: GraphSlot,
     /// Who this stage's allocations are charged to, when measured.
     memory: Option<AllocOwner>,
+    /// Leave a step's losses on the device, for [`StageRunner::take_queued_losses`], instead
+    /// of reading them (a step captured into a CUDA graph must not read anything back).
+    queue_losses: bool,
+    queued: Option<Tensor>,
 }
 
 impl StageRunner {
@@ -146,7 +156,20 @@ impl StageRunner {
             timeout: Duration::from_secs(300),
             cuda_graph: GraphSlot::Off,
             memory: None,
+            queue_losses: false,
+            queued: None,
         }
+    }
+
+    /// With `on`, the steps that follow leave their losses on the device (reported as none),
+    /// for [`StageRunner::take_queued_losses`]: nothing of the step is read back to the host.
+    pub fn queue_losses(&mut self, on: bool) {
+        self.queue_losses = on;
+    }
+
+    /// The losses [n] of the last step run with [`StageRunner::queue_losses`], on the device.
+    pub fn take_queued_losses(&mut self) -> Option<Tensor> {
+        self.queued.take()
     }
 
     /// Charges what the stage allocates while it runs ([`drive`]) to `owner` (weights and
@@ -237,7 +260,7 @@ impl StageRunner {
                     labels,
                     scale,
                 };
-                self.run(t, arrived)
+                self.run(t, Some(arrived))
             }
             Message::Eval { tag, input, p } => {
                 self.idle("an inference batch")?;
@@ -315,24 +338,34 @@ impl StageRunner {
                 busy: Duration::ZERO,
                 forward: Duration::ZERO,
                 applied: false,
+                grad_sum: None,
+                grads_got: 0,
+                early: None,
             });
         }
         Ok(())
     }
 
+    /// Goes on with a step that stopped for a gradient (stages in one thread), if any.
+    pub(crate) fn resume(&mut self, t: &mut dyn Transport) -> Result<(), Failure> {
+        match self.current {
+            Some(_) => self.run(t, None),
+            None => Ok(()),
+        }
+    }
+
     /// Runs the step's operations from where it stopped, `arrived` being the micro-batch the
-    /// next forward takes, until a forward needs one more (it returns to wait for it) or the
-    /// list ends (the optimiser step and the report).
-    fn run(&mut self, t: &mut dyn Transport, arrived: Arrived) -> Result<(), Failure> {
+    /// next forward takes, until a forward needs one more or a backward a gradient not sent
+    /// yet (it returns to wait for it) or the list ends (the optimiser step and the report).
+    fn run(&mut self, t: &mut dyn Transport, mut arrived: Option<Arrived>) -> Result<(), Failure> {
         let started = Instant::now();
         let mut waiting = Duration::ZERO;
         let mut s = self.current.take().expect("a step in progress");
-        let mut arrived = Some(arrived);
         let index = self.unit.stage();
         while let Some(&op) = s.ops.get(s.next_op) {
             match op {
                 Op::Forward(j) => {
-                    let Some(a) = arrived.take() else {
+                    let Some(a) = arrived.take().or_else(|| s.early.take()) else {
                         break;
                     };
                     let input = self.strike(s.step, a.input)?;
@@ -378,8 +411,12 @@ impl StageRunner {
                 }
                 Op::Backward(j) | Op::BackwardInput(j) => {
                     let w = Instant::now();
-                    let grad = self.gradients_for(t, s.step, j)?;
+                    let got = self.gradients_for(t, &mut s, j)?;
                     waiting += w.elapsed();
+                    let Some(grad) = got else {
+                        s.early = s.early.take().or(arrived.take());
+                        break;
+                    };
                     let b = match op {
                         Op::Backward(_) => self.unit.backward(j, grad.as_ref())?,
                         _ => self.unit.backward_input(j, grad.as_ref())?,
@@ -409,8 +446,12 @@ impl StageRunner {
             t.reduce_gradients(&self.unit.gradients())?;
             self.unit.apply();
         }
-        let losses = match &s.losses {
-            Some(l) => self.unit.read_losses(l)?,
+        let losses = match s.losses {
+            Some(l) if self.queue_losses => {
+                self.queued = Some(l);
+                Vec::new()
+            }
+            Some(l) => self.unit.read_losses(&l)?,
             None => Vec::new(),
         };
         s.busy += started.elapsed().saturating_sub(waiting);
@@ -425,17 +466,20 @@ impl StageRunner {
     }
 
     /// The gradient micro-batch `j`'s backward needs: none, or the sum, in stage order, of
-    /// one from each of the later stages the unit waits for.
+    /// one from each of the later stages the unit waits for; `None` while some have not been
+    /// sent yet (stages in one thread).
     fn gradients_for(
         &mut self,
         t: &mut dyn Transport,
-        step: u64,
+        s: &mut Step,
         j: usize,
-    ) -> Result<Option<Tensor>, Failure> {
+    ) -> Result<Option<Option<Tensor>>, Failure> {
         let index = self.unit.stage();
-        let mut sum = None;
-        for w in 0..self.unit.grads_needed() {
-            let (tag, g) = t.recv_grad(self.timeout)?;
+        let step = s.step;
+        for w in s.grads_got..self.unit.grads_needed() {
+            let Some((tag, g)) = t.recv_grad(self.timeout)? else {
+                return Ok(None);
+            };
             if tag.step != step || tag.micro != j {
                 return Err(Failure::new(format!(
                     "stage {} got stage {}'s gradient of micro-batch {} of step {} while expecting micro-batch {j} of step {step}",
@@ -445,9 +489,11 @@ impl StageRunner {
                     tag.step,
                 )));
             }
-            sum = Some(add_next(sum, g));
+            s.grad_sum = Some(add_next(s.grad_sum.take(), g));
+            s.grads_got += 1;
         }
-        Ok(sum)
+        s.grads_got = 0;
+        Ok(Some(s.grad_sum.take()))
     }
 
     fn strike(&self, step: u64, input: Tensor) -> Result<Tensor, Failure> {
@@ -506,6 +552,10 @@ pub fn drive(
         .map(AllocOwner::enter)
         .transpose()
         .map_err(|e| Failure::new(e.to_string()))?;
+    if local {
+        // A step that stopped for a gradient goes on if the sender has run since.
+        runner.resume(t)?;
+    }
     let mut waited = Duration::ZERO;
     loop {
         let wait = if runner.mid_step() {

@@ -92,6 +92,19 @@ pub enum PipelineMethod {
     Paper,
 }
 
+impl PipelineMethod {
+    /// The stage that stage `s`'s backward sends its gradient to: the previous one in a
+    /// backprop pipeline, the extractor from the paper's module stages; none in staged SID.
+    pub(crate) fn grad_target(self, s: usize) -> Option<usize> {
+        match self {
+            Self::Sid => None,
+            _ if s == 0 => None,
+            Self::Bp(_) => Some(s - 1),
+            Self::Paper => Some(0),
+        }
+    }
+}
+
 impl StagedConfig {
     /// Defaults for everything but the model, the devices and the plan: reference loss,
     /// lr 1e-3, one micro-batch, 300 s timeout, streams on.

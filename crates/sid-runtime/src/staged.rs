@@ -33,6 +33,8 @@ enum Engine {
         runners: Vec<StageRunner>,
         inboxes: Vec<VecDeque<Message>>,
         reports: VecDeque<Report>,
+        /// Gradients sent back, per receiving stage.
+        grads: Vec<VecDeque<(Tag, Tensor)>>,
     },
     /// A thread per stage (or per stage of this process, the others linked by c10d).
     Threads {
@@ -192,7 +194,7 @@ impl StagedPipeline {
                 reports: l.reports,
                 threads: l.threads,
             }
-        } else if d == 1 && k == cfg.plan.len() && cfg.method == PipelineMethod::Sid {
+        } else if d == 1 && (k == 1 || !matches!(cfg.method, PipelineMethod::Bp(_))) {
             let mut runners = runners;
             for r in &mut runners {
                 r.unit_mut().to_device(devices[0]);
@@ -201,6 +203,7 @@ impl StagedPipeline {
                 runners,
                 inboxes: (0..k).map(|_| VecDeque::new()).collect(),
                 reports: VecDeque::new(),
+                grads: (0..k).map(|_| VecDeque::new()).collect(),
             }
         } else {
             spawn_threads(&cfg, runners, &devices)
@@ -365,25 +368,39 @@ impl StagedPipeline {
                 runners,
                 inboxes,
                 reports,
+                grads,
             } => {
                 inboxes[0].push_back(msg);
-                for s in 0..runners.len() {
-                    let (head, tail) = inboxes.split_at_mut(s + 1);
-                    let mut t = LocalTransport {
-                        inbox: &mut head[s],
-                        next: tail.first_mut(),
-                        reports,
-                    };
-                    if let Err(f) = drive(&mut runners[s], &mut t, self.timeout, true) {
-                        return Err(RuntimeError::Stage {
-                            stage: s + 1,
-                            device: device_name(self.devices[s]),
-                            module: f.module,
-                            cause: f.cause,
-                        });
+                // Stage after stage, again while any took something: a stage that stopped
+                // for a gradient goes on once a later stage has sent it.
+                loop {
+                    let mut taken = 0;
+                    for s in 0..runners.len() {
+                        let (head, tail) = inboxes.split_at_mut(s + 1);
+                        let mut t = LocalTransport {
+                            stage: s,
+                            inbox: &mut head[s],
+                            next: tail.first_mut(),
+                            reports,
+                            grads,
+                            grad_to: self.method.grad_target(s),
+                            taken: 0,
+                        };
+                        let driven = drive(&mut runners[s], &mut t, self.timeout, true);
+                        taken += t.taken;
+                        if let Err(f) = driven {
+                            return Err(RuntimeError::Stage {
+                                stage: s + 1,
+                                device: device_name(self.devices[s]),
+                                module: f.module,
+                                cause: f.cause,
+                            });
+                        }
+                    }
+                    if taken == 0 {
+                        return Ok(());
                     }
                 }
-                Ok(())
             }
             Engine::Threads { firsts, .. } => {
                 let tx = &firsts[replica];
@@ -779,6 +796,58 @@ impl Network for StagedPipeline {
         self.drain()?;
         let mut all: Vec<StepStats> = self.done.drain(..).collect();
         Ok(all.pop().expect("the step just finished"))
+    }
+
+    /// Stages in this thread only (one device): the step runs through every stage as usual,
+    /// but its losses stay on the device, so a CUDA graph can capture it.
+    fn train_step_queued(&mut self, x: &Tensor, y: &Tensor) -> sid_core::Result<Tensor> {
+        let queue = |engine: &mut Engine, on: bool| match engine {
+            Engine::Local { runners, .. } => {
+                runners.iter_mut().for_each(|r| r.queue_losses(on));
+                Ok(())
+            }
+            Engine::Threads { .. } => Err(RuntimeError::Config(
+                "a step of stages in threads cannot be captured as one".into(),
+            )),
+        };
+        queue(&mut self.engine, true)?;
+        let submitted = self.submit(x, y);
+        queue(&mut self.engine, false)?;
+        let Engine::Local {
+            runners, reports, ..
+        } = &mut self.engine
+        else {
+            unreachable!("checked above")
+        };
+        // The step's reports carry no losses: they are these.
+        reports.clear();
+        self.pending.remove(&self.submitted);
+        submitted?;
+        let losses: Vec<Tensor> = runners
+            .iter_mut()
+            .filter_map(|r| r.take_queued_losses())
+            .collect();
+        Ok(Tensor::f_cat(&losses, 0)?)
+    }
+
+    fn read_step(&self, losses: &Tensor) -> sid_core::Result<StepStats> {
+        let _s = tracing::trace_span!("read_losses").entered();
+        Ok(match (&self.method, &self.engine) {
+            (PipelineMethod::Bp(_), Engine::Local { runners, .. }) => {
+                let last = runners.last().expect("a stage").unit();
+                StepStats {
+                    loss: last.read_losses(losses)?.iter().sum(),
+                    module_losses: Vec::new(),
+                }
+            }
+            _ => {
+                let module_losses = sid_core::unit::read_losses(losses, 0)?;
+                StepStats {
+                    loss: module_losses.iter().sum(),
+                    module_losses,
+                }
+            }
+        })
     }
 
     fn submit_step(&mut self, x: &Tensor, y: &Tensor) -> sid_core::Result<Vec<StepStats>> {

@@ -192,12 +192,7 @@ pub trait Transport {
     /// stage's input gradient to the previous stage, a paper module stage's `Σ ∂L/∂z` straight
     /// to stage 1, the extractor (which receives these with [`Transport::recv_grad`], from
     /// module stages 2, 3, … in turn). Staged SID never calls it.
-    fn send_grad(&mut self, tag: Tag, _grad: Tensor) -> Result<()> {
-        Err(RuntimeError::Config(format!(
-            "this transport carries no gradients back (step {})",
-            tag.step
-        )))
-    }
+    fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()>;
     /// Data-parallel replicas: sums this stage's gradients over the stage's replicas, in
     /// place, before its optimiser step. One replica (the default): nothing to do.
     fn reduce_gradients(&mut self, _grads: &[Tensor]) -> Result<()> {
@@ -206,12 +201,9 @@ pub trait Transport {
     /// Backprop pipelines: the next gradient of this stage's output from the next stage; the
     /// paper's SID, on stage 1: the next module stage's gradient at `z`, from stages 2, 3, …
     /// in turn (so one micro-batch's gradients arrive together, in stage order). Waits at most
-    /// `timeout`.
-    fn recv_grad(&mut self, _timeout: Duration) -> Result<(Tag, Tensor)> {
-        Err(RuntimeError::Config(
-            "this transport carries no gradients back".into(),
-        ))
-    }
+    /// `timeout`; `None`: not sent yet, and waiting cannot help (stages in one thread: the
+    /// stage steps back and resumes once the sender has run).
+    fn recv_grad(&mut self, timeout: Duration) -> Result<Option<(Tag, Tensor)>>;
 }
 
 /// Sums a stage's gradients over its data-parallel replicas (an all-reduce among the ranks
@@ -222,20 +214,32 @@ pub trait GradReducer: Send {
 }
 
 /// Stages run one after another in one thread: each stage's inbox is a queue, and receiving
-/// never waits.
+/// never waits. Gradients sent back (backprop, the paper's module stages) wait in the receiving
+/// stage's queue until that stage runs again.
 pub struct LocalTransport<'a> {
+    /// 0-based stage.
+    pub stage: usize,
     /// This stage's inbox.
     pub inbox: &'a mut VecDeque<Message>,
     /// The next stage's inbox, if any.
     pub next: Option<&'a mut VecDeque<Message>>,
     /// The coordinator's reports.
     pub reports: &'a mut VecDeque<Report>,
+    /// Every stage's gradients waiting to be taken, one queue per stage.
+    pub grads: &'a mut [VecDeque<(Tag, Tensor)>],
+    /// The stage this one's backward sends its gradient to, if any.
+    pub grad_to: Option<usize>,
+    /// Messages and gradients taken so far (the engine runs the stages again while any are).
+    pub taken: usize,
 }
 
 impl Transport for LocalTransport<'_> {
     fn recv(&mut self, _timeout: Duration) -> Result<Received> {
         Ok(match self.inbox.pop_front() {
-            Some(m) => Received::Message(m),
+            Some(m) => {
+                self.taken += 1;
+                Received::Message(m)
+            }
             None => Received::Nothing,
         })
     }
@@ -251,6 +255,25 @@ impl Transport for LocalTransport<'_> {
         self.reports.push_back(report);
         Ok(())
     }
+
+    fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
+        let to = self.grad_to.ok_or_else(|| no_grad_target(self.stage))?;
+        self.grads[to].push_back((tag, grad));
+        Ok(())
+    }
+
+    fn recv_grad(&mut self, _timeout: Duration) -> Result<Option<(Tag, Tensor)>> {
+        let g = self.grads[self.stage].pop_front();
+        self.taken += usize::from(g.is_some());
+        Ok(g)
+    }
+}
+
+fn no_grad_target(stage: usize) -> RuntimeError {
+    RuntimeError::Protocol(format!(
+        "stage {} has no stage to send its gradient to",
+        stage + 1
+    ))
 }
 
 /// A stage run by its own thread: bounded crossbeam channels to the next stage and to the
@@ -384,10 +407,7 @@ impl Transport for ChannelTransport {
 
     fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
         let Some((to, tx)) = &self.grad_out else {
-            return Err(RuntimeError::Protocol(format!(
-                "stage {} has no stage to send its gradient to",
-                self.stage + 1
-            )));
+            return Err(no_grad_target(self.stage));
         };
         let to = match to {
             0 => "stage 1 (the extractor)".to_string(),
@@ -396,7 +416,7 @@ impl Transport for ChannelTransport {
         self.send_gradient(tx, tag, grad, &to)
     }
 
-    fn recv_grad(&mut self, timeout: Duration) -> Result<(Tag, Tensor)> {
+    fn recv_grad(&mut self, timeout: Duration) -> Result<Option<(Tag, Tensor)>> {
         // Several senders (the paper's module stages): one gradient from each in turn.
         let Some((from, rx)) = self.grads_in.get(self.next_grad_from) else {
             return Err(RuntimeError::Protocol(format!(
@@ -410,7 +430,7 @@ impl Transport for ChannelTransport {
             Ok((tag, g)) => {
                 let g = g.to_device(self.device);
                 streams::sync_device(self.device)?;
-                Ok((tag, g))
+                Ok(Some((tag, g)))
             }
             Err(RecvTimeoutError::Timeout) => Err(RuntimeError::Timeout {
                 waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),

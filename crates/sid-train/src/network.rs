@@ -4,7 +4,7 @@
 //! ([`crate::distributed`]), the pipeline linked to the other ranks (rank 0 builds it with
 //! [`build_network`]; every other rank builds its own stage and serves it with [`serve`]).
 
-use sid_core::{BpNetwork, Method, Network, SidNetwork};
+use sid_core::{Method, Network};
 use tch::Device;
 
 use crate::config::RunConfig;
@@ -57,28 +57,25 @@ pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> 
     let model = cfg.model_config();
     let runtime = TrainError::Runtime;
     tch::manual_seed(cfg.optim.seed as i64);
+    let one = || sid_core::StagePlan::even(&model, 1).map_err(TrainError::Core);
     let pipeline = match &plan.layout {
-        Layout::Whole(device) => {
-            let net: Box<dyn Network> = match plan.method {
-                Method::Sid => Box::new(
-                    SidNetwork::new(&model, cfg.loss_config(), cfg.optim.lr, *device)?
-                        .with_fused_teacher(cfg.runtime.fused_teacher),
-                ),
-                Method::Bp => Box::new(BpNetwork::new(&model, cfg.optim.lr, *device)?),
-            };
-            return Ok(Built {
-                net,
-                layout: vec![(*device, 0..model.modules)],
-                notes: Vec::new(),
-            });
+        // One device: BP as one stage; SID as the paper's layout below with one module block,
+        // all in this thread.
+        Layout::Whole(device) if plan.method == Method::Bp => {
+            let sc = staged_config(cfg, plan, vec![*device], one()?)?;
+            sid_runtime::StagedPipeline::new(sc).map_err(runtime)?
         }
-        Layout::Paper { devices, placement } => {
+        Layout::Whole(_) | Layout::Paper { .. } => {
+            let (devices, placement) = match &plan.layout {
+                Layout::Paper { devices, placement } => (devices.clone(), Some(placement.clone())),
+                Layout::Whole(device) => (vec![*device], None),
+                Layout::Stages { .. } => unreachable!("matched below"),
+            };
             // The extractor as stage 1 of a stage pipeline, the module blocks after it; with
             // micro-batches it forwards micro-batch j+1 while the module stages work on j.
-            let one = sid_core::StagePlan::even(&model, 1).map_err(TrainError::Core)?;
-            let mut sc = staged_config(cfg, plan, devices.clone(), one)?;
+            let mut sc = staged_config(cfg, plan, devices, one()?)?;
             sc.method = sid_runtime::PipelineMethod::Paper;
-            sc.placement = Some(placement.clone());
+            sc.placement = placement;
             #[cfg(feature = "fault-injection")]
             {
                 // Device k's modules are stage k+2 (stage 1 is the extractor).
@@ -106,8 +103,8 @@ pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> 
     };
     let slots = pipeline.plan().len() * if rdv.is_some() { plan.replicas } else { 1 };
     let slots = match plan.layout {
-        Layout::Paper { .. } => 0,
-        _ => slots,
+        Layout::Stages { .. } => slots,
+        _ => 0,
     };
     Ok(Built {
         layout: pipeline.layout(),
