@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use sid_core::{BpNetwork, ExtractorKind, LossConfig, Method, ModelConfig, Network, SidNetwork};
+use sid_core::{ExtractorKind, Method, ModelConfig, Network};
 use sid_runtime::Placement;
 use sid_train::{Run, RunConfig};
 use tch::Device;
@@ -269,13 +269,8 @@ pub fn memory_check(
         };
         for method in [Method::Sid, Method::Bp] {
             tch::manual_seed(0);
-            let mut net: Box<dyn Network> = match method {
-                Method::Sid => {
-                    Box::new(SidNetwork::new(&cfg, LossConfig::default(), 1e-3, device)?)
-                }
-                Method::Bp => Box::new(BpNetwork::new(&cfg, 1e-3, device)?),
-            };
-            let bytes = step_memory(net.as_mut(), device, &x, &y)?;
+            let mut net = crate::single_device(&cfg, method, false, device)?;
+            let bytes = step_memory(&mut net, device, &x, &y)?;
             eprintln!("  {method} L={l}: {:.1} MiB", bytes as f64 / 1048576.0);
             rows.push(Row {
                 sweep: "memory".into(),

@@ -15,8 +15,22 @@ pub mod workers;
 
 use std::time::Instant;
 
-use sid_core::Network;
+use sid_core::{Method, ModelConfig, Network};
+use sid_runtime::{StagedConfig, StagedPipeline};
 use tch::{Device, Kind, Tensor};
+
+/// The whole network on one device as `sid-launch` trains it there (lr 1e-3; the caller
+/// seeds): SID (with the fused schedule if `fused`) or BP.
+pub fn single_device(
+    model: &ModelConfig,
+    method: Method,
+    fused: bool,
+    device: Device,
+) -> anyhow::Result<StagedPipeline> {
+    let mut cfg = StagedConfig::single_device(model.clone(), device, method)?;
+    cfg.fused_teacher = fused;
+    Ok(StagedPipeline::new(cfg)?)
+}
 
 /// Cores this process may use: what "all cores" means in the baselines.
 pub fn cores() -> i32 {

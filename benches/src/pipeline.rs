@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use sid_core::extractor::BlockLayout;
-use sid_core::{BpNetwork, ExtractorKind, LossConfig, ModelConfig, Network, SidNetwork, StagePlan};
+use sid_core::{ExtractorKind, Method, ModelConfig, Network, StagePlan};
 use sid_runtime::{
     BpSchedule, PipelineMethod, StageMemory, StageStats, StagedConfig, StagedPipeline,
 };
@@ -334,7 +334,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if on_cpu {
             tch::set_num_threads(cores);
             tch::manual_seed(0);
-            let mut single = SidNetwork::new(&model, LossConfig::default(), 1e-3, device)?;
+            let mut single = crate::single_device(&model, Method::Sid, false, device)?;
             all_cores.push(rounds(&mut [&mut single])?[0]);
             drop(single);
             let mut seq = staged(&model, &plan, vec![device], args.micro_batches)?;
@@ -342,7 +342,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tch::set_num_threads(1);
         }
         tch::manual_seed(0);
-        let mut paper = SidNetwork::new(&model, LossConfig::default(), 1e-3, device)?;
+        let mut paper = crate::single_device(&model, Method::Sid, false, device)?;
         let mut one = staged(&model, &plan, vec![device], args.micro_batches)?;
         let mut many = staged(&model, &plan, k_devices, args.micro_batches)?;
         let med = rounds(&mut [&mut paper, &mut one, &mut many])?;
@@ -463,7 +463,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             false,
         )?;
         tch::manual_seed(0);
-        let mut paper_1 = SidNetwork::new(&model, LossConfig::default(), 1e-3, device)?;
+        let mut paper_1 = crate::single_device(&model, Method::Sid, false, device)?;
         let med = rounds(&mut [&mut paper_1, &mut paper_k])?;
         let idle = idle_shares(&per_step(&paper_k.take_stage_stats()), med[1]);
         println!("paper SID on the same devices (modules spread, the extractor first; every step flushes):");
@@ -495,7 +495,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or(1) as usize
         };
         tch::manual_seed(0);
-        let mut bp_one = BpNetwork::new(&model, 1e-3, device)?;
+        let mut bp_one = crate::single_device(&model, Method::Bp, false, device)?;
         let bp = |s: BpSchedule, track: bool| {
             pipelined(
                 &model,
@@ -560,11 +560,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // of each pipeline, and the whole network on one device, each built fresh.
         tch::manual_seed(0);
         let sid_one = network_memory(
-            &mut SidNetwork::new(&model, LossConfig::default(), 1e-3, device)?,
+            &mut crate::single_device(&model, Method::Sid, false, device)?,
             &x,
             &y,
         )?;
-        let bp_one = network_memory(&mut BpNetwork::new(&model, 1e-3, device)?, &x, &y)?;
+        let bp_one = network_memory(
+            &mut crate::single_device(&model, Method::Bp, false, device)?,
+            &x,
+            &y,
+        )?;
         let sid_k =
             |method: PipelineMethod, plan: &StagePlan| -> anyhow::Result<Vec<StageMemory>> {
                 let mut p = pipelined(

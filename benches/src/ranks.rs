@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use sid_core::{ExtractorKind, LossConfig, ModelConfig, Network, SidNetwork, StagePlan};
+use sid_core::{ExtractorKind, Method, ModelConfig, Network, StagePlan};
 use sid_dist::{Backend, Group, Store};
 use sid_runtime::{Ranks, StagedConfig, StagedPipeline};
 use tch::Device;
@@ -120,7 +120,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let cores = crate::cores();
     tch::set_num_threads(cores);
     tch::manual_seed(0);
-    let mut single = SidNetwork::new(&model, LossConfig::default(), 1e-3, Device::Cpu)?;
+    let mut single = crate::single_device(&model, Method::Sid, false, Device::Cpu)?;
     let mut all_cores = StagedPipeline::new(config(&model, &plan, vec![Device::Cpu]))?;
     let base = rounds(&mut [&mut single, &mut all_cores], &x, &y, &args)?;
     drop((single, all_cores));

@@ -8,7 +8,7 @@
 //! measured in interleaved rounds.
 
 use clap::Parser;
-use sid_core::{BpNetwork, ExtractorKind, LossConfig, ModelConfig, SidNetwork};
+use sid_core::{ExtractorKind, Method, ModelConfig};
 
 use crate::{interleaved, median, synthetic_batch};
 
@@ -80,12 +80,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         };
         let (x, y) = synthetic_batch(args.batch_size, 1, 28, 10, device);
         tch::manual_seed(0);
-        let mut sid = SidNetwork::new(&cfg, LossConfig::default(), 1e-3, device)?;
+        let mut sid = crate::single_device(&cfg, Method::Sid, false, device)?;
         tch::manual_seed(0);
-        let mut fused =
-            SidNetwork::new(&cfg, LossConfig::default(), 1e-3, device)?.with_fused_teacher(true);
+        let mut fused = crate::single_device(&cfg, Method::Sid, true, device)?;
         tch::manual_seed(0);
-        let mut bp = BpNetwork::new(&cfg, 1e-3, device)?;
+        let mut bp = crate::single_device(&cfg, Method::Bp, false, device)?;
         let times = interleaved(
             &mut [&mut sid, &mut fused, &mut bp],
             &x,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::{interleaved, median, synthetic_batch};
 use clap::Parser;
-use sid_core::{ExtractorKind, LossConfig, ModelConfig, Network, SidNetwork};
+use sid_core::{ExtractorKind, LossConfig, Method, ModelConfig, Network};
 use sid_runtime::{PipelineMethod, Placement, StagedConfig, StagedPipeline};
 use tch::Device;
 
@@ -113,8 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut all_cores = Vec::new();
     if on_cpu {
         tch::manual_seed(0);
-        let mut s0 = SidNetwork::new(&model, LossConfig::default(), 1e-3, first)?
-            .with_fused_teacher(args.fused_teacher);
+        let mut s0 = crate::single_device(&model, Method::Sid, args.fused_teacher, first)?;
         all_cores.push(
             interleaved(&mut [&mut s0], &x, &y, args.warmup, args.rounds, args.steps)?.remove(0),
         );
@@ -151,10 +150,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut single_gpu = None;
     if !on_cpu {
         tch::manual_seed(0);
-        single_gpu = Some(
-            SidNetwork::new(&model, LossConfig::default(), 1e-3, first)?
-                .with_fused_teacher(args.fused_teacher),
-        );
+        single_gpu = Some(crate::single_device(
+            &model,
+            Method::Sid,
+            args.fused_teacher,
+            first,
+        )?);
     }
     if let Some(s) = single_gpu.as_mut() {
         nets.push(s);

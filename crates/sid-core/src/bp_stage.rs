@@ -6,7 +6,7 @@
 //! crosses every boundary: a stage's backward of micro-batch j needs the gradient of its
 //! output from the next stage, and sends the gradient of its input back. With the gradients
 //! of M micro-batches accumulated (each loss weighted by its share of the batch), one Adam
-//! step equals [`crate::BpNetwork`]'s step on the whole batch.
+//! step equals one stage's step on the whole batch (tested against a hand-written reference).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -87,7 +87,8 @@ fn accumulate(params: &[Tensor], grads: &[Tensor]) -> Result<()> {
 }
 
 /// Builds the BP stages for `blocks` (one range of blocks per stage) on the CPU, drawing the
-/// weights in [`crate::BpNetwork`]'s order: one seed gives both the same network.
+/// weights in the one order of every network here (extractor, then modules 1..L): one seed
+/// gives the same network whatever the cut, and SID's.
 pub fn build_bp_stages<'a>(
     net: impl Into<Net<'a>>,
     lr: f64,
@@ -477,7 +478,7 @@ impl Unit for BpStage {
 mod tests {
     use super::*;
     use crate::config::{ExtractorKind, ModelConfig};
-    use crate::{BpNetwork, Network};
+    use crate::reference::Reference;
     use tch::Kind;
 
     fn cfg(extractor: ExtractorKind) -> ModelConfig {
@@ -495,21 +496,22 @@ mod tests {
     }
 
     /// With BatchNorm, one micro-batch per step (batch statistics over the whole batch):
-    /// two stages of ResNet-18 are BpNetwork's step, running statistics included, and
+    /// two stages of ResNet-18 are the whole network's step (the hand-written reference),
+    /// running statistics included, and
     /// evaluate alike.
     #[test]
     fn batch_norm_stages_are_one_bp_step() {
         let _rng = crate::rng_lock();
         let cfg = cfg(ExtractorKind::Resnet18);
         tch::manual_seed(3);
-        let mut bp = BpNetwork::new(&cfg, 1e-3, Device::Cpu).unwrap();
+        let mut bp = Reference::new(&cfg, 1e-3, Device::Cpu);
         tch::manual_seed(3);
         let mut st = build_bp_stages(&cfg, 1e-3, &[0..4, 4..9]).unwrap();
         tch::manual_seed(8);
         let x = Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu));
         let y = Tensor::from_slice(&[0i64, 1, 2, 3]);
         for _ in 0..2 {
-            let expected = bp.train_step(&x, &y).unwrap().loss;
+            let expected = bp.bp_step(&x, &y);
             let h = st[0].forward_micro(0, &x, &y, 1.0).unwrap();
             assert!(st[1].forward_micro(0, &h, &y, 1.0).is_none());
             let (g, loss) = st[1].backward_micro(0, None).unwrap();
@@ -519,7 +521,7 @@ mod tests {
             let loss = loss.unwrap().double_value(&[]);
             assert!((loss - expected).abs() < 1e-5, "{loss} vs {expected}");
         }
-        let theirs = NamedTensors::from(bp.state().unwrap());
+        let theirs = bp.weights();
         for s in &st {
             for (name, t) in var_store_state(&s.vs) {
                 let d = (&t - theirs.get(&name).unwrap())
@@ -531,24 +533,24 @@ mod tests {
         }
         let (h, _) = st[0].cascade(&x);
         let ours = st[1].cascade(&h.unwrap()).1.pop().unwrap();
-        let want = bp.cascade(&x).unwrap().logits.pop().unwrap();
+        let want = bp.cascade(&x).pop().unwrap();
         assert!(ours.allclose(&want, 1e-4, 1e-4, false));
     }
 
-    /// Two stages, four micro-batches, forwards then backwards: BpNetwork's step.
+    /// Two stages, four micro-batches, forwards then backwards: the whole network's step.
     #[test]
     fn two_stages_with_micro_batches_are_one_bp_step() {
         let _rng = crate::rng_lock();
         let cfg = cfg(ExtractorKind::Cnn);
         tch::manual_seed(3);
-        let mut bp = BpNetwork::new(&cfg, 1e-3, Device::Cpu).unwrap();
+        let mut bp = Reference::new(&cfg, 1e-3, Device::Cpu);
         tch::manual_seed(3);
         let mut st = build_bp_stages(&cfg, 1e-3, &[0..2, 2..4]).unwrap();
         tch::manual_seed(8);
         let x = Tensor::randn([8, 1, 8, 8], (Kind::Float, Device::Cpu));
         let y = Tensor::from_slice(&[0i64, 1, 2, 3, 3, 2, 1, 0]);
         for _ in 0..3 {
-            let expected = bp.train_step(&x, &y).unwrap().loss;
+            let expected = bp.bp_step(&x, &y);
             let mut total = 0.0;
             let outs: Vec<Tensor> = (0..4)
                 .map(|j| {
@@ -572,7 +574,7 @@ mod tests {
             st[1].apply();
             assert!((total - expected).abs() < 1e-5, "{total} vs {expected}");
         }
-        let theirs = NamedTensors::from(bp.state().unwrap());
+        let theirs = bp.weights();
         for s in &st {
             for (name, t) in var_store_state(&s.vs) {
                 let d = (&t - theirs.get(&name).unwrap())

@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use tch::Device;
+use tch::{Device, Tensor};
 
 use crate::{CoreError, Result};
 
@@ -227,6 +227,244 @@ impl Drop for CudaGraph {
         unsafe {
             ffi::sid_graph_free(self.ptr)
         };
+    }
+}
+
+/// Eager steps before a capture (libtorch initialises lazily: cuBLAS handles, the fused Adam's
+/// step counters, the gradients).
+const WARMUP_STEPS: usize = 3;
+
+/// A training step replayed from a CUDA graph, from asked for to made — the one way every
+/// graph here is used: the single GPU's whole step ([`GraphedStep::network`]) and each
+/// staged-SID stage's own ([`GraphedStep::stage`]). The first steps run eagerly on the graph's
+/// side stream; then one is captured with its inputs copied into fixed tensors, and every later
+/// step whose inputs have the same sizes is copied into them and replayed. A step of other
+/// sizes (an epoch's last, partial batch) runs eagerly; a capture that fails is said once, and
+/// the steps go on eagerly. Loading a checkpoint copies into the parameters in place (see
+/// [`crate::Adam::load_state`]), so a captured step stays valid.
+pub struct GraphedStep<O> {
+    state: GraphState<O>,
+    /// Made at the first step on a GPU (a graph of this thread only: other stages keep
+    /// launching work on the same device), rather than at once.
+    wanted: Option<bool>,
+}
+
+enum GraphState<O> {
+    Warming(usize, CudaGraph),
+    /// Fields drop in order: the tensors from the graph's memory pool before the graph.
+    Captured {
+        inputs: Vec<Tensor>,
+        outputs: O,
+        graph: CudaGraph,
+    },
+    Off,
+}
+
+/// What a graphed step tells its owner once: the capture happened, or why not.
+pub enum GraphNews {
+    /// Later steps replay the graph.
+    Captured,
+    /// Every step runs eagerly from now on.
+    Failed(String),
+}
+
+impl std::fmt::Display for GraphNews {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Captured => write!(f, "CUDA graph captured: later steps replay it"),
+            Self::Failed(why) => write!(f, "{why}; training without a CUDA graph"),
+        }
+    }
+}
+
+impl<O> GraphedStep<O> {
+    /// Every step eager.
+    pub fn off() -> Self {
+        Self {
+            state: GraphState::Off,
+            wanted: None,
+        }
+    }
+
+    /// Steps on `device` through a graph; if none can be made there, the error says why.
+    pub fn new(device: Device) -> Result<Self> {
+        Ok(Self {
+            state: GraphState::Warming(WARMUP_STEPS, CudaGraph::new(device)?),
+            wanted: None,
+        })
+    }
+
+    /// A graph of this thread only, made at the first step whose inputs are on a GPU (a
+    /// pipeline stage's, whose thread moves it to its device first).
+    pub fn on_first_gpu_step() -> Self {
+        Self {
+            state: GraphState::Off,
+            wanted: Some(true),
+        }
+    }
+
+    /// Whether every step runs eagerly.
+    pub fn is_off(&self) -> bool {
+        matches!(self.state, GraphState::Off) && self.wanted.is_none()
+    }
+
+    /// One step on `inputs`: `run` computes it on the tensors it is given (fixed copies while
+    /// capturing) without reading anything back. Returns its outputs — after a replay, the
+    /// graph's own, which the next replay overwrites. `news` hears of the capture or its
+    /// failure.
+    pub fn step(
+        &mut self,
+        inputs: &[&Tensor],
+        mut run: impl FnMut(&[Tensor]) -> Result<O>,
+        news: impl FnOnce(GraphNews),
+    ) -> Result<Stepped<'_, O>> {
+        let owned = || inputs.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>();
+        if let (Some(true), Some(Device::Cuda(_))) =
+            (self.wanted, inputs.first().map(|t| t.device()))
+        {
+            self.wanted = Some(false);
+            match CudaGraph::new_thread_local(inputs[0].device()) {
+                Ok(g) => self.state = GraphState::Warming(WARMUP_STEPS, g),
+                Err(e) => {
+                    news(GraphNews::Failed(e.to_string()));
+                    return Ok(Stepped::Ran(run(&owned())?));
+                }
+            }
+        }
+        enum Next {
+            Eager,
+            Warm,
+            Capture,
+            Replay,
+        }
+        let next = match &self.state {
+            GraphState::Off => Next::Eager,
+            GraphState::Warming(n, _) if *n > 0 => Next::Warm,
+            GraphState::Warming(..) => Next::Capture,
+            GraphState::Captured { inputs: fixed, .. } => {
+                if fixed.iter().zip(inputs).any(|(f, t)| f.size() != t.size()) {
+                    Next::Eager
+                } else {
+                    Next::Replay
+                }
+            }
+        };
+        match next {
+            Next::Eager => Ok(Stepped::Ran(run(&owned())?)),
+            Next::Warm => {
+                let GraphState::Warming(n, graph) = &mut self.state else {
+                    unreachable!("matched above")
+                };
+                *n -= 1;
+                Ok(Stepped::Ran(graph.on_side_stream(|| run(&owned()))?))
+            }
+            Next::Capture => {
+                let GraphState::Warming(_, mut graph) =
+                    std::mem::replace(&mut self.state, GraphState::Off)
+                else {
+                    unreachable!("matched above")
+                };
+                // Fixed inputs, allocated outside the graph, that every replay reads.
+                let fixed: Vec<Tensor> = inputs.iter().map(|t| t.copy()).collect();
+                match graph.capture(|| run(&fixed)) {
+                    Ok(outputs) => {
+                        // A capture runs nothing: replaying it is this step.
+                        graph.replay()?;
+                        news(GraphNews::Captured);
+                        self.state = GraphState::Captured {
+                            inputs: fixed,
+                            outputs,
+                            graph,
+                        };
+                        let GraphState::Captured { outputs, .. } = &self.state else {
+                            unreachable!("just set")
+                        };
+                        Ok(Stepped::Replayed(outputs))
+                    }
+                    Err(e) => {
+                        // Nothing ran during the failed capture: this step runs eagerly.
+                        news(GraphNews::Failed(e.to_string()));
+                        Ok(Stepped::Ran(run(&owned())?))
+                    }
+                }
+            }
+            Next::Replay => {
+                let GraphState::Captured {
+                    inputs: fixed,
+                    outputs,
+                    graph,
+                } = &mut self.state
+                else {
+                    unreachable!("matched above")
+                };
+                for (f, t) in fixed.iter_mut().zip(inputs) {
+                    f.copy_(t);
+                }
+                graph.replay()?;
+                Ok(Stepped::Replayed(outputs))
+            }
+        }
+    }
+}
+
+/// A graphed step's outputs.
+pub enum Stepped<'a, O> {
+    /// Computed eagerly.
+    Ran(O),
+    /// The graph's, which the next replay overwrites.
+    Replayed(&'a O),
+}
+
+impl GraphedStep<Tensor> {
+    /// The single GPU's whole step ([`crate::Network::train_step_queued`]), its losses read
+    /// after it.
+    pub fn network(
+        &mut self,
+        net: &mut dyn crate::Network,
+        x: &Tensor,
+        y: &Tensor,
+        news: impl FnOnce(GraphNews),
+    ) -> Result<crate::StepStats> {
+        let losses = self.step(&[x, y], |i| net.train_step_queued(&i[0], &i[1]), news)?;
+        match losses {
+            Stepped::Ran(l) => net.read_step(&l),
+            Stepped::Replayed(l) => net.read_step(l),
+        }
+    }
+}
+
+impl GraphedStep<(crate::stage::StageOutput, Tensor)> {
+    /// A staged-SID stage's whole step ([`crate::Stage::train_step_queued`]) on one
+    /// micro-batch: its output for the next stage and its losses, copies a later replay does
+    /// not overwrite. The next stage gets them after the whole step instead of after the
+    /// forward, which staged SID's pipeline (no gradient crosses a stage, no flush between
+    /// steps) does not need for its steady-state rate.
+    pub fn stage(
+        &mut self,
+        stage: &mut crate::Stage,
+        input: &Tensor,
+        p: &Tensor,
+        labels: &Tensor,
+    ) -> Result<(crate::stage::StageOutput, Tensor)> {
+        let index = stage.index() + 1;
+        let run = |i: &[Tensor]| {
+            let target = stage.label_target(&i[2]);
+            stage.train_step_queued(&i[0], &i[1], &target)
+        };
+        let news = |n: GraphNews| match n {
+            GraphNews::Captured => tracing::info!(stage = index, "{n}"),
+            GraphNews::Failed(_) => tracing::warn!("stage {index}: {n}"),
+        };
+        Ok(match self.step(&[input, p, labels], run, news)? {
+            Stepped::Ran(out) => out,
+            Stepped::Replayed((out, losses)) => (
+                crate::stage::StageOutput {
+                    z: out.z.as_ref().map(Tensor::copy),
+                    p: out.p.copy(),
+                },
+                losses.copy(),
+            ),
+        })
     }
 }
 

@@ -1,10 +1,11 @@
-//! The SID method as the paper's reference code does it, on one device.
+//! The SID method as the paper's reference code does it: its pieces and their arithmetic.
 //!
 //! Synergistic Information Distillation trains a feature extractor `c` and a cascade of `L`
 //! belief modules `f_i(p_{i-1}, z)` without a global backward pass: each module learns from its
 //! own local loss ([`loss::local_loss`]) against the label and the previous module's belief.
 //!
-//! The pieces are kept separate so that the multi-device runtime can reuse them:
+//! The pieces are kept separate so that the runtime (`sid-runtime`, which runs them as a
+//! pipeline of stages on one device or many) can compose them:
 //! - [`extractor`]: the feature extractors (reference SimpleCNN, small MLP, and the paper's
 //!   VGG-11-BN, ResNet-18 and ViT-Tiny), each a list of blocks and a head; your own through
 //!   the [`Backbone`] and [`Block`] traits, handed in as a [`Net`];
@@ -12,32 +13,33 @@
 //! - [`loss`]: the local SID loss;
 //! - [`adam`]: Adam with inspectable state (checkpoints need it);
 //! - [`graph`]: CUDA graphs of a whole training step;
-//! - [`unit`]: a module or extractor together with its own parameters and optimizer, the
-//!   self-contained piece of work that a worker thread runs;
-//! - [`sid`] and [`bp`]: the SID network and its backprop baseline, both implementing
-//!   [`Network`];
+//! - [`unit`]: a module or extractor together with its own parameters and optimizer, and the
+//!   [`unit::Unit`] trait every pipeline stage's work implements;
+//! - [`network`]: the [`Network`] trait the trainer drives, and what a cascade predicts;
 //! - [`stage`]: staged SID, the backbone cut into slices trained by their own local losses
 //!   (the arithmetic of one stage; `sid-runtime` runs stages as a pipeline);
 //! - [`bp_stage`]: the BP baseline cut at the same points, for GPipe and 1F1B pipelines;
 //! - [`precision`]: float32 or bfloat16-autocast forward passes.
 //!
-//! ```no_run
-//! use sid_core::{ModelConfig, Network, SidNetwork, LossConfig};
+//! One module's local step, on features `z` from the extractor:
+//!
+//! ```
+//! use sid_core::unit::ModuleUnit;
+//! use sid_core::{LossConfig, ModelConfig};
 //! use tch::{Device, Kind, Tensor};
 //! tch::manual_seed(0);
-//! let cfg = ModelConfig::default(); // SimpleCNN on 28x28 grey images, L = 10
-//! let mut net = SidNetwork::new(&cfg, LossConfig::default(), 1e-3, Device::Cpu).unwrap();
-//! let x = Tensor::randn([8, 1, 28, 28], (Kind::Float, Device::Cpu));
+//! let cfg = ModelConfig::default(); // SimpleCNN features, 10 classes
+//! let mut module = ModuleUnit::new(0, &cfg, LossConfig::default(), 1e-3, Device::Cpu);
+//! let z = Tensor::randn([8, cfg.feature_dim], (Kind::Float, Device::Cpu));
 //! let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7]);
-//! let stats = net.train_step(&x, &y).unwrap();
-//! assert_eq!(stats.module_losses.len(), 10);
-//! let cascade = net.cascade(&x).unwrap();
-//! let prediction = cascade.prediction(); // argmax of the last module's logits
+//! let p0 = sid_core::belief::uniform_belief(8, cfg.num_classes, Device::Cpu);
+//! let out = module.accumulate_step(&p0, &z, &module.label_target(&y), 1.0).unwrap();
+//! assert_eq!(out.grad_z.size(), z.size()); // ∂L_1/∂z, for the extractor
+//! module.apply(); // Adam, from the gradients accumulated since the last step
 //! ```
 
 pub mod adam;
 pub mod belief;
-pub mod bp;
 pub mod bp_stage;
 pub mod config;
 pub mod error;
@@ -47,13 +49,13 @@ pub mod init;
 pub mod loss;
 pub mod network;
 pub mod precision;
-pub mod sid;
+#[cfg(test)]
+mod reference;
 pub mod stage;
 pub mod unit;
 
 pub use adam::Adam;
 pub use belief::BeliefModule;
-pub use bp::BpNetwork;
 pub use config::{ExtractorKind, LossConfig, Method, ModelConfig};
 pub use error::CoreError;
 pub use extractor::{Backbone, Block, Extractor, Net};
@@ -62,7 +64,6 @@ pub use network::{
     early_exit, Cascade, CascadeHealth, EarlyExit, ExitTracker, NamedTensors, Network, StepStats,
 };
 pub use precision::Precision;
-pub use sid::SidNetwork;
 pub use stage::{Stage, StageCosts, StagePlan, StageSpec};
 pub use unit::{ExtractorUnit, LocalOutput, ModuleUnit};
 

@@ -213,7 +213,8 @@ mod tests {
 
     /// Losses of `steps` training steps of SID, BP and two SID stages at `precision`.
     fn losses(precision: Precision, device: Device, steps: usize) -> Vec<f64> {
-        use crate::{BpNetwork, ExtractorKind, LossConfig, ModelConfig, Network, SidNetwork};
+        use crate::reference::Reference;
+        use crate::{ExtractorKind, LossConfig, ModelConfig};
         let cfg = ModelConfig {
             extractor: ExtractorKind::Cnn,
             in_channels: 1,
@@ -230,9 +231,9 @@ mod tests {
         let y = Tensor::randint(4, [16], (Kind::Int64, device));
         let mut out = Vec::new();
         tch::manual_seed(5);
-        let mut sid = SidNetwork::new(&cfg, LossConfig::default(), 1e-2, device).unwrap();
+        let mut sid = Reference::new(&cfg, 1e-2, device);
         tch::manual_seed(5);
-        let mut bp = BpNetwork::new(&cfg, 1e-2, device).unwrap();
+        let mut bp = Reference::new(&cfg, 1e-2, device);
         tch::manual_seed(5);
         let plan = crate::StagePlan::even(&cfg, 2).unwrap();
         let mut stages =
@@ -241,8 +242,8 @@ mod tests {
             st.to_device(device);
         }
         for _ in 0..steps {
-            out.push(sid.train_step(&x, &y).unwrap().loss);
-            out.push(bp.train_step(&x, &y).unwrap().loss);
+            out.push(sid.sid_step(&x, &y, &LossConfig::default()).iter().sum());
+            out.push(bp.bp_step(&x, &y));
             let (mut input, mut p) = (x.shallow_clone(), stages[0].uniform(16));
             for st in &mut stages {
                 let target = st.label_target(&y);

@@ -46,7 +46,7 @@ pub struct ModuleUnit {
     loss: LossConfig,
     num_classes: i64,
     precision: Precision,
-    /// Between [`ModuleUnit::forward_step`] and [`ModuleUnit::finish_step`]: the features
+    /// Between [`ModuleUnit::accumulate_forward`] and [`ModuleUnit::accumulate_backward`]: the features
     /// that receive gradient, the logits with their graph, and the teacher belief.
     pending: Option<(Tensor, Tensor, Tensor)>,
     /// Forwards run so far (see [`ModuleUnit::forward_count`]); atomic only because
@@ -123,32 +123,11 @@ impl ModuleUnit {
         tch::no_grad(|| belief(&self.logits(p_prev, z)))
     }
 
-    /// Phase 2: local loss, backward into this module only, Adam step. `p_prev` and `z` must
-    /// be on this unit's device; neither receives gradient. The loss is not checked here (see
-    /// [`LocalOutput::loss`]): [`read_losses`] reports a non-finite one after the step, whose
-    /// update is then already applied, so a caller that gets that error must stop training
-    /// from this state (the trainer keeps its last checkpoint).
-    pub fn local_step(
-        &mut self,
-        p_prev: &Tensor,
-        z: &Tensor,
-        target: &LabelTarget,
-    ) -> Result<LocalOutput> {
-        let _ = self.forward_step(p_prev, z);
-        self.finish_step(target)
-    }
-
-    /// First half of a local step: the forward pass with its graph kept. Returns this
-    /// module's belief, detached: the same values as [`ModuleUnit::teacher`] (same inputs, same
-    /// parameters), so the fused schedule can pass it on as the next module's teacher instead
-    /// of running a separate phase-1 forward.
-    pub fn forward_step(&mut self, p_prev: &Tensor, z: &Tensor) -> Tensor {
-        self.opt.zero_grad();
-        self.forward_keep(p_prev, z)
-    }
-
-    /// The forward of a local step with its graph kept in `pending`; gradients are not cleared.
-    fn forward_keep(&mut self, p_prev: &Tensor, z: &Tensor) -> Tensor {
+    /// The first half of [`ModuleUnit::accumulate_step`]: the forward with its graph kept,
+    /// returning this module's belief, detached — the same values as [`ModuleUnit::teacher`]
+    /// (same inputs, same parameters), so the fused schedule passes it on as the next
+    /// module's teacher instead of running a separate phase-1 forward.
+    pub fn accumulate_forward(&mut self, p_prev: &Tensor, z: &Tensor) -> Tensor {
         let _span = tracing::trace_span!("forward_module", module = self.index + 1).entered();
         let z_in = z.detach().set_requires_grad(true);
         let logits = self.logits(p_prev, &z_in);
@@ -160,21 +139,10 @@ impl ModuleUnit {
     fn take_pending(&mut self) -> Result<(Tensor, Tensor, Tensor)> {
         self.pending.take().ok_or_else(|| {
             CoreError::InvalidConfig(format!(
-                "module {}: step finished without forward_step",
+                "module {}: a backward without its forward",
                 self.index + 1
             ))
         })
-    }
-
-    /// Second half of a local step: the loss of the pending forward, backward, Adam step.
-    pub fn finish_step(&mut self, target: &LabelTarget) -> Result<LocalOutput> {
-        let _span = tracing::trace_span!("phase2_module", module = self.index + 1).entered();
-        let out = self.backward_pending(target, 1.0)?;
-        {
-            let _s = tracing::trace_span!("adam").entered();
-            self.opt.step();
-        }
-        Ok(out)
     }
 
     /// A local step on one micro-batch of a step: forward, backward of `scale · L_i` into this
@@ -188,25 +156,13 @@ impl ModuleUnit {
         target: &LabelTarget,
         scale: f64,
     ) -> Result<LocalOutput> {
-        let _ = self.forward_keep(p_prev, z);
-        self.backward_pending(target, scale)
-    }
-
-    /// [`ModuleUnit::accumulate_step`] in two halves, for the fused schedule on a pipeline
-    /// stage: the forward with its graph kept, returning this module's belief, detached (the
-    /// next module's teacher, as in [`ModuleUnit::forward_step`]); gradients are not cleared.
-    pub fn accumulate_forward(&mut self, p_prev: &Tensor, z: &Tensor) -> Tensor {
-        self.forward_keep(p_prev, z)
+        let _ = self.accumulate_forward(p_prev, z);
+        self.accumulate_backward(target, scale)
     }
 
     /// The second half of [`ModuleUnit::accumulate_step`]: the pending forward's loss scaled by
     /// `scale`, backward into this module's gradients (no optimiser step).
     pub fn accumulate_backward(&mut self, target: &LabelTarget, scale: f64) -> Result<LocalOutput> {
-        self.backward_pending(target, scale)
-    }
-
-    /// The loss of the pending forward, scaled, and its backward (no optimiser step).
-    fn backward_pending(&mut self, target: &LabelTarget, scale: f64) -> Result<LocalOutput> {
         let (z_in, logits, p_prev) = self.take_pending()?;
         let loss = {
             let _s = tracing::trace_span!("local_loss").entered();
@@ -259,49 +215,27 @@ impl ModuleUnit {
     }
 }
 
-/// Finishes the pending steps ([`ModuleUnit::forward_step`]) of modules on one device with
-/// one backward pass. Each module's loss depends on its own parameters only (its teacher and
-/// its copy of the features are constants for it), so the gradient of the summed losses is,
-/// for each module, exactly its own local gradient: the update of finishing them one by one,
-/// with one call into the autograd engine instead of one per module (on a GPU each call costs
-/// a hand-off to libtorch's device thread). All their graphs are alive until then, so this
-/// suits the fused schedule, whose forwards all run before any backward anyway. Returns the
-/// losses stacked [n] on the device, for [`read_losses`], and `Σ_i ∂L_i/∂z` summed in module
-/// order, as one-by-one steps sum it (so both give the same bits).
-pub fn finish_steps(units: &mut [ModuleUnit], target: &LabelTarget) -> Result<(Tensor, Tensor)> {
-    let _span = tracing::trace_span!("phase2_modules", modules = units.len()).entered();
-    let mut losses = Vec::with_capacity(units.len());
-    let mut inputs = Vec::with_capacity(units.len());
-    for u in units.iter_mut() {
-        let (z_in, logits, p_prev) = u.take_pending()?;
-        let _s = tracing::trace_span!("local_loss", module = u.index + 1).entered();
-        losses.push(local_loss_for(&logits, &p_prev, target));
-        inputs.push(z_in);
+/// Phase 1 for consecutive modules whose first one's teacher is `p_in` (the uniform `p_0`,
+/// or the belief leaving the modules before them): each module's teacher belief, and the
+/// belief leaving the last one.
+pub fn teacher_chain<'a>(
+    modules: impl Iterator<Item = &'a ModuleUnit>,
+    p_in: Tensor,
+    z: &Tensor,
+) -> (Vec<Tensor>, Tensor) {
+    let _span = tracing::trace_span!("phase1").entered();
+    let mut p = p_in;
+    let mut teachers = Vec::new();
+    for m in modules {
+        let next = m.teacher(&p, z);
+        teachers.push(p);
+        p = next;
     }
-    let losses = Tensor::f_stack(&losses, 0)?;
-    {
-        let _s = tracing::trace_span!("modules_backward").entered();
-        losses.f_sum(tch::Kind::Float)?.f_backward()?;
-    }
-    {
-        let _s = tracing::trace_span!("adam").entered();
-        for u in units.iter_mut() {
-            u.opt.step();
-        }
-    }
-    let grad_z = sum_in_order(inputs.iter().map(|z| z.grad().detach()))
-        .ok_or_else(|| CoreError::InvalidConfig("finish_steps without modules".into()))?;
-    Ok((losses.detach(), grad_z))
+    (teachers, p)
 }
 
-/// `((g_1 + g_2) + g_3) + …`: the one order every schedule sums module gradients in.
-pub fn sum_in_order(grads: impl IntoIterator<Item = Tensor>) -> Option<Tensor> {
-    grads
-        .into_iter()
-        .fold(None, |acc, g| Some(add_next(acc, g)))
-}
-
-/// One step of [`sum_in_order`] for a running sum that holds one gradient at a time.
+/// `((g_1 + g_2) + g_3) + …`, one gradient at a time: the one order every schedule sums
+/// module gradients in.
 pub fn add_next(acc: Option<Tensor>, g: Tensor) -> Tensor {
     match acc {
         None => g,
@@ -383,15 +317,6 @@ impl ExtractorUnit {
                 self.net.forward_t(x, false)
             })
         })
-    }
-
-    /// Backpropagates the summed gradient `grad_z` that the modules sent back through `z`
-    /// (the graph of [`ExtractorUnit::forward`]) and steps the extractor's Adam.
-    pub fn backward_step(&mut self, z: &Tensor, grad_z: &Tensor) -> Result<()> {
-        self.opt.zero_grad();
-        self.accumulate_backward(z, grad_z)?;
-        self.opt.step();
-        Ok(())
     }
 
     /// Backpropagates `grad_z` through `z` (the graph of [`ExtractorUnit::forward`]) into the
@@ -527,5 +452,80 @@ pub trait Unit: Send {
     /// The staged-SID stage inside, which a CUDA graph can capture whole.
     fn as_stage_mut(&mut self) -> Option<&mut crate::Stage> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ExtractorKind;
+    use crate::reference::Reference;
+    use tch::Kind;
+
+    /// The paper's reference computes one backward of Σ L_i through the whole graph with the
+    /// teachers detached. The units — teacher chain, each module's local step, the summed
+    /// `∂L/∂z` into the extractor, every Adam on its own — must give the same gradients and
+    /// parameters; a gradient from module i reaches neither module i−1 nor the teachers.
+    #[test]
+    fn unit_steps_equal_one_backward_of_the_summed_losses() {
+        let _rng = crate::rng_lock();
+        let cfg = ModelConfig {
+            extractor: ExtractorKind::Cnn,
+            in_channels: 1,
+            image_size: 8,
+            num_classes: 4,
+            feature_dim: 6,
+            modules: 3,
+            module_hidden: 5,
+            ..ModelConfig::default()
+        };
+        let loss = LossConfig {
+            alpha: 0.4,
+            label_smoothing: 0.1,
+        };
+        tch::manual_seed(3);
+        let mut extractor = ExtractorUnit::new(&cfg, 1e-2, Device::Cpu).unwrap();
+        let mut modules: Vec<ModuleUnit> = (0..3)
+            .map(|i| ModuleUnit::new(i, &cfg, loss, 1e-2, Device::Cpu))
+            .collect();
+        tch::manual_seed(3);
+        let mut reference = Reference::new(&cfg, 1e-2, Device::Cpu);
+        tch::manual_seed(42);
+        let x = Tensor::randn([6, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3, 1, 2]);
+        for step in 0..3 {
+            let expected = reference.sid_step(&x, &y, &loss);
+            let z = extractor.forward(&x);
+            let target = modules[0].label_target(&y);
+            let p0 = crate::belief::uniform_belief(6, 4, Device::Cpu);
+            let (teachers, _) = teacher_chain(modules.iter(), p0, &z.detach());
+            let mut grad_z = None;
+            for (i, (m, t)) in modules.iter_mut().zip(&teachers).enumerate() {
+                let out = m.accumulate_step(t, &z.detach(), &target, 1.0).unwrap();
+                let l = out.loss.double_value(&[]);
+                assert!((l - expected[i]).abs() < 1e-6, "step {step}, module {i}");
+                grad_z = Some(add_next(grad_z, out.grad_z));
+            }
+            extractor.accumulate_backward(&z, &grad_z.unwrap()).unwrap();
+            // Gradients, before Adam (whose first steps divide by |g| and so magnify
+            // summation-order noise in near-zero entries), relative to the largest entry.
+            let theirs = reference.vs.variables();
+            let ours = extractor.vs.variables().into_iter().chain(
+                modules
+                    .iter()
+                    .flat_map(|m| m.vs.variables().into_iter().collect::<Vec<_>>()),
+            );
+            for (name, var) in ours.filter(|(_, v)| v.requires_grad()) {
+                let (g, h) = (var.grad(), theirs[&name].grad());
+                let scale = h.abs().max().double_value(&[]);
+                let d = (&g - &h).abs().max().double_value(&[]);
+                assert!(
+                    d <= 1e-5 * scale.max(1e-3),
+                    "step {step}, {name}: {d} of {scale}"
+                );
+            }
+            extractor.apply();
+            modules.iter_mut().for_each(ModuleUnit::apply);
+        }
     }
 }

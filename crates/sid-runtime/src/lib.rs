@@ -18,11 +18,10 @@
 //! - [`ops`]: the order of a flushing stage's forwards and backwards (schedules as data);
 //! - [`placement`]: which modules each device owns in the paper's SID;
 //! - [`streams`]: CUDA streams from libtorch's pool, for several stages on one GPU;
-//! - `stage_graph`: a staged-SID stage's step replayed from a CUDA graph (`--cuda-graph`);
 //! - `fault`: injected faults for tests (cargo feature `fault-injection`).
 //!
-//! The pipeline implements [`sid_core::Network`], so the trainer drives it exactly like the
-//! single-device network.
+//! The pipeline implements [`sid_core::Network`]: the trainer drives it for every run, the
+//! single device included (its stages one after another in the caller's thread).
 
 pub mod error;
 #[cfg(feature = "fault-injection")]
@@ -34,7 +33,6 @@ pub mod placement;
 pub mod ranks;
 pub mod schedule;
 mod setup;
-mod stage_graph;
 pub mod staged;
 pub mod streams;
 pub mod transport;

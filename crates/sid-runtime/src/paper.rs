@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use sid_core::loss::LabelTarget;
-use sid_core::sid::teacher_chain;
+use sid_core::unit::teacher_chain;
 use sid_core::unit::{Backward, Inferred, MicroBatch, Passed, Unit};
 use sid_core::{CoreError, ExtractorUnit, LossConfig, ModuleUnit, NamedTensors, Net};
 use tch::{Device, Tensor};
@@ -49,7 +49,8 @@ impl ModuleBlock {
         }
     }
 
-    /// Runs the fused schedule (see [`sid_core::SidNetwork::with_fused_teacher`]).
+    /// Runs the fused schedule: each module's local-step forward, detached, is the next one's
+    /// teacher (the same values as a separate phase-1 forward, one forward per module fewer).
     pub fn with_fused_teacher(mut self, fused: bool) -> Self {
         self.fused = fused;
         self
@@ -139,7 +140,7 @@ impl ModuleBlock {
         })
     }
 
-    /// Weights and optimiser state of every module (the names [`sid_core::SidNetwork`] uses).
+    /// Weights and optimiser state of every module (`module_i.*`, `adam.module_i.*`).
     pub fn state(&self) -> Vec<(String, Tensor)> {
         self.modules.iter().flat_map(|m| m.state()).collect()
     }
@@ -287,9 +288,9 @@ impl Unit for PaperExtractor {
     }
 }
 
-/// The extractor and the module blocks of `blocks`, drawn on the CPU in the order of
-/// [`sid_core::SidNetwork`] (extractor, then modules 1..L), so one seed gives both the same
-/// weights.
+/// The extractor and the module blocks of `blocks`, drawn on the CPU in the one order of every
+/// network here (extractor, then modules 1..L), so one seed gives the same weights whatever
+/// the placement.
 pub(crate) fn build_paper(
     net: Net<'_>,
     loss: LossConfig,

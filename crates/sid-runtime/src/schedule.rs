@@ -16,6 +16,8 @@
 
 use std::time::{Duration, Instant};
 
+use sid_core::graph::GraphedStep;
+use sid_core::stage::StageOutput;
 use sid_core::unit::{add_next, MicroBatch, Unit};
 use sid_core::NamedTensors;
 use sid_telemetry::AllocOwner;
@@ -24,7 +26,6 @@ use tch::Tensor;
 #[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{Op, Schedule};
-use crate::stage_graph::GraphSlot;
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 
 /// Why a stage stopped.
@@ -132,8 +133,8 @@ pub struct StageRunner {
     /// Longest wait for a gradient inside a step.
     timeout: Duration,
     /// A staged-SID stage on a GPU with one micro-batch: each step replayed from a CUDA graph
-    /// ([`crate::stage_graph`]).
-    cuda_graph: GraphSlot,
+    /// of its own ([`GraphedStep::stage`]).
+    cuda_graph: Option<GraphedStep<(StageOutput, Tensor)>>,
     /// Who this stage's allocations are charged to, when measured.
     memory: Option<AllocOwner>,
     /// Leave a step's losses on the device, for [`StageRunner::take_queued_losses`], instead
@@ -154,7 +155,7 @@ impl StageRunner {
             #[cfg(feature = "fault-injection")]
             fault: None,
             timeout: Duration::from_secs(300),
-            cuda_graph: GraphSlot::Off,
+            cuda_graph: None,
             memory: None,
             queue_losses: false,
             queued: None,
@@ -190,13 +191,10 @@ impl StageRunner {
     }
 
     /// Replays each training step of a staged-SID stage on a GPU from a CUDA graph, when a
-    /// step is one micro-batch (see [`crate::stage_graph`]); nothing changes on a CPU.
+    /// step is one micro-batch (see [`GraphedStep::stage`]); nothing changes on a CPU.
     pub fn with_cuda_graph(mut self, on: bool) -> Self {
-        self.cuda_graph = if on && self.unit.as_stage_mut().is_some() {
-            GraphSlot::Wanted
-        } else {
-            GraphSlot::Off
-        };
+        self.cuda_graph =
+            (on && self.unit.as_stage_mut().is_some()).then(GraphedStep::on_first_gpu_step);
         self
     }
 
@@ -370,12 +368,13 @@ impl StageRunner {
                     };
                     let input = self.strike(s.step, a.input)?;
                     let f = Instant::now();
-                    let graphed = match (s.micro_batches, self.unit.as_stage_mut()) {
-                        (1, Some(stage)) => match self.cuda_graph.for_input(&input, index) {
-                            // The whole step at once: forward, backward, optimiser step.
-                            Some(graph) => Some(graph.step(stage, &input, &a.p, &a.labels)?),
-                            None => None,
-                        },
+                    let graph = self
+                        .cuda_graph
+                        .as_mut()
+                        .filter(|_| input.device().is_cuda());
+                    let graphed = match (s.micro_batches, self.unit.as_stage_mut(), graph) {
+                        // The whole step at once: forward, backward, optimiser step.
+                        (1, Some(stage), Some(g)) => Some(g.stage(stage, &input, &a.p, &a.labels)?),
                         _ => None,
                     };
                     let passed = match graphed {

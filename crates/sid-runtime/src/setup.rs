@@ -12,7 +12,7 @@ use crossbeam_channel::Receiver;
 use sid_core::bp_stage::build_bp_stages;
 use sid_core::stage::build_stages;
 use sid_core::unit::Unit;
-use sid_core::{Backbone, LossConfig, ModelConfig, Net, StagePlan};
+use sid_core::{Backbone, LossConfig, Method, ModelConfig, Net, StagePlan};
 use tch::Device;
 
 #[cfg(feature = "fault-injection")]
@@ -106,6 +106,19 @@ impl PipelineMethod {
 }
 
 impl StagedConfig {
+    /// The whole network on one device, its stages run one after another in the caller's
+    /// thread: SID as the paper's layout with one block of modules (the extractor's stage,
+    /// then every module's), BP as one stage. What `sid-launch` trains on one device.
+    pub fn single_device(model: ModelConfig, device: Device, method: Method) -> Result<Self> {
+        let plan = StagePlan::even(&model, 1)?;
+        let mut cfg = Self::new(model, vec![device], plan);
+        cfg.method = match method {
+            Method::Sid => PipelineMethod::Paper,
+            Method::Bp => PipelineMethod::Bp(BpSchedule::OneFOneB),
+        };
+        Ok(cfg)
+    }
+
     /// Defaults for everything but the model, the devices and the plan: reference loss,
     /// lr 1e-3, one micro-batch, 300 s timeout, streams on.
     pub fn new(model: ModelConfig, devices: Vec<Device>, plan: StagePlan) -> Self {

@@ -826,6 +826,8 @@ impl Network for StagedPipeline {
         let losses: Vec<Tensor> = runners
             .iter_mut()
             .filter_map(|r| r.take_queued_losses())
+            // Backprop's one loss is a scalar.
+            .map(|l| l.reshape([-1]))
             .collect();
         Ok(Tensor::f_cat(&losses, 0)?)
     }

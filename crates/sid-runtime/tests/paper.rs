@@ -1,12 +1,12 @@
 //! The paper's SID as a stage pipeline (the extractor alone on stage 1, module blocks after
 //! it, gradients at z sent back to stage 1) is transparent: with W module stages and M
-//! micro-batches it gives the single-device `SidNetwork`'s losses and parameters, and the two
-//! read each other's checkpoints. Also: the fused schedule, placements, faults (a module stage
+//! micro-batches it gives the losses and parameters of the single device (one module block,
+//! every stage in one thread), and the two read each other's checkpoints. Also: the fused schedule, placements, faults (a module stage
 //! that panics, errs, produces NaN or hangs) and module stages sharing one GPU.
 
 use std::time::{Duration, Instant};
 
-use sid_core::{LossConfig, NamedTensors, Network, SidNetwork};
+use sid_core::{NamedTensors, Network};
 use sid_runtime::{Fault, FaultKind, PipelineMethod, Placement, StagedConfig, StagedPipeline};
 use tch::{Device, Tensor};
 
@@ -30,9 +30,9 @@ fn build(workers: usize, micro_batches: usize) -> StagedPipeline {
     StagedPipeline::new(cfg).unwrap()
 }
 
-fn single() -> SidNetwork {
-    tch::manual_seed(5);
-    SidNetwork::new(&model(), LossConfig::default(), 1e-3, Device::Cpu).unwrap()
+/// The single device: one module block, its stages in this thread.
+fn single() -> StagedPipeline {
+    build(1, 1)
 }
 
 fn max_abs_diff(a: &[(String, Tensor)], b: &NamedTensors) -> f64 {
@@ -285,8 +285,10 @@ fn two_module_stages_on_one_gpu_match_the_single_device_trainer() {
     let _rng = rng_lock();
     let gpu = Device::Cuda(0);
     let data = batches(10);
+    let mut one = config(1, 1);
+    one.devices = vec![gpu];
     tch::manual_seed(5);
-    let mut reference = SidNetwork::new(&model(), LossConfig::default(), 1e-3, gpu).unwrap();
+    let mut reference = StagedPipeline::new(one).unwrap();
     let mut cfg = config(2, 1);
     cfg.devices = vec![gpu, gpu];
     tch::manual_seed(5);

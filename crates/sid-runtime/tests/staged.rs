@@ -225,12 +225,12 @@ fn bad_settings_are_refused() {
 /// the unpipelined BP step's parameters and losses.
 #[test]
 fn backprop_pipelines_equal_the_unpipelined_step() {
-    use sid_core::BpNetwork;
     use sid_runtime::{BpSchedule, PipelineMethod};
     let _rng = rng_lock();
     let data = batches(4);
     tch::manual_seed(5);
-    let mut bp = BpNetwork::new(&model(), 1e-3, Device::Cpu).unwrap();
+    let one = StagedConfig::single_device(model(), Device::Cpu, sid_core::Method::Bp).unwrap();
+    let mut bp = StagedPipeline::new(one).unwrap();
     let expected: Vec<f64> = data
         .iter()
         .map(|(x, y)| bp.train_step(x, y).unwrap().loss)
@@ -269,7 +269,7 @@ fn backprop_pipelines_equal_the_unpipelined_step() {
                 );
                 assert!(s.module_losses.is_empty());
             }
-            // Variable names are BpNetwork's; Adam state is per stage, so compare weights.
+            // Variable names are the single device's; Adam state is per stage: compare weights.
             let state = p.state().unwrap();
             let d = state
                 .iter()
@@ -394,7 +394,7 @@ fn stage_cuda_graphs_train_like_eager_stages() {
 /// activations until the drain, needs far more than 1F1B's, which holds at most K = 2.
 #[test]
 fn stage_memory_is_measured_per_stage() {
-    use sid_core::{BpNetwork, ExtractorKind, ModelConfig};
+    use sid_core::{ExtractorKind, ModelConfig};
     use sid_runtime::{BpSchedule, PipelineMethod};
     let _rng = rng_lock();
     let m = ModelConfig {
@@ -405,7 +405,8 @@ fn stage_memory_is_measured_per_stage() {
     tch::manual_seed(3);
     let x = Tensor::randn([64, 1, 16, 16], (tch::Kind::Float, Device::Cpu));
     let y = Tensor::randint(5, [64], (tch::Kind::Int64, Device::Cpu));
-    let weights: u64 = BpNetwork::new(&m, 1e-3, Device::Cpu)
+    let one = StagedConfig::single_device(m.clone(), Device::Cpu, sid_core::Method::Bp).unwrap();
+    let weights: u64 = StagedPipeline::new(one)
         .unwrap()
         .state()
         .unwrap()

@@ -10,7 +10,6 @@ pub mod devices;
 pub mod distributed;
 pub mod error;
 pub mod eval;
-mod graph_step;
 pub mod metrics;
 pub mod network;
 pub mod plan;

@@ -426,7 +426,10 @@ impl Run {
         tracked.extend(self.layout.iter().map(|(d, _)| *d));
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
         let graph = self.plan.graphs == Graphs::WholeStep;
-        let mut stepper = crate::graph_step::GraphStepper::new(device, graph)?;
+        let mut stepper = match graph {
+            true => sid_core::graph::GraphedStep::new(device)?,
+            false => sid_core::graph::GraphedStep::off(),
+        };
         while self.position.epochs_done < self.cfg.optim.epochs {
             let epoch = self.position.epochs_done + 1;
             let first_step = self.position.step_in_epoch;
@@ -461,8 +464,8 @@ impl Run {
                 let finished = if stepper.is_off() {
                     self.net.submit_step(&x, &y)?
                 } else {
-                    vec![stepper.step(self.net.as_mut(), &x, &y, &mut |m| {
-                        on_event(Event::Notice(m))
+                    vec![stepper.network(self.net.as_mut(), &x, &y, |n| {
+                        on_event(Event::Notice(n.to_string()))
                     })?]
                 };
                 for stats in finished {
