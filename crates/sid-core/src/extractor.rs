@@ -843,8 +843,8 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
 /// (width 192, 3 heads), LayerNorm of the class token, linear(192→d).
 #[derive(Debug)]
 pub struct Extractor {
-    blocks: Vec<Box<dyn Block>>,
-    head: Box<dyn Module>,
+    pub(crate) blocks: Vec<Box<dyn Block>>,
+    pub(crate) head: Box<dyn Module>,
 }
 
 impl Extractor {

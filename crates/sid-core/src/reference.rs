@@ -3,13 +3,15 @@
 //! teacher beliefs detached, BP end to end — and nothing of the units, stages or pipelines it
 //! checks.
 
-use tch::nn::{ModuleT, VarStore};
+use std::ops::Range;
+
+use tch::nn::{Module, ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief, BeliefModule};
 use crate::config::{LossConfig, ModelConfig};
-use crate::extractor::Extractor;
+use crate::extractor::{forward_blocks, Extractor, Neck};
 use crate::loss::{cross_entropy, local_loss};
 use crate::network::{var_store_state, NamedTensors};
 use crate::precision::forward_f32;
@@ -22,6 +24,8 @@ pub(crate) struct Reference {
     pub extractor: Extractor,
     pub modules: Vec<BeliefModule>,
     pub opt: Adam,
+    /// Staged SID's necks, after stages 1..K−1 (none for the whole network).
+    pub necks: Vec<Neck>,
     cfg: ModelConfig,
 }
 
@@ -39,8 +43,65 @@ impl Reference {
             extractor,
             modules,
             opt,
+            necks: Vec::new(),
             cfg: cfg.clone(),
         }
+    }
+
+    /// The network of staged SID cut after the blocks ending at each of `cut_ends` (all but
+    /// the last stage's): a neck `neck_s` there, drawn after everything else.
+    pub fn staged(cfg: &ModelConfig, lr: f64, cut_ends: &[usize]) -> Self {
+        let mut r = Self::new(cfg, lr, Device::Cpu);
+        r.necks = cut_ends
+            .iter()
+            .enumerate()
+            .map(|(s, &end)| {
+                let shape = r.extractor.blocks[end - 1].output_shape();
+                let p = r.vs.root() / format!("neck_{}", s + 1);
+                Neck::new(&p, &shape, cfg.feature_dim, cfg.init)
+            })
+            .collect();
+        r.opt = Adam::for_var_store(&r.vs, lr);
+        r
+    }
+
+    /// One step of staged SID, written out: stage s runs its blocks on the previous stage's
+    /// output, detached; then its neck (the extractor's head on the last stage); then its
+    /// modules from the belief the previous stage left, detached, each module's teacher its
+    /// predecessor's belief, detached. One backward of every loss (no graph spans two
+    /// stages), one Adam step. `stages`: each stage's blocks and modules. Returns each
+    /// module's loss.
+    pub fn staged_step(
+        &mut self,
+        stages: &[(Range<usize>, Range<usize>)],
+        x: &Tensor,
+        y: &Tensor,
+        loss: &LossConfig,
+    ) -> Vec<f64> {
+        self.opt.zero_grad();
+        let mut input = x.shallow_clone();
+        let mut p = uniform_belief(x.size()[0], self.cfg.num_classes, x.device());
+        let mut losses = Vec::new();
+        for (s, (blocks, modules)) in stages.iter().enumerate() {
+            let h = forward_blocks(
+                &self.extractor.blocks[blocks.clone()],
+                &input.detach(),
+                true,
+            );
+            let z = match self.necks.get(s) {
+                Some(neck) => neck.forward(&h),
+                None => self.extractor.head.forward(&h),
+            };
+            for m in &self.modules[modules.clone()] {
+                let logits = m.forward(&p, &z);
+                losses.push(local_loss(&logits, &p, y, loss));
+                p = belief(&logits).detach();
+            }
+            input = h;
+        }
+        Tensor::stack(&losses, 0).sum(Kind::Float).backward();
+        self.opt.step();
+        losses.iter().map(|l| l.double_value(&[])).collect()
     }
 
     fn features(&self, x: &Tensor, train: bool) -> Tensor {

@@ -891,6 +891,77 @@ mod tests {
         }
     }
 
+    /// Staged SID in two stages (one micro-batch) against staged SID written out by hand
+    /// (`Reference::staged_step`: no stage code): the same initial weights under the same
+    /// names, then, step after step, the same losses and the same gradients before Adam.
+    #[test]
+    fn two_stages_are_the_hand_written_staged_step() {
+        let _rng = crate::rng_lock();
+        let c = cfg(4);
+        let loss = LossConfig {
+            alpha: 0.3,
+            label_smoothing: 0.05,
+        };
+        let plan = StagePlan::even(&c, 2).unwrap();
+        tch::manual_seed(6);
+        let mut stages = build_stages(&c, loss, 1e-3, &plan).unwrap();
+        let cuts: Vec<_> = plan
+            .stages()
+            .iter()
+            .map(|s| (s.blocks.clone(), s.modules.clone()))
+            .collect();
+        tch::manual_seed(6);
+        let mut reference = Reference::staged(&c, 1e-3, &[cuts[0].0.end]);
+        let ours: Vec<(String, Tensor)> = stages
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|(n, _)| !n.starts_with("adam."))
+            .collect();
+        let theirs = reference.weights();
+        assert_eq!(ours.len(), theirs.len());
+        for (name, t) in &ours {
+            assert!(t.equal(theirs.get(name).unwrap()), "{name}");
+        }
+        tch::manual_seed(1);
+        let x = Tensor::randn([6, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3, 1, 2]);
+        for step in 0..3 {
+            let want = reference.staged_step(&cuts, &x, &y, &loss);
+            let (mut input, mut p) = (x.shallow_clone(), stages[0].uniform(6));
+            let mut got = Vec::new();
+            for st in &mut stages {
+                let target = st.label_target(&y);
+                let out = st.forward_micro(&input, &p, &target);
+                got.extend(Vec::<f64>::try_from(st.backward_micro(1.0).unwrap()).unwrap());
+                (input, p) = (out.z.unwrap_or_else(|| x.shallow_clone()), out.p);
+            }
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() < 1e-6 * b.abs().max(1.0),
+                    "step {step}: {got:?} vs {want:?}"
+                );
+            }
+            let vars = reference.vs.variables();
+            for st in &stages {
+                let named = st
+                    .vs
+                    .variables()
+                    .into_iter()
+                    .chain(st.modules.iter().flat_map(|m| m.vs.variables()));
+                for (name, var) in named.filter(|(_, v)| v.requires_grad()) {
+                    let (g, h) = (var.grad(), vars[&name].grad());
+                    let scale = h.abs().max().double_value(&[]);
+                    let d = (&g - &h).abs().max().double_value(&[]);
+                    assert!(
+                        d <= 1e-5 * scale.max(1e-3),
+                        "step {step}, {name}: {d} of {scale}"
+                    );
+                }
+            }
+            stages.iter_mut().for_each(Stage::apply);
+        }
+    }
+
     /// Two stages' gradients, before any optimiser step, after a step on `x` in `micro`
     /// micro-batches, each weighted by `share / micro` (`share`: the batch's part `x` is).
     fn staged_gradients(

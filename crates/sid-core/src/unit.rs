@@ -40,7 +40,7 @@ pub struct LocalOutput {
 #[derive(Debug)]
 pub struct ModuleUnit {
     index: usize,
-    vs: VarStore,
+    pub(crate) vs: VarStore,
     net: BeliefModule,
     opt: Adam,
     loss: LossConfig,
