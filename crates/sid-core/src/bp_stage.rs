@@ -169,12 +169,6 @@ impl BpStage {
         self.last
     }
 
-    /// Moves parameters and optimiser state to `device`.
-    pub fn to_device(&mut self, device: Device) {
-        self.vs.set_device(device);
-        self.opt.to_device(device);
-    }
-
     /// Micro-batches whose backward is still to come (what 1F1B keeps small).
     pub fn in_flight(&self) -> usize {
         self.pending.len()
@@ -358,17 +352,6 @@ impl BpStage {
         })
     }
 
-    /// One Adam step from the accumulated gradients, then clears them.
-    pub fn apply(&mut self) {
-        self.opt.step();
-        self.opt.zero_grad();
-    }
-
-    /// The gradients [`BpStage::apply`] would use.
-    pub fn gradients(&self) -> Vec<Tensor> {
-        self.opt.gradients()
-    }
-
     /// Inference: the output for the next stage, or every module's logits on the last.
     pub fn cascade(&self, input: &Tensor) -> (Option<Tensor>, Vec<Tensor>) {
         tch::no_grad(|| {
@@ -379,19 +362,6 @@ impl BpStage {
                 (Some(h), Vec::new())
             }
         })
-    }
-
-    /// Weights and optimiser state as named CPU tensors.
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut v = var_store_state(&self.vs);
-        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
-        v
-    }
-
-    /// Restores this stage's entries of a checkpoint.
-    pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        load_var_store(&self.vs, named)?;
-        self.opt.load_state(&self.adam_prefix, named)
     }
 }
 
@@ -433,11 +403,12 @@ impl Unit for BpStage {
     }
 
     fn apply(&mut self) {
-        BpStage::apply(self)
+        self.opt.step();
+        self.opt.zero_grad();
     }
 
     fn gradients(&self) -> Vec<Tensor> {
-        BpStage::gradients(self)
+        self.opt.gradients()
     }
 
     fn read_losses(&self, losses: &Tensor) -> Result<Vec<f64>> {
@@ -462,15 +433,19 @@ impl Unit for BpStage {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        BpStage::state(self)
+        let mut v = var_store_state(&self.vs);
+        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
+        v
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        BpStage::load_state(self, named)
+        load_var_store(&self.vs, named)?;
+        self.opt.load_state(&self.adam_prefix, named)
     }
 
     fn to_device(&mut self, device: Device) {
-        BpStage::to_device(self, device)
+        self.vs.set_device(device);
+        self.opt.to_device(device);
     }
 }
 

@@ -214,6 +214,7 @@ mod tests {
     /// Losses of `steps` training steps of SID, BP and two SID stages at `precision`.
     fn losses(precision: Precision, device: Device, steps: usize) -> Vec<f64> {
         use crate::reference::Reference;
+        use crate::unit::Unit;
         use crate::{ExtractorKind, LossConfig, ModelConfig};
         let cfg = ModelConfig {
             extractor: ExtractorKind::Cnn,

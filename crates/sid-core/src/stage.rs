@@ -505,15 +505,6 @@ impl Stage {
         self.vs.device()
     }
 
-    /// Moves parameters and optimiser state to `device` (a stage's thread does this itself).
-    pub fn to_device(&mut self, device: Device) {
-        self.vs.set_device(device);
-        self.opt.to_device(device);
-        for m in &mut self.modules {
-            m.to_device(device);
-        }
-    }
-
     /// The label side of the local losses for `labels`.
     pub fn label_target(&self, labels: &Tensor) -> LabelTarget {
         LabelTarget::new(labels, self.num_classes, &self.loss)
@@ -587,26 +578,6 @@ impl Stage {
         Ok((out, losses))
     }
 
-    /// One optimiser step of the slice, the neck and every module, from the gradients
-    /// accumulated since the last one; then clears them.
-    pub fn apply(&mut self) {
-        let _span = tracing::trace_span!("stage_apply", stage = self.index + 1).entered();
-        self.opt.step();
-        self.opt.zero_grad();
-        for m in &mut self.modules {
-            m.apply();
-        }
-    }
-
-    /// The gradients [`Stage::apply`] would use: the slice's and neck's, then each module's.
-    pub fn gradients(&self) -> Vec<Tensor> {
-        let mut g = self.opt.gradients();
-        for m in &self.modules {
-            g.extend(m.gradients());
-        }
-        g
-    }
-
     /// Inference through this stage: the slice's output (for the next stage; `None` on the
     /// last), every module's logits and the belief leaving the last module.
     pub fn cascade(&self, input: &Tensor, p_in: &Tensor) -> (Option<Tensor>, Vec<Tensor>, Tensor) {
@@ -626,26 +597,6 @@ impl Stage {
     /// The uniform belief `p_0` for a batch of `batch` samples on this stage's device.
     pub fn uniform(&self, batch: i64) -> Tensor {
         uniform_belief(batch, self.num_classes, self.device())
-    }
-
-    /// Weights and optimiser state as named CPU tensors.
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut v = var_store_state(&self.vs);
-        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
-        for m in &self.modules {
-            v.extend(m.state());
-        }
-        v
-    }
-
-    /// Restores what [`Stage::state`] saved (the stage's own entries of a whole checkpoint).
-    pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        load_var_store(&self.vs, named)?;
-        self.opt.load_state(&self.adam_prefix, named)?;
-        for m in &mut self.modules {
-            m.load_state(named)?;
-        }
-        Ok(())
     }
 }
 
@@ -673,11 +624,20 @@ impl Unit for Stage {
     }
 
     fn apply(&mut self) {
-        Stage::apply(self)
+        let _span = tracing::trace_span!("stage_apply", stage = self.index + 1).entered();
+        self.opt.step();
+        self.opt.zero_grad();
+        for m in &mut self.modules {
+            m.apply();
+        }
     }
 
     fn gradients(&self) -> Vec<Tensor> {
-        Stage::gradients(self)
+        let mut g = self.opt.gradients();
+        for m in &self.modules {
+            g.extend(m.gradients());
+        }
+        g
     }
 
     fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
@@ -686,15 +646,29 @@ impl Unit for Stage {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        Stage::state(self)
+        let mut v = var_store_state(&self.vs);
+        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
+        for m in &self.modules {
+            v.extend(m.state());
+        }
+        v
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        Stage::load_state(self, named)
+        load_var_store(&self.vs, named)?;
+        self.opt.load_state(&self.adam_prefix, named)?;
+        for m in &mut self.modules {
+            m.load_state(named)?;
+        }
+        Ok(())
     }
 
     fn to_device(&mut self, device: Device) {
-        Stage::to_device(self, device)
+        self.vs.set_device(device);
+        self.opt.to_device(device);
+        for m in &mut self.modules {
+            m.to_device(device);
+        }
     }
 
     fn as_stage_mut(&mut self) -> Option<&mut Stage> {

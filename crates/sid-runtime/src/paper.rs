@@ -67,13 +67,6 @@ impl ModuleBlock {
         start..start + self.modules.len()
     }
 
-    /// Moves every module to `device`.
-    pub fn to_device(&mut self, device: Device) {
-        for m in &mut self.modules {
-            m.to_device(device);
-        }
-    }
-
     /// Phase 1 of one micro-batch on `z` (detached features): the block's teacher chain from
     /// `p_in`, kept for [`ModuleBlock::backward_micro`] (fused: the local steps' forwards,
     /// their graphs kept). Returns the belief leaving the block, which the next block needs at
@@ -119,13 +112,6 @@ impl ModuleBlock {
         Ok((Tensor::f_stack(&losses, 0)?, grad_z))
     }
 
-    /// Every module's optimiser step from its accumulated gradients.
-    pub fn apply(&mut self) {
-        for m in &mut self.modules {
-            m.apply();
-        }
-    }
-
     /// Inference: every module's logits on `z` from `p_in`, and the belief leaving the block.
     pub fn cascade(&self, z: &Tensor, p_in: &Tensor) -> (Vec<Tensor>, Tensor) {
         tch::no_grad(|| {
@@ -138,19 +124,6 @@ impl ModuleBlock {
             }
             (logits, p)
         })
-    }
-
-    /// Weights and optimiser state of every module (`module_i.*`, `adam.module_i.*`).
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.modules.iter().flat_map(|m| m.state()).collect()
-    }
-
-    /// Restores the block's entries of a whole checkpoint.
-    pub fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
-        for m in &mut self.modules {
-            m.load_state(named)?;
-        }
-        Ok(())
     }
 }
 
@@ -183,7 +156,9 @@ impl Unit for ModuleBlock {
     }
 
     fn apply(&mut self) {
-        ModuleBlock::apply(self)
+        for m in &mut self.modules {
+            m.apply();
+        }
     }
 
     fn gradients(&self) -> Vec<Tensor> {
@@ -200,15 +175,20 @@ impl Unit for ModuleBlock {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        ModuleBlock::state(self)
+        self.modules.iter().flat_map(|m| m.state()).collect()
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
-        ModuleBlock::load_state(self, named)
+        for m in &mut self.modules {
+            m.load_state(named)?;
+        }
+        Ok(())
     }
 
     fn to_device(&mut self, device: Device) {
-        ModuleBlock::to_device(self, device)
+        for m in &mut self.modules {
+            m.to_device(device);
+        }
     }
 }
 

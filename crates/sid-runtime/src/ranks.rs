@@ -129,6 +129,7 @@ pub(crate) fn replica_reducer(ranks: &Ranks) -> Option<Box<dyn GradReducer>> {
 mod tests {
     use super::*;
     use sid_core::stage::{build_stages, Stage};
+    use sid_core::unit::Unit;
     use sid_core::{ExtractorKind, LossConfig, ModelConfig, NamedTensors, StagePlan};
     use std::time::Duration;
     use tch::Kind;
