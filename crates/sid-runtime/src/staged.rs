@@ -716,18 +716,17 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let (report_tx, reports) = crossbeam_channel::unbounded();
     let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
     let mut threads = Vec::with_capacity(k);
-    let bp = matches!(cfg.method, PipelineMethod::Bp(_));
-    let grad_channel = || crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
-    // Backprop: gradients flow back from stage s+1 to stage s.
-    let mut grad_to_previous: Option<Sender<(Tag, Tensor)>> = None;
-    // The paper's SID: a gradient channel from each module stage straight to stage 1.
-    let (mut to_first, from_modules): (Vec<_>, Vec<_>) = if paper {
-        (1..k).map(|_| grad_channel()).unzip()
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    let mut from_modules = Some(from_modules);
-    let mut to_first = to_first.drain(..);
+    // A gradient channel from each stage whose backward sends one to the stage that takes it.
+    let mut grads_in: Vec<Vec<(usize, Receiver<(Tag, Tensor)>)>> =
+        (0..k).map(|_| Vec::new()).collect();
+    let mut grads_out: Vec<Option<(usize, Sender<(Tag, Tensor)>)>> = (0..k)
+        .map(|s| {
+            let to = cfg.method.grad_target(s)?;
+            let (tx, rx) = crossbeam_channel::bounded(cap);
+            grads_in[to].push((s, rx));
+            Some((to, tx))
+        })
+        .collect();
     for (s, runner) in runners.into_iter().enumerate() {
         let (down_tx, down_rx) = if s + 1 < k {
             let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
@@ -738,22 +737,11 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
         let device = devices[s];
         let mut transport =
             ChannelTransport::new(s, device, upstream, down_tx, report_tx.clone(), cfg.timeout);
-        if let Some(tx) = grad_to_previous.take() {
-            transport = transport.with_grad_out(s - 1, tx);
+        if let Some((to, tx)) = grads_out[s].take() {
+            transport = transport.with_grad_out(to, tx);
         }
-        if bp && s + 1 < k {
-            let (tx, rx) = grad_channel();
-            transport = transport.with_grad_in(s + 1, rx);
-            grad_to_previous = Some(tx);
-        }
-        if paper && s == 0 {
-            for (w, rx) in from_modules.take().into_iter().flatten().enumerate() {
-                transport = transport.with_grad_in(w + 1, rx);
-            }
-        } else if paper {
-            if let Some(tx) = to_first.next() {
-                transport = transport.with_grad_out(0, tx);
-            }
+        for (from, rx) in grads_in[s].drain(..) {
+            transport = transport.with_grad_in(from, rx);
         }
         let threads_here = (device == Device::Cpu).then_some(if paper && s == 0 {
             extractor_threads
