@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The paper's claims, measured (docs/claims.md): SID against BP on the identical network, with
 # and without symmetric label noise; depth L in {1, 2, 4, 8, 16}; the weight alpha of the label
-# term; SID against BP with 40% noise trained four times longer (20 epochs); and SID against BP
-# on the reference SimpleCNN. Fashion-MNIST, the full test set, batch
-# 128, 5 epochs, one thread per run, one run at a time, every run at the lowest CPU priority.
-# A 2-core CPU shared with other work cannot train SimpleCNN on the full set for every cell
-# (docs/claims.md): the noise, depth, alpha and noise-long claims use the MLP extractor and the
-# first 20,000 training samples (57 runs of 15-60 s, 12 of about a minute), the cnn claim
-# SimpleCNN and the first 10,000 (6 runs of about 5 minutes).
+# term; SID against BP with 40% noise trained four times longer (20 epochs). Fashion-MNIST, the
+# full test set, batch 128, one thread per run, one run at a time, every run at the lowest CPU
+# priority. A 2-core CPU shared with other work cannot train SimpleCNN on the full set for every
+# cell (docs/claims.md): these claims use the MLP extractor and the first 20,000 training
+# samples, 5 epochs (57 runs of 15-60 s; noise-long: 12 runs of 20 epochs, 1-3 minutes each).
+# CLAIMS=cnn adds SID against BP on the reference SimpleCNN (L = 10, 5 epochs, the first 10,000
+# training samples; 6 runs of 5 minutes or more on such a CPU), which is not in the default.
 #
 # Each run has its own directory, OUT/<claim>/<cell>-seed<N>; a run whose summary.json exists is
 # kept, an interrupted one (checkpoint, no summary) is resumed from its last epoch, anything else
@@ -15,11 +15,11 @@
 # continuing a run (SIGSTOP / SIGCONT) does no harm. At the end `sid-bench claims OUT` prints the
 # tables and writes the plots (docs/plots/claims-*).
 #
-# Usage: [CLAIMS="noise depth alpha noise-long cnn"] [SEEDS="0 1 2"] benches/claims.sh [OUT_DIR]
+# Usage: [CLAIMS="noise depth alpha noise-long"] [SEEDS="0 1 2"] benches/claims.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/claims}
-read -r -a claims <<< "${CLAIMS:-noise depth alpha noise-long cnn}"
+read -r -a claims <<< "${CLAIMS:-noise depth alpha noise-long}"
 read -r -a seeds <<< "${SEEDS:-0 1 2}"
 bin=target/release/sid-launch
 [ -x "$bin" ] || cargo build --release -p sid-launch

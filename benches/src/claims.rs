@@ -59,6 +59,9 @@ pub struct ClaimRun {
     pub start_rss: Option<u64>,
     /// The telemetry's largest resident memory (bytes).
     pub telemetry_peak_rss: Option<u64>,
+    /// The telemetry's largest resident memory during the first epoch's training steps, before
+    /// its evaluation: samples up to the first epoch's `epoch_seconds` (bytes).
+    pub train_peak_rss: Option<u64>,
     /// Mean seconds per training epoch.
     pub epoch_seconds: f64,
 }
@@ -68,6 +71,14 @@ impl ClaimRun {
     /// its first sample, MiB.
     pub fn growth_mib(&self) -> Option<f64> {
         match (self.start_rss, self.telemetry_peak_rss) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1048576.0),
+            _ => None,
+        }
+    }
+
+    /// Resident memory the first epoch's training steps added to the loaded process, MiB.
+    pub fn train_growth_mib(&self) -> Option<f64> {
+        match (self.start_rss, self.train_peak_rss) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / 1048576.0),
             _ => None,
         }
@@ -133,7 +144,12 @@ pub fn read_run(claim: &str, dir: &Path) -> Result<Option<ClaimRun>> {
         .flat_map(|r| r["peak_memory"].as_array().cloned().unwrap_or_default())
         .filter_map(|p| p["bytes"].as_u64())
         .max();
-    let (mut start_rss, mut telemetry_peak_rss) = (None, None);
+    let first_epoch = records
+        .first()
+        .and_then(|r| r["epoch_seconds"].as_f64())
+        .unwrap_or(0.0);
+    let (mut start_rss, mut telemetry_peak_rss, mut train_peak_rss) = (None, None, None);
+    let max = |m: Option<u64>, b: u64| Some(m.map_or(b, |m| m.max(b)));
     if let Ok(t) = std::fs::read_to_string(dir.join("telemetry.jsonl")) {
         for line in t.lines() {
             let Ok(v) = serde_json::from_str::<Value>(line) else {
@@ -141,7 +157,10 @@ pub fn read_run(claim: &str, dir: &Path) -> Result<Option<ClaimRun>> {
             };
             if let Some(b) = v["rss_bytes"].as_u64() {
                 start_rss.get_or_insert(b);
-                telemetry_peak_rss = Some(telemetry_peak_rss.map_or(b, |m: u64| m.max(b)));
+                telemetry_peak_rss = max(telemetry_peak_rss, b);
+                if v["t"].as_f64().is_some_and(|t| t <= first_epoch) {
+                    train_peak_rss = max(train_peak_rss, b);
+                }
             }
         }
     }
@@ -173,6 +192,7 @@ pub fn read_run(claim: &str, dir: &Path) -> Result<Option<ClaimRun>> {
         peak_rss,
         start_rss,
         telemetry_peak_rss,
+        train_peak_rss,
         epoch_seconds: if secs.is_empty() {
             0.0
         } else {
@@ -421,7 +441,7 @@ pub fn tables(runs: &[ClaimRun]) -> String {
         let _ = writeln!(s, "### Depth (no noise; {})\n", setting(&depth));
         let _ = writeln!(
             s,
-            "| L | SID % | BP % | SID ahead? | SID runs with KL(p_y‖p_i) non-increasing | largest KL rise | SID runs with per-module accuracy non-decreasing | largest accuracy drop, points |\n|---|---|---|---|---|---|---|---|"
+            "| L | SID % | BP % | SID − BP, by seed | SID ahead? | SID runs with KL(p_y‖p_i) non-increasing | largest KL rise | SID runs with per-module accuracy non-decreasing | largest accuracy drop, points |\n|---|---|---|---|---|---|---|---|---|"
         );
         for l in depth_levels(&depth) {
             let a = accs(runs, |r| {
@@ -434,15 +454,27 @@ pub fn tables(runs: &[ClaimRun]) -> String {
                 .iter()
                 .filter(|r| r.method == "sid" && r.modules == l)
                 .collect();
+            let sid_runs: Vec<&ClaimRun> = sid.iter().map(|r| **r).collect();
+            let bp_runs: Vec<&ClaimRun> = depth
+                .iter()
+                .copied()
+                .filter(|r| r.method == "bp" && r.modules == l)
+                .collect();
+            let d = paired(&sid_runs, &bp_runs);
             let mono = sid.iter().filter(|r| r.kl_monotone()).count();
             let acc_mono = sid.iter().filter(|r| r.worst_acc_drop() == 0.0).count();
             let rise = sid.iter().map(|r| r.worst_kl_rise()).fold(0.0, f64::max);
             let drop = sid.iter().map(|r| r.worst_acc_drop()).fold(0.0, f64::max);
             let _ = writeln!(
                 s,
-                "| {l} | {} | {} | {} | {mono}/{} | {rise:.4} | {acc_mono}/{} | {drop:.2} |",
+                "| {l} | {} | {} | {} (mean {:+.2}) | {} | {mono}/{} | {rise:.4} | {acc_mono}/{} | {drop:.2} |",
                 pm(&a, 2),
                 pm(&b, 2),
+                d.iter()
+                    .map(|x| format!("{x:+.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                mean_sd(&d).0,
                 verdict(&a, &b),
                 sid.len(),
                 sid.len()
@@ -477,7 +509,7 @@ pub fn tables(runs: &[ClaimRun]) -> String {
         );
         let _ = writeln!(
             s,
-            "| L | SID peak RSS | BP peak RSS | SID growth in training | BP growth in training |\n|---|---|---|---|---|"
+            "| L | SID peak RSS | BP peak RSS | SID growth, epoch 1's training steps | BP growth, epoch 1's training steps | SID growth, whole run | BP growth, whole run | SID less (training steps / whole run)? |\n|---|---|---|---|---|---|---|---|"
         );
         for l in depth_levels(&depth) {
             let col = |m: &str, f: &dyn Fn(&ClaimRun) -> Option<f64>| -> Vec<f64> {
@@ -489,13 +521,19 @@ pub fn tables(runs: &[ClaimRun]) -> String {
             };
             let peak = |r: &ClaimRun| r.peak_rss.map(|b| b as f64 / 1048576.0);
             let grow = |r: &ClaimRun| r.growth_mib();
+            let train = |r: &ClaimRun| r.train_growth_mib();
+            // Less is better: "SID less" is "BP more".
             let _ = writeln!(
                 s,
-                "| {l} | {} | {} | {} | {} |",
+                "| {l} | {} | {} | {} | {} | {} | {} | {} / {} |",
                 pm(&col("sid", &peak), 1),
                 pm(&col("bp", &peak), 1),
+                pm(&col("sid", &train), 1),
+                pm(&col("bp", &train), 1),
                 pm(&col("sid", &grow), 1),
                 pm(&col("bp", &grow), 1),
+                verdict(&col("bp", &train), &col("sid", &train)),
+                verdict(&col("bp", &grow), &col("sid", &grow)),
             );
         }
         s.push('\n');
@@ -511,19 +549,26 @@ pub fn tables(runs: &[ClaimRun]) -> String {
         );
         let _ = writeln!(
             s,
-            "| α | SID % | against α = 0.5 | α = 0.5 better? |\n|---|---|---|---|"
+            "| α | SID % | against α = 0.5, by seed | α = 0.5 better? |\n|---|---|---|---|"
         );
-        let half = accs(runs, |r| {
-            r.claim == "noise" && r.method == "sid" && r.label_noise == 0.0 && r.alpha == 0.5
-        });
+        let half_runs = alpha_runs(runs, 0.5);
+        let half = alpha_accs(runs, 0.5);
         for a in alpha_levels(runs) {
             let v = alpha_accs(runs, a);
             let (better, diff) = if a == 0.5 {
                 ("–".to_string(), "–".to_string())
             } else {
+                let d = paired(&alpha_runs(runs, a), &half_runs);
                 (
                     verdict(&half, &v).to_string(),
-                    format!("{:+.2}", mean_sd(&v).0 - mean_sd(&half).0),
+                    format!(
+                        "{} (mean {:+.2})",
+                        d.iter()
+                            .map(|x| format!("{x:+.2}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        mean_sd(&d).0
+                    ),
                 )
             };
             let _ = writeln!(s, "| {a} | {} | {diff} | {better} |", pm(&v, 2));
@@ -581,13 +626,19 @@ fn alpha_levels(runs: &[ClaimRun]) -> Vec<f64> {
     v
 }
 
+fn alpha_runs(runs: &[ClaimRun], a: f64) -> Vec<&ClaimRun> {
+    runs.iter()
+        .filter(|r| {
+            r.method == "sid"
+                && r.alpha == a
+                && ((r.claim == "alpha")
+                    || (r.claim == "noise" && r.label_noise == 0.0 && r.modules == 10))
+        })
+        .collect()
+}
+
 fn alpha_accs(runs: &[ClaimRun], a: f64) -> Vec<f64> {
-    accs(runs, |r| {
-        r.method == "sid"
-            && r.alpha == a
-            && ((r.claim == "alpha")
-                || (r.claim == "noise" && r.label_noise == 0.0 && r.modules == 10))
-    })
+    alpha_runs(runs, a).iter().map(|r| r.acc).collect()
 }
 
 /// Mean ± sd points per series, drawn as lines with vertical error bars, saved as SVG.
@@ -834,12 +885,16 @@ pub fn plots(runs: &[ClaimRun], out: &Path) -> Result<Vec<PathBuf>> {
         )?;
         written.push(p);
 
-        let mem: Vec<(String, Vec<(f64, f64, f64)>)> = ["sid", "bp"]
-            .iter()
-            .map(|m| {
+        let kinds: [(&str, fn(&ClaimRun) -> Option<f64>); 2] = [
+            ("epoch 1's training steps", ClaimRun::train_growth_mib),
+            ("whole run, evaluation included", ClaimRun::growth_mib),
+        ];
+        let mut mem: Vec<(String, Vec<(f64, f64, f64)>)> = Vec::new();
+        for (kind, f) in kinds {
+            for m in ["sid", "bp"] {
                 let mut ls: Vec<usize> = runs
                     .iter()
-                    .filter(|r| r.claim == "depth" && r.method == *m)
+                    .filter(|r| r.claim == "depth" && r.method == m)
                     .map(|r| r.modules)
                     .collect();
                 ls.sort();
@@ -849,8 +904,8 @@ pub fn plots(runs: &[ClaimRun], out: &Path) -> Result<Vec<PathBuf>> {
                     .filter_map(|l| {
                         let v: Vec<f64> = runs
                             .iter()
-                            .filter(|r| r.claim == "depth" && r.method == *m && r.modules == l)
-                            .filter_map(ClaimRun::growth_mib)
+                            .filter(|r| r.claim == "depth" && r.method == m && r.modules == l)
+                            .filter_map(f)
                             .collect();
                         (!v.is_empty()).then(|| {
                             let (a, b) = mean_sd(&v);
@@ -858,13 +913,13 @@ pub fn plots(runs: &[ClaimRun], out: &Path) -> Result<Vec<PathBuf>> {
                         })
                     })
                     .collect();
-                (format!("{} (mean ± sd over seeds)", method_name(m)), pts)
-            })
-            .collect();
+                mem.push((format!("{}, {kind}", method_name(m)), pts));
+            }
+        }
         let p = out.join("claims-memory.svg");
         error_bar_plot(
             &p,
-            "Resident memory added by training, one CPU device",
+            "Resident memory added to the loaded process, one CPU device (mean ± sd)",
             "modules L",
             "peak RSS − RSS at start, MiB",
             &mem,
@@ -1094,7 +1149,7 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("| 4 | 87.10 ± 0.10 (n=3) | 84.10 ± 0.10 (n=3) | holds | 3/3 |"),
+            t.contains("| 4 | 87.10 ± 0.10 (n=3) | 84.10 ± 0.10 (n=3) | +3.00, +3.00, +3.00 (mean +3.00) | holds | 3/3 |"),
             "{t}"
         );
         assert!(
