@@ -13,7 +13,8 @@
 # kept, an interrupted one (checkpoint, no summary) is resumed from its last epoch, anything else
 # there is started afresh: run the script again and it goes on where it stopped. Stopping and
 # continuing a run (SIGSTOP / SIGCONT) does no harm. At the end `sid-bench claims OUT` prints the
-# tables and writes the plots (docs/plots/claims-*).
+# tables and writes them with the plots into docs/plots (claims-*) for the default OUT_DIR,
+# into OUT_DIR/plots for another.
 #
 # Usage: [CLAIMS="noise depth alpha noise-long"] [SEEDS="0 1 2"] benches/claims.sh [OUT_DIR]
 set -euo pipefail
@@ -109,6 +110,8 @@ for claim in "${claims[@]}"; do
   esac
 done
 
-if [ -x target/release/sid-bench ]; then
-  target/release/sid-bench claims "$out" || true
-fi
+# The page's tables and plots: docs/plots for the default folder, OUT/plots for any other
+# (PLOTS=DIR picks another).
+plots=${PLOTS:-$([ "$out" = runs/claims ] && echo docs/plots || echo "$out/plots")}
+[ -x target/release/sid-bench ] || cargo build --release -p sid-benches
+target/release/sid-bench claims "$out" --out "$plots"

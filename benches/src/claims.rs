@@ -273,6 +273,21 @@ fn paired(a: &[&ClaimRun], b: &[&ClaimRun]) -> Vec<f64> {
         .collect()
 }
 
+/// Paired differences as `+0.18, -0.04, +1.03 (mean +0.39)`; `–` when no seed pairs.
+fn by_seed(d: &[f64]) -> String {
+    if d.is_empty() {
+        return "–".into();
+    }
+    format!(
+        "{} (mean {:+.2})",
+        d.iter()
+            .map(|x| format!("{x:+.2}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        mean_sd(d).0
+    )
+}
+
 fn seeds_of(runs: &[&ClaimRun]) -> String {
     let mut s: Vec<u64> = runs.iter().map(|r| r.seed).collect();
     s.sort();
@@ -338,15 +353,11 @@ pub fn tables(runs: &[ClaimRun]) -> String {
             let d = paired(&sid, &bp);
             let _ = writeln!(
                 s,
-                "| {:.0}% | {} | {} | {} (mean {:+.2}) | {} | {:.2} | {:.2} |",
+                "| {:.0}% | {} | {} | {} | {} | {:.2} | {:.2} |",
                 100.0 * n,
                 pm(&a, 2),
                 pm(&b, 2),
-                d.iter()
-                    .map(|x| format!("{x:+.2}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                mean_sd(&d).0,
+                by_seed(&d),
                 verdict(&a, &b),
                 clean("sid") - mean_sd(&a).0,
                 clean("bp") - mean_sd(&b).0,
@@ -425,12 +436,8 @@ pub fn tables(runs: &[ClaimRun]) -> String {
         let b: Vec<f64> = bp.iter().map(|r| r.acc).collect();
         let _ = writeln!(
             s,
-            "\nSID − BP by seed: {} (mean {:+.2}); SID ahead? {}\n",
-            d.iter()
-                .map(|x| format!("{x:+.2}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            mean_sd(&d).0,
+            "\nSID − BP by seed: {}; SID ahead? {}\n",
+            by_seed(&d),
             verdict(&a, &b)
         );
     }
@@ -467,14 +474,10 @@ pub fn tables(runs: &[ClaimRun]) -> String {
             let drop = sid.iter().map(|r| r.worst_acc_drop()).fold(0.0, f64::max);
             let _ = writeln!(
                 s,
-                "| {l} | {} | {} | {} (mean {:+.2}) | {} | {mono}/{} | {rise:.4} | {acc_mono}/{} | {drop:.2} |",
+                "| {l} | {} | {} | {} | {} | {mono}/{} | {rise:.4} | {acc_mono}/{} | {drop:.2} |",
                 pm(&a, 2),
                 pm(&b, 2),
-                d.iter()
-                    .map(|x| format!("{x:+.2}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                mean_sd(&d).0,
+                by_seed(&d),
                 verdict(&a, &b),
                 sid.len(),
                 sid.len()
@@ -559,17 +562,7 @@ pub fn tables(runs: &[ClaimRun]) -> String {
                 ("–".to_string(), "–".to_string())
             } else {
                 let d = paired(&alpha_runs(runs, a), &half_runs);
-                (
-                    verdict(&half, &v).to_string(),
-                    format!(
-                        "{} (mean {:+.2})",
-                        d.iter()
-                            .map(|x| format!("{x:+.2}"))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        mean_sd(&d).0
-                    ),
-                )
+                (verdict(&half, &v).to_string(), by_seed(&d))
             };
             let _ = writeln!(s, "| {a} | {} | {diff} | {better} |", pm(&v, 2));
         }
