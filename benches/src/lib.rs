@@ -4,6 +4,7 @@
 //! pixel values, and the benchmarks then need no data files.
 
 pub mod checkpoint_cost;
+pub mod claims;
 pub mod env_check;
 pub mod harness;
 pub mod pipeline;

@@ -8,6 +8,7 @@
 //!   bubble, and the pipeline model's prediction;
 //! - `sid-bench ranks`: staged SID in K processes (c10d) vs K threads vs one device;
 //! - `sid-bench checkpoint`: a training step's time without and with a checkpoint every step;
+//! - `sid-bench claims`: the tables and plots of docs/claims.md from benches/claims.sh's runs;
 //! - `sid-bench env`: what libtorch sees (CUDA, devices, streams).
 
 use clap::Parser;
@@ -31,6 +32,8 @@ enum Cli {
     Ranks(sid_benches::ranks::Args),
     /// A training step's time without and with a checkpoint every step.
     Checkpoint(sid_benches::checkpoint_cost::Args),
+    /// The tables and plots of docs/claims.md from the runs of benches/claims.sh.
+    Claims(sid_benches::claims::Args),
     /// What libtorch sees on this machine.
     Env(sid_benches::env_check::Args),
 }
@@ -43,6 +46,7 @@ fn main() {
         Cli::Pipeline(a) => sid_benches::pipeline::run(a),
         Cli::Ranks(a) => sid_benches::ranks::run(a),
         Cli::Checkpoint(a) => sid_benches::checkpoint_cost::run(a),
+        Cli::Claims(a) => sid_benches::claims::run(a),
         Cli::Env(a) => sid_benches::env_check::run(a),
     };
     if let Err(e) = result {
