@@ -436,7 +436,7 @@ impl Neck {
         let tokens = shape.len() == 2;
         let width = if tokens { shape[1] } else { shape[0] };
         Self {
-            norm: tokens.then(|| crate::init::layer_norm(p / "norm", width)),
+            norm: tokens.then(|| crate::init::vit_layer_norm(p / "norm", width)),
             fc: crate::init::linear(p / fc, width, feature_dim, init),
         }
     }
@@ -819,10 +819,10 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
             let w = VIT_WIDTH;
             let hidden = w * VIT_MLP_RATIO;
             Layer::Encoder(Box::new(EncoderBlock {
-                norm1: crate::init::layer_norm(&p / "norm1", w),
+                norm1: crate::init::vit_layer_norm(&p / "norm1", w),
                 qkv: crate::init::linear(&p / "qkv", w, 3 * w, init),
                 proj: crate::init::linear(&p / "proj", w, w, init),
-                norm2: crate::init::layer_norm(&p / "norm2", w),
+                norm2: crate::init::vit_layer_norm(&p / "norm2", w),
                 fc1: crate::init::linear(&p / "fc1", w, hidden, init),
                 fc2: crate::init::linear(&p / "fc2", hidden, w, init),
                 heads: VIT_HEADS,
