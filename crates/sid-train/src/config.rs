@@ -67,6 +67,12 @@ pub struct ModelSection {
     /// on one device). 1 = the paper's SID.
     #[arg(long, default_value_t = 1)]
     pub stages: usize,
+    /// Start the backbone from a reference model's weights: a safetensors file of
+    /// torchvision's resnet18 or vgg11_bn, or timm's vit_tiny_patch16_224 at the run's image
+    /// and patch size, under their own names (docs/interop.md). The neck and the belief
+    /// modules start fresh.
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub init_from: Option<PathBuf>,
 }
 
 /// `[data]`: which data, where it is, and how the training set is cut and changed.

@@ -10,6 +10,7 @@ pub mod devices;
 pub mod distributed;
 pub mod error;
 pub mod eval;
+pub mod interop;
 pub mod metrics;
 pub mod network;
 pub mod plan;
