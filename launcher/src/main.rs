@@ -1,6 +1,7 @@
 //! `sid-launch`: train with SID or backprop from the command line.
 
 mod args;
+mod export;
 mod launch;
 mod predict;
 mod progress;
@@ -200,6 +201,7 @@ fn run(cli: &args::Cli) -> Result<()> {
     match &cli.command {
         Some(args::Command::Eval(a)) => return eval(a),
         Some(args::Command::Predict(a)) => return predict::run(a),
+        Some(args::Command::Export(a)) => return export::run(a),
         None => {}
     }
     let dist_env = sid_dist::DistEnv::from_env()?;
