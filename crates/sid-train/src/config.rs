@@ -197,6 +197,10 @@ pub struct RuntimeSection {
     /// Batch size for evaluation.
     #[arg(long, default_value_t = 1000, help_heading = RESUMABLE)]
     pub eval_batch_size: i64,
+    /// Write TensorBoard event files to DIR during the run: each step's train loss, and per
+    /// epoch every module's test accuracy, samples/s, peak memory and the learning rate.
+    #[arg(long, value_name = "DIR", help_heading = RESUMABLE)]
+    pub tensorboard: Option<PathBuf>,
     /// Also write the checkpoint every N training steps (with the position inside the epoch,
     /// so a resume from it equals the uninterrupted run), not only at the end of each epoch.
     #[arg(long, value_name = "N", help_heading = RESUMABLE)]
@@ -603,6 +607,7 @@ mod tests {
             c.runtime.placement = Some("p".into());
             c.runtime.cuda_graph = Some(false);
             c.runtime.checkpoint_every = Some(5);
+            c.runtime.tensorboard = Some("tb".into());
         });
         let keys = all.keys();
         for key in resume_may_change() {

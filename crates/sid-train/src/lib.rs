@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod network;
 pub mod plan;
 pub mod predict;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::RunConfig;
