@@ -3,8 +3,11 @@
 # each step is skipped when its result is already there.
 #   1. libtorch 2.11.0: pip's torch==2.11.0 in a project-local venv (.venv, about 4.6 GB),
 #      unless LIBTORCH is already set to a libtorch of your own;
-#   2. Debian's dataset-fashion-mnist (the data) and libgloo-dev (Gloo's headers, for the c10d
-#      backend), through apt-get: root or sudo;
+#      with torchvision 0.26, timm, safetensors and tensorboard beside it, which only the
+#      interop tests use (torchvision and timm models as references, TensorBoard's reader);
+#   2. Debian's dataset-fashion-mnist (the data), libgloo-dev (Gloo's headers, for the c10d
+#      backend) and protobuf-compiler (protoc, which the TensorBoard writer's build needs),
+#      through apt-get: root or sudo;
 #   3. cargo build --release -p sid-launch -p sid-benches (skipped with --no-build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +35,13 @@ else
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check torch==2.11.0
   fi
+  # The interop tests' references and readers (launcher/tests/interop.rs), at the versions
+  # that match torch 2.11 (torchvision 0.26 is built against it); pinned torch so that pip
+  # never replaces it.
+  if ! .venv/bin/python -W ignore -c 'import torchvision, timm, safetensors, tensorboard, sys; sys.exit(not torchvision.__version__.startswith("0.26."))' 2>/dev/null; then
+    echo "setup: installing torchvision 0.26, timm, safetensors and tensorboard into .venv (for the interop tests)"
+    .venv/bin/pip install --quiet --disable-pip-version-check torch==2.11.0 "torchvision==0.26.*" timm safetensors tensorboard
+  fi
   # CUDA headers (runtime + crt) for the small C++ shim that reads the CUDA allocator's peaks,
   # and CCCL's (nv/target), which ProcessGroupNCCL.hpp needs, for the c10d shim.
   if ! ls .venv/lib/python3*/site-packages/nvidia/cu13/include/nv/target >/dev/null 2>&1; then
@@ -49,6 +59,7 @@ fi
 packages=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || packages+=(dataset-fashion-mnist)
 [ -f /usr/include/gloo/config.h ] || packages+=(libgloo-dev)
+command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
 if [ ${#packages[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${packages[*]}"
   sudo=""

@@ -85,6 +85,20 @@ pub enum Command {
     /// Classify image files (PNG / JPEG) with a saved run: prints, per file, the predicted
     /// class, its probability and the module of the cascade the image left at.
     Predict(PredictArgs),
+    /// Write a saved run's trained network to a safetensors file: the backbone under the
+    /// reference implementation's names (torchvision resnet18 / vgg11_bn, timm ViT), the
+    /// necks and belief modules under sid.*; python/sid_model.py loads it.
+    Export(ExportArgs),
+}
+
+/// Flags of `sid-launch export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The run directory (its config.toml, input.json and checkpoint.safetensors).
+    pub run_dir: PathBuf,
+    /// The file to write.
+    #[arg(value_name = "OUT.safetensors")]
+    pub out: PathBuf,
 }
 
 /// Flags of `sid-launch predict`.

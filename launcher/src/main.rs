@@ -1,6 +1,7 @@
 //! `sid-launch`: train with SID or backprop from the command line.
 
 mod args;
+mod export;
 mod launch;
 mod predict;
 mod progress;
@@ -200,6 +201,7 @@ fn run(cli: &args::Cli) -> Result<()> {
     match &cli.command {
         Some(args::Command::Eval(a)) => return eval(a),
         Some(args::Command::Predict(a)) => return predict::run(a),
+        Some(args::Command::Export(a)) => return export::run(a),
         None => {}
     }
     let dist_env = sid_dist::DistEnv::from_env()?;
@@ -347,7 +349,27 @@ fn run(cli: &args::Cli) -> Result<()> {
             .with_step_log(&path)
             .with_context(|| format!("--log-steps: cannot write {}", path.display()))?;
     }
-    let result = run.train(&stop, &mut |e| reporter.on_event(e));
+    let mut tensorboard = match &cfg.runtime.tensorboard {
+        Some(dir) => Some(
+            sid_train::tensorboard::TensorBoard::create(dir, cfg.optim.lr)
+                .with_context(|| format!("--tensorboard {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let mut tensorboard_failed = None;
+    let result = run.train(&stop, &mut |e| {
+        if let Some(tb) = tensorboard.as_mut() {
+            // A full disk or a removed folder stops the event files, not the run.
+            if let Err(err) = tb.on_event(&e) {
+                tensorboard_failed = Some(err);
+                tensorboard = None;
+            }
+        }
+        reporter.on_event(e)
+    });
+    if let Some(err) = tensorboard_failed {
+        eprintln!("warning: TensorBoard event files stopped: {err}");
+    }
     let telemetry = sampler.map(|s| s.stop());
     let summary = result?;
     println!(

@@ -19,6 +19,9 @@ pub enum CoreError {
     /// A checkpoint does not match the network it is loaded into.
     #[error("checkpoint does not match the model: {0}")]
     StateMismatch(String),
+    /// Reference weights (torchvision / timm names) do not fit the backbone.
+    #[error("{0}")]
+    Reference(String),
     /// A CUDA graph could not be captured or replayed.
     #[error("CUDA graph: {0}")]
     Graph(String),

@@ -210,7 +210,7 @@ const RESNET18: [(i64, usize); 4] = [(64, 2), (128, 2), (256, 2), (512, 2)];
 pub const VIT_WIDTH: i64 = 192;
 const VIT_DEPTH: usize = 12;
 const VIT_HEADS: i64 = 3;
-const VIT_MLP_RATIO: i64 = 4;
+pub(crate) const VIT_MLP_RATIO: i64 = 4;
 
 /// Inputs up to this side get ResNet's CIFAR stem (3×3, stride 1, no max-pool); larger ones
 /// the ImageNet stem (7×7 stride 2, then a 3×3 stride-2 max-pool).
@@ -233,7 +233,7 @@ pub fn vit_patch(image_size: i64) -> i64 {
 /// A max-pool after a convolution: 2×2 stride 2 (VGG, SimpleCNN), or ResNet's 3×3 stride 2
 /// with padding 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct MaxPool(ConvShape);
+pub(crate) struct MaxPool(ConvShape);
 
 impl MaxPool {
     const TWO: Self = Self(ConvShape::new(2, 2, 0));
@@ -436,7 +436,7 @@ impl Neck {
         let tokens = shape.len() == 2;
         let width = if tokens { shape[1] } else { shape[0] };
         Self {
-            norm: tokens.then(|| crate::init::layer_norm(p / "norm", width)),
+            norm: tokens.then(|| crate::init::vit_layer_norm(p / "norm", width)),
             fc: crate::init::linear(p / fc, width, feature_dim, init),
         }
     }
@@ -458,7 +458,7 @@ impl Module for Neck {
 
 /// What one block is, before it is built: the layer sizes its parameters follow from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Spec {
+pub(crate) enum Spec {
     Conv {
         cin: i64,
         cout: i64,
@@ -532,7 +532,7 @@ impl Spec {
 }
 
 /// Every block of `cfg`'s backbone with its variable path and per-sample output shape.
-fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
+pub(crate) fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
     let mut out = Vec::new();
     let side = cfg.image_size;
     match cfg.extractor {
@@ -819,10 +819,10 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
             let w = VIT_WIDTH;
             let hidden = w * VIT_MLP_RATIO;
             Layer::Encoder(Box::new(EncoderBlock {
-                norm1: crate::init::layer_norm(&p / "norm1", w),
+                norm1: crate::init::vit_layer_norm(&p / "norm1", w),
                 qkv: crate::init::linear(&p / "qkv", w, 3 * w, init),
                 proj: crate::init::linear(&p / "proj", w, w, init),
-                norm2: crate::init::layer_norm(&p / "norm2", w),
+                norm2: crate::init::vit_layer_norm(&p / "norm2", w),
                 fc1: crate::init::linear(&p / "fc1", w, hidden, init),
                 fc2: crate::init::linear(&p / "fc2", hidden, w, init),
                 heads: VIT_HEADS,
@@ -855,6 +855,13 @@ impl Extractor {
         let blocks = net.build_blocks(|_| p.clone())?;
         let head = net.build_head(p, &blocks);
         Ok(Self { blocks, head })
+    }
+
+    /// The last block's output, before the head: what a reference implementation's feature
+    /// extractor gives (torchvision's `features` / `layer4`, timm's blocks), for comparing
+    /// the two.
+    pub fn features_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        forward_blocks(&self.blocks, xs, train)
     }
 }
 

@@ -132,6 +132,17 @@ pub fn layer_norm(p: nn::Path, width: i64) -> nn::LayerNorm {
     nn::layer_norm(p, vec![width], Default::default())
 }
 
+/// ViT's LayerNorm under `p`: weight 1, bias 0, ε = 1e-6, as timm's and torchvision's
+/// `VisionTransformer` build theirs (`partial(nn.LayerNorm, eps=1e-6)`), so reference weights
+/// compute the reference's values.
+pub fn vit_layer_norm(p: nn::Path, width: i64) -> nn::LayerNorm {
+    let c = nn::LayerNormConfig {
+        eps: 1e-6,
+        ..Default::default()
+    };
+    nn::layer_norm(p, vec![width], c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

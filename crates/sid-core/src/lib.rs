@@ -52,6 +52,7 @@ pub mod precision;
 #[cfg(test)]
 mod reference;
 pub mod stage;
+pub mod torch_names;
 pub mod unit;
 
 pub use adam::Adam;

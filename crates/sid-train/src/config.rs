@@ -67,6 +67,12 @@ pub struct ModelSection {
     /// on one device). 1 = the paper's SID.
     #[arg(long, default_value_t = 1)]
     pub stages: usize,
+    /// Start the backbone from a reference model's weights: a safetensors file of
+    /// torchvision's resnet18 or vgg11_bn, or timm's vit_tiny_patch16_224 at the run's image
+    /// and patch size, under their own names (docs/interop.md). The neck and the belief
+    /// modules start fresh.
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub init_from: Option<PathBuf>,
 }
 
 /// `[data]`: which data, where it is, and how the training set is cut and changed.
@@ -191,6 +197,10 @@ pub struct RuntimeSection {
     /// Batch size for evaluation.
     #[arg(long, default_value_t = 1000, help_heading = RESUMABLE)]
     pub eval_batch_size: i64,
+    /// Write TensorBoard event files to DIR during the run: each step's train loss, and per
+    /// epoch every module's test accuracy, samples/s, peak memory and the learning rate.
+    #[arg(long, value_name = "DIR", help_heading = RESUMABLE)]
+    pub tensorboard: Option<PathBuf>,
     /// Also write the checkpoint every N training steps (with the position inside the epoch,
     /// so a resume from it equals the uninterrupted run), not only at the end of each epoch.
     #[arg(long, value_name = "N", help_heading = RESUMABLE)]
@@ -597,6 +607,7 @@ mod tests {
             c.runtime.placement = Some("p".into());
             c.runtime.cuda_graph = Some(false);
             c.runtime.checkpoint_every = Some(5);
+            c.runtime.tensorboard = Some("tb".into());
         });
         let keys = all.keys();
         for key in resume_may_change() {

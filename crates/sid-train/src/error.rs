@@ -39,6 +39,14 @@ pub enum TrainError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A weights file (`--init-from`, an export) is unreadable or does not fit the model.
+    #[error("{path}: {reason}")]
+    Weights {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The run was asked to stop; a checkpoint was written first.
     #[error(
         "interrupted during epoch {epoch} after step {step}; checkpoint saved to {checkpoint}"

@@ -10,10 +10,12 @@ pub mod devices;
 pub mod distributed;
 pub mod error;
 pub mod eval;
+pub mod interop;
 pub mod metrics;
 pub mod network;
 pub mod plan;
 pub mod predict;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::RunConfig;

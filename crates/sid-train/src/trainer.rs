@@ -176,7 +176,8 @@ impl Run {
         let data = load_data(&cfg)?;
         cfg.data.loaded_shape = Some(data.shape);
         let plan = resolve_plan(&cfg, &devices, rdv)?;
-        let built = build_network(&cfg, &plan, rdv)?;
+        let mut built = build_network(&cfg, &plan, rdv)?;
+        let init = crate::interop::init_from(&cfg, built.net.as_mut())?;
         let data = data_on_input_device(data, built.net.as_ref());
         // Save what was resolved, not what was left to defaults.
         cfg.runtime.placement = plan.placement();
@@ -197,7 +198,7 @@ impl Run {
             notes: built.notes,
             plan,
             position,
-            notices: Vec::new(),
+            notices: init.into_iter().collect(),
             saving: None,
         })
     }
