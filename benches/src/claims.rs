@@ -4,11 +4,15 @@
 //! over seeds, and a verdict by the rule below), and writes them with their plots into `--out`:
 //! `claims-tables.md`, `claims-runs.csv` (one row per run) and `claims-*.svg`.
 //!
-//! Verdict rule (two groups of seeds, A claimed better than B): **holds** when mean(A) − sd(A)
-//! > mean(B) + sd(B), **does not hold here** when mean(A) + sd(A) < mean(B) − sd(B), else
-//! **inconclusive** (the difference is inside the seed spread).
+//! Verdict rule (two groups of seeds, A claimed better than B): **holds** when
+//! mean(A) − sd(A) > mean(B) + sd(B), **does not hold here** when
+//! mean(A) + sd(A) < mean(B) − sd(B), else **inconclusive** (the difference is inside the
+//! seed spread).
 
 use std::fmt::Write as _;
+
+/// A plot's named series of (x, mean, sd) points.
+type Series = (String, Vec<(f64, f64, f64)>);
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -640,7 +644,7 @@ pub fn error_bar_plot(
     title: &str,
     x_label: &str,
     y_label: &str,
-    series: &[(String, Vec<(f64, f64, f64)>)],
+    series: &[Series],
 ) -> Result<()> {
     let pts: Vec<(f64, f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
     if pts.is_empty() {
@@ -761,7 +765,7 @@ pub fn plots(runs: &[ClaimRun], out: &Path) -> Result<Vec<PathBuf>> {
         let Some(epochs) = runs.iter().find(|r| r.claim == claim).map(|r| r.epochs) else {
             continue;
         };
-        let series: Vec<(String, Vec<(f64, f64, f64)>)> = ["sid", "bp"]
+        let series: Vec<Series> = ["sid", "bp"]
             .iter()
             .map(|m| {
                 (
@@ -808,7 +812,7 @@ pub fn plots(runs: &[ClaimRun], out: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     if runs.iter().any(|r| r.claim == "depth") {
-        let series: Vec<(String, Vec<(f64, f64, f64)>)> = ["sid", "bp"]
+        let series: Vec<Series> = ["sid", "bp"]
             .iter()
             .map(|m| {
                 (
@@ -878,11 +882,12 @@ pub fn plots(runs: &[ClaimRun], out: &Path) -> Result<Vec<PathBuf>> {
         )?;
         written.push(p);
 
-        let kinds: [(&str, fn(&ClaimRun) -> Option<f64>); 2] = [
+        type Figure = fn(&ClaimRun) -> Option<f64>;
+        let kinds: [(&str, Figure); 2] = [
             ("epoch 1's training steps", ClaimRun::train_growth_mib),
             ("whole run, evaluation included", ClaimRun::growth_mib),
         ];
-        let mut mem: Vec<(String, Vec<(f64, f64, f64)>)> = Vec::new();
+        let mut mem: Vec<Series> = Vec::new();
         for (kind, f) in kinds {
             for m in ["sid", "bp"] {
                 let mut ls: Vec<usize> = runs

@@ -717,9 +717,9 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
     let mut threads = Vec::with_capacity(k);
     // A gradient channel from each stage whose backward sends one to the stage that takes it.
-    let mut grads_in: Vec<Vec<(usize, Receiver<(Tag, Tensor)>)>> =
-        (0..k).map(|_| Vec::new()).collect();
-    let mut grads_out: Vec<Option<(usize, Sender<(Tag, Tensor)>)>> = (0..k)
+    type Grad = (Tag, Tensor);
+    let mut grads_in: Vec<Vec<(usize, Receiver<Grad>)>> = (0..k).map(|_| Vec::new()).collect();
+    let mut grads_out: Vec<Option<(usize, Sender<Grad>)>> = (0..k)
         .map(|s| {
             let to = cfg.method.grad_target(s)?;
             let (tx, rx) = crossbeam_channel::bounded(cap);
