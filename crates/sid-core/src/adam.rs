@@ -15,7 +15,8 @@ use crate::{CoreError, Result};
 /// Adam over a fixed set of named parameters.
 #[derive(Debug)]
 pub struct Adam {
-    lr: f64,
+    /// Each parameter's learning rate, in `params`' order.
+    lrs: Vec<f64>,
     beta1: f64,
     beta2: f64,
     eps: f64,
@@ -68,7 +69,7 @@ impl Adam {
         let exp_avg = params.iter().map(zeros).collect();
         let exp_avg_sq = params.iter().map(zeros).collect();
         Self {
-            lr,
+            lrs: vec![lr; params.len()],
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -102,6 +103,16 @@ impl Adam {
                 .collect(),
             lr,
         )
+    }
+
+    /// Gives the parameters whose names `pick` chooses the learning rate `lr` (a backbone's,
+    /// for fine-tuning it slower than the rest).
+    pub fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
+        for ((name, _), l) in self.params.iter().zip(&mut self.lrs) {
+            if pick(name) {
+                *l = lr;
+            }
+        }
     }
 
     /// Moves the moment estimates to `device`. The parameters are shallow clones of VarStore
@@ -161,28 +172,48 @@ impl Adam {
 
     #[cfg(sid_fused_adam)]
     fn fused_step(&mut self) -> std::result::Result<(), String> {
+        let Some(first) = self.params.first() else {
+            return Ok(());
+        };
+        let device = first.1.device();
+        let done = self.step - 1;
+        let step_t = self
+            .step_t
+            .get_or_insert_with(|| Tensor::full([], done as f64, (Kind::Float, device)));
+        let _ = step_t.g_add_scalar_(1.0);
+        // One kernel call per learning rate (one, unless a backbone has its own).
+        let mut lrs: Vec<f64> = Vec::new();
+        for &l in &self.lrs {
+            if !lrs.contains(&l) {
+                lrs.push(l);
+            }
+        }
+        for lr in lrs {
+            self.fused_group(lr)?;
+        }
+        Ok(())
+    }
+
+    /// The fused kernel on the parameters whose learning rate is `lr`.
+    #[cfg(sid_fused_adam)]
+    fn fused_group(&self, lr: f64) -> std::result::Result<(), String> {
         let mut params = Vec::with_capacity(self.params.len());
         let mut grads = Vec::with_capacity(self.params.len());
         let mut ms = Vec::with_capacity(self.params.len());
         let mut vs = Vec::with_capacity(self.params.len());
         for (i, (_, p)) in self.params.iter().enumerate() {
             let g = p.grad();
-            if g.defined() {
+            if g.defined() && self.lrs[i] == lr {
                 params.push(p);
                 grads.push(g);
                 ms.push(&self.exp_avg[i]);
                 vs.push(&self.exp_avg_sq[i]);
             }
         }
-        let Some(first) = params.first() else {
+        if params.is_empty() {
             return Ok(());
-        };
-        let device = first.device();
-        let done = self.step - 1;
-        let step_t = self
-            .step_t
-            .get_or_insert_with(|| Tensor::full([], done as f64, (Kind::Float, device)));
-        let _ = step_t.g_add_scalar_(1.0);
+        }
+        let step_t = self.step_t.as_ref().expect("made by fused_step");
         let ptrs = |ts: &[&Tensor]| ts.iter().map(|t| t.as_ptr()).collect::<Vec<_>>();
         let grad_refs: Vec<&Tensor> = grads.iter().collect();
         let (p, g, m, v) = (ptrs(&params), ptrs(&grad_refs), ptrs(&ms), ptrs(&vs));
@@ -197,7 +228,7 @@ impl Adam {
                 v.as_ptr(),
                 step_t.as_ptr(),
                 p.len(),
-                self.lr,
+                lr,
                 self.beta1,
                 self.beta2,
                 self.eps,
@@ -218,7 +249,6 @@ impl Adam {
     fn ops_step(&mut self) {
         let bias1 = 1.0 - self.beta1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - self.beta2.powi(self.step as i32)).sqrt();
-        let step_size = self.lr / bias1;
         // In-place ops with two temporaries per parameter: a step is memory-bound, and every
         // extra temporary of a wide layer costs an allocation and a pass over its bytes.
         tch::no_grad(|| {
@@ -236,6 +266,7 @@ impl Adam {
                 let mut denom = v.sqrt();
                 let _ = denom.g_div_scalar_(bias2_sqrt);
                 let _ = denom.g_add_scalar_(self.eps);
+                let step_size = self.lrs[i] / bias1;
                 let _ = denom.g_mul_scalar_(-1.0 / step_size);
                 let _ = p.addcdiv_(m, &denom);
             }
@@ -315,6 +346,44 @@ mod tests {
             (v[0] - 0.8).abs() < 1e-5 && (v[1] + 1.8).abs() < 1e-5,
             "{v:?}"
         );
+    }
+
+    /// A group with a learning rate of its own steps exactly as an Adam of its own would,
+    /// with either kernel; 0 freezes it.
+    #[test]
+    fn parameters_with_their_own_learning_rate_step_as_their_own_adam() {
+        for fused in [true, false] {
+            let w = || Tensor::from_slice(&[1.0f32, -2.0, 0.5]).set_requires_grad(true);
+            let (a, b, c) = (w(), w(), w());
+            let named = |t: &Tensor, n: &str| (n.to_string(), t.shallow_clone());
+            let mut both = Adam::new(vec![named(&a, "extractor.a"), named(&b, "head.b")], 0.1);
+            both.set_lr_where(0.01, &|n| n.starts_with("extractor."));
+            let mut alone = Adam::new(vec![named(&c, "c")], 0.01);
+            let (frozen_w, mut frozen) = (w(), None);
+            for opt in [&mut both, &mut alone] {
+                opt.set_fused(fused);
+            }
+            for step in 0..3 {
+                for (t, opt) in [(&a, &mut both), (&c, &mut alone)] {
+                    opt.zero_grad();
+                    let g = Tensor::from_slice(&[3.0f32, -0.5, step as f32]);
+                    (t * &g).sum(Kind::Float).backward();
+                    if t.data_ptr() == a.data_ptr() {
+                        (&b * &g).sum(Kind::Float).backward();
+                    }
+                    opt.step();
+                }
+            }
+            assert!(a.equal(&c), "fused {fused}: {a} vs {c}");
+            assert!(!b.equal(&a), "the rest keeps lr 0.1");
+            let mut zero = Adam::new(vec![named(&frozen_w, "extractor.f")], 0.1);
+            zero.set_lr_where(0.0, &|_| true);
+            zero.set_fused(fused);
+            (&frozen_w * 2.0).sum(Kind::Float).backward();
+            zero.step();
+            frozen.get_or_insert(frozen_w.detach());
+            assert!(frozen.unwrap().equal(&w().detach()), "lr 0 freezes");
+        }
     }
 
     #[test]

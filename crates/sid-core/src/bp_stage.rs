@@ -443,6 +443,10 @@ impl Unit for BpStage {
         self.opt.load_state(&self.adam_prefix, named)
     }
 
+    fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
+        self.opt.set_lr_where(lr, pick);
+    }
+
     fn to_device(&mut self, device: Device) {
         self.vs.set_device(device);
         self.opt.to_device(device);

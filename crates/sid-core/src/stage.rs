@@ -663,6 +663,10 @@ impl Unit for Stage {
         Ok(())
     }
 
+    fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
+        self.opt.set_lr_where(lr, pick);
+    }
+
     fn to_device(&mut self, device: Device) {
         self.vs.set_device(device);
         self.opt.to_device(device);

@@ -319,6 +319,11 @@ impl ExtractorUnit {
         })
     }
 
+    /// Gives the parameters whose names `pick` chooses the learning rate `lr`.
+    pub fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
+        self.opt.set_lr_where(lr, pick);
+    }
+
     /// Backpropagates `grad_z` through `z` (the graph of [`ExtractorUnit::forward`]) into the
     /// extractor's gradients, which add up over a step's micro-batches until
     /// [`ExtractorUnit::apply`].
@@ -449,6 +454,9 @@ pub trait Unit: Send {
     fn load_state(&mut self, named: &NamedTensors) -> Result<()>;
     /// Moves parameters and optimiser state to `device` (a stage's thread does this itself).
     fn to_device(&mut self, device: Device);
+    /// Gives the parameters whose names `pick` chooses the learning rate `lr` (the backbone's
+    /// blocks, `--backbone-lr`); a unit without backbone parameters ignores it.
+    fn set_lr_where(&mut self, _lr: f64, _pick: &dyn Fn(&str) -> bool) {}
     /// The staged-SID stage inside, which a CUDA graph can capture whole.
     fn as_stage_mut(&mut self) -> Option<&mut crate::Stage> {
         None

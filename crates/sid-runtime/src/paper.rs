@@ -263,6 +263,10 @@ impl Unit for PaperExtractor {
         self.unit.load_state(named)
     }
 
+    fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
+        self.unit.set_lr_where(lr, pick);
+    }
+
     fn to_device(&mut self, device: Device) {
         self.unit.to_device(device)
     }

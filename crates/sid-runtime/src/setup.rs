@@ -39,6 +39,9 @@ pub struct StagedConfig {
     pub loss: LossConfig,
     /// Adam learning rate.
     pub lr: f64,
+    /// The backbone's blocks' own learning rate (fine-tuning a pretrained backbone slower
+    /// than the necks, head and modules); `None`: `lr`.
+    pub backbone_lr: Option<f64>,
     /// One device (the stages run one after another in the caller's thread) or one per stage
     /// (a thread each; a device may be named several times). [`PipelineMethod::Paper`]: one
     /// per module block, the extractor on the first.
@@ -127,6 +130,7 @@ impl StagedConfig {
             backbone: None,
             loss: LossConfig::default(),
             lr: 1e-3,
+            backbone_lr: None,
             devices,
             plan,
             micro_batches: 1,
@@ -205,9 +209,19 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
         }
     };
     let stages = units.len();
+    let blocks: Vec<String> = net
+        .backbone
+        .block_names()
+        .iter()
+        .map(|b| format!("extractor.{b}."))
+        .collect();
+    let in_backbone = |name: &str| blocks.iter().any(|b| name.starts_with(b.as_str()));
     units
         .into_iter()
-        .map(|(unit, schedule)| {
+        .map(|(mut unit, schedule)| {
+            if let Some(lr) = cfg.backbone_lr {
+                unit.set_lr_where(lr, &in_backbone);
+            }
             let owner = (cfg.track_memory && cfg.ranks.is_none())
                 .then(sid_telemetry::AllocOwner::new)
                 .transpose()?;

@@ -194,3 +194,38 @@ fn graph_replay_equals_eager_steps_bit_for_bit() {
         assert!(a.equal(b), "{n} differs");
     }
 }
+
+/// `--backbone-lr 0` freezes the backbone's blocks, on one device (SID and BP) and in stages,
+/// while the head, the necks and the modules go on learning.
+#[test]
+fn a_backbone_learning_rate_of_zero_freezes_the_blocks_only() {
+    let _rng = rng_lock();
+    let data = batches(2);
+    let staged = |m: &ModelConfig| {
+        let plan = sid_core::StagePlan::even(m, 2).unwrap();
+        StagedConfig::new(m.clone(), vec![Device::Cpu], plan)
+    };
+    let configs = [
+        StagedConfig::single_device(model(), Device::Cpu, Method::Sid).unwrap(),
+        StagedConfig::single_device(model(), Device::Cpu, Method::Bp).unwrap(),
+        staged(&model()),
+    ];
+    for mut cfg in configs {
+        cfg.backbone_lr = Some(0.0);
+        tch::manual_seed(3);
+        let mut net = StagedPipeline::new(cfg).unwrap();
+        let before = weights(&mut net);
+        for (x, y) in &data {
+            net.train_step(x, y).unwrap();
+        }
+        let after = weights(&mut net);
+        let blocks: Vec<String> = sid_core::Backbone::block_names(&model())
+            .iter()
+            .map(|b| format!("extractor.{b}."))
+            .collect();
+        for ((n, t), (_, u)) in before.iter().zip(&after) {
+            let block = blocks.iter().any(|b| n.starts_with(b.as_str()));
+            assert_eq!(t.equal(u), block, "{n}: frozen only if a block's");
+        }
+    }
+}

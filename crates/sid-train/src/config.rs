@@ -135,6 +135,11 @@ pub struct OptimSection {
     /// Adam learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// The backbone's own learning rate (its blocks; not the necks, head or modules), to
+    /// fine-tune a pretrained backbone (--init-from) slower than the rest; 0 freezes it
+    /// [default: --lr].
+    #[arg(long, value_name = "LR")]
+    pub backbone_lr: Option<f64>,
     /// Seed for initialisation, data order, augmentation and label noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -495,6 +500,12 @@ impl RunConfig {
         }
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
             return bad(format!("lr must be positive, got {}", self.optim.lr));
+        }
+        if matches!(self.optim.backbone_lr, Some(l) if !(l >= 0.0 && l.is_finite())) {
+            return bad(format!(
+                "backbone-lr must be 0 (frozen) or positive, got {}",
+                self.optim.backbone_lr.unwrap_or_default()
+            ));
         }
         if !(0.0..=1.0).contains(&self.data.label_noise) {
             return bad(format!(
@@ -871,5 +882,14 @@ cuda_graph = false
         assert!(c.validate().unwrap_err().to_string().contains("alpha"));
         let c = with(|c| c.data.val_split = 1.0);
         assert!(c.validate().unwrap_err().to_string().contains("val split"));
+        let c = with(|c| c.optim.backbone_lr = Some(-1e-4));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("backbone-lr"));
+        with(|c| c.optim.backbone_lr = Some(0.0))
+            .validate()
+            .unwrap();
     }
 }

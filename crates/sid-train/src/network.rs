@@ -32,6 +32,7 @@ fn staged_config(
     let mut sc = sid_runtime::StagedConfig::new(cfg.model_config(), devices, cut);
     sc.loss = cfg.loss_config();
     sc.lr = cfg.optim.lr;
+    sc.backbone_lr = cfg.optim.backbone_lr;
     sc.micro_batches = plan.micro_batches;
     if plan.method == Method::Bp {
         // Backprop's modules all read the final features: they sit on the last stage.
