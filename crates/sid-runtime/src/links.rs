@@ -162,7 +162,10 @@ fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<An
     let bad = |what: String| format!("rank {src} sent a malformed frame: {what}");
     let kind = h[0];
     let (allowed, link): (&[i64], &str) = match e.tag {
-        DOWN => (&[STOP, TRAIN, EVAL, STATE, LOAD], "messages down the pipeline"),
+        DOWN => (
+            &[STOP, TRAIN, EVAL, STATE, LOAD],
+            "messages down the pipeline",
+        ),
         REPORTS => (
             &[STOP, LOSSES, LOGITS, STATE_REPORT, LOADED, FAILED],
             "reports",
@@ -252,20 +255,17 @@ fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<An
             gpu: code >= DIRECT,
         });
     }
-    // Shapes: a batch's tensors agree on its size; beliefs have one column per class.
+    // Shapes: a batch's tensors agree on its size; beliefs have one column per class (a
+    // backprop stage passes none: an empty tensor).
     let shape = |i: usize| out[i].size.as_slice();
-    let belief = |i: usize, batch: i64| shape(i) == [batch, e.classes];
+    let belief = |i: usize, batch: i64| shape(i) == [batch, e.classes] || shape(i) == [0];
     let fits = match kind {
         TRAIN | EVAL => {
             let batch = shape(0).first().copied();
-            batch.is_some_and(|b| {
-                belief(1, b) && (kind == EVAL || shape(2) == [b])
-            })
+            batch.is_some_and(|b| belief(1, b) && (kind == EVAL || shape(2) == [b]))
         }
         LOAD | STATE_REPORT | FAILED | LOSSES => shape(0).len() == 1,
-        LOGITS if n == 1 => {
-            shape(0).len() == 3 && shape(0)[0] == h[3] && shape(0)[2] == e.classes
-        }
+        LOGITS if n == 1 => shape(0).len() == 3 && shape(0)[0] == h[3] && shape(0)[2] == e.classes,
         GRAD => !shape(0).is_empty(),
         _ => true,
     };
