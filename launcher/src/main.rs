@@ -109,11 +109,23 @@ fn main() -> ExitCode {
             if let Some(path) = std::env::var_os(launch::FAILURE_FILE_VAR) {
                 let _ = std::fs::write(path, &line);
             }
-            if restartable(&e) {
-                ExitCode::FAILURE
+            let code = if restartable(&e) {
+                1
             } else {
-                ExitCode::from(launch::EXIT_NOT_RESTARTABLE)
+                launch::EXIT_NOT_RESTARTABLE
+            };
+            if std::env::var_os("RANK").is_some() {
+                // A rank's link threads may still be blocked in Gloo: exit's C++ static
+                // destructors would tear libtorch down under them (seen: a segfault after the
+                // error line, which a launcher then reports as a crash). Files are only ever
+                // replaced atomically and the error is written.
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                let _ = std::io::stderr().flush();
+                // SAFETY: _exit only ends the process.
+                unsafe { libc::_exit(i32::from(code)) }
             }
+            ExitCode::from(code)
         }
     }
 }
