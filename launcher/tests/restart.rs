@@ -121,7 +121,10 @@ fn tensors(path: &Path) -> BTreeMap<String, (String, Vec<u8>)> {
         .filter(|(k, _)| *k != "__metadata__")
         .map(|(k, v)| {
             let o = v["data_offsets"].as_array().unwrap();
-            let (a, b) = (o[0].as_u64().unwrap() as usize, o[1].as_u64().unwrap() as usize);
+            let (a, b) = (
+                o[0].as_u64().unwrap() as usize,
+                o[1].as_u64().unwrap() as usize,
+            );
             let desc = format!("{} {}", v["dtype"], v["shape"]);
             (k.clone(), (desc, data[a..b].to_vec()))
         })
@@ -136,10 +139,7 @@ fn assert_same_bits(a: &Path, b: &Path) {
         tensors(&b.join("checkpoint.safetensors")),
     );
     assert!(ta.len() > 10, "{} tensors", ta.len());
-    assert_eq!(
-        ta.keys().collect::<Vec<_>>(),
-        tb.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
     for (name, x) in &ta {
         assert!(x == &tb[name], "{name} differs");
     }
@@ -495,4 +495,52 @@ fn when_a_rank_fails_its_siblings_are_stopped_within_seconds() {
             assert!(last.contains("the same failure came back"), "{last}");
         }
     }
+}
+
+/// torchrun itself restarts (its `--max-restarts`): the ranks it starts again see
+/// `TORCHELASTIC_RESTART_COUNT` and resume from the newest checkpoint on their own, through the
+/// agent's store, which still holds the first try's keys. Where `.venv/bin/torchrun` is
+/// missing this fails, saying so, unless `SID_SKIP_TORCHRUN=1` asks to skip it.
+#[test]
+fn under_torchrun_restarted_ranks_resume_on_their_own() {
+    let torchrun = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/torchrun");
+    if !torchrun.exists() {
+        let skip = std::env::var("SID_SKIP_TORCHRUN").is_ok_and(|v| v == "1");
+        assert!(
+            skip,
+            ".venv/bin/torchrun is missing (scripts/setup.sh --no-build makes it); SID_SKIP_TORCHRUN=1 skips this test"
+        );
+        eprintln!("skipped: no .venv/bin/torchrun (SID_SKIP_TORCHRUN=1)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar");
+    let straight = tmp.path().join("straight");
+    let port = free_port();
+    ok(&staged(
+        &data,
+        &straight,
+        &["--nproc-per-node", "2", "--master-port", &port],
+    ));
+    let run = tmp.path().join("torchrun");
+    let mut cmd = Command::new(&torchrun);
+    cmd.args([
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "2",
+        "--master-port",
+        &free_port(),
+        "--no-python",
+        BIN,
+    ])
+    .args(staged(&data, &run, &["--inject-fault", "1:12:kill@0"]))
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let out = wait(cmd.spawn().unwrap(), Duration::from_secs(240));
+    let e = stderr(&out);
+    assert!(out.status.success(), "{e}");
+    // The second try resumed from the checkpoint after step 10.
+    assert!(e.contains("epoch 1/1: resuming at step 10/20"), "{e}");
+    assert_same_bits(&straight, &run);
 }
