@@ -430,6 +430,7 @@ fn a_full_disk_while_saving_is_one_error_and_keeps_the_previous_checkpoint() {
         assert!(!out.status.success(), "{e}");
         assert!(!e.contains("panicked"), "{e}");
         let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+        assert!(!errors.is_empty(), "no error line:\n{e}");
         assert!(
             errors[0].contains("checkpoint.tmp") && errors[0].contains("File too large"),
             "{e}"
