@@ -159,6 +159,27 @@ fn assert_same_bits(a: &Path, b: &Path) {
     }
 }
 
+/// The uninterrupted two-rank run the two-rank tests compare with: one for the whole test
+/// binary, kept under cargo's `target/tmp` (the tests' own folders go when each test ends).
+fn straight_two_ranks() -> &'static Path {
+    static RUN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("restart-straight-")
+            .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .unwrap()
+            .keep();
+        let run = dir.join("straight");
+        let port = free_port();
+        ok(&staged(
+            &dir.join("cifar"),
+            &run,
+            &["--nproc-per-node", "2", "--master-port", &port],
+        ));
+        run
+    })
+}
+
 /// A seed for the random steps, printed, from SID_CHAOS_SEED or the clock.
 fn chaos_seed() -> u64 {
     let seed = std::env::var("SID_CHAOS_SEED")
@@ -200,8 +221,7 @@ fn two_ranks_killed_at_two_random_steps_restart_to_the_uninterrupted_result() {
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
-    let straight = tmp.path().join("straight");
-    ok(&ranks(&straight, &[]));
+    let straight = straight_two_ranks();
     let mut rng = chaos_seed();
     // Steps count from each start. The first kill leaves at least the steps after it to the
     // second try, which resumes at or before it.
@@ -226,7 +246,7 @@ fn two_ranks_killed_at_two_random_steps_restart_to_the_uninterrupted_result() {
     }
     assert!(restarts[0].starts_with("restart 1 of 3"), "{e}");
     assert!(e.contains("all 2 ranks on this node finished"), "{e}");
-    assert_same_bits(&straight, &chaos);
+    assert_same_bits(straight, &chaos);
 }
 
 /// The pid of `parent`'s only child process.
@@ -516,13 +536,7 @@ fn under_torchrun_restarted_ranks_resume_on_their_own() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("cifar");
-    let straight = tmp.path().join("straight");
-    let port = free_port();
-    ok(&staged(
-        &data,
-        &straight,
-        &["--nproc-per-node", "2", "--master-port", &port],
-    ));
+    let straight = straight_two_ranks();
     let run = tmp.path().join("torchrun");
     let mut cmd = Command::new(&torchrun);
     cmd.args([
@@ -543,5 +557,48 @@ fn under_torchrun_restarted_ranks_resume_on_their_own() {
     assert!(out.status.success(), "{e}");
     // The second try resumed from the checkpoint after step 10.
     assert!(e.contains("epoch 1/1: resuming at step 10/20"), "{e}");
-    assert_same_bits(&straight, &run);
+    assert_same_bits(straight, &run);
+}
+
+/// A rank that hangs: rank 0 gives up after `--step-timeout`, the launcher stops the hung rank
+/// and restarts both, which resume and end with the uninterrupted result.
+#[test]
+fn a_hung_rank_is_restarted_after_the_step_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cifar");
+    let ranks = |run: &Path, extra: &[&str]| {
+        let port = free_port();
+        // 12 s: the healthy steps and the rendezvous of two processes on a loaded machine
+        // stay well within it.
+        let mut v = staged(
+            &data,
+            run,
+            &[
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                &port,
+                "--step-timeout",
+                "12",
+            ],
+        );
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let straight = straight_two_ranks();
+    let run = tmp.path().join("hung");
+    let out = ok(&ranks(
+        &run,
+        &["--max-restarts", "1", "--inject-fault", "1:7:hang@0"],
+    ));
+    let e = stderr(&out);
+    let restart = e
+        .lines()
+        .find(|l| l.starts_with("restart 1 of 1"))
+        .unwrap_or_else(|| panic!("{e}"));
+    assert!(
+        restart.contains("waited 12 s") && restart.contains("step 5 of it"),
+        "{restart}"
+    );
+    assert_same_bits(straight, &run);
 }
