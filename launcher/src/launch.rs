@@ -36,6 +36,24 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// After SIGTERM, how long before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
+/// The ranks failed (and were not, or no longer, restarted): whether a restart of the whole
+/// launch could get past it decides the launcher's own exit code (1, or
+/// [`EXIT_NOT_RESTARTABLE`]).
+#[derive(Debug)]
+pub struct Failed {
+    message: String,
+    /// Whether a restart may get past it.
+    pub restartable: bool,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failed {}
+
 /// How the ranks ended.
 pub enum Outcome {
     /// Every rank exited 0.
@@ -247,24 +265,34 @@ fn supervise(
         } else {
             causes.join(", ")
         };
-        if interrupted.load(Ordering::SeqCst) {
-            bail!("{summary}");
-        }
-        if cli.max_restarts == 0 {
-            bail!("{summary}");
-        }
         let own: Vec<&&Exit> = failed.iter().filter(|e| e.failed_itself()).collect();
-        if own
+        let fatal = own
             .iter()
-            .any(|e| e.status.and_then(|s| s.code()) == Some(i32::from(EXIT_NOT_RESTARTABLE)))
-        {
-            bail!("{summary}; not restarted: a disk, setting, data or checkpoint error, which a restart cannot fix");
+            .any(|e| e.status.and_then(|s| s.code()) == Some(i32::from(EXIT_NOT_RESTARTABLE)));
+        let fail = |message: String, restartable: bool| -> anyhow::Error {
+            Failed {
+                message,
+                restartable,
+            }
+            .into()
+        };
+        if interrupted.load(Ordering::SeqCst) || cli.max_restarts == 0 {
+            return Err(fail(summary, !fatal));
+        }
+        if fatal {
+            return Err(fail(
+                format!("{summary}; not restarted: a disk, setting, data or checkpoint error, which a restart cannot fix"),
+                false,
+            ));
         }
         if attempt == cli.max_restarts {
-            bail!(
-                "{summary}; no restart left (--max-restarts {})",
-                cli.max_restarts
-            );
+            return Err(fail(
+                format!(
+                    "{summary}; no restart left (--max-restarts {})",
+                    cli.max_restarts
+                ),
+                true,
+            ));
         }
         let checkpoint = sid_train::checkpoint::load_newest(&inv.run_dir).ok();
         let at = checkpoint.as_ref().map(|c| c.position.global_step);
@@ -274,10 +302,13 @@ fn supervise(
         let external = own.iter().any(|e| e.killed_by_signal());
         if let Some((before, was_at)) = &previous {
             if !external && *was_at == at && errors.iter().any(|e| before.contains(e)) {
-                bail!(
-                    "{summary}; not restarted again: the same failure came back at the same point (restart {attempt} of {} resumed from the same checkpoint)",
-                    cli.max_restarts
-                );
+                return Err(fail(
+                    format!(
+                        "{summary}; not restarted again: the same failure came back at the same point (restart {attempt} of {} resumed from the same checkpoint)",
+                        cli.max_restarts
+                    ),
+                    false,
+                ));
             }
         }
         previous = Some((if external { Vec::new() } else { errors }, at));

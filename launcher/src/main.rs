@@ -134,6 +134,9 @@ fn main() -> ExitCode {
 /// non-finite loss. A disk, setting, data or checkpoint error is the same after a restart.
 fn restartable(e: &anyhow::Error) -> bool {
     use sid_runtime::RuntimeError;
+    if let Some(f) = e.downcast_ref::<launch::Failed>() {
+        return f.restartable;
+    }
     match e.downcast_ref::<TrainError>() {
         Some(TrainError::Runtime(RuntimeError::Config(_) | RuntimeError::Placement(_))) => false,
         Some(TrainError::Runtime(_) | TrainError::Core(_)) => true,
