@@ -313,11 +313,17 @@ fn supervise(
         }
         previous = Some((if external { Vec::new() } else { errors }, at));
         let from = match &checkpoint {
-            Some(c) => format!(
+            Some(c) if c.position.step_in_epoch > 0 => format!(
                 "{} (epoch {}, step {} of it, {} steps in all)",
                 c.path.display(),
-                c.position.epochs_done + usize::from(c.position.step_in_epoch > 0),
+                c.position.epochs_done + 1,
                 c.position.step_in_epoch,
+                c.position.global_step
+            ),
+            Some(c) => format!(
+                "{} (the end of epoch {}, {} steps in all)",
+                c.path.display(),
+                c.position.epochs_done,
                 c.position.global_step
             ),
             None => "the start (no checkpoint yet)".into(),
