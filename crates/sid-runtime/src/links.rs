@@ -54,8 +54,9 @@ const FIXED: usize = 10;
 
 /// Added to a tensor's kind code in the header: the tensor follows over the link's NCCL group.
 const DIRECT: i64 = 1000;
-/// The least bound on a frame's bytes (activations of a large evaluation batch fit).
-const MIN_FRAME_BYTES: u64 = 1 << 30;
+/// The least bound on a frame's bytes: activations of a large evaluation batch fit (1000
+/// images of 64 × 64 px with 64 channels at full size take 1 GiB).
+const MIN_FRAME_BYTES: u64 = 4 << 30;
 /// The most micro-batches a step may announce.
 const MAX_MICRO_BATCHES: i64 = 1 << 16;
 
@@ -130,7 +131,7 @@ struct Expect {
 impl Expect {
     /// What a link of `tag` accepts in the pipeline `cfg` describes. A frame holds at most a
     /// stage's whole state (every parameter with Adam's two moments, in float32, twice over
-    /// for names and alignment) or 1 GiB of activations, whichever is more.
+    /// for names and alignment) or 4 GiB of activations, whichever is more.
     fn new(cfg: &StagedConfig, tag: u32) -> Self {
         let params = match cfg.backbone {
             None => sid_core::extractor::ParamCounts::of(&cfg.model)
@@ -354,7 +355,9 @@ fn recv_frame(
         let size = size.as_slice();
         let t = match (gpu, direct) {
             (true, Some((ng, device @ Device::Cuda(d)))) => {
-                let mut t = Tensor::empty(size, (kind, device));
+                let mut t = Tensor::f_empty(size, (kind, device)).map_err(|e| {
+                    format!("receiving a tensor of size {size:?} from rank {src}: {e}")
+                })?;
                 if t.numel() > 0 {
                     ng.recv(&mut t, 0, 0, LINK_WAIT)
                         .map_err(|e| e.to_string())?;
@@ -368,7 +371,9 @@ fn recv_frame(
                 ))
             }
             (false, _) => {
-                let mut t = Tensor::empty(size, (kind, Device::Cpu));
+                let mut t = Tensor::f_empty(size, (kind, Device::Cpu)).map_err(|e| {
+                    format!("receiving a tensor of size {size:?} from rank {src}: {e}")
+                })?;
                 if t.numel() > 0 {
                     g.recv(&mut t, src, tag, LINK_WAIT)
                         .map_err(|e| e.to_string())?;
