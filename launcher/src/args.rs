@@ -46,6 +46,13 @@ pub struct Cli {
     /// replicas' all-reduce on GPUs).
     #[arg(long, value_name = "N")]
     pub nproc_per_node: Option<usize>,
+    /// Restart the run up to R times when it fails (a rank dies, hangs past --step-timeout
+    /// or fails with an error), as torchrun's --max-restarts does: every rank of this node is
+    /// stopped and started again, resuming from the newest checkpoint that loads. A failure
+    /// that repeats at the same point, or a disk or setting error, stops the run instead.
+    /// Without --nproc-per-node the run itself is started and watched as one such rank.
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    pub max_restarts: u32,
     /// Nodes in a multi-node job (with --nproc-per-node).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub nnodes: usize,
@@ -167,6 +174,47 @@ plan.toml (the resolved plan: layout, cut, micro-batches), input.json (what pred
 metrics.jsonl (one record per epoch), checkpoint.safetensors (after every epoch and on Ctrl-C), \
 summary.json, telemetry.jsonl (unless --telemetry-hz 0), steps.jsonl (with --log-steps).";
 
+/// Which restart this process belongs to: torchrun's `TORCHELASTIC_RESTART_COUNT`, which
+/// sid-launch's own supervision (`--max-restarts`) sets for its ranks too; `None` outside
+/// either.
+pub fn restart_env() -> Result<Option<u32>> {
+    match std::env::var("TORCHELASTIC_RESTART_COUNT") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("TORCHELASTIC_RESTART_COUNT={v:?} is not a count")),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The restart this process belongs to, 0 on the first start.
+pub fn restart_count() -> Result<u32> {
+    Ok(restart_env()?.unwrap_or(0))
+}
+
+/// The injected fault of restart `restart` (tests): `spec` is one fault, which strikes in every
+/// restart, or a comma-separated list of `FAULT@RESTART`.
+fn fault_for_restart(spec: Option<String>, restart: u32) -> Result<Option<String>> {
+    let Some(spec) = spec else { return Ok(None) };
+    if !spec.contains('@') {
+        return Ok(Some(spec));
+    }
+    let mut chosen = None;
+    for part in spec.split(',') {
+        let Some((fault, at)) = part.split_once('@') else {
+            bail!("--inject-fault {spec}: {part:?} has no @RESTART");
+        };
+        let at: u32 = at
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--inject-fault {spec}: {at:?} is not a restart"))?;
+        if at == restart {
+            chosen.get_or_insert_with(|| fault.to_string());
+        }
+    }
+    Ok(chosen)
+}
+
 /// What this invocation does: a new run or a resumed one, with its settings.
 pub struct Invocation {
     /// The resolved, validated config.
@@ -179,6 +227,9 @@ pub struct Invocation {
     /// setting from rank 0 at the rendezvous (its own flags only place it: `--gpus`,
     /// `--threads`, `--step-timeout`).
     pub follows_rank0: bool,
+    /// A restart (torchrun's or `--max-restarts`') of a run that had no checkpoint yet: it
+    /// starts over in the same run directory.
+    pub starts_over: bool,
 }
 
 impl Cli {
@@ -218,6 +269,8 @@ impl Cli {
             cfg.runtime.placement = None;
         }
         cfg.take_given(&self.settings, &self.given)?;
+        cfg.runtime.inject_fault =
+            fault_for_restart(cfg.runtime.inject_fault.take(), restart_count()?)?;
         if self.no_augment {
             cfg.data.augment = Some(false);
         }
@@ -232,30 +285,61 @@ impl Cli {
     /// resuming, it may then lack the run directory, which only rank 0 writes and reads, and
     /// follows rank 0's settings.
     pub fn invocation(&self, not_rank0: bool) -> Result<Invocation> {
+        let restart = restart_count()?;
+        if self.resume.is_none() && restart > 0 {
+            // A restarted run continues from its own newest checkpoint.
+            let Some(dir) = &self.run_dir else {
+                bail!(
+                    "restart {restart} (TORCHELASTIC_RESTART_COUNT) of a run without --run-dir: a restarted rank must find the run's checkpoint; give --run-dir"
+                );
+            };
+            let saved = dir.join("config.toml").is_file()
+                && sid_train::checkpoint::candidates(dir)
+                    .iter()
+                    .any(|c| c.is_file());
+            if saved || (not_rank0 && !dir.join("config.toml").is_file()) {
+                return self.resumed(dir, not_rank0);
+            }
+            let mut fresh = self.fresh()?;
+            fresh.starts_over = true;
+            return Ok(fresh);
+        }
         if let Some(dir) = &self.resume {
-            if not_rank0 && !dir.join("config.toml").is_file() {
-                let mut config = RunConfig::default();
-                self.apply(&mut config)?;
-                return Ok(Invocation {
-                    config,
-                    run_dir: dir.clone(),
-                    resume: true,
-                    follows_rank0: true,
-                });
-            }
-            if !dir.is_dir() {
-                bail!("--resume {}: no such run directory", dir.display());
-            }
-            let mut config = Run::saved_config(dir)?;
+            return self.resumed(dir, not_rank0);
+        }
+        self.fresh()
+    }
+
+    /// `--resume DIR`, or a restart of the run in DIR.
+    fn resumed(&self, dir: &std::path::Path, not_rank0: bool) -> Result<Invocation> {
+        if not_rank0 && !dir.join("config.toml").is_file() {
+            let mut config = RunConfig::default();
             self.apply(&mut config)?;
-            sid_train::Plan::check(&config)?;
             return Ok(Invocation {
                 config,
-                run_dir: dir.clone(),
+                run_dir: dir.into(),
                 resume: true,
-                follows_rank0: false,
+                follows_rank0: true,
+                starts_over: false,
             });
         }
+        if !dir.is_dir() {
+            bail!("--resume {}: no such run directory", dir.display());
+        }
+        let mut config = Run::saved_config(dir)?;
+        self.apply(&mut config)?;
+        sid_train::Plan::check(&config)?;
+        Ok(Invocation {
+            config,
+            run_dir: dir.into(),
+            resume: true,
+            follows_rank0: false,
+            starts_over: false,
+        })
+    }
+
+    /// A new run.
+    fn fresh(&self) -> Result<Invocation> {
         let mut config = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -293,6 +377,7 @@ impl Cli {
             run_dir,
             resume: false,
             follows_rank0: false,
+            starts_over: false,
         })
     }
 }
@@ -313,6 +398,17 @@ mod tests {
         for bad in ["0", "1.5", "nan", "x"] {
             assert!(parse_exit(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_injected_fault_strikes_in_the_restart_it_names() {
+        let f = |s: &str, r| fault_for_restart(Some(s.into()), r).unwrap();
+        assert_eq!(f("1:3:kill", 2).as_deref(), Some("1:3:kill"));
+        assert_eq!(f("1:3:kill@0,0:5:kill@1", 0).as_deref(), Some("1:3:kill"));
+        assert_eq!(f("1:3:kill@0,0:5:kill@1", 1).as_deref(), Some("0:5:kill"));
+        assert_eq!(f("1:3:kill@0,0:5:kill@1", 2), None);
+        assert!(fault_for_restart(Some("1:3:kill@x".into()), 0).is_err());
+        assert!(fault_for_restart(Some("1:3:kill@0,2:2:nan".into()), 0).is_err());
     }
 
     /// Every saved setting reads, in messages, as a flag that exists.

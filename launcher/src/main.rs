@@ -76,6 +76,10 @@ fn main() -> ExitCode {
             default_hook(info);
         }
     }));
+    // A write past a file-size limit (`ulimit -f`) fails with an error naming the file, as a
+    // full disk's does, instead of killing the process.
+    // SAFETY: ignoring a signal changes no memory of this program.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let cli = args::Cli::parse_with_resume_help();
     let _trace_guard = match init_tracing(cli.trace.as_deref()) {
         Ok(g) => g,
@@ -99,9 +103,45 @@ fn main() -> ExitCode {
                 eprintln!("stopped: {}", one_line(&e));
                 return ExitCode::from(130);
             }
-            eprintln!("error: {}", one_line(&e));
-            ExitCode::FAILURE
+            let line = one_line(&e);
+            eprintln!("error: {line}");
+            // A supervising launcher (--max-restarts) reads what failed.
+            if let Some(path) = std::env::var_os(launch::FAILURE_FILE_VAR) {
+                let _ = std::fs::write(path, &line);
+            }
+            let code = if restartable(&e) {
+                1
+            } else {
+                launch::EXIT_NOT_RESTARTABLE
+            };
+            if std::env::var_os("RANK").is_some() {
+                // A rank's link threads may still be blocked in Gloo: exit's C++ static
+                // destructors would tear libtorch down under them (seen: a segfault after the
+                // error line, which a launcher then reports as a crash). Files are only ever
+                // replaced atomically and the error is written.
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                let _ = std::io::stderr().flush();
+                // SAFETY: _exit only ends the process.
+                unsafe { libc::_exit(i32::from(code)) }
+            }
+            ExitCode::from(code)
         }
+    }
+}
+
+/// Whether a restart may get past `e`: a rank that died or hung, a failed stage or link, a
+/// non-finite loss. A disk, setting, data or checkpoint error is the same after a restart.
+fn restartable(e: &anyhow::Error) -> bool {
+    use sid_runtime::RuntimeError;
+    if let Some(f) = e.downcast_ref::<launch::Failed>() {
+        return f.restartable;
+    }
+    match e.downcast_ref::<TrainError>() {
+        Some(TrainError::Runtime(RuntimeError::Config(_) | RuntimeError::Placement(_))) => false,
+        Some(TrainError::Runtime(_) | TrainError::Core(_)) => true,
+        Some(_) => false,
+        None => false,
     }
 }
 
@@ -205,11 +245,19 @@ fn run(cli: &args::Cli) -> Result<()> {
         None => {}
     }
     let dist_env = sid_dist::DistEnv::from_env()?;
-    if let (Some(n), None) = (cli.nproc_per_node, &dist_env) {
-        return match launch::run(cli, n)? {
-            launch::Outcome::Done => Ok(()),
-            launch::Outcome::Interrupted => Err(RanksInterrupted.into()),
-        };
+    let supervised = match (cli.nproc_per_node, &dist_env) {
+        (Some(n), None) => Some(launch::run(cli, n)?),
+        // The run itself as a child that is restarted when it fails (unless this is that
+        // child, or a rank that torchrun's agent restarts).
+        (None, None) if cli.max_restarts > 0 && args::restart_env()?.is_none() => {
+            Some(launch::run_one(cli)?)
+        }
+        _ => None,
+    };
+    match supervised {
+        Some(launch::Outcome::Done) => return Ok(()),
+        Some(launch::Outcome::Interrupted) => return Err(RanksInterrupted.into()),
+        None => {}
     }
     let inv = cli.invocation(dist_env.as_ref().is_some_and(|e| e.rank > 0))?;
     if let Some(n) = inv.config.runtime.threads {
@@ -284,6 +332,20 @@ fn run(cli: &args::Cli) -> Result<()> {
         .context("installing the Ctrl-C handler")?;
     }
     let cfg = &inv.config;
+    if inv.starts_over {
+        // Restarted before its first checkpoint: an epoch's record without the checkpoint
+        // that goes with it would stop the new start.
+        let stale = inv.run_dir.join(sid_train::trainer::METRICS_FILE);
+        if stale.exists() {
+            std::fs::remove_file(&stale)
+                .with_context(|| format!("removing {}", stale.display()))?;
+        }
+        eprintln!(
+            "no checkpoint in {} yet: restart {} starts the run over",
+            inv.run_dir.display(),
+            args::restart_count()?
+        );
+    }
     let mut run = if inv.resume {
         Run::resume_on(cfg.clone(), &inv.run_dir, rdv.as_ref())
     } else {

@@ -13,6 +13,9 @@ pub enum FaultKind {
     Nan,
     /// The worker stops answering (sleeps for an hour).
     Hang,
+    /// The whole process is killed with SIGKILL, as an out-of-memory kill or a lost node
+    /// ends it: no error, no cleanup.
+    Kill,
 }
 
 /// A fault for worker `worker` at training step `step` (1-based, counted from the start of
@@ -28,11 +31,11 @@ pub struct Fault {
 }
 
 impl Fault {
-    /// Parses `WORKER:STEP:KIND`, KIND one of panic, error, nan, hang.
+    /// Parses `WORKER:STEP:KIND`, KIND one of panic, error, nan, hang, kill.
     pub fn parse(spec: &str) -> Result<Self> {
         let bad = || {
             RuntimeError::Config(format!(
-                "fault {spec:?} is not WORKER:STEP:panic|error|nan|hang"
+                "fault {spec:?} is not WORKER:STEP:panic|error|nan|hang|kill"
             ))
         };
         let mut it = spec.split(':');
@@ -43,6 +46,7 @@ impl Fault {
             Some("error") => FaultKind::Error,
             Some("nan") => FaultKind::Nan,
             Some("hang") => FaultKind::Hang,
+            Some("kill") => FaultKind::Kill,
             _ => return Err(bad()),
         };
         if it.next().is_some() {
@@ -66,6 +70,7 @@ mod tests {
                 kind: FaultKind::Nan
             }
         );
+        assert_eq!(Fault::parse("0:7:kill").unwrap().kind, FaultKind::Kill);
         assert!(Fault::parse("1:3").is_err());
         assert!(Fault::parse("1:x:panic").is_err());
         assert!(Fault::parse("1:3:boom").is_err());

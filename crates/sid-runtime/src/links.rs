@@ -16,6 +16,13 @@
 //! communicator sees its operations in one order on both sides; built, never run: it needs two
 //! GPUs). A link that ends normally sends a stop frame; one that breaks (the peer
 //! died) is reported naming the ranks and the operation, and stops the run.
+//!
+//! A frame is read against what its link carries before anything is allocated for it
+//! ([`check_header`]): the kinds of frame the link's direction may carry, each kind's number of
+//! tensors, their dtypes and shapes (a belief is as wide as the model has classes; a batch's
+//! tensors agree on its size), a non-negative step and micro-batch, and a bound on the bytes a
+//! frame may hold. A malformed or hostile frame — negative or huge sizes, a wrong dtype, an
+//! unknown kind — is a one-line error naming the rank that sent it.
 
 use std::io::Cursor;
 use std::time::Duration;
@@ -47,6 +54,11 @@ const FIXED: usize = 10;
 
 /// Added to a tensor's kind code in the header: the tensor follows over the link's NCCL group.
 const DIRECT: i64 = 1000;
+/// The least bound on a frame's bytes: activations of a large evaluation batch fit (1000
+/// images of 64 × 64 px with 64 channels at full size take 1 GiB).
+const MIN_FRAME_BYTES: u64 = 4 << 30;
+/// The most micro-batches a step may announce.
+const MAX_MICRO_BATCHES: i64 = 1 << 16;
 
 const STOP: i64 = 0;
 const TRAIN: i64 = 1;
@@ -105,6 +117,169 @@ fn code_kind(c: i64) -> std::result::Result<TKind, String> {
     })
 }
 
+/// What a link accepts from its peer: its direction (tag) says which frames may come.
+#[derive(Debug, Clone, Copy)]
+struct Expect {
+    /// The link's tag: [`DOWN`], [`REPORTS`] or [`GRADS`].
+    tag: u32,
+    /// The model's classes: the width of every belief.
+    classes: i64,
+    /// The most bytes a frame's tensors may hold together.
+    max_bytes: u64,
+}
+
+impl Expect {
+    /// What a link of `tag` accepts in the pipeline `cfg` describes. A frame holds at most a
+    /// stage's whole state (every parameter with Adam's two moments, in float32, twice over
+    /// for names and alignment) or 4 GiB of activations, whichever is more.
+    fn new(cfg: &StagedConfig, tag: u32) -> Self {
+        let params = match cfg.backbone {
+            None => sid_core::extractor::ParamCounts::of(&cfg.model)
+                .total()
+                .max(0) as u64,
+            Some(_) => 0,
+        };
+        Self {
+            tag,
+            classes: cfg.model.num_classes,
+            max_bytes: params.saturating_mul(3 * 4 * 2).max(MIN_FRAME_BYTES),
+        }
+    }
+}
+
+/// A tensor a header announces: its kind, its shape, and whether it follows GPU to GPU.
+#[derive(Debug)]
+struct Announced {
+    kind: TKind,
+    size: Vec<i64>,
+    gpu: bool,
+}
+
+const FLOATS: &[TKind] = &[TKind::Float, TKind::Half, TKind::BFloat16, TKind::Double];
+
+/// Reads a header from rank `src` against what its link expects; returns the tensors to
+/// receive, each checked (dtype, shape, bytes) before any is allocated.
+fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<Announced>, String> {
+    let bad = |what: String| format!("rank {src} sent a malformed frame: {what}");
+    let kind = h[0];
+    let (allowed, link): (&[i64], &str) = match e.tag {
+        DOWN => (
+            &[STOP, TRAIN, EVAL, STATE, LOAD],
+            "messages down the pipeline",
+        ),
+        REPORTS => (
+            &[STOP, LOSSES, LOGITS, STATE_REPORT, LOADED, FAILED],
+            "reports",
+        ),
+        GRADS => (&[STOP, GRAD], "gradients"),
+        other => return Err(bad(format!("it came on an unknown link tag {other}"))),
+    };
+    if !allowed.contains(&kind) {
+        return Err(bad(format!("kind {kind} on a link that carries {link}")));
+    }
+    if h[1] < 0 {
+        return Err(bad(format!("step {}", h[1])));
+    }
+    let n = h[9];
+    if !(0..=MAX_TENSORS as i64).contains(&n) {
+        return Err(bad(format!(
+            "{n} tensors (at most {MAX_TENSORS} in a frame)"
+        )));
+    }
+    let n = n as usize;
+    // Each kind: its tensors' dtypes (an empty list: none).
+    let uint8: &[TKind] = &[TKind::Uint8];
+    let wanted: Vec<&[TKind]> = match kind {
+        STOP | STATE | LOADED => vec![],
+        TRAIN => vec![FLOATS, FLOATS, &[TKind::Int64]],
+        EVAL => vec![FLOATS, FLOATS],
+        LOAD | STATE_REPORT | FAILED => vec![uint8],
+        LOSSES => vec![&[TKind::Double]],
+        LOGITS if h[3] > 0 => vec![FLOATS],
+        LOGITS => vec![],
+        GRAD => vec![FLOATS],
+        _ => unreachable!("checked above"),
+    };
+    if n != wanted.len() {
+        return Err(bad(format!(
+            "{n} tensors in a frame of kind {kind}, which has {}",
+            wanted.len()
+        )));
+    }
+    if kind == TRAIN && !(1..=MAX_MICRO_BATCHES).contains(&h[3]) {
+        return Err(bad(format!("{} micro-batches in a step", h[3])));
+    }
+    if kind == TRAIN && !(0..h[3]).contains(&h[2]) {
+        return Err(bad(format!("micro-batch {} of {}", h[2], h[3])));
+    }
+    let mut total: u64 = 0;
+    let mut out = Vec::with_capacity(n);
+    for (i, kinds) in wanted.iter().enumerate() {
+        let at = FIXED + i * (2 + MAX_DIMS);
+        let code = h[at];
+        if !(0..2 * DIRECT).contains(&code) {
+            return Err(bad(format!("tensor {i} has kind code {code}")));
+        }
+        let tkind = code_kind(code % DIRECT).map_err(bad)?;
+        if !kinds.contains(&tkind) {
+            return Err(bad(format!(
+                "tensor {i} of a frame of kind {kind} is {tkind:?}, not {kinds:?}"
+            )));
+        }
+        let dims = h[at + 1];
+        if !(0..=MAX_DIMS as i64).contains(&dims) {
+            return Err(bad(format!("tensor {i} has {dims} dimensions")));
+        }
+        let size = h[at + 2..at + 2 + dims as usize].to_vec();
+        let mut numel: u64 = 1;
+        for &d in &size {
+            if d < 0 {
+                return Err(bad(format!("tensor {i} has size {size:?}")));
+            }
+            numel = numel
+                .checked_mul(d as u64)
+                .ok_or_else(|| bad(format!("tensor {i} of size {size:?} is too large")))?;
+        }
+        total = numel
+            .checked_mul(tkind.elt_size_in_bytes() as u64)
+            .and_then(|b| total.checked_add(b))
+            .filter(|&t| t <= e.max_bytes)
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor {i} of size {size:?} would take the frame past {} bytes",
+                    e.max_bytes
+                ))
+            })?;
+        out.push(Announced {
+            kind: tkind,
+            size,
+            gpu: code >= DIRECT,
+        });
+    }
+    // Shapes: a batch's tensors agree on its size; beliefs have one column per class (a
+    // backprop stage passes none: an empty tensor).
+    let shape = |i: usize| out[i].size.as_slice();
+    let belief = |i: usize, batch: i64| shape(i) == [batch, e.classes] || shape(i) == [0];
+    let fits = match kind {
+        TRAIN | EVAL => {
+            let batch = shape(0).first().copied();
+            batch.is_some_and(|b| belief(1, b) && (kind == EVAL || shape(2) == [b]))
+        }
+        LOAD | STATE_REPORT | FAILED | LOSSES => shape(0).len() == 1,
+        LOGITS if n == 1 => shape(0).len() == 3 && shape(0)[0] == h[3] && shape(0)[2] == e.classes,
+        GRAD => !shape(0).is_empty(),
+        _ => true,
+    };
+    if !fits {
+        let sizes: Vec<&[i64]> = (0..n).map(shape).collect();
+        return Err(bad(format!(
+            "tensors of sizes {sizes:?} in a frame of kind {kind} ({} classes)",
+            e.classes
+        )));
+    }
+    Ok(out)
+}
+
 /// Sends a frame: the header over `g`, then each tensor over `g` from host memory, or — CUDA
 /// tensors on a link with a `direct` group — GPU to GPU over that group.
 fn send_frame(
@@ -161,34 +336,28 @@ fn send_frame(
     Ok(())
 }
 
-/// Receives a frame sent by [`send_frame`]; direct tensors land on `direct`'s device.
+/// Receives a frame sent by [`send_frame`], checked against `expect` ([`check_header`]) before
+/// anything is allocated; direct tensors land on `direct`'s device.
 fn recv_frame(
     g: &Group,
     src: usize,
-    tag: u32,
+    expect: &Expect,
     direct: Option<(&Group, Device)>,
 ) -> std::result::Result<Frame, String> {
+    let tag = expect.tag;
     let mut header = Tensor::zeros([HEADER as i64], (TKind::Int64, Device::Cpu));
     g.recv(&mut header, src, tag, LINK_WAIT)
         .map_err(|e| e.to_string())?;
     let h = Vec::<i64>::try_from(&header).map_err(|e| e.to_string())?;
-    let n = h[9] as usize;
-    if n > MAX_TENSORS {
-        return Err(format!("a frame from rank {src} claims {n} tensors"));
-    }
-    let mut tensors = Vec::with_capacity(n);
-    for i in 0..n {
-        let at = FIXED + i * (2 + MAX_DIMS);
-        let gpu = h[at] >= DIRECT;
-        let kind = code_kind(h[at] % DIRECT)?;
-        let dims = h[at + 1] as usize;
-        if dims > MAX_DIMS {
-            return Err(format!("a frame from rank {src} claims {dims} dimensions"));
-        }
-        let size = &h[at + 2..at + 2 + dims];
+    let announced = check_header(&h, src, expect)?;
+    let mut tensors = Vec::with_capacity(announced.len());
+    for Announced { kind, size, gpu } in announced {
+        let size = size.as_slice();
         let t = match (gpu, direct) {
             (true, Some((ng, device @ Device::Cuda(d)))) => {
-                let mut t = Tensor::empty(size, (kind, device));
+                let mut t = Tensor::f_empty(size, (kind, device)).map_err(|e| {
+                    format!("receiving a tensor of size {size:?} from rank {src}: {e}")
+                })?;
                 if t.numel() > 0 {
                     ng.recv(&mut t, 0, 0, LINK_WAIT)
                         .map_err(|e| e.to_string())?;
@@ -202,7 +371,9 @@ fn recv_frame(
                 ))
             }
             (false, _) => {
-                let mut t = Tensor::empty(size, (kind, Device::Cpu));
+                let mut t = Tensor::f_empty(size, (kind, Device::Cpu)).map_err(|e| {
+                    format!("receiving a tensor of size {size:?} from rank {src}: {e}")
+                })?;
                 if t.numel() > 0 {
                     g.recv(&mut t, src, tag, LINK_WAIT)
                         .map_err(|e| e.to_string())?;
@@ -504,18 +675,18 @@ fn in_link<T: Send + 'static>(
     ranks: &Ranks,
     device: Device,
     src: usize,
-    tag: u32,
+    expect: Expect,
     tx: Sender<T>,
     decode: impl Fn(Frame) -> std::result::Result<T, String> + Send + 'static,
     on_fail: impl FnOnce(String) + Send + 'static,
 ) -> StageThread {
     let g = ranks.world.clone();
     let me = g.rank();
-    let direct = ranks.direct(src, me, tag);
+    let direct = ranks.direct(src, me, expect.tag);
     let what = format!("the link from rank {src} to rank {me}");
     spawn_link(format!("sid-link-{me}-from-{src}"), what, move || {
         let result = (|| loop {
-            let f = recv_frame(&g, src, tag, direct.as_deref().map(|ng| (ng, device)))?;
+            let f = recv_frame(&g, src, &expect, direct.as_deref().map(|ng| (ng, device)))?;
             if f.kind == STOP {
                 return Ok(());
             }
@@ -583,7 +754,7 @@ pub(crate) fn spawn_coordinator_links(
             ranks,
             device,
             1,
-            GRADS,
+            Expect::new(cfg, GRADS),
             tx,
             frame_grad,
             failed_link(1),
@@ -627,7 +798,7 @@ pub(crate) fn spawn_coordinator_links(
             ranks,
             device,
             src,
-            REPORTS,
+            Expect::new(cfg, REPORTS),
             report_tx.clone(),
             move |f| frame_report(f, src),
             failed_link(src),
@@ -675,7 +846,7 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         ranks,
         device,
         src,
-        DOWN,
+        Expect::new(cfg, DOWN),
         up_tx,
         frame_message,
         on_fail(),
@@ -700,7 +871,7 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
             ranks,
             device,
             me + 1,
-            GRADS,
+            Expect::new(cfg, GRADS),
             tx,
             frame_grad,
             on_fail(),
@@ -743,6 +914,11 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
             }
         }
     };
+    // A link that failed closed the stage's input, so the stage may have ended as if the
+    // coordinator had closed it: the link's failure (sent before it closed) is the cause.
+    if let Ok(e) = fail_rx.try_recv() {
+        return Err(RuntimeError::Link(e));
+    }
     if let Some(cause) = cause {
         return Err(RuntimeError::Stage {
             stage: s + 1,

@@ -528,6 +528,11 @@ fn strike(kind: FaultKind, step: u64, input: Tensor) -> Result<Tensor, Failure> 
             std::thread::sleep(Duration::from_secs(3600));
             Ok(input)
         }
+        FaultKind::Kill => {
+            // SAFETY: kill only sends a signal, to this process.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            unreachable!("SIGKILL ends the process")
+        }
     }
 }
 

@@ -69,14 +69,22 @@ impl Position {
     }
 }
 
-/// Writes `bytes` to `path` atomically (temporary file in the same folder, fsync, rename).
+/// Writes `bytes` to `path` atomically (temporary file in the same folder, fsync, rename). On
+/// failure (a full disk, a file too large, an unwritable folder) `path` keeps what it held and
+/// the temporary file is removed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let io = |e| TrainError::io(&tmp, e);
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 fn dtype_of(kind: Kind) -> Option<(Dtype, Kind)> {
@@ -92,8 +100,12 @@ fn dtype_of(kind: Kind) -> Option<(Dtype, Kind)> {
 /// `older` newest of those.
 pub fn keep_previous(dir: &Path, older: usize) -> Result<()> {
     let current = dir.join(CHECKPOINT_FILE);
-    if current.exists() {
-        let (_, position) = load(&current)?;
+    // A newest checkpoint that does not load (cut short) is not kept: the save replaces it.
+    let position = match current.exists() {
+        true => load(&current).ok().map(|(_, p)| p),
+        false => None,
+    };
+    if let Some(position) = position {
         let name = format!(
             "checkpoint-E{}-S{}.safetensors",
             position.epochs_done, position.step_in_epoch
@@ -117,6 +129,69 @@ pub fn keep_previous(dir: &Path, older: usize) -> Result<()> {
         std::fs::remove_file(p).map_err(|e| TrainError::io(p, e))?;
     }
     Ok(())
+}
+
+/// A checkpoint loaded by [`load_newest`].
+pub struct Newest {
+    /// Its tensors, on the CPU.
+    pub tensors: NamedTensors,
+    /// Its position.
+    pub position: Position,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// One line for each newer file that did not load, naming it and why.
+    pub skipped: Vec<String>,
+}
+
+/// The position a kept checkpoint's name gives (`checkpoint-E<epoch>-S<step>.safetensors`).
+fn named_position(name: &str) -> Option<(usize, usize)> {
+    let rest = name
+        .strip_prefix("checkpoint-E")?
+        .strip_suffix(".safetensors")?;
+    let (e, s) = rest.split_once("-S")?;
+    Some((e.parse().ok()?, s.parse().ok()?))
+}
+
+/// The checkpoints in `dir`, newest first: `checkpoint.safetensors`, then those kept by
+/// `--keep-checkpoints`, by the position their names give.
+pub fn candidates(dir: &Path) -> Vec<PathBuf> {
+    let mut kept: Vec<((usize, usize), PathBuf)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter_map(|p| Some((named_position(p.file_name()?.to_str()?)?, p)))
+                .collect()
+        })
+        .unwrap_or_default();
+    kept.sort();
+    std::iter::once(dir.join(CHECKPOINT_FILE))
+        .chain(kept.into_iter().rev().map(|(_, p)| p))
+        .collect()
+}
+
+/// Loads the newest checkpoint of `dir` that loads: `checkpoint.safetensors`, or when that one
+/// is unreadable (cut short, damaged) the newest of the older ones `--keep-checkpoints` kept,
+/// saying which files were passed over and why. With none readable, the newest's error.
+pub fn load_newest(dir: &Path) -> Result<Newest> {
+    let mut skipped = Vec::new();
+    let mut first_error = None;
+    for path in candidates(dir) {
+        match load(&path) {
+            Ok((tensors, position)) => {
+                return Ok(Newest {
+                    tensors,
+                    position,
+                    path,
+                    skipped,
+                })
+            }
+            Err(e) => {
+                // A missing newest file is only worth a word when an older one is used.
+                skipped.push(e.to_string());
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.expect("the newest checkpoint is always a candidate"))
 }
 
 /// Saves named tensors and the position to `path` atomically.
@@ -224,6 +299,60 @@ mod tests {
         save(&p, &[("w".into(), t)], &pos).unwrap();
         assert_eq!(load(&p).unwrap().1.epochs_done, 1);
         assert!(!p.with_extension("tmp").exists());
+    }
+
+    #[test]
+    fn a_cut_short_newest_checkpoint_falls_back_to_the_one_kept_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(CHECKPOINT_FILE);
+        let t = |v: f32| vec![("w".to_string(), Tensor::from_slice(&[v]))];
+        let mut pos = Position::start(Method::Sid, 1);
+        for step in [5, 10, 15] {
+            pos.step_in_epoch = step;
+            keep_previous(dir.path(), 2).unwrap();
+            save(&p, &t(step as f32), &pos).unwrap();
+        }
+        assert_eq!(load_newest(dir.path()).unwrap().position.step_in_epoch, 15);
+        // Cut short, as a full disk would leave a file written in place.
+        let len = std::fs::metadata(&p).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let got = load_newest(dir.path()).unwrap();
+        assert_eq!(got.position.step_in_epoch, 10);
+        assert!(got.path.ends_with("checkpoint-E0-S10.safetensors"));
+        assert_eq!(got.tensors.get("w").unwrap().double_value(&[0]), 10.0);
+        assert_eq!(got.skipped.len(), 1);
+        assert!(
+            got.skipped[0].contains(CHECKPOINT_FILE),
+            "{:?}",
+            got.skipped
+        );
+        // The next save replaces the damaged file without keeping it.
+        pos.step_in_epoch = 11;
+        keep_previous(dir.path(), 2).unwrap();
+        save(&p, &t(11.0), &pos).unwrap();
+        assert_eq!(load_newest(dir.path()).unwrap().position.step_in_epoch, 11);
+        // Nothing readable: the newest file's error.
+        for c in candidates(dir.path()) {
+            std::fs::write(&c, b"x").unwrap();
+        }
+        let e = load_newest(dir.path()).err().unwrap().to_string();
+        assert!(e.contains(CHECKPOINT_FILE), "{e}");
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_old_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.txt");
+        write_atomic(&p, b"old").unwrap();
+        // The temporary file's name is taken by a folder: creating it fails, for root too.
+        std::fs::create_dir(p.with_extension("tmp")).unwrap();
+        assert!(write_atomic(&p, b"new").is_err());
+        assert_eq!(std::fs::read(&p).unwrap(), b"old");
     }
 
     #[test]

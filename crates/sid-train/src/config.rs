@@ -214,8 +214,10 @@ pub struct RuntimeSection {
     /// `checkpoint-E<epoch>-S<step>.safetensors`.
     #[arg(long, value_name = "K", default_value_t = 1, help_heading = RESUMABLE)]
     pub keep_checkpoints: usize,
-    /// Inject a fault WORKER:STEP:panic|error|nan|hang (for testing failure handling; only
-    /// builds with the fault-injection feature accept it). Never saved.
+    /// Inject a fault WORKER:STEP:panic|error|nan|hang|kill (for testing failure handling;
+    /// only builds with the fault-injection feature accept it); sid-launch also takes a
+    /// comma-separated list of faults each ending in @RESTART, the restart it strikes in (0:
+    /// the first start). Never saved.
     #[serde(skip)]
     #[arg(long, hide = true)]
     pub inject_fault: Option<String>,

@@ -22,6 +22,20 @@ pub struct Rendezvous {
     store: Arc<Store>,
     device: Device,
     timeout: Duration,
+    /// Where this run's keys live in the store: `sid`, or `sid/restart-N` after restart N (a
+    /// store torchrun's agent serves outlives the ranks, and keeps the keys of every try).
+    prefix: String,
+}
+
+/// The store keys' prefix of this try of the run (see [`Rendezvous`]'s `prefix`).
+fn key_prefix() -> String {
+    match std::env::var("TORCHELASTIC_RESTART_COUNT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+    {
+        Some(n) if n > 0 => format!("sid/restart-{n}"),
+        _ => "sid".into(),
+    }
 }
 
 fn dist(e: sid_dist::DistError) -> TrainError {
@@ -87,6 +101,8 @@ impl Rendezvous {
             timeout,
         )
         .map_err(dist)?;
+        let prefix = key_prefix();
+        let key = |name: &str| format!("{prefix}/{name}");
         let mine = if follows_rank0 {
             follower(world)
         } else {
@@ -94,7 +110,7 @@ impl Rendezvous {
         };
         let rank = env.rank;
         store
-            .set(&format!("sid/fingerprint/{rank}"), mine.as_bytes())
+            .set(&key(&format!("fingerprint/{rank}")), mine.as_bytes())
             .map_err(dist)?;
         let late = |r: usize| {
             TrainError::Config(format!(
@@ -112,18 +128,18 @@ impl Rendezvous {
         if rank == 0 {
             for r in 1..world {
                 let theirs = store
-                    .get(&format!("sid/fingerprint/{r}"), timeout)
+                    .get(&key(&format!("fingerprint/{r}")), timeout)
                     .map_err(|_| late(r))?;
                 let theirs = String::from_utf8_lossy(&theirs).into_owned();
                 if theirs != mine && theirs != follower(world) {
-                    store.set("sid/verdict", b"mismatch").map_err(dist)?;
+                    store.set(&key("verdict"), b"mismatch").map_err(dist)?;
                     return Err(differ(r, &theirs));
                 }
             }
-            store.set("sid/verdict", b"ok").map_err(dist)?;
+            store.set(&key("verdict"), b"ok").map_err(dist)?;
         } else {
             let theirs = store
-                .get("sid/fingerprint/0", timeout)
+                .get(&key("fingerprint/0"), timeout)
                 .map_err(|_| late(0))?;
             let theirs = String::from_utf8_lossy(&theirs).into_owned();
             // A follower checks the program and world only: it takes rank 0's settings.
@@ -135,7 +151,7 @@ impl Rendezvous {
             if !same {
                 return Err(differ(0, &theirs));
             }
-            let verdict = store.get("sid/verdict", timeout).map_err(|_| late(0))?;
+            let verdict = store.get(&key("verdict"), timeout).map_err(|_| late(0))?;
             if verdict != b"ok" {
                 return Err(TrainError::Config(
                     "rank 0 found a rank with other settings; see its message".into(),
@@ -147,7 +163,13 @@ impl Rendezvous {
             store: Arc::new(store),
             device,
             timeout,
+            prefix,
         })
+    }
+
+    /// The store key `name` of this try of the run.
+    fn key(&self, name: &str) -> String {
+        format!("{}/{name}", self.prefix)
     }
 
     /// This rank.
@@ -185,13 +207,15 @@ impl Rendezvous {
                 s.channels, s.image_size, s.num_classes
             ));
         }
-        self.store.set("sid/config", text.as_bytes()).map_err(dist)
+        self.store
+            .set(&self.key("config"), text.as_bytes())
+            .map_err(dist)
     }
 
     /// Rank 0: tells the others where the run lives (they write their telemetry there).
     pub fn publish_run_dir(&self, dir: &std::path::Path) -> Result<()> {
         self.store
-            .set("sid/run-dir", dir.to_string_lossy().as_bytes())
+            .set(&self.key("run-dir"), dir.to_string_lossy().as_bytes())
             .map_err(dist)
     }
 
@@ -199,7 +223,7 @@ impl Rendezvous {
     /// got it, e.g. another machine).
     pub fn wait_run_dir(&self) -> Result<std::path::PathBuf> {
         let wait = self.timeout.max(Duration::from_secs(600));
-        let b = self.store.get("sid/run-dir", wait).map_err(dist)?;
+        let b = self.store.get(&self.key("run-dir"), wait).map_err(dist)?;
         let dir = std::path::PathBuf::from(String::from_utf8_lossy(&b).into_owned());
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
         Ok(dir)
@@ -209,11 +233,12 @@ impl Rendezvous {
     /// timing blocks); if it fails first, its store goes away and this returns at once.
     pub fn wait_config(&self) -> Result<RunConfig> {
         let wait = self.timeout.max(Duration::from_secs(600));
-        let bytes = self.store.get("sid/config", wait).map_err(|e| {
-            TrainError::Config(format!(
+        let bytes = self.store.get(&self.key("config"), wait).map_err(|e| {
+            // Rank 0 is gone or stuck: a lost rank, not a setting (a restart may get past it).
+            TrainError::Runtime(sid_runtime::RuntimeError::Link(format!(
                 "rank {}: rank 0 did not publish the run's config ({e})",
                 self.rank()
-            ))
+            )))
         })?;
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let mut cfg = RunConfig::from_toml(&text)?;
@@ -264,9 +289,9 @@ impl Rendezvous {
             hostname().map(|h| format!(" on {h}")).unwrap_or_default()
         );
         self.store
-            .set(&format!("sid/name/{rank}"), name.as_bytes())
+            .set(&self.key(&format!("name/{rank}")), name.as_bytes())
             .map_err(dist)?;
-        let place = |r: usize| format!("sid/device/{r}");
+        let place = |r: usize| self.key(&format!("device/{r}"));
         let mine = format!(
             "{}@{}",
             crate::devices::device_name(self.device),
@@ -277,7 +302,7 @@ impl Rendezvous {
             .map_err(dist)?;
         let world_group = Group::new(
             &self.store,
-            "sid/world",
+            &self.key("world"),
             rank,
             world,
             Backend::Gloo,
@@ -289,7 +314,7 @@ impl Rendezvous {
         for r in 0..world {
             let n = self
                 .store
-                .get(&format!("sid/name/{r}"), self.timeout)
+                .get(&self.key(&format!("name/{r}")), self.timeout)
                 .map_err(dist)?;
             names.push(String::from_utf8_lossy(&n).into_owned());
         }
@@ -310,7 +335,7 @@ impl Rendezvous {
             Some(Arc::new(
                 Group::new(
                     &self.store,
-                    &format!("sid/replicas-of-stage-{stage}"),
+                    &self.key(&format!("replicas-of-stage-{stage}")),
                     rank / stages,
                     replicas,
                     backend,
@@ -375,7 +400,7 @@ impl Rendezvous {
             }
             let g = Group::new(
                 &self.store,
-                &format!("sid/link-{from}-{to}-{tag}"),
+                &self.key(&format!("link-{from}-{to}-{tag}")),
                 usize::from(me == to),
                 2,
                 Backend::Nccl,
@@ -392,13 +417,13 @@ impl Rendezvous {
     /// others get a check that fails once the store is gone (rank 0 serves it) or the beat
     /// has stopped for the step timeout (a store torchrun's agent serves outlives rank 0).
     fn heartbeat(&self) -> sid_runtime::ranks::Liveness {
-        const KEY: &str = "sid/heartbeat";
+        let key = self.key("heartbeat");
         if self.rank() == 0 {
             let store = self.store.clone();
             std::thread::Builder::new()
                 .name("sid-heartbeat".into())
                 .spawn(move || {
-                    while store.add(KEY, 1).is_ok() {
+                    while store.add(&key, 1).is_ok() {
                         std::thread::sleep(Duration::from_secs(1));
                     }
                 })
@@ -410,7 +435,7 @@ impl Rendezvous {
         let last = std::sync::Mutex::new((-1i64, std::time::Instant::now()));
         Arc::new(move || {
             let beat = store
-                .add(KEY, 0)
+                .add(&key, 0)
                 .map_err(|e| format!("lost rank 0: the rendezvous store is gone ({e})"))?;
             let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
             if beat != last.0 {

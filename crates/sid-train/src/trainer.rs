@@ -235,8 +235,18 @@ impl Run {
                 crate::config::resume_may_change_flags()
             )));
         }
-        let ckpt_path = dir.join(CHECKPOINT_FILE);
-        let (named, position) = checkpoint::load(&ckpt_path)?;
+        // The newest checkpoint that loads: an older one kept by --keep-checkpoints when the
+        // newest is damaged (cut short by a full disk or a crash outside our atomic writes).
+        let newest = checkpoint::load_newest(dir)?;
+        let (named, position, ckpt_path) = (newest.tensors, newest.position, newest.path);
+        let mut notices: Vec<String> = match newest.skipped.is_empty() {
+            true => Vec::new(),
+            false => vec![format!(
+                "warning: resuming from {}, the newest checkpoint that loads, instead of: {}",
+                ckpt_path.display(),
+                newest.skipped.join("; ")
+            )],
+        };
         if position.method != cfg.optim.method || position.seed != cfg.optim.seed {
             return Err(TrainError::Checkpoint {
                 path: ckpt_path,
@@ -274,7 +284,10 @@ impl Run {
             notes,
             plan,
             position,
-            notices: kept.dropped_last_line.into_iter().collect(),
+            notices: {
+                notices.extend(kept.dropped_last_line);
+                notices
+            },
             saving: None,
         })
     }
