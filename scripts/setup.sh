@@ -53,7 +53,9 @@ else
     echo "setup: .venv/bin/python cannot import torch; remove .venv and rerun" >&2
     exit 1
   }
-  ln -sfn "$torch_dir" .venv/libtorch
+  # The real path: a .venv that is itself a link (a second checkout sharing one) must not
+  # leave a link through this checkout behind.
+  ln -sfn "$(realpath "$torch_dir")" .venv/libtorch
 fi
 
 packages=()

@@ -19,6 +19,17 @@ use crate::{Result, TrainError};
 
 /// File name of the checkpoint inside a run directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+pub const CONFIG_FILE: &str = "config.toml";
+/// Per-epoch records.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// The end-of-run summary.
+pub const SUMMARY_FILE: &str = "summary.json";
+/// What an input image must be made into for the saved model, and the class names
+/// ([`sid_data::InputSpec`]): what `sid-launch predict` reads instead of the data set.
+pub const INPUT_FILE: &str = "input.json";
+
+/// The resolved plan, beside the config (see [`crate::plan`]).
+pub const PLAN_FILE: &str = "plan.toml";
 const META_KEY: &str = "sid";
 const FORMAT: &str = "sid-checkpoint/1";
 

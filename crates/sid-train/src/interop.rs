@@ -206,7 +206,7 @@ pub struct ExportReport {
 /// `sid.<checkpoint name>`, and an [`ExportMeta`] as metadata. Adam's state is left out.
 pub fn export(run_dir: &Path, out: &Path) -> Result<ExportReport> {
     let mut cfg: RunConfig = Run::saved_config(run_dir)?;
-    let spec_path = run_dir.join(crate::trainer::INPUT_FILE);
+    let spec_path = run_dir.join(crate::checkpoint::INPUT_FILE);
     let text = std::fs::read_to_string(&spec_path).map_err(|e| TrainError::io(&spec_path, e))?;
     let spec: sid_data::InputSpec = serde_json::from_str(&text)
         .map_err(|e| TrainError::Config(format!("{}: {e}", spec_path.display())))?;

@@ -8,7 +8,7 @@ use sid_core::{Method, Network};
 use sid_data::{DatasetKind, InputSpec};
 use tch::{Device, Kind, Tensor};
 
-use crate::trainer::INPUT_FILE;
+use crate::checkpoint::INPUT_FILE;
 use crate::{Result, RunConfig, TrainError};
 
 /// Where an image leaves the cascade.

@@ -16,18 +16,7 @@ use crate::network::{build_network, Built};
 use crate::plan::{Graphs, Plan};
 use crate::{Result, TrainError};
 
-/// File names inside a run directory.
-pub const CONFIG_FILE: &str = "config.toml";
-/// Per-epoch records.
-pub const METRICS_FILE: &str = "metrics.jsonl";
-/// The end-of-run summary.
-pub const SUMMARY_FILE: &str = "summary.json";
-/// What an input image must be made into for the saved model, and the class names
-/// ([`sid_data::InputSpec`]): what `sid-launch predict` reads instead of the data set.
-pub const INPUT_FILE: &str = "input.json";
-
-/// The resolved plan, beside the config (see [`crate::plan`]).
-pub const PLAN_FILE: &str = "plan.toml";
+pub use crate::checkpoint::{CONFIG_FILE, INPUT_FILE, METRICS_FILE, PLAN_FILE, SUMMARY_FILE};
 
 /// Writes the data's [`sid_data::InputSpec`] into the run directory.
 fn write_input_spec(dir: &Path, data: &Dataset) -> Result<()> {
