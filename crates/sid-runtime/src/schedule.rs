@@ -363,7 +363,8 @@ impl StageRunner {
         while let Some(&op) = s.ops.get(s.next_op) {
             match op {
                 Op::Forward(j) => {
-                    let Some(a) = arrived.take().or_else(|| s.early.take()) else {
+                    // One that came while the step waited for a gradient came first.
+                    let Some(a) = s.early.take().or_else(|| arrived.take()) else {
                         break;
                     };
                     let input = self.strike(s.step, a.input)?;

@@ -184,7 +184,8 @@ impl StagedPipeline {
             .collect();
         let mut names: Vec<String> = devices.iter().map(|d| device_name(*d)).collect();
         let mut replicas = 1;
-        // Backprop stages wait on each other within a step: they always have a thread each.
+        // Several backprop stages wait on each other within a step: they get a thread each
+        // (one BP stage, or SID's stages, on one device run in this thread).
         let engine = if let Some(ranks) = &cfg.ranks {
             replicas = ranks.replicas;
             names = ranks.names.clone();
