@@ -65,8 +65,8 @@ pub struct StagedConfig {
     /// owns; `None` = as even as possible.
     pub placement: Option<Placement>,
     /// Staged SID with one micro-batch: each GPU stage replays its steps from a CUDA graph of
-    /// its own (see `stage_graph.rs`; no effect on CPU stages, other methods, or stages in
-    /// other processes).
+    /// its own (see `sid_core::graph::GraphedStep::stage`; no effect on CPU stages, other
+    /// methods, or stages in other processes).
     pub cuda_graph: bool,
     /// The paper's SID: the fused schedule on the module stages (each module's local-step
     /// forward, detached, is the next one's teacher; the same values, one forward less).
