@@ -106,7 +106,7 @@ pub fn build_bp_stages<'a>(
         .map(|i| BeliefModule::new(&(last.root() / module_prefix(i)), cfg))
         .collect();
     let mut head = Some((head, modules));
-    let names = net.backbone.block_names();
+    let prefixes = net.block_prefixes();
     Ok(stores
         .into_iter()
         .zip(built)
@@ -116,13 +116,12 @@ pub fn build_bp_stages<'a>(
             let trainable = |v: &Tensor| v.requires_grad();
             let vars = vs.variables();
             let mut taken = std::collections::BTreeSet::new();
-            let mut groups: Vec<Vec<Tensor>> = names[blocks[index].clone()]
+            let mut groups: Vec<Vec<Tensor>> = prefixes[blocks[index].clone()]
                 .iter()
-                .map(|name| {
-                    let prefix = format!("extractor.{name}.");
+                .map(|prefix| {
                     let mut g: Vec<(&String, &Tensor)> = vars
                         .iter()
-                        .filter(|(n, v)| n.starts_with(&prefix) && trainable(v))
+                        .filter(|(n, v)| n.starts_with(prefix.as_str()) && trainable(v))
                         .collect();
                     g.sort_by(|a, b| a.0.cmp(b.0));
                     taken.extend(g.iter().map(|(n, _)| (*n).clone()));

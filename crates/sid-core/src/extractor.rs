@@ -126,6 +126,16 @@ impl<'a> Net<'a> {
         self.backbone.block_names().len()
     }
 
+    /// Each block's variable-name prefix, first to last: `extractor.<name>.`, where the
+    /// library builds it (see [`Backbone`]).
+    pub fn block_prefixes(&self) -> Vec<String> {
+        self.backbone
+            .block_names()
+            .iter()
+            .map(|name| format!("extractor.{name}."))
+            .collect()
+    }
+
     /// Builds every block, first to last, block `i` under `path(i) / <its name>`.
     pub(crate) fn build_blocks<'p>(
         &self,

@@ -209,12 +209,7 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
         }
     };
     let stages = units.len();
-    let blocks: Vec<String> = net
-        .backbone
-        .block_names()
-        .iter()
-        .map(|b| format!("extractor.{b}."))
-        .collect();
+    let blocks = net.block_prefixes();
     let in_backbone = |name: &str| blocks.iter().any(|b| name.starts_with(b.as_str()));
     units
         .into_iter()

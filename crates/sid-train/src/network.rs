@@ -59,34 +59,31 @@ pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> 
     let runtime = TrainError::Runtime;
     tch::manual_seed(cfg.optim.seed as i64);
     let one = || sid_core::StagePlan::even(&model, 1).map_err(TrainError::Core);
+    // The extractor as stage 1 of a stage pipeline, the module blocks after it; with
+    // micro-batches it forwards micro-batch j+1 while the module stages work on j.
+    let paper = |devices: Vec<Device>, placement| -> Result<sid_runtime::StagedPipeline> {
+        let mut sc = staged_config(cfg, plan, devices, one()?)?;
+        sc.method = sid_runtime::PipelineMethod::Paper;
+        sc.placement = placement;
+        #[cfg(feature = "fault-injection")]
+        {
+            // Device k's modules are stage k+2 (stage 1 is the extractor).
+            sc.fault = sc.fault.map(|f| sid_runtime::Fault {
+                worker: f.worker + 1,
+                ..f
+            });
+        }
+        sid_runtime::StagedPipeline::new(sc).map_err(runtime)
+    };
     let pipeline = match &plan.layout {
-        // One device: BP as one stage; SID as the paper's layout below with one module block,
-        // all in this thread.
+        // One device: BP as one stage, SID as the paper's layout with one module block; all
+        // in this thread.
         Layout::Whole(device) if plan.method == Method::Bp => {
             let sc = staged_config(cfg, plan, vec![*device], one()?)?;
             sid_runtime::StagedPipeline::new(sc).map_err(runtime)?
         }
-        Layout::Whole(_) | Layout::Paper { .. } => {
-            let (devices, placement) = match &plan.layout {
-                Layout::Paper { devices, placement } => (devices.clone(), Some(placement.clone())),
-                Layout::Whole(device) => (vec![*device], None),
-                Layout::Stages { .. } => unreachable!("matched below"),
-            };
-            // The extractor as stage 1 of a stage pipeline, the module blocks after it; with
-            // micro-batches it forwards micro-batch j+1 while the module stages work on j.
-            let mut sc = staged_config(cfg, plan, devices, one()?)?;
-            sc.method = sid_runtime::PipelineMethod::Paper;
-            sc.placement = placement;
-            #[cfg(feature = "fault-injection")]
-            {
-                // Device k's modules are stage k+2 (stage 1 is the extractor).
-                sc.fault = sc.fault.map(|f| sid_runtime::Fault {
-                    worker: f.worker + 1,
-                    ..f
-                });
-            }
-            sid_runtime::StagedPipeline::new(sc).map_err(runtime)?
-        }
+        Layout::Whole(device) => paper(vec![*device], None)?,
+        Layout::Paper { devices, placement } => paper(devices.clone(), Some(placement.clone()))?,
         Layout::Stages { devices, cut } => {
             let mut sc = staged_config(cfg, plan, devices.clone(), cut.clone())?;
             if let Some(rdv) = rdv {
