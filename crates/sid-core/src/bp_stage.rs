@@ -163,16 +163,6 @@ impl BpStage {
         self.index
     }
 
-    /// Whether it is the last stage (the one with the loss).
-    pub fn is_last(&self) -> bool {
-        self.last
-    }
-
-    /// Micro-batches whose backward is still to come (what 1F1B keeps small).
-    pub fn in_flight(&self) -> usize {
-        self.pending.len()
-    }
-
     /// Every module's logits from the slice's output, float32, computed at the stage's
     /// precision.
     fn head_forward(&self, h: &Tensor) -> Vec<Tensor> {

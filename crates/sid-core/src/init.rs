@@ -127,11 +127,6 @@ pub fn batch_norm2d(p: nn::Path, channels: i64) -> nn::BatchNorm {
     nn::batch_norm2d(p, channels, c)
 }
 
-/// PyTorch's `nn.LayerNorm(width)` under `p`: weight 1, bias 0, ε = 1e-5.
-pub fn layer_norm(p: nn::Path, width: i64) -> nn::LayerNorm {
-    nn::layer_norm(p, vec![width], Default::default())
-}
-
 /// ViT's LayerNorm under `p`: weight 1, bias 0, ε = 1e-6, as timm's and torchvision's
 /// `VisionTransformer` build theirs (`partial(nn.LayerNorm, eps=1e-6)`), so reference weights
 /// compute the reference's values.

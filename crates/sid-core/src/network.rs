@@ -57,7 +57,7 @@ impl Cascade {
                 .gather(1, &labels.unsqueeze(1), false)
                 .sum(Kind::Float);
             let teacher_kl = (log_prev.exp() * (&log_prev - &log_p)).sum(Kind::Float);
-            // On the logits, as `correct_per_module` and early exit compare them.
+            // On the logits, as early exit compares them.
             let correct = l.argmax(-1, false).eq_tensor(&labels).sum(Kind::Float);
             rows.push(Tensor::stack(&[correct, label_kl, teacher_kl], 0));
             log_prev = log_p;
@@ -73,20 +73,6 @@ impl Cascade {
             label_kl: col(1),
             teacher_kl: col(2),
         })
-    }
-
-    /// Number of correct predictions of each module against `labels`, on the CPU.
-    pub fn correct_per_module(&self, labels: &Tensor) -> Vec<i64> {
-        self.logits
-            .iter()
-            .map(|l| {
-                let labels = labels.to_device(l.device());
-                l.argmax(-1, false)
-                    .eq_tensor(&labels)
-                    .sum(Kind::Int64)
-                    .int64_value(&[])
-            })
-            .collect()
     }
 }
 

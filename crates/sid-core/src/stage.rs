@@ -490,16 +490,6 @@ impl Stage {
         self.index
     }
 
-    /// Its blocks and modules.
-    pub fn spec(&self) -> &StageSpec {
-        &self.spec
-    }
-
-    /// Whether it is the last stage (it sends no features on).
-    pub fn is_last(&self) -> bool {
-        self.last
-    }
-
     /// Where its parameters live.
     pub fn device(&self) -> Device {
         self.vs.device()

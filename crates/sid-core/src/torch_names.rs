@@ -2,7 +2,7 @@
 //! `resnet18` and `vgg11_bn`, timm's ViT (`vit_tiny_patch16_224`'s layout at the run's image
 //! and patch size). The one table of which sid variable is which reference parameter, used
 //! both to load reference weights into a network ([`import`]) and to write a trained network
-//! under reference names ([`export_name`]).
+//! under reference names ([`pairs`]).
 //!
 //! Where the layouts differ, this module decides:
 //! - the reference classifiers (`fc.*`, `classifier.*`, timm's `head.*`) and BatchNorm's
@@ -260,16 +260,6 @@ pub fn pooled_blocks(model: &ModelConfig) -> Vec<bool> {
             _ => false,
         })
         .collect()
-}
-
-/// The reference name of the sid variable `sid` (a checkpoint name), if it is a backbone
-/// parameter of `model` that has one.
-pub fn export_name(model: &ModelConfig, sid: &str) -> Option<String> {
-    pairs(model)
-        .ok()?
-        .into_iter()
-        .find(|p| p.sid == sid)
-        .map(|p| p.reference)
 }
 
 /// Reference weights mapped onto sid's names, ready to load into a network's backbone.

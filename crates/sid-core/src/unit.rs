@@ -92,11 +92,6 @@ impl ModuleUnit {
         self.vs.device()
     }
 
-    /// The belief module itself.
-    pub fn module(&self) -> &BeliefModule {
-        &self.net
-    }
-
     /// The module's logits for `p_prev` and `z`, float32, computed at the unit's precision:
     /// every forward of the module goes through here.
     pub fn logits(&self, p_prev: &Tensor, z: &Tensor) -> Tensor {
