@@ -21,42 +21,15 @@ pub enum ExtractorKind {
     VitTiny,
 }
 
-impl ExtractorKind {
-    /// Every backbone, in the order the help lists them.
-    pub const ALL: [Self; 5] = [
-        Self::Cnn,
-        Self::Mlp,
-        Self::Vgg11,
-        Self::Resnet18,
-        Self::VitTiny,
-    ];
-}
-
-impl std::str::FromStr for ExtractorKind {
-    type Err = CoreError;
-    fn from_str(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.to_string() == s)
-            .ok_or_else(|| {
-                CoreError::InvalidConfig(format!(
-                    "unknown model {s:?} (expected cnn, mlp, vgg11, resnet18 or vit-tiny)"
-                ))
-            })
-    }
-}
-
-impl std::fmt::Display for ExtractorKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Cnn => "cnn",
-            Self::Mlp => "mlp",
-            Self::Vgg11 => "vgg11",
-            Self::Resnet18 => "resnet18",
-            Self::VitTiny => "vit-tiny",
-        })
-    }
-}
+spelled_enum!(
+    ExtractorKind,
+    "model",
+    Cnn = "cnn",
+    Mlp = "mlp",
+    Vgg11 = "vgg11",
+    Resnet18 = "resnet18",
+    VitTiny = "vit-tiny"
+);
 
 /// The training method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,27 +41,7 @@ pub enum Method {
     Bp,
 }
 
-impl std::str::FromStr for Method {
-    type Err = CoreError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "sid" => Ok(Self::Sid),
-            "bp" => Ok(Self::Bp),
-            other => Err(CoreError::InvalidConfig(format!(
-                "unknown method {other:?} (expected sid or bp)"
-            ))),
-        }
-    }
-}
-
-impl std::fmt::Display for Method {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Sid => "sid",
-            Self::Bp => "bp",
-        })
-    }
-}
+spelled_enum!(Method, "method", Sid = "sid", Bp = "bp");
 
 /// Shape of the network: extractor, feature size, number and width of belief modules.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,5 +146,42 @@ impl LossConfig {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_back_and_unknown_ones_list_every_name() {
+        for k in [
+            ExtractorKind::Cnn,
+            ExtractorKind::Mlp,
+            ExtractorKind::Vgg11,
+            ExtractorKind::Resnet18,
+            ExtractorKind::VitTiny,
+        ] {
+            assert_eq!(k.to_string().parse::<ExtractorKind>().unwrap(), k);
+        }
+        assert_eq!("bp".parse::<Method>().unwrap(), Method::Bp);
+        assert_eq!(Method::Sid.to_string(), "sid");
+        let err = |e: CoreError| e.to_string();
+        assert_eq!(
+            err("vgg".parse::<ExtractorKind>().unwrap_err()),
+            "invalid model setting: unknown model \"vgg\" (expected cnn, mlp, vgg11, resnet18 or vit-tiny)"
+        );
+        assert_eq!(
+            err("adam".parse::<Method>().unwrap_err()),
+            "invalid model setting: unknown method \"adam\" (expected sid or bp)"
+        );
+        assert_eq!(
+            err("fp16".parse::<crate::Precision>().unwrap_err()),
+            "invalid model setting: unknown precision \"fp16\" (expected fp32 or bf16)"
+        );
+        assert_eq!(
+            err("xavier".parse::<crate::Init>().unwrap_err()),
+            "invalid model setting: unknown init \"xavier\" (expected pytorch or kaiming)"
+        );
     }
 }

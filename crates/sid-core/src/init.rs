@@ -4,8 +4,6 @@
 use serde::{Deserialize, Serialize};
 use tch::nn;
 
-use crate::{CoreError, Result};
-
 /// Weight initialisation of every layer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -19,27 +17,7 @@ pub enum Init {
     Kaiming,
 }
 
-impl std::str::FromStr for Init {
-    type Err = CoreError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "pytorch" => Ok(Self::Pytorch),
-            "kaiming" => Ok(Self::Kaiming),
-            other => Err(CoreError::InvalidConfig(format!(
-                "unknown init {other:?} (expected pytorch or kaiming)"
-            ))),
-        }
-    }
-}
-
-impl std::fmt::Display for Init {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Pytorch => "pytorch",
-            Self::Kaiming => "kaiming",
-        })
-    }
-}
+spelled_enum!(Init, "init", Pytorch = "pytorch", Kaiming = "kaiming");
 
 fn pytorch_bound(fan_in: i64) -> nn::Init {
     let b = 1.0 / (fan_in as f64).sqrt();

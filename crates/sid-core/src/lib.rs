@@ -38,6 +38,38 @@
 //! module.apply(); // Adam, from the gradients accumulated since the last step
 //! ```
 
+/// `FromStr` and `Display` for an enum of unit variants, each spelled as given (what
+/// `config.toml` and the flags use); a name that is none of them is an error listing them all.
+macro_rules! spelled_enum {
+    ($ty:ident, $what:literal, $($variant:ident = $name:literal),+) => {
+        impl std::str::FromStr for $ty {
+            type Err = $crate::CoreError;
+            fn from_str(s: &str) -> $crate::Result<Self> {
+                match s {
+                    $($name => Ok(Self::$variant),)+
+                    _ => {
+                        let names = [$($name),+];
+                        let (last, rest) = names.split_last().expect("at least one variant");
+                        Err($crate::CoreError::InvalidConfig(format!(
+                            "unknown {} {s:?} (expected {} or {last})",
+                            $what,
+                            rest.join(", ")
+                        )))
+                    }
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(match self {
+                    $(Self::$variant => $name),+
+                })
+            }
+        }
+    };
+}
+
 pub mod adam;
 pub mod belief;
 pub mod bp_stage;

@@ -24,27 +24,7 @@ pub enum Precision {
     Bf16,
 }
 
-impl std::str::FromStr for Precision {
-    type Err = CoreError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "fp32" => Ok(Self::Fp32),
-            "bf16" => Ok(Self::Bf16),
-            other => Err(CoreError::InvalidConfig(format!(
-                "unknown precision {other:?} (expected fp32 or bf16)"
-            ))),
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Fp32 => "fp32",
-            Self::Bf16 => "bf16",
-        })
-    }
-}
+spelled_enum!(Precision, "precision", Fp32 = "fp32", Bf16 = "bf16");
 
 #[cfg(sid_autocast)]
 mod ffi {
