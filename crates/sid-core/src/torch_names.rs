@@ -98,20 +98,9 @@ pub fn pairs(model: &ModelConfig) -> Result<Vec<Pair>> {
         ))
     })?;
     let mut out = Vec::new();
-    let mut push = |sid: String, reference: String, shape: Vec<i64>| {
-        out.push(Pair {
-            reference,
-            sid: format!("extractor.{sid}"),
-            shape,
-        })
-    };
-    let bn = |push: &mut dyn FnMut(String, String, Vec<i64>), sid: &str, r: &str, c: i64| {
-        for v in ["weight", "bias", "running_mean", "running_var"] {
-            push(format!("{sid}.{v}"), format!("{r}.{v}"), vec![c]);
-        }
-    };
     let mut vgg = 0;
     for (name, spec, _) in specs(model) {
+        let sid = |s: &str| format!("{name}.{s}");
         match (reference, spec) {
             (
                 Reference::TorchvisionResnet18,
@@ -120,12 +109,8 @@ pub fn pairs(model: &ModelConfig) -> Result<Vec<Pair>> {
                 },
             ) => {
                 let k = conv.kernel;
-                push(
-                    format!("{name}.conv.weight"),
-                    "conv1.weight".into(),
-                    vec![cout, cin, k, k],
-                );
-                bn(&mut push, &format!("{name}.bn"), "bn1", cout);
+                let names = [sid("conv"), "conv1".into(), sid("bn"), "bn1".into()];
+                conv_bn(&mut out, names, [cout, cin, k, k], false);
             }
             (Reference::TorchvisionResnet18, Spec::Basic { cin, cout, stride }) => {
                 // `layer{l}_{b}` is torchvision's `layer{l}.{b-1}`.
@@ -133,84 +118,55 @@ pub fn pairs(model: &ModelConfig) -> Result<Vec<Pair>> {
                     .split_once('_')
                     .and_then(|(l, b)| Some((l.to_string(), b.parse::<usize>().ok()? - 1)))
                     .expect("ResNet blocks are named layer{l}_{b}");
-                let r = format!("{layer}.{block}");
-                push(
-                    format!("{name}.conv1.weight"),
-                    format!("{r}.conv1.weight"),
-                    vec![cout, cin, 3, 3],
-                );
-                bn(&mut push, &format!("{name}.bn1"), &format!("{r}.bn1"), cout);
-                push(
-                    format!("{name}.conv2.weight"),
-                    format!("{r}.conv2.weight"),
-                    vec![cout, cout, 3, 3],
-                );
-                bn(&mut push, &format!("{name}.bn2"), &format!("{r}.bn2"), cout);
-                if stride != 1 || cin != cout {
-                    push(
-                        format!("{name}.down_conv.weight"),
-                        format!("{r}.downsample.0.weight"),
-                        vec![cout, cin, 1, 1],
-                    );
-                    bn(
-                        &mut push,
-                        &format!("{name}.down_bn"),
-                        &format!("{r}.downsample.1"),
-                        cout,
-                    );
+                let r = |s: &str| format!("{layer}.{block}.{s}");
+                let convs = [
+                    (["conv1", "conv1", "bn1", "bn1"], cin, 3),
+                    (["conv2", "conv2", "bn2", "bn2"], cout, 3),
+                    (
+                        ["down_conv", "downsample.0", "down_bn", "downsample.1"],
+                        cin,
+                        1,
+                    ),
+                ];
+                let down = stride != 1 || cin != cout;
+                for ([conv, r_conv, bn, r_bn], i, k) in &convs[..if down { 3 } else { 2 }] {
+                    let names = [sid(conv), r(r_conv), sid(bn), r(r_bn)];
+                    conv_bn(&mut out, names, [cout, *i, *k, *k], false);
                 }
             }
             (Reference::TorchvisionVgg11Bn, Spec::ConvBn { cin, cout, .. }) => {
                 let at = VGG11_FEATURES[vgg];
                 vgg += 1;
-                push(
-                    format!("{name}.conv.weight"),
-                    format!("features.{at}.weight"),
-                    vec![cout, cin, 3, 3],
-                );
-                push(
-                    format!("{name}.conv.bias"),
-                    format!("features.{at}.bias"),
-                    vec![cout],
-                );
-                bn(
-                    &mut push,
-                    &format!("{name}.bn"),
-                    &format!("features.{}", at + 1),
-                    cout,
-                );
+                let names = [
+                    sid("conv"),
+                    format!("features.{at}"),
+                    sid("bn"),
+                    format!("features.{}", at + 1),
+                ];
+                conv_bn(&mut out, names, [cout, cin, 3, 3], true);
             }
             (Reference::TimmVitTiny, Spec::Patch { cin, patch, tokens }) => {
                 let w = VIT_WIDTH;
-                push(
-                    format!("{name}.proj.weight"),
-                    "patch_embed.proj.weight".into(),
-                    vec![w, cin, patch, patch],
-                );
-                push(
-                    format!("{name}.proj.bias"),
-                    "patch_embed.proj.bias".into(),
-                    vec![w],
-                );
-                push(
-                    format!("{name}.cls_token"),
-                    "cls_token".into(),
-                    vec![1, 1, w],
-                );
-                push(
-                    format!("{name}.pos_embed"),
-                    "pos_embed".into(),
-                    vec![1, tokens + 1, w],
-                );
+                for (s, r, shape) in [
+                    (
+                        "proj.weight",
+                        "patch_embed.proj.weight",
+                        vec![w, cin, patch, patch],
+                    ),
+                    ("proj.bias", "patch_embed.proj.bias", vec![w]),
+                    ("cls_token", "cls_token", vec![1, 1, w]),
+                    ("pos_embed", "pos_embed", vec![1, tokens + 1, w]),
+                ] {
+                    out.push(Pair::new(sid(s), r.into(), shape));
+                }
             }
             (Reference::TimmVitTiny, Spec::Encoder) => {
                 // `block{j}` is timm's `blocks.{j-1}`.
                 let j: usize = name["block".len()..]
                     .parse()
                     .expect("ViT blocks are block{j}");
-                let r = format!("blocks.{}", j - 1);
                 let (w, h) = (VIT_WIDTH, VIT_WIDTH * VIT_MLP_RATIO);
-                for (sid, timm, shapes) in [
+                for (s, timm, [weight, bias]) in [
                     ("norm1", "norm1", [vec![w], vec![w]]),
                     ("qkv", "attn.qkv", [vec![3 * w, w], vec![3 * w]]),
                     ("proj", "attn.proj", [vec![w, w], vec![w]]),
@@ -218,17 +174,9 @@ pub fn pairs(model: &ModelConfig) -> Result<Vec<Pair>> {
                     ("fc1", "mlp.fc1", [vec![h, w], vec![h]]),
                     ("fc2", "mlp.fc2", [vec![w, h], vec![w]]),
                 ] {
-                    let [weight, bias] = shapes;
-                    push(
-                        format!("{name}.{sid}.weight"),
-                        format!("{r}.{timm}.weight"),
-                        weight,
-                    );
-                    push(
-                        format!("{name}.{sid}.bias"),
-                        format!("{r}.{timm}.bias"),
-                        bias,
-                    );
+                    let r = format!("blocks.{}.{timm}", j - 1);
+                    out.push(Pair::param(&sid(s), &r, "weight", weight));
+                    out.push(Pair::param(&sid(s), &r, "bias", bias));
                 }
             }
             (r, s) => unreachable!("{} has no block like {s:?}", r.name()),
@@ -238,14 +186,40 @@ pub fn pairs(model: &ModelConfig) -> Result<Vec<Pair>> {
         // timm's final `norm` is sid's head LayerNorm (on the class token only; the same
         // values, since LayerNorm works token by token).
         for v in ["weight", "bias"] {
-            push(
-                format!("head.norm.{v}"),
-                format!("norm.{v}"),
-                vec![VIT_WIDTH],
-            );
+            out.push(Pair::param("head.norm", "norm", v, vec![VIT_WIDTH]));
         }
     }
     Ok(out)
+}
+
+impl Pair {
+    /// sid's `extractor.{sid}`, the reference's `reference`.
+    fn new(sid: String, reference: String, shape: Vec<i64>) -> Self {
+        Self {
+            reference,
+            sid: format!("extractor.{sid}"),
+            shape,
+        }
+    }
+
+    /// Parameter `v` (`weight`, `bias`, …) of sid's layer `sid`, the reference's `reference`.
+    fn param(sid: &str, reference: &str, v: &str, shape: Vec<i64>) -> Self {
+        Self::new(format!("{sid}.{v}"), format!("{reference}.{v}"), shape)
+    }
+}
+
+/// A convolution's weight of `shape` (and its bias when `bias`), then the BatchNorm after it:
+/// `names` are the convolution's sid and reference names, then the BatchNorm's.
+fn conv_bn(out: &mut Vec<Pair>, names: [String; 4], shape: [i64; 4], bias: bool) {
+    let [conv, r_conv, bn, r_bn] = names;
+    let c = vec![shape[0]];
+    out.push(Pair::param(&conv, &r_conv, "weight", shape.into()));
+    if bias {
+        out.push(Pair::param(&conv, &r_conv, "bias", c.clone()));
+    }
+    for v in ["weight", "bias", "running_mean", "running_var"] {
+        out.push(Pair::param(&bn, &r_bn, v, c.clone()));
+    }
 }
 
 /// Whether each block of `model`'s backbone ends with a max-pool (VGG-11 skips one that
