@@ -331,77 +331,62 @@ impl<O> GraphedStep<O> {
                 }
             }
         }
-        enum Next {
-            Eager,
-            Warm,
-            Capture,
-            Replay,
+        if matches!(self.state, GraphState::Warming(0, _)) {
+            return self.capture(inputs, run, news);
         }
-        let next = match &self.state {
-            GraphState::Off => Next::Eager,
-            GraphState::Warming(n, _) if *n > 0 => Next::Warm,
-            GraphState::Warming(..) => Next::Capture,
-            GraphState::Captured { inputs: fixed, .. } => {
-                if fixed.iter().zip(inputs).any(|(f, t)| f.size() != t.size()) {
-                    Next::Eager
-                } else {
-                    Next::Replay
-                }
-            }
-        };
-        match next {
-            Next::Eager => Ok(Stepped::Ran(run(&owned())?)),
-            Next::Warm => {
-                let GraphState::Warming(n, graph) = &mut self.state else {
-                    unreachable!("matched above")
-                };
+        match &mut self.state {
+            GraphState::Warming(n, graph) => {
                 *n -= 1;
                 Ok(Stepped::Ran(graph.on_side_stream(|| run(&owned()))?))
             }
-            Next::Capture => {
-                let GraphState::Warming(_, mut graph) =
-                    std::mem::replace(&mut self.state, GraphState::Off)
-                else {
-                    unreachable!("matched above")
-                };
-                // Fixed inputs, allocated outside the graph, that every replay reads.
-                let fixed: Vec<Tensor> = inputs.iter().map(|t| t.copy()).collect();
-                match graph.capture(|| run(&fixed)) {
-                    Ok(outputs) => {
-                        // A capture runs nothing: replaying it is this step.
-                        graph.replay()?;
-                        news(GraphNews::Captured);
-                        self.state = GraphState::Captured {
-                            inputs: fixed,
-                            outputs,
-                            graph,
-                        };
-                        let GraphState::Captured { outputs, .. } = &self.state else {
-                            unreachable!("just set")
-                        };
-                        Ok(Stepped::Replayed(outputs))
-                    }
-                    Err(e) => {
-                        // Nothing ran during the failed capture: this step runs eagerly.
-                        news(GraphNews::Failed(e.to_string()));
-                        Ok(Stepped::Ran(run(&owned())?))
-                    }
-                }
-            }
-            Next::Replay => {
-                let GraphState::Captured {
-                    inputs: fixed,
-                    outputs,
-                    graph,
-                } = &mut self.state
-                else {
-                    unreachable!("matched above")
-                };
+            GraphState::Captured {
+                inputs: fixed,
+                outputs,
+                graph,
+            } if fixed.iter().zip(inputs).all(|(f, t)| f.size() == t.size()) => {
                 for (f, t) in fixed.iter_mut().zip(inputs) {
                     f.copy_(t);
                 }
                 graph.replay()?;
                 Ok(Stepped::Replayed(outputs))
+            }
+            GraphState::Off | GraphState::Captured { .. } => Ok(Stepped::Ran(run(&owned())?)),
+        }
+    }
+
+    /// The step that captures the graph (or, if the capture fails, runs eagerly).
+    fn capture(
+        &mut self,
+        inputs: &[&Tensor],
+        mut run: impl FnMut(&[Tensor]) -> Result<O>,
+        news: impl FnOnce(GraphNews),
+    ) -> Result<Stepped<'_, O>> {
+        let GraphState::Warming(_, mut graph) = std::mem::replace(&mut self.state, GraphState::Off)
+        else {
+            unreachable!("called while warming")
+        };
+        // Fixed inputs, allocated outside the graph, that every replay reads.
+        let fixed: Vec<Tensor> = inputs.iter().map(|t| t.copy()).collect();
+        match graph.capture(|| run(&fixed)) {
+            Ok(outputs) => {
+                // A capture runs nothing: replaying it is this step.
+                graph.replay()?;
+                news(GraphNews::Captured);
+                self.state = GraphState::Captured {
+                    inputs: fixed,
+                    outputs,
+                    graph,
+                };
+                let GraphState::Captured { outputs, .. } = &self.state else {
+                    unreachable!("just set")
+                };
+                Ok(Stepped::Replayed(outputs))
+            }
+            Err(e) => {
+                // Nothing ran during the failed capture: this step runs eagerly.
+                news(GraphNews::Failed(e.to_string()));
+                let owned: Vec<Tensor> = inputs.iter().map(|t| t.shallow_clone()).collect();
+                Ok(Stepped::Ran(run(&owned)?))
             }
         }
     }
