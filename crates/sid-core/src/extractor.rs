@@ -763,56 +763,52 @@ impl Backbone for ModelConfig {
 
 /// Builds the layer `spec` describes under `p`.
 fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
-    let p = p.clone();
+    let conv = |name: &str, cin, cout, shape, bias| {
+        crate::init::conv(p / name, cin, cout, shape, bias, init)
+    };
+    let bn = |name: &str, c| crate::init::batch_norm2d(p / name, c);
     match spec {
         Spec::Conv { cin, cout, pool } => Layer::Conv {
-            conv: crate::init::conv3x3(p, cin, cout, init),
+            conv: crate::init::conv3x3(p.clone(), cin, cout, init),
             pool,
         },
         Spec::Dense { inputs, outputs } => Layer::Dense {
-            fc: crate::init::linear(p, inputs, outputs, init),
+            fc: crate::init::linear(p.clone(), inputs, outputs, init),
         },
         Spec::ConvBn {
             cin,
             cout,
-            conv,
+            conv: shape,
             bias,
             pool,
         } => Layer::ConvBn {
-            conv: crate::init::conv(&p / "conv", cin, cout, conv, bias, init),
-            bn: crate::init::batch_norm2d(&p / "bn", cout),
+            conv: conv("conv", cin, cout, shape, bias),
+            bn: bn("bn", cout),
             pool,
         },
         Spec::Basic { cin, cout, stride } => {
             let c3 = |s| ConvShape::new(3, s, 1);
             Layer::Basic(Box::new(BasicBlock {
-                conv1: crate::init::conv(&p / "conv1", cin, cout, c3(stride), false, init),
-                bn1: crate::init::batch_norm2d(&p / "bn1", cout),
-                conv2: crate::init::conv(&p / "conv2", cout, cout, c3(1), false, init),
-                bn2: crate::init::batch_norm2d(&p / "bn2", cout),
+                conv1: conv("conv1", cin, cout, c3(stride), false),
+                bn1: bn("bn1", cout),
+                conv2: conv("conv2", cout, cout, c3(1), false),
+                bn2: bn("bn2", cout),
                 down: (stride != 1 || cin != cout).then(|| {
+                    let shape = ConvShape::new(1, stride, 0);
                     (
-                        crate::init::conv(
-                            &p / "down_conv",
-                            cin,
-                            cout,
-                            ConvShape::new(1, stride, 0),
-                            false,
-                            init,
-                        ),
-                        crate::init::batch_norm2d(&p / "down_bn", cout),
+                        conv("down_conv", cin, cout, shape, false),
+                        bn("down_bn", cout),
                     )
                 }),
             }))
         }
         Spec::Patch { cin, patch, tokens } => Layer::Patch(Box::new(PatchEmbed {
-            proj: crate::init::conv(
-                &p / "proj",
+            proj: conv(
+                "proj",
                 cin,
                 VIT_WIDTH,
                 ConvShape::new(patch, patch, 0),
                 true,
-                init,
             ),
             // torchvision's VisionTransformer: class token zeros, positions N(0, 0.02²).
             cls_token: p.zeros("cls_token", &[1, 1, VIT_WIDTH]),
@@ -826,15 +822,16 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
             ),
         })),
         Spec::Encoder => {
-            let w = VIT_WIDTH;
-            let hidden = w * VIT_MLP_RATIO;
+            let (w, hidden) = (VIT_WIDTH, VIT_WIDTH * VIT_MLP_RATIO);
+            let linear = |name: &str, i, o| crate::init::linear(p / name, i, o, init);
+            let norm = |name: &str| crate::init::vit_layer_norm(p / name, w);
             Layer::Encoder(Box::new(EncoderBlock {
-                norm1: crate::init::vit_layer_norm(&p / "norm1", w),
-                qkv: crate::init::linear(&p / "qkv", w, 3 * w, init),
-                proj: crate::init::linear(&p / "proj", w, w, init),
-                norm2: crate::init::vit_layer_norm(&p / "norm2", w),
-                fc1: crate::init::linear(&p / "fc1", w, hidden, init),
-                fc2: crate::init::linear(&p / "fc2", hidden, w, init),
+                norm1: norm("norm1"),
+                qkv: linear("qkv", w, 3 * w),
+                proj: linear("proj", w, w),
+                norm2: norm("norm2"),
+                fc1: linear("fc1", w, hidden),
+                fc2: linear("fc2", hidden, w),
                 heads: VIT_HEADS,
             }))
         }
