@@ -82,17 +82,6 @@ impl Adam {
         }
     }
 
-    /// Chooses the fused kernel (default when built in) or separate tensor ops; both compute
-    /// PyTorch's update, up to float rounding. Asking for the kernel without it does nothing.
-    pub fn set_fused(&mut self, on: bool) {
-        self.fused = on && fused_available();
-    }
-
-    /// Whether steps run the fused kernel.
-    pub fn is_fused(&self) -> bool {
-        self.fused
-    }
-
     /// Adam over every trainable variable of a VarStore (not BatchNorm's running
     /// statistics, which are saved with the weights but never receive a gradient).
     pub fn for_var_store(vs: &tch::nn::VarStore, lr: f64) -> Self {
@@ -328,6 +317,19 @@ pub(crate) fn copy_checked(dst: &mut Tensor, src: &Tensor, name: &str) -> Result
 mod tests {
     use super::*;
     use tch::Device;
+
+    impl Adam {
+        /// Chooses the fused kernel (default when built in) or separate tensor ops; both compute
+        /// PyTorch's update, up to float rounding. Asking for the kernel without it does nothing.
+        fn set_fused(&mut self, on: bool) {
+            self.fused = on && fused_available();
+        }
+
+        /// Whether steps run the fused kernel.
+        fn is_fused(&self) -> bool {
+            self.fused
+        }
+    }
 
     #[test]
     fn first_steps_match_hand_computed_adam() {

@@ -113,28 +113,24 @@ pub fn build_bp_stages<'a>(
         .enumerate()
         .map(|(index, (vs, built))| {
             let opt = Adam::for_var_store(&vs, lr);
-            let trainable = |v: &Tensor| v.requires_grad();
-            let vars = vs.variables();
-            let mut taken = std::collections::BTreeSet::new();
+            let mut rest: Vec<(String, Tensor)> = vs
+                .variables()
+                .into_iter()
+                .filter(|(_, v)| v.requires_grad())
+                .collect();
+            rest.sort_by(|a, b| a.0.cmp(&b.0));
             let mut groups: Vec<Vec<Tensor>> = prefixes[blocks[index].clone()]
                 .iter()
                 .map(|prefix| {
-                    let mut g: Vec<(&String, &Tensor)> = vars
-                        .iter()
-                        .filter(|(n, v)| n.starts_with(prefix.as_str()) && trainable(v))
-                        .collect();
-                    g.sort_by(|a, b| a.0.cmp(b.0));
-                    taken.extend(g.iter().map(|(n, _)| (*n).clone()));
-                    g.into_iter().map(|(_, v)| v.shallow_clone()).collect()
+                    let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut rest)
+                        .into_iter()
+                        .partition(|(n, _)| n.starts_with(prefix.as_str()));
+                    rest = others;
+                    mine.into_iter().map(|(_, v)| v).collect()
                 })
                 .collect();
-            let mut rest: Vec<(&String, &Tensor)> = vars
-                .iter()
-                .filter(|(n, v)| !taken.contains(*n) && trainable(v))
-                .collect();
-            rest.sort_by(|a, b| a.0.cmp(b.0));
             if !rest.is_empty() {
-                groups.push(rest.into_iter().map(|(_, v)| v.shallow_clone()).collect());
+                groups.push(rest.into_iter().map(|(_, v)| v).collect());
             }
             BpStage {
                 index,

@@ -2,7 +2,7 @@
 //!
 //! Synergistic Information Distillation trains a feature extractor `c` and a cascade of `L`
 //! belief modules `f_i(p_{i-1}, z)` without a global backward pass: each module learns from its
-//! own local loss ([`loss::local_loss`]) against the label and the previous module's belief.
+//! own local loss ([`loss::local_loss_for`]) against the label and the previous module's belief.
 //!
 //! The pieces are kept separate so that the runtime (`sid-runtime`, which runs them as a
 //! pipeline of stages on one device or many) can compose them:

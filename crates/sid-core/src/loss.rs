@@ -5,16 +5,6 @@ use tch::{Kind, Tensor};
 
 use crate::config::LossConfig;
 
-/// `KL(target ‖ softmax)` with "batchmean" reduction: summed over classes and batch, divided by
-/// the batch size (libtorch's `kl_div` with mean reduction divides by B·N, which is not the
-/// method's loss). Zero targets contribute zero thanks to `xlogy`.
-pub fn kl_batchmean(target: &Tensor, log_p: &Tensor) -> Tensor {
-    let batch = target.size()[0] as f64;
-    // Mask rather than multiply: 0 · (−∞) would be NaN where a belief underflows.
-    let cross = (target * log_p).where_self(&target.gt(0.0), &target.zeros_like());
-    (target.xlogy(target) - cross).sum(Kind::Float) / batch
-}
-
 /// The target distribution `p_y`: one-hot labels, smoothed by ε towards uniform.
 pub fn label_target(labels: &Tensor, num_classes: i64, label_smoothing: f64) -> Tensor {
     let one_hot = labels.one_hot(num_classes).to_kind(Kind::Float);
@@ -50,16 +40,7 @@ impl LabelTarget {
 }
 
 /// Module i's local loss for its `logits` [B, N], the previous belief `p_prev` [B, N] (treated
-/// as a constant) and integer `labels` [B].
-pub fn local_loss(logits: &Tensor, p_prev: &Tensor, labels: &Tensor, cfg: &LossConfig) -> Tensor {
-    local_loss_for(
-        logits,
-        p_prev,
-        &LabelTarget::new(labels, logits.size()[1], cfg),
-    )
-}
-
-/// [`local_loss`] with the label side built once per step. Computed as
+/// as a constant) and the step's label side `target`. Computed as
 /// `α·KL(p_y‖p) + (1−α)·KL(q‖p) = [α·Σ p_y ln p_y + (1−α)·Σ q ln q − Σ m ln p] / B` with the
 /// mixture `m = α·p_y + (1−α)·q`: the same value and gradient as the two KL terms, in half the
 /// tensor ops and with one term in the backward pass (a step on a GPU is launch-bound).
@@ -236,4 +217,31 @@ mod tests {
         assert!(best < at([want[0] as f32 + 0.02, want[1] as f32 - 0.02, want[2] as f32]));
         assert!(best < at([want[0] as f32 - 0.02, want[1] as f32, want[2] as f32 + 0.02]));
     }
+}
+
+// Only the tests and the hand-written reference compute the loss from its definition.
+/// `KL(target ‖ softmax)` with "batchmean" reduction: summed over classes and batch, divided by
+/// the batch size (libtorch's `kl_div` with mean reduction divides by B·N, which is not the
+/// method's loss). Zero targets contribute zero thanks to `xlogy`.
+#[cfg(test)]
+pub(crate) fn kl_batchmean(target: &Tensor, log_p: &Tensor) -> Tensor {
+    let batch = target.size()[0] as f64;
+    // Mask rather than multiply: 0 · (−∞) would be NaN where a belief underflows.
+    let cross = (target * log_p).where_self(&target.gt(0.0), &target.zeros_like());
+    (target.xlogy(target) - cross).sum(Kind::Float) / batch
+}
+
+/// [`local_loss_for`] from integer `labels` [B], its label side built on the spot.
+#[cfg(test)]
+pub(crate) fn local_loss(
+    logits: &Tensor,
+    p_prev: &Tensor,
+    labels: &Tensor,
+    cfg: &LossConfig,
+) -> Tensor {
+    local_loss_for(
+        logits,
+        p_prev,
+        &LabelTarget::new(labels, logits.size()[1], cfg),
+    )
 }

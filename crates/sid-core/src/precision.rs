@@ -113,13 +113,8 @@ impl Precision {
 /// # Panics
 /// If autocast fails, which [`Precision::check`] (called when a network is built) rules out.
 pub fn forward_f32(precision: Precision, device: Device, f: impl FnOnce() -> Tensor) -> Tensor {
-    match precision {
-        Precision::Fp32 => f(),
-        Precision::Bf16 => precision
-            .autocast(device, f)
-            .expect("autocast was checked when the network was built")
-            .to_kind(Kind::Float),
-    }
+    let mut out = forward_all_f32(precision, device, || vec![f()]);
+    out.pop().expect("one output")
 }
 
 /// [`forward_f32`] for a forward pass with several outputs (every module's logits).

@@ -153,16 +153,12 @@ impl StagePlan {
         let net = net.into();
         let (blocks, cfg) = (net.blocks(), net.model);
         if k == 0 || k > blocks || k > cfg.modules {
-            return Self::new(
-                vec![
-                    StageSpec {
-                        blocks: 0..0,
-                        modules: 0..0
-                    };
-                    k
-                ],
-                cfg,
-            );
+            // An impossible plan: `new` says why.
+            let empty = StageSpec {
+                blocks: 0..0,
+                modules: 0..0,
+            };
+            return Self::new(vec![empty; k], cfg);
         }
         let stages = even_ranges(blocks, k)
             .into_iter()
