@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief, BeliefModule};
 use crate::extractor::{forward_blocks, Block, Net};
-use crate::loss::cross_entropy;
+use crate::loss::{cross_entropy, scaled};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::{forward_all_f32, forward_f32};
 use crate::unit::{module_prefix, Backward, Inferred, MicroBatch, Passed, Unit};
@@ -214,8 +214,7 @@ impl BpStage {
         let (out, next) = if self.last {
             let logits = self.head_forward(&h);
             let loss = cross_entropy(logits.last().expect("at least one module"), labels);
-            let loss = if scale == 1.0 { loss } else { loss * scale };
-            (loss, None)
+            (scaled(loss, scale), None)
         } else {
             let next = h.detach();
             (h, Some(next))

@@ -299,18 +299,15 @@ impl ExitTracker {
                 conf.ge(self.tau).logical_and(&going_on)
             };
             let at = self.remaining.masked_select(&leaves);
-            let _ = self
-                .prediction
-                .index_put_(&[Some(&at)], &class.masked_select(&leaves), false);
-            let _ = self.exit_module.index_put_(
-                &[Some(&at)],
+            let put = |t: &mut Tensor, v: &Tensor| drop(t.index_put_(&[Some(&at)], v, false));
+            put(&mut self.prediction, &class.masked_select(&leaves));
+            put(
+                &mut self.exit_module,
                 &Tensor::full_like(&at, module as i64 + 1),
-                false,
             );
-            let _ = self.confidence.index_put_(
-                &[Some(&at)],
+            put(
+                &mut self.confidence,
                 &conf.masked_select(&leaves).to_kind(Kind::Float),
-                false,
             );
             going_on = going_on.logical_and(&leaves.logical_not());
         }

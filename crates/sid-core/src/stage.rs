@@ -22,7 +22,7 @@ use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief};
 use crate::config::LossConfig;
 use crate::extractor::{forward_blocks, Block, Neck, Net};
-use crate::loss::{local_loss_for, LabelTarget};
+use crate::loss::{local_loss_for, scaled, LabelTarget};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::forward_f32;
 use crate::unit::{Backward, Inferred, MicroBatch, ModuleUnit, Passed, Unit};
@@ -425,19 +425,19 @@ pub fn build_stages<'a>(
     loss.validate()?;
     cfg.precision.check(Device::Cpu)?;
     let k = plan.len();
-    let stage_of = |pick: fn(&StageSpec) -> &Range<usize>, i: usize| {
-        plan.stages
-            .iter()
-            .position(|s| pick(s).contains(&i))
-            .expect("a checked plan covers everything")
-    };
     let stores: Vec<VarStore> = (0..k).map(|_| VarStore::new(Device::Cpu)).collect();
     let cuts: Vec<Range<usize>> = plan.stages.iter().map(|s| s.blocks.clone()).collect();
     let (blocks, head) = net.build_cut(&stores, &cuts)?;
-    let mut modules: Vec<Vec<ModuleUnit>> = (0..k).map(|_| Vec::new()).collect();
-    for i in 0..cfg.modules {
-        modules[stage_of(|s| &s.modules, i)].push(ModuleUnit::new(i, cfg, loss, lr, Device::Cpu));
-    }
+    // Stage by stage is module by module: a checked plan's ranges are consecutive from 0.
+    let modules: Vec<Vec<ModuleUnit>> = plan
+        .stages
+        .iter()
+        .map(|s| {
+            (s.modules.clone())
+                .map(|i| ModuleUnit::new(i, cfg, loss, lr, Device::Cpu))
+                .collect()
+        })
+        .collect();
     let mut necks: Vec<Box<dyn Module>> = (0..k - 1)
         .map(|s| {
             let last = blocks[s].last().expect("a stage has blocks").output_shape();
@@ -544,7 +544,7 @@ impl Stage {
                 self.index + 1
             ))
         })?;
-        let losses = if scale == 1.0 { losses } else { losses * scale };
+        let losses = scaled(losses, scale);
         losses.f_sum(Kind::Float)?.f_backward()?;
         Ok(losses.detach())
     }

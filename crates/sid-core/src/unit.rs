@@ -15,7 +15,7 @@ use crate::adam::Adam;
 use crate::belief::{belief, BeliefModule};
 use crate::config::{LossConfig, ModelConfig};
 use crate::extractor::Extractor;
-use crate::loss::{local_loss_for, LabelTarget};
+use crate::loss::{local_loss_for, scaled, LabelTarget};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::{forward_f32, Precision};
 use crate::{CoreError, Result};
@@ -161,13 +161,7 @@ impl ModuleUnit {
         let (z_in, logits, p_prev) = self.take_pending()?;
         let loss = {
             let _s = tracing::trace_span!("local_loss").entered();
-            let l = local_loss_for(&logits, &p_prev, target);
-            // Multiplying by 1 would still be exact, but skip it: one kernel less.
-            if scale == 1.0 {
-                l
-            } else {
-                l * scale
-            }
+            scaled(local_loss_for(&logits, &p_prev, target), scale)
         };
         {
             let _s = tracing::trace_span!("module_backward").entered();
@@ -399,6 +393,14 @@ pub struct Inferred {
     pub p: Tensor,
 }
 
+/// What a unit that cannot split its backward answers a zero-bubble schedule.
+fn cannot_split(stage: usize, micro: usize) -> CoreError {
+    CoreError::InvalidConfig(format!(
+        "stage {} cannot split the backward of micro-batch {micro}",
+        stage + 1
+    ))
+}
+
 /// The one interface every pipeline unit offers the step interpreter (`sid-runtime`'s
 /// schedule): a staged-SID stage, a backprop stage, the paper mode's extractor and its module
 /// blocks. A unit computes; where its inputs come from and where its outputs go is the
@@ -421,17 +423,11 @@ pub trait Unit: Send {
     fn backward(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward>;
     /// The input-gradient half of [`Unit::backward`] (zero-bubble schedules).
     fn backward_input(&mut self, micro: usize, _grad: Option<&Tensor>) -> Result<Backward> {
-        Err(CoreError::InvalidConfig(format!(
-            "stage {} cannot split the backward of micro-batch {micro}",
-            self.stage() + 1
-        )))
+        Err(cannot_split(self.stage(), micro))
     }
     /// The weight-gradient half of [`Unit::backward`], after [`Unit::backward_input`].
     fn backward_weight(&mut self, micro: usize) -> Result<()> {
-        Err(CoreError::InvalidConfig(format!(
-            "stage {} cannot split the backward of micro-batch {micro}",
-            self.stage() + 1
-        )))
+        Err(cannot_split(self.stage(), micro))
     }
     /// One optimiser step from the accumulated gradients, which it then clears.
     fn apply(&mut self);
