@@ -186,52 +186,46 @@ impl Adam {
     /// The fused kernel on the parameters whose learning rate is `lr`.
     #[cfg(sid_fused_adam)]
     fn fused_group(&self, lr: f64) -> std::result::Result<(), String> {
-        let mut params = Vec::with_capacity(self.params.len());
-        let mut grads = Vec::with_capacity(self.params.len());
-        let mut ms = Vec::with_capacity(self.params.len());
-        let mut vs = Vec::with_capacity(self.params.len());
-        for (i, (_, p)) in self.params.iter().enumerate() {
-            let g = p.grad();
-            if g.defined() && self.lrs[i] == lr {
-                params.push(p);
-                grads.push(g);
-                ms.push(&self.exp_avg[i]);
-                vs.push(&self.exp_avg_sq[i]);
-            }
-        }
-        if params.is_empty() {
+        let picked: Vec<(usize, Tensor)> = (self.params.iter().enumerate())
+            .map(|(i, (_, p))| (i, p.grad()))
+            .filter(|(i, g)| g.defined() && self.lrs[*i] == lr)
+            .collect();
+        if picked.is_empty() {
             return Ok(());
         }
         let step_t = self.step_t.as_ref().expect("made by fused_step");
-        let ptrs = |ts: &[&Tensor]| ts.iter().map(|t| t.as_ptr()).collect::<Vec<_>>();
-        let grad_refs: Vec<&Tensor> = grads.iter().collect();
-        let (p, g, m, v) = (ptrs(&params), ptrs(&grad_refs), ptrs(&ms), ptrs(&vs));
-        let mut err = [0 as std::os::raw::c_char; 512];
+        let at = |ts: &[Tensor]| {
+            picked
+                .iter()
+                .map(|(i, _)| ts[*i].as_ptr())
+                .collect::<Vec<_>>()
+        };
+        let p: Vec<_> = picked
+            .iter()
+            .map(|(i, _)| self.params[*i].1.as_ptr())
+            .collect();
+        let g: Vec<_> = picked.iter().map(|(_, g)| g.as_ptr()).collect();
+        let (m, v) = (at(&self.exp_avg), at(&self.exp_avg_sq));
         // SAFETY: every pointer is a live tensor borrowed for the call; the shim only reads the
         // arrays, updates the tensors in place and catches every C++ exception.
-        let rc = tch::no_grad(|| unsafe {
-            ffi::sid_fused_adam(
-                p.as_ptr(),
-                g.as_ptr(),
-                m.as_ptr(),
-                v.as_ptr(),
-                step_t.as_ptr(),
-                p.len(),
-                lr,
-                self.beta1,
-                self.beta2,
-                self.eps,
-                err.as_mut_ptr(),
-                err.len(),
-            )
-        });
-        if rc == 0 {
-            Ok(())
-        } else {
-            // SAFETY: the shim wrote a NUL-terminated message into `err`.
-            let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-            Err(msg.to_string_lossy().into_owned())
-        }
+        crate::shim_call(|err, n| {
+            tch::no_grad(|| unsafe {
+                ffi::sid_fused_adam(
+                    p.as_ptr(),
+                    g.as_ptr(),
+                    m.as_ptr(),
+                    v.as_ptr(),
+                    step_t.as_ptr(),
+                    p.len(),
+                    lr,
+                    self.beta1,
+                    self.beta2,
+                    self.eps,
+                    err,
+                    n,
+                )
+            })
+        })
     }
 
     /// The update as separate tensor ops.
@@ -267,14 +261,12 @@ impl Adam {
     pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
         let mut out = vec![(format!("{prefix}.step"), Tensor::from(self.steps()))];
         for (i, (name, _)) in self.params.iter().enumerate() {
-            out.push((
-                format!("{prefix}.{name}.exp_avg"),
-                self.exp_avg[i].shallow_clone(),
-            ));
-            out.push((
-                format!("{prefix}.{name}.exp_avg_sq"),
-                self.exp_avg_sq[i].shallow_clone(),
-            ));
+            for (suffix, t) in [
+                ("exp_avg", &self.exp_avg[i]),
+                ("exp_avg_sq", &self.exp_avg_sq[i]),
+            ] {
+                out.push((format!("{prefix}.{name}.{suffix}"), t.shallow_clone()));
+            }
         }
         out
     }

@@ -20,7 +20,7 @@ use crate::extractor::{forward_blocks, Block, Net};
 use crate::loss::{cross_entropy, scaled};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::{forward_all_f32, forward_f32};
-use crate::unit::{module_prefix, Backward, Inferred, MicroBatch, Passed, Unit};
+use crate::unit::{add_next, module_prefix, Backward, Inferred, MicroBatch, Passed, Unit};
 use crate::{CoreError, Result};
 
 /// One stage of the pipelined BP network.
@@ -74,16 +74,12 @@ fn accumulate(params: &[Tensor], grads: &[Tensor]) -> Result<()> {
     // The first gradients ever: autograd creates them (∂/∂p Σ p·g = g, exactly).
     let mut sum: Option<Tensor> = None;
     for (p, g) in params.iter().zip(grads) {
-        let t = (p * g).f_sum(Kind::Float)?;
-        sum = Some(match sum {
-            None => t,
-            Some(s) => s + t,
-        });
+        sum = Some(add_next(sum, (p * g).f_sum(Kind::Float)?));
     }
-    match sum {
-        Some(s) => Ok(s.f_backward()?),
-        None => Ok(()),
+    if let Some(s) = sum {
+        s.f_backward()?;
     }
+    Ok(())
 }
 
 /// Builds the BP stages for `blocks` (one range of blocks per stage) on the CPU, drawing the

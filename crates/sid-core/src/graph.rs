@@ -90,13 +90,7 @@ unsafe impl Send for CudaGraph {}
 
 #[cfg(sid_cuda_graph)]
 fn call(f: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_int) -> Result<()> {
-    let mut err = [0 as std::os::raw::c_char; 1024];
-    if f(err.as_mut_ptr(), err.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim wrote a NUL-terminated message.
-    let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-    Err(CoreError::Graph(msg.to_string_lossy().into_owned()))
+    crate::shim_call(f).map_err(CoreError::Graph)
 }
 
 /// The index of a CUDA device, or why a graph cannot live on `device`.

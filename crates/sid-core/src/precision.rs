@@ -68,16 +68,7 @@ impl Precision {
         use std::os::raw::{c_char, c_int};
         let cuda = c_int::from(matches!(device, Device::Cuda(_)));
         let call = |g: &dyn Fn(*mut c_char, usize) -> c_int| -> Result<()> {
-            let mut err = [0 as c_char; 512];
-            if g(err.as_mut_ptr(), err.len()) == 0 {
-                return Ok(());
-            }
-            // SAFETY: the shim wrote a NUL-terminated message.
-            let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-            Err(CoreError::InvalidConfig(format!(
-                "bf16 autocast: {}",
-                msg.to_string_lossy()
-            )))
+            crate::shim_call(g).map_err(|m| CoreError::InvalidConfig(format!("bf16 autocast: {m}")))
         };
         let mut prev = [0 as c_int; 3];
         let slots = prev.as_mut_ptr();

@@ -18,7 +18,7 @@
 //! - ViT's patch and position embeddings must be of the run's patch size and grid: they are
 //!   not resampled.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use tch::{Kind, Tensor};
 
@@ -283,7 +283,7 @@ pub fn import(model: &ModelConfig, file: &HashMap<String, Tensor>) -> Result<Imp
     let pairs = pairs(model)?;
     let first_conv = &pairs[0].reference;
     let (mut missing, mut wrong, mut notes) = (Vec::new(), Vec::new(), Vec::new());
-    let mut hints = BTreeMap::new();
+    let mut hints = BTreeSet::new();
     let mut tensors = Vec::with_capacity(pairs.len());
     for p in &pairs {
         let Some(t) = file.get(&p.reference) else {
@@ -307,27 +307,18 @@ pub fn import(model: &ModelConfig, file: &HashMap<String, Tensor>) -> Result<Imp
                 shape(&got),
                 shape(&p.shape)
             ));
-            if let Some(h) = layout_hint(model, reference, &p.reference, &got) {
-                hints.insert(h.clone(), ());
-            }
+            hints.extend(layout_hint(model, reference, &p.reference, &got));
             continue;
         }
         tensors.push((p.sid.clone(), t));
     }
     let known: std::collections::HashSet<&str> =
         pairs.iter().map(|p| p.reference.as_str()).collect();
-    let mut ignored: Vec<String> = Vec::new();
-    let mut extra: Vec<String> = Vec::new();
-    for name in file.keys() {
-        if known.contains(name.as_str()) {
-            continue;
-        }
-        if reference.ignored(name) {
-            ignored.push(name.clone());
-        } else {
-            extra.push(name.clone());
-        }
-    }
+    let (mut ignored, mut extra): (Vec<String>, Vec<String>) = file
+        .keys()
+        .filter(|name| !known.contains(name.as_str()))
+        .cloned()
+        .partition(|name| reference.ignored(name));
     ignored.sort();
     extra.sort();
     if missing.is_empty() && extra.is_empty() && wrong.is_empty() {
@@ -338,21 +329,16 @@ pub fn import(model: &ModelConfig, file: &HashMap<String, Tensor>) -> Result<Imp
             notes,
         });
     }
-    let mut parts = Vec::new();
-    if !missing.is_empty() {
-        parts.push(format!("{} missing: {}", missing.len(), listed(&missing)));
-    }
-    if !extra.is_empty() {
-        parts.push(format!("{} left over: {}", extra.len(), listed(&extra)));
-    }
-    if !wrong.is_empty() {
-        parts.push(format!(
-            "{} of the wrong shape: {}",
-            wrong.len(),
-            listed(&wrong)
-        ));
-    }
-    let hints: Vec<String> = hints.into_keys().collect();
+    let parts: Vec<String> = [
+        ("missing", &missing),
+        ("left over", &extra),
+        ("of the wrong shape", &wrong),
+    ]
+    .into_iter()
+    .filter(|(_, names)| !names.is_empty())
+    .map(|(what, names)| format!("{} {what}: {}", names.len(), listed(names)))
+    .collect();
+    let hints: Vec<String> = hints.into_iter().collect();
     let hint = if hints.is_empty() {
         String::new()
     } else {
@@ -403,10 +389,9 @@ fn layout_hint(
 /// [`crate::Network::state`] gives it), replacing the entries of the same name. Every name
 /// must be in `state` with the same shape.
 pub fn overwrite(state: &mut [(String, Tensor)], tensors: &[(String, Tensor)]) -> Result<()> {
-    let mut at: HashMap<&str, usize> = HashMap::new();
-    for (i, (n, _)) in state.iter().enumerate() {
-        at.insert(n.as_str(), i);
-    }
+    let at: HashMap<&str, usize> = (state.iter().enumerate())
+        .map(|(i, (n, _))| (n.as_str(), i))
+        .collect();
     let mut missing = Vec::new();
     let mut replace = Vec::new();
     for (name, t) in tensors {
