@@ -326,26 +326,20 @@ fn batch_norm(bn: &nn::BatchNorm, xs: &Tensor, train: bool) -> Tensor {
 /// A layer of the built-in backbones.
 #[derive(Debug)]
 enum Layer {
-    /// conv3x3 (padding 1) → ReLU, then an optional 2×2 max-pool (SimpleCNN).
+    /// conv → BatchNorm (when there is one) → ReLU, then an optional max-pool: a SimpleCNN
+    /// layer (no BatchNorm), a VGG-11-BN layer or ResNet's stem.
     Conv {
         /// The convolution.
         conv: nn::Conv2D,
+        /// Its BatchNorm.
+        bn: Option<nn::BatchNorm>,
         /// Max-pool after the ReLU.
-        pool: bool,
+        pool: Option<MaxPool>,
     },
     /// Flatten → linear → ReLU.
     Dense {
         /// The layer.
         fc: nn::Linear,
-    },
-    /// conv → BatchNorm → ReLU, then an optional max-pool: a VGG-11-BN layer or ResNet's stem.
-    ConvBn {
-        /// The convolution.
-        conv: nn::Conv2D,
-        /// Its BatchNorm.
-        bn: nn::BatchNorm,
-        /// Max-pool after the ReLU.
-        pool: Option<MaxPool>,
     },
     /// A ResNet BasicBlock.
     Basic(Box<BasicBlock>),
@@ -360,22 +354,12 @@ impl Layer {
     /// running statistics; the layers without BatchNorm ignore it.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         match self {
-            Self::Conv { conv, pool } => {
-                let y = xs.apply(conv).relu();
-                if *pool {
-                    y.max_pool2d_default(2)
-                } else {
-                    y
-                }
+            Self::Conv { conv, bn, pool } => {
+                let y = xs.apply(conv);
+                let y = bn.iter().fold(y, |y, bn| batch_norm(bn, &y, train)).relu();
+                pool.iter().fold(y, |y, pool| pool.apply(&y))
             }
             Self::Dense { fc } => xs.flatten(1, -1).apply(fc).relu(),
-            Self::ConvBn { conv, bn, pool } => {
-                let y = batch_norm(bn, &xs.apply(conv), train).relu();
-                match pool {
-                    Some(pool) => pool.apply(&y),
-                    None => y,
-                }
-            }
             Self::Basic(b) => {
                 let y = batch_norm(&b.bn1, &xs.apply(&b.conv1), train)
                     .relu()
@@ -459,10 +443,10 @@ impl Module for Neck {
             3 => xs.select(1, 0),
             _ => xs.shallow_clone(),
         };
-        match &self.norm {
-            Some(norm) => pooled.apply(norm).apply(&self.fc),
-            None => pooled.apply(&self.fc),
-        }
+        self.norm
+            .iter()
+            .fold(pooled, |x, norm| x.apply(norm))
+            .apply(&self.fc)
     }
 }
 
@@ -579,9 +563,7 @@ pub(crate) fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
             for (i, (cout, pooled)) in VGG11.into_iter().enumerate() {
                 // A pool that would leave less than 1×1 is skipped (28 px inputs have 4 pools).
                 let pool = (pooled && side >= 2).then_some(MaxPool::TWO);
-                if let Some(p) = pool {
-                    side = p.0.out_side(side);
-                }
+                side = pool.map_or(side, |p| p.0.out_side(side));
                 let conv = ConvShape::new(3, 1, 1);
                 out.push((
                     format!("block{}", i + 1),
@@ -603,10 +585,8 @@ pub(crate) fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
             } else {
                 (ConvShape::new(7, 2, 3), Some(MaxPool::RESNET))
             };
-            let mut side = conv.out_side(side);
-            if let Some(p) = pool {
-                side = p.0.out_side(side);
-            }
+            let side = conv.out_side(side);
+            let mut side = pool.map_or(side, |p| p.0.out_side(side));
             out.push((
                 "stem".into(),
                 Spec::ConvBn {
@@ -659,8 +639,6 @@ pub(crate) fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
 /// What a backbone's blocks are, without building them: their count and output shapes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockLayout {
-    /// Channels (or features, or token width) leaving each block, first to last.
-    pub widths: Vec<i64>,
     /// Per-sample shape leaving each block: `[c, h, w]` for images, `[n, width]` for token
     /// sequences (class token first), `[features]` for flat features.
     pub shapes: Vec<Vec<i64>>,
@@ -669,12 +647,8 @@ pub struct BlockLayout {
 impl BlockLayout {
     /// The layout of `cfg`'s extractor.
     pub fn of(cfg: &ModelConfig) -> Self {
-        let shapes: Vec<Vec<i64>> = specs(cfg).into_iter().map(|(_, _, s)| s).collect();
-        let widths = shapes
-            .iter()
-            .map(|s| if s.len() == 2 { s[1] } else { s[0] })
-            .collect();
-        Self { widths, shapes }
+        let shapes = specs(cfg).into_iter().map(|(_, _, s)| s).collect();
+        Self { shapes }
     }
 
     /// Values per sample leaving block `i` (what a stage cut after it sends on), for inputs
@@ -685,12 +659,12 @@ impl BlockLayout {
 
     /// Number of blocks.
     pub fn len(&self) -> usize {
-        self.widths.len()
+        self.shapes.len()
     }
 
     /// Whether there are none (never, for the built-in backbones).
     pub fn is_empty(&self) -> bool {
-        self.widths.is_empty()
+        self.shapes.is_empty()
     }
 }
 
@@ -770,7 +744,8 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
     match spec {
         Spec::Conv { cin, cout, pool } => Layer::Conv {
             conv: crate::init::conv3x3(p.clone(), cin, cout, init),
-            pool,
+            bn: None,
+            pool: pool.then_some(MaxPool::TWO),
         },
         Spec::Dense { inputs, outputs } => Layer::Dense {
             fc: crate::init::linear(p.clone(), inputs, outputs, init),
@@ -781,9 +756,9 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
             conv: shape,
             bias,
             pool,
-        } => Layer::ConvBn {
+        } => Layer::Conv {
             conv: conv("conv", cin, cout, shape, bias),
-            bn: bn("bn", cout),
+            bn: Some(bn("bn", cout)),
             pool,
         },
         Spec::Basic { cin, cout, stride } => {

@@ -114,17 +114,15 @@ impl StagePlan {
                 cfg.modules
             )));
         }
-        for (what, total, get) in [
-            (
-                "blocks",
-                blocks,
-                (|s: &StageSpec| s.blocks.clone()) as fn(&StageSpec) -> _,
-            ),
-            ("modules", cfg.modules, |s: &StageSpec| s.modules.clone()),
-        ] {
+        let of_blocks = stages.iter().map(|s| &s.blocks).collect();
+        let of_modules = stages.iter().map(|s| &s.modules).collect();
+        let checks: [(&str, usize, Vec<&Range<usize>>); 2] = [
+            ("blocks", blocks, of_blocks),
+            ("modules", cfg.modules, of_modules),
+        ];
+        for (what, total, ranges) in checks {
             let mut next = 0;
-            for (i, s) in stages.iter().enumerate() {
-                let r = get(s);
+            for (i, r) in ranges.into_iter().enumerate() {
                 if r.is_empty() {
                     return Err(invalid(format!("stage {} has no {what}", i + 1)));
                 }
