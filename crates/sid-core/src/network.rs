@@ -32,14 +32,6 @@ impl Cascade {
             .argmax(-1, false)
     }
 
-    /// Every module's belief `p_i = softmax(logits_i)`.
-    pub fn beliefs(&self) -> Vec<Tensor> {
-        self.logits
-            .iter()
-            .map(|l| l.softmax(-1, Kind::Float))
-            .collect()
-    }
-
     /// The cascade's health on a batch with `labels` ([`CascadeHealth`]): one read from the
     /// device for every module's sums.
     pub fn health(&self, labels: &Tensor) -> crate::Result<CascadeHealth> {
