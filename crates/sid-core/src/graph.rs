@@ -238,12 +238,12 @@ const WARMUP_STEPS: usize = 3;
 /// [`crate::Adam::load_state`]), so a captured step stays valid.
 pub struct GraphedStep<O> {
     state: GraphState<O>,
-    /// Made at the first step on a GPU (a graph of this thread only: other stages keep
-    /// launching work on the same device), rather than at once.
-    wanted: Option<bool>,
 }
 
 enum GraphState<O> {
+    /// Made at the first step on a GPU (a graph of this thread only: other stages keep
+    /// launching work on the same device), rather than at once.
+    Deferred,
     Warming(usize, CudaGraph),
     /// Fields drop in order: the tensors from the graph's memory pool before the graph.
     Captured {
@@ -276,7 +276,6 @@ impl<O> GraphedStep<O> {
     pub fn off() -> Self {
         Self {
             state: GraphState::Off,
-            wanted: None,
         }
     }
 
@@ -284,7 +283,6 @@ impl<O> GraphedStep<O> {
     pub fn new(device: Device) -> Result<Self> {
         Ok(Self {
             state: GraphState::Warming(WARMUP_STEPS, CudaGraph::new(device)?),
-            wanted: None,
         })
     }
 
@@ -292,14 +290,13 @@ impl<O> GraphedStep<O> {
     /// pipeline stage's, whose thread moves it to its device first).
     pub fn on_first_gpu_step() -> Self {
         Self {
-            state: GraphState::Off,
-            wanted: Some(true),
+            state: GraphState::Deferred,
         }
     }
 
     /// Whether every step runs eagerly.
     pub fn is_off(&self) -> bool {
-        matches!(self.state, GraphState::Off) && self.wanted.is_none()
+        matches!(self.state, GraphState::Off)
     }
 
     /// One step on `inputs`: `run` computes it on the tensors it is given (fixed copies while
@@ -313,13 +310,13 @@ impl<O> GraphedStep<O> {
         news: impl FnOnce(GraphNews),
     ) -> Result<Stepped<'_, O>> {
         let owned = || inputs.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>();
-        if let (Some(true), Some(Device::Cuda(_))) =
-            (self.wanted, inputs.first().map(|t| t.device()))
+        if let (GraphState::Deferred, Some(Device::Cuda(_))) =
+            (&self.state, inputs.first().map(|t| t.device()))
         {
-            self.wanted = Some(false);
             match CudaGraph::new_thread_local(inputs[0].device()) {
                 Ok(g) => self.state = GraphState::Warming(WARMUP_STEPS, g),
                 Err(e) => {
+                    self.state = GraphState::Off;
                     news(GraphNews::Failed(e.to_string()));
                     return Ok(Stepped::Ran(run(&owned())?));
                 }
@@ -344,7 +341,9 @@ impl<O> GraphedStep<O> {
                 graph.replay()?;
                 Ok(Stepped::Replayed(outputs))
             }
-            GraphState::Off | GraphState::Captured { .. } => Ok(Stepped::Ran(run(&owned())?)),
+            GraphState::Deferred | GraphState::Off | GraphState::Captured { .. } => {
+                Ok(Stepped::Ran(run(&owned())?))
+            }
         }
     }
 
