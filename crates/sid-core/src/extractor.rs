@@ -332,7 +332,7 @@ enum Layer {
         /// The convolution.
         conv: nn::Conv2D,
         /// Its BatchNorm.
-        bn: Option<nn::BatchNorm>,
+        bn: Option<Box<nn::BatchNorm>>,
         /// Max-pool after the ReLU.
         pool: Option<MaxPool>,
     },
@@ -758,7 +758,7 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
             pool,
         } => Layer::Conv {
             conv: conv("conv", cin, cout, shape, bias),
-            bn: Some(bn("bn", cout)),
+            bn: Some(Box::new(bn("bn", cout))),
             pool,
         },
         Spec::Basic { cin, cout, stride } => {

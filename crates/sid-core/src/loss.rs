@@ -73,6 +73,33 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
     logits.log_softmax(-1, Kind::Float).nll_loss(labels)
 }
 
+// Only the tests and the hand-written reference compute the loss from its definition.
+/// `KL(target ‖ softmax)` with "batchmean" reduction: summed over classes and batch, divided by
+/// the batch size (libtorch's `kl_div` with mean reduction divides by B·N, which is not the
+/// method's loss). Zero targets contribute zero thanks to `xlogy`.
+#[cfg(test)]
+pub(crate) fn kl_batchmean(target: &Tensor, log_p: &Tensor) -> Tensor {
+    let batch = target.size()[0] as f64;
+    // Mask rather than multiply: 0 · (−∞) would be NaN where a belief underflows.
+    let cross = (target * log_p).where_self(&target.gt(0.0), &target.zeros_like());
+    (target.xlogy(target) - cross).sum(Kind::Float) / batch
+}
+
+/// [`local_loss_for`] from integer `labels` [B], its label side built on the spot.
+#[cfg(test)]
+pub(crate) fn local_loss(
+    logits: &Tensor,
+    p_prev: &Tensor,
+    labels: &Tensor,
+    cfg: &LossConfig,
+) -> Tensor {
+    local_loss_for(
+        logits,
+        p_prev,
+        &LabelTarget::new(labels, logits.size()[1], cfg),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,31 +254,4 @@ mod tests {
         assert!(best < at([want[0] as f32 + 0.02, want[1] as f32 - 0.02, want[2] as f32]));
         assert!(best < at([want[0] as f32 - 0.02, want[1] as f32, want[2] as f32 + 0.02]));
     }
-}
-
-// Only the tests and the hand-written reference compute the loss from its definition.
-/// `KL(target ‖ softmax)` with "batchmean" reduction: summed over classes and batch, divided by
-/// the batch size (libtorch's `kl_div` with mean reduction divides by B·N, which is not the
-/// method's loss). Zero targets contribute zero thanks to `xlogy`.
-#[cfg(test)]
-pub(crate) fn kl_batchmean(target: &Tensor, log_p: &Tensor) -> Tensor {
-    let batch = target.size()[0] as f64;
-    // Mask rather than multiply: 0 · (−∞) would be NaN where a belief underflows.
-    let cross = (target * log_p).where_self(&target.gt(0.0), &target.zeros_like());
-    (target.xlogy(target) - cross).sum(Kind::Float) / batch
-}
-
-/// [`local_loss_for`] from integer `labels` [B], its label side built on the spot.
-#[cfg(test)]
-pub(crate) fn local_loss(
-    logits: &Tensor,
-    p_prev: &Tensor,
-    labels: &Tensor,
-    cfg: &LossConfig,
-) -> Tensor {
-    local_loss_for(
-        logits,
-        p_prev,
-        &LabelTarget::new(labels, logits.size()[1], cfg),
-    )
 }
