@@ -12,14 +12,16 @@ use tch::{Kind, Tensor};
 
 use crate::{CoreError, Result};
 
+/// PyTorch's default β₁, β₂ and ε, the reference's: no run sets others.
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const EPS: f64 = 1e-8;
+
 /// Adam over a fixed set of named parameters.
 #[derive(Debug)]
 pub struct Adam {
     /// Each parameter's learning rate, in `params`' order.
     lrs: Vec<f64>,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
     step: i64,
     params: Vec<(String, Tensor)>,
     exp_avg: Vec<Tensor>,
@@ -70,9 +72,6 @@ impl Adam {
         let exp_avg_sq = params.iter().map(zeros).collect();
         Self {
             lrs: vec![lr; params.len()],
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
             step: 0,
             params,
             exp_avg,
@@ -218,9 +217,9 @@ impl Adam {
                     step_t.as_ptr(),
                     p.len(),
                     lr,
-                    self.beta1,
-                    self.beta2,
-                    self.eps,
+                    BETA1,
+                    BETA2,
+                    EPS,
                     err,
                     n,
                 )
@@ -230,8 +229,8 @@ impl Adam {
 
     /// The update as separate tensor ops.
     fn ops_step(&mut self) {
-        let bias1 = 1.0 - self.beta1.powi(self.step as i32);
-        let bias2_sqrt = (1.0 - self.beta2.powi(self.step as i32)).sqrt();
+        let bias1 = 1.0 - BETA1.powi(self.step as i32);
+        let bias2_sqrt = (1.0 - BETA2.powi(self.step as i32)).sqrt();
         // In-place ops with two temporaries per parameter: a step is memory-bound, and every
         // extra temporary of a wide layer costs an allocation and a pass over its bytes.
         tch::no_grad(|| {
@@ -241,14 +240,14 @@ impl Adam {
                     continue;
                 }
                 let m = &mut self.exp_avg[i];
-                let _ = m.lerp_(&g, 1.0 - self.beta1);
+                let _ = m.lerp_(&g, 1.0 - BETA1);
                 let v = &mut self.exp_avg_sq[i];
-                let _ = v.g_mul_scalar_(self.beta2);
-                let _ = v.addcmul_(&(&g * (1.0 - self.beta2)), &g);
+                let _ = v.g_mul_scalar_(BETA2);
+                let _ = v.addcmul_(&(&g * (1.0 - BETA2)), &g);
                 // p += m / (−(sqrt(v)/√bc2 + ε)/step_size) = p − step_size · m / (sqrt(v)/√bc2 + ε)
                 let mut denom = v.sqrt();
                 let _ = denom.g_div_scalar_(bias2_sqrt);
-                let _ = denom.g_add_scalar_(self.eps);
+                let _ = denom.g_add_scalar_(EPS);
                 let step_size = self.lrs[i] / bias1;
                 let _ = denom.g_mul_scalar_(-1.0 / step_size);
                 let _ = p.addcdiv_(m, &denom);
