@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use serde::de::IntoDeserializer;
 use serde::{Deserialize, Serialize};
 
 use crate::DataError;
@@ -280,14 +281,10 @@ impl FromStr for DatasetKind {
     /// Accepts the canonical names plus common spellings (`fashion_mnist`, `fmnist`,
     /// `cifar-10`, `cifar-100`), case-insensitively.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "fashion-mnist" | "fashion_mnist" | "fmnist" => Ok(DatasetKind::FashionMnist),
-            "mnist" => Ok(DatasetKind::Mnist),
-            "cifar10" | "cifar-10" => Ok(DatasetKind::Cifar10),
-            "cifar100" | "cifar-100" => Ok(DatasetKind::Cifar100),
-            "folder" => Ok(DatasetKind::Folder),
-            _ => Err(DataError::UnknownDataset(s.to_string())),
-        }
+        // The serde names and aliases are the one list of accepted spellings.
+        let name = s.trim().to_ascii_lowercase();
+        Self::deserialize(name.as_str().into_deserializer())
+            .map_err(|_: serde::de::value::Error| DataError::UnknownDataset(s.to_string()))
     }
 }
 
