@@ -99,11 +99,7 @@ impl Store {
         timeout: Duration,
     ) -> Result<Self> {
         let addr = format!("{host}:{port}");
-        let what = if serve {
-            format!("serving the store at {addr}")
-        } else {
-            format!("connecting to the store at {addr}")
-        };
+        let verb = if serve { "serving" } else { "connecting to" };
         let c_host = cstring(host)?;
         init_logging();
         let mut ptr = std::ptr::null_mut();
@@ -120,7 +116,10 @@ impl Store {
                 n,
             )
         })
-        .map_err(|cause| DistError::Rendezvous { what, cause })?;
+        .map_err(|cause| DistError::Rendezvous {
+            what: format!("{verb} the store at {addr}"),
+            cause,
+        })?;
         Ok(Self { ptr, addr })
     }
 
