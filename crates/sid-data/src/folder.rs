@@ -548,11 +548,10 @@ fn cache_key(dir: &Path, listing: &Listing, size: i64) -> Result<u64, DataError>
 /// One cache file per data folder and image size, so several data sets share a cache folder.
 fn cache_file_name(dir: &Path, size: i64) -> String {
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let name = dir
+    let name: String = dir
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let name: String = name
+        .unwrap_or_default()
+        .to_string_lossy()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();

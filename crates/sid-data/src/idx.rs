@@ -68,16 +68,11 @@ pub(crate) fn read_split(
 fn resolve(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
     let plain = dir.join(name);
     let gz = dir.join(format!("{name}.gz"));
-    if plain.is_file() {
-        Ok(plain)
-    } else if gz.is_file() {
-        Ok(gz)
-    } else {
-        Err(DataError::MissingFile {
-            path: plain,
-            also_tried: Some(gz),
-        })
-    }
+    let found = [&plain, &gz].into_iter().find(|p| p.is_file()).cloned();
+    found.ok_or(DataError::MissingFile {
+        path: plain,
+        also_tried: Some(gz),
+    })
 }
 
 /// Opens a file for streaming, decompressing it when it starts with the gzip magic `1f 8b`.
@@ -121,15 +116,13 @@ fn read_header(
         .chunks_exact(4)
         .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
         .collect();
-    if let Some(&found) = header.first() {
-        if found != magic {
-            return Err(DataError::BadMagic {
-                path: path.to_path_buf(),
-                found,
-                expected: magic,
-                what,
-            });
-        }
+    if let Some(&found) = header.first().filter(|&&found| found != magic) {
+        return Err(DataError::BadMagic {
+            path: path.to_path_buf(),
+            found,
+            expected: magic,
+            what,
+        });
     }
     if header.len() < words {
         return Err(DataError::Truncated {
