@@ -51,11 +51,9 @@ pub(crate) fn read_train(dir: &Path, kind: DatasetKind) -> Result<RawSplit, Data
         .par_iter()
         .map(|name| read_file(&dir.join(name), kind))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut all = RawSplit::default();
-    for part in parts {
-        all.extend(part);
-    }
-    Ok(all)
+    Ok(parts
+        .into_iter()
+        .fold(RawSplit::default(), RawSplit::joined))
 }
 
 /// Reads the test split.

@@ -54,18 +54,15 @@ pub struct Sampler {
     thread: Option<JoinHandle<TelemetrySummary>>,
 }
 
-/// Why GPU telemetry is off, when it is.
-pub type GpuTelemetryOff = Option<crate::TelemetryError>;
-
 impl Sampler {
     /// Starts sampling every `interval` into `path` (created or truncated); in a multi-process
     /// run every sample names `rank`. Returns the sampler and, when NVML cannot be used, the
-    /// reason (the run goes on with CPU figures only).
+    /// reason GPU telemetry is off (the run goes on with CPU figures only).
     pub fn start_for_rank(
         path: &Path,
         interval: Duration,
         rank: Option<usize>,
-    ) -> std::io::Result<(Self, GpuTelemetryOff)> {
+    ) -> std::io::Result<(Self, Option<crate::TelemetryError>)> {
         let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
         let (monitor, off) = match GpuMonitor::open() {
             Ok(m) if m.count() > 0 => (Some(m), None),
