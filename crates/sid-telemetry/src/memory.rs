@@ -122,7 +122,7 @@ pub struct HeapPeak {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     // The running peak, shared so a caller can wait until a sample has seen its work.
     peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    thread: Option<std::thread::JoinHandle<u64>>,
+    thread: std::thread::JoinHandle<u64>,
 }
 
 impl HeapPeak {
@@ -140,11 +140,7 @@ impl HeapPeak {
             seen.fetch_max(heap_in_use_bytes(), Relaxed);
             seen.load(Relaxed)
         });
-        Self {
-            stop,
-            peak,
-            thread: Some(thread),
-        }
+        Self { stop, peak, thread }
     }
 
     /// The peak seen so far, in bytes (sampling goes on).
@@ -153,9 +149,9 @@ impl HeapPeak {
     }
 
     /// Stops sampling and returns the peak seen, in bytes.
-    pub fn finish(mut self) -> u64 {
+    pub fn finish(self) -> u64 {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+        self.thread.join().unwrap_or(0)
     }
 }
 
