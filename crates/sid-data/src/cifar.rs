@@ -51,11 +51,9 @@ pub(crate) fn read_train(dir: &Path, kind: DatasetKind) -> Result<RawSplit, Data
         .par_iter()
         .map(|name| read_file(&dir.join(name), kind))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut all = RawSplit::default();
-    for part in parts {
-        all.extend(part);
-    }
-    Ok(all)
+    Ok(parts
+        .into_iter()
+        .fold(RawSplit::default(), RawSplit::joined))
 }
 
 /// Reads the test split.
@@ -79,7 +77,8 @@ fn read_file(path: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
     require(path)?;
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     // CIFAR-100 records carry the coarse label before the fine one; we train on the fine.
-    let label_bytes = if kind == DatasetKind::Cifar100 { 2 } else { 1 };
+    let fine = usize::from(kind == DatasetKind::Cifar100);
+    let label_bytes = fine + 1;
     let record = label_bytes + PIXELS;
     if bytes.is_empty() {
         return Err(DataError::Empty {
@@ -97,15 +96,10 @@ fn read_file(path: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
             ),
         });
     }
-    if kind == DatasetKind::Cifar100 {
+    if fine == 1 {
         check_labels(path, &bytes, record, 0, COARSE_CLASSES, "coarse label")?;
     }
-    let fine = label_bytes - 1;
-    let classes = if kind == DatasetKind::Cifar100 {
-        100
-    } else {
-        10
-    };
+    let classes = kind.shape().map_or(0, |s| s.num_classes);
     check_labels(path, &bytes, record, fine, classes, "label")?;
 
     let n = bytes.len() / record;

@@ -14,10 +14,8 @@ pub enum DataError {
 
     /// A file the dataset needs is absent. `also_tried` is the alternative name (the `.gz`
     /// form of an IDX file) that was looked for as well.
-    #[error("missing file {}{}", .path.display(), match .also_tried {
-        Some(p) => format!(" (nor {})", p.display()),
-        None => String::new(),
-    })]
+    #[error("missing file {}{}", .path.display(),
+        .also_tried.as_ref().map_or(String::new(), |p| format!(" (nor {})", p.display())))]
     MissingFile {
         /// The file that was expected.
         path: PathBuf,

@@ -57,22 +57,13 @@ const HEADER_LEN: usize = 8 + 8 + 4 + 4 + 8 + 8;
 /// cache serves every run.
 const ORDER_SEED: u64 = 0x4f_5244_4552;
 
-/// Which on-disk layout a folder data set has.
+/// Which on-disk layout a folder data set has; the value is its code in the cache key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
     /// `train/<class>/*`, `test/<class>/*` or `val/<class>/*`.
-    ImageFolder,
+    ImageFolder = 0,
     /// `train/<wnid>/images/*`, `val/images/*` + `val/val_annotations.txt`, `wnids.txt`.
-    TinyImageNet,
-}
-
-impl Layout {
-    fn code(self) -> u8 {
-        match self {
-            Layout::ImageFolder => 0,
-            Layout::TinyImageNet => 1,
-        }
-    }
+    TinyImageNet = 1,
 }
 
 impl fmt::Display for Layout {
@@ -110,13 +101,6 @@ pub struct FolderInfo {
     pub seconds: f64,
 }
 
-impl FolderInfo {
-    /// Whether the images came from the cache without decoding.
-    pub fn cache_hit(&self) -> bool {
-        matches!(self.cache, CacheStatus::Hit(_))
-    }
-}
-
 impl fmt::Display for FolderInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.train_images + self.test_images;
@@ -136,6 +120,13 @@ impl fmt::Display for FolderInfo {
             ),
             CacheStatus::Off => write!(f, "decoded {n} images in {:.2} s (no cache)", self.seconds),
         }
+    }
+}
+
+impl FolderInfo {
+    /// Whether the images came from the cache without decoding.
+    pub fn cache_hit(&self) -> bool {
+        matches!(self.cache, CacheStatus::Hit(_))
     }
 }
 
@@ -173,24 +164,17 @@ pub(crate) fn read(dir: &Path, size: i64, cache_dir: Option<&Path>) -> Result<Lo
         cache,
         seconds: started.elapsed().as_secs_f64(),
     };
-    if let Some(path) = &cache_path {
-        if let Some((shape, train, test)) = read_cache(path, key, &listing) {
-            return Ok(Loaded {
-                train,
-                test,
-                shape,
-                classes: listing.classes.clone(),
-                info: info(CacheStatus::Hit(path.clone())),
-            });
-        }
-    }
-    let (shape, train, test) = decode_all(&listing, size)?;
-    let status = match &cache_path {
-        Some(path) => {
+    let cached = cache_path.as_ref().and_then(|path| {
+        read_cache(path, key, &listing).map(|images| (images, CacheStatus::Hit(path.clone())))
+    });
+    let ((shape, train, test), status) = match (cached, &cache_path) {
+        (Some(hit), _) => hit,
+        (None, Some(path)) => {
+            let (shape, train, test) = decode_all(&listing, size)?;
             write_cache(path, key, &listing.classes, shape, &train, &test)?;
-            CacheStatus::Written(path.clone())
+            ((shape, train, test), CacheStatus::Written(path.clone()))
         }
-        None => CacheStatus::Off,
+        (None, None) => (decode_all(&listing, size)?, CacheStatus::Off),
     };
     Ok(Loaded {
         train,
@@ -227,19 +211,13 @@ fn list(dir: &Path) -> Result<Listing, DataError> {
 }
 
 fn list_image_folder(dir: &Path, train_dir: &Path) -> Result<Listing, DataError> {
-    let classes = subdirs(train_dir)?;
-    if classes.is_empty() {
-        return Err(DataError::MissingSplit {
-            dir: train_dir.to_path_buf(),
-            what: "holds no class folders",
-        });
-    }
-    check_class_count(train_dir, classes.len())?;
-    let mut train = Vec::new();
-    for (label, class) in classes.iter().enumerate() {
-        let folder = train_dir.join(class);
-        train.extend(images_in(&folder)?.into_iter().map(|p| (p, label as u8)));
-    }
+    let classes = train_classes(train_dir, subdirs(train_dir)?, "holds no class folders")?;
+    let train = labelled(
+        classes
+            .iter()
+            .enumerate()
+            .map(|(label, class)| Ok((train_dir.join(class), label))),
+    )?;
     let test_dir = ["test", "val"]
         .iter()
         .map(|s| dir.join(s))
@@ -255,17 +233,13 @@ fn list_image_folder(dir: &Path, train_dir: &Path) -> Result<Listing, DataError>
             what: "holds no class folders",
         });
     }
-    let mut test = Vec::new();
-    for class in test_classes {
-        let folder = test_dir.join(&class);
-        let Some(label) = classes.iter().position(|c| *c == class) else {
-            return Err(DataError::UnknownClass {
-                path: folder,
-                class,
-            });
-        };
-        test.extend(images_in(&folder)?.into_iter().map(|p| (p, label as u8)));
-    }
+    let test = labelled(test_classes.into_iter().map(|class| {
+        let path = test_dir.join(&class);
+        match classes.iter().position(|c| *c == class) {
+            Some(label) => Ok((path, label)),
+            None => Err(DataError::UnknownClass { path, class }),
+        }
+    }))?;
     Ok(Listing {
         layout: Layout::ImageFolder,
         classes,
@@ -286,21 +260,17 @@ fn list_tiny_imagenet(dir: &Path, train_dir: &Path) -> Result<Listing, DataError
     } else {
         subdirs(train_dir)?
     };
-    if classes.is_empty() {
-        return Err(DataError::MissingSplit {
-            dir: train_dir.to_path_buf(),
-            what: "holds no class folders (and wnids.txt names none)",
-        });
-    }
-    check_class_count(train_dir, classes.len())?;
-    let mut train = Vec::new();
-    for (label, wnid) in classes.iter().enumerate() {
+    let what = "holds no class folders (and wnids.txt names none)";
+    let classes = train_classes(train_dir, classes, what)?;
+    let train = labelled(classes.iter().enumerate().map(|(label, wnid)| {
         let folder = train_dir.join(wnid).join("images");
-        if !folder.is_dir() {
-            return Err(DataError::EmptyClass(folder));
+        // A missing folder is a class without images, as an empty one is.
+        if folder.is_dir() {
+            Ok((folder, label))
+        } else {
+            Err(DataError::EmptyClass(folder))
         }
-        train.extend(images_in(&folder)?.into_iter().map(|p| (p, label as u8)));
-    }
+    }))?;
     let ann = dir.join("val").join("val_annotations.txt");
     if !ann.is_file() {
         return Err(DataError::MissingSplit {
@@ -353,15 +323,32 @@ fn list_tiny_imagenet(dir: &Path, train_dir: &Path) -> Result<Listing, DataError
     })
 }
 
-fn check_class_count(dir: &Path, count: usize) -> Result<(), DataError> {
-    // Labels are stored as one byte, as for the built-in data sets.
-    if count > 256 {
-        return Err(DataError::TooManyClasses {
-            dir: dir.to_path_buf(),
-            count,
-        });
+/// The training split's class names, refused when there are none (`what` says where they
+/// were looked for) or more than one-byte labels can number.
+fn train_classes(
+    dir: &Path,
+    classes: Vec<String>,
+    what: &'static str,
+) -> Result<Vec<String>, DataError> {
+    let dir = dir.to_path_buf();
+    match classes.len() {
+        0 => Err(DataError::MissingSplit { dir, what }),
+        // Labels are stored as one byte, as for the built-in data sets.
+        count @ 257.. => Err(DataError::TooManyClasses { dir, count }),
+        _ => Ok(classes),
     }
-    Ok(())
+}
+
+/// Every image of each `(class folder, label)`, in that order; the first error stops it.
+fn labelled(
+    folders: impl Iterator<Item = Result<(PathBuf, usize), DataError>>,
+) -> Result<Vec<(PathBuf, u8)>, DataError> {
+    let mut out = Vec::new();
+    for folder in folders {
+        let (folder, label) = folder?;
+        out.extend(images_in(&folder)?.into_iter().map(|p| (p, label as u8)));
+    }
+    Ok(out)
 }
 
 fn read_text(path: &Path) -> Result<String, DataError> {
@@ -440,10 +427,6 @@ fn push_channels(rgb: &[u8], channels: i64, out: &mut Vec<u8>) {
 }
 
 fn decode(path: &Path, size: u32) -> Result<Decoded, DataError> {
-    let bad = |reason: String| DataError::BadImage {
-        path: path.to_path_buf(),
-        reason,
-    };
     // The content decides the format (a JPEG named .png still loads); the name is the
     // fallback.
     let img = ImageReader::open(path)
@@ -451,12 +434,13 @@ fn decode(path: &Path, size: u32) -> Result<Decoded, DataError> {
         .map_err(|e| DataError::io(path, e))?
         .decode()
         // Some decoder messages span lines; the error must stay one line.
-        .map_err(|e| {
-            bad(e
+        .map_err(|e| DataError::BadImage {
+            path: path.to_path_buf(),
+            reason: e
                 .to_string()
                 .split_whitespace()
                 .collect::<Vec<_>>()
-                .join(" "))
+                .join(" "),
         })?;
     let grey = matches!(
         img.color(),
@@ -532,17 +516,16 @@ impl Fnv {
 /// The key a cache must carry to be used: the format, layout, image size, classes, and every
 /// file's path (relative to `dir`), label, size and modification time.
 fn cache_key(dir: &Path, listing: &Listing, size: i64) -> Result<u64, DataError> {
-    let mut h = Fnv::new()
+    let h = Fnv::new()
         .bytes(CACHE_MAGIC)
-        .bytes(&[listing.layout.code()])
+        .bytes(&[listing.layout as u8])
         .bytes(&size.to_le_bytes());
-    for class in &listing.classes {
-        h = h.field(class.as_bytes());
-    }
-    let files: Vec<&(PathBuf, u8)> = listing.train.iter().chain(&listing.test).collect();
+    let h = listing.classes.iter().fold(h, |h, c| h.field(c.as_bytes()));
     // One stat per file; on a network file system these add up, so they run in parallel.
-    let stamps = files
+    let stamps = listing
+        .train
         .par_iter()
+        .chain(&listing.test)
         .map(|(path, label)| {
             let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
             let mtime = meta
@@ -559,20 +542,16 @@ fn cache_key(dir: &Path, listing: &Listing, size: i64) -> Result<u64, DataError>
                 .0)
         })
         .collect::<Result<Vec<u64>, DataError>>()?;
-    for s in stamps {
-        h = h.bytes(&s.to_le_bytes());
-    }
-    Ok(h.0)
+    Ok(stamps.iter().fold(h, |h, s| h.bytes(&s.to_le_bytes())).0)
 }
 
 /// One cache file per data folder and image size, so several data sets share a cache folder.
 fn cache_file_name(dir: &Path, size: i64) -> String {
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let name = dir
+    let name: String = dir
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let name: String = name
+        .unwrap_or_default()
+        .to_string_lossy()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
@@ -593,8 +572,7 @@ fn write_cache(
 ) -> Result<(), DataError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
-    let mut header = Vec::with_capacity(HEADER_LEN);
-    header.extend_from_slice(CACHE_MAGIC);
+    let mut header = CACHE_MAGIC.to_vec();
     header.extend_from_slice(&key.to_le_bytes());
     header.extend_from_slice(&(shape.channels as u32).to_le_bytes());
     header.extend_from_slice(&(shape.image_size as u32).to_le_bytes());
@@ -672,21 +650,18 @@ fn read_cache(path: &Path, key: u64, listing: &Listing) -> Option<(Shape, RawSpl
     if file_len != (HEADER_LEN + names_len + body) as u64 {
         return None;
     }
-    let train_labels = read(n_train)?;
-    let test_labels = read(n_test)?;
-    let train_pixels = read(n_train * shape.sample_len())?;
-    let test_pixels = read(n_test * shape.sample_len())?;
-    Some((
-        shape,
-        RawSplit {
-            pixels: train_pixels,
-            labels: train_labels,
-        },
-        RawSplit {
-            pixels: test_pixels,
-            labels: test_labels,
-        },
-    ))
+    // The file's order: both label runs, then both pixel runs.
+    let mut train = RawSplit {
+        labels: read(n_train)?,
+        pixels: Vec::new(),
+    };
+    let mut test = RawSplit {
+        labels: read(n_test)?,
+        pixels: Vec::new(),
+    };
+    train.pixels = read(n_train * shape.sample_len())?;
+    test.pixels = read(n_test * shape.sample_len())?;
+    Some((shape, train, test))
 }
 
 #[cfg(test)]

@@ -68,16 +68,11 @@ pub(crate) fn read_split(
 fn resolve(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
     let plain = dir.join(name);
     let gz = dir.join(format!("{name}.gz"));
-    if plain.is_file() {
-        Ok(plain)
-    } else if gz.is_file() {
-        Ok(gz)
-    } else {
-        Err(DataError::MissingFile {
-            path: plain,
-            also_tried: Some(gz),
-        })
-    }
+    let found = [&plain, &gz].into_iter().find(|p| p.is_file()).cloned();
+    found.ok_or(DataError::MissingFile {
+        path: plain,
+        also_tried: Some(gz),
+    })
 }
 
 /// Opens a file for streaming, decompressing it when it starts with the gzip magic `1f 8b`.
@@ -121,15 +116,13 @@ fn read_header(
         .chunks_exact(4)
         .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
         .collect();
-    if let Some(&found) = header.first() {
-        if found != magic {
-            return Err(DataError::BadMagic {
-                path: path.to_path_buf(),
-                found,
-                expected: magic,
-                what,
-            });
-        }
+    if let Some(&found) = header.first().filter(|&&found| found != magic) {
+        return Err(DataError::BadMagic {
+            path: path.to_path_buf(),
+            found,
+            expected: magic,
+            what,
+        });
     }
     if header.len() < words {
         return Err(DataError::Truncated {
@@ -144,37 +137,51 @@ fn read_header(
     Ok(header)
 }
 
-/// Reads an images file; returns the image count and the pixel bytes.
-fn read_images(path: &Path, kind: DatasetKind) -> Result<(usize, Vec<u8>), DataError> {
-    let mut reader = open(path)?;
-    let header = read_header(&mut *reader, path, 4, IMAGES_MAGIC, "IDX images")?;
-    let (count, rows, cols) = (header[1], header[2], header[3]);
-    let side = SIDE;
-    if i64::from(rows) != side || i64::from(cols) != side {
-        return Err(DataError::WrongImageSize {
-            path: path.to_path_buf(),
-            rows,
-            cols,
-            expected: side,
-            dataset: kind.name(),
-        });
-    }
+/// Reads the `len` bytes of `data` after a header that announced `count` records (`says`):
+/// an error when it announced none or the file ends early.
+fn read_body(
+    reader: &mut dyn Read,
+    path: &Path,
+    count: u32,
+    len: usize,
+    says: &str,
+    data: &str,
+) -> Result<Vec<u8>, DataError> {
     if count == 0 {
         return Err(DataError::Empty {
             path: path.to_path_buf(),
         });
     }
-    let expected = count as usize * rows as usize * cols as usize;
-    let pixels = read_up_to(&mut *reader, expected, path)?;
-    if pixels.len() < expected {
+    let bytes = read_up_to(reader, len, path)?;
+    if bytes.len() < len {
         return Err(DataError::Truncated {
             path: path.to_path_buf(),
             detail: format!(
-                "header says {count} images of {rows}x{cols} but file holds {} bytes of pixel data",
-                pixels.len()
+                "header says {says} but file holds {} bytes of {data} data",
+                bytes.len()
             ),
         });
     }
+    Ok(bytes)
+}
+
+/// Reads an images file; returns the image count and the pixel bytes.
+fn read_images(path: &Path, kind: DatasetKind) -> Result<(usize, Vec<u8>), DataError> {
+    let mut reader = open(path)?;
+    let header = read_header(&mut *reader, path, 4, IMAGES_MAGIC, "IDX images")?;
+    let (count, rows, cols) = (header[1], header[2], header[3]);
+    if i64::from(rows) != SIDE || i64::from(cols) != SIDE {
+        return Err(DataError::WrongImageSize {
+            path: path.to_path_buf(),
+            rows,
+            cols,
+            expected: SIDE,
+            dataset: kind.name(),
+        });
+    }
+    let len = count as usize * rows as usize * cols as usize;
+    let says = format!("{count} images of {rows}x{cols}");
+    let pixels = read_body(&mut *reader, path, count, len, &says, "pixel")?;
     Ok((count as usize, pixels))
 }
 
@@ -183,21 +190,8 @@ fn read_labels(path: &Path) -> Result<Vec<u8>, DataError> {
     let mut reader = open(path)?;
     let header = read_header(&mut *reader, path, 2, LABELS_MAGIC, "IDX labels")?;
     let count = header[1];
-    if count == 0 {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
-    }
-    let labels = read_up_to(&mut *reader, count as usize, path)?;
-    if labels.len() < count as usize {
-        return Err(DataError::Truncated {
-            path: path.to_path_buf(),
-            detail: format!(
-                "header says {count} labels but file holds {} bytes of label data",
-                labels.len()
-            ),
-        });
-    }
+    let says = format!("{count} labels");
+    let labels = read_body(&mut *reader, path, count, count as usize, &says, "label")?;
     check_labels(path, &labels, 1, 0, CLASSES, "label")?;
     Ok(labels)
 }
@@ -217,16 +211,15 @@ pub(crate) fn check_labels(
         .step_by(stride)
         .enumerate()
         .find(|(_, &l)| i64::from(l) >= num_classes);
-    match bad {
-        Some((index, &label)) => Err(DataError::LabelOutOfRange {
+    bad.map_or(Ok(()), |(index, &label)| {
+        Err(DataError::LabelOutOfRange {
             path: path.to_path_buf(),
             which,
             label,
             index,
             num_classes,
-        }),
-        None => Ok(()),
-    }
+        })
+    })
 }
 
 #[cfg(test)]

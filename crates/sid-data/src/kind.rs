@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use serde::de::IntoDeserializer;
 use serde::{Deserialize, Serialize};
 
 use crate::DataError;
@@ -150,122 +151,29 @@ const FASHION_MNIST_CLASSES: [&str; 10] = [
     "Ankle boot",
 ];
 
+/// The names given as words, in order, as a `[&str; N]` (each word is one name; these name
+/// lists have no spaces), so a long table of short names stays readable.
+macro_rules! names {
+    ($($name:ident)*) => {
+        [$(stringify!($name)),*]
+    };
+}
+
 /// `batches.meta.txt` of the binary version, by label.
-const CIFAR10_CLASSES: [&str; 10] = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
+const CIFAR10_CLASSES: [&str; 10] = names![
+    airplane automobile bird cat deer dog frog horse ship truck
 ];
 
 /// `fine_label_names.txt` of the binary version, by label.
-const CIFAR100_CLASSES: [&str; 100] = [
-    "apple",
-    "aquarium_fish",
-    "baby",
-    "bear",
-    "beaver",
-    "bed",
-    "bee",
-    "beetle",
-    "bicycle",
-    "bottle",
-    "bowl",
-    "boy",
-    "bridge",
-    "bus",
-    "butterfly",
-    "camel",
-    "can",
-    "castle",
-    "caterpillar",
-    "cattle",
-    "chair",
-    "chimpanzee",
-    "clock",
-    "cloud",
-    "cockroach",
-    "couch",
-    "crab",
-    "crocodile",
-    "cup",
-    "dinosaur",
-    "dolphin",
-    "elephant",
-    "flatfish",
-    "forest",
-    "fox",
-    "girl",
-    "hamster",
-    "house",
-    "kangaroo",
-    "keyboard",
-    "lamp",
-    "lawn_mower",
-    "leopard",
-    "lion",
-    "lizard",
-    "lobster",
-    "man",
-    "maple_tree",
-    "motorcycle",
-    "mountain",
-    "mouse",
-    "mushroom",
-    "oak_tree",
-    "orange",
-    "orchid",
-    "otter",
-    "palm_tree",
-    "pear",
-    "pickup_truck",
-    "pine_tree",
-    "plain",
-    "plate",
-    "poppy",
-    "porcupine",
-    "possum",
-    "rabbit",
-    "raccoon",
-    "ray",
-    "road",
-    "rocket",
-    "rose",
-    "sea",
-    "seal",
-    "shark",
-    "shrew",
-    "skunk",
-    "skyscraper",
-    "snail",
-    "snake",
-    "spider",
-    "squirrel",
-    "streetcar",
-    "sunflower",
-    "sweet_pepper",
-    "table",
-    "tank",
-    "telephone",
-    "television",
-    "tiger",
-    "tractor",
-    "train",
-    "trout",
-    "tulip",
-    "turtle",
-    "wardrobe",
-    "whale",
-    "willow_tree",
-    "wolf",
-    "woman",
-    "worm",
+const CIFAR100_CLASSES: [&str; 100] = names![
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+    camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile
+    cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp
+    lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom
+    oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine
+    possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake
+    spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor
+    train trout tulip turtle wardrobe whale willow_tree wolf woman worm
 ];
 
 impl fmt::Display for DatasetKind {
@@ -280,14 +188,10 @@ impl FromStr for DatasetKind {
     /// Accepts the canonical names plus common spellings (`fashion_mnist`, `fmnist`,
     /// `cifar-10`, `cifar-100`), case-insensitively.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "fashion-mnist" | "fashion_mnist" | "fmnist" => Ok(DatasetKind::FashionMnist),
-            "mnist" => Ok(DatasetKind::Mnist),
-            "cifar10" | "cifar-10" => Ok(DatasetKind::Cifar10),
-            "cifar100" | "cifar-100" => Ok(DatasetKind::Cifar100),
-            "folder" => Ok(DatasetKind::Folder),
-            _ => Err(DataError::UnknownDataset(s.to_string())),
-        }
+        // The serde names and aliases are the one list of accepted spellings.
+        let name = s.trim().to_ascii_lowercase();
+        Self::deserialize(name.as_str().into_deserializer())
+            .map_err(|_: serde::de::value::Error| DataError::UnknownDataset(s.to_string()))
     }
 }
 
@@ -366,6 +270,12 @@ mod tests {
         assert_eq!(Folder.shape(), None);
         assert_eq!(Folder.mean_std(), None);
         assert!(!Folder.augments_by_default());
+        // The word tables keep the published names and order.
+        assert_eq!(Cifar10.class_names()[0], "airplane");
+        assert_eq!(Cifar10.class_names()[9], "truck");
+        assert_eq!(Cifar100.class_names()[1], "aquarium_fish");
+        assert_eq!(Cifar100.class_names()[41], "lawn_mower");
+        assert_eq!(Cifar100.class_names()[99], "worm");
         assert_eq!(Mnist.mean_std().unwrap().0, &[0.1307]);
         assert_eq!(Cifar10.mean_std().unwrap().1, &[0.2470, 0.2435, 0.2616]);
         assert_eq!(

@@ -35,10 +35,11 @@ impl RawSplit {
         }
     }
 
-    /// Appends another split (used to join the CIFAR-10 training batches).
-    pub fn extend(&mut self, other: RawSplit) {
+    /// This split with another appended (used to join the CIFAR-10 training batches).
+    pub fn joined(mut self, other: RawSplit) -> RawSplit {
         self.pixels.extend_from_slice(&other.pixels);
         self.labels.extend_from_slice(&other.labels);
+        self
     }
 }
 

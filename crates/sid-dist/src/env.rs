@@ -34,27 +34,19 @@ impl DistEnv {
                 return Err(DistError::Env("WORLD_SIZE is set but RANK is not".into()))
             }
         };
-        let num = |name: &str, v: &str| -> Result<usize> {
-            v.trim()
-                .parse()
-                .map_err(|_| DistError::Env(format!("{name}={v:?} is not a number")))
-        };
-        let rank = num("RANK", &rank)?;
-        let world_size = num("WORLD_SIZE", &world)?;
+        let rank = parse("RANK", &rank, "a number")?;
+        let world_size = parse("WORLD_SIZE", &world, "a number")?;
         if world_size == 0 || rank >= world_size {
             return Err(DistError::Env(format!(
                 "RANK={rank} does not fit WORLD_SIZE={world_size} (ranks are 0..WORLD_SIZE-1)"
             )));
         }
         let local_rank = match get("LOCAL_RANK") {
-            Some(v) => num("LOCAL_RANK", &v)?,
+            Some(v) => parse("LOCAL_RANK", &v, "a number")?,
             None => rank,
         };
         let master_port = match get("MASTER_PORT") {
-            Some(v) => v
-                .trim()
-                .parse()
-                .map_err(|_| DistError::Env(format!("MASTER_PORT={v:?} is not a port number")))?,
+            Some(v) => parse("MASTER_PORT", &v, "a port number")?,
             None => 29500,
         };
         Ok(Some(Self {
@@ -77,6 +69,13 @@ impl DistEnv {
     pub fn serves_store(&self) -> bool {
         self.rank == 0 && !self.agent_store
     }
+}
+
+/// The variable `name`'s value `v`, which must be `what` (its message when it is not).
+fn parse<T: std::str::FromStr>(name: &str, v: &str, what: &str) -> Result<T> {
+    v.trim()
+        .parse()
+        .map_err(|_| DistError::Env(format!("{name}={v:?} is not {what}")))
 }
 
 #[cfg(test)]

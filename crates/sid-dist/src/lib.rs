@@ -7,7 +7,7 @@
 //!
 //! Every C++ exception comes back as a [`DistError`] naming the rank, the peer and the
 //! operation. Without Gloo's headers at build time (Debian's `libgloo-dev`) the crate still
-//! builds and every constructor returns [`DistError::Unavailable`].
+//! builds and every call fails with an error that says what is missing.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -33,16 +33,18 @@ use std::time::Duration;
 
 use tch::Tensor;
 
+use ffi::{c_char, c_int, call, tensor_ptr};
+
 pub use env::DistEnv;
 pub use error::{DistError, Result};
 
-/// Which c10d backend a group uses.
+/// Which c10d backend a group uses; the value is the shim's code for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// Gloo: CPU tensors, TCP.
-    Gloo,
+    Gloo = 0,
     /// NCCL: CUDA tensors.
-    Nccl,
+    Nccl = 1,
 }
 
 impl std::fmt::Display for Backend {
@@ -56,14 +58,19 @@ impl std::fmt::Display for Backend {
 
 /// Whether this build has c10d at all (Gloo), and NCCL.
 pub fn available() -> (bool, bool) {
-    ffi::available()
+    // SAFETY: no arguments; only called where the shim exists.
+    let nccl = ffi::HAS_SHIM && unsafe { ffi::sid_c10d_has_nccl() } == 1;
+    (ffi::HAS_SHIM, nccl)
 }
 
 /// Applies `TORCH_CPP_LOG_LEVEL` to libtorch's log, once, before the first c10d call (c10d
 /// logs every retry to reach the store at WARNING, with a stack trace; `FATAL` keeps it quiet).
 fn init_logging() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(ffi::init_logging);
+    if ffi::HAS_SHIM {
+        // SAFETY: no arguments; reads an environment variable.
+        ONCE.call_once(|| unsafe { ffi::sid_c10d_init_logging() });
+    }
 }
 
 fn millis(d: Duration) -> i64 {
@@ -73,7 +80,7 @@ fn millis(d: Duration) -> i64 {
 /// libtorch's `TCPStore`: a key-value store served by rank 0 (or torchrun's agent) that every
 /// rank connects to.
 pub struct Store {
-    ptr: ffi::StorePtr,
+    ptr: *mut ffi::SidStore,
     addr: String,
 }
 
@@ -92,65 +99,96 @@ impl Store {
         timeout: Duration,
     ) -> Result<Self> {
         let addr = format!("{host}:{port}");
-        let what = if serve {
-            format!("serving the store at {addr}")
-        } else {
-            format!("connecting to the store at {addr}")
-        };
+        let verb = if serve { "serving" } else { "connecting to" };
         let c_host = cstring(host)?;
         init_logging();
-        let ptr = ffi::store_new(&c_host, port, serve, world, millis(timeout))
-            .map_err(|cause| DistError::Rendezvous { what, cause })?;
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: a valid C string and out-pointer.
+        call(|e, n| unsafe {
+            ffi::sid_store_new(
+                c_host.as_ptr(),
+                c_int::from(port),
+                c_int::from(serve),
+                world as c_int,
+                millis(timeout),
+                &mut ptr,
+                e,
+                n,
+            )
+        })
+        .map_err(|cause| DistError::Rendezvous {
+            what: format!("{verb} the store at {addr}"),
+            cause,
+        })?;
         Ok(Self { ptr, addr })
-    }
-
-    /// `host:port`.
-    pub fn addr(&self) -> &str {
-        &self.addr
     }
 
     /// Sets `key`.
     pub fn set(&self, key: &str, value: &[u8]) -> Result<()> {
-        let k = cstring(key)?;
-        ffi::store_set(&self.ptr, &k, value).map_err(|cause| self.failed("set", key, cause))
+        // SAFETY: valid pointers for the call's duration.
+        self.op("set", key, |k, e, n| unsafe {
+            ffi::sid_store_set(self.ptr, k, value.as_ptr(), value.len(), e, n)
+        })
     }
 
     /// Waits up to `timeout` for `key` and returns its value.
     pub fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
-        let k = cstring(key)?;
-        ffi::store_get(&self.ptr, &k, millis(timeout))
-            .map_err(|cause| self.failed("get", key, cause))
+        let (mut out, mut len) = (std::ptr::null_mut(), 0usize);
+        // SAFETY: valid pointers; the buffer is freed below.
+        self.op("get", key, |k, e, n| unsafe {
+            ffi::sid_store_get(self.ptr, k, millis(timeout), &mut out, &mut len, e, n)
+        })?;
+        // SAFETY: the shim allocated `len` bytes at `out`.
+        let v = unsafe { std::slice::from_raw_parts(out, len) }.to_vec();
+        unsafe { ffi::sid_bytes_free(out) };
+        Ok(v)
     }
 
     /// Adds `value` to the counter `key` and returns the new count.
     pub fn add(&self, key: &str, value: i64) -> Result<i64> {
-        let k = cstring(key)?;
-        ffi::store_add(&self.ptr, &k, value).map_err(|cause| self.failed("add", key, cause))
+        let mut out = 0i64;
+        // SAFETY: valid pointers.
+        self.op("add", key, |k, e, n| unsafe {
+            ffi::sid_store_add(self.ptr, k, value, &mut out, e, n)
+        })?;
+        Ok(out)
     }
 
     /// Whether `key` is set.
     pub fn check(&self, key: &str) -> Result<bool> {
-        let k = cstring(key)?;
-        ffi::store_check(&self.ptr, &k).map_err(|cause| self.failed("check", key, cause))
+        let mut out: c_int = 0;
+        // SAFETY: valid pointers.
+        self.op("check", key, |k, e, n| unsafe {
+            ffi::sid_store_check(self.ptr, k, &mut out, e, n)
+        })?;
+        Ok(out == 1)
     }
 
-    fn failed(&self, op: &str, key: &str, cause: String) -> DistError {
-        DistError::Store {
+    /// Runs the shim call `f` on `key`; a failure names the operation, the key and the store.
+    fn op(
+        &self,
+        op: &str,
+        key: &str,
+        f: impl FnOnce(*const c_char, *mut c_char, usize) -> c_int,
+    ) -> Result<()> {
+        let k = cstring(key)?;
+        call(|e, n| f(k.as_ptr(), e, n)).map_err(|cause| DistError::Store {
             op: format!("{op} {key:?} at {}", self.addr),
             cause,
-        }
+        })
     }
 }
 
 impl Drop for Store {
     fn drop(&mut self) {
-        ffi::store_free(&mut self.ptr);
+        // SAFETY: owned pointer, freed once.
+        unsafe { ffi::sid_store_free(self.ptr) };
     }
 }
 
 /// A c10d process group: `world` ranks, this one `rank`.
 pub struct Group {
-    ptr: ffi::GroupPtr,
+    ptr: *mut ffi::SidGroup,
     name: String,
     rank: usize,
     world: usize,
@@ -178,15 +216,22 @@ impl Group {
     ) -> Result<Self> {
         let prefix = cstring(name)?;
         let host = cstring(hostname)?;
-        let ptr = ffi::group_new(
-            &store.ptr,
-            &prefix,
-            rank,
-            world,
-            backend,
-            &host,
-            millis(timeout),
-        )
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: valid pointers.
+        call(|e, n| unsafe {
+            ffi::sid_group_new(
+                store.ptr,
+                prefix.as_ptr(),
+                rank as c_int,
+                world as c_int,
+                backend as c_int,
+                host.as_ptr(),
+                millis(timeout),
+                &mut ptr,
+                e,
+                n,
+            )
+        })
         .map_err(|cause| DistError::Op {
             group: name.to_string(),
             rank,
@@ -218,42 +263,64 @@ impl Group {
         self.backend
     }
 
-    /// The timeout of collectives.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
-    fn op(&self, op: String, cause: String) -> DistError {
-        DistError::Op {
+    /// Runs the shim call `f`; a failure names the group, this rank and the operation `op`.
+    fn call(
+        &self,
+        op: impl FnOnce() -> String,
+        f: impl FnOnce(*mut c_char, usize) -> c_int,
+    ) -> Result<()> {
+        call(f).map_err(|cause| DistError::Op {
             group: self.name.clone(),
             rank: self.rank,
-            op,
+            op: op(),
             cause,
-        }
+        })
     }
 
     /// Sends a contiguous tensor to `dst`, waiting at most `timeout` for it to leave.
     pub fn send(&self, t: &Tensor, dst: usize, tag: u32, timeout: Duration) -> Result<()> {
-        ffi::group_send(&self.ptr, t, dst, tag, millis(timeout))
-            .map_err(|c| self.op(format!("send to rank {dst} (tag {tag})"), c))
+        // SAFETY: the tensor outlives the (waited) call.
+        self.call(
+            || format!("send to rank {dst} (tag {tag})"),
+            |e, n| unsafe {
+                let (peer, tag) = (dst as c_int, tag as c_int);
+                ffi::sid_group_send(self.ptr, tensor_ptr(t), peer, tag, millis(timeout), e, n)
+            },
+        )
     }
 
     /// Receives into `t` (contiguous, of the size sent) from `src`, waiting at most `timeout`.
     pub fn recv(&self, t: &mut Tensor, src: usize, tag: u32, timeout: Duration) -> Result<()> {
-        ffi::group_recv(&self.ptr, t, src, tag, millis(timeout))
-            .map_err(|c| self.op(format!("recv from rank {src} (tag {tag})"), c))
+        // SAFETY: as above; the tensor is written in place.
+        self.call(
+            || format!("recv from rank {src} (tag {tag})"),
+            |e, n| unsafe {
+                let (peer, tag) = (src as c_int, tag as c_int);
+                ffi::sid_group_recv(self.ptr, t.as_mut_ptr(), peer, tag, millis(timeout), e, n)
+            },
+        )
     }
 
     /// Sums `t` in place over every rank.
     pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
-        ffi::group_allreduce(&self.ptr, t, millis(self.timeout))
-            .map_err(|c| self.op(format!("all-reduce of {:?}", t.size()), c))
+        let p = t.as_mut_ptr();
+        // SAFETY: as above.
+        self.call(
+            || format!("all-reduce of {:?}", t.size()),
+            |e, n| unsafe { ffi::sid_group_allreduce_sum(self.ptr, p, millis(self.timeout), e, n) },
+        )
     }
 
     /// Copies `t` from `root` to every rank.
     pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        ffi::group_broadcast(&self.ptr, t, root, millis(self.timeout))
-            .map_err(|c| self.op(format!("broadcast from rank {root}"), c))
+        let ms = millis(self.timeout);
+        // SAFETY: as above.
+        self.call(
+            || format!("broadcast from rank {root}"),
+            |e, n| unsafe {
+                ffi::sid_group_broadcast(self.ptr, t.as_mut_ptr(), root as c_int, ms, e, n)
+            },
+        )
     }
 
     /// Gathers `t` (the same shape on every rank) to `root`: there, one tensor per rank.
@@ -263,21 +330,40 @@ impl Group {
         } else {
             Vec::new()
         };
-        ffi::group_gather(&self.ptr, t, &outs, root, millis(self.timeout))
-            .map_err(|c| self.op(format!("gather to rank {root}"), c))?;
+        let ptrs: Vec<*mut ffi::T> = outs.iter().map(tensor_ptr).collect();
+        // SAFETY: as above; `ptrs` lives across the call.
+        self.call(
+            || format!("gather to rank {root}"),
+            |e, n| unsafe {
+                ffi::sid_group_gather(
+                    self.ptr,
+                    tensor_ptr(t),
+                    ptrs.as_ptr(),
+                    ptrs.len() as c_int,
+                    root as c_int,
+                    millis(self.timeout),
+                    e,
+                    n,
+                )
+            },
+        )?;
         Ok(outs)
     }
 
     /// Waits until every rank reaches the barrier.
     pub fn barrier(&self) -> Result<()> {
-        ffi::group_barrier(&self.ptr, millis(self.timeout))
-            .map_err(|c| self.op("barrier".into(), c))
+        // SAFETY: valid pointer.
+        self.call(
+            || "barrier".into(),
+            |e, n| unsafe { ffi::sid_group_barrier(self.ptr, millis(self.timeout), e, n) },
+        )
     }
 }
 
 impl Drop for Group {
     fn drop(&mut self) {
-        ffi::group_free(&mut self.ptr);
+        // SAFETY: owned pointer, freed once.
+        unsafe { ffi::sid_group_free(self.ptr) };
     }
 }
 

@@ -33,14 +33,17 @@ use std::marker::PhantomData;
 
 use crate::TelemetryError;
 
-#[cfg(sid_alloc_owner)]
-extern "C" {
+shim! {
+    sid_alloc_owner;
     fn sid_alloc_owner_new(id: *mut u32, err: *mut c_char, err_len: usize) -> i32;
     fn sid_alloc_enter(id: u32, err: *mut c_char, err_len: usize) -> i32;
     fn sid_alloc_leave(err: *mut c_char, err_len: usize) -> i32;
     fn sid_alloc_counts(id: u32, held: *mut i64, peak: *mut i64);
     fn sid_alloc_reset_peak(id: u32);
 }
+
+/// Whether this build has the allocation shim.
+const SHIM: bool = cfg!(sid_alloc_owner);
 
 /// Bytes an owner holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -55,7 +58,6 @@ pub struct AllocCounts {
 /// clone names the same owner (a coordinator keeps one to read a stage's figures).
 #[derive(Debug, Clone)]
 pub struct AllocOwner {
-    #[cfg_attr(not(sid_alloc_owner), allow(dead_code))]
     id: u32,
 }
 
@@ -67,39 +69,30 @@ pub struct OwnerScope {
 }
 
 /// Calls a shim function; a non-zero code becomes the C++ message.
-#[cfg(sid_alloc_owner)]
 fn call(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), TelemetryError> {
+    if !SHIM {
+        return Err(TelemetryError::AllocTracking(
+            "this build has no allocation shim (libtorch's headers were not found)".into(),
+        ));
+    }
     crate::error::call_shim(f).map_err(TelemetryError::AllocTracking)
-}
-
-#[cfg(not(sid_alloc_owner))]
-fn call(_: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), TelemetryError> {
-    Err(TelemetryError::AllocTracking(
-        "this build has no allocation shim (libtorch's headers were not found)".into(),
-    ))
 }
 
 impl AllocOwner {
     /// A new owner, holding nothing.
     pub fn new() -> Result<Self, TelemetryError> {
         let mut id = 0u32;
-        #[cfg(sid_alloc_owner)]
         // SAFETY: a valid out-pointer and a buffer of `len` bytes; the shim catches every C++
         // exception.
         call(|err, len| unsafe { sid_alloc_owner_new(&mut id, err, len) })?;
-        #[cfg(not(sid_alloc_owner))]
-        call(|_, _| 1)?;
         Ok(Self { id })
     }
 
     /// Charges this thread's allocations to this owner until the scope is dropped (scopes
     /// nest: the innermost wins).
     pub fn enter(&self) -> Result<OwnerScope, TelemetryError> {
-        #[cfg(sid_alloc_owner)]
         // SAFETY: a buffer of `len` bytes; the shim catches every C++ exception.
         call(|err, len| unsafe { sid_alloc_enter(self.id, err, len) })?;
-        #[cfg(not(sid_alloc_owner))]
-        call(|_, _| 1)?;
         Ok(OwnerScope {
             _thread: PhantomData,
         })
@@ -107,27 +100,23 @@ impl AllocOwner {
 
     /// What the owner holds now and at its peak.
     pub fn counts(&self) -> AllocCounts {
-        #[cfg(sid_alloc_owner)]
-        {
-            let (mut held, mut peak) = (0i64, 0i64);
+        let (mut held, mut peak) = (0i64, 0i64);
+        if SHIM {
             // SAFETY: two valid out-pointers; the shim takes its lock and cannot throw.
             unsafe { sid_alloc_counts(self.id, &mut held, &mut peak) };
-            AllocCounts {
-                held: held.max(0) as u64,
-                peak: peak.max(0) as u64,
-            }
         }
-        #[cfg(not(sid_alloc_owner))]
-        AllocCounts::default()
+        AllocCounts {
+            held: held.max(0) as u64,
+            peak: peak.max(0) as u64,
+        }
     }
 
     /// Starts a new peak from what the owner holds now.
     pub fn reset_peak(&self) {
-        // SAFETY: plain integer argument; unknown ids are ignored by the shim.
-        #[cfg(sid_alloc_owner)]
-        unsafe {
-            sid_alloc_reset_peak(self.id)
-        };
+        if SHIM {
+            // SAFETY: plain integer argument; unknown ids are ignored by the shim.
+            unsafe { sid_alloc_reset_peak(self.id) };
+        }
     }
 }
 
@@ -142,7 +131,6 @@ pub fn tensor_bytes<'a>(tensors: impl IntoIterator<Item = &'a tch::Tensor>) -> u
 
 impl Drop for OwnerScope {
     fn drop(&mut self) {
-        #[cfg(sid_alloc_owner)]
         // SAFETY: this scope pushed the reporter this pops, on this thread (not `Send`).
         let _ = call(|err, len| unsafe { sid_alloc_leave(err, len) });
     }

@@ -47,7 +47,6 @@ impl TelemetryError {
 
 /// Calls a C++ shim function with a message buffer (`sid_shim.h`'s convention): 0 is success,
 /// anything else comes back as the exception's message.
-#[cfg(any(sid_cuda_stats, sid_alloc_owner))]
 pub(crate) fn call_shim(
     f: impl FnOnce(*mut std::ffi::c_char, usize) -> i32,
 ) -> std::result::Result<(), String> {

@@ -1,13 +1,15 @@
 //! Memory measurements: the CUDA caching allocator's bytes (exact, resettable peak) and the
 //! process's resident set on the CPU (peak resettable through `/proc/self/clear_refs`).
 
+use std::ffi::c_char;
+
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use crate::TelemetryError;
 
 /// The CUDA caching allocator's counters for one device, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CudaMemory {
     /// Bytes held by live tensors.
     pub allocated: i64,
@@ -19,18 +21,18 @@ pub struct CudaMemory {
     pub peak_reserved: i64,
 }
 
-#[cfg(sid_cuda_stats)]
-extern "C" {
+shim! {
+    sid_cuda_stats;
     fn sid_cuda_memory_stats(
         device: i32,
         a: *mut i64,
         pa: *mut i64,
         r: *mut i64,
         pr: *mut i64,
-        err: *mut std::ffi::c_char,
+        err: *mut c_char,
         err_len: usize,
     ) -> i32;
-    fn sid_cuda_reset_peak(device: i32, err: *mut std::ffi::c_char, err_len: usize) -> i32;
+    fn sid_cuda_reset_peak(device: i32, err: *mut c_char, err_len: usize) -> i32;
 }
 
 /// Whether this build can read the CUDA allocator's statistics.
@@ -39,11 +41,15 @@ pub fn cuda_stats_compiled() -> bool {
 }
 
 /// Calls an allocator shim function on `device`; a non-zero code becomes the C++ message.
-#[cfg(sid_cuda_stats)]
 fn call_shim(
     device: usize,
-    f: impl FnOnce(*mut std::ffi::c_char, usize) -> i32,
+    f: impl FnOnce(*mut c_char, usize) -> i32,
 ) -> Result<(), TelemetryError> {
+    if !cuda_stats_compiled() {
+        return Err(TelemetryError::CudaStatsUnavailable(
+            "this build has no allocator shim (CUDA headers were not found)",
+        ));
+    }
     if !tch::Cuda::is_available() {
         return Err(TelemetryError::CudaStatsUnavailable(
             "CUDA is not available",
@@ -55,56 +61,31 @@ fn call_shim(
 /// The allocator's counters for CUDA device `index`; an error without CUDA, without the shim,
 /// or with the C++ exception's message when libtorch refuses.
 pub fn cuda_memory(index: usize) -> Result<CudaMemory, TelemetryError> {
-    #[cfg(sid_cuda_stats)]
-    {
-        let mut m = CudaMemory {
-            allocated: 0,
-            peak_allocated: 0,
-            reserved: 0,
-            peak_reserved: 0,
-        };
-        call_shim(index, |err, len| {
-            // SAFETY: four valid out-pointers and a buffer of `len` bytes; the shim catches
-            // every C++ exception.
-            unsafe {
-                sid_cuda_memory_stats(
-                    index as i32,
-                    &mut m.allocated,
-                    &mut m.peak_allocated,
-                    &mut m.reserved,
-                    &mut m.peak_reserved,
-                    err,
-                    len,
-                )
-            }
-        })?;
-        Ok(m)
-    }
-    #[cfg(not(sid_cuda_stats))]
-    {
-        let _ = index;
-        Err(TelemetryError::CudaStatsUnavailable(
-            "this build has no allocator shim (CUDA headers were not found)",
-        ))
-    }
+    let mut m = CudaMemory::default();
+    call_shim(index, |err, len| {
+        // SAFETY: four valid out-pointers and a buffer of `len` bytes; the shim catches
+        // every C++ exception.
+        unsafe {
+            sid_cuda_memory_stats(
+                index as i32,
+                &mut m.allocated,
+                &mut m.peak_allocated,
+                &mut m.reserved,
+                &mut m.peak_reserved,
+                err,
+                len,
+            )
+        }
+    })?;
+    Ok(m)
 }
 
 /// Resets the allocator's peak counters of CUDA device `index`.
 pub fn reset_cuda_peak(index: usize) -> Result<(), TelemetryError> {
-    #[cfg(sid_cuda_stats)]
-    {
-        // SAFETY: a buffer of `len` bytes; the shim catches every C++ exception.
-        call_shim(index, |err, len| unsafe {
-            sid_cuda_reset_peak(index as i32, err, len)
-        })
-    }
-    #[cfg(not(sid_cuda_stats))]
-    {
-        let _ = index;
-        Err(TelemetryError::CudaStatsUnavailable(
-            "this build has no allocator shim (CUDA headers were not found)",
-        ))
-    }
+    // SAFETY: a buffer of `len` bytes; the shim catches every C++ exception.
+    call_shim(index, |err, len| unsafe {
+        sid_cuda_reset_peak(index as i32, err, len)
+    })
 }
 
 fn status() -> Option<procfs::process::Status> {
@@ -141,7 +122,7 @@ pub struct HeapPeak {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     // The running peak, shared so a caller can wait until a sample has seen its work.
     peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    thread: Option<std::thread::JoinHandle<u64>>,
+    thread: std::thread::JoinHandle<u64>,
 }
 
 impl HeapPeak {
@@ -159,11 +140,7 @@ impl HeapPeak {
             seen.fetch_max(heap_in_use_bytes(), Relaxed);
             seen.load(Relaxed)
         });
-        Self {
-            stop,
-            peak,
-            thread: Some(thread),
-        }
+        Self { stop, peak, thread }
     }
 
     /// The peak seen so far, in bytes (sampling goes on).
@@ -172,9 +149,9 @@ impl HeapPeak {
     }
 
     /// Stops sampling and returns the peak seen, in bytes.
-    pub fn finish(mut self) -> u64 {
+    pub fn finish(self) -> u64 {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(0)
+        self.thread.join().unwrap_or(0)
     }
 }
 
@@ -207,54 +184,44 @@ impl PeakTracker {
                 d.push(*dev);
             }
         }
-        let nvml = if d.iter().any(|x| x.is_cuda()) && !cuda_stats_compiled() {
-            crate::nvml::GpuMonitor::open().ok()
-        } else {
-            None
-        };
+        let fallback = d.iter().any(|x| x.is_cuda()) && !cuda_stats_compiled();
+        let nvml = fallback
+            .then(crate::nvml::GpuMonitor::open)
+            .and_then(Result::ok);
         Self { devices: d, nvml }
     }
 
     /// Starts a period: resets every peak that can be reset.
     pub fn start(&self) {
         for d in &self.devices {
-            match d {
-                Device::Cuda(i) => {
-                    // Unreadable statistics fall back to NVML in `finish`.
-                    let _ = reset_cuda_peak(*i);
-                }
-                _ => {
-                    reset_peak_rss();
-                }
+            if let Device::Cuda(i) = d {
+                // Unreadable statistics fall back to NVML in `finish`.
+                let _ = reset_cuda_peak(*i);
+            } else {
+                reset_peak_rss();
             }
         }
     }
 
     /// The peaks since [`PeakTracker::start`].
     pub fn finish(&self) -> Vec<DevicePeak> {
+        let peak = |device: String, (bytes, source): (u64, &str)| DevicePeak {
+            device,
+            bytes,
+            source: source.into(),
+        };
         self.devices
             .iter()
             .filter_map(|d| match d {
                 Device::Cuda(i) => cuda_memory(*i)
+                    .map(|m| (m.peak_allocated.max(0) as u64, "cuda-allocator"))
                     .ok()
-                    .map(|m| DevicePeak {
-                        device: format!("cuda:{i}"),
-                        bytes: m.peak_allocated.max(0) as u64,
-                        source: "cuda-allocator".into(),
-                    })
                     .or_else(|| {
                         let sample = self.nvml.as_ref()?.sample(*i as u32).ok()?;
-                        Some(DevicePeak {
-                            device: format!("cuda:{i}"),
-                            bytes: sample.process_memory?,
-                            source: "nvml-process-at-end".into(),
-                        })
-                    }),
-                _ => peak_rss_bytes().map(|b| DevicePeak {
-                    device: "cpu".into(),
-                    bytes: b,
-                    source: "process-rss".into(),
-                }),
+                        Some((sample.process_memory?, "nvml-process-at-end"))
+                    })
+                    .map(|b| peak(format!("cuda:{i}"), b)),
+                _ => peak_rss_bytes().map(|b| peak("cpu".into(), (b, "process-rss"))),
             })
             .collect()
     }

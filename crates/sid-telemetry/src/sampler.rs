@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -52,25 +52,17 @@ pub struct TelemetrySummary {
 pub struct Sampler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<TelemetrySummary>>,
-    path: PathBuf,
 }
 
-/// Why GPU telemetry is off, when it is.
-pub type GpuTelemetryOff = Option<crate::TelemetryError>;
-
 impl Sampler {
-    /// Starts sampling every `interval` into `path` (created or truncated). Returns the sampler
-    /// and, when NVML cannot be used, the reason (the run goes on with CPU figures only).
-    pub fn start(path: &Path, interval: Duration) -> std::io::Result<(Self, GpuTelemetryOff)> {
-        Self::start_for_rank(path, interval, None)
-    }
-
-    /// [`Sampler::start`] for one rank of a multi-process run: every sample names `rank`.
+    /// Starts sampling every `interval` into `path` (created or truncated); in a multi-process
+    /// run every sample names `rank`. Returns the sampler and, when NVML cannot be used, the
+    /// reason GPU telemetry is off (the run goes on with CPU figures only).
     pub fn start_for_rank(
         path: &Path,
         interval: Duration,
         rank: Option<usize>,
-    ) -> std::io::Result<(Self, GpuTelemetryOff)> {
+    ) -> std::io::Result<(Self, Option<crate::TelemetryError>)> {
         let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
         let (monitor, off) = match GpuMonitor::open() {
             Ok(m) if m.count() > 0 => (Some(m), None),
@@ -104,15 +96,9 @@ impl Sampler {
             Self {
                 stop,
                 thread: Some(thread),
-                path: path.to_path_buf(),
             },
             off,
         ))
-    }
-
-    /// Where the samples go.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Stops sampling (one last sample is written) and returns the peaks.
@@ -166,8 +152,8 @@ fn take(monitor: &Option<GpuMonitor>, started: Instant, rank: Option<usize>) -> 
     }
 }
 
-/// CPU seconds (user + system) of this process's threads named `sid-stage-*`,
-/// `sid-stage-*` or `main`.
+/// CPU seconds (user + system) of this process's threads named `sid-stage-*`, `main` or
+/// `sid-launch`.
 pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     let Ok(tasks) = procfs::process::Process::myself().and_then(|p| p.tasks()) else {
@@ -177,11 +163,7 @@ pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
     // A thread that ends between listing and reading is skipped.
     for stat in tasks.flatten().filter_map(|t| t.stat().ok()) {
         let name = stat.comm;
-        if name.starts_with("sid-stage")
-            || name.starts_with("sid-stage")
-            || name == "main"
-            || name == "sid-launch"
-        {
+        if name.starts_with("sid-stage") || name == "main" || name == "sid-launch" {
             *out.entry(name).or_insert(0.0) += (stat.utime + stat.stime) as f64 / ticks;
         }
     }
@@ -231,7 +213,8 @@ mod tests {
     fn samples_cpu_figures_and_degrades_cleanly_without_nvml() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("telemetry.jsonl");
-        let (sampler, off) = Sampler::start(&path, Duration::from_millis(20)).unwrap();
+        let (sampler, off) =
+            Sampler::start_for_rank(&path, Duration::from_millis(20), None).unwrap();
         let (done, release, worker) = busy("sid-stage-1", Duration::from_millis(300));
         done.recv().unwrap();
         // At least one regular tick after the work.
@@ -273,7 +256,7 @@ mod tests {
         let path = dir.path().join("telemetry.jsonl");
         // One tick at the start, then nothing for a minute: only the final sample can see
         // the work done in between.
-        let (sampler, _) = Sampler::start(&path, Duration::from_secs(60)).unwrap();
+        let (sampler, _) = Sampler::start_for_rank(&path, Duration::from_secs(60), None).unwrap();
         let (done, release, worker) = busy("sid-stage-2", Duration::from_millis(300));
         done.recv().unwrap();
         let summary = sampler.stop();
