@@ -77,6 +77,12 @@ impl From<sid_runtime::RuntimeError> for TrainError {
     }
 }
 
+impl From<sid_dist::DistError> for TrainError {
+    fn from(e: sid_dist::DistError) -> Self {
+        Self::Runtime(sid_runtime::RuntimeError::Dist(e))
+    }
+}
+
 fn runtime_message(e: &sid_runtime::RuntimeError) -> String {
     use sid_runtime::RuntimeError::{Config, Placement};
     match e {

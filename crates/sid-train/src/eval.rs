@@ -39,11 +39,9 @@ pub struct Saved {
 /// saved device list).
 pub fn open(dir: &Path, gpus: Option<&str>) -> Result<Saved> {
     let cfg = saved_config_on(dir, gpus)?;
-    let mut data = crate::trainer::load_data(&cfg)?;
+    let data = crate::trainer::load_data(&cfg)?;
     let net = load_network(dir, &cfg, data.shape)?;
-    if let tch::Device::Cuda(_) = net.input_device() {
-        data = data.to_device(net.input_device());
-    }
+    let data = crate::trainer::data_on_input_device(data, net.as_ref());
     Ok(Saved {
         net,
         data,

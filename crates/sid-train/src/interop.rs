@@ -52,22 +52,15 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
             format!("not a complete safetensors file ({e}): truncated, or another format"),
         )
     })?;
-    let mut named = HashMap::new();
-    for (name, view) in st.tensors() {
-        let kind = match view.dtype() {
-            Dtype::F32 => Kind::Float,
-            Dtype::F64 => Kind::Double,
-            Dtype::F16 => Kind::Half,
-            Dtype::BF16 => Kind::BFloat16,
-            Dtype::I64 => Kind::Int64,
-            other => return Err(bad(path, format!("{name}: unsupported dtype {other:?}"))),
-        };
-        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
-            .map_err(|e| bad(path, format!("{name}: {e}")))?;
-        named.insert(name, t);
-    }
-    Ok(named)
+    let kind_of = |dtype| match dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::F64 => Some(Kind::Double),
+        Dtype::F16 => Some(Kind::Half),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        Dtype::I64 => Some(Kind::Int64),
+        _ => None,
+    };
+    checkpoint::tensors_of(&st, kind_of, |reason| bad(path, reason))
 }
 
 /// What [`init_from`] loaded.
@@ -288,29 +281,7 @@ pub fn save_weights(
     tensors: &[(String, Tensor)],
     meta: HashMap<String, String>,
 ) -> Result<()> {
-    let mut buffers = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let (dtype, kind) = match t.kind() {
-            Kind::Int64 => (Dtype::I64, Kind::Int64),
-            _ => (Dtype::F32, Kind::Float),
-        };
-        let t = t.to_device(tch::Device::Cpu).to_kind(kind).contiguous();
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel)
-            .map_err(sid_core::CoreError::from)?;
-        let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
-        buffers.push((name.clone(), dtype, shape, data));
-    }
-    let views = buffers
-        .iter()
-        .map(|(n, dt, shape, data)| {
-            let view = safetensors::tensor::TensorView::new(*dt, shape.clone(), data)
-                .expect("a view of its own data");
-            (n.clone(), view)
-        })
-        .collect::<Vec<_>>();
-    let bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| bad(path, e.to_string()))?;
+    let bytes = checkpoint::serialize(tensors, meta, |reason| bad(path, reason))?;
     checkpoint::write_atomic(path, &bytes)
 }
 
