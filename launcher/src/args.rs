@@ -216,6 +216,7 @@ fn fault_for_restart(spec: Option<String>, restart: u32) -> Result<Option<String
 }
 
 /// What this invocation does: a new run or a resumed one, with its settings.
+#[derive(Default)]
 pub struct Invocation {
     /// The resolved, validated config.
     pub config: RunConfig,
@@ -320,7 +321,7 @@ impl Cli {
                 run_dir: dir.into(),
                 resume: true,
                 follows_rank0: true,
-                starts_over: false,
+                ..Default::default()
             });
         }
         if !dir.is_dir() {
@@ -333,8 +334,7 @@ impl Cli {
             config,
             run_dir: dir.into(),
             resume: true,
-            follows_rank0: false,
-            starts_over: false,
+            ..Default::default()
         })
     }
 
@@ -362,22 +362,16 @@ impl Cli {
         });
         if config.data.dataset == DatasetKind::Folder {
             // Saved resolved: beside the run, so the next run in the same folder finds it.
-            config
-                .data
-                .image_size
-                .get_or_insert(sid_data::DEFAULT_IMAGE_SIZE);
+            let data = &mut config.data;
+            data.image_size.get_or_insert(sid_data::DEFAULT_IMAGE_SIZE);
             let parent = run_dir.parent().unwrap_or(std::path::Path::new(""));
-            config
-                .data
-                .cache_dir
+            data.cache_dir
                 .get_or_insert_with(|| parent.join("image-cache"));
         }
         Ok(Invocation {
             config,
             run_dir,
-            resume: false,
-            follows_rank0: false,
-            starts_over: false,
+            ..Default::default()
         })
     }
 }

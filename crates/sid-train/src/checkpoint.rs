@@ -104,11 +104,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn keep_previous(dir: &Path, older: usize) -> Result<()> {
     let current = dir.join(CHECKPOINT_FILE);
     // A newest checkpoint that does not load (cut short) is not kept: the save replaces it.
-    let position = match current.exists() {
-        true => load(&current).ok().map(|(_, p)| p),
-        false => None,
-    };
-    if let Some(position) = position {
+    if let Ok((_, position)) = load(&current) {
         let name = format!(
             "checkpoint-E{}-S{}.safetensors",
             position.epochs_done, position.step_in_epoch
@@ -253,19 +249,13 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], position: &Position) -> R
         META_KEY.to_string(),
         serde_json::to_string(position).expect("serialise"),
     )]);
-    let bytes = serialize(tensors, meta, |reason| TrainError::Checkpoint {
-        path: path.into(),
-        reason,
-    })?;
+    let bytes = serialize(tensors, meta, |reason| TrainError::checkpoint(path, reason))?;
     write_atomic(path, &bytes)
 }
 
 /// Loads a checkpoint: its tensors (on the CPU) and its position.
 pub fn load(path: &Path) -> Result<(NamedTensors, Position)> {
-    let bad = |reason: String| TrainError::Checkpoint {
-        path: PathBuf::from(path),
-        reason,
-    };
+    let bad = |reason: String| TrainError::checkpoint(path, reason);
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => bad("file does not exist".into()),
         _ => TrainError::io(path, e),

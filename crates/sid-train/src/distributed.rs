@@ -288,14 +288,9 @@ impl Rendezvous {
             )));
         }
         let rank = self.rank();
-        let host = std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| {
-            let m = self.env.master_addr.as_str();
-            if m == "127.0.0.1" || m == "localhost" {
-                "127.0.0.1".into()
-            } else {
-                String::new()
-            }
-        });
+        let local = matches!(self.env.master_addr.as_str(), "127.0.0.1" | "localhost");
+        let default_host = if local { "127.0.0.1" } else { "" };
+        let host = std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| default_host.into());
         let name = format!(
             "rank {rank}, {}{}",
             crate::devices::device_name(self.device),

@@ -69,6 +69,14 @@ impl TrainError {
             source,
         }
     }
+
+    /// The checkpoint at `path` is unreadable or does not belong to the run, for `reason`.
+    pub fn checkpoint(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+        Self::Checkpoint {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 impl From<sid_runtime::RuntimeError> for TrainError {

@@ -79,10 +79,8 @@ pub(crate) fn load_network(
     cfg.data.loaded_shape = Some(shape);
     let plan = crate::plan::Plan::resolve(&cfg, &devices, false, false)?;
     let mut net = crate::network::build_network(&cfg, &plan, None)?.net;
-    net.load_state(&named).map_err(|e| TrainError::Checkpoint {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    net.load_state(&named)
+        .map_err(|e| TrainError::checkpoint(path, e))?;
     Ok(net)
 }
 

@@ -11,6 +11,7 @@ use tch::Device;
 
 use crate::checkpoint::{self, Position, CHECKPOINT_FILE};
 use crate::config::RunConfig;
+use crate::distributed::Rendezvous;
 use crate::metrics::{self, EpochMetrics};
 use crate::network::{build_network, Built};
 use crate::plan::{Graphs, Plan};
@@ -86,9 +87,8 @@ pub struct Run {
     dir: PathBuf,
     devices: Vec<Device>,
     data: Dataset,
-    net: Box<dyn Network>,
-    layout: Vec<(Device, std::ops::Range<usize>)>,
-    notes: Vec<String>,
+    /// The network, where its modules live and its stages' descriptions.
+    built: Built,
     plan: Plan,
     position: Position,
     /// Notices found while opening the run, handed to the first `train` call's events.
@@ -129,11 +129,7 @@ impl Run {
     }
 
     /// [`Run::create`] as rank 0 of a multi-process run (see [`crate::distributed`]).
-    pub fn create_on(
-        cfg: RunConfig,
-        dir: &Path,
-        rdv: Option<&crate::distributed::Rendezvous>,
-    ) -> Result<Self> {
+    pub fn create_on(cfg: RunConfig, dir: &Path, rdv: Option<&Rendezvous>) -> Result<Self> {
         cfg.validate()?;
         if dir.join(CHECKPOINT_FILE).exists() || dir.join(METRICS_FILE).exists() {
             return Err(TrainError::Config(format!(
@@ -156,7 +152,7 @@ impl Run {
     fn open(
         mut cfg: RunConfig,
         dir: &Path,
-        rdv: Option<&crate::distributed::Rendezvous>,
+        rdv: Option<&Rendezvous>,
         position: Position,
         start: impl FnOnce(&mut RunConfig, &mut dyn Network) -> Result<Vec<String>>,
     ) -> Result<Self> {
@@ -167,16 +163,12 @@ impl Run {
             Some(r) => Plan::resolve(&cfg, &[r.device()], true, true)?,
             None => Plan::resolve(&cfg, &devices, false, true)?,
         };
-        let Built {
-            mut net,
-            layout,
-            notes,
-        } = build_network(&cfg, &plan, rdv)?;
-        let data = data_on_input_device(data, net.as_ref());
+        let mut built = build_network(&cfg, &plan, rdv)?;
+        let data = data_on_input_device(data, built.net.as_ref());
         // Save what was resolved, not what was left to defaults.
         cfg.runtime.placement = plan.placement();
         cfg.runtime.micro_batches = Some(plan.micro_batches);
-        let notices = start(&mut cfg, net.as_mut())?;
+        let notices = start(&mut cfg, built.net.as_mut())?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         checkpoint::write_atomic(&dir.join(PLAN_FILE), plan.to_toml().as_bytes())?;
         // Runs from before input.json get one on resume.
@@ -188,9 +180,7 @@ impl Run {
             dir: dir.into(),
             devices,
             data,
-            net,
-            layout,
-            notes,
+            built,
             plan,
             position,
             notices,
@@ -210,11 +200,7 @@ impl Run {
     /// perhaps with more epochs); settings that shape the model or the data must not change.
     /// `rdv`: this process is rank 0 of a multi-process run (see [`crate::distributed`]), and
     /// the checkpoint may come from a run with any other number of ranks.
-    pub fn resume_on(
-        cfg: RunConfig,
-        dir: &Path,
-        rdv: Option<&crate::distributed::Rendezvous>,
-    ) -> Result<Self> {
+    pub fn resume_on(cfg: RunConfig, dir: &Path, rdv: Option<&Rendezvous>) -> Result<Self> {
         cfg.validate()?;
         let saved = Self::saved_config(dir)?;
         let changed: Vec<String> = cfg
@@ -243,17 +229,15 @@ impl Run {
             )],
         };
         if position.method != cfg.optim.method || position.seed != cfg.optim.seed {
-            return Err(TrainError::Checkpoint {
-                path: ckpt_path,
-                reason: "it was written by a different method or seed than config.toml says".into(),
-            });
+            return Err(TrainError::checkpoint(
+                ckpt_path,
+                "it was written by a different method or seed than config.toml says",
+            ));
         }
         let epochs_done = position.epochs_done;
         Self::open(cfg, dir, rdv, position, |_, net| {
-            net.load_state(&named).map_err(|e| TrainError::Checkpoint {
-                path: ckpt_path,
-                reason: e.to_string(),
-            })?;
+            net.load_state(&named)
+                .map_err(|e| TrainError::checkpoint(ckpt_path, e))?;
             let kept = metrics::truncate_to(&dir.join(METRICS_FILE), epochs_done)?;
             notices.extend(kept.dropped_last_line);
             Ok(notices)
@@ -262,17 +246,12 @@ impl Run {
 
     /// Each stage (and replica) of a pipeline, described for the user.
     pub fn stage_notes(&self) -> &[String] {
-        &self.notes
+        &self.built.notes
     }
 
     /// The run's resolved plan.
     pub fn plan(&self) -> &Plan {
         &self.plan
-    }
-
-    /// Each device and its 0-based module block, in cascade order.
-    pub fn layout(&self) -> &[(Device, std::ops::Range<usize>)] {
-        &self.layout
     }
 
     /// The resolved config.
@@ -333,7 +312,7 @@ impl Run {
     fn save_checkpoint(&mut self) -> Result<PathBuf> {
         self.wait_for_save()?;
         let path = self.dir.join(CHECKPOINT_FILE);
-        let state = self.net.state()?;
+        let state = self.built.net.state()?;
         let (dir, position, keep) = (
             self.dir.clone(),
             self.position.clone(),
@@ -374,9 +353,7 @@ impl Run {
         let trained = self.train_epochs(stop, on_event);
         // Whatever ended the run, the checkpoint being written is complete before it returns.
         let saved = self.wait_for_save();
-        let summary = trained?;
-        saved?;
-        Ok(summary)
+        trained.and_then(|summary| saved.map(|()| summary))
     }
 
     fn train_epochs(
@@ -394,20 +371,18 @@ impl Run {
             noisy_labels: self.data.noisy_labels,
         });
         if let Some(folder) = &self.data.folder {
+            let s = self.data.shape;
+            let (n, c, side) = (s.num_classes, s.channels, s.image_size);
             on_event(Event::Notice(format!(
-                "{} classes, {}x{}x{} images; {folder}",
-                self.data.shape.num_classes,
-                self.data.shape.channels,
-                self.data.shape.image_size,
-                self.data.shape.image_size
+                "{n} classes, {c}x{side}x{side} images; {folder}"
             )));
         }
         let n = self.data.train.len();
         let steps = sid_data::num_batches(n, self.cfg.optim.batch_size) as usize;
-        let device = self.net.input_device();
+        let device = self.built.net.input_device();
         let augment = self.cfg.resolved_augment();
         let mut tracked: Vec<Device> = vec![device];
-        tracked.extend(self.layout.iter().map(|(d, _)| *d));
+        tracked.extend(self.built.layout.iter().map(|(d, _)| *d));
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
         let graph = self.plan.graphs == Graphs::WholeStep;
         let mut stepper = match graph {
@@ -446,9 +421,9 @@ impl Run {
                 // A pipelined network hands back the steps that have finished, perhaps none
                 // yet; every other network finishes this one.
                 let finished = if stepper.is_off() {
-                    self.net.submit_step(&x, &y)?
+                    self.built.net.submit_step(&x, &y)?
                 } else {
-                    vec![stepper.network(self.net.as_mut(), &x, &y, |n| {
+                    vec![stepper.network(self.built.net.as_mut(), &x, &y, |n| {
                         on_event(Event::Notice(n.to_string()))
                     })?]
                 };
@@ -460,7 +435,7 @@ impl Run {
                     .checkpoint_every
                     .is_some_and(|n| (step + 1) % n == 0);
                 if (stopping || due) && step + 1 < steps {
-                    let flushed = self.net.flush()?;
+                    let flushed = self.built.net.flush()?;
                     self.record(flushed, before, started, &mut last_done, on_event);
                     let checkpoint = self.save_checkpoint()?;
                     if stopping {
@@ -473,16 +448,17 @@ impl Run {
                 }
             }
             // The pipeline's last steps (its fill is paid once an epoch, here).
-            let flushed = self.net.flush()?;
+            let flushed = self.built.net.flush()?;
             self.record(flushed, before, started, &mut last_done, on_event);
             let peak_memory = peaks.finish();
             let p = std::mem::take(&mut self.position.partial);
             let eval_start = Instant::now();
             let eval_batch = self.cfg.runtime.eval_batch_size;
-            let health = cascade_health(self.net.as_mut(), &self.data.test, eval_batch)?;
+            let net = self.built.net.as_mut();
+            let health = cascade_health(net, &self.data.test, eval_batch)?;
             let module_test_acc = health.accuracy();
             let val_acc = match &self.data.val {
-                Some(v) => Some(evaluate(self.net.as_mut(), v, eval_batch)?.0),
+                Some(v) => Some(evaluate(net, v, eval_batch)?.0),
                 None => None,
             };
             let m = EpochMetrics {
