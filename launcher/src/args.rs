@@ -313,27 +313,24 @@ impl Cli {
 
     /// `--resume DIR`, or a restart of the run in DIR.
     fn resumed(&self, dir: &std::path::Path, not_rank0: bool) -> Result<Invocation> {
-        if not_rank0 && !dir.join("config.toml").is_file() {
-            let mut config = RunConfig::default();
-            self.apply(&mut config)?;
-            return Ok(Invocation {
-                config,
-                run_dir: dir.into(),
-                resume: true,
-                follows_rank0: true,
-                ..Default::default()
-            });
-        }
-        if !dir.is_dir() {
+        // Without the run directory, every setting but this rank's placing comes from rank 0.
+        let follows_rank0 = not_rank0 && !dir.join("config.toml").is_file();
+        if !follows_rank0 && !dir.is_dir() {
             bail!("--resume {}: no such run directory", dir.display());
         }
-        let mut config = Run::saved_config(dir)?;
+        let mut config = match follows_rank0 {
+            true => RunConfig::default(),
+            false => Run::saved_config(dir)?,
+        };
         self.apply(&mut config)?;
-        sid_train::Plan::check(&config)?;
+        if !follows_rank0 {
+            sid_train::Plan::check(&config)?;
+        }
         Ok(Invocation {
             config,
             run_dir: dir.into(),
             resume: true,
+            follows_rank0,
             ..Default::default()
         })
     }

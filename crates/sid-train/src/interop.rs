@@ -165,6 +165,7 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<ExportReport> {
             (out, named.0[name].shallow_clone())
         })
         .collect();
+    let small_resnet = model.image_size <= sid_core::extractor::RESNET_SMALL_INPUT;
     let meta = ExportMeta {
         format: EXPORT_FORMAT.into(),
         backbone: model.extractor.to_string(),
@@ -182,11 +183,7 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<ExportReport> {
             _ => 0,
         },
         resnet_stem: match model.extractor {
-            ExtractorKind::Resnet18
-                if model.image_size <= sid_core::extractor::RESNET_SMALL_INPUT =>
-            {
-                "small".into()
-            }
+            ExtractorKind::Resnet18 if small_resnet => "small".into(),
             ExtractorKind::Resnet18 => "imagenet".into(),
             _ => String::new(),
         },

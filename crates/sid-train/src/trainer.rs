@@ -384,8 +384,7 @@ impl Run {
         let mut tracked: Vec<Device> = vec![device];
         tracked.extend(self.built.layout.iter().map(|(d, _)| *d));
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
-        let graph = self.plan.graphs == Graphs::WholeStep;
-        let mut stepper = match graph {
+        let mut stepper = match self.plan.graphs == Graphs::WholeStep {
             true => sid_core::graph::GraphedStep::new(device)?,
             false => sid_core::graph::GraphedStep::off(),
         };
