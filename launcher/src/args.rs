@@ -216,6 +216,7 @@ fn fault_for_restart(spec: Option<String>, restart: u32) -> Result<Option<String
 }
 
 /// What this invocation does: a new run or a resumed one, with its settings.
+#[derive(Default)]
 pub struct Invocation {
     /// The resolved, validated config.
     pub config: RunConfig,
@@ -312,29 +313,25 @@ impl Cli {
 
     /// `--resume DIR`, or a restart of the run in DIR.
     fn resumed(&self, dir: &std::path::Path, not_rank0: bool) -> Result<Invocation> {
-        if not_rank0 && !dir.join("config.toml").is_file() {
-            let mut config = RunConfig::default();
-            self.apply(&mut config)?;
-            return Ok(Invocation {
-                config,
-                run_dir: dir.into(),
-                resume: true,
-                follows_rank0: true,
-                starts_over: false,
-            });
-        }
-        if !dir.is_dir() {
+        // Without the run directory, every setting but this rank's placing comes from rank 0.
+        let follows_rank0 = not_rank0 && !dir.join("config.toml").is_file();
+        if !follows_rank0 && !dir.is_dir() {
             bail!("--resume {}: no such run directory", dir.display());
         }
-        let mut config = Run::saved_config(dir)?;
+        let mut config = match follows_rank0 {
+            true => RunConfig::default(),
+            false => Run::saved_config(dir)?,
+        };
         self.apply(&mut config)?;
-        sid_train::Plan::check(&config)?;
+        if !follows_rank0 {
+            sid_train::Plan::check(&config)?;
+        }
         Ok(Invocation {
             config,
             run_dir: dir.into(),
             resume: true,
-            follows_rank0: false,
-            starts_over: false,
+            follows_rank0,
+            ..Default::default()
         })
     }
 
@@ -362,22 +359,16 @@ impl Cli {
         });
         if config.data.dataset == DatasetKind::Folder {
             // Saved resolved: beside the run, so the next run in the same folder finds it.
-            config
-                .data
-                .image_size
-                .get_or_insert(sid_data::DEFAULT_IMAGE_SIZE);
+            let data = &mut config.data;
+            data.image_size.get_or_insert(sid_data::DEFAULT_IMAGE_SIZE);
             let parent = run_dir.parent().unwrap_or(std::path::Path::new(""));
-            config
-                .data
-                .cache_dir
+            data.cache_dir
                 .get_or_insert_with(|| parent.join("image-cache"));
         }
         Ok(Invocation {
             config,
             run_dir,
-            resume: false,
-            follows_rank0: false,
-            starts_over: false,
+            ..Default::default()
         })
     }
 }

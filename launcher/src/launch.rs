@@ -16,7 +16,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -119,10 +118,9 @@ impl Exit {
     fn cause(&self) -> String {
         let status = self.status.map_or("ended with no status".into(), describe);
         let stopped = if self.stopped { " (stopped)" } else { "" };
-        match &self.error {
-            Some(e) => format!("{} {status}{stopped} ({e})", self.name),
-            None => format!("{} {status}{stopped}", self.name),
-        }
+        let error = self.error.as_ref().map(|e| format!(" ({e})"));
+        let error = error.unwrap_or_default();
+        format!("{} {status}{stopped}{error}", self.name)
     }
 }
 
@@ -220,19 +218,12 @@ fn supervise(
 ) -> Result<Outcome> {
     let exe = std::env::current_exe().context("finding sid-launch's own executable")?;
     let args = child_args(cli, &inv.run_dir);
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
-            .context("installing the Ctrl-C handler")?;
-    }
+    // Static, so that the handler needs no handle of its own: one supervisor a process.
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
     let reports = tempfile_dir()?;
     let n = specs.len();
-    let what = if launched.is_empty() {
-        "the run".to_string()
-    } else {
-        format!("{n} ranks on this node")
-    };
     // The previous failure: its errors and the checkpoint it left, for spotting a repeat.
     let mut previous: Option<(Vec<String>, Option<u64>)> = None;
     for attempt in 0..=cli.max_restarts {
@@ -243,7 +234,7 @@ fn supervise(
             attempt,
             cli.max_restarts,
             &reports.0,
-            &interrupted,
+            &INTERRUPTED,
             inv.config.runtime.step_timeout,
             launched,
         )?;
@@ -257,13 +248,14 @@ fn supervise(
         let rank0 = exits.iter().find(|e| e.rank == 0);
         let rank0_interrupted = rank0.is_some_and(|e| e.status.and_then(|s| s.code()) == Some(130));
         let causes: Vec<String> = failed.iter().map(|e| e.cause()).collect();
+        let causes = causes.join(", ");
         if rank0_interrupted && failed.len() == 1 {
             return Ok(Outcome::Interrupted);
         }
-        let summary = if n > 1 {
-            format!("{} of {what} failed: {}", failed.len(), causes.join(", "))
-        } else {
-            causes.join(", ")
+        // Several are the ranks of `run`.
+        let summary = match failed.len() {
+            k if n > 1 => format!("{k} of {n} ranks on this node failed: {causes}"),
+            _ => causes.clone(),
         };
         let own: Vec<&&Exit> = failed.iter().filter(|e| e.failed_itself()).collect();
         let fatal = own
@@ -276,7 +268,7 @@ fn supervise(
             }
             .into()
         };
-        if interrupted.load(Ordering::SeqCst) || cli.max_restarts == 0 {
+        if INTERRUPTED.load(Ordering::SeqCst) || cli.max_restarts == 0 {
             return Err(fail(summary, !fatal));
         }
         if fatal {
@@ -332,7 +324,7 @@ fn supervise(
             "restart {} of {}: {}; starting {} again from {from}",
             attempt + 1,
             cli.max_restarts,
-            causes.join(", "),
+            causes,
             if n > 1 { "every rank" } else { "the run" }
         );
     }

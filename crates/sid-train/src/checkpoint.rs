@@ -98,25 +98,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     written
 }
 
-fn dtype_of(kind: Kind) -> Option<(Dtype, Kind)> {
-    match kind {
-        Kind::Float => Some((Dtype::F32, Kind::Float)),
-        Kind::Int64 => Some((Dtype::I64, Kind::Int64)),
-        _ => None,
-    }
-}
-
 /// Keeps the checkpoint in `dir` that the next save replaces under its position's name
 /// (`checkpoint-E<epoch>-S<step>.safetensors`, a hard link: no copy) and removes all but the
 /// `older` newest of those.
 pub fn keep_previous(dir: &Path, older: usize) -> Result<()> {
     let current = dir.join(CHECKPOINT_FILE);
     // A newest checkpoint that does not load (cut short) is not kept: the save replaces it.
-    let position = match current.exists() {
-        true => load(&current).ok().map(|(_, p)| p),
-        false => None,
-    };
-    if let Some(position) = position {
+    if let Ok((_, position)) = load(&current) {
         let name = format!(
             "checkpoint-E{}-S{}.safetensors",
             position.epochs_done, position.step_in_epoch
@@ -205,12 +193,19 @@ pub fn load_newest(dir: &Path) -> Result<Newest> {
     Err(first_error.expect("the newest checkpoint is always a candidate"))
 }
 
-/// Saves named tensors and the position to `path` atomically.
-pub fn save(path: &Path, tensors: &[(String, Tensor)], position: &Position) -> Result<()> {
-    let _span = tracing::debug_span!("checkpoint_save").entered();
+/// `tensors` (float32 or int64, any device; other kinds are written as float32) and `meta` as
+/// a safetensors file's bytes; `bad` words the serialiser's error as the caller's.
+pub(crate) fn serialize(
+    tensors: &[(String, Tensor)],
+    meta: HashMap<String, String>,
+    bad: impl Fn(String) -> TrainError,
+) -> Result<Vec<u8>> {
     let mut buffers = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let (dtype, kind) = dtype_of(t.kind()).unwrap_or((Dtype::F32, Kind::Float));
+        let (dtype, kind) = match t.kind() {
+            Kind::Int64 => (Dtype::I64, Kind::Int64),
+            _ => (Dtype::F32, Kind::Float),
+        };
         let t = t.to_device(Device::Cpu).to_kind(kind).contiguous();
         let numel = t.numel();
         let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
@@ -219,32 +214,48 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], position: &Position) -> R
         let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
         buffers.push((name.clone(), dtype, shape, data));
     }
-    let views: Vec<(String, TensorView<'_>)> = buffers
-        .iter()
-        .map(|(n, dt, shape, data)| {
-            (
-                n.clone(),
-                TensorView::new(*dt, shape.clone(), data).expect("consistent view"),
-            )
+    let views = buffers.iter().map(|(n, dt, shape, data)| {
+        let view = TensorView::new(*dt, shape.clone(), data).expect("a view of its own data");
+        (n.clone(), view)
+    });
+    safetensors::serialize(views, &Some(meta)).map_err(|e| bad(e.to_string()))
+}
+
+/// The tensors of a safetensors file, on the CPU, in the kinds `kind_of` admits; `bad` words
+/// the errors, each naming its tensor.
+pub(crate) fn tensors_of(
+    st: &SafeTensors<'_>,
+    kind_of: fn(Dtype) -> Option<Kind>,
+    bad: impl Fn(String) -> TrainError,
+) -> Result<HashMap<String, Tensor>> {
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let dtype = view.dtype();
+            let kind = kind_of(dtype)
+                .ok_or_else(|| bad(format!("{name}: unsupported dtype {dtype:?}")))?;
+            let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
+            let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+                .map_err(|e| bad(format!("{name}: {e}")))?;
+            Ok((name, t))
         })
-        .collect();
+        .collect()
+}
+
+/// Saves named tensors and the position to `path` atomically.
+pub fn save(path: &Path, tensors: &[(String, Tensor)], position: &Position) -> Result<()> {
+    let _span = tracing::debug_span!("checkpoint_save").entered();
     let meta = HashMap::from([(
         META_KEY.to_string(),
         serde_json::to_string(position).expect("serialise"),
     )]);
-    let bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| TrainError::Checkpoint {
-        path: path.into(),
-        reason: e.to_string(),
-    })?;
+    let bytes = serialize(tensors, meta, |reason| TrainError::checkpoint(path, reason))?;
     write_atomic(path, &bytes)
 }
 
 /// Loads a checkpoint: its tensors (on the CPU) and its position.
 pub fn load(path: &Path) -> Result<(NamedTensors, Position)> {
-    let bad = |reason: String| TrainError::Checkpoint {
-        path: PathBuf::from(path),
-        reason,
-    };
+    let bad = |reason: String| TrainError::checkpoint(path, reason);
     let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => bad("file does not exist".into()),
         _ => TrainError::io(path, e),
@@ -266,18 +277,12 @@ pub fn load(path: &Path) -> Result<(NamedTensors, Position)> {
         )));
     }
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-    let mut named = HashMap::new();
-    for (name, view) in st.tensors() {
-        let kind = match view.dtype() {
-            Dtype::F32 => Kind::Float,
-            Dtype::I64 => Kind::Int64,
-            other => return Err(bad(format!("{name}: unsupported dtype {other:?}"))),
-        };
-        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
-            .map_err(|e| bad(format!("{name}: {e}")))?;
-        named.insert(name, t);
-    }
+    let kind_of = |dtype| match dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::I64 => Some(Kind::Int64),
+        _ => None,
+    };
+    let named = tensors_of(&st, kind_of, bad)?;
     Ok((NamedTensors(named), position))
 }
 

@@ -249,15 +249,13 @@ default_from_flags!(
 
 /// Each section of `config.toml` and its settings' flags.
 fn sections() -> [(&'static str, clap::Command); 4] {
+    use clap::Args as _;
     let cmd = || clap::Command::new("sid");
     [
-        ("model", <ModelSection as clap::Args>::augment_args(cmd())),
-        ("data", <DataSection as clap::Args>::augment_args(cmd())),
-        ("optim", <OptimSection as clap::Args>::augment_args(cmd())),
-        (
-            "runtime",
-            <RuntimeSection as clap::Args>::augment_args(cmd()),
-        ),
+        ("model", ModelSection::augment_args(cmd())),
+        ("data", DataSection::augment_args(cmd())),
+        ("optim", OptimSection::augment_args(cmd())),
+        ("runtime", RuntimeSection::augment_args(cmd())),
     ]
 }
 
@@ -311,6 +309,19 @@ pub fn flag_of(key: &str) -> String {
         .unwrap_or_else(|| format!("--{}", id.replace('_', "-")))
 }
 
+/// A TOML error as a setting error.
+fn toml_error(e: toml::de::Error) -> TrainError {
+    TrainError::Config(e.message().to_string())
+}
+
+/// The table of `section` in a document of sections, made if missing.
+fn section_mut<'a>(doc: &'a mut toml::Table, section: &str) -> &'a mut toml::Table {
+    doc.entry(section)
+        .or_insert_with(|| toml::Table::new().into())
+        .as_table_mut()
+        .expect("a section is a table")
+}
+
 /// A document of the flat layout `config.toml` had before the sections (every setting a
 /// top-level key, the backbone as `model`), sorted into its sections.
 fn from_flat(doc: toml::Table) -> Result<RunConfig> {
@@ -320,16 +331,9 @@ fn from_flat(doc: toml::Table) -> Result<RunConfig> {
         let path =
             key_of(id).ok_or_else(|| TrainError::Config(format!("unknown field `{key}`")))?;
         let (section, id) = path.split_once('.').expect("section.key");
-        sectioned
-            .entry(section)
-            .or_insert_with(|| toml::Table::new().into())
-            .as_table_mut()
-            .expect("a section is a table")
-            .insert(id.to_string(), value);
+        section_mut(&mut sectioned, section).insert(id.to_string(), value);
     }
-    toml::Value::Table(sectioned)
-        .try_into()
-        .map_err(|e: toml::de::Error| TrainError::Config(e.message().to_string()))
+    toml::Value::Table(sectioned).try_into().map_err(toml_error)
 }
 
 impl RunConfig {
@@ -337,29 +341,17 @@ impl RunConfig {
     /// `flags` (all flags parsed, defaults where absent), over what `self` holds: defaults <
     /// a config file or a saved run < flags.
     pub fn take_given(&mut self, flags: &RunConfig, given: &[String]) -> Result<()> {
-        let err = |e: toml::ser::Error| TrainError::Config(e.to_string());
-        let (toml::Value::Table(mut base), toml::Value::Table(theirs)) = (
-            toml::Value::try_from(&*self).map_err(err)?,
-            toml::Value::try_from(flags).map_err(err)?,
-        ) else {
-            unreachable!("a RunConfig is a table")
-        };
+        let (mut base, theirs) = (self.table(), flags.table());
         for key in given.iter().filter_map(|id| key_of(id)) {
             let (section, id) = key.split_once('.').expect("section.key");
             let value = theirs.get(section).and_then(|t| t.get(id)).cloned();
-            let table = base
-                .entry(section)
-                .or_insert_with(|| toml::Table::new().into())
-                .as_table_mut()
-                .expect("a section is a table");
+            let table = section_mut(&mut base, section);
             match value {
                 Some(v) => table.insert(id.to_string(), v),
                 None => table.remove(id),
             };
         }
-        let mut merged: RunConfig = toml::Value::Table(base)
-            .try_into()
-            .map_err(|e: toml::de::Error| TrainError::Config(e.message().to_string()))?;
+        let mut merged: RunConfig = toml::Value::Table(base).try_into().map_err(toml_error)?;
         // Never saved, so not in the tables.
         merged.data.loaded_shape = self.data.loaded_shape;
         merged.runtime.inject_fault = if given.iter().any(|g| g == "inject_fault") {
@@ -374,10 +366,9 @@ impl RunConfig {
     /// Parses a TOML document, sectioned or in the older flat layout (a document with no
     /// table is flat); unknown keys are errors so that typos do not pass silently.
     pub fn from_toml(text: &str) -> Result<Self> {
-        let err = |e: toml::de::Error| TrainError::Config(e.message().to_string());
-        let doc: toml::Table = toml::from_str(text).map_err(err)?;
+        let doc: toml::Table = toml::from_str(text).map_err(toml_error)?;
         if doc.values().any(toml::Value::is_table) {
-            toml::from_str(text).map_err(err)
+            toml::from_str(text).map_err(toml_error)
         } else {
             from_flat(doc)
         }
@@ -451,21 +442,20 @@ impl RunConfig {
             .collect()
     }
 
+    /// The settings as `config.toml` holds them: a table per section.
+    fn table(&self) -> toml::Table {
+        match toml::Value::try_from(self) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => unreachable!("a RunConfig serialises to a table"),
+        }
+    }
+
     /// Every saved setting under its `section.key` (unset optional ones are not saved).
     fn settings(&self) -> toml::Table {
         let mut flat = toml::Table::new();
-        if let Ok(toml::Value::Table(t)) = toml::Value::try_from(self) {
-            for (section, v) in t {
-                match v {
-                    toml::Value::Table(keys) => {
-                        for (k, v) in keys {
-                            flat.insert(format!("{section}.{k}"), v);
-                        }
-                    }
-                    v => {
-                        flat.insert(section, v);
-                    }
-                }
+        for (section, keys) in self.table() {
+            if let toml::Value::Table(keys) = keys {
+                flat.extend(keys.into_iter().map(|(k, v)| (format!("{section}.{k}"), v)));
             }
         }
         flat

@@ -21,14 +21,11 @@ pub fn parse_devices(spec: &str) -> Result<Vec<Device>> {
         };
     }
     let mut out = Vec::new();
-    for part in spec.split(',') {
-        let part = part.trim();
-        match part {
-            "cpu" => out.push(Device::Cpu),
-            _ => match part.parse::<usize>() {
-                Ok(i) => out.push(Device::Cuda(i)),
-                Err(_) => return bad(format!("{part:?} is neither cpu nor a GPU index")),
-            },
+    for part in spec.split(',').map(str::trim) {
+        match (part, part.parse::<usize>()) {
+            ("cpu", _) => out.push(Device::Cpu),
+            (_, Ok(i)) => out.push(Device::Cuda(i)),
+            _ => return bad(format!("{part:?} is neither cpu nor a GPU index")),
         }
     }
     if out.contains(&Device::Cpu) && out.iter().any(|d| d.is_cuda()) {

@@ -38,10 +38,6 @@ fn key_prefix() -> String {
     }
 }
 
-fn dist(e: sid_dist::DistError) -> TrainError {
-    TrainError::Runtime(sid_runtime::RuntimeError::Dist(e))
-}
-
 /// What every rank must agree on: the program and the settings that shape the computation.
 /// What every rank must share whatever its settings: the program and the world size.
 fn program(world: usize) -> String {
@@ -99,25 +95,27 @@ impl Rendezvous {
             env.serves_store(),
             world,
             timeout,
-        )
-        .map_err(dist)?;
-        let prefix = key_prefix();
-        let key = |name: &str| format!("{prefix}/{name}");
+        )?;
+        let rdv = Self {
+            env,
+            store: Arc::new(store),
+            device,
+            timeout,
+            prefix: key_prefix(),
+        };
         let mine = if follows_rank0 {
             follower(world)
         } else {
             fingerprint(cfg, world)
         };
-        let rank = env.rank;
-        store
-            .set(&key(&format!("fingerprint/{rank}")), mine.as_bytes())
-            .map_err(dist)?;
+        let rank = rdv.rank();
+        rdv.set(&format!("fingerprint/{rank}"), &mine)?;
         let late = |r: usize| {
             TrainError::Config(format!(
                 "rank {r} did not join within {} s (WORLD_SIZE={world}, store {}:{}): are all {world} ranks started with the same WORLD_SIZE?",
                 timeout.as_secs(),
-                env.master_addr,
-                env.master_port
+                rdv.env.master_addr,
+                rdv.env.master_port
             ))
         };
         let differ = |r: usize, theirs: &str| {
@@ -127,21 +125,17 @@ impl Rendezvous {
         };
         if rank == 0 {
             for r in 1..world {
-                let theirs = store
-                    .get(&key(&format!("fingerprint/{r}")), timeout)
+                let theirs = rdv
+                    .get(&format!("fingerprint/{r}"), timeout)
                     .map_err(|_| late(r))?;
-                let theirs = String::from_utf8_lossy(&theirs).into_owned();
                 if theirs != mine && theirs != follower(world) {
-                    store.set(&key("verdict"), b"mismatch").map_err(dist)?;
+                    rdv.set("verdict", "mismatch")?;
                     return Err(differ(r, &theirs));
                 }
             }
-            store.set(&key("verdict"), b"ok").map_err(dist)?;
+            rdv.set("verdict", "ok")?;
         } else {
-            let theirs = store
-                .get(&key("fingerprint/0"), timeout)
-                .map_err(|_| late(0))?;
-            let theirs = String::from_utf8_lossy(&theirs).into_owned();
+            let theirs = rdv.get("fingerprint/0", timeout).map_err(|_| late(0))?;
             // A follower checks the program and world only: it takes rank 0's settings.
             let same = if follows_rank0 {
                 theirs.starts_with(&format!("{} config ", program(world)))
@@ -151,25 +145,49 @@ impl Rendezvous {
             if !same {
                 return Err(differ(0, &theirs));
             }
-            let verdict = store.get(&key("verdict"), timeout).map_err(|_| late(0))?;
-            if verdict != b"ok" {
+            if rdv.get("verdict", timeout).map_err(|_| late(0))? != "ok" {
                 return Err(TrainError::Config(
                     "rank 0 found a rank with other settings; see its message".into(),
                 ));
             }
         }
-        Ok(Self {
-            env,
-            store: Arc::new(store),
-            device,
-            timeout,
-            prefix,
-        })
+        Ok(rdv)
     }
 
     /// The store key `name` of this try of the run.
     fn key(&self, name: &str) -> String {
         format!("{}/{name}", self.prefix)
+    }
+
+    /// Sets the store key `name` of this try of the run to `value`.
+    fn set(&self, name: &str, value: &str) -> Result<()> {
+        Ok(self.store.set(&self.key(name), value.as_bytes())?)
+    }
+
+    /// The text under the store key `name` of this try of the run, waiting at most `wait`.
+    fn get(&self, name: &str, wait: Duration) -> Result<String> {
+        let bytes = self.store.get(&self.key(name), wait)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Joins the process group `name` as its member `rank` of `size`.
+    fn group(
+        &self,
+        name: &str,
+        rank: usize,
+        size: usize,
+        backend: Backend,
+        host: &str,
+    ) -> Result<Group> {
+        Ok(Group::new(
+            &self.store,
+            &self.key(name),
+            rank,
+            size,
+            backend,
+            host,
+            self.timeout,
+        )?)
     }
 
     /// This rank.
@@ -207,24 +225,19 @@ impl Rendezvous {
                 s.channels, s.image_size, s.num_classes
             ));
         }
-        self.store
-            .set(&self.key("config"), text.as_bytes())
-            .map_err(dist)
+        self.set("config", &text)
     }
 
     /// Rank 0: tells the others where the run lives (they write their telemetry there).
     pub fn publish_run_dir(&self, dir: &std::path::Path) -> Result<()> {
-        self.store
-            .set(&self.key("run-dir"), dir.to_string_lossy().as_bytes())
-            .map_err(dist)
+        self.set("run-dir", &dir.to_string_lossy())
     }
 
     /// Every other rank: the run directory rank 0 writes (created here if this node has not
     /// got it, e.g. another machine).
     pub fn wait_run_dir(&self) -> Result<std::path::PathBuf> {
         let wait = self.timeout.max(Duration::from_secs(600));
-        let b = self.store.get(&self.key("run-dir"), wait).map_err(dist)?;
-        let dir = std::path::PathBuf::from(String::from_utf8_lossy(&b).into_owned());
+        let dir = std::path::PathBuf::from(self.get("run-dir", wait)?);
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
         Ok(dir)
     }
@@ -275,83 +288,51 @@ impl Rendezvous {
             )));
         }
         let rank = self.rank();
-        let host = std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| {
-            let m = self.env.master_addr.as_str();
-            if m == "127.0.0.1" || m == "localhost" {
-                "127.0.0.1".into()
-            } else {
-                String::new()
-            }
-        });
+        let local = matches!(self.env.master_addr.as_str(), "127.0.0.1" | "localhost");
+        let default_host = if local { "127.0.0.1" } else { "" };
+        let host = std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| default_host.into());
         let name = format!(
             "rank {rank}, {}{}",
             crate::devices::device_name(self.device),
             hostname().map(|h| format!(" on {h}")).unwrap_or_default()
         );
-        self.store
-            .set(&self.key(&format!("name/{rank}")), name.as_bytes())
-            .map_err(dist)?;
-        let place = |r: usize| self.key(&format!("device/{r}"));
+        self.set(&format!("name/{rank}"), &name)?;
+        let place = |r: usize| self.get(&format!("device/{r}"), self.timeout);
         let mine = format!(
             "{}@{}",
             crate::devices::device_name(self.device),
             hostname().unwrap_or_default()
         );
-        self.store
-            .set(&place(rank), mine.as_bytes())
-            .map_err(dist)?;
-        let world_group = Group::new(
-            &self.store,
-            &self.key("world"),
-            rank,
-            world,
-            Backend::Gloo,
-            &host,
-            self.timeout,
-        )
-        .map_err(dist)?;
-        let mut names = Vec::with_capacity(world);
-        for r in 0..world {
-            let n = self
-                .store
-                .get(&self.key(&format!("name/{r}")), self.timeout)
-                .map_err(dist)?;
-            names.push(String::from_utf8_lossy(&n).into_owned());
-        }
+        self.set(&format!("device/{rank}"), &mine)?;
+        let world_group = self.group("world", rank, world, Backend::Gloo, &host)?;
+        let names = (0..world)
+            .map(|r| self.get(&format!("name/{r}"), self.timeout))
+            .collect::<Result<Vec<_>>>()?;
         let replica_group = if replicas > 1 {
             let stage = rank % stages;
             // NCCL refuses two ranks on one GPU: replicas sharing a GPU sum over Gloo.
             let mut shared_gpu = false;
             let mut seen = std::collections::HashSet::new();
             for r in (0..replicas).map(|i| i * stages + stage) {
-                let p = self.store.get(&place(r), self.timeout).map_err(dist)?;
-                shared_gpu |= !seen.insert(p);
+                shared_gpu |= !seen.insert(place(r)?);
             }
             let backend = if self.device.is_cuda() && sid_dist::available().1 && !shared_gpu {
                 Backend::Nccl
             } else {
                 Backend::Gloo
             };
-            Some(Arc::new(
-                Group::new(
-                    &self.store,
-                    &self.key(&format!("replicas-of-stage-{stage}")),
-                    rank / stages,
-                    replicas,
-                    backend,
-                    &host,
-                    self.timeout,
-                )
-                .map_err(dist)?,
-            ))
+            let name = format!("replicas-of-stage-{stage}");
+            Some(Arc::new(self.group(
+                &name,
+                rank / stages,
+                replicas,
+                backend,
+                &host,
+            )?))
         } else {
             None
         };
-        let mut places = Vec::with_capacity(world);
-        for r in 0..world {
-            let p = self.store.get(&place(r), self.timeout).map_err(dist)?;
-            places.push(String::from_utf8_lossy(&p).into_owned());
-        }
+        let places = (0..world).map(place).collect::<Result<Vec<_>>>()?;
         let direct = self.direct_links(stages, replicas, backprop, &places)?;
         Ok(sid_runtime::Ranks {
             world: Arc::new(world_group),
@@ -398,16 +379,8 @@ impl Rendezvous {
             if (from != me && to != me) || !cuda(from) || !cuda(to) || places[from] == places[to] {
                 continue;
             }
-            let g = Group::new(
-                &self.store,
-                &self.key(&format!("link-{from}-{to}-{tag}")),
-                usize::from(me == to),
-                2,
-                Backend::Nccl,
-                "",
-                self.timeout,
-            )
-            .map_err(dist)?;
+            let name = format!("link-{from}-{to}-{tag}");
+            let g = self.group(&name, usize::from(me == to), 2, Backend::Nccl, "")?;
             out.insert((from, to, tag), Arc::new(g));
         }
         Ok(out)

@@ -69,11 +69,25 @@ impl TrainError {
             source,
         }
     }
+
+    /// The checkpoint at `path` is unreadable or does not belong to the run, for `reason`.
+    pub fn checkpoint(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+        Self::Checkpoint {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
 }
 
 impl From<sid_runtime::RuntimeError> for TrainError {
     fn from(e: sid_runtime::RuntimeError) -> Self {
         Self::Runtime(e)
+    }
+}
+
+impl From<sid_dist::DistError> for TrainError {
+    fn from(e: sid_dist::DistError) -> Self {
+        Self::Runtime(sid_runtime::RuntimeError::Dist(e))
     }
 }
 

@@ -39,11 +39,9 @@ pub struct Saved {
 /// saved device list).
 pub fn open(dir: &Path, gpus: Option<&str>) -> Result<Saved> {
     let cfg = saved_config_on(dir, gpus)?;
-    let mut data = crate::trainer::load_data(&cfg)?;
+    let data = crate::trainer::load_data(&cfg)?;
     let net = load_network(dir, &cfg, data.shape)?;
-    if let tch::Device::Cuda(_) = net.input_device() {
-        data = data.to_device(net.input_device());
-    }
+    let data = crate::trainer::data_on_input_device(data, net.as_ref());
     Ok(Saved {
         net,
         data,
@@ -81,10 +79,8 @@ pub(crate) fn load_network(
     cfg.data.loaded_shape = Some(shape);
     let plan = crate::plan::Plan::resolve(&cfg, &devices, false, false)?;
     let mut net = crate::network::build_network(&cfg, &plan, None)?.net;
-    net.load_state(&named).map_err(|e| TrainError::Checkpoint {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
+    net.load_state(&named)
+        .map_err(|e| TrainError::checkpoint(path, e))?;
     Ok(net)
 }
 

@@ -52,58 +52,15 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
             format!("not a complete safetensors file ({e}): truncated, or another format"),
         )
     })?;
-    let mut named = HashMap::new();
-    for (name, view) in st.tensors() {
-        let kind = match view.dtype() {
-            Dtype::F32 => Kind::Float,
-            Dtype::F64 => Kind::Double,
-            Dtype::F16 => Kind::Half,
-            Dtype::BF16 => Kind::BFloat16,
-            Dtype::I64 => Kind::Int64,
-            other => return Err(bad(path, format!("{name}: unsupported dtype {other:?}"))),
-        };
-        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
-            .map_err(|e| bad(path, format!("{name}: {e}")))?;
-        named.insert(name, t);
-    }
-    Ok(named)
-}
-
-/// What [`init_from`] loaded.
-#[derive(Debug, Clone)]
-pub struct InitReport {
-    /// The reference layout read.
-    pub reference: Reference,
-    /// Backbone tensors loaded.
-    pub loaded: usize,
-    /// Reference names left out on purpose (classifier, batch counters).
-    pub ignored: Vec<String>,
-    /// What was adapted (grey-scale input), one sentence each.
-    pub notes: Vec<String>,
-}
-
-impl InitReport {
-    /// One line for the user.
-    pub fn describe(&self, path: &Path) -> String {
-        let mut s = format!(
-            "--init-from {}: {} backbone tensors of the {} layout loaded; neck and modules start fresh",
-            path.display(),
-            self.loaded,
-            self.reference.name()
-        );
-        if !self.ignored.is_empty() {
-            s.push_str(&format!(
-                "; not loaded: {} (classifier, batch counters)",
-                self.ignored.len()
-            ));
-        }
-        for n in &self.notes {
-            s.push_str("; ");
-            s.push_str(n);
-        }
-        s
-    }
+    let kind_of = |dtype| match dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::F64 => Some(Kind::Double),
+        Dtype::F16 => Some(Kind::Half),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        Dtype::I64 => Some(Kind::Int64),
+        _ => None,
+    };
+    checkpoint::tensors_of(&st, kind_of, |reason| bad(path, reason))
 }
 
 /// Reads `path` as reference weights for `model`'s backbone and checks their names and
@@ -111,26 +68,6 @@ impl InitReport {
 pub fn read_reference(path: &Path, model: &ModelConfig) -> Result<torch_names::Imported> {
     let file = read_weights(path)?;
     torch_names::import(model, &file).map_err(|e| bad(path, e.to_string()))
-}
-
-/// Loads `imported` into `net`'s backbone, right after the network is built and before it
-/// trains: its whole state is read, the backbone's entries replaced, and the state loaded
-/// back, through the path a resume takes, so every layout (one device, stages, the paper
-/// mode, stages in other ranks) gets the weights wherever its stages live.
-pub fn load_into(
-    net: &mut dyn Network,
-    imported: torch_names::Imported,
-    path: &Path,
-) -> Result<InitReport> {
-    let mut state = net.state()?;
-    torch_names::overwrite(&mut state, &imported.tensors).map_err(|e| bad(path, e.to_string()))?;
-    net.load_state(&state.into())?;
-    Ok(InitReport {
-        reference: imported.reference,
-        loaded: imported.tensors.len(),
-        ignored: imported.ignored,
-        notes: imported.notes,
-    })
 }
 
 /// One stage of an exported cascade: its last block (exclusive end), its modules and the
@@ -214,26 +151,21 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<ExportReport> {
     let model = cfg.model_config();
     let (named, _) = checkpoint::load(&run_dir.join(CHECKPOINT_FILE))?;
     let stages = export_stages(&cfg, &model)?;
-    let mut out_tensors: Vec<(String, Tensor)> = Vec::new();
-    let mut reference_names = 0;
-    let mut names: Vec<&String> = named.0.keys().collect();
+    let mut names: Vec<&String> = named.0.keys().filter(|n| !n.starts_with("adam.")).collect();
     names.sort();
     let pairs: HashMap<String, String> = torch_names::pairs(&model)
         .map(|p| p.into_iter().map(|p| (p.sid, p.reference)).collect())
         .unwrap_or_default();
-    for name in names {
-        if name.starts_with("adam.") {
-            continue;
-        }
-        let t = named.0[name].shallow_clone();
-        match pairs.get(name) {
-            Some(r) => {
-                reference_names += 1;
-                out_tensors.push((r.clone(), t));
-            }
-            None => out_tensors.push((format!("{SID_PREFIX}{name}"), t)),
-        }
-    }
+    let reference_names = names.iter().filter(|n| pairs.contains_key(**n)).count();
+    let out_tensors: Vec<(String, Tensor)> = names
+        .into_iter()
+        .map(|name| {
+            let out = pairs.get(name).cloned();
+            let out = out.unwrap_or_else(|| format!("{SID_PREFIX}{name}"));
+            (out, named.0[name].shallow_clone())
+        })
+        .collect();
+    let small_resnet = model.image_size <= sid_core::extractor::RESNET_SMALL_INPUT;
     let meta = ExportMeta {
         format: EXPORT_FORMAT.into(),
         backbone: model.extractor.to_string(),
@@ -251,11 +183,7 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<ExportReport> {
             _ => 0,
         },
         resnet_stem: match model.extractor {
-            ExtractorKind::Resnet18
-                if model.image_size <= sid_core::extractor::RESNET_SMALL_INPUT =>
-            {
-                "small".into()
-            }
+            ExtractorKind::Resnet18 if small_resnet => "small".into(),
             ExtractorKind::Resnet18 => "imagenet".into(),
             _ => String::new(),
         },
@@ -288,29 +216,7 @@ pub fn save_weights(
     tensors: &[(String, Tensor)],
     meta: HashMap<String, String>,
 ) -> Result<()> {
-    let mut buffers = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let (dtype, kind) = match t.kind() {
-            Kind::Int64 => (Dtype::I64, Kind::Int64),
-            _ => (Dtype::F32, Kind::Float),
-        };
-        let t = t.to_device(tch::Device::Cpu).to_kind(kind).contiguous();
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel)
-            .map_err(sid_core::CoreError::from)?;
-        let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
-        buffers.push((name.clone(), dtype, shape, data));
-    }
-    let views = buffers
-        .iter()
-        .map(|(n, dt, shape, data)| {
-            let view = safetensors::tensor::TensorView::new(*dt, shape.clone(), data)
-                .expect("a view of its own data");
-            (n.clone(), view)
-        })
-        .collect::<Vec<_>>();
-    let bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| bad(path, e.to_string()))?;
+    let bytes = checkpoint::serialize(tensors, meta, |reason| bad(path, reason))?;
     checkpoint::write_atomic(path, &bytes)
 }
 
@@ -359,8 +265,29 @@ pub fn init_from(cfg: &RunConfig, net: &mut dyn Network) -> Result<Option<String
         return Ok(None);
     };
     let imported = read_reference(path, &cfg.model_config())?;
-    let report = load_into(net, imported, path)?;
-    Ok(Some(report.describe(path)))
+    // The network's whole state is read, the backbone's entries replaced, and the state loaded
+    // back, through the path a resume takes, so every layout (one device, stages, the paper
+    // mode, stages in other ranks) gets the weights wherever its stages live.
+    let mut state = net.state()?;
+    torch_names::overwrite(&mut state, &imported.tensors).map_err(|e| bad(path, e.to_string()))?;
+    net.load_state(&state.into())?;
+    let mut line = format!(
+        "--init-from {}: {} backbone tensors of the {} layout loaded; neck and modules start fresh",
+        path.display(),
+        imported.tensors.len(),
+        imported.reference.name()
+    );
+    if !imported.ignored.is_empty() {
+        let ignored = imported.ignored.len();
+        line.push_str(&format!(
+            "; not loaded: {ignored} (classifier, batch counters)"
+        ));
+    }
+    for n in &imported.notes {
+        line.push_str("; ");
+        line.push_str(n);
+    }
+    Ok(Some(line))
 }
 
 #[cfg(test)]

@@ -92,9 +92,8 @@ pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> 
                 shared.runtime.micro_batches = Some(plan.micro_batches);
                 rdv.publish_config(&shared)?;
                 sc.ranks = Some(rdv.groups(cut.len(), plan.replicas, plan.method == Method::Bp)?);
-                if sc.threads_per_stage.is_none() {
-                    sc.threads_per_stage = Some(rdv.cpu_threads());
-                }
+                sc.threads_per_stage
+                    .get_or_insert_with(|| rdv.cpu_threads());
             }
             sid_runtime::StagedPipeline::new(sc).map_err(runtime)?
         }
@@ -138,9 +137,8 @@ pub fn serve(rdv: &Rendezvous, own: &RunConfig) -> Result<()> {
     let ranks = rdv.groups(cut.len(), plan.replicas, plan.method == Method::Bp)?;
     tch::manual_seed(cfg.optim.seed as i64);
     let mut sc = staged_config(&cfg, &plan, devices.clone(), cut.clone())?;
-    if sc.threads_per_stage.is_none() {
-        sc.threads_per_stage = Some(rdv.cpu_threads());
-    }
+    sc.threads_per_stage
+        .get_or_insert_with(|| rdv.cpu_threads());
     sc.ranks = Some(ranks.clone());
     sid_runtime::serve(&sc, &ranks).map_err(TrainError::Runtime)
 }

@@ -102,15 +102,11 @@ impl Plan {
             }
         }
         let (stages, replicas) = (cfg.model.stages, cfg.runtime.data_parallel);
-        let mut notes = Vec::new();
-        let micro = match cfg.runtime.micro_batches {
-            Some(m) => m,
-            None => {
-                let (m, why) = default_micro_batches(cfg, devices);
-                notes.extend(why);
-                m
-            }
+        let (micro, why) = match cfg.runtime.micro_batches {
+            Some(m) => (m, None),
+            None => default_micro_batches(cfg, devices),
         };
+        let mut notes: Vec<String> = why.into_iter().collect();
         if stages == 0 || micro == 0 || replicas == 0 {
             return bad("--stages, --micro-batches and --data-parallel must be at least 1".into());
         }
@@ -228,13 +224,12 @@ impl Plan {
 
     /// The plan as `plan.toml` records it.
     pub fn to_toml(&self) -> String {
-        let devices = |d: &[Device]| d.iter().map(|d| device_name(*d)).collect::<Vec<_>>();
         let mut t = toml::Table::new();
         t.insert("method".into(), self.method.to_string().into());
         let (kind, devs) = match &self.layout {
-            Layout::Whole(d) => ("whole", devices(&[*d])),
-            Layout::Paper { devices: d, .. } => ("paper", devices(d)),
-            Layout::Stages { devices: d, .. } => ("stages", devices(d)),
+            Layout::Whole(d) => ("whole", names(&[*d])),
+            Layout::Paper { devices, .. } => ("paper", names(devices)),
+            Layout::Stages { devices, .. } => ("stages", names(devices)),
         };
         t.insert("layout".into(), kind.into());
         t.insert("devices".into(), devs.into());
@@ -259,15 +254,15 @@ impl Plan {
     }
 }
 
+/// The devices' names.
+fn names(devices: &[Device]) -> Vec<String> {
+    devices.iter().map(|d| device_name(*d)).collect()
+}
+
 impl fmt::Display for Plan {
     /// One line: `plan: staged SID, 2 stages on [cpu, cpu] (blocks=…), 4 micro-batches, …`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let list = |d: &[Device]| {
-            d.iter()
-                .map(|d| device_name(*d))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let list = |d: &[Device]| names(d).join(", ");
         match (&self.layout, self.method) {
             (Layout::Whole(d), m) => write!(f, "plan: {m} on {}", device_name(*d))?,
             (Layout::Paper { devices, placement }, _) => write!(

@@ -51,15 +51,10 @@ pub struct TensorBoard {
     base: i64,
     /// Steps per epoch (from the epoch's start).
     steps: i64,
-    /// 1-based epoch running.
-    epoch: usize,
 }
 
 fn tb_error(dir: &Path, e: tboard::Error) -> TrainError {
-    TrainError::Io {
-        path: dir.into(),
-        source: std::io::Error::other(format!("TensorBoard: {e}")),
-    }
+    TrainError::io(dir, std::io::Error::other(format!("TensorBoard: {e}")))
 }
 
 impl TensorBoard {
@@ -71,7 +66,6 @@ impl TensorBoard {
             lr,
             base: 0,
             steps: 0,
-            epoch: 0,
         })
     }
 
@@ -91,7 +85,6 @@ impl TensorBoard {
     pub fn on_event(&mut self, event: &Event<'_>) -> Result<()> {
         match event {
             Event::EpochStart { epoch, steps, .. } => {
-                self.epoch = *epoch;
                 self.steps = *steps as i64;
                 self.base = (*epoch as i64 - 1) * self.steps;
             }

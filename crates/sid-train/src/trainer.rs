@@ -11,19 +11,13 @@ use tch::Device;
 
 use crate::checkpoint::{self, Position, CHECKPOINT_FILE};
 use crate::config::RunConfig;
+use crate::distributed::Rendezvous;
 use crate::metrics::{self, EpochMetrics};
 use crate::network::{build_network, Built};
 use crate::plan::{Graphs, Plan};
 use crate::{Result, TrainError};
 
 pub use crate::checkpoint::{CONFIG_FILE, INPUT_FILE, METRICS_FILE, PLAN_FILE, SUMMARY_FILE};
-
-/// Writes the data's [`sid_data::InputSpec`] into the run directory.
-fn write_input_spec(dir: &Path, data: &Dataset) -> Result<()> {
-    let spec = sid_data::InputSpec::of(data);
-    let text = serde_json::to_string_pretty(&spec).expect("an input spec serialises");
-    checkpoint::write_atomic(&dir.join(INPUT_FILE), text.as_bytes())
-}
 
 /// Progress reported to the caller while a run trains; the library itself prints nothing.
 #[derive(Debug)]
@@ -93,9 +87,8 @@ pub struct Run {
     dir: PathBuf,
     devices: Vec<Device>,
     data: Dataset,
-    net: Box<dyn Network>,
-    layout: Vec<(Device, std::ops::Range<usize>)>,
-    notes: Vec<String>,
+    /// The network, where its modules live and its stages' descriptions.
+    built: Built,
     plan: Plan,
     position: Position,
     /// Notices found while opening the run, handed to the first `train` call's events.
@@ -104,22 +97,9 @@ pub struct Run {
     saving: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
-/// The plan of a run on `devices` (`--gpus`), or on this rank's device when `rdv` links it to
-/// other ranks.
-fn resolve_plan(
-    cfg: &RunConfig,
-    devices: &[Device],
-    rdv: Option<&crate::distributed::Rendezvous>,
-) -> Result<Plan> {
-    match rdv {
-        Some(r) => Plan::resolve(cfg, &[r.device()], true, true),
-        None => Plan::resolve(cfg, devices, false, true),
-    }
-}
-
 /// On a GPU the data set lives on the input device (Fashion-MNIST and CIFAR take well under a
 /// GiB): batches are gathered there instead of on the CPU and copied every step.
-fn data_on_input_device(data: Dataset, net: &dyn Network) -> Dataset {
+pub(crate) fn data_on_input_device(data: Dataset, net: &dyn Network) -> Dataset {
     match net.input_device() {
         d @ Device::Cuda(_) => data.to_device(d),
         _ => data,
@@ -149,11 +129,7 @@ impl Run {
     }
 
     /// [`Run::create`] as rank 0 of a multi-process run (see [`crate::distributed`]).
-    pub fn create_on(
-        mut cfg: RunConfig,
-        dir: &Path,
-        rdv: Option<&crate::distributed::Rendezvous>,
-    ) -> Result<Self> {
+    pub fn create_on(cfg: RunConfig, dir: &Path, rdv: Option<&Rendezvous>) -> Result<Self> {
         cfg.validate()?;
         if dir.join(CHECKPOINT_FILE).exists() || dir.join(METRICS_FILE).exists() {
             return Err(TrainError::Config(format!(
@@ -161,33 +137,53 @@ impl Run {
                 dir.display()
             )));
         }
+        let position = Position::start(cfg.optim.method, cfg.optim.seed);
+        Self::open(cfg, dir, rdv, position, |cfg, net| {
+            let init = crate::interop::init_from(cfg, net)?;
+            cfg.data.augment = Some(cfg.resolved_augment());
+            std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+            Ok(init.into_iter().collect())
+        })
+    }
+
+    /// What creating and resuming a run share: the devices, the data, the plan, the network
+    /// built on them, `start` (which readies the network and returns the notices for the first
+    /// `train` call), and the resolved settings saved.
+    fn open(
+        mut cfg: RunConfig,
+        dir: &Path,
+        rdv: Option<&Rendezvous>,
+        position: Position,
+        start: impl FnOnce(&mut RunConfig, &mut dyn Network) -> Result<Vec<String>>,
+    ) -> Result<Self> {
         let devices = cfg.runtime.gpus.resolve()?;
         let data = load_data(&cfg)?;
         cfg.data.loaded_shape = Some(data.shape);
-        let plan = resolve_plan(&cfg, &devices, rdv)?;
+        let plan = match rdv {
+            Some(r) => Plan::resolve(&cfg, &[r.device()], true, true)?,
+            None => Plan::resolve(&cfg, &devices, false, true)?,
+        };
         let mut built = build_network(&cfg, &plan, rdv)?;
-        let init = crate::interop::init_from(&cfg, built.net.as_mut())?;
         let data = data_on_input_device(data, built.net.as_ref());
         // Save what was resolved, not what was left to defaults.
         cfg.runtime.placement = plan.placement();
         cfg.runtime.micro_batches = Some(plan.micro_batches);
-        cfg.data.augment = Some(cfg.resolved_augment());
-        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+        let notices = start(&mut cfg, built.net.as_mut())?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         checkpoint::write_atomic(&dir.join(PLAN_FILE), plan.to_toml().as_bytes())?;
-        write_input_spec(dir, &data)?;
-        let position = Position::start(cfg.optim.method, cfg.optim.seed);
+        // Runs from before input.json get one on resume.
+        let spec = serde_json::to_string_pretty(&sid_data::InputSpec::of(&data))
+            .expect("an input spec serialises");
+        checkpoint::write_atomic(&dir.join(INPUT_FILE), spec.as_bytes())?;
         Ok(Self {
             cfg,
             dir: dir.into(),
             devices,
             data,
-            net: built.net,
-            layout: built.layout,
-            notes: built.notes,
+            built,
             plan,
             position,
-            notices: init.into_iter().collect(),
+            notices,
             saving: None,
         })
     }
@@ -204,11 +200,7 @@ impl Run {
     /// perhaps with more epochs); settings that shape the model or the data must not change.
     /// `rdv`: this process is rank 0 of a multi-process run (see [`crate::distributed`]), and
     /// the checkpoint may come from a run with any other number of ranks.
-    pub fn resume_on(
-        mut cfg: RunConfig,
-        dir: &Path,
-        rdv: Option<&crate::distributed::Rendezvous>,
-    ) -> Result<Self> {
+    pub fn resume_on(cfg: RunConfig, dir: &Path, rdv: Option<&Rendezvous>) -> Result<Self> {
         cfg.validate()?;
         let saved = Self::saved_config(dir)?;
         let changed: Vec<String> = cfg
@@ -237,63 +229,29 @@ impl Run {
             )],
         };
         if position.method != cfg.optim.method || position.seed != cfg.optim.seed {
-            return Err(TrainError::Checkpoint {
-                path: ckpt_path,
-                reason: "it was written by a different method or seed than config.toml says".into(),
-            });
+            return Err(TrainError::checkpoint(
+                ckpt_path,
+                "it was written by a different method or seed than config.toml says",
+            ));
         }
-        let devices = cfg.runtime.gpus.resolve()?;
-        let data = load_data(&cfg)?;
-        cfg.data.loaded_shape = Some(data.shape);
-        let plan = resolve_plan(&cfg, &devices, rdv)?;
-        let Built {
-            mut net,
-            layout,
-            notes,
-        } = build_network(&cfg, &plan, rdv)?;
-        let data = data_on_input_device(data, net.as_ref());
-        cfg.runtime.placement = plan.placement();
-        cfg.runtime.micro_batches = Some(plan.micro_batches);
-        net.load_state(&named).map_err(|e| TrainError::Checkpoint {
-            path: ckpt_path.clone(),
-            reason: e.to_string(),
-        })?;
-        let kept = metrics::truncate_to(&dir.join(METRICS_FILE), position.epochs_done)?;
-        checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
-        checkpoint::write_atomic(&dir.join(PLAN_FILE), plan.to_toml().as_bytes())?;
-        // Runs from before input.json get one.
-        write_input_spec(dir, &data)?;
-        Ok(Self {
-            cfg,
-            dir: dir.into(),
-            devices,
-            data,
-            net,
-            layout,
-            notes,
-            plan,
-            position,
-            notices: {
-                notices.extend(kept.dropped_last_line);
-                notices
-            },
-            saving: None,
+        let epochs_done = position.epochs_done;
+        Self::open(cfg, dir, rdv, position, |_, net| {
+            net.load_state(&named)
+                .map_err(|e| TrainError::checkpoint(ckpt_path, e))?;
+            let kept = metrics::truncate_to(&dir.join(METRICS_FILE), epochs_done)?;
+            notices.extend(kept.dropped_last_line);
+            Ok(notices)
         })
     }
 
     /// Each stage (and replica) of a pipeline, described for the user.
     pub fn stage_notes(&self) -> &[String] {
-        &self.notes
+        &self.built.notes
     }
 
     /// The run's resolved plan.
     pub fn plan(&self) -> &Plan {
         &self.plan
-    }
-
-    /// Each device and its 0-based module block, in cascade order.
-    pub fn layout(&self) -> &[(Device, std::ops::Range<usize>)] {
-        &self.layout
     }
 
     /// The resolved config.
@@ -316,33 +274,35 @@ impl Run {
         self.position.epochs_done
     }
 
-    /// Books a finished step: its losses, its time (since the previous one finished: with
+    /// Books finished steps: each one's losses, its time (since the previous one finished: with
     /// steps in flight that is the pipeline's pace), the position.
     fn record(
         &mut self,
-        stats: &sid_core::StepStats,
+        finished: Vec<sid_core::StepStats>,
         before: f64,
         started: Instant,
         last_done: &mut Instant,
         on_event: &mut dyn FnMut(Event<'_>),
     ) {
-        let p = &mut self.position.partial;
-        p.step_ms.push(last_done.elapsed().as_secs_f64() * 1e3);
-        *last_done = Instant::now();
-        p.loss_sum += stats.loss;
-        if p.module_loss_sums.len() < stats.module_losses.len() {
-            p.module_loss_sums.resize(stats.module_losses.len(), 0.0);
+        for stats in finished {
+            let p = &mut self.position.partial;
+            p.step_ms.push(last_done.elapsed().as_secs_f64() * 1e3);
+            *last_done = Instant::now();
+            p.loss_sum += stats.loss;
+            if p.module_loss_sums.len() < stats.module_losses.len() {
+                p.module_loss_sums.resize(stats.module_losses.len(), 0.0);
+            }
+            for (s, l) in p.module_loss_sums.iter_mut().zip(&stats.module_losses) {
+                *s += l;
+            }
+            p.seconds = before + started.elapsed().as_secs_f64();
+            self.position.step_in_epoch += 1;
+            self.position.global_step += 1;
+            on_event(Event::Step {
+                step: self.position.step_in_epoch,
+                loss: stats.loss,
+            });
         }
-        for (s, l) in p.module_loss_sums.iter_mut().zip(&stats.module_losses) {
-            *s += l;
-        }
-        p.seconds = before + started.elapsed().as_secs_f64();
-        self.position.step_in_epoch += 1;
-        self.position.global_step += 1;
-        on_event(Event::Step {
-            step: self.position.step_in_epoch,
-            loss: stats.loss,
-        });
     }
 
     /// Starts writing the checkpoint: the state is copied to host memory here, at the step
@@ -352,7 +312,7 @@ impl Run {
     fn save_checkpoint(&mut self) -> Result<PathBuf> {
         self.wait_for_save()?;
         let path = self.dir.join(CHECKPOINT_FILE);
-        let state = self.net.state()?;
+        let state = self.built.net.state()?;
         let (dir, position, keep) = (
             self.dir.clone(),
             self.position.clone(),
@@ -393,9 +353,7 @@ impl Run {
         let trained = self.train_epochs(stop, on_event);
         // Whatever ended the run, the checkpoint being written is complete before it returns.
         let saved = self.wait_for_save();
-        let summary = trained?;
-        saved?;
-        Ok(summary)
+        trained.and_then(|summary| saved.map(|()| summary))
     }
 
     fn train_epochs(
@@ -413,23 +371,20 @@ impl Run {
             noisy_labels: self.data.noisy_labels,
         });
         if let Some(folder) = &self.data.folder {
+            let s = self.data.shape;
+            let (n, c, side) = (s.num_classes, s.channels, s.image_size);
             on_event(Event::Notice(format!(
-                "{} classes, {}x{}x{} images; {folder}",
-                self.data.shape.num_classes,
-                self.data.shape.channels,
-                self.data.shape.image_size,
-                self.data.shape.image_size
+                "{n} classes, {c}x{side}x{side} images; {folder}"
             )));
         }
         let n = self.data.train.len();
         let steps = sid_data::num_batches(n, self.cfg.optim.batch_size) as usize;
-        let device = self.net.input_device();
+        let device = self.built.net.input_device();
         let augment = self.cfg.resolved_augment();
         let mut tracked: Vec<Device> = vec![device];
-        tracked.extend(self.layout.iter().map(|(d, _)| *d));
+        tracked.extend(self.built.layout.iter().map(|(d, _)| *d));
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
-        let graph = self.plan.graphs == Graphs::WholeStep;
-        let mut stepper = match graph {
+        let mut stepper = match self.plan.graphs == Graphs::WholeStep {
             true => sid_core::graph::GraphedStep::new(device)?,
             false => sid_core::graph::GraphedStep::off(),
         };
@@ -465,15 +420,13 @@ impl Run {
                 // A pipelined network hands back the steps that have finished, perhaps none
                 // yet; every other network finishes this one.
                 let finished = if stepper.is_off() {
-                    self.net.submit_step(&x, &y)?
+                    self.built.net.submit_step(&x, &y)?
                 } else {
-                    vec![stepper.network(self.net.as_mut(), &x, &y, |n| {
+                    vec![stepper.network(self.built.net.as_mut(), &x, &y, |n| {
                         on_event(Event::Notice(n.to_string()))
                     })?]
                 };
-                for stats in finished {
-                    self.record(&stats, before, started, &mut last_done, on_event);
-                }
+                self.record(finished, before, started, &mut last_done, on_event);
                 let stopping = stop.load(Ordering::SeqCst);
                 let due = self
                     .cfg
@@ -481,9 +434,8 @@ impl Run {
                     .checkpoint_every
                     .is_some_and(|n| (step + 1) % n == 0);
                 if (stopping || due) && step + 1 < steps {
-                    for stats in self.net.flush()? {
-                        self.record(&stats, before, started, &mut last_done, on_event);
-                    }
+                    let flushed = self.built.net.flush()?;
+                    self.record(flushed, before, started, &mut last_done, on_event);
                     let checkpoint = self.save_checkpoint()?;
                     if stopping {
                         return Err(TrainError::Interrupted {
@@ -495,22 +447,17 @@ impl Run {
                 }
             }
             // The pipeline's last steps (its fill is paid once an epoch, here).
-            for stats in self.net.flush()? {
-                self.record(&stats, before, started, &mut last_done, on_event);
-            }
+            let flushed = self.built.net.flush()?;
+            self.record(flushed, before, started, &mut last_done, on_event);
             let peak_memory = peaks.finish();
             let p = std::mem::take(&mut self.position.partial);
             let eval_start = Instant::now();
-            let health = cascade_health(
-                self.net.as_mut(),
-                &self.data.test,
-                self.cfg.runtime.eval_batch_size,
-            )?;
+            let eval_batch = self.cfg.runtime.eval_batch_size;
+            let net = self.built.net.as_mut();
+            let health = cascade_health(net, &self.data.test, eval_batch)?;
             let module_test_acc = health.accuracy();
             let val_acc = match &self.data.val {
-                Some(v) => {
-                    Some(evaluate(self.net.as_mut(), v, self.cfg.runtime.eval_batch_size)?.0)
-                }
+                Some(v) => Some(evaluate(net, v, eval_batch)?.0),
                 None => None,
             };
             let m = EpochMetrics {
