@@ -26,6 +26,7 @@ use tch::Tensor;
 #[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{Op, Schedule};
+use crate::setup::StagedConfig;
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 
 /// Why a stage stopped.
@@ -39,11 +40,7 @@ pub struct Failure {
 
 impl Failure {
     /// A failure that belongs to no module.
-    pub fn from_cause(cause: String) -> Self {
-        Self::new(cause)
-    }
-
-    fn new(cause: impl Into<String>) -> Self {
+    pub(crate) fn new(cause: impl Into<String>) -> Self {
         Self {
             module: None,
             cause: cause.into(),
@@ -96,6 +93,7 @@ struct Arrived {
 }
 
 /// The step in progress on a stage.
+#[derive(Default)]
 struct Step {
     step: u64,
     micro_batches: usize,
@@ -144,19 +142,33 @@ pub struct StageRunner {
 }
 
 impl StageRunner {
-    /// Runs `unit` as stage `unit.stage()` of `stages`, its steps in the order of `schedule`.
-    pub fn new(unit: Box<dyn Unit>, schedule: Schedule, stages: usize) -> Self {
+    /// Runs `unit` as stage `unit.stage()` of `stages`, its steps in the order of `schedule`,
+    /// with `cfg`'s timeout, CUDA graphs and injected fault (tests; it strikes when it names
+    /// this stage). What the stage allocates while it runs ([`drive`]) is charged to `memory`
+    /// (weights and optimiser state, made before, are counted by
+    /// [`StageRunner::state_bytes`]).
+    pub(crate) fn new(
+        mut unit: Box<dyn Unit>,
+        schedule: Schedule,
+        stages: usize,
+        cfg: &StagedConfig,
+        memory: Option<AllocOwner>,
+    ) -> Self {
+        // A staged-SID stage on a GPU, one micro-batch a step: each step is replayed from a
+        // CUDA graph (see [`GraphedStep::stage`]); nothing changes on a CPU.
+        let graphed = cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none();
         Self {
+            #[cfg(feature = "fault-injection")]
+            fault: cfg.fault.filter(|f| f.worker == unit.stage()),
+            cuda_graph: (graphed && unit.as_stage_mut().is_some())
+                .then(GraphedStep::on_first_gpu_step),
             unit,
             schedule,
             stages,
             step: 0,
             current: None,
-            #[cfg(feature = "fault-injection")]
-            fault: None,
-            timeout: Duration::from_secs(300),
-            cuda_graph: None,
-            memory: None,
+            timeout: cfg.timeout,
+            memory,
             queue_losses: false,
             queued: None,
         }
@@ -173,13 +185,6 @@ impl StageRunner {
         self.queued.take()
     }
 
-    /// Charges what the stage allocates while it runs ([`drive`]) to `owner` (weights and
-    /// optimiser state, made before, are counted by [`StageRunner::state_bytes`]).
-    pub fn with_memory(mut self, owner: Option<AllocOwner>) -> Self {
-        self.memory = owner;
-        self
-    }
-
     /// Who the stage's allocations are charged to, when measured.
     pub fn memory(&self) -> Option<&AllocOwner> {
         self.memory.as_ref()
@@ -188,27 +193,6 @@ impl StageRunner {
     /// Bytes of the stage's weights and optimiser state.
     pub fn state_bytes(&self) -> u64 {
         sid_telemetry::allocations::tensor_bytes(self.unit.state().iter().map(|(_, t)| t))
-    }
-
-    /// Replays each training step of a staged-SID stage on a GPU from a CUDA graph, when a
-    /// step is one micro-batch (see [`GraphedStep::stage`]); nothing changes on a CPU.
-    pub fn with_cuda_graph(mut self, on: bool) -> Self {
-        self.cuda_graph =
-            (on && self.unit.as_stage_mut().is_some()).then(GraphedStep::on_first_gpu_step);
-        self
-    }
-
-    /// Sets the fault to inject; it strikes when it names this stage (tests).
-    #[cfg(feature = "fault-injection")]
-    pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
-        self.fault = fault.filter(|f| f.worker == self.unit.stage());
-        self
-    }
-
-    /// Sets the longest wait for a gradient inside a step.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
     }
 
     /// The stage's 0-based position.
@@ -274,18 +258,16 @@ impl StageRunner {
                     stage: index,
                     step: tag.step,
                     logits: out.logits,
-                })?;
-                Ok(())
+                })
+                .map_err(Failure::from)
             }
             Message::State { tag } => {
                 self.idle("a state request")?;
-                let state = self.unit.state();
                 t.report(Report::State {
                     stage: index,
-                    state,
+                    state: self.unit.state(),
                 })?;
-                t.send_down(Message::State { tag })?;
-                Ok(())
+                t.send_down(Message::State { tag }).map_err(Failure::from)
             }
             Message::Load { tag, named } => {
                 self.idle("a checkpoint")?;
@@ -297,8 +279,8 @@ impl StageRunner {
                 );
                 self.unit.load_state(&mine)?;
                 t.send_down(Message::Load { tag, named })?;
-                t.report(Report::Loaded { stage: index })?;
-                Ok(())
+                t.report(Report::Loaded { stage: index })
+                    .map_err(Failure::from)
             }
         }
     }
@@ -306,13 +288,13 @@ impl StageRunner {
     /// Checks that `tag` is the micro-batch this stage expects (a new step begins with its
     /// micro-batch 0) and begins the step's operation list at a new step.
     fn take_in_order(&mut self, tag: Tag, micro_batches: usize) -> Result<(), Failure> {
-        let (step, micro) = match &self.current {
-            Some(s) => (s.step, s.next_micro),
-            None => (self.step + 1, 0),
-        };
-        let fits = match &self.current {
-            Some(_) => tag.step == step && tag.micro == micro,
-            None => tag.step >= step && tag.micro == 0,
+        let (step, micro, fits) = match &self.current {
+            Some(s) => (
+                s.step,
+                s.next_micro,
+                (tag.step, tag.micro) == (s.step, s.next_micro),
+            ),
+            None => (self.step + 1, 0, tag.step > self.step && tag.micro == 0),
         };
         if !fits {
             return Err(Failure::new(format!(
@@ -330,15 +312,7 @@ impl StageRunner {
                 ops: self
                     .schedule
                     .ops(self.stages, self.unit.stage(), micro_batches),
-                next_op: 0,
-                next_micro: 0,
-                losses: None,
-                busy: Duration::ZERO,
-                forward: Duration::ZERO,
-                applied: false,
-                grad_sum: None,
-                grads_got: 0,
-                early: None,
+                ..Step::default()
             });
         }
         Ok(())
@@ -461,8 +435,8 @@ impl StageRunner {
             losses,
             busy: s.busy,
             forward: s.forward,
-        })?;
-        Ok(())
+        })
+        .map_err(Failure::from)
     }
 
     /// The gradient micro-batch `j`'s backward needs: none, or the sum, in stage order, of
@@ -561,7 +535,6 @@ pub fn drive(
         // A step that stopped for a gradient goes on if the sender has run since.
         runner.resume(t)?;
     }
-    let mut waited = Duration::ZERO;
     loop {
         let wait = if runner.mid_step() {
             timeout
@@ -569,19 +542,15 @@ pub fn drive(
             IDLE_POLL
         };
         match t.recv(wait)? {
-            Received::Message(m) => {
-                waited = Duration::ZERO;
-                runner.handle(m, t)?;
-            }
+            Received::Message(m) => runner.handle(m, t)?,
             Received::Nothing if local => return Ok(()),
             Received::Nothing => {
                 let Some(s) = &runner.current else { continue };
-                waited += wait;
                 let index = runner.index();
                 return Err(Failure::new(format!(
                     "stage {} waited {} s for micro-batch {} of step {} from {} and gave up",
                     index + 1,
-                    waited.as_secs(),
+                    wait.as_secs(),
                     s.next_micro,
                     s.step,
                     if index == 0 {

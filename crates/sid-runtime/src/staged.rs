@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use sid_core::{
     Cascade, EarlyExit, ExitTracker, Method, NamedTensors, Network, StagePlan, StageSpec, StepStats,
 };
@@ -27,7 +27,8 @@ use crate::transport::{device_name, ChannelTransport, Kind, LocalTransport, Mess
 use crate::{Result, RuntimeError};
 use sid_telemetry::AllocOwner;
 
-enum Engine {
+/// How the coordinator reaches its stages.
+pub(crate) enum Engine {
     /// Every stage in the caller's thread, one after another.
     Local {
         runners: Vec<StageRunner>,
@@ -189,12 +190,7 @@ impl StagedPipeline {
         let engine = if let Some(ranks) = &cfg.ranks {
             replicas = ranks.replicas;
             names = ranks.names.clone();
-            let l = crate::links::spawn_coordinator_links(&cfg, ranks, runners)?;
-            Engine::Threads {
-                firsts: l.firsts,
-                reports: l.reports,
-                threads: l.threads,
-            }
+            crate::links::spawn_coordinator_links(&cfg, ranks, runners)?
         } else if d == 1 && (k == 1 || !matches!(cfg.method, PipelineMethod::Bp(_))) {
             let mut runners = runners;
             for r in &mut runners {
@@ -320,24 +316,6 @@ impl StagedPipeline {
         self.specs.len() * self.replicas
     }
 
-    /// A failure reported since, or else that the stages are gone.
-    fn gone(&self, what: &str) -> RuntimeError {
-        if let Engine::Threads { reports, .. } = &self.engine {
-            // A stage that failed reported why before it stopped: prefer that.
-            while let Ok(r) = reports.recv_timeout(Duration::from_millis(200)) {
-                if let Report::Failed {
-                    stage,
-                    module,
-                    cause,
-                } = r
-                {
-                    return self.failed(stage, module, cause);
-                }
-            }
-        }
-        RuntimeError::Protocol(format!("the stages stopped before {what}"))
-    }
-
     /// The first failure a stage reports within `grace` (other reports are dropped: the run is
     /// ending).
     fn reported_failure(&self, grace: Duration) -> Option<RuntimeError> {
@@ -356,10 +334,6 @@ impl StagedPipeline {
             }
         }
         None
-    }
-
-    fn feed(&mut self, msg: Message) -> Result<()> {
-        self.feed_replica(0, msg)
     }
 
     /// Passes `msg` to stage 1 of `replica`.
@@ -419,7 +393,14 @@ impl StagedPipeline {
                             ),
                             timeout: self.timeout,
                         })),
-                    Err(SendTimeoutError::Disconnected(_)) => Err(self.gone("taking the input")),
+                    // A stage that failed reported why before it stopped: prefer that.
+                    Err(SendTimeoutError::Disconnected(_)) => Err(self
+                        .reported_failure(Duration::from_millis(200))
+                        .unwrap_or_else(|| {
+                            RuntimeError::Protocol(
+                                "the stages stopped before taking the input".into(),
+                            )
+                        })),
                 }
             }
         }
@@ -432,43 +413,33 @@ impl StagedPipeline {
         owing: &dyn Fn(&Self) -> String,
         block: bool,
     ) -> Result<Option<Report>> {
-        enum Got {
-            Report(Report),
-            Nothing,
-            Gone,
-        }
         let timeout = self.timeout;
+        // `Err(true)`: every stage thread has exited; `Err(false)`: nothing yet.
         let got = match &mut self.engine {
-            Engine::Local { reports, .. } => reports.pop_front().map_or(Got::Nothing, Got::Report),
-            Engine::Threads { reports, .. } if block => match reports.recv_timeout(timeout) {
-                Ok(r) => Got::Report(r),
-                Err(RecvTimeoutError::Timeout) => Got::Nothing,
-                Err(RecvTimeoutError::Disconnected) => Got::Gone,
-            },
-            Engine::Threads { reports, .. } => match reports.try_recv() {
-                Ok(r) => Got::Report(r),
-                Err(crossbeam_channel::TryRecvError::Empty) => Got::Nothing,
-                Err(crossbeam_channel::TryRecvError::Disconnected) => Got::Gone,
-            },
+            Engine::Local { reports, .. } => reports.pop_front().ok_or(false),
+            Engine::Threads { reports, .. } if block => reports
+                .recv_timeout(timeout)
+                .map_err(|e| e.is_disconnected()),
+            Engine::Threads { reports, .. } => reports.try_recv().map_err(|e| e.is_disconnected()),
         };
         match got {
-            Got::Report(Report::Failed {
+            Ok(Report::Failed {
                 stage,
                 module,
                 cause,
             }) => Err(self.failed(stage, module, cause)),
-            Got::Report(r) => Ok(Some(r)),
-            Got::Nothing if !block => Ok(None),
-            Got::Nothing if self.threaded() => Err(RuntimeError::Timeout {
+            Ok(r) => Ok(Some(r)),
+            Err(false) if !block => Ok(None),
+            Err(false) if self.threaded() => Err(RuntimeError::Timeout {
                 waiter: "coordinator".into(),
                 waited_for: owing(self),
                 timeout,
             }),
-            Got::Nothing => Err(RuntimeError::Protocol(format!(
+            Err(false) => Err(RuntimeError::Protocol(format!(
                 "the stages ran but {} did not report",
                 owing(self)
             ))),
-            Got::Gone => Err(RuntimeError::Protocol(format!(
+            Err(true) => Err(RuntimeError::Protocol(format!(
                 "every stage thread has exited while the coordinator waited for {}",
                 owing(self)
             ))),
@@ -546,12 +517,7 @@ impl StagedPipeline {
         let Some((step, slots)) = self.pending.iter().next() else {
             return "nothing".into();
         };
-        let who: Vec<String> = slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.is_none())
-            .map(|(i, _)| self.describe(i))
-            .collect();
+        let who: Vec<String> = missing(slots).map(|i| self.describe(i)).collect();
         format!("{} to finish step {step}", who.join(", "))
     }
 
@@ -609,32 +575,23 @@ impl StagedPipeline {
 
     /// Sends a request down the chain and collects one report per stage, in stage order;
     /// with `all_replicas`, down every replica's chain (one report per slot).
-    fn request(&mut self, msg: Message, what: &str, all_replicas: bool) -> Result<Vec<Report>> {
+    fn request(
+        &mut self,
+        msg: impl Fn() -> Message,
+        what: &str,
+        all_replicas: bool,
+    ) -> Result<Vec<Report>> {
         self.drain()?;
-        let k = if all_replicas {
-            for r in 1..self.replicas {
-                let copy = match &msg {
-                    Message::Load { tag, named } => Message::Load {
-                        tag: *tag,
-                        named: named
-                            .iter()
-                            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                            .collect(),
-                    },
-                    Message::State { tag } => Message::State { tag: *tag },
-                    _ => unreachable!("only control messages go to every replica"),
-                };
-                self.feed_replica(r, copy)?;
-            }
-            self.slots()
-        } else {
-            self.specs.len()
-        };
-        self.feed(msg)?;
+        let replicas = if all_replicas { self.replicas } else { 1 };
+        // Stage 1 of this process's replica last.
+        for r in (1..replicas).chain([0]) {
+            self.feed_replica(r, msg())?;
+        }
+        let k = self.specs.len() * replicas;
         let mut got: Vec<Option<Report>> = (0..k).map(|_| None).collect();
         while got.iter().any(|g| g.is_none()) {
             let owing = |p: &Self| {
-                let who: Vec<String> = got_missing(&got).map(|i| p.describe(i)).collect();
+                let who: Vec<String> = missing(&got).map(|i| p.describe(i)).collect();
                 format!("{} to return {what}", who.join(", "))
             };
             let r = self.next_report(&owing, true)?.expect("blocking");
@@ -678,7 +635,8 @@ impl StagedPipeline {
     }
 }
 
-fn got_missing(got: &[Option<Report>]) -> impl Iterator<Item = usize> + '_ {
+/// The slots that have not answered yet.
+fn missing<T>(got: &[Option<T>]) -> impl Iterator<Item = usize> + '_ {
     got.iter()
         .enumerate()
         .filter(|(_, g)| g.is_none())
@@ -863,15 +821,12 @@ impl Network for StagedPipeline {
     fn cascade(&mut self, x: &Tensor) -> sid_core::Result<Cascade> {
         let tag = self.next_request(Kind::Eval);
         let p = sid_core::belief::uniform_belief(x.size()[0], self.num_classes, self.devices[0]);
-        let reports = self.request(
-            Message::Eval {
-                tag,
-                input: x.shallow_clone(),
-                p,
-            },
-            "inference results",
-            false,
-        )?;
+        let eval = || Message::Eval {
+            tag,
+            input: x.shallow_clone(),
+            p: p.shallow_clone(),
+        };
+        let reports = self.request(eval, "inference results", false)?;
         let first = self.devices[0];
         let mut logits = Vec::with_capacity(self.modules);
         for r in reports {
@@ -925,7 +880,7 @@ impl Network for StagedPipeline {
 
     fn state(&mut self) -> sid_core::Result<Vec<(String, Tensor)>> {
         let tag = self.next_request(Kind::State);
-        let reports = self.request(Message::State { tag }, "its state", false)?;
+        let reports = self.request(|| Message::State { tag }, "its state", false)?;
         Ok(reports
             .into_iter()
             .flat_map(|r| match r {
@@ -937,16 +892,15 @@ impl Network for StagedPipeline {
 
     fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
         let tag = self.next_request(Kind::Load);
-        let named = named
-            .0
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect();
-        self.request(
-            Message::Load { tag, named },
-            "confirmation of a state load",
-            true,
-        )?;
+        let load = || Message::Load {
+            tag,
+            named: named
+                .0
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+        };
+        self.request(load, "confirmation of a state load", true)?;
         Ok(())
     }
 }
