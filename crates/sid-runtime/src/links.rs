@@ -610,8 +610,9 @@ fn out_link<T: Send + 'static>(
     tag: u32,
     rx: Receiver<T>,
     encode: fn(T) -> std::result::Result<Frame, String>,
-    on_fail: impl FnOnce(String) + Send + 'static,
+    fail: OnFail<'_>,
 ) -> StageThread {
+    let on_fail = fail(dst);
     let g = ranks.world.clone();
     let me = g.rank();
     let direct = ranks.direct.get(&(me, dst, tag)).cloned();
@@ -634,14 +635,15 @@ fn out_link<T: Send + 'static>(
 /// Receives from rank `src` into `tx` until a stop frame (then `tx` closes, so the stage
 /// reading it ends normally) or a failure (`on_fail` runs first).
 fn in_link<T: Send + 'static>(
+    cfg: &StagedConfig,
     ranks: &Ranks,
-    device: Device,
     src: usize,
-    expect: Expect,
+    tag: u32,
     tx: Sender<T>,
     decode: impl Fn(Frame) -> std::result::Result<T, String> + Send + 'static,
-    on_fail: impl FnOnce(String) + Send + 'static,
+    fail: OnFail<'_>,
 ) -> StageThread {
+    let (device, expect, on_fail) = (cfg.devices[0], Expect::new(cfg, tag), fail(src));
     let g = ranks.world.clone();
     let me = g.rank();
     let direct = ranks.direct.get(&(src, me, expect.tag)).cloned();
@@ -678,23 +680,17 @@ fn run_linked_stage(
     s: usize,
     (upstream, reports): (Receiver<Message>, Sender<Report>),
     fail: OnFail<'_>,
-    (outs, ins): (&mut Vec<StageThread>, &mut Vec<StageThread>),
+    (outs, ins): &mut (Vec<StageThread>, Vec<StageThread>),
 ) -> StageThread {
     let me = ranks.rank();
     let k = cfg.plan.len();
     let bp = matches!(cfg.method, PipelineMethod::Bp(_));
     let cap = cfg.micro_batches.max(1) + 1;
     let device = cfg.devices[0];
+    let next = me + 1;
     let downstream = (s + 1 < k).then(|| {
         let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
-        outs.push(out_link(
-            ranks,
-            me + 1,
-            DOWN,
-            rx,
-            message_frame,
-            fail(me + 1),
-        ));
+        outs.push(out_link(ranks, next, DOWN, rx, message_frame, fail));
         tx
     });
     let mut transport =
@@ -702,22 +698,13 @@ fn run_linked_stage(
             .with_replicas(ranks.replica_group.clone());
     if bp && s + 1 < k {
         let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
-        let expect = Expect::new(cfg, GRADS);
-        ins.push(in_link(
-            ranks,
-            device,
-            me + 1,
-            expect,
-            tx,
-            frame_grad,
-            fail(me + 1),
-        ));
-        transport = transport.with_grad_in(s + 1, rx);
+        ins.push(in_link(cfg, ranks, next, GRADS, tx, frame_grad, fail));
+        transport.add_grad_in(s + 1, rx);
     }
     if bp && s > 0 {
         let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
-        outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, fail(me - 1)));
-        transport = transport.with_grad_out(s - 1, tx);
+        outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, fail));
+        transport.set_grad_out(s - 1, tx);
     }
     let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
     spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout)
@@ -753,44 +740,23 @@ pub(crate) fn spawn_coordinator_links(
     };
     let (first, upstream) = crossbeam_channel::bounded::<Message>(cap);
     let runner = runners.into_iter().next().expect("at least one stage");
-    let (mut outs, mut ins) = (Vec::new(), Vec::new());
+    let mut links = (Vec::new(), Vec::new());
     let chain = (upstream, report_tx.clone());
-    let stage = run_linked_stage(
-        cfg,
-        ranks,
-        runner,
-        0,
-        chain,
-        &failed_link,
-        (&mut outs, &mut ins),
-    );
+    let stage = run_linked_stage(cfg, ranks, runner, 0, chain, &failed_link, &mut links);
     let mut threads = vec![stage];
     let mut firsts = vec![first];
     for r in 1..ranks.replicas {
         let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
         let dst = rank_of(r, 0, k);
-        threads.push(out_link(
-            ranks,
-            dst,
-            DOWN,
-            rx,
-            message_frame,
-            failed_link(dst),
-        ));
+        threads.push(out_link(ranks, dst, DOWN, rx, message_frame, &failed_link));
         firsts.push(tx);
     }
     for src in 1..ranks.world.world() {
-        threads.push(in_link(
-            ranks,
-            cfg.devices[0],
-            src,
-            Expect::new(cfg, REPORTS),
-            report_tx.clone(),
-            move |f| frame_report(f, src),
-            failed_link(src),
-        ));
+        let decode = move |f| frame_report(f, src);
+        let tx = report_tx.clone();
+        threads.push(in_link(cfg, ranks, src, REPORTS, tx, decode, &failed_link));
     }
-    threads.extend(outs.into_iter().chain(ins));
+    threads.extend(links.0.into_iter().chain(links.1));
     Ok(Engine::Threads {
         firsts,
         reports,
@@ -823,39 +789,30 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
             let _ = tx.send(cause);
         })
     };
-    let (mut outs, mut ins) = (Vec::new(), Vec::new());
-    let src = if s == 0 { 0 } else { me - 1 };
     let (up_tx, upstream) = crossbeam_channel::bounded::<Message>(cap);
-    let expect = Expect::new(cfg, DOWN);
-    let device = cfg.devices[0];
-    ins.push(in_link(
-        ranks,
-        device,
-        src,
-        expect,
-        up_tx,
-        frame_message,
-        on_fail(src),
-    ));
     let (report_tx, report_rx) = crossbeam_channel::unbounded::<Report>();
-    outs.push(out_link(
-        ranks,
-        0,
-        REPORTS,
-        report_rx,
-        report_frame,
-        on_fail(0),
-    ));
-    let chain = (upstream, report_tx);
-    let stage = run_linked_stage(
-        cfg,
-        ranks,
-        runner,
-        s,
-        chain,
-        &on_fail,
-        (&mut outs, &mut ins),
+    let src = if s == 0 { 0 } else { me - 1 };
+    let mut links = (
+        vec![out_link(
+            ranks,
+            0,
+            REPORTS,
+            report_rx,
+            report_frame,
+            &on_fail,
+        )],
+        vec![in_link(
+            cfg,
+            ranks,
+            src,
+            DOWN,
+            up_tx,
+            frame_message,
+            &on_fail,
+        )],
     );
+    let chain = (upstream, report_tx);
+    let stage = run_linked_stage(cfg, ranks, runner, s, chain, &on_fail, &mut links);
     drop(fail_tx);
     tracing::info!(rank = me, replica, stage = s + 1, "serving");
     // Whichever ends first: the stage (normally, when the coordinator closes the chain), a
@@ -894,6 +851,7 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         });
     }
     // The stage closed its outputs: let the links send their stop frames.
+    let (outs, ins) = links;
     for mut t in outs {
         if let Some(h) = t.thread.take() {
             let _ = h.join();

@@ -58,12 +58,6 @@ pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
     format!("panicked: {msg}")
 }
 
-impl From<tch::TchError> for Failure {
-    fn from(e: tch::TchError) -> Self {
-        Self::new(e.to_string())
-    }
-}
-
 impl From<crate::RuntimeError> for Failure {
     fn from(e: crate::RuntimeError) -> Self {
         Self::new(e.to_string())

@@ -166,19 +166,14 @@ impl StagedPipeline {
                 modules: m.clone(),
             }))
             .collect();
-            (
-                std::iter::once(cfg.devices[0])
-                    .chain(cfg.devices.iter().copied())
-                    .collect(),
-                specs,
-            )
+            ([&cfg.devices[..1], &cfg.devices].concat(), specs)
         } else {
             (
                 (0..k).map(|s| cfg.devices[s % d]).collect(),
                 cfg.plan.stages().to_vec(),
             )
         };
-        let runners = build_runners(&cfg)?;
+        let mut runners = build_runners(&cfg)?;
         let memory = runners
             .iter()
             .map(|r| r.memory().map(|o| (o.clone(), r.state_bytes())))
@@ -192,7 +187,6 @@ impl StagedPipeline {
             names = ranks.names.clone();
             crate::links::spawn_coordinator_links(&cfg, ranks, runners)?
         } else if d == 1 && (k == 1 || !matches!(cfg.method, PipelineMethod::Bp(_))) {
-            let mut runners = runners;
             for r in &mut runners {
                 r.unit_mut().to_device(devices[0]);
             }
@@ -309,11 +303,6 @@ impl StagedPipeline {
             module,
             cause,
         }
-    }
-
-    /// Replica r's stage s for every r and s.
-    fn slots(&self) -> usize {
-        self.specs.len() * self.replicas
     }
 
     /// The first failure a stage reports within `grace` (other reports are dropped: the run is
@@ -542,7 +531,9 @@ impl StagedPipeline {
         }
         self.submitted += 1;
         let step = self.submitted;
-        self.pending.insert(step, vec![None; self.slots()]);
+        // A slot for replica r's stage s, for every r and s.
+        let slots = self.specs.len() * self.replicas;
+        self.pending.insert(step, vec![None; slots]);
         let first = self.devices[0];
         let mut start = 0;
         for replica in 0..r {
@@ -673,52 +664,42 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     // Room for one step's micro-batches per link: a stage runs at most about a step ahead.
     let cap = cfg.micro_batches.max(1) + 1;
     let (report_tx, reports) = crossbeam_channel::unbounded();
-    let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
-    let mut threads = Vec::with_capacity(k);
-    // A gradient channel from each stage whose backward sends one to the stage that takes it.
-    type Grad = (Tag, Tensor);
-    let mut grads_in: Vec<Vec<(usize, Receiver<Grad>)>> = (0..k).map(|_| Vec::new()).collect();
-    let mut grads_out: Vec<Option<(usize, Sender<Grad>)>> = (0..k)
-        .map(|s| {
-            let to = cfg.method.grad_target(s)?;
-            let (tx, rx) = crossbeam_channel::bounded(cap);
-            grads_in[to].push((s, rx));
-            Some((to, tx))
+    // Stage s reads channel s and sends into channel s + 1; the coordinator feeds channel 0.
+    let (mut downs, ups): (Vec<_>, Vec<_>) = (0..k)
+        .map(|_| crossbeam_channel::bounded::<Message>(cap))
+        .unzip();
+    let first = downs.remove(0);
+    let downs = downs.into_iter().map(Some).chain([None]);
+    let mut transports: Vec<ChannelTransport> = ups
+        .into_iter()
+        .zip(downs)
+        .enumerate()
+        .map(|(s, (up, down))| {
+            ChannelTransport::new(s, devices[s], up, down, report_tx.clone(), cfg.timeout)
         })
         .collect();
-    for (s, runner) in runners.into_iter().enumerate() {
-        let (down_tx, down_rx) = if s + 1 < k {
-            let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        let device = devices[s];
-        let mut transport =
-            ChannelTransport::new(s, device, upstream, down_tx, report_tx.clone(), cfg.timeout);
-        if let Some((to, tx)) = grads_out[s].take() {
-            transport = transport.with_grad_out(to, tx);
+    // A gradient channel from each stage whose backward sends one to the stage that takes it.
+    for s in 0..k {
+        if let Some(to) = cfg.method.grad_target(s) {
+            let (tx, rx) = crossbeam_channel::bounded(cap);
+            transports[s].set_grad_out(to, tx);
+            transports[to].add_grad_in(s, rx);
         }
-        for (from, rx) in grads_in[s].drain(..) {
-            transport = transport.with_grad_in(from, rx);
-        }
-        let threads_here = (device == Device::Cpu).then_some(if paper && s == 0 {
-            extractor_threads
-        } else {
-            cpu_threads
-        });
-        threads.push(spawn_stage(
-            runner,
-            transport,
-            threads_here,
-            cfg.streams,
-            cfg.timeout,
-        ));
-        upstream = match down_rx {
-            Some(rx) => rx,
-            None => crossbeam_channel::never(),
-        };
     }
+    let threads = runners
+        .into_iter()
+        .zip(transports)
+        .map(|(runner, transport)| {
+            let (s, device) = (transport.stage, transport.device);
+            let cores = if paper && s == 0 {
+                extractor_threads
+            } else {
+                cpu_threads
+            };
+            let threads_here = (device == Device::Cpu).then_some(cores);
+            spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout)
+        })
+        .collect();
     Engine::Threads {
         firsts: vec![first],
         reports,

@@ -315,16 +315,14 @@ impl ChannelTransport {
         }
     }
 
-    /// Also receives gradients from stage `from` (0-based) over `rx`.
-    pub fn with_grad_in(mut self, from: usize, rx: Receiver<(Tag, Tensor)>) -> Self {
+    /// Also receives gradients from stage `from` (0-based) over `rx`, after those added before.
+    pub fn add_grad_in(&mut self, from: usize, rx: Receiver<(Tag, Tensor)>) {
         self.grads_in.push((from, rx));
-        self
     }
 
     /// Sends this stage's backward's gradient to stage `to` (0-based) over `tx`.
-    pub fn with_grad_out(mut self, to: usize, tx: Sender<(Tag, Tensor)>) -> Self {
+    pub fn set_grad_out(&mut self, to: usize, tx: Sender<(Tag, Tensor)>) {
         self.grad_out = Some((to, tx));
-        self
     }
 
     /// Sums this stage's gradients with its replicas' before each optimiser step.
