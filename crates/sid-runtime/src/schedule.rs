@@ -189,11 +189,6 @@ impl StageRunner {
         sid_telemetry::allocations::tensor_bytes(self.unit.state().iter().map(|(_, t)| t))
     }
 
-    /// The stage's 0-based position.
-    pub fn index(&self) -> usize {
-        self.unit.stage()
-    }
-
     /// The unit it runs.
     pub fn unit(&self) -> &dyn Unit {
         self.unit.as_ref()
@@ -310,14 +305,6 @@ impl StageRunner {
             });
         }
         Ok(())
-    }
-
-    /// Goes on with a step that stopped for a gradient (stages in one thread), if any.
-    pub(crate) fn resume(&mut self, t: &mut dyn Transport) -> Result<(), Failure> {
-        match self.current {
-            Some(_) => self.run(t, None),
-            None => Ok(()),
-        }
     }
 
     /// Runs the step's operations from where it stopped, `arrived` being the micro-batch the
@@ -525,9 +512,9 @@ pub fn drive(
         .map(AllocOwner::enter)
         .transpose()
         .map_err(|e| Failure::new(e.to_string()))?;
-    if local {
+    if local && runner.mid_step() {
         // A step that stopped for a gradient goes on if the sender has run since.
-        runner.resume(t)?;
+        runner.run(t, None)?;
     }
     loop {
         let wait = if runner.mid_step() {
@@ -540,7 +527,7 @@ pub fn drive(
             Received::Nothing if local => return Ok(()),
             Received::Nothing => {
                 let Some(s) = &runner.current else { continue };
-                let index = runner.index();
+                let index = runner.unit.stage();
                 return Err(Failure::new(format!(
                     "stage {} waited {} s for micro-batch {} of step {} from {} and gave up",
                     index + 1,

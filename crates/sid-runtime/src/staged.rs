@@ -87,7 +87,6 @@ pub struct StagedPipeline {
     requests: u64,
     pending: BTreeMap<u64, Vec<Option<Vec<f64>>>>,
     done: VecDeque<StepStats>,
-    max_in_flight: usize,
     busy: Vec<StageStats>,
     /// Per stage, when measured ([`StagedConfig::track_memory`]): who its allocations are
     /// charged to, and the bytes of its weights and optimiser state.
@@ -215,7 +214,6 @@ impl StagedPipeline {
             requests: 0,
             pending: BTreeMap::new(),
             done: VecDeque::new(),
-            max_in_flight: k + 1,
             busy: vec![StageStats::default(); k],
             memory,
         })
@@ -788,7 +786,8 @@ impl Network for StagedPipeline {
                 return Err(unexpected(&other, "training results").into());
             }
         }
-        while self.pending.len() > self.max_in_flight {
+        // One step in flight per stage, and one more.
+        while self.pending.len() > self.specs.len() + 1 {
             self.wait_oldest()?;
         }
         Ok(self.done.drain(..).collect())
