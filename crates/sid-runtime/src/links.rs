@@ -31,11 +31,13 @@ use crossbeam_channel::{Receiver, Sender};
 use sid_dist::Group;
 use tch::{Device, Kind as TKind, Tensor};
 
-use crate::ranks::{rank_of, replica_reducer, Ranks, DOWN, GRADS, REPORTS};
+use crate::ranks::{rank_of, Ranks, DOWN, GRADS, REPORTS};
 use crate::schedule::StageRunner;
 use crate::setup::{
-    build_runners, cpu_threads_per_stage, spawn_stage, PipelineMethod, StageThread, StagedConfig,
+    build_runners, cpu_threads_per_stage, spawn_stage, spawn_thread, PipelineMethod, StageThread,
+    StagedConfig,
 };
+use crate::staged::Engine;
 use crate::transport::{ChannelTransport, Kind, Message, Report, Tag};
 use crate::{Result, RuntimeError};
 
@@ -87,34 +89,31 @@ struct Frame {
     tensors: Vec<Tensor>,
 }
 
+/// Each tensor kind a frame may carry and its code in the header (libtorch's scalar type).
+const KIND_CODES: [(TKind, i64); 9] = [
+    (TKind::Uint8, 0),
+    (TKind::Int8, 1),
+    (TKind::Int, 3),
+    (TKind::Int64, 4),
+    (TKind::Half, 5),
+    (TKind::Float, 6),
+    (TKind::Double, 7),
+    (TKind::Bool, 11),
+    (TKind::BFloat16, 15),
+];
+
 fn kind_code(k: TKind) -> std::result::Result<i64, String> {
-    Ok(match k {
-        TKind::Uint8 => 0,
-        TKind::Int8 => 1,
-        TKind::Int => 3,
-        TKind::Int64 => 4,
-        TKind::Half => 5,
-        TKind::Float => 6,
-        TKind::Double => 7,
-        TKind::Bool => 11,
-        TKind::BFloat16 => 15,
-        other => return Err(format!("cannot send tensors of kind {other:?}")),
-    })
+    let found = KIND_CODES.iter().find(|(kind, _)| *kind == k);
+    found
+        .map(|&(_, c)| c)
+        .ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
 }
 
 fn code_kind(c: i64) -> std::result::Result<TKind, String> {
-    Ok(match c {
-        0 => TKind::Uint8,
-        1 => TKind::Int8,
-        3 => TKind::Int,
-        4 => TKind::Int64,
-        5 => TKind::Half,
-        6 => TKind::Float,
-        7 => TKind::Double,
-        11 => TKind::Bool,
-        15 => TKind::BFloat16,
-        other => return Err(format!("a frame names an unknown tensor kind {other}")),
-    })
+    let found = KIND_CODES.iter().find(|(_, code)| *code == c);
+    found
+        .map(|&(k, _)| k)
+        .ok_or_else(|| format!("a frame names an unknown tensor kind {c}"))
 }
 
 /// What a link accepts from its peer: its direction (tag) says which frames may come.
@@ -281,7 +280,8 @@ fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<An
 }
 
 /// Sends a frame: the header over `g`, then each tensor over `g` from host memory, or — CUDA
-/// tensors on a link with a `direct` group — GPU to GPU over that group.
+/// tensors on a link with a `direct` group — GPU to GPU over that group. Every frame built
+/// here holds at most [`MAX_TENSORS`] tensors.
 fn send_frame(
     g: &Group,
     dst: usize,
@@ -289,9 +289,6 @@ fn send_frame(
     f: Frame,
     direct: Option<&Group>,
 ) -> std::result::Result<(), String> {
-    if f.tensors.len() > MAX_TENSORS {
-        return Err(format!("a frame holds at most {MAX_TENSORS} tensors"));
-    }
     let mut h = [0i64; HEADER];
     h[0] = f.kind;
     h[1] = f.step as i64;
@@ -320,18 +317,16 @@ fn send_frame(
             t.to_device(Device::Cpu).contiguous()
         });
     }
-    let header = Tensor::from_slice(&h);
-    g.send(&header, dst, tag, LINK_WAIT)
-        .map_err(|e| e.to_string())?;
+    g.send(&Tensor::from_slice(&h), dst, tag, LINK_WAIT)
+        .map_err(text)?;
     for t in payload.iter().filter(|t| t.numel() > 0) {
-        match (direct, t.device()) {
-            (Some(ng), Device::Cuda(i)) => {
-                ng.send(t, 1, 0, LINK_WAIT).map_err(|e| e.to_string())?;
-                // NCCL's wait only orders this thread's stream after the transfer.
-                crate::streams::synchronize_current(i).map_err(|e| e.to_string())?;
-            }
-            _ => g.send(t, dst, tag, LINK_WAIT).map_err(|e| e.to_string())?,
-        }
+        let (group, peer, t_tag) = match direct {
+            Some(ng) if t.device().is_cuda() => (ng, 1, 0),
+            _ => (g, dst, tag),
+        };
+        group.send(t, peer, t_tag, LINK_WAIT).map_err(text)?;
+        // NCCL's wait only orders this thread's stream after the transfer.
+        crate::streams::sync_device(t.device()).map_err(text)?;
     }
     Ok(())
 }
@@ -346,41 +341,25 @@ fn recv_frame(
 ) -> std::result::Result<Frame, String> {
     let tag = expect.tag;
     let mut header = Tensor::zeros([HEADER as i64], (TKind::Int64, Device::Cpu));
-    g.recv(&mut header, src, tag, LINK_WAIT)
-        .map_err(|e| e.to_string())?;
-    let h = Vec::<i64>::try_from(&header).map_err(|e| e.to_string())?;
-    let announced = check_header(&h, src, expect)?;
-    let mut tensors = Vec::with_capacity(announced.len());
-    for Announced { kind, size, gpu } in announced {
-        let size = size.as_slice();
-        let t = match (gpu, direct) {
-            (true, Some((ng, device @ Device::Cuda(d)))) => {
-                let mut t = Tensor::f_empty(size, (kind, device)).map_err(|e| {
-                    format!("receiving a tensor of size {size:?} from rank {src}: {e}")
-                })?;
-                if t.numel() > 0 {
-                    ng.recv(&mut t, 0, 0, LINK_WAIT)
-                        .map_err(|e| e.to_string())?;
-                    crate::streams::synchronize_current(d).map_err(|e| e.to_string())?;
-                }
-                t
-            }
+    g.recv(&mut header, src, tag, LINK_WAIT).map_err(text)?;
+    let h = Vec::<i64>::try_from(&header).map_err(text)?;
+    let mut tensors = Vec::new();
+    for Announced { kind, size, gpu } in check_header(&h, src, expect)? {
+        let (group, peer, t_tag, device) = match (gpu, direct) {
+            (true, Some((ng, device @ Device::Cuda(_)))) => (ng, 0, 0, device),
             (true, _) => {
                 return Err(format!(
                     "rank {src} sent a GPU tensor directly, but this link has no NCCL group"
                 ))
             }
-            (false, _) => {
-                let mut t = Tensor::f_empty(size, (kind, Device::Cpu)).map_err(|e| {
-                    format!("receiving a tensor of size {size:?} from rank {src}: {e}")
-                })?;
-                if t.numel() > 0 {
-                    g.recv(&mut t, src, tag, LINK_WAIT)
-                        .map_err(|e| e.to_string())?;
-                }
-                t
-            }
+            (false, _) => (g, src, tag, Device::Cpu),
         };
+        let mut t = Tensor::f_empty(&size, (kind, device))
+            .map_err(|e| format!("receiving a tensor of size {size:?} from rank {src}: {e}"))?;
+        if t.numel() > 0 {
+            group.recv(&mut t, peer, t_tag, LINK_WAIT).map_err(text)?;
+            crate::streams::sync_device(device).map_err(text)?;
+        }
         tensors.push(t);
     }
     Ok(Frame {
@@ -397,8 +376,9 @@ fn recv_frame(
     })
 }
 
-fn bytes(b: &[u8]) -> Tensor {
-    Tensor::from_slice(b)
+/// An error as the one-line text a link reports.
+fn text(e: impl std::fmt::Display) -> String {
+    e.to_string()
 }
 
 fn named_to_bytes(named: &[(String, Tensor)]) -> std::result::Result<Tensor, String> {
@@ -407,20 +387,24 @@ fn named_to_bytes(named: &[(String, Tensor)]) -> std::result::Result<Tensor, Str
         .iter()
         .map(|(n, t)| (n.clone(), t.to_device(Device::Cpu)))
         .collect();
-    Tensor::save_multi_to_stream(&cpu, &mut buf).map_err(|e| e.to_string())?;
-    Ok(bytes(&buf))
+    Tensor::save_multi_to_stream(&cpu, &mut buf).map_err(text)?;
+    Ok(Tensor::from_slice(&buf))
 }
 
 fn bytes_to_named(t: &Tensor) -> std::result::Result<Vec<(String, Tensor)>, String> {
-    let b = Vec::<u8>::try_from(t).map_err(|e| e.to_string())?;
-    Tensor::load_multi_from_stream(Cursor::new(b)).map_err(|e| e.to_string())
+    let b = Vec::<u8>::try_from(t).map_err(text)?;
+    Tensor::load_multi_from_stream(Cursor::new(b)).map_err(text)
 }
 
-fn take(tensors: &mut Vec<Tensor>, what: &str) -> std::result::Result<Tensor, String> {
-    if tensors.is_empty() {
-        return Err(format!("a {what} frame is missing a tensor"));
-    }
-    Ok(tensors.remove(0))
+/// The first `N` tensors of a frame of `what`.
+fn take<const N: usize>(
+    mut tensors: Vec<Tensor>,
+    what: &str,
+) -> std::result::Result<[Tensor; N], String> {
+    tensors.truncate(N);
+    tensors
+        .try_into()
+        .map_err(|_| format!("a {what} frame is missing a tensor"))
 }
 
 fn message_frame(m: Message) -> std::result::Result<Frame, String> {
@@ -461,7 +445,7 @@ fn message_frame(m: Message) -> std::result::Result<Frame, String> {
     })
 }
 
-fn frame_message(mut f: Frame) -> std::result::Result<Message, String> {
+fn frame_message(f: Frame) -> std::result::Result<Message, String> {
     let tag = |kind| Tag {
         step: f.step,
         micro: f.micro,
@@ -469,12 +453,9 @@ fn frame_message(mut f: Frame) -> std::result::Result<Message, String> {
     };
     Ok(match f.kind {
         TRAIN => {
-            let t = tag(Kind::Train);
-            let input = take(&mut f.tensors, "training")?;
-            let p = take(&mut f.tensors, "training")?;
-            let labels = take(&mut f.tensors, "training")?;
+            let [input, p, labels] = take(f.tensors, "training")?;
             Message::Train {
-                tag: t,
+                tag: tag(Kind::Train),
                 micro_batches: f.count,
                 input,
                 p,
@@ -483,18 +464,22 @@ fn frame_message(mut f: Frame) -> std::result::Result<Message, String> {
             }
         }
         EVAL => {
-            let t = tag(Kind::Eval);
-            let input = take(&mut f.tensors, "inference")?;
-            let p = take(&mut f.tensors, "inference")?;
-            Message::Eval { tag: t, input, p }
+            let [input, p] = take(f.tensors, "inference")?;
+            Message::Eval {
+                tag: tag(Kind::Eval),
+                input,
+                p,
+            }
         }
         STATE => Message::State {
             tag: tag(Kind::State),
         },
         LOAD => {
-            let t = tag(Kind::Load);
-            let named = bytes_to_named(&take(&mut f.tensors, "checkpoint")?)?;
-            Message::Load { tag: t, named }
+            let [named] = take(f.tensors, "checkpoint")?;
+            Message::Load {
+                tag: tag(Kind::Load),
+                named: bytes_to_named(&named)?,
+            }
         }
         other => return Err(format!("a message frame of unknown kind {other}")),
     })
@@ -552,20 +537,19 @@ fn report_frame(r: Report) -> std::result::Result<Frame, String> {
             kind: FAILED,
             stage,
             aux: module.map_or(0, |m| m as i64),
-            tensors: vec![bytes(cause.as_bytes())],
+            tensors: vec![Tensor::from_slice(cause.as_bytes())],
             ..Frame::default()
         },
     })
 }
 
 /// A report from rank `slot`; its stage becomes that slot (the coordinator's numbering).
-fn frame_report(mut f: Frame, slot: usize) -> std::result::Result<Report, String> {
+fn frame_report(f: Frame, slot: usize) -> std::result::Result<Report, String> {
     Ok(match f.kind {
         LOSSES => Report::Losses {
             stage: slot,
             step: f.step,
-            losses: Vec::<f64>::try_from(&take(&mut f.tensors, "losses")?)
-                .map_err(|e| e.to_string())?,
+            losses: Vec::<f64>::try_from(&take(f.tensors, "losses").map(|[t]| t)?).map_err(text)?,
             busy: f.busy,
             forward: f.forward,
         },
@@ -575,19 +559,19 @@ fn frame_report(mut f: Frame, slot: usize) -> std::result::Result<Report, String
             logits: if f.count == 0 {
                 Vec::new()
             } else {
-                take(&mut f.tensors, "logits")?.unbind(0)
+                take(f.tensors, "logits").map(|[t]| t)?.unbind(0)
             },
         },
         STATE_REPORT => Report::State {
             stage: slot,
-            state: bytes_to_named(&take(&mut f.tensors, "state")?)?,
+            state: bytes_to_named(&take(f.tensors, "state").map(|[t]| t)?)?,
         },
         LOADED => Report::Loaded { stage: slot },
         FAILED => Report::Failed {
             stage: slot,
             module: (f.aux > 0).then_some(f.aux as usize),
             cause: String::from_utf8_lossy(
-                &Vec::<u8>::try_from(&take(&mut f.tensors, "failure")?).unwrap_or_default(),
+                &Vec::<u8>::try_from(&take(f.tensors, "failure").map(|[t]| t)?).unwrap_or_default(),
             )
             .into_owned(),
         },
@@ -605,40 +589,18 @@ fn grad_frame((tag, g): (Tag, Tensor)) -> std::result::Result<Frame, String> {
     })
 }
 
-fn frame_grad(mut f: Frame) -> std::result::Result<(Tag, Tensor), String> {
-    if f.kind != GRAD {
-        return Err(format!("a gradient frame of unknown kind {}", f.kind));
-    }
+fn frame_grad(f: Frame) -> std::result::Result<(Tag, Tensor), String> {
+    // The link's header check let only gradients through.
     let tag = Tag {
         step: f.step,
         micro: f.micro,
         kind: Kind::Train,
     };
-    Ok((tag, take(&mut f.tensors, "gradient")?))
+    Ok((tag, take(f.tensors, "gradient").map(|[t]| t)?))
 }
 
 // ---------------------------------------------------------------------------------------------
 // Links
-
-/// A thread that runs `body`; a failure is returned through [`StageThread::exited`].
-fn spawn_link(
-    name: String,
-    what: String,
-    body: impl FnOnce() -> std::result::Result<(), String> + Send + 'static,
-) -> StageThread {
-    let (exit_tx, exited) = crossbeam_channel::bounded(1);
-    let thread = std::thread::Builder::new()
-        .name(name)
-        .spawn(move || {
-            let _ = exit_tx.send(body().err());
-        })
-        .expect("spawning a link thread");
-    StageThread {
-        name: what,
-        thread: Some(thread),
-        exited,
-    }
-}
 
 /// Sends what arrives on `rx` to rank `dst` until `rx` closes, then a stop frame. On failure
 /// the channel is dropped (so the stage sending into it stops) after `on_fail` has run.
@@ -648,13 +610,14 @@ fn out_link<T: Send + 'static>(
     tag: u32,
     rx: Receiver<T>,
     encode: fn(T) -> std::result::Result<Frame, String>,
-    on_fail: impl FnOnce(String) + Send + 'static,
+    fail: OnFail<'_>,
 ) -> StageThread {
+    let on_fail = fail(dst);
     let g = ranks.world.clone();
     let me = g.rank();
-    let direct = ranks.direct(me, dst, tag);
+    let direct = ranks.direct.get(&(me, dst, tag)).cloned();
     let what = format!("the link from rank {me} to rank {dst}");
-    spawn_link(format!("sid-link-{me}-to-{dst}"), what, move || {
+    spawn_thread(format!("sid-link-{me}-to-{dst}"), what, move || {
         let result = (|| {
             while let Ok(item) = rx.recv() {
                 send_frame(&g, dst, tag, encode(item)?, direct.as_deref())?;
@@ -672,19 +635,20 @@ fn out_link<T: Send + 'static>(
 /// Receives from rank `src` into `tx` until a stop frame (then `tx` closes, so the stage
 /// reading it ends normally) or a failure (`on_fail` runs first).
 fn in_link<T: Send + 'static>(
+    cfg: &StagedConfig,
     ranks: &Ranks,
-    device: Device,
     src: usize,
-    expect: Expect,
+    tag: u32,
     tx: Sender<T>,
     decode: impl Fn(Frame) -> std::result::Result<T, String> + Send + 'static,
-    on_fail: impl FnOnce(String) + Send + 'static,
+    fail: OnFail<'_>,
 ) -> StageThread {
+    let (device, expect, on_fail) = (cfg.devices[0], Expect::new(cfg, tag), fail(src));
     let g = ranks.world.clone();
     let me = g.rank();
-    let direct = ranks.direct(src, me, expect.tag);
+    let direct = ranks.direct.get(&(src, me, expect.tag)).cloned();
     let what = format!("the link from rank {src} to rank {me}");
-    spawn_link(format!("sid-link-{me}-from-{src}"), what, move || {
+    spawn_thread(format!("sid-link-{me}-from-{src}"), what, move || {
         let result = (|| loop {
             let f = recv_frame(&g, src, &expect, direct.as_deref().map(|ng| (ng, device)))?;
             if f.kind == STOP {
@@ -703,21 +667,57 @@ fn in_link<T: Send + 'static>(
     })
 }
 
-/// What rank 0's coordinator gets from [`spawn_coordinator_links`]: stage 1's input of each
-/// replica, every rank's reports, and the threads to wait for when it closes.
-pub(crate) struct Linked {
-    pub(crate) firsts: Vec<Sender<Message>>,
-    pub(crate) reports: Receiver<Report>,
-    pub(crate) threads: Vec<StageThread>,
+/// What a link does when it fails, given the peer rank.
+type OnFail<'a> = &'a dyn Fn(usize) -> Box<dyn FnOnce(String) + Send>;
+
+/// Runs this rank's stage `s` in a thread between `upstream` and `reports`, linked down the
+/// chain to the next rank and, in a backprop pipeline, for gradients from the next rank and to
+/// the previous one: the links that send go into `outs`, those that receive into `ins`.
+fn run_linked_stage(
+    cfg: &StagedConfig,
+    ranks: &Ranks,
+    runner: StageRunner,
+    s: usize,
+    (upstream, reports): (Receiver<Message>, Sender<Report>),
+    fail: OnFail<'_>,
+    (outs, ins): &mut (Vec<StageThread>, Vec<StageThread>),
+) -> StageThread {
+    let me = ranks.rank();
+    let k = cfg.plan.len();
+    let bp = matches!(cfg.method, PipelineMethod::Bp(_));
+    let cap = cfg.micro_batches.max(1) + 1;
+    let device = cfg.devices[0];
+    let next = me + 1;
+    let downstream = (s + 1 < k).then(|| {
+        let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
+        outs.push(out_link(ranks, next, DOWN, rx, message_frame, fail));
+        tx
+    });
+    let mut transport =
+        ChannelTransport::new(s, device, upstream, downstream, reports, cfg.timeout)
+            .with_replicas(ranks.replica_group.clone());
+    if bp && s + 1 < k {
+        let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
+        ins.push(in_link(cfg, ranks, next, GRADS, tx, frame_grad, fail));
+        transport.add_grad_in(s + 1, rx);
+    }
+    if bp && s > 0 {
+        let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
+        outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, fail));
+        transport.set_grad_out(s - 1, tx);
+    }
+    let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
+    spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout)
 }
 
 /// Rank 0: runs stage 1 of replica 1 in a thread as the coordinator's first stage and links
-/// the coordinator to the other ranks: inputs to every replica, reports from every rank.
+/// the coordinator to the other ranks: inputs to every replica (stage 1's input of each),
+/// reports from every rank, and the threads to wait for when it closes.
 pub(crate) fn spawn_coordinator_links(
     cfg: &StagedConfig,
     ranks: &Ranks,
     runners: Vec<StageRunner>,
-) -> Result<Linked> {
+) -> Result<Engine> {
     let k = runners.len();
     ranks.check(k)?;
     if ranks.rank() != 0 {
@@ -726,85 +726,38 @@ pub(crate) fn spawn_coordinator_links(
             ranks.rank()
         )));
     }
-    let n = ranks.world.world();
-    let bp = matches!(cfg.method, PipelineMethod::Bp(_));
     let cap = cfg.micro_batches.max(1) + 1;
-    let device = cfg.devices[0];
     let (report_tx, reports) = crossbeam_channel::unbounded::<Report>();
-    let mut threads = Vec::new();
-    let failed_link = |slot: usize| {
+    let failed_link = |slot: usize| -> Box<dyn FnOnce(String) + Send> {
         let tx = report_tx.clone();
-        move |cause: String| {
+        Box::new(move |cause: String| {
             let _ = tx.send(Report::Failed {
                 stage: slot,
                 module: None,
                 cause,
             });
-        }
+        })
     };
     let (first, upstream) = crossbeam_channel::bounded::<Message>(cap);
-    let downstream = (k > 1).then(|| {
-        let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
-        threads.push(out_link(ranks, 1, DOWN, rx, message_frame, failed_link(1)));
-        tx
-    });
-    let grads_in = (bp && k > 1).then(|| {
-        let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
-        threads.push(in_link(
-            ranks,
-            device,
-            1,
-            Expect::new(cfg, GRADS),
-            tx,
-            frame_grad,
-            failed_link(1),
-        ));
-        rx
-    });
     let runner = runners.into_iter().next().expect("at least one stage");
-    let mut transport = ChannelTransport::new(
-        0,
-        device,
-        upstream,
-        downstream,
-        report_tx.clone(),
-        cfg.timeout,
-    )
-    .with_replicas(replica_reducer(ranks));
-    if let Some(rx) = grads_in {
-        transport = transport.with_grad_in(1, rx);
-    }
-    let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
-    threads.insert(
-        0,
-        spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout),
-    );
+    let mut links = (Vec::new(), Vec::new());
+    let chain = (upstream, report_tx.clone());
+    let stage = run_linked_stage(cfg, ranks, runner, 0, chain, &failed_link, &mut links);
+    let mut threads = vec![stage];
     let mut firsts = vec![first];
     for r in 1..ranks.replicas {
         let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
         let dst = rank_of(r, 0, k);
-        threads.push(out_link(
-            ranks,
-            dst,
-            DOWN,
-            rx,
-            message_frame,
-            failed_link(dst),
-        ));
+        threads.push(out_link(ranks, dst, DOWN, rx, message_frame, &failed_link));
         firsts.push(tx);
     }
-    for src in 1..n {
-        threads.push(in_link(
-            ranks,
-            device,
-            src,
-            Expect::new(cfg, REPORTS),
-            report_tx.clone(),
-            move |f| frame_report(f, src),
-            failed_link(src),
-        ));
+    for src in 1..ranks.world.world() {
+        let decode = move |f| frame_report(f, src);
+        let tx = report_tx.clone();
+        threads.push(in_link(cfg, ranks, src, REPORTS, tx, decode, &failed_link));
     }
-    Ok(Linked {
+    threads.extend(links.0.into_iter().chain(links.1));
+    Ok(Engine::Threads {
         firsts,
         reports,
         threads,
@@ -824,77 +777,43 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         ));
     }
     let (replica, s) = (me / k, me % k);
-    let bp = matches!(cfg.method, PipelineMethod::Bp(_));
     let cap = cfg.micro_batches.max(1) + 1;
-    let device = cfg.devices[0];
     let runner = build_runners(cfg)?
         .into_iter()
         .nth(s)
         .expect("one runner per stage");
     let (fail_tx, fail_rx) = crossbeam_channel::unbounded::<String>();
-    let on_fail = || {
+    let on_fail = |_peer: usize| -> Box<dyn FnOnce(String) + Send> {
         let tx = fail_tx.clone();
-        move |cause: String| {
+        Box::new(move |cause: String| {
             let _ = tx.send(cause);
-        }
+        })
     };
-    let mut outs = Vec::new();
-    let mut ins = Vec::new();
-    let src = if s == 0 { 0 } else { me - 1 };
     let (up_tx, upstream) = crossbeam_channel::bounded::<Message>(cap);
-    ins.push(in_link(
-        ranks,
-        device,
-        src,
-        Expect::new(cfg, DOWN),
-        up_tx,
-        frame_message,
-        on_fail(),
-    ));
-    let downstream = (s + 1 < k).then(|| {
-        let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
-        outs.push(out_link(ranks, me + 1, DOWN, rx, message_frame, on_fail()));
-        tx
-    });
     let (report_tx, report_rx) = crossbeam_channel::unbounded::<Report>();
-    outs.push(out_link(
-        ranks,
-        0,
-        REPORTS,
-        report_rx,
-        report_frame,
-        on_fail(),
-    ));
-    let grads_in = (bp && s + 1 < k).then(|| {
-        let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
-        ins.push(in_link(
+    let src = if s == 0 { 0 } else { me - 1 };
+    let mut links = (
+        vec![out_link(
             ranks,
-            device,
-            me + 1,
-            Expect::new(cfg, GRADS),
-            tx,
-            frame_grad,
-            on_fail(),
-        ));
-        rx
-    });
-    let grads_out = (bp && s > 0).then(|| {
-        let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
-        outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, on_fail()));
-        tx
-    });
+            0,
+            REPORTS,
+            report_rx,
+            report_frame,
+            &on_fail,
+        )],
+        vec![in_link(
+            cfg,
+            ranks,
+            src,
+            DOWN,
+            up_tx,
+            frame_message,
+            &on_fail,
+        )],
+    );
+    let chain = (upstream, report_tx);
+    let stage = run_linked_stage(cfg, ranks, runner, s, chain, &on_fail, &mut links);
     drop(fail_tx);
-    let mut transport =
-        ChannelTransport::new(s, device, upstream, downstream, report_tx, cfg.timeout)
-            .with_replicas(replica_reducer(ranks));
-    if let Some(rx) = grads_in {
-        transport = transport.with_grad_in(s + 1, rx);
-    }
-    if let Some(tx) = grads_out {
-        transport = transport.with_grad_out(s - 1, tx);
-    }
-    let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
-    let stage = spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout);
     tracing::info!(rank = me, replica, stage = s + 1, "serving");
     // Whichever ends first: the stage (normally, when the coordinator closes the chain), a
     // link (a peer died), or rank 0 (gone while this rank's links wait on channels): stop
@@ -932,6 +851,7 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         });
     }
     // The stage closed its outputs: let the links send their stop frames.
+    let (outs, ins) = links;
     for mut t in outs {
         if let Some(h) = t.thread.take() {
             let _ = h.join();

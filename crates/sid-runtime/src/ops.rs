@@ -115,14 +115,10 @@ impl std::str::FromStr for BpSchedule {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "gpipe" => Ok(Self::GPipe),
-            "1f1b" => Ok(Self::OneFOneB),
-            "zb1" => Ok(Self::ZeroBubble),
-            other => Err(format!(
-                "unknown pipeline schedule {other:?} (expected gpipe, 1f1b or zb1)"
-            )),
-        }
+        [Self::GPipe, Self::OneFOneB, Self::ZeroBubble]
+            .into_iter()
+            .find(|k| k.to_string() == s)
+            .ok_or_else(|| format!("unknown pipeline schedule {s:?} (expected gpipe, 1f1b or zb1)"))
     }
 }
 

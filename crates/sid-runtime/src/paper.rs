@@ -38,33 +38,18 @@ pub struct ModuleBlock {
 }
 
 impl ModuleBlock {
-    /// Stage `stage` (0-based; the extractor is stage 0) owning `modules`, in cascade order.
-    pub fn new(stage: usize, modules: Vec<ModuleUnit>) -> Self {
+    /// Stage `stage` (0-based; the extractor is stage 0) owning `modules`, in cascade order;
+    /// `fused`: the fused schedule, each module's local-step forward, detached, is the next
+    /// one's teacher (the same values as a separate phase-1 forward, one forward per module
+    /// fewer).
+    pub fn new(stage: usize, modules: Vec<ModuleUnit>, fused: bool) -> Self {
         Self {
             stage,
             modules,
-            fused: false,
+            fused,
             pending: None,
             scale: 1.0,
         }
-    }
-
-    /// Runs the fused schedule: each module's local-step forward, detached, is the next one's
-    /// teacher (the same values as a separate phase-1 forward, one forward per module fewer).
-    pub fn with_fused_teacher(mut self, fused: bool) -> Self {
-        self.fused = fused;
-        self
-    }
-
-    /// 0-based stage.
-    pub fn index(&self) -> usize {
-        self.stage
-    }
-
-    /// 0-based modules it owns.
-    pub fn range(&self) -> Range<usize> {
-        let start = self.modules.first().map_or(0, |m| m.index());
-        start..start + self.modules.len()
     }
 
     /// Phase 1 of one micro-batch on `z` (detached features): the block's teacher chain from
@@ -111,20 +96,6 @@ impl ModuleBlock {
         let grad_z = grad_z.expect("a block has at least one module");
         Ok((Tensor::f_stack(&losses, 0)?, grad_z))
     }
-
-    /// Inference: every module's logits on `z` from `p_in`, and the belief leaving the block.
-    pub fn cascade(&self, z: &Tensor, p_in: &Tensor) -> (Vec<Tensor>, Tensor) {
-        tch::no_grad(|| {
-            let mut p = p_in.shallow_clone();
-            let mut logits = Vec::with_capacity(self.modules.len());
-            for m in &self.modules {
-                let l = m.logits(&p, z);
-                p = sid_core::belief::belief(&l);
-                logits.push(l);
-            }
-            (logits, p)
-        })
-    }
 }
 
 impl Unit for ModuleBlock {
@@ -133,7 +104,8 @@ impl Unit for ModuleBlock {
     }
 
     fn modules(&self) -> Range<usize> {
-        self.range()
+        let start = self.modules.first().map_or(0, |m| m.index());
+        start..start + self.modules.len()
     }
 
     /// Phase 1 (graph-free) passed on at once: the features unchanged, the block's last belief.
@@ -165,13 +137,22 @@ impl Unit for ModuleBlock {
         self.modules.iter().flat_map(|m| m.gradients()).collect()
     }
 
+    /// Every module's logits on `input` from `p`, and the belief leaving the block.
     fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
-        let (logits, p) = self.cascade(input, p);
-        Inferred {
-            next: Some(input.shallow_clone()),
-            logits,
-            p,
-        }
+        tch::no_grad(|| {
+            let mut p = p.shallow_clone();
+            let mut logits = Vec::with_capacity(self.modules.len());
+            for m in &self.modules {
+                let l = m.logits(&p, input);
+                p = sid_core::belief::belief(&l);
+                logits.push(l);
+            }
+            Inferred {
+                next: Some(input.shallow_clone()),
+                logits,
+                p,
+            }
+        })
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
@@ -294,10 +275,7 @@ pub(crate) fn build_paper(
     let blocks: Vec<ModuleBlock> = blocks
         .iter()
         .enumerate()
-        .map(|(w, r)| {
-            ModuleBlock::new(w + 1, units.by_ref().take(r.len()).collect())
-                .with_fused_teacher(fused)
-        })
+        .map(|(w, r)| ModuleBlock::new(w + 1, units.by_ref().take(r.len()).collect(), fused))
         .collect();
     let extractor = PaperExtractor {
         unit: extractor,

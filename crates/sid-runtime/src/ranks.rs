@@ -14,7 +14,6 @@ use std::sync::Arc;
 use sid_dist::{Backend, Group};
 use tch::{Device, Tensor};
 
-use crate::transport::GradReducer;
 use crate::{Result, RuntimeError};
 
 /// Tag of messages down the chain.
@@ -63,10 +62,6 @@ impl Ranks {
         self.world.rank()
     }
 
-    pub(crate) fn direct(&self, from: usize, to: usize, tag: u32) -> Option<Arc<Group>> {
-        self.direct.get(&(from, to, tag)).cloned()
-    }
-
     pub(crate) fn check(&self, stages: usize) -> Result<()> {
         let world = self.world.world();
         if self.replicas == 0 || stages * self.replicas != world {
@@ -85,44 +80,32 @@ pub fn rank_of(replica: usize, stage: usize, stages: usize) -> usize {
     replica * stages + stage
 }
 
-/// Sums gradients over a stage's replicas: one flat all-reduce per optimiser step.
-pub(crate) struct ReplicaSum {
-    group: Arc<Group>,
-}
-
-impl GradReducer for ReplicaSum {
-    fn all_reduce(&mut self, grads: &[Tensor]) -> Result<()> {
-        let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
-        let Some(first) = defined.first() else {
-            return Ok(());
-        };
-        let device = first.device();
-        let flat = Tensor::cat(
-            &defined.iter().map(|g| g.flatten(0, -1)).collect::<Vec<_>>(),
-            0,
-        );
-        let mut buf = match self.group.backend() {
-            Backend::Gloo => flat.to_device(Device::Cpu),
-            Backend::Nccl => flat,
-        };
-        self.group.all_reduce_sum(&mut buf)?;
-        let buf = buf.to_device(device);
-        let mut offset = 0;
-        for g in defined {
-            let n = g.numel() as i64;
-            let mut g = g.shallow_clone();
-            g.copy_(&buf.narrow(0, offset, n).view_as(&g));
-            offset += n;
-        }
-        Ok(())
+/// Sums `grads` in place over the replicas in `group` (the ranks that hold the same stage):
+/// one flat all-reduce per optimiser step.
+pub(crate) fn replica_sum(group: &Group, grads: &[Tensor]) -> Result<()> {
+    let defined: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
+    let Some(first) = defined.first() else {
+        return Ok(());
+    };
+    let device = first.device();
+    let flat = Tensor::cat(
+        &defined.iter().map(|g| g.flatten(0, -1)).collect::<Vec<_>>(),
+        0,
+    );
+    let mut buf = match group.backend() {
+        Backend::Gloo => flat.to_device(Device::Cpu),
+        Backend::Nccl => flat,
+    };
+    group.all_reduce_sum(&mut buf)?;
+    let buf = buf.to_device(device);
+    let mut offset = 0;
+    for g in defined {
+        let n = g.numel() as i64;
+        let mut g = g.shallow_clone();
+        g.copy_(&buf.narrow(0, offset, n).view_as(&g));
+        offset += n;
     }
-}
-
-pub(crate) fn replica_reducer(ranks: &Ranks) -> Option<Box<dyn GradReducer>> {
-    ranks
-        .replica_group
-        .as_ref()
-        .map(|g| Box::new(ReplicaSum { group: g.clone() }) as Box<dyn GradReducer>)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -134,7 +117,7 @@ mod tests {
     use std::time::Duration;
     use tch::Kind;
 
-    /// The replicas' real gradient sum ([`ReplicaSum`] over Gloo, two ranks as two threads of
+    /// The replicas' real gradient sum ([`replica_sum`] over Gloo, two ranks as two threads of
     /// this test), before any optimiser step: each replica's stage gradient on its half of the
     /// batch, weighted by its share (½), summed by the all-reduce, is the whole batch's.
     #[test]
@@ -196,8 +179,7 @@ mod tests {
                     let g = Group::new(&store, "replicas", rank, 2, Backend::Gloo, "127.0.0.1", t)
                         .unwrap();
                     step(&mut st, &xr, &yr, 0.5);
-                    let mut sum = ReplicaSum { group: Arc::new(g) };
-                    sum.all_reduce(&st.gradients()).unwrap();
+                    replica_sum(&g, &st.gradients()).unwrap();
                     st.gradients()
                 })
             })

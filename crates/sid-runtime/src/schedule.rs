@@ -26,6 +26,7 @@ use tch::Tensor;
 #[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{Op, Schedule};
+use crate::setup::StagedConfig;
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 
 /// Why a stage stopped.
@@ -39,11 +40,7 @@ pub struct Failure {
 
 impl Failure {
     /// A failure that belongs to no module.
-    pub fn from_cause(cause: String) -> Self {
-        Self::new(cause)
-    }
-
-    fn new(cause: impl Into<String>) -> Self {
+    pub(crate) fn new(cause: impl Into<String>) -> Self {
         Self {
             module: None,
             cause: cause.into(),
@@ -59,12 +56,6 @@ pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "unknown panic".into());
     format!("panicked: {msg}")
-}
-
-impl From<tch::TchError> for Failure {
-    fn from(e: tch::TchError) -> Self {
-        Self::new(e.to_string())
-    }
 }
 
 impl From<crate::RuntimeError> for Failure {
@@ -96,6 +87,7 @@ struct Arrived {
 }
 
 /// The step in progress on a stage.
+#[derive(Default)]
 struct Step {
     step: u64,
     micro_batches: usize,
@@ -144,19 +136,33 @@ pub struct StageRunner {
 }
 
 impl StageRunner {
-    /// Runs `unit` as stage `unit.stage()` of `stages`, its steps in the order of `schedule`.
-    pub fn new(unit: Box<dyn Unit>, schedule: Schedule, stages: usize) -> Self {
+    /// Runs `unit` as stage `unit.stage()` of `stages`, its steps in the order of `schedule`,
+    /// with `cfg`'s timeout, CUDA graphs and injected fault (tests; it strikes when it names
+    /// this stage). What the stage allocates while it runs ([`drive`]) is charged to `memory`
+    /// (weights and optimiser state, made before, are counted by
+    /// [`StageRunner::state_bytes`]).
+    pub(crate) fn new(
+        mut unit: Box<dyn Unit>,
+        schedule: Schedule,
+        stages: usize,
+        cfg: &StagedConfig,
+        memory: Option<AllocOwner>,
+    ) -> Self {
+        // A staged-SID stage on a GPU, one micro-batch a step: each step is replayed from a
+        // CUDA graph (see [`GraphedStep::stage`]); nothing changes on a CPU.
+        let graphed = cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none();
         Self {
+            #[cfg(feature = "fault-injection")]
+            fault: cfg.fault.filter(|f| f.worker == unit.stage()),
+            cuda_graph: (graphed && unit.as_stage_mut().is_some())
+                .then(GraphedStep::on_first_gpu_step),
             unit,
             schedule,
             stages,
             step: 0,
             current: None,
-            #[cfg(feature = "fault-injection")]
-            fault: None,
-            timeout: Duration::from_secs(300),
-            cuda_graph: None,
-            memory: None,
+            timeout: cfg.timeout,
+            memory,
             queue_losses: false,
             queued: None,
         }
@@ -173,13 +179,6 @@ impl StageRunner {
         self.queued.take()
     }
 
-    /// Charges what the stage allocates while it runs ([`drive`]) to `owner` (weights and
-    /// optimiser state, made before, are counted by [`StageRunner::state_bytes`]).
-    pub fn with_memory(mut self, owner: Option<AllocOwner>) -> Self {
-        self.memory = owner;
-        self
-    }
-
     /// Who the stage's allocations are charged to, when measured.
     pub fn memory(&self) -> Option<&AllocOwner> {
         self.memory.as_ref()
@@ -188,32 +187,6 @@ impl StageRunner {
     /// Bytes of the stage's weights and optimiser state.
     pub fn state_bytes(&self) -> u64 {
         sid_telemetry::allocations::tensor_bytes(self.unit.state().iter().map(|(_, t)| t))
-    }
-
-    /// Replays each training step of a staged-SID stage on a GPU from a CUDA graph, when a
-    /// step is one micro-batch (see [`GraphedStep::stage`]); nothing changes on a CPU.
-    pub fn with_cuda_graph(mut self, on: bool) -> Self {
-        self.cuda_graph =
-            (on && self.unit.as_stage_mut().is_some()).then(GraphedStep::on_first_gpu_step);
-        self
-    }
-
-    /// Sets the fault to inject; it strikes when it names this stage (tests).
-    #[cfg(feature = "fault-injection")]
-    pub fn with_fault(mut self, fault: Option<Fault>) -> Self {
-        self.fault = fault.filter(|f| f.worker == self.unit.stage());
-        self
-    }
-
-    /// Sets the longest wait for a gradient inside a step.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// The stage's 0-based position.
-    pub fn index(&self) -> usize {
-        self.unit.stage()
     }
 
     /// The unit it runs.
@@ -274,18 +247,16 @@ impl StageRunner {
                     stage: index,
                     step: tag.step,
                     logits: out.logits,
-                })?;
-                Ok(())
+                })
+                .map_err(Failure::from)
             }
             Message::State { tag } => {
                 self.idle("a state request")?;
-                let state = self.unit.state();
                 t.report(Report::State {
                     stage: index,
-                    state,
+                    state: self.unit.state(),
                 })?;
-                t.send_down(Message::State { tag })?;
-                Ok(())
+                t.send_down(Message::State { tag }).map_err(Failure::from)
             }
             Message::Load { tag, named } => {
                 self.idle("a checkpoint")?;
@@ -297,8 +268,8 @@ impl StageRunner {
                 );
                 self.unit.load_state(&mine)?;
                 t.send_down(Message::Load { tag, named })?;
-                t.report(Report::Loaded { stage: index })?;
-                Ok(())
+                t.report(Report::Loaded { stage: index })
+                    .map_err(Failure::from)
             }
         }
     }
@@ -306,13 +277,13 @@ impl StageRunner {
     /// Checks that `tag` is the micro-batch this stage expects (a new step begins with its
     /// micro-batch 0) and begins the step's operation list at a new step.
     fn take_in_order(&mut self, tag: Tag, micro_batches: usize) -> Result<(), Failure> {
-        let (step, micro) = match &self.current {
-            Some(s) => (s.step, s.next_micro),
-            None => (self.step + 1, 0),
-        };
-        let fits = match &self.current {
-            Some(_) => tag.step == step && tag.micro == micro,
-            None => tag.step >= step && tag.micro == 0,
+        let (step, micro, fits) = match &self.current {
+            Some(s) => (
+                s.step,
+                s.next_micro,
+                (tag.step, tag.micro) == (s.step, s.next_micro),
+            ),
+            None => (self.step + 1, 0, tag.step > self.step && tag.micro == 0),
         };
         if !fits {
             return Err(Failure::new(format!(
@@ -330,26 +301,10 @@ impl StageRunner {
                 ops: self
                     .schedule
                     .ops(self.stages, self.unit.stage(), micro_batches),
-                next_op: 0,
-                next_micro: 0,
-                losses: None,
-                busy: Duration::ZERO,
-                forward: Duration::ZERO,
-                applied: false,
-                grad_sum: None,
-                grads_got: 0,
-                early: None,
+                ..Step::default()
             });
         }
         Ok(())
-    }
-
-    /// Goes on with a step that stopped for a gradient (stages in one thread), if any.
-    pub(crate) fn resume(&mut self, t: &mut dyn Transport) -> Result<(), Failure> {
-        match self.current {
-            Some(_) => self.run(t, None),
-            None => Ok(()),
-        }
     }
 
     /// Runs the step's operations from where it stopped, `arrived` being the micro-batch the
@@ -461,8 +416,8 @@ impl StageRunner {
             losses,
             busy: s.busy,
             forward: s.forward,
-        })?;
-        Ok(())
+        })
+        .map_err(Failure::from)
     }
 
     /// The gradient micro-batch `j`'s backward needs: none, or the sum, in stage order, of
@@ -557,11 +512,10 @@ pub fn drive(
         .map(AllocOwner::enter)
         .transpose()
         .map_err(|e| Failure::new(e.to_string()))?;
-    if local {
+    if local && runner.mid_step() {
         // A step that stopped for a gradient goes on if the sender has run since.
-        runner.resume(t)?;
+        runner.run(t, None)?;
     }
-    let mut waited = Duration::ZERO;
     loop {
         let wait = if runner.mid_step() {
             timeout
@@ -569,19 +523,15 @@ pub fn drive(
             IDLE_POLL
         };
         match t.recv(wait)? {
-            Received::Message(m) => {
-                waited = Duration::ZERO;
-                runner.handle(m, t)?;
-            }
+            Received::Message(m) => runner.handle(m, t)?,
             Received::Nothing if local => return Ok(()),
             Received::Nothing => {
                 let Some(s) = &runner.current else { continue };
-                waited += wait;
-                let index = runner.index();
+                let index = runner.unit.stage();
                 return Err(Failure::new(format!(
                     "stage {} waited {} s for micro-batch {} of step {} from {} and gave up",
                     index + 1,
-                    waited.as_secs(),
+                    wait.as_secs(),
                     s.next_micro,
                     s.step,
                     if index == 0 {

@@ -220,13 +220,7 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
             let owner = (cfg.track_memory && cfg.ranks.is_none())
                 .then(sid_telemetry::AllocOwner::new)
                 .transpose()?;
-            let runner = StageRunner::new(unit, schedule, stages)
-                .with_timeout(cfg.timeout)
-                .with_cuda_graph(cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none())
-                .with_memory(owner);
-            #[cfg(feature = "fault-injection")]
-            let runner = runner.with_fault(cfg.fault);
-            Ok(runner)
+            Ok(StageRunner::new(unit, schedule, stages, cfg, owner))
         })
         .collect()
 }
@@ -277,10 +271,10 @@ pub(crate) fn spawn_stage(
     let s = transport.stage;
     let device = transport.device;
     let fail_tx = transport.reports.clone();
-    let (exit_tx, exited) = crossbeam_channel::bounded::<Option<String>>(1);
-    let thread = std::thread::Builder::new()
-        .name(format!("sid-stage-{}", s + 1))
-        .spawn(move || {
+    spawn_thread(
+        format!("sid-stage-{}", s + 1),
+        format!("stage {}", s + 1),
+        move || {
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 if let Some(n) = threads_here {
                     // A thread's first parallel op copies the process-wide count, which
@@ -289,35 +283,47 @@ pub(crate) fn spawn_stage(
                     tch::set_num_threads(n);
                 }
                 if let (Device::Cuda(i), true) = (device, own_stream) {
-                    streams::use_pool_stream(i).map_err(|e| Failure::from_cause(e.to_string()))?;
+                    streams::use_pool_stream(i).map_err(|e| Failure::new(e.to_string()))?;
                 }
                 runner.unit_mut().to_device(device);
-                streams::sync_device(device).map_err(|e| Failure::from_cause(e.to_string()))?;
+                streams::sync_device(device).map_err(|e| Failure::new(e.to_string()))?;
                 drive(&mut runner, &mut transport, timeout, false)
             }));
             let failure = match outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(f)) => Some(f),
-                Err(panic) => Some(Failure::from_cause(crate::schedule::panic_cause(
-                    panic.as_ref(),
-                ))),
+                Ok(done) => done.err(),
+                Err(panic) => Some(Failure::new(crate::schedule::panic_cause(panic.as_ref()))),
             };
-            let cause = failure.as_ref().map(|f| f.cause.clone());
-            if let Some(f) = failure {
+            if let Some(f) = &failure {
                 let _ = fail_tx.send(Report::Failed {
                     stage: s,
                     module: f.module,
-                    cause: f.cause,
+                    cause: f.cause.clone(),
                 });
             }
             // Dropping the transport closes the link to the next stage, which then stops.
             drop(transport);
             drop(fail_tx);
-            let _ = exit_tx.send(cause);
+            failure.map_or(Ok(()), |f| Err(f.cause))
+        },
+    )
+}
+
+/// A thread of the pipeline named `name` that runs `body`; a failure is returned through
+/// [`StageThread::exited`], which `what` names in messages.
+pub(crate) fn spawn_thread(
+    name: String,
+    what: String,
+    body: impl FnOnce() -> std::result::Result<(), String> + Send + 'static,
+) -> StageThread {
+    let (exit_tx, exited) = crossbeam_channel::bounded(1);
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let _ = exit_tx.send(body().err());
         })
-        .expect("spawning a stage thread");
+        .expect("spawning a pipeline thread");
     StageThread {
-        name: format!("stage {}", s + 1),
+        name: what,
         thread: Some(thread),
         exited,
     }

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use sid_core::{
     Cascade, EarlyExit, ExitTracker, Method, NamedTensors, Network, StagePlan, StageSpec, StepStats,
 };
@@ -27,7 +27,8 @@ use crate::transport::{device_name, ChannelTransport, Kind, LocalTransport, Mess
 use crate::{Result, RuntimeError};
 use sid_telemetry::AllocOwner;
 
-enum Engine {
+/// How the coordinator reaches its stages.
+pub(crate) enum Engine {
     /// Every stage in the caller's thread, one after another.
     Local {
         runners: Vec<StageRunner>,
@@ -86,7 +87,6 @@ pub struct StagedPipeline {
     requests: u64,
     pending: BTreeMap<u64, Vec<Option<Vec<f64>>>>,
     done: VecDeque<StepStats>,
-    max_in_flight: usize,
     busy: Vec<StageStats>,
     /// Per stage, when measured ([`StagedConfig::track_memory`]): who its allocations are
     /// charged to, and the bytes of its weights and optimiser state.
@@ -165,19 +165,14 @@ impl StagedPipeline {
                 modules: m.clone(),
             }))
             .collect();
-            (
-                std::iter::once(cfg.devices[0])
-                    .chain(cfg.devices.iter().copied())
-                    .collect(),
-                specs,
-            )
+            ([&cfg.devices[..1], &cfg.devices].concat(), specs)
         } else {
             (
                 (0..k).map(|s| cfg.devices[s % d]).collect(),
                 cfg.plan.stages().to_vec(),
             )
         };
-        let runners = build_runners(&cfg)?;
+        let mut runners = build_runners(&cfg)?;
         let memory = runners
             .iter()
             .map(|r| r.memory().map(|o| (o.clone(), r.state_bytes())))
@@ -189,14 +184,8 @@ impl StagedPipeline {
         let engine = if let Some(ranks) = &cfg.ranks {
             replicas = ranks.replicas;
             names = ranks.names.clone();
-            let l = crate::links::spawn_coordinator_links(&cfg, ranks, runners)?;
-            Engine::Threads {
-                firsts: l.firsts,
-                reports: l.reports,
-                threads: l.threads,
-            }
+            crate::links::spawn_coordinator_links(&cfg, ranks, runners)?
         } else if d == 1 && (k == 1 || !matches!(cfg.method, PipelineMethod::Bp(_))) {
-            let mut runners = runners;
             for r in &mut runners {
                 r.unit_mut().to_device(devices[0]);
             }
@@ -225,7 +214,6 @@ impl StagedPipeline {
             requests: 0,
             pending: BTreeMap::new(),
             done: VecDeque::new(),
-            max_in_flight: k + 1,
             busy: vec![StageStats::default(); k],
             memory,
         })
@@ -315,29 +303,6 @@ impl StagedPipeline {
         }
     }
 
-    /// Replica r's stage s for every r and s.
-    fn slots(&self) -> usize {
-        self.specs.len() * self.replicas
-    }
-
-    /// A failure reported since, or else that the stages are gone.
-    fn gone(&self, what: &str) -> RuntimeError {
-        if let Engine::Threads { reports, .. } = &self.engine {
-            // A stage that failed reported why before it stopped: prefer that.
-            while let Ok(r) = reports.recv_timeout(Duration::from_millis(200)) {
-                if let Report::Failed {
-                    stage,
-                    module,
-                    cause,
-                } = r
-                {
-                    return self.failed(stage, module, cause);
-                }
-            }
-        }
-        RuntimeError::Protocol(format!("the stages stopped before {what}"))
-    }
-
     /// The first failure a stage reports within `grace` (other reports are dropped: the run is
     /// ending).
     fn reported_failure(&self, grace: Duration) -> Option<RuntimeError> {
@@ -356,10 +321,6 @@ impl StagedPipeline {
             }
         }
         None
-    }
-
-    fn feed(&mut self, msg: Message) -> Result<()> {
-        self.feed_replica(0, msg)
     }
 
     /// Passes `msg` to stage 1 of `replica`.
@@ -419,7 +380,14 @@ impl StagedPipeline {
                             ),
                             timeout: self.timeout,
                         })),
-                    Err(SendTimeoutError::Disconnected(_)) => Err(self.gone("taking the input")),
+                    // A stage that failed reported why before it stopped: prefer that.
+                    Err(SendTimeoutError::Disconnected(_)) => Err(self
+                        .reported_failure(Duration::from_millis(200))
+                        .unwrap_or_else(|| {
+                            RuntimeError::Protocol(
+                                "the stages stopped before taking the input".into(),
+                            )
+                        })),
                 }
             }
         }
@@ -432,43 +400,33 @@ impl StagedPipeline {
         owing: &dyn Fn(&Self) -> String,
         block: bool,
     ) -> Result<Option<Report>> {
-        enum Got {
-            Report(Report),
-            Nothing,
-            Gone,
-        }
         let timeout = self.timeout;
+        // `Err(true)`: every stage thread has exited; `Err(false)`: nothing yet.
         let got = match &mut self.engine {
-            Engine::Local { reports, .. } => reports.pop_front().map_or(Got::Nothing, Got::Report),
-            Engine::Threads { reports, .. } if block => match reports.recv_timeout(timeout) {
-                Ok(r) => Got::Report(r),
-                Err(RecvTimeoutError::Timeout) => Got::Nothing,
-                Err(RecvTimeoutError::Disconnected) => Got::Gone,
-            },
-            Engine::Threads { reports, .. } => match reports.try_recv() {
-                Ok(r) => Got::Report(r),
-                Err(crossbeam_channel::TryRecvError::Empty) => Got::Nothing,
-                Err(crossbeam_channel::TryRecvError::Disconnected) => Got::Gone,
-            },
+            Engine::Local { reports, .. } => reports.pop_front().ok_or(false),
+            Engine::Threads { reports, .. } if block => reports
+                .recv_timeout(timeout)
+                .map_err(|e| e.is_disconnected()),
+            Engine::Threads { reports, .. } => reports.try_recv().map_err(|e| e.is_disconnected()),
         };
         match got {
-            Got::Report(Report::Failed {
+            Ok(Report::Failed {
                 stage,
                 module,
                 cause,
             }) => Err(self.failed(stage, module, cause)),
-            Got::Report(r) => Ok(Some(r)),
-            Got::Nothing if !block => Ok(None),
-            Got::Nothing if self.threaded() => Err(RuntimeError::Timeout {
+            Ok(r) => Ok(Some(r)),
+            Err(false) if !block => Ok(None),
+            Err(false) if self.threaded() => Err(RuntimeError::Timeout {
                 waiter: "coordinator".into(),
                 waited_for: owing(self),
                 timeout,
             }),
-            Got::Nothing => Err(RuntimeError::Protocol(format!(
+            Err(false) => Err(RuntimeError::Protocol(format!(
                 "the stages ran but {} did not report",
                 owing(self)
             ))),
-            Got::Gone => Err(RuntimeError::Protocol(format!(
+            Err(true) => Err(RuntimeError::Protocol(format!(
                 "every stage thread has exited while the coordinator waited for {}",
                 owing(self)
             ))),
@@ -546,12 +504,7 @@ impl StagedPipeline {
         let Some((step, slots)) = self.pending.iter().next() else {
             return "nothing".into();
         };
-        let who: Vec<String> = slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.is_none())
-            .map(|(i, _)| self.describe(i))
-            .collect();
+        let who: Vec<String> = missing(slots).map(|i| self.describe(i)).collect();
         format!("{} to finish step {step}", who.join(", "))
     }
 
@@ -576,7 +529,9 @@ impl StagedPipeline {
         }
         self.submitted += 1;
         let step = self.submitted;
-        self.pending.insert(step, vec![None; self.slots()]);
+        // A slot for replica r's stage s, for every r and s.
+        let slots = self.specs.len() * self.replicas;
+        self.pending.insert(step, vec![None; slots]);
         let first = self.devices[0];
         let mut start = 0;
         for replica in 0..r {
@@ -609,32 +564,23 @@ impl StagedPipeline {
 
     /// Sends a request down the chain and collects one report per stage, in stage order;
     /// with `all_replicas`, down every replica's chain (one report per slot).
-    fn request(&mut self, msg: Message, what: &str, all_replicas: bool) -> Result<Vec<Report>> {
+    fn request(
+        &mut self,
+        msg: impl Fn() -> Message,
+        what: &str,
+        all_replicas: bool,
+    ) -> Result<Vec<Report>> {
         self.drain()?;
-        let k = if all_replicas {
-            for r in 1..self.replicas {
-                let copy = match &msg {
-                    Message::Load { tag, named } => Message::Load {
-                        tag: *tag,
-                        named: named
-                            .iter()
-                            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                            .collect(),
-                    },
-                    Message::State { tag } => Message::State { tag: *tag },
-                    _ => unreachable!("only control messages go to every replica"),
-                };
-                self.feed_replica(r, copy)?;
-            }
-            self.slots()
-        } else {
-            self.specs.len()
-        };
-        self.feed(msg)?;
+        let replicas = if all_replicas { self.replicas } else { 1 };
+        // Stage 1 of this process's replica last.
+        for r in (1..replicas).chain([0]) {
+            self.feed_replica(r, msg())?;
+        }
+        let k = self.specs.len() * replicas;
         let mut got: Vec<Option<Report>> = (0..k).map(|_| None).collect();
         while got.iter().any(|g| g.is_none()) {
             let owing = |p: &Self| {
-                let who: Vec<String> = got_missing(&got).map(|i| p.describe(i)).collect();
+                let who: Vec<String> = missing(&got).map(|i| p.describe(i)).collect();
                 format!("{} to return {what}", who.join(", "))
             };
             let r = self.next_report(&owing, true)?.expect("blocking");
@@ -678,7 +624,8 @@ impl StagedPipeline {
     }
 }
 
-fn got_missing(got: &[Option<Report>]) -> impl Iterator<Item = usize> + '_ {
+/// The slots that have not answered yet.
+fn missing<T>(got: &[Option<T>]) -> impl Iterator<Item = usize> + '_ {
     got.iter()
         .enumerate()
         .filter(|(_, g)| g.is_none())
@@ -715,52 +662,42 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     // Room for one step's micro-batches per link: a stage runs at most about a step ahead.
     let cap = cfg.micro_batches.max(1) + 1;
     let (report_tx, reports) = crossbeam_channel::unbounded();
-    let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
-    let mut threads = Vec::with_capacity(k);
-    // A gradient channel from each stage whose backward sends one to the stage that takes it.
-    type Grad = (Tag, Tensor);
-    let mut grads_in: Vec<Vec<(usize, Receiver<Grad>)>> = (0..k).map(|_| Vec::new()).collect();
-    let mut grads_out: Vec<Option<(usize, Sender<Grad>)>> = (0..k)
-        .map(|s| {
-            let to = cfg.method.grad_target(s)?;
-            let (tx, rx) = crossbeam_channel::bounded(cap);
-            grads_in[to].push((s, rx));
-            Some((to, tx))
+    // Stage s reads channel s and sends into channel s + 1; the coordinator feeds channel 0.
+    let (mut downs, ups): (Vec<_>, Vec<_>) = (0..k)
+        .map(|_| crossbeam_channel::bounded::<Message>(cap))
+        .unzip();
+    let first = downs.remove(0);
+    let downs = downs.into_iter().map(Some).chain([None]);
+    let mut transports: Vec<ChannelTransport> = ups
+        .into_iter()
+        .zip(downs)
+        .enumerate()
+        .map(|(s, (up, down))| {
+            ChannelTransport::new(s, devices[s], up, down, report_tx.clone(), cfg.timeout)
         })
         .collect();
-    for (s, runner) in runners.into_iter().enumerate() {
-        let (down_tx, down_rx) = if s + 1 < k {
-            let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        let device = devices[s];
-        let mut transport =
-            ChannelTransport::new(s, device, upstream, down_tx, report_tx.clone(), cfg.timeout);
-        if let Some((to, tx)) = grads_out[s].take() {
-            transport = transport.with_grad_out(to, tx);
+    // A gradient channel from each stage whose backward sends one to the stage that takes it.
+    for s in 0..k {
+        if let Some(to) = cfg.method.grad_target(s) {
+            let (tx, rx) = crossbeam_channel::bounded(cap);
+            transports[s].set_grad_out(to, tx);
+            transports[to].add_grad_in(s, rx);
         }
-        for (from, rx) in grads_in[s].drain(..) {
-            transport = transport.with_grad_in(from, rx);
-        }
-        let threads_here = (device == Device::Cpu).then_some(if paper && s == 0 {
-            extractor_threads
-        } else {
-            cpu_threads
-        });
-        threads.push(spawn_stage(
-            runner,
-            transport,
-            threads_here,
-            cfg.streams,
-            cfg.timeout,
-        ));
-        upstream = match down_rx {
-            Some(rx) => rx,
-            None => crossbeam_channel::never(),
-        };
     }
+    let threads = runners
+        .into_iter()
+        .zip(transports)
+        .map(|(runner, transport)| {
+            let (s, device) = (transport.stage, transport.device);
+            let cores = if paper && s == 0 {
+                extractor_threads
+            } else {
+                cpu_threads
+            };
+            let threads_here = (device == Device::Cpu).then_some(cores);
+            spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout)
+        })
+        .collect();
     Engine::Threads {
         firsts: vec![first],
         reports,
@@ -849,7 +786,8 @@ impl Network for StagedPipeline {
                 return Err(unexpected(&other, "training results").into());
             }
         }
-        while self.pending.len() > self.max_in_flight {
+        // One step in flight per stage, and one more.
+        while self.pending.len() > self.specs.len() + 1 {
             self.wait_oldest()?;
         }
         Ok(self.done.drain(..).collect())
@@ -863,15 +801,12 @@ impl Network for StagedPipeline {
     fn cascade(&mut self, x: &Tensor) -> sid_core::Result<Cascade> {
         let tag = self.next_request(Kind::Eval);
         let p = sid_core::belief::uniform_belief(x.size()[0], self.num_classes, self.devices[0]);
-        let reports = self.request(
-            Message::Eval {
-                tag,
-                input: x.shallow_clone(),
-                p,
-            },
-            "inference results",
-            false,
-        )?;
+        let eval = || Message::Eval {
+            tag,
+            input: x.shallow_clone(),
+            p: p.shallow_clone(),
+        };
+        let reports = self.request(eval, "inference results", false)?;
         let first = self.devices[0];
         let mut logits = Vec::with_capacity(self.modules);
         for r in reports {
@@ -925,7 +860,7 @@ impl Network for StagedPipeline {
 
     fn state(&mut self) -> sid_core::Result<Vec<(String, Tensor)>> {
         let tag = self.next_request(Kind::State);
-        let reports = self.request(Message::State { tag }, "its state", false)?;
+        let reports = self.request(|| Message::State { tag }, "its state", false)?;
         Ok(reports
             .into_iter()
             .flat_map(|r| match r {
@@ -937,16 +872,15 @@ impl Network for StagedPipeline {
 
     fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
         let tag = self.next_request(Kind::Load);
-        let named = named
-            .0
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect();
-        self.request(
-            Message::Load { tag, named },
-            "confirmation of a state load",
-            true,
-        )?;
+        let load = || Message::Load {
+            tag,
+            named: named
+                .0
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+        };
+        self.request(load, "confirmation of a state load", true)?;
         Ok(())
     }
 }

@@ -62,18 +62,10 @@ fn api() -> std::result::Result<&'static Api, &'static str> {
         // and torch/csrc/stable), which return 0 on success.
         unsafe {
             let api = Api {
-                get_from_pool: *lib
-                    .get::<GetFromPool>(b"torch_get_cuda_stream_from_pool\0")
-                    .map_err(|_| "torch_get_cuda_stream_from_pool")?,
-                set_current: *lib
-                    .get::<SetCurrent>(b"torch_set_current_cuda_stream\0")
-                    .map_err(|_| "torch_set_current_cuda_stream")?,
-                synchronize: *lib
-                    .get::<Synchronize>(b"torch_cuda_stream_synchronize\0")
-                    .map_err(|_| "torch_cuda_stream_synchronize")?,
-                get_current: *lib
-                    .get::<GetCurrent>(b"aoti_torch_get_current_cuda_stream\0")
-                    .map_err(|_| "aoti_torch_get_current_cuda_stream")?,
+                get_from_pool: sym(&lib, "torch_get_cuda_stream_from_pool")?,
+                set_current: sym(&lib, "torch_set_current_cuda_stream")?,
+                synchronize: sym(&lib, "torch_cuda_stream_synchronize")?,
+                get_current: sym(&lib, "aoti_torch_get_current_cuda_stream")?,
             };
             // Keep the handle (and so the symbols) for the life of the process.
             std::mem::forget(lib);
@@ -82,6 +74,17 @@ fn api() -> std::result::Result<&'static Api, &'static str> {
     })
     .as_ref()
     .map_err(|name| *name)
+}
+
+/// The function `name` of `lib`, or `name` when it lacks it.
+///
+/// # Safety
+/// `T` must be the function's signature.
+unsafe fn sym<T: Copy>(
+    lib: &libloading::os::unix::Library,
+    name: &'static str,
+) -> std::result::Result<T, &'static str> {
+    lib.get::<T>(name.as_bytes()).map(|f| *f).map_err(|_| name)
 }
 
 /// Whether libtorch's stream functions were found.

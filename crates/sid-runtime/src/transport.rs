@@ -7,9 +7,11 @@
 //! order. Every wait of the threaded transport has a timeout and names who waited for whom.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
+use sid_dist::Group;
 use tch::{Device, Tensor};
 
 use crate::streams;
@@ -95,30 +97,18 @@ impl Message {
     }
 
     /// The same message with its tensors on `device` (a no-op for tensors already there).
-    pub fn to_device(self, device: Device) -> Self {
-        match self {
+    pub fn to_device(mut self, device: Device) -> Self {
+        let tensors = match &mut self {
             Self::Train {
-                tag,
-                micro_batches,
-                input,
-                p,
-                labels,
-                scale,
-            } => Self::Train {
-                tag,
-                micro_batches,
-                input: input.to_device(device),
-                p: p.to_device(device),
-                labels: labels.to_device(device),
-                scale,
-            },
-            Self::Eval { tag, input, p } => Self::Eval {
-                tag,
-                input: input.to_device(device),
-                p: p.to_device(device),
-            },
-            other => other,
+                input, p, labels, ..
+            } => vec![input, p, labels],
+            Self::Eval { input, p, .. } => vec![input, p],
+            Self::State { .. } | Self::Load { .. } => Vec::new(),
+        };
+        for t in tensors {
+            *t = t.to_device(device);
         }
+        self
     }
 }
 
@@ -204,13 +194,6 @@ pub trait Transport {
     /// `timeout`; `None`: not sent yet, and waiting cannot help (stages in one thread: the
     /// stage steps back and resumes once the sender has run).
     fn recv_grad(&mut self, timeout: Duration) -> Result<Option<(Tag, Tensor)>>;
-}
-
-/// Sums a stage's gradients over its data-parallel replicas (an all-reduce among the ranks
-/// that hold the same stage).
-pub trait GradReducer: Send {
-    /// Sums `grads` in place over every replica.
-    fn all_reduce(&mut self, grads: &[Tensor]) -> Result<()>;
 }
 
 /// Stages run one after another in one thread: each stage's inbox is a queue, and receiving
@@ -304,7 +287,7 @@ pub struct ChannelTransport {
     /// The entry of `grads_in` taken next.
     next_grad_from: usize,
     /// Data-parallel replicas of this stage in other processes, if any.
-    replicas: Option<Box<dyn GradReducer>>,
+    replicas: Option<Arc<Group>>,
 }
 
 impl ChannelTransport {
@@ -332,20 +315,18 @@ impl ChannelTransport {
         }
     }
 
-    /// Also receives gradients from stage `from` (0-based) over `rx`.
-    pub fn with_grad_in(mut self, from: usize, rx: Receiver<(Tag, Tensor)>) -> Self {
+    /// Also receives gradients from stage `from` (0-based) over `rx`, after those added before.
+    pub fn add_grad_in(&mut self, from: usize, rx: Receiver<(Tag, Tensor)>) {
         self.grads_in.push((from, rx));
-        self
     }
 
     /// Sends this stage's backward's gradient to stage `to` (0-based) over `tx`.
-    pub fn with_grad_out(mut self, to: usize, tx: Sender<(Tag, Tensor)>) -> Self {
+    pub fn set_grad_out(&mut self, to: usize, tx: Sender<(Tag, Tensor)>) {
         self.grad_out = Some((to, tx));
-        self
     }
 
     /// Sums this stage's gradients with its replicas' before each optimiser step.
-    pub fn with_replicas(mut self, replicas: Option<Box<dyn GradReducer>>) -> Self {
+    pub fn with_replicas(mut self, replicas: Option<Arc<Group>>) -> Self {
         self.replicas = replicas;
         self
     }
@@ -368,27 +349,14 @@ impl Transport for ChannelTransport {
         let Some(tx) = &self.downstream else {
             return Ok(());
         };
-        streams::sync_device(self.device)?;
-        let tag = msg.tag();
-        tx.send_timeout(msg, self.timeout).map_err(|e| match e {
-            SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
-                waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
-                waited_for: format!(
-                    "stage {} to take {:?} micro-batch {} of step {}",
-                    self.stage + 2,
-                    tag.kind,
-                    tag.micro,
-                    tag.step
-                ),
-                timeout: self.timeout,
-            },
-            SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(format!(
-                "stage {} has stopped, so stage {} cannot pass on step {}",
-                self.stage + 2,
-                self.stage + 1,
-                tag.step
-            )),
-        })
+        let (me, next, tag) = (self.stage + 1, self.stage + 2, msg.tag());
+        let (kind, micro, step) = (tag.kind, tag.micro, tag.step);
+        self.send_on(
+            tx,
+            msg,
+            || format!("stage {next} to take {kind:?} micro-batch {micro} of step {step}"),
+            || format!("stage {next} has stopped, so stage {me} cannot pass on step {step}"),
+        )
     }
 
     fn report(&mut self, report: Report) -> Result<()> {
@@ -399,8 +367,8 @@ impl Transport for ChannelTransport {
     }
 
     fn reduce_gradients(&mut self, grads: &[Tensor]) -> Result<()> {
-        match &mut self.replicas {
-            Some(r) => r.all_reduce(grads),
+        match &self.replicas {
+            Some(g) => crate::ranks::replica_sum(g, grads),
             None => Ok(()),
         }
     }
@@ -413,7 +381,13 @@ impl Transport for ChannelTransport {
             0 => "stage 1 (the extractor)".to_string(),
             s => format!("stage {}", s + 1),
         };
-        self.send_gradient(tx, tag, grad, &to)
+        let (me, micro, step) = (self.stage + 1, tag.micro, tag.step);
+        self.send_on(
+            tx,
+            (tag, grad),
+            || format!("{to} to take the gradient of micro-batch {micro} of step {step}"),
+            || format!("{to} has stopped, so stage {me} cannot send its gradient of step {step}"),
+        )
     }
 
     fn recv_grad(&mut self, timeout: Duration) -> Result<Option<(Tag, Tensor)>> {
@@ -445,33 +419,25 @@ impl Transport for ChannelTransport {
 }
 
 impl ChannelTransport {
-    /// Sends the gradient of micro-batch `tag` to the stage `to` names, once this stage's
-    /// stream has computed it; a full channel past the timeout, or a stopped receiver, is an
-    /// error naming both.
-    fn send_gradient(
+    /// Sends `item` over `tx` once this stage's stream has computed it; a full channel past
+    /// the timeout (waiting for what `taking` says) or a stopped receiver (`stopped`) is an
+    /// error.
+    fn send_on<T>(
         &self,
-        tx: &Sender<(Tag, Tensor)>,
-        tag: Tag,
-        grad: Tensor,
-        to: &str,
+        tx: &Sender<T>,
+        item: T,
+        taking: impl FnOnce() -> String,
+        stopped: impl FnOnce() -> String,
     ) -> Result<()> {
         streams::sync_device(self.device)?;
-        tx.send_timeout((tag, grad), self.timeout)
-            .map_err(|e| match e {
-                SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
-                    waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
-                    waited_for: format!(
-                        "{to} to take the gradient of micro-batch {} of step {}",
-                        tag.micro, tag.step
-                    ),
-                    timeout: self.timeout,
-                },
-                SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(format!(
-                    "{to} has stopped, so stage {} cannot send its gradient of step {}",
-                    self.stage + 1,
-                    tag.step
-                )),
-            })
+        tx.send_timeout(item, self.timeout).map_err(|e| match e {
+            SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
+                waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
+                waited_for: taking(),
+                timeout: self.timeout,
+            },
+            SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(stopped()),
+        })
     }
 }
 
