@@ -3,9 +3,9 @@
 //! must pass an accuracy floor on the first 2,000 test images (`--limit-test`; the full 10,000
 //! add evaluation time, not information about whether a mode learns). Chance is 10%.
 //!
-//! Measured on 2026-12-06 (2-core VM, at `b26eb33` with this file; `cargo test -p sid-launch --test learning
-//! -- --nocapture` prints them): paper SID on `cpu:2` 51.6%, staged K = 2 57.0%, staged K = 4
-//! 60.2%, BP 1F1B 58.7%, staged SID on two ranks 59.8%, two data-parallel replicas 51.2% (on
+//! Measured on 2026-12-06 (2-core VM, at `b26eb33` with this file; `cargo test -p sid-launch
+//! --test learning -- --nocapture` prints them): paper SID on `cpu:2` 51.6%, staged K = 2
+//! 57.0%, staged K = 4 60.2%, BP 1F1B 58.7%, staged SID on two ranks 59.8%, two data-parallel replicas 51.2% (on
 //! all 10,000 test images, earlier: 52.8, 57.7, 60.6, 60.0, 61.1, 51.8%). On 2,000 images one
 //! standard error is about 1.1 points.
 //! The floor, 45%, is under every mode's measured accuracy and far above chance: a mode that
