@@ -5,9 +5,9 @@
 //!
 //! Measured on 2026-12-06 (2-core VM, at `b26eb33` with this file; `cargo test -p sid-launch
 //! --test learning -- --nocapture` prints them): paper SID on `cpu:2` 51.6%, staged K = 2
-//! 57.0%, staged K = 4 60.2%, BP 1F1B 58.7%, staged SID on two ranks 59.8%, two data-parallel replicas 51.2% (on
-//! all 10,000 test images, earlier: 52.8, 57.7, 60.6, 60.0, 61.1, 51.8%). On 2,000 images one
-//! standard error is about 1.1 points.
+//! 57.0%, staged K = 4 60.2%, BP 1F1B 58.7%, staged SID on two ranks 59.8%, two data-parallel
+//! replicas 51.2% (on all 10,000 test images, earlier: 52.8, 57.7, 60.6, 60.0, 61.1, 51.8%).
+//! On 2,000 images one standard error is about 1.1 points.
 //! The floor, 45%, is under every mode's measured accuracy and far above chance: a mode that
 //! stops learning (a gradient lost between stages, a schedule that drops micro-batches) fails.
 //!
