@@ -564,14 +564,20 @@ mod tests {
         .unwrap();
         let lb: Vec<i64> = test_lb.iter().map(|&l| l as i64).collect();
         assert_eq!(labels_of(&ds.test), lb[..4]);
-        assert_close(&pixels_of(&ds.test), &expected(kind, &test_px[..4 * 784], 784));
+        assert_close(
+            &pixels_of(&ds.test),
+            &expected(kind, &test_px[..4 * 784], 784),
+        );
         assert_eq!(full.test.len(), 9);
         // Training and validation are what they are without the test limit.
         let lb: Vec<i64> = train_lb.iter().map(|&l| l as i64).collect();
         assert_eq!(labels_of(&ds.train), lb[..8]);
         assert_eq!(labels_of(ds.val.as_ref().unwrap()), lb[8..10]);
         assert!(ds.train.images.equal(&full.train.images));
-        assert_close(&pixels_of(&ds.train), &expected(kind, &train_px[..8 * 784], 784));
+        assert_close(
+            &pixels_of(&ds.train),
+            &expected(kind, &train_px[..8 * 784], 784),
+        );
         // More than the test split holds keeps it all.
         let all = LoadOptions {
             limit_test: Some(1000),
