@@ -1,5 +1,5 @@
-//! Loading a whole dataset: files, training limit, validation split, label noise and
-//! normalisation, in that order.
+//! Loading a whole dataset: files, training and test limits, validation split, label noise
+//! and normalisation, in that order.
 
 use std::path::{Path, PathBuf};
 
@@ -47,12 +47,15 @@ impl Split {
     }
 }
 
-/// How [`load`] shapes the training data.
+/// How [`load`] shapes the training data (and how much of the test split it keeps).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadOptions {
     /// Keep only the first N training samples (file order), for quick runs. More than the
     /// dataset holds keeps them all.
     pub limit_train: Option<usize>,
+    /// Keep only the first N test samples (file order), so a quick run's evaluation is quick
+    /// too; training is untouched. More than the test split holds keeps them all.
+    pub limit_test: Option<usize>,
     /// Fraction of the (limited) training samples held out for validation, taken from the end;
     /// 0 means no validation split. Must be in `[0, 1)`.
     pub val_split: f64,
@@ -73,6 +76,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             limit_train: None,
+            limit_test: None,
             val_split: 0.0,
             label_noise: 0.0,
             seed: 0,
@@ -103,6 +107,11 @@ impl LoadOptions {
                 "limit_train must be at least 1".to_string(),
             ));
         }
+        if self.limit_test == Some(0) {
+            return Err(DataError::InvalidOption(
+                "limit_test must be at least 1".to_string(),
+            ));
+        }
         if let Some(s) = self.image_size {
             // Below 4 the SimpleCNN's two 2x2 poolings leave nothing.
             if !(4..=MAX_IMAGE_SIZE).contains(&s) {
@@ -124,7 +133,7 @@ pub struct Dataset {
     pub train: Split,
     /// Held-out validation samples with clean labels, when `val_split > 0`.
     pub val: Option<Split>,
-    /// The official test split, never altered.
+    /// The official test split, never altered; only its first `limit_test` samples when set.
     pub test: Split,
     /// How many training labels were flipped by label noise.
     pub noisy_labels: usize,
@@ -158,7 +167,7 @@ impl Dataset {
 /// Loads train and test from `dir`.
 ///
 /// Order: read files (or a folder data set's cache) -> `limit_train` (first N training
-/// samples) -> validation split (the LAST `round(val_split * n)` of the limited training
+/// samples) and `limit_test` (first N test samples) -> validation split (the LAST `round(val_split * n)` of the limited training
 /// samples are held out, labels clean) -> symmetric label noise on the remaining training
 /// samples only -> normalise (a folder data set with the mean and std of those remaining
 /// training samples).
@@ -177,7 +186,7 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
     }
     let mut classes: Vec<String> = kind.class_names().iter().map(|c| c.to_string()).collect();
     let mut folder_info = None;
-    let (mut train, test, shape) = match (kind, kind.shape()) {
+    let (mut train, mut test, shape) = match (kind, kind.shape()) {
         (DatasetKind::FashionMnist | DatasetKind::Mnist, Some(shape)) => {
             // Train and test are separate files: decompress them on two cores.
             let (train, test) = rayon::join(
@@ -205,6 +214,9 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
 
     if let Some(limit) = opts.limit_train {
         train.truncate(limit, sample_len);
+    }
+    if let Some(limit) = opts.limit_test {
+        test.truncate(limit, sample_len);
     }
 
     let val = if opts.val_split > 0.0 {
@@ -531,6 +543,50 @@ mod tests {
     }
 
     #[test]
+    fn limit_test_keeps_the_first_test_samples_and_leaves_training_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (train_px, train_lb, test_px, test_lb) = write_idx_dataset(dir.path(), 12, 9);
+        let kind = DatasetKind::Mnist;
+        let opts = LoadOptions {
+            limit_train: Some(10),
+            val_split: 0.2,
+            ..Default::default()
+        };
+        let full = load(kind, dir.path(), &opts).unwrap();
+        let ds = load(
+            kind,
+            dir.path(),
+            &LoadOptions {
+                limit_test: Some(4),
+                ..opts
+            },
+        )
+        .unwrap();
+        let lb: Vec<i64> = test_lb.iter().map(|&l| l as i64).collect();
+        assert_eq!(labels_of(&ds.test), lb[..4]);
+        assert_close(
+            &pixels_of(&ds.test),
+            &expected(kind, &test_px[..4 * 784], 784),
+        );
+        assert_eq!(full.test.len(), 9);
+        // Training and validation are what they are without the test limit.
+        let lb: Vec<i64> = train_lb.iter().map(|&l| l as i64).collect();
+        assert_eq!(labels_of(&ds.train), lb[..8]);
+        assert_eq!(labels_of(ds.val.as_ref().unwrap()), lb[8..10]);
+        assert!(ds.train.images.equal(&full.train.images));
+        assert_close(
+            &pixels_of(&ds.train),
+            &expected(kind, &train_px[..8 * 784], 784),
+        );
+        // More than the test split holds keeps it all.
+        let all = LoadOptions {
+            limit_test: Some(1000),
+            ..Default::default()
+        };
+        assert_eq!(load(kind, dir.path(), &all).unwrap().test.len(), 9);
+    }
+
+    #[test]
     fn limit_larger_than_dataset_keeps_all() {
         let dir = tempfile::tempdir().unwrap();
         write_idx_dataset(dir.path(), 5, 2);
@@ -612,6 +668,10 @@ mod tests {
             },
             LoadOptions {
                 limit_train: Some(0),
+                ..Default::default()
+            },
+            LoadOptions {
+                limit_test: Some(0),
                 ..Default::default()
             },
             // round(0.9 * 4) = 4 held out leaves nothing to train on.

@@ -104,6 +104,10 @@ pub struct DataSection {
     /// Use only the first N training samples.
     #[arg(long)]
     pub limit_train: Option<usize>,
+    /// Evaluate on only the first N test samples (a quick run's evaluation); training is
+    /// unchanged.
+    #[arg(long)]
+    pub limit_test: Option<usize>,
     /// Fraction of the training set held out for validation.
     #[arg(long, default_value_t = 0.0)]
     pub val_split: f64,
@@ -516,6 +520,9 @@ impl RunConfig {
         }
         if self.data.limit_train == Some(0) {
             return bad("limit-train must be at least 1".into());
+        }
+        if self.data.limit_test == Some(0) {
+            return bad("limit-test must be at least 1".into());
         }
         match (self.data.image_size, self.data.dataset) {
             (Some(_), kind) if kind != DatasetKind::Folder => {

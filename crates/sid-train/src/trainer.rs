@@ -109,6 +109,7 @@ pub(crate) fn data_on_input_device(data: Dataset, net: &dyn Network) -> Dataset 
 pub(crate) fn load_data(cfg: &RunConfig) -> Result<Dataset> {
     let opts = LoadOptions {
         limit_train: cfg.data.limit_train,
+        limit_test: cfg.data.limit_test,
         val_split: cfg.data.val_split,
         label_noise: cfg.data.label_noise,
         seed: cfg.optim.seed,
