@@ -71,18 +71,14 @@ pub(crate) enum Engine {
 /// ```
 pub struct StagedPipeline {
     engine: Engine,
-    method: PipelineMethod,
+    /// The settings it was built from.
+    cfg: StagedConfig,
     devices: Vec<Device>,
     /// Who computes each slot (replica r's stage s is slot r·K + s, its rank in a
     /// multi-process run), for messages.
     names: Vec<String>,
     replicas: usize,
     specs: Vec<StageSpec>,
-    plan: StagePlan,
-    micro_batches: usize,
-    num_classes: i64,
-    modules: usize,
-    timeout: Duration,
     submitted: u64,
     requests: u64,
     pending: BTreeMap<u64, Vec<Option<Vec<f64>>>>,
@@ -200,16 +196,11 @@ impl StagedPipeline {
         };
         Ok(Self {
             engine,
-            method: cfg.method,
+            cfg,
             devices,
             names,
             replicas,
             specs,
-            plan: cfg.plan.clone(),
-            micro_batches: cfg.micro_batches,
-            num_classes: cfg.model.num_classes,
-            modules: cfg.model.modules,
-            timeout: cfg.timeout,
             submitted: 0,
             requests: 0,
             pending: BTreeMap::new(),
@@ -218,12 +209,10 @@ impl StagedPipeline {
             memory,
         })
     }
-}
 
-impl StagedPipeline {
     /// The cut of blocks and modules into stages.
     pub fn plan(&self) -> &StagePlan {
-        &self.plan
+        &self.cfg.plan
     }
 
     /// Each stage's device and 0-based module block, in order.
@@ -266,7 +255,7 @@ impl StagedPipeline {
     pub fn describe(&self, slot: usize) -> String {
         let k = self.specs.len();
         let s = &self.specs[slot % k];
-        if self.method == PipelineMethod::Paper {
+        if self.cfg.method == PipelineMethod::Paper {
             let what = if s.modules.is_empty() {
                 "the extractor".to_string()
             } else {
@@ -279,10 +268,12 @@ impl StagedPipeline {
         } else {
             String::new()
         };
-        let modules = match self.method {
+        let modules = match self.cfg.method {
             PipelineMethod::Sid => format!(", modules {}-{}", s.modules.start + 1, s.modules.end),
             // Backprop's modules all read the final features: they sit on the last stage.
-            PipelineMethod::Bp(_) if slot % k + 1 == k => format!(", modules 1-{}", self.modules),
+            PipelineMethod::Bp(_) if slot % k + 1 == k => {
+                format!(", modules 1-{}", self.cfg.model.modules)
+            }
             PipelineMethod::Bp(_) | PipelineMethod::Paper => String::new(),
         };
         format!(
@@ -345,18 +336,13 @@ impl StagedPipeline {
                             next: tail.first_mut(),
                             reports,
                             grads,
-                            grad_to: self.method.grad_target(s),
+                            grad_to: self.cfg.method.grad_target(s),
                             taken: 0,
                         };
-                        let driven = drive(&mut runners[s], &mut t, self.timeout, true);
+                        let driven = drive(&mut runners[s], &mut t, self.cfg.timeout, true);
                         taken += t.taken;
                         if let Err(f) = driven {
-                            return Err(RuntimeError::Stage {
-                                stage: s + 1,
-                                device: device_name(self.devices[s]),
-                                module: f.module,
-                                cause: f.cause,
-                            });
+                            return Err(self.failed(s, f.module, f.cause));
                         }
                     }
                     if taken == 0 {
@@ -366,19 +352,19 @@ impl StagedPipeline {
             }
             Engine::Threads { firsts, .. } => {
                 let tx = &firsts[replica];
-                match tx.send_timeout(msg, self.timeout) {
+                match tx.send_timeout(msg, self.cfg.timeout) {
                     Ok(()) => Ok(()),
                     Err(SendTimeoutError::Timeout(_)) => Err(self
                         // Stage 1 is stuck because it waits for another stage, which it will
                         // name when its own wait (begun a little earlier) runs out: prefer that.
-                        .reported_failure(self.timeout.min(Duration::from_secs(3)))
+                        .reported_failure(self.cfg.timeout.min(Duration::from_secs(3)))
                         .unwrap_or_else(|| RuntimeError::Timeout {
                             waiter: "coordinator".into(),
                             waited_for: format!(
                                 "{} to take its input",
                                 self.describe(replica * self.specs.len())
                             ),
-                            timeout: self.timeout,
+                            timeout: self.cfg.timeout,
                         })),
                     // A stage that failed reported why before it stopped: prefer that.
                     Err(SendTimeoutError::Disconnected(_)) => Err(self
@@ -400,7 +386,7 @@ impl StagedPipeline {
         owing: &dyn Fn(&Self) -> String,
         block: bool,
     ) -> Result<Option<Report>> {
-        let timeout = self.timeout;
+        let timeout = self.cfg.timeout;
         // `Err(true)`: every stage thread has exited; `Err(false)`: nothing yet.
         let got = match &mut self.engine {
             Engine::Local { reports, .. } => reports.pop_front().ok_or(false),
@@ -446,7 +432,7 @@ impl StagedPipeline {
             return Ok(Some(r));
         };
         let k = self.specs.len();
-        let expected = match self.method {
+        let expected = match self.cfg.method {
             PipelineMethod::Sid | PipelineMethod::Paper => self.specs[stage % k].modules.len(),
             PipelineMethod::Bp(_) => usize::from(stage % k + 1 == k),
         };
@@ -491,7 +477,7 @@ impl StagedPipeline {
             self.done.push_back(StepStats {
                 loss,
                 // Backprop has one loss, not one per module.
-                module_losses: match self.method {
+                module_losses: match self.cfg.method {
                     PipelineMethod::Sid | PipelineMethod::Paper => losses,
                     PipelineMethod::Bp(_) => Vec::new(),
                 },
@@ -537,7 +523,7 @@ impl StagedPipeline {
         for replica in 0..r {
             // Each replica takes a disjoint shard; sizes differ by at most one.
             let shard = b / r + i64::from(replica < b % r);
-            let m = (self.micro_batches as i64).min(shard);
+            let m = (self.cfg.micro_batches as i64).min(shard);
             for j in 0..m {
                 // Sizes differ by at most one when m does not divide the shard.
                 let len = shard / m + i64::from(j < shard % m);
@@ -549,7 +535,7 @@ impl StagedPipeline {
                     },
                     micro_batches: m as usize,
                     input: x.narrow(0, start, len),
-                    p: sid_core::belief::uniform_belief(len, self.num_classes, first),
+                    p: sid_core::belief::uniform_belief(len, self.cfg.model.num_classes, first),
                     labels: y.narrow(0, start, len),
                     // The share of the whole batch: summed over replicas, the gradients and
                     // losses are those of one replica on the whole batch.
@@ -680,8 +666,8 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     for s in 0..k {
         if let Some(to) = cfg.method.grad_target(s) {
             let (tx, rx) = crossbeam_channel::bounded(cap);
-            transports[s].set_grad_out(to, tx);
-            transports[to].add_grad_in(s, rx);
+            transports[s].grad_out = Some((to, tx));
+            transports[to].grads_in.push((s, rx));
         }
     }
     let threads = runners
@@ -707,7 +693,7 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
 
 impl Network for StagedPipeline {
     fn method(&self) -> Method {
-        match self.method {
+        match self.cfg.method {
             PipelineMethod::Sid | PipelineMethod::Paper => Method::Sid,
             PipelineMethod::Bp(_) => Method::Bp,
         }
@@ -720,31 +706,27 @@ impl Network for StagedPipeline {
     fn train_step(&mut self, x: &Tensor, y: &Tensor) -> sid_core::Result<StepStats> {
         self.submit(x, y)?;
         self.drain()?;
-        let mut all: Vec<StepStats> = self.done.drain(..).collect();
-        Ok(all.pop().expect("the step just finished"))
+        Ok(self.done.drain(..).next_back().expect("the step just finished"))
     }
 
     /// Stages in this thread only (one device): the step runs through every stage as usual,
     /// but its losses stay on the device, so a CUDA graph can capture it.
     fn train_step_queued(&mut self, x: &Tensor, y: &Tensor) -> sid_core::Result<Tensor> {
-        let queue = |engine: &mut Engine, on: bool| match engine {
-            Engine::Local { runners, .. } => {
-                runners.iter_mut().for_each(|r| r.queue_losses(on));
-                Ok(())
-            }
-            Engine::Threads { .. } => Err(RuntimeError::Config(
+        let Engine::Local { runners, .. } = &mut self.engine else {
+            return Err(RuntimeError::Config(
                 "a step of stages in threads cannot be captured as one".into(),
-            )),
+            )
+            .into());
         };
-        queue(&mut self.engine, true)?;
+        runners.iter_mut().for_each(|r| r.queue_losses(true));
         let submitted = self.submit(x, y);
-        queue(&mut self.engine, false)?;
         let Engine::Local {
             runners, reports, ..
         } = &mut self.engine
         else {
             unreachable!("checked above")
         };
+        runners.iter_mut().for_each(|r| r.queue_losses(false));
         // The step's reports carry no losses: they are these.
         reports.clear();
         self.pending.remove(&self.submitted);
@@ -760,7 +742,7 @@ impl Network for StagedPipeline {
 
     fn read_step(&self, losses: &Tensor) -> sid_core::Result<StepStats> {
         let _s = tracing::trace_span!("read_losses").entered();
-        Ok(match (&self.method, &self.engine) {
+        Ok(match (&self.cfg.method, &self.engine) {
             (PipelineMethod::Bp(_), Engine::Local { runners, .. }) => {
                 let last = runners.last().expect("a stage").unit();
                 StepStats {
@@ -800,7 +782,11 @@ impl Network for StagedPipeline {
 
     fn cascade(&mut self, x: &Tensor) -> sid_core::Result<Cascade> {
         let tag = self.next_request(Kind::Eval);
-        let p = sid_core::belief::uniform_belief(x.size()[0], self.num_classes, self.devices[0]);
+        let p = sid_core::belief::uniform_belief(
+            x.size()[0],
+            self.cfg.model.num_classes,
+            self.devices[0],
+        );
         let eval = || Message::Eval {
             tag,
             input: x.shallow_clone(),
@@ -808,7 +794,7 @@ impl Network for StagedPipeline {
         };
         let reports = self.request(eval, "inference results", false)?;
         let first = self.devices[0];
-        let mut logits = Vec::with_capacity(self.modules);
+        let mut logits = Vec::with_capacity(self.cfg.model.modules);
         for r in reports {
             if let Report::Logits {
                 step, logits: l, ..
@@ -839,9 +825,9 @@ impl Network for StagedPipeline {
         };
         let b = x.size()[0];
         let first = self.devices[0];
-        let mut exits = ExitTracker::new(b, self.modules, tau, first);
+        let mut exits = ExitTracker::new(b, self.cfg.model.modules, tau, first);
         let mut input = x.shallow_clone();
-        let mut p = sid_core::belief::uniform_belief(b, self.num_classes, first);
+        let mut p = sid_core::belief::uniform_belief(b, self.cfg.model.num_classes, first);
         for r in runners {
             let unit = r.unit();
             let out = unit.infer(&input, &p);
@@ -895,7 +881,7 @@ impl Drop for StagedPipeline {
             firsts.clear();
             // One grace period for all of them: a thread stuck on a peer that hangs (another
             // process, say) is left behind, not waited for one after another.
-            let grace = self.timeout.min(Duration::from_secs(10));
+            let grace = self.cfg.timeout.min(Duration::from_secs(10));
             let deadline = std::time::Instant::now() + grace;
             for t in threads.iter_mut() {
                 if t.exited.recv_deadline(deadline).is_ok() {
