@@ -817,13 +817,9 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         });
     }
     // The stage closed its outputs: let the links send their stop frames.
-    let (outs, ins) = links;
-    for mut t in outs {
-        if let Some(h) = t.thread.take() {
-            let _ = h.join();
-        }
+    for h in links.0.into_iter().filter_map(|t| t.thread) {
+        let _ = h.join();
     }
-    drop(ins);
     Ok(())
 }
 

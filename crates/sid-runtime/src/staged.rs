@@ -169,10 +169,7 @@ impl StagedPipeline {
             )
         };
         let mut runners = build_runners(&cfg)?;
-        let memory = runners
-            .iter()
-            .map(|r| r.memory().map(|o| (o.clone(), r.state_bytes())))
-            .collect();
+        let memory = runners.iter().map(StageRunner::memory).collect();
         let mut names: Vec<String> = devices.iter().map(|d| device_name(*d)).collect();
         let mut replicas = 1;
         // Several backprop stages wait on each other within a step: they get a thread each
@@ -649,19 +646,15 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let cap = cfg.micro_batches.max(1) + 1;
     let (report_tx, reports) = crossbeam_channel::unbounded();
     // Stage s reads channel s and sends into channel s + 1; the coordinator feeds channel 0.
-    let (mut downs, ups): (Vec<_>, Vec<_>) = (0..k)
-        .map(|_| crossbeam_channel::bounded::<Message>(cap))
-        .unzip();
-    let first = downs.remove(0);
-    let downs = downs.into_iter().map(Some).chain([None]);
-    let mut transports: Vec<ChannelTransport> = ups
-        .into_iter()
-        .zip(downs)
-        .enumerate()
-        .map(|(s, (up, down))| {
-            ChannelTransport::new(s, devices[s], up, down, report_tx.clone(), cfg.timeout)
-        })
-        .collect();
+    let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
+    let mut transports = Vec::with_capacity(k);
+    for (s, &device) in devices.iter().enumerate() {
+        let (down, next_up) = crossbeam_channel::bounded(cap);
+        let up = std::mem::replace(&mut upstream, next_up);
+        let down = (s + 1 < k).then_some(down);
+        let t = ChannelTransport::new(s, device, up, down, report_tx.clone(), cfg.timeout);
+        transports.push(t);
+    }
     // A gradient channel from each stage whose backward sends one to the stage that takes it.
     for s in 0..k {
         if let Some(to) = cfg.method.grad_target(s) {
@@ -706,7 +699,8 @@ impl Network for StagedPipeline {
     fn train_step(&mut self, x: &Tensor, y: &Tensor) -> sid_core::Result<StepStats> {
         self.submit(x, y)?;
         self.drain()?;
-        Ok(self.done.drain(..).next_back().expect("the step just finished"))
+        let last = self.done.drain(..).next_back();
+        Ok(last.expect("the step just finished"))
     }
 
     /// Stages in this thread only (one device): the step runs through every stage as usual,

@@ -218,13 +218,9 @@ pub struct LocalTransport<'a> {
 
 impl Transport for LocalTransport<'_> {
     fn recv(&mut self, _timeout: Duration) -> Result<Received> {
-        Ok(match self.inbox.pop_front() {
-            Some(m) => {
-                self.taken += 1;
-                Received::Message(m)
-            }
-            None => Received::Nothing,
-        })
+        let m = self.inbox.pop_front();
+        self.taken += usize::from(m.is_some());
+        Ok(m.map_or(Received::Nothing, Received::Message))
     }
 
     fn send_down(&mut self, msg: Message) -> Result<()> {
