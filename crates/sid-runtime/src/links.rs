@@ -444,11 +444,7 @@ fn message_frame(m: Message) -> std::result::Result<Frame, String> {
 }
 
 fn frame_message(f: Frame) -> std::result::Result<Message, String> {
-    let tag = |kind| Tag {
-        step: f.step,
-        micro: f.micro,
-        kind,
-    };
+    let tag = |kind| Tag::new(f.step, f.micro, kind);
     Ok(match f.kind {
         TRAIN => {
             let [input, p, labels] = take(f.tensors, "training")?;
@@ -573,11 +569,7 @@ fn grad_frame((tag, g): (Tag, Tensor)) -> std::result::Result<Frame, String> {
 
 fn frame_grad(f: Frame) -> std::result::Result<(Tag, Tensor), String> {
     // The link's header check let only gradients through.
-    let tag = Tag {
-        step: f.step,
-        micro: f.micro,
-        kind: Kind::Train,
-    };
+    let tag = Tag::new(f.step, f.micro, Kind::Train);
     Ok((tag, one(f.tensors, "gradient")?))
 }
 
@@ -839,11 +831,7 @@ mod tests {
         let p = Tensor::rand([3, 10], (TKind::Float, Device::Cpu));
         let y = Tensor::from_slice(&[1i64, 2, 3]);
         let m = round_trip_message(Message::Train {
-            tag: Tag {
-                step: 7,
-                micro: 1,
-                kind: Kind::Train,
-            },
+            tag: Tag::new(7, 1, Kind::Train),
             micro_batches: 2,
             input: x.shallow_clone(),
             p: p.shallow_clone(),

@@ -362,12 +362,7 @@ impl StageRunner {
                         _ => self.unit.backward_input(j, grad.as_ref())?,
                     };
                     if let Some(g) = b.grad {
-                        let tag = Tag {
-                            step: s.step,
-                            micro: j,
-                            kind: Kind::Train,
-                        };
-                        t.send_grad(tag, g)?;
+                        t.send_grad(Tag::new(s.step, j, Kind::Train), g)?;
                     }
                     if let Some(l) = b.losses {
                         s.losses = Some(add_next(s.losses.take(), l));

@@ -525,11 +525,7 @@ impl StagedPipeline {
                 // Sizes differ by at most one when m does not divide the shard.
                 let len = shard / m + i64::from(j < shard % m);
                 let msg = Message::Train {
-                    tag: Tag {
-                        step,
-                        micro: j as usize,
-                        kind: Kind::Train,
-                    },
+                    tag: Tag::new(step, j as usize, Kind::Train),
                     micro_batches: m as usize,
                     input: x.narrow(0, start, len),
                     p: sid_core::belief::uniform_belief(len, self.cfg.model.num_classes, first),
@@ -599,11 +595,7 @@ impl StagedPipeline {
 
     fn next_request(&mut self, kind: Kind) -> Tag {
         self.requests += 1;
-        Tag {
-            step: self.requests,
-            micro: 0,
-            kind,
-        }
+        Tag::new(self.requests, 0, kind)
     }
 }
 
@@ -647,21 +639,20 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let (report_tx, reports) = crossbeam_channel::unbounded();
     // Stage s reads channel s and sends into channel s + 1; the coordinator feeds channel 0.
     let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
-    let mut transports = Vec::with_capacity(k);
+    let mut transports: Vec<ChannelTransport> = Vec::with_capacity(k);
     for (s, &device) in devices.iter().enumerate() {
         let (down, next_up) = crossbeam_channel::bounded(cap);
         let up = std::mem::replace(&mut upstream, next_up);
         let down = (s + 1 < k).then_some(down);
-        let t = ChannelTransport::new(s, device, up, down, report_tx.clone(), cfg.timeout);
-        transports.push(t);
-    }
-    // A gradient channel from each stage whose backward sends one to the stage that takes it.
-    for s in 0..k {
+        let mut t = ChannelTransport::new(s, device, up, down, report_tx.clone(), cfg.timeout);
+        // A gradient channel from each stage whose backward sends one to the (earlier) stage
+        // that takes it.
         if let Some(to) = cfg.method.grad_target(s) {
             let (tx, rx) = crossbeam_channel::bounded(cap);
-            transports[s].grad_out = Some((to, tx));
+            t.grad_out = Some((to, tx));
             transports[to].grads_in.push((s, rx));
         }
+        transports.push(t);
     }
     let threads = runners
         .into_iter()

@@ -41,6 +41,13 @@ pub struct Tag {
     pub kind: Kind,
 }
 
+impl Tag {
+    /// Micro-batch `micro` of `step`, of `kind`.
+    pub fn new(step: u64, micro: usize, kind: Kind) -> Self {
+        Self { step, micro, kind }
+    }
+}
+
 /// What flows down the chain of stages, from the coordinator into stage 1 and on from there.
 /// Control messages (state, load) travel the same way, so each stage handles them after
 /// everything sent before them.
