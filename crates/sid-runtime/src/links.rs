@@ -752,10 +752,8 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     }
     let (replica, s) = (me / k, me % k);
     let cap = cfg.micro_batches.max(1) + 1;
-    let runner = build_runners(cfg)?
-        .into_iter()
-        .nth(s)
-        .expect("one runner per stage");
+    // `ranks.check` made sure this rank's stage is one of the plan's.
+    let runner = build_runners(cfg)?.swap_remove(s);
     let (fail_tx, fail_rx) = crossbeam_channel::unbounded::<String>();
     let on_fail = |_peer: usize| -> Box<dyn FnOnce(String) + Send> {
         let tx = fail_tx.clone();

@@ -77,7 +77,6 @@ pub struct StagedPipeline {
     /// Who computes each slot (replica r's stage s is slot r·K + s, its rank in a
     /// multi-process run), for messages.
     names: Vec<String>,
-    replicas: usize,
     specs: Vec<StageSpec>,
     submitted: u64,
     requests: u64,
@@ -171,11 +170,9 @@ impl StagedPipeline {
         let mut runners = build_runners(&cfg)?;
         let memory = runners.iter().map(StageRunner::memory).collect();
         let mut names: Vec<String> = devices.iter().map(|d| device_name(*d)).collect();
-        let mut replicas = 1;
         // Several backprop stages wait on each other within a step: they get a thread each
         // (one BP stage, or SID's stages, on one device run in this thread).
         let engine = if let Some(ranks) = &cfg.ranks {
-            replicas = ranks.replicas;
             names = ranks.names.clone();
             crate::links::spawn_coordinator_links(&cfg, ranks, runners)?
         } else if d == 1 && (k == 1 || !matches!(cfg.method, PipelineMethod::Bp(_))) {
@@ -196,7 +193,6 @@ impl StagedPipeline {
             cfg,
             devices,
             names,
-            replicas,
             specs,
             submitted: 0,
             requests: 0,
@@ -205,6 +201,11 @@ impl StagedPipeline {
             busy: vec![StageStats::default(); k],
             memory,
         })
+    }
+
+    /// Data-parallel replicas of the pipeline (1 unless stages are in other processes).
+    fn replicas(&self) -> usize {
+        self.cfg.ranks.as_ref().map_or(1, |r| r.replicas)
     }
 
     /// The cut of blocks and modules into stages.
@@ -260,7 +261,7 @@ impl StagedPipeline {
             };
             return format!("stage {} ({}, {what})", slot + 1, self.names[slot]);
         }
-        let replica = if self.replicas > 1 {
+        let replica = if self.replicas() > 1 {
             format!(" of replica {}", slot / k + 1)
         } else {
             String::new()
@@ -416,8 +417,8 @@ impl StagedPipeline {
         }
     }
 
-    /// Files a training report; returns any other kind to the caller.
-    fn file(&mut self, r: Report) -> Result<Option<Report>> {
+    /// Files a training report; any other kind is a protocol error.
+    fn file(&mut self, r: Report) -> Result<()> {
         let Report::Losses {
             stage,
             step,
@@ -426,7 +427,7 @@ impl StagedPipeline {
             forward,
         } = r
         else {
-            return Ok(Some(r));
+            return Err(unexpected(&r, "training results"));
         };
         let k = self.specs.len();
         let expected = match self.cfg.method {
@@ -462,7 +463,7 @@ impl StagedPipeline {
             let losses: Vec<f64> = (0..k)
                 .flat_map(|s| {
                     let mut sum = slots[s].clone().unwrap_or_default();
-                    for r in 1..self.replicas {
+                    for r in 1..self.replicas() {
                         for (a, b) in sum.iter_mut().zip(slots[r * k + s].iter().flatten()) {
                             *a += b;
                         }
@@ -480,23 +481,28 @@ impl StagedPipeline {
                 },
             });
         }
-        Ok(None)
+        Ok(())
     }
 
     fn owing_steps(&self) -> String {
         let Some((step, slots)) = self.pending.iter().next() else {
             return "nothing".into();
         };
-        let who: Vec<String> = missing(slots).map(|i| self.describe(i)).collect();
-        format!("{} to finish step {step}", who.join(", "))
+        format!("{} to finish step {step}", self.missing(slots))
+    }
+
+    /// The slots of `got` that have not answered yet, described.
+    fn missing<T>(&self, got: &[Option<T>]) -> String {
+        let who: Vec<String> = (0..got.len())
+            .filter(|&i| got[i].is_none())
+            .map(|i| self.describe(i))
+            .collect();
+        who.join(", ")
     }
 
     fn wait_oldest(&mut self) -> Result<()> {
         let r = self.next_report(&|p: &Self| p.owing_steps(), true)?;
-        if let Some(other) = self.file(r.expect("blocking"))? {
-            return Err(unexpected(&other, "training results"));
-        }
-        Ok(())
+        self.file(r.expect("blocking"))
     }
 
     fn submit(&mut self, x: &Tensor, y: &Tensor) -> Result<()> {
@@ -504,7 +510,7 @@ impl StagedPipeline {
         if b == 0 {
             return Err(RuntimeError::Config("an empty batch".into()));
         }
-        let r = self.replicas as i64;
+        let r = self.replicas() as i64;
         if b < r {
             return Err(RuntimeError::Config(format!(
                 "a batch of {b} cannot be shared by {r} data-parallel replicas"
@@ -513,7 +519,7 @@ impl StagedPipeline {
         self.submitted += 1;
         let step = self.submitted;
         // A slot for replica r's stage s, for every r and s.
-        let slots = self.specs.len() * self.replicas;
+        let slots = self.specs.len() * self.replicas();
         self.pending.insert(step, vec![None; slots]);
         let first = self.devices[0];
         let mut start = 0;
@@ -550,7 +556,7 @@ impl StagedPipeline {
         all_replicas: bool,
     ) -> Result<Vec<Report>> {
         self.drain()?;
-        let replicas = if all_replicas { self.replicas } else { 1 };
+        let replicas = if all_replicas { self.replicas() } else { 1 };
         // Stage 1 of this process's replica last.
         for r in (1..replicas).chain([0]) {
             self.feed_replica(r, msg())?;
@@ -558,10 +564,7 @@ impl StagedPipeline {
         let k = self.specs.len() * replicas;
         let mut got: Vec<Option<Report>> = (0..k).map(|_| None).collect();
         while got.iter().any(|g| g.is_none()) {
-            let owing = |p: &Self| {
-                let who: Vec<String> = missing(&got).map(|i| p.describe(i)).collect();
-                format!("{} to return {what}", who.join(", "))
-            };
+            let owing = |p: &Self| format!("{} to return {what}", p.missing(&got));
             let r = self.next_report(&owing, true)?.expect("blocking");
             let stage = match &r {
                 Report::Logits { stage, .. }
@@ -597,14 +600,6 @@ impl StagedPipeline {
         self.requests += 1;
         Tag::new(self.requests, 0, kind)
     }
-}
-
-/// The slots that have not answered yet.
-fn missing<T>(got: &[Option<T>]) -> impl Iterator<Item = usize> + '_ {
-    got.iter()
-        .enumerate()
-        .filter(|(_, g)| g.is_none())
-        .map(|(i, _)| i)
 }
 
 fn unexpected(r: &Report, expected: &str) -> RuntimeError {
@@ -749,9 +744,7 @@ impl Network for StagedPipeline {
         self.submit(x, y)?;
         // Take what has finished; wait only when too many steps are in flight.
         while let Some(r) = self.next_report(&|p: &Self| p.owing_steps(), false)? {
-            if let Some(other) = self.file(r)? {
-                return Err(unexpected(&other, "training results").into());
-            }
+            self.file(r)?;
         }
         // One step in flight per stage, and one more.
         while self.pending.len() > self.specs.len() + 1 {
@@ -767,18 +760,14 @@ impl Network for StagedPipeline {
 
     fn cascade(&mut self, x: &Tensor) -> sid_core::Result<Cascade> {
         let tag = self.next_request(Kind::Eval);
-        let p = sid_core::belief::uniform_belief(
-            x.size()[0],
-            self.cfg.model.num_classes,
-            self.devices[0],
-        );
+        let first = self.devices[0];
+        let p = sid_core::belief::uniform_belief(x.size()[0], self.cfg.model.num_classes, first);
         let eval = || Message::Eval {
             tag,
             input: x.shallow_clone(),
             p: p.shallow_clone(),
         };
         let reports = self.request(eval, "inference results", false)?;
-        let first = self.devices[0];
         let mut logits = Vec::with_capacity(self.cfg.model.modules);
         for r in reports {
             if let Report::Logits {
@@ -800,13 +789,10 @@ impl Network for StagedPipeline {
     }
 
     fn cascade_exit(&mut self, x: &Tensor, tau: f64) -> sid_core::Result<EarlyExit> {
-        if self.threaded() {
-            // Stage threads run whole batches: the default picks exits from the full cascade.
-            return Ok(sid_core::early_exit(&self.cascade(x)?.logits, tau));
-        }
         self.drain()?;
         let Engine::Local { runners, .. } = &self.engine else {
-            unreachable!("not threaded")
+            // Stage threads run whole batches: the default picks exits from the full cascade.
+            return Ok(sid_core::early_exit(&self.cascade(x)?.logits, tau));
         };
         let b = x.size()[0];
         let first = self.devices[0];
