@@ -407,6 +407,21 @@ fn take<const N: usize>(
         .map_err(|_| format!("a {what} frame is missing a tensor"))
 }
 
+/// The one tensor of a frame of `what`.
+fn one(tensors: Vec<Tensor>, what: &str) -> std::result::Result<Tensor, String> {
+    take(tensors, what).map(|[t]| t)
+}
+
+/// A frame of `kind` about `step` carrying `tensors`; its other numbers are zero.
+fn frame(kind: i64, step: u64, tensors: Vec<Tensor>) -> Frame {
+    Frame {
+        kind,
+        step,
+        tensors,
+        ..Frame::default()
+    }
+}
+
 fn message_frame(m: Message) -> std::result::Result<Frame, String> {
     Ok(match m {
         Message::Train {
@@ -417,40 +432,19 @@ fn message_frame(m: Message) -> std::result::Result<Frame, String> {
             labels,
             scale,
         } => Frame {
-            kind: TRAIN,
-            step: tag.step,
             micro: tag.micro,
             count: micro_batches,
             scale,
-            tensors: vec![input, p, labels],
-            ..Frame::default()
+            ..frame(TRAIN, tag.step, vec![input, p, labels])
         },
-        Message::Eval { tag, input, p } => Frame {
-            kind: EVAL,
-            step: tag.step,
-            tensors: vec![input, p],
-            ..Frame::default()
-        },
-        Message::State { tag } => Frame {
-            kind: STATE,
-            step: tag.step,
-            ..Frame::default()
-        },
-        Message::Load { tag, named } => Frame {
-            kind: LOAD,
-            step: tag.step,
-            tensors: vec![named_to_bytes(&named)?],
-            ..Frame::default()
-        },
+        Message::Eval { tag, input, p } => frame(EVAL, tag.step, vec![input, p]),
+        Message::State { tag } => frame(STATE, tag.step, Vec::new()),
+        Message::Load { tag, named } => frame(LOAD, tag.step, vec![named_to_bytes(&named)?]),
     })
 }
 
 fn frame_message(f: Frame) -> std::result::Result<Message, String> {
-    let tag = |kind| Tag {
-        step: f.step,
-        micro: f.micro,
-        kind,
-    };
+    let tag = |kind| Tag::new(f.step, f.micro, kind);
     Ok(match f.kind {
         TRAIN => {
             let [input, p, labels] = take(f.tensors, "training")?;
@@ -474,73 +468,60 @@ fn frame_message(f: Frame) -> std::result::Result<Message, String> {
         STATE => Message::State {
             tag: tag(Kind::State),
         },
-        LOAD => {
-            let [named] = take(f.tensors, "checkpoint")?;
-            Message::Load {
-                tag: tag(Kind::Load),
-                named: bytes_to_named(&named)?,
-            }
-        }
+        LOAD => Message::Load {
+            tag: tag(Kind::Load),
+            named: bytes_to_named(&one(f.tensors, "checkpoint")?)?,
+        },
         other => return Err(format!("a message frame of unknown kind {other}")),
     })
 }
 
 fn report_frame(r: Report) -> std::result::Result<Frame, String> {
-    Ok(match r {
+    let (stage, f) = match r {
         Report::Losses {
             stage,
             step,
             losses,
             busy,
             forward,
-        } => Frame {
-            kind: LOSSES,
-            stage,
-            step,
-            busy,
-            forward,
-            tensors: vec![Tensor::from_slice(&losses)],
-            ..Frame::default()
-        },
+        } => {
+            let f = frame(LOSSES, step, vec![Tensor::from_slice(&losses)]);
+            (stage, Frame { busy, forward, ..f })
+        }
         Report::Logits {
             stage,
             step,
             logits,
-        } => Frame {
-            kind: LOGITS,
-            stage,
-            step,
-            count: logits.len(),
-            tensors: if logits.is_empty() {
+        } => {
+            let count = logits.len();
+            let tensors = if count == 0 {
                 Vec::new()
             } else {
                 vec![Tensor::stack(&logits, 0)]
-            },
-            ..Frame::default()
-        },
-        Report::State { stage, state } => Frame {
-            kind: STATE_REPORT,
-            stage,
-            tensors: vec![named_to_bytes(&state)?],
-            ..Frame::default()
-        },
-        Report::Loaded { stage } => Frame {
-            kind: LOADED,
-            stage,
-            ..Frame::default()
-        },
+            };
+            (
+                stage,
+                Frame {
+                    count,
+                    ..frame(LOGITS, step, tensors)
+                },
+            )
+        }
+        Report::State { stage, state } => {
+            (stage, frame(STATE_REPORT, 0, vec![named_to_bytes(&state)?]))
+        }
+        Report::Loaded { stage } => (stage, frame(LOADED, 0, Vec::new())),
         Report::Failed {
             stage,
             module,
             cause,
-        } => Frame {
-            kind: FAILED,
-            stage,
-            aux: module.map_or(0, |m| m as i64),
-            tensors: vec![Tensor::from_slice(cause.as_bytes())],
-            ..Frame::default()
-        },
-    })
+        } => {
+            let f = frame(FAILED, 0, vec![Tensor::from_slice(cause.as_bytes())]);
+            let aux = module.map_or(0, |m| m as i64);
+            (stage, Frame { aux, ..f })
+        }
+    };
+    Ok(Frame { stage, ..f })
 }
 
 /// A report from rank `slot`; its stage becomes that slot (the coordinator's numbering).
@@ -549,7 +530,7 @@ fn frame_report(f: Frame, slot: usize) -> std::result::Result<Report, String> {
         LOSSES => Report::Losses {
             stage: slot,
             step: f.step,
-            losses: Vec::<f64>::try_from(&take(f.tensors, "losses").map(|[t]| t)?).map_err(text)?,
+            losses: Vec::<f64>::try_from(&one(f.tensors, "losses")?).map_err(text)?,
             busy: f.busy,
             forward: f.forward,
         },
@@ -559,19 +540,19 @@ fn frame_report(f: Frame, slot: usize) -> std::result::Result<Report, String> {
             logits: if f.count == 0 {
                 Vec::new()
             } else {
-                take(f.tensors, "logits").map(|[t]| t)?.unbind(0)
+                one(f.tensors, "logits")?.unbind(0)
             },
         },
         STATE_REPORT => Report::State {
             stage: slot,
-            state: bytes_to_named(&take(f.tensors, "state").map(|[t]| t)?)?,
+            state: bytes_to_named(&one(f.tensors, "state")?)?,
         },
         LOADED => Report::Loaded { stage: slot },
         FAILED => Report::Failed {
             stage: slot,
             module: (f.aux > 0).then_some(f.aux as usize),
             cause: String::from_utf8_lossy(
-                &Vec::<u8>::try_from(&take(f.tensors, "failure").map(|[t]| t)?).unwrap_or_default(),
+                &Vec::<u8>::try_from(&one(f.tensors, "failure")?).unwrap_or_default(),
             )
             .into_owned(),
         },
@@ -581,22 +562,15 @@ fn frame_report(f: Frame, slot: usize) -> std::result::Result<Report, String> {
 
 fn grad_frame((tag, g): (Tag, Tensor)) -> std::result::Result<Frame, String> {
     Ok(Frame {
-        kind: GRAD,
-        step: tag.step,
         micro: tag.micro,
-        tensors: vec![g],
-        ..Frame::default()
+        ..frame(GRAD, tag.step, vec![g])
     })
 }
 
 fn frame_grad(f: Frame) -> std::result::Result<(Tag, Tensor), String> {
     // The link's header check let only gradients through.
-    let tag = Tag {
-        step: f.step,
-        micro: f.micro,
-        kind: Kind::Train,
-    };
-    Ok((tag, take(f.tensors, "gradient").map(|[t]| t)?))
+    let tag = Tag::new(f.step, f.micro, Kind::Train);
+    Ok((tag, one(f.tensors, "gradient")?))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -694,17 +668,17 @@ fn run_linked_stage(
         tx
     });
     let mut transport =
-        ChannelTransport::new(s, device, upstream, downstream, reports, cfg.timeout)
-            .with_replicas(ranks.replica_group.clone());
+        ChannelTransport::new(s, device, upstream, downstream, reports, cfg.timeout);
+    transport.replicas = ranks.replica_group.clone();
     if bp && s + 1 < k {
         let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
         ins.push(in_link(cfg, ranks, next, GRADS, tx, frame_grad, fail));
-        transport.add_grad_in(s + 1, rx);
+        transport.grads_in.push((s + 1, rx));
     }
     if bp && s > 0 {
         let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
         outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, fail));
-        transport.set_grad_out(s - 1, tx);
+        transport.grad_out = Some((s - 1, tx));
     }
     let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
     spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout)
@@ -778,10 +752,8 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     }
     let (replica, s) = (me / k, me % k);
     let cap = cfg.micro_batches.max(1) + 1;
-    let runner = build_runners(cfg)?
-        .into_iter()
-        .nth(s)
-        .expect("one runner per stage");
+    // `ranks.check` made sure this rank's stage is one of the plan's.
+    let runner = build_runners(cfg)?.swap_remove(s);
     let (fail_tx, fail_rx) = crossbeam_channel::unbounded::<String>();
     let on_fail = |_peer: usize| -> Box<dyn FnOnce(String) + Send> {
         let tx = fail_tx.clone();
@@ -792,25 +764,9 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     let (up_tx, upstream) = crossbeam_channel::bounded::<Message>(cap);
     let (report_tx, report_rx) = crossbeam_channel::unbounded::<Report>();
     let src = if s == 0 { 0 } else { me - 1 };
-    let mut links = (
-        vec![out_link(
-            ranks,
-            0,
-            REPORTS,
-            report_rx,
-            report_frame,
-            &on_fail,
-        )],
-        vec![in_link(
-            cfg,
-            ranks,
-            src,
-            DOWN,
-            up_tx,
-            frame_message,
-            &on_fail,
-        )],
-    );
+    let reports_out = out_link(ranks, 0, REPORTS, report_rx, report_frame, &on_fail);
+    let down_in = in_link(cfg, ranks, src, DOWN, up_tx, frame_message, &on_fail);
+    let mut links = (vec![reports_out], vec![down_in]);
     let chain = (upstream, report_tx);
     let stage = run_linked_stage(cfg, ranks, runner, s, chain, &on_fail, &mut links);
     drop(fail_tx);
@@ -851,13 +807,9 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         });
     }
     // The stage closed its outputs: let the links send their stop frames.
-    let (outs, ins) = links;
-    for mut t in outs {
-        if let Some(h) = t.thread.take() {
-            let _ = h.join();
-        }
+    for h in links.0.into_iter().filter_map(|t| t.thread) {
+        let _ = h.join();
     }
-    drop(ins);
     Ok(())
 }
 
@@ -877,11 +829,7 @@ mod tests {
         let p = Tensor::rand([3, 10], (TKind::Float, Device::Cpu));
         let y = Tensor::from_slice(&[1i64, 2, 3]);
         let m = round_trip_message(Message::Train {
-            tag: Tag {
-                step: 7,
-                micro: 1,
-                kind: Kind::Train,
-            },
+            tag: Tag::new(7, 1, Kind::Train),
             micro_batches: 2,
             input: x.shallow_clone(),
             p: p.shallow_clone(),

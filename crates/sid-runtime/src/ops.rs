@@ -75,22 +75,17 @@ impl BpSchedule {
                 .map(Op::Forward)
                 .chain((0..micro).rev().map(Op::Backward))
                 .collect(),
-            Self::OneFOneB => {
-                let mut ops: Vec<Op> = (0..warm).map(Op::Forward).collect();
-                for i in 0..micro - warm {
-                    ops.push(Op::Forward(warm + i));
-                    ops.push(Op::Backward(i));
-                }
-                ops.extend((micro - warm..micro).map(Op::Backward));
-                ops
-            }
-            Self::ZeroBubble => {
-                // 1F1B's order with B split into I and W; stage s runs a W once more than s are
-                // pending (the discrete-event model in sid-bench finds this delay gives the
-                // paper's (K−1)(F+B−W) bubble, and never a longer step than 1F1B).
+            Self::OneFOneB | Self::ZeroBubble => {
+                // ZB-H1 is 1F1B's order with B split into I and W; stage s runs a W once more
+                // than s are pending (the discrete-event model in sid-bench finds this delay
+                // gives the paper's (K−1)(F+B−W) bubble, and never a longer step than 1F1B).
+                let split = self == Self::ZeroBubble;
                 let mut ops: Vec<Op> = (0..warm).map(Op::Forward).collect();
                 let mut pending = std::collections::VecDeque::new();
                 let mut backward = |ops: &mut Vec<Op>, i: usize| {
+                    if !split {
+                        return ops.push(Op::Backward(i));
+                    }
                     ops.push(Op::BackwardInput(i));
                     pending.push_back(i);
                     if pending.len() > stage {
@@ -135,17 +130,11 @@ impl std::fmt::Display for BpSchedule {
 /// The extractor stage's operations for `micro` micro-batches: forward 0, then forward j+1
 /// before backward j, then the last backward — `F0 F1 B0 F2 B1 … B(M−1)`.
 pub fn extractor_ops(micro: usize) -> Vec<Op> {
-    let mut ops = Vec::with_capacity(2 * micro);
-    for j in 0..micro {
-        ops.push(Op::Forward(j));
-        if j > 0 {
-            ops.push(Op::Backward(j - 1));
-        }
-    }
-    if micro > 0 {
-        ops.push(Op::Backward(micro - 1));
-    }
-    ops
+    (0..micro)
+        .flat_map(|j| [Some(Op::Forward(j)), j.checked_sub(1).map(Op::Backward)])
+        .chain([micro.checked_sub(1).map(Op::Backward)])
+        .flatten()
+        .collect()
 }
 
 #[cfg(test)]

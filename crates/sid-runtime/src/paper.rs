@@ -128,9 +128,7 @@ impl Unit for ModuleBlock {
     }
 
     fn apply(&mut self) {
-        for m in &mut self.modules {
-            m.apply();
-        }
+        self.modules.iter_mut().for_each(|m| m.apply());
     }
 
     fn gradients(&self) -> Vec<Tensor> {
@@ -160,16 +158,13 @@ impl Unit for ModuleBlock {
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
-        for m in &mut self.modules {
-            m.load_state(named)?;
-        }
-        Ok(())
+        self.modules
+            .iter_mut()
+            .try_for_each(|m| m.load_state(named))
     }
 
     fn to_device(&mut self, device: Device) {
-        for m in &mut self.modules {
-            m.to_device(device);
-        }
+        self.modules.iter_mut().for_each(|m| m.to_device(device));
     }
 }
 

@@ -96,13 +96,12 @@ impl Placement {
 
     /// The same placement in `--placement` syntax.
     pub fn to_spec(&self) -> String {
-        let parts: Vec<String> = self
-            .blocks
+        self.blocks
             .iter()
             .enumerate()
             .map(|(k, r)| format!("{k}:{}-{}", r.start, r.end - 1))
-            .collect();
-        parts.join(",")
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

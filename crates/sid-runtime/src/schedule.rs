@@ -77,15 +77,6 @@ impl From<sid_core::CoreError> for Failure {
     }
 }
 
-/// A training micro-batch as it arrived.
-struct Arrived {
-    tag: Tag,
-    input: Tensor,
-    p: Tensor,
-    labels: Tensor,
-    scale: f64,
-}
-
 /// The step in progress on a stage.
 #[derive(Default)]
 struct Step {
@@ -107,8 +98,8 @@ struct Step {
     /// (stages in one thread: the senders may not have run yet).
     grad_sum: Option<Tensor>,
     grads_got: usize,
-    /// A micro-batch that arrived while the step waited for a gradient.
-    early: Option<Arrived>,
+    /// A training micro-batch that arrived while the step waited for a gradient.
+    early: Option<Message>,
 }
 
 /// A stage: its unit, its schedule and where it is in its step.
@@ -140,7 +131,7 @@ impl StageRunner {
     /// with `cfg`'s timeout, CUDA graphs and injected fault (tests; it strikes when it names
     /// this stage). What the stage allocates while it runs ([`drive`]) is charged to `memory`
     /// (weights and optimiser state, made before, are counted by
-    /// [`StageRunner::state_bytes`]).
+    /// [`StageRunner::memory`]).
     pub(crate) fn new(
         mut unit: Box<dyn Unit>,
         schedule: Schedule,
@@ -179,14 +170,12 @@ impl StageRunner {
         self.queued.take()
     }
 
-    /// Who the stage's allocations are charged to, when measured.
-    pub fn memory(&self) -> Option<&AllocOwner> {
-        self.memory.as_ref()
-    }
-
-    /// Bytes of the stage's weights and optimiser state.
-    pub fn state_bytes(&self) -> u64 {
-        sid_telemetry::allocations::tensor_bytes(self.unit.state().iter().map(|(_, t)| t))
+    /// When measured: who the stage's allocations are charged to, and the bytes of its
+    /// weights and optimiser state.
+    pub fn memory(&self) -> Option<(AllocOwner, u64)> {
+        let state = || self.unit.state();
+        let bytes = || sid_telemetry::allocations::tensor_bytes(state().iter().map(|(_, t)| t));
+        self.memory.as_ref().map(|o| (o.clone(), bytes()))
     }
 
     /// The unit it runs.
@@ -209,12 +198,7 @@ impl StageRunner {
         let index = self.unit.stage();
         match msg {
             Message::Train {
-                tag,
-                micro_batches,
-                input,
-                p,
-                labels,
-                scale,
+                tag, micro_batches, ..
             } => {
                 self.take_in_order(tag, micro_batches)?;
                 let _span = tracing::info_span!(
@@ -224,14 +208,7 @@ impl StageRunner {
                     micro = tag.micro
                 )
                 .entered();
-                let arrived = Arrived {
-                    tag,
-                    input,
-                    p,
-                    labels,
-                    scale,
-                };
-                self.run(t, Some(arrived))
+                self.run(t, Some(msg))
             }
             Message::Eval { tag, input, p } => {
                 self.idle("an inference batch")?;
@@ -307,10 +284,10 @@ impl StageRunner {
         Ok(())
     }
 
-    /// Runs the step's operations from where it stopped, `arrived` being the micro-batch the
-    /// next forward takes, until a forward needs one more or a backward a gradient not sent
+    /// Runs the step's operations from where it stopped, `arrived` being the training
+    /// micro-batch the next forward takes, until a forward needs one more or a backward a gradient not sent
     /// yet (it returns to wait for it) or the list ends (the optimiser step and the report).
-    fn run(&mut self, t: &mut dyn Transport, mut arrived: Option<Arrived>) -> Result<(), Failure> {
+    fn run(&mut self, t: &mut dyn Transport, mut arrived: Option<Message>) -> Result<(), Failure> {
         let started = Instant::now();
         let mut waiting = Duration::ZERO;
         let mut s = self.current.take().expect("a step in progress");
@@ -319,10 +296,18 @@ impl StageRunner {
             match op {
                 Op::Forward(j) => {
                     // One that came while the step waited for a gradient came first.
-                    let Some(a) = s.early.take().or_else(|| arrived.take()) else {
+                    let Some(Message::Train {
+                        tag,
+                        input,
+                        p,
+                        labels,
+                        scale,
+                        ..
+                    }) = s.early.take().or_else(|| arrived.take())
+                    else {
                         break;
                     };
-                    let input = self.strike(s.step, a.input)?;
+                    let input = self.strike(s.step, input)?;
                     let f = Instant::now();
                     let graph = self
                         .cuda_graph
@@ -330,7 +315,7 @@ impl StageRunner {
                         .filter(|_| input.device().is_cuda());
                     let graphed = match (s.micro_batches, self.unit.as_stage_mut(), graph) {
                         // The whole step at once: forward, backward, optimiser step.
-                        (1, Some(stage), Some(g)) => Some(g.stage(stage, &input, &a.p, &a.labels)?),
+                        (1, Some(stage), Some(g)) => Some(g.stage(stage, &input, &p, &labels)?),
                         _ => None,
                     };
                     let passed = match graphed {
@@ -344,9 +329,9 @@ impl StageRunner {
                             j,
                             MicroBatch {
                                 input: &input,
-                                p: &a.p,
-                                labels: &a.labels,
-                                scale: a.scale,
+                                p: &p,
+                                labels: &labels,
+                                scale,
                             },
                         )?,
                     };
@@ -354,12 +339,12 @@ impl StageRunner {
                     if let Some(out) = passed {
                         // The next stage starts on this micro-batch while this one goes on.
                         t.send_down(Message::Train {
-                            tag: a.tag,
+                            tag,
                             micro_batches: s.micro_batches,
                             input: out.input,
                             p: out.p,
-                            labels: a.labels,
-                            scale: a.scale,
+                            labels,
+                            scale,
                         })?;
                     }
                     s.next_micro = j + 1;
@@ -377,12 +362,7 @@ impl StageRunner {
                         _ => self.unit.backward_input(j, grad.as_ref())?,
                     };
                     if let Some(g) = b.grad {
-                        let tag = Tag {
-                            step: s.step,
-                            micro: j,
-                            kind: Kind::Train,
-                        };
-                        t.send_grad(tag, g)?;
+                        t.send_grad(Tag::new(s.step, j, Kind::Train), g)?;
                     }
                     if let Some(l) = b.losses {
                         s.losses = Some(add_next(s.losses.take(), l));
@@ -451,12 +431,22 @@ impl StageRunner {
         Ok(Some(s.grad_sum.take()))
     }
 
+    /// The injected fault of this stage at `step`, if any (tests); otherwise `input` as is.
     fn strike(&self, step: u64, input: Tensor) -> Result<Tensor, Failure> {
         #[cfg(feature = "fault-injection")]
-        {
-            if let Some(f) = self.fault.filter(|f| f.step == step) {
-                return strike(f.kind, step, input);
+        match self.fault.filter(|f| f.step == step).map(|f| f.kind) {
+            Some(FaultKind::Panic) => panic!("injected fault at step {step}"),
+            Some(FaultKind::Error) => {
+                return Err(Failure::new(format!("injected error at step {step}")))
             }
+            Some(FaultKind::Nan) => return Ok(input * f64::NAN),
+            Some(FaultKind::Hang) => std::thread::sleep(Duration::from_secs(3600)),
+            Some(FaultKind::Kill) => {
+                // SAFETY: kill only sends a signal, to this process.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                unreachable!("SIGKILL ends the process")
+            }
+            None => {}
         }
         let _ = step;
         Ok(input)
@@ -471,24 +461,6 @@ impl StageRunner {
             )));
         }
         Ok(())
-    }
-}
-
-#[cfg(feature = "fault-injection")]
-fn strike(kind: FaultKind, step: u64, input: Tensor) -> Result<Tensor, Failure> {
-    match kind {
-        FaultKind::Panic => panic!("injected fault at step {step}"),
-        FaultKind::Error => Err(Failure::new(format!("injected error at step {step}"))),
-        FaultKind::Nan => Ok(input * f64::NAN),
-        FaultKind::Hang => {
-            std::thread::sleep(Duration::from_secs(3600));
-            Ok(input)
-        }
-        FaultKind::Kill => {
-            // SAFETY: kill only sends a signal, to this process.
-            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
-            unreachable!("SIGKILL ends the process")
-        }
     }
 }
 

@@ -71,18 +71,13 @@ pub(crate) enum Engine {
 /// ```
 pub struct StagedPipeline {
     engine: Engine,
-    method: PipelineMethod,
+    /// The settings it was built from.
+    cfg: StagedConfig,
     devices: Vec<Device>,
     /// Who computes each slot (replica r's stage s is slot r·K + s, its rank in a
     /// multi-process run), for messages.
     names: Vec<String>,
-    replicas: usize,
     specs: Vec<StageSpec>,
-    plan: StagePlan,
-    micro_batches: usize,
-    num_classes: i64,
-    modules: usize,
-    timeout: Duration,
     submitted: u64,
     requests: u64,
     pending: BTreeMap<u64, Vec<Option<Vec<f64>>>>,
@@ -173,16 +168,11 @@ impl StagedPipeline {
             )
         };
         let mut runners = build_runners(&cfg)?;
-        let memory = runners
-            .iter()
-            .map(|r| r.memory().map(|o| (o.clone(), r.state_bytes())))
-            .collect();
+        let memory = runners.iter().map(StageRunner::memory).collect();
         let mut names: Vec<String> = devices.iter().map(|d| device_name(*d)).collect();
-        let mut replicas = 1;
         // Several backprop stages wait on each other within a step: they get a thread each
         // (one BP stage, or SID's stages, on one device run in this thread).
         let engine = if let Some(ranks) = &cfg.ranks {
-            replicas = ranks.replicas;
             names = ranks.names.clone();
             crate::links::spawn_coordinator_links(&cfg, ranks, runners)?
         } else if d == 1 && (k == 1 || !matches!(cfg.method, PipelineMethod::Bp(_))) {
@@ -200,16 +190,10 @@ impl StagedPipeline {
         };
         Ok(Self {
             engine,
-            method: cfg.method,
+            cfg,
             devices,
             names,
-            replicas,
             specs,
-            plan: cfg.plan.clone(),
-            micro_batches: cfg.micro_batches,
-            num_classes: cfg.model.num_classes,
-            modules: cfg.model.modules,
-            timeout: cfg.timeout,
             submitted: 0,
             requests: 0,
             pending: BTreeMap::new(),
@@ -218,12 +202,15 @@ impl StagedPipeline {
             memory,
         })
     }
-}
 
-impl StagedPipeline {
+    /// Data-parallel replicas of the pipeline (1 unless stages are in other processes).
+    fn replicas(&self) -> usize {
+        self.cfg.ranks.as_ref().map_or(1, |r| r.replicas)
+    }
+
     /// The cut of blocks and modules into stages.
     pub fn plan(&self) -> &StagePlan {
-        &self.plan
+        &self.cfg.plan
     }
 
     /// Each stage's device and 0-based module block, in order.
@@ -266,7 +253,7 @@ impl StagedPipeline {
     pub fn describe(&self, slot: usize) -> String {
         let k = self.specs.len();
         let s = &self.specs[slot % k];
-        if self.method == PipelineMethod::Paper {
+        if self.cfg.method == PipelineMethod::Paper {
             let what = if s.modules.is_empty() {
                 "the extractor".to_string()
             } else {
@@ -274,15 +261,17 @@ impl StagedPipeline {
             };
             return format!("stage {} ({}, {what})", slot + 1, self.names[slot]);
         }
-        let replica = if self.replicas > 1 {
+        let replica = if self.replicas() > 1 {
             format!(" of replica {}", slot / k + 1)
         } else {
             String::new()
         };
-        let modules = match self.method {
+        let modules = match self.cfg.method {
             PipelineMethod::Sid => format!(", modules {}-{}", s.modules.start + 1, s.modules.end),
             // Backprop's modules all read the final features: they sit on the last stage.
-            PipelineMethod::Bp(_) if slot % k + 1 == k => format!(", modules 1-{}", self.modules),
+            PipelineMethod::Bp(_) if slot % k + 1 == k => {
+                format!(", modules 1-{}", self.cfg.model.modules)
+            }
             PipelineMethod::Bp(_) | PipelineMethod::Paper => String::new(),
         };
         format!(
@@ -345,18 +334,13 @@ impl StagedPipeline {
                             next: tail.first_mut(),
                             reports,
                             grads,
-                            grad_to: self.method.grad_target(s),
+                            grad_to: self.cfg.method.grad_target(s),
                             taken: 0,
                         };
-                        let driven = drive(&mut runners[s], &mut t, self.timeout, true);
+                        let driven = drive(&mut runners[s], &mut t, self.cfg.timeout, true);
                         taken += t.taken;
                         if let Err(f) = driven {
-                            return Err(RuntimeError::Stage {
-                                stage: s + 1,
-                                device: device_name(self.devices[s]),
-                                module: f.module,
-                                cause: f.cause,
-                            });
+                            return Err(self.failed(s, f.module, f.cause));
                         }
                     }
                     if taken == 0 {
@@ -366,19 +350,19 @@ impl StagedPipeline {
             }
             Engine::Threads { firsts, .. } => {
                 let tx = &firsts[replica];
-                match tx.send_timeout(msg, self.timeout) {
+                match tx.send_timeout(msg, self.cfg.timeout) {
                     Ok(()) => Ok(()),
                     Err(SendTimeoutError::Timeout(_)) => Err(self
                         // Stage 1 is stuck because it waits for another stage, which it will
                         // name when its own wait (begun a little earlier) runs out: prefer that.
-                        .reported_failure(self.timeout.min(Duration::from_secs(3)))
+                        .reported_failure(self.cfg.timeout.min(Duration::from_secs(3)))
                         .unwrap_or_else(|| RuntimeError::Timeout {
                             waiter: "coordinator".into(),
                             waited_for: format!(
                                 "{} to take its input",
                                 self.describe(replica * self.specs.len())
                             ),
-                            timeout: self.timeout,
+                            timeout: self.cfg.timeout,
                         })),
                     // A stage that failed reported why before it stopped: prefer that.
                     Err(SendTimeoutError::Disconnected(_)) => Err(self
@@ -400,7 +384,7 @@ impl StagedPipeline {
         owing: &dyn Fn(&Self) -> String,
         block: bool,
     ) -> Result<Option<Report>> {
-        let timeout = self.timeout;
+        let timeout = self.cfg.timeout;
         // `Err(true)`: every stage thread has exited; `Err(false)`: nothing yet.
         let got = match &mut self.engine {
             Engine::Local { reports, .. } => reports.pop_front().ok_or(false),
@@ -433,8 +417,8 @@ impl StagedPipeline {
         }
     }
 
-    /// Files a training report; returns any other kind to the caller.
-    fn file(&mut self, r: Report) -> Result<Option<Report>> {
+    /// Files a training report; any other kind is a protocol error.
+    fn file(&mut self, r: Report) -> Result<()> {
         let Report::Losses {
             stage,
             step,
@@ -443,10 +427,10 @@ impl StagedPipeline {
             forward,
         } = r
         else {
-            return Ok(Some(r));
+            return Err(unexpected(&r, "training results"));
         };
         let k = self.specs.len();
-        let expected = match self.method {
+        let expected = match self.cfg.method {
             PipelineMethod::Sid | PipelineMethod::Paper => self.specs[stage % k].modules.len(),
             PipelineMethod::Bp(_) => usize::from(stage % k + 1 == k),
         };
@@ -479,7 +463,7 @@ impl StagedPipeline {
             let losses: Vec<f64> = (0..k)
                 .flat_map(|s| {
                     let mut sum = slots[s].clone().unwrap_or_default();
-                    for r in 1..self.replicas {
+                    for r in 1..self.replicas() {
                         for (a, b) in sum.iter_mut().zip(slots[r * k + s].iter().flatten()) {
                             *a += b;
                         }
@@ -491,29 +475,34 @@ impl StagedPipeline {
             self.done.push_back(StepStats {
                 loss,
                 // Backprop has one loss, not one per module.
-                module_losses: match self.method {
+                module_losses: match self.cfg.method {
                     PipelineMethod::Sid | PipelineMethod::Paper => losses,
                     PipelineMethod::Bp(_) => Vec::new(),
                 },
             });
         }
-        Ok(None)
+        Ok(())
     }
 
     fn owing_steps(&self) -> String {
         let Some((step, slots)) = self.pending.iter().next() else {
             return "nothing".into();
         };
-        let who: Vec<String> = missing(slots).map(|i| self.describe(i)).collect();
-        format!("{} to finish step {step}", who.join(", "))
+        format!("{} to finish step {step}", self.missing(slots))
+    }
+
+    /// The slots of `got` that have not answered yet, described.
+    fn missing<T>(&self, got: &[Option<T>]) -> String {
+        let who: Vec<String> = (0..got.len())
+            .filter(|&i| got[i].is_none())
+            .map(|i| self.describe(i))
+            .collect();
+        who.join(", ")
     }
 
     fn wait_oldest(&mut self) -> Result<()> {
         let r = self.next_report(&|p: &Self| p.owing_steps(), true)?;
-        if let Some(other) = self.file(r.expect("blocking"))? {
-            return Err(unexpected(&other, "training results"));
-        }
-        Ok(())
+        self.file(r.expect("blocking"))
     }
 
     fn submit(&mut self, x: &Tensor, y: &Tensor) -> Result<()> {
@@ -521,7 +510,7 @@ impl StagedPipeline {
         if b == 0 {
             return Err(RuntimeError::Config("an empty batch".into()));
         }
-        let r = self.replicas as i64;
+        let r = self.replicas() as i64;
         if b < r {
             return Err(RuntimeError::Config(format!(
                 "a batch of {b} cannot be shared by {r} data-parallel replicas"
@@ -530,26 +519,22 @@ impl StagedPipeline {
         self.submitted += 1;
         let step = self.submitted;
         // A slot for replica r's stage s, for every r and s.
-        let slots = self.specs.len() * self.replicas;
+        let slots = self.specs.len() * self.replicas();
         self.pending.insert(step, vec![None; slots]);
         let first = self.devices[0];
         let mut start = 0;
         for replica in 0..r {
             // Each replica takes a disjoint shard; sizes differ by at most one.
             let shard = b / r + i64::from(replica < b % r);
-            let m = (self.micro_batches as i64).min(shard);
+            let m = (self.cfg.micro_batches as i64).min(shard);
             for j in 0..m {
                 // Sizes differ by at most one when m does not divide the shard.
                 let len = shard / m + i64::from(j < shard % m);
                 let msg = Message::Train {
-                    tag: Tag {
-                        step,
-                        micro: j as usize,
-                        kind: Kind::Train,
-                    },
+                    tag: Tag::new(step, j as usize, Kind::Train),
                     micro_batches: m as usize,
                     input: x.narrow(0, start, len),
-                    p: sid_core::belief::uniform_belief(len, self.num_classes, first),
+                    p: sid_core::belief::uniform_belief(len, self.cfg.model.num_classes, first),
                     labels: y.narrow(0, start, len),
                     // The share of the whole batch: summed over replicas, the gradients and
                     // losses are those of one replica on the whole batch.
@@ -571,7 +556,7 @@ impl StagedPipeline {
         all_replicas: bool,
     ) -> Result<Vec<Report>> {
         self.drain()?;
-        let replicas = if all_replicas { self.replicas } else { 1 };
+        let replicas = if all_replicas { self.replicas() } else { 1 };
         // Stage 1 of this process's replica last.
         for r in (1..replicas).chain([0]) {
             self.feed_replica(r, msg())?;
@@ -579,10 +564,7 @@ impl StagedPipeline {
         let k = self.specs.len() * replicas;
         let mut got: Vec<Option<Report>> = (0..k).map(|_| None).collect();
         while got.iter().any(|g| g.is_none()) {
-            let owing = |p: &Self| {
-                let who: Vec<String> = missing(&got).map(|i| p.describe(i)).collect();
-                format!("{} to return {what}", who.join(", "))
-            };
+            let owing = |p: &Self| format!("{} to return {what}", p.missing(&got));
             let r = self.next_report(&owing, true)?.expect("blocking");
             let stage = match &r {
                 Report::Logits { stage, .. }
@@ -616,20 +598,8 @@ impl StagedPipeline {
 
     fn next_request(&mut self, kind: Kind) -> Tag {
         self.requests += 1;
-        Tag {
-            step: self.requests,
-            micro: 0,
-            kind,
-        }
+        Tag::new(self.requests, 0, kind)
     }
-}
-
-/// The slots that have not answered yet.
-fn missing<T>(got: &[Option<T>]) -> impl Iterator<Item = usize> + '_ {
-    got.iter()
-        .enumerate()
-        .filter(|(_, g)| g.is_none())
-        .map(|(i, _)| i)
 }
 
 fn unexpected(r: &Report, expected: &str) -> RuntimeError {
@@ -663,26 +633,21 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let cap = cfg.micro_batches.max(1) + 1;
     let (report_tx, reports) = crossbeam_channel::unbounded();
     // Stage s reads channel s and sends into channel s + 1; the coordinator feeds channel 0.
-    let (mut downs, ups): (Vec<_>, Vec<_>) = (0..k)
-        .map(|_| crossbeam_channel::bounded::<Message>(cap))
-        .unzip();
-    let first = downs.remove(0);
-    let downs = downs.into_iter().map(Some).chain([None]);
-    let mut transports: Vec<ChannelTransport> = ups
-        .into_iter()
-        .zip(downs)
-        .enumerate()
-        .map(|(s, (up, down))| {
-            ChannelTransport::new(s, devices[s], up, down, report_tx.clone(), cfg.timeout)
-        })
-        .collect();
-    // A gradient channel from each stage whose backward sends one to the stage that takes it.
-    for s in 0..k {
+    let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
+    let mut transports: Vec<ChannelTransport> = Vec::with_capacity(k);
+    for (s, &device) in devices.iter().enumerate() {
+        let (down, next_up) = crossbeam_channel::bounded(cap);
+        let up = std::mem::replace(&mut upstream, next_up);
+        let down = (s + 1 < k).then_some(down);
+        let mut t = ChannelTransport::new(s, device, up, down, report_tx.clone(), cfg.timeout);
+        // A gradient channel from each stage whose backward sends one to the (earlier) stage
+        // that takes it.
         if let Some(to) = cfg.method.grad_target(s) {
             let (tx, rx) = crossbeam_channel::bounded(cap);
-            transports[s].set_grad_out(to, tx);
-            transports[to].add_grad_in(s, rx);
+            t.grad_out = Some((to, tx));
+            transports[to].grads_in.push((s, rx));
         }
+        transports.push(t);
     }
     let threads = runners
         .into_iter()
@@ -707,7 +672,7 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
 
 impl Network for StagedPipeline {
     fn method(&self) -> Method {
-        match self.method {
+        match self.cfg.method {
             PipelineMethod::Sid | PipelineMethod::Paper => Method::Sid,
             PipelineMethod::Bp(_) => Method::Bp,
         }
@@ -720,31 +685,28 @@ impl Network for StagedPipeline {
     fn train_step(&mut self, x: &Tensor, y: &Tensor) -> sid_core::Result<StepStats> {
         self.submit(x, y)?;
         self.drain()?;
-        let mut all: Vec<StepStats> = self.done.drain(..).collect();
-        Ok(all.pop().expect("the step just finished"))
+        let last = self.done.drain(..).next_back();
+        Ok(last.expect("the step just finished"))
     }
 
     /// Stages in this thread only (one device): the step runs through every stage as usual,
     /// but its losses stay on the device, so a CUDA graph can capture it.
     fn train_step_queued(&mut self, x: &Tensor, y: &Tensor) -> sid_core::Result<Tensor> {
-        let queue = |engine: &mut Engine, on: bool| match engine {
-            Engine::Local { runners, .. } => {
-                runners.iter_mut().for_each(|r| r.queue_losses(on));
-                Ok(())
-            }
-            Engine::Threads { .. } => Err(RuntimeError::Config(
+        let Engine::Local { runners, .. } = &mut self.engine else {
+            return Err(RuntimeError::Config(
                 "a step of stages in threads cannot be captured as one".into(),
-            )),
+            )
+            .into());
         };
-        queue(&mut self.engine, true)?;
+        runners.iter_mut().for_each(|r| r.queue_losses(true));
         let submitted = self.submit(x, y);
-        queue(&mut self.engine, false)?;
         let Engine::Local {
             runners, reports, ..
         } = &mut self.engine
         else {
             unreachable!("checked above")
         };
+        runners.iter_mut().for_each(|r| r.queue_losses(false));
         // The step's reports carry no losses: they are these.
         reports.clear();
         self.pending.remove(&self.submitted);
@@ -760,7 +722,7 @@ impl Network for StagedPipeline {
 
     fn read_step(&self, losses: &Tensor) -> sid_core::Result<StepStats> {
         let _s = tracing::trace_span!("read_losses").entered();
-        Ok(match (&self.method, &self.engine) {
+        Ok(match (&self.cfg.method, &self.engine) {
             (PipelineMethod::Bp(_), Engine::Local { runners, .. }) => {
                 let last = runners.last().expect("a stage").unit();
                 StepStats {
@@ -782,9 +744,7 @@ impl Network for StagedPipeline {
         self.submit(x, y)?;
         // Take what has finished; wait only when too many steps are in flight.
         while let Some(r) = self.next_report(&|p: &Self| p.owing_steps(), false)? {
-            if let Some(other) = self.file(r)? {
-                return Err(unexpected(&other, "training results").into());
-            }
+            self.file(r)?;
         }
         // One step in flight per stage, and one more.
         while self.pending.len() > self.specs.len() + 1 {
@@ -800,15 +760,15 @@ impl Network for StagedPipeline {
 
     fn cascade(&mut self, x: &Tensor) -> sid_core::Result<Cascade> {
         let tag = self.next_request(Kind::Eval);
-        let p = sid_core::belief::uniform_belief(x.size()[0], self.num_classes, self.devices[0]);
+        let first = self.devices[0];
+        let p = sid_core::belief::uniform_belief(x.size()[0], self.cfg.model.num_classes, first);
         let eval = || Message::Eval {
             tag,
             input: x.shallow_clone(),
             p: p.shallow_clone(),
         };
         let reports = self.request(eval, "inference results", false)?;
-        let first = self.devices[0];
-        let mut logits = Vec::with_capacity(self.modules);
+        let mut logits = Vec::with_capacity(self.cfg.model.modules);
         for r in reports {
             if let Report::Logits {
                 step, logits: l, ..
@@ -829,19 +789,16 @@ impl Network for StagedPipeline {
     }
 
     fn cascade_exit(&mut self, x: &Tensor, tau: f64) -> sid_core::Result<EarlyExit> {
-        if self.threaded() {
-            // Stage threads run whole batches: the default picks exits from the full cascade.
-            return Ok(sid_core::early_exit(&self.cascade(x)?.logits, tau));
-        }
         self.drain()?;
         let Engine::Local { runners, .. } = &self.engine else {
-            unreachable!("not threaded")
+            // Stage threads run whole batches: the default picks exits from the full cascade.
+            return Ok(sid_core::early_exit(&self.cascade(x)?.logits, tau));
         };
         let b = x.size()[0];
         let first = self.devices[0];
-        let mut exits = ExitTracker::new(b, self.modules, tau, first);
+        let mut exits = ExitTracker::new(b, self.cfg.model.modules, tau, first);
         let mut input = x.shallow_clone();
-        let mut p = sid_core::belief::uniform_belief(b, self.num_classes, first);
+        let mut p = sid_core::belief::uniform_belief(b, self.cfg.model.num_classes, first);
         for r in runners {
             let unit = r.unit();
             let out = unit.infer(&input, &p);
@@ -895,7 +852,7 @@ impl Drop for StagedPipeline {
             firsts.clear();
             // One grace period for all of them: a thread stuck on a peer that hangs (another
             // process, say) is left behind, not waited for one after another.
-            let grace = self.timeout.min(Duration::from_secs(10));
+            let grace = self.cfg.timeout.min(Duration::from_secs(10));
             let deadline = std::time::Instant::now() + grace;
             for t in threads.iter_mut() {
                 if t.exited.recv_deadline(deadline).is_ok() {

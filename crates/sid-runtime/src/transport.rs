@@ -41,6 +41,13 @@ pub struct Tag {
     pub kind: Kind,
 }
 
+impl Tag {
+    /// Micro-batch `micro` of `step`, of `kind`.
+    pub fn new(step: u64, micro: usize, kind: Kind) -> Self {
+        Self { step, micro, kind }
+    }
+}
+
 /// What flows down the chain of stages, from the coordinator into stage 1 and on from there.
 /// Control messages (state, load) travel the same way, so each stage handles them after
 /// everything sent before them.
@@ -218,13 +225,9 @@ pub struct LocalTransport<'a> {
 
 impl Transport for LocalTransport<'_> {
     fn recv(&mut self, _timeout: Duration) -> Result<Received> {
-        Ok(match self.inbox.pop_front() {
-            Some(m) => {
-                self.taken += 1;
-                Received::Message(m)
-            }
-            None => Received::Nothing,
-        })
+        let m = self.inbox.pop_front();
+        self.taken += usize::from(m.is_some());
+        Ok(m.map_or(Received::Nothing, Received::Message))
     }
 
     fn send_down(&mut self, msg: Message) -> Result<()> {
@@ -281,18 +284,18 @@ pub struct ChannelTransport {
     pub timeout: Duration,
     /// The gradients this stage's backward waits for, each from a later stage (0-based), in
     /// the order [`Transport::recv_grad`] takes them in turn.
-    grads_in: Vec<(usize, Receiver<(Tag, Tensor)>)>,
+    pub(crate) grads_in: Vec<(usize, Receiver<(Tag, Tensor)>)>,
     /// Where this stage's backward sends its gradient: the receiving stage (0-based).
-    grad_out: Option<(usize, Sender<(Tag, Tensor)>)>,
+    pub(crate) grad_out: Option<(usize, Sender<(Tag, Tensor)>)>,
     /// The entry of `grads_in` taken next.
     next_grad_from: usize,
     /// Data-parallel replicas of this stage in other processes, if any.
-    replicas: Option<Arc<Group>>,
+    pub(crate) replicas: Option<Arc<Group>>,
 }
 
 impl ChannelTransport {
     /// Stage `stage` on `device` between `upstream` and `downstream`, reporting to `reports`;
-    /// no gradient channels and no replicas until added.
+    /// no gradient channels and no replicas until set.
     pub fn new(
         stage: usize,
         device: Device,
@@ -315,20 +318,25 @@ impl ChannelTransport {
         }
     }
 
-    /// Also receives gradients from stage `from` (0-based) over `rx`, after those added before.
-    pub fn add_grad_in(&mut self, from: usize, rx: Receiver<(Tag, Tensor)>) {
-        self.grads_in.push((from, rx));
-    }
-
-    /// Sends this stage's backward's gradient to stage `to` (0-based) over `tx`.
-    pub fn set_grad_out(&mut self, to: usize, tx: Sender<(Tag, Tensor)>) {
-        self.grad_out = Some((to, tx));
-    }
-
-    /// Sums this stage's gradients with its replicas' before each optimiser step.
-    pub fn with_replicas(mut self, replicas: Option<Arc<Group>>) -> Self {
-        self.replicas = replicas;
-        self
+    /// Sends `item` over `tx` once this stage's stream has computed it; a full channel past
+    /// the timeout (waiting for what `taking` says) or a stopped receiver (`stopped`) is an
+    /// error.
+    fn send_on<T>(
+        &self,
+        tx: &Sender<T>,
+        item: T,
+        taking: impl FnOnce() -> String,
+        stopped: impl FnOnce() -> String,
+    ) -> Result<()> {
+        streams::sync_device(self.device)?;
+        tx.send_timeout(item, self.timeout).map_err(|e| match e {
+            SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
+                waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
+                waited_for: taking(),
+                timeout: self.timeout,
+            },
+            SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(stopped()),
+        })
     }
 }
 
@@ -415,29 +423,6 @@ impl Transport for ChannelTransport {
                 "stage {from} stopped before sending its gradient"
             ))),
         }
-    }
-}
-
-impl ChannelTransport {
-    /// Sends `item` over `tx` once this stage's stream has computed it; a full channel past
-    /// the timeout (waiting for what `taking` says) or a stopped receiver (`stopped`) is an
-    /// error.
-    fn send_on<T>(
-        &self,
-        tx: &Sender<T>,
-        item: T,
-        taking: impl FnOnce() -> String,
-        stopped: impl FnOnce() -> String,
-    ) -> Result<()> {
-        streams::sync_device(self.device)?;
-        tx.send_timeout(item, self.timeout).map_err(|e| match e {
-            SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
-                waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
-                waited_for: taking(),
-                timeout: self.timeout,
-            },
-            SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(stopped()),
-        })
     }
 }
 
