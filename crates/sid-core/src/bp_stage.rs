@@ -118,11 +118,9 @@ pub fn build_bp_stages<'a>(
             let mut groups: Vec<Vec<Tensor>> = prefixes[blocks[index].clone()]
                 .iter()
                 .map(|prefix| {
-                    let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut rest)
-                        .into_iter()
-                        .partition(|(n, _)| n.starts_with(prefix.as_str()));
-                    rest = others;
-                    mine.into_iter().map(|(_, v)| v).collect()
+                    (rest.extract_if(.., |(n, _)| n.starts_with(prefix.as_str())))
+                        .map(|(_, v)| v)
+                        .collect()
                 })
                 .collect();
             if !rest.is_empty() {
@@ -150,11 +148,6 @@ pub fn build_bp_stages<'a>(
 }
 
 impl BpStage {
-    /// 0-based position.
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
     /// Every module's logits from the slice's output, float32, computed at the stage's
     /// precision.
     fn head_forward(&self, h: &Tensor) -> Vec<Tensor> {
@@ -249,77 +242,6 @@ impl BpStage {
         Ok((grad_in, loss))
     }
 
-    /// The input half of a split backward (zero bubble): the gradient of the stage's input
-    /// (for the previous stage; `None` on stage 1) and of each block's output, which
-    /// [`BpStage::backward_weight`] needs, but no weight gradient. Returns what
-    /// [`BpStage::backward_micro`] returns.
-    pub fn backward_input(
-        &mut self,
-        micro: usize,
-        grad: Option<&Tensor>,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = if self.last {
-            None
-        } else {
-            Some(self.output_grad(grad)?.shallow_clone())
-        };
-        let first = self.index == 0;
-        let p = self
-            .pending
-            .get_mut(&micro)
-            .ok_or_else(|| missing(self.index, micro))?;
-        let root = match &g {
-            None => p.out.shallow_clone(),
-            Some(g) => (&p.out * g).f_sum(Kind::Float)?,
-        };
-        // The last block's output gradient is the one received, except before the head.
-        let outs = if g.is_some() {
-            &p.outs[..p.outs.len() - 1]
-        } else {
-            &p.outs[..]
-        };
-        let inputs: Vec<&Tensor> = (!first)
-            .then_some(&p.leaf)
-            .into_iter()
-            .chain(outs)
-            .collect();
-        let mut grads = if inputs.is_empty() {
-            Vec::new()
-        } else {
-            Tensor::f_run_backward(&[root], &inputs, true, false)?
-        };
-        let grad_in = (!first).then(|| grads.remove(0));
-        grads.extend(g);
-        p.grads = Some(grads);
-        Ok((grad_in, self.last.then(|| p.out.detach())))
-    }
-
-    /// The weight half of a split backward, after [`BpStage::backward_input`]: each block's
-    /// (and the head's) weight gradients from its output's gradient, added to the stage's
-    /// until [`BpStage::apply`].
-    pub fn backward_weight(&mut self, micro: usize) -> Result<()> {
-        let p = self.take(micro)?;
-        let grads = p.grads.ok_or_else(|| {
-            CoreError::InvalidConfig(format!(
-                "backprop stage {}: weight half of micro-batch {micro} before its input half",
-                self.index + 1
-            ))
-        })?;
-        for (k, params) in self.groups.iter().enumerate() {
-            if params.is_empty() {
-                continue;
-            }
-            let root = match (p.outs.get(k), grads.get(k)) {
-                (Some(o), Some(g)) => (o * g).f_sum(Kind::Float)?,
-                // The head's group: its modules end in the loss itself.
-                _ => p.out.shallow_clone(),
-            };
-            let g = Tensor::f_run_backward(&[root], params, false, false)?;
-            accumulate(params, &g)?;
-        }
-        Ok(())
-    }
-
     fn take(&mut self, micro: usize) -> Result<Pending> {
         self.pending
             .remove(&micro)
@@ -373,13 +295,74 @@ impl Unit for BpStage {
         Ok(Backward { grad, losses })
     }
 
+    /// The input half of a split backward (zero bubble): the gradient of the stage's input
+    /// (for the previous stage; `None` on stage 1) and of each block's output, which
+    /// [`Unit::backward_weight`] needs, but no weight gradient. Returns what
+    /// [`BpStage::backward_micro`] returns.
     fn backward_input(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
-        let (grad, losses) = BpStage::backward_input(self, micro, grad)?;
-        Ok(Backward { grad, losses })
+        let g = if self.last {
+            None
+        } else {
+            Some(self.output_grad(grad)?.shallow_clone())
+        };
+        let first = self.index == 0;
+        let p = self
+            .pending
+            .get_mut(&micro)
+            .ok_or_else(|| missing(self.index, micro))?;
+        let root = match &g {
+            None => p.out.shallow_clone(),
+            Some(g) => (&p.out * g).f_sum(Kind::Float)?,
+        };
+        // The last block's output gradient is the one received, except before the head.
+        let outs = if g.is_some() {
+            &p.outs[..p.outs.len() - 1]
+        } else {
+            &p.outs[..]
+        };
+        let inputs: Vec<&Tensor> = (!first)
+            .then_some(&p.leaf)
+            .into_iter()
+            .chain(outs)
+            .collect();
+        let mut grads = if inputs.is_empty() {
+            Vec::new()
+        } else {
+            Tensor::f_run_backward(&[root], &inputs, true, false)?
+        };
+        let grad_in = (!first).then(|| grads.remove(0));
+        grads.extend(g);
+        p.grads = Some(grads);
+        Ok(Backward {
+            grad: grad_in,
+            losses: self.last.then(|| p.out.detach()),
+        })
     }
 
+    /// The weight half of a split backward, after [`Unit::backward_input`]: each block's
+    /// (and the head's) weight gradients from its output's gradient, added to the stage's
+    /// until [`Unit::apply`].
     fn backward_weight(&mut self, micro: usize) -> Result<()> {
-        BpStage::backward_weight(self, micro)
+        let p = self.take(micro)?;
+        let grads = p.grads.ok_or_else(|| {
+            CoreError::InvalidConfig(format!(
+                "backprop stage {}: weight half of micro-batch {micro} before its input half",
+                self.index + 1
+            ))
+        })?;
+        for (k, params) in self.groups.iter().enumerate() {
+            if params.is_empty() {
+                continue;
+            }
+            let root = match (p.outs.get(k), grads.get(k)) {
+                (Some(o), Some(g)) => (o * g).f_sum(Kind::Float)?,
+                // The head's group: its modules end in the loss itself.
+                _ => p.out.shallow_clone(),
+            };
+            let g = Tensor::f_run_backward(&[root], params, false, false)?;
+            accumulate(params, &g)?;
+        }
+        Ok(())
     }
 
     fn apply(&mut self) {

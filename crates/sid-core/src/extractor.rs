@@ -656,16 +656,6 @@ impl BlockLayout {
     pub fn output_elems(cfg: &ModelConfig, i: usize) -> i64 {
         Self::of(cfg).shapes[i].iter().product()
     }
-
-    /// Number of blocks.
-    pub fn len(&self) -> usize {
-        self.shapes.len()
-    }
-
-    /// Whether there are none (never, for the built-in backbones).
-    pub fn is_empty(&self) -> bool {
-        self.shapes.is_empty()
-    }
 }
 
 /// Trainable parameters of a network, by part (BatchNorm's running statistics, which are
@@ -1047,13 +1037,17 @@ mod tests {
         // VGG-11 at 28 px: the fifth pool would leave 0×0, so it is skipped.
         let vgg = BlockLayout::of(&cfg(ExtractorKind::Vgg11, 1, 28, 6));
         assert_eq!(vgg.shapes.last().unwrap(), &vec![512, 1, 1]);
-        assert_eq!(vgg.len(), 8);
+        assert_eq!(vgg.shapes.len(), 8);
         assert_eq!(
-            BlockLayout::of(&cfg(ExtractorKind::Resnet18, 3, 32, 6)).len(),
+            BlockLayout::of(&cfg(ExtractorKind::Resnet18, 3, 32, 6))
+                .shapes
+                .len(),
             9
         );
         assert_eq!(
-            BlockLayout::of(&cfg(ExtractorKind::VitTiny, 3, 32, 6)).len(),
+            BlockLayout::of(&cfg(ExtractorKind::VitTiny, 3, 32, 6))
+                .shapes
+                .len(),
             13
         );
         // Above 64 px ResNet starts with the ImageNet stem: 7×7/2 and a max-pool.
