@@ -18,7 +18,7 @@ use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief, BeliefModule};
 use crate::extractor::{forward_blocks, Block, Net};
 use crate::loss::{cross_entropy, scaled};
-use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
+use crate::network::{load_trained_state, trained_state, NamedTensors};
 use crate::precision::{forward_all_f32, forward_f32};
 use crate::unit::{add_next, module_prefix, Backward, Inferred, MicroBatch, Passed, Unit};
 use crate::{CoreError, Result};
@@ -220,28 +220,6 @@ impl BpStage {
         next
     }
 
-    /// Backward of micro-batch `micro`, with the gradient of its output (`None` on the last
-    /// stage). Returns the gradient of its input (for the previous stage; `None` on stage 1)
-    /// and, on the last stage, its weighted loss.
-    pub fn backward_micro(
-        &mut self,
-        micro: usize,
-        grad: Option<&Tensor>,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let Pending { leaf, out, .. } = self.take(micro)?;
-        let loss = if self.last {
-            out.f_backward()?;
-            Some(out.detach())
-        } else {
-            (out * self.output_grad(grad)?)
-                .f_sum(Kind::Float)?
-                .f_backward()?;
-            None
-        };
-        let grad_in = (self.index > 0).then(|| leaf.grad().detach());
-        Ok((grad_in, loss))
-    }
-
     fn take(&mut self, micro: usize) -> Result<Pending> {
         self.pending
             .remove(&micro)
@@ -251,18 +229,6 @@ impl BpStage {
     fn output_grad<'g>(&self, grad: Option<&'g Tensor>) -> Result<&'g Tensor> {
         grad.ok_or_else(|| {
             CoreError::InvalidConfig("a middle stage's backward needs its output's gradient".into())
-        })
-    }
-
-    /// Inference: the output for the next stage, or every module's logits on the last.
-    pub fn cascade(&self, input: &Tensor) -> (Option<Tensor>, Vec<Tensor>) {
-        tch::no_grad(|| {
-            let h = self.slice(input, false);
-            if self.last {
-                (None, self.head_forward(&h))
-            } else {
-                (Some(h), Vec::new())
-            }
         })
     }
 }
@@ -290,15 +256,28 @@ impl Unit for BpStage {
             }))
     }
 
+    /// Backward of micro-batch `micro`, with the gradient of its output (`None` on the last
+    /// stage). Returns the gradient of its input (for the previous stage; `None` on stage 1)
+    /// and, on the last stage, its weighted loss.
     fn backward(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
-        let (grad, losses) = self.backward_micro(micro, grad)?;
+        let Pending { leaf, out, .. } = self.take(micro)?;
+        let losses = if self.last {
+            out.f_backward()?;
+            Some(out.detach())
+        } else {
+            (out * self.output_grad(grad)?)
+                .f_sum(Kind::Float)?
+                .f_backward()?;
+            None
+        };
+        let grad = (self.index > 0).then(|| leaf.grad().detach());
         Ok(Backward { grad, losses })
     }
 
     /// The input half of a split backward (zero bubble): the gradient of the stage's input
     /// (for the previous stage; `None` on stage 1) and of each block's output, which
     /// [`Unit::backward_weight`] needs, but no weight gradient. Returns what
-    /// [`BpStage::backward_micro`] returns.
+    /// [`Unit::backward`] returns.
     fn backward_input(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
         let g = if self.last {
             None
@@ -386,24 +365,26 @@ impl Unit for BpStage {
         Ok(vec![v])
     }
 
+    /// The output for the next stage, or every module's logits on the last; `p` passes
+    /// through.
     fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
-        let (next, logits) = self.cascade(input);
-        Inferred {
-            next,
-            logits,
-            p: p.shallow_clone(),
-        }
+        tch::no_grad(|| {
+            let h = self.slice(input, false);
+            let (next, logits) = match self.last {
+                true => (None, self.head_forward(&h)),
+                false => (Some(h), Vec::new()),
+            };
+            let p = p.shallow_clone();
+            Inferred { next, logits, p }
+        })
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        let mut v = var_store_state(&self.vs);
-        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
-        v
+        trained_state(&self.vs, &self.opt, &self.adam_prefix)
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        load_var_store(&self.vs, named)?;
-        self.opt.load_state(&self.adam_prefix, named)
+        load_trained_state(&self.vs, &mut self.opt, &self.adam_prefix, named)
     }
 
     fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
@@ -420,6 +401,7 @@ impl Unit for BpStage {
 mod tests {
     use super::*;
     use crate::config::{ExtractorKind, ModelConfig};
+    use crate::network::var_store_state;
     use crate::reference::Reference;
     use tch::Kind;
 
@@ -456,8 +438,11 @@ mod tests {
             let expected = bp.bp_step(&x, &y);
             let h = st[0].forward_micro(0, &x, &y, 1.0).unwrap();
             assert!(st[1].forward_micro(0, &h, &y, 1.0).is_none());
-            let (g, loss) = st[1].backward_micro(0, None).unwrap();
-            st[0].backward_micro(0, g.as_ref()).unwrap();
+            let Backward {
+                grad: g,
+                losses: loss,
+            } = st[1].backward(0, None).unwrap();
+            st[0].backward(0, g.as_ref()).unwrap();
             st[0].apply();
             st[1].apply();
             let loss = loss.unwrap().double_value(&[]);
@@ -473,8 +458,8 @@ mod tests {
                 assert!(d < 1e-4, "{name} differs by {d}");
             }
         }
-        let (h, _) = st[0].cascade(&x);
-        let ours = st[1].cascade(&h.unwrap()).1.pop().unwrap();
+        let h = st[0].infer(&x, &x).next.unwrap();
+        let ours = st[1].infer(&h, &x).logits.pop().unwrap();
         let want = bp.cascade(&x).pop().unwrap();
         assert!(ours.allclose(&want, 1e-4, 1e-4, false));
     }
@@ -507,9 +492,12 @@ mod tests {
                     .is_none());
             }
             for j in (0..4).rev() {
-                let (g, loss) = st[1].backward_micro(j, None).unwrap();
+                let Backward {
+                    grad: g,
+                    losses: loss,
+                } = st[1].backward(j, None).unwrap();
                 total += loss.unwrap().double_value(&[]);
-                let (none, _) = st[0].backward_micro(j, g.as_ref()).unwrap();
+                let none = st[0].backward(j, g.as_ref()).unwrap().grad;
                 assert!(none.is_none());
             }
             st[0].apply();
@@ -547,8 +535,8 @@ mod tests {
             assert!(st[1].forward_micro(j as usize, &h, &yj, w).is_none());
         }
         for j in (0..micro as usize).rev() {
-            let (g, _) = st[1].backward_micro(j, None).unwrap();
-            st[0].backward_micro(j, g.as_ref()).unwrap();
+            let g = st[1].backward(j, None).unwrap().grad;
+            st[0].backward(j, g.as_ref()).unwrap();
         }
         st.iter().flat_map(BpStage::gradients).collect()
     }
