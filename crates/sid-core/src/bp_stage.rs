@@ -18,7 +18,7 @@ use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief, BeliefModule};
 use crate::extractor::{forward_blocks, Block, Net};
 use crate::loss::{cross_entropy, scaled};
-use crate::network::{load_trained_state, trained_state, NamedTensors};
+use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::{forward_all_f32, forward_f32};
 use crate::unit::{add_next, module_prefix, Backward, Inferred, MicroBatch, Passed, Unit};
 use crate::{CoreError, Result};
@@ -172,54 +172,6 @@ impl BpStage {
         })
     }
 
-    /// Forward of micro-batch `micro`: returns the output for the next stage (detached), or
-    /// `None` on the last stage, which keeps `scale ·` its cross-entropy for the backward.
-    pub fn forward_micro(
-        &mut self,
-        micro: usize,
-        input: &Tensor,
-        labels: &Tensor,
-        scale: f64,
-    ) -> Option<Tensor> {
-        let leaf = if self.index == 0 {
-            input.shallow_clone()
-        } else {
-            input.detach().set_requires_grad(true)
-        };
-        // Each block's output is kept for a split backward's weight half; the arithmetic is
-        // the slice's.
-        let mut outs = Vec::with_capacity(self.blocks.len());
-        let h = forward_f32(self.precision, leaf.device(), || {
-            self.blocks.iter().fold(leaf.shallow_clone(), |h, b| {
-                let o = b.forward_t(&h, true);
-                outs.push(o.shallow_clone());
-                o
-            })
-        });
-        // The slice's output as the next stage or the head sees it (float32).
-        if let Some(last) = outs.last_mut() {
-            *last = h.shallow_clone();
-        }
-        let (out, next) = if self.last {
-            let logits = self.head_forward(&h);
-            let loss = cross_entropy(logits.last().expect("at least one module"), labels);
-            (scaled(loss, scale), None)
-        } else {
-            let next = h.detach();
-            (h, Some(next))
-        };
-        self.pending.insert(
-            micro,
-            Pending {
-                leaf,
-                outs,
-                out,
-                grads: None,
-            },
-        );
-        next
-    }
-
     fn take(&mut self, micro: usize) -> Result<Pending> {
         self.pending
             .remove(&micro)
@@ -246,14 +198,51 @@ impl Unit for BpStage {
         usize::from(!self.last)
     }
 
+    /// Forward of micro-batch `micro`: returns the output for the next stage (detached), or
+    /// `None` on the last stage, which keeps `scale ·` its cross-entropy for the backward.
     fn forward(&mut self, micro: usize, mb: MicroBatch<'_>) -> Result<Option<Passed>> {
-        Ok(self
-            .forward_micro(micro, mb.input, mb.labels, mb.scale)
-            .map(|h| {
-                // Backprop stages pass no belief.
-                let p = Tensor::zeros([0], (Kind::Float, h.device()));
-                Passed { input: h, p }
-            }))
+        let leaf = if self.index == 0 {
+            mb.input.shallow_clone()
+        } else {
+            mb.input.detach().set_requires_grad(true)
+        };
+        // Each block's output is kept for a split backward's weight half; the arithmetic is
+        // the slice's.
+        let mut outs = Vec::with_capacity(self.blocks.len());
+        let h = forward_f32(self.precision, leaf.device(), || {
+            self.blocks.iter().fold(leaf.shallow_clone(), |h, b| {
+                let o = b.forward_t(&h, true);
+                outs.push(o.shallow_clone());
+                o
+            })
+        });
+        // The slice's output as the next stage or the head sees it (float32).
+        if let Some(last) = outs.last_mut() {
+            *last = h.shallow_clone();
+        }
+        let (out, next) = if self.last {
+            let logits = self.head_forward(&h);
+            let loss = cross_entropy(logits.last().expect("at least one module"), mb.labels);
+            (scaled(loss, mb.scale), None)
+        } else {
+            // Backprop stages pass no belief.
+            let p = Tensor::zeros([0], (Kind::Float, h.device()));
+            let next = Passed {
+                input: h.detach(),
+                p,
+            };
+            (h, Some(next))
+        };
+        self.pending.insert(
+            micro,
+            Pending {
+                leaf,
+                outs,
+                out,
+                grads: None,
+            },
+        );
+        Ok(next)
     }
 
     /// Backward of micro-batch `micro`, with the gradient of its output (`None` on the last
@@ -380,11 +369,14 @@ impl Unit for BpStage {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        trained_state(&self.vs, &self.opt, &self.adam_prefix)
+        let mut v = var_store_state(&self.vs);
+        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
+        v
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        load_trained_state(&self.vs, &mut self.opt, &self.adam_prefix, named)
+        load_var_store(&self.vs, named)?;
+        self.opt.load_state(&self.adam_prefix, named)
     }
 
     fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
@@ -401,7 +393,25 @@ impl Unit for BpStage {
 mod tests {
     use super::*;
     use crate::config::{ExtractorKind, ModelConfig};
-    use crate::network::var_store_state;
+
+    impl BpStage {
+        /// [`Unit::forward`] on plain tensors: the output for the next stage, if any.
+        fn forward_micro(
+            &mut self,
+            micro: usize,
+            input: &Tensor,
+            labels: &Tensor,
+            scale: f64,
+        ) -> Option<Tensor> {
+            let mb = MicroBatch {
+                input,
+                p: input,
+                labels,
+                scale,
+            };
+            Unit::forward(self, micro, mb).unwrap().map(|out| out.input)
+        }
+    }
     use crate::reference::Reference;
     use tch::Kind;
 

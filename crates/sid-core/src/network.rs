@@ -228,29 +228,6 @@ pub fn var_store_state(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
     v
 }
 
-/// The variables of `vs` and the state of `opt`, its optimiser, saved under `prefix`, as
-/// named CPU tensors: what a unit with its own VarStore checkpoints.
-pub(crate) fn trained_state(
-    vs: &tch::nn::VarStore,
-    opt: &crate::Adam,
-    prefix: &str,
-) -> Vec<(String, Tensor)> {
-    let mut v = var_store_state(vs);
-    v.extend(to_cpu(opt.state(prefix)));
-    v
-}
-
-/// Restores what [`trained_state`] saved.
-pub(crate) fn load_trained_state(
-    vs: &tch::nn::VarStore,
-    opt: &mut crate::Adam,
-    prefix: &str,
-    named: &NamedTensors,
-) -> Result<()> {
-    load_var_store(vs, named)?;
-    opt.load_state(prefix, named)
-}
-
 /// Turns an optimizer state into CPU copies.
 pub fn to_cpu(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
     v.into_iter()

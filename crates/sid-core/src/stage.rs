@@ -23,7 +23,7 @@ use crate::belief::{belief, uniform_belief};
 use crate::config::LossConfig;
 use crate::extractor::{forward_blocks, Block, Neck, Net};
 use crate::loss::{local_loss_for, scaled, LabelTarget};
-use crate::network::{load_trained_state, trained_state, NamedTensors};
+use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::forward_f32;
 use crate::unit::{Backward, Inferred, MicroBatch, ModuleUnit, Passed, Unit};
 use crate::{CoreError, Result};
@@ -612,7 +612,8 @@ impl Unit for Stage {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        let mut v = trained_state(&self.vs, &self.opt, &self.adam_prefix);
+        let mut v = var_store_state(&self.vs);
+        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
         for m in &self.modules {
             v.extend(m.state());
         }
@@ -620,7 +621,8 @@ impl Unit for Stage {
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        load_trained_state(&self.vs, &mut self.opt, &self.adam_prefix, named)?;
+        load_var_store(&self.vs, named)?;
+        self.opt.load_state(&self.adam_prefix, named)?;
         for m in &mut self.modules {
             m.load_state(named)?;
         }
@@ -648,7 +650,6 @@ impl Unit for Stage {
 mod tests {
     use super::*;
     use crate::config::{ExtractorKind, ModelConfig};
-    use crate::network::var_store_state;
     use crate::reference::Reference;
 
     fn cfg(modules: usize) -> ModelConfig {

@@ -16,7 +16,7 @@ use crate::belief::{belief, BeliefModule};
 use crate::config::{LossConfig, ModelConfig};
 use crate::extractor::Extractor;
 use crate::loss::{local_loss_for, scaled, LabelTarget};
-use crate::network::{load_trained_state, trained_state, NamedTensors};
+use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::{forward_f32, Precision};
 use crate::{CoreError, Result};
 
@@ -188,17 +188,19 @@ impl ModuleUnit {
 
     /// Weights and Adam state as named CPU tensors.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        trained_state(
-            &self.vs,
-            &self.opt,
-            &format!("adam.{}", module_prefix(self.index)),
-        )
+        let mut v = var_store_state(&self.vs);
+        v.extend(to_cpu(
+            self.opt
+                .state(&format!("adam.{}", module_prefix(self.index))),
+        ));
+        v
     }
 
     /// Restores weights and Adam state saved by [`ModuleUnit::state`].
     pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        let prefix = format!("adam.{}", module_prefix(self.index));
-        load_trained_state(&self.vs, &mut self.opt, &prefix, named)
+        load_var_store(&self.vs, named)?;
+        self.opt
+            .load_state(&format!("adam.{}", module_prefix(self.index)), named)
     }
 }
 
@@ -335,12 +337,15 @@ impl ExtractorUnit {
 
     /// Weights and Adam state as named CPU tensors.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        trained_state(&self.vs, &self.opt, "adam.extractor")
+        let mut v = var_store_state(&self.vs);
+        v.extend(to_cpu(self.opt.state("adam.extractor")));
+        v
     }
 
     /// Restores what [`ExtractorUnit::state`] saved.
     pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        load_trained_state(&self.vs, &mut self.opt, "adam.extractor", named)
+        load_var_store(&self.vs, named)?;
+        self.opt.load_state("adam.extractor", named)
     }
 }
 
