@@ -337,10 +337,7 @@ enum Layer {
         pool: Option<MaxPool>,
     },
     /// Flatten → linear → ReLU.
-    Dense {
-        /// The layer.
-        fc: nn::Linear,
-    },
+    Dense(nn::Linear),
     /// A ResNet BasicBlock.
     Basic(Box<BasicBlock>),
     /// ViT's patch embedding (image → tokens [b, n+1, width]).
@@ -359,7 +356,7 @@ impl Layer {
                 let y = bn.iter().fold(y, |y, bn| batch_norm(bn, &y, train)).relu();
                 pool.iter().fold(y, |y, pool| pool.apply(&y))
             }
-            Self::Dense { fc } => xs.flatten(1, -1).apply(fc).relu(),
+            Self::Dense(fc) => xs.flatten(1, -1).apply(fc).relu(),
             Self::Basic(b) => {
                 let y = batch_norm(&b.bn1, &xs.apply(&b.conv1), train)
                     .relu()
@@ -737,9 +734,9 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
             bn: None,
             pool: pool.then_some(MaxPool::TWO),
         },
-        Spec::Dense { inputs, outputs } => Layer::Dense {
-            fc: crate::init::linear(p.clone(), inputs, outputs, init),
-        },
+        Spec::Dense { inputs, outputs } => {
+            Layer::Dense(crate::init::linear(p.clone(), inputs, outputs, init))
+        }
         Spec::ConvBn {
             cin,
             cout,
