@@ -730,7 +730,7 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
     let bn = |name: &str, c| crate::init::batch_norm2d(p / name, c);
     match spec {
         Spec::Conv { cin, cout, pool } => Layer::Conv {
-            conv: crate::init::conv3x3(p.clone(), cin, cout, init),
+            conv: crate::init::conv(p.clone(), cin, cout, ConvShape::new(3, 1, 1), true, init),
             bn: None,
             pool: pool.then_some(MaxPool::TWO),
         },
