@@ -278,14 +278,9 @@ impl Adam {
             // In place: a captured graph holds this tensor.
             let _ = t.fill_(self.step as f64);
         }
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            for (suffix, dst) in [
-                ("exp_avg", &mut self.exp_avg[i]),
-                ("exp_avg_sq", &mut self.exp_avg_sq[i]),
-            ] {
-                let src = named.get(&format!("{prefix}.{name}.{suffix}"))?;
-                copy_checked(dst, src, &format!("{prefix}.{name}.{suffix}"))?;
-            }
+        // The moments in place, through the shallow copies `state` names (after the step).
+        for (name, mut dst) in self.state(prefix).into_iter().skip(1) {
+            copy_checked(&mut dst, named.get(&name)?, &name)?;
         }
         Ok(())
     }

@@ -118,11 +118,9 @@ pub fn build_bp_stages<'a>(
             let mut groups: Vec<Vec<Tensor>> = prefixes[blocks[index].clone()]
                 .iter()
                 .map(|prefix| {
-                    let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut rest)
-                        .into_iter()
-                        .partition(|(n, _)| n.starts_with(prefix.as_str()));
-                    rest = others;
-                    mine.into_iter().map(|(_, v)| v).collect()
+                    (rest.extract_if(.., |(n, _)| n.starts_with(prefix.as_str())))
+                        .map(|(_, v)| v)
+                        .collect()
                 })
                 .collect();
             if !rest.is_empty() {
@@ -150,11 +148,6 @@ pub fn build_bp_stages<'a>(
 }
 
 impl BpStage {
-    /// 0-based position.
-    pub fn index(&self) -> usize {
-        self.index
-    }
-
     /// Every module's logits from the slice's output, float32, computed at the stage's
     /// precision.
     fn head_forward(&self, h: &Tensor) -> Vec<Tensor> {
@@ -179,19 +172,39 @@ impl BpStage {
         })
     }
 
+    fn take(&mut self, micro: usize) -> Result<Pending> {
+        self.pending
+            .remove(&micro)
+            .ok_or_else(|| missing(self.index, micro))
+    }
+
+    fn output_grad<'g>(&self, grad: Option<&'g Tensor>) -> Result<&'g Tensor> {
+        grad.ok_or_else(|| {
+            CoreError::InvalidConfig("a middle stage's backward needs its output's gradient".into())
+        })
+    }
+}
+
+impl Unit for BpStage {
+    fn stage(&self) -> usize {
+        self.index
+    }
+
+    fn modules(&self) -> Range<usize> {
+        0..self.head.as_ref().map_or(0, |(_, m)| m.len())
+    }
+
+    fn grads_needed(&self) -> usize {
+        usize::from(!self.last)
+    }
+
     /// Forward of micro-batch `micro`: returns the output for the next stage (detached), or
     /// `None` on the last stage, which keeps `scale ·` its cross-entropy for the backward.
-    pub fn forward_micro(
-        &mut self,
-        micro: usize,
-        input: &Tensor,
-        labels: &Tensor,
-        scale: f64,
-    ) -> Option<Tensor> {
+    fn forward(&mut self, micro: usize, mb: MicroBatch<'_>) -> Result<Option<Passed>> {
         let leaf = if self.index == 0 {
-            input.shallow_clone()
+            mb.input.shallow_clone()
         } else {
-            input.detach().set_requires_grad(true)
+            mb.input.detach().set_requires_grad(true)
         };
         // Each block's output is kept for a split backward's weight half; the arithmetic is
         // the slice's.
@@ -209,10 +222,15 @@ impl BpStage {
         }
         let (out, next) = if self.last {
             let logits = self.head_forward(&h);
-            let loss = cross_entropy(logits.last().expect("at least one module"), labels);
-            (scaled(loss, scale), None)
+            let loss = cross_entropy(logits.last().expect("at least one module"), mb.labels);
+            (scaled(loss, mb.scale), None)
         } else {
-            let next = h.detach();
+            // Backprop stages pass no belief.
+            let p = Tensor::zeros([0], (Kind::Float, h.device()));
+            let next = Passed {
+                input: h.detach(),
+                p,
+            };
             (h, Some(next))
         };
         self.pending.insert(
@@ -224,19 +242,15 @@ impl BpStage {
                 grads: None,
             },
         );
-        next
+        Ok(next)
     }
 
     /// Backward of micro-batch `micro`, with the gradient of its output (`None` on the last
     /// stage). Returns the gradient of its input (for the previous stage; `None` on stage 1)
     /// and, on the last stage, its weighted loss.
-    pub fn backward_micro(
-        &mut self,
-        micro: usize,
-        grad: Option<&Tensor>,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn backward(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
         let Pending { leaf, out, .. } = self.take(micro)?;
-        let loss = if self.last {
+        let losses = if self.last {
             out.f_backward()?;
             Some(out.detach())
         } else {
@@ -245,19 +259,15 @@ impl BpStage {
                 .f_backward()?;
             None
         };
-        let grad_in = (self.index > 0).then(|| leaf.grad().detach());
-        Ok((grad_in, loss))
+        let grad = (self.index > 0).then(|| leaf.grad().detach());
+        Ok(Backward { grad, losses })
     }
 
     /// The input half of a split backward (zero bubble): the gradient of the stage's input
     /// (for the previous stage; `None` on stage 1) and of each block's output, which
-    /// [`BpStage::backward_weight`] needs, but no weight gradient. Returns what
-    /// [`BpStage::backward_micro`] returns.
-    pub fn backward_input(
-        &mut self,
-        micro: usize,
-        grad: Option<&Tensor>,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    /// [`Unit::backward_weight`] needs, but no weight gradient. Returns what
+    /// [`Unit::backward`] returns.
+    fn backward_input(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
         let g = if self.last {
             None
         } else {
@@ -291,13 +301,16 @@ impl BpStage {
         let grad_in = (!first).then(|| grads.remove(0));
         grads.extend(g);
         p.grads = Some(grads);
-        Ok((grad_in, self.last.then(|| p.out.detach())))
+        Ok(Backward {
+            grad: grad_in,
+            losses: self.last.then(|| p.out.detach()),
+        })
     }
 
-    /// The weight half of a split backward, after [`BpStage::backward_input`]: each block's
+    /// The weight half of a split backward, after [`Unit::backward_input`]: each block's
     /// (and the head's) weight gradients from its output's gradient, added to the stage's
-    /// until [`BpStage::apply`].
-    pub fn backward_weight(&mut self, micro: usize) -> Result<()> {
+    /// until [`Unit::apply`].
+    fn backward_weight(&mut self, micro: usize) -> Result<()> {
         let p = self.take(micro)?;
         let grads = p.grads.ok_or_else(|| {
             CoreError::InvalidConfig(format!(
@@ -318,68 +331,6 @@ impl BpStage {
             accumulate(params, &g)?;
         }
         Ok(())
-    }
-
-    fn take(&mut self, micro: usize) -> Result<Pending> {
-        self.pending
-            .remove(&micro)
-            .ok_or_else(|| missing(self.index, micro))
-    }
-
-    fn output_grad<'g>(&self, grad: Option<&'g Tensor>) -> Result<&'g Tensor> {
-        grad.ok_or_else(|| {
-            CoreError::InvalidConfig("a middle stage's backward needs its output's gradient".into())
-        })
-    }
-
-    /// Inference: the output for the next stage, or every module's logits on the last.
-    pub fn cascade(&self, input: &Tensor) -> (Option<Tensor>, Vec<Tensor>) {
-        tch::no_grad(|| {
-            let h = self.slice(input, false);
-            if self.last {
-                (None, self.head_forward(&h))
-            } else {
-                (Some(h), Vec::new())
-            }
-        })
-    }
-}
-
-impl Unit for BpStage {
-    fn stage(&self) -> usize {
-        self.index
-    }
-
-    fn modules(&self) -> Range<usize> {
-        0..self.head.as_ref().map_or(0, |(_, m)| m.len())
-    }
-
-    fn grads_needed(&self) -> usize {
-        usize::from(!self.last)
-    }
-
-    fn forward(&mut self, micro: usize, mb: MicroBatch<'_>) -> Result<Option<Passed>> {
-        Ok(self
-            .forward_micro(micro, mb.input, mb.labels, mb.scale)
-            .map(|h| {
-                // Backprop stages pass no belief.
-                let p = Tensor::zeros([0], (Kind::Float, h.device()));
-                Passed { input: h, p }
-            }))
-    }
-
-    fn backward(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
-        let (grad, losses) = self.backward_micro(micro, grad)?;
-        Ok(Backward { grad, losses })
-    }
-
-    fn backward_input(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
-        let (grad, losses) = BpStage::backward_input(self, micro, grad)?;
-        Ok(Backward { grad, losses })
-    }
-
-    fn backward_weight(&mut self, micro: usize) -> Result<()> {
-        BpStage::backward_weight(self, micro)
     }
 
     fn apply(&mut self) {
@@ -403,13 +354,18 @@ impl Unit for BpStage {
         Ok(vec![v])
     }
 
+    /// The output for the next stage, or every module's logits on the last; `p` passes
+    /// through.
     fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
-        let (next, logits) = self.cascade(input);
-        Inferred {
-            next,
-            logits,
-            p: p.shallow_clone(),
-        }
+        tch::no_grad(|| {
+            let h = self.slice(input, false);
+            let (next, logits) = match self.last {
+                true => (None, self.head_forward(&h)),
+                false => (Some(h), Vec::new()),
+            };
+            let p = p.shallow_clone();
+            Inferred { next, logits, p }
+        })
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
@@ -437,6 +393,25 @@ impl Unit for BpStage {
 mod tests {
     use super::*;
     use crate::config::{ExtractorKind, ModelConfig};
+
+    impl BpStage {
+        /// [`Unit::forward`] on plain tensors: the output for the next stage, if any.
+        fn forward_micro(
+            &mut self,
+            micro: usize,
+            input: &Tensor,
+            labels: &Tensor,
+            scale: f64,
+        ) -> Option<Tensor> {
+            let mb = MicroBatch {
+                input,
+                p: input,
+                labels,
+                scale,
+            };
+            Unit::forward(self, micro, mb).unwrap().map(|out| out.input)
+        }
+    }
     use crate::reference::Reference;
     use tch::Kind;
 
@@ -473,8 +448,11 @@ mod tests {
             let expected = bp.bp_step(&x, &y);
             let h = st[0].forward_micro(0, &x, &y, 1.0).unwrap();
             assert!(st[1].forward_micro(0, &h, &y, 1.0).is_none());
-            let (g, loss) = st[1].backward_micro(0, None).unwrap();
-            st[0].backward_micro(0, g.as_ref()).unwrap();
+            let Backward {
+                grad: g,
+                losses: loss,
+            } = st[1].backward(0, None).unwrap();
+            st[0].backward(0, g.as_ref()).unwrap();
             st[0].apply();
             st[1].apply();
             let loss = loss.unwrap().double_value(&[]);
@@ -490,8 +468,8 @@ mod tests {
                 assert!(d < 1e-4, "{name} differs by {d}");
             }
         }
-        let (h, _) = st[0].cascade(&x);
-        let ours = st[1].cascade(&h.unwrap()).1.pop().unwrap();
+        let h = st[0].infer(&x, &x).next.unwrap();
+        let ours = st[1].infer(&h, &x).logits.pop().unwrap();
         let want = bp.cascade(&x).pop().unwrap();
         assert!(ours.allclose(&want, 1e-4, 1e-4, false));
     }
@@ -524,9 +502,12 @@ mod tests {
                     .is_none());
             }
             for j in (0..4).rev() {
-                let (g, loss) = st[1].backward_micro(j, None).unwrap();
+                let Backward {
+                    grad: g,
+                    losses: loss,
+                } = st[1].backward(j, None).unwrap();
                 total += loss.unwrap().double_value(&[]);
-                let (none, _) = st[0].backward_micro(j, g.as_ref()).unwrap();
+                let none = st[0].backward(j, g.as_ref()).unwrap().grad;
                 assert!(none.is_none());
             }
             st[0].apply();
@@ -564,8 +545,8 @@ mod tests {
             assert!(st[1].forward_micro(j as usize, &h, &yj, w).is_none());
         }
         for j in (0..micro as usize).rev() {
-            let (g, _) = st[1].backward_micro(j, None).unwrap();
-            st[0].backward_micro(j, g.as_ref()).unwrap();
+            let g = st[1].backward(j, None).unwrap().grad;
+            st[0].backward(j, g.as_ref()).unwrap();
         }
         st.iter().flat_map(BpStage::gradients).collect()
     }

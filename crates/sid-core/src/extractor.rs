@@ -337,10 +337,7 @@ enum Layer {
         pool: Option<MaxPool>,
     },
     /// Flatten → linear → ReLU.
-    Dense {
-        /// The layer.
-        fc: nn::Linear,
-    },
+    Dense(nn::Linear),
     /// A ResNet BasicBlock.
     Basic(Box<BasicBlock>),
     /// ViT's patch embedding (image → tokens [b, n+1, width]).
@@ -359,7 +356,7 @@ impl Layer {
                 let y = bn.iter().fold(y, |y, bn| batch_norm(bn, &y, train)).relu();
                 pool.iter().fold(y, |y, pool| pool.apply(&y))
             }
-            Self::Dense { fc } => xs.flatten(1, -1).apply(fc).relu(),
+            Self::Dense(fc) => xs.flatten(1, -1).apply(fc).relu(),
             Self::Basic(b) => {
                 let y = batch_norm(&b.bn1, &xs.apply(&b.conv1), train)
                     .relu()
@@ -656,16 +653,6 @@ impl BlockLayout {
     pub fn output_elems(cfg: &ModelConfig, i: usize) -> i64 {
         Self::of(cfg).shapes[i].iter().product()
     }
-
-    /// Number of blocks.
-    pub fn len(&self) -> usize {
-        self.shapes.len()
-    }
-
-    /// Whether there are none (never, for the built-in backbones).
-    pub fn is_empty(&self) -> bool {
-        self.shapes.is_empty()
-    }
 }
 
 /// Trainable parameters of a network, by part (BatchNorm's running statistics, which are
@@ -743,13 +730,13 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
     let bn = |name: &str, c| crate::init::batch_norm2d(p / name, c);
     match spec {
         Spec::Conv { cin, cout, pool } => Layer::Conv {
-            conv: crate::init::conv3x3(p.clone(), cin, cout, init),
+            conv: crate::init::conv(p.clone(), cin, cout, ConvShape::new(3, 1, 1), true, init),
             bn: None,
             pool: pool.then_some(MaxPool::TWO),
         },
-        Spec::Dense { inputs, outputs } => Layer::Dense {
-            fc: crate::init::linear(p.clone(), inputs, outputs, init),
-        },
+        Spec::Dense { inputs, outputs } => {
+            Layer::Dense(crate::init::linear(p.clone(), inputs, outputs, init))
+        }
         Spec::ConvBn {
             cin,
             cout,
@@ -1047,13 +1034,17 @@ mod tests {
         // VGG-11 at 28 px: the fifth pool would leave 0×0, so it is skipped.
         let vgg = BlockLayout::of(&cfg(ExtractorKind::Vgg11, 1, 28, 6));
         assert_eq!(vgg.shapes.last().unwrap(), &vec![512, 1, 1]);
-        assert_eq!(vgg.len(), 8);
+        assert_eq!(vgg.shapes.len(), 8);
         assert_eq!(
-            BlockLayout::of(&cfg(ExtractorKind::Resnet18, 3, 32, 6)).len(),
+            BlockLayout::of(&cfg(ExtractorKind::Resnet18, 3, 32, 6))
+                .shapes
+                .len(),
             9
         );
         assert_eq!(
-            BlockLayout::of(&cfg(ExtractorKind::VitTiny, 3, 32, 6)).len(),
+            BlockLayout::of(&cfg(ExtractorKind::VitTiny, 3, 32, 6))
+                .shapes
+                .len(),
             13
         );
         // Above 64 px ResNet starts with the ImageNet stem: 7×7/2 and a max-pool.

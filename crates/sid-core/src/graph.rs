@@ -114,14 +114,10 @@ impl CudaGraph {
         Self::new_on(cuda_index(device)?, false)
     }
 
-    /// A graph-to-be for one thread among several that launch work on the same device (the
-    /// stages of a pipeline): it captures in CUDA's thread-local mode, so the other threads'
-    /// work neither fails nor breaks the capture, and its warm-up and capture wait for this
-    /// thread's stream only, never for the whole device.
-    pub fn new_thread_local(device: Device) -> Result<Self> {
-        Self::new_on(cuda_index(device)?, true)
-    }
-
+    /// A graph-to-be on CUDA device `index`; with `local`, for one thread among several that
+    /// launch work on the same device (the stages of a pipeline): it captures in CUDA's
+    /// thread-local mode, so the other threads' work neither fails nor breaks the capture, and
+    /// its warm-up and capture wait for this thread's stream only, never for the whole device.
     #[cfg(sid_cuda_graph)]
     fn new_on(index: usize, local: bool) -> Result<Self> {
         let mut ptr = std::ptr::null_mut();
@@ -313,7 +309,7 @@ impl<O> GraphedStep<O> {
         if let (GraphState::Deferred, Some(Device::Cuda(_))) =
             (&self.state, inputs.first().map(|t| t.device()))
         {
-            match CudaGraph::new_thread_local(inputs[0].device()) {
+            match cuda_index(inputs[0].device()).and_then(|i| CudaGraph::new_on(i, true)) {
                 Ok(g) => self.state = GraphState::Warming(WARMUP_STEPS, g),
                 Err(e) => {
                     self.state = GraphState::Off;

@@ -37,11 +37,6 @@ pub fn linear(p: nn::Path, inputs: i64, outputs: i64, init: Init) -> nn::Linear 
     nn::linear(p, inputs, outputs, c)
 }
 
-/// A 3×3 convolution `in → out` with padding 1 under `p`, initialised by `init`.
-pub fn conv3x3(p: nn::Path, inputs: i64, outputs: i64, init: Init) -> nn::Conv2D {
-    conv(p, inputs, outputs, ConvShape::new(3, 1, 1), true, init)
-}
-
 /// Kernel side, stride and padding of a square convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvShape {
@@ -139,12 +134,26 @@ mod tests {
         let l = linear(vs.root() / "a", 300, 200, Init::Pytorch);
         check(&l.ws, 1.0 / 300f64.sqrt());
         check(l.bs.as_ref().unwrap(), 1.0 / 300f64.sqrt());
-        let c = conv3x3(vs.root() / "b", 32, 64, Init::Pytorch);
+        let c = conv(
+            vs.root() / "b",
+            32,
+            64,
+            ConvShape::new(3, 1, 1),
+            true,
+            Init::Pytorch,
+        );
         check(&c.ws, 1.0 / (32.0 * 9.0f64).sqrt());
         check(c.bs.as_ref().unwrap(), 1.0 / (32.0 * 9.0f64).sqrt());
         let k = linear(vs.root() / "c", 300, 200, Init::Kaiming);
         check(&k.ws, (6.0 / 300f64).sqrt());
-        let kc = conv3x3(vs.root() / "d", 32, 64, Init::Kaiming);
+        let kc = conv(
+            vs.root() / "d",
+            32,
+            64,
+            ConvShape::new(3, 1, 1),
+            true,
+            Init::Kaiming,
+        );
         check(&kc.ws, (6.0 / (32.0 * 9.0f64)).sqrt());
         assert_eq!(kc.bs.as_ref().unwrap().abs().max().double_value(&[]), 0.0);
         assert_eq!("kaiming".parse::<Init>().unwrap(), Init::Kaiming);

@@ -53,14 +53,21 @@ fn even_ranges(n: usize, k: usize) -> Vec<Range<usize>> {
 }
 
 fn ranges_from_counts(counts: &[usize]) -> Vec<Range<usize>> {
-    let mut start = 0;
-    counts
-        .iter()
-        .map(|&c| {
-            let r = start..start + c;
-            start += c;
-            r
+    (counts.iter())
+        .scan(0, |end, &c| {
+            *end += c;
+            Some(*end - c..*end)
         })
+        .collect()
+}
+
+/// One stage per pair of a block range and a module range.
+fn zip_specs(
+    blocks: impl IntoIterator<Item = Range<usize>>,
+    modules: impl IntoIterator<Item = Range<usize>>,
+) -> Vec<StageSpec> {
+    (blocks.into_iter().zip(modules))
+        .map(|(blocks, modules)| StageSpec { blocks, modules })
         .collect()
 }
 
@@ -149,20 +156,11 @@ impl StagePlan {
     /// Blocks and modules split as evenly as possible over `k` stages.
     pub fn even<'a>(net: impl Into<Net<'a>>, k: usize) -> Result<Self> {
         let net = net.into();
-        let (blocks, cfg) = (net.blocks(), net.model);
-        if k == 0 || k > blocks || k > cfg.modules {
-            // An impossible plan: `new` says why.
-            let empty = StageSpec {
-                blocks: 0..0,
-                modules: 0..0,
-            };
-            return Self::new(vec![empty; k], cfg);
-        }
-        let stages = even_ranges(blocks, k)
-            .into_iter()
-            .zip(even_ranges(cfg.modules, k))
-            .map(|(blocks, modules)| StageSpec { blocks, modules })
-            .collect();
+        // An impossible `k` gives some empty ranges, and `new` says why.
+        let stages = zip_specs(
+            even_ranges(net.blocks(), k),
+            even_ranges(net.model.modules, k),
+        );
         Self::new(stages, net)
     }
 
@@ -193,14 +191,7 @@ impl StagePlan {
                 modules.len()
             )));
         }
-        Self::new(
-            blocks
-                .into_iter()
-                .zip(modules)
-                .map(|(blocks, modules)| StageSpec { blocks, modules })
-                .collect(),
-            net,
-        )
+        Self::new(zip_specs(blocks, modules), net)
     }
 
     /// The cut that minimises the slowest stage's time under `costs`: every way of cutting the
@@ -228,12 +219,7 @@ impl StagePlan {
             }
             let worst = load.iter().copied().fold(0.0, f64::max);
             if best.as_ref().is_none_or(|(w, _)| worst < *w) {
-                let stages = cut
-                    .into_iter()
-                    .zip(ranges_from_counts(&counts))
-                    .map(|(blocks, modules)| StageSpec { blocks, modules })
-                    .collect();
-                best = Some((worst, stages));
+                best = Some((worst, zip_specs(cut, ranges_from_counts(&counts))));
             }
         }
         Self::new(best.expect("at least one cut").1, net)
@@ -562,22 +548,6 @@ impl Stage {
         Ok((out, losses))
     }
 
-    /// Inference through this stage: the slice's output (for the next stage; `None` on the
-    /// last), every module's logits and the belief leaving the last module.
-    pub fn cascade(&self, input: &Tensor, p_in: &Tensor) -> (Option<Tensor>, Vec<Tensor>, Tensor) {
-        tch::no_grad(|| {
-            let (h, z) = self.features(input, false);
-            let mut p = p_in.shallow_clone();
-            let mut logits = Vec::with_capacity(self.modules.len());
-            for m in &self.modules {
-                let l = m.logits(&p, &z);
-                p = belief(&l);
-                logits.push(l);
-            }
-            ((!self.last).then_some(h), logits, p)
-        })
-    }
-
     /// The uniform belief `p_0` for a batch of `batch` samples on this stage's device.
     pub fn uniform(&self, batch: i64) -> Tensor {
         uniform_belief(batch, self.num_classes, self.device())
@@ -624,9 +594,21 @@ impl Unit for Stage {
         g
     }
 
-    fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
-        let (next, logits, p) = self.cascade(input, p);
-        Inferred { next, logits, p }
+    /// The slice's output (for the next stage; `None` on the last), every module's logits
+    /// and the belief leaving the last module.
+    fn infer(&self, input: &Tensor, p_in: &Tensor) -> Inferred {
+        tch::no_grad(|| {
+            let (h, z) = self.features(input, false);
+            let mut p = p_in.shallow_clone();
+            let mut logits = Vec::with_capacity(self.modules.len());
+            for m in &self.modules {
+                let l = m.logits(&p, &z);
+                p = belief(&l);
+                logits.push(l);
+            }
+            let next = (!self.last).then_some(h);
+            Inferred { next, logits, p }
+        })
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
@@ -786,8 +768,8 @@ mod tests {
                 s.apply();
             }
             let cascade = |s1: &Stage, s2: &Stage| {
-                let (h, _, p) = s1.cascade(&x, &s1.uniform(4));
-                s2.cascade(&h.unwrap(), &p).1.pop().unwrap()
+                let Inferred { next, p, .. } = s1.infer(&x, &s1.uniform(4));
+                s2.infer(&next.unwrap(), &p).logits.pop().unwrap()
             };
             let logits = cascade(s1, s2);
             assert_eq!(logits.size(), [4, 4]);

@@ -131,15 +131,6 @@ impl ModuleUnit {
         next
     }
 
-    fn take_pending(&mut self) -> Result<(Tensor, Tensor, Tensor)> {
-        self.pending.take().ok_or_else(|| {
-            CoreError::InvalidConfig(format!(
-                "module {}: a backward without its forward",
-                self.index + 1
-            ))
-        })
-    }
-
     /// A local step on one micro-batch of a step: forward, backward of `scale · L_i` into this
     /// module's gradients, which add up over the step's micro-batches until
     /// [`ModuleUnit::apply`]. `scale` is the micro-batch's share of the batch, so the returned
@@ -158,7 +149,10 @@ impl ModuleUnit {
     /// The second half of [`ModuleUnit::accumulate_step`]: the pending forward's loss scaled by
     /// `scale`, backward into this module's gradients (no optimiser step).
     pub fn accumulate_backward(&mut self, target: &LabelTarget, scale: f64) -> Result<LocalOutput> {
-        let (z_in, logits, p_prev) = self.take_pending()?;
+        let (z_in, logits, p_prev) = self.pending.take().ok_or_else(|| {
+            let index = self.index + 1;
+            CoreError::InvalidConfig(format!("module {index}: a backward without its forward"))
+        })?;
         let loss = {
             let _s = tracing::trace_span!("local_loss").entered();
             scaled(local_loss_for(&logits, &p_prev, target), scale)
