@@ -38,20 +38,13 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 /// The ranks failed (and were not, or no longer, restarted): whether a restart of the whole
 /// launch could get past it decides the launcher's own exit code (1, or
 /// [`EXIT_NOT_RESTARTABLE`]).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct Failed {
     message: String,
     /// Whether a restart may get past it.
     pub restartable: bool,
 }
-
-impl std::fmt::Display for Failed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Failed {}
 
 /// How the ranks ended.
 pub enum Outcome {

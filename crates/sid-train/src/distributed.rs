@@ -246,14 +246,13 @@ impl Rendezvous {
     /// timing blocks); if it fails first, its store goes away and this returns at once.
     pub fn wait_config(&self) -> Result<RunConfig> {
         let wait = self.timeout.max(Duration::from_secs(600));
-        let bytes = self.store.get(&self.key("config"), wait).map_err(|e| {
+        let text = self.get("config", wait).map_err(|e| {
             // Rank 0 is gone or stuck: a lost rank, not a setting (a restart may get past it).
             TrainError::Runtime(sid_runtime::RuntimeError::Link(format!(
                 "rank {}: rank 0 did not publish the run's config ({e})",
                 self.rank()
             )))
         })?;
-        let text = String::from_utf8_lossy(&bytes).into_owned();
         let mut cfg = RunConfig::from_toml(&text)?;
         if let Some(line) = text.lines().find_map(|l| l.strip_prefix("#sid-shape ")) {
             let v: Vec<i64> = line

@@ -334,12 +334,11 @@ impl Run {
 
     /// Waits for the checkpoint being written, if any, and returns its outcome.
     fn wait_for_save(&mut self) -> Result<()> {
-        match self.saving.take() {
-            Some(writer) => writer.join().unwrap_or_else(|_| {
+        self.saving.take().map_or(Ok(()), |writer| {
+            writer.join().unwrap_or_else(|_| {
                 Err(TrainError::Config("the checkpoint writer panicked".into()))
-            }),
-            None => Ok(()),
-        }
+            })
+        })
     }
 
     /// Trains until `cfg.optim.epochs` are done or `stop` is set (then a checkpoint is written and
@@ -456,10 +455,8 @@ impl Run {
             let net = self.built.net.as_mut();
             let health = cascade_health(net, &self.data.test, eval_batch)?;
             let module_test_acc = health.accuracy();
-            let val_acc = match &self.data.val {
-                Some(v) => Some(evaluate(net, v, eval_batch)?.0),
-                None => None,
-            };
+            let val_acc = self.data.val.as_ref().map(|v| evaluate(net, v, eval_batch));
+            let val_acc = val_acc.transpose()?.map(|(acc, _)| acc);
             let m = EpochMetrics {
                 epoch,
                 train_loss: p.loss_sum / steps as f64,
@@ -485,11 +482,10 @@ impl Run {
             self.save_checkpoint()?;
             on_event(Event::EpochEnd(&m));
             if stop.load(Ordering::SeqCst) && epoch < self.cfg.optim.epochs {
-                let checkpoint = self.dir.join(CHECKPOINT_FILE);
                 return Err(TrainError::Interrupted {
                     epoch,
                     step: steps,
-                    checkpoint,
+                    checkpoint: self.dir.join(CHECKPOINT_FILE),
                 });
             }
         }
