@@ -99,15 +99,6 @@ impl Exit {
         !self.status.is_some_and(|s| s.success())
     }
 
-    /// Failed on its own (not stopped here).
-    fn failed_itself(&self) -> bool {
-        self.failed() && !self.stopped
-    }
-
-    fn killed_by_signal(&self) -> bool {
-        self.status.is_some_and(|s| s.code().is_none())
-    }
-
     fn cause(&self) -> String {
         let status = self.status.map_or("ended with no status".into(), describe);
         let stopped = if self.stopped { " (stopped)" } else { "" };
@@ -215,7 +206,11 @@ fn supervise(
     static INTERRUPTED: AtomicBool = AtomicBool::new(false);
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
         .context("installing the Ctrl-C handler")?;
-    let reports = tempfile_dir()?;
+    // Removed when dropped.
+    let reports = tempfile::Builder::new()
+        .prefix("sid-launch-")
+        .tempdir()
+        .context("creating a folder for the ranks' failure files")?;
     let n = specs.len();
     // The previous failure: its errors and the checkpoint it left, for spotting a repeat.
     let mut previous: Option<(Vec<String>, Option<u64>)> = None;
@@ -226,7 +221,7 @@ fn supervise(
             &specs,
             attempt,
             cli.max_restarts,
-            &reports.0,
+            reports.path(),
             &INTERRUPTED,
             inv.config.runtime.step_timeout,
             launched,
@@ -250,7 +245,8 @@ fn supervise(
             k if n > 1 => format!("{k} of {n} ranks on this node failed: {causes}"),
             _ => causes.clone(),
         };
-        let own: Vec<&&Exit> = failed.iter().filter(|e| e.failed_itself()).collect();
+        // Failed on their own (not stopped here).
+        let own: Vec<&&Exit> = failed.iter().filter(|e| !e.stopped).collect();
         let fatal = own
             .iter()
             .any(|e| e.status.and_then(|s| s.code()) == Some(i32::from(EXIT_NOT_RESTARTABLE)));
@@ -284,7 +280,9 @@ fn supervise(
         // A repeat: the same error again from the same checkpoint, with no rank killed from
         // outside (a signal is no evidence that the failure is the run's own).
         let errors: Vec<String> = own.iter().filter_map(|e| e.error.clone()).collect();
-        let external = own.iter().any(|e| e.killed_by_signal());
+        let external = own
+            .iter()
+            .any(|e| e.status.is_some_and(|s| s.code().is_none()));
         if let Some((before, was_at)) = &previous {
             if !external && *was_at == at && errors.iter().any(|e| before.contains(e)) {
                 return Err(fail(
@@ -322,21 +320,6 @@ fn supervise(
         );
     }
     unreachable!("the last attempt returns")
-}
-
-/// A folder of this launcher's own for the ranks' failure files, removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir() -> Result<TempDir> {
-    let dir = std::env::temp_dir().join(format!("sid-launch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(TempDir(dir))
 }
 
 /// Starts every rank once and waits until all have ended; after the first failure, the others
