@@ -74,14 +74,6 @@ pub struct DeviceList {
 }
 
 impl DeviceList {
-    /// One CPU worker, the default.
-    pub fn cpu() -> Self {
-        Self {
-            spec: "cpu".into(),
-            devices: vec![Device::Cpu],
-        }
-    }
-
     /// The devices, one per worker (at least one).
     pub fn devices(&self) -> &[Device] {
         &self.devices
@@ -99,9 +91,13 @@ impl DeviceList {
     }
 }
 
+/// One CPU worker.
 impl Default for DeviceList {
     fn default() -> Self {
-        Self::cpu()
+        Self {
+            spec: "cpu".into(),
+            devices: vec![Device::Cpu],
+        }
     }
 }
 
@@ -181,7 +177,7 @@ mod tests {
             assert!(e.contains("CUDA is not available"), "{e}");
         }
         assert_eq!(resolve_devices("cpu").unwrap(), vec![Device::Cpu]);
-        assert_eq!(DeviceList::cpu().resolve().unwrap(), vec![Device::Cpu]);
+        assert_eq!(DeviceList::default().resolve().unwrap(), vec![Device::Cpu]);
     }
 
     #[test]

@@ -290,18 +290,12 @@ impl Rendezvous {
         let local = matches!(self.env.master_addr.as_str(), "127.0.0.1" | "localhost");
         let default_host = if local { "127.0.0.1" } else { "" };
         let host = std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| default_host.into());
-        let name = format!(
-            "rank {rank}, {}{}",
-            crate::devices::device_name(self.device),
-            hostname().map(|h| format!(" on {h}")).unwrap_or_default()
-        );
+        let (device, node) = (crate::devices::device_name(self.device), hostname());
+        let on = node.as_ref().map_or(String::new(), |h| format!(" on {h}"));
+        let name = format!("rank {rank}, {device}{on}");
         self.set(&format!("name/{rank}"), &name)?;
         let place = |r: usize| self.get(&format!("device/{r}"), self.timeout);
-        let mine = format!(
-            "{}@{}",
-            crate::devices::device_name(self.device),
-            hostname().unwrap_or_default()
-        );
+        let mine = format!("{device}@{}", node.unwrap_or_default());
         self.set(&format!("device/{rank}"), &mine)?;
         let world_group = self.group("world", rank, world, Backend::Gloo, &host)?;
         let names = (0..world)
