@@ -295,20 +295,15 @@ fn supervise(
             }
         }
         previous = Some((if external { Vec::new() } else { errors }, at));
-        let from = match &checkpoint {
-            Some(c) if c.position.step_in_epoch > 0 => format!(
-                "{} (epoch {}, step {} of it, {} steps in all)",
-                c.path.display(),
-                c.position.epochs_done + 1,
-                c.position.step_in_epoch,
-                c.position.global_step
-            ),
-            Some(c) => format!(
-                "{} (the end of epoch {}, {} steps in all)",
-                c.path.display(),
-                c.position.epochs_done,
-                c.position.global_step
-            ),
+        let from = match checkpoint.as_ref().map(|c| (c.path.display(), &c.position)) {
+            Some((path, p)) if p.step_in_epoch > 0 => {
+                let (e, s, all) = (p.epochs_done + 1, p.step_in_epoch, p.global_step);
+                format!("{path} (epoch {e}, step {s} of it, {all} steps in all)")
+            }
+            Some((path, p)) => {
+                let (e, all) = (p.epochs_done, p.global_step);
+                format!("{path} (the end of epoch {e}, {all} steps in all)")
+            }
             None => "the start (no checkpoint yet)".into(),
         };
         eprintln!(

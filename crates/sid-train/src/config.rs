@@ -439,10 +439,7 @@ impl RunConfig {
 
     /// The settings as `config.toml` holds them: a table per section.
     fn table(&self) -> toml::Table {
-        match toml::Value::try_from(self) {
-            Ok(toml::Value::Table(t)) => t,
-            _ => unreachable!("a RunConfig serialises to a table"),
-        }
+        toml::Table::try_from(self).expect("a RunConfig serialises to a table")
     }
 
     /// Every saved setting under its `section.key` (unset optional ones are not saved).

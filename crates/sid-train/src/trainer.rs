@@ -529,13 +529,8 @@ pub fn summarize(method: Method, all: &[EpochMetrics]) -> Result<Summary> {
         .last()
         .ok_or_else(|| TrainError::Config("no epoch was recorded".into()))?;
     let by_val = all.iter().all(|m| m.val_acc.is_some());
-    let score = |m: &EpochMetrics| {
-        if by_val {
-            m.val_acc.unwrap_or(0.0)
-        } else {
-            m.test_acc
-        }
-    };
+    // With `by_val` every epoch has a validation accuracy.
+    let score = |m: &EpochMetrics| m.val_acc.filter(|_| by_val).unwrap_or(m.test_acc);
     let best = all
         .iter()
         .fold(last, |b, m| if score(m) > score(b) { m } else { b });
