@@ -38,20 +38,13 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 /// The ranks failed (and were not, or no longer, restarted): whether a restart of the whole
 /// launch could get past it decides the launcher's own exit code (1, or
 /// [`EXIT_NOT_RESTARTABLE`]).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct Failed {
     message: String,
     /// Whether a restart may get past it.
     pub restartable: bool,
 }
-
-impl std::fmt::Display for Failed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Failed {}
 
 /// How the ranks ended.
 pub enum Outcome {
@@ -104,15 +97,6 @@ struct Exit {
 impl Exit {
     fn failed(&self) -> bool {
         !self.status.is_some_and(|s| s.success())
-    }
-
-    /// Failed on its own (not stopped here).
-    fn failed_itself(&self) -> bool {
-        self.failed() && !self.stopped
-    }
-
-    fn killed_by_signal(&self) -> bool {
-        self.status.is_some_and(|s| s.code().is_none())
     }
 
     fn cause(&self) -> String {
@@ -222,7 +206,11 @@ fn supervise(
     static INTERRUPTED: AtomicBool = AtomicBool::new(false);
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
         .context("installing the Ctrl-C handler")?;
-    let reports = tempfile_dir()?;
+    // Removed when dropped.
+    let reports = tempfile::Builder::new()
+        .prefix("sid-launch-")
+        .tempdir()
+        .context("creating a folder for the ranks' failure files")?;
     let n = specs.len();
     // The previous failure: its errors and the checkpoint it left, for spotting a repeat.
     let mut previous: Option<(Vec<String>, Option<u64>)> = None;
@@ -233,7 +221,7 @@ fn supervise(
             &specs,
             attempt,
             cli.max_restarts,
-            &reports.0,
+            reports.path(),
             &INTERRUPTED,
             inv.config.runtime.step_timeout,
             launched,
@@ -257,7 +245,8 @@ fn supervise(
             k if n > 1 => format!("{k} of {n} ranks on this node failed: {causes}"),
             _ => causes.clone(),
         };
-        let own: Vec<&&Exit> = failed.iter().filter(|e| e.failed_itself()).collect();
+        // Failed on their own (not stopped here).
+        let own: Vec<&&Exit> = failed.iter().filter(|e| !e.stopped).collect();
         let fatal = own
             .iter()
             .any(|e| e.status.and_then(|s| s.code()) == Some(i32::from(EXIT_NOT_RESTARTABLE)));
@@ -291,7 +280,9 @@ fn supervise(
         // A repeat: the same error again from the same checkpoint, with no rank killed from
         // outside (a signal is no evidence that the failure is the run's own).
         let errors: Vec<String> = own.iter().filter_map(|e| e.error.clone()).collect();
-        let external = own.iter().any(|e| e.killed_by_signal());
+        let external = own
+            .iter()
+            .any(|e| e.status.is_some_and(|s| s.code().is_none()));
         if let Some((before, was_at)) = &previous {
             if !external && *was_at == at && errors.iter().any(|e| before.contains(e)) {
                 return Err(fail(
@@ -304,20 +295,15 @@ fn supervise(
             }
         }
         previous = Some((if external { Vec::new() } else { errors }, at));
-        let from = match &checkpoint {
-            Some(c) if c.position.step_in_epoch > 0 => format!(
-                "{} (epoch {}, step {} of it, {} steps in all)",
-                c.path.display(),
-                c.position.epochs_done + 1,
-                c.position.step_in_epoch,
-                c.position.global_step
-            ),
-            Some(c) => format!(
-                "{} (the end of epoch {}, {} steps in all)",
-                c.path.display(),
-                c.position.epochs_done,
-                c.position.global_step
-            ),
+        let from = match checkpoint.as_ref().map(|c| (c.path.display(), &c.position)) {
+            Some((path, p)) if p.step_in_epoch > 0 => {
+                let (e, s, all) = (p.epochs_done + 1, p.step_in_epoch, p.global_step);
+                format!("{path} (epoch {e}, step {s} of it, {all} steps in all)")
+            }
+            Some((path, p)) => {
+                let (e, all) = (p.epochs_done, p.global_step);
+                format!("{path} (the end of epoch {e}, {all} steps in all)")
+            }
             None => "the start (no checkpoint yet)".into(),
         };
         eprintln!(
@@ -329,21 +315,6 @@ fn supervise(
         );
     }
     unreachable!("the last attempt returns")
-}
-
-/// A folder of this launcher's own for the ranks' failure files, removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir() -> Result<TempDir> {
-    let dir = std::env::temp_dir().join(format!("sid-launch-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(TempDir(dir))
 }
 
 /// Starts every rank once and waits until all have ended; after the first failure, the others

@@ -226,16 +226,9 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
 
 /// The ranks were interrupted and rank 0 saved a checkpoint (exit 130, like a one-process
 /// run).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted: rank 0 stopped after the current step and wrote a checkpoint")]
 struct RanksInterrupted;
-
-impl std::fmt::Display for RanksInterrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted: rank 0 stopped after the current step and wrote a checkpoint")
-    }
-}
-
-impl std::error::Error for RanksInterrupted {}
 
 fn run(cli: &args::Cli) -> Result<()> {
     match &cli.command {

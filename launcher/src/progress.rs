@@ -163,14 +163,8 @@ pub fn cascade_verdict(label_kl: &[f64]) -> String {
 
 /// `n` with thousands separators: 11,689,512.
 fn grouped(n: i64) -> String {
-    let digits = n.unsigned_abs().to_string().into_bytes();
-    let groups: Vec<&str> = digits
-        .rchunks(3)
-        .rev()
-        .map(|g| std::str::from_utf8(g).expect("ASCII digits"))
-        .collect();
-    let sign = if n < 0 { "-" } else { "" };
-    format!("{sign}{}", groups.join(","))
+    // Parameter counts are never negative.
+    indicatif::HumanCount(n.unsigned_abs()).to_string()
 }
 
 /// The model's trainable parameter counts, printed at start.

@@ -113,18 +113,8 @@ pub fn keep_previous(dir: &Path, older: usize) -> Result<()> {
         let _ = std::fs::remove_file(&kept);
         std::fs::hard_link(&current, &kept).map_err(|e| TrainError::io(&kept, e))?;
     }
-    let mut old: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(dir)
-        .map_err(|e| TrainError::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("checkpoint-E") && n.ends_with(".safetensors"))
-        })
-        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
-        .collect();
-    old.sort();
-    for (_, p) in old.iter().rev().skip(older) {
+    // The kept ones come newest first, after the current checkpoint.
+    for p in candidates(dir).iter().skip(1 + older) {
         std::fs::remove_file(p).map_err(|e| TrainError::io(p, e))?;
     }
     Ok(())

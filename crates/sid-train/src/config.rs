@@ -155,7 +155,7 @@ pub struct OptimSection {
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeSection {
     /// Devices: cpu, cpu:4 (4 CPU devices), 0, 0,1,2,3, or 0,0,0,0 (streams on one GPU).
-    #[arg(long, default_value_t = DeviceList::cpu(), help_heading = RESUMABLE)]
+    #[arg(long, default_value_t = DeviceList::default(), help_heading = RESUMABLE)]
     pub gpus: DeviceList,
     /// libtorch intra-op threads (default: libtorch's choice; with several CPU stages, the
     /// cores split among them). Saved, so that a resumed run reduces in the same order.
@@ -251,37 +251,38 @@ default_from_flags!(
     RuntimeSection
 );
 
-/// Each section of `config.toml` and its settings' flags.
-fn sections() -> [(&'static str, clap::Command); 4] {
+/// Each setting's flag, with its section of `config.toml`.
+fn flags() -> Vec<(&'static str, clap::Arg)> {
     use clap::Args as _;
     let cmd = || clap::Command::new("sid");
-    [
+    let sections = [
         ("model", ModelSection::augment_args(cmd())),
         ("data", DataSection::augment_args(cmd())),
         ("optim", OptimSection::augment_args(cmd())),
         ("runtime", RuntimeSection::augment_args(cmd())),
-    ]
+    ];
+    sections
+        .into_iter()
+        .flat_map(|(s, c)| {
+            c.get_arguments()
+                .map(|a| (s, a.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
-/// The `section.key` of the setting whose flag has id `id` (the field's name).
-fn key_of(id: &str) -> Option<String> {
-    sections().into_iter().find_map(|(section, cmd)| {
-        cmd.get_arguments()
-            .any(|a| a.get_id() == id)
-            .then(|| format!("{section}.{id}"))
-    })
+/// The section of the setting whose flag has id `id` (the field's name).
+fn section_of(id: &str) -> Option<&'static str> {
+    let (section, _) = flags().into_iter().find(|(_, a)| a.get_id() == id)?;
+    Some(section)
 }
 
 /// The settings (`section.key`) a resumed run may change: those under [`RESUMABLE`].
 pub fn resume_may_change() -> Vec<String> {
-    sections()
+    flags()
         .into_iter()
-        .flat_map(|(section, cmd)| {
-            cmd.get_arguments()
-                .filter(|a| a.get_help_heading() == Some(RESUMABLE))
-                .map(|a| format!("{section}.{}", a.get_id()))
-                .collect::<Vec<_>>()
-        })
+        .filter(|(_, a)| a.get_help_heading() == Some(RESUMABLE))
+        .map(|(section, a)| format!("{section}.{}", a.get_id()))
         .collect()
 }
 
@@ -302,14 +303,10 @@ pub fn resume_may_change_flags() -> String {
 /// The flag that sets a `config.toml` key (`section.key`), from its declaration.
 pub fn flag_of(key: &str) -> String {
     let (section, id) = key.split_once('.').unwrap_or(("", key));
-    sections()
+    flags()
         .into_iter()
-        .filter(|(s, _)| *s == section)
-        .find_map(|(_, cmd)| {
-            cmd.get_arguments()
-                .find(|a| a.get_id() == id)
-                .and_then(|a| a.get_long().map(|l| format!("--{l}")))
-        })
+        .find(|(s, a)| *s == section && a.get_id() == id)
+        .and_then(|(_, a)| a.get_long().map(|l| format!("--{l}")))
         .unwrap_or_else(|| format!("--{}", id.replace('_', "-")))
 }
 
@@ -332,9 +329,8 @@ fn from_flat(doc: toml::Table) -> Result<RunConfig> {
     let mut sectioned = toml::Table::new();
     for (key, value) in doc {
         let id = if key == "model" { "extractor" } else { &key };
-        let path =
-            key_of(id).ok_or_else(|| TrainError::Config(format!("unknown field `{key}`")))?;
-        let (section, id) = path.split_once('.').expect("section.key");
+        let section =
+            section_of(id).ok_or_else(|| TrainError::Config(format!("unknown field `{key}`")))?;
         section_mut(&mut sectioned, section).insert(id.to_string(), value);
     }
     toml::Value::Table(sectioned).try_into().map_err(toml_error)
@@ -346,8 +342,7 @@ impl RunConfig {
     /// a config file or a saved run < flags.
     pub fn take_given(&mut self, flags: &RunConfig, given: &[String]) -> Result<()> {
         let (mut base, theirs) = (self.table(), flags.table());
-        for key in given.iter().filter_map(|id| key_of(id)) {
-            let (section, id) = key.split_once('.').expect("section.key");
+        for (section, id) in given.iter().filter_map(|id| Some((section_of(id)?, id))) {
             let value = theirs.get(section).and_then(|t| t.get(id)).cloned();
             let table = section_mut(&mut base, section);
             match value {
@@ -448,10 +443,7 @@ impl RunConfig {
 
     /// The settings as `config.toml` holds them: a table per section.
     fn table(&self) -> toml::Table {
-        match toml::Value::try_from(self) {
-            Ok(toml::Value::Table(t)) => t,
-            _ => unreachable!("a RunConfig serialises to a table"),
-        }
+        toml::Table::try_from(self).expect("a RunConfig serialises to a table")
     }
 
     /// Every saved setting under its `section.key` (unset optional ones are not saved).

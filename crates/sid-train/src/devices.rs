@@ -74,14 +74,6 @@ pub struct DeviceList {
 }
 
 impl DeviceList {
-    /// One CPU worker, the default.
-    pub fn cpu() -> Self {
-        Self {
-            spec: "cpu".into(),
-            devices: vec![Device::Cpu],
-        }
-    }
-
     /// The devices, one per worker (at least one).
     pub fn devices(&self) -> &[Device] {
         &self.devices
@@ -97,16 +89,15 @@ impl DeviceList {
         check_present(&self.spec, &self.devices)?;
         Ok(self.devices.clone())
     }
-
-    /// Whether the list is exactly one GPU.
-    pub fn is_single_gpu(&self) -> bool {
-        matches!(self.devices[..], [Device::Cuda(_)])
-    }
 }
 
+/// One CPU worker.
 impl Default for DeviceList {
     fn default() -> Self {
-        Self::cpu()
+        Self {
+            spec: "cpu".into(),
+            devices: vec![Device::Cpu],
+        }
     }
 }
 
@@ -124,14 +115,6 @@ impl FromStr for DeviceList {
 impl fmt::Display for DeviceList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.spec)
-    }
-}
-
-impl std::ops::Deref for DeviceList {
-    type Target = [Device];
-
-    fn deref(&self) -> &[Device] {
-        &self.devices
     }
 }
 
@@ -194,7 +177,7 @@ mod tests {
             assert!(e.contains("CUDA is not available"), "{e}");
         }
         assert_eq!(resolve_devices("cpu").unwrap(), vec![Device::Cpu]);
-        assert_eq!(DeviceList::cpu().resolve().unwrap(), vec![Device::Cpu]);
+        assert_eq!(DeviceList::default().resolve().unwrap(), vec![Device::Cpu]);
     }
 
     #[test]
@@ -202,8 +185,8 @@ mod tests {
         let l: DeviceList = " 0, 1".parse().unwrap();
         assert_eq!(l.devices(), [Device::Cuda(0), Device::Cuda(1)]);
         assert_eq!(l.to_string(), "0, 1");
-        assert!(!l.is_single_gpu());
-        assert!("3".parse::<DeviceList>().unwrap().is_single_gpu());
+        let one: DeviceList = "3".parse().unwrap();
+        assert_eq!(one.devices(), [Device::Cuda(3)]);
         assert_eq!(DeviceList::default(), "cpu".parse().unwrap());
         let e = "gpu0".parse::<DeviceList>().unwrap_err().to_string();
         assert!(e.contains("neither cpu nor a GPU index"), "{e}");

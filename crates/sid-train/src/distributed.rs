@@ -217,15 +217,11 @@ impl Rendezvous {
 
     /// Rank 0: hands the resolved config (stage cut and data shape included) to the others.
     pub fn publish_config(&self, cfg: &RunConfig) -> Result<()> {
-        let mut text = cfg.to_toml();
-        // The data shape is resolved from the data, which only rank 0 loads.
-        if let Some(s) = cfg.data.loaded_shape {
-            text.push_str(&format!(
-                "\n#sid-shape {} {} {}\n",
-                s.channels, s.image_size, s.num_classes
-            ));
-        }
-        self.set("config", &text)
+        // The data shape is resolved from the data, which only rank 0 loads. Set first: a rank
+        // that finds the config finds the shape.
+        let shape = serde_json::to_string(&cfg.data.loaded_shape).expect("a shape serialises");
+        self.set("shape", &shape)?;
+        self.set("config", &cfg.to_toml())
     }
 
     /// Rank 0: tells the others where the run lives (they write their telemetry there).
@@ -246,28 +242,16 @@ impl Rendezvous {
     /// timing blocks); if it fails first, its store goes away and this returns at once.
     pub fn wait_config(&self) -> Result<RunConfig> {
         let wait = self.timeout.max(Duration::from_secs(600));
-        let bytes = self.store.get(&self.key("config"), wait).map_err(|e| {
+        let text = self.get("config", wait).map_err(|e| {
             // Rank 0 is gone or stuck: a lost rank, not a setting (a restart may get past it).
             TrainError::Runtime(sid_runtime::RuntimeError::Link(format!(
                 "rank {}: rank 0 did not publish the run's config ({e})",
                 self.rank()
             )))
         })?;
-        let text = String::from_utf8_lossy(&bytes).into_owned();
         let mut cfg = RunConfig::from_toml(&text)?;
-        if let Some(line) = text.lines().find_map(|l| l.strip_prefix("#sid-shape ")) {
-            let v: Vec<i64> = line
-                .split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            if let [channels, image_size, num_classes] = v[..] {
-                cfg.data.loaded_shape = Some(sid_data::Shape {
-                    channels,
-                    image_size,
-                    num_classes,
-                });
-            }
-        }
+        let shape = self.get("shape", wait)?;
+        cfg.data.loaded_shape = serde_json::from_str(&shape).ok().flatten();
         Ok(cfg)
     }
 
@@ -291,48 +275,35 @@ impl Rendezvous {
         let local = matches!(self.env.master_addr.as_str(), "127.0.0.1" | "localhost");
         let default_host = if local { "127.0.0.1" } else { "" };
         let host = std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| default_host.into());
-        let name = format!(
-            "rank {rank}, {}{}",
-            crate::devices::device_name(self.device),
-            hostname().map(|h| format!(" on {h}")).unwrap_or_default()
-        );
+        let (device, node) = (crate::devices::device_name(self.device), hostname());
+        let on = node.as_ref().map_or(String::new(), |h| format!(" on {h}"));
+        let name = format!("rank {rank}, {device}{on}");
         self.set(&format!("name/{rank}"), &name)?;
         let place = |r: usize| self.get(&format!("device/{r}"), self.timeout);
-        let mine = format!(
-            "{}@{}",
-            crate::devices::device_name(self.device),
-            hostname().unwrap_or_default()
-        );
+        let mine = format!("{device}@{}", node.unwrap_or_default());
         self.set(&format!("device/{rank}"), &mine)?;
         let world_group = self.group("world", rank, world, Backend::Gloo, &host)?;
         let names = (0..world)
             .map(|r| self.get(&format!("name/{r}"), self.timeout))
             .collect::<Result<Vec<_>>>()?;
+        // Every rank has set its place before it joined the world group.
+        let places = (0..world).map(place).collect::<Result<Vec<_>>>()?;
         let replica_group = if replicas > 1 {
             let stage = rank % stages;
             // NCCL refuses two ranks on one GPU: replicas sharing a GPU sum over Gloo.
-            let mut shared_gpu = false;
-            let mut seen = std::collections::HashSet::new();
-            for r in (0..replicas).map(|i| i * stages + stage) {
-                shared_gpu |= !seen.insert(place(r)?);
-            }
+            let on = (0..replicas).map(|i| &places[i * stages + stage]);
+            let shared_gpu = on.collect::<std::collections::HashSet<_>>().len() < replicas;
             let backend = if self.device.is_cuda() && sid_dist::available().1 && !shared_gpu {
                 Backend::Nccl
             } else {
                 Backend::Gloo
             };
             let name = format!("replicas-of-stage-{stage}");
-            Some(Arc::new(self.group(
-                &name,
-                rank / stages,
-                replicas,
-                backend,
-                &host,
-            )?))
+            let group = self.group(&name, rank / stages, replicas, backend, &host)?;
+            Some(Arc::new(group))
         } else {
             None
         };
-        let places = (0..world).map(place).collect::<Result<Vec<_>>>()?;
         let direct = self.direct_links(stages, replicas, backprop, &places)?;
         Ok(sid_runtime::Ranks {
             world: Arc::new(world_group),

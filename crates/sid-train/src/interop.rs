@@ -279,13 +279,10 @@ pub fn init_from(cfg: &RunConfig, net: &mut dyn Network) -> Result<Option<String
     );
     if !imported.ignored.is_empty() {
         let ignored = imported.ignored.len();
-        line.push_str(&format!(
-            "; not loaded: {ignored} (classifier, batch counters)"
-        ));
+        line += &format!("; not loaded: {ignored} (classifier, batch counters)");
     }
     for n in &imported.notes {
-        line.push_str("; ");
-        line.push_str(n);
+        line += &format!("; {n}");
     }
     Ok(Some(line))
 }

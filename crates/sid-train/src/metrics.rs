@@ -123,12 +123,9 @@ pub fn median(v: &[f64]) -> f64 {
     }
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
+    // For an odd length both indices are the middle one: (x + x) / 2 is exactly x.
     let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
+    (s[(n - 1) / 2] + s[n / 2]) / 2.0
 }
 
 #[cfg(test)]

@@ -335,12 +335,11 @@ impl Run {
 
     /// Waits for the checkpoint being written, if any, and returns its outcome.
     fn wait_for_save(&mut self) -> Result<()> {
-        match self.saving.take() {
-            Some(writer) => writer.join().unwrap_or_else(|_| {
+        self.saving.take().map_or(Ok(()), |writer| {
+            writer.join().unwrap_or_else(|_| {
                 Err(TrainError::Config("the checkpoint writer panicked".into()))
-            }),
-            None => Ok(()),
-        }
+            })
+        })
     }
 
     /// Trains until `cfg.optim.epochs` are done or `stop` is set (then a checkpoint is written and
@@ -457,10 +456,8 @@ impl Run {
             let net = self.built.net.as_mut();
             let health = cascade_health(net, &self.data.test, eval_batch)?;
             let module_test_acc = health.accuracy();
-            let val_acc = match &self.data.val {
-                Some(v) => Some(evaluate(net, v, eval_batch)?.0),
-                None => None,
-            };
+            let val_acc = self.data.val.as_ref().map(|v| evaluate(net, v, eval_batch));
+            let val_acc = val_acc.transpose()?.map(|(acc, _)| acc);
             let m = EpochMetrics {
                 epoch,
                 train_loss: p.loss_sum / steps as f64,
@@ -486,11 +483,10 @@ impl Run {
             self.save_checkpoint()?;
             on_event(Event::EpochEnd(&m));
             if stop.load(Ordering::SeqCst) && epoch < self.cfg.optim.epochs {
-                let checkpoint = self.dir.join(CHECKPOINT_FILE);
                 return Err(TrainError::Interrupted {
                     epoch,
                     step: steps,
-                    checkpoint,
+                    checkpoint: self.dir.join(CHECKPOINT_FILE),
                 });
             }
         }
@@ -534,13 +530,8 @@ pub fn summarize(method: Method, all: &[EpochMetrics]) -> Result<Summary> {
         .last()
         .ok_or_else(|| TrainError::Config("no epoch was recorded".into()))?;
     let by_val = all.iter().all(|m| m.val_acc.is_some());
-    let score = |m: &EpochMetrics| {
-        if by_val {
-            m.val_acc.unwrap_or(0.0)
-        } else {
-            m.test_acc
-        }
-    };
+    // With `by_val` every epoch has a validation accuracy.
+    let score = |m: &EpochMetrics| m.val_acc.filter(|_| by_val).unwrap_or(m.test_acc);
     let best = all
         .iter()
         .fold(last, |b, m| if score(m) > score(b) { m } else { b });
