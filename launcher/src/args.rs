@@ -410,6 +410,7 @@ mod tests {
         all.data.image_size = Some(8);
         all.data.cache_dir = Some("c".into());
         all.data.limit_train = Some(1);
+        all.data.limit_test = Some(1);
         all.data.augment = Some(true);
         all.runtime.threads = Some(1);
         all.runtime.micro_batches = Some(1);
