@@ -95,10 +95,11 @@ fn every_multi_device_mode_learns_fashion_mnist() {
 /// --limit-test 500 --batch-size B --epochs 1 --telemetry-hz 0 --eval-batch-size 500`:
 /// VGG-11 (1,024 images, batch 32) 43.8% in 21 s of CPU time, ResNet-18 (1,024, 32) 57.6% in
 /// 91 s, ViT-Tiny (640, 16) 26.4% in 77 s. ViT-Tiny from scratch learns slowest (26.4% after
-/// 40 steps). Each floor is well under its measurement; chance is 10% and, on 500 images, a
-/// network that has stopped learning stays within a few points of it, so each floor fails it.
+/// 40 steps). Each floor is well under its measurement and far over chance (10%). Tried broken:
+/// VGG-11 with its backbone frozen (`--backbone-lr 0`, only the modules learn on random
+/// features) reaches 29.0% (at `fbe778c`, same day), so its floor is 35%, not 30%.
 const BACKBONES: [(&str, usize, usize, f64); 3] = [
-    ("vgg11", 1024, 32, 0.30),
+    ("vgg11", 1024, 32, 0.35),
     ("resnet18", 1024, 32, 0.40),
     ("vit-tiny", 640, 16, 0.18),
 ];
