@@ -18,6 +18,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sid-launch");
@@ -59,23 +60,8 @@ fn every_multi_device_mode_learns_fashion_mnist() {
     ];
     let mut low = Vec::new();
     for (i, (name, flags)) in modes.iter().enumerate() {
-        let run = tmp.path().join(format!("run{i}"));
-        let out = Command::new(BIN)
-            .args(BASE.split_whitespace())
-            .args(flags.split(' '))
-            .arg("--run-dir")
-            .arg(&run)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let summary: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap())
-                .unwrap();
-        let acc = summary["final_test_acc"].as_f64().unwrap();
+        let args = BASE.split_whitespace().chain(flags.split(' '));
+        let acc = final_test_acc(&tmp.path().join(format!("run{i}")), args, name);
         eprintln!("{name}: {:.2}%", acc * 100.0);
         if acc < FLOOR {
             low.push(format!("{name}: {:.2}%", acc * 100.0));
@@ -115,24 +101,10 @@ fn each_backbone_learns_fashion_mnist() {
              --limit-train {images} --limit-test 500 --batch-size {batch} --epochs 1 \
              --telemetry-hz 0 --eval-batch-size 500"
         );
-        let out = Command::new(BIN)
-            .args(flags.split_whitespace())
-            .arg("--run-dir")
-            .arg(&run)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{model}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let summary: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap())
-                .unwrap();
+        let acc = final_test_acc(&run, flags.split_whitespace(), model);
         // The test limit is recorded with the run, like every setting.
         let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
         assert!(config.contains("limit_test = 500"), "{config}");
-        let acc = summary["final_test_acc"].as_f64().unwrap();
         eprintln!("{model}: {:.1}% (floor {:.0}%)", acc * 100.0, floor * 100.0);
         if acc < floor {
             low.push(format!(
@@ -143,4 +115,22 @@ fn each_backbone_learns_fashion_mnist() {
         }
     }
     assert!(low.is_empty(), "under the floor: {low:?}");
+}
+
+/// Trains with `args` into `run` through the real binary and returns the final test accuracy.
+fn final_test_acc<'a>(run: &Path, args: impl Iterator<Item = &'a str>, what: &str) -> f64 {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--run-dir")
+        .arg(run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    summary["final_test_acc"].as_f64().unwrap()
 }
