@@ -34,10 +34,9 @@ use tch::{Device, Kind as TKind, Tensor};
 use crate::ranks::{rank_of, Ranks, DOWN, GRADS, REPORTS};
 use crate::schedule::StageRunner;
 use crate::setup::{
-    build_runners, cpu_threads_per_stage, spawn_stage, spawn_thread, PipelineMethod, StageThread,
-    StagedConfig,
+    build_runners, cpu_threads_per_stage, spawn_stage, spawn_thread, Engine, PipelineMethod,
+    StageThread, StagedConfig,
 };
-use crate::staged::Engine;
 use crate::transport::{ChannelTransport, Kind, Message, Report, Tag};
 use crate::{Result, RuntimeError};
 

@@ -26,7 +26,6 @@ use tch::Tensor;
 #[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{Op, Schedule};
-use crate::setup::StagedConfig;
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 
 /// Why a stage stopped.
@@ -102,6 +101,17 @@ struct Step {
     early: Option<Message>,
 }
 
+/// What a stage takes from the pipeline's configuration.
+pub(crate) struct RunnerSettings {
+    /// Longest wait for a gradient inside a step.
+    pub timeout: Duration,
+    /// Replay each step of a staged-SID stage on a GPU from a CUDA graph of its own.
+    pub cuda_graph: bool,
+    /// A fault to inject (tests), struck by the stage it names.
+    #[cfg(feature = "fault-injection")]
+    pub fault: Option<Fault>,
+}
+
 /// A stage: its unit, its schedule and where it is in its step.
 pub struct StageRunner {
     unit: Box<dyn Unit>,
@@ -128,31 +138,28 @@ pub struct StageRunner {
 
 impl StageRunner {
     /// Runs `unit` as stage `unit.stage()` of `stages`, its steps in the order of `schedule`,
-    /// with `cfg`'s timeout, CUDA graphs and injected fault (tests; it strikes when it names
-    /// this stage). What the stage allocates while it runs ([`drive`]) is charged to `memory`
+    /// with `settings`' timeout, CUDA graphs and injected fault (tests; it strikes when it
+    /// names this stage). What the stage allocates while it runs ([`drive`]) is charged to `memory`
     /// (weights and optimiser state, made before, are counted by
     /// [`StageRunner::memory`]).
     pub(crate) fn new(
         mut unit: Box<dyn Unit>,
         schedule: Schedule,
         stages: usize,
-        cfg: &StagedConfig,
+        settings: RunnerSettings,
         memory: Option<AllocOwner>,
     ) -> Self {
-        // A staged-SID stage on a GPU, one micro-batch a step: each step is replayed from a
-        // CUDA graph (see [`GraphedStep::stage`]); nothing changes on a CPU.
-        let graphed = cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none();
         Self {
             #[cfg(feature = "fault-injection")]
-            fault: cfg.fault.filter(|f| f.worker == unit.stage()),
-            cuda_graph: (graphed && unit.as_stage_mut().is_some())
+            fault: settings.fault.filter(|f| f.worker == unit.stage()),
+            cuda_graph: (settings.cuda_graph && unit.as_stage_mut().is_some())
                 .then(GraphedStep::on_first_gpu_step),
             unit,
             schedule,
             stages,
             step: 0,
             current: None,
-            timeout: cfg.timeout,
+            timeout: settings.timeout,
             memory,
             queue_losses: false,
             queued: None,

@@ -3,17 +3,18 @@
 //! the coordinator ([`crate::staged`]) and by the ranks that serve a stage in another process
 //! ([`crate::ranks`]).
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use sid_core::bp_stage::build_bp_stages;
 use sid_core::stage::build_stages;
 use sid_core::unit::Unit;
 use sid_core::{Backbone, LossConfig, Method, ModelConfig, Net, StagePlan};
-use tch::Device;
+use tch::{Device, Tensor};
 
 #[cfg(feature = "fault-injection")]
 use crate::fault::Fault;
@@ -21,9 +22,9 @@ use crate::ops::BpSchedule;
 use crate::ops::Schedule;
 use crate::placement::Placement;
 use crate::ranks::Ranks;
-use crate::schedule::{drive, Failure, StageRunner};
+use crate::schedule::{drive, Failure, RunnerSettings, StageRunner};
 use crate::streams;
-use crate::transport::{ChannelTransport, Report};
+use crate::transport::{ChannelTransport, Message, Report, Tag};
 use crate::Result;
 
 /// How to build a [`crate::StagedPipeline`].
@@ -158,6 +159,25 @@ impl StagedConfig {
     }
 }
 
+/// How the coordinator reaches its stages.
+pub(crate) enum Engine {
+    /// Every stage in the caller's thread, one after another.
+    Local {
+        runners: Vec<StageRunner>,
+        inboxes: Vec<VecDeque<Message>>,
+        reports: VecDeque<Report>,
+        /// Gradients sent back, per receiving stage.
+        grads: Vec<VecDeque<(Tag, Tensor)>>,
+    },
+    /// A thread per stage (or per stage of this process, the others linked by c10d).
+    Threads {
+        /// Stage 1 of each replica.
+        firsts: Vec<Sender<Message>>,
+        reports: Receiver<Report>,
+        threads: Vec<StageThread>,
+    },
+}
+
 /// A thread of the pipeline (a stage, or a link to another process) and the way to learn
 /// that it has ended: `Some(cause)` when it failed.
 pub(crate) struct StageThread {
@@ -220,7 +240,15 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
             let owner = (cfg.track_memory && cfg.ranks.is_none())
                 .then(sid_telemetry::AllocOwner::new)
                 .transpose()?;
-            Ok(StageRunner::new(unit, schedule, stages, cfg, owner))
+            // A staged-SID stage on a GPU, one micro-batch a step: each step is replayed
+            // from a CUDA graph (`sid_core::graph::GraphedStep::stage`); nothing changes on a CPU.
+            let settings = RunnerSettings {
+                timeout: cfg.timeout,
+                cuda_graph: cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none(),
+                #[cfg(feature = "fault-injection")]
+                fault: cfg.fault,
+            };
+            Ok(StageRunner::new(unit, schedule, stages, settings, owner))
         })
         .collect()
 }

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::SendTimeoutError;
 use sid_core::{
     Cascade, EarlyExit, ExitTracker, Method, NamedTensors, Network, StagePlan, StageSpec, StepStats,
 };
@@ -19,32 +19,13 @@ use tch::{Device, Tensor};
 
 use crate::schedule::{drive, StageRunner};
 use crate::setup::{
-    build_runners, cpu_threads_per_stage, paper_placement, spawn_stage, PipelineMethod,
-    StageThread, StagedConfig,
+    build_runners, cpu_threads_per_stage, paper_placement, spawn_stage, Engine, PipelineMethod,
+    StagedConfig,
 };
 use crate::streams;
 use crate::transport::{device_name, ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
 use crate::{Result, RuntimeError};
 use sid_telemetry::AllocOwner;
-
-/// How the coordinator reaches its stages.
-pub(crate) enum Engine {
-    /// Every stage in the caller's thread, one after another.
-    Local {
-        runners: Vec<StageRunner>,
-        inboxes: Vec<VecDeque<Message>>,
-        reports: VecDeque<Report>,
-        /// Gradients sent back, per receiving stage.
-        grads: Vec<VecDeque<(Tag, Tensor)>>,
-    },
-    /// A thread per stage (or per stage of this process, the others linked by c10d).
-    Threads {
-        /// Stage 1 of each replica.
-        firsts: Vec<Sender<Message>>,
-        reports: Receiver<Report>,
-        threads: Vec<StageThread>,
-    },
-}
 
 /// Staged SID as a pipeline of stages ([`sid_core::stage`]), on one device or one per stage;
 /// also the BP baseline cut at the same blocks, and the paper's SID with its modules spread
