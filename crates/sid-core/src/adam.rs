@@ -84,13 +84,9 @@ impl Adam {
     /// Adam over every trainable variable of a VarStore (not BatchNorm's running
     /// statistics, which are saved with the weights but never receive a gradient).
     pub fn for_var_store(vs: &tch::nn::VarStore, lr: f64) -> Self {
-        Self::new(
-            vs.variables()
-                .into_iter()
-                .filter(|(_, t)| t.requires_grad())
-                .collect(),
-            lr,
-        )
+        let mut params: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        params.retain(|(_, t)| t.requires_grad());
+        Self::new(params, lr)
     }
 
     /// Gives the parameters whose names `pick` chooses the learning rate `lr` (a backbone's,
@@ -170,12 +166,9 @@ impl Adam {
             .get_or_insert_with(|| Tensor::full([], done as f64, (Kind::Float, device)));
         let _ = step_t.g_add_scalar_(1.0);
         // One kernel call per learning rate (one, unless a backbone has its own).
-        let mut lrs: Vec<f64> = Vec::new();
-        for &l in &self.lrs {
-            if !lrs.contains(&l) {
-                lrs.push(l);
-            }
-        }
+        let mut lrs = self.lrs.clone();
+        lrs.sort_by(f64::total_cmp);
+        lrs.dedup();
         for lr in lrs {
             self.fused_group(lr)?;
         }

@@ -16,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief, BeliefModule};
+use crate::error::invalid;
 use crate::extractor::{forward_blocks, Block, Net};
 use crate::loss::{cross_entropy, scaled};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
@@ -56,9 +57,9 @@ struct Pending {
 }
 
 fn missing(index: usize, micro: usize) -> CoreError {
-    CoreError::InvalidConfig(format!(
-        "backprop stage {}: backward of micro-batch {micro} before its forward",
-        index + 1
+    let index = index + 1;
+    invalid(format!(
+        "backprop stage {index}: backward of micro-batch {micro} before its forward"
     ))
 }
 
@@ -109,11 +110,8 @@ pub fn build_bp_stages<'a>(
         .enumerate()
         .map(|(index, (vs, built))| {
             let opt = Adam::for_var_store(&vs, lr);
-            let mut rest: Vec<(String, Tensor)> = vs
-                .variables()
-                .into_iter()
-                .filter(|(_, v)| v.requires_grad())
-                .collect();
+            let mut rest: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            rest.retain(|(_, v)| v.requires_grad());
             rest.sort_by(|a, b| a.0.cmp(&b.0));
             let mut groups: Vec<Vec<Tensor>> = prefixes[blocks[index].clone()]
                 .iter()
@@ -133,10 +131,9 @@ pub fn build_bp_stages<'a>(
                 blocks: built,
                 head: if index + 1 == k { head.take() } else { None },
                 opt,
-                adam_prefix: if k == 1 {
-                    "adam.all".into()
-                } else {
-                    format!("adam.bp_stage_{}", index + 1)
+                adam_prefix: match k {
+                    1 => "adam.all".into(),
+                    _ => format!("adam.bp_stage_{}", index + 1),
                 },
                 num_classes: cfg.num_classes,
                 precision: cfg.precision,
@@ -179,9 +176,7 @@ impl BpStage {
     }
 
     fn output_grad<'g>(&self, grad: Option<&'g Tensor>) -> Result<&'g Tensor> {
-        grad.ok_or_else(|| {
-            CoreError::InvalidConfig("a middle stage's backward needs its output's gradient".into())
-        })
+        grad.ok_or_else(|| invalid("a middle stage's backward needs its output's gradient"))
     }
 }
 
@@ -226,20 +221,17 @@ impl Unit for BpStage {
             (scaled(loss, mb.scale), None)
         } else {
             // Backprop stages pass no belief.
-            let p = Tensor::zeros([0], (Kind::Float, h.device()));
-            let next = Passed {
-                input: h.detach(),
-                p,
-            };
-            (h, Some(next))
+            let (input, p) = (h.detach(), Tensor::zeros([0], (Kind::Float, h.device())));
+            (h, Some(Passed { input, p }))
         };
+        let grads = None;
         self.pending.insert(
             micro,
             Pending {
                 leaf,
                 outs,
                 out,
-                grads: None,
+                grads,
             },
         );
         Ok(next)
@@ -268,10 +260,9 @@ impl Unit for BpStage {
     /// [`Unit::backward_weight`] needs, but no weight gradient. Returns what
     /// [`Unit::backward`] returns.
     fn backward_input(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
-        let g = if self.last {
-            None
-        } else {
-            Some(self.output_grad(grad)?.shallow_clone())
+        let g = match self.last {
+            true => None,
+            false => Some(self.output_grad(grad)?.shallow_clone()),
         };
         let first = self.index == 0;
         let p = self
@@ -283,11 +274,7 @@ impl Unit for BpStage {
             Some(g) => (&p.out * g).f_sum(Kind::Float)?,
         };
         // The last block's output gradient is the one received, except before the head.
-        let outs = if g.is_some() {
-            &p.outs[..p.outs.len() - 1]
-        } else {
-            &p.outs[..]
-        };
+        let outs = &p.outs[..p.outs.len() - usize::from(g.is_some())];
         let inputs: Vec<&Tensor> = (!first)
             .then_some(&p.leaf)
             .into_iter()
@@ -313,9 +300,9 @@ impl Unit for BpStage {
     fn backward_weight(&mut self, micro: usize) -> Result<()> {
         let p = self.take(micro)?;
         let grads = p.grads.ok_or_else(|| {
-            CoreError::InvalidConfig(format!(
-                "backprop stage {}: weight half of micro-batch {micro} before its input half",
-                self.index + 1
+            let index = self.index + 1;
+            invalid(format!(
+                "backprop stage {index}: weight half of micro-batch {micro} before its input half"
             ))
         })?;
         for (k, params) in self.groups.iter().enumerate() {

@@ -2,7 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{CoreError, Result};
+use crate::error::invalid;
+use crate::Result;
 
 /// Which feature extractor `c(x)` to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,15 +99,11 @@ impl ModelConfig {
         ];
         for (name, v) in checks {
             if v < 1 {
-                return Err(CoreError::InvalidConfig(format!(
-                    "{name} must be at least 1, got {v}"
-                )));
+                return Err(invalid(format!("{name} must be at least 1, got {v}")));
             }
         }
         if self.num_classes < 2 {
-            return Err(CoreError::InvalidConfig(
-                "num_classes must be at least 2".into(),
-            ));
+            return Err(invalid("num_classes must be at least 2"));
         }
         Ok(())
     }
@@ -133,16 +130,13 @@ impl Default for LossConfig {
 impl LossConfig {
     /// Checks α ∈ [0, 1] and ε ∈ [0, 1).
     pub fn validate(&self) -> Result<()> {
-        if !(0.0..=1.0).contains(&self.alpha) {
-            return Err(CoreError::InvalidConfig(format!(
-                "alpha must be in [0, 1], got {}",
-                self.alpha
-            )));
+        let (alpha, eps) = (self.alpha, self.label_smoothing);
+        if !(0.0..=1.0).contains(&alpha) {
+            return Err(invalid(format!("alpha must be in [0, 1], got {alpha}")));
         }
-        if !(0.0..1.0).contains(&self.label_smoothing) {
-            return Err(CoreError::InvalidConfig(format!(
-                "label smoothing must be in [0, 1), got {}",
-                self.label_smoothing
+        if !(0.0..1.0).contains(&eps) {
+            return Err(invalid(format!(
+                "label smoothing must be in [0, 1), got {eps}"
             )));
         }
         Ok(())
@@ -152,6 +146,7 @@ impl LossConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::CoreError;
 
     #[test]
     fn names_parse_back_and_unknown_ones_list_every_name() {

@@ -32,3 +32,8 @@ pub enum CoreError {
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }
+
+/// A [`CoreError::InvalidConfig`] saying `msg`.
+pub(crate) fn invalid(msg: impl Into<String>) -> CoreError {
+    CoreError::InvalidConfig(msg.into())
+}

@@ -10,8 +10,9 @@ use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
 use crate::config::{ExtractorKind, ModelConfig};
+use crate::error::invalid;
 use crate::init::{ConvShape, Init};
-use crate::{CoreError, Result};
+use crate::Result;
 
 /// One block of a backbone: the unit a stage boundary may fall after. Implement it for your
 /// own layers (see [`Backbone`]).
@@ -108,10 +109,7 @@ pub struct Net<'a> {
 
 impl<'a> From<&'a ModelConfig> for Net<'a> {
     fn from(model: &'a ModelConfig) -> Self {
-        Self {
-            model,
-            backbone: model,
-        }
+        Self::new(model, model)
     }
 }
 
@@ -129,11 +127,8 @@ impl<'a> Net<'a> {
     /// Each block's variable-name prefix, first to last: `extractor.<name>.`, where the
     /// library builds it (see [`Backbone`]).
     pub fn block_prefixes(&self) -> Vec<String> {
-        self.backbone
-            .block_names()
-            .iter()
-            .map(|name| format!("extractor.{name}."))
-            .collect()
+        let names = self.backbone.block_names();
+        names.iter().map(|n| format!("extractor.{n}.")).collect()
     }
 
     /// Builds every block, first to last, block `i` under `path(i) / <its name>`.
@@ -143,7 +138,7 @@ impl<'a> Net<'a> {
     ) -> Result<Vec<Box<dyn Block>>> {
         let names = self.backbone.block_names();
         if names.is_empty() {
-            return Err(CoreError::InvalidConfig(format!(
+            return Err(invalid(format!(
                 "the {} backbone has no blocks",
                 self.backbone.name()
             )));
@@ -171,7 +166,7 @@ impl<'a> Net<'a> {
             ok
         });
         if cuts.is_empty() || !consecutive || next != n {
-            return Err(CoreError::InvalidConfig(format!(
+            return Err(invalid(format!(
                 "stages must cut the {n} blocks of the {} backbone into non-empty consecutive ranges",
                 self.backbone.name()
             )));
@@ -191,27 +186,21 @@ impl<'a> Net<'a> {
 
     /// Builds the head under `p`, after `blocks` (all of them, or a stage's last ones).
     pub(crate) fn build_head(&self, p: &nn::Path, blocks: &[Box<dyn Block>]) -> Box<dyn Module> {
-        let last = blocks.last().expect("built backbones have blocks");
-        self.backbone
-            .build_head(p, &last.output_shape(), self.model)
+        let last = blocks
+            .last()
+            .expect("built backbones have blocks")
+            .output_shape();
+        self.backbone.build_head(p, &last, self.model)
     }
 }
 
 /// Width of the hidden layer of the MLP extractor.
 pub const MLP_HIDDEN: i64 = 512;
 
-/// VGG-11's configuration "A": output channels of each conv, `true` where a 2×2 max-pool
-/// follows it.
-const VGG11: [(i64, bool); 8] = [
-    (64, true),
-    (128, true),
-    (256, false),
-    (256, true),
-    (512, false),
-    (512, true),
-    (512, false),
-    (512, true),
-];
+/// VGG-11's configuration "A": output channels of each conv.
+const VGG11: [i64; 8] = [64, 128, 256, 256, 512, 512, 512, 512];
+/// The convs of [`VGG11`] (0-based) that a 2×2 max-pool follows.
+const VGG11_POOLED: [usize; 5] = [0, 1, 3, 5, 7];
 
 /// ResNet-18's stages: width and number of BasicBlocks.
 const RESNET18: [(i64, usize); 4] = [(64, 2), (128, 2), (256, 2), (512, 2)];
@@ -250,14 +239,8 @@ impl MaxPool {
     const RESNET: Self = Self(ConvShape::new(3, 2, 1));
 
     fn apply(&self, xs: &Tensor) -> Tensor {
-        let s = self.0;
-        xs.max_pool2d(
-            [s.kernel, s.kernel],
-            [s.stride, s.stride],
-            [s.padding, s.padding],
-            [1, 1],
-            false,
-        )
+        let (k, s, p) = (self.0.kernel, self.0.stride, self.0.padding);
+        xs.max_pool2d([k, k], [s, s], [p, p], [1, 1], false)
     }
 }
 
@@ -424,13 +407,19 @@ impl Neck {
     }
 
     fn named(p: &nn::Path, fc: &str, shape: &[i64], feature_dim: i64, init: Init) -> Self {
-        let tokens = shape.len() == 2;
-        let width = if tokens { shape[1] } else { shape[0] };
+        let (tokens, width) = neck_input(shape);
         Self {
             norm: tokens.then(|| crate::init::vit_layer_norm(p / "norm", width)),
             fc: crate::init::linear(p / fc, width, feature_dim, init),
         }
     }
+}
+
+/// Whether block outputs of per-sample shape `shape` are token sequences, and the width a
+/// neck reads from them.
+fn neck_input(shape: &[i64]) -> (bool, i64) {
+    let tokens = shape.len() == 2;
+    (tokens, if tokens { shape[1] } else { shape[0] })
 }
 
 impl Module for Neck {
@@ -455,9 +444,9 @@ pub(crate) enum Spec {
         cout: i64,
         pool: bool,
     },
+    /// The MLP's hidden layer, `inputs` → [`MLP_HIDDEN`].
     Dense {
         inputs: i64,
-        outputs: i64,
     },
     ConvBn {
         cin: i64,
@@ -480,99 +469,109 @@ pub(crate) enum Spec {
 }
 
 impl Spec {
-    /// Trainable parameters (BatchNorm's running statistics are buffers, not counted).
-    fn params(&self) -> i64 {
-        let conv = |cin: i64, cout: i64, k: i64, bias: bool| {
-            cin * cout * k * k + if bias { cout } else { 0 }
+    /// Every variable of the block, named under it (`conv.weight`), with its shape: in the
+    /// order of the reference layouts' `state_dict`s ([`crate::torch_names`]).
+    pub(crate) fn variables(&self) -> Vec<(String, Vec<i64>)> {
+        // A weight of `shape` under `layer`, and a bias of its first dimension when `bias`.
+        let weights = |layer: &str, shape: &[i64], bias: bool| {
+            let bias = bias.then(|| (format!("{layer}bias"), shape[..1].to_vec()));
+            let weight = (format!("{layer}weight"), shape.to_vec());
+            std::iter::once(weight).chain(bias).collect::<Vec<_>>()
         };
-        let bn = |c: i64| 2 * c;
-        let linear = |i: i64, o: i64| i * o + o;
+        // A convolution's weights, then its BatchNorm's (running statistics last).
+        let conv_bn = |conv: &str, bn: &str, shape: [i64; 4], bias: bool| {
+            let stats = ["weight", "bias", "running_mean", "running_var"];
+            let stats = stats.map(|v| (format!("{bn}{v}"), vec![shape[0]]));
+            [weights(conv, &shape, bias), stats.to_vec()].concat()
+        };
+        let (w, h) = (VIT_WIDTH, VIT_WIDTH * VIT_MLP_RATIO);
         match *self {
-            Self::Conv { cin, cout, .. } => conv(cin, cout, 3, true),
-            Self::Dense { inputs, outputs } => linear(inputs, outputs),
+            Self::Conv { cin, cout, .. } => weights("", &[cout, cin, 3, 3], true),
+            Self::Dense { inputs } => weights("", &[MLP_HIDDEN, inputs], true),
             Self::ConvBn {
                 cin,
                 cout,
                 conv: c,
                 bias,
                 ..
-            } => conv(cin, cout, c.kernel, bias) + bn(cout),
+            } => conv_bn("conv.", "bn.", [cout, cin, c.kernel, c.kernel], bias),
             Self::Basic { cin, cout, stride } => {
-                let down = if stride != 1 || cin != cout {
-                    conv(cin, cout, 1, false) + bn(cout)
-                } else {
-                    0
-                };
-                conv(cin, cout, 3, false) + bn(cout) + conv(cout, cout, 3, false) + bn(cout) + down
+                let mut v = conv_bn("conv1.", "bn1.", [cout, cin, 3, 3], false);
+                v.extend(conv_bn("conv2.", "bn2.", [cout, cout, 3, 3], false));
+                if has_shortcut(cin, cout, stride) {
+                    v.extend(conv_bn("down_conv.", "down_bn.", [cout, cin, 1, 1], false));
+                }
+                v
             }
             Self::Patch { cin, patch, tokens } => {
-                conv(cin, VIT_WIDTH, patch, true) + VIT_WIDTH + (tokens + 1) * VIT_WIDTH
+                let mut v = weights("proj.", &[w, cin, patch, patch], true);
+                v.push(("cls_token".into(), vec![1, 1, w]));
+                v.push(("pos_embed".into(), vec![1, tokens + 1, w]));
+                v
             }
-            Self::Encoder => {
-                let w = VIT_WIDTH;
-                let hidden = w * VIT_MLP_RATIO;
-                2 * w
-                    + linear(w, 3 * w)
-                    + linear(w, w)
-                    + 2 * w
-                    + linear(w, hidden)
-                    + linear(hidden, w)
-            }
+            Self::Encoder => [
+                ("norm1.", vec![w]),
+                ("qkv.", vec![3 * w, w]),
+                ("proj.", vec![w, w]),
+                ("norm2.", vec![w]),
+                ("fc1.", vec![h, w]),
+                ("fc2.", vec![w, h]),
+            ]
+            .iter()
+            .flat_map(|(layer, shape)| weights(layer, shape, true))
+            .collect(),
         }
     }
+
+    /// Trainable parameters (BatchNorm's running statistics are buffers, not counted).
+    fn params(&self) -> i64 {
+        let vars = self.variables().into_iter();
+        let trained = vars.filter(|(name, _)| !name.contains("running_"));
+        trained
+            .map(|(_, shape)| shape.iter().product::<i64>())
+            .sum()
+    }
+}
+
+/// Whether a ResNet BasicBlock's shortcut is a 1×1 conv-BN (where the shape changes).
+fn has_shortcut(cin: i64, cout: i64, stride: i64) -> bool {
+    stride != 1 || cin != cout
 }
 
 /// Every block of `cfg`'s backbone with its variable path and per-sample output shape.
 pub(crate) fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
     let mut out = Vec::new();
-    let side = cfg.image_size;
+    let mut add = |name: String, spec, shape: &[i64]| out.push((name, spec, shape.to_vec()));
+    let (cin, side) = (cfg.in_channels, cfg.image_size);
     match cfg.extractor {
         ExtractorKind::Cnn => {
-            let mut side = side;
-            for (i, (cin, cout)) in [(cfg.in_channels, 32), (32, 64), (64, 128), (128, 128)]
-                .into_iter()
-                .enumerate()
-            {
+            let (widths, mut side) = ([(cin, 32), (32, 64), (64, 128), (128, 128)], side);
+            for (i, (cin, cout)) in widths.into_iter().enumerate() {
                 let pool = i == 1 || i == 3;
-                if pool {
-                    side /= 2;
-                }
-                out.push((
-                    format!("conv{}", i + 1),
-                    Spec::Conv { cin, cout, pool },
-                    vec![cout, side, side],
-                ));
+                side /= if pool { 2 } else { 1 };
+                let spec = Spec::Conv { cin, cout, pool };
+                add(format!("conv{}", i + 1), spec, &[cout, side, side]);
             }
         }
         ExtractorKind::Mlp => {
-            let inputs = cfg.in_channels * side * side;
-            out.push((
-                "fc1".into(),
-                Spec::Dense {
-                    inputs,
-                    outputs: MLP_HIDDEN,
-                },
-                vec![MLP_HIDDEN],
-            ));
+            let inputs = cin * side * side;
+            add("fc1".into(), Spec::Dense { inputs }, &[MLP_HIDDEN]);
         }
         ExtractorKind::Vgg11 => {
-            let (mut cin, mut side) = (cfg.in_channels, side);
-            for (i, (cout, pooled)) in VGG11.into_iter().enumerate() {
+            let (mut cin, mut side) = (cin, side);
+            for (i, cout) in VGG11.into_iter().enumerate() {
                 // A pool that would leave less than 1×1 is skipped (28 px inputs have 4 pools).
-                let pool = (pooled && side >= 2).then_some(MaxPool::TWO);
+                let pool = (VGG11_POOLED.contains(&i) && side >= 2).then_some(MaxPool::TWO);
                 side = pool.map_or(side, |p| p.0.out_side(side));
                 let conv = ConvShape::new(3, 1, 1);
-                out.push((
-                    format!("block{}", i + 1),
-                    Spec::ConvBn {
-                        cin,
-                        cout,
-                        conv,
-                        bias: true,
-                        pool,
-                    },
-                    vec![cout, side, side],
-                ));
+                let spec = Spec::ConvBn {
+                    cin,
+                    cout,
+                    conv,
+                    bias: true,
+                    pool,
+                };
+                add(format!("block{}", i + 1), spec, &[cout, side, side]);
                 cin = cout;
             }
         }
@@ -584,27 +583,26 @@ pub(crate) fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
             };
             let side = conv.out_side(side);
             let mut side = pool.map_or(side, |p| p.0.out_side(side));
-            out.push((
-                "stem".into(),
-                Spec::ConvBn {
-                    cin: cfg.in_channels,
-                    cout: 64,
-                    conv,
-                    bias: false,
-                    pool,
-                },
-                vec![64, side, side],
-            ));
+            let (cout, bias) = (64, false);
+            let stem = Spec::ConvBn {
+                cin,
+                cout,
+                conv,
+                bias,
+                pool,
+            };
+            add("stem".into(), stem, &[64, side, side]);
             let mut cin = 64;
             for (l, (cout, n)) in RESNET18.into_iter().enumerate() {
                 for b in 0..n {
                     let stride = if l > 0 && b == 0 { 2 } else { 1 };
                     side = ConvShape::new(3, stride, 1).out_side(side);
-                    out.push((
+                    let spec = Spec::Basic { cin, cout, stride };
+                    add(
                         format!("layer{}_{}", l + 1, b + 1),
-                        Spec::Basic { cin, cout, stride },
-                        vec![cout, side, side],
-                    ));
+                        spec,
+                        &[cout, side, side],
+                    );
                     cin = cout;
                 }
             }
@@ -612,21 +610,14 @@ pub(crate) fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
         ExtractorKind::VitTiny => {
             let patch = vit_patch(side);
             let tokens = (side / patch) * (side / patch);
-            out.push((
+            let shape = [tokens + 1, VIT_WIDTH];
+            add(
                 "patch_embed".into(),
-                Spec::Patch {
-                    cin: cfg.in_channels,
-                    patch,
-                    tokens,
-                },
-                vec![tokens + 1, VIT_WIDTH],
-            ));
+                Spec::Patch { cin, patch, tokens },
+                &shape,
+            );
             for j in 0..VIT_DEPTH {
-                out.push((
-                    format!("block{}", j + 1),
-                    Spec::Encoder,
-                    vec![tokens + 1, VIT_WIDTH],
-                ));
+                add(format!("block{}", j + 1), Spec::Encoder, &shape);
             }
         }
     }
@@ -669,11 +660,9 @@ impl ParamCounts {
     /// The counts of `cfg`'s network (without the extra necks of a staged run).
     pub fn of(cfg: &ModelConfig) -> Self {
         let specs = specs(cfg);
-        let last = &specs.last().expect("a backbone has blocks").2;
-        let width = if last.len() == 2 { last[1] } else { last[0] };
-        let norm = if last.len() == 2 { 2 * width } else { 0 };
-        let head = norm + width * cfg.feature_dim + cfg.feature_dim;
+        let (tokens, width) = neck_input(&specs.last().expect("a backbone has blocks").2);
         let (n, d, h) = (cfg.num_classes, cfg.feature_dim, cfg.module_hidden);
+        let head = if tokens { 2 * width } else { 0 } + width * d + d;
         let module = (n + d) * h + h + h * n + n;
         Self {
             extractor: specs.iter().map(|(_, s, _)| s.params()).sum::<i64>() + head,
@@ -711,14 +700,14 @@ impl Backbone for ModelConfig {
     }
 
     fn build_head(&self, p: &nn::Path, last: &[i64], model: &ModelConfig) -> Box<dyn Module> {
-        let (d, init) = (model.feature_dim, model.init);
-        Box::new(match self.extractor {
-            ExtractorKind::Mlp => Neck::named(p, "fc2", last, d, init),
-            ExtractorKind::VitTiny => Neck::named(&(p / "head"), "fc", last, d, init),
+        let (p, fc) = match self.extractor {
+            ExtractorKind::Mlp => (p.clone(), "fc2"),
+            ExtractorKind::VitTiny => (p / "head", "fc"),
             ExtractorKind::Cnn | ExtractorKind::Vgg11 | ExtractorKind::Resnet18 => {
-                Neck::named(p, "fc", last, d, init)
+                (p.clone(), "fc")
             }
-        })
+        };
+        Box::new(Neck::named(&p, fc, last, model.feature_dim, model.init))
     }
 }
 
@@ -734,8 +723,8 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
             bn: None,
             pool: pool.then_some(MaxPool::TWO),
         },
-        Spec::Dense { inputs, outputs } => {
-            Layer::Dense(crate::init::linear(p.clone(), inputs, outputs, init))
+        Spec::Dense { inputs } => {
+            Layer::Dense(crate::init::linear(p.clone(), inputs, MLP_HIDDEN, init))
         }
         Spec::ConvBn {
             cin,
@@ -755,7 +744,7 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
                 bn1: bn("bn1", cout),
                 conv2: conv("conv2", cout, cout, c3(1), false),
                 bn2: bn("bn2", cout),
-                down: (stride != 1 || cin != cout).then(|| {
+                down: has_shortcut(cin, cout, stride).then(|| {
                     let shape = ConvShape::new(1, stride, 0);
                     (
                         conv("down_conv", cin, cout, shape, false),
@@ -774,14 +763,7 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
             ),
             // torchvision's VisionTransformer: class token zeros, positions N(0, 0.02²).
             cls_token: p.zeros("cls_token", &[1, 1, VIT_WIDTH]),
-            pos_embed: p.var(
-                "pos_embed",
-                &[1, tokens + 1, VIT_WIDTH],
-                nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
-            ),
+            pos_embed: p.randn("pos_embed", &[1, tokens + 1, VIT_WIDTH], 0.0, 0.02),
         })),
         Spec::Encoder => {
             let (w, hidden) = (VIT_WIDTH, VIT_WIDTH * VIT_MLP_RATIO);
@@ -799,7 +781,6 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
         }
     }
 }
-
 /// A whole feature extractor: every block, then the head.
 ///
 /// Reference SimpleCNN: conv3x3(in→32) ReLU, conv3x3(32→64) ReLU, maxpool2, conv3x3(64→128)

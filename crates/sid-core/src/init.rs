@@ -26,14 +26,10 @@ fn pytorch_bound(fan_in: i64) -> nn::Init {
 
 /// A linear layer `in → out` under `p`, initialised by `init`.
 pub fn linear(p: nn::Path, inputs: i64, outputs: i64, init: Init) -> nn::Linear {
-    let c = match init {
-        Init::Pytorch => nn::LinearConfig {
-            ws_init: pytorch_bound(inputs),
-            bs_init: Some(pytorch_bound(inputs)),
-            bias: true,
-        },
-        Init::Kaiming => Default::default(),
-    };
+    let mut c = nn::LinearConfig::default();
+    if init == Init::Pytorch {
+        (c.ws_init, c.bs_init) = (pytorch_bound(inputs), Some(pytorch_bound(inputs)));
+    }
     nn::linear(p, inputs, outputs, c)
 }
 

@@ -92,12 +92,12 @@ impl CascadeHealth {
             return;
         }
         self.samples += other.samples;
-        let add = |a: &mut [f64], b: &[f64]| a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        fn add<T: Copy + std::ops::AddAssign>(sums: &mut [T], more: &[T]) {
+            sums.iter_mut().zip(more).for_each(|(x, y)| *x += *y);
+        }
+        add(&mut self.correct, &other.correct);
         add(&mut self.label_kl, &other.label_kl);
         add(&mut self.teacher_kl, &other.teacher_kl);
-        for (x, y) in self.correct.iter_mut().zip(&other.correct) {
-            *x += y;
-        }
     }
 
     /// Each module's accuracy.
@@ -118,12 +118,6 @@ impl CascadeHealth {
     fn mean(&self, sums: &[f64]) -> Vec<f64> {
         let n = self.samples.max(1) as f64;
         sums.iter().map(|s| s / n).collect()
-    }
-
-    /// The first module (1-based) whose mean `KL(p_y‖p)` is higher than the module before it;
-    /// `None`: the cascade is monotone.
-    pub fn first_worse(&self) -> Option<usize> {
-        first_worse(&self.mean_label_kl())
     }
 }
 
@@ -348,14 +342,14 @@ mod tests {
             assert!((h.teacher_kl[i] - want_teacher[i]).abs() < 1e-6, "{h:?}");
         }
         assert_eq!((h.samples, h.correct.clone()), (1, vec![1, 1]));
-        assert_eq!(h.first_worse(), None);
+        assert_eq!(first_worse(&h.mean_label_kl()), None);
         // The other order gets worse at module 2; sums add up over batches.
         let mut worse = Cascade {
             logits: vec![l2, l1],
         }
         .health(&y)
         .unwrap();
-        assert_eq!(worse.first_worse(), Some(2));
+        assert_eq!(first_worse(&worse.mean_label_kl()), Some(2));
         worse.add(&worse.clone());
         assert_eq!(worse.samples, 2);
         assert!((worse.mean_label_kl()[1] - 2f64.ln()).abs() < 1e-6);

@@ -21,12 +21,13 @@ use tch::{Device, Kind, Tensor};
 use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief};
 use crate::config::LossConfig;
+use crate::error::invalid;
 use crate::extractor::{forward_blocks, Block, Neck, Net};
 use crate::loss::{local_loss_for, scaled, LabelTarget};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
 use crate::precision::forward_f32;
 use crate::unit::{Backward, Inferred, MicroBatch, ModuleUnit, Passed, Unit};
-use crate::{CoreError, Result};
+use crate::Result;
 
 /// Which blocks of the backbone and which belief modules (0-based, half-open) one stage owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,9 +44,9 @@ pub struct StagePlan {
     stages: Vec<StageSpec>,
 }
 
-fn invalid(msg: String) -> CoreError {
-    CoreError::InvalidConfig(msg)
-}
+/// A stage's blocks, or its modules.
+const BLOCKS: fn(&StageSpec) -> &Range<usize> = |s| &s.blocks;
+const MODULES: fn(&StageSpec) -> &Range<usize> = |s| &s.modules;
 
 /// `[0, n)` cut into `k` near-equal consecutive ranges.
 fn even_ranges(n: usize, k: usize) -> Vec<Range<usize>> {
@@ -107,7 +108,7 @@ impl StagePlan {
         let (blocks, cfg) = (net.blocks(), net.model);
         let k = stages.len();
         if k == 0 {
-            return Err(invalid("a run needs at least one stage".into()));
+            return Err(invalid("a run needs at least one stage"));
         }
         if k > blocks {
             return Err(invalid(format!(
@@ -121,15 +122,12 @@ impl StagePlan {
                 cfg.modules
             )));
         }
-        let of_blocks = stages.iter().map(|s| &s.blocks).collect();
-        let of_modules = stages.iter().map(|s| &s.modules).collect();
-        let checks: [(&str, usize, Vec<&Range<usize>>); 2] = [
-            ("blocks", blocks, of_blocks),
-            ("modules", cfg.modules, of_modules),
-        ];
-        for (what, total, ranges) in checks {
+        for (what, total, range) in [
+            ("blocks", blocks, BLOCKS),
+            ("modules", cfg.modules, MODULES),
+        ] {
             let mut next = 0;
-            for (i, r) in ranges.into_iter().enumerate() {
+            for (i, r) in stages.iter().map(range).enumerate() {
                 if r.is_empty() {
                     return Err(invalid(format!("stage {} has no {what}", i + 1)));
                 }
@@ -242,18 +240,15 @@ impl StagePlan {
 
     /// The plan in `--placement` syntax: `blocks=0-1,2-3;modules=0-4,5-9`.
     pub fn to_spec(&self) -> String {
-        let list = |f: fn(&StageSpec) -> &Range<usize>| {
+        let list = |f| {
             self.stages
                 .iter()
-                .map(|s| range_spec(f(s)))
+                .map(f)
+                .map(range_spec)
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        format!(
-            "blocks={};modules={}",
-            list(|s| &s.blocks),
-            list(|s| &s.modules)
-        )
+        format!("blocks={};modules={}", list(BLOCKS), list(MODULES))
     }
 
     /// Each stage's predicted time per step under `costs`.
@@ -318,46 +313,37 @@ pub fn profile_costs<'a>(
     let mut x = Tensor::arange(numel, (Kind::Float, device))
         .sin()
         .reshape(shape);
-    let time = |f: &mut dyn FnMut()| {
-        f();
-        let mut t: Vec<f64> = (0..reps.max(1))
+    // The median time of `reps` runs (after a warm-up) of the forward `f` and its backward.
+    let time = |f: &dyn Fn() -> Tensor| {
+        let mut t: Vec<f64> = (0..=reps.max(1))
             .map(|_| {
                 let s = Instant::now();
-                f();
+                let y = f();
+                y.sum(Kind::Float).backward();
+                // Waits for the device by reading one value (timing on a GPU needs it).
+                let _ = y.flatten(0, -1).get(0).double_value(&[]);
                 s.elapsed().as_secs_f64()
             })
             .collect();
+        t.remove(0);
         t.sort_by(f64::total_cmp);
         t[t.len() / 2]
     };
-    let mut block_costs = Vec::with_capacity(blocks.len());
+    let mut costs = Vec::with_capacity(blocks.len());
     for b in &blocks {
         let input = x.detach().set_requires_grad(true);
-        block_costs.push(time(&mut || {
-            let y = b.forward_t(&input, true);
-            y.sum(Kind::Float).backward();
-            let _ = sync_value(&y);
-        }));
+        costs.push(time(&|| b.forward_t(&input, true)));
         x = tch::no_grad(|| b.forward_t(&x, true));
     }
     let z = Tensor::ones([batch, cfg.feature_dim], (Kind::Float, device)).set_requires_grad(true);
     let p = uniform_belief(batch, cfg.num_classes, device);
     let labels = Tensor::zeros([batch], (Kind::Int64, device));
     let target = LabelTarget::new(&labels, cfg.num_classes, &LossConfig::default());
-    let module_cost = time(&mut || {
-        let l = local_loss_for(&module.forward(&p, &z), &p, &target);
-        l.backward();
-        let _ = sync_value(&l);
-    });
+    let module = time(&|| local_loss_for(&module.forward(&p, &z), &p, &target));
     StageCosts {
-        blocks: block_costs,
-        module: module_cost,
+        blocks: costs,
+        module,
     }
-}
-
-/// Waits for the device by reading one value (timing on a GPU needs it).
-fn sync_value(t: &Tensor) -> f64 {
-    t.flatten(0, -1).get(0).double_value(&[])
 }
 
 /// One stage: a slice of the backbone, its neck, its belief modules and its optimisers.
@@ -413,34 +399,24 @@ pub fn build_stages<'a>(
     let cuts: Vec<Range<usize>> = plan.stages.iter().map(|s| s.blocks.clone()).collect();
     let (blocks, head) = net.build_cut(&stores, &cuts)?;
     // Stage by stage is module by module: a checked plan's ranges are consecutive from 0.
-    let modules: Vec<Vec<ModuleUnit>> = plan
-        .stages
-        .iter()
-        .map(|s| {
-            (s.modules.clone())
-                .map(|i| ModuleUnit::new(i, cfg, loss, lr, Device::Cpu))
-                .collect()
-        })
+    let units: Vec<ModuleUnit> = (0..cfg.modules)
+        .map(|i| ModuleUnit::new(i, cfg, loss, lr, Device::Cpu))
         .collect();
-    let mut necks: Vec<Box<dyn Module>> = (0..k - 1)
-        .map(|s| {
-            let last = blocks[s].last().expect("a stage has blocks").output_shape();
-            let p = stores[s].root() / format!("neck_{}", s + 1);
-            Box::new(Neck::new(&p, &last, cfg.feature_dim, cfg.init)) as Box<dyn Module>
-        })
-        .collect();
-    necks.push(head);
-    Ok(stores
-        .into_iter()
-        .zip(blocks)
-        .zip(necks)
-        .zip(modules)
-        .enumerate()
-        .map(|(index, (((vs, blocks), neck), modules))| {
+    let (mut units, mut head) = (units.into_iter(), Some(head));
+    let stages = stores.into_iter().zip(blocks).zip(&plan.stages).enumerate();
+    Ok(stages
+        .map(|(index, ((vs, blocks), spec))| {
+            let neck: Box<dyn Module> = if index + 1 == k {
+                head.take().expect("one head")
+            } else {
+                let last = blocks.last().expect("a stage has blocks").output_shape();
+                let p = vs.root() / format!("neck_{}", index + 1);
+                Box::new(Neck::new(&p, &last, cfg.feature_dim, cfg.init))
+            };
             let opt = Adam::for_var_store(&vs, lr);
             Stage {
                 index,
-                spec: plan.stages[index].clone(),
+                spec: spec.clone(),
                 last: index + 1 == k,
                 vs,
                 blocks,
@@ -448,12 +424,11 @@ pub fn build_stages<'a>(
                 opt,
                 // One stage is the paper's extractor: its checkpoint names are the single
                 // device's.
-                adam_prefix: if k == 1 {
-                    "adam.extractor".into()
-                } else {
-                    format!("adam.stage_{}", index + 1)
+                adam_prefix: match k {
+                    1 => "adam.extractor".into(),
+                    _ => format!("adam.stage_{}", index + 1),
                 },
-                modules,
+                modules: units.by_ref().take(spec.modules.len()).collect(),
                 num_classes: cfg.num_classes,
                 loss,
                 precision: cfg.precision,
@@ -522,12 +497,9 @@ impl Stage {
     /// the scaled losses [n], detached, on the device.
     pub fn backward_micro(&mut self, scale: f64) -> Result<Tensor> {
         let _span = tracing::trace_span!("stage_backward", stage = self.index + 1).entered();
-        let losses = self.pending.take().ok_or_else(|| {
-            invalid(format!(
-                "stage {}: backward without a forward",
-                self.index + 1
-            ))
-        })?;
+        let stage = self.index + 1;
+        let losses = (self.pending.take())
+            .ok_or_else(|| invalid(format!("stage {stage}: backward without a forward")))?;
         let losses = scaled(losses, scale);
         losses.f_sum(Kind::Float)?.f_backward()?;
         Ok(losses.detach())

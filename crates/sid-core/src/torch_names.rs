@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap};
 use tch::{Kind, Tensor};
 
 use crate::config::{ExtractorKind, ModelConfig};
-use crate::extractor::{specs, Spec, VIT_MLP_RATIO, VIT_WIDTH};
+use crate::extractor::{specs, Spec, VIT_WIDTH};
 use crate::{CoreError, Result};
 
 /// A reference implementation whose parameter names a built-in backbone can use.
@@ -50,26 +50,24 @@ impl Reference {
         }
     }
 
+    /// Its name, and the prefix of its classifier's parameters.
+    fn names(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::TorchvisionResnet18 => ("torchvision resnet18", "fc."),
+            Self::TorchvisionVgg11Bn => ("torchvision vgg11_bn", "classifier."),
+            Self::TimmVitTiny => ("timm vit_tiny_patch16_224", "head."),
+        }
+    }
+
     /// How the reference is named in messages and export metadata.
     pub fn name(&self) -> &'static str {
-        match self {
-            Self::TorchvisionResnet18 => "torchvision resnet18",
-            Self::TorchvisionVgg11Bn => "torchvision vgg11_bn",
-            Self::TimmVitTiny => "timm vit_tiny_patch16_224",
-        }
+        self.names().0
     }
 
     /// Whether `name`, present in a reference file, is deliberately not loaded: the
     /// classifier (sid's neck replaces it) and BatchNorm's batch counters.
     pub fn ignored(&self, name: &str) -> bool {
-        if name.ends_with(".num_batches_tracked") {
-            return true;
-        }
-        match self {
-            Self::TorchvisionResnet18 => name.starts_with("fc."),
-            Self::TorchvisionVgg11Bn => name.starts_with("classifier."),
-            Self::TimmVitTiny => name.starts_with("head."),
-        }
+        name.ends_with(".num_batches_tracked") || name.starts_with(self.names().1)
     }
 }
 
@@ -98,127 +96,75 @@ pub fn pairs(model: &ModelConfig) -> Result<Vec<Pair>> {
         ))
     })?;
     let mut out = Vec::new();
-    let mut vgg = 0;
-    for (name, spec, _) in specs(model) {
-        let sid = |s: &str| format!("{name}.{s}");
-        match (reference, spec) {
-            (
-                Reference::TorchvisionResnet18,
-                Spec::ConvBn {
-                    cin, cout, conv, ..
-                },
-            ) => {
-                let k = conv.kernel;
-                let names = [sid("conv"), "conv1".into(), sid("bn"), "bn1".into()];
-                conv_bn(&mut out, names, [cout, cin, k, k], false);
-            }
-            (Reference::TorchvisionResnet18, Spec::Basic { cin, cout, stride }) => {
-                // `layer{l}_{b}` is torchvision's `layer{l}.{b-1}`.
-                let (layer, block) = name
-                    .split_once('_')
-                    .and_then(|(l, b)| Some((l.to_string(), b.parse::<usize>().ok()? - 1)))
-                    .expect("ResNet blocks are named layer{l}_{b}");
-                let r = |s: &str| format!("{layer}.{block}.{s}");
-                let convs = [
-                    (["conv1", "conv1", "bn1", "bn1"], cin, 3),
-                    (["conv2", "conv2", "bn2", "bn2"], cout, 3),
-                    (
-                        ["down_conv", "downsample.0", "down_bn", "downsample.1"],
-                        cin,
-                        1,
-                    ),
-                ];
-                let down = stride != 1 || cin != cout;
-                for ([conv, r_conv, bn, r_bn], i, k) in &convs[..if down { 3 } else { 2 }] {
-                    let names = [sid(conv), r(r_conv), sid(bn), r(r_bn)];
-                    conv_bn(&mut out, names, [cout, *i, *k, *k], false);
-                }
-            }
-            (Reference::TorchvisionVgg11Bn, Spec::ConvBn { cin, cout, .. }) => {
-                let at = VGG11_FEATURES[vgg];
-                vgg += 1;
-                let names = [
-                    sid("conv"),
-                    format!("features.{at}"),
-                    sid("bn"),
-                    format!("features.{}", at + 1),
-                ];
-                conv_bn(&mut out, names, [cout, cin, 3, 3], true);
-            }
-            (Reference::TimmVitTiny, Spec::Patch { cin, patch, tokens }) => {
-                let w = VIT_WIDTH;
-                for (s, r, shape) in [
-                    (
-                        "proj.weight",
-                        "patch_embed.proj.weight",
-                        vec![w, cin, patch, patch],
-                    ),
-                    ("proj.bias", "patch_embed.proj.bias", vec![w]),
-                    ("cls_token", "cls_token", vec![1, 1, w]),
-                    ("pos_embed", "pos_embed", vec![1, tokens + 1, w]),
-                ] {
-                    out.push(Pair::new(sid(s), r.into(), shape));
-                }
-            }
-            (Reference::TimmVitTiny, Spec::Encoder) => {
-                // `block{j}` is timm's `blocks.{j-1}`.
-                let j: usize = name["block".len()..]
-                    .parse()
-                    .expect("ViT blocks are block{j}");
-                let (w, h) = (VIT_WIDTH, VIT_WIDTH * VIT_MLP_RATIO);
-                for (s, timm, [weight, bias]) in [
-                    ("norm1", "norm1", [vec![w], vec![w]]),
-                    ("qkv", "attn.qkv", [vec![3 * w, w], vec![3 * w]]),
-                    ("proj", "attn.proj", [vec![w, w], vec![w]]),
-                    ("norm2", "norm2", [vec![w], vec![w]]),
-                    ("fc1", "mlp.fc1", [vec![h, w], vec![h]]),
-                    ("fc2", "mlp.fc2", [vec![w, h], vec![w]]),
-                ] {
-                    let r = format!("blocks.{}.{timm}", j - 1);
-                    out.push(Pair::param(&sid(s), &r, "weight", weight));
-                    out.push(Pair::param(&sid(s), &r, "bias", bias));
-                }
-            }
-            (r, s) => unreachable!("{} has no block like {s:?}", r.name()),
+    for (i, (block, spec, _)) in specs(model).into_iter().enumerate() {
+        for (var, shape) in spec.variables() {
+            let sid = format!("extractor.{block}.{var}");
+            let reference = reference.name_of(i, &block, &var);
+            out.push(Pair {
+                reference,
+                sid,
+                shape,
+            });
         }
     }
     if reference == Reference::TimmVitTiny {
         // timm's final `norm` is sid's head LayerNorm (on the class token only; the same
         // values, since LayerNorm works token by token).
         for v in ["weight", "bias"] {
-            out.push(Pair::param("head.norm", "norm", v, vec![VIT_WIDTH]));
+            let (reference, sid) = (format!("norm.{v}"), format!("extractor.head.norm.{v}"));
+            out.push(Pair {
+                reference,
+                sid,
+                shape: vec![VIT_WIDTH],
+            });
         }
     }
     Ok(out)
 }
 
-impl Pair {
-    /// sid's `extractor.{sid}`, the reference's `reference`.
-    fn new(sid: String, reference: String, shape: Vec<i64>) -> Self {
-        Self {
-            reference,
-            sid: format!("extractor.{sid}"),
-            shape,
+impl Reference {
+    /// The reference's name of variable `var` (as [`Spec::variables`] names it) of block `i`,
+    /// called `block` in sid.
+    fn name_of(self, i: usize, block: &str, var: &str) -> String {
+        // The layer inside the block, and the variable's own name (`weight`, `running_mean`…).
+        let (layer, v) = var.rsplit_once('.').unwrap_or(("", var));
+        match self {
+            Self::TorchvisionResnet18 => match block.split_once('_') {
+                // `layer{l}_{b}` is torchvision's `layer{l}.{b-1}`.
+                Some((l, b)) => {
+                    let b: usize = b.parse().expect("ResNet blocks are named layer{l}_{b}");
+                    let layer = match layer {
+                        "down_conv" => "downsample.0",
+                        "down_bn" => "downsample.1",
+                        conv_or_bn => conv_or_bn,
+                    };
+                    format!("{l}.{}.{layer}.{v}", b - 1)
+                }
+                // The stem's `conv` and `bn` are torchvision's `conv1` and `bn1`.
+                None => format!("{layer}1.{v}"),
+            },
+            // The BatchNorm is the index after its convolution's.
+            Self::TorchvisionVgg11Bn => {
+                let at = VGG11_FEATURES[i] + usize::from(layer == "bn");
+                format!("features.{at}.{v}")
+            }
+            Self::TimmVitTiny => match block.strip_prefix("block") {
+                // `block{j}` is timm's `blocks.{j-1}`.
+                Some(j) => {
+                    let j: usize = j.parse().expect("ViT blocks are block{j}");
+                    let layer = match layer {
+                        "qkv" | "proj" => format!("attn.{layer}"),
+                        "fc1" | "fc2" => format!("mlp.{layer}"),
+                        norm => norm.to_string(),
+                    };
+                    format!("blocks.{}.{layer}.{v}", j - 1)
+                }
+                // The class token and positions are the model's own; the projection is
+                // `patch_embed.proj`.
+                None if layer.is_empty() => var.to_string(),
+                None => format!("patch_embed.{var}"),
+            },
         }
-    }
-
-    /// Parameter `v` (`weight`, `bias`, …) of sid's layer `sid`, the reference's `reference`.
-    fn param(sid: &str, reference: &str, v: &str, shape: Vec<i64>) -> Self {
-        Self::new(format!("{sid}.{v}"), format!("{reference}.{v}"), shape)
-    }
-}
-
-/// A convolution's weight of `shape` (and its bias when `bias`), then the BatchNorm after it:
-/// `names` are the convolution's sid and reference names, then the BatchNorm's.
-fn conv_bn(out: &mut Vec<Pair>, names: [String; 4], shape: [i64; 4], bias: bool) {
-    let [conv, r_conv, bn, r_bn] = names;
-    let c = vec![shape[0]];
-    out.push(Pair::param(&conv, &r_conv, "weight", shape.into()));
-    if bias {
-        out.push(Pair::param(&conv, &r_conv, "bias", c.clone()));
-    }
-    for v in ["weight", "bias", "running_mean", "running_var"] {
-        out.push(Pair::param(&bn, &r_bn, v, c.clone()));
     }
 }
 
@@ -253,12 +199,7 @@ pub struct Imported {
 const LISTED: usize = 6;
 
 fn listed(names: &[String]) -> String {
-    let mut s = names
-        .iter()
-        .take(LISTED)
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut s = names[..names.len().min(LISTED)].join(", ");
     if names.len() > LISTED {
         s.push_str(&format!(" and {} more", names.len() - LISTED));
     }
@@ -291,8 +232,7 @@ pub fn import(model: &ModelConfig, file: &HashMap<String, Tensor>) -> Result<Imp
             continue;
         };
         let mut t = t.to_kind(Kind::Float);
-        let got = t.size();
-        if &p.reference == first_conv && got.len() == 4 && got[1] == 3 && p.shape[1] == 1 {
+        if &p.reference == first_conv && t.dim() == 4 && t.size()[1] == 3 && p.shape[1] == 1 {
             // Grey-scale run: the reference sees the grey image in R, G and B alike.
             t = t.sum_dim_intlist([1i64].as_slice(), true, Kind::Float);
             notes.push(format!(
@@ -301,12 +241,8 @@ pub fn import(model: &ModelConfig, file: &HashMap<String, Tensor>) -> Result<Imp
         }
         let got = t.size();
         if got != p.shape {
-            wrong.push(format!(
-                "{} is {}, expected {}",
-                p.reference,
-                shape(&got),
-                shape(&p.shape)
-            ));
+            let (name, want) = (&p.reference, shape(&p.shape));
+            wrong.push(format!("{name} is {}, expected {want}", shape(&got)));
             hints.extend(layout_hint(model, reference, &p.reference, &got));
             continue;
         }
@@ -339,18 +275,15 @@ pub fn import(model: &ModelConfig, file: &HashMap<String, Tensor>) -> Result<Imp
     .map(|(what, names)| format!("{} {what}: {}", names.len(), listed(names)))
     .collect();
     let hints: Vec<String> = hints.into_iter().collect();
-    let hint = if hints.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", hints.join("; "))
-    };
+    let hint = (!hints.is_empty()).then(|| format!(" ({})", hints.join("; ")));
     Err(CoreError::Reference(format!(
-        "not the {} layout of a {} px, {}-channel {}: {}{hint}",
+        "not the {} layout of a {} px, {}-channel {}: {}{}",
         reference.name(),
         model.image_size,
         model.in_channels,
         model.extractor,
-        parts.join("; ")
+        parts.join("; "),
+        hint.unwrap_or_default()
     )))
 }
 
@@ -392,8 +325,7 @@ pub fn overwrite(state: &mut [(String, Tensor)], tensors: &[(String, Tensor)]) -
     let at: HashMap<&str, usize> = (state.iter().enumerate())
         .map(|(i, (n, _))| (n.as_str(), i))
         .collect();
-    let mut missing = Vec::new();
-    let mut replace = Vec::new();
+    let (mut missing, mut replace) = (Vec::new(), Vec::new());
     for (name, t) in tensors {
         match at.get(name.as_str()) {
             Some(&i) if state[i].1.size() == t.size() => replace.push((i, t)),

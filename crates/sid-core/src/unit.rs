@@ -14,6 +14,7 @@ use tch::{Device, Tensor};
 use crate::adam::Adam;
 use crate::belief::{belief, BeliefModule};
 use crate::config::{LossConfig, ModelConfig};
+use crate::error::invalid;
 use crate::extractor::Extractor;
 use crate::loss::{local_loss_for, scaled, LabelTarget};
 use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
@@ -151,21 +152,15 @@ impl ModuleUnit {
     pub fn accumulate_backward(&mut self, target: &LabelTarget, scale: f64) -> Result<LocalOutput> {
         let (z_in, logits, p_prev) = self.pending.take().ok_or_else(|| {
             let index = self.index + 1;
-            CoreError::InvalidConfig(format!("module {index}: a backward without its forward"))
+            invalid(format!("module {index}: a backward without its forward"))
         })?;
         let loss = {
             let _s = tracing::trace_span!("local_loss").entered();
             scaled(local_loss_for(&logits, &p_prev, target), scale)
         };
-        {
-            let _s = tracing::trace_span!("module_backward").entered();
-            loss.f_backward()?;
-        }
-        let grad_z = z_in.grad().detach();
-        Ok(LocalOutput {
-            loss: loss.detach(),
-            grad_z,
-        })
+        tracing::trace_span!("module_backward").in_scope(|| loss.f_backward())?;
+        let (loss, grad_z) = (loss.detach(), z_in.grad().detach());
+        Ok(LocalOutput { loss, grad_z })
     }
 
     /// One Adam step from the gradients accumulated since the last one (a stage's micro-batches
@@ -183,18 +178,19 @@ impl ModuleUnit {
     /// Weights and Adam state as named CPU tensors.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut v = var_store_state(&self.vs);
-        v.extend(to_cpu(
-            self.opt
-                .state(&format!("adam.{}", module_prefix(self.index))),
-        ));
+        v.extend(to_cpu(self.opt.state(&self.adam_prefix())));
         v
+    }
+
+    /// Where its Adam state is saved: `adam.module_{index+1}`.
+    fn adam_prefix(&self) -> String {
+        format!("adam.{}", module_prefix(self.index))
     }
 
     /// Restores weights and Adam state saved by [`ModuleUnit::state`].
     pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
         load_var_store(&self.vs, named)?;
-        self.opt
-            .load_state(&format!("adam.{}", module_prefix(self.index)), named)
+        self.opt.load_state(&self.adam_prefix(), named)
     }
 }
 
@@ -287,19 +283,20 @@ impl ExtractorUnit {
     /// ones.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let _span = tracing::trace_span!("extractor_forward").entered();
+        self.run(x, true)
+    }
+
+    /// `c(x)`, float32, computed at the unit's precision; `train` is BatchNorm's mode.
+    fn run(&self, x: &Tensor, train: bool) -> Tensor {
         forward_f32(self.precision, self.device(), || {
-            self.net.forward_t(x, true)
+            self.net.forward_t(x, train)
         })
     }
 
     /// `z = c(x)` for inference: no gradient, BatchNorm on its running statistics.
     pub fn infer(&self, x: &Tensor) -> Tensor {
         let _span = tracing::trace_span!("extractor_infer").entered();
-        tch::no_grad(|| {
-            forward_f32(self.precision, self.device(), || {
-                self.net.forward_t(x, false)
-            })
-        })
+        tch::no_grad(|| self.run(x, false))
     }
 
     /// Gives the parameters whose names `pick` chooses the learning rate `lr`.
@@ -312,10 +309,9 @@ impl ExtractorUnit {
     /// [`ExtractorUnit::apply`].
     pub fn accumulate_backward(&mut self, z: &Tensor, grad_z: &Tensor) -> Result<()> {
         let _span = tracing::trace_span!("extractor_backward").entered();
-        (z * grad_z.detach())
+        Ok((z * grad_z.detach())
             .f_sum(tch::Kind::Float)?
-            .f_backward()?;
-        Ok(())
+            .f_backward()?)
     }
 
     /// One Adam step from the accumulated gradients, then clears them.
@@ -389,9 +385,9 @@ pub struct Inferred {
 
 /// What a unit that cannot split its backward answers a zero-bubble schedule.
 fn cannot_split(stage: usize, micro: usize) -> CoreError {
-    CoreError::InvalidConfig(format!(
-        "stage {} cannot split the backward of micro-batch {micro}",
-        stage + 1
+    let stage = stage + 1;
+    invalid(format!(
+        "stage {stage} cannot split the backward of micro-batch {micro}"
     ))
 }
 
