@@ -57,11 +57,6 @@ mod ffi {
     }
 }
 
-/// Whether this build has libtorch's fused Adam kernel (see the module docs).
-pub fn fused_available() -> bool {
-    cfg!(sid_fused_adam)
-}
-
 impl Adam {
     /// Adam with PyTorch's defaults (β = (0.9, 0.999), ε = 1e-8) over `params`, which are
     /// sorted by name so that the state layout does not depend on hash order.
@@ -76,7 +71,8 @@ impl Adam {
             params,
             exp_avg,
             exp_avg_sq,
-            fused: fused_available(),
+            // Whether this build has libtorch's fused Adam kernel (see the module docs).
+            fused: cfg!(sid_fused_adam),
             step_t: None,
         }
     }
@@ -102,12 +98,8 @@ impl Adam {
     /// Moves the moment estimates to `device`. The parameters are shallow clones of VarStore
     /// variables, so they follow `VarStore::set_device` on their own.
     pub fn to_device(&mut self, device: tch::Device) {
-        for t in self
-            .exp_avg
-            .iter_mut()
-            .chain(self.exp_avg_sq.iter_mut())
-            .chain(self.step_t.iter_mut())
-        {
+        let moments = self.exp_avg.iter_mut().chain(&mut self.exp_avg_sq);
+        for t in moments.chain(&mut self.step_t) {
             *t = t.to_device(device);
         }
     }
@@ -252,13 +244,10 @@ impl Adam {
     /// `{prefix}.step`), for a checkpoint.
     pub fn state(&self, prefix: &str) -> Vec<(String, Tensor)> {
         let mut out = vec![(format!("{prefix}.step"), Tensor::from(self.steps()))];
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            for (suffix, t) in [
-                ("exp_avg", &self.exp_avg[i]),
-                ("exp_avg_sq", &self.exp_avg_sq[i]),
-            ] {
-                out.push((format!("{prefix}.{name}.{suffix}"), t.shallow_clone()));
-            }
+        let moments = self.exp_avg.iter().zip(&self.exp_avg_sq);
+        for ((name, _), (m, v)) in self.params.iter().zip(moments) {
+            out.push((format!("{prefix}.{name}.exp_avg"), m.shallow_clone()));
+            out.push((format!("{prefix}.{name}.exp_avg_sq"), v.shallow_clone()));
         }
         out
     }
@@ -281,11 +270,10 @@ impl Adam {
 
 /// Copies `src` into `dst` in place (any device), after checking the shape.
 pub(crate) fn copy_checked(dst: &mut Tensor, src: &Tensor, name: &str) -> Result<()> {
-    if dst.size() != src.size() {
+    let (saved, ours) = (src.size(), dst.size());
+    if saved != ours {
         return Err(CoreError::StateMismatch(format!(
-            "{name}: shape {:?} in checkpoint, {:?} in model",
-            src.size(),
-            dst.size()
+            "{name}: shape {saved:?} in checkpoint, {ours:?} in model"
         )));
     }
     tch::no_grad(|| dst.f_copy_(&src.to_kind(Kind::Float)))?;
@@ -301,7 +289,7 @@ mod tests {
         /// Chooses the fused kernel (default when built in) or separate tensor ops; both compute
         /// PyTorch's update, up to float rounding. Asking for the kernel without it does nothing.
         fn set_fused(&mut self, on: bool) {
-            self.fused = on && fused_available();
+            self.fused = on && cfg!(sid_fused_adam);
         }
 
         /// Whether steps run the fused kernel.
@@ -403,7 +391,7 @@ mod tests {
             0.05,
         );
         opt.set_fused(fused);
-        assert_eq!(opt.is_fused(), fused && fused_available());
+        assert_eq!(opt.is_fused(), fused && cfg!(sid_fused_adam));
         for _ in 0..steps {
             opt.zero_grad();
             let loss = (&w * &w * &w).sum(Kind::Float) + (&b * 3.0).exp().sum(Kind::Float);

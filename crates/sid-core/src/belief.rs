@@ -22,20 +22,15 @@ impl BeliefModule {
 
     /// Logits over the N classes for the previous belief `p_prev` [B, N] and features `z` [B, d].
     pub fn forward(&self, p_prev: &Tensor, z: &Tensor) -> Tensor {
-        Tensor::cat(&[p_prev, z], 1)
-            .apply(&self.fc1)
-            .relu()
-            .apply(&self.fc2)
+        let h = Tensor::cat(&[p_prev, z], 1).apply(&self.fc1).relu();
+        h.apply(&self.fc2)
     }
 }
 
 /// The uniform belief `p_0 = 1/N` for a batch of `batch` samples.
 pub fn uniform_belief(batch: i64, num_classes: i64, device: tch::Device) -> Tensor {
-    Tensor::full(
-        [batch, num_classes],
-        1.0 / num_classes as f64,
-        (Kind::Float, device),
-    )
+    let p = 1.0 / num_classes as f64;
+    Tensor::full([batch, num_classes], p, (Kind::Float, device))
 }
 
 /// `softmax` over classes, the belief a module's logits stand for.

@@ -99,9 +99,8 @@ pub fn build_bp_stages<'a>(
     let stores: Vec<VarStore> = (0..k).map(|_| VarStore::new(Device::Cpu)).collect();
     let (built, head) = net.build_cut(&stores, blocks)?;
     let last = &stores[k - 1];
-    let modules = (0..cfg.modules)
-        .map(|i| BeliefModule::new(&(last.root() / module_prefix(i)), cfg))
-        .collect();
+    let module = |i| BeliefModule::new(&(last.root() / module_prefix(i)), cfg);
+    let modules = (0..cfg.modules).map(module).collect();
     let mut head = Some((head, modules));
     let prefixes = net.block_prefixes();
     Ok(stores
@@ -159,13 +158,6 @@ impl BpStage {
                 logits.push(l);
             }
             logits
-        })
-    }
-
-    /// The stage's blocks on `input`, float32, computed at the stage's precision.
-    fn slice(&self, input: &Tensor, train: bool) -> Tensor {
-        forward_f32(self.precision, input.device(), || {
-            forward_blocks(&self.blocks, input, train)
         })
     }
 
@@ -246,9 +238,8 @@ impl Unit for BpStage {
             out.f_backward()?;
             Some(out.detach())
         } else {
-            (out * self.output_grad(grad)?)
-                .f_sum(Kind::Float)?
-                .f_backward()?;
+            let g = self.output_grad(grad)?;
+            (out * g).f_sum(Kind::Float)?.f_backward()?;
             None
         };
         let grad = (self.index > 0).then(|| leaf.grad().detach());
@@ -275,11 +266,8 @@ impl Unit for BpStage {
         };
         // The last block's output gradient is the one received, except before the head.
         let outs = &p.outs[..p.outs.len() - usize::from(g.is_some())];
-        let inputs: Vec<&Tensor> = (!first)
-            .then_some(&p.leaf)
-            .into_iter()
-            .chain(outs)
-            .collect();
+        let leaf = (!first).then_some(&p.leaf);
+        let inputs: Vec<&Tensor> = leaf.into_iter().chain(outs).collect();
         let mut grads = if inputs.is_empty() {
             Vec::new()
         } else {
@@ -345,7 +333,10 @@ impl Unit for BpStage {
     /// through.
     fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
         tch::no_grad(|| {
-            let h = self.slice(input, false);
+            // The stage's blocks, float32, computed at the stage's precision.
+            let h = forward_f32(self.precision, input.device(), || {
+                forward_blocks(&self.blocks, input, false)
+            });
             let (next, logits) = match self.last {
                 true => (None, self.head_forward(&h)),
                 false => (Some(h), Vec::new()),

@@ -131,23 +131,18 @@ impl<'a> Net<'a> {
         names.iter().map(|n| format!("extractor.{n}.")).collect()
     }
 
-    /// Builds every block, first to last, block `i` under `path(i) / <its name>`.
+    /// Builds every block, first to last, block `i` under `at(i) / <its name>`.
     pub(crate) fn build_blocks<'p>(
         &self,
-        mut path: impl FnMut(usize) -> nn::Path<'p>,
-    ) -> Result<Vec<Box<dyn Block>>> {
-        let names = self.backbone.block_names();
+        mut at: impl FnMut(usize) -> nn::Path<'p>,
+    ) -> Result<Blocks> {
+        let (names, backbone) = (self.backbone.block_names(), self.backbone.name());
         if names.is_empty() {
-            return Err(invalid(format!(
-                "the {} backbone has no blocks",
-                self.backbone.name()
-            )));
+            return Err(invalid(format!("the {backbone} backbone has no blocks")));
         }
-        Ok(names
-            .iter()
-            .enumerate()
-            .map(|(i, name)| self.backbone.build_block(&(path(i) / name.as_str()), i))
-            .collect())
+        let block =
+            |(i, name): (usize, &String)| self.backbone.build_block(&(at(i) / name.as_str()), i);
+        Ok(names.iter().enumerate().map(block).collect())
     }
 
     /// Builds every block into `stores[s]` (under `extractor`) for the stage `s` whose range
@@ -172,9 +167,8 @@ impl<'a> Net<'a> {
             )));
         }
         let stage = |i: usize| cuts.iter().position(|r| r.contains(&i)).expect("covered");
-        let mut blocks = self
-            .build_blocks(|i| stores[stage(i)].root() / "extractor")?
-            .into_iter();
+        let store = |i| stores[stage(i)].root() / "extractor";
+        let mut blocks = self.build_blocks(store)?.into_iter();
         let head_path = stores[cuts.len() - 1].root() / "extractor";
         let cut: Vec<Blocks> = cuts
             .iter()
@@ -186,11 +180,9 @@ impl<'a> Net<'a> {
 
     /// Builds the head under `p`, after `blocks` (all of them, or a stage's last ones).
     pub(crate) fn build_head(&self, p: &nn::Path, blocks: &[Box<dyn Block>]) -> Box<dyn Module> {
-        let last = blocks
-            .last()
-            .expect("built backbones have blocks")
-            .output_shape();
-        self.backbone.build_head(p, &last, self.model)
+        let last = blocks.last().expect("built backbones have blocks");
+        let shape = last.output_shape();
+        self.backbone.build_head(p, &shape, self.model)
     }
 }
 
@@ -289,10 +281,8 @@ impl EncoderBlock {
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let attn =
             (q.matmul(&k.transpose(-2, -1)) * (dh as f64).powf(-0.5)).softmax(-1, Kind::Float);
-        attn.matmul(&v)
-            .transpose(1, 2)
-            .reshape([b, n, c])
-            .apply(&self.proj)
+        let heads = attn.matmul(&v).transpose(1, 2).reshape([b, n, c]);
+        heads.apply(&self.proj)
     }
 }
 
@@ -341,10 +331,8 @@ impl Layer {
             }
             Self::Dense(fc) => xs.flatten(1, -1).apply(fc).relu(),
             Self::Basic(b) => {
-                let y = batch_norm(&b.bn1, &xs.apply(&b.conv1), train)
-                    .relu()
-                    .apply(&b.conv2);
-                let y = batch_norm(&b.bn2, &y, train);
+                let y = batch_norm(&b.bn1, &xs.apply(&b.conv1), train).relu();
+                let y = batch_norm(&b.bn2, &y.apply(&b.conv2), train);
                 let shortcut = match &b.down {
                     Some((conv, bn)) => batch_norm(bn, &xs.apply(conv), train),
                     None => xs.shallow_clone(),
@@ -406,6 +394,7 @@ impl Neck {
         Self::named(p, "fc", shape, feature_dim, init)
     }
 
+    /// [`Neck::new`] with its linear layer at `p / fc`.
     fn named(p: &nn::Path, fc: &str, shape: &[i64], feature_dim: i64, init: Init) -> Self {
         let (tokens, width) = neck_input(shape);
         Self {
@@ -429,10 +418,8 @@ impl Module for Neck {
             3 => xs.select(1, 0),
             _ => xs.shallow_clone(),
         };
-        self.norm
-            .iter()
-            .fold(pooled, |x, norm| x.apply(norm))
-            .apply(&self.fc)
+        let x = self.norm.iter().fold(pooled, |x, norm| x.apply(norm));
+        x.apply(&self.fc)
     }
 }
 
@@ -527,9 +514,7 @@ impl Spec {
     fn params(&self) -> i64 {
         let vars = self.variables().into_iter();
         let trained = vars.filter(|(name, _)| !name.contains("running_"));
-        trained
-            .map(|(_, shape)| shape.iter().product::<i64>())
-            .sum()
+        trained.map(|(_, s)| s.iter().product::<i64>()).sum()
     }
 }
 
@@ -819,8 +804,7 @@ impl ModuleT for Extractor {
     /// `train`: BatchNorm on batch statistics (updating its running ones), else on its
     /// running statistics.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let h = forward_blocks(&self.blocks, xs, train);
-        self.head.forward(&h)
+        self.head.forward(&self.features_t(xs, train))
     }
 }
 

@@ -431,13 +431,10 @@ impl GraphedStep<(crate::stage::StageOutput, Tensor)> {
         };
         Ok(match self.step(&[input, p, labels], run, news)? {
             Stepped::Ran(out) => out,
-            Stepped::Replayed((out, losses)) => (
-                crate::stage::StageOutput {
-                    z: out.z.as_ref().map(Tensor::copy),
-                    p: out.p.copy(),
-                },
-                losses.copy(),
-            ),
+            Stepped::Replayed((out, losses)) => {
+                let (z, p) = (out.z.as_ref().map(Tensor::copy), out.p.copy());
+                (crate::stage::StageOutput { z, p }, losses.copy())
+            }
         })
     }
 }

@@ -51,9 +51,8 @@ pub fn local_loss_for(logits: &Tensor, p_prev: &Tensor, target: &LabelTarget) ->
     let teacher = p_prev.detach();
     let mix = teacher.lerp(&target.p_y, alpha);
     // Mask rather than multiply: 0 · (−∞) would be NaN where a belief underflows.
-    let cross = (&mix * &log_p)
-        .where_scalarother(&mix.gt(0.0), 0.0)
-        .sum(Kind::Float);
+    let masked = (&mix * &log_p).where_scalarother(&mix.gt(0.0), 0.0);
+    let cross = masked.sum(Kind::Float);
     let teacher_term = teacher.xlogy(&teacher).sum(Kind::Float) * (1.0 - alpha);
     (teacher_term - cross) / batch + alpha * target.neg_entropy
 }

@@ -26,10 +26,11 @@ pub struct Cascade {
 impl Cascade {
     /// The prediction: argmax of the last module's logits [B].
     pub fn prediction(&self) -> Tensor {
-        self.logits
+        let last = self
+            .logits
             .last()
-            .expect("a cascade has at least one module")
-            .argmax(-1, false)
+            .expect("a cascade has at least one module");
+        last.argmax(-1, false)
     }
 
     /// The cascade's health on a batch with `labels` ([`CascadeHealth`]): one read from the
@@ -42,22 +43,18 @@ impl Cascade {
         let labels = labels.to_device(device);
         let (b, n) = (first.size()[0], first.size()[1]);
         let mut log_prev = Tensor::full([b, n], -(n as f64).ln(), (Kind::Float, device));
-        let mut rows = Vec::with_capacity(self.logits.len());
+        let (mut rows, at_label) = (Vec::with_capacity(self.logits.len()), labels.unsqueeze(1));
         for l in &self.logits {
             let log_p = l.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
-            let label_kl = -log_p
-                .gather(1, &labels.unsqueeze(1), false)
-                .sum(Kind::Float);
+            let label_kl = -log_p.gather(1, &at_label, false).sum(Kind::Float);
             let teacher_kl = (log_prev.exp() * (&log_prev - &log_p)).sum(Kind::Float);
             // On the logits, as early exit compares them.
             let correct = l.argmax(-1, false).eq_tensor(&labels).sum(Kind::Float);
             rows.push(Tensor::stack(&[correct, label_kl, teacher_kl], 0));
             log_prev = log_p;
         }
-        let all = Tensor::stack(&rows, 0)
-            .f_to_kind(Kind::Double)?
-            .f_to_device(Device::Cpu)?;
-        let v = Vec::<f64>::try_from(all.flatten(0, -1))?;
+        let all = Tensor::stack(&rows, 0).f_to_kind(Kind::Double)?;
+        let v = Vec::<f64>::try_from(all.f_to_device(Device::Cpu)?.flatten(0, -1))?;
         let col = |k: usize| v.chunks(3).map(|r| r[k]).collect::<Vec<f64>>();
         Ok(CascadeHealth {
             samples: b,
@@ -124,9 +121,7 @@ impl CascadeHealth {
 /// The first module (1-based) whose `KL(p_y‖p)` in `label_kl` (each module's, in order) is
 /// higher than the module before it; `None`: monotone.
 pub fn first_worse(label_kl: &[f64]) -> Option<usize> {
-    (1..label_kl.len())
-        .find(|&i| label_kl[i] > label_kl[i - 1])
-        .map(|i| i + 1)
+    label_kl.windows(2).position(|w| w[1] > w[0]).map(|i| i + 2)
 }
 
 /// A network the trainer can drive: SID on one device, SID across devices, or backprop.
@@ -149,9 +144,7 @@ pub trait Network: Send {
     /// The statistics of a step from the losses [`Network::train_step_queued`] returned (one
     /// wait for the device); a non-finite loss is an error naming it.
     fn read_step(&self, _losses: &Tensor) -> Result<StepStats> {
-        Err(crate::CoreError::Graph(
-            "this network cannot queue a step".into(),
-        ))
+        Err(CoreError::Graph("this network cannot queue a step".into()))
     }
     /// Hands a training step to a pipelined network and returns the statistics of the steps
     /// that have finished since the last call, oldest first (perhaps none yet: a pipeline
@@ -224,9 +217,8 @@ pub fn var_store_state(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
 
 /// Turns an optimizer state into CPU copies.
 pub fn to_cpu(v: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
-    v.into_iter()
-        .map(|(n, t)| (n, t.detach().to_device(Device::Cpu).copy()))
-        .collect()
+    let cpu = |(n, t): (String, Tensor)| (n, t.detach().to_device(Device::Cpu).copy());
+    v.into_iter().map(cpu).collect()
 }
 
 /// Where each sample of a batch left the belief cascade (early exit).
@@ -286,15 +278,11 @@ impl ExitTracker {
             };
             let at = self.remaining.masked_select(&leaves);
             let put = |t: &mut Tensor, v: &Tensor| drop(t.index_put_(&[Some(&at)], v, false));
+            let exit = Tensor::full_like(&at, module as i64 + 1);
+            let confidence = conf.masked_select(&leaves).to_kind(Kind::Float);
             put(&mut self.prediction, &class.masked_select(&leaves));
-            put(
-                &mut self.exit_module,
-                &Tensor::full_like(&at, module as i64 + 1),
-            );
-            put(
-                &mut self.confidence,
-                &conf.masked_select(&leaves).to_kind(Kind::Float),
-            );
+            put(&mut self.exit_module, &exit);
+            put(&mut self.confidence, &confidence);
             going_on = going_on.logical_and(&leaves.logical_not());
         }
         self.remaining = self.remaining.masked_select(&going_on);

@@ -105,8 +105,7 @@ impl StagePlan {
     /// module.
     pub fn new<'a>(stages: Vec<StageSpec>, net: impl Into<Net<'a>>) -> Result<Self> {
         let net = net.into();
-        let (blocks, cfg) = (net.blocks(), net.model);
-        let k = stages.len();
+        let (blocks, modules, k) = (net.blocks(), net.model.modules, stages.len());
         if k == 0 {
             return Err(invalid("a run needs at least one stage"));
         }
@@ -116,27 +115,22 @@ impl StagePlan {
                 net.backbone.name()
             )));
         }
-        if k > cfg.modules {
+        if k > modules {
             return Err(invalid(format!(
-                "--stages {k} is more than the {} belief module(s): every stage needs one",
-                cfg.modules
+                "--stages {k} is more than the {modules} belief module(s): every stage needs one"
             )));
         }
-        for (what, total, range) in [
-            ("blocks", blocks, BLOCKS),
-            ("modules", cfg.modules, MODULES),
-        ] {
+        let parts = [("blocks", blocks, BLOCKS), ("modules", modules, MODULES)];
+        for (what, total, range) in parts {
             let mut next = 0;
             for (i, r) in stages.iter().map(range).enumerate() {
                 if r.is_empty() {
                     return Err(invalid(format!("stage {} has no {what}", i + 1)));
                 }
                 if r.start != next {
+                    let (stage, start) = (i + 1, r.start);
                     return Err(invalid(format!(
-                        "stage {} starts at {what} {} but {} is next: ranges must be consecutive from 0",
-                        i + 1,
-                        r.start,
-                        next
+                        "stage {stage} starts at {what} {start} but {next} is next: ranges must be consecutive from 0"
                     )));
                 }
                 next = r.end;
@@ -164,8 +158,7 @@ impl StagePlan {
 
     /// Parses `blocks=0-1,2-3;modules=0-4,5-9` (0-based, inclusive ranges, one per stage).
     pub fn parse<'a>(spec: &str, net: impl Into<Net<'a>>) -> Result<Self> {
-        let mut blocks = None;
-        let mut modules = None;
+        let (mut blocks, mut modules) = (None, None);
         for part in spec.split(';') {
             match part.trim().split_once('=') {
                 Some(("blocks", list)) => blocks = Some(parse_ranges(list, "block")?),
@@ -182,11 +175,10 @@ impl StagePlan {
                 "stage placement {spec:?} needs both blocks=... and modules=..."
             )));
         };
-        if blocks.len() != modules.len() {
+        let (b, m) = (blocks.len(), modules.len());
+        if b != m {
             return Err(invalid(format!(
-                "stage placement {spec:?} gives {} block ranges but {} module ranges",
-                blocks.len(),
-                modules.len()
+                "stage placement {spec:?} gives {b} block ranges but {m} module ranges"
             )));
         }
         Self::new(zip_specs(blocks, modules), net)
@@ -203,10 +195,7 @@ impl StagePlan {
         }
         let mut best: Option<(f64, Vec<StageSpec>)> = None;
         for cut in block_cuts(blocks, k) {
-            let mut load: Vec<f64> = cut
-                .iter()
-                .map(|r| costs.blocks[r.clone()].iter().sum::<f64>() + costs.module)
-                .collect();
+            let mut load: Vec<f64> = cut.iter().map(|r| costs.stage(r, 1)).collect();
             let mut counts = vec![1usize; k];
             for _ in k..cfg.modules {
                 let s = (0..k)
@@ -241,25 +230,16 @@ impl StagePlan {
     /// The plan in `--placement` syntax: `blocks=0-1,2-3;modules=0-4,5-9`.
     pub fn to_spec(&self) -> String {
         let list = |f| {
-            self.stages
-                .iter()
-                .map(f)
-                .map(range_spec)
-                .collect::<Vec<_>>()
-                .join(",")
+            let ranges: Vec<String> = self.stages.iter().map(f).map(range_spec).collect();
+            ranges.join(",")
         };
         format!("blocks={};modules={}", list(BLOCKS), list(MODULES))
     }
 
     /// Each stage's predicted time per step under `costs`.
     pub fn predicted(&self, costs: &StageCosts) -> Vec<f64> {
-        self.stages
-            .iter()
-            .map(|s| {
-                costs.blocks[s.blocks.clone()].iter().sum::<f64>()
-                    + costs.module * s.modules.len() as f64
-            })
-            .collect()
+        let time = |s: &StageSpec| costs.stage(&s.blocks, s.modules.len());
+        self.stages.iter().map(time).collect()
     }
 }
 
@@ -272,10 +252,8 @@ fn block_cuts(n: usize, k: usize) -> Vec<Vec<Range<usize>>> {
     // The first range ends at e; the rest is a cut of the remaining blocks into k-1.
     for e in 1..=n - (k - 1) {
         for rest in block_cuts(n - e, k - 1) {
-            let mut cut: Vec<Range<usize>> = Vec::with_capacity(k);
-            cut.push(0..e);
-            cut.extend(rest.into_iter().map(|r| r.start + e..r.end + e));
-            out.push(cut);
+            let shifted = rest.into_iter().map(|r| r.start + e..r.end + e);
+            out.push(std::iter::once(0..e).chain(shifted).collect());
         }
     }
     out
@@ -289,6 +267,13 @@ pub struct StageCosts {
     pub blocks: Vec<f64>,
     /// One module.
     pub module: f64,
+}
+
+impl StageCosts {
+    /// The time of a stage with `blocks` and `modules` modules.
+    fn stage(&self, blocks: &Range<usize>, modules: usize) -> f64 {
+        self.blocks[blocks.clone()].iter().sum::<f64>() + self.module * modules as f64
+    }
 }
 
 /// Times each block of the backbone and one module, forward and backward, on a batch of
@@ -310,9 +295,8 @@ pub fn profile_costs<'a>(
     let module = crate::belief::BeliefModule::new(&(vs.root() / "module"), cfg);
     let shape = [batch, cfg.in_channels, cfg.image_size, cfg.image_size];
     let numel: i64 = shape.iter().product();
-    let mut x = Tensor::arange(numel, (Kind::Float, device))
-        .sin()
-        .reshape(shape);
+    let x = Tensor::arange(numel, (Kind::Float, device)).sin();
+    let mut x = x.reshape(shape);
     // The median time of `reps` runs (after a warm-up) of the forward `f` and its backward.
     let time = |f: &dyn Fn() -> Tensor| {
         let mut t: Vec<f64> = (0..=reps.max(1))
@@ -399,9 +383,8 @@ pub fn build_stages<'a>(
     let cuts: Vec<Range<usize>> = plan.stages.iter().map(|s| s.blocks.clone()).collect();
     let (blocks, head) = net.build_cut(&stores, &cuts)?;
     // Stage by stage is module by module: a checked plan's ranges are consecutive from 0.
-    let units: Vec<ModuleUnit> = (0..cfg.modules)
-        .map(|i| ModuleUnit::new(i, cfg, loss, lr, Device::Cpu))
-        .collect();
+    let unit = |i| ModuleUnit::new(i, cfg, loss, lr, Device::Cpu);
+    let units: Vec<ModuleUnit> = (0..cfg.modules).map(unit).collect();
     let (mut units, mut head) = (units.into_iter(), Some(head));
     let stages = stores.into_iter().zip(blocks).zip(&plan.stages).enumerate();
     Ok(stages
@@ -485,10 +468,8 @@ impl Stage {
             p = belief(&logits.detach());
         }
         self.pending = Some(Tensor::stack(&losses, 0));
-        StageOutput {
-            z: (!self.last).then(|| h.detach()),
-            p,
-        }
+        let z = (!self.last).then(|| h.detach());
+        StageOutput { z, p }
     }
 
     /// Backward of the pending micro-batch: `scale · Σ L_i` into this stage's slice, neck and
@@ -496,8 +477,8 @@ impl Stage {
     /// micro-batch's share of the batch, so M micro-batches give the batch's gradient. Returns
     /// the scaled losses [n], detached, on the device.
     pub fn backward_micro(&mut self, scale: f64) -> Result<Tensor> {
-        let _span = tracing::trace_span!("stage_backward", stage = self.index + 1).entered();
         let stage = self.index + 1;
+        let _span = tracing::trace_span!("stage_backward", stage).entered();
         let losses = (self.pending.take())
             .ok_or_else(|| invalid(format!("stage {stage}: backward without a forward")))?;
         let losses = scaled(losses, scale);
@@ -543,26 +524,20 @@ impl Unit for Stage {
     }
 
     fn backward(&mut self, _micro: usize, _grad: Option<&Tensor>) -> Result<Backward> {
-        Ok(Backward {
-            grad: None,
-            losses: Some(self.backward_micro(self.scale)?),
-        })
+        let losses = Some(self.backward_micro(self.scale)?);
+        Ok(Backward { grad: None, losses })
     }
 
     fn apply(&mut self) {
         let _span = tracing::trace_span!("stage_apply", stage = self.index + 1).entered();
         self.opt.step();
         self.opt.zero_grad();
-        for m in &mut self.modules {
-            m.apply();
-        }
+        self.modules.iter_mut().for_each(ModuleUnit::apply);
     }
 
     fn gradients(&self) -> Vec<Tensor> {
         let mut g = self.opt.gradients();
-        for m in &self.modules {
-            g.extend(m.gradients());
-        }
+        g.extend(self.modules.iter().flat_map(ModuleUnit::gradients));
         g
     }
 
@@ -586,9 +561,7 @@ impl Unit for Stage {
     fn state(&self) -> Vec<(String, Tensor)> {
         let mut v = var_store_state(&self.vs);
         v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
-        for m in &self.modules {
-            v.extend(m.state());
-        }
+        v.extend(self.modules.iter().flat_map(ModuleUnit::state));
         v
     }
 
@@ -608,9 +581,7 @@ impl Unit for Stage {
     fn to_device(&mut self, device: Device) {
         self.vs.set_device(device);
         self.opt.to_device(device);
-        for m in &mut self.modules {
-            m.to_device(device);
-        }
+        self.modules.iter_mut().for_each(|m| m.to_device(device));
     }
 
     fn as_stage_mut(&mut self) -> Option<&mut Stage> {

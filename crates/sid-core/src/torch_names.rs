@@ -18,12 +18,12 @@
 //! - ViT's patch and position embeddings must be of the run's patch size and grid: they are
 //!   not resampled.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use tch::{Kind, Tensor};
 
 use crate::config::{ExtractorKind, ModelConfig};
-use crate::extractor::{specs, Spec, VIT_WIDTH};
+use crate::extractor::{specs, vit_patch, Spec, RESNET_SMALL_INPUT, VIT_WIDTH};
 use crate::{CoreError, Result};
 
 /// A reference implementation whose parameter names a built-in backbone can use.
@@ -248,13 +248,9 @@ pub fn import(model: &ModelConfig, file: &HashMap<String, Tensor>) -> Result<Imp
         }
         tensors.push((p.sid.clone(), t));
     }
-    let known: std::collections::HashSet<&str> =
-        pairs.iter().map(|p| p.reference.as_str()).collect();
-    let (mut ignored, mut extra): (Vec<String>, Vec<String>) = file
-        .keys()
-        .filter(|name| !known.contains(name.as_str()))
-        .cloned()
-        .partition(|name| reference.ignored(name));
+    let known: HashSet<&str> = pairs.iter().map(|p| p.reference.as_str()).collect();
+    let unknown = file.keys().filter(|n| !known.contains(n.as_str())).cloned();
+    let (mut ignored, mut extra): (Vec<_>, Vec<_>) = unknown.partition(|n| reference.ignored(n));
     ignored.sort();
     extra.sort();
     if missing.is_empty() && extra.is_empty() && wrong.is_empty() {
@@ -276,12 +272,10 @@ pub fn import(model: &ModelConfig, file: &HashMap<String, Tensor>) -> Result<Imp
     .collect();
     let hints: Vec<String> = hints.into_iter().collect();
     let hint = (!hints.is_empty()).then(|| format!(" ({})", hints.join("; ")));
+    let (side, channels, kind) = (model.image_size, model.in_channels, model.extractor);
     Err(CoreError::Reference(format!(
-        "not the {} layout of a {} px, {}-channel {}: {}{}",
+        "not the {} layout of a {side} px, {channels}-channel {kind}: {}{}",
         reference.name(),
-        model.image_size,
-        model.in_channels,
-        model.extractor,
         parts.join("; "),
         hint.unwrap_or_default()
     )))
@@ -289,26 +283,19 @@ pub fn import(model: &ModelConfig, file: &HashMap<String, Tensor>) -> Result<Imp
 
 /// Why a reference parameter may have another shape than sid's, where the layouts are known
 /// to differ.
-fn layout_hint(
-    model: &ModelConfig,
-    reference: Reference,
-    name: &str,
-    got: &[i64],
-) -> Option<String> {
-    let side = model.image_size;
-    match (reference, name) {
+fn layout_hint(model: &ModelConfig, r: Reference, name: &str, got: &[i64]) -> Option<String> {
+    let (side, small) = (model.image_size, RESNET_SMALL_INPUT);
+    let patch = vit_patch(side);
+    let positions = (side / patch).pow(2) + 1;
+    match (r, name) {
         (Reference::TorchvisionResnet18, "conv1.weight") if got.len() == 4 && got[2] == 7 => Some(format!(
-            "a 7×7 conv1 is torchvision's ImageNet stem, but ResNet-18 at {side} px (up to {} px) has the 3×3 stride-1 stem without max-pool: train on images larger than {0} px, or save the model with conv1 = Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = Identity()",
-            crate::extractor::RESNET_SMALL_INPUT
+            "a 7×7 conv1 is torchvision's ImageNet stem, but ResNet-18 at {side} px (up to {small} px) has the 3×3 stride-1 stem without max-pool: train on images larger than {small} px, or save the model with conv1 = Conv2d(3, 64, 3, 1, 1, bias=False) and maxpool = Identity()"
         )),
         (Reference::TorchvisionResnet18, "conv1.weight") if got.len() == 4 && got[2] == 3 => Some(format!(
-            "a 3×3 conv1 is the small-input stem, but ResNet-18 at {side} px (over {} px) has torchvision's 7×7 stride-2 stem with max-pool",
-            crate::extractor::RESNET_SMALL_INPUT
+            "a 3×3 conv1 is the small-input stem, but ResNet-18 at {side} px (over {small} px) has torchvision's 7×7 stride-2 stem with max-pool"
         )),
         (Reference::TimmVitTiny, "pos_embed" | "patch_embed.proj.weight") => Some(format!(
-            "ViT at {side} px has patch {} and {} positions with the class token: create the timm model with img_size={side}, patch_size={0}",
-            crate::extractor::vit_patch(side),
-            (side / crate::extractor::vit_patch(side)).pow(2) + 1
+            "ViT at {side} px has patch {patch} and {positions} positions with the class token: create the timm model with img_size={side}, patch_size={patch}"
         )),
         (_, _) if got.len() == 4 && got[1] != model.in_channels && name == pairs(model).ok()?[0].reference => Some(format!(
             "the first convolution takes {} channels, the data has {}",

@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tch::nn::{ModuleT, VarStore};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::adam::Adam;
 use crate::belief::{belief, BeliefModule};
@@ -226,9 +226,7 @@ pub fn add_next(acc: Option<Tensor>, g: Tensor) -> Tensor {
 /// (0-based), in one transfer (one wait for the device), and reports the first non-finite one
 /// by name.
 pub fn read_losses(losses: &Tensor, first_index: usize) -> Result<Vec<f64>> {
-    let all = losses
-        .f_to_kind(tch::Kind::Double)?
-        .f_to_device(Device::Cpu)?;
+    let all = losses.f_to_kind(Kind::Double)?.f_to_device(Device::Cpu)?;
     let values = Vec::<f64>::try_from(&all)?;
     if let Some((i, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(CoreError::NonFiniteLoss {
@@ -309,9 +307,7 @@ impl ExtractorUnit {
     /// [`ExtractorUnit::apply`].
     pub fn accumulate_backward(&mut self, z: &Tensor, grad_z: &Tensor) -> Result<()> {
         let _span = tracing::trace_span!("extractor_backward").entered();
-        Ok((z * grad_z.detach())
-            .f_sum(tch::Kind::Float)?
-            .f_backward()?)
+        Ok((z * grad_z.detach()).f_sum(Kind::Float)?.f_backward()?)
     }
 
     /// One Adam step from the accumulated gradients, then clears them.
