@@ -172,7 +172,7 @@ impl Rendezvous {
     }
 
     /// Every rank's text under the store key `what/<rank>`, by rank.
-    fn from_every_rank(&self, what: &str) -> Result<Vec<String>> {
+    fn of_every_rank(&self, what: &str) -> Result<Vec<String>> {
         let get = |r: usize| self.get(&format!("{what}/{r}"), self.timeout);
         (0..self.world()).map(get).collect()
     }
@@ -273,9 +273,9 @@ impl Rendezvous {
         let place = format!("{device}@{}", node.unwrap_or_default());
         self.set(&format!("device/{rank}"), &place)?;
         let world_group = self.group("world", rank, world, Backend::Gloo)?;
-        let names = self.from_every_rank("name")?;
+        let names = self.of_every_rank("name")?;
         // Every rank has set its place before it joined the world group.
-        let places = self.from_every_rank("device")?;
+        let places = self.of_every_rank("device")?;
         let replica_group = if replicas > 1 {
             let stage = rank % stages;
             // NCCL refuses two ranks on one GPU: replicas sharing a GPU sum over Gloo.
