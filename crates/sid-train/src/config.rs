@@ -473,12 +473,11 @@ impl RunConfig {
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
             return bad(format!("lr must be positive, got {}", self.optim.lr));
         }
-        if let Some(lr) = self.optim.backbone_lr {
-            if !(lr >= 0.0 && lr.is_finite()) {
-                return bad(format!(
-                    "backbone-lr must be 0 (frozen) or positive, got {lr}"
-                ));
-            }
+        let backbone_lr = self.optim.backbone_lr.unwrap_or(0.0);
+        if !(backbone_lr >= 0.0 && backbone_lr.is_finite()) {
+            return bad(format!(
+                "backbone-lr must be 0 (frozen) or positive, got {backbone_lr}"
+            ));
         }
         let (noise, val) = (self.data.label_noise, self.data.val_split);
         if !(0.0..=1.0).contains(&noise) {
