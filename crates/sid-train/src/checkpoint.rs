@@ -105,11 +105,8 @@ pub fn keep_previous(dir: &Path, older: usize) -> Result<()> {
     let current = dir.join(CHECKPOINT_FILE);
     // A newest checkpoint that does not load (cut short) is not kept: the save replaces it.
     if let Ok((_, position)) = load(&current) {
-        let name = format!(
-            "checkpoint-E{}-S{}.safetensors",
-            position.epochs_done, position.step_in_epoch
-        );
-        let kept = dir.join(name);
+        let (epoch, step) = (position.epochs_done, position.step_in_epoch);
+        let kept = dir.join(format!("checkpoint-E{epoch}-S{step}.safetensors"));
         let _ = std::fs::remove_file(&kept);
         std::fs::hard_link(&current, &kept).map_err(|e| TrainError::io(&kept, e))?;
     }
@@ -183,13 +180,15 @@ pub fn load_newest(dir: &Path) -> Result<Newest> {
     Err(first_error.expect("the newest checkpoint is always a candidate"))
 }
 
-/// `tensors` (float32 or int64, any device; other kinds are written as float32) and `meta` as
-/// a safetensors file's bytes; `bad` words the serialiser's error as the caller's.
-pub(crate) fn serialize(
+/// Writes `tensors` (float32 or int64, any device; other kinds are written as float32) and
+/// `meta` to `path` as a safetensors file, atomically; `bad` words the serialiser's error as
+/// the caller's.
+pub(crate) fn write_safetensors(
+    path: &Path,
     tensors: &[(String, Tensor)],
     meta: HashMap<String, String>,
     bad: impl Fn(String) -> TrainError,
-) -> Result<Vec<u8>> {
+) -> Result<()> {
     let mut buffers = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let (dtype, kind) = match t.kind() {
@@ -208,7 +207,8 @@ pub(crate) fn serialize(
         let view = TensorView::new(*dt, shape.clone(), data).expect("a view of its own data");
         (n.clone(), view)
     });
-    safetensors::serialize(views, &Some(meta)).map_err(|e| bad(e.to_string()))
+    let bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| bad(e.to_string()))?;
+    write_atomic(path, &bytes)
 }
 
 /// The tensors of a safetensors file, on the CPU, in the kinds `kind_of` admits; `bad` words
@@ -235,12 +235,10 @@ pub(crate) fn tensors_of(
 /// Saves named tensors and the position to `path` atomically.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], position: &Position) -> Result<()> {
     let _span = tracing::debug_span!("checkpoint_save").entered();
-    let meta = HashMap::from([(
-        META_KEY.to_string(),
-        serde_json::to_string(position).expect("serialise"),
-    )]);
-    let bytes = serialize(tensors, meta, |reason| TrainError::checkpoint(path, reason))?;
-    write_atomic(path, &bytes)
+    let position = serde_json::to_string(position).expect("serialise");
+    let meta = HashMap::from([(META_KEY.to_string(), position)]);
+    let bad = |reason| TrainError::checkpoint(path, reason);
+    write_safetensors(path, tensors, meta, bad)
 }
 
 /// Loads a checkpoint: its tensors (on the CPU) and its position.
@@ -252,19 +250,13 @@ pub fn load(path: &Path) -> Result<(NamedTensors, Position)> {
     })?;
     let (_, header) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-    let position: Position = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(META_KEY))
-        .ok_or_else(|| bad("no sid metadata (not written by sid-launch)".into()))
-        .and_then(|s| {
-            serde_json::from_str(s).map_err(|e| bad(format!("unreadable metadata: {e}")))
-        })?;
-    if position.format != FORMAT {
-        return Err(bad(format!(
-            "format {:?}, expected {FORMAT:?}",
-            position.format
-        )));
+    let meta = header.metadata().as_ref().and_then(|m| m.get(META_KEY));
+    let meta = meta.ok_or_else(|| bad("no sid metadata (not written by sid-launch)".into()))?;
+    let position: Position =
+        serde_json::from_str(meta).map_err(|e| bad(format!("unreadable metadata: {e}")))?;
+    let format = &position.format;
+    if format != FORMAT {
+        return Err(bad(format!("format {format:?}, expected {FORMAT:?}")));
     }
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let kind_of = |dtype| match dtype {

@@ -20,7 +20,7 @@ pub const RESUMABLE: &str = "Settings a resume may change";
 /// sections are tables (`[model]`, `[data]`, `[optim]`, `[runtime]`). Defaults are the
 /// reference code's settings on Fashion-MNIST. Files of the older flat layout (every key at the
 /// top) still load.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     /// The network: backbone, belief modules, stages, arithmetic.
@@ -200,8 +200,7 @@ pub struct RuntimeSection {
     /// staged SID with a GPU per stage and one micro-batch (each stage its own graph; not yet
     /// run on a GPU) (default: on when --gpus names exactly one GPU; --no-cuda-graph turns it
     /// off).
-    #[arg(long, num_args = 0, default_missing_value = "true",
-        help_heading = RESUMABLE)]
+    #[arg(long, num_args = 0, default_missing_value = "true", help_heading = RESUMABLE)]
     pub cuda_graph: Option<bool>,
     /// Batch size for evaluation.
     #[arg(long, default_value_t = 1000, help_heading = RESUMABLE)]
@@ -243,13 +242,7 @@ macro_rules! default_from_flags {
         })*
     };
 }
-default_from_flags!(
-    RunConfig,
-    ModelSection,
-    DataSection,
-    OptimSection,
-    RuntimeSection
-);
+default_from_flags!(ModelSection, DataSection, OptimSection, RuntimeSection);
 
 /// Each setting's flag, with its section of `config.toml`.
 fn flags() -> Vec<(&'static str, clap::Arg)> {
@@ -261,14 +254,11 @@ fn flags() -> Vec<(&'static str, clap::Arg)> {
         ("optim", OptimSection::augment_args(cmd())),
         ("runtime", RuntimeSection::augment_args(cmd())),
     ];
-    sections
-        .into_iter()
-        .flat_map(|(s, c)| {
-            c.get_arguments()
-                .map(|a| (s, a.clone()))
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    let mut flags = Vec::new();
+    for (section, cmd) in sections {
+        flags.extend(cmd.get_arguments().map(|a| (section, a.clone())));
+    }
+    flags
 }
 
 /// The section of the setting whose flag has id `id` (the field's name).
@@ -466,15 +456,9 @@ impl RunConfig {
     /// Names (`section.key`) of the settings whose values differ between `self` and `other`.
     pub fn changed_from(&self, other: &RunConfig) -> Vec<String> {
         let (a, b) = (self.settings(), other.settings());
-        let mut keys: Vec<String> = a
-            .keys()
-            .chain(b.keys())
-            .filter(|k| a.get(*k) != b.get(*k))
-            .cloned()
-            .collect();
-        keys.sort();
-        keys.dedup();
-        keys
+        let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        let changed = keys.into_iter().filter(|k| a.get(*k) != b.get(*k));
+        changed.cloned().collect()
     }
 
     /// Checks every value; the message names the setting.
@@ -489,23 +473,18 @@ impl RunConfig {
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
             return bad(format!("lr must be positive, got {}", self.optim.lr));
         }
-        if matches!(self.optim.backbone_lr, Some(l) if !(l >= 0.0 && l.is_finite())) {
+        let backbone_lr = self.optim.backbone_lr.unwrap_or(0.0);
+        if !(backbone_lr >= 0.0 && backbone_lr.is_finite()) {
             return bad(format!(
-                "backbone-lr must be 0 (frozen) or positive, got {}",
-                self.optim.backbone_lr.unwrap_or_default()
+                "backbone-lr must be 0 (frozen) or positive, got {backbone_lr}"
             ));
         }
-        if !(0.0..=1.0).contains(&self.data.label_noise) {
-            return bad(format!(
-                "label noise must be in [0, 1], got {}",
-                self.data.label_noise
-            ));
+        let (noise, val) = (self.data.label_noise, self.data.val_split);
+        if !(0.0..=1.0).contains(&noise) {
+            return bad(format!("label noise must be in [0, 1], got {noise}"));
         }
-        if !(0.0..1.0).contains(&self.data.val_split) {
-            return bad(format!(
-                "val split must be in [0, 1), got {}",
-                self.data.val_split
-            ));
+        if !(0.0..1.0).contains(&val) {
+            return bad(format!("val split must be in [0, 1), got {val}"));
         }
         if matches!(self.runtime.threads, Some(n) if n < 1) {
             return bad("threads must be at least 1".into());
@@ -531,11 +510,9 @@ impl RunConfig {
         if self.runtime.checkpoint_every == Some(0) || self.runtime.keep_checkpoints == 0 {
             return bad("--checkpoint-every and --keep-checkpoints must be at least 1".into());
         }
-        if !(self.runtime.step_timeout > 0.0 && self.runtime.step_timeout.is_finite()) {
-            return bad(format!(
-                "step timeout must be positive, got {}",
-                self.runtime.step_timeout
-            ));
+        let timeout = self.runtime.step_timeout;
+        if !(timeout > 0.0 && timeout.is_finite()) {
+            return bad(format!("step timeout must be positive, got {timeout}"));
         }
         self.model_config().validate()?;
         self.loss_config().validate()?;

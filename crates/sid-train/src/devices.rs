@@ -94,10 +94,7 @@ impl DeviceList {
 /// One CPU worker.
 impl Default for DeviceList {
     fn default() -> Self {
-        Self {
-            spec: "cpu".into(),
-            devices: vec![Device::Cpu],
-        }
+        "cpu".parse().expect("cpu is a device list")
     }
 }
 

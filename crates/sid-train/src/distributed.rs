@@ -7,11 +7,15 @@
 //! Every other rank reads that config, builds the same stages from the same seed, keeps its
 //! own (replica r's stage s is rank r·K + s) and serves it until rank 0 closes the pipeline.
 
+use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sid_dist::{Backend, DistEnv, Group, Store};
+use sid_runtime::ranks::{rank_of, Liveness, DOWN, GRADS};
+use sid_runtime::Ranks;
 use tch::Device;
 
 use crate::{Result, RunConfig, TrainError};
@@ -25,6 +29,8 @@ pub struct Rendezvous {
     /// Where this run's keys live in the store: `sid`, or `sid/restart-N` after restart N (a
     /// store torchrun's agent serves outlives the ranks, and keeps the keys of every try).
     prefix: String,
+    /// The address Gloo binds to (`SID_GLOO_HOST`; empty: the machine's own name).
+    gloo_host: String,
 }
 
 /// The store keys' prefix of this try of the run (see [`Rendezvous`]'s `prefix`).
@@ -38,7 +44,6 @@ fn key_prefix() -> String {
     }
 }
 
-/// What every rank must agree on: the program and the settings that shape the computation.
 /// What every rank must share whatever its settings: the program and the world size.
 fn program(world: usize) -> String {
     format!("sid {} world {world}", env!("CARGO_PKG_VERSION"))
@@ -50,6 +55,7 @@ fn follower(world: usize) -> String {
     format!("{} follows rank 0", program(world))
 }
 
+/// What every rank must agree on: the program and the settings that shape the computation.
 fn fingerprint(cfg: &RunConfig, world: usize) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let mut shared = cfg.clone();
@@ -88,34 +94,29 @@ impl Rendezvous {
     pub fn join(env: DistEnv, cfg: &RunConfig, follows_rank0: bool) -> Result<Self> {
         let device = rank_device(cfg, &env)?;
         let timeout = Duration::from_secs_f64(cfg.runtime.step_timeout);
-        let world = env.world_size;
-        let store = Store::connect(
-            &env.master_addr,
-            env.master_port,
-            env.serves_store(),
-            world,
-            timeout,
-        )?;
+        let (rank, world) = (env.rank, env.world_size);
+        let (addr, port) = (env.master_addr.clone(), env.master_port);
+        let store = Store::connect(&addr, port, env.serves_store(), world, timeout)?;
+        let local = matches!(addr.as_str(), "127.0.0.1" | "localhost");
+        let default_host = if local { "127.0.0.1" } else { "" };
         let rdv = Self {
             env,
             store: Arc::new(store),
             device,
             timeout,
             prefix: key_prefix(),
+            gloo_host: std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| default_host.into()),
         };
         let mine = if follows_rank0 {
             follower(world)
         } else {
             fingerprint(cfg, world)
         };
-        let rank = rdv.rank();
         rdv.set(&format!("fingerprint/{rank}"), &mine)?;
+        let secs = timeout.as_secs();
         let late = |r: usize| {
             TrainError::Config(format!(
-                "rank {r} did not join within {} s (WORLD_SIZE={world}, store {}:{}): are all {world} ranks started with the same WORLD_SIZE?",
-                timeout.as_secs(),
-                rdv.env.master_addr,
-                rdv.env.master_port
+                "rank {r} did not join within {secs} s (WORLD_SIZE={world}, store {addr}:{port}): are all {world} ranks started with the same WORLD_SIZE?"
             ))
         };
         let differ = |r: usize, theirs: &str| {
@@ -170,24 +171,23 @@ impl Rendezvous {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    /// Joins the process group `name` as its member `rank` of `size`.
-    fn group(
-        &self,
-        name: &str,
-        rank: usize,
-        size: usize,
-        backend: Backend,
-        host: &str,
-    ) -> Result<Group> {
-        Ok(Group::new(
-            &self.store,
-            &self.key(name),
-            rank,
-            size,
-            backend,
-            host,
-            self.timeout,
-        )?)
+    /// Every rank's text under the store key `what/<rank>`, by rank.
+    fn of_every_rank(&self, what: &str) -> Result<Vec<String>> {
+        let get = |r: usize| self.get(&format!("{what}/{r}"), self.timeout);
+        (0..self.world()).map(get).collect()
+    }
+
+    /// What rank 0 publishes, which may take it long (loading data, timing blocks).
+    fn get_from_rank0(&self, name: &str) -> Result<String> {
+        self.get(name, self.timeout.max(Duration::from_secs(600)))
+    }
+
+    /// Joins the process group `name` as its member `rank` of `size` (Gloo binds to
+    /// `gloo_host`; NCCL has no use for it).
+    fn group(&self, name: &str, rank: usize, size: usize, backend: Backend) -> Result<Arc<Group>> {
+        let (store, key, host) = (&self.store, self.key(name), &self.gloo_host);
+        let group = Group::new(store, &key, rank, size, backend, host, self.timeout)?;
+        Ok(Arc::new(group))
     }
 
     /// This rank.
@@ -225,15 +225,14 @@ impl Rendezvous {
     }
 
     /// Rank 0: tells the others where the run lives (they write their telemetry there).
-    pub fn publish_run_dir(&self, dir: &std::path::Path) -> Result<()> {
+    pub fn publish_run_dir(&self, dir: &Path) -> Result<()> {
         self.set("run-dir", &dir.to_string_lossy())
     }
 
     /// Every other rank: the run directory rank 0 writes (created here if this node has not
     /// got it, e.g. another machine).
-    pub fn wait_run_dir(&self) -> Result<std::path::PathBuf> {
-        let wait = self.timeout.max(Duration::from_secs(600));
-        let dir = std::path::PathBuf::from(self.get("run-dir", wait)?);
+    pub fn wait_run_dir(&self) -> Result<PathBuf> {
+        let dir = PathBuf::from(self.get_from_rank0("run-dir")?);
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
         Ok(dir)
     }
@@ -241,8 +240,7 @@ impl Rendezvous {
     /// Every other rank: the config rank 0 resolved. Rank 0 may take long (loading data,
     /// timing blocks); if it fails first, its store goes away and this returns at once.
     pub fn wait_config(&self) -> Result<RunConfig> {
-        let wait = self.timeout.max(Duration::from_secs(600));
-        let text = self.get("config", wait).map_err(|e| {
+        let text = self.get_from_rank0("config").map_err(|e| {
             // Rank 0 is gone or stuck: a lost rank, not a setting (a restart may get past it).
             TrainError::Runtime(sid_runtime::RuntimeError::Link(format!(
                 "rank {}: rank 0 did not publish the run's config ({e})",
@@ -250,7 +248,7 @@ impl Rendezvous {
             )))
         })?;
         let mut cfg = RunConfig::from_toml(&text)?;
-        let shape = self.get("shape", wait)?;
+        let shape = self.get_from_rank0("shape")?;
         cfg.data.loaded_shape = serde_json::from_str(&shape).ok().flatten();
         Ok(cfg)
     }
@@ -258,60 +256,48 @@ impl Rendezvous {
     /// Joins the process groups of a pipeline of `stages` stages × `replicas` replicas:
     /// every rank (Gloo), and the replicas of this rank's stage (NCCL for CUDA when built in,
     /// else Gloo).
-    pub fn groups(
-        &self,
-        stages: usize,
-        replicas: usize,
-        backprop: bool,
-    ) -> Result<sid_runtime::Ranks> {
-        let world = self.world();
+    pub fn groups(&self, stages: usize, replicas: usize, backprop: bool) -> Result<Ranks> {
+        let (rank, world) = (self.rank(), self.world());
         if stages * replicas != world {
             return Err(TrainError::Config(format!(
                 "--stages {stages} × --data-parallel {replicas} = {} ranks, but WORLD_SIZE is {world}",
                 stages * replicas
             )));
         }
-        let rank = self.rank();
-        let local = matches!(self.env.master_addr.as_str(), "127.0.0.1" | "localhost");
-        let default_host = if local { "127.0.0.1" } else { "" };
-        let host = std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| default_host.into());
         let (device, node) = (crate::devices::device_name(self.device), hostname());
         let on = node.as_ref().map_or(String::new(), |h| format!(" on {h}"));
-        let name = format!("rank {rank}, {device}{on}");
-        self.set(&format!("name/{rank}"), &name)?;
-        let place = |r: usize| self.get(&format!("device/{r}"), self.timeout);
-        let mine = format!("{device}@{}", node.unwrap_or_default());
-        self.set(&format!("device/{rank}"), &mine)?;
-        let world_group = self.group("world", rank, world, Backend::Gloo, &host)?;
-        let names = (0..world)
-            .map(|r| self.get(&format!("name/{r}"), self.timeout))
-            .collect::<Result<Vec<_>>>()?;
+        self.set(
+            &format!("name/{rank}"),
+            &format!("rank {rank}, {device}{on}"),
+        )?;
+        let place = format!("{device}@{}", node.unwrap_or_default());
+        self.set(&format!("device/{rank}"), &place)?;
+        let world_group = self.group("world", rank, world, Backend::Gloo)?;
+        let names = self.of_every_rank("name")?;
         // Every rank has set its place before it joined the world group.
-        let places = (0..world).map(place).collect::<Result<Vec<_>>>()?;
+        let places = self.of_every_rank("device")?;
         let replica_group = if replicas > 1 {
             let stage = rank % stages;
             // NCCL refuses two ranks on one GPU: replicas sharing a GPU sum over Gloo.
             let on = (0..replicas).map(|i| &places[i * stages + stage]);
-            let shared_gpu = on.collect::<std::collections::HashSet<_>>().len() < replicas;
+            let shared_gpu = on.collect::<HashSet<_>>().len() < replicas;
             let backend = if self.device.is_cuda() && sid_dist::available().1 && !shared_gpu {
                 Backend::Nccl
             } else {
                 Backend::Gloo
             };
             let name = format!("replicas-of-stage-{stage}");
-            let group = self.group(&name, rank / stages, replicas, backend, &host)?;
-            Some(Arc::new(group))
+            Some(self.group(&name, rank / stages, replicas, backend)?)
         } else {
             None
         };
-        let direct = self.direct_links(stages, replicas, backprop, &places)?;
-        Ok(sid_runtime::Ranks {
-            world: Arc::new(world_group),
+        Ok(Ranks {
+            world: world_group,
             replicas,
             replica_group,
             names,
             liveness: Some(self.heartbeat()),
-            direct,
+            direct: self.direct_links(stages, replicas, backprop, &places)?,
         })
     }
 
@@ -324,9 +310,8 @@ impl Rendezvous {
         replicas: usize,
         backprop: bool,
         places: &[String],
-    ) -> Result<std::collections::BTreeMap<(usize, usize, u32), Arc<Group>>> {
-        use sid_runtime::ranks::{rank_of, DOWN, GRADS};
-        let mut out = std::collections::BTreeMap::new();
+    ) -> Result<BTreeMap<(usize, usize, u32), Arc<Group>>> {
+        let mut out = BTreeMap::new();
         let wanted = std::env::var("SID_LINKS").map_or(true, |v| v != "gloo");
         if !(wanted && self.device.is_cuda() && sid_dist::available().1) {
             return Ok(out);
@@ -351,8 +336,8 @@ impl Rendezvous {
                 continue;
             }
             let name = format!("link-{from}-{to}-{tag}");
-            let g = self.group(&name, usize::from(me == to), 2, Backend::Nccl, "")?;
-            out.insert((from, to, tag), Arc::new(g));
+            let g = self.group(&name, usize::from(me == to), 2, Backend::Nccl)?;
+            out.insert((from, to, tag), g);
         }
         Ok(out)
     }
@@ -360,10 +345,9 @@ impl Rendezvous {
     /// Rank 0 beats (a counter in the store, every second, while this process lives); the
     /// others get a check that fails once the store is gone (rank 0 serves it) or the beat
     /// has stopped for the step timeout (a store torchrun's agent serves outlives rank 0).
-    fn heartbeat(&self) -> sid_runtime::ranks::Liveness {
-        let key = self.key("heartbeat");
+    fn heartbeat(&self) -> Liveness {
+        let (key, store) = (self.key("heartbeat"), self.store.clone());
         if self.rank() == 0 {
-            let store = self.store.clone();
             std::thread::Builder::new()
                 .name("sid-heartbeat".into())
                 .spawn(move || {
@@ -374,21 +358,18 @@ impl Rendezvous {
                 .expect("spawning the heartbeat thread");
             return Arc::new(|| Ok(()));
         }
-        let store = self.store.clone();
         let limit = self.timeout;
-        let last = std::sync::Mutex::new((-1i64, std::time::Instant::now()));
+        let last = Mutex::new((-1i64, Instant::now()));
         Arc::new(move || {
             let beat = store
                 .add(&key, 0)
                 .map_err(|e| format!("lost rank 0: the rendezvous store is gone ({e})"))?;
             let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
             if beat != last.0 {
-                *last = (beat, std::time::Instant::now());
+                *last = (beat, Instant::now());
             } else if last.1.elapsed() > limit {
-                return Err(format!(
-                    "lost rank 0: no heartbeat for {} s",
-                    limit.as_secs()
-                ));
+                let secs = limit.as_secs();
+                return Err(format!("lost rank 0: no heartbeat for {secs} s"));
             }
             Ok(())
         })

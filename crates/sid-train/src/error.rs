@@ -23,30 +23,17 @@ pub enum TrainError {
     // Not a `source`: the message above already is the runtime's, and error chains would
     // print it twice.
     Runtime(sid_runtime::RuntimeError),
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// A checkpoint is unreadable or does not belong to this run.
-    #[error("bad checkpoint {path}: {reason}")]
-    Checkpoint {
-        /// The checkpoint file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// A weights file (`--init-from`, an export) is unreadable or does not fit the model.
-    #[error("{path}: {reason}")]
-    Weights {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
+    /// A file could not be read or written: the file, and the cause.
+    #[error("{0}: {1}")]
+    Io(PathBuf, #[source] std::io::Error),
+    /// A checkpoint is unreadable or does not belong to this run: the checkpoint file, and
+    /// what is wrong with it.
+    #[error("bad checkpoint {0}: {1}")]
+    Checkpoint(PathBuf, String),
+    /// A weights file (`--init-from`, an export) is unreadable or does not fit the model: the
+    /// file, and what is wrong with it.
+    #[error("{0}: {1}")]
+    Weights(PathBuf, String),
     /// The run was asked to stop; a checkpoint was written first.
     #[error(
         "interrupted during epoch {epoch} after step {step}; checkpoint saved to {checkpoint}"
@@ -64,18 +51,12 @@ pub enum TrainError {
 impl TrainError {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.into(),
-            source,
-        }
+        Self::Io(path.into(), source)
     }
 
     /// The checkpoint at `path` is unreadable or does not belong to the run, for `reason`.
     pub fn checkpoint(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
-        Self::Checkpoint {
-            path: path.into(),
-            reason: reason.to_string(),
-        }
+        Self::Checkpoint(path.into(), reason.to_string())
     }
 }
 

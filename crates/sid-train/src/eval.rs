@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use sid_core::Network;
 use sid_data::Split;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use crate::checkpoint::{self, CHECKPOINT_FILE};
 use crate::{Result, Run, RunConfig, TrainError};
@@ -92,6 +92,7 @@ pub fn exit_table(saved: &mut Saved, batch_size: i64, taus: &[f64]) -> Result<Ve
     let device = net.input_device();
     let batches = sid_data::num_batches(n, batch_size);
     let mut rows = Vec::with_capacity(taus.len() + 1);
+    let count = |t: &Tensor| t.sum(Kind::Int64).int64_value(&[]);
     for tau in std::iter::once(None).chain(taus.iter().copied().map(Some)) {
         let (mut correct, mut modules) = (0i64, 0i64);
         let started = Instant::now();
@@ -106,16 +107,10 @@ pub fn exit_table(saved: &mut Saved, batch_size: i64, taus: &[f64]) -> Result<Ve
                 }
                 Some(t) => {
                     let e = net.cascade_exit(&x, t)?;
-                    (
-                        e.prediction,
-                        e.exit_module.sum(Kind::Int64).int64_value(&[]),
-                    )
+                    (e.prediction, count(&e.exit_module))
                 }
             };
-            correct += pred
-                .eq_tensor(&y.to_device(pred.device()))
-                .sum(Kind::Int64)
-                .int64_value(&[]);
+            correct += count(&pred.eq_tensor(&y.to_device(pred.device())));
             modules += used;
         }
         let seconds = started.elapsed().as_secs_f64();

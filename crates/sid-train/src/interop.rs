@@ -26,10 +26,7 @@ pub const EXPORT_FORMAT: &str = "sid-export/1";
 pub const SID_PREFIX: &str = "sid.";
 
 fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
-    TrainError::Weights {
-        path: path.into(),
-        reason: reason.into(),
-    }
+    TrainError::Weights(path.into(), reason.into())
 }
 
 /// Reads a safetensors file of weights (name → tensor on the CPU). A PyTorch pickle
@@ -216,45 +213,35 @@ pub fn save_weights(
     tensors: &[(String, Tensor)],
     meta: HashMap<String, String>,
 ) -> Result<()> {
-    let bytes = checkpoint::serialize(tensors, meta, |reason| bad(path, reason))?;
-    checkpoint::write_atomic(path, &bytes)
+    checkpoint::write_safetensors(path, tensors, meta, |reason| bad(path, reason))
 }
 
 /// The cascade's stages: staged SID's cut (a neck per stage), else one stage whose modules
 /// all read the backbone's head.
 fn export_stages(cfg: &RunConfig, model: &ModelConfig) -> Result<Vec<ExportStage>> {
-    let blocks = sid_core::Net::from(model).blocks();
     let head = match model.extractor {
         ExtractorKind::VitTiny => "sid.extractor.head",
         ExtractorKind::Mlp => "sid.extractor.fc2",
         _ => "sid.extractor.fc",
     };
-    if cfg.optim.method == Method::Sid && cfg.model.stages > 1 {
+    let cut = if cfg.optim.method == Method::Sid && cfg.model.stages > 1 {
         let spec = cfg.runtime.placement.as_deref().ok_or_else(|| {
             TrainError::Config("a staged run's config.toml has no placement (its cut)".into())
         })?;
-        let plan = sid_core::StagePlan::parse(spec, model)?;
-        let k = plan.len();
-        return Ok(plan
-            .stages()
-            .iter()
-            .enumerate()
-            .map(|(s, st)| ExportStage {
-                blocks_end: st.blocks.end,
-                modules: [st.modules.start, st.modules.end],
-                neck: if s + 1 == k {
-                    head.into()
-                } else {
-                    format!("{SID_PREFIX}neck_{}", s + 1)
-                },
-            })
-            .collect());
-    }
-    Ok(vec![ExportStage {
-        blocks_end: blocks,
-        modules: [0, model.modules],
-        neck: head.into(),
-    }])
+        sid_core::StagePlan::parse(spec, model)?
+    } else {
+        sid_core::StagePlan::even(model, 1)?
+    };
+    let last = cut.len() - 1;
+    let stages = cut.stages().iter().enumerate().map(|(s, st)| ExportStage {
+        blocks_end: st.blocks.end,
+        modules: [st.modules.start, st.modules.end],
+        neck: match s == last {
+            true => head.into(),
+            false => format!("{SID_PREFIX}neck_{}", s + 1),
+        },
+    });
+    Ok(stages.collect())
 }
 
 /// `--init-from`: loads the reference weights `cfg` names into the freshly built `net`, and

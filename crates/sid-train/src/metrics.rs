@@ -73,28 +73,24 @@ pub fn read_all(path: &Path) -> Result<MetricsFile> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(MetricsFile::default()),
         Err(e) => return Err(TrainError::io(path, e)),
     };
-    let lines: Vec<(usize, &str)> = text
-        .lines()
-        .enumerate()
+    // 1-based line numbers of the lines with text.
+    let mut lines = (1usize..)
+        .zip(text.lines())
         .filter(|(_, l)| !l.trim().is_empty())
-        .collect();
+        .peekable();
     let mut out = MetricsFile::default();
-    for (k, &(i, line)) in lines.iter().enumerate() {
+    while let Some((i, line)) = lines.next() {
         match serde_json::from_str(line) {
             Ok(m) => out.records.push(m),
-            Err(e) if k + 1 == lines.len() => {
-                let notice = format!(
-                    "{} line {}: dropped an incomplete last record ({e}); the run was probably stopped while writing it",
-                    path.display(),
-                    i + 1
-                );
-                out.dropped_last_line = Some(notice);
+            Err(e) if lines.peek().is_none() => {
+                out.dropped_last_line = Some(format!(
+                    "{} line {i}: dropped an incomplete last record ({e}); the run was probably stopped while writing it",
+                    path.display()
+                ));
             }
             Err(e) => {
-                return Err(TrainError::io(
-                    path,
-                    std::io::Error::other(format!("line {}: {e}", i + 1)),
-                ))
+                let e = std::io::Error::other(format!("line {i}: {e}"));
+                return Err(TrainError::io(path, e));
             }
         }
     }

@@ -44,8 +44,9 @@ fn staged_config(
     sc.cuda_graph = plan.graphs == Graphs::PerStage;
     sc.fused_teacher = cfg.runtime.fused_teacher;
     #[cfg(feature = "fault-injection")]
-    {
-        sc.fault = injected_fault(cfg)?;
+    if let Some(f) = &cfg.runtime.inject_fault {
+        let parsed = sid_runtime::Fault::parse(f);
+        sc.fault = Some(parsed.map_err(|e| TrainError::Config(e.to_string()))?);
     }
     Ok(sc)
 }
@@ -56,31 +57,26 @@ fn staged_config(
 /// replicas.
 pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> Result<Built> {
     let model = cfg.model_config();
-    let runtime = TrainError::Runtime;
     tch::manual_seed(cfg.optim.seed as i64);
     let one = || sid_core::StagePlan::even(&model, 1).map_err(TrainError::Core);
     // The extractor as stage 1 of a stage pipeline, the module blocks after it; with
     // micro-batches it forwards micro-batch j+1 while the module stages work on j.
-    let paper = |devices: Vec<Device>, placement| -> Result<sid_runtime::StagedPipeline> {
+    let paper = |devices: Vec<Device>, placement| -> Result<sid_runtime::StagedConfig> {
         let mut sc = staged_config(cfg, plan, devices, one()?)?;
         sc.method = sid_runtime::PipelineMethod::Paper;
         sc.placement = placement;
         #[cfg(feature = "fault-injection")]
-        {
+        if let Some(f) = &mut sc.fault {
             // Device k's modules are stage k+2 (stage 1 is the extractor).
-            sc.fault = sc.fault.map(|f| sid_runtime::Fault {
-                worker: f.worker + 1,
-                ..f
-            });
+            f.worker += 1;
         }
-        sid_runtime::StagedPipeline::new(sc).map_err(runtime)
+        Ok(sc)
     };
-    let pipeline = match &plan.layout {
+    let sc = match &plan.layout {
         // One device: BP as one stage, SID as the paper's layout with one module block; all
         // in this thread.
         Layout::Whole(device) if plan.method == Method::Bp => {
-            let sc = staged_config(cfg, plan, vec![*device], one()?)?;
-            sid_runtime::StagedPipeline::new(sc).map_err(runtime)?
+            staged_config(cfg, plan, vec![*device], one()?)?
         }
         Layout::Whole(device) => paper(vec![*device], None)?,
         Layout::Paper { devices, placement } => paper(devices.clone(), Some(placement.clone()))?,
@@ -95,9 +91,10 @@ pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> 
                 sc.threads_per_stage
                     .get_or_insert_with(|| rdv.cpu_threads());
             }
-            sid_runtime::StagedPipeline::new(sc).map_err(runtime)?
+            sc
         }
     };
+    let pipeline = sid_runtime::StagedPipeline::new(sc)?;
     let slots = pipeline.plan().len() * if rdv.is_some() { plan.replicas } else { 1 };
     let slots = match plan.layout {
         Layout::Stages { .. } => slots,
@@ -108,17 +105,6 @@ pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> 
         notes: (0..slots).map(|s| pipeline.describe(s)).collect(),
         net: Box::new(pipeline),
     })
-}
-
-/// The fault `--inject-fault` asks for (tests), for either runtime.
-#[cfg(feature = "fault-injection")]
-pub(crate) fn injected_fault(cfg: &RunConfig) -> Result<Option<sid_runtime::Fault>> {
-    cfg.runtime
-        .inject_fault
-        .as_deref()
-        .map(sid_runtime::Fault::parse)
-        .transpose()
-        .map_err(|e| TrainError::Config(e.to_string()))
 }
 
 /// Every rank but 0: builds this rank's stage from the config rank 0 published and serves
@@ -140,5 +126,5 @@ pub fn serve(rdv: &Rendezvous, own: &RunConfig) -> Result<()> {
     sc.threads_per_stage
         .get_or_insert_with(|| rdv.cpu_threads());
     sc.ranks = Some(ranks.clone());
-    sid_runtime::serve(&sc, &ranks).map_err(TrainError::Runtime)
+    Ok(sid_runtime::serve(&sc, &ranks)?)
 }

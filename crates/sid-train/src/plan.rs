@@ -178,18 +178,12 @@ impl Plan {
                 Layout::Whole(first)
             }
         };
-        let graphs = if per_stage {
-            Graphs::PerStage
-        } else if !ranked
-            && matches!(layout, Layout::Whole(Device::Cuda(_)))
-            && cfg
-                .runtime
-                .cuda_graph
-                .unwrap_or_else(sid_core::graph::CudaGraph::available)
-        {
-            Graphs::WholeStep
-        } else {
-            Graphs::Off
+        let on_one_gpu = !ranked && matches!(layout, Layout::Whole(Device::Cuda(_)));
+        let graphs = match cfg.runtime.cuda_graph {
+            _ if per_stage => Graphs::PerStage,
+            None if on_one_gpu && sid_core::graph::CudaGraph::available() => Graphs::WholeStep,
+            Some(true) if on_one_gpu => Graphs::WholeStep,
+            _ => Graphs::Off,
         };
         Ok(Self {
             method: cfg.optim.method,
@@ -265,24 +259,20 @@ impl fmt::Display for Plan {
         let list = |d: &[Device]| names(d).join(", ");
         match (&self.layout, self.method) {
             (Layout::Whole(d), m) => write!(f, "plan: {m} on {}", device_name(*d))?,
-            (Layout::Paper { devices, placement }, _) => write!(
-                f,
-                "plan: the paper's SID with its modules on [{}] ({})",
-                list(devices),
-                placement.to_spec()
-            )?,
+            (Layout::Paper { devices, placement }, _) => {
+                let (on, spec) = (list(devices), placement.to_spec());
+                write!(
+                    f,
+                    "plan: the paper's SID with its modules on [{on}] ({spec})"
+                )?
+            }
             (Layout::Stages { devices, cut }, m) => {
                 let what = match m {
                     Method::Sid => "staged SID".to_string(),
                     Method::Bp => format!("backprop pipeline ({})", self.schedule),
                 };
-                write!(
-                    f,
-                    "plan: {what}, {} stage(s) on [{}] ({})",
-                    cut.len(),
-                    list(devices),
-                    cut.to_spec()
-                )?
+                let (k, on, spec) = (cut.len(), list(devices), cut.to_spec());
+                write!(f, "plan: {what}, {k} stage(s) on [{on}] ({spec})")?
             }
         }
         write!(f, ", {} micro-batch(es) per step", self.micro_batches)?;
@@ -311,17 +301,12 @@ fn default_micro_batches(cfg: &RunConfig, devices: &[Device]) -> (usize, Option<
         let m = (1..=most).rev().find(|m| batch % m == 0).unwrap_or(1) as usize;
         return (m, None);
     }
-    let batch_norm = matches!(
-        cfg.model.extractor,
-        ExtractorKind::Vgg11 | ExtractorKind::Resnet18
-    );
+    use ExtractorKind::{Resnet18, Vgg11};
+    let batch_norm = matches!(cfg.model.extractor, Vgg11 | Resnet18);
+    let cpu_stages = devices.iter().all(|d| *d == Device::Cpu) && devices.len() > 1;
     let m = CPU_STAGED_MICRO_BATCHES;
     let per_replica = batch / cfg.runtime.data_parallel.max(1) as i64;
-    if devices.iter().all(|d| *d == Device::Cpu)
-        && devices.len() > 1
-        && !batch_norm
-        && per_replica % m as i64 == 0
-    {
+    if cpu_stages && !batch_norm && per_replica % m as i64 == 0 {
         let why = format!("{m} micro-batches per step: the faster choice for CPU stages (--micro-batches 1 for whole batches)");
         return (m, Some(why));
     }
@@ -368,11 +353,8 @@ fn stage_cut(
     let stage_processes = devices.max(stages);
     if device == Device::Cpu && stage_processes > 1 {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = cfg
-            .runtime
-            .threads
-            .unwrap_or((cores / stage_processes).max(1) as i32);
-        tch::set_num_threads(threads);
+        let shared = (cores / stage_processes).max(1) as i32;
+        tch::set_num_threads(cfg.runtime.threads.unwrap_or(shared));
     }
     let costs = sid_core::stage::profile_costs(model, batch, device, 3);
     tch::set_num_threads(before);
@@ -385,11 +367,9 @@ fn stage_cut(
     } else {
         (even, "the even cut")
     };
+    let (on, margin) = (device_name(device), TIMED_MARGIN * 100.0);
     let note = format!(
-        "auto placement: {how} (slowest stage per micro-batch of {batch} on {}: even {even_ms:.1} ms, timed {} {timed_ms:.1} ms; the timed cut is taken only when {:.0}% faster)",
-        device_name(device),
-        timed_spec,
-        TIMED_MARGIN * 100.0
+        "auto placement: {how} (slowest stage per micro-batch of {batch} on {on}: even {even_ms:.1} ms, timed {timed_spec} {timed_ms:.1} ms; the timed cut is taken only when {margin:.0}% faster)"
     );
     Ok((cut, Some(note)))
 }

@@ -1,12 +1,13 @@
 //! Predictions of a saved run for image files: the class, its probability and the module of
 //! the belief cascade the image left at.
 
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use sid_core::{Method, Network};
 use sid_data::{DatasetKind, InputSpec};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::checkpoint::INPUT_FILE;
 use crate::{Result, RunConfig, TrainError};
@@ -110,17 +111,10 @@ impl Predictor {
             // No belief's confidence exceeds ∞: every sample leaves at the last module.
             _ => sid_core::early_exit(&self.net.cascade(&x)?.logits, f64::INFINITY),
         };
-        let read = |t: &Tensor, kind: Kind| t.to_device(Device::Cpu).to_kind(kind);
-        let labels = Vec::<i64>::try_from(&read(&e.prediction, Kind::Int64))
-            .map_err(sid_core::CoreError::from)?;
-        let exits = Vec::<i64>::try_from(&read(&e.exit_module, Kind::Int64))
-            .map_err(sid_core::CoreError::from)?;
-        let conf = Vec::<f64>::try_from(&read(&e.confidence, Kind::Double))
-            .map_err(sid_core::CoreError::from)?;
-        Ok(labels
-            .into_iter()
-            .zip(exits)
-            .zip(conf)
+        let labels = to_vec::<i64>(&e.prediction)?;
+        let exits = to_vec::<i64>(&e.exit_module)?;
+        let conf = to_vec::<f64>(&e.confidence)?;
+        Ok((labels.into_iter().zip(exits).zip(conf))
             .map(|((label, exit_module), confidence)| Prediction {
                 label,
                 class: usize::try_from(label)
@@ -133,32 +127,28 @@ impl Predictor {
     }
 }
 
+/// The values of `t` on the CPU, as `T`.
+fn to_vec<T: tch::kind::Element + Copy>(t: &Tensor) -> Result<Vec<T>> {
+    let t = t.to_device(Device::Cpu).to_kind(T::KIND);
+    Ok(Vec::<T>::try_from(&t).map_err(sid_core::CoreError::from)?)
+}
+
 /// The run's `input.json`; for runs from before it, a built-in data set's fixed values or
 /// those of the folder data set loaded again.
 fn input_spec(dir: &Path, cfg: &RunConfig) -> Result<InputSpec> {
-    let path = dir.join(INPUT_FILE);
+    let (path, kind) = (dir.join(INPUT_FILE), cfg.data.dataset);
     match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text)
             .map_err(|e| TrainError::Config(format!("{}: unreadable ({e})", path.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            match (cfg.data.dataset.shape(), cfg.data.dataset.mean_std()) {
-                (Some(shape), Some((mean, std))) if cfg.data.dataset != DatasetKind::Folder => {
-                    Ok(InputSpec {
-                        shape,
-                        mean: mean.to_vec(),
-                        std: std.to_vec(),
-                        classes: cfg
-                            .data
-                            .dataset
-                            .class_names()
-                            .iter()
-                            .map(|c| c.to_string())
-                            .collect(),
-                    })
-                }
-                _ => Ok(InputSpec::of(&crate::trainer::load_data(cfg)?)),
-            }
-        }
+        Err(e) if e.kind() == ErrorKind::NotFound => match (kind.shape(), kind.mean_std()) {
+            (Some(shape), Some((mean, std))) if kind != DatasetKind::Folder => Ok(InputSpec {
+                shape,
+                mean: mean.to_vec(),
+                std: std.to_vec(),
+                classes: kind.class_names().iter().map(|c| c.to_string()).collect(),
+            }),
+            _ => Ok(InputSpec::of(&crate::trainer::load_data(cfg)?)),
+        },
         Err(e) => Err(TrainError::io(path, e)),
     }
 }

@@ -13,36 +13,6 @@ use crate::metrics::EpochMetrics;
 use crate::trainer::Event;
 use crate::{Result, TrainError};
 
-/// Tag of each step's training loss.
-pub const STEP_LOSS: &str = "train/step_loss";
-/// Tag of an epoch's mean training loss (`metrics.jsonl`'s `train_loss`).
-pub const EPOCH_LOSS: &str = "train/loss";
-/// Tag of the final module's test accuracy (`test_acc`).
-pub const TEST_ACC: &str = "test/accuracy";
-/// Tag of the validation accuracy (`val_acc`), when a validation split is held out.
-pub const VAL_ACC: &str = "val/accuracy";
-/// Tag of the training throughput (`samples_per_second`).
-pub const SAMPLES_PER_SECOND: &str = "speed/samples_per_second";
-/// Tag of the median step time (`median_step_ms`).
-pub const STEP_MS: &str = "speed/median_step_ms";
-/// Tag of the learning rate.
-pub const LEARNING_RATE: &str = "optim/learning_rate";
-
-/// Tag of module `i`'s (1-based) test accuracy (`module_test_acc[i-1]`).
-pub fn module_acc_tag(i: usize) -> String {
-    format!("test/module_{i}_accuracy")
-}
-
-/// Tag of module `i`'s (1-based) mean local loss (`module_train_loss[i-1]`).
-pub fn module_loss_tag(i: usize) -> String {
-    format!("train/module_{i}_loss")
-}
-
-/// Tag of a device's peak memory in MiB (`peak_memory`); `:` is not a tag character.
-pub fn memory_tag(device: &str) -> String {
-    format!("memory/{}_peak_mib", device.replace(':', "_"))
-}
-
 /// An open event file and where the run is.
 pub struct TensorBoard {
     writer: tboard::EventWriter<std::fs::File>,
@@ -53,8 +23,9 @@ pub struct TensorBoard {
     steps: i64,
 }
 
-fn tb_error(dir: &Path, e: tboard::Error) -> TrainError {
-    TrainError::io(dir, std::io::Error::other(format!("TensorBoard: {e}")))
+/// A writer's error, as an I/O error on `path`.
+fn tb_error(path: &Path, e: tboard::Error) -> TrainError {
+    TrainError::io(path, std::io::Error::other(format!("TensorBoard: {e}")))
 }
 
 impl TensorBoard {
@@ -75,10 +46,13 @@ impl TensorBoard {
     }
 
     fn scalar(&mut self, step: i64, tag: &str, value: f64) -> Result<()> {
-        let dir = self.file().map(Path::to_path_buf).unwrap_or_default();
-        self.writer
-            .write_scalar(step, tag, value as f32)
-            .map_err(|e| tb_error(&dir, e))
+        let written = self.writer.write_scalar(step, tag, value as f32);
+        written.map_err(|e| self.error(e))
+    }
+
+    /// A writer's error, on the event file.
+    fn error(&self, e: tboard::Error) -> TrainError {
+        tb_error(self.file().unwrap_or(Path::new("")), e)
     }
 
     /// Records what `event` reports.
@@ -90,7 +64,7 @@ impl TensorBoard {
             }
             Event::Step { step, loss } => {
                 let at = self.base + *step as i64;
-                self.scalar(at, STEP_LOSS, *loss)?;
+                self.scalar(at, "train/step_loss", *loss)?;
             }
             Event::EpochEnd(m) => self.epoch_end(m)?,
             Event::Loaded { .. } | Event::Notice(_) => {}
@@ -101,28 +75,26 @@ impl TensorBoard {
     fn epoch_end(&mut self, m: &EpochMetrics) -> Result<()> {
         // An epoch's last step; `EpochStart` gave the steps per epoch.
         let at = (m.epoch as i64) * self.steps.max(1);
-        self.scalar(at, EPOCH_LOSS, m.train_loss)?;
+        // The tags of `metrics.jsonl`'s fields (1-based modules), and the learning rate.
+        self.scalar(at, "train/loss", m.train_loss)?;
         for (i, l) in m.module_train_loss.iter().enumerate() {
-            self.scalar(at, &module_loss_tag(i + 1), *l)?;
+            self.scalar(at, &format!("train/module_{}_loss", i + 1), *l)?;
         }
-        self.scalar(at, TEST_ACC, m.test_acc)?;
+        self.scalar(at, "test/accuracy", m.test_acc)?;
         for (i, a) in m.module_test_acc.iter().enumerate() {
-            self.scalar(at, &module_acc_tag(i + 1), *a)?;
+            self.scalar(at, &format!("test/module_{}_accuracy", i + 1), *a)?;
         }
         if let Some(v) = m.val_acc {
-            self.scalar(at, VAL_ACC, v)?;
+            self.scalar(at, "val/accuracy", v)?;
         }
-        self.scalar(at, SAMPLES_PER_SECOND, m.samples_per_second)?;
-        self.scalar(at, STEP_MS, m.median_step_ms)?;
+        self.scalar(at, "speed/samples_per_second", m.samples_per_second)?;
+        self.scalar(at, "speed/median_step_ms", m.median_step_ms)?;
         for p in &m.peak_memory {
-            self.scalar(
-                at,
-                &memory_tag(&p.device),
-                p.bytes as f64 / (1 << 20) as f64,
-            )?;
+            // `:` is not a tag character.
+            let tag = format!("memory/{}_peak_mib", p.device.replace(':', "_"));
+            self.scalar(at, &tag, p.bytes as f64 / (1 << 20) as f64)?;
         }
-        self.scalar(at, LEARNING_RATE, self.lr)?;
-        let dir = self.file().map(Path::to_path_buf).unwrap_or_default();
-        self.writer.flush().map_err(|e| tb_error(&dir, e))
+        self.scalar(at, "optim/learning_rate", self.lr)?;
+        self.writer.flush().map_err(|e| self.error(e))
     }
 }

@@ -10,7 +10,7 @@ use sid_data::{Dataset, LoadOptions, Split};
 use tch::Device;
 
 use crate::checkpoint::{self, Position, CHECKPOINT_FILE};
-use crate::config::RunConfig;
+use crate::config::{flag_of, resume_may_change_flags, RunConfig};
 use crate::distributed::Rendezvous;
 use crate::metrics::{self, EpochMetrics};
 use crate::network::{build_network, Built};
@@ -116,11 +116,8 @@ pub(crate) fn load_data(cfg: &RunConfig) -> Result<Dataset> {
         image_size: cfg.data.image_size,
         cache_dir: cfg.data.cache_dir.clone(),
     };
-    Ok(sid_data::load(
-        cfg.data.dataset,
-        &cfg.resolved_data_dir(),
-        &opts,
-    )?)
+    let dir = cfg.resolved_data_dir();
+    Ok(sid_data::load(cfg.data.dataset, &dir, &opts)?)
 }
 
 impl Run {
@@ -204,31 +201,27 @@ impl Run {
     pub fn resume_on(cfg: RunConfig, dir: &Path, rdv: Option<&Rendezvous>) -> Result<Self> {
         cfg.validate()?;
         let saved = Self::saved_config(dir)?;
-        let changed: Vec<String> = cfg
-            .resume_conflicts(&saved)
-            .iter()
-            .map(|k| crate::config::flag_of(k))
-            .collect();
+        let conflicts = cfg.resume_conflicts(&saved);
+        let changed: Vec<String> = conflicts.iter().map(|k| flag_of(k)).collect();
         if !changed.is_empty() {
             return Err(TrainError::Config(format!(
                 "--resume {}: {} differ from the saved config.toml; only {} may change",
                 dir.display(),
                 changed.join(", "),
-                crate::config::resume_may_change_flags()
+                resume_may_change_flags()
             )));
         }
         // The newest checkpoint that loads: an older one kept by --keep-checkpoints when the
         // newest is damaged (cut short by a full disk or a crash outside our atomic writes).
         let newest = checkpoint::load_newest(dir)?;
         let (named, position, ckpt_path) = (newest.tensors, newest.position, newest.path);
-        let mut notices: Vec<String> = match newest.skipped.is_empty() {
-            true => Vec::new(),
-            false => vec![format!(
-                "warning: resuming from {}, the newest checkpoint that loads, instead of: {}",
-                ckpt_path.display(),
-                newest.skipped.join("; ")
-            )],
-        };
+        let mut notices = Vec::new();
+        if !newest.skipped.is_empty() {
+            let (used, skipped) = (ckpt_path.display(), newest.skipped.join("; "));
+            notices.push(format!(
+                "warning: resuming from {used}, the newest checkpoint that loads, instead of: {skipped}"
+            ));
+        }
         if position.method != cfg.optim.method || position.seed != cfg.optim.seed {
             return Err(TrainError::checkpoint(
                 ckpt_path,
@@ -290,9 +283,8 @@ impl Run {
             p.step_ms.push(last_done.elapsed().as_secs_f64() * 1e3);
             *last_done = Instant::now();
             p.loss_sum += stats.loss;
-            if p.module_loss_sums.len() < stats.module_losses.len() {
-                p.module_loss_sums.resize(stats.module_losses.len(), 0.0);
-            }
+            let modules = p.module_loss_sums.len().max(stats.module_losses.len());
+            p.module_loss_sums.resize(modules, 0.0);
             for (s, l) in p.module_loss_sums.iter_mut().zip(&stats.module_losses) {
                 *s += l;
             }
@@ -314,19 +306,15 @@ impl Run {
         self.wait_for_save()?;
         let path = self.dir.join(CHECKPOINT_FILE);
         let state = self.built.net.state()?;
-        let (dir, position, keep) = (
-            self.dir.clone(),
-            self.position.clone(),
-            self.cfg.runtime.keep_checkpoints,
-        );
-        let target = path.clone();
+        let (dir, position) = (self.dir.clone(), self.position.clone());
+        let keep = self.cfg.runtime.keep_checkpoints;
         let writer = std::thread::Builder::new()
             .name("sid-checkpoint".into())
             .spawn(move || {
                 if keep > 1 {
                     checkpoint::keep_previous(&dir, keep - 1)?;
                 }
-                checkpoint::save(&target, &state, &position)
+                checkpoint::save(&dir.join(CHECKPOINT_FILE), &state, &position)
             })
             .map_err(|e| TrainError::io(&path, e))?;
         self.saving = Some(writer);
@@ -373,14 +361,15 @@ impl Run {
         if let Some(folder) = &self.data.folder {
             let s = self.data.shape;
             let (n, c, side) = (s.num_classes, s.channels, s.image_size);
-            on_event(Event::Notice(format!(
-                "{n} classes, {c}x{side}x{side} images; {folder}"
-            )));
+            let notice = format!("{n} classes, {c}x{side}x{side} images; {folder}");
+            on_event(Event::Notice(notice));
         }
         let n = self.data.train.len();
         let steps = sid_data::num_batches(n, self.cfg.optim.batch_size) as usize;
         let device = self.built.net.input_device();
         let augment = self.cfg.resolved_augment();
+        let (batch_size, seed) = (self.cfg.optim.batch_size, self.cfg.optim.seed);
+        let checkpoint_every = self.cfg.runtime.checkpoint_every;
         let mut tracked: Vec<Device> = vec![device];
         tracked.extend(self.built.layout.iter().map(|(d, _)| *d));
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
@@ -397,21 +386,17 @@ impl Run {
                 steps,
                 first_step,
             });
-            let perm = sid_data::epoch_permutation(n, self.cfg.optim.seed, epoch as u64);
+            let perm = sid_data::epoch_permutation(n, seed, epoch as u64);
             let started = Instant::now();
             let before = self.position.partial.seconds;
             peaks.start();
             let mut last_done = Instant::now();
             for step in first_step..steps {
                 let batch_span = tracing::debug_span!("batch").entered();
-                let (x, y) = sid_data::batch(
-                    &self.data.train,
-                    Some(&perm),
-                    self.cfg.optim.batch_size,
-                    step as i64,
-                );
+                let (x, y) =
+                    sid_data::batch(&self.data.train, Some(&perm), batch_size, step as i64);
                 let x = if augment {
-                    sid_data::augment_batch(&x, 4, self.cfg.optim.seed, epoch as u64, step as u64)
+                    sid_data::augment_batch(&x, 4, seed, epoch as u64, step as u64)
                 } else {
                     x
                 };
@@ -428,11 +413,7 @@ impl Run {
                 };
                 self.record(finished, before, started, &mut last_done, on_event);
                 let stopping = stop.load(Ordering::SeqCst);
-                let due = self
-                    .cfg
-                    .runtime
-                    .checkpoint_every
-                    .is_some_and(|n| (step + 1) % n == 0);
+                let due = checkpoint_every.is_some_and(|n| (step + 1) % n == 0);
                 if (stopping || due) && step + 1 < steps {
                     let flushed = self.built.net.flush()?;
                     self.record(flushed, before, started, &mut last_done, on_event);
@@ -458,14 +439,11 @@ impl Run {
             let module_test_acc = health.accuracy();
             let val_acc = self.data.val.as_ref().map(|v| evaluate(net, v, eval_batch));
             let val_acc = val_acc.transpose()?.map(|(acc, _)| acc);
+            let per_step = |sum: &f64| sum / steps as f64;
             let m = EpochMetrics {
                 epoch,
-                train_loss: p.loss_sum / steps as f64,
-                module_train_loss: p
-                    .module_loss_sums
-                    .iter()
-                    .map(|s| s / steps as f64)
-                    .collect(),
+                train_loss: per_step(&p.loss_sum),
+                module_train_loss: p.module_loss_sums.iter().map(per_step).collect(),
                 test_acc: module_test_acc.last().copied().unwrap_or(0.0),
                 module_test_acc,
                 module_test_label_kl: health.mean_label_kl(),
@@ -480,13 +458,13 @@ impl Run {
             metrics::append(&self.dir.join(METRICS_FILE), &m)?;
             self.position.epochs_done = epoch;
             self.position.step_in_epoch = 0;
-            self.save_checkpoint()?;
+            let checkpoint = self.save_checkpoint()?;
             on_event(Event::EpochEnd(&m));
             if stop.load(Ordering::SeqCst) && epoch < self.cfg.optim.epochs {
                 return Err(TrainError::Interrupted {
                     epoch,
                     step: steps,
-                    checkpoint: self.dir.join(CHECKPOINT_FILE),
+                    checkpoint,
                 });
             }
         }
