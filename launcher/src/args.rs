@@ -3,7 +3,7 @@
 //! Precedence: built-in defaults < `--config FILE` < flags. With `--resume DIR` the saved
 //! `DIR/config.toml` takes the place of the defaults and the config file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -216,7 +216,6 @@ fn fault_for_restart(spec: Option<String>, restart: u32) -> Result<Option<String
 }
 
 /// What this invocation does: a new run or a resumed one, with its settings.
-#[derive(Default)]
 pub struct Invocation {
     /// The resolved, validated config.
     pub config: RunConfig,
@@ -287,88 +286,67 @@ impl Cli {
     /// follows rank 0's settings.
     pub fn invocation(&self, not_rank0: bool) -> Result<Invocation> {
         let restart = restart_count()?;
-        if self.resume.is_none() && restart > 0 {
-            // A restarted run continues from its own newest checkpoint.
-            let Some(dir) = &self.run_dir else {
-                bail!(
-                    "restart {restart} (TORCHELASTIC_RESTART_COUNT) of a run without --run-dir: a restarted rank must find the run's checkpoint; give --run-dir"
-                );
-            };
-            let saved = dir.join("config.toml").is_file()
-                && sid_train::checkpoint::candidates(dir)
-                    .iter()
-                    .any(|c| c.is_file());
-            if saved || (not_rank0 && !dir.join("config.toml").is_file()) {
-                return self.resumed(dir, not_rank0);
+        let has_config = |dir: &Path| dir.join("config.toml").is_file();
+        let mut starts_over = false;
+        // `--resume DIR`, or a restart, which continues from the run's own newest checkpoint.
+        let resume = match (&self.resume, &self.run_dir) {
+            (Some(dir), _) => Some(dir),
+            _ if restart == 0 => None,
+            (None, None) => bail!(
+                "restart {restart} (TORCHELASTIC_RESTART_COUNT) of a run without --run-dir: a restarted rank must find the run's checkpoint; give --run-dir"
+            ),
+            (None, Some(dir)) => {
+                let checkpoint = sid_train::checkpoint::candidates(dir);
+                let resumes = has_config(dir) && checkpoint.iter().any(|c| c.is_file());
+                // A run restarted before its first checkpoint starts over in the same directory.
+                starts_over = !resumes && (!not_rank0 || has_config(dir));
+                (!starts_over).then_some(dir)
             }
-            let mut fresh = self.fresh()?;
-            fresh.starts_over = true;
-            return Ok(fresh);
-        }
-        if let Some(dir) = &self.resume {
-            return self.resumed(dir, not_rank0);
-        }
-        self.fresh()
-    }
-
-    /// `--resume DIR`, or a restart of the run in DIR.
-    fn resumed(&self, dir: &std::path::Path, not_rank0: bool) -> Result<Invocation> {
-        // Without the run directory, every setting but this rank's placing comes from rank 0.
-        let follows_rank0 = not_rank0 && !dir.join("config.toml").is_file();
-        if !follows_rank0 && !dir.is_dir() {
-            bail!("--resume {}: no such run directory", dir.display());
-        }
-        let mut config = match follows_rank0 {
-            true => RunConfig::default(),
-            false => Run::saved_config(dir)?,
         };
-        self.apply(&mut config)?;
-        if !follows_rank0 {
-            sid_train::Plan::check(&config)?;
-        }
-        Ok(Invocation {
-            config,
-            run_dir: dir.into(),
-            resume: true,
-            follows_rank0,
-            ..Default::default()
-        })
-    }
-
-    /// A new run.
-    fn fresh(&self) -> Result<Invocation> {
-        let mut config = match &self.config {
-            Some(path) => {
+        // Without the run directory, every setting but this rank's placing comes from rank 0.
+        let follows_rank0 = resume.is_some_and(|dir| not_rank0 && !has_config(dir));
+        let mut config = match (resume, &self.config) {
+            _ if follows_rank0 => RunConfig::default(),
+            (Some(dir), _) if !dir.is_dir() => {
+                bail!("--resume {}: no such run directory", dir.display())
+            }
+            (Some(dir), _) => Run::saved_config(dir)?,
+            (None, Some(path)) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("--config {}: cannot read", path.display()))?;
                 RunConfig::from_toml(&text)
                     .with_context(|| format!("--config {}", path.display()))?
             }
-            None => RunConfig::default(),
+            (None, None) => RunConfig::default(),
         };
         self.apply(&mut config)?;
-        sid_train::Plan::check(&config)?;
-        let run_dir = self.run_dir.clone().unwrap_or_else(|| {
-            let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-                .to_string()
-                .replace([':', '-'], "");
-            PathBuf::from("runs").join(format!(
-                "{}-{}-{stamp}",
-                config.optim.method, config.data.dataset
-            ))
-        });
-        if config.data.dataset == DatasetKind::Folder {
+        if !follows_rank0 {
+            sid_train::Plan::check(&config)?;
+        }
+        let run_dir = match resume {
+            Some(dir) => dir.clone(),
+            None => self.run_dir.clone().unwrap_or_else(|| {
+                let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                    .to_string()
+                    .replace([':', '-'], "");
+                let (method, dataset) = (&config.optim.method, &config.data.dataset);
+                PathBuf::from("runs").join(format!("{method}-{dataset}-{stamp}"))
+            }),
+        };
+        if resume.is_none() && config.data.dataset == DatasetKind::Folder {
             // Saved resolved: beside the run, so the next run in the same folder finds it.
             let data = &mut config.data;
             data.image_size.get_or_insert(sid_data::DEFAULT_IMAGE_SIZE);
-            let parent = run_dir.parent().unwrap_or(std::path::Path::new(""));
+            let parent = run_dir.parent().unwrap_or(Path::new(""));
             data.cache_dir
                 .get_or_insert_with(|| parent.join("image-cache"));
         }
         Ok(Invocation {
             config,
             run_dir,
-            ..Default::default()
+            resume: resume.is_some(),
+            follows_rank0,
+            starts_over,
         })
     }
 }

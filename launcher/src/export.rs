@@ -10,15 +10,10 @@ pub fn run(a: &ExportArgs) -> Result<()> {
     let report = sid_train::interop::export(&a.run_dir, &a.out)
         .with_context(|| format!("export {}", a.run_dir.display()))?;
     let m = &report.meta;
+    let (count, backbone) = (report.reference_names, &m.backbone);
     let names = match &m.reference {
-        Some(r) => format!(
-            "{} backbone tensors under {r} names",
-            report.reference_names
-        ),
-        None => format!(
-            "no reference layout for {}: its backbone under sid.*",
-            m.backbone
-        ),
+        Some(r) => format!("{count} backbone tensors under {r} names"),
+        None => format!("no reference layout for {backbone}: its backbone under sid.*"),
     };
     println!(
         "wrote {}: {} tensors ({names}; necks and {} modules under sid.*), {} stage(s), {} px, {} classes",

@@ -13,7 +13,7 @@
 //! rank exits with [`EXIT_NOT_RESTARTABLE`]), and a failure that repeats at the same point (the
 //! same error, no newer checkpoint, no rank killed from outside).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -83,67 +83,72 @@ struct Spec {
     env: Vec<(&'static str, String)>,
 }
 
-/// How one rank of an attempt ended.
-struct Exit {
-    rank: usize,
-    name: String,
+/// One rank of an attempt: its process, then how it ended.
+struct Exit<'a> {
+    spec: &'a Spec,
+    child: Child,
+    /// The file it writes its one-line error to.
+    report: PathBuf,
     status: Option<ExitStatus>,
     /// Stopped by this launcher after another rank failed.
     stopped: bool,
-    /// Its own one-line error, if it wrote one.
-    error: Option<String>,
 }
 
-impl Exit {
+impl Exit<'_> {
     fn failed(&self) -> bool {
         !self.status.is_some_and(|s| s.success())
+    }
+
+    fn exited(&self, code: i32) -> bool {
+        self.status.and_then(|s| s.code()) == Some(code)
+    }
+
+    /// Its own one-line error, if it wrote one.
+    fn error(&self) -> Option<String> {
+        let text = std::fs::read_to_string(&self.report).ok()?;
+        Some(text.trim().to_string()).filter(|s| !s.is_empty())
     }
 
     fn cause(&self) -> String {
         let status = self.status.map_or("ended with no status".into(), describe);
         let stopped = if self.stopped { " (stopped)" } else { "" };
-        let error = self.error.as_ref().map(|e| format!(" ({e})"));
-        let error = error.unwrap_or_default();
-        format!("{} {status}{stopped}{error}", self.name)
+        let error = self.error().map(|e| format!(" ({e})")).unwrap_or_default();
+        format!("{} {status}{stopped}{error}", self.spec.name)
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill only sends a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 }
 
 /// Starts `n` ranks of this node and waits for all of them; restarts them as `--max-restarts`
 /// allows.
 pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
+    let (node, nodes) = (cli.node_rank, cli.nnodes);
     if n == 0 {
         bail!("--nproc-per-node must be at least 1");
     }
-    if cli.nnodes == 0 || cli.node_rank >= cli.nnodes {
-        bail!(
-            "--node-rank {} does not fit --nnodes {} (nodes are 0..{})",
-            cli.node_rank,
-            cli.nnodes,
-            cli.nnodes.saturating_sub(1)
-        );
+    if nodes == 0 || node >= nodes {
+        let last = nodes.saturating_sub(1);
+        bail!("--node-rank {node} does not fit --nnodes {nodes} (nodes are 0..{last})");
     }
-    if cli.max_restarts > 0 && cli.nnodes > 1 {
-        bail!(
-            "--max-restarts with --nnodes {}: each node restarts only its own ranks; restart a job of several nodes with torchrun's --max-restarts and --run-dir",
-            cli.nnodes
-        );
+    if cli.max_restarts > 0 && nodes > 1 {
+        bail!("--max-restarts with --nnodes {nodes}: each node restarts only its own ranks; restart a job of several nodes with torchrun's --max-restarts and --run-dir");
     }
     // Refuse bad settings once, here, rather than in every rank (a node that resumes without
     // the run directory learns the settings from rank 0, whose node checks them).
-    let inv = cli.invocation(cli.node_rank > 0)?;
-    let world = n * cli.nnodes;
-    let k = inv.config.model.stages * inv.config.runtime.data_parallel;
+    let inv = cli.invocation(node > 0)?;
+    let world = n * nodes;
+    let (stages, replicas) = (inv.config.model.stages, inv.config.runtime.data_parallel);
+    let k = stages * replicas;
     if k != world && !inv.follows_rank0 {
-        bail!(
-            "--stages {} × --data-parallel {} = {k} ranks, but --nproc-per-node {n} × --nnodes {} = {world}",
-            inv.config.model.stages,
-            inv.config.runtime.data_parallel,
-            cli.nnodes
-        );
+        bail!("--stages {stages} × --data-parallel {replicas} = {k} ranks, but --nproc-per-node {n} × --nnodes {nodes} = {world}");
     }
+    let (first, addr, port) = (node * n, &cli.master_addr, cli.master_port);
     let specs = (0..n)
         .map(|local| {
-            let rank = cli.node_rank * n + local;
+            let rank = first + local;
             Spec {
                 rank,
                 name: format!("rank {rank}"),
@@ -152,22 +157,15 @@ pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
                     ("WORLD_SIZE", world.to_string()),
                     ("LOCAL_RANK", local.to_string()),
                     ("LOCAL_WORLD_SIZE", n.to_string()),
-                    ("GROUP_RANK", cli.node_rank.to_string()),
-                    ("MASTER_ADDR", cli.master_addr.clone()),
-                    ("MASTER_PORT", cli.master_port.to_string()),
+                    ("GROUP_RANK", node.to_string()),
+                    ("MASTER_ADDR", addr.clone()),
+                    ("MASTER_PORT", port.to_string()),
                 ],
             }
         })
         .collect();
-    let launched = format!(
-        "launched ranks {}-{} of {world} on this node (node {} of {}); rendezvous at {}:{}",
-        cli.node_rank * n,
-        cli.node_rank * n + n - 1,
-        cli.node_rank,
-        cli.nnodes,
-        cli.master_addr,
-        cli.master_port
-    );
+    let last = first + n - 1;
+    let launched = format!("launched ranks {first}-{last} of {world} on this node (node {node} of {nodes}); rendezvous at {addr}:{port}");
     supervise(cli, &inv, specs, &launched)
 }
 
@@ -183,16 +181,8 @@ pub fn run_one(cli: &Cli) -> Result<Outcome> {
     supervise(cli, &inv, vec![spec], "")
 }
 
-/// The arguments for the children: this command line, with the run directory made explicit
-/// (a default one is named after the time, and a restart must find the same one).
-fn child_args(cli: &Cli, run_dir: &Path) -> Vec<std::ffi::OsString> {
-    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    if cli.run_dir.is_none() && cli.resume.is_none() {
-        args.push("--run-dir".into());
-        args.push(run_dir.into());
-    }
-    args
-}
+/// Set by the Ctrl-C handler of [`supervise`] (one supervisor a process).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 fn supervise(
     cli: &Cli,
@@ -201,9 +191,12 @@ fn supervise(
     launched: &str,
 ) -> Result<Outcome> {
     let exe = std::env::current_exe().context("finding sid-launch's own executable")?;
-    let args = child_args(cli, &inv.run_dir);
-    // Static, so that the handler needs no handle of its own: one supervisor a process.
-    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+    // The children's arguments: this command line, with the run directory made explicit (a
+    // default one is named after the time, and a restart must find the same one).
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if cli.run_dir.is_none() && cli.resume.is_none() {
+        args.extend(["--run-dir".into(), inv.run_dir.clone().into()]);
+    }
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
         .context("installing the Ctrl-C handler")?;
     // Removed when dropped.
@@ -211,21 +204,28 @@ fn supervise(
         .prefix("sid-launch-")
         .tempdir()
         .context("creating a folder for the ranks' failure files")?;
-    let n = specs.len();
+    // While an interrupt is handled (rank 0 writing its checkpoint), the others get as long as
+    // their own timeouts need.
+    let step_timeout = Duration::from_secs_f64(inv.config.runtime.step_timeout);
+    let interrupt_grace = step_timeout + Duration::from_secs(30);
+    let (n, max) = (specs.len(), cli.max_restarts);
     // The previous failure: its errors and the checkpoint it left, for spotting a repeat.
     let mut previous: Option<(Vec<String>, Option<u64>)> = None;
-    for attempt in 0..=cli.max_restarts {
-        let exits = run_attempt(
-            &exe,
-            &args,
-            &specs,
-            attempt,
-            cli.max_restarts,
-            reports.path(),
-            &INTERRUPTED,
-            inv.config.runtime.step_timeout,
-            launched,
-        )?;
+    for attempt in 0..=max {
+        let commands = specs.iter().map(|spec| {
+            let report = format!("rank{}-attempt{attempt}", spec.rank);
+            let report = reports.path().join(report);
+            let mut cmd = Command::new(&exe);
+            cmd.args(&args).env(FAILURE_FILE_VAR, &report);
+            cmd.envs(spec.env.iter().cloned());
+            if max > 0 {
+                // What torchrun's agent sets: a rank with a restart count above 0 resumes.
+                cmd.env("TORCHELASTIC_RESTART_COUNT", attempt.to_string())
+                    .env("TORCHELASTIC_MAX_RESTARTS", max.to_string());
+            }
+            (spec, cmd, report)
+        });
+        let exits = run_attempt(commands, launched, interrupt_grace)?;
         let failed: Vec<&Exit> = exits.iter().filter(|e| e.failed()).collect();
         if failed.is_empty() {
             if n > 1 {
@@ -233,13 +233,11 @@ fn supervise(
             }
             return Ok(Outcome::Done);
         }
-        let rank0 = exits.iter().find(|e| e.rank == 0);
-        let rank0_interrupted = rank0.is_some_and(|e| e.status.and_then(|s| s.code()) == Some(130));
-        let causes: Vec<String> = failed.iter().map(|e| e.cause()).collect();
-        let causes = causes.join(", ");
-        if rank0_interrupted && failed.len() == 1 {
+        if failed.len() == 1 && failed[0].spec.rank == 0 && failed[0].exited(130) {
             return Ok(Outcome::Interrupted);
         }
+        let causes: Vec<String> = failed.iter().map(|e| e.cause()).collect();
+        let causes = causes.join(", ");
         // Several are the ranks of `run`.
         let summary = match failed.len() {
             k if n > 1 => format!("{k} of {n} ranks on this node failed: {causes}"),
@@ -247,9 +245,7 @@ fn supervise(
         };
         // Failed on their own (not stopped here).
         let own: Vec<&&Exit> = failed.iter().filter(|e| !e.stopped).collect();
-        let fatal = own
-            .iter()
-            .any(|e| e.status.and_then(|s| s.code()) == Some(i32::from(EXIT_NOT_RESTARTABLE)));
+        let fatal = own.iter().any(|e| e.exited(EXIT_NOT_RESTARTABLE.into()));
         let fail = |message: String, restartable: bool| -> anyhow::Error {
             Failed {
                 message,
@@ -257,7 +253,7 @@ fn supervise(
             }
             .into()
         };
-        if INTERRUPTED.load(Ordering::SeqCst) || cli.max_restarts == 0 {
+        if INTERRUPTED.load(Ordering::SeqCst) || max == 0 {
             return Err(fail(summary, !fatal));
         }
         if fatal {
@@ -266,91 +262,67 @@ fn supervise(
                 false,
             ));
         }
-        if attempt == cli.max_restarts {
-            return Err(fail(
-                format!(
-                    "{summary}; no restart left (--max-restarts {})",
-                    cli.max_restarts
-                ),
-                true,
-            ));
+        if attempt == max {
+            let message = format!("{summary}; no restart left (--max-restarts {max})");
+            return Err(fail(message, true));
         }
         let checkpoint = sid_train::checkpoint::load_newest(&inv.run_dir).ok();
         let at = checkpoint.as_ref().map(|c| c.position.global_step);
         // A repeat: the same error again from the same checkpoint, with no rank killed from
         // outside (a signal is no evidence that the failure is the run's own).
-        let errors: Vec<String> = own.iter().filter_map(|e| e.error.clone()).collect();
+        let errors: Vec<String> = own.iter().filter_map(|e| e.error()).collect();
         let external = own
             .iter()
             .any(|e| e.status.is_some_and(|s| s.code().is_none()));
         if let Some((before, was_at)) = &previous {
             if !external && *was_at == at && errors.iter().any(|e| before.contains(e)) {
                 return Err(fail(
-                    format!(
-                        "{summary}; not restarted again: the same failure came back at the same point (restart {attempt} of {} resumed from the same checkpoint)",
-                        cli.max_restarts
-                    ),
+                    format!("{summary}; not restarted again: the same failure came back at the same point (restart {attempt} of {max} resumed from the same checkpoint)"),
                     false,
                 ));
             }
         }
         previous = Some((if external { Vec::new() } else { errors }, at));
-        let from = match checkpoint.as_ref().map(|c| (c.path.display(), &c.position)) {
-            Some((path, p)) if p.step_in_epoch > 0 => {
-                let (e, s, all) = (p.epochs_done + 1, p.step_in_epoch, p.global_step);
-                format!("{path} (epoch {e}, step {s} of it, {all} steps in all)")
-            }
-            Some((path, p)) => {
-                let (e, all) = (p.epochs_done, p.global_step);
-                format!("{path} (the end of epoch {e}, {all} steps in all)")
+        let from = match &checkpoint {
+            Some(c) => {
+                let p = &c.position;
+                let at = match p.step_in_epoch {
+                    0 => format!("the end of epoch {}", p.epochs_done),
+                    s => format!("epoch {}, step {s} of it", p.epochs_done + 1),
+                };
+                let (path, all) = (c.path.display(), p.global_step);
+                format!("{path} ({at}, {all} steps in all)")
             }
             None => "the start (no checkpoint yet)".into(),
         };
-        eprintln!(
-            "restart {} of {}: {}; starting {} again from {from}",
-            attempt + 1,
-            cli.max_restarts,
-            causes,
-            if n > 1 { "every rank" } else { "the run" }
-        );
+        let (next, who) = (attempt + 1, if n > 1 { "every rank" } else { "the run" });
+        eprintln!("restart {next} of {max}: {causes}; starting {who} again from {from}");
     }
     unreachable!("the last attempt returns")
 }
 
 /// Starts every rank once and waits until all have ended; after the first failure, the others
-/// have [`STOP_GRACE`] to stop on their own, then are stopped (SIGTERM, then SIGKILL).
-#[allow(clippy::too_many_arguments)]
-fn run_attempt(
-    exe: &Path,
-    args: &[std::ffi::OsString],
-    specs: &[Spec],
-    attempt: u32,
-    max_restarts: u32,
-    reports: &Path,
-    interrupted: &AtomicBool,
-    step_timeout: f64,
+/// have [`STOP_GRACE`] (`interrupt_grace` after an interrupt) to stop on their own, then are
+/// stopped (SIGTERM, then SIGKILL).
+fn run_attempt<'a>(
+    commands: impl Iterator<Item = (&'a Spec, Command, PathBuf)>,
     launched: &str,
-) -> Result<Vec<Exit>> {
-    let mut children: Vec<(&Spec, Child, PathBuf)> = Vec::with_capacity(specs.len());
-    for spec in specs {
-        let report = reports.join(format!("rank{}-attempt{attempt}", spec.rank));
-        let _ = std::fs::remove_file(&report);
-        let mut cmd = Command::new(exe);
-        cmd.args(args).env(FAILURE_FILE_VAR, &report);
-        for (k, v) in &spec.env {
-            cmd.env(k, v);
-        }
-        if max_restarts > 0 {
-            // What torchrun's agent sets: a rank with a restart count above 0 resumes.
-            cmd.env("TORCHELASTIC_RESTART_COUNT", attempt.to_string())
-                .env("TORCHELASTIC_MAX_RESTARTS", max_restarts.to_string());
-        }
+    interrupt_grace: Duration,
+) -> Result<Vec<Exit<'a>>> {
+    let mut ranks: Vec<Exit> = Vec::new();
+    for (spec, mut cmd, report) in commands {
         match cmd.spawn() {
-            Ok(child) => children.push((spec, child, report)),
+            Ok(child) => ranks.push(Exit {
+                spec,
+                child,
+                report,
+                status: None,
+                stopped: false,
+            }),
             Err(e) => {
-                for (_, c, _) in &mut children {
-                    let _ = c.kill();
-                    let _ = c.wait();
+                for r in &mut ranks {
+                    let _ = r.child.kill();
+                    let _ = r.child.wait();
                 }
                 return Err(e).with_context(|| format!("starting rank {}", spec.rank));
             }
@@ -359,60 +331,40 @@ fn run_attempt(
     if !launched.is_empty() {
         eprintln!("{launched}");
     }
-    // While an interrupt is handled (rank 0 writing its checkpoint), the others get as long as
-    // their own timeouts need.
-    let interrupt_grace = Duration::from_secs_f64(step_timeout) + Duration::from_secs(30);
-    let n = children.len();
-    let mut statuses: Vec<Option<ExitStatus>> = vec![None; n];
-    let mut stopped = vec![false; n];
-    let mut first_failure: Option<Instant> = None;
-    let mut forwarded = false;
-    let mut terminated: Option<Instant> = None;
+    let (mut first_failure, mut terminated) = (None::<Instant>, None::<Instant>);
+    // After an interrupt is forwarded, the others get `interrupt_grace`.
+    let (mut forwarded, mut grace) = (false, STOP_GRACE);
     loop {
-        if interrupted.load(Ordering::SeqCst) && !forwarded {
-            forwarded = true;
-            for (_, c, _) in &children {
-                // SAFETY: kill only sends a signal to our own child.
-                unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
-            }
+        if INTERRUPTED.load(Ordering::SeqCst) && !forwarded {
+            (forwarded, grace) = (true, interrupt_grace);
+            ranks.iter().for_each(|r| r.signal(libc::SIGINT));
         }
-        for (i, (spec, c, _)) in children.iter_mut().enumerate() {
-            if statuses[i].is_none() {
-                if let Some(s) = c.try_wait().context("waiting for a rank")? {
-                    statuses[i] = Some(s);
-                    if !s.success() && !stopped[i] {
-                        eprintln!("{} {}", spec.name, describe(s));
-                        first_failure.get_or_insert_with(Instant::now);
-                    }
+        for r in ranks.iter_mut().filter(|r| r.status.is_none()) {
+            if let Some(s) = r.child.try_wait().context("waiting for a rank")? {
+                r.status = Some(s);
+                if !s.success() && !r.stopped {
+                    eprintln!("{} {}", r.spec.name, describe(s));
+                    first_failure.get_or_insert_with(Instant::now);
                 }
             }
         }
-        if statuses.iter().all(|s| s.is_some()) {
+        let mut running: Vec<&mut Exit> = ranks.iter_mut().filter(|r| r.status.is_none()).collect();
+        if running.is_empty() {
             break;
         }
-        let grace = if forwarded {
-            interrupt_grace
-        } else {
-            STOP_GRACE
-        };
         match (first_failure, terminated) {
             (Some(t), None) if t.elapsed() > grace => {
-                for (i, (spec, c, _)) in children.iter().enumerate() {
-                    if statuses[i].is_none() {
-                        eprintln!("stopping {}: another rank failed", spec.name);
-                        stopped[i] = true;
-                        // SAFETY: kill only sends a signal to our own child.
-                        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                    }
+                for r in running {
+                    eprintln!("stopping {}: another rank failed", r.spec.name);
+                    r.stopped = true;
+                    r.signal(libc::SIGTERM);
                 }
                 terminated = Some(Instant::now());
             }
             (_, Some(t)) if t.elapsed() > KILL_GRACE => {
-                for (i, (_, c, _)) in children.iter_mut().enumerate() {
-                    if statuses[i].is_none() {
-                        let _ = c.kill();
-                        statuses[i] = c.wait().ok();
-                    }
+                for r in &mut running {
+                    let _ = r.child.kill();
+                    r.status = r.child.wait().ok();
                 }
                 break;
             }
@@ -420,19 +372,5 @@ fn run_attempt(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(children
-        .into_iter()
-        .zip(statuses)
-        .zip(stopped)
-        .map(|(((spec, _, report), status), stopped)| Exit {
-            rank: spec.rank,
-            name: spec.name.clone(),
-            status,
-            stopped,
-            error: std::fs::read_to_string(&report)
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty()),
-        })
-        .collect())
+    Ok(ranks)
 }

@@ -52,12 +52,8 @@ pub fn run(a: &PredictArgs) -> Result<()> {
         } else {
             // Tabs: class names may hold spaces ("Ankle boot").
             let class = pr.class.unwrap_or_else(|| pr.label.to_string());
-            println!(
-                "{}\t{class}\t{:.4}\t{}",
-                file.display(),
-                pr.confidence,
-                pr.exit_module
-            );
+            let (path, confidence, module) = (file.display(), pr.confidence, pr.exit_module);
+            println!("{path}\t{class}\t{confidence:.4}\t{module}");
         }
     }
     Ok(())

@@ -5,6 +5,9 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 use sid_train::{EpochMetrics, Event};
 
+/// The bar of an epoch.
+const BAR: &str = "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}";
+
 /// Turns training events into what the user sees on stderr.
 pub struct Reporter {
     bar: Option<ProgressBar>,
@@ -55,10 +58,9 @@ impl Reporter {
                 noisy_labels,
             } => {
                 let val = val.map(|v| format!(", {v} validation")).unwrap_or_default();
-                let noise = if noisy_labels > 0 {
-                    format!(", {noisy_labels} noisy labels")
-                } else {
-                    String::new()
+                let noise = match noisy_labels {
+                    0 => String::new(),
+                    n => format!(", {n} noisy labels"),
                 };
                 eprintln!("data: {train} training{val}, {test} test samples{noise}");
             }
@@ -75,15 +77,11 @@ impl Reporter {
                     eprintln!("epoch {epoch}/{epochs}: resuming at step {first_step}/{steps}");
                 }
                 if self.terminal {
-                    let bar = ProgressBar::new(steps as u64).with_position(first_step as u64);
-                    bar.set_style(
-                        ProgressStyle::with_template(
-                            "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
-                        )
-                        .expect("valid template")
-                        .progress_chars("=> "),
-                    );
-                    bar.set_prefix(format!("epoch {epoch}/{epochs}"));
+                    let style = ProgressStyle::with_template(BAR).expect("valid template");
+                    let bar = ProgressBar::new(steps as u64)
+                        .with_position(first_step as u64)
+                        .with_style(style.progress_chars("=> "))
+                        .with_prefix(format!("epoch {epoch}/{epochs}"));
                     bar.reset_eta();
                     self.bar = Some(bar);
                 }

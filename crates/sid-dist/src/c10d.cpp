@@ -129,67 +129,57 @@ int sid_group_new(SidStore* s, const char* prefix, int rank, int world, int back
 
 void sid_group_free(SidGroup* g) { delete g; }
 
-int sid_group_send(SidGroup* g, at::Tensor* t, int dst, int tag, int64_t timeout_ms, char* err,
-                   size_t err_len) {
+// One operation on the group, waiting at most timeout_ms: op 0 = send ts[0] to peer, 1 = recv
+// into ts[0] from peer, 2 = all-reduce (sum) of ts[0], 3 = broadcast of ts[0] from peer, 4 =
+// gather of ts[0] into ts[1..n] on peer (other ranks pass n = 1), 5 = barrier (n = 0).
+int sid_group_op(SidGroup* g, int op, at::Tensor** ts, int n, int peer, int tag,
+                 int64_t timeout_ms, char* err, size_t err_len) {
   return sid::guarded(err, err_len, [&] {
-    std::vector<at::Tensor> v{*t};
-    g->backend->send(v, dst, tag)->wait(ms(timeout_ms));
-  });
-}
-
-int sid_group_recv(SidGroup* g, at::Tensor* t, int src, int tag, int64_t timeout_ms, char* err,
-                   size_t err_len) {
-  return sid::guarded(err, err_len, [&] {
-    std::vector<at::Tensor> v{*t};
-    g->backend->recv(v, src, tag)->wait(ms(timeout_ms));
-  });
-}
-
-int sid_group_allreduce_sum(SidGroup* g, at::Tensor* t, int64_t timeout_ms, char* err,
-                            size_t err_len) {
-  return sid::guarded(err, err_len, [&] {
-    std::vector<at::Tensor> v{*t};
-    c10d::AllreduceOptions opts;
-    opts.reduceOp = c10d::ReduceOp::SUM;
-    opts.timeout = ms(timeout_ms);
-    g->backend->allreduce(v, opts)->wait(ms(timeout_ms));
-  });
-}
-
-int sid_group_broadcast(SidGroup* g, at::Tensor* t, int root, int64_t timeout_ms, char* err,
-                        size_t err_len) {
-  return sid::guarded(err, err_len, [&] {
-    std::vector<at::Tensor> v{*t};
-    c10d::BroadcastOptions opts;
-    opts.rootRank = root;
-    opts.timeout = ms(timeout_ms);
-    g->backend->broadcast(v, opts)->wait(ms(timeout_ms));
-  });
-}
-
-// Gathers equal-shaped tensors from every rank into `outs` (world tensors) on `root`; other
-// ranks pass n_outs = 0.
-int sid_group_gather(SidGroup* g, at::Tensor* t, at::Tensor** outs, int n_outs, int root,
-                     int64_t timeout_ms, char* err, size_t err_len) {
-  return sid::guarded(err, err_len, [&] {
-    std::vector<at::Tensor> in{*t};
-    std::vector<std::vector<at::Tensor>> out;
-    if (n_outs > 0) {
-      out.emplace_back();
-      for (int i = 0; i < n_outs; ++i) out[0].push_back(*outs[i]);
+    std::vector<at::Tensor> v;
+    if (n > 0) v.push_back(*ts[0]);
+    auto& b = *g->backend;
+    c10::intrusive_ptr<c10d::Work> work;
+    switch (op) {
+      case 0:
+        work = b.send(v, peer, tag);
+        break;
+      case 1:
+        work = b.recv(v, peer, tag);
+        break;
+      case 2: {
+        c10d::AllreduceOptions opts;
+        opts.reduceOp = c10d::ReduceOp::SUM;
+        opts.timeout = ms(timeout_ms);
+        work = b.allreduce(v, opts);
+        break;
+      }
+      case 3: {
+        c10d::BroadcastOptions opts;
+        opts.rootRank = peer;
+        opts.timeout = ms(timeout_ms);
+        work = b.broadcast(v, opts);
+        break;
+      }
+      case 4: {
+        std::vector<std::vector<at::Tensor>> out;
+        if (n > 1) out.emplace_back();
+        for (int i = 1; i < n; ++i) out[0].push_back(*ts[i]);
+        c10d::GatherOptions opts;
+        opts.rootRank = peer;
+        opts.timeout = ms(timeout_ms);
+        work = b.gather(out, v, opts);
+        break;
+      }
+      case 5: {
+        c10d::BarrierOptions opts;
+        opts.timeout = ms(timeout_ms);
+        work = b.barrier(opts);
+        break;
+      }
+      default:
+        throw std::runtime_error("unknown group operation " + std::to_string(op));
     }
-    c10d::GatherOptions opts;
-    opts.rootRank = root;
-    opts.timeout = ms(timeout_ms);
-    g->backend->gather(out, in, opts)->wait(ms(timeout_ms));
-  });
-}
-
-int sid_group_barrier(SidGroup* g, int64_t timeout_ms, char* err, size_t err_len) {
-  return sid::guarded(err, err_len, [&] {
-    c10d::BarrierOptions opts;
-    opts.timeout = ms(timeout_ms);
-    g->backend->barrier(opts)->wait(ms(timeout_ms));
+    work->wait(ms(timeout_ms));
   });
 }
 

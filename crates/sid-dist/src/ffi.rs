@@ -19,6 +19,17 @@ pub(crate) struct SidGroup {
 
 pub(crate) type T = torch_sys::C_tensor;
 
+/// `sid_group_op`'s operations, with the shim's codes.
+#[repr(C)]
+pub(crate) enum GroupOp {
+    Send = 0,
+    Recv = 1,
+    AllReduceSum = 2,
+    Broadcast = 3,
+    Gather = 4,
+    Barrier = 5,
+}
+
 const MISSING: &str =
     "this build of sid has no c10d: Gloo's headers were missing when it was built (apt-get install libgloo-dev, then rebuild)";
 
@@ -101,51 +112,13 @@ shim! {
         err_len: usize,
     ) -> c_int;
     fn sid_group_free(g: *mut SidGroup);
-    fn sid_group_send(
+    fn sid_group_op(
         g: *mut SidGroup,
-        t: *mut T,
-        dst: c_int,
+        op: GroupOp,
+        ts: *const *mut T,
+        n: c_int,
+        peer: c_int,
         tag: c_int,
-        timeout_ms: i64,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn sid_group_recv(
-        g: *mut SidGroup,
-        t: *mut T,
-        src: c_int,
-        tag: c_int,
-        timeout_ms: i64,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn sid_group_allreduce_sum(
-        g: *mut SidGroup,
-        t: *mut T,
-        timeout_ms: i64,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn sid_group_broadcast(
-        g: *mut SidGroup,
-        t: *mut T,
-        root: c_int,
-        timeout_ms: i64,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn sid_group_gather(
-        g: *mut SidGroup,
-        t: *mut T,
-        outs: *const *mut T,
-        n_outs: c_int,
-        root: c_int,
-        timeout_ms: i64,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
-    fn sid_group_barrier(
-        g: *mut SidGroup,
         timeout_ms: i64,
         err: *mut c_char,
         err_len: usize,
@@ -169,9 +142,4 @@ pub(crate) fn call(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), St
     // SAFETY: the shim NUL-terminates within ERR bytes.
     let msg = unsafe { CStr::from_ptr(buf.as_ptr()) };
     Err(msg.to_string_lossy().trim().to_string())
-}
-
-/// A tensor as the shim takes it; the shim never replaces the tensor behind the pointer.
-pub(crate) fn tensor_ptr(t: &tch::Tensor) -> *mut T {
-    t.as_ptr() as *mut T
 }

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use tch::Tensor;
 
-use ffi::{c_char, c_int, call, tensor_ptr};
+use ffi::{c_char, c_int, call, GroupOp};
 
 pub use env::DistEnv;
 pub use error::{DistError, Result};
@@ -49,10 +49,7 @@ pub enum Backend {
 
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Gloo => "gloo",
-            Self::Nccl => "nccl",
-        })
+        f.write_str(["gloo", "nccl"][*self as usize])
     }
 }
 
@@ -100,21 +97,14 @@ impl Store {
     ) -> Result<Self> {
         let addr = format!("{host}:{port}");
         let verb = if serve { "serving" } else { "connecting to" };
-        let c_host = cstring(host)?;
+        let (c_host, ms) = (cstring(host)?, millis(timeout));
+        let (c_port, c_serve, c_world) = (c_int::from(port), c_int::from(serve), world as c_int);
         init_logging();
         let mut ptr = std::ptr::null_mut();
         // SAFETY: a valid C string and out-pointer.
         call(|e, n| unsafe {
-            ffi::sid_store_new(
-                c_host.as_ptr(),
-                c_int::from(port),
-                c_int::from(serve),
-                world as c_int,
-                millis(timeout),
-                &mut ptr,
-                e,
-                n,
-            )
+            let host = c_host.as_ptr();
+            ffi::sid_store_new(host, c_port, c_serve, c_world, ms, &mut ptr, e, n)
         })
         .map_err(|cause| DistError::Rendezvous {
             what: format!("{verb} the store at {addr}"),
@@ -214,22 +204,14 @@ impl Group {
         hostname: &str,
         timeout: Duration,
     ) -> Result<Self> {
-        let prefix = cstring(name)?;
-        let host = cstring(hostname)?;
+        let (prefix, host) = (cstring(name)?, cstring(hostname)?);
+        let (c_rank, c_world, ms) = (rank as c_int, world as c_int, millis(timeout));
         let mut ptr = std::ptr::null_mut();
         // SAFETY: valid pointers.
         call(|e, n| unsafe {
+            let (prefix, host, b) = (prefix.as_ptr(), host.as_ptr(), backend as c_int);
             ffi::sid_group_new(
-                store.ptr,
-                prefix.as_ptr(),
-                rank as c_int,
-                world as c_int,
-                backend as c_int,
-                host.as_ptr(),
-                millis(timeout),
-                &mut ptr,
-                e,
-                n,
+                store.ptr, prefix, c_rank, c_world, b, host, ms, &mut ptr, e, n,
             )
         })
         .map_err(|cause| DistError::Op {
@@ -263,64 +245,56 @@ impl Group {
         self.backend
     }
 
-    /// Runs the shim call `f`; a failure names the group, this rank and the operation `op`.
-    fn call(
+    /// Runs the shim's `op` on `ts` (its tensor, then gather's outputs) with `peer` (the
+    /// destination, source or root) and `tag`, waiting at most `timeout`; a failure names the
+    /// group, this rank and the operation, `what`.
+    fn run(
         &self,
-        op: impl FnOnce() -> String,
-        f: impl FnOnce(*mut c_char, usize) -> c_int,
+        what: impl FnOnce() -> String,
+        op: GroupOp,
+        ts: &[&Tensor],
+        peer: usize,
+        tag: u32,
+        timeout: Duration,
     ) -> Result<()> {
-        call(f).map_err(|cause| DistError::Op {
+        // The shim never replaces the tensor behind a pointer, only writes into its storage.
+        let ptrs: Vec<*mut ffi::T> = ts.iter().map(|t| t.as_ptr() as *mut ffi::T).collect();
+        let (n, peer, tag) = (ptrs.len() as c_int, peer as c_int, tag as c_int);
+        let ms = millis(timeout);
+        // SAFETY: the tensors outlive the (waited) call; the shim writes into them in place.
+        call(|e, len| unsafe {
+            ffi::sid_group_op(self.ptr, op, ptrs.as_ptr(), n, peer, tag, ms, e, len)
+        })
+        .map_err(|cause| DistError::Op {
             group: self.name.clone(),
             rank: self.rank,
-            op: op(),
+            op: what(),
             cause,
         })
     }
 
     /// Sends a contiguous tensor to `dst`, waiting at most `timeout` for it to leave.
     pub fn send(&self, t: &Tensor, dst: usize, tag: u32, timeout: Duration) -> Result<()> {
-        // SAFETY: the tensor outlives the (waited) call.
-        self.call(
-            || format!("send to rank {dst} (tag {tag})"),
-            |e, n| unsafe {
-                let (peer, tag) = (dst as c_int, tag as c_int);
-                ffi::sid_group_send(self.ptr, tensor_ptr(t), peer, tag, millis(timeout), e, n)
-            },
-        )
+        let what = || format!("send to rank {dst} (tag {tag})");
+        self.run(what, GroupOp::Send, &[t], dst, tag, timeout)
     }
 
     /// Receives into `t` (contiguous, of the size sent) from `src`, waiting at most `timeout`.
     pub fn recv(&self, t: &mut Tensor, src: usize, tag: u32, timeout: Duration) -> Result<()> {
-        // SAFETY: as above; the tensor is written in place.
-        self.call(
-            || format!("recv from rank {src} (tag {tag})"),
-            |e, n| unsafe {
-                let (peer, tag) = (src as c_int, tag as c_int);
-                ffi::sid_group_recv(self.ptr, t.as_mut_ptr(), peer, tag, millis(timeout), e, n)
-            },
-        )
+        let what = || format!("recv from rank {src} (tag {tag})");
+        self.run(what, GroupOp::Recv, &[t], src, tag, timeout)
     }
 
     /// Sums `t` in place over every rank.
     pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
-        let p = t.as_mut_ptr();
-        // SAFETY: as above.
-        self.call(
-            || format!("all-reduce of {:?}", t.size()),
-            |e, n| unsafe { ffi::sid_group_allreduce_sum(self.ptr, p, millis(self.timeout), e, n) },
-        )
+        let what = || format!("all-reduce of {:?}", t.size());
+        self.run(what, GroupOp::AllReduceSum, &[t], 0, 0, self.timeout)
     }
 
     /// Copies `t` from `root` to every rank.
     pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        let ms = millis(self.timeout);
-        // SAFETY: as above.
-        self.call(
-            || format!("broadcast from rank {root}"),
-            |e, n| unsafe {
-                ffi::sid_group_broadcast(self.ptr, t.as_mut_ptr(), root as c_int, ms, e, n)
-            },
-        )
+        let what = || format!("broadcast from rank {root}");
+        self.run(what, GroupOp::Broadcast, &[t], root, 0, self.timeout)
     }
 
     /// Gathers `t` (the same shape on every rank) to `root`: there, one tensor per rank.
@@ -330,33 +304,16 @@ impl Group {
         } else {
             Vec::new()
         };
-        let ptrs: Vec<*mut ffi::T> = outs.iter().map(tensor_ptr).collect();
-        // SAFETY: as above; `ptrs` lives across the call.
-        self.call(
-            || format!("gather to rank {root}"),
-            |e, n| unsafe {
-                ffi::sid_group_gather(
-                    self.ptr,
-                    tensor_ptr(t),
-                    ptrs.as_ptr(),
-                    ptrs.len() as c_int,
-                    root as c_int,
-                    millis(self.timeout),
-                    e,
-                    n,
-                )
-            },
-        )?;
+        let ts: Vec<&Tensor> = std::iter::once(t).chain(&outs).collect();
+        let what = || format!("gather to rank {root}");
+        self.run(what, GroupOp::Gather, &ts, root, 0, self.timeout)?;
         Ok(outs)
     }
 
     /// Waits until every rank reaches the barrier.
     pub fn barrier(&self) -> Result<()> {
-        // SAFETY: valid pointer.
-        self.call(
-            || "barrier".into(),
-            |e, n| unsafe { ffi::sid_group_barrier(self.ptr, millis(self.timeout), e, n) },
-        )
+        let what = || "barrier".to_string();
+        self.run(what, GroupOp::Barrier, &[], 0, 0, self.timeout)
     }
 }
 
