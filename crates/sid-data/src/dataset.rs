@@ -9,8 +9,8 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
 use crate::folder::{self, FolderInfo, DEFAULT_IMAGE_SIZE, MAX_IMAGE_SIZE};
-use crate::idx::{self, IdxSplit};
-use crate::raw::RawSplit;
+use crate::idx;
+use crate::raw::{Part, RawSplit};
 use crate::{cifar, DataError, DatasetKind, Shape};
 
 /// Mixed into the seed of the label-noise RNG ("NOISE" in ASCII) so the noise draw is
@@ -47,8 +47,9 @@ impl Split {
     }
 }
 
-/// How [`load`] shapes the training data (and how much of the test split it keeps).
-#[derive(Debug, Clone, PartialEq)]
+/// How [`load`] shapes the training data (and how much of the test split it keeps); the
+/// default keeps everything, holds nothing out, adds no noise and uses no cache.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct LoadOptions {
     /// Keep only the first N training samples (file order), for quick runs. More than the
     /// dataset holds keeps them all.
@@ -70,20 +71,6 @@ pub struct LoadOptions {
     /// Folder for a folder data set's decoded-image cache (created when absent); `None`
     /// decodes every image on every load.
     pub cache_dir: Option<PathBuf>,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions {
-            limit_train: None,
-            limit_test: None,
-            val_split: 0.0,
-            label_noise: 0.0,
-            seed: 0,
-            image_size: None,
-            cache_dir: None,
-        }
-    }
 }
 
 impl LoadOptions {
@@ -186,23 +173,17 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
     }
     let mut classes: Vec<String> = kind.class_names().iter().map(|c| c.to_string()).collect();
     let mut folder_info = None;
-    let (mut train, mut test, shape) = match (kind, kind.shape()) {
-        (DatasetKind::FashionMnist | DatasetKind::Mnist, Some(shape)) => {
-            // Train and test are separate files: decompress them on two cores.
-            let (train, test) = rayon::join(
-                || idx::read_split(dir, IdxSplit::Train, kind),
-                || idx::read_split(dir, IdxSplit::Test, kind),
-            );
+    let (mut train, mut test, shape) = match kind.shape() {
+        Some(shape) => {
+            let read = |part| match kind {
+                DatasetKind::FashionMnist | DatasetKind::Mnist => idx::read_split(dir, part, kind),
+                _ => cifar::read_split(dir, part, kind),
+            };
+            // Train and test are separate files: read (and decompress) them on two cores.
+            let (train, test) = rayon::join(|| read(Part::Train), || read(Part::Test));
             (train?, test?, shape)
         }
-        (DatasetKind::Cifar10 | DatasetKind::Cifar100, Some(shape)) => {
-            let (train, test) = rayon::join(
-                || cifar::read_train(dir, kind),
-                || cifar::read_test(dir, kind),
-            );
-            (train?, test?, shape)
-        }
-        _ => {
+        None => {
             let size = opts.image_size.unwrap_or(DEFAULT_IMAGE_SIZE);
             let loaded = folder::read(dir, size, opts.cache_dir.as_deref())?;
             classes = loaded.classes;
@@ -222,15 +203,14 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
     let val = if opts.val_split > 0.0 {
         let n = train.len();
         let k = (opts.val_split * n as f64).round() as usize;
-        if k == 0 {
+        if k == 0 || k >= n {
+            let what = if k == 0 {
+                "holds out no sample"
+            } else {
+                "leaves no training sample"
+            };
             return Err(DataError::InvalidOption(format!(
-                "val_split {} of {n} training samples holds out no sample",
-                opts.val_split
-            )));
-        }
-        if k >= n {
-            return Err(DataError::InvalidOption(format!(
-                "val_split {} of {n} training samples leaves no training sample",
+                "val_split {} of {n} training samples {what}",
                 opts.val_split
             )));
         }

@@ -24,7 +24,6 @@
 //! label, size and modification time and the image size: the next load with the same files
 //! reads the cache and decodes nothing; any change to the files rebuilds it.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -185,11 +184,9 @@ pub(crate) fn read(dir: &Path, size: i64, cache_dir: Option<&Path>) -> Result<Lo
     })
 }
 
-/// Finds the layout, the classes and every image with its label.
+/// Finds the layout, the classes and every image with its label (`load` has checked that
+/// `dir` exists).
 fn list(dir: &Path) -> Result<Listing, DataError> {
-    if !dir.is_dir() {
-        return Err(DataError::MissingDir(dir.to_path_buf()));
-    }
     let train_dir = dir.join("train");
     if !train_dir.is_dir() {
         return Err(DataError::MissingSplit {
@@ -278,11 +275,6 @@ fn list_tiny_imagenet(dir: &Path, train_dir: &Path) -> Result<Listing, DataError
             what: "Tiny-ImageNet layout (wnids.txt) but no val/val_annotations.txt to label the validation images with",
         });
     }
-    let index: HashMap<&str, u8> = classes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.as_str(), i as u8))
-        .collect();
     let images = dir.join("val").join("images");
     let mut test = Vec::new();
     for (i, line) in read_text(&ann)?.lines().enumerate() {
@@ -297,7 +289,7 @@ fn list_tiny_imagenet(dir: &Path, train_dir: &Path) -> Result<Listing, DataError
                 detail: "expected FILE<tab>WNID<tab>box…".into(),
             });
         };
-        let Some(&label) = index.get(wnid.trim()) else {
+        let Some(label) = classes.iter().position(|c| c == wnid.trim()) else {
             return Err(DataError::UnknownClass {
                 path: ann,
                 class: wnid.trim().to_string(),
@@ -310,7 +302,7 @@ fn list_tiny_imagenet(dir: &Path, train_dir: &Path) -> Result<Listing, DataError
                 also_tried: None,
             });
         }
-        test.push((path, label));
+        test.push((path, label as u8));
     }
     if test.is_empty() {
         return Err(DataError::Empty { path: ann });
@@ -491,36 +483,30 @@ fn decode_all(listing: &Listing, size: i64) -> Result<(Shape, RawSplit, RawSplit
 
 /// FNV-1a, 64 bit: a stable hash (std's `DefaultHasher` may change between Rust releases,
 /// which would needlessly invalidate caches).
-#[derive(Clone, Copy)]
-struct Fnv(u64);
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn bytes(mut self, bytes: &[u8]) -> Self {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self
-    }
-
-    /// Hashes a length-prefixed field, so that ("ab", "c") and ("a", "bc") differ.
-    fn field(self, bytes: &[u8]) -> Self {
-        self.bytes(&(bytes.len() as u64).to_le_bytes()).bytes(bytes)
-    }
+/// Appends a length-prefixed field, so that ("ab", "c") and ("a", "bc") hash apart.
+fn push_field(out: &mut Vec<u8>, field: &[u8]) {
+    out.extend_from_slice(&(field.len() as u64).to_le_bytes());
+    out.extend_from_slice(field);
 }
 
 /// The key a cache must carry to be used: the format, layout, image size, classes, and every
 /// file's path (relative to `dir`), label, size and modification time.
 fn cache_key(dir: &Path, listing: &Listing, size: i64) -> Result<u64, DataError> {
-    let h = Fnv::new()
-        .bytes(CACHE_MAGIC)
-        .bytes(&[listing.layout as u8])
-        .bytes(&size.to_le_bytes());
-    let h = listing.classes.iter().fold(h, |h, c| h.field(c.as_bytes()));
+    let mut key = [
+        &CACHE_MAGIC[..],
+        &[listing.layout as u8],
+        &size.to_le_bytes(),
+    ]
+    .concat();
+    for class in &listing.classes {
+        push_field(&mut key, class.as_bytes());
+    }
     // One stat per file; on a network file system these add up, so they run in parallel.
     let stamps = listing
         .train
@@ -533,16 +519,17 @@ fn cache_key(dir: &Path, listing: &Listing, size: i64) -> Result<u64, DataError>
                 .ok()
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_nanos());
+            let mut stamp = Vec::new();
             let rel = path.strip_prefix(dir).unwrap_or(path);
-            Ok(Fnv::new()
-                .field(rel.to_string_lossy().as_bytes())
-                .bytes(&[*label])
-                .bytes(&meta.len().to_le_bytes())
-                .bytes(&mtime.to_le_bytes())
-                .0)
+            push_field(&mut stamp, rel.to_string_lossy().as_bytes());
+            stamp.push(*label);
+            stamp.extend_from_slice(&meta.len().to_le_bytes());
+            stamp.extend_from_slice(&mtime.to_le_bytes());
+            Ok(fnv(&stamp))
         })
         .collect::<Result<Vec<u64>, DataError>>()?;
-    Ok(stamps.iter().fold(h, |h, s| h.bytes(&s.to_le_bytes())).0)
+    key.extend(stamps.iter().flat_map(|s| s.to_le_bytes()));
+    Ok(fnv(&key))
 }
 
 /// One cache file per data folder and image size, so several data sets share a cache folder.
@@ -555,7 +542,7 @@ fn cache_file_name(dir: &Path, size: i64) -> String {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    let hash = Fnv::new().bytes(dir.to_string_lossy().as_bytes()).0;
+    let hash = fnv(dir.to_string_lossy().as_bytes());
     format!("{name}-{hash:016x}-{size}px.sidcache")
 }
 
