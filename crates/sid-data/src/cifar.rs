@@ -74,19 +74,18 @@ fn read_file(path: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
             ),
         });
     }
-    if fine == 1 {
-        check_labels(path, &bytes, record, 0, COARSE_CLASSES, "coarse label")?;
-    }
-    let classes = kind.shape().map_or(0, |s| s.num_classes);
-    check_labels(path, &bytes, record, fine, classes, "label")?;
-
     let records = bytes.chunks_exact(record);
+    let labels_at = |at: usize| records.clone().map(|r| r[at]).collect::<Vec<u8>>();
+    if fine == 1 {
+        check_labels(path, &labels_at(0), COARSE_CLASSES, "coarse label")?;
+    }
+    let labels = labels_at(fine);
+    let classes = kind.shape().map_or(0, |s| s.num_classes);
+    check_labels(path, &labels, classes, "label")?;
+    let pixels = records.map(|r| &r[label_bytes..]).collect::<Vec<_>>();
     Ok(RawSplit {
-        labels: records.clone().map(|r| r[fine]).collect(),
-        pixels: records
-            .map(|r| &r[label_bytes..])
-            .collect::<Vec<_>>()
-            .concat(),
+        pixels: pixels.concat(),
+        labels,
     })
 }
 

@@ -185,10 +185,11 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
         }
         None => {
             let size = opts.image_size.unwrap_or(DEFAULT_IMAGE_SIZE);
-            let loaded = folder::read(dir, size, opts.cache_dir.as_deref())?;
-            classes = loaded.classes;
-            folder_info = Some(loaded.info);
-            (loaded.train, loaded.test, loaded.shape)
+            let ((shape, train, test), names, info) =
+                folder::read(dir, size, opts.cache_dir.as_deref())?;
+            classes = names;
+            folder_info = Some(info);
+            (train, test, shape)
         }
     };
     let sample_len = shape.sample_len();

@@ -162,34 +162,27 @@ fn read_images(path: &Path, kind: DatasetKind) -> Result<(usize, Vec<u8>), DataE
 fn read_labels(path: &Path) -> Result<Vec<u8>, DataError> {
     let magic = (LABELS_MAGIC, "IDX labels", "label");
     let (_, labels) = read_idx(path, magic, 1, |sizes| Ok(format!("{} labels", sizes[0])))?;
-    check_labels(path, &labels, 1, 0, CLASSES, "label")?;
+    check_labels(path, &labels, CLASSES, "label")?;
     Ok(labels)
 }
 
-/// Checks the label bytes at `offset`, `offset + stride`, ... are below `num_classes`.
+/// Checks every label is below `num_classes`.
 pub(crate) fn check_labels(
     path: &Path,
-    bytes: &[u8],
-    stride: usize,
-    offset: usize,
+    labels: &[u8],
     num_classes: i64,
     which: &'static str,
 ) -> Result<(), DataError> {
-    let bad = bytes
-        .iter()
-        .skip(offset)
-        .step_by(stride)
-        .enumerate()
-        .find(|(_, &l)| i64::from(l) >= num_classes);
-    bad.map_or(Ok(()), |(index, &label)| {
-        Err(DataError::LabelOutOfRange {
+    match labels.iter().position(|&l| i64::from(l) >= num_classes) {
+        None => Ok(()),
+        Some(index) => Err(DataError::LabelOutOfRange {
             path: path.to_path_buf(),
             which,
-            label,
+            label: labels[index],
             index,
             num_classes,
-        })
-    })
+        }),
+    }
 }
 
 #[cfg(test)]
