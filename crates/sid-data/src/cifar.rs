@@ -4,7 +4,7 @@
 //! bytes (1024 red, 1024 green, 1024 blue, each a row-major 32x32 plane). That pixel layout
 //! is already channel-major `[3, 32, 32]`, so records are copied without reordering.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
@@ -20,35 +20,28 @@ const COARSE_CLASSES: i64 = 20;
 /// Reads a split: its batch files (CIFAR-10's five training batches, otherwise one file),
 /// joined in order.
 pub(crate) fn read_split(dir: &Path, part: Part, kind: DatasetKind) -> Result<RawSplit, DataError> {
-    let files: Vec<String> = match (part, kind) {
+    let names: Vec<String> = match (part, kind) {
         (Part::Train, DatasetKind::Cifar100) => vec!["train.bin".into()],
         (Part::Train, _) => (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
         (Part::Test, DatasetKind::Cifar100) => vec!["test.bin".into()],
         (Part::Test, _) => vec!["test_batch.bin".into()],
     };
+    let paths: Vec<PathBuf> = names.iter().map(|name| dir.join(name)).collect();
     // Check every batch is there before reading ~150 MB, so a missing last batch fails fast.
-    for name in &files {
-        require(&dir.join(name))?;
+    if let Some(path) = paths.iter().find(|path| !path.is_file()) {
+        return Err(DataError::MissingFile {
+            path: path.clone(),
+            also_tried: None,
+        });
     }
     // The batches are independent: read and check them in parallel, then join in order.
-    let parts = files
+    let parts: Vec<RawSplit> = paths
         .par_iter()
-        .map(|name| read_file(&dir.join(name), kind))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|p| read_file(p, kind))
+        .collect::<Result<_, _>>()?;
     Ok(parts
         .into_iter()
         .fold(RawSplit::default(), RawSplit::joined))
-}
-
-fn require(path: &Path) -> Result<(), DataError> {
-    if path.is_file() {
-        Ok(())
-    } else {
-        Err(DataError::MissingFile {
-            path: path.to_path_buf(),
-            also_tried: None,
-        })
-    }
 }
 
 /// Reads and checks one batch file.

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, UNIX_EPOCH};
 
 use image::imageops::FilterType;
-use image::{ColorType, ImageReader};
+use image::ImageReader;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -99,30 +99,22 @@ pub struct FolderInfo {
 
 impl fmt::Display for FolderInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.train_images + self.test_images;
+        let (n, s) = (self.train_images + self.test_images, self.seconds);
         write!(f, "{} layout, ", self.layout)?;
         match &self.cache {
-            CacheStatus::Hit(p) => write!(
-                f,
-                "cache hit: {n} images read from {} in {:.2} s, none decoded",
-                p.display(),
-                self.seconds
-            ),
-            CacheStatus::Written(p) => write!(
-                f,
-                "decoded {n} images in {:.2} s, cache written to {}",
-                self.seconds,
-                p.display()
-            ),
-            CacheStatus::Off => write!(f, "decoded {n} images in {:.2} s (no cache)", self.seconds),
+            CacheStatus::Hit(p) => {
+                let p = p.display();
+                write!(
+                    f,
+                    "cache hit: {n} images read from {p} in {s:.2} s, none decoded"
+                )
+            }
+            CacheStatus::Written(p) => {
+                let p = p.display();
+                write!(f, "decoded {n} images in {s:.2} s, cache written to {p}")
+            }
+            CacheStatus::Off => write!(f, "decoded {n} images in {s:.2} s (no cache)"),
         }
-    }
-}
-
-impl FolderInfo {
-    /// Whether the images came from the cache without decoding.
-    pub fn cache_hit(&self) -> bool {
-        matches!(self.cache, CacheStatus::Hit(_))
     }
 }
 
@@ -196,11 +188,19 @@ fn list(dir: &Path) -> Result<Listing, DataError> {
     } else {
         subdirs(&train_dir)?
     };
+    // Classes are refused when there are none (`what` says where they were looked for) or
+    // more than labels stored as one byte, as for the built-in data sets, can number.
     let what = match tiny {
         true => "holds no class folders (and wnids.txt names none)",
         false => "holds no class folders",
     };
-    let classes = train_classes(&train_dir, classes, what)?;
+    if classes.is_empty() || classes.len() > 256 {
+        let dir = train_dir;
+        return Err(match classes.len() {
+            0 => DataError::MissingSplit { dir, what },
+            count => DataError::TooManyClasses { dir, count },
+        });
+    }
     let mut train = Vec::new();
     for (label, class) in classes.iter().enumerate() {
         let mut folder = train_dir.join(class);
@@ -295,22 +295,6 @@ fn tiny_imagenet_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8
     Ok(test)
 }
 
-/// The training split's class names, refused when there are none (`what` says where they
-/// were looked for) or more than one-byte labels can number.
-fn train_classes(
-    dir: &Path,
-    classes: Vec<String>,
-    what: &'static str,
-) -> Result<Vec<String>, DataError> {
-    let dir = dir.to_path_buf();
-    match classes.len() {
-        0 => Err(DataError::MissingSplit { dir, what }),
-        // Labels are stored as one byte, as for the built-in data sets.
-        count @ 257.. => Err(DataError::TooManyClasses { dir, count }),
-        _ => Ok(classes),
-    }
-}
-
 fn read_text(path: &Path) -> Result<String, DataError> {
     std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))
 }
@@ -357,20 +341,13 @@ fn images_in(folder: &Path, label: usize) -> Result<Vec<(PathBuf, u8)>, DataErro
         .collect())
 }
 
-/// One decoded image: `size * size * 3` RGB bytes (row-major, interleaved) and whether the
-/// file was greyscale.
-struct Decoded {
-    rgb: Vec<u8>,
-    grey: bool,
-}
-
 /// One image file as `shape.channels` channel-major planes of `shape.image_size`² bytes,
 /// decoded, resized and converted exactly as the training images of a folder data set are:
 /// what a saved model is fed for a single image (`sid-launch predict`).
 pub(crate) fn decode_file(path: &Path, shape: Shape) -> Result<Vec<u8>, DataError> {
-    let decoded = decode(path, shape.image_size as u32)?;
+    let (rgb, _) = decode(path, shape.image_size as u32)?;
     let mut pixels = Vec::with_capacity(shape.sample_len());
-    push_channels(&decoded.rgb, shape.channels, &mut pixels);
+    push_channels(&rgb, shape.channels, &mut pixels);
     Ok(pixels)
 }
 
@@ -391,7 +368,9 @@ fn push_channels(rgb: &[u8], channels: i64, out: &mut Vec<u8>) {
     }
 }
 
-fn decode(path: &Path, size: u32) -> Result<Decoded, DataError> {
+/// One image file decoded and resized: `size * size * 3` RGB bytes (row-major, interleaved)
+/// and whether the file was greyscale.
+fn decode(path: &Path, size: u32) -> Result<(Vec<u8>, bool), DataError> {
     // The content decides the format (a JPEG named .png still loads); the name is the
     // fallback.
     let img = ImageReader::open(path)
@@ -407,19 +386,13 @@ fn decode(path: &Path, size: u32) -> Result<Decoded, DataError> {
                 .collect::<Vec<_>>()
                 .join(" "),
         })?;
-    let grey = matches!(
-        img.color(),
-        ColorType::L8 | ColorType::La8 | ColorType::L16 | ColorType::La16
-    );
+    let grey = !img.color().has_color();
     let img = if img.width() == size && img.height() == size {
         img
     } else {
         img.resize_to_fill(size, size, FilterType::Triangle)
     };
-    Ok(Decoded {
-        rgb: img.to_rgb8().into_raw(),
-        grey,
-    })
+    Ok((img.to_rgb8().into_raw(), grey))
 }
 
 /// Decodes every image in parallel and lays them out channel-major, 1 or 3 channels.
@@ -428,11 +401,11 @@ fn decode_all(listing: &Listing, size: i64) -> Result<Images, DataError> {
     let decoded = files()
         .map(|(path, _)| decode(path, size as u32))
         .collect::<Result<Vec<_>, _>>()?;
-    let grey = decoded.iter().all(|d| d.grey);
+    let grey = decoded.iter().all(|(_, grey)| *grey);
     let shape = folder_shape(if grey { 1 } else { 3 }, size, listing);
     let mut pixels = Vec::with_capacity(decoded.len() * shape.sample_len());
-    for d in decoded {
-        push_channels(&d.rgb, shape.channels, &mut pixels);
+    for (rgb, _) in decoded {
+        push_channels(&rgb, shape.channels, &mut pixels);
     }
     let labels = files().map(|(_, label)| *label).collect();
     let mut train = RawSplit { pixels, labels };
@@ -465,12 +438,9 @@ fn push_field(out: &mut Vec<u8>, field: &[u8]) {
 /// The key a cache must carry to be used: the format, layout, image size, classes, and every
 /// file's path (relative to `dir`), label, size and modification time.
 fn cache_key(dir: &Path, listing: &Listing, size: i64) -> Result<u64, DataError> {
-    let mut key = [
-        &CACHE_MAGIC[..],
-        &[listing.layout as u8],
-        &size.to_le_bytes(),
-    ]
-    .concat();
+    let mut key = CACHE_MAGIC.to_vec();
+    key.push(listing.layout as u8);
+    key.extend_from_slice(&size.to_le_bytes());
     for class in &listing.classes {
         push_field(&mut key, class.as_bytes());
     }
@@ -631,6 +601,11 @@ mod tests {
             cache_dir: cache.map(Path::to_path_buf),
             ..Default::default()
         }
+    }
+
+    /// Whether the images came from the cache without decoding.
+    fn cache_hit(info: &FolderInfo) -> bool {
+        matches!(info.cache, CacheStatus::Hit(_))
     }
 
     fn labels(t: &tch::Tensor) -> Vec<i64> {
@@ -826,7 +801,7 @@ mod tests {
 
         let second = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
         let info2 = second.folder.clone().unwrap();
-        assert!(info2.cache_hit(), "{info2:?}");
+        assert!(cache_hit(&info2), "{info2:?}");
         assert!(info2.to_string().contains("cache hit"), "{info2}");
         assert_eq!(second.classes, first.classes);
         assert_eq!(second.shape, first.shape);
@@ -835,12 +810,9 @@ mod tests {
 
         // Another image size is another cache file.
         let other = load(DatasetKind::Folder, &data, &opts(4, Some(&cache))).unwrap();
-        assert!(!other.folder.unwrap().cache_hit());
-        assert!(load(DatasetKind::Folder, &data, &opts(4, Some(&cache)))
-            .unwrap()
-            .folder
-            .unwrap()
-            .cache_hit());
+        assert!(!cache_hit(&other.folder.unwrap()));
+        let again = load(DatasetKind::Folder, &data, &opts(4, Some(&cache))).unwrap();
+        assert!(cache_hit(&again.folder.unwrap()));
 
         // A rewritten image (other size on disk) makes the cache stale: decoded again.
         solid(&data.join("train/cat/0.png"), 20, 20, [0, 0, 0]);
@@ -857,7 +829,7 @@ mod tests {
         // A new file invalidates it too.
         solid(&data.join("train/dog/9.png"), 12, 12, [0, 9, 0]);
         let fourth = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
-        assert!(!fourth.folder.unwrap().cache_hit());
+        assert!(!cache_hit(&fourth.folder.unwrap()));
         assert_eq!(fourth.train.len(), 13);
 
         // A damaged cache is a miss, not an error, and is rewritten.
@@ -865,12 +837,9 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
         let fifth = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
-        assert!(!fifth.folder.unwrap().cache_hit());
-        assert!(load(DatasetKind::Folder, &data, &opts(8, Some(&cache)))
-            .unwrap()
-            .folder
-            .unwrap()
-            .cache_hit());
+        assert!(!cache_hit(&fifth.folder.unwrap()));
+        let again = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
+        assert!(cache_hit(&again.folder.unwrap()));
     }
 
     fn load_err(dir: &Path) -> DataError {

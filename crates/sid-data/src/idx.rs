@@ -34,8 +34,7 @@ pub(crate) fn read_split(dir: &Path, part: Part, kind: DatasetKind) -> Result<Ra
         || read_images(&images_path, kind),
         || read_labels(&labels_path),
     );
-    let (count, pixels) = images?;
-    let labels = labels?;
+    let ((count, pixels), labels) = (images?, labels?);
     if labels.len() != count {
         return Err(DataError::CountMismatch {
             images_path,
