@@ -4,12 +4,12 @@
 //! bytes (1024 red, 1024 green, 1024 blue, each a row-major 32x32 plane). That pixel layout
 //! is already channel-major `[3, 32, 32]`, so records are copied without reordering.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
 use crate::idx::check_labels;
-use crate::raw::RawSplit;
+use crate::raw::{Part, RawSplit};
 use crate::{DataError, DatasetKind};
 
 /// Pixel bytes per CIFAR image.
@@ -17,64 +17,35 @@ const PIXELS: usize = 3 * 32 * 32;
 /// Number of CIFAR-100 superclasses (the coarse label), checked as a corruption guard.
 const COARSE_CLASSES: i64 = 20;
 
-/// File names of the training split, in the order they are concatenated.
-fn train_files(kind: DatasetKind) -> &'static [&'static str] {
-    match kind {
-        DatasetKind::Cifar100 => &["train.bin"],
-        _ => &[
-            "data_batch_1.bin",
-            "data_batch_2.bin",
-            "data_batch_3.bin",
-            "data_batch_4.bin",
-            "data_batch_5.bin",
-        ],
-    }
-}
-
-/// File name of the test split.
-fn test_file(kind: DatasetKind) -> &'static str {
-    match kind {
-        DatasetKind::Cifar100 => "test.bin",
-        _ => "test_batch.bin",
-    }
-}
-
-/// Reads the training split (all batches, joined in order).
-pub(crate) fn read_train(dir: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
-    let files = train_files(kind);
+/// Reads a split: its batch files (CIFAR-10's five training batches, otherwise one file),
+/// joined in order.
+pub(crate) fn read_split(dir: &Path, part: Part, kind: DatasetKind) -> Result<RawSplit, DataError> {
+    let names: Vec<String> = match (part, kind) {
+        (Part::Train, DatasetKind::Cifar100) => vec!["train.bin".into()],
+        (Part::Train, _) => (1..=5).map(|i| format!("data_batch_{i}.bin")).collect(),
+        (Part::Test, DatasetKind::Cifar100) => vec!["test.bin".into()],
+        (Part::Test, _) => vec!["test_batch.bin".into()],
+    };
+    let paths: Vec<PathBuf> = names.iter().map(|name| dir.join(name)).collect();
     // Check every batch is there before reading ~150 MB, so a missing last batch fails fast.
-    for name in files {
-        require(&dir.join(name))?;
+    if let Some(path) = paths.iter().find(|path| !path.is_file()) {
+        return Err(DataError::MissingFile {
+            path: path.clone(),
+            also_tried: None,
+        });
     }
     // The batches are independent: read and check them in parallel, then join in order.
-    let parts = files
+    let parts: Vec<RawSplit> = paths
         .par_iter()
-        .map(|name| read_file(&dir.join(name), kind))
-        .collect::<Result<Vec<_>, _>>()?;
+        .map(|p| read_file(p, kind))
+        .collect::<Result<_, _>>()?;
     Ok(parts
         .into_iter()
         .fold(RawSplit::default(), RawSplit::joined))
 }
 
-/// Reads the test split.
-pub(crate) fn read_test(dir: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
-    read_file(&dir.join(test_file(kind)), kind)
-}
-
-fn require(path: &Path) -> Result<(), DataError> {
-    if path.is_file() {
-        Ok(())
-    } else {
-        Err(DataError::MissingFile {
-            path: path.to_path_buf(),
-            also_tried: None,
-        })
-    }
-}
-
 /// Reads and checks one batch file.
 fn read_file(path: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
-    require(path)?;
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     // CIFAR-100 records carry the coarse label before the fine one; we train on the fine.
     let fine = usize::from(kind == DatasetKind::Cifar100);
@@ -96,22 +67,19 @@ fn read_file(path: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
             ),
         });
     }
+    let records = bytes.chunks_exact(record);
+    let labels_at = |at: usize| records.clone().map(|r| r[at]).collect::<Vec<u8>>();
     if fine == 1 {
-        check_labels(path, &bytes, record, 0, COARSE_CLASSES, "coarse label")?;
+        check_labels(path, &labels_at(0), COARSE_CLASSES, "coarse label")?;
     }
+    let labels = labels_at(fine);
     let classes = kind.shape().map_or(0, |s| s.num_classes);
-    check_labels(path, &bytes, record, fine, classes, "label")?;
-
-    let n = bytes.len() / record;
-    let mut raw = RawSplit {
-        pixels: Vec::with_capacity(n * PIXELS),
-        labels: Vec::with_capacity(n),
-    };
-    for rec in bytes.chunks_exact(record) {
-        raw.labels.push(rec[fine]);
-        raw.pixels.extend_from_slice(&rec[label_bytes..]);
-    }
-    Ok(raw)
+    check_labels(path, &labels, classes, "label")?;
+    let pixels = records.map(|r| &r[label_bytes..]).collect::<Vec<_>>();
+    Ok(RawSplit {
+        pixels: pixels.concat(),
+        labels,
+    })
 }
 
 #[cfg(test)]
@@ -145,11 +113,11 @@ mod tests {
     fn cifar10_joins_batches_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let (px, lb) = write_cifar10(dir.path(), 2, 3);
-        let train = read_train(dir.path(), DatasetKind::Cifar10).unwrap();
+        let train = read_split(dir.path(), Part::Train, DatasetKind::Cifar10).unwrap();
         assert_eq!(train.len(), 10);
         assert_eq!(train.labels, lb);
         assert_eq!(train.pixels, px);
-        let test = read_test(dir.path(), DatasetKind::Cifar10).unwrap();
+        let test = read_split(dir.path(), Part::Test, DatasetKind::Cifar10).unwrap();
         assert_eq!(test.labels, vec![0, 1, 2]);
         assert_eq!(test.pixels, pattern(3 * PIXELS, 9));
     }
@@ -165,7 +133,7 @@ mod tests {
             cifar_records(&fine, &px, Some(&coarse)),
         )
         .unwrap();
-        let raw = read_train(dir.path(), DatasetKind::Cifar100).unwrap();
+        let raw = read_split(dir.path(), Part::Train, DatasetKind::Cifar100).unwrap();
         assert_eq!(raw.labels, fine.to_vec());
         assert_eq!(raw.pixels, px);
     }
@@ -176,7 +144,7 @@ mod tests {
         write_cifar10(dir.path(), 1, 1);
         let path = dir.path().join("data_batch_4.bin");
         std::fs::remove_file(&path).unwrap();
-        let err = read_train(dir.path(), DatasetKind::Cifar10).unwrap_err();
+        let err = read_split(dir.path(), Part::Train, DatasetKind::Cifar10).unwrap_err();
         assert_eq!(err.to_string(), format!("missing file {}", path.display()));
     }
 
@@ -188,7 +156,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.truncate(3073 + 100);
         std::fs::write(&path, bytes).unwrap();
-        let err = read_test(dir.path(), DatasetKind::Cifar10).unwrap_err();
+        let err = read_split(dir.path(), Part::Test, DatasetKind::Cifar10).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -203,7 +171,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("test.bin");
         std::fs::write(&path, b"").unwrap();
-        let err = read_test(dir.path(), DatasetKind::Cifar100).unwrap_err();
+        let err = read_split(dir.path(), Part::Test, DatasetKind::Cifar100).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("{}: empty file, holds no records", path.display())
@@ -216,7 +184,7 @@ mod tests {
         let path = dir.path().join("test_batch.bin");
         let px = pattern(3 * PIXELS, 0);
         std::fs::write(&path, cifar_records(&[1, 2, 10], &px, None)).unwrap();
-        let err = read_test(dir.path(), DatasetKind::Cifar10).unwrap_err();
+        let err = read_split(dir.path(), Part::Test, DatasetKind::Cifar10).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("{}: label 10 at index 2 is outside 0..10", path.display())
@@ -224,14 +192,14 @@ mod tests {
 
         let path = dir.path().join("test.bin");
         std::fs::write(&path, cifar_records(&[1, 100, 3], &px, Some(&[0, 1, 2]))).unwrap();
-        let err = read_test(dir.path(), DatasetKind::Cifar100).unwrap_err();
+        let err = read_split(dir.path(), Part::Test, DatasetKind::Cifar100).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("{}: label 100 at index 1 is outside 0..100", path.display())
         );
 
         std::fs::write(&path, cifar_records(&[1, 2, 3], &px, Some(&[0, 1, 20]))).unwrap();
-        let err = read_test(dir.path(), DatasetKind::Cifar100).unwrap_err();
+        let err = read_split(dir.path(), Part::Test, DatasetKind::Cifar100).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -252,7 +220,7 @@ mod tests {
             cifar_records(&[1, 2], &px, None),
         )
         .unwrap();
-        let err = read_test(dir.path(), DatasetKind::Cifar100).unwrap_err();
+        let err = read_split(dir.path(), Part::Test, DatasetKind::Cifar100).unwrap_err();
         assert!(matches!(err, DataError::Truncated { .. }), "{err}");
     }
 }

@@ -9,8 +9,8 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
 use crate::folder::{self, FolderInfo, DEFAULT_IMAGE_SIZE, MAX_IMAGE_SIZE};
-use crate::idx::{self, IdxSplit};
-use crate::raw::RawSplit;
+use crate::idx;
+use crate::raw::{Part, RawSplit};
 use crate::{cifar, DataError, DatasetKind, Shape};
 
 /// Mixed into the seed of the label-noise RNG ("NOISE" in ASCII) so the noise draw is
@@ -47,8 +47,9 @@ impl Split {
     }
 }
 
-/// How [`load`] shapes the training data (and how much of the test split it keeps).
-#[derive(Debug, Clone, PartialEq)]
+/// How [`load`] shapes the training data (and how much of the test split it keeps); the
+/// default keeps everything, holds nothing out, adds no noise and uses no cache.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct LoadOptions {
     /// Keep only the first N training samples (file order), for quick runs. More than the
     /// dataset holds keeps them all.
@@ -72,20 +73,6 @@ pub struct LoadOptions {
     pub cache_dir: Option<PathBuf>,
 }
 
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions {
-            limit_train: None,
-            limit_test: None,
-            val_split: 0.0,
-            label_noise: 0.0,
-            seed: 0,
-            image_size: None,
-            cache_dir: None,
-        }
-    }
-}
-
 impl LoadOptions {
     /// Checks every field is in range, so a typo fails before minutes of loading.
     pub fn validate(&self) -> Result<(), DataError> {
@@ -104,12 +91,12 @@ impl LoadOptions {
         }
         if self.limit_train == Some(0) {
             return Err(DataError::InvalidOption(
-                "limit_train must be at least 1".to_string(),
+                "limit_train must be at least 1".into(),
             ));
         }
         if self.limit_test == Some(0) {
             return Err(DataError::InvalidOption(
-                "limit_test must be at least 1".to_string(),
+                "limit_test must be at least 1".into(),
             ));
         }
         if let Some(s) = self.image_size {
@@ -184,53 +171,39 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
             )));
         }
     }
-    let mut classes: Vec<String> = kind.class_names().iter().map(|c| c.to_string()).collect();
-    let mut folder_info = None;
-    let (mut train, mut test, shape) = match (kind, kind.shape()) {
-        (DatasetKind::FashionMnist | DatasetKind::Mnist, Some(shape)) => {
-            // Train and test are separate files: decompress them on two cores.
-            let (train, test) = rayon::join(
-                || idx::read_split(dir, IdxSplit::Train, kind),
-                || idx::read_split(dir, IdxSplit::Test, kind),
-            );
-            (train?, test?, shape)
+    let ((shape, mut train, mut test), classes, folder) = match kind.shape() {
+        Some(shape) => {
+            let read = |part| match kind {
+                DatasetKind::FashionMnist | DatasetKind::Mnist => idx::read_split(dir, part, kind),
+                _ => cifar::read_split(dir, part, kind),
+            };
+            // Train and test are separate files: read (and decompress) them on two cores.
+            let (train, test) = rayon::join(|| read(Part::Train), || read(Part::Test));
+            let classes = kind.class_names().iter().map(|c| c.to_string()).collect();
+            ((shape, train?, test?), classes, None)
         }
-        (DatasetKind::Cifar10 | DatasetKind::Cifar100, Some(shape)) => {
-            let (train, test) = rayon::join(
-                || cifar::read_train(dir, kind),
-                || cifar::read_test(dir, kind),
-            );
-            (train?, test?, shape)
-        }
-        _ => {
+        None => {
             let size = opts.image_size.unwrap_or(DEFAULT_IMAGE_SIZE);
-            let loaded = folder::read(dir, size, opts.cache_dir.as_deref())?;
-            classes = loaded.classes;
-            folder_info = Some(loaded.info);
-            (loaded.train, loaded.test, loaded.shape)
+            let (images, classes, info) = folder::read(dir, size, opts.cache_dir.as_deref())?;
+            (images, classes, Some(info))
         }
     };
     let sample_len = shape.sample_len();
 
-    if let Some(limit) = opts.limit_train {
-        train.truncate(limit, sample_len);
-    }
-    if let Some(limit) = opts.limit_test {
-        test.truncate(limit, sample_len);
-    }
+    train.truncate(opts.limit_train.unwrap_or(usize::MAX), sample_len);
+    test.truncate(opts.limit_test.unwrap_or(usize::MAX), sample_len);
 
     let val = if opts.val_split > 0.0 {
         let n = train.len();
         let k = (opts.val_split * n as f64).round() as usize;
-        if k == 0 {
+        if k == 0 || k >= n {
+            let what = if k == 0 {
+                "holds out no sample"
+            } else {
+                "leaves no training sample"
+            };
             return Err(DataError::InvalidOption(format!(
-                "val_split {} of {n} training samples holds out no sample",
-                opts.val_split
-            )));
-        }
-        if k >= n {
-            return Err(DataError::InvalidOption(format!(
-                "val_split {} of {n} training samples leaves no training sample",
+                "val_split {} of {n} training samples {what}",
                 opts.val_split
             )));
         }
@@ -250,7 +223,12 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
         Some((mean, std)) => (mean.to_vec(), std.to_vec()),
         None => channel_mean_std(&train.pixels, shape),
     };
-    let norm = |raw: RawSplit| to_split(raw, shape, &mean, &std);
+    // The normalised float tensors of one split.
+    let norm = |raw: RawSplit| -> Result<Split, DataError> {
+        let labels = Tensor::f_from_slice(&raw.labels)?.f_to_kind(Kind::Int64)?;
+        let images = normalise(&raw.pixels, raw.len() as i64, shape, &mean, &std)?;
+        Ok(Split { images, labels })
+    };
     Ok(Dataset {
         kind,
         train: norm(train)?,
@@ -261,7 +239,7 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
         classes,
         mean,
         std,
-        folder: folder_info,
+        folder,
     })
 }
 
@@ -286,15 +264,8 @@ fn channel_mean_std(pixels: &[u8], shape: Shape) -> (Vec<f64>, Vec<f64>) {
     let std = sq
         .iter()
         .zip(&mean)
-        .map(|(&q, m)| {
-            let var = q as f64 / count / (255.0 * 255.0) - m * m;
-            let sd = var.max(0.0).sqrt();
-            if sd > 1e-6 {
-                sd
-            } else {
-                1.0
-            }
-        })
+        .map(|(&q, m)| (q as f64 / count / (255.0 * 255.0) - m * m).max(0.0).sqrt())
+        .map(|sd| if sd > 1e-6 { sd } else { 1.0 })
         .collect();
     (mean, std)
 }
@@ -315,16 +286,6 @@ fn add_symmetric_noise(labels: &mut [u8], num_classes: i64, fraction: f64, seed:
         labels[i] = if r >= labels[i] { r + 1 } else { r };
     }
     k
-}
-
-/// Builds the normalised float tensors of one split.
-fn to_split(raw: RawSplit, shape: Shape, mean: &[f64], std: &[f64]) -> Result<Split, DataError> {
-    let n = raw.len() as i64;
-    let labels: Vec<i64> = raw.labels.iter().map(|&l| i64::from(l)).collect();
-    let labels = Tensor::f_from_slice(&labels)?;
-    let images = normalise(&raw.pixels, n, shape, mean, std)?;
-    drop(raw);
-    Ok(Split { images, labels })
 }
 
 /// `n` channel-major images of `shape` as bytes → `[n, C, H, W]` float32, scaled to 0..1 and

@@ -177,9 +177,7 @@ pub enum DataError {
 impl DataError {
     /// Wraps an I/O error together with the file it happened on (std's errors omit the path).
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        let path = path.into();
+        DataError::Io { path, source }
     }
 }

@@ -24,14 +24,13 @@
 //! label, size and modification time and the image size: the next load with the same files
 //! reads the cache and decodes nothing; any change to the files rebuilds it.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, UNIX_EPOCH};
 
 use image::imageops::FilterType;
-use image::{ColorType, ImageReader};
+use image::ImageReader;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -49,9 +48,6 @@ pub(crate) const MAX_IMAGE_SIZE: i64 = 1024;
 
 /// First bytes of a cache file; the digit is the format version.
 const CACHE_MAGIC: &[u8; 8] = b"SIDIMG01";
-
-/// Bytes of a cache file's fixed header: magic, key, channels, size, two counts.
-const HEADER_LEN: usize = 8 + 8 + 4 + 4 + 8 + 8;
 
 /// Seed of the fixed training order ("ORDER" in ASCII): independent of the run seed so the
 /// cache serves every run.
@@ -103,41 +99,23 @@ pub struct FolderInfo {
 
 impl fmt::Display for FolderInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.train_images + self.test_images;
+        let (n, s) = (self.train_images + self.test_images, self.seconds);
         write!(f, "{} layout, ", self.layout)?;
         match &self.cache {
-            CacheStatus::Hit(p) => write!(
-                f,
-                "cache hit: {n} images read from {} in {:.2} s, none decoded",
-                p.display(),
-                self.seconds
-            ),
-            CacheStatus::Written(p) => write!(
-                f,
-                "decoded {n} images in {:.2} s, cache written to {}",
-                self.seconds,
-                p.display()
-            ),
-            CacheStatus::Off => write!(f, "decoded {n} images in {:.2} s (no cache)", self.seconds),
+            CacheStatus::Hit(p) => {
+                let p = p.display();
+                write!(
+                    f,
+                    "cache hit: {n} images read from {p} in {s:.2} s, none decoded"
+                )
+            }
+            CacheStatus::Written(p) => {
+                let p = p.display();
+                write!(f, "decoded {n} images in {s:.2} s, cache written to {p}")
+            }
+            CacheStatus::Off => write!(f, "decoded {n} images in {s:.2} s (no cache)"),
         }
     }
-}
-
-impl FolderInfo {
-    /// Whether the images came from the cache without decoding.
-    pub fn cache_hit(&self) -> bool {
-        matches!(self.cache, CacheStatus::Hit(_))
-    }
-}
-
-/// A folder data set as raw bytes, before limits and normalisation.
-#[derive(Debug)]
-pub(crate) struct Loaded {
-    pub train: RawSplit,
-    pub test: RawSplit,
-    pub shape: Shape,
-    pub classes: Vec<String>,
-    pub info: FolderInfo,
 }
 
 /// The files of a folder data set and their labels, in storage order.
@@ -149,47 +127,48 @@ struct Listing {
     test: Vec<(PathBuf, u8)>,
 }
 
+/// A folder data set's shape and its two splits as raw bytes, before limits and
+/// normalisation.
+pub(crate) type Images = (Shape, RawSplit, RawSplit);
+
 /// Loads the folder data set in `dir` at `size x size`, from the cache in `cache_dir` when it
-/// is current, otherwise by decoding (and then writing the cache there).
-pub(crate) fn read(dir: &Path, size: i64, cache_dir: Option<&Path>) -> Result<Loaded, DataError> {
+/// is current, otherwise by decoding (and then writing the cache there); returns the images,
+/// the class names and how they were loaded.
+pub(crate) fn read(
+    dir: &Path,
+    size: i64,
+    cache_dir: Option<&Path>,
+) -> Result<(Images, Vec<String>, FolderInfo), DataError> {
     let started = Instant::now();
     let listing = list(dir)?;
     let key = cache_key(dir, &listing, size)?;
-    let cache_path = cache_dir.map(|d| d.join(cache_file_name(dir, size)));
-    let (train_images, test_images) = (listing.train.len(), listing.test.len());
-    let info = |cache: CacheStatus| FolderInfo {
+    let (images, cache) = match cache_dir.map(|d| d.join(cache_file_name(dir, size))) {
+        None => (decode_all(&listing, size)?, CacheStatus::Off),
+        Some(path) => match read_cache(&path, key, &listing, size) {
+            Some(images) => (images, CacheStatus::Hit(path)),
+            None => {
+                let (shape, train, test) = decode_all(&listing, size)?;
+                let mut head = cache_header(key, shape, &listing);
+                // The labels are small: they go out with the header.
+                head.extend(train.labels.iter().chain(&test.labels));
+                write_atomically(&path, &[&head[..], &train.pixels, &test.pixels])?;
+                ((shape, train, test), CacheStatus::Written(path))
+            }
+        },
+    };
+    let info = FolderInfo {
         layout: listing.layout,
-        train_images,
-        test_images,
+        train_images: listing.train.len(),
+        test_images: listing.test.len(),
         cache,
         seconds: started.elapsed().as_secs_f64(),
     };
-    let cached = cache_path.as_ref().and_then(|path| {
-        read_cache(path, key, &listing).map(|images| (images, CacheStatus::Hit(path.clone())))
-    });
-    let ((shape, train, test), status) = match (cached, &cache_path) {
-        (Some(hit), _) => hit,
-        (None, Some(path)) => {
-            let (shape, train, test) = decode_all(&listing, size)?;
-            write_cache(path, key, &listing.classes, shape, &train, &test)?;
-            ((shape, train, test), CacheStatus::Written(path.clone()))
-        }
-        (None, None) => (decode_all(&listing, size)?, CacheStatus::Off),
-    };
-    Ok(Loaded {
-        train,
-        test,
-        shape,
-        info: info(status),
-        classes: listing.classes,
-    })
+    Ok((images, listing.classes, info))
 }
 
-/// Finds the layout, the classes and every image with its label.
+/// Finds the layout, the classes and every image with its label (`load` has checked that
+/// `dir` exists).
 fn list(dir: &Path) -> Result<Listing, DataError> {
-    if !dir.is_dir() {
-        return Err(DataError::MissingDir(dir.to_path_buf()));
-    }
     let train_dir = dir.join("train");
     if !train_dir.is_dir() {
         return Err(DataError::MissingSplit {
@@ -197,27 +176,55 @@ fn list(dir: &Path) -> Result<Listing, DataError> {
             what: "no train/ folder (expected train/<class>/<images> with test/ or val/ beside it, or Tiny-ImageNet's train/<wnid>/images/)",
         });
     }
-    let tiny = dir.join("wnids.txt").is_file() || dir.join("val/val_annotations.txt").is_file();
-    let mut listing = if tiny {
-        list_tiny_imagenet(dir, &train_dir)?
+    let wnids = dir.join("wnids.txt");
+    let tiny = wnids.is_file() || dir.join("val/val_annotations.txt").is_file();
+    let classes = if tiny && wnids.is_file() {
+        let text = read_text(&wnids)?;
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect()
     } else {
-        list_image_folder(dir, &train_dir)?
+        subdirs(&train_dir)?
     };
+    // Classes are refused when there are none (`what` says where they were looked for) or
+    // more than labels stored as one byte, as for the built-in data sets, can number.
+    let what = match tiny {
+        true => "holds no class folders (and wnids.txt names none)",
+        false => "holds no class folders",
+    };
+    if classes.is_empty() || classes.len() > 256 {
+        let dir = train_dir;
+        return Err(match classes.len() {
+            0 => DataError::MissingSplit { dir, what },
+            count => DataError::TooManyClasses { dir, count },
+        });
+    }
+    let mut train = Vec::new();
+    for (label, class) in classes.iter().enumerate() {
+        let mut folder = train_dir.join(class);
+        if tiny {
+            folder.push("images");
+        }
+        train.extend(images_in(&folder, label)?);
+    }
     // Fixed, class-mixing order: see the module documentation.
-    listing
-        .train
-        .shuffle(&mut ChaCha8Rng::seed_from_u64(ORDER_SEED));
-    Ok(listing)
+    train.shuffle(&mut ChaCha8Rng::seed_from_u64(ORDER_SEED));
+    let (layout, test) = match tiny {
+        true => (Layout::TinyImageNet, tiny_imagenet_test(dir, &classes)?),
+        false => (Layout::ImageFolder, image_folder_test(dir, &classes)?),
+    };
+    Ok(Listing {
+        layout,
+        classes,
+        train,
+        test,
+    })
 }
 
-fn list_image_folder(dir: &Path, train_dir: &Path) -> Result<Listing, DataError> {
-    let classes = train_classes(train_dir, subdirs(train_dir)?, "holds no class folders")?;
-    let train = labelled(
-        classes
-            .iter()
-            .enumerate()
-            .map(|(label, class)| Ok((train_dir.join(class), label))),
-    )?;
+/// ImageFolder's test split: `test/<class>/*`, or `val/<class>/*` when there is no `test/`.
+fn image_folder_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8)>, DataError> {
     let test_dir = ["test", "val"]
         .iter()
         .map(|s| dir.join(s))
@@ -233,44 +240,19 @@ fn list_image_folder(dir: &Path, train_dir: &Path) -> Result<Listing, DataError>
             what: "holds no class folders",
         });
     }
-    let test = labelled(test_classes.into_iter().map(|class| {
+    let mut test = Vec::new();
+    for class in test_classes {
         let path = test_dir.join(&class);
-        match classes.iter().position(|c| *c == class) {
-            Some(label) => Ok((path, label)),
-            None => Err(DataError::UnknownClass { path, class }),
-        }
-    }))?;
-    Ok(Listing {
-        layout: Layout::ImageFolder,
-        classes,
-        train,
-        test,
-    })
+        let Some(label) = classes.iter().position(|c| *c == class) else {
+            return Err(DataError::UnknownClass { path, class });
+        };
+        test.extend(images_in(&path, label)?);
+    }
+    Ok(test)
 }
 
-fn list_tiny_imagenet(dir: &Path, train_dir: &Path) -> Result<Listing, DataError> {
-    let wnids_path = dir.join("wnids.txt");
-    let classes: Vec<String> = if wnids_path.is_file() {
-        let text = read_text(&wnids_path)?;
-        text.lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect()
-    } else {
-        subdirs(train_dir)?
-    };
-    let what = "holds no class folders (and wnids.txt names none)";
-    let classes = train_classes(train_dir, classes, what)?;
-    let train = labelled(classes.iter().enumerate().map(|(label, wnid)| {
-        let folder = train_dir.join(wnid).join("images");
-        // A missing folder is a class without images, as an empty one is.
-        if folder.is_dir() {
-            Ok((folder, label))
-        } else {
-            Err(DataError::EmptyClass(folder))
-        }
-    }))?;
+/// Tiny-ImageNet's test split: `val/images/*`, labelled by `val/val_annotations.txt`.
+fn tiny_imagenet_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8)>, DataError> {
     let ann = dir.join("val").join("val_annotations.txt");
     if !ann.is_file() {
         return Err(DataError::MissingSplit {
@@ -278,11 +260,6 @@ fn list_tiny_imagenet(dir: &Path, train_dir: &Path) -> Result<Listing, DataError
             what: "Tiny-ImageNet layout (wnids.txt) but no val/val_annotations.txt to label the validation images with",
         });
     }
-    let index: HashMap<&str, u8> = classes
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.as_str(), i as u8))
-        .collect();
     let images = dir.join("val").join("images");
     let mut test = Vec::new();
     for (i, line) in read_text(&ann)?.lines().enumerate() {
@@ -297,7 +274,7 @@ fn list_tiny_imagenet(dir: &Path, train_dir: &Path) -> Result<Listing, DataError
                 detail: "expected FILE<tab>WNID<tab>box…".into(),
             });
         };
-        let Some(&label) = index.get(wnid.trim()) else {
+        let Some(label) = classes.iter().position(|c| c == wnid.trim()) else {
             return Err(DataError::UnknownClass {
                 path: ann,
                 class: wnid.trim().to_string(),
@@ -310,102 +287,67 @@ fn list_tiny_imagenet(dir: &Path, train_dir: &Path) -> Result<Listing, DataError
                 also_tried: None,
             });
         }
-        test.push((path, label));
+        test.push((path, label as u8));
     }
     if test.is_empty() {
         return Err(DataError::Empty { path: ann });
     }
-    Ok(Listing {
-        layout: Layout::TinyImageNet,
-        classes,
-        train,
-        test,
-    })
-}
-
-/// The training split's class names, refused when there are none (`what` says where they
-/// were looked for) or more than one-byte labels can number.
-fn train_classes(
-    dir: &Path,
-    classes: Vec<String>,
-    what: &'static str,
-) -> Result<Vec<String>, DataError> {
-    let dir = dir.to_path_buf();
-    match classes.len() {
-        0 => Err(DataError::MissingSplit { dir, what }),
-        // Labels are stored as one byte, as for the built-in data sets.
-        count @ 257.. => Err(DataError::TooManyClasses { dir, count }),
-        _ => Ok(classes),
-    }
-}
-
-/// Every image of each `(class folder, label)`, in that order; the first error stops it.
-fn labelled(
-    folders: impl Iterator<Item = Result<(PathBuf, usize), DataError>>,
-) -> Result<Vec<(PathBuf, u8)>, DataError> {
-    let mut out = Vec::new();
-    for folder in folders {
-        let (folder, label) = folder?;
-        out.extend(images_in(&folder)?.into_iter().map(|p| (p, label as u8)));
-    }
-    Ok(out)
+    Ok(test)
 }
 
 fn read_text(path: &Path) -> Result<String, DataError> {
     std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))
 }
 
-fn is_hidden(name: &str) -> bool {
-    name.starts_with('.')
+/// The non-hidden entries of `dir` as (name, path), sorted; none when `dir` is not a folder
+/// (a missing class folder is a class without images, as an empty one is).
+fn entries(dir: &Path) -> Result<Vec<(String, PathBuf)>, DataError> {
+    let mut out = Vec::new();
+    if !dir.is_dir() {
+        return Ok(out);
+    }
+    for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
+        let entry = entry.map_err(|e| DataError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') {
+            out.push((name, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Names of the non-hidden folders in `dir`, sorted.
 fn subdirs(dir: &Path) -> Result<Vec<String>, DataError> {
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))? {
-        let entry = entry.map_err(|e| DataError::io(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !is_hidden(&name) && entry.path().is_dir() {
-            names.push(name);
-        }
-    }
-    names.sort();
-    Ok(names)
+    let mut dirs = entries(dir)?;
+    dirs.retain(|(_, path)| path.is_dir());
+    Ok(dirs.into_iter().map(|(name, _)| name).collect())
 }
 
-/// The PNG and JPEG files in `folder`, sorted by name; an error when there are none.
-fn images_in(folder: &Path) -> Result<Vec<PathBuf>, DataError> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(folder).map_err(|e| DataError::io(folder, e))? {
-        let entry = entry.map_err(|e| DataError::io(folder, e))?;
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().to_ascii_lowercase();
-        let image = [".png", ".jpg", ".jpeg"].iter().any(|e| name.ends_with(e));
-        if image && !is_hidden(&name) && path.is_file() {
-            files.push(path);
-        }
-    }
-    if files.is_empty() {
+/// The PNG and JPEG files in `folder`, sorted by name, each with `label`; an error when there
+/// are none (a missing folder is a class without images, as an empty one is).
+fn images_in(folder: &Path, label: usize) -> Result<Vec<(PathBuf, u8)>, DataError> {
+    let mut images = entries(folder)?;
+    images.retain(|(name, path)| {
+        let name = name.to_ascii_lowercase();
+        [".png", ".jpg", ".jpeg"].iter().any(|e| name.ends_with(e)) && path.is_file()
+    });
+    if images.is_empty() {
         return Err(DataError::EmptyClass(folder.to_path_buf()));
     }
-    files.sort();
-    Ok(files)
-}
-
-/// One decoded image: `size * size * 3` RGB bytes (row-major, interleaved) and whether the
-/// file was greyscale.
-struct Decoded {
-    rgb: Vec<u8>,
-    grey: bool,
+    Ok(images
+        .into_iter()
+        .map(|(_, path)| (path, label as u8))
+        .collect())
 }
 
 /// One image file as `shape.channels` channel-major planes of `shape.image_size`² bytes,
 /// decoded, resized and converted exactly as the training images of a folder data set are:
 /// what a saved model is fed for a single image (`sid-launch predict`).
 pub(crate) fn decode_file(path: &Path, shape: Shape) -> Result<Vec<u8>, DataError> {
-    let decoded = decode(path, shape.image_size as u32)?;
+    let (rgb, _) = decode(path, shape.image_size as u32)?;
     let mut pixels = Vec::with_capacity(shape.sample_len());
-    push_channels(&decoded.rgb, shape.channels, &mut pixels);
+    push_channels(&rgb, shape.channels, &mut pixels);
     Ok(pixels)
 }
 
@@ -426,7 +368,9 @@ fn push_channels(rgb: &[u8], channels: i64, out: &mut Vec<u8>) {
     }
 }
 
-fn decode(path: &Path, size: u32) -> Result<Decoded, DataError> {
+/// One image file decoded and resized: `size * size * 3` RGB bytes (row-major, interleaved)
+/// and whether the file was greyscale.
+fn decode(path: &Path, size: u32) -> Result<(Vec<u8>, bool), DataError> {
     // The content decides the format (a JPEG named .png still loads); the name is the
     // fallback.
     let img = ImageReader::open(path)
@@ -442,85 +386,64 @@ fn decode(path: &Path, size: u32) -> Result<Decoded, DataError> {
                 .collect::<Vec<_>>()
                 .join(" "),
         })?;
-    let grey = matches!(
-        img.color(),
-        ColorType::L8 | ColorType::La8 | ColorType::L16 | ColorType::La16
-    );
+    let grey = !img.color().has_color();
     let img = if img.width() == size && img.height() == size {
         img
     } else {
         img.resize_to_fill(size, size, FilterType::Triangle)
     };
-    Ok(Decoded {
-        rgb: img.to_rgb8().into_raw(),
-        grey,
-    })
+    Ok((img.to_rgb8().into_raw(), grey))
 }
 
 /// Decodes every image in parallel and lays them out channel-major, 1 or 3 channels.
-fn decode_all(listing: &Listing, size: i64) -> Result<(Shape, RawSplit, RawSplit), DataError> {
-    let side = size as u32;
-    let decode_split = |files: &[(PathBuf, u8)]| {
-        files
-            .par_iter()
-            .map(|(p, _)| decode(p, side))
-            .collect::<Result<Vec<_>, _>>()
-    };
-    let train = decode_split(&listing.train)?;
-    let test = decode_split(&listing.test)?;
-    let grey = train.iter().chain(&test).all(|d| d.grey);
-    let shape = Shape {
-        channels: if grey { 1 } else { 3 },
+fn decode_all(listing: &Listing, size: i64) -> Result<Images, DataError> {
+    let files = || listing.train.par_iter().chain(&listing.test);
+    let decoded = files()
+        .map(|(path, _)| decode(path, size as u32))
+        .collect::<Result<Vec<_>, _>>()?;
+    let grey = decoded.iter().all(|(_, grey)| *grey);
+    let shape = folder_shape(if grey { 1 } else { 3 }, size, listing);
+    let mut pixels = Vec::with_capacity(decoded.len() * shape.sample_len());
+    for (rgb, _) in decoded {
+        push_channels(&rgb, shape.channels, &mut pixels);
+    }
+    let labels = files().map(|(_, label)| *label).collect();
+    let mut train = RawSplit { pixels, labels };
+    let test = train.split_off_last(listing.test.len(), shape.sample_len());
+    Ok((shape, train, test))
+}
+
+fn folder_shape(channels: i64, size: i64, listing: &Listing) -> Shape {
+    Shape {
+        channels,
         image_size: size,
         num_classes: listing.classes.len() as i64,
-    };
-    let to_raw = |decoded: Vec<Decoded>, files: &[(PathBuf, u8)]| {
-        let mut pixels = Vec::with_capacity(decoded.len() * shape.sample_len());
-        for d in decoded {
-            push_channels(&d.rgb, shape.channels, &mut pixels);
-        }
-        RawSplit {
-            pixels,
-            labels: files.iter().map(|(_, l)| *l).collect(),
-        }
-    };
-    let train = to_raw(train, &listing.train);
-    let test = to_raw(test, &listing.test);
-    Ok((shape, train, test))
+    }
 }
 
 /// FNV-1a, 64 bit: a stable hash (std's `DefaultHasher` may change between Rust releases,
 /// which would needlessly invalidate caches).
-#[derive(Clone, Copy)]
-struct Fnv(u64);
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
 
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn bytes(mut self, bytes: &[u8]) -> Self {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        self
-    }
-
-    /// Hashes a length-prefixed field, so that ("ab", "c") and ("a", "bc") differ.
-    fn field(self, bytes: &[u8]) -> Self {
-        self.bytes(&(bytes.len() as u64).to_le_bytes()).bytes(bytes)
-    }
+/// Appends a length-prefixed field, so that ("ab", "c") and ("a", "bc") hash apart.
+fn push_field(out: &mut Vec<u8>, field: &[u8]) {
+    out.extend_from_slice(&(field.len() as u64).to_le_bytes());
+    out.extend_from_slice(field);
 }
 
 /// The key a cache must carry to be used: the format, layout, image size, classes, and every
 /// file's path (relative to `dir`), label, size and modification time.
 fn cache_key(dir: &Path, listing: &Listing, size: i64) -> Result<u64, DataError> {
-    let h = Fnv::new()
-        .bytes(CACHE_MAGIC)
-        .bytes(&[listing.layout as u8])
-        .bytes(&size.to_le_bytes());
-    let h = listing.classes.iter().fold(h, |h, c| h.field(c.as_bytes()));
+    let mut key = CACHE_MAGIC.to_vec();
+    key.push(listing.layout as u8);
+    key.extend_from_slice(&size.to_le_bytes());
+    for class in &listing.classes {
+        push_field(&mut key, class.as_bytes());
+    }
     // One stat per file; on a network file system these add up, so they run in parallel.
     let stamps = listing
         .train
@@ -533,16 +456,17 @@ fn cache_key(dir: &Path, listing: &Listing, size: i64) -> Result<u64, DataError>
                 .ok()
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_nanos());
+            let mut stamp = Vec::new();
             let rel = path.strip_prefix(dir).unwrap_or(path);
-            Ok(Fnv::new()
-                .field(rel.to_string_lossy().as_bytes())
-                .bytes(&[*label])
-                .bytes(&meta.len().to_le_bytes())
-                .bytes(&mtime.to_le_bytes())
-                .0)
+            push_field(&mut stamp, rel.to_string_lossy().as_bytes());
+            stamp.push(*label);
+            stamp.extend_from_slice(&meta.len().to_le_bytes());
+            stamp.extend_from_slice(&mtime.to_le_bytes());
+            Ok(fnv(&stamp))
         })
         .collect::<Result<Vec<u64>, DataError>>()?;
-    Ok(stamps.iter().fold(h, |h, s| h.bytes(&s.to_le_bytes())).0)
+    key.extend(stamps.iter().flat_map(|s| s.to_le_bytes()));
+    Ok(fnv(&key))
 }
 
 /// One cache file per data folder and image size, so several data sets share a cache folder.
@@ -555,46 +479,38 @@ fn cache_file_name(dir: &Path, size: i64) -> String {
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    let hash = Fnv::new().bytes(dir.to_string_lossy().as_bytes()).0;
+    let hash = fnv(dir.to_string_lossy().as_bytes());
     format!("{name}-{hash:016x}-{size}px.sidcache")
 }
 
-/// Cache file layout, little-endian: magic, key u64, channels u32, size u32, n_train u64,
-/// n_test u64, the class names (each a u32 length and UTF-8 bytes), train labels, test
-/// labels, train pixels, test pixels.
-fn write_cache(
-    path: &Path,
-    key: u64,
-    classes: &[String],
-    shape: Shape,
-    train: &RawSplit,
-    test: &RawSplit,
-) -> Result<(), DataError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+/// A cache file's header: magic, key u64, channels u32, size u32, n_train u64, n_test u64,
+/// the class names (each a u32 length and UTF-8 bytes), all little-endian. The body follows:
+/// train labels, test labels, train pixels, test pixels.
+fn cache_header(key: u64, shape: Shape, listing: &Listing) -> Vec<u8> {
     let mut header = CACHE_MAGIC.to_vec();
     header.extend_from_slice(&key.to_le_bytes());
     header.extend_from_slice(&(shape.channels as u32).to_le_bytes());
     header.extend_from_slice(&(shape.image_size as u32).to_le_bytes());
-    header.extend_from_slice(&(train.len() as u64).to_le_bytes());
-    header.extend_from_slice(&(test.len() as u64).to_le_bytes());
-    for class in classes {
+    header.extend_from_slice(&(listing.train.len() as u64).to_le_bytes());
+    header.extend_from_slice(&(listing.test.len() as u64).to_le_bytes());
+    for class in &listing.classes {
         header.extend_from_slice(&(class.len() as u32).to_le_bytes());
         header.extend_from_slice(class.as_bytes());
     }
-    // Temp file in the same folder + fsync + rename: a reader sees the old cache or the whole
-    // new one, never a partial file; the pid keeps two concurrent runs apart.
+    header
+}
+
+/// Writes `parts` one after another to `path` through a temp file in the same folder, fsync
+/// and rename: a reader sees the old file or the whole new one, never a partial file; the pid
+/// keeps two concurrent runs apart.
+fn write_atomically(path: &Path, parts: &[&[u8]]) -> Result<(), DataError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        for part in [
-            &header[..],
-            &train.labels,
-            &test.labels,
-            &train.pixels,
-            &test.pixels,
-        ] {
+        for part in parts {
             f.write_all(part)?;
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
@@ -606,61 +522,40 @@ fn write_cache(
     })
 }
 
-/// Reads the cache at `path` if it exists and carries `key`; anything else (absent, stale,
-/// truncated) is a miss, and the images are decoded again.
-fn read_cache(path: &Path, key: u64, listing: &Listing) -> Option<(Shape, RawSplit, RawSplit)> {
+/// Reads the cache at `path` if it exists and its header is the one these files at this size
+/// would be written with ([`cache_header`], with 1 or 3 channels); anything else (absent,
+/// stale, truncated, trailing bytes) is a miss, and the images are decoded again.
+fn read_cache(path: &Path, key: u64, listing: &Listing, size: i64) -> Option<Images> {
     use std::io::Read;
     let mut file = std::fs::File::open(path).ok()?;
     let file_len = file.metadata().ok()?.len();
-    let mut header = [0u8; HEADER_LEN];
-    file.read_exact(&mut header).ok()?;
-    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
-    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().unwrap_or([0; 4]));
-    if &header[..8] != CACHE_MAGIC || u64_at(8) != key {
-        return None;
-    }
-    let shape = Shape {
-        channels: i64::from(u32_at(16)),
-        image_size: i64::from(u32_at(20)),
-        num_classes: listing.classes.len() as i64,
-    };
-    let (n_train, n_test) = (u64_at(24) as usize, u64_at(32) as usize);
-    if !matches!(shape.channels, 1 | 3)
-        || n_train != listing.train.len()
-        || n_test != listing.test.len()
-    {
-        return None;
-    }
     // Straight into the final buffers: a Tiny-ImageNet cache is over a GB, so no copy.
     let mut read = |n: usize| -> Option<Vec<u8>> {
         let mut v = vec![0u8; n];
         file.read_exact(&mut v).ok()?;
         Some(v)
     };
-    let mut names_len = 0;
-    for class in &listing.classes {
-        let len = u32::from_le_bytes(read(4)?.try_into().ok()?) as usize;
-        if len != class.len() || read(len)? != class.as_bytes() {
-            return None;
-        }
-        names_len += 4 + len;
-    }
-    // A truncated file or trailing bytes: not a file this code wrote for these images.
+    let header_len = cache_header(key, folder_shape(1, size, listing), listing).len();
+    let header = read(header_len)?;
+    let shape = [1, 3]
+        .map(|channels| folder_shape(channels, size, listing))
+        .into_iter()
+        .find(|&shape| cache_header(key, shape, listing) == header)?;
+    let (n_train, n_test) = (listing.train.len(), listing.test.len());
     let body = (n_train + n_test) * (1 + shape.sample_len());
-    if file_len != (HEADER_LEN + names_len + body) as u64 {
+    if file_len != (header_len + body) as u64 {
         return None;
     }
     // The file's order: both label runs, then both pixel runs.
-    let mut train = RawSplit {
-        labels: read(n_train)?,
-        pixels: Vec::new(),
+    let labels = (read(n_train)?, read(n_test)?);
+    let train = RawSplit {
+        labels: labels.0,
+        pixels: read(n_train * shape.sample_len())?,
     };
-    let mut test = RawSplit {
-        labels: read(n_test)?,
-        pixels: Vec::new(),
+    let test = RawSplit {
+        labels: labels.1,
+        pixels: read(n_test * shape.sample_len())?,
     };
-    train.pixels = read(n_train * shape.sample_len())?;
-    test.pixels = read(n_test * shape.sample_len())?;
     Some((shape, train, test))
 }
 
@@ -668,6 +563,9 @@ fn read_cache(path: &Path, key: u64, listing: &Listing) -> Option<(Shape, RawSpl
 mod tests {
     use super::*;
     use crate::{load, DatasetKind, LoadOptions};
+
+    /// Bytes of a cache file's fixed header: magic, key, channels, size, two counts.
+    const HEADER_LEN: usize = 8 + 8 + 4 + 4 + 8 + 8;
     use image::{GrayImage, Luma, Rgb, RgbImage};
 
     /// Writes a `w x h` image of one colour; the format follows the extension.
@@ -703,6 +601,11 @@ mod tests {
             cache_dir: cache.map(Path::to_path_buf),
             ..Default::default()
         }
+    }
+
+    /// Whether the images came from the cache without decoding.
+    fn cache_hit(info: &FolderInfo) -> bool {
+        matches!(info.cache, CacheStatus::Hit(_))
     }
 
     fn labels(t: &tch::Tensor) -> Vec<i64> {
@@ -898,7 +801,7 @@ mod tests {
 
         let second = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
         let info2 = second.folder.clone().unwrap();
-        assert!(info2.cache_hit(), "{info2:?}");
+        assert!(cache_hit(&info2), "{info2:?}");
         assert!(info2.to_string().contains("cache hit"), "{info2}");
         assert_eq!(second.classes, first.classes);
         assert_eq!(second.shape, first.shape);
@@ -907,12 +810,9 @@ mod tests {
 
         // Another image size is another cache file.
         let other = load(DatasetKind::Folder, &data, &opts(4, Some(&cache))).unwrap();
-        assert!(!other.folder.unwrap().cache_hit());
-        assert!(load(DatasetKind::Folder, &data, &opts(4, Some(&cache)))
-            .unwrap()
-            .folder
-            .unwrap()
-            .cache_hit());
+        assert!(!cache_hit(&other.folder.unwrap()));
+        let again = load(DatasetKind::Folder, &data, &opts(4, Some(&cache))).unwrap();
+        assert!(cache_hit(&again.folder.unwrap()));
 
         // A rewritten image (other size on disk) makes the cache stale: decoded again.
         solid(&data.join("train/cat/0.png"), 20, 20, [0, 0, 0]);
@@ -929,7 +829,7 @@ mod tests {
         // A new file invalidates it too.
         solid(&data.join("train/dog/9.png"), 12, 12, [0, 9, 0]);
         let fourth = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
-        assert!(!fourth.folder.unwrap().cache_hit());
+        assert!(!cache_hit(&fourth.folder.unwrap()));
         assert_eq!(fourth.train.len(), 13);
 
         // A damaged cache is a miss, not an error, and is rewritten.
@@ -937,12 +837,9 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
         let fifth = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
-        assert!(!fifth.folder.unwrap().cache_hit());
-        assert!(load(DatasetKind::Folder, &data, &opts(8, Some(&cache)))
-            .unwrap()
-            .folder
-            .unwrap()
-            .cache_hit());
+        assert!(!cache_hit(&fifth.folder.unwrap()));
+        let again = load(DatasetKind::Folder, &data, &opts(8, Some(&cache))).unwrap();
+        assert!(cache_hit(&again.folder.unwrap()));
     }
 
     fn load_err(dir: &Path) -> DataError {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use flate2::bufread::MultiGzDecoder;
 
-use crate::raw::RawSplit;
+use crate::raw::{Part, RawSplit};
 use crate::{DataError, DatasetKind};
 
 /// Magic number of an IDX file of unsigned-byte 3-D data (images).
@@ -21,37 +21,20 @@ const SIDE: i64 = 28;
 /// Classes of MNIST and Fashion-MNIST.
 const CLASSES: i64 = 10;
 
-/// Which of the two splits to read; the value is the file-name prefix.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum IdxSplit {
-    Train,
-    Test,
-}
-
-impl IdxSplit {
-    fn prefix(self) -> &'static str {
-        match self {
-            IdxSplit::Train => "train",
-            IdxSplit::Test => "t10k",
-        }
-    }
-}
-
 /// Reads one split (images and labels) of an IDX dataset from `dir` and checks it.
-pub(crate) fn read_split(
-    dir: &Path,
-    split: IdxSplit,
-    kind: DatasetKind,
-) -> Result<RawSplit, DataError> {
-    let images_path = resolve(dir, &format!("{}-images-idx3-ubyte", split.prefix()))?;
-    let labels_path = resolve(dir, &format!("{}-labels-idx1-ubyte", split.prefix()))?;
+pub(crate) fn read_split(dir: &Path, part: Part, kind: DatasetKind) -> Result<RawSplit, DataError> {
+    let prefix = match part {
+        Part::Train => "train",
+        Part::Test => "t10k",
+    };
+    let images_path = resolve(dir, &format!("{prefix}-images-idx3-ubyte"))?;
+    let labels_path = resolve(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
     // The two files decompress independently, so they are read on two cores.
     let (images, labels) = rayon::join(
         || read_images(&images_path, kind),
         || read_labels(&labels_path),
     );
-    let (count, pixels) = images?;
-    let labels = labels?;
+    let ((count, pixels), labels) = (images?, labels?);
     if labels.len() != count {
         return Err(DataError::CountMismatch {
             images_path,
@@ -102,20 +85,27 @@ fn read_up_to(reader: &mut dyn Read, n: usize, path: &Path) -> Result<Vec<u8>, D
     Ok(buf)
 }
 
-/// Reads the big-endian `u32` header words, checking the magic number first (so a swapped
-/// file is reported as such even when it is also short) and then the header length.
-fn read_header(
-    reader: &mut dyn Read,
+/// Reads an IDX file whose header is `magic` and `dims` big-endian `u32` sizes, the first the
+/// record count, and returns the sizes and the data, checked in this order: the magic number
+/// (so a swapped file is reported as such even when it is also short), the header's length,
+/// `check` on the sizes (which says what the header announces), the count, the data's length.
+/// `what` names the file's kind ("IDX images"), `unit` its data ("pixel").
+fn read_idx(
     path: &Path,
-    words: usize,
-    magic: u32,
-    what: &'static str,
-) -> Result<Vec<u32>, DataError> {
-    let bytes = read_up_to(reader, 4 * words, path)?;
+    (magic, what, unit): (u32, &'static str, &str),
+    dims: usize,
+    check: impl FnOnce(&[u32]) -> Result<String, DataError>,
+) -> Result<(Vec<u32>, Vec<u8>), DataError> {
+    let mut reader = open(path)?;
+    let bytes = read_up_to(&mut *reader, 4 * (1 + dims), path)?;
     let header: Vec<u32> = bytes
         .chunks_exact(4)
         .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
         .collect();
+    let truncated = |detail| DataError::Truncated {
+        path: path.to_path_buf(),
+        detail,
+    };
     if let Some(&found) = header.first().filter(|&&found| found != magic) {
         return Err(DataError::BadMagic {
             path: path.to_path_buf(),
@@ -124,102 +114,74 @@ fn read_header(
             what,
         });
     }
-    if header.len() < words {
-        return Err(DataError::Truncated {
-            path: path.to_path_buf(),
-            detail: format!(
-                "file holds {} bytes, less than the {}-byte {what} header",
-                bytes.len(),
-                4 * words
-            ),
-        });
+    if header.len() < 1 + dims {
+        return Err(truncated(format!(
+            "file holds {} bytes, less than the {}-byte {what} header",
+            bytes.len(),
+            4 * (1 + dims)
+        )));
     }
-    Ok(header)
-}
-
-/// Reads the `len` bytes of `data` after a header that announced `count` records (`says`):
-/// an error when it announced none or the file ends early.
-fn read_body(
-    reader: &mut dyn Read,
-    path: &Path,
-    count: u32,
-    len: usize,
-    says: &str,
-    data: &str,
-) -> Result<Vec<u8>, DataError> {
-    if count == 0 {
+    let sizes = header[1..].to_vec();
+    let says = check(&sizes)?;
+    if sizes[0] == 0 {
         return Err(DataError::Empty {
             path: path.to_path_buf(),
         });
     }
-    let bytes = read_up_to(reader, len, path)?;
-    if bytes.len() < len {
-        return Err(DataError::Truncated {
-            path: path.to_path_buf(),
-            detail: format!(
-                "header says {says} but file holds {} bytes of {data} data",
-                bytes.len()
-            ),
-        });
+    let len = sizes.iter().map(|&d| d as usize).product();
+    let data = read_up_to(&mut *reader, len, path)?;
+    if data.len() < len {
+        return Err(truncated(format!(
+            "header says {says} but file holds {} bytes of {unit} data",
+            data.len()
+        )));
     }
-    Ok(bytes)
+    Ok((sizes, data))
 }
 
 /// Reads an images file; returns the image count and the pixel bytes.
 fn read_images(path: &Path, kind: DatasetKind) -> Result<(usize, Vec<u8>), DataError> {
-    let mut reader = open(path)?;
-    let header = read_header(&mut *reader, path, 4, IMAGES_MAGIC, "IDX images")?;
-    let (count, rows, cols) = (header[1], header[2], header[3]);
-    if i64::from(rows) != SIDE || i64::from(cols) != SIDE {
-        return Err(DataError::WrongImageSize {
-            path: path.to_path_buf(),
-            rows,
-            cols,
-            expected: SIDE,
-            dataset: kind.name(),
-        });
-    }
-    let len = count as usize * rows as usize * cols as usize;
-    let says = format!("{count} images of {rows}x{cols}");
-    let pixels = read_body(&mut *reader, path, count, len, &says, "pixel")?;
-    Ok((count as usize, pixels))
+    let (sizes, pixels) = read_idx(path, (IMAGES_MAGIC, "IDX images", "pixel"), 3, |sizes| {
+        let (count, rows, cols) = (sizes[0], sizes[1], sizes[2]);
+        if i64::from(rows) != SIDE || i64::from(cols) != SIDE {
+            return Err(DataError::WrongImageSize {
+                path: path.to_path_buf(),
+                rows,
+                cols,
+                expected: SIDE,
+                dataset: kind.name(),
+            });
+        }
+        Ok(format!("{count} images of {rows}x{cols}"))
+    })?;
+    Ok((sizes[0] as usize, pixels))
 }
 
 /// Reads a labels file and checks every label names a class.
 fn read_labels(path: &Path) -> Result<Vec<u8>, DataError> {
-    let mut reader = open(path)?;
-    let header = read_header(&mut *reader, path, 2, LABELS_MAGIC, "IDX labels")?;
-    let count = header[1];
-    let says = format!("{count} labels");
-    let labels = read_body(&mut *reader, path, count, count as usize, &says, "label")?;
-    check_labels(path, &labels, 1, 0, CLASSES, "label")?;
+    let magic = (LABELS_MAGIC, "IDX labels", "label");
+    let (_, labels) = read_idx(path, magic, 1, |sizes| Ok(format!("{} labels", sizes[0])))?;
+    check_labels(path, &labels, CLASSES, "label")?;
     Ok(labels)
 }
 
-/// Checks the label bytes at `offset`, `offset + stride`, ... are below `num_classes`.
+/// Checks every label is below `num_classes`.
 pub(crate) fn check_labels(
     path: &Path,
-    bytes: &[u8],
-    stride: usize,
-    offset: usize,
+    labels: &[u8],
     num_classes: i64,
     which: &'static str,
 ) -> Result<(), DataError> {
-    let bad = bytes
-        .iter()
-        .skip(offset)
-        .step_by(stride)
-        .enumerate()
-        .find(|(_, &l)| i64::from(l) >= num_classes);
-    bad.map_or(Ok(()), |(index, &label)| {
-        Err(DataError::LabelOutOfRange {
+    match labels.iter().position(|&l| i64::from(l) >= num_classes) {
+        None => Ok(()),
+        Some(index) => Err(DataError::LabelOutOfRange {
             path: path.to_path_buf(),
             which,
-            label,
+            label: labels[index],
             index,
             num_classes,
-        })
-    })
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -251,7 +213,7 @@ mod tests {
         for gz in [false, true] {
             let dir = tempfile::tempdir().unwrap();
             let (pixels, labels) = write_ok(dir.path(), "train", 5, gz);
-            let raw = read_split(dir.path(), IdxSplit::Train, K).unwrap();
+            let raw = read_split(dir.path(), Part::Train, K).unwrap();
             assert_eq!(raw.pixels, pixels);
             assert_eq!(raw.labels, labels);
         }
@@ -272,7 +234,7 @@ mod tests {
             &idx_labels(2, &[4, 9]),
             false,
         );
-        let raw = read_split(dir.path(), IdxSplit::Test, K).unwrap();
+        let raw = read_split(dir.path(), Part::Test, K).unwrap();
         assert_eq!(raw.pixels, pixels);
         assert_eq!(raw.labels, vec![4, 9]);
     }
@@ -283,7 +245,7 @@ mod tests {
         let (pixels, _) = write_ok(dir.path(), "train", 3, false);
         // A broken .gz twin must be ignored.
         std::fs::write(dir.path().join("train-images-idx3-ubyte.gz"), b"junk").unwrap();
-        let raw = read_split(dir.path(), IdxSplit::Train, K).unwrap();
+        let raw = read_split(dir.path(), Part::Train, K).unwrap();
         assert_eq!(raw.pixels, pixels);
     }
 
@@ -292,7 +254,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_ok(dir.path(), "train", 3, false);
         std::fs::remove_file(dir.path().join("train-labels-idx1-ubyte")).unwrap();
-        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        let err = read_split(dir.path(), Part::Train, K).unwrap_err();
         let want = format!(
             "missing file {} (nor {}.gz)",
             dir.path().join("train-labels-idx1-ubyte").display(),
@@ -308,7 +270,7 @@ mod tests {
         // Labels file where the images file should be: the classic swap.
         let path = dir.path().join("train-images-idx3-ubyte.gz");
         write_file(&path, &idx_labels(3, &[1, 2, 3]), true);
-        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        let err = read_split(dir.path(), Part::Train, K).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -323,7 +285,7 @@ mod tests {
         let mut bytes = idx_labels(3, &[1, 2, 3]);
         bytes[3] = 0x03;
         write_file(&path, &bytes, false);
-        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        let err = read_split(dir.path(), Part::Train, K).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -352,7 +314,7 @@ mod tests {
             let mut bytes = idx_images(3, 28, 28, &pattern(3 * 784, 0));
             bytes.truncate(16 + 1234);
             write_file(&path, &bytes, gz);
-            let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+            let err = read_split(dir.path(), Part::Train, K).unwrap_err();
             assert_eq!(
                 err.to_string(),
                 format!(
@@ -369,7 +331,7 @@ mod tests {
         write_ok(dir.path(), "train", 3, false);
         let path = dir.path().join("train-images-idx3-ubyte");
         write_file(&path, &idx_images(3, 28, 28, &[])[..10], false);
-        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        let err = read_split(dir.path(), Part::Train, K).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -382,7 +344,7 @@ mod tests {
         write_ok(dir.path(), "train", 3, false);
         let path = dir.path().join("train-labels-idx1-ubyte");
         write_file(&path, &idx_labels(3, &[1]), false);
-        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        let err = read_split(dir.path(), Part::Train, K).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -401,7 +363,7 @@ mod tests {
         let mid = bytes.len() / 2;
         bytes.truncate(mid);
         std::fs::write(&path, bytes).unwrap();
-        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        let err = read_split(dir.path(), Part::Train, K).unwrap_err();
         assert!(matches!(err, DataError::Io { .. }), "{err}");
         assert!(
             err.to_string()
@@ -416,7 +378,7 @@ mod tests {
         write_ok(dir.path(), "train", 3, false);
         let labels_path = dir.path().join("train-labels-idx1-ubyte");
         write_file(&labels_path, &idx_labels(2, &[1, 2]), false);
-        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        let err = read_split(dir.path(), Part::Train, K).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -433,7 +395,7 @@ mod tests {
         write_ok(dir.path(), "train", 6, false);
         let path = dir.path().join("train-labels-idx1-ubyte");
         write_file(&path, &idx_labels(6, &[0, 1, 2, 3, 4, 12]), false);
-        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        let err = read_split(dir.path(), Part::Train, K).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("{}: label 12 at index 5 is outside 0..10", path.display())
@@ -446,7 +408,7 @@ mod tests {
         write_ok(dir.path(), "train", 1, false);
         let path = dir.path().join("train-images-idx3-ubyte");
         write_file(&path, &idx_images(1, 32, 32, &pattern(1024, 0)), false);
-        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        let err = read_split(dir.path(), Part::Train, K).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -456,7 +418,7 @@ mod tests {
         );
 
         write_file(&path, &idx_images(0, 28, 28, &[]), false);
-        let err = read_split(dir.path(), IdxSplit::Train, K).unwrap_err();
+        let err = read_split(dir.path(), Part::Train, K).unwrap_err();
         assert!(matches!(err, DataError::Empty { .. }), "{err}");
     }
 }

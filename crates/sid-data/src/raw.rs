@@ -3,6 +3,13 @@
 //! Limits, validation splits and label noise are applied to these plain byte vectors, so the
 //! float tensors are built once, at the final size, instead of being sliced and copied.
 
+/// Which of a built-in data set's two splits to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Part {
+    Train,
+    Test,
+}
+
 /// Images as raw bytes and labels as class indices, both in file order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct RawSplit {
