@@ -37,7 +37,7 @@ pub mod staged;
 pub mod streams;
 pub mod transport;
 
-pub use error::{Result, RuntimeError};
+pub use error::{Failure, Result, RuntimeError};
 #[cfg(feature = "fault-injection")]
 pub use fault::{Fault, FaultKind};
 pub use links::serve;

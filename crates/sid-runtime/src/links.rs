@@ -37,8 +37,8 @@ use crate::setup::{
     build_runners, cpu_threads_per_stage, spawn_stage, spawn_thread, Engine, PipelineMethod,
     StageThread, StagedConfig,
 };
-use crate::transport::{ChannelTransport, Kind, Message, Report, Tag};
-use crate::{Result, RuntimeError};
+use crate::transport::{ChannelTransport, Filed, Kind, Message, Report, Tag};
+use crate::{Failure, Result, RuntimeError};
 
 /// A link's wait for its peer: links wait as long as the run lasts (a stage may idle while
 /// the coordinator evaluates); a dead peer ends the wait at once, a hung one is caught by the
@@ -102,17 +102,19 @@ const KIND_CODES: [(TKind, i64); 9] = [
 ];
 
 fn kind_code(k: TKind) -> std::result::Result<i64, String> {
-    let found = KIND_CODES.iter().find(|(kind, _)| *kind == k);
-    found
-        .map(|&(_, c)| c)
-        .ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
+    let found = KIND_CODES
+        .iter()
+        .find(|(kind, _)| *kind == k)
+        .map(|&(_, c)| c);
+    found.ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
 }
 
 fn code_kind(c: i64) -> std::result::Result<TKind, String> {
-    let found = KIND_CODES.iter().find(|(_, code)| *code == c);
-    found
-        .map(|&(k, _)| k)
-        .ok_or_else(|| format!("a frame names an unknown tensor kind {c}"))
+    let found = KIND_CODES
+        .iter()
+        .find(|(_, code)| *code == c)
+        .map(|&(k, _)| k);
+    found.ok_or_else(|| format!("a frame names an unknown tensor kind {c}"))
 }
 
 /// What a link accepts from its peer: its direction (tag) says which frames may come.
@@ -154,27 +156,42 @@ struct Announced {
 }
 
 const FLOATS: &[TKind] = &[TKind::Float, TKind::Half, TKind::BFloat16, TKind::Double];
+const BYTES: &[TKind] = &[TKind::Uint8];
+
+/// Each kind of frame: the link it travels on ([`DOWN`], [`REPORTS`] or [`GRADS`]; a stop
+/// ends any link) and its tensors' dtypes.
+const LAYOUTS: [(i64, u32, &[&[TKind]]); 11] = [
+    (STOP, 0, &[]),
+    (TRAIN, DOWN, &[FLOATS, FLOATS, &[TKind::Int64]]),
+    (EVAL, DOWN, &[FLOATS, FLOATS]),
+    (STATE, DOWN, &[]),
+    (LOAD, DOWN, &[BYTES]),
+    (LOSSES, REPORTS, &[&[TKind::Double]]),
+    // None for an empty inference batch (no modules on the stage).
+    (LOGITS, REPORTS, &[FLOATS]),
+    (STATE_REPORT, REPORTS, &[BYTES]),
+    (LOADED, REPORTS, &[]),
+    (FAILED, REPORTS, &[BYTES]),
+    (GRAD, GRADS, &[FLOATS]),
+];
 
 /// Reads a header from rank `src` against what its link expects; returns the tensors to
 /// receive, each checked (dtype, shape, bytes) before any is allocated.
 fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<Announced>, String> {
     let bad = |what: String| format!("rank {src} sent a malformed frame: {what}");
     let kind = h[0];
-    let (allowed, link): (&[i64], &str) = match e.tag {
-        DOWN => (
-            &[STOP, TRAIN, EVAL, STATE, LOAD],
-            "messages down the pipeline",
-        ),
-        REPORTS => (
-            &[STOP, LOSSES, LOGITS, STATE_REPORT, LOADED, FAILED],
-            "reports",
-        ),
-        GRADS => (&[STOP, GRAD], "gradients"),
+    let link = match e.tag {
+        DOWN => "messages down the pipeline",
+        REPORTS => "reports",
+        GRADS => "gradients",
         other => return Err(bad(format!("it came on an unknown link tag {other}"))),
     };
-    if !allowed.contains(&kind) {
+    let layout = LAYOUTS
+        .iter()
+        .find(|&&(k, tag, _)| k == kind && (tag == e.tag || k == STOP));
+    let Some(&(_, _, mut wanted)) = layout else {
         return Err(bad(format!("kind {kind} on a link that carries {link}")));
-    }
+    };
     if h[1] < 0 {
         return Err(bad(format!("step {}", h[1])));
     }
@@ -185,19 +202,9 @@ fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<An
         )));
     }
     let n = n as usize;
-    // Each kind: its tensors' dtypes (an empty list: none).
-    let uint8: &[TKind] = &[TKind::Uint8];
-    let wanted: Vec<&[TKind]> = match kind {
-        STOP | STATE | LOADED => vec![],
-        TRAIN => vec![FLOATS, FLOATS, &[TKind::Int64]],
-        EVAL => vec![FLOATS, FLOATS],
-        LOAD | STATE_REPORT | FAILED => vec![uint8],
-        LOSSES => vec![&[TKind::Double]],
-        LOGITS if h[3] > 0 => vec![FLOATS],
-        LOGITS => vec![],
-        GRAD => vec![FLOATS],
-        _ => unreachable!("checked above"),
-    };
+    if kind == LOGITS && h[3] <= 0 {
+        wanted = &[];
+    }
     if n != wanted.len() {
         return Err(bad(format!(
             "{n} tensors in a frame of kind {kind}, which has {}",
@@ -231,11 +238,9 @@ fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<An
         let size = h[at + 2..at + 2 + dims as usize].to_vec();
         let mut numel: u64 = 1;
         for &d in &size {
-            if d < 0 {
-                return Err(bad(format!("tensor {i} has size {size:?}")));
-            }
+            let d = u64::try_from(d).map_err(|_| bad(format!("tensor {i} has size {size:?}")))?;
             numel = numel
-                .checked_mul(d as u64)
+                .checked_mul(d)
                 .ok_or_else(|| bad(format!("tensor {i} of size {size:?} is too large")))?;
         }
         total = numel
@@ -475,66 +480,46 @@ fn frame_message(f: Frame) -> std::result::Result<Message, String> {
     })
 }
 
-fn report_frame(r: Report) -> std::result::Result<Frame, String> {
-    let (stage, f) = match r {
+fn report_frame((stage, r): Filed) -> std::result::Result<Frame, String> {
+    let f = match r {
         Report::Losses {
-            stage,
             step,
             losses,
             busy,
             forward,
         } => {
             let f = frame(LOSSES, step, vec![Tensor::from_slice(&losses)]);
-            (stage, Frame { busy, forward, ..f })
+            Frame { busy, forward, ..f }
         }
-        Report::Logits {
-            stage,
-            step,
-            logits,
-        } => {
+        Report::Logits { step, logits } => {
             let count = logits.len();
-            let tensors = if count == 0 {
-                Vec::new()
-            } else {
-                vec![Tensor::stack(&logits, 0)]
-            };
-            (
-                stage,
-                Frame {
-                    count,
-                    ..frame(LOGITS, step, tensors)
-                },
-            )
+            let tensors = (count > 0).then(|| Tensor::stack(&logits, 0));
+            Frame {
+                count,
+                ..frame(LOGITS, step, tensors.into_iter().collect())
+            }
         }
-        Report::State { stage, state } => {
-            (stage, frame(STATE_REPORT, 0, vec![named_to_bytes(&state)?]))
-        }
-        Report::Loaded { stage } => (stage, frame(LOADED, 0, Vec::new())),
-        Report::Failed {
-            stage,
-            module,
-            cause,
-        } => {
+        Report::State(state) => frame(STATE_REPORT, 0, vec![named_to_bytes(&state)?]),
+        Report::Loaded => frame(LOADED, 0, Vec::new()),
+        Report::Failed(Failure { module, cause }) => {
             let f = frame(FAILED, 0, vec![Tensor::from_slice(cause.as_bytes())]);
             let aux = module.map_or(0, |m| m as i64);
-            (stage, Frame { aux, ..f })
+            Frame { aux, ..f }
         }
     };
     Ok(Frame { stage, ..f })
 }
 
-/// A report from rank `slot`; its stage becomes that slot (the coordinator's numbering).
-fn frame_report(f: Frame, slot: usize) -> std::result::Result<Report, String> {
+/// A report's own numbers and tensors (the coordinator knows its stage: the rank it came from).
+fn frame_report(f: Frame) -> std::result::Result<Report, String> {
     Ok(match f.kind {
         LOSSES => Report::Losses {
-            stage: slot,
             step: f.step,
             losses: Vec::<f64>::try_from(&one(f.tensors, "losses")?).map_err(text)?,
             busy: f.busy,
             forward: f.forward,
         },
         LOGITS => Report::Logits {
-            stage: slot,
             step: f.step,
             logits: if f.count == 0 {
                 Vec::new()
@@ -542,19 +527,15 @@ fn frame_report(f: Frame, slot: usize) -> std::result::Result<Report, String> {
                 one(f.tensors, "logits")?.unbind(0)
             },
         },
-        STATE_REPORT => Report::State {
-            stage: slot,
-            state: bytes_to_named(&one(f.tensors, "state")?)?,
-        },
-        LOADED => Report::Loaded { stage: slot },
-        FAILED => Report::Failed {
-            stage: slot,
+        STATE_REPORT => Report::State(bytes_to_named(&one(f.tensors, "state")?)?),
+        LOADED => Report::Loaded,
+        FAILED => Report::Failed(Failure {
             module: (f.aux > 0).then_some(f.aux as usize),
             cause: String::from_utf8_lossy(
                 &Vec::<u8>::try_from(&one(f.tensors, "failure")?).unwrap_or_default(),
             )
             .into_owned(),
-        },
+        }),
         other => return Err(format!("a report frame of unknown kind {other}")),
     })
 }
@@ -651,7 +632,7 @@ fn run_linked_stage(
     ranks: &Ranks,
     runner: StageRunner,
     s: usize,
-    (upstream, reports): (Receiver<Message>, Sender<Report>),
+    (upstream, reports): (Receiver<Message>, Sender<Filed>),
     fail: OnFail<'_>,
     (outs, ins): &mut (Vec<StageThread>, Vec<StageThread>),
 ) -> StageThread {
@@ -700,15 +681,11 @@ pub(crate) fn spawn_coordinator_links(
         )));
     }
     let cap = cfg.micro_batches.max(1) + 1;
-    let (report_tx, reports) = crossbeam_channel::unbounded::<Report>();
+    let (report_tx, reports) = crossbeam_channel::unbounded::<Filed>();
     let failed_link = |slot: usize| -> Box<dyn FnOnce(String) + Send> {
         let tx = report_tx.clone();
-        Box::new(move |cause: String| {
-            let _ = tx.send(Report::Failed {
-                stage: slot,
-                module: None,
-                cause,
-            });
+        Box::new(move |cause| {
+            let _ = tx.send((slot, Report::Failed(Failure::new(cause))));
         })
     };
     let (first, upstream) = crossbeam_channel::bounded::<Message>(cap);
@@ -725,7 +702,7 @@ pub(crate) fn spawn_coordinator_links(
         firsts.push(tx);
     }
     for src in 1..ranks.world.world() {
-        let decode = move |f| frame_report(f, src);
+        let decode = move |f| frame_report(f).map(|r| (src, r));
         let tx = report_tx.clone();
         threads.push(in_link(cfg, ranks, src, REPORTS, tx, decode, &failed_link));
     }
@@ -761,7 +738,7 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         })
     };
     let (up_tx, upstream) = crossbeam_channel::bounded::<Message>(cap);
-    let (report_tx, report_rx) = crossbeam_channel::unbounded::<Report>();
+    let (report_tx, report_rx) = crossbeam_channel::unbounded::<Filed>();
     let src = if s == 0 { 0 } else { me - 1 };
     let reports_out = out_link(ranks, 0, REPORTS, report_rx, report_frame, &on_fail);
     let down_in = in_link(cfg, ranks, src, DOWN, up_tx, frame_message, &on_fail);
@@ -853,24 +830,19 @@ mod tests {
         assert!(input.equal(&x) && labels.equal(&y));
 
         let named = vec![("a.w".to_string(), x.shallow_clone())];
-        let f = report_frame(Report::State {
-            stage: 0,
-            state: named,
-        })
-        .unwrap();
-        let Report::State { stage, state } = frame_report(f, 3).unwrap() else {
+        let f = report_frame((0, Report::State(named))).unwrap();
+        let Report::State(state) = frame_report(f).unwrap() else {
             panic!("not a state report")
         };
-        assert_eq!((stage, state[0].0.as_str()), (3, "a.w"));
+        assert_eq!(state[0].0.as_str(), "a.w");
         assert!(state[0].1.equal(&x));
 
-        let f = report_frame(Report::Failed {
-            stage: 1,
+        let failure = Failure {
             module: Some(4),
             cause: "boom".into(),
-        })
-        .unwrap();
-        let Report::Failed { module, cause, .. } = frame_report(f, 1).unwrap() else {
+        };
+        let f = report_frame((1, Report::Failed(failure))).unwrap();
+        let Report::Failed(Failure { module, cause }) = frame_report(f).unwrap() else {
             panic!("not a failure")
         };
         assert_eq!((module, cause.as_str()), (Some(4), "boom"));

@@ -27,54 +27,7 @@ use tch::Tensor;
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{Op, Schedule};
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
-
-/// Why a stage stopped.
-#[derive(Debug)]
-pub struct Failure {
-    /// 1-based module, when the failure belongs to one.
-    pub module: Option<usize>,
-    /// What happened.
-    pub cause: String,
-}
-
-impl Failure {
-    /// A failure that belongs to no module.
-    pub(crate) fn new(cause: impl Into<String>) -> Self {
-        Self {
-            module: None,
-            cause: cause.into(),
-        }
-    }
-}
-
-/// What a caught panic said, for the error that names the stage.
-pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
-    let msg = panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into());
-    format!("panicked: {msg}")
-}
-
-impl From<crate::RuntimeError> for Failure {
-    fn from(e: crate::RuntimeError) -> Self {
-        Self::new(e.to_string())
-    }
-}
-
-impl From<sid_core::CoreError> for Failure {
-    fn from(e: sid_core::CoreError) -> Self {
-        let module = match &e {
-            sid_core::CoreError::NonFiniteLoss { module, .. } => *module,
-            _ => None,
-        };
-        Self {
-            module,
-            cause: e.to_string(),
-        }
-    }
-}
+use crate::Failure;
 
 /// The step in progress on a stage.
 #[derive(Default)]
@@ -202,7 +155,6 @@ impl StageRunner {
 
     /// Handles one message.
     pub fn handle(&mut self, msg: Message, t: &mut dyn Transport) -> Result<(), Failure> {
-        let index = self.unit.stage();
         match msg {
             Message::Train {
                 tag, micro_batches, ..
@@ -210,7 +162,7 @@ impl StageRunner {
                 self.take_in_order(tag, micro_batches)?;
                 let _span = tracing::info_span!(
                     "stage_micro",
-                    stage = index + 1,
+                    stage = self.unit.stage() + 1,
                     step = tag.step,
                     micro = tag.micro
                 )
@@ -228,7 +180,6 @@ impl StageRunner {
                     })?;
                 }
                 t.report(Report::Logits {
-                    stage: index,
                     step: tag.step,
                     logits: out.logits,
                 })
@@ -236,10 +187,7 @@ impl StageRunner {
             }
             Message::State { tag } => {
                 self.idle("a state request")?;
-                t.report(Report::State {
-                    stage: index,
-                    state: self.unit.state(),
-                })?;
+                t.report(Report::State(self.unit.state()))?;
                 t.send_down(Message::State { tag }).map_err(Failure::from)
             }
             Message::Load { tag, named } => {
@@ -252,8 +200,7 @@ impl StageRunner {
                 );
                 self.unit.load_state(&mine)?;
                 t.send_down(Message::Load { tag, named })?;
-                t.report(Report::Loaded { stage: index })
-                    .map_err(Failure::from)
+                t.report(Report::Loaded).map_err(Failure::from)
             }
         }
     }
@@ -298,7 +245,6 @@ impl StageRunner {
         let started = Instant::now();
         let mut waiting = Duration::ZERO;
         let mut s = self.current.take().expect("a step in progress");
-        let index = self.unit.stage();
         while let Some(&op) = s.ops.get(s.next_op) {
             match op {
                 Op::Forward(j) => {
@@ -398,7 +344,6 @@ impl StageRunner {
         };
         s.busy += started.elapsed().saturating_sub(waiting);
         t.report(Report::Losses {
-            stage: index,
             step: s.step,
             losses,
             busy: s.busy,

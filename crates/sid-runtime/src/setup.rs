@@ -22,10 +22,10 @@ use crate::ops::BpSchedule;
 use crate::ops::Schedule;
 use crate::placement::Placement;
 use crate::ranks::Ranks;
-use crate::schedule::{drive, Failure, RunnerSettings, StageRunner};
+use crate::schedule::{drive, RunnerSettings, StageRunner};
 use crate::streams;
-use crate::transport::{ChannelTransport, Message, Report, Tag};
-use crate::Result;
+use crate::transport::{ChannelTransport, Filed, Message, Report, Tag};
+use crate::{Failure, Result};
 
 /// How to build a [`crate::StagedPipeline`].
 #[derive(Debug, Clone)]
@@ -165,7 +165,7 @@ pub(crate) enum Engine {
     Local {
         runners: Vec<StageRunner>,
         inboxes: Vec<VecDeque<Message>>,
-        reports: VecDeque<Report>,
+        reports: VecDeque<Filed>,
         /// Gradients sent back, per receiving stage.
         grads: Vec<VecDeque<(Tag, Tensor)>>,
     },
@@ -173,7 +173,7 @@ pub(crate) enum Engine {
     Threads {
         /// Stage 1 of each replica.
         firsts: Vec<Sender<Message>>,
-        reports: Receiver<Report>,
+        reports: Receiver<Filed>,
         threads: Vec<StageThread>,
     },
 }
@@ -319,14 +319,17 @@ pub(crate) fn spawn_stage(
             }));
             let failure = match outcome {
                 Ok(done) => done.err(),
-                Err(panic) => Some(Failure::new(crate::schedule::panic_cause(panic.as_ref()))),
+                Err(panic) => {
+                    let msg = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Some(Failure::new(format!("panicked: {msg}")))
+                }
             };
             if let Some(f) = &failure {
-                let _ = fail_tx.send(Report::Failed {
-                    stage: s,
-                    module: f.module,
-                    cause: f.cause.clone(),
-                });
+                let _ = fail_tx.send((s, Report::Failed(f.clone())));
             }
             // Dropping the transport closes the link to the next stage, which then stops.
             drop(transport);

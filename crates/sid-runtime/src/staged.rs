@@ -23,8 +23,10 @@ use crate::setup::{
     StagedConfig,
 };
 use crate::streams;
-use crate::transport::{device_name, ChannelTransport, Kind, LocalTransport, Message, Report, Tag};
-use crate::{Result, RuntimeError};
+use crate::transport::{
+    device_name, ChannelTransport, Filed, Kind, LocalTransport, Message, Report, Tag,
+};
+use crate::{Failure, Result, RuntimeError};
 use sid_telemetry::AllocOwner;
 
 /// Staged SID as a pipeline of stages ([`sid_core::stage`]), on one device or one per stage;
@@ -242,11 +244,8 @@ impl StagedPipeline {
             };
             return format!("stage {} ({}, {what})", slot + 1, self.names[slot]);
         }
-        let replica = if self.replicas() > 1 {
-            format!(" of replica {}", slot / k + 1)
-        } else {
-            String::new()
-        };
+        let replica = (self.replicas() > 1).then(|| format!(" of replica {}", slot / k + 1));
+        let replica = replica.unwrap_or_default();
         let modules = match self.cfg.method {
             PipelineMethod::Sid => format!(", modules {}-{}", s.modules.start + 1, s.modules.end),
             // Backprop's modules all read the final features: they sit on the last stage.
@@ -264,12 +263,12 @@ impl StagedPipeline {
         )
     }
 
-    fn failed(&self, slot: usize, module: Option<usize>, cause: String) -> RuntimeError {
+    fn failed(&self, slot: usize, f: Failure) -> RuntimeError {
         RuntimeError::Stage {
             stage: slot % self.specs.len() + 1,
             device: self.names[slot].clone(),
-            module,
-            cause,
+            module: f.module,
+            cause: f.cause,
         }
     }
 
@@ -281,13 +280,8 @@ impl StagedPipeline {
         };
         let until = std::time::Instant::now() + grace;
         while let Ok(r) = reports.recv_deadline(until) {
-            if let Report::Failed {
-                stage,
-                module,
-                cause,
-            } = r
-            {
-                return Some(self.failed(stage, module, cause));
+            if let (slot, Report::Failed(f)) = r {
+                return Some(self.failed(slot, f));
             }
         }
         None
@@ -321,7 +315,7 @@ impl StagedPipeline {
                         let driven = drive(&mut runners[s], &mut t, self.cfg.timeout, true);
                         taken += t.taken;
                         if let Err(f) = driven {
-                            return Err(self.failed(s, f.module, f.cause));
+                            return Err(self.failed(s, f));
                         }
                     }
                     if taken == 0 {
@@ -330,30 +324,30 @@ impl StagedPipeline {
                 }
             }
             Engine::Threads { firsts, .. } => {
-                let tx = &firsts[replica];
-                match tx.send_timeout(msg, self.cfg.timeout) {
-                    Ok(()) => Ok(()),
-                    Err(SendTimeoutError::Timeout(_)) => Err(self
-                        // Stage 1 is stuck because it waits for another stage, which it will
-                        // name when its own wait (begun a little earlier) runs out: prefer that.
-                        .reported_failure(self.cfg.timeout.min(Duration::from_secs(3)))
-                        .unwrap_or_else(|| RuntimeError::Timeout {
+                let Err(e) = firsts[replica].send_timeout(msg, self.cfg.timeout) else {
+                    return Ok(());
+                };
+                let (grace, otherwise) = match e {
+                    // Stage 1 is stuck because it waits for another stage, which it will name
+                    // when its own wait (begun a little earlier) runs out: prefer that.
+                    SendTimeoutError::Timeout(_) => (
+                        self.cfg.timeout.min(Duration::from_secs(3)),
+                        RuntimeError::Timeout {
                             waiter: "coordinator".into(),
                             waited_for: format!(
                                 "{} to take its input",
                                 self.describe(replica * self.specs.len())
                             ),
                             timeout: self.cfg.timeout,
-                        })),
+                        },
+                    ),
                     // A stage that failed reported why before it stopped: prefer that.
-                    Err(SendTimeoutError::Disconnected(_)) => Err(self
-                        .reported_failure(Duration::from_millis(200))
-                        .unwrap_or_else(|| {
-                            RuntimeError::Protocol(
-                                "the stages stopped before taking the input".into(),
-                            )
-                        })),
-                }
+                    SendTimeoutError::Disconnected(_) => (
+                        Duration::from_millis(200),
+                        RuntimeError::Protocol("the stages stopped before taking the input".into()),
+                    ),
+                };
+                Err(self.reported_failure(grace).unwrap_or(otherwise))
             }
         }
     }
@@ -364,7 +358,7 @@ impl StagedPipeline {
         &mut self,
         owing: &dyn Fn(&Self) -> String,
         block: bool,
-    ) -> Result<Option<Report>> {
+    ) -> Result<Option<Filed>> {
         let timeout = self.cfg.timeout;
         // `Err(true)`: every stage thread has exited; `Err(false)`: nothing yet.
         let got = match &mut self.engine {
@@ -375,11 +369,7 @@ impl StagedPipeline {
             Engine::Threads { reports, .. } => reports.try_recv().map_err(|e| e.is_disconnected()),
         };
         match got {
-            Ok(Report::Failed {
-                stage,
-                module,
-                cause,
-            }) => Err(self.failed(stage, module, cause)),
+            Ok((slot, Report::Failed(f))) => Err(self.failed(slot, f)),
             Ok(r) => Ok(Some(r)),
             Err(false) if !block => Ok(None),
             Err(false) if self.threaded() => Err(RuntimeError::Timeout {
@@ -399,9 +389,8 @@ impl StagedPipeline {
     }
 
     /// Files a training report; any other kind is a protocol error.
-    fn file(&mut self, r: Report) -> Result<()> {
+    fn file(&mut self, (stage, r): Filed) -> Result<()> {
         let Report::Losses {
-            stage,
             step,
             losses,
             busy,
@@ -546,13 +535,10 @@ impl StagedPipeline {
         let mut got: Vec<Option<Report>> = (0..k).map(|_| None).collect();
         while got.iter().any(|g| g.is_none()) {
             let owing = |p: &Self| format!("{} to return {what}", p.missing(&got));
-            let r = self.next_report(&owing, true)?.expect("blocking");
-            let stage = match &r {
-                Report::Logits { stage, .. }
-                | Report::State { stage, .. }
-                | Report::Loaded { stage } => *stage,
-                other => return Err(unexpected(other, what)),
-            };
+            let (stage, r) = self.next_report(&owing, true)?.expect("blocking");
+            if !matches!(r, Report::Logits { .. } | Report::State(_) | Report::Loaded) {
+                return Err(unexpected(&r, what));
+            }
             let Some(entry) = got.get_mut(stage) else {
                 return Err(RuntimeError::Protocol(format!(
                     "{} returned {what}, which was not asked of it",
@@ -587,9 +573,9 @@ fn unexpected(r: &Report, expected: &str) -> RuntimeError {
     let got = match r {
         Report::Losses { .. } => "training results",
         Report::Logits { .. } => "inference results",
-        Report::State { .. } => "its state",
-        Report::Loaded { .. } => "a load confirmation",
-        Report::Failed { .. } => "a failure",
+        Report::State(_) => "its state",
+        Report::Loaded => "a load confirmation",
+        Report::Failed(_) => "a failure",
     };
     RuntimeError::Protocol(format!(
         "a stage sent {got} while the coordinator expected {expected}"
@@ -751,10 +737,7 @@ impl Network for StagedPipeline {
         let reports = self.request(eval, "inference results", false)?;
         let mut logits = Vec::with_capacity(self.cfg.model.modules);
         for r in reports {
-            if let Report::Logits {
-                step, logits: l, ..
-            } = r
-            {
+            if let Report::Logits { step, logits: l } = r {
                 if step != tag.step {
                     return Err(RuntimeError::Protocol(format!(
                         "inference results of batch {step} arrived for batch {}",
@@ -802,7 +785,7 @@ impl Network for StagedPipeline {
         Ok(reports
             .into_iter()
             .flat_map(|r| match r {
-                Report::State { state, .. } => state,
+                Report::State(state) => state,
                 _ => Vec::new(),
             })
             .collect())

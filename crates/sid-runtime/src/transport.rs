@@ -15,7 +15,7 @@ use sid_dist::Group;
 use tch::{Device, Tensor};
 
 use crate::streams;
-use crate::{Result, RuntimeError};
+use crate::{Failure, Result, RuntimeError};
 
 /// What a message is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,13 +119,11 @@ impl Message {
     }
 }
 
-/// What a stage tells the coordinator.
+/// What a stage tells the coordinator; the transport adds the (0-based) stage it comes from.
 pub enum Report {
     /// A step is done on this stage: its modules' losses (summed over micro-batches, in
     /// module order) and the time the stage spent computing it.
     Losses {
-        /// 0-based stage.
-        stage: usize,
         /// The step.
         step: u64,
         /// Losses of the stage's modules.
@@ -137,35 +135,22 @@ pub enum Report {
     },
     /// Inference: the stage's modules' logits, on the stage's device.
     Logits {
-        /// 0-based stage.
-        stage: usize,
         /// The batch.
         step: u64,
         /// One per module.
         logits: Vec<Tensor>,
     },
     /// Weights and optimiser state, as CPU tensors.
-    State {
-        /// 0-based stage.
-        stage: usize,
-        /// Named tensors.
-        state: Vec<(String, Tensor)>,
-    },
+    State(Vec<(String, Tensor)>),
     /// A load is done.
-    Loaded {
-        /// 0-based stage.
-        stage: usize,
-    },
+    Loaded,
     /// The stage failed and has stopped.
-    Failed {
-        /// 0-based stage.
-        stage: usize,
-        /// 1-based module, when the failure belongs to one.
-        module: Option<usize>,
-        /// What happened.
-        cause: String,
-    },
+    Failed(Failure),
 }
+
+/// A report and the stage it comes from (0-based; to the coordinator, replica r's stage s is
+/// r·K + s).
+pub type Filed = (usize, Report);
 
 /// What a receive found.
 pub enum Received {
@@ -214,7 +199,7 @@ pub struct LocalTransport<'a> {
     /// The next stage's inbox, if any.
     pub next: Option<&'a mut VecDeque<Message>>,
     /// The coordinator's reports.
-    pub reports: &'a mut VecDeque<Report>,
+    pub reports: &'a mut VecDeque<Filed>,
     /// Every stage's gradients waiting to be taken, one queue per stage.
     pub grads: &'a mut [VecDeque<(Tag, Tensor)>],
     /// The stage this one's backward sends its gradient to, if any.
@@ -238,7 +223,7 @@ impl Transport for LocalTransport<'_> {
     }
 
     fn report(&mut self, report: Report) -> Result<()> {
-        self.reports.push_back(report);
+        self.reports.push_back((self.stage, report));
         Ok(())
     }
 
@@ -279,7 +264,7 @@ pub struct ChannelTransport {
     /// To the next stage; `None` on the last.
     pub downstream: Option<Sender<Message>>,
     /// To the coordinator.
-    pub reports: Sender<Report>,
+    pub reports: Sender<Filed>,
     /// Longest wait for the next stage to take a message.
     pub timeout: Duration,
     /// The gradients this stage's backward waits for, each from a later stage (0-based), in
@@ -301,7 +286,7 @@ impl ChannelTransport {
         device: Device,
         upstream: Receiver<Message>,
         downstream: Option<Sender<Message>>,
-        reports: Sender<Report>,
+        reports: Sender<Filed>,
         timeout: Duration,
     ) -> Self {
         Self {
@@ -370,7 +355,7 @@ impl Transport for ChannelTransport {
     fn report(&mut self, report: Report) -> Result<()> {
         streams::sync_device(self.device)?;
         self.reports
-            .send(report)
+            .send((self.stage, report))
             .map_err(|_| RuntimeError::Protocol("the coordinator is gone".into()))
     }
 
