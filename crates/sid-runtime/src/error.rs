@@ -62,5 +62,43 @@ impl From<RuntimeError> for sid_core::CoreError {
     }
 }
 
+/// Why a stage stopped.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// 1-based module, when the failure belongs to one.
+    pub module: Option<usize>,
+    /// What happened.
+    pub cause: String,
+}
+
+impl Failure {
+    /// A failure that belongs to no module.
+    pub(crate) fn new(cause: impl Into<String>) -> Self {
+        Self {
+            module: None,
+            cause: cause.into(),
+        }
+    }
+}
+
+impl From<RuntimeError> for Failure {
+    fn from(e: RuntimeError) -> Self {
+        Self::new(e.to_string())
+    }
+}
+
+impl From<sid_core::CoreError> for Failure {
+    fn from(e: sid_core::CoreError) -> Self {
+        let module = match &e {
+            sid_core::CoreError::NonFiniteLoss { module, .. } => *module,
+            _ => None,
+        };
+        Self {
+            module,
+            cause: e.to_string(),
+        }
+    }
+}
+
 /// Result alias for this crate.
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

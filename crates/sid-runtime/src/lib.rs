@@ -37,7 +37,7 @@ pub mod staged;
 pub mod streams;
 pub mod transport;
 
-pub use error::{Result, RuntimeError};
+pub use error::{Failure, Result, RuntimeError};
 #[cfg(feature = "fault-injection")]
 pub use fault::{Fault, FaultKind};
 pub use links::serve;
@@ -46,4 +46,4 @@ pub use placement::Placement;
 pub use ranks::Ranks;
 pub use setup::{PipelineMethod, StagedConfig};
 pub use staged::{StageMemory, StageStats, StagedPipeline};
-pub use transport::{device_name, Transport};
+pub use transport::device_name;

@@ -37,8 +37,8 @@ use crate::setup::{
     build_runners, cpu_threads_per_stage, spawn_stage, spawn_thread, Engine, PipelineMethod,
     StageThread, StagedConfig,
 };
-use crate::transport::{ChannelTransport, Kind, Message, Report, Tag};
-use crate::{Result, RuntimeError};
+use crate::transport::{ChannelTransport, Filed, Kind, Message, Report, Tag};
+use crate::{Failure, Result, RuntimeError};
 
 /// A link's wait for its peer: links wait as long as the run lasts (a stage may idle while
 /// the coordinator evaluates); a dead peer ends the wait at once, a hung one is caught by the
@@ -101,18 +101,18 @@ const KIND_CODES: [(TKind, i64); 9] = [
     (TKind::BFloat16, 15),
 ];
 
-fn kind_code(k: TKind) -> std::result::Result<i64, String> {
-    let found = KIND_CODES.iter().find(|(kind, _)| *kind == k);
-    found
-        .map(|&(_, c)| c)
-        .ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
+fn kind_code(k: TKind) -> Result<i64, String> {
+    let Some(&(_, c)) = KIND_CODES.iter().find(|(kind, _)| *kind == k) else {
+        return Err(format!("cannot send tensors of kind {k:?}"));
+    };
+    Ok(c)
 }
 
-fn code_kind(c: i64) -> std::result::Result<TKind, String> {
-    let found = KIND_CODES.iter().find(|(_, code)| *code == c);
-    found
-        .map(|&(k, _)| k)
-        .ok_or_else(|| format!("a frame names an unknown tensor kind {c}"))
+fn code_kind(c: i64) -> Result<TKind, String> {
+    let Some(&(k, _)) = KIND_CODES.iter().find(|(_, code)| *code == c) else {
+        return Err(format!("a frame names an unknown tensor kind {c}"));
+    };
+    Ok(k)
 }
 
 /// What a link accepts from its peer: its direction (tag) says which frames may come.
@@ -145,36 +145,44 @@ impl Expect {
     }
 }
 
-/// A tensor a header announces: its kind, its shape, and whether it follows GPU to GPU.
-#[derive(Debug)]
-struct Announced {
-    kind: TKind,
-    size: Vec<i64>,
-    gpu: bool,
-}
-
 const FLOATS: &[TKind] = &[TKind::Float, TKind::Half, TKind::BFloat16, TKind::Double];
+const BYTES: &[TKind] = &[TKind::Uint8];
+
+/// Each kind of frame: the link it travels on ([`DOWN`], [`REPORTS`] or [`GRADS`]; a stop
+/// ends any link) and its tensors' dtypes.
+const LAYOUTS: [(i64, u32, &[&[TKind]]); 11] = [
+    (STOP, 0, &[]),
+    (TRAIN, DOWN, &[FLOATS, FLOATS, &[TKind::Int64]]),
+    (EVAL, DOWN, &[FLOATS, FLOATS]),
+    (STATE, DOWN, &[]),
+    (LOAD, DOWN, &[BYTES]),
+    (LOSSES, REPORTS, &[&[TKind::Double]]),
+    // None for an empty inference batch (no modules on the stage).
+    (LOGITS, REPORTS, &[FLOATS]),
+    (STATE_REPORT, REPORTS, &[BYTES]),
+    (LOADED, REPORTS, &[]),
+    (FAILED, REPORTS, &[BYTES]),
+    (GRAD, GRADS, &[FLOATS]),
+];
 
 /// Reads a header from rank `src` against what its link expects; returns the tensors to
-/// receive, each checked (dtype, shape, bytes) before any is allocated.
-fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<Announced>, String> {
+/// receive, each checked (dtype, shape, bytes) before any is allocated: its kind, its shape,
+/// and whether it follows GPU to GPU.
+fn check_header(h: &[i64], src: usize, e: &Expect) -> Result<Vec<(TKind, Vec<i64>, bool)>, String> {
     let bad = |what: String| format!("rank {src} sent a malformed frame: {what}");
     let kind = h[0];
-    let (allowed, link): (&[i64], &str) = match e.tag {
-        DOWN => (
-            &[STOP, TRAIN, EVAL, STATE, LOAD],
-            "messages down the pipeline",
-        ),
-        REPORTS => (
-            &[STOP, LOSSES, LOGITS, STATE_REPORT, LOADED, FAILED],
-            "reports",
-        ),
-        GRADS => (&[STOP, GRAD], "gradients"),
+    let link = match e.tag {
+        DOWN => "messages down the pipeline",
+        REPORTS => "reports",
+        GRADS => "gradients",
         other => return Err(bad(format!("it came on an unknown link tag {other}"))),
     };
-    if !allowed.contains(&kind) {
+    let layout = LAYOUTS
+        .iter()
+        .find(|&&(k, tag, _)| k == kind && (tag == e.tag || k == STOP));
+    let Some(&(_, _, mut wanted)) = layout else {
         return Err(bad(format!("kind {kind} on a link that carries {link}")));
-    }
+    };
     if h[1] < 0 {
         return Err(bad(format!("step {}", h[1])));
     }
@@ -185,19 +193,9 @@ fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<An
         )));
     }
     let n = n as usize;
-    // Each kind: its tensors' dtypes (an empty list: none).
-    let uint8: &[TKind] = &[TKind::Uint8];
-    let wanted: Vec<&[TKind]> = match kind {
-        STOP | STATE | LOADED => vec![],
-        TRAIN => vec![FLOATS, FLOATS, &[TKind::Int64]],
-        EVAL => vec![FLOATS, FLOATS],
-        LOAD | STATE_REPORT | FAILED => vec![uint8],
-        LOSSES => vec![&[TKind::Double]],
-        LOGITS if h[3] > 0 => vec![FLOATS],
-        LOGITS => vec![],
-        GRAD => vec![FLOATS],
-        _ => unreachable!("checked above"),
-    };
+    if kind == LOGITS && h[3] <= 0 {
+        wanted = &[];
+    }
     if n != wanted.len() {
         return Err(bad(format!(
             "{n} tensors in a frame of kind {kind}, which has {}",
@@ -231,11 +229,9 @@ fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<An
         let size = h[at + 2..at + 2 + dims as usize].to_vec();
         let mut numel: u64 = 1;
         for &d in &size {
-            if d < 0 {
-                return Err(bad(format!("tensor {i} has size {size:?}")));
-            }
+            let d = u64::try_from(d).map_err(|_| bad(format!("tensor {i} has size {size:?}")))?;
             numel = numel
-                .checked_mul(d as u64)
+                .checked_mul(d)
                 .ok_or_else(|| bad(format!("tensor {i} of size {size:?} is too large")))?;
         }
         total = numel
@@ -248,15 +244,11 @@ fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<An
                     e.max_bytes
                 ))
             })?;
-        out.push(Announced {
-            kind: tkind,
-            size,
-            gpu: code >= DIRECT,
-        });
+        out.push((tkind, size, code >= DIRECT));
     }
     // Shapes: a batch's tensors agree on its size; beliefs have one column per class (a
     // backprop stage passes none: an empty tensor).
-    let shape = |i: usize| out[i].size.as_slice();
+    let shape = |i: usize| out[i].1.as_slice();
     let belief = |i: usize, batch: i64| shape(i) == [batch, e.classes] || shape(i) == [0];
     let fits = match kind {
         TRAIN | EVAL => {
@@ -287,7 +279,7 @@ fn send_frame(
     tag: u32,
     f: Frame,
     direct: Option<&Group>,
-) -> std::result::Result<(), String> {
+) -> Result<(), String> {
     let mut h = [0i64; HEADER];
     h[0] = f.kind;
     h[1] = f.step as i64;
@@ -337,13 +329,13 @@ fn recv_frame(
     src: usize,
     expect: &Expect,
     direct: Option<(&Group, Device)>,
-) -> std::result::Result<Frame, String> {
+) -> Result<Frame, String> {
     let tag = expect.tag;
     let mut header = Tensor::zeros([HEADER as i64], (TKind::Int64, Device::Cpu));
     g.recv(&mut header, src, tag, LINK_WAIT).map_err(text)?;
     let h = Vec::<i64>::try_from(&header).map_err(text)?;
     let mut tensors = Vec::new();
-    for Announced { kind, size, gpu } in check_header(&h, src, expect)? {
+    for (kind, size, gpu) in check_header(&h, src, expect)? {
         let (group, peer, t_tag, device) = match (gpu, direct) {
             (true, Some((ng, device @ Device::Cuda(_)))) => (ng, 0, 0, device),
             (true, _) => {
@@ -380,7 +372,7 @@ fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-fn named_to_bytes(named: &[(String, Tensor)]) -> std::result::Result<Tensor, String> {
+fn named_to_bytes(named: &[(String, Tensor)]) -> Result<Tensor, String> {
     let mut buf = Vec::new();
     let cpu: Vec<(String, Tensor)> = named
         .iter()
@@ -390,16 +382,13 @@ fn named_to_bytes(named: &[(String, Tensor)]) -> std::result::Result<Tensor, Str
     Ok(Tensor::from_slice(&buf))
 }
 
-fn bytes_to_named(t: &Tensor) -> std::result::Result<Vec<(String, Tensor)>, String> {
+fn bytes_to_named(t: &Tensor) -> Result<Vec<(String, Tensor)>, String> {
     let b = Vec::<u8>::try_from(t).map_err(text)?;
     Tensor::load_multi_from_stream(Cursor::new(b)).map_err(text)
 }
 
 /// The first `N` tensors of a frame of `what`.
-fn take<const N: usize>(
-    mut tensors: Vec<Tensor>,
-    what: &str,
-) -> std::result::Result<[Tensor; N], String> {
+fn take<const N: usize>(mut tensors: Vec<Tensor>, what: &str) -> Result<[Tensor; N], String> {
     tensors.truncate(N);
     tensors
         .try_into()
@@ -407,7 +396,7 @@ fn take<const N: usize>(
 }
 
 /// The one tensor of a frame of `what`.
-fn one(tensors: Vec<Tensor>, what: &str) -> std::result::Result<Tensor, String> {
+fn one(tensors: Vec<Tensor>, what: &str) -> Result<Tensor, String> {
     take(tensors, what).map(|[t]| t)
 }
 
@@ -421,7 +410,7 @@ fn frame(kind: i64, step: u64, tensors: Vec<Tensor>) -> Frame {
     }
 }
 
-fn message_frame(m: Message) -> std::result::Result<Frame, String> {
+fn message_frame(m: Message) -> Result<Frame, String> {
     Ok(match m {
         Message::Train {
             tag,
@@ -442,7 +431,7 @@ fn message_frame(m: Message) -> std::result::Result<Frame, String> {
     })
 }
 
-fn frame_message(f: Frame) -> std::result::Result<Message, String> {
+fn frame_message(f: Frame) -> Result<Message, String> {
     let tag = |kind| Tag::new(f.step, f.micro, kind);
     Ok(match f.kind {
         TRAIN => {
@@ -475,66 +464,46 @@ fn frame_message(f: Frame) -> std::result::Result<Message, String> {
     })
 }
 
-fn report_frame(r: Report) -> std::result::Result<Frame, String> {
-    let (stage, f) = match r {
+fn report_frame((stage, r): Filed) -> Result<Frame, String> {
+    let f = match r {
         Report::Losses {
-            stage,
             step,
             losses,
             busy,
             forward,
         } => {
             let f = frame(LOSSES, step, vec![Tensor::from_slice(&losses)]);
-            (stage, Frame { busy, forward, ..f })
+            Frame { busy, forward, ..f }
         }
-        Report::Logits {
-            stage,
-            step,
-            logits,
-        } => {
+        Report::Logits { step, logits } => {
             let count = logits.len();
-            let tensors = if count == 0 {
-                Vec::new()
-            } else {
-                vec![Tensor::stack(&logits, 0)]
-            };
-            (
-                stage,
-                Frame {
-                    count,
-                    ..frame(LOGITS, step, tensors)
-                },
-            )
+            let tensors = (count > 0).then(|| Tensor::stack(&logits, 0));
+            Frame {
+                count,
+                ..frame(LOGITS, step, tensors.into_iter().collect())
+            }
         }
-        Report::State { stage, state } => {
-            (stage, frame(STATE_REPORT, 0, vec![named_to_bytes(&state)?]))
-        }
-        Report::Loaded { stage } => (stage, frame(LOADED, 0, Vec::new())),
-        Report::Failed {
-            stage,
-            module,
-            cause,
-        } => {
+        Report::State(state) => frame(STATE_REPORT, 0, vec![named_to_bytes(&state)?]),
+        Report::Loaded => frame(LOADED, 0, Vec::new()),
+        Report::Failed(Failure { module, cause }) => {
             let f = frame(FAILED, 0, vec![Tensor::from_slice(cause.as_bytes())]);
             let aux = module.map_or(0, |m| m as i64);
-            (stage, Frame { aux, ..f })
+            Frame { aux, ..f }
         }
     };
     Ok(Frame { stage, ..f })
 }
 
-/// A report from rank `slot`; its stage becomes that slot (the coordinator's numbering).
-fn frame_report(f: Frame, slot: usize) -> std::result::Result<Report, String> {
+/// A report's own numbers and tensors (the coordinator knows its stage: the rank it came from).
+fn frame_report(f: Frame) -> Result<Report, String> {
     Ok(match f.kind {
         LOSSES => Report::Losses {
-            stage: slot,
             step: f.step,
             losses: Vec::<f64>::try_from(&one(f.tensors, "losses")?).map_err(text)?,
             busy: f.busy,
             forward: f.forward,
         },
         LOGITS => Report::Logits {
-            stage: slot,
             step: f.step,
             logits: if f.count == 0 {
                 Vec::new()
@@ -542,31 +511,27 @@ fn frame_report(f: Frame, slot: usize) -> std::result::Result<Report, String> {
                 one(f.tensors, "logits")?.unbind(0)
             },
         },
-        STATE_REPORT => Report::State {
-            stage: slot,
-            state: bytes_to_named(&one(f.tensors, "state")?)?,
-        },
-        LOADED => Report::Loaded { stage: slot },
-        FAILED => Report::Failed {
-            stage: slot,
+        STATE_REPORT => Report::State(bytes_to_named(&one(f.tensors, "state")?)?),
+        LOADED => Report::Loaded,
+        FAILED => Report::Failed(Failure {
             module: (f.aux > 0).then_some(f.aux as usize),
             cause: String::from_utf8_lossy(
                 &Vec::<u8>::try_from(&one(f.tensors, "failure")?).unwrap_or_default(),
             )
             .into_owned(),
-        },
+        }),
         other => return Err(format!("a report frame of unknown kind {other}")),
     })
 }
 
-fn grad_frame((tag, g): (Tag, Tensor)) -> std::result::Result<Frame, String> {
+fn grad_frame((tag, g): (Tag, Tensor)) -> Result<Frame, String> {
     Ok(Frame {
         micro: tag.micro,
         ..frame(GRAD, tag.step, vec![g])
     })
 }
 
-fn frame_grad(f: Frame) -> std::result::Result<(Tag, Tensor), String> {
+fn frame_grad(f: Frame) -> Result<(Tag, Tensor), String> {
     // The link's header check let only gradients through.
     let tag = Tag::new(f.step, f.micro, Kind::Train);
     Ok((tag, one(f.tensors, "gradient")?))
@@ -582,7 +547,7 @@ fn out_link<T: Send + 'static>(
     dst: usize,
     tag: u32,
     rx: Receiver<T>,
-    encode: fn(T) -> std::result::Result<Frame, String>,
+    encode: fn(T) -> Result<Frame, String>,
     fail: OnFail<'_>,
 ) -> StageThread {
     let on_fail = fail(dst);
@@ -613,7 +578,7 @@ fn in_link<T: Send + 'static>(
     src: usize,
     tag: u32,
     tx: Sender<T>,
-    decode: impl Fn(Frame) -> std::result::Result<T, String> + Send + 'static,
+    decode: impl Fn(Frame) -> Result<T, String> + Send + 'static,
     fail: OnFail<'_>,
 ) -> StageThread {
     let (device, expect, on_fail) = (cfg.devices[0], Expect::new(cfg, tag), fail(src));
@@ -651,7 +616,7 @@ fn run_linked_stage(
     ranks: &Ranks,
     runner: StageRunner,
     s: usize,
-    (upstream, reports): (Receiver<Message>, Sender<Report>),
+    (upstream, reports): (Receiver<Message>, Sender<Filed>),
     fail: OnFail<'_>,
     (outs, ins): &mut (Vec<StageThread>, Vec<StageThread>),
 ) -> StageThread {
@@ -700,15 +665,11 @@ pub(crate) fn spawn_coordinator_links(
         )));
     }
     let cap = cfg.micro_batches.max(1) + 1;
-    let (report_tx, reports) = crossbeam_channel::unbounded::<Report>();
+    let (report_tx, reports) = crossbeam_channel::unbounded::<Filed>();
     let failed_link = |slot: usize| -> Box<dyn FnOnce(String) + Send> {
         let tx = report_tx.clone();
-        Box::new(move |cause: String| {
-            let _ = tx.send(Report::Failed {
-                stage: slot,
-                module: None,
-                cause,
-            });
+        Box::new(move |cause| {
+            let _ = tx.send((slot, Report::Failed(Failure::new(cause))));
         })
     };
     let (first, upstream) = crossbeam_channel::bounded::<Message>(cap);
@@ -725,14 +686,15 @@ pub(crate) fn spawn_coordinator_links(
         firsts.push(tx);
     }
     for src in 1..ranks.world.world() {
-        let decode = move |f| frame_report(f, src);
+        let decode = move |f| frame_report(f).map(|r| (src, r));
         let tx = report_tx.clone();
         threads.push(in_link(cfg, ranks, src, REPORTS, tx, decode, &failed_link));
     }
     threads.extend(links.0.into_iter().chain(links.1));
-    Ok(Engine::Threads {
+    Ok(Engine {
         firsts,
         reports,
+        local: Vec::new(),
         threads,
     })
 }
@@ -761,7 +723,7 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         })
     };
     let (up_tx, upstream) = crossbeam_channel::bounded::<Message>(cap);
-    let (report_tx, report_rx) = crossbeam_channel::unbounded::<Report>();
+    let (report_tx, report_rx) = crossbeam_channel::unbounded::<Filed>();
     let src = if s == 0 { 0 } else { me - 1 };
     let reports_out = out_link(ranks, 0, REPORTS, report_rx, report_frame, &on_fail);
     let down_in = in_link(cfg, ranks, src, DOWN, up_tx, frame_message, &on_fail);
@@ -853,24 +815,19 @@ mod tests {
         assert!(input.equal(&x) && labels.equal(&y));
 
         let named = vec![("a.w".to_string(), x.shallow_clone())];
-        let f = report_frame(Report::State {
-            stage: 0,
-            state: named,
-        })
-        .unwrap();
-        let Report::State { stage, state } = frame_report(f, 3).unwrap() else {
+        let f = report_frame((0, Report::State(named))).unwrap();
+        let Report::State(state) = frame_report(f).unwrap() else {
             panic!("not a state report")
         };
-        assert_eq!((stage, state[0].0.as_str()), (3, "a.w"));
+        assert_eq!(state[0].0.as_str(), "a.w");
         assert!(state[0].1.equal(&x));
 
-        let f = report_frame(Report::Failed {
-            stage: 1,
+        let failure = Failure {
             module: Some(4),
             cause: "boom".into(),
-        })
-        .unwrap();
-        let Report::Failed { module, cause, .. } = frame_report(f, 1).unwrap() else {
+        };
+        let f = report_frame((1, Report::Failed(failure))).unwrap();
+        let Report::Failed(Failure { module, cause }) = frame_report(f).unwrap() else {
             panic!("not a failure")
         };
         assert_eq!((module, cause.as_str()), (Some(4), "boom"));

@@ -6,7 +6,7 @@
 //!
 //! Unlike staged SID, the extractor needs every module's `∂L/∂z` for a micro-batch before its
 //! backward: module stages send their summed gradient straight to stage 1
-//! ([`crate::Transport::send_grad`]), and stage 1 forwards micro-batch j+1 before it
+//! ([`crate::transport::ChannelTransport::send_grad`]), and stage 1 forwards micro-batch j+1 before it
 //! waits for micro-batch j's gradients, so its forward overlaps the modules' work. A step still
 //! flushes: the extractor steps its optimiser only after the last micro-batch's backward.
 
@@ -29,11 +29,11 @@ pub struct ModuleBlock {
     /// The fused schedule: each module's local-step forward, detached, is the next module's
     /// teacher (one forward per module instead of two; the same values).
     fused: bool,
-    /// Between [`ModuleBlock::forward_micro`] and [`ModuleBlock::backward_micro`]: the
+    /// Between a micro-batch's forward and its backward: the
     /// features, each module's teacher belief (the reference schedule; the fused one keeps
     /// its forwards in the modules instead) and the label target.
     pending: Option<(Tensor, Option<Vec<Tensor>>, LabelTarget)>,
-    /// The pending micro-batch's share of the batch, when run as a [`Unit`].
+    /// The pending micro-batch's share of the batch.
     scale: f64,
 }
 
@@ -51,51 +51,6 @@ impl ModuleBlock {
             scale: 1.0,
         }
     }
-
-    /// Phase 1 of one micro-batch on `z` (detached features): the block's teacher chain from
-    /// `p_in`, kept for [`ModuleBlock::backward_micro`] (fused: the local steps' forwards,
-    /// their graphs kept). Returns the belief leaving the block, which the next block needs at
-    /// once.
-    pub fn forward_micro(&mut self, z: &Tensor, p_in: &Tensor, labels: &Tensor) -> Tensor {
-        let _span = tracing::trace_span!("phase1", stage = self.stage + 1).entered();
-        let target = self.modules[0].label_target(labels);
-        if self.fused {
-            let mut p = p_in.detach();
-            for m in &mut self.modules {
-                p = m.accumulate_forward(&p, z);
-            }
-            self.pending = Some((z.shallow_clone(), None, target));
-            return p;
-        }
-        let (teachers, p_out) = teacher_chain(self.modules.iter(), p_in.detach(), z);
-        self.pending = Some((z.shallow_clone(), Some(teachers), target));
-        p_out
-    }
-
-    /// Phase 2 of the pending micro-batch: every module's local step, its gradient scaled by
-    /// `scale` and added to the module's until [`ModuleBlock::apply`]. Returns the scaled
-    /// losses [n] and `Σ ∂L_i/∂z` over the block, summed in module order.
-    pub fn backward_micro(&mut self, scale: f64) -> sid_core::Result<(Tensor, Tensor)> {
-        let _span = tracing::trace_span!("phase2", stage = self.stage + 1).entered();
-        let (z, teachers, target) = self.pending.take().ok_or_else(|| {
-            sid_core::CoreError::InvalidConfig(format!(
-                "stage {}: backward without a forward",
-                self.stage + 1
-            ))
-        })?;
-        let mut losses = Vec::with_capacity(self.modules.len());
-        let mut grad_z = None;
-        for (i, m) in self.modules.iter_mut().enumerate() {
-            let out = match &teachers {
-                Some(t) => m.accumulate_step(&t[i], &z, &target, scale)?,
-                None => m.accumulate_backward(&target, scale)?,
-            };
-            losses.push(out.loss);
-            grad_z = Some(sid_core::unit::add_next(grad_z, out.grad_z));
-        }
-        let grad_z = grad_z.expect("a block has at least one module");
-        Ok((Tensor::f_stack(&losses, 0)?, grad_z))
-    }
 }
 
 impl Unit for ModuleBlock {
@@ -108,22 +63,52 @@ impl Unit for ModuleBlock {
         start..start + self.modules.len()
     }
 
-    /// Phase 1 (graph-free) passed on at once: the features unchanged, the block's last belief.
+    /// Phase 1 of one micro-batch on `z` (detached features): the block's teacher chain from
+    /// `p`, kept for the backward (fused: the local steps' forwards, their graphs kept). The
+    /// features go on at once, unchanged, with the belief leaving the block.
     fn forward(&mut self, _micro: usize, mb: MicroBatch<'_>) -> sid_core::Result<Option<Passed>> {
         self.scale = mb.scale;
-        let p = self.forward_micro(mb.input, mb.p, mb.labels);
-        Ok(Some(Passed {
-            input: mb.input.shallow_clone(),
-            p,
-        }))
+        let _span = tracing::trace_span!("phase1", stage = self.stage + 1).entered();
+        let (z, target) = (mb.input, self.modules[0].label_target(mb.labels));
+        let (teachers, p) = if self.fused {
+            let mut p = mb.p.detach();
+            for m in &mut self.modules {
+                p = m.accumulate_forward(&p, z);
+            }
+            (None, p)
+        } else {
+            let (teachers, p) = teacher_chain(self.modules.iter(), mb.p.detach(), z);
+            (Some(teachers), p)
+        };
+        self.pending = Some((z.shallow_clone(), teachers, target));
+        let input = z.shallow_clone();
+        Ok(Some(Passed { input, p }))
     }
 
-    /// Phase 2, whose gradient at `z` goes straight to the extractor.
+    /// Phase 2 of the pending micro-batch: every module's local step, its gradient scaled by
+    /// the micro-batch's share and added to the module's until [`Unit::apply`]. Its losses [n],
+    /// and `Σ ∂L_i/∂z` over the block, summed in module order, straight to the extractor.
     fn backward(&mut self, _micro: usize, _grad: Option<&Tensor>) -> sid_core::Result<Backward> {
-        let (losses, grad_z) = self.backward_micro(self.scale)?;
+        let _span = tracing::trace_span!("phase2", stage = self.stage + 1).entered();
+        let (z, teachers, target) = self.pending.take().ok_or_else(|| {
+            sid_core::CoreError::InvalidConfig(format!(
+                "stage {}: backward without a forward",
+                self.stage + 1
+            ))
+        })?;
+        let mut losses = Vec::with_capacity(self.modules.len());
+        let mut grad_z = None;
+        for (i, m) in self.modules.iter_mut().enumerate() {
+            let out = match &teachers {
+                Some(t) => m.accumulate_step(&t[i], &z, &target, self.scale)?,
+                None => m.accumulate_backward(&target, self.scale)?,
+            };
+            losses.push(out.loss);
+            grad_z = Some(sid_core::unit::add_next(grad_z, out.grad_z));
+        }
         Ok(Backward {
-            grad: Some(grad_z),
-            losses: Some(losses),
+            grad: Some(grad_z.expect("a block has at least one module")),
+            losses: Some(Tensor::f_stack(&losses, 0)?),
         })
     }
 
@@ -316,8 +301,14 @@ mod tests {
                 let y = Tensor::randint(3, [5], (Kind::Int64, Device::Cpu));
                 let mut p = sid_core::belief::uniform_belief(5, 3, Device::Cpu);
                 for b in &mut blocks {
-                    p = b.forward_micro(&z, &p, &y);
-                    let _ = b.backward_micro(1.0 / micro as f64).unwrap();
+                    let mb = MicroBatch {
+                        input: &z,
+                        p: &p,
+                        labels: &y,
+                        scale: 1.0 / micro as f64,
+                    };
+                    p = b.forward(0, mb).unwrap().unwrap().p;
+                    let _ = b.backward(0, None).unwrap();
                 }
             }
             blocks.iter_mut().for_each(ModuleBlock::apply);

@@ -26,55 +26,8 @@ use tch::Tensor;
 #[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{Op, Schedule};
-use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
-
-/// Why a stage stopped.
-#[derive(Debug)]
-pub struct Failure {
-    /// 1-based module, when the failure belongs to one.
-    pub module: Option<usize>,
-    /// What happened.
-    pub cause: String,
-}
-
-impl Failure {
-    /// A failure that belongs to no module.
-    pub(crate) fn new(cause: impl Into<String>) -> Self {
-        Self {
-            module: None,
-            cause: cause.into(),
-        }
-    }
-}
-
-/// What a caught panic said, for the error that names the stage.
-pub(crate) fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
-    let msg = panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".into());
-    format!("panicked: {msg}")
-}
-
-impl From<crate::RuntimeError> for Failure {
-    fn from(e: crate::RuntimeError) -> Self {
-        Self::new(e.to_string())
-    }
-}
-
-impl From<sid_core::CoreError> for Failure {
-    fn from(e: sid_core::CoreError) -> Self {
-        let module = match &e {
-            sid_core::CoreError::NonFiniteLoss { module, .. } => *module,
-            _ => None,
-        };
-        Self {
-            module,
-            cause: e.to_string(),
-        }
-    }
-}
+use crate::transport::{ChannelTransport, Kind, Message, Received, Report, Tag};
+use crate::Failure;
 
 /// The step in progress on a stage.
 #[derive(Default)]
@@ -201,8 +154,7 @@ impl StageRunner {
     }
 
     /// Handles one message.
-    pub fn handle(&mut self, msg: Message, t: &mut dyn Transport) -> Result<(), Failure> {
-        let index = self.unit.stage();
+    pub fn handle(&mut self, msg: Message, t: &mut ChannelTransport) -> Result<(), Failure> {
         match msg {
             Message::Train {
                 tag, micro_batches, ..
@@ -210,7 +162,7 @@ impl StageRunner {
                 self.take_in_order(tag, micro_batches)?;
                 let _span = tracing::info_span!(
                     "stage_micro",
-                    stage = index + 1,
+                    stage = self.unit.stage() + 1,
                     step = tag.step,
                     micro = tag.micro
                 )
@@ -228,7 +180,6 @@ impl StageRunner {
                     })?;
                 }
                 t.report(Report::Logits {
-                    stage: index,
                     step: tag.step,
                     logits: out.logits,
                 })
@@ -236,10 +187,7 @@ impl StageRunner {
             }
             Message::State { tag } => {
                 self.idle("a state request")?;
-                t.report(Report::State {
-                    stage: index,
-                    state: self.unit.state(),
-                })?;
+                t.report(Report::State(self.unit.state()))?;
                 t.send_down(Message::State { tag }).map_err(Failure::from)
             }
             Message::Load { tag, named } => {
@@ -252,8 +200,7 @@ impl StageRunner {
                 );
                 self.unit.load_state(&mine)?;
                 t.send_down(Message::Load { tag, named })?;
-                t.report(Report::Loaded { stage: index })
-                    .map_err(Failure::from)
+                t.report(Report::Loaded).map_err(Failure::from)
             }
         }
     }
@@ -291,14 +238,13 @@ impl StageRunner {
         Ok(())
     }
 
-    /// Runs the step's operations from where it stopped, `arrived` being the training
+    /// Runs the step's operations from where it stopped, `msg` being the training
     /// micro-batch the next forward takes, until a forward needs one more or a backward a gradient not sent
     /// yet (it returns to wait for it) or the list ends (the optimiser step and the report).
-    fn run(&mut self, t: &mut dyn Transport, mut arrived: Option<Message>) -> Result<(), Failure> {
+    fn run(&mut self, t: &mut ChannelTransport, mut msg: Option<Message>) -> Result<(), Failure> {
         let started = Instant::now();
         let mut waiting = Duration::ZERO;
         let mut s = self.current.take().expect("a step in progress");
-        let index = self.unit.stage();
         while let Some(&op) = s.ops.get(s.next_op) {
             match op {
                 Op::Forward(j) => {
@@ -310,7 +256,7 @@ impl StageRunner {
                         labels,
                         scale,
                         ..
-                    }) = s.early.take().or_else(|| arrived.take())
+                    }) = s.early.take().or_else(|| msg.take())
                     else {
                         break;
                     };
@@ -361,7 +307,7 @@ impl StageRunner {
                     let got = self.gradients_for(t, &mut s, j)?;
                     waiting += w.elapsed();
                     let Some(grad) = got else {
-                        s.early = s.early.take().or(arrived.take());
+                        s.early = s.early.take().or(msg.take());
                         break;
                     };
                     let b = match op {
@@ -398,7 +344,6 @@ impl StageRunner {
         };
         s.busy += started.elapsed().saturating_sub(waiting);
         t.report(Report::Losses {
-            stage: index,
             step: s.step,
             losses,
             busy: s.busy,
@@ -412,7 +357,7 @@ impl StageRunner {
     /// sent yet (stages in one thread).
     fn gradients_for(
         &mut self,
-        t: &mut dyn Transport,
+        t: &mut ChannelTransport,
         s: &mut Step,
         j: usize,
     ) -> Result<Option<Option<Tensor>>, Failure> {
@@ -480,7 +425,7 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// rest of it, then fails naming the stage it waited for.
 pub fn drive(
     runner: &mut StageRunner,
-    t: &mut dyn Transport,
+    t: &mut ChannelTransport,
     timeout: Duration,
     local: bool,
 ) -> Result<(), Failure> {
