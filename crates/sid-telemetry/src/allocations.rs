@@ -64,9 +64,7 @@ pub struct AllocOwner {
 /// While alive, the thread's libtorch allocations are charged to one owner. Not `Send`: it
 /// must end on the thread that began it.
 #[must_use = "allocations are charged only while the scope lives"]
-pub struct OwnerScope {
-    _thread: PhantomData<*const ()>,
-}
+pub struct OwnerScope(PhantomData<*const ()>);
 
 /// Calls a shim function; a non-zero code becomes the C++ message.
 fn call(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), TelemetryError> {
@@ -93,9 +91,7 @@ impl AllocOwner {
     pub fn enter(&self) -> Result<OwnerScope, TelemetryError> {
         // SAFETY: a buffer of `len` bytes; the shim catches every C++ exception.
         call(|err, len| unsafe { sid_alloc_enter(self.id, err, len) })?;
-        Ok(OwnerScope {
-            _thread: PhantomData,
-        })
+        Ok(OwnerScope(PhantomData))
     }
 
     /// What the owner holds now and at its peak.
@@ -105,10 +101,8 @@ impl AllocOwner {
             // SAFETY: two valid out-pointers; the shim takes its lock and cannot throw.
             unsafe { sid_alloc_counts(self.id, &mut held, &mut peak) };
         }
-        AllocCounts {
-            held: held.max(0) as u64,
-            peak: peak.max(0) as u64,
-        }
+        let (held, peak) = (held.max(0) as u64, peak.max(0) as u64);
+        AllocCounts { held, peak }
     }
 
     /// Starts a new peak from what the owner holds now.

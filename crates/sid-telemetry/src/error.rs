@@ -1,5 +1,7 @@
 //! The error type of measurements.
 
+use std::ffi::{c_char, CStr};
+
 use nvml_wrapper::error::NvmlError;
 
 /// Why a measurement could not be taken.
@@ -47,15 +49,13 @@ impl TelemetryError {
 
 /// Calls a C++ shim function with a message buffer (`sid_shim.h`'s convention): 0 is success,
 /// anything else comes back as the exception's message.
-pub(crate) fn call_shim(
-    f: impl FnOnce(*mut std::ffi::c_char, usize) -> i32,
-) -> std::result::Result<(), String> {
-    let mut err = [0 as std::ffi::c_char; 512];
+pub(crate) fn call_shim(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), String> {
+    let mut err = [0 as c_char; 512];
     if f(err.as_mut_ptr(), err.len()) == 0 {
         return Ok(());
     }
     // SAFETY: the shim NUL-terminates what it writes; the buffer starts zeroed.
-    let message = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+    let message = unsafe { CStr::from_ptr(err.as_ptr()) };
     Err(message.to_string_lossy().into_owned())
 }
 

@@ -2,10 +2,13 @@
 //! process's resident set on the CPU (peak resettable through `/proc/self/clear_refs`).
 
 use std::ffi::c_char;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
+use crate::nvml::GpuMonitor;
 use crate::TelemetryError;
 
 /// The CUDA caching allocator's counters for one device, in bytes.
@@ -45,15 +48,14 @@ fn call_shim(
     device: usize,
     f: impl FnOnce(*mut c_char, usize) -> i32,
 ) -> Result<(), TelemetryError> {
+    let unavailable = TelemetryError::CudaStatsUnavailable;
     if !cuda_stats_compiled() {
-        return Err(TelemetryError::CudaStatsUnavailable(
+        return Err(unavailable(
             "this build has no allocator shim (CUDA headers were not found)",
         ));
     }
     if !tch::Cuda::is_available() {
-        return Err(TelemetryError::CudaStatsUnavailable(
-            "CUDA is not available",
-        ));
+        return Err(unavailable("CUDA is not available"));
     }
     crate::error::call_shim(f).map_err(|message| TelemetryError::CudaStats { device, message })
 }
@@ -62,20 +64,12 @@ fn call_shim(
 /// or with the C++ exception's message when libtorch refuses.
 pub fn cuda_memory(index: usize) -> Result<CudaMemory, TelemetryError> {
     let mut m = CudaMemory::default();
-    call_shim(index, |err, len| {
-        // SAFETY: four valid out-pointers and a buffer of `len` bytes; the shim catches
-        // every C++ exception.
-        unsafe {
-            sid_cuda_memory_stats(
-                index as i32,
-                &mut m.allocated,
-                &mut m.peak_allocated,
-                &mut m.reserved,
-                &mut m.peak_reserved,
-                err,
-                len,
-            )
-        }
+    let (a, pa) = (&mut m.allocated, &mut m.peak_allocated);
+    let (r, pr) = (&mut m.reserved, &mut m.peak_reserved);
+    // SAFETY: four valid out-pointers and a buffer of `len` bytes; the shim catches every C++
+    // exception.
+    call_shim(index, |err, len| unsafe {
+        sid_cuda_memory_stats(index as i32, a, pa, r, pr, err, len)
     })?;
     Ok(m)
 }
@@ -119,39 +113,38 @@ pub fn heap_in_use_bytes() -> u64 {
 /// Samples [`heap_in_use_bytes`] from a background thread every few microseconds and keeps the
 /// maximum: the peak of live CPU memory during a piece of work.
 pub struct HeapPeak {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     // The running peak, shared so a caller can wait until a sample has seen its work.
-    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    thread: std::thread::JoinHandle<u64>,
+    peak: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl HeapPeak {
     /// Starts sampling.
     pub fn start() -> Self {
-        use std::sync::atomic::Ordering::Relaxed;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(heap_in_use_bytes()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(heap_in_use_bytes()));
         let (flag, seen) = (stop.clone(), peak.clone());
         let thread = std::thread::spawn(move || {
             while !flag.load(Relaxed) {
                 seen.fetch_max(heap_in_use_bytes(), Relaxed);
                 std::thread::sleep(std::time::Duration::from_micros(20));
             }
+            // One last sample once stopped.
             seen.fetch_max(heap_in_use_bytes(), Relaxed);
-            seen.load(Relaxed)
         });
         Self { stop, peak, thread }
     }
 
     /// The peak seen so far, in bytes (sampling goes on).
     pub fn peak_so_far(&self) -> u64 {
-        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+        self.peak.load(Relaxed)
     }
 
     /// Stops sampling and returns the peak seen, in bytes.
     pub fn finish(self) -> u64 {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().unwrap_or(0)
+        self.stop.store(true, Relaxed);
+        self.thread.join().map_or(0, |()| self.peak.load(Relaxed))
     }
 }
 
@@ -172,7 +165,7 @@ pub struct DevicePeak {
 /// read (a build without the C++ shim), NVML's figure for this process is the fallback.
 pub struct PeakTracker {
     devices: Vec<Device>,
-    nvml: Option<crate::nvml::GpuMonitor>,
+    nvml: Option<GpuMonitor>,
 }
 
 impl PeakTracker {
@@ -185,9 +178,7 @@ impl PeakTracker {
             }
         }
         let fallback = d.iter().any(|x| x.is_cuda()) && !cuda_stats_compiled();
-        let nvml = fallback
-            .then(crate::nvml::GpuMonitor::open)
-            .and_then(Result::ok);
+        let nvml = fallback.then(GpuMonitor::open).and_then(Result::ok);
         Self { devices: d, nvml }
     }
 

@@ -69,14 +69,12 @@ impl GpuMonitor {
             .memory_info()
             .map_err(TelemetryError::nvml(format!("memory of {index}")))?;
         let pid = std::process::id();
-        let process_memory = d.running_compute_processes().ok().and_then(|ps| {
-            ps.into_iter()
-                .find(|p| p.pid == pid)
-                .and_then(|p| match p.used_gpu_memory {
-                    UsedGpuMemory::Used(b) => Some(b),
-                    UsedGpuMemory::Unavailable => None,
-                })
-        });
+        let processes = d.running_compute_processes().unwrap_or_default();
+        let mine = processes.into_iter().find(|p| p.pid == pid);
+        let process_memory = match mine.map(|p| p.used_gpu_memory) {
+            Some(UsedGpuMemory::Used(bytes)) => Some(bytes),
+            _ => None,
+        };
         Ok(GpuSample {
             index,
             memory_used: mem.used,

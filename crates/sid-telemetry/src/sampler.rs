@@ -7,8 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -50,7 +49,8 @@ pub struct TelemetrySummary {
 
 /// A running sampler; [`Sampler::stop`] ends it and returns the peaks.
 pub struct Sampler {
-    stop: Arc<AtomicBool>,
+    /// A message (or its end) stops the thread.
+    stop: Sender<()>,
     thread: Option<JoinHandle<TelemetrySummary>>,
 }
 
@@ -69,54 +69,45 @@ impl Sampler {
             Ok(_) => (None, Some(crate::TelemetryError::NoGpu)),
             Err(e) => (None, Some(e)),
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
+        let (stop, stopped) = mpsc::channel();
+        let sampling = std::thread::Builder::new()
             .name("sid-telemetry".into())
             .spawn(move || {
                 let started = Instant::now();
                 let mut summary = TelemetrySummary::default();
+                // A sample, then the interval unless stop() (or a drop) ends it at once.
                 loop {
                     record(&mut summary, &mut file, &take(&monitor, started, rank));
-                    // Sleep in small slices so that stop() returns promptly.
-                    let until = Instant::now() + interval;
-                    while Instant::now() < until {
-                        if flag.load(Ordering::SeqCst) {
-                            // The final sample covers the time since the last tick, which
-                            // would otherwise be missing from the file and the summary.
-                            record(&mut summary, &mut file, &take(&monitor, started, rank));
-                            let _ = file.flush();
-                            return summary;
-                        }
-                        std::thread::sleep(Duration::from_millis(5).min(interval));
+                    if stopped.recv_timeout(interval) != Err(RecvTimeoutError::Timeout) {
+                        break;
                     }
                 }
+                // The final sample covers the time since the last tick, which would otherwise
+                // be missing from the file and the summary.
+                record(&mut summary, &mut file, &take(&monitor, started, rank));
+                let _ = file.flush();
+                summary
             })?;
-        Ok((
-            Self {
-                stop,
-                thread: Some(thread),
-            },
-            off,
-        ))
+        let thread = Some(sampling);
+        Ok((Self { stop, thread }, off))
     }
 
     /// Stops sampling (one last sample is written) and returns the peaks.
     pub fn stop(mut self) -> TelemetrySummary {
-        self.stop.store(true, Ordering::SeqCst);
-        self.thread
-            .take()
-            .and_then(|t| t.join().ok())
-            .unwrap_or_default()
+        self.finish()
+    }
+
+    /// Ends the thread and returns its summary (the default once it has ended).
+    fn finish(&mut self) -> TelemetrySummary {
+        let _ = self.stop.send(());
+        let thread = self.thread.take();
+        thread.and_then(|t| t.join().ok()).unwrap_or_default()
     }
 }
 
 impl Drop for Sampler {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.finish();
     }
 }
 
