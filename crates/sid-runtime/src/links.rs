@@ -756,13 +756,10 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         return Err(RuntimeError::Link(e));
     }
     if let Some(cause) = cause {
+        let device = ranks.names.get(me).cloned();
         return Err(RuntimeError::Stage {
             stage: s + 1,
-            device: ranks
-                .names
-                .get(me)
-                .cloned()
-                .unwrap_or_else(|| format!("rank {me}")),
+            device: device.unwrap_or_else(|| format!("rank {me}")),
             module: None,
             cause,
         });

@@ -74,10 +74,9 @@ pub struct StageRunner {
     /// The last step begun.
     step: u64,
     current: Option<Step>,
-    #[cfg(feature = "fault-injection")]
-    fault: Option<Fault>,
-    /// Longest wait for a gradient inside a step.
-    timeout: Duration,
+    /// Its timeout, CUDA graphs and injected fault (tests; it strikes when it names this
+    /// stage).
+    settings: RunnerSettings,
     /// A staged-SID stage on a GPU with one micro-batch: each step replayed from a CUDA graph
     /// of its own ([`GraphedStep::stage`]).
     cuda_graph: Option<GraphedStep<(StageOutput, Tensor)>>,
@@ -103,8 +102,6 @@ impl StageRunner {
         memory: Option<AllocOwner>,
     ) -> Self {
         Self {
-            #[cfg(feature = "fault-injection")]
-            fault: settings.fault.filter(|f| f.worker == unit.stage()),
             cuda_graph: (settings.cuda_graph && unit.as_stage_mut().is_some())
                 .then(GraphedStep::on_first_gpu_step),
             unit,
@@ -112,7 +109,7 @@ impl StageRunner {
             stages,
             step: 0,
             current: None,
-            timeout: settings.timeout,
+            settings,
             memory,
             queue_losses: false,
             queued: None,
@@ -364,7 +361,7 @@ impl StageRunner {
         let index = self.unit.stage();
         let step = s.step;
         for w in s.grads_got..self.unit.grads_needed() {
-            let Some((tag, g)) = t.recv_grad(self.timeout)? else {
+            let Some((tag, g)) = t.recv_grad(self.settings.timeout)? else {
                 return Ok(None);
             };
             if tag.step != step || tag.micro != j {
@@ -386,7 +383,9 @@ impl StageRunner {
     /// The injected fault of this stage at `step`, if any (tests); otherwise `input` as is.
     fn strike(&self, step: u64, input: Tensor) -> Result<Tensor, Failure> {
         #[cfg(feature = "fault-injection")]
-        match self.fault.filter(|f| f.step == step).map(|f| f.kind) {
+        let here = |f: &Fault| f.worker == self.unit.stage() && f.step == step;
+        #[cfg(feature = "fault-injection")]
+        match self.settings.fault.filter(here).map(|f| f.kind) {
             Some(FaultKind::Panic) => panic!("injected fault at step {step}"),
             Some(FaultKind::Error) => {
                 return Err(Failure::new(format!("injected error at step {step}")))

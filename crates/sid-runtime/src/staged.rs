@@ -401,13 +401,12 @@ impl StagedPipeline {
                 })
                 .collect();
             let loss = losses.iter().sum();
+            // Backprop has one loss, not one per module.
+            let bp = matches!(self.cfg.method, PipelineMethod::Bp(_));
+            let module_losses = if bp { Vec::new() } else { losses };
             self.done.push_back(StepStats {
                 loss,
-                // Backprop has one loss, not one per module.
-                module_losses: match self.cfg.method {
-                    PipelineMethod::Sid | PipelineMethod::Paper => losses,
-                    PipelineMethod::Bp(_) => Vec::new(),
-                },
+                module_losses,
             });
         }
         Ok(())
