@@ -5,8 +5,6 @@ mod export;
 mod launch;
 mod predict;
 mod progress;
-#[cfg(test)]
-mod usage;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -498,3 +496,7 @@ fn hint(e: TrainError, cfg: &sid_train::RunConfig) -> anyhow::Error {
         e.into()
     }
 }
+
+// Checks docs/usage.md against `--help`.
+#[cfg(test)]
+mod usage;

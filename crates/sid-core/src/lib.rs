@@ -96,8 +96,6 @@ pub mod init;
 pub mod loss;
 pub mod network;
 pub mod precision;
-#[cfg(test)]
-mod reference;
 pub mod stage;
 pub mod torch_names;
 pub mod unit;
@@ -114,6 +112,9 @@ pub use network::{
 pub use precision::Precision;
 pub use stage::{Stage, StageCosts, StagePlan, StageSpec};
 pub use unit::{ExtractorUnit, LocalOutput, ModuleUnit};
+
+#[cfg(test)]
+mod reference;
 
 /// Serialises tests that use libtorch's global RNG: a seed only fixes what is drawn after it
 /// if no other test thread draws in between.
