@@ -46,4 +46,4 @@ pub use placement::Placement;
 pub use ranks::Ranks;
 pub use setup::{PipelineMethod, StagedConfig};
 pub use staged::{StageMemory, StageStats, StagedPipeline};
-pub use transport::device_name;
+pub use transport::{device_name, Transport};

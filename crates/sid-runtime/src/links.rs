@@ -101,18 +101,20 @@ const KIND_CODES: [(TKind, i64); 9] = [
     (TKind::BFloat16, 15),
 ];
 
-fn kind_code(k: TKind) -> Result<i64, String> {
-    let Some(&(_, c)) = KIND_CODES.iter().find(|(kind, _)| *kind == k) else {
-        return Err(format!("cannot send tensors of kind {k:?}"));
-    };
-    Ok(c)
+fn kind_code(k: TKind) -> std::result::Result<i64, String> {
+    let found = KIND_CODES
+        .iter()
+        .find(|(kind, _)| *kind == k)
+        .map(|&(_, c)| c);
+    found.ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
 }
 
-fn code_kind(c: i64) -> Result<TKind, String> {
-    let Some(&(k, _)) = KIND_CODES.iter().find(|(_, code)| *code == c) else {
-        return Err(format!("a frame names an unknown tensor kind {c}"));
-    };
-    Ok(k)
+fn code_kind(c: i64) -> std::result::Result<TKind, String> {
+    let found = KIND_CODES
+        .iter()
+        .find(|(_, code)| *code == c)
+        .map(|&(k, _)| k);
+    found.ok_or_else(|| format!("a frame names an unknown tensor kind {c}"))
 }
 
 /// What a link accepts from its peer: its direction (tag) says which frames may come.
@@ -145,6 +147,14 @@ impl Expect {
     }
 }
 
+/// A tensor a header announces: its kind, its shape, and whether it follows GPU to GPU.
+#[derive(Debug)]
+struct Announced {
+    kind: TKind,
+    size: Vec<i64>,
+    gpu: bool,
+}
+
 const FLOATS: &[TKind] = &[TKind::Float, TKind::Half, TKind::BFloat16, TKind::Double];
 const BYTES: &[TKind] = &[TKind::Uint8];
 
@@ -166,9 +176,8 @@ const LAYOUTS: [(i64, u32, &[&[TKind]]); 11] = [
 ];
 
 /// Reads a header from rank `src` against what its link expects; returns the tensors to
-/// receive, each checked (dtype, shape, bytes) before any is allocated: its kind, its shape,
-/// and whether it follows GPU to GPU.
-fn check_header(h: &[i64], src: usize, e: &Expect) -> Result<Vec<(TKind, Vec<i64>, bool)>, String> {
+/// receive, each checked (dtype, shape, bytes) before any is allocated.
+fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<Announced>, String> {
     let bad = |what: String| format!("rank {src} sent a malformed frame: {what}");
     let kind = h[0];
     let link = match e.tag {
@@ -244,11 +253,15 @@ fn check_header(h: &[i64], src: usize, e: &Expect) -> Result<Vec<(TKind, Vec<i64
                     e.max_bytes
                 ))
             })?;
-        out.push((tkind, size, code >= DIRECT));
+        out.push(Announced {
+            kind: tkind,
+            size,
+            gpu: code >= DIRECT,
+        });
     }
     // Shapes: a batch's tensors agree on its size; beliefs have one column per class (a
     // backprop stage passes none: an empty tensor).
-    let shape = |i: usize| out[i].1.as_slice();
+    let shape = |i: usize| out[i].size.as_slice();
     let belief = |i: usize, batch: i64| shape(i) == [batch, e.classes] || shape(i) == [0];
     let fits = match kind {
         TRAIN | EVAL => {
@@ -279,7 +292,7 @@ fn send_frame(
     tag: u32,
     f: Frame,
     direct: Option<&Group>,
-) -> Result<(), String> {
+) -> std::result::Result<(), String> {
     let mut h = [0i64; HEADER];
     h[0] = f.kind;
     h[1] = f.step as i64;
@@ -329,13 +342,13 @@ fn recv_frame(
     src: usize,
     expect: &Expect,
     direct: Option<(&Group, Device)>,
-) -> Result<Frame, String> {
+) -> std::result::Result<Frame, String> {
     let tag = expect.tag;
     let mut header = Tensor::zeros([HEADER as i64], (TKind::Int64, Device::Cpu));
     g.recv(&mut header, src, tag, LINK_WAIT).map_err(text)?;
     let h = Vec::<i64>::try_from(&header).map_err(text)?;
     let mut tensors = Vec::new();
-    for (kind, size, gpu) in check_header(&h, src, expect)? {
+    for Announced { kind, size, gpu } in check_header(&h, src, expect)? {
         let (group, peer, t_tag, device) = match (gpu, direct) {
             (true, Some((ng, device @ Device::Cuda(_)))) => (ng, 0, 0, device),
             (true, _) => {
@@ -372,7 +385,7 @@ fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-fn named_to_bytes(named: &[(String, Tensor)]) -> Result<Tensor, String> {
+fn named_to_bytes(named: &[(String, Tensor)]) -> std::result::Result<Tensor, String> {
     let mut buf = Vec::new();
     let cpu: Vec<(String, Tensor)> = named
         .iter()
@@ -382,13 +395,16 @@ fn named_to_bytes(named: &[(String, Tensor)]) -> Result<Tensor, String> {
     Ok(Tensor::from_slice(&buf))
 }
 
-fn bytes_to_named(t: &Tensor) -> Result<Vec<(String, Tensor)>, String> {
+fn bytes_to_named(t: &Tensor) -> std::result::Result<Vec<(String, Tensor)>, String> {
     let b = Vec::<u8>::try_from(t).map_err(text)?;
     Tensor::load_multi_from_stream(Cursor::new(b)).map_err(text)
 }
 
 /// The first `N` tensors of a frame of `what`.
-fn take<const N: usize>(mut tensors: Vec<Tensor>, what: &str) -> Result<[Tensor; N], String> {
+fn take<const N: usize>(
+    mut tensors: Vec<Tensor>,
+    what: &str,
+) -> std::result::Result<[Tensor; N], String> {
     tensors.truncate(N);
     tensors
         .try_into()
@@ -396,7 +412,7 @@ fn take<const N: usize>(mut tensors: Vec<Tensor>, what: &str) -> Result<[Tensor;
 }
 
 /// The one tensor of a frame of `what`.
-fn one(tensors: Vec<Tensor>, what: &str) -> Result<Tensor, String> {
+fn one(tensors: Vec<Tensor>, what: &str) -> std::result::Result<Tensor, String> {
     take(tensors, what).map(|[t]| t)
 }
 
@@ -410,7 +426,7 @@ fn frame(kind: i64, step: u64, tensors: Vec<Tensor>) -> Frame {
     }
 }
 
-fn message_frame(m: Message) -> Result<Frame, String> {
+fn message_frame(m: Message) -> std::result::Result<Frame, String> {
     Ok(match m {
         Message::Train {
             tag,
@@ -431,7 +447,7 @@ fn message_frame(m: Message) -> Result<Frame, String> {
     })
 }
 
-fn frame_message(f: Frame) -> Result<Message, String> {
+fn frame_message(f: Frame) -> std::result::Result<Message, String> {
     let tag = |kind| Tag::new(f.step, f.micro, kind);
     Ok(match f.kind {
         TRAIN => {
@@ -464,7 +480,7 @@ fn frame_message(f: Frame) -> Result<Message, String> {
     })
 }
 
-fn report_frame((stage, r): Filed) -> Result<Frame, String> {
+fn report_frame((stage, r): Filed) -> std::result::Result<Frame, String> {
     let f = match r {
         Report::Losses {
             step,
@@ -495,7 +511,7 @@ fn report_frame((stage, r): Filed) -> Result<Frame, String> {
 }
 
 /// A report's own numbers and tensors (the coordinator knows its stage: the rank it came from).
-fn frame_report(f: Frame) -> Result<Report, String> {
+fn frame_report(f: Frame) -> std::result::Result<Report, String> {
     Ok(match f.kind {
         LOSSES => Report::Losses {
             step: f.step,
@@ -524,14 +540,14 @@ fn frame_report(f: Frame) -> Result<Report, String> {
     })
 }
 
-fn grad_frame((tag, g): (Tag, Tensor)) -> Result<Frame, String> {
+fn grad_frame((tag, g): (Tag, Tensor)) -> std::result::Result<Frame, String> {
     Ok(Frame {
         micro: tag.micro,
         ..frame(GRAD, tag.step, vec![g])
     })
 }
 
-fn frame_grad(f: Frame) -> Result<(Tag, Tensor), String> {
+fn frame_grad(f: Frame) -> std::result::Result<(Tag, Tensor), String> {
     // The link's header check let only gradients through.
     let tag = Tag::new(f.step, f.micro, Kind::Train);
     Ok((tag, one(f.tensors, "gradient")?))
@@ -547,7 +563,7 @@ fn out_link<T: Send + 'static>(
     dst: usize,
     tag: u32,
     rx: Receiver<T>,
-    encode: fn(T) -> Result<Frame, String>,
+    encode: fn(T) -> std::result::Result<Frame, String>,
     fail: OnFail<'_>,
 ) -> StageThread {
     let on_fail = fail(dst);
@@ -578,7 +594,7 @@ fn in_link<T: Send + 'static>(
     src: usize,
     tag: u32,
     tx: Sender<T>,
-    decode: impl Fn(Frame) -> Result<T, String> + Send + 'static,
+    decode: impl Fn(Frame) -> std::result::Result<T, String> + Send + 'static,
     fail: OnFail<'_>,
 ) -> StageThread {
     let (device, expect, on_fail) = (cfg.devices[0], Expect::new(cfg, tag), fail(src));
@@ -691,10 +707,9 @@ pub(crate) fn spawn_coordinator_links(
         threads.push(in_link(cfg, ranks, src, REPORTS, tx, decode, &failed_link));
     }
     threads.extend(links.0.into_iter().chain(links.1));
-    Ok(Engine {
+    Ok(Engine::Threads {
         firsts,
         reports,
-        local: Vec::new(),
         threads,
     })
 }

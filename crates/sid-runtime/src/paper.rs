@@ -6,10 +6,9 @@
 //!
 //! Unlike staged SID, the extractor needs every module's `∂L/∂z` for a micro-batch before its
 //! backward: module stages send their summed gradient straight to stage 1
-//! ([`crate::transport::ChannelTransport::send_grad`]), and stage 1 forwards micro-batch j+1
-//! before it waits for micro-batch j's gradients, so its forward overlaps the modules' work. A
-//! step still flushes: the extractor steps its optimiser only after the last micro-batch's
-//! backward.
+//! ([`crate::Transport::send_grad`]), and stage 1 forwards micro-batch j+1 before it
+//! waits for micro-batch j's gradients, so its forward overlaps the modules' work. A step still
+//! flushes: the extractor steps its optimiser only after the last micro-batch's backward.
 
 use std::collections::BTreeMap;
 use std::ops::Range;

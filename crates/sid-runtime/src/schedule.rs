@@ -26,7 +26,7 @@ use tch::Tensor;
 #[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{Op, Schedule};
-use crate::transport::{ChannelTransport, Kind, Message, Received, Report, Tag};
+use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 use crate::Failure;
 
 /// The step in progress on a stage.
@@ -151,7 +151,7 @@ impl StageRunner {
     }
 
     /// Handles one message.
-    pub fn handle(&mut self, msg: Message, t: &mut ChannelTransport) -> Result<(), Failure> {
+    pub fn handle(&mut self, msg: Message, t: &mut dyn Transport) -> Result<(), Failure> {
         match msg {
             Message::Train {
                 tag, micro_batches, ..
@@ -235,10 +235,10 @@ impl StageRunner {
         Ok(())
     }
 
-    /// Runs the step's operations from where it stopped, `msg` being the training
+    /// Runs the step's operations from where it stopped, `arrived` being the training
     /// micro-batch the next forward takes, until a forward needs one more or a backward a gradient not sent
     /// yet (it returns to wait for it) or the list ends (the optimiser step and the report).
-    fn run(&mut self, t: &mut ChannelTransport, mut msg: Option<Message>) -> Result<(), Failure> {
+    fn run(&mut self, t: &mut dyn Transport, mut arrived: Option<Message>) -> Result<(), Failure> {
         let started = Instant::now();
         let mut waiting = Duration::ZERO;
         let mut s = self.current.take().expect("a step in progress");
@@ -253,7 +253,7 @@ impl StageRunner {
                         labels,
                         scale,
                         ..
-                    }) = s.early.take().or_else(|| msg.take())
+                    }) = s.early.take().or_else(|| arrived.take())
                     else {
                         break;
                     };
@@ -304,7 +304,7 @@ impl StageRunner {
                     let got = self.gradients_for(t, &mut s, j)?;
                     waiting += w.elapsed();
                     let Some(grad) = got else {
-                        s.early = s.early.take().or(msg.take());
+                        s.early = s.early.take().or(arrived.take());
                         break;
                     };
                     let b = match op {
@@ -354,7 +354,7 @@ impl StageRunner {
     /// sent yet (stages in one thread).
     fn gradients_for(
         &mut self,
-        t: &mut ChannelTransport,
+        t: &mut dyn Transport,
         s: &mut Step,
         j: usize,
     ) -> Result<Option<Option<Tensor>>, Failure> {
@@ -424,7 +424,7 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// rest of it, then fails naming the stage it waited for.
 pub fn drive(
     runner: &mut StageRunner,
-    t: &mut ChannelTransport,
+    t: &mut dyn Transport,
     timeout: Duration,
     local: bool,
 ) -> Result<(), Failure> {

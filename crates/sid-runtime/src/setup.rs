@@ -3,6 +3,7 @@
 //! the coordinator ([`crate::staged`]) and by the ranks that serve a stage in another process
 //! ([`crate::ranks`]).
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,17 +14,17 @@ use sid_core::bp_stage::build_bp_stages;
 use sid_core::stage::build_stages;
 use sid_core::unit::Unit;
 use sid_core::{Backbone, LossConfig, Method, ModelConfig, Net, StagePlan};
-use tch::Device;
+use tch::{Device, Tensor};
 
 #[cfg(feature = "fault-injection")]
 use crate::fault::Fault;
-use crate::ops::{BpSchedule, Schedule};
-use crate::paper::build_paper;
+use crate::ops::BpSchedule;
+use crate::ops::Schedule;
 use crate::placement::Placement;
 use crate::ranks::Ranks;
 use crate::schedule::{drive, RunnerSettings, StageRunner};
 use crate::streams;
-use crate::transport::{ChannelTransport, Filed, Message, Report};
+use crate::transport::{ChannelTransport, Filed, Message, Report, Tag};
 use crate::{Failure, Result};
 
 /// How to build a [`crate::StagedPipeline`].
@@ -158,16 +159,23 @@ impl StagedConfig {
     }
 }
 
-/// How the coordinator reaches its stages: stage 1's input of each replica and every stage's
-/// reports; the stages either run one after another in the caller's thread (`local`) or have
-/// threads (a thread per stage, or per stage of this process, the others linked by c10d).
-pub(crate) struct Engine {
-    /// Stage 1 of each replica.
-    pub(crate) firsts: Vec<Sender<Message>>,
-    pub(crate) reports: Receiver<Filed>,
-    /// Every stage's runner and transport, when they run in the caller's thread.
-    pub(crate) local: Vec<(StageRunner, ChannelTransport)>,
-    pub(crate) threads: Vec<StageThread>,
+/// How the coordinator reaches its stages.
+pub(crate) enum Engine {
+    /// Every stage in the caller's thread, one after another.
+    Local {
+        runners: Vec<StageRunner>,
+        inboxes: Vec<VecDeque<Message>>,
+        reports: VecDeque<Filed>,
+        /// Gradients sent back, per receiving stage.
+        grads: Vec<VecDeque<(Tag, Tensor)>>,
+    },
+    /// A thread per stage (or per stage of this process, the others linked by c10d).
+    Threads {
+        /// Stage 1 of each replica.
+        firsts: Vec<Sender<Message>>,
+        reports: Receiver<Filed>,
+        threads: Vec<StageThread>,
+    },
 }
 
 /// A thread of the pipeline (a stage, or a link to another process) and the way to learn
@@ -190,22 +198,34 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
         ));
     }
     let net = cfg.net();
-    let (lr, loss) = (cfg.lr, cfg.loss);
     let units: Vec<(Box<dyn Unit>, Schedule)> = match cfg.method {
-        PipelineMethod::Sid => {
-            scheduled(build_stages(net, loss, lr, &cfg.plan)?, Schedule::LocalLoss)
-        }
+        PipelineMethod::Sid => build_stages(net, cfg.loss, cfg.lr, &cfg.plan)?
+            .into_iter()
+            .map(|s| (Box::new(s) as Box<dyn Unit>, Schedule::LocalLoss))
+            .collect(),
         PipelineMethod::Bp(schedule) => {
             let blocks: Vec<_> = specs.iter().map(|s| s.blocks.clone()).collect();
-            scheduled(build_bp_stages(net, lr, &blocks)?, Schedule::Bp(schedule))
+            build_bp_stages(net, cfg.lr, &blocks)?
+                .into_iter()
+                .map(|s| (Box::new(s) as Box<dyn Unit>, Schedule::Bp(schedule)))
+                .collect()
         }
         PipelineMethod::Paper => {
             let placement = paper_placement(cfg)?;
-            let fused = cfg.fused_teacher;
-            let (extractor, blocks) = build_paper(net, loss, lr, placement.blocks(), fused)?;
-            let mut units = scheduled(vec![extractor], Schedule::Extractor);
-            units.extend(scheduled(blocks, Schedule::LocalLoss));
-            units
+            let (extractor, blocks) = crate::paper::build_paper(
+                net,
+                cfg.loss,
+                cfg.lr,
+                placement.blocks(),
+                cfg.fused_teacher,
+            )?;
+            std::iter::once((Box::new(extractor) as Box<dyn Unit>, Schedule::Extractor))
+                .chain(
+                    blocks
+                        .into_iter()
+                        .map(|b| (Box::new(b) as Box<dyn Unit>, Schedule::LocalLoss)),
+                )
+                .collect()
         }
     };
     let stages = units.len();
@@ -231,15 +251,6 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
             Ok(StageRunner::new(unit, schedule, stages, settings, owner))
         })
         .collect()
-}
-
-/// Each of `units` with `schedule`.
-fn scheduled<U: Unit + 'static>(
-    units: Vec<U>,
-    schedule: Schedule,
-) -> Vec<(Box<dyn Unit>, Schedule)> {
-    let boxed = units.into_iter().map(|u| Box::new(u) as Box<dyn Unit>);
-    boxed.map(|u| (u, schedule)).collect()
 }
 
 /// The paper's SID: the module blocks of `cfg.devices`, checked against the model.

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
+use crossbeam_channel::SendTimeoutError;
 use sid_core::{
     Cascade, EarlyExit, ExitTracker, Method, NamedTensors, Network, StagePlan, StageSpec, StepStats,
 };
@@ -23,7 +23,9 @@ use crate::setup::{
     StagedConfig,
 };
 use crate::streams;
-use crate::transport::{device_name, ChannelTransport, Filed, Kind, Message, Report, Tag};
+use crate::transport::{
+    device_name, ChannelTransport, Filed, Kind, LocalTransport, Message, Report, Tag,
+};
 use crate::{Failure, Result, RuntimeError};
 use sid_telemetry::AllocOwner;
 
@@ -106,8 +108,12 @@ impl StagedPipeline {
     /// device per stage.
     pub fn new(cfg: StagedConfig) -> Result<Self> {
         let paper = cfg.method == PipelineMethod::Paper;
+        let k = if paper {
+            cfg.devices.len() + 1
+        } else {
+            cfg.plan.len()
+        };
         let d = cfg.devices.len();
-        let k = if paper { d + 1 } else { cfg.plan.len() };
         if paper && (cfg.plan.len() != 1 || cfg.ranks.is_some() || d == 0) {
             return Err(RuntimeError::Config(
                 "the paper's SID pipeline takes a one-stage plan, at least one device and no other ranks".into(),
@@ -144,17 +150,26 @@ impl StagedPipeline {
                 cfg.plan.stages().to_vec(),
             )
         };
-        let runners = build_runners(&cfg)?;
+        let mut runners = build_runners(&cfg)?;
         let memory = runners.iter().map(StageRunner::memory).collect();
         let mut names: Vec<String> = devices.iter().map(|d| device_name(*d)).collect();
+        // Several backprop stages wait on each other within a step: they get a thread each
+        // (one BP stage, or SID's stages, on one device run in this thread).
         let engine = if let Some(ranks) = &cfg.ranks {
             names = ranks.names.clone();
             crate::links::spawn_coordinator_links(&cfg, ranks, runners)?
+        } else if d == 1 && (k == 1 || !matches!(cfg.method, PipelineMethod::Bp(_))) {
+            for r in &mut runners {
+                r.unit_mut().to_device(devices[0]);
+            }
+            Engine::Local {
+                runners,
+                inboxes: (0..k).map(|_| VecDeque::new()).collect(),
+                reports: VecDeque::new(),
+                grads: (0..k).map(|_| VecDeque::new()).collect(),
+            }
         } else {
-            // Several backprop stages wait on each other within a step: they get a thread each
-            // (one BP stage, or SID's stages, on one device run in this thread).
-            let local = d == 1 && (k == 1 || !matches!(cfg.method, PipelineMethod::Bp(_)));
-            engine(&cfg, runners, &devices, local)
+            spawn_threads(&cfg, runners, &devices)
         };
         Ok(Self {
             engine,
@@ -194,14 +209,16 @@ impl StagedPipeline {
 
     /// Whether the stages run in threads of their own (one device per stage).
     pub fn threaded(&self) -> bool {
-        self.engine.local.is_empty()
+        matches!(self.engine, Engine::Threads { .. })
     }
 
     /// Time each stage spent computing training steps since the last call, and its memory at
     /// its peak since then (when measured; a new period starts).
     pub fn take_stage_stats(&mut self) -> Vec<StageStats> {
-        let fresh = vec![StageStats::default(); self.specs.len()];
-        let mut stats = std::mem::replace(&mut self.busy, fresh);
+        let mut stats = std::mem::replace(
+            &mut self.busy,
+            vec![StageStats::default(); self.specs.len()],
+        );
         for (s, m) in stats.iter_mut().zip(&self.memory) {
             if let Some((owner, state)) = m {
                 s.memory = Some(StageMemory {
@@ -258,8 +275,11 @@ impl StagedPipeline {
     /// The first failure a stage reports within `grace` (other reports are dropped: the run is
     /// ending).
     fn reported_failure(&self, grace: Duration) -> Option<RuntimeError> {
+        let Engine::Threads { reports, .. } = &self.engine else {
+            return None;
+        };
         let until = std::time::Instant::now() + grace;
-        while let Ok(r) = self.engine.reports.recv_deadline(until) {
+        while let Ok(r) = reports.recv_deadline(until) {
             if let (slot, Report::Failed(f)) = r {
                 return Some(self.failed(slot, f));
             }
@@ -267,45 +287,67 @@ impl StagedPipeline {
         None
     }
 
-    /// Passes `msg` to stage 1 of `replica`; stages in this thread then run, stage after
-    /// stage, again while any took something (a stage that stopped for a gradient goes on once
-    /// a later stage has sent it).
+    /// Passes `msg` to stage 1 of `replica`.
     fn feed_replica(&mut self, replica: usize, msg: Message) -> Result<()> {
-        if let Err(e) = self.engine.firsts[replica].send_timeout(msg, self.cfg.timeout) {
-            let (grace, otherwise) = match e {
-                // Stage 1 is stuck because it waits for another stage, which it will name
-                // when its own wait (begun a little earlier) runs out: prefer that.
-                SendTimeoutError::Timeout(_) => (
-                    self.cfg.timeout.min(Duration::from_secs(3)),
-                    RuntimeError::Timeout {
-                        waiter: "coordinator".into(),
-                        waited_for: format!(
-                            "{} to take its input",
-                            self.describe(replica * self.specs.len())
-                        ),
-                        timeout: self.cfg.timeout,
-                    },
-                ),
-                // A stage that failed reported why before it stopped: prefer that.
-                SendTimeoutError::Disconnected(_) => (
-                    Duration::from_millis(200),
-                    RuntimeError::Protocol("the stages stopped before taking the input".into()),
-                ),
-            };
-            return Err(self.reported_failure(grace).unwrap_or(otherwise));
-        }
-        loop {
-            let mut taken = 0;
-            for (s, (runner, t)) in self.engine.local.iter_mut().enumerate() {
-                t.taken = 0;
-                let driven = drive(runner, t, self.cfg.timeout, true);
-                taken += t.taken;
-                if let Err(f) = driven {
-                    return Err(self.failed(s, f));
+        match &mut self.engine {
+            Engine::Local {
+                runners,
+                inboxes,
+                reports,
+                grads,
+            } => {
+                inboxes[0].push_back(msg);
+                // Stage after stage, again while any took something: a stage that stopped
+                // for a gradient goes on once a later stage has sent it.
+                loop {
+                    let mut taken = 0;
+                    for s in 0..runners.len() {
+                        let (head, tail) = inboxes.split_at_mut(s + 1);
+                        let mut t = LocalTransport {
+                            stage: s,
+                            inbox: &mut head[s],
+                            next: tail.first_mut(),
+                            reports,
+                            grads,
+                            grad_to: self.cfg.method.grad_target(s),
+                            taken: 0,
+                        };
+                        let driven = drive(&mut runners[s], &mut t, self.cfg.timeout, true);
+                        taken += t.taken;
+                        if let Err(f) = driven {
+                            return Err(self.failed(s, f));
+                        }
+                    }
+                    if taken == 0 {
+                        return Ok(());
+                    }
                 }
             }
-            if taken == 0 {
-                return Ok(());
+            Engine::Threads { firsts, .. } => {
+                let Err(e) = firsts[replica].send_timeout(msg, self.cfg.timeout) else {
+                    return Ok(());
+                };
+                let (grace, otherwise) = match e {
+                    // Stage 1 is stuck because it waits for another stage, which it will name
+                    // when its own wait (begun a little earlier) runs out: prefer that.
+                    SendTimeoutError::Timeout(_) => (
+                        self.cfg.timeout.min(Duration::from_secs(3)),
+                        RuntimeError::Timeout {
+                            waiter: "coordinator".into(),
+                            waited_for: format!(
+                                "{} to take its input",
+                                self.describe(replica * self.specs.len())
+                            ),
+                            timeout: self.cfg.timeout,
+                        },
+                    ),
+                    // A stage that failed reported why before it stopped: prefer that.
+                    SendTimeoutError::Disconnected(_) => (
+                        Duration::from_millis(200),
+                        RuntimeError::Protocol("the stages stopped before taking the input".into()),
+                    ),
+                };
+                Err(self.reported_failure(grace).unwrap_or(otherwise))
             }
         }
     }
@@ -319,13 +361,12 @@ impl StagedPipeline {
     ) -> Result<Option<Filed>> {
         let timeout = self.cfg.timeout;
         // `Err(true)`: every stage thread has exited; `Err(false)`: nothing yet.
-        let reports = &self.engine.reports;
-        let got = if block && self.threaded() {
-            reports
+        let got = match &mut self.engine {
+            Engine::Local { reports, .. } => reports.pop_front().ok_or(false),
+            Engine::Threads { reports, .. } if block => reports
                 .recv_timeout(timeout)
-                .map_err(|e| e.is_disconnected())
-        } else {
-            reports.try_recv().map_err(|e| e.is_disconnected())
+                .map_err(|e| e.is_disconnected()),
+            Engine::Threads { reports, .. } => reports.try_recv().map_err(|e| e.is_disconnected()),
         };
         match got {
             Ok((slot, Report::Failed(f))) => Err(self.failed(slot, f)),
@@ -540,49 +581,8 @@ fn unexpected(r: &Report, expected: &str) -> RuntimeError {
     ))
 }
 
-/// The stages of this process, linked: stage s reads channel s and sends into channel s + 1
-/// (the coordinator feeds channel 0), with a gradient channel from each stage whose backward
-/// sends one to the (earlier) stage that takes it. They run one after another in this thread
-/// (`local`), or in a thread each.
-fn engine(
-    cfg: &StagedConfig,
-    runners: Vec<StageRunner>,
-    devices: &[Device],
-    local: bool,
-) -> Engine {
+fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Device]) -> Engine {
     let k = runners.len();
-    // Room for one step's micro-batches per link: a stage runs at most about a step ahead.
-    // Stages in this thread leave what they send in the channel until the receiver runs.
-    let cap = (!local).then_some(cfg.micro_batches.max(1) + 1);
-    let (report_tx, reports) = crossbeam_channel::unbounded();
-    let (first, mut upstream) = channel::<Message>(cap);
-    let mut transports: Vec<ChannelTransport> = Vec::with_capacity(k);
-    for (s, &device) in devices.iter().enumerate() {
-        let (down, next_up) = channel(cap);
-        let up = std::mem::replace(&mut upstream, next_up);
-        let down = (s + 1 < k).then_some(down);
-        let mut t = ChannelTransport::new(s, device, up, down, report_tx.clone(), cfg.timeout);
-        t.local = local;
-        if let Some(to) = cfg.method.grad_target(s) {
-            let (tx, rx) = channel(cap);
-            t.grad_out = Some((to, tx));
-            transports[to].grads_in.push((s, rx));
-        }
-        transports.push(t);
-    }
-    let mut engine = Engine {
-        firsts: vec![first],
-        reports,
-        local: Vec::new(),
-        threads: Vec::new(),
-    };
-    if local {
-        for (mut runner, t) in runners.into_iter().zip(transports) {
-            runner.unit_mut().to_device(t.device);
-            engine.local.push((runner, t));
-        }
-        return engine;
-    }
     let paper = cfg.method == PipelineMethod::Paper;
     // The paper's extractor is nearly all of a step and the module stages wait for it (and it
     // for them): it gets every core, the module stages share them.
@@ -595,23 +595,45 @@ fn engine(
     let extractor_threads = cpu_threads_per_stage(cfg, 1);
     // Fix this thread's libtorch thread count before stages change the process-wide one.
     let _ = tch::get_num_threads();
-    for (runner, transport) in runners.into_iter().zip(transports) {
-        let (s, device) = (transport.stage, transport.device);
-        let cores = if paper && s == 0 {
-            extractor_threads
-        } else {
-            cpu_threads
-        };
-        let threads_here = (device == Device::Cpu).then_some(cores);
-        let thread = spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout);
-        engine.threads.push(thread);
+    // Room for one step's micro-batches per link: a stage runs at most about a step ahead.
+    let cap = cfg.micro_batches.max(1) + 1;
+    let (report_tx, reports) = crossbeam_channel::unbounded();
+    // Stage s reads channel s and sends into channel s + 1; the coordinator feeds channel 0.
+    let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
+    let mut transports: Vec<ChannelTransport> = Vec::with_capacity(k);
+    for (s, &device) in devices.iter().enumerate() {
+        let (down, next_up) = crossbeam_channel::bounded(cap);
+        let up = std::mem::replace(&mut upstream, next_up);
+        let down = (s + 1 < k).then_some(down);
+        let mut t = ChannelTransport::new(s, device, up, down, report_tx.clone(), cfg.timeout);
+        // A gradient channel from each stage whose backward sends one to the (earlier) stage
+        // that takes it.
+        if let Some(to) = cfg.method.grad_target(s) {
+            let (tx, rx) = crossbeam_channel::bounded(cap);
+            t.grad_out = Some((to, tx));
+            transports[to].grads_in.push((s, rx));
+        }
+        transports.push(t);
     }
-    engine
-}
-
-/// A channel holding at most `cap` items, or any number.
-fn channel<T>(cap: Option<usize>) -> (Sender<T>, Receiver<T>) {
-    cap.map_or_else(crossbeam_channel::unbounded, crossbeam_channel::bounded)
+    let threads = runners
+        .into_iter()
+        .zip(transports)
+        .map(|(runner, transport)| {
+            let (s, device) = (transport.stage, transport.device);
+            let cores = if paper && s == 0 {
+                extractor_threads
+            } else {
+                cpu_threads
+            };
+            let threads_here = (device == Device::Cpu).then_some(cores);
+            spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout)
+        })
+        .collect();
+    Engine::Threads {
+        firsts: vec![first],
+        reports,
+        threads,
+    }
 }
 
 impl Network for StagedPipeline {
@@ -636,27 +658,28 @@ impl Network for StagedPipeline {
     /// Stages in this thread only (one device): the step runs through every stage as usual,
     /// but its losses stay on the device, so a CUDA graph can capture it.
     fn train_step_queued(&mut self, x: &Tensor, y: &Tensor) -> sid_core::Result<Tensor> {
-        if self.threaded() {
+        let Engine::Local { runners, .. } = &mut self.engine else {
             return Err(RuntimeError::Config(
                 "a step of stages in threads cannot be captured as one".into(),
             )
             .into());
-        }
-        let queue = |p: &mut Self, on| {
-            p.engine
-                .local
-                .iter_mut()
-                .for_each(|(r, _)| r.queue_losses(on))
         };
-        queue(self, true);
+        runners.iter_mut().for_each(|r| r.queue_losses(true));
         let submitted = self.submit(x, y);
-        queue(self, false);
+        let Engine::Local {
+            runners, reports, ..
+        } = &mut self.engine
+        else {
+            unreachable!("checked above")
+        };
+        runners.iter_mut().for_each(|r| r.queue_losses(false));
         // The step's reports carry no losses: they are these.
-        self.engine.reports.try_iter().for_each(drop);
+        reports.clear();
         self.pending.remove(&self.submitted);
         submitted?;
-        let losses: Vec<Tensor> = (self.engine.local.iter_mut())
-            .filter_map(|(r, _)| r.take_queued_losses())
+        let losses: Vec<Tensor> = runners
+            .iter_mut()
+            .filter_map(|r| r.take_queued_losses())
             // Backprop's one loss is a scalar.
             .map(|l| l.reshape([-1]))
             .collect();
@@ -665,9 +688,9 @@ impl Network for StagedPipeline {
 
     fn read_step(&self, losses: &Tensor) -> sid_core::Result<StepStats> {
         let _s = tracing::trace_span!("read_losses").entered();
-        Ok(match (&self.cfg.method, self.engine.local.last()) {
-            (PipelineMethod::Bp(_), Some((last, _))) => {
-                let last = last.unit();
+        Ok(match (&self.cfg.method, &self.engine) {
+            (PipelineMethod::Bp(_), Engine::Local { runners, .. }) => {
+                let last = runners.last().expect("a stage").unit();
                 StepStats {
                     loss: last.read_losses(losses)?.iter().sum(),
                     module_losses: Vec::new(),
@@ -730,16 +753,16 @@ impl Network for StagedPipeline {
 
     fn cascade_exit(&mut self, x: &Tensor, tau: f64) -> sid_core::Result<EarlyExit> {
         self.drain()?;
-        if self.threaded() {
+        let Engine::Local { runners, .. } = &self.engine else {
             // Stage threads run whole batches: the default picks exits from the full cascade.
             return Ok(sid_core::early_exit(&self.cascade(x)?.logits, tau));
-        }
+        };
         let b = x.size()[0];
         let first = self.devices[0];
         let mut exits = ExitTracker::new(b, self.cfg.model.modules, tau, first);
         let mut input = x.shallow_clone();
         let mut p = sid_core::belief::uniform_belief(b, self.cfg.model.num_classes, first);
-        for (r, _) in &self.engine.local {
+        for r in runners {
             let unit = r.unit();
             let out = unit.infer(&input, &p);
             // Later stages run for the samples still in the cascade only: their backbone
@@ -784,19 +807,24 @@ impl Network for StagedPipeline {
 
 impl Drop for StagedPipeline {
     fn drop(&mut self) {
-        // Closing stage 1's input stops it, which closes stage 2's, and so on.
-        self.engine.firsts.clear();
-        // One grace period for all of them: a thread stuck on a peer that hangs (another
-        // process, say) is left behind, not waited for one after another.
-        let grace = self.cfg.timeout.min(Duration::from_secs(10));
-        let deadline = std::time::Instant::now() + grace;
-        for t in self.engine.threads.iter_mut() {
-            if t.exited.recv_deadline(deadline).is_ok() {
-                if let Some(h) = t.thread.take() {
-                    let _ = h.join();
+        if let Engine::Threads {
+            firsts, threads, ..
+        } = &mut self.engine
+        {
+            // Closing stage 1's input stops it, which closes stage 2's, and so on.
+            firsts.clear();
+            // One grace period for all of them: a thread stuck on a peer that hangs (another
+            // process, say) is left behind, not waited for one after another.
+            let grace = self.cfg.timeout.min(Duration::from_secs(10));
+            let deadline = std::time::Instant::now() + grace;
+            for t in threads.iter_mut() {
+                if t.exited.recv_deadline(deadline).is_ok() {
+                    if let Some(h) = t.thread.take() {
+                        let _ = h.join();
+                    }
+                } else {
+                    tracing::warn!("{} did not stop within {grace:?}; leaving it", t.name);
                 }
-            } else {
-                tracing::warn!("{} did not stop within {grace:?}; leaving it", t.name);
             }
         }
     }

@@ -1,10 +1,12 @@
-//! How messages move between pipeline stages ([`ChannelTransport`]), whether the stages run
-//! one after another in the caller's thread or in a thread each. The schedule itself
-//! ([`crate::schedule`]) is written once, against it.
+//! How messages move between pipeline stages: the one thing that differs between stages run
+//! one after another in the caller's thread ([`LocalTransport`]) and stages run by threads
+//! ([`ChannelTransport`]). The schedule itself ([`crate::schedule`]) is written once, against
+//! the [`Transport`] trait.
 //!
 //! Every message carries a [`Tag`] (step, micro-batch, kind); stages check that tags arrive in
 //! order. Every wait of the threaded transport has a timeout and names who waited for whom.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -154,25 +156,104 @@ pub type Filed = (usize, Report);
 pub enum Received {
     /// A message.
     Message(Message),
-    /// Nothing within the wait (local: nothing queued).
+    /// Nothing within the wait (a local queue: nothing queued).
     Nothing,
     /// The sender is gone: the pipeline is shutting down.
     Closed,
 }
 
-/// A stage's transport: crossbeam channels to the next stage and to the coordinator, and
-/// gradient channels where the method sends gradients back (a backprop stage's to the previous
-/// stage; the paper's module stages' to the extractor). The schedule ([`crate::schedule`]) is
-/// written once against it, for both ways stages run:
-/// - a thread per stage, over bounded channels: before a message leaves, the stage's CUDA
-///   stream is synchronised (tensors cross threads only once computed); a received message is
-///   moved to the stage's device and that copy waited for before the original may be dropped
-///   (ARCHITECTURE.md rule 4). Every wait has a timeout and names who waited for whom. Whether
-///   the channels join two threads or are carried between processes by `links.rs` is
-///   invisible here;
-/// - stages one after another in the caller's thread ([`ChannelTransport::local`]), over
-///   unbounded channels: receiving never waits, nothing is moved or synchronised, and
-///   gradients sent back wait in their channel until the receiving stage runs again.
+/// Moves messages for one stage.
+pub trait Transport {
+    /// The next message for this stage, waiting at most `timeout`.
+    fn recv(&mut self, timeout: Duration) -> Result<Received>;
+    /// Passes a message to the next stage; the last stage has none, and drops it.
+    fn send_down(&mut self, msg: Message) -> Result<()>;
+    /// Tells the coordinator.
+    fn report(&mut self, report: Report) -> Result<()>;
+    /// Sends a gradient of micro-batch `tag` back to the stage that waits for it: a backprop
+    /// stage's input gradient to the previous stage, a paper module stage's `Σ ∂L/∂z` straight
+    /// to stage 1, the extractor (which receives these with [`Transport::recv_grad`], from
+    /// module stages 2, 3, … in turn). Staged SID never calls it.
+    fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()>;
+    /// Data-parallel replicas: sums this stage's gradients over the stage's replicas, in
+    /// place, before its optimiser step. One replica (the default): nothing to do.
+    fn reduce_gradients(&mut self, _grads: &[Tensor]) -> Result<()> {
+        Ok(())
+    }
+    /// Backprop pipelines: the next gradient of this stage's output from the next stage; the
+    /// paper's SID, on stage 1: the next module stage's gradient at `z`, from stages 2, 3, …
+    /// in turn (so one micro-batch's gradients arrive together, in stage order). Waits at most
+    /// `timeout`; `None`: not sent yet, and waiting cannot help (stages in one thread: the
+    /// stage steps back and resumes once the sender has run).
+    fn recv_grad(&mut self, timeout: Duration) -> Result<Option<(Tag, Tensor)>>;
+}
+
+/// Stages run one after another in one thread: each stage's inbox is a queue, and receiving
+/// never waits. Gradients sent back (backprop, the paper's module stages) wait in the receiving
+/// stage's queue until that stage runs again.
+pub struct LocalTransport<'a> {
+    /// 0-based stage.
+    pub stage: usize,
+    /// This stage's inbox.
+    pub inbox: &'a mut VecDeque<Message>,
+    /// The next stage's inbox, if any.
+    pub next: Option<&'a mut VecDeque<Message>>,
+    /// The coordinator's reports.
+    pub reports: &'a mut VecDeque<Filed>,
+    /// Every stage's gradients waiting to be taken, one queue per stage.
+    pub grads: &'a mut [VecDeque<(Tag, Tensor)>],
+    /// The stage this one's backward sends its gradient to, if any.
+    pub grad_to: Option<usize>,
+    /// Messages and gradients taken so far (the engine runs the stages again while any are).
+    pub taken: usize,
+}
+
+impl Transport for LocalTransport<'_> {
+    fn recv(&mut self, _timeout: Duration) -> Result<Received> {
+        let m = self.inbox.pop_front();
+        self.taken += usize::from(m.is_some());
+        Ok(m.map_or(Received::Nothing, Received::Message))
+    }
+
+    fn send_down(&mut self, msg: Message) -> Result<()> {
+        if let Some(next) = self.next.as_deref_mut() {
+            next.push_back(msg);
+        }
+        Ok(())
+    }
+
+    fn report(&mut self, report: Report) -> Result<()> {
+        self.reports.push_back((self.stage, report));
+        Ok(())
+    }
+
+    fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
+        let to = self.grad_to.ok_or_else(|| no_grad_target(self.stage))?;
+        self.grads[to].push_back((tag, grad));
+        Ok(())
+    }
+
+    fn recv_grad(&mut self, _timeout: Duration) -> Result<Option<(Tag, Tensor)>> {
+        let g = self.grads[self.stage].pop_front();
+        self.taken += usize::from(g.is_some());
+        Ok(g)
+    }
+}
+
+fn no_grad_target(stage: usize) -> RuntimeError {
+    RuntimeError::Protocol(format!(
+        "stage {} has no stage to send its gradient to",
+        stage + 1
+    ))
+}
+
+/// A stage run by its own thread: bounded crossbeam channels to the next stage and to the
+/// coordinator, and gradient channels where the method sends gradients back (a backprop
+/// stage's to the previous stage; the paper's module stages' to the extractor). Before a
+/// message leaves, the stage's CUDA stream is synchronised (tensors cross threads only once
+/// computed); a received message is moved to the stage's device and that copy waited for
+/// before the original may be dropped (ARCHITECTURE.md rule 4). Whether the channels join two
+/// threads or are carried between processes by `links.rs` is invisible here.
 pub struct ChannelTransport {
     /// 0-based stage.
     pub stage: usize,
@@ -187,7 +268,7 @@ pub struct ChannelTransport {
     /// Longest wait for the next stage to take a message.
     pub timeout: Duration,
     /// The gradients this stage's backward waits for, each from a later stage (0-based), in
-    /// the order [`ChannelTransport::recv_grad`] takes them in turn.
+    /// the order [`Transport::recv_grad`] takes them in turn.
     pub(crate) grads_in: Vec<(usize, Receiver<(Tag, Tensor)>)>,
     /// Where this stage's backward sends its gradient: the receiving stage (0-based).
     pub(crate) grad_out: Option<(usize, Sender<(Tag, Tensor)>)>,
@@ -195,16 +276,11 @@ pub struct ChannelTransport {
     next_grad_from: usize,
     /// Data-parallel replicas of this stage in other processes, if any.
     pub(crate) replicas: Option<Arc<Group>>,
-    /// The stages run one after another in the caller's thread.
-    pub(crate) local: bool,
-    /// Local: messages and gradients taken so far (the engine runs the stages again while
-    /// any are).
-    pub(crate) taken: usize,
 }
 
 impl ChannelTransport {
     /// Stage `stage` on `device` between `upstream` and `downstream`, reporting to `reports`;
-    /// no gradient channels and no replicas until set; run by a thread of its own.
+    /// no gradient channels and no replicas until set.
     pub fn new(
         stage: usize,
         device: Device,
@@ -224,18 +300,7 @@ impl ChannelTransport {
             grad_out: None,
             next_grad_from: 0,
             replicas: None,
-            local: false,
-            taken: 0,
         }
-    }
-
-    /// Waits for everything this thread's stream has queued on the stage's GPU (a stage in
-    /// the caller's thread waits for nothing).
-    fn sync(&self) -> Result<()> {
-        if !self.local {
-            streams::sync_device(self.device)?;
-        }
-        Ok(())
     }
 
     /// Sends `item` over `tx` once this stage's stream has computed it; a full channel past
@@ -248,7 +313,7 @@ impl ChannelTransport {
         taking: impl FnOnce() -> String,
         stopped: impl FnOnce() -> String,
     ) -> Result<()> {
-        self.sync()?;
+        streams::sync_device(self.device)?;
         tx.send_timeout(item, self.timeout).map_err(|e| match e {
             SendTimeoutError::Timeout(_) => RuntimeError::Timeout {
                 waiter: format!("stage {} ({})", self.stage + 1, device_name(self.device)),
@@ -258,15 +323,11 @@ impl ChannelTransport {
             SendTimeoutError::Disconnected(_) => RuntimeError::Protocol(stopped()),
         })
     }
+}
 
-    /// The next message for this stage, waiting at most `timeout` (local: not at all).
-    pub fn recv(&mut self, timeout: Duration) -> Result<Received> {
-        let wait = if self.local { Duration::ZERO } else { timeout };
-        match self.upstream.recv_timeout(wait) {
-            Ok(m) if self.local => {
-                self.taken += 1;
-                Ok(Received::Message(m))
-            }
+impl Transport for ChannelTransport {
+    fn recv(&mut self, timeout: Duration) -> Result<Received> {
+        match self.upstream.recv_timeout(timeout) {
             Ok(m) => {
                 let m = m.to_device(self.device);
                 streams::sync_device(self.device)?;
@@ -277,8 +338,7 @@ impl ChannelTransport {
         }
     }
 
-    /// Passes a message to the next stage; the last stage has none, and drops it.
-    pub fn send_down(&mut self, msg: Message) -> Result<()> {
+    fn send_down(&mut self, msg: Message) -> Result<()> {
         let Some(tx) = &self.downstream else {
             return Ok(());
         };
@@ -292,33 +352,23 @@ impl ChannelTransport {
         )
     }
 
-    /// Tells the coordinator.
-    pub fn report(&mut self, report: Report) -> Result<()> {
-        self.sync()?;
+    fn report(&mut self, report: Report) -> Result<()> {
+        streams::sync_device(self.device)?;
         self.reports
             .send((self.stage, report))
             .map_err(|_| RuntimeError::Protocol("the coordinator is gone".into()))
     }
 
-    /// Data-parallel replicas: sums this stage's gradients over the stage's replicas, in
-    /// place, before its optimiser step. One replica: nothing to do.
-    pub fn reduce_gradients(&mut self, grads: &[Tensor]) -> Result<()> {
+    fn reduce_gradients(&mut self, grads: &[Tensor]) -> Result<()> {
         match &self.replicas {
             Some(g) => crate::ranks::replica_sum(g, grads),
             None => Ok(()),
         }
     }
 
-    /// Sends a gradient of micro-batch `tag` back to the stage that waits for it: a backprop
-    /// stage's input gradient to the previous stage, a paper module stage's `Σ ∂L/∂z` straight
-    /// to stage 1, the extractor (which receives these with [`ChannelTransport::recv_grad`],
-    /// from module stages 2, 3, … in turn). Staged SID never calls it.
-    pub fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
+    fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
         let Some((to, tx)) = &self.grad_out else {
-            return Err(RuntimeError::Protocol(format!(
-                "stage {} has no stage to send its gradient to",
-                self.stage + 1
-            )));
+            return Err(no_grad_target(self.stage));
         };
         let to = match to {
             0 => "stage 1 (the extractor)".to_string(),
@@ -333,12 +383,7 @@ impl ChannelTransport {
         )
     }
 
-    /// Backprop pipelines: the next gradient of this stage's output from the next stage; the
-    /// paper's SID, on stage 1: the next module stage's gradient at `z`, from stages 2, 3, …
-    /// in turn (so one micro-batch's gradients arrive together, in stage order). Waits at most
-    /// `timeout`; local: `None` while it has not been sent, as waiting cannot help (the stage
-    /// steps back and resumes once the sender has run).
-    pub fn recv_grad(&mut self, timeout: Duration) -> Result<Option<(Tag, Tensor)>> {
+    fn recv_grad(&mut self, timeout: Duration) -> Result<Option<(Tag, Tensor)>> {
         // Several senders (the paper's module stages): one gradient from each in turn.
         let Some((from, rx)) = self.grads_in.get(self.next_grad_from) else {
             return Err(RuntimeError::Protocol(format!(
@@ -347,14 +392,6 @@ impl ChannelTransport {
             )));
         };
         let from = from + 1;
-        if self.local {
-            let Ok(g) = rx.try_recv() else {
-                return Ok(None);
-            };
-            self.taken += 1;
-            self.next_grad_from = (self.next_grad_from + 1) % self.grads_in.len();
-            return Ok(Some(g));
-        }
         self.next_grad_from = (self.next_grad_from + 1) % self.grads_in.len();
         match rx.recv_timeout(timeout) {
             Ok((tag, g)) => {
