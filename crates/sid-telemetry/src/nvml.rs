@@ -68,9 +68,8 @@ impl GpuMonitor {
         let mem = d
             .memory_info()
             .map_err(TelemetryError::nvml(format!("memory of {index}")))?;
-        let pid = std::process::id();
         let processes = d.running_compute_processes().unwrap_or_default();
-        let mine = processes.into_iter().find(|p| p.pid == pid);
+        let mine = processes.into_iter().find(|p| p.pid == std::process::id());
         let process_memory = match mine.map(|p| p.used_gpu_memory) {
             Some(UsedGpuMemory::Used(bytes)) => Some(bytes),
             _ => None,
