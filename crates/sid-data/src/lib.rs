@@ -21,11 +21,12 @@ mod folder;
 mod idx;
 mod kind;
 mod raw;
-#[cfg(test)]
-mod testutil;
 
 pub use batch::{augment_batch, augment_params, batch, epoch_permutation, num_batches, CropFlip};
 pub use dataset::{load, Dataset, InputSpec, LoadOptions, Split};
 pub use error::DataError;
 pub use folder::{CacheStatus, FolderInfo, Layout, DEFAULT_IMAGE_SIZE};
 pub use kind::{DatasetKind, Shape};
+
+#[cfg(test)]
+mod testutil;
