@@ -49,7 +49,10 @@ pub enum Backend {
 
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(["gloo", "nccl"][*self as usize])
+        f.write_str(match self {
+            Self::Gloo => "gloo",
+            Self::Nccl => "nccl",
+        })
     }
 }
 
@@ -97,14 +100,21 @@ impl Store {
     ) -> Result<Self> {
         let addr = format!("{host}:{port}");
         let verb = if serve { "serving" } else { "connecting to" };
-        let (c_host, ms) = (cstring(host)?, millis(timeout));
-        let (c_port, c_serve, c_world) = (c_int::from(port), c_int::from(serve), world as c_int);
+        let c_host = cstring(host)?;
         init_logging();
         let mut ptr = std::ptr::null_mut();
         // SAFETY: a valid C string and out-pointer.
         call(|e, n| unsafe {
-            let host = c_host.as_ptr();
-            ffi::sid_store_new(host, c_port, c_serve, c_world, ms, &mut ptr, e, n)
+            ffi::sid_store_new(
+                c_host.as_ptr(),
+                c_int::from(port),
+                c_int::from(serve),
+                world as c_int,
+                millis(timeout),
+                &mut ptr,
+                e,
+                n,
+            )
         })
         .map_err(|cause| DistError::Rendezvous {
             what: format!("{verb} the store at {addr}"),
@@ -204,14 +214,22 @@ impl Group {
         hostname: &str,
         timeout: Duration,
     ) -> Result<Self> {
-        let (prefix, host) = (cstring(name)?, cstring(hostname)?);
-        let (c_rank, c_world, ms) = (rank as c_int, world as c_int, millis(timeout));
+        let prefix = cstring(name)?;
+        let host = cstring(hostname)?;
         let mut ptr = std::ptr::null_mut();
         // SAFETY: valid pointers.
         call(|e, n| unsafe {
-            let (prefix, host, b) = (prefix.as_ptr(), host.as_ptr(), backend as c_int);
             ffi::sid_group_new(
-                store.ptr, prefix, c_rank, c_world, b, host, ms, &mut ptr, e, n,
+                store.ptr,
+                prefix.as_ptr(),
+                rank as c_int,
+                world as c_int,
+                backend as c_int,
+                host.as_ptr(),
+                millis(timeout),
+                &mut ptr,
+                e,
+                n,
             )
         })
         .map_err(|cause| DistError::Op {
