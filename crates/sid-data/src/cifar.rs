@@ -52,9 +52,7 @@ fn read_file(path: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
     let label_bytes = fine + 1;
     let record = label_bytes + PIXELS;
     if bytes.is_empty() {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
+        return Err(DataError::Empty(path.to_path_buf()));
     }
     if bytes.len() % record != 0 {
         return Err(DataError::Truncated {

@@ -17,6 +17,13 @@ use crate::{cifar, DataError, DatasetKind, Shape};
 /// independent of every other stream derived from the same run seed.
 const NOISE_SEED_TAG: u64 = 0x4e_4f49_5345;
 
+/// A [`DataError::InvalidOption`] with a `format!` message.
+macro_rules! invalid {
+    ($($arg:tt)*) => {
+        DataError::InvalidOption(format!($($arg)*))
+    };
+}
+
 /// One split held in memory on the CPU.
 #[derive(Debug)]
 pub struct Split {
@@ -78,33 +85,24 @@ impl LoadOptions {
     pub fn validate(&self) -> Result<(), DataError> {
         // `contains` is false for NaN, so NaN is rejected as well.
         if !(0.0..1.0).contains(&self.val_split) {
-            return Err(DataError::InvalidOption(format!(
-                "val_split {} is outside [0, 1)",
-                self.val_split
-            )));
+            return Err(invalid!("val_split {} is outside [0, 1)", self.val_split));
         }
         if !(0.0..=1.0).contains(&self.label_noise) {
-            return Err(DataError::InvalidOption(format!(
+            return Err(invalid!(
                 "label_noise {} is outside [0, 1]",
                 self.label_noise
-            )));
+            ));
         }
         if self.limit_train == Some(0) {
-            return Err(DataError::InvalidOption(
-                "limit_train must be at least 1".into(),
-            ));
+            return Err(invalid!("limit_train must be at least 1"));
         }
         if self.limit_test == Some(0) {
-            return Err(DataError::InvalidOption(
-                "limit_test must be at least 1".into(),
-            ));
+            return Err(invalid!("limit_test must be at least 1"));
         }
         if let Some(s) = self.image_size {
             // Below 4 the SimpleCNN's two 2x2 poolings leave nothing.
             if !(4..=MAX_IMAGE_SIZE).contains(&s) {
-                return Err(DataError::InvalidOption(format!(
-                    "image_size {s} is outside 4..={MAX_IMAGE_SIZE}"
-                )));
+                return Err(invalid!("image_size {s} is outside 4..={MAX_IMAGE_SIZE}"));
             }
         }
         Ok(())
@@ -165,10 +163,10 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
     }
     if let (Some(fixed), Some(asked)) = (kind.shape(), opts.image_size) {
         if fixed.image_size != asked {
-            return Err(DataError::InvalidOption(format!(
+            return Err(invalid!(
                 "image_size {asked}: {kind} images are {0}x{0}; resizing applies to folder data sets only",
                 fixed.image_size
-            )));
+            ));
         }
     }
     let ((shape, mut train, mut test), classes, folder) = match kind.shape() {
@@ -197,15 +195,14 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
         let n = train.len();
         let k = (opts.val_split * n as f64).round() as usize;
         if k == 0 || k >= n {
-            let what = if k == 0 {
-                "holds out no sample"
-            } else {
-                "leaves no training sample"
+            let what = match k {
+                0 => "holds out no sample",
+                _ => "leaves no training sample",
             };
-            return Err(DataError::InvalidOption(format!(
+            return Err(invalid!(
                 "val_split {} of {n} training samples {what}",
                 opts.val_split
-            )));
+            ));
         }
         Some(train.split_off_last(k, sample_len))
     } else {
@@ -301,17 +298,17 @@ fn normalise(
     let mut images = Tensor::f_from_slice(pixels)?
         .f_reshape([n, c, s, s])?
         .f_to_kind(Kind::Float)?;
-    let mean = Tensor::f_from_slice(mean)?
-        .f_to_kind(Kind::Float)?
-        .f_reshape([1, c, 1, 1])?;
-    let std = Tensor::f_from_slice(std)?
-        .f_to_kind(Kind::Float)?
-        .f_reshape([1, c, 1, 1])?;
+    // A per-channel statistic as `[1, C, 1, 1]`, broadcast over the images.
+    let stat = |v: &[f64]| {
+        Tensor::f_from_slice(v)?
+            .f_to_kind(Kind::Float)?
+            .f_reshape([1, c, 1, 1])
+    };
     // In place: the CIFAR training tensor is 600 MB, so avoid temporaries. The returned
     // handles alias `images` and are not needed.
     let _ = images.f_div_scalar_(255.0)?;
-    let _ = images.f_sub_(&mean)?;
-    let _ = images.f_div_(&std)?;
+    let _ = images.f_sub_(&stat(mean)?)?;
+    let _ = images.f_div_(&stat(std)?)?;
     Ok(images)
 }
 
@@ -348,11 +345,11 @@ impl InputSpec {
     pub fn image(&self, path: &Path) -> Result<Tensor, DataError> {
         let c = self.shape.channels as usize;
         if !matches!(c, 1 | 3) || self.mean.len() != c || self.std.len() != c {
-            return Err(DataError::InvalidOption(format!(
+            return Err(invalid!(
                 "{c} channels with {} means and {} standard deviations: images have 1 or 3 channels, one statistic each",
                 self.mean.len(),
                 self.std.len()
-            )));
+            ));
         }
         let pixels = folder::decode_file(path, self.shape)?;
         normalise(&pixels, 1, self.shape, &self.mean, &self.std)

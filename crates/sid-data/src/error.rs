@@ -56,11 +56,8 @@ pub enum DataError {
     },
 
     /// A file holds no records at all.
-    #[error("{}: empty file, holds no records", .path.display())]
-    Empty {
-        /// The file.
-        path: PathBuf,
-    },
+    #[error("{}: empty file, holds no records", .0.display())]
+    Empty(PathBuf),
 
     /// The images in a file have a different size than the dataset kind implies.
     #[error("{}: images are {rows}x{cols}, expected {expected}x{expected} for {dataset}", .path.display())]

@@ -142,20 +142,22 @@ pub(crate) fn read(
     let started = Instant::now();
     let listing = list(dir)?;
     let key = cache_key(dir, &listing, size)?;
-    let (images, cache) = match cache_dir.map(|d| d.join(cache_file_name(dir, size))) {
+    // Both splits as one, training images first, as they are decoded and cached.
+    let ((shape, mut train), cache) = match cache_dir.map(|d| d.join(cache_file_name(dir, size))) {
         None => (decode_all(&listing, size)?, CacheStatus::Off),
         Some(path) => match read_cache(&path, key, &listing, size) {
             Some(images) => (images, CacheStatus::Hit(path)),
             None => {
-                let (shape, train, test) = decode_all(&listing, size)?;
+                let (shape, all) = decode_all(&listing, size)?;
                 let mut head = cache_header(key, shape, &listing);
                 // The labels are small: they go out with the header.
-                head.extend(train.labels.iter().chain(&test.labels));
-                write_atomically(&path, &[&head[..], &train.pixels, &test.pixels])?;
-                ((shape, train, test), CacheStatus::Written(path))
+                head.extend(&all.labels);
+                write_atomically(&path, &[&head[..], &all.pixels])?;
+                ((shape, all), CacheStatus::Written(path))
             }
         },
     };
+    let test = train.split_off_last(listing.test.len(), shape.sample_len());
     let info = FolderInfo {
         layout: listing.layout,
         train_images: listing.train.len(),
@@ -163,7 +165,7 @@ pub(crate) fn read(
         cache,
         seconds: started.elapsed().as_secs_f64(),
     };
-    Ok((images, listing.classes, info))
+    Ok(((shape, train, test), listing.classes, info))
 }
 
 /// Finds the layout, the classes and every image with its label (`load` has checked that
@@ -290,7 +292,7 @@ fn tiny_imagenet_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8
         test.push((path, label as u8));
     }
     if test.is_empty() {
-        return Err(DataError::Empty { path: ann });
+        return Err(DataError::Empty(ann));
     }
     Ok(test)
 }
@@ -346,25 +348,24 @@ fn images_in(folder: &Path, label: usize) -> Result<Vec<(PathBuf, u8)>, DataErro
 /// what a saved model is fed for a single image (`sid-launch predict`).
 pub(crate) fn decode_file(path: &Path, shape: Shape) -> Result<Vec<u8>, DataError> {
     let (rgb, _) = decode(path, shape.image_size as u32)?;
-    let mut pixels = Vec::with_capacity(shape.sample_len());
-    push_channels(&rgb, shape.channels, &mut pixels);
-    Ok(pixels)
+    Ok(planes(&rgb, shape.channels))
 }
 
-/// Appends interleaved RGB bytes as channel-major planes: three, or one grey plane. Grey is
-/// the luma of the three channels, which for a greyscale file (three equal channels, as
-/// every image of a grey folder data set is) is its own value, bit for bit.
-fn push_channels(rgb: &[u8], channels: i64, out: &mut Vec<u8>) {
+/// Interleaved RGB bytes as channel-major planes: three, or one grey plane. Grey is the luma
+/// of the three channels, which for a greyscale file (three equal channels, as every image of
+/// a grey folder data set is) is its own value, bit for bit.
+fn planes(rgb: &[u8], channels: i64) -> Vec<u8> {
     if channels == 1 {
         // The `image` crate's Rec. 709 integer luma; the weights sum to 10000.
-        out.extend(rgb.chunks_exact(3).map(|p| {
+        let luma = |p: &[u8]| {
             let y = 2126 * u32::from(p[0]) + 7152 * u32::from(p[1]) + 722 * u32::from(p[2]);
             (y / 10000) as u8
-        }));
+        };
+        rgb.chunks_exact(3).map(luma).collect()
     } else {
-        for c in 0..3 {
-            out.extend(rgb.chunks_exact(3).map(|p| p[c]));
-        }
+        (0..3)
+            .flat_map(|c| rgb.chunks_exact(3).map(move |p| p[c]))
+            .collect()
     }
 }
 
@@ -395,8 +396,9 @@ fn decode(path: &Path, size: u32) -> Result<(Vec<u8>, bool), DataError> {
     Ok((img.to_rgb8().into_raw(), grey))
 }
 
-/// Decodes every image in parallel and lays them out channel-major, 1 or 3 channels.
-fn decode_all(listing: &Listing, size: i64) -> Result<Images, DataError> {
+/// Decodes every image in parallel and lays them out channel-major, 1 or 3 channels: the
+/// training images, then the test images.
+fn decode_all(listing: &Listing, size: i64) -> Result<(Shape, RawSplit), DataError> {
     let files = || listing.train.par_iter().chain(&listing.test);
     let decoded = files()
         .map(|(path, _)| decode(path, size as u32))
@@ -405,12 +407,10 @@ fn decode_all(listing: &Listing, size: i64) -> Result<Images, DataError> {
     let shape = folder_shape(if grey { 1 } else { 3 }, size, listing);
     let mut pixels = Vec::with_capacity(decoded.len() * shape.sample_len());
     for (rgb, _) in decoded {
-        push_channels(&rgb, shape.channels, &mut pixels);
+        pixels.extend(planes(&rgb, shape.channels));
     }
     let labels = files().map(|(_, label)| *label).collect();
-    let mut train = RawSplit { pixels, labels };
-    let test = train.split_off_last(listing.test.len(), shape.sample_len());
-    Ok((shape, train, test))
+    Ok((shape, RawSplit { pixels, labels }))
 }
 
 fn folder_shape(channels: i64, size: i64, listing: &Listing) -> Shape {
@@ -524,8 +524,9 @@ fn write_atomically(path: &Path, parts: &[&[u8]]) -> Result<(), DataError> {
 
 /// Reads the cache at `path` if it exists and its header is the one these files at this size
 /// would be written with ([`cache_header`], with 1 or 3 channels); anything else (absent,
-/// stale, truncated, trailing bytes) is a miss, and the images are decoded again.
-fn read_cache(path: &Path, key: u64, listing: &Listing, size: i64) -> Option<Images> {
+/// stale, truncated, trailing bytes) is a miss, and the images are decoded again. Returns
+/// both splits as one, as [`decode_all`] does.
+fn read_cache(path: &Path, key: u64, listing: &Listing, size: i64) -> Option<(Shape, RawSplit)> {
     use std::io::Read;
     let mut file = std::fs::File::open(path).ok()?;
     let file_len = file.metadata().ok()?.len();
@@ -541,22 +542,14 @@ fn read_cache(path: &Path, key: u64, listing: &Listing, size: i64) -> Option<Ima
         .map(|channels| folder_shape(channels, size, listing))
         .into_iter()
         .find(|&shape| cache_header(key, shape, listing) == header)?;
-    let (n_train, n_test) = (listing.train.len(), listing.test.len());
-    let body = (n_train + n_test) * (1 + shape.sample_len());
-    if file_len != (header_len + body) as u64 {
+    let n = listing.train.len() + listing.test.len();
+    if file_len != (header_len + n * (1 + shape.sample_len())) as u64 {
         return None;
     }
     // The file's order: both label runs, then both pixel runs.
-    let labels = (read(n_train)?, read(n_test)?);
-    let train = RawSplit {
-        labels: labels.0,
-        pixels: read(n_train * shape.sample_len())?,
-    };
-    let test = RawSplit {
-        labels: labels.1,
-        pixels: read(n_test * shape.sample_len())?,
-    };
-    Some((shape, train, test))
+    let labels = read(n)?;
+    let pixels = read(n * shape.sample_len())?;
+    Some((shape, RawSplit { pixels, labels }))
 }
 
 #[cfg(test)]

@@ -124,9 +124,7 @@ fn read_idx(
     let sizes = header[1..].to_vec();
     let says = check(&sizes)?;
     if sizes[0] == 0 {
-        return Err(DataError::Empty {
-            path: path.to_path_buf(),
-        });
+        return Err(DataError::Empty(path.to_path_buf()));
     }
     let len = sizes.iter().map(|&d| d as usize).product();
     let data = read_up_to(&mut *reader, len, path)?;
@@ -419,6 +417,6 @@ mod tests {
 
         write_file(&path, &idx_images(0, 28, 28, &[]), false);
         let err = read_split(dir.path(), Part::Train, K).unwrap_err();
-        assert!(matches!(err, DataError::Empty { .. }), "{err}");
+        assert!(matches!(err, DataError::Empty(_)), "{err}");
     }
 }
