@@ -6,6 +6,8 @@
 //! that builds binaries, tests or examples calls [`link_libtorch`] from its own `build.rs`
 //! (and depends on `torch-sys` directly, the only way to see `DEP_TCH_LIBTORCH_LIB`).
 
+use std::path::{Path, PathBuf};
+
 /// Emits the link arguments: `--no-as-needed -ltorch` and an rpath to libtorch's lib folder,
 /// so binaries use CUDA when present and run without `LD_LIBRARY_PATH`.
 pub fn link_libtorch() {
@@ -21,7 +23,7 @@ pub fn link_libtorch() {
 /// libtorch's lib folder and the torch package folder above it (whose `include/` holds the
 /// C++ headers), with links resolved so that siblings such as pip's `nvidia/` are found.
 /// `None` when `DEP_TCH_LIBTORCH_LIB` is not visible (see the crate docs).
-pub fn libtorch_dirs() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+pub fn libtorch_dirs() -> Option<(PathBuf, PathBuf)> {
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").ok()?;
     let lib = std::fs::canonicalize(&lib).unwrap_or_else(|_| lib.into());
     let torch = lib.parent()?.to_path_buf();
@@ -31,12 +33,10 @@ pub fn libtorch_dirs() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
 /// The CUDA runtime headers next to libtorch (pip's `nvidia/cu13/include`, which
 /// scripts/setup.sh installs), `SID_CUDA_INCLUDE`, or `/usr/local/cuda/include`; `None` when
 /// none has both `cuda_runtime_api.h` and `crt/host_defines.h`.
-pub fn cuda_include(torch: &std::path::Path) -> Option<std::path::PathBuf> {
+pub fn cuda_include(torch: &Path) -> Option<PathBuf> {
     println!("cargo:rerun-if-env-changed=SID_CUDA_INCLUDE");
     [
-        std::env::var("SID_CUDA_INCLUDE")
-            .ok()
-            .map(std::path::PathBuf::from),
+        std::env::var("SID_CUDA_INCLUDE").ok().map(PathBuf::from),
         torch.parent().map(|p| p.join("nvidia/cu13/include")),
         Some("/usr/local/cuda/include".into()),
     ]
@@ -48,11 +48,9 @@ pub fn cuda_include(torch: &std::path::Path) -> Option<std::path::PathBuf> {
 /// The folder of `sid_shim.h`, which every C++ shim includes (`sid::guarded`: a C++ exception
 /// becomes an error code and its message, never an unwinding into Rust); also tells cargo to
 /// rebuild when the header changes.
-pub fn shim_include() -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
-    println!(
-        "cargo:rerun-if-changed={}",
-        dir.join("sid_shim.h").display()
-    );
+pub fn shim_include() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
+    let header = dir.join("sid_shim.h");
+    println!("cargo:rerun-if-changed={}", header.display());
     dir
 }

@@ -62,26 +62,21 @@ pub fn batch(split: &Split, perm: Option<&[i64]>, batch_size: i64, index: i64) -
     );
     let start = index * batch_size;
     let len = batch_size.min(n - start);
-    match perm {
-        Some(perm) => {
-            assert_eq!(
-                perm.len() as i64,
-                n,
-                "permutation has {} entries for {n} samples",
-                perm.len()
-            );
-            let idx = Tensor::from_slice(&perm[start as usize..(start + len) as usize])
-                .to_device(split.images.device());
-            (
-                split.images.index_select(0, &idx),
-                split.labels.index_select(0, &idx),
-            )
-        }
-        None => (
-            split.images.narrow(0, start, len).copy(),
-            split.labels.narrow(0, start, len).copy(),
-        ),
-    }
+    let idx = perm.map(|perm| {
+        assert_eq!(
+            perm.len() as i64,
+            n,
+            "permutation has {} entries for {n} samples",
+            perm.len()
+        );
+        Tensor::from_slice(&perm[start as usize..(start + len) as usize])
+            .to_device(split.images.device())
+    });
+    let take = |t: &Tensor| match &idx {
+        Some(idx) => t.index_select(0, idx),
+        None => t.narrow(0, start, len).copy(),
+    };
+    (take(&split.images), take(&split.labels))
 }
 
 /// The random choices for one sample of an augmented batch.
@@ -129,12 +124,10 @@ pub fn augment_batch(images: &Tensor, pad: i64, seed: u64, epoch: u64, step: u64
         .unwrap_or_else(|_| panic!("augment_batch needs [B,C,H,W], got {:?}", images.size()));
     let params = augment_params(b, pad, seed, epoch, step);
     let device = images.device();
-    let on_device = |v: &[i64]| Tensor::from_slice(v).to_device(device).view([b, 1]);
-    let dy = on_device(&params.iter().map(|p| p.dy).collect::<Vec<_>>());
-    let dx = on_device(&params.iter().map(|p| p.dx).collect::<Vec<_>>());
-    let flip = Tensor::from_slice(&params.iter().map(|p| p.flip).collect::<Vec<_>>())
-        .to_device(device)
-        .view([b, 1]);
+    let column = |v: Vec<i64>| Tensor::from_slice(&v).to_device(device).view([b, 1]);
+    let dy = column(params.iter().map(|p| p.dy).collect());
+    let dx = column(params.iter().map(|p| p.dx).collect());
+    let flip = column(params.iter().map(|p| i64::from(p.flip)).collect()).ne(0);
 
     let padded = images.constant_pad_nd([pad, pad, pad, pad]);
     // Source row of output row i is dy + i.

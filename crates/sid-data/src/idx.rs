@@ -23,10 +23,7 @@ const CLASSES: i64 = 10;
 
 /// Reads one split (images and labels) of an IDX dataset from `dir` and checks it.
 pub(crate) fn read_split(dir: &Path, part: Part, kind: DatasetKind) -> Result<RawSplit, DataError> {
-    let prefix = match part {
-        Part::Train => "train",
-        Part::Test => "t10k",
-    };
+    let prefix = if part == Part::Train { "train" } else { "t10k" };
     let images_path = resolve(dir, &format!("{prefix}-images-idx3-ubyte"))?;
     let labels_path = resolve(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
     // The two files decompress independently, so they are read on two cores.
