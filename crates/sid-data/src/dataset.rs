@@ -191,23 +191,16 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
     train.truncate(opts.limit_train.unwrap_or(usize::MAX), sample_len);
     test.truncate(opts.limit_test.unwrap_or(usize::MAX), sample_len);
 
-    let val = if opts.val_split > 0.0 {
-        let n = train.len();
-        let k = (opts.val_split * n as f64).round() as usize;
-        if k == 0 || k >= n {
-            let what = match k {
-                0 => "holds out no sample",
-                _ => "leaves no training sample",
-            };
-            return Err(invalid!(
-                "val_split {} of {n} training samples {what}",
-                opts.val_split
-            ));
-        }
-        Some(train.split_off_last(k, sample_len))
-    } else {
-        None
-    };
+    let (n, split) = (train.len(), opts.val_split);
+    let k = (split * n as f64).round() as usize;
+    if split > 0.0 && (k == 0 || k >= n) {
+        let what = match k {
+            0 => "holds out no sample",
+            _ => "leaves no training sample",
+        };
+        return Err(invalid!("val_split {split} of {n} training samples {what}"));
+    }
+    let val = (k > 0).then(|| train.split_off_last(k, sample_len));
 
     let noisy_labels = add_symmetric_noise(
         &mut train.labels,
@@ -223,7 +216,7 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
     // The normalised float tensors of one split.
     let norm = |raw: RawSplit| -> Result<Split, DataError> {
         let labels = Tensor::f_from_slice(&raw.labels)?.f_to_kind(Kind::Int64)?;
-        let images = normalise(&raw.pixels, raw.len() as i64, shape, &mean, &std)?;
+        let images = normalise(&raw.pixels, shape, &mean, &std)?;
         Ok(Split { images, labels })
     };
     Ok(Dataset {
@@ -285,18 +278,13 @@ fn add_symmetric_noise(labels: &mut [u8], num_classes: i64, fraction: f64, seed:
     k
 }
 
-/// `n` channel-major images of `shape` as bytes → `[n, C, H, W]` float32, scaled to 0..1 and
-/// normalised per channel: the one normalisation of training, evaluation and prediction.
-fn normalise(
-    pixels: &[u8],
-    n: i64,
-    shape: Shape,
-    mean: &[f64],
-    std: &[f64],
-) -> Result<Tensor, DataError> {
+/// Channel-major images of `shape` as bytes (at least one) → `[N, C, H, W]` float32, scaled
+/// to 0..1 and normalised per channel: the one normalisation of training, evaluation and
+/// prediction.
+fn normalise(pixels: &[u8], shape: Shape, mean: &[f64], std: &[f64]) -> Result<Tensor, DataError> {
     let (c, s) = (shape.channels, shape.image_size);
     let mut images = Tensor::f_from_slice(pixels)?
-        .f_reshape([n, c, s, s])?
+        .f_reshape([-1, c, s, s])?
         .f_to_kind(Kind::Float)?;
     // A per-channel statistic as `[1, C, 1, 1]`, broadcast over the images.
     let stat = |v: &[f64]| {
@@ -352,7 +340,7 @@ impl InputSpec {
             ));
         }
         let pixels = folder::decode_file(path, self.shape)?;
-        normalise(&pixels, 1, self.shape, &self.mean, &self.std)
+        normalise(&pixels, self.shape, &self.mean, &self.std)
     }
 }
 
