@@ -29,10 +29,7 @@ pub(crate) fn read_split(dir: &Path, part: Part, kind: DatasetKind) -> Result<Ra
     let paths: Vec<PathBuf> = names.iter().map(|name| dir.join(name)).collect();
     // Check every batch is there before reading ~150 MB, so a missing last batch fails fast.
     if let Some(path) = paths.iter().find(|path| !path.is_file()) {
-        return Err(DataError::MissingFile {
-            path: path.clone(),
-            also_tried: None,
-        });
+        return Err(DataError::missing(path));
     }
     // The batches are independent: read and check them in parallel, then join in order.
     let parts: Vec<RawSplit> = paths

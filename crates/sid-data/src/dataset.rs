@@ -161,16 +161,14 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
     if !dir.is_dir() {
         return Err(DataError::MissingDir(dir.to_path_buf()));
     }
-    if let (Some(fixed), Some(asked)) = (kind.shape(), opts.image_size) {
-        if fixed.image_size != asked {
-            return Err(invalid!(
-                "image_size {asked}: {kind} images are {0}x{0}; resizing applies to folder data sets only",
-                fixed.image_size
-            ));
-        }
-    }
     let ((shape, mut train, mut test), classes, folder) = match kind.shape() {
         Some(shape) => {
+            if let Some(asked) = opts.image_size.filter(|&s| s != shape.image_size) {
+                return Err(invalid!(
+                    "image_size {asked}: {kind} images are {0}x{0}; resizing applies to folder data sets only",
+                    shape.image_size
+                ));
+            }
             let read = |part| match kind {
                 DatasetKind::FashionMnist | DatasetKind::Mnist => idx::read_split(dir, part, kind),
                 _ => cifar::read_split(dir, part, kind),
@@ -241,12 +239,11 @@ fn channel_mean_std(pixels: &[u8], shape: Shape) -> (Vec<f64>, Vec<f64>) {
     // Exact integer sums: 255² per pixel times billions of pixels still fits a u64.
     let mut sum = vec![0u64; c];
     let mut sq = vec![0u64; c];
-    for image in pixels.chunks_exact(c * plane) {
-        for (ch, values) in image.chunks_exact(plane).enumerate() {
-            for &v in values {
-                sum[ch] += u64::from(v);
-                sq[ch] += u64::from(v) * u64::from(v);
-            }
+    // Plane i of the channel-major images is of channel i % c.
+    for (i, values) in pixels.chunks_exact(plane).enumerate() {
+        for &v in values {
+            sum[i % c] += u64::from(v);
+            sq[i % c] += u64::from(v) * u64::from(v);
         }
     }
     let count = (pixels.len() / c).max(1) as f64;

@@ -172,6 +172,12 @@ pub enum DataError {
 }
 
 impl DataError {
+    /// A file that is absent, with no other name tried.
+    pub(crate) fn missing(path: impl Into<PathBuf>) -> Self {
+        let (path, also_tried) = (path.into(), None);
+        DataError::MissingFile { path, also_tried }
+    }
+
     /// Wraps an I/O error together with the file it happened on (std's errors omit the path).
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let path = path.into();

@@ -284,10 +284,7 @@ fn tiny_imagenet_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8
         };
         let path = images.join(file.trim());
         if !path.is_file() {
-            return Err(DataError::MissingFile {
-                path,
-                also_tried: None,
-            });
+            return Err(DataError::missing(path));
         }
         test.push((path, label as u8));
     }
