@@ -46,8 +46,7 @@ fn read_file(path: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
     let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     // CIFAR-100 records carry the coarse label before the fine one; we train on the fine.
     let fine = usize::from(kind == DatasetKind::Cifar100);
-    let label_bytes = fine + 1;
-    let record = label_bytes + PIXELS;
+    let record = fine + 1 + PIXELS;
     if bytes.is_empty() {
         return Err(DataError::Empty(path.to_path_buf()));
     }
@@ -70,11 +69,8 @@ fn read_file(path: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
     let labels = labels_at(fine);
     let classes = kind.shape().map_or(0, |s| s.num_classes);
     check_labels(path, &labels, classes, "label")?;
-    let pixels = records.map(|r| &r[label_bytes..]).collect::<Vec<_>>();
-    Ok(RawSplit {
-        pixels: pixels.concat(),
-        labels,
-    })
+    let pixels = records.map(|r| &r[fine + 1..]).collect::<Vec<_>>().concat();
+    Ok(RawSplit { pixels, labels })
 }
 
 #[cfg(test)]

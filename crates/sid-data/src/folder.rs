@@ -181,8 +181,8 @@ fn list(dir: &Path) -> Result<Listing, DataError> {
     let wnids = dir.join("wnids.txt");
     let tiny = wnids.is_file() || dir.join("val/val_annotations.txt").is_file();
     let classes = if tiny && wnids.is_file() {
-        let text = read_text(&wnids)?;
-        text.lines()
+        read_text(&wnids)?
+            .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .map(String::from)
@@ -469,13 +469,11 @@ fn cache_key(dir: &Path, listing: &Listing, size: i64) -> Result<u64, DataError>
 /// One cache file per data folder and image size, so several data sets share a cache folder.
 fn cache_file_name(dir: &Path, size: i64) -> String {
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let name: String = dir
+    let name = dir
         .file_name()
         .unwrap_or_default()
         .to_string_lossy()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
+        .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
     let hash = fnv(dir.to_string_lossy().as_bytes());
     format!("{name}-{hash:016x}-{size}px.sidcache")
 }

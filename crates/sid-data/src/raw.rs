@@ -27,10 +27,8 @@ impl RawSplit {
 
     /// Keeps only the first `n` samples (no-op when there are fewer).
     pub fn truncate(&mut self, n: usize, sample_len: usize) {
-        if n < self.len() {
-            self.labels.truncate(n);
-            self.pixels.truncate(n * sample_len);
-        }
+        self.labels.truncate(n);
+        self.pixels.truncate(n.saturating_mul(sample_len));
     }
 
     /// Removes and returns the last `k` samples.
