@@ -525,7 +525,8 @@ fn read_cache(path: &Path, key: u64, listing: &Listing, size: i64) -> Option<(Sh
     use std::io::Read;
     let mut file = std::fs::File::open(path).ok()?;
     let file_len = file.metadata().ok()?.len();
-    // Straight into the final buffers: a Tiny-ImageNet cache is over a GB, so no copy.
+    // Straight into the final buffers: a Tiny-ImageNet cache is over a GB, so no copy (but
+    // of the test images, split off the end by `read`).
     let mut read = |n: usize| -> Option<Vec<u8>> {
         let mut v = vec![0u8; n];
         file.read_exact(&mut v).ok()?;
