@@ -81,7 +81,6 @@ struct Frame {
     micro: usize,
     count: usize,
     scale: f64,
-    stage: usize,
     aux: i64,
     busy: Duration,
     forward: Duration,
@@ -102,19 +101,19 @@ const KIND_CODES: [(TKind, i64); 9] = [
 ];
 
 fn kind_code(k: TKind) -> std::result::Result<i64, String> {
-    let found = KIND_CODES
+    KIND_CODES
         .iter()
         .find(|(kind, _)| *kind == k)
-        .map(|&(_, c)| c);
-    found.ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
+        .map(|&(_, c)| c)
+        .ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
 }
 
 fn code_kind(c: i64) -> std::result::Result<TKind, String> {
-    let found = KIND_CODES
+    KIND_CODES
         .iter()
         .find(|(_, code)| *code == c)
-        .map(|&(k, _)| k);
-    found.ok_or_else(|| format!("a frame names an unknown tensor kind {c}"))
+        .map(|&(k, _)| k)
+        .ok_or_else(|| format!("a frame names an unknown tensor kind {c}"))
 }
 
 /// What a link accepts from its peer: its direction (tag) says which frames may come.
@@ -299,7 +298,7 @@ fn send_frame(
     h[2] = f.micro as i64;
     h[3] = f.count as i64;
     h[4] = f.scale.to_bits() as i64;
-    h[5] = f.stage as i64;
+    // h[5] is not used.
     h[6] = f.aux;
     h[7] = f.busy.as_nanos() as i64;
     h[8] = f.forward.as_nanos() as i64;
@@ -372,7 +371,6 @@ fn recv_frame(
         micro: h[2] as usize,
         count: h[3] as usize,
         scale: f64::from_bits(h[4] as u64),
-        stage: h[5] as usize,
         aux: h[6],
         busy: Duration::from_nanos(h[7].max(0) as u64),
         forward: Duration::from_nanos(h[8].max(0) as u64),
@@ -480,8 +478,8 @@ fn frame_message(f: Frame) -> std::result::Result<Message, String> {
     })
 }
 
-fn report_frame((stage, r): Filed) -> std::result::Result<Frame, String> {
-    let f = match r {
+fn report_frame((_, r): Filed) -> std::result::Result<Frame, String> {
+    Ok(match r {
         Report::Losses {
             step,
             losses,
@@ -506,8 +504,7 @@ fn report_frame((stage, r): Filed) -> std::result::Result<Frame, String> {
             let aux = module.map_or(0, |m| m as i64);
             Frame { aux, ..f }
         }
-    };
-    Ok(Frame { stage, ..f })
+    })
 }
 
 /// A report's own numbers and tensors (the coordinator knows its stage: the rank it came from).
@@ -660,8 +657,7 @@ fn run_linked_stage(
         outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, fail));
         transport.grad_out = Some((s - 1, tx));
     }
-    let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
-    spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout)
+    spawn_stage(cfg, runner, transport, cpu_threads_per_stage(cfg, 1))
 }
 
 /// Rank 0: runs stage 1 of replica 1 in a thread as the coordinator's first stage and links

@@ -108,12 +108,8 @@ impl StagedPipeline {
     /// device per stage.
     pub fn new(cfg: StagedConfig) -> Result<Self> {
         let paper = cfg.method == PipelineMethod::Paper;
-        let k = if paper {
-            cfg.devices.len() + 1
-        } else {
-            cfg.plan.len()
-        };
         let d = cfg.devices.len();
+        let k = if paper { d + 1 } else { cfg.plan.len() };
         if paper && (cfg.plan.len() != 1 || cfg.ranks.is_some() || d == 0) {
             return Err(RuntimeError::Config(
                 "the paper's SID pipeline takes a one-stage plan, at least one device and no other ranks".into(),
@@ -236,30 +232,24 @@ impl StagedPipeline {
     pub fn describe(&self, slot: usize) -> String {
         let k = self.specs.len();
         let s = &self.specs[slot % k];
-        if self.cfg.method == PipelineMethod::Paper {
-            let what = if s.modules.is_empty() {
-                "the extractor".to_string()
-            } else {
-                format!("modules {}-{}", s.modules.start + 1, s.modules.end)
-            };
-            return format!("stage {} ({}, {what})", slot + 1, self.names[slot]);
-        }
-        let replica = (self.replicas() > 1).then(|| format!(" of replica {}", slot / k + 1));
-        let replica = replica.unwrap_or_default();
-        let modules = match self.cfg.method {
-            PipelineMethod::Sid => format!(", modules {}-{}", s.modules.start + 1, s.modules.end),
+        let blocks = format!("blocks {}-{}", s.blocks.start + 1, s.blocks.end);
+        let modules = format!("modules {}-{}", s.modules.start + 1, s.modules.end);
+        let what = match self.cfg.method {
+            PipelineMethod::Paper if s.modules.is_empty() => "the extractor".to_string(),
+            PipelineMethod::Paper => modules,
+            PipelineMethod::Sid => format!("{blocks}, {modules}"),
             // Backprop's modules all read the final features: they sit on the last stage.
             PipelineMethod::Bp(_) if slot % k + 1 == k => {
-                format!(", modules 1-{}", self.cfg.model.modules)
+                format!("{blocks}, modules 1-{}", self.cfg.model.modules)
             }
-            PipelineMethod::Bp(_) | PipelineMethod::Paper => String::new(),
+            PipelineMethod::Bp(_) => blocks,
         };
+        let replica = (self.replicas() > 1).then(|| format!(" of replica {}", slot / k + 1));
+        let replica = replica.unwrap_or_default();
         format!(
-            "stage {}{replica} ({}, blocks {}-{}{modules})",
+            "stage {}{replica} ({}, {what})",
             slot % k + 1,
-            self.names[slot],
-            s.blocks.start + 1,
-            s.blocks.end,
+            self.names[slot]
         )
     }
 
@@ -312,7 +302,7 @@ impl StagedPipeline {
                             grad_to: self.cfg.method.grad_target(s),
                             taken: 0,
                         };
-                        let driven = drive(&mut runners[s], &mut t, self.cfg.timeout, true);
+                        let driven = drive(&mut runners[s], &mut t, true);
                         taken += t.taken;
                         if let Err(f) = driven {
                             return Err(self.failed(s, f));
@@ -619,14 +609,12 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
         .into_iter()
         .zip(transports)
         .map(|(runner, transport)| {
-            let (s, device) = (transport.stage, transport.device);
-            let cores = if paper && s == 0 {
+            let cores = if paper && transport.stage == 0 {
                 extractor_threads
             } else {
                 cpu_threads
             };
-            let threads_here = (device == Device::Cpu).then_some(cores);
-            spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout)
+            spawn_stage(cfg, runner, transport, cores)
         })
         .collect();
     Engine::Threads {
