@@ -130,18 +130,16 @@ struct Expect {
 impl Expect {
     /// What a link of `tag` accepts in the pipeline `cfg` describes. A frame holds at most a
     /// stage's whole state (every parameter with Adam's two moments, in float32, twice over
-    /// for names and alignment) or 4 GiB of activations, whichever is more.
+    /// for names and alignment) or 4 GiB of activations, whichever is more. (Stages in other
+    /// processes run the built-in backbone `cfg.model` names.)
     fn new(cfg: &StagedConfig, tag: u32) -> Self {
-        let params = match cfg.backbone {
-            None => sid_core::extractor::ParamCounts::of(&cfg.model)
-                .total()
-                .max(0) as u64,
-            Some(_) => 0,
-        };
+        let params = sid_core::extractor::ParamCounts::of(&cfg.model).total();
         Self {
             tag,
             classes: cfg.model.num_classes,
-            max_bytes: params.saturating_mul(3 * 4 * 2).max(MIN_FRAME_BYTES),
+            max_bytes: (params.max(0) as u64)
+                .saturating_mul(3 * 4 * 2)
+                .max(MIN_FRAME_BYTES),
         }
     }
 }

@@ -186,13 +186,8 @@ impl StageRunner {
             }
             Message::Load { tag, named } => {
                 self.idle("a checkpoint")?;
-                let mine = NamedTensors::from(
-                    named
-                        .iter()
-                        .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                        .collect::<Vec<_>>(),
-                );
-                self.unit.load_state(&mine)?;
+                let mine = named.iter().map(|(n, t)| (n.clone(), t.shallow_clone()));
+                self.unit.load_state(&NamedTensors(mine.collect()))?;
                 t.send_down(Message::Load { tag, named })?;
                 t.report(Report::Loaded).map_err(Failure::from)
             }

@@ -148,15 +148,6 @@ impl StagedConfig {
             ranks: None,
         }
     }
-
-    /// The model with the backbone the stages build: [`StagedConfig::backbone`], or the
-    /// built-in one.
-    pub fn net(&self) -> Net<'_> {
-        match &self.backbone {
-            Some(b) => Net::new(&self.model, b.as_ref()),
-            None => Net::from(&self.model),
-        }
-    }
 }
 
 /// How the coordinator reaches its stages.
@@ -197,7 +188,11 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
             "your own backbone runs in this process only: no stages in other ranks".into(),
         ));
     }
-    let net = cfg.net();
+    // The model with the backbone the stages build: `cfg.backbone`, or the built-in one.
+    let net = match &cfg.backbone {
+        Some(b) => Net::new(&cfg.model, b.as_ref()),
+        None => Net::from(&cfg.model),
+    };
     let units: Vec<(Box<dyn Unit>, Schedule)> = match cfg.method {
         PipelineMethod::Sid => build_stages(net, cfg.loss, cfg.lr, &cfg.plan)?
             .into_iter()
