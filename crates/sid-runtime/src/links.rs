@@ -559,9 +559,9 @@ fn out_link<T: Send + 'static>(
     tag: u32,
     rx: Receiver<T>,
     encode: fn(T) -> std::result::Result<Frame, String>,
-    fail: OnFail<'_>,
+    fail: &impl OnFail,
 ) -> StageThread {
-    let on_fail = fail(dst);
+    let on_fail = fail.clone();
     let g = ranks.world.clone();
     let me = g.rank();
     let direct = ranks.direct.get(&(me, dst, tag)).cloned();
@@ -574,7 +574,8 @@ fn out_link<T: Send + 'static>(
             send_frame(&g, dst, tag, Frame::default(), None)
         })();
         if let Err(e) = &result {
-            on_fail(format!("the link from rank {me} to rank {dst} failed: {e}"));
+            let cause = format!("the link from rank {me} to rank {dst} failed: {e}");
+            on_fail(dst, cause);
         }
         drop(rx);
         result
@@ -590,9 +591,9 @@ fn in_link<T: Send + 'static>(
     tag: u32,
     tx: Sender<T>,
     decode: impl Fn(Frame) -> std::result::Result<T, String> + Send + 'static,
-    fail: OnFail<'_>,
+    fail: &impl OnFail,
 ) -> StageThread {
-    let (device, expect, on_fail) = (cfg.devices[0], Expect::new(cfg, tag), fail(src));
+    let (device, expect, on_fail) = (cfg.devices[0], Expect::new(cfg, tag), fail.clone());
     let g = ranks.world.clone();
     let me = g.rank();
     let direct = ranks.direct.get(&(src, me, expect.tag)).cloned();
@@ -609,15 +610,16 @@ fn in_link<T: Send + 'static>(
             }
         })();
         if let Err(e) = &result {
-            on_fail(format!("rank {me} lost rank {src}: {e}"));
+            on_fail(src, format!("rank {me} lost rank {src}: {e}"));
         }
         drop(tx);
         result
     })
 }
 
-/// What a link does when it fails, given the peer rank.
-type OnFail<'a> = &'a dyn Fn(usize) -> Box<dyn FnOnce(String) + Send>;
+/// What a link does when it fails, given the peer rank and the cause.
+trait OnFail: Fn(usize, String) + Clone + Send + 'static {}
+impl<F: Fn(usize, String) + Clone + Send + 'static> OnFail for F {}
 
 /// Runs this rank's stage `s` in a thread between `upstream` and `reports`, linked down the
 /// chain to the next rank and, in a backprop pipeline, for gradients from the next rank and to
@@ -628,7 +630,7 @@ fn run_linked_stage(
     runner: StageRunner,
     s: usize,
     (upstream, reports): (Receiver<Message>, Sender<Filed>),
-    fail: OnFail<'_>,
+    fail: &impl OnFail,
     (outs, ins): &mut (Vec<StageThread>, Vec<StageThread>),
 ) -> StageThread {
     let me = ranks.rank();
@@ -676,11 +678,9 @@ pub(crate) fn spawn_coordinator_links(
     }
     let cap = cfg.micro_batches.max(1) + 1;
     let (report_tx, reports) = crossbeam_channel::unbounded::<Filed>();
-    let failed_link = |slot: usize| -> Box<dyn FnOnce(String) + Send> {
-        let tx = report_tx.clone();
-        Box::new(move |cause| {
-            let _ = tx.send((slot, Report::Failed(Failure::new(cause))));
-        })
+    let tx = report_tx.clone();
+    let failed_link = move |slot: usize, cause: String| {
+        let _ = tx.send((slot, Report::Failed(Failure::new(cause))));
     };
     let (first, upstream) = crossbeam_channel::bounded::<Message>(cap);
     let runner = runners.into_iter().next().expect("at least one stage");
@@ -725,11 +725,8 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     // `ranks.check` made sure this rank's stage is one of the plan's.
     let runner = build_runners(cfg)?.swap_remove(s);
     let (fail_tx, fail_rx) = crossbeam_channel::unbounded::<String>();
-    let on_fail = |_peer: usize| -> Box<dyn FnOnce(String) + Send> {
-        let tx = fail_tx.clone();
-        Box::new(move |cause: String| {
-            let _ = tx.send(cause);
-        })
+    let on_fail = move |_peer: usize, cause: String| {
+        let _ = fail_tx.send(cause);
     };
     let (up_tx, upstream) = crossbeam_channel::bounded::<Message>(cap);
     let (report_tx, report_rx) = crossbeam_channel::unbounded::<Filed>();
@@ -739,7 +736,8 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     let mut links = (vec![reports_out], vec![down_in]);
     let chain = (upstream, report_tx);
     let stage = run_linked_stage(cfg, ranks, runner, s, chain, &on_fail, &mut links);
-    drop(fail_tx);
+    // Only the links hold the failure channel now: it closes when they have all ended.
+    drop(on_fail);
     tracing::info!(rank = me, replica, stage = s + 1, "serving");
     // Whichever ends first: the stage (normally, when the coordinator closes the chain), a
     // link (a peer died), or rank 0 (gone while this rank's links wait on channels): stop

@@ -405,9 +405,8 @@ impl StagedPipeline {
             .filter(|s| s.is_none() && losses.len() == expected)
             .ok_or(bad)?;
         *slot = Some(losses);
-        if stage < k {
-            // Replica 1 stands for the others, which run the same shapes.
-            let t = &mut self.busy[stage];
+        // Replica 1 stands for the others, which run the same shapes.
+        if let Some(t) = self.busy.get_mut(stage) {
             t.steps += 1;
             t.busy += busy;
             t.forward += forward;
@@ -417,20 +416,16 @@ impl StagedPipeline {
             if entry.get().iter().any(|s| s.is_none()) {
                 break;
             }
-            let slots = entry.remove();
+            let mut slots = entry.remove().into_iter().flatten();
             // Each replica's losses are already weighted by its share of the batch: sum
-            // them per stage, then list the stages in order.
-            let losses: Vec<f64> = (0..k)
-                .flat_map(|s| {
-                    let mut sum = slots[s].clone().unwrap_or_default();
-                    for r in 1..self.replicas() {
-                        for (a, b) in sum.iter_mut().zip(slots[r * k + s].iter().flatten()) {
-                            *a += b;
-                        }
-                    }
-                    sum
-                })
-                .collect();
+            // them per stage, replica after replica, then list the stages in order.
+            let mut losses: Vec<Vec<f64>> = slots.by_ref().take(k).collect();
+            for (i, more) in slots.enumerate() {
+                for (a, b) in losses[i % k].iter_mut().zip(more) {
+                    *a += b;
+                }
+            }
+            let losses = losses.concat();
             let loss = losses.iter().sum();
             // Backprop has one loss, not one per module.
             let bp = matches!(self.cfg.method, PipelineMethod::Bp(_));
