@@ -571,11 +571,8 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let paper = cfg.method == PipelineMethod::Paper;
     // The paper's extractor is nearly all of a step and the module stages wait for it (and it
     // for them): it gets every core, the module stages share them.
-    let skip = usize::from(paper);
-    let cpu_stages = devices[skip..]
-        .iter()
-        .filter(|d| **d == Device::Cpu)
-        .count();
+    let sharing = &devices[usize::from(paper)..];
+    let cpu_stages = sharing.iter().filter(|d| **d == Device::Cpu).count();
     let cpu_threads = cpu_threads_per_stage(cfg, cpu_stages);
     let extractor_threads = cpu_threads_per_stage(cfg, 1);
     // Fix this thread's libtorch thread count before stages change the process-wide one.
