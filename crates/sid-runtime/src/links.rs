@@ -81,7 +81,6 @@ struct Frame {
     micro: usize,
     count: usize,
     scale: f64,
-    stage: usize,
     aux: i64,
     busy: Duration,
     forward: Duration,
@@ -102,19 +101,19 @@ const KIND_CODES: [(TKind, i64); 9] = [
 ];
 
 fn kind_code(k: TKind) -> std::result::Result<i64, String> {
-    let found = KIND_CODES
+    KIND_CODES
         .iter()
         .find(|(kind, _)| *kind == k)
-        .map(|&(_, c)| c);
-    found.ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
+        .map(|&(_, c)| c)
+        .ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
 }
 
 fn code_kind(c: i64) -> std::result::Result<TKind, String> {
-    let found = KIND_CODES
+    KIND_CODES
         .iter()
         .find(|(_, code)| *code == c)
-        .map(|&(k, _)| k);
-    found.ok_or_else(|| format!("a frame names an unknown tensor kind {c}"))
+        .map(|&(k, _)| k)
+        .ok_or_else(|| format!("a frame names an unknown tensor kind {c}"))
 }
 
 /// What a link accepts from its peer: its direction (tag) says which frames may come.
@@ -131,18 +130,16 @@ struct Expect {
 impl Expect {
     /// What a link of `tag` accepts in the pipeline `cfg` describes. A frame holds at most a
     /// stage's whole state (every parameter with Adam's two moments, in float32, twice over
-    /// for names and alignment) or 4 GiB of activations, whichever is more.
+    /// for names and alignment) or 4 GiB of activations, whichever is more. (Stages in other
+    /// processes run the built-in backbone `cfg.model` names.)
     fn new(cfg: &StagedConfig, tag: u32) -> Self {
-        let params = match cfg.backbone {
-            None => sid_core::extractor::ParamCounts::of(&cfg.model)
-                .total()
-                .max(0) as u64,
-            Some(_) => 0,
-        };
+        let params = sid_core::extractor::ParamCounts::of(&cfg.model).total();
         Self {
             tag,
             classes: cfg.model.num_classes,
-            max_bytes: params.saturating_mul(3 * 4 * 2).max(MIN_FRAME_BYTES),
+            max_bytes: (params.max(0) as u64)
+                .saturating_mul(3 * 4 * 2)
+                .max(MIN_FRAME_BYTES),
         }
     }
 }
@@ -299,7 +296,7 @@ fn send_frame(
     h[2] = f.micro as i64;
     h[3] = f.count as i64;
     h[4] = f.scale.to_bits() as i64;
-    h[5] = f.stage as i64;
+    // h[5] is not used.
     h[6] = f.aux;
     h[7] = f.busy.as_nanos() as i64;
     h[8] = f.forward.as_nanos() as i64;
@@ -372,7 +369,6 @@ fn recv_frame(
         micro: h[2] as usize,
         count: h[3] as usize,
         scale: f64::from_bits(h[4] as u64),
-        stage: h[5] as usize,
         aux: h[6],
         busy: Duration::from_nanos(h[7].max(0) as u64),
         forward: Duration::from_nanos(h[8].max(0) as u64),
@@ -480,8 +476,8 @@ fn frame_message(f: Frame) -> std::result::Result<Message, String> {
     })
 }
 
-fn report_frame((stage, r): Filed) -> std::result::Result<Frame, String> {
-    let f = match r {
+fn report_frame((_, r): Filed) -> std::result::Result<Frame, String> {
+    Ok(match r {
         Report::Losses {
             step,
             losses,
@@ -506,8 +502,7 @@ fn report_frame((stage, r): Filed) -> std::result::Result<Frame, String> {
             let aux = module.map_or(0, |m| m as i64);
             Frame { aux, ..f }
         }
-    };
-    Ok(Frame { stage, ..f })
+    })
 }
 
 /// A report's own numbers and tensors (the coordinator knows its stage: the rank it came from).
@@ -564,9 +559,9 @@ fn out_link<T: Send + 'static>(
     tag: u32,
     rx: Receiver<T>,
     encode: fn(T) -> std::result::Result<Frame, String>,
-    fail: OnFail<'_>,
+    fail: &impl OnFail,
 ) -> StageThread {
-    let on_fail = fail(dst);
+    let on_fail = fail.clone();
     let g = ranks.world.clone();
     let me = g.rank();
     let direct = ranks.direct.get(&(me, dst, tag)).cloned();
@@ -579,7 +574,8 @@ fn out_link<T: Send + 'static>(
             send_frame(&g, dst, tag, Frame::default(), None)
         })();
         if let Err(e) = &result {
-            on_fail(format!("the link from rank {me} to rank {dst} failed: {e}"));
+            let cause = format!("the link from rank {me} to rank {dst} failed: {e}");
+            on_fail(dst, cause);
         }
         drop(rx);
         result
@@ -595,9 +591,9 @@ fn in_link<T: Send + 'static>(
     tag: u32,
     tx: Sender<T>,
     decode: impl Fn(Frame) -> std::result::Result<T, String> + Send + 'static,
-    fail: OnFail<'_>,
+    fail: &impl OnFail,
 ) -> StageThread {
-    let (device, expect, on_fail) = (cfg.devices[0], Expect::new(cfg, tag), fail(src));
+    let (device, expect, on_fail) = (cfg.devices[0], Expect::new(cfg, tag), fail.clone());
     let g = ranks.world.clone();
     let me = g.rank();
     let direct = ranks.direct.get(&(src, me, expect.tag)).cloned();
@@ -614,15 +610,16 @@ fn in_link<T: Send + 'static>(
             }
         })();
         if let Err(e) = &result {
-            on_fail(format!("rank {me} lost rank {src}: {e}"));
+            on_fail(src, format!("rank {me} lost rank {src}: {e}"));
         }
         drop(tx);
         result
     })
 }
 
-/// What a link does when it fails, given the peer rank.
-type OnFail<'a> = &'a dyn Fn(usize) -> Box<dyn FnOnce(String) + Send>;
+/// What a link does when it fails, given the peer rank and the cause.
+trait OnFail: Fn(usize, String) + Clone + Send + 'static {}
+impl<F: Fn(usize, String) + Clone + Send + 'static> OnFail for F {}
 
 /// Runs this rank's stage `s` in a thread between `upstream` and `reports`, linked down the
 /// chain to the next rank and, in a backprop pipeline, for gradients from the next rank and to
@@ -633,7 +630,7 @@ fn run_linked_stage(
     runner: StageRunner,
     s: usize,
     (upstream, reports): (Receiver<Message>, Sender<Filed>),
-    fail: OnFail<'_>,
+    fail: &impl OnFail,
     (outs, ins): &mut (Vec<StageThread>, Vec<StageThread>),
 ) -> StageThread {
     let me = ranks.rank();
@@ -660,8 +657,7 @@ fn run_linked_stage(
         outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, fail));
         transport.grad_out = Some((s - 1, tx));
     }
-    let threads_here = (device == Device::Cpu).then(|| cpu_threads_per_stage(cfg, 1));
-    spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout)
+    spawn_stage(cfg, runner, transport, cpu_threads_per_stage(cfg, 1))
 }
 
 /// Rank 0: runs stage 1 of replica 1 in a thread as the coordinator's first stage and links
@@ -682,11 +678,9 @@ pub(crate) fn spawn_coordinator_links(
     }
     let cap = cfg.micro_batches.max(1) + 1;
     let (report_tx, reports) = crossbeam_channel::unbounded::<Filed>();
-    let failed_link = |slot: usize| -> Box<dyn FnOnce(String) + Send> {
-        let tx = report_tx.clone();
-        Box::new(move |cause| {
-            let _ = tx.send((slot, Report::Failed(Failure::new(cause))));
-        })
+    let tx = report_tx.clone();
+    let failed_link = move |slot: usize, cause: String| {
+        let _ = tx.send((slot, Report::Failed(Failure::new(cause))));
     };
     let (first, upstream) = crossbeam_channel::bounded::<Message>(cap);
     let runner = runners.into_iter().next().expect("at least one stage");
@@ -731,11 +725,8 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     // `ranks.check` made sure this rank's stage is one of the plan's.
     let runner = build_runners(cfg)?.swap_remove(s);
     let (fail_tx, fail_rx) = crossbeam_channel::unbounded::<String>();
-    let on_fail = |_peer: usize| -> Box<dyn FnOnce(String) + Send> {
-        let tx = fail_tx.clone();
-        Box::new(move |cause: String| {
-            let _ = tx.send(cause);
-        })
+    let on_fail = move |_peer: usize, cause: String| {
+        let _ = fail_tx.send(cause);
     };
     let (up_tx, upstream) = crossbeam_channel::bounded::<Message>(cap);
     let (report_tx, report_rx) = crossbeam_channel::unbounded::<Filed>();
@@ -745,7 +736,8 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
     let mut links = (vec![reports_out], vec![down_in]);
     let chain = (upstream, report_tx);
     let stage = run_linked_stage(cfg, ranks, runner, s, chain, &on_fail, &mut links);
-    drop(fail_tx);
+    // Only the links hold the failure channel now: it closes when they have all ended.
+    drop(on_fail);
     tracing::info!(rank = me, replica, stage = s + 1, "serving");
     // Whichever ends first: the stage (normally, when the coordinator closes the chain), a
     // link (a peer died), or rank 0 (gone while this rank's links wait on channels): stop

@@ -24,16 +24,10 @@ impl Placement {
                 "{workers} devices but only {modules} modules: every device needs at least one module (raise --modules)"
             )));
         }
+        // Worker k's block starts after k blocks of `base` and the first k of the extra ones.
         let (base, extra) = (modules / workers, modules % workers);
-        let mut start = 0;
-        let blocks = (0..workers)
-            .map(|k| {
-                let len = base + usize::from(k < extra);
-                let r = start..start + len;
-                start += len;
-                r
-            })
-            .collect();
+        let start = |k: usize| k * base + k.min(extra);
+        let blocks = (0..workers).map(|k| start(k)..start(k + 1)).collect();
         Ok(Self { blocks })
     }
 

@@ -26,6 +26,7 @@ use tch::Tensor;
 #[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{Op, Schedule};
+use crate::setup::StagedConfig;
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 use crate::Failure;
 
@@ -54,17 +55,6 @@ struct Step {
     early: Option<Message>,
 }
 
-/// What a stage takes from the pipeline's configuration.
-pub(crate) struct RunnerSettings {
-    /// Longest wait for a gradient inside a step.
-    pub timeout: Duration,
-    /// Replay each step of a staged-SID stage on a GPU from a CUDA graph of its own.
-    pub cuda_graph: bool,
-    /// A fault to inject (tests), struck by the stage it names.
-    #[cfg(feature = "fault-injection")]
-    pub fault: Option<Fault>,
-}
-
 /// A stage: its unit, its schedule and where it is in its step.
 pub struct StageRunner {
     unit: Box<dyn Unit>,
@@ -74,9 +64,11 @@ pub struct StageRunner {
     /// The last step begun.
     step: u64,
     current: Option<Step>,
-    /// Its timeout, CUDA graphs and injected fault (tests; it strikes when it names this
-    /// stage).
-    settings: RunnerSettings,
+    /// Longest wait for a gradient inside a step, or for the rest of a step begun.
+    timeout: Duration,
+    /// A fault to inject (tests), struck when it names this stage.
+    #[cfg(feature = "fault-injection")]
+    fault: Option<Fault>,
     /// A staged-SID stage on a GPU with one micro-batch: each step replayed from a CUDA graph
     /// of its own ([`GraphedStep::stage`]).
     cuda_graph: Option<GraphedStep<(StageOutput, Tensor)>>,
@@ -90,30 +82,35 @@ pub struct StageRunner {
 
 impl StageRunner {
     /// Runs `unit` as stage `unit.stage()` of `stages`, its steps in the order of `schedule`,
-    /// with `settings`' timeout, CUDA graphs and injected fault (tests; it strikes when it
-    /// names this stage). What the stage allocates while it runs ([`drive`]) is charged to `memory`
-    /// (weights and optimiser state, made before, are counted by
+    /// with `cfg`'s timeout, CUDA graphs and injected fault (tests; it strikes when it names
+    /// this stage). When `cfg` tracks memory, what the stage allocates while it runs
+    /// ([`drive`]) is charged to it (weights and optimiser state, made before, are counted by
     /// [`StageRunner::memory`]).
     pub(crate) fn new(
         mut unit: Box<dyn Unit>,
         schedule: Schedule,
         stages: usize,
-        settings: RunnerSettings,
-        memory: Option<AllocOwner>,
-    ) -> Self {
-        Self {
-            cuda_graph: (settings.cuda_graph && unit.as_stage_mut().is_some())
+        cfg: &StagedConfig,
+    ) -> crate::Result<Self> {
+        // A staged-SID stage on a GPU, one micro-batch a step: each step is replayed from a
+        // CUDA graph (`GraphedStep::stage`); nothing changes on a CPU.
+        let graphed = cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none();
+        let memory = (cfg.track_memory && cfg.ranks.is_none()).then(AllocOwner::new);
+        Ok(Self {
+            cuda_graph: (graphed && unit.as_stage_mut().is_some())
                 .then(GraphedStep::on_first_gpu_step),
             unit,
             schedule,
             stages,
             step: 0,
             current: None,
-            settings,
-            memory,
+            timeout: cfg.timeout,
+            #[cfg(feature = "fault-injection")]
+            fault: cfg.fault,
+            memory: memory.transpose()?,
             queue_losses: false,
             queued: None,
-        }
+        })
     }
 
     /// With `on`, the steps that follow leave their losses on the device (reported as none),
@@ -189,13 +186,8 @@ impl StageRunner {
             }
             Message::Load { tag, named } => {
                 self.idle("a checkpoint")?;
-                let mine = NamedTensors::from(
-                    named
-                        .iter()
-                        .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                        .collect::<Vec<_>>(),
-                );
-                self.unit.load_state(&mine)?;
+                let mine = named.iter().map(|(n, t)| (n.clone(), t.shallow_clone()));
+                self.unit.load_state(&NamedTensors(mine.collect()))?;
                 t.send_down(Message::Load { tag, named })?;
                 t.report(Report::Loaded).map_err(Failure::from)
             }
@@ -361,7 +353,7 @@ impl StageRunner {
         let index = self.unit.stage();
         let step = s.step;
         for w in s.grads_got..self.unit.grads_needed() {
-            let Some((tag, g)) = t.recv_grad(self.settings.timeout)? else {
+            let Some((tag, g)) = t.recv_grad(self.timeout)? else {
                 return Ok(None);
             };
             if tag.step != step || tag.micro != j {
@@ -385,7 +377,7 @@ impl StageRunner {
         #[cfg(feature = "fault-injection")]
         let here = |f: &Fault| f.worker == self.unit.stage() && f.step == step;
         #[cfg(feature = "fault-injection")]
-        match self.settings.fault.filter(here).map(|f| f.kind) {
+        match self.fault.filter(here).map(|f| f.kind) {
             Some(FaultKind::Panic) => panic!("injected fault at step {step}"),
             Some(FaultKind::Error) => {
                 return Err(Failure::new(format!("injected error at step {step}")))
@@ -420,14 +412,9 @@ impl StageRunner {
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Runs a stage until its upstream closes (threads) or its inbox is empty (one thread):
-/// receive, handle, repeat. A stage in the middle of a step waits at most `timeout` for the
+/// receive, handle, repeat. A stage in the middle of a step waits at most its timeout for the
 /// rest of it, then fails naming the stage it waited for.
-pub fn drive(
-    runner: &mut StageRunner,
-    t: &mut dyn Transport,
-    timeout: Duration,
-    local: bool,
-) -> Result<(), Failure> {
+pub fn drive(runner: &mut StageRunner, t: &mut dyn Transport, local: bool) -> Result<(), Failure> {
     // What the stage allocates from here on is its own, inputs copied to its device included.
     let _charged = runner
         .memory
@@ -441,7 +428,7 @@ pub fn drive(
     }
     loop {
         let wait = if runner.mid_step() {
-            timeout
+            runner.timeout
         } else {
             IDLE_POLL
         };

@@ -22,7 +22,7 @@ use crate::ops::BpSchedule;
 use crate::ops::Schedule;
 use crate::placement::Placement;
 use crate::ranks::Ranks;
-use crate::schedule::{drive, RunnerSettings, StageRunner};
+use crate::schedule::{drive, StageRunner};
 use crate::streams;
 use crate::transport::{ChannelTransport, Filed, Message, Report, Tag};
 use crate::{Failure, Result};
@@ -148,15 +148,6 @@ impl StagedConfig {
             ranks: None,
         }
     }
-
-    /// The model with the backbone the stages build: [`StagedConfig::backbone`], or the
-    /// built-in one.
-    pub fn net(&self) -> Net<'_> {
-        match &self.backbone {
-            Some(b) => Net::new(&self.model, b.as_ref()),
-            None => Net::from(&self.model),
-        }
-    }
 }
 
 /// How the coordinator reaches its stages.
@@ -197,7 +188,11 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
             "your own backbone runs in this process only: no stages in other ranks".into(),
         ));
     }
-    let net = cfg.net();
+    // The model with the backbone the stages build: `cfg.backbone`, or the built-in one.
+    let net = match &cfg.backbone {
+        Some(b) => Net::new(&cfg.model, b.as_ref()),
+        None => Net::from(&cfg.model),
+    };
     let units: Vec<(Box<dyn Unit>, Schedule)> = match cfg.method {
         PipelineMethod::Sid => build_stages(net, cfg.loss, cfg.lr, &cfg.plan)?
             .into_iter()
@@ -237,18 +232,7 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
             if let Some(lr) = cfg.backbone_lr {
                 unit.set_lr_where(lr, &in_backbone);
             }
-            let owner = (cfg.track_memory && cfg.ranks.is_none())
-                .then(sid_telemetry::AllocOwner::new)
-                .transpose()?;
-            // A staged-SID stage on a GPU, one micro-batch a step: each step is replayed
-            // from a CUDA graph (`sid_core::graph::GraphedStep::stage`); nothing changes on a CPU.
-            let settings = RunnerSettings {
-                timeout: cfg.timeout,
-                cuda_graph: cfg.cuda_graph && cfg.micro_batches == 1 && cfg.ranks.is_none(),
-                #[cfg(feature = "fault-injection")]
-                fault: cfg.fault,
-            };
-            Ok(StageRunner::new(unit, schedule, stages, settings, owner))
+            StageRunner::new(unit, schedule, stages, cfg)
         })
         .collect()
 }
@@ -286,36 +270,35 @@ pub(crate) fn cpu_threads_per_stage(cfg: &StagedConfig, cpu_stages: usize) -> i3
         .unwrap_or_else(|| (cores / cpu_stages.max(1)).max(1) as i32)
 }
 
-/// Starts the thread that runs one stage over `transport` until its input closes. A failure
+/// Starts the thread that runs one stage over `transport` until its input closes, with `cores`
+/// intra-op threads on a CPU and its own CUDA stream on a GPU when `cfg.streams`. A failure
 /// (error or panic) is reported to the coordinator through the transport's report channel
 /// and returned through [`StageThread::exited`].
 pub(crate) fn spawn_stage(
+    cfg: &StagedConfig,
     mut runner: StageRunner,
     mut transport: ChannelTransport,
-    threads_here: Option<i32>,
-    own_stream: bool,
-    timeout: Duration,
+    cores: i32,
 ) -> StageThread {
-    let s = transport.stage;
-    let device = transport.device;
+    let (s, device, own_stream) = (transport.stage, transport.device, cfg.streams);
     let fail_tx = transport.reports.clone();
     spawn_thread(
         format!("sid-stage-{}", s + 1),
         format!("stage {}", s + 1),
         move || {
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                if let Some(n) = threads_here {
+                if device == Device::Cpu {
                     // A thread's first parallel op copies the process-wide count, which
                     // other stages overwrite: read it first, then set this thread's own.
                     let _ = tch::get_num_threads();
-                    tch::set_num_threads(n);
+                    tch::set_num_threads(cores);
                 }
                 if let (Device::Cuda(i), true) = (device, own_stream) {
                     streams::use_pool_stream(i).map_err(|e| Failure::new(e.to_string()))?;
                 }
                 runner.unit_mut().to_device(device);
                 streams::sync_device(device).map_err(|e| Failure::new(e.to_string()))?;
-                drive(&mut runner, &mut transport, timeout, false)
+                drive(&mut runner, &mut transport, false)
             }));
             let failure = match outcome {
                 Ok(done) => done.err(),

@@ -108,12 +108,8 @@ impl StagedPipeline {
     /// device per stage.
     pub fn new(cfg: StagedConfig) -> Result<Self> {
         let paper = cfg.method == PipelineMethod::Paper;
-        let k = if paper {
-            cfg.devices.len() + 1
-        } else {
-            cfg.plan.len()
-        };
         let d = cfg.devices.len();
+        let k = if paper { d + 1 } else { cfg.plan.len() };
         if paper && (cfg.plan.len() != 1 || cfg.ranks.is_some() || d == 0) {
             return Err(RuntimeError::Config(
                 "the paper's SID pipeline takes a one-stage plan, at least one device and no other ranks".into(),
@@ -236,30 +232,24 @@ impl StagedPipeline {
     pub fn describe(&self, slot: usize) -> String {
         let k = self.specs.len();
         let s = &self.specs[slot % k];
-        if self.cfg.method == PipelineMethod::Paper {
-            let what = if s.modules.is_empty() {
-                "the extractor".to_string()
-            } else {
-                format!("modules {}-{}", s.modules.start + 1, s.modules.end)
-            };
-            return format!("stage {} ({}, {what})", slot + 1, self.names[slot]);
-        }
-        let replica = (self.replicas() > 1).then(|| format!(" of replica {}", slot / k + 1));
-        let replica = replica.unwrap_or_default();
-        let modules = match self.cfg.method {
-            PipelineMethod::Sid => format!(", modules {}-{}", s.modules.start + 1, s.modules.end),
+        let blocks = format!("blocks {}-{}", s.blocks.start + 1, s.blocks.end);
+        let modules = format!("modules {}-{}", s.modules.start + 1, s.modules.end);
+        let what = match self.cfg.method {
+            PipelineMethod::Paper if s.modules.is_empty() => "the extractor".to_string(),
+            PipelineMethod::Paper => modules,
+            PipelineMethod::Sid => format!("{blocks}, {modules}"),
             // Backprop's modules all read the final features: they sit on the last stage.
             PipelineMethod::Bp(_) if slot % k + 1 == k => {
-                format!(", modules 1-{}", self.cfg.model.modules)
+                format!("{blocks}, modules 1-{}", self.cfg.model.modules)
             }
-            PipelineMethod::Bp(_) | PipelineMethod::Paper => String::new(),
+            PipelineMethod::Bp(_) => blocks,
         };
+        let replica = (self.replicas() > 1).then(|| format!(" of replica {}", slot / k + 1));
+        let replica = replica.unwrap_or_default();
         format!(
-            "stage {}{replica} ({}, blocks {}-{}{modules})",
+            "stage {}{replica} ({}, {what})",
             slot % k + 1,
-            self.names[slot],
-            s.blocks.start + 1,
-            s.blocks.end,
+            self.names[slot]
         )
     }
 
@@ -312,7 +302,7 @@ impl StagedPipeline {
                             grad_to: self.cfg.method.grad_target(s),
                             taken: 0,
                         };
-                        let driven = drive(&mut runners[s], &mut t, self.cfg.timeout, true);
+                        let driven = drive(&mut runners[s], &mut t, true);
                         taken += t.taken;
                         if let Err(f) = driven {
                             return Err(self.failed(s, f));
@@ -415,9 +405,8 @@ impl StagedPipeline {
             .filter(|s| s.is_none() && losses.len() == expected)
             .ok_or(bad)?;
         *slot = Some(losses);
-        if stage < k {
-            // Replica 1 stands for the others, which run the same shapes.
-            let t = &mut self.busy[stage];
+        // Replica 1 stands for the others, which run the same shapes.
+        if let Some(t) = self.busy.get_mut(stage) {
             t.steps += 1;
             t.busy += busy;
             t.forward += forward;
@@ -427,20 +416,16 @@ impl StagedPipeline {
             if entry.get().iter().any(|s| s.is_none()) {
                 break;
             }
-            let slots = entry.remove();
+            let mut slots = entry.remove().into_iter().flatten();
             // Each replica's losses are already weighted by its share of the batch: sum
-            // them per stage, then list the stages in order.
-            let losses: Vec<f64> = (0..k)
-                .flat_map(|s| {
-                    let mut sum = slots[s].clone().unwrap_or_default();
-                    for r in 1..self.replicas() {
-                        for (a, b) in sum.iter_mut().zip(slots[r * k + s].iter().flatten()) {
-                            *a += b;
-                        }
-                    }
-                    sum
-                })
-                .collect();
+            // them per stage, replica after replica, then list the stages in order.
+            let mut losses: Vec<Vec<f64>> = slots.by_ref().take(k).collect();
+            for (i, more) in slots.enumerate() {
+                for (a, b) in losses[i % k].iter_mut().zip(more) {
+                    *a += b;
+                }
+            }
+            let losses = losses.concat();
             let loss = losses.iter().sum();
             // Backprop has one loss, not one per module.
             let bp = matches!(self.cfg.method, PipelineMethod::Bp(_));
@@ -586,11 +571,8 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let paper = cfg.method == PipelineMethod::Paper;
     // The paper's extractor is nearly all of a step and the module stages wait for it (and it
     // for them): it gets every core, the module stages share them.
-    let skip = usize::from(paper);
-    let cpu_stages = devices[skip..]
-        .iter()
-        .filter(|d| **d == Device::Cpu)
-        .count();
+    let sharing = &devices[usize::from(paper)..];
+    let cpu_stages = sharing.iter().filter(|d| **d == Device::Cpu).count();
     let cpu_threads = cpu_threads_per_stage(cfg, cpu_stages);
     let extractor_threads = cpu_threads_per_stage(cfg, 1);
     // Fix this thread's libtorch thread count before stages change the process-wide one.
@@ -619,14 +601,12 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
         .into_iter()
         .zip(transports)
         .map(|(runner, transport)| {
-            let (s, device) = (transport.stage, transport.device);
-            let cores = if paper && s == 0 {
+            let cores = if paper && transport.stage == 0 {
                 extractor_threads
             } else {
                 cpu_threads
             };
-            let threads_here = (device == Device::Cpu).then_some(cores);
-            spawn_stage(runner, transport, threads_here, cfg.streams, cfg.timeout)
+            spawn_stage(cfg, runner, transport, cores)
         })
         .collect();
     Engine::Threads {

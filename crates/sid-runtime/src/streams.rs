@@ -13,16 +13,12 @@
 use std::ffi::c_void;
 use std::sync::OnceLock;
 
-type GetFromPool = unsafe extern "C" fn(bool, i32, *mut *mut c_void) -> i32;
-type SetCurrent = unsafe extern "C" fn(*mut c_void, i32) -> i32;
-type Synchronize = unsafe extern "C" fn(*mut c_void, i32) -> i32;
-type GetCurrent = unsafe extern "C" fn(i32, *mut *mut c_void) -> i32;
-
+/// libtorch's stream functions (each returns 0 on success).
 struct Api {
-    get_from_pool: GetFromPool,
-    set_current: SetCurrent,
-    synchronize: Synchronize,
-    get_current: GetCurrent,
+    get_from_pool: unsafe extern "C" fn(bool, i32, *mut *mut c_void) -> i32,
+    set_current: unsafe extern "C" fn(*mut c_void, i32) -> i32,
+    synchronize: unsafe extern "C" fn(*mut c_void, i32) -> i32,
+    get_current: unsafe extern "C" fn(i32, *mut *mut c_void) -> i32,
 }
 
 /// What can go wrong with libtorch's streams.
