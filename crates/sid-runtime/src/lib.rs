@@ -10,6 +10,7 @@
 //!   back to the extractor;
 //! - the BP baseline cut at the same blocks, as a GPipe or 1F1B pipeline.
 //!
+//! - [`StagedConfig`]: the pipeline's settings and the method it trains;
 //! - [`staged`]: the pipeline's coordinator (feeds micro-batches, collects reports);
 //! - [`schedule`]: what a stage does with each message, written once;
 //! - [`transport`]: how messages move between stages (one thread, or a thread per stage);
@@ -23,6 +24,7 @@
 //! The pipeline implements [`sid_core::Network`]: the trainer drives it for every run, the
 //! single device included (its stages one after another in the caller's thread).
 
+mod config;
 pub mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
@@ -37,6 +39,7 @@ pub mod staged;
 pub mod streams;
 pub mod transport;
 
+pub use config::{PipelineMethod, StagedConfig};
 pub use error::{Failure, Result, RuntimeError};
 #[cfg(feature = "fault-injection")]
 pub use fault::{Fault, FaultKind};
@@ -44,6 +47,5 @@ pub use links::serve;
 pub use ops::BpSchedule;
 pub use placement::Placement;
 pub use ranks::Ranks;
-pub use setup::{PipelineMethod, StagedConfig};
 pub use staged::{StageMemory, StageStats, StagedPipeline};
 pub use transport::{device_name, Transport};

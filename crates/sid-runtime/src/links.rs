@@ -31,11 +31,11 @@ use crossbeam_channel::{Receiver, Sender};
 use sid_dist::Group;
 use tch::{Device, Kind as TKind, Tensor};
 
+use crate::config::{PipelineMethod, StagedConfig};
 use crate::ranks::{rank_of, Ranks, DOWN, GRADS, REPORTS};
 use crate::schedule::StageRunner;
 use crate::setup::{
-    build_runners, cpu_threads_per_stage, spawn_stage, spawn_thread, Engine, PipelineMethod,
-    StageThread, StagedConfig,
+    build_runners, cpu_threads_per_stage, spawn_stage, spawn_thread, Engine, StageThread,
 };
 use crate::transport::{ChannelTransport, Filed, Kind, Message, Report, Tag};
 use crate::{Failure, Result, RuntimeError};

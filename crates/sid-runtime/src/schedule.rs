@@ -23,10 +23,10 @@ use sid_core::NamedTensors;
 use sid_telemetry::AllocOwner;
 use tch::Tensor;
 
+use crate::config::StagedConfig;
 #[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{Op, Schedule};
-use crate::setup::StagedConfig;
 use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
 use crate::Failure;
 

@@ -17,11 +17,9 @@ use sid_core::{
 };
 use tch::{Device, Tensor};
 
+use crate::config::{PipelineMethod, StagedConfig};
 use crate::schedule::{drive, StageRunner};
-use crate::setup::{
-    build_runners, cpu_threads_per_stage, paper_placement, spawn_stage, Engine, PipelineMethod,
-    StagedConfig,
-};
+use crate::setup::{build_runners, cpu_threads_per_stage, paper_placement, spawn_stage, Engine};
 use crate::streams;
 use crate::transport::{
     device_name, ChannelTransport, Filed, Kind, LocalTransport, Message, Report, Tag,
