@@ -158,26 +158,24 @@ pub fn candidates(dir: &Path) -> Vec<PathBuf> {
 /// is unreadable (cut short, damaged) the newest of the older ones `--keep-checkpoints` kept,
 /// saying which files were passed over and why. With none readable, the newest's error.
 pub fn load_newest(dir: &Path) -> Result<Newest> {
-    let mut skipped = Vec::new();
-    let mut first_error = None;
+    // A missing newest file is only worth a word when an older one is used.
+    let mut errors = Vec::new();
     for path in candidates(dir) {
         match load(&path) {
             Ok((tensors, position)) => {
+                let skipped = errors.iter().map(TrainError::to_string).collect();
                 return Ok(Newest {
                     tensors,
                     position,
                     path,
                     skipped,
-                })
+                });
             }
-            Err(e) => {
-                // A missing newest file is only worth a word when an older one is used.
-                skipped.push(e.to_string());
-                first_error.get_or_insert(e);
-            }
+            Err(e) => errors.push(e),
         }
     }
-    Err(first_error.expect("the newest checkpoint is always a candidate"))
+    // The newest checkpoint is always a candidate.
+    Err(errors.swap_remove(0))
 }
 
 /// Writes `tensors` (float32 or int64, any device; other kinds are written as float32) and

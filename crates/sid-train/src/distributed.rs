@@ -266,10 +266,8 @@ impl Rendezvous {
         }
         let (device, node) = (crate::devices::device_name(self.device), hostname());
         let on = node.as_ref().map_or(String::new(), |h| format!(" on {h}"));
-        self.set(
-            &format!("name/{rank}"),
-            &format!("rank {rank}, {device}{on}"),
-        )?;
+        let name = format!("rank {rank}, {device}{on}");
+        self.set(&format!("name/{rank}"), &name)?;
         let place = format!("{device}@{}", node.unwrap_or_default());
         self.set(&format!("device/{rank}"), &place)?;
         let world_group = self.group("world", rank, world, Backend::Gloo)?;
@@ -281,11 +279,8 @@ impl Rendezvous {
             // NCCL refuses two ranks on one GPU: replicas sharing a GPU sum over Gloo.
             let on = (0..replicas).map(|i| &places[i * stages + stage]);
             let shared_gpu = on.collect::<HashSet<_>>().len() < replicas;
-            let backend = if self.device.is_cuda() && sid_dist::available().1 && !shared_gpu {
-                Backend::Nccl
-            } else {
-                Backend::Gloo
-            };
+            let nccl = self.device.is_cuda() && sid_dist::available().1 && !shared_gpu;
+            let backend = if nccl { Backend::Nccl } else { Backend::Gloo };
             let name = format!("replicas-of-stage-{stage}");
             Some(self.group(&name, rank / stages, replicas, backend)?)
         } else {

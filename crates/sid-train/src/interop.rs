@@ -194,11 +194,8 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<ExportReport> {
         classes: spec.classes,
     };
     let meta_json = serde_json::to_string(&meta).expect("export metadata serialises");
-    save_weights(
-        out,
-        &out_tensors,
-        HashMap::from([(EXPORT_META_KEY.to_string(), meta_json)]),
-    )?;
+    let file_meta = HashMap::from([(EXPORT_META_KEY.to_string(), meta_json)]);
+    save_weights(out, &out_tensors, file_meta)?;
     Ok(ExportReport {
         tensors: out_tensors.len(),
         reference_names,

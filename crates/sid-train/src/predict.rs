@@ -117,9 +117,8 @@ impl Predictor {
         Ok((labels.into_iter().zip(exits).zip(conf))
             .map(|((label, exit_module), confidence)| Prediction {
                 label,
-                class: usize::try_from(label)
-                    .ok()
-                    .and_then(|l| self.spec.classes.get(l).cloned()),
+                // A label is a class index (argmax), never negative.
+                class: self.spec.classes.get(label as usize).cloned(),
                 confidence,
                 exit_module,
             })
