@@ -365,23 +365,18 @@ impl RunConfig {
         toml::to_string_pretty(self).expect("a RunConfig always serialises")
     }
 
-    /// The data shape the model is built for: the loaded data's, else the built-in data set's;
-    /// for a `folder` data set not loaded yet, a provisional one (3 channels, the image size,
-    /// 2 classes) against which the other settings can already be checked.
-    pub fn data_shape(&self) -> Shape {
-        self.data
-            .loaded_shape
-            .or_else(|| self.data.dataset.shape())
-            .unwrap_or(Shape {
-                channels: 3,
-                image_size: self.data.image_size.unwrap_or(sid_data::DEFAULT_IMAGE_SIZE),
-                num_classes: 2,
-            })
-    }
-
-    /// The network shape this config asks for.
+    /// The network shape this config asks for, for the data shape the model is built for: the
+    /// loaded data's, else the built-in data set's; for a `folder` data set not loaded yet, a
+    /// provisional one (3 channels, the image size, 2 classes) against which the other
+    /// settings can already be checked.
     pub fn model_config(&self) -> ModelConfig {
-        let shape = self.data_shape();
+        let provisional = Shape {
+            channels: 3,
+            image_size: self.data.image_size.unwrap_or(sid_data::DEFAULT_IMAGE_SIZE),
+            num_classes: 2,
+        };
+        let known = self.data.loaded_shape.or_else(|| self.data.dataset.shape());
+        let shape = known.unwrap_or(provisional);
         ModelConfig {
             extractor: self.model.extractor,
             in_channels: shape.channels,

@@ -80,7 +80,7 @@ fn rank_device(cfg: &RunConfig, env: &DistEnv) -> Result<Device> {
             listed.len()
         )));
     };
-    crate::devices::check_present(cfg.runtime.gpus.as_str(), &[Device::Cuda(i)])?;
+    crate::devices::present(cfg.runtime.gpus.as_str(), vec![Device::Cuda(i)])?;
     Ok(Device::Cuda(i))
 }
 
