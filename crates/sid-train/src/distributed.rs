@@ -35,10 +35,8 @@ pub struct Rendezvous {
 
 /// The store keys' prefix of this try of the run (see [`Rendezvous`]'s `prefix`).
 fn key_prefix() -> String {
-    match std::env::var("TORCHELASTIC_RESTART_COUNT")
-        .ok()
-        .and_then(|v| v.trim().parse::<u32>().ok())
-    {
+    let restart = std::env::var("TORCHELASTIC_RESTART_COUNT").ok();
+    match restart.and_then(|v| v.trim().parse::<u32>().ok()) {
         Some(n) if n > 0 => format!("sid/restart-{n}"),
         _ => "sid".into(),
     }
@@ -207,10 +205,8 @@ impl Rendezvous {
 
     /// Intra-op threads for a CPU rank: the node's cores shared by its ranks.
     pub fn cpu_threads(&self) -> i32 {
-        let local: usize = std::env::var("LOCAL_WORLD_SIZE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
+        let local = std::env::var("LOCAL_WORLD_SIZE").ok();
+        let local: usize = local.and_then(|v| v.parse().ok()).unwrap_or(1);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / local.max(1)).max(1) as i32
     }

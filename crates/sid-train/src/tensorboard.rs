@@ -47,11 +47,8 @@ impl TensorBoard {
 
     /// A writer's error, on the event file.
     fn error(&self, e: tboard::Error) -> TrainError {
-        let file = self
-            .writer
-            .filename()
-            .map_or(Path::new(""), |p| p.as_path());
-        tb_error(file, e)
+        let file = self.writer.filename();
+        tb_error(file.map_or(Path::new(""), |p| p.as_path()), e)
     }
 
     /// Records what `event` reports.
