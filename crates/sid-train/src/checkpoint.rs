@@ -207,8 +207,8 @@ pub(crate) fn write_safetensors(
     write_atomic(path, &bytes)
 }
 
-/// The safetensors dtypes sid reads, as tensor kinds: a checkpoint's two first (see [`load`]),
-/// then those a reference file may add.
+/// The safetensors dtypes sid reads, with their tensor kinds: first the two a checkpoint holds
+/// (see [`load`]), then those a reference weights file may add.
 pub(crate) const KINDS: [(Dtype, Kind); 5] = [
     (Dtype::F32, Kind::Float),
     (Dtype::I64, Kind::Int64),
