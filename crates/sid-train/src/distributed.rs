@@ -105,10 +105,9 @@ impl Rendezvous {
             prefix: key_prefix(),
             gloo_host: std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| default_host.into()),
         };
-        let mine = if follows_rank0 {
-            follower(world)
-        } else {
-            fingerprint(cfg, world)
+        let mine = match follows_rank0 {
+            true => follower(world),
+            false => fingerprint(cfg, world),
         };
         rdv.set(&format!("fingerprint/{rank}"), &mine)?;
         let secs = timeout.as_secs();
@@ -136,10 +135,9 @@ impl Rendezvous {
         } else {
             let theirs = rdv.get("fingerprint/0", timeout).map_err(|_| late(0))?;
             // A follower checks the program and world only: it takes rank 0's settings.
-            let same = if follows_rank0 {
-                theirs.starts_with(&format!("{} config ", program(world)))
-            } else {
-                theirs == mine
+            let same = match follows_rank0 {
+                true => theirs.starts_with(&format!("{} config ", program(world))),
+                false => theirs == mine,
             };
             if !same {
                 return Err(differ(0, &theirs));

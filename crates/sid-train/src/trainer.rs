@@ -395,10 +395,9 @@ impl Run {
                 let batch_span = tracing::debug_span!("batch").entered();
                 let (x, y) =
                     sid_data::batch(&self.data.train, Some(&perm), batch_size, step as i64);
-                let x = if augment {
-                    sid_data::augment_batch(&x, 4, seed, epoch as u64, step as u64)
-                } else {
-                    x
+                let x = match augment {
+                    true => sid_data::augment_batch(&x, 4, seed, epoch as u64, step as u64),
+                    false => x,
                 };
                 drop(batch_span);
                 let (x, y) = (x.to_device(device), y.to_device(device));
