@@ -141,13 +141,11 @@ fn named_position(name: &str) -> Option<(usize, usize)> {
 /// The checkpoints in `dir`, newest first: `checkpoint.safetensors`, then those kept by
 /// `--keep-checkpoints`, by the position their names give.
 pub fn candidates(dir: &Path) -> Vec<PathBuf> {
-    let mut kept: Vec<((usize, usize), PathBuf)> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter_map(|p| Some((named_position(p.file_name()?.to_str()?)?, p)))
-                .collect()
-        })
-        .unwrap_or_default();
+    // An unreadable folder or entry holds no kept checkpoint.
+    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    let mut kept: Vec<((usize, usize), PathBuf)> = entries
+        .filter_map(|e| Some((named_position(e.file_name().to_str()?)?, e.path())))
+        .collect();
     kept.sort();
     std::iter::once(dir.join(CHECKPOINT_FILE))
         .chain(kept.into_iter().rev().map(|(_, p)| p))
@@ -158,26 +156,24 @@ pub fn candidates(dir: &Path) -> Vec<PathBuf> {
 /// is unreadable (cut short, damaged) the newest of the older ones `--keep-checkpoints` kept,
 /// saying which files were passed over and why. With none readable, the newest's error.
 pub fn load_newest(dir: &Path) -> Result<Newest> {
-    let mut skipped = Vec::new();
-    let mut first_error = None;
+    // A missing newest file is only worth a word when an older one is used.
+    let mut errors = Vec::new();
     for path in candidates(dir) {
         match load(&path) {
             Ok((tensors, position)) => {
+                let skipped = errors.iter().map(TrainError::to_string).collect();
                 return Ok(Newest {
                     tensors,
                     position,
                     path,
                     skipped,
-                })
+                });
             }
-            Err(e) => {
-                // A missing newest file is only worth a word when an older one is used.
-                skipped.push(e.to_string());
-                first_error.get_or_insert(e);
-            }
+            Err(e) => errors.push(e),
         }
     }
-    Err(first_error.expect("the newest checkpoint is always a candidate"))
+    // The newest checkpoint is always a candidate.
+    Err(errors.swap_remove(0))
 }
 
 /// Writes `tensors` (float32 or int64, any device; other kinds are written as float32) and
@@ -211,18 +207,30 @@ pub(crate) fn write_safetensors(
     write_atomic(path, &bytes)
 }
 
-/// The tensors of a safetensors file, on the CPU, in the kinds `kind_of` admits; `bad` words
-/// the errors, each naming its tensor.
+/// The safetensors dtypes sid reads, with their tensor kinds: first the two a checkpoint holds
+/// (see [`load`]), then those a reference weights file may add.
+pub(crate) const KINDS: [(Dtype, Kind); 5] = [
+    (Dtype::F32, Kind::Float),
+    (Dtype::I64, Kind::Int64),
+    (Dtype::F64, Kind::Double),
+    (Dtype::F16, Kind::Half),
+    (Dtype::BF16, Kind::BFloat16),
+];
+
+/// The tensors of a safetensors file, on the CPU, in the `kinds` admitted (of [`KINDS`]); `bad`
+/// words the errors, each naming its tensor.
 pub(crate) fn tensors_of(
     st: &SafeTensors<'_>,
-    kind_of: fn(Dtype) -> Option<Kind>,
+    kinds: &[(Dtype, Kind)],
     bad: impl Fn(String) -> TrainError,
 ) -> Result<HashMap<String, Tensor>> {
     st.tensors()
         .into_iter()
         .map(|(name, view)| {
             let dtype = view.dtype();
-            let kind = kind_of(dtype)
+            let (_, kind) = *kinds
+                .iter()
+                .find(|(d, _)| *d == dtype)
                 .ok_or_else(|| bad(format!("{name}: unsupported dtype {dtype:?}")))?;
             let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
             let t = Tensor::f_from_data_size(view.data(), &shape, kind)
@@ -259,12 +267,8 @@ pub fn load(path: &Path) -> Result<(NamedTensors, Position)> {
         return Err(bad(format!("format {format:?}, expected {FORMAT:?}")));
     }
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-    let kind_of = |dtype| match dtype {
-        Dtype::F32 => Some(Kind::Float),
-        Dtype::I64 => Some(Kind::Int64),
-        _ => None,
-    };
-    let named = tensors_of(&st, kind_of, bad)?;
+    // A checkpoint is written in float32 and int64 only.
+    let named = tensors_of(&st, &KINDS[..2], bad)?;
     Ok((NamedTensors(named), position))
 }
 

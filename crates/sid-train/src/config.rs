@@ -254,11 +254,10 @@ fn flags() -> Vec<(&'static str, clap::Arg)> {
         ("optim", OptimSection::augment_args(cmd())),
         ("runtime", RuntimeSection::augment_args(cmd())),
     ];
-    let mut flags = Vec::new();
-    for (section, cmd) in sections {
-        flags.extend(cmd.get_arguments().map(|a| (section, a.clone())));
-    }
-    flags
+    let args = |(section, cmd): (_, clap::Command)| -> Vec<_> {
+        cmd.get_arguments().map(|a| (section, a.clone())).collect()
+    };
+    sections.into_iter().flat_map(args).collect()
 }
 
 /// The section of the setting whose flag has id `id` (the field's name).
@@ -343,11 +342,9 @@ impl RunConfig {
         let mut merged: RunConfig = toml::Value::Table(base).try_into().map_err(toml_error)?;
         // Never saved, so not in the tables.
         merged.data.loaded_shape = self.data.loaded_shape;
-        merged.runtime.inject_fault = if given.iter().any(|g| g == "inject_fault") {
-            flags.runtime.inject_fault.clone()
-        } else {
-            self.runtime.inject_fault.clone()
-        };
+        let fault_given = given.iter().any(|g| g == "inject_fault");
+        let fault_from = if fault_given { flags } else { &*self };
+        merged.runtime.inject_fault = fault_from.runtime.inject_fault.clone();
         *self = merged;
         Ok(())
     }
@@ -368,23 +365,18 @@ impl RunConfig {
         toml::to_string_pretty(self).expect("a RunConfig always serialises")
     }
 
-    /// The data shape the model is built for: the loaded data's, else the built-in data set's;
-    /// for a `folder` data set not loaded yet, a provisional one (3 channels, the image size,
-    /// 2 classes) against which the other settings can already be checked.
-    pub fn data_shape(&self) -> Shape {
-        self.data
-            .loaded_shape
-            .or_else(|| self.data.dataset.shape())
-            .unwrap_or(Shape {
-                channels: 3,
-                image_size: self.data.image_size.unwrap_or(sid_data::DEFAULT_IMAGE_SIZE),
-                num_classes: 2,
-            })
-    }
-
-    /// The network shape this config asks for.
+    /// The network shape this config asks for, for the data shape the model is built for: the
+    /// loaded data's, else the built-in data set's; for a `folder` data set not loaded yet, a
+    /// provisional one (3 channels, the image size, 2 classes) against which the other
+    /// settings can already be checked.
     pub fn model_config(&self) -> ModelConfig {
-        let shape = self.data_shape();
+        let provisional = Shape {
+            channels: 3,
+            image_size: self.data.image_size.unwrap_or(sid_data::DEFAULT_IMAGE_SIZE),
+            num_classes: 2,
+        };
+        let known = self.data.loaded_shape.or_else(|| self.data.dataset.shape());
+        let shape = known.unwrap_or(provisional);
         ModelConfig {
             extractor: self.model.extractor,
             in_channels: shape.channels,
@@ -404,14 +396,6 @@ impl RunConfig {
             alpha: self.optim.alpha,
             label_smoothing: self.optim.label_smoothing,
         }
-    }
-
-    /// The data folder: the one given, or the data set's default.
-    pub fn resolved_data_dir(&self) -> PathBuf {
-        self.data
-            .data_dir
-            .clone()
-            .unwrap_or_else(|| self.data.dataset.default_dir())
     }
 
     /// Whether training batches are augmented.

@@ -36,13 +36,12 @@ pub fn parse_devices(spec: &str) -> Result<Vec<Device>> {
 
 /// Parses a device list and checks that every GPU it names exists on this machine.
 pub fn resolve_devices(spec: &str) -> Result<Vec<Device>> {
-    let devices = parse_devices(spec)?;
-    check_present(spec, &devices)?;
-    Ok(devices)
+    present(spec, parse_devices(spec)?)
 }
 
-/// Checks that every GPU in `devices` (parsed from `spec`, which the message names) exists.
-pub(crate) fn check_present(spec: &str, devices: &[Device]) -> Result<()> {
+/// `devices` (parsed from `spec`, which the message names), after checking that every GPU
+/// among them exists.
+pub(crate) fn present(spec: &str, devices: Vec<Device>) -> Result<Vec<Device>> {
     let wanted = devices.iter().filter_map(|d| match d {
         Device::Cuda(i) => Some(*i),
         _ => None,
@@ -61,7 +60,7 @@ pub(crate) fn check_present(spec: &str, devices: &[Device]) -> Result<()> {
             )));
         }
     }
-    Ok(())
+    Ok(devices)
 }
 
 /// A parsed `--gpus` list: parsed once, where the setting enters (flag, `config.toml`), and
@@ -86,8 +85,7 @@ impl DeviceList {
 
     /// The devices, after checking that every GPU they name exists on this machine.
     pub fn resolve(&self) -> Result<Vec<Device>> {
-        check_present(&self.spec, &self.devices)?;
-        Ok(self.devices.clone())
+        present(&self.spec, self.devices.clone())
     }
 }
 

@@ -35,10 +35,8 @@ pub struct Rendezvous {
 
 /// The store keys' prefix of this try of the run (see [`Rendezvous`]'s `prefix`).
 fn key_prefix() -> String {
-    match std::env::var("TORCHELASTIC_RESTART_COUNT")
-        .ok()
-        .and_then(|v| v.trim().parse::<u32>().ok())
-    {
+    let restart = std::env::var("TORCHELASTIC_RESTART_COUNT").ok();
+    match restart.and_then(|v| v.trim().parse::<u32>().ok()) {
         Some(n) if n > 0 => format!("sid/restart-{n}"),
         _ => "sid".into(),
     }
@@ -80,7 +78,7 @@ fn rank_device(cfg: &RunConfig, env: &DistEnv) -> Result<Device> {
             listed.len()
         )));
     };
-    crate::devices::check_present(cfg.runtime.gpus.as_str(), &[Device::Cuda(i)])?;
+    crate::devices::present(cfg.runtime.gpus.as_str(), vec![Device::Cuda(i)])?;
     Ok(Device::Cuda(i))
 }
 
@@ -107,10 +105,9 @@ impl Rendezvous {
             prefix: key_prefix(),
             gloo_host: std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| default_host.into()),
         };
-        let mine = if follows_rank0 {
-            follower(world)
-        } else {
-            fingerprint(cfg, world)
+        let mine = match follows_rank0 {
+            true => follower(world),
+            false => fingerprint(cfg, world),
         };
         rdv.set(&format!("fingerprint/{rank}"), &mine)?;
         let secs = timeout.as_secs();
@@ -138,10 +135,9 @@ impl Rendezvous {
         } else {
             let theirs = rdv.get("fingerprint/0", timeout).map_err(|_| late(0))?;
             // A follower checks the program and world only: it takes rank 0's settings.
-            let same = if follows_rank0 {
-                theirs.starts_with(&format!("{} config ", program(world)))
-            } else {
-                theirs == mine
+            let same = match follows_rank0 {
+                true => theirs.starts_with(&format!("{} config ", program(world))),
+                false => theirs == mine,
             };
             if !same {
                 return Err(differ(0, &theirs));
@@ -207,10 +203,8 @@ impl Rendezvous {
 
     /// Intra-op threads for a CPU rank: the node's cores shared by its ranks.
     pub fn cpu_threads(&self) -> i32 {
-        let local: usize = std::env::var("LOCAL_WORLD_SIZE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
+        let local = std::env::var("LOCAL_WORLD_SIZE").ok();
+        let local: usize = local.and_then(|v| v.parse().ok()).unwrap_or(1);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cores / local.max(1)).max(1) as i32
     }
@@ -266,10 +260,8 @@ impl Rendezvous {
         }
         let (device, node) = (crate::devices::device_name(self.device), hostname());
         let on = node.as_ref().map_or(String::new(), |h| format!(" on {h}"));
-        self.set(
-            &format!("name/{rank}"),
-            &format!("rank {rank}, {device}{on}"),
-        )?;
+        let name = format!("rank {rank}, {device}{on}");
+        self.set(&format!("name/{rank}"), &name)?;
         let place = format!("{device}@{}", node.unwrap_or_default());
         self.set(&format!("device/{rank}"), &place)?;
         let world_group = self.group("world", rank, world, Backend::Gloo)?;
@@ -281,11 +273,8 @@ impl Rendezvous {
             // NCCL refuses two ranks on one GPU: replicas sharing a GPU sum over Gloo.
             let on = (0..replicas).map(|i| &places[i * stages + stage]);
             let shared_gpu = on.collect::<HashSet<_>>().len() < replicas;
-            let backend = if self.device.is_cuda() && sid_dist::available().1 && !shared_gpu {
-                Backend::Nccl
-            } else {
-                Backend::Gloo
-            };
+            let nccl = self.device.is_cuda() && sid_dist::available().1 && !shared_gpu;
+            let backend = if nccl { Backend::Nccl } else { Backend::Gloo };
             let name = format!("replicas-of-stage-{stage}");
             Some(self.group(&name, rank / stages, replicas, backend)?)
         } else {

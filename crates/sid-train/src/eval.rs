@@ -6,7 +6,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use sid_core::Network;
-use sid_data::Split;
 use tch::{Kind, Tensor};
 
 use crate::checkpoint::{self, CHECKPOINT_FILE};
@@ -86,8 +85,7 @@ pub(crate) fn load_network(
 
 /// The full cascade, then early exit at each threshold in `taus`, on the run's test split.
 pub fn exit_table(saved: &mut Saved, batch_size: i64, taus: &[f64]) -> Result<Vec<ExitRow>> {
-    let Saved { net, data, .. } = saved;
-    let split: &Split = &data.test;
+    let (net, split) = (&mut saved.net, &saved.data.test);
     let n = split.len();
     let device = net.input_device();
     let batches = sid_data::num_batches(n, batch_size);

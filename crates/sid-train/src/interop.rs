@@ -6,11 +6,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use sid_core::torch_names::{self, Reference};
 use sid_core::{ExtractorKind, Method, ModelConfig, Network};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::checkpoint::{self, CHECKPOINT_FILE};
 use crate::{Result, Run, RunConfig, TrainError};
@@ -49,15 +49,7 @@ pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
             format!("not a complete safetensors file ({e}): truncated, or another format"),
         )
     })?;
-    let kind_of = |dtype| match dtype {
-        Dtype::F32 => Some(Kind::Float),
-        Dtype::F64 => Some(Kind::Double),
-        Dtype::F16 => Some(Kind::Half),
-        Dtype::BF16 => Some(Kind::BFloat16),
-        Dtype::I64 => Some(Kind::Int64),
-        _ => None,
-    };
-    checkpoint::tensors_of(&st, kind_of, |reason| bad(path, reason))
+    checkpoint::tensors_of(&st, &checkpoint::KINDS, |reason| bad(path, reason))
 }
 
 /// Reads `path` as reference weights for `model`'s backbone and checks their names and
@@ -194,11 +186,8 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<ExportReport> {
         classes: spec.classes,
     };
     let meta_json = serde_json::to_string(&meta).expect("export metadata serialises");
-    save_weights(
-        out,
-        &out_tensors,
-        HashMap::from([(EXPORT_META_KEY.to_string(), meta_json)]),
-    )?;
+    let file_meta = HashMap::from([(EXPORT_META_KEY.to_string(), meta_json)]);
+    save_weights(out, &out_tensors, file_meta)?;
     Ok(ExportReport {
         tensors: out_tensors.len(),
         reference_names,
@@ -277,6 +266,7 @@ pub fn init_from(cfg: &RunConfig, net: &mut dyn Network) -> Result<Option<String
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     #[test]
     fn pickles_and_truncated_files_are_refused_in_one_line() {

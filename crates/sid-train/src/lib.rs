@@ -21,7 +21,5 @@ pub mod trainer;
 pub use config::RunConfig;
 pub use error::{Result, TrainError};
 pub use metrics::EpochMetrics;
-pub use network::{build_network, Built};
 pub use plan::{Graphs, Layout, Plan};
-pub use sid_runtime::BpSchedule;
 pub use trainer::{evaluate, Event, Run, Summary};

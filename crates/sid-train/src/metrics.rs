@@ -42,15 +42,20 @@ pub struct EpochMetrics {
     pub peak_memory: Vec<sid_telemetry::DevicePeak>,
 }
 
+/// A record as its line of a metrics file.
+fn line(m: &EpochMetrics) -> String {
+    serde_json::to_string(m).expect("metrics serialise") + "\n"
+}
+
 /// Appends one record to a metrics file.
 pub fn append(path: &Path, m: &EpochMetrics) -> Result<()> {
-    let line = serde_json::to_string(m).expect("metrics serialise");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|e| TrainError::io(path, e))?;
-    writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
+    f.write_all(line(m).as_bytes())
+        .map_err(|e| TrainError::io(path, e))
 }
 
 /// The records of a metrics file and what had to be dropped to read them.
@@ -103,11 +108,7 @@ pub fn read_all(path: &Path) -> Result<MetricsFile> {
 pub fn truncate_to(path: &Path, epochs: usize) -> Result<MetricsFile> {
     let mut file = read_all(path)?;
     file.records.retain(|m| m.epoch <= epochs);
-    let mut text = String::new();
-    for m in &file.records {
-        text.push_str(&serde_json::to_string(m).expect("metrics serialise"));
-        text.push('\n');
-    }
+    let text: String = file.records.iter().map(line).collect();
     crate::checkpoint::write_atomic(path, text.as_bytes())?;
     Ok(file)
 }

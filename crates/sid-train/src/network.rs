@@ -22,24 +22,29 @@ pub struct Built {
     pub notes: Vec<String>,
 }
 
-/// The stage pipeline's settings for a run (the same on every rank of a multi-process run).
+/// The stage pipeline's settings for a run (the same on every rank of a multi-process run);
+/// with `rdv`, one rank's: linked to the other ranks, its CPU stages sharing the node's cores.
 fn staged_config(
     cfg: &RunConfig,
     plan: &Plan,
     devices: Vec<Device>,
     cut: sid_core::StagePlan,
+    rdv: Option<&Rendezvous>,
 ) -> Result<sid_runtime::StagedConfig> {
+    let backprop = plan.method == Method::Bp;
+    let ranks = rdv.map(|r| r.groups(cut.len(), plan.replicas, backprop));
     let mut sc = sid_runtime::StagedConfig::new(cfg.model_config(), devices, cut);
+    sc.ranks = ranks.transpose()?;
     sc.loss = cfg.loss_config();
     sc.lr = cfg.optim.lr;
     sc.backbone_lr = cfg.optim.backbone_lr;
     sc.micro_batches = plan.micro_batches;
-    if plan.method == Method::Bp {
+    if backprop {
         // Backprop's modules all read the final features: they sit on the last stage.
         sc.method = sid_runtime::PipelineMethod::Bp(plan.schedule);
     }
     sc.timeout = std::time::Duration::from_secs_f64(cfg.runtime.step_timeout);
-    sc.threads_per_stage = cfg.runtime.threads;
+    sc.threads_per_stage = cfg.runtime.threads.or(rdv.map(Rendezvous::cpu_threads));
     sc.streams = cfg.runtime.streams;
     sc.cuda_graph = plan.graphs == Graphs::PerStage;
     sc.fused_teacher = cfg.runtime.fused_teacher;
@@ -62,7 +67,7 @@ pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> 
     // The extractor as stage 1 of a stage pipeline, the module blocks after it; with
     // micro-batches it forwards micro-batch j+1 while the module stages work on j.
     let paper = |devices: Vec<Device>, placement| -> Result<sid_runtime::StagedConfig> {
-        let mut sc = staged_config(cfg, plan, devices, one()?)?;
+        let mut sc = staged_config(cfg, plan, devices, one()?, None)?;
         sc.method = sid_runtime::PipelineMethod::Paper;
         sc.placement = placement;
         #[cfg(feature = "fault-injection")]
@@ -76,22 +81,18 @@ pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> 
         // One device: BP as one stage, SID as the paper's layout with one module block; all
         // in this thread.
         Layout::Whole(device) if plan.method == Method::Bp => {
-            staged_config(cfg, plan, vec![*device], one()?)?
+            staged_config(cfg, plan, vec![*device], one()?, None)?
         }
         Layout::Whole(device) => paper(vec![*device], None)?,
         Layout::Paper { devices, placement } => paper(devices.clone(), Some(placement.clone()))?,
         Layout::Stages { devices, cut } => {
-            let mut sc = staged_config(cfg, plan, devices.clone(), cut.clone())?;
             if let Some(rdv) = rdv {
                 let mut shared = cfg.clone();
                 shared.runtime.placement = Some(cut.to_spec());
                 shared.runtime.micro_batches = Some(plan.micro_batches);
                 rdv.publish_config(&shared)?;
-                sc.ranks = Some(rdv.groups(cut.len(), plan.replicas, plan.method == Method::Bp)?);
-                sc.threads_per_stage
-                    .get_or_insert_with(|| rdv.cpu_threads());
             }
-            sc
+            staged_config(cfg, plan, devices.clone(), cut.clone(), rdv)?
         }
     };
     let pipeline = sid_runtime::StagedPipeline::new(sc)?;
@@ -120,11 +121,8 @@ pub fn serve(rdv: &Rendezvous, own: &RunConfig) -> Result<()> {
             "rank 0 published a config that is not a stage pipeline".into(),
         ));
     };
-    let ranks = rdv.groups(cut.len(), plan.replicas, plan.method == Method::Bp)?;
     tch::manual_seed(cfg.optim.seed as i64);
-    let mut sc = staged_config(&cfg, &plan, devices.clone(), cut.clone())?;
-    sc.threads_per_stage
-        .get_or_insert_with(|| rdv.cpu_threads());
-    sc.ranks = Some(ranks.clone());
+    let sc = staged_config(&cfg, &plan, devices.clone(), cut.clone(), Some(rdv))?;
+    let ranks = sc.ranks.clone().expect("linked to the other ranks");
     Ok(sid_runtime::serve(&sc, &ranks)?)
 }

@@ -89,12 +89,9 @@ impl Predictor {
         exit: ExitAt,
         batch_size: usize,
     ) -> Result<Vec<Prediction>> {
-        let images = files
-            .iter()
-            .map(|f| self.spec.image(f))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let mut out = Vec::with_capacity(images.len());
-        for chunk in images.chunks(batch_size.max(1)) {
+        let images: Result<Vec<_>, _> = files.iter().map(|f| self.spec.image(f)).collect();
+        let mut out = Vec::with_capacity(files.len());
+        for chunk in images?.chunks(batch_size.max(1)) {
             let x = Tensor::f_cat(chunk, 0).map_err(sid_core::CoreError::from)?;
             out.extend(self.predict(&x, exit)?);
         }
@@ -117,9 +114,8 @@ impl Predictor {
         Ok((labels.into_iter().zip(exits).zip(conf))
             .map(|((label, exit_module), confidence)| Prediction {
                 label,
-                class: usize::try_from(label)
-                    .ok()
-                    .and_then(|l| self.spec.classes.get(l).cloned()),
+                // A label is a class index (argmax), never negative.
+                class: self.spec.classes.get(label as usize).cloned(),
                 confidence,
                 exit_module,
             })

@@ -40,11 +40,6 @@ impl TensorBoard {
         })
     }
 
-    /// The event file's path.
-    pub fn file(&self) -> Option<&Path> {
-        self.writer.filename().map(|p| p.as_path())
-    }
-
     fn scalar(&mut self, step: i64, tag: &str, value: f64) -> Result<()> {
         let written = self.writer.write_scalar(step, tag, value as f32);
         written.map_err(|e| self.error(e))
@@ -52,7 +47,8 @@ impl TensorBoard {
 
     /// A writer's error, on the event file.
     fn error(&self, e: tboard::Error) -> TrainError {
-        tb_error(self.file().unwrap_or(Path::new("")), e)
+        let file = self.writer.filename();
+        tb_error(file.map_or(Path::new(""), |p| p.as_path()), e)
     }
 
     /// Records what `event` reports.

@@ -116,7 +116,9 @@ pub(crate) fn load_data(cfg: &RunConfig) -> Result<Dataset> {
         image_size: cfg.data.image_size,
         cache_dir: cfg.data.cache_dir.clone(),
     };
-    let dir = cfg.resolved_data_dir();
+    // The data folder: the one given, or the data set's default.
+    let dir = cfg.data.data_dir.clone();
+    let dir = dir.unwrap_or_else(|| cfg.data.dataset.default_dir());
     Ok(sid_data::load(cfg.data.dataset, &dir, &opts)?)
 }
 
@@ -157,10 +159,9 @@ impl Run {
         let devices = cfg.runtime.gpus.resolve()?;
         let data = load_data(&cfg)?;
         cfg.data.loaded_shape = Some(data.shape);
-        let plan = match rdv {
-            Some(r) => Plan::resolve(&cfg, &[r.device()], true, true)?,
-            None => Plan::resolve(&cfg, &devices, false, true)?,
-        };
+        // Under ranks, this process's device.
+        let on = rdv.map_or_else(|| devices.clone(), |r| vec![r.device()]);
+        let plan = Plan::resolve(&cfg, &on, rdv.is_some(), true)?;
         let mut built = build_network(&cfg, &plan, rdv)?;
         let data = data_on_input_device(data, built.net.as_ref());
         // Save what was resolved, not what was left to defaults.
@@ -200,8 +201,7 @@ impl Run {
     /// the checkpoint may come from a run with any other number of ranks.
     pub fn resume_on(cfg: RunConfig, dir: &Path, rdv: Option<&Rendezvous>) -> Result<Self> {
         cfg.validate()?;
-        let saved = Self::saved_config(dir)?;
-        let conflicts = cfg.resume_conflicts(&saved);
+        let conflicts = cfg.resume_conflicts(&Self::saved_config(dir)?);
         let changed: Vec<String> = conflicts.iter().map(|k| flag_of(k)).collect();
         if !changed.is_empty() {
             return Err(TrainError::Config(format!(
@@ -395,10 +395,9 @@ impl Run {
                 let batch_span = tracing::debug_span!("batch").entered();
                 let (x, y) =
                     sid_data::batch(&self.data.train, Some(&perm), batch_size, step as i64);
-                let x = if augment {
-                    sid_data::augment_batch(&x, 4, seed, epoch as u64, step as u64)
-                } else {
-                    x
+                let x = match augment {
+                    true => sid_data::augment_batch(&x, 4, seed, epoch as u64, step as u64),
+                    false => x,
                 };
                 drop(batch_span);
                 let (x, y) = (x.to_device(device), y.to_device(device));
