@@ -97,7 +97,7 @@ fn main() -> ExitCode {
                 }
                 return ExitCode::from(130);
             }
-            if e.downcast_ref::<RanksInterrupted>().is_some() {
+            if e.downcast_ref::<launch::Interrupted>().is_some() {
                 eprintln!("stopped: {}", one_line(&e));
                 return ExitCode::from(130);
             }
@@ -138,8 +138,7 @@ fn restartable(e: &anyhow::Error) -> bool {
     match e.downcast_ref::<TrainError>() {
         Some(TrainError::Runtime(RuntimeError::Config(_) | RuntimeError::Placement(_))) => false,
         Some(TrainError::Runtime(_) | TrainError::Core(_)) => true,
-        Some(_) => false,
-        None => false,
+        _ => false,
     }
 }
 
@@ -163,11 +162,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 /// `sid-launch eval RUN_DIR`: the early-exit table of a saved run.
 fn eval(a: &args::EvalArgs) -> Result<()> {
-    if let Some(bad) = a
-        .exit_confidence
-        .iter()
-        .find(|t| !(**t > 0.0 && **t <= 1.0))
-    {
+    if let Some(bad) = a.exit_confidence.iter().find(|&&t| !(t > 0.0 && t <= 1.0)) {
         anyhow::bail!("--exit-confidence {bad}: a threshold must be in (0, 1]");
     }
     let dir = &a.run_dir;
@@ -204,29 +199,19 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
         "\n{:<8} {:>9} {:>12} {:>16}",
         "module", "accuracy", "KL(p_y‖p)", "KL(p_prev‖p)"
     );
-    let (acc, label, teacher) = (
-        health.accuracy(),
-        health.mean_label_kl(),
-        health.mean_teacher_kl(),
-    );
-    for i in 0..acc.len() {
-        println!(
-            "{:<8} {:>8.2}% {:>12.4} {:>16.4}",
-            i + 1,
-            acc[i] * 100.0,
-            label[i],
-            teacher[i]
-        );
+    let label = health.mean_label_kl();
+    let modules = health
+        .accuracy()
+        .into_iter()
+        .zip(&label)
+        .zip(health.mean_teacher_kl());
+    for (i, ((acc, label), teacher)) in modules.enumerate() {
+        let acc = acc * 100.0;
+        println!("{:<8} {acc:>8.2}% {label:>12.4} {teacher:>16.4}", i + 1);
     }
     println!("{}", progress::cascade_verdict(&label).trim_start());
     Ok(())
 }
-
-/// The ranks were interrupted and rank 0 saved a checkpoint (exit 130, like a one-process
-/// run).
-#[derive(Debug, thiserror::Error)]
-#[error("interrupted: rank 0 stopped after the current step and wrote a checkpoint")]
-struct RanksInterrupted;
 
 fn run(cli: &args::Cli) -> Result<()> {
     match &cli.command {
@@ -236,19 +221,14 @@ fn run(cli: &args::Cli) -> Result<()> {
         None => {}
     }
     let dist_env = sid_dist::DistEnv::from_env()?;
-    let supervised = match (cli.nproc_per_node, &dist_env) {
-        (Some(n), None) => Some(launch::run(cli, n)?),
+    match (cli.nproc_per_node, &dist_env) {
+        (Some(n), None) => return launch::run(cli, n),
         // The run itself as a child that is restarted when it fails (unless this is that
         // child, or a rank that torchrun's agent restarts).
         (None, None) if cli.max_restarts > 0 && args::restart_env()?.is_none() => {
-            Some(launch::run_one(cli)?)
+            return launch::run_one(cli)
         }
-        _ => None,
-    };
-    match supervised {
-        Some(launch::Outcome::Done) => return Ok(()),
-        Some(launch::Outcome::Interrupted) => return Err(RanksInterrupted.into()),
-        None => {}
+        _ => {}
     }
     let inv = cli.invocation(dist_env.as_ref().is_some_and(|e| e.rank > 0))?;
     if let Some(n) = inv.config.runtime.threads {
@@ -445,12 +425,8 @@ fn run(cli: &args::Cli) -> Result<()> {
         .peak_memory
         .iter()
         .map(|p| {
-            format!(
-                "{} {:.1} MiB ({})",
-                p.device,
-                p.bytes as f64 / (1 << 20) as f64,
-                p.source
-            )
+            let mib = p.bytes as f64 / (1 << 20) as f64;
+            format!("{} {mib:.1} MiB ({})", p.device, p.source)
         })
         .collect();
     if !peaks.is_empty() {

@@ -41,14 +41,10 @@ impl DistEnv {
                 "RANK={rank} does not fit WORLD_SIZE={world_size} (ranks are 0..WORLD_SIZE-1)"
             )));
         }
-        let local_rank = match get("LOCAL_RANK") {
-            Some(v) => parse("LOCAL_RANK", &v, "a number")?,
-            None => rank,
-        };
-        let master_port = match get("MASTER_PORT") {
-            Some(v) => parse("MASTER_PORT", &v, "a port number")?,
-            None => 29500,
-        };
+        let local_rank =
+            get("LOCAL_RANK").map_or(Ok(rank), |v| parse("LOCAL_RANK", &v, "a number"))?;
+        let master_port =
+            get("MASTER_PORT").map_or(Ok(29500), |v| parse("MASTER_PORT", &v, "a port number"))?;
         Ok(Some(Self {
             rank,
             world_size,
