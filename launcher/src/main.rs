@@ -237,10 +237,9 @@ fn run(cli: &args::Cli) -> Result<()> {
     let rdv = match dist_env {
         Some(env) => {
             let rank = env.rank;
-            Some(
-                sid_train::distributed::Rendezvous::join(env, &inv.config, inv.follows_rank0)
-                    .with_context(|| format!("rank {rank}"))?,
-            )
+            let joined =
+                sid_train::distributed::Rendezvous::join(env, &inv.config, inv.follows_rank0);
+            Some(joined.with_context(|| format!("rank {rank}"))?)
         }
         None => None,
     };
@@ -276,32 +275,26 @@ fn run(cli: &args::Cli) -> Result<()> {
         r.publish_run_dir(&inv.run_dir)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let first = std::sync::Mutex::new(None::<std::time::Instant>);
-        ctrlc::set_handler(move || {
-            let mut first = first.lock().unwrap_or_else(|e| e.into_inner());
-            match *first {
-                None => {
-                    *first = Some(std::time::Instant::now());
-                    stop.store(true, Ordering::SeqCst);
-                    eprintln!("\ninterrupt: stopping after the current step and writing a checkpoint (Ctrl-C again to quit now)");
-                }
-                // A wrapper such as `timeout` can deliver one interrupt twice at once (to the
-                // process and to its group): only a later, second press means "quit now".
-                Some(t) if t.elapsed() < std::time::Duration::from_millis(500) => {}
-                Some(_) => {
-                    eprintln!("\nsecond interrupt: exiting without a checkpoint");
-                    // _exit, not exit: exit's C++ static destructors would tear libtorch and
-                    // CUDA down under the training thread (seen: a segfault on a GPU). Files
-                    // are only ever replaced atomically, so nothing written is lost.
-                    // SAFETY: _exit only ends the process.
-                    unsafe { libc::_exit(130) }
-                }
-            }
-        })
-        .context("installing the Ctrl-C handler")?;
-    }
+    let (flag, mut first) = (stop.clone(), None::<std::time::Instant>);
+    ctrlc::set_handler(move || match first {
+        None => {
+            first = Some(std::time::Instant::now());
+            flag.store(true, Ordering::SeqCst);
+            eprintln!("\ninterrupt: stopping after the current step and writing a checkpoint (Ctrl-C again to quit now)");
+        }
+        // A wrapper such as `timeout` can deliver one interrupt twice at once (to the process
+        // and to its group): only a later, second press means "quit now".
+        Some(t) if t.elapsed() < std::time::Duration::from_millis(500) => {}
+        Some(_) => {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            // _exit, not exit: exit's C++ static destructors would tear libtorch and CUDA down
+            // under the training thread (seen: a segfault on a GPU). Files are only ever
+            // replaced atomically, so nothing written is lost.
+            // SAFETY: _exit only ends the process.
+            unsafe { libc::_exit(130) }
+        }
+    })
+    .context("installing the Ctrl-C handler")?;
     let cfg = &inv.config;
     if inv.starts_over {
         // Restarted before its first checkpoint: an epoch's record without the checkpoint
