@@ -18,7 +18,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::args::Cli;
 
@@ -124,9 +124,7 @@ impl Exit<'_> {
 /// allows. Fails with [`Interrupted`] when rank 0 was interrupted.
 pub fn run(cli: &Cli, n: usize) -> Result<()> {
     let (node, nodes) = (cli.node_rank, cli.nnodes);
-    if n == 0 {
-        bail!("--nproc-per-node must be at least 1");
-    }
+    ensure!(n > 0, "--nproc-per-node must be at least 1");
     if nodes == 0 || node >= nodes {
         let last = nodes.saturating_sub(1);
         bail!("--node-rank {node} does not fit --nnodes {nodes} (nodes are 0..{last})");
