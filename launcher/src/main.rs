@@ -173,9 +173,8 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
     let batch = a.eval_batch_size.unwrap_or(cfg.runtime.eval_batch_size);
     anyhow::ensure!(batch >= 1, "--eval-batch-size must be at least 1");
     eprintln!(
-        "early exit on the test set of {} ({} samples, {} with L={} on {})",
+        "early exit on the test set of {} ({samples} samples, {} with L={} on {})",
         dir.display(),
-        samples,
         cfg.optim.method,
         saved.modules,
         device_name(saved.net.input_device())

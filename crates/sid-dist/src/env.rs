@@ -24,15 +24,12 @@ impl DistEnv {
     /// Reads the variables through `get` (`std::env::var` in production); `None` when
     /// `RANK` and `WORLD_SIZE` are both unset (not a distributed run).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let unusable = |message: &str| Err(DistError::Env(message.into()));
         let (rank, world) = match (get("RANK"), get("WORLD_SIZE")) {
             (None, None) => return Ok(None),
             (Some(r), Some(w)) => (r, w),
-            (Some(_), None) => {
-                return Err(DistError::Env("RANK is set but WORLD_SIZE is not".into()))
-            }
-            (None, Some(_)) => {
-                return Err(DistError::Env("WORLD_SIZE is set but RANK is not".into()))
-            }
+            (Some(_), None) => return unusable("RANK is set but WORLD_SIZE is not"),
+            (None, Some(_)) => return unusable("WORLD_SIZE is set but RANK is not"),
         };
         let rank = parse("RANK", &rank, "a number")?;
         let world_size = parse("WORLD_SIZE", &world, "a number")?;
