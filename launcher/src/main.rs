@@ -16,7 +16,7 @@ use sid_train::{Run, TrainError};
 
 /// Log lines on stderr (`RUST_LOG`, default warn), plus a Chrome trace with `--trace FILE`.
 fn init_tracing(trace: Option<&std::path::Path>) -> Result<Option<tracing_chrome::FlushGuard>> {
-    use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+    use tracing_subscriber::filter::{EnvFilter, Targets};
     use tracing_subscriber::prelude::*;
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -39,10 +39,8 @@ fn init_tracing(trace: Option<&std::path::Path>) -> Result<Option<tracing_chrome
                 .file(path)
                 .include_args(true)
                 .build();
-            let targets = Targets::new()
-                .with_target("sid_core", LevelFilter::TRACE)
-                .with_target("sid_runtime", LevelFilter::TRACE)
-                .with_target("sid_train", LevelFilter::DEBUG);
+            let targets = "sid_core=trace,sid_runtime=trace,sid_train=debug";
+            let targets: Targets = targets.parse().expect("valid targets");
             (Some(layer.with_filter(targets)), Some(guard))
         }
         None => (None, None),
@@ -246,13 +244,12 @@ fn run(cli: &args::Cli) -> Result<()> {
         // Rank 0 decides when to stop (after the current step, with a checkpoint) and
         // closes the pipeline; an interrupt here would only cut that short.
         ctrlc::set_handler(|| {}).context("installing the Ctrl-C handler")?;
+        let rank = r.rank();
         eprintln!(
-            "rank {} of {} on {}: serving its stage for rank 0",
-            r.rank(),
+            "rank {rank} of {} on {}: serving its stage for rank 0",
             r.world(),
             device_name(r.device())
         );
-        let rank = r.rank();
         // Every rank's telemetry beside rank 0's, each sample naming its rank.
         let sampler = if cli.telemetry_hz > 0.0 {
             let dir = r.wait_run_dir()?;
