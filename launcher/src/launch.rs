@@ -52,7 +52,7 @@ pub struct Failed {
 #[error("interrupted: rank 0 stopped after the current step and wrote a checkpoint")]
 pub struct Interrupted;
 
-/// `exited with code 1`, `was killed by SIGKILL (signal 9)`.
+/// `exited with code 1`, `was killed by SIGKILL, signal 9`.
 fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
