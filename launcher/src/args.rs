@@ -247,14 +247,12 @@ impl Cli {
     /// Parses the command line; `--resume`'s help lists what a resume may change, from the
     /// one list the resume check reads.
     pub fn parse_with_resume_help() -> Self {
-        use clap::FromArgMatches;
+        use clap::{parser::ValueSource, FromArgMatches};
         let matches = Self::command_with_resume_help().get_matches();
         let mut cli = Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         cli.given = matches
             .ids()
-            .filter(|id| {
-                matches.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
-            })
+            .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::CommandLine))
             .map(|id| id.to_string())
             .collect();
         cli

@@ -18,7 +18,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::args::Cli;
 
@@ -46,15 +46,13 @@ pub struct Failed {
     pub restartable: bool,
 }
 
-/// How the ranks ended.
-pub enum Outcome {
-    /// Every rank exited 0.
-    Done,
-    /// Rank 0 was interrupted and saved a checkpoint (exit 130).
-    Interrupted,
-}
+/// The ranks were interrupted and rank 0 saved a checkpoint (exit 130, like a one-process
+/// run).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted: rank 0 stopped after the current step and wrote a checkpoint")]
+pub struct Interrupted;
 
-/// `exited with code 1`, `was killed by SIGKILL (signal 9)`.
+/// `exited with code 1`, `was killed by SIGKILL, signal 9`.
 fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -123,12 +121,10 @@ impl Exit<'_> {
 }
 
 /// Starts `n` ranks of this node and waits for all of them; restarts them as `--max-restarts`
-/// allows.
-pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
+/// allows. Fails with [`Interrupted`] when rank 0 was interrupted.
+pub fn run(cli: &Cli, n: usize) -> Result<()> {
     let (node, nodes) = (cli.node_rank, cli.nnodes);
-    if n == 0 {
-        bail!("--nproc-per-node must be at least 1");
-    }
+    ensure!(n > 0, "--nproc-per-node must be at least 1");
     if nodes == 0 || node >= nodes {
         let last = nodes.saturating_sub(1);
         bail!("--node-rank {node} does not fit --nnodes {nodes} (nodes are 0..{last})");
@@ -171,7 +167,7 @@ pub fn run(cli: &Cli, n: usize) -> Result<Outcome> {
 
 /// `--max-restarts` without `--nproc-per-node`: the run as one child process, restarted as
 /// the ranks of [`run`] are.
-pub fn run_one(cli: &Cli) -> Result<Outcome> {
+pub fn run_one(cli: &Cli) -> Result<()> {
     let inv = cli.invocation(false)?;
     let spec = Spec {
         rank: 0,
@@ -189,7 +185,7 @@ fn supervise(
     inv: &crate::args::Invocation,
     specs: Vec<Spec>,
     launched: &str,
-) -> Result<Outcome> {
+) -> Result<()> {
     let exe = std::env::current_exe().context("finding sid-launch's own executable")?;
     // The children's arguments: this command line, with the run directory made explicit (a
     // default one is named after the time, and a restart must find the same one).
@@ -231,10 +227,10 @@ fn supervise(
             if n > 1 {
                 eprintln!("all {n} ranks on this node finished");
             }
-            return Ok(Outcome::Done);
+            return Ok(());
         }
         if failed.len() == 1 && failed[0].spec.rank == 0 && failed[0].exited(130) {
-            return Ok(Outcome::Interrupted);
+            return Err(Interrupted.into());
         }
         let causes: Vec<String> = failed.iter().map(|e| e.cause()).collect();
         let causes = causes.join(", ");

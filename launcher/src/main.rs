@@ -16,7 +16,7 @@ use sid_train::{Run, TrainError};
 
 /// Log lines on stderr (`RUST_LOG`, default warn), plus a Chrome trace with `--trace FILE`.
 fn init_tracing(trace: Option<&std::path::Path>) -> Result<Option<tracing_chrome::FlushGuard>> {
-    use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
+    use tracing_subscriber::filter::{EnvFilter, Targets};
     use tracing_subscriber::prelude::*;
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -39,10 +39,8 @@ fn init_tracing(trace: Option<&std::path::Path>) -> Result<Option<tracing_chrome
                 .file(path)
                 .include_args(true)
                 .build();
-            let targets = Targets::new()
-                .with_target("sid_core", LevelFilter::TRACE)
-                .with_target("sid_runtime", LevelFilter::TRACE)
-                .with_target("sid_train", LevelFilter::DEBUG);
+            let targets = "sid_core=trace,sid_runtime=trace,sid_train=debug";
+            let targets: Targets = targets.parse().expect("valid targets");
             (Some(layer.with_filter(targets)), Some(guard))
         }
         None => (None, None),
@@ -97,7 +95,7 @@ fn main() -> ExitCode {
                 }
                 return ExitCode::from(130);
             }
-            if e.downcast_ref::<RanksInterrupted>().is_some() {
+            if e.downcast_ref::<launch::Interrupted>().is_some() {
                 eprintln!("stopped: {}", one_line(&e));
                 return ExitCode::from(130);
             }
@@ -138,8 +136,7 @@ fn restartable(e: &anyhow::Error) -> bool {
     match e.downcast_ref::<TrainError>() {
         Some(TrainError::Runtime(RuntimeError::Config(_) | RuntimeError::Placement(_))) => false,
         Some(TrainError::Runtime(_) | TrainError::Core(_)) => true,
-        Some(_) => false,
-        None => false,
+        _ => false,
     }
 }
 
@@ -163,11 +160,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 /// `sid-launch eval RUN_DIR`: the early-exit table of a saved run.
 fn eval(a: &args::EvalArgs) -> Result<()> {
-    if let Some(bad) = a
-        .exit_confidence
-        .iter()
-        .find(|t| !(**t > 0.0 && **t <= 1.0))
-    {
+    if let Some(bad) = a.exit_confidence.iter().find(|&&t| !(t > 0.0 && t <= 1.0)) {
         anyhow::bail!("--exit-confidence {bad}: a threshold must be in (0, 1]");
     }
     let dir = &a.run_dir;
@@ -178,9 +171,8 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
     let batch = a.eval_batch_size.unwrap_or(cfg.runtime.eval_batch_size);
     anyhow::ensure!(batch >= 1, "--eval-batch-size must be at least 1");
     eprintln!(
-        "early exit on the test set of {} ({} samples, {} with L={} on {})",
+        "early exit on the test set of {} ({samples} samples, {} with L={} on {})",
         dir.display(),
-        samples,
         cfg.optim.method,
         saved.modules,
         device_name(saved.net.input_device())
@@ -204,29 +196,19 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
         "\n{:<8} {:>9} {:>12} {:>16}",
         "module", "accuracy", "KL(p_y‖p)", "KL(p_prev‖p)"
     );
-    let (acc, label, teacher) = (
-        health.accuracy(),
-        health.mean_label_kl(),
-        health.mean_teacher_kl(),
-    );
-    for i in 0..acc.len() {
-        println!(
-            "{:<8} {:>8.2}% {:>12.4} {:>16.4}",
-            i + 1,
-            acc[i] * 100.0,
-            label[i],
-            teacher[i]
-        );
+    let label = health.mean_label_kl();
+    let modules = health
+        .accuracy()
+        .into_iter()
+        .zip(&label)
+        .zip(health.mean_teacher_kl());
+    for (i, ((acc, label), teacher)) in modules.enumerate() {
+        let acc = acc * 100.0;
+        println!("{:<8} {acc:>8.2}% {label:>12.4} {teacher:>16.4}", i + 1);
     }
     println!("{}", progress::cascade_verdict(&label).trim_start());
     Ok(())
 }
-
-/// The ranks were interrupted and rank 0 saved a checkpoint (exit 130, like a one-process
-/// run).
-#[derive(Debug, thiserror::Error)]
-#[error("interrupted: rank 0 stopped after the current step and wrote a checkpoint")]
-struct RanksInterrupted;
 
 fn run(cli: &args::Cli) -> Result<()> {
     match &cli.command {
@@ -236,19 +218,14 @@ fn run(cli: &args::Cli) -> Result<()> {
         None => {}
     }
     let dist_env = sid_dist::DistEnv::from_env()?;
-    let supervised = match (cli.nproc_per_node, &dist_env) {
-        (Some(n), None) => Some(launch::run(cli, n)?),
+    match (cli.nproc_per_node, &dist_env) {
+        (Some(n), None) => return launch::run(cli, n),
         // The run itself as a child that is restarted when it fails (unless this is that
         // child, or a rank that torchrun's agent restarts).
         (None, None) if cli.max_restarts > 0 && args::restart_env()?.is_none() => {
-            Some(launch::run_one(cli)?)
+            return launch::run_one(cli)
         }
-        _ => None,
-    };
-    match supervised {
-        Some(launch::Outcome::Done) => return Ok(()),
-        Some(launch::Outcome::Interrupted) => return Err(RanksInterrupted.into()),
-        None => {}
+        _ => {}
     }
     let inv = cli.invocation(dist_env.as_ref().is_some_and(|e| e.rank > 0))?;
     if let Some(n) = inv.config.runtime.threads {
@@ -257,10 +234,9 @@ fn run(cli: &args::Cli) -> Result<()> {
     let rdv = match dist_env {
         Some(env) => {
             let rank = env.rank;
-            Some(
-                sid_train::distributed::Rendezvous::join(env, &inv.config, inv.follows_rank0)
-                    .with_context(|| format!("rank {rank}"))?,
-            )
+            let joined =
+                sid_train::distributed::Rendezvous::join(env, &inv.config, inv.follows_rank0);
+            Some(joined.with_context(|| format!("rank {rank}"))?)
         }
         None => None,
     };
@@ -268,13 +244,12 @@ fn run(cli: &args::Cli) -> Result<()> {
         // Rank 0 decides when to stop (after the current step, with a checkpoint) and
         // closes the pipeline; an interrupt here would only cut that short.
         ctrlc::set_handler(|| {}).context("installing the Ctrl-C handler")?;
+        let rank = r.rank();
         eprintln!(
-            "rank {} of {} on {}: serving its stage for rank 0",
-            r.rank(),
+            "rank {rank} of {} on {}: serving its stage for rank 0",
             r.world(),
             device_name(r.device())
         );
-        let rank = r.rank();
         // Every rank's telemetry beside rank 0's, each sample naming its rank.
         let sampler = if cli.telemetry_hz > 0.0 {
             let dir = r.wait_run_dir()?;
@@ -296,32 +271,26 @@ fn run(cli: &args::Cli) -> Result<()> {
         r.publish_run_dir(&inv.run_dir)?;
     }
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let first = std::sync::Mutex::new(None::<std::time::Instant>);
-        ctrlc::set_handler(move || {
-            let mut first = first.lock().unwrap_or_else(|e| e.into_inner());
-            match *first {
-                None => {
-                    *first = Some(std::time::Instant::now());
-                    stop.store(true, Ordering::SeqCst);
-                    eprintln!("\ninterrupt: stopping after the current step and writing a checkpoint (Ctrl-C again to quit now)");
-                }
-                // A wrapper such as `timeout` can deliver one interrupt twice at once (to the
-                // process and to its group): only a later, second press means "quit now".
-                Some(t) if t.elapsed() < std::time::Duration::from_millis(500) => {}
-                Some(_) => {
-                    eprintln!("\nsecond interrupt: exiting without a checkpoint");
-                    // _exit, not exit: exit's C++ static destructors would tear libtorch and
-                    // CUDA down under the training thread (seen: a segfault on a GPU). Files
-                    // are only ever replaced atomically, so nothing written is lost.
-                    // SAFETY: _exit only ends the process.
-                    unsafe { libc::_exit(130) }
-                }
-            }
-        })
-        .context("installing the Ctrl-C handler")?;
-    }
+    let (flag, mut first) = (stop.clone(), None::<std::time::Instant>);
+    ctrlc::set_handler(move || match first {
+        None => {
+            first = Some(std::time::Instant::now());
+            flag.store(true, Ordering::SeqCst);
+            eprintln!("\ninterrupt: stopping after the current step and writing a checkpoint (Ctrl-C again to quit now)");
+        }
+        // A wrapper such as `timeout` can deliver one interrupt twice at once (to the process
+        // and to its group): only a later, second press means "quit now".
+        Some(t) if t.elapsed() < std::time::Duration::from_millis(500) => {}
+        Some(_) => {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            // _exit, not exit: exit's C++ static destructors would tear libtorch and CUDA down
+            // under the training thread (seen: a segfault on a GPU). Files are only ever
+            // replaced atomically, so nothing written is lost.
+            // SAFETY: _exit only ends the process.
+            unsafe { libc::_exit(130) }
+        }
+    })
+    .context("installing the Ctrl-C handler")?;
     let cfg = &inv.config;
     if inv.starts_over {
         // Restarted before its first checkpoint: an epoch's record without the checkpoint
@@ -445,12 +414,8 @@ fn run(cli: &args::Cli) -> Result<()> {
         .peak_memory
         .iter()
         .map(|p| {
-            format!(
-                "{} {:.1} MiB ({})",
-                p.device,
-                p.bytes as f64 / (1 << 20) as f64,
-                p.source
-            )
+            let mib = p.bytes as f64 / (1 << 20) as f64;
+            format!("{} {mib:.1} MiB ({})", p.device, p.source)
         })
         .collect();
     if !peaks.is_empty() {

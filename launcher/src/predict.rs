@@ -25,16 +25,15 @@ pub fn run(a: &PredictArgs) -> Result<()> {
         (sid_core::Method::Sid, ExitAt::Last) => "full cascade".to_string(),
         (sid_core::Method::Bp, _) => "backprop: last module".to_string(),
     };
+    let modules = p.modules();
     eprintln!(
-        "predicting {} file(s) with {} ({} with L={} on {}; {exit})",
+        "predicting {} file(s) with {} ({} with L={modules} on {}; {exit})",
         a.files.len(),
         dir.display(),
         p.method(),
-        p.modules(),
         device_name(p.device())
     );
     let predictions = p.predict_files(&a.files, a.exit_confidence, batch as usize)?;
-    let modules = p.modules();
     if !a.json {
         println!("{HEADER}");
     }

@@ -11,7 +11,6 @@ const BAR: &str = "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}";
 /// Turns training events into what the user sees on stderr.
 pub struct Reporter {
     bar: Option<ProgressBar>,
-    terminal: bool,
     batch_size: i64,
     steps: usize,
     epoch: usize,
@@ -23,11 +22,10 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// A reporter for batches of `batch_size`; a bar only when stderr is a terminal.
+    /// A reporter for batches of `batch_size`; a bar only while stderr is a terminal.
     pub fn new(batch_size: i64) -> Self {
         Self {
             bar: None,
-            terminal: std::io::stderr().is_terminal(),
             batch_size,
             steps: 0,
             epoch: 0,
@@ -76,7 +74,7 @@ impl Reporter {
                 if first_step > 0 {
                     eprintln!("epoch {epoch}/{epochs}: resuming at step {first_step}/{steps}");
                 }
-                if self.terminal {
+                if std::io::stderr().is_terminal() {
                     let style = ProgressStyle::with_template(BAR).expect("valid template");
                     let bar = ProgressBar::new(steps as u64)
                         .with_position(first_step as u64)

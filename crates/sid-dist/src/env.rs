@@ -24,15 +24,12 @@ impl DistEnv {
     /// Reads the variables through `get` (`std::env::var` in production); `None` when
     /// `RANK` and `WORLD_SIZE` are both unset (not a distributed run).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let unusable = |message: &str| Err(DistError::Env(message.into()));
         let (rank, world) = match (get("RANK"), get("WORLD_SIZE")) {
             (None, None) => return Ok(None),
             (Some(r), Some(w)) => (r, w),
-            (Some(_), None) => {
-                return Err(DistError::Env("RANK is set but WORLD_SIZE is not".into()))
-            }
-            (None, Some(_)) => {
-                return Err(DistError::Env("WORLD_SIZE is set but RANK is not".into()))
-            }
+            (Some(_), None) => return unusable("RANK is set but WORLD_SIZE is not"),
+            (None, Some(_)) => return unusable("WORLD_SIZE is set but RANK is not"),
         };
         let rank = parse("RANK", &rank, "a number")?;
         let world_size = parse("WORLD_SIZE", &world, "a number")?;
@@ -41,14 +38,10 @@ impl DistEnv {
                 "RANK={rank} does not fit WORLD_SIZE={world_size} (ranks are 0..WORLD_SIZE-1)"
             )));
         }
-        let local_rank = match get("LOCAL_RANK") {
-            Some(v) => parse("LOCAL_RANK", &v, "a number")?,
-            None => rank,
-        };
-        let master_port = match get("MASTER_PORT") {
-            Some(v) => parse("MASTER_PORT", &v, "a port number")?,
-            None => 29500,
-        };
+        let local_rank =
+            get("LOCAL_RANK").map_or(Ok(rank), |v| parse("LOCAL_RANK", &v, "a number"))?;
+        let master_port =
+            get("MASTER_PORT").map_or(Ok(29500), |v| parse("MASTER_PORT", &v, "a port number"))?;
         Ok(Some(Self {
             rank,
             world_size,

@@ -317,11 +317,8 @@ impl Group {
 
     /// Gathers `t` (the same shape on every rank) to `root`: there, one tensor per rank.
     pub fn gather(&self, t: &Tensor, root: usize) -> Result<Vec<Tensor>> {
-        let outs: Vec<Tensor> = if self.rank == root {
-            (0..self.world).map(|_| t.empty_like()).collect()
-        } else {
-            Vec::new()
-        };
+        let n = if self.rank == root { self.world } else { 0 };
+        let outs: Vec<Tensor> = (0..n).map(|_| t.empty_like()).collect();
         let ts: Vec<&Tensor> = std::iter::once(t).chain(&outs).collect();
         let what = || format!("gather to rank {root}");
         self.run(what, GroupOp::Gather, &ts, root, 0, self.timeout)?;

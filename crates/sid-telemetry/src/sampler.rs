@@ -32,22 +32,18 @@ pub struct Sample {
     pub gpus: Vec<GpuSample>,
 }
 
-/// Peaks seen over the whole sampling.
+/// What the whole sampling saw: its samples, the peak RSS, each stage thread's CPU time.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TelemetrySummary {
     /// Samples written.
     pub samples: usize,
     /// Peak RSS seen, bytes.
     pub peak_rss_bytes: u64,
-    /// Per GPU index: peak device memory used (all processes), bytes.
-    pub peak_gpu_memory_used: BTreeMap<u32, u64>,
-    /// Per GPU index: peak memory of this process, bytes.
-    pub peak_gpu_process_memory: BTreeMap<u32, u64>,
     /// CPU seconds of each stage thread by the end.
     pub thread_cpu_seconds: BTreeMap<String, f64>,
 }
 
-/// A running sampler; [`Sampler::stop`] ends it and returns the peaks.
+/// A running sampler; [`Sampler::stop`] ends it and returns its summary.
 pub struct Sampler {
     /// A message (or its end) stops the thread.
     stop: Sender<()>,
@@ -92,7 +88,7 @@ impl Sampler {
         Ok((Self { stop, thread }, off))
     }
 
-    /// Stops sampling (one last sample is written) and returns the peaks.
+    /// Stops sampling (one last sample is written) and returns the summary.
     pub fn stop(mut self) -> TelemetrySummary {
         self.finish()
     }
@@ -115,14 +111,6 @@ impl Drop for Sampler {
 fn record(summary: &mut TelemetrySummary, file: &mut impl Write, sample: &Sample) {
     summary.samples += 1;
     summary.peak_rss_bytes = summary.peak_rss_bytes.max(sample.rss_bytes.unwrap_or(0));
-    for g in &sample.gpus {
-        let e = summary.peak_gpu_memory_used.entry(g.index).or_default();
-        *e = (*e).max(g.memory_used);
-        if let Some(p) = g.process_memory {
-            let e = summary.peak_gpu_process_memory.entry(g.index).or_default();
-            *e = (*e).max(p);
-        }
-    }
     summary.thread_cpu_seconds = sample.thread_cpu_seconds.clone();
     if let Ok(line) = serde_json::to_string(sample) {
         let _ = writeln!(file, "{line}");
