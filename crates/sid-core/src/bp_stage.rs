@@ -14,14 +14,15 @@ use std::ops::Range;
 use tch::nn::{Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief, BeliefModule};
 use crate::error::invalid;
 use crate::extractor::{forward_blocks, Block, Net};
 use crate::loss::{cross_entropy, scaled};
-use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
+use crate::network::NamedTensors;
 use crate::precision::{forward_all_f32, forward_f32};
-use crate::unit::{add_next, module_prefix, Backward, Inferred, MicroBatch, Passed, Unit};
+use crate::unit::{
+    add_next, module_prefix, Backward, Inferred, MicroBatch, ParamStore, Passed, Unit,
+};
 use crate::{CoreError, Result};
 
 /// One stage of the pipelined BP network.
@@ -29,11 +30,11 @@ use crate::{CoreError, Result};
 pub struct BpStage {
     index: usize,
     last: bool,
-    vs: VarStore,
+    /// Saved with Adam's state under `adam.bp_stage_{index+1}` (one stage: `adam.all`, the
+    /// single device's checkpoint name).
+    params: ParamStore,
     blocks: Vec<Box<dyn Block>>,
     head: Option<(Box<dyn Module>, Vec<BeliefModule>)>,
-    opt: Adam,
-    adam_prefix: String,
     num_classes: i64,
     precision: crate::Precision,
     /// Each block's trainable parameters, then (last stage) the head's and modules': the
@@ -108,7 +109,6 @@ pub fn build_bp_stages<'a>(
         .zip(built)
         .enumerate()
         .map(|(index, (vs, built))| {
-            let opt = Adam::for_var_store(&vs, lr);
             let mut rest: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
             rest.retain(|(_, v)| v.requires_grad());
             rest.sort_by(|a, b| a.0.cmp(&b.0));
@@ -123,17 +123,16 @@ pub fn build_bp_stages<'a>(
             if !rest.is_empty() {
                 groups.push(rest.into_iter().map(|(_, v)| v).collect());
             }
+            let prefix = match k {
+                1 => "adam.all".into(),
+                _ => format!("adam.bp_stage_{}", index + 1),
+            };
             BpStage {
                 index,
                 last: index + 1 == k,
-                vs,
+                params: ParamStore::new(vs, lr, prefix),
                 blocks: built,
                 head: if index + 1 == k { head.take() } else { None },
-                opt,
-                adam_prefix: match k {
-                    1 => "adam.all".into(),
-                    _ => format!("adam.bp_stage_{}", index + 1),
-                },
                 num_classes: cfg.num_classes,
                 precision: cfg.precision,
                 groups,
@@ -309,12 +308,11 @@ impl Unit for BpStage {
     }
 
     fn apply(&mut self) {
-        self.opt.step();
-        self.opt.zero_grad();
+        self.params.apply();
     }
 
     fn gradients(&self) -> Vec<Tensor> {
-        self.opt.gradients()
+        self.params.opt.gradients()
     }
 
     fn read_losses(&self, losses: &Tensor) -> Result<Vec<f64>> {
@@ -347,23 +345,19 @@ impl Unit for BpStage {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        let mut v = var_store_state(&self.vs);
-        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
-        v
+        self.params.state()
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        load_var_store(&self.vs, named)?;
-        self.opt.load_state(&self.adam_prefix, named)
+        self.params.load_state(named)
     }
 
     fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
-        self.opt.set_lr_where(lr, pick);
+        self.params.opt.set_lr_where(lr, pick);
     }
 
     fn to_device(&mut self, device: Device) {
-        self.vs.set_device(device);
-        self.opt.to_device(device);
+        self.params.move_to(device);
     }
 }
 
@@ -371,6 +365,7 @@ impl Unit for BpStage {
 mod tests {
     use super::*;
     use crate::config::{ExtractorKind, ModelConfig};
+    use crate::network::var_store_state;
 
     impl BpStage {
         /// [`Unit::forward`] on plain tensors: the output for the next stage, if any.
@@ -438,7 +433,7 @@ mod tests {
         }
         let theirs = bp.weights();
         for s in &st {
-            for (name, t) in var_store_state(&s.vs) {
+            for (name, t) in var_store_state(&s.params.vs) {
                 let d = (&t - theirs.get(&name).unwrap())
                     .abs()
                     .max()
@@ -494,7 +489,7 @@ mod tests {
         }
         let theirs = bp.weights();
         for s in &st {
-            for (name, t) in var_store_state(&s.vs) {
+            for (name, t) in var_store_state(&s.params.vs) {
                 let d = (&t - theirs.get(&name).unwrap())
                     .abs()
                     .max()
