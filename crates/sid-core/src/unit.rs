@@ -188,10 +188,8 @@ impl ModuleUnit {
             let index = self.index + 1;
             invalid(format!("module {index}: a backward without its forward"))
         })?;
-        let loss = {
-            let _s = tracing::trace_span!("local_loss").entered();
-            scaled(local_loss_for(&logits, &p_prev, target), scale)
-        };
+        let loss = tracing::trace_span!("local_loss")
+            .in_scope(|| scaled(local_loss_for(&logits, &p_prev, target), scale));
         tracing::trace_span!("module_backward").in_scope(|| loss.f_backward())?;
         let (loss, grad_z) = (loss.detach(), z_in.grad().detach());
         Ok(LocalOutput { loss, grad_z })
