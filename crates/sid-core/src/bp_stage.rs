@@ -42,6 +42,9 @@ pub struct BpStage {
     groups: Vec<Vec<Tensor>>,
     /// Micro-batches between forward and backward.
     pending: BTreeMap<usize, Pending>,
+    /// Micro-batches between the input and the weight half of a split backward: the gradient
+    /// at each group's output.
+    split: BTreeMap<usize, Vec<Tensor>>,
 }
 
 /// A micro-batch between its forward and its backward.
@@ -53,8 +56,6 @@ struct Pending {
     outs: Vec<Tensor>,
     /// The stage's output (the weighted loss on the last stage).
     out: Tensor,
-    /// After the input half of a split backward: the gradient at each group's output.
-    grads: Option<Vec<Tensor>>,
 }
 
 fn missing(index: usize, micro: usize) -> CoreError {
@@ -137,6 +138,7 @@ pub fn build_bp_stages<'a>(
                 precision: cfg.precision,
                 groups,
                 pending: BTreeMap::new(),
+                split: BTreeMap::new(),
             }
         })
         .collect())
@@ -215,16 +217,7 @@ impl Unit for BpStage {
             let (input, p) = (h.detach(), Tensor::zeros([0], (Kind::Float, h.device())));
             (h, Some(Passed { input, p }))
         };
-        let grads = None;
-        self.pending.insert(
-            micro,
-            Pending {
-                leaf,
-                outs,
-                out,
-                grads,
-            },
-        );
+        self.pending.insert(micro, Pending { leaf, outs, out });
         Ok(next)
     }
 
@@ -257,7 +250,7 @@ impl Unit for BpStage {
         let first = self.index == 0;
         let p = self
             .pending
-            .get_mut(&micro)
+            .get(&micro)
             .ok_or_else(|| missing(self.index, micro))?;
         let root = match &g {
             None => p.out.shallow_clone(),
@@ -274,7 +267,7 @@ impl Unit for BpStage {
         };
         let grad_in = (!first).then(|| grads.remove(0));
         grads.extend(g);
-        p.grads = Some(grads);
+        self.split.insert(micro, grads);
         Ok(Backward {
             grad: grad_in,
             losses: self.last.then(|| p.out.detach()),
@@ -286,7 +279,7 @@ impl Unit for BpStage {
     /// until [`Unit::apply`].
     fn backward_weight(&mut self, micro: usize) -> Result<()> {
         let p = self.take(micro)?;
-        let grads = p.grads.ok_or_else(|| {
+        let grads = self.split.remove(&micro).ok_or_else(|| {
             let index = self.index + 1;
             invalid(format!(
                 "backprop stage {index}: weight half of micro-batch {micro} before its input half"
