@@ -163,8 +163,8 @@ impl<'a> Net<'a> {
             )));
         }
         let stage = |i: usize| cuts.iter().position(|r| r.contains(&i)).expect("covered");
-        let mut blocks =
-            (self.build_blocks(|i| stores[stage(i)].root() / "extractor")?).into_iter();
+        let store = |i| stores[stage(i)].root() / "extractor";
+        let mut blocks = self.build_blocks(store)?.into_iter();
         let cut: Vec<Blocks> = cuts
             .iter()
             .map(|r| blocks.by_ref().take(r.len()).collect())

@@ -155,8 +155,8 @@ impl ModuleUnit {
 
     /// The first half of [`ModuleUnit::accumulate_step`]: the forward with its graph kept,
     /// returning this module's belief, detached — the same values as its phase-1 teacher
-    /// belief ([`teacher_chain`]: same inputs, same parameters), so the fused schedule passes it on as the next
-    /// module's teacher instead of running a separate phase-1 forward.
+    /// belief ([`teacher_chain`]: same inputs, same parameters), so the fused schedule passes
+    /// it on as the next module's teacher instead of running a separate phase-1 forward.
     pub fn accumulate_forward(&mut self, p_prev: &Tensor, z: &Tensor) -> Tensor {
         let _span = tracing::trace_span!("forward_module", module = self.index + 1).entered();
         let z_in = z.detach().set_requires_grad(true);
