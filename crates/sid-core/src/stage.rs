@@ -67,16 +67,10 @@ fn parse_ranges(list: &str, what: &str) -> Result<Vec<Range<usize>>> {
         .map(|item| {
             let item = item.trim();
             let bad = || invalid(format!("{what} range {item:?} is not N or N-M"));
-            let (a, b) = match item.split_once('-') {
-                Some((a, b)) => (a.trim(), b.trim()),
-                None => (item, item),
-            };
-            let a: usize = a.parse().map_err(|_| bad())?;
-            let b: usize = b.parse().map_err(|_| bad())?;
-            if b < a {
-                return Err(bad());
-            }
-            Ok(a..b + 1)
+            let (a, b) = item.split_once('-').unwrap_or((item, item));
+            let a: usize = a.trim().parse().map_err(|_| bad())?;
+            let b: usize = b.trim().parse().map_err(|_| bad())?;
+            (a <= b).then_some(a..b + 1).ok_or_else(bad)
         })
         .collect()
 }
