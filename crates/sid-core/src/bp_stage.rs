@@ -226,14 +226,12 @@ impl Unit for BpStage {
     /// and, on the last stage, its weighted loss.
     fn backward(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
         let Pending { leaf, out, .. } = self.take(micro)?;
-        let losses = if self.last {
-            out.f_backward()?;
-            Some(out.detach())
-        } else {
-            let g = self.output_grad(grad)?;
-            (out * g).f_sum(Kind::Float)?.f_backward()?;
-            None
+        let root = match self.last {
+            true => out.shallow_clone(),
+            false => (&out * self.output_grad(grad)?).f_sum(Kind::Float)?,
         };
+        root.f_backward()?;
+        let losses = self.last.then(|| out.detach());
         let grad = (self.index > 0).then(|| leaf.grad().detach());
         Ok(Backward { grad, losses })
     }
