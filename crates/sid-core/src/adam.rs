@@ -178,18 +178,14 @@ impl Adam {
             return Ok(());
         }
         let step_t = self.step_t.as_ref().expect("made by fused_step");
-        let at = |ts: &[Tensor]| {
-            picked
-                .iter()
-                .map(|(i, _)| ts[*i].as_ptr())
-                .collect::<Vec<_>>()
-        };
-        let p: Vec<_> = picked
-            .iter()
-            .map(|(i, _)| self.params[*i].1.as_ptr())
-            .collect();
-        let g: Vec<_> = picked.iter().map(|(_, g)| g.as_ptr()).collect();
-        let (m, v) = (at(&self.exp_avg), at(&self.exp_avg_sq));
+        // The kernel's arrays: each picked parameter, its gradient and its two moments.
+        let (mut p, mut g, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (i, grad) in &picked {
+            p.push(self.params[*i].1.as_ptr());
+            g.push(grad.as_ptr());
+            m.push(self.exp_avg[*i].as_ptr());
+            v.push(self.exp_avg_sq[*i].as_ptr());
+        }
         // SAFETY: every pointer is a live tensor borrowed for the call; the shim only reads the
         // arrays, updates the tensors in place and catches every C++ exception.
         crate::shim_call(|err, n| {

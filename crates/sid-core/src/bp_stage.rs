@@ -14,14 +14,15 @@ use std::ops::Range;
 use tch::nn::{Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief, BeliefModule};
 use crate::error::invalid;
 use crate::extractor::{forward_blocks, Block, Net};
 use crate::loss::{cross_entropy, scaled};
-use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
+use crate::network::NamedTensors;
 use crate::precision::{forward_all_f32, forward_f32};
-use crate::unit::{add_next, module_prefix, Backward, Inferred, MicroBatch, Passed, Unit};
+use crate::unit::{
+    add_next, module_prefix, Backward, Inferred, MicroBatch, ParamStore, Passed, Unit,
+};
 use crate::{CoreError, Result};
 
 /// One stage of the pipelined BP network.
@@ -29,11 +30,11 @@ use crate::{CoreError, Result};
 pub struct BpStage {
     index: usize,
     last: bool,
-    vs: VarStore,
+    /// Saved with Adam's state under `adam.bp_stage_{index+1}` (one stage: `adam.all`, the
+    /// single device's checkpoint name).
+    params: ParamStore,
     blocks: Vec<Box<dyn Block>>,
     head: Option<(Box<dyn Module>, Vec<BeliefModule>)>,
-    opt: Adam,
-    adam_prefix: String,
     num_classes: i64,
     precision: crate::Precision,
     /// Each block's trainable parameters, then (last stage) the head's and modules': the
@@ -41,6 +42,9 @@ pub struct BpStage {
     groups: Vec<Vec<Tensor>>,
     /// Micro-batches between forward and backward.
     pending: BTreeMap<usize, Pending>,
+    /// Micro-batches between the input and the weight half of a split backward: the gradient
+    /// at each group's output.
+    split: BTreeMap<usize, Vec<Tensor>>,
 }
 
 /// A micro-batch between its forward and its backward.
@@ -52,8 +56,6 @@ struct Pending {
     outs: Vec<Tensor>,
     /// The stage's output (the weighted loss on the last stage).
     out: Tensor,
-    /// After the input half of a split backward: the gradient at each group's output.
-    grads: Option<Vec<Tensor>>,
 }
 
 fn missing(index: usize, micro: usize) -> CoreError {
@@ -108,7 +110,6 @@ pub fn build_bp_stages<'a>(
         .zip(built)
         .enumerate()
         .map(|(index, (vs, built))| {
-            let opt = Adam::for_var_store(&vs, lr);
             let mut rest: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
             rest.retain(|(_, v)| v.requires_grad());
             rest.sort_by(|a, b| a.0.cmp(&b.0));
@@ -123,21 +124,21 @@ pub fn build_bp_stages<'a>(
             if !rest.is_empty() {
                 groups.push(rest.into_iter().map(|(_, v)| v).collect());
             }
+            let prefix = match k {
+                1 => "adam.all".into(),
+                _ => format!("adam.bp_stage_{}", index + 1),
+            };
             BpStage {
                 index,
                 last: index + 1 == k,
-                vs,
+                params: ParamStore::new(vs, lr, prefix),
                 blocks: built,
                 head: if index + 1 == k { head.take() } else { None },
-                opt,
-                adam_prefix: match k {
-                    1 => "adam.all".into(),
-                    _ => format!("adam.bp_stage_{}", index + 1),
-                },
                 num_classes: cfg.num_classes,
                 precision: cfg.precision,
                 groups,
                 pending: BTreeMap::new(),
+                split: BTreeMap::new(),
             }
         })
         .collect())
@@ -216,16 +217,7 @@ impl Unit for BpStage {
             let (input, p) = (h.detach(), Tensor::zeros([0], (Kind::Float, h.device())));
             (h, Some(Passed { input, p }))
         };
-        let grads = None;
-        self.pending.insert(
-            micro,
-            Pending {
-                leaf,
-                outs,
-                out,
-                grads,
-            },
-        );
+        self.pending.insert(micro, Pending { leaf, outs, out });
         Ok(next)
     }
 
@@ -234,14 +226,12 @@ impl Unit for BpStage {
     /// and, on the last stage, its weighted loss.
     fn backward(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
         let Pending { leaf, out, .. } = self.take(micro)?;
-        let losses = if self.last {
-            out.f_backward()?;
-            Some(out.detach())
-        } else {
-            let g = self.output_grad(grad)?;
-            (out * g).f_sum(Kind::Float)?.f_backward()?;
-            None
+        let root = match self.last {
+            true => out.shallow_clone(),
+            false => (&out * self.output_grad(grad)?).f_sum(Kind::Float)?,
         };
+        root.f_backward()?;
+        let losses = self.last.then(|| out.detach());
         let grad = (self.index > 0).then(|| leaf.grad().detach());
         Ok(Backward { grad, losses })
     }
@@ -258,7 +248,7 @@ impl Unit for BpStage {
         let first = self.index == 0;
         let p = self
             .pending
-            .get_mut(&micro)
+            .get(&micro)
             .ok_or_else(|| missing(self.index, micro))?;
         let root = match &g {
             None => p.out.shallow_clone(),
@@ -275,7 +265,7 @@ impl Unit for BpStage {
         };
         let grad_in = (!first).then(|| grads.remove(0));
         grads.extend(g);
-        p.grads = Some(grads);
+        self.split.insert(micro, grads);
         Ok(Backward {
             grad: grad_in,
             losses: self.last.then(|| p.out.detach()),
@@ -287,7 +277,7 @@ impl Unit for BpStage {
     /// until [`Unit::apply`].
     fn backward_weight(&mut self, micro: usize) -> Result<()> {
         let p = self.take(micro)?;
-        let grads = p.grads.ok_or_else(|| {
+        let grads = self.split.remove(&micro).ok_or_else(|| {
             let index = self.index + 1;
             invalid(format!(
                 "backprop stage {index}: weight half of micro-batch {micro} before its input half"
@@ -309,12 +299,11 @@ impl Unit for BpStage {
     }
 
     fn apply(&mut self) {
-        self.opt.step();
-        self.opt.zero_grad();
+        self.params.apply();
     }
 
     fn gradients(&self) -> Vec<Tensor> {
-        self.opt.gradients()
+        self.params.opt.gradients()
     }
 
     fn read_losses(&self, losses: &Tensor) -> Result<Vec<f64>> {
@@ -347,23 +336,19 @@ impl Unit for BpStage {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        let mut v = var_store_state(&self.vs);
-        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
-        v
+        self.params.state()
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        load_var_store(&self.vs, named)?;
-        self.opt.load_state(&self.adam_prefix, named)
+        self.params.load_state(named)
     }
 
     fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
-        self.opt.set_lr_where(lr, pick);
+        self.params.opt.set_lr_where(lr, pick);
     }
 
     fn to_device(&mut self, device: Device) {
-        self.vs.set_device(device);
-        self.opt.to_device(device);
+        self.params.move_to(device);
     }
 }
 
@@ -371,6 +356,7 @@ impl Unit for BpStage {
 mod tests {
     use super::*;
     use crate::config::{ExtractorKind, ModelConfig};
+    use crate::network::var_store_state;
 
     impl BpStage {
         /// [`Unit::forward`] on plain tensors: the output for the next stage, if any.
@@ -438,7 +424,7 @@ mod tests {
         }
         let theirs = bp.weights();
         for s in &st {
-            for (name, t) in var_store_state(&s.vs) {
+            for (name, t) in var_store_state(&s.params.vs) {
                 let d = (&t - theirs.get(&name).unwrap())
                     .abs()
                     .max()
@@ -494,7 +480,7 @@ mod tests {
         }
         let theirs = bp.weights();
         for s in &st {
-            for (name, t) in var_store_state(&s.vs) {
+            for (name, t) in var_store_state(&s.params.vs) {
                 let d = (&t - theirs.get(&name).unwrap())
                     .abs()
                     .max()

@@ -59,15 +59,12 @@ void leave_side(SidGraph* s) {
 }
 }  // namespace
 
-extern "C" int sid_graph_new(int device, void** out, char* err, size_t err_len) {
-  return sid::guarded(err, err_len,
-                      [&] { *out = new SidGraph(static_cast<c10::DeviceIndex>(device), false); });
-}
-
-// A graph for one thread among several that share the device (see SidGraph::local).
-extern "C" int sid_graph_new_local(int device, void** out, char* err, size_t err_len) {
-  return sid::guarded(err, err_len,
-                      [&] { *out = new SidGraph(static_cast<c10::DeviceIndex>(device), true); });
+// A graph on `device`; `local` (non-zero): for one thread among several that share the device
+// (see SidGraph::local).
+extern "C" int sid_graph_new(int device, int local, void** out, char* err, size_t err_len) {
+  return sid::guarded(err, err_len, [&] {
+    *out = new SidGraph(static_cast<c10::DeviceIndex>(device), local != 0);
+  });
 }
 
 extern "C" void sid_graph_free(void* g) { delete static_cast<SidGraph*>(g); }

@@ -90,7 +90,7 @@ pub trait Backbone: std::fmt::Debug + Send + Sync {
     /// Builds the head under `p` (`extractor`): the last block's output, of per-sample shape
     /// `last`, to `model.feature_dim` features. By default a [`Neck`] (`extractor.fc`).
     fn build_head(&self, p: &nn::Path, last: &[i64], model: &ModelConfig) -> Box<dyn Module> {
-        Box::new(Neck::new(p, last, model.feature_dim, model.init))
+        Box::new(Neck::new(p, "fc", last, model.feature_dim, model.init))
     }
 }
 
@@ -154,13 +154,9 @@ impl<'a> Net<'a> {
         cuts: &[std::ops::Range<usize>],
     ) -> Result<(Vec<Blocks>, Box<dyn Module>)> {
         let n = self.blocks();
-        let mut next = 0;
-        let consecutive = cuts.iter().all(|r| {
-            let ok = r.start == next && r.end > r.start;
-            next = r.end;
-            ok
-        });
-        if cuts.is_empty() || !consecutive || next != n {
+        let ends = (cuts.first().map(|r| r.start), cuts.last().map(|r| r.end));
+        let joined = cuts.windows(2).all(|w| w[0].end == w[1].start);
+        if ends != (Some(0), Some(n)) || !joined || cuts.iter().any(|r| r.is_empty()) {
             return Err(invalid(format!(
                 "stages must cut the {n} blocks of the {} backbone into non-empty consecutive ranges",
                 self.backbone.name()
@@ -169,11 +165,11 @@ impl<'a> Net<'a> {
         let stage = |i: usize| cuts.iter().position(|r| r.contains(&i)).expect("covered");
         let store = |i| stores[stage(i)].root() / "extractor";
         let mut blocks = self.build_blocks(store)?.into_iter();
-        let head_path = stores[cuts.len() - 1].root() / "extractor";
         let cut: Vec<Blocks> = cuts
             .iter()
             .map(|r| blocks.by_ref().take(r.len()).collect())
             .collect();
+        let head_path = stores[cuts.len() - 1].root() / "extractor";
         let head = self.build_head(&head_path, &cut[cut.len() - 1]);
         Ok((cut, head))
     }
@@ -319,42 +315,6 @@ enum Layer {
     Encoder(Box<EncoderBlock>),
 }
 
-impl Layer {
-    /// `train` picks BatchNorm's batch statistics (and updates its running ones) over its
-    /// running statistics; the layers without BatchNorm ignore it.
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        match self {
-            Self::Conv { conv, bn, pool } => {
-                let y = xs.apply(conv);
-                let y = bn.iter().fold(y, |y, bn| batch_norm(bn, &y, train)).relu();
-                pool.iter().fold(y, |y, pool| pool.apply(&y))
-            }
-            Self::Dense(fc) => xs.flatten(1, -1).apply(fc).relu(),
-            Self::Basic(b) => {
-                let y = batch_norm(&b.bn1, &xs.apply(&b.conv1), train).relu();
-                let y = batch_norm(&b.bn2, &y.apply(&b.conv2), train);
-                let shortcut = match &b.down {
-                    Some((conv, bn)) => batch_norm(bn, &xs.apply(conv), train),
-                    None => xs.shallow_clone(),
-                };
-                (y + shortcut).relu()
-            }
-            Self::Patch(e) => {
-                // [b, width, h/p, w/p] → [b, n, width], the class token first.
-                let t = xs.apply(&e.proj).flatten(2, -1).transpose(1, 2);
-                let b = t.size()[0];
-                let cls = e.cls_token.expand([b, 1, -1], false);
-                Tensor::cat(&[cls, t], 1) + &e.pos_embed
-            }
-            Self::Encoder(e) => {
-                let h = xs + e.attention(&xs.apply(&e.norm1));
-                let m = h.apply(&e.norm2).apply(&e.fc1).gelu("none").apply(&e.fc2);
-                h + m
-            }
-        }
-    }
-}
-
 /// A block of a built-in backbone: its layer, output shape and parameter count.
 #[derive(Debug)]
 struct Builtin {
@@ -364,8 +324,38 @@ struct Builtin {
 }
 
 impl Block for Builtin {
+    /// `train` picks BatchNorm's batch statistics (and updates its running ones) over its
+    /// running statistics; the layers without BatchNorm ignore it.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.layer.forward_t(xs, train)
+        match &self.layer {
+            Layer::Conv { conv, bn, pool } => {
+                let y = xs.apply(conv);
+                let y = bn.iter().fold(y, |y, bn| batch_norm(bn, &y, train)).relu();
+                pool.iter().fold(y, |y, pool| pool.apply(&y))
+            }
+            Layer::Dense(fc) => xs.flatten(1, -1).apply(fc).relu(),
+            Layer::Basic(b) => {
+                let y = batch_norm(&b.bn1, &xs.apply(&b.conv1), train).relu();
+                let y = batch_norm(&b.bn2, &y.apply(&b.conv2), train);
+                let shortcut = match &b.down {
+                    Some((conv, bn)) => batch_norm(bn, &xs.apply(conv), train),
+                    None => xs.shallow_clone(),
+                };
+                (y + shortcut).relu()
+            }
+            Layer::Patch(e) => {
+                // [b, width, h/p, w/p] → [b, n, width], the class token first.
+                let t = xs.apply(&e.proj).flatten(2, -1).transpose(1, 2);
+                let b = t.size()[0];
+                let cls = e.cls_token.expand([b, 1, -1], false);
+                Tensor::cat(&[cls, t], 1) + &e.pos_embed
+            }
+            Layer::Encoder(e) => {
+                let h = xs + e.attention(&xs.apply(&e.norm1));
+                let m = h.apply(&e.norm2).apply(&e.fc1).gelu("none").apply(&e.fc2);
+                h + m
+            }
+        }
     }
 
     fn output_shape(&self) -> Vec<i64> {
@@ -388,14 +378,9 @@ pub struct Neck {
 
 impl Neck {
     /// A neck for block outputs of per-sample shape `shape` (see [`BlockLayout::shapes`]) to
-    /// `d`: its linear layer at `p / "fc"` and, for token sequences, its LayerNorm at
-    /// `p / "norm"`.
-    pub fn new(p: &nn::Path, shape: &[i64], feature_dim: i64, init: Init) -> Self {
-        Self::named(p, "fc", shape, feature_dim, init)
-    }
-
-    /// [`Neck::new`] with its linear layer at `p / fc`.
-    fn named(p: &nn::Path, fc: &str, shape: &[i64], feature_dim: i64, init: Init) -> Self {
+    /// `d`: its linear layer at `p / fc` (`"fc"`; the MLP's head: `"fc2"`) and, for token
+    /// sequences, its LayerNorm at `p / "norm"`.
+    pub fn new(p: &nn::Path, fc: &str, shape: &[i64], feature_dim: i64, init: Init) -> Self {
         let (tokens, width) = neck_input(shape);
         Self {
             norm: tokens.then(|| crate::init::vit_layer_norm(p / "norm", width)),
@@ -692,7 +677,7 @@ impl Backbone for ModelConfig {
                 (p.clone(), "fc")
             }
         };
-        Box::new(Neck::named(&p, fc, last, model.feature_dim, model.init))
+        Box::new(Neck::new(&p, fc, last, model.feature_dim, model.init))
     }
 }
 
@@ -1051,7 +1036,13 @@ mod tests {
         assert!(ours.allclose(&fused, 1e-5, 1e-5, false));
         let h = &x + e.attention(&x.apply(&e.norm1));
         let want = &h + h.apply(&e.norm2).apply(&e.fc1).gelu("none").apply(&e.fc2);
-        let block = Layer::Encoder(e);
+        // Only its forward is checked here.
+        let (shape, params) = (Vec::new(), 0);
+        let block = Builtin {
+            layer: Layer::Encoder(e),
+            shape,
+            params,
+        };
         assert!(block.forward_t(&x, true).allclose(&want, 1e-6, 1e-6, false));
     }
 

@@ -42,11 +42,6 @@ pub fn counts() -> GraphCounts {
     }
 }
 
-/// Whether [`DISABLE_VAR`] disables capture.
-fn capture_disabled() -> bool {
-    std::env::var(DISABLE_VAR).is_ok_and(|v| !v.is_empty() && v != "0")
-}
-
 #[cfg(sid_cuda_graph)]
 mod ffi {
     use std::os::raw::{c_char, c_int, c_void};
@@ -57,12 +52,7 @@ mod ffi {
     unsafe extern "C" {
         pub fn sid_graph_new(
             device: c_int,
-            out: *mut *mut c_void,
-            err: *mut c_char,
-            n: usize,
-        ) -> c_int;
-        pub fn sid_graph_new_local(
-            device: c_int,
+            local: c_int,
             out: *mut *mut c_void,
             err: *mut c_char,
             n: usize,
@@ -93,16 +83,6 @@ fn call(f: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_int)
     crate::shim_call(f).map_err(CoreError::Graph)
 }
 
-/// The index of a CUDA device, or why a graph cannot live on `device`.
-fn cuda_index(device: Device) -> Result<usize> {
-    match device {
-        Device::Cuda(index) => Ok(index),
-        other => Err(CoreError::Graph(format!(
-            "CUDA graphs need a CUDA device, not {other:?}"
-        ))),
-    }
-}
-
 impl CudaGraph {
     /// Whether this build has CUDA graphs (it needs CUDA's headers at build time).
     pub fn available() -> bool {
@@ -111,7 +91,12 @@ impl CudaGraph {
 
     /// A graph-to-be on `device`, with its own side stream; nothing is captured yet.
     pub fn new(device: Device) -> Result<Self> {
-        Self::new_on(cuda_index(device)?, false)
+        match device {
+            Device::Cuda(index) => Self::new_on(index, false),
+            other => Err(CoreError::Graph(format!(
+                "CUDA graphs need a CUDA device, not {other:?}"
+            ))),
+        }
     }
 
     /// A graph-to-be on CUDA device `index`; with `local`, for one thread among several that
@@ -121,13 +106,8 @@ impl CudaGraph {
     #[cfg(sid_cuda_graph)]
     fn new_on(index: usize, local: bool) -> Result<Self> {
         let mut ptr = std::ptr::null_mut();
-        let make = if local {
-            ffi::sid_graph_new_local
-        } else {
-            ffi::sid_graph_new
-        };
         // SAFETY: the shim writes a new graph into `ptr` or an error message.
-        call(|e, n| unsafe { make(index as i32, &mut ptr, e, n) })?;
+        call(|e, n| unsafe { ffi::sid_graph_new(index as i32, i32::from(local), &mut ptr, e, n) })?;
         Ok(Self { ptr })
     }
 
@@ -143,13 +123,7 @@ impl CudaGraph {
     /// waited for at the end): warm-up steps run there before [`CudaGraph::capture`], so lazy
     /// per-stream set-up happens outside the capture.
     pub fn on_side_stream<R>(&mut self, work: impl FnOnce() -> Result<R>) -> Result<R> {
-        #[cfg(sid_cuda_graph)]
-        return self.bracket(ffi::sid_graph_enter_side, ffi::sid_graph_leave_side, work);
-        #[cfg(not(sid_cuda_graph))]
-        {
-            let _ = work;
-            Err(CoreError::Graph("this build has no CUDA graphs".into()))
-        }
+        self.bracket(false, work)
     }
 
     /// Captures what `step` queues on the device into this graph. Nothing runs during a
@@ -157,33 +131,25 @@ impl CudaGraph {
     /// the host or synchronise. If the capture fails, the error says why and the caller can go
     /// on without the graph.
     pub fn capture<R>(&mut self, step: impl FnOnce() -> Result<R>) -> Result<R> {
-        if capture_disabled() {
+        if std::env::var(DISABLE_VAR).is_ok_and(|v| !v.is_empty() && v != "0") {
             return Err(CoreError::Graph(format!(
                 "CUDA graph capture disabled by {DISABLE_VAR}"
             )));
         }
-        #[cfg(sid_cuda_graph)]
-        {
-            let out = self.bracket(ffi::sid_graph_begin, ffi::sid_graph_end, step)?;
-            CAPTURED.fetch_add(1, Ordering::Relaxed);
-            Ok(out)
-        }
-        #[cfg(not(sid_cuda_graph))]
-        {
-            let _ = step;
-            Err(CoreError::Graph("this build has no CUDA graphs".into()))
-        }
+        let out = self.bracket(true, step)?;
+        CAPTURED.fetch_add(1, Ordering::Relaxed);
+        Ok(out)
     }
 
-    /// Runs `work` between the shim's `open` and `close`; `close` runs whatever `work` did
-    /// (error or panic), so the device's current stream is always restored.
+    /// Runs `work` on the side stream, between the shim's opening and closing call: with
+    /// `capture`, capturing it; the closing call runs whatever `work` did (error or panic), so
+    /// the device's current stream is always restored.
     #[cfg(sid_cuda_graph)]
-    fn bracket<R>(
-        &mut self,
-        open: ffi::ShimFn,
-        close: ffi::ShimFn,
-        work: impl FnOnce() -> Result<R>,
-    ) -> Result<R> {
+    fn bracket<R>(&mut self, capture: bool, work: impl FnOnce() -> Result<R>) -> Result<R> {
+        let (open, close): (ffi::ShimFn, ffi::ShimFn) = match capture {
+            true => (ffi::sid_graph_begin, ffi::sid_graph_end),
+            false => (ffi::sid_graph_enter_side, ffi::sid_graph_leave_side),
+        };
         // SAFETY: `self.ptr` is live until `self` drops; the shim writes only into `e`.
         call(|e, n| unsafe { open(self.ptr, e, n) })?;
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
@@ -194,6 +160,11 @@ impl CudaGraph {
         };
         closed?;
         Ok(out)
+    }
+
+    #[cfg(not(sid_cuda_graph))]
+    fn bracket<R>(&mut self, _capture: bool, _work: impl FnOnce() -> Result<R>) -> Result<R> {
+        Err(CoreError::Graph("this build has no CUDA graphs".into()))
     }
 
     /// Runs the captured kernels again, on the current stream.
@@ -306,10 +277,10 @@ impl<O> GraphedStep<O> {
         news: impl FnOnce(GraphNews),
     ) -> Result<Stepped<'_, O>> {
         let owned = || inputs.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>();
-        if let (GraphState::Deferred, Some(Device::Cuda(_))) =
+        if let (GraphState::Deferred, Some(Device::Cuda(index))) =
             (&self.state, inputs.first().map(|t| t.device()))
         {
-            match cuda_index(inputs[0].device()).and_then(|i| CudaGraph::new_on(i, true)) {
+            match CudaGraph::new_on(index, true) {
                 Ok(g) => self.state = GraphState::Warming(WARMUP_STEPS, g),
                 Err(e) => {
                     self.state = GraphState::Off;

@@ -78,8 +78,7 @@ pub fn conv(
     };
     if init == Init::Pytorch {
         let fan_in = inputs * shape.kernel * shape.kernel;
-        c.ws_init = pytorch_bound(fan_in);
-        c.bs_init = pytorch_bound(fan_in);
+        (c.ws_init, c.bs_init) = (pytorch_bound(fan_in), pytorch_bound(fan_in));
     }
     nn::conv2d(p, inputs, outputs, shape.kernel, c)
 }

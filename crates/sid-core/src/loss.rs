@@ -5,20 +5,10 @@ use tch::{Kind, Tensor};
 
 use crate::config::LossConfig;
 
-/// The target distribution `p_y`: one-hot labels, smoothed by ε towards uniform.
-pub fn label_target(labels: &Tensor, num_classes: i64, label_smoothing: f64) -> Tensor {
-    let one_hot = labels.one_hot(num_classes).to_kind(Kind::Float);
-    if label_smoothing == 0.0 {
-        one_hot
-    } else {
-        one_hot * (1.0 - label_smoothing) + label_smoothing / num_classes as f64
-    }
-}
-
 /// The label side of a step's local losses, the same for every module: built once per step.
 #[derive(Debug)]
 pub struct LabelTarget {
-    /// `p_y` [B, N].
+    /// `p_y` [B, N]: one-hot labels, smoothed by ε towards uniform.
     p_y: Tensor,
     /// `Σ_c p_y ln p_y` of one sample (the same for every sample: 0 without smoothing).
     neg_entropy: f64,
@@ -31,8 +21,12 @@ impl LabelTarget {
         let eps = cfg.label_smoothing;
         let n = num_classes as f64;
         let xlnx = |x: f64| if x > 0.0 { x * x.ln() } else { 0.0 };
+        let one_hot = labels.one_hot(num_classes).to_kind(Kind::Float);
         Self {
-            p_y: label_target(labels, num_classes, eps),
+            p_y: match eps {
+                0.0 => one_hot,
+                _ => one_hot * (1.0 - eps) + eps / n,
+            },
             neg_entropy: xlnx(1.0 - eps + eps / n) + (n - 1.0) * xlnx(eps / n),
             alpha: cfg.alpha,
         }
@@ -116,7 +110,7 @@ mod tests {
     /// The loss as the method states it: two batchmean KL terms.
     fn two_kl_loss(logits: &Tensor, prev: &Tensor, labels: &Tensor, cfg: &LossConfig) -> Tensor {
         let log_p = logits.log_softmax(-1, Kind::Float);
-        let target = label_target(labels, logits.size()[1], cfg.label_smoothing);
+        let target = LabelTarget::new(labels, logits.size()[1], cfg).p_y;
         kl_batchmean(&target, &log_p) * cfg.alpha
             + kl_batchmean(&prev.detach(), &log_p) * (1.0 - cfg.alpha)
     }
@@ -195,7 +189,11 @@ mod tests {
 
     #[test]
     fn label_smoothing_target() {
-        let t = label_target(&Tensor::from_slice(&[2i64]), 4, 0.2);
+        let cfg = LossConfig {
+            label_smoothing: 0.2,
+            ..LossConfig::default()
+        };
+        let t = LabelTarget::new(&Tensor::from_slice(&[2i64]), 4, &cfg).p_y;
         let v: Vec<f32> = Vec::try_from(t.view([-1])).unwrap();
         assert_eq!(v, vec![0.05, 0.05, 0.85, 0.05]);
     }

@@ -242,9 +242,8 @@ pub struct ExitTracker {
     modules: usize,
     /// Original positions of the samples still in the cascade.
     remaining: Tensor,
-    prediction: Tensor,
-    exit_module: Tensor,
-    confidence: Tensor,
+    /// The exits recorded so far (the last module for the samples still in).
+    exits: EarlyExit,
 }
 
 impl ExitTracker {
@@ -255,9 +254,11 @@ impl ExitTracker {
             tau,
             modules,
             remaining: Tensor::arange(batch, opts),
-            prediction: Tensor::zeros([batch], opts),
-            exit_module: Tensor::full([batch], modules as i64, opts),
-            confidence: Tensor::zeros([batch], (Kind::Float, device)),
+            exits: EarlyExit {
+                prediction: Tensor::zeros([batch], opts),
+                exit_module: Tensor::full([batch], modules as i64, opts),
+                confidence: Tensor::zeros([batch], (Kind::Float, device)),
+            },
         }
     }
 
@@ -280,9 +281,9 @@ impl ExitTracker {
             let put = |t: &mut Tensor, v: &Tensor| drop(t.index_put_(&[Some(&at)], v, false));
             let exit = Tensor::full_like(&at, module as i64 + 1);
             let confidence = conf.masked_select(&leaves).to_kind(Kind::Float);
-            put(&mut self.prediction, &class.masked_select(&leaves));
-            put(&mut self.exit_module, &exit);
-            put(&mut self.confidence, &confidence);
+            put(&mut self.exits.prediction, &class.masked_select(&leaves));
+            put(&mut self.exits.exit_module, &exit);
+            put(&mut self.exits.confidence, &confidence);
             going_on = going_on.logical_and(&leaves.logical_not());
         }
         self.remaining = self.remaining.masked_select(&going_on);
@@ -291,11 +292,7 @@ impl ExitTracker {
 
     /// The result.
     pub fn finish(self) -> EarlyExit {
-        EarlyExit {
-            prediction: self.prediction,
-            exit_module: self.exit_module,
-            confidence: self.confidence,
-        }
+        self.exits
     }
 }
 

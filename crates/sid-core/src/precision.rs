@@ -53,18 +53,11 @@ impl Precision {
         self == Self::Fp32 || cfg!(sid_autocast)
     }
 
-    /// Runs `f` with autocast at this precision for `device`'s kind of device: nothing
-    /// changes for fp32. Fails only if this build has no autocast or libtorch refuses it; a
-    /// network checks that once when it is built ([`Precision::check`]).
-    pub fn autocast<R>(self, device: Device, f: impl FnOnce() -> R) -> Result<R> {
-        if self == Self::Fp32 {
-            return Ok(f());
-        }
-        self.bf16_region(device, f)
-    }
-
+    /// Runs `f` under bfloat16 autocast for `device`'s kind of device. Fails only if this
+    /// build has no autocast or libtorch refuses it; a network checks that once when it is
+    /// built ([`Precision::check`]).
     #[cfg(sid_autocast)]
-    fn bf16_region<R>(self, device: Device, f: impl FnOnce() -> R) -> Result<R> {
+    fn bf16_region<R>(device: Device, f: impl FnOnce() -> R) -> Result<R> {
         use std::os::raw::{c_char, c_int};
         let cuda = c_int::from(matches!(device, Device::Cuda(_)));
         let call = |g: &dyn Fn(*mut c_char, usize) -> c_int| -> Result<()> {
@@ -85,7 +78,7 @@ impl Precision {
     }
 
     #[cfg(not(sid_autocast))]
-    fn bf16_region<R>(self, _device: Device, _f: impl FnOnce() -> R) -> Result<R> {
+    fn bf16_region<R>(_device: Device, _f: impl FnOnce() -> R) -> Result<R> {
         Err(CoreError::InvalidConfig(
             "--precision bf16: this build has no autocast (libtorch's C++ headers were not found when it was compiled)".into(),
         ))
@@ -93,7 +86,10 @@ impl Precision {
 
     /// Checks that a network at this precision can run its forward passes on `device`.
     pub fn check(self, device: Device) -> Result<()> {
-        self.autocast(device, || ())
+        match self {
+            Self::Fp32 => Ok(()),
+            Self::Bf16 => Self::bf16_region(device, || ()),
+        }
     }
 }
 
@@ -116,8 +112,7 @@ pub fn forward_all_f32(
 ) -> Vec<Tensor> {
     match precision {
         Precision::Fp32 => f(),
-        Precision::Bf16 => precision
-            .autocast(device, f)
+        Precision::Bf16 => Precision::bf16_region(device, f)
             .expect("autocast was checked when the network was built")
             .into_iter()
             .map(|t| t.to_kind(Kind::Float))
@@ -161,9 +156,7 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let lin = nn::linear(vs.root(), 64, 8, Default::default());
         let x = Tensor::randn([16, 64], (Kind::Float, Device::Cpu));
-        let inner = Precision::Bf16
-            .autocast(Device::Cpu, || lin.forward(&x))
-            .unwrap();
+        let inner = Precision::bf16_region(Device::Cpu, || lin.forward(&x)).unwrap();
         assert_eq!(inner.kind(), Kind::BFloat16);
         let out = forward_f32(Precision::Bf16, Device::Cpu, || lin.forward(&x));
         assert_eq!(out.kind(), Kind::Float);

@@ -58,7 +58,7 @@ impl Reference {
             .map(|(s, &end)| {
                 let shape = r.extractor.blocks[end - 1].output_shape();
                 let p = r.vs.root() / format!("neck_{}", s + 1);
-                Neck::new(&p, &shape, cfg.feature_dim, cfg.init)
+                Neck::new(&p, "fc", &shape, cfg.feature_dim, cfg.init)
             })
             .collect();
         r.opt = Adam::for_var_store(&r.vs, lr);

@@ -18,15 +18,14 @@ use std::time::Instant;
 use tch::nn::{Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use crate::adam::Adam;
 use crate::belief::{belief, uniform_belief};
 use crate::config::LossConfig;
 use crate::error::invalid;
 use crate::extractor::{forward_blocks, Block, Neck, Net};
 use crate::loss::{local_loss_for, scaled, LabelTarget};
-use crate::network::{load_var_store, to_cpu, var_store_state, NamedTensors};
+use crate::network::NamedTensors;
 use crate::precision::forward_f32;
-use crate::unit::{Backward, Inferred, MicroBatch, ModuleUnit, Passed, Unit};
+use crate::unit::{Backward, Inferred, MicroBatch, ModuleUnit, ParamStore, Passed, Unit};
 use crate::Result;
 
 /// Which blocks of the backbone and which belief modules (0-based, half-open) one stage owns.
@@ -53,15 +52,6 @@ fn even_ranges(n: usize, k: usize) -> Vec<Range<usize>> {
     (0..k).map(|s| s * n / k..(s + 1) * n / k).collect()
 }
 
-fn ranges_from_counts(counts: &[usize]) -> Vec<Range<usize>> {
-    (counts.iter())
-        .scan(0, |end, &c| {
-            *end += c;
-            Some(*end - c..*end)
-        })
-        .collect()
-}
-
 /// One stage per pair of a block range and a module range.
 fn zip_specs(
     blocks: impl IntoIterator<Item = Range<usize>>,
@@ -72,29 +62,15 @@ fn zip_specs(
         .collect()
 }
 
-fn range_spec(r: &Range<usize>) -> String {
-    if r.len() == 1 {
-        r.start.to_string()
-    } else {
-        format!("{}-{}", r.start, r.end - 1)
-    }
-}
-
 fn parse_ranges(list: &str, what: &str) -> Result<Vec<Range<usize>>> {
     list.split(',')
         .map(|item| {
             let item = item.trim();
             let bad = || invalid(format!("{what} range {item:?} is not N or N-M"));
-            let (a, b) = match item.split_once('-') {
-                Some((a, b)) => (a.trim(), b.trim()),
-                None => (item, item),
-            };
-            let a: usize = a.parse().map_err(|_| bad())?;
-            let b: usize = b.parse().map_err(|_| bad())?;
-            if b < a {
-                return Err(bad());
-            }
-            Ok(a..b + 1)
+            let (a, b) = item.split_once('-').unwrap_or((item, item));
+            let a: usize = a.trim().parse().map_err(|_| bad())?;
+            let b: usize = b.trim().parse().map_err(|_| bad())?;
+            (a <= b).then_some(a..b + 1).ok_or_else(bad)
         })
         .collect()
 }
@@ -206,7 +182,9 @@ impl StagePlan {
             }
             let worst = load.iter().copied().fold(0.0, f64::max);
             if best.as_ref().is_none_or(|(w, _)| worst < *w) {
-                best = Some((worst, zip_specs(cut, ranges_from_counts(&counts))));
+                // Stage s's modules follow the counts of the stages before it.
+                let at = |s: usize| counts[..s].iter().sum::<usize>();
+                best = Some((worst, zip_specs(cut, (0..k).map(|s| at(s)..at(s + 1)))));
             }
         }
         Self::new(best.expect("at least one cut").1, net)
@@ -229,8 +207,12 @@ impl StagePlan {
 
     /// The plan in `--placement` syntax: `blocks=0-1,2-3;modules=0-4,5-9`.
     pub fn to_spec(&self) -> String {
+        let spec = |r: &Range<usize>| match r.len() {
+            1 => r.start.to_string(),
+            _ => format!("{}-{}", r.start, r.end - 1),
+        };
         let list = |f| {
-            let ranges: Vec<String> = self.stages.iter().map(f).map(range_spec).collect();
+            let ranges: Vec<String> = self.stages.iter().map(f).map(spec).collect();
             ranges.join(",")
         };
         format!("blocks={};modules={}", list(BLOCKS), list(MODULES))
@@ -336,11 +318,11 @@ pub struct Stage {
     index: usize,
     spec: StageSpec,
     last: bool,
-    vs: VarStore,
+    /// The slice's and neck's, saved with Adam's state under `adam.stage_{index+1}` (one stage,
+    /// the paper's extractor: `adam.extractor`, the single device's checkpoint names).
+    params: ParamStore,
     blocks: Vec<Box<dyn Block>>,
     neck: Box<dyn Module>,
-    opt: Adam,
-    adam_prefix: String,
     modules: Vec<ModuleUnit>,
     num_classes: i64,
     loss: LossConfig,
@@ -394,23 +376,19 @@ pub fn build_stages<'a>(
             } else {
                 let last = blocks.last().expect("a stage has blocks").output_shape();
                 let p = vs.root() / format!("neck_{}", index + 1);
-                Box::new(Neck::new(&p, &last, cfg.feature_dim, cfg.init))
+                Box::new(Neck::new(&p, "fc", &last, cfg.feature_dim, cfg.init))
             };
-            let opt = Adam::for_var_store(&vs, lr);
+            let prefix = match k {
+                1 => "adam.extractor".into(),
+                _ => format!("adam.stage_{}", index + 1),
+            };
             Stage {
                 index,
                 spec: spec.clone(),
                 last: index + 1 == k,
-                vs,
+                params: ParamStore::new(vs, lr, prefix),
                 blocks,
                 neck,
-                opt,
-                // One stage is the paper's extractor: its checkpoint names are the single
-                // device's.
-                adam_prefix: match k {
-                    1 => "adam.extractor".into(),
-                    _ => format!("adam.stage_{}", index + 1),
-                },
                 modules: units.by_ref().take(spec.modules.len()).collect(),
                 num_classes: cfg.num_classes,
                 loss,
@@ -430,7 +408,7 @@ impl Stage {
 
     /// Where its parameters live.
     pub fn device(&self) -> Device {
-        self.vs.device()
+        self.params.vs.device()
     }
 
     /// The label side of the local losses for `labels`.
@@ -530,13 +508,12 @@ impl Unit for Stage {
 
     fn apply(&mut self) {
         let _span = tracing::trace_span!("stage_apply", stage = self.index + 1).entered();
-        self.opt.step();
-        self.opt.zero_grad();
+        self.params.apply();
         self.modules.iter_mut().for_each(ModuleUnit::apply);
     }
 
     fn gradients(&self) -> Vec<Tensor> {
-        let mut g = self.opt.gradients();
+        let mut g = self.params.opt.gradients();
         g.extend(self.modules.iter().flat_map(ModuleUnit::gradients));
         g
     }
@@ -559,15 +536,13 @@ impl Unit for Stage {
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        let mut v = var_store_state(&self.vs);
-        v.extend(to_cpu(self.opt.state(&self.adam_prefix)));
+        let mut v = self.params.state();
         v.extend(self.modules.iter().flat_map(ModuleUnit::state));
         v
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        load_var_store(&self.vs, named)?;
-        self.opt.load_state(&self.adam_prefix, named)?;
+        self.params.load_state(named)?;
         for m in &mut self.modules {
             m.load_state(named)?;
         }
@@ -575,12 +550,11 @@ impl Unit for Stage {
     }
 
     fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
-        self.opt.set_lr_where(lr, pick);
+        self.params.opt.set_lr_where(lr, pick);
     }
 
     fn to_device(&mut self, device: Device) {
-        self.vs.set_device(device);
-        self.opt.to_device(device);
+        self.params.move_to(device);
         self.modules.iter_mut().for_each(|m| m.to_device(device));
     }
 
@@ -593,6 +567,7 @@ impl Unit for Stage {
 mod tests {
     use super::*;
     use crate::config::{ExtractorKind, ModelConfig};
+    use crate::network::var_store_state;
     use crate::reference::Reference;
 
     fn cfg(modules: usize) -> ModelConfig {
@@ -831,10 +806,11 @@ mod tests {
             let vars = reference.vs.variables();
             for st in &stages {
                 let named = st
+                    .params
                     .vs
                     .variables()
                     .into_iter()
-                    .chain(st.modules.iter().flat_map(|m| m.vs.variables()));
+                    .chain(st.modules.iter().flat_map(|m| m.params.vs.variables()));
                 for (name, var) in named.filter(|(_, v)| v.requires_grad()) {
                     let (g, h) = (var.grad(), vars[&name].grad());
                     let scale = h.abs().max().double_value(&[]);

@@ -69,6 +69,50 @@ impl Reference {
     pub fn ignored(&self, name: &str) -> bool {
         name.ends_with(".num_batches_tracked") || name.starts_with(self.names().1)
     }
+
+    /// The reference's name of variable `var` (as [`Spec::variables`] names it) of block `i`,
+    /// called `block` in sid.
+    fn name_of(self, i: usize, block: &str, var: &str) -> String {
+        // The layer inside the block, and the variable's own name (`weight`, `running_mean`…).
+        let (layer, v) = var.rsplit_once('.').unwrap_or(("", var));
+        match self {
+            Self::TorchvisionResnet18 => match block.split_once('_') {
+                // `layer{l}_{b}` is torchvision's `layer{l}.{b-1}`.
+                Some((l, b)) => {
+                    let b: usize = b.parse().expect("ResNet blocks are named layer{l}_{b}");
+                    let layer = match layer {
+                        "down_conv" => "downsample.0",
+                        "down_bn" => "downsample.1",
+                        conv_or_bn => conv_or_bn,
+                    };
+                    format!("{l}.{}.{layer}.{v}", b - 1)
+                }
+                // The stem's `conv` and `bn` are torchvision's `conv1` and `bn1`.
+                None => format!("{layer}1.{v}"),
+            },
+            // The BatchNorm is the index after its convolution's.
+            Self::TorchvisionVgg11Bn => {
+                let at = VGG11_FEATURES[i] + usize::from(layer == "bn");
+                format!("features.{at}.{v}")
+            }
+            Self::TimmVitTiny => match block.strip_prefix("block") {
+                // `block{j}` is timm's `blocks.{j-1}`.
+                Some(j) => {
+                    let j: usize = j.parse().expect("ViT blocks are block{j}");
+                    let layer = match layer {
+                        "qkv" | "proj" => format!("attn.{layer}"),
+                        "fc1" | "fc2" => format!("mlp.{layer}"),
+                        norm => norm.to_string(),
+                    };
+                    format!("blocks.{}.{layer}.{v}", j - 1)
+                }
+                // The class token and positions are the model's own; the projection is
+                // `patch_embed.proj`.
+                None if layer.is_empty() => var.to_string(),
+                None => format!("patch_embed.{var}"),
+            },
+        }
+    }
 }
 
 /// One backbone parameter under both names.
@@ -120,52 +164,6 @@ pub fn pairs(model: &ModelConfig) -> Result<Vec<Pair>> {
         }
     }
     Ok(out)
-}
-
-impl Reference {
-    /// The reference's name of variable `var` (as [`Spec::variables`] names it) of block `i`,
-    /// called `block` in sid.
-    fn name_of(self, i: usize, block: &str, var: &str) -> String {
-        // The layer inside the block, and the variable's own name (`weight`, `running_mean`…).
-        let (layer, v) = var.rsplit_once('.').unwrap_or(("", var));
-        match self {
-            Self::TorchvisionResnet18 => match block.split_once('_') {
-                // `layer{l}_{b}` is torchvision's `layer{l}.{b-1}`.
-                Some((l, b)) => {
-                    let b: usize = b.parse().expect("ResNet blocks are named layer{l}_{b}");
-                    let layer = match layer {
-                        "down_conv" => "downsample.0",
-                        "down_bn" => "downsample.1",
-                        conv_or_bn => conv_or_bn,
-                    };
-                    format!("{l}.{}.{layer}.{v}", b - 1)
-                }
-                // The stem's `conv` and `bn` are torchvision's `conv1` and `bn1`.
-                None => format!("{layer}1.{v}"),
-            },
-            // The BatchNorm is the index after its convolution's.
-            Self::TorchvisionVgg11Bn => {
-                let at = VGG11_FEATURES[i] + usize::from(layer == "bn");
-                format!("features.{at}.{v}")
-            }
-            Self::TimmVitTiny => match block.strip_prefix("block") {
-                // `block{j}` is timm's `blocks.{j-1}`.
-                Some(j) => {
-                    let j: usize = j.parse().expect("ViT blocks are block{j}");
-                    let layer = match layer {
-                        "qkv" | "proj" => format!("attn.{layer}"),
-                        "fc1" | "fc2" => format!("mlp.{layer}"),
-                        norm => norm.to_string(),
-                    };
-                    format!("blocks.{}.{layer}.{v}", j - 1)
-                }
-                // The class token and positions are the model's own; the projection is
-                // `patch_embed.proj`.
-                None if layer.is_empty() => var.to_string(),
-                None => format!("patch_embed.{var}"),
-            },
-        }
-    }
 }
 
 /// Whether each block of `model`'s backbone ends with a max-pool (VGG-11 skips one that

@@ -26,6 +26,48 @@ pub fn module_prefix(index: usize) -> String {
     format!("module_{}", index + 1)
 }
 
+/// A variable store with its own Adam, whose state a checkpoint keeps under `prefix`: what
+/// every unit trains.
+#[derive(Debug)]
+pub(crate) struct ParamStore {
+    pub(crate) vs: VarStore,
+    pub(crate) opt: Adam,
+    prefix: String,
+}
+
+impl ParamStore {
+    /// Adam at `lr` over the trainable variables of `vs`, its state saved under `prefix`.
+    pub(crate) fn new(vs: VarStore, lr: f64, prefix: String) -> Self {
+        let opt = Adam::for_var_store(&vs, lr);
+        Self { vs, opt, prefix }
+    }
+
+    /// Moves the variables and Adam's state to `device`.
+    pub(crate) fn move_to(&mut self, device: Device) {
+        self.vs.set_device(device);
+        self.opt.to_device(device);
+    }
+
+    /// One Adam step from the accumulated gradients, then clears them.
+    pub(crate) fn apply(&mut self) {
+        self.opt.step();
+        self.opt.zero_grad();
+    }
+
+    /// The variables, then Adam's state, as named CPU tensors.
+    pub(crate) fn state(&self) -> Vec<(String, Tensor)> {
+        let mut v = var_store_state(&self.vs);
+        v.extend(to_cpu(self.opt.state(&self.prefix)));
+        v
+    }
+
+    /// Restores what [`ParamStore::state`] saved.
+    pub(crate) fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
+        load_var_store(&self.vs, named)?;
+        self.opt.load_state(&self.prefix, named)
+    }
+}
+
 /// Output of one module's phase-2 work.
 #[derive(Debug)]
 pub struct LocalOutput {
@@ -41,9 +83,9 @@ pub struct LocalOutput {
 #[derive(Debug)]
 pub struct ModuleUnit {
     index: usize,
-    pub(crate) vs: VarStore,
+    /// Saved with Adam's state under `adam.module_{index+1}`.
+    pub(crate) params: ParamStore,
     net: BeliefModule,
-    opt: Adam,
     loss: LossConfig,
     num_classes: i64,
     precision: Precision,
@@ -63,12 +105,10 @@ impl ModuleUnit {
         let mut vs = VarStore::new(Device::Cpu);
         let net = BeliefModule::new(&(vs.root() / module_prefix(index)), cfg);
         vs.set_device(device);
-        let opt = Adam::for_var_store(&vs, lr);
         Self {
             index,
-            vs,
+            params: ParamStore::new(vs, lr, format!("adam.{}", module_prefix(index))),
             net,
-            opt,
             loss,
             num_classes: cfg.num_classes,
             precision: cfg.precision,
@@ -79,8 +119,7 @@ impl ModuleUnit {
 
     /// Moves parameters and optimizer state to `device` (a worker does this in its own thread).
     pub fn to_device(&mut self, device: Device) {
-        self.vs.set_device(device);
-        self.opt.to_device(device);
+        self.params.move_to(device);
     }
 
     /// 0-based position in the cascade.
@@ -90,7 +129,7 @@ impl ModuleUnit {
 
     /// Where the parameters live.
     pub fn device(&self) -> Device {
-        self.vs.device()
+        self.params.vs.device()
     }
 
     /// The module's logits for `p_prev` and `z`, float32, computed at the unit's precision:
@@ -114,15 +153,10 @@ impl ModuleUnit {
         LabelTarget::new(labels, self.num_classes, &self.loss)
     }
 
-    /// Phase 1: the teacher belief `p_i = softmax(f_i(p_{i-1}, z))`, without gradient.
-    pub fn teacher(&self, p_prev: &Tensor, z: &Tensor) -> Tensor {
-        tch::no_grad(|| belief(&self.logits(p_prev, z)))
-    }
-
     /// The first half of [`ModuleUnit::accumulate_step`]: the forward with its graph kept,
-    /// returning this module's belief, detached — the same values as [`ModuleUnit::teacher`]
-    /// (same inputs, same parameters), so the fused schedule passes it on as the next
-    /// module's teacher instead of running a separate phase-1 forward.
+    /// returning this module's belief, detached — the same values as its phase-1 teacher
+    /// belief ([`teacher_chain`]: same inputs, same parameters), so the fused schedule passes
+    /// it on as the next module's teacher instead of running a separate phase-1 forward.
     pub fn accumulate_forward(&mut self, p_prev: &Tensor, z: &Tensor) -> Tensor {
         let _span = tracing::trace_span!("forward_module", module = self.index + 1).entered();
         let z_in = z.detach().set_requires_grad(true);
@@ -154,10 +188,8 @@ impl ModuleUnit {
             let index = self.index + 1;
             invalid(format!("module {index}: a backward without its forward"))
         })?;
-        let loss = {
-            let _s = tracing::trace_span!("local_loss").entered();
-            scaled(local_loss_for(&logits, &p_prev, target), scale)
-        };
+        let loss = tracing::trace_span!("local_loss")
+            .in_scope(|| scaled(local_loss_for(&logits, &p_prev, target), scale));
         tracing::trace_span!("module_backward").in_scope(|| loss.f_backward())?;
         let (loss, grad_z) = (loss.detach(), z_in.grad().detach());
         Ok(LocalOutput { loss, grad_z })
@@ -166,37 +198,28 @@ impl ModuleUnit {
     /// One Adam step from the gradients accumulated since the last one (a stage's micro-batches
     /// add up), then clears them.
     pub fn apply(&mut self) {
-        self.opt.step();
-        self.opt.zero_grad();
+        self.params.apply();
     }
 
     /// The gradients [`ModuleUnit::apply`] would use (see [`crate::Adam::gradients`]).
     pub fn gradients(&self) -> Vec<Tensor> {
-        self.opt.gradients()
+        self.params.opt.gradients()
     }
 
     /// Weights and Adam state as named CPU tensors.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut v = var_store_state(&self.vs);
-        v.extend(to_cpu(self.opt.state(&self.adam_prefix())));
-        v
-    }
-
-    /// Where its Adam state is saved: `adam.module_{index+1}`.
-    fn adam_prefix(&self) -> String {
-        format!("adam.{}", module_prefix(self.index))
+        self.params.state()
     }
 
     /// Restores weights and Adam state saved by [`ModuleUnit::state`].
     pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        load_var_store(&self.vs, named)?;
-        self.opt.load_state(&self.adam_prefix(), named)
+        self.params.load_state(named)
     }
 }
 
 /// Phase 1 for consecutive modules whose first one's teacher is `p_in` (the uniform `p_0`,
 /// or the belief leaving the modules before them): each module's teacher belief, and the
-/// belief leaving the last one.
+/// belief leaving the last one, `p_i = softmax(f_i(p_{i-1}, z))` without gradient.
 pub fn teacher_chain<'a>(
     modules: impl Iterator<Item = &'a ModuleUnit>,
     p_in: Tensor,
@@ -206,7 +229,7 @@ pub fn teacher_chain<'a>(
     let mut p = p_in;
     let mut teachers = Vec::new();
     for m in modules {
-        let next = m.teacher(&p, z);
+        let next = tch::no_grad(|| belief(&m.logits(&p, z)));
         teachers.push(p);
         p = next;
     }
@@ -241,9 +264,9 @@ pub fn read_losses(losses: &Tensor, first_index: usize) -> Result<Vec<f64>> {
 /// The feature extractor with its own VarStore and Adam.
 #[derive(Debug)]
 pub struct ExtractorUnit {
-    pub(crate) vs: VarStore,
+    /// Saved with Adam's state under `adam.extractor`.
+    pub(crate) params: ParamStore,
     net: Extractor,
-    opt: Adam,
     precision: Precision,
 }
 
@@ -256,24 +279,21 @@ impl ExtractorUnit {
         let mut vs = VarStore::new(Device::Cpu);
         let extractor = Extractor::new(&(vs.root() / "extractor"), net)?;
         vs.set_device(device);
-        let opt = Adam::for_var_store(&vs, lr);
         Ok(Self {
-            vs,
+            params: ParamStore::new(vs, lr, "adam.extractor".into()),
             net: extractor,
-            opt,
             precision: net.model.precision,
         })
     }
 
     /// Where the parameters live.
     pub fn device(&self) -> Device {
-        self.vs.device()
+        self.params.vs.device()
     }
 
     /// Moves parameters and optimizer state to `device` (a stage does this in its own thread).
     pub fn to_device(&mut self, device: Device) {
-        self.vs.set_device(device);
-        self.opt.to_device(device);
+        self.params.move_to(device);
     }
 
     /// `z = c(x)` for a training step, with gradient, float32 (computed at the unit's
@@ -299,7 +319,7 @@ impl ExtractorUnit {
 
     /// Gives the parameters whose names `pick` chooses the learning rate `lr`.
     pub fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
-        self.opt.set_lr_where(lr, pick);
+        self.params.opt.set_lr_where(lr, pick);
     }
 
     /// Backpropagates `grad_z` through `z` (the graph of [`ExtractorUnit::forward`]) into the
@@ -312,26 +332,22 @@ impl ExtractorUnit {
 
     /// One Adam step from the accumulated gradients, then clears them.
     pub fn apply(&mut self) {
-        self.opt.step();
-        self.opt.zero_grad();
+        self.params.apply();
     }
 
     /// The gradients [`ExtractorUnit::apply`] would use.
     pub fn gradients(&self) -> Vec<Tensor> {
-        self.opt.gradients()
+        self.params.opt.gradients()
     }
 
     /// Weights and Adam state as named CPU tensors.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut v = var_store_state(&self.vs);
-        v.extend(to_cpu(self.opt.state("adam.extractor")));
-        v
+        self.params.state()
     }
 
     /// Restores what [`ExtractorUnit::state`] saved.
     pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
-        load_var_store(&self.vs, named)?;
-        self.opt.load_state("adam.extractor", named)
+        self.params.load_state(named)
     }
 }
 
@@ -495,10 +511,10 @@ mod tests {
             // Gradients, before Adam (whose first steps divide by |g| and so magnify
             // summation-order noise in near-zero entries), relative to the largest entry.
             let theirs = reference.vs.variables();
-            let ours = extractor.vs.variables().into_iter().chain(
+            let ours = extractor.params.vs.variables().into_iter().chain(
                 modules
                     .iter()
-                    .flat_map(|m| m.vs.variables().into_iter().collect::<Vec<_>>()),
+                    .flat_map(|m| m.params.vs.variables().into_iter().collect::<Vec<_>>()),
             );
             for (name, var) in ours.filter(|(_, v)| v.requires_grad()) {
                 let (g, h) = (var.grad(), theirs[&name].grad());
