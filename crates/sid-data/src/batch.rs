@@ -127,7 +127,8 @@ pub fn augment_batch(images: &Tensor, pad: i64, seed: u64, epoch: u64, step: u64
     let column = |v: Vec<i64>| Tensor::from_slice(&v).to_device(device).view([b, 1]);
     let dy = column(params.iter().map(|p| p.dy).collect());
     let dx = column(params.iter().map(|p| p.dx).collect());
-    let flip = column(params.iter().map(|p| i64::from(p.flip)).collect()).ne(0);
+    let flips: Vec<bool> = params.iter().map(|p| p.flip).collect();
+    let flip = Tensor::from_slice(&flips).to_device(device).view([b, 1]);
 
     let padded = images.constant_pad_nd([pad, pad, pad, pad]);
     // Source row of output row i is dy + i.
