@@ -30,7 +30,6 @@ struct SidStore {
 
 struct SidGroup {
   c10::intrusive_ptr<c10d::Backend> backend;
-  int64_t timeout_ms;
 };
 
 extern "C" {
@@ -93,10 +92,6 @@ int sid_store_add(SidStore* s, const char* key, int64_t value, int64_t* out, cha
   return sid::guarded(err, err_len, [&] { *out = s->store->add(std::string(key), value); });
 }
 
-int sid_store_check(SidStore* s, const char* key, int* out, char* err, size_t err_len) {
-  return sid::guarded(err, err_len, [&] { *out = s->store->check({std::string(key)}) ? 1 : 0; });
-}
-
 void sid_bytes_free(uint8_t* p) { std::free(p); }
 
 // A process group of `world` ranks over the store, its keys under `prefix` (so several groups
@@ -123,20 +118,18 @@ int sid_group_new(SidStore* s, const char* prefix, int rank, int world, int back
       throw std::runtime_error("this build of sid has no NCCL (its headers were not found at build time)");
 #endif
     }
-    *out = new SidGroup{pg, timeout_ms};
+    *out = new SidGroup{pg};
   });
 }
 
 void sid_group_free(SidGroup* g) { delete g; }
 
-// One operation on the group, waiting at most timeout_ms: op 0 = send ts[0] to peer, 1 = recv
-// into ts[0] from peer, 2 = all-reduce (sum) of ts[0], 3 = broadcast of ts[0] from peer, 4 =
-// gather of ts[0] into ts[1..n] on peer (other ranks pass n = 1), 5 = barrier (n = 0).
-int sid_group_op(SidGroup* g, int op, at::Tensor** ts, int n, int peer, int tag,
-                 int64_t timeout_ms, char* err, size_t err_len) {
+// One operation on the group, waiting at most timeout_ms: op 0 = send t to peer, 1 = recv
+// into t from peer, 2 = all-reduce (sum) of t.
+int sid_group_op(SidGroup* g, int op, at::Tensor* t, int peer, int tag, int64_t timeout_ms,
+                 char* err, size_t err_len) {
   return sid::guarded(err, err_len, [&] {
-    std::vector<at::Tensor> v;
-    if (n > 0) v.push_back(*ts[0]);
+    std::vector<at::Tensor> v{*t};
     auto& b = *g->backend;
     c10::intrusive_ptr<c10d::Work> work;
     switch (op) {
@@ -151,29 +144,6 @@ int sid_group_op(SidGroup* g, int op, at::Tensor** ts, int n, int peer, int tag,
         opts.reduceOp = c10d::ReduceOp::SUM;
         opts.timeout = ms(timeout_ms);
         work = b.allreduce(v, opts);
-        break;
-      }
-      case 3: {
-        c10d::BroadcastOptions opts;
-        opts.rootRank = peer;
-        opts.timeout = ms(timeout_ms);
-        work = b.broadcast(v, opts);
-        break;
-      }
-      case 4: {
-        std::vector<std::vector<at::Tensor>> out;
-        if (n > 1) out.emplace_back();
-        for (int i = 1; i < n; ++i) out[0].push_back(*ts[i]);
-        c10d::GatherOptions opts;
-        opts.rootRank = peer;
-        opts.timeout = ms(timeout_ms);
-        work = b.gather(out, v, opts);
-        break;
-      }
-      case 5: {
-        c10d::BarrierOptions opts;
-        opts.timeout = ms(timeout_ms);
-        work = b.barrier(opts);
         break;
       }
       default:

@@ -25,9 +25,6 @@ pub(crate) enum GroupOp {
     Send = 0,
     Recv = 1,
     AllReduceSum = 2,
-    Broadcast = 3,
-    Gather = 4,
-    Barrier = 5,
 }
 
 const MISSING: &str =
@@ -91,13 +88,6 @@ shim! {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
-    fn sid_store_check(
-        s: *mut SidStore,
-        key: *const c_char,
-        out: *mut c_int,
-        err: *mut c_char,
-        err_len: usize,
-    ) -> c_int;
     fn sid_bytes_free(p: *mut u8);
     fn sid_group_new(
         s: *mut SidStore,
@@ -115,8 +105,7 @@ shim! {
     fn sid_group_op(
         g: *mut SidGroup,
         op: GroupOp,
-        ts: *const *mut T,
-        n: c_int,
+        t: *mut T,
         peer: c_int,
         tag: c_int,
         timeout_ms: i64,

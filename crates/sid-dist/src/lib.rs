@@ -1,8 +1,8 @@
 //! torch.distributed's c10d for sid, through a small C++ shim (`src/c10d.cpp`):
 //! - [`Store`]: libtorch's `TCPStore`, the rendezvous every rank connects to;
 //! - [`Group`]: a process group over it, `ProcessGroupGloo` for CPU tensors or
-//!   `ProcessGroupNCCL` for CUDA tensors: point-to-point send/recv, all-reduce, broadcast,
-//!   gather and barrier, every wait with a timeout;
+//!   `ProcessGroupNCCL` for CUDA tensors: point-to-point send/recv and all-reduce, every wait
+//!   with a timeout;
 //! - [`DistEnv`]: the torchrun-style environment (`RANK`, `WORLD_SIZE`, …) a rank runs in.
 //!
 //! Every C++ exception comes back as a [`DistError`] naming the rank, the peer and the
@@ -154,16 +154,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether `key` is set.
-    pub fn check(&self, key: &str) -> Result<bool> {
-        let mut out: c_int = 0;
-        // SAFETY: valid pointers.
-        self.op("check", key, |k, e, n| unsafe {
-            ffi::sid_store_check(self.ptr, k, &mut out, e, n)
-        })?;
-        Ok(out == 1)
-    }
-
     /// Runs the shim call `f` on `key`; a failure names the operation, the key and the store.
     fn op(
         &self,
@@ -263,72 +253,47 @@ impl Group {
         self.backend
     }
 
-    /// Runs the shim's `op` on `ts` (its tensor, then gather's outputs) with `peer` (the
-    /// destination, source or root) and `tag`, waiting at most `timeout`; a failure names the
-    /// group, this rank and the operation, `what`.
+    /// Runs the shim's `op` on `t` with `peer` (the destination or source) and `tag`, waiting
+    /// at most `timeout`; a failure names the group, this rank and the operation, `what`.
     fn run(
         &self,
         what: impl FnOnce() -> String,
         op: GroupOp,
-        ts: &[&Tensor],
+        t: &Tensor,
         peer: usize,
         tag: u32,
         timeout: Duration,
     ) -> Result<()> {
-        // The shim never replaces the tensor behind a pointer, only writes into its storage.
-        let ptrs: Vec<*mut ffi::T> = ts.iter().map(|t| t.as_ptr() as *mut ffi::T).collect();
-        let (n, peer, tag) = (ptrs.len() as c_int, peer as c_int, tag as c_int);
-        let ms = millis(timeout);
-        // SAFETY: the tensors outlive the (waited) call; the shim writes into them in place.
-        call(|e, len| unsafe {
-            ffi::sid_group_op(self.ptr, op, ptrs.as_ptr(), n, peer, tag, ms, e, len)
-        })
-        .map_err(|cause| DistError::Op {
-            group: self.name.clone(),
-            rank: self.rank,
-            op: what(),
-            cause,
-        })
+        // The shim never replaces the tensor behind the pointer, only writes into its storage.
+        let t = t.as_ptr() as *mut ffi::T;
+        let (peer, tag, ms) = (peer as c_int, tag as c_int, millis(timeout));
+        // SAFETY: the tensor outlives the (waited) call; the shim writes into it in place.
+        call(|e, len| unsafe { ffi::sid_group_op(self.ptr, op, t, peer, tag, ms, e, len) }).map_err(
+            |cause| DistError::Op {
+                group: self.name.clone(),
+                rank: self.rank,
+                op: what(),
+                cause,
+            },
+        )
     }
 
     /// Sends a contiguous tensor to `dst`, waiting at most `timeout` for it to leave.
     pub fn send(&self, t: &Tensor, dst: usize, tag: u32, timeout: Duration) -> Result<()> {
         let what = || format!("send to rank {dst} (tag {tag})");
-        self.run(what, GroupOp::Send, &[t], dst, tag, timeout)
+        self.run(what, GroupOp::Send, t, dst, tag, timeout)
     }
 
     /// Receives into `t` (contiguous, of the size sent) from `src`, waiting at most `timeout`.
     pub fn recv(&self, t: &mut Tensor, src: usize, tag: u32, timeout: Duration) -> Result<()> {
         let what = || format!("recv from rank {src} (tag {tag})");
-        self.run(what, GroupOp::Recv, &[t], src, tag, timeout)
+        self.run(what, GroupOp::Recv, t, src, tag, timeout)
     }
 
     /// Sums `t` in place over every rank.
     pub fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
         let what = || format!("all-reduce of {:?}", t.size());
-        self.run(what, GroupOp::AllReduceSum, &[t], 0, 0, self.timeout)
-    }
-
-    /// Copies `t` from `root` to every rank.
-    pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
-        let what = || format!("broadcast from rank {root}");
-        self.run(what, GroupOp::Broadcast, &[t], root, 0, self.timeout)
-    }
-
-    /// Gathers `t` (the same shape on every rank) to `root`: there, one tensor per rank.
-    pub fn gather(&self, t: &Tensor, root: usize) -> Result<Vec<Tensor>> {
-        let n = if self.rank == root { self.world } else { 0 };
-        let outs: Vec<Tensor> = (0..n).map(|_| t.empty_like()).collect();
-        let ts: Vec<&Tensor> = std::iter::once(t).chain(&outs).collect();
-        let what = || format!("gather to rank {root}");
-        self.run(what, GroupOp::Gather, &ts, root, 0, self.timeout)?;
-        Ok(outs)
-    }
-
-    /// Waits until every rank reaches the barrier.
-    pub fn barrier(&self) -> Result<()> {
-        let what = || "barrier".to_string();
-        self.run(what, GroupOp::Barrier, &[], 0, 0, self.timeout)
+        self.run(what, GroupOp::AllReduceSum, t, 0, 0, self.timeout)
     }
 }
 

@@ -45,16 +45,12 @@ where
     not(sid_c10d),
     ignore = "needs c10d (a build with the Gloo headers, libgloo-dev)"
 )]
-fn collectives_and_point_to_point() {
+fn all_reduce_and_point_to_point() {
     two_ranks(|rank, g| {
         assert_eq!((g.rank(), g.world()), (rank, 2));
         let mut t = Tensor::from_slice(&[1.0f32 + rank as f32, 10.0]);
         g.all_reduce_sum(&mut t).unwrap();
         assert_eq!(Vec::<f32>::try_from(&t).unwrap(), vec![3.0, 20.0]);
-
-        let mut b = Tensor::full([3], rank as f64 + 5.0, (Kind::Double, Device::Cpu));
-        g.broadcast(&mut b, 1).unwrap();
-        assert_eq!(Vec::<f64>::try_from(&b).unwrap(), vec![6.0; 3]);
 
         if rank == 0 {
             g.send(&Tensor::arange(6, (Kind::Int64, Device::Cpu)), 1, 7, T)
@@ -67,17 +63,6 @@ fn collectives_and_point_to_point() {
                 (0..6).collect::<Vec<_>>()
             );
         }
-
-        let outs = g
-            .gather(&Tensor::from_slice(&[rank as i64 * 2]), 0)
-            .unwrap();
-        if rank == 0 {
-            let got: Vec<i64> = outs.iter().map(|t| t.int64_value(&[0])).collect();
-            assert_eq!(got, vec![0, 2]);
-        } else {
-            assert!(outs.is_empty());
-        }
-        g.barrier().unwrap();
     });
 }
 
@@ -143,5 +128,4 @@ fn store_errors_are_one_line() {
     s.set("k", b"v1").unwrap();
     assert_eq!(s.get("k", T).unwrap(), b"v1");
     assert_eq!(s.add("n", 2).unwrap(), 2);
-    assert!(s.check("k").unwrap() && !s.check("nope").unwrap());
 }
