@@ -267,15 +267,15 @@ impl Group {
         // The shim never replaces the tensor behind the pointer, only writes into its storage.
         let t = t.as_ptr() as *mut ffi::T;
         let (peer, tag, ms) = (peer as c_int, tag as c_int, millis(timeout));
+        let failed = |cause| DistError::Op {
+            group: self.name.clone(),
+            rank: self.rank,
+            op: what(),
+            cause,
+        };
         // SAFETY: the tensor outlives the (waited) call; the shim writes into it in place.
-        call(|e, len| unsafe { ffi::sid_group_op(self.ptr, op, t, peer, tag, ms, e, len) }).map_err(
-            |cause| DistError::Op {
-                group: self.name.clone(),
-                rank: self.rank,
-                op: what(),
-                cause,
-            },
-        )
+        call(|e, len| unsafe { ffi::sid_group_op(self.ptr, op, t, peer, tag, ms, e, len) })
+            .map_err(failed)
     }
 
     /// Sends a contiguous tensor to `dst`, waiting at most `timeout` for it to leave.
