@@ -7,15 +7,12 @@
 #include <cstdint>
 
 extern "C" int sid_cuda_memory_stats(int device, int64_t* allocated, int64_t* peak_allocated,
-                                     int64_t* reserved, int64_t* peak_reserved, char* err,
-                                     size_t err_len) {
+                                     char* err, size_t err_len) {
   return sid::guarded(err, err_len, [&] {
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
     const auto agg = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
     *allocated = stats.allocated_bytes[agg].current;
     *peak_allocated = stats.allocated_bytes[agg].peak;
-    *reserved = stats.reserved_bytes[agg].current;
-    *peak_reserved = stats.reserved_bytes[agg].peak;
   });
 }
 

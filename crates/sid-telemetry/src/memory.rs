@@ -18,20 +18,14 @@ pub struct CudaMemory {
     pub allocated: i64,
     /// Peak of `allocated` since the last reset.
     pub peak_allocated: i64,
-    /// Bytes reserved from the driver by the allocator.
-    pub reserved: i64,
-    /// Peak of `reserved` since the last reset.
-    pub peak_reserved: i64,
 }
 
 shim! {
     sid_cuda_stats;
     fn sid_cuda_memory_stats(
         device: i32,
-        a: *mut i64,
-        pa: *mut i64,
-        r: *mut i64,
-        pr: *mut i64,
+        allocated: *mut i64,
+        peak_allocated: *mut i64,
         err: *mut c_char,
         err_len: usize,
     ) -> i32;
@@ -65,11 +59,10 @@ fn call_shim(
 pub fn cuda_memory(index: usize) -> Result<CudaMemory, TelemetryError> {
     let mut m = CudaMemory::default();
     let (a, pa) = (&mut m.allocated, &mut m.peak_allocated);
-    let (r, pr) = (&mut m.reserved, &mut m.peak_reserved);
-    // SAFETY: four valid out-pointers and a buffer of `len` bytes; the shim catches every C++
+    // SAFETY: two valid out-pointers and a buffer of `len` bytes; the shim catches every C++
     // exception.
     call_shim(index, |err, len| unsafe {
-        sid_cuda_memory_stats(index as i32, a, pa, r, pr, err, len)
+        sid_cuda_memory_stats(index as i32, a, pa, err, len)
     })?;
     Ok(m)
 }
@@ -276,10 +269,7 @@ mod tests {
             reset_cuda_peak(0).unwrap();
             let m = cuda_memory(0).unwrap();
             assert!(m.allocated >= 4 << 20, "{m:?}");
-            assert!(
-                m.peak_allocated >= m.allocated && m.reserved >= m.allocated,
-                "{m:?}"
-            );
+            assert!(m.peak_allocated >= m.allocated, "{m:?}");
             drop(t);
         } else {
             for e in [cuda_memory(0).unwrap_err(), reset_cuda_peak(0).unwrap_err()] {
