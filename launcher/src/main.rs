@@ -364,13 +364,10 @@ fn run(cli: &args::Cli) -> Result<()> {
     } else {
         None
     };
-    let mut reporter = progress::Reporter::new(cfg.optim.batch_size);
-    if cli.log_steps {
-        let path = run.dir().join("steps.jsonl");
-        reporter = reporter
-            .with_step_log(&path)
-            .with_context(|| format!("--log-steps: cannot write {}", path.display()))?;
-    }
+    let steps = run.dir().join("steps.jsonl");
+    let mut reporter =
+        progress::Reporter::new(cfg.optim.batch_size, cli.log_steps.then_some(&*steps))
+            .with_context(|| format!("--log-steps: cannot write {}", steps.display()))?;
     let mut tensorboard = match &cfg.runtime.tensorboard {
         Some(dir) => Some(
             sid_train::tensorboard::TensorBoard::create(dir, cfg.optim.lr)
@@ -392,7 +389,7 @@ fn run(cli: &args::Cli) -> Result<()> {
     if let Some(err) = tensorboard_failed {
         eprintln!("warning: TensorBoard event files stopped: {err}");
     }
-    let telemetry = sampler.map(|s| s.stop());
+    let cpu_seconds = sampler.map(|s| s.stop());
     let summary = result?;
     println!(
         "final-epoch test accuracy: {:.2}% (epoch {}, {})",
@@ -424,9 +421,8 @@ fn run(cli: &args::Cli) -> Result<()> {
             peaks.join(", ")
         );
     }
-    if let Some(t) = telemetry {
-        let busy: Vec<String> = t
-            .thread_cpu_seconds
+    if let Some(cpu_seconds) = cpu_seconds {
+        let busy: Vec<String> = cpu_seconds
             .iter()
             .filter(|(n, _)| n.starts_with("sid-stage"))
             .map(|(n, s)| format!("{n} {s:.1} s"))

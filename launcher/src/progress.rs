@@ -1,6 +1,8 @@
 //! Progress display: a bar on a terminal, plain log lines otherwise.
 
+use std::fs::File;
 use std::io::IsTerminal;
+use std::path::Path;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use sid_train::{EpochMetrics, Event};
@@ -18,13 +20,15 @@ pub struct Reporter {
     started: std::time::Instant,
     first_step: usize,
     /// `--log-steps`: each step's loss, one JSON line, appended.
-    step_log: Option<std::fs::File>,
+    step_log: Option<File>,
 }
 
 impl Reporter {
-    /// A reporter for batches of `batch_size`; a bar only while stderr is a terminal.
-    pub fn new(batch_size: i64) -> Self {
-        Self {
+    /// A reporter for batches of `batch_size`; a bar only while stderr is a terminal. With
+    /// `step_log` (`--log-steps`), each step's loss is also appended to that file.
+    pub fn new(batch_size: i64, step_log: Option<&Path>) -> std::io::Result<Self> {
+        let append = |path| File::options().create(true).append(true).open(path);
+        Ok(Self {
             bar: None,
             batch_size,
             steps: 0,
@@ -32,18 +36,8 @@ impl Reporter {
             epochs: 0,
             started: std::time::Instant::now(),
             first_step: 0,
-            step_log: None,
-        }
-    }
-
-    /// Also appends each step's loss to `path` (`--log-steps`).
-    pub fn with_step_log(mut self, path: &std::path::Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        self.step_log = Some(file);
-        Ok(self)
+            step_log: step_log.map(append).transpose()?,
+        })
     }
 
     /// Handles one event.

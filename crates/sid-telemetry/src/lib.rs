@@ -37,4 +37,4 @@ pub mod sampler;
 pub use allocations::{AllocCounts, AllocOwner};
 pub use error::{Result, TelemetryError};
 pub use memory::{DevicePeak, PeakTracker};
-pub use sampler::{Sample, Sampler, TelemetrySummary};
+pub use sampler::{Sample, Sampler};

@@ -32,22 +32,12 @@ pub struct Sample {
     pub gpus: Vec<GpuSample>,
 }
 
-/// What the whole sampling saw: its samples, the peak RSS, each stage thread's CPU time.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct TelemetrySummary {
-    /// Samples written.
-    pub samples: usize,
-    /// Peak RSS seen, bytes.
-    pub peak_rss_bytes: u64,
-    /// CPU seconds of each stage thread by the end.
-    pub thread_cpu_seconds: BTreeMap<String, f64>,
-}
-
-/// A running sampler; [`Sampler::stop`] ends it and returns its summary.
+/// A running sampler; [`Sampler::stop`] ends it and returns the last sample's CPU seconds of
+/// each thread.
 pub struct Sampler {
     /// A message (or its end) stops the thread.
     stop: Sender<()>,
-    thread: Option<JoinHandle<TelemetrySummary>>,
+    thread: Option<JoinHandle<BTreeMap<String, f64>>>,
 }
 
 impl Sampler {
@@ -70,31 +60,39 @@ impl Sampler {
             .name("sid-telemetry".into())
             .spawn(move || {
                 let started = Instant::now();
-                let mut summary = TelemetrySummary::default();
+                // Writes a sample as one line and returns its threads' CPU seconds.
+                let mut record = || {
+                    let sample = take(&monitor, started, rank);
+                    if let Ok(line) = serde_json::to_string(&sample) {
+                        let _ = writeln!(file, "{line}");
+                    }
+                    sample.thread_cpu_seconds
+                };
                 // A sample, then the interval unless stop() (or a drop) ends it at once.
                 loop {
-                    record(&mut summary, &mut file, &take(&monitor, started, rank));
+                    record();
                     if stopped.recv_timeout(interval) != Err(RecvTimeoutError::Timeout) {
                         break;
                     }
                 }
                 // The final sample covers the time since the last tick, which would otherwise
-                // be missing from the file and the summary.
-                record(&mut summary, &mut file, &take(&monitor, started, rank));
+                // be missing from the file and the answer.
+                let cpu_seconds = record();
                 let _ = file.flush();
-                summary
+                cpu_seconds
             })?;
         let thread = Some(sampling);
         Ok((Self { stop, thread }, off))
     }
 
-    /// Stops sampling (one last sample is written) and returns the summary.
-    pub fn stop(mut self) -> TelemetrySummary {
+    /// Stops sampling (one last sample is written) and returns that sample's CPU seconds of
+    /// each thread ([`thread_cpu_seconds`]).
+    pub fn stop(mut self) -> BTreeMap<String, f64> {
         self.finish()
     }
 
-    /// Ends the thread and returns its summary (the default once it has ended).
-    fn finish(&mut self) -> TelemetrySummary {
+    /// Ends the thread and returns what [`Sampler::stop`] does (nothing once it has ended).
+    fn finish(&mut self) -> BTreeMap<String, f64> {
         let _ = self.stop.send(());
         let thread = self.thread.take();
         thread.and_then(|t| t.join().ok()).unwrap_or_default()
@@ -104,16 +102,6 @@ impl Sampler {
 impl Drop for Sampler {
     fn drop(&mut self) {
         self.finish();
-    }
-}
-
-/// Adds a sample to the summary and writes it as one line.
-fn record(summary: &mut TelemetrySummary, file: &mut impl Write, sample: &Sample) {
-    summary.samples += 1;
-    summary.peak_rss_bytes = summary.peak_rss_bytes.max(sample.rss_bytes.unwrap_or(0));
-    summary.thread_cpu_seconds = sample.thread_cpu_seconds.clone();
-    if let Ok(line) = serde_json::to_string(sample) {
-        let _ = writeln!(file, "{line}");
     }
 }
 
@@ -198,7 +186,7 @@ mod tests {
         done.recv().unwrap();
         // At least one regular tick after the work.
         std::thread::sleep(Duration::from_millis(50));
-        let summary = sampler.stop();
+        let cpu_seconds = sampler.stop();
         drop(release);
         worker.join().unwrap();
         // This machine has no NVIDIA driver: GPU telemetry says why it is off.
@@ -214,17 +202,11 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert!(lines.len() >= 5, "{} samples", lines.len());
-        assert_eq!(summary.samples, lines.len());
-        assert!(summary.peak_rss_bytes > 0);
-        let worker = summary
-            .thread_cpu_seconds
-            .get("sid-stage-1")
-            .copied()
-            .unwrap_or(0.0);
+        assert!(lines.iter().all(|s| s.rss_bytes > Some(0)));
+        let worker = cpu_seconds.get("sid-stage-1").copied().unwrap_or(0.0);
         assert!(
             worker >= 0.25,
-            "the busy worker's CPU time was seen: {:?}",
-            summary.thread_cpu_seconds
+            "the busy worker's CPU time was seen: {cpu_seconds:?}"
         );
         assert!(lines.windows(2).all(|w| w[1].t > w[0].t));
     }
@@ -238,7 +220,7 @@ mod tests {
         let (sampler, _) = Sampler::start_for_rank(&path, Duration::from_secs(60), None).unwrap();
         let (done, release, worker) = busy("sid-stage-2", Duration::from_millis(300));
         done.recv().unwrap();
-        let summary = sampler.stop();
+        let cpu_seconds = sampler.stop();
         drop(release);
         worker.join().unwrap();
         let lines: Vec<Sample> = std::fs::read_to_string(&path)
@@ -247,7 +229,6 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines.len(), 2, "the first tick and the final sample");
-        assert_eq!(summary.samples, 2);
         let last = &lines[1];
         assert!(
             last.t >= 0.3,
@@ -260,6 +241,6 @@ mod tests {
             "the final sample sees the worker's CPU time: {:?}",
             last.thread_cpu_seconds
         );
-        assert_eq!(summary.thread_cpu_seconds, last.thread_cpu_seconds);
+        assert_eq!(cpu_seconds, last.thread_cpu_seconds);
     }
 }
