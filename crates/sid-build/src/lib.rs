@@ -1,4 +1,6 @@
-//! Build-script helper shared by every crate that links libtorch.
+//! Build-script helper shared by every crate that links libtorch, and the Rust side of the C++
+//! shims' convention (`include/sid_shim.h`): [`shim!`] declares a shim's functions and
+//! [`call_shim`] turns a failed call into the C++ exception's message.
 //!
 //! rustc links with `--as-needed`, so a binary that calls no CUDA symbol directly would drop
 //! `libtorch_cuda.so` and `tch::Cuda::is_available()` would be false on a GPU machine. A
@@ -6,6 +8,7 @@
 //! that builds binaries, tests or examples calls [`link_libtorch`] from its own `build.rs`
 //! (and depends on `torch-sys` directly, the only way to see `DEP_TCH_LIBTORCH_LIB`).
 
+use std::ffi::{c_char, c_int, CStr};
 use std::path::{Path, PathBuf};
 
 /// Emits the link arguments: `--no-as-needed -ltorch` and an rpath to libtorch's lib folder,
@@ -53,4 +56,38 @@ pub fn shim_include() -> PathBuf {
     let header = dir.join("sid_shim.h");
     println!("cargo:rerun-if-changed={}", header.display());
     dir
+}
+
+/// Declares a C++ shim's functions: `extern "C"` where the build script compiled the shim and
+/// set the cfg `$cfg`, otherwise stand-ins that nothing reaches, since every caller checks
+/// `cfg!($cfg)` first.
+#[macro_export]
+macro_rules! shim {
+    ($cfg:ident; $(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)*) => {
+        #[cfg($cfg)]
+        extern "C" {
+            $(pub(crate) fn $name($($arg: $ty),*) $(-> $ret)?;)*
+        }
+        $(
+            #[cfg(not($cfg))]
+            #[allow(unused_variables, clippy::too_many_arguments)]
+            pub(crate) unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+                unreachable!(concat!("no ", stringify!($cfg), " shim in this build"))
+            }
+        )*
+    };
+}
+
+/// Runs the shim call `f` with an error buffer of `N` bytes (`sid::guarded`'s convention): 0
+/// is success, anything else comes back as the exception's message.
+pub fn call_shim<const N: usize>(
+    f: impl FnOnce(*mut c_char, usize) -> c_int,
+) -> Result<(), String> {
+    let mut err = [0 as c_char; N];
+    if f(err.as_mut_ptr(), N) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim NUL-terminates what it writes; the buffer starts zeroed.
+    let message = unsafe { CStr::from_ptr(err.as_ptr()) };
+    Err(message.to_string_lossy().into_owned())
 }

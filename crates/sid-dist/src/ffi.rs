@@ -1,8 +1,6 @@
 //! The shim's C functions and [`call`], which turns a failed call into the C++ exception's
 //! message. Without the shim (no Gloo headers at build time) [`call`] says so instead.
 
-use std::ffi::CStr;
-
 pub(crate) use std::os::raw::{c_char, c_int};
 
 /// A `TCPStore` owned by the shim.
@@ -30,26 +28,8 @@ pub(crate) enum GroupOp {
 const MISSING: &str =
     "this build of sid has no c10d: Gloo's headers were missing when it was built (apt-get install libgloo-dev, then rebuild)";
 
-/// Declares the shim's functions once: `extern "C"` where the shim was compiled, otherwise
-/// stand-ins that nothing reaches, since [`call`] refuses before running one and no handle
-/// exists to free.
-macro_rules! shim {
-    ($(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)*) => {
-        #[cfg(sid_c10d)]
-        extern "C" {
-            $(pub(crate) fn $name($($arg: $ty),*) $(-> $ret)?;)*
-        }
-        $(
-            #[cfg(not(sid_c10d))]
-            #[allow(unused_variables, clippy::too_many_arguments)]
-            pub(crate) unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
-                unreachable!("{MISSING}")
-            }
-        )*
-    };
-}
-
-shim! {
+sid_build::shim! {
+    sid_c10d;
     fn sid_c10d_has_nccl() -> c_int;
     fn sid_c10d_init_logging();
     fn sid_store_new(
@@ -117,18 +97,10 @@ shim! {
 /// Whether the shim was compiled into this build.
 pub(crate) const HAS_SHIM: bool = cfg!(sid_c10d);
 
-const ERR: usize = 2048;
-
 /// Runs a shim call with an error buffer; a non-zero return becomes its message.
 pub(crate) fn call(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
     if !HAS_SHIM {
         return Err(MISSING.into());
     }
-    let mut buf = vec![0 as c_char; ERR];
-    if f(buf.as_mut_ptr(), ERR) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim NUL-terminates within ERR bytes.
-    let msg = unsafe { CStr::from_ptr(buf.as_ptr()) };
-    Err(msg.to_string_lossy().trim().to_string())
+    sid_build::call_shim::<2048>(f).map_err(|message| message.trim().to_string())
 }

@@ -33,7 +33,7 @@ use std::marker::PhantomData;
 
 use crate::TelemetryError;
 
-shim! {
+sid_build::shim! {
     sid_alloc_owner;
     fn sid_alloc_owner_new(id: *mut u32, err: *mut c_char, err_len: usize) -> i32;
     fn sid_alloc_enter(id: u32, err: *mut c_char, err_len: usize) -> i32;
@@ -73,7 +73,7 @@ fn call(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), TelemetryError>
             "this build has no allocation shim (libtorch's headers were not found)".into(),
         ));
     }
-    crate::error::call_shim(f).map_err(TelemetryError::AllocTracking)
+    sid_build::call_shim::<512>(f).map_err(TelemetryError::AllocTracking)
 }
 
 impl AllocOwner {

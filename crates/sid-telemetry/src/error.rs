@@ -1,7 +1,5 @@
 //! The error type of measurements.
 
-use std::ffi::{c_char, CStr};
-
 use nvml_wrapper::error::NvmlError;
 
 /// Why a measurement could not be taken.
@@ -45,18 +43,6 @@ impl TelemetryError {
         let what = what.into();
         move |source| Self::Nvml { what, source }
     }
-}
-
-/// Calls a C++ shim function with a message buffer (`sid_shim.h`'s convention): 0 is success,
-/// anything else comes back as the exception's message.
-pub(crate) fn call_shim(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), String> {
-    let mut err = [0 as c_char; 512];
-    if f(err.as_mut_ptr(), err.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim NUL-terminates what it writes; the buffer starts zeroed.
-    let message = unsafe { CStr::from_ptr(err.as_ptr()) };
-    Err(message.to_string_lossy().into_owned())
 }
 
 /// Result alias for this crate.

@@ -9,25 +9,6 @@
 //! Without an NVIDIA driver (as on CPU-only machines) everything still works and reports the
 //! reason GPU telemetry is off.
 
-/// Declares a C++ shim's functions: `extern "C"` where the build script compiled the shim and
-/// set the cfg `$cfg`, otherwise stand-ins that nothing reaches, since every caller checks
-/// `cfg!($cfg)` first.
-macro_rules! shim {
-    ($cfg:ident; $(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)*) => {
-        #[cfg($cfg)]
-        extern "C" {
-            $(fn $name($($arg: $ty),*) $(-> $ret)?;)*
-        }
-        $(
-            #[cfg(not($cfg))]
-            #[allow(unused_variables)]
-            unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
-                unreachable!(concat!("no ", stringify!($cfg), " shim in this build"))
-            }
-        )*
-    };
-}
-
 pub mod allocations;
 pub mod error;
 pub mod memory;

@@ -20,7 +20,7 @@ pub struct CudaMemory {
     pub peak_allocated: i64,
 }
 
-shim! {
+sid_build::shim! {
     sid_cuda_stats;
     fn sid_cuda_memory_stats(
         device: i32,
@@ -51,7 +51,7 @@ fn call_shim(
     if !tch::Cuda::is_available() {
         return Err(unavailable("CUDA is not available"));
     }
-    crate::error::call_shim(f).map_err(|message| TelemetryError::CudaStats { device, message })
+    sid_build::call_shim::<512>(f).map_err(|message| TelemetryError::CudaStats { device, message })
 }
 
 /// The allocator's counters for CUDA device `index`; an error without CUDA, without the shim,
