@@ -250,8 +250,9 @@ fn run(cli: &args::Cli) -> Result<()> {
             r.world(),
             device_name(r.device())
         );
-        // Every rank's telemetry beside rank 0's, each sample naming its rank.
-        let sampler = if cli.telemetry_hz > 0.0 {
+        // Every rank's telemetry beside rank 0's, each sample naming its rank; the sampler
+        // writes its last sample when dropped, as this returns.
+        let _sampler = if cli.telemetry_hz > 0.0 {
             let dir = r.wait_run_dir()?;
             let path = dir.join(format!("telemetry-rank{rank}.jsonl"));
             let interval = std::time::Duration::from_secs_f64(1.0 / cli.telemetry_hz);
@@ -261,11 +262,7 @@ fn run(cli: &args::Cli) -> Result<()> {
         } else {
             None
         };
-        let served = sid_train::network::serve(r, &inv.config);
-        if let Some(s) = sampler {
-            s.stop();
-        }
-        return served.with_context(|| format!("rank {rank}"));
+        return sid_train::network::serve(r, &inv.config).with_context(|| format!("rank {rank}"));
     }
     if let Some(r) = &rdv {
         r.publish_run_dir(&inv.run_dir)?;
