@@ -200,7 +200,7 @@ fn list(dir: &Path) -> Result<Listing, DataError> {
         let dir = train_dir;
         return Err(match classes.len() {
             0 => DataError::MissingSplit { dir, what },
-            count => DataError::TooManyClasses { dir, count },
+            n => DataError::content(dir, format!("{n} classes, at most 256 are supported")),
         });
     }
     let mut train = Vec::new();
@@ -246,7 +246,7 @@ fn image_folder_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8)
     for class in test_classes {
         let path = test_dir.join(&class);
         let Some(label) = classes.iter().position(|c| *c == class) else {
-            return Err(DataError::UnknownClass { path, class });
+            return Err(unknown_class(path, &class));
         };
         test.extend(images_in(&path, label)?);
     }
@@ -277,10 +277,7 @@ fn tiny_imagenet_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8
             });
         };
         let Some(label) = classes.iter().position(|c| c == wnid.trim()) else {
-            return Err(DataError::UnknownClass {
-                path: ann,
-                class: wnid.trim().to_string(),
-            });
+            return Err(unknown_class(ann, wnid.trim()));
         };
         let path = images.join(file.trim());
         if !path.is_file() {
@@ -292,6 +289,15 @@ fn tiny_imagenet_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8
         return Err(DataError::Empty(ann));
     }
     Ok(test)
+}
+
+/// A test image's class (its folder, or its annotation in the file `path`) that the training
+/// split lacks, so no label exists for it.
+fn unknown_class(path: PathBuf, class: &str) -> DataError {
+    DataError::content(
+        path,
+        format!("class {class:?} does not exist in the training split"),
+    )
 }
 
 fn read_text(path: &Path) -> Result<String, DataError> {
