@@ -39,9 +39,12 @@ pub struct Prediction {
 /// its inputs must be made into.
 pub struct Predictor {
     net: Box<dyn Network>,
-    spec: InputSpec,
-    method: Method,
-    modules: usize,
+    /// What input images are made into, and the class names.
+    pub spec: InputSpec,
+    /// The method the run was trained with.
+    pub method: Method,
+    /// Modules in the cascade.
+    pub modules: usize,
 }
 
 impl Predictor {
@@ -59,21 +62,6 @@ impl Predictor {
             method: cfg.optim.method,
             modules: cfg.model.modules,
         })
-    }
-
-    /// What input images are made into, and the class names.
-    pub fn spec(&self) -> &InputSpec {
-        &self.spec
-    }
-
-    /// Modules in the cascade.
-    pub fn modules(&self) -> usize {
-        self.modules
-    }
-
-    /// The method the run was trained with.
-    pub fn method(&self) -> Method {
-        self.method
     }
 
     /// The device the network takes its inputs on.
