@@ -610,7 +610,7 @@ mod tests {
     /// The raw bytes of image `i` of a split, undoing the normalisation.
     fn raw_pixel(ds: &crate::Dataset, split: &crate::Split, i: i64, c: i64) -> f64 {
         let v = split.images.double_value(&[i, c, 3, 4]);
-        (v * ds.std[c as usize] + ds.mean[c as usize]) * 255.0
+        (v * ds.spec.std[c as usize] + ds.spec.mean[c as usize]) * 255.0
     }
 
     #[test]
@@ -618,13 +618,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         image_folder(tmp.path(), "test");
         let ds = load(DatasetKind::Folder, tmp.path(), &opts(8, None)).unwrap();
-        assert_eq!(ds.classes, vec!["cat", "dog", "emu"]);
+        assert_eq!(ds.spec.classes, vec!["cat", "dog", "emu"]);
         let shape = Shape {
             channels: 3,
             image_size: 8,
             num_classes: 3,
         };
-        assert_eq!(ds.shape, shape);
+        assert_eq!(ds.spec.shape, shape);
         assert_eq!(ds.train.images.size(), vec![12, 3, 8, 8]);
         assert_eq!(ds.test.images.size(), vec![3, 3, 8, 8]);
         assert_eq!(labels(&ds.test.labels), vec![0, 2, 2]);
@@ -649,8 +649,7 @@ mod tests {
         // The stored order mixes the classes (the first 4 are not all one class).
         assert!(train[..4].iter().any(|&l| l != train[0]), "{train:?}");
         // One file through the saved run's spec is the same input as in the loaded split.
-        let spec = crate::InputSpec::of(&ds);
-        assert_eq!(spec.classes, ds.classes);
+        let spec = &ds.spec;
         let one = spec.image(&tmp.path().join("test/emu/u.png")).unwrap();
         assert_eq!(one.size(), vec![1, 3, 8, 8]);
         assert!(one.equal(&ds.test.images.narrow(0, 2, 1)));
@@ -685,7 +684,7 @@ mod tests {
         image_folder(tmp.path(), "val");
         let ds = load(DatasetKind::Folder, tmp.path(), &opts(6, None)).unwrap();
         assert_eq!(ds.test.len(), 3);
-        assert_eq!(ds.shape.image_size, 6);
+        assert_eq!(ds.spec.shape.image_size, 6);
     }
 
     #[test]
@@ -698,12 +697,12 @@ mod tests {
         }
         grey(&d.join("test/b/0.png"), 5, 5, 200);
         let ds = load(DatasetKind::Folder, d, &opts(5, None)).unwrap();
-        assert_eq!(ds.shape.channels, 1);
+        assert_eq!(ds.spec.shape.channels, 1);
         assert_eq!(ds.train.images.size(), vec![6, 1, 5, 5]);
-        assert_eq!(ds.mean.len(), 1);
+        assert_eq!(ds.spec.mean.len(), 1);
         solid(&d.join("test/b/1.png"), 5, 5, [1, 2, 3]);
         let ds = load(DatasetKind::Folder, d, &opts(5, None)).unwrap();
-        assert_eq!(ds.shape.channels, 3);
+        assert_eq!(ds.spec.shape.channels, 3);
     }
 
     #[test]
@@ -765,10 +764,10 @@ mod tests {
         let ds = load(DatasetKind::Folder, tmp.path(), &opts(8, None)).unwrap();
         assert_eq!(ds.folder.as_ref().unwrap().layout, Layout::TinyImageNet);
         // Labels follow wnids.txt's order.
-        assert_eq!(ds.classes, vec!["n02", "n01"]);
+        assert_eq!(ds.spec.classes, vec!["n02", "n01"]);
         assert_eq!(labels(&ds.test.labels), vec![1, 0, 0, 1]);
         assert_eq!(ds.train.len(), 6);
-        assert_eq!(ds.shape.channels, 3);
+        assert_eq!(ds.spec.shape.channels, 3);
         // val_0 is n01: yellow, so its blue channel is (about) 0.
         assert!(raw_pixel(&ds, &ds.test, 0, 2) < 4.0);
         assert!(raw_pixel(&ds, &ds.test, 1, 2) > 250.0);
@@ -798,8 +797,8 @@ mod tests {
         let info2 = second.folder.clone().unwrap();
         assert!(cache_hit(&info2), "{info2:?}");
         assert!(info2.to_string().contains("cache hit"), "{info2}");
-        assert_eq!(second.classes, first.classes);
-        assert_eq!(second.shape, first.shape);
+        assert_eq!(second.spec.classes, first.spec.classes);
+        assert_eq!(second.spec.shape, first.spec.shape);
         assert!(second.train.images.equal(&first.train.images));
         assert!(second.test.labels.equal(&first.test.labels));
 

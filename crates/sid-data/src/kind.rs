@@ -76,7 +76,7 @@ impl DatasetKind {
     }
 
     /// The fixed shape of a built-in data set (CIFAR-100 uses its 100 fine labels); `None`
-    /// for [`DatasetKind::Folder`], whose shape is [`crate::Dataset::shape`] once loaded.
+    /// for [`DatasetKind::Folder`], whose shape is [`crate::Dataset::spec`] once loaded.
     pub fn shape(&self) -> Option<Shape> {
         let (channels, image_size, num_classes) = match self {
             DatasetKind::FashionMnist | DatasetKind::Mnist => (1, 28, 10),
@@ -118,7 +118,7 @@ impl DatasetKind {
     }
 
     /// The published class names by label; empty for [`DatasetKind::Folder`], whose names
-    /// are its class folders ([`crate::Dataset::classes`]).
+    /// are its class folders ([`crate::Dataset::spec`]).
     pub fn class_names(&self) -> &'static [&'static str] {
         match self {
             DatasetKind::FashionMnist => &FASHION_MNIST_CLASSES,

@@ -39,7 +39,7 @@ pub struct Saved {
 pub fn open(dir: &Path, gpus: Option<&str>) -> Result<Saved> {
     let cfg = saved_config_on(dir, gpus)?;
     let data = crate::trainer::load_data(&cfg)?;
-    let net = load_network(dir, &cfg, data.shape)?;
+    let net = load_network(dir, &cfg, data.spec.shape)?;
     let data = crate::trainer::data_on_input_device(data, net.as_ref());
     Ok(Saved {
         net,

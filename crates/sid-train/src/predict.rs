@@ -131,7 +131,7 @@ fn input_spec(dir: &Path, cfg: &RunConfig) -> Result<InputSpec> {
                 std: std.to_vec(),
                 classes: kind.class_names().iter().map(|c| c.to_string()).collect(),
             }),
-            _ => Ok(InputSpec::of(&crate::trainer::load_data(cfg)?)),
+            _ => Ok(crate::trainer::load_data(cfg)?.spec),
         },
         Err(e) => Err(TrainError::io(path, e)),
     }

@@ -158,7 +158,7 @@ impl Run {
     ) -> Result<Self> {
         let devices = cfg.runtime.gpus.resolve()?;
         let data = load_data(&cfg)?;
-        cfg.data.loaded_shape = Some(data.shape);
+        cfg.data.loaded_shape = Some(data.spec.shape);
         // Under ranks, this process's device.
         let on = rdv.map_or_else(|| devices.clone(), |r| vec![r.device()]);
         let plan = Plan::resolve(&cfg, &on, rdv.is_some(), true)?;
@@ -171,8 +171,7 @@ impl Run {
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         checkpoint::write_atomic(&dir.join(PLAN_FILE), plan.to_toml().as_bytes())?;
         // Runs from before input.json get one on resume.
-        let spec = serde_json::to_string_pretty(&sid_data::InputSpec::of(&data))
-            .expect("an input spec serialises");
+        let spec = serde_json::to_string_pretty(&data.spec).expect("an input spec serialises");
         checkpoint::write_atomic(&dir.join(INPUT_FILE), spec.as_bytes())?;
         Ok(Self {
             cfg,
@@ -359,7 +358,7 @@ impl Run {
             noisy_labels: self.data.noisy_labels,
         });
         if let Some(folder) = &self.data.folder {
-            let s = self.data.shape;
+            let s = self.data.spec.shape;
             let (n, c, side) = (s.num_classes, s.channels, s.image_size);
             let notice = format!("{n} classes, {c}x{side}x{side} images; {folder}");
             on_event(Event::Notice(notice));
