@@ -41,10 +41,7 @@ pub struct Predictor {
     net: Box<dyn Network>,
     /// What input images are made into, and the class names.
     pub spec: InputSpec,
-    /// The method the run was trained with.
-    pub method: Method,
-    /// Modules in the cascade.
-    pub modules: usize,
+    method: Method,
 }
 
 impl Predictor {
@@ -60,7 +57,6 @@ impl Predictor {
             net,
             spec,
             method: cfg.optim.method,
-            modules: cfg.model.modules,
         })
     }
 
