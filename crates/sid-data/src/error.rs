@@ -70,7 +70,7 @@ pub enum DataError {
     #[error("{}: empty file, holds no records", .0.display())]
     Empty(PathBuf),
 
-    /// A dataset name that is none of [`crate::DatasetKind::ALL`]; the message lists the
+    /// A dataset name that is none of [`crate::DatasetKind`]'s; the message lists the
     /// valid names so the user can fix the flag or config at once.
     #[error(
         "unknown dataset {0:?}, expected one of: fashion-mnist, mnist, cifar10, cifar100, folder"
