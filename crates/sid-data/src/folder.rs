@@ -294,10 +294,8 @@ fn tiny_imagenet_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8
 /// A test image's class (its folder, or its annotation in the file `path`) that the training
 /// split lacks, so no label exists for it.
 fn unknown_class(path: PathBuf, class: &str) -> DataError {
-    DataError::content(
-        path,
-        format!("class {class:?} does not exist in the training split"),
-    )
+    let detail = format!("class {class:?} does not exist in the training split");
+    DataError::content(path, detail)
 }
 
 fn read_text(path: &Path) -> Result<String, DataError> {
