@@ -435,8 +435,9 @@ impl Run {
             let net = self.built.net.as_mut();
             let health = cascade_health(net, &self.data.test, eval_batch)?;
             let module_test_acc = health.accuracy();
-            let val_acc = self.data.val.as_ref().map(|v| evaluate(net, v, eval_batch));
-            let val_acc = val_acc.transpose()?.map(|(acc, _)| acc);
+            let val = self.data.val.as_ref();
+            let val = val.map(|v| cascade_health(net, v, eval_batch));
+            let val_acc = val.transpose()?.and_then(|h| h.accuracy().last().copied());
             let per_step = |sum: &f64| sum / steps as f64;
             let m = EpochMetrics {
                 epoch,
@@ -475,12 +476,6 @@ impl Run {
         checkpoint::write_atomic(&self.dir.join(SUMMARY_FILE), text.as_bytes())?;
         Ok(summary)
     }
-}
-
-/// Accuracy of the final module and of every module on a split, in evaluation batches.
-pub fn evaluate(net: &mut dyn Network, split: &Split, batch_size: i64) -> Result<(f64, Vec<f64>)> {
-    let per_module = cascade_health(net, split, batch_size)?.accuracy();
-    Ok((per_module.last().copied().unwrap_or(0.0), per_module))
 }
 
 /// The cascade's health on `split` ([`sid_core::CascadeHealth`]: every module's accuracy and
