@@ -324,7 +324,8 @@ impl InputSpec {
                 self.std.len()
             ));
         }
-        let pixels = folder::decode_file(path, self.shape)?;
+        let (rgb, _) = folder::decode(path, self.shape.image_size as u32)?;
+        let pixels = folder::planes(&rgb, self.shape.channels);
         normalise(&pixels, self.shape, &self.mean, &self.std)
     }
 }

@@ -344,18 +344,10 @@ fn images_in(folder: &Path, label: usize) -> Result<Vec<(PathBuf, u8)>, DataErro
         .collect())
 }
 
-/// One image file as `shape.channels` channel-major planes of `shape.image_size`² bytes,
-/// decoded, resized and converted exactly as the training images of a folder data set are:
-/// what a saved model is fed for a single image (`sid-launch predict`).
-pub(crate) fn decode_file(path: &Path, shape: Shape) -> Result<Vec<u8>, DataError> {
-    let (rgb, _) = decode(path, shape.image_size as u32)?;
-    Ok(planes(&rgb, shape.channels))
-}
-
 /// Interleaved RGB bytes as channel-major planes: three, or one grey plane. Grey is the luma
 /// of the three channels, which for a greyscale file (three equal channels, as every image of
 /// a grey folder data set is) is its own value, bit for bit.
-fn planes(rgb: &[u8], channels: i64) -> Vec<u8> {
+pub(crate) fn planes(rgb: &[u8], channels: i64) -> Vec<u8> {
     if channels == 1 {
         // The `image` crate's Rec. 709 integer luma; the weights sum to 10000.
         let luma = |p: &[u8]| {
@@ -372,7 +364,7 @@ fn planes(rgb: &[u8], channels: i64) -> Vec<u8> {
 
 /// One image file decoded and resized: `size * size * 3` RGB bytes (row-major, interleaved)
 /// and whether the file was greyscale.
-fn decode(path: &Path, size: u32) -> Result<(Vec<u8>, bool), DataError> {
+pub(crate) fn decode(path: &Path, size: u32) -> Result<(Vec<u8>, bool), DataError> {
     // The content decides the format (a JPEG named .png still loads); the name is the
     // fallback.
     let img = ImageReader::open(path)
