@@ -27,8 +27,8 @@ macro_rules! invalid {
 /// One split held in memory on the CPU.
 #[derive(Debug)]
 pub struct Split {
-    /// `[N, C, H, W]` float32 images, normalised per channel with [`Dataset::mean`] and
-    /// [`Dataset::std`].
+    /// `[N, C, H, W]` float32 images, normalised per channel with [`InputSpec::mean`] and
+    /// [`InputSpec::std`] of the data set's [`Dataset::spec`].
     pub images: Tensor,
     /// `[N]` int64 class indices.
     pub labels: Tensor,
@@ -122,16 +122,11 @@ pub struct Dataset {
     pub test: Split,
     /// How many training labels were flipped by label noise.
     pub noisy_labels: usize,
-    /// Channels, side length and number of classes: what the model is built for.
-    pub shape: Shape,
-    /// Class names by label: a folder data set's folder names (or `wnids.txt`'s), a built-in
-    /// data set's published names ([`DatasetKind::class_names`]).
-    pub classes: Vec<String>,
-    /// Per-channel mean of the pixels (scaled to 0..1) that was subtracted: the published
-    /// value for a built-in data set, the training split's own for a folder data set.
-    pub mean: Vec<f64>,
-    /// Per-channel standard deviation the pixels were divided by, as [`Dataset::mean`].
-    pub std: Vec<f64>,
+    /// What the model is built for and its inputs are made into: the shape, the per-channel
+    /// statistics the pixels were normalised with (a built-in data set's published ones, a
+    /// folder data set's training split's own) and the class names (a folder data set's
+    /// folder names or `wnids.txt`'s, a built-in data set's published names).
+    pub spec: InputSpec,
     /// How a folder data set was loaded (layout, cache hit or not, time); `None` otherwise.
     pub folder: Option<FolderInfo>,
 }
@@ -211,10 +206,16 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
         Some((mean, std)) => (mean.to_vec(), std.to_vec()),
         None => channel_mean_std(&train.pixels, shape),
     };
+    let spec = InputSpec {
+        shape,
+        mean,
+        std,
+        classes,
+    };
     // The normalised float tensors of one split.
     let norm = |raw: RawSplit| -> Result<Split, DataError> {
         let labels = Tensor::f_from_slice(&raw.labels)?.f_to_kind(Kind::Int64)?;
-        let images = normalise(&raw.pixels, shape, &mean, &std)?;
+        let images = normalise(&raw.pixels, shape, &spec.mean, &spec.std)?;
         Ok(Split { images, labels })
     };
     Ok(Dataset {
@@ -223,10 +224,7 @@ pub fn load(kind: DatasetKind, dir: &Path, opts: &LoadOptions) -> Result<Dataset
         val: val.map(&norm).transpose()?,
         test: norm(test)?,
         noisy_labels,
-        shape,
-        classes,
-        mean,
-        std,
+        spec,
         folder,
     })
 }
@@ -309,21 +307,11 @@ pub struct InputSpec {
     pub mean: Vec<f64>,
     /// Per-channel standard deviation divided by.
     pub std: Vec<f64>,
-    /// Class names by label (see [`Dataset::classes`]).
+    /// Class names by label.
     pub classes: Vec<String>,
 }
 
 impl InputSpec {
-    /// That of a loaded data set.
-    pub fn of(data: &Dataset) -> Self {
-        Self {
-            shape: data.shape,
-            mean: data.mean.clone(),
-            std: data.std.clone(),
-            classes: data.classes.clone(),
-        }
-    }
-
     /// The PNG or JPEG file at `path` as a `[1, C, H, W]` float32 input: decoded, resized to
     /// fill the image size (centre crop), converted to the data set's channels (luma for grey)
     /// and normalised, by the same code that prepares a folder data set's images.
@@ -336,7 +324,8 @@ impl InputSpec {
                 self.std.len()
             ));
         }
-        let pixels = folder::decode_file(path, self.shape)?;
+        let (rgb, _) = folder::decode(path, self.shape.image_size as u32)?;
+        let pixels = folder::planes(&rgb, self.shape.channels);
         normalise(&pixels, self.shape, &self.mean, &self.std)
     }
 }

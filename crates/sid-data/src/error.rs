@@ -55,54 +55,22 @@ pub enum DataError {
         detail: String,
     },
 
+    /// What a file or folder holds does not fit the data set: images of another size, images
+    /// and labels that disagree in count, a label outside the classes, a test class the
+    /// training split lacks, more classes than one-byte labels can number.
+    #[error("{}: {detail}", .path.display())]
+    Content {
+        /// The file or folder.
+        path: PathBuf,
+        /// What does not fit, with the values found and expected.
+        detail: String,
+    },
+
     /// A file holds no records at all.
     #[error("{}: empty file, holds no records", .0.display())]
     Empty(PathBuf),
 
-    /// The images in a file have a different size than the dataset kind implies.
-    #[error("{}: images are {rows}x{cols}, expected {expected}x{expected} for {dataset}", .path.display())]
-    WrongImageSize {
-        /// The file.
-        path: PathBuf,
-        /// Rows per image found in the header.
-        rows: u32,
-        /// Columns per image found in the header.
-        cols: u32,
-        /// The side length the dataset requires.
-        expected: i64,
-        /// The dataset name.
-        dataset: &'static str,
-    },
-
-    /// The image file and the label file of one split disagree on the sample count.
-    #[error("{}: {images} images but {labels} labels in {}", .images_path.display(), .labels_path.display())]
-    CountMismatch {
-        /// The image file.
-        images_path: PathBuf,
-        /// Number of images it holds.
-        images: usize,
-        /// The label file.
-        labels_path: PathBuf,
-        /// Number of labels it holds.
-        labels: usize,
-    },
-
-    /// A label does not name one of the dataset's classes.
-    #[error("{}: {which} {label} at index {index} is outside 0..{num_classes}", .path.display())]
-    LabelOutOfRange {
-        /// The file.
-        path: PathBuf,
-        /// "label", or "coarse label" for CIFAR-100's superclass byte.
-        which: &'static str,
-        /// The value read.
-        label: u8,
-        /// Index of the sample within the file.
-        index: usize,
-        /// Number of classes: valid labels are `0..num_classes`.
-        num_classes: i64,
-    },
-
-    /// A dataset name that is none of [`crate::DatasetKind::ALL`]; the message lists the
+    /// A dataset name that is none of [`crate::DatasetKind`]'s; the message lists the
     /// valid names so the user can fix the flag or config at once.
     #[error(
         "unknown dataset {0:?}, expected one of: fashion-mnist, mnist, cifar10, cifar100, folder"
@@ -122,16 +90,6 @@ pub enum DataError {
     /// A class folder of a folder data set holds no PNG or JPEG file.
     #[error("class folder {} holds no PNG or JPEG images", .0.display())]
     EmptyClass(PathBuf),
-
-    /// A test (or validation) image belongs to a class the training split does not have, so
-    /// no label index exists for it.
-    #[error("{}: class {class:?} does not exist in the training split", .path.display())]
-    UnknownClass {
-        /// The test class folder, or the annotation file naming the class.
-        path: PathBuf,
-        /// The class name.
-        class: String,
-    },
 
     /// A folder data set lacks a split: no `train/`, or neither `test/` nor `val/`.
     #[error("{}: {what}", .dir.display())]
@@ -153,15 +111,6 @@ pub enum DataError {
         detail: String,
     },
 
-    /// A folder data set has more classes than the one-byte labels can number.
-    #[error("{}: {count} classes, at most 256 are supported", .dir.display())]
-    TooManyClasses {
-        /// The folder holding the class folders.
-        dir: PathBuf,
-        /// How many classes were found.
-        count: usize,
-    },
-
     /// A [`crate::LoadOptions`] value is out of range or leaves an empty split.
     #[error("invalid option: {0}")]
     InvalidOption(String),
@@ -176,6 +125,12 @@ impl DataError {
     pub(crate) fn missing(path: impl Into<PathBuf>) -> Self {
         let (path, also_tried) = (path.into(), None);
         DataError::MissingFile { path, also_tried }
+    }
+
+    /// What `path` holds does not fit the data set, as `detail` says.
+    pub(crate) fn content(path: impl Into<PathBuf>, detail: String) -> Self {
+        let path = path.into();
+        DataError::Content { path, detail }
     }
 
     /// Wraps an I/O error together with the file it happened on (std's errors omit the path).

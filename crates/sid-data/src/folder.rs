@@ -200,7 +200,7 @@ fn list(dir: &Path) -> Result<Listing, DataError> {
         let dir = train_dir;
         return Err(match classes.len() {
             0 => DataError::MissingSplit { dir, what },
-            count => DataError::TooManyClasses { dir, count },
+            n => DataError::content(dir, format!("{n} classes, at most 256 are supported")),
         });
     }
     let mut train = Vec::new();
@@ -246,7 +246,7 @@ fn image_folder_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8)
     for class in test_classes {
         let path = test_dir.join(&class);
         let Some(label) = classes.iter().position(|c| *c == class) else {
-            return Err(DataError::UnknownClass { path, class });
+            return Err(unknown_class(path, &class));
         };
         test.extend(images_in(&path, label)?);
     }
@@ -277,10 +277,7 @@ fn tiny_imagenet_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8
             });
         };
         let Some(label) = classes.iter().position(|c| c == wnid.trim()) else {
-            return Err(DataError::UnknownClass {
-                path: ann,
-                class: wnid.trim().to_string(),
-            });
+            return Err(unknown_class(ann, wnid.trim()));
         };
         let path = images.join(file.trim());
         if !path.is_file() {
@@ -292,6 +289,13 @@ fn tiny_imagenet_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8
         return Err(DataError::Empty(ann));
     }
     Ok(test)
+}
+
+/// A test image's class (its folder, or its annotation in the file `path`) that the training
+/// split lacks, so no label exists for it.
+fn unknown_class(path: PathBuf, class: &str) -> DataError {
+    let detail = format!("class {class:?} does not exist in the training split");
+    DataError::content(path, detail)
 }
 
 fn read_text(path: &Path) -> Result<String, DataError> {
@@ -340,18 +344,10 @@ fn images_in(folder: &Path, label: usize) -> Result<Vec<(PathBuf, u8)>, DataErro
         .collect())
 }
 
-/// One image file as `shape.channels` channel-major planes of `shape.image_size`² bytes,
-/// decoded, resized and converted exactly as the training images of a folder data set are:
-/// what a saved model is fed for a single image (`sid-launch predict`).
-pub(crate) fn decode_file(path: &Path, shape: Shape) -> Result<Vec<u8>, DataError> {
-    let (rgb, _) = decode(path, shape.image_size as u32)?;
-    Ok(planes(&rgb, shape.channels))
-}
-
 /// Interleaved RGB bytes as channel-major planes: three, or one grey plane. Grey is the luma
 /// of the three channels, which for a greyscale file (three equal channels, as every image of
 /// a grey folder data set is) is its own value, bit for bit.
-fn planes(rgb: &[u8], channels: i64) -> Vec<u8> {
+pub(crate) fn planes(rgb: &[u8], channels: i64) -> Vec<u8> {
     if channels == 1 {
         // The `image` crate's Rec. 709 integer luma; the weights sum to 10000.
         let luma = |p: &[u8]| {
@@ -368,7 +364,7 @@ fn planes(rgb: &[u8], channels: i64) -> Vec<u8> {
 
 /// One image file decoded and resized: `size * size * 3` RGB bytes (row-major, interleaved)
 /// and whether the file was greyscale.
-fn decode(path: &Path, size: u32) -> Result<(Vec<u8>, bool), DataError> {
+pub(crate) fn decode(path: &Path, size: u32) -> Result<(Vec<u8>, bool), DataError> {
     // The content decides the format (a JPEG named .png still loads); the name is the
     // fallback.
     let img = ImageReader::open(path)
@@ -604,7 +600,7 @@ mod tests {
     /// The raw bytes of image `i` of a split, undoing the normalisation.
     fn raw_pixel(ds: &crate::Dataset, split: &crate::Split, i: i64, c: i64) -> f64 {
         let v = split.images.double_value(&[i, c, 3, 4]);
-        (v * ds.std[c as usize] + ds.mean[c as usize]) * 255.0
+        (v * ds.spec.std[c as usize] + ds.spec.mean[c as usize]) * 255.0
     }
 
     #[test]
@@ -612,13 +608,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         image_folder(tmp.path(), "test");
         let ds = load(DatasetKind::Folder, tmp.path(), &opts(8, None)).unwrap();
-        assert_eq!(ds.classes, vec!["cat", "dog", "emu"]);
+        assert_eq!(ds.spec.classes, vec!["cat", "dog", "emu"]);
         let shape = Shape {
             channels: 3,
             image_size: 8,
             num_classes: 3,
         };
-        assert_eq!(ds.shape, shape);
+        assert_eq!(ds.spec.shape, shape);
         assert_eq!(ds.train.images.size(), vec![12, 3, 8, 8]);
         assert_eq!(ds.test.images.size(), vec![3, 3, 8, 8]);
         assert_eq!(labels(&ds.test.labels), vec![0, 2, 2]);
@@ -643,8 +639,7 @@ mod tests {
         // The stored order mixes the classes (the first 4 are not all one class).
         assert!(train[..4].iter().any(|&l| l != train[0]), "{train:?}");
         // One file through the saved run's spec is the same input as in the loaded split.
-        let spec = crate::InputSpec::of(&ds);
-        assert_eq!(spec.classes, ds.classes);
+        let spec = &ds.spec;
         let one = spec.image(&tmp.path().join("test/emu/u.png")).unwrap();
         assert_eq!(one.size(), vec![1, 3, 8, 8]);
         assert!(one.equal(&ds.test.images.narrow(0, 2, 1)));
@@ -679,7 +674,7 @@ mod tests {
         image_folder(tmp.path(), "val");
         let ds = load(DatasetKind::Folder, tmp.path(), &opts(6, None)).unwrap();
         assert_eq!(ds.test.len(), 3);
-        assert_eq!(ds.shape.image_size, 6);
+        assert_eq!(ds.spec.shape.image_size, 6);
     }
 
     #[test]
@@ -692,12 +687,12 @@ mod tests {
         }
         grey(&d.join("test/b/0.png"), 5, 5, 200);
         let ds = load(DatasetKind::Folder, d, &opts(5, None)).unwrap();
-        assert_eq!(ds.shape.channels, 1);
+        assert_eq!(ds.spec.shape.channels, 1);
         assert_eq!(ds.train.images.size(), vec![6, 1, 5, 5]);
-        assert_eq!(ds.mean.len(), 1);
+        assert_eq!(ds.spec.mean.len(), 1);
         solid(&d.join("test/b/1.png"), 5, 5, [1, 2, 3]);
         let ds = load(DatasetKind::Folder, d, &opts(5, None)).unwrap();
-        assert_eq!(ds.shape.channels, 3);
+        assert_eq!(ds.spec.shape.channels, 3);
     }
 
     #[test]
@@ -759,10 +754,10 @@ mod tests {
         let ds = load(DatasetKind::Folder, tmp.path(), &opts(8, None)).unwrap();
         assert_eq!(ds.folder.as_ref().unwrap().layout, Layout::TinyImageNet);
         // Labels follow wnids.txt's order.
-        assert_eq!(ds.classes, vec!["n02", "n01"]);
+        assert_eq!(ds.spec.classes, vec!["n02", "n01"]);
         assert_eq!(labels(&ds.test.labels), vec![1, 0, 0, 1]);
         assert_eq!(ds.train.len(), 6);
-        assert_eq!(ds.shape.channels, 3);
+        assert_eq!(ds.spec.shape.channels, 3);
         // val_0 is n01: yellow, so its blue channel is (about) 0.
         assert!(raw_pixel(&ds, &ds.test, 0, 2) < 4.0);
         assert!(raw_pixel(&ds, &ds.test, 1, 2) > 250.0);
@@ -792,8 +787,8 @@ mod tests {
         let info2 = second.folder.clone().unwrap();
         assert!(cache_hit(&info2), "{info2:?}");
         assert!(info2.to_string().contains("cache hit"), "{info2}");
-        assert_eq!(second.classes, first.classes);
-        assert_eq!(second.shape, first.shape);
+        assert_eq!(second.spec.classes, first.spec.classes);
+        assert_eq!(second.spec.shape, first.spec.shape);
         assert!(second.train.images.equal(&first.train.images));
         assert!(second.test.labels.equal(&first.test.labels));
 

@@ -33,12 +33,9 @@ pub(crate) fn read_split(dir: &Path, part: Part, kind: DatasetKind) -> Result<Ra
     );
     let ((count, pixels), labels) = (images?, labels?);
     if labels.len() != count {
-        return Err(DataError::CountMismatch {
-            images_path,
-            images: count,
-            labels_path,
-            labels: labels.len(),
-        });
+        let (n, labels_path) = (labels.len(), labels_path.display());
+        let detail = format!("{count} images but {n} labels in {labels_path}");
+        return Err(DataError::content(images_path, detail));
     }
     Ok(RawSplit { pixels, labels })
 }
@@ -139,13 +136,8 @@ fn read_images(path: &Path, kind: DatasetKind) -> Result<(usize, Vec<u8>), DataE
     let (sizes, pixels) = read_idx(path, (IMAGES_MAGIC, "IDX images", "pixel"), 3, |sizes| {
         let (count, rows, cols) = (sizes[0], sizes[1], sizes[2]);
         if i64::from(rows) != SIDE || i64::from(cols) != SIDE {
-            return Err(DataError::WrongImageSize {
-                path: path.to_path_buf(),
-                rows,
-                cols,
-                expected: SIDE,
-                dataset: kind.name(),
-            });
+            let detail = format!("images are {rows}x{cols}, expected {SIDE}x{SIDE} for {kind}");
+            return Err(DataError::content(path, detail));
         }
         Ok(format!("{count} images of {rows}x{cols}"))
     })?;
@@ -169,13 +161,11 @@ pub(crate) fn check_labels(
 ) -> Result<(), DataError> {
     match labels.iter().position(|&l| i64::from(l) >= num_classes) {
         None => Ok(()),
-        Some(index) => Err(DataError::LabelOutOfRange {
-            path: path.to_path_buf(),
-            which,
-            label: labels[index],
-            index,
-            num_classes,
-        }),
+        Some(index) => {
+            let label = labels[index];
+            let detail = format!("{which} {label} at index {index} is outside 0..{num_classes}");
+            Err(DataError::content(path, detail))
+        }
     }
 }
 

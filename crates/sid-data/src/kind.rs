@@ -55,15 +55,6 @@ pub enum DatasetKind {
 }
 
 impl DatasetKind {
-    /// Every dataset, in the order they are listed in help texts.
-    pub const ALL: [DatasetKind; 5] = [
-        DatasetKind::FashionMnist,
-        DatasetKind::Mnist,
-        DatasetKind::Cifar10,
-        DatasetKind::Cifar100,
-        DatasetKind::Folder,
-    ];
-
     /// The canonical kebab-case name, as accepted on the command line and written to configs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -76,7 +67,7 @@ impl DatasetKind {
     }
 
     /// The fixed shape of a built-in data set (CIFAR-100 uses its 100 fine labels); `None`
-    /// for [`DatasetKind::Folder`], whose shape is [`crate::Dataset::shape`] once loaded.
+    /// for [`DatasetKind::Folder`], whose shape is [`crate::Dataset::spec`] once loaded.
     pub fn shape(&self) -> Option<Shape> {
         let (channels, image_size, num_classes) = match self {
             DatasetKind::FashionMnist | DatasetKind::Mnist => (1, 28, 10),
@@ -118,7 +109,7 @@ impl DatasetKind {
     }
 
     /// The published class names by label; empty for [`DatasetKind::Folder`], whose names
-    /// are its class folders ([`crate::Dataset::classes`]).
+    /// are its class folders ([`crate::Dataset::spec`]).
     pub fn class_names(&self) -> &'static [&'static str] {
         match self {
             DatasetKind::FashionMnist => &FASHION_MNIST_CLASSES,
@@ -199,9 +190,18 @@ impl FromStr for DatasetKind {
 mod tests {
     use super::*;
 
+    /// Every dataset, in the order they are listed in help texts.
+    const ALL: [DatasetKind; 5] = [
+        DatasetKind::FashionMnist,
+        DatasetKind::Mnist,
+        DatasetKind::Cifar10,
+        DatasetKind::Cifar100,
+        DatasetKind::Folder,
+    ];
+
     #[test]
     fn names_round_trip_through_from_str_and_display() {
-        for kind in DatasetKind::ALL {
+        for kind in ALL {
             assert_eq!(kind.name().parse::<DatasetKind>().unwrap(), kind);
             assert_eq!(kind.to_string(), kind.name());
         }
@@ -227,14 +227,14 @@ mod tests {
     fn parse_error_lists_valid_names() {
         let msg = "imagenet".parse::<DatasetKind>().unwrap_err().to_string();
         assert!(msg.contains("\"imagenet\""), "{msg}");
-        for kind in DatasetKind::ALL {
+        for kind in ALL {
             assert!(msg.contains(kind.name()), "{msg}");
         }
     }
 
     #[test]
     fn serde_uses_kebab_names() {
-        for kind in DatasetKind::ALL {
+        for kind in ALL {
             let json = serde_json::to_string(&kind).unwrap();
             assert_eq!(json, format!("\"{}\"", kind.name()));
             assert_eq!(serde_json::from_str::<DatasetKind>(&json).unwrap(), kind);

@@ -56,7 +56,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    let (acc, per_module) = sid_train::evaluate(&mut pipeline, &data.test, 1000)?;
+    let per_module = sid_train::cascade_health(&mut pipeline, &data.test, 1000)?.accuracy();
+    let acc = per_module.last().copied().unwrap_or(0.0);
     println!(
         "test accuracy {:.2}%, per module {:?}",
         acc * 100.0,

@@ -33,13 +33,16 @@ pub struct Rendezvous {
     gloo_host: String,
 }
 
-/// The store keys' prefix of this try of the run (see [`Rendezvous`]'s `prefix`).
-fn key_prefix() -> String {
-    let restart = std::env::var("TORCHELASTIC_RESTART_COUNT").ok();
-    match restart.and_then(|v| v.trim().parse::<u32>().ok()) {
-        Some(n) if n > 0 => format!("sid/restart-{n}"),
-        _ => "sid".into(),
-    }
+/// Which restart this process belongs to: torchrun's `TORCHELASTIC_RESTART_COUNT`, which
+/// sid-launch's own supervision (`--max-restarts`) sets for its ranks too; `None` outside
+/// either. A value that is not a count is refused, naming it.
+pub fn restart_env() -> Result<Option<u32>> {
+    let Ok(v) = std::env::var("TORCHELASTIC_RESTART_COUNT") else {
+        return Ok(None);
+    };
+    let bad =
+        || sid_dist::DistError::Env(format!("TORCHELASTIC_RESTART_COUNT={v:?} is not a count"));
+    Ok(Some(v.trim().parse().map_err(|_| bad())?))
 }
 
 /// What every rank must share whatever its settings: the program and the world size.
@@ -102,7 +105,10 @@ impl Rendezvous {
             store: Arc::new(store),
             device,
             timeout,
-            prefix: key_prefix(),
+            prefix: match restart_env()? {
+                Some(n) if n > 0 => format!("sid/restart-{n}"),
+                _ => "sid".into(),
+            },
             gloo_host: std::env::var("SID_GLOO_HOST").unwrap_or_else(|_| default_host.into()),
         };
         let mine = match follows_rank0 {

@@ -30,8 +30,6 @@ pub struct Saved {
     pub net: Box<dyn Network>,
     /// The run's test split (and the rest of its data set).
     pub data: sid_data::Dataset,
-    /// Modules in the cascade.
-    pub modules: usize,
 }
 
 /// Opens the run in `dir` (its `config.toml` and checkpoint), on `gpus` if given (else the
@@ -39,13 +37,9 @@ pub struct Saved {
 pub fn open(dir: &Path, gpus: Option<&str>) -> Result<Saved> {
     let cfg = saved_config_on(dir, gpus)?;
     let data = crate::trainer::load_data(&cfg)?;
-    let net = load_network(dir, &cfg, data.shape)?;
+    let net = load_network(dir, &cfg, data.spec.shape)?;
     let data = crate::trainer::data_on_input_device(data, net.as_ref());
-    Ok(Saved {
-        net,
-        data,
-        modules: cfg.model.modules,
-    })
+    Ok(Saved { net, data })
 }
 
 /// The saved config of the run in `dir`, moved onto `gpus` if given.

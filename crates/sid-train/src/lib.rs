@@ -22,4 +22,4 @@ pub use config::RunConfig;
 pub use error::{Result, TrainError};
 pub use metrics::EpochMetrics;
 pub use plan::{Graphs, Layout, Plan};
-pub use trainer::{evaluate, Event, Run, Summary};
+pub use trainer::{cascade_health, Event, Run, Summary};

@@ -96,9 +96,9 @@ pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> 
         }
     };
     let pipeline = sid_runtime::StagedPipeline::new(sc)?;
-    let slots = pipeline.plan().len() * if rdv.is_some() { plan.replicas } else { 1 };
+    // Without ranks a plan has one replica.
     let slots = match plan.layout {
-        Layout::Stages { .. } => slots,
+        Layout::Stages { .. } => pipeline.plan().len() * plan.replicas,
         _ => 0,
     };
     Ok(Built {

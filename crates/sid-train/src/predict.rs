@@ -39,9 +39,9 @@ pub struct Prediction {
 /// its inputs must be made into.
 pub struct Predictor {
     net: Box<dyn Network>,
-    spec: InputSpec,
+    /// What input images are made into, and the class names.
+    pub spec: InputSpec,
     method: Method,
-    modules: usize,
 }
 
 impl Predictor {
@@ -57,23 +57,7 @@ impl Predictor {
             net,
             spec,
             method: cfg.optim.method,
-            modules: cfg.model.modules,
         })
-    }
-
-    /// What input images are made into, and the class names.
-    pub fn spec(&self) -> &InputSpec {
-        &self.spec
-    }
-
-    /// Modules in the cascade.
-    pub fn modules(&self) -> usize {
-        self.modules
-    }
-
-    /// The method the run was trained with.
-    pub fn method(&self) -> Method {
-        self.method
     }
 
     /// The device the network takes its inputs on.
@@ -143,7 +127,7 @@ fn input_spec(dir: &Path, cfg: &RunConfig) -> Result<InputSpec> {
                 std: std.to_vec(),
                 classes: kind.class_names().iter().map(|c| c.to_string()).collect(),
             }),
-            _ => Ok(InputSpec::of(&crate::trainer::load_data(cfg)?)),
+            _ => Ok(crate::trainer::load_data(cfg)?.spec),
         },
         Err(e) => Err(TrainError::io(path, e)),
     }

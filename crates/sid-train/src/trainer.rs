@@ -158,7 +158,7 @@ impl Run {
     ) -> Result<Self> {
         let devices = cfg.runtime.gpus.resolve()?;
         let data = load_data(&cfg)?;
-        cfg.data.loaded_shape = Some(data.shape);
+        cfg.data.loaded_shape = Some(data.spec.shape);
         // Under ranks, this process's device.
         let on = rdv.map_or_else(|| devices.clone(), |r| vec![r.device()]);
         let plan = Plan::resolve(&cfg, &on, rdv.is_some(), true)?;
@@ -171,8 +171,7 @@ impl Run {
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         checkpoint::write_atomic(&dir.join(PLAN_FILE), plan.to_toml().as_bytes())?;
         // Runs from before input.json get one on resume.
-        let spec = serde_json::to_string_pretty(&sid_data::InputSpec::of(&data))
-            .expect("an input spec serialises");
+        let spec = serde_json::to_string_pretty(&data.spec).expect("an input spec serialises");
         checkpoint::write_atomic(&dir.join(INPUT_FILE), spec.as_bytes())?;
         Ok(Self {
             cfg,
@@ -359,7 +358,7 @@ impl Run {
             noisy_labels: self.data.noisy_labels,
         });
         if let Some(folder) = &self.data.folder {
-            let s = self.data.shape;
+            let s = self.data.spec.shape;
             let (n, c, side) = (s.num_classes, s.channels, s.image_size);
             let notice = format!("{n} classes, {c}x{side}x{side} images; {folder}");
             on_event(Event::Notice(notice));
@@ -436,8 +435,9 @@ impl Run {
             let net = self.built.net.as_mut();
             let health = cascade_health(net, &self.data.test, eval_batch)?;
             let module_test_acc = health.accuracy();
-            let val_acc = self.data.val.as_ref().map(|v| evaluate(net, v, eval_batch));
-            let val_acc = val_acc.transpose()?.map(|(acc, _)| acc);
+            let val = self.data.val.as_ref();
+            let val = val.map(|v| cascade_health(net, v, eval_batch));
+            let val_acc = val.transpose()?.and_then(|h| h.accuracy().last().copied());
             let per_step = |sum: &f64| sum / steps as f64;
             let m = EpochMetrics {
                 epoch,
@@ -476,12 +476,6 @@ impl Run {
         checkpoint::write_atomic(&self.dir.join(SUMMARY_FILE), text.as_bytes())?;
         Ok(summary)
     }
-}
-
-/// Accuracy of the final module and of every module on a split, in evaluation batches.
-pub fn evaluate(net: &mut dyn Network, split: &Split, batch_size: i64) -> Result<(f64, Vec<f64>)> {
-    let per_module = cascade_health(net, split, batch_size)?.accuracy();
-    Ok((per_module.last().copied().unwrap_or(0.0), per_module))
 }
 
 /// The cascade's health on `split` ([`sid_core::CascadeHealth`]: every module's accuracy and
