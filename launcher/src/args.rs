@@ -174,19 +174,7 @@ plan.toml (the resolved plan: layout, cut, micro-batches), input.json (what pred
 metrics.jsonl (one record per epoch), checkpoint.safetensors (after every epoch and on Ctrl-C), \
 summary.json, telemetry.jsonl (unless --telemetry-hz 0), steps.jsonl (with --log-steps).";
 
-/// Which restart this process belongs to: torchrun's `TORCHELASTIC_RESTART_COUNT`, which
-/// sid-launch's own supervision (`--max-restarts`) sets for its ranks too; `None` outside
-/// either.
-pub fn restart_env() -> Result<Option<u32>> {
-    match std::env::var("TORCHELASTIC_RESTART_COUNT") {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| anyhow::anyhow!("TORCHELASTIC_RESTART_COUNT={v:?} is not a count")),
-        Err(_) => Ok(None),
-    }
-}
+pub use sid_train::distributed::restart_env;
 
 /// The restart this process belongs to, 0 on the first start.
 pub fn restart_count() -> Result<u32> {

@@ -174,7 +174,7 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
         "early exit on the test set of {} ({samples} samples, {} with L={} on {})",
         dir.display(),
         cfg.optim.method,
-        saved.modules,
+        cfg.model.modules,
         device_name(saved.net.input_device())
     );
     let rows = sid_train::eval::exit_table(&mut saved, batch, &a.exit_confidence)?;

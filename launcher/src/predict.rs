@@ -20,17 +20,17 @@ pub fn run(a: &PredictArgs) -> Result<()> {
     anyhow::ensure!(batch >= 1, "--eval-batch-size must be at least 1");
     let mut p = Predictor::open(dir, a.gpus.as_deref())
         .with_context(|| format!("predict {}", dir.display()))?;
-    let exit = match (p.method(), a.exit_confidence) {
+    let exit = match (cfg.optim.method, a.exit_confidence) {
         (sid_core::Method::Sid, ExitAt::Confidence(t)) => format!("early exit at τ = {t}"),
         (sid_core::Method::Sid, ExitAt::Last) => "full cascade".to_string(),
         (sid_core::Method::Bp, _) => "backprop: last module".to_string(),
     };
-    let modules = p.modules();
+    let modules = cfg.model.modules;
     eprintln!(
         "predicting {} file(s) with {} ({} with L={modules} on {}; {exit})",
         a.files.len(),
         dir.display(),
-        p.method(),
+        cfg.optim.method,
         device_name(p.device())
     );
     let predictions = p.predict_files(&a.files, a.exit_confidence, batch as usize)?;

@@ -1674,9 +1674,9 @@ fn write_pngs(
     dir: &Path,
 ) -> Vec<String> {
     std::fs::create_dir_all(dir).unwrap();
-    let c = data.shape.channels;
-    let mean = tch::Tensor::from_slice(&data.mean).reshape([c, 1, 1]);
-    let std = tch::Tensor::from_slice(&data.std).reshape([c, 1, 1]);
+    let c = data.spec.shape.channels;
+    let mean = tch::Tensor::from_slice(&data.spec.mean).reshape([c, 1, 1]);
+    let std = tch::Tensor::from_slice(&data.spec.std).reshape([c, 1, 1]);
     (0..n)
         .map(|i| {
             let x = split.images.get(i).to_kind(tch::Kind::Double);
@@ -1686,7 +1686,7 @@ fn write_pngs(
                 .to_kind(tch::Kind::Uint8)
                 .permute([1, 2, 0])
                 .contiguous();
-            let side = data.shape.image_size as u32;
+            let side = data.spec.shape.image_size as u32;
             let raw = Vec::<u8>::try_from(&bytes.flatten(0, -1)).unwrap();
             let path = dir.join(format!("{i}.png"));
             if c == 1 {
@@ -1758,7 +1758,7 @@ fn predict_classifies_image_files_as_the_model_does_their_tensors() {
     let mut lib = Predictor::open(&run, None).unwrap();
     // The file goes through the training data's decode and normalisation: the same tensor.
     let x = data.test.images.narrow(0, 0, n);
-    let from_file = lib.spec().image(Path::new(&files[3])).unwrap();
+    let from_file = lib.spec.image(Path::new(&files[3])).unwrap();
     assert!(from_file.allclose(&x.narrow(0, 3, 1), 1e-5, 1e-5, false));
     for (flag, exit) in [("0.9", ExitAt::Confidence(0.9)), ("full", ExitAt::Last)] {
         let lines = predict(&run, &files, &["--exit-confidence", flag]);
