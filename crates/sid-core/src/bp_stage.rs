@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use tch::nn::{Module, VarStore};
+use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
 
 use crate::belief::{belief, uniform_belief, BeliefModule};
@@ -20,6 +20,7 @@ use crate::extractor::{forward_blocks, Block, Net};
 use crate::loss::{cross_entropy, scaled};
 use crate::network::NamedTensors;
 use crate::precision::{forward_all_f32, forward_f32};
+use crate::stage::StagePlan;
 use crate::unit::{
     add_next, module_prefix, Backward, Inferred, MicroBatch, ParamStore, Passed, Unit,
 };
@@ -85,35 +86,32 @@ fn accumulate(params: &[Tensor], grads: &[Tensor]) -> Result<()> {
     Ok(())
 }
 
-/// Builds the BP stages for `blocks` (one range of blocks per stage) on the CPU, drawing the
-/// weights in the one order of every network here (extractor, then modules 1..L): one seed
-/// gives the same network whatever the cut, and SID's.
+/// Builds the BP stages of `plan` (its block ranges: every module is on the last stage) on the
+/// CPU, drawing the weights in the one order of every network here (extractor, then modules
+/// 1..L): one seed gives the same network whatever the cut, and SID's.
 pub fn build_bp_stages<'a>(
     net: impl Into<Net<'a>>,
     lr: f64,
-    blocks: &[Range<usize>],
+    plan: &StagePlan,
 ) -> Result<Vec<BpStage>> {
     let net = net.into();
     let cfg = net.model;
-    cfg.validate()?;
-    cfg.precision.check(Device::Cpu)?;
-    let k = blocks.len();
-    let stores: Vec<VarStore> = (0..k).map(|_| VarStore::new(Device::Cpu)).collect();
-    let (built, head) = net.build_cut(&stores, blocks)?;
-    let last = &stores[k - 1];
+    let (stages, head) = net.build_cut(plan)?;
+    let k = stages.len();
+    let last = &stages[k - 1].0;
     let module = |i| BeliefModule::new(&(last.root() / module_prefix(i)), cfg);
     let modules = (0..cfg.modules).map(module).collect();
     let mut head = Some((head, modules));
     let prefixes = net.block_prefixes();
-    Ok(stores
+    Ok(stages
         .into_iter()
-        .zip(built)
+        .zip(plan.stages())
         .enumerate()
-        .map(|(index, (vs, built))| {
+        .map(|(index, ((vs, built), spec))| {
             let mut rest: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
             rest.retain(|(_, v)| v.requires_grad());
             rest.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut groups: Vec<Vec<Tensor>> = prefixes[blocks[index].clone()]
+            let mut groups: Vec<Vec<Tensor>> = prefixes[spec.blocks.clone()]
                 .iter()
                 .map(|prefix| {
                     (rest.extract_if(.., |(n, _)| n.starts_with(prefix.as_str())))
@@ -404,7 +402,7 @@ mod tests {
         tch::manual_seed(3);
         let mut bp = Reference::new(&cfg, 1e-3, Device::Cpu);
         tch::manual_seed(3);
-        let mut st = build_bp_stages(&cfg, 1e-3, &[0..4, 4..9]).unwrap();
+        let mut st = build_bp_stages(&cfg, 1e-3, &StagePlan::even(&cfg, 2).unwrap()).unwrap();
         tch::manual_seed(8);
         let x = Tensor::randn([4, 1, 8, 8], (Kind::Float, Device::Cpu));
         let y = Tensor::from_slice(&[0i64, 1, 2, 3]);
@@ -446,7 +444,7 @@ mod tests {
         tch::manual_seed(3);
         let mut bp = Reference::new(&cfg, 1e-3, Device::Cpu);
         tch::manual_seed(3);
-        let mut st = build_bp_stages(&cfg, 1e-3, &[0..2, 2..4]).unwrap();
+        let mut st = build_bp_stages(&cfg, 1e-3, &StagePlan::even(&cfg, 2).unwrap()).unwrap();
         tch::manual_seed(8);
         let x = Tensor::randn([8, 1, 8, 8], (Kind::Float, Device::Cpu));
         let y = Tensor::from_slice(&[0i64, 1, 2, 3, 3, 2, 1, 0]);
@@ -500,7 +498,7 @@ mod tests {
         share: f64,
     ) -> Vec<Tensor> {
         tch::manual_seed(3);
-        let mut st = build_bp_stages(cfg, 1e-3, &[0..2, 2..4]).unwrap();
+        let mut st = build_bp_stages(cfg, 1e-3, &StagePlan::even(cfg, 2).unwrap()).unwrap();
         let n = x.size()[0] / micro;
         for j in 0..micro {
             let (xj, yj) = (x.narrow(0, j * n, n), y.narrow(0, j * n, n));

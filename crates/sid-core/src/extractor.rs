@@ -6,13 +6,13 @@
 //! backbones ([`ExtractorKind`]) are the [`Backbone`] of a [`ModelConfig`]; a program can hand
 //! in its own through [`Net`].
 
-use tch::nn::{self, Module, ModuleT};
-use tch::{Kind, Tensor};
+use tch::nn::{self, Module, ModuleT, VarStore};
+use tch::{Device, Kind, Tensor};
 
 use crate::config::{ExtractorKind, ModelConfig};
 use crate::error::invalid;
 use crate::init::{ConvShape, Init};
-use crate::Result;
+use crate::{Result, StagePlan};
 
 /// One block of a backbone: the unit a stage boundary may fall after. Implement it for your
 /// own layers (see [`Backbone`]).
@@ -97,6 +97,9 @@ pub trait Backbone: std::fmt::Debug + Send + Sync {
 /// Blocks of a backbone (all, or a stage's), first to last.
 pub(crate) type Blocks = Vec<Box<dyn Block>>;
 
+/// Each stage's variable store with its blocks, first to last.
+pub(crate) type StageBlocks = Vec<(VarStore, Blocks)>;
+
 /// A network's sizes ([`ModelConfig`]: classes, `d`, modules, precision) with the backbone it
 /// runs: the built-in one `model.extractor` names (`Net::from(&model)`), or your own.
 #[derive(Debug, Clone, Copy)]
@@ -145,33 +148,35 @@ impl<'a> Net<'a> {
         Ok(names.iter().enumerate().map(block).collect())
     }
 
-    /// Builds every block into `stores[s]` (under `extractor`) for the stage `s` whose range
-    /// of `cuts` holds it, first to last, then the head into the last store: the blocks of
-    /// each stage and the head.
-    pub(crate) fn build_cut(
-        &self,
-        stores: &[nn::VarStore],
-        cuts: &[std::ops::Range<usize>],
-    ) -> Result<(Vec<Blocks>, Box<dyn Module>)> {
-        let n = self.blocks();
-        let ends = (cuts.first().map(|r| r.start), cuts.last().map(|r| r.end));
-        let joined = cuts.windows(2).all(|w| w[0].end == w[1].start);
-        if ends != (Some(0), Some(n)) || !joined || cuts.iter().any(|r| r.is_empty()) {
+    /// Builds every block on the CPU into the variable store (under `extractor`) of the stage
+    /// of `plan` that holds it, first to last, then the head into the last store: each stage's
+    /// store and blocks, and the head. Fails if the model's sizes or precision cannot run.
+    pub(crate) fn build_cut(&self, plan: &StagePlan) -> Result<(StageBlocks, Box<dyn Module>)> {
+        self.model.validate()?;
+        self.model.precision.check(Device::Cpu)?;
+        // A checked plan's ranges are non-empty and consecutive from 0: they must end at n.
+        let (n, cuts) = (self.blocks(), plan.stages());
+        if cuts.last().map(|s| s.blocks.end) != Some(n) {
             return Err(invalid(format!(
                 "stages must cut the {n} blocks of the {} backbone into non-empty consecutive ranges",
                 self.backbone.name()
             )));
         }
-        let stage = |i: usize| cuts.iter().position(|r| r.contains(&i)).expect("covered");
+        let stores: Vec<VarStore> = cuts.iter().map(|_| VarStore::new(Device::Cpu)).collect();
+        let stage = |i: usize| {
+            cuts.iter()
+                .position(|s| s.blocks.contains(&i))
+                .expect("covered")
+        };
         let store = |i| stores[stage(i)].root() / "extractor";
         let mut blocks = self.build_blocks(store)?.into_iter();
         let cut: Vec<Blocks> = cuts
             .iter()
-            .map(|r| blocks.by_ref().take(r.len()).collect())
+            .map(|s| blocks.by_ref().take(s.blocks.len()).collect())
             .collect();
         let head_path = stores[cuts.len() - 1].root() / "extractor";
         let head = self.build_head(&head_path, &cut[cut.len() - 1]);
-        Ok((cut, head))
+        Ok((stores.into_iter().zip(cut).collect(), head))
     }
 
     /// Builds the head under `p`, after `blocks` (all of them, or a stage's last ones).

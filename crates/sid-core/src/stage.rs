@@ -357,18 +357,14 @@ pub fn build_stages<'a>(
 ) -> Result<Vec<Stage>> {
     let net = net.into();
     let cfg = net.model;
-    cfg.validate()?;
     loss.validate()?;
-    cfg.precision.check(Device::Cpu)?;
+    let (built, head) = net.build_cut(plan)?;
     let k = plan.len();
-    let stores: Vec<VarStore> = (0..k).map(|_| VarStore::new(Device::Cpu)).collect();
-    let cuts: Vec<Range<usize>> = plan.stages.iter().map(|s| s.blocks.clone()).collect();
-    let (blocks, head) = net.build_cut(&stores, &cuts)?;
     // Stage by stage is module by module: a checked plan's ranges are consecutive from 0.
     let unit = |i| ModuleUnit::new(i, cfg, loss, lr, Device::Cpu);
     let units: Vec<ModuleUnit> = (0..cfg.modules).map(unit).collect();
     let (mut units, mut head) = (units.into_iter(), Some(head));
-    let stages = stores.into_iter().zip(blocks).zip(&plan.stages).enumerate();
+    let stages = built.into_iter().zip(&plan.stages).enumerate();
     Ok(stages
         .map(|(index, ((vs, blocks), spec))| {
             let neck: Box<dyn Module> = if index + 1 == k {
