@@ -53,7 +53,6 @@ pub(crate) struct StageThread {
 /// Every stage's runner (weights drawn on the CPU in the fixed order of every network here,
 /// whichever stages this process keeps).
 pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
-    let specs = cfg.plan.stages();
     if cfg.backbone.is_some() && cfg.ranks.is_some() {
         // Other processes learn the run from a published config, which cannot carry code.
         return Err(crate::RuntimeError::Config(
@@ -71,8 +70,7 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
             .map(|s| (Box::new(s) as Box<dyn Unit>, Schedule::LocalLoss))
             .collect(),
         PipelineMethod::Bp(schedule) => {
-            let blocks: Vec<_> = specs.iter().map(|s| s.blocks.clone()).collect();
-            build_bp_stages(net, cfg.lr, &blocks)?
+            build_bp_stages(net, cfg.lr, &cfg.plan)?
                 .into_iter()
                 .map(|s| (Box::new(s) as Box<dyn Unit>, Schedule::Bp(schedule)))
                 .collect()
