@@ -34,9 +34,7 @@ use tch::{Device, Kind as TKind, Tensor};
 use crate::config::{PipelineMethod, StagedConfig};
 use crate::ranks::{rank_of, Ranks, DOWN, GRADS, REPORTS};
 use crate::schedule::StageRunner;
-use crate::setup::{
-    build_runners, cpu_threads_per_stage, spawn_stage, spawn_thread, Engine, StageThread,
-};
+use crate::setup::{build_runners, spawn_stage, spawn_thread, Engine, StageThread};
 use crate::transport::{ChannelTransport, Filed, Kind, Message, Report, Tag};
 use crate::{Failure, Result, RuntimeError};
 
@@ -657,7 +655,7 @@ fn run_linked_stage(
         outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, fail));
         transport.grad_out = Some((s - 1, tx));
     }
-    spawn_stage(cfg, runner, transport, cpu_threads_per_stage(cfg, 1))
+    spawn_stage(cfg, runner, transport, 1)
 }
 
 /// Rank 0: runs stage 1 of replica 1 in a thread as the coordinator's first stage and links

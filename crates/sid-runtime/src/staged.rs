@@ -19,10 +19,10 @@ use tch::{Device, Tensor};
 
 use crate::config::{PipelineMethod, StagedConfig};
 use crate::schedule::{drive, StageRunner};
-use crate::setup::{build_runners, cpu_threads_per_stage, paper_placement, spawn_stage, Engine};
+use crate::setup::{build_runners, paper_placement, spawn_stage, Engine};
 use crate::streams;
 use crate::transport::{
-    device_name, ChannelTransport, Filed, Kind, LocalTransport, Message, Report, Tag,
+    device_name, ChannelTransport, Filed, Kind, LocalQueues, LocalTransport, Message, Report, Tag,
 };
 use crate::{Failure, Result, RuntimeError};
 use sid_telemetry::AllocOwner;
@@ -158,9 +158,7 @@ impl StagedPipeline {
             }
             Engine::Local {
                 runners,
-                inboxes: (0..k).map(|_| VecDeque::new()).collect(),
-                reports: VecDeque::new(),
-                grads: (0..k).map(|_| VecDeque::new()).collect(),
+                queues: LocalQueues::new(k),
             }
         } else {
             spawn_threads(&cfg, runners, &devices)
@@ -278,29 +276,20 @@ impl StagedPipeline {
     /// Passes `msg` to stage 1 of `replica`.
     fn feed_replica(&mut self, replica: usize, msg: Message) -> Result<()> {
         match &mut self.engine {
-            Engine::Local {
-                runners,
-                inboxes,
-                reports,
-                grads,
-            } => {
-                inboxes[0].push_back(msg);
+            Engine::Local { runners, queues } => {
+                queues.inboxes[0].push_back(msg);
                 // Stage after stage, again while any took something: a stage that stopped
                 // for a gradient goes on once a later stage has sent it.
                 loop {
                     let mut taken = 0;
-                    for s in 0..runners.len() {
-                        let (head, tail) = inboxes.split_at_mut(s + 1);
+                    for (s, runner) in runners.iter_mut().enumerate() {
                         let mut t = LocalTransport {
                             stage: s,
-                            inbox: &mut head[s],
-                            next: tail.first_mut(),
-                            reports,
-                            grads,
+                            queues,
                             grad_to: self.cfg.method.grad_target(s),
                             taken: 0,
                         };
-                        let driven = drive(&mut runners[s], &mut t, true);
+                        let driven = drive(runner, &mut t, true);
                         taken += t.taken;
                         if let Err(f) = driven {
                             return Err(self.failed(s, f));
@@ -350,7 +339,7 @@ impl StagedPipeline {
         let timeout = self.cfg.timeout;
         // `Err(true)`: every stage thread has exited; `Err(false)`: nothing yet.
         let got = match &mut self.engine {
-            Engine::Local { reports, .. } => reports.pop_front().ok_or(false),
+            Engine::Local { queues, .. } => queues.reports.pop_front().ok_or(false),
             Engine::Threads { reports, .. } if block => reports
                 .recv_timeout(timeout)
                 .map_err(|e| e.is_disconnected()),
@@ -571,8 +560,6 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     // for them): it gets every core, the module stages share them.
     let sharing = &devices[usize::from(paper)..];
     let cpu_stages = sharing.iter().filter(|d| **d == Device::Cpu).count();
-    let cpu_threads = cpu_threads_per_stage(cfg, cpu_stages);
-    let extractor_threads = cpu_threads_per_stage(cfg, 1);
     // Fix this thread's libtorch thread count before stages change the process-wide one.
     let _ = tch::get_num_threads();
     // Room for one step's micro-batches per link: a stage runs at most about a step ahead.
@@ -599,12 +586,8 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
         .into_iter()
         .zip(transports)
         .map(|(runner, transport)| {
-            let cores = if paper && transport.stage == 0 {
-                extractor_threads
-            } else {
-                cpu_threads
-            };
-            spawn_stage(cfg, runner, transport, cores)
+            let alone = paper && transport.stage == 0;
+            spawn_stage(cfg, runner, transport, if alone { 1 } else { cpu_stages })
         })
         .collect();
     Engine::Threads {
@@ -644,15 +627,12 @@ impl Network for StagedPipeline {
         };
         runners.iter_mut().for_each(|r| r.queue_losses(true));
         let submitted = self.submit(x, y);
-        let Engine::Local {
-            runners, reports, ..
-        } = &mut self.engine
-        else {
+        let Engine::Local { runners, queues } = &mut self.engine else {
             unreachable!("checked above")
         };
         runners.iter_mut().for_each(|r| r.queue_losses(false));
         // The step's reports carry no losses: they are these.
-        reports.clear();
+        queues.reports.clear();
         self.pending.remove(&self.submitted);
         submitted?;
         let losses: Vec<Tensor> = runners

@@ -188,20 +188,36 @@ pub trait Transport {
     fn recv_grad(&mut self, timeout: Duration) -> Result<Option<(Tag, Tensor)>>;
 }
 
-/// Stages run one after another in one thread: each stage's inbox is a queue, and receiving
-/// never waits. Gradients sent back (backprop, the paper's module stages) wait in the receiving
-/// stage's queue until that stage runs again.
+/// The queues of stages run one after another in one thread: each stage's inbox, the
+/// coordinator's reports, and the gradients sent back (backprop, the paper's module stages),
+/// which wait in the receiving stage's queue until that stage runs again.
+pub struct LocalQueues {
+    /// Each stage's inbox.
+    pub inboxes: Vec<VecDeque<Message>>,
+    /// The coordinator's reports.
+    pub reports: VecDeque<Filed>,
+    /// Every stage's gradients waiting to be taken, one queue per stage.
+    pub grads: Vec<VecDeque<(Tag, Tensor)>>,
+}
+
+impl LocalQueues {
+    /// Empty queues for `stages` stages.
+    pub fn new(stages: usize) -> Self {
+        Self {
+            inboxes: (0..stages).map(|_| VecDeque::new()).collect(),
+            reports: VecDeque::new(),
+            grads: (0..stages).map(|_| VecDeque::new()).collect(),
+        }
+    }
+}
+
+/// One stage of stages run one after another in one thread, over their [`LocalQueues`]:
+/// receiving never waits.
 pub struct LocalTransport<'a> {
     /// 0-based stage.
     pub stage: usize,
-    /// This stage's inbox.
-    pub inbox: &'a mut VecDeque<Message>,
-    /// The next stage's inbox, if any.
-    pub next: Option<&'a mut VecDeque<Message>>,
-    /// The coordinator's reports.
-    pub reports: &'a mut VecDeque<Filed>,
-    /// Every stage's gradients waiting to be taken, one queue per stage.
-    pub grads: &'a mut [VecDeque<(Tag, Tensor)>],
+    /// Every stage's queues.
+    pub queues: &'a mut LocalQueues,
     /// The stage this one's backward sends its gradient to, if any.
     pub grad_to: Option<usize>,
     /// Messages and gradients taken so far (the engine runs the stages again while any are).
@@ -210,31 +226,31 @@ pub struct LocalTransport<'a> {
 
 impl Transport for LocalTransport<'_> {
     fn recv(&mut self, _timeout: Duration) -> Result<Received> {
-        let m = self.inbox.pop_front();
+        let m = self.queues.inboxes[self.stage].pop_front();
         self.taken += usize::from(m.is_some());
         Ok(m.map_or(Received::Nothing, Received::Message))
     }
 
     fn send_down(&mut self, msg: Message) -> Result<()> {
-        if let Some(next) = self.next.as_deref_mut() {
+        if let Some(next) = self.queues.inboxes.get_mut(self.stage + 1) {
             next.push_back(msg);
         }
         Ok(())
     }
 
     fn report(&mut self, report: Report) -> Result<()> {
-        self.reports.push_back((self.stage, report));
+        self.queues.reports.push_back((self.stage, report));
         Ok(())
     }
 
     fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
         let to = self.grad_to.ok_or_else(|| no_grad_target(self.stage))?;
-        self.grads[to].push_back((tag, grad));
+        self.queues.grads[to].push_back((tag, grad));
         Ok(())
     }
 
     fn recv_grad(&mut self, _timeout: Duration) -> Result<Option<(Tag, Tensor)>> {
-        let g = self.grads[self.stage].pop_front();
+        let g = self.queues.grads[self.stage].pop_front();
         self.taken += usize::from(g.is_some());
         Ok(g)
     }
