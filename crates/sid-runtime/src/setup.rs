@@ -74,7 +74,25 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
                 .collect()
         }
         PipelineMethod::Paper => {
-            let placement = paper_placement(cfg)?;
+            // The module blocks of `cfg.devices`, checked against the model.
+            let workers = cfg.devices.len();
+            let placement = match cfg.placement.clone() {
+                Some(p) if p.workers() != workers => {
+                    return Err(crate::RuntimeError::Placement(format!(
+                        "{} blocks for {workers} devices",
+                        p.workers()
+                    )))
+                }
+                Some(p) => p,
+                None => Placement::even(cfg.model.modules, workers)?,
+            };
+            if placement.blocks().last().map(|b| b.end) != Some(cfg.model.modules) {
+                return Err(crate::RuntimeError::Placement(format!(
+                    "placement {} does not cover {} modules",
+                    placement.to_spec(),
+                    cfg.model.modules
+                )));
+            }
             let (extractor, blocks) = crate::paper::build_paper(
                 net,
                 cfg.loss,
@@ -103,29 +121,6 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
             StageRunner::new(unit, schedule, stages, cfg)
         })
         .collect()
-}
-
-/// The paper's SID: the module blocks of `cfg.devices`, checked against the model.
-pub(crate) fn paper_placement(cfg: &StagedConfig) -> Result<Placement> {
-    let workers = cfg.devices.len();
-    let placement = match cfg.placement.clone() {
-        Some(p) if p.workers() != workers => {
-            return Err(crate::RuntimeError::Placement(format!(
-                "{} blocks for {workers} devices",
-                p.workers()
-            )))
-        }
-        Some(p) => p,
-        None => Placement::even(cfg.model.modules, workers)?,
-    };
-    if placement.blocks().last().map(|b| b.end) != Some(cfg.model.modules) {
-        return Err(crate::RuntimeError::Placement(format!(
-            "placement {} does not cover {} modules",
-            placement.to_spec(),
-            cfg.model.modules
-        )));
-    }
-    Ok(placement)
 }
 
 /// Starts the thread that runs one stage over `transport` until its input closes, on a CPU with

@@ -19,7 +19,7 @@ use tch::{Device, Tensor};
 
 use crate::config::{PipelineMethod, StagedConfig};
 use crate::schedule::{drive, StageRunner};
-use crate::setup::{build_runners, paper_placement, spawn_stage, Engine};
+use crate::setup::{build_runners, spawn_stage, Engine};
 use crate::streams;
 use crate::transport::{
     device_name, ChannelTransport, Filed, Kind, LocalQueues, LocalTransport, Message, Report, Tag,
@@ -123,28 +123,27 @@ impl StagedPipeline {
                 "--micro-batches must be at least 1".into(),
             ));
         }
+        let mut runners = build_runners(&cfg)?;
         let (devices, specs): (Vec<Device>, Vec<StageSpec>) = if paper {
-            // The extractor shares the first device with the first module block.
-            let blocks = cfg.plan.stages()[0].blocks.clone();
-            let after = blocks.end..blocks.end;
-            let placement = paper_placement(&cfg)?;
-            let specs = std::iter::once(StageSpec {
-                blocks,
-                modules: 0..0,
-            })
-            .chain(placement.blocks().iter().map(|m| StageSpec {
-                blocks: after.clone(),
-                modules: m.clone(),
-            }))
-            .collect();
-            ([&cfg.devices[..1], &cfg.devices].concat(), specs)
+            // The extractor runs every block, on the first device with the first module
+            // block; each module stage runs its block of modules.
+            let all = cfg.plan.stages()[0].blocks.clone();
+            let specs = runners.iter().map(|r| {
+                let modules = r.unit().modules();
+                let blocks = if modules.is_empty() {
+                    all.clone()
+                } else {
+                    all.end..all.end
+                };
+                StageSpec { blocks, modules }
+            });
+            ([&cfg.devices[..1], &cfg.devices].concat(), specs.collect())
         } else {
             (
                 (0..k).map(|s| cfg.devices[s % d]).collect(),
                 cfg.plan.stages().to_vec(),
             )
         };
-        let mut runners = build_runners(&cfg)?;
         let memory = runners.iter().map(StageRunner::memory).collect();
         let mut names: Vec<String> = devices.iter().map(|d| device_name(*d)).collect();
         // Several backprop stages wait on each other within a step: they get a thread each
