@@ -98,7 +98,7 @@ const KIND_CODES: [(TKind, i64); 9] = [
     (TKind::BFloat16, 15),
 ];
 
-fn kind_code(k: TKind) -> std::result::Result<i64, String> {
+fn kind_code(k: TKind) -> Result<i64, String> {
     KIND_CODES
         .iter()
         .find(|(kind, _)| *kind == k)
@@ -106,7 +106,7 @@ fn kind_code(k: TKind) -> std::result::Result<i64, String> {
         .ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
 }
 
-fn code_kind(c: i64) -> std::result::Result<TKind, String> {
+fn code_kind(c: i64) -> Result<TKind, String> {
     KIND_CODES
         .iter()
         .find(|(_, code)| *code == c)
@@ -172,7 +172,7 @@ const LAYOUTS: [(i64, u32, &[&[TKind]]); 11] = [
 
 /// Reads a header from rank `src` against what its link expects; returns the tensors to
 /// receive, each checked (dtype, shape, bytes) before any is allocated.
-fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<Announced>, String> {
+fn check_header(h: &[i64], src: usize, e: &Expect) -> Result<Vec<Announced>, String> {
     let bad = |what: String| format!("rank {src} sent a malformed frame: {what}");
     let kind = h[0];
     let link = match e.tag {
@@ -287,7 +287,7 @@ fn send_frame(
     tag: u32,
     f: Frame,
     direct: Option<&Group>,
-) -> std::result::Result<(), String> {
+) -> Result<(), String> {
     let mut h = [0i64; HEADER];
     h[0] = f.kind;
     h[1] = f.step as i64;
@@ -337,7 +337,7 @@ fn recv_frame(
     src: usize,
     expect: &Expect,
     direct: Option<(&Group, Device)>,
-) -> std::result::Result<Frame, String> {
+) -> Result<Frame, String> {
     let tag = expect.tag;
     let mut header = Tensor::zeros([HEADER as i64], (TKind::Int64, Device::Cpu));
     g.recv(&mut header, src, tag, LINK_WAIT).map_err(text)?;
@@ -379,7 +379,7 @@ fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-fn named_to_bytes(named: &[(String, Tensor)]) -> std::result::Result<Tensor, String> {
+fn named_to_bytes(named: &[(String, Tensor)]) -> Result<Tensor, String> {
     let mut buf = Vec::new();
     let cpu: Vec<(String, Tensor)> = named
         .iter()
@@ -389,16 +389,13 @@ fn named_to_bytes(named: &[(String, Tensor)]) -> std::result::Result<Tensor, Str
     Ok(Tensor::from_slice(&buf))
 }
 
-fn bytes_to_named(t: &Tensor) -> std::result::Result<Vec<(String, Tensor)>, String> {
+fn bytes_to_named(t: &Tensor) -> Result<Vec<(String, Tensor)>, String> {
     let b = Vec::<u8>::try_from(t).map_err(text)?;
     Tensor::load_multi_from_stream(Cursor::new(b)).map_err(text)
 }
 
 /// The first `N` tensors of a frame of `what`.
-fn take<const N: usize>(
-    mut tensors: Vec<Tensor>,
-    what: &str,
-) -> std::result::Result<[Tensor; N], String> {
+fn take<const N: usize>(mut tensors: Vec<Tensor>, what: &str) -> Result<[Tensor; N], String> {
     tensors.truncate(N);
     tensors
         .try_into()
@@ -406,7 +403,7 @@ fn take<const N: usize>(
 }
 
 /// The one tensor of a frame of `what`.
-fn one(tensors: Vec<Tensor>, what: &str) -> std::result::Result<Tensor, String> {
+fn one(tensors: Vec<Tensor>, what: &str) -> Result<Tensor, String> {
     take(tensors, what).map(|[t]| t)
 }
 
@@ -420,7 +417,7 @@ fn frame(kind: i64, step: u64, tensors: Vec<Tensor>) -> Frame {
     }
 }
 
-fn message_frame(m: Message) -> std::result::Result<Frame, String> {
+fn message_frame(m: Message) -> Result<Frame, String> {
     Ok(match m {
         Message::Train {
             tag,
@@ -441,7 +438,7 @@ fn message_frame(m: Message) -> std::result::Result<Frame, String> {
     })
 }
 
-fn frame_message(f: Frame) -> std::result::Result<Message, String> {
+fn frame_message(f: Frame) -> Result<Message, String> {
     let tag = |kind| Tag::new(f.step, f.micro, kind);
     Ok(match f.kind {
         TRAIN => {
@@ -474,7 +471,7 @@ fn frame_message(f: Frame) -> std::result::Result<Message, String> {
     })
 }
 
-fn report_frame((_, r): Filed) -> std::result::Result<Frame, String> {
+fn report_frame((_, r): Filed) -> Result<Frame, String> {
     Ok(match r {
         Report::Losses {
             step,
@@ -504,7 +501,7 @@ fn report_frame((_, r): Filed) -> std::result::Result<Frame, String> {
 }
 
 /// A report's own numbers and tensors (the coordinator knows its stage: the rank it came from).
-fn frame_report(f: Frame) -> std::result::Result<Report, String> {
+fn frame_report(f: Frame) -> Result<Report, String> {
     Ok(match f.kind {
         LOSSES => Report::Losses {
             step: f.step,
@@ -533,14 +530,14 @@ fn frame_report(f: Frame) -> std::result::Result<Report, String> {
     })
 }
 
-fn grad_frame((tag, g): (Tag, Tensor)) -> std::result::Result<Frame, String> {
+fn grad_frame((tag, g): (Tag, Tensor)) -> Result<Frame, String> {
     Ok(Frame {
         micro: tag.micro,
         ..frame(GRAD, tag.step, vec![g])
     })
 }
 
-fn frame_grad(f: Frame) -> std::result::Result<(Tag, Tensor), String> {
+fn frame_grad(f: Frame) -> Result<(Tag, Tensor), String> {
     // The link's header check let only gradients through.
     let tag = Tag::new(f.step, f.micro, Kind::Train);
     Ok((tag, one(f.tensors, "gradient")?))
@@ -556,7 +553,7 @@ fn out_link<T: Send + 'static>(
     dst: usize,
     tag: u32,
     rx: Receiver<T>,
-    encode: fn(T) -> std::result::Result<Frame, String>,
+    encode: fn(T) -> Result<Frame, String>,
     fail: &impl OnFail,
 ) -> StageThread {
     let on_fail = fail.clone();
@@ -588,7 +585,7 @@ fn in_link<T: Send + 'static>(
     src: usize,
     tag: u32,
     tx: Sender<T>,
-    decode: impl Fn(Frame) -> std::result::Result<T, String> + Send + 'static,
+    decode: impl Fn(Frame) -> Result<T, String> + Send + 'static,
     fail: &impl OnFail,
 ) -> StageThread {
     let (device, expect, on_fail) = (cfg.devices[0], Expect::new(cfg, tag), fail.clone());

@@ -185,7 +185,7 @@ pub(crate) fn spawn_stage(
 pub(crate) fn spawn_thread(
     name: String,
     what: String,
-    body: impl FnOnce() -> std::result::Result<(), String> + Send + 'static,
+    body: impl FnOnce() -> Result<(), String> + Send + 'static,
 ) -> StageThread {
     let (exit_tx, exited) = crossbeam_channel::bounded(1);
     let thread = std::thread::Builder::new()
