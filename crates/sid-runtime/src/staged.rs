@@ -9,11 +9,12 @@
 //! or saving).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
 use std::time::Duration;
 
 use crossbeam_channel::SendTimeoutError;
 use sid_core::{
-    Cascade, EarlyExit, ExitTracker, Method, NamedTensors, Network, StagePlan, StageSpec, StepStats,
+    Cascade, EarlyExit, ExitTracker, Method, NamedTensors, Network, StagePlan, StepStats,
 };
 use tch::{Device, Tensor};
 
@@ -58,7 +59,8 @@ pub struct StagedPipeline {
     /// Who computes each slot (replica r's stage s is slot r·K + s, its rank in a
     /// multi-process run), for messages.
     names: Vec<String>,
-    specs: Vec<StageSpec>,
+    /// Each stage's modules (0-based).
+    modules: Vec<Range<usize>>,
     submitted: u64,
     requests: u64,
     pending: BTreeMap<u64, Vec<Option<Vec<f64>>>>,
@@ -124,24 +126,15 @@ impl StagedPipeline {
             ));
         }
         let mut runners = build_runners(&cfg)?;
-        let (devices, specs): (Vec<Device>, Vec<StageSpec>) = if paper {
-            // The extractor runs every block, on the first device with the first module
-            // block; each module stage runs its block of modules.
-            let all = cfg.plan.stages()[0].blocks.clone();
-            let specs = runners.iter().map(|r| {
-                let modules = r.unit().modules();
-                let blocks = if modules.is_empty() {
-                    all.clone()
-                } else {
-                    all.end..all.end
-                };
-                StageSpec { blocks, modules }
-            });
-            ([&cfg.devices[..1], &cfg.devices].concat(), specs.collect())
+        let (devices, modules) = if paper {
+            // The extractor (no module) shares the first device with the first module block.
+            let modules = runners.iter().map(|r| r.unit().modules()).collect();
+            ([&cfg.devices[..1], &cfg.devices].concat(), modules)
         } else {
+            let modules = cfg.plan.stages().iter().map(|s| s.modules.clone());
             (
                 (0..k).map(|s| cfg.devices[s % d]).collect(),
-                cfg.plan.stages().to_vec(),
+                modules.collect(),
             )
         };
         let memory = runners.iter().map(StageRunner::memory).collect();
@@ -167,7 +160,7 @@ impl StagedPipeline {
             cfg,
             devices,
             names,
-            specs,
+            modules,
             submitted: 0,
             requests: 0,
             pending: BTreeMap::new(),
@@ -188,13 +181,13 @@ impl StagedPipeline {
     }
 
     /// Each stage's device and 0-based module block, in order.
-    pub fn layout(&self) -> Vec<(Device, std::ops::Range<usize>)> {
+    pub fn layout(&self) -> Vec<(Device, Range<usize>)> {
         self.devices
             .iter()
-            .zip(&self.specs)
+            .zip(&self.modules)
             // The paper's extractor stage owns no module.
-            .filter(|(_, s)| !s.modules.is_empty())
-            .map(|(d, s)| (*d, s.modules.clone()))
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(d, m)| (*d, m.clone()))
             .collect()
     }
 
@@ -208,7 +201,7 @@ impl StagedPipeline {
     pub fn take_stage_stats(&mut self) -> Vec<StageStats> {
         let mut stats = std::mem::replace(
             &mut self.busy,
-            vec![StageStats::default(); self.specs.len()],
+            vec![StageStats::default(); self.modules.len()],
         );
         for (s, m) in stats.iter_mut().zip(&self.memory) {
             if let Some((owner, state)) = m {
@@ -225,19 +218,23 @@ impl StagedPipeline {
     /// `stage 2 (cpu, blocks 3-4, modules 6-10)`, 1-based; `slot` is replica r's stage s as
     /// r·K + s (in a multi-process run, its rank).
     pub fn describe(&self, slot: usize) -> String {
-        let k = self.specs.len();
-        let s = &self.specs[slot % k];
-        let blocks = format!("blocks {}-{}", s.blocks.start + 1, s.blocks.end);
-        let modules = format!("modules {}-{}", s.modules.start + 1, s.modules.end);
+        let k = self.modules.len();
+        let m = &self.modules[slot % k];
+        let modules = format!("modules {}-{}", m.start + 1, m.end);
+        // Staged SID's and backprop's stages are the plan's.
+        let blocks = || {
+            let b = &self.cfg.plan.stages()[slot % k].blocks;
+            format!("blocks {}-{}", b.start + 1, b.end)
+        };
         let what = match self.cfg.method {
-            PipelineMethod::Paper if s.modules.is_empty() => "the extractor".to_string(),
+            PipelineMethod::Paper if m.is_empty() => "the extractor".to_string(),
             PipelineMethod::Paper => modules,
-            PipelineMethod::Sid => format!("{blocks}, {modules}"),
+            PipelineMethod::Sid => format!("{}, {modules}", blocks()),
             // Backprop's modules all read the final features: they sit on the last stage.
             PipelineMethod::Bp(_) if slot % k + 1 == k => {
-                format!("{blocks}, modules 1-{}", self.cfg.model.modules)
+                format!("{}, modules 1-{}", blocks(), self.cfg.model.modules)
             }
-            PipelineMethod::Bp(_) => blocks,
+            PipelineMethod::Bp(_) => blocks(),
         };
         let replica = (self.replicas() > 1).then(|| format!(" of replica {}", slot / k + 1));
         let replica = replica.unwrap_or_default();
@@ -250,7 +247,7 @@ impl StagedPipeline {
 
     fn failed(&self, slot: usize, f: Failure) -> RuntimeError {
         RuntimeError::Stage {
-            stage: slot % self.specs.len() + 1,
+            stage: slot % self.modules.len() + 1,
             device: self.names[slot].clone(),
             module: f.module,
             cause: f.cause,
@@ -312,7 +309,7 @@ impl StagedPipeline {
                             waiter: "coordinator".into(),
                             waited_for: format!(
                                 "{} to take its input",
-                                self.describe(replica * self.specs.len())
+                                self.describe(replica * self.modules.len())
                             ),
                             timeout: self.cfg.timeout,
                         },
@@ -375,9 +372,9 @@ impl StagedPipeline {
         else {
             return Err(unexpected(&r, "training results"));
         };
-        let k = self.specs.len();
+        let k = self.modules.len();
         let expected = match self.cfg.method {
-            PipelineMethod::Sid | PipelineMethod::Paper => self.specs[stage % k].modules.len(),
+            PipelineMethod::Sid | PipelineMethod::Paper => self.modules[stage % k].len(),
             PipelineMethod::Bp(_) => usize::from(stage % k + 1 == k),
         };
         let bad = RuntimeError::Protocol(format!(
@@ -459,7 +456,7 @@ impl StagedPipeline {
         self.submitted += 1;
         let step = self.submitted;
         // A slot for replica r's stage s, for every r and s.
-        let slots = self.specs.len() * self.replicas();
+        let slots = self.modules.len() * self.replicas();
         self.pending.insert(step, vec![None; slots]);
         let first = self.devices[0];
         let mut start = 0;
@@ -501,7 +498,7 @@ impl StagedPipeline {
         for r in (1..replicas).chain([0]) {
             self.feed_replica(r, msg())?;
         }
-        let k = self.specs.len() * replicas;
+        let k = self.modules.len() * replicas;
         let mut got: Vec<Option<Report>> = (0..k).map(|_| None).collect();
         while got.iter().any(|g| g.is_none()) {
             let owing = |p: &Self| format!("{} to return {what}", p.missing(&got));
@@ -670,7 +667,7 @@ impl Network for StagedPipeline {
             self.file(r)?;
         }
         // One step in flight per stage, and one more.
-        while self.pending.len() > self.specs.len() + 1 {
+        while self.pending.len() > self.modules.len() + 1 {
             self.wait_oldest()?;
         }
         Ok(self.done.drain(..).collect())
