@@ -29,13 +29,13 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use sid_dist::Group;
-use tch::{Device, Kind as TKind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::config::{PipelineMethod, StagedConfig};
 use crate::ranks::{rank_of, Ranks, DOWN, GRADS, REPORTS};
 use crate::schedule::StageRunner;
 use crate::setup::{build_runners, spawn_stage, spawn_thread, Engine, StageThread};
-use crate::transport::{ChannelTransport, Filed, Kind, Message, Report, Tag};
+use crate::transport::{ChannelTransport, Filed, Message, Report, Tag};
 use crate::{Failure, Result, RuntimeError};
 
 /// A link's wait for its peer: links wait as long as the run lasts (a stage may idle while
@@ -86,19 +86,19 @@ struct Frame {
 }
 
 /// Each tensor kind a frame may carry and its code in the header (libtorch's scalar type).
-const KIND_CODES: [(TKind, i64); 9] = [
-    (TKind::Uint8, 0),
-    (TKind::Int8, 1),
-    (TKind::Int, 3),
-    (TKind::Int64, 4),
-    (TKind::Half, 5),
-    (TKind::Float, 6),
-    (TKind::Double, 7),
-    (TKind::Bool, 11),
-    (TKind::BFloat16, 15),
+const KIND_CODES: [(Kind, i64); 9] = [
+    (Kind::Uint8, 0),
+    (Kind::Int8, 1),
+    (Kind::Int, 3),
+    (Kind::Int64, 4),
+    (Kind::Half, 5),
+    (Kind::Float, 6),
+    (Kind::Double, 7),
+    (Kind::Bool, 11),
+    (Kind::BFloat16, 15),
 ];
 
-fn kind_code(k: TKind) -> Result<i64, String> {
+fn kind_code(k: Kind) -> Result<i64, String> {
     KIND_CODES
         .iter()
         .find(|(kind, _)| *kind == k)
@@ -106,7 +106,7 @@ fn kind_code(k: TKind) -> Result<i64, String> {
         .ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
 }
 
-fn code_kind(c: i64) -> Result<TKind, String> {
+fn code_kind(c: i64) -> Result<Kind, String> {
     KIND_CODES
         .iter()
         .find(|(_, code)| *code == c)
@@ -145,23 +145,23 @@ impl Expect {
 /// A tensor a header announces: its kind, its shape, and whether it follows GPU to GPU.
 #[derive(Debug)]
 struct Announced {
-    kind: TKind,
+    kind: Kind,
     size: Vec<i64>,
     gpu: bool,
 }
 
-const FLOATS: &[TKind] = &[TKind::Float, TKind::Half, TKind::BFloat16, TKind::Double];
-const BYTES: &[TKind] = &[TKind::Uint8];
+const FLOATS: &[Kind] = &[Kind::Float, Kind::Half, Kind::BFloat16, Kind::Double];
+const BYTES: &[Kind] = &[Kind::Uint8];
 
 /// Each kind of frame: the link it travels on ([`DOWN`], [`REPORTS`] or [`GRADS`]; a stop
 /// ends any link) and its tensors' dtypes.
-const LAYOUTS: [(i64, u32, &[&[TKind]]); 11] = [
+const LAYOUTS: [(i64, u32, &[&[Kind]]); 11] = [
     (STOP, 0, &[]),
-    (TRAIN, DOWN, &[FLOATS, FLOATS, &[TKind::Int64]]),
+    (TRAIN, DOWN, &[FLOATS, FLOATS, &[Kind::Int64]]),
     (EVAL, DOWN, &[FLOATS, FLOATS]),
     (STATE, DOWN, &[]),
     (LOAD, DOWN, &[BYTES]),
-    (LOSSES, REPORTS, &[&[TKind::Double]]),
+    (LOSSES, REPORTS, &[&[Kind::Double]]),
     // None for an empty inference batch (no modules on the stage).
     (LOGITS, REPORTS, &[FLOATS]),
     (STATE_REPORT, REPORTS, &[BYTES]),
@@ -339,7 +339,7 @@ fn recv_frame(
     direct: Option<(&Group, Device)>,
 ) -> Result<Frame, String> {
     let tag = expect.tag;
-    let mut header = Tensor::zeros([HEADER as i64], (TKind::Int64, Device::Cpu));
+    let mut header = Tensor::zeros([HEADER as i64], (Kind::Int64, Device::Cpu));
     g.recv(&mut header, src, tag, LINK_WAIT).map_err(text)?;
     let h = Vec::<i64>::try_from(&header).map_err(text)?;
     let mut tensors = Vec::new();
@@ -439,12 +439,12 @@ fn message_frame(m: Message) -> Result<Frame, String> {
 }
 
 fn frame_message(f: Frame) -> Result<Message, String> {
-    let tag = |kind| Tag::new(f.step, f.micro, kind);
+    let tag = Tag::new(f.step, f.micro);
     Ok(match f.kind {
         TRAIN => {
             let [input, p, labels] = take(f.tensors, "training")?;
             Message::Train {
-                tag: tag(Kind::Train),
+                tag,
                 micro_batches: f.count,
                 input,
                 p,
@@ -454,17 +454,11 @@ fn frame_message(f: Frame) -> Result<Message, String> {
         }
         EVAL => {
             let [input, p] = take(f.tensors, "inference")?;
-            Message::Eval {
-                tag: tag(Kind::Eval),
-                input,
-                p,
-            }
+            Message::Eval { tag, input, p }
         }
-        STATE => Message::State {
-            tag: tag(Kind::State),
-        },
+        STATE => Message::State { tag },
         LOAD => Message::Load {
-            tag: tag(Kind::Load),
+            tag,
             named: bytes_to_named(&one(f.tensors, "checkpoint")?)?,
         },
         other => return Err(format!("a message frame of unknown kind {other}")),
@@ -539,7 +533,7 @@ fn grad_frame((tag, g): (Tag, Tensor)) -> Result<Frame, String> {
 
 fn frame_grad(f: Frame) -> Result<(Tag, Tensor), String> {
     // The link's header check let only gradients through.
-    let tag = Tag::new(f.step, f.micro, Kind::Train);
+    let tag = Tag::new(f.step, f.micro);
     Ok((tag, one(f.tensors, "gradient")?))
 }
 
@@ -785,11 +779,11 @@ mod tests {
 
     #[test]
     fn frames_keep_messages_and_reports() {
-        let x = Tensor::randn([3, 2, 4], (TKind::Float, Device::Cpu));
-        let p = Tensor::rand([3, 10], (TKind::Float, Device::Cpu));
+        let x = Tensor::randn([3, 2, 4], (Kind::Float, Device::Cpu));
+        let p = Tensor::rand([3, 10], (Kind::Float, Device::Cpu));
         let y = Tensor::from_slice(&[1i64, 2, 3]);
         let m = round_trip_message(Message::Train {
-            tag: Tag::new(7, 1, Kind::Train),
+            tag: Tag::new(7, 1),
             micro_batches: 2,
             input: x.shallow_clone(),
             p: p.shallow_clone(),

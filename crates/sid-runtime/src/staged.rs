@@ -23,7 +23,7 @@ use crate::schedule::{drive, StageRunner};
 use crate::setup::{build_runners, spawn_stage, Engine};
 use crate::streams;
 use crate::transport::{
-    device_name, ChannelTransport, Filed, Kind, LocalQueues, LocalTransport, Message, Report, Tag,
+    device_name, ChannelTransport, Filed, LocalQueues, LocalTransport, Message, Report, Tag,
 };
 use crate::{Failure, Result, RuntimeError};
 use sid_telemetry::AllocOwner;
@@ -468,7 +468,7 @@ impl StagedPipeline {
                 // Sizes differ by at most one when m does not divide the shard.
                 let len = shard / m + i64::from(j < shard % m);
                 let msg = Message::Train {
-                    tag: Tag::new(step, j as usize, Kind::Train),
+                    tag: Tag::new(step, j as usize),
                     micro_batches: m as usize,
                     input: x.narrow(0, start, len),
                     p: sid_core::belief::uniform_belief(len, self.cfg.model.num_classes, first),
@@ -530,9 +530,9 @@ impl StagedPipeline {
         Ok(())
     }
 
-    fn next_request(&mut self, kind: Kind) -> Tag {
+    fn next_request(&mut self) -> Tag {
         self.requests += 1;
-        Tag::new(self.requests, 0, kind)
+        Tag::new(self.requests, 0)
     }
 }
 
@@ -679,7 +679,7 @@ impl Network for StagedPipeline {
     }
 
     fn cascade(&mut self, x: &Tensor) -> sid_core::Result<Cascade> {
-        let tag = self.next_request(Kind::Eval);
+        let tag = self.next_request();
         let first = self.devices[0];
         let p = sid_core::belief::uniform_belief(x.size()[0], self.cfg.model.num_classes, first);
         let eval = || Message::Eval {
@@ -733,7 +733,7 @@ impl Network for StagedPipeline {
     }
 
     fn state(&mut self) -> sid_core::Result<Vec<(String, Tensor)>> {
-        let tag = self.next_request(Kind::State);
+        let tag = self.next_request();
         let reports = self.request(|| Message::State { tag }, "its state", false)?;
         Ok(reports
             .into_iter()
@@ -745,7 +745,7 @@ impl Network for StagedPipeline {
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
-        let tag = self.next_request(Kind::Load);
+        let tag = self.next_request();
         let load = || Message::Load {
             tag,
             named: named

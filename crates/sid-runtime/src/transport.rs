@@ -3,7 +3,7 @@
 //! ([`ChannelTransport`]). The schedule itself ([`crate::schedule`]) is written once, against
 //! the [`Transport`] trait.
 //!
-//! Every message carries a [`Tag`] (step, micro-batch, kind); stages check that tags arrive in
+//! Every message carries a [`Tag`] (step, micro-batch); stages check that tags arrive in
 //! order. Every wait of the threaded transport has a timeout and names who waited for whom.
 
 use std::collections::VecDeque;
@@ -17,34 +17,19 @@ use tch::{Device, Tensor};
 use crate::streams;
 use crate::{Failure, Result, RuntimeError};
 
-/// What a message is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// A training micro-batch.
-    Train,
-    /// An inference batch.
-    Eval,
-    /// A request for weights and optimiser state.
-    State,
-    /// Weights and optimiser state to restore.
-    Load,
-}
-
-/// The label of every message: which step (or inference batch), which micro-batch, what.
+/// The label of every message: which step (or inference batch), which micro-batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tag {
     /// Training step (1-based), or the number of an inference batch or state request.
     pub step: u64,
     /// Micro-batch within the step (0-based); 0 for everything else.
     pub micro: usize,
-    /// What it is.
-    pub kind: Kind,
 }
 
 impl Tag {
-    /// Micro-batch `micro` of `step`, of `kind`.
-    pub fn new(step: u64, micro: usize, kind: Kind) -> Self {
-        Self { step, micro, kind }
+    /// Micro-batch `micro` of `step`.
+    pub fn new(step: u64, micro: usize) -> Self {
+        Self { step, micro }
     }
 }
 
@@ -93,13 +78,13 @@ pub enum Message {
 }
 
 impl Message {
-    /// The message's tag.
-    pub fn tag(&self) -> Tag {
+    /// The message's tag, and what it is (`Train`, `Eval`, `State` or `Load`).
+    pub fn tag(&self) -> (Tag, &'static str) {
         match self {
-            Self::Train { tag, .. }
-            | Self::Eval { tag, .. }
-            | Self::State { tag }
-            | Self::Load { tag, .. } => *tag,
+            Self::Train { tag, .. } => (*tag, "Train"),
+            Self::Eval { tag, .. } => (*tag, "Eval"),
+            Self::State { tag } => (*tag, "State"),
+            Self::Load { tag, .. } => (*tag, "Load"),
         }
     }
 
@@ -358,12 +343,12 @@ impl Transport for ChannelTransport {
         let Some(tx) = &self.downstream else {
             return Ok(());
         };
-        let (me, next, tag) = (self.stage + 1, self.stage + 2, msg.tag());
-        let (kind, micro, step) = (tag.kind, tag.micro, tag.step);
+        let (me, next, (tag, kind)) = (self.stage + 1, self.stage + 2, msg.tag());
+        let (micro, step) = (tag.micro, tag.step);
         self.send_on(
             tx,
             msg,
-            || format!("stage {next} to take {kind:?} micro-batch {micro} of step {step}"),
+            || format!("stage {next} to take {kind} micro-batch {micro} of step {step}"),
             || format!("stage {next} has stopped, so stage {me} cannot pass on step {step}"),
         )
     }
