@@ -139,7 +139,6 @@ pub(crate) fn spawn_stage(
         (cores / sharing.max(1)).max(1) as i32
     });
     let (s, device, own_stream) = (transport.stage, transport.device, cfg.streams);
-    let fail_tx = transport.reports.clone();
     spawn_thread(
         format!("sid-stage-{}", s + 1),
         format!("stage {}", s + 1),
@@ -170,11 +169,10 @@ pub(crate) fn spawn_stage(
                 }
             };
             if let Some(f) = &failure {
-                let _ = fail_tx.send((s, Report::Failed(f.clone())));
+                let _ = transport.reports.send((s, Report::Failed(f.clone())));
             }
             // Dropping the transport closes the link to the next stage, which then stops.
             drop(transport);
-            drop(fail_tx);
             failure.map_or(Ok(()), |f| Err(f.cause))
         },
     )
