@@ -29,15 +29,13 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use sid_dist::Group;
-use tch::{Device, Kind as TKind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::config::{PipelineMethod, StagedConfig};
 use crate::ranks::{rank_of, Ranks, DOWN, GRADS, REPORTS};
 use crate::schedule::StageRunner;
-use crate::setup::{
-    build_runners, cpu_threads_per_stage, spawn_stage, spawn_thread, Engine, StageThread,
-};
-use crate::transport::{ChannelTransport, Filed, Kind, Message, Report, Tag};
+use crate::setup::{build_runners, spawn_stage, spawn_thread, Engine, StageThread};
+use crate::transport::{ChannelTransport, Filed, Message, Report, Tag};
 use crate::{Failure, Result, RuntimeError};
 
 /// A link's wait for its peer: links wait as long as the run lasts (a stage may idle while
@@ -88,19 +86,19 @@ struct Frame {
 }
 
 /// Each tensor kind a frame may carry and its code in the header (libtorch's scalar type).
-const KIND_CODES: [(TKind, i64); 9] = [
-    (TKind::Uint8, 0),
-    (TKind::Int8, 1),
-    (TKind::Int, 3),
-    (TKind::Int64, 4),
-    (TKind::Half, 5),
-    (TKind::Float, 6),
-    (TKind::Double, 7),
-    (TKind::Bool, 11),
-    (TKind::BFloat16, 15),
+const KIND_CODES: [(Kind, i64); 9] = [
+    (Kind::Uint8, 0),
+    (Kind::Int8, 1),
+    (Kind::Int, 3),
+    (Kind::Int64, 4),
+    (Kind::Half, 5),
+    (Kind::Float, 6),
+    (Kind::Double, 7),
+    (Kind::Bool, 11),
+    (Kind::BFloat16, 15),
 ];
 
-fn kind_code(k: TKind) -> std::result::Result<i64, String> {
+fn kind_code(k: Kind) -> Result<i64, String> {
     KIND_CODES
         .iter()
         .find(|(kind, _)| *kind == k)
@@ -108,7 +106,7 @@ fn kind_code(k: TKind) -> std::result::Result<i64, String> {
         .ok_or_else(|| format!("cannot send tensors of kind {k:?}"))
 }
 
-fn code_kind(c: i64) -> std::result::Result<TKind, String> {
+fn code_kind(c: i64) -> Result<Kind, String> {
     KIND_CODES
         .iter()
         .find(|(_, code)| *code == c)
@@ -147,23 +145,23 @@ impl Expect {
 /// A tensor a header announces: its kind, its shape, and whether it follows GPU to GPU.
 #[derive(Debug)]
 struct Announced {
-    kind: TKind,
+    kind: Kind,
     size: Vec<i64>,
     gpu: bool,
 }
 
-const FLOATS: &[TKind] = &[TKind::Float, TKind::Half, TKind::BFloat16, TKind::Double];
-const BYTES: &[TKind] = &[TKind::Uint8];
+const FLOATS: &[Kind] = &[Kind::Float, Kind::Half, Kind::BFloat16, Kind::Double];
+const BYTES: &[Kind] = &[Kind::Uint8];
 
 /// Each kind of frame: the link it travels on ([`DOWN`], [`REPORTS`] or [`GRADS`]; a stop
 /// ends any link) and its tensors' dtypes.
-const LAYOUTS: [(i64, u32, &[&[TKind]]); 11] = [
+const LAYOUTS: [(i64, u32, &[&[Kind]]); 11] = [
     (STOP, 0, &[]),
-    (TRAIN, DOWN, &[FLOATS, FLOATS, &[TKind::Int64]]),
+    (TRAIN, DOWN, &[FLOATS, FLOATS, &[Kind::Int64]]),
     (EVAL, DOWN, &[FLOATS, FLOATS]),
     (STATE, DOWN, &[]),
     (LOAD, DOWN, &[BYTES]),
-    (LOSSES, REPORTS, &[&[TKind::Double]]),
+    (LOSSES, REPORTS, &[&[Kind::Double]]),
     // None for an empty inference batch (no modules on the stage).
     (LOGITS, REPORTS, &[FLOATS]),
     (STATE_REPORT, REPORTS, &[BYTES]),
@@ -174,7 +172,7 @@ const LAYOUTS: [(i64, u32, &[&[TKind]]); 11] = [
 
 /// Reads a header from rank `src` against what its link expects; returns the tensors to
 /// receive, each checked (dtype, shape, bytes) before any is allocated.
-fn check_header(h: &[i64], src: usize, e: &Expect) -> std::result::Result<Vec<Announced>, String> {
+fn check_header(h: &[i64], src: usize, e: &Expect) -> Result<Vec<Announced>, String> {
     let bad = |what: String| format!("rank {src} sent a malformed frame: {what}");
     let kind = h[0];
     let link = match e.tag {
@@ -289,7 +287,7 @@ fn send_frame(
     tag: u32,
     f: Frame,
     direct: Option<&Group>,
-) -> std::result::Result<(), String> {
+) -> Result<(), String> {
     let mut h = [0i64; HEADER];
     h[0] = f.kind;
     h[1] = f.step as i64;
@@ -339,9 +337,9 @@ fn recv_frame(
     src: usize,
     expect: &Expect,
     direct: Option<(&Group, Device)>,
-) -> std::result::Result<Frame, String> {
+) -> Result<Frame, String> {
     let tag = expect.tag;
-    let mut header = Tensor::zeros([HEADER as i64], (TKind::Int64, Device::Cpu));
+    let mut header = Tensor::zeros([HEADER as i64], (Kind::Int64, Device::Cpu));
     g.recv(&mut header, src, tag, LINK_WAIT).map_err(text)?;
     let h = Vec::<i64>::try_from(&header).map_err(text)?;
     let mut tensors = Vec::new();
@@ -381,7 +379,7 @@ fn text(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-fn named_to_bytes(named: &[(String, Tensor)]) -> std::result::Result<Tensor, String> {
+fn named_to_bytes(named: &[(String, Tensor)]) -> Result<Tensor, String> {
     let mut buf = Vec::new();
     let cpu: Vec<(String, Tensor)> = named
         .iter()
@@ -391,16 +389,13 @@ fn named_to_bytes(named: &[(String, Tensor)]) -> std::result::Result<Tensor, Str
     Ok(Tensor::from_slice(&buf))
 }
 
-fn bytes_to_named(t: &Tensor) -> std::result::Result<Vec<(String, Tensor)>, String> {
+fn bytes_to_named(t: &Tensor) -> Result<Vec<(String, Tensor)>, String> {
     let b = Vec::<u8>::try_from(t).map_err(text)?;
     Tensor::load_multi_from_stream(Cursor::new(b)).map_err(text)
 }
 
 /// The first `N` tensors of a frame of `what`.
-fn take<const N: usize>(
-    mut tensors: Vec<Tensor>,
-    what: &str,
-) -> std::result::Result<[Tensor; N], String> {
+fn take<const N: usize>(mut tensors: Vec<Tensor>, what: &str) -> Result<[Tensor; N], String> {
     tensors.truncate(N);
     tensors
         .try_into()
@@ -408,7 +403,7 @@ fn take<const N: usize>(
 }
 
 /// The one tensor of a frame of `what`.
-fn one(tensors: Vec<Tensor>, what: &str) -> std::result::Result<Tensor, String> {
+fn one(tensors: Vec<Tensor>, what: &str) -> Result<Tensor, String> {
     take(tensors, what).map(|[t]| t)
 }
 
@@ -422,7 +417,7 @@ fn frame(kind: i64, step: u64, tensors: Vec<Tensor>) -> Frame {
     }
 }
 
-fn message_frame(m: Message) -> std::result::Result<Frame, String> {
+fn message_frame(m: Message) -> Result<Frame, String> {
     Ok(match m {
         Message::Train {
             tag,
@@ -443,13 +438,13 @@ fn message_frame(m: Message) -> std::result::Result<Frame, String> {
     })
 }
 
-fn frame_message(f: Frame) -> std::result::Result<Message, String> {
-    let tag = |kind| Tag::new(f.step, f.micro, kind);
+fn frame_message(f: Frame) -> Result<Message, String> {
+    let tag = Tag::new(f.step, f.micro);
     Ok(match f.kind {
         TRAIN => {
             let [input, p, labels] = take(f.tensors, "training")?;
             Message::Train {
-                tag: tag(Kind::Train),
+                tag,
                 micro_batches: f.count,
                 input,
                 p,
@@ -459,24 +454,18 @@ fn frame_message(f: Frame) -> std::result::Result<Message, String> {
         }
         EVAL => {
             let [input, p] = take(f.tensors, "inference")?;
-            Message::Eval {
-                tag: tag(Kind::Eval),
-                input,
-                p,
-            }
+            Message::Eval { tag, input, p }
         }
-        STATE => Message::State {
-            tag: tag(Kind::State),
-        },
+        STATE => Message::State { tag },
         LOAD => Message::Load {
-            tag: tag(Kind::Load),
+            tag,
             named: bytes_to_named(&one(f.tensors, "checkpoint")?)?,
         },
         other => return Err(format!("a message frame of unknown kind {other}")),
     })
 }
 
-fn report_frame((_, r): Filed) -> std::result::Result<Frame, String> {
+fn report_frame((_, r): Filed) -> Result<Frame, String> {
     Ok(match r {
         Report::Losses {
             step,
@@ -506,7 +495,7 @@ fn report_frame((_, r): Filed) -> std::result::Result<Frame, String> {
 }
 
 /// A report's own numbers and tensors (the coordinator knows its stage: the rank it came from).
-fn frame_report(f: Frame) -> std::result::Result<Report, String> {
+fn frame_report(f: Frame) -> Result<Report, String> {
     Ok(match f.kind {
         LOSSES => Report::Losses {
             step: f.step,
@@ -535,16 +524,16 @@ fn frame_report(f: Frame) -> std::result::Result<Report, String> {
     })
 }
 
-fn grad_frame((tag, g): (Tag, Tensor)) -> std::result::Result<Frame, String> {
+fn grad_frame((tag, g): (Tag, Tensor)) -> Result<Frame, String> {
     Ok(Frame {
         micro: tag.micro,
         ..frame(GRAD, tag.step, vec![g])
     })
 }
 
-fn frame_grad(f: Frame) -> std::result::Result<(Tag, Tensor), String> {
+fn frame_grad(f: Frame) -> Result<(Tag, Tensor), String> {
     // The link's header check let only gradients through.
-    let tag = Tag::new(f.step, f.micro, Kind::Train);
+    let tag = Tag::new(f.step, f.micro);
     Ok((tag, one(f.tensors, "gradient")?))
 }
 
@@ -558,7 +547,7 @@ fn out_link<T: Send + 'static>(
     dst: usize,
     tag: u32,
     rx: Receiver<T>,
-    encode: fn(T) -> std::result::Result<Frame, String>,
+    encode: fn(T) -> Result<Frame, String>,
     fail: &impl OnFail,
 ) -> StageThread {
     let on_fail = fail.clone();
@@ -590,7 +579,7 @@ fn in_link<T: Send + 'static>(
     src: usize,
     tag: u32,
     tx: Sender<T>,
-    decode: impl Fn(Frame) -> std::result::Result<T, String> + Send + 'static,
+    decode: impl Fn(Frame) -> Result<T, String> + Send + 'static,
     fail: &impl OnFail,
 ) -> StageThread {
     let (device, expect, on_fail) = (cfg.devices[0], Expect::new(cfg, tag), fail.clone());
@@ -657,7 +646,7 @@ fn run_linked_stage(
         outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, fail));
         transport.grad_out = Some((s - 1, tx));
     }
-    spawn_stage(cfg, runner, transport, cpu_threads_per_stage(cfg, 1))
+    spawn_stage(cfg, runner, transport, 1)
 }
 
 /// Rank 0: runs stage 1 of replica 1 in a thread as the coordinator's first stage and links
@@ -790,11 +779,11 @@ mod tests {
 
     #[test]
     fn frames_keep_messages_and_reports() {
-        let x = Tensor::randn([3, 2, 4], (TKind::Float, Device::Cpu));
-        let p = Tensor::rand([3, 10], (TKind::Float, Device::Cpu));
+        let x = Tensor::randn([3, 2, 4], (Kind::Float, Device::Cpu));
+        let p = Tensor::rand([3, 10], (Kind::Float, Device::Cpu));
         let y = Tensor::from_slice(&[1i64, 2, 3]);
         let m = round_trip_message(Message::Train {
-            tag: Tag::new(7, 1, Kind::Train),
+            tag: Tag::new(7, 1),
             micro_batches: 2,
             input: x.shallow_clone(),
             p: p.shallow_clone(),

@@ -31,26 +31,9 @@ pub struct ModuleBlock {
     fused: bool,
     /// Between a micro-batch's forward and its backward: the
     /// features, each module's teacher belief (the reference schedule; the fused one keeps
-    /// its forwards in the modules instead) and the label target.
-    pending: Option<(Tensor, Option<Vec<Tensor>>, LabelTarget)>,
-    /// The pending micro-batch's share of the batch.
-    scale: f64,
-}
-
-impl ModuleBlock {
-    /// Stage `stage` (0-based; the extractor is stage 0) owning `modules`, in cascade order;
-    /// `fused`: the fused schedule, each module's local-step forward, detached, is the next
-    /// one's teacher (the same values as a separate phase-1 forward, one forward per module
-    /// fewer).
-    pub fn new(stage: usize, modules: Vec<ModuleUnit>, fused: bool) -> Self {
-        Self {
-            stage,
-            modules,
-            fused,
-            pending: None,
-            scale: 1.0,
-        }
-    }
+    /// its forwards in the modules instead), the label target and the micro-batch's share of
+    /// the batch.
+    pending: Option<(Tensor, Option<Vec<Tensor>>, LabelTarget, f64)>,
 }
 
 impl Unit for ModuleBlock {
@@ -67,7 +50,6 @@ impl Unit for ModuleBlock {
     /// `p`, kept for the backward (fused: the local steps' forwards, their graphs kept). The
     /// features go on at once, unchanged, with the belief leaving the block.
     fn forward(&mut self, _micro: usize, mb: MicroBatch<'_>) -> sid_core::Result<Option<Passed>> {
-        self.scale = mb.scale;
         let _span = tracing::trace_span!("phase1", stage = self.stage + 1).entered();
         let (z, target) = (mb.input, self.modules[0].label_target(mb.labels));
         let (teachers, p) = if self.fused {
@@ -80,7 +62,7 @@ impl Unit for ModuleBlock {
             let (teachers, p) = teacher_chain(self.modules.iter(), mb.p.detach(), z);
             (Some(teachers), p)
         };
-        self.pending = Some((z.shallow_clone(), teachers, target));
+        self.pending = Some((z.shallow_clone(), teachers, target, mb.scale));
         let input = z.shallow_clone();
         Ok(Some(Passed { input, p }))
     }
@@ -90,7 +72,7 @@ impl Unit for ModuleBlock {
     /// and `Σ ∂L_i/∂z` over the block, summed in module order, straight to the extractor.
     fn backward(&mut self, _micro: usize, _grad: Option<&Tensor>) -> sid_core::Result<Backward> {
         let _span = tracing::trace_span!("phase2", stage = self.stage + 1).entered();
-        let (z, teachers, target) = self.pending.take().ok_or_else(|| {
+        let (z, teachers, target, scale) = self.pending.take().ok_or_else(|| {
             sid_core::CoreError::InvalidConfig(format!(
                 "stage {}: backward without a forward",
                 self.stage + 1
@@ -100,8 +82,8 @@ impl Unit for ModuleBlock {
         let mut grad_z = None;
         for (i, m) in self.modules.iter_mut().enumerate() {
             let out = match &teachers {
-                Some(t) => m.accumulate_step(&t[i], &z, &target, self.scale)?,
-                None => m.accumulate_backward(&target, self.scale)?,
+                Some(t) => m.accumulate_step(&t[i], &z, &target, scale)?,
+                None => m.accumulate_backward(&target, scale)?,
             };
             losses.push(out.loss);
             grad_z = Some(sid_core::unit::add_next(grad_z, out.grad_z));
@@ -255,7 +237,12 @@ pub(crate) fn build_paper(
     let blocks: Vec<ModuleBlock> = blocks
         .iter()
         .enumerate()
-        .map(|(w, r)| ModuleBlock::new(w + 1, units.by_ref().take(r.len()).collect(), fused))
+        .map(|(w, r)| ModuleBlock {
+            stage: w + 1,
+            modules: units.by_ref().take(r.len()).collect(),
+            fused,
+            pending: None,
+        })
         .collect();
     let extractor = PaperExtractor {
         unit: extractor,

@@ -25,7 +25,7 @@ pub const GRADS: u32 = 3;
 
 /// Whether rank 0 is still there: `Err` says why not. A served rank asks every second, so
 /// that it stops when rank 0 dies even while its own links are idle or its stage is stuck.
-pub type Liveness = Arc<dyn Fn() -> std::result::Result<(), String> + Send + Sync>;
+pub type Liveness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// This process's place among the ranks of a multi-process pipeline.
 #[derive(Clone)]

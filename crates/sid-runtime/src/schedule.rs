@@ -27,7 +27,7 @@ use crate::config::StagedConfig;
 #[cfg(feature = "fault-injection")]
 use crate::fault::{Fault, FaultKind};
 use crate::ops::{Op, Schedule};
-use crate::transport::{Kind, Message, Received, Report, Tag, Transport};
+use crate::transport::{Message, Received, Report, Tag, Transport};
 use crate::Failure;
 
 /// The step in progress on a stage.
@@ -304,7 +304,7 @@ impl StageRunner {
                         _ => self.unit.backward_input(j, grad.as_ref())?,
                     };
                     if let Some(g) = b.grad {
-                        t.send_grad(Tag::new(s.step, j, Kind::Train), g)?;
+                        t.send_grad(Tag::new(s.step, j), g)?;
                     }
                     if let Some(l) = b.losses {
                         s.losses = Some(add_next(s.losses.take(), l));

@@ -3,7 +3,6 @@
 //! the coordinator ([`crate::staged`]) and by the ranks that serve a stage in another process
 //! ([`crate::ranks`]).
 
-use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::thread::JoinHandle;
 
@@ -12,14 +11,14 @@ use sid_core::bp_stage::build_bp_stages;
 use sid_core::stage::build_stages;
 use sid_core::unit::Unit;
 use sid_core::Net;
-use tch::{Device, Tensor};
+use tch::Device;
 
 use crate::config::{PipelineMethod, StagedConfig};
 use crate::ops::Schedule;
 use crate::placement::Placement;
 use crate::schedule::{drive, StageRunner};
 use crate::streams;
-use crate::transport::{ChannelTransport, Filed, Message, Report, Tag};
+use crate::transport::{ChannelTransport, Filed, LocalQueues, Message, Report};
 use crate::{Failure, Result};
 
 /// How the coordinator reaches its stages.
@@ -27,10 +26,7 @@ pub(crate) enum Engine {
     /// Every stage in the caller's thread, one after another.
     Local {
         runners: Vec<StageRunner>,
-        inboxes: Vec<VecDeque<Message>>,
-        reports: VecDeque<Filed>,
-        /// Gradients sent back, per receiving stage.
-        grads: Vec<VecDeque<(Tag, Tensor)>>,
+        queues: LocalQueues,
     },
     /// A thread per stage (or per stage of this process, the others linked by c10d).
     Threads {
@@ -76,7 +72,25 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
                 .collect()
         }
         PipelineMethod::Paper => {
-            let placement = paper_placement(cfg)?;
+            // The module blocks of `cfg.devices`, checked against the model.
+            let workers = cfg.devices.len();
+            let placement = match cfg.placement.clone() {
+                Some(p) if p.workers() != workers => {
+                    return Err(crate::RuntimeError::Placement(format!(
+                        "{} blocks for {workers} devices",
+                        p.workers()
+                    )))
+                }
+                Some(p) => p,
+                None => Placement::even(cfg.model.modules, workers)?,
+            };
+            if placement.blocks().last().map(|b| b.end) != Some(cfg.model.modules) {
+                return Err(crate::RuntimeError::Placement(format!(
+                    "placement {} does not cover {} modules",
+                    placement.to_spec(),
+                    cfg.model.modules
+                )));
+            }
             let (extractor, blocks) = crate::paper::build_paper(
                 net,
                 cfg.loss,
@@ -107,51 +121,22 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
         .collect()
 }
 
-/// The paper's SID: the module blocks of `cfg.devices`, checked against the model.
-pub(crate) fn paper_placement(cfg: &StagedConfig) -> Result<Placement> {
-    let workers = cfg.devices.len();
-    let placement = match cfg.placement.clone() {
-        Some(p) if p.workers() != workers => {
-            return Err(crate::RuntimeError::Placement(format!(
-                "{} blocks for {workers} devices",
-                p.workers()
-            )))
-        }
-        Some(p) => p,
-        None => Placement::even(cfg.model.modules, workers)?,
-    };
-    if placement.blocks().last().map(|b| b.end) != Some(cfg.model.modules) {
-        return Err(crate::RuntimeError::Placement(format!(
-            "placement {} does not cover {} modules",
-            placement.to_spec(),
-            cfg.model.modules
-        )));
-    }
-    Ok(placement)
-}
-
-/// Intra-op threads for each CPU stage of this process: `threads_per_stage`, or the cores
-/// shared among them.
-pub(crate) fn cpu_threads_per_stage(cfg: &StagedConfig, cpu_stages: usize) -> i32 {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    cfg.threads_per_stage
-        .unwrap_or_else(|| (cores / cpu_stages.max(1)).max(1) as i32)
-}
-
-/// Starts the thread that runs one stage over `transport` until its input closes, with `cores`
-/// intra-op threads on a CPU and its own CUDA stream on a GPU when `cfg.streams`. A failure
+/// Starts the thread that runs one stage over `transport` until its input closes, on a CPU with
+/// `cfg.threads_per_stage` intra-op threads or the cores shared among the `sharing` CPU stages
+/// of this process, on a GPU with its own CUDA stream when `cfg.streams`. A failure
 /// (error or panic) is reported to the coordinator through the transport's report channel
 /// and returned through [`StageThread::exited`].
 pub(crate) fn spawn_stage(
     cfg: &StagedConfig,
     mut runner: StageRunner,
     mut transport: ChannelTransport,
-    cores: i32,
+    sharing: usize,
 ) -> StageThread {
+    let cores = cfg.threads_per_stage.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / sharing.max(1)).max(1) as i32
+    });
     let (s, device, own_stream) = (transport.stage, transport.device, cfg.streams);
-    let fail_tx = transport.reports.clone();
     spawn_thread(
         format!("sid-stage-{}", s + 1),
         format!("stage {}", s + 1),
@@ -182,11 +167,10 @@ pub(crate) fn spawn_stage(
                 }
             };
             if let Some(f) = &failure {
-                let _ = fail_tx.send((s, Report::Failed(f.clone())));
+                let _ = transport.reports.send((s, Report::Failed(f.clone())));
             }
             // Dropping the transport closes the link to the next stage, which then stops.
             drop(transport);
-            drop(fail_tx);
             failure.map_or(Ok(()), |f| Err(f.cause))
         },
     )
@@ -197,7 +181,7 @@ pub(crate) fn spawn_stage(
 pub(crate) fn spawn_thread(
     name: String,
     what: String,
-    body: impl FnOnce() -> std::result::Result<(), String> + Send + 'static,
+    body: impl FnOnce() -> Result<(), String> + Send + 'static,
 ) -> StageThread {
     let (exit_tx, exited) = crossbeam_channel::bounded(1);
     let thread = std::thread::Builder::new()

@@ -9,20 +9,21 @@
 //! or saving).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Range;
 use std::time::Duration;
 
 use crossbeam_channel::SendTimeoutError;
 use sid_core::{
-    Cascade, EarlyExit, ExitTracker, Method, NamedTensors, Network, StagePlan, StageSpec, StepStats,
+    Cascade, EarlyExit, ExitTracker, Method, NamedTensors, Network, StagePlan, StepStats,
 };
 use tch::{Device, Tensor};
 
 use crate::config::{PipelineMethod, StagedConfig};
 use crate::schedule::{drive, StageRunner};
-use crate::setup::{build_runners, cpu_threads_per_stage, paper_placement, spawn_stage, Engine};
+use crate::setup::{build_runners, spawn_stage, Engine};
 use crate::streams;
 use crate::transport::{
-    device_name, ChannelTransport, Filed, Kind, LocalTransport, Message, Report, Tag,
+    device_name, ChannelTransport, Filed, LocalQueues, LocalTransport, Message, Report, Tag,
 };
 use crate::{Failure, Result, RuntimeError};
 use sid_telemetry::AllocOwner;
@@ -58,7 +59,8 @@ pub struct StagedPipeline {
     /// Who computes each slot (replica r's stage s is slot r·K + s, its rank in a
     /// multi-process run), for messages.
     names: Vec<String>,
-    specs: Vec<StageSpec>,
+    /// Each stage's modules (0-based).
+    modules: Vec<Range<usize>>,
     submitted: u64,
     requests: u64,
     pending: BTreeMap<u64, Vec<Option<Vec<f64>>>>,
@@ -123,28 +125,18 @@ impl StagedPipeline {
                 "--micro-batches must be at least 1".into(),
             ));
         }
-        let (devices, specs): (Vec<Device>, Vec<StageSpec>) = if paper {
-            // The extractor shares the first device with the first module block.
-            let blocks = cfg.plan.stages()[0].blocks.clone();
-            let after = blocks.end..blocks.end;
-            let placement = paper_placement(&cfg)?;
-            let specs = std::iter::once(StageSpec {
-                blocks,
-                modules: 0..0,
-            })
-            .chain(placement.blocks().iter().map(|m| StageSpec {
-                blocks: after.clone(),
-                modules: m.clone(),
-            }))
-            .collect();
-            ([&cfg.devices[..1], &cfg.devices].concat(), specs)
+        let mut runners = build_runners(&cfg)?;
+        let (devices, modules) = if paper {
+            // The extractor (no module) shares the first device with the first module block.
+            let modules = runners.iter().map(|r| r.unit().modules()).collect();
+            ([&cfg.devices[..1], &cfg.devices].concat(), modules)
         } else {
+            let modules = cfg.plan.stages().iter().map(|s| s.modules.clone());
             (
                 (0..k).map(|s| cfg.devices[s % d]).collect(),
-                cfg.plan.stages().to_vec(),
+                modules.collect(),
             )
         };
-        let mut runners = build_runners(&cfg)?;
         let memory = runners.iter().map(StageRunner::memory).collect();
         let mut names: Vec<String> = devices.iter().map(|d| device_name(*d)).collect();
         // Several backprop stages wait on each other within a step: they get a thread each
@@ -158,9 +150,7 @@ impl StagedPipeline {
             }
             Engine::Local {
                 runners,
-                inboxes: (0..k).map(|_| VecDeque::new()).collect(),
-                reports: VecDeque::new(),
-                grads: (0..k).map(|_| VecDeque::new()).collect(),
+                queues: LocalQueues::new(k),
             }
         } else {
             spawn_threads(&cfg, runners, &devices)
@@ -170,7 +160,7 @@ impl StagedPipeline {
             cfg,
             devices,
             names,
-            specs,
+            modules,
             submitted: 0,
             requests: 0,
             pending: BTreeMap::new(),
@@ -191,13 +181,13 @@ impl StagedPipeline {
     }
 
     /// Each stage's device and 0-based module block, in order.
-    pub fn layout(&self) -> Vec<(Device, std::ops::Range<usize>)> {
+    pub fn layout(&self) -> Vec<(Device, Range<usize>)> {
         self.devices
             .iter()
-            .zip(&self.specs)
+            .zip(&self.modules)
             // The paper's extractor stage owns no module.
-            .filter(|(_, s)| !s.modules.is_empty())
-            .map(|(d, s)| (*d, s.modules.clone()))
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(d, m)| (*d, m.clone()))
             .collect()
     }
 
@@ -211,7 +201,7 @@ impl StagedPipeline {
     pub fn take_stage_stats(&mut self) -> Vec<StageStats> {
         let mut stats = std::mem::replace(
             &mut self.busy,
-            vec![StageStats::default(); self.specs.len()],
+            vec![StageStats::default(); self.modules.len()],
         );
         for (s, m) in stats.iter_mut().zip(&self.memory) {
             if let Some((owner, state)) = m {
@@ -228,19 +218,23 @@ impl StagedPipeline {
     /// `stage 2 (cpu, blocks 3-4, modules 6-10)`, 1-based; `slot` is replica r's stage s as
     /// r·K + s (in a multi-process run, its rank).
     pub fn describe(&self, slot: usize) -> String {
-        let k = self.specs.len();
-        let s = &self.specs[slot % k];
-        let blocks = format!("blocks {}-{}", s.blocks.start + 1, s.blocks.end);
-        let modules = format!("modules {}-{}", s.modules.start + 1, s.modules.end);
+        let k = self.modules.len();
+        let m = &self.modules[slot % k];
+        let modules = format!("modules {}-{}", m.start + 1, m.end);
+        // Staged SID's and backprop's stages are the plan's.
+        let blocks = || {
+            let b = &self.cfg.plan.stages()[slot % k].blocks;
+            format!("blocks {}-{}", b.start + 1, b.end)
+        };
         let what = match self.cfg.method {
-            PipelineMethod::Paper if s.modules.is_empty() => "the extractor".to_string(),
+            PipelineMethod::Paper if m.is_empty() => "the extractor".to_string(),
             PipelineMethod::Paper => modules,
-            PipelineMethod::Sid => format!("{blocks}, {modules}"),
+            PipelineMethod::Sid => format!("{}, {modules}", blocks()),
             // Backprop's modules all read the final features: they sit on the last stage.
             PipelineMethod::Bp(_) if slot % k + 1 == k => {
-                format!("{blocks}, modules 1-{}", self.cfg.model.modules)
+                format!("{}, modules 1-{}", blocks(), self.cfg.model.modules)
             }
-            PipelineMethod::Bp(_) => blocks,
+            PipelineMethod::Bp(_) => blocks(),
         };
         let replica = (self.replicas() > 1).then(|| format!(" of replica {}", slot / k + 1));
         let replica = replica.unwrap_or_default();
@@ -253,7 +247,7 @@ impl StagedPipeline {
 
     fn failed(&self, slot: usize, f: Failure) -> RuntimeError {
         RuntimeError::Stage {
-            stage: slot % self.specs.len() + 1,
+            stage: slot % self.modules.len() + 1,
             device: self.names[slot].clone(),
             module: f.module,
             cause: f.cause,
@@ -278,29 +272,20 @@ impl StagedPipeline {
     /// Passes `msg` to stage 1 of `replica`.
     fn feed_replica(&mut self, replica: usize, msg: Message) -> Result<()> {
         match &mut self.engine {
-            Engine::Local {
-                runners,
-                inboxes,
-                reports,
-                grads,
-            } => {
-                inboxes[0].push_back(msg);
+            Engine::Local { runners, queues } => {
+                queues.inboxes[0].push_back(msg);
                 // Stage after stage, again while any took something: a stage that stopped
                 // for a gradient goes on once a later stage has sent it.
                 loop {
                     let mut taken = 0;
-                    for s in 0..runners.len() {
-                        let (head, tail) = inboxes.split_at_mut(s + 1);
+                    for (s, runner) in runners.iter_mut().enumerate() {
                         let mut t = LocalTransport {
                             stage: s,
-                            inbox: &mut head[s],
-                            next: tail.first_mut(),
-                            reports,
-                            grads,
+                            queues,
                             grad_to: self.cfg.method.grad_target(s),
                             taken: 0,
                         };
-                        let driven = drive(&mut runners[s], &mut t, true);
+                        let driven = drive(runner, &mut t, true);
                         taken += t.taken;
                         if let Err(f) = driven {
                             return Err(self.failed(s, f));
@@ -324,7 +309,7 @@ impl StagedPipeline {
                             waiter: "coordinator".into(),
                             waited_for: format!(
                                 "{} to take its input",
-                                self.describe(replica * self.specs.len())
+                                self.describe(replica * self.modules.len())
                             ),
                             timeout: self.cfg.timeout,
                         },
@@ -350,7 +335,7 @@ impl StagedPipeline {
         let timeout = self.cfg.timeout;
         // `Err(true)`: every stage thread has exited; `Err(false)`: nothing yet.
         let got = match &mut self.engine {
-            Engine::Local { reports, .. } => reports.pop_front().ok_or(false),
+            Engine::Local { queues, .. } => queues.reports.pop_front().ok_or(false),
             Engine::Threads { reports, .. } if block => reports
                 .recv_timeout(timeout)
                 .map_err(|e| e.is_disconnected()),
@@ -387,9 +372,9 @@ impl StagedPipeline {
         else {
             return Err(unexpected(&r, "training results"));
         };
-        let k = self.specs.len();
+        let k = self.modules.len();
         let expected = match self.cfg.method {
-            PipelineMethod::Sid | PipelineMethod::Paper => self.specs[stage % k].modules.len(),
+            PipelineMethod::Sid | PipelineMethod::Paper => self.modules[stage % k].len(),
             PipelineMethod::Bp(_) => usize::from(stage % k + 1 == k),
         };
         let bad = RuntimeError::Protocol(format!(
@@ -471,7 +456,7 @@ impl StagedPipeline {
         self.submitted += 1;
         let step = self.submitted;
         // A slot for replica r's stage s, for every r and s.
-        let slots = self.specs.len() * self.replicas();
+        let slots = self.modules.len() * self.replicas();
         self.pending.insert(step, vec![None; slots]);
         let first = self.devices[0];
         let mut start = 0;
@@ -483,7 +468,7 @@ impl StagedPipeline {
                 // Sizes differ by at most one when m does not divide the shard.
                 let len = shard / m + i64::from(j < shard % m);
                 let msg = Message::Train {
-                    tag: Tag::new(step, j as usize, Kind::Train),
+                    tag: Tag::new(step, j as usize),
                     micro_batches: m as usize,
                     input: x.narrow(0, start, len),
                     p: sid_core::belief::uniform_belief(len, self.cfg.model.num_classes, first),
@@ -513,7 +498,7 @@ impl StagedPipeline {
         for r in (1..replicas).chain([0]) {
             self.feed_replica(r, msg())?;
         }
-        let k = self.specs.len() * replicas;
+        let k = self.modules.len() * replicas;
         let mut got: Vec<Option<Report>> = (0..k).map(|_| None).collect();
         while got.iter().any(|g| g.is_none()) {
             let owing = |p: &Self| format!("{} to return {what}", p.missing(&got));
@@ -545,9 +530,9 @@ impl StagedPipeline {
         Ok(())
     }
 
-    fn next_request(&mut self, kind: Kind) -> Tag {
+    fn next_request(&mut self) -> Tag {
         self.requests += 1;
-        Tag::new(self.requests, 0, kind)
+        Tag::new(self.requests, 0)
     }
 }
 
@@ -571,8 +556,6 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     // for them): it gets every core, the module stages share them.
     let sharing = &devices[usize::from(paper)..];
     let cpu_stages = sharing.iter().filter(|d| **d == Device::Cpu).count();
-    let cpu_threads = cpu_threads_per_stage(cfg, cpu_stages);
-    let extractor_threads = cpu_threads_per_stage(cfg, 1);
     // Fix this thread's libtorch thread count before stages change the process-wide one.
     let _ = tch::get_num_threads();
     // Room for one step's micro-batches per link: a stage runs at most about a step ahead.
@@ -599,12 +582,8 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
         .into_iter()
         .zip(transports)
         .map(|(runner, transport)| {
-            let cores = if paper && transport.stage == 0 {
-                extractor_threads
-            } else {
-                cpu_threads
-            };
-            spawn_stage(cfg, runner, transport, cores)
+            let alone = paper && transport.stage == 0;
+            spawn_stage(cfg, runner, transport, if alone { 1 } else { cpu_stages })
         })
         .collect();
     Engine::Threads {
@@ -644,15 +623,12 @@ impl Network for StagedPipeline {
         };
         runners.iter_mut().for_each(|r| r.queue_losses(true));
         let submitted = self.submit(x, y);
-        let Engine::Local {
-            runners, reports, ..
-        } = &mut self.engine
-        else {
+        let Engine::Local { runners, queues } = &mut self.engine else {
             unreachable!("checked above")
         };
         runners.iter_mut().for_each(|r| r.queue_losses(false));
         // The step's reports carry no losses: they are these.
-        reports.clear();
+        queues.reports.clear();
         self.pending.remove(&self.submitted);
         submitted?;
         let losses: Vec<Tensor> = runners
@@ -691,7 +667,7 @@ impl Network for StagedPipeline {
             self.file(r)?;
         }
         // One step in flight per stage, and one more.
-        while self.pending.len() > self.specs.len() + 1 {
+        while self.pending.len() > self.modules.len() + 1 {
             self.wait_oldest()?;
         }
         Ok(self.done.drain(..).collect())
@@ -703,7 +679,7 @@ impl Network for StagedPipeline {
     }
 
     fn cascade(&mut self, x: &Tensor) -> sid_core::Result<Cascade> {
-        let tag = self.next_request(Kind::Eval);
+        let tag = self.next_request();
         let first = self.devices[0];
         let p = sid_core::belief::uniform_belief(x.size()[0], self.cfg.model.num_classes, first);
         let eval = || Message::Eval {
@@ -757,7 +733,7 @@ impl Network for StagedPipeline {
     }
 
     fn state(&mut self) -> sid_core::Result<Vec<(String, Tensor)>> {
-        let tag = self.next_request(Kind::State);
+        let tag = self.next_request();
         let reports = self.request(|| Message::State { tag }, "its state", false)?;
         Ok(reports
             .into_iter()
@@ -769,7 +745,7 @@ impl Network for StagedPipeline {
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
-        let tag = self.next_request(Kind::Load);
+        let tag = self.next_request();
         let load = || Message::Load {
             tag,
             named: named

@@ -3,7 +3,7 @@
 //! ([`ChannelTransport`]). The schedule itself ([`crate::schedule`]) is written once, against
 //! the [`Transport`] trait.
 //!
-//! Every message carries a [`Tag`] (step, micro-batch, kind); stages check that tags arrive in
+//! Every message carries a [`Tag`] (step, micro-batch); stages check that tags arrive in
 //! order. Every wait of the threaded transport has a timeout and names who waited for whom.
 
 use std::collections::VecDeque;
@@ -17,34 +17,19 @@ use tch::{Device, Tensor};
 use crate::streams;
 use crate::{Failure, Result, RuntimeError};
 
-/// What a message is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// A training micro-batch.
-    Train,
-    /// An inference batch.
-    Eval,
-    /// A request for weights and optimiser state.
-    State,
-    /// Weights and optimiser state to restore.
-    Load,
-}
-
-/// The label of every message: which step (or inference batch), which micro-batch, what.
+/// The label of every message: which step (or inference batch), which micro-batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tag {
     /// Training step (1-based), or the number of an inference batch or state request.
     pub step: u64,
     /// Micro-batch within the step (0-based); 0 for everything else.
     pub micro: usize,
-    /// What it is.
-    pub kind: Kind,
 }
 
 impl Tag {
-    /// Micro-batch `micro` of `step`, of `kind`.
-    pub fn new(step: u64, micro: usize, kind: Kind) -> Self {
-        Self { step, micro, kind }
+    /// Micro-batch `micro` of `step`.
+    pub fn new(step: u64, micro: usize) -> Self {
+        Self { step, micro }
     }
 }
 
@@ -93,13 +78,13 @@ pub enum Message {
 }
 
 impl Message {
-    /// The message's tag.
-    pub fn tag(&self) -> Tag {
+    /// The message's tag, and what it is (`Train`, `Eval`, `State` or `Load`).
+    pub fn tag(&self) -> (Tag, &'static str) {
         match self {
-            Self::Train { tag, .. }
-            | Self::Eval { tag, .. }
-            | Self::State { tag }
-            | Self::Load { tag, .. } => *tag,
+            Self::Train { tag, .. } => (*tag, "Train"),
+            Self::Eval { tag, .. } => (*tag, "Eval"),
+            Self::State { tag } => (*tag, "State"),
+            Self::Load { tag, .. } => (*tag, "Load"),
         }
     }
 
@@ -188,20 +173,36 @@ pub trait Transport {
     fn recv_grad(&mut self, timeout: Duration) -> Result<Option<(Tag, Tensor)>>;
 }
 
-/// Stages run one after another in one thread: each stage's inbox is a queue, and receiving
-/// never waits. Gradients sent back (backprop, the paper's module stages) wait in the receiving
-/// stage's queue until that stage runs again.
+/// The queues of stages run one after another in one thread: each stage's inbox, the
+/// coordinator's reports, and the gradients sent back (backprop, the paper's module stages),
+/// which wait in the receiving stage's queue until that stage runs again.
+pub struct LocalQueues {
+    /// Each stage's inbox.
+    pub inboxes: Vec<VecDeque<Message>>,
+    /// The coordinator's reports.
+    pub reports: VecDeque<Filed>,
+    /// Every stage's gradients waiting to be taken, one queue per stage.
+    pub grads: Vec<VecDeque<(Tag, Tensor)>>,
+}
+
+impl LocalQueues {
+    /// Empty queues for `stages` stages.
+    pub fn new(stages: usize) -> Self {
+        Self {
+            inboxes: (0..stages).map(|_| VecDeque::new()).collect(),
+            reports: VecDeque::new(),
+            grads: (0..stages).map(|_| VecDeque::new()).collect(),
+        }
+    }
+}
+
+/// One stage of stages run one after another in one thread, over their [`LocalQueues`]:
+/// receiving never waits.
 pub struct LocalTransport<'a> {
     /// 0-based stage.
     pub stage: usize,
-    /// This stage's inbox.
-    pub inbox: &'a mut VecDeque<Message>,
-    /// The next stage's inbox, if any.
-    pub next: Option<&'a mut VecDeque<Message>>,
-    /// The coordinator's reports.
-    pub reports: &'a mut VecDeque<Filed>,
-    /// Every stage's gradients waiting to be taken, one queue per stage.
-    pub grads: &'a mut [VecDeque<(Tag, Tensor)>],
+    /// Every stage's queues.
+    pub queues: &'a mut LocalQueues,
     /// The stage this one's backward sends its gradient to, if any.
     pub grad_to: Option<usize>,
     /// Messages and gradients taken so far (the engine runs the stages again while any are).
@@ -210,31 +211,31 @@ pub struct LocalTransport<'a> {
 
 impl Transport for LocalTransport<'_> {
     fn recv(&mut self, _timeout: Duration) -> Result<Received> {
-        let m = self.inbox.pop_front();
+        let m = self.queues.inboxes[self.stage].pop_front();
         self.taken += usize::from(m.is_some());
         Ok(m.map_or(Received::Nothing, Received::Message))
     }
 
     fn send_down(&mut self, msg: Message) -> Result<()> {
-        if let Some(next) = self.next.as_deref_mut() {
+        if let Some(next) = self.queues.inboxes.get_mut(self.stage + 1) {
             next.push_back(msg);
         }
         Ok(())
     }
 
     fn report(&mut self, report: Report) -> Result<()> {
-        self.reports.push_back((self.stage, report));
+        self.queues.reports.push_back((self.stage, report));
         Ok(())
     }
 
     fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
         let to = self.grad_to.ok_or_else(|| no_grad_target(self.stage))?;
-        self.grads[to].push_back((tag, grad));
+        self.queues.grads[to].push_back((tag, grad));
         Ok(())
     }
 
     fn recv_grad(&mut self, _timeout: Duration) -> Result<Option<(Tag, Tensor)>> {
-        let g = self.grads[self.stage].pop_front();
+        let g = self.queues.grads[self.stage].pop_front();
         self.taken += usize::from(g.is_some());
         Ok(g)
     }
@@ -342,12 +343,12 @@ impl Transport for ChannelTransport {
         let Some(tx) = &self.downstream else {
             return Ok(());
         };
-        let (me, next, tag) = (self.stage + 1, self.stage + 2, msg.tag());
-        let (kind, micro, step) = (tag.kind, tag.micro, tag.step);
+        let (me, next, (tag, kind)) = (self.stage + 1, self.stage + 2, msg.tag());
+        let (micro, step) = (tag.micro, tag.step);
         self.send_on(
             tx,
             msg,
-            || format!("stage {next} to take {kind:?} micro-batch {micro} of step {step}"),
+            || format!("stage {next} to take {kind} micro-batch {micro} of step {step}"),
             || format!("stage {next} has stopped, so stage {me} cannot pass on step {step}"),
         )
     }
