@@ -65,12 +65,10 @@ pub(crate) fn build_runners(cfg: &StagedConfig) -> Result<Vec<StageRunner>> {
             .into_iter()
             .map(|s| (Box::new(s) as Box<dyn Unit>, Schedule::LocalLoss))
             .collect(),
-        PipelineMethod::Bp(schedule) => {
-            build_bp_stages(net, cfg.lr, &cfg.plan)?
-                .into_iter()
-                .map(|s| (Box::new(s) as Box<dyn Unit>, Schedule::Bp(schedule)))
-                .collect()
-        }
+        PipelineMethod::Bp(schedule) => build_bp_stages(net, cfg.lr, &cfg.plan)?
+            .into_iter()
+            .map(|s| (Box::new(s) as Box<dyn Unit>, Schedule::Bp(schedule)))
+            .collect(),
         PipelineMethod::Paper => {
             // The module blocks of `cfg.devices`, checked against the model.
             let workers = cfg.devices.len();
