@@ -128,16 +128,11 @@ impl ModuleUnit {
         self.index
     }
 
-    /// Where the parameters live.
-    pub fn device(&self) -> Device {
-        self.params.vs.device()
-    }
-
     /// The module's logits for `p_prev` and `z`, float32, computed at the unit's precision:
     /// every forward of the module goes through here.
     pub fn logits(&self, p_prev: &Tensor, z: &Tensor) -> Tensor {
         self.forwards.fetch_add(1, Ordering::Relaxed);
-        forward_f32(self.precision, self.device(), || {
+        forward_f32(self.precision, self.params.vs.device(), || {
             self.net.forward(p_prev, z)
         })
     }

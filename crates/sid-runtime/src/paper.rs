@@ -15,7 +15,7 @@ use std::ops::Range;
 use sid_core::loss::LabelTarget;
 use sid_core::unit::teacher_chain;
 use sid_core::unit::{Backward, Inferred, MicroBatch, Passed, Unit};
-use sid_core::{ExtractorUnit, LossConfig, ModuleUnit, NamedTensors, Net};
+use sid_core::{CoreError, ExtractorUnit, LossConfig, ModuleUnit, NamedTensors, Net};
 use tch::{Device, Tensor};
 
 use crate::Result;
@@ -70,12 +70,10 @@ impl Unit for ModuleBlock {
     /// the micro-batch's share and added to the module's until [`Unit::apply`]. Its losses [n],
     /// and `Σ ∂L_i/∂z` over the block, summed in module order, straight to the extractor.
     fn backward(&mut self, _micro: usize, _grad: Option<&Tensor>) -> sid_core::Result<Backward> {
-        let _span = tracing::trace_span!("phase2", stage = self.stage + 1).entered();
+        let stage = self.stage + 1;
+        let _span = tracing::trace_span!("phase2", stage).entered();
         let (z, teachers, target, scale) = self.pending.take().ok_or_else(|| {
-            sid_core::CoreError::InvalidConfig(format!(
-                "stage {}: backward without a forward",
-                self.stage + 1
-            ))
+            CoreError::InvalidConfig(format!("stage {stage}: backward without a forward"))
         })?;
         let mut losses = Vec::with_capacity(self.modules.len());
         let mut grad_z = None;
