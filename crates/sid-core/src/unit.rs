@@ -5,6 +5,7 @@
 //! parameters only, steps its own Adam and returns its loss and the gradient that reached `z`.
 //! It holds no reference to anything else, so a worker thread can own it.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -127,16 +128,11 @@ impl ModuleUnit {
         self.index
     }
 
-    /// Where the parameters live.
-    pub fn device(&self) -> Device {
-        self.params.vs.device()
-    }
-
     /// The module's logits for `p_prev` and `z`, float32, computed at the unit's precision:
     /// every forward of the module goes through here.
     pub fn logits(&self, p_prev: &Tensor, z: &Tensor) -> Tensor {
         self.forwards.fetch_add(1, Ordering::Relaxed);
-        forward_f32(self.precision, self.device(), || {
+        forward_f32(self.precision, self.params.vs.device(), || {
             self.net.forward(p_prev, z)
         })
     }
@@ -261,93 +257,118 @@ pub fn read_losses(losses: &Tensor, first_index: usize) -> Result<Vec<f64>> {
     Ok(values)
 }
 
-/// The feature extractor with its own VarStore and Adam.
+/// The feature extractor with its own VarStore and Adam: the paper mode's stage 1. A forward
+/// sends `(sg(z), p_0)` down and keeps `z`'s graph; a backward takes the module stages'
+/// gradients at `z`, summed in stage order, through it.
 #[derive(Debug)]
 pub struct ExtractorUnit {
     /// Saved with Adam's state under `adam.extractor`.
     pub(crate) params: ParamStore,
     net: Extractor,
     precision: Precision,
+    /// The module stages whose gradients each backward waits for.
+    module_stages: usize,
+    /// Each micro-batch's features, with their graph, until its backward.
+    pending: BTreeMap<usize, Tensor>,
 }
 
 impl ExtractorUnit {
     /// Builds the extractor (a [`ModelConfig`]'s built-in backbone, or any
-    /// [`crate::Net`]) on `device` (drawn on the CPU, then moved); its variables are
-    /// `extractor.*`.
-    pub fn new<'a>(net: impl Into<crate::Net<'a>>, lr: f64, device: Device) -> Result<Self> {
+    /// [`crate::Net`]) on the CPU (its stage moves it); its variables are `extractor.*`, and
+    /// each backward waits for the gradients of `module_stages` module stages.
+    pub fn new<'a>(net: impl Into<crate::Net<'a>>, lr: f64, module_stages: usize) -> Result<Self> {
         let net = net.into();
-        let mut vs = VarStore::new(Device::Cpu);
+        let vs = VarStore::new(Device::Cpu);
         let extractor = Extractor::new(&(vs.root() / "extractor"), net)?;
-        vs.set_device(device);
         Ok(Self {
             params: ParamStore::new(vs, lr, "adam.extractor".into()),
             net: extractor,
             precision: net.model.precision,
+            module_stages,
+            pending: BTreeMap::new(),
         })
-    }
-
-    /// Where the parameters live.
-    pub fn device(&self) -> Device {
-        self.params.vs.device()
-    }
-
-    /// Moves parameters and optimizer state to `device` (a stage does this in its own thread).
-    pub fn to_device(&mut self, device: Device) {
-        self.params.move_to(device);
-    }
-
-    /// `z = c(x)` for a training step, with gradient, float32 (computed at the unit's
-    /// precision); BatchNorm normalises with the batch's statistics and updates its running
-    /// ones.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let _span = tracing::trace_span!("extractor_forward").entered();
-        self.run(x, true)
     }
 
     /// `c(x)`, float32, computed at the unit's precision; `train` is BatchNorm's mode.
     fn run(&self, x: &Tensor, train: bool) -> Tensor {
-        forward_f32(self.precision, self.device(), || {
+        forward_f32(self.precision, self.params.vs.device(), || {
             self.net.forward_t(x, train)
         })
     }
+}
 
-    /// `z = c(x)` for inference: no gradient, BatchNorm on its running statistics.
-    pub fn infer(&self, x: &Tensor) -> Tensor {
-        let _span = tracing::trace_span!("extractor_infer").entered();
-        tch::no_grad(|| self.run(x, false))
+impl Unit for ExtractorUnit {
+    fn stage(&self) -> usize {
+        0
     }
 
-    /// Gives the parameters whose names `pick` chooses the learning rate `lr`.
-    pub fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
-        self.params.opt.set_lr_where(lr, pick);
+    fn modules(&self) -> Range<usize> {
+        0..0
     }
 
-    /// Backpropagates `grad_z` through `z` (the graph of [`ExtractorUnit::forward`]) into the
-    /// extractor's gradients, which add up over a step's micro-batches until
-    /// [`ExtractorUnit::apply`].
-    pub fn accumulate_backward(&mut self, z: &Tensor, grad_z: &Tensor) -> Result<()> {
+    fn grads_needed(&self) -> usize {
+        self.module_stages
+    }
+
+    /// `z = c(x)` with gradient, float32 (BatchNorm normalises with the batch's statistics and
+    /// updates its running ones), kept for the backward; `sg(z)` and `p` go on.
+    fn forward(&mut self, micro: usize, mb: MicroBatch<'_>) -> Result<Option<Passed>> {
+        let z = tracing::trace_span!("extractor_forward").in_scope(|| self.run(mb.input, true));
+        let passed = Passed {
+            input: z.detach(),
+            p: mb.p.shallow_clone(),
+        };
+        self.pending.insert(micro, z);
+        Ok(Some(passed))
+    }
+
+    /// Backpropagates `grad` through micro-batch `micro`'s `z` into the extractor's gradients,
+    /// which add up over a step's micro-batches until [`Unit::apply`].
+    fn backward(&mut self, micro: usize, grad: Option<&Tensor>) -> Result<Backward> {
+        let z = self.pending.remove(&micro).ok_or_else(|| {
+            invalid(format!(
+                "the extractor's backward of micro-batch {micro} before its forward"
+            ))
+        })?;
+        let grad = grad.ok_or_else(|| invalid("the extractor has no module stages to wait for"))?;
         let _span = tracing::trace_span!("extractor_backward").entered();
-        Ok((z * grad_z.detach()).f_sum(Kind::Float)?.f_backward()?)
+        (&z * grad.detach()).f_sum(Kind::Float)?.f_backward()?;
+        Ok(Backward::default())
     }
 
-    /// One Adam step from the accumulated gradients, then clears them.
-    pub fn apply(&mut self) {
+    fn apply(&mut self) {
         self.params.apply();
     }
 
-    /// The gradients [`ExtractorUnit::apply`] would use.
-    pub fn gradients(&self) -> Vec<Tensor> {
+    fn gradients(&self) -> Vec<Tensor> {
         self.params.opt.gradients()
     }
 
-    /// Weights and Adam state as named CPU tensors.
-    pub fn state(&self) -> Vec<(String, Tensor)> {
+    /// `z = c(x)`: no gradient, BatchNorm on its running statistics.
+    fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
+        let z = tracing::trace_span!("extractor_infer")
+            .in_scope(|| tch::no_grad(|| self.run(input, false)));
+        Inferred {
+            next: Some(z),
+            logits: Vec::new(),
+            p: p.shallow_clone(),
+        }
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
         self.params.state()
     }
 
-    /// Restores what [`ExtractorUnit::state`] saved.
-    pub fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
+    fn load_state(&mut self, named: &NamedTensors) -> Result<()> {
         self.params.load_state(named)
+    }
+
+    fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
+        self.params.opt.set_lr_where(lr, pick);
+    }
+
+    fn to_device(&mut self, device: Device) {
+        self.params.move_to(device);
     }
 }
 
@@ -485,7 +506,7 @@ mod tests {
             label_smoothing: 0.1,
         };
         tch::manual_seed(3);
-        let mut extractor = ExtractorUnit::new(&cfg, 1e-2, Device::Cpu).unwrap();
+        let mut extractor = ExtractorUnit::new(&cfg, 1e-2, 1).unwrap();
         let mut modules: Vec<ModuleUnit> = (0..3)
             .map(|i| ModuleUnit::new(i, &cfg, loss, 1e-2, Device::Cpu))
             .collect();
@@ -496,18 +517,24 @@ mod tests {
         let y = Tensor::from_slice(&[0i64, 1, 2, 3, 1, 2]);
         for step in 0..3 {
             let expected = reference.sid_step(&x, &y, &loss);
-            let z = extractor.forward(&x);
             let target = modules[0].label_target(&y);
             let p0 = crate::belief::uniform_belief(6, 4, Device::Cpu);
-            let (teachers, _) = teacher_chain(modules.iter(), p0, &z.detach());
+            let mb = MicroBatch {
+                input: &x,
+                p: &p0,
+                labels: &y,
+                scale: 1.0,
+            };
+            let z = extractor.forward(0, mb).unwrap().unwrap().input;
+            let (teachers, _) = teacher_chain(modules.iter(), p0, &z);
             let mut grad_z = None;
             for (i, (m, t)) in modules.iter_mut().zip(&teachers).enumerate() {
-                let out = m.accumulate_step(t, &z.detach(), &target, 1.0).unwrap();
+                let out = m.accumulate_step(t, &z, &target, 1.0).unwrap();
                 let l = out.loss.double_value(&[]);
                 assert!((l - expected[i]).abs() < 1e-6, "step {step}, module {i}");
                 grad_z = Some(add_next(grad_z, out.grad_z));
             }
-            extractor.accumulate_backward(&z, &grad_z.unwrap()).unwrap();
+            extractor.backward(0, grad_z.as_ref()).unwrap();
             // Gradients, before Adam (whose first steps divide by |g| and so magnify
             // summation-order noise in near-zero entries), relative to the largest entry.
             let theirs = reference.vs.variables();

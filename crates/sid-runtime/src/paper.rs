@@ -1,8 +1,8 @@
 //! The paper's SID (one extractor, its modules spread over devices) as a stage pipeline:
 //! stage 1 is the extractor alone, stages 2..W+1 are the module blocks of a [`Placement`].
-//! The interpreter is [`crate::schedule`]; this file holds the units it runs here — the
-//! extractor stage ([`PaperExtractor`], in the order of [`crate::ops::extractor_ops`]) and a
-//! module stage ([`ModuleBlock`]) — and their construction.
+//! The interpreter is [`crate::schedule`]; this file holds the unit of a module stage
+//! ([`ModuleBlock`]) and builds the stages' units, the extractor stage's being sid-core's
+//! [`ExtractorUnit`] (run in the order of [`crate::ops::extractor_ops`]).
 //!
 //! Unlike staged SID, the extractor needs every module's `∂L/∂z` for a micro-batch before its
 //! backward: module stages send their summed gradient straight to stage 1
@@ -10,7 +10,6 @@
 //! waits for micro-batch j's gradients, so its forward overlaps the modules' work. A step still
 //! flushes: the extractor steps its optimiser only after the last micro-batch's backward.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 
 use sid_core::loss::LabelTarget;
@@ -71,12 +70,10 @@ impl Unit for ModuleBlock {
     /// the micro-batch's share and added to the module's until [`Unit::apply`]. Its losses [n],
     /// and `Σ ∂L_i/∂z` over the block, summed in module order, straight to the extractor.
     fn backward(&mut self, _micro: usize, _grad: Option<&Tensor>) -> sid_core::Result<Backward> {
-        let _span = tracing::trace_span!("phase2", stage = self.stage + 1).entered();
+        let stage = self.stage + 1;
+        let _span = tracing::trace_span!("phase2", stage).entered();
         let (z, teachers, target, scale) = self.pending.take().ok_or_else(|| {
-            sid_core::CoreError::InvalidConfig(format!(
-                "stage {}: backward without a forward",
-                self.stage + 1
-            ))
+            CoreError::InvalidConfig(format!("stage {stage}: backward without a forward"))
         })?;
         let mut losses = Vec::with_capacity(self.modules.len());
         let mut grad_z = None;
@@ -135,86 +132,6 @@ impl Unit for ModuleBlock {
     }
 }
 
-/// The paper mode's stage 1: the extractor alone. A forward sends `(sg(z), p_0)` down and
-/// keeps `z`'s graph; a backward takes the module stages' gradients at `z`, summed in stage
-/// order, through it.
-#[derive(Debug)]
-pub struct PaperExtractor {
-    unit: ExtractorUnit,
-    module_stages: usize,
-    /// Each micro-batch's features, with their graph, until its backward.
-    pending: BTreeMap<usize, Tensor>,
-}
-
-impl Unit for PaperExtractor {
-    fn stage(&self) -> usize {
-        0
-    }
-
-    fn modules(&self) -> Range<usize> {
-        0..0
-    }
-
-    fn grads_needed(&self) -> usize {
-        self.module_stages
-    }
-
-    fn forward(&mut self, micro: usize, mb: MicroBatch<'_>) -> sid_core::Result<Option<Passed>> {
-        let z = self.unit.forward(mb.input);
-        let passed = Passed {
-            input: z.detach(),
-            p: mb.p.shallow_clone(),
-        };
-        self.pending.insert(micro, z);
-        Ok(Some(passed))
-    }
-
-    fn backward(&mut self, micro: usize, grad: Option<&Tensor>) -> sid_core::Result<Backward> {
-        let z = self.pending.remove(&micro).ok_or_else(|| {
-            CoreError::InvalidConfig(format!(
-                "the extractor's backward of micro-batch {micro} before its forward"
-            ))
-        })?;
-        let grad = grad.ok_or_else(|| {
-            CoreError::InvalidConfig("the extractor has no module stages to wait for".into())
-        })?;
-        self.unit.accumulate_backward(&z, grad)?;
-        Ok(Backward::default())
-    }
-
-    fn apply(&mut self) {
-        self.unit.apply()
-    }
-
-    fn gradients(&self) -> Vec<Tensor> {
-        self.unit.gradients()
-    }
-
-    fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
-        Inferred {
-            next: Some(self.unit.infer(input)),
-            logits: Vec::new(),
-            p: p.shallow_clone(),
-        }
-    }
-
-    fn state(&self) -> Vec<(String, Tensor)> {
-        self.unit.state()
-    }
-
-    fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
-        self.unit.load_state(named)
-    }
-
-    fn set_lr_where(&mut self, lr: f64, pick: &dyn Fn(&str) -> bool) {
-        self.unit.set_lr_where(lr, pick);
-    }
-
-    fn to_device(&mut self, device: Device) {
-        self.unit.to_device(device)
-    }
-}
-
 /// The extractor and the module blocks of `blocks`, drawn on the CPU in the one order of every
 /// network here (extractor, then modules 1..L), so one seed gives the same weights whatever
 /// the placement.
@@ -224,12 +141,12 @@ pub(crate) fn build_paper(
     lr: f64,
     blocks: &[Range<usize>],
     fused: bool,
-) -> Result<(PaperExtractor, Vec<ModuleBlock>)> {
+) -> Result<(ExtractorUnit, Vec<ModuleBlock>)> {
     let model = net.model;
     model.validate()?;
     loss.validate()?;
     model.precision.check(Device::Cpu)?;
-    let extractor = ExtractorUnit::new(net, lr, Device::Cpu)?;
+    let extractor = ExtractorUnit::new(net, lr, blocks.len())?;
     let mut units = (0..model.modules)
         .map(|i| ModuleUnit::new(i, model, loss, lr, Device::Cpu))
         .collect::<Vec<_>>()
@@ -244,11 +161,6 @@ pub(crate) fn build_paper(
             pending: None,
         })
         .collect();
-    let extractor = PaperExtractor {
-        unit: extractor,
-        module_stages: blocks.len(),
-        pending: BTreeMap::new(),
-    };
     Ok((extractor, blocks))
 }
 
