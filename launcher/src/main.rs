@@ -164,10 +164,9 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
         anyhow::bail!("--exit-confidence {bad}: a threshold must be in (0, 1]");
     }
     let dir = &a.run_dir;
-    let cfg = Run::saved_config(dir).with_context(|| format!("eval {}", dir.display()))?;
     let mut saved = sid_train::eval::open(dir, a.gpus.as_deref())
         .with_context(|| format!("eval {}", dir.display()))?;
-    let samples = saved.data.test.len();
+    let (cfg, samples) = (&saved.cfg, saved.data.test.len());
     let batch = a.eval_batch_size.unwrap_or(cfg.runtime.eval_batch_size);
     anyhow::ensure!(batch >= 1, "--eval-batch-size must be at least 1");
     eprintln!(
