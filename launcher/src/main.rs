@@ -288,7 +288,7 @@ fn run(cli: &args::Cli) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let cfg = &inv.config;
-    if inv.starts_over {
+    if let Some(restart) = inv.starts_over {
         // Restarted before its first checkpoint: an epoch's record without the checkpoint
         // that goes with it would stop the new start.
         let stale = inv.run_dir.join(sid_train::trainer::METRICS_FILE);
@@ -297,9 +297,8 @@ fn run(cli: &args::Cli) -> Result<()> {
                 .with_context(|| format!("removing {}", stale.display()))?;
         }
         eprintln!(
-            "no checkpoint in {} yet: restart {} starts the run over",
-            inv.run_dir.display(),
-            args::restart_count()?
+            "no checkpoint in {} yet: restart {restart} starts the run over",
+            inv.run_dir.display()
         );
     }
     let mut run = if inv.resume {
