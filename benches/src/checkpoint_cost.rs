@@ -43,7 +43,7 @@ fn median_step_ms(args: &Args, every: Option<usize>) -> anyhow::Result<f64> {
     cfg.runtime.gpus = args.gpus.parse()?;
     cfg.runtime.checkpoint_every = every;
     let dir = tempfile::tempdir()?;
-    let mut run = sid_train::Run::create(cfg, &dir.path().join("run"))?;
+    let mut run = sid_train::Run::create_on(cfg, &dir.path().join("run"), None)?;
     let stop = std::sync::atomic::AtomicBool::new(false);
     run.train(&stop, &mut |_| {})?;
     let m = sid_train::metrics::read_all(&run.dir().join(sid_train::trainer::METRICS_FILE))?;

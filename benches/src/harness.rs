@@ -88,7 +88,7 @@ fn train(
     }
     let method = cfg.optim.method;
     let gpus = cfg.runtime.gpus.clone();
-    let mut run = Run::create(cfg, &dir)?;
+    let mut run = Run::create_on(cfg, &dir, None)?;
     let stop = AtomicBool::new(false);
     run.train(&stop, &mut |_| {})?;
     let read = sid_train::metrics::read_all(&dir.join(sid_train::trainer::METRICS_FILE))?;

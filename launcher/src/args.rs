@@ -176,11 +176,6 @@ summary.json, telemetry.jsonl (unless --telemetry-hz 0), steps.jsonl (with --log
 
 pub use sid_train::distributed::restart_env;
 
-/// The restart this process belongs to, 0 on the first start.
-pub fn restart_count() -> Result<u32> {
-    Ok(restart_env()?.unwrap_or(0))
-}
-
 /// The injected fault of restart `restart` (tests): `spec` is one fault, which strikes in every
 /// restart, or a comma-separated list of `FAULT@RESTART`.
 fn fault_for_restart(spec: Option<String>, restart: u32) -> Result<Option<String>> {
@@ -215,9 +210,9 @@ pub struct Invocation {
     /// setting from rank 0 at the rendezvous (its own flags only place it: `--gpus`,
     /// `--threads`, `--step-timeout`).
     pub follows_rank0: bool,
-    /// A restart (torchrun's or `--max-restarts`') of a run that had no checkpoint yet: it
-    /// starts over in the same run directory.
-    pub starts_over: bool,
+    /// A restart (torchrun's or `--max-restarts`') of a run that had no checkpoint yet, by its
+    /// count: it starts over in the same run directory.
+    pub starts_over: Option<u32>,
 }
 
 impl Cli {
@@ -246,8 +241,8 @@ impl Cli {
         cli
     }
 
-    /// Applies the flags that were given on top of `cfg`.
-    fn apply(&self, cfg: &mut RunConfig) -> Result<()> {
+    /// Applies the flags that were given on top of `cfg`, in restart `restart`.
+    fn apply(&self, cfg: &mut RunConfig, restart: u32) -> Result<()> {
         let given = |id: &str| self.given.iter().any(|g| g == id);
         if given("gpus") && !given("placement") && cfg.model.stages <= 1 {
             // A saved paper-mode placement belongs to the saved device list (a staged run's
@@ -255,8 +250,7 @@ impl Cli {
             cfg.runtime.placement = None;
         }
         cfg.take_given(&self.settings, &self.given)?;
-        cfg.runtime.inject_fault =
-            fault_for_restart(cfg.runtime.inject_fault.take(), restart_count()?)?;
+        cfg.runtime.inject_fault = fault_for_restart(cfg.runtime.inject_fault.take(), restart)?;
         if self.no_augment {
             cfg.data.augment = Some(false);
         }
@@ -271,7 +265,8 @@ impl Cli {
     /// resuming, it may then lack the run directory, which only rank 0 writes and reads, and
     /// follows rank 0's settings.
     pub fn invocation(&self, not_rank0: bool) -> Result<Invocation> {
-        let restart = restart_count()?;
+        // The restart this process belongs to, 0 on the first start.
+        let restart = restart_env()?.unwrap_or(0);
         let has_config = |dir: &Path| dir.join("config.toml").is_file();
         let mut starts_over = false;
         // `--resume DIR`, or a restart, which continues from the run's own newest checkpoint.
@@ -305,7 +300,7 @@ impl Cli {
             }
             (None, None) => RunConfig::default(),
         };
-        self.apply(&mut config)?;
+        self.apply(&mut config, restart)?;
         if !follows_rank0 {
             sid_train::Plan::check(&config)?;
         }
@@ -332,7 +327,7 @@ impl Cli {
             run_dir,
             resume: resume.is_some(),
             follows_rank0,
-            starts_over,
+            starts_over: starts_over.then_some(restart),
         })
     }
 }

@@ -164,10 +164,9 @@ fn eval(a: &args::EvalArgs) -> Result<()> {
         anyhow::bail!("--exit-confidence {bad}: a threshold must be in (0, 1]");
     }
     let dir = &a.run_dir;
-    let cfg = Run::saved_config(dir).with_context(|| format!("eval {}", dir.display()))?;
     let mut saved = sid_train::eval::open(dir, a.gpus.as_deref())
         .with_context(|| format!("eval {}", dir.display()))?;
-    let samples = saved.data.test.len();
+    let (cfg, samples) = (&saved.cfg, saved.data.test.len());
     let batch = a.eval_batch_size.unwrap_or(cfg.runtime.eval_batch_size);
     anyhow::ensure!(batch >= 1, "--eval-batch-size must be at least 1");
     eprintln!(
@@ -289,7 +288,7 @@ fn run(cli: &args::Cli) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let cfg = &inv.config;
-    if inv.starts_over {
+    if let Some(restart) = inv.starts_over {
         // Restarted before its first checkpoint: an epoch's record without the checkpoint
         // that goes with it would stop the new start.
         let stale = inv.run_dir.join(sid_train::trainer::METRICS_FILE);
@@ -298,9 +297,8 @@ fn run(cli: &args::Cli) -> Result<()> {
                 .with_context(|| format!("removing {}", stale.display()))?;
         }
         eprintln!(
-            "no checkpoint in {} yet: restart {} starts the run over",
-            inv.run_dir.display(),
-            args::restart_count()?
+            "no checkpoint in {} yet: restart {restart} starts the run over",
+            inv.run_dir.display()
         );
     }
     let mut run = if inv.resume {

@@ -14,12 +14,11 @@ const HEADER: &str = "file\tclass\tconfidence\texit module";
 /// line and no header. Nothing is printed unless every file could be read.
 pub fn run(a: &PredictArgs) -> Result<()> {
     let dir = &a.run_dir;
-    let cfg =
-        sid_train::Run::saved_config(dir).with_context(|| format!("predict {}", dir.display()))?;
-    let batch = a.eval_batch_size.unwrap_or(cfg.runtime.eval_batch_size);
-    anyhow::ensure!(batch >= 1, "--eval-batch-size must be at least 1");
     let mut p = Predictor::open(dir, a.gpus.as_deref())
         .with_context(|| format!("predict {}", dir.display()))?;
+    let cfg = &p.cfg;
+    let batch = a.eval_batch_size.unwrap_or(cfg.runtime.eval_batch_size);
+    anyhow::ensure!(batch >= 1, "--eval-batch-size must be at least 1");
     let exit = match (cfg.optim.method, a.exit_confidence) {
         (sid_core::Method::Sid, ExitAt::Confidence(t)) => format!("early exit at τ = {t}"),
         (sid_core::Method::Sid, ExitAt::Last) => "full cascade".to_string(),

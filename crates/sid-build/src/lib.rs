@@ -59,8 +59,8 @@ pub fn shim_include() -> PathBuf {
 }
 
 /// Declares a C++ shim's functions: `extern "C"` where the build script compiled the shim and
-/// set the cfg `$cfg`, otherwise stand-ins that nothing reaches, since every caller checks
-/// `cfg!($cfg)` first.
+/// set the cfg `$cfg`, otherwise stand-ins of the same type that nothing reaches, since every
+/// caller checks `cfg!($cfg)` first.
 #[macro_export]
 macro_rules! shim {
     ($cfg:ident; $(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)*) => {
@@ -71,7 +71,7 @@ macro_rules! shim {
         $(
             #[cfg(not($cfg))]
             #[allow(unused_variables, clippy::too_many_arguments)]
-            pub(crate) unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+            pub(crate) unsafe extern "C" fn $name($($arg: $ty),*) $(-> $ret)? {
                 unreachable!(concat!("no ", stringify!($cfg), " shim in this build"))
             }
         )*

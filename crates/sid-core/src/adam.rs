@@ -8,7 +8,10 @@
 //! which on a GPU is most of an optimizer step's launch cost. Otherwise, or if the kernel
 //! refuses the tensors, the same update runs as separate tensor ops.
 
+use std::os::raw::{c_char, c_int};
+
 use tch::{Kind, Tensor};
+use torch_sys::C_tensor;
 
 use crate::{CoreError, Result};
 
@@ -34,27 +37,22 @@ pub struct Adam {
     step_t: Option<Tensor>,
 }
 
-#[cfg(sid_fused_adam)]
-mod ffi {
-    use std::os::raw::{c_char, c_int};
-    use torch_sys::C_tensor;
-
-    unsafe extern "C" {
-        pub fn sid_fused_adam(
-            params: *const *const C_tensor,
-            grads: *const *const C_tensor,
-            exp_avgs: *const *const C_tensor,
-            exp_avg_sqs: *const *const C_tensor,
-            step: *const C_tensor,
-            n: usize,
-            lr: f64,
-            beta1: f64,
-            beta2: f64,
-            eps: f64,
-            err: *mut c_char,
-            err_len: usize,
-        ) -> c_int;
-    }
+sid_build::shim! {
+    sid_fused_adam;
+    fn sid_fused_adam(
+        params: *const *const C_tensor,
+        grads: *const *const C_tensor,
+        exp_avgs: *const *const C_tensor,
+        exp_avg_sqs: *const *const C_tensor,
+        step: *const C_tensor,
+        n: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
 }
 
 impl Adam {
@@ -141,12 +139,6 @@ impl Adam {
         self.ops_step();
     }
 
-    #[cfg(not(sid_fused_adam))]
-    fn fused_step(&mut self) -> std::result::Result<(), String> {
-        Err("not built in".into())
-    }
-
-    #[cfg(sid_fused_adam)]
     fn fused_step(&mut self) -> std::result::Result<(), String> {
         let Some(first) = self.params.first() else {
             return Ok(());
@@ -168,7 +160,6 @@ impl Adam {
     }
 
     /// The fused kernel on the parameters whose learning rate is `lr`.
-    #[cfg(sid_fused_adam)]
     fn fused_group(&self, lr: f64) -> std::result::Result<(), String> {
         let picked: Vec<(usize, Tensor)> = (self.params.iter().enumerate())
             .map(|(i, (_, p))| (i, p.grad()))
@@ -188,9 +179,9 @@ impl Adam {
         }
         // SAFETY: every pointer is a live tensor borrowed for the call; the shim only reads the
         // arrays, updates the tensors in place and catches every C++ exception.
-        crate::shim_call(|err, n| {
+        sid_build::call_shim::<1024>(|err, n| {
             tch::no_grad(|| unsafe {
-                ffi::sid_fused_adam(
+                sid_fused_adam(
                     p.as_ptr(),
                     g.as_ptr(),
                     m.as_ptr(),

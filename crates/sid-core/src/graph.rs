@@ -9,6 +9,7 @@
 //! on the device. libtorch's `at::cuda::CUDAGraph` through a C++ shim (`src/cuda_graph.cpp`);
 //! builds without CUDA headers have [`CudaGraph::available`] false.
 
+use std::os::raw::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tch::{Device, Tensor};
@@ -42,45 +43,39 @@ pub fn counts() -> GraphCounts {
     }
 }
 
-#[cfg(sid_cuda_graph)]
-mod ffi {
-    use std::os::raw::{c_char, c_int, c_void};
+/// The shape of the shim's begin/end functions.
+type ShimFn = unsafe extern "C" fn(*mut c_void, *mut c_char, usize) -> c_int;
 
-    /// The shape of the shim's begin/end functions.
-    pub type ShimFn = unsafe extern "C" fn(*mut c_void, *mut c_char, usize) -> c_int;
-
-    unsafe extern "C" {
-        pub fn sid_graph_new(
-            device: c_int,
-            local: c_int,
-            out: *mut *mut c_void,
-            err: *mut c_char,
-            n: usize,
-        ) -> c_int;
-        pub fn sid_graph_free(g: *mut c_void);
-        pub fn sid_graph_enter_side(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
-        pub fn sid_graph_leave_side(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
-        pub fn sid_graph_begin(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
-        pub fn sid_graph_end(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
-        pub fn sid_graph_replay(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
-    }
+sid_build::shim! {
+    sid_cuda_graph;
+    fn sid_graph_new(
+        device: c_int,
+        local: c_int,
+        out: *mut *mut c_void,
+        err: *mut c_char,
+        n: usize,
+    ) -> c_int;
+    fn sid_graph_free(g: *mut c_void);
+    fn sid_graph_enter_side(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
+    fn sid_graph_leave_side(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
+    fn sid_graph_begin(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
+    fn sid_graph_end(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
+    fn sid_graph_replay(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
 }
 
 /// A CUDA graph on one device with its own side stream: made empty ([`CudaGraph::new`]),
 /// captured once ([`CudaGraph::capture`]), then replayed ([`CudaGraph::replay`]).
 #[derive(Debug)]
 pub struct CudaGraph {
-    #[cfg(sid_cuda_graph)]
-    ptr: *mut std::os::raw::c_void,
+    ptr: *mut c_void,
 }
 
 // SAFETY: the graph is only used through &mut self / &self by one thread at a time; libtorch's
 // CUDAGraph may be replayed from any thread.
 unsafe impl Send for CudaGraph {}
 
-#[cfg(sid_cuda_graph)]
-fn call(f: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_int) -> Result<()> {
-    crate::shim_call(f).map_err(CoreError::Graph)
+fn call(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+    sid_build::call_shim::<1024>(f).map_err(CoreError::Graph)
 }
 
 impl CudaGraph {
@@ -103,20 +98,17 @@ impl CudaGraph {
     /// launch work on the same device (the stages of a pipeline): it captures in CUDA's
     /// thread-local mode, so the other threads' work neither fails nor breaks the capture, and
     /// its warm-up and capture wait for this thread's stream only, never for the whole device.
-    #[cfg(sid_cuda_graph)]
     fn new_on(index: usize, local: bool) -> Result<Self> {
+        if !cfg!(sid_cuda_graph) {
+            return Err(CoreError::Graph(
+                "this build has no CUDA graphs (CUDA headers were not found when it was compiled)"
+                    .into(),
+            ));
+        }
         let mut ptr = std::ptr::null_mut();
         // SAFETY: the shim writes a new graph into `ptr` or an error message.
-        call(|e, n| unsafe { ffi::sid_graph_new(index as i32, i32::from(local), &mut ptr, e, n) })?;
+        call(|e, n| unsafe { sid_graph_new(index as i32, i32::from(local), &mut ptr, e, n) })?;
         Ok(Self { ptr })
-    }
-
-    #[cfg(not(sid_cuda_graph))]
-    fn new_on(_index: usize, _local: bool) -> Result<Self> {
-        Err(CoreError::Graph(
-            "this build has no CUDA graphs (CUDA headers were not found when it was compiled)"
-                .into(),
-        ))
     }
 
     /// Runs `work` with the graph's side stream current (after the device's queued work, and
@@ -144,11 +136,10 @@ impl CudaGraph {
     /// Runs `work` on the side stream, between the shim's opening and closing call: with
     /// `capture`, capturing it; the closing call runs whatever `work` did (error or panic), so
     /// the device's current stream is always restored.
-    #[cfg(sid_cuda_graph)]
     fn bracket<R>(&mut self, capture: bool, work: impl FnOnce() -> Result<R>) -> Result<R> {
-        let (open, close): (ffi::ShimFn, ffi::ShimFn) = match capture {
-            true => (ffi::sid_graph_begin, ffi::sid_graph_end),
-            false => (ffi::sid_graph_enter_side, ffi::sid_graph_leave_side),
+        let (open, close): (ShimFn, ShimFn) = match capture {
+            true => (sid_graph_begin, sid_graph_end),
+            false => (sid_graph_enter_side, sid_graph_leave_side),
         };
         // SAFETY: `self.ptr` is live until `self` drops; the shim writes only into `e`.
         call(|e, n| unsafe { open(self.ptr, e, n) })?;
@@ -162,32 +153,19 @@ impl CudaGraph {
         Ok(out)
     }
 
-    #[cfg(not(sid_cuda_graph))]
-    fn bracket<R>(&mut self, _capture: bool, _work: impl FnOnce() -> Result<R>) -> Result<R> {
-        Err(CoreError::Graph("this build has no CUDA graphs".into()))
-    }
-
     /// Runs the captured kernels again, on the current stream.
     pub fn replay(&self) -> Result<()> {
-        #[cfg(sid_cuda_graph)]
-        {
-            // SAFETY: `self.ptr` is a live graph.
-            call(|e, n| unsafe { ffi::sid_graph_replay(self.ptr, e, n) })?;
-            REPLAYS.fetch_add(1, Ordering::Relaxed);
-            Ok(())
-        }
-        #[cfg(not(sid_cuda_graph))]
-        Err(CoreError::Graph("this build has no CUDA graphs".into()))
+        // SAFETY: `self.ptr` is a live graph (only a build with the shim makes one).
+        call(|e, n| unsafe { sid_graph_replay(self.ptr, e, n) })?;
+        REPLAYS.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
 impl Drop for CudaGraph {
     fn drop(&mut self) {
-        #[cfg(sid_cuda_graph)]
         // SAFETY: the pointer came from sid_graph_new and is freed once.
-        unsafe {
-            ffi::sid_graph_free(self.ptr)
-        };
+        unsafe { sid_graph_free(self.ptr) };
     }
 }
 

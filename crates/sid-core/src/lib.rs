@@ -70,21 +70,6 @@ macro_rules! spelled_enum {
     };
 }
 
-/// Calls a C++ shim's function `f`, which returns non-zero after writing a NUL-terminated
-/// message into the error buffer it is given (pointer and length): that message, if so.
-#[cfg(any(sid_autocast, sid_cuda_graph, sid_fused_adam))]
-pub(crate) fn shim_call(
-    f: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_int,
-) -> std::result::Result<(), String> {
-    let mut err = [0 as std::os::raw::c_char; 1024];
-    if f(err.as_mut_ptr(), err.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: the shim wrote a NUL-terminated message.
-    let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-    Err(msg.to_string_lossy().into_owned())
-}
-
 pub mod adam;
 pub mod belief;
 pub mod bp_stage;

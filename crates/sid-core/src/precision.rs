@@ -8,6 +8,8 @@
 //! the forward used, as PyTorch advises. libtorch's autocast is switched per thread, so each
 //! worker or stage thread sets it around its own forward passes ([`forward_f32`]).
 
+use std::os::raw::{c_char, c_int};
+
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
@@ -26,24 +28,10 @@ pub enum Precision {
 
 spelled_enum!(Precision, "precision", Fp32 = "fp32", Bf16 = "bf16");
 
-#[cfg(sid_autocast)]
-mod ffi {
-    use std::os::raw::{c_char, c_int};
-
-    unsafe extern "C" {
-        pub fn sid_autocast_enter(
-            cuda: c_int,
-            prev: *mut c_int,
-            err: *mut c_char,
-            n: usize,
-        ) -> c_int;
-        pub fn sid_autocast_leave(
-            cuda: c_int,
-            prev: *const c_int,
-            err: *mut c_char,
-            n: usize,
-        ) -> c_int;
-    }
+sid_build::shim! {
+    sid_autocast;
+    fn sid_autocast_enter(cuda: c_int, prev: *mut c_int, err: *mut c_char, n: usize) -> c_int;
+    fn sid_autocast_leave(cuda: c_int, prev: *const c_int, err: *mut c_char, n: usize) -> c_int;
 }
 
 impl Precision {
@@ -56,32 +44,29 @@ impl Precision {
     /// Runs `f` under bfloat16 autocast for `device`'s kind of device. Fails only if this
     /// build has no autocast or libtorch refuses it; a network checks that once when it is
     /// built ([`Precision::check`]).
-    #[cfg(sid_autocast)]
     fn bf16_region<R>(device: Device, f: impl FnOnce() -> R) -> Result<R> {
-        use std::os::raw::{c_char, c_int};
+        if !cfg!(sid_autocast) {
+            return Err(CoreError::InvalidConfig(
+                "--precision bf16: this build has no autocast (libtorch's C++ headers were not found when it was compiled)".into(),
+            ));
+        }
         let cuda = c_int::from(matches!(device, Device::Cuda(_)));
         let call = |g: &dyn Fn(*mut c_char, usize) -> c_int| -> Result<()> {
-            crate::shim_call(g).map_err(|m| CoreError::InvalidConfig(format!("bf16 autocast: {m}")))
+            sid_build::call_shim::<1024>(g)
+                .map_err(|m| CoreError::InvalidConfig(format!("bf16 autocast: {m}")))
         };
         let mut prev = [0 as c_int; 3];
         let slots = prev.as_mut_ptr();
         // SAFETY: `slots` has the three slots the shim writes; `e` is `n` bytes.
-        call(&|e, n| unsafe { ffi::sid_autocast_enter(cuda, slots, e, n) })?;
+        call(&|e, n| unsafe { sid_autocast_enter(cuda, slots, e, n) })?;
         // The previous state comes back even if `f` panics (a stage thread's panic is caught
         // and reported; the thread's autocast state must not leak into what it runs next).
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         // SAFETY: as above; `prev` is what enter wrote.
-        let left = call(&|e, n| unsafe { ffi::sid_autocast_leave(cuda, prev.as_ptr(), e, n) });
+        let left = call(&|e, n| unsafe { sid_autocast_leave(cuda, prev.as_ptr(), e, n) });
         let out = out.unwrap_or_else(|p| std::panic::resume_unwind(p));
         left?;
         Ok(out)
-    }
-
-    #[cfg(not(sid_autocast))]
-    fn bf16_region<R>(_device: Device, _f: impl FnOnce() -> R) -> Result<R> {
-        Err(CoreError::InvalidConfig(
-            "--precision bf16: this build has no autocast (libtorch's C++ headers were not found when it was compiled)".into(),
-        ))
     }
 
     /// Checks that a network at this precision can run its forward passes on `device`.

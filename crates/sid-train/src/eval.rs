@@ -24,8 +24,11 @@ pub struct ExitRow {
     pub ms_per_sample: f64,
 }
 
-/// A saved run, ready to evaluate: its network with the checkpoint loaded, and its data.
+/// A saved run, ready to evaluate: its config, its network with the checkpoint loaded, and its
+/// data.
 pub struct Saved {
+    /// The run's saved config, as evaluated (on `gpus`, when given).
+    pub cfg: RunConfig,
     /// The network.
     pub net: Box<dyn Network>,
     /// The run's test split (and the rest of its data set).
@@ -39,7 +42,7 @@ pub fn open(dir: &Path, gpus: Option<&str>) -> Result<Saved> {
     let data = crate::trainer::load_data(&cfg)?;
     let net = load_network(dir, &cfg, data.spec.shape)?;
     let data = crate::trainer::data_on_input_device(data, net.as_ref());
-    Ok(Saved { net, data })
+    Ok(Saved { cfg, net, data })
 }
 
 /// The saved config of the run in `dir`, moved onto `gpus` if given.

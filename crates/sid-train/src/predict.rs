@@ -35,13 +35,14 @@ pub struct Prediction {
     pub exit_module: i64,
 }
 
-/// A saved run, ready to classify images: its network with the checkpoint loaded, and what
-/// its inputs must be made into.
+/// A saved run, ready to classify images: its config, its network with the checkpoint loaded,
+/// and what its inputs must be made into.
 pub struct Predictor {
+    /// The run's saved config, as loaded (on `gpus`, when given).
+    pub cfg: RunConfig,
     net: Box<dyn Network>,
     /// What input images are made into, and the class names.
     pub spec: InputSpec,
-    method: Method,
 }
 
 impl Predictor {
@@ -53,11 +54,7 @@ impl Predictor {
         let cfg = crate::eval::saved_config_on(dir, gpus)?;
         let spec = input_spec(dir, &cfg)?;
         let net = crate::eval::load_network(dir, &cfg, spec.shape)?;
-        Ok(Self {
-            net,
-            spec,
-            method: cfg.optim.method,
-        })
+        Ok(Self { cfg, net, spec })
     }
 
     /// The device the network takes its inputs on.
@@ -87,7 +84,7 @@ impl Predictor {
     /// from the last.
     pub fn predict(&mut self, x: &Tensor, exit: ExitAt) -> Result<Vec<Prediction>> {
         let x = x.to_device(self.net.input_device());
-        let e = match (self.method, exit) {
+        let e = match (self.cfg.optim.method, exit) {
             (Method::Sid, ExitAt::Confidence(tau)) => self.net.cascade_exit(&x, tau)?,
             // No belief's confidence exceeds ∞: every sample leaves at the last module.
             _ => sid_core::early_exit(&self.net.cascade(&x)?.logits, f64::INFINITY),

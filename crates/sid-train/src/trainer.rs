@@ -123,12 +123,8 @@ pub(crate) fn load_data(cfg: &RunConfig) -> Result<Dataset> {
 }
 
 impl Run {
-    /// Starts a new run in `dir`, which must not already hold one. Writes `config.toml`.
-    pub fn create(cfg: RunConfig, dir: &Path) -> Result<Self> {
-        Self::create_on(cfg, dir, None)
-    }
-
-    /// [`Run::create`] as rank 0 of a multi-process run (see [`crate::distributed`]).
+    /// Starts a new run in `dir`, which must not already hold one. Writes `config.toml`. With
+    /// `rdv`, as rank 0 of a multi-process run (see [`crate::distributed`]).
     pub fn create_on(cfg: RunConfig, dir: &Path, rdv: Option<&Rendezvous>) -> Result<Self> {
         cfg.validate()?;
         if dir.join(CHECKPOINT_FILE).exists() || dir.join(METRICS_FILE).exists() {
