@@ -59,18 +59,8 @@ impl std::fmt::Display for Backend {
 /// Whether this build has c10d at all (Gloo), and NCCL.
 pub fn available() -> (bool, bool) {
     // SAFETY: no arguments; only called where the shim exists.
-    let nccl = ffi::HAS_SHIM && unsafe { ffi::sid_c10d_has_nccl() } == 1;
-    (ffi::HAS_SHIM, nccl)
-}
-
-/// Applies `TORCH_CPP_LOG_LEVEL` to libtorch's log, once, before the first c10d call (c10d
-/// logs every retry to reach the store at WARNING, with a stack trace; `FATAL` keeps it quiet).
-fn init_logging() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    if ffi::HAS_SHIM {
-        // SAFETY: no arguments; reads an environment variable.
-        ONCE.call_once(|| unsafe { ffi::sid_c10d_init_logging() });
-    }
+    let nccl = cfg!(sid_c10d) && unsafe { ffi::sid_c10d_has_nccl() } == 1;
+    (cfg!(sid_c10d), nccl)
 }
 
 fn millis(d: Duration) -> i64 {
@@ -101,7 +91,6 @@ impl Store {
         let addr = format!("{host}:{port}");
         let verb = if serve { "serving" } else { "connecting to" };
         let c_host = cstring(host)?;
-        init_logging();
         let mut ptr = std::ptr::null_mut();
         // SAFETY: a valid C string and out-pointer.
         call(|e, n| unsafe {
