@@ -42,9 +42,6 @@ sid_build::shim! {
     fn sid_alloc_reset_peak(id: u32);
 }
 
-/// Whether this build has the allocation shim.
-const SHIM: bool = cfg!(sid_alloc_owner);
-
 /// Bytes an owner holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AllocCounts {
@@ -68,7 +65,7 @@ pub struct OwnerScope(PhantomData<*const ()>);
 
 /// Calls a shim function; a non-zero code becomes the C++ message.
 fn call(f: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), TelemetryError> {
-    if !SHIM {
+    if !cfg!(sid_alloc_owner) {
         return Err(TelemetryError::AllocTracking(
             "this build has no allocation shim (libtorch's headers were not found)".into(),
         ));
@@ -97,7 +94,7 @@ impl AllocOwner {
     /// What the owner holds now and at its peak.
     pub fn counts(&self) -> AllocCounts {
         let (mut held, mut peak) = (0i64, 0i64);
-        if SHIM {
+        if cfg!(sid_alloc_owner) {
             // SAFETY: two valid out-pointers; the shim takes its lock and cannot throw.
             unsafe { sid_alloc_counts(self.id, &mut held, &mut peak) };
         }
@@ -107,7 +104,7 @@ impl AllocOwner {
 
     /// Starts a new peak from what the owner holds now.
     pub fn reset_peak(&self) {
-        if SHIM {
+        if cfg!(sid_alloc_owner) {
             // SAFETY: plain integer argument; unknown ids are ignored by the shim.
             unsafe { sid_alloc_reset_peak(self.id) };
         }

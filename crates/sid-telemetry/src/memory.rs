@@ -32,18 +32,13 @@ sid_build::shim! {
     fn sid_cuda_reset_peak(device: i32, err: *mut c_char, err_len: usize) -> i32;
 }
 
-/// Whether this build can read the CUDA allocator's statistics.
-pub fn cuda_stats_compiled() -> bool {
-    cfg!(sid_cuda_stats)
-}
-
 /// Calls an allocator shim function on `device`; a non-zero code becomes the C++ message.
 fn call_shim(
     device: usize,
     f: impl FnOnce(*mut c_char, usize) -> i32,
 ) -> Result<(), TelemetryError> {
     let unavailable = TelemetryError::CudaStatsUnavailable;
-    if !cuda_stats_compiled() {
+    if !cfg!(sid_cuda_stats) {
         return Err(unavailable(
             "this build has no allocator shim (CUDA headers were not found)",
         ));
@@ -164,15 +159,11 @@ pub struct PeakTracker {
 impl PeakTracker {
     /// Tracks each distinct device of `devices` (the CPU once: its figure is the process's).
     pub fn new(devices: &[Device]) -> Self {
-        let mut d: Vec<Device> = Vec::new();
-        for dev in devices {
-            if !d.contains(dev) {
-                d.push(*dev);
-            }
-        }
-        let fallback = d.iter().any(|x| x.is_cuda()) && !cuda_stats_compiled();
+        let (mut devices, mut seen) = (devices.to_vec(), std::collections::HashSet::new());
+        devices.retain(|d| seen.insert(*d));
+        let fallback = devices.iter().any(|x| x.is_cuda()) && !cfg!(sid_cuda_stats);
         let nvml = fallback.then(GpuMonitor::open).and_then(Result::ok);
-        Self { devices: d, nvml }
+        Self { devices, nvml }
     }
 
     /// Starts a period: resets every peak that can be reset.
@@ -263,7 +254,7 @@ mod tests {
     /// live tensor; elsewhere both calls say why not.
     #[test]
     fn cuda_figures_exist_exactly_with_cuda_and_the_shim() {
-        if tch::Cuda::is_available() && cuda_stats_compiled() {
+        if tch::Cuda::is_available() && cfg!(sid_cuda_stats) {
             let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
             let t = tch::Tensor::ones([1 << 20], (tch::Kind::Float, Device::Cuda(0))); // 4 MiB
             reset_cuda_peak(0).unwrap();
@@ -285,7 +276,9 @@ mod tests {
     #[ignore = "needs CUDA and the allocator shim (run on a GPU machine with --include-ignored)"]
     fn a_cpp_exception_message_comes_back() {
         assert!(tch::Cuda::is_available(), "needs CUDA: not available here");
-        assert!(cuda_stats_compiled(), "this build has no allocator shim");
+        if !cfg!(sid_cuda_stats) {
+            panic!("this build has no allocator shim");
+        }
         {
             let e = cuda_memory(100).unwrap_err();
             match &e {
