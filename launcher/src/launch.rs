@@ -18,7 +18,7 @@ use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 
 use crate::args::Cli;
 
@@ -125,22 +125,19 @@ impl Exit<'_> {
 pub fn run(cli: &Cli, n: usize) -> Result<()> {
     let (node, nodes) = (cli.node_rank, cli.nnodes);
     ensure!(n > 0, "--nproc-per-node must be at least 1");
-    if nodes == 0 || node >= nodes {
-        let last = nodes.saturating_sub(1);
-        bail!("--node-rank {node} does not fit --nnodes {nodes} (nodes are 0..{last})");
-    }
-    if cli.max_restarts > 0 && nodes > 1 {
-        bail!("--max-restarts with --nnodes {nodes}: each node restarts only its own ranks; restart a job of several nodes with torchrun's --max-restarts and --run-dir");
-    }
+    let last = nodes.saturating_sub(1);
+    ensure!(
+        node < nodes,
+        "--node-rank {node} does not fit --nnodes {nodes} (nodes are 0..{last})"
+    );
+    ensure!(cli.max_restarts == 0 || nodes == 1, "--max-restarts with --nnodes {nodes}: each node restarts only its own ranks; restart a job of several nodes with torchrun's --max-restarts and --run-dir");
     // Refuse bad settings once, here, rather than in every rank (a node that resumes without
     // the run directory learns the settings from rank 0, whose node checks them).
     let inv = cli.invocation(node > 0)?;
     let world = n * nodes;
     let (stages, replicas) = (inv.config.model.stages, inv.config.runtime.data_parallel);
     let k = stages * replicas;
-    if k != world && !inv.follows_rank0 {
-        bail!("--stages {stages} × --data-parallel {replicas} = {k} ranks, but --nproc-per-node {n} × --nnodes {nodes} = {world}");
-    }
+    ensure!(k == world || inv.follows_rank0, "--stages {stages} × --data-parallel {replicas} = {k} ranks, but --nproc-per-node {n} × --nnodes {nodes} = {world}");
     let (first, addr, port) = (node * n, &cli.master_addr, cli.master_port);
     let specs = (0..n)
         .map(|local| {
