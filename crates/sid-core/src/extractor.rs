@@ -572,12 +572,9 @@ pub(crate) fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
                 for b in 0..n {
                     let stride = if l > 0 && b == 0 { 2 } else { 1 };
                     side = ConvShape::new(3, stride, 1).out_side(side);
+                    let name = format!("layer{}_{}", l + 1, b + 1);
                     let spec = Spec::Basic { cin, cout, stride };
-                    add(
-                        format!("layer{}_{}", l + 1, b + 1),
-                        spec,
-                        &[cout, side, side],
-                    );
+                    add(name, spec, &[cout, side, side]);
                     cin = cout;
                 }
             }
@@ -586,11 +583,8 @@ pub(crate) fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
             let patch = vit_patch(side);
             let tokens = (side / patch) * (side / patch);
             let shape = [tokens + 1, VIT_WIDTH];
-            add(
-                "patch_embed".into(),
-                Spec::Patch { cin, patch, tokens },
-                &shape,
-            );
+            let spec = Spec::Patch { cin, patch, tokens };
+            add("patch_embed".into(), spec, &shape);
             for j in 0..VIT_DEPTH {
                 add(format!("block{}", j + 1), Spec::Encoder, &shape);
             }
@@ -728,18 +722,15 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
                 }),
             }))
         }
-        Spec::Patch { cin, patch, tokens } => Layer::Patch(Box::new(PatchEmbed {
-            proj: conv(
-                "proj",
-                cin,
-                VIT_WIDTH,
-                ConvShape::new(patch, patch, 0),
-                true,
-            ),
-            // torchvision's VisionTransformer: class token zeros, positions N(0, 0.02²).
-            cls_token: p.zeros("cls_token", &[1, 1, VIT_WIDTH]),
-            pos_embed: p.randn("pos_embed", &[1, tokens + 1, VIT_WIDTH], 0.0, 0.02),
-        })),
+        Spec::Patch { cin, patch, tokens } => {
+            let shape = ConvShape::new(patch, patch, 0);
+            Layer::Patch(Box::new(PatchEmbed {
+                proj: conv("proj", cin, VIT_WIDTH, shape, true),
+                // torchvision's VisionTransformer: class token zeros, positions N(0, 0.02²).
+                cls_token: p.zeros("cls_token", &[1, 1, VIT_WIDTH]),
+                pos_embed: p.randn("pos_embed", &[1, tokens + 1, VIT_WIDTH], 0.0, 0.02),
+            }))
+        }
         Spec::Encoder => {
             let (w, hidden) = (VIT_WIDTH, VIT_WIDTH * VIT_MLP_RATIO);
             let linear = |name: &str, i, o| crate::init::linear(p / name, i, o, init);

@@ -181,9 +181,7 @@ const WARMUP_STEPS: usize = 3;
 /// sizes (an epoch's last, partial batch) runs eagerly; a capture that fails is said once, and
 /// the steps go on eagerly. Loading a checkpoint copies into the parameters in place (see
 /// [`crate::Adam::load_state`]), so a captured step stays valid.
-pub struct GraphedStep<O> {
-    state: GraphState<O>,
-}
+pub struct GraphedStep<O>(GraphState<O>);
 
 enum GraphState<O> {
     /// Made at the first step on a GPU (a graph of this thread only: other stages keep
@@ -219,29 +217,24 @@ impl std::fmt::Display for GraphNews {
 impl<O> GraphedStep<O> {
     /// Every step eager.
     pub fn off() -> Self {
-        Self {
-            state: GraphState::Off,
-        }
+        Self(GraphState::Off)
     }
 
     /// Steps on `device` through a graph; if none can be made there, the error says why.
     pub fn new(device: Device) -> Result<Self> {
-        Ok(Self {
-            state: GraphState::Warming(WARMUP_STEPS, CudaGraph::new(device)?),
-        })
+        let graph = CudaGraph::new(device)?;
+        Ok(Self(GraphState::Warming(WARMUP_STEPS, graph)))
     }
 
     /// A graph of this thread only, made at the first step whose inputs are on a GPU (a
     /// pipeline stage's, whose thread moves it to its device first).
     pub fn on_first_gpu_step() -> Self {
-        Self {
-            state: GraphState::Deferred,
-        }
+        Self(GraphState::Deferred)
     }
 
     /// Whether every step runs eagerly.
     pub fn is_off(&self) -> bool {
-        matches!(self.state, GraphState::Off)
+        matches!(self.0, GraphState::Off)
     }
 
     /// One step on `inputs`: `run` computes it on the tensors it is given (fixed copies while
@@ -256,21 +249,21 @@ impl<O> GraphedStep<O> {
     ) -> Result<Stepped<'_, O>> {
         let owned = || inputs.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>();
         if let (GraphState::Deferred, Some(Device::Cuda(index))) =
-            (&self.state, inputs.first().map(|t| t.device()))
+            (&self.0, inputs.first().map(|t| t.device()))
         {
             match CudaGraph::new_on(index, true) {
-                Ok(g) => self.state = GraphState::Warming(WARMUP_STEPS, g),
+                Ok(g) => self.0 = GraphState::Warming(WARMUP_STEPS, g),
                 Err(e) => {
-                    self.state = GraphState::Off;
+                    self.0 = GraphState::Off;
                     news(GraphNews::Failed(e.to_string()));
                     return Ok(Stepped::Ran(run(&owned())?));
                 }
             }
         }
-        if matches!(self.state, GraphState::Warming(0, _)) {
+        if matches!(self.0, GraphState::Warming(0, _)) {
             return self.capture(inputs, run, news);
         }
-        match &mut self.state {
+        match &mut self.0 {
             GraphState::Warming(n, graph) => {
                 *n -= 1;
                 Ok(Stepped::Ran(graph.on_side_stream(|| run(&owned()))?))
@@ -299,7 +292,7 @@ impl<O> GraphedStep<O> {
         mut run: impl FnMut(&[Tensor]) -> Result<O>,
         news: impl FnOnce(GraphNews),
     ) -> Result<Stepped<'_, O>> {
-        let GraphState::Warming(_, mut graph) = std::mem::replace(&mut self.state, GraphState::Off)
+        let GraphState::Warming(_, mut graph) = std::mem::replace(&mut self.0, GraphState::Off)
         else {
             unreachable!("called while warming")
         };
@@ -310,12 +303,12 @@ impl<O> GraphedStep<O> {
                 // A capture runs nothing: replaying it is this step.
                 graph.replay()?;
                 news(GraphNews::Captured);
-                self.state = GraphState::Captured {
+                self.0 = GraphState::Captured {
                     inputs: fixed,
                     outputs,
                     graph,
                 };
-                let GraphState::Captured { outputs, .. } = &self.state else {
+                let GraphState::Captured { outputs, .. } = &self.0 else {
                     unreachable!("just set")
                 };
                 Ok(Stepped::Replayed(outputs))

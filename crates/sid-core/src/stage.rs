@@ -25,7 +25,9 @@ use crate::extractor::{forward_blocks, Block, Neck, Net};
 use crate::loss::{local_loss_for, scaled, LabelTarget};
 use crate::network::NamedTensors;
 use crate::precision::forward_f32;
-use crate::unit::{Backward, Inferred, MicroBatch, ModuleUnit, ParamStore, Passed, Unit};
+use crate::unit::{
+    infer_chain, Backward, Inferred, MicroBatch, ModuleUnit, ParamStore, Passed, Unit,
+};
 use crate::Result;
 
 /// Which blocks of the backbone and which belief modules (0-based, half-open) one stage owns.
@@ -325,7 +327,6 @@ pub struct Stage {
     neck: Box<dyn Module>,
     modules: Vec<ModuleUnit>,
     num_classes: i64,
-    loss: LossConfig,
     precision: crate::Precision,
     /// Between [`Stage::forward_micro`] and [`Stage::backward_micro`]: the local losses [n]
     /// with their graph.
@@ -387,7 +388,6 @@ pub fn build_stages<'a>(
                 neck,
                 modules: units.by_ref().take(spec.modules.len()).collect(),
                 num_classes: cfg.num_classes,
-                loss,
                 precision: cfg.precision,
                 pending: None,
                 scale: 1.0,
@@ -407,9 +407,9 @@ impl Stage {
         self.params.vs.device()
     }
 
-    /// The label side of the local losses for `labels`.
+    /// The label side of the local losses for `labels` (its modules' loss settings).
     pub fn label_target(&self, labels: &Tensor) -> LabelTarget {
-        LabelTarget::new(labels, self.num_classes, &self.loss)
+        self.modules[0].label_target(labels)
     }
 
     /// The slice's output `h` on `sg(input)` and the neck's features `z`, float32, each
@@ -519,13 +519,7 @@ impl Unit for Stage {
     fn infer(&self, input: &Tensor, p_in: &Tensor) -> Inferred {
         tch::no_grad(|| {
             let (h, z) = self.features(input, false);
-            let mut p = p_in.shallow_clone();
-            let mut logits = Vec::with_capacity(self.modules.len());
-            for m in &self.modules {
-                let l = m.logits(&p, &z);
-                p = belief(&l);
-                logits.push(l);
-            }
+            let (logits, p) = infer_chain(&self.modules, p_in, &z);
             let next = (!self.last).then_some(h);
             Inferred { next, logits, p }
         })

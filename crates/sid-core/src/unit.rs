@@ -232,6 +232,21 @@ pub fn teacher_chain<'a>(
     (teachers, p)
 }
 
+/// Inference over consecutive modules from `p_in`: every module's logits on `z`, each one's
+/// belief the next one's input, and the belief leaving the last one, without gradient.
+pub fn infer_chain(modules: &[ModuleUnit], p_in: &Tensor, z: &Tensor) -> (Vec<Tensor>, Tensor) {
+    tch::no_grad(|| {
+        let mut p = p_in.shallow_clone();
+        let mut logits = Vec::with_capacity(modules.len());
+        for m in modules {
+            let l = m.logits(&p, z);
+            p = belief(&l);
+            logits.push(l);
+        }
+        (logits, p)
+    })
+}
+
 /// `((g_1 + g_2) + g_3) + …`, one gradient at a time: the one order every schedule sums
 /// module gradients in.
 pub fn add_next(acc: Option<Tensor>, g: Tensor) -> Tensor {

@@ -13,8 +13,7 @@
 use std::ops::Range;
 
 use sid_core::loss::LabelTarget;
-use sid_core::unit::teacher_chain;
-use sid_core::unit::{Backward, Inferred, MicroBatch, Passed, Unit};
+use sid_core::unit::{infer_chain, teacher_chain, Backward, Inferred, MicroBatch, Passed, Unit};
 use sid_core::{CoreError, ExtractorUnit, LossConfig, ModuleUnit, NamedTensors, Net};
 use tch::{Device, Tensor};
 
@@ -101,20 +100,9 @@ impl Unit for ModuleBlock {
 
     /// Every module's logits on `input` from `p`, and the belief leaving the block.
     fn infer(&self, input: &Tensor, p: &Tensor) -> Inferred {
-        tch::no_grad(|| {
-            let mut p = p.shallow_clone();
-            let mut logits = Vec::with_capacity(self.modules.len());
-            for m in &self.modules {
-                let l = m.logits(&p, input);
-                p = sid_core::belief::belief(&l);
-                logits.push(l);
-            }
-            Inferred {
-                next: Some(input.shallow_clone()),
-                logits,
-                p,
-            }
-        })
+        let (logits, p) = infer_chain(&self.modules, p, input);
+        let next = Some(input.shallow_clone());
+        Inferred { next, logits, p }
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
