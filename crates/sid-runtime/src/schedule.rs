@@ -77,6 +77,9 @@ pub struct StageRunner {
     /// of reading them (a step captured into a CUDA graph must not read anything back).
     queue_losses: bool,
     queued: Option<Tensor>,
+    /// Data-parallel replicas of this stage in other processes, if any: its gradients are
+    /// summed over them, in place, before its optimiser step.
+    pub(crate) replicas: Option<std::sync::Arc<sid_dist::Group>>,
 }
 
 impl StageRunner {
@@ -109,6 +112,7 @@ impl StageRunner {
             memory: memory.transpose()?,
             queue_losses: false,
             queued: None,
+            replicas: None,
         })
     }
 
@@ -318,7 +322,9 @@ impl StageRunner {
             return Ok(());
         }
         if !s.applied {
-            t.reduce_gradients(&self.unit.gradients())?;
+            if let Some(g) = &self.replicas {
+                crate::ranks::replica_sum(g, &self.unit.gradients())?;
+            }
             self.unit.apply();
         }
         let losses = match s.losses {
