@@ -616,7 +616,7 @@ impl<F: Fn(usize, String) + Clone + Send + 'static> OnFail for F {}
 fn run_linked_stage(
     cfg: &StagedConfig,
     ranks: &Ranks,
-    runner: StageRunner,
+    mut runner: StageRunner,
     s: usize,
     (upstream, reports): (Receiver<Message>, Sender<Filed>),
     fail: &impl OnFail,
@@ -635,7 +635,6 @@ fn run_linked_stage(
     });
     let mut transport =
         ChannelTransport::new(s, device, upstream, downstream, reports, cfg.timeout);
-    transport.replicas = ranks.replica_group.clone();
     if bp && s + 1 < k {
         let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
         ins.push(in_link(cfg, ranks, next, GRADS, tx, frame_grad, fail));
@@ -646,6 +645,7 @@ fn run_linked_stage(
         outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, fail));
         transport.grad_out = Some((s - 1, tx));
     }
+    runner.replicas = ranks.replica_group.clone();
     spawn_stage(cfg, runner, transport, 1)
 }
 

@@ -33,7 +33,6 @@ use crate::Failure;
 /// The step in progress on a stage.
 #[derive(Default)]
 struct Step {
-    step: u64,
     micro_batches: usize,
     ops: Vec<Op>,
     /// The next operation to run.
@@ -61,7 +60,7 @@ pub struct StageRunner {
     schedule: Schedule,
     /// Stages in the pipeline (backprop schedules depend on the stage's place).
     stages: usize,
-    /// The last step begun.
+    /// The last step begun (the one in progress, if any).
     step: u64,
     current: Option<Step>,
     /// Longest wait for a gradient inside a step, or for the rest of a step begun.
@@ -78,6 +77,9 @@ pub struct StageRunner {
     /// of reading them (a step captured into a CUDA graph must not read anything back).
     queue_losses: bool,
     queued: Option<Tensor>,
+    /// Data-parallel replicas of this stage in other processes, if any: its gradients are
+    /// summed over them, in place, before its optimiser step.
+    pub(crate) replicas: Option<std::sync::Arc<sid_dist::Group>>,
 }
 
 impl StageRunner {
@@ -110,6 +112,7 @@ impl StageRunner {
             memory: memory.transpose()?,
             queue_losses: false,
             queued: None,
+            replicas: None,
         })
     }
 
@@ -199,9 +202,9 @@ impl StageRunner {
     fn take_in_order(&mut self, tag: Tag, micro_batches: usize) -> Result<(), Failure> {
         let (step, micro, fits) = match &self.current {
             Some(s) => (
-                s.step,
+                self.step,
                 s.next_micro,
-                (tag.step, tag.micro) == (s.step, s.next_micro),
+                (tag.step, tag.micro) == (self.step, s.next_micro),
             ),
             None => (self.step + 1, 0, tag.step > self.step && tag.micro == 0),
         };
@@ -216,7 +219,6 @@ impl StageRunner {
         if self.current.is_none() {
             self.step = tag.step;
             self.current = Some(Step {
-                step: tag.step,
                 micro_batches,
                 ops: self
                     .schedule
@@ -249,7 +251,7 @@ impl StageRunner {
                     else {
                         break;
                     };
-                    let input = self.strike(s.step, input)?;
+                    let input = self.strike(self.step, input)?;
                     let f = Instant::now();
                     let graph = self
                         .cuda_graph
@@ -304,7 +306,7 @@ impl StageRunner {
                         _ => self.unit.backward_input(j, grad.as_ref())?,
                     };
                     if let Some(g) = b.grad {
-                        t.send_grad(Tag::new(s.step, j), g)?;
+                        t.send_grad(Tag::new(self.step, j), g)?;
                     }
                     if let Some(l) = b.losses {
                         s.losses = Some(add_next(s.losses.take(), l));
@@ -320,7 +322,9 @@ impl StageRunner {
             return Ok(());
         }
         if !s.applied {
-            t.reduce_gradients(&self.unit.gradients())?;
+            if let Some(g) = &self.replicas {
+                crate::ranks::replica_sum(g, &self.unit.gradients())?;
+            }
             self.unit.apply();
         }
         let losses = match s.losses {
@@ -333,7 +337,7 @@ impl StageRunner {
         };
         s.busy += started.elapsed().saturating_sub(waiting);
         t.report(Report::Losses {
-            step: s.step,
+            step: self.step,
             losses,
             busy: s.busy,
             forward: s.forward,
@@ -351,7 +355,7 @@ impl StageRunner {
         j: usize,
     ) -> Result<Option<Option<Tensor>>, Failure> {
         let index = self.unit.stage();
-        let step = s.step;
+        let step = self.step;
         for w in s.grads_got..self.unit.grads_needed() {
             let Some((tag, g)) = t.recv_grad(self.timeout)? else {
                 return Ok(None);
@@ -443,7 +447,7 @@ pub fn drive(runner: &mut StageRunner, t: &mut dyn Transport, local: bool) -> Re
                     index + 1,
                     wait.as_secs(),
                     s.next_micro,
-                    s.step,
+                    runner.step,
                     if index == 0 {
                         "the coordinator".to_string()
                     } else {

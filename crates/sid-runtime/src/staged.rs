@@ -484,19 +484,22 @@ impl StagedPipeline {
         Ok(())
     }
 
-    /// Sends a request down the chain and collects one report per stage, in stage order;
-    /// with `all_replicas`, down every replica's chain (one report per slot).
+    /// Sends a request, tagged with the next request number, down the chain and collects one
+    /// report per stage, in stage order; with `all_replicas`, down every replica's chain (one
+    /// report per slot).
     fn request(
         &mut self,
-        msg: impl Fn() -> Message,
+        msg: impl Fn(Tag) -> Message,
         what: &str,
         all_replicas: bool,
     ) -> Result<Vec<Report>> {
         self.drain()?;
+        self.requests += 1;
+        let tag = Tag::new(self.requests, 0);
         let replicas = if all_replicas { self.replicas() } else { 1 };
         // Stage 1 of this process's replica last.
         for r in (1..replicas).chain([0]) {
-            self.feed_replica(r, msg())?;
+            self.feed_replica(r, msg(tag))?;
         }
         let k = self.modules.len() * replicas;
         let mut got: Vec<Option<Report>> = (0..k).map(|_| None).collect();
@@ -528,11 +531,6 @@ impl StagedPipeline {
             self.wait_oldest()?;
         }
         Ok(())
-    }
-
-    fn next_request(&mut self) -> Tag {
-        self.requests += 1;
-        Tag::new(self.requests, 0)
     }
 }
 
@@ -679,22 +677,22 @@ impl Network for StagedPipeline {
     }
 
     fn cascade(&mut self, x: &Tensor) -> sid_core::Result<Cascade> {
-        let tag = self.next_request();
         let first = self.devices[0];
         let p = sid_core::belief::uniform_belief(x.size()[0], self.cfg.model.num_classes, first);
-        let eval = || Message::Eval {
+        let eval = |tag| Message::Eval {
             tag,
             input: x.shallow_clone(),
             p: p.shallow_clone(),
         };
         let reports = self.request(eval, "inference results", false)?;
+        // The batch just asked for.
+        let asked = self.requests;
         let mut logits = Vec::with_capacity(self.cfg.model.modules);
         for r in reports {
             if let Report::Logits { step, logits: l } = r {
-                if step != tag.step {
+                if step != asked {
                     return Err(RuntimeError::Protocol(format!(
-                        "inference results of batch {step} arrived for batch {}",
-                        tag.step
+                        "inference results of batch {step} arrived for batch {asked}"
                     ))
                     .into());
                 }
@@ -733,8 +731,7 @@ impl Network for StagedPipeline {
     }
 
     fn state(&mut self) -> sid_core::Result<Vec<(String, Tensor)>> {
-        let tag = self.next_request();
-        let reports = self.request(|| Message::State { tag }, "its state", false)?;
+        let reports = self.request(|tag| Message::State { tag }, "its state", false)?;
         Ok(reports
             .into_iter()
             .flat_map(|r| match r {
@@ -745,8 +742,7 @@ impl Network for StagedPipeline {
     }
 
     fn load_state(&mut self, named: &NamedTensors) -> sid_core::Result<()> {
-        let tag = self.next_request();
-        let load = || Message::Load {
+        let load = |tag| Message::Load {
             tag,
             named: named
                 .0

@@ -7,11 +7,9 @@
 //! order. Every wait of the threaded transport has a timeout and names who waited for whom.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendTimeoutError, Sender};
-use sid_dist::Group;
 use tch::{Device, Tensor};
 
 use crate::streams;
@@ -160,11 +158,6 @@ pub trait Transport {
     /// to stage 1, the extractor (which receives these with [`Transport::recv_grad`], from
     /// module stages 2, 3, … in turn). Staged SID never calls it.
     fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()>;
-    /// Data-parallel replicas: sums this stage's gradients over the stage's replicas, in
-    /// place, before its optimiser step. One replica (the default): nothing to do.
-    fn reduce_gradients(&mut self, _grads: &[Tensor]) -> Result<()> {
-        Ok(())
-    }
     /// Backprop pipelines: the next gradient of this stage's output from the next stage; the
     /// paper's SID, on stage 1: the next module stage's gradient at `z`, from stages 2, 3, …
     /// in turn (so one micro-batch's gradients arrive together, in stage order). Waits at most
@@ -275,13 +268,11 @@ pub struct ChannelTransport {
     pub(crate) grad_out: Option<(usize, Sender<(Tag, Tensor)>)>,
     /// The entry of `grads_in` taken next.
     next_grad_from: usize,
-    /// Data-parallel replicas of this stage in other processes, if any.
-    pub(crate) replicas: Option<Arc<Group>>,
 }
 
 impl ChannelTransport {
     /// Stage `stage` on `device` between `upstream` and `downstream`, reporting to `reports`;
-    /// no gradient channels and no replicas until set.
+    /// no gradient channels until set.
     pub fn new(
         stage: usize,
         device: Device,
@@ -300,7 +291,6 @@ impl ChannelTransport {
             grads_in: Vec::new(),
             grad_out: None,
             next_grad_from: 0,
-            replicas: None,
         }
     }
 
@@ -358,13 +348,6 @@ impl Transport for ChannelTransport {
         self.reports
             .send((self.stage, report))
             .map_err(|_| RuntimeError::Protocol("the coordinator is gone".into()))
-    }
-
-    fn reduce_gradients(&mut self, grads: &[Tensor]) -> Result<()> {
-        match &self.replicas {
-            Some(g) => crate::ranks::replica_sum(g, grads),
-            None => Ok(()),
-        }
     }
 
     fn send_grad(&mut self, tag: Tag, grad: Tensor) -> Result<()> {
