@@ -94,15 +94,10 @@ sid_build::shim! {
     ) -> c_int;
 }
 
-/// Runs a shim call with an error buffer; a non-zero return becomes its message. The first
-/// call applies `TORCH_CPP_LOG_LEVEL` to libtorch's log (c10d logs every retry to reach the
-/// store at WARNING, with a stack trace; `FATAL` keeps it quiet).
+/// Runs a shim call with an error buffer; a non-zero return becomes its message.
 pub(crate) fn call(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
     if !cfg!(sid_c10d) {
         return Err(MISSING.into());
     }
-    static LOGGING: std::sync::Once = std::sync::Once::new();
-    // SAFETY: no arguments; reads an environment variable.
-    LOGGING.call_once(|| unsafe { sid_c10d_init_logging() });
     sid_build::call_shim::<2048>(f).map_err(|message| message.trim().to_string())
 }

@@ -92,8 +92,14 @@ impl Store {
         let verb = if serve { "serving" } else { "connecting to" };
         let c_host = cstring(host)?;
         let mut ptr = std::ptr::null_mut();
-        // SAFETY: a valid C string and out-pointer.
+        // Every c10d path starts here: apply `TORCH_CPP_LOG_LEVEL` to libtorch's log first (c10d
+        // logs every retry to reach the store at WARNING, with a stack trace; `FATAL` keeps it
+        // quiet).
+        static LOGGING: std::sync::Once = std::sync::Once::new();
+        // SAFETY: `call` runs this only in a build with the shim; a valid C string and
+        // out-pointer.
         call(|e, n| unsafe {
+            LOGGING.call_once(|| ffi::sid_c10d_init_logging());
             ffi::sid_store_new(
                 c_host.as_ptr(),
                 c_int::from(port),
