@@ -57,20 +57,11 @@ fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exited with code {c}"),
-        (None, Some(s)) => format!("was killed by {}signal {s}", signal_name(s)),
+        (None, Some(s)) => match nix::sys::signal::Signal::try_from(s) {
+            Ok(name) => format!("was killed by {name}, signal {s}"),
+            Err(_) => format!("was killed by signal {s}"),
+        },
         _ => "ended with an unknown status".into(),
-    }
-}
-
-fn signal_name(s: i32) -> &'static str {
-    match s {
-        libc::SIGKILL => "SIGKILL, ",
-        libc::SIGTERM => "SIGTERM, ",
-        libc::SIGINT => "SIGINT, ",
-        libc::SIGSEGV => "SIGSEGV, ",
-        libc::SIGABRT => "SIGABRT, ",
-        libc::SIGBUS => "SIGBUS, ",
-        _ => "",
     }
 }
 
@@ -366,4 +357,24 @@ fn run_attempt<'a>(
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(ranks)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::*;
+
+    #[test]
+    fn an_exit_status_reads_as_a_code_or_a_named_signal() {
+        let status = |raw| describe(ExitStatus::from_raw(raw));
+        assert_eq!(status(3 << 8), "exited with code 3");
+        assert_eq!(status(libc::SIGKILL), "was killed by SIGKILL, signal 9");
+        assert_eq!(status(libc::SIGUSR1), "was killed by SIGUSR1, signal 10");
+        // Real-time signals have no name of their own.
+        assert_eq!(
+            status(libc::SIGRTMIN() + 1),
+            format!("was killed by signal {}", libc::SIGRTMIN() + 1)
+        );
+    }
 }
