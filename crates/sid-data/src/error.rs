@@ -56,8 +56,10 @@ pub enum DataError {
     },
 
     /// What a file or folder holds does not fit the data set: images of another size, images
-    /// and labels that disagree in count, a label outside the classes, a test class the
-    /// training split lacks, more classes than one-byte labels can number.
+    /// and labels that disagree in count, a label outside the classes, a folder data set
+    /// without a split (no `train/`, or neither `test/` nor `val/`) or without classes, a test
+    /// class the training split lacks, more classes than one-byte labels can number, a line
+    /// of a Tiny-ImageNet annotation that cannot be parsed.
     #[error("{}: {detail}", .path.display())]
     Content {
         /// The file or folder.
@@ -91,26 +93,6 @@ pub enum DataError {
     #[error("class folder {} holds no PNG or JPEG images", .0.display())]
     EmptyClass(PathBuf),
 
-    /// A folder data set lacks a split: no `train/`, or neither `test/` nor `val/`.
-    #[error("{}: {what}", .dir.display())]
-    MissingSplit {
-        /// The data directory.
-        dir: PathBuf,
-        /// Which split is missing and the layouts that were looked for.
-        what: &'static str,
-    },
-
-    /// A line of a Tiny-ImageNet annotation or class list cannot be parsed.
-    #[error("{}: line {line}: {detail}", .path.display())]
-    BadAnnotation {
-        /// The annotation file.
-        path: PathBuf,
-        /// 1-based line number.
-        line: usize,
-        /// What is wrong with it.
-        detail: String,
-    },
-
     /// A [`crate::LoadOptions`] value is out of range or leaves an empty split.
     #[error("invalid option: {0}")]
     InvalidOption(String),
@@ -128,8 +110,8 @@ impl DataError {
     }
 
     /// What `path` holds does not fit the data set, as `detail` says.
-    pub(crate) fn content(path: impl Into<PathBuf>, detail: String) -> Self {
-        let path = path.into();
+    pub(crate) fn content(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
+        let (path, detail) = (path.into(), detail.into());
         DataError::Content { path, detail }
     }
 
