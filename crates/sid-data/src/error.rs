@@ -46,20 +46,13 @@ pub enum DataError {
         what: &'static str,
     },
 
-    /// A file holds fewer bytes than its header (or record size) requires.
-    #[error("{}: truncated: {detail}", .path.display())]
-    Truncated {
-        /// The file.
-        path: PathBuf,
-        /// What was expected and what was found.
-        detail: String,
-    },
-
-    /// What a file or folder holds does not fit the data set: images of another size, images
-    /// and labels that disagree in count, a label outside the classes, a folder data set
-    /// without a split (no `train/`, or neither `test/` nor `val/`) or without classes, a test
-    /// class the training split lacks, more classes than one-byte labels can number, a line
-    /// of a Tiny-ImageNet annotation that cannot be parsed.
+    /// What a file or folder holds does not fit the data set: fewer bytes than its header (or
+    /// record size) requires (`truncated: …`), an image that cannot be decoded (`cannot decode
+    /// image: …`, what the decoder said), images of another size, images and labels that
+    /// disagree in count, a label outside the classes, a folder data set without a split (no
+    /// `train/`, or neither `test/` nor `val/`) or without classes, a test class the training
+    /// split lacks, more classes than one-byte labels can number, a line of a Tiny-ImageNet
+    /// annotation that cannot be parsed.
     #[error("{}: {detail}", .path.display())]
     Content {
         /// The file or folder.
@@ -78,16 +71,6 @@ pub enum DataError {
         "unknown dataset {0:?}, expected one of: fashion-mnist, mnist, cifar10, cifar100, folder"
     )]
     UnknownDataset(String),
-
-    /// An image of a folder data set cannot be read or decoded (corrupt, truncated, or not
-    /// really a PNG / JPEG).
-    #[error("{}: cannot decode image: {reason}", .path.display())]
-    BadImage {
-        /// The image file.
-        path: PathBuf,
-        /// What the decoder said.
-        reason: String,
-    },
 
     /// A class folder of a folder data set holds no PNG or JPEG file.
     #[error("class folder {} holds no PNG or JPEG images", .0.display())]

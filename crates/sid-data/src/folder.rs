@@ -364,13 +364,13 @@ pub(crate) fn decode(path: &Path, size: u32) -> Result<(Vec<u8>, bool), DataErro
         .map_err(|e| DataError::io(path, e))?
         .decode()
         // Some decoder messages span lines; the error must stay one line.
-        .map_err(|e| DataError::BadImage {
-            path: path.to_path_buf(),
-            reason: e
+        .map_err(|e| {
+            let reason = e
                 .to_string()
                 .split_whitespace()
                 .collect::<Vec<_>>()
-                .join(" "),
+                .join(" ");
+            DataError::content(path, format!("cannot decode image: {reason}"))
         })?;
     let grey = !img.color().has_color();
     let img = if img.width() == size && img.height() == size {
@@ -829,7 +829,7 @@ mod tests {
         let bad = tmp.path().join("train/dog/2.JPG");
         std::fs::write(&bad, b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
         let err = load_err(tmp.path());
-        assert!(matches!(err, DataError::BadImage { .. }), "{err}");
+        assert!(matches!(err, DataError::Content { .. }), "{err}");
         let msg = err.to_string();
         assert!(
             msg.starts_with(&format!("{}: cannot decode image: ", bad.display())),
