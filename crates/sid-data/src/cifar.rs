@@ -51,15 +51,11 @@ fn read_file(path: &Path, kind: DatasetKind) -> Result<RawSplit, DataError> {
         return Err(DataError::Empty(path.to_path_buf()));
     }
     if bytes.len() % record != 0 {
-        return Err(DataError::Truncated {
-            path: path.to_path_buf(),
-            detail: format!(
-                "{} bytes is not a whole number of {record}-byte records ({} records and {} bytes left over)",
-                bytes.len(),
-                bytes.len() / record,
-                bytes.len() % record
-            ),
-        });
+        let (n, whole, left) = (bytes.len(), bytes.len() / record, bytes.len() % record);
+        let detail = format!(
+            "truncated: {n} bytes is not a whole number of {record}-byte records ({whole} records and {left} bytes left over)"
+        );
+        return Err(DataError::content(path, detail));
     }
     let records = bytes.chunks_exact(record);
     let labels_at = |at: usize| records.clone().map(|r| r[at]).collect::<Vec<u8>>();
@@ -212,6 +208,7 @@ mod tests {
         )
         .unwrap();
         let err = read_split(dir.path(), Part::Test, DatasetKind::Cifar100).unwrap_err();
-        assert!(matches!(err, DataError::Truncated { .. }), "{err}");
+        let want = format!("{}: truncated: ", dir.path().join("test.bin").display());
+        assert!(err.to_string().starts_with(&want), "{err}");
     }
 }

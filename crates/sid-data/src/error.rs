@@ -46,18 +46,13 @@ pub enum DataError {
         what: &'static str,
     },
 
-    /// A file holds fewer bytes than its header (or record size) requires.
-    #[error("{}: truncated: {detail}", .path.display())]
-    Truncated {
-        /// The file.
-        path: PathBuf,
-        /// What was expected and what was found.
-        detail: String,
-    },
-
-    /// What a file or folder holds does not fit the data set: images of another size, images
-    /// and labels that disagree in count, a label outside the classes, a test class the
-    /// training split lacks, more classes than one-byte labels can number.
+    /// What a file or folder holds does not fit the data set: fewer bytes than its header (or
+    /// record size) requires (`truncated: …`), an image that cannot be decoded (`cannot decode
+    /// image: …`, what the decoder said), images of another size, images and labels that
+    /// disagree in count, a label outside the classes, a folder data set without a split (no
+    /// `train/`, or neither `test/` nor `val/`) or without classes, a test class the training
+    /// split lacks, more classes than one-byte labels can number, a line of a Tiny-ImageNet
+    /// annotation that cannot be parsed.
     #[error("{}: {detail}", .path.display())]
     Content {
         /// The file or folder.
@@ -77,39 +72,9 @@ pub enum DataError {
     )]
     UnknownDataset(String),
 
-    /// An image of a folder data set cannot be read or decoded (corrupt, truncated, or not
-    /// really a PNG / JPEG).
-    #[error("{}: cannot decode image: {reason}", .path.display())]
-    BadImage {
-        /// The image file.
-        path: PathBuf,
-        /// What the decoder said.
-        reason: String,
-    },
-
     /// A class folder of a folder data set holds no PNG or JPEG file.
     #[error("class folder {} holds no PNG or JPEG images", .0.display())]
     EmptyClass(PathBuf),
-
-    /// A folder data set lacks a split: no `train/`, or neither `test/` nor `val/`.
-    #[error("{}: {what}", .dir.display())]
-    MissingSplit {
-        /// The data directory.
-        dir: PathBuf,
-        /// Which split is missing and the layouts that were looked for.
-        what: &'static str,
-    },
-
-    /// A line of a Tiny-ImageNet annotation or class list cannot be parsed.
-    #[error("{}: line {line}: {detail}", .path.display())]
-    BadAnnotation {
-        /// The annotation file.
-        path: PathBuf,
-        /// 1-based line number.
-        line: usize,
-        /// What is wrong with it.
-        detail: String,
-    },
 
     /// A [`crate::LoadOptions`] value is out of range or leaves an empty split.
     #[error("invalid option: {0}")]
@@ -128,8 +93,8 @@ impl DataError {
     }
 
     /// What `path` holds does not fit the data set, as `detail` says.
-    pub(crate) fn content(path: impl Into<PathBuf>, detail: String) -> Self {
-        let path = path.into();
+    pub(crate) fn content(path: impl Into<PathBuf>, detail: impl Into<String>) -> Self {
+        let (path, detail) = (path.into(), detail.into());
         DataError::Content { path, detail }
     }
 

@@ -173,10 +173,10 @@ pub(crate) fn read(
 fn list(dir: &Path) -> Result<Listing, DataError> {
     let train_dir = dir.join("train");
     if !train_dir.is_dir() {
-        return Err(DataError::MissingSplit {
-            dir: dir.to_path_buf(),
-            what: "no train/ folder (expected train/<class>/<images> with test/ or val/ beside it, or Tiny-ImageNet's train/<wnid>/images/)",
-        });
+        return Err(DataError::content(
+            dir,
+            "no train/ folder (expected train/<class>/<images> with test/ or val/ beside it, or Tiny-ImageNet's train/<wnid>/images/)",
+        ));
     }
     let wnids = dir.join("wnids.txt");
     let tiny = wnids.is_file() || dir.join("val/val_annotations.txt").is_file();
@@ -190,18 +190,16 @@ fn list(dir: &Path) -> Result<Listing, DataError> {
     } else {
         subdirs(&train_dir)?
     };
-    // Classes are refused when there are none (`what` says where they were looked for) or
-    // more than labels stored as one byte, as for the built-in data sets, can number.
-    let what = match tiny {
-        true => "holds no class folders (and wnids.txt names none)",
-        false => "holds no class folders",
+    // Classes are refused when there are none (the message says where they were looked for)
+    // or more than labels stored as one byte, as for the built-in data sets, can number.
+    let refused = match classes.len() {
+        1..=256 => None,
+        0 if tiny => Some("holds no class folders (and wnids.txt names none)".into()),
+        0 => Some("holds no class folders".into()),
+        n => Some(format!("{n} classes, at most 256 are supported")),
     };
-    if classes.is_empty() || classes.len() > 256 {
-        let dir = train_dir;
-        return Err(match classes.len() {
-            0 => DataError::MissingSplit { dir, what },
-            n => DataError::content(dir, format!("{n} classes, at most 256 are supported")),
-        });
+    if let Some(detail) = refused {
+        return Err(DataError::content(train_dir, detail));
     }
     let mut train = Vec::new();
     for (label, class) in classes.iter().enumerate() {
@@ -231,16 +229,13 @@ fn image_folder_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8)
         .iter()
         .map(|s| dir.join(s))
         .find(|d| d.is_dir())
-        .ok_or_else(|| DataError::MissingSplit {
-            dir: dir.to_path_buf(),
-            what: "no test/ or val/ folder beside train/ (expected test/<class>/<images> or val/<class>/<images>)",
-        })?;
+        .ok_or_else(|| DataError::content(
+            dir,
+            "no test/ or val/ folder beside train/ (expected test/<class>/<images> or val/<class>/<images>)",
+        ))?;
     let test_classes = subdirs(&test_dir)?;
     if test_classes.is_empty() {
-        return Err(DataError::MissingSplit {
-            dir: test_dir,
-            what: "holds no class folders",
-        });
+        return Err(DataError::content(test_dir, "holds no class folders"));
     }
     let mut test = Vec::new();
     for class in test_classes {
@@ -257,10 +252,10 @@ fn image_folder_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8)
 fn tiny_imagenet_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8)>, DataError> {
     let ann = dir.join("val").join("val_annotations.txt");
     if !ann.is_file() {
-        return Err(DataError::MissingSplit {
-            dir: dir.to_path_buf(),
-            what: "Tiny-ImageNet layout (wnids.txt) but no val/val_annotations.txt to label the validation images with",
-        });
+        return Err(DataError::content(
+            dir,
+            "Tiny-ImageNet layout (wnids.txt) but no val/val_annotations.txt to label the validation images with",
+        ));
     }
     let images = dir.join("val").join("images");
     let mut test = Vec::new();
@@ -270,11 +265,8 @@ fn tiny_imagenet_test(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u8
         }
         let mut fields = line.split('\t');
         let (Some(file), Some(wnid)) = (fields.next(), fields.next()) else {
-            return Err(DataError::BadAnnotation {
-                path: ann,
-                line: i + 1,
-                detail: "expected FILE<tab>WNID<tab>box…".into(),
-            });
+            let detail = format!("line {}: expected FILE<tab>WNID<tab>box…", i + 1);
+            return Err(DataError::content(ann, detail));
         };
         let Some(label) = classes.iter().position(|c| c == wnid.trim()) else {
             return Err(unknown_class(ann, wnid.trim()));
@@ -372,13 +364,13 @@ pub(crate) fn decode(path: &Path, size: u32) -> Result<(Vec<u8>, bool), DataErro
         .map_err(|e| DataError::io(path, e))?
         .decode()
         // Some decoder messages span lines; the error must stay one line.
-        .map_err(|e| DataError::BadImage {
-            path: path.to_path_buf(),
-            reason: e
+        .map_err(|e| {
+            let reason = e
                 .to_string()
                 .split_whitespace()
                 .collect::<Vec<_>>()
-                .join(" "),
+                .join(" ");
+            DataError::content(path, format!("cannot decode image: {reason}"))
         })?;
     let grey = !img.color().has_color();
     let img = if img.width() == size && img.height() == size {
@@ -837,7 +829,7 @@ mod tests {
         let bad = tmp.path().join("train/dog/2.JPG");
         std::fs::write(&bad, b"\xff\xd8\xff\xe0 not really a jpeg").unwrap();
         let err = load_err(tmp.path());
-        assert!(matches!(err, DataError::BadImage { .. }), "{err}");
+        assert!(matches!(err, DataError::Content { .. }), "{err}");
         let msg = err.to_string();
         assert!(
             msg.starts_with(&format!("{}: cannot decode image: ", bad.display())),
@@ -874,8 +866,10 @@ mod tests {
         // No test/ nor val/.
         std::fs::remove_dir_all(d.join("test")).unwrap();
         let err = load_err(d);
-        assert!(matches!(err, DataError::MissingSplit { .. }), "{err}");
-        assert!(err.to_string().contains("no test/ or val/ folder"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!("{}: no test/ or val/ folder beside train/ (expected test/<class>/<images> or val/<class>/<images>)", d.display())
+        );
         // No train/.
         std::fs::remove_dir_all(d.join("train")).unwrap();
         let msg = load_err(d).to_string();
@@ -900,10 +894,10 @@ mod tests {
             )
         );
         std::fs::write(&ann, "val_0.JPEG\n").unwrap();
-        assert!(matches!(
-            load_err(d),
-            DataError::BadAnnotation { line: 1, .. }
-        ));
+        assert_eq!(
+            load_err(d).to_string(),
+            format!("{}: line 1: expected FILE<tab>WNID<tab>box…", ann.display())
+        );
         std::fs::write(&ann, "gone.JPEG\tn01\n").unwrap();
         assert!(load_err(d).to_string().contains("gone.JPEG"));
         std::fs::remove_dir_all(d.join("train/n01/images")).unwrap();

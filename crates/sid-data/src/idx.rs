@@ -96,10 +96,7 @@ fn read_idx(
         .chunks_exact(4)
         .map(|w| u32::from_be_bytes([w[0], w[1], w[2], w[3]]))
         .collect();
-    let truncated = |detail| DataError::Truncated {
-        path: path.to_path_buf(),
-        detail,
-    };
+    let truncated = |detail: String| DataError::content(path, format!("truncated: {detail}"));
     if let Some(&found) = header.first().filter(|&&found| found != magic) {
         return Err(DataError::BadMagic {
             path: path.to_path_buf(),

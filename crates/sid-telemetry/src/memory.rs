@@ -102,7 +102,7 @@ pub fn heap_in_use_bytes() -> u64 {
 /// maximum: the peak of live CPU memory during a piece of work.
 pub struct HeapPeak {
     stop: Arc<AtomicBool>,
-    // The running peak, shared so a caller can wait until a sample has seen its work.
+    // The running peak, shared so a test can wait until a sample has seen its work.
     peak: Arc<AtomicU64>,
     thread: std::thread::JoinHandle<()>,
 }
@@ -122,11 +122,6 @@ impl HeapPeak {
             seen.fetch_max(heap_in_use_bytes(), Relaxed);
         });
         Self { stop, peak, thread }
-    }
-
-    /// The peak seen so far, in bytes (sampling goes on).
-    pub fn peak_so_far(&self) -> u64 {
-        self.peak.load(Relaxed)
     }
 
     /// Stops sampling and returns the peak seen, in bytes.
@@ -240,7 +235,8 @@ mod tests {
         let probe = HeapPeak::start();
         let t = tch::Tensor::ones([25_000_000], (tch::Kind::Float, Device::Cpu)); // 100 MB
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while probe.peak_so_far() < heap_in_use_bytes() && std::time::Instant::now() < deadline {
+        while probe.peak.load(Relaxed) < heap_in_use_bytes() && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let alive = heap_in_use_bytes();
