@@ -585,11 +585,9 @@ fn in_link<T: Send + 'static>(
     spawn_thread(format!("sid-link-{me}-from-{src}"), what, move || {
         let result = (|| loop {
             let f = recv_frame(&g, src, &expect, direct.as_deref().map(|ng| (ng, device)))?;
-            if f.kind == STOP {
-                return Ok(());
-            }
-            if tx.send(decode(f)?).is_err() {
-                // The stage has stopped; its own failure says why.
+            // A stop frame ends the link, as does a stage that has stopped (its own failure
+            // says why).
+            if f.kind == STOP || tx.send(decode(f)?).is_err() {
                 return Ok(());
             }
         })();
