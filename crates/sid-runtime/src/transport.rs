@@ -141,7 +141,8 @@ pub enum Received {
     Message(Message),
     /// Nothing within the wait.
     Nothing,
-    /// The sender is gone: the pipeline is shutting down (a local queue: nothing queued).
+    /// Nothing more will come: the sender is gone, the pipeline is shutting down (a local
+    /// queue: nothing is queued, the stage has done what it can for now).
     Closed,
 }
 
