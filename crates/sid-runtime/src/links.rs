@@ -34,7 +34,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::{PipelineMethod, StagedConfig};
 use crate::ranks::{rank_of, Ranks, DOWN, GRADS, REPORTS};
 use crate::schedule::StageRunner;
-use crate::setup::{build_runners, spawn_stage, spawn_thread, Engine, StageThread};
+use crate::setup::{build_runners, channel, spawn_stage, spawn_thread, Engine, StageThread};
 use crate::transport::{ChannelTransport, Filed, Message, Report, Tag};
 use crate::{Failure, Result, RuntimeError};
 
@@ -75,8 +75,8 @@ const GRAD: i64 = 21;
 #[derive(Default)]
 struct Frame {
     kind: i64,
-    step: u64,
-    micro: usize,
+    /// The step and micro-batch of a message or gradient; a report's step.
+    tag: Tag,
     count: usize,
     scale: f64,
     aux: i64,
@@ -290,8 +290,8 @@ fn send_frame(
 ) -> Result<(), String> {
     let mut h = [0i64; HEADER];
     h[0] = f.kind;
-    h[1] = f.step as i64;
-    h[2] = f.micro as i64;
+    h[1] = f.tag.step as i64;
+    h[2] = f.tag.micro as i64;
     h[3] = f.count as i64;
     h[4] = f.scale.to_bits() as i64;
     // h[5] is not used.
@@ -363,8 +363,7 @@ fn recv_frame(
     }
     Ok(Frame {
         kind: h[0],
-        step: h[1] as u64,
-        micro: h[2] as usize,
+        tag: Tag::new(h[1] as u64, h[2] as usize),
         count: h[3] as usize,
         scale: f64::from_bits(h[4] as u64),
         aux: h[6],
@@ -407,11 +406,11 @@ fn one(tensors: Vec<Tensor>, what: &str) -> Result<Tensor, String> {
     take(tensors, what).map(|[t]| t)
 }
 
-/// A frame of `kind` about `step` carrying `tensors`; its other numbers are zero.
-fn frame(kind: i64, step: u64, tensors: Vec<Tensor>) -> Frame {
+/// A frame of `kind` tagged `tag` carrying `tensors`; its other numbers are zero.
+fn frame(kind: i64, tag: Tag, tensors: Vec<Tensor>) -> Frame {
     Frame {
         kind,
-        step,
+        tag,
         tensors,
         ..Frame::default()
     }
@@ -427,19 +426,18 @@ fn message_frame(m: Message) -> Result<Frame, String> {
             labels,
             scale,
         } => Frame {
-            micro: tag.micro,
             count: micro_batches,
             scale,
-            ..frame(TRAIN, tag.step, vec![input, p, labels])
+            ..frame(TRAIN, tag, vec![input, p, labels])
         },
-        Message::Eval { tag, input, p } => frame(EVAL, tag.step, vec![input, p]),
-        Message::State { tag } => frame(STATE, tag.step, Vec::new()),
-        Message::Load { tag, named } => frame(LOAD, tag.step, vec![named_to_bytes(&named)?]),
+        Message::Eval { tag, input, p } => frame(EVAL, tag, vec![input, p]),
+        Message::State { tag } => frame(STATE, tag, Vec::new()),
+        Message::Load { tag, named } => frame(LOAD, tag, vec![named_to_bytes(&named)?]),
     })
 }
 
 fn frame_message(f: Frame) -> Result<Message, String> {
-    let tag = Tag::new(f.step, f.micro);
+    let tag = f.tag;
     Ok(match f.kind {
         TRAIN => {
             let [input, p, labels] = take(f.tensors, "training")?;
@@ -473,7 +471,7 @@ fn report_frame((_, r): Filed) -> Result<Frame, String> {
             busy,
             forward,
         } => {
-            let f = frame(LOSSES, step, vec![Tensor::from_slice(&losses)]);
+            let f = frame(LOSSES, Tag::new(step, 0), vec![Tensor::from_slice(&losses)]);
             Frame { busy, forward, ..f }
         }
         Report::Logits { step, logits } => {
@@ -481,13 +479,14 @@ fn report_frame((_, r): Filed) -> Result<Frame, String> {
             let tensors = (count > 0).then(|| Tensor::stack(&logits, 0));
             Frame {
                 count,
-                ..frame(LOGITS, step, tensors.into_iter().collect())
+                ..frame(LOGITS, Tag::new(step, 0), tensors.into_iter().collect())
             }
         }
-        Report::State(state) => frame(STATE_REPORT, 0, vec![named_to_bytes(&state)?]),
-        Report::Loaded => frame(LOADED, 0, Vec::new()),
+        Report::State(state) => frame(STATE_REPORT, Tag::default(), vec![named_to_bytes(&state)?]),
+        Report::Loaded => frame(LOADED, Tag::default(), Vec::new()),
         Report::Failed(Failure { module, cause }) => {
-            let f = frame(FAILED, 0, vec![Tensor::from_slice(cause.as_bytes())]);
+            let cause = Tensor::from_slice(cause.as_bytes());
+            let f = frame(FAILED, Tag::default(), vec![cause]);
             let aux = module.map_or(0, |m| m as i64);
             Frame { aux, ..f }
         }
@@ -498,13 +497,13 @@ fn report_frame((_, r): Filed) -> Result<Frame, String> {
 fn frame_report(f: Frame) -> Result<Report, String> {
     Ok(match f.kind {
         LOSSES => Report::Losses {
-            step: f.step,
+            step: f.tag.step,
             losses: Vec::<f64>::try_from(&one(f.tensors, "losses")?).map_err(text)?,
             busy: f.busy,
             forward: f.forward,
         },
         LOGITS => Report::Logits {
-            step: f.step,
+            step: f.tag.step,
             logits: if f.count == 0 {
                 Vec::new()
             } else {
@@ -525,16 +524,12 @@ fn frame_report(f: Frame) -> Result<Report, String> {
 }
 
 fn grad_frame((tag, g): (Tag, Tensor)) -> Result<Frame, String> {
-    Ok(Frame {
-        micro: tag.micro,
-        ..frame(GRAD, tag.step, vec![g])
-    })
+    Ok(frame(GRAD, tag, vec![g]))
 }
 
 fn frame_grad(f: Frame) -> Result<(Tag, Tensor), String> {
     // The link's header check let only gradients through.
-    let tag = Tag::new(f.step, f.micro);
-    Ok((tag, one(f.tensors, "gradient")?))
+    Ok((f.tag, one(f.tensors, "gradient")?))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -590,11 +585,9 @@ fn in_link<T: Send + 'static>(
     spawn_thread(format!("sid-link-{me}-from-{src}"), what, move || {
         let result = (|| loop {
             let f = recv_frame(&g, src, &expect, direct.as_deref().map(|ng| (ng, device)))?;
-            if f.kind == STOP {
-                return Ok(());
-            }
-            if tx.send(decode(f)?).is_err() {
-                // The stage has stopped; its own failure says why.
+            // A stop frame ends the link, as does a stage that has stopped (its own failure
+            // says why).
+            if f.kind == STOP || tx.send(decode(f)?).is_err() {
                 return Ok(());
             }
         })();
@@ -625,23 +618,22 @@ fn run_linked_stage(
     let me = ranks.rank();
     let k = cfg.plan.len();
     let bp = matches!(cfg.method, PipelineMethod::Bp(_));
-    let cap = cfg.micro_batches.max(1) + 1;
     let device = cfg.devices[0];
     let next = me + 1;
     let downstream = (s + 1 < k).then(|| {
-        let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
+        let (tx, rx) = channel(cfg);
         outs.push(out_link(ranks, next, DOWN, rx, message_frame, fail));
         tx
     });
     let mut transport =
         ChannelTransport::new(s, device, upstream, downstream, reports, cfg.timeout);
     if bp && s + 1 < k {
-        let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
+        let (tx, rx) = channel(cfg);
         ins.push(in_link(cfg, ranks, next, GRADS, tx, frame_grad, fail));
         transport.grads_in.push((s + 1, rx));
     }
     if bp && s > 0 {
-        let (tx, rx) = crossbeam_channel::bounded::<(Tag, Tensor)>(cap);
+        let (tx, rx) = channel(cfg);
         outs.push(out_link(ranks, me - 1, GRADS, rx, grad_frame, fail));
         transport.grad_out = Some((s - 1, tx));
     }
@@ -665,13 +657,12 @@ pub(crate) fn spawn_coordinator_links(
             ranks.rank()
         )));
     }
-    let cap = cfg.micro_batches.max(1) + 1;
     let (report_tx, reports) = crossbeam_channel::unbounded::<Filed>();
     let tx = report_tx.clone();
     let failed_link = move |slot: usize, cause: String| {
         let _ = tx.send((slot, Report::Failed(Failure::new(cause))));
     };
-    let (first, upstream) = crossbeam_channel::bounded::<Message>(cap);
+    let (first, upstream) = channel(cfg);
     let runner = runners.into_iter().next().expect("at least one stage");
     let mut links = (Vec::new(), Vec::new());
     let chain = (upstream, report_tx.clone());
@@ -679,7 +670,7 @@ pub(crate) fn spawn_coordinator_links(
     let mut threads = vec![stage];
     let mut firsts = vec![first];
     for r in 1..ranks.replicas {
-        let (tx, rx) = crossbeam_channel::bounded::<Message>(cap);
+        let (tx, rx) = channel(cfg);
         let dst = rank_of(r, 0, k);
         threads.push(out_link(ranks, dst, DOWN, rx, message_frame, &failed_link));
         firsts.push(tx);
@@ -710,14 +701,13 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         ));
     }
     let (replica, s) = (me / k, me % k);
-    let cap = cfg.micro_batches.max(1) + 1;
     // `ranks.check` made sure this rank's stage is one of the plan's.
     let runner = build_runners(cfg)?.swap_remove(s);
     let (fail_tx, fail_rx) = crossbeam_channel::unbounded::<String>();
     let on_fail = move |_peer: usize, cause: String| {
         let _ = fail_tx.send(cause);
     };
-    let (up_tx, upstream) = crossbeam_channel::bounded::<Message>(cap);
+    let (up_tx, upstream) = channel(cfg);
     let (report_tx, report_rx) = crossbeam_channel::unbounded::<Filed>();
     let src = if s == 0 { 0 } else { me - 1 };
     let reports_out = out_link(ranks, 0, REPORTS, report_rx, report_frame, &on_fail);
@@ -761,8 +751,8 @@ pub fn serve(cfg: &StagedConfig, ranks: &Ranks) -> Result<()> {
         });
     }
     // The stage closed its outputs: let the links send their stop frames.
-    for h in links.0.into_iter().filter_map(|t| t.thread) {
-        let _ = h.join();
+    for t in links.0 {
+        let _ = t.thread.join();
     }
     Ok(())
 }

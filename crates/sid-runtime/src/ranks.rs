@@ -97,13 +97,10 @@ pub(crate) fn replica_sum(group: &Group, grads: &[Tensor]) -> Result<()> {
         Backend::Nccl => flat,
     };
     group.all_reduce_sum(&mut buf)?;
-    let buf = buf.to_device(device);
-    let mut offset = 0;
-    for g in defined {
-        let n = g.numel() as i64;
-        let mut g = g.shallow_clone();
-        g.copy_(&buf.narrow(0, offset, n).view_as(&g));
-        offset += n;
+    let sizes: Vec<i64> = defined.iter().map(|g| g.numel() as i64).collect();
+    let sums = buf.to_device(device).split_with_sizes(sizes, 0);
+    for (g, sum) in defined.into_iter().zip(sums) {
+        g.shallow_clone().copy_(&sum.view_as(g));
     }
     Ok(())
 }

@@ -418,7 +418,7 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// Runs a stage until its upstream closes (threads) or its inbox is empty (one thread):
 /// receive, handle, repeat. A stage in the middle of a step waits at most its timeout for the
 /// rest of it, then fails naming the stage it waited for.
-pub fn drive(runner: &mut StageRunner, t: &mut dyn Transport, local: bool) -> Result<(), Failure> {
+pub fn drive(runner: &mut StageRunner, t: &mut dyn Transport) -> Result<(), Failure> {
     // What the stage allocates from here on is its own, inputs copied to its device included.
     let _charged = runner
         .memory
@@ -426,8 +426,9 @@ pub fn drive(runner: &mut StageRunner, t: &mut dyn Transport, local: bool) -> Re
         .map(AllocOwner::enter)
         .transpose()
         .map_err(|e| Failure::new(e.to_string()))?;
-    if local && runner.mid_step() {
-        // A step that stopped for a gradient goes on if the sender has run since.
+    if runner.mid_step() {
+        // Stages in one thread: a step that stopped for a gradient goes on if the sender has
+        // run since.
         runner.run(t, None)?;
     }
     loop {
@@ -438,7 +439,6 @@ pub fn drive(runner: &mut StageRunner, t: &mut dyn Transport, local: bool) -> Re
         };
         match t.recv(wait)? {
             Received::Message(m) => runner.handle(m, t)?,
-            Received::Nothing if local => return Ok(()),
             Received::Nothing => {
                 let Some(s) = &runner.current else { continue };
                 let index = runner.unit.stage();

@@ -42,7 +42,7 @@ pub(crate) enum Engine {
 pub(crate) struct StageThread {
     /// For messages: `stage 2`, `the link from rank 0 to rank 1`.
     pub(crate) name: String,
-    pub(crate) thread: Option<JoinHandle<()>>,
+    pub(crate) thread: JoinHandle<()>,
     pub(crate) exited: Receiver<Option<String>>,
 }
 
@@ -151,7 +151,7 @@ pub(crate) fn spawn_stage(
                 }
                 runner.unit_mut().to_device(device);
                 streams::sync_device(device).map_err(|e| Failure::new(e.to_string()))?;
-                drive(&mut runner, &mut transport, false)
+                drive(&mut runner, &mut transport)
             }));
             let failure = match outcome {
                 Ok(done) => done.err(),
@@ -174,6 +174,12 @@ pub(crate) fn spawn_stage(
     )
 }
 
+/// A channel between neighbours of the pipeline (stages, links, the coordinator): room for
+/// one step's micro-batches and one more, so a stage runs at most about a step ahead.
+pub(crate) fn channel<T>(cfg: &StagedConfig) -> (Sender<T>, Receiver<T>) {
+    crossbeam_channel::bounded(cfg.micro_batches.max(1) + 1)
+}
+
 /// A thread of the pipeline named `name` that runs `body`; a failure is returned through
 /// [`StageThread::exited`], which `what` names in messages.
 pub(crate) fn spawn_thread(
@@ -190,7 +196,7 @@ pub(crate) fn spawn_thread(
         .expect("spawning a pipeline thread");
     StageThread {
         name: what,
-        thread: Some(thread),
+        thread,
         exited,
     }
 }

@@ -20,7 +20,7 @@ use tch::{Device, Tensor};
 
 use crate::config::{PipelineMethod, StagedConfig};
 use crate::schedule::{drive, StageRunner};
-use crate::setup::{build_runners, spawn_stage, Engine};
+use crate::setup::{build_runners, channel, spawn_stage, Engine};
 use crate::streams;
 use crate::transport::{
     device_name, ChannelTransport, Filed, LocalQueues, LocalTransport, Message, Report, Tag,
@@ -285,7 +285,7 @@ impl StagedPipeline {
                             grad_to: self.cfg.method.grad_target(s),
                             taken: 0,
                         };
-                        let driven = drive(runner, &mut t, true);
+                        let driven = drive(runner, &mut t);
                         taken += t.taken;
                         if let Err(f) = driven {
                             return Err(self.failed(s, f));
@@ -437,11 +437,6 @@ impl StagedPipeline {
         who.join(", ")
     }
 
-    fn wait_oldest(&mut self) -> Result<()> {
-        let r = self.next_report(&|p: &Self| p.owing_steps(), true)?;
-        self.file(r.expect("blocking"))
-    }
-
     fn submit(&mut self, x: &Tensor, y: &Tensor) -> Result<()> {
         let b = x.size()[0];
         if b == 0 {
@@ -493,7 +488,7 @@ impl StagedPipeline {
         what: &str,
         all_replicas: bool,
     ) -> Result<Vec<Report>> {
-        self.drain()?;
+        self.drain_to(0)?;
         self.requests += 1;
         let tag = Tag::new(self.requests, 0);
         let replicas = if all_replicas { self.replicas() } else { 1 };
@@ -525,10 +520,12 @@ impl StagedPipeline {
         Ok(got.into_iter().flatten().collect())
     }
 
-    /// Waits for every step in flight, keeping their statistics for the next caller.
-    fn drain(&mut self) -> Result<()> {
-        while !self.pending.is_empty() {
-            self.wait_oldest()?;
+    /// Waits for the oldest steps in flight until at most `in_flight` are, keeping their
+    /// statistics for the next caller.
+    fn drain_to(&mut self, in_flight: usize) -> Result<()> {
+        while self.pending.len() > in_flight {
+            let r = self.next_report(&|p: &Self| p.owing_steps(), true)?;
+            self.file(r.expect("blocking"))?;
         }
         Ok(())
     }
@@ -556,21 +553,19 @@ fn spawn_threads(cfg: &StagedConfig, runners: Vec<StageRunner>, devices: &[Devic
     let cpu_stages = sharing.iter().filter(|d| **d == Device::Cpu).count();
     // Fix this thread's libtorch thread count before stages change the process-wide one.
     let _ = tch::get_num_threads();
-    // Room for one step's micro-batches per link: a stage runs at most about a step ahead.
-    let cap = cfg.micro_batches.max(1) + 1;
     let (report_tx, reports) = crossbeam_channel::unbounded();
     // Stage s reads channel s and sends into channel s + 1; the coordinator feeds channel 0.
-    let (first, mut upstream) = crossbeam_channel::bounded::<Message>(cap);
+    let (first, mut upstream) = channel(cfg);
     let mut transports: Vec<ChannelTransport> = Vec::with_capacity(k);
     for (s, &device) in devices.iter().enumerate() {
-        let (down, next_up) = crossbeam_channel::bounded(cap);
+        let (down, next_up) = channel(cfg);
         let up = std::mem::replace(&mut upstream, next_up);
         let down = (s + 1 < k).then_some(down);
         let mut t = ChannelTransport::new(s, device, up, down, report_tx.clone(), cfg.timeout);
         // A gradient channel from each stage whose backward sends one to the (earlier) stage
         // that takes it.
         if let Some(to) = cfg.method.grad_target(s) {
-            let (tx, rx) = crossbeam_channel::bounded(cap);
+            let (tx, rx) = channel(cfg);
             t.grad_out = Some((to, tx));
             transports[to].grads_in.push((s, rx));
         }
@@ -605,7 +600,7 @@ impl Network for StagedPipeline {
 
     fn train_step(&mut self, x: &Tensor, y: &Tensor) -> sid_core::Result<StepStats> {
         self.submit(x, y)?;
-        self.drain()?;
+        self.drain_to(0)?;
         let last = self.done.drain(..).next_back();
         Ok(last.expect("the step just finished"))
     }
@@ -665,14 +660,12 @@ impl Network for StagedPipeline {
             self.file(r)?;
         }
         // One step in flight per stage, and one more.
-        while self.pending.len() > self.modules.len() + 1 {
-            self.wait_oldest()?;
-        }
+        self.drain_to(self.modules.len() + 1)?;
         Ok(self.done.drain(..).collect())
     }
 
     fn flush(&mut self) -> sid_core::Result<Vec<StepStats>> {
-        self.drain()?;
+        self.drain_to(0)?;
         Ok(self.done.drain(..).collect())
     }
 
@@ -704,7 +697,7 @@ impl Network for StagedPipeline {
     }
 
     fn cascade_exit(&mut self, x: &Tensor, tau: f64) -> sid_core::Result<EarlyExit> {
-        self.drain()?;
+        self.drain_to(0)?;
         let Engine::Local { runners, .. } = &self.engine else {
             // Stage threads run whole batches: the default picks exits from the full cascade.
             return Ok(sid_core::early_exit(&self.cascade(x)?.logits, tau));
@@ -767,11 +760,9 @@ impl Drop for StagedPipeline {
             // process, say) is left behind, not waited for one after another.
             let grace = self.cfg.timeout.min(Duration::from_secs(10));
             let deadline = std::time::Instant::now() + grace;
-            for t in threads.iter_mut() {
+            for t in threads.drain(..) {
                 if t.exited.recv_deadline(deadline).is_ok() {
-                    if let Some(h) = t.thread.take() {
-                        let _ = h.join();
-                    }
+                    let _ = t.thread.join();
                 } else {
                     tracing::warn!("{} did not stop within {grace:?}; leaving it", t.name);
                 }

@@ -16,7 +16,7 @@ use crate::streams;
 use crate::{Failure, Result, RuntimeError};
 
 /// The label of every message: which step (or inference batch), which micro-batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tag {
     /// Training step (1-based), or the number of an inference batch or state request.
     pub step: u64,
@@ -139,9 +139,10 @@ pub type Filed = (usize, Report);
 pub enum Received {
     /// A message.
     Message(Message),
-    /// Nothing within the wait (a local queue: nothing queued).
+    /// Nothing within the wait.
     Nothing,
-    /// The sender is gone: the pipeline is shutting down.
+    /// Nothing more will come: the sender is gone, the pipeline is shutting down (a local
+    /// queue: nothing is queued, the stage has done what it can for now).
     Closed,
 }
 
@@ -206,7 +207,7 @@ impl Transport for LocalTransport<'_> {
     fn recv(&mut self, _timeout: Duration) -> Result<Received> {
         let m = self.queues.inboxes[self.stage].pop_front();
         self.taken += usize::from(m.is_some());
-        Ok(m.map_or(Received::Nothing, Received::Message))
+        Ok(m.map_or(Received::Closed, Received::Message))
     }
 
     fn send_down(&mut self, msg: Message) -> Result<()> {
