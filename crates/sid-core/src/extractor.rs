@@ -154,14 +154,9 @@ impl<'a> Net<'a> {
     pub(crate) fn build_cut(&self, plan: &StagePlan) -> Result<(StageBlocks, Box<dyn Module>)> {
         self.model.validate()?;
         self.model.precision.check(Device::Cpu)?;
-        // A checked plan's ranges are non-empty and consecutive from 0: they must end at n.
-        let (n, cuts) = (self.blocks(), plan.stages());
-        if cuts.last().map(|s| s.blocks.end) != Some(n) {
-            return Err(invalid(format!(
-                "stages must cut the {n} blocks of the {} backbone into non-empty consecutive ranges",
-                self.backbone.name()
-            )));
-        }
+        // The plan may have been checked against another network: checked again against this.
+        let plan = StagePlan::new(plan.stages().to_vec(), *self)?;
+        let cuts = plan.stages();
         let stores: Vec<VarStore> = cuts.iter().map(|_| VarStore::new(Device::Cpu)).collect();
         let stage = |i: usize| {
             cuts.iter()
