@@ -167,11 +167,7 @@ pub fn pairs(model: &ModelConfig) -> Result<Vec<Pair>> {
 pub fn pooled_blocks(model: &ModelConfig) -> Vec<bool> {
     specs(model)
         .into_iter()
-        .map(|(_, spec, _)| match spec {
-            Spec::ConvBn { pool, .. } => pool.is_some(),
-            Spec::Conv { pool, .. } => pool,
-            _ => false,
-        })
+        .map(|(_, spec, _)| matches!(spec, Spec::Conv { pool: Some(_), .. }))
         .collect()
 }
 
