@@ -6,13 +6,15 @@
 //! backbones ([`ExtractorKind`]) are the [`Backbone`] of a [`ModelConfig`]; a program can hand
 //! in its own through [`Net`].
 
+use std::ops::Range;
+
 use tch::nn::{self, Module, ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{ExtractorKind, ModelConfig};
 use crate::error::invalid;
 use crate::init::{ConvShape, Init};
-use crate::{Result, StagePlan};
+use crate::{Result, StagePlan, StageSpec};
 
 /// One block of a backbone: the unit a stage boundary may fall after. Implement it for your
 /// own layers (see [`Backbone`]).
@@ -134,44 +136,35 @@ impl<'a> Net<'a> {
         names.iter().map(|n| format!("extractor.{n}.")).collect()
     }
 
-    /// Builds every block, first to last, block `i` under `at(i) / <its name>`.
-    pub(crate) fn build_blocks<'p>(
-        &self,
-        mut at: impl FnMut(usize) -> nn::Path<'p>,
-    ) -> Result<Blocks> {
+    /// Builds blocks `range` (all: `0..self.blocks()`), first to last, block `i` under
+    /// `p / <its name>`.
+    pub(crate) fn build_blocks(&self, p: &nn::Path, range: Range<usize>) -> Result<Blocks> {
         let (names, backbone) = (self.backbone.block_names(), self.backbone.name());
         if names.is_empty() {
             return Err(invalid(format!("the {backbone} backbone has no blocks")));
         }
-        let block =
-            |(i, name): (usize, &String)| self.backbone.build_block(&(at(i) / name.as_str()), i);
-        Ok(names.iter().enumerate().map(block).collect())
+        let block = |i: usize| self.backbone.build_block(&(p / names[i].as_str()), i);
+        Ok(range.map(block).collect())
     }
 
-    /// Builds every block on the CPU into the variable store (under `extractor`) of the stage
-    /// of `plan` that holds it, first to last, then the head into the last store: each stage's
-    /// store and blocks, and the head. Fails if the model's sizes or precision cannot run.
+    /// Builds each stage's blocks of `plan` on the CPU into a variable store of its own (under
+    /// `extractor`), stage by stage, so block by block; then the head into the last store: each
+    /// stage's store and blocks, and the head. Fails if the model's sizes or precision cannot
+    /// run.
     pub(crate) fn build_cut(&self, plan: &StagePlan) -> Result<(StageBlocks, Box<dyn Module>)> {
         self.model.validate()?;
         self.model.precision.check(Device::Cpu)?;
         // The plan may have been checked against another network: checked again against this.
         let plan = StagePlan::new(plan.stages().to_vec(), *self)?;
-        let cuts = plan.stages();
-        let stores: Vec<VarStore> = cuts.iter().map(|_| VarStore::new(Device::Cpu)).collect();
-        let stage = |i: usize| {
-            cuts.iter()
-                .position(|s| s.blocks.contains(&i))
-                .expect("covered")
+        let stage = |s: &StageSpec| {
+            let vs = VarStore::new(Device::Cpu);
+            let blocks = self.build_blocks(&(vs.root() / "extractor"), s.blocks.clone())?;
+            Ok((vs, blocks))
         };
-        let store = |i| stores[stage(i)].root() / "extractor";
-        let mut blocks = self.build_blocks(store)?.into_iter();
-        let cut: Vec<Blocks> = cuts
-            .iter()
-            .map(|s| blocks.by_ref().take(s.blocks.len()).collect())
-            .collect();
-        let head_path = stores[cuts.len() - 1].root() / "extractor";
-        let head = self.build_head(&head_path, &cut[cut.len() - 1]);
-        Ok((stores.into_iter().zip(cut).collect(), head))
+        let built: StageBlocks = plan.stages().iter().map(stage).collect::<Result<_>>()?;
+        let (vs, blocks) = built.last().expect("a checked plan has stages");
+        let head = self.build_head(&(vs.root() / "extractor"), blocks);
+        Ok((built, head))
     }
 
     /// Builds the head under `p`, after `blocks` (all of them, or a stage's last ones).
@@ -756,7 +749,7 @@ impl Extractor {
     /// the built-in backbone of a [`ModelConfig`], or any [`Net`].
     pub fn new<'a>(p: &nn::Path, net: impl Into<Net<'a>>) -> Result<Self> {
         let net = net.into();
-        let blocks = net.build_blocks(|_| p.clone())?;
+        let blocks = net.build_blocks(p, 0..net.blocks())?;
         let head = net.build_head(p, &blocks);
         Ok(Self { blocks, head })
     }
@@ -942,7 +935,7 @@ mod tests {
                 let vs = nn::VarStore::new(Device::Cpu);
                 let layout = BlockLayout::of(&m);
                 let net = Net::from(&m);
-                let blocks = net.build_blocks(|_| vs.root()).unwrap();
+                let blocks = net.build_blocks(&vs.root(), 0..net.blocks()).unwrap();
                 let trained: i64 = vs
                     .trainable_variables()
                     .iter()
