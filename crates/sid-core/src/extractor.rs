@@ -6,13 +6,15 @@
 //! backbones ([`ExtractorKind`]) are the [`Backbone`] of a [`ModelConfig`]; a program can hand
 //! in its own through [`Net`].
 
+use std::ops::Range;
+
 use tch::nn::{self, Module, ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{ExtractorKind, ModelConfig};
 use crate::error::invalid;
 use crate::init::{ConvShape, Init};
-use crate::{Result, StagePlan};
+use crate::{Result, StagePlan, StageSpec};
 
 /// One block of a backbone: the unit a stage boundary may fall after. Implement it for your
 /// own layers (see [`Backbone`]).
@@ -134,49 +136,35 @@ impl<'a> Net<'a> {
         names.iter().map(|n| format!("extractor.{n}.")).collect()
     }
 
-    /// Builds every block, first to last, block `i` under `at(i) / <its name>`.
-    pub(crate) fn build_blocks<'p>(
-        &self,
-        mut at: impl FnMut(usize) -> nn::Path<'p>,
-    ) -> Result<Blocks> {
+    /// Builds blocks `range` (all: `0..self.blocks()`), first to last, block `i` under
+    /// `p / <its name>`.
+    pub(crate) fn build_blocks(&self, p: &nn::Path, range: Range<usize>) -> Result<Blocks> {
         let (names, backbone) = (self.backbone.block_names(), self.backbone.name());
         if names.is_empty() {
             return Err(invalid(format!("the {backbone} backbone has no blocks")));
         }
-        let block =
-            |(i, name): (usize, &String)| self.backbone.build_block(&(at(i) / name.as_str()), i);
-        Ok(names.iter().enumerate().map(block).collect())
+        let block = |i: usize| self.backbone.build_block(&(p / names[i].as_str()), i);
+        Ok(range.map(block).collect())
     }
 
-    /// Builds every block on the CPU into the variable store (under `extractor`) of the stage
-    /// of `plan` that holds it, first to last, then the head into the last store: each stage's
-    /// store and blocks, and the head. Fails if the model's sizes or precision cannot run.
+    /// Builds each stage's blocks of `plan` on the CPU into a variable store of its own (under
+    /// `extractor`), stage by stage, so block by block; then the head into the last store: each
+    /// stage's store and blocks, and the head. Fails if the model's sizes or precision cannot
+    /// run.
     pub(crate) fn build_cut(&self, plan: &StagePlan) -> Result<(StageBlocks, Box<dyn Module>)> {
         self.model.validate()?;
         self.model.precision.check(Device::Cpu)?;
-        // A checked plan's ranges are non-empty and consecutive from 0: they must end at n.
-        let (n, cuts) = (self.blocks(), plan.stages());
-        if cuts.last().map(|s| s.blocks.end) != Some(n) {
-            return Err(invalid(format!(
-                "stages must cut the {n} blocks of the {} backbone into non-empty consecutive ranges",
-                self.backbone.name()
-            )));
-        }
-        let stores: Vec<VarStore> = cuts.iter().map(|_| VarStore::new(Device::Cpu)).collect();
-        let stage = |i: usize| {
-            cuts.iter()
-                .position(|s| s.blocks.contains(&i))
-                .expect("covered")
+        // The plan may have been checked against another network: checked again against this.
+        let plan = StagePlan::new(plan.stages().to_vec(), *self)?;
+        let stage = |s: &StageSpec| {
+            let vs = VarStore::new(Device::Cpu);
+            let blocks = self.build_blocks(&(vs.root() / "extractor"), s.blocks.clone())?;
+            Ok((vs, blocks))
         };
-        let store = |i| stores[stage(i)].root() / "extractor";
-        let mut blocks = self.build_blocks(store)?.into_iter();
-        let cut: Vec<Blocks> = cuts
-            .iter()
-            .map(|s| blocks.by_ref().take(s.blocks.len()).collect())
-            .collect();
-        let head_path = stores[cuts.len() - 1].root() / "extractor";
-        let head = self.build_head(&head_path, &cut[cut.len() - 1]);
-        Ok((stores.into_iter().zip(cut).collect(), head))
+        let built: StageBlocks = plan.stages().iter().map(stage).collect::<Result<_>>()?;
+        let (vs, blocks) = built.last().expect("a checked plan has stages");
+        let head = self.build_head(&(vs.root() / "extractor"), blocks);
+        Ok((built, head))
     }
 
     /// Builds the head under `p`, after `blocks` (all of them, or a stage's last ones).
@@ -190,10 +178,10 @@ impl<'a> Net<'a> {
 /// Width of the hidden layer of the MLP extractor.
 pub const MLP_HIDDEN: i64 = 512;
 
-/// VGG-11's configuration "A": output channels of each conv.
-const VGG11: [i64; 8] = [64, 128, 256, 256, 512, 512, 512, 512];
-/// The convs of [`VGG11`] (0-based) that a 2×2 max-pool follows.
-const VGG11_POOLED: [usize; 5] = [0, 1, 3, 5, 7];
+/// The reference SimpleCNN's and VGG-11's (configuration "A") output channels of each conv,
+/// and the convs (0-based) that a 2×2 max-pool follows.
+const CNN: (&[i64], &[usize]) = (&[32, 64, 128, 128], &[1, 3]);
+const VGG11: (&[i64], &[usize]) = (&[64, 128, 256, 256, 512, 512, 512, 512], &[0, 1, 3, 5, 7]);
 
 /// ResNet-18's stages: width and number of BasicBlocks.
 const RESNET18: [(i64, usize); 4] = [(64, 2), (128, 2), (256, 2), (512, 2)];
@@ -257,7 +245,8 @@ struct PatchEmbed {
     pos_embed: Tensor,
 }
 
-/// A pre-norm transformer encoder block: x + MHSA(LN(x)), then x + MLP(LN(x)) (GELU).
+/// A pre-norm transformer encoder block: x + MHSA(LN(x)) ([`VIT_HEADS`] heads), then
+/// x + MLP(LN(x)) (GELU).
 #[derive(Debug)]
 struct EncoderBlock {
     norm1: nn::LayerNorm,
@@ -266,18 +255,17 @@ struct EncoderBlock {
     norm2: nn::LayerNorm,
     fc1: nn::Linear,
     fc2: nn::Linear,
-    heads: i64,
 }
 
 impl EncoderBlock {
     /// Multi-head self-attention of `xs` [b, n, c], written out: softmax(q kᵀ/√d_h) v per head.
     fn attention(&self, xs: &Tensor) -> Tensor {
         let (b, n, c) = xs.size3().expect("tokens are [batch, n, width]");
-        let dh = c / self.heads;
+        let dh = c / VIT_HEADS;
         // [b, n, 3c] → [3, b, heads, n, d_h]
         let qkv = xs
             .apply(&self.qkv)
-            .reshape([b, n, 3, self.heads, dh])
+            .reshape([b, n, 3, VIT_HEADS, dh])
             .permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let attn =
@@ -416,21 +404,19 @@ impl Module for Neck {
 /// What one block is, before it is built: the layer sizes its parameters follow from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Spec {
+    /// A convolution: with BatchNorm (VGG-11-BN, ResNet's stem), the two named `conv` and `bn`;
+    /// without (SimpleCNN), the convolution is the block itself.
     Conv {
-        cin: i64,
-        cout: i64,
-        pool: bool,
-    },
-    /// The MLP's hidden layer, `inputs` → [`MLP_HIDDEN`].
-    Dense {
-        inputs: i64,
-    },
-    ConvBn {
         cin: i64,
         cout: i64,
         conv: ConvShape,
         bias: bool,
+        bn: bool,
         pool: Option<MaxPool>,
+    },
+    /// The MLP's hidden layer, `inputs` → [`MLP_HIDDEN`].
+    Dense {
+        inputs: i64,
     },
     Basic {
         cin: i64,
@@ -463,15 +449,18 @@ impl Spec {
         };
         let (w, h) = (VIT_WIDTH, VIT_WIDTH * VIT_MLP_RATIO);
         match *self {
-            Self::Conv { cin, cout, .. } => weights("", &[cout, cin, 3, 3], true),
             Self::Dense { inputs } => weights("", &[MLP_HIDDEN, inputs], true),
-            Self::ConvBn {
+            Self::Conv {
                 cin,
                 cout,
                 conv: c,
                 bias,
+                bn,
                 ..
-            } => conv_bn("conv.", "bn.", [cout, cin, c.kernel, c.kernel], bias),
+            } => match bn {
+                true => conv_bn("conv.", "bn.", [cout, cin, c.kernel, c.kernel], bias),
+                false => weights("", &[cout, cin, c.kernel, c.kernel], bias),
+            },
             Self::Basic { cin, cout, stride } => {
                 let mut v = conv_bn("conv1.", "bn1.", [cout, cin, 3, 3], false);
                 v.extend(conv_bn("conv2.", "bn2.", [cout, cout, 3, 3], false));
@@ -519,34 +508,27 @@ pub(crate) fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
     let mut add = |name: String, spec, shape: &[i64]| out.push((name, spec, shape.to_vec()));
     let (cin, side) = (cfg.in_channels, cfg.image_size);
     match cfg.extractor {
-        ExtractorKind::Cnn => {
-            let (widths, mut side) = ([(cin, 32), (32, 64), (64, 128), (128, 128)], side);
-            for (i, (cin, cout)) in widths.into_iter().enumerate() {
-                let pool = i == 1 || i == 3;
-                side /= if pool { 2 } else { 1 };
-                let spec = Spec::Conv { cin, cout, pool };
-                add(format!("conv{}", i + 1), spec, &[cout, side, side]);
-            }
-        }
         ExtractorKind::Mlp => {
             let inputs = cin * side * side;
             add("fc1".into(), Spec::Dense { inputs }, &[MLP_HIDDEN]);
         }
-        ExtractorKind::Vgg11 => {
+        ExtractorKind::Cnn | ExtractorKind::Vgg11 => {
+            let bn = cfg.extractor == ExtractorKind::Vgg11;
+            let ((widths, pooled), name) = if bn { (VGG11, "block") } else { (CNN, "conv") };
             let (mut cin, mut side) = (cin, side);
-            for (i, cout) in VGG11.into_iter().enumerate() {
-                // A pool that would leave less than 1×1 is skipped (28 px inputs have 4 pools).
-                let pool = (VGG11_POOLED.contains(&i) && side >= 2).then_some(MaxPool::TWO);
+            for (i, &cout) in widths.iter().enumerate() {
+                // A pool that would leave less than 1×1 is skipped (VGG at 28 px has 4 pools).
+                let pool = (pooled.contains(&i) && side >= 2).then_some(MaxPool::TWO);
                 side = pool.map_or(side, |p| p.0.out_side(side));
-                let conv = ConvShape::new(3, 1, 1);
-                let spec = Spec::ConvBn {
+                let spec = Spec::Conv {
                     cin,
                     cout,
-                    conv,
+                    conv: ConvShape::new(3, 1, 1),
                     bias: true,
+                    bn,
                     pool,
                 };
-                add(format!("block{}", i + 1), spec, &[cout, side, side]);
+                add(format!("{name}{}", i + 1), spec, &[cout, side, side]);
                 cin = cout;
             }
         }
@@ -558,12 +540,13 @@ pub(crate) fn specs(cfg: &ModelConfig) -> Vec<(String, Spec, Vec<i64>)> {
             };
             let side = conv.out_side(side);
             let mut side = pool.map_or(side, |p| p.0.out_side(side));
-            let (cout, bias) = (64, false);
-            let stem = Spec::ConvBn {
+            let (cout, bias, bn) = (64, false, true);
+            let stem = Spec::Conv {
                 cin,
                 cout,
                 conv,
                 bias,
+                bn,
                 pool,
             };
             add("stem".into(), stem, &[64, side, side]);
@@ -687,23 +670,22 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
     };
     let bn = |name: &str, c| crate::init::batch_norm2d(p / name, c);
     match spec {
-        Spec::Conv { cin, cout, pool } => Layer::Conv {
-            conv: crate::init::conv(p.clone(), cin, cout, ConvShape::new(3, 1, 1), true, init),
-            bn: None,
-            pool: pool.then_some(MaxPool::TWO),
-        },
         Spec::Dense { inputs } => {
             Layer::Dense(crate::init::linear(p.clone(), inputs, MLP_HIDDEN, init))
         }
-        Spec::ConvBn {
+        Spec::Conv {
             cin,
             cout,
             conv: shape,
             bias,
+            bn: with_bn,
             pool,
         } => Layer::Conv {
-            conv: conv("conv", cin, cout, shape, bias),
-            bn: Some(Box::new(bn("bn", cout))),
+            conv: match with_bn {
+                true => conv("conv", cin, cout, shape, bias),
+                false => crate::init::conv(p.clone(), cin, cout, shape, bias, init),
+            },
+            bn: with_bn.then(|| Box::new(bn("bn", cout))),
             pool,
         },
         Spec::Basic { cin, cout, stride } => {
@@ -742,7 +724,6 @@ fn build_layer(p: &nn::Path, spec: Spec, init: Init) -> Layer {
                 norm2: norm("norm2"),
                 fc1: linear("fc1", w, hidden),
                 fc2: linear("fc2", hidden, w),
-                heads: VIT_HEADS,
             }))
         }
     }
@@ -768,7 +749,7 @@ impl Extractor {
     /// the built-in backbone of a [`ModelConfig`], or any [`Net`].
     pub fn new<'a>(p: &nn::Path, net: impl Into<Net<'a>>) -> Result<Self> {
         let net = net.into();
-        let blocks = net.build_blocks(|_| p.clone())?;
+        let blocks = net.build_blocks(p, 0..net.blocks())?;
         let head = net.build_head(p, &blocks);
         Ok(Self { blocks, head })
     }
@@ -954,7 +935,7 @@ mod tests {
                 let vs = nn::VarStore::new(Device::Cpu);
                 let layout = BlockLayout::of(&m);
                 let net = Net::from(&m);
-                let blocks = net.build_blocks(|_| vs.root()).unwrap();
+                let blocks = net.build_blocks(&vs.root(), 0..net.blocks()).unwrap();
                 let trained: i64 = vs
                     .trainable_variables()
                     .iter()

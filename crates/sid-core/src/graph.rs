@@ -63,7 +63,7 @@ sid_build::shim! {
     fn sid_graph_replay(g: *mut c_void, err: *mut c_char, n: usize) -> c_int;
 }
 
-/// A CUDA graph on one device with its own side stream: made empty ([`CudaGraph::new`]),
+/// A CUDA graph on one device with its own side stream: made empty (`CudaGraph::new`),
 /// captured once ([`CudaGraph::capture`]), then replayed ([`CudaGraph::replay`]).
 #[derive(Debug)]
 pub struct CudaGraph {
@@ -84,21 +84,12 @@ impl CudaGraph {
         cfg!(sid_cuda_graph)
     }
 
-    /// A graph-to-be on `device`, with its own side stream; nothing is captured yet.
-    pub fn new(device: Device) -> Result<Self> {
-        match device {
-            Device::Cuda(index) => Self::new_on(index, false),
-            other => Err(CoreError::Graph(format!(
-                "CUDA graphs need a CUDA device, not {other:?}"
-            ))),
-        }
-    }
-
-    /// A graph-to-be on CUDA device `index`; with `local`, for one thread among several that
-    /// launch work on the same device (the stages of a pipeline): it captures in CUDA's
-    /// thread-local mode, so the other threads' work neither fails nor breaks the capture, and
-    /// its warm-up and capture wait for this thread's stream only, never for the whole device.
-    fn new_on(index: usize, local: bool) -> Result<Self> {
+    /// A graph-to-be on CUDA device `index`, with its own side stream; nothing is captured
+    /// yet. With `local`, for one thread among several that launch work on the same device
+    /// (the stages of a pipeline): it captures in CUDA's thread-local mode, so the other
+    /// threads' work neither fails nor breaks the capture, and its warm-up and capture wait for
+    /// this thread's stream only, never for the whole device.
+    fn new(index: usize, local: bool) -> Result<Self> {
         if !cfg!(sid_cuda_graph) {
             return Err(CoreError::Graph(
                 "this build has no CUDA graphs (CUDA headers were not found when it was compiled)"
@@ -222,7 +213,11 @@ impl<O> GraphedStep<O> {
 
     /// Steps on `device` through a graph; if none can be made there, the error says why.
     pub fn new(device: Device) -> Result<Self> {
-        let graph = CudaGraph::new(device)?;
+        let Device::Cuda(index) = device else {
+            let msg = format!("CUDA graphs need a CUDA device, not {device:?}");
+            return Err(CoreError::Graph(msg));
+        };
+        let graph = CudaGraph::new(index, false)?;
         Ok(Self(GraphState::Warming(WARMUP_STEPS, graph)))
     }
 
@@ -251,7 +246,7 @@ impl<O> GraphedStep<O> {
         if let (GraphState::Deferred, Some(Device::Cuda(index))) =
             (&self.0, inputs.first().map(|t| t.device()))
         {
-            match CudaGraph::new_on(index, true) {
+            match CudaGraph::new(index, true) {
                 Ok(g) => self.0 = GraphState::Warming(WARMUP_STEPS, g),
                 Err(e) => {
                     self.0 = GraphState::Off;
@@ -387,7 +382,9 @@ mod tests {
 
     #[test]
     fn a_graph_on_the_cpu_is_refused_with_a_reason() {
-        let err = CudaGraph::new(Device::Cpu).unwrap_err();
+        let err = GraphedStep::<Tensor>::new(Device::Cpu)
+            .err()
+            .expect("refused");
         assert!(err.to_string().contains("CUDA"), "{err}");
     }
 }

@@ -275,7 +275,9 @@ pub fn profile_costs<'a>(
     let cfg = net.model;
     let vs = VarStore::new(device);
     // A backbone without blocks has no costs; a plan for it fails on its own.
-    let blocks = net.build_blocks(|_| vs.root()).unwrap_or_default();
+    let blocks = net
+        .build_blocks(&vs.root(), 0..net.blocks())
+        .unwrap_or_default();
     let module = crate::belief::BeliefModule::new(&(vs.root() / "module"), cfg);
     let shape = [batch, cfg.in_channels, cfg.image_size, cfg.image_size];
     let numel: i64 = shape.iter().product();

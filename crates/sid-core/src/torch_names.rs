@@ -139,29 +139,24 @@ pub fn pairs(model: &ModelConfig) -> Result<Vec<Pair>> {
             model.extractor
         ))
     })?;
-    let mut out = Vec::new();
-    for (i, (block, spec, _)) in specs(model).into_iter().enumerate() {
-        for (var, shape) in spec.variables() {
-            let sid = format!("extractor.{block}.{var}");
-            let reference = reference.name_of(i, &block, &var);
-            out.push(Pair {
-                reference,
-                sid,
+    let blocks = specs(model).into_iter().enumerate();
+    let mut out: Vec<Pair> = blocks
+        .flat_map(|(i, (block, spec, _))| {
+            spec.variables().into_iter().map(move |(var, shape)| Pair {
+                reference: reference.name_of(i, &block, &var),
+                sid: format!("extractor.{block}.{var}"),
                 shape,
-            });
-        }
-    }
+            })
+        })
+        .collect();
     if reference == Reference::TimmVitTiny {
         // timm's final `norm` is sid's head LayerNorm (on the class token only; the same
         // values, since LayerNorm works token by token).
-        for v in ["weight", "bias"] {
-            let (reference, sid) = (format!("norm.{v}"), format!("extractor.head.norm.{v}"));
-            out.push(Pair {
-                reference,
-                sid,
-                shape: vec![VIT_WIDTH],
-            });
-        }
+        out.extend(["weight", "bias"].map(|v| Pair {
+            reference: format!("norm.{v}"),
+            sid: format!("extractor.head.norm.{v}"),
+            shape: vec![VIT_WIDTH],
+        }));
     }
     Ok(out)
 }
@@ -172,11 +167,7 @@ pub fn pairs(model: &ModelConfig) -> Result<Vec<Pair>> {
 pub fn pooled_blocks(model: &ModelConfig) -> Vec<bool> {
     specs(model)
         .into_iter()
-        .map(|(_, spec, _)| match spec {
-            Spec::ConvBn { pool, .. } => pool.is_some(),
-            Spec::Conv { pool, .. } => pool,
-            _ => false,
-        })
+        .map(|(_, spec, _)| matches!(spec, Spec::Conv { pool: Some(_), .. }))
         .collect()
 }
 
