@@ -74,10 +74,10 @@ pub(crate) fn load_network(
     let mut cfg = cfg.clone();
     cfg.data.loaded_shape = Some(shape);
     let plan = crate::plan::Plan::resolve(&cfg, &devices, false, false)?;
-    let mut net = crate::network::build_network(&cfg, &plan, None)?.net;
+    let mut net = crate::network::build_network(&cfg, &plan, None)?;
     net.load_state(&named)
         .map_err(|e| TrainError::checkpoint(path, e))?;
-    Ok(net)
+    Ok(Box::new(net))
 }
 
 /// The full cascade, then early exit at each threshold in `taus`, on the run's test split.
