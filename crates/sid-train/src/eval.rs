@@ -55,7 +55,6 @@ pub(crate) fn saved_config_on(dir: &Path, gpus: Option<&str>) -> Result<RunConfi
             cfg.runtime.placement = None;
         }
     }
-    cfg.runtime.inject_fault = None;
     // A checkpoint moves between world sizes: one process evaluates what replicas trained.
     cfg.runtime.data_parallel = 1;
     Ok(cfg)
