@@ -78,11 +78,6 @@ impl DeviceList {
         &self.devices
     }
 
-    /// The list as written (`cpu:4`, `0,1`).
-    pub fn as_str(&self) -> &str {
-        &self.spec
-    }
-
     /// The devices, after checking that every GPU they name exists on this machine.
     pub fn resolve(&self) -> Result<Vec<Device>> {
         present(&self.spec, self.devices.clone())
@@ -107,6 +102,7 @@ impl FromStr for DeviceList {
     }
 }
 
+/// The list as written (`cpu:4`, `0,1`).
 impl fmt::Display for DeviceList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.spec)

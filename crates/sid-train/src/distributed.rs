@@ -81,7 +81,7 @@ fn rank_device(cfg: &RunConfig, env: &DistEnv) -> Result<Device> {
             listed.len()
         )));
     };
-    crate::devices::present(cfg.runtime.gpus.as_str(), vec![Device::Cuda(i)])?;
+    crate::devices::present(&cfg.runtime.gpus.to_string(), vec![Device::Cuda(i)])?;
     Ok(Device::Cuda(i))
 }
 

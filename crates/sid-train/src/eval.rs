@@ -55,7 +55,6 @@ pub(crate) fn saved_config_on(dir: &Path, gpus: Option<&str>) -> Result<RunConfi
             cfg.runtime.placement = None;
         }
     }
-    cfg.runtime.inject_fault = None;
     // A checkpoint moves between world sizes: one process evaluates what replicas trained.
     cfg.runtime.data_parallel = 1;
     Ok(cfg)
@@ -74,10 +73,10 @@ pub(crate) fn load_network(
     let mut cfg = cfg.clone();
     cfg.data.loaded_shape = Some(shape);
     let plan = crate::plan::Plan::resolve(&cfg, &devices, false, false)?;
-    let mut net = crate::network::build_network(&cfg, &plan, None)?.net;
+    let mut net = crate::network::build_network(&cfg, &plan, None)?;
     net.load_state(&named)
         .map_err(|e| TrainError::checkpoint(path, e))?;
-    Ok(net)
+    Ok(Box::new(net))
 }
 
 /// The full cascade, then early exit at each threshold in `taus`, on the run's test split.

@@ -155,6 +155,15 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<ExportReport> {
         })
         .collect();
     let small_resnet = model.image_size <= sid_core::extractor::RESNET_SMALL_INPUT;
+    // What one backbone's layout needs besides the sizes: ViT's patch, ResNet's stem, VGG's
+    // pools.
+    let (vit_patch, resnet_stem, vgg_pools) = match model.extractor {
+        ExtractorKind::VitTiny => (sid_core::extractor::vit_patch(model.image_size), "", vec![]),
+        ExtractorKind::Resnet18 if small_resnet => (0, "small", vec![]),
+        ExtractorKind::Resnet18 => (0, "imagenet", vec![]),
+        ExtractorKind::Vgg11 => (0, "", torch_names::pooled_blocks(&model)),
+        _ => (0, "", vec![]),
+    };
     let meta = ExportMeta {
         format: EXPORT_FORMAT.into(),
         backbone: model.extractor.to_string(),
@@ -167,19 +176,9 @@ pub fn export(run_dir: &Path, out: &Path) -> Result<ExportReport> {
         modules: model.modules,
         module_hidden: model.module_hidden,
         blocks: sid_core::Net::from(&model).blocks(),
-        vit_patch: match model.extractor {
-            ExtractorKind::VitTiny => sid_core::extractor::vit_patch(model.image_size),
-            _ => 0,
-        },
-        resnet_stem: match model.extractor {
-            ExtractorKind::Resnet18 if small_resnet => "small".into(),
-            ExtractorKind::Resnet18 => "imagenet".into(),
-            _ => String::new(),
-        },
-        vgg_pools: match model.extractor {
-            ExtractorKind::Vgg11 => torch_names::pooled_blocks(&model),
-            _ => Vec::new(),
-        },
+        vit_patch,
+        resnet_stem: resnet_stem.into(),
+        vgg_pools,
         stages,
         mean: spec.mean,
         std: spec.std,

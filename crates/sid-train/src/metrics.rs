@@ -1,5 +1,6 @@
 //! Per-epoch metrics, one JSON record per line in `metrics.jsonl`.
 
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 
@@ -49,13 +50,9 @@ fn line(m: &EpochMetrics) -> String {
 
 /// Appends one record to a metrics file.
 pub fn append(path: &Path, m: &EpochMetrics) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| TrainError::io(path, e))?;
-    f.write_all(line(m).as_bytes())
-        .map_err(|e| TrainError::io(path, e))
+    let opened = OpenOptions::new().create(true).append(true).open(path);
+    let written = opened.and_then(|mut f| f.write_all(line(m).as_bytes()));
+    written.map_err(|e| TrainError::io(path, e))
 }
 
 /// The records of a metrics file and what had to be dropped to read them.

@@ -4,23 +4,14 @@
 //! ([`crate::distributed`]), the pipeline linked to the other ranks (rank 0 builds it with
 //! [`build_network`]; every other rank builds its own stage and serves it with [`serve`]).
 
-use sid_core::{Method, Network};
+use sid_core::Method;
+use sid_runtime::StagedPipeline;
 use tch::Device;
 
 use crate::config::RunConfig;
 use crate::distributed::Rendezvous;
 use crate::plan::{Graphs, Layout, Plan};
 use crate::{Result, TrainError};
-
-/// A built network and where its modules live.
-pub struct Built {
-    /// The network.
-    pub net: Box<dyn Network>,
-    /// Each device and its 0-based module block, in cascade order.
-    pub layout: Vec<(Device, std::ops::Range<usize>)>,
-    /// Each stage (and replica), described for the user (pipelines only).
-    pub notes: Vec<String>,
-}
 
 /// The stage pipeline's settings for a run (the same on every rank of a multi-process run);
 /// with `rdv`, one rank's: linked to the other ranks, its CPU stages sharing the node's cores.
@@ -50,17 +41,20 @@ fn staged_config(
     sc.fused_teacher = cfg.runtime.fused_teacher;
     #[cfg(feature = "fault-injection")]
     if let Some(f) = &cfg.runtime.inject_fault {
-        let parsed = sid_runtime::Fault::parse(f);
-        sc.fault = Some(parsed.map_err(|e| TrainError::Config(e.to_string()))?);
+        sc.fault = Some(sid_runtime::Fault::parse(f)?);
     }
     Ok(sc)
 }
 
-/// Builds the network `plan` lays out, seeded by `cfg.optim.seed`: the single-device trainer,
-/// or the stage pipeline on one device or a thread per device — as rank 0 of a multi-process
-/// run when `rdv` is given, linked to the other ranks, which serve the other stages and
-/// replicas.
-pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> Result<Built> {
+/// Builds the network `plan` lays out, seeded by `cfg.optim.seed`: always a stage pipeline (the
+/// whole network on one device is one stage in this thread), on one device or a thread per
+/// device — as rank 0 of a multi-process run when `rdv` is given, linked to the other ranks,
+/// which serve the other stages and replicas.
+pub fn build_network(
+    cfg: &RunConfig,
+    plan: &Plan,
+    rdv: Option<&Rendezvous>,
+) -> Result<StagedPipeline> {
     let model = cfg.model_config();
     tch::manual_seed(cfg.optim.seed as i64);
     let one = || sid_core::StagePlan::even(&model, 1).map_err(TrainError::Core);
@@ -86,26 +80,10 @@ pub fn build_network(cfg: &RunConfig, plan: &Plan, rdv: Option<&Rendezvous>) -> 
         Layout::Whole(device) => paper(vec![*device], None)?,
         Layout::Paper { devices, placement } => paper(devices.clone(), Some(placement.clone()))?,
         Layout::Stages { devices, cut } => {
-            if let Some(rdv) = rdv {
-                let mut shared = cfg.clone();
-                shared.runtime.placement = Some(cut.to_spec());
-                shared.runtime.micro_batches = Some(plan.micro_batches);
-                rdv.publish_config(&shared)?;
-            }
             staged_config(cfg, plan, devices.clone(), cut.clone(), rdv)?
         }
     };
-    let pipeline = sid_runtime::StagedPipeline::new(sc)?;
-    // Without ranks a plan has one replica.
-    let slots = match plan.layout {
-        Layout::Stages { .. } => pipeline.plan().len() * plan.replicas,
-        _ => 0,
-    };
-    Ok(Built {
-        layout: pipeline.layout(),
-        notes: (0..slots).map(|s| pipeline.describe(s)).collect(),
-        net: Box::new(pipeline),
-    })
+    Ok(StagedPipeline::new(sc)?)
 }
 
 /// Every rank but 0: builds this rank's stage from the config rank 0 published and serves

@@ -13,8 +13,8 @@ use crate::checkpoint::{self, Position, CHECKPOINT_FILE};
 use crate::config::{flag_of, resume_may_change_flags, RunConfig};
 use crate::distributed::Rendezvous;
 use crate::metrics::{self, EpochMetrics};
-use crate::network::{build_network, Built};
-use crate::plan::{Graphs, Plan};
+use crate::network::build_network;
+use crate::plan::{Graphs, Layout, Plan};
 use crate::{Result, TrainError};
 
 pub use crate::checkpoint::{CONFIG_FILE, INPUT_FILE, METRICS_FILE, PLAN_FILE, SUMMARY_FILE};
@@ -85,10 +85,9 @@ pub struct Summary {
 pub struct Run {
     cfg: RunConfig,
     dir: PathBuf,
-    devices: Vec<Device>,
     data: Dataset,
-    /// The network, where its modules live and its stages' descriptions.
-    built: Built,
+    /// The network: a stage pipeline in every layout.
+    net: sid_runtime::StagedPipeline,
     plan: Plan,
     position: Position,
     /// Notices found while opening the run, handed to the first `train` call's events.
@@ -156,14 +155,18 @@ impl Run {
         let data = load_data(&cfg)?;
         cfg.data.loaded_shape = Some(data.spec.shape);
         // Under ranks, this process's device.
-        let on = rdv.map_or_else(|| devices.clone(), |r| vec![r.device()]);
+        let on = rdv.map_or(devices, |r| vec![r.device()]);
         let plan = Plan::resolve(&cfg, &on, rdv.is_some(), true)?;
-        let mut built = build_network(&cfg, &plan, rdv)?;
-        let data = data_on_input_device(data, built.net.as_ref());
-        // Save what was resolved, not what was left to defaults.
+        // Save what was resolved, not what was left to defaults; the other ranks, which build
+        // the same stages from it, wait for it before they link to this one.
         cfg.runtime.placement = plan.placement();
         cfg.runtime.micro_batches = Some(plan.micro_batches);
-        let notices = start(&mut cfg, built.net.as_mut())?;
+        if let Some(rdv) = rdv {
+            rdv.publish_config(&cfg)?;
+        }
+        let mut net = build_network(&cfg, &plan, rdv)?;
+        let data = data_on_input_device(data, &net);
+        let notices = start(&mut cfg, &mut net)?;
         checkpoint::write_atomic(&dir.join(CONFIG_FILE), cfg.to_toml().as_bytes())?;
         checkpoint::write_atomic(&dir.join(PLAN_FILE), plan.to_toml().as_bytes())?;
         // Runs from before input.json get one on resume.
@@ -172,9 +175,8 @@ impl Run {
         Ok(Self {
             cfg,
             dir: dir.into(),
-            devices,
             data,
-            built,
+            net,
             plan,
             position,
             notices,
@@ -234,8 +236,13 @@ impl Run {
     }
 
     /// Each stage (and replica) of a pipeline, described for the user.
-    pub fn stage_notes(&self) -> &[String] {
-        &self.built.notes
+    pub fn stage_notes(&self) -> Vec<String> {
+        let Layout::Stages { cut, .. } = &self.plan.layout else {
+            return Vec::new();
+        };
+        // Without ranks a plan has one replica.
+        let slots = cut.len() * self.plan.replicas;
+        (0..slots).map(|s| self.net.describe(s)).collect()
     }
 
     /// The run's resolved plan.
@@ -250,7 +257,7 @@ impl Run {
 
     /// The devices in use.
     pub fn devices(&self) -> &[Device] {
-        &self.devices
+        self.cfg.runtime.gpus.devices()
     }
 
     /// The run directory.
@@ -264,26 +271,26 @@ impl Run {
     }
 
     /// Books finished steps: each one's losses, its time (since the previous one finished: with
-    /// steps in flight that is the pipeline's pace), the position.
+    /// steps in flight that is the pipeline's pace; the epoch's training time is their sum), the
+    /// position.
     fn record(
         &mut self,
         finished: Vec<sid_core::StepStats>,
-        before: f64,
-        started: Instant,
         last_done: &mut Instant,
         on_event: &mut dyn FnMut(Event<'_>),
     ) {
         for stats in finished {
             let p = &mut self.position.partial;
-            p.step_ms.push(last_done.elapsed().as_secs_f64() * 1e3);
+            let seconds = last_done.elapsed().as_secs_f64();
             *last_done = Instant::now();
+            p.step_ms.push(seconds * 1e3);
+            p.seconds += seconds;
             p.loss_sum += stats.loss;
             let modules = p.module_loss_sums.len().max(stats.module_losses.len());
             p.module_loss_sums.resize(modules, 0.0);
             for (s, l) in p.module_loss_sums.iter_mut().zip(&stats.module_losses) {
                 *s += l;
             }
-            p.seconds = before + started.elapsed().as_secs_f64();
             self.position.step_in_epoch += 1;
             self.position.global_step += 1;
             on_event(Event::Step {
@@ -300,7 +307,7 @@ impl Run {
     fn save_checkpoint(&mut self) -> Result<PathBuf> {
         self.wait_for_save()?;
         let path = self.dir.join(CHECKPOINT_FILE);
-        let state = self.built.net.state()?;
+        let state = self.net.state()?;
         let (dir, position) = (self.dir.clone(), self.position.clone());
         let keep = self.cfg.runtime.keep_checkpoints;
         let writer = std::thread::Builder::new()
@@ -361,12 +368,12 @@ impl Run {
         }
         let n = self.data.train.len();
         let steps = sid_data::num_batches(n, self.cfg.optim.batch_size) as usize;
-        let device = self.built.net.input_device();
+        let device = self.net.input_device();
         let augment = self.cfg.resolved_augment();
         let (batch_size, seed) = (self.cfg.optim.batch_size, self.cfg.optim.seed);
         let checkpoint_every = self.cfg.runtime.checkpoint_every;
         let mut tracked: Vec<Device> = vec![device];
-        tracked.extend(self.built.layout.iter().map(|(d, _)| *d));
+        tracked.extend(self.net.layout().iter().map(|(d, _)| *d));
         let peaks = sid_telemetry::PeakTracker::new(&tracked);
         let mut stepper = match self.plan.graphs == Graphs::WholeStep {
             true => sid_core::graph::GraphedStep::new(device)?,
@@ -382,8 +389,6 @@ impl Run {
                 first_step,
             });
             let perm = sid_data::epoch_permutation(n, seed, epoch as u64);
-            let started = Instant::now();
-            let before = self.position.partial.seconds;
             peaks.start();
             let mut last_done = Instant::now();
             for step in first_step..steps {
@@ -399,18 +404,18 @@ impl Run {
                 // A pipelined network hands back the steps that have finished, perhaps none
                 // yet; every other network finishes this one.
                 let finished = if stepper.is_off() {
-                    self.built.net.submit_step(&x, &y)?
+                    self.net.submit_step(&x, &y)?
                 } else {
-                    vec![stepper.network(self.built.net.as_mut(), &x, &y, |n| {
+                    vec![stepper.network(&mut self.net, &x, &y, |n| {
                         on_event(Event::Notice(n.to_string()))
                     })?]
                 };
-                self.record(finished, before, started, &mut last_done, on_event);
+                self.record(finished, &mut last_done, on_event);
                 let stopping = stop.load(Ordering::SeqCst);
                 let due = checkpoint_every.is_some_and(|n| (step + 1) % n == 0);
                 if (stopping || due) && step + 1 < steps {
-                    let flushed = self.built.net.flush()?;
-                    self.record(flushed, before, started, &mut last_done, on_event);
+                    let flushed = self.net.flush()?;
+                    self.record(flushed, &mut last_done, on_event);
                     let checkpoint = self.save_checkpoint()?;
                     if stopping {
                         return Err(TrainError::Interrupted {
@@ -422,13 +427,13 @@ impl Run {
                 }
             }
             // The pipeline's last steps (its fill is paid once an epoch, here).
-            let flushed = self.built.net.flush()?;
-            self.record(flushed, before, started, &mut last_done, on_event);
+            let flushed = self.net.flush()?;
+            self.record(flushed, &mut last_done, on_event);
             let peak_memory = peaks.finish();
             let p = std::mem::take(&mut self.position.partial);
             let eval_start = Instant::now();
             let eval_batch = self.cfg.runtime.eval_batch_size;
-            let net = self.built.net.as_mut();
+            let net: &mut dyn Network = &mut self.net;
             let health = cascade_health(net, &self.data.test, eval_batch)?;
             let module_test_acc = health.accuracy();
             let val = self.data.val.as_ref();
