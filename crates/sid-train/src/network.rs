@@ -1,6 +1,6 @@
-//! The network a run trains, built from its plan ([`crate::plan`]): the single-device trainer,
-//! or the stage pipeline (staged SID, BP, or the paper's SID with its modules spread out) on
-//! one device or a thread per device — or, as one rank of a multi-process run
+//! The network a run trains, built from its plan ([`crate::plan`]): the stage pipeline (the
+//! single-device trainer as its one stage, staged SID, BP, or the paper's SID with its modules
+//! spread out) on one device or a thread per device — or, as one rank of a multi-process run
 //! ([`crate::distributed`]), the pipeline linked to the other ranks (rank 0 builds it with
 //! [`build_network`]; every other rank builds its own stage and serves it with [`serve`]).
 
